@@ -1,0 +1,347 @@
+"""Low-rank adaptation with random deactivation (CE-SSL part 1).
+
+Every adapted weight W gets an update ``B @ A * scale`` (scale = alpha / r, alpha = r by
+default, so scale = 1); A ~ N(0, 0.02^2), B = 0, W is frozen. Random deactivation: on each
+*training* forward pass an adapted layer independently skips its low-rank branch with
+probability ``p`` -- and then does not compute it at all (that is the saving in forward and
+backward). In eval mode the layer is deterministic and uses the expected update
+``(1 - p) B A``, which is exactly what ``merge()`` folds into W; ``classifier.0`` is never
+deactivated, so it uses (and merges) the full ``B A``.
+
+The shape follows huggingface/peft ``tuners/lora``: a config dataclass with a per-module
+rank map, a layer base class with one subclass per wrapped layer type, each giving
+``get_delta_weight()``, ``merge()`` and ``unmerge()``. Three wrapped types exist here:
+
+- ``LoRAConv2d``: the encoder's 1xK and 1x1 convolutions, A (r, C_in*kh*kw), B (C_out, r);
+  state-dict names ``<name>.lora_A``, ``<name>.lora_B``, ``<name>.conv.weight``/``.bias``.
+- ``LoRALinear``: fc1, fc2, classifier.0, weight (out, in); names ``<name>.weight``,
+  ``<name>.bias``, ``<name>.lora_A``, ``<name>.lora_B``.
+- ``LoRAConv1D``: GPT-2's fused q/k/v projection ``c_attn`` stored "Conv1D" style as
+  (d, 3d); one low-rank pair per q/k/v block (A (3r, d), B (3d, r), block-diagonal), so
+  the update is added transposed.
+
+A rank of 0 means "not adapted": the layer is a plain layer with no LoRA tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+LORA_INIT_STD = 0.02
+TrainMode = Literal["lora", "full"]
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """How the backbone is adapted.
+
+    r: default rank of every adapted layer; rank_map overrides it per module name
+    (e.g. ``{"encoder_layers.0.conv3": 8}``), 0 meaning "not adapted".
+    p: random-deactivation probability of each adapted layer (0 disables deactivation).
+    never_deactivate: modules that always apply their update (reference: classifier.0).
+    alpha: LoRA alpha; None means alpha = r, i.e. scale 1 (the reference rule).
+    seed: seed of the deactivation draws (the trainer re-seeds with ``seed_deactivation``).
+    """
+
+    r: int = 16
+    rank_map: Mapping[str, int] = field(default_factory=dict)
+    p: float = 0.2
+    never_deactivate: tuple[str, ...] = ("classifier.0",)
+    alpha: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.r < 0 or any(v < 0 for v in self.rank_map.values()):
+            raise ValueError(f"LoRA ranks must be >= 0, got r={self.r}, rank_map={dict(self.rank_map)}")
+        if not 0.0 <= self.p <= 1.0:
+            raise ValueError(f"deactivation probability p must be in [0, 1], got {self.p}")
+
+    def rank_for(self, name: str) -> int:
+        """Rank of module ``name``: its rank_map entry, else the default r."""
+        return int(self.rank_map.get(name, self.r))
+
+    def p_for(self, name: str) -> float:
+        """Deactivation probability of module ``name`` (0 for never-deactivated modules)."""
+        return 0.0 if name in self.never_deactivate else self.p
+
+
+class LoRALayer(nn.Module):
+    """Base class: a frozen weight W and an optional low-rank update with random deactivation.
+
+    Subclasses give ``weight`` (the W parameter, in the wrapped layer's own layout),
+    ``_low_rank(B, A)`` (B A in W's layout) and ``_forward_with(x, w)`` (the wrapped op).
+    """
+
+    r: int
+    scale: float
+    p: float
+    merged: bool
+    weight: Tensor  # W, in the wrapped layer's own layout (a Parameter or a property)
+
+    def _init_lora(self, r: int, a_shape: tuple[int, ...], b_shape: tuple[int, ...],
+                   alpha: float | None) -> None:
+        """Register lora_A / lora_B (only when r > 0) and the deactivation state."""
+        self.r = int(r)
+        self.scale = (float(alpha) if alpha is not None else float(r)) / r if r > 0 else 0.0
+        self.p = 0.0
+        self.merged = False
+        self.rng: random.Random = random.Random(0)
+        self._unmerged_weight: Tensor | None = None
+        if r > 0:
+            w = self.weight
+            self.lora_A = nn.Parameter(torch.empty(a_shape, dtype=w.dtype, device=w.device))
+            self.lora_B = nn.Parameter(torch.empty(b_shape, dtype=w.dtype, device=w.device))
+            self.reset_lora_parameters()
+            w.requires_grad_(False)
+
+    def reset_lora_parameters(self) -> None:
+        """A ~ N(0, 0.02^2), B = 0: the update starts at exactly zero."""
+        if self.r > 0:
+            nn.init.normal_(self.lora_A, mean=0.0, std=LORA_INIT_STD)
+            nn.init.zeros_(self.lora_B)
+
+    # --- the update -------------------------------------------------------------------
+    def _low_rank(self, lora_B: Tensor, lora_A: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def _forward_with(self, x: Tensor, weight: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def low_rank_delta(self) -> Tensor:
+        """The full update ``B A * scale`` in W's layout (no deactivation factor)."""
+        return self._low_rank(self.lora_B, self.lora_A) * self.scale
+
+    @property
+    def expected_factor(self) -> float:
+        """E[branch on] = 1 - p: the factor of the eval-mode / merged update."""
+        return 1.0 - self.p
+
+    def get_delta_weight(self) -> Tensor:
+        """What ``merge()`` adds to W: ``(1 - p) B A * scale`` (``B A * scale`` when p = 0)."""
+        return self.low_rank_delta() * self.expected_factor
+
+    def _branch_weight(self) -> Tensor | None:
+        """The update applied in this forward pass, or None when the branch is off.
+
+        Training with p > 0: skipped with probability p (and then never computed), else
+        the full update. Eval: the expected update (1 - p) B A, deterministic.
+        """
+        if self.r == 0 or self.merged:
+            return None
+        if self.p > 0.0:
+            if self.training:
+                if self.rng.random() < self.p:
+                    return None
+                return self.low_rank_delta()
+            return self.get_delta_weight()
+        return self.low_rank_delta()
+
+    def forward(self, x: Tensor) -> Tensor:
+        delta = self._branch_weight()
+        w = self.weight if delta is None else self.weight + delta
+        return self._forward_with(x, w)
+
+    # --- merging ----------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the expected update into W (W <- W + (1 - p) B A * scale); keeps W for unmerge."""
+        if self.r == 0 or self.merged:
+            return
+        self._unmerged_weight = self.weight.detach().clone()
+        self.weight.add_(self.get_delta_weight().to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the pre-merge W bit-exactly."""
+        if not self.merged:
+            return
+        assert self._unmerged_weight is not None
+        self.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scale={self.scale:g}, p={self.p:g}, merged={self.merged}"
+
+
+def _uniform_fan_in_(t: Tensor, fan_in: int) -> None:
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): torch's default Linear/Conv initialisation."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    nn.init.uniform_(t, -bound, bound)
+
+
+class LoRAConv2d(LoRALayer):
+    """A Conv2d (1xK or 1x1 in the encoder) with LoRA: A (r, C_in*kh*kw), B (C_out, r).
+
+    B A has shape (C_out, C_in*kh*kw) and is viewed as the kernel (C_out, C_in, kh, kw).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int],
+                 stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
+                 bias: bool = True, r: int = 0, alpha: float | None = None) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
+                              padding=padding, bias=bias)
+        kh, kw = self.conv.kernel_size
+        self._init_lora(r, (r, in_channels * kh * kw), (out_channels, r), alpha)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.conv.weight
+
+    def _low_rank(self, lora_B: Tensor, lora_A: Tensor) -> Tensor:
+        return (lora_B @ lora_A).view(self.conv.weight.shape)
+
+    def _forward_with(self, x: Tensor, weight: Tensor) -> Tensor:
+        return self.conv._conv_forward(x, weight, self.conv.bias)
+
+
+class LoRALinear(LoRALayer):
+    """A Linear layer (weight (out, in)) with LoRA: A (r, in), B (out, r)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, r: int = 0,
+                 alpha: float | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        _uniform_fan_in_(self.weight, in_features)
+        if self.bias is not None:
+            _uniform_fan_in_(self.bias, in_features)
+        self._init_lora(r, (r, in_features), (out_features, r), alpha)
+
+    def _low_rank(self, lora_B: Tensor, lora_A: Tensor) -> Tensor:
+        return lora_B @ lora_A
+
+    def _forward_with(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(x, weight, self.bias)
+
+
+class LoRAConv1D(LoRALayer):
+    """GPT-2 fused q/k/v projection ``c_attn`` with one low-rank pair per block.
+
+    The weight is stored "Conv1D" style, (d_in, n_blocks*d_out) = (d, 3d), and the layer
+    computes x @ W + b. A (3r, d), B (3d, r): block i uses B[i*d:(i+1)*d] @ A[i*r:(i+1)*r]
+    (shape (d, d), out x in), so the block-diagonal update (3d, d) is added transposed.
+    """
+
+    def __init__(self, in_features: int, out_features: int, n_blocks: int = 3, r: int = 0,
+                 alpha: float | None = None) -> None:
+        super().__init__()
+        if out_features % n_blocks:
+            raise ValueError(f"out_features {out_features} is not divisible by {n_blocks} blocks")
+        self.in_features, self.out_features, self.n_blocks = in_features, out_features, n_blocks
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))  # (d_in, d_out)
+        self.bias = nn.Parameter(torch.empty(out_features))
+        _uniform_fan_in_(self.weight, in_features)
+        _uniform_fan_in_(self.bias, in_features)
+        self._init_lora(r, (n_blocks * r, in_features), (out_features, r), alpha)
+
+    def _low_rank(self, lora_B: Tensor, lora_A: Tensor) -> Tensor:
+        k, d_out = self.n_blocks, self.out_features // self.n_blocks
+        blocks = lora_B.view(k, d_out, self.r) @ lora_A.view(k, self.r, self.in_features)
+        return blocks.reshape(self.out_features, self.in_features).t()  # (d, 3d), like W
+
+    def block_views(self, lora_B: Tensor, lora_A: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Per q/k/v block: (B_i (d_out, r), A_i (r, d_in))."""
+        d_out = self.out_features // self.n_blocks
+        return [(lora_B[i * d_out:(i + 1) * d_out], lora_A[i * self.r:(i + 1) * self.r])
+                for i in range(self.n_blocks)]
+
+    def _forward_with(self, x: Tensor, weight: Tensor) -> Tensor:
+        # x (..., d) -> (..., 3d)
+        out = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), weight)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+# --- model-level helpers ----------------------------------------------------------------
+def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
+    """Adapted layers (rank > 0) by module name, in the reference order.
+
+    The reference order is: encoder convs (block by block, conv1, conv2, conv3), then per
+    transformer layer c_attn, fc1, fc2, then classifier.0. Models that define
+    ``adapted_layer_names()`` (ECGTransformer) give that order; otherwise module order.
+    """
+    if hasattr(model, "adapted_layer_names"):
+        names: Iterable[str] = model.adapted_layer_names()
+        found = ((n, model.get_submodule(n)) for n in names)
+    else:
+        found = ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer))
+    return {n: m for n, m in found if isinstance(m, LoRALayer) and m.r > 0}
+
+
+def _never_deactivate(model: nn.Module, never_deactivate: Iterable[str] | None) -> set[str]:
+    if never_deactivate is not None:
+        return set(never_deactivate)
+    config = getattr(model, "lora_config", None)
+    return set(config.never_deactivate) if config is not None else {"classifier.0"}
+
+
+def set_deactivation(model: nn.Module, p: float,
+                     never_deactivate: Iterable[str] | None = None) -> None:
+    """Set the deactivation probability of every adapted layer (0 switches it off).
+
+    Layers in ``never_deactivate`` (default: the model's LoRAConfig, i.e. classifier.0)
+    keep p = 0. Merged layers are not affected until unmerged.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"deactivation probability p must be in [0, 1], got {p}")
+    keep = _never_deactivate(model, never_deactivate)
+    for name, layer in lora_layers(model).items():
+        layer.p = 0.0 if name in keep else float(p)
+
+
+def seed_deactivation(model: nn.Module, seed: int) -> None:
+    """Give all adapted layers one shared, freshly seeded RNG for their deactivation draws."""
+    rng = random.Random(seed)
+    for layer in lora_layers(model).values():
+        layer.rng = rng
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Merge every adapted layer: W <- W + (1 - p) B A * scale (classifier.0: B A * scale)."""
+    for layer in lora_layers(model).values():
+        layer.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Undo ``merge_lora`` exactly (the pre-merge weights are restored bit for bit)."""
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+
+
+def is_lora_trainable(name: str) -> bool:
+    """The reference rule: lora_A/lora_B, every bias (norm biases too) and classifier.1.weight."""
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf in ("lora_A", "lora_B", "bias") or name == "classifier.1.weight"
+
+
+def mark_trainable(model: nn.Module, mode: TrainMode) -> None:
+    """Set ``requires_grad`` for fine-tuning.
+
+    "lora": exactly lora_A/lora_B, every bias and classifier.1.weight train; all other
+    weights (norm weights included) are frozen. BatchNorm running statistics still update
+    in train mode. "full": everything trains.
+    """
+    if mode not in ("lora", "full"):
+        raise ValueError(f"unknown training mode {mode!r}; expected 'lora' or 'full'")
+    for name, param in model.named_parameters():
+        param.requires_grad_(mode == "full" or is_lora_trainable(name))
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; buffers are not parameters."""
+    params = list(model.parameters())
+    return (sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
