@@ -1,0 +1,333 @@
+"""Time per training step, peak memory and stored parameters of CE-SSL vs its baselines.
+
+All five methods are measured in ONE run on the same backbone size, batch and device,
+interleaved (the order rotates every round) so that machine noise hits them alike:
+
+- ``cessl``          CE-SSL: LoRA at allocated ranks (one-shot allocation, c = 0.6) with
+                     random deactivation p = 0.2, semi-supervised BatchNorm step;
+- ``cessl-no-deact`` the same with p = 0;
+- ``lora``           plain LoRA, uniform r = 16, p = 0, supervised step;
+- ``full``           full fine-tuning, supervised step;
+- ``fixmatch``       FixMatch with full fine-tuning (labelled + weak + strong views).
+
+A step is what the trainer does: augment, forward, backward, AdamW step. Labelled batch
+B, unlabelled batch B. Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the
+steps (minus what was allocated before); on CPU the peak-RSS growth during the steps of a
+fresh subprocess per method (VmHWM, reset before the steps; tracemalloc does not see torch's
+allocations).
+Every figure is also printed as a ratio to FixMatch full fine-tuning; time ratios are paired
+(median over rounds of the ratio within a round), which cancels slow drifts in machine load.
+
+    python bench/train_step.py --config tiny --batch 16 --steps 3 --rounds 3 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from ml.model.adapter import AdapterMeta, save_adapter
+from ml.model.backbone import BACKBONE_CONFIGS, BackboneConfig, ECGTransformer, backbone_config
+from ml.model.lora import count_parameters
+from ml.model.rank_allocation import allocate_ranks
+from ml.train.augment import make_generator
+from ml.train.config import TrainConfig, resolve_device
+from ml.train.finetune import build_model_for_method
+from ml.train.steps import fixmatch_step, semi_supervised_step, supervised_step
+from ml.train.trainer import build_optimizer
+
+log = logging.getLogger("bench.train_step")
+
+METHODS: tuple[str, ...] = ("cessl", "cessl-no-deact", "lora", "full", "fixmatch")
+REFERENCE = "fixmatch"
+NUM_CLASSES = 19  # the reference parameter counts use 19 classes
+R, COMPRESS, P = 16, 0.6, 0.2
+
+# Targets of the issue: (description, check over the results).
+TARGETS = (
+    "CE-SSL step <= 0.5 x FixMatch full fine-tuning",
+    "random deactivation saves >= 5% of the CE-SSL step",
+    "CE-SSL trainable parameters <= 5% of the backbone",
+    "LoRA r=16 trainable <= 5% of the medium backbone (upper bound of CE-SSL's)",
+)
+
+
+@dataclass
+class Measurement:
+    method: str
+    round_ms: list[float]  # mean step time of every interleaved round
+    min_ms: float  # fastest single step
+    peak_mb: float
+    trainable: int
+    total: int
+    stored_bytes: int  # adapter safetensors (full model for full fine-tuning)
+
+    @property
+    def step_ms(self) -> float:
+        """Median over rounds of the round's mean step time."""
+        return statistics.median(self.round_ms)
+
+    def ratio_to(self, other: Measurement) -> float:
+        """Paired ratio: median over rounds of (this round's time / other's same round)."""
+        return statistics.median(a / b for a, b in zip(self.round_ms, other.round_ms, strict=True))
+
+
+class Workload:
+    """One method's model, optimiser, batches and step function."""
+
+    def __init__(self, method: str, config: BackboneConfig, rank_map: dict[str, int], batch: int,
+                 device: torch.device, seed: int = 0) -> None:
+        self.method = method
+        train_method = {"cessl-no-deact": "cessl"}.get(method, method)
+        p = 0.0 if method == "cessl-no-deact" else P
+        self.model = build_model_for_method(None, config, train_method, rank_map=rank_map, p=p, r=R,
+                                            seed=seed).to(device).train()  # fmt: skip
+        self.optimizer, _ = build_optimizer(self.model, TrainConfig(method=train_method))
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(batch, config.n_leads, 1, config.seq_len, generator=g).to(device)
+        self.y = (torch.rand(batch, config.num_classes, generator=g) < 0.2).float().to(device)
+        self.u = torch.randn(batch, config.n_leads, 1, config.seq_len, generator=g).to(device)
+        self.generator = make_generator(seed, device)
+        self.loss: Callable[[], torch.Tensor] = {
+            "cessl": lambda: semi_supervised_step(self.model, self.x, self.y, self.u, self.generator).loss,
+            "cessl-no-deact": lambda: semi_supervised_step(self.model, self.x, self.y, self.u, self.generator).loss,
+            "lora": lambda: supervised_step(self.model, self.x, self.y, self.generator).loss,
+            "full": lambda: supervised_step(self.model, self.x, self.y, self.generator).loss,
+            "fixmatch": lambda: fixmatch_step(self.model, self.x, self.y, self.u, self.generator).loss,
+        }[method]
+
+    def step(self) -> None:
+        loss = self.loss()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_step(work: Workload, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    work.step()
+    _sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def rank_map_for(config: BackboneConfig, batch: int, device: torch.device) -> dict[str, int]:
+    """A real one-shot allocation (Taylor, c = 0.6) on two random labelled batches."""
+    model = build_model_for_method(None, config, "lora", r=R).to(device)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(batch, config.n_leads, 1, config.seq_len, generator=g),
+                (torch.rand(batch, config.num_classes, generator=g) < 0.2).float()) for _ in range(2)]  # fmt: skip
+    return allocate_ranks(model, batches, r=R, compress=COMPRESS)
+
+
+def stored_bytes(work: Workload) -> int:
+    """Size of what a fine-tuning run stores: the adapter, or the whole model for full FT."""
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = work.model
+        if work.method in ("full", "fixmatch"):
+            path = Path(tmp) / "model.safetensors"
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
+            return path.stat().st_size
+        meta = AdapterMeta(backbone_id="bench", classes=[str(k) for k in range(model.config.num_classes)],
+                           thresholds=[0.5] * model.config.num_classes, method="cessl")  # fmt: skip
+        save_adapter(model, tmp, meta)
+        return (Path(tmp) / "adapter_model.safetensors").stat().st_size
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1))
+
+
+def _reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def probe_memory(method: str, args: argparse.Namespace, rank_map: dict[str, int]) -> float:
+    """Peak memory growth (MB) over ``args.steps`` steps of ``method`` in this process.
+
+    CUDA: max_memory_allocated minus what was allocated before the steps. CPU: the peak
+    RSS (VmHWM, reset just before the steps) minus the RSS before the steps - run in a
+    fresh process so that no other method's freed-but-cached memory is reused.
+    """
+    device = resolve_device(args.device)
+    config = backbone_config(args.config, NUM_CLASSES)
+    work = Workload(method, config, rank_map, args.batch, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        for _ in range(args.steps):
+            work.step()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    gc.collect()
+    _reset_peak_rss()
+    base = _status_kb("VmRSS")
+    for _ in range(args.steps):
+        work.step()
+    return (_status_kb("VmHWM") - base) / 1024
+
+
+def memory_in_subprocess(method: str, args: argparse.Namespace, rank_map: dict[str, int]) -> float:
+    """Run :func:`probe_memory` in a fresh interpreter (its own peak-RSS high-water mark)."""
+    cmd = [sys.executable, __file__, "--probe-memory", method, "--config", args.config, "--batch", str(args.batch),
+           "--steps", str(args.steps), "--device", args.device, "--threads", str(args.threads),
+           "--rank-map", json.dumps(rank_map)]  # fmt: skip
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return float(json.loads(out.strip().splitlines()[-1])["peak_mb"])
+
+
+def measure(args: argparse.Namespace) -> tuple[list[Measurement], dict[str, int], int]:
+    device = resolve_device(args.device)
+    config = backbone_config(args.config, NUM_CLASSES)
+    rank_map = rank_map_for(config, args.batch, device)
+    backbone_params = count_parameters(ECGTransformer(config))[1]
+    works = {m: Workload(m, config, rank_map, args.batch, device) for m in METHODS}
+    for work in works.values():  # warm-up (allocator, AdamW state, kernels)
+        work.step()
+    times: dict[str, list[list[float]]] = {m: [] for m in METHODS}
+    for round_ in range(args.rounds):
+        order = METHODS[round_ % len(METHODS):] + METHODS[: round_ % len(METHODS)]
+        for method in order:
+            times[method].append([timed_step(works[method], device) for _ in range(args.steps)])
+        log.info("round %d/%d done", round_ + 1, args.rounds)
+    sizes = {m: (count_parameters(w.model), stored_bytes(w)) for m, w in works.items()}
+    works.clear()  # free every model before the memory probes
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    results = []
+    for method in METHODS:
+        peak = probe_memory(method, args, rank_map) if device.type == "cuda" else memory_in_subprocess(
+            method, args, rank_map)  # fmt: skip
+        (trainable, total), stored = sizes[method]
+        round_ms = [statistics.fmean(steps) for steps in times[method]]
+        fastest = min(min(steps) for steps in times[method])
+        results.append(Measurement(method, round_ms, fastest, peak, trainable, total, stored))
+    return results, rank_map, backbone_params
+
+
+def parameter_table(num_classes: int = NUM_CLASSES) -> list[tuple[str, int, int]]:
+    """(config, backbone parameters, LoRA r = 16 trainable parameters) for every size.
+
+    Built on the meta device: no memory, no time. CE-SSL after allocation trains fewer
+    (the low-ranked matrices get r_low = 8), so this is its upper bound.
+    """
+    rows = []
+    for name in BACKBONE_CONFIGS:
+        config = backbone_config(name, num_classes)
+        with torch.device("meta"):
+            backbone = count_parameters(ECGTransformer(config))[1]
+            lora = build_model_for_method(None, config, "lora", r=R)
+        rows.append((name, backbone, count_parameters(lora)[0]))
+    return rows
+
+
+def verdicts(results: dict[str, Measurement], backbone_params: int) -> list[tuple[str, str, bool]]:
+    ce, no_deact, ref = results["cessl"], results["cessl-no-deact"], results[REFERENCE]
+    time_ratio = ce.ratio_to(ref)
+    saving = 1 - ce.ratio_to(no_deact)
+    share = ce.trainable / backbone_params
+    medium = next(row for row in parameter_table() if row[0] == "medium")
+    return [
+        (TARGETS[0], f"{time_ratio:.2f}x", time_ratio <= 0.5),
+        (TARGETS[1], f"{100 * saving:.1f}%", saving >= 0.05),
+        (TARGETS[2], f"{100 * share:.1f}%", share <= 0.05),
+        (TARGETS[3], f"{100 * medium[2] / medium[1]:.1f}%", medium[2] / medium[1] <= 0.05),
+    ]
+
+
+def report(results: list[Measurement], rank_map: dict[str, int], backbone_params: int,
+           args: argparse.Namespace, console: Console) -> dict:
+    by_method = {r.method: r for r in results}
+    ref = by_method[REFERENCE]
+    device = resolve_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    table = Table(title=f"Training step, {args.config}, batch {args.batch}+{args.batch}, {name}")
+    for column in ("method", "ms/step", "min ms", "x FixMatch", "peak MB", "x FixMatch", "trainable",
+                   "% backbone", "stored KB", "x FixMatch"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for r in results:
+        table.add_row(
+            r.method, f"{r.step_ms:.0f}", f"{r.min_ms:.0f}", f"{r.ratio_to(ref):.2f}", f"{r.peak_mb:.0f}", f"{r.peak_mb / ref.peak_mb:.2f}",
+            f"{r.trainable:,}", f"{100 * r.trainable / backbone_params:.1f}", f"{r.stored_bytes / 1024:.0f}",
+            f"{r.stored_bytes / ref.stored_bytes:.3f}",
+        )  # fmt: skip
+    console.print(table)
+    low = sum(v < R for v in rank_map.values())
+    console.print(f"rank map: {low} of {len(rank_map)} matrices at r_low = {(R // 4) * 2}, the rest at r = {R}")
+    checks = Table(title="Targets")
+    for column in ("target", "measured", "result"):
+        checks.add_column(column)
+    outcome = verdicts(by_method, backbone_params)
+    for target, value, ok in outcome:
+        checks.add_row(target, value, "[green]PASS[/]" if ok else "[red]FAIL[/]")
+    console.print(checks)
+    sizes = Table(title=f"Trainable parameters by backbone size (LoRA r = {R}, {NUM_CLASSES} classes)")
+    for column in ("config", "backbone", "LoRA trainable", "% backbone"):
+        sizes.add_column(column, justify="left" if column == "config" else "right")
+    for config_name, backbone, lora in parameter_table():
+        sizes.add_row(config_name, f"{backbone:,}", f"{lora:,}", f"{100 * lora / backbone:.1f}")
+    console.print(sizes)
+    return {
+        "config": args.config, "batch": args.batch, "device": name, "steps": args.steps, "rounds": args.rounds,
+        "backbone_params": backbone_params, "rank_map": rank_map,
+        "results": [asdict(r) | {"step_ms": r.step_ms, "x_fixmatch": r.ratio_to(ref)} for r in results],
+        "targets": [{"target": t, "measured": v, "pass": ok} for t, v, ok in outcome],
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="tiny", choices=sorted(BACKBONE_CONFIGS))
+    parser.add_argument("--batch", type=int, default=16, help="labelled batch (= unlabelled batch)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per method and round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument("--probe-memory", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--rank-map", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.probe_memory else logging.INFO,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")  # fmt: skip
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.getLogger("ml.train.finetune").setLevel(logging.ERROR)  # "no pre-trained backbone" x 10
+    if args.probe_memory:
+        peak = probe_memory(args.probe_memory, args, json.loads(args.rank_map))
+        sys.stdout.write(json.dumps({"peak_mb": peak}) + "\n")
+        return 0
+    results, rank_map, backbone_params = measure(args)
+    summary = report(results, rank_map, backbone_params, args, Console(width=160))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

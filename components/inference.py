@@ -1,0 +1,144 @@
+"""A fine-tuned model ready to predict: backbone + adapter, class list and thresholds.
+
+Used by the evaluate step, by the MLflow pyfunc model (``pipeline.pyfunc_model``) and by
+``cessl predict``. Inputs are either preprocessed signals ``(N, 12, 6144)`` (what the store
+holds), raw 12-lead signals ``(N, 12, T)`` at a known sample rate, or WFDB records (paths
+without or with the ``.hea`` suffix), which go through the pipeline's preprocessing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from components.backbone import load_backbone_dir
+
+log = logging.getLogger(__name__)
+
+SEQ_LEN = 6144
+N_LEADS = 12
+TARGET_FS = 500.0
+
+
+@dataclass
+class Predictor:
+    """A fine-tuned model in eval mode with its classes and decision thresholds."""
+
+    model: object  # ml.model.backbone.ECGTransformer
+    classes: list[str]
+    thresholds: np.ndarray
+    backbone_id: str
+    batch_size: int = 64
+
+    def predict_proba(self, signals: np.ndarray) -> np.ndarray:
+        """Sigmoid probabilities ``(N, C)`` of preprocessed signals ``(N, 12, 6144)`` or ``(N, 12, 1, 6144)``."""
+        import torch
+
+        x = np.asarray(signals, dtype=np.float32)
+        if x.ndim == 3:
+            x = x[:, :, None, :]
+        if x.ndim != 4 or x.shape[1] != N_LEADS or x.shape[3] != SEQ_LEN:
+            raise ValueError(f"expected preprocessed signals (N, 12, {SEQ_LEN}), got {tuple(np.shape(signals))}")
+        model = self.model
+        model.eval()
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(x), self.batch_size):
+                logits = model(torch.from_numpy(x[start : start + self.batch_size]))
+                out.append(torch.sigmoid(logits.float()).numpy())
+        return np.concatenate(out).astype(np.float64) if out else np.zeros((0, len(self.classes)))
+
+    def predict_raw(self, signals: np.ndarray, sample_rate: float = TARGET_FS) -> np.ndarray:
+        """Probabilities of raw signals ``(N, 12, T)`` in mV at ``sample_rate`` (preprocessed here)."""
+        raw = np.asarray(signals, dtype=np.float64)
+        if raw.ndim == 2:
+            raw = raw[None]
+        if raw.ndim != 3 or raw.shape[1] != N_LEADS:
+            raise ValueError(f"expected raw signals (N, 12, T), got {tuple(raw.shape)}")
+        return self.predict_proba(np.stack([preprocess_signal(r, sample_rate) for r in raw]))
+
+    def diagnoses(self, probs: np.ndarray) -> list[list[str]]:
+        """Class names whose probability reaches the class threshold, per record."""
+        positive = np.asarray(probs) >= self.thresholds[None, :]
+        return [[c for c, on in zip(self.classes, row, strict=True) if on] for row in positive]
+
+    def predict_records(self, records: Sequence[str | Path]) -> pd.DataFrame:
+        """One row per WFDB record: ``record``, ``p_<class>`` per class, ``diagnoses`` (';'-joined)."""
+        signals, names = [], []
+        for record in records:
+            signal, fs = read_wfdb(record)
+            signals.append(preprocess_signal(signal, fs))
+            names.append(_record_id(record))
+        if not signals:
+            raise ValueError("no records given")
+        probs = self.predict_proba(np.stack(signals))
+        return predictions_table(names, probs, self.classes, self.diagnoses(probs))
+
+
+def class_names(classes: Sequence[str]) -> dict[str, str]:
+    """SNOMED code -> Challenge abbreviation (the code itself when it has none)."""
+    try:
+        from ml.data.labels import LabelMapping
+
+        names = LabelMapping.from_csv().abbreviations(list(classes))
+    except (ValueError, KeyError, OSError):
+        return {c: c for c in classes}
+    return {c: str(n or c) for c, n in zip(classes, names, strict=True)}
+
+
+def predictions_table(names: Sequence[str], probs: np.ndarray, classes: Sequence[str],
+                      diagnoses: Sequence[Sequence[str]]) -> pd.DataFrame:
+    """``record``, ``p_<code>`` per class, ``diagnoses`` (abbreviations, ';'-joined) and their ``codes``."""
+    table = pd.DataFrame(probs, columns=[f"p_{c}" for c in classes])
+    table.insert(0, "record", list(names))
+    abbreviation = class_names(classes)
+    table["diagnoses"] = [";".join(abbreviation[c] for c in d) for d in diagnoses]
+    table["codes"] = [";".join(d) for d in diagnoses]
+    return table
+
+
+def _record_id(record: str | Path) -> str:
+    path = Path(record)
+    return path.stem if path.suffix in (".hea", ".mat", ".dat") else path.name
+
+
+def read_wfdb(record: str | Path) -> tuple[np.ndarray, float]:
+    """``(signal (12, T) in mV, sample rate)`` of one WFDB record (strictly validated)."""
+    from ml.data.records import RecordError, read_record_file
+
+    path = Path(record)
+    if path.suffix in (".mat", ".dat"):
+        path = path.with_suffix(".hea")
+    elif path.suffix != ".hea":
+        path = path.with_name(path.name + ".hea")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: WFDB header not found")
+    try:
+        rec = read_record_file(path)
+    except RecordError as err:
+        raise ValueError(f"{path}: not a usable 12-lead record ({err})") from err
+    return np.asarray(rec.signal), float(rec.fs)
+
+
+def preprocess_signal(signal: np.ndarray, sample_rate: float) -> np.ndarray:
+    """The pipeline's preprocessing of one record ``(12, T)`` -> ``(12, 6144)`` float32."""
+    from ml.data import preprocess
+
+    return np.asarray(preprocess.preprocess_signal(np.asarray(signal), float(sample_rate)), dtype=np.float32)
+
+
+def load_predictor(backbone_dir: Path, adapter_dir: Path) -> Predictor:
+    """Rebuild the fine-tuned model from a backbone folder and an adapter folder."""
+    from ml.model.adapter import load_adapter
+
+    state, _, _ = load_backbone_dir(backbone_dir)
+    model, meta = load_adapter(adapter_dir, state)
+    model.eval()
+    thresholds = np.asarray(meta.thresholds if meta.thresholds is not None else [0.5] * len(meta.classes),
+                            dtype=np.float64)
+    return Predictor(model=model, classes=list(meta.classes), thresholds=thresholds, backbone_id=meta.backbone_id)

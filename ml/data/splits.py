@@ -1,0 +1,149 @@
+"""Test / labelled-train / labelled-valid / unlabelled splits (multi-label stratified).
+
+The paper's protocol: of the labelled records, 10% go to the test set; of the rest a
+small labelled fraction (5% by default) keeps its labels and the remainder is treated as
+unlabelled; the labelled part is split 80/20 into train and validation. Every cut uses
+multi-label iterative stratification (Sechidis et al. 2011, the maintained
+``iterative-stratification`` package), so rare diagnoses appear in every part in
+proportion. Records without a ``# Dx`` line can only be unlabelled.
+
+Deterministic for a seed, independent of the order the records come in (ids are sorted
+first). Saved as JSON lists of ids, so a split can be audited and reused.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Splits:
+    test: list[str]
+    train: list[str]
+    valid: list[str]
+    unlabelled: list[str]
+    classes: list[str] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def sizes(self) -> dict[str, int]:
+        return {k: len(getattr(self, k)) for k in ("test", "train", "valid", "unlabelled")}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.part")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1), encoding="utf-8")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Splits:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return cls(**data)
+
+
+def _stratified_cut(y: np.ndarray, n_second: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (first, second) with ``n_second`` rows in the second part, stratified on y."""
+    n = len(y)
+    if n_second <= 0:
+        return np.arange(n), np.array([], dtype=np.int64)
+    if n_second >= n:
+        return np.array([], dtype=np.int64), np.arange(n)
+    if y.shape[1] == 0 or not y.any():
+        perm = np.random.default_rng(seed).permutation(n)
+        return np.sort(perm[n_second:]), np.sort(perm[:n_second])
+    from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+
+    if y.shape[1] == 1:  # the library wants a multi-label matrix: add the complement
+        y = np.hstack([y, 1 - y])
+
+    splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=n_second, random_state=seed)
+    first, second = next(splitter.split(np.zeros((n, 1)), y))
+    return np.sort(first), np.sort(second)
+
+
+def make_splits(
+    ids: Sequence[str],
+    y: np.ndarray,
+    *,
+    labelled: Sequence[bool] | np.ndarray | None = None,
+    test_size: float = 0.1,
+    labelled_ratio: float = 0.05,
+    valid_size: float = 0.2,
+    seed: int = 0,
+    classes: Sequence[str] = (),
+) -> Splits:
+    """Split records into test / train / valid / unlabelled id lists.
+
+    ``y`` is the (N, C) multi-hot label matrix of ``ids``; ``labelled[i]`` is False for
+    records without diagnoses (they go to ``unlabelled``). Sizes are rounded to whole
+    records: test = round(test_size * labelled records), labelled = round(labelled_ratio *
+    the rest) (at least 2 when any: one to train on, one to validate), valid =
+    round(valid_size * labelled) (at least 1).
+    """
+    ids = [str(i) for i in ids]
+    y = np.asarray(y, dtype=np.int8).reshape(len(ids), -1)
+    if len(set(ids)) != len(ids):
+        raise ValueError("record ids must be unique to split them")
+    for name, value in (("test_size", test_size), ("labelled_ratio", labelled_ratio), ("valid_size", valid_size)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be within [0, 1], got {value}")
+    lab = np.ones(len(ids), bool) if labelled is None else np.asarray(labelled, dtype=bool)
+    order = np.argsort(np.array(ids, dtype=object), kind="stable")  # independent of input order
+    ids_sorted = [ids[i] for i in order]
+    y, lab = y[order], lab[order]
+
+    pool = np.flatnonzero(lab)
+    never_labelled = [ids_sorted[i] for i in np.flatnonzero(~lab)]
+    seeds = np.random.SeedSequence(seed).generate_state(3)
+
+    n_test = int(round(test_size * len(pool)))
+    rest_local, test_local = _stratified_cut(y[pool], n_test, int(seeds[0]))
+    rest = pool[rest_local]
+    n_lab = int(round(labelled_ratio * len(rest)))
+    if labelled_ratio > 0 and len(rest) >= 2:
+        n_lab = max(n_lab, 2)
+    unl_local, lab_local = _stratified_cut(y[rest], n_lab, int(seeds[1]))
+    labelled_part = rest[lab_local]
+    n_valid = int(round(valid_size * len(labelled_part)))
+    if valid_size > 0 and len(labelled_part) >= 2:
+        n_valid = max(n_valid, 1)
+    train_local, valid_local = _stratified_cut(y[labelled_part], n_valid, int(seeds[2]))
+
+    def pick(index: np.ndarray) -> list[str]:
+        return [ids_sorted[i] for i in index]
+
+    return Splits(
+        test=pick(pool[test_local]),
+        train=pick(labelled_part[train_local]),
+        valid=pick(labelled_part[valid_local]),
+        unlabelled=sorted(pick(rest[unl_local]) + never_labelled),
+        classes=list(classes),
+        params={"test_size": test_size, "labelled_ratio": labelled_ratio, "valid_size": valid_size, "seed": seed},
+    )
+
+
+def split_store(store, *, classes: Sequence[str] | None = None, **kwargs: Any) -> Splits:
+    """:func:`make_splits` over every record of an :class:`~ml.data.store.ECGStore`."""
+    classes = list(store.classes if classes is None else classes)
+    return make_splits(store.ids, store.label_matrix(classes), labelled=store.labelled_mask(), classes=classes,
+                       **kwargs)
+
+
+def label_proportions(y: np.ndarray) -> np.ndarray:
+    y = np.asarray(y, dtype=float)
+    return y.mean(axis=0) if len(y) else np.zeros(y.shape[1])
+
+
+def stratification_error(y_all: np.ndarray, y_part: np.ndarray) -> float:
+    """Mean absolute difference of per-class prevalence between a part and the whole."""
+    return float(np.abs(label_proportions(y_all) - label_proportions(y_part)).mean())

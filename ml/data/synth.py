@@ -1,0 +1,708 @@
+"""Synthetic hospitals: realistic 12-lead ECGs written as Challenge-format WFDB records.
+
+The heart is a moving dipole D(t) = (x: left, y: inferior, z: anterior) made of Gaussian
+waves (P, septal Q, R, S, RBBB's R', LBBB's second R, T) placed around each beat; the 12
+leads are its projections (limb leads obey Einthoven/Goldberger exactly, precordial leads
+sit around the horizontal plane), plus noise added at the 9 electrodes (baseline wander,
+mains hum, EMG bursts) so that it spreads across leads the way real noise does.
+
+Diagnoses change the rhythm or the waves the way a cardiologist reads them: sinus rate
+(NSR / SB / STach), respiratory RR modulation (SA), irregular RR without P waves and with
+fibrillatory waves (AF), long PR (IAVB), wide QRS with LBBB or RBBB morphology, premature
+wide beats with compensatory pause (PVC), premature beats with an abnormal P (PAC), small
+QRS (LQRSV), inverted or flat T (TInv / TAb), frontal QRS axis (LAD / RAD), long QT (LQT).
+
+Everything is drawn from ``numpy.random.default_rng([seed, index])``: a record depends
+only on the seed and its number, so generation is deterministic in any batch size or
+process count, and files are byte-identical (no timestamps anywhere). Only numpy is used
+in the generator (no library whose numerical output could change between versions).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ml.data.records import STANDARD_LEADS, Reason
+
+log = logging.getLogger(__name__)
+
+# Challenge SNOMED codes of the diagnoses the generator can draw.
+NSR, SB, STACH, SA, AF = "426783006", "426177001", "427084000", "427393009", "164889003"
+IAVB, LBBB, RBBB, PVC, PAC = "270492004", "164909002", "59118001", "17338001", "63593006"
+LQRSV, TINV, TAB, LAD, RAD, LQT = "251146004", "59931005", "164934002", "39732003", "47665007", "111975006"
+
+SUPPORTED_CLASSES: tuple[str, ...] = (
+    NSR, SB, STACH, SA, AF, IAVB, LBBB, RBBB, PVC, PAC, LQRSV, TINV, TAB, LAD, RAD, LQT,
+)
+DEFAULT_CLASSES: tuple[str, ...] = (NSR, SB, STACH, AF, IAVB, LBBB, RBBB, PVC, LQRSV, TINV)
+
+# Probability of each diagnosis (rhythms are exclusive and drawn by weight).
+RHYTHM_WEIGHTS = {NSR: 0.45, SB: 0.17, STACH: 0.17, AF: 0.15, SA: 0.06}
+FINDING_PROB = {IAVB: 0.14, RBBB: 0.12, LBBB: 0.10, PVC: 0.14, PAC: 0.10, LQRSV: 0.12, TINV: 0.14, TAB: 0.12,
+                LAD: 0.12, RAD: 0.06, LQT: 0.10}
+
+# Wave rows of the per-beat parameter arrays.
+P_W, Q_W, R_W, R2_W, S_W, RP_W, T_W = range(7)
+N_WAVES = 7
+
+GAIN = 1000.0  # adu per mV, as in the Challenge files (1 uV resolution)
+
+# Electrodes RA, LA, LL, V1..V6 -> 12 leads.
+_E = np.zeros((12, 9))
+_E[0, [0, 1]] = [-1, 1]  # I = LA - RA
+_E[1, [0, 2]] = [-1, 1]  # II = LL - RA
+_E[2, [1, 2]] = [-1, 1]  # III = LL - LA
+_E[3, :3] = [1, -0.5, -0.5]  # aVR
+_E[4, :3] = [-0.5, 1, -0.5]  # aVL
+_E[5, :3] = [-0.5, -0.5, 1]  # aVF
+for _i in range(6):
+    _E[6 + _i, :3] = -1 / 3
+    _E[6 + _i, 3 + _i] = 1
+ELECTRODE_TO_LEAD = _E
+
+# Dipole (x left, y inferior, z anterior) -> 12 leads.
+_PRECORDIAL_DEG = np.array([120.0, 95.0, 75.0, 55.0, 30.0, 0.0])
+_M = np.zeros((12, 3))
+_M[0] = [1, 0, 0]  # I
+_M[1] = [0.5, np.sqrt(3) / 2, 0]  # II
+_M[2] = _M[1] - _M[0]  # III
+_M[3] = -(_M[0] + _M[1]) / 2  # aVR
+_M[4] = _M[0] - _M[1] / 2  # aVL
+_M[5] = _M[1] - _M[0] / 2  # aVF
+_M[6:, 0] = 1.6 * np.cos(np.radians(_PRECORDIAL_DEG))
+_M[6:, 1] = 0.25
+_M[6:, 2] = 1.6 * np.sin(np.radians(_PRECORDIAL_DEG))
+DIPOLE_TO_LEAD = _M
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """A synthetic hospital. ``classes`` are SNOMED codes (or Challenge abbreviations)."""
+
+    records: int = 100
+    classes: tuple[str, ...] = DEFAULT_CLASSES
+    seed: int = 0
+    fs: float = 500.0
+    duration_s: float = 10.0
+    unlabelled_fraction: float = 0.0  # records written without a # Dx line
+    prefix: str = "S"
+    start: int = 0  # number of the first record (to extend a hospital)
+    mains_hz: float = 50.0
+    noise: float = 1.0  # scale of all noise sources
+
+    def __post_init__(self) -> None:
+        from ml.data.labels import LabelMapping
+
+        mapping = LabelMapping.from_csv()
+        codes = tuple(mapping.code_for(c) for c in self.classes)
+        unsupported = [mapping.abbreviation(c) for c in codes if c not in SUPPORTED_CLASSES]
+        if unsupported:
+            raise ValueError(
+                f"no synthetic model for {', '.join(unsupported)}; supported: "
+                + ", ".join(mapping.abbreviations(SUPPORTED_CLASSES))
+            )
+        object.__setattr__(self, "classes", codes)
+        if not 0.0 <= self.unlabelled_fraction <= 1.0:
+            raise ValueError("unlabelled_fraction must be within [0, 1]")
+
+    def record_id(self, index: int) -> str:
+        return f"{self.prefix}{index:05d}"
+
+
+@dataclass
+class SynthRecord:
+    record_id: str
+    signal: np.ndarray  # (12, n) mV
+    fs: float
+    labels: list[str]  # diagnoses present (SNOMED codes)
+    labelled: bool  # whether the header carries them
+    age: int
+    sex: str
+
+
+# ---------------------------------------------------------------------------------------
+# Generator
+# ---------------------------------------------------------------------------------------
+
+
+def _direction(frontal_deg: float, elevation: float) -> np.ndarray:
+    """Unit vector at a frontal-plane angle (0 = left, 90 = inferior), tilted anteriorly."""
+    a = np.radians(frontal_deg)
+    return np.array([np.cos(a) * np.cos(elevation), np.sin(a) * np.cos(elevation), np.sin(elevation)])
+
+
+def draw_labels(rng: np.random.Generator, classes: Sequence[str]) -> list[str]:
+    """Diagnoses of one record: a rhythm plus independent findings, within ``classes``."""
+    allowed = set(classes)
+    rhythms = [c for c in RHYTHM_WEIGHTS if c in allowed]
+    labels: list[str] = []
+    u = rng.random(1 + len(FINDING_PROB))
+    if rhythms:
+        weights = np.array([RHYTHM_WEIGHTS[c] for c in rhythms])
+        cum = np.cumsum(weights / weights.sum())
+        labels.append(rhythms[int(np.searchsorted(cum, u[0], side="right").clip(0, len(rhythms) - 1))])
+    for j, (code, p) in enumerate(FINDING_PROB.items()):
+        if code in allowed and u[1 + j] < p:
+            labels.append(code)
+    # Exclusions that make clinical sense.
+    if AF in labels:
+        labels = [c for c in labels if c not in (IAVB, PAC)]
+    if LBBB in labels:
+        labels = [c for c in labels if c not in (RBBB, RAD)]
+    if LAD in labels and RAD in labels:
+        labels.remove(RAD)
+    if TINV in labels and TAB in labels:
+        labels.remove(TAB)
+    return labels
+
+
+def _beat_times(
+    rng: np.random.Generator, labels: Sequence[str], duration: float
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """R-peak times and beat types (0 normal, 1 PVC, 2 PAC) covering [-1 s, duration + 1 s]."""
+    if SB in labels:
+        hr = rng.uniform(42, 56)
+    elif STACH in labels:
+        hr = rng.uniform(105, 145)
+    elif AF in labels:
+        hr = rng.uniform(70, 125)
+    else:
+        hr = rng.uniform(60, 95)
+    rr = 60.0 / hr
+    n_max = int((duration + 2.0) / 0.25) + 4
+    noise = rng.standard_normal(n_max)
+    resp_f, resp_phase = rng.uniform(0.15, 0.3), rng.uniform(0, 2 * np.pi)
+    resp_depth = rng.uniform(0.10, 0.18) if SA in labels else rng.uniform(0.0, 0.02)
+    # Ectopic beats at 1-3 moments inside the record, so a labelled record shows them.
+    slots: list[tuple[float, int]] = []
+    for flag, code in ((1, PVC), (2, PAC)):
+        if code in labels:
+            n_slots = 1 + int(rng.integers(0, 3))
+            slots += [(float(s), flag) for s in rng.uniform(0.6, max(0.6, duration - 1.2), n_slots)]
+    slots.sort()
+    times, types = [], []
+    t = -rng.uniform(0.0, rr) - 1.0
+    prev_type = 0
+    k = 0
+    while t < duration + 1.0 and k < n_max:
+        times.append(t)
+        types.append(prev_type)
+        if AF in labels:
+            step = rr * float(np.exp(0.22 * noise[k]))
+            step = min(max(step, 0.28), 2.0)
+        else:
+            step = rr * (1.0 + 0.015 * noise[k] + resp_depth * np.sin(2 * np.pi * resp_f * t + resp_phase))
+        next_type = 0
+        if prev_type == 0 and slots and t + step > slots[0][0]:
+            next_type = slots.pop(0)[1]
+            while slots and slots[0][0] < t + step + rr:  # two ectopics never in a row
+                slots.pop(0)
+        if next_type == 1:
+            step *= rng.uniform(0.55, 0.68)
+        elif next_type == 2:
+            step *= rng.uniform(0.62, 0.75)
+        elif prev_type == 1:
+            step = 2 * rr - (times[-1] - times[-2]) if len(times) > 1 else rr  # compensatory pause
+        t += step
+        prev_type = next_type
+        k += 1
+    return np.array(times), np.array(types), rr
+
+
+def _wave_parameters(rng: np.random.Generator, labels: Sequence[str], types: np.ndarray, rr: float):
+    """Per-beat offsets (W, K), widths (W, K) and dipole amplitudes (W, K, 3)."""
+    k = len(types)
+    off = np.zeros((N_WAVES, k))
+    sig = np.full((N_WAVES, k), 0.01)
+    amp = np.zeros((N_WAVES, k, 3))
+
+    lqrsv = rng.uniform(0.22, 0.35) if LQRSV in labels else 1.0
+    a_r = rng.uniform(1.0, 1.7) * lqrsv
+    if LAD in labels:
+        axis = rng.uniform(-75, -35)
+    elif RAD in labels:
+        axis = rng.uniform(100, 150)
+    else:
+        axis = rng.uniform(10, 75)
+    elev = rng.uniform(-0.45, -0.2)
+    if LBBB in labels:
+        qrsd = rng.uniform(0.13, 0.16)
+    elif RBBB in labels:
+        qrsd = rng.uniform(0.12, 0.15)
+    else:
+        qrsd = rng.uniform(0.08, 0.10)
+    pr = rng.uniform(0.23, 0.32) if IAVB in labels else rng.uniform(0.12, 0.19)
+    qtc = rng.uniform(0.48, 0.56) if LQT in labels else rng.uniform(0.38, 0.43)
+    qt = qtc * np.sqrt(rr)
+    a_t = rng.uniform(0.25, 0.45)
+    t_dir = _direction(np.clip(axis + rng.uniform(-20, 20), 0, 80), rng.uniform(0.1, 0.35))
+    if TINV in labels:
+        t_dir = -t_dir
+        a_t *= rng.uniform(0.6, 1.0)
+    elif TAB in labels:
+        a_t *= rng.uniform(0.05, 0.25)
+    p_dir = _direction(rng.uniform(40, 70), 0.1)
+    a_p = rng.uniform(0.10, 0.20)
+    beat_scale = 1.0 + 0.03 * rng.standard_normal(k)
+
+    normal = types != 1
+    onset = -0.5 * qrsd
+    # P (absent in AF and before PVCs; PACs have an ectopic, inverted-axis P)
+    if AF not in labels:
+        off[P_W] = onset - pr + 0.05
+        sig[P_W] = 0.022
+        amp[P_W] = np.outer(a_p * (types == 0), p_dir)
+        pac = types == 2
+        if pac.any():
+            amp[P_W, pac] = a_p * _direction(rng.uniform(-90, -40), 0.0)
+            off[P_W, pac] = onset - rng.uniform(0.10, 0.14) + 0.05
+    if LBBB in labels:
+        lb_dir = _direction(rng.uniform(-10, 40), -0.7)
+        off[R_W], sig[R_W] = -0.17 * qrsd, 0.13 * qrsd
+        off[R2_W], sig[R2_W] = 0.17 * qrsd, 0.13 * qrsd
+        amp[R_W] = np.outer(a_r * 0.9 * normal, lb_dir)
+        amp[R2_W] = np.outer(a_r * 1.0 * normal, lb_dir)
+        t_dir = -lb_dir * 0.8 + 0.2 * t_dir  # secondary (discordant) T
+    else:
+        off[Q_W], sig[Q_W] = -0.35 * qrsd, 0.1 * qrsd
+        off[R_W], sig[R_W] = 0.0, 0.11 * qrsd if RBBB not in labels else 0.08 * qrsd
+        off[S_W], sig[S_W] = 0.32 * qrsd if RBBB not in labels else 0.18 * qrsd, 0.1 * qrsd
+        amp[Q_W] = np.outer(0.15 * a_r * normal, _direction(axis + 180, 0.9))
+        amp[R_W] = np.outer(a_r * normal, _direction(axis, elev))
+        amp[S_W] = np.outer(0.25 * a_r * normal, _direction(axis + 160, -0.3))
+        if RBBB in labels:
+            off[RP_W], sig[RP_W] = 0.36 * qrsd, 0.12 * qrsd
+            amp[RP_W] = np.outer(0.55 * a_r * normal, _direction(180 + rng.uniform(-20, 20), 0.75))
+    off[T_W] = onset + qt - 0.12
+    sig[T_W] = rng.uniform(0.04, 0.055)
+    amp[T_W] = np.outer(a_t * normal, t_dir)
+
+    pvc = types == 1
+    if pvc.any():  # wide, bizarre, no P, discordant T
+        v_dir = _direction(rng.uniform(-150, 150), rng.uniform(-0.8, 0.8))
+        amp[:, pvc] = 0.0
+        off[R_W, pvc], sig[R_W, pvc] = 0.0, rng.uniform(0.035, 0.045)
+        amp[R_W, pvc] = 1.6 * a_r / max(lqrsv, 0.5) * v_dir
+        off[T_W, pvc], sig[T_W, pvc] = 0.32, 0.07
+        amp[T_W, pvc] = -0.45 * v_dir
+    amp *= beat_scale[None, :, None]
+    return off, sig, amp
+
+
+WINDOW_S = (-0.45, 0.75)  # every wave of a beat lies within this span around its R peak
+
+
+def _render_dipole(t: np.ndarray, r: np.ndarray, off, sig, amp, fs: float) -> np.ndarray:
+    """Sum of every beat's Gaussian waves -> (3, n) dipole (each beat on its own window)."""
+    n = t.size
+    lo, hi = int(np.floor(WINDOW_S[0] * fs)), int(np.ceil(WINDOW_S[1] * fs))
+    centre = np.rint(r * fs).astype(np.int64)
+    idx = centre[:, None] + np.arange(lo, hi + 1)[None, :]  # (K, L) sample numbers
+    tt = idx / fs  # (K, L) seconds
+    z = (tt[None, :, :] - (r[None, :, None] + off[:, :, None])) / sig[:, :, None]  # (W, K, L)
+    g = np.exp(-0.5 * np.minimum(z * z, 60.0))
+    contrib = np.einsum("wkl,wkc->ckl", g, amp)  # (3, K, L)
+    inside = (idx >= 0) & (idx < n)
+    flat_idx = idx[inside]
+    dipole = np.empty((3, n))
+    for c in range(3):
+        dipole[c] = np.bincount(flat_idx, weights=contrib[c][inside], minlength=n)
+    return dipole
+
+
+def _noise(rng: np.random.Generator, t: np.ndarray, config: SynthConfig) -> np.ndarray:
+    """Electrode noise (9, n): baseline wander, mains hum, EMG with bursts."""
+    n = t.size
+    level = config.noise
+    # Baseline wander: two slow sinusoids per electrode, evaluated every 20 ms and
+    # interpolated linearly (they move < 1% of a cycle in between).
+    step = max(1, int(config.fs // 50))
+    coarse_t = t[::step]
+    if coarse_t[-1] < t[-1]:
+        coarse_t = np.append(coarse_t, coarse_t[-1] + step / config.fs)
+    wander_amp = rng.uniform(0.02, 0.25) * level * rng.uniform(0.3, 1.0, (9, 2))
+    wander_f = rng.uniform(0.05, 0.5, (9, 2))
+    wander_ph = rng.uniform(0, 2 * np.pi, (9, 2))
+    coarse = np.einsum("ek,ekn->en", wander_amp,
+                       np.sin(2 * np.pi * wander_f[..., None] * coarse_t + wander_ph[..., None]))
+    pos = np.arange(n) / step
+    i0 = np.minimum(pos.astype(np.int64), coarse.shape[1] - 2)
+    frac = pos - i0
+    wander = coarse[:, i0] * (1 - frac) + coarse[:, i0 + 1] * frac
+    mains = (rng.uniform(0.0, 0.03) * level * rng.uniform(0.5, 1.5, (9, 1))
+             * np.sin(2 * np.pi * config.mains_hz * t + rng.uniform(0, 2 * np.pi)))
+    emg_std = rng.uniform(0.003, 0.02) * level
+    envelope = np.ones(n)
+    if rng.random() < 0.35:  # a muscle burst
+        start = int(rng.integers(0, max(1, n - 1)))
+        width = int(rng.uniform(0.5, 2.0) * config.fs)
+        envelope[start : start + width] = rng.uniform(3, 6)
+    emg = emg_std * envelope * rng.standard_normal((9, n), dtype=np.float32)
+    return wander + mains + emg
+
+
+def _f_waves(rng: np.random.Generator, t: np.ndarray) -> np.ndarray:
+    """Atrial fibrillatory waves (3, n): 4-8 Hz, drifting phase and amplitude."""
+    freq = rng.uniform(4.5, 7.5)
+    drift = np.cumsum(rng.standard_normal(t.size)) * 0.02
+    amp = rng.uniform(0.04, 0.1) * (1 + 0.3 * np.sin(2 * np.pi * rng.uniform(0.1, 0.4) * t))
+    wave = amp * np.sin(2 * np.pi * freq * t + drift)
+    return np.outer(np.array([-0.3, 0.5, 0.8]), wave)
+
+
+def synthesize_record(index: int, config: SynthConfig) -> SynthRecord:
+    """Record number ``index`` of the hospital described by ``config`` (pure function)."""
+    rng = np.random.default_rng([config.seed, index])
+    labels = draw_labels(rng, config.classes)
+    labelled = bool(rng.random() >= config.unlabelled_fraction)
+    age = int(rng.integers(18, 95))
+    sex = "Male" if rng.random() < 0.52 else "Female"
+    n = int(round(config.duration_s * config.fs))
+    t = np.arange(n) / config.fs
+    r, types, rr = _beat_times(rng, labels, config.duration_s)
+    off, sig, amp = _wave_parameters(rng, labels, types, rr)
+    dipole = _render_dipole(t, r, off, sig, amp, config.fs)
+    dipole *= 1.0 + 0.05 * np.sin(2 * np.pi * rng.uniform(0.15, 0.3) * t)  # breathing
+    if AF in labels:
+        dipole += _f_waves(rng, t)
+    leads = DIPOLE_TO_LEAD @ dipole + ELECTRODE_TO_LEAD @ _noise(rng, t, config)
+    return SynthRecord(config.record_id(config.start + index), leads, config.fs, labels, labelled, age, sex)
+
+
+# ---------------------------------------------------------------------------------------
+# Writing Challenge-format WFDB records (deterministic bytes)
+# ---------------------------------------------------------------------------------------
+
+
+def to_digital(signal_mv: np.ndarray, gain: float = GAIN) -> np.ndarray:
+    return np.clip(np.rint(signal_mv * gain), -32767, 32767).astype("<i2")
+
+
+def mat_v4_bytes(matrix: np.ndarray, name: str = "val") -> bytes:
+    """A MATLAB v4 file holding one real matrix (int16, float32 or float64)."""
+    types = {np.dtype("<i2"): 30, np.dtype("<f8"): 0, np.dtype("<f4"): 10}
+    matrix = np.asarray(matrix)
+    dtype = matrix.dtype.newbyteorder("<")
+    rows, cols = matrix.shape
+    head = struct.pack("<5i", types[dtype], rows, cols, 0, len(name) + 1) + name.encode() + b"\0"
+    return head + np.asarray(matrix, dtype).T.tobytes()  # column-major
+
+
+def checksum(digital: np.ndarray) -> np.ndarray:
+    total = digital.astype(np.int64).sum(axis=-1)
+    return ((total + 2**15) % 2**16) - 2**15
+
+
+def header_text(
+    record_id: str,
+    digital: np.ndarray,
+    fs: float,
+    comments: Sequence[str],
+    lead_names: Sequence[str] = STANDARD_LEADS,
+    gain: float = GAIN,
+    units: str = "mV",
+    file_name: str | None = None,
+    sig_len: int | None = None,
+) -> str:
+    file_name = file_name or f"{record_id}.mat"
+    n = digital.shape[1] if sig_len is None else sig_len
+    lines = [f"{record_id} {len(lead_names)} {fs:g} {n}"]
+    sums = checksum(digital)
+    for i, lead in enumerate(lead_names):
+        first = int(digital[i, 0]) if digital.shape[1] else 0
+        lines.append(f"{file_name} 16x1+24 {gain:.1f}(0)/{units} 16 0 {first} {int(sums[i])} 0 {lead}")
+    lines += [f"# {c}" for c in comments]
+    return "\n".join(lines) + "\n"
+
+
+def comments_for(record: SynthRecord, dx: Sequence[str] | None = None) -> list[str]:
+    out = [f"Age: {record.age}", f"Sex: {record.sex}"]
+    if record.labelled:
+        out.append(f"Dx: {','.join(record.labels if dx is None else dx)}")
+    return out + ["Rx: Unknown", "Hx: Unknown", "Sx: Unknown"]
+
+
+def write_record(out_dir: Path, record: SynthRecord) -> None:
+    """``<id>.hea`` + ``<id>.mat`` (int16, 1000 adu/mV) for one synthetic record."""
+    digital = to_digital(record.signal)
+    (out_dir / f"{record.record_id}.mat").write_bytes(mat_v4_bytes(digital))
+    (out_dir / f"{record.record_id}.hea").write_text(
+        header_text(record.record_id, digital, record.fs, comments_for(record)), encoding="utf-8", newline="\n"
+    )
+
+
+@dataclass
+class SynthSummary:
+    out_dir: str
+    records: int
+    labelled: int
+    label_counts: dict[str, int]
+    faults: dict[str, str] = field(default_factory=dict)  # record key -> expected reason or "accepted"
+
+
+def _write_chunk(job: dict) -> tuple[int, Counter, int]:
+    config = SynthConfig(**job["config"])
+    out_dir = Path(job["out_dir"])
+    counts: Counter = Counter()
+    labelled = 0
+    for index in job["indices"]:
+        record = synthesize_record(index, config)
+        write_record(out_dir, record)
+        if record.labelled:
+            labelled += 1
+            counts.update(record.labels)
+    return len(job["indices"]), counts, labelled
+
+
+def generate(
+    out_dir: str | Path,
+    config: SynthConfig = SynthConfig(),
+    *,
+    faults: bool = False,
+    workers: int = 1,
+    chunk_size: int = 64,
+    progress: bool | None = None,
+) -> SynthSummary:
+    """Write ``config.records`` records (and, with ``faults``, one record per fault kind)."""
+    from ml.data.preprocess import _progress
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [
+        {"config": asdict(config), "out_dir": str(out), "indices": list(range(i, min(i + chunk_size, config.records)))}
+        for i in range(0, config.records, chunk_size)
+    ]
+    counts: Counter = Counter()
+    labelled = 0
+    with _progress(config.records, "synth", progress) as bar:
+        if workers <= 1 or len(jobs) <= 2:
+            results = map(_write_chunk, jobs)
+            for n, c, lab in results:
+                counts += c
+                labelled += lab
+                bar.update(n)
+        else:
+            from ml.data.parallel import process_pool
+
+            with process_pool(workers) as pool:
+                for n, c, lab in pool.map(_write_chunk, jobs):
+                    counts += c
+                    labelled += lab
+                    bar.update(n)
+    summary = SynthSummary(str(out), config.records, labelled, {c: counts[c] for c in config.classes})
+    if faults:
+        summary.faults = inject_faults(out, seed=config.seed, fs=config.fs)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------
+# Faulty records, for tests of ingestion
+# ---------------------------------------------------------------------------------------
+
+FAULT_PREFIX = "F_"
+
+
+def inject_faults(out_dir: str | Path, seed: int = 0, fs: float = 500.0) -> dict[str, str]:
+    """Write one faulty record per kind into ``out_dir``; returns header key -> the
+    expected outcome (a :class:`Reason` value, or ``"accepted"``)."""
+    out = Path(out_dir)
+    base_config = SynthConfig(records=1, seed=seed + 7919, fs=fs, prefix=FAULT_PREFIX)
+    expected: dict[str, str] = {}
+
+    def good(i: int, **changes) -> SynthRecord:
+        cfg = SynthConfig(**{**asdict(base_config), **changes})
+        rec = synthesize_record(i, cfg)
+        rec.labelled = True
+        if not rec.labels:
+            rec.labels = [NSR]
+        return rec
+
+    def put(key: str, header: str | bytes | None, mat: bytes | None, outcome: str, mat_name: str | None = None):
+        folder = out / Path(key).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = Path(key).stem
+        if header is not None:
+            data = header.encode("utf-8") if isinstance(header, str) else header
+            (folder / f"{stem}.hea").write_bytes(data)
+        if mat is not None:
+            (folder / (mat_name or f"{stem}.mat")).write_bytes(mat)
+        expected[key] = outcome
+
+    def standard(name: str, rec: SynthRecord, outcome: str, **kw) -> None:
+        digital = to_digital(rec.signal)
+        put(f"{name}.hea", header_text(name, digital, rec.fs, comments_for(rec), **kw), mat_v4_bytes(digital), outcome)
+
+    def rec_named(i: int, name: str, **changes) -> SynthRecord:
+        rec = good(i, **changes)
+        rec.record_id = name
+        return rec
+
+    accepted = "accepted"
+    n = 0
+
+    def nxt() -> int:
+        nonlocal n
+        n += 1
+        return n
+
+    # -- signal files
+    name = f"{FAULT_PREFIX}truncated"
+    rec = rec_named(nxt(), name)
+    d = to_digital(rec.signal)
+    mat = mat_v4_bytes(d)
+    put(f"{name}.hea", header_text(name, d, fs, comments_for(rec)), mat[: int(len(mat) * 0.6)], Reason.TRUNCATED)
+
+    name = f"{FAULT_PREFIX}missing_signal_file"
+    rec = rec_named(nxt(), name)
+    put(f"{name}.hea", header_text(name, to_digital(rec.signal), fs, comments_for(rec)), None, Reason.UNREADABLE)
+
+    name = f"{FAULT_PREFIX}corrupt_signal_file"
+    rec = rec_named(nxt(), name)
+    put(f"{name}.hea", header_text(name, to_digital(rec.signal), fs, comments_for(rec)),
+        b"this is not a MAT file\n" * 100, Reason.UNREADABLE)
+
+    name = f"{FAULT_PREFIX}length_mismatch"
+    rec = rec_named(nxt(), name)
+    d = to_digital(rec.signal)
+    short = d[:, : d.shape[1] * 4 // 5]
+    put(f"{name}.hea", header_text(name, d, fs, comments_for(rec)), mat_v4_bytes(short), Reason.HEADER_MISMATCH)
+
+    name = f"{FAULT_PREFIX}signal_count_mismatch"
+    rec = rec_named(nxt(), name)
+    d = to_digital(rec.signal)
+    put(f"{name}.hea", header_text(name, d, fs, comments_for(rec)), mat_v4_bytes(d[:11]), Reason.HEADER_MISMATCH)
+
+    name = f"{FAULT_PREFIX}checksum_mismatch"  # signal file of another recording
+    rec = rec_named(nxt(), name)
+    other = to_digital(good(nxt()).signal)
+    put(f"{name}.hea", header_text(name, to_digital(rec.signal), fs, comments_for(rec)), mat_v4_bytes(other),
+        Reason.HEADER_MISMATCH)
+
+    # -- leads
+    name = f"{FAULT_PREFIX}missing_leads"
+    rec = rec_named(nxt(), name)
+    keep = [0, 1, 6, 7, 8, 9, 10, 11]
+    d = to_digital(rec.signal)[keep]
+    put(f"{name}.hea", header_text(name, d, fs, comments_for(rec), lead_names=[STANDARD_LEADS[i] for i in keep]),
+        mat_v4_bytes(d), Reason.MISSING_LEADS)
+
+    name = f"{FAULT_PREFIX}extra_leads"  # 15 leads in a shuffled order: keep the 12 by name
+    rec = rec_named(nxt(), name)
+    d = to_digital(rec.signal)
+    xyz = to_digital(rec.signal[[0, 5, 7]] * 0.7)
+    names = list(STANDARD_LEADS) + ["X", "Y", "Z"]
+    order = np.random.default_rng([seed, 99]).permutation(15)
+    full = np.concatenate([d, xyz])[order]
+    put(f"{name}.hea", header_text(name, full, fs, comments_for(rec), lead_names=[names[i] for i in order]),
+        mat_v4_bytes(full), accepted)
+
+    name = f"{FAULT_PREFIX}shuffled_leads"
+    rec = rec_named(nxt(), name)
+    d = to_digital(rec.signal)
+    order = np.random.default_rng([seed, 100]).permutation(12)
+    lead_names = [STANDARD_LEADS[i].upper() if i % 2 else STANDARD_LEADS[i] for i in order]  # "AVR", "V1"...
+    put(f"{name}.hea", header_text(name, d[order], fs, comments_for(rec), lead_names=lead_names),
+        mat_v4_bytes(d[order]), accepted)
+
+    # -- sample values
+    name = f"{FAULT_PREFIX}nan_samples"
+    rec = rec_named(nxt(), name)
+    d = to_digital(rec.signal).astype(np.float64)
+    d[3, 1000:1010] = np.nan
+    put(f"{name}.hea", header_text(name, np.nan_to_num(d).astype(np.int64), fs, comments_for(rec)),
+        mat_v4_bytes(d), Reason.NON_FINITE)
+
+    name = f"{FAULT_PREFIX}inf_samples"
+    rec = rec_named(nxt(), name)
+    d = to_digital(rec.signal).astype(np.float64)
+    d[7, 2000] = np.inf
+    put(f"{name}.hea", header_text(name, np.nan_to_num(d, posinf=0).astype(np.int64), fs, comments_for(rec)),
+        mat_v4_bytes(d), Reason.NON_FINITE)
+
+    name = f"{FAULT_PREFIX}invalid_samples"  # WFDB's "no sample" value in format 16
+    rec = rec_named(nxt(), name)
+    d = to_digital(rec.signal)
+    d[1, 100:400] = -32768
+    standard_digital = d
+    put(f"{name}.hea", header_text(name, standard_digital, fs, comments_for(rec)), mat_v4_bytes(d), Reason.NON_FINITE)
+
+    name = f"{FAULT_PREFIX}flat_line"
+    rec = rec_named(nxt(), name)
+    d = np.full_like(to_digital(rec.signal), 12)
+    put(f"{name}.hea", header_text(name, d, fs, comments_for(rec)), mat_v4_bytes(d), Reason.FLAT_LINE)
+
+    name = f"{FAULT_PREFIX}too_short"
+    standard(name, rec_named(nxt(), name, duration_s=1.5), Reason.TOO_SHORT)
+
+    # -- sample rates (resampled later, not rejected) and units
+    for rate in (250.0, 257.0, 1000.0):
+        name = f"{FAULT_PREFIX}fs_{rate:g}"
+        standard(name, rec_named(nxt(), name, fs=rate), accepted)
+    name = f"{FAULT_PREFIX}fs_too_low"
+    standard(name, rec_named(nxt(), name, fs=50.0, duration_s=10.0), Reason.BAD_SAMPLE_RATE)
+
+    name = f"{FAULT_PREFIX}units_uV"
+    rec = rec_named(nxt(), name)
+    d = to_digital(rec.signal)  # 1 adu = 1 uV
+    put(f"{name}.hea", header_text(name, d, fs, comments_for(rec), gain=1.0, units="uV"), mat_v4_bytes(d), accepted)
+    name = f"{FAULT_PREFIX}units_mv_lowercase"
+    standard(name, rec_named(nxt(), name), accepted, units="mv")
+    name = f"{FAULT_PREFIX}bad_units"
+    standard(name, rec_named(nxt(), name), Reason.BAD_UNITS, units="mmHg")
+
+    # -- labels
+    name = f"{FAULT_PREFIX}no_dx"
+    rec = rec_named(nxt(), name)
+    rec.labelled = False
+    standard(name, rec, accepted)
+    name = f"{FAULT_PREFIX}empty_dx"
+    rec = rec_named(nxt(), name)
+    d = to_digital(rec.signal)
+    put(f"{name}.hea", header_text(name, d, fs, [f"Age: {rec.age}", "Sex: Female", "Dx: "]), mat_v4_bytes(d),
+        accepted)
+    name = f"{FAULT_PREFIX}unscored_codes"
+    rec = rec_named(nxt(), name)
+    d = to_digital(rec.signal)
+    dx = [*rec.labels, "55827005", "251187003", "NotACode"]
+    put(f"{name}.hea", header_text(name, d, fs, comments_for(rec, dx)), mat_v4_bytes(d), accepted)
+
+    # -- identity
+    name = f"{FAULT_PREFIX}duplicate"
+    standard(name, rec_named(nxt(), name), accepted)
+    rec = rec_named(nxt(), name)  # same id, other content, in a later folder
+    d = to_digital(rec.signal)
+    put(f"zz_resubmitted/{name}.hea", header_text(name, d, fs, comments_for(rec)), mat_v4_bytes(d),
+        Reason.DUPLICATE_ID)
+    name = f"{FAULT_PREFIX}copy"
+    rec = rec_named(nxt(), name)
+    standard(name, rec, accepted)
+    d = to_digital(rec.signal)
+    put(f"zz_resubmitted/{name}.hea", header_text(name, d, fs, comments_for(rec)), mat_v4_bytes(d),
+        Reason.DUPLICATE_ID)
+
+    # -- headers
+    name = f"{FAULT_PREFIX}latin1_header"
+    rec = rec_named(nxt(), name)
+    d = to_digital(rec.signal)
+    text = header_text(name, d, fs, [*comments_for(rec)[:-1], "Hx: fibrillation auriculaire traitée"])
+    put(f"{name}.hea", text.encode("latin-1"), mat_v4_bytes(d), accepted)
+    name = f"{FAULT_PREFIX}binary_header"
+    put(f"{name}.hea", bytes(range(256)) * 4, None, Reason.BAD_HEADER)
+    name = f"{FAULT_PREFIX}bad_record_line"
+    rec = rec_named(nxt(), name)
+    d = to_digital(rec.signal)
+    text = header_text(name, d, fs, comments_for(rec)).replace(f"{name} 12 {fs:g}", f"{name} twelve {fs:g}", 1)
+    put(f"{name}.hea", text, mat_v4_bytes(d), Reason.BAD_HEADER)
+    name = f"{FAULT_PREFIX}unsafe_signal_name"
+    rec = rec_named(nxt(), name)
+    d = to_digital(rec.signal)
+    put(f"{name}.hea", header_text(name, d, fs, comments_for(rec), file_name="../../etc/passwd"), None,
+        Reason.UNSAFE_PATH)
+    return {k: str(v) for k, v in expected.items()}

@@ -1,0 +1,234 @@
+"""Test metrics of CE-SSL, as defined by the PhysioNet/CinC Challenge 2020.
+
+All functions take ``y_true`` (N, C) of 0/1 and ``probs`` (N, C) of scores in [0, 1]
+(any monotone score works for the ranking metrics) and return plain floats / numpy arrays.
+
+Definitions (and the conventions we chose where sources differ):
+
+- **Ranking loss**: :func:`sklearn.metrics.label_ranking_loss` - the average fraction of
+  (positive, negative) label pairs of a record that are ordered wrongly. Records with no
+  positive (or no negative) label contribute 0.
+- **Coverage**: :func:`sklearn.metrics.coverage_error` - how far down the ranked label list
+  one must go, on average, to cover every true label. This is the 1-based convention of
+  scikit-learn, which the CE-SSL reference evaluation uses (minimum = mean number of true
+  labels per record); the textbook definition of Zhang & Zhou subtracts 1. Records with no
+  true label contribute 0. Lower is better.
+- **Macro AUROC / macro mAP**: per class :func:`sklearn.metrics.roc_auc_score` /
+  :func:`sklearn.metrics.average_precision_score`, then the mean over classes. A class
+  whose column has no positive (or, for AUROC, no negative) record is undefined (NaN) and
+  left out of the macro mean, as the Challenge's ``np.nanmean`` does.
+- **F-beta / G-beta** (Challenge 2020, beta = 2): per class
+  ``F = (1+b^2) TP / ((1+b^2) TP + b^2 FN + FP)`` and ``G = TP / (TP + FP + b FN)``, then
+  the mean over classes. As in the official ``compute_beta_measures``, each record
+  contributes ``1 / max(#true labels, 1)`` to the confusion counts (``normalize=True``);
+  pass ``normalize=False`` to count every record as 1, which is what the CE-SSL reference
+  code does. A class with ``TP = FP = FN = 0`` (no positives and none predicted) is
+  undefined (NaN) and left out of the macro mean.
+- **Thresholds**: a record is predicted positive for class k when ``probs[:, k] >=
+  thresholds[k]`` (the convention of :func:`sklearn.metrics.precision_recall_curve`).
+  :func:`fit_thresholds` picks, per class, the threshold maximising F-beta on the
+  validation precision-recall curve; a class with no positive in the validation set keeps
+  the neutral threshold 0.5.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import (
+    average_precision_score,
+    coverage_error,
+    label_ranking_loss,
+    precision_recall_curve,
+    roc_auc_score,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLD = 0.5
+METRIC_NAMES: tuple[str, ...] = (
+    "ranking_loss",
+    "coverage",
+    "macro_auroc",
+    "macro_map",
+    "macro_f_beta",
+    "macro_g_beta",
+)
+
+
+def _check(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true)
+    p = np.asarray(probs, dtype=np.float64)
+    if y.ndim != 2 or y.shape != p.shape:
+        raise ValueError(f"y_true {y.shape} and probs {p.shape} must both be (N, C)")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("y_true must hold 0/1 labels")
+    if not np.isfinite(p).all():
+        raise ValueError("probs contain NaN or infinite values")
+    return y.astype(np.int64), p
+
+
+def ranking_loss(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Label ranking loss (scikit-learn definition; lower is better)."""
+    y, p = _check(y_true, probs)
+    return float(label_ranking_loss(y, p))
+
+
+def coverage(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Coverage error, scikit-learn's 1-based convention (lower is better)."""
+    y, p = _check(y_true, probs)
+    return float(coverage_error(y, p))
+
+
+def per_class_auroc(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """AUROC per class; NaN for a class with only one label value present."""
+    y, p = _check(y_true, probs)
+    out = np.full(y.shape[1], np.nan)
+    for k in range(y.shape[1]):
+        if 0 < y[:, k].sum() < len(y):
+            out[k] = roc_auc_score(y[:, k], p[:, k])
+    return out
+
+
+def per_class_average_precision(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Average precision per class; NaN for a class with no positive record."""
+    y, p = _check(y_true, probs)
+    out = np.full(y.shape[1], np.nan)
+    for k in range(y.shape[1]):
+        if y[:, k].any():
+            out[k] = average_precision_score(y[:, k], p[:, k])
+    return out
+
+
+def _nanmean(values: np.ndarray) -> float:
+    finite = values[~np.isnan(values)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
+def macro_auroc(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Mean AUROC over the classes where it is defined."""
+    return _nanmean(per_class_auroc(y_true, probs))
+
+
+def macro_average_precision(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Macro mAP: mean average precision over the classes with at least one positive."""
+    return _nanmean(per_class_average_precision(y_true, probs))
+
+
+def confusion_counts(
+    y_true: np.ndarray, y_pred: np.ndarray, normalize: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class (TP, FP, FN, TN) as floats, Challenge 2020 style.
+
+    With ``normalize`` each record weighs ``1 / max(number of true labels, 1)``.
+    """
+    y = np.asarray(y_true).astype(bool)
+    pred = np.asarray(y_pred).astype(bool)
+    if y.shape != pred.shape:
+        raise ValueError(f"y_true {y.shape} and y_pred {pred.shape} differ in shape")
+    weight = 1.0 / np.maximum(y.sum(axis=1), 1) if normalize else np.ones(len(y))
+    w = weight[:, None]
+    tp = (w * (y & pred)).sum(axis=0)
+    fp = (w * (~y & pred)).sum(axis=0)
+    fn = (w * (y & ~pred)).sum(axis=0)
+    tn = (w * (~y & ~pred)).sum(axis=0)
+    return tp, fp, fn, tn
+
+
+def beta_measures(
+    y_true: np.ndarray, y_pred: np.ndarray, beta: float = 2.0, normalize: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class F-beta and G-beta of binary predictions (NaN where undefined)."""
+    tp, fp, fn, _ = confusion_counts(y_true, y_pred, normalize)
+    b2 = beta**2
+    f_den = (1 + b2) * tp + b2 * fn + fp
+    g_den = tp + fp + beta * fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f_beta = np.where(f_den > 0, (1 + b2) * tp / f_den, np.nan)
+        g_beta = np.where(g_den > 0, tp / g_den, np.nan)
+    return f_beta, g_beta
+
+
+def binarize(probs: np.ndarray, thresholds: np.ndarray | Sequence[float] | float) -> np.ndarray:
+    """0/1 predictions: ``probs >= thresholds`` (per-class thresholds broadcast over rows)."""
+    p = np.asarray(probs, dtype=np.float64)
+    t = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (p.shape[1],))
+    return (p >= t[None, :]).astype(np.int64)
+
+
+def fit_thresholds(y_true: np.ndarray, probs: np.ndarray, beta: float = 2.0) -> np.ndarray:
+    """Per class, the score threshold maximising F-beta on the precision-recall curve.
+
+    Classes without a positive record get :data:`DEFAULT_THRESHOLD` (0.5), with a warning.
+    """
+    y, p = _check(y_true, probs)
+    thresholds = np.full(y.shape[1], DEFAULT_THRESHOLD)
+    b2 = beta**2
+    for k in range(y.shape[1]):
+        if not y[:, k].any():
+            log.warning("class %d has no positive record: threshold left at %.2f", k, DEFAULT_THRESHOLD)
+            continue
+        precision, recall, thr = precision_recall_curve(y[:, k], p[:, k])
+        # The last (precision=1, recall=0) point has no threshold.
+        precision, recall = precision[:-1], recall[:-1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f_beta = (1 + b2) * precision * recall / (b2 * precision + recall)
+        thresholds[k] = float(thr[int(np.nanargmax(f_beta))])
+    return thresholds
+
+
+def challenge_metrics(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    thresholds: np.ndarray | Sequence[float] | float = DEFAULT_THRESHOLD,
+    beta: float = 2.0,
+    normalize: bool = True,
+) -> dict[str, float]:
+    """All CE-SSL test metrics: ranking loss, coverage, macro AUROC / mAP / F-beta / G-beta."""
+    y, p = _check(y_true, probs)
+    f_beta, g_beta = beta_measures(y, binarize(p, thresholds), beta, normalize)
+    ap = per_class_average_precision(y, p)
+    if np.isnan(ap).any():
+        log.warning(
+            "%d of %d classes have no positive record; left out of macro AUROC/mAP",
+            int(np.isnan(ap).sum()),
+            y.shape[1],
+        )
+    return {
+        "ranking_loss": ranking_loss(y, p),
+        "coverage": coverage(y, p),
+        "macro_auroc": macro_auroc(y, p),
+        "macro_map": _nanmean(ap),
+        "macro_f_beta": _nanmean(f_beta),
+        "macro_g_beta": _nanmean(g_beta),
+    }
+
+
+def per_class_table(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    thresholds: np.ndarray | Sequence[float] | float = DEFAULT_THRESHOLD,
+    classes: Sequence[str] | None = None,
+    beta: float = 2.0,
+    normalize: bool = True,
+) -> pd.DataFrame:
+    """One row per class: support, threshold, AUROC, AP, F-beta, G-beta (NaN where undefined)."""
+    y, p = _check(y_true, probs)
+    names = list(classes) if classes is not None else [str(k) for k in range(y.shape[1])]
+    if len(names) != y.shape[1]:
+        raise ValueError(f"{len(names)} class names for {y.shape[1]} columns")
+    f_beta, g_beta = beta_measures(y, binarize(p, thresholds), beta, normalize)
+    return pd.DataFrame(
+        {
+            "class": names,
+            "support": y.sum(axis=0),
+            "threshold": np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (y.shape[1],)),
+            "auroc": per_class_auroc(y, p),
+            "average_precision": per_class_average_precision(y, p),
+            "f_beta": f_beta,
+            "g_beta": g_beta,
+        }
+    )

@@ -1,0 +1,441 @@
+"""Supervised multi-label pre-training of a backbone (the paper's CODE-15% step).
+
+One loop for one process and for many (``torchrun``, DistributedDataParallel):
+
+- AdamW, ``lr = base_lr x world_size x batch_size / 1024`` (base_lr 1e-3, batch_size per
+  process), weight decay 0.01, constant learning rate, BCE-with-logits.
+- Cutmix on the time axis (``ml.train.augment.cutmix``); its randomness is a function of
+  (seed, step, rank) only, so an interrupted run resumes bit-for-bit.
+- Data order: ``DistributedSampler(shuffle, seed, drop_last)`` with ``set_epoch`` in every
+  run (``num_replicas=1`` for one process), so the union of the per-process batches of a
+  step is exactly the single-process batch of the same global size.
+- Multi-process: ``WORLD_SIZE > 1`` in the environment (torchrun sets it) starts a process
+  group, NCCL on CUDA and gloo on CPU. BatchNorm sees the *global* batch: nn.SyncBatchNorm
+  on CUDA, :class:`GlobalBatchNorm2d` on CPU (SyncBatchNorm is GPU-only). Rank 0 alone
+  writes checkpoints and logs.
+- Checkpoints (``<checkpoint_dir>/pretrain_last.pt``): model, optimizer, position in the
+  data (epoch, batch) and a fingerprint of the schedule; written atomically, read back with
+  ``torch.load(weights_only=True)``. A resumed run must have the same global batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from ml.model.backbone import BackboneConfig, ECGTransformer, backbone_config
+from ml.train.augment import CUTMIX_ALPHA, cutmix, make_generator
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "pretrain_last.pt"
+LR_REFERENCE_BATCH = 1024
+
+
+def scaled_lr(base_lr: float, world_size: int, batch_size: int) -> float:
+    """The paper's rule: ``base_lr x world_size x batch_size / 1024`` (batch per process)."""
+    return base_lr * world_size * batch_size / LR_REFERENCE_BATCH
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Everything :func:`pretrain` needs besides the data.
+
+    backbone: size name (``ml.model.backbone.BACKBONE_CONFIGS``); the classifier gets
+    ``num_classes`` outputs (None: the length of the dataset's label vector).
+    max_steps: optimizer steps to stop after (None: ``epochs`` full epochs).
+    batch_size: per process; the global batch is ``world_size x batch_size``.
+    lr: None applies :func:`scaled_lr` to ``base_lr``; a number overrides the rule.
+    cutmix_alpha: Beta(alpha, alpha) of Cutmix; 0 disables it.
+    sync_batchnorm: BatchNorm over the global batch when running multi-process.
+    """
+
+    backbone: str = "tiny"
+    num_classes: int | None = None
+    epochs: int = 50
+    max_steps: int | None = None
+    batch_size: int = 64
+    base_lr: float = 1e-3
+    lr: float | None = None
+    weight_decay: float = 0.01
+    adam_eps: float = 1e-8
+    cutmix_alpha: float = CUTMIX_ALPHA
+    seed: int = 0
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 100
+    resume: bool = True
+    num_workers: int = 0
+    device: str = "auto"
+    distributed: bool = True  # join torchrun's process group when WORLD_SIZE > 1
+    sync_batchnorm: bool = True
+    dtype: str = "float32"  # "float64" for exact equivalence checks (tests), not for real runs
+    log_every: int = 10
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+        if self.cutmix_alpha < 0:
+            raise ValueError(f"cutmix_alpha must be >= 0 (0 disables Cutmix), got {self.cutmix_alpha}")
+
+    def learning_rate(self, world_size: int) -> float:
+        return self.lr if self.lr is not None else scaled_lr(self.base_lr, world_size, self.batch_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PretrainResult:
+    """Final weights (plain CPU tensors, reference names) and a record of the run."""
+
+    state_dict: dict[str, Tensor]
+    config: BackboneConfig
+    steps: int
+    world_size: int
+    rank: int
+    lr: float
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, global mean loss)
+    samples: int = 0  # samples (all processes) processed by this invocation
+    elapsed_s: float = 0.0  # wall time of this invocation's training steps
+    step_end_s: list[float] = field(default_factory=list)  # time since start at the end of each step
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+# --- distributed scaffolding --------------------------------------------------------------
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits: rank, world size, device, backend (None: one process)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+    owns_group: bool = False  # this module started the process group (and ends it)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto", enabled: bool = True) -> DistEnv:
+    """Read torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK); start the process group
+    when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU). ``enabled=False``: one process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if enabled else 1
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world_size > 1 else 0
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda:
+        explicit = device not in ("auto", "cuda")
+        torch_device = torch.device(device) if explicit else torch.device("cuda", local_rank)
+        torch.cuda.set_device(torch_device)
+    else:
+        torch_device = torch.device("cpu")
+    if world_size <= 1:
+        return DistEnv(device=torch_device)
+    backend = "nccl" if use_cuda else "gloo"
+    owns = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+        owns = True
+    return DistEnv(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(),
+                   device=torch_device, backend=dist.get_backend(), owns_group=owns)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable all-reduce (sum): every process gets the total; the gradient of
+    each input is the all-reduced sum of the output gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:  # noqa: D102
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # noqa: D102
+        return _AllReduceSum.apply(grad)
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d normalising with the statistics of the global batch (all processes).
+
+    The CPU / gloo counterpart of ``nn.SyncBatchNorm`` (which is GPU-only). Sums go through
+    a differentiable all-reduce, so gradients flow
+    through the shared mean and variance exactly as in one process with the whole batch.
+    Same parameters and buffers as ``nn.BatchNorm2d``, hence the same state-dict names.
+    Outside training, or without a process group, it is a plain BatchNorm2d.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
+            return super().forward(x)
+        self._check_input_dim(x)
+        c = x.shape[1]
+        dims = [0, 2, 3]
+        shape = (1, c, 1, 1)
+        local = torch.cat([x.sum(dims), x.new_tensor([x.numel() / c])])  # (C + 1,)
+        total = _AllReduceSum.apply(local)
+        count = total[c].detach()
+        mean = total[:c] / count
+        centred = x - mean.view(shape)
+        var = _AllReduceSum.apply(centred.square().sum(dims)) / count  # biased, as used to normalise
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                f = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                n = float(count)
+                self.running_mean.mul_(1 - f).add_(mean.detach(), alpha=f)
+                self.running_var.mul_(1 - f).add_(var.detach() * (n / max(n - 1.0, 1.0)), alpha=f)
+        return y
+
+
+def convert_global_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every ``nn.BatchNorm2d`` by a :class:`GlobalBatchNorm2d` sharing its
+    parameters and buffers (like ``nn.SyncBatchNorm.convert_sync_batchnorm``)."""
+    if type(module) is nn.BatchNorm2d:
+        new = GlobalBatchNorm2d(module.num_features, module.eps, module.momentum,
+                                module.affine, module.track_running_stats)
+        if module.affine:
+            new.weight, new.bias = module.weight, module.bias
+        new.running_mean, new.running_var = module.running_mean, module.running_var
+        new.num_batches_tracked = module.num_batches_tracked
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        module.add_module(name, convert_global_batchnorm(child))
+    return module
+
+
+def _sync_batchnorm(model: nn.Module, env: DistEnv) -> nn.Module:
+    if env.device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return convert_global_batchnorm(model)
+
+
+def _mean_across(value: float, env: DistEnv) -> float:
+    if not env.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return float(t.item()) / env.world_size
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of the augmentation generator at ``step`` on ``rank`` (resume-safe)."""
+    return (seed * 1_000_003 + step * 1009 + rank) % (2**63 - 1)
+
+
+# --- checkpoints --------------------------------------------------------------------------
+def _fingerprint(config: PretrainConfig, num_classes: int, world_size: int, lr: float) -> dict[str, Any]:
+    """What a resumed run must share with the run that wrote the checkpoint."""
+    return {
+        "backbone": config.backbone, "num_classes": num_classes,
+        "global_batch": world_size * config.batch_size, "lr": lr,
+        "weight_decay": config.weight_decay, "adam_eps": config.adam_eps,
+        "cutmix_alpha": config.cutmix_alpha, "seed": config.seed, "dtype": config.dtype,
+    }  # fmt: skip
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Atomic ``torch.save``: write a temporary file next to ``path``, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` (tensors and plain data only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --- the loop -----------------------------------------------------------------------------
+def _infer_num_classes(dataset: Dataset) -> int:
+    _, y = dataset[0]
+    return int(torch.as_tensor(y).numel())
+
+
+def _epoch_batches(sampler: DistributedSampler, epoch: int, batch_size: int, start: int) -> list[list[int]]:
+    """This process's batches of ``epoch`` (sampler order), from batch ``start`` on."""
+    sampler.set_epoch(epoch)
+    indices = list(iter(sampler))
+    n_batches = len(indices) // batch_size
+    return [indices[i * batch_size:(i + 1) * batch_size] for i in range(start, n_batches)]
+
+
+def pretrain(dataset: Dataset, config: PretrainConfig) -> PretrainResult:
+    """Supervised pre-training of ``config.backbone`` on ``dataset`` (``(x, y)`` pairs:
+    x (12, 1, 6144) float32, y (C,) multi-hot). Multi-process when launched by torchrun.
+
+    Every process returns the same final weights (DDP keeps them in sync); only rank 0
+    writes checkpoints and logs progress.
+    """
+    env = setup_distributed(config.device, config.distributed)
+    num_classes = config.num_classes or _infer_num_classes(dataset)
+    bb_config = backbone_config(config.backbone, num_classes)
+    lr = config.learning_rate(env.world_size)
+
+    torch.manual_seed(config.seed)  # the same initial weights in every process
+    dtype = getattr(torch, config.dtype)
+    model = ECGTransformer(bb_config).to(env.device, dtype)
+    if env.distributed and config.sync_batchnorm:
+        model = _sync_batchnorm(model, env)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay,
+                                  eps=config.adam_eps)
+
+    sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank,
+                                 shuffle=True, seed=config.seed, drop_last=True)
+    steps_per_epoch = len(sampler) // config.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"{len(dataset)} records give no full batch of {config.batch_size} per process "
+            f"on {env.world_size} process(es); lower --batch-size or add data")
+    total_steps = config.max_steps if config.max_steps is not None else config.epochs * steps_per_epoch
+
+    step, epoch, batch_in_epoch = 0, 0, 0
+    fingerprint = _fingerprint(config, num_classes, env.world_size, lr)
+    ckpt_path = Path(config.checkpoint_dir) / CHECKPOINT_NAME if config.checkpoint_dir else None
+    if ckpt_path is not None and config.resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt["fingerprint"] != fingerprint:
+            diff = {k: (ckpt["fingerprint"].get(k), v) for k, v in fingerprint.items()
+                    if ckpt["fingerprint"].get(k) != v}
+            raise ValueError(f"checkpoint {ckpt_path} was written by a different run "
+                             f"(checkpoint vs now: {diff}); use another --checkpoint-dir or --no-resume")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+        if env.is_main:
+            logger.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt_path, step, epoch, batch_in_epoch)
+
+    if env.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp: nn.Module = DistributedDataParallel(
+            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    else:
+        ddp = model
+
+    if env.is_main:
+        logger.info(
+            "pre-training %s (%d classes) on %d records: %d process(es) [%s], batch %d/process "
+            "(global %d), lr %.3g, %d steps (%d/epoch), cutmix alpha %s",
+            bb_config.name, num_classes, len(dataset), env.world_size, env.backend or env.device.type,
+            config.batch_size, env.world_size * config.batch_size, lr, total_steps, steps_per_epoch,
+            config.cutmix_alpha or "off")
+
+    bar = None
+    if env.is_main and config.progress and step < total_steps:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, desc=f"pretrain {bb_config.name}", unit="step")
+
+    losses: list[tuple[int, float]] = []
+    step_end: list[float] = []
+    samples, start_step = 0, step
+    t0 = time.perf_counter()
+    ddp.train()
+    while step < total_steps:
+        batches = _epoch_batches(sampler, epoch, config.batch_size, batch_in_epoch)
+        loader = DataLoader(dataset, batch_sampler=batches, num_workers=config.num_workers,
+                            pin_memory=env.device.type == "cuda")
+        for x, y in loader:
+            x = x.to(env.device, dtype, non_blocking=True)
+            y = y.to(env.device, dtype, non_blocking=True)
+            if config.cutmix_alpha > 0:
+                gen = make_generator(_step_seed(config.seed, step, env.rank), env.device)
+                with torch.no_grad():
+                    x, y = cutmix(x, y, gen, alpha=config.cutmix_alpha)
+            loss = F.binary_cross_entropy_with_logits(ddp(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+            step += 1
+            batch_in_epoch += 1
+            samples += x.shape[0] * env.world_size
+            step_end.append(time.perf_counter() - t0)
+            if batch_in_epoch == steps_per_epoch:
+                epoch, batch_in_epoch = epoch + 1, 0
+            if step % config.log_every == 0 or step == total_steps:
+                value = _mean_across(loss.item(), env)
+                losses.append((step, value))
+                if env.is_main:
+                    logger.debug("step %d/%d loss %.4f", step, total_steps, value)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            if ckpt_path is not None and (step % config.checkpoint_every == 0 or step == total_steps):
+                if env.is_main:
+                    save_checkpoint(ckpt_path, {
+                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                        "fingerprint": fingerprint})
+                if env.distributed:
+                    dist.barrier()
+            if step >= total_steps or batch_in_epoch == 0:
+                break
+    elapsed = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    if env.is_main and step > start_step:
+        last = f", last loss {losses[-1][1]:.4f}" if losses else ""
+        logger.info("pre-training done: %d steps in %.1f s (%.1f samples/s)%s",
+                    step - start_step, elapsed, samples / max(elapsed, 1e-9), last)
+
+    state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    if env.owns_group:
+        dist.barrier()
+        dist.destroy_process_group()
+    return PretrainResult(state_dict=state_dict, config=bb_config, steps=step,
+                          world_size=env.world_size, rank=env.rank, lr=lr, losses=losses,
+                          samples=samples, elapsed_s=elapsed, step_end_s=step_end)
+
+
+class TensorPairDataset(Dataset):
+    """``(x, y)`` pairs from in-memory arrays: x (N, 12, 6144) or (N, 12, 1, 6144), y (N, C)."""
+
+    def __init__(self, signals: Tensor | Sequence, labels: Tensor | Sequence) -> None:
+        x = torch.as_tensor(signals, dtype=torch.float32)
+        self.x = x.unsqueeze(2) if x.dim() == 3 else x
+        self.y = torch.as_tensor(labels, dtype=torch.float32)
+        if len(self.x) != len(self.y):
+            raise ValueError(f"{len(self.x)} signals but {len(self.y)} label rows")
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.x[i], self.y[i]

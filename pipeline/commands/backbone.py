@@ -1,0 +1,196 @@
+"""``cessl backbone ...``: get a pre-trained backbone (pre-train, import, default), register it.
+
+- ``pretrain``: supervised multi-label pre-training on a labelled dataset store. One
+  process, or several with torchrun (DDP)::
+
+      torchrun --standalone --nproc_per_node 2 -m pipeline.cli backbone pretrain --store S --out D
+
+- ``import``: the authors' released checkpoints (torch pickles of a state dict; never
+  unpickled beyond plain tensors).
+- ``default``: the embedded default backbone (built and cached on first use).
+- ``show``: print a backbone folder's config; ``fetch``: download a registered backbone.
+
+Every command writes a backbone folder (``backbone.safetensors`` + ``backbone_config.json``,
+see ``ml.model.pretrained``); ``--register`` also logs it to MLflow as a version of
+``cessl-backbone-<config>`` (tracking URI: ``--tracking-uri``, ``$MLFLOW_TRACKING_URI`` or
+``sqlite:///mlflow.db``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger("cessl.backbone")
+
+# ml.model.backbone.BACKBONE_CONFIGS (not imported here: building the parser stays torch-free)
+SIZES = ("tinylight", "tiny", "base", "medium", "large")
+
+
+def _classes(value: str) -> list[str]:
+    return [c.strip() for c in value.split(",") if c.strip()]
+
+
+def _add_register_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--register", action="store_true", help="register the backbone in MLflow")
+    p.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI "
+                                                      "or sqlite:///mlflow.db)")
+    p.add_argument("--alias", default=None, help="registry alias to point at the version (with --register)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    sizes = SIZES
+    parser = subparsers.add_parser(
+        "backbone",
+        help="pre-trained backbones: pre-train, import, embedded default, register",
+        description="Get a pre-trained backbone folder (backbone.safetensors + backbone_config.json).",
+    )
+    sub = parser.add_subparsers(dest="backbone_command", required=True, metavar="ACTION")
+
+    p = sub.add_parser("pretrain", help="supervised pre-training on a labelled dataset store (torchrun for DDP)")
+    p.add_argument("--store", type=Path, required=True, help="dataset store (cessl data preprocess)")
+    p.add_argument("--config", default="tiny", choices=sizes, help="backbone size")
+    p.add_argument("--out", type=Path, required=True, help="backbone folder to write")
+    p.add_argument("--classes", type=_classes, default=None, help="comma-separated codes (default: the store's)")
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--base-lr", type=float, default=1e-3, help="lr = base_lr x world_size x batch / 1024")
+    p.add_argument("--lr", type=float, default=None, help="fixed learning rate (overrides the rule)")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--cutmix-alpha", type=float, default=0.75, help="0 disables Cutmix")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-dir", type=Path, default=None, help="default: <out>/checkpoints")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps")
+    p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per process")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--data-version", default=None, help="recorded data version (default: hash of the records used)")
+    p.add_argument("--no-progress", action="store_true")
+    _add_register_options(p)
+    p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser("import", help="import a released reference checkpoint (.pt state dict)")
+    p.add_argument("path", type=Path, help="checkpoint file")
+    p.add_argument("--config", required=True, choices=sizes, help="backbone size the checkpoint holds")
+    p.add_argument("--out", type=Path, required=True, help="backbone folder to write")
+    p.add_argument("--classes", type=_classes, default=None,
+                   help="names of the checkpoint's classifier.1 rows (default: CODE-15%% for 6 classes)")
+    p.add_argument("--data-version", default=None, help="what the checkpoint was trained on (free text)")
+    _add_register_options(p)
+    p.set_defaults(func=_import)
+
+    p = sub.add_parser("default", help="the embedded default backbone: build once, cache, print its folder")
+    p.add_argument("--config", default="tiny", help="size (tiny or tinylight)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="cache root (default: $CESSL_CACHE/backbones or ~/.cache/cessl/backbones)")
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    _add_register_options(p)
+    p.set_defaults(func=_default)
+
+    p = sub.add_parser("show", help="print a backbone folder's config (after verifying it)")
+    p.add_argument("path", type=Path)
+    p.set_defaults(func=_show)
+
+    p = sub.add_parser("fetch", help="download a registered backbone (models:/cessl-backbone-tiny/1, ...@alias)")
+    p.add_argument("model", help="models:/<name>/<version>, models:/<name>@<alias>, or cessl-backbone-<config>")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tracking-uri", default="")
+    p.set_defaults(func=_fetch)
+
+
+def _maybe_register(args: argparse.Namespace, folder: Path) -> None:
+    if not args.register:
+        return
+    from pipeline.backbone_registry import register_backbone
+
+    reg = register_backbone(folder, tracking_uri=args.tracking_uri, alias=args.alias)
+    state = "already registered as" if reg.reused else "registered as"
+    print(f"{state} {reg.model_uri} (run {reg.run_id})")
+
+
+def store_data_version(store, ids: list[str], classes: list[str]) -> str:
+    """The store's recorded data version, else a hash of the records' content and classes."""
+    recorded = store.meta.get("data_version")
+    if recorded:
+        return str(recorded)
+    table = store.table.set_index(store.table["id"].astype(str))
+    h = hashlib.sha256(json.dumps({"classes": classes, "preprocess": store.meta.get("preprocess")},
+                                  sort_keys=True).encode())
+    column = "content_hash" if "content_hash" in table.columns else None
+    for rid in sorted(ids):
+        h.update(f"{rid}:{table.at[rid, column] if column else ''}\n".encode())
+    return f"store:{h.hexdigest()[:16]}"
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from ml.data.store import ECGStore, StoreDataset
+    from ml.model.pretrained import save_backbone
+    from ml.train.pretrain import PretrainConfig, pretrain
+
+    store = ECGStore.open(args.store)
+    classes = list(args.classes) if args.classes else list(store.classes)
+    if not classes:
+        raise ValueError(f"{args.store}: the store names no classes; pass --classes")
+    ids = [rid for rid, labelled in zip(store.ids, store.labelled_mask()) if labelled]
+    if not ids:
+        raise ValueError(f"{args.store}: no labelled record to pre-train on")
+    dataset = StoreDataset(store, ids, classes)
+    checkpoint_dir = args.checkpoint_dir or args.out / "checkpoints"
+    config = PretrainConfig(
+        backbone=args.config, num_classes=len(classes), epochs=args.epochs, max_steps=args.max_steps,
+        batch_size=args.batch_size, base_lr=args.base_lr, lr=args.lr, weight_decay=args.weight_decay,
+        cutmix_alpha=args.cutmix_alpha, seed=args.seed, checkpoint_dir=str(checkpoint_dir),
+        checkpoint_every=args.checkpoint_every, resume=not args.no_resume, num_workers=args.num_workers,
+        device=args.device, progress=not args.no_progress)
+    result = pretrain(dataset, config)
+    if not result.is_main:
+        return 0  # rank 0 writes the folder
+    data_version = args.data_version or store_data_version(store, ids, classes)
+    folder = save_backbone(
+        result.state_dict, result.config, classes, args.out, source="pretrain", data_version=data_version,
+        store=str(args.store), records=len(ids), pretrain_config=config.to_dict(),
+        training={"steps": result.steps, "world_size": result.world_size, "lr": result.lr,
+                  "losses": result.losses})
+    print(folder)
+    _maybe_register(args, folder)
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from ml.model.pretrained import import_reference_checkpoint
+
+    folder = import_reference_checkpoint(args.path, args.config, args.out, classes=args.classes,
+                                         data_version=args.data_version)
+    print(folder)
+    _maybe_register(args, folder)
+    return 0
+
+
+def _default(args: argparse.Namespace) -> int:
+    from ml.model.pretrained import ensure_default_backbone
+
+    folder = ensure_default_backbone(args.cache_dir, name=args.config, force=args.force)
+    print(folder)
+    _maybe_register(args, folder)
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from ml.model.pretrained import load_backbone
+
+    _, _, meta = load_backbone(args.path)
+    meta = {k: v for k, v in meta.items() if k != "training"} | {
+        "training_steps": (meta.get("training") or {}).get("steps")}
+    print(json.dumps(meta, indent=2))
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from pipeline.backbone_registry import fetch_backbone
+
+    print(fetch_backbone(args.model, args.out, tracking_uri=args.tracking_uri))
+    return 0

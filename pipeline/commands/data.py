@@ -1,0 +1,170 @@
+"""``cessl data ...``: synthetic hospitals, ingestion, preprocessing, splits, DVC versions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger("cessl.data")
+
+
+def _codes(value: str) -> list[str]:
+    return [c.strip() for c in value.split(",") if c.strip()]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "data",
+        help="ECG data: synthesise, ingest, preprocess, split, version with DVC",
+        description="From a hospital's WFDB records to the tensors the trainer reads.",
+    )
+    sub = parser.add_subparsers(dest="data_command", required=True, metavar="STEP")
+
+    p = sub.add_parser("synth", help="write a synthetic hospital as Challenge-format WFDB records")
+    p.add_argument("out", type=Path, help="output folder")
+    p.add_argument("--records", type=int, default=100)
+    p.add_argument("--classes", type=_codes, default=None,
+                   help="comma-separated SNOMED codes or abbreviations "
+                   "(default: NSR,SB,STach,AF,IAVB,LBBB,RBBB,PVC,LQRSV,TInv)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--unlabelled-fraction", type=float, default=0.0, help="fraction written without # Dx")
+    p.add_argument("--fs", type=float, default=500.0, help="sampling frequency (Hz)")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per record")
+    p.add_argument("--prefix", default="S", help="record id prefix")
+    p.add_argument("--start", type=int, default=0, help="number of the first record")
+    p.add_argument("--faults", action="store_true", help="also write one faulty record per fault kind")
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=_synth)
+
+    p = sub.add_parser("ingest", help="validate records of a folder or s3://bucket/prefix into a manifest")
+    p.add_argument("source", help="folder or s3://bucket/prefix")
+    p.add_argument("out", type=Path, help="ingestion folder (manifest.parquet, quarantine.md)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--min-duration", type=float, default=2.0, help="seconds")
+    p.add_argument("--max-flat-leads", type=int, default=6)
+    p.set_defaults(func=_ingest)
+
+    p = sub.add_parser("preprocess", help="build the memory-mapped dataset store from a manifest")
+    p.add_argument("ingest_dir", type=Path)
+    p.add_argument("store", type=Path)
+    p.add_argument("--classes", type=_codes, default=None, help="SNOMED codes/abbreviations (default: by --min-count)")
+    p.add_argument("--min-count", type=int, default=200, help="records a scored diagnosis needs to be a class")
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=_preprocess)
+
+    p = sub.add_parser("split", help="test / train / valid / unlabelled split of a store (JSON id lists)")
+    p.add_argument("store", type=Path)
+    p.add_argument("out", type=Path, help="splits JSON file")
+    p.add_argument("--test-size", type=float, default=0.1)
+    p.add_argument("--labelled-ratio", type=float, default=0.05)
+    p.add_argument("--valid-size", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_split)
+
+    p = sub.add_parser("add", help="copy a hospital's records into data/ and record a new DVC version")
+    p.add_argument("source", help="folder or s3://bucket/prefix")
+    p.add_argument("--name", help="folder under data/ (default: the source's last path part)")
+    p.add_argument("--repo", type=Path, default=Path("."), help="repository root")
+    p.add_argument("--no-dvc", action="store_true", help="copy only, do not run dvc add")
+    p.add_argument("--push", action="store_true", help="dvc push after recording the version")
+    p.set_defaults(func=_add)
+
+    p = sub.add_parser("demo-data", help="generate the demo hospital in data/ (bit-identical) and track it")
+    p.add_argument("--repo", type=Path, default=Path("."), help="repository root")
+    p.add_argument("--force", action="store_true", help="regenerate and record it as the data version")
+    p.add_argument("--no-dvc", action="store_true", help="do not run dvc add")
+    p.set_defaults(func=_demo_data)
+
+    p = sub.add_parser("version", help="print the data version recorded in data.dvc")
+    p.add_argument("--repo", type=Path, default=Path("."))
+    p.set_defaults(func=_version)
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from ml.data.synth import DEFAULT_CLASSES, SynthConfig, generate
+
+    config = SynthConfig(
+        records=args.records,
+        classes=tuple(args.classes or DEFAULT_CLASSES),
+        seed=args.seed,
+        fs=args.fs,
+        duration_s=args.duration,
+        unlabelled_fraction=args.unlabelled_fraction,
+        prefix=args.prefix,
+        start=args.start,
+    )
+    summary = generate(args.out, config, faults=args.faults, workers=args.workers)
+    log.info("%d records (%d labelled) in %s%s", summary.records, summary.labelled, args.out,
+             f", plus {len(summary.faults)} faulty ones" if summary.faults else "")
+    print(json.dumps({"records": summary.records, "labelled": summary.labelled, "labels": summary.label_counts,
+                      "faults": summary.faults}, indent=1))
+    return 0
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from ml.data.ingest import QUARANTINE_FILE, IngestConfig, ingest
+    from ml.data.records import ValidationConfig
+
+    config = IngestConfig(
+        validation=ValidationConfig(min_duration_s=args.min_duration, max_flat_leads=args.max_flat_leads),
+        workers=args.workers,
+    )
+    report = ingest(args.source, args.out, config=config)
+    print(f"seen {report.seen} = accepted {report.accepted} + quarantined {report.quarantined} "
+          f"(parsed {report.read}, unchanged {report.reused}); report: {args.out / QUARANTINE_FILE}")
+    return 0
+
+
+def _preprocess(args: argparse.Namespace) -> int:
+    from ml.data.preprocess import preprocess
+
+    store = preprocess(args.ingest_dir, args.store, classes=args.classes, min_count=args.min_count,
+                       workers=args.workers)
+    print(f"{len(store)} records x {len(store.classes)} classes ({', '.join(store.meta['class_names'])}) "
+          f"in {args.store}")
+    return 0
+
+
+def _split(args: argparse.Namespace) -> int:
+    from ml.data.splits import split_store
+    from ml.data.store import ECGStore
+
+    splits = split_store(ECGStore.open(args.store), test_size=args.test_size, labelled_ratio=args.labelled_ratio,
+                         valid_size=args.valid_size, seed=args.seed)
+    splits.save(args.out)
+    print(" ".join(f"{k} {v}" for k, v in splits.sizes().items()) + f" -> {args.out}")
+    return 0
+
+
+def _add(args: argparse.Namespace) -> int:
+    from ml.data.dvc import add_records
+
+    result = add_records(args.source, args.repo, name=args.name, track_with_dvc=not args.no_dvc, push=args.push)
+    for key in result.conflicts:
+        log.warning("%s differs from the copy already in %s: kept the existing one", key, result.destination)
+    for problem in result.unsafe:
+        log.warning("refused %s", problem)
+    print(f"copied {result.copied} records into {result.destination} ({result.unchanged} already there, "
+          f"{len(result.conflicts)} conflicts, {len(result.unsafe)} refused); data version "
+          f"{result.version_before} -> {result.version_after}")
+    return 1 if result.conflicts else 0
+
+
+def _demo_data(args: argparse.Namespace) -> int:
+    from ml.data.dvc import ensure_demo_data
+
+    demo = ensure_demo_data(args.repo, track_with_dvc=not args.no_dvc, force=args.force)
+    print(f"{demo.path}: data version {demo.version}")
+    return 0
+
+
+def _version(args: argparse.Namespace) -> int:
+    from ml.data.dvc import data_version
+
+    version = data_version(args.repo)
+    if version is None:
+        raise FileNotFoundError(f"no data.dvc in {args.repo.resolve()}")
+    print(version)
+    return 0

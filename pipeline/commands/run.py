@@ -1,0 +1,424 @@
+"""`cessl run | compile | submit | schedule | retrain`: the DAG locally, compiled, on a cluster.
+
+- ``run``: the whole DAG on this machine with ``kfp.local`` (this Python environment, or the
+  project image with ``--runner docker``), MLflow in ``./mlflow.db`` + ``./mlruns`` unless
+  ``MLFLOW_TRACKING_URI``/``--tracking-uri`` says otherwise; prints the data version, the
+  ranks allocated, the test metrics, the MLflow run and the model version. Defaults are the
+  demo's: the synthetic hospital in ``data/`` (created when missing), the embedded tiny
+  backbone, a short schedule. Unchanged steps are reused from the local task cache; a run
+  killed during finetune resumes from its checkpoint.
+- ``compile``: the pipeline's IR YAML (GPU request, node selector, tolerations, image).
+- ``submit`` / ``schedule``: a run / a recurring run on a Kubeflow Pipelines endpoint.
+- ``retrain``: run (or submit) only when the data version differs from the champion's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.dag import (
+    DEFAULTS,
+    CompileOptions,
+    LocalRunConfig,
+    PipelineParams,
+    ResourceRequest,
+    Toleration,
+    compile_pipeline,
+    run_local,
+)
+from pipeline.tracking import TRACKING_URI_ENV, TrackingConfig, dvc_md5, git_commit, read_data_version
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PACKAGE = "cessl_pipeline.yaml"
+STATE_DIR = Path(".cache") / "cessl"
+
+# `cessl run` on the embedded defaults: the demo hospital, the tiny default backbone and a
+# schedule that finishes in minutes on two CPU cores. Every value can be overridden.
+DEMO_PARAMS = DEFAULTS.replace(
+    source="data", backbone="default", backbone_config="tinylight", labelled_ratio=0.3, r=16, compress=0.6,
+    p=0.2, method="cessl", seed=0, max_steps=60, batch_size=16, val_every=20, min_class_count=10,
+)
+
+
+# --------------------------------------------------------------------------- arguments
+
+# (flag, PipelineParams field, type, help)
+_PARAM_FLAGS: tuple[tuple[str, str, type, str], ...] = (
+    ("--source", "source", str, "folder or s3://bucket/prefix of WFDB records"),
+    ("--backbone", "backbone", str, "'default', a backbone folder/checkpoint, or s3://..."),
+    ("--backbone-config", "backbone_config", str, "backbone size: tinylight | tiny | base | medium | large"),
+    ("--labelled-ratio", "labelled_ratio", float, "fraction of the non-test records that keep their labels"),
+    ("-r", "r", int, "LoRA rank r (r_low = (r // 4) * 2 for the least important layers)"),
+    ("--compress", "compress", float, "compress ratio c of the one-shot rank allocation"),
+    ("-p", "p", float, "random deactivation probability"),
+    ("--method", "method", str, "cessl | lora | full | fixmatch"),
+    ("--seed", "seed", int, "seed of the split, the initialisation and the training"),
+    ("--max-steps", "max_steps", int, "fine-tuning steps"),
+    ("--batch-size", "batch_size", int, "labelled batch size (0: the paper's rule)"),
+    ("--val-every", "val_every", int, "validate (and checkpoint) every N steps"),
+    ("--min-class-count", "min_class_count", int, "classes: scored diagnoses with >= N labelled records"),
+    ("--model-name", "model_name", str, "MLflow registered model name"),
+    ("--experiment", "experiment_name", str, "MLflow experiment"),
+)
+
+
+def add_param_flags(parser: argparse.ArgumentParser, defaults: PipelineParams) -> None:
+    group = parser.add_argument_group("pipeline parameters")
+    for flag, name, kind, text in _PARAM_FLAGS:
+        group.add_argument(flag, dest=name, type=kind, default=getattr(defaults, name),
+                           help=f"{text} (default: %(default)s)")
+
+
+def params_from_args(args: argparse.Namespace, base: PipelineParams) -> PipelineParams:
+    return base.replace(**{name: getattr(args, name) for _, name, _, _ in _PARAM_FLAGS})
+
+
+def add_compile_flags(parser: argparse.ArgumentParser, with_image: bool = True) -> None:
+    group = parser.add_argument_group("cluster settings (compile time)")
+    if with_image:
+        group.add_argument("--image", default=None,
+                           help="component image (default: $CESSL_IMAGE or localhost:5000/cessl:0.1.0)")
+    group.add_argument("--accelerator-type", default="nvidia.com/gpu", help="finetune's accelerator resource")
+    group.add_argument("--accelerator-limit", type=int, default=1, help="accelerators for finetune")
+    group.add_argument("--no-gpu", action="store_true", help="finetune requests no accelerator")
+    group.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE",
+                       help="node label finetune must run on (repeatable)")
+    group.add_argument("--toleration", action="append", default=None, metavar="KEY[=VALUE][:EFFECT]",
+                       help="taint finetune tolerates (repeatable; default nvidia.com/gpu:NoSchedule)")
+    group.add_argument("--finetune-cpu", default="4")
+    group.add_argument("--finetune-memory", default="16Gi")
+    group.add_argument("--checkpoint-pvc", default="", help="PVC mounted at /mnt/checkpoints on finetune")
+    group.add_argument("--credentials-secret", default="",
+                       help="Kubernetes Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+
+
+def compile_options(args: argparse.Namespace, cache_ingest: bool = True) -> CompileOptions:
+    selector = {}
+    for item in args.node_selector:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--node-selector {item!r}: expected KEY=VALUE")
+        selector[key] = value
+    tolerations = CompileOptions().tolerations if args.toleration is None else tuple(
+        Toleration.parse(t) for t in args.toleration)
+    return CompileOptions(
+        image=args.image or CompileOptions().image,
+        accelerator_type="" if args.no_gpu else args.accelerator_type,
+        accelerator_limit=args.accelerator_limit, node_selector=selector, tolerations=tolerations,
+        finetune_resources=ResourceRequest(cpu=args.finetune_cpu, memory=args.finetune_memory),
+        checkpoint_pvc=args.checkpoint_pvc, credentials_secret=args.credentials_secret,
+        cache_ingest=cache_ingest,
+    )
+
+
+# --------------------------------------------------------------------------- local run
+
+
+@dataclass
+class RunSummary:
+    """What `cessl run` reports."""
+
+    data_version: str
+    git_commit: str
+    model_name: str
+    model_version: str
+    run_id: str
+    tracking_uri: str
+    rank_map: dict[str, int]
+    test_metrics: dict[str, float]
+    champion_metrics: dict[str, float]
+    aliases: list[str]
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def ensure_demo_data(data_dir: Path) -> None:
+    """Create the demo hospital (``ml.data.dvc.ensure_demo_data``: generated, ``dvc add``-ed)
+    when ``data_dir`` holds no WFDB record yet."""
+    if data_dir.is_dir() and any(data_dir.rglob("*.hea")):
+        return
+    from ml.data.dvc import ensure_demo_data as make_demo
+
+    demo = make_demo(data_dir.parent)
+    log.info("demo hospital ready in %s (data version %s)", demo.path, demo.version)
+
+
+def local_params(args: argparse.Namespace, tracking: TrackingConfig) -> PipelineParams:
+    """The run's parameters with the local paths and the data version filled in."""
+    params = params_from_args(args, DEMO_PARAMS)
+    state = Path(args.state_dir).absolute()
+    source = params.source
+    if not source.startswith("s3://"):
+        path = Path(source).absolute()
+        if source == DEMO_PARAMS.source and not args.no_demo_data:
+            ensure_demo_data(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: data folder not found")
+        version = read_data_version(path, Path.cwd())
+        source, data_version, commit = str(path), version.md5, version.git_commit
+    else:
+        data_version, commit = args.data_version or "", git_commit(Path.cwd())
+    return params.replace(
+        source=source, data_version=args.data_version or data_version, git_commit=commit,
+        tracking_uri=tracking.tracking_uri, checkpoint_root=str(state / "checkpoints"), state_dir=str(state),
+        cache_dir=args.backbone_cache or "",
+    )
+
+
+def summarise_run(tracking: TrackingConfig, run_id: str, version: str, params: PipelineParams,
+                  seconds: float) -> RunSummary:
+    import mlflow
+
+    from pipeline.tracking import CHAMPION_PREFIX, TEST_PREFIX
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    client = tracking.client()
+    run = client.get_run(run_id)
+    tracking.activate()
+    rank_map = mlflow.artifacts.load_dict(f"runs:/{run_id}/rank_map.json")
+    mv = client.get_model_version(tracking.model_name, version)
+    return RunSummary(
+        data_version=run.data.tags.get("data_version", params.data_version), git_commit=params.git_commit,
+        model_name=tracking.model_name, model_version=version, run_id=run_id, tracking_uri=tracking.tracking_uri,
+        rank_map={k: int(v) for k, v in rank_map.items()},
+        test_metrics={k.removeprefix(TEST_PREFIX): v for k, v in run.data.metrics.items() if k.startswith(TEST_PREFIX)},
+        champion_metrics={k.removeprefix(CHAMPION_PREFIX): v for k, v in run.data.metrics.items()
+                          if k.startswith(CHAMPION_PREFIX)},
+        aliases=list(getattr(mv, "aliases", []) or []), seconds=seconds,
+    )
+
+
+def print_summary(summary: RunSummary) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from components.allocate_ranks import summarise
+
+    console = Console()
+    head = Table(title="CE-SSL run", show_header=False)
+    head.add_row("data version", summary.data_version)
+    head.add_row("git commit", summary.git_commit)
+    head.add_row("ranks allocated", summarise(summary.rank_map))
+    head.add_row("MLflow run", f"{summary.run_id} ({summary.tracking_uri})")
+    head.add_row("model version", f"{summary.model_name} v{summary.model_version} "
+                                  f"[{', '.join(summary.aliases) or 'no alias'}]")
+    head.add_row("wall time", f"{summary.seconds:.0f} s")
+    console.print(head)
+    if summary.rank_map:
+        ranks = Table(title="rank map")
+        ranks.add_column("layer")
+        ranks.add_column("rank", justify="right")
+        for layer, rank in summary.rank_map.items():
+            ranks.add_row(layer, str(rank))
+        console.print(ranks)
+    metrics = Table(title="test metrics")
+    metrics.add_column("metric")
+    metrics.add_column("challenger", justify="right")
+    if summary.champion_metrics:
+        metrics.add_column("champion (same split)", justify="right")
+    for key, value in sorted(summary.test_metrics.items()):
+        row = [key, f"{value:.4f}"]
+        if summary.champion_metrics:
+            champ = summary.champion_metrics.get(key)
+            row.append("" if champ is None else f"{champ:.4f}")
+        metrics.add_row(*row)
+    console.print(metrics)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    tracking = TrackingConfig.resolve(args.tracking_uri, args.experiment_name, args.model_name)
+    params = local_params(args, tracking)
+    log.info("data %s (version %s), MLflow %s", params.source, params.data_version, tracking.tracking_uri)
+    start = time.perf_counter()
+    task_log = None if args.show_task_logs else Path(args.pipeline_root) / "last_run.log"
+    outputs = run_local(params, LocalRunConfig(pipeline_root=Path(args.pipeline_root), cache=not args.no_cache,
+                                               runner=args.runner, image=args.image, task_log=task_log))
+    summary = summarise_run(tracking, outputs.run_id, outputs.model_version, params, time.perf_counter() - start)
+    if args.promote:
+        from pipeline.commands.registry import run_promote
+
+        run_promote(tracking, args.promote_metric, args.promote_margin, force=False)
+        summary.aliases = list(getattr(tracking.client().get_model_version(tracking.model_name,
+                                                                            summary.model_version), "aliases", []))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary.to_json(), indent=2, sort_keys=True), encoding="utf-8")
+    print_summary(summary)
+    return 0
+
+
+# --------------------------------------------------------------------------- cluster
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    path = compile_pipeline(Path(args.output), compile_options(args))
+    log.info("wrote %s", path)
+    return 0
+
+
+def cluster_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """Pipeline arguments for a cluster run (no local paths)."""
+    params = params_from_args(args, DEFAULTS)
+    data_version = args.data_version
+    if not data_version and not params.source.startswith("s3://") and Path(params.source).is_dir():
+        data_version = read_data_version(Path(params.source), Path.cwd()).md5
+    elif not data_version and Path(args.dvc_file).is_file():
+        data_version = dvc_md5(Path(args.dvc_file)) or ""
+    arguments = params.replace(data_version=data_version or "", git_commit=git_commit(Path.cwd()),
+                               tracking_uri=args.tracking_uri or "", checkpoint_root=args.checkpoint_root).arguments()
+    return {k: v for k, v in arguments.items() if k not in ("state_dir", "cache_dir") or v}
+
+
+def _client(args: argparse.Namespace):
+    import kfp
+
+    return kfp.Client(host=args.host, namespace=args.namespace) if args.namespace else kfp.Client(host=args.host)
+
+
+def _package(args: argparse.Namespace, cache_ingest: bool = True) -> Path:
+    if args.package:
+        return Path(args.package)
+    return compile_pipeline(Path(args.pipeline_root) / DEFAULT_PACKAGE, compile_options(args, cache_ingest))
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    package = _package(args)
+    run_name = args.run_name or f"cessl-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = _client(args).create_run_from_pipeline_package(
+        str(package), arguments=cluster_arguments(args), run_name=run_name, experiment_name=args.kfp_experiment,
+        enable_caching=not args.no_cache,
+    )
+    log.info("submitted run %s (%s) to %s, experiment %s", result.run_id, run_name, args.host, args.kfp_experiment)
+    return 0
+
+
+def cron6(expression: str) -> str:
+    """KFP's cron has a seconds field: ``m h dom mon dow`` -> ``0 m h dom mon dow``."""
+    fields = expression.split()
+    if len(fields) == 5:
+        return "0 " + expression.strip()
+    if len(fields) == 6:
+        return expression.strip()
+    raise ValueError(f"--cron {expression!r}: expected 5 or 6 fields (e.g. '0 3 * * 1')")
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    package = _package(args, cache_ingest=False)  # each recurring run lists the source again
+    client = _client(args)
+    experiment = client.create_experiment(args.kfp_experiment)
+    arguments = cluster_arguments(args)
+    arguments["data_version"] = ""  # the version is the data found at run time
+    job = client.create_recurring_run(
+        experiment_id=experiment.experiment_id, job_name=args.job_name, cron_expression=cron6(args.cron),
+        pipeline_package_path=str(package), params=arguments, max_concurrency=1, no_catchup=True,
+        enable_caching=not args.no_cache,
+    )
+    log.info("recurring run %s (%s, cron %s) on %s", getattr(job, "recurring_run_id", "?"), args.job_name,
+             cron6(args.cron), args.host)
+    return 0
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from pipeline.registry import champion_data_version
+
+    tracking = TrackingConfig.resolve(args.tracking_uri, args.experiment_name, args.model_name)
+    source = Path(args.source)
+    if args.source.startswith("s3://"):
+        current = args.data_version or dvc_md5(Path(args.dvc_file)) or ""
+    else:
+        current = args.data_version or read_data_version(source.absolute(), Path.cwd()).md5
+    if not current:
+        raise ValueError(f"cannot tell the data version of {args.source} (no {args.dvc_file}); pass --data-version")
+    trained_on = champion_data_version(tracking.client(), tracking.model_name)
+    if trained_on == current:
+        log.info("the champion of %s was trained on data version %s already: nothing to retrain",
+                 tracking.model_name, current)
+        return 0
+    log.info("data version %s differs from the champion's (%s): retraining", current, trained_on or "no champion")
+    if args.host:
+        return cmd_submit(args)
+    return cmd_run(args)
+
+
+# --------------------------------------------------------------------------- parsers
+
+
+def _add_tracking(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tracking-uri", default="",
+                        help=f"MLflow tracking URI (default: ${TRACKING_URI_ENV} or sqlite:///./mlflow.db)")
+    parser.add_argument("--data-version", default="", help="override the data version (default: from the .dvc file)")
+
+
+def _add_local(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pipeline-root", default="local_outputs", help="task outputs and the task cache")
+    parser.add_argument("--state-dir", default=str(STATE_DIR), help="checkpoints and incremental ingest/preprocess state")
+    parser.add_argument("--backbone-cache", default="",
+                        help="cache of the embedded default backbone (default: $CESSL_CACHE/backbones or ~/.cache/cessl/backbones)")
+    parser.add_argument("--runner", choices=("subprocess", "docker"), default="subprocess",
+                        help="kfp.local runner: this environment, or the project image on Docker")
+    parser.add_argument("--image", default=None, help="component image (--runner docker, and compiled pipelines)")
+    parser.add_argument("--no-cache", action="store_true", help="run every step again")
+    parser.add_argument("--no-demo-data", action="store_true", help="never create the demo hospital")
+    parser.add_argument("--show-task-logs", action="store_true",
+                        help="stream the tasks' output (default: <pipeline-root>/last_run.log)")
+    parser.add_argument("--promote", action="store_true", help="run the champion gate after registering")
+    parser.add_argument("--promote-metric", default="macro_f_beta")
+    parser.add_argument("--promote-margin", type=float, default=0.0)
+    parser.add_argument("--json", default="", metavar="PATH", help="also write the summary as JSON")
+
+
+def _add_cluster(parser: argparse.ArgumentParser, host_required: bool = True) -> None:
+    parser.add_argument("--host", required=host_required, default=None, help="Kubeflow Pipelines endpoint URL")
+    parser.add_argument("--namespace", default=None, help="KFP namespace (multi-user installs)")
+    parser.add_argument("--kfp-experiment", default="cessl", help="KFP experiment")
+    parser.add_argument("--package", default=None, help="compiled pipeline YAML (default: compile now)")
+    parser.add_argument("--checkpoint-root", default="", help="checkpoint root inside the pod (e.g. /mnt/checkpoints)")
+    parser.add_argument("--dvc-file", default="data.dvc", help="where the data version is read for s3:// sources")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    run = subparsers.add_parser("run", help="run the pipeline locally (kfp.local) and print a summary")
+    add_param_flags(run, DEMO_PARAMS)
+    _add_tracking(run)
+    _add_local(run)
+    run.set_defaults(func=cmd_run)
+
+    comp = subparsers.add_parser("compile", help="compile the pipeline to KFP IR YAML")
+    comp.add_argument("-o", "--output", default=DEFAULT_PACKAGE)
+    add_compile_flags(comp)
+    comp.set_defaults(func=cmd_compile)
+
+    for name, func, text in (("submit", cmd_submit, "submit one run to Kubeflow Pipelines"),
+                             ("schedule", cmd_schedule, "create a KFP recurring run (retraining)")):
+        sub = subparsers.add_parser(name, help=text)
+        add_param_flags(sub, DEFAULTS)
+        _add_tracking(sub)
+        _add_cluster(sub)
+        add_compile_flags(sub)
+        sub.add_argument("--pipeline-root", default=str(STATE_DIR), help="where the compiled YAML is written")
+        sub.add_argument("--no-cache", action="store_true")
+        if name == "submit":
+            sub.add_argument("--run-name", default=None)
+        else:
+            sub.add_argument("--cron", required=True, help="cron expression, 5 or 6 fields (KFP: with seconds)")
+            sub.add_argument("--job-name", default="cessl-retrain")
+        sub.set_defaults(func=func)
+
+    retrain = subparsers.add_parser("retrain", help="run the pipeline if the data changed since the champion")
+    add_param_flags(retrain, DEMO_PARAMS)
+    _add_tracking(retrain)
+    _add_local(retrain)
+    _add_cluster(retrain, host_required=False)
+    add_compile_flags(retrain, with_image=False)
+    retrain.add_argument("--run-name", default=None)
+    retrain.set_defaults(func=cmd_retrain)

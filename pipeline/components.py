@@ -1,0 +1,290 @@
+"""KFP wrappers of the pipeline steps: the decorator and the image are the only KFP parts.
+
+Every step is a plain, typed Python function in ``components/`` (no kfp there). Here each
+one gets a thin lightweight-component body that imports that function inside the
+container, maps KFP artifacts (``Dataset``, ``Model``, ``Metrics``,
+``ClassificationMetrics``, ``HTML``, ``Markdown``) to paths and records a little
+metadata on them. :func:`build_components` applies ``dsl.component`` with the project
+image chosen at compile time (``install_kfp_package=False``: the image already has kfp).
+
+No ``from __future__ import annotations`` here: KFP reads the real annotation objects.
+The bodies must be self-contained (KFP ships their source into the container), so every
+import lives inside the function.
+"""
+
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import (
+    HTML,
+    Artifact,
+    ClassificationMetrics,
+    Dataset,
+    Input,
+    Markdown,
+    Metrics,
+    Model,
+    Output,
+)
+
+DEFAULT_IMAGE = "localhost:5000/cessl:0.1.0"
+IMAGE_ENV = "CESSL_IMAGE"
+
+
+def default_image() -> str:
+    """The project image: ``$CESSL_IMAGE`` or :data:`DEFAULT_IMAGE`."""
+    return os.environ.get(IMAGE_ENV) or DEFAULT_IMAGE
+
+
+# --------------------------------------------------------------------------- bodies
+
+
+def ingest(
+    source: str,
+    data_version: str,
+    state_dir: str,
+    manifest: Output[Dataset],
+    quarantine_report: Output[Markdown],
+) -> NamedTuple("IngestOutputs", [("n_records", int), ("n_quarantined", int), ("data_version", str)]):
+    """Read and validate WFDB records from a folder or s3:// prefix; quarantine the bad ones.
+
+    ``data_version`` empty (e.g. a scheduled run): the version is the manifest's content hash.
+    """
+    from pathlib import Path
+
+    from components.ingest import ingest_step
+
+    result = ingest_step(source, Path(manifest.path), Path(quarantine_report.path), state_dir=state_dir or None)
+    version = data_version or f"manifest:{result.fingerprint[:32]}"
+    manifest.metadata.update(
+        {"source": source, "data_version": version, "n_records": result.n_records,
+         "n_quarantined": result.n_quarantined, "fingerprint": result.fingerprint}
+    )
+    quarantine_report.metadata["n_quarantined"] = result.n_quarantined
+    outputs = NamedTuple("IngestOutputs", [("n_records", int), ("n_quarantined", int), ("data_version", str)])
+    return outputs(result.n_records, result.n_quarantined, version)
+
+
+def preprocess(manifest: Input[Dataset], min_class_count: int, state_dir: str, store: Output[Dataset]) -> int:
+    """Resample, band-pass, standardise and fix the length; write one dataset store."""
+    from pathlib import Path
+
+    from components.preprocess import preprocess_step
+
+    result = preprocess_step(Path(manifest.path), Path(store.path), min_count=min_class_count,
+                             state_dir=state_dir or None)
+    store.metadata.update(
+        {"n_records": result.n_records, "classes": list(result.classes), "fingerprint": result.fingerprint,
+         "data_version": manifest.metadata.get("data_version", "")}
+    )
+    return result.n_records
+
+
+def split(
+    store: Input[Dataset],
+    labelled_ratio: float,
+    seed: int,
+    splits: Output[Dataset],
+) -> NamedTuple("SplitOutputs", [("test_split_hash", str), ("sizes", str)]):
+    """Iterative stratified test / labelled train / labelled valid / unlabelled split (ids)."""
+    import json
+    from pathlib import Path
+
+    from components.split import SplitConfig, split_step
+
+    result = split_step(Path(store.path), Path(splits.path), SplitConfig(labelled_ratio=labelled_ratio, seed=seed))
+    splits.metadata.update({"sizes": result.sizes, "test_split_hash": result.test_split_hash,
+                            "fingerprint": result.fingerprint})
+    outputs = NamedTuple("SplitOutputs", [("test_split_hash", str), ("sizes", str)])
+    return outputs(result.test_split_hash, json.dumps(result.sizes, sort_keys=True))
+
+
+def resolve_backbone(backbone: str, backbone_config: str, cache_dir: str, backbone_model: Output[Model]) -> str:
+    """Fetch the pre-trained backbone (default, a folder, s3:// or an MLflow model URI)."""
+    from pathlib import Path
+
+    from components.backbone import resolve_backbone_step
+
+    info = resolve_backbone_step(backbone, backbone_config, Path(backbone_model.path), cache_dir=cache_dir or None)
+    backbone_model.metadata.update(info.metadata())
+    return info.identity
+
+
+def allocate_ranks(
+    store: Input[Dataset],
+    splits: Input[Dataset],
+    backbone_model: Input[Model],
+    method: str,
+    r: int,
+    compress: float,
+    seed: int,
+    rank_map: Output[Artifact],
+    rank_metrics: Output[Metrics],
+) -> str:
+    """One-shot Taylor importance on the labelled train split -> per-layer rank map (JSON)."""
+    from pathlib import Path
+
+    from components.allocate_ranks import RankConfig, allocate_ranks_step
+    from components.common import write_metadata_file
+
+    result = allocate_ranks_step(
+        Path(store.path), Path(splits.path), Path(backbone_model.path), Path(rank_map.path),
+        RankConfig(method=method, r=r, compress=compress, seed=seed),
+    )
+    rank_map.metadata.update({"r": r, "compress": compress, "method": method, "fingerprint": result.fingerprint})
+    for name, rank in sorted(result.rank_map.items()):
+        rank_metrics.log_metric(f"rank.{name}", rank)
+    write_metadata_file(rank_metrics)
+    return result.summary
+
+
+def finetune(
+    store: Input[Dataset],
+    splits: Input[Dataset],
+    backbone_model: Input[Model],
+    rank_map: Input[Artifact],
+    method: str,
+    r: int,
+    p: float,
+    labelled_ratio: float,
+    max_steps: int,
+    batch_size: int,
+    val_every: int,
+    seed: int,
+    checkpoint_root: str,
+    adapter: Output[Model],
+    curves: Output[Artifact],
+    train_metrics: Output[Metrics],
+) -> str:
+    """CE-SSL fine-tuning (GPU when there is one), resumable from its last checkpoint."""
+    from pathlib import Path
+
+    from components.common import write_metadata_file
+    from components.finetune import FinetuneConfig, finetune_step
+
+    config = FinetuneConfig(
+        method=method, r=r, p=p, labelled_ratio=labelled_ratio, max_steps=max_steps,
+        batch_size=batch_size, val_every=val_every, seed=seed,
+    )
+    result = finetune_step(
+        Path(store.path), Path(splits.path), Path(backbone_model.path), Path(rank_map.path),
+        config, Path(adapter.path), Path(curves.path), checkpoint_root=checkpoint_root or None,
+        store_fingerprint=str(store.metadata.get("fingerprint", "")),
+    )
+    adapter.metadata.update(result.metadata())
+    for key, value in result.summary_metrics().items():
+        train_metrics.log_metric(key, value)
+    write_metadata_file(train_metrics)
+    return result.checkpoint_dir
+
+
+def evaluate(
+    store: Input[Dataset],
+    splits: Input[Dataset],
+    backbone_model: Input[Model],
+    adapter: Input[Model],
+    test_metrics: Output[Metrics],
+    roc: Output[ClassificationMetrics],
+    report: Output[HTML],
+    evaluation: Output[Artifact],
+) -> str:
+    """Challenge metrics on the test split, per-class table, ROC/PR plots and an HTML report."""
+    import json
+    from pathlib import Path
+
+    from components.common import write_metadata_file
+    from components.evaluate import evaluate_step
+
+    result = evaluate_step(Path(store.path), Path(splits.path), Path(backbone_model.path), Path(adapter.path),
+                           Path(evaluation.path), Path(report.path))
+    for key, value in result.metrics.items():
+        test_metrics.log_metric(key, value)
+    fpr, tpr, thresholds = result.micro_roc()
+    roc.log_roc_curve(fpr, tpr, thresholds)
+    write_metadata_file(test_metrics)
+    write_metadata_file(roc)
+    evaluation.metadata.update({"test_split_hash": result.test_split_hash, "n_test": result.n_test})
+    return json.dumps(result.metrics, sort_keys=True)
+
+
+def register(
+    store: Input[Dataset],
+    splits: Input[Dataset],
+    backbone_model: Input[Model],
+    rank_map: Input[Artifact],
+    adapter: Input[Model],
+    curves: Input[Artifact],
+    evaluation: Input[Artifact],
+    report: Input[HTML],
+    quarantine_report: Input[Markdown],
+    source: str,
+    backbone: str,
+    backbone_config: str,
+    labelled_ratio: float,
+    r: int,
+    compress: float,
+    p: float,
+    method: str,
+    seed: int,
+    max_steps: int,
+    data_version: str,
+    git_commit: str,
+    model_name: str,
+    tracking_uri: str,
+    experiment_name: str,
+    registration: Output[Markdown],
+) -> NamedTuple("RegisterOutputs", [("run_id", str), ("model_version", str)]):
+    """Log the run to MLflow and register the adapter as a model version (alias challenger)."""
+    from pathlib import Path
+
+    from components.register import collect_registration
+    from pipeline.tracking import TrackingConfig, log_and_register
+
+    bundle = collect_registration(
+        store_dir=Path(store.path), splits_path=Path(splits.path), backbone_dir=Path(backbone_model.path),
+        rank_map_path=Path(rank_map.path), adapter_dir=Path(adapter.path), curves_path=Path(curves.path),
+        evaluation_dir=Path(evaluation.path), report_path=Path(report.path),
+        quarantine_path=Path(quarantine_report.path),
+        params={"source": source, "backbone": backbone, "backbone_config": backbone_config,
+                "labelled_ratio": labelled_ratio, "r": r, "compress": compress, "p": p, "method": method,
+                "seed": seed, "max_steps": max_steps},
+        data_version=data_version, git_commit=git_commit,
+    )
+    result = log_and_register(bundle, TrackingConfig.resolve(tracking_uri, experiment_name, model_name))
+    Path(registration.path).write_text(result.markdown(), encoding="utf-8")
+    registration.metadata.update({"run_id": result.run_id, "model_version": result.version,
+                                  "model_name": result.model_name})
+    outputs = NamedTuple("RegisterOutputs", [("run_id", str), ("model_version", str)])
+    return outputs(result.run_id, result.version)
+
+
+# --------------------------------------------------------------------------- factory
+
+STEP_FUNCTIONS = (ingest, preprocess, split, resolve_backbone, allocate_ranks, finetune, evaluate, register)
+
+
+@dataclass(frozen=True)
+class StepComponents:
+    """The pipeline's components, all built on one image."""
+
+    image: str
+    ingest: object
+    preprocess: object
+    split: object
+    resolve_backbone: object
+    allocate_ranks: object
+    finetune: object
+    evaluate: object
+    register: object
+
+
+def build_components(image: str | None = None) -> StepComponents:
+    """Wrap every step as a KFP component on ``image`` (default: :func:`default_image`)."""
+    image = image or default_image()
+    built = {
+        func.__name__: dsl.component(func, base_image=image, install_kfp_package=False)
+        for func in STEP_FUNCTIONS
+    }
+    return StepComponents(image=image, **built)

@@ -1,0 +1,384 @@
+"""The CE-SSL pipeline as one Kubeflow DAG, its compile options and local execution.
+
+    ingest -> preprocess -> split -> allocate_ranks -> finetune (GPU) -> evaluate -> register
+                                         ^
+                        resolve_backbone +  (pre-trained backbone: default, folder, s3://)
+
+:func:`build_pipeline` returns the ``@dsl.pipeline`` function for a set of
+:class:`CompileOptions` (image, GPU request, node selector / tolerations, resources,
+checkpoint volume, credentials secret): cluster settings are fixed at compile time, the
+run's choices (:class:`PipelineParams`) are pipeline parameters. :func:`compile_pipeline`
+writes the IR YAML; :func:`run_local` runs the same DAG with ``kfp.local`` in this Python
+environment (settings that only a cluster honours are left out there).
+
+No ``from __future__ import annotations``: KFP reads the pipeline function's annotations.
+"""
+
+import contextlib
+import dataclasses
+import io
+import logging
+import re
+import sys
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple, TextIO
+
+from kfp import compiler, dsl, kubernetes
+
+from pipeline.components import StepComponents, build_components, default_image
+
+log = logging.getLogger(__name__)
+
+PIPELINE_NAME = "cessl-finetune"
+CHECKPOINT_MOUNT = "/mnt/checkpoints"
+SECRET_ENV_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+TAIL_LINES = 60
+
+
+@dataclass(frozen=True)
+class PipelineParams:
+    """The run's choices: the DAG's parameters (all JSON types).
+
+    Empty strings mean "the component's own default" (e.g. ``tracking_uri`` -> the
+    ``MLFLOW_TRACKING_URI`` of the component's environment).
+    """
+
+    source: str = "data"  # folder or s3://bucket/prefix of WFDB records
+    data_version: str = ""  # DVC md5 of the data (part of the cache key of ingest)
+    git_commit: str = ""
+    backbone: str = "default"  # "default", a folder, s3://..., or an MLflow model URI
+    backbone_config: str = "tinylight"
+    labelled_ratio: float = 0.05
+    r: int = 16
+    compress: float = 0.6
+    p: float = 0.2
+    method: str = "cessl"  # cessl | lora | full | fixmatch
+    seed: int = 0
+    max_steps: int = 1000
+    batch_size: int = 0  # 0: the paper's rule (64, or 16 below 2% labels)
+    val_every: int = 50
+    model_name: str = "cessl-ecg"
+    tracking_uri: str = ""
+    experiment_name: str = "cessl"
+    checkpoint_root: str = ""  # finetune checkpoints: <root>/<hash of the step's inputs>
+    min_class_count: int = 200  # classes: scored diagnoses with at least this many labelled records
+    state_dir: str = ""  # ingest's and preprocess's incremental state (records seen before)
+    cache_dir: str = ""  # backbone download cache
+
+    def arguments(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "PipelineParams":
+        return dataclasses.replace(self, **changes)
+
+
+DEFAULTS = PipelineParams()
+
+
+@dataclass(frozen=True)
+class Toleration:
+    """A Kubernetes toleration; parsed from ``key[=value][:Effect]``."""
+
+    key: str
+    value: str | None = None
+    effect: str | None = "NoSchedule"
+
+    @property
+    def operator(self) -> str:
+        return "Exists" if self.value is None else "Equal"
+
+    @classmethod
+    def parse(cls, text: str) -> "Toleration":
+        spec, _, effect = text.partition(":")
+        key, eq, value = spec.partition("=")
+        if not key:
+            raise ValueError(f"toleration {text!r}: expected key[=value][:Effect]")
+        if effect and effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
+            raise ValueError(f"toleration {text!r}: unknown effect {effect!r}")
+        return cls(key=key, value=value if eq else None, effect=effect or None)
+
+
+@dataclass(frozen=True)
+class ResourceRequest:
+    cpu: str = ""
+    memory: str = ""
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Cluster settings fixed at compile time.
+
+    ``accelerator_type`` empty -> finetune requests no accelerator (it then runs on CPU,
+    as it does locally). ``checkpoint_pvc`` mounts a PersistentVolumeClaim at
+    :data:`CHECKPOINT_MOUNT` on finetune so a retried/restarted task resumes.
+    ``credentials_secret`` injects the S3 / MLflow credentials (``AWS_*``) from a
+    Kubernetes Secret into ingest, resolve_backbone and register.
+    """
+
+    image: str = field(default_factory=default_image)
+    accelerator_type: str = "nvidia.com/gpu"
+    accelerator_limit: int = 1
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: tuple[Toleration, ...] = (Toleration("nvidia.com/gpu", None, "NoSchedule"),)
+    finetune_resources: ResourceRequest = ResourceRequest(cpu="4", memory="16Gi")
+    step_resources: ResourceRequest = ResourceRequest(cpu="1", memory="4Gi")
+    checkpoint_pvc: str = ""
+    credentials_secret: str = ""
+    finetune_retries: int = 2
+    caching: bool = True
+    cache_ingest: bool = True  # False for recurring runs: the source is listed again every time
+    kubernetes: bool = True  # False: leave out settings that only a cluster honours
+
+    @classmethod
+    def local(cls, image: str | None = None) -> "CompileOptions":
+        """What ``kfp.local`` can use: no GPU, resources, volumes, secrets or retries."""
+        return cls(
+            image=image or default_image(), accelerator_type="", tolerations=(),
+            finetune_resources=ResourceRequest(), step_resources=ResourceRequest(),
+            finetune_retries=0, kubernetes=False,
+        )
+
+
+class PipelineOutputs(NamedTuple):
+    run_id: str
+    model_version: str
+
+
+def _request(task: dsl.PipelineTask, resources: ResourceRequest) -> None:
+    if resources.cpu:
+        task.set_cpu_request(resources.cpu)
+    if resources.memory:
+        task.set_memory_request(resources.memory)
+
+
+def _configure_finetune(task: dsl.PipelineTask, options: CompileOptions) -> None:
+    """GPU request, scheduling constraints, resources, checkpoint volume, retries."""
+    _request(task, options.finetune_resources)
+    if options.accelerator_type:
+        task.set_accelerator_type(options.accelerator_type)
+        task.set_accelerator_limit(options.accelerator_limit)
+    if options.finetune_retries:
+        task.set_retry(num_retries=options.finetune_retries, backoff_duration="30s")
+    if not options.kubernetes:
+        return
+    for key, value in options.node_selector.items():
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    for tol in options.tolerations:
+        kubernetes.add_toleration(task, key=tol.key, operator=tol.operator, value=tol.value, effect=tol.effect)
+    if options.checkpoint_pvc:
+        kubernetes.mount_pvc(task, pvc_name=options.checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
+
+
+def _use_credentials(task: dsl.PipelineTask, options: CompileOptions) -> None:
+    if options.kubernetes and options.credentials_secret:
+        kubernetes.use_secret_as_env(
+            task, secret_name=options.credentials_secret,
+            secret_key_to_env={key: key for key in SECRET_ENV_KEYS},
+        )
+
+
+def build_pipeline(options: CompileOptions | None = None, steps: StepComponents | None = None):
+    """The ``@dsl.pipeline`` function for ``options`` (reads top-down as the DAG)."""
+    options = options or CompileOptions()
+    steps = steps or build_components(options.image)
+    # With a checkpoint volume, finetune checkpoints there unless the run says otherwise.
+    default_checkpoint_root = CHECKPOINT_MOUNT if options.checkpoint_pvc and options.kubernetes else ""
+
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="CE-SSL: WFDB records -> evaluated, registered LoRA adapter (MLflow alias challenger).",
+    )
+    def cessl_pipeline(
+        source: str = DEFAULTS.source,
+        data_version: str = DEFAULTS.data_version,
+        git_commit: str = DEFAULTS.git_commit,
+        backbone: str = DEFAULTS.backbone,
+        backbone_config: str = DEFAULTS.backbone_config,
+        labelled_ratio: float = DEFAULTS.labelled_ratio,
+        r: int = DEFAULTS.r,
+        compress: float = DEFAULTS.compress,
+        p: float = DEFAULTS.p,
+        method: str = DEFAULTS.method,
+        seed: int = DEFAULTS.seed,
+        max_steps: int = DEFAULTS.max_steps,
+        batch_size: int = DEFAULTS.batch_size,
+        val_every: int = DEFAULTS.val_every,
+        model_name: str = DEFAULTS.model_name,
+        tracking_uri: str = DEFAULTS.tracking_uri,
+        experiment_name: str = DEFAULTS.experiment_name,
+        checkpoint_root: str = default_checkpoint_root,
+        min_class_count: int = DEFAULTS.min_class_count,
+        state_dir: str = DEFAULTS.state_dir,
+        cache_dir: str = DEFAULTS.cache_dir,
+    ) -> PipelineOutputs:
+        ingest = steps.ingest(source=source, data_version=data_version, state_dir=state_dir)
+        preprocess = steps.preprocess(manifest=ingest.outputs["manifest"], min_class_count=min_class_count,
+                                      state_dir=state_dir)
+        split = steps.split(store=preprocess.outputs["store"], labelled_ratio=labelled_ratio, seed=seed)
+        backbone_task = steps.resolve_backbone(backbone=backbone, backbone_config=backbone_config,
+                                               cache_dir=cache_dir)
+        ranks = steps.allocate_ranks(
+            store=preprocess.outputs["store"], splits=split.outputs["splits"],
+            backbone_model=backbone_task.outputs["backbone_model"],
+            method=method, r=r, compress=compress, seed=seed,
+        )
+        finetune = steps.finetune(
+            store=preprocess.outputs["store"], splits=split.outputs["splits"],
+            backbone_model=backbone_task.outputs["backbone_model"], rank_map=ranks.outputs["rank_map"],
+            method=method, r=r, p=p, labelled_ratio=labelled_ratio, max_steps=max_steps,
+            batch_size=batch_size, val_every=val_every, seed=seed, checkpoint_root=checkpoint_root,
+        )
+        evaluate = steps.evaluate(
+            store=preprocess.outputs["store"], splits=split.outputs["splits"],
+            backbone_model=backbone_task.outputs["backbone_model"], adapter=finetune.outputs["adapter"],
+        )
+        register = steps.register(
+            store=preprocess.outputs["store"], splits=split.outputs["splits"],
+            backbone_model=backbone_task.outputs["backbone_model"], rank_map=ranks.outputs["rank_map"],
+            adapter=finetune.outputs["adapter"], curves=finetune.outputs["curves"],
+            evaluation=evaluate.outputs["evaluation"], report=evaluate.outputs["report"],
+            quarantine_report=ingest.outputs["quarantine_report"], source=source, backbone=backbone, backbone_config=backbone_config, labelled_ratio=labelled_ratio,
+            r=r, compress=compress, p=p, method=method, seed=seed, max_steps=max_steps,
+            data_version=ingest.outputs["data_version"], git_commit=git_commit, model_name=model_name,
+            tracking_uri=tracking_uri, experiment_name=experiment_name,
+        )
+
+        deterministic = (preprocess, split, backbone_task, ranks, finetune, evaluate)
+        for task in deterministic:
+            task.set_caching_options(enable_caching=options.caching)
+        ingest.set_caching_options(enable_caching=options.caching and options.cache_ingest)
+        register.set_caching_options(enable_caching=False)  # side effects on MLflow
+        for task in (ingest, preprocess, split, backbone_task, ranks, evaluate, register):
+            _request(task, options.step_resources)
+        for task in (ingest, backbone_task, register):
+            _use_credentials(task, options)
+        _configure_finetune(finetune, options)
+
+        ingest.set_display_name("ingest")
+        preprocess.set_display_name("preprocess")
+        split.set_display_name("split")
+        backbone_task.set_display_name("backbone")
+        ranks.set_display_name("allocate-ranks")
+        finetune.set_display_name("finetune")
+        evaluate.set_display_name("evaluate")
+        register.set_display_name("register")
+        return PipelineOutputs(run_id=register.outputs["run_id"], model_version=register.outputs["model_version"])
+
+    return cessl_pipeline
+
+
+def compile_pipeline(path: Path, options: CompileOptions | None = None) -> Path:
+    """Write the pipeline's IR YAML to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(pipeline_func=build_pipeline(options), package_path=str(path))
+    log.info("compiled %s (image %s)", path, (options or CompileOptions()).image)
+    return path
+
+
+@dataclass(frozen=True)
+class LocalRunConfig:
+    """Where a ``kfp.local`` run keeps its task outputs, its cache and its task logs.
+
+    ``task_log``: the tasks' own output (KFP executor dumps, training logs) goes to this
+    file instead of the terminal, which keeps kfp.local's one-line-per-task progress
+    readable; None streams everything.
+    """
+
+    pipeline_root: Path = Path("local_outputs")
+    cache: bool = True
+    runner: str = "subprocess"  # subprocess (this venv) | docker (the project image)
+    image: str | None = None
+    task_log: Path | None = None
+
+
+def init_local(config: LocalRunConfig) -> None:
+    """``kfp.local.init`` with the task cache under ``<pipeline_root>/.kfp_cache``."""
+    from kfp import local
+
+    if config.runner == "subprocess":
+        runner = local.SubprocessRunner(use_venv=False)
+    elif config.runner == "docker":
+        runner = local.DockerRunner()
+    else:
+        raise ValueError(f"unknown local runner {config.runner!r} (subprocess | docker)")
+    root = Path(config.pipeline_root).absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    local.init(runner=runner, pipeline_root=str(root), enable_caching=config.cache,
+               cache_root=str(root / ".kfp_cache"))
+
+
+_LOCAL_NOISE = (
+    r".*have no effect in the current local runner.*",
+    r".*custom or non-Python base image.*",
+    r".*is not used by the current local runner.*",
+)
+
+
+# kfp.local's own one-line progress messages (pipeline start/end, task start/end, cache hits).
+_PROGRESS = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} - \w+ - (Running pipeline|Executing task|Task .*(finished|cache hit)|"
+                       r"Pipeline .* finished)")
+
+
+_JSON_DUMP = re.compile(r'^\s+([{}\[\]"]|\},?$|\],?$)')  # the executor_input dumps of KFP's executor
+
+
+class _ProgressTee(io.TextIOBase):
+    """A stdout that writes everything to ``sink`` and kfp.local's progress lines to ``terminal`` too."""
+
+    def __init__(self, sink: TextIO, terminal: TextIO) -> None:
+        self.sink, self.terminal, self._line = sink, terminal, ""
+
+    def write(self, text: str) -> int:
+        self.sink.write(text)
+        self._line += text
+        *lines, self._line = self._line.split("\n")
+        for line in lines:
+            if _PROGRESS.match(line):
+                self.terminal.write(line + "\n")
+                self.terminal.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.sink.flush()
+        self.terminal.flush()
+
+
+@contextlib.contextmanager
+def _task_output(path: Path | None) -> Iterator[None]:
+    """Send what the tasks print to ``path`` (progress lines still show); on failure show its tail."""
+    if path is None:
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as sink:
+        try:
+            with contextlib.redirect_stdout(_ProgressTee(sink, sys.stdout)):
+                yield
+        except BaseException:
+            sink.flush()
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            tail = [line for line in lines if not _JSON_DUMP.match(line)][-TAIL_LINES:]
+            log.error("a task failed; last %d lines of %s:\n%s", len(tail), path, "\n".join(tail))
+            raise
+
+
+def run_local(params: PipelineParams, config: LocalRunConfig | None = None) -> PipelineOutputs:
+    """Run the DAG on this machine with ``kfp.local``; return the register step's outputs."""
+    config = config or LocalRunConfig()
+    init_local(config)
+    pipeline = build_pipeline(CompileOptions.local(config.image))
+    log.info("running %s locally (%s runner, pipeline root %s%s)", PIPELINE_NAME, config.runner,
+             config.pipeline_root, f", task logs in {config.task_log}" if config.task_log else "")
+    with warnings.catch_warnings(), _task_output(config.task_log):
+        for pattern in _LOCAL_NOISE:
+            warnings.filterwarnings("ignore", message=pattern)
+        task = pipeline(**params.arguments())
+    outputs = task.outputs
+    if not outputs or "run_id" not in outputs:
+        raise RuntimeError(f"pipeline {PIPELINE_NAME} finished without outputs; see the task logs above")
+    return PipelineOutputs(run_id=str(outputs["run_id"]), model_version=str(outputs["model_version"]))

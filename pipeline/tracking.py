@@ -1,0 +1,358 @@
+"""MLflow tracking glue: where runs go, the data version, and logging one pipeline run.
+
+:func:`log_and_register` takes the register step's :class:`components.register.Registration`
+bundle and writes one MLflow run: parameters, the data version (DVC md5 + git commit),
+the rank map, training curves (step metrics), test metrics, the per-class table, ROC/PR
+plots, and the adapter as a registered pyfunc model version with the alias
+``challenger``. When the model already has a ``champion``, that champion is scored on
+this run's test split too (``champion_test_*`` metrics), so ``cessl promote`` compares both
+on the same records.
+
+Local default: a SQLite store ``sqlite:///<cwd>/mlflow.db`` with artifacts in
+``<cwd>/mlruns``; on a cluster ``MLFLOW_TRACKING_URI`` (or the pipeline parameter) names a
+tracking server. Credentials only ever come from the environment and are never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+LOCAL_DB = "mlflow.db"
+LOCAL_ARTIFACTS = "mlruns"
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+TEST_PREFIX = "test_"
+CHAMPION_PREFIX = "champion_test_"
+# Version tags read back by the registry (promotion compares only on the same test split).
+TAG_DATA_VERSION = "data_version"
+TAG_GIT_COMMIT = "git_commit"
+TAG_TEST_SPLIT = "test_split_hash"
+TAG_FINGERPRINT = "pipeline_fingerprint"
+TAG_RUN_ID = "run_id"
+TAG_COMPARED_CHAMPION = "compared_champion_version"
+TAG_COMPARED_CHAMPION_SPLIT = "compared_champion_test_split_hash"
+_METRIC_BATCH = 900  # MLflow's log_batch takes at most 1000 metrics per call
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def default_tracking_uri(root: Path | None = None) -> str:
+    """The local default: ``sqlite:///<root>/mlflow.db`` (root: the working directory)."""
+    return f"sqlite:///{(root or Path.cwd()).absolute() / LOCAL_DB}"
+
+
+def is_local_store(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where runs and models go."""
+
+    tracking_uri: str
+    experiment_name: str = "cessl"
+    model_name: str = "cessl-ecg"
+    artifact_root: str | None = None  # new experiments' artifact location (local stores only)
+
+    @classmethod
+    def resolve(cls, tracking_uri: str = "", experiment_name: str = "cessl",
+                model_name: str = "cessl-ecg") -> TrackingConfig:
+        """Explicit URI, else ``$MLFLOW_TRACKING_URI``, else the local SQLite default."""
+        uri = tracking_uri or os.environ.get(TRACKING_URI_ENV) or default_tracking_uri()
+        artifact_root = None
+        if uri.startswith("sqlite:///"):
+            db = Path(uri.removeprefix("sqlite:///"))
+            artifact_root = (db.parent / LOCAL_ARTIFACTS).absolute().as_uri()
+        return cls(uri, experiment_name or "cessl", model_name or "cessl-ecg", artifact_root)
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+
+    def activate(self) -> None:
+        """Point the fluent ``mlflow`` API at this store."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
+
+
+def ensure_experiment(config: TrackingConfig) -> str:
+    """The experiment's id, created (with the local artifact root) when missing."""
+    client = config.client()
+    experiment = client.get_experiment_by_name(config.experiment_name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(config.experiment_name, artifact_location=config.artifact_root)
+
+
+# --------------------------------------------------------------------------- data version
+
+
+@dataclass(frozen=True)
+class DataVersion:
+    """What data a run trained on: the DVC md5 of the data folder and the code's commit."""
+
+    md5: str
+    git_commit: str
+    origin: str  # "dvc:<file>" or "content" (hash of the files when no .dvc file tracks them)
+
+    def as_tags(self) -> dict[str, str]:
+        return {TAG_DATA_VERSION: self.md5, TAG_GIT_COMMIT: self.git_commit, "data_version_origin": self.origin}
+
+
+def dvc_md5(dvc_file: Path, data_path: Path | None = None) -> str | None:
+    """The md5 of the output in a ``.dvc`` file (the one at ``data_path`` if given)."""
+    if not dvc_file.is_file():
+        return None
+    try:
+        spec = yaml.safe_load(dvc_file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{dvc_file}: not a valid .dvc file ({err})") from err
+    outs = spec.get("outs") or []
+    for out in outs:
+        path = (dvc_file.parent / str(out.get("path", ""))).resolve()
+        if data_path is None or path == data_path.resolve():
+            md5 = out.get("md5")
+            if not md5:
+                raise ValueError(f"{dvc_file}: output {out.get('path')!r} has no md5")
+            return str(md5)
+    return None
+
+
+def git_commit(repo: Path) -> str:
+    """``git rev-parse HEAD`` of ``repo`` (``+dirty`` when tracked files changed), or "unknown"."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                              check=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head}+dirty" if dirty else head
+
+
+def find_dvc_file(data_path: Path, repo: Path) -> Path | None:
+    """``<data>.dvc`` next to the data folder, else the repo's ``data.dvc`` if it tracks it."""
+    for candidate in (data_path.parent / f"{data_path.name}.dvc", repo / "data.dvc"):
+        if candidate.is_file() and dvc_md5(candidate, data_path) is not None:
+            return candidate
+    return None
+
+
+def read_data_version(data_path: Path, repo: Path | None = None) -> DataVersion:
+    """The data version of a local folder: DVC's md5 of its current content.
+
+    When a ``.dvc`` file tracks the folder and records the same md5 the origin is that
+    file; when it records another one the folder has changes not added to DVC yet (a
+    warning says so and the current content's md5 is used).
+    """
+    from ml.data.dvc import dir_md5
+
+    repo = repo or Path.cwd()
+    if not data_path.is_dir():
+        raise FileNotFoundError(f"{data_path}: data folder not found")
+    current = dir_md5(data_path)
+    commit = git_commit(repo)
+    dvc_file = find_dvc_file(data_path, repo)
+    if dvc_file is None:
+        log.warning("%s is not tracked by DVC (no %s.dvc): its version is its content md5", data_path, data_path.name)
+        return DataVersion(md5=current, git_commit=commit, origin="content")
+    recorded = dvc_md5(dvc_file, data_path)
+    if recorded != current:
+        log.warning("%s has changes not recorded in %s (%s there, %s now): run `dvc add` to version them",
+                    data_path, dvc_file, recorded, current)
+        return DataVersion(md5=current, git_commit=commit, origin=f"uncommitted (not in {dvc_file.name})")
+    return DataVersion(md5=current, git_commit=commit, origin=f"dvc:{dvc_file.name}")
+
+
+# --------------------------------------------------------------------------- logging a run
+
+
+@dataclass
+class RegistrationResult:
+    """What :func:`log_and_register` did."""
+
+    model_name: str
+    version: str
+    run_id: str
+    tracking_uri: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    champion_metrics: dict[str, float] = field(default_factory=dict)
+    champion_version: str | None = None
+    reused: bool = False  # an identical run was registered before: nothing new was written
+
+    def markdown(self) -> str:
+        lines = [
+            f"# Registered `{self.model_name}` version {self.version}",
+            "",
+            f"- MLflow run: `{self.run_id}` ({_redact(self.tracking_uri)})",
+            f"- alias: `{CHALLENGER}`" + (" (reused an identical earlier registration)" if self.reused else ""),
+        ]
+        if self.champion_version:
+            lines.append(f"- champion v{self.champion_version} scored on the same test split")
+        lines += ["", "| metric | challenger | champion |", "|---|---|---|"]
+        for key, value in sorted(self.metrics.items()):
+            champ = self.champion_metrics.get(key)
+            lines.append(f"| {key} | {value:.4f} | {'' if champ is None else f'{champ:.4f}'} |")
+        return "\n".join(lines) + "\n"
+
+
+def _redact(uri: str) -> str:
+    """A URI without user:password."""
+    if "@" in uri and "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return uri
+
+
+def _metric_batches(curves: Iterable[Mapping[str, float]], timestamp_ms: int) -> Iterable[list]:
+    from mlflow.entities import Metric
+
+    batch: list = []
+    for record in curves:
+        step = int(record["step"])
+        for key, value in record.items():
+            if key == "step" or value is None:
+                continue
+            batch.append(Metric(key=key, value=float(value), timestamp=timestamp_ms, step=step))
+            if len(batch) >= _METRIC_BATCH:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def log_curves(client, run_id: str, curves: Sequence[Mapping[str, float]]) -> int:
+    """Training curves as step metrics; returns the number of points logged."""
+    now = int(time.time() * 1000)
+    n = 0
+    for batch in _metric_batches(curves, now):
+        client.log_batch(run_id, metrics=batch)
+        n += len(batch)
+    return n
+
+
+def log_files(files: Mapping[str, Path]) -> None:
+    """Attach local files to the active run under the given run paths (``folder/name``)."""
+    import shutil
+    import tempfile
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="cessl-artifacts-") as tmp:
+        for run_path, local in files.items():
+            folder, _, name = run_path.rpartition("/")
+            staged = Path(tmp) / run_path
+            staged.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(local, staged)
+            mlflow.log_artifact(str(staged), artifact_path=folder or None)
+
+
+def find_registered(client, model_name: str, fingerprint: str):
+    """The model version registered earlier from exactly these inputs, if any."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = '{model_name}' and tags.{TAG_FINGERPRINT} = '{fingerprint}'")
+    except MlflowException:  # some stores cannot filter on tags: filter here
+        versions = [v for v in client.search_model_versions(f"name = '{model_name}'")
+                    if v.tags.get(TAG_FINGERPRINT) == fingerprint]
+    return versions[0] if versions else None
+
+
+def current_alias(client, model_name: str, alias: str):
+    """The model version holding ``alias``, or None (also when the model does not exist)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        return None
+
+
+def _score_champion(client, config: TrackingConfig, bundle) -> tuple[str | None, dict[str, float]]:
+    """Metrics of the current champion on this run's test split (empty when not comparable)."""
+    champion = current_alias(client, config.model_name, CHAMPION)
+    if champion is None:
+        return None, {}
+    try:
+        from pipeline.pyfunc_model import load_predictor
+
+        predictor = load_predictor(f"models:/{config.model_name}@{CHAMPION}", tracking_uri=config.tracking_uri)
+        metrics = bundle.score_predictor(predictor)
+    except (ValueError, OSError, RuntimeError, KeyError) as err:
+        log.warning("champion v%s of %s could not be scored on this test split: %s",
+                    champion.version, config.model_name, err)
+        return str(champion.version), {}
+    return str(champion.version), metrics
+
+
+def log_and_register(bundle, config: TrackingConfig) -> RegistrationResult:
+    """Log ``bundle`` (a :class:`components.register.Registration`) as one run and register it."""
+    import mlflow
+
+    from pipeline.pyfunc_model import log_adapter_model
+
+    config.activate()
+    client = config.client()
+    existing = find_registered(client, config.model_name, bundle.fingerprint)
+    if existing is not None:
+        log.info("inputs identical to %s v%s (fingerprint %s): not registering again",
+                 config.model_name, existing.version, bundle.fingerprint[:12])
+        run = client.get_run(existing.run_id)
+        metrics = {k.removeprefix(TEST_PREFIX): v for k, v in run.data.metrics.items() if k.startswith(TEST_PREFIX)}
+        return RegistrationResult(config.model_name, str(existing.version), existing.run_id, config.tracking_uri,
+                                  metrics=metrics, reused=True)
+
+    experiment_id = ensure_experiment(config)
+    champion_version, champion_metrics = _score_champion(client, config, bundle)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=bundle.run_name) as run:
+        run_id = run.info.run_id
+        mlflow.log_params({k: _param(v) for k, v in bundle.params.items()})
+        mlflow.set_tags({**bundle.tags, TAG_FINGERPRINT: bundle.fingerprint})
+        mlflow.log_metrics({f"{TEST_PREFIX}{k}": v for k, v in bundle.test_metrics.items()})
+        if champion_metrics:
+            mlflow.log_metrics({f"{CHAMPION_PREFIX}{k}": v for k, v in champion_metrics.items()})
+            mlflow.set_tags({TAG_COMPARED_CHAMPION: champion_version,
+                             TAG_COMPARED_CHAMPION_SPLIT: bundle.tags[TAG_TEST_SPLIT]})
+        n_points = log_curves(client, run_id, bundle.curves)
+        mlflow.log_dict(bundle.rank_map, "rank_map.json")
+        mlflow.log_dict(bundle.data_info(), "data_version.json")
+        log_files(bundle.artifacts)
+        info = log_adapter_model(bundle.backbone_dir, bundle.adapter_dir, classes=bundle.classes,
+                                 registered_model_name=config.model_name)
+    version = str(info.registered_model_version)
+    version_tags = {**bundle.tags, TAG_RUN_ID: run_id, TAG_FINGERPRINT: bundle.fingerprint,
+                    **{f"{TEST_PREFIX}{k}": f"{v:.6g}" for k, v in bundle.test_metrics.items()}}
+    if champion_metrics:
+        version_tags |= {TAG_COMPARED_CHAMPION: champion_version,
+                         TAG_COMPARED_CHAMPION_SPLIT: bundle.tags[TAG_TEST_SPLIT]}
+    for key, value in version_tags.items():
+        client.set_model_version_tag(config.model_name, version, key, value)
+    client.set_registered_model_alias(config.model_name, CHALLENGER, version)
+    log.info("run %s: %d curve points, registered %s v%s as %s", run_id, n_points, config.model_name,
+             version, CHALLENGER)
+    return RegistrationResult(config.model_name, version, run_id, config.tracking_uri,
+                              metrics=dict(bundle.test_metrics), champion_metrics=champion_metrics,
+                              champion_version=champion_version)
+
+
+def _param(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text[:6000]  # MLflow's limit on a parameter value

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Build the CE-SSL image offline.
+#
+#   1. a wheelhouse of every runtime dependency is made on the host with `pip wheel`
+#      into .cache/wheelhouse/<key>/ (key = hash of the pinned dependencies, the torch
+#      index and the Python tag); an existing complete wheelhouse is reused;
+#   2. `DOCKER_BUILDKIT=1 docker build --pull=false` bind-mounts it (Dockerfile), so the
+#      build needs no registry and no package index.
+#
+# Usage: scripts/build_image.sh [--wheelhouse-only] [--print-tag]
+# Environment (all optional):
+#   BASE_IMAGE       base image (default python:3.11-slim; must exist locally offline)
+#   IMAGE            tag to build (default localhost:5000/cessl:<version from pyproject>)
+#   TORCH_INDEX_URL  take torch from this index when making the wheelhouse, e.g.
+#                    https://download.pytorch.org/whl/cu128 for a GPU image
+#   PYTHON           Python used for `pip wheel` (default .venv/bin/python, else python3);
+#                    must be CPython 3.11 like the image
+#   DOCKER           docker CLI with built-in BuildKit (default /usr/bin/docker from
+#                    Debian's docker.io; a CLI without buildx cannot do BuildKit builds)
+#   WHEEL_CACHE      wheelhouse root inside the repo (default .cache/wheelhouse)
+#   BUILD_ARGS       extra arguments for `docker build` (word-split)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+WHEELHOUSE_ONLY=0
+PRINT_TAG=0
+for arg in "$@"; do
+    case "$arg" in
+        --wheelhouse-only) WHEELHOUSE_ONLY=1 ;;
+        --print-tag) PRINT_TAG=1 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        *) echo "build_image.sh: unknown argument '$arg'" >&2; exit 2 ;;
+    esac
+done
+
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+BASE_IMAGE="${BASE_IMAGE:-python:3.11-slim}"
+TORCH_INDEX_URL="${TORCH_INDEX_URL:-}"
+WHEEL_CACHE="${WHEEL_CACHE:-.cache/wheelhouse}"
+DOCKER="${DOCKER:-/usr/bin/docker}"
+
+# version, requirement list and wheelhouse key, from pyproject.toml
+read -r VERSION KEY < <(TORCH_INDEX_URL="$TORCH_INDEX_URL" "$PYTHON" - <<'EOF'
+import hashlib, os, sys, sysconfig, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+deps = sorted(project["dependencies"])
+tag = f"cp{sys.version_info[0]}{sys.version_info[1]}-{sysconfig.get_platform()}"
+digest = hashlib.sha256("\n".join(deps + [os.environ["TORCH_INDEX_URL"], tag, "layout-2"]).encode()).hexdigest()[:16]
+print(project["version"], digest)
+EOF
+)
+IMAGE="${IMAGE:-localhost:5000/cessl:${VERSION}}"
+if [[ "$PRINT_TAG" == 1 ]]; then echo "$IMAGE"; exit 0; fi
+WHEELHOUSE="${WHEEL_CACHE}/${KEY}"
+
+log() { printf '[build_image] %s\n' "$*" >&2; }
+
+make_wheelhouse() {
+    local tmp="${WHEELHOUSE}.partial.$$"
+    rm -rf "$tmp"
+    mkdir -p "$tmp"
+    # requirements.txt: everything the image installs (read by the Dockerfile);
+    # to-wheel.txt: what `pip wheel` fetches from the default index (torch may come from
+    # TORCH_INDEX_URL instead)
+    "$PYTHON" - "$tmp" "$TORCH_INDEX_URL" <<'EOF'
+import sys, tomllib
+out, torch_index = sys.argv[1], sys.argv[2]
+deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"] + ["setuptools>=68", "wheel"]
+open(f"{out}/requirements.txt", "w").write("\n".join(deps) + "\n")
+if torch_index:
+    deps = [d for d in deps if not d.replace(" ", "").startswith("torch")]
+open(f"{out}/to-wheel.txt", "w").write("\n".join(deps) + "\n")
+EOF
+    local pip_log="$tmp/pip-wheel.log"
+    if [[ -n "$TORCH_INDEX_URL" ]]; then
+        local torch_pin
+        torch_pin=$("$PYTHON" -c 'import tomllib; print(next(d for d in tomllib.load(open("pyproject.toml","rb"))["project"]["dependencies"] if d.startswith("torch")))')
+        log "torch ($torch_pin) from $TORCH_INDEX_URL"
+        "$PYTHON" -m pip wheel --disable-pip-version-check -q -w "$tmp" \
+            --index-url "$TORCH_INDEX_URL" "$torch_pin" >>"$pip_log" 2>&1 \
+            || { tail -30 "$pip_log" >&2; return 1; }
+    fi
+    # sdists (e.g. kfp-server-api) are built into wheels here, on the host
+    "$PYTHON" -m pip wheel --disable-pip-version-check -q -w "$tmp" --find-links "$tmp" \
+        -r "$tmp/to-wheel.txt" >>"$pip_log" 2>&1 \
+        || { tail -30 "$pip_log" >&2; return 1; }
+    touch "$tmp/.complete"
+    rm -rf "$WHEELHOUSE"
+    mv "$tmp" "$WHEELHOUSE"
+}
+
+if [[ -f "$WHEELHOUSE/.complete" ]]; then
+    log "reusing wheelhouse $WHEELHOUSE"
+else
+    log "making wheelhouse $WHEELHOUSE (pip wheel, once per dependency set)"
+    start=$SECONDS
+    make_wheelhouse
+    log "wheelhouse ready in $((SECONDS - start)) s: $(find "$WHEELHOUSE" -name '*.whl' | wc -l) wheels, $(du -sh "$WHEELHOUSE" | cut -f1)"
+fi
+if [[ "$WHEELHOUSE_ONLY" == 1 ]]; then echo "$WHEELHOUSE"; exit 0; fi
+
+if ! "$DOCKER" version >/dev/null 2>&1; then
+    log "no Docker engine answers '$DOCKER version' (DOCKER_HOST=${DOCKER_HOST:-unset});"
+    log "start one, e.g.: eval \"\$(scripts/docker_engine.sh start)\""
+    exit 1
+fi
+
+# The Dockerfile bind-mounts the fixed path .cache/wheelhouse/build: point it (hard
+# links, no copy) at the selected wheelhouse. One build at a time per checkout.
+BUILD_WHEELS="${WHEEL_CACHE}/build"
+exec 9>"${WHEEL_CACHE}/.build.lock"
+flock 9
+rm -rf "$BUILD_WHEELS"
+cp -al "$WHEELHOUSE" "$BUILD_WHEELS"
+
+log "building $IMAGE from $BASE_IMAGE"
+start=$SECONDS
+# shellcheck disable=SC2086
+DOCKER_BUILDKIT=1 "$DOCKER" build --pull=false \
+    --build-arg "BASE_IMAGE=${BASE_IMAGE}" \
+    --label "org.opencontainers.image.version=${VERSION}" \
+    ${BUILD_ARGS:-} \
+    -t "$IMAGE" . >&2
+log "built $IMAGE in $((SECONDS - start)) s"
+echo "$IMAGE"

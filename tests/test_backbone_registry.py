@@ -1,0 +1,88 @@
+"""Backbones in the MLflow registry (a real tracking server), and adapter <-> backbone identity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ml.model.adapter import AdapterMeta, BackboneMismatchError, load_adapter, load_backbone as load_into, save_adapter
+from ml.model.backbone import ECGTransformer, backbone_config
+from ml.model.lora import LoRAConfig, mark_trainable
+from ml.model.pretrained import CODE15_CLASSES, load_backbone, save_backbone
+from pipeline.backbone_registry import (
+    backbone_model_name,
+    fetch_backbone,
+    find_backbone,
+    register_backbone,
+)
+from pipeline.cli import main as cessl
+
+
+def _random_backbone(folder: Path, seed: int, source: str = "pretrain") -> Path:
+    torch.manual_seed(seed)
+    config = backbone_config("tinylight", len(CODE15_CLASSES))
+    state = ECGTransformer(config).state_dict()
+    return save_backbone(state, config, CODE15_CLASSES, folder, source=source, data_version=f"test-{seed}")
+
+
+def test_register_fetch_and_find(mlflow_server, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    uri = mlflow_server.tracking_uri
+    a = _random_backbone(tmp_path / "a", seed=101)
+    b = _random_backbone(tmp_path / "b", seed=102)
+    id_a, id_b = load_backbone(a)[2]["identity"], load_backbone(b)[2]["identity"]
+
+    reg_a = register_backbone(a, tracking_uri=uri)
+    assert reg_a.model_name == backbone_model_name("tinylight") == "cessl-backbone-tinylight"
+    assert not reg_a.reused and reg_a.identity == id_a
+    version = MlflowClient(uri, uri).get_model_version(reg_a.model_name, reg_a.version)
+    assert version.tags["identity"] == id_a and version.tags["config"] == "tinylight"
+    assert version.tags["data_version"] == "test-101" and version.tags["source"] == "pretrain"
+
+    again = register_backbone(a, tracking_uri=uri)
+    assert again.reused and again.version == reg_a.version
+
+    reg_b = register_backbone(b, tracking_uri=uri, alias="candidate")
+    assert int(reg_b.version) > int(reg_a.version)
+
+    got_b = fetch_backbone("models:/cessl-backbone-tinylight@candidate", tmp_path / "fetched_b", tracking_uri=uri)
+    assert load_backbone(got_b)[2]["identity"] == id_b
+    got_a = fetch_backbone(reg_a.model_uri, tmp_path / "fetched_a", tracking_uri=uri)
+    state_a, _, _ = load_backbone(got_a)
+    assert torch.equal(state_a["classifier.1.weight"], load_backbone(a)[0]["classifier.1.weight"])
+
+    assert find_backbone(id_a, tracking_uri=uri) == (reg_a.model_name, reg_a.version)
+    assert find_backbone("0" * 64, tracking_uri=uri) is None
+
+
+def test_cli_import_register(mlflow_server, reference_dir: Path, tmp_path: Path,
+                             capsys: pytest.CaptureFixture) -> None:
+    uri = mlflow_server.tracking_uri
+    out = tmp_path / "imported"
+    assert cessl(["backbone", "import", str(reference_dir / "golden_tinylight_r0.pt"), "--config", "tinylight",
+                  "--out", str(out), "--register", "--tracking-uri", uri]) == 0
+    printed = capsys.readouterr().out
+    assert "registered as models:/cessl-backbone-tinylight/" in printed
+    identity = load_backbone(out)[2]["identity"]
+    assert find_backbone(identity, tracking_uri=uri)[0] == "cessl-backbone-tinylight"
+
+
+def test_adapter_refuses_a_different_backbone(tmp_path: Path) -> None:
+    """An adapter records the identity of its backbone; another backbone is refused clearly."""
+    state_a, config, meta_a = load_backbone(_random_backbone(tmp_path / "a", seed=1))
+    state_b, _, meta_b = load_backbone(_random_backbone(tmp_path / "b", seed=2))
+
+    classes = ["AF", "SB", "RBBB"]
+    model = ECGTransformer(backbone_config(config.name, len(classes)), LoRAConfig(r=4))
+    load_into(model, state_a, drop_head=True)  # fine-tuning replaces the 6-class pre-training head
+    mark_trainable(model, "lora")
+    adapter = save_adapter(model, tmp_path / "adapter", AdapterMeta(backbone_id=meta_a["identity"], classes=classes))
+
+    restored, meta = load_adapter(adapter, state_a)
+    assert meta.backbone_id == meta_a["identity"] and restored.config.num_classes == 3
+    with pytest.raises(BackboneMismatchError) as err:
+        load_adapter(adapter, state_b)
+    assert meta_a["identity"] in str(err.value) and meta_b["identity"] in str(err.value)

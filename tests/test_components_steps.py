@@ -1,0 +1,168 @@
+"""The pipeline steps as plain functions (no KFP): inputs -> outputs on a small hospital."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_pipeline_support import make_backbone, make_hospital
+
+from components.allocate_ranks import RankConfig, allocate_ranks_step
+from components.backbone import resolve_backbone_step
+from components.common import StepError, sha256_dir
+from components.data_access import SplitIds
+from components.evaluate import evaluate_step
+from components.finetune import CURVES_FILE, CurveRecorder, FinetuneConfig, finetune_step, read_curves
+from components.inference import load_predictor
+from components.ingest import ingest_step
+from components.preprocess import preprocess_step
+from components.register import collect_registration
+from components.split import SplitConfig, split_step
+
+FINETUNE = FinetuneConfig(method="cessl", r=8, labelled_ratio=0.3, max_steps=4, batch_size=8, val_every=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """One hospital taken through ingest -> preprocess -> split -> backbone -> ranks."""
+    root = tmp_path_factory.mktemp("steps")
+    make_hospital(root / "hospital", records=80, seed=5, faults=True)
+    ingest_step(str(root / "hospital"), root / "manifest", root / "quarantine.md", state_dir=root / "state")
+    preprocess_step(root / "manifest", root / "store", min_count=5, state_dir=root / "state")
+    split_step(root / "store", root / "splits.json", SplitConfig(labelled_ratio=0.3, seed=0))
+    resolve_backbone_step(str(make_backbone(root / "pretrained")), "tinylight", root / "backbone")
+    allocate_ranks_step(root / "store", root / "splits.json", root / "backbone", root / "rank_map.json",
+                        RankConfig(method="cessl", r=8, compress=0.6))
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(work) -> Path:
+    finetune_step(work / "store", work / "splits.json", work / "backbone", work / "rank_map.json", FINETUNE,
+                  work / "adapter", work / "curves", checkpoint_root=work / "ckpt")
+    evaluate_step(work / "store", work / "splits.json", work / "backbone", work / "adapter", work / "evaluation",
+                  work / "report.html")
+    return work
+
+
+def test_ingest_quarantines_and_is_incremental(work, tmp_path):
+    text = (work / "quarantine.md").read_text()
+    assert "quarantined" in text.lower()
+    again = ingest_step(str(work / "hospital"), tmp_path / "m2", tmp_path / "q2.md", state_dir=work / "state")
+    assert again.read == 0 and again.reused == again.n_records + again.n_quarantined
+    first = json.loads((work / "manifest" / "ingest_report.json").read_text())
+    assert again.n_quarantined == first["quarantined"] > 0
+
+    hospital = tmp_path / "hospital"
+    shutil.copytree(work / "hospital", hospital)
+    for path in hospital.glob("S00000.*"):
+        path.unlink()  # a record that disappeared from the source
+    fewer = ingest_step(str(hospital), tmp_path / "m3", tmp_path / "q3.md", state_dir=tmp_path / "state")
+    assert fewer.n_records == again.n_records - 1
+    assert fewer.fingerprint != again.fingerprint
+
+
+def test_ingest_of_an_empty_folder_names_it(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StepError, match="empty"):
+        ingest_step(str(tmp_path / "empty"), tmp_path / "m", tmp_path / "q.md")
+
+
+def test_split_is_deterministic_and_auditable(work, tmp_path):
+    first = SplitIds.load(work / "splits.json")
+    result = split_step(work / "store", tmp_path / "again.json", SplitConfig(labelled_ratio=0.3, seed=0))
+    assert result.test_split_hash == first.test_split_hash
+    assert json.loads((tmp_path / "again.json").read_text())["test"] == first.test
+    parts = [set(getattr(first, p)) for p in ("test", "train", "valid", "unlabelled")]
+    assert sum(map(len, parts)) == len(set().union(*parts)), "parts overlap"
+    other = split_step(work / "store", tmp_path / "other.json", SplitConfig(labelled_ratio=0.3, seed=1))
+    assert other.test_split_hash != first.test_split_hash
+
+
+def test_rank_map_uses_r_and_r_low(work, tmp_path):
+    rank_map = json.loads((work / "rank_map.json").read_text())
+    assert set(rank_map.values()) == {8, 4}  # r = 8, r_low = (8 // 4) * 2
+    assert len(rank_map) == 13  # tinylight: 14 layers, classifier.1 not adapted
+    lora = allocate_ranks_step(work / "store", work / "splits.json", work / "backbone", tmp_path / "lora.json",
+                               RankConfig(method="lora", r=8))
+    assert set(lora.rank_map.values()) == {8}
+    full = allocate_ranks_step(work / "store", work / "splits.json", work / "backbone", tmp_path / "full.json",
+                               RankConfig(method="full", r=8))
+    assert full.rank_map == {} and "full fine-tuning" in full.summary
+
+
+def test_finetune_outputs_adapter_and_curves(trained):
+    config = json.loads((trained / "adapter" / "adapter_config.json").read_text())
+    splits = SplitIds.load(trained / "splits.json")
+    assert config["classes"] == splits.classes
+    assert len(config["thresholds"]) == len(splits.classes)
+    assert config["rank_map"] == json.loads((trained / "rank_map.json").read_text())
+    curves = read_curves(trained / "curves")
+    assert [r["step"] for r in curves if "train_loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in curves if "valid_macro_map" in r] == [2, 4]
+
+
+def test_evaluate_writes_metrics_tables_plots_and_report(trained):
+    metrics = json.loads((trained / "evaluation" / "metrics.json").read_text())
+    assert {"macro_f_beta", "macro_map", "ranking_loss", "coverage"} <= set(metrics["metrics"])
+    for name in ("per_class.csv", "predictions.npz", "roc.png", "pr.png"):
+        assert (trained / "evaluation" / name).stat().st_size > 0, name
+    html = (trained / "report.html").read_text()
+    assert "Per class" in html and "data:image/png;base64," in html
+
+
+def test_registration_bundle_scores_a_model_on_its_test_split(trained):
+    kwargs = dict(store_dir=trained / "store", splits_path=trained / "splits.json", backbone_dir=trained / "backbone",
+                  rank_map_path=trained / "rank_map.json", adapter_dir=trained / "adapter",
+                  curves_path=trained / "curves", evaluation_dir=trained / "evaluation",
+                  params={"method": "cessl", "r": 8}, data_version="md5-x", git_commit="abc")
+    bundle = collect_registration(**kwargs)
+    assert bundle.tags["data_version"] == "md5-x"
+    assert bundle.tags["test_split_hash"] == SplitIds.load(trained / "splits.json").test_split_hash
+    assert "evaluation/per_class.csv" in bundle.artifacts and "training/curves.jsonl" in bundle.artifacts
+    assert collect_registration(**kwargs).fingerprint == bundle.fingerprint
+    # The same model scored again on the same split gives its own test metrics.
+    scored = bundle.score_predictor(load_predictor(trained / "backbone", trained / "adapter"))
+    for key, value in bundle.test_metrics.items():
+        assert scored[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_finetune_resumes_after_an_interruption(trained, tmp_path, monkeypatch):
+    """Killed after its step-2 checkpoint: the next call continues at step 2 and ends identical."""
+    config = FinetuneConfig(**{**FINETUNE.__dict__, "max_steps": 6})
+    args = (trained / "store", trained / "splits.json", trained / "backbone", trained / "rank_map.json", config)
+    reference = finetune_step(*args, tmp_path / "ref", tmp_path / "ref_curves", checkpoint_root=tmp_path / "a")
+
+    original = CurveRecorder.on_validation
+
+    def crash_at_step_4(self, step, metrics):
+        original(self, step, metrics)
+        if step == 4:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(CurveRecorder, "on_validation", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        finetune_step(*args, tmp_path / "out", tmp_path / "curves", checkpoint_root=tmp_path / "b")
+    monkeypatch.setattr(CurveRecorder, "on_validation", original)
+    resumed = finetune_step(*args, tmp_path / "out", tmp_path / "curves", checkpoint_root=tmp_path / "b")
+
+    assert resumed.resumed_from == 2 and resumed.steps == 6
+    assert [r["step"] for r in read_curves(tmp_path / "curves") if "train_loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert sha256_dir(tmp_path / "out") == sha256_dir(tmp_path / "ref")
+    assert reference.best_score == pytest.approx(resumed.best_score)
+    assert Path(resumed.checkpoint_dir, CURVES_FILE).is_file()
+
+
+def test_predictor_reads_wfdb_records(trained, ecg_records_dir):
+    predictor = load_predictor(trained / "backbone", trained / "adapter")
+    table = predictor.predict_records([ecg_records_dir / "E07500", trained / "hospital" / "S00001.hea"])
+    assert list(table["record"]) == ["E07500", "S00001"]
+    probs = table[[c for c in table.columns if c.startswith("p_")]].to_numpy()
+    assert probs.shape == (2, len(predictor.classes)) and np.all((probs >= 0) & (probs <= 1))
+    raw = np.random.default_rng(0).normal(size=(2, 12, 5000)).astype(np.float32)
+    assert predictor.predict_raw(raw).shape == (2, len(predictor.classes))
+    with pytest.raises(FileNotFoundError, match="nope"):
+        predictor.predict_records([trained / "nope"])

@@ -1,0 +1,69 @@
+"""`cessl data ...` from a folder of records to splits, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ml.data.ingest import read_manifest
+from ml.data.splits import Splits
+from ml.data.store import ECGStore
+from pipeline.cli import main
+
+
+def test_synth_ingest_preprocess_split(tmp_path, capsys):
+    hosp, ing, store, splits = tmp_path / "h", tmp_path / "ing", tmp_path / "store", tmp_path / "splits.json"
+    assert main(["data", "synth", str(hosp), "--records", "40", "--classes", "NSR,AF,RBBB,PVC", "--seed", "3",
+                 "--unlabelled-fraction", "0.2", "--faults", "--workers", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["records"] == 40 and set(summary["labels"]) == {"426783006", "164889003", "59118001", "17338001"}
+    assert main(["data", "ingest", str(hosp), str(ing), "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    manifest = read_manifest(ing)
+    n_ok = int((manifest["status"] == "accepted").sum())
+    assert f"seen {len(manifest)} = accepted {n_ok} + quarantined {len(manifest) - n_ok}" in out
+    assert main(["data", "preprocess", str(ing), str(store), "--min-count", "5", "--workers", "1"]) == 0
+    assert len(ECGStore.open(store)) == n_ok
+    assert main(["data", "split", str(store), str(splits), "--labelled-ratio", "0.5", "--seed", "1"]) == 0
+    parts = Splits.load(splits)
+    assert sum(parts.sizes().values()) == n_ok and parts.params["seed"] == 1
+
+
+def test_errors_are_reported_not_raised(tmp_path, capsys):
+    assert main(["data", "ingest", str(tmp_path / "nope"), str(tmp_path / "ing")]) == 2
+    assert main(["data", "synth", str(tmp_path / "x"), "--classes", "QAb"]) == 2
+    assert main(["data", "version", "--repo", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("step", ["synth", "ingest", "preprocess", "split", "add", "demo-data", "version"])
+def test_help(step, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["data", step, "--help"])
+    assert exit_.value.code == 0
+    assert "usage: cessl data" in capsys.readouterr().out
+
+
+def test_add_records_a_new_data_version(tmp_path, capsys, monkeypatch):
+    import subprocess
+
+    from ml.data.dvc import data_version, dir_md5
+    from ml.data.synth import SynthConfig, generate
+
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    (repo / ".gitignore").write_text("/data/\n")
+    incoming = tmp_path / "incoming"
+    generate(incoming, SynthConfig(records=3, seed=5, prefix="X"), workers=1, progress=False)
+    assert main(["data", "add", str(incoming), "--repo", str(repo), "--name", "site_x"]) == 0
+    assert "copied 3 records" in capsys.readouterr().out
+    version = data_version(repo)
+    assert version == dir_md5(repo / "data")
+    assert main(["data", "version", "--repo", str(repo)]) == 0
+    assert capsys.readouterr().out.strip() == version
+    # a record that changed at the hospital is a conflict, not a silent overwrite
+    (incoming / "X00000.hea").write_text((incoming / "X00000.hea").read_text().replace("Age:", "Age: 1"))
+    assert main(["data", "add", str(incoming), "--repo", str(repo), "--name", "site_x"]) == 1
+    assert data_version(repo) == version

@@ -1,0 +1,172 @@
+"""Ingestion: every record accepted or quarantined with its reason; incremental re-runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ml.data.ingest import (
+    ACCEPTED,
+    MANIFEST_COLUMNS,
+    QUARANTINE_FILE,
+    QUARANTINED,
+    IngestConfig,
+    ingest,
+    load_record,
+    read_manifest,
+)
+from ml.data.records import Reason
+from ml.data.sources import LocalSource
+from ml.data.synth import SynthConfig, generate, inject_faults
+
+SERIAL = IngestConfig(workers=1)
+
+
+@pytest.fixture(scope="module")
+def faulty_hospital(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    root = tmp_path_factory.mktemp("hospital")
+    generate(root, SynthConfig(records=40, seed=11, unlabelled_fraction=0.25), workers=1, progress=False)
+    expected = inject_faults(root, seed=11)
+    return root, expected
+
+
+def test_every_fault_gets_its_reason_and_nothing_is_lost(faulty_hospital, tmp_path):
+    root, expected = faulty_hospital
+    report = ingest(root, tmp_path, config=IngestConfig(workers=2, chunk_size=8, min_parallel=0), progress=False)
+    manifest = read_manifest(tmp_path)
+    assert list(manifest.columns) == list(MANIFEST_COLUMNS)
+    n_files = len(list(root.rglob("*.hea")))
+    assert report.seen == len(manifest) == n_files == 40 + len(expected)
+    assert report.seen == report.accepted + report.quarantined
+    assert report.read == report.seen and report.reused == 0
+    by_key = manifest.set_index("key")
+    for key, outcome in expected.items():
+        row = by_key.loc[key]
+        if outcome == ACCEPTED:
+            assert row["status"] == ACCEPTED, (key, row["reason"], row["detail"])
+        else:
+            assert (row["status"], row["reason"]) == (QUARANTINED, outcome), (key, row["detail"])
+            assert row["detail"].startswith(str(root)) or "s3://" in row["detail"], row["detail"]
+    # every quarantine reason of the issue is exercised
+    assert {v for v in expected.values() if v != ACCEPTED} == {r.value for r in Reason} - {"unsupported"}
+    # the regular synthetic records are all accepted
+    regular = manifest[manifest["id"].str.startswith("S")]
+    assert (regular["status"] == ACCEPTED).all()
+    assert report.by_reason == manifest[manifest["status"] == QUARANTINED]["reason"].value_counts().to_dict()
+
+
+def test_manifest_fields_for_accepted_variants(faulty_hospital, tmp_path):
+    root, _ = faulty_hospital
+    ingest(root, tmp_path, config=SERIAL, progress=False)
+    m = read_manifest(tmp_path).set_index("id")
+    assert m.loc["F_fs_257", "fs"] == 257.0 and m.loc["F_fs_1000", "length"] == 10000
+    assert not m.loc["F_no_dx", "labelled"] and not m.loc["F_empty_dx", "labelled"]
+    row = m.loc["F_unscored_codes"]
+    assert row["unscored"] == "55827005,251187003" and row["unknown"] == "NotACode"
+    assert row["dx"].endswith("55827005,251187003,NotACode")
+    assert "not UTF-8" in m.loc["F_latin1_header", "notes"]
+    assert "ignored extra lead(s)" in m.loc["F_extra_leads", "notes"]
+    assert len(m.loc["F_duplicate"]) == 2  # both copies are in the manifest, one quarantined
+    # the same signal whatever the unit spelling / lead order
+    base = load_record(str(root), "F_units_uV.hea")
+    assert base.signal.shape == (12, 5000) and np.abs(base.signal).max() < 10
+    unlabelled = m[(m["status"] == ACCEPTED) & ~m["labelled"]]
+    assert len(unlabelled) >= 5  # 25% of the regular records have no # Dx, plus the two faults
+
+
+def test_quarantine_report_lists_every_quarantined_record(faulty_hospital, tmp_path):
+    root, expected = faulty_hospital
+    report = ingest(root, tmp_path, config=SERIAL, progress=False)
+    text = (tmp_path / QUARANTINE_FILE).read_text()
+    assert f"Seen **{report.seen}** = accepted **{report.accepted}** + quarantined **{report.quarantined}**" in text
+    for key, outcome in expected.items():
+        if outcome != ACCEPTED:
+            assert f"| {key} | {outcome} |" in text
+
+
+def test_incremental_rerun_reads_only_new_records(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    generate(src, SynthConfig(records=30, seed=4), workers=1, progress=False)
+    first = ingest(src, tmp_path / "ing", config=SERIAL, progress=False)
+    assert (first.read, first.reused, first.accepted) == (30, 0, 30)
+
+    opened: list[str] = []
+    original = LocalSource.read
+
+    def spy(self, key):
+        opened.append(key)
+        return original(self, key)
+
+    monkeypatch.setattr(LocalSource, "read", spy)
+    generate(src / "batch2", SynthConfig(records=5, seed=4, start=30), workers=1, progress=False)
+    second = ingest(src, tmp_path / "ing", config=SERIAL, progress=False)
+    assert (second.seen, second.read, second.reused, second.accepted) == (35, 5, 30, 35)
+    assert sorted({k.rsplit(".", 1)[0] for k in opened}) == [f"batch2/S{i:05d}" for i in range(30, 35)]
+
+    # a touched file (new mtime, same bytes) is hashed again but not parsed
+    opened.clear()
+    os.utime(src / "S00003.hea", (1, 1))
+    third = ingest(src, tmp_path / "ing", config=SERIAL, progress=False)
+    assert (third.read, third.reused) == (0, 35)
+    assert sorted(opened) == ["S00003.hea", "S00003.mat"]
+    assert len(read_manifest(tmp_path / "ing")) == 35
+
+
+def test_changed_record_is_read_again_and_duplicates_across_sources(tmp_path):
+    a = tmp_path / "a"
+    generate(a, SynthConfig(records=4, seed=1), workers=1, progress=False)
+    ingest(a, tmp_path / "ing", config=SERIAL, progress=False)
+    # same file, new content
+    shutil.copy(a / "S00001.mat", a / "S00000.mat")
+    report = ingest(a, tmp_path / "ing", config=SERIAL, progress=False)
+    assert report.read == 1 and report.by_reason == {"header_signal_mismatch": 1}
+    # another hospital reusing a record id: quarantined, the first owner keeps it
+    b = tmp_path / "b"
+    generate(b, SynthConfig(records=1, seed=99, start=2), workers=1, progress=False)
+    report = ingest(b, tmp_path / "ing", config=SERIAL, progress=False)
+    assert report.by_reason == {"duplicate_id": 1}
+    manifest = read_manifest(tmp_path / "ing")
+    assert len(manifest) == 5 and set(manifest["source"]) == {str(a), str(b)}
+
+
+def test_moved_and_removed_records(tmp_path):
+    src = tmp_path / "src"
+    generate(src, SynthConfig(records=6, seed=8), workers=1, progress=False)
+    ingest(src, tmp_path / "ing", config=SERIAL, progress=False)
+    (src / "moved").mkdir()
+    for suffix in (".hea", ".mat"):
+        (src / f"S00001{suffix}").rename(src / "moved" / f"S00001{suffix}")
+        (src / f"S00002{suffix}").unlink()
+    report = ingest(src, tmp_path / "ing", config=SERIAL, progress=False)
+    assert (report.seen, report.accepted, report.read) == (5, 5, 0)  # the move is recognised by its hash
+    manifest = read_manifest(tmp_path / "ing")
+    assert sorted(manifest["key"]) == ["S00000.hea", "S00003.hea", "S00004.hea", "S00005.hea", "moved/S00001.hea"]
+    # a copy of an accepted record appearing elsewhere is a duplicate, the original stays accepted
+    shutil.copytree(src / "moved", src / "again")
+    report = ingest(src, tmp_path / "ing", config=SERIAL, progress=False)
+    assert report.by_reason == {"duplicate_id": 1} and report.read == 0
+    row = read_manifest(tmp_path / "ing").set_index("key").loc["again/S00001.hea"]
+    assert "moved/S00001.hea (identical copy)" in row["detail"]
+
+
+def test_symlink_out_of_the_source_is_refused(tmp_path, ecg_records_dir):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(ecg_records_dir / "E07500.hea", src)
+    shutil.copy(ecg_records_dir / "E07500.mat", src)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(ecg_records_dir / "E07501.hea", outside)
+    (src / "E07501.hea").symlink_to(outside / "E07501.hea")
+    shutil.copy(ecg_records_dir / "E07502.hea", src)  # a header whose signal file points outside
+    shutil.copy(ecg_records_dir / "E07502.mat", outside)
+    (src / "E07502.mat").symlink_to(outside / "E07502.mat")
+    report = ingest(src, tmp_path / "ing", config=SERIAL, progress=False)
+    assert report.accepted == 1 and report.by_reason == {"unsafe_path": 2}
+    details = read_manifest(tmp_path / "ing").set_index("id")["detail"]
+    assert "symbolic link out of the source folder" in details["E07501"]
+    assert "resolves outside the source folder" in details["E07502"]

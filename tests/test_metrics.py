@@ -1,0 +1,157 @@
+"""Challenge 2020 metrics against hand-computed cases and a literal port of the official loops."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from ml.eval.metrics import (
+    DEFAULT_THRESHOLD,
+    beta_measures,
+    binarize,
+    challenge_metrics,
+    confusion_counts,
+    coverage,
+    fit_thresholds,
+    macro_auroc,
+    macro_average_precision,
+    per_class_auroc,
+    per_class_average_precision,
+    per_class_table,
+    ranking_loss,
+)
+
+
+def official_beta_measures(labels: np.ndarray, outputs: np.ndarray, beta: float) -> tuple[np.ndarray, np.ndarray]:
+    """The Challenge 2020 ``compute_beta_measures`` restated loop by loop (normalize=True)."""
+    n, c = labels.shape
+    a = np.zeros((c, 2, 2))
+    for i in range(n):
+        norm = float(max(labels[i].sum(), 1))
+        for j in range(c):
+            a[j, int(outputs[i, j]), int(labels[i, j])] += 1.0 / norm
+    f, g = np.zeros(c), np.zeros(c)
+    for k in range(c):
+        tp, fp, fn = a[k, 1, 1], a[k, 1, 0], a[k, 0, 1]
+        den_f = (1 + beta**2) * tp + fp + beta**2 * fn
+        den_g = tp + fp + beta * fn
+        f[k] = (1 + beta**2) * tp / den_f if den_f else np.nan
+        g[k] = tp / den_g if den_g else np.nan
+    return f, g
+
+
+def test_auroc_and_average_precision_hand_computed() -> None:
+    y = np.array([[0], [0], [1], [1]])
+    p = np.array([[0.1], [0.4], [0.35], [0.8]])
+    # AUROC: of the 4 (pos, neg) pairs only (0.35, 0.4) is misordered -> 3/4.
+    assert macro_auroc(y, p) == pytest.approx(0.75)
+    # AP: positives at ranks 1 and 3 -> (1/1 + 2/3) / 2.
+    assert macro_average_precision(y, p) == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_ranking_loss_and_coverage_hand_computed() -> None:
+    y = np.array([[1, 0, 0], [0, 1, 1]])
+    p = np.array([[0.2, 0.5, 0.1], [0.9, 0.8, 0.3]])
+    # record 0: positive 0 (0.2) is below negative 1 (0.5): 1 of 2 pairs wrong -> 0.5
+    # record 1: negative 0 (0.9) is above both positives: 2 of 2 pairs wrong -> 1.0
+    assert ranking_loss(y, p) == pytest.approx(0.75)
+    # coverage (1-based): record 0 needs rank 2; record 1 needs rank 3 -> mean 2.5
+    assert coverage(y, p) == pytest.approx(2.5)
+
+
+def test_beta_measures_hand_computed_with_challenge_normalisation() -> None:
+    y = np.array([[1, 0], [1, 1], [0, 0], [0, 1]])
+    pred = np.array([[1, 1], [0, 1], [1, 0], [0, 0]])
+    # weights per record: 1, 1/2, 1, 1
+    # class 0: TP = 1 (rec 0), FN = 1/2 (rec 1), FP = 1 (rec 2)
+    # class 1: TP = 1/2 (rec 1), FN = 1 (rec 3), FP = 1 (rec 0)
+    tp, fp, fn, _ = confusion_counts(y, pred)
+    np.testing.assert_allclose(tp, [1.0, 0.5])
+    np.testing.assert_allclose(fp, [1.0, 1.0])
+    np.testing.assert_allclose(fn, [0.5, 1.0])
+    f, g = beta_measures(y, pred, beta=2)
+    np.testing.assert_allclose(f, [5 * 1 / (5 * 1 + 4 * 0.5 + 1), 5 * 0.5 / (5 * 0.5 + 4 * 1 + 1)])
+    np.testing.assert_allclose(g, [1 / (1 + 1 + 2 * 0.5), 0.5 / (0.5 + 1 + 2 * 1)])
+    # Unnormalised (reference-code) counting: every record weighs 1.
+    f_raw, _ = beta_measures(y, pred, beta=2, normalize=False)
+    assert f_raw[0] == pytest.approx(5 / (5 + 4 + 1))
+
+
+def test_beta_measures_match_official_loops_on_random_data() -> None:
+    rng = np.random.default_rng(0)
+    y = (rng.random((200, 7)) < 0.25).astype(int)
+    pred = (rng.random((200, 7)) < 0.3).astype(int)
+    y[:, 6] = 0
+    pred[:, 6] = 0  # a class with nothing at all: undefined
+    f, g = beta_measures(y, pred, beta=2)
+    f_ref, g_ref = official_beta_measures(y, pred, beta=2)
+    np.testing.assert_allclose(f, f_ref, equal_nan=True)
+    np.testing.assert_allclose(g, g_ref, equal_nan=True)
+    assert math.isnan(f[6]) and math.isnan(g[6])
+
+
+def test_classes_without_positives_do_not_crash_and_are_left_out() -> None:
+    y = np.array([[1, 0], [0, 0], [1, 0], [0, 0]])
+    p = np.array([[0.9, 0.2], [0.1, 0.7], [0.8, 0.1], [0.3, 0.4]])
+    assert math.isnan(per_class_auroc(y, p)[1])
+    assert math.isnan(per_class_average_precision(y, p)[1])
+    metrics = challenge_metrics(y, p, thresholds=[0.5, 0.5])
+    assert metrics["macro_auroc"] == pytest.approx(1.0)  # class 0 alone
+    assert metrics["macro_map"] == pytest.approx(1.0)
+    # class 1 predicted positive once with no true positive: F = 0 (defined), mean with class 0's 1.0
+    assert metrics["macro_f_beta"] == pytest.approx(0.5)
+    thresholds = fit_thresholds(y, p)
+    assert thresholds[1] == DEFAULT_THRESHOLD
+
+
+def test_all_metrics_present_and_perfect_predictions() -> None:
+    y = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]])
+    p = y * 0.9 + 0.05
+    metrics = challenge_metrics(y, p, thresholds=0.5)
+    assert set(metrics) == {"ranking_loss", "coverage", "macro_auroc", "macro_map", "macro_f_beta", "macro_g_beta"}
+    assert metrics["ranking_loss"] == 0.0
+    assert metrics["macro_auroc"] == 1.0 and metrics["macro_map"] == 1.0
+    assert metrics["macro_f_beta"] == 1.0 and metrics["macro_g_beta"] == 1.0
+    assert metrics["coverage"] == pytest.approx(y.sum(axis=1).mean())
+
+
+def test_fit_thresholds_maximise_f_beta_over_all_candidates() -> None:
+    rng = np.random.default_rng(1)
+    y = (rng.random((300, 4)) < 0.3).astype(int)
+    p = np.clip(0.35 * y + rng.random((300, 4)) * 0.7, 0, 1)
+    thresholds = fit_thresholds(y, p, beta=2)
+    for k in range(4):
+        def f_beta_at(t: float, k: int = k) -> float:
+            f, _ = beta_measures(y[:, [k]], binarize(p[:, [k]], t), beta=2, normalize=False)
+            return float(f[0])
+
+        best = max(f_beta_at(t) for t in np.unique(p[:, k]))
+        assert f_beta_at(thresholds[k]) == pytest.approx(best)
+        assert thresholds[k] in p[:, k]
+
+
+def test_binarize_uses_greater_or_equal() -> None:
+    p = np.array([[0.5, 0.49], [0.7, 0.2]])
+    np.testing.assert_array_equal(binarize(p, [0.5, 0.2]), [[1, 1], [1, 1]])
+    np.testing.assert_array_equal(binarize(p, 0.6), [[0, 0], [1, 0]])
+
+
+def test_per_class_table() -> None:
+    y = np.array([[1, 0], [0, 1], [1, 1], [0, 0]])
+    p = np.array([[0.9, 0.2], [0.1, 0.7], [0.8, 0.6], [0.3, 0.4]])
+    table = per_class_table(y, p, [0.5, 0.5], classes=["AF", "RBBB"])
+    assert list(table["class"]) == ["AF", "RBBB"]
+    assert list(table.columns) == ["class", "support", "threshold", "auroc", "average_precision", "f_beta", "g_beta"]
+    assert list(table["support"]) == [2, 2]
+    assert table["auroc"].tolist() == [1.0, 1.0]
+
+
+def test_invalid_inputs_are_rejected() -> None:
+    with pytest.raises(ValueError, match="must both be"):
+        challenge_metrics(np.zeros((3, 2)), np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="0/1"):
+        challenge_metrics(np.full((2, 2), 0.5), np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="NaN"):
+        challenge_metrics(np.zeros((2, 2)), np.full((2, 2), np.nan))

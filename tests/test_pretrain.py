@@ -1,0 +1,143 @@
+"""Pre-training loop: lr rule, checkpoint/resume equivalence, and `cessl backbone pretrain`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ml.train.pretrain import (
+    CHECKPOINT_NAME,
+    GlobalBatchNorm2d,
+    PretrainConfig,
+    TensorPairDataset,
+    convert_global_batchnorm,
+    load_checkpoint,
+    pretrain,
+    scaled_lr,
+)
+from pipeline.cli import main as cessl
+
+CODES = ["164889003", "426177001", "59118001"]  # AF, SB, RBBB
+
+
+def _data(n: int = 12, classes: int = 3, seed: int = 0) -> TensorPairDataset:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 12, 6144)).astype(np.float32)
+    y = (rng.random((n, classes)) < 0.4).astype(np.float32)
+    return TensorPairDataset(x, y)
+
+
+def _config(**overrides) -> PretrainConfig:
+    base = dict(backbone="tinylight", batch_size=4, lr=1e-3, seed=3, device="cpu", progress=False,
+                checkpoint_every=1)
+    return PretrainConfig(**(base | overrides))
+
+
+def test_lr_rule() -> None:
+    assert scaled_lr(1e-3, world_size=1, batch_size=1024) == pytest.approx(1e-3)
+    assert scaled_lr(1e-3, world_size=8, batch_size=64) == pytest.approx(5e-4)
+    assert PretrainConfig(batch_size=64).learning_rate(world_size=2) == pytest.approx(1.25e-4)
+    assert PretrainConfig(lr=3e-4).learning_rate(world_size=4) == 3e-4
+    with pytest.raises(ValueError, match="cutmix_alpha"):
+        PretrainConfig(cutmix_alpha=-1)
+
+
+def test_resume_is_exact_across_an_epoch_boundary(tmp_path: Path) -> None:
+    """5 steps straight == 2 steps, stop, resume to 5 (3 steps per epoch, Cutmix on)."""
+    data = _data()
+    straight = pretrain(data, _config(max_steps=5, checkpoint_dir=str(tmp_path / "a")))
+    first = pretrain(data, _config(max_steps=2, checkpoint_dir=str(tmp_path / "b")))
+    ckpt = load_checkpoint(tmp_path / "b" / CHECKPOINT_NAME)
+    assert (ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]) == (2, 0, 2)
+    resumed = pretrain(data, _config(max_steps=5, checkpoint_dir=str(tmp_path / "b")))
+    assert resumed.steps == 5 and resumed.samples == 3 * 4  # only the 3 remaining steps ran
+    assert not all(torch.equal(first.state_dict[k], resumed.state_dict[k]) for k in first.state_dict)
+    for name, value in straight.state_dict.items():
+        assert torch.equal(value, resumed.state_dict[name]), name
+    # a finished run resumed again does nothing and returns the same weights
+    again = pretrain(data, _config(max_steps=5, checkpoint_dir=str(tmp_path / "b")))
+    assert again.samples == 0 and torch.equal(again.state_dict["classifier.1.weight"],
+                                              straight.state_dict["classifier.1.weight"])
+
+
+def test_resume_refuses_a_different_run(tmp_path: Path) -> None:
+    data = _data()
+    pretrain(data, _config(max_steps=1, checkpoint_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="global_batch"):
+        pretrain(data, _config(max_steps=2, batch_size=2, checkpoint_dir=str(tmp_path)))
+    fresh = pretrain(data, _config(max_steps=1, batch_size=2, checkpoint_dir=str(tmp_path), resume=False))
+    assert fresh.steps == 1
+
+
+def test_global_batchnorm_is_plain_batchnorm_without_a_process_group() -> None:
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, (1, 3)), torch.nn.BatchNorm2d(4))
+    converted = convert_global_batchnorm(torch.nn.Sequential(torch.nn.Conv2d(3, 4, (1, 3)),
+                                                             torch.nn.BatchNorm2d(4)))
+    converted.load_state_dict(plain.state_dict())
+    assert isinstance(converted[1], GlobalBatchNorm2d)
+    assert list(converted.state_dict()) == list(plain.state_dict())
+    x = torch.randn(5, 3, 1, 20)
+    torch.testing.assert_close(converted(x), plain(x))
+    torch.testing.assert_close(converted[1].running_var, plain[1].running_var)
+
+
+def _write_store(path: Path, n: int = 12) -> None:
+    from ml.data.store import StoreWriter, join_codes, write_rows
+
+    rng = np.random.default_rng(1)
+    labels = [[c for c in CODES if rng.random() < 0.4] for _ in range(n)]
+    with StoreWriter(path, n, 6144) as writer:
+        write_rows(writer.signals_path, writer.data_offset, 0, rng.standard_normal((n, 12, 6144)).astype(np.float32))
+        table = pd.DataFrame({"id": [f"R{i:03d}" for i in range(n)], "labels": [join_codes(c) for c in labels],
+                              "labelled": [i != n - 1 for i in range(n)],  # one unlabelled record: not used
+                              "content_hash": [f"h{i}" for i in range(n)]})
+        writer.commit(table, {"classes": CODES})
+
+
+def test_cli_pretrain_from_a_store_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from ml.model.pretrained import load_backbone
+
+    store, out = tmp_path / "store", tmp_path / "bb"
+    _write_store(store)
+    args = ["backbone", "pretrain", "--store", str(store), "--config", "tinylight", "--out", str(out),
+            "--batch-size", "4", "--lr", "1e-3", "--checkpoint-every", "1", "--no-progress"]
+    assert cessl([*args, "--max-steps", "2"]) == 0
+    _, config, meta = load_backbone(out)
+    assert (config.name, config.num_classes, meta["classes"]) == ("tinylight", 3, CODES)
+    assert meta["source"] == "pretrain" and meta["records"] == 11
+    assert meta["data_version"].startswith("store:") and meta["training"]["steps"] == 2
+    assert capsys.readouterr().out.strip().endswith(str(out))
+
+    assert cessl([*args, "--max-steps", "3"]) == 0  # resumes from <out>/checkpoints
+    assert load_checkpoint(out / "checkpoints" / CHECKPOINT_NAME)["step"] == 3
+    _, _, meta3 = load_backbone(out)
+    assert meta3["training"]["steps"] == 3 and meta3["identity"] != meta["identity"]
+    assert meta3["data_version"] == meta["data_version"]
+
+
+@pytest.mark.slow
+def test_cli_pretrain_under_torchrun(tmp_path: Path) -> None:
+    """`torchrun ... -m pipeline.cli backbone pretrain`: rank 0 writes the backbone folder."""
+    from ml.model.pretrained import load_backbone
+
+    store, out = tmp_path / "store", tmp_path / "bb"
+    _write_store(store, n=16)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "pipeline.cli", "backbone", "pretrain", "--store", str(store), "--config", "tinylight",
+           "--out", str(out), "--batch-size", "2", "--max-steps", "2", "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    _, _, meta = load_backbone(out)
+    assert meta["training"]["world_size"] == 2 and meta["training"]["steps"] == 2
+    assert meta["training"]["lr"] == pytest.approx(1e-3 * 2 * 2 / 1024)
+    assert proc.stdout.strip().splitlines() == [str(out)]  # printed once, by rank 0
