@@ -28,7 +28,7 @@ for arg in "$@"; do
     case "$arg" in
         --wheelhouse-only) WHEELHOUSE_ONLY=1 ;;
         --print-tag) PRINT_TAG=1 ;;
-        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "build_image.sh: unknown argument '$arg'" >&2; exit 2 ;;
     esac
 done

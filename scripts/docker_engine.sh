@@ -116,6 +116,7 @@ cmd_base_image() {
         mkdir -p "$BASE_CACHE"
         log "mmdebstrap $BASE_SUITE (python3, python3-venv) -> $tar (~30 s, Debian mirror)"
         local start=$SECONDS
+        # shellcheck disable=SC2016  # "$1" is expanded by mmdebstrap's hook, not here
         mmdebstrap --mode=root --variant=apt --format=tar --quiet \
             --include=python3,python3-venv,ca-certificates,passwd \
             --aptopt='Acquire::Retries "3"' \
@@ -134,5 +135,5 @@ case "${1:-}" in
     start) shift; cmd_start "$@" ;;
     stop) shift; cmd_stop "$@" ;;
     base-image) shift; cmd_base_image "$@" ;;
-    *) sed -n '2,17p' "$0"; exit 2 ;;
+    *) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 2 ;;
 esac

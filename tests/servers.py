@@ -245,10 +245,12 @@ def start_seaweedfs(
     last_error: Exception | None = None
     for attempt in range(1, attempts + 1):
         master, volume, filer, s3, admin = free_port_pairs(5)
+        # a fresh store per attempt: weed mini reloads the ports it saved in mini.options
+        store = data_dir / ("data" if attempt == 1 else f"data-{attempt}")
         cmd = [
             weed, "-logtostderr=true",  # glog would otherwise write weed.* files into /tmp
             "mini",
-            f"-dir={data_dir / 'data'}",
+            f"-dir={store}",
             f"-ip={LOCALHOST}", f"-ip.bind={LOCALHOST}",
             "-admin.ui=false", "-webdav=false", "-master.telemetry=false",
             "-s3.port.iceberg=0", "-s3.port.lance=0",
@@ -261,7 +263,7 @@ def start_seaweedfs(
             f"-filer.localSocket={socket_dir}/filer-{filer}.sock",
             f"-s3.localSocket={socket_dir}/s3-{s3}.sock",
         ]  # fmt: skip
-        (data_dir / "data").mkdir(parents=True, exist_ok=True)
+        store.mkdir(parents=True)
         proc = start_process_group(cmd, env, log_path, cwd=data_dir)
         endpoint = f"http://{LOCALHOST}:{s3}"
         probe = S3Server(endpoint, access_key, secret_key, "us-east-1", data_dir, proc.pid)

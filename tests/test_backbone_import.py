@@ -22,6 +22,9 @@ from ml.model.pretrained import (
 )
 from pipeline.cli import main as cessl
 
+# raw pickle.dumps files use protocol 4; torch's weights-only unpickler warns about that
+pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
+
 
 @pytest.mark.parametrize("cfg", ["tinylight", "tiny"])
 def test_import_golden_reproduces_reference_logits(cfg: str, reference_dir: Path, tmp_path: Path) -> None:

@@ -294,3 +294,7 @@ def test_scripts_parse(script):
     proc = subprocess.run(["bash", "-n", str(REPO / "scripts" / script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert os.access(REPO / "scripts" / script, os.X_OK)
+    shellcheck = shutil.which("shellcheck")  # optional (apt: shellcheck)
+    if shellcheck:
+        proc = subprocess.run([shellcheck, str(REPO / "scripts" / script)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout

@@ -29,9 +29,18 @@ N_CLASSES = 3
 BATCH = 8
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """One torch thread: on a shared, oversubscribed CI machine two spinning OpenMP threads
+    are several times slower than one."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.mark.slow
 def test_cessl_learns_a_synthetic_multilabel_task() -> None:
-    torch.set_num_threads(2)
     task, data = make_splits(
         {"train": 64, "valid": 32, "test": 64, "unlabelled": 64},
         SyntheticTaskConfig(num_classes=N_CLASSES, amplitude=1.5),

@@ -50,19 +50,19 @@ def test_lr_rule() -> None:
 
 
 def test_resume_is_exact_across_an_epoch_boundary(tmp_path: Path) -> None:
-    """5 steps straight == 2 steps, stop, resume to 5 (3 steps per epoch, Cutmix on)."""
-    data = _data()
-    straight = pretrain(data, _config(max_steps=5, checkpoint_dir=str(tmp_path / "a")))
-    first = pretrain(data, _config(max_steps=2, checkpoint_dir=str(tmp_path / "b")))
+    """4 steps straight == 2 steps, stop, resume to 4 (3 steps per epoch, Cutmix on)."""
+    data = _data(n=6)
+    straight = pretrain(data, _config(max_steps=4, batch_size=2, checkpoint_dir=str(tmp_path / "a")))
+    first = pretrain(data, _config(max_steps=2, batch_size=2, checkpoint_dir=str(tmp_path / "b")))
     ckpt = load_checkpoint(tmp_path / "b" / CHECKPOINT_NAME)
     assert (ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]) == (2, 0, 2)
-    resumed = pretrain(data, _config(max_steps=5, checkpoint_dir=str(tmp_path / "b")))
-    assert resumed.steps == 5 and resumed.samples == 3 * 4  # only the 3 remaining steps ran
+    resumed = pretrain(data, _config(max_steps=4, batch_size=2, checkpoint_dir=str(tmp_path / "b")))
+    assert resumed.steps == 4 and resumed.samples == 2 * 2  # only the 2 remaining steps ran
     assert not all(torch.equal(first.state_dict[k], resumed.state_dict[k]) for k in first.state_dict)
     for name, value in straight.state_dict.items():
         assert torch.equal(value, resumed.state_dict[name]), name
     # a finished run resumed again does nothing and returns the same weights
-    again = pretrain(data, _config(max_steps=5, checkpoint_dir=str(tmp_path / "b")))
+    again = pretrain(data, _config(max_steps=4, batch_size=2, checkpoint_dir=str(tmp_path / "b")))
     assert again.samples == 0 and torch.equal(again.state_dict["classifier.1.weight"],
                                               straight.state_dict["classifier.1.weight"])
 

@@ -18,9 +18,18 @@ N_CLASSES = 3
 BATCH = 4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """One torch thread: on a shared, oversubscribed CI machine two spinning OpenMP threads
+    are several times slower than one."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def cessl_model() -> torch.nn.Module:
-    torch.set_num_threads(2)
     return build_model_for_method(None, backbone_config("tinylight", N_CLASSES), "cessl", p=0.2, seed=0)
 
 

@@ -29,9 +29,18 @@ from ml.train.trainer import (
 N_CLASSES = 3
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """One torch thread: on a shared, oversubscribed CI machine two spinning OpenMP threads
+    are several times slower than one."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def data():
-    torch.set_num_threads(2)
     _, splits = make_splits(
         {"train": 24, "valid": 12, "unlabelled": 16},
         SyntheticTaskConfig(num_classes=N_CLASSES, positive_rate=0.4),

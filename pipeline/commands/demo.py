@@ -168,6 +168,8 @@ def _frame_table(frame: pd.DataFrame, title: str) -> Table:
 
 
 def _command(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     options = DemoOptions(
         backbone=args.backbone, classes=args.classes, steps=args.steps, batch_size=args.batch_size,
         val_every=min(args.val_every, args.steps), lr=args.lr, r=args.r, compress=args.compress, p=args.p,
@@ -198,6 +200,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-p", type=float, default=defaults.p, help="random deactivation probability")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default=defaults.device, help="auto | cpu | cuda")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default; 1 is faster on a busy machine)")
     parser.add_argument("--out", default=None, help="also save the adapter to this folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=_command)
