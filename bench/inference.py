@@ -11,7 +11,7 @@ operations. This benchmark times eval-mode forward passes of:
 interleaved (the order alternates every round); the ratio is paired (median over rounds of
 the within-round ratio). It also checks that the merged logits equal the unmerged ones.
 
-    python bench/inference.py --config tiny --batch 16 --rounds 30 --device cpu
+    python bench/inference.py --config tiny --batch 16 --rounds 40 --threads 1 --device cpu
 """
 
 from __future__ import annotations

@@ -7,11 +7,12 @@ Both runs use the real loop (``ml.train.pretrain.pretrain``: AdamW, Cutmix, BCE)
 in-memory random records, in fresh processes, one after the other:
 
 - single: one process with all the cores (torch's default threads), batch = global batch;
+- single, 1 thread: the same with OMP_NUM_THREADS=1 (what each DDP process gets);
 - ddp: ``torchrun --standalone --nproc_per_node 2``, one thread per process
   (OMP_NUM_THREADS=1, torchrun's default), batch = global batch / 2, GlobalBatchNorm.
 
 Throughput = samples (all processes) / time, over the steps after ``--warmup`` untimed
-steps, read from rank 0's per-step clock; the two runs alternate ``--repeat`` times and the
+steps, read from rank 0's per-step clock; the runs alternate ``--repeat`` times and the
 medians are printed with the ratio ddp / single (and the machine's load average, since a
 shared machine's load moves these figures).
 """
@@ -91,14 +92,17 @@ def main() -> None:
         single_env = {k: v for k, v in env.items() if k != "OMP_NUM_THREADS"}
         ddp_env = {**env, "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")}
         t0 = time.perf_counter()
-        singles, ddps = [], []
-        for _ in range(args.repeat):  # interleaved, so that a change in machine load hits both
+        singles, ones, ddps = [], [], []
+        for _ in range(args.repeat):  # interleaved, so that a change in machine load hits all
             _run([sys.executable, *common], single_env, "single-process run")
             singles.append(json.loads((data / "result_1.json").read_text()))
+            _run([sys.executable, *common], {**single_env, "OMP_NUM_THREADS": "1"}, "single-thread run")
+            ones.append(json.loads((data / "result_1.json").read_text()))
             _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                   str(args.nproc), *common], ddp_env, "DDP run")
             ddps.append(json.loads((data / f"result_{args.nproc}.json").read_text()))
     single = float(np.median([r["samples_per_s"] for r in singles]))
+    one = float(np.median([r["samples_per_s"] for r in ones]))
     ddp = float(np.median([r["samples_per_s"] for r in ddps]))
     ratio = ddp / single
     load = os.getloadavg()[0]
@@ -111,10 +115,12 @@ def main() -> None:
     print(f"  single process ({singles[0]['threads']} threads): {single:8.2f} samples/s  (runs: {runs(singles)})")
     print(f"  DDP {args.nproc} processes (gloo, {ddps[0]['threads']} thread each): {ddp:8.2f} samples/s  "
           f"(runs: {runs(ddps)})")
-    print(f"  ratio DDP / single: {ratio:.2f}x")
+    print(f"  single process (1 thread):  {one:8.2f} samples/s  (runs: {runs(ones)})")
+    print(f"  ratio DDP / single: {ratio:.2f}x   (DDP / single-thread process: {ddp / one:.2f}x)")
     if args.json:
         args.json.write_text(json.dumps({"config": args.config, "global_batch": args.global_batch,
-                                         "single": singles, "ddp": ddps, "ratio": ratio, "load": load}, indent=2))
+                                         "single": singles, "single_1thread": ones, "ddp": ddps,
+                                         "ratio": ratio, "ratio_vs_1thread": ddp / one, "load": load}, indent=2))
 
 
 if __name__ == "__main__":

@@ -80,9 +80,7 @@ def dataset(store, ids: Sequence[str], classes: Sequence[str] | None = None):
 
 
 def signals_and_labels(store, ids: Sequence[str], classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Stacked ``x (N, 12, 1, 6144)`` float32 and ``y (N, C)`` of the records ``ids``."""
-    ds = dataset(store, ids, classes)
-    if len(ds) == 0:
-        raise StepError("no records to read (empty id list)")
-    xs, ys = zip(*(ds[i] for i in range(len(ds))), strict=True)
-    return np.stack([np.asarray(x, dtype=np.float32) for x in xs]), np.stack([np.asarray(y) for y in ys])
+    """Signals ``(N, 12, 6144)`` float32 and labels ``(N, C)`` of the records ``ids``."""
+    if not ids:
+        raise StepError(f"{store.path}: no records to read (empty id list)")
+    return store.read(store.rows(list(ids))), store.label_matrix(list(classes), list(ids))

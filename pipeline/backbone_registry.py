@@ -72,7 +72,9 @@ def _versions_with_identity(client, identity: str, model_name: str | None = None
     except MlflowException:  # stores that cannot filter on tags: filter here
         versions = [v for v in client.search_model_versions(f"name = '{model_name}'" if model_name else "")
                     if v.tags.get(TAG_IDENTITY) == identity]
-    return sorted((v for v in versions if v.name.startswith(MODEL_PREFIX)), key=lambda v: int(v.version))
+    if not model_name:  # any backbone model, not an adapter model that happens to carry the tag
+        versions = [v for v in versions if v.tags.get(TAG_KIND) == "backbone"]
+    return sorted(versions, key=lambda v: int(v.version))
 
 
 def _tag(value: Any) -> str:

@@ -101,14 +101,23 @@ def split(
     return outputs(result.test_split_hash, json.dumps(result.sizes, sort_keys=True))
 
 
-def resolve_backbone(backbone: str, backbone_config: str, cache_dir: str, backbone_model: Output[Model]) -> str:
-    """Fetch the pre-trained backbone (default, a folder, s3:// or an MLflow model URI)."""
+def resolve_backbone(
+    backbone: str, backbone_config: str, cache_dir: str, tracking_uri: str, backbone_model: Output[Model]
+) -> str:
+    """Fetch the pre-trained backbone: "default", a backbone folder, a checkpoint file, s3://...,
+    or a backbone registered in MLflow (``models:/cessl-backbone-<config>/<version>`` or ``@alias``)."""
+    import tempfile
     from pathlib import Path
 
     from components.backbone import resolve_backbone_step
 
-    info = resolve_backbone_step(backbone, backbone_config, Path(backbone_model.path), cache_dir=cache_dir or None)
-    backbone_model.metadata.update(info.metadata())
+    spec = backbone
+    if backbone.startswith("models:/"):
+        from pipeline.backbone_registry import fetch_backbone
+
+        spec = str(fetch_backbone(backbone, tempfile.mkdtemp(prefix="cessl-backbone-"), tracking_uri=tracking_uri))
+    info = resolve_backbone_step(spec, backbone_config, Path(backbone_model.path), cache_dir=cache_dir or None)
+    backbone_model.metadata.update(info.metadata() | {"origin": backbone})
     return info.identity
 
 

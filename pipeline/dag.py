@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import io
 import logging
+import os
 import re
 import sys
 import warnings
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 PIPELINE_NAME = "cessl-finetune"
 CHECKPOINT_MOUNT = "/mnt/checkpoints"
 SECRET_ENV_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# Endpoints every step reads from the deployment's ConfigMap (deploy/pipeline-config.yaml).
+CONFIG_MAP_ENV_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
 TAIL_LINES = 60
 
 
@@ -49,7 +52,7 @@ class PipelineParams:
     source: str = "data"  # folder or s3://bucket/prefix of WFDB records
     data_version: str = ""  # DVC md5 of the data (part of the cache key of ingest)
     git_commit: str = ""
-    backbone: str = "default"  # "default", a folder, s3://..., or an MLflow model URI
+    backbone: str = "default"  # "default", a backbone folder or checkpoint, s3://..., or models:/<backbone>
     backbone_config: str = "tinylight"
     labelled_ratio: float = 0.05
     r: int = 16
@@ -115,7 +118,9 @@ class CompileOptions:
     as it does locally). ``checkpoint_pvc`` mounts a PersistentVolumeClaim at
     :data:`CHECKPOINT_MOUNT` on finetune so a retried/restarted task resumes.
     ``credentials_secret`` injects the S3 / MLflow credentials (``AWS_*``) from a
-    Kubernetes Secret into ingest, resolve_backbone and register.
+    Kubernetes Secret into ingest, resolve_backbone and register; ``config_map`` the
+    endpoints (:data:`CONFIG_MAP_ENV_KEYS`) into every step. Defaults: the names in
+    ``deploy/`` (``$CESSL_CREDENTIALS_SECRET``, ``$CESSL_CHECKPOINT_PVC`` override them).
     """
 
     image: str = field(default_factory=default_image)
@@ -125,8 +130,10 @@ class CompileOptions:
     tolerations: tuple[Toleration, ...] = (Toleration("nvidia.com/gpu", None, "NoSchedule"),)
     finetune_resources: ResourceRequest = ResourceRequest(cpu="4", memory="16Gi")
     step_resources: ResourceRequest = ResourceRequest(cpu="1", memory="4Gi")
-    checkpoint_pvc: str = ""
-    credentials_secret: str = ""
+    checkpoint_pvc: str = field(default_factory=lambda: os.environ.get("CESSL_CHECKPOINT_PVC", "cessl-checkpoints"))
+    credentials_secret: str = field(
+        default_factory=lambda: os.environ.get("CESSL_CREDENTIALS_SECRET", "cessl-s3-credentials"))
+    config_map: str = "cessl-pipeline-defaults"
     finetune_retries: int = 2
     caching: bool = True
     cache_ingest: bool = True  # False for recurring runs: the source is listed again every time
@@ -138,7 +145,7 @@ class CompileOptions:
         return cls(
             image=image or default_image(), accelerator_type="", tolerations=(),
             finetune_resources=ResourceRequest(), step_resources=ResourceRequest(),
-            finetune_retries=0, kubernetes=False,
+            finetune_retries=0, checkpoint_pvc="", credentials_secret="", config_map="", kubernetes=False,
         )
 
 
@@ -170,6 +177,13 @@ def _configure_finetune(task: dsl.PipelineTask, options: CompileOptions) -> None
         kubernetes.add_toleration(task, key=tol.key, operator=tol.operator, value=tol.value, effect=tol.effect)
     if options.checkpoint_pvc:
         kubernetes.mount_pvc(task, pvc_name=options.checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
+
+
+def _use_config_map(task: dsl.PipelineTask, options: CompileOptions) -> None:
+    if options.kubernetes and options.config_map:
+        kubernetes.use_config_map_as_env(task, config_map_name=options.config_map,
+                                         config_map_key_to_env={key: key for key in CONFIG_MAP_ENV_KEYS},
+                                         optional=True)
 
 
 def _use_credentials(task: dsl.PipelineTask, options: CompileOptions) -> None:
@@ -219,7 +233,7 @@ def build_pipeline(options: CompileOptions | None = None, steps: StepComponents 
                                       state_dir=state_dir)
         split = steps.split(store=preprocess.outputs["store"], labelled_ratio=labelled_ratio, seed=seed)
         backbone_task = steps.resolve_backbone(backbone=backbone, backbone_config=backbone_config,
-                                               cache_dir=cache_dir)
+                                               cache_dir=cache_dir, tracking_uri=tracking_uri)
         ranks = steps.allocate_ranks(
             store=preprocess.outputs["store"], splits=split.outputs["splits"],
             backbone_model=backbone_task.outputs["backbone_model"],
@@ -255,6 +269,8 @@ def build_pipeline(options: CompileOptions | None = None, steps: StepComponents 
             _request(task, options.step_resources)
         for task in (ingest, backbone_task, register):
             _use_credentials(task, options)
+        for task in (ingest, preprocess, split, backbone_task, ranks, finetune, evaluate, register):
+            _use_config_map(task, options)
         _configure_finetune(finetune, options)
 
         ingest.set_display_name("ingest")
@@ -295,14 +311,52 @@ class LocalRunConfig:
     task_log: Path | None = None
 
 
-def init_local(config: LocalRunConfig) -> None:
+# Environment a DockerRunner task receives from this process (credentials stay in the env).
+DOCKER_ENV_PREFIXES = ("MLFLOW_", "AWS_", "CESSL_")
+
+
+def _local_paths(params: PipelineParams) -> list[Path]:
+    """Host folders a containerised task must see at the same path."""
+    candidates = [params.state_dir, params.checkpoint_root, params.cache_dir]
+    if params.source and "://" not in params.source:
+        candidates.append(params.source)
+    if params.backbone not in ("", "default") and "://" not in params.backbone:
+        candidates.append(params.backbone)
+    if params.tracking_uri.startswith("sqlite:///"):
+        candidates.append(str(Path(params.tracking_uri.removeprefix("sqlite:///")).parent))
+    paths = []
+    for candidate in filter(None, candidates):
+        path = Path(candidate).absolute()
+        if not path.exists() and not path.suffix:
+            path.mkdir(parents=True, exist_ok=True)
+        paths.append(path if path.is_dir() else path.parent)
+    roots = sorted(set(paths), key=lambda p: len(p.parts))
+    return [p for i, p in enumerate(roots) if not any(p.is_relative_to(q) for q in roots[:i])]
+
+
+def docker_runner(params: PipelineParams):
+    """A DockerRunner whose containers see the run's local folders, this user's id and
+    the MLflow / S3 settings of this environment, on the host network (local servers)."""
+    from docker.types import Mount
+    from kfp import local
+
+    mounts = [Mount(target=str(p), source=str(p), type="bind") for p in _local_paths(params)]
+    environment = {k: v for k, v in os.environ.items() if k.startswith(DOCKER_ENV_PREFIXES)}
+    environment |= {"HOME": "/tmp", "MPLCONFIGDIR": "/tmp/matplotlib"}
+    # entrypoint: the image's is `cessl`; a task's command is a full command line (as on a
+    # cluster, where KFP sets the container's command and so replaces the entrypoint).
+    return local.DockerRunner(mounts=mounts, user=f"{os.getuid()}:{os.getgid()}", environment=environment,
+                              network_mode="host", entrypoint=["/usr/bin/env"])
+
+
+def init_local(config: LocalRunConfig, params: PipelineParams | None = None) -> None:
     """``kfp.local.init`` with the task cache under ``<pipeline_root>/.kfp_cache``."""
     from kfp import local
 
     if config.runner == "subprocess":
         runner = local.SubprocessRunner(use_venv=False)
     elif config.runner == "docker":
-        runner = local.DockerRunner()
+        runner = docker_runner(params or DEFAULTS)
     else:
         raise ValueError(f"unknown local runner {config.runner!r} (subprocess | docker)")
     root = Path(config.pipeline_root).absolute()
@@ -316,8 +370,6 @@ _LOCAL_NOISE = (
     r".*custom or non-Python base image.*",
     r".*is not used by the current local runner.*",
 )
-
-
 # kfp.local's own one-line progress messages (pipeline start/end, task start/end, cache hits).
 _PROGRESS = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} - \w+ - (Running pipeline|Executing task|Task .*(finished|cache hit)|"
                        r"Pipeline .* finished)")
@@ -370,7 +422,7 @@ def _task_output(path: Path | None) -> Iterator[None]:
 def run_local(params: PipelineParams, config: LocalRunConfig | None = None) -> PipelineOutputs:
     """Run the DAG on this machine with ``kfp.local``; return the register step's outputs."""
     config = config or LocalRunConfig()
-    init_local(config)
+    init_local(config, params)
     pipeline = build_pipeline(CompileOptions.local(config.image))
     log.info("running %s locally (%s runner, pipeline root %s%s)", PIPELINE_NAME, config.runner,
              config.pipeline_root, f", task logs in {config.task_log}" if config.task_log else "")

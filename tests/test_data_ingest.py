@@ -151,6 +151,11 @@ def test_moved_and_removed_records(tmp_path):
     assert report.by_reason == {"duplicate_id": 1} and report.read == 0
     row = read_manifest(tmp_path / "ing").set_index("key").loc["again/S00001.hea"]
     assert "moved/S00001.hea (identical copy)" in row["detail"]
+    assert ingest(src, tmp_path / "ing", config=SERIAL, progress=False).read == 0  # nothing new
+    # when the owner goes, the copy takes over the id (its own outcome comes back by hash)
+    shutil.rmtree(src / "moved")
+    report = ingest(src, tmp_path / "ing", config=SERIAL, progress=False)
+    assert (report.seen, report.accepted, report.read) == (5, 5, 0)
 
 
 def test_symlink_out_of_the_source_is_refused(tmp_path, ecg_records_dir):

@@ -26,7 +26,7 @@ def compiled(tmp_path_factory) -> tuple[dict, dict]:
     options = CompileOptions(
         image=IMAGE, node_selector={"cloud.google.com/gke-accelerator": "nvidia-l4"},
         tolerations=(Toleration.parse("nvidia.com/gpu:NoSchedule"), Toleration.parse("dedicated=ml:NoExecute")),
-        checkpoint_pvc="cessl-checkpoints", credentials_secret="cessl-s3",
+        checkpoint_pvc="cessl-checkpoints", credentials_secret="cessl-s3", config_map="cessl-pipeline-defaults",
     )
     docs = load(compile_pipeline(path, options))
     assert len(docs) == 2, "expected the pipeline spec and the kubernetes platform spec"
@@ -67,6 +67,19 @@ def test_credentials_come_from_a_secret(compiled):
         secret = platform[executor]["secretAsEnv"][0]
         assert secret["secretName"] == "cessl-s3"
         assert {k["envVar"] for k in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+
+
+def test_endpoints_come_from_the_config_map(compiled):
+    _, platform = compiled
+    for step in STEPS:
+        config_map = platform[f"exec-{step}"]["configMapAsEnv"][0]
+        assert config_map["configMapName"] == "cessl-pipeline-defaults", step
+        assert {k["envVar"] for k in config_map["keyToEnv"]} >= {"MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL"}
+
+
+def test_defaults_name_the_deployment_objects():
+    options = CompileOptions()
+    assert (options.credentials_secret, options.checkpoint_pvc) == ("cessl-s3-credentials", "cessl-checkpoints")
 
 
 def _outputs(spec: dict, component: str) -> dict[str, str]:

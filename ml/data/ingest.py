@@ -27,7 +27,6 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -226,16 +225,29 @@ def inspect_record(
         content_hash=digest,
         fs=record.fs,
         length=record.n_samples,
-        n_signals=None,
+        n_signals=record.n_signals,
         notes="; ".join(record.notes),
         **_metadata_values(record.dx, record.age, record.sex, mapping),
     )
 
 
-def _inspect_chunk(job: dict[str, Any]) -> list[dict[str, Any]]:
+_COLUMNS = tuple(MANIFEST_COLUMNS)
+_worker_known: frozenset[str] = frozenset()  # content hashes already in the manifest (per worker)
+
+
+def _init_worker(known: frozenset[str]) -> None:
+    """Pool initializer: the known hashes travel once per worker, not with every job."""
+    global _worker_known
+    _worker_known = known
+
+
+def _inspect_chunk(job: dict[str, Any]) -> list[tuple]:
+    """Worker: manifest rows (tuples in MANIFEST_COLUMNS order: compact to send and keep)."""
     source = _cached_source(job["source"]) if isinstance(job["source"], str) else job["source"]
     config = ValidationConfig(**job["config"])
-    return [inspect_record(source, ref, config, job["known"]) for ref in job["refs"]]
+    known = job.get("known", _worker_known)
+    rows = (inspect_record(source, ref, config, known) for ref in job["refs"])
+    return [tuple(row[c] for c in _COLUMNS) for row in rows]
 
 
 # ---------------------------------------------------------------------------------------
@@ -275,9 +287,10 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_manifest(table: pd.DataFrame, path: Path) -> None:
+def write_manifest(table: pd.DataFrame, path: Path, normalised: bool = False) -> None:
+    """Write a manifest atomically (``normalised``: its columns already have the manifest types)."""
     tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
-    _normalise(table).to_parquet(tmp, index=False)
+    (table if normalised else _normalise(table)).to_parquet(tmp, index=False)
     os.replace(tmp, path)
 
 
@@ -301,7 +314,11 @@ def ingest(
     config: IngestConfig = IngestConfig(),
     progress: bool | None = None,
 ) -> IngestReport:
-    """Ingest every record of ``source`` into the manifest in ``out_dir`` (see module doc)."""
+    """Ingest every record of ``source`` into the manifest in ``out_dir`` (see module doc).
+
+    Memory: the main process holds the listing and the manifest (a few hundred bytes per
+    record, in Arrow-backed columns); signals only ever live in one worker at a time.
+    """
     from ml.data.preprocess import _progress
 
     src = open_source(source)
@@ -312,98 +329,74 @@ def ingest(
     refs = src.list_records()
     log.info("%s: %d record headers", src.uri, len(refs))
 
-    # The manifest keeps other sources as they are; this source's rows are replaced by
-    # what it holds now (records that disappeared from it leave the manifest).
+    # Other sources stay as they are; this source's rows are replaced by what it holds
+    # now (records that disappeared from it leave the manifest).
     mine = (previous["source"] == src.uri).to_numpy()
-    base = previous[~mine]
-    previous_rows = previous[mine].to_dict("records")
-    prev_by_key = {row["key"]: row for row in previous_rows}
-    # Rows marked duplicate lost their own validation outcome: never reuse them.
-    known = {
-        row["content_hash"]: row
-        for row in previous.to_dict("records")
-        if row["content_hash"] and row["reason"] != Reason.DUPLICATE_ID
-    }
+    base = previous[~mine].reset_index(drop=True)
+    prev_this = previous[mine].reset_index(drop=True)
+    prev_stamp = dict(zip(prev_this["key"], prev_this["stamp"], strict=True))
+    unchanged = {r.key for r in refs if not r.problem and prev_stamp.get(r.key) == r.stamp}
+    del prev_stamp
+    # A duplicate lost its own validation outcome: reuse it only while its owner is still there.
+    dup = (prev_this["reason"] == Reason.DUPLICATE_ID).to_numpy()
+    owners = set(base.loc[base["reason"] != Reason.DUPLICATE_ID, "id"])
+    owners |= set(prev_this.loc[~dup & prev_this["key"].isin(unchanged), "id"])
+    unchanged -= set(prev_this.loc[dup & ~prev_this["id"].isin(owners), "key"])
+    to_read = [r for r in refs if r.key not in unchanged]
+    reusable = previous[(previous["reason"] != Reason.DUPLICATE_ID) & (previous["content_hash"] != "")]
+    known_row = dict(zip(reusable["content_hash"], reusable.index, strict=True))  # hash -> row of previous
 
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    rows: dict[str, dict[str, Any]] = {}
-    unchanged: set[str] = set()  # same key, same stamp as in the last run
-    to_read: list[RecordRef] = []
-    for ref in refs:
-        old = prev_by_key.get(ref.key)
-        if old is not None and old["stamp"] == ref.stamp and not ref.problem and old["reason"] != Reason.DUPLICATE_ID:
-            rows[ref.key] = dict(old)
-            unchanged.add(ref.key)
-        else:
-            to_read.append(ref)
-
     job_source: str | Source = src.uri if isinstance(source, (str, Path)) else src
-    base_job = {"source": job_source, "config": asdict(config.validation), "known": frozenset(known)}
-    jobs = [
-        {**base_job, "refs": list(refs_chunk)}
-        for refs_chunk in (to_read[i : i + config.chunk_size] for i in range(0, len(to_read), config.chunk_size))
-    ]
-    results: list[dict[str, Any]] = []
+    base_job = {"source": job_source, "config": asdict(config.validation)}
+    jobs = (
+        {**base_job, "refs": to_read[i : i + config.chunk_size]} for i in range(0, len(to_read), config.chunk_size)
+    )
+    frames: list[pd.DataFrame] = []
+    buffer: list[tuple] = []
+
+    def collect(rows: list[tuple], final: bool = False) -> None:
+        buffer.extend(rows)
+        if buffer and (final or len(buffer) >= 2048):  # to Arrow-backed columns, in batches
+            frames.append(_normalise(pd.DataFrame(buffer, columns=list(_COLUMNS))))
+            buffer.clear()
+
     with _progress(len(to_read), f"ingest {src.uri}", progress) as bar:
         if config.workers <= 1 or len(to_read) < config.min_parallel:
-            outputs = map(_inspect_chunk, jobs)
-            for out in outputs:
-                results.extend(out)
+            known = frozenset(known_row)
+            for job in jobs:
+                out = _inspect_chunk({**job, "known": known})
+                collect(out)
                 bar.update(len(out))
         else:
             from ml.data.parallel import process_pool
 
-            with process_pool(config.workers) as pool:
+            with process_pool(config.workers, _init_worker, (frozenset(known_row),)) as pool:
                 for out in pool.map(_inspect_chunk, jobs):
-                    results.extend(out)
+                    collect(out)
                     bar.update(len(out))
+        collect([], final=True)
 
-    n_parsed = 0
-    for row in results:
-        if row["status"] == "known":  # same bytes as a record already in the manifest
-            old = known[row["content_hash"]]
-            row = {**old, "source": row["source"], "key": row["key"], "stamp": row["stamp"], "id": row["id"]}
-        else:
-            n_parsed += 1
-            row["ingested_at"] = now
-        rows[row["key"]] = row
+    new = pd.concat(frames, ignore_index=True) if frames else empty_manifest()
+    frames.clear()
+    is_known = (new["status"] == "known").to_numpy()
+    n_parsed = int((~is_known).sum())
+    new.loc[~is_known, "ingested_at"] = now
+    if is_known.any():  # same bytes as a record already in the manifest: take its row
+        copied = previous.loc[[known_row[h] for h in new.loc[is_known, "content_hash"]]].reset_index(drop=True)
+        for column in ("id", "source", "key", "stamp"):
+            copied[column] = new.loc[is_known, column].to_numpy()
+        new = pd.concat([new[~is_known], copied], ignore_index=True)
+    kept = prev_this[prev_this["key"].isin(unchanged)]
+    new = _mark_duplicates(pd.concat([base, kept], ignore_index=True), new.sort_values("key"), src.uri)
+    run = pd.concat([kept, new], ignore_index=True).sort_values("key", kind="stable").reset_index(drop=True)
+    manifest = pd.concat([base, run], ignore_index=True)
+    write_manifest(manifest, manifest_path, normalised=True)
 
-    # Duplicate ids: the first owner keeps the id (other sources and records unchanged
-    # since the last run first, then new records in key order), so an accepted record
-    # never loses its place to a newcomer.
-    owner: dict[str, dict[str, Any]] = {}
-    for row in base.to_dict("records") + [rows[r.key] for r in refs if r.key in unchanged]:
-        if row["reason"] != Reason.DUPLICATE_ID:
-            owner.setdefault(row["id"], row)
-    for ref in refs:
-        if ref.key in unchanged:
-            continue
-        row = rows[ref.key]
-        first = owner.get(row["id"])
-        if first is None:
-            owner[row["id"]] = row
-            continue
-        same = first["content_hash"] == row["content_hash"] and row["content_hash"]
-        row.update(
-            status=QUARANTINED,
-            reason=str(Reason.DUPLICATE_ID),
-            detail=(
-                f"{ref.where}: record id {row['id']} already ingested from "
-                f"{first['source'].rstrip('/')}/{first['key']}"
-                + (" (identical copy)" if same else " with different content")
-            ),
-        )
-
-    run_rows = [rows[r.key] for r in refs]
-    manifest = pd.concat([base, _normalise(pd.DataFrame(run_rows, columns=list(MANIFEST_COLUMNS)))],
-                         ignore_index=True) if run_rows else base
-    manifest = _normalise(manifest)
-    write_manifest(manifest, manifest_path)
-
-    report = _report(src.uri, run_rows, n_parsed, len(refs) - n_parsed, manifest)
+    report = _report(src.uri, run, n_parsed, len(refs) - n_parsed, manifest)
     report.check()
     _write_atomic(out_dir / REPORT_FILE, json.dumps(asdict(report), indent=2).encode())
-    _write_atomic(out_dir / QUARANTINE_FILE, quarantine_report(report, run_rows).encode("utf-8"))
+    _write_atomic(out_dir / QUARANTINE_FILE, quarantine_report(report, run).encode("utf-8"))
     log.info(
         "%s: seen %d = accepted %d + quarantined %d (read %d, unchanged %d)",
         src.uri, report.seen, report.accepted, report.quarantined, report.read, report.reused,
@@ -411,37 +404,61 @@ def ingest(
     return report
 
 
-def _report(
-    uri: str, rows: Sequence[dict[str, Any]], n_read: int, n_reused: int, manifest: pd.DataFrame
-) -> IngestReport:
-    report = IngestReport(source=uri, seen=len(rows), read=n_read, reused=n_reused)
-    reasons: Counter = Counter()
-    unscored: Counter = Counter()
-    unknown: Counter = Counter()
-    for row in rows:
-        if row["status"] == ACCEPTED:
-            report.accepted += 1
-            report.labelled += bool(row["labelled"])
-            report.unlabelled += not row["labelled"]
-            report.resampled += bool(row["fs"] is not None and float(row["fs"]) != 500.0)
-            unscored.update(c for c in str(row["unscored"] or "").split(",") if c)
-            unknown.update(c for c in str(row["unknown"] or "").split(",") if c)
-        else:
-            report.quarantined += 1
-            reasons[row["reason"]] += 1
-    report.by_reason = dict(sorted(reasons.items()))
-    report.unscored_codes = dict(unscored.most_common())
-    report.unknown_codes = dict(unknown.most_common())
-    report.manifest_records = len(manifest)
-    report.manifest_accepted = int((manifest["status"] == ACCEPTED).sum())
-    return report
+def _mark_duplicates(owners: pd.DataFrame, new: pd.DataFrame, uri: str) -> pd.DataFrame:
+    """Quarantine new rows whose id is taken: by an owner row (earlier runs, other sources,
+    unchanged records) or by an earlier new row in key order."""
+    owners = owners[owners["reason"] != Reason.DUPLICATE_ID].drop_duplicates("id", keep="first")
+    owner_of = {i: (s, k, h) for i, s, k, h in zip(owners["id"], owners["source"], owners["key"],
+                                                   owners["content_hash"], strict=True)}
+    new = new.reset_index(drop=True)
+    first_new = new.drop_duplicates("id", keep="first")
+    for i, k, h in zip(first_new["id"], first_new["key"], first_new["content_hash"], strict=True):
+        owner_of.setdefault(i, (uri, k, h))
+    for pos, (rid, key, digest) in enumerate(zip(new["id"], new["key"], new["content_hash"], strict=True)):
+        source, owner_key, owner_hash = owner_of[rid]
+        if (source, owner_key) == (uri, key):
+            continue
+        same = " (identical copy)" if digest and digest == owner_hash else " with different content"
+        new.loc[pos, ["status", "reason", "detail"]] = [
+            QUARANTINED,
+            str(Reason.DUPLICATE_ID),
+            f"{uri.rstrip('/')}/{key}: record id {rid} already ingested from {source.rstrip('/')}/{owner_key}{same}",
+        ]
+    return new
+
+
+def _split(value: Any) -> list[str]:
+    return [c for c in str(value or "").split(",") if c]
+
+
+def _report(uri: str, run: pd.DataFrame, n_read: int, n_reused: int, manifest: pd.DataFrame) -> IngestReport:
+    accepted = run[run["status"] == ACCEPTED]
+    quarantined = run[run["status"] != ACCEPTED]
+    unscored: Counter = Counter(c for v in accepted["unscored"] for c in _split(v))
+    unknown: Counter = Counter(c for v in accepted["unknown"] for c in _split(v))
+    return IngestReport(
+        source=uri,
+        seen=len(run),
+        accepted=len(accepted),
+        quarantined=len(quarantined),
+        read=n_read,
+        reused=n_reused,
+        labelled=int(accepted["labelled"].sum()),
+        unlabelled=int((~accepted["labelled"]).sum()),
+        resampled=int((accepted["fs"] != 500.0).sum()),
+        by_reason=dict(sorted(quarantined["reason"].value_counts().to_dict().items())),
+        unscored_codes=dict(unscored.most_common()),
+        unknown_codes=dict(unknown.most_common()),
+        manifest_records=len(manifest),
+        manifest_accepted=int((manifest["status"] == ACCEPTED).sum()),
+    )
 
 
 def _md(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def quarantine_report(report: IngestReport, rows: Sequence[dict[str, Any]]) -> str:
+def quarantine_report(report: IngestReport, run: pd.DataFrame) -> str:
     """Markdown report of one run: counts, reasons, every quarantined record with its reason."""
     lines = [
         f"# Ingestion report: {report.source}",
@@ -463,11 +480,12 @@ def quarantine_report(report: IngestReport, rows: Sequence[dict[str, Any]]) -> s
         lines += [f"| {reason} | {n} |" for reason, n in report.by_reason.items()]
     else:
         lines.append("Nothing quarantined.")
-    quarantined = [r for r in rows if r["status"] == QUARANTINED]
-    if quarantined:
+    quarantined = run[run["status"] == QUARANTINED]
+    if len(quarantined):
         lines += ["", "## Quarantined records", "", "| record | file | reason | detail |", "|---|---|---|---|"]
-        for r in quarantined:
-            lines.append(f"| {_md(r['id'])} | {_md(r['key'])} | {r['reason']} | {_md(r['detail'])} |")
+        for rid, key, reason, detail in zip(quarantined["id"], quarantined["key"], quarantined["reason"],
+                                            quarantined["detail"], strict=True):
+            lines.append(f"| {_md(rid)} | {_md(key)} | {reason} | {_md(detail)} |")
     if report.unscored_codes:
         lines += ["", "## Unscored codes (accepted records)", "", "| code | records |", "|---|---:|"]
         lines += [f"| {c} | {n} |" for c, n in report.unscored_codes.items()]

@@ -128,11 +128,13 @@ def _progress(total: int, desc: str, enabled: bool | None):
     return tqdm(total=total, desc=desc, unit="rec", disable=disable, leave=False)
 
 
-def run_jobs(jobs: Iterable[dict[str, Any]], fn, workers: int, progress, count, min_parallel: int = 0) -> None:
-    """Run ``fn(job)`` for every job, in ``workers`` processes (inline when workers <= 1 or
-    when the jobs hold fewer than ``min_parallel`` items)."""
-    jobs = list(jobs)
-    if workers <= 1 or sum(count(job) for job in jobs) < max(min_parallel, 1) or len(jobs) == 1:
+def run_jobs(
+    jobs: Iterable[dict[str, Any]], fn, workers: int, progress, count, total: int, min_parallel: int = 0
+) -> None:
+    """Run ``fn(job)`` for every job (``total`` items in all), in ``workers`` processes, or
+    inline when workers <= 1 or there are fewer than ``min_parallel`` items. Jobs are
+    drawn lazily and at most ``2 * workers`` are in flight, so memory does not grow with N."""
+    if workers <= 1 or total < max(min_parallel, 1):
         for job in jobs:
             fn(job)
             progress.update(count(job))
@@ -141,15 +143,14 @@ def run_jobs(jobs: Iterable[dict[str, Any]], fn, workers: int, progress, count, 
 
     with process_pool(workers) as pool:
         pending: set[Future] = set()
-        it = iter(jobs)
-        for job in it:
+        for job in jobs:
             pending.add(pool.submit(fn, job))
             if len(pending) >= 2 * workers:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for f in done:
-                    progress.update(len(f.result()))
-        for f in pending:
-            progress.update(len(f.result()))
+                for future in done:
+                    progress.update(len(future.result()))
+        for future in pending:
+            progress.update(len(future.result()))
 
 
 def preprocess(
@@ -208,19 +209,18 @@ def preprocess(
                         write_rows(writer.signals_path, writer.data_offset, run[0], data[pos : pos + len(run)])
                     bar.update(len(chunk))
                 del old
-            jobs = [
+            source, key, digest, stamp = (accepted[c].tolist() for c in ("source", "key", "content_hash", "stamp"))
+            jobs = (
                 {
                     "rows": run,
-                    "records": [
-                        tuple(accepted.at[i, c] for c in ("source", "key", "content_hash", "stamp")) for i in run
-                    ],
+                    "records": [(source[i], key[i], digest[i], stamp[i]) for i in run],
                     "config": asdict(config),
                     "signals_path": str(writer.signals_path),
                     "data_offset": writer.data_offset,
                 }
                 for run in _consecutive_runs(todo, chunk_size)
-            ]
-            run_jobs(jobs, _process_chunk, workers, bar, lambda job: len(job["rows"]), min_parallel)
+            )
+            run_jobs(jobs, _process_chunk, workers, bar, lambda job: len(job["rows"]), len(todo), min_parallel)
         meta = {
             "classes": classes,
             "class_names": mapping.abbreviations(classes),

@@ -125,6 +125,7 @@ class ECGRecord:
     sex: str | None  # "M" / "F" / None
     notes: list[str]
     flat_leads: list[str]
+    n_signals: int = 12  # signals in the file (extra leads included)
 
     @property
     def n_samples(self) -> int:
@@ -577,6 +578,7 @@ def read_record(
         sex=sex,
         notes=notes,
         flat_leads=flat,
+        n_signals=header.n_sig,
     )
 
 

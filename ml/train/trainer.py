@@ -184,8 +184,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _deterministic_algorithms(enabled: bool) -> Iterator[None]:
-    """``torch.use_deterministic_algorithms(True, warn_only=True)`` for the block, then restore."""
+def _deterministic_algorithms(enabled: bool, device: torch.device) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True, warn_only=True)`` for the block, then restore.
+
+    On CUDA only when ``CUBLAS_WORKSPACE_CONFIG`` is set (cuBLAS cannot be deterministic
+    without it); CPU runs are deterministic for a fixed thread count.
+    """
+    if enabled and device.type == "cuda" and "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
+        log.info("CUBLAS_WORKSPACE_CONFIG is not set: CUDA run not forced to deterministic algorithms")
+        enabled = False
     if not enabled:
         yield
         return
@@ -403,7 +410,7 @@ def fit(
     """
     device = resolve_device(config.device)
     devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), _deterministic_algorithms(config.deterministic):
+    with torch.random.fork_rng(devices=devices), _deterministic_algorithms(config.deterministic, device):
         torch.manual_seed(derive_seed(config.seed, _TORCH))
         return _Run(model, labelled, unlabelled, valid, config, callbacks).run()
 

@@ -54,7 +54,7 @@ DEMO_PARAMS = DEFAULTS.replace(
 # (flag, PipelineParams field, type, help)
 _PARAM_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--source", "source", str, "folder or s3://bucket/prefix of WFDB records"),
-    ("--backbone", "backbone", str, "'default', a backbone folder/checkpoint, or s3://..."),
+    ("--backbone", "backbone", str, "'default', a backbone folder/checkpoint, s3://..., or models:/cessl-backbone-<config>/<version>"),
     ("--backbone-config", "backbone_config", str, "backbone size: tinylight | tiny | base | medium | large"),
     ("--labelled-ratio", "labelled_ratio", float, "fraction of the non-test records that keep their labels"),
     ("-r", "r", int, "LoRA rank r (r_low = (r // 4) * 2 for the least important layers)"),
@@ -96,9 +96,13 @@ def add_compile_flags(parser: argparse.ArgumentParser, with_image: bool = True) 
                        help="taint finetune tolerates (repeatable; default nvidia.com/gpu:NoSchedule)")
     group.add_argument("--finetune-cpu", default="4")
     group.add_argument("--finetune-memory", default="16Gi")
-    group.add_argument("--checkpoint-pvc", default="", help="PVC mounted at /mnt/checkpoints on finetune")
-    group.add_argument("--credentials-secret", default="",
-                       help="Kubernetes Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+    defaults = CompileOptions()
+    group.add_argument("--checkpoint-pvc", default=defaults.checkpoint_pvc,
+                       help="PVC mounted at /mnt/checkpoints on finetune ('' for none; default: %(default)s)")
+    group.add_argument("--credentials-secret", default=defaults.credentials_secret,
+                       help="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY ('' for none; default: %(default)s)")
+    group.add_argument("--config-map", default=defaults.config_map,
+                       help="ConfigMap with the MLflow / S3 endpoints ('' for none; default: %(default)s)")
 
 
 def compile_options(args: argparse.Namespace, cache_ingest: bool = True) -> CompileOptions:
@@ -115,7 +119,7 @@ def compile_options(args: argparse.Namespace, cache_ingest: bool = True) -> Comp
         accelerator_type="" if args.no_gpu else args.accelerator_type,
         accelerator_limit=args.accelerator_limit, node_selector=selector, tolerations=tolerations,
         finetune_resources=ResourceRequest(cpu=args.finetune_cpu, memory=args.finetune_memory),
-        checkpoint_pvc=args.checkpoint_pvc, credentials_secret=args.credentials_secret,
+        checkpoint_pvc=args.checkpoint_pvc, credentials_secret=args.credentials_secret, config_map=args.config_map,
         cache_ingest=cache_ingest,
     )
 
