@@ -320,7 +320,7 @@ def _local_paths(params: PipelineParams) -> list[Path]:
     candidates = [params.state_dir, params.checkpoint_root, params.cache_dir]
     if params.source and "://" not in params.source:
         candidates.append(params.source)
-    if params.backbone not in ("", "default") and "://" not in params.backbone:
+    if params.backbone not in ("", "default") and Path(params.backbone).exists():
         candidates.append(params.backbone)
     if params.tracking_uri.startswith("sqlite:///"):
         candidates.append(str(Path(params.tracking_uri.removeprefix("sqlite:///")).parent))

@@ -288,6 +288,8 @@ def current_alias(client, model_name: str, alias: str):
 
 def _score_champion(client, config: TrackingConfig, bundle) -> tuple[str | None, dict[str, float]]:
     """Metrics of the current champion on this run's test split (empty when not comparable)."""
+    from mlflow.exceptions import MlflowException
+
     champion = current_alias(client, config.model_name, CHAMPION)
     if champion is None:
         return None, {}
@@ -296,7 +298,7 @@ def _score_champion(client, config: TrackingConfig, bundle) -> tuple[str | None,
 
         predictor = load_predictor(f"models:/{config.model_name}@{CHAMPION}", tracking_uri=config.tracking_uri)
         metrics = bundle.score_predictor(predictor)
-    except (ValueError, OSError, RuntimeError, KeyError) as err:
+    except (MlflowException, ValueError, OSError, RuntimeError, KeyError) as err:
         log.warning("champion v%s of %s could not be scored on this test split: %s",
                     champion.version, config.model_name, err)
         return str(champion.version), {}

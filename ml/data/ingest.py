@@ -260,14 +260,22 @@ def empty_manifest() -> pd.DataFrame:
 
 
 def _normalise(table: pd.DataFrame) -> pd.DataFrame:
+    """Manifest columns, in order, with their types ("" for missing text). Columns that
+    already have the right type are left alone (no per-cell Python objects)."""
     table = table.reindex(columns=list(MANIFEST_COLUMNS))
     for column, dtype in MANIFEST_COLUMNS.items():
+        values = table[column]
         if dtype == "str":
-            table[column] = table[column].astype(object).where(table[column].notna(), "").astype(str)
+            if not (pd.api.types.is_string_dtype(values.dtype) and values.dtype != object):
+                values = values.astype(object).where(values.notna(), "").astype(str)
+            elif values.isna().any():
+                values = values.fillna("")
         elif dtype == "bool":
-            table[column] = table[column].fillna(False).astype(bool)
-        else:
-            table[column] = pd.to_numeric(table[column], errors="coerce").astype(dtype)
+            if values.dtype != bool:
+                values = values.fillna(False).astype(bool)
+        elif str(values.dtype) != dtype:
+            values = pd.to_numeric(values, errors="coerce").astype(dtype)
+        table[column] = values
     return table.reset_index(drop=True)
 
 
