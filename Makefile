@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/cessl demo
+	$(BIN)/cessl run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra

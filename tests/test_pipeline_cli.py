@@ -72,6 +72,7 @@ def test_submit_compiles_and_passes_the_data_version(kfp_client, repo):
     assert args["source"] == "s3://ecg/hospital-a" and args["max_steps"] == 500
     assert args["data_version"] == data_version(repo)  # from data.dvc
     assert args["tracking_uri"] == "http://mlflow:5000" and "state_dir" not in args
+    assert "checkpoint_root" not in args  # the compiled default: the checkpoint PVC's mount
     spec = _spec(call["pipeline_file"])
     container = spec["deploymentSpec"]["executors"]["exec-finetune"]["container"]
     assert container["image"] == "reg.example.org/cessl:9"

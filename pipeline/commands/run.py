@@ -39,6 +39,7 @@ from pipeline.tracking import TRACKING_URI_ENV, TrackingConfig, dvc_md5, git_com
 log = logging.getLogger(__name__)
 
 DEFAULT_PACKAGE = "cessl_pipeline.yaml"
+LOCAL_ONLY = ("state_dir", "cache_dir", "checkpoint_root", "tracking_uri")
 STATE_DIR = Path(".cache") / "cessl"
 
 # `cessl run` on the embedded defaults: the demo hospital, the tiny default backbone and a
@@ -280,7 +281,8 @@ def cluster_arguments(args: argparse.Namespace) -> dict[str, Any]:
         data_version = dvc_md5(Path(args.dvc_file)) or ""
     arguments = params.replace(data_version=data_version or "", git_commit=git_commit(Path.cwd()),
                                tracking_uri=args.tracking_uri or "", checkpoint_root=args.checkpoint_root).arguments()
-    return {k: v for k, v in arguments.items() if k not in ("state_dir", "cache_dir") or v}
+    # Unset local-only settings keep the compiled defaults (e.g. checkpoint_root on the PVC).
+    return {k: v for k, v in arguments.items() if v != "" or k not in LOCAL_ONLY}
 
 
 def _client(args: argparse.Namespace):
