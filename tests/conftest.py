@@ -27,3 +27,15 @@ def ecg_records_dir() -> Path:
 @pytest.fixture(scope="session")
 def label_mapping_csv() -> Path:
     return LABEL_MAPPING
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """One torch thread for a module: on a shared, oversubscribed 2-core CI machine two
+    spinning OpenMP threads are several times slower than one."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

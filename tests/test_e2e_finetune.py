@@ -29,14 +29,7 @@ N_CLASSES = 3
 BATCH = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One torch thread: on a shared, oversubscribed CI machine two spinning OpenMP threads
-    are several times slower than one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.mark.slow
