@@ -209,11 +209,11 @@ def preprocess(
                         write_rows(writer.signals_path, writer.data_offset, run[0], data[pos : pos + len(run)])
                     bar.update(len(chunk))
                 del old
-            source, key, digest, stamp = (accepted[c].tolist() for c in ("source", "key", "content_hash", "stamp"))
-            jobs = (
+            columns = accepted[["source", "key", "content_hash", "stamp"]]
+            jobs = (  # runs are consecutive rows: one slice each, built when submitted
                 {
                     "rows": run,
-                    "records": [(source[i], key[i], digest[i], stamp[i]) for i in run],
+                    "records": list(columns.iloc[run[0] : run[-1] + 1].itertuples(index=False, name=None)),
                     "config": asdict(config),
                     "signals_path": str(writer.signals_path),
                     "data_offset": writer.data_offset,

@@ -28,7 +28,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ENCODED = re.compile(r"%(2e|2f|5c)", re.IGNORECASE)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RecordRef:
     """One record found in a source: its header key and a change stamp of its files."""
 
