@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/cessl run
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=15
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not slow and not docker"

@@ -4,7 +4,7 @@
 - :func:`make_backbone`: a seeded, randomly initialised tinylight backbone folder (seconds,
   where the embedded default pre-trains for minutes); the steps treat both alike.
 - :func:`make_repo`: a project folder with ``data/`` versioned by DVC (``data.dvc``).
-- :func:`cessl`: the ``cessl`` command line in-process (with the registry commands listed).
+- :func:`cessl`: the ``cessl`` command line in-process.
 """
 
 from __future__ import annotations
@@ -63,19 +63,12 @@ def add_records(root: Path, records: int, seed: int, start: int) -> str:
 
 def cessl(*argv: str) -> int:
     """``cessl ARGV`` in this process."""
-    modules = cli.COMMAND_MODULES
-    if "registry" not in modules:  # until pipeline/cli.py lists it
-        cli.COMMAND_MODULES = (*modules, "registry")
-    try:
-        return cli.main([str(a) for a in argv])
-    finally:
-        cli.COMMAND_MODULES = modules
+    return cli.main([str(a) for a in argv])
 
 
 def cessl_process(argv: list[str], cwd: Path, env: dict[str, str], log_path: Path) -> subprocess.Popen:
     """``cessl ARGV`` as a child process in its own process group (so a test can kill it)."""
-    code = ("import sys; from pipeline import cli; cli.COMMAND_MODULES = (*cli.COMMAND_MODULES, 'registry'); "
-            "sys.exit(cli.main(sys.argv[1:]))")
+    code = "import sys; from pipeline import cli; sys.exit(cli.main(sys.argv[1:]))"
     handle = log_path.open("w")
     return subprocess.Popen([sys.executable, "-c", code, *map(str, argv)], cwd=cwd,
                             env={**os.environ, **env, "PYTHONPATH": str(REPO)}, stdout=handle,
