@@ -19,7 +19,7 @@ import torch
 from pipeline import cli
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL_RUN = ["--labelled-ratio", "0.3", "--max-steps", "8", "--val-every", "4", "--batch-size", "8",
+SMALL_RUN = ["--backbone-config", "tinylight", "--labelled-ratio", "0.3", "--max-steps", "8", "--val-every", "4", "--batch-size", "8",
              "--min-class-count", "5", "--method", "cessl", "-r", "8"]
 
 

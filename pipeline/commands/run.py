@@ -45,8 +45,8 @@ STATE_DIR = Path(".cache") / "cessl"
 # `cessl run` on the embedded defaults: the demo hospital, the tiny default backbone and a
 # schedule that finishes in minutes on two CPU cores. Every value can be overridden.
 DEMO_PARAMS = DEFAULTS.replace(
-    source="data", backbone="default", backbone_config="tinylight", labelled_ratio=0.3, r=16, compress=0.6,
-    p=0.2, method="cessl", seed=0, max_steps=60, batch_size=16, val_every=20, min_class_count=10,
+    source="data", backbone="default", backbone_config="tiny", labelled_ratio=0.3, r=16, compress=0.6,
+    p=0.2, method="cessl", seed=0, max_steps=150, batch_size=16, val_every=25, min_class_count=10,
 )
 
 
