@@ -37,7 +37,7 @@ def test_run_second_version_gate_predict_rollback(tmp_path, mlflow_server, s3_se
     backbone = make_backbone(tmp_path / "backbone")
     monkeypatch.chdir(repo)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.tracking_uri)
-    client = MlflowClient(mlflow_server.tracking_uri)
+    client = MlflowClient(tracking_uri=mlflow_server.tracking_uri, registry_uri=mlflow_server.tracking_uri)
     run_args = [*SMALL_RUN, "--backbone", backbone, "--model-name", NAME, "--experiment", "e2e"]
 
     # -- first data version ------------------------------------------------------------

@@ -59,7 +59,7 @@ def test_mlflow_run_artifact_lands_in_bucket(mlflow_server, s3_server, tmp_path,
     # the client needs no S3 credentials: artifacts are proxied by the server
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"):
         monkeypatch.delenv(name, raising=False)
-    client = MlflowClient(tracking_uri=mlflow_server.tracking_uri)
+    client = MlflowClient(tracking_uri=mlflow_server.tracking_uri, registry_uri=mlflow_server.tracking_uri)
     experiment_id = client.create_experiment("test-servers")
     run = client.create_run(experiment_id)
     client.log_param(run.info.run_id, "r", 16)
