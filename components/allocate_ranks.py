@@ -15,7 +15,8 @@ from pathlib import Path
 
 from components.backbone import load_backbone_dir
 from components.common import sha256_json, write_json
-from components.data_access import SplitIds, dataset, open_store
+from components.data_access import dataset, open_store
+from ml.data.splits import Splits
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def allocate_ranks_step(store_dir: Path, splits_path: Path, backbone_dir: Path, 
     from ml.model.rank_allocation import allocate_ranks
     from ml.train.finetune import build_model_for_method
 
-    splits = SplitIds.load(splits_path)
+    splits = Splits.load(splits_path)
     state, name, identity = load_backbone_dir(backbone_dir)
     store = open_store(store_dir)
     model_config = backbone_config(name, len(splits.classes))

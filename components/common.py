@@ -58,11 +58,6 @@ def sha256_dir(folder: Path) -> str:
     return sha256_files((p for p in folder.rglob("*") if p.is_file()), folder)
 
 
-def ids_hash(ids: Iterable[str]) -> str:
-    """Order-independent hash of a set of record ids (e.g. the test split)."""
-    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
-
-
 def write_metadata_file(artifact: Any) -> Path:
     """Write a metrics-like artifact's metadata as JSON at its path.
 

@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 
 from components.common import write_json
-from components.data_access import SplitIds, dataset, open_store
+from components.data_access import dataset, open_store
+from ml.data.splits import Splits
 from components.inference import load_predictor
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def evaluate_step(store_dir: Path, splits_path: Path, backbone_dir: Path, adapte
     """Evaluate the adapter on the test split; write the evaluation folder and the HTML report."""
     from ml.eval.evaluate import evaluate
 
-    splits = SplitIds.load(splits_path)
+    splits = Splits.load(splits_path)
     predictor = load_predictor(backbone_dir, adapter_dir)
     if predictor.classes != splits.classes:
         raise ValueError(f"{adapter_dir}: adapter classes {predictor.classes} differ from the split's {splits.classes}")

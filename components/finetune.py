@@ -26,7 +26,8 @@ from typing import Any
 
 from components.backbone import load_backbone_dir
 from components.common import StepError, read_json, sha256_json
-from components.data_access import SplitIds, dataset, open_store
+from components.data_access import dataset, open_store
+from ml.data.splits import Splits
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +138,10 @@ def _checkpoint_step(checkpoint_dir: Path) -> int:
         raise StepError(f"{path}: unreadable checkpoint ({err}); delete it to start over") from err
 
 
-def checkpoint_key(backbone_identity: str, splits: SplitIds, store_fingerprint: str, rank_map: Mapping[str, int],
+def checkpoint_key(backbone_identity: str, splits: Splits, store_fingerprint: str, rank_map: Mapping[str, int],
                    config: FinetuneConfig) -> str:
     """Stable hash of everything that determines the training run."""
-    inputs = {"backbone": backbone_identity, "splits": splits.to_json(), "store": store_fingerprint,
+    inputs = {"backbone": backbone_identity, "splits": splits.to_dict(), "store": store_fingerprint,
               "rank_map": dict(rank_map), "config": {k: v for k, v in asdict(config).items() if k != "progress"}}
     return sha256_json(inputs)[:24]
 
@@ -157,7 +158,7 @@ def finetune_step(store_dir: Path, splits_path: Path, backbone_dir: Path, rank_m
     from ml.train.finetune import build_model_for_method
     from ml.train.trainer import fit
 
-    splits = SplitIds.load(splits_path)
+    splits = Splits.load(splits_path)
     rank_map = {k: int(v) for k, v in read_json(rank_map_path, "rank map").items()}
     state, name, identity = load_backbone_dir(backbone_dir)
     store = open_store(store_dir)

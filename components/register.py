@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from components.common import StepError, read_json, sha256_dir, sha256_json
-from components.data_access import SplitIds, open_store, signals_and_labels
+from components.data_access import open_store, signals_and_labels
+from ml.data.splits import Splits
 from components.evaluate import METRICS_FILE, PER_CLASS_FILE, PR_FILE, PREDICTIONS_FILE, ROC_FILE, score_probs
 from components.finetune import read_curves
 
@@ -37,7 +38,7 @@ class Registration:
     backbone_dir: Path
     adapter_dir: Path
     store_dir: Path
-    splits: SplitIds
+    splits: Splits
     artifacts: dict[str, Path] = field(default_factory=dict)  # path in the run ("folder/name") -> local file
     fingerprint: str = ""
     run_name: str = ""
@@ -72,7 +73,7 @@ def collect_registration(*, store_dir: Path, splits_path: Path, backbone_dir: Pa
     """Read the upstream outputs into a :class:`Registration`."""
     from ml.model.pretrained import read_backbone_meta
 
-    splits = SplitIds.load(splits_path)
+    splits = Splits.load(splits_path)
     evaluation = read_json(Path(evaluation_dir) / METRICS_FILE, "evaluation metrics")
     rank_map = {k: int(v) for k, v in read_json(rank_map_path, "rank map").items()}
     adapter_config = read_json(Path(adapter_dir) / "adapter_config.json", "adapter config")

@@ -2,7 +2,7 @@
 
 10% test; of the rest a labelled fraction (``labelled_ratio``) keeps its labels and is
 split 80/20 into train / valid; the remainder is the unlabelled part. Same store and seed,
-same split. Written as ids (``components.data_access.SplitIds``) so it can be audited.
+same split. Written as ids (``ml.data.splits.Splits``) so it can be audited.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from components.common import StepError, sha256_json
-from components.data_access import SplitIds, open_store, store_classes
+from components.data_access import open_store, store_classes
+from ml.data.splits import Splits
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +46,14 @@ def split_step(store_dir: Path, out_path: Path, config: SplitConfig) -> SplitRes
     store = open_store(store_dir)
     splits = split_store(store, test_size=config.test_ratio, labelled_ratio=config.labelled_ratio,
                          valid_size=config.valid_ratio, seed=config.seed)
-    ids = SplitIds(
+    ids = Splits(
         test=[str(i) for i in splits.test], train=[str(i) for i in splits.train],
         valid=[str(i) for i in splits.valid], unlabelled=[str(i) for i in splits.unlabelled],
-        classes=store_classes(store), config=asdict(config),
+        classes=store_classes(store), params=asdict(config),
     )
     if not ids.train or not ids.valid or not ids.test:
         raise StepError(f"{store_dir}: split {ids.sizes()} leaves an empty labelled train, valid or test part "
                         f"(labelled_ratio {config.labelled_ratio} of {len(store.table)} records is too small)")
     ids.save(out_path)
     log.info("split %s: %s (test split %s)", store_dir, ids.sizes(), ids.test_split_hash[:12])
-    return SplitResult(sizes=ids.sizes(), test_split_hash=ids.test_split_hash, fingerprint=sha256_json(ids.to_json()))
+    return SplitResult(sizes=ids.sizes(), test_split_hash=ids.test_split_hash, fingerprint=sha256_json(ids.to_dict()))

@@ -13,7 +13,7 @@ from test_pipeline_support import make_backbone, make_hospital
 from components.allocate_ranks import RankConfig, allocate_ranks_step
 from components.backbone import resolve_backbone_step
 from components.common import StepError, sha256_dir
-from components.data_access import SplitIds
+from ml.data.splits import Splits
 from components.evaluate import evaluate_step
 from components.finetune import CURVES_FILE, CurveRecorder, FinetuneConfig, finetune_step, read_curves
 from components.inference import load_predictor
@@ -72,7 +72,7 @@ def test_ingest_of_an_empty_folder_names_it(tmp_path):
 
 
 def test_split_is_deterministic_and_auditable(work, tmp_path):
-    first = SplitIds.load(work / "splits.json")
+    first = Splits.load(work / "splits.json")
     result = split_step(work / "store", tmp_path / "again.json", SplitConfig(labelled_ratio=0.3, seed=0))
     assert result.test_split_hash == first.test_split_hash
     assert json.loads((tmp_path / "again.json").read_text())["test"] == first.test
@@ -96,7 +96,7 @@ def test_rank_map_uses_r_and_r_low(work, tmp_path):
 
 def test_finetune_outputs_adapter_and_curves(trained):
     config = json.loads((trained / "adapter" / "adapter_config.json").read_text())
-    splits = SplitIds.load(trained / "splits.json")
+    splits = Splits.load(trained / "splits.json")
     assert config["classes"] == splits.classes
     assert len(config["thresholds"]) == len(splits.classes)
     assert config["rank_map"] == json.loads((trained / "rank_map.json").read_text())
@@ -121,7 +121,7 @@ def test_registration_bundle_scores_a_model_on_its_test_split(trained):
                   params={"method": "cessl", "r": 8}, data_version="md5-x", git_commit="abc")
     bundle = collect_registration(**kwargs)
     assert bundle.tags["data_version"] == "md5-x"
-    assert bundle.tags["test_split_hash"] == SplitIds.load(trained / "splits.json").test_split_hash
+    assert bundle.tags["test_split_hash"] == Splits.load(trained / "splits.json").test_split_hash
     assert "evaluation/per_class.csv" in bundle.artifacts and "training/curves.jsonl" in bundle.artifacts
     assert collect_registration(**kwargs).fingerprint == bundle.fingerprint
     # The same model scored again on the same split gives its own test metrics.

@@ -13,8 +13,9 @@ first). Saved as JSON lists of ids, so a split can be audited and reused.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,18 @@ from typing import Any
 import numpy as np
 
 
+PARTS: tuple[str, ...] = ("test", "train", "valid", "unlabelled")
+
+
+def ids_hash(ids: Iterable[str]) -> str:
+    """Order-independent hash of a set of record ids (e.g. the test split)."""
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
+
+
 @dataclass
 class Splits:
+    """Record ids of each part of a split, the classes, and the parameters that made it."""
+
     test: list[str]
     train: list[str]
     valid: list[str]
@@ -31,11 +42,17 @@ class Splits:
     classes: list[str] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def test_split_hash(self) -> str:
+        """Identifies the test set: models are only compared on the same one."""
+        return ids_hash(self.test)
+
     def sizes(self) -> dict[str, int]:
-        return {k: len(getattr(self, k)) for k in ("test", "train", "valid", "unlabelled")}
+        return {k: len(getattr(self, k)) for k in PARTS}
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The id lists, classes and params, plus the derived test-split hash and sizes."""
+        return {**asdict(self), "test_split_hash": self.test_split_hash, "sizes": self.sizes()}
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -47,8 +64,15 @@ class Splits:
 
     @classmethod
     def load(cls, path: str | Path) -> Splits:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        return cls(**data)
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path}: unreadable split file ({err})") from err
+        missing = [part for part in PARTS if part not in data]
+        if missing:
+            raise ValueError(f"{path}: split file lacks the parts {missing}")
+        return cls(**{part: [str(i) for i in data[part]] for part in PARTS},
+                   classes=list(data.get("classes", [])), params=dict(data.get("params", {})))
 
 
 def _stratified_cut(y: np.ndarray, n_second: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
