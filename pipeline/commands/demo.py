@@ -20,21 +20,17 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-import torch
-from rich.console import Console
-from rich.table import Table
+# torch, scikit-learn and the ml/ stack load only when the demo runs: every `cessl`
+# command builds this parser, and none of the others should pay for them at start-up.
+if TYPE_CHECKING:
+    import pandas as pd
+    from rich.console import Console
+    from rich.table import Table
 
-from ml.eval.evaluate import EvaluationReport, evaluate
-from ml.model.backbone import ECGTransformer, backbone_config
-from ml.model.lora import count_parameters
-from ml.model.rank_allocation import default_r_low, parameter_importance, ranks_from_importance
-from ml.train.config import TrainConfig
-from ml.train.finetune import build_model_for_method
-from ml.train.loaders import EpochStream, fetch
-from ml.train.synthetic import SyntheticTaskConfig, make_splits
-from ml.train.trainer import TrainResult, fit
+    from ml.eval.evaluate import EvaluationReport
+    from ml.train.trainer import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +72,8 @@ class DemoReport:
 
 def _allocation_batches(dataset, batch_size: int, seed: int):
     """One pass over the labelled train split, in a seeded order."""
+    from ml.train.loaders import EpochStream, fetch
+
     stream = EpochStream(len(dataset), batch_size, seed)
     n_batches = max(1, len(dataset) // batch_size)
     return [fetch(dataset, stream.next_indices()) for _ in range(n_batches)]
@@ -83,6 +81,17 @@ def _allocation_batches(dataset, batch_size: int, seed: int):
 
 def run_demo(options: DemoOptions) -> DemoReport:
     """Synthetic data -> random stand-in backbone -> rank allocation -> CE-SSL -> test metrics."""
+    import torch
+
+    from ml.eval.evaluate import evaluate
+    from ml.model.backbone import ECGTransformer, backbone_config
+    from ml.model.lora import count_parameters
+    from ml.model.rank_allocation import parameter_importance, ranks_from_importance
+    from ml.train.config import TrainConfig
+    from ml.train.finetune import build_model_for_method
+    from ml.train.synthetic import SyntheticTaskConfig, make_splits
+    from ml.train.trainer import fit
+
     start = time.perf_counter()
     sizes = {"train": options.train, "valid": options.valid, "test": options.test, "unlabelled": options.unlabelled}
     task_config = SyntheticTaskConfig(num_classes=options.classes)
@@ -127,6 +136,10 @@ def run_demo(options: DemoOptions) -> DemoReport:
 
 def render(report: DemoReport, options: DemoOptions, console: Console) -> None:
     """The demo's result as rich tables."""
+    from rich.table import Table
+
+    from ml.model.rank_allocation import default_r_low
+
     params = Table(title="Parameters")
     params.add_column("")
     params.add_column("count", justify="right")
@@ -159,6 +172,8 @@ def render(report: DemoReport, options: DemoOptions, console: Console) -> None:
 
 
 def _frame_table(frame: pd.DataFrame, title: str) -> Table:
+    from rich.table import Table
+
     table = Table(title=title)
     for column in frame.columns:
         table.add_column(str(column), justify="left" if column == "class" else "right")
@@ -168,6 +183,9 @@ def _frame_table(frame: pd.DataFrame, title: str) -> Table:
 
 
 def _command(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+
     if args.threads:
         torch.set_num_threads(args.threads)
     options = DemoOptions(
