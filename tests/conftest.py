@@ -39,3 +39,22 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def spy_reads(monkeypatch):
+    """``spy_reads(SourceClass)`` -> the list of keys its ``read`` is called with from then on
+    (the reads still happen): proves what ingestion fetched and what it skipped."""
+
+    def install(source_class: type) -> list[str]:
+        keys: list[str] = []
+        original = source_class.read
+
+        def spy(self, key):
+            keys.append(key)
+            return original(self, key)
+
+        monkeypatch.setattr(source_class, "read", spy)
+        return keys
+
+    return install

@@ -88,20 +88,13 @@ def test_quarantine_report_lists_every_quarantined_record(faulty_hospital, tmp_p
             assert f"| {key} | {outcome} |" in text
 
 
-def test_incremental_rerun_reads_only_new_records(tmp_path, monkeypatch):
+def test_incremental_rerun_reads_only_new_records(tmp_path, spy_reads):
     src = tmp_path / "src"
     generate(src, SynthConfig(records=30, seed=4), workers=1, progress=False)
     first = ingest(src, tmp_path / "ing", config=SERIAL, progress=False)
     assert (first.read, first.reused, first.accepted) == (30, 0, 30)
 
-    opened: list[str] = []
-    original = LocalSource.read
-
-    def spy(self, key):
-        opened.append(key)
-        return original(self, key)
-
-    monkeypatch.setattr(LocalSource, "read", spy)
+    opened = spy_reads(LocalSource)
     generate(src / "batch2", SynthConfig(records=5, seed=4, start=30), workers=1, progress=False)
     second = ingest(src, tmp_path / "ing", config=SERIAL, progress=False)
     assert (second.seen, second.read, second.reused, second.accepted) == (35, 5, 30, 35)

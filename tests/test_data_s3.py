@@ -66,7 +66,8 @@ def test_s3_ingestion_matches_local_and_is_incremental(aws_env, s3_bucket, tmp_p
     assert (again.read, again.reused, again.seen) == (2, remote.seen, remote.seen + 2)
 
 
-def test_path_traversal_keys_are_quarantined_not_read(aws_env, s3_bucket, tmp_path, ecg_records_dir, monkeypatch):
+def test_path_traversal_keys_are_quarantined_not_read(aws_env, s3_bucket, tmp_path, ecg_records_dir, monkeypatch,
+                                                      spy_reads):
     client = aws_env.client()
     prefix = "site"
     for name in ("E07500.hea", "E07500.mat"):
@@ -77,14 +78,7 @@ def test_path_traversal_keys_are_quarantined_not_read(aws_env, s3_bucket, tmp_pa
         client.put_object(Bucket=s3_bucket, Key=f"{prefix}/{key}", Body=header)
     source = S3Source(f"s3://{s3_bucket}/{prefix}")
 
-    read_keys: list[str] = []
-    original = S3Source.read
-
-    def spy(self, key):
-        read_keys.append(key)
-        return original(self, key)
-
-    monkeypatch.setattr(S3Source, "read", spy)
+    read_keys = spy_reads(S3Source)
     report = ingest(source, tmp_path / "ing", config=IngestConfig(workers=1), progress=False)
     assert (report.seen, report.accepted, report.by_reason) == (4, 1, {"unsafe_path": 3})
     assert sorted(set(read_keys)) == ["E07500.hea", "E07500.mat"]  # nothing else was fetched
