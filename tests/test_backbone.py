@@ -82,6 +82,13 @@ def test_encode_and_head_split_the_forward(reference_dir: Path) -> None:
     with torch.no_grad():
         features = model.encode(x)
         assert features.shape == (2, 64, 1, 96)
+        # CPU encoder runs channels-last (no oneDNN reorders); the head's (N, 96, d) tokens
+        # are then a free view
+        assert features.is_contiguous(memory_format=torch.channels_last)
+        assert features.squeeze(2).transpose(1, 2).is_contiguous()
+        plain = torch.nn.Sequential(*model.encoder_layers)(x)  # the same blocks, NCHW
+        assert plain.is_contiguous()
+        torch.testing.assert_close(features, plain, atol=1e-5, rtol=1e-5)
         # the semi-supervised step drops the second half of the batch before the head
         np.testing.assert_allclose(model.head(features[:1]).numpy(), model(x[:1]).numpy(), atol=1e-6)
         assert model.head(features).shape == (2, 19)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ml.model.backbone import ECGTransformer, backbone_config
 from ml.model.lora import (
@@ -160,13 +161,13 @@ def count_branch_calls(model: ECGTransformer, monkeypatch: pytest.MonkeyPatch) -
     """Wrap every adapted layer's low-rank branch with a call counter."""
     calls = dict.fromkeys(lora_layers(model), 0)
     for name, layer in lora_layers(model).items():
-        original = layer.low_rank_delta
+        original = layer.forward_with_update
 
-        def counted(name: str = name, original=original) -> torch.Tensor:
+        def counted(x: torch.Tensor, factor: float, name: str = name, original=original) -> torch.Tensor:
             calls[name] += 1
-            return original()
+            return original(x, factor)
 
-        monkeypatch.setattr(layer, "low_rank_delta", counted)
+        monkeypatch.setattr(layer, "forward_with_update", counted)
     return calls
 
 
@@ -188,6 +189,57 @@ def test_full_deactivation_skips_the_branch(short_input: torch.Tensor, monkeypat
         if name != "classifier.0":
             assert layer.lora_A.grad is None and layer.lora_B.grad is None
     torch.testing.assert_close(out, expected)
+
+
+class ConvBackwards(TorchDispatchMode):
+    """Records every conv backward: (output_mask (grad input, grad kernel, grad bias), C_out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[tuple[bool, bool, bool], int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if func is torch.ops.aten.convolution_backward.default:
+            self.calls.append((tuple(args[-1]), args[2].shape[0]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("p", [1.0, 0.0])
+def test_lora_conv_backward_never_computes_the_full_kernel_gradient(p: float) -> None:
+    """Switched off (p = 1): only the input gradient (the bias is added apart, since oneDNN
+    computes the kernel gradient whenever it is asked for the bias one). Switched on (p = 0):
+    the input gradient plus the kernel gradient of the r-channel conv(x, A) - never the
+    (C_out, C_in*9) one. Values and gradients equal plain autograd through W + B A."""
+    torch.manual_seed(0)
+    r, c_out = 4, 16
+    layer = LoRAConv2d(8, c_out, (1, 9), stride=(1, 2), padding=(0, 4), r=r).double()  # exact compare
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.p = p
+    mark_trainable(layer, "lora")
+    layer.train()
+    x = torch.randn(3, 8, 1, 64, dtype=torch.float64, requires_grad=True)
+    with ConvBackwards() as recorded:
+        out = layer(x)
+        out.square().sum().backward()
+    expected = [((True, False, False), c_out)] + ([((False, True, False), r)] if p == 0.0 else [])
+    assert recorded.calls == expected
+    ours = {"x": x.grad, "bias": layer.conv.bias.grad, "A": layer.lora_A.grad, "B": layer.lora_B.grad}
+
+    # reference: autograd through the merged kernel
+    xr = x.detach().clone().requires_grad_()
+    a, b, bias = (t.detach().clone().requires_grad_() for t in (layer.lora_A, layer.lora_B, layer.conv.bias))
+    kernel = layer.weight + (b @ a).view(layer.weight.shape) * (1.0 - p)
+    ref = layer.conv._conv_forward(xr, kernel, bias)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(ours["x"], xr.grad)
+    torch.testing.assert_close(ours["bias"], bias.grad)
+    if p == 0.0:
+        torch.testing.assert_close(ours["A"], a.grad)
+        torch.testing.assert_close(ours["B"], b.grad)
+    else:
+        assert ours["A"] is None and ours["B"] is None
 
 
 def test_deactivation_rate_and_seeded_reproducibility(short_input: torch.Tensor,

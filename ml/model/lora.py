@@ -80,7 +80,8 @@ class LoRALayer(nn.Module):
     """Base class: a frozen weight W and an optional low-rank update with random deactivation.
 
     Subclasses give ``weight`` (the W parameter, in the wrapped layer's own layout),
-    ``_low_rank(B, A)`` (B A in W's layout) and ``_forward_with(x, w)`` (the wrapped op).
+    ``_low_rank(B, A)`` (B A in W's layout) and ``_forward_with(x, w)`` (the wrapped op), and
+    may override ``forward_with_update`` (how the update is applied when it is on).
     """
 
     r: int
@@ -131,26 +132,27 @@ class LoRALayer(nn.Module):
         """What ``merge()`` adds to W: ``(1 - p) B A * scale`` (``B A * scale`` when p = 0)."""
         return self.low_rank_delta() * self.expected_factor
 
-    def _branch_weight(self) -> Tensor | None:
-        """The update applied in this forward pass, or None when the branch is off.
+    def _update_factor(self) -> float | None:
+        """The factor of the update in this forward pass, or None when the branch is off.
 
-        Training with p > 0: skipped with probability p (and then never computed), else
-        the full update. Eval: the expected update (1 - p) B A, deterministic.
+        Training with p > 0: off with probability p (and then never computed), else 1.
+        Eval: the expected factor 1 - p, deterministic. Not adapted, or merged: off.
         """
         if self.r == 0 or self.merged:
             return None
-        if self.p > 0.0:
-            if self.training:
-                if self.rng.random() < self.p:
-                    return None
-                return self.low_rank_delta()
-            return self.get_delta_weight()
-        return self.low_rank_delta()
+        if self.p > 0.0 and self.training:
+            return None if self.rng.random() < self.p else 1.0
+        return self.expected_factor
+
+    def forward_with_update(self, x: Tensor, factor: float) -> Tensor:
+        """The wrapped op with the kernel W + factor * B A * scale."""
+        return self._forward_with(x, self.weight + self.low_rank_delta() * factor)
 
     def forward(self, x: Tensor) -> Tensor:
-        delta = self._branch_weight()
-        w = self.weight if delta is None else self.weight + delta
-        return self._forward_with(x, w)
+        factor = self._update_factor()
+        if factor is None:
+            return self._forward_with(x, self.weight)
+        return self.forward_with_update(x, factor)
 
     # --- merging ----------------------------------------------------------------------
     @torch.no_grad()
@@ -182,10 +184,62 @@ def _uniform_fan_in_(t: Tensor, fan_in: int) -> None:
     nn.init.uniform_(t, -bound, bound)
 
 
+class _LoRAConvFunction(torch.autograd.Function):
+    """y = conv(x, W + s B A) + b with the exact LoRA gradients, without the kernel gradient.
+
+    Autograd through ``conv(x, W + s B A)`` would compute the full (C_out, C_in*kh*kw) kernel
+    gradient G and then project it (dB = s G A^T, dA = s B^T G) - as costly as full
+    fine-tuning. Here the projections are computed directly from a rank-r view of the input:
+
+        h  = conv(x, A as an r-channel kernel)        (N, r, H', W'), saved in forward
+        dB = s * sum over positions of dY (x) h        a (C_out x r) matrix product
+        dA = s * kernel gradient of conv(x, A) for the output gradient B^T dY   (r channels)
+
+    so the backward costs one full input gradient plus two r-channel operations. The
+    values equal autograd's up to float rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor,  # noqa: ANN001
+                lora_B: Tensor, s: float, conv: nn.Conv2d) -> Tensor:
+        kernel = weight + (lora_B @ lora_A).view(weight.shape) * s
+        a_kernel = lora_A.view(lora_A.shape[0], *weight.shape[1:])
+        h = F.conv2d(x, a_kernel, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        ctx.save_for_backward(x, kernel, a_kernel, lora_B, h)
+        ctx.s, ctx.conv, ctx.has_bias = s, conv, bias is not None
+        return F.conv2d(x, kernel, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):  # noqa: ANN001, ANN205
+        x, kernel, a_kernel, lora_B, h = ctx.saved_tensors
+        conv, s = ctx.conv, ctx.s
+        args = (conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups)
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(
+                grad_out, x, kernel, None, *args, [True, False, False])[0]
+        if ctx.needs_input_grad[2] and ctx.has_bias:
+            grad_bias = grad_out.sum(dim=(0, 2, 3))
+        g = _positions(grad_out)                       # (positions, C_out)
+        grad_B = (g.t() @ _positions(h)) * s            # (C_out, r)
+        grad_h = (g @ lora_B * s).view(h.shape[0], h.shape[2], h.shape[3], -1).permute(0, 3, 1, 2)
+        grad_A = torch.ops.aten.convolution_backward(
+            grad_h, x, a_kernel, None, *args, [False, True, False])[1]
+        return grad_x, None, grad_bias, grad_A.reshape(a_kernel.shape[0], -1), grad_B, None, None
+
+
+def _positions(t: Tensor) -> Tensor:
+    """(N, C, H, W) -> (N*H*W, C): one row per position (a view for channels-last tensors)."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
 class LoRAConv2d(LoRALayer):
     """A Conv2d (1xK or 1x1 in the encoder) with LoRA: A (r, C_in*kh*kw), B (C_out, r).
 
     B A has shape (C_out, C_in*kh*kw) and is viewed as the kernel (C_out, C_in, kh, kw).
+    Training with a frozen kernel goes through ``_LoRAConvFunction``, whose backward
+    gives A and B their gradients without computing the full kernel gradient.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int],
@@ -204,8 +258,20 @@ class LoRAConv2d(LoRALayer):
     def _low_rank(self, lora_B: Tensor, lora_A: Tensor) -> Tensor:
         return (lora_B @ lora_A).view(self.conv.weight.shape)
 
+    def forward_with_update(self, x: Tensor, factor: float) -> Tensor:
+        if torch.is_grad_enabled() and not self.weight.requires_grad:
+            return _LoRAConvFunction.apply(x, self.weight, self.conv.bias, self.lora_A, self.lora_B,
+                                           self.scale * factor, self.conv)
+        return super().forward_with_update(x, factor)
+
     def _forward_with(self, x: Tensor, weight: Tensor) -> Tensor:
-        return self.conv._conv_forward(x, weight, self.conv.bias)
+        bias = self.conv.bias
+        if bias is not None and bias.requires_grad and not weight.requires_grad and torch.is_grad_enabled():
+            # Frozen kernel (deactivated or not adapted), trainable bias: add the bias apart.
+            # oneDNN's CPU convolution backward computes the kernel gradient whenever it is
+            # asked for the bias gradient, which would undo the saving of deactivation.
+            return self.conv._conv_forward(x, weight, None) + bias.view(-1, 1, 1)
+        return self.conv._conv_forward(x, weight, bias)
 
 
 class LoRALinear(LoRALayer):
