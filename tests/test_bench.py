@@ -1,0 +1,50 @@
+"""The benchmarks run end to end (smallest settings) and report consistent figures.
+
+Timings are not asserted (machine noise); what is asserted is what the figures must satisfy
+whatever the machine: every method measured, the reference's ratio is 1, trainable and
+stored sizes follow the methods, merged and unmerged logits agree.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script: str, args: list[str], out: Path) -> dict:
+    cmd = [sys.executable, str(ROOT / "bench" / script), "--config", "tinylight", "--threads", "1",
+           "--device", "cpu", "--json", str(out), *args]  # fmt: skip
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_train_step_bench_reports_every_method(tmp_path: Path) -> None:
+    summary = run_bench("train_step.py", ["--batch", "2", "--steps", "1", "--rounds", "1", "--pairs", "2"],
+                        tmp_path / "train_step.json")  # fmt: skip
+    results = {r["method"]: r for r in summary["results"]}
+    assert list(results) == ["cessl", "cessl-no-deact", "lora", "full", "fixmatch"]
+    assert results["fixmatch"]["x_fixmatch"] == 1.0
+    assert all(r["step_ms"] > 0 and r["peak_mb"] > 0 for r in results.values())
+    # CE-SSL trains the allocated (lower) ranks: fewer parameters than uniform LoRA r = 16,
+    # far fewer than full fine-tuning, and stores an adapter, not the model
+    assert results["cessl"]["trainable"] < results["lora"]["trainable"] < results["full"]["trainable"]
+    assert results["full"]["trainable"] == results["full"]["total"] == summary["backbone_params"]
+    assert results["cessl"]["stored_bytes"] < results["full"]["stored_bytes"]
+    assert len(summary["deactivation_pair_ms"]) == 2
+    assert [t["target"] for t in summary["targets"]][0].startswith("CE-SSL step")
+    assert any(r < 16 for r in summary["rank_map"].values())
+
+
+@pytest.mark.slow
+def test_inference_bench_merged_equals_unmerged(tmp_path: Path) -> None:
+    summary = run_bench("inference.py", ["--batch", "2", "--rounds", "2"], tmp_path / "inference.json")
+    assert set(summary["median_ms"]) == {"backbone", "merged", "unmerged"}
+    assert summary["max_abs_logit_diff_merged_vs_unmerged"] < 1e-5
+    assert summary["ratio_merged_to_backbone"] > 0
