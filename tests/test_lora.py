@@ -204,12 +204,13 @@ class ConvBackwards(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("p", [1.0, 0.0])
-def test_lora_conv_backward_never_computes_the_full_kernel_gradient(p: float) -> None:
+@pytest.mark.parametrize("p, trained", [(1.0, "AB"), (0.0, "AB"), (0.0, "B")])
+def test_lora_conv_backward_never_computes_the_full_kernel_gradient(p: float, trained: str) -> None:
     """Switched off (p = 1): only the input gradient (the bias is added apart, since oneDNN
     computes the kernel gradient whenever it is asked for the bias one). Switched on (p = 0):
-    the input gradient plus the kernel gradient of the r-channel conv(x, A) - never the
-    (C_out, C_in*9) one. Values and gradients equal plain autograd through W + B A."""
+    the input gradient plus, when A trains, the kernel gradient of the r-channel conv(x, A) -
+    never the (C_out, C_in*9) one (B alone, as in the allocation pass, needs no second conv).
+    Values and gradients equal plain autograd through W + B A."""
     torch.manual_seed(0)
     r, c_out = 4, 16
     layer = LoRAConv2d(8, c_out, (1, 9), stride=(1, 2), padding=(0, 4), r=r).double()  # exact compare
@@ -217,13 +218,14 @@ def test_lora_conv_backward_never_computes_the_full_kernel_gradient(p: float) ->
         layer.lora_B.normal_()
     layer.p = p
     mark_trainable(layer, "lora")
+    layer.lora_A.requires_grad_("A" in trained)
     layer.train()
     x = torch.randn(3, 8, 1, 64, dtype=torch.float64, requires_grad=True)
     with ConvBackwards() as recorded:
         out = layer(x)
         out.square().sum().backward()
-    expected = [((True, False, False), c_out)] + ([((False, True, False), r)] if p == 0.0 else [])
-    assert recorded.calls == expected
+    r_channel_kernel_grad = [((False, True, False), r)] if p == 0.0 and "A" in trained else []
+    assert recorded.calls == [((True, False, False), c_out), *r_channel_kernel_grad]
     ours = {"x": x.grad, "bias": layer.conv.bias.grad, "A": layer.lora_A.grad, "B": layer.lora_B.grad}
 
     # reference: autograd through the merged kernel
@@ -235,11 +237,14 @@ def test_lora_conv_backward_never_computes_the_full_kernel_gradient(p: float) ->
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(ours["x"], xr.grad)
     torch.testing.assert_close(ours["bias"], bias.grad)
-    if p == 0.0:
-        torch.testing.assert_close(ours["A"], a.grad)
-        torch.testing.assert_close(ours["B"], b.grad)
-    else:
+    if p == 1.0:
         assert ours["A"] is None and ours["B"] is None
+    else:
+        torch.testing.assert_close(ours["B"], b.grad)
+        if "A" in trained:
+            torch.testing.assert_close(ours["A"], a.grad)
+        else:
+            assert ours["A"] is None
 
 
 def test_deactivation_rate_and_seeded_reproducibility(short_input: torch.Tensor,

@@ -212,7 +212,9 @@ class _LoRAConvFunction(torch.autograd.Function):
                 lora_B: Tensor, s: float, conv: nn.Conv2d) -> Tensor:
         kernel = weight + (lora_B @ lora_A).view(weight.shape) * s
         a_kernel = lora_A.view(lora_A.shape[0], *weight.shape[1:])
-        h = F.conv2d(x, a_kernel, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        h = None  # only dB needs it (the allocation pass, for one, trains B alone)
+        if ctx.needs_input_grad[4]:
+            h = F.conv2d(x, a_kernel, None, conv.stride, conv.padding, conv.dilation, conv.groups)
         ctx.save_for_backward(x, kernel, a_kernel, lora_B, h)
         ctx.s, ctx.conv, ctx.has_bias = s, conv, bias is not None
         return F.conv2d(x, kernel, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -229,12 +231,16 @@ class _LoRAConvFunction(torch.autograd.Function):
                 grad_out, x, kernel, None, *args, [True, False, False])[0]
         if ctx.needs_input_grad[2] and ctx.has_bias:
             grad_bias = grad_out.sum(dim=(0, 2, 3))
-        g = _positions(grad_out)                       # (positions, C_out)
-        grad_B = (g.t() @ _positions(h)) * s            # (C_out, r)
-        grad_h = (g @ lora_B * s).view(h.shape[0], h.shape[2], h.shape[3], -1).permute(0, 3, 1, 2)
-        grad_A = torch.ops.aten.convolution_backward(
-            grad_h, x, a_kernel, None, *args, [False, True, False])[1]
-        return grad_x, None, grad_bias, grad_A.reshape(a_kernel.shape[0], -1), grad_B, None, None
+        g = _positions(grad_out)                                  # (positions, C_out)
+        grad_A = grad_B = None
+        if ctx.needs_input_grad[4]:
+            grad_B = (g.t() @ _positions(h)) * s                   # (C_out, r)
+        if ctx.needs_input_grad[3]:
+            n, _, h_out, w_out = grad_out.shape
+            grad_h = (g @ lora_B * s).view(n, h_out, w_out, -1).permute(0, 3, 1, 2)  # B^T dY
+            grad_A = torch.ops.aten.convolution_backward(
+                grad_h, x, a_kernel, None, *args, [False, True, False])[1].reshape(a_kernel.shape[0], -1)
+        return grad_x, None, grad_bias, grad_A, grad_B, None, None
 
 
 def _positions(t: Tensor) -> Tensor:
