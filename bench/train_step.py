@@ -112,11 +112,10 @@ class Workload:
         self.generator = make_generator(seed, device)
         self.loss: Callable[[], torch.Tensor] = {
             "cessl": lambda: semi_supervised_step(self.model, self.x, self.y, self.u, self.generator).loss,
-            "cessl-no-deact": lambda: semi_supervised_step(self.model, self.x, self.y, self.u, self.generator).loss,
             "lora": lambda: supervised_step(self.model, self.x, self.y, self.generator).loss,
             "full": lambda: supervised_step(self.model, self.x, self.y, self.generator).loss,
             "fixmatch": lambda: fixmatch_step(self.model, self.x, self.y, self.u, self.generator).loss,
-        }[method]
+        }[train_method]
 
     def step(self) -> None:
         loss = self.loss()

@@ -209,15 +209,15 @@ class _LoRAConvFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor,  # noqa: ANN001
-                lora_B: Tensor, s: float, conv: nn.Conv2d) -> Tensor:
-        kernel = weight + (lora_B @ lora_A).view(weight.shape) * s
+                lora_B: Tensor, s: float, layer: LoRAConv2d) -> Tensor:
+        kernel = weight + layer._low_rank(lora_B, lora_A) * s
         a_kernel = lora_A.view(lora_A.shape[0], *weight.shape[1:])
         h = None  # only dB needs it (the allocation pass, for one, trains B alone)
         if ctx.needs_input_grad[4]:
-            h = F.conv2d(x, a_kernel, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+            h = layer.conv._conv_forward(x, a_kernel, None)
         ctx.save_for_backward(x, kernel, a_kernel, lora_B, h)
-        ctx.s, ctx.conv, ctx.has_bias = s, conv, bias is not None
-        return F.conv2d(x, kernel, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        ctx.s, ctx.conv = s, layer.conv
+        return layer.conv._conv_forward(x, kernel, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -229,7 +229,7 @@ class _LoRAConvFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = torch.ops.aten.convolution_backward(
                 grad_out, x, kernel, None, *args, [True, False, False])[0]
-        if ctx.needs_input_grad[2] and ctx.has_bias:
+        if ctx.needs_input_grad[2]:  # False when there is no bias
             grad_bias = grad_out.sum(dim=(0, 2, 3))
         g = _positions(grad_out)                                  # (positions, C_out)
         grad_A = grad_B = None
@@ -275,7 +275,7 @@ class LoRAConv2d(LoRALayer):
     def forward_with_update(self, x: Tensor, factor: float) -> Tensor:
         if torch.is_grad_enabled() and not self.weight.requires_grad:
             return _LoRAConvFunction.apply(x, self.weight, self.conv.bias, self.lora_A, self.lora_B,
-                                           self.scale * factor, self.conv)
+                                           self.scale * factor, self)
         return super().forward_with_update(x, factor)
 
     def _forward_with(self, x: Tensor, weight: Tensor) -> Tensor:
