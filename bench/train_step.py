@@ -11,10 +11,12 @@ interleaved (the order rotates every round) so that machine noise hits them alik
 - ``fixmatch``       FixMatch with full fine-tuning (labelled + weak + strong views).
 
 A step is what the trainer does: augment, forward, backward, AdamW step. Labelled batch
-B, unlabelled batch B. Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the
-steps (minus what was allocated before); on CPU the peak-RSS growth during the steps of a
-fresh subprocess per method (VmHWM, reset before the steps; tracemalloc does not see torch's
-allocations).
+B, unlabelled batch B. Peak memory: on CUDA the method's whole footprint, the peak of
+``torch.cuda.max_memory_allocated`` over building the model and its steps with nothing else
+on the device (weights, batches, gradients, AdamW state, activations: comparable with the
+paper's peak GPU memory, less the CUDA context and the allocator's cache); on CPU the
+peak-RSS growth during the steps of a fresh subprocess per method (VmHWM, reset before the
+steps; tracemalloc does not see torch's allocations).
 Every figure is also printed as a ratio to FixMatch full fine-tuning. Time ratios are ratios
 of total time over the interleaved rounds (what a training run pays); the interleaving makes
 slow drifts in machine load hit every method alike. The saving of random deactivation is
@@ -176,21 +178,25 @@ def _reset_peak_rss() -> None:
 def probe_memory(method: str, args: argparse.Namespace, rank_map: dict[str, int]) -> float:
     """Peak memory growth (MB) over ``args.steps`` steps of ``method`` in this process.
 
-    CUDA: max_memory_allocated minus what was allocated before the steps. CPU: the peak
-    RSS (VmHWM, reset just before the steps) minus the RSS before the steps - run in a
-    fresh process so that no other method's freed-but-cached memory is reused.
+    CUDA: max_memory_allocated from before the model is built (nothing else may be alive
+    on the device) to after the steps. CPU: the peak RSS (VmHWM, reset just before the
+    steps) minus the RSS before the steps - run in a fresh process so that no other
+    method's freed-but-cached memory is reused.
     """
     device = resolve_device(args.device)
     config = backbone_config(args.config, NUM_CLASSES)
-    work = Workload(method, config, rank_map, args.batch, device)
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        gc.collect()
+        torch.cuda.empty_cache()
+        if left := torch.cuda.memory_allocated(device):
+            log.warning("%.0f MB still allocated before the %s probe: its peak includes them", left / 2**20, method)
         torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
+        work = Workload(method, config, rank_map, args.batch, device)
         for _ in range(args.steps):
             work.step()
         torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    work = Workload(method, config, rank_map, args.batch, device)
     gc.collect()
     _reset_peak_rss()
     base = _status_kb("VmRSS")
@@ -229,8 +235,8 @@ def measure(args: argparse.Namespace) -> tuple[list[Measurement], dict[str, int]
     rank_map = rank_map_for(config, args.batch, device)
     backbone_params = count_parameters(ECGTransformer(config))[1]
     works = {m: Workload(m, config, rank_map, args.batch, device) for m in METHODS}
-    for work in works.values():  # warm-up (allocator, AdamW state, kernels)
-        work.step()
+    for method in METHODS:  # warm-up (allocator, AdamW state, kernels)
+        works[method].step()
     times: dict[str, list[list[float]]] = {m: [] for m in METHODS}
     for round_ in range(args.rounds):
         order = METHODS[round_ % len(METHODS):] + METHODS[: round_ % len(METHODS)]

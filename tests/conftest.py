@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+
+# cuBLAS is deterministic only with a fixed workspace, read when CUDA first starts: set it
+# before any test touches the GPU (the trainer's deterministic mode relies on it).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCE = FIXTURES / "reference"
@@ -12,6 +19,33 @@ ECG_RECORDS = FIXTURES / "ecg" / "cinc2021"
 LABEL_MAPPING = FIXTURES / "ecg" / "challenge2021_label_mapping.csv"
 
 pytest_plugins = ["servers"]
+
+# The tests that take the ``device`` fixture run on the CPU and, where one is present, on a
+# CUDA device too (``pytest -m cuda`` selects the GPU half; CI has no GPU and skips it).
+DEVICES = ("cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]))
+# The issue's tolerance for the reference goldens is 1e-4; the CPU reproduces them to 1e-5.
+GOLDEN_ATOL = {"cpu": 1e-5, "cuda": 1e-4}
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> Iterator[torch.device]:
+    """The device a test runs on. CUDA in full float32 (no TF32 in matmuls or cuDNN
+    convolutions), so that the CPU's tolerances hold there as well."""
+    if request.param == "cpu":
+        yield torch.device("cpu")
+        return
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield torch.device("cuda")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+@pytest.fixture
+def golden_atol(device: torch.device) -> float:
+    return GOLDEN_ATOL[device.type]
 
 
 @pytest.fixture(scope="session")

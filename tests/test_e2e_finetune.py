@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.mark.slow
-def test_cessl_learns_a_synthetic_multilabel_task() -> None:
+def test_cessl_learns_a_synthetic_multilabel_task(device: torch.device) -> None:
     task, data = make_splits(
         {"train": 64, "valid": 32, "test": 64, "unlabelled": 64},
         SyntheticTaskConfig(num_classes=N_CLASSES, amplitude=1.5),
@@ -54,7 +54,7 @@ def test_cessl_learns_a_synthetic_multilabel_task() -> None:
     trainable, _ = count_parameters(model)
     assert trainable < count_parameters(build_model_for_method(None, config, "full"))[0]
     train_config = TrainConfig(method="cessl", lr=3e-3, max_steps=30, batch_size=BATCH, val_every=15,
-                               warmup_frac=0.05, seed=0, device="cpu", progress=False)  # fmt: skip
+                               warmup_frac=0.05, seed=0, device=device.type, progress=False)  # fmt: skip
     result = fit(model, data["train"], data["unlabelled"], data["valid"], train_config)
     report = evaluate(model, data["test"], valid=data["valid"], classes=task.classes)
 

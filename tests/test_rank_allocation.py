@@ -37,8 +37,8 @@ def golden_ranks(reference_dir: Path) -> dict[str, int]:
     return {k: int(v) for k, v in (line.split("\t") for line in lines if not line.startswith("#"))}
 
 
-def test_taylor_importance_and_allocation_match_goldens(reference_dir: Path) -> None:
-    model = taylor_model(reference_dir)
+def test_taylor_importance_and_allocation_match_goldens(reference_dir: Path, device: torch.device) -> None:
+    model = taylor_model(reference_dir).to(device)
     importance = parameter_importance(model, [golden_batch(reference_dir)], variant="taylor")
     order = (reference_dir / "golden_tinylight_taylor_order.txt").read_text().split()
     assert list(importance) == order

@@ -141,19 +141,20 @@ def test_early_stopping_counts_validations_without_improvement() -> None:
 
 
 # --- the loop ------------------------------------------------------------------------------
-def test_same_seed_same_weights(data) -> None:
-    a, ra = _fit(data, _config(None))
-    b, rb = _fit(data, _config(None))
+def test_same_seed_same_weights(data, device: torch.device) -> None:
+    a, ra = _fit(data, _config(None, device=device.type))
+    b, rb = _fit(data, _config(None, device=device.type))
     _assert_same_state(a, b)
     assert ra.history == rb.history
-    c, _ = _fit(data, _config(None, seed=2))
+    c, _ = _fit(data, _config(None, seed=2, device=device.type))
     assert not torch.equal(a.classifier[1].weight, c.classifier[1].weight)
 
 
-def test_killed_run_resumes_to_exactly_the_uninterrupted_result(data, tmp_path: Path) -> None:
-    reference, ref_result = _fit(data, _config(tmp_path / "uninterrupted", max_steps=8, val_every=3))
+def test_killed_run_resumes_to_exactly_the_uninterrupted_result(data, tmp_path: Path, device: torch.device) -> None:
+    reference, ref_result = _fit(data, _config(tmp_path / "uninterrupted", max_steps=8, val_every=3,
+                                               device=device.type))
 
-    config = _config(tmp_path / "killed", max_steps=8, val_every=3)
+    config = _config(tmp_path / "killed", max_steps=8, val_every=3, device=device.type)
     killer = _Recorder(fail_at=5)  # checkpoint at step 3, killed during step 5
     with pytest.raises(KeyboardInterrupt):
         _fit(data, config, [killer])
