@@ -203,8 +203,8 @@ def test_callbacks_best_state_and_global_rng(data) -> None:
 
 
 @pytest.mark.parametrize("method", ["lora", "full", "fixmatch"])
-def test_baseline_methods_run(data, method: str) -> None:
-    model, result = _fit(data, _config(None, method=method, max_steps=2, val_every=2))
+def test_baseline_methods_run(data, method: str, device: torch.device) -> None:
+    model, result = _fit(data, _config(None, method=method, max_steps=2, val_every=2, device=device.type))
     assert result.steps == 2 and len(result.history) == 1
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if method == "lora":

@@ -185,10 +185,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _deterministic_algorithms(enabled: bool, device: torch.device) -> Iterator[None]:
-    """``torch.use_deterministic_algorithms(True, warn_only=True)`` for the block, then restore.
+    """``torch.use_deterministic_algorithms(True)`` for the block, then restore.
 
-    On CUDA only when ``CUBLAS_WORKSPACE_CONFIG`` is set (cuBLAS cannot be deterministic
-    without it); CPU runs are deterministic for a fixed thread count.
+    On CUDA strict, and only when ``CUBLAS_WORKSPACE_CONFIG`` is set (cuBLAS cannot be
+    deterministic without it): kernels with a deterministic variant use it (the memory-
+    efficient attention backward does so only in strict mode) and an op without one stops
+    the run with torch's error naming it (``TrainConfig.deterministic = False`` allows it).
+    On CPU warn-only: CPU runs are deterministic for a fixed thread count.
     """
     if enabled and device.type == "cuda" and "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
         log.info("CUBLAS_WORKSPACE_CONFIG is not set: CUDA run not forced to deterministic algorithms")
@@ -198,7 +201,7 @@ def _deterministic_algorithms(enabled: bool, device: torch.device) -> Iterator[N
         return
     previous = torch.are_deterministic_algorithms_enabled()
     previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(True, warn_only=device.type != "cuda")
     try:
         yield
     finally:
