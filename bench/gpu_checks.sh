@@ -7,8 +7,8 @@
 #
 # Writes into $OUT: gpu_checks.log (everything printed: the machine, the CUDA half of the
 # device-parametrised tests, the benchmark tables), train_step_{base,medium,large}.json
-# (bench/train_step.py, batch 64 + 64) and inference_medium.json. Each stage runs even when
-# an earlier one fails; the exit status says whether any failed.
+# (bench/train_step.py, batch 64 + 64), encoder_layout.json and inference_medium.json.
+# Each stage runs even when an earlier one fails; the exit status says whether any failed.
 set -uo pipefail
 OUT=${OUT:?set OUT to the folder for the results}
 PY=${PYTHON:-python3}
@@ -29,6 +29,8 @@ stage() {  # stage CMD...: run it, remember a failure
         stage timeout 180 $PY bench/train_step.py --config "$config" --batch 64 --steps 5 --rounds 6 \
             --pairs 40 --device cuda --json "$OUT/train_step_$config.json"
     done
+    stage timeout 120 $PY bench/encoder_layout.py --config base medium --batch 64 --device cuda \
+        --json "$OUT/encoder_layout.json"
     stage timeout 60 $PY bench/inference.py --config medium --batch 64 --rounds 40 --device cuda \
         --json "$OUT/inference_medium.json"
     echo "=== gpu_checks: $([ $status = 0 ] && echo all stages passed || echo A STAGE FAILED)"

@@ -48,3 +48,14 @@ def test_inference_bench_merged_equals_unmerged(tmp_path: Path) -> None:
     assert set(summary["median_ms"]) == {"backbone", "merged", "unmerged"}
     assert summary["max_abs_logit_diff_merged_vs_unmerged"] < 1e-5
     assert summary["ratio_merged_to_backbone"] > 0
+
+
+@pytest.mark.slow
+def test_encoder_layout_bench_times_both_layouts(tmp_path: Path) -> None:
+    summary = run_bench("encoder_layout.py", ["--batch", "2", "--steps", "1", "--rounds", "2"],
+                        tmp_path / "encoder_layout.json")  # fmt: skip
+    figures = summary["figures"]["tinylight"]
+    assert list(figures) == ["cessl", "fixmatch", "full"]
+    for f in figures.values():
+        assert f["nhwc_ms"] > 0 and f["nchw_ms"] > 0
+        assert f["nhwc_over_nchw"] == pytest.approx(f["nhwc_ms"] / f["nchw_ms"])
