@@ -235,8 +235,9 @@ def measure(args: argparse.Namespace) -> tuple[list[Measurement], dict[str, int]
     rank_map = rank_map_for(config, args.batch, device)
     backbone_params = count_parameters(ECGTransformer(config))[1]
     works = {m: Workload(m, config, rank_map, args.batch, device) for m in METHODS}
-    for method in METHODS:  # warm-up (allocator, AdamW state, kernels)
-        works[method].step()
+    for _ in range(args.warmup):  # allocator, AdamW state, kernels, GPU clocks
+        for method in METHODS:
+            works[method].step()
     times: dict[str, list[list[float]]] = {m: [] for m in METHODS}
     for round_ in range(args.rounds):
         order = METHODS[round_ % len(METHODS):] + METHODS[: round_ % len(METHODS)]
@@ -341,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16, help="labelled batch (= unlabelled batch)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per method and round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per method before timing")
     parser.add_argument("--pairs", type=int, default=12,
                         help="alternating CE-SSL / no-deactivation step pairs for the deactivation saving")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
