@@ -27,6 +27,7 @@ from ml.model.backbone import BACKBONE_CONFIGS, ECGTransformer, backbone_config
 from ml.train.config import resolve_device
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import add_run_options, device_name, setup  # noqa: E402
 from train_step import NUM_CLASSES, Workload, rank_map_for, timed_step  # noqa: E402
 
 log = logging.getLogger("bench.encoder_layout")
@@ -81,17 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16, help="labelled batch (= unlabelled batch)")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per method, layout and round")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--json", default=None, help="also write the figures here")
+    add_run_options(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")  # fmt: skip
-    logging.getLogger("ml.train.finetune").setLevel(logging.ERROR)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    setup(args)
     device = resolve_device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    name = device_name(device)
     table = Table(title=f"Encoder layout, batch {args.batch}+{args.batch}, {name}")
     for column in ("config", "method", "NHWC ms/step", "NCHW ms/step", "NHWC / NCHW"):
         table.add_column(column, justify="left" if column in ("config", "method") else "right")

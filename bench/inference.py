@@ -34,6 +34,9 @@ from ml.model.lora import lora_layers, merge_lora
 from ml.train.config import resolve_device
 from ml.train.finetune import build_model_for_method
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common import add_run_options, device_name, setup  # noqa: E402
+
 log = logging.getLogger("bench.inference")
 
 NUM_CLASSES = 19
@@ -94,8 +97,7 @@ def measure(args: argparse.Namespace) -> dict:
 
     return {
         "config": args.config, "batch": args.batch, "rounds": args.rounds,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else f"CPU, {torch.get_num_threads()} threads",
+        "device": device_name(device),
         "median_ms": median,
         "ratio_merged_to_backbone": paired("merged"),
         "ratio_unmerged_to_backbone": paired("unmerged"),
@@ -124,14 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="tiny", choices=sorted(BACKBONE_CONFIGS))
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=30, help="timed forward passes per model")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--json", default=None, help="also write the figures here")
+    add_run_options(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")  # fmt: skip
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    setup(args)
     summary = measure(args)
     report(summary, Console(width=120))
     if args.json:

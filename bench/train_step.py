@@ -58,6 +58,9 @@ from ml.train.finetune import build_model_for_method
 from ml.train.steps import fixmatch_step, semi_supervised_step, supervised_step
 from ml.train.trainer import build_optimizer
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common import add_run_options, device_name, setup  # noqa: E402
+
 log = logging.getLogger("bench.train_step")
 
 METHODS: tuple[str, ...] = ("cessl", "cessl-no-deact", "lora", "full", "fixmatch")
@@ -299,7 +302,7 @@ def report(results: list[Measurement], rank_map: dict[str, int], backbone_params
     by_method = {r.method: r for r in results}
     ref = by_method[REFERENCE]
     device = resolve_device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    name = device_name(device)
     table = Table(title=f"Training step, {args.config}, batch {args.batch}+{args.batch}, {name}")
     for column in ("method", "ms/step", "min ms", "x FixMatch", "peak MB", "x FixMatch", "trainable",
                    "% backbone", "stored KB", "x FixMatch"):  # fmt: skip
@@ -345,17 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per method before timing")
     parser.add_argument("--pairs", type=int, default=12,
                         help="alternating CE-SSL / no-deactivation step pairs for the deactivation saving")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--json", default=None, help="also write the figures here")
+    add_run_options(parser)
     parser.add_argument("--probe-memory", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--rank-map", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.probe_memory else logging.INFO,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")  # fmt: skip
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    logging.getLogger("ml.train.finetune").setLevel(logging.ERROR)  # "no pre-trained backbone" x 10
+    setup(args, logging.WARNING if args.probe_memory else logging.INFO)
     if args.probe_memory:
         peak = probe_memory(args.probe_memory, args, json.loads(args.rank_map))
         sys.stdout.write(json.dumps({"peak_mb": peak}) + "\n")
