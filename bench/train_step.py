@@ -249,9 +249,7 @@ def measure(args: argparse.Namespace) -> tuple[list[Measurement], dict[str, int]
         log.info("round %d/%d done", round_ + 1, args.rounds)
     pair_times = deactivation_pairs(works, args.pairs, device)
     sizes = {m: (count_parameters(w.model), stored_bytes(w)) for m, w in works.items()}
-    works.clear()  # free every model before the memory probes
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    works.clear()  # free every model before the memory probes (which collect and empty the cache)
     results = []
     for method in METHODS:
         peak = probe_memory(method, args, rank_map) if device.type == "cuda" else memory_in_subprocess(

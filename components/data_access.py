@@ -15,6 +15,7 @@ import numpy as np
 
 from components.common import StepError
 
+
 def open_store(store_dir: Path):
     """The ``ml.data.store.ECGStore`` in ``store_dir``."""
     from ml.data.store import ECGStore

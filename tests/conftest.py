@@ -67,8 +67,6 @@ def label_mapping_csv() -> Path:
 def single_torch_thread():
     """One torch thread for a module: on a shared, oversubscribed 2-core CI machine two
     spinning OpenMP threads are several times slower than one."""
-    import torch
-
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
