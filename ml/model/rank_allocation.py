@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -37,6 +38,28 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 def default_r_low(r: int) -> int:
     """The reference's reduced rank: (r // 4) * 2 (16 -> 8, 4 -> 2)."""
     return (r // 4) * 2
+
+
+@dataclass(frozen=True)
+class RankAllocationConfig:
+    """How the one-shot allocation lowers ranks (the rank r itself is ``LoRAConfig.r``).
+
+    compress: the paper's c: the ``floor(num_layers * c)`` least important matrices get r_low.
+    variant: the importance score (``taylor``, the paper's, or ``fisher``).
+    r_low: the reduced rank; None means the reference's ``(r // 4) * 2``.
+    """
+
+    compress: float = 0.6
+    variant: Variant = "taylor"
+    r_low: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.compress <= 1.0:
+            raise ValueError(f"compress ratio must be in [0, 1], got {self.compress}")
+        if self.variant not in ("taylor", "fisher"):
+            raise ValueError(f"unknown importance variant {self.variant!r}; expected 'taylor' or 'fisher'")
+        if self.r_low is not None and self.r_low < 0:
+            raise ValueError(f"r_low must be >= 0, got {self.r_low}")
 
 
 def _mean_square(t: Tensor) -> float:

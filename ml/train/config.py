@@ -1,27 +1,18 @@
 """Fine-tuning configuration: one dataclass for the schedule and the method.
 
-Methods (the paper's CE-SSL and the baselines it is compared with):
-
-- ``cessl``   : LoRA at the allocated ranks + random deactivation (p) + semi-supervised
-                BatchNorm (:func:`ml.train.steps.semi_supervised_step`).
-- ``lora``    : LoRA at a uniform rank, no deactivation (p = 0), supervised only.
-- ``full``    : full fine-tuning, supervised only.
-- ``fixmatch``: full fine-tuning + FixMatch (weak/strong views, confidence-thresholded
-                multi-label pseudo-labels).
+The method (``cessl`` and the baselines) is a name in the registry of
+:mod:`ml.train.methods`; :attr:`TrainConfig.training_method` is its entry.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-Method = Literal["cessl", "lora", "full", "fixmatch"]
-METHODS: tuple[str, ...] = ("cessl", "lora", "full", "fixmatch")
-SEMI_SUPERVISED_METHODS: tuple[str, ...] = ("cessl", "fixmatch")
-LORA_METHODS: tuple[str, ...] = ("cessl", "lora")
+from ml.train.methods import DEFAULT_METHOD, TrainingMethod, get_method
 
 # The paper's schedule: batch 64, or 16 when fewer than 2% of the records are labelled.
 DEFAULT_BATCH_SIZE = 64
@@ -51,7 +42,7 @@ def resolve_device(device: str) -> torch.device:
 class TrainConfig:
     """Everything :func:`ml.train.trainer.fit` needs besides the model and the data."""
 
-    method: Method = "cessl"
+    method: str = DEFAULT_METHOD  # a name in ml.train.methods.METHODS
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_frac: float = 0.01  # linear warm-up over this fraction of max_steps, then linear decay to 0
@@ -75,8 +66,7 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, logged and checkpointed
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        get_method(self.method)  # a clear error for an unknown name
         for name in ("max_steps", "batch_size", "eval_batch_size", "val_every", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -88,13 +78,9 @@ class TrainConfig:
             raise ValueError(f"fixmatch_tau must be in [0.5, 1), got {self.fixmatch_tau}")
 
     @property
-    def uses_unlabelled(self) -> bool:
-        """Whether each step also draws an unlabelled batch."""
-        return self.method in SEMI_SUPERVISED_METHODS
-
-    @property
-    def uses_lora(self) -> bool:
-        return self.method in LORA_METHODS
+    def training_method(self) -> TrainingMethod:
+        """The registry entry of :attr:`method`."""
+        return get_method(self.method)
 
     @property
     def unlabelled_batch(self) -> int:

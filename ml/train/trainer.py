@@ -5,7 +5,7 @@ Schedule (the paper's): AdamW over the trainable parameters, linear warm-up over
 last step) the model is validated on macro average precision; early stopping after
 ``patience`` validations without improvement; the best state is restored at the end.
 
-Each step is one of :mod:`ml.train.steps` (chosen by ``config.method``). All randomness is
+Each step is the method's step function (:mod:`ml.train.methods`, chosen by ``config.method``). All randomness is
 seeded from ``config.seed``: batch order (:mod:`ml.train.loaders`), augmentations (one
 ``torch.Generator``), LoRA random deactivation (the layers' shared RNG, re-seeded here) and
 torch's global RNG (inside ``torch.random.fork_rng``, so the caller's RNG is untouched).
@@ -45,7 +45,7 @@ from ml.model.lora import lora_layers, seed_deactivation
 from ml.train.augment import make_generator
 from ml.train.config import TrainConfig, resolve_device
 from ml.train.loaders import BatchIterator, StreamPosition, derive_seed
-from ml.train.steps import StepOutput, fixmatch_step, semi_supervised_step, supervised_step
+from ml.train.steps import StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,8 @@ class _Run:
 
     def __init__(self, model: nn.Module, labelled: Dataset, unlabelled: Dataset | None,
                  valid: Dataset, config: TrainConfig, callbacks: Sequence[Callback]) -> None:
-        if config.uses_unlabelled and (unlabelled is None or len(unlabelled) == 0):
+        self.method = config.training_method
+        if self.method.reads_unlabelled and (unlabelled is None or len(unlabelled) == 0):
             raise ValueError(f"method {config.method!r} needs a non-empty unlabelled dataset")
         self.config, self.callbacks = config, list(callbacks)
         self.device = resolve_device(config.device)
@@ -294,23 +295,16 @@ class _Run:
         labelled = BatchIterator(self.labelled, cfg.batch_size, derive_seed(cfg.seed, _LABELLED), self.device,
                                  self.positions["labelled"], cfg.num_workers)
         unlabelled = None
-        if cfg.uses_unlabelled:
+        if self.method.reads_unlabelled:
             assert self.unlabelled is not None
             unlabelled = BatchIterator(self.unlabelled, cfg.unlabelled_batch, derive_seed(cfg.seed, _UNLABELLED),
                                        self.device, self.positions["unlabelled"], cfg.num_workers)
         return labelled, unlabelled
 
     def loss(self, labelled: BatchIterator, unlabelled: BatchIterator | None) -> StepOutput:
-        cfg, model, gen = self.config, self.model, self.generator
         x, y = next(labelled)
-        if cfg.method == "cessl":
-            assert unlabelled is not None
-            return semi_supervised_step(model, x, y, next(unlabelled)[0], gen, cfg.cutmix_alpha)
-        if cfg.method == "fixmatch":
-            assert unlabelled is not None
-            return fixmatch_step(model, x, y, next(unlabelled)[0], gen, cfg.fixmatch_tau,
-                                 cfg.fixmatch_lambda_u, cfg.cutmix_alpha)
-        return supervised_step(model, x, y, gen, cfg.cutmix_alpha)
+        x_u = next(unlabelled)[0] if unlabelled is not None else None
+        return self.method.step(self.model, x, y, x_u, self.generator, self.config)
 
     def validate(self) -> dict[str, float]:
         cfg = self.config
