@@ -20,6 +20,20 @@ LABEL_MAPPING = FIXTURES / "ecg" / "challenge2021_label_mapping.csv"
 
 pytest_plugins = ["servers"]
 
+# Fixtures that start a real server (S3, MLflow, a Docker engine): every test that uses
+# one, directly or through another fixture, is marked ``integration`` (and ``docker`` for
+# the engine), so the markers cannot drift from what a test really starts.
+SERVER_FIXTURES = {"s3_server": "integration", "mlflow_server": "integration", "docker_engine": "docker"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        for fixture, marker in SERVER_FIXTURES.items():
+            if fixture in used:
+                item.add_marker(pytest.mark.integration)
+                item.add_marker(getattr(pytest.mark, marker))
+
 # The tests that take the ``device`` fixture run on the CPU and, where one is present, on a
 # CUDA device too (``pytest -m cuda`` selects the GPU half; CI has no GPU and skips it).
 DEVICES = ("cpu", pytest.param("cuda", marks=[
