@@ -19,7 +19,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from ml.eval.metrics import challenge_metrics, classes_without_positives, fit_thresholds, per_class_table
+from ml.eval.metrics import (
+    challenge_metrics,
+    classes_without_positives,
+    fit_thresholds,
+    per_class_table,
+)
 
 log = logging.getLogger(__name__)
 

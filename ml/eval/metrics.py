@@ -46,7 +46,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from ml.eval.challenge import challenge_score
 from sklearn.metrics import (
     average_precision_score,
     coverage_error,
@@ -54,6 +53,8 @@ from sklearn.metrics import (
     precision_recall_curve,
     roc_auc_score,
 )
+
+from ml.eval.challenge import challenge_score
 
 log = logging.getLogger(__name__)
 
