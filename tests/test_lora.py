@@ -143,6 +143,29 @@ def test_layer_shapes_and_rank_zero() -> None:
         LoRAConfig(p=1.5)
 
 
+def test_lora_a_init_c_attn_kaiming_uniform_others_normal_002() -> None:
+    """c_attn's A is nn.Linear-like U(-1/sqrt(d), 1/sqrt(d)); every other A is N(0, 0.02^2)."""
+    torch.manual_seed(0)
+    d, r = 256, 16
+    c_attn = LoRAConv1D(d, 3 * d, r=r)
+    a = c_attn.lora_A.detach()
+    bound = 1 / d**0.5  # kaiming_uniform_(a=sqrt(5)) with fan_in = d
+    assert a.shape == (3 * r, d)
+    assert a.abs().max().item() <= bound
+    assert a.abs().max().item() > 0.98 * bound, "fills the whole interval"
+    assert a.std().item() == pytest.approx(bound / 3**0.5, rel=0.05)  # std of U(-b, b)
+    assert a.mean().item() == pytest.approx(0.0, abs=0.1 * bound)
+    assert not c_attn.lora_B.detach().any()
+    conv = LoRAConv2d(d, d, (1, 3), stride=(1, 1), padding=(0, 1), r=r)
+    assert conv.lora_A.std().item() == pytest.approx(0.02, rel=0.05)
+    assert conv.lora_A.abs().max().item() > bound, "Gaussian tails, not a uniform bound"
+    fc = LoRALinear(d, d, r=r)
+    assert fc.lora_A.std().item() == pytest.approx(0.02, rel=0.05)
+    c_attn.lora_A.data.zero_()
+    c_attn.reset_lora_parameters()
+    assert c_attn.lora_A.abs().max().item() <= bound and c_attn.lora_A.std().item() > 0.03
+
+
 def test_rank_map_sets_per_layer_ranks() -> None:
     model = ECGTransformer(backbone_config("tinylight", 19),
                            LoRAConfig(r=16, rank_map={"encoder_layers.0.conv3": 8, "transformer_layers.0.fc1": 0}))

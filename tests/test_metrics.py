@@ -1,4 +1,4 @@
-"""Challenge 2020 metrics against hand-computed cases and a literal port of the official loops."""
+"""Test metrics against hand-computed cases and a literal restatement of the Challenge 2020 loops."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import pytest
 
 from ml.eval.metrics import (
     DEFAULT_THRESHOLD,
+    METRIC_NAMES,
     beta_measures,
     binarize,
     challenge_metrics,
+    classes_without_positives,
     confusion_counts,
     coverage,
     fit_thresholds,
@@ -67,16 +69,35 @@ def test_beta_measures_hand_computed_with_challenge_normalisation() -> None:
     # weights per record: 1, 1/2, 1, 1
     # class 0: TP = 1 (rec 0), FN = 1/2 (rec 1), FP = 1 (rec 2)
     # class 1: TP = 1/2 (rec 1), FN = 1 (rec 3), FP = 1 (rec 0)
-    tp, fp, fn, _ = confusion_counts(y, pred)
+    tp, fp, fn, _ = confusion_counts(y, pred, normalize=True)
     np.testing.assert_allclose(tp, [1.0, 0.5])
     np.testing.assert_allclose(fp, [1.0, 1.0])
     np.testing.assert_allclose(fn, [0.5, 1.0])
-    f, g = beta_measures(y, pred, beta=2)
+    f, g = beta_measures(y, pred, beta=2, normalize=True)
     np.testing.assert_allclose(f, [5 * 1 / (5 * 1 + 4 * 0.5 + 1), 5 * 0.5 / (5 * 0.5 + 4 * 1 + 1)])
     np.testing.assert_allclose(g, [1 / (1 + 1 + 2 * 0.5), 0.5 / (0.5 + 1 + 2 * 1)])
-    # Unnormalised (reference-code) counting: every record weighs 1.
-    f_raw, _ = beta_measures(y, pred, beta=2, normalize=False)
-    assert f_raw[0] == pytest.approx(5 / (5 + 4 + 1))
+
+
+def test_beta_measures_default_counts_every_record_once_as_the_reference() -> None:
+    y = np.array([[1, 0], [1, 1], [0, 0], [0, 1]])
+    pred = np.array([[1, 1], [0, 1], [1, 0], [0, 0]])
+    # class 0: TP 1, FN 1, FP 1; class 1: TP 1, FN 1, FP 1 (record 1 weighs 1, not 1/2)
+    tp, fp, fn, tn = confusion_counts(y, pred)
+    np.testing.assert_allclose(tp, [1, 1])
+    np.testing.assert_allclose(fp, [1, 1])
+    np.testing.assert_allclose(fn, [1, 1])
+    np.testing.assert_allclose(tn, [1, 1])
+    f, g = beta_measures(y, pred, beta=2)
+    np.testing.assert_allclose(f, [5 / (5 + 4 + 1)] * 2)
+    np.testing.assert_allclose(g, [1 / (1 + 1 + 2)] * 2)
+    # challenge_metrics reports these as macro_f_beta / macro_g_beta, the 2020 ones apart
+    p = pred * 0.8 + 0.1
+    metrics = challenge_metrics(y, p, thresholds=0.5)
+    assert metrics["macro_f_beta"] == pytest.approx(0.5)
+    assert metrics["macro_g_beta"] == pytest.approx(0.25)
+    f_2020, g_2020 = beta_measures(y, pred, beta=2, normalize=True)
+    assert metrics["macro_f_beta_challenge2020"] == pytest.approx(f_2020.mean())
+    assert metrics["macro_g_beta_challenge2020"] == pytest.approx(g_2020.mean())
 
 
 def test_beta_measures_match_official_loops_on_random_data() -> None:
@@ -85,23 +106,30 @@ def test_beta_measures_match_official_loops_on_random_data() -> None:
     pred = (rng.random((200, 7)) < 0.3).astype(int)
     y[:, 6] = 0
     pred[:, 6] = 0  # a class with nothing at all: undefined
-    f, g = beta_measures(y, pred, beta=2)
+    f, g = beta_measures(y, pred, beta=2, normalize=True)
     f_ref, g_ref = official_beta_measures(y, pred, beta=2)
     np.testing.assert_allclose(f, f_ref, equal_nan=True)
     np.testing.assert_allclose(g, g_ref, equal_nan=True)
     assert math.isnan(f[6]) and math.isnan(g[6])
 
 
-def test_classes_without_positives_do_not_crash_and_are_left_out() -> None:
+def test_classes_without_positives_are_excluded_explicitly_and_reported(caplog: pytest.LogCaptureFixture) -> None:
     y = np.array([[1, 0], [0, 0], [1, 0], [0, 0]])
     p = np.array([[0.9, 0.2], [0.1, 0.7], [0.8, 0.1], [0.3, 0.4]])
     assert math.isnan(per_class_auroc(y, p)[1])
     assert math.isnan(per_class_average_precision(y, p)[1])
-    metrics = challenge_metrics(y, p, thresholds=[0.5, 0.5])
+    assert classes_without_positives(y) == [1]
+    with caplog.at_level("WARNING"):
+        metrics = challenge_metrics(y, p, thresholds=[0.5, 0.5], classes=["164889003", "426783006"])
+    assert "excluded from the macro averages" in caplog.text and "426783006" in caplog.text
+    assert metrics["n_classes_without_positives"] == 1.0
     assert metrics["macro_auroc"] == pytest.approx(1.0)  # class 0 alone
     assert metrics["macro_map"] == pytest.approx(1.0)
-    # class 1 predicted positive once with no true positive: F = 0 (defined), mean with class 0's 1.0
-    assert metrics["macro_f_beta"] == pytest.approx(0.5)
+    # class 1 is predicted positive once with no positive record: its F = 0 is NOT averaged in
+    assert beta_measures(y, binarize(p, 0.5))[0][1] == 0.0
+    assert metrics["macro_f_beta"] == pytest.approx(1.0) and metrics["macro_g_beta"] == pytest.approx(1.0)
+    # the Challenge 2020 variant keeps the official nanmean (F = 0 is defined there)
+    assert metrics["macro_f_beta_challenge2020"] == pytest.approx(0.5)
     thresholds = fit_thresholds(y, p)
     assert thresholds[1] == DEFAULT_THRESHOLD
 
@@ -109,8 +137,9 @@ def test_classes_without_positives_do_not_crash_and_are_left_out() -> None:
 def test_all_metrics_present_and_perfect_predictions() -> None:
     y = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]])
     p = y * 0.9 + 0.05
-    metrics = challenge_metrics(y, p, thresholds=0.5)
-    assert set(metrics) == {"ranking_loss", "coverage", "macro_auroc", "macro_map", "macro_f_beta", "macro_g_beta"}
+    metrics = challenge_metrics(y, p, thresholds=0.5, classes=["164889003", "426783006", "59118001"])
+    assert set(metrics) == set(METRIC_NAMES)
+    assert metrics["challenge_score"] == 1.0 and metrics["n_classes_without_positives"] == 0.0
     assert metrics["ranking_loss"] == 0.0
     assert metrics["macro_auroc"] == 1.0 and metrics["macro_map"] == 1.0
     assert metrics["macro_f_beta"] == 1.0 and metrics["macro_g_beta"] == 1.0
@@ -127,15 +156,28 @@ def test_fit_thresholds_maximise_f_beta_over_all_candidates() -> None:
             f, _ = beta_measures(y[:, [k]], binarize(p[:, [k]], t), beta=2, normalize=False)
             return float(f[0])
 
-        best = max(f_beta_at(t) for t in np.unique(p[:, k]))
+        # every strict decision "p > t", t just below one of the scores or above all of them
+        candidates = np.append(np.nextafter(np.unique(p[:, k]), -np.inf), 1.0)
+        best = max(f_beta_at(t) for t in candidates)
         assert f_beta_at(thresholds[k]) == pytest.approx(best)
-        assert thresholds[k] in p[:, k]
+        assert np.nextafter(thresholds[k], np.inf) in p[:, k], "one float step below a validation score"
 
 
-def test_binarize_uses_greater_or_equal() -> None:
+def test_fit_thresholds_strict_decision_reproduces_the_pr_curve_optimum() -> None:
+    y = np.array([[1], [1], [0], [1], [0]])
+    p = np.array([[0.9], [0.6], [0.6], [0.4], [0.2]])
+    # p >= 0.9: P 1, R 1/3 -> F2 5/13; p >= 0.6: P 2/3, R 2/3 -> 2/3; p >= 0.2: P 3/5, R 1 -> 0.88
+    # F2 at 0.4: 5 * 0.75 * 1 / (4 * 0.75 + 1) = 0.9375 is the best
+    t = fit_thresholds(y, p, beta=2)[0]
+    assert 0.2 < t < 0.4 and t == np.nextafter(0.4, -np.inf)
+    np.testing.assert_array_equal(binarize(p, t)[:, 0], [1, 1, 1, 1, 0])
+
+
+def test_binarize_is_strictly_greater() -> None:
     p = np.array([[0.5, 0.49], [0.7, 0.2]])
-    np.testing.assert_array_equal(binarize(p, [0.5, 0.2]), [[1, 1], [1, 1]])
+    np.testing.assert_array_equal(binarize(p, [0.5, 0.2]), [[0, 1], [1, 0]])
     np.testing.assert_array_equal(binarize(p, 0.6), [[0, 0], [1, 0]])
+    np.testing.assert_array_equal(binarize(p, 0.49), [[1, 0], [1, 0]])
 
 
 def test_per_class_table() -> None:

@@ -1,4 +1,11 @@
-"""Predict with a model and score it with the Challenge metrics (:mod:`ml.eval.metrics`)."""
+"""Predict with a model and score it with the CE-SSL test metrics (:mod:`ml.eval.metrics`).
+
+The metrics include the reference's macro F-beta2 / G-beta2 (every record weighs 1,
+positive when score > threshold), their Challenge 2020 variants, and the official
+Challenge 2021 score (``challenge_score``, :mod:`ml.eval.challenge`, from the class names).
+Classes with no positive test record are excluded from the macro averages and listed in
+:attr:`EvaluationReport.classes_without_positives`.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from ml.eval.metrics import challenge_metrics, fit_thresholds, per_class_table
+from ml.eval.metrics import (
+    challenge_metrics,
+    classes_without_positives,
+    fit_thresholds,
+    per_class_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +100,7 @@ class EvaluationReport:
     thresholds: np.ndarray
     probs: np.ndarray
     labels: np.ndarray
+    classes_without_positives: list[str]
 
 
 def evaluate(
@@ -98,12 +111,13 @@ def evaluate(
     classes: Sequence[str] | None = None,
     batch_size: int = 128,
     beta: float = 2.0,
-    normalize: bool = True,
 ) -> EvaluationReport:
     """Score ``model`` on ``test`` with the CE-SSL test metrics.
 
     Thresholds: ``thresholds`` when given; else fitted per class on ``valid`` (F-beta
-    optimal on its precision-recall curve); else 0.5 for every class.
+    optimal on its precision-recall curve); else 0.5 for every class. A record is
+    positive for a class when its probability is strictly above the threshold.
+    ``classes`` (SNOMED-CT codes) name the columns; without them ``challenge_score`` is NaN.
     """
     if thresholds is None:
         if valid is not None:
@@ -115,6 +129,8 @@ def evaluate(
     if thresholds is None:
         thresholds = np.full(labels.shape[1], 0.5)
     thresholds = np.asarray(thresholds, dtype=np.float64)
-    metrics = challenge_metrics(labels, probs, thresholds, beta, normalize)
-    table = per_class_table(labels, probs, thresholds, classes, beta, normalize)
-    return EvaluationReport(metrics, table, thresholds, probs, labels)
+    metrics = challenge_metrics(labels, probs, thresholds, beta, classes)
+    table = per_class_table(labels, probs, thresholds, classes, beta)
+    names = list(classes) if classes is not None else [str(k) for k in range(labels.shape[1])]
+    missing = [names[k] for k in classes_without_positives(labels)]
+    return EvaluationReport(metrics, table, thresholds, probs, labels, missing)

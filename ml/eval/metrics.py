@@ -1,4 +1,4 @@
-"""Test metrics of CE-SSL, as defined by the PhysioNet/CinC Challenge 2020.
+"""Test metrics of CE-SSL: the CE-SSL reference evaluation, the Challenge 2020 and 2021 scores.
 
 All functions take ``y_true`` (N, C) of 0/1 and ``probs`` (N, C) of scores in [0, 1]
 (any monotone score works for the ranking metrics) and return plain floats / numpy arrays.
@@ -17,18 +17,26 @@ Definitions (and the conventions we chose where sources differ):
   :func:`sklearn.metrics.average_precision_score`, then the mean over classes. A class
   whose column has no positive (or, for AUROC, no negative) record is undefined (NaN) and
   left out of the macro mean, as the Challenge's ``np.nanmean`` does.
-- **F-beta / G-beta** (Challenge 2020, beta = 2): per class
-  ``F = (1+b^2) TP / ((1+b^2) TP + b^2 FN + FP)`` and ``G = TP / (TP + FP + b FN)``, then
-  the mean over classes. As in the official ``compute_beta_measures``, each record
-  contributes ``1 / max(#true labels, 1)`` to the confusion counts (``normalize=True``);
-  pass ``normalize=False`` to count every record as 1, which is what the CE-SSL reference
-  code does. A class with ``TP = FP = FN = 0`` (no positives and none predicted) is
-  undefined (NaN) and left out of the macro mean.
-- **Thresholds**: a record is predicted positive for class k when ``probs[:, k] >=
-  thresholds[k]`` (the convention of :func:`sklearn.metrics.precision_recall_curve`).
-  :func:`fit_thresholds` picks, per class, the threshold maximising F-beta on the
-  validation precision-recall curve; a class with no positive in the validation set keeps
-  the neutral threshold 0.5.
+- **F-beta / G-beta** (beta = 2), as the CE-SSL reference evaluation computes them, so the
+  numbers compare with the published ones: per class
+  ``F = (1+b^2) TP / ((1+b^2) TP + b^2 FN + FP)`` and ``G = TP / (TP + FP + b FN)`` with
+  every record weighing 1 in the confusion counts; ``macro_f_beta`` / ``macro_g_beta`` are
+  the means over the classes with at least one positive test record. A class without one
+  is excluded explicitly: it is reported (``n_classes_without_positives`` in the metrics,
+  :func:`classes_without_positives`, a warning) rather than averaged in as F = 0.
+- **Challenge 2020 F-beta / G-beta** (``macro_f_beta_challenge2020`` /
+  ``macro_g_beta_challenge2020``): the official ``compute_beta_measures``, where each record
+  weighs ``1 / max(#true labels, 1)`` (``normalize=True``) and the macro mean is the
+  ``nanmean`` over classes with ``TP + FP + FN > 0`` (a class with no positive but a false
+  alarm counts as 0 there, as in the Challenge).
+- **Challenge 2021 score** (``challenge_score``): :mod:`ml.eval.challenge`; it needs the
+  class names (SNOMED-CT codes), so it is NaN when ``classes`` is not given.
+- **Thresholds**: a record is predicted positive for class k when ``probs[:, k] >
+  thresholds[k]`` (strictly, as the reference evaluation decides). :func:`fit_thresholds`
+  picks, per class, the F-beta-optimal point of the validation precision-recall curve and
+  returns the largest threshold whose strict decision reproduces that point (one float
+  step below the curve's ``>=`` threshold); a class with no positive in the validation set
+  keeps the neutral threshold 0.5.
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from ml.eval.challenge import challenge_score
+
 log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.5
@@ -56,6 +66,10 @@ METRIC_NAMES: tuple[str, ...] = (
     "macro_map",
     "macro_f_beta",
     "macro_g_beta",
+    "macro_f_beta_challenge2020",
+    "macro_g_beta_challenge2020",
+    "challenge_score",
+    "n_classes_without_positives",
 )
 
 
@@ -119,11 +133,11 @@ def macro_average_precision(y_true: np.ndarray, probs: np.ndarray) -> float:
 
 
 def confusion_counts(
-    y_true: np.ndarray, y_pred: np.ndarray, normalize: bool = True
+    y_true: np.ndarray, y_pred: np.ndarray, normalize: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per-class (TP, FP, FN, TN) as floats, Challenge 2020 style.
+    """Per-class (TP, FP, FN, TN) as floats; every record weighs 1 (the reference's counts).
 
-    With ``normalize`` each record weighs ``1 / max(number of true labels, 1)``.
+    With ``normalize`` each record weighs ``1 / max(number of true labels, 1)`` (Challenge 2020).
     """
     y = np.asarray(y_true).astype(bool)
     pred = np.asarray(y_pred).astype(bool)
@@ -139,7 +153,7 @@ def confusion_counts(
 
 
 def beta_measures(
-    y_true: np.ndarray, y_pred: np.ndarray, beta: float = 2.0, normalize: bool = True
+    y_true: np.ndarray, y_pred: np.ndarray, beta: float = 2.0, normalize: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-class F-beta and G-beta of binary predictions (NaN where undefined)."""
     tp, fp, fn, _ = confusion_counts(y_true, y_pred, normalize)
@@ -153,16 +167,19 @@ def beta_measures(
 
 
 def binarize(probs: np.ndarray, thresholds: np.ndarray | Sequence[float] | float) -> np.ndarray:
-    """0/1 predictions: ``probs >= thresholds`` (per-class thresholds broadcast over rows)."""
+    """0/1 predictions: ``probs > thresholds`` strictly (per-class thresholds broadcast over rows)."""
     p = np.asarray(probs, dtype=np.float64)
     t = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (p.shape[1],))
-    return (p >= t[None, :]).astype(np.int64)
+    return (p > t[None, :]).astype(np.int64)
 
 
 def fit_thresholds(y_true: np.ndarray, probs: np.ndarray, beta: float = 2.0) -> np.ndarray:
-    """Per class, the score threshold maximising F-beta on the precision-recall curve.
+    """Per class, the threshold of the F-beta-optimal point of the precision-recall curve.
 
-    Classes without a positive record get :data:`DEFAULT_THRESHOLD` (0.5), with a warning.
+    The curve's point at score ``s`` predicts ``probs >= s``; the returned threshold is the
+    next float below ``s``, so the strict decision ``probs > threshold`` of
+    :func:`binarize` reproduces exactly that point. Classes without a positive record get
+    :data:`DEFAULT_THRESHOLD` (0.5), with a warning.
     """
     y, p = _check(y_true, probs)
     thresholds = np.full(y.shape[1], DEFAULT_THRESHOLD)
@@ -176,8 +193,19 @@ def fit_thresholds(y_true: np.ndarray, probs: np.ndarray, beta: float = 2.0) -> 
         precision, recall = precision[:-1], recall[:-1]
         with np.errstate(invalid="ignore", divide="ignore"):
             f_beta = (1 + b2) * precision * recall / (b2 * precision + recall)
-        thresholds[k] = float(thr[int(np.nanargmax(f_beta))])
+        thresholds[k] = float(np.nextafter(thr[int(np.nanargmax(f_beta))], -np.inf))
     return thresholds
+
+
+def classes_without_positives(y_true: np.ndarray) -> list[int]:
+    """Indices of the classes with no positive record (excluded from the macro averages)."""
+    y = np.asarray(y_true)
+    return [int(k) for k in np.flatnonzero(y.sum(axis=0) == 0)]
+
+
+def _macro_over_positive_classes(values: np.ndarray, y: np.ndarray) -> float:
+    """Mean of ``values`` over the classes with at least one positive record (NaNs left out)."""
+    return _nanmean(values[y.sum(axis=0) > 0])
 
 
 def challenge_metrics(
@@ -185,25 +213,35 @@ def challenge_metrics(
     probs: np.ndarray,
     thresholds: np.ndarray | Sequence[float] | float = DEFAULT_THRESHOLD,
     beta: float = 2.0,
-    normalize: bool = True,
+    classes: Sequence[str] | None = None,
 ) -> dict[str, float]:
-    """All CE-SSL test metrics: ranking loss, coverage, macro AUROC / mAP / F-beta / G-beta."""
+    """All CE-SSL test metrics (:data:`METRIC_NAMES`), predictions being ``probs > thresholds``.
+
+    ``classes`` (SNOMED-CT codes, one per column) enables ``challenge_score``; without
+    them it is NaN.
+    """
     y, p = _check(y_true, probs)
-    f_beta, g_beta = beta_measures(y, binarize(p, thresholds), beta, normalize)
-    ap = per_class_average_precision(y, p)
-    if np.isnan(ap).any():
+    pred = binarize(p, thresholds)
+    f_beta, g_beta = beta_measures(y, pred, beta)
+    f_2020, g_2020 = beta_measures(y, pred, beta, normalize=True)
+    missing = classes_without_positives(y)
+    if missing:
+        names = [classes[k] for k in missing] if classes is not None else missing
         log.warning(
-            "%d of %d classes have no positive record; left out of macro AUROC/mAP",
-            int(np.isnan(ap).sum()),
-            y.shape[1],
+            "%d of %d classes have no positive test record and are excluded from the macro "
+            "averages: %s", len(missing), y.shape[1], names,
         )
     return {
         "ranking_loss": ranking_loss(y, p),
         "coverage": coverage(y, p),
         "macro_auroc": macro_auroc(y, p),
-        "macro_map": _nanmean(ap),
-        "macro_f_beta": _nanmean(f_beta),
-        "macro_g_beta": _nanmean(g_beta),
+        "macro_map": macro_average_precision(y, p),
+        "macro_f_beta": _macro_over_positive_classes(f_beta, y),
+        "macro_g_beta": _macro_over_positive_classes(g_beta, y),
+        "macro_f_beta_challenge2020": _nanmean(f_2020),
+        "macro_g_beta_challenge2020": _nanmean(g_2020),
+        "challenge_score": challenge_score(y, pred, classes) if classes is not None else float("nan"),
+        "n_classes_without_positives": float(len(missing)),
     }
 
 
@@ -213,9 +251,12 @@ def per_class_table(
     thresholds: np.ndarray | Sequence[float] | float = DEFAULT_THRESHOLD,
     classes: Sequence[str] | None = None,
     beta: float = 2.0,
-    normalize: bool = True,
+    normalize: bool = False,
 ) -> pd.DataFrame:
-    """One row per class: support, threshold, AUROC, AP, F-beta, G-beta (NaN where undefined)."""
+    """One row per class: support, threshold, AUROC, AP, F-beta, G-beta (NaN where undefined).
+
+    A class with support 0 is left out of the macro F-beta / G-beta.
+    """
     y, p = _check(y_true, probs)
     names = list(classes) if classes is not None else [str(k) for k in range(y.shape[1])]
     if len(names) != y.shape[1]:

@@ -1,7 +1,9 @@
 """Low-rank adaptation with random deactivation (CE-SSL part 1).
 
 Every adapted weight W gets an update ``B @ A * scale`` (scale = alpha / r, alpha = r by
-default, so scale = 1); A ~ N(0, 0.02^2), B = 0, W is frozen. Random deactivation: on each
+default, so scale = 1); B = 0 and A ~ N(0, 0.02^2), except the fused ``c_attn`` whose A is
+initialised like nn.Linear's weight (kaiming_uniform_, a = sqrt(5): U(-1/sqrt(d), 1/sqrt(d)),
+as the reference does); W is frozen. Random deactivation: on each
 *training* forward pass an adapted layer independently skips its low-rank branch with
 probability ``p`` -- and then does not compute it at all (that is the saving in forward and
 backward). In eval mode the layer is deterministic and uses the expected update
@@ -328,6 +330,14 @@ class LoRAConv1D(LoRALayer):
         _uniform_fan_in_(self.weight, in_features)
         _uniform_fan_in_(self.bias, in_features)
         self._init_lora(r, (n_blocks * r, in_features), (out_features, r), alpha)
+
+    def reset_lora_parameters(self) -> None:
+        """A like nn.Linear's weight (kaiming_uniform_, a = sqrt(5), fan_in = d: bound
+        1/sqrt(d)), B = 0. The scale of A matters beyond training: c_attn's Taylor
+        importance grows with |A|^4."""
+        if self.r > 0:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
 
     def _low_rank(self, lora_B: Tensor, lora_A: Tensor) -> Tensor:
         k, d_out = self.n_blocks, self.out_features // self.n_blocks

@@ -49,8 +49,9 @@ def semi_supervised_step(
 ) -> StepOutput:
     """CE-SSL's lightweight semi-supervised step (semi-supervised BatchNorm).
 
-    1. The labelled batch gets Cutmix (Beta(0.75, 0.75), time axis, labels mixed by area);
-       the unlabelled batch (same size) gets ONE weak augmentation per record.
+    1. The labelled batch gets Cutmix (one lambda ~ Beta(0.75, 0.75) and one leads x time
+       box per batch, labels mixed by the box's area); the unlabelled batch (same size)
+       gets ONE weak augmentation drawn for the whole batch.
     2. Both batches go through the convolutional encoder TOGETHER, so every BatchNorm
        layer normalises with - and updates its running statistics from - a batch that
        contains the unlabelled distribution.

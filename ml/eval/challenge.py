@@ -1,0 +1,117 @@
+"""The official PhysioNet/CinC Challenge 2021 score, as the Challenge's ``evaluate_model.py``.
+
+The Challenge scores binary predictions over 26 SNOMED-CT classes with a reward matrix W
+(``challenge2021_weights.csv``, vendored from physionetchallenges/evaluation-2021; see its
+PROVENANCE note). A class may be a set of equivalent codes (``713427006|59118001``,
+``284470004|63593006``, ``427172004|17338001``, ``733534002|164909002``): a record is
+positive for it when any of its codes is a label (or an output).
+
+1. Modified confusion matrix A (26 x 26): every record spreads a credit of 1 over the
+   (label j, output k) pairs of its positive labels and outputs,
+   ``A[j, k] += 1 / max(|labels u outputs|, 1)``.
+2. Observed score ``sum(W * A)``; the correct classifier's score (outputs = labels); the
+   inactive classifier's score (it outputs only the normal class, sinus rhythm 426783006).
+3. ``challenge_score = (observed - inactive) / (correct - inactive)``, and 0 when
+   ``correct == inactive``. 1 is a perfect classifier, 0 the inactive one.
+
+A model predicts its own class list, usually a subset of the 26. Its columns are mapped to
+the scored classes by code (equivalent codes merged: a scored class is output when any of
+its model columns is, and labelled when any of them is labelled). Columns that are not
+scored classes are ignored, as the Challenge ignores unscored codes. A scored class
+outside the model's list is never output (the Challenge scores an absent output as 0);
+its labels are unknown here (only the model's columns are labelled), so they are taken as
+absent: the score is the Challenge score restricted to the model's label space. The
+inactive classifier still outputs the normal class even when the model has no such column.
+If no column is a scored class the score is undefined (NaN).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_CSV = Path(__file__).with_name("challenge2021_weights.csv")
+NORMAL_CLASS = "426783006"  # sinus rhythm: the inactive classifier's only output
+
+
+@dataclass(frozen=True)
+class ChallengeWeights:
+    """The scored classes (each a set of equivalent codes) and the reward matrix W."""
+
+    classes: tuple[frozenset[str], ...]
+    weights: np.ndarray  # (K, K): rows labels, columns outputs
+
+    def index_of(self, code: str) -> int:
+        """Index of the scored class containing ``code``; -1 when it is not scored."""
+        for k, codes in enumerate(self.classes):
+            if code.strip() in codes:
+                return k
+        return -1
+
+
+@lru_cache(maxsize=4)
+def load_weights(path: str | Path = WEIGHTS_CSV) -> ChallengeWeights:
+    """Read a Challenge weight table: a header of class labels (``a|b`` for equivalent
+    codes), then one row per class, labelled in the first column."""
+    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    header = [cell.strip() for cell in lines[0].split(",")[1:]]
+    rows = [[cell.strip() for cell in line.split(",")] for line in lines[1:]]
+    if [row[0] for row in rows] != header or any(len(row) != len(header) + 1 for row in rows):
+        raise ValueError(f"{path}: the weight table must be square with matching row and column labels")
+    weights = np.array([[float(cell) for cell in row[1:]] for row in rows], dtype=np.float64)
+    classes = tuple(frozenset(label.split("|")) for label in header)
+    return ChallengeWeights(classes, weights)
+
+
+def to_scored_classes(matrix: np.ndarray, classes: Sequence[str], table: ChallengeWeights) -> np.ndarray:
+    """(N, C) 0/1 over the model's ``classes`` -> (N, K) bool over the scored classes.
+
+    A scored class is positive when any model column mapped to it is; unscored columns are
+    dropped; scored classes without a column stay 0.
+    """
+    m = np.asarray(matrix).astype(bool)
+    if m.shape[1] != len(classes):
+        raise ValueError(f"{m.shape[1]} columns for {len(classes)} class names")
+    out = np.zeros((m.shape[0], len(table.classes)), dtype=bool)
+    for column, code in enumerate(classes):
+        k = table.index_of(str(code))
+        if k >= 0:
+            out[:, k] |= m[:, column]
+    return out
+
+
+def modified_confusion_matrix(labels: np.ndarray, outputs: np.ndarray) -> np.ndarray:
+    """A[j, k] = sum over records of labels[j] outputs[k] / max(|labels u outputs|, 1)."""
+    lab, out = np.asarray(labels, dtype=bool), np.asarray(outputs, dtype=bool)
+    norm = np.maximum((lab | out).sum(axis=1), 1).astype(np.float64)
+    return (lab / norm[:, None]).T @ out.astype(np.float64)
+
+
+def normalized_score(labels: np.ndarray, outputs: np.ndarray, table: ChallengeWeights) -> float:
+    """(observed - inactive) / (correct - inactive) over the scored classes; 0 when undefined."""
+    inactive = np.zeros_like(labels, dtype=bool)
+    inactive[:, table.index_of(NORMAL_CLASS)] = True
+    observed, correct, inactive_score = (
+        float(np.nansum(table.weights * modified_confusion_matrix(labels, o))) for o in (outputs, labels, inactive)
+    )
+    if correct == inactive_score:
+        return 0.0
+    return (observed - inactive_score) / (correct - inactive_score)
+
+
+def challenge_score(
+    y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str], weights: ChallengeWeights | None = None
+) -> float:
+    """The Challenge 2021 score of 0/1 predictions ``y_pred`` (N, C) of a model over ``classes``."""
+    table = weights if weights is not None else load_weights()
+    if not any(table.index_of(str(code)) >= 0 for code in classes):
+        log.warning("none of the classes %s is scored by the Challenge 2021: challenge_score undefined", list(classes))
+        return float("nan")
+    return normalized_score(to_scored_classes(y_true, classes, table), to_scored_classes(y_pred, classes, table), table)
