@@ -1,13 +1,26 @@
 """Fine-tuning configuration: one dataclass for the schedule and the method.
 
+Two ways to say how long to train:
+
+- ``max_steps`` mode (``epochs=None``, the default of :class:`TrainConfig`): exactly
+  ``max_steps`` optimisation steps; for quick runs and tests.
+- ``epochs`` mode (``epochs`` set): the reference's schedule, steps = labelled batches per
+  epoch x ``epochs`` (200 in the paper) with incomplete batches skipped
+  (:func:`steps_for_epochs`). ``max_steps`` is then derived from the number of labelled
+  records by :meth:`TrainConfig.resolve_steps`; :func:`ml.train.trainer.fit` calls it, and a
+  caller that logs the config can call it first to log the real step count.
+
+Either way the model is validated at step 0 (``validate_at_start``), every ``val_every``
+steps and at the last step; early stopping waits ``patience`` validations without an
+improvement of ``monitor``, a tie counting as an improvement, as in the reference.
+
 The method (``cessl`` and the baselines) is a name in the registry of
 :mod:`ml.train.methods`; :attr:`TrainConfig.training_method` is its entry.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -19,6 +32,25 @@ DEFAULT_BATCH_SIZE = 64
 SMALL_BATCH_SIZE = 16
 SMALL_LABEL_RATIO = 0.02
 EPOCHS = 200
+# The TrainConfig fields a resumed run must share with the run that wrote the checkpoint.
+SCHEDULE_FIELDS = (
+    "method",
+    "lr",
+    "weight_decay",
+    "warmup_frac",
+    "max_steps",
+    "epochs",
+    "batch_size",
+    "unlabelled_batch_size",
+    "val_every",
+    "validate_at_start",
+    "patience",
+    "monitor",
+    "cutmix_alpha",
+    "fixmatch_tau",
+    "fixmatch_lambda_u",
+    "seed",
+)
 
 
 def batch_size_for_label_ratio(labelled_ratio: float) -> int:
@@ -26,9 +58,23 @@ def batch_size_for_label_ratio(labelled_ratio: float) -> int:
     return SMALL_BATCH_SIZE if labelled_ratio < SMALL_LABEL_RATIO else DEFAULT_BATCH_SIZE
 
 
+def batches_per_epoch(num_labelled: int, batch_size: int) -> int:
+    """Complete labelled batches in one epoch (incomplete batches skipped), at least 1."""
+    if num_labelled < 0 or batch_size < 1:
+        raise ValueError(f"need num_labelled >= 0 and batch_size >= 1, got {num_labelled}, {batch_size}")
+    return max(1, num_labelled // batch_size)
+
+
 def steps_for_epochs(num_labelled: int, batch_size: int, epochs: int = EPOCHS) -> int:
-    """Total steps = labelled batches per epoch x epochs (200 in the paper)."""
-    return max(1, math.ceil(num_labelled / batch_size)) * epochs
+    """Total steps of the reference schedule: complete labelled batches per epoch x epochs.
+
+    Like the reference, the last incomplete batch of an epoch is not counted
+    (``floor(num_labelled / batch_size)``, at least 1), so 130 records in batches of 64
+    make 2 batches per epoch and 400 steps over 200 epochs.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    return batches_per_epoch(num_labelled, batch_size) * epochs
 
 
 def resolve_device(device: str) -> torch.device:
@@ -46,11 +92,13 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_frac: float = 0.01  # linear warm-up over this fraction of max_steps, then linear decay to 0
-    max_steps: int = 1000
+    max_steps: int = 1000  # max_steps mode; replaced by resolve_steps in epochs mode
+    epochs: int | None = None  # None: max_steps mode; set: steps = complete labelled batches x epochs
     batch_size: int = DEFAULT_BATCH_SIZE  # labelled batch
     unlabelled_batch_size: int | None = None  # None: same as batch_size
     eval_batch_size: int = 128
     val_every: int = 50
+    validate_at_start: bool = True  # validate at step 0: the start of early stopping and of the curves
     patience: int = 10  # in validations
     monitor: str = "macro_map"  # validation metric for early stopping (higher is better)
     cutmix_alpha: float = 0.75
@@ -70,6 +118,8 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "eval_batch_size", "val_every", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1 or None, got {self.epochs}")
         if self.unlabelled_batch_size is not None and self.unlabelled_batch_size < 1:
             raise ValueError(f"unlabelled_batch_size must be >= 1, got {self.unlabelled_batch_size}")
         if not 0.0 <= self.warmup_frac < 1.0:
@@ -90,15 +140,20 @@ class TrainConfig:
     def warmup_steps(self) -> int:
         return int(self.max_steps * self.warmup_frac)
 
+    def resolve_steps(self, num_labelled: int) -> TrainConfig:
+        """This config with ``max_steps`` set from ``epochs`` for ``num_labelled`` records.
+
+        In ``max_steps`` mode (``epochs is None``) the config itself. Idempotent, so
+        :func:`ml.train.trainer.fit` can resolve a config its caller resolved already.
+        """
+        if self.epochs is None:
+            return self
+        return replace(self, max_steps=steps_for_epochs(num_labelled, self.batch_size, self.epochs))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-typed dict (for logging, MLflow params and checkpoints)."""
         return asdict(self)
 
     def schedule_fingerprint(self) -> dict[str, Any]:
         """The fields a resumed run must share with the run that wrote the checkpoint."""
-        keys = (
-            "method", "lr", "weight_decay", "warmup_frac", "max_steps", "batch_size",
-            "unlabelled_batch_size", "val_every", "patience", "monitor", "cutmix_alpha",
-            "fixmatch_tau", "fixmatch_lambda_u", "seed",
-        )  # fmt: skip
-        return {key: getattr(self, key) for key in keys}
+        return {key: getattr(self, key) for key in SCHEDULE_FIELDS}
