@@ -1,9 +1,15 @@
 """The fine-tuning loop: ``fit(model, labelled, unlabelled, valid, config) -> TrainResult``.
 
 Schedule (the paper's): AdamW over the trainable parameters, linear warm-up over
-``warmup_frac`` of the steps then linear decay to 0; every ``val_every`` steps (and at the
-last step) the model is validated on macro average precision; early stopping after
-``patience`` validations without improvement; the best state is restored at the end.
+``warmup_frac`` of the steps then linear decay to 0. The number of steps is
+``config.max_steps``, or in epochs mode (``config.epochs`` set) complete labelled batches
+per epoch x epochs (:meth:`TrainConfig.resolve_steps`, applied by :func:`fit`). The model is
+validated on macro average precision at step 0 before any update (``validate_at_start``),
+every ``val_every`` steps and at the last step; the step-0 validation is the starting point
+of early stopping and of the history. Early stopping after ``patience`` validations without
+improvement, where a tie counts as an improvement (as in the reference: the later of equal
+states is kept); the best state is restored at the end, so a run that never improves ends
+with the initial weights.
 
 Each step is the method's step function (:mod:`ml.train.methods`, chosen by ``config.method``). All randomness is
 seeded from ``config.seed``: batch order (:mod:`ml.train.loaders`), augmentations (one
@@ -65,7 +71,9 @@ class TrainResult:
     best_metrics: dict[str, float]
     steps: int  # optimisation steps done
     stopped_early: bool
-    history: list[dict[str, float]]  # one record per validation ("step", metrics, "train_loss", "lr")
+    # One record per validation: "step", the validation metrics, "train_loss" (mean since the
+    # previous validation) and "lr"; the step-0 record has no "train_loss" nor "lr" (no update yet).
+    history: list[dict[str, float]]
     resumed_from: int | None = None  # step of the checkpoint this run continued from
     seconds: float = 0.0  # wall time of this call (not of the interrupted part)
     device: str = "cpu"
@@ -120,7 +128,12 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> tuple[AdamW, Lambd
 # --- state --------------------------------------------------------------------------------
 @dataclass
 class EarlyStopping:
-    """Best validation score so far (higher is better) and validations since it improved."""
+    """Best validation score so far (higher is better) and validations since it improved.
+
+    A score equal to the best counts as an improvement (the reference's ``>=``), so the
+    best step moves to the later of equal validations. NaN never improves, except as the
+    first validation.
+    """
 
     patience: int
     best_score: float = -math.inf
@@ -130,9 +143,9 @@ class EarlyStopping:
     stopped: bool = False
 
     def update(self, step: int, score: float, metrics: Mapping[str, float]) -> bool:
-        """Record a validation; True when it is the new best. NaN never improves."""
-        value = score if math.isfinite(score) else -math.inf
-        improved = self.best_step is None or value > self.best_score
+        """Record a validation; True when it is the new best (ties included)."""
+        improved = self.best_step is None or (not math.isnan(score) and score >= self.best_score)
+        value = score if not math.isnan(score) else -math.inf
         if improved:
             self.best_score, self.best_step, self.best_metrics = value, step, dict(metrics)
             self.bad_validations = 0
@@ -321,6 +334,7 @@ class _Run:
         cfg = self.config
         start_time = time.perf_counter()
         self.maybe_resume()
+        self.validate_at_start()
         labelled, unlabelled = self.iterators()
         self.model.train()
         running, count = 0.0, 0
@@ -352,17 +366,35 @@ class _Run:
             bar.close()
         return self.finish(time.perf_counter() - start_time)
 
-    def after_validation(self, metrics: dict[str, float], train_loss: float, lr: float) -> None:
+    def validate_at_start(self) -> None:
+        """Validate the untouched model at step 0, once: a resumed run finds it in its history.
+
+        Its record starts the history and the curves, and early stopping: a run whose
+        updates never reach its score ends with the initial state.
+        """
+        if self.config.validate_at_start and self.step == 0 and not self.history:
+            self.after_validation(self.validate())
+
+    def after_validation(
+        self, metrics: dict[str, float], train_loss: float | None = None, lr: float | None = None
+    ) -> None:
+        """Record a validation (``train_loss``/``lr`` None: before any update), checkpoint."""
         cfg = self.config
-        record = {"step": float(self.step), **metrics, "train_loss": train_loss, "lr": lr}
+        trained = {} if train_loss is None or lr is None else {"train_loss": train_loss, "lr": lr}
+        record = {"step": float(self.step), **metrics, **trained}
         self.history.append(record)
         if self.early.update(self.step, metrics[cfg.monitor], metrics):
             self.best_state = _cpu_state(self.model)
         log.info(
-            "step %d: valid %s %.4f (best %.4f at step %s), train loss %.4f%s",
-            self.step, cfg.monitor, metrics[cfg.monitor], self.early.best_score,
-            self.early.best_step, train_loss, " - early stop" if self.early.stopped else "",
-        )  # fmt: skip
+            "step %d: valid %s %.4f (best %.4f at step %s), train loss %s%s",
+            self.step,
+            cfg.monitor,
+            metrics[cfg.monitor],
+            self.early.best_score,
+            self.early.best_step,
+            "-" if train_loss is None else f"{train_loss:.4f}",
+            " - early stop" if self.early.stopped else "",
+        )
         for cb in self.callbacks:
             cb.on_validation(self.step, record)
         self.save()
@@ -403,8 +435,10 @@ def fit(
     :func:`ml.train.finetune.build_model_for_method`). ``unlabelled`` is needed for the
     semi-supervised methods ("cessl", "fixmatch") and ignored otherwise. When
     ``config.checkpoint_dir`` holds a checkpoint of the same configuration and
-    ``config.resume`` is set, training continues from it.
+    ``config.resume`` is set, training continues from it. In epochs mode (``config.epochs``
+    set) the number of steps comes from ``len(labelled)`` (:meth:`TrainConfig.resolve_steps`).
     """
+    config = config.resolve_steps(len(labelled))  # type: ignore[arg-type]
     device = resolve_device(config.device)
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), _deterministic_algorithms(config.deterministic, device):
