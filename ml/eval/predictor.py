@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ml.model.backbone import ECGTransformer
 from ml.model.pretrained import read_backbone
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ TARGET_FS = 500.0
 class Predictor:
     """A fine-tuned model in eval mode with its classes and decision thresholds."""
 
-    model: object  # ml.model.backbone.ECGTransformer
+    model: ECGTransformer
     classes: list[str]
     thresholds: np.ndarray
     backbone_id: str

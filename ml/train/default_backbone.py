@@ -173,4 +173,5 @@ def source_hospital(recipe: DefaultRecipe) -> tuple[TensorPairDataset, list[str]
     digest = hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()[:16]
     counts = dict(zip(recipe.classes, y.sum(0).astype(int).tolist()))
     logger.info("synthetic source hospital: %d records, positives per class %s", recipe.n_records, counts)
-    return TensorPairDataset(x, y), list(recipe.classes), f"synth-source:seed={recipe.data_seed}:sha256={digest}"
+    dataset = TensorPairDataset(torch.from_numpy(x), torch.from_numpy(y))
+    return dataset, list(recipe.classes), f"synth-source:seed={recipe.data_seed}:sha256={digest}"
