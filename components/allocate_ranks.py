@@ -13,10 +13,10 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from components.backbone import load_backbone_dir
 from components.common import sha256_json, write_json
 from components.data_access import dataset, open_store
 from ml.data.splits import Splits
+from ml.model.pretrained import read_backbone
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,8 @@ def allocate_ranks_step(store_dir: Path, splits_path: Path, backbone_dir: Path, 
     from ml.train.finetune import build_model_for_method
 
     splits = Splits.load(splits_path)
-    state, name, identity = load_backbone_dir(backbone_dir)
+    backbone = read_backbone(backbone_dir)
+    state, name, identity = backbone.state, backbone.name, backbone.identity
     store = open_store(store_dir)
     model_config = backbone_config(name, len(splits.classes))
     if config.method == "cessl":

@@ -5,7 +5,7 @@ dict in the reference names) + ``backbone_config.json`` (size, pre-training clas
 identity hash, provenance). Accepted specs:
 
 - ``default``: the embedded default backbone of the requested size
-  (``ml.model.pretrained.ensure_default_backbone``: pre-trained once on a synthetic source
+  (``ml.train.default_backbone.ensure_default_backbone``: pre-trained once on a synthetic source
   hospital, then cached in ``cache_dir``);
 - a backbone folder (``cessl backbone pretrain``/``import`` output);
 - a released reference checkpoint file (``.pt``/``.pth``; unpickled with
@@ -77,7 +77,8 @@ def _copy_folder(src: Path, dst: Path) -> None:
 
 def resolve_backbone_step(spec: str, config_name: str, out_dir: Path, cache_dir: str | Path | None = None) -> BackboneInfo:
     """Write the backbone ``spec`` (of size ``config_name``) as a backbone folder in ``out_dir``."""
-    from ml.model.pretrained import ensure_default_backbone, import_reference_checkpoint, load_backbone
+    from ml.model.pretrained import import_reference_checkpoint, read_backbone
+    from ml.train.default_backbone import ensure_default_backbone
 
     out_dir = Path(out_dir)
     cache = Path(cache_dir) if cache_dir else None
@@ -89,25 +90,16 @@ def resolve_backbone_step(spec: str, config_name: str, out_dir: Path, cache_dir:
         if spec.startswith("s3://"):
             path = _download_s3(spec, Path(tempfile.mkdtemp(prefix="cessl-backbone-")))
         if path.is_dir():
-            load_backbone(path)  # verifies identity, keys and shapes before anything is copied
+            read_backbone(path)  # verifies identity, keys and shapes before anything is copied
             _copy_folder(path, out_dir)
         elif path.is_file() and path.suffix in CHECKPOINT_SUFFIXES:
             import_reference_checkpoint(path, config_name, out_dir)
         else:
             raise StepError(f"backbone {spec!r}: not 'default', a backbone folder, a checkpoint file "
                             f"({', '.join(CHECKPOINT_SUFFIXES)}) or an s3:// URI of one")
-    _, config, meta = load_backbone(out_dir)
-    if config.name != config_name:
-        raise StepError(f"backbone {spec!r} is a {config.name!r} backbone, but backbone_config is {config_name!r}")
-    log.info("backbone %s from %s (%s): identity %s", config.name, origin, meta.get("source"),
-             str(meta["identity"])[:12])
-    return BackboneInfo(name=config.name, identity=str(meta["identity"]), origin=origin,
-                        source=str(meta.get("source", "")), path=out_dir)
-
-
-def load_backbone_dir(folder: Path) -> tuple[dict, str, str]:
-    """(state dict, size name, identity) of a backbone folder (identity verified)."""
-    from ml.model.pretrained import load_backbone
-
-    state, config, meta = load_backbone(folder)
-    return state, config.name, str(meta["identity"])
+    backbone = read_backbone(out_dir)
+    if backbone.name != config_name:
+        raise StepError(f"backbone {spec!r} is a {backbone.name!r} backbone, but backbone_config is {config_name!r}")
+    source = str(backbone.meta.get("source", ""))
+    log.info("backbone %s from %s (%s): identity %s", backbone.name, origin, source, backbone.identity[:12])
+    return BackboneInfo(name=backbone.name, identity=backbone.identity, origin=origin, source=source, path=out_dir)

@@ -20,8 +20,8 @@ import pandas as pd
 
 from components.common import write_json
 from components.data_access import dataset, open_store
-from components.inference import load_predictor
 from ml.data.splits import Splits
+from ml.eval.predictor import load_predictor
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from components.backbone import load_backbone_dir
 from components.common import StepError, read_json, sha256_json
 from components.data_access import dataset, open_store
 from ml.data.splits import Splits
+from ml.model.pretrained import read_backbone
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,8 @@ def finetune_step(store_dir: Path, splits_path: Path, backbone_dir: Path, rank_m
 
     splits = Splits.load(splits_path)
     rank_map = {k: int(v) for k, v in read_json(rank_map_path, "rank map").items()}
-    state, name, identity = load_backbone_dir(backbone_dir)
+    backbone = read_backbone(backbone_dir)
+    state, name, identity = backbone.state, backbone.name, backbone.identity
     store = open_store(store_dir)
     classes = splits.classes
     fingerprint = store_fingerprint or str(getattr(store, "fingerprint", "")) or str(Path(store_dir).resolve())

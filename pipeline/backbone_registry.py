@@ -92,10 +92,11 @@ def register_backbone(backbone_dir: str | Path, *, tracking_uri: str = "", model
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from ml.model.pretrained import load_backbone
+    from ml.model.pretrained import read_backbone
 
     backbone_dir = Path(backbone_dir)
-    _, config, meta = load_backbone(backbone_dir)
+    backbone = read_backbone(backbone_dir)
+    config, meta = backbone.config, backbone.meta
     identity = meta["identity"]
     name = model_name or backbone_model_name(config.name)
     tracking = _tracking(tracking_uri, name)
@@ -162,7 +163,7 @@ def fetch_backbone(spec: str, out_dir: str | Path, *, tracking_uri: str = "") ->
     """
     import mlflow
 
-    from ml.model.pretrained import load_backbone
+    from ml.model.pretrained import read_backbone
 
     tracking = _tracking(tracking_uri, "")
     tracking.activate()  # models:/ URIs resolve through the registry URI
@@ -176,6 +177,6 @@ def fetch_backbone(spec: str, out_dir: str | Path, *, tracking_uri: str = "") ->
     out_dir.mkdir(parents=True, exist_ok=True)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(out_dir),
                                                      tracking_uri=tracking.tracking_uri))
-    load_backbone(local)  # identity and shapes
+    read_backbone(local)  # identity and shapes
     log.info("fetched %s into %s", uri, local)
     return local

@@ -3,7 +3,7 @@
 Artifacts of every model version: ``backbone/`` (``backbone.safetensors`` +
 ``backbone_config.json``) and ``adapter/`` (``adapter_model.safetensors`` +
 ``adapter_config.json``: classes, rank map, p, thresholds). Loading rebuilds the model
-with :func:`components.inference.load_predictor` (the adapter refuses a backbone other
+with :func:`ml.eval.predictor.load_predictor` (the adapter refuses a backbone other
 than the one it was trained on).
 
 ``predict`` takes raw 12-lead signals ``(N, 12, T)`` float32 in mV at 500 Hz (the
@@ -47,7 +47,7 @@ class ECGAdapterModel(mlflow.pyfunc.PythonModel):
         self._predictor = None
 
     def load_context(self, context) -> None:
-        from components.inference import load_predictor
+        from ml.eval.predictor import load_predictor
 
         self._predictor = load_predictor(Path(context.artifacts["backbone"]), Path(context.artifacts["adapter"]))
 
@@ -101,7 +101,7 @@ def load_pyfunc(model_uri: str, tracking_uri: str | None = None):
 
 
 def load_predictor(model_uri: str, tracking_uri: str | None = None):
-    """The :class:`components.inference.Predictor` inside a registered pyfunc model."""
+    """The :class:`ml.eval.predictor.Predictor` inside a registered pyfunc model."""
     model = load_pyfunc(model_uri, tracking_uri)
     python_model = model.unwrap_python_model()
     if not isinstance(python_model, ECGAdapterModel):

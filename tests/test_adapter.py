@@ -18,9 +18,9 @@ from ml.model.adapter import (
     CheckpointError,
     export_merged,
     load_adapter,
-    load_backbone,
-    load_checkpoint,
+    load_backbone_weights,
     load_merged,
+    read_state_dict,
     save_adapter,
     state_dict_identity,
 )
@@ -49,7 +49,7 @@ def fine_tuned(backbone_state: dict[str, torch.Tensor], x: torch.Tensor) -> ECGT
     torch.manual_seed(0)
     rank_map = {"encoder_layers.0.conv3": 2, "transformer_layers.0.fc2": 0}
     model = ECGTransformer(backbone_config("tinylight", 19), LoRAConfig(r=4, rank_map=rank_map, p=0.2))
-    load_backbone(model, backbone_state)
+    load_backbone_weights(model, backbone_state)
     mark_trainable(model, "lora")
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -126,41 +126,41 @@ def test_export_merged_loads_into_a_plain_model(tmp_path: Path, backbone_state: 
     path = export_merged(model, tmp_path / "merged.safetensors", extra={"run": "1"})
     assert not any(layer.merged for layer in lora_layers(model).values())  # the model is untouched
     plain = ECGTransformer(backbone_config("tinylight", 19))
-    plain.load_state_dict(load_checkpoint(path), strict=True)
+    plain.load_state_dict(read_state_dict(path), strict=True)
     torch.testing.assert_close(logits(plain, x), logits(model, x), atol=1e-5, rtol=0)
     torch.testing.assert_close(logits(load_merged(path), x), logits(plain, x), atol=0, rtol=0)
     assert json.loads(path.with_suffix(".json").read_text())["merged_from"]["p"] == 0.2
 
 
-def test_load_checkpoint_is_safe(tmp_path: Path, backbone_state: dict) -> None:
+def test_read_state_dict_is_safe(tmp_path: Path, backbone_state: dict) -> None:
     pt = tmp_path / "backbone.pt"
     torch.save(backbone_state, pt)
-    assert state_dict_identity(load_checkpoint(pt)) == state_dict_identity(backbone_state)
+    assert state_dict_identity(read_state_dict(pt)) == state_dict_identity(backbone_state)
 
     wrapped = tmp_path / "wrapped.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in backbone_state.items()}, "epoch": 3}, wrapped)
-    assert list(load_checkpoint(wrapped)) == list(backbone_state)
+    assert list(read_state_dict(wrapped)) == list(backbone_state)
 
     st = tmp_path / "backbone.safetensors"
     save_file({k: v.contiguous() for k, v in backbone_state.items()}, str(st))
-    assert state_dict_identity(load_checkpoint(st)) == state_dict_identity(backbone_state)
+    assert state_dict_identity(read_state_dict(st)) == state_dict_identity(backbone_state)
 
     evil = tmp_path / "evil.pt"
     torch.save({"weight": torch.zeros(2), "payload": NotATensor()}, evil)
     with pytest.raises(CheckpointError, match="evil.pt.*refused"):
-        load_checkpoint(evil)
+        read_state_dict(evil)
     with pytest.raises(CheckpointError, match="no such checkpoint"):
-        load_checkpoint(tmp_path / "missing.pt")
+        read_state_dict(tmp_path / "missing.pt")
 
 
-def test_load_backbone_strict_errors(backbone_state: dict) -> None:
+def test_load_backbone_weights_strict_errors(backbone_state: dict) -> None:
     model = ECGTransformer(backbone_config("tinylight", 19), LoRAConfig(r=4))
     broken = dict(backbone_state)
     del broken["encoder_layers.0.bn1.running_mean"]
     broken["extra.weight"] = torch.zeros(1)
     broken["classifier.0.weight"] = torch.zeros(3, 3)
     with pytest.raises(CheckpointError) as err:
-        load_backbone(model, broken)
+        load_backbone_weights(model, broken)
     message = str(err.value)
     assert "encoder_layers.0.bn1.running_mean" in message and "extra.weight" in message
     assert "classifier.0.weight: expected (64, 64), got (3, 3)" in message
@@ -168,8 +168,8 @@ def test_load_backbone_strict_errors(backbone_state: dict) -> None:
     # a pre-training checkpoint with its own 6-class head: dropped on request
     pretrained = {**backbone_state, "classifier.1.weight": torch.zeros(6, 64), "classifier.1.bias": torch.zeros(6)}
     with pytest.raises(CheckpointError, match="classifier.1.weight"):
-        load_backbone(model, pretrained)
+        load_backbone_weights(model, pretrained)
     head = model.classifier[1].weight.detach().clone()
-    load_backbone(model, pretrained, drop_head=True)
+    load_backbone_weights(model, pretrained, drop_head=True)
     assert torch.equal(model.classifier[1].weight, head)
     assert torch.equal(model.classifier[0].weight, backbone_state["classifier.0.weight"])

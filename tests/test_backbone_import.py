@@ -17,7 +17,7 @@ from ml.model.pretrained import (
     BACKBONE_WEIGHTS,
     build_backbone,
     import_reference_checkpoint,
-    load_backbone,
+    read_backbone,
     read_backbone_meta,
 )
 from pipeline.cli import main as cessl
@@ -29,7 +29,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWar
 @pytest.mark.parametrize("cfg", ["tinylight", "tiny"])
 def test_import_golden_reproduces_reference_logits(cfg: str, reference_dir: Path, tmp_path: Path) -> None:
     folder = import_reference_checkpoint(reference_dir / f"golden_{cfg}_r0.pt", cfg, tmp_path / cfg)
-    state, config, meta = load_backbone(folder)
+    backbone = read_backbone(folder)
+    state, config, meta = backbone.state, backbone.config, backbone.meta
     assert config.name == cfg and config.num_classes == 19  # the goldens carry 19 classes
     assert meta["source"] == "import" and meta["identity"] == state_dict_identity(state)
     assert meta["classes"] == [f"class_{i}" for i in range(19)]
@@ -120,7 +121,7 @@ def test_modified_backbone_folder_is_refused(reference_dir: Path, tmp_path: Path
     state["classifier.1.bias"] = state["classifier.1.bias"] + 1.0
     save_file(state, str(folder / BACKBONE_WEIGHTS))
     with pytest.raises(CheckpointError, match="identity"):
-        load_backbone(folder)
+        read_backbone(folder)
 
 
 def test_cli_import_and_show(reference_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -144,6 +145,7 @@ def test_classes_default_to_code15_for_a_six_class_head(reference_dir: Path, tmp
     state = ECGTransformer(backbone_config("tinylight", 6)).state_dict()
     path = tmp_path / "code15.pt"
     torch.save(state, path)
-    _, config, meta = load_backbone(import_reference_checkpoint(path, "tinylight", tmp_path / "out"))
+    backbone = read_backbone(import_reference_checkpoint(path, "tinylight", tmp_path / "out"))
+    config, meta = backbone.config, backbone.meta
     assert config.num_classes == 6
     assert meta["classes"] == ["1dAVb", "RBBB", "LBBB", "SB", "AF", "ST"]

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ml.model.adapter import AdapterMeta, BackboneMismatchError, load_adapter, load_backbone as load_into, save_adapter
+from ml.model.adapter import AdapterMeta, BackboneMismatchError, load_adapter, load_backbone_weights, save_adapter
 from ml.model.backbone import ECGTransformer, backbone_config
 from ml.model.lora import LoRAConfig, mark_trainable
-from ml.model.pretrained import CODE15_CLASSES, load_backbone, save_backbone
+from ml.model.pretrained import CODE15_CLASSES, read_backbone, save_backbone
 from pipeline.backbone_registry import (
     backbone_model_name,
     fetch_backbone,
@@ -33,7 +33,7 @@ def test_register_fetch_and_find(mlflow_server, tmp_path: Path) -> None:
     uri = mlflow_server.tracking_uri
     a = _random_backbone(tmp_path / "a", seed=101)
     b = _random_backbone(tmp_path / "b", seed=102)
-    id_a, id_b = load_backbone(a)[2]["identity"], load_backbone(b)[2]["identity"]
+    id_a, id_b = read_backbone(a).identity, read_backbone(b).identity
 
     reg_a = register_backbone(a, tracking_uri=uri)
     assert reg_a.model_name == backbone_model_name("tinylight") == "cessl-backbone-tinylight"
@@ -49,10 +49,10 @@ def test_register_fetch_and_find(mlflow_server, tmp_path: Path) -> None:
     assert int(reg_b.version) > int(reg_a.version)
 
     got_b = fetch_backbone("models:/cessl-backbone-tinylight@candidate", tmp_path / "fetched_b", tracking_uri=uri)
-    assert load_backbone(got_b)[2]["identity"] == id_b
+    assert read_backbone(got_b).identity == id_b
     got_a = fetch_backbone(reg_a.model_uri, tmp_path / "fetched_a", tracking_uri=uri)
-    state_a, _, _ = load_backbone(got_a)
-    assert torch.equal(state_a["classifier.1.weight"], load_backbone(a)[0]["classifier.1.weight"])
+    state_a = read_backbone(got_a).state
+    assert torch.equal(state_a["classifier.1.weight"], read_backbone(a).state["classifier.1.weight"])
 
     assert find_backbone(id_a, tracking_uri=uri) == (reg_a.model_name, reg_a.version)
     assert find_backbone("0" * 64, tracking_uri=uri) is None
@@ -66,18 +66,19 @@ def test_cli_import_register(mlflow_server, reference_dir: Path, tmp_path: Path,
                   "--out", str(out), "--register", "--tracking-uri", uri]) == 0
     printed = capsys.readouterr().out
     assert "registered as models:/cessl-backbone-tinylight/" in printed
-    identity = load_backbone(out)[2]["identity"]
+    identity = read_backbone(out).identity
     assert find_backbone(identity, tracking_uri=uri)[0] == "cessl-backbone-tinylight"
 
 
 def test_adapter_refuses_a_different_backbone(tmp_path: Path) -> None:
     """An adapter records the identity of its backbone; another backbone is refused clearly."""
-    state_a, config, meta_a = load_backbone(_random_backbone(tmp_path / "a", seed=1))
-    state_b, _, meta_b = load_backbone(_random_backbone(tmp_path / "b", seed=2))
+    a, b = read_backbone(_random_backbone(tmp_path / "a", seed=1)), read_backbone(_random_backbone(tmp_path / "b", seed=2))
+    state_a, config, meta_a = a.state, a.config, a.meta
+    state_b, meta_b = b.state, b.meta
 
     classes = ["AF", "SB", "RBBB"]
     model = ECGTransformer(backbone_config(config.name, len(classes)), LoRAConfig(r=4))
-    load_into(model, state_a, drop_head=True)  # fine-tuning replaces the 6-class pre-training head
+    load_backbone_weights(model, state_a, drop_head=True)  # fine-tuning replaces the 6-class pre-training head
     mark_trainable(model, "lora")
     adapter = save_adapter(model, tmp_path / "adapter", AdapterMeta(backbone_id=meta_a["identity"], classes=classes))
 

@@ -16,7 +16,7 @@ from components.common import StepError, sha256_dir
 from ml.data.splits import Splits
 from components.evaluate import evaluate_step
 from components.finetune import CURVES_FILE, CurveRecorder, FinetuneConfig, finetune_step, read_curves
-from components.inference import load_predictor
+from ml.eval.predictor import load_predictor
 from components.ingest import ingest_step
 from components.preprocess import preprocess_step
 from components.register import collect_registration

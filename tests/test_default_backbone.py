@@ -13,15 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from ml.model import pretrained
-from ml.model.pretrained import (
-    BACKBONE_WEIGHTS,
+from ml.model.pretrained import BACKBONE_WEIGHTS, read_backbone
+from ml.train import default_backbone
+from ml.train.default_backbone import (
     CODE15_SNOMED,
     DEFAULT_RECIPES,
     DefaultRecipe,
     default_cache_dir,
     ensure_default_backbone,
-    load_backbone,
 )
 
 SMALL = DefaultRecipe(name="tinylight", n_records=12, max_steps=2, batch_size=4)
@@ -36,7 +35,8 @@ def small_recipe(monkeypatch: pytest.MonkeyPatch) -> DefaultRecipe:
 def test_build_then_cache(small_recipe: DefaultRecipe, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = ensure_default_backbone(tmp_path, name="tinylight", progress=False)
     assert folder == tmp_path / "tinylight-default-v1"
-    state, config, meta = load_backbone(folder)
+    backbone = read_backbone(folder)
+    config, meta = backbone.config, backbone.meta
     assert (config.name, config.num_classes) == ("tinylight", 6)
     assert meta["source"] == "embedded-default" and meta["classes"] == list(CODE15_SNOMED)
     assert meta["data_version"].startswith("synth-source:seed=15000:sha256=")
@@ -45,19 +45,19 @@ def test_build_then_cache(small_recipe: DefaultRecipe, tmp_path: Path, monkeypat
     def no_rebuild(*args, **kwargs):
         raise AssertionError("the cached backbone was rebuilt")
 
-    monkeypatch.setattr(pretrained, "build_default_backbone", no_rebuild)
+    monkeypatch.setattr(default_backbone, "build_default_backbone", no_rebuild)
     assert ensure_default_backbone(tmp_path, name="tinylight") == folder
     assert not list(tmp_path.glob(".*.tmp"))  # no leftovers of the build
 
 
 def test_build_is_deterministic_and_a_broken_cache_is_rebuilt(small_recipe: DefaultRecipe, tmp_path: Path) -> None:
-    first = load_backbone(ensure_default_backbone(tmp_path / "one", name="tinylight", progress=False))[2]
+    first = read_backbone(ensure_default_backbone(tmp_path / "one", name="tinylight", progress=False))
     folder = ensure_default_backbone(tmp_path / "two", name="tinylight", progress=False)
-    assert load_backbone(folder)[2]["identity"] == first["identity"]
+    assert read_backbone(folder).identity == first.identity
 
     (folder / BACKBONE_WEIGHTS).write_bytes(b"truncated")
     rebuilt = ensure_default_backbone(tmp_path / "two", name="tinylight", progress=False)
-    assert load_backbone(rebuilt)[2]["identity"] == first["identity"]
+    assert read_backbone(rebuilt).identity == first.identity
 
 
 def test_a_cache_from_another_recipe_is_rebuilt(small_recipe: DefaultRecipe, tmp_path: Path,
@@ -65,7 +65,7 @@ def test_a_cache_from_another_recipe_is_rebuilt(small_recipe: DefaultRecipe, tmp
     ensure_default_backbone(tmp_path, name="tinylight", progress=False)
     monkeypatch.setitem(DEFAULT_RECIPES, "tinylight", replace(small_recipe, max_steps=1))
     folder = ensure_default_backbone(tmp_path, name="tinylight", progress=False)
-    assert load_backbone(folder)[2]["training"]["steps"] == 1
+    assert read_backbone(folder).meta["training"]["steps"] == 1
 
 
 def test_source_hospital_is_not_the_demo_hospital() -> None:
@@ -102,7 +102,7 @@ def test_real_default_recipe(name: str, tmp_path: Path, caplog: pytest.LogCaptur
     t0 = time.perf_counter()
     folder = ensure_default_backbone(tmp_path, name=name, progress=False)
     elapsed = time.perf_counter() - t0
-    _, _, meta = load_backbone(folder)
+    meta = read_backbone(folder).meta
     losses = [loss for _, loss in meta["training"]["losses"]]
     assert losses[-1] < losses[0]
     logging.getLogger(__name__).info("default %s backbone built in %.0f s", name, elapsed)

@@ -12,13 +12,13 @@ import pandas as pd
 import pytest
 import torch
 
+from ml.train.checkpoint import load_checkpoint
 from ml.train.pretrain import (
     CHECKPOINT_NAME,
     GlobalBatchNorm2d,
     PretrainConfig,
     TensorPairDataset,
     convert_global_batchnorm,
-    load_checkpoint,
     pretrain,
     scaled_lr,
 )
@@ -103,14 +103,15 @@ def _write_store(path: Path, n: int = 12) -> None:
 
 
 def test_cli_pretrain_from_a_store_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from ml.model.pretrained import load_backbone
+    from ml.model.pretrained import read_backbone
 
     store, out = tmp_path / "store", tmp_path / "bb"
     _write_store(store)
     args = ["backbone", "pretrain", "--store", str(store), "--config", "tinylight", "--out", str(out),
             "--batch-size", "4", "--lr", "1e-3", "--checkpoint-every", "1", "--no-progress"]
     assert cessl([*args, "--max-steps", "2"]) == 0
-    _, config, meta = load_backbone(out)
+    backbone = read_backbone(out)
+    config, meta = backbone.config, backbone.meta
     assert (config.name, config.num_classes, meta["classes"]) == ("tinylight", 3, CODES)
     assert meta["source"] == "pretrain" and meta["records"] == 11
     assert meta["data_version"].startswith("store:") and meta["training"]["steps"] == 2
@@ -118,7 +119,7 @@ def test_cli_pretrain_from_a_store_and_resume(tmp_path: Path, capsys: pytest.Cap
 
     assert cessl([*args, "--max-steps", "3"]) == 0  # resumes from <out>/checkpoints
     assert load_checkpoint(out / "checkpoints" / CHECKPOINT_NAME)["step"] == 3
-    _, _, meta3 = load_backbone(out)
+    meta3 = read_backbone(out).meta
     assert meta3["training"]["steps"] == 3 and meta3["identity"] != meta["identity"]
     assert meta3["data_version"] == meta["data_version"]
 
@@ -126,7 +127,7 @@ def test_cli_pretrain_from_a_store_and_resume(tmp_path: Path, capsys: pytest.Cap
 @pytest.mark.slow
 def test_cli_pretrain_under_torchrun(tmp_path: Path) -> None:
     """`torchrun ... -m pipeline.cli backbone pretrain`: rank 0 writes the backbone folder."""
-    from ml.model.pretrained import load_backbone
+    from ml.model.pretrained import read_backbone
 
     store, out = tmp_path / "store", tmp_path / "bb"
     _write_store(store, n=16)
@@ -137,7 +138,7 @@ def test_cli_pretrain_under_torchrun(tmp_path: Path) -> None:
            "--out", str(out), "--batch-size", "2", "--max-steps", "2", "--no-progress"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    _, _, meta = load_backbone(out)
+    meta = read_backbone(out).meta
     assert meta["training"]["world_size"] == 2 and meta["training"]["steps"] == 2
     assert meta["training"]["lr"] == pytest.approx(1e-3 * 2 * 2 / 1024)
     assert proc.stdout.strip().splitlines() == [str(out)]  # printed once, by rank 0

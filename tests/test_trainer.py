@@ -13,6 +13,7 @@ from ml.eval.evaluate import predict_with_labels
 from ml.eval.metrics import macro_average_precision
 from ml.model.backbone import ECGTransformer, backbone_config
 from ml.train import trainer
+from ml.train.checkpoint import load_checkpoint
 from ml.train.config import TrainConfig, batch_size_for_label_ratio, steps_for_epochs
 from ml.train.finetune import build_model_for_method
 from ml.train.loaders import BatchIterator, EpochStream, StreamPosition, fetch
@@ -24,7 +25,6 @@ from ml.train.trainer import (
     TrainResult,
     fit,
     linear_warmup_decay,
-    load_checkpoint,
 )
 
 N_CLASSES = 3

@@ -36,6 +36,7 @@ from typing import Any
 import pandas as pd
 
 from ml.data.labels import LabelMapping
+from ml.data.parallel import process_pool, progress_bar
 from ml.data.records import (
     ECGRecord,
     Reason,
@@ -327,8 +328,6 @@ def ingest(
     Memory: the main process holds the listing and the manifest (a few hundred bytes per
     record, in Arrow-backed columns); signals only ever live in one worker at a time.
     """
-    from ml.data.preprocess import _progress
-
     src = open_source(source)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -369,7 +368,7 @@ def ingest(
             frames.append(_normalise(pd.DataFrame(buffer, columns=list(_COLUMNS))))
             buffer.clear()
 
-    with _progress(len(to_read), f"ingest {src.uri}", progress) as bar:
+    with progress_bar(len(to_read), f"ingest {src.uri}", progress) as bar:
         if config.workers <= 1 or len(to_read) < config.min_parallel:
             known = frozenset(known_row)
             for job in jobs:
@@ -377,8 +376,6 @@ def ingest(
                 collect(out)
                 bar.update(len(out))
         else:
-            from ml.data.parallel import process_pool
-
             with process_pool(config.workers, _init_worker, (frozenset(known_row),)) as pool:
                 for out in pool.map(_inspect_chunk, jobs):
                     collect(out)

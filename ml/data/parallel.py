@@ -1,18 +1,27 @@
-"""Worker processes for the data steps (ingest, preprocess, synth)."""
+"""Worker processes and progress bars for the data steps (ingest, preprocess, synth)."""
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
+
+from tqdm.auto import tqdm
 
 
 def default_workers() -> int:
     """Both cores of a small machine; at most 8."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(8, cpus))
+
+
+def progress_bar(total: int, desc: str, enabled: bool | None) -> tqdm:
+    """A per-record progress bar; ``enabled=None``: shown when stderr is a terminal."""
+    disable = not (sys.stderr.isatty() if enabled is None else enabled)
+    return tqdm(total=total, desc=desc, unit="rec", disable=disable, leave=False)
 
 
 def _init_worker(env: dict[str, str], initializer: Callable[..., Any] | None, initargs: tuple) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from scipy import signal as sps
 
+from ml.data.parallel import process_pool, progress_bar
 from ml.data.store import ECGStore, StoreWriter, split_codes, write_rows
 
 log = logging.getLogger(__name__)
@@ -119,15 +120,6 @@ def _consecutive_runs(rows: Sequence[int], size: int) -> Iterator[list[int]]:
         yield run
 
 
-def _progress(total: int, desc: str, enabled: bool | None):
-    import sys
-
-    from tqdm.auto import tqdm
-
-    disable = not (sys.stderr.isatty() if enabled is None else enabled)
-    return tqdm(total=total, desc=desc, unit="rec", disable=disable, leave=False)
-
-
 def run_jobs(
     jobs: Iterable[dict[str, Any]], fn, workers: int, progress, count, total: int, min_parallel: int = 0
 ) -> None:
@@ -139,8 +131,6 @@ def run_jobs(
             fn(job)
             progress.update(count(job))
         return
-    from ml.data.parallel import process_pool
-
     with process_pool(workers) as pool:
         pending: set[Future] = set()
         for job in jobs:
@@ -198,7 +188,7 @@ def preprocess(
     todo = [i for i in range(len(out_table)) if i not in reuse_set]
 
     with StoreWriter(Path(store_dir), len(out_table), config.length) as writer:
-        with _progress(len(out_table), "preprocess", progress) as bar:
+        with progress_bar(len(out_table), "preprocess", progress) as bar:
             if reuse:
                 old = ECGStore.open(store_dir)
                 for chunk in _chunks(reuse, 256):

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ml.data.parallel import process_pool, progress_bar
 from ml.data.records import STANDARD_LEADS, Reason
 
 log = logging.getLogger(__name__)
@@ -471,8 +472,6 @@ def generate(
     progress: bool | None = None,
 ) -> SynthSummary:
     """Write ``config.records`` records (and, with ``faults``, one record per fault kind)."""
-    from ml.data.preprocess import _progress
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [
@@ -481,7 +480,7 @@ def generate(
     ]
     counts: Counter = Counter()
     labelled = 0
-    with _progress(config.records, "synth", progress) as bar:
+    with progress_bar(config.records, "synth", progress) as bar:
         if workers <= 1 or len(jobs) <= 2:
             results = map(_write_chunk, jobs)
             for n, c, lab in results:
@@ -489,8 +488,6 @@ def generate(
                 labelled += lab
                 bar.update(n)
         else:
-            from ml.data.parallel import process_pool
-
             with process_pool(workers) as pool:
                 for n, c, lab in pool.map(_write_chunk, jobs):
                     counts += c

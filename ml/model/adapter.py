@@ -75,12 +75,13 @@ def state_dict_identity(state_dict: Mapping[str, Tensor]) -> str:
     return h.hexdigest()
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Tensor]:
-    """Read a state dict without executing pickled code.
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """A state dict file (a released checkpoint, a merged export), read without running pickled code.
 
     ``.safetensors`` via safetensors; anything else via ``torch.load(weights_only=True)``,
     which refuses arbitrary Python objects. A ``{"state_dict": ...}`` (or ``model_state_dict``
-    / ``model``) wrapper is unwrapped and a DDP ``module.`` prefix is stripped.
+    / ``model``) wrapper is unwrapped and a DDP ``module.`` prefix is stripped. Every failure
+    (missing, truncated, unsafe, entries that are not tensors) is a CheckpointError naming the file.
     """
     path = Path(path)
     if not path.is_file():
@@ -91,8 +92,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
-            f"{path}: refused to load: the pickle holds objects other than plain tensors "
-            f"(torch.load weights_only=True failed: {err})") from err
+            f"{path}: not a plain tensor state dict; refusing to unpickle it (refused by torch.load "
+            f"weights_only=True: {err})") from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:  # truncated or not a torch file
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {err})") from err
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model_state_dict", "model"):
             if isinstance(obj.get(key), Mapping):
@@ -126,8 +129,8 @@ def _is_lora_key(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in ("lora_A", "lora_B")
 
 
-def load_backbone(model: ECGTransformer, state_dict: Mapping[str, Tensor],
-                  drop_head: bool = False) -> None:
+def load_backbone_weights(model: ECGTransformer, state_dict: Mapping[str, Tensor],
+                          drop_head: bool = False) -> None:
     """Load a pre-trained (r = 0) backbone state dict into a model that may carry LoRA.
 
     Every non-LoRA entry must match by name and shape; the LoRA tensors keep their init.
@@ -262,7 +265,7 @@ def load_merged(path: str | Path) -> ECGTransformer:
     path = Path(path)
     config = json.loads(path.with_suffix(".json").read_text())
     model = ECGTransformer(BackboneConfig(**config["backbone_config"]))
-    state = load_checkpoint(path)
+    state = read_state_dict(path)
     check_state_dict(model.state_dict(), state, str(path))
     model.load_state_dict(state, strict=True)
     return model.eval()

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from ml.model.adapter import load_backbone
+from ml.model.adapter import load_backbone_weights
 from ml.model.backbone import BackboneConfig, ECGTransformer
 from ml.model.lora import LoRAConfig, count_parameters, mark_trainable
 
@@ -62,7 +62,7 @@ def build_model_for_method(
     if backbone_state is None:
         log.warning("no pre-trained backbone given: fine-tuning starts from a random initialisation")
     else:
-        load_backbone(model, backbone_state, drop_head=True)  # keep the fresh downstream head
+        load_backbone_weights(model, backbone_state, drop_head=True)  # keep the fresh downstream head
     mark_trainable(model, "lora" if lora is not None else "full")
     trainable, total = count_parameters(model)
     log.info("%s model (%s): %s trainable of %s parameters", method, config.name, f"{trainable:,}", f"{total:,}")

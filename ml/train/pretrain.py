@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ml.model.backbone import BackboneConfig, ECGTransformer, backbone_config
 from ml.train.augment import CUTMIX_ALPHA, cutmix, make_generator
+from ml.train.checkpoint import load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -266,19 +267,6 @@ def _fingerprint(config: PretrainConfig, num_classes: int, world_size: int, lr: 
         "weight_decay": config.weight_decay, "adam_eps": config.adam_eps,
         "cutmix_alpha": config.cutmix_alpha, "seed": config.seed, "dtype": config.dtype,
     }  # fmt: skip
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomic ``torch.save``: write a temporary file next to ``path``, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` (tensors and plain data only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # --- the loop -----------------------------------------------------------------------------

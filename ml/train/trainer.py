@@ -49,6 +49,7 @@ from ml.eval.evaluate import predict_with_labels
 from ml.eval.metrics import macro_auroc, macro_average_precision
 from ml.model.lora import lora_layers, seed_deactivation
 from ml.train.augment import make_generator
+from ml.train.checkpoint import load_checkpoint, save_checkpoint
 from ml.train.config import TrainConfig, resolve_device
 from ml.train.loaders import BatchIterator, StreamPosition, derive_seed
 from ml.train.steps import StepOutput
@@ -178,22 +179,6 @@ def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
 def _deactivation_rng(model: nn.Module) -> random.Random | None:
     layers = lora_layers(model)
     return next(iter(layers.values())).rng if layers else None
-
-
-def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
-    """Write ``state`` with ``torch.save`` atomically: temporary file, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(dict(state), handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint written by :func:`save_checkpoint` (tensors and plain types only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @contextlib.contextmanager
@@ -454,6 +439,4 @@ __all__ = [
     "build_optimizer",
     "fit",
     "linear_warmup_decay",
-    "load_checkpoint",
-    "save_checkpoint",
 ]

@@ -171,7 +171,7 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _default(args: argparse.Namespace) -> int:
-    from ml.model.pretrained import ensure_default_backbone
+    from ml.train.default_backbone import ensure_default_backbone
 
     folder = ensure_default_backbone(args.cache_dir, name=args.config, force=args.force)
     print(folder)
@@ -180,9 +180,9 @@ def _default(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from ml.model.pretrained import load_backbone
+    from ml.model.pretrained import read_backbone
 
-    _, _, meta = load_backbone(args.path)
+    meta = read_backbone(args.path).meta
     meta = {k: v for k, v in meta.items() if k != "training"} | {
         "training_steps": (meta.get("training") or {}).get("steps")}
     print(json.dumps(meta, indent=2))

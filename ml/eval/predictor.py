@@ -1,7 +1,7 @@
 """A fine-tuned model ready to predict: backbone + adapter, class list and thresholds.
 
 Used by the evaluate step, by the MLflow pyfunc model (``pipeline.pyfunc_model``) and by
-``cessl predict``. Inputs are either preprocessed signals ``(N, 12, 6144)`` (what the store
+``cessl predict``; not a pipeline step itself. Inputs are either preprocessed signals ``(N, 12, 6144)`` (what the store
 holds), raw 12-lead signals ``(N, 12, T)`` at a known sample rate, or WFDB records (paths
 without or with the ``.hea`` suffix), which go through the pipeline's preprocessing.
 """
@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components.backbone import load_backbone_dir
+from ml.model.backbone import ECGTransformer
+from ml.model.pretrained import read_backbone
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ TARGET_FS = 500.0
 class Predictor:
     """A fine-tuned model in eval mode with its classes and decision thresholds."""
 
-    model: object  # ml.model.backbone.ECGTransformer
+    model: ECGTransformer
     classes: list[str]
     thresholds: np.ndarray
     backbone_id: str
@@ -136,8 +137,7 @@ def load_predictor(backbone_dir: Path, adapter_dir: Path) -> Predictor:
     """Rebuild the fine-tuned model from a backbone folder and an adapter folder."""
     from ml.model.adapter import load_adapter
 
-    state, _, _ = load_backbone_dir(backbone_dir)
-    model, meta = load_adapter(adapter_dir, state)
+    model, meta = load_adapter(adapter_dir, read_backbone(backbone_dir).state)
     model.eval()
     thresholds = np.asarray(meta.thresholds if meta.thresholds is not None else [0.5] * len(meta.classes),
                             dtype=np.float64)
