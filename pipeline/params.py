@@ -146,16 +146,21 @@ def cli_fields() -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(PipelineParams) if f.metadata["cli"]]
 
 
-def add_param_flags(parser: argparse.ArgumentParser, defaults: PipelineParams = DEFAULTS) -> None:
-    """One flag per command-line parameter, with ``defaults``' values."""
+def add_param_flags(parser: argparse.ArgumentParser, defaults: PipelineParams | None = DEFAULTS) -> None:
+    """One flag per command-line parameter, with ``defaults``' values; ``defaults`` None: an
+    unset flag stays None and :func:`params_from_args` takes the value from its ``base``
+    (a command whose defaults depend on other options, e.g. ``retrain --host``)."""
     group = parser.add_argument_group("pipeline parameters")
     types = field_types()
     for f in cli_fields():
         flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
-        group.add_argument(flag, dest=f.name, type=types[f.name], default=getattr(defaults, f.name),
-                           choices=f.metadata["choices"], help=f"{f.metadata['help']} (default: %(default)s)")
+        default = None if defaults is None else getattr(defaults, f.name)
+        shown = " (default: %(default)s)" if defaults is not None else ""
+        group.add_argument(flag, dest=f.name, type=types[f.name], default=default, choices=f.metadata["choices"],
+                           help=f"{f.metadata['help']}{shown}")
 
 
 def params_from_args(args: argparse.Namespace, base: PipelineParams = DEFAULTS) -> PipelineParams:
-    """``base`` with the values of the generated flags."""
-    return base.replace(**{f.name: getattr(args, f.name) for f in cli_fields()})
+    """``base`` with the values of the generated flags that are set."""
+    values = {f.name: getattr(args, f.name) for f in cli_fields()}
+    return base.replace(**{name: value for name, value in values.items() if value is not None})
