@@ -36,8 +36,6 @@ from ml.errors import CesslError
 from pipeline.components import StepComponents, build_components, default_image
 from pipeline.params import DEFAULTS, PipelineParams, field_types
 
-__all__ = ["DEFAULTS", "PipelineParams", "CompileOptions", "build_pipeline", "compile_pipeline", "run_local"]
-
 log = logging.getLogger(__name__)
 
 PIPELINE_NAME = "cessl-finetune"
