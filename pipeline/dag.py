@@ -191,7 +191,7 @@ def build_pipeline(options: CompileOptions | None = None, steps: StepComponents 
         store = steps.preprocess(manifest=ingest.outputs["manifest"], min_class_count=run.min_class_count,
                                  state_dir=run.state_dir)
         split = steps.split(store=store.outputs["store"], labelled_ratio=run.labelled_ratio, seed=run.seed)
-        data = dict(store=store.outputs["store"], splits=split.outputs["splits"])
+        data = {"store": store.outputs["store"], "splits": split.outputs["splits"]}
         backbone_task = steps.resolve_backbone(backbone=run.backbone, backbone_config=run.backbone_config,
                                                cache_dir=run.cache_dir, tracking_uri=run.tracking_uri)
         backbone = backbone_task.outputs["backbone_model"]

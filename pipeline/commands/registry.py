@@ -18,7 +18,13 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.registry import GateConfig, PromotionDecision, describe_versions, promote, rollback
+from pipeline.registry import (
+    GateConfig,
+    PromotionDecision,
+    describe_versions,
+    promote,
+    rollback,
+)
 from pipeline.tracking import TRACKING_URI_ENV, TrackingConfig
 
 log = logging.getLogger(__name__)

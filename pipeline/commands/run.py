@@ -33,7 +33,13 @@ from pipeline.dag import (
     run_local,
 )
 from pipeline.lineage import git_commit, read_data_version, source_data_version
-from pipeline.params import DEFAULTS, LOCAL_ONLY, PipelineParams, add_param_flags, params_from_args
+from pipeline.params import (
+    DEFAULTS,
+    LOCAL_ONLY,
+    PipelineParams,
+    add_param_flags,
+    params_from_args,
+)
 from pipeline.tracking import TRACKING_URI_ENV, TrackingConfig
 
 log = logging.getLogger(__name__)
