@@ -186,7 +186,7 @@ def finetune(
                          batch_size=batch_size, lr=lr, val_every=val_every, seed=seed)
     result = finetune_step(
         Path(store.path), Path(splits.path), Path(backbone_model.path), Path(rank_map.path),
-        Path(adapter.path), Path(curves.path), lora=run.lora_config(), train=run.train_config(),
+        Path(adapter.path), Path(curves.path), lora=run.lora_config(), train=run.train_config(progress=False),
         checkpoint_root=checkpoint_root or None, store_fingerprint=str(store.metadata.get("fingerprint", "")),
     )
     adapter.metadata.update(result.metadata())
