@@ -188,10 +188,10 @@ def build_pipeline(options: CompileOptions | None = None, steps: StepComponents 
         bound.apply_defaults()
         run = SimpleNamespace(**bound.arguments)  # the pipeline parameters (channels), by name
         ingest = steps.ingest(source=run.source, data_version=run.data_version, state_dir=run.state_dir)
-        store = steps.preprocess(manifest=ingest.outputs["manifest"], min_class_count=run.min_class_count,
-                                 state_dir=run.state_dir)
-        split = steps.split(store=store.outputs["store"], labelled_ratio=run.labelled_ratio, seed=run.seed)
-        data = {"store": store.outputs["store"], "splits": split.outputs["splits"]}
+        preprocess = steps.preprocess(manifest=ingest.outputs["manifest"], min_class_count=run.min_class_count,
+                                      state_dir=run.state_dir)
+        split = steps.split(store=preprocess.outputs["store"], labelled_ratio=run.labelled_ratio, seed=run.seed)
+        data = {"store": preprocess.outputs["store"], "splits": split.outputs["splits"]}  # what most steps read
         backbone_task = steps.resolve_backbone(backbone=run.backbone, backbone_config=run.backbone_config,
                                                cache_dir=run.cache_dir, tracking_uri=run.tracking_uri)
         backbone = backbone_task.outputs["backbone_model"]
@@ -215,20 +215,20 @@ def build_pipeline(options: CompileOptions | None = None, steps: StepComponents 
             params={**vars(run), "data_version": ingest.outputs["data_version"]},
         )
 
-        for task in (store, split, backbone_task, ranks, finetune, evaluate):  # deterministic
+        for task in (preprocess, split, backbone_task, ranks, finetune, evaluate):  # deterministic
             task.set_caching_options(enable_caching=options.caching)
         ingest.set_caching_options(enable_caching=options.caching and options.cache_ingest)
         champion.set_caching_options(enable_caching=False)  # the champion changes outside the pipeline
         register.set_caching_options(enable_caching=False)  # side effects on MLflow
-        for task in (ingest, store, split, backbone_task, ranks, evaluate, champion, register):
+        for task in (ingest, preprocess, split, backbone_task, ranks, evaluate, champion, register):
             _request(task, options.step_resources)
         for task in (ingest, backbone_task, champion, register):
             _use_credentials(task, options)
-        for task in (ingest, store, split, backbone_task, ranks, finetune, evaluate, champion, register):
+        for task in (ingest, preprocess, split, backbone_task, ranks, finetune, evaluate, champion, register):
             _use_config_map(task, options)
         _configure_finetune(finetune, options)
 
-        names = {ingest: "ingest", store: "preprocess", split: "split", backbone_task: "backbone",
+        names = {ingest: "ingest", preprocess: "preprocess", split: "split", backbone_task: "backbone",
                  ranks: "allocate-ranks", finetune: "finetune", evaluate: "evaluate", champion: "score-champion",
                  register: "register"}
         for task, name in names.items():
