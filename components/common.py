@@ -8,8 +8,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ml.errors import CesslError
 
-class StepError(RuntimeError):
+
+class StepError(CesslError):
     """A step cannot go on; the message names the file or record and the problem."""
 
 

@@ -1,9 +1,13 @@
-"""Step: score the fine-tuned model on the test split.
+"""Steps: score the fine-tuned model on the test split; score the current champion on it too.
 
-Writes into the evaluation folder: ``metrics.json`` (ranking loss, coverage, macro AUROC,
-macro mAP, macro F-beta2, macro G-beta2), ``per_class.csv``, ``predictions.npz`` (test ids,
-probabilities, labels, thresholds), ``roc.png`` and ``pr.png``; and an HTML report with
-the tables and both plots embedded.
+:func:`evaluate_step` writes into the evaluation folder: ``metrics.json`` (ranking loss,
+coverage, macro AUROC, macro mAP, macro F-beta2, macro G-beta2), ``per_class.csv``,
+``predictions.npz`` (test ids, probabilities, labels, thresholds), ``roc.png`` and
+``pr.png``; and an HTML report with the tables and both plots embedded.
+
+:func:`score_champion_step` scores another model (the registry's current champion, which
+the pipeline fetches) on the same test split with the same code, and writes a
+:class:`ChampionEvaluation` (its version and metrics, or why there are none).
 """
 
 from __future__ import annotations
@@ -12,13 +16,14 @@ import base64
 import html
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from components.common import write_json
+from components.common import read_json, write_json
 from components.data_access import dataset, open_store
 from ml.data.splits import Splits
 from ml.eval.predictor import load_predictor
@@ -120,18 +125,26 @@ def _html_report(result: EvaluationResult, images: dict[str, Path]) -> str:
     )
 
 
+def _score(predictor: Any, store_dir: Path, splits: Splits):
+    """The predictor's :class:`ml.eval.evaluate` report on the test split (classes must match)."""
+    from ml.eval.evaluate import evaluate
+
+    if list(predictor.classes) != list(splits.classes):
+        raise ValueError(f"the model predicts {list(predictor.classes)}, the split's classes are "
+                         f"{list(splits.classes)}: not comparable")
+    test = dataset(open_store(store_dir), splits.test, splits.classes)
+    return evaluate(predictor.model, test, thresholds=predictor.thresholds, classes=splits.classes)
+
+
 def evaluate_step(store_dir: Path, splits_path: Path, backbone_dir: Path, adapter_dir: Path,
                   out_dir: Path, report_path: Path) -> EvaluationResult:
     """Evaluate the adapter on the test split; write the evaluation folder and the HTML report."""
-    from ml.eval.evaluate import evaluate
-
     splits = Splits.load(splits_path)
     predictor = load_predictor(backbone_dir, adapter_dir)
-    if predictor.classes != splits.classes:
-        raise ValueError(f"{adapter_dir}: adapter classes {predictor.classes} differ from the split's {splits.classes}")
-    store = open_store(store_dir)
-    test = dataset(store, splits.test, splits.classes)
-    report = evaluate(predictor.model, test, thresholds=predictor.thresholds, classes=splits.classes)
+    try:
+        report = _score(predictor, store_dir, splits)
+    except ValueError as err:
+        raise ValueError(f"{adapter_dir}: {err}") from err
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = EvaluationResult(metrics=_finite(report.metrics), per_class=report.per_class, probs=report.probs,
@@ -151,15 +164,66 @@ def evaluate_step(store_dir: Path, splits_path: Path, backbone_dir: Path, adapte
     return result
 
 
-def load_evaluation(out_dir: Path) -> dict:
-    """The ``metrics.json`` of an evaluation folder."""
-    from components.common import read_json
-
-    return read_json(Path(out_dir) / METRICS_FILE, "evaluation metrics")
+# --------------------------------------------------------------------------- the champion
 
 
-def score_probs(labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarray) -> dict[str, float]:
-    """The test metrics of given probabilities (used to score a champion on this split)."""
-    from ml.eval.metrics import challenge_metrics
+@dataclass(frozen=True)
+class Champion:
+    """The model to compare with: its registry version and its predictor (None when it could
+    not be loaded; ``problem`` says why)."""
 
-    return _finite(challenge_metrics(labels, probs, np.asarray(thresholds, dtype=np.float64)))
+    version: str
+    predictor: Any = None
+    problem: str = ""
+
+
+@dataclass
+class ChampionEvaluation:
+    """The champion's metrics on a run's test split, or why there are none.
+
+    ``version`` None: there was no champion. ``metrics`` empty with a version: it could
+    not be scored on this split (``note`` says why).
+    """
+
+    version: str | None
+    test_split_hash: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    note: str = ""
+
+    @property
+    def scored(self) -> bool:
+        return self.version is not None and bool(self.metrics)
+
+    def metadata(self) -> dict[str, Any]:
+        return {"champion_version": self.version or "", "scored": self.scored, "note": self.note,
+                "test_split_hash": self.test_split_hash}
+
+    def write(self, path: Path) -> Path:
+        return write_json(path, asdict(self))
+
+    @classmethod
+    def read(cls, path: Path) -> ChampionEvaluation:
+        data = read_json(path, "champion evaluation")
+        return cls(version=data["version"], test_split_hash=data["test_split_hash"],
+                   metrics={k: float(v) for k, v in data.get("metrics", {}).items()}, note=data.get("note", ""))
+
+
+def score_champion_step(store_dir: Path, splits_path: Path, champion: Champion | None,
+                        out_path: Path) -> ChampionEvaluation:
+    """Score ``champion`` on the test split the way :func:`evaluate_step` scores the new model."""
+    splits = Splits.load(splits_path)
+    if champion is None:
+        result = ChampionEvaluation(None, splits.test_split_hash, note="no champion")
+    elif champion.predictor is None:
+        result = ChampionEvaluation(champion.version, splits.test_split_hash,
+                                    note=f"could not be loaded: {champion.problem}")
+    else:
+        try:
+            metrics = _finite(_score(champion.predictor, store_dir, splits).metrics)
+            result = ChampionEvaluation(champion.version, splits.test_split_hash, metrics, note="scored")
+        except ValueError as err:
+            result = ChampionEvaluation(champion.version, splits.test_split_hash, note=str(err))
+    if champion is not None and not result.scored:
+        log.warning("champion v%s not scored on this test split: %s", champion.version, result.note)
+    result.write(out_path)
+    return result

@@ -1,9 +1,10 @@
 """Step: gather what one pipeline run produced into a :class:`Registration` bundle.
 
 The bundle is everything MLflow is told about the run - parameters, tags (data version,
-git commit, test split hash, backbone identity), test metrics, training curves, the rank
-map, the files to attach, the backbone and adapter folders - plus a fingerprint of the
-run's inputs and outputs, so registering the same run twice gives one model version.
+git commit, test split hash, backbone identity), test metrics, the champion's metrics on
+the same split (``score_champion``), training curves, the rank map, the files to attach,
+the backbone and adapter folders - plus a fingerprint of the run's inputs and outputs, so
+registering the same run twice gives one model version.
 Writing it to MLflow is the pipeline's job (``pipeline.tracking.log_and_register``);
 nothing here imports mlflow.
 """
@@ -17,8 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from components.common import StepError, read_json, sha256_dir, sha256_json
-from components.data_access import open_store, signals_and_labels
-from components.evaluate import METRICS_FILE, PER_CLASS_FILE, PR_FILE, PREDICTIONS_FILE, ROC_FILE, score_probs
+from components.evaluate import (
+    METRICS_FILE,
+    PER_CLASS_FILE,
+    PR_FILE,
+    PREDICTIONS_FILE,
+    ROC_FILE,
+    ChampionEvaluation,
+)
 from components.finetune import read_curves
 from ml.data.splits import Splits
 
@@ -37,8 +44,8 @@ class Registration:
     classes: list[str]
     backbone_dir: Path
     adapter_dir: Path
-    store_dir: Path
     splits: Splits
+    champion: ChampionEvaluation | None = None  # the champion scored on this test split
     artifacts: dict[str, Path] = field(default_factory=dict)  # path in the run ("folder/name") -> local file
     fingerprint: str = ""
     run_name: str = ""
@@ -50,15 +57,6 @@ class Registration:
                 "test_split_hash": self.splits.test_split_hash, "split_sizes": self.splits.sizes(),
                 "source": self.params.get("source", "")}
 
-    def score_predictor(self, predictor) -> dict[str, float]:
-        """Metrics of another model (e.g. the current champion) on this run's test split."""
-        if list(predictor.classes) != list(self.classes):
-            raise ValueError(f"the other model predicts {list(predictor.classes)}, this run's classes are "
-                             f"{self.classes}: not comparable")
-        store = open_store(self.store_dir)
-        x, y = signals_and_labels(store, self.splits.test, self.classes)
-        return score_probs(y, predictor.predict_proba(x), predictor.thresholds)
-
 
 def _artifact(path: Path) -> Path:
     if not path.is_file():
@@ -66,9 +64,19 @@ def _artifact(path: Path) -> Path:
     return path
 
 
-def collect_registration(*, store_dir: Path, splits_path: Path, backbone_dir: Path, rank_map_path: Path,
-                         adapter_dir: Path, curves_path: Path, evaluation_dir: Path, params: Mapping[str, Any],
-                         data_version: str, git_commit: str, report_path: Path | None = None,
+def _champion(path: Path | None, splits: Splits) -> ChampionEvaluation | None:
+    if path is None:
+        return None
+    champion = ChampionEvaluation.read(path)
+    if champion.test_split_hash != splits.test_split_hash:
+        raise StepError(f"{path}: the champion was scored on test split {champion.test_split_hash[:12]}, "
+                        f"this run's is {splits.test_split_hash[:12]}")
+    return champion
+
+
+def collect_registration(*, splits_path: Path, backbone_dir: Path, rank_map_path: Path, adapter_dir: Path,
+                         curves_path: Path, evaluation_dir: Path, params: Mapping[str, Any], data_version: str,
+                         git_commit: str, champion_path: Path | None = None, report_path: Path | None = None,
                          quarantine_path: Path | None = None) -> Registration:
     """Read the upstream outputs into a :class:`Registration`."""
     from ml.model.pretrained import read_backbone_meta
@@ -101,8 +109,8 @@ def collect_registration(*, store_dir: Path, splits_path: Path, backbone_dir: Pa
     bundle = Registration(
         params=all_params, tags=tags, test_metrics={k: float(v) for k, v in evaluation["metrics"].items()},
         curves=read_curves(curves_path), rank_map=rank_map, classes=list(splits.classes),
-        backbone_dir=Path(backbone_dir), adapter_dir=Path(adapter_dir), store_dir=Path(store_dir), splits=splits,
-        artifacts=artifacts, fingerprint=fingerprint,
+        backbone_dir=Path(backbone_dir), adapter_dir=Path(adapter_dir), splits=splits,
+        champion=_champion(champion_path, splits), artifacts=artifacts, fingerprint=fingerprint,
         run_name=f"{method}-r{r}-{(data_version or 'nodata')[:8]}", data_version=data_version, git_commit=git_commit,
     )
     log.info("registration bundle: %d params, %d test metrics, %d curve rows, fingerprint %s",

@@ -1,8 +1,12 @@
 """The `cessl` command line.
 
-Each concern registers its own sub-commands from a module in `pipeline/commands/`
-(a `register(subparsers)` function), so the command line grows with the project
+Each concern adds its own sub-commands from a module in `pipeline/commands/` (an
+`add_commands(subparsers)` function), so the command line grows with the project
 without one file owning every option.
+
+Errors: a :class:`ml.errors.CesslError` (a failed step, a registry in the wrong state, a
+failed local run) and the ValueError / FileNotFoundError of argument validation are
+printed as one line, exit status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -13,8 +17,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from ml.errors import CesslError
+
 # Modules under pipeline.commands that contribute sub-commands, in help order.
-COMMAND_MODULES: tuple[str, ...] = ("run", "registry", "data", "backbone", "demo")
+COMMAND_MODULES: tuple[str, ...] = ("run", "registry", "data", "backbone", "method_demo")
+# Errors whose message is all the user needs (exit status 2).
+USER_ERRORS: tuple[type[Exception], ...] = (CesslError, ValueError, FileNotFoundError)
+EXIT_USER_ERROR = 2
 
 log = logging.getLogger("cessl")
 
@@ -27,13 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"pipeline.commands.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"pipeline.commands.{name}":
-                raise
-            continue  # that concern is not part of this build yet
-        module.register(subparsers)
+        importlib.import_module(f"pipeline.commands.{name}").add_commands(subparsers)
     return parser
 
 
@@ -51,9 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except USER_ERRORS as err:
         log.error("%s", err)
-        return 2
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -127,7 +127,10 @@ def allocate_ranks(
     backbone_model: Input[Model],
     method: str,
     r: int,
+    p: float,
     compress: float,
+    labelled_ratio: float,
+    batch_size: int,
     seed: int,
     rank_map: Output[Artifact],
     rank_metrics: Output[Metrics],
@@ -135,12 +138,16 @@ def allocate_ranks(
     """One-shot Taylor importance on the labelled train split -> per-layer rank map (JSON)."""
     from pathlib import Path
 
-    from components.allocate_ranks import RankConfig, allocate_ranks_step
+    from components.allocate_ranks import allocate_ranks_step
     from components.common import write_metadata_file
+    from pipeline.params import PipelineParams
 
+    run = PipelineParams(method=method, r=r, p=p, compress=compress, labelled_ratio=labelled_ratio,
+                         batch_size=batch_size, seed=seed)
     result = allocate_ranks_step(
         Path(store.path), Path(splits.path), Path(backbone_model.path), Path(rank_map.path),
-        RankConfig(method=method, r=r, compress=compress, seed=seed),
+        method=method, lora=run.lora_config(), allocation=run.allocation_config(),
+        batch_size=run.resolved_batch_size, seed=seed,
     )
     rank_map.metadata.update({"r": r, "compress": compress, "method": method, "fingerprint": result.fingerprint})
     for name, rank in sorted(result.rank_map.items()):
@@ -160,6 +167,7 @@ def finetune(
     labelled_ratio: float,
     max_steps: int,
     batch_size: int,
+    lr: float,
     val_every: int,
     seed: int,
     checkpoint_root: str,
@@ -171,16 +179,15 @@ def finetune(
     from pathlib import Path
 
     from components.common import write_metadata_file
-    from components.finetune import FinetuneConfig, finetune_step
+    from components.finetune import finetune_step
+    from pipeline.params import PipelineParams
 
-    config = FinetuneConfig(
-        method=method, r=r, p=p, labelled_ratio=labelled_ratio, max_steps=max_steps,
-        batch_size=batch_size, val_every=val_every, seed=seed,
-    )
+    run = PipelineParams(method=method, r=r, p=p, labelled_ratio=labelled_ratio, max_steps=max_steps,
+                         batch_size=batch_size, lr=lr, val_every=val_every, seed=seed)
     result = finetune_step(
         Path(store.path), Path(splits.path), Path(backbone_model.path), Path(rank_map.path),
-        config, Path(adapter.path), Path(curves.path), checkpoint_root=checkpoint_root or None,
-        store_fingerprint=str(store.metadata.get("fingerprint", "")),
+        Path(adapter.path), Path(curves.path), lora=run.lora_config(), train=run.train_config(progress=False),
+        checkpoint_root=checkpoint_root or None, store_fingerprint=str(store.metadata.get("fingerprint", "")),
     )
     adapter.metadata.update(result.metadata())
     for key, value in result.summary_metrics().items():
@@ -218,50 +225,60 @@ def evaluate(
     return json.dumps(result.metrics, sort_keys=True)
 
 
-def register(
+def score_champion(
     store: Input[Dataset],
+    splits: Input[Dataset],
+    model_name: str,
+    tracking_uri: str,
+    champion_evaluation: Output[Artifact],
+) -> str:
+    """The registry's current champion scored on this run's test split (as evaluate scores the
+    new model), or an explicit "no champion"; returns the champion's version ("" for none)."""
+    from pathlib import Path
+
+    from components.evaluate import score_champion_step
+    from pipeline.registry import load_champion
+    from pipeline.tracking import TrackingConfig
+
+    champion = load_champion(TrackingConfig.resolve(tracking_uri, model_name=model_name))
+    result = score_champion_step(Path(store.path), Path(splits.path), champion, Path(champion_evaluation.path))
+    champion_evaluation.metadata.update(result.metadata())
+    return result.version or ""
+
+
+def register(
     splits: Input[Dataset],
     backbone_model: Input[Model],
     rank_map: Input[Artifact],
     adapter: Input[Model],
     curves: Input[Artifact],
     evaluation: Input[Artifact],
+    champion_evaluation: Input[Artifact],
     report: Input[HTML],
     quarantine_report: Input[Markdown],
-    source: str,
-    backbone: str,
-    backbone_config: str,
-    labelled_ratio: float,
-    r: int,
-    compress: float,
-    p: float,
-    method: str,
-    seed: int,
-    max_steps: int,
-    data_version: str,
-    git_commit: str,
-    model_name: str,
-    tracking_uri: str,
-    experiment_name: str,
+    params: dict,
     registration: Output[Markdown],
 ) -> NamedTuple("RegisterOutputs", [("run_id", str), ("model_version", str)]):
-    """Log the run to MLflow and register the adapter as a model version (alias challenger)."""
+    """Log the run to MLflow and register the adapter as a model version (alias challenger).
+
+    ``params``: the run's :class:`pipeline.params.PipelineParams` as one mapping (its
+    ``data_version`` the one ingest settled on).
+    """
     from pathlib import Path
 
     from components.register import collect_registration
+    from pipeline.params import PipelineParams
     from pipeline.tracking import TrackingConfig, log_and_register
 
+    run = PipelineParams.from_mapping(params)
     bundle = collect_registration(
-        store_dir=Path(store.path), splits_path=Path(splits.path), backbone_dir=Path(backbone_model.path),
-        rank_map_path=Path(rank_map.path), adapter_dir=Path(adapter.path), curves_path=Path(curves.path),
-        evaluation_dir=Path(evaluation.path), report_path=Path(report.path),
-        quarantine_path=Path(quarantine_report.path),
-        params={"source": source, "backbone": backbone, "backbone_config": backbone_config,
-                "labelled_ratio": labelled_ratio, "r": r, "compress": compress, "p": p, "method": method,
-                "seed": seed, "max_steps": max_steps},
-        data_version=data_version, git_commit=git_commit,
+        splits_path=Path(splits.path), backbone_dir=Path(backbone_model.path), rank_map_path=Path(rank_map.path),
+        adapter_dir=Path(adapter.path), curves_path=Path(curves.path), evaluation_dir=Path(evaluation.path),
+        champion_path=Path(champion_evaluation.path), report_path=Path(report.path),
+        quarantine_path=Path(quarantine_report.path), params=run.logged(), data_version=run.data_version,
+        git_commit=run.git_commit,
     )
-    result = log_and_register(bundle, TrackingConfig.resolve(tracking_uri, experiment_name, model_name))
+    result = log_and_register(bundle, TrackingConfig.resolve(run.tracking_uri, run.experiment_name, run.model_name))
     Path(registration.path).write_text(result.markdown(), encoding="utf-8")
     registration.metadata.update({"run_id": result.run_id, "model_version": result.version,
                                   "model_name": result.model_name})
@@ -271,7 +288,8 @@ def register(
 
 # --------------------------------------------------------------------------- factory
 
-STEP_FUNCTIONS = (ingest, preprocess, split, resolve_backbone, allocate_ranks, finetune, evaluate, register)
+STEP_FUNCTIONS = (ingest, preprocess, split, resolve_backbone, allocate_ranks, finetune, evaluate, score_champion,
+                  register)
 
 
 @dataclass(frozen=True)
@@ -286,6 +304,7 @@ class StepComponents:
     allocate_ranks: object
     finetune: object
     evaluate: object
+    score_champion: object
     register: object
 
 

@@ -1,13 +1,15 @@
 """The CE-SSL pipeline as one Kubeflow DAG, its compile options and local execution.
 
     ingest -> preprocess -> split -> allocate_ranks -> finetune (GPU) -> evaluate -> register
-                                         ^
-                        resolve_backbone +  (pre-trained backbone: default, folder, s3://)
+                                |        ^                                                 ^
+                                |        resolve_backbone (default, folder, s3://, models:/) |
+                                +-------------------------> score_champion ----------------+
 
 :func:`build_pipeline` returns the ``@dsl.pipeline`` function for a set of
 :class:`CompileOptions` (image, GPU request, node selector / tolerations, resources,
 checkpoint volume, credentials secret): cluster settings are fixed at compile time, the
-run's choices (:class:`PipelineParams`) are pipeline parameters. :func:`compile_pipeline`
+run's choices (:class:`pipeline.params.PipelineParams`) are pipeline parameters: the
+function's signature is generated from that dataclass (:func:`pipeline_signature`). :func:`compile_pipeline`
 writes the IR YAML; :func:`run_local` runs the same DAG with ``kfp.local`` in this Python
 environment (settings that only a cluster honours are left out there).
 
@@ -15,7 +17,7 @@ No ``from __future__ import annotations``: KFP reads the pipeline function's ann
 """
 
 import contextlib
-import dataclasses
+import inspect
 import io
 import logging
 import os
@@ -25,11 +27,14 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, NamedTuple, TextIO
 
 from kfp import compiler, dsl, kubernetes
 
+from ml.errors import CesslError
 from pipeline.components import StepComponents, build_components, default_image
+from pipeline.params import DEFAULTS, PipelineParams, field_types
 
 log = logging.getLogger(__name__)
 
@@ -39,46 +44,6 @@ SECRET_ENV_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 # Endpoints every step reads from the deployment's ConfigMap (deploy/pipeline-config.yaml).
 CONFIG_MAP_ENV_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
 TAIL_LINES = 60
-
-
-@dataclass(frozen=True)
-class PipelineParams:
-    """The run's choices: the DAG's parameters (all JSON types).
-
-    Empty strings mean "the component's own default" (e.g. ``tracking_uri`` -> the
-    ``MLFLOW_TRACKING_URI`` of the component's environment).
-    """
-
-    source: str = "data"  # folder or s3://bucket/prefix of WFDB records
-    data_version: str = ""  # DVC md5 of the data (part of the cache key of ingest)
-    git_commit: str = ""
-    backbone: str = "default"  # "default", a backbone folder or checkpoint, s3://..., or models:/<backbone>
-    backbone_config: str = "tinylight"
-    labelled_ratio: float = 0.05
-    r: int = 16
-    compress: float = 0.6
-    p: float = 0.2
-    method: str = "cessl"  # cessl | lora | full | fixmatch
-    seed: int = 0
-    max_steps: int = 1000
-    batch_size: int = 0  # 0: the paper's rule (64, or 16 below 2% labels)
-    val_every: int = 50
-    model_name: str = "cessl-ecg"
-    tracking_uri: str = ""
-    experiment_name: str = "cessl"
-    checkpoint_root: str = ""  # finetune checkpoints: <root>/<hash of the step's inputs>
-    min_class_count: int = 200  # classes: scored diagnoses with at least this many labelled records
-    state_dir: str = ""  # ingest's and preprocess's incremental state (records seen before)
-    cache_dir: str = ""  # backbone download cache
-
-    def arguments(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def replace(self, **changes: Any) -> "PipelineParams":
-        return dataclasses.replace(self, **changes)
-
-
-DEFAULTS = PipelineParams()
 
 
 @dataclass(frozen=True)
@@ -154,6 +119,21 @@ class PipelineOutputs(NamedTuple):
     model_version: str
 
 
+class PipelineRunError(CesslError):
+    """A local pipeline run failed (a task failed, or it ended without outputs)."""
+
+
+def pipeline_signature(defaults: PipelineParams = DEFAULTS) -> inspect.Signature:
+    """The pipeline function's signature: one typed parameter per :class:`PipelineParams`
+    field, with ``defaults``' values (kfp reads it with ``inspect.signature``)."""
+    types = field_types()
+    return inspect.Signature(
+        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=value, annotation=types[name])
+         for name, value in defaults.arguments().items()],
+        return_annotation=PipelineOutputs,
+    )
+
+
 def _request(task: dsl.PipelineTask, resources: ResourceRequest) -> None:
     if resources.cpu:
         task.set_cpu_request(resources.cpu)
@@ -201,89 +181,65 @@ def build_pipeline(options: CompileOptions | None = None, steps: StepComponents 
     # With a checkpoint volume, finetune checkpoints there unless the run says otherwise.
     default_checkpoint_root = CHECKPOINT_MOUNT if options.checkpoint_pvc and options.kubernetes else ""
 
-    @dsl.pipeline(
-        name=PIPELINE_NAME,
-        description="CE-SSL: WFDB records -> evaluated, registered LoRA adapter (MLflow alias challenger).",
-    )
-    def cessl_pipeline(
-        source: str = DEFAULTS.source,
-        data_version: str = DEFAULTS.data_version,
-        git_commit: str = DEFAULTS.git_commit,
-        backbone: str = DEFAULTS.backbone,
-        backbone_config: str = DEFAULTS.backbone_config,
-        labelled_ratio: float = DEFAULTS.labelled_ratio,
-        r: int = DEFAULTS.r,
-        compress: float = DEFAULTS.compress,
-        p: float = DEFAULTS.p,
-        method: str = DEFAULTS.method,
-        seed: int = DEFAULTS.seed,
-        max_steps: int = DEFAULTS.max_steps,
-        batch_size: int = DEFAULTS.batch_size,
-        val_every: int = DEFAULTS.val_every,
-        model_name: str = DEFAULTS.model_name,
-        tracking_uri: str = DEFAULTS.tracking_uri,
-        experiment_name: str = DEFAULTS.experiment_name,
-        checkpoint_root: str = default_checkpoint_root,
-        min_class_count: int = DEFAULTS.min_class_count,
-        state_dir: str = DEFAULTS.state_dir,
-        cache_dir: str = DEFAULTS.cache_dir,
-    ) -> PipelineOutputs:
-        ingest = steps.ingest(source=source, data_version=data_version, state_dir=state_dir)
-        preprocess = steps.preprocess(manifest=ingest.outputs["manifest"], min_class_count=min_class_count,
-                                      state_dir=state_dir)
-        split = steps.split(store=preprocess.outputs["store"], labelled_ratio=labelled_ratio, seed=seed)
-        backbone_task = steps.resolve_backbone(backbone=backbone, backbone_config=backbone_config,
-                                               cache_dir=cache_dir, tracking_uri=tracking_uri)
+    signature = pipeline_signature(DEFAULTS.replace(checkpoint_root=default_checkpoint_root))
+
+    def cessl_pipeline(*args: Any, **kwargs: Any) -> PipelineOutputs:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        run = SimpleNamespace(**bound.arguments)  # the pipeline parameters (channels), by name
+        ingest = steps.ingest(source=run.source, data_version=run.data_version, state_dir=run.state_dir)
+        preprocess = steps.preprocess(manifest=ingest.outputs["manifest"], min_class_count=run.min_class_count,
+                                      state_dir=run.state_dir)
+        split = steps.split(store=preprocess.outputs["store"], labelled_ratio=run.labelled_ratio, seed=run.seed)
+        data = {"store": preprocess.outputs["store"], "splits": split.outputs["splits"]}  # what most steps read
+        backbone_task = steps.resolve_backbone(backbone=run.backbone, backbone_config=run.backbone_config,
+                                               cache_dir=run.cache_dir, tracking_uri=run.tracking_uri)
+        backbone = backbone_task.outputs["backbone_model"]
         ranks = steps.allocate_ranks(
-            store=preprocess.outputs["store"], splits=split.outputs["splits"],
-            backbone_model=backbone_task.outputs["backbone_model"],
-            method=method, r=r, compress=compress, seed=seed,
+            **data, backbone_model=backbone, method=run.method, r=run.r, p=run.p, compress=run.compress,
+            labelled_ratio=run.labelled_ratio, batch_size=run.batch_size, seed=run.seed,
         )
         finetune = steps.finetune(
-            store=preprocess.outputs["store"], splits=split.outputs["splits"],
-            backbone_model=backbone_task.outputs["backbone_model"], rank_map=ranks.outputs["rank_map"],
-            method=method, r=r, p=p, labelled_ratio=labelled_ratio, max_steps=max_steps,
-            batch_size=batch_size, val_every=val_every, seed=seed, checkpoint_root=checkpoint_root,
+            **data, backbone_model=backbone, rank_map=ranks.outputs["rank_map"], method=run.method, r=run.r,
+            p=run.p, labelled_ratio=run.labelled_ratio, max_steps=run.max_steps, batch_size=run.batch_size,
+            lr=run.lr, val_every=run.val_every, seed=run.seed, checkpoint_root=run.checkpoint_root,
         )
-        evaluate = steps.evaluate(
-            store=preprocess.outputs["store"], splits=split.outputs["splits"],
-            backbone_model=backbone_task.outputs["backbone_model"], adapter=finetune.outputs["adapter"],
-        )
+        evaluate = steps.evaluate(**data, backbone_model=backbone, adapter=finetune.outputs["adapter"])
+        champion = steps.score_champion(**data, model_name=run.model_name, tracking_uri=run.tracking_uri)
+        champion.after(evaluate)  # the champion of the moment the new model is ready
         register = steps.register(
-            store=preprocess.outputs["store"], splits=split.outputs["splits"],
-            backbone_model=backbone_task.outputs["backbone_model"], rank_map=ranks.outputs["rank_map"],
+            splits=split.outputs["splits"], backbone_model=backbone, rank_map=ranks.outputs["rank_map"],
             adapter=finetune.outputs["adapter"], curves=finetune.outputs["curves"],
-            evaluation=evaluate.outputs["evaluation"], report=evaluate.outputs["report"],
-            quarantine_report=ingest.outputs["quarantine_report"], source=source, backbone=backbone, backbone_config=backbone_config, labelled_ratio=labelled_ratio,
-            r=r, compress=compress, p=p, method=method, seed=seed, max_steps=max_steps,
-            data_version=ingest.outputs["data_version"], git_commit=git_commit, model_name=model_name,
-            tracking_uri=tracking_uri, experiment_name=experiment_name,
+            evaluation=evaluate.outputs["evaluation"], champion_evaluation=champion.outputs["champion_evaluation"],
+            report=evaluate.outputs["report"], quarantine_report=ingest.outputs["quarantine_report"],
+            params={**vars(run), "data_version": ingest.outputs["data_version"]},
         )
 
-        deterministic = (preprocess, split, backbone_task, ranks, finetune, evaluate)
-        for task in deterministic:
+        for task in (preprocess, split, backbone_task, ranks, finetune, evaluate):  # deterministic
             task.set_caching_options(enable_caching=options.caching)
         ingest.set_caching_options(enable_caching=options.caching and options.cache_ingest)
+        champion.set_caching_options(enable_caching=False)  # the champion changes outside the pipeline
         register.set_caching_options(enable_caching=False)  # side effects on MLflow
-        for task in (ingest, preprocess, split, backbone_task, ranks, evaluate, register):
+        for task in (ingest, preprocess, split, backbone_task, ranks, evaluate, champion, register):
             _request(task, options.step_resources)
-        for task in (ingest, backbone_task, register):
+        for task in (ingest, backbone_task, champion, register):
             _use_credentials(task, options)
-        for task in (ingest, preprocess, split, backbone_task, ranks, finetune, evaluate, register):
+        for task in (ingest, preprocess, split, backbone_task, ranks, finetune, evaluate, champion, register):
             _use_config_map(task, options)
         _configure_finetune(finetune, options)
 
-        ingest.set_display_name("ingest")
-        preprocess.set_display_name("preprocess")
-        split.set_display_name("split")
-        backbone_task.set_display_name("backbone")
-        ranks.set_display_name("allocate-ranks")
-        finetune.set_display_name("finetune")
-        evaluate.set_display_name("evaluate")
-        register.set_display_name("register")
+        names = {ingest: "ingest", preprocess: "preprocess", split: "split", backbone_task: "backbone",
+                 ranks: "allocate-ranks", finetune: "finetune", evaluate: "evaluate", champion: "score-champion",
+                 register: "register"}
+        for task, name in names.items():
+            task.set_display_name(name)
         return PipelineOutputs(run_id=register.outputs["run_id"], model_version=register.outputs["model_version"])
 
-    return cessl_pipeline
+    cessl_pipeline.__signature__ = signature  # kfp reads the parameters with inspect.signature
+    return dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="CE-SSL: WFDB records -> evaluated, registered LoRA adapter (MLflow alias challenger).",
+    )(cessl_pipeline)
 
 
 def compile_pipeline(path: Path, options: CompileOptions | None = None) -> Path:
@@ -361,8 +317,9 @@ def init_local(config: LocalRunConfig, params: PipelineParams | None = None) -> 
         raise ValueError(f"unknown local runner {config.runner!r} (subprocess | docker)")
     root = Path(config.pipeline_root).absolute()
     root.mkdir(parents=True, exist_ok=True)
+    # raise_on_error=False: a failed task ends the run without outputs (PipelineRunError below).
     local.init(runner=runner, pipeline_root=str(root), enable_caching=config.cache,
-               cache_root=str(root / ".kfp_cache"))
+               cache_root=str(root / ".kfp_cache"), raise_on_error=False)
 
 
 _LOCAL_NOISE = (
@@ -429,8 +386,7 @@ def run_local(params: PipelineParams, config: LocalRunConfig | None = None) -> P
     with warnings.catch_warnings(), _task_output(config.task_log):
         for pattern in _LOCAL_NOISE:
             warnings.filterwarnings("ignore", message=pattern)
-        task = pipeline(**params.arguments())
-    outputs = task.outputs
-    if not outputs or "run_id" not in outputs:
-        raise RuntimeError(f"pipeline {PIPELINE_NAME} finished without outputs; see the task logs above")
+        outputs = pipeline(**params.arguments()).outputs
+        if not outputs or "run_id" not in outputs:
+            raise PipelineRunError(f"pipeline {PIPELINE_NAME} failed (no outputs); see the task log above")
     return PipelineOutputs(run_id=str(outputs["run_id"]), model_version=str(outputs["model_version"]))

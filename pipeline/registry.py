@@ -21,14 +21,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ml.errors import CesslError
+from pipeline.lineage import TAG_DATA_VERSION
 from pipeline.tracking import (
     CHALLENGER,
     CHAMPION,
     CHAMPION_PREFIX,
     TAG_COMPARED_CHAMPION,
-    TAG_DATA_VERSION,
     TAG_TEST_SPLIT,
     TEST_PREFIX,
+    TrackingConfig,
     current_alias,
 )
 
@@ -41,7 +43,7 @@ TAG_COMPARISON = "promotion_comparison"
 TAG_PREVIOUS = "previous_champion"
 
 
-class RegistryError(RuntimeError):
+class RegistryError(CesslError):
     """The registry is not in a state the operation needs (no challenger, no history...)."""
 
 
@@ -240,6 +242,26 @@ def champion_data_version(client, name: str) -> str | None:
     if champion is None:
         return None
     return champion.tags.get(TAG_DATA_VERSION) or None
+
+
+def load_champion(config: TrackingConfig):
+    """The current champion of ``config.model_name`` as a :class:`components.evaluate.Champion`
+    (its predictor None, with the reason, when it cannot be loaded); None when there is none."""
+    from mlflow.exceptions import MlflowException
+
+    from components.evaluate import Champion
+    from pipeline.pyfunc_model import load_predictor
+
+    champion = current_alias(config.client(), config.model_name, CHAMPION)
+    if champion is None:
+        return None
+    version = str(champion.version)
+    try:
+        predictor = load_predictor(f"models:/{config.model_name}@{CHAMPION}", tracking_uri=config.tracking_uri)
+    except (MlflowException, CesslError, ValueError, OSError) as err:
+        log.warning("champion v%s of %s could not be loaded: %s", version, config.model_name, err)
+        return Champion(version, problem=str(err))
+    return Champion(version, predictor)
 
 
 def describe_versions(client, name: str) -> list[dict[str, Any]]:

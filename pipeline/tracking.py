@@ -1,12 +1,13 @@
-"""MLflow tracking glue: where runs go, the data version, and logging one pipeline run.
+"""MLflow tracking glue: where runs go, and logging one pipeline run.
 
 :func:`log_and_register` takes the register step's :class:`components.register.Registration`
 bundle and writes one MLflow run: parameters, the data version (DVC md5 + git commit),
 the rank map, training curves (step metrics), test metrics, the per-class table, ROC/PR
 plots, and the adapter as a registered pyfunc model version with the alias
-``challenger``. When the model already has a ``champion``, that champion is scored on
-this run's test split too (``champion_test_*`` metrics), so ``cessl promote`` compares both
-on the same records.
+``challenger``. It only logs what it is given: when the ``score_champion`` step scored the
+current champion on this run's test split, the bundle carries those numbers and they are
+logged as ``champion_test_*`` metrics (with the ``compared_champion_*`` tags), so
+``cessl promote`` compares both on the same records.
 
 Local default: a SQLite store ``sqlite:///<cwd>/mlflow.db`` with artifacts in
 ``<cwd>/mlruns``; on a cluster ``MLFLOW_TRACKING_URI`` (or the pipeline parameter) names a
@@ -18,14 +19,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +35,6 @@ CHAMPION = "champion"
 TEST_PREFIX = "test_"
 CHAMPION_PREFIX = "champion_test_"
 # Version tags read back by the registry (promotion compares only on the same test split).
-TAG_DATA_VERSION = "data_version"
-TAG_GIT_COMMIT = "git_commit"
 TAG_TEST_SPLIT = "test_split_hash"
 TAG_FINGERPRINT = "pipeline_fingerprint"
 TAG_RUN_ID = "run_id"
@@ -53,10 +49,6 @@ _METRIC_BATCH = 900  # MLflow's log_batch takes at most 1000 metrics per call
 def default_tracking_uri(root: Path | None = None) -> str:
     """The local default: ``sqlite:///<root>/mlflow.db`` (root: the working directory)."""
     return f"sqlite:///{(root or Path.cwd()).absolute() / LOCAL_DB}"
-
-
-def is_local_store(uri: str) -> bool:
-    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
 
 
 @dataclass(frozen=True)
@@ -99,86 +91,6 @@ def ensure_experiment(config: TrackingConfig) -> str:
     if experiment is not None:
         return experiment.experiment_id
     return client.create_experiment(config.experiment_name, artifact_location=config.artifact_root)
-
-
-# --------------------------------------------------------------------------- data version
-
-
-@dataclass(frozen=True)
-class DataVersion:
-    """What data a run trained on: the DVC md5 of the data folder and the code's commit."""
-
-    md5: str
-    git_commit: str
-    origin: str  # "dvc:<file>" or "content" (hash of the files when no .dvc file tracks them)
-
-    def as_tags(self) -> dict[str, str]:
-        return {TAG_DATA_VERSION: self.md5, TAG_GIT_COMMIT: self.git_commit, "data_version_origin": self.origin}
-
-
-def dvc_md5(dvc_file: Path, data_path: Path | None = None) -> str | None:
-    """The md5 of the output in a ``.dvc`` file (the one at ``data_path`` if given)."""
-    if not dvc_file.is_file():
-        return None
-    try:
-        spec = yaml.safe_load(dvc_file.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"{dvc_file}: not a valid .dvc file ({err})") from err
-    outs = spec.get("outs") or []
-    for out in outs:
-        path = (dvc_file.parent / str(out.get("path", ""))).resolve()
-        if data_path is None or path == data_path.resolve():
-            md5 = out.get("md5")
-            if not md5:
-                raise ValueError(f"{dvc_file}: output {out.get('path')!r} has no md5")
-            return str(md5)
-    return None
-
-
-def git_commit(repo: Path) -> str:
-    """``git rev-parse HEAD`` of ``repo`` (``+dirty`` when tracked files changed), or "unknown"."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                              check=True, timeout=30).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True, check=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{head}+dirty" if dirty else head
-
-
-def find_dvc_file(data_path: Path, repo: Path) -> Path | None:
-    """``<data>.dvc`` next to the data folder, else the repo's ``data.dvc`` if it tracks it."""
-    for candidate in (data_path.parent / f"{data_path.name}.dvc", repo / "data.dvc"):
-        if candidate.is_file() and dvc_md5(candidate, data_path) is not None:
-            return candidate
-    return None
-
-
-def read_data_version(data_path: Path, repo: Path | None = None) -> DataVersion:
-    """The data version of a local folder: DVC's md5 of its current content.
-
-    When a ``.dvc`` file tracks the folder and records the same md5 the origin is that
-    file; when it records another one the folder has changes not added to DVC yet (a
-    warning says so and the current content's md5 is used).
-    """
-    from ml.data.dvc import dir_md5
-
-    repo = repo or Path.cwd()
-    if not data_path.is_dir():
-        raise FileNotFoundError(f"{data_path}: data folder not found")
-    current = dir_md5(data_path)
-    commit = git_commit(repo)
-    dvc_file = find_dvc_file(data_path, repo)
-    if dvc_file is None:
-        log.warning("%s is not tracked by DVC (no %s.dvc): its version is its content md5", data_path, data_path.name)
-        return DataVersion(md5=current, git_commit=commit, origin="content")
-    recorded = dvc_md5(dvc_file, data_path)
-    if recorded != current:
-        log.warning("%s has changes not recorded in %s (%s there, %s now): run `dvc add` to version them",
-                    data_path, dvc_file, recorded, current)
-        return DataVersion(md5=current, git_commit=commit, origin=f"uncommitted (not in {dvc_file.name})")
-    return DataVersion(md5=current, git_commit=commit, origin=f"dvc:{dvc_file.name}")
 
 
 # --------------------------------------------------------------------------- logging a run
@@ -286,25 +198,6 @@ def current_alias(client, model_name: str, alias: str):
         return None
 
 
-def _score_champion(client, config: TrackingConfig, bundle) -> tuple[str | None, dict[str, float]]:
-    """Metrics of the current champion on this run's test split (empty when not comparable)."""
-    from mlflow.exceptions import MlflowException
-
-    champion = current_alias(client, config.model_name, CHAMPION)
-    if champion is None:
-        return None, {}
-    try:
-        from pipeline.pyfunc_model import load_predictor
-
-        predictor = load_predictor(f"models:/{config.model_name}@{CHAMPION}", tracking_uri=config.tracking_uri)
-        metrics = bundle.score_predictor(predictor)
-    except (MlflowException, ValueError, OSError, RuntimeError, KeyError) as err:
-        log.warning("champion v%s of %s could not be scored on this test split: %s",
-                    champion.version, config.model_name, err)
-        return str(champion.version), {}
-    return str(champion.version), metrics
-
-
 def log_and_register(bundle, config: TrackingConfig) -> RegistrationResult:
     """Log ``bundle`` (a :class:`components.register.Registration`) as one run and register it."""
     import mlflow
@@ -323,7 +216,9 @@ def log_and_register(bundle, config: TrackingConfig) -> RegistrationResult:
                                   metrics=metrics, reused=True)
 
     experiment_id = ensure_experiment(config)
-    champion_version, champion_metrics = _score_champion(client, config, bundle)
+    champion = bundle.champion
+    champion_version = champion.version if champion is not None and champion.scored else None
+    champion_metrics = dict(champion.metrics) if champion_version is not None else {}
     with mlflow.start_run(experiment_id=experiment_id, run_name=bundle.run_name) as run:
         run_id = run.info.run_id
         mlflow.log_params({k: _param(v) for k, v in bundle.params.items()})

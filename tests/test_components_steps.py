@@ -114,20 +114,34 @@ def test_evaluate_writes_metrics_tables_plots_and_report(trained):
     assert "Per class" in html and "data:image/png;base64," in html
 
 
-def test_registration_bundle_scores_a_model_on_its_test_split(trained):
-    kwargs = dict(store_dir=trained / "store", splits_path=trained / "splits.json", backbone_dir=trained / "backbone",
+def test_champion_is_scored_like_evaluate_and_carried_by_the_registration(trained, tmp_path):
+    from components.evaluate import Champion, ChampionEvaluation, score_champion_step
+
+    splits = Splits.load(trained / "splits.json")
+    none = score_champion_step(trained / "store", trained / "splits.json", None, tmp_path / "none.json")
+    assert (none.version, none.metrics, none.note) == (None, {}, "no champion")
+    assert ChampionEvaluation.read(tmp_path / "none.json") == none
+    broken = score_champion_step(trained / "store", trained / "splits.json", Champion("3", problem="gone"),
+                                 tmp_path / "broken.json")
+    assert broken.version == "3" and not broken.scored and "gone" in broken.note
+    # The same model scored as a champion on the same split gives evaluate's test metrics.
+    champion = Champion("1", load_predictor(trained / "backbone", trained / "adapter"))
+    scored = score_champion_step(trained / "store", trained / "splits.json", champion, tmp_path / "champion.json")
+    assert scored.scored and scored.test_split_hash == splits.test_split_hash
+
+    kwargs = dict(splits_path=trained / "splits.json", backbone_dir=trained / "backbone",
                   rank_map_path=trained / "rank_map.json", adapter_dir=trained / "adapter",
                   curves_path=trained / "curves", evaluation_dir=trained / "evaluation",
-                  params={"method": "cessl", "r": 8}, data_version="md5-x", git_commit="abc")
+                  champion_path=tmp_path / "champion.json", params={"method": "cessl", "r": 8},
+                  data_version="md5-x", git_commit="abc")
     bundle = collect_registration(**kwargs)
     assert bundle.tags["data_version"] == "md5-x"
-    assert bundle.tags["test_split_hash"] == Splits.load(trained / "splits.json").test_split_hash
+    assert bundle.tags["test_split_hash"] == splits.test_split_hash
     assert "evaluation/per_class.csv" in bundle.artifacts and "training/curves.jsonl" in bundle.artifacts
     assert collect_registration(**kwargs).fingerprint == bundle.fingerprint
-    # The same model scored again on the same split gives its own test metrics.
-    scored = bundle.score_predictor(load_predictor(trained / "backbone", trained / "adapter"))
+    assert bundle.champion == scored
     for key, value in bundle.test_metrics.items():
-        assert scored[key] == pytest.approx(value, abs=1e-6), key
+        assert scored.metrics[key] == pytest.approx(value, abs=1e-6), key
 
 
 def test_finetune_resumes_after_an_interruption(trained, tmp_path, monkeypatch):

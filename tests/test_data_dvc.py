@@ -14,6 +14,7 @@ from ml.data.dvc import (
     add_records,
     data_version,
     dir_md5,
+    dvc_md5,
     ensure_demo_data,
     run_dvc,
     track,
@@ -50,6 +51,25 @@ def test_dir_md5_is_what_dvc_records(tmp_path):
     (repo / "data" / "notes.txt").write_text("x\n")
     assert track(repo) == data_version(repo) == dir_md5(repo / "data")
     assert run_dvc("status", cwd=repo).stdout.strip().startswith("Data and pipelines are up to date")
+
+
+def test_dvc_file_parser(tmp_path):
+    """One YAML parser for .dvc files: the output at a path, a missing file, a broken one."""
+    (tmp_path / "data").mkdir()
+    dvc = tmp_path / "multi.dvc"
+    dvc.write_text("outs:\n- md5: 11111111111111111111111111111111.dir\n  path: other\n"
+                   "- md5: 22222222222222222222222222222222.dir\n  size: 10\n  path: data\n")
+    assert dvc_md5(dvc) == "11111111111111111111111111111111.dir"
+    assert dvc_md5(dvc, tmp_path / "data") == "22222222222222222222222222222222.dir"
+    assert dvc_md5(dvc, tmp_path / "elsewhere") is None
+    assert dvc_md5(tmp_path / "missing.dvc") is None
+    assert data_version(tmp_path, "multi.dvc") == "11111111111111111111111111111111.dir"
+    (tmp_path / "broken.dvc").write_text("outs: [\n")
+    with pytest.raises(ValueError, match="not a valid .dvc file"):
+        dvc_md5(tmp_path / "broken.dvc")
+    (tmp_path / "nomd5.dvc").write_text("outs:\n- path: data\n")
+    with pytest.raises(ValueError, match="has no md5"):
+        dvc_md5(tmp_path / "nomd5.dvc")
 
 
 def test_demo_data_is_bit_identical_and_is_the_committed_version(tmp_path):

@@ -23,7 +23,7 @@ from ml.train.loaders import EpochStream, fetch
 from ml.train.synthetic import SyntheticTaskConfig, make_splits
 from ml.train.trainer import fit
 from pipeline.cli import build_parser
-from pipeline.commands.demo import DemoOptions, render, run_demo
+from pipeline.commands.method_demo import DemoOptions, render, run_demo
 
 N_CLASSES = 3
 BATCH = 8

@@ -111,3 +111,39 @@ def test_retrain_submits_only_when_the_data_changed(kfp_client, repo, tmp_path, 
     mlflow.set_model_version_tag("retrain-test", champion.version, "data_version", data_version(repo))
     assert cessl(*argv) == 0
     assert len(kfp_client.calls) == 1, "no new run: the champion was trained on this data version"
+
+
+def test_retrain_on_a_cluster_submits_the_cluster_defaults(kfp_client, tmp_path, monkeypatch):
+    """Not the demo's (150 steps, tiny backbone, 30% labels, classes of 10 records): what submit sends."""
+    from pipeline.commands.run import DEMO_PARAMS
+    from pipeline.params import DEFAULTS
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # no champion yet
+    assert cessl("retrain", "--host", HOST, "--model-name", "cluster-retrain", "--seed", "3") == 0
+    assert cessl("submit", "--host", HOST, "--model-name", "cluster-retrain", "--seed", "3") == 0
+    (_, retrained), (_, submitted) = kfp_client.calls
+    assert retrained["arguments"] == submitted["arguments"]
+    arguments = retrained["arguments"]
+    for name in ("max_steps", "backbone_config", "labelled_ratio", "min_class_count", "batch_size"):
+        assert arguments[name] == getattr(DEFAULTS, name) != getattr(DEMO_PARAMS, name), name
+    assert (arguments["seed"], arguments["model_name"]) == (3, "cluster-retrain")
+
+
+def test_main_maps_only_known_errors_to_exit_2(monkeypatch):
+    from components.common import StepError
+    from pipeline import cli
+    from pipeline.commands import registry as registry_command
+    from pipeline.registry import RegistryError
+
+    def failing(error: Exception):
+        def cmd(args) -> int:
+            raise error
+        return cmd
+
+    for error in (StepError("store not found"), RegistryError("no challenger"), ValueError("bad flag"),
+                  FileNotFoundError("no data")):
+        monkeypatch.setattr(registry_command, "cmd_rollback", failing(error))
+        assert cli.main(["rollback", "some-model"]) == 2, error
+    monkeypatch.setattr(registry_command, "cmd_rollback", failing(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["rollback", "some-model"])

@@ -10,9 +10,12 @@ import yaml
 from pipeline import cli
 from pipeline.commands.run import cron6
 from pipeline.dag import CompileOptions, Toleration, compile_pipeline
+from pipeline.params import DEFAULTS, field_types
 
 IMAGE = "registry.example.org/cessl:1.2.3"
-STEPS = ("ingest", "preprocess", "split", "resolve-backbone", "allocate-ranks", "finetune", "evaluate", "register")
+STEPS = ("ingest", "preprocess", "split", "resolve-backbone", "allocate-ranks", "finetune", "evaluate",
+         "score-champion", "register")
+UNCACHED = ("score-champion", "register")  # read or write the registry
 
 
 def load(path: Path) -> list[dict]:
@@ -63,7 +66,7 @@ def test_finetune_requests_a_gpu_with_scheduling_constraints(compiled):
 
 def test_credentials_come_from_a_secret(compiled):
     _, platform = compiled
-    for executor in ("exec-ingest", "exec-resolve-backbone", "exec-register"):
+    for executor in ("exec-ingest", "exec-resolve-backbone", "exec-score-champion", "exec-register"):
         secret = platform[executor]["secretAsEnv"][0]
         assert secret["secretName"] == "cessl-s3"
         assert {k["envVar"] for k in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
@@ -98,23 +101,73 @@ def test_component_outputs_are_typed_artifacts(compiled):
                                           "train_metrics": "system.Metrics"}
     assert _outputs(spec, "evaluate") == {"test_metrics": "system.Metrics", "roc": "system.ClassificationMetrics",
                                           "report": "system.HTML", "evaluation": "system.Artifact"}
+    assert _outputs(spec, "score-champion") == {"champion_evaluation": "system.Artifact"}
     assert _outputs(spec, "register") == {"registration": "system.Markdown"}
 
 
-def test_pipeline_parameters_and_dag(compiled):
+IR_TYPES = {str: "STRING", int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE"}
+
+
+def test_pipeline_parameters_are_the_pipeline_params_fields(compiled):
+    """The pipeline's signature is generated from PipelineParams: same names, types and defaults
+    (checkpoint_root defaults to the checkpoint volume's mount when there is one)."""
     spec, _ = compiled
     params = spec["root"]["inputDefinitions"]["parameters"]
-    for name in ("source", "backbone", "backbone_config", "labelled_ratio", "r", "compress", "p", "method", "seed",
-                 "max_steps", "model_name", "data_version", "tracking_uri"):
-        assert name in params, name
+    expected = DEFAULTS.replace(checkpoint_root="/mnt/checkpoints").arguments()
+    assert set(params) == set(expected)
+    for name, kind in field_types().items():
+        assert params[name]["parameterType"] == IR_TYPES[kind], name
+        assert params[name]["defaultValue"] == expected[name], name
+
+
+def test_defaults_come_from_the_ml_dataclasses():
+    from ml.model.lora import LoRAConfig
+    from ml.model.rank_allocation import RankAllocationConfig
+    from ml.train.config import TrainConfig
+    from ml.train.methods import DEFAULT_METHOD
+
+    assert (DEFAULTS.r, DEFAULTS.p) == (LoRAConfig().r, LoRAConfig().p)
+    assert DEFAULTS.compress == RankAllocationConfig().compress
+    train = TrainConfig()
+    assert (DEFAULTS.max_steps, DEFAULTS.val_every, DEFAULTS.seed, DEFAULTS.lr) == (
+        train.max_steps, train.val_every, train.seed, train.lr)
+    assert DEFAULTS.method == DEFAULT_METHOD
+    run = DEFAULTS.replace(r=8, p=0.1, compress=0.5, labelled_ratio=0.01, max_steps=20, method="lora")
+    assert (run.lora_config().r, run.lora_config().p, run.allocation_config().compress) == (8, 0.1, 0.5)
+    config = run.train_config()
+    assert (config.method, config.max_steps, config.batch_size) == ("lora", 20, 16)  # the paper's rule below 2%
+    assert DEFAULTS.replace(batch_size=8).train_config().batch_size == 8
+
+
+def test_register_gets_the_run_parameters_as_one_mapping(compiled):
+    spec, _ = compiled
+    register = spec["root"]["dag"]["tasks"]["register"]["inputs"]["parameters"]
+    assert set(register) == {"params"} | {k for k in register if k.startswith("pipelinechannel--")}
+    mapping = register["params"]["runtimeValue"]["constant"]
+    assert set(mapping) == set(DEFAULTS.arguments())
+    assert "ingest-data_version" in mapping["data_version"], "the data version ingest settled on"
+
+
+def test_register_parameters_survive_kfp_rendering_them_as_text():
+    from pipeline.params import PipelineParams
+
+    text = {k: str(float(v)) if isinstance(v, int) else str(v) for k, v in DEFAULTS.arguments().items()}
+    assert PipelineParams.from_mapping(text) == DEFAULTS
+    with pytest.raises(ValueError, match="unknown"):
+        PipelineParams.from_mapping({"rank": 3})
+
+
+def test_pipeline_dag(compiled):
+    spec, _ = compiled
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"ingest", "preprocess", "split", "resolve-backbone", "allocate-ranks", "finetune",
-                          "evaluate", "register"}
+    assert set(tasks) == set(STEPS)
     assert set(tasks["finetune"]["dependentTasks"]) == {"preprocess", "split", "resolve-backbone", "allocate-ranks"}
-    assert "finetune" in tasks["evaluate"]["dependentTasks"] and "evaluate" in tasks["register"]["dependentTasks"]
-    for name in STEPS[:-1]:
-        assert tasks[name]["cachingOptions"].get("enableCache") is True, name
-    assert not tasks["register"]["cachingOptions"].get("enableCache", False)
+    assert "finetune" in tasks["evaluate"]["dependentTasks"]
+    assert "evaluate" in tasks["score-champion"]["dependentTasks"], "the champion of when the new model is ready"
+    assert {"evaluate", "score-champion"} <= set(tasks["register"]["dependentTasks"])
+    for name in STEPS:
+        cached = tasks[name]["cachingOptions"].get("enableCache", False)
+        assert cached is (name not in UNCACHED), name
 
 
 def test_local_options_leave_cluster_settings_out(tmp_path):

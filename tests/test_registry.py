@@ -9,6 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import cli
+from pipeline.lineage import TAG_DATA_VERSION
 from pipeline.registry import (
     HISTORY_TAG,
     TAG_COMPARISON,
@@ -21,7 +22,8 @@ from pipeline.registry import (
     promote,
     rollback,
 )
-from pipeline.tracking import CHALLENGER, CHAMPION, TAG_COMPARED_CHAMPION, TAG_DATA_VERSION, TAG_TEST_SPLIT
+from pipeline.tracking import CHALLENGER, CHAMPION, TAG_COMPARED_CHAMPION, TAG_TEST_SPLIT
+
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:

@@ -66,13 +66,34 @@ def dir_md5(path: str | Path) -> str:
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
 
 
+def dvc_md5(dvc_file: str | Path, data_path: str | Path | None = None) -> str | None:
+    """The md5 a ``.dvc`` file records for its output (the one at ``data_path`` if given).
+
+    None when the file does not exist or tracks no such output; ValueError when it is not
+    valid YAML or the output has no md5.
+    """
+    import yaml
+
+    dvc_file = Path(dvc_file)
+    if not dvc_file.is_file():
+        return None
+    try:
+        spec = yaml.safe_load(dvc_file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{dvc_file}: not a valid .dvc file ({err})") from err
+    for out in spec.get("outs") or []:
+        path = (dvc_file.parent / str(out.get("path", ""))).resolve()
+        if data_path is None or path == Path(data_path).resolve():
+            md5 = out.get("md5")
+            if not md5:
+                raise ValueError(f"{dvc_file}: output {out.get('path')!r} has no md5")
+            return str(md5)
+    return None
+
+
 def data_version(repo_root: str | Path = ".", dvc_file: str = DVC_FILE) -> str | None:
     """The md5 recorded in ``data.dvc`` (e.g. ``"3f2a...e1.dir"``), None if untracked."""
-    path = Path(repo_root) / dvc_file
-    if not path.is_file():
-        return None
-    match = re.search(r"^\s*-?\s*md5:\s*([0-9a-f]{32}(?:\.dir)?)\s*$", path.read_text(encoding="utf-8"), re.M)
-    return match.group(1) if match else None
+    return dvc_md5(Path(repo_root) / dvc_file)
 
 
 def find_repo_root(start: str | Path = ".") -> Path:

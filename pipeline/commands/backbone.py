@@ -41,7 +41,7 @@ def _add_register_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alias", default=None, help="registry alias to point at the version (with --register)")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
     sizes = SIZES
     parser = subparsers.add_parser(
         "backbone",

@@ -18,7 +18,13 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.registry import GateConfig, PromotionDecision, RegistryError, describe_versions, promote, rollback
+from pipeline.registry import (
+    GateConfig,
+    PromotionDecision,
+    describe_versions,
+    promote,
+    rollback,
+)
 from pipeline.tracking import TRACKING_URI_ENV, TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -49,20 +55,12 @@ def run_promote(tracking: TrackingConfig, metric: str, margin: float, force: boo
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    try:
-        decision = run_promote(_tracking(args, args.name), args.metric, args.margin, args.force)
-    except RegistryError as err:
-        log.error("%s", err)
-        return 2
+    decision = run_promote(_tracking(args, args.name), args.metric, args.margin, args.force)
     return 0 if decision.promoted else EXIT_REFUSED
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    try:
-        result = rollback(_tracking(args, args.name).client(), args.name)
-    except RegistryError as err:
-        log.error("%s", err)
-        return 2
+    result = rollback(_tracking(args, args.name).client(), args.name)  # RegistryError: exit 2 (cli.main)
     log.info("%s: champion is v%s again (was v%s)", args.name, result.restored, result.replaced)
     return 0
 
@@ -102,7 +100,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
     def tracking_flag(p: argparse.ArgumentParser) -> None:
         p.add_argument("--tracking-uri", default="",
                        help=f"MLflow tracking URI (default: ${TRACKING_URI_ENV} or sqlite:///./mlflow.db)")

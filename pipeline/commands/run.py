@@ -25,63 +25,35 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.dag import (
-    DEFAULTS,
     CompileOptions,
     LocalRunConfig,
-    PipelineParams,
     ResourceRequest,
     Toleration,
     compile_pipeline,
     run_local,
 )
-from pipeline.tracking import TRACKING_URI_ENV, TrackingConfig, dvc_md5, git_commit, read_data_version
+from pipeline.lineage import git_commit, read_data_version, source_data_version
+from pipeline.params import (
+    DEFAULTS,
+    LOCAL_ONLY,
+    PipelineParams,
+    add_param_flags,
+    params_from_args,
+)
+from pipeline.tracking import TRACKING_URI_ENV, TrackingConfig
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PACKAGE = "cessl_pipeline.yaml"
-LOCAL_ONLY = ("state_dir", "cache_dir", "checkpoint_root", "tracking_uri")
 STATE_DIR = Path(".cache") / "cessl"
 
 # `cessl run` on the embedded defaults: the demo hospital, the tiny default backbone and a
 # schedule that finishes in minutes on two CPU cores. Every value can be overridden.
-DEMO_PARAMS = DEFAULTS.replace(
-    source="data", backbone="default", backbone_config="tiny", labelled_ratio=0.3, r=16, compress=0.6,
-    p=0.2, method="cessl", seed=0, max_steps=150, batch_size=16, val_every=25, min_class_count=10,
-)
+DEMO_PARAMS = DEFAULTS.replace(backbone_config="tiny", labelled_ratio=0.3, max_steps=150, batch_size=16, val_every=25,
+                               min_class_count=10)
 
 
 # --------------------------------------------------------------------------- arguments
-
-# (flag, PipelineParams field, type, help)
-_PARAM_FLAGS: tuple[tuple[str, str, type, str], ...] = (
-    ("--source", "source", str, "folder or s3://bucket/prefix of WFDB records"),
-    ("--backbone", "backbone", str, "'default', a backbone folder/checkpoint, s3://..., or models:/cessl-backbone-<config>/<version>"),
-    ("--backbone-config", "backbone_config", str, "backbone size: tinylight | tiny | base | medium | large"),
-    ("--labelled-ratio", "labelled_ratio", float, "fraction of the non-test records that keep their labels"),
-    ("-r", "r", int, "LoRA rank r (r_low = (r // 4) * 2 for the least important layers)"),
-    ("--compress", "compress", float, "compress ratio c of the one-shot rank allocation"),
-    ("-p", "p", float, "random deactivation probability"),
-    ("--method", "method", str, "cessl | lora | full | fixmatch"),
-    ("--seed", "seed", int, "seed of the split, the initialisation and the training"),
-    ("--max-steps", "max_steps", int, "fine-tuning steps"),
-    ("--batch-size", "batch_size", int, "labelled batch size (0: the paper's rule)"),
-    ("--val-every", "val_every", int, "validate (and checkpoint) every N steps"),
-    ("--min-class-count", "min_class_count", int, "classes: scored diagnoses with >= N labelled records"),
-    ("--model-name", "model_name", str, "MLflow registered model name"),
-    ("--experiment", "experiment_name", str, "MLflow experiment"),
-)
-
-
-def add_param_flags(parser: argparse.ArgumentParser, defaults: PipelineParams) -> None:
-    group = parser.add_argument_group("pipeline parameters")
-    for flag, name, kind, text in _PARAM_FLAGS:
-        group.add_argument(flag, dest=name, type=kind, default=getattr(defaults, name),
-                           help=f"{text} (default: %(default)s)")
-
-
-def params_from_args(args: argparse.Namespace, base: PipelineParams) -> PipelineParams:
-    return base.replace(**{name: getattr(args, name) for _, name, _, _ in _PARAM_FLAGS})
-
 
 def add_compile_flags(parser: argparse.ArgumentParser, with_image: bool = True) -> None:
     group = parser.add_argument_group("cluster settings (compile time)")
@@ -159,9 +131,8 @@ def ensure_demo_data(data_dir: Path) -> None:
     log.info("demo hospital ready in %s (data version %s)", demo.path, demo.version)
 
 
-def local_params(args: argparse.Namespace, tracking: TrackingConfig) -> PipelineParams:
-    """The run's parameters with the local paths and the data version filled in."""
-    params = params_from_args(args, DEMO_PARAMS)
+def local_params(args: argparse.Namespace, params: PipelineParams, tracking: TrackingConfig) -> PipelineParams:
+    """``params`` with the local paths and the data version filled in."""
     state = Path(args.state_dir).absolute()
     source = params.source
     if not source.startswith("s3://"):
@@ -242,8 +213,9 @@ def print_summary(summary: RunSummary) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    tracking = TrackingConfig.resolve(args.tracking_uri, args.experiment_name, args.model_name)
-    params = local_params(args, tracking)
+    params = params_from_args(args, DEMO_PARAMS)
+    tracking = TrackingConfig.resolve(args.tracking_uri, params.experiment_name, params.model_name)
+    params = local_params(args, params, tracking)
     log.info("data %s (version %s), MLflow %s", params.source, params.data_version, tracking.tracking_uri)
     start = time.perf_counter()
     task_log = None if args.show_task_logs else Path(args.pipeline_root) / "last_run.log"
@@ -272,14 +244,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cluster_arguments(args: argparse.Namespace) -> dict[str, Any]:
-    """Pipeline arguments for a cluster run (no local paths)."""
+    """Pipeline arguments for a cluster run (the cluster defaults, no local paths)."""
     params = params_from_args(args, DEFAULTS)
-    data_version = args.data_version
-    if not data_version and not params.source.startswith("s3://") and Path(params.source).is_dir():
-        data_version = read_data_version(Path(params.source), Path.cwd()).md5
-    elif not data_version and Path(args.dvc_file).is_file():
-        data_version = dvc_md5(Path(args.dvc_file)) or ""
-    arguments = params.replace(data_version=data_version or "", git_commit=git_commit(Path.cwd()),
+    data_version = args.data_version or source_data_version(params.source, Path(args.dvc_file), Path.cwd())
+    arguments = params.replace(data_version=data_version, git_commit=git_commit(Path.cwd()),
                                tracking_uri=args.tracking_uri or "", checkpoint_root=args.checkpoint_root).arguments()
     # Unset local-only settings keep the compiled defaults (e.g. checkpoint_root on the PVC).
     return {k: v for k, v in arguments.items() if v != "" or k not in LOCAL_ONLY}
@@ -337,14 +305,13 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 def cmd_retrain(args: argparse.Namespace) -> int:
     from pipeline.registry import champion_data_version
 
-    tracking = TrackingConfig.resolve(args.tracking_uri, args.experiment_name, args.model_name)
-    source = Path(args.source)
-    if args.source.startswith("s3://"):
-        current = args.data_version or dvc_md5(Path(args.dvc_file)) or ""
-    else:
-        current = args.data_version or read_data_version(source.absolute(), Path.cwd()).md5
+    params = params_from_args(args, DEFAULTS if args.host else DEMO_PARAMS)
+    tracking = TrackingConfig.resolve(args.tracking_uri, params.experiment_name, params.model_name)
+    if "://" not in params.source and not Path(params.source).is_dir():
+        raise FileNotFoundError(f"{Path(params.source).absolute()}: data folder not found")
+    current = args.data_version or source_data_version(params.source, Path(args.dvc_file), Path.cwd())
     if not current:
-        raise ValueError(f"cannot tell the data version of {args.source} (no {args.dvc_file}); pass --data-version")
+        raise ValueError(f"cannot tell the data version of {params.source} (no {args.dvc_file}); pass --data-version")
     trained_on = champion_data_version(tracking.client(), tracking.model_name)
     if trained_on == current:
         log.info("the champion of %s was trained on data version %s already: nothing to retrain",
@@ -392,7 +359,7 @@ def _add_cluster(parser: argparse.ArgumentParser, host_required: bool = True) ->
     parser.add_argument("--dvc-file", default="data.dvc", help="where the data version is read for s3:// sources")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
     run = subparsers.add_parser("run", help="run the pipeline locally (kfp.local) and print a summary")
     add_param_flags(run, DEMO_PARAMS)
     _add_tracking(run)
@@ -420,8 +387,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             sub.add_argument("--job-name", default="cessl-retrain")
         sub.set_defaults(func=func)
 
-    retrain = subparsers.add_parser("retrain", help="run the pipeline if the data changed since the champion")
-    add_param_flags(retrain, DEMO_PARAMS)
+    retrain = subparsers.add_parser(
+        "retrain", help="run the pipeline if the data changed since the champion",
+        description="Parameters default to `cessl run`'s (the demo's), or with --host to `cessl submit`'s.")
+    add_param_flags(retrain, None)
     _add_tracking(retrain)
     _add_local(retrain)
     _add_cluster(retrain, host_required=False)

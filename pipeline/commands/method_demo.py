@@ -198,7 +198,7 @@ def _command(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``cessl demo``."""
     defaults = DemoOptions()
     parser = subparsers.add_parser(

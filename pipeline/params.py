@@ -1,0 +1,166 @@
+"""The run's parameters: one dataclass, the single source of the pipeline's defaults.
+
+:class:`PipelineParams` is what a run chooses (the KFP pipeline's parameters, all JSON
+types). The model and training defaults come from the ``ml`` dataclasses
+(:class:`~ml.model.lora.LoRAConfig`, :class:`~ml.model.rank_allocation.RankAllocationConfig`,
+:class:`~ml.train.config.TrainConfig`, :data:`~ml.train.methods.DEFAULT_METHOD`); each
+field carries its help text (and choices) in ``dataclasses.field(metadata=...)``, from
+which the command line's flags (:func:`add_param_flags`) and the KFP pipeline's
+signature (``pipeline.dag``) are generated. The builders (:meth:`PipelineParams.lora_config`,
+:meth:`~PipelineParams.allocation_config`, :meth:`~PipelineParams.train_config`) turn the
+flat parameters back into the ml dataclasses the steps take.
+
+No kfp here: the step bodies import this module inside the container.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ml.model.backbone import BACKBONE_CONFIGS
+from ml.model.lora import LoRAConfig
+from ml.model.rank_allocation import RankAllocationConfig
+from ml.train.config import TrainConfig, batch_size_for_label_ratio
+from ml.train.methods import DEFAULT_METHOD, METHOD_NAMES
+
+_LORA = LoRAConfig()
+_ALLOCATION = RankAllocationConfig()
+_TRAIN = TrainConfig()
+
+# Parameters that only make sense on the machine that starts the run (paths, endpoints):
+# never logged as run parameters, and left to the compiled defaults on a cluster.
+LOCAL_ONLY = ("state_dir", "cache_dir", "checkpoint_root", "tracking_uri")
+# Parameters that are lineage or bookkeeping rather than choices of the experiment.
+NOT_LOGGED = (*LOCAL_ONLY, "data_version", "git_commit", "model_name", "experiment_name")
+
+
+def param(default: Any, help: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None,
+          cli: bool = True) -> Any:
+    """A :class:`PipelineParams` field: its default and how the command line offers it.
+
+    ``flag``: the option string (default ``--<name-with-dashes>``); ``cli=False``: no
+    generated flag (set by the commands from other options, e.g. the data version).
+    """
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "cli": cli})
+
+
+@dataclass(frozen=True)
+class PipelineParams:
+    """The run's choices: the DAG's parameters (all JSON types).
+
+    Empty strings mean "the component's own default" (e.g. ``tracking_uri`` -> the
+    ``MLFLOW_TRACKING_URI`` of the component's environment).
+    """
+
+    source: str = param("data", "folder or s3://bucket/prefix of WFDB records")
+    data_version: str = param("", "DVC md5 of the data (part of the cache key of ingest)", cli=False)
+    git_commit: str = param("", "git commit of the code", cli=False)
+    backbone: str = param("default", "'default', a backbone folder/checkpoint, s3://..., or "
+                                     "models:/cessl-backbone-<config>/<version>")
+    backbone_config: str = param("tinylight", "backbone size", choices=tuple(BACKBONE_CONFIGS))
+    labelled_ratio: float = param(0.05, "fraction of the non-test records that keep their labels")
+    r: int = param(_LORA.r, "LoRA rank r (r_low = (r // 4) * 2 for the least important layers)", flag="-r")
+    compress: float = param(_ALLOCATION.compress, "compress ratio c of the one-shot rank allocation")
+    p: float = param(_LORA.p, "random deactivation probability", flag="-p")
+    method: str = param(DEFAULT_METHOD, "training method", choices=METHOD_NAMES)
+    seed: int = param(_TRAIN.seed, "seed of the split, the initialisation and the training")
+    max_steps: int = param(_TRAIN.max_steps, "fine-tuning steps")
+    batch_size: int = param(0, "labelled batch size (0: the paper's rule, 64 or 16 below 2%% labels)")
+    lr: float = param(_TRAIN.lr, "learning rate")
+    val_every: int = param(_TRAIN.val_every, "validate (and checkpoint) every N steps")
+    model_name: str = param("cessl-ecg", "MLflow registered model name")
+    tracking_uri: str = param("", "MLflow tracking URI", cli=False)
+    experiment_name: str = param("cessl", "MLflow experiment", flag="--experiment")
+    checkpoint_root: str = param("", "finetune checkpoints: <root>/<hash of the step's inputs>", cli=False)
+    min_class_count: int = param(200, "classes: scored diagnoses with >= N labelled records")
+    state_dir: str = param("", "ingest's and preprocess's incremental state (records seen before)", cli=False)
+    cache_dir: str = param("", "backbone download cache", cli=False)
+
+    def arguments(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> PipelineParams:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> PipelineParams:
+        """Parameters from a mapping whose values may be text (KFP renders the values of a
+        ``dict`` parameter as strings, integers as ``"7.0"``); unknown keys are an error."""
+        types = field_types()
+        unknown = set(values) - set(types)
+        if unknown:
+            raise ValueError(f"unknown pipeline parameters {sorted(unknown)}")
+        return cls(**{name: _coerce(value, types[name]) for name, value in values.items()})
+
+    def logged(self) -> dict[str, Any]:
+        """The experiment's choices, as MLflow run parameters (no paths, endpoints or lineage)."""
+        return {k: v for k, v in self.arguments().items() if k not in NOT_LOGGED}
+
+    # ------------------------------------------------------------------ the ml dataclasses
+
+    @property
+    def resolved_batch_size(self) -> int:
+        """``batch_size``, or the paper's rule for ``labelled_ratio`` when it is 0."""
+        return self.batch_size or batch_size_for_label_ratio(self.labelled_ratio)
+
+    def lora_config(self) -> LoRAConfig:
+        return LoRAConfig(r=self.r, p=self.p)
+
+    def allocation_config(self) -> RankAllocationConfig:
+        return RankAllocationConfig(compress=self.compress)
+
+    def train_config(self, **overrides: Any) -> TrainConfig:
+        """The fine-tuning schedule (batch size resolved); ``overrides`` for other TrainConfig fields."""
+        return TrainConfig(method=self.method, lr=self.lr, max_steps=self.max_steps,
+                           batch_size=self.resolved_batch_size, val_every=self.val_every, seed=self.seed,
+                           **overrides)
+
+
+DEFAULTS = PipelineParams()
+
+
+def field_types() -> dict[str, type]:
+    """Each parameter's type (str, int or float)."""
+    hints = typing.get_type_hints(PipelineParams)
+    return {f.name: hints[f.name] for f in dataclasses.fields(PipelineParams)}
+
+
+def _coerce(value: Any, kind: type) -> Any:
+    if kind is int and isinstance(value, str):
+        number = float(value)
+        if not number.is_integer():
+            raise ValueError(f"expected an integer, got {value!r}")
+        return int(number)
+    return kind(value)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def cli_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(PipelineParams) if f.metadata["cli"]]
+
+
+def add_param_flags(parser: argparse.ArgumentParser, defaults: PipelineParams | None = DEFAULTS) -> None:
+    """One flag per command-line parameter, with ``defaults``' values; ``defaults`` None: an
+    unset flag stays None and :func:`params_from_args` takes the value from its ``base``
+    (a command whose defaults depend on other options, e.g. ``retrain --host``)."""
+    group = parser.add_argument_group("pipeline parameters")
+    types = field_types()
+    for f in cli_fields():
+        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        default = None if defaults is None else getattr(defaults, f.name)
+        shown = " (default: %(default)s)" if defaults is not None else ""
+        group.add_argument(flag, dest=f.name, type=types[f.name], default=default, choices=f.metadata["choices"],
+                           help=f"{f.metadata['help']}{shown}")
+
+
+def params_from_args(args: argparse.Namespace, base: PipelineParams = DEFAULTS) -> PipelineParams:
+    """``base`` with the values of the generated flags that are set."""
+    values = {f.name: getattr(args, f.name) for f in cli_fields()}
+    return base.replace(**{name: value for name, value in values.items() if value is not None})
