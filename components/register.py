@@ -19,8 +19,8 @@ from typing import Any
 from components.common import StepError, read_json, sha256_dir, sha256_json
 from components.data_access import open_store, signals_and_labels
 from components.evaluate import METRICS_FILE, PER_CLASS_FILE, PR_FILE, PREDICTIONS_FILE, ROC_FILE, score_probs
-from components.finetune import read_curves
 from ml.data.splits import Splits
+from ml.train.callbacks import read_curves
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 # Modules under pipeline.commands that contribute sub-commands, in help order.
-COMMAND_MODULES: tuple[str, ...] = ("run", "registry", "data", "backbone", "demo")
+COMMAND_MODULES: tuple[str, ...] = ("run", "registry", "data", "backbone", "method_demo")
 
 log = logging.getLogger("cessl")
 
