@@ -46,7 +46,6 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
-
 from torch.utils.data import TensorDataset
 
 from ml.model.adapter import AdapterMeta, save_adapter

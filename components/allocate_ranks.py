@@ -65,12 +65,20 @@ def allocate_ranks_step(
     train = dataset(open_store(store_dir), splits.train, splits.classes)
     if batch_size > len(train):
         log.info("allocation batch %d > %d labelled train records: using %d", batch_size, len(train), len(train))
-    allocated = allocate_ranks_for(method, state, backbone_config(name, len(splits.classes)), lora, allocation,
-                                   train, batch_size, seed)
+    allocated = allocate_ranks_for(
+        method, state, backbone_config(name, len(splits.classes)), lora, allocation, train, batch_size, seed
+    )
     rank_map = allocated.rank_map
     summary = summarise(rank_map)
     write_json(out_path, rank_map)
     log.info("rank map (%s, r=%d, c=%.2f): %s", method, lora.r, allocation.compress, summary)
-    inputs = {"rank_map": rank_map, "method": method, "lora": asdict(lora), "allocation": asdict(allocation),
-              "batch_size": min(batch_size, len(train)), "seed": seed, "backbone": identity}
+    inputs = {
+        "rank_map": rank_map,
+        "method": method,
+        "lora": asdict(lora),
+        "allocation": asdict(allocation),
+        "batch_size": min(batch_size, len(train)),
+        "seed": seed,
+        "backbone": identity,
+    }
     return RankResult(rank_map=rank_map, summary=summary, fingerprint=sha256_json(inputs))

@@ -16,7 +16,6 @@ from test_pipeline_support import make_backbone, make_hospital
 from components.allocate_ranks import allocate_ranks_step
 from components.backbone import resolve_backbone_step
 from components.common import StepError, sha256_dir
-from ml.data.splits import Splits
 from components.evaluate import evaluate_step
 from components.finetune import CURVES_FILE, checkpoint_key, finetune_step
 from components.inference import load_predictor
@@ -24,6 +23,7 @@ from components.ingest import ingest_step
 from components.preprocess import preprocess_step
 from components.register import collect_registration
 from components.split import SplitConfig, split_step
+from ml.data.splits import Splits
 from ml.model.lora import LoRAConfig
 from ml.model.rank_allocation import RankAllocationConfig
 from ml.train.callbacks import CurveRecorder, read_curves
@@ -130,7 +130,7 @@ def test_rank_allocation_pass_uses_the_training_batch_and_a_seeded_shuffle(work,
     allocate(work, tmp_path / "d.json", batch_size=10 * n_train, seed=0)  # clamped to the split
     first, again, other, whole = seen
     assert [len(x) for x in first] == [5] * (n_train // 5)
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert not torch.equal(torch.cat(first), torch.cat(other))
     assert [len(x) for x in whole] == [n_train]
 

@@ -71,7 +71,8 @@ def test_cessl_uses_the_rank_map_and_p_full_has_no_adapters() -> None:
 
 
 def test_scoring_model_is_uniform_rank_r_without_deactivation() -> None:
-    model = build_scoring_model(None, backbone_config("tinylight", N_CLASSES), LoRAConfig(r=8, p=0.5, rank_map=RANK_MAP))
+    lora = LoRAConfig(r=8, p=0.5, rank_map=RANK_MAP)
+    model = build_scoring_model(None, backbone_config("tinylight", N_CLASSES), lora)
     assert {(layer.r, layer.p) for layer in lora_layers(model).values()} == {(8, 0.0)}
 
 
@@ -83,6 +84,12 @@ def test_the_build_seed_fixes_the_new_parameters() -> None:
 
 
 def test_a_new_method_is_one_entry() -> None:
-    entry = TrainingMethod("probe", "test only", rank_policy="uniform", deactivation=True, reads_unlabelled=False,
-                           step=METHODS["lora"].step)
+    entry = TrainingMethod(
+        "probe",
+        "test only",
+        rank_policy="uniform",
+        deactivation=True,
+        reads_unlabelled=False,
+        step=METHODS["lora"].step,
+    )
     assert entry.lora_config(LORA, RANK_MAP) == LoRAConfig(r=8, p=0.3)

@@ -32,8 +32,13 @@ log = logging.getLogger(__name__)
 BackboneState = Mapping[str, Tensor]
 
 
-def _build(backbone_state: BackboneState | None, config: BackboneConfig, lora: LoRAConfig | None,
-           trainable: TrainMode, seed: int) -> ECGTransformer:
+def _build(
+    backbone_state: BackboneState | None,
+    config: BackboneConfig,
+    lora: LoRAConfig | None,
+    trainable: TrainMode,
+    seed: int,
+) -> ECGTransformer:
     """``ECGTransformer(config, lora)`` with the backbone weights loaded and ``trainable`` marked.
 
     The new parameters (LoRA A, classifier.1) are initialised from ``seed`` without touching
@@ -67,13 +72,15 @@ def build_model(
     entry = get_method(method)
     model = _build(backbone_state, backbone_config, entry.lora_config(lora, rank_map), entry.trainable, seed)
     trainable, total = count_parameters(model)
-    log.info("%s model (%s): %s trainable of %s parameters", entry.name, backbone_config.name,
-             f"{trainable:,}", f"{total:,}")
+    log.info(
+        "%s model (%s): %s trainable of %s parameters", entry.name, backbone_config.name, f"{trainable:,}", f"{total:,}"
+    )
     return model
 
 
-def build_scoring_model(backbone_state: BackboneState | None, backbone_config: BackboneConfig, lora: LoRAConfig,
-                        seed: int = 0) -> ECGTransformer:
+def build_scoring_model(
+    backbone_state: BackboneState | None, backbone_config: BackboneConfig, lora: LoRAConfig, seed: int = 0
+) -> ECGTransformer:
     """The model the one-shot rank allocation scores: rank ``lora.r`` everywhere, p = 0."""
     uniform = dataclasses.replace(lora, rank_map={}, p=0.0)
     return _build(backbone_state, backbone_config, uniform, "lora", seed)

@@ -90,8 +90,9 @@ def allocate_ranks_for(
     model = build_scoring_model(backbone_state, backbone_config, lora, seed).to(resolve_device(device))
     batches = allocation_batches(train_ds, batch_size, seed)
     importance = parameter_importance(model, batches, variant=allocation.variant)
-    rank_map = ranks_from_importance(importance, backbone_config.num_layers, lora.r, allocation.compress,
-                                     allocation.r_low)
+    rank_map = ranks_from_importance(
+        importance, backbone_config.num_layers, lora.r, allocation.compress, allocation.r_low
+    )
     return RankAllocation(rank_map={k: int(v) for k, v in rank_map.items()}, importance=importance)
 
 
@@ -100,8 +101,7 @@ def unlabelled_for(method: TrainingMethod, labelled: Dataset, unlabelled: Datase
     if not method.reads_unlabelled:
         return unlabelled
     if unlabelled is None or len(unlabelled) == 0:  # type: ignore[arg-type]
-        log.warning("method %s reads unlabelled data but there is none: the labelled split stands in",
-                    method.name)
+        log.warning("method %s reads unlabelled data but there is none: the labelled split stands in", method.name)
         return labelled
     return unlabelled
 
