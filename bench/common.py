@@ -18,7 +18,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
 def setup(args: argparse.Namespace, level: int = logging.INFO) -> None:
     """Logging to stderr and torch's CPU thread count, from the run options."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("ml.train.finetune").setLevel(logging.ERROR)  # "no pre-trained backbone" per model
+    logging.getLogger("ml.train.build").setLevel(logging.ERROR)  # "no pre-trained backbone" per model
     if args.threads:
         torch.set_num_threads(args.threads)
 

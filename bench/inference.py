@@ -30,9 +30,10 @@ from rich.console import Console
 from rich.table import Table
 
 from ml.model.backbone import BACKBONE_CONFIGS, ECGTransformer, backbone_config
-from ml.model.lora import lora_layers, merge_lora
+from ml.model.lora import LoRAConfig, lora_layers, merge_lora
+from ml.model.rank_allocation import RankAllocationConfig, default_r_low
+from ml.train.build import build_model
 from ml.train.config import resolve_device
-from ml.train.finetune import build_model_for_method
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import add_run_options, device_name, setup  # noqa: E402
@@ -43,10 +44,13 @@ NUM_CLASSES = 19
 TARGET = 1.02  # merged / backbone
 
 
-def _rank_map(names: list[str], r: int = 16, compress: float = 0.6) -> dict[str, int]:
+LORA = LoRAConfig()  # the paper's r and p
+
+
+def _rank_map(names: list[str], r: int = LORA.r, compress: float = RankAllocationConfig().compress) -> dict[str, int]:
     """A fixed stand-in allocation: the first floor(num_layers * c) matrices at r_low."""
     low = int((len(names) + 1) * compress)
-    return {name: (r // 4) * 2 if i < low else r for i, name in enumerate(names)}
+    return {name: default_r_low(r) if i < low else r for i, name in enumerate(names)}
 
 
 def build_models(config_name: str, device: torch.device) -> dict[str, torch.nn.Module]:
@@ -56,7 +60,7 @@ def build_models(config_name: str, device: torch.device) -> dict[str, torch.nn.M
         backbone = ECGTransformer(config)
     state = backbone.state_dict()
     names = backbone.adapted_layer_names()
-    adapted = build_model_for_method(state, config, "cessl", rank_map=_rank_map(names), p=0.2, seed=0)
+    adapted = build_model(state, config, "cessl", LORA, rank_map=_rank_map(names), seed=0)
     with torch.no_grad():  # stand-in for trained adapters: B = 0 would make the merge a no-op
         generator = torch.Generator().manual_seed(1)
         for layer in lora_layers(adapted).values():

@@ -40,22 +40,22 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
+from torch.utils.data import TensorDataset
 
 from ml.model.adapter import AdapterMeta, save_adapter
 from ml.model.backbone import BACKBONE_CONFIGS, BackboneConfig, ECGTransformer, backbone_config
-from ml.model.lora import count_parameters
-from ml.model.rank_allocation import allocate_ranks
+from ml.model.lora import LoRAConfig, count_parameters
+from ml.model.rank_allocation import RankAllocationConfig, default_r_low
 from ml.train.augment import make_generator
+from ml.train.build import build_model
 from ml.train.config import TrainConfig, resolve_device
-from ml.train.finetune import build_model_for_method
-from ml.train.steps import fixmatch_step, semi_supervised_step, supervised_step
+from ml.train.recipe import allocate_ranks_for
 from ml.train.trainer import build_optimizer
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -63,10 +63,20 @@ from common import add_run_options, device_name, setup  # noqa: E402
 
 log = logging.getLogger("bench.train_step")
 
-METHODS: tuple[str, ...] = ("cessl", "cessl-no-deact", "lora", "full", "fixmatch")
+LORA = LoRAConfig()  # the paper's r and p
+ALLOCATION = RankAllocationConfig()  # the paper's c
+R = LORA.r
+# benchmarked variant -> (training method of ml.train.methods, its LoRA settings)
+VARIANTS: dict[str, tuple[str, LoRAConfig]] = {
+    "cessl": ("cessl", LORA),
+    "cessl-no-deact": ("cessl", replace(LORA, p=0.0)),
+    "lora": ("lora", LORA),
+    "full": ("full", LORA),
+    "fixmatch": ("fixmatch", LORA),
+}
+METHODS: tuple[str, ...] = tuple(VARIANTS)
 REFERENCE = "fixmatch"
 NUM_CLASSES = 19  # the reference parameter counts use 19 classes
-R, COMPRESS, P = 16, 0.6, 0.2
 
 # Targets of the issue: (description, check over the results).
 TARGETS = (
@@ -100,27 +110,26 @@ class Measurement:
 
 
 class Workload:
-    """One method's model, optimiser, batches and step function."""
+    """One variant's model, optimiser, batches and step function (the trainer's, from the method registry)."""
 
     def __init__(self, method: str, config: BackboneConfig, rank_map: dict[str, int], batch: int,
                  device: torch.device, seed: int = 0) -> None:
         self.method = method
-        train_method = {"cessl-no-deact": "cessl"}.get(method, method)
-        p = 0.0 if method == "cessl-no-deact" else P
-        self.model = build_model_for_method(None, config, train_method, rank_map=rank_map, p=p, r=R,
-                                            seed=seed).to(device).train()  # fmt: skip
-        self.optimizer, _ = build_optimizer(self.model, TrainConfig(method=train_method))
+        train_method, lora = VARIANTS[method]
+        self.train_config = TrainConfig(method=train_method, seed=seed)
+        self.training_method = self.train_config.training_method
+        self.model = build_model(None, config, train_method, lora, rank_map, seed=seed).to(device).train()
+        self.optimizer, _ = build_optimizer(self.model, self.train_config)
         g = torch.Generator().manual_seed(seed)
         self.x = torch.randn(batch, config.n_leads, 1, config.seq_len, generator=g).to(device)
         self.y = (torch.rand(batch, config.num_classes, generator=g) < 0.2).float().to(device)
-        self.u = torch.randn(batch, config.n_leads, 1, config.seq_len, generator=g).to(device)
+        u = torch.randn(batch, config.n_leads, 1, config.seq_len, generator=g).to(device)
+        self.u = u if self.training_method.reads_unlabelled else None
         self.generator = make_generator(seed, device)
-        self.loss: Callable[[], torch.Tensor] = {
-            "cessl": lambda: semi_supervised_step(self.model, self.x, self.y, self.u, self.generator).loss,
-            "lora": lambda: supervised_step(self.model, self.x, self.y, self.generator).loss,
-            "full": lambda: supervised_step(self.model, self.x, self.y, self.generator).loss,
-            "fixmatch": lambda: fixmatch_step(self.model, self.x, self.y, self.u, self.generator).loss,
-        }[train_method]
+
+    def loss(self) -> torch.Tensor:
+        step = self.training_method.step
+        return step(self.model, self.x, self.y, self.u, self.generator, self.train_config).loss
 
     def step(self) -> None:
         loss = self.loss()
@@ -143,12 +152,13 @@ def timed_step(work: Workload, device: torch.device) -> float:
 
 
 def rank_map_for(config: BackboneConfig, batch: int, device: torch.device) -> dict[str, int]:
-    """A real one-shot allocation (Taylor, c = 0.6) on two random labelled batches."""
-    model = build_model_for_method(None, config, "lora", r=R).to(device)
+    """A real one-shot allocation (the recipe's: Taylor, the paper's c) over two random labelled batches."""
     g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(batch, config.n_leads, 1, config.seq_len, generator=g),
-                (torch.rand(batch, config.num_classes, generator=g) < 0.2).float()) for _ in range(2)]  # fmt: skip
-    return allocate_ranks(model, batches, r=R, compress=COMPRESS)
+    x = torch.randn(2 * batch, config.n_leads, 1, config.seq_len, generator=g)
+    y = (torch.rand(2 * batch, config.num_classes, generator=g) < 0.2).float()
+    allocated = allocate_ranks_for("cessl", None, config, LORA, ALLOCATION, TensorDataset(x, y), batch, seed=1,
+                                   device=str(device))
+    return allocated.rank_map
 
 
 def stored_bytes(work: Workload) -> int:
@@ -157,12 +167,13 @@ def stored_bytes(work: Workload) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         model = work.model
-        if work.method in ("full", "fixmatch"):
+        if not work.training_method.uses_adapters:
             path = Path(tmp) / "model.safetensors"
             save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
             return path.stat().st_size
-        meta = AdapterMeta(backbone_id="bench", classes=[str(k) for k in range(model.config.num_classes)],
-                           thresholds=[0.5] * model.config.num_classes, method="cessl")  # fmt: skip
+        classes = [str(k) for k in range(model.config.num_classes)]
+        meta = AdapterMeta(backbone_id="bench", classes=classes, thresholds=[0.5] * len(classes),
+                           method=work.training_method.name)
         save_adapter(model, tmp, meta)
         return (Path(tmp) / "adapter_model.safetensors").stat().st_size
 
@@ -275,7 +286,7 @@ def parameter_table(num_classes: int = NUM_CLASSES) -> list[tuple[str, int, dict
         config = backbone_config(name, num_classes)
         with torch.device("meta"):
             backbone = count_parameters(ECGTransformer(config))[1]
-            lora = {r: count_parameters(build_model_for_method(None, config, "lora", r=r))[0] for r in TABLE_RANKS}
+            lora = {r: count_parameters(build_model(None, config, "lora", LoRAConfig(r=r)))[0] for r in TABLE_RANKS}
         rows.append((name, backbone, lora))
     return rows
 
@@ -313,7 +324,7 @@ def report(results: list[Measurement], rank_map: dict[str, int], backbone_params
         )  # fmt: skip
     console.print(table)
     low = sum(v < R for v in rank_map.values())
-    console.print(f"rank map: {low} of {len(rank_map)} matrices at r_low = {(R // 4) * 2}, the rest at r = {R}")
+    console.print(f"rank map: {low} of {len(rank_map)} matrices at r_low = {default_r_low(R)}, the rest at r = {R}")
     checks = Table(title="Targets")
     for column in ("target", "measured", "result"):
         checks.add_column(column)

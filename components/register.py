@@ -26,8 +26,8 @@ from components.evaluate import (
     ROC_FILE,
     ChampionEvaluation,
 )
-from components.finetune import read_curves
 from ml.data.splits import Splits
+from ml.train.callbacks import read_curves
 
 log = logging.getLogger(__name__)
 

@@ -2,27 +2,48 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from test_pipeline_support import make_backbone, make_hospital
 
-from components.allocate_ranks import RankConfig, allocate_ranks_step
+from components.allocate_ranks import allocate_ranks_step
 from components.backbone import resolve_backbone_step
 from components.common import StepError, sha256_dir
-from ml.data.splits import Splits
 from components.evaluate import evaluate_step
-from components.finetune import CURVES_FILE, CurveRecorder, FinetuneConfig, finetune_step, read_curves
+from components.finetune import CURVES_FILE, checkpoint_key, finetune_step
 from ml.eval.predictor import load_predictor
 from components.ingest import ingest_step
 from components.preprocess import preprocess_step
 from components.register import collect_registration
 from components.split import SplitConfig, split_step
+from ml.data.splits import Splits
+from ml.model.lora import LoRAConfig
+from ml.model.rank_allocation import RankAllocationConfig
+from ml.train.callbacks import CurveRecorder, read_curves
+from ml.train.config import TrainConfig
 
-FINETUNE = FinetuneConfig(method="cessl", r=8, labelled_ratio=0.3, max_steps=4, batch_size=8, val_every=2, seed=0)
+LORA = LoRAConfig(r=8)
+FINETUNE = TrainConfig(method="cessl", max_steps=4, batch_size=8, val_every=2, seed=0, progress=False)
+FINGERPRINT_FILE = "store_fingerprint.txt"
+
+
+def allocate(work: Path, out: Path, method: str = "cessl", batch_size: int = 8, seed: int = 0):
+    return allocate_ranks_step(work / "store", work / "splits.json", work / "backbone", out, method=method,
+                               lora=LORA, allocation=RankAllocationConfig(compress=0.6), batch_size=batch_size,
+                               seed=seed)
+
+
+def finetune(work: Path, train: TrainConfig, adapter: Path, curves: Path, checkpoint_root: Path):
+    return finetune_step(work / "store", work / "splits.json", work / "backbone", work / "rank_map.json", adapter,
+                         curves, lora=LORA, train=train, checkpoint_root=checkpoint_root,
+                         store_fingerprint=(work / FINGERPRINT_FILE).read_text())
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +52,17 @@ def work(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("steps")
     make_hospital(root / "hospital", records=80, seed=5, faults=True)
     ingest_step(str(root / "hospital"), root / "manifest", root / "quarantine.md", state_dir=root / "state")
-    preprocess_step(root / "manifest", root / "store", min_count=5, state_dir=root / "state")
+    store = preprocess_step(root / "manifest", root / "store", min_count=5, state_dir=root / "state")
+    (root / FINGERPRINT_FILE).write_text(store.fingerprint)
     split_step(root / "store", root / "splits.json", SplitConfig(labelled_ratio=0.3, seed=0))
     resolve_backbone_step(str(make_backbone(root / "pretrained")), "tinylight", root / "backbone")
-    allocate_ranks_step(root / "store", root / "splits.json", root / "backbone", root / "rank_map.json",
-                        RankConfig(method="cessl", r=8, compress=0.6))
+    allocate(root, root / "rank_map.json")
     return root
 
 
 @pytest.fixture(scope="module")
 def trained(work) -> Path:
-    finetune_step(work / "store", work / "splits.json", work / "backbone", work / "rank_map.json", FINETUNE,
-                  work / "adapter", work / "curves", checkpoint_root=work / "ckpt")
+    finetune(work, FINETUNE, work / "adapter", work / "curves", work / "ckpt")
     evaluate_step(work / "store", work / "splits.json", work / "backbone", work / "adapter", work / "evaluation",
                   work / "report.html")
     return work
@@ -86,12 +106,48 @@ def test_rank_map_uses_r_and_r_low(work, tmp_path):
     rank_map = json.loads((work / "rank_map.json").read_text())
     assert set(rank_map.values()) == {8, 4}  # r = 8, r_low = (8 // 4) * 2
     assert len(rank_map) == 13  # tinylight: 14 layers, classifier.1 not adapted
-    lora = allocate_ranks_step(work / "store", work / "splits.json", work / "backbone", tmp_path / "lora.json",
-                               RankConfig(method="lora", r=8))
-    assert set(lora.rank_map.values()) == {8}
-    full = allocate_ranks_step(work / "store", work / "splits.json", work / "backbone", tmp_path / "full.json",
-                               RankConfig(method="full", r=8))
-    assert full.rank_map == {} and "full fine-tuning" in full.summary
+    for method in ("lora", "full", "fixmatch"):  # uniform rank r or no adapters: nothing to allocate
+        result = allocate(work, tmp_path / f"{method}.json", method=method)
+        assert result.rank_map == {} and json.loads((tmp_path / f"{method}.json").read_text()) == {}
+
+
+def test_rank_allocation_pass_uses_the_training_batch_and_a_seeded_shuffle(work, tmp_path, monkeypatch):
+    """METHOD.md part 2: one pass with the training loader's batch size, shuffled by the run's seed."""
+    import ml.train.recipe as recipe
+
+    seen: list[list[torch.Tensor]] = []
+
+    def spy(model, loader, variant="taylor", **kwargs):
+        batches = list(loader)
+        seen.append([x for x, _ in batches])
+        return {name: float(i) for i, name in enumerate(model.adapted_layer_names()) if name != "classifier.1"}
+
+    monkeypatch.setattr(recipe, "parameter_importance", spy)
+    n_train = len(Splits.load(work / "splits.json").train)
+    allocate(work, tmp_path / "a.json", batch_size=5, seed=0)
+    allocate(work, tmp_path / "b.json", batch_size=5, seed=0)
+    allocate(work, tmp_path / "c.json", batch_size=5, seed=1)
+    allocate(work, tmp_path / "d.json", batch_size=10 * n_train, seed=0)  # clamped to the split
+    first, again, other, whole = seen
+    assert [len(x) for x in first] == [5] * (n_train // 5)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not torch.equal(torch.cat(first), torch.cat(other))
+    assert [len(x) for x in whole] == [n_train]
+
+
+def test_checkpoint_key_follows_the_schedule_not_progress_or_device(work):
+    splits = Splits.load(work / "splits.json")
+    key = functools.partial(checkpoint_key, "backbone", splits, "store", {"a": 8}, LORA)
+    assert key(FINETUNE) == key(dataclasses.replace(FINETUNE, progress=True, device="cpu", checkpoint_dir="x"))
+    assert key(FINETUNE) != key(dataclasses.replace(FINETUNE, lr=2e-3))
+    assert key(FINETUNE) != checkpoint_key("backbone", splits, "store", {"a": 8}, LoRAConfig(r=4), FINETUNE)
+
+
+def test_finetune_needs_the_store_fingerprint(work, tmp_path):
+    with pytest.raises(StepError, match="fingerprint"):
+        finetune_step(work / "store", work / "splits.json", work / "backbone", work / "rank_map.json",
+                      tmp_path / "adapter", tmp_path / "curves", lora=LORA, train=FINETUNE,
+                      checkpoint_root=tmp_path, store_fingerprint="")
 
 
 def test_finetune_outputs_adapter_and_curves(trained):
@@ -146,9 +202,8 @@ def test_champion_is_scored_like_evaluate_and_carried_by_the_registration(traine
 
 def test_finetune_resumes_after_an_interruption(trained, tmp_path, monkeypatch):
     """Killed after its step-2 checkpoint: the next call continues at step 2 and ends identical."""
-    config = FinetuneConfig(**{**FINETUNE.__dict__, "max_steps": 6})
-    args = (trained / "store", trained / "splits.json", trained / "backbone", trained / "rank_map.json", config)
-    reference = finetune_step(*args, tmp_path / "ref", tmp_path / "ref_curves", checkpoint_root=tmp_path / "a")
+    config = dataclasses.replace(FINETUNE, max_steps=6)
+    reference = finetune(trained, config, tmp_path / "ref", tmp_path / "ref_curves", tmp_path / "a")
 
     original = CurveRecorder.on_validation
 
@@ -159,9 +214,9 @@ def test_finetune_resumes_after_an_interruption(trained, tmp_path, monkeypatch):
 
     monkeypatch.setattr(CurveRecorder, "on_validation", crash_at_step_4)
     with pytest.raises(KeyboardInterrupt):
-        finetune_step(*args, tmp_path / "out", tmp_path / "curves", checkpoint_root=tmp_path / "b")
+        finetune(trained, config, tmp_path / "out", tmp_path / "curves", tmp_path / "b")
     monkeypatch.setattr(CurveRecorder, "on_validation", original)
-    resumed = finetune_step(*args, tmp_path / "out", tmp_path / "curves", checkpoint_root=tmp_path / "b")
+    resumed = finetune(trained, config, tmp_path / "out", tmp_path / "curves", tmp_path / "b")
 
     assert resumed.resumed_from == 2 and resumed.steps == 6
     assert [r["step"] for r in read_curves(tmp_path / "curves") if "train_loss" in r] == [1, 2, 3, 4, 5, 6]

@@ -15,15 +15,14 @@ from rich.console import Console
 
 from ml.eval.evaluate import evaluate
 from ml.model.backbone import ECGTransformer, backbone_config
-from ml.model.lora import count_parameters
-from ml.model.rank_allocation import allocate_ranks
+from ml.model.lora import LoRAConfig, count_parameters
+from ml.model.rank_allocation import RankAllocationConfig
+from ml.train.build import build_model
 from ml.train.config import TrainConfig
-from ml.train.finetune import build_model_for_method
-from ml.train.loaders import EpochStream, fetch
+from ml.train.recipe import allocate_ranks_for, finetune
 from ml.train.synthetic import SyntheticTaskConfig, make_splits
-from ml.train.trainer import fit
 from pipeline.cli import build_parser
-from pipeline.commands.method_demo import DemoOptions, render, run_demo
+from pipeline.commands.method_demo import DemoOptions, options_from_args, render, run_demo
 
 N_CLASSES = 3
 BATCH = 8
@@ -44,21 +43,20 @@ def test_cessl_learns_a_synthetic_multilabel_task(device: torch.device) -> None:
         torch.manual_seed(0)
         backbone_state = ECGTransformer(config).state_dict()  # stands in for a pre-trained backbone
 
-    scoring = build_model_for_method(backbone_state, config, "lora", r=16, seed=0)
-    stream = EpochStream(len(data["train"]), BATCH, seed=0)
-    rank_map = allocate_ranks(scoring, [fetch(data["train"], stream.next_indices()) for _ in range(4)], r=16,
-                              compress=0.6)  # fmt: skip
+    lora = LoRAConfig(r=16, p=0.2)
+    allocated = allocate_ranks_for("cessl", backbone_state, config, lora, RankAllocationConfig(compress=0.6),
+                                   data["train"], BATCH, seed=0)
+    rank_map = allocated.rank_map
     assert sorted(rank_map.values()).count(8) == 8  # tinylight, c = 0.6: 8 of 13 matrices at r_low
 
-    model = build_model_for_method(backbone_state, config, "cessl", rank_map=rank_map, p=0.2, seed=0)
-    trainable, _ = count_parameters(model)
-    assert trainable < count_parameters(build_model_for_method(None, config, "full"))[0]
     train_config = TrainConfig(method="cessl", lr=3e-3, max_steps=30, batch_size=BATCH, val_every=15,
-                               warmup_frac=0.05, seed=0, device=device.type, progress=False)  # fmt: skip
-    result = fit(model, data["train"], data["unlabelled"], data["valid"], train_config)
-    report = evaluate(model, data["test"], valid=data["valid"], classes=task.classes)
+                               warmup_frac=0.05, seed=0, device=device.type, progress=False)
+    outcome = finetune(backbone_state, config, lora, rank_map, train_config, data["train"], data["unlabelled"],
+                       data["valid"])
+    assert outcome.trainable < count_parameters(build_model(None, config, "full", lora))[0]
+    report = evaluate(outcome.model, data["test"], thresholds=outcome.thresholds, classes=task.classes)
 
-    assert result.steps == 30
+    assert outcome.result.steps == 30
     assert report.metrics["macro_auroc"] > 0.75, report.metrics
     assert report.metrics["macro_map"] > 0.6, report.metrics
     assert list(report.per_class["class"]) == task.classes
@@ -67,7 +65,7 @@ def test_cessl_learns_a_synthetic_multilabel_task(device: torch.device) -> None:
 @pytest.mark.slow
 def test_demo_runs_and_renders() -> None:
     options = DemoOptions(train=16, valid=8, test=8, unlabelled=16, steps=2, batch_size=4, val_every=2,
-                          device="cpu", progress=False)  # fmt: skip
+                          device="cpu", progress=False)
     report = run_demo(options)
     assert report.train.steps == 2
     assert len(report.rank_map) == 13 and set(report.rank_map.values()) == {8, 16}
@@ -78,6 +76,10 @@ def test_demo_runs_and_renders() -> None:
         assert expected in text
 
 
-def test_demo_is_a_cli_command() -> None:
-    args = build_parser().parse_args(["demo", "--steps", "3", "--no-progress"])
-    assert args.command == "demo" and args.steps == 3 and callable(args.func)
+def test_method_demo_is_a_cli_command() -> None:
+    args = build_parser().parse_args(["method-demo", "--steps", "3", "--no-progress"])
+    assert args.command == "method-demo" and args.steps == 3 and callable(args.func)
+    options = options_from_args(args)
+    assert options.lora == LoRAConfig() and options.allocation == RankAllocationConfig()  # one source of defaults
+    given = options_from_args(build_parser().parse_args(["method-demo", "-r", "4", "-p", "0", "--compress", "0.2"]))
+    assert given.lora == LoRAConfig(r=4, p=0.0) and given.allocation == RankAllocationConfig(compress=0.2)

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from ml.model.backbone import backbone_config
-from ml.model.lora import seed_deactivation
+from ml.model.lora import LoRAConfig, seed_deactivation
 from ml.train.augment import cutmix, make_generator, weak_augment
-from ml.train.finetune import build_model_for_method
+from ml.train.build import build_model
 from ml.train.steps import fixmatch_step, pseudo_labels, semi_supervised_step, supervised_step
 
 N_CLASSES = 3
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 @pytest.fixture(scope="module")
 def cessl_model() -> torch.nn.Module:
-    return build_model_for_method(None, backbone_config("tinylight", N_CLASSES), "cessl", p=0.2, seed=0)
+    return build_model(None, backbone_config("tinylight", N_CLASSES), "cessl", LoRAConfig(p=0.2), seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_pseudo_labels_are_per_class_confidence_thresholded() -> None:
 
 
 def test_fixmatch_step_one_pass_over_labelled_weak_and_strong(batches) -> None:
-    model = build_model_for_method(None, backbone_config("tinylight", N_CLASSES), "fixmatch", seed=0).train()
+    model = build_model(None, backbone_config("tinylight", N_CLASSES), "fixmatch", LoRAConfig(), seed=0).train()
     x, y, u = batches
     out: dict[str, object] = {}
     seen = _batch_sizes_seen(model, lambda: out.update(r=fixmatch_step(model, x, y, u, make_generator(0))))

@@ -14,8 +14,9 @@ from ml.eval.metrics import macro_average_precision
 from ml.model.backbone import ECGTransformer, backbone_config
 from ml.train import trainer
 from ml.train.checkpoint import load_checkpoint
+from ml.model.lora import LoRAConfig
+from ml.train.build import build_model
 from ml.train.config import TrainConfig, batch_size_for_label_ratio, steps_for_epochs
-from ml.train.finetune import build_model_for_method
 from ml.train.loaders import BatchIterator, EpochStream, StreamPosition, fetch
 from ml.train.synthetic import SyntheticTaskConfig, make_splits
 from ml.train.trainer import (
@@ -44,7 +45,7 @@ def data():
 
 
 def _model(method: str = "cessl") -> torch.nn.Module:
-    return build_model_for_method(None, backbone_config("tinylight", N_CLASSES), method, p=0.2, seed=0)
+    return build_model(None, backbone_config("tinylight", N_CLASSES), method, LoRAConfig(p=0.2), seed=0)
 
 
 def _config(tmp: Path | None, **overrides) -> TrainConfig:
@@ -308,10 +309,10 @@ def test_config_roundtrip() -> None:
     assert (fingerprint["epochs"], fingerprint["validate_at_start"]) == (3, False)
 
 
-def test_build_model_for_method_loads_the_backbone_but_not_its_head() -> None:
+def test_build_model_loads_the_backbone_but_not_its_head() -> None:
     pretrained = ECGTransformer(backbone_config("tinylight", 6)).state_dict()  # a 6-class pre-training head
-    model = build_model_for_method(pretrained, backbone_config("tinylight", N_CLASSES), "cessl",
-                                   rank_map={"encoder_layers.0.conv1": 8}, p=0.2)  # fmt: skip
+    model = build_model(pretrained, backbone_config("tinylight", N_CLASSES), "cessl", LoRAConfig(p=0.2),
+                        rank_map={"encoder_layers.0.conv1": 8})
     own = model.state_dict()
     for key, value in pretrained.items():
         if not key.startswith("classifier.1."):
@@ -322,4 +323,4 @@ def test_build_model_for_method_loads_the_backbone_but_not_its_head() -> None:
     assert not model.encoder_layers[0].conv1.conv.weight.requires_grad
     assert model.classifier[1].weight.requires_grad and model.encoder_layers[0].bn1.bias.requires_grad
     with pytest.raises(ValueError):
-        build_model_for_method(pretrained, backbone_config("tiny", N_CLASSES), "cessl")
+        build_model(pretrained, backbone_config("tiny", N_CLASSES), "cessl", LoRAConfig())

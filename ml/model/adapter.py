@@ -169,7 +169,6 @@ def _model_config_dict(model: ECGTransformer) -> dict[str, Any]:
         "p": lc.p,
         "never_deactivate": list(lc.never_deactivate),
         "alpha": lc.alpha,
-        "seed": lc.seed,
     }
 
 
@@ -226,15 +225,14 @@ def load_adapter(in_dir: str | Path, backbone_state_dict: Mapping[str, Tensor]
             f"{in_dir}: adapter was trained on backbone {meta.backbone_id}, but the given "
             f"backbone state dict has identity {actual}")
     lora = LoRAConfig(r=config["r"], rank_map=dict(config["rank_map"]), p=config["p"],
-                      never_deactivate=tuple(config["never_deactivate"]), alpha=config["alpha"],
-                      seed=config["seed"])
+                      never_deactivate=tuple(config["never_deactivate"]), alpha=config["alpha"])
     model = ECGTransformer(BackboneConfig(**config["backbone_config"]), lora)
     adapter = load_file(str(in_dir / ADAPTER_WEIGHTS), device="cpu")
     combined = {k: v for k, v in backbone_state_dict.items() if k not in adapter}
     combined.update(adapter)
     check_state_dict(model.state_dict(), combined, f"{in_dir}: backbone + adapter")
     model.load_state_dict(combined, strict=True)
-    mark_trainable(model, "full" if meta.method == "full" else "lora")
+    mark_trainable(model, "lora" if lora_layers(model) else "full")
     model.eval()
     return model, meta
 

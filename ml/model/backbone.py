@@ -227,7 +227,7 @@ class ECGTransformer(nn.Module):
 
         for name in names:
             self.get_submodule(name).p = self.lora_config.p_for(name)
-        seed_deactivation(self, self.lora_config.seed)
+        seed_deactivation(self, 0)  # the trainer re-seeds from its own seed
 
     def adapted_layer_names(self) -> list[str]:
         """All adaptable matrices, reference order (see ``ml.model.lora.lora_layers``)."""

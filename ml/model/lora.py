@@ -61,7 +61,9 @@ class LoRAConfig:
     p: random-deactivation probability of each adapted layer (0 disables deactivation).
     never_deactivate: modules that always apply their update (reference: classifier.0).
     alpha: LoRA alpha; None means alpha = r, i.e. scale 1 (the reference rule).
-    seed: seed of the deactivation draws (the trainer re-seeds with ``seed_deactivation``).
+
+    The deactivation draws are seeded by whoever trains the model
+    (:func:`seed_deactivation`; the trainer derives the seed from ``TrainConfig.seed``).
     """
 
     r: int = 16
@@ -69,7 +71,6 @@ class LoRAConfig:
     p: float = 0.2
     never_deactivate: tuple[str, ...] = ("classifier.0",)
     alpha: float | None = None
-    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.r < 0 or any(v < 0 for v in self.rank_map.values()):

@@ -53,6 +53,26 @@ SCHEDULE_FIELDS = (
 )
 
 
+# The fields that determine a run's result; a resumed run must share them with the run
+# that wrote the checkpoint (not where it runs, how it is watched, or where it saves).
+SCHEDULE_FIELDS: tuple[str, ...] = (
+    "method",
+    "lr",
+    "weight_decay",
+    "warmup_frac",
+    "max_steps",
+    "batch_size",
+    "unlabelled_batch_size",
+    "val_every",
+    "patience",
+    "monitor",
+    "cutmix_alpha",
+    "fixmatch_tau",
+    "fixmatch_lambda_u",
+    "seed",
+)
+
+
 def batch_size_for_label_ratio(labelled_ratio: float) -> int:
     """Labelled batch size of the paper: 16 when the labelled ratio is below 2%, else 64."""
     return SMALL_BATCH_SIZE if labelled_ratio < SMALL_LABEL_RATIO else DEFAULT_BATCH_SIZE

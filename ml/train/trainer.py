@@ -417,8 +417,8 @@ def fit(
     """Fine-tune ``model`` with ``config.method``; returns with the best state loaded.
 
     ``model`` must already have its trainable parameters marked (see
-    :func:`ml.train.finetune.build_model_for_method`). ``unlabelled`` is needed for the
-    semi-supervised methods ("cessl", "fixmatch") and ignored otherwise. When
+    :func:`ml.train.build.build_model`). ``unlabelled`` is needed for the methods that
+    read unlabelled data (``TrainingMethod.reads_unlabelled``) and ignored otherwise. When
     ``config.checkpoint_dir`` holds a checkpoint of the same configuration and
     ``config.resume`` is set, training continues from it. In epochs mode (``config.epochs``
     set) the number of steps comes from ``len(labelled)`` (:meth:`TrainConfig.resolve_steps`).

@@ -1,24 +1,28 @@
-"""`cessl demo`: the CE-SSL core end to end on synthetic tensors, in a couple of minutes on CPU.
+"""`cessl method-demo`: the CE-SSL core end to end on synthetic tensors, in a couple of minutes on CPU.
 
-What it runs (all three parts of the method, nothing of the pipeline around them):
+What it runs (all three parts of the method, nothing of the pipeline around them; ``make
+demo`` / ``cessl run`` is the whole pipeline):
 
 1. a small synthetic multi-label task on (N, 12, 1, 6144) tensors
    (:mod:`ml.train.synthetic`): labelled train / valid / test splits and an unlabelled pool;
 2. a backbone - randomly initialised, standing in for a pre-trained one (the log says so);
-3. one-shot rank allocation (Taylor importance, one pass over the labelled train split);
+3. one-shot rank allocation (Taylor importance, one shuffled pass over the labelled train
+   split with the training batch size);
 4. CE-SSL fine-tuning: LoRA at the allocated ranks with random deactivation and the
    semi-supervised BatchNorm step (:func:`ml.train.steps.semi_supervised_step`);
 5. evaluation on the test split with thresholds fitted on the validation split.
 
-It prints the trainable/total parameter counts, the rank map and the test metrics.
+Steps 3-5 are the shared recipe of :mod:`ml.train.recipe`, as in the pipeline. It prints the
+trainable/total parameter counts, the rank map and the test metrics.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,14 +34,34 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from ml.eval.evaluate import EvaluationReport
+    from ml.model.lora import LoRAConfig
+    from ml.model.rank_allocation import RankAllocationConfig
     from ml.train.trainer import TrainResult
 
 log = logging.getLogger(__name__)
 
+METHOD = "cessl"
+
+
+def _default_lora() -> LoRAConfig:
+    from ml.model.lora import LoRAConfig
+
+    return LoRAConfig()
+
+
+def _default_allocation() -> RankAllocationConfig:
+    from ml.model.rank_allocation import RankAllocationConfig
+
+    return RankAllocationConfig()
+
 
 @dataclass(frozen=True)
 class DemoOptions:
-    """Sizes of the demo; the defaults finish in a couple of minutes on two CPU cores."""
+    """Sizes of the demo; the defaults finish in a couple of minutes on two CPU cores.
+
+    The method's own settings (r, p, c) are the paper's, from ``LoRAConfig`` and
+    ``RankAllocationConfig``.
+    """
 
     backbone: str = "tinylight"
     classes: int = 4
@@ -49,9 +73,9 @@ class DemoOptions:
     batch_size: int = 16
     val_every: int = 20
     lr: float = 3e-3  # the paper's 1e-3 assumes a pre-trained backbone; this one is random
-    r: int = 16
-    compress: float = 0.6
-    p: float = 0.2
+    warmup_frac: float = 0.05
+    lora: LoRAConfig = field(default_factory=_default_lora)
+    allocation: RankAllocationConfig = field(default_factory=_default_allocation)
     seed: int = 0
     device: str = "auto"
     out: str | None = None  # write the adapter here (optional)
@@ -70,68 +94,69 @@ class DemoReport:
     seconds: float
 
 
-def _allocation_batches(dataset, batch_size: int, seed: int):
-    """One pass over the labelled train split, in a seeded order."""
-    from ml.train.loaders import EpochStream, fetch
+def _random_backbone(name: str, classes: int, seed: int) -> tuple[dict, int]:
+    """A randomly initialised backbone's state dict and parameter count."""
+    import torch
 
-    stream = EpochStream(len(dataset), batch_size, seed)
-    n_batches = max(1, len(dataset) // batch_size)
-    return [fetch(dataset, stream.next_indices()) for _ in range(n_batches)]
+    from ml.model.backbone import ECGTransformer, backbone_config
+    from ml.model.lora import count_parameters
+
+    log.warning("backbone %s is RANDOMLY INITIALISED: it stands in for a pre-trained checkpoint", name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        backbone = ECGTransformer(backbone_config(name, classes))
+    return backbone.state_dict(), count_parameters(backbone)[1]
+
+
+def _train_config(options: DemoOptions):
+    from ml.train.config import TrainConfig
+
+    return TrainConfig(
+        method=METHOD,
+        lr=options.lr,
+        max_steps=options.steps,
+        batch_size=options.batch_size,
+        val_every=min(options.val_every, options.steps),
+        warmup_frac=options.warmup_frac,
+        seed=options.seed,
+        device=options.device,
+        progress=options.progress,
+    )
 
 
 def run_demo(options: DemoOptions) -> DemoReport:
     """Synthetic data -> random stand-in backbone -> rank allocation -> CE-SSL -> test metrics."""
-    import torch
-
     from ml.eval.evaluate import evaluate
-    from ml.model.backbone import ECGTransformer, backbone_config
-    from ml.model.lora import count_parameters
-    from ml.model.rank_allocation import parameter_importance, ranks_from_importance
-    from ml.train.config import TrainConfig
-    from ml.train.finetune import build_model_for_method
+    from ml.model.backbone import backbone_config
+    from ml.train.recipe import allocate_ranks_for, finetune
     from ml.train.synthetic import SyntheticTaskConfig, make_splits
-    from ml.train.trainer import fit
 
     start = time.perf_counter()
     sizes = {"train": options.train, "valid": options.valid, "test": options.test, "unlabelled": options.unlabelled}
-    task_config = SyntheticTaskConfig(num_classes=options.classes)
     log.info("synthetic task: %d classes, splits %s", options.classes, sizes)
-    task, data = make_splits(sizes, task_config, seed=options.seed)
+    task, data = make_splits(sizes, SyntheticTaskConfig(num_classes=options.classes), seed=options.seed)
     config = backbone_config(options.backbone, options.classes)
+    backbone_state, backbone_params = _random_backbone(options.backbone, options.classes, options.seed)
 
-    log.warning("backbone %s is RANDOMLY INITIALISED: it stands in for a pre-trained checkpoint", options.backbone)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(options.seed)
-        backbone = ECGTransformer(config)
-    backbone_state, backbone_params = backbone.state_dict(), count_parameters(backbone)[1]
-
-    # CE-SSL part 2: one-shot rank allocation on the labelled train split.
-    scoring = build_model_for_method(backbone_state, config, "lora", r=options.r, seed=options.seed)
-    importance = parameter_importance(scoring, _allocation_batches(data["train"], options.batch_size, options.seed))
-    rank_map = ranks_from_importance(importance, config.num_layers, options.r, options.compress)
-    del scoring
-
-    # CE-SSL parts 1 and 3: LoRA with random deactivation + semi-supervised BatchNorm.
-    model = build_model_for_method(backbone_state, config, "cessl", rank_map=rank_map, p=options.p,
-                                   r=options.r, seed=options.seed)  # fmt: skip
-    trainable, total = count_parameters(model)
-    train_config = TrainConfig(
-        method="cessl", lr=options.lr, max_steps=options.steps, batch_size=options.batch_size,
-        val_every=options.val_every, seed=options.seed, device=options.device, progress=options.progress,
-        warmup_frac=0.05,
-    )  # fmt: skip
-    result = fit(model, data["train"], data["unlabelled"], data["valid"], train_config)
-    evaluation = evaluate(model, data["test"], valid=data["valid"], classes=task.classes)
-
+    allocated = allocate_ranks_for(METHOD, backbone_state, config, options.lora, options.allocation, data["train"],
+                                   options.batch_size, options.seed)
+    train_config = _train_config(options)
+    outcome = finetune(backbone_state, config, options.lora, allocated.rank_map, train_config, data["train"],
+                       data["unlabelled"], data["valid"])
+    evaluation = evaluate(outcome.model, data["test"], thresholds=outcome.thresholds, classes=task.classes)
     if options.out:
-        from ml.model.adapter import AdapterMeta, save_adapter
+        _save(outcome.model, task.classes, evaluation.thresholds, Path(options.out))
+    return DemoReport(outcome.trainable, outcome.total, backbone_params, allocated.rank_map, allocated.importance,
+                      outcome.result, evaluation, time.perf_counter() - start)
 
-        model.cpu()
-        meta = AdapterMeta(backbone_id="demo-random-init", classes=task.classes,
-                           thresholds=[float(t) for t in evaluation.thresholds], method="cessl")  # fmt: skip
-        save_adapter(model, Path(options.out), meta)
-    return DemoReport(trainable, total, backbone_params, rank_map, importance, result, evaluation,
-                      time.perf_counter() - start)  # fmt: skip
+
+def _save(model, classes: list[str], thresholds, out: Path) -> None:
+    from ml.model.adapter import AdapterMeta, save_adapter
+
+    model.cpu()
+    meta = AdapterMeta(backbone_id="demo-random-init", classes=classes, thresholds=[float(t) for t in thresholds],
+                       method=METHOD)
+    save_adapter(model, out, meta)
 
 
 def render(report: DemoReport, options: DemoOptions, console: Console) -> None:
@@ -148,10 +173,11 @@ def render(report: DemoReport, options: DemoOptions, console: Console) -> None:
     params.add_row("trainable / backbone", f"{100 * report.trainable / report.backbone_params:.1f}%")
     console.print(params)
 
-    r_low = default_r_low(options.r)
+    r, allocation = options.lora.r, options.allocation
+    r_low = default_r_low(r) if allocation.r_low is None else allocation.r_low
     low = sum(v == r_low for v in report.rank_map.values())
-    ranks = Table(title=f"Rank map (r={options.r}, r_low={r_low}, c={options.compress}): "
-                        f"{low} of {len(report.rank_map)} matrices at r_low")  # fmt: skip
+    title = f"Rank map (r={r}, r_low={r_low}, c={allocation.compress}): {low} of {len(report.rank_map)} at r_low"
+    ranks = Table(title=title)
     ranks.add_column("layer")
     ranks.add_column("importance", justify="right")
     ranks.add_column("rank", justify="right")
@@ -159,9 +185,9 @@ def render(report: DemoReport, options: DemoOptions, console: Console) -> None:
         ranks.add_row(name, f"{report.importance[name]:.3e}", str(rank))
     console.print(ranks)
 
-    metrics = Table(title="Test metrics",
-                    caption=f"best valid mAP {report.train.best_score:.3f} at step {report.train.best_step} "
-                            f"of {report.train.steps}")  # fmt: skip
+    train = report.train
+    caption = f"best valid mAP {train.best_score:.3f} at step {train.best_step} of {train.steps}"
+    metrics = Table(title="Test metrics", caption=caption)
     metrics.add_column("metric")
     metrics.add_column("value", justify="right")
     for name, value in report.evaluation.metrics.items():
@@ -182,27 +208,56 @@ def _frame_table(frame: pd.DataFrame, title: str) -> Table:
     return table
 
 
+def _given(**values: object) -> dict[str, object]:
+    """The options given on the command line (None: the dataclass's default)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def options_from_args(args: argparse.Namespace) -> DemoOptions:
+    """:class:`DemoOptions` from the parsed flags; -r, -p and --compress default to the ml/ configs'."""
+    from ml.model.lora import LoRAConfig
+    from ml.model.rank_allocation import RankAllocationConfig
+
+    return DemoOptions(
+        backbone=args.backbone,
+        classes=args.classes,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        val_every=args.val_every,
+        lr=args.lr,
+        lora=LoRAConfig(**_given(r=args.r, p=args.p)),
+        allocation=RankAllocationConfig(**_given(compress=args.compress)),
+        seed=args.seed,
+        device=args.device,
+        out=args.out,
+        progress=not args.no_progress,
+    )
+
+
 def _command(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    options = DemoOptions(
-        backbone=args.backbone, classes=args.classes, steps=args.steps, batch_size=args.batch_size,
-        val_every=min(args.val_every, args.steps), lr=args.lr, r=args.r, compress=args.compress, p=args.p,
-        seed=args.seed, device=args.device, out=args.out, progress=not args.no_progress,
-    )  # fmt: skip
+    options = options_from_args(args)
     report = run_demo(options)
     render(report, options, Console())
     return 0
 
 
+def _plain_defaults() -> argparse.Namespace:
+    """:class:`DemoOptions`' plain defaults, without building the ml/ configs (torch loads only when the demo runs)."""
+    return argparse.Namespace(
+        **{f.name: f.default for f in dataclasses.fields(DemoOptions) if f.default is not dataclasses.MISSING}
+    )
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``cessl demo``."""
-    defaults = DemoOptions()
+    """Add ``cessl method-demo``."""
+    defaults = _plain_defaults()
     parser = subparsers.add_parser(
-        "demo",
+        "method-demo",
         help="run the CE-SSL core end to end on synthetic tensors (a couple of minutes on CPU)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -213,9 +268,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="labelled (= unlabelled) batch")
     parser.add_argument("--val-every", type=int, default=defaults.val_every, help="validate every N steps")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
-    parser.add_argument("-r", type=int, default=defaults.r, help="LoRA rank r")
-    parser.add_argument("--compress", type=float, default=defaults.compress, help="rank allocation ratio c")
-    parser.add_argument("-p", type=float, default=defaults.p, help="random deactivation probability")
+    parser.add_argument("-r", type=int, default=None, help="LoRA rank r (default: LoRAConfig's, the paper's)")
+    parser.add_argument("--compress", type=float, default=None,
+                        help="rank allocation ratio c (default: RankAllocationConfig's, the paper's)")
+    parser.add_argument("-p", type=float, default=None,
+                        help="random deactivation probability (default: LoRAConfig's, the paper's)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default=defaults.device, help="auto | cpu | cuda")
     parser.add_argument("--threads", type=int, default=0,
