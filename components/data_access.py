@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from components.common import StepError
 
 
@@ -35,10 +33,3 @@ def dataset(store, ids: Sequence[str], classes: Sequence[str] | None = None):
     from ml.data.store import StoreDataset
 
     return StoreDataset(store, list(ids), list(classes) if classes is not None else store_classes(store))
-
-
-def signals_and_labels(store, ids: Sequence[str], classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Signals ``(N, 12, 6144)`` float32 and labels ``(N, C)`` of the records ``ids``."""
-    if not ids:
-        raise StepError(f"{store.path}: no records to read (empty id list)")
-    return store.read(store.rows(list(ids))), store.label_matrix(list(classes), list(ids))

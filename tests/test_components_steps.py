@@ -158,7 +158,7 @@ def test_finetune_outputs_adapter_and_curves(trained):
     assert config["rank_map"] == json.loads((trained / "rank_map.json").read_text())
     curves = read_curves(trained / "curves")
     assert [r["step"] for r in curves if "train_loss" in r] == [1, 2, 3, 4]
-    assert [r["step"] for r in curves if "valid_macro_map" in r] == [2, 4]
+    assert [r["step"] for r in curves if "valid_macro_map" in r] == [0, 2, 4]  # validated at step 0 too
 
 
 def test_evaluate_writes_metrics_tables_plots_and_report(trained):

@@ -32,8 +32,9 @@ DEFAULT_BATCH_SIZE = 64
 SMALL_BATCH_SIZE = 16
 SMALL_LABEL_RATIO = 0.02
 EPOCHS = 200
-# The TrainConfig fields a resumed run must share with the run that wrote the checkpoint.
-SCHEDULE_FIELDS = (
+# The fields that determine a run's result; a resumed run must share them with the run
+# that wrote the checkpoint (not where it runs, how it is watched, or where it saves).
+SCHEDULE_FIELDS: tuple[str, ...] = (
     "method",
     "lr",
     "weight_decay",
@@ -44,26 +45,6 @@ SCHEDULE_FIELDS = (
     "unlabelled_batch_size",
     "val_every",
     "validate_at_start",
-    "patience",
-    "monitor",
-    "cutmix_alpha",
-    "fixmatch_tau",
-    "fixmatch_lambda_u",
-    "seed",
-)
-
-
-# The fields that determine a run's result; a resumed run must share them with the run
-# that wrote the checkpoint (not where it runs, how it is watched, or where it saves).
-SCHEDULE_FIELDS: tuple[str, ...] = (
-    "method",
-    "lr",
-    "weight_decay",
-    "warmup_frac",
-    "max_steps",
-    "batch_size",
-    "unlabelled_batch_size",
-    "val_every",
     "patience",
     "monitor",
     "cutmix_alpha",
