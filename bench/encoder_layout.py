@@ -27,8 +27,8 @@ from ml.model.backbone import BACKBONE_CONFIGS, ECGTransformer, backbone_config
 from ml.train.config import resolve_device
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import add_run_options, device_name, setup  # noqa: E402
-from train_step import NUM_CLASSES, Workload, rank_map_for, timed_step  # noqa: E402
+from common import add_run_options, device_name, setup
+from train_step import NUM_CLASSES, Workload, rank_map_for, timed_step
 
 log = logging.getLogger("bench.encoder_layout")
 METHODS = ("cessl", "fixmatch", "full")
@@ -72,8 +72,14 @@ def measure(config_name: str, batch: int, rounds: int, steps: int, device: torch
                     total[method, layout] += sum(timed_step(works[method], device) for _ in range(steps))
         log.info("%s: round %d/%d done", config_name, round_ + 1, rounds)
     per_step = rounds * steps
-    return {m: {"nhwc_ms": total[m, "nhwc"] / per_step, "nchw_ms": total[m, "nchw"] / per_step,
-                "nhwc_over_nchw": total[m, "nhwc"] / total[m, "nchw"]} for m in METHODS}  # fmt: skip
+    return {
+        m: {
+            "nhwc_ms": total[m, "nhwc"] / per_step,
+            "nchw_ms": total[m, "nchw"] / per_step,
+            "nhwc_over_nchw": total[m, "nhwc"] / total[m, "nchw"],
+        }
+        for m in METHODS
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     for config_name in args.config:
         figures[config_name] = measure(config_name, args.batch, args.rounds, args.steps, device)
         for method, f in figures[config_name].items():
-            table.add_row(config_name, method, f"{f['nhwc_ms']:.1f}", f"{f['nchw_ms']:.1f}", f"{f['nhwc_over_nchw']:.3f}")
+            table.add_row(
+                config_name, method, f"{f['nhwc_ms']:.1f}", f"{f['nchw_ms']:.1f}", f"{f['nhwc_over_nchw']:.3f}"
+            )
         if device.type == "cuda":
             torch.cuda.empty_cache()
     Console(width=120).print(table)

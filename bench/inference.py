@@ -36,7 +36,7 @@ from ml.train.build import build_model
 from ml.train.config import resolve_device
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import add_run_options, device_name, setup  # noqa: E402
+from common import add_run_options, device_name, setup
 
 log = logging.getLogger("bench.inference")
 
@@ -100,22 +100,29 @@ def measure(args: argparse.Namespace) -> dict:
         return statistics.median(a / b for a, b in zip(times[name], times["backbone"], strict=True))
 
     return {
-        "config": args.config, "batch": args.batch, "rounds": args.rounds,
+        "config": args.config,
+        "batch": args.batch,
+        "rounds": args.rounds,
         "device": device_name(device),
         "median_ms": median,
         "ratio_merged_to_backbone": paired("merged"),
         "ratio_unmerged_to_backbone": paired("unmerged"),
         "max_abs_logit_diff_merged_vs_unmerged": max_diff,
-    }  # fmt: skip
+    }
 
 
 def report(summary: dict, console: Console) -> None:
-    table = Table(title=f"Eval forward, {summary['config']}, batch {summary['batch']}, {summary['device']}, "
-                        f"median of {summary['rounds']}")  # fmt: skip
+    table = Table(
+        title=f"Eval forward, {summary['config']}, batch {summary['batch']}, {summary['device']}, "
+        f"median of {summary['rounds']}"
+    )
     for column in ("model", "ms/batch", "x backbone"):
         table.add_column(column, justify="left" if column == "model" else "right")
-    ratios = {"backbone": 1.0, "merged": summary["ratio_merged_to_backbone"],
-              "unmerged": summary["ratio_unmerged_to_backbone"]}  # fmt: skip
+    ratios = {
+        "backbone": 1.0,
+        "merged": summary["ratio_merged_to_backbone"],
+        "unmerged": summary["ratio_unmerged_to_backbone"],
+    }
     for name, value in summary["median_ms"].items():
         table.add_row(name, f"{value:.1f}", f"{ratios[name]:.3f}")
     console.print(table)

@@ -147,19 +147,22 @@ def memory_probe(record_dir: str, work: str, workers: int) -> None:
     start = time.perf_counter()
     with MemorySampler() as rss:
         ingest(record_dir, Path(work) / "ingest", config=IngestConfig(workers=workers), progress=False)
-        store = preprocess(Path(work) / "ingest", Path(work) / "store", min_count=1, workers=workers,
-                           progress=False)
+        store = preprocess(Path(work) / "ingest", Path(work) / "store", min_count=1, workers=workers, progress=False)
         n = len(store)
         del store
-    print(json.dumps({
-        "records": n,
-        "seconds": time.perf_counter() - start,
-        "main_start_mib": rss.start_rss * mib,
-        "main_peak_mib": rss.main_peak * mib,
-        "worker_peak_mib": rss.worker_peak * mib,
-        "total_peak_mib": rss.total_peak * mib,
-        "store_mib": n * 12 * 6144 * 4 * mib,
-    }))
+    print(
+        json.dumps(
+            {
+                "records": n,
+                "seconds": time.perf_counter() - start,
+                "main_start_mib": rss.start_rss * mib,
+                "main_peak_mib": rss.main_peak * mib,
+                "worker_peak_mib": rss.worker_peak * mib,
+                "total_peak_mib": rss.total_peak * mib,
+                "store_mib": n * 12 * 6144 * 4 * mib,
+            }
+        )
+    )
 
 
 def generate(out: Path, n: int, workers: int) -> float:
@@ -241,9 +244,18 @@ def main() -> int:
             folder = root / f"mem{m}"
             generate(folder / "records", m, args.workers)
             proc = subprocess.run(
-                [sys.executable, __file__, "--workers", str(args.workers), "--memory-probe",
-                 str(folder / "records"), str(folder / "work")],
-                capture_output=True, text=True, check=True,
+                [
+                    sys.executable,
+                    __file__,
+                    "--workers",
+                    str(args.workers),
+                    "--memory-probe",
+                    str(folder / "records"),
+                    str(folder / "work"),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
             )
             memory.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             shutil.rmtree(folder)

@@ -42,16 +42,29 @@ def _worker(args: argparse.Namespace) -> None:
     x = np.load(args.data / "x.npy", mmap_mode="r")
     y = np.load(args.data / "y.npy")
     dataset = TensorPairDataset(np.asarray(x), y)
-    config = PretrainConfig(backbone=args.config, max_steps=args.warmup + args.steps,
-                            batch_size=args.global_batch // world, cutmix_alpha=0.75, seed=0,
-                            device="cpu", progress=False, log_every=10**9)
+    config = PretrainConfig(
+        backbone=args.config,
+        max_steps=args.warmup + args.steps,
+        batch_size=args.global_batch // world,
+        cutmix_alpha=0.75,
+        seed=0,
+        device="cpu",
+        progress=False,
+        log_every=10**9,
+    )
     result = pretrain(dataset, config)
     if result.is_main:
         ends = result.step_end_s
         timed = ends[-1] - ends[args.warmup - 1] if args.warmup else ends[-1]
         samples = args.steps * args.global_batch
-        record = {"world_size": world, "threads": torch.get_num_threads(), "steps": args.steps,
-                  "global_batch": args.global_batch, "seconds": timed, "samples_per_s": samples / timed}
+        record = {
+            "world_size": world,
+            "threads": torch.get_num_threads(),
+            "steps": args.steps,
+            "global_batch": args.global_batch,
+            "seconds": timed,
+            "samples_per_s": samples / timed,
+        }
         (args.data / f"result_{world}.json").write_text(json.dumps(record))
 
 
@@ -87,8 +100,19 @@ def main() -> None:
         np.save(data / "y.npy", (rng.random((n, 6)) < 0.3).astype(np.float32))
         env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
         env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
-        common = [__file__, "--config", args.config, "--global-batch", str(args.global_batch),
-                  "--steps", str(args.steps), "--warmup", str(args.warmup), "--worker", str(data)]
+        common = [
+            __file__,
+            "--config",
+            args.config,
+            "--global-batch",
+            str(args.global_batch),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--worker",
+            str(data),
+        ]
         single_env = {k: v for k, v in env.items() if k != "OMP_NUM_THREADS"}
         ddp_env = {**env, "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")}
         t0 = time.perf_counter()
@@ -98,29 +122,57 @@ def main() -> None:
             singles.append(json.loads((data / "result_1.json").read_text()))
             _run([sys.executable, *common], {**single_env, "OMP_NUM_THREADS": "1"}, "single-thread run")
             ones.append(json.loads((data / "result_1.json").read_text()))
-            _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                  str(args.nproc), *common], ddp_env, "DDP run")
+            _run(
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    "--nproc_per_node",
+                    str(args.nproc),
+                    *common,
+                ],
+                ddp_env,
+                "DDP run",
+            )
             ddps.append(json.loads((data / f"result_{args.nproc}.json").read_text()))
     single = float(np.median([r["samples_per_s"] for r in singles]))
     one = float(np.median([r["samples_per_s"] for r in ones]))
     ddp = float(np.median([r["samples_per_s"] for r in ddps]))
     ratio = ddp / single
     load = os.getloadavg()[0]
-    print(f"pre-training throughput, {args.config}, global batch {args.global_batch}, {args.steps} timed steps, "
-          f"median of {args.repeat} (CPU, {os.cpu_count()} cores, load {load:.1f}, "
-          f"{time.perf_counter() - t0:.0f} s in all)")
+    print(
+        f"pre-training throughput, {args.config}, global batch {args.global_batch}, {args.steps} timed steps, "
+        f"median of {args.repeat} (CPU, {os.cpu_count()} cores, load {load:.1f}, "
+        f"{time.perf_counter() - t0:.0f} s in all)"
+    )
+
     def runs(records: list[dict]) -> str:
         return ", ".join(f"{r['samples_per_s']:.1f}" for r in records)
 
     print(f"  single process ({singles[0]['threads']} threads): {single:8.2f} samples/s  (runs: {runs(singles)})")
-    print(f"  DDP {args.nproc} processes (gloo, {ddps[0]['threads']} thread each): {ddp:8.2f} samples/s  "
-          f"(runs: {runs(ddps)})")
+    print(
+        f"  DDP {args.nproc} processes (gloo, {ddps[0]['threads']} thread each): {ddp:8.2f} samples/s  "
+        f"(runs: {runs(ddps)})"
+    )
     print(f"  single process (1 thread):  {one:8.2f} samples/s  (runs: {runs(ones)})")
     print(f"  ratio DDP / single: {ratio:.2f}x   (DDP / single-thread process: {ddp / one:.2f}x)")
     if args.json:
-        args.json.write_text(json.dumps({"config": args.config, "global_batch": args.global_batch,
-                                         "single": singles, "single_1thread": ones, "ddp": ddps,
-                                         "ratio": ratio, "ratio_vs_1thread": ddp / one, "load": load}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "config": args.config,
+                    "global_batch": args.global_batch,
+                    "single": singles,
+                    "single_1thread": ones,
+                    "ddp": ddps,
+                    "ratio": ratio,
+                    "ratio_vs_1thread": ddp / one,
+                    "load": load,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ from ml.train.recipe import allocate_ranks_for
 from ml.train.trainer import build_optimizer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import add_run_options, device_name, setup  # noqa: E402
+from common import add_run_options, device_name, setup
 
 log = logging.getLogger("bench.train_step")
 
@@ -112,8 +112,15 @@ class Measurement:
 class Workload:
     """One variant's model, optimiser, batches and step function (the trainer's, from the method registry)."""
 
-    def __init__(self, method: str, config: BackboneConfig, rank_map: dict[str, int], batch: int,
-                 device: torch.device, seed: int = 0) -> None:
+    def __init__(
+        self,
+        method: str,
+        config: BackboneConfig,
+        rank_map: dict[str, int],
+        batch: int,
+        device: torch.device,
+        seed: int = 0,
+    ) -> None:
         self.method = method
         train_method, lora = VARIANTS[method]
         self.train_config = TrainConfig(method=train_method, seed=seed)
@@ -156,8 +163,9 @@ def rank_map_for(config: BackboneConfig, batch: int, device: torch.device) -> di
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2 * batch, config.n_leads, 1, config.seq_len, generator=g)
     y = (torch.rand(2 * batch, config.num_classes, generator=g) < 0.2).float()
-    allocated = allocate_ranks_for("cessl", None, config, LORA, ALLOCATION, TensorDataset(x, y), batch, seed=1,
-                                   device=str(device))
+    allocated = allocate_ranks_for(
+        "cessl", None, config, LORA, ALLOCATION, TensorDataset(x, y), batch, seed=1, device=str(device)
+    )
     return allocated.rank_map
 
 
@@ -172,8 +180,9 @@ def stored_bytes(work: Workload) -> int:
             save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
             return path.stat().st_size
         classes = [str(k) for k in range(model.config.num_classes)]
-        meta = AdapterMeta(backbone_id="bench", classes=classes, thresholds=[0.5] * len(classes),
-                           method=work.training_method.name)
+        meta = AdapterMeta(
+            backbone_id="bench", classes=classes, thresholds=[0.5] * len(classes), method=work.training_method.name
+        )
         save_adapter(model, tmp, meta)
         return (Path(tmp) / "adapter_model.safetensors").stat().st_size
 
@@ -221,9 +230,24 @@ def probe_memory(method: str, args: argparse.Namespace, rank_map: dict[str, int]
 
 def memory_in_subprocess(method: str, args: argparse.Namespace, rank_map: dict[str, int]) -> float:
     """Run :func:`probe_memory` in a fresh interpreter (its own peak-RSS high-water mark)."""
-    cmd = [sys.executable, __file__, "--probe-memory", method, "--config", args.config, "--batch", str(args.batch),
-           "--steps", str(args.steps), "--device", args.device, "--threads", str(args.threads),
-           "--rank-map", json.dumps(rank_map)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--probe-memory",
+        method,
+        "--config",
+        args.config,
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
+        "--rank-map",
+        json.dumps(rank_map),
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return float(json.loads(out.strip().splitlines()[-1])["peak_mb"])
 
@@ -254,7 +278,7 @@ def measure(args: argparse.Namespace) -> tuple[list[Measurement], dict[str, int]
             works[method].step()
     times: dict[str, list[list[float]]] = {m: [] for m in METHODS}
     for round_ in range(args.rounds):
-        order = METHODS[round_ % len(METHODS):] + METHODS[: round_ % len(METHODS)]
+        order = METHODS[round_ % len(METHODS) :] + METHODS[: round_ % len(METHODS)]
         for method in order:
             times[method].append([timed_step(works[method], device) for _ in range(args.steps)])
         log.info("round %d/%d done", round_ + 1, args.rounds)
@@ -263,8 +287,11 @@ def measure(args: argparse.Namespace) -> tuple[list[Measurement], dict[str, int]
     works.clear()  # free every model before the memory probes (which collect and empty the cache)
     results = []
     for method in METHODS:
-        peak = probe_memory(method, args, rank_map) if device.type == "cuda" else memory_in_subprocess(
-            method, args, rank_map)  # fmt: skip
+        peak = (
+            probe_memory(method, args, rank_map)
+            if device.type == "cuda"
+            else memory_in_subprocess(method, args, rank_map)
+        )
         (trainable, total), stored = sizes[method]
         round_ms = [statistics.fmean(steps) for steps in times[method]]
         fastest = min(min(steps) for steps in times[method])
@@ -291,8 +318,9 @@ def parameter_table(num_classes: int = NUM_CLASSES) -> list[tuple[str, int, dict
     return rows
 
 
-def verdicts(results: dict[str, Measurement], backbone_params: int,
-             pair_times: list[tuple[float, float]]) -> list[tuple[str, str, bool]]:
+def verdicts(
+    results: dict[str, Measurement], backbone_params: int, pair_times: list[tuple[float, float]]
+) -> list[tuple[str, str, bool]]:
     ce, ref = results["cessl"], results[REFERENCE]
     time_ratio = ce.ratio_to(ref)
     saving = deactivation_saving(pair_times)
@@ -306,22 +334,45 @@ def verdicts(results: dict[str, Measurement], backbone_params: int,
     ]
 
 
-def report(results: list[Measurement], rank_map: dict[str, int], backbone_params: int,
-           pair_times: list[tuple[float, float]], args: argparse.Namespace, console: Console) -> dict:
+def report(
+    results: list[Measurement],
+    rank_map: dict[str, int],
+    backbone_params: int,
+    pair_times: list[tuple[float, float]],
+    args: argparse.Namespace,
+    console: Console,
+) -> dict:
     by_method = {r.method: r for r in results}
     ref = by_method[REFERENCE]
     device = resolve_device(args.device)
     name = device_name(device)
     table = Table(title=f"Training step, {args.config}, batch {args.batch}+{args.batch}, {name}")
-    for column in ("method", "ms/step", "min ms", "x FixMatch", "peak MB", "x FixMatch", "trainable",
-                   "% backbone", "stored KB", "x FixMatch"):  # fmt: skip
+    for column in (
+        "method",
+        "ms/step",
+        "min ms",
+        "x FixMatch",
+        "peak MB",
+        "x FixMatch",
+        "trainable",
+        "% backbone",
+        "stored KB",
+        "x FixMatch",
+    ):
         table.add_column(column, justify="left" if column == "method" else "right")
     for r in results:
         table.add_row(
-            r.method, f"{r.step_ms:.0f}", f"{r.min_ms:.0f}", f"{r.ratio_to(ref):.3f}", f"{r.peak_mb:.0f}", f"{r.peak_mb / ref.peak_mb:.2f}",
-            f"{r.trainable:,}", f"{100 * r.trainable / backbone_params:.1f}", f"{r.stored_bytes / 1024:.0f}",
+            r.method,
+            f"{r.step_ms:.0f}",
+            f"{r.min_ms:.0f}",
+            f"{r.ratio_to(ref):.3f}",
+            f"{r.peak_mb:.0f}",
+            f"{r.peak_mb / ref.peak_mb:.2f}",
+            f"{r.trainable:,}",
+            f"{100 * r.trainable / backbone_params:.1f}",
+            f"{r.stored_bytes / 1024:.0f}",
             f"{r.stored_bytes / ref.stored_bytes:.3f}",
-        )  # fmt: skip
+        )
     console.print(table)
     low = sum(v < R for v in rank_map.values())
     console.print(f"rank map: {low} of {len(rank_map)} matrices at r_low = {default_r_low(R)}, the rest at r = {R}")
@@ -340,12 +391,17 @@ def report(results: list[Measurement], rank_map: dict[str, int], backbone_params
         sizes.add_row(config_name, f"{backbone:,}", *cells)
     console.print(sizes)
     return {
-        "config": args.config, "batch": args.batch, "device": name, "steps": args.steps, "rounds": args.rounds,
-        "backbone_params": backbone_params, "rank_map": rank_map,
+        "config": args.config,
+        "batch": args.batch,
+        "device": name,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "backbone_params": backbone_params,
+        "rank_map": rank_map,
         "results": [asdict(r) | {"step_ms": r.step_ms, "x_fixmatch": r.ratio_to(ref)} for r in results],
         "deactivation_pair_ms": pair_times,
         "targets": [{"target": t, "measured": v, "pass": ok} for t, v, ok in outcome],
-    }  # fmt: skip
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -355,8 +411,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per method and round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per method before timing")
-    parser.add_argument("--pairs", type=int, default=12,
-                        help="alternating CE-SSL / no-deactivation step pairs for the deactivation saving")
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=12,
+        help="alternating CE-SSL / no-deactivation step pairs for the deactivation saving",
+    )
     add_run_options(parser)
     parser.add_argument("--probe-memory", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--rank-map", default=None, help=argparse.SUPPRESS)

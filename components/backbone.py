@@ -54,14 +54,17 @@ def _download_s3(uri: str, dest: Path) -> Path:
     s3 = boto3.client("s3")
     dest.mkdir(parents=True, exist_ok=True)
     prefix = key.rstrip("/") + "/"
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-            for o in page.get("Contents", [])]
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for o in page.get("Contents", [])
+    ]
     if not keys:  # a single object
         target = dest / Path(key).name
         s3.download_file(bucket, key, str(target))
         return target
     for obj in keys:
-        target = dest / obj[len(prefix):]
+        target = dest / obj[len(prefix) :]
         target.parent.mkdir(parents=True, exist_ok=True)
         s3.download_file(bucket, obj, str(target))
     return dest
@@ -75,7 +78,9 @@ def _copy_folder(src: Path, dst: Path) -> None:
         shutil.copyfile(src / name, dst / name)
 
 
-def resolve_backbone_step(spec: str, config_name: str, out_dir: Path, cache_dir: str | Path | None = None) -> BackboneInfo:
+def resolve_backbone_step(
+    spec: str, config_name: str, out_dir: Path, cache_dir: str | Path | None = None
+) -> BackboneInfo:
     """Write the backbone ``spec`` (of size ``config_name``) as a backbone folder in ``out_dir``."""
     from ml.model.pretrained import import_reference_checkpoint, read_backbone
     from ml.train.default_backbone import ensure_default_backbone
@@ -95,8 +100,10 @@ def resolve_backbone_step(spec: str, config_name: str, out_dir: Path, cache_dir:
         elif path.is_file() and path.suffix in CHECKPOINT_SUFFIXES:
             import_reference_checkpoint(path, config_name, out_dir)
         else:
-            raise StepError(f"backbone {spec!r}: not 'default', a backbone folder, a checkpoint file "
-                            f"({', '.join(CHECKPOINT_SUFFIXES)}) or an s3:// URI of one")
+            raise StepError(
+                f"backbone {spec!r}: not 'default', a backbone folder, a checkpoint file "
+                f"({', '.join(CHECKPOINT_SUFFIXES)}) or an s3:// URI of one"
+            )
     backbone = read_backbone(out_dir)
     if backbone.name != config_name:
         raise StepError(f"backbone {spec!r} is a {backbone.name!r} backbone, but backbone_config is {config_name!r}")

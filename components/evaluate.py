@@ -50,7 +50,7 @@ class EvaluationResult:
 
     @property
     def n_test(self) -> int:
-        return int(len(self.labels))
+        return len(self.labels)
 
     def micro_roc(self) -> tuple[list[float], list[float], list[float]]:
         """Micro-averaged ROC curve (all classes pooled), at most MAX_CURVE_POINTS points."""
@@ -130,14 +130,17 @@ def _score(predictor: Any, store_dir: Path, splits: Splits):
     from ml.eval.evaluate import evaluate
 
     if list(predictor.classes) != list(splits.classes):
-        raise ValueError(f"the model predicts {list(predictor.classes)}, the split's classes are "
-                         f"{list(splits.classes)}: not comparable")
+        raise ValueError(
+            f"the model predicts {list(predictor.classes)}, the split's classes are "
+            f"{list(splits.classes)}: not comparable"
+        )
     test = dataset(open_store(store_dir), splits.test, splits.classes)
     return evaluate(predictor.model, test, thresholds=predictor.thresholds, classes=splits.classes)
 
 
-def evaluate_step(store_dir: Path, splits_path: Path, backbone_dir: Path, adapter_dir: Path,
-                  out_dir: Path, report_path: Path) -> EvaluationResult:
+def evaluate_step(
+    store_dir: Path, splits_path: Path, backbone_dir: Path, adapter_dir: Path, out_dir: Path, report_path: Path
+) -> EvaluationResult:
     """Evaluate the adapter on the test split; write the evaluation folder and the HTML report."""
     splits = Splits.load(splits_path)
     predictor = load_predictor(backbone_dir, adapter_dir)
@@ -147,20 +150,43 @@ def evaluate_step(store_dir: Path, splits_path: Path, backbone_dir: Path, adapte
         raise ValueError(f"{adapter_dir}: {err}") from err
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = EvaluationResult(metrics=_finite(report.metrics), per_class=report.per_class, probs=report.probs,
-                              labels=report.labels, classes=list(splits.classes),
-                              test_split_hash=splits.test_split_hash, out_dir=out_dir)
-    write_json(out_dir / METRICS_FILE, {"metrics": result.metrics, "test_split_hash": result.test_split_hash,
-                                        "n_test": result.n_test, "classes": result.classes})
+    result = EvaluationResult(
+        metrics=_finite(report.metrics),
+        per_class=report.per_class,
+        probs=report.probs,
+        labels=report.labels,
+        classes=list(splits.classes),
+        test_split_hash=splits.test_split_hash,
+        out_dir=out_dir,
+    )
+    write_json(
+        out_dir / METRICS_FILE,
+        {
+            "metrics": result.metrics,
+            "test_split_hash": result.test_split_hash,
+            "n_test": result.n_test,
+            "classes": result.classes,
+        },
+    )
     report.per_class.to_csv(out_dir / PER_CLASS_FILE, index=False)
-    np.savez_compressed(out_dir / PREDICTIONS_FILE, ids=np.asarray(splits.test), probs=report.probs,
-                        labels=report.labels, thresholds=np.asarray(report.thresholds))
-    images = {"ROC": _plot("roc", report.labels, report.probs, result.classes, out_dir / ROC_FILE),
-              "Precision-recall": _plot("pr", report.labels, report.probs, result.classes, out_dir / PR_FILE)}
+    np.savez_compressed(
+        out_dir / PREDICTIONS_FILE,
+        ids=np.asarray(splits.test),
+        probs=report.probs,
+        labels=report.labels,
+        thresholds=np.asarray(report.thresholds),
+    )
+    images = {
+        "ROC": _plot("roc", report.labels, report.probs, result.classes, out_dir / ROC_FILE),
+        "Precision-recall": _plot("pr", report.labels, report.probs, result.classes, out_dir / PR_FILE),
+    }
     Path(report_path).parent.mkdir(parents=True, exist_ok=True)
     Path(report_path).write_text(_html_report(result, images), encoding="utf-8")
-    log.info("test metrics on %d records: %s", result.n_test,
-             ", ".join(f"{k} {v:.4f}" for k, v in sorted(result.metrics.items())))
+    log.info(
+        "test metrics on %d records: %s",
+        result.n_test,
+        ", ".join(f"{k} {v:.4f}" for k, v in sorted(result.metrics.items())),
+    )
     return result
 
 
@@ -195,8 +221,12 @@ class ChampionEvaluation:
         return self.version is not None and bool(self.metrics)
 
     def metadata(self) -> dict[str, Any]:
-        return {"champion_version": self.version or "", "scored": self.scored, "note": self.note,
-                "test_split_hash": self.test_split_hash}
+        return {
+            "champion_version": self.version or "",
+            "scored": self.scored,
+            "note": self.note,
+            "test_split_hash": self.test_split_hash,
+        }
 
     def write(self, path: Path) -> Path:
         return write_json(path, asdict(self))
@@ -204,19 +234,25 @@ class ChampionEvaluation:
     @classmethod
     def read(cls, path: Path) -> ChampionEvaluation:
         data = read_json(path, "champion evaluation")
-        return cls(version=data["version"], test_split_hash=data["test_split_hash"],
-                   metrics={k: float(v) for k, v in data.get("metrics", {}).items()}, note=data.get("note", ""))
+        return cls(
+            version=data["version"],
+            test_split_hash=data["test_split_hash"],
+            metrics={k: float(v) for k, v in data.get("metrics", {}).items()},
+            note=data.get("note", ""),
+        )
 
 
-def score_champion_step(store_dir: Path, splits_path: Path, champion: Champion | None,
-                        out_path: Path) -> ChampionEvaluation:
+def score_champion_step(
+    store_dir: Path, splits_path: Path, champion: Champion | None, out_path: Path
+) -> ChampionEvaluation:
     """Score ``champion`` on the test split the way :func:`evaluate_step` scores the new model."""
     splits = Splits.load(splits_path)
     if champion is None:
         result = ChampionEvaluation(None, splits.test_split_hash, note="no champion")
     elif champion.predictor is None:
-        result = ChampionEvaluation(champion.version, splits.test_split_hash,
-                                    note=f"could not be loaded: {champion.problem}")
+        result = ChampionEvaluation(
+            champion.version, splits.test_split_hash, note=f"could not be loaded: {champion.problem}"
+        )
     else:
         try:
             metrics = _finite(_score(champion.predictor, store_dir, splits).metrics)

@@ -59,8 +59,10 @@ class FinetuneResult:
 
     def summary_metrics(self) -> dict[str, float]:
         return {
-            f"best_valid_{self.monitor}": self.best_score, "best_step": float(self.best_step),
-            "steps": float(self.steps), "trainable_params": float(self.trainable_params),
+            f"best_valid_{self.monitor}": self.best_score,
+            "best_step": float(self.best_step),
+            "steps": float(self.steps),
+            "trainable_params": float(self.trainable_params),
             "seconds": self.seconds,
         }
 
@@ -78,11 +80,23 @@ def _checkpoint_step(checkpoint_dir: Path) -> int:
         raise StepError(f"{path}: unreadable checkpoint ({err}); delete it to start over") from err
 
 
-def checkpoint_key(backbone_identity: str, splits: Splits, store_fingerprint: str, rank_map: Mapping[str, int],
-                   lora: LoRAConfig, train: TrainConfig) -> str:
+def checkpoint_key(
+    backbone_identity: str,
+    splits: Splits,
+    store_fingerprint: str,
+    rank_map: Mapping[str, int],
+    lora: LoRAConfig,
+    train: TrainConfig,
+) -> str:
     """Stable hash of everything that determines the training run (not where or how it is watched)."""
-    inputs = {"backbone": backbone_identity, "splits": splits.to_dict(), "store": store_fingerprint,
-              "rank_map": dict(rank_map), "lora": asdict(lora), "schedule": train.schedule_fingerprint()}
+    inputs = {
+        "backbone": backbone_identity,
+        "splits": splits.to_dict(),
+        "store": store_fingerprint,
+        "rank_map": dict(rank_map),
+        "lora": asdict(lora),
+        "schedule": train.schedule_fingerprint(),
+    }
     return sha256_json(inputs)[:24]
 
 
@@ -128,7 +142,8 @@ def finetune_step(
     unlabelled = dataset(store, splits.unlabelled, classes) if splits.unlabelled else None
     train = _clamp_batch(train, len(train_ds))
     checkpoint_dir = Path(checkpoint_root or DEFAULT_CHECKPOINT_ROOT) / checkpoint_key(
-        identity, splits, store_fingerprint, rank_map, lora, train)
+        identity, splits, store_fingerprint, rank_map, lora, train
+    )
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     train = dataclasses.replace(train, checkpoint_dir=str(checkpoint_dir))
     resume_step = _checkpoint_step(checkpoint_dir)
@@ -136,22 +151,55 @@ def finetune_step(
         log.info("resuming fine-tuning from %s at step %d", checkpoint_dir, resume_step)
 
     recorder = CurveRecorder(checkpoint_dir / CURVES_FILE, resume_step)
-    outcome = finetune(state, backbone_config(name, len(classes)), lora, rank_map, train, train_ds, unlabelled,
-                       valid, callbacks=[recorder])
+    outcome = finetune(
+        state,
+        backbone_config(name, len(classes)),
+        lora,
+        rank_map,
+        train,
+        train_ds,
+        unlabelled,
+        valid,
+        callbacks=[recorder],
+    )
     result = outcome.result
-    meta = AdapterMeta(backbone_id=identity, classes=list(classes), thresholds=[float(t) for t in outcome.thresholds],
-                       method=train.method,
-                       extra={"backbone_name": name, "train_config": train.to_dict() | {"checkpoint_dir": None},
-                              "best_step": result.best_step, "best_valid": result.best_metrics})
+    meta = AdapterMeta(
+        backbone_id=identity,
+        classes=list(classes),
+        thresholds=[float(t) for t in outcome.thresholds],
+        method=train.method,
+        extra={
+            "backbone_name": name,
+            "train_config": train.to_dict() | {"checkpoint_dir": None},
+            "best_step": result.best_step,
+            "best_valid": result.best_metrics,
+        },
+    )
     outcome.model.cpu()
     save_adapter(outcome.model, adapter_dir, meta)
     Path(curves_path).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(checkpoint_dir / CURVES_FILE, curves_path)
-    log.info("fine-tuned %s (%s) on %s: best valid %s %.4f at step %d of %d", train.method, name, result.device,
-             result.monitor, result.best_score, result.best_step, result.steps)
+    log.info(
+        "fine-tuned %s (%s) on %s: best valid %s %.4f at step %d of %d",
+        train.method,
+        name,
+        result.device,
+        result.monitor,
+        result.best_score,
+        result.best_step,
+        result.steps,
+    )
     return FinetuneResult(
-        checkpoint_dir=str(checkpoint_dir), best_step=result.best_step, best_score=float(result.best_score),
-        steps=result.steps, resumed_from=result.resumed_from, stopped_early=result.stopped_early,
-        device=result.device, seconds=result.seconds, trainable_params=outcome.trainable,
-        total_params=outcome.total, monitor=result.monitor, extra={"classes": list(classes), "backbone_id": identity},
+        checkpoint_dir=str(checkpoint_dir),
+        best_step=result.best_step,
+        best_score=float(result.best_score),
+        steps=result.steps,
+        resumed_from=result.resumed_from,
+        stopped_early=result.stopped_early,
+        device=result.device,
+        seconds=result.seconds,
+        trainable_params=outcome.trainable,
+        total_params=outcome.total,
+        monitor=result.monitor,
+        extra={"classes": list(classes), "backbone_id": identity},
     )

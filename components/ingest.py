@@ -44,11 +44,20 @@ def manifest_fingerprint(manifest) -> str:
     return sha256_json(rows)
 
 
-def ingest_step(source: str, out_dir: Path, quarantine_path: Path, state_dir: str | Path | None = None,
-                workers: int | None = None) -> IngestResult:
+def ingest_step(
+    source: str, out_dir: Path, quarantine_path: Path, state_dir: str | Path | None = None, workers: int | None = None
+) -> IngestResult:
     """Ingest ``source``; write ``manifest.parquet`` (+ reports) to ``out_dir``, the quarantine report to ``quarantine_path``."""
-    from ml.data.ingest import ACCEPTED, MANIFEST_FILE, QUARANTINE_FILE, REPORT_FILE, IngestConfig, ingest, \
-        read_manifest, write_manifest
+    from ml.data.ingest import (
+        ACCEPTED,
+        MANIFEST_FILE,
+        QUARANTINE_FILE,
+        REPORT_FILE,
+        IngestConfig,
+        ingest,
+        read_manifest,
+        write_manifest,
+    )
     from ml.data.parallel import default_workers
     from ml.data.sources import open_source
 
@@ -70,7 +79,18 @@ def ingest_step(source: str, out_dir: Path, quarantine_path: Path, state_dir: st
     n_ok = int((mine["status"] == ACCEPTED).sum())
     if n_ok == 0:
         raise StepError(f"{source}: all {len(mine)} records were quarantined; see {quarantine_path}")
-    log.info("ingested %s: %d accepted, %d quarantined (read %d, unchanged %d)", src.uri, n_ok,
-             len(mine) - n_ok, report.read, report.reused)
-    return IngestResult(n_records=n_ok, n_quarantined=len(mine) - n_ok,
-                        fingerprint=manifest_fingerprint(mine), read=report.read, reused=report.reused)
+    log.info(
+        "ingested %s: %d accepted, %d quarantined (read %d, unchanged %d)",
+        src.uri,
+        n_ok,
+        len(mine) - n_ok,
+        report.read,
+        report.reused,
+    )
+    return IngestResult(
+        n_records=n_ok,
+        n_quarantined=len(mine) - n_ok,
+        fingerprint=manifest_fingerprint(mine),
+        read=report.read,
+        reused=report.reused,
+    )

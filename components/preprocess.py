@@ -48,8 +48,13 @@ def _sources_key(manifest: Path) -> str:
     return hashlib.sha256("\n".join(sources).encode()).hexdigest()[:16]
 
 
-def preprocess_step(manifest_dir: Path, out_dir: Path, min_count: int = 200, state_dir: str | Path | None = None,
-                    workers: int | None = None) -> PreprocessResult:
+def preprocess_step(
+    manifest_dir: Path,
+    out_dir: Path,
+    min_count: int = 200,
+    state_dir: str | Path | None = None,
+    workers: int | None = None,
+) -> PreprocessResult:
     """Build the store in ``out_dir`` from the manifest in ``manifest_dir``."""
     from ml.data.ingest import MANIFEST_FILE
     from ml.data.parallel import default_workers
@@ -66,8 +71,6 @@ def preprocess_step(manifest_dir: Path, out_dir: Path, min_count: int = 200, sta
     else:
         store = preprocess(manifest, out_dir, min_count=min_count, workers=n_workers, progress=False)
     out = Path(out_dir)
-    fingerprint = hashlib.sha256(
-        (sha256_file(out / TABLE_FILE) + sha256_file(out / META_FILE)).encode()
-    ).hexdigest()
+    fingerprint = hashlib.sha256((sha256_file(out / TABLE_FILE) + sha256_file(out / META_FILE)).encode()).hexdigest()
     log.info("store %s: %d records, %d classes %s", out, len(store), len(store.classes), store.classes)
     return PreprocessResult(n_records=len(store), classes=list(store.classes), fingerprint=fingerprint)

@@ -53,9 +53,13 @@ class Registration:
     git_commit: str = ""
 
     def data_info(self) -> dict[str, Any]:
-        return {"data_version": self.data_version, "git_commit": self.git_commit,
-                "test_split_hash": self.splits.test_split_hash, "split_sizes": self.splits.sizes(),
-                "source": self.params.get("source", "")}
+        return {
+            "data_version": self.data_version,
+            "git_commit": self.git_commit,
+            "test_split_hash": self.splits.test_split_hash,
+            "split_sizes": self.splits.sizes(),
+            "source": self.params.get("source", ""),
+        }
 
 
 def _artifact(path: Path) -> Path:
@@ -69,15 +73,28 @@ def _champion(path: Path | None, splits: Splits) -> ChampionEvaluation | None:
         return None
     champion = ChampionEvaluation.read(path)
     if champion.test_split_hash != splits.test_split_hash:
-        raise StepError(f"{path}: the champion was scored on test split {champion.test_split_hash[:12]}, "
-                        f"this run's is {splits.test_split_hash[:12]}")
+        raise StepError(
+            f"{path}: the champion was scored on test split {champion.test_split_hash[:12]}, "
+            f"this run's is {splits.test_split_hash[:12]}"
+        )
     return champion
 
 
-def collect_registration(*, splits_path: Path, backbone_dir: Path, rank_map_path: Path, adapter_dir: Path,
-                         curves_path: Path, evaluation_dir: Path, params: Mapping[str, Any], data_version: str,
-                         git_commit: str, champion_path: Path | None = None, report_path: Path | None = None,
-                         quarantine_path: Path | None = None) -> Registration:
+def collect_registration(
+    *,
+    splits_path: Path,
+    backbone_dir: Path,
+    rank_map_path: Path,
+    adapter_dir: Path,
+    curves_path: Path,
+    evaluation_dir: Path,
+    params: Mapping[str, Any],
+    data_version: str,
+    git_commit: str,
+    champion_path: Path | None = None,
+    report_path: Path | None = None,
+    quarantine_path: Path | None = None,
+) -> Registration:
     """Read the upstream outputs into a :class:`Registration`."""
     from ml.model.pretrained import read_backbone_meta
 
@@ -87,32 +104,63 @@ def collect_registration(*, splits_path: Path, backbone_dir: Path, rank_map_path
     adapter_config = read_json(Path(adapter_dir) / "adapter_config.json", "adapter config")
     backbone = read_backbone_meta(backbone_dir)
     train_config = dict(adapter_config.get("extra", {}).get("train_config", {}))
-    all_params = {**dict(params), **{f"train.{k}": v for k, v in train_config.items() if k != "extra"},
-                  "split_sizes": splits.sizes(), "n_classes": len(splits.classes), "data_version": data_version}
+    all_params = {
+        **dict(params),
+        **{f"train.{k}": v for k, v in train_config.items() if k != "extra"},
+        "split_sizes": splits.sizes(),
+        "n_classes": len(splits.classes),
+        "data_version": data_version,
+    }
     tags = {
-        "data_version": data_version, "git_commit": git_commit, "test_split_hash": splits.test_split_hash,
+        "data_version": data_version,
+        "git_commit": git_commit,
+        "test_split_hash": splits.test_split_hash,
         "backbone_id": str(adapter_config.get("backbone_id", backbone.get("identity", ""))),
-        "backbone_name": str(backbone.get("name", "")), "backbone_source": str(backbone.get("source", "")),
-        "method": str(params.get("method", adapter_config.get("method", ""))), "classes": ",".join(splits.classes),
+        "backbone_name": str(backbone.get("name", "")),
+        "backbone_source": str(backbone.get("source", "")),
+        "method": str(params.get("method", adapter_config.get("method", ""))),
+        "classes": ",".join(splits.classes),
     }
     files = {"evaluation": [METRICS_FILE, PER_CLASS_FILE, ROC_FILE, PR_FILE, PREDICTIONS_FILE]}
-    artifacts = {f"{folder}/{name}": _artifact(Path(evaluation_dir) / name)
-                 for folder, names in files.items() for name in names}
+    artifacts = {
+        f"{folder}/{name}": _artifact(Path(evaluation_dir) / name) for folder, names in files.items() for name in names
+    }
     artifacts["training/curves.jsonl"] = _artifact(Path(curves_path))
     if report_path is not None and Path(report_path).is_file():
         artifacts["evaluation/report.html"] = Path(report_path)
     if quarantine_path is not None and Path(quarantine_path).is_file():
         artifacts["data/quarantine.md"] = Path(quarantine_path)
-    fingerprint = sha256_json({"adapter": sha256_dir(adapter_dir), "data_version": data_version,
-                               "test_split": splits.test_split_hash, "params": all_params})
+    fingerprint = sha256_json(
+        {
+            "adapter": sha256_dir(adapter_dir),
+            "data_version": data_version,
+            "test_split": splits.test_split_hash,
+            "params": all_params,
+        }
+    )
     method, r = params.get("method", "cessl"), params.get("r", "")
     bundle = Registration(
-        params=all_params, tags=tags, test_metrics={k: float(v) for k, v in evaluation["metrics"].items()},
-        curves=read_curves(curves_path), rank_map=rank_map, classes=list(splits.classes),
-        backbone_dir=Path(backbone_dir), adapter_dir=Path(adapter_dir), splits=splits,
-        champion=_champion(champion_path, splits), artifacts=artifacts, fingerprint=fingerprint,
-        run_name=f"{method}-r{r}-{(data_version or 'nodata')[:8]}", data_version=data_version, git_commit=git_commit,
+        params=all_params,
+        tags=tags,
+        test_metrics={k: float(v) for k, v in evaluation["metrics"].items()},
+        curves=read_curves(curves_path),
+        rank_map=rank_map,
+        classes=list(splits.classes),
+        backbone_dir=Path(backbone_dir),
+        adapter_dir=Path(adapter_dir),
+        splits=splits,
+        champion=_champion(champion_path, splits),
+        artifacts=artifacts,
+        fingerprint=fingerprint,
+        run_name=f"{method}-r{r}-{(data_version or 'nodata')[:8]}",
+        data_version=data_version,
+        git_commit=git_commit,
     )
-    log.info("registration bundle: %d params, %d test metrics, %d curve rows, fingerprint %s",
-             len(all_params), len(bundle.test_metrics), len(bundle.curves), fingerprint[:12])
+    log.info(
+        "registration bundle: %d params, %d test metrics, %d curve rows, fingerprint %s",
+        len(all_params),
+        len(bundle.test_metrics),
+        len(bundle.curves),
+        fingerprint[:12],
+    )
     return bundle

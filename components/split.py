@@ -44,16 +44,26 @@ def split_step(store_dir: Path, out_path: Path, config: SplitConfig) -> SplitRes
     from ml.data.splits import split_store
 
     store = open_store(store_dir)
-    splits = split_store(store, test_size=config.test_ratio, labelled_ratio=config.labelled_ratio,
-                         valid_size=config.valid_ratio, seed=config.seed)
+    splits = split_store(
+        store,
+        test_size=config.test_ratio,
+        labelled_ratio=config.labelled_ratio,
+        valid_size=config.valid_ratio,
+        seed=config.seed,
+    )
     ids = Splits(
-        test=[str(i) for i in splits.test], train=[str(i) for i in splits.train],
-        valid=[str(i) for i in splits.valid], unlabelled=[str(i) for i in splits.unlabelled],
-        classes=store_classes(store), params=asdict(config),
+        test=[str(i) for i in splits.test],
+        train=[str(i) for i in splits.train],
+        valid=[str(i) for i in splits.valid],
+        unlabelled=[str(i) for i in splits.unlabelled],
+        classes=store_classes(store),
+        params=asdict(config),
     )
     if not ids.train or not ids.valid or not ids.test:
-        raise StepError(f"{store_dir}: split {ids.sizes()} leaves an empty labelled train, valid or test part "
-                        f"(labelled_ratio {config.labelled_ratio} of {len(store.table)} records is too small)")
+        raise StepError(
+            f"{store_dir}: split {ids.sizes()} leaves an empty labelled train, valid or test part "
+            f"(labelled_ratio {config.labelled_ratio} of {len(store.table)} records is too small)"
+        )
     ids.save(out_path)
     log.info("split %s: %s (test split %s)", store_dir, ids.sizes(), ids.test_split_hash[:12])
     return SplitResult(sizes=ids.sizes(), test_split_hash=ids.test_split_hash, fingerprint=sha256_json(ids.to_dict()))

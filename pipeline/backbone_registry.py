@@ -70,8 +70,11 @@ def _versions_with_identity(client, identity: str, model_name: str | None = None
     try:
         versions = client.search_model_versions(query)
     except MlflowException:  # stores that cannot filter on tags: filter here
-        versions = [v for v in client.search_model_versions(f"name = '{model_name}'" if model_name else "")
-                    if v.tags.get(TAG_IDENTITY) == identity]
+        versions = [
+            v
+            for v in client.search_model_versions(f"name = '{model_name}'" if model_name else "")
+            if v.tags.get(TAG_IDENTITY) == identity
+        ]
     if not model_name:  # any backbone model, not an adapter model that happens to carry the tag
         versions = [v for v in versions if v.tags.get(TAG_KIND) == "backbone"]
     return sorted(versions, key=lambda v: int(v.version))
@@ -81,8 +84,14 @@ def _tag(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def register_backbone(backbone_dir: str | Path, *, tracking_uri: str = "", model_name: str | None = None,
-                      alias: str | None = None, run_name: str | None = None) -> BackboneRegistration:
+def register_backbone(
+    backbone_dir: str | Path,
+    *,
+    tracking_uri: str = "",
+    model_name: str | None = None,
+    alias: str | None = None,
+    run_name: str | None = None,
+) -> BackboneRegistration:
     """Log ``backbone_dir`` as a run and register it as a version of ``cessl-backbone-<config>``.
 
     The folder is verified first (identity and shapes). Idempotent: weights already
@@ -101,9 +110,14 @@ def register_backbone(backbone_dir: str | Path, *, tracking_uri: str = "", model
     name = model_name or backbone_model_name(config.name)
     tracking = _tracking(tracking_uri, name)
     client = tracking.client()
-    tags = {TAG_KIND: "backbone", TAG_IDENTITY: identity, "config": config.name,
-            "data_version": _tag(meta.get("data_version")), "source": _tag(meta.get("source")),
-            "num_classes": str(config.num_classes)}
+    tags = {
+        TAG_KIND: "backbone",
+        TAG_IDENTITY: identity,
+        "config": config.name,
+        "data_version": _tag(meta.get("data_version")),
+        "source": _tag(meta.get("source")),
+        "num_classes": str(config.num_classes),
+    }
 
     existing = _versions_with_identity(client, identity, name)
     if existing:
@@ -111,15 +125,21 @@ def register_backbone(backbone_dir: str | Path, *, tracking_uri: str = "", model
         log.info("backbone %s is already registered as %s v%s", identity[:12], name, version.version)
         if alias:
             client.set_registered_model_alias(name, alias, version.version)
-        return BackboneRegistration(name, str(version.version), version.run_id or "", identity,
-                                    tracking.tracking_uri, reused=True)
+        return BackboneRegistration(
+            name, str(version.version), version.run_id or "", identity, tracking.tracking_uri, reused=True
+        )
 
     tracking.activate()
     experiment_id = ensure_experiment(tracking)
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name or f"backbone-{config.name}") as run:
         mlflow.log_params({f"backbone.{k}": v for k, v in meta["config"].items()})
-        mlflow.log_params({"classes": json.dumps(meta["classes"])[:6000],
-                           "source": _tag(meta.get("source")), "data_version": _tag(meta.get("data_version"))})
+        mlflow.log_params(
+            {
+                "classes": json.dumps(meta["classes"])[:6000],
+                "source": _tag(meta.get("source")),
+                "data_version": _tag(meta.get("data_version")),
+            }
+        )
         mlflow.set_tags(tags)
         for step, loss in (meta.get("training") or {}).get("losses", []):
             mlflow.log_metric("pretrain_loss", float(loss), step=int(step))
@@ -127,13 +147,15 @@ def register_backbone(backbone_dir: str | Path, *, tracking_uri: str = "", model
         source = f"{run.info.artifact_uri}/{ARTIFACT_PATH}"
         run_id = run.info.run_id
     try:
-        client.create_registered_model(name, tags={TAG_KIND: "backbone"},
-                                       description=f"CE-SSL pre-trained backbones of size {config.name}")
+        client.create_registered_model(
+            name, tags={TAG_KIND: "backbone"}, description=f"CE-SSL pre-trained backbones of size {config.name}"
+        )
     except MlflowException as err:
         if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
             raise
-    version = client.create_model_version(name, source=source, run_id=run_id, tags=tags,
-                                          description=f"{meta.get('source')} backbone, identity {identity}")
+    version = client.create_model_version(
+        name, source=source, run_id=run_id, tags=tags, description=f"{meta.get('source')} backbone, identity {identity}"
+    )
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
     log.info("registered backbone %s as %s v%s (run %s)", identity[:12], name, version.version, run_id)
@@ -175,8 +197,9 @@ def fetch_backbone(spec: str, out_dir: str | Path, *, tracking_uri: str = "") ->
         uri = f"models:/{uri}/{max(int(v.version) for v in versions)}"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(out_dir),
-                                                     tracking_uri=tracking.tracking_uri))
+    local = Path(
+        mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(out_dir), tracking_uri=tracking.tracking_uri)
+    )
     read_backbone(local)  # identity and shapes
     log.info("fetched %s into %s", uri, local)
     return local

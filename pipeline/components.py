@@ -59,8 +59,13 @@ def ingest(
     result = ingest_step(source, Path(manifest.path), Path(quarantine_report.path), state_dir=state_dir or None)
     version = data_version or f"manifest:{result.fingerprint[:32]}"
     manifest.metadata.update(
-        {"source": source, "data_version": version, "n_records": result.n_records,
-         "n_quarantined": result.n_quarantined, "fingerprint": result.fingerprint}
+        {
+            "source": source,
+            "data_version": version,
+            "n_records": result.n_records,
+            "n_quarantined": result.n_quarantined,
+            "fingerprint": result.fingerprint,
+        }
     )
     quarantine_report.metadata["n_quarantined"] = result.n_quarantined
     outputs = NamedTuple("IngestOutputs", [("n_records", int), ("n_quarantined", int), ("data_version", str)])
@@ -73,11 +78,16 @@ def preprocess(manifest: Input[Dataset], min_class_count: int, state_dir: str, s
 
     from components.preprocess import preprocess_step
 
-    result = preprocess_step(Path(manifest.path), Path(store.path), min_count=min_class_count,
-                             state_dir=state_dir or None)
+    result = preprocess_step(
+        Path(manifest.path), Path(store.path), min_count=min_class_count, state_dir=state_dir or None
+    )
     store.metadata.update(
-        {"n_records": result.n_records, "classes": list(result.classes), "fingerprint": result.fingerprint,
-         "data_version": manifest.metadata.get("data_version", "")}
+        {
+            "n_records": result.n_records,
+            "classes": list(result.classes),
+            "fingerprint": result.fingerprint,
+            "data_version": manifest.metadata.get("data_version", ""),
+        }
     )
     return result.n_records
 
@@ -95,8 +105,9 @@ def split(
     from components.split import SplitConfig, split_step
 
     result = split_step(Path(store.path), Path(splits.path), SplitConfig(labelled_ratio=labelled_ratio, seed=seed))
-    splits.metadata.update({"sizes": result.sizes, "test_split_hash": result.test_split_hash,
-                            "fingerprint": result.fingerprint})
+    splits.metadata.update(
+        {"sizes": result.sizes, "test_split_hash": result.test_split_hash, "fingerprint": result.fingerprint}
+    )
     outputs = NamedTuple("SplitOutputs", [("test_split_hash", str), ("sizes", str)])
     return outputs(result.test_split_hash, json.dumps(result.sizes, sort_keys=True))
 
@@ -142,12 +153,19 @@ def allocate_ranks(
     from components.common import write_metadata_file
     from pipeline.params import PipelineParams
 
-    run = PipelineParams(method=method, r=r, p=p, compress=compress, labelled_ratio=labelled_ratio,
-                         batch_size=batch_size, seed=seed)
+    run = PipelineParams(
+        method=method, r=r, p=p, compress=compress, labelled_ratio=labelled_ratio, batch_size=batch_size, seed=seed
+    )
     result = allocate_ranks_step(
-        Path(store.path), Path(splits.path), Path(backbone_model.path), Path(rank_map.path),
-        method=method, lora=run.lora_config(), allocation=run.allocation_config(),
-        batch_size=run.resolved_batch_size, seed=seed,
+        Path(store.path),
+        Path(splits.path),
+        Path(backbone_model.path),
+        Path(rank_map.path),
+        method=method,
+        lora=run.lora_config(),
+        allocation=run.allocation_config(),
+        batch_size=run.resolved_batch_size,
+        seed=seed,
     )
     rank_map.metadata.update({"r": r, "compress": compress, "method": method, "fingerprint": result.fingerprint})
     for name, rank in sorted(result.rank_map.items()):
@@ -182,12 +200,28 @@ def finetune(
     from components.finetune import finetune_step
     from pipeline.params import PipelineParams
 
-    run = PipelineParams(method=method, r=r, p=p, labelled_ratio=labelled_ratio, max_steps=max_steps,
-                         batch_size=batch_size, lr=lr, val_every=val_every, seed=seed)
+    run = PipelineParams(
+        method=method,
+        r=r,
+        p=p,
+        labelled_ratio=labelled_ratio,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        lr=lr,
+        val_every=val_every,
+        seed=seed,
+    )
     result = finetune_step(
-        Path(store.path), Path(splits.path), Path(backbone_model.path), Path(rank_map.path),
-        Path(adapter.path), Path(curves.path), lora=run.lora_config(), train=run.train_config(progress=False),
-        checkpoint_root=checkpoint_root or None, store_fingerprint=str(store.metadata.get("fingerprint", "")),
+        Path(store.path),
+        Path(splits.path),
+        Path(backbone_model.path),
+        Path(rank_map.path),
+        Path(adapter.path),
+        Path(curves.path),
+        lora=run.lora_config(),
+        train=run.train_config(progress=False),
+        checkpoint_root=checkpoint_root or None,
+        store_fingerprint=str(store.metadata.get("fingerprint", "")),
     )
     adapter.metadata.update(result.metadata())
     for key, value in result.summary_metrics().items():
@@ -213,8 +247,14 @@ def evaluate(
     from components.common import write_metadata_file
     from components.evaluate import evaluate_step
 
-    result = evaluate_step(Path(store.path), Path(splits.path), Path(backbone_model.path), Path(adapter.path),
-                           Path(evaluation.path), Path(report.path))
+    result = evaluate_step(
+        Path(store.path),
+        Path(splits.path),
+        Path(backbone_model.path),
+        Path(adapter.path),
+        Path(evaluation.path),
+        Path(report.path),
+    )
     for key, value in result.metrics.items():
         test_metrics.log_metric(key, value)
     fpr, tpr, thresholds = result.micro_roc()
@@ -272,24 +312,41 @@ def register(
 
     run = PipelineParams.from_mapping(params)
     bundle = collect_registration(
-        splits_path=Path(splits.path), backbone_dir=Path(backbone_model.path), rank_map_path=Path(rank_map.path),
-        adapter_dir=Path(adapter.path), curves_path=Path(curves.path), evaluation_dir=Path(evaluation.path),
-        champion_path=Path(champion_evaluation.path), report_path=Path(report.path),
-        quarantine_path=Path(quarantine_report.path), params=run.logged(), data_version=run.data_version,
+        splits_path=Path(splits.path),
+        backbone_dir=Path(backbone_model.path),
+        rank_map_path=Path(rank_map.path),
+        adapter_dir=Path(adapter.path),
+        curves_path=Path(curves.path),
+        evaluation_dir=Path(evaluation.path),
+        champion_path=Path(champion_evaluation.path),
+        report_path=Path(report.path),
+        quarantine_path=Path(quarantine_report.path),
+        params=run.logged(),
+        data_version=run.data_version,
         git_commit=run.git_commit,
     )
     result = log_and_register(bundle, TrackingConfig.resolve(run.tracking_uri, run.experiment_name, run.model_name))
     Path(registration.path).write_text(result.markdown(), encoding="utf-8")
-    registration.metadata.update({"run_id": result.run_id, "model_version": result.version,
-                                  "model_name": result.model_name})
+    registration.metadata.update(
+        {"run_id": result.run_id, "model_version": result.version, "model_name": result.model_name}
+    )
     outputs = NamedTuple("RegisterOutputs", [("run_id", str), ("model_version", str)])
     return outputs(result.run_id, result.version)
 
 
 # --------------------------------------------------------------------------- factory
 
-STEP_FUNCTIONS = (ingest, preprocess, split, resolve_backbone, allocate_ranks, finetune, evaluate, score_champion,
-                  register)
+STEP_FUNCTIONS = (
+    ingest,
+    preprocess,
+    split,
+    resolve_backbone,
+    allocate_ranks,
+    finetune,
+    evaluate,
+    score_champion,
+    register,
+)
 
 
 @dataclass(frozen=True)
@@ -311,8 +368,5 @@ class StepComponents:
 def build_components(image: str | None = None) -> StepComponents:
     """Wrap every step as a KFP component on ``image`` (default: :func:`default_image`)."""
     image = image or default_image()
-    built = {
-        func.__name__: dsl.component(func, base_image=image, install_kfp_package=False)
-        for func in STEP_FUNCTIONS
-    }
+    built = {func.__name__: dsl.component(func, base_image=image, install_kfp_package=False) for func in STEP_FUNCTIONS}
     return StepComponents(image=image, **built)

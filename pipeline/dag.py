@@ -97,7 +97,8 @@ class CompileOptions:
     step_resources: ResourceRequest = ResourceRequest(cpu="1", memory="4Gi")
     checkpoint_pvc: str = field(default_factory=lambda: os.environ.get("CESSL_CHECKPOINT_PVC", "cessl-checkpoints"))
     credentials_secret: str = field(
-        default_factory=lambda: os.environ.get("CESSL_CREDENTIALS_SECRET", "cessl-s3-credentials"))
+        default_factory=lambda: os.environ.get("CESSL_CREDENTIALS_SECRET", "cessl-s3-credentials")
+    )
     config_map: str = "cessl-pipeline-defaults"
     finetune_retries: int = 2
     caching: bool = True
@@ -108,9 +109,16 @@ class CompileOptions:
     def local(cls, image: str | None = None) -> "CompileOptions":
         """What ``kfp.local`` can use: no GPU, resources, volumes, secrets or retries."""
         return cls(
-            image=image or default_image(), accelerator_type="", tolerations=(),
-            finetune_resources=ResourceRequest(), step_resources=ResourceRequest(),
-            finetune_retries=0, checkpoint_pvc="", credentials_secret="", config_map="", kubernetes=False,
+            image=image or default_image(),
+            accelerator_type="",
+            tolerations=(),
+            finetune_resources=ResourceRequest(),
+            step_resources=ResourceRequest(),
+            finetune_retries=0,
+            checkpoint_pvc="",
+            credentials_secret="",
+            config_map="",
+            kubernetes=False,
         )
 
 
@@ -128,8 +136,10 @@ def pipeline_signature(defaults: PipelineParams = DEFAULTS) -> inspect.Signature
     field, with ``defaults``' values (kfp reads it with ``inspect.signature``)."""
     types = field_types()
     return inspect.Signature(
-        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=value, annotation=types[name])
-         for name, value in defaults.arguments().items()],
+        [
+            inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=value, annotation=types[name])
+            for name, value in defaults.arguments().items()
+        ],
         return_annotation=PipelineOutputs,
     )
 
@@ -161,15 +171,19 @@ def _configure_finetune(task: dsl.PipelineTask, options: CompileOptions) -> None
 
 def _use_config_map(task: dsl.PipelineTask, options: CompileOptions) -> None:
     if options.kubernetes and options.config_map:
-        kubernetes.use_config_map_as_env(task, config_map_name=options.config_map,
-                                         config_map_key_to_env={key: key for key in CONFIG_MAP_ENV_KEYS},
-                                         optional=True)
+        kubernetes.use_config_map_as_env(
+            task,
+            config_map_name=options.config_map,
+            config_map_key_to_env={key: key for key in CONFIG_MAP_ENV_KEYS},
+            optional=True,
+        )
 
 
 def _use_credentials(task: dsl.PipelineTask, options: CompileOptions) -> None:
     if options.kubernetes and options.credentials_secret:
         kubernetes.use_secret_as_env(
-            task, secret_name=options.credentials_secret,
+            task,
+            secret_name=options.credentials_secret,
             secret_key_to_env={key: key for key in SECRET_ENV_KEYS},
         )
 
@@ -188,30 +202,57 @@ def build_pipeline(options: CompileOptions | None = None, steps: StepComponents 
         bound.apply_defaults()
         run = SimpleNamespace(**bound.arguments)  # the pipeline parameters (channels), by name
         ingest = steps.ingest(source=run.source, data_version=run.data_version, state_dir=run.state_dir)
-        preprocess = steps.preprocess(manifest=ingest.outputs["manifest"], min_class_count=run.min_class_count,
-                                      state_dir=run.state_dir)
+        preprocess = steps.preprocess(
+            manifest=ingest.outputs["manifest"], min_class_count=run.min_class_count, state_dir=run.state_dir
+        )
         split = steps.split(store=preprocess.outputs["store"], labelled_ratio=run.labelled_ratio, seed=run.seed)
         data = {"store": preprocess.outputs["store"], "splits": split.outputs["splits"]}  # what most steps read
-        backbone_task = steps.resolve_backbone(backbone=run.backbone, backbone_config=run.backbone_config,
-                                               cache_dir=run.cache_dir, tracking_uri=run.tracking_uri)
+        backbone_task = steps.resolve_backbone(
+            backbone=run.backbone,
+            backbone_config=run.backbone_config,
+            cache_dir=run.cache_dir,
+            tracking_uri=run.tracking_uri,
+        )
         backbone = backbone_task.outputs["backbone_model"]
         ranks = steps.allocate_ranks(
-            **data, backbone_model=backbone, method=run.method, r=run.r, p=run.p, compress=run.compress,
-            labelled_ratio=run.labelled_ratio, batch_size=run.batch_size, seed=run.seed,
+            **data,
+            backbone_model=backbone,
+            method=run.method,
+            r=run.r,
+            p=run.p,
+            compress=run.compress,
+            labelled_ratio=run.labelled_ratio,
+            batch_size=run.batch_size,
+            seed=run.seed,
         )
         finetune = steps.finetune(
-            **data, backbone_model=backbone, rank_map=ranks.outputs["rank_map"], method=run.method, r=run.r,
-            p=run.p, labelled_ratio=run.labelled_ratio, max_steps=run.max_steps, batch_size=run.batch_size,
-            lr=run.lr, val_every=run.val_every, seed=run.seed, checkpoint_root=run.checkpoint_root,
+            **data,
+            backbone_model=backbone,
+            rank_map=ranks.outputs["rank_map"],
+            method=run.method,
+            r=run.r,
+            p=run.p,
+            labelled_ratio=run.labelled_ratio,
+            max_steps=run.max_steps,
+            batch_size=run.batch_size,
+            lr=run.lr,
+            val_every=run.val_every,
+            seed=run.seed,
+            checkpoint_root=run.checkpoint_root,
         )
         evaluate = steps.evaluate(**data, backbone_model=backbone, adapter=finetune.outputs["adapter"])
         champion = steps.score_champion(**data, model_name=run.model_name, tracking_uri=run.tracking_uri)
         champion.after(evaluate)  # the champion of the moment the new model is ready
         register = steps.register(
-            splits=split.outputs["splits"], backbone_model=backbone, rank_map=ranks.outputs["rank_map"],
-            adapter=finetune.outputs["adapter"], curves=finetune.outputs["curves"],
-            evaluation=evaluate.outputs["evaluation"], champion_evaluation=champion.outputs["champion_evaluation"],
-            report=evaluate.outputs["report"], quarantine_report=ingest.outputs["quarantine_report"],
+            splits=split.outputs["splits"],
+            backbone_model=backbone,
+            rank_map=ranks.outputs["rank_map"],
+            adapter=finetune.outputs["adapter"],
+            curves=finetune.outputs["curves"],
+            evaluation=evaluate.outputs["evaluation"],
+            champion_evaluation=champion.outputs["champion_evaluation"],
+            report=evaluate.outputs["report"],
+            quarantine_report=ingest.outputs["quarantine_report"],
             params={**vars(run), "data_version": ingest.outputs["data_version"]},
         )
 
@@ -228,9 +269,17 @@ def build_pipeline(options: CompileOptions | None = None, steps: StepComponents 
             _use_config_map(task, options)
         _configure_finetune(finetune, options)
 
-        names = {ingest: "ingest", preprocess: "preprocess", split: "split", backbone_task: "backbone",
-                 ranks: "allocate-ranks", finetune: "finetune", evaluate: "evaluate", champion: "score-champion",
-                 register: "register"}
+        names = {
+            ingest: "ingest",
+            preprocess: "preprocess",
+            split: "split",
+            backbone_task: "backbone",
+            ranks: "allocate-ranks",
+            finetune: "finetune",
+            evaluate: "evaluate",
+            champion: "score-champion",
+            register: "register",
+        }
         for task, name in names.items():
             task.set_display_name(name)
         return PipelineOutputs(run_id=register.outputs["run_id"], model_version=register.outputs["model_version"])
@@ -301,8 +350,13 @@ def docker_runner(params: PipelineParams):
     environment |= {"HOME": "/tmp", "MPLCONFIGDIR": "/tmp/matplotlib"}
     # entrypoint: the image's is `cessl`; a task's command is a full command line (as on a
     # cluster, where KFP sets the container's command and so replaces the entrypoint).
-    return local.DockerRunner(mounts=mounts, user=f"{os.getuid()}:{os.getgid()}", environment=environment,
-                              network_mode="host", entrypoint=["/usr/bin/env"])
+    return local.DockerRunner(
+        mounts=mounts,
+        user=f"{os.getuid()}:{os.getgid()}",
+        environment=environment,
+        network_mode="host",
+        entrypoint=["/usr/bin/env"],
+    )
 
 
 def init_local(config: LocalRunConfig, params: PipelineParams | None = None) -> None:
@@ -318,8 +372,13 @@ def init_local(config: LocalRunConfig, params: PipelineParams | None = None) -> 
     root = Path(config.pipeline_root).absolute()
     root.mkdir(parents=True, exist_ok=True)
     # raise_on_error=False: a failed task ends the run without outputs (PipelineRunError below).
-    local.init(runner=runner, pipeline_root=str(root), enable_caching=config.cache,
-               cache_root=str(root / ".kfp_cache"), raise_on_error=False)
+    local.init(
+        runner=runner,
+        pipeline_root=str(root),
+        enable_caching=config.cache,
+        cache_root=str(root / ".kfp_cache"),
+        raise_on_error=False,
+    )
 
 
 _LOCAL_NOISE = (
@@ -328,8 +387,10 @@ _LOCAL_NOISE = (
     r".*is not used by the current local runner.*",
 )
 # kfp.local's own one-line progress messages (pipeline start/end, task start/end, cache hits).
-_PROGRESS = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} - \w+ - (Running pipeline|Executing task|Task .*(finished|cache hit)|"
-                       r"Pipeline .* finished)")
+_PROGRESS = re.compile(
+    r"^\d\d:\d\d:\d\d\.\d{3} - \w+ - (Running pipeline|Executing task|Task .*(finished|cache hit)|"
+    r"Pipeline .* finished)"
+)
 
 
 _JSON_DUMP = re.compile(r'^\s+([{}\[\]"]|\},?$|\],?$)')  # the executor_input dumps of KFP's executor
@@ -381,8 +442,13 @@ def run_local(params: PipelineParams, config: LocalRunConfig | None = None) -> P
     config = config or LocalRunConfig()
     init_local(config, params)
     pipeline = build_pipeline(CompileOptions.local(config.image))
-    log.info("running %s locally (%s runner, pipeline root %s%s)", PIPELINE_NAME, config.runner,
-             config.pipeline_root, f", task logs in {config.task_log}" if config.task_log else "")
+    log.info(
+        "running %s locally (%s runner, pipeline root %s%s)",
+        PIPELINE_NAME,
+        config.runner,
+        config.pipeline_root,
+        f", task logs in {config.task_log}" if config.task_log else "",
+    )
     with warnings.catch_warnings(), _task_output(config.task_log):
         for pattern in _LOCAL_NOISE:
             warnings.filterwarnings("ignore", message=pattern)

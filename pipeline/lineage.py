@@ -35,10 +35,17 @@ class DataVersion:
 def git_commit(repo: Path) -> str:
     """``git rev-parse HEAD`` of ``repo`` (``+dirty`` when tracked files changed), or "unknown"."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                              check=True, timeout=30).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{head}+dirty" if dirty else head
@@ -70,8 +77,13 @@ def read_data_version(data_path: Path, repo: Path | None = None) -> DataVersion:
         return DataVersion(md5=current, git_commit=commit, origin="content")
     recorded = dvc_md5(dvc_file, data_path)
     if recorded != current:
-        log.warning("%s has changes not recorded in %s (%s there, %s now): run `dvc add` to version them",
-                    data_path, dvc_file, recorded, current)
+        log.warning(
+            "%s has changes not recorded in %s (%s there, %s now): run `dvc add` to version them",
+            data_path,
+            dvc_file,
+            recorded,
+            current,
+        )
         return DataVersion(md5=current, git_commit=commit, origin=f"uncommitted (not in {dvc_file.name})")
     return DataVersion(md5=current, git_commit=commit, origin=f"dvc:{dvc_file.name}")
 

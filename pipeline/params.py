@@ -39,8 +39,9 @@ LOCAL_ONLY = ("state_dir", "cache_dir", "checkpoint_root", "tracking_uri")
 NOT_LOGGED = (*LOCAL_ONLY, "data_version", "git_commit", "model_name", "experiment_name")
 
 
-def param(default: Any, help: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None,
-          cli: bool = True) -> Any:
+def param(
+    default: Any, help: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None, cli: bool = True
+) -> Any:
     """A :class:`PipelineParams` field: its default and how the command line offers it.
 
     ``flag``: the option string (default ``--<name-with-dashes>``); ``cli=False``: no
@@ -60,8 +61,9 @@ class PipelineParams:
     source: str = param("data", "folder or s3://bucket/prefix of WFDB records")
     data_version: str = param("", "DVC md5 of the data (part of the cache key of ingest)", cli=False)
     git_commit: str = param("", "git commit of the code", cli=False)
-    backbone: str = param("default", "'default', a backbone folder/checkpoint, s3://..., or "
-                                     "models:/cessl-backbone-<config>/<version>")
+    backbone: str = param(
+        "default", "'default', a backbone folder/checkpoint, s3://..., or models:/cessl-backbone-<config>/<version>"
+    )
     backbone_config: str = param("tinylight", "backbone size", choices=tuple(BACKBONE_CONFIGS))
     labelled_ratio: float = param(0.05, "fraction of the non-test records that keep their labels")
     r: int = param(_LORA.r, "LoRA rank r (r_low = (r // 4) * 2 for the least important layers)", flag="-r")
@@ -116,9 +118,15 @@ class PipelineParams:
 
     def train_config(self, **overrides: Any) -> TrainConfig:
         """The fine-tuning schedule (batch size resolved); ``overrides`` for other TrainConfig fields."""
-        return TrainConfig(method=self.method, lr=self.lr, max_steps=self.max_steps,
-                           batch_size=self.resolved_batch_size, val_every=self.val_every, seed=self.seed,
-                           **overrides)
+        return TrainConfig(
+            method=self.method,
+            lr=self.lr,
+            max_steps=self.max_steps,
+            batch_size=self.resolved_batch_size,
+            val_every=self.val_every,
+            seed=self.seed,
+            **overrides,
+        )
 
 
 DEFAULTS = PipelineParams()
@@ -156,8 +164,14 @@ def add_param_flags(parser: argparse.ArgumentParser, defaults: PipelineParams | 
         flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
         default = None if defaults is None else getattr(defaults, f.name)
         shown = " (default: %(default)s)" if defaults is not None else ""
-        group.add_argument(flag, dest=f.name, type=types[f.name], default=default, choices=f.metadata["choices"],
-                           help=f"{f.metadata['help']}{shown}")
+        group.add_argument(
+            flag,
+            dest=f.name,
+            type=types[f.name],
+            default=default,
+            choices=f.metadata["choices"],
+            help=f"{f.metadata['help']}{shown}",
+        )
 
 
 def params_from_args(args: argparse.Namespace, base: PipelineParams = DEFAULTS) -> PipelineParams:

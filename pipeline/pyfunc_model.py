@@ -86,8 +86,11 @@ def log_adapter_model(backbone_dir: Path, adapter_dir: Path, classes: list[str],
         artifacts={"backbone": str(backbone_dir), "adapter": str(adapter_dir)},
         signature=model_signature(len(classes)),
         pip_requirements=_requirements(),
-        metadata={"classes": list(classes), "input": "raw 12-lead signals (N, 12, T) in mV",
-                  "input_sample_rate": INPUT_SAMPLE_RATE},
+        metadata={
+            "classes": list(classes),
+            "input": "raw 12-lead signals (N, 12, T) in mV",
+            "input_sample_rate": INPUT_SAMPLE_RATE,
+        },
         registered_model_name=registered_model_name,
     )
 

@@ -86,9 +86,11 @@ class Comparison:
         if self.champion_version is None:
             return f"{self.metric}: challenger v{self.challenger_version} {fmt(self.challenger_value)}, no champion yet"
         better = ">" if self.higher_is_better else "<"
-        return (f"{self.metric}: challenger v{self.challenger_version} {fmt(self.challenger_value)} vs champion "
-                f"v{self.champion_version} {fmt(self.champion_value)} (needs {better} champion "
-                f"{'+' if self.higher_is_better else '-'} {self.margin:g}; {self.basis})")
+        return (
+            f"{self.metric}: challenger v{self.challenger_version} {fmt(self.challenger_value)} vs champion "
+            f"v{self.champion_version} {fmt(self.champion_value)} (needs {better} champion "
+            f"{'+' if self.higher_is_better else '-'} {self.margin:g}; {self.basis})"
+        )
 
 
 @dataclass
@@ -136,8 +138,13 @@ def _run_metric(client, run_id: str, key: str) -> float | None:
 def compare(client, name: str, gate: GateConfig, challenger, champion) -> Comparison:
     """Challenger and champion numbers on the same test split, or why there are none."""
     challenger_value = _run_metric(client, challenger.run_id, TEST_PREFIX + gate.metric)
-    base = dict(metric=gate.metric, challenger_version=str(challenger.version), challenger_value=challenger_value,
-                margin=gate.margin, higher_is_better=gate.higher_is_better)
+    base = dict(
+        metric=gate.metric,
+        challenger_version=str(challenger.version),
+        challenger_value=challenger_value,
+        margin=gate.margin,
+        higher_is_better=gate.higher_is_better,
+    )
     if champion is None:
         return Comparison(champion_version=None, champion_value=None, basis="no champion", **base)
     champion_version = str(champion.version)
@@ -149,12 +156,16 @@ def compare(client, name: str, gate: GateConfig, challenger, champion) -> Compar
     split_c, split_h = challenger.tags.get(TAG_TEST_SPLIT), champion.tags.get(TAG_TEST_SPLIT)
     if split_c and split_c == split_h:
         value = _run_metric(client, champion.run_id, TEST_PREFIX + gate.metric)
-        return Comparison(champion_version=champion_version, champion_value=value,
-                          basis=f"same test split {split_c[:12]}", **base)
+        return Comparison(
+            champion_version=champion_version, champion_value=value, basis=f"same test split {split_c[:12]}", **base
+        )
     return Comparison(
-        champion_version=champion_version, champion_value=None,
-        basis=(f"not comparable: test splits differ ({(split_c or '?')[:12]} vs {(split_h or '?')[:12]}) and the "
-               f"champion was not scored on the challenger's split; re-run the pipeline to score it"),
+        champion_version=champion_version,
+        champion_value=None,
+        basis=(
+            f"not comparable: test splits differ ({(split_c or '?')[:12]} vs {(split_h or '?')[:12]}) and the "
+            f"champion was not scored on the challenger's split; re-run the pipeline to score it"
+        ),
         **base,
     )
 
@@ -167,8 +178,11 @@ def _now() -> str:
 
 
 def _record(client, name: str, version: str, decision: PromotionDecision, reason_prefix: str = "") -> None:
-    comparison = asdict(decision.comparison) | {"decided_at": _now(), "forced": decision.forced,
-                                                "reason": reason_prefix + decision.reason}
+    comparison = asdict(decision.comparison) | {
+        "decided_at": _now(),
+        "forced": decision.forced,
+        "reason": reason_prefix + decision.reason,
+    }
     client.set_model_version_tag(name, version, TAG_DECISION, decision.label)
     client.set_model_version_tag(name, version, TAG_COMPARISON, json.dumps(comparison, sort_keys=True))
 
@@ -181,8 +195,14 @@ def promote(client, name: str, gate: GateConfig = GateConfig(), force: bool = Fa
     champion = current_alias(client, name, CHAMPION)
     comparison = compare(client, name, gate, challenger, champion)
     if champion is not None and str(champion.version) == str(challenger.version):
-        return PromotionDecision(False, False, f"v{challenger.version} is already the champion", comparison,
-                                 previous_champion=str(champion.version), history=champion_history(client, name))
+        return PromotionDecision(
+            False,
+            False,
+            f"v{challenger.version} is already the champion",
+            comparison,
+            previous_champion=str(champion.version),
+            history=champion_history(client, name),
+        )
     if comparison.challenger_value is None:
         reason = f"challenger v{challenger.version} has no {TEST_PREFIX}{gate.metric} metric"
         promoted = False
@@ -195,8 +215,13 @@ def promote(client, name: str, gate: GateConfig = GateConfig(), force: bool = Fa
     else:
         reason, promoted = "challenger does not beat the champion", False
     forced = force and not promoted
-    decision = PromotionDecision(promoted or force, forced, reason, comparison,
-                                 previous_champion=None if champion is None else str(champion.version))
+    decision = PromotionDecision(
+        promoted or force,
+        forced,
+        reason,
+        comparison,
+        previous_champion=None if champion is None else str(champion.version),
+    )
     _record(client, name, str(challenger.version), decision, "forced despite: " if forced else "")
     if decision.promoted:
         history = champion_history(client, name)
@@ -269,7 +294,13 @@ def describe_versions(client, name: str) -> list[dict[str, Any]]:
     versions = client.search_model_versions(f"name = '{name}'")
     rows = []
     for v in sorted(versions, key=lambda v: int(v.version), reverse=True):
-        rows.append({"version": v.version, "aliases": ",".join(getattr(v, "aliases", []) or []),
-                     "data_version": v.tags.get(TAG_DATA_VERSION, ""), "decision": v.tags.get(TAG_DECISION, ""),
-                     "macro_f_beta": v.tags.get(TEST_PREFIX + "macro_f_beta", "")})
+        rows.append(
+            {
+                "version": v.version,
+                "aliases": ",".join(getattr(v, "aliases", []) or []),
+                "data_version": v.tags.get(TAG_DATA_VERSION, ""),
+                "decision": v.tags.get(TAG_DECISION, ""),
+                "macro_f_beta": v.tags.get(TEST_PREFIX + "macro_f_beta", ""),
+            }
+        )
     return rows

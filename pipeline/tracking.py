@@ -61,8 +61,9 @@ class TrackingConfig:
     artifact_root: str | None = None  # new experiments' artifact location (local stores only)
 
     @classmethod
-    def resolve(cls, tracking_uri: str = "", experiment_name: str = "cessl",
-                model_name: str = "cessl-ecg") -> TrackingConfig:
+    def resolve(
+        cls, tracking_uri: str = "", experiment_name: str = "cessl", model_name: str = "cessl-ecg"
+    ) -> TrackingConfig:
         """Explicit URI, else ``$MLFLOW_TRACKING_URI``, else the local SQLite default."""
         uri = tracking_uri or os.environ.get(TRACKING_URI_ENV) or default_tracking_uri()
         artifact_root = None
@@ -183,8 +184,11 @@ def find_registered(client, model_name: str, fingerprint: str):
     try:
         versions = client.search_model_versions(f"name = '{model_name}' and tags.{TAG_FINGERPRINT} = '{fingerprint}'")
     except MlflowException:  # some stores cannot filter on tags: filter here
-        versions = [v for v in client.search_model_versions(f"name = '{model_name}'")
-                    if v.tags.get(TAG_FINGERPRINT) == fingerprint]
+        versions = [
+            v
+            for v in client.search_model_versions(f"name = '{model_name}'")
+            if v.tags.get(TAG_FINGERPRINT) == fingerprint
+        ]
     return versions[0] if versions else None
 
 
@@ -208,12 +212,17 @@ def log_and_register(bundle, config: TrackingConfig) -> RegistrationResult:
     client = config.client()
     existing = find_registered(client, config.model_name, bundle.fingerprint)
     if existing is not None:
-        log.info("inputs identical to %s v%s (fingerprint %s): not registering again",
-                 config.model_name, existing.version, bundle.fingerprint[:12])
+        log.info(
+            "inputs identical to %s v%s (fingerprint %s): not registering again",
+            config.model_name,
+            existing.version,
+            bundle.fingerprint[:12],
+        )
         run = client.get_run(existing.run_id)
         metrics = {k.removeprefix(TEST_PREFIX): v for k, v in run.data.metrics.items() if k.startswith(TEST_PREFIX)}
-        return RegistrationResult(config.model_name, str(existing.version), existing.run_id, config.tracking_uri,
-                                  metrics=metrics, reused=True)
+        return RegistrationResult(
+            config.model_name, str(existing.version), existing.run_id, config.tracking_uri, metrics=metrics, reused=True
+        )
 
     experiment_id = ensure_experiment(config)
     champion = bundle.champion
@@ -226,28 +235,43 @@ def log_and_register(bundle, config: TrackingConfig) -> RegistrationResult:
         mlflow.log_metrics({f"{TEST_PREFIX}{k}": v for k, v in bundle.test_metrics.items()})
         if champion_metrics:
             mlflow.log_metrics({f"{CHAMPION_PREFIX}{k}": v for k, v in champion_metrics.items()})
-            mlflow.set_tags({TAG_COMPARED_CHAMPION: champion_version,
-                             TAG_COMPARED_CHAMPION_SPLIT: bundle.tags[TAG_TEST_SPLIT]})
+            mlflow.set_tags(
+                {TAG_COMPARED_CHAMPION: champion_version, TAG_COMPARED_CHAMPION_SPLIT: bundle.tags[TAG_TEST_SPLIT]}
+            )
         n_points = log_curves(client, run_id, bundle.curves)
         mlflow.log_dict(bundle.rank_map, "rank_map.json")
         mlflow.log_dict(bundle.data_info(), "data_version.json")
         log_files(bundle.artifacts)
-        info = log_adapter_model(bundle.backbone_dir, bundle.adapter_dir, classes=bundle.classes,
-                                 registered_model_name=config.model_name)
+        info = log_adapter_model(
+            bundle.backbone_dir, bundle.adapter_dir, classes=bundle.classes, registered_model_name=config.model_name
+        )
     version = str(info.registered_model_version)
-    version_tags = {**bundle.tags, TAG_RUN_ID: run_id, TAG_FINGERPRINT: bundle.fingerprint,
-                    **{f"{TEST_PREFIX}{k}": f"{v:.6g}" for k, v in bundle.test_metrics.items()}}
+    version_tags = {
+        **bundle.tags,
+        TAG_RUN_ID: run_id,
+        TAG_FINGERPRINT: bundle.fingerprint,
+        **{f"{TEST_PREFIX}{k}": f"{v:.6g}" for k, v in bundle.test_metrics.items()},
+    }
     if champion_metrics:
-        version_tags |= {TAG_COMPARED_CHAMPION: champion_version,
-                         TAG_COMPARED_CHAMPION_SPLIT: bundle.tags[TAG_TEST_SPLIT]}
+        version_tags |= {
+            TAG_COMPARED_CHAMPION: champion_version,
+            TAG_COMPARED_CHAMPION_SPLIT: bundle.tags[TAG_TEST_SPLIT],
+        }
     for key, value in version_tags.items():
         client.set_model_version_tag(config.model_name, version, key, value)
     client.set_registered_model_alias(config.model_name, CHALLENGER, version)
-    log.info("run %s: %d curve points, registered %s v%s as %s", run_id, n_points, config.model_name,
-             version, CHALLENGER)
-    return RegistrationResult(config.model_name, version, run_id, config.tracking_uri,
-                              metrics=dict(bundle.test_metrics), champion_metrics=champion_metrics,
-                              champion_version=champion_version)
+    log.info(
+        "run %s: %d curve points, registered %s v%s as %s", run_id, n_points, config.model_name, version, CHALLENGER
+    )
+    return RegistrationResult(
+        config.model_name,
+        version,
+        run_id,
+        config.tracking_uri,
+        metrics=dict(bundle.test_metrics),
+        champion_metrics=champion_metrics,
+        champion_version=champion_version,
+    )
 
 
 def _param(value: Any) -> str:

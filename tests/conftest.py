@@ -34,10 +34,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.integration)
                 item.add_marker(getattr(pytest.mark, marker))
 
+
 # The tests that take the ``device`` fixture run on the CPU and, where one is present, on a
 # CUDA device too (``pytest -m cuda`` selects the GPU half; CI has no GPU and skips it).
-DEVICES = ("cpu", pytest.param("cuda", marks=[
-    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]))
+DEVICES = (
+    "cpu",
+    pytest.param(
+        "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+    ),
+)
 # The tolerance for the reference goldens is 1e-4; the CPU reproduces them to 1e-5.
 GOLDEN_ATOL = {"cpu": 1e-5, "cuda": 1e-4}
 

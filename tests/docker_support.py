@@ -81,7 +81,9 @@ class DockerEngine:
         return self.docker("image", "inspect", tag, check=False, timeout=60).returncode == 0
 
 
-def _script(script: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def _script(
+    script: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["bash", str(script), *args],
         env={**os.environ, "DOCKER": DOCKER_CLI, **(env or {})},

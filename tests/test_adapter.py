@@ -68,8 +68,13 @@ def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def test_adapter_round_trip(tmp_path: Path, backbone_state: dict, x: torch.Tensor) -> None:
     model = fine_tuned(backbone_state, x)
-    meta = AdapterMeta(backbone_id=state_dict_identity(backbone_state), classes=CLASSES,
-                       thresholds=[0.5] * 19, method="cessl", extra={"dataset": "g12ec"})
+    meta = AdapterMeta(
+        backbone_id=state_dict_identity(backbone_state),
+        classes=CLASSES,
+        thresholds=[0.5] * 19,
+        method="cessl",
+        extra={"dataset": "g12ec"},
+    )
     save_adapter(model, tmp_path / "adapter", meta)
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
 
@@ -110,8 +115,9 @@ def test_state_dict_identity() -> None:
     assert state_dict_identity(a) != state_dict_identity({**a, "c": torch.zeros(())})
 
 
-def test_saving_a_merged_model_stores_the_unmerged_tensors(tmp_path: Path, backbone_state: dict,
-                                                           x: torch.Tensor) -> None:
+def test_saving_a_merged_model_stores_the_unmerged_tensors(
+    tmp_path: Path, backbone_state: dict, x: torch.Tensor
+) -> None:
     model = fine_tuned(backbone_state, x)
     expected = logits(model, x)
     merge_lora(model)

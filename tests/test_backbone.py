@@ -39,9 +39,16 @@ def load_golden_r0(reference_dir: Path, name: str, model: ECGTransformer) -> Non
     model.load_state_dict(torch.load(reference_dir / f"golden_{name}_r0.pt", weights_only=True))
 
 
-@pytest.mark.parametrize("name,layers,d,n_tf", [
-    ("tinylight", 14, 64, 1), ("tiny", 23, 128, 4), ("base", 35, 256, 8),
-    ("medium", 47, 512, 12), ("large", 47, 768, 12)])
+@pytest.mark.parametrize(
+    "name,layers,d,n_tf",
+    [
+        ("tinylight", 14, 64, 1),
+        ("tiny", 23, 128, 4),
+        ("base", 35, 256, 8),
+        ("medium", 47, 512, 12),
+        ("large", 47, 768, 12),
+    ],
+)
 def test_config_table(name: str, layers: int, d: int, n_tf: int) -> None:
     cfg = backbone_config(name, 19)
     assert (cfg.num_layers, cfg.d_model, cfg.n_transformer_layers, cfg.num_classes) == (layers, d, n_tf, 19)
@@ -71,8 +78,9 @@ def test_r0_logits_match_golden(reference_dir: Path, name: str, device: torch.de
     x = torch.from_numpy(np.load(reference_dir / "golden_input.npy"))
     with torch.no_grad():
         logits = model.to(device)(x.to(device)).cpu().numpy()
-    np.testing.assert_allclose(logits, np.load(reference_dir / f"golden_{name}_r0_logits.npy"),
-                               atol=golden_atol, rtol=0)
+    np.testing.assert_allclose(
+        logits, np.load(reference_dir / f"golden_{name}_r0_logits.npy"), atol=golden_atol, rtol=0
+    )
 
 
 def test_encode_and_head_split_the_forward(reference_dir: Path, device: torch.device) -> None:

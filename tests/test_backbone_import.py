@@ -126,8 +126,20 @@ def test_modified_backbone_folder_is_refused(reference_dir: Path, tmp_path: Path
 
 def test_cli_import_and_show(reference_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "imported"
-    assert cessl(["backbone", "import", str(reference_dir / "golden_tinylight_r0.pt"), "--config", "tinylight",
-                  "--out", str(out)]) == 0
+    assert (
+        cessl(
+            [
+                "backbone",
+                "import",
+                str(reference_dir / "golden_tinylight_r0.pt"),
+                "--config",
+                "tinylight",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert (out / BACKBONE_WEIGHTS).is_file() and (out / BACKBONE_CONFIG).is_file()
     assert cessl(["backbone", "show", str(out)]) == 0
     assert '"source": "import"' in capsys.readouterr().out

@@ -58,12 +58,26 @@ def test_register_fetch_and_find(mlflow_server, tmp_path: Path) -> None:
     assert find_backbone("0" * 64, tracking_uri=uri) is None
 
 
-def test_cli_import_register(mlflow_server, reference_dir: Path, tmp_path: Path,
-                             capsys: pytest.CaptureFixture) -> None:
+def test_cli_import_register(mlflow_server, reference_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     uri = mlflow_server.tracking_uri
     out = tmp_path / "imported"
-    assert cessl(["backbone", "import", str(reference_dir / "golden_tinylight_r0.pt"), "--config", "tinylight",
-                  "--out", str(out), "--register", "--tracking-uri", uri]) == 0
+    assert (
+        cessl(
+            [
+                "backbone",
+                "import",
+                str(reference_dir / "golden_tinylight_r0.pt"),
+                "--config",
+                "tinylight",
+                "--out",
+                str(out),
+                "--register",
+                "--tracking-uri",
+                uri,
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "registered as models:/cessl-backbone-tinylight/" in printed
     identity = read_backbone(out).identity
@@ -72,7 +86,10 @@ def test_cli_import_register(mlflow_server, reference_dir: Path, tmp_path: Path,
 
 def test_adapter_refuses_a_different_backbone(tmp_path: Path) -> None:
     """An adapter records the identity of its backbone; another backbone is refused clearly."""
-    a, b = read_backbone(_random_backbone(tmp_path / "a", seed=1)), read_backbone(_random_backbone(tmp_path / "b", seed=2))
+    a, b = (
+        read_backbone(_random_backbone(tmp_path / "a", seed=1)),
+        read_backbone(_random_backbone(tmp_path / "b", seed=2)),
+    )
     state_a, config, meta_a = a.state, a.config, a.meta
     state_b, meta_b = b.state, b.meta
 

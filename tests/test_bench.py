@@ -18,16 +18,28 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_bench(script: str, args: list[str], out: Path) -> dict:
-    cmd = [sys.executable, str(ROOT / "bench" / script), "--config", "tinylight", "--threads", "1",
-           "--device", "cpu", "--json", str(out), *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / script),
+        "--config",
+        "tinylight",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--json",
+        str(out),
+        *args,
+    ]
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True, timeout=600)
     return json.loads(out.read_text())
 
 
 @pytest.mark.slow
 def test_train_step_bench_reports_every_method(tmp_path: Path) -> None:
-    summary = run_bench("train_step.py", ["--batch", "2", "--steps", "1", "--rounds", "1", "--pairs", "2"],
-                        tmp_path / "train_step.json")  # fmt: skip
+    summary = run_bench(
+        "train_step.py", ["--batch", "2", "--steps", "1", "--rounds", "1", "--pairs", "2"], tmp_path / "train_step.json"
+    )
     results = {r["method"]: r for r in summary["results"]}
     assert list(results) == ["cessl", "cessl-no-deact", "lora", "full", "fixmatch"]
     assert results["fixmatch"]["x_fixmatch"] == 1.0
@@ -52,8 +64,9 @@ def test_inference_bench_merged_equals_unmerged(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_encoder_layout_bench_times_both_layouts(tmp_path: Path) -> None:
-    summary = run_bench("encoder_layout.py", ["--batch", "2", "--steps", "1", "--rounds", "2"],
-                        tmp_path / "encoder_layout.json")  # fmt: skip
+    summary = run_bench(
+        "encoder_layout.py", ["--batch", "2", "--steps", "1", "--rounds", "2"], tmp_path / "encoder_layout.json"
+    )
     figures = summary["figures"]["tinylight"]
     assert list(figures) == ["cessl", "fixmatch", "full"]
     for f in figures.values():

@@ -25,8 +25,12 @@ def test_vendored_weights_are_the_official_26_classes() -> None:
     assert table.weights.shape == (26, 26)
     np.testing.assert_array_equal(np.diag(table.weights), 1.0)
     np.testing.assert_array_equal(table.weights, table.weights.T)
-    for pair in (("713427006", "59118001"), ("284470004", "63593006"), ("427172004", "17338001"),
-                 ("733534002", "164909002")):
+    for pair in (
+        ("713427006", "59118001"),
+        ("284470004", "63593006"),
+        ("427172004", "17338001"),
+        ("733534002", "164909002"),
+    ):
         assert table.index_of(pair[0]) == table.index_of(pair[1]) >= 0
     assert table.index_of(NORMAL_CLASS) >= 0 and table.index_of("000000") == -1
     k = [table.index_of(c) for c in (AF, NSR, RBBB)]

@@ -21,9 +21,14 @@ def _state() -> dict:
     optimizer = torch.optim.AdamW(model.parameters())
     model(torch.ones(1, 3)).sum().backward()
     optimizer.step()
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 7,
-            "rng": {"python": random.Random(1).getstate(), "torch": torch.get_rng_state()},
-            "history": [{"step": 5, "ap": 0.5}], "note": "x"}
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": 7,
+        "rng": {"python": random.Random(1).getstate(), "torch": torch.get_rng_state()},
+        "history": [{"step": 5, "ap": 0.5}],
+        "note": "x",
+    }
 
 
 def test_round_trip(tmp_path: Path) -> None:

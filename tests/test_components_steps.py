@@ -18,12 +18,12 @@ from components.backbone import resolve_backbone_step
 from components.common import StepError, sha256_dir
 from components.evaluate import evaluate_step
 from components.finetune import CURVES_FILE, checkpoint_key, finetune_step
-from ml.eval.predictor import load_predictor
 from components.ingest import ingest_step
 from components.preprocess import preprocess_step
 from components.register import collect_registration
 from components.split import SplitConfig, split_step
 from ml.data.splits import Splits
+from ml.eval.predictor import load_predictor
 from ml.model.lora import LoRAConfig
 from ml.model.rank_allocation import RankAllocationConfig
 from ml.train.callbacks import CurveRecorder, read_curves
@@ -35,15 +35,32 @@ FINGERPRINT_FILE = "store_fingerprint.txt"
 
 
 def allocate(work: Path, out: Path, method: str = "cessl", batch_size: int = 8, seed: int = 0):
-    return allocate_ranks_step(work / "store", work / "splits.json", work / "backbone", out, method=method,
-                               lora=LORA, allocation=RankAllocationConfig(compress=0.6), batch_size=batch_size,
-                               seed=seed)
+    return allocate_ranks_step(
+        work / "store",
+        work / "splits.json",
+        work / "backbone",
+        out,
+        method=method,
+        lora=LORA,
+        allocation=RankAllocationConfig(compress=0.6),
+        batch_size=batch_size,
+        seed=seed,
+    )
 
 
 def finetune(work: Path, train: TrainConfig, adapter: Path, curves: Path, checkpoint_root: Path):
-    return finetune_step(work / "store", work / "splits.json", work / "backbone", work / "rank_map.json", adapter,
-                         curves, lora=LORA, train=train, checkpoint_root=checkpoint_root,
-                         store_fingerprint=(work / FINGERPRINT_FILE).read_text())
+    return finetune_step(
+        work / "store",
+        work / "splits.json",
+        work / "backbone",
+        work / "rank_map.json",
+        adapter,
+        curves,
+        lora=LORA,
+        train=train,
+        checkpoint_root=checkpoint_root,
+        store_fingerprint=(work / FINGERPRINT_FILE).read_text(),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +80,14 @@ def work(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained(work) -> Path:
     finetune(work, FINETUNE, work / "adapter", work / "curves", work / "ckpt")
-    evaluate_step(work / "store", work / "splits.json", work / "backbone", work / "adapter", work / "evaluation",
-                  work / "report.html")
+    evaluate_step(
+        work / "store",
+        work / "splits.json",
+        work / "backbone",
+        work / "adapter",
+        work / "evaluation",
+        work / "report.html",
+    )
     return work
 
 
@@ -145,9 +168,18 @@ def test_checkpoint_key_follows_the_schedule_not_progress_or_device(work):
 
 def test_finetune_needs_the_store_fingerprint(work, tmp_path):
     with pytest.raises(StepError, match="fingerprint"):
-        finetune_step(work / "store", work / "splits.json", work / "backbone", work / "rank_map.json",
-                      tmp_path / "adapter", tmp_path / "curves", lora=LORA, train=FINETUNE,
-                      checkpoint_root=tmp_path, store_fingerprint="")
+        finetune_step(
+            work / "store",
+            work / "splits.json",
+            work / "backbone",
+            work / "rank_map.json",
+            tmp_path / "adapter",
+            tmp_path / "curves",
+            lora=LORA,
+            train=FINETUNE,
+            checkpoint_root=tmp_path,
+            store_fingerprint="",
+        )
 
 
 def test_finetune_outputs_adapter_and_curves(trained):
@@ -177,19 +209,27 @@ def test_champion_is_scored_like_evaluate_and_carried_by_the_registration(traine
     none = score_champion_step(trained / "store", trained / "splits.json", None, tmp_path / "none.json")
     assert (none.version, none.metrics, none.note) == (None, {}, "no champion")
     assert ChampionEvaluation.read(tmp_path / "none.json") == none
-    broken = score_champion_step(trained / "store", trained / "splits.json", Champion("3", problem="gone"),
-                                 tmp_path / "broken.json")
+    broken = score_champion_step(
+        trained / "store", trained / "splits.json", Champion("3", problem="gone"), tmp_path / "broken.json"
+    )
     assert broken.version == "3" and not broken.scored and "gone" in broken.note
     # The same model scored as a champion on the same split gives evaluate's test metrics.
     champion = Champion("1", load_predictor(trained / "backbone", trained / "adapter"))
     scored = score_champion_step(trained / "store", trained / "splits.json", champion, tmp_path / "champion.json")
     assert scored.scored and scored.test_split_hash == splits.test_split_hash
 
-    kwargs = dict(splits_path=trained / "splits.json", backbone_dir=trained / "backbone",
-                  rank_map_path=trained / "rank_map.json", adapter_dir=trained / "adapter",
-                  curves_path=trained / "curves", evaluation_dir=trained / "evaluation",
-                  champion_path=tmp_path / "champion.json", params={"method": "cessl", "r": 8},
-                  data_version="md5-x", git_commit="abc")
+    kwargs = dict(
+        splits_path=trained / "splits.json",
+        backbone_dir=trained / "backbone",
+        rank_map_path=trained / "rank_map.json",
+        adapter_dir=trained / "adapter",
+        curves_path=trained / "curves",
+        evaluation_dir=trained / "evaluation",
+        champion_path=tmp_path / "champion.json",
+        params={"method": "cessl", "r": 8},
+        data_version="md5-x",
+        git_commit="abc",
+    )
     bundle = collect_registration(**kwargs)
     assert bundle.tags["data_version"] == "md5-x"
     assert bundle.tags["test_split_hash"] == splits.test_split_hash

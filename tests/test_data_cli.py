@@ -14,8 +14,27 @@ from pipeline.cli import main
 
 def test_synth_ingest_preprocess_split(tmp_path, capsys):
     hosp, ing, store, splits = tmp_path / "h", tmp_path / "ing", tmp_path / "store", tmp_path / "splits.json"
-    assert main(["data", "synth", str(hosp), "--records", "40", "--classes", "NSR,AF,RBBB,PVC", "--seed", "3",
-                 "--unlabelled-fraction", "0.2", "--faults", "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "synth",
+                str(hosp),
+                "--records",
+                "40",
+                "--classes",
+                "NSR,AF,RBBB,PVC",
+                "--seed",
+                "3",
+                "--unlabelled-fraction",
+                "0.2",
+                "--faults",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["records"] == 40 and set(summary["labels"]) == {"426783006", "164889003", "59118001", "17338001"}
     assert main(["data", "ingest", str(hosp), str(ing), "--workers", "1"]) == 0

@@ -27,8 +27,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _git(cwd: Path, *args: str) -> str:
     proc = subprocess.run(
-        ["git", "-c", "user.name=cessl-test", "-c", "user.email=test@cessl.invalid", "-c", "init.defaultBranch=main",
-         *args], cwd=cwd, capture_output=True, text=True, check=True,
+        [
+            "git",
+            "-c",
+            "user.name=cessl-test",
+            "-c",
+            "user.email=test@cessl.invalid",
+            "-c",
+            "init.defaultBranch=main",
+            *args,
+        ],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return proc.stdout
 
@@ -57,8 +69,10 @@ def test_dvc_file_parser(tmp_path):
     """One YAML parser for .dvc files: the output at a path, a missing file, a broken one."""
     (tmp_path / "data").mkdir()
     dvc = tmp_path / "multi.dvc"
-    dvc.write_text("outs:\n- md5: 11111111111111111111111111111111.dir\n  path: other\n"
-                   "- md5: 22222222222222222222222222222222.dir\n  size: 10\n  path: data\n")
+    dvc.write_text(
+        "outs:\n- md5: 11111111111111111111111111111111.dir\n  path: other\n"
+        "- md5: 22222222222222222222222222222222.dir\n  size: 10\n  path: data\n"
+    )
     assert dvc_md5(dvc) == "11111111111111111111111111111111.dir"
     assert dvc_md5(dvc, tmp_path / "data") == "22222222222222222222222222222222.dir"
     assert dvc_md5(dvc, tmp_path / "elsewhere") is None

@@ -95,8 +95,9 @@ def ingested(tmp_path_factory) -> Path:
 
 
 def test_store_from_manifest(ingested, tmp_path):
-    store = preprocess(ingested / "ingest", tmp_path / "store", min_count=5, workers=2, chunk_size=8, progress=False,
-                       min_parallel=0)
+    store = preprocess(
+        ingested / "ingest", tmp_path / "store", min_count=5, workers=2, chunk_size=8, progress=False, min_parallel=0
+    )
     manifest = read_manifest(ingested / "ingest")
     accepted = manifest[manifest["status"] == "accepted"]
     assert len(store) == len(accepted) and store.ids == accepted["id"].tolist()
@@ -163,8 +164,9 @@ def test_store_write_is_atomic(ingested, tmp_path, monkeypatch):
 
     monkeypatch.setattr(pp, "preprocess_signal", crash_midway)
     with pytest.raises(KeyboardInterrupt):
-        preprocess(ingested / "ingest", target, config=PreprocessConfig(length=5000), min_count=5, workers=1,
-                   progress=False)
+        preprocess(
+            ingested / "ingest", target, config=PreprocessConfig(length=5000), min_count=5, workers=1, progress=False
+        )
     # the old store is untouched and nothing half-written is left next to it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
     again = ECGStore.open(target)
@@ -190,7 +192,6 @@ def test_preprocess_needs_classes(ingested, tmp_path):
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match="min_count"):
             preprocess(ingested / "ingest", tmp_path / "s", min_count=10_000, workers=1, progress=False)
-    store = preprocess(ingested / "ingest", tmp_path / "s", classes=["AF", "427172004"], workers=1,
-                       progress=False)
+    store = preprocess(ingested / "ingest", tmp_path / "s", classes=["AF", "427172004"], workers=1, progress=False)
     assert store.classes == ["164889003", "17338001"]  # abbreviations and equivalent codes resolved
     assert store.meta["class_names"] == ["AF", "PVC"]

@@ -118,8 +118,16 @@ def test_plain_wfdb_dat_records(tmp_path, fmt):
         p_signal = np.clip(p_signal, -0.6, 0.6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        wfdb.wrsamp("plain", fs=500, units=["mV"] * 12, sig_name=list(STANDARD_LEADS), p_signal=p_signal,
-                    fmt=[fmt] * 12, comments=["Age: 50", "Sex: Female"], write_dir=str(tmp_path))
+        wfdb.wrsamp(
+            "plain",
+            fs=500,
+            units=["mV"] * 12,
+            sig_name=list(STANDARD_LEADS),
+            p_signal=p_signal,
+            fmt=[fmt] * 12,
+            comments=["Age: 50", "Sex: Female"],
+            write_dir=str(tmp_path),
+        )
         reference = wfdb.rdrecord(str(tmp_path / "plain"))
     record = read_record_file(tmp_path / "plain.hea")
     np.testing.assert_allclose(record.signal, reference.p_signal.T, atol=1e-6)

@@ -31,8 +31,17 @@ def aws_env(s3_server, monkeypatch):
 
 
 def test_unsafe_keys_are_recognised():
-    for key in ("../evil.hea", "a/../b.hea", "/abs.hea", "a//b.hea", "a\\b.hea", "a/./b.hea", "x\x00.hea",
-                "%2E%2E/x.hea", "a%2fb.hea"):
+    for key in (
+        "../evil.hea",
+        "a/../b.hea",
+        "/abs.hea",
+        "a//b.hea",
+        "a\\b.hea",
+        "a/./b.hea",
+        "x\x00.hea",
+        "%2E%2E/x.hea",
+        "a%2fb.hea",
+    ):
         assert unsafe_key_problem(key), key
     assert unsafe_key_problem("site-1/E0001.hea") is None
 
@@ -66,8 +75,9 @@ def test_s3_ingestion_matches_local_and_is_incremental(aws_env, s3_bucket, tmp_p
     assert (again.read, again.reused, again.seen) == (2, remote.seen, remote.seen + 2)
 
 
-def test_path_traversal_keys_are_quarantined_not_read(aws_env, s3_bucket, tmp_path, ecg_records_dir, monkeypatch,
-                                                      spy_reads):
+def test_path_traversal_keys_are_quarantined_not_read(
+    aws_env, s3_bucket, tmp_path, ecg_records_dir, monkeypatch, spy_reads
+):
     client = aws_env.client()
     prefix = "site"
     for name in ("E07500.hea", "E07500.mat"):

@@ -53,9 +53,9 @@ def test_stratification_beats_random_splits(population):
     rng = np.random.default_rng(0)
     for part, size in (("test", len(s.test)), ("train", len(s.train))):
         ours = stratification_error(pool, y[[row[i] for i in getattr(s, part)]])
-        random = np.mean([
-            stratification_error(pool, pool[rng.choice(len(pool), size, replace=False)]) for _ in range(20)
-        ])
+        random = np.mean(
+            [stratification_error(pool, pool[rng.choice(len(pool), size, replace=False)]) for _ in range(20)]
+        )
         assert ours < 0.5 * random, (part, ours, random)
     # every class with at least 10 labelled records reaches the test set
     test_y = y[[row[i] for i in s.test]]

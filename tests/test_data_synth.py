@@ -37,8 +37,10 @@ def test_deterministic_bytes_whatever_the_batching(tmp_path):
     generate(tmp_path / "c", SynthConfig(records=24, seed=43), workers=1, progress=False)
     assert (tmp_path / "a" / "S00003.mat").read_bytes() != (tmp_path / "c" / "S00003.mat").read_bytes()
     # record i does not depend on how many records the hospital has
-    assert np.array_equal(synthesize_record(5, config).signal,
-                          synthesize_record(5, SynthConfig(records=6, seed=42, unlabelled_fraction=0.3)).signal)
+    assert np.array_equal(
+        synthesize_record(5, config).signal,
+        synthesize_record(5, SynthConfig(records=6, seed=42, unlabelled_fraction=0.3)).signal,
+    )
     text = (tmp_path / "a" / "S00000.hea").read_text()
     assert text.splitlines()[0] == "S00000 12 500 5000"  # no date/time in the record line
 
@@ -73,7 +75,16 @@ def test_labels_follow_the_requested_classes():
     with pytest.raises(ValueError, match="no synthetic model for QAb"):
         SynthConfig(classes=("QAb",))
     assert mapping.abbreviations(DEFAULT_CLASSES) == [
-        "NSR", "SB", "STach", "AF", "IAVB", "LBBB", "RBBB", "PVC", "LQRSV", "TInv"
+        "NSR",
+        "SB",
+        "STach",
+        "AF",
+        "IAVB",
+        "LBBB",
+        "RBBB",
+        "PVC",
+        "LQRSV",
+        "TInv",
     ]
 
 
@@ -87,7 +98,9 @@ def _features(x: np.ndarray, fs: float = 500.0) -> np.ndarray:
     rr = np.diff(peaks) / fs if len(peaks) > 2 else np.array([1.0, 1.0])
     rr_irregularity = np.abs(np.diff(rr)).mean() / rr.mean() if len(rr) > 1 else 0.0
     lo, hi = int(0.4 * fs), int(0.6 * fs)
-    beats = np.stack([x[:, p - lo : p + hi] for p in peaks if p - lo >= 0 and p + hi <= x.shape[1]] or [x[:, :lo + hi]])
+    beats = np.stack(
+        [x[:, p - lo : p + hi] for p in peaks if p - lo >= 0 and p + hi <= x.shape[1]] or [x[:, : lo + hi]]
+    )
     template = np.median(beats, axis=0)
     corr = [np.corrcoef(b.ravel(), template.ravel())[0, 1] for b in beats]
     outliers = np.mean(np.array(corr) < 0.8)

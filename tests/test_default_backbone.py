@@ -60,8 +60,9 @@ def test_build_is_deterministic_and_a_broken_cache_is_rebuilt(small_recipe: Defa
     assert read_backbone(rebuilt).identity == first.identity
 
 
-def test_a_cache_from_another_recipe_is_rebuilt(small_recipe: DefaultRecipe, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_cache_from_another_recipe_is_rebuilt(
+    small_recipe: DefaultRecipe, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ensure_default_backbone(tmp_path, name="tinylight", progress=False)
     monkeypatch.setitem(DEFAULT_RECIPES, "tinylight", replace(small_recipe, max_steps=1))
     folder = ensure_default_backbone(tmp_path, name="tinylight", progress=False)

@@ -168,7 +168,9 @@ def test_external_database_patch_renders_and_uses_a_secret(tmp_path):
     overlay.mkdir()
     shutil.copy(REPO / "deploy" / "patches" / "mlflow-external-db.yaml", overlay)
     (overlay / "kustomization.yaml").write_text(
-        yaml.safe_dump({"resources": [os.path.relpath(REPO, overlay)], "patches": [{"path": "mlflow-external-db.yaml"}]})
+        yaml.safe_dump(
+            {"resources": [os.path.relpath(REPO, overlay)], "patches": [{"path": "mlflow-external-db.yaml"}]}
+        )
     )
     objects = _render(overlay)
     env = _env(_pod_spec(_by_kind(objects, "Deployment")["mlflow"])["containers"][0])
@@ -283,7 +285,9 @@ def test_dockerfile_contract():
 
 
 def test_dockerignore_keeps_secrets_and_bulk_out():
-    patterns = [p.strip() for p in (REPO / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")]
+    patterns = [
+        p.strip() for p in (REPO / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")
+    ]
     assert patterns[0] == "*"  # allow-list
     allowed = {p[1:] for p in patterns if p.startswith("!")}
     assert allowed <= {"pyproject.toml", "README.md", "ml", "components", "pipeline", ".cache/wheelhouse"}

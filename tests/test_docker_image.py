@@ -68,9 +68,19 @@ def test_container_reaches_host_s3_with_env_credentials(docker_engine, cessl_ima
     )
     env_args = [arg for name in s3_server.env() for arg in ("--env", name)]  # values from our env, not argv
     docker_engine.docker(
-        "run", "--rm", "--network", "host", *env_args, "--entrypoint", "python3", cessl_image, "-c", code,
-        timeout=180, env_extra=s3_server.env(),
-    )  # fmt: skip
+        "run",
+        "--rm",
+        "--network",
+        "host",
+        *env_args,
+        "--entrypoint",
+        "python3",
+        cessl_image,
+        "-c",
+        code,
+        timeout=180,
+        env_extra=s3_server.env(),
+    )
     body = s3_server.client().get_object(Bucket=s3_bucket, Key="from-container.txt")["Body"].read()
     assert body == b"ok"
 

@@ -44,15 +44,26 @@ def test_cessl_learns_a_synthetic_multilabel_task(device: torch.device) -> None:
         backbone_state = ECGTransformer(config).state_dict()  # stands in for a pre-trained backbone
 
     lora = LoRAConfig(r=16, p=0.2)
-    allocated = allocate_ranks_for("cessl", backbone_state, config, lora, RankAllocationConfig(compress=0.6),
-                                   data["train"], BATCH, seed=0)
+    allocated = allocate_ranks_for(
+        "cessl", backbone_state, config, lora, RankAllocationConfig(compress=0.6), data["train"], BATCH, seed=0
+    )
     rank_map = allocated.rank_map
     assert sorted(rank_map.values()).count(8) == 8  # tinylight, c = 0.6: 8 of 13 matrices at r_low
 
-    train_config = TrainConfig(method="cessl", lr=3e-3, max_steps=30, batch_size=BATCH, val_every=15,
-                               warmup_frac=0.05, seed=0, device=device.type, progress=False)
-    outcome = finetune(backbone_state, config, lora, rank_map, train_config, data["train"], data["unlabelled"],
-                       data["valid"])
+    train_config = TrainConfig(
+        method="cessl",
+        lr=3e-3,
+        max_steps=30,
+        batch_size=BATCH,
+        val_every=15,
+        warmup_frac=0.05,
+        seed=0,
+        device=device.type,
+        progress=False,
+    )
+    outcome = finetune(
+        backbone_state, config, lora, rank_map, train_config, data["train"], data["unlabelled"], data["valid"]
+    )
     assert outcome.trainable < count_parameters(build_model(None, config, "full", lora))[0]
     report = evaluate(outcome.model, data["test"], thresholds=outcome.thresholds, classes=task.classes)
 
@@ -64,8 +75,9 @@ def test_cessl_learns_a_synthetic_multilabel_task(device: torch.device) -> None:
 
 @pytest.mark.slow
 def test_demo_runs_and_renders() -> None:
-    options = DemoOptions(train=16, valid=8, test=8, unlabelled=16, steps=2, batch_size=4, val_every=2,
-                          device="cpu", progress=False)
+    options = DemoOptions(
+        train=16, valid=8, test=8, unlabelled=16, steps=2, batch_size=4, val_every=2, device="cpu", progress=False
+    )
     report = run_demo(options)
     assert report.train.steps == 2
     assert len(report.rank_map) == 13 and set(report.rank_map.values()) == {8, 16}

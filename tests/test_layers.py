@@ -95,8 +95,13 @@ FORBIDDEN = [
 
 @pytest.mark.parametrize(("layer", "forbidden"), FORBIDDEN, ids=[layer for layer, _ in FORBIDDEN])
 def test_layer_does_not_reach_up_or_sideways(layer: str, forbidden: tuple[str, ...]) -> None:
-    bad = sorted({f"{i.module}:{i.line} imports {i.target}" for i in IMPORTS
-                  if _under(i.module, layer) and any(_under(i.target, f) for f in forbidden)})
+    bad = sorted(
+        {
+            f"{i.module}:{i.line} imports {i.target}"
+            for i in IMPORTS
+            if _under(i.module, layer) and any(_under(i.target, f) for f in forbidden)
+        }
+    )
     assert not bad, "\n".join(bad)
 
 
@@ -110,7 +115,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         path.pop()
@@ -126,8 +131,13 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_no_import_cycles_in_ml() -> None:
     graph: dict[str, set[str]] = {}
     for i in IMPORTS:
-        if (not i.type_only and _under(i.module, "ml") and _under(i.target, "ml") and i.target != i.module
-                and _is_module(i.target)):
+        if (
+            not i.type_only
+            and _under(i.module, "ml")
+            and _under(i.target, "ml")
+            and i.target != i.module
+            and _is_module(i.target)
+        ):
             graph.setdefault(i.module, set()).add(i.target)
     # a package's __init__ is not a dependency of the modules below it
     graph = {m: {t for t in ts if not _under(m, t)} for m, ts in graph.items()}

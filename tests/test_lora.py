@@ -32,8 +32,7 @@ PARAMETER_COUNTS = {
     "medium": (52_543_891, 2_135_443),
     "large": (116_563_603, 3_202_195),
 }
-R0_TOTALS = {"tinylight": 256_915, "tiny": 1_600_147, "base": 9_505_043,
-             "medium": 50_493_971, "large": 113_489_683}
+R0_TOTALS = {"tinylight": 256_915, "tiny": 1_600_147, "base": 9_505_043, "medium": 50_493_971, "large": 113_489_683}
 
 
 def golden_input(reference_dir: Path) -> torch.Tensor:
@@ -70,8 +69,7 @@ def short_input() -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", ["tinylight", "tiny"])
-def test_unmerged_and_merged_goldens(reference_dir: Path, name: str, device: torch.device,
-                                     golden_atol: float) -> None:
+def test_unmerged_and_merged_goldens(reference_dir: Path, name: str, device: torch.device, golden_atol: float) -> None:
     x = golden_input(reference_dir)
     model = golden_lora_model(reference_dir, name).to(device)
     unmerged = np.load(reference_dir / f"golden_{name}_lora_r4_unmerged_logits.npy")
@@ -86,8 +84,7 @@ def test_unmerged_and_merged_goldens(reference_dir: Path, name: str, device: tor
     np.testing.assert_allclose(eval_logits(model, x), merged, atol=golden_atol, rtol=0)
 
 
-def test_merged_eval_equals_unmerged_eval_and_unmerge_is_exact(short_input: torch.Tensor,
-                                                              device: torch.device) -> None:
+def test_merged_eval_equals_unmerged_eval_and_unmerge_is_exact(short_input: torch.Tensor, device: torch.device) -> None:
     model = small_model(p=0.2).to(device)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     unmerged = eval_logits(model, short_input)
@@ -124,7 +121,7 @@ def test_conv1d_update_is_block_diagonal_and_transposed() -> None:
     assert delta.shape == layer.weight.shape == (8, 24)
     a, b = layer.lora_A.detach(), layer.lora_B.detach()
     for i in range(3):  # block i of the (3d, d) update is B_i A_i
-        torch.testing.assert_close(delta[:, i * 8:(i + 1) * 8].t(), b[i * 8:(i + 1) * 8] @ a[i * 2:(i + 1) * 2])
+        torch.testing.assert_close(delta[:, i * 8 : (i + 1) * 8].t(), b[i * 8 : (i + 1) * 8] @ a[i * 2 : (i + 1) * 2])
     x = torch.randn(5, 8)
     torch.testing.assert_close(layer(x), x @ (layer.weight + delta) + layer.bias)
 
@@ -167,8 +164,10 @@ def test_lora_a_init_c_attn_kaiming_uniform_others_normal_002() -> None:
 
 
 def test_rank_map_sets_per_layer_ranks() -> None:
-    model = ECGTransformer(backbone_config("tinylight", 19),
-                           LoRAConfig(r=16, rank_map={"encoder_layers.0.conv3": 8, "transformer_layers.0.fc1": 0}))
+    model = ECGTransformer(
+        backbone_config("tinylight", 19),
+        LoRAConfig(r=16, rank_map={"encoder_layers.0.conv3": 8, "transformer_layers.0.fc1": 0}),
+    )
     ranks = model.rank_map()
     assert ranks["encoder_layers.0.conv3"] == 8 and ranks["transformer_layers.0.fc1"] == 0
     assert ranks["classifier.0"] == 16
@@ -196,8 +195,9 @@ def count_branch_calls(model: ECGTransformer, monkeypatch: pytest.MonkeyPatch) -
     return calls
 
 
-def test_full_deactivation_skips_the_branch(short_input: torch.Tensor, monkeypatch: pytest.MonkeyPatch,
-                                            device: torch.device) -> None:
+def test_full_deactivation_skips_the_branch(
+    short_input: torch.Tensor, monkeypatch: pytest.MonkeyPatch, device: torch.device
+) -> None:
     model = small_model(p=1.0).to(device)
     mark_trainable(model, "lora")
     plain = ECGTransformer(backbone_config("tinylight", 3)).to(device)
@@ -225,15 +225,16 @@ class ConvBackwards(TorchDispatchMode):
         super().__init__()
         self.calls: list[tuple[tuple[bool, bool, bool], int]] = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten.convolution_backward.default:
             self.calls.append((tuple(args[-1]), args[2].shape[0]))
         return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("p, trained", [(1.0, "AB"), (0.0, "AB"), (0.0, "B")])
-def test_lora_conv_backward_never_computes_the_full_kernel_gradient(p: float, trained: str,
-                                                                    device: torch.device) -> None:
+def test_lora_conv_backward_never_computes_the_full_kernel_gradient(
+    p: float, trained: str, device: torch.device
+) -> None:
     """Switched off (p = 1): only the input gradient (the bias is added apart, since oneDNN
     computes the kernel gradient whenever it is asked for the bias one). Switched on (p = 0):
     the input gradient plus, when A trains, the kernel gradient of the r-channel conv(x, A) -
@@ -275,8 +276,9 @@ def test_lora_conv_backward_never_computes_the_full_kernel_gradient(p: float, tr
             assert ours["A"] is None
 
 
-def test_deactivation_rate_and_seeded_reproducibility(short_input: torch.Tensor,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_deactivation_rate_and_seeded_reproducibility(
+    short_input: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = small_model(p=0.5).train()
     x = short_input[:, :, :, :512]
     calls = count_branch_calls(model, monkeypatch)

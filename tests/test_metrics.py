@@ -152,6 +152,7 @@ def test_fit_thresholds_maximise_f_beta_over_all_candidates() -> None:
     p = np.clip(0.35 * y + rng.random((300, 4)) * 0.7, 0, 1)
     thresholds = fit_thresholds(y, p, beta=2)
     for k in range(4):
+
         def f_beta_at(t: float, k: int = k) -> float:
             f, _ = beta_measures(y[:, [k]], binarize(p[:, [k]], t), beta=2, normalize=False)
             return float(f[0])

@@ -62,10 +62,27 @@ def _spec(path: str) -> dict:
 def test_submit_compiles_and_passes_the_data_version(kfp_client, repo):
     from ml.data.dvc import data_version
 
-    assert cessl("submit", "--host", HOST, "--run-name", "nightly", "--kfp-experiment", "hospital-a",
-                 "--source", "s3://ecg/hospital-a", "--image", "reg.example.org/cessl:9", "--max-steps", "500",
-                 "--tracking-uri", "http://mlflow:5000") == 0
-    (kind, call), = kfp_client.calls
+    assert (
+        cessl(
+            "submit",
+            "--host",
+            HOST,
+            "--run-name",
+            "nightly",
+            "--kfp-experiment",
+            "hospital-a",
+            "--source",
+            "s3://ecg/hospital-a",
+            "--image",
+            "reg.example.org/cessl:9",
+            "--max-steps",
+            "500",
+            "--tracking-uri",
+            "http://mlflow:5000",
+        )
+        == 0
+    )
+    ((kind, call),) = kfp_client.calls
     assert kind == "run" and kfp_client.hosts == [HOST]
     assert (call["run_name"], call["experiment_name"]) == ("nightly", "hospital-a")
     args = call["arguments"]
@@ -80,8 +97,12 @@ def test_submit_compiles_and_passes_the_data_version(kfp_client, repo):
 
 
 def test_schedule_creates_a_recurring_run_that_lists_the_source_each_time(kfp_client):
-    assert cessl("schedule", "--host", HOST, "--cron", "0 3 * * 1", "--job-name", "weekly",
-                 "--source", "s3://ecg/hospital-a") == 0
+    assert (
+        cessl(
+            "schedule", "--host", HOST, "--cron", "0 3 * * 1", "--job-name", "weekly", "--source", "s3://ecg/hospital-a"
+        )
+        == 0
+    )
     kinds = [kind for kind, _ in kfp_client.calls]
     assert kinds == ["experiment", "recurring"]
     job = kfp_client.calls[1][1]
@@ -138,10 +159,15 @@ def test_main_maps_only_known_errors_to_exit_2(monkeypatch):
     def failing(error: Exception):
         def cmd(args) -> int:
             raise error
+
         return cmd
 
-    for error in (StepError("store not found"), RegistryError("no challenger"), ValueError("bad flag"),
-                  FileNotFoundError("no data")):
+    for error in (
+        StepError("store not found"),
+        RegistryError("no challenger"),
+        ValueError("bad flag"),
+        FileNotFoundError("no data"),
+    ):
         monkeypatch.setattr(registry_command, "cmd_rollback", failing(error))
         assert cli.main(["rollback", "some-model"]) == 2, error
     monkeypatch.setattr(registry_command, "cmd_rollback", failing(RuntimeError("a bug")))

@@ -13,8 +13,17 @@ from pipeline.dag import CompileOptions, Toleration, compile_pipeline
 from pipeline.params import DEFAULTS, field_types
 
 IMAGE = "registry.example.org/cessl:1.2.3"
-STEPS = ("ingest", "preprocess", "split", "resolve-backbone", "allocate-ranks", "finetune", "evaluate",
-         "score-champion", "register")
+STEPS = (
+    "ingest",
+    "preprocess",
+    "split",
+    "resolve-backbone",
+    "allocate-ranks",
+    "finetune",
+    "evaluate",
+    "score-champion",
+    "register",
+)
 UNCACHED = ("score-champion", "register")  # read or write the registry
 
 
@@ -27,9 +36,12 @@ def compiled(tmp_path_factory) -> tuple[dict, dict]:
     """(pipeline spec, kubernetes platform spec) compiled with cluster options."""
     path = tmp_path_factory.mktemp("compile") / "pipeline.yaml"
     options = CompileOptions(
-        image=IMAGE, node_selector={"cloud.google.com/gke-accelerator": "nvidia-l4"},
+        image=IMAGE,
+        node_selector={"cloud.google.com/gke-accelerator": "nvidia-l4"},
         tolerations=(Toleration.parse("nvidia.com/gpu:NoSchedule"), Toleration.parse("dedicated=ml:NoExecute")),
-        checkpoint_pvc="cessl-checkpoints", credentials_secret="cessl-s3", config_map="cessl-pipeline-defaults",
+        checkpoint_pvc="cessl-checkpoints",
+        credentials_secret="cessl-s3",
+        config_map="cessl-pipeline-defaults",
     )
     docs = load(compile_pipeline(path, options))
     assert len(docs) == 2, "expected the pipeline spec and the kubernetes platform spec"
@@ -97,10 +109,17 @@ def test_component_outputs_are_typed_artifacts(compiled):
     assert _outputs(spec, "split") == {"splits": "system.Dataset"}
     assert _outputs(spec, "resolve-backbone") == {"backbone_model": "system.Model"}
     assert _outputs(spec, "allocate-ranks") == {"rank_map": "system.Artifact", "rank_metrics": "system.Metrics"}
-    assert _outputs(spec, "finetune") == {"adapter": "system.Model", "curves": "system.Artifact",
-                                          "train_metrics": "system.Metrics"}
-    assert _outputs(spec, "evaluate") == {"test_metrics": "system.Metrics", "roc": "system.ClassificationMetrics",
-                                          "report": "system.HTML", "evaluation": "system.Artifact"}
+    assert _outputs(spec, "finetune") == {
+        "adapter": "system.Model",
+        "curves": "system.Artifact",
+        "train_metrics": "system.Metrics",
+    }
+    assert _outputs(spec, "evaluate") == {
+        "test_metrics": "system.Metrics",
+        "roc": "system.ClassificationMetrics",
+        "report": "system.HTML",
+        "evaluation": "system.Artifact",
+    }
     assert _outputs(spec, "score-champion") == {"champion_evaluation": "system.Artifact"}
     assert _outputs(spec, "register") == {"registration": "system.Markdown"}
 
@@ -130,7 +149,11 @@ def test_defaults_come_from_the_ml_dataclasses():
     assert DEFAULTS.compress == RankAllocationConfig().compress
     train = TrainConfig()
     assert (DEFAULTS.max_steps, DEFAULTS.val_every, DEFAULTS.seed, DEFAULTS.lr) == (
-        train.max_steps, train.val_every, train.seed, train.lr)
+        train.max_steps,
+        train.val_every,
+        train.seed,
+        train.lr,
+    )
     assert DEFAULTS.method == DEFAULT_METHOD
     run = DEFAULTS.replace(r=8, p=0.1, compress=0.5, labelled_ratio=0.01, max_steps=20, method="lora")
     assert (run.lora_config().r, run.lora_config().p, run.allocation_config().compress) == (8, 0.1, 0.5)
@@ -180,8 +203,24 @@ def test_local_options_leave_cluster_settings_out(tmp_path):
 def test_cli_compile(tmp_path, monkeypatch):
     out = tmp_path / "cessl_pipeline.yaml"
     monkeypatch.setenv("CESSL_IMAGE", IMAGE)
-    assert cli.main(["compile", "-o", str(out), "--node-selector", "pool=gpu", "--toleration", "gpu=yes:NoSchedule",
-                     "--accelerator-type", "nvidia.com/gpu", "--accelerator-limit", "2"]) == 0
+    assert (
+        cli.main(
+            [
+                "compile",
+                "-o",
+                str(out),
+                "--node-selector",
+                "pool=gpu",
+                "--toleration",
+                "gpu=yes:NoSchedule",
+                "--accelerator-type",
+                "nvidia.com/gpu",
+                "--accelerator-limit",
+                "2",
+            ]
+        )
+        == 0
+    )
     spec, platform = load(out)
     container = spec["deploymentSpec"]["executors"]["exec-finetune"]["container"]
     assert container["image"] == IMAGE

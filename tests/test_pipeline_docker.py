@@ -22,9 +22,26 @@ def test_dag_runs_in_the_project_image(tmp_path, docker_engine, cessl_image, mon
     monkeypatch.setenv("DOCKER_HOST", docker_engine.host)
     uri = f"sqlite:///{repo / 'mlflow.db'}"
 
-    rc = cessl("run", *SMALL_RUN, "--max-steps", "4", "--val-every", "2", "--runner", "docker",
-               "--image", cessl_image, "--backbone", backbone, "--tracking-uri", uri, "--model-name", NAME,
-               "--json", "summary.json")
+    rc = cessl(
+        "run",
+        *SMALL_RUN,
+        "--max-steps",
+        "4",
+        "--val-every",
+        "2",
+        "--runner",
+        "docker",
+        "--image",
+        cessl_image,
+        "--backbone",
+        backbone,
+        "--tracking-uri",
+        uri,
+        "--model-name",
+        NAME,
+        "--json",
+        "summary.json",
+    )
     task_log = (repo / "local_outputs" / "last_run.log").read_text()
     assert rc == 0, task_log[-4000:]
     assert task_log.count(f"Found image '{cessl_image}'") == 8, "every step runs in the project image"

@@ -55,8 +55,16 @@ def test_run_second_version_gate_predict_rollback(tmp_path, mlflow_server, s3_se
     assert set(first["rank_map"].values()) <= {8, 4}
 
     paths = artifact_paths(client, run.info.run_id)
-    for expected in ("rank_map.json", "data_version.json", "evaluation/per_class.csv", "evaluation/roc.png",
-                     "evaluation/pr.png", "evaluation/report.html", "training/curves.jsonl", "data/quarantine.md"):
+    for expected in (
+        "rank_map.json",
+        "data_version.json",
+        "evaluation/per_class.csv",
+        "evaluation/roc.png",
+        "evaluation/pr.png",
+        "evaluation/report.html",
+        "training/curves.jsonl",
+        "data/quarantine.md",
+    ):
         assert expected in paths, expected
     objects = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=mlflow_server.artifact_bucket)["Contents"]]
     assert any(run.info.run_id in key and key.endswith("rank_map.json") for key in objects), "artifacts not on S3"

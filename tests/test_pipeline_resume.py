@@ -47,15 +47,32 @@ def test_killed_run_resumes_and_registers_once(tmp_path):
     repo = make_repo(tmp_path / "project", records=100, seed=21)
     backbone = make_backbone(tmp_path / "backbone")
     uri = f"sqlite:///{repo / 'mlflow.db'}"
-    args = ["run", *SMALL_RUN, "--max-steps", MAX_STEPS, "--val-every", VAL_EVERY, "--backbone", backbone,
-            "--model-name", NAME, "--tracking-uri", uri]
+    args = [
+        "run",
+        *SMALL_RUN,
+        "--max-steps",
+        MAX_STEPS,
+        "--val-every",
+        VAL_EVERY,
+        "--backbone",
+        backbone,
+        "--model-name",
+        NAME,
+        "--tracking-uri",
+        uri,
+    ]
     checkpoints = repo / ".cache" / "cessl" / "checkpoints"
 
     first_log = tmp_path / "first.log"
     proc = cessl_process(args, repo, {}, first_log)
     try:
-        wait_for(proc, lambda: checkpoint_step(checkpoints) >= KILL_AFTER, START_TIMEOUT_S,
-                 f"a finetune checkpoint at step {KILL_AFTER}", first_log)
+        wait_for(
+            proc,
+            lambda: checkpoint_step(checkpoints) >= KILL_AFTER,
+            START_TIMEOUT_S,
+            f"a finetune checkpoint at step {KILL_AFTER}",
+            first_log,
+        )
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # the run and every task it started
@@ -83,4 +100,5 @@ def test_killed_run_resumes_and_registers_once(tmp_path):
     run_id = json.loads((tmp_path / "summary.json").read_text())["run_id"]
     assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == list(range(1, MAX_STEPS + 1))
     assert [m.step for m in client.get_metric_history(run_id, "valid_macro_map")] == list(
-        range(VAL_EVERY, MAX_STEPS + 1, VAL_EVERY))
+        range(VAL_EVERY, MAX_STEPS + 1, VAL_EVERY)
+    )

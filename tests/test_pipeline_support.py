@@ -19,15 +19,36 @@ import torch
 from pipeline import cli
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL_RUN = ["--backbone-config", "tinylight", "--labelled-ratio", "0.3", "--max-steps", "8", "--val-every", "4", "--batch-size", "8",
-             "--min-class-count", "5", "--method", "cessl", "-r", "8"]
+SMALL_RUN = [
+    "--backbone-config",
+    "tinylight",
+    "--labelled-ratio",
+    "0.3",
+    "--max-steps",
+    "8",
+    "--val-every",
+    "4",
+    "--batch-size",
+    "8",
+    "--min-class-count",
+    "5",
+    "--method",
+    "cessl",
+    "-r",
+    "8",
+]
 
 
 def make_hospital(folder: Path, records: int, seed: int, start: int = 0, faults: bool = False) -> Path:
     from ml.data.synth import SynthConfig, generate
 
-    generate(folder, SynthConfig(records=records, seed=seed, start=start, unlabelled_fraction=0.1),
-             faults=faults, workers=1, progress=False)
+    generate(
+        folder,
+        SynthConfig(records=records, seed=seed, start=start, unlabelled_fraction=0.1),
+        faults=faults,
+        workers=1,
+        progress=False,
+    )
     return folder
 
 
@@ -39,8 +60,9 @@ def make_backbone(folder: Path, name: str = "tinylight", seed: int = 7) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         state = ECGTransformer(config).state_dict()
-    return save_backbone(state, config, list(CODE15_CLASSES), folder, source="pretrain",
-                         note="random initialisation for tests")
+    return save_backbone(
+        state, config, list(CODE15_CLASSES), folder, source="pretrain", note="random initialisation for tests"
+    )
 
 
 def make_repo(root: Path, records: int = 120, seed: int = 11) -> Path:
@@ -70,6 +92,11 @@ def cessl_process(argv: list[str], cwd: Path, env: dict[str, str], log_path: Pat
     """``cessl ARGV`` as a child process in its own process group (so a test can kill it)."""
     code = "import sys; from pipeline import cli; sys.exit(cli.main(sys.argv[1:]))"
     handle = log_path.open("w")
-    return subprocess.Popen([sys.executable, "-c", code, *map(str, argv)], cwd=cwd,
-                            env={**os.environ, **env, "PYTHONPATH": str(REPO)}, stdout=handle,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *map(str, argv)],
+        cwd=cwd,
+        env={**os.environ, **env, "PYTHONPATH": str(REPO)},
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )

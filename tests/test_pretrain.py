@@ -35,8 +35,7 @@ def _data(n: int = 12, classes: int = 3, seed: int = 0) -> TensorPairDataset:
 
 
 def _config(**overrides) -> PretrainConfig:
-    base = dict(backbone="tinylight", batch_size=4, lr=1e-3, seed=3, device="cpu", progress=False,
-                checkpoint_every=1)
+    base = dict(backbone="tinylight", batch_size=4, lr=1e-3, seed=3, device="cpu", progress=False, checkpoint_every=1)
     return PretrainConfig(**(base | overrides))
 
 
@@ -63,8 +62,9 @@ def test_resume_is_exact_across_an_epoch_boundary(tmp_path: Path) -> None:
         assert torch.equal(value, resumed.state_dict[name]), name
     # a finished run resumed again does nothing and returns the same weights
     again = pretrain(data, _config(max_steps=4, batch_size=2, checkpoint_dir=str(tmp_path / "b")))
-    assert again.samples == 0 and torch.equal(again.state_dict["classifier.1.weight"],
-                                              straight.state_dict["classifier.1.weight"])
+    assert again.samples == 0 and torch.equal(
+        again.state_dict["classifier.1.weight"], straight.state_dict["classifier.1.weight"]
+    )
 
 
 def test_resume_refuses_a_different_run(tmp_path: Path) -> None:
@@ -79,8 +79,7 @@ def test_resume_refuses_a_different_run(tmp_path: Path) -> None:
 def test_global_batchnorm_is_plain_batchnorm_without_a_process_group() -> None:
     torch.manual_seed(0)
     plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, (1, 3)), torch.nn.BatchNorm2d(4))
-    converted = convert_global_batchnorm(torch.nn.Sequential(torch.nn.Conv2d(3, 4, (1, 3)),
-                                                             torch.nn.BatchNorm2d(4)))
+    converted = convert_global_batchnorm(torch.nn.Sequential(torch.nn.Conv2d(3, 4, (1, 3)), torch.nn.BatchNorm2d(4)))
     converted.load_state_dict(plain.state_dict())
     assert isinstance(converted[1], GlobalBatchNorm2d)
     assert list(converted.state_dict()) == list(plain.state_dict())
@@ -96,9 +95,14 @@ def _write_store(path: Path, n: int = 12) -> None:
     labels = [[c for c in CODES if rng.random() < 0.4] for _ in range(n)]
     with StoreWriter(path, n, 6144) as writer:
         write_rows(writer.signals_path, writer.data_offset, 0, rng.standard_normal((n, 12, 6144)).astype(np.float32))
-        table = pd.DataFrame({"id": [f"R{i:03d}" for i in range(n)], "labels": [join_codes(c) for c in labels],
-                              "labelled": [i != n - 1 for i in range(n)],  # one unlabelled record: not used
-                              "content_hash": [f"h{i}" for i in range(n)]})
+        table = pd.DataFrame(
+            {
+                "id": [f"R{i:03d}" for i in range(n)],
+                "labels": [join_codes(c) for c in labels],
+                "labelled": [i != n - 1 for i in range(n)],  # one unlabelled record: not used
+                "content_hash": [f"h{i}" for i in range(n)],
+            }
+        )
         writer.commit(table, {"classes": CODES})
 
 
@@ -107,8 +111,23 @@ def test_cli_pretrain_from_a_store_and_resume(tmp_path: Path, capsys: pytest.Cap
 
     store, out = tmp_path / "store", tmp_path / "bb"
     _write_store(store)
-    args = ["backbone", "pretrain", "--store", str(store), "--config", "tinylight", "--out", str(out),
-            "--batch-size", "4", "--lr", "1e-3", "--checkpoint-every", "1", "--no-progress"]
+    args = [
+        "backbone",
+        "pretrain",
+        "--store",
+        str(store),
+        "--config",
+        "tinylight",
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--checkpoint-every",
+        "1",
+        "--no-progress",
+    ]
     assert cessl([*args, "--max-steps", "2"]) == 0
     backbone = read_backbone(out)
     config, meta = backbone.config, backbone.meta
@@ -133,9 +152,29 @@ def test_cli_pretrain_under_torchrun(tmp_path: Path) -> None:
     _write_store(store, n=16)
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "pipeline.cli", "backbone", "pretrain", "--store", str(store), "--config", "tinylight",
-           "--out", str(out), "--batch-size", "2", "--max-steps", "2", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "pipeline.cli",
+        "backbone",
+        "pretrain",
+        "--store",
+        str(store),
+        "--config",
+        "tinylight",
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "2",
+        "--no-progress",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     meta = read_backbone(out).meta

@@ -39,9 +39,18 @@ BASE_LR = 0.128
 def _config(batch_size: int, **overrides):
     from ml.train.pretrain import PretrainConfig
 
-    return PretrainConfig(backbone="tinylight", max_steps=STEPS, batch_size=batch_size, base_lr=BASE_LR,
-                          cutmix_alpha=0.0, seed=7, progress=False, device="cpu", dtype="float64",
-                          **overrides)
+    return PretrainConfig(
+        backbone="tinylight",
+        max_steps=STEPS,
+        batch_size=batch_size,
+        base_lr=BASE_LR,
+        cutmix_alpha=0.0,
+        seed=7,
+        progress=False,
+        device="cpu",
+        dtype="float64",
+        **overrides,
+    )
 
 
 def _dataset(path: Path):
@@ -65,8 +74,17 @@ def test_ddp_two_processes_match_one_process(tmp_path: Path) -> None:
     _write_data(data)
     out = tmp_path / "ddp.pt"
     env = _clean_env()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           __file__, str(data), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        __file__,
+        str(data),
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     ddp = torch.load(out, weights_only=True)
@@ -92,8 +110,11 @@ def test_ddp_two_processes_match_one_process(tmp_path: Path) -> None:
 
 
 def _clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env["OMP_NUM_THREADS"] = "1"
     return env
 

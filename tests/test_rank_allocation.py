@@ -19,8 +19,10 @@ from ml.model.rank_allocation import (
 
 
 def golden_batch(reference_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.from_numpy(np.load(reference_dir / "golden_input.npy")),
-            torch.from_numpy(np.load(reference_dir / "golden_labels.npy")))
+    return (
+        torch.from_numpy(np.load(reference_dir / "golden_input.npy")),
+        torch.from_numpy(np.load(reference_dir / "golden_labels.npy")),
+    )
 
 
 def taylor_model(reference_dir: Path, p: float = 0.2) -> ECGTransformer:
@@ -42,8 +44,12 @@ def test_taylor_importance_and_allocation_match_goldens(reference_dir: Path, dev
     importance = parameter_importance(model, [golden_batch(reference_dir)], variant="taylor")
     order = (reference_dir / "golden_tinylight_taylor_order.txt").read_text().split()
     assert list(importance) == order
-    np.testing.assert_allclose(np.array(list(importance.values())),
-                               np.load(reference_dir / "golden_tinylight_taylor_importance.npy"), rtol=1e-4, atol=0)
+    np.testing.assert_allclose(
+        np.array(list(importance.values())),
+        np.load(reference_dir / "golden_tinylight_taylor_importance.npy"),
+        rtol=1e-4,
+        atol=0,
+    )
     ranks = ranks_from_importance(importance, model.config.num_layers, r=16, compress=0.6)
     assert ranks == golden_ranks(reference_dir)
     assert sum(v == 8 for v in ranks.values()) == 8
@@ -92,11 +98,19 @@ def test_fisher_variant_and_batch_averaging(reference_dir: Path) -> None:
 def test_rank_rule_hand_cases() -> None:
     assert [default_r_low(r) for r in (4, 6, 8, 16, 32)] == [2, 2, 4, 8, 16]
     # ties share the average rank: a, b -> 1.5 (<= 2: low), c -> 3, d -> 4
-    assert ranks_from_importance({"a": 1.0, "b": 1.0, "c": 2.0, "d": 3.0}, 5, 16, 0.4) == \
-        {"a": 8, "b": 8, "c": 16, "d": 16}
+    assert ranks_from_importance({"a": 1.0, "b": 1.0, "c": 2.0, "d": 3.0}, 5, 16, 0.4) == {
+        "a": 8,
+        "b": 8,
+        "c": 16,
+        "d": 16,
+    }
     # a tie straddling the threshold: b, c -> 2.5 > floor(5 * 0.4) = 2, so both keep r
-    assert ranks_from_importance({"a": 1.0, "b": 2.0, "c": 2.0, "d": 3.0}, 5, 16, 0.4) == \
-        {"a": 8, "b": 16, "c": 16, "d": 16}
+    assert ranks_from_importance({"a": 1.0, "b": 2.0, "c": 2.0, "d": 3.0}, 5, 16, 0.4) == {
+        "a": 8,
+        "b": 16,
+        "c": 16,
+        "d": 16,
+    }
     # c = 0 keeps everything, an explicit r_low is honoured, order follows the input
     assert ranks_from_importance({"x": 3.0, "y": 1.0}, 3, 4, 0.0) == {"x": 4, "y": 4}
     assert list(ranks_from_importance({"x": 3.0, "y": 1.0}, 3, 16, 0.5, r_low=4).items()) == [("x", 16), ("y", 4)]

@@ -39,8 +39,13 @@ class Registry:
     client: MlflowClient
     name: str
 
-    def new_version(self, metrics: dict[str, float], split: str = "split-a", data: str = "md5-1",
-                    champion_scored: tuple[str, dict[str, float]] | None = None) -> str:
+    def new_version(
+        self,
+        metrics: dict[str, float],
+        split: str = "split-a",
+        data: str = "md5-1",
+        champion_scored: tuple[str, dict[str, float]] | None = None,
+    ) -> str:
         """A version shaped like pipeline.tracking registers them (run metrics, tags, challenger)."""
         client = self.client
         run = client.create_run(client.get_experiment_by_name("gate").experiment_id)
@@ -53,8 +58,9 @@ class Registry:
                 client.log_metric(run.info.run_id, f"champion_test_{key}", value)
             tags[TAG_COMPARED_CHAMPION] = version
         client.set_terminated(run.info.run_id)
-        mv = client.create_model_version(self.name, source=f"{run.info.artifact_uri}/model",
-                                         run_id=run.info.run_id, tags=tags)
+        mv = client.create_model_version(
+            self.name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=tags
+        )
         client.set_registered_model_alias(self.name, CHALLENGER, mv.version)
         return str(mv.version)
 
@@ -121,8 +127,9 @@ def test_different_split_is_refused_unless_champion_was_scored_on_it(reg):
     assert not decision.promoted
     assert "not comparable" in decision.reason
     # Scored at registration: the champion on the challenger's split (the pipeline does this).
-    v3 = reg.new_version({"macro_f_beta": 0.50}, split="split-b", data="md5-2",
-                     champion_scored=(v1, {"macro_f_beta": 0.45}))
+    v3 = reg.new_version(
+        {"macro_f_beta": 0.50}, split="split-b", data="md5-2", champion_scored=(v1, {"macro_f_beta": 0.45})
+    )
     decision = promote(reg.client, reg.name)
     assert decision.promoted
     assert decision.comparison.champion_value == pytest.approx(0.45)

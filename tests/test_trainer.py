@@ -12,10 +12,10 @@ import torch
 from ml.eval.evaluate import predict_with_labels
 from ml.eval.metrics import macro_average_precision
 from ml.model.backbone import ECGTransformer, backbone_config
-from ml.train import trainer
-from ml.train.checkpoint import load_checkpoint
 from ml.model.lora import LoRAConfig
+from ml.train import trainer
 from ml.train.build import build_model
+from ml.train.checkpoint import load_checkpoint
 from ml.train.config import TrainConfig, batch_size_for_label_ratio, steps_for_epochs
 from ml.train.loaders import BatchIterator, EpochStream, StreamPosition, fetch
 from ml.train.synthetic import SyntheticTaskConfig, make_splits
@@ -49,8 +49,18 @@ def _model(method: str = "cessl") -> torch.nn.Module:
 
 
 def _config(tmp: Path | None, **overrides) -> TrainConfig:
-    base = dict(method="cessl", max_steps=6, batch_size=4, val_every=2, patience=10, seed=1,
-                checkpoint_dir=str(tmp) if tmp else None, device="cpu", progress=False, lr=3e-3)
+    base = dict(
+        method="cessl",
+        max_steps=6,
+        batch_size=4,
+        val_every=2,
+        patience=10,
+        seed=1,
+        checkpoint_dir=str(tmp) if tmp else None,
+        device="cpu",
+        progress=False,
+        lr=3e-3,
+    )
     return TrainConfig(**(base | overrides))
 
 
@@ -164,8 +174,9 @@ def test_same_seed_same_weights(data, device: torch.device) -> None:
 
 
 def test_killed_run_resumes_to_exactly_the_uninterrupted_result(data, tmp_path: Path, device: torch.device) -> None:
-    reference, ref_result = _fit(data, _config(tmp_path / "uninterrupted", max_steps=8, val_every=3,
-                                               device=device.type))
+    reference, ref_result = _fit(
+        data, _config(tmp_path / "uninterrupted", max_steps=8, val_every=3, device=device.type)
+    )
 
     config = _config(tmp_path / "killed", max_steps=8, val_every=3, device=device.type)
     killer = _Recorder(fail_at=5)  # checkpoint at step 3, killed during step 5
@@ -186,7 +197,9 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_result(data, tmp_path: 
 def test_checkpoint_contents_load_with_weights_only(data, tmp_path: Path) -> None:
     _fit(data, _config(tmp_path, max_steps=2))
     state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
-    assert {"model", "optimizer", "scheduler", "rng", "loaders", "early_stopping", "best_state", "history"} <= set(state)
+    assert {"model", "optimizer", "scheduler", "rng", "loaders", "early_stopping", "best_state", "history"} <= set(
+        state
+    )
     assert state["step"] == 2 and state["loaders"]["labelled"] == {"epoch": 0, "offset": 8}
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME], "no temporary files left"
 
@@ -311,8 +324,13 @@ def test_config_roundtrip() -> None:
 
 def test_build_model_loads_the_backbone_but_not_its_head() -> None:
     pretrained = ECGTransformer(backbone_config("tinylight", 6)).state_dict()  # a 6-class pre-training head
-    model = build_model(pretrained, backbone_config("tinylight", N_CLASSES), "cessl", LoRAConfig(p=0.2),
-                        rank_map={"encoder_layers.0.conv1": 8})
+    model = build_model(
+        pretrained,
+        backbone_config("tinylight", N_CLASSES),
+        "cessl",
+        LoRAConfig(p=0.2),
+        rank_map={"encoder_layers.0.conv1": 8},
+    )
     own = model.state_dict()
     for key, value in pretrained.items():
         if not key.startswith("classifier.1."):

@@ -228,8 +228,10 @@ def challenge_metrics(
     if missing:
         names = [classes[k] for k in missing] if classes is not None else missing
         log.warning(
-            "%d of %d classes have no positive test record and are excluded from the macro "
-            "averages: %s", len(missing), y.shape[1], names,
+            "%d of %d classes have no positive test record and are excluded from the macro averages: %s",
+            len(missing),
+            y.shape[1],
+            names,
         )
     return {
         "ranking_loss": ranking_loss(y, p),

@@ -92,8 +92,9 @@ def class_names(classes: Sequence[str]) -> dict[str, str]:
     return {c: str(n or c) for c, n in zip(classes, names, strict=True)}
 
 
-def predictions_table(names: Sequence[str], probs: np.ndarray, classes: Sequence[str],
-                      diagnoses: Sequence[Sequence[str]]) -> pd.DataFrame:
+def predictions_table(
+    names: Sequence[str], probs: np.ndarray, classes: Sequence[str], diagnoses: Sequence[Sequence[str]]
+) -> pd.DataFrame:
     """``record``, ``p_<code>`` per class, ``diagnoses`` (abbreviations, ';'-joined) and their ``codes``."""
     table = pd.DataFrame(probs, columns=[f"p_{c}" for c in classes])
     table.insert(0, "record", list(names))
@@ -139,6 +140,7 @@ def load_predictor(backbone_dir: Path, adapter_dir: Path) -> Predictor:
 
     model, meta = load_adapter(adapter_dir, read_backbone(backbone_dir).state)
     model.eval()
-    thresholds = np.asarray(meta.thresholds if meta.thresholds is not None else [0.5] * len(meta.classes),
-                            dtype=np.float64)
+    thresholds = np.asarray(
+        meta.thresholds if meta.thresholds is not None else [0.5] * len(meta.classes), dtype=np.float64
+    )
     return Predictor(model=model, classes=list(meta.classes), thresholds=thresholds, backbone_id=meta.backbone_id)

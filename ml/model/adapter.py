@@ -93,7 +93,8 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"{path}: not a plain tensor state dict; refusing to unpickle it (refused by torch.load "
-            f"weights_only=True: {err})") from err
+            f"weights_only=True: {err})"
+        ) from err
     except (RuntimeError, EOFError, OSError, ValueError) as err:  # truncated or not a torch file
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {err})") from err
     if isinstance(obj, Mapping):
@@ -112,25 +113,29 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return state
 
 
-def check_state_dict(expected: Mapping[str, Tensor], state_dict: Mapping[str, Tensor],
-                     what: str = "checkpoint") -> None:
+def check_state_dict(
+    expected: Mapping[str, Tensor], state_dict: Mapping[str, Tensor], what: str = "checkpoint"
+) -> None:
     """Strict key and shape match; the error lists missing, unexpected and mismatched keys."""
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [f"{k}: expected {tuple(expected[k].shape)}, got {tuple(state_dict[k].shape)}"
-                  for k in expected if k in state_dict and expected[k].shape != state_dict[k].shape]
+    mismatched = [
+        f"{k}: expected {tuple(expected[k].shape)}, got {tuple(state_dict[k].shape)}"
+        for k in expected
+        if k in state_dict and expected[k].shape != state_dict[k].shape
+    ]
     if missing or unexpected or mismatched:
         raise CheckpointError(
             f"{what} does not match the model:\n  missing: {missing}\n  unexpected: {unexpected}"
-            f"\n  mismatched shapes: {mismatched}")
+            f"\n  mismatched shapes: {mismatched}"
+        )
 
 
 def _is_lora_key(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in ("lora_A", "lora_B")
 
 
-def load_backbone_weights(model: ECGTransformer, state_dict: Mapping[str, Tensor],
-                          drop_head: bool = False) -> None:
+def load_backbone_weights(model: ECGTransformer, state_dict: Mapping[str, Tensor], drop_head: bool = False) -> None:
     """Load a pre-trained (r = 0) backbone state dict into a model that may carry LoRA.
 
     Every non-LoRA entry must match by name and shape; the LoRA tensors keep their init.
@@ -154,8 +159,12 @@ def adapter_state_keys(model: nn.Module) -> list[str]:
     keys = []
     for name in model.state_dict():
         param = params.get(name)
-        if (_is_lora_key(name) or name.startswith(norm_prefixes) or name == "classifier.1.weight"
-                or (param is not None and (name.endswith(".bias") or param.requires_grad))):
+        if (
+            _is_lora_key(name)
+            or name.startswith(norm_prefixes)
+            or name == "classifier.1.weight"
+            or (param is not None and (name.endswith(".bias") or param.requires_grad))
+        ):
             keys.append(name)
     return keys
 
@@ -207,8 +216,7 @@ def read_adapter_config(in_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load_adapter(in_dir: str | Path, backbone_state_dict: Mapping[str, Tensor]
-                 ) -> tuple[ECGTransformer, AdapterMeta]:
+def load_adapter(in_dir: str | Path, backbone_state_dict: Mapping[str, Tensor]) -> tuple[ECGTransformer, AdapterMeta]:
     """Rebuild the fine-tuned model: the backbone state dict, then the adapter on top.
 
     Refuses (BackboneMismatchError) a backbone whose identity is not the one the adapter
@@ -216,16 +224,26 @@ def load_adapter(in_dir: str | Path, backbone_state_dict: Mapping[str, Tensor]
     """
     in_dir = Path(in_dir)
     config = read_adapter_config(in_dir)
-    meta = AdapterMeta(backbone_id=config["backbone_id"], classes=list(config["classes"]),
-                       thresholds=config.get("thresholds"), method=config.get("method", "cessl"),
-                       extra=dict(config.get("extra", {})))
+    meta = AdapterMeta(
+        backbone_id=config["backbone_id"],
+        classes=list(config["classes"]),
+        thresholds=config.get("thresholds"),
+        method=config.get("method", "cessl"),
+        extra=dict(config.get("extra", {})),
+    )
     actual = state_dict_identity(backbone_state_dict)
     if actual != meta.backbone_id:
         raise BackboneMismatchError(
             f"{in_dir}: adapter was trained on backbone {meta.backbone_id}, but the given "
-            f"backbone state dict has identity {actual}")
-    lora = LoRAConfig(r=config["r"], rank_map=dict(config["rank_map"]), p=config["p"],
-                      never_deactivate=tuple(config["never_deactivate"]), alpha=config["alpha"])
+            f"backbone state dict has identity {actual}"
+        )
+    lora = LoRAConfig(
+        r=config["r"],
+        rank_map=dict(config["rank_map"]),
+        p=config["p"],
+        never_deactivate=tuple(config["never_deactivate"]),
+        alpha=config["alpha"],
+    )
     model = ECGTransformer(BackboneConfig(**config["backbone_config"]), lora)
     adapter = load_file(str(in_dir / ADAPTER_WEIGHTS), device="cpu")
     combined = {k: v for k, v in backbone_state_dict.items() if k not in adapter}
@@ -237,22 +255,24 @@ def load_adapter(in_dir: str | Path, backbone_state_dict: Mapping[str, Tensor]
     return model, meta
 
 
-def export_merged(model: ECGTransformer, path: str | Path,
-                  extra: Mapping[str, Any] | None = None) -> Path:
+def export_merged(model: ECGTransformer, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
     """Write a plain r = 0 model with the LoRA update merged in (W + (1 - p) B A; classifier.0:
     W + B A) as safetensors, plus ``<path>.json`` with the backbone config."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     merged = copy.deepcopy(model).cpu()
     merge_lora(merged)
-    tensors = {k: v.detach().contiguous() for k, v in merged.state_dict().items()
-               if not _is_lora_key(k)}
+    tensors = {k: v.detach().contiguous() for k, v in merged.state_dict().items() if not _is_lora_key(k)}
     with torch.device("meta"):
         plain = ECGTransformer(model.config)
     check_state_dict(plain.state_dict(), tensors, "merged export")
     save_file(tensors, str(path), metadata={"format": "pt"})
-    config = {"format_version": FORMAT_VERSION, "backbone_config": asdict(model.config),
-              "merged_from": _model_config_dict(model), "extra": dict(extra or {})}
+    config = {
+        "format_version": FORMAT_VERSION,
+        "backbone_config": asdict(model.config),
+        "merged_from": _model_config_dict(model),
+        "extra": dict(extra or {}),
+    }
     path.with_suffix(".json").write_text(json.dumps(config, indent=2, sort_keys=True))
     logger.info("exported merged r=0 model to %s", path)
     return path

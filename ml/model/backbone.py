@@ -84,8 +84,11 @@ def adapted_layer_names(config: BackboneConfig) -> list[str]:
     """Every LoRA-adaptable matrix in the reference order (num_layers - 1 names)."""
     names = [f"encoder_layers.{b}.conv{j}" for b in range(ENCODER_BLOCKS) for j in (1, 2, 3)]
     for i in range(config.n_transformer_layers):
-        names += [f"transformer_layers.{i}.self_attention.c_attn",
-                  f"transformer_layers.{i}.fc1", f"transformer_layers.{i}.fc2"]
+        names += [
+            f"transformer_layers.{i}.self_attention.c_attn",
+            f"transformer_layers.{i}.fc1",
+            f"transformer_layers.{i}.fc2",
+        ]
     return names + ["classifier.0"]
 
 
@@ -94,12 +97,12 @@ class ResidualBlock(nn.Module):
     """conv(1x9, /4) -> BN -> leaky ReLU -> conv(1x9) -> BN -> leaky ReLU, plus a shortcut
     AvgPool(1x4, /4) -> conv 1x1.  (N, C_in, 1, T) -> (N, C_out, 1, T/4)."""
 
-    def __init__(self, c_in: int, c_out: int, ranks: tuple[int, int, int],
-                 alpha: float | None = None) -> None:
+    def __init__(self, c_in: int, c_out: int, ranks: tuple[int, int, int], alpha: float | None = None) -> None:
         super().__init__()
         pad = (0, (KERNEL_SIZE - 1) // 2)
-        self.conv1 = LoRAConv2d(c_in, c_out, (1, KERNEL_SIZE), stride=(1, ENCODER_STRIDE),
-                                padding=pad, r=ranks[0], alpha=alpha)
+        self.conv1 = LoRAConv2d(
+            c_in, c_out, (1, KERNEL_SIZE), stride=(1, ENCODER_STRIDE), padding=pad, r=ranks[0], alpha=alpha
+        )
         self.bn1 = nn.BatchNorm2d(c_out)
         self.conv2 = LoRAConv2d(c_out, c_out, (1, KERNEL_SIZE), padding=pad, r=ranks[1], alpha=alpha)
         self.bn2 = nn.BatchNorm2d(c_out)
@@ -107,7 +110,7 @@ class ResidualBlock(nn.Module):
         self.conv3 = LoRAConv2d(c_in, c_out, (1, 1), r=ranks[2], alpha=alpha)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = F.leaky_relu(self.bn1(self.conv1(x)))      # (N, C_out, 1, T/4)
+        h = F.leaky_relu(self.bn1(self.conv1(x)))  # (N, C_out, 1, T/4)
         h = F.leaky_relu(self.bn2(self.conv2(h)))
         return h + self.conv3(self.shortcut_pool(x))  # shortcut: (N, C_in, 1, T/4) -> C_out
 
@@ -147,8 +150,7 @@ class CausalSelfAttention(nn.Module):
     output projection c_proj. The (1, 1, n_ctx, n_ctx) lower-triangular buffer ``bias`` is the
     reference's mask (kept in the state dict); SDPA's ``is_causal`` applies the same mask."""
 
-    def __init__(self, d_model: int, n_heads: int, n_ctx: int, rank: int,
-                 alpha: float | None = None) -> None:
+    def __init__(self, d_model: int, n_heads: int, n_ctx: int, rank: int, alpha: float | None = None) -> None:
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
@@ -164,15 +166,16 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(d, dim=2)  # 3 x (N, T, d)
         q, k, v = (z.view(n, t, self.n_heads, d // self.n_heads).transpose(1, 2) for z in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (N, H, T, hd)
-        y = y.transpose(1, 2).reshape(n, t, d)                        # (N, T, d)
+        y = y.transpose(1, 2).reshape(n, t, d)  # (N, T, d)
         return self.c_proj(y)
 
 
 class TransformerLayer(nn.Module):
     """Pre-norm: x + Attn(LN(x)); x + FFN(LN(x)), FFN = fc2(leaky_relu(fc1(.))) with 4d hidden."""
 
-    def __init__(self, d_model: int, n_heads: int, n_ctx: int, ranks: tuple[int, int, int],
-                 alpha: float | None = None) -> None:
+    def __init__(
+        self, d_model: int, n_heads: int, n_ctx: int, ranks: tuple[int, int, int], alpha: float | None = None
+    ) -> None:
         super().__init__()
         self.self_attention = CausalSelfAttention(d_model, n_heads, n_ctx, ranks[0], alpha)
         self.norm1 = nn.LayerNorm(d_model)
@@ -211,18 +214,30 @@ class ECGTransformer(nn.Module):
 
         # registration order = reference state-dict order
         self.encoder_layers = nn.ModuleList(
-            ResidualBlock(config.n_leads if b == 0 else d, d,
-                          block_ranks(f"encoder_layers.{b}", ("conv1", "conv2", "conv3")), alpha)
-            for b in range(ENCODER_BLOCKS))
-        self.classifier = nn.ModuleList([
-            LoRALinear(d, d, r=rank["classifier.0"], alpha=alpha),
-            nn.Linear(d, config.num_classes),
-        ])
+            ResidualBlock(
+                config.n_leads if b == 0 else d,
+                d,
+                block_ranks(f"encoder_layers.{b}", ("conv1", "conv2", "conv3")),
+                alpha,
+            )
+            for b in range(ENCODER_BLOCKS)
+        )
+        self.classifier = nn.ModuleList(
+            [
+                LoRALinear(d, d, r=rank["classifier.0"], alpha=alpha),
+                nn.Linear(d, config.num_classes),
+            ]
+        )
         self.transformer_layers = nn.ModuleList(
-            TransformerLayer(d, config.n_heads, config.n_tokens,
-                             block_ranks(f"transformer_layers.{i}",
-                                         ("self_attention.c_attn", "fc1", "fc2")), alpha)
-            for i in range(config.n_transformer_layers))
+            TransformerLayer(
+                d,
+                config.n_heads,
+                config.n_tokens,
+                block_ranks(f"transformer_layers.{i}", ("self_attention.c_attn", "fc1", "fc2")),
+                alpha,
+            )
+            for i in range(config.n_transformer_layers)
+        )
         self.position_encoding = SinusoidalPositionalEncoding(d, config.max_len)
 
         for name in names:
@@ -258,8 +273,8 @@ class ECGTransformer(nn.Module):
         x = self.position_encoding(x)
         for layer in self.transformer_layers:
             x = layer(x)
-        x = x.amax(dim=1)                        # (N, d): adaptive max-pool over time
-        for layer in self.classifier:            # Linear(d, d) -> Linear(d, C), no activation
+        x = x.amax(dim=1)  # (N, d): adaptive max-pool over time
+        for layer in self.classifier:  # Linear(d, d) -> Linear(d, C), no activation
             x = layer(x)
         return x
 

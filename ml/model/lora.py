@@ -101,8 +101,7 @@ class LoRALayer(nn.Module):
     merged: bool
     weight: Tensor  # W, in the wrapped layer's own layout (a Parameter or a property)
 
-    def _init_lora(self, r: int, a_shape: tuple[int, ...], b_shape: tuple[int, ...],
-                   alpha: float | None) -> None:
+    def _init_lora(self, r: int, a_shape: tuple[int, ...], b_shape: tuple[int, ...], alpha: float | None) -> None:
         """Register lora_A / lora_B (only when r > 0) and the deactivation state."""
         self.r = int(r)
         self.scale = (float(alpha) if alpha is not None else float(r)) / r if r > 0 else 0.0
@@ -211,8 +210,16 @@ class _LoRAConvFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor,  # noqa: ANN001
-                lora_B: Tensor, s: float, layer: LoRAConv2d) -> Tensor:
+    def forward(
+        ctx,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        lora_A: Tensor,
+        lora_B: Tensor,
+        s: float,
+        layer: LoRAConv2d,
+    ) -> Tensor:
         kernel = weight + layer._low_rank(lora_B, lora_A) * s
         a_kernel = lora_A.view(lora_A.shape[0], *weight.shape[1:])
         h = None  # only dB needs it (the allocation pass, for one, trains B alone)
@@ -224,25 +231,25 @@ class _LoRAConvFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: Tensor):  # noqa: ANN001, ANN205
+    def backward(ctx, grad_out: Tensor):
         x, kernel, a_kernel, lora_B, h = ctx.saved_tensors
         conv, s = ctx.conv, ctx.s
         args = (conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups)
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(
-                grad_out, x, kernel, None, *args, [True, False, False])[0]
+            grad_x = torch.ops.aten.convolution_backward(grad_out, x, kernel, None, *args, [True, False, False])[0]
         if ctx.needs_input_grad[2]:  # False when there is no bias
             grad_bias = grad_out.sum(dim=(0, 2, 3))
-        g = _positions(grad_out)                                  # (positions, C_out)
+        g = _positions(grad_out)  # (positions, C_out)
         grad_A = grad_B = None
         if ctx.needs_input_grad[4]:
-            grad_B = (g.t() @ _positions(h)) * s                   # (C_out, r)
+            grad_B = (g.t() @ _positions(h)) * s  # (C_out, r)
         if ctx.needs_input_grad[3]:
             n, _, h_out, w_out = grad_out.shape
             grad_h = (g @ lora_B * s).view(n, h_out, w_out, -1).permute(0, 3, 1, 2)  # B^T dY
-            grad_A = torch.ops.aten.convolution_backward(
-                grad_h, x, a_kernel, None, *args, [False, True, False])[1].reshape(a_kernel.shape[0], -1)
+            grad_A = torch.ops.aten.convolution_backward(grad_h, x, a_kernel, None, *args, [False, True, False])[
+                1
+            ].reshape(a_kernel.shape[0], -1)
         return grad_x, None, grad_bias, grad_A, grad_B, None, None
 
 
@@ -259,12 +266,19 @@ class LoRAConv2d(LoRALayer):
     gives A and B their gradients without computing the full kernel gradient.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int],
-                 stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
-                 bias: bool = True, r: int = 0, alpha: float | None = None) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int],
+        stride: tuple[int, int] = (1, 1),
+        padding: tuple[int, int] = (0, 0),
+        bias: bool = True,
+        r: int = 0,
+        alpha: float | None = None,
+    ) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
-                              padding=padding, bias=bias)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
         kh, kw = self.conv.kernel_size
         self._init_lora(r, (r, in_channels * kh * kw), (out_channels, r), alpha)
 
@@ -277,8 +291,9 @@ class LoRAConv2d(LoRALayer):
 
     def forward_with_update(self, x: Tensor, factor: float) -> Tensor:
         if torch.is_grad_enabled() and not self.weight.requires_grad:
-            return _LoRAConvFunction.apply(x, self.weight, self.conv.bias, self.lora_A, self.lora_B,
-                                           self.scale * factor, self)
+            return _LoRAConvFunction.apply(
+                x, self.weight, self.conv.bias, self.lora_A, self.lora_B, self.scale * factor, self
+            )
         return super().forward_with_update(x, factor)
 
     def _forward_with(self, x: Tensor, weight: Tensor) -> Tensor:
@@ -294,8 +309,9 @@ class LoRAConv2d(LoRALayer):
 class LoRALinear(LoRALayer):
     """A Linear layer (weight (out, in)) with LoRA: A (r, in), B (out, r)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, r: int = 0,
-                 alpha: float | None = None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, r: int = 0, alpha: float | None = None
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
@@ -320,8 +336,9 @@ class LoRAConv1D(LoRALayer):
     (shape (d, d), out x in), so the block-diagonal update (3d, d) is added transposed.
     """
 
-    def __init__(self, in_features: int, out_features: int, n_blocks: int = 3, r: int = 0,
-                 alpha: float | None = None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, n_blocks: int = 3, r: int = 0, alpha: float | None = None
+    ) -> None:
         super().__init__()
         if out_features % n_blocks:
             raise ValueError(f"out_features {out_features} is not divisible by {n_blocks} blocks")
@@ -348,8 +365,9 @@ class LoRAConv1D(LoRALayer):
     def block_views(self, lora_B: Tensor, lora_A: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Per q/k/v block: (B_i (d_out, r), A_i (r, d_in))."""
         d_out = self.out_features // self.n_blocks
-        return [(lora_B[i * d_out:(i + 1) * d_out], lora_A[i * self.r:(i + 1) * self.r])
-                for i in range(self.n_blocks)]
+        return [
+            (lora_B[i * d_out : (i + 1) * d_out], lora_A[i * self.r : (i + 1) * self.r]) for i in range(self.n_blocks)
+        ]
 
     def _forward_with(self, x: Tensor, weight: Tensor) -> Tensor:
         # x (..., d) -> (..., 3d)
@@ -380,8 +398,7 @@ def _never_deactivate(model: nn.Module, never_deactivate: Iterable[str] | None) 
     return set(config.never_deactivate) if config is not None else {"classifier.0"}
 
 
-def set_deactivation(model: nn.Module, p: float,
-                     never_deactivate: Iterable[str] | None = None) -> None:
+def set_deactivation(model: nn.Module, p: float, never_deactivate: Iterable[str] | None = None) -> None:
     """Set the deactivation probability of every adapted layer (0 switches it off).
 
     Layers in ``never_deactivate`` (default: the model's LoRAConfig, i.e. classifier.0)

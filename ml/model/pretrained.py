@@ -36,7 +36,7 @@ import os
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +55,10 @@ FORMAT_VERSION = 1
 SOURCES = ("pretrain", "import", "embedded-default")
 # The CODE-15% pre-training labels of the released checkpoints (classifier.1 rows, in order).
 CODE15_CLASSES = ("1dAVb", "RBBB", "LBBB", "SB", "AF", "ST")
-HEAD_NOTE = ("classifier.1 is the pre-training head for `classes`; fine-tuning replaces it with a "
-             "fresh head for the target classes (ml.model.adapter.load_backbone_weights(..., drop_head=True))")
+HEAD_NOTE = (
+    "classifier.1 is the pre-training head for `classes`; fine-tuning replaces it with a "
+    "fresh head for the target classes (ml.model.adapter.load_backbone_weights(..., drop_head=True))"
+)
 
 
 # --- the folder format ---------------------------------------------------------------------
@@ -75,9 +77,16 @@ def config_from_dict(data: Mapping[str, Any]) -> BackboneConfig:
     return BackboneConfig(**dict(data))
 
 
-def save_backbone(state_dict: Mapping[str, Tensor], config: BackboneConfig, classes: Sequence[str],
-                  out_dir: str | Path, *, source: str = "pretrain", data_version: str | None = None,
-                  **meta: Any) -> Path:
+def save_backbone(
+    state_dict: Mapping[str, Tensor],
+    config: BackboneConfig,
+    classes: Sequence[str],
+    out_dir: str | Path,
+    *,
+    source: str = "pretrain",
+    data_version: str | None = None,
+    **meta: Any,
+) -> Path:
     """Write ``out_dir/backbone.safetensors`` + ``backbone_config.json``; returns ``out_dir``.
 
     The state dict must match ``config`` exactly (names and shapes). ``meta`` is stored
@@ -106,15 +115,21 @@ def save_backbone(state_dict: Mapping[str, Tensor], config: BackboneConfig, clas
         "identity": identity,
         "data_version": data_version,
         "source": source,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "head": HEAD_NOTE,
         **meta,
     }
     tmp = out_dir / f".{BACKBONE_CONFIG}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, out_dir / BACKBONE_CONFIG)
-    logger.info("saved %s backbone (%s, %d classes) to %s, identity %s", config.name, source,
-                len(classes), out_dir, identity[:12])
+    logger.info(
+        "saved %s backbone (%s, %d classes) to %s, identity %s",
+        config.name,
+        source,
+        len(classes),
+        out_dir,
+        identity[:12],
+    )
     return out_dir
 
 
@@ -176,11 +191,13 @@ def read_backbone(backbone_dir: str | Path) -> PretrainedBackbone:
     if identity != meta["identity"]:
         raise CheckpointError(
             f"{weights}: the weights' identity {identity} is not the {meta['identity']} recorded in "
-            f"{BACKBONE_CONFIG}: the folder was modified or only partly written")
+            f"{BACKBONE_CONFIG}: the folder was modified or only partly written"
+        )
     check_state_dict(_expected_state(config), state, str(weights))
     if len(meta["classes"]) != config.num_classes:
-        raise CheckpointError(f"{backbone_dir / BACKBONE_CONFIG}: {len(meta['classes'])} classes for a "
-                              f"{config.num_classes}-class head")
+        raise CheckpointError(
+            f"{backbone_dir / BACKBONE_CONFIG}: {len(meta['classes'])} classes for a {config.num_classes}-class head"
+        )
     return PretrainedBackbone(state=state, config=config, meta=meta)
 
 
@@ -202,9 +219,14 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def import_reference_checkpoint(path: str | Path, config_name: str, out_dir: str | Path, *,
-                                classes: Sequence[str] | None = None,
-                                data_version: str | None = None) -> Path:
+def import_reference_checkpoint(
+    path: str | Path,
+    config_name: str,
+    out_dir: str | Path,
+    *,
+    classes: Sequence[str] | None = None,
+    data_version: str | None = None,
+) -> Path:
     """Import a released reference checkpoint of size ``config_name`` as a backbone folder.
 
     The class count comes from the checkpoint's ``classifier.1`` (6 for the CODE-15%
@@ -218,17 +240,31 @@ def import_reference_checkpoint(path: str | Path, config_name: str, out_dir: str
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     state = read_state_dict(path)
     head = state.get("classifier.1.weight")
-    num_classes = (int(head.shape[0]) if head is not None and head.dim() == 2
-                   else BACKBONE_CONFIGS[config_name].num_classes)
+    num_classes = (
+        int(head.shape[0]) if head is not None and head.dim() == 2 else BACKBONE_CONFIGS[config_name].num_classes
+    )
     config = backbone_config(config_name, num_classes)
     check_state_dict(_expected_state(config), state, f"{path} as a {config_name!r} backbone")
     converted = [k for k, v in state.items() if v.is_floating_point() and v.dtype != torch.float32]
     if converted:
-        logger.warning("%s: %d floating tensors are not float32 (e.g. %s); converting to float32",
-                       path, len(converted), converted[0])
+        logger.warning(
+            "%s: %d floating tensors are not float32 (e.g. %s); converting to float32",
+            path,
+            len(converted),
+            converted[0],
+        )
         state = {k: v.float() if k in converted else v for k, v in state.items()}
     if classes is None:
-        classes = list(CODE15_CLASSES) if num_classes == len(CODE15_CLASSES) else [
-            f"class_{i}" for i in range(num_classes)]
-    return save_backbone(state, config, classes, out_dir, source="import", data_version=data_version,
-                         imported_from=str(path), imported_sha256=file_sha256(path))
+        classes = (
+            list(CODE15_CLASSES) if num_classes == len(CODE15_CLASSES) else [f"class_{i}" for i in range(num_classes)]
+        )
+    return save_backbone(
+        state,
+        config,
+        classes,
+        out_dir,
+        source="import",
+        data_version=data_version,
+        imported_from=str(path),
+        imported_sha256=file_sha256(path),
+    )

@@ -80,9 +80,9 @@ def layer_importance(layer: LoRALayer, variant: Variant) -> float:
         d_out = layer.out_features // layer.n_blocks
         scores = []
         for i, (g_i, a_i) in enumerate(layer.block_views(grad_b, lora_a)):
-            g_w = g_i @ a_i                                           # (d_out, d_in)
+            g_w = g_i @ a_i  # (d_out, d_in)
             if variant == "taylor":
-                g_w = layer.weight[:, i * d_out:(i + 1) * d_out].t() * g_w
+                g_w = layer.weight[:, i * d_out : (i + 1) * d_out].t() * g_w
             scores.append(_mean_square(g_w))
         return float(sum(scores) / len(scores))
     g_w = (grad_b @ lora_a).view(layer.weight.shape)
@@ -91,9 +91,13 @@ def layer_importance(layer: LoRALayer, variant: Variant) -> float:
     return _mean_square(g_w)
 
 
-def parameter_importance(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]],
-                         loss_fn: LossFn | None = None, variant: Variant = "taylor",
-                         device: torch.device | str | None = None) -> dict[str, float]:
+def parameter_importance(
+    model: nn.Module,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    loss_fn: LossFn | None = None,
+    variant: Variant = "taylor",
+    device: torch.device | str | None = None,
+) -> dict[str, float]:
     """Importance of every adapted matrix, reference order, averaged over ONE pass.
 
     The pass runs in train mode (BatchNorm uses batch statistics) with random
@@ -144,8 +148,9 @@ def parameter_importance(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor
     return {n: total / n_batches for n, total in totals.items()}
 
 
-def ranks_from_importance(importance: Mapping[str, float], num_layers: int, r: int,
-                          compress: float, r_low: int | None = None) -> dict[str, int]:
+def ranks_from_importance(
+    importance: Mapping[str, float], num_layers: int, r: int, compress: float, r_low: int | None = None
+) -> dict[str, int]:
     """Rank rule: rank the scores (ties averaged, scipy ``rankdata``); a matrix whose rank
     is <= floor(num_layers * compress) gets r_low (default (r // 4) * 2), others keep r."""
     if not 0.0 <= compress <= 1.0:
@@ -157,14 +162,25 @@ def ranks_from_importance(importance: Mapping[str, float], num_layers: int, r: i
     return {n: (r_low if rank <= threshold else r) for n, rank in zip(names, ranks)}
 
 
-def allocate_ranks(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], r: int,
-                   r_low: int | None = None, compress: float = 0.6, variant: Variant = "taylor",
-                   loss_fn: LossFn | None = None) -> dict[str, int]:
+def allocate_ranks(
+    model: nn.Module,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    r: int,
+    r_low: int | None = None,
+    compress: float = 0.6,
+    variant: Variant = "taylor",
+    loss_fn: LossFn | None = None,
+) -> dict[str, int]:
     """One-shot allocation: score ``model`` (built at uniform rank r, pre-trained weights
     loaded) on one pass of ``loader`` and return the per-layer rank map."""
     importance = parameter_importance(model, loader, loss_fn=loss_fn, variant=variant)
     num_layers = model.config.num_layers if hasattr(model, "config") else len(importance) + 1
     rank_map = ranks_from_importance(importance, num_layers, r, compress, r_low)
-    logger.info("rank allocation (r=%d, c=%.2f): %d of %d matrices at low rank", r, compress,
-                sum(v != r for v in rank_map.values()), len(rank_map))
+    logger.info(
+        "rank allocation (r=%d, c=%.2f): %d of %d matrices at low rank",
+        r,
+        compress,
+        sum(v != r for v in rank_map.values()),
+        len(rank_map),
+    )
     return rank_map

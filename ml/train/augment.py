@@ -127,9 +127,7 @@ def sample_cutmix(
     return lam, box, perm
 
 
-def cutmix(
-    x: Tensor, y: Tensor, generator: torch.Generator, alpha: float = CUTMIX_ALPHA
-) -> tuple[Tensor, Tensor]:
+def cutmix(x: Tensor, y: Tensor, generator: torch.Generator, alpha: float = CUTMIX_ALPHA) -> tuple[Tensor, Tensor]:
     """Cutmix of a labelled batch: :func:`sample_cutmix`, then :func:`apply_cutmix`."""
     _, box, perm = sample_cutmix(x, generator, alpha)
     return apply_cutmix(x, y, box, perm)
@@ -174,9 +172,7 @@ def lead_shuffle(x: Tensor, generator: torch.Generator, per_record: bool = False
     return x.gather(1, index)
 
 
-def amplitude_scale(
-    x: Tensor, generator: torch.Generator, low: float = 0.5, high: float = 1.5
-) -> Tensor:
+def amplitude_scale(x: Tensor, generator: torch.Generator, low: float = 0.5, high: float = 1.5) -> Tensor:
     """Multiply every lead of every record by its own factor drawn from U(low, high)."""
     n, leads = x.shape[0], x.shape[1]
     scale = low + (high - low) * _uniform((n, leads), generator, x.device)

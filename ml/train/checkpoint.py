@@ -46,8 +46,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(f"{path}: refused to load a training checkpoint holding objects other "
-                              f"than tensors and plain types ({err})") from err
+        raise CheckpointError(
+            f"{path}: refused to load a training checkpoint holding objects other than tensors and plain types ({err})"
+        ) from err
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a training checkpoint (a {type(state).__name__}, not a dict)")
     return state

@@ -98,8 +98,9 @@ def _valid_default(folder: Path, recipe: DefaultRecipe) -> bool:
     return True
 
 
-def ensure_default_backbone(cache_dir: str | Path | None = None, *, name: str = "tiny",
-                            force: bool = False, progress: bool = True) -> Path:
+def ensure_default_backbone(
+    cache_dir: str | Path | None = None, *, name: str = "tiny", force: bool = False, progress: bool = True
+) -> Path:
     """The embedded default backbone folder, pre-training and caching it on first use.
 
     ``cache_dir``: the folder holding cached backbones (default :func:`default_cache_dir`);
@@ -107,8 +108,10 @@ def ensure_default_backbone(cache_dir: str | Path | None = None, *, name: str = 
     given machine (seeded data and training). Concurrent callers wait for one build.
     """
     if name not in DEFAULT_RECIPES:
-        raise ValueError(f"no embedded default backbone of size {name!r} (available: "
-                         f"{sorted(DEFAULT_RECIPES)}); pre-train or import one with `cessl backbone`")
+        raise ValueError(
+            f"no embedded default backbone of size {name!r} (available: "
+            f"{sorted(DEFAULT_RECIPES)}); pre-train or import one with `cessl backbone`"
+        )
     recipe = DEFAULT_RECIPES[name]
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder = root / recipe.folder_name
@@ -128,24 +131,51 @@ def ensure_default_backbone(cache_dir: str | Path | None = None, *, name: str = 
     return folder
 
 
-def build_default_backbone(out_dir: str | Path, recipe: DefaultRecipe = DefaultRecipe(), *,
-                           progress: bool = True) -> Path:
+def build_default_backbone(
+    out_dir: str | Path, recipe: DefaultRecipe = DefaultRecipe(), *, progress: bool = True
+) -> Path:
     """Pre-train ``recipe`` from scratch into ``out_dir`` (no caching; see ensure_default_backbone)."""
     t0 = time.perf_counter()
-    logger.info("building the embedded default %s backbone: %d synthetic source-hospital records, "
-                "%d steps (one-off; cached afterwards)", recipe.name, recipe.n_records, recipe.max_steps)
+    logger.info(
+        "building the embedded default %s backbone: %d synthetic source-hospital records, "
+        "%d steps (one-off; cached afterwards)",
+        recipe.name,
+        recipe.n_records,
+        recipe.max_steps,
+    )
     dataset, classes, data_version = source_hospital(recipe)
     t_data = time.perf_counter() - t0
-    config = PretrainConfig(backbone=recipe.name, num_classes=len(classes), max_steps=recipe.max_steps,
-                            batch_size=recipe.batch_size, lr=recipe.lr, cutmix_alpha=recipe.cutmix_alpha,
-                            seed=recipe.seed, device="cpu", distributed=False, progress=progress)
+    config = PretrainConfig(
+        backbone=recipe.name,
+        num_classes=len(classes),
+        max_steps=recipe.max_steps,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        cutmix_alpha=recipe.cutmix_alpha,
+        seed=recipe.seed,
+        device="cpu",
+        distributed=False,
+        progress=progress,
+    )
     with torch.random.fork_rng(devices=[]):
         result = pretrain(dataset, config)
     elapsed = time.perf_counter() - t0
-    out = save_backbone(result.state_dict, result.config, classes, out_dir, source="embedded-default",
-                        data_version=data_version, recipe=asdict(recipe),
-                        training={"steps": result.steps, "lr": result.lr, "losses": result.losses,
-                                  "data_s": round(t_data, 1), "total_s": round(elapsed, 1)})
+    out = save_backbone(
+        result.state_dict,
+        result.config,
+        classes,
+        out_dir,
+        source="embedded-default",
+        data_version=data_version,
+        recipe=asdict(recipe),
+        training={
+            "steps": result.steps,
+            "lr": result.lr,
+            "losses": result.losses,
+            "data_s": round(t_data, 1),
+            "total_s": round(elapsed, 1),
+        },
+    )
     logger.info("default %s backbone built in %.0f s (data %.0f s)", recipe.name, elapsed, t_data)
     return out
 
@@ -159,8 +189,9 @@ def source_hospital(recipe: DefaultRecipe) -> tuple[TensorPairDataset, list[str]
     own seed, and the six CODE-15% diagnoses as classes (normal sinus rhythm is drawn too,
     as all-zero labels, like CODE-15%'s normal records).
     """
-    synth = SynthConfig(records=recipe.n_records, classes=(*recipe.classes, *recipe.extra_rhythms),
-                        seed=recipe.data_seed, prefix="SRC")
+    synth = SynthConfig(
+        records=recipe.n_records, classes=(*recipe.classes, *recipe.extra_rhythms), seed=recipe.data_seed, prefix="SRC"
+    )
     column = {code: j for j, code in enumerate(recipe.classes)}
     x = np.empty((recipe.n_records, 12, 6144), np.float32)
     y = np.zeros((recipe.n_records, len(recipe.classes)), np.float32)

@@ -39,19 +39,22 @@ Trainable = Literal["lora", "full"]
 StepFn = Callable[[EncoderHeadModel, Tensor, Tensor, "Tensor | None", torch.Generator, "TrainConfig"], StepOutput]
 
 
-def _cessl_step(model: EncoderHeadModel, x: Tensor, y: Tensor, x_u: Tensor | None, gen: torch.Generator,
-                config: TrainConfig) -> StepOutput:
+def _cessl_step(
+    model: EncoderHeadModel, x: Tensor, y: Tensor, x_u: Tensor | None, gen: torch.Generator, config: TrainConfig
+) -> StepOutput:
     assert x_u is not None
     return semi_supervised_step(model, x, y, x_u, gen, config.cutmix_alpha)
 
 
-def _supervised_step(model: EncoderHeadModel, x: Tensor, y: Tensor, x_u: Tensor | None, gen: torch.Generator,
-                     config: TrainConfig) -> StepOutput:
+def _supervised_step(
+    model: EncoderHeadModel, x: Tensor, y: Tensor, x_u: Tensor | None, gen: torch.Generator, config: TrainConfig
+) -> StepOutput:
     return supervised_step(model, x, y, gen, config.cutmix_alpha)
 
 
-def _fixmatch_step(model: EncoderHeadModel, x: Tensor, y: Tensor, x_u: Tensor | None, gen: torch.Generator,
-                   config: TrainConfig) -> StepOutput:
+def _fixmatch_step(
+    model: EncoderHeadModel, x: Tensor, y: Tensor, x_u: Tensor | None, gen: torch.Generator, config: TrainConfig
+) -> StepOutput:
     assert x_u is not None
     return fixmatch_step(model, x, y, x_u, gen, config.fixmatch_tau, config.fixmatch_lambda_u, config.cutmix_alpha)
 
@@ -105,15 +108,39 @@ class TrainingMethod:
 METHODS: dict[str, TrainingMethod] = {
     m.name: m
     for m in (
-        TrainingMethod("cessl", "CE-SSL: allocated-rank LoRA, random deactivation, semi-supervised BatchNorm",
-                       rank_policy="allocated", deactivation=True, reads_unlabelled=True, step=_cessl_step,
-                       production=True),
-        TrainingMethod("lora", "LoRA at a uniform rank, supervised", rank_policy="uniform", deactivation=False,
-                       reads_unlabelled=False, step=_supervised_step),
-        TrainingMethod("full", "full fine-tuning, supervised", rank_policy="none", deactivation=False,
-                       reads_unlabelled=False, step=_supervised_step),
-        TrainingMethod("fixmatch", "full fine-tuning + FixMatch pseudo-labels", rank_policy="none",
-                       deactivation=False, reads_unlabelled=True, step=_fixmatch_step),
+        TrainingMethod(
+            "cessl",
+            "CE-SSL: allocated-rank LoRA, random deactivation, semi-supervised BatchNorm",
+            rank_policy="allocated",
+            deactivation=True,
+            reads_unlabelled=True,
+            step=_cessl_step,
+            production=True,
+        ),
+        TrainingMethod(
+            "lora",
+            "LoRA at a uniform rank, supervised",
+            rank_policy="uniform",
+            deactivation=False,
+            reads_unlabelled=False,
+            step=_supervised_step,
+        ),
+        TrainingMethod(
+            "full",
+            "full fine-tuning, supervised",
+            rank_policy="none",
+            deactivation=False,
+            reads_unlabelled=False,
+            step=_supervised_step,
+        ),
+        TrainingMethod(
+            "fixmatch",
+            "full fine-tuning + FixMatch pseudo-labels",
+            rank_policy="none",
+            deactivation=False,
+            reads_unlabelled=True,
+            step=_fixmatch_step,
+        ),
     )
 }
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)

@@ -166,8 +166,14 @@ def setup_distributed(device: str = "auto", enabled: bool = True) -> DistEnv:
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
         owns = True
-    return DistEnv(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(),
-                   device=torch_device, backend=dist.get_backend(), owns_group=owns)
+    return DistEnv(
+        rank=dist.get_rank(),
+        local_rank=local_rank,
+        world_size=dist.get_world_size(),
+        device=torch_device,
+        backend=dist.get_backend(),
+        owns_group=owns,
+    )
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -175,13 +181,13 @@ class _AllReduceSum(torch.autograd.Function):
     each input is the all-reduced sum of the output gradients."""
 
     @staticmethod
-    def forward(ctx: Any, tensor: Tensor) -> Tensor:  # noqa: D102
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:
         out = tensor.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(out)
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:  # noqa: D102
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
         return _AllReduceSum.apply(grad)
 
 
@@ -196,8 +202,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size() > 1):
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         self._check_input_dim(x)
         c = x.shape[1]
@@ -226,8 +231,9 @@ def convert_global_batchnorm(module: nn.Module) -> nn.Module:
     """Replace every ``nn.BatchNorm2d`` by a :class:`GlobalBatchNorm2d` sharing its
     parameters and buffers (like ``nn.SyncBatchNorm.convert_sync_batchnorm``)."""
     if type(module) is nn.BatchNorm2d:
-        new = GlobalBatchNorm2d(module.num_features, module.eps, module.momentum,
-                                module.affine, module.track_running_stats)
+        new = GlobalBatchNorm2d(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         if module.affine:
             new.weight, new.bias = module.weight, module.bias
         new.running_mean, new.running_var = module.running_mean, module.running_var
@@ -262,11 +268,16 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
 def _fingerprint(config: PretrainConfig, num_classes: int, world_size: int, lr: float) -> dict[str, Any]:
     """What a resumed run must share with the run that wrote the checkpoint."""
     return {
-        "backbone": config.backbone, "num_classes": num_classes,
-        "global_batch": world_size * config.batch_size, "lr": lr,
-        "weight_decay": config.weight_decay, "adam_eps": config.adam_eps,
-        "cutmix_alpha": config.cutmix_alpha, "seed": config.seed, "dtype": config.dtype,
-    }  # fmt: skip
+        "backbone": config.backbone,
+        "num_classes": num_classes,
+        "global_batch": world_size * config.batch_size,
+        "lr": lr,
+        "weight_decay": config.weight_decay,
+        "adam_eps": config.adam_eps,
+        "cutmix_alpha": config.cutmix_alpha,
+        "seed": config.seed,
+        "dtype": config.dtype,
+    }
 
 
 # --- the loop -----------------------------------------------------------------------------
@@ -280,7 +291,7 @@ def _epoch_batches(sampler: DistributedSampler, epoch: int, batch_size: int, sta
     sampler.set_epoch(epoch)
     indices = list(iter(sampler))
     n_batches = len(indices) // batch_size
-    return [indices[i * batch_size:(i + 1) * batch_size] for i in range(start, n_batches)]
+    return [indices[i * batch_size : (i + 1) * batch_size] for i in range(start, n_batches)]
 
 
 def pretrain(dataset: Dataset, config: PretrainConfig) -> PretrainResult:
@@ -300,16 +311,17 @@ def pretrain(dataset: Dataset, config: PretrainConfig) -> PretrainResult:
     model = ECGTransformer(bb_config).to(env.device, dtype)
     if env.distributed and config.sync_batchnorm:
         model = _sync_batchnorm(model, env)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay,
-                                  eps=config.adam_eps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay, eps=config.adam_eps)
 
-    sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank,
-                                 shuffle=True, seed=config.seed, drop_last=True)
+    sampler = DistributedSampler(
+        dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=config.seed, drop_last=True
+    )
     steps_per_epoch = len(sampler) // config.batch_size
     if steps_per_epoch < 1:
         raise ValueError(
             f"{len(dataset)} records give no full batch of {config.batch_size} per process "
-            f"on {env.world_size} process(es); lower --batch-size or add data")
+            f"on {env.world_size} process(es); lower --batch-size or add data"
+        )
     total_steps = config.max_steps if config.max_steps is not None else config.epochs * steps_per_epoch
 
     step, epoch, batch_in_epoch = 0, 0, 0
@@ -318,10 +330,13 @@ def pretrain(dataset: Dataset, config: PretrainConfig) -> PretrainResult:
     if ckpt_path is not None and config.resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
         if ckpt["fingerprint"] != fingerprint:
-            diff = {k: (ckpt["fingerprint"].get(k), v) for k, v in fingerprint.items()
-                    if ckpt["fingerprint"].get(k) != v}
-            raise ValueError(f"checkpoint {ckpt_path} was written by a different run "
-                             f"(checkpoint vs now: {diff}); use another --checkpoint-dir or --no-resume")
+            diff = {
+                k: (ckpt["fingerprint"].get(k), v) for k, v in fingerprint.items() if ckpt["fingerprint"].get(k) != v
+            }
+            raise ValueError(
+                f"checkpoint {ckpt_path} was written by a different run "
+                f"(checkpoint vs now: {diff}); use another --checkpoint-dir or --no-resume"
+            )
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
@@ -332,7 +347,8 @@ def pretrain(dataset: Dataset, config: PretrainConfig) -> PretrainResult:
         from torch.nn.parallel import DistributedDataParallel
 
         ddp: nn.Module = DistributedDataParallel(
-            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+            model, device_ids=[env.device.index] if env.device.type == "cuda" else None
+        )
     else:
         ddp = model
 
@@ -340,9 +356,18 @@ def pretrain(dataset: Dataset, config: PretrainConfig) -> PretrainResult:
         logger.info(
             "pre-training %s (%d classes) on %d records: %d process(es) [%s], batch %d/process "
             "(global %d), lr %.3g, %d steps (%d/epoch), cutmix alpha %s",
-            bb_config.name, num_classes, len(dataset), env.world_size, env.backend or env.device.type,
-            config.batch_size, env.world_size * config.batch_size, lr, total_steps, steps_per_epoch,
-            config.cutmix_alpha or "off")
+            bb_config.name,
+            num_classes,
+            len(dataset),
+            env.world_size,
+            env.backend or env.device.type,
+            config.batch_size,
+            env.world_size * config.batch_size,
+            lr,
+            total_steps,
+            steps_per_epoch,
+            config.cutmix_alpha or "off",
+        )
 
     bar = None
     if env.is_main and config.progress and step < total_steps:
@@ -357,8 +382,9 @@ def pretrain(dataset: Dataset, config: PretrainConfig) -> PretrainResult:
     ddp.train()
     while step < total_steps:
         batches = _epoch_batches(sampler, epoch, config.batch_size, batch_in_epoch)
-        loader = DataLoader(dataset, batch_sampler=batches, num_workers=config.num_workers,
-                            pin_memory=env.device.type == "cuda")
+        loader = DataLoader(
+            dataset, batch_sampler=batches, num_workers=config.num_workers, pin_memory=env.device.type == "cuda"
+        )
         for x, y in loader:
             x = x.to(env.device, dtype, non_blocking=True)
             y = y.to(env.device, dtype, non_blocking=True)
@@ -387,10 +413,17 @@ def pretrain(dataset: Dataset, config: PretrainConfig) -> PretrainResult:
                 bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
             if ckpt_path is not None and (step % config.checkpoint_every == 0 or step == total_steps):
                 if env.is_main:
-                    save_checkpoint(ckpt_path, {
-                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                        "fingerprint": fingerprint})
+                    save_checkpoint(
+                        ckpt_path,
+                        {
+                            "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "step": step,
+                            "epoch": epoch,
+                            "batch_in_epoch": batch_in_epoch,
+                            "fingerprint": fingerprint,
+                        },
+                    )
                 if env.distributed:
                     dist.barrier()
             if step >= total_steps or batch_in_epoch == 0:
@@ -400,16 +433,30 @@ def pretrain(dataset: Dataset, config: PretrainConfig) -> PretrainResult:
         bar.close()
     if env.is_main and step > start_step:
         last = f", last loss {losses[-1][1]:.4f}" if losses else ""
-        logger.info("pre-training done: %d steps in %.1f s (%.1f samples/s)%s",
-                    step - start_step, elapsed, samples / max(elapsed, 1e-9), last)
+        logger.info(
+            "pre-training done: %d steps in %.1f s (%.1f samples/s)%s",
+            step - start_step,
+            elapsed,
+            samples / max(elapsed, 1e-9),
+            last,
+        )
 
     state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     if env.owns_group:
         dist.barrier()
         dist.destroy_process_group()
-    return PretrainResult(state_dict=state_dict, config=bb_config, steps=step,
-                          world_size=env.world_size, rank=env.rank, lr=lr, losses=losses,
-                          samples=samples, elapsed_s=elapsed, step_end_s=step_end)
+    return PretrainResult(
+        state_dict=state_dict,
+        config=bb_config,
+        steps=step,
+        world_size=env.world_size,
+        rank=env.rank,
+        lr=lr,
+        losses=losses,
+        samples=samples,
+        elapsed_s=elapsed,
+        step_end_s=step_end,
+    )
 
 
 class TensorPairDataset(Dataset):

@@ -210,8 +210,15 @@ def _deterministic_algorithms(enabled: bool, device: torch.device) -> Iterator[N
 class _Run:
     """One call of :func:`fit`: holds the model, optimiser, iterators and RNGs."""
 
-    def __init__(self, model: nn.Module, labelled: Dataset, unlabelled: Dataset | None,
-                 valid: Dataset, config: TrainConfig, callbacks: Sequence[Callback]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        labelled: Dataset,
+        unlabelled: Dataset | None,
+        valid: Dataset,
+        config: TrainConfig,
+        callbacks: Sequence[Callback],
+    ) -> None:
         self.method = config.training_method
         if self.method.reads_unlabelled and (unlabelled is None or len(unlabelled) == 0):
             raise ValueError(f"method {config.method!r} needs a non-empty unlabelled dataset")
@@ -290,13 +297,25 @@ class _Run:
     # -- steps --
     def iterators(self) -> tuple[BatchIterator, BatchIterator | None]:
         cfg = self.config
-        labelled = BatchIterator(self.labelled, cfg.batch_size, derive_seed(cfg.seed, _LABELLED), self.device,
-                                 self.positions["labelled"], cfg.num_workers)
+        labelled = BatchIterator(
+            self.labelled,
+            cfg.batch_size,
+            derive_seed(cfg.seed, _LABELLED),
+            self.device,
+            self.positions["labelled"],
+            cfg.num_workers,
+        )
         unlabelled = None
         if self.method.reads_unlabelled:
             assert self.unlabelled is not None
-            unlabelled = BatchIterator(self.unlabelled, cfg.unlabelled_batch, derive_seed(cfg.seed, _UNLABELLED),
-                                       self.device, self.positions["unlabelled"], cfg.num_workers)
+            unlabelled = BatchIterator(
+                self.unlabelled,
+                cfg.unlabelled_batch,
+                derive_seed(cfg.seed, _UNLABELLED),
+                self.device,
+                self.positions["unlabelled"],
+                cfg.num_workers,
+            )
         return labelled, unlabelled
 
     def loss(self, labelled: BatchIterator, unlabelled: BatchIterator | None) -> StepOutput:
@@ -323,8 +342,13 @@ class _Run:
         labelled, unlabelled = self.iterators()
         self.model.train()
         running, count = 0.0, 0
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"fine-tune ({cfg.method})",
-                   disable=not cfg.progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            desc=f"fine-tune ({cfg.method})",
+            disable=not cfg.progress,
+            dynamic_ncols=True,
+        )
         try:
             while self.step < cfg.max_steps and not self.early.stopped:
                 out = self.loss(labelled, unlabelled)
@@ -399,8 +423,13 @@ class _Run:
             device=str(self.device),
             monitor=self.config.monitor,
         )
-        log.info("done after %d steps: best %s %.4f at step %d", result.steps, result.monitor,
-                 result.best_score, result.best_step)
+        log.info(
+            "done after %d steps: best %s %.4f at step %d",
+            result.steps,
+            result.monitor,
+            result.best_score,
+            result.best_step,
+        )
         for cb in self.callbacks:
             cb.on_end(result)
         return result

@@ -36,8 +36,9 @@ def _classes(value: str) -> list[str]:
 
 def _add_register_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--register", action="store_true", help="register the backbone in MLflow")
-    p.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI "
-                                                      "or sqlite:///mlflow.db)")
+    p.add_argument(
+        "--tracking-uri", default="", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+    )
     p.add_argument("--alias", default=None, help="registry alias to point at the version (with --register)")
 
 
@@ -77,16 +78,24 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("path", type=Path, help="checkpoint file")
     p.add_argument("--config", required=True, choices=sizes, help="backbone size the checkpoint holds")
     p.add_argument("--out", type=Path, required=True, help="backbone folder to write")
-    p.add_argument("--classes", type=_classes, default=None,
-                   help="names of the checkpoint's classifier.1 rows (default: CODE-15%% for 6 classes)")
+    p.add_argument(
+        "--classes",
+        type=_classes,
+        default=None,
+        help="names of the checkpoint's classifier.1 rows (default: CODE-15%% for 6 classes)",
+    )
     p.add_argument("--data-version", default=None, help="what the checkpoint was trained on (free text)")
     _add_register_options(p)
     p.set_defaults(func=_import)
 
     p = sub.add_parser("default", help="the embedded default backbone: build once, cache, print its folder")
     p.add_argument("--config", default="tiny", help="size (tiny or tinylight)")
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="cache root (default: $CESSL_CACHE/backbones or ~/.cache/cessl/backbones)")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="cache root (default: $CESSL_CACHE/backbones or ~/.cache/cessl/backbones)",
+    )
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     _add_register_options(p)
     p.set_defaults(func=_default)
@@ -118,8 +127,9 @@ def store_data_version(store, ids: list[str], classes: list[str]) -> str:
     if recorded:
         return str(recorded)
     table = store.table.set_index(store.table["id"].astype(str))
-    h = hashlib.sha256(json.dumps({"classes": classes, "preprocess": store.meta.get("preprocess")},
-                                  sort_keys=True).encode())
+    h = hashlib.sha256(
+        json.dumps({"classes": classes, "preprocess": store.meta.get("preprocess")}, sort_keys=True).encode()
+    )
     column = "content_hash" if "content_hash" in table.columns else None
     for rid in sorted(ids):
         h.update(f"{rid}:{table.at[rid, column] if column else ''}\n".encode())
@@ -141,20 +151,39 @@ def _pretrain(args: argparse.Namespace) -> int:
     dataset = StoreDataset(store, ids, classes)
     checkpoint_dir = args.checkpoint_dir or args.out / "checkpoints"
     config = PretrainConfig(
-        backbone=args.config, num_classes=len(classes), epochs=args.epochs, max_steps=args.max_steps,
-        batch_size=args.batch_size, base_lr=args.base_lr, lr=args.lr, weight_decay=args.weight_decay,
-        cutmix_alpha=args.cutmix_alpha, seed=args.seed, checkpoint_dir=str(checkpoint_dir),
-        checkpoint_every=args.checkpoint_every, resume=not args.no_resume, num_workers=args.num_workers,
-        device=args.device, progress=not args.no_progress)
+        backbone=args.config,
+        num_classes=len(classes),
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        base_lr=args.base_lr,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        cutmix_alpha=args.cutmix_alpha,
+        seed=args.seed,
+        checkpoint_dir=str(checkpoint_dir),
+        checkpoint_every=args.checkpoint_every,
+        resume=not args.no_resume,
+        num_workers=args.num_workers,
+        device=args.device,
+        progress=not args.no_progress,
+    )
     result = pretrain(dataset, config)
     if not result.is_main:
         return 0  # rank 0 writes the folder
     data_version = args.data_version or store_data_version(store, ids, classes)
     folder = save_backbone(
-        result.state_dict, result.config, classes, args.out, source="pretrain", data_version=data_version,
-        store=str(args.store), records=len(ids), pretrain_config=config.to_dict(),
-        training={"steps": result.steps, "world_size": result.world_size, "lr": result.lr,
-                  "losses": result.losses})
+        result.state_dict,
+        result.config,
+        classes,
+        args.out,
+        source="pretrain",
+        data_version=data_version,
+        store=str(args.store),
+        records=len(ids),
+        pretrain_config=config.to_dict(),
+        training={"steps": result.steps, "world_size": result.world_size, "lr": result.lr, "losses": result.losses},
+    )
     print(folder)
     _maybe_register(args, folder)
     return 0
@@ -163,8 +192,9 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     from ml.model.pretrained import import_reference_checkpoint
 
-    folder = import_reference_checkpoint(args.path, args.config, args.out, classes=args.classes,
-                                         data_version=args.data_version)
+    folder = import_reference_checkpoint(
+        args.path, args.config, args.out, classes=args.classes, data_version=args.data_version
+    )
     print(folder)
     _maybe_register(args, folder)
     return 0
@@ -184,7 +214,8 @@ def _show(args: argparse.Namespace) -> int:
 
     meta = read_backbone(args.path).meta
     meta = {k: v for k, v in meta.items() if k != "training"} | {
-        "training_steps": (meta.get("training") or {}).get("steps")}
+        "training_steps": (meta.get("training") or {}).get("steps")
+    }
     print(json.dumps(meta, indent=2))
     return 0
 

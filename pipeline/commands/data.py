@@ -25,9 +25,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="write a synthetic hospital as Challenge-format WFDB records")
     p.add_argument("out", type=Path, help="output folder")
     p.add_argument("--records", type=int, default=100)
-    p.add_argument("--classes", type=_codes, default=None,
-                   help="comma-separated SNOMED codes or abbreviations "
-                   "(default: NSR,SB,STach,AF,IAVB,LBBB,RBBB,PVC,LQRSV,TInv)")
+    p.add_argument(
+        "--classes",
+        type=_codes,
+        default=None,
+        help="comma-separated SNOMED codes or abbreviations (default: NSR,SB,STach,AF,IAVB,LBBB,RBBB,PVC,LQRSV,TInv)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--unlabelled-fraction", type=float, default=0.0, help="fraction written without # Dx")
     p.add_argument("--fs", type=float, default=500.0, help="sampling frequency (Hz)")
@@ -96,10 +99,24 @@ def _synth(args: argparse.Namespace) -> int:
         start=args.start,
     )
     summary = generate(args.out, config, faults=args.faults, workers=args.workers)
-    log.info("%d records (%d labelled) in %s%s", summary.records, summary.labelled, args.out,
-             f", plus {len(summary.faults)} faulty ones" if summary.faults else "")
-    print(json.dumps({"records": summary.records, "labelled": summary.labelled, "labels": summary.label_counts,
-                      "faults": summary.faults}, indent=1))
+    log.info(
+        "%d records (%d labelled) in %s%s",
+        summary.records,
+        summary.labelled,
+        args.out,
+        f", plus {len(summary.faults)} faulty ones" if summary.faults else "",
+    )
+    print(
+        json.dumps(
+            {
+                "records": summary.records,
+                "labelled": summary.labelled,
+                "labels": summary.label_counts,
+                "faults": summary.faults,
+            },
+            indent=1,
+        )
+    )
     return 0
 
 
@@ -112,18 +129,22 @@ def _ingest(args: argparse.Namespace) -> int:
         workers=args.workers,
     )
     report = ingest(args.source, args.out, config=config)
-    print(f"seen {report.seen} = accepted {report.accepted} + quarantined {report.quarantined} "
-          f"(parsed {report.read}, unchanged {report.reused}); report: {args.out / QUARANTINE_FILE}")
+    print(
+        f"seen {report.seen} = accepted {report.accepted} + quarantined {report.quarantined} "
+        f"(parsed {report.read}, unchanged {report.reused}); report: {args.out / QUARANTINE_FILE}"
+    )
     return 0
 
 
 def _preprocess(args: argparse.Namespace) -> int:
     from ml.data.preprocess import preprocess
 
-    store = preprocess(args.ingest_dir, args.store, classes=args.classes, min_count=args.min_count,
-                       workers=args.workers)
-    print(f"{len(store)} records x {len(store.classes)} classes ({', '.join(store.meta['class_names'])}) "
-          f"in {args.store}")
+    store = preprocess(
+        args.ingest_dir, args.store, classes=args.classes, min_count=args.min_count, workers=args.workers
+    )
+    print(
+        f"{len(store)} records x {len(store.classes)} classes ({', '.join(store.meta['class_names'])}) in {args.store}"
+    )
     return 0
 
 
@@ -131,8 +152,13 @@ def _split(args: argparse.Namespace) -> int:
     from ml.data.splits import split_store
     from ml.data.store import ECGStore
 
-    splits = split_store(ECGStore.open(args.store), test_size=args.test_size, labelled_ratio=args.labelled_ratio,
-                         valid_size=args.valid_size, seed=args.seed)
+    splits = split_store(
+        ECGStore.open(args.store),
+        test_size=args.test_size,
+        labelled_ratio=args.labelled_ratio,
+        valid_size=args.valid_size,
+        seed=args.seed,
+    )
     splits.save(args.out)
     print(" ".join(f"{k} {v}" for k, v in splits.sizes().items()) + f" -> {args.out}")
     return 0
@@ -146,9 +172,11 @@ def _add(args: argparse.Namespace) -> int:
         log.warning("%s differs from the copy already in %s: kept the existing one", key, result.destination)
     for problem in result.unsafe:
         log.warning("refused %s", problem)
-    print(f"copied {result.copied} records into {result.destination} ({result.unchanged} already there, "
-          f"{len(result.conflicts)} conflicts, {len(result.unsafe)} refused); data version "
-          f"{result.version_before} -> {result.version_after}")
+    print(
+        f"copied {result.copied} records into {result.destination} ({result.unchanged} already there, "
+        f"{len(result.conflicts)} conflicts, {len(result.unsafe)} refused); data version "
+        f"{result.version_before} -> {result.version_after}"
+    )
     return 1 if result.conflicts else 0
 
 

@@ -138,24 +138,49 @@ def run_demo(options: DemoOptions) -> DemoReport:
     config = backbone_config(options.backbone, options.classes)
     backbone_state, backbone_params = _random_backbone(options.backbone, options.classes, options.seed)
 
-    allocated = allocate_ranks_for(METHOD, backbone_state, config, options.lora, options.allocation, data["train"],
-                                   options.batch_size, options.seed)
+    allocated = allocate_ranks_for(
+        METHOD,
+        backbone_state,
+        config,
+        options.lora,
+        options.allocation,
+        data["train"],
+        options.batch_size,
+        options.seed,
+    )
     train_config = _train_config(options)
-    outcome = finetune(backbone_state, config, options.lora, allocated.rank_map, train_config, data["train"],
-                       data["unlabelled"], data["valid"])
+    outcome = finetune(
+        backbone_state,
+        config,
+        options.lora,
+        allocated.rank_map,
+        train_config,
+        data["train"],
+        data["unlabelled"],
+        data["valid"],
+    )
     evaluation = evaluate(outcome.model, data["test"], thresholds=outcome.thresholds, classes=task.classes)
     if options.out:
         _save(outcome.model, task.classes, evaluation.thresholds, Path(options.out))
-    return DemoReport(outcome.trainable, outcome.total, backbone_params, allocated.rank_map, allocated.importance,
-                      outcome.result, evaluation, time.perf_counter() - start)
+    return DemoReport(
+        outcome.trainable,
+        outcome.total,
+        backbone_params,
+        allocated.rank_map,
+        allocated.importance,
+        outcome.result,
+        evaluation,
+        time.perf_counter() - start,
+    )
 
 
 def _save(model, classes: list[str], thresholds, out: Path) -> None:
     from ml.model.adapter import AdapterMeta, save_adapter
 
     model.cpu()
-    meta = AdapterMeta(backbone_id="demo-random-init", classes=classes, thresholds=[float(t) for t in thresholds],
-                       method=METHOD)
+    meta = AdapterMeta(
+        backbone_id="demo-random-init", classes=classes, thresholds=[float(t) for t in thresholds], method=METHOD
+    )
     save_adapter(model, out, meta)
 
 
@@ -269,14 +294,20 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--val-every", type=int, default=defaults.val_every, help="validate every N steps")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
     parser.add_argument("-r", type=int, default=None, help="LoRA rank r (default: LoRAConfig's, the paper's)")
-    parser.add_argument("--compress", type=float, default=None,
-                        help="rank allocation ratio c (default: RankAllocationConfig's, the paper's)")
-    parser.add_argument("-p", type=float, default=None,
-                        help="random deactivation probability (default: LoRAConfig's, the paper's)")
+    parser.add_argument(
+        "--compress",
+        type=float,
+        default=None,
+        help="rank allocation ratio c (default: RankAllocationConfig's, the paper's)",
+    )
+    parser.add_argument(
+        "-p", type=float, default=None, help="random deactivation probability (default: LoRAConfig's, the paper's)"
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default=defaults.device, help="auto | cpu | cuda")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (0: torch's default; 1 is faster on a busy machine)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 is faster on a busy machine)"
+    )
     parser.add_argument("--out", default=None, help="also save the adapter to this folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=_command)

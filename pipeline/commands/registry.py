@@ -73,9 +73,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     table = predictor.predict_records([Path(r) for r in args.records])
     fmt = args.format or ("json" if args.output and args.output.endswith(".json") else "csv")
     if fmt == "json":
-        text = json.dumps({"model": args.model, "classes": predictor.classes,
-                           "thresholds": [float(t) for t in predictor.thresholds],
-                           "records": table.to_dict(orient="records")}, indent=2)
+        text = json.dumps(
+            {
+                "model": args.model,
+                "classes": predictor.classes,
+                "thresholds": [float(t) for t in predictor.thresholds],
+                "records": table.to_dict(orient="records"),
+            },
+            indent=2,
+        )
     else:
         text = table.to_csv(index=False, float_format="%.6f")
     if args.output:
@@ -102,8 +108,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     def tracking_flag(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--tracking-uri", default="",
-                       help=f"MLflow tracking URI (default: ${TRACKING_URI_ENV} or sqlite:///./mlflow.db)")
+        p.add_argument(
+            "--tracking-uri",
+            default="",
+            help=f"MLflow tracking URI (default: ${TRACKING_URI_ENV} or sqlite:///./mlflow.db)",
+        )
 
     pr = subparsers.add_parser("promote", help="move 'champion' to the challenger if it beats the champion")
     pr.add_argument("name", help="registered model name")

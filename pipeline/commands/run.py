@@ -49,33 +49,55 @@ STATE_DIR = Path(".cache") / "cessl"
 
 # `cessl run` on the embedded defaults: the demo hospital, the tiny default backbone and a
 # schedule that finishes in minutes on two CPU cores. Every value can be overridden.
-DEMO_PARAMS = DEFAULTS.replace(backbone_config="tiny", labelled_ratio=0.3, max_steps=150, batch_size=16, val_every=25,
-                               min_class_count=10)
+DEMO_PARAMS = DEFAULTS.replace(
+    backbone_config="tiny", labelled_ratio=0.3, max_steps=150, batch_size=16, val_every=25, min_class_count=10
+)
 
 
 # --------------------------------------------------------------------------- arguments
 
+
 def add_compile_flags(parser: argparse.ArgumentParser, with_image: bool = True) -> None:
     group = parser.add_argument_group("cluster settings (compile time)")
     if with_image:
-        group.add_argument("--image", default=None,
-                           help="component image (default: $CESSL_IMAGE or localhost:5000/cessl:0.1.0)")
+        group.add_argument(
+            "--image", default=None, help="component image (default: $CESSL_IMAGE or localhost:5000/cessl:0.1.0)"
+        )
     group.add_argument("--accelerator-type", default="nvidia.com/gpu", help="finetune's accelerator resource")
     group.add_argument("--accelerator-limit", type=int, default=1, help="accelerators for finetune")
     group.add_argument("--no-gpu", action="store_true", help="finetune requests no accelerator")
-    group.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE",
-                       help="node label finetune must run on (repeatable)")
-    group.add_argument("--toleration", action="append", default=None, metavar="KEY[=VALUE][:EFFECT]",
-                       help="taint finetune tolerates (repeatable; default nvidia.com/gpu:NoSchedule)")
+    group.add_argument(
+        "--node-selector",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="node label finetune must run on (repeatable)",
+    )
+    group.add_argument(
+        "--toleration",
+        action="append",
+        default=None,
+        metavar="KEY[=VALUE][:EFFECT]",
+        help="taint finetune tolerates (repeatable; default nvidia.com/gpu:NoSchedule)",
+    )
     group.add_argument("--finetune-cpu", default="4")
     group.add_argument("--finetune-memory", default="16Gi")
     defaults = CompileOptions()
-    group.add_argument("--checkpoint-pvc", default=defaults.checkpoint_pvc,
-                       help="PVC mounted at /mnt/checkpoints on finetune ('' for none; default: %(default)s)")
-    group.add_argument("--credentials-secret", default=defaults.credentials_secret,
-                       help="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY ('' for none; default: %(default)s)")
-    group.add_argument("--config-map", default=defaults.config_map,
-                       help="ConfigMap with the MLflow / S3 endpoints ('' for none; default: %(default)s)")
+    group.add_argument(
+        "--checkpoint-pvc",
+        default=defaults.checkpoint_pvc,
+        help="PVC mounted at /mnt/checkpoints on finetune ('' for none; default: %(default)s)",
+    )
+    group.add_argument(
+        "--credentials-secret",
+        default=defaults.credentials_secret,
+        help="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY ('' for none; default: %(default)s)",
+    )
+    group.add_argument(
+        "--config-map",
+        default=defaults.config_map,
+        help="ConfigMap with the MLflow / S3 endpoints ('' for none; default: %(default)s)",
+    )
 
 
 def compile_options(args: argparse.Namespace, cache_ingest: bool = True) -> CompileOptions:
@@ -85,14 +107,19 @@ def compile_options(args: argparse.Namespace, cache_ingest: bool = True) -> Comp
         if not eq or not key:
             raise ValueError(f"--node-selector {item!r}: expected KEY=VALUE")
         selector[key] = value
-    tolerations = CompileOptions().tolerations if args.toleration is None else tuple(
-        Toleration.parse(t) for t in args.toleration)
+    tolerations = (
+        CompileOptions().tolerations if args.toleration is None else tuple(Toleration.parse(t) for t in args.toleration)
+    )
     return CompileOptions(
         image=args.image or CompileOptions().image,
         accelerator_type="" if args.no_gpu else args.accelerator_type,
-        accelerator_limit=args.accelerator_limit, node_selector=selector, tolerations=tolerations,
+        accelerator_limit=args.accelerator_limit,
+        node_selector=selector,
+        tolerations=tolerations,
         finetune_resources=ResourceRequest(cpu=args.finetune_cpu, memory=args.finetune_memory),
-        checkpoint_pvc=args.checkpoint_pvc, credentials_secret=args.credentials_secret, config_map=args.config_map,
+        checkpoint_pvc=args.checkpoint_pvc,
+        credentials_secret=args.credentials_secret,
+        config_map=args.config_map,
         cache_ingest=cache_ingest,
     )
 
@@ -146,14 +173,19 @@ def local_params(args: argparse.Namespace, params: PipelineParams, tracking: Tra
     else:
         data_version, commit = args.data_version or "", git_commit(Path.cwd())
     return params.replace(
-        source=source, data_version=args.data_version or data_version, git_commit=commit,
-        tracking_uri=tracking.tracking_uri, checkpoint_root=str(state / "checkpoints"), state_dir=str(state),
+        source=source,
+        data_version=args.data_version or data_version,
+        git_commit=commit,
+        tracking_uri=tracking.tracking_uri,
+        checkpoint_root=str(state / "checkpoints"),
+        state_dir=str(state),
         cache_dir=args.backbone_cache or "",
     )
 
 
-def summarise_run(tracking: TrackingConfig, run_id: str, version: str, params: PipelineParams,
-                  seconds: float) -> RunSummary:
+def summarise_run(
+    tracking: TrackingConfig, run_id: str, version: str, params: PipelineParams, seconds: float
+) -> RunSummary:
     import mlflow
 
     from pipeline.tracking import CHAMPION_PREFIX, TEST_PREFIX
@@ -165,13 +197,19 @@ def summarise_run(tracking: TrackingConfig, run_id: str, version: str, params: P
     rank_map = mlflow.artifacts.load_dict(f"runs:/{run_id}/rank_map.json")
     mv = client.get_model_version(tracking.model_name, version)
     return RunSummary(
-        data_version=run.data.tags.get("data_version", params.data_version), git_commit=params.git_commit,
-        model_name=tracking.model_name, model_version=version, run_id=run_id, tracking_uri=tracking.tracking_uri,
+        data_version=run.data.tags.get("data_version", params.data_version),
+        git_commit=params.git_commit,
+        model_name=tracking.model_name,
+        model_version=version,
+        run_id=run_id,
+        tracking_uri=tracking.tracking_uri,
         rank_map={k: int(v) for k, v in rank_map.items()},
         test_metrics={k.removeprefix(TEST_PREFIX): v for k, v in run.data.metrics.items() if k.startswith(TEST_PREFIX)},
-        champion_metrics={k.removeprefix(CHAMPION_PREFIX): v for k, v in run.data.metrics.items()
-                          if k.startswith(CHAMPION_PREFIX)},
-        aliases=list(getattr(mv, "aliases", []) or []), seconds=seconds,
+        champion_metrics={
+            k.removeprefix(CHAMPION_PREFIX): v for k, v in run.data.metrics.items() if k.startswith(CHAMPION_PREFIX)
+        },
+        aliases=list(getattr(mv, "aliases", []) or []),
+        seconds=seconds,
     )
 
 
@@ -187,8 +225,9 @@ def print_summary(summary: RunSummary) -> None:
     head.add_row("git commit", summary.git_commit)
     head.add_row("ranks allocated", summarise(summary.rank_map))
     head.add_row("MLflow run", f"{summary.run_id} ({summary.tracking_uri})")
-    head.add_row("model version", f"{summary.model_name} v{summary.model_version} "
-                                  f"[{', '.join(summary.aliases) or 'no alias'}]")
+    head.add_row(
+        "model version", f"{summary.model_name} v{summary.model_version} [{', '.join(summary.aliases) or 'no alias'}]"
+    )
     head.add_row("wall time", f"{summary.seconds:.0f} s")
     console.print(head)
     if summary.rank_map:
@@ -219,15 +258,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     log.info("data %s (version %s), MLflow %s", params.source, params.data_version, tracking.tracking_uri)
     start = time.perf_counter()
     task_log = None if args.show_task_logs else Path(args.pipeline_root) / "last_run.log"
-    outputs = run_local(params, LocalRunConfig(pipeline_root=Path(args.pipeline_root), cache=not args.no_cache,
-                                               runner=args.runner, image=args.image, task_log=task_log))
+    outputs = run_local(
+        params,
+        LocalRunConfig(
+            pipeline_root=Path(args.pipeline_root),
+            cache=not args.no_cache,
+            runner=args.runner,
+            image=args.image,
+            task_log=task_log,
+        ),
+    )
     summary = summarise_run(tracking, outputs.run_id, outputs.model_version, params, time.perf_counter() - start)
     if args.promote:
         from pipeline.commands.registry import run_promote
 
         run_promote(tracking, args.promote_metric, args.promote_margin, force=False)
-        summary.aliases = list(getattr(tracking.client().get_model_version(tracking.model_name,
-                                                                            summary.model_version), "aliases", []))
+        summary.aliases = list(
+            getattr(tracking.client().get_model_version(tracking.model_name, summary.model_version), "aliases", [])
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(summary.to_json(), indent=2, sort_keys=True), encoding="utf-8")
     print_summary(summary)
@@ -247,8 +295,12 @@ def cluster_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """Pipeline arguments for a cluster run (the cluster defaults, no local paths)."""
     params = params_from_args(args, DEFAULTS)
     data_version = args.data_version or source_data_version(params.source, Path(args.dvc_file), Path.cwd())
-    arguments = params.replace(data_version=data_version, git_commit=git_commit(Path.cwd()),
-                               tracking_uri=args.tracking_uri or "", checkpoint_root=args.checkpoint_root).arguments()
+    arguments = params.replace(
+        data_version=data_version,
+        git_commit=git_commit(Path.cwd()),
+        tracking_uri=args.tracking_uri or "",
+        checkpoint_root=args.checkpoint_root,
+    ).arguments()
     # Unset local-only settings keep the compiled defaults (e.g. checkpoint_root on the PVC).
     return {k: v for k, v in arguments.items() if v != "" or k not in LOCAL_ONLY}
 
@@ -269,7 +321,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     package = _package(args)
     run_name = args.run_name or f"cessl-{time.strftime('%Y%m%d-%H%M%S')}"
     result = _client(args).create_run_from_pipeline_package(
-        str(package), arguments=cluster_arguments(args), run_name=run_name, experiment_name=args.kfp_experiment,
+        str(package),
+        arguments=cluster_arguments(args),
+        run_name=run_name,
+        experiment_name=args.kfp_experiment,
         enable_caching=not args.no_cache,
     )
     log.info("submitted run %s (%s) to %s, experiment %s", result.run_id, run_name, args.host, args.kfp_experiment)
@@ -293,12 +348,22 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     arguments = cluster_arguments(args)
     arguments["data_version"] = ""  # the version is the data found at run time
     job = client.create_recurring_run(
-        experiment_id=experiment.experiment_id, job_name=args.job_name, cron_expression=cron6(args.cron),
-        pipeline_package_path=str(package), params=arguments, max_concurrency=1, no_catchup=True,
+        experiment_id=experiment.experiment_id,
+        job_name=args.job_name,
+        cron_expression=cron6(args.cron),
+        pipeline_package_path=str(package),
+        params=arguments,
+        max_concurrency=1,
+        no_catchup=True,
         enable_caching=not args.no_cache,
     )
-    log.info("recurring run %s (%s, cron %s) on %s", getattr(job, "recurring_run_id", "?"), args.job_name,
-             cron6(args.cron), args.host)
+    log.info(
+        "recurring run %s (%s, cron %s) on %s",
+        getattr(job, "recurring_run_id", "?"),
+        args.job_name,
+        cron6(args.cron),
+        args.host,
+    )
     return 0
 
 
@@ -314,8 +379,11 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         raise ValueError(f"cannot tell the data version of {params.source} (no {args.dvc_file}); pass --data-version")
     trained_on = champion_data_version(tracking.client(), tracking.model_name)
     if trained_on == current:
-        log.info("the champion of %s was trained on data version %s already: nothing to retrain",
-                 tracking.model_name, current)
+        log.info(
+            "the champion of %s was trained on data version %s already: nothing to retrain",
+            tracking.model_name,
+            current,
+        )
         return 0
     log.info("data version %s differs from the champion's (%s): retraining", current, trained_on or "no champion")
     if args.host:
@@ -327,23 +395,36 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def _add_tracking(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tracking-uri", default="",
-                        help=f"MLflow tracking URI (default: ${TRACKING_URI_ENV} or sqlite:///./mlflow.db)")
+    parser.add_argument(
+        "--tracking-uri",
+        default="",
+        help=f"MLflow tracking URI (default: ${TRACKING_URI_ENV} or sqlite:///./mlflow.db)",
+    )
     parser.add_argument("--data-version", default="", help="override the data version (default: from the .dvc file)")
 
 
 def _add_local(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline-root", default="local_outputs", help="task outputs and the task cache")
-    parser.add_argument("--state-dir", default=str(STATE_DIR), help="checkpoints and incremental ingest/preprocess state")
-    parser.add_argument("--backbone-cache", default="",
-                        help="cache of the embedded default backbone (default: $CESSL_CACHE/backbones or ~/.cache/cessl/backbones)")
-    parser.add_argument("--runner", choices=("subprocess", "docker"), default="subprocess",
-                        help="kfp.local runner: this environment, or the project image on Docker")
+    parser.add_argument(
+        "--state-dir", default=str(STATE_DIR), help="checkpoints and incremental ingest/preprocess state"
+    )
+    parser.add_argument(
+        "--backbone-cache",
+        default="",
+        help="cache of the embedded default backbone (default: $CESSL_CACHE/backbones or ~/.cache/cessl/backbones)",
+    )
+    parser.add_argument(
+        "--runner",
+        choices=("subprocess", "docker"),
+        default="subprocess",
+        help="kfp.local runner: this environment, or the project image on Docker",
+    )
     parser.add_argument("--image", default=None, help="component image (--runner docker, and compiled pipelines)")
     parser.add_argument("--no-cache", action="store_true", help="run every step again")
     parser.add_argument("--no-demo-data", action="store_true", help="never create the demo hospital")
-    parser.add_argument("--show-task-logs", action="store_true",
-                        help="stream the tasks' output (default: <pipeline-root>/last_run.log)")
+    parser.add_argument(
+        "--show-task-logs", action="store_true", help="stream the tasks' output (default: <pipeline-root>/last_run.log)"
+    )
     parser.add_argument("--promote", action="store_true", help="run the champion gate after registering")
     parser.add_argument("--promote-metric", default="macro_f_beta")
     parser.add_argument("--promote-margin", type=float, default=0.0)
@@ -371,8 +452,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     add_compile_flags(comp)
     comp.set_defaults(func=cmd_compile)
 
-    for name, func, text in (("submit", cmd_submit, "submit one run to Kubeflow Pipelines"),
-                             ("schedule", cmd_schedule, "create a KFP recurring run (retraining)")):
+    for name, func, text in (
+        ("submit", cmd_submit, "submit one run to Kubeflow Pipelines"),
+        ("schedule", cmd_schedule, "create a KFP recurring run (retraining)"),
+    ):
         sub = subparsers.add_parser(name, help=text)
         add_param_flags(sub, DEFAULTS)
         _add_tracking(sub)
@@ -388,8 +471,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         sub.set_defaults(func=func)
 
     retrain = subparsers.add_parser(
-        "retrain", help="run the pipeline if the data changed since the champion",
-        description="Parameters default to `cessl run`'s (the demo's), or with --host to `cessl submit`'s.")
+        "retrain",
+        help="run the pipeline if the data changed since the champion",
+        description="Parameters default to `cessl run`'s (the demo's), or with --host to `cessl submit`'s.",
+    )
     add_param_flags(retrain, None)
     _add_tracking(retrain)
     _add_local(retrain)
