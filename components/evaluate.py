@@ -6,8 +6,10 @@ coverage, macro AUROC, macro mAP, macro F-beta2, macro G-beta2), ``per_class.csv
 ``pr.png``; and an HTML report with the tables and both plots embedded.
 
 :func:`score_champion_step` scores another model (the registry's current champion, which
-the pipeline fetches) on the same test split with the same code, and writes a
-:class:`ChampionEvaluation` (its version and metrics, or why there are none).
+the pipeline fetches) on the same test split with the same code, keeps its per-record
+predictions, computes the paired bootstrap of the new model against it on those records
+(:mod:`ml.eval.bootstrap`: the promotion gate's evidence) and writes a
+:class:`ChampionEvaluation` folder (its version and metrics, or why there are none).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import pandas as pd
 from components.common import read_json, write_json
 from components.data_access import dataset, open_store
 from ml.data.splits import Splits
+from ml.eval.bootstrap import BootstrapConfig, PairedBootstrap, paired_bootstrap
 from ml.eval.predictor import load_predictor
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,8 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 PER_CLASS_FILE = "per_class.csv"
 PREDICTIONS_FILE = "predictions.npz"
+CHAMPION_FILE = "champion.json"
+GATE_FILE = "paired_bootstrap.json"
 ROC_FILE = "roc.png"
 PR_FILE = "pr.png"
 MAX_CURVE_POINTS = 200  # KFP ClassificationMetrics metadata stays small
@@ -169,13 +174,7 @@ def evaluate_step(
         },
     )
     report.per_class.to_csv(out_dir / PER_CLASS_FILE, index=False)
-    np.savez_compressed(
-        out_dir / PREDICTIONS_FILE,
-        ids=np.asarray(splits.test),
-        probs=report.probs,
-        labels=report.labels,
-        thresholds=np.asarray(report.thresholds),
-    )
+    save_predictions(out_dir / PREDICTIONS_FILE, list(splits.test), report.probs, report.labels, report.thresholds)
     images = {
         "ROC": _plot("roc", report.labels, report.probs, result.classes, out_dir / ROC_FILE),
         "Precision-recall": _plot("pr", report.labels, report.probs, result.classes, out_dir / PR_FILE),
@@ -208,13 +207,21 @@ class ChampionEvaluation:
     """The champion's metrics on a run's test split, or why there are none.
 
     ``version`` None: there was no champion. ``metrics`` empty with a version: it could
-    not be scored on this split (``note`` says why).
+    not be scored on this split (``note`` says why). ``gate``: the paired bootstrap of the
+    challenger against the champion on the same records (:meth:`PairedBootstrap.to_json`),
+    empty when it could not be computed (``gate_note`` says why).
+
+    On disk a folder: ``champion.json`` (this), ``predictions.npz`` (the champion's
+    per-record predictions, keys as :func:`evaluate_step` writes them) and
+    ``paired_bootstrap.json`` (``gate``).
     """
 
     version: str | None
     test_split_hash: str
     metrics: dict[str, float] = field(default_factory=dict)
     note: str = ""
+    gate: dict[str, Any] = field(default_factory=dict)
+    gate_note: str = ""
 
     @property
     def scored(self) -> bool:
@@ -226,27 +233,110 @@ class ChampionEvaluation:
             "scored": self.scored,
             "note": self.note,
             "test_split_hash": self.test_split_hash,
+            "paired_bootstrap": bool(self.gate),
+            "gate_note": self.gate_note,
         }
 
-    def write(self, path: Path) -> Path:
-        return write_json(path, asdict(self))
+    def write(self, out_dir: Path) -> Path:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if self.gate:
+            write_json(out_dir / GATE_FILE, self.gate)
+        return write_json(out_dir / CHAMPION_FILE, asdict(self))
 
     @classmethod
     def read(cls, path: Path) -> ChampionEvaluation:
-        data = read_json(path, "champion evaluation")
+        """From the step's folder (or a bare ``champion.json``)."""
+        path = Path(path)
+        data = read_json(path / CHAMPION_FILE if path.is_dir() else path, "champion evaluation")
         return cls(
             version=data["version"],
             test_split_hash=data["test_split_hash"],
             metrics={k: float(v) for k, v in data.get("metrics", {}).items()},
             note=data.get("note", ""),
+            gate=dict(data.get("gate", {})),
+            gate_note=data.get("gate_note", ""),
         )
 
 
+def save_predictions(path: Path, ids: list[str], probs: np.ndarray, labels: np.ndarray, thresholds: Any) -> Path:
+    """Per-record predictions (the layout of ``predictions.npz``)."""
+    np.savez_compressed(
+        path, ids=np.asarray(ids), probs=probs, labels=labels, thresholds=np.asarray(thresholds, dtype=np.float64)
+    )
+    return Path(path)
+
+
+def load_predictions(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in ("ids", "probs", "labels", "thresholds")}
+
+
+def compare_predictions(
+    challenger: dict[str, np.ndarray], champion: dict[str, np.ndarray], classes: list[str], config: BootstrapConfig
+) -> PairedBootstrap:
+    """The paired bootstrap of two models' predictions on identical records (same ids in the
+    same order, same labels); ValueError otherwise."""
+    if [str(i) for i in challenger["ids"]] != [str(i) for i in champion["ids"]]:
+        raise ValueError("the challenger and the champion were not scored on the same records")
+    if not np.array_equal(challenger["labels"], champion["labels"]):
+        raise ValueError("the challenger's and the champion's labels differ on the same records")
+    return paired_bootstrap(
+        challenger["labels"],
+        challenger["probs"],
+        challenger["thresholds"],
+        champion["probs"],
+        champion["thresholds"],
+        classes,
+        config,
+    )
+
+
+def _gate(
+    result: ChampionEvaluation,
+    challenger_evaluation: Path | None,
+    champion_predictions: dict[str, np.ndarray],
+    classes: list[str],
+    config: BootstrapConfig,
+) -> None:
+    """Fill ``result.gate`` (or ``gate_note``) from the challenger's ``predictions.npz``."""
+    path = None if challenger_evaluation is None else Path(challenger_evaluation) / PREDICTIONS_FILE
+    if path is None or not path.is_file():
+        result.gate_note = "no challenger predictions to compare with"
+        return
+    try:
+        gate = compare_predictions(load_predictions(path), champion_predictions, classes, config)
+    except ValueError as err:
+        result.gate_note = str(err)
+        return
+    result.gate = gate.to_json()
+    interval = gate.intervals["macro_f_beta"]
+    log.info(
+        "paired bootstrap over %d records (%d resamples): macro_f_beta challenger - champion %.4f, "
+        "%.0f%% CI [%.4f, %.4f]",
+        gate.n_records,
+        gate.n_resamples,
+        interval.estimate,
+        100 * gate.confidence,
+        interval.ci_low,
+        interval.ci_high,
+    )
+
+
 def score_champion_step(
-    store_dir: Path, splits_path: Path, champion: Champion | None, out_path: Path
+    store_dir: Path,
+    splits_path: Path,
+    champion: Champion | None,
+    out_dir: Path,
+    challenger_evaluation: Path | None = None,
+    bootstrap: BootstrapConfig | None = None,
 ) -> ChampionEvaluation:
-    """Score ``champion`` on the test split the way :func:`evaluate_step` scores the new model."""
+    """Score ``champion`` on the test split the way :func:`evaluate_step` scores the new model,
+    keep its per-record predictions, and (given the challenger's evaluation folder) compute
+    the paired bootstrap of the two on the same records."""
     splits = Splits.load(splits_path)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     if champion is None:
         result = ChampionEvaluation(None, splits.test_split_hash, note="no champion")
     elif champion.predictor is None:
@@ -255,11 +345,22 @@ def score_champion_step(
         )
     else:
         try:
-            metrics = _finite(_score(champion.predictor, store_dir, splits).metrics)
-            result = ChampionEvaluation(champion.version, splits.test_split_hash, metrics, note="scored")
+            report = _score(champion.predictor, store_dir, splits)
         except ValueError as err:
             result = ChampionEvaluation(champion.version, splits.test_split_hash, note=str(err))
+        else:
+            result = ChampionEvaluation(champion.version, splits.test_split_hash, _finite(report.metrics), "scored")
+            save_predictions(
+                out_dir / PREDICTIONS_FILE, list(splits.test), report.probs, report.labels, report.thresholds
+            )
+            _gate(
+                result,
+                challenger_evaluation,
+                load_predictions(out_dir / PREDICTIONS_FILE),
+                list(splits.classes),
+                bootstrap or BootstrapConfig(),
+            )
     if champion is not None and not result.scored:
         log.warning("champion v%s not scored on this test split: %s", champion.version, result.note)
-    result.write(out_path)
+    result.write(out_dir)
     return result

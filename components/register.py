@@ -2,7 +2,7 @@
 
 The bundle is everything MLflow is told about the run - parameters, tags (data version,
 git commit, test split hash, backbone identity), test metrics, the champion's metrics on
-the same split (``score_champion``), training curves, the rank map, the files to attach,
+the same split and the paired bootstrap against it (``score_champion``), training curves, the rank map, the files to attach,
 the backbone and adapter folders - plus a fingerprint of the run's inputs and outputs, so
 registering the same run twice gives one model version.
 Writing it to MLflow is the pipeline's job (``pipeline.tracking.log_and_register``);
@@ -19,6 +19,8 @@ from typing import Any
 
 from components.common import StepError, read_json, sha256_dir, sha256_json
 from components.evaluate import (
+    CHAMPION_FILE,
+    GATE_FILE,
     METRICS_FILE,
     PER_CLASS_FILE,
     PR_FILE,
@@ -30,6 +32,8 @@ from ml.data.splits import Splits
 from ml.train.callbacks import read_curves
 
 log = logging.getLogger(__name__)
+
+CHAMPION_ARTIFACT_DIR = "champion"  # run artifacts: champion.json, predictions.npz, paired_bootstrap.json
 
 
 @dataclass
@@ -78,6 +82,17 @@ def _champion(path: Path | None, splits: Splits) -> ChampionEvaluation | None:
             f"this run's is {splits.test_split_hash[:12]}"
         )
     return champion
+
+
+def champion_artifacts(champion_path: Path | None) -> dict[str, Path]:
+    """The score_champion folder's files as run artifacts (``champion/...``): the champion's
+    per-record predictions and the paired bootstrap the promotion gate reads."""
+    if champion_path is None or not Path(champion_path).is_dir():
+        return {}
+    names = (CHAMPION_FILE, PREDICTIONS_FILE, GATE_FILE)
+    return {
+        f"{CHAMPION_ARTIFACT_DIR}/{n}": Path(champion_path) / n for n in names if (Path(champion_path) / n).is_file()
+    }
 
 
 def collect_registration(
@@ -130,6 +145,7 @@ def collect_registration(
         artifacts["evaluation/report.html"] = Path(report_path)
     if quarantine_path is not None and Path(quarantine_path).is_file():
         artifacts["data/quarantine.md"] = Path(quarantine_path)
+    artifacts |= champion_artifacts(champion_path)
     fingerprint = sha256_json(
         {
             "adapter": sha256_dir(adapter_dir),

@@ -268,20 +268,27 @@ def evaluate(
 def score_champion(
     store: Input[Dataset],
     splits: Input[Dataset],
+    evaluation: Input[Artifact],
     model_name: str,
+    method: str,
     tracking_uri: str,
     champion_evaluation: Output[Artifact],
 ) -> str:
     """The registry's current champion scored on this run's test split (as evaluate scores the
-    new model), or an explicit "no champion"; returns the champion's version ("" for none)."""
+    new model), its per-record predictions and the paired bootstrap of the new model against
+    it on the same records (the promotion gate's evidence), or an explicit "no champion";
+    returns the champion's version ("" for none)."""
     from pathlib import Path
 
     from components.evaluate import score_champion_step
-    from pipeline.registry import load_champion
+    from pipeline.registry import load_champion, registered_model_name
     from pipeline.tracking import TrackingConfig
 
-    champion = load_champion(TrackingConfig.resolve(tracking_uri, model_name=model_name))
-    result = score_champion_step(Path(store.path), Path(splits.path), champion, Path(champion_evaluation.path))
+    name = registered_model_name(model_name, method)
+    champion = load_champion(TrackingConfig.resolve(tracking_uri, model_name=name))
+    result = score_champion_step(
+        Path(store.path), Path(splits.path), champion, Path(champion_evaluation.path), Path(evaluation.path)
+    )
     champion_evaluation.metadata.update(result.metadata())
     return result.version or ""
 
@@ -308,6 +315,7 @@ def register(
 
     from components.register import collect_registration
     from pipeline.params import PipelineParams
+    from pipeline.registry import registered_model_name
     from pipeline.tracking import TrackingConfig, log_and_register
 
     run = PipelineParams.from_mapping(params)
@@ -325,7 +333,8 @@ def register(
         data_version=run.data_version,
         git_commit=run.git_commit,
     )
-    result = log_and_register(bundle, TrackingConfig.resolve(run.tracking_uri, run.experiment_name, run.model_name))
+    name = registered_model_name(run.model_name, run.method)
+    result = log_and_register(bundle, TrackingConfig.resolve(run.tracking_uri, run.experiment_name, name))
     Path(registration.path).write_text(result.markdown(), encoding="utf-8")
     registration.metadata.update(
         {"run_id": result.run_id, "model_version": result.version, "model_name": result.model_name}

@@ -241,7 +241,13 @@ def build_pipeline(options: CompileOptions | None = None, steps: StepComponents 
             checkpoint_root=run.checkpoint_root,
         )
         evaluate = steps.evaluate(**data, backbone_model=backbone, adapter=finetune.outputs["adapter"])
-        champion = steps.score_champion(**data, model_name=run.model_name, tracking_uri=run.tracking_uri)
+        champion = steps.score_champion(
+            **data,
+            evaluation=evaluate.outputs["evaluation"],
+            model_name=run.model_name,
+            method=run.method,
+            tracking_uri=run.tracking_uri,
+        )
         champion.after(evaluate)  # the champion of the moment the new model is ready
         register = steps.register(
             splits=split.outputs["splits"],

@@ -75,7 +75,9 @@ class PipelineParams:
     batch_size: int = param(0, "labelled batch size (0: the paper's rule, 64 or 16 below 2%% labels)")
     lr: float = param(_TRAIN.lr, "learning rate")
     val_every: int = param(_TRAIN.val_every, "validate (and checkpoint) every N steps")
-    model_name: str = param("cessl-ecg", "MLflow registered model name")
+    model_name: str = param(
+        "", "MLflow registered model name (default: cessl-ecg; <that>-experiments for a non-production method)"
+    )
     tracking_uri: str = param("", "MLflow tracking URI", cli=False)
     experiment_name: str = param("cessl", "MLflow experiment", flag="--experiment")
     checkpoint_root: str = param("", "finetune checkpoints: <root>/<hash of the step's inputs>", cli=False)

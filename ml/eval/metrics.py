@@ -208,6 +208,18 @@ def _macro_over_positive_classes(values: np.ndarray, y: np.ndarray) -> float:
     return _nanmean(values[y.sum(axis=0) > 0])
 
 
+def thresholded_metrics(y_true: np.ndarray, y_pred: np.ndarray, beta: float = 2.0) -> dict[str, float]:
+    """``macro_f_beta`` and ``macro_g_beta`` of binary predictions: the one definition that
+    :func:`challenge_metrics` reports and the promotion gate's paired bootstrap
+    (:mod:`ml.eval.bootstrap`) recomputes on every resample."""
+    y = np.asarray(y_true)
+    f_beta, g_beta = beta_measures(y, y_pred, beta)
+    return {
+        "macro_f_beta": _macro_over_positive_classes(f_beta, y),
+        "macro_g_beta": _macro_over_positive_classes(g_beta, y),
+    }
+
+
 def challenge_metrics(
     y_true: np.ndarray,
     probs: np.ndarray,
@@ -222,7 +234,6 @@ def challenge_metrics(
     """
     y, p = _check(y_true, probs)
     pred = binarize(p, thresholds)
-    f_beta, g_beta = beta_measures(y, pred, beta)
     f_2020, g_2020 = beta_measures(y, pred, beta, normalize=True)
     missing = classes_without_positives(y)
     if missing:
@@ -238,8 +249,7 @@ def challenge_metrics(
         "coverage": coverage(y, p),
         "macro_auroc": macro_auroc(y, p),
         "macro_map": macro_average_precision(y, p),
-        "macro_f_beta": _macro_over_positive_classes(f_beta, y),
-        "macro_g_beta": _macro_over_positive_classes(g_beta, y),
+        **thresholded_metrics(y, pred, beta),
         "macro_f_beta_challenge2020": _nanmean(f_2020),
         "macro_g_beta_challenge2020": _nanmean(g_2020),
         "challenge_score": challenge_score(y, pred, classes) if classes is not None else float("nan"),

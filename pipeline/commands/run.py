@@ -40,6 +40,7 @@ from pipeline.params import (
     add_param_flags,
     params_from_args,
 )
+from pipeline.registry import registered_model_name
 from pipeline.tracking import TRACKING_URI_ENV, TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -253,7 +254,9 @@ def print_summary(summary: RunSummary) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     params = params_from_args(args, DEMO_PARAMS)
-    tracking = TrackingConfig.resolve(args.tracking_uri, params.experiment_name, params.model_name)
+    tracking = TrackingConfig.resolve(
+        args.tracking_uri, params.experiment_name, registered_model_name(params.model_name, params.method)
+    )
     params = local_params(args, params, tracking)
     log.info("data %s (version %s), MLflow %s", params.source, params.data_version, tracking.tracking_uri)
     start = time.perf_counter()
@@ -371,7 +374,9 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from pipeline.registry import champion_data_version
 
     params = params_from_args(args, DEFAULTS if args.host else DEMO_PARAMS)
-    tracking = TrackingConfig.resolve(args.tracking_uri, params.experiment_name, params.model_name)
+    tracking = TrackingConfig.resolve(
+        args.tracking_uri, params.experiment_name, registered_model_name(params.model_name, params.method)
+    )
     if "://" not in params.source and not Path(params.source).is_dir():
         raise FileNotFoundError(f"{Path(params.source).absolute()}: data folder not found")
     current = args.data_version or source_data_version(params.source, Path(args.dvc_file), Path.cwd())
