@@ -34,6 +34,7 @@ CHALLENGER = "challenger"
 CHAMPION = "champion"
 TEST_PREFIX = "test_"
 CHAMPION_PREFIX = "champion_test_"
+GATE_PREFIX = "gate_"  # paired bootstrap of challenger - champion on the same records
 # Version tags read back by the registry (promotion compares only on the same test split).
 TAG_TEST_SPLIT = "test_split_hash"
 TAG_FINGERPRINT = "pipeline_fingerprint"
@@ -238,6 +239,9 @@ def log_and_register(bundle, config: TrackingConfig) -> RegistrationResult:
             mlflow.set_tags(
                 {TAG_COMPARED_CHAMPION: champion_version, TAG_COMPARED_CHAMPION_SPLIT: bundle.tags[TAG_TEST_SPLIT]}
             )
+        gate = dict(champion.gate) if champion_version is not None else {}
+        if gate:
+            mlflow.log_metrics(gate_metrics(gate))
         n_points = log_curves(client, run_id, bundle.curves)
         mlflow.log_dict(bundle.rank_map, "rank_map.json")
         mlflow.log_dict(bundle.data_info(), "data_version.json")
@@ -259,7 +263,9 @@ def log_and_register(bundle, config: TrackingConfig) -> RegistrationResult:
         }
     for key, value in version_tags.items():
         client.set_model_version_tag(config.model_name, version, key, value)
+    previous = current_alias(client, config.model_name, CHALLENGER)
     client.set_registered_model_alias(config.model_name, CHALLENGER, version)
+    _audit_challenger(client, config.model_name, version, run_id, previous, bundle.test_metrics, gate)
     log.info(
         "run %s: %d curve points, registered %s v%s as %s", run_id, n_points, config.model_name, version, CHALLENGER
     )
@@ -271,6 +277,42 @@ def log_and_register(bundle, config: TrackingConfig) -> RegistrationResult:
         metrics=dict(bundle.test_metrics),
         champion_metrics=champion_metrics,
         champion_version=champion_version,
+    )
+
+
+def gate_metrics(gate: Mapping[str, Any]) -> dict[str, float]:
+    """The paired bootstrap's numbers as run metrics: ``gate_<metric>_{estimate,ci_low,ci_high}``
+    and ``gate_n_records`` (the full evidence is the ``champion/paired_bootstrap.json`` artifact)."""
+    out = {"gate_n_records": float(gate["n_records"]), "gate_n_resamples": float(gate["n_resamples"])}
+    for metric, interval in gate.get("intervals", {}).items():
+        for key in ("estimate", "ci_low", "ci_high"):
+            value = interval.get(key)
+            if value is not None and value == value:  # not NaN
+                out[f"{GATE_PREFIX}{metric}_{key}"] = float(value)
+    return out
+
+
+def _audit_challenger(
+    client, model: str, version: str, run_id: str, previous, metrics: Mapping[str, float], gate: Mapping[str, Any]
+) -> None:
+    """The pipeline's alias move, in the model's audit log."""
+    from pipeline.audit import AuditEntry, record
+
+    versions = {"challenger": version}
+    if previous is not None and str(previous.version) != version:
+        versions["previous_challenger"] = str(previous.version)
+    numbers: dict[str, Any] = {f"{TEST_PREFIX}{k}": v for k, v in metrics.items()}
+    if gate:
+        numbers |= gate_metrics(gate)
+    record(
+        client,
+        AuditEntry(
+            model=model,
+            action="challenger",
+            versions=versions,
+            reason=f"registered by pipeline run {run_id}",
+            metrics=numbers,
+        ),
     )
 
 

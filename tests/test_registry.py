@@ -1,28 +1,36 @@
-"""The champion/challenger gate, promotion history and rollback on a real MLflow store (SQLite)."""
+"""The champion/challenger gate (paired bootstrap), naming, audit log and rollback on a real MLflow store (SQLite)."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from ml.eval.bootstrap import BootstrapConfig, paired_bootstrap
 from pipeline import cli
+from pipeline.audit import AUDIT_EXPERIMENT, history, local_log_path
 from pipeline.lineage import TAG_DATA_VERSION
+from pipeline.params import PipelineParams
 from pipeline.registry import (
+    GATE_ARTIFACT,
     HISTORY_TAG,
     TAG_COMPARISON,
     TAG_DECISION,
+    TAG_METHOD,
     TAG_PREVIOUS,
     GateConfig,
     RegistryError,
-    champion_data_version,
     champion_history,
+    describe_versions,
     promote,
+    registered_model_name,
     rollback,
 )
-from pipeline.tracking import CHALLENGER, CHAMPION, TAG_COMPARED_CHAMPION, TAG_TEST_SPLIT
+from pipeline.tracking import CHALLENGER, CHAMPION, TAG_COMPARED_CHAMPION, TAG_TEST_SPLIT, current_alias
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +40,38 @@ def store(tmp_path_factory) -> str:
     uri = f"sqlite:///{root / 'mlflow.db'}"
     MlflowClient(tracking_uri=uri).create_experiment("gate", artifact_location=(root / "mlruns").as_uri())
     return uri
+
+
+CLASSES = [f"c{k}" for k in range(6)]
+
+
+def labels(n: int = 300, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, len(CLASSES))) < 0.25).astype(np.int64)
+    y[np.arange(n), rng.integers(0, len(CLASSES), n)] = 1  # every record has a label
+    return y
+
+
+def predictions(y: np.ndarray, noise: float, seed: int) -> np.ndarray:
+    """Probabilities that separate the labels less well as ``noise`` grows."""
+    rng = np.random.default_rng(seed)
+    return np.clip(0.25 + 0.5 * y + rng.normal(0.0, noise, y.shape), 0.0, 1.0)
+
+
+def evidence(challenger_noise: float, champion_noise: float, n: int = 300) -> dict:
+    """A real paired bootstrap (as score_champion computes it) of two synthetic models."""
+    y = labels(n)
+    thresholds = np.full(len(CLASSES), 0.5)
+    result = paired_bootstrap(
+        y,
+        predictions(y, challenger_noise, 1),
+        thresholds,
+        predictions(y, champion_noise, 2),
+        thresholds,
+        CLASSES,
+        BootstrapConfig(n_resamples=300, seed=0),
+    )
+    return result.to_json()
 
 
 @dataclass
@@ -44,23 +84,25 @@ class Registry:
         metrics: dict[str, float],
         split: str = "split-a",
         data: str = "md5-1",
-        champion_scored: tuple[str, dict[str, float]] | None = None,
+        method: str = "cessl",
+        champion: str | None = None,
+        gate: dict | None = None,
     ) -> str:
-        """A version shaped like pipeline.tracking registers them (run metrics, tags, challenger)."""
+        """A version shaped like pipeline.tracking registers them (run metrics, tags, the
+        score_champion evidence against ``champion`` as the run's artifact, challenger)."""
         client = self.client
         run = client.create_run(client.get_experiment_by_name("gate").experiment_id)
+        run_id = run.info.run_id
         for key, value in metrics.items():
-            client.log_metric(run.info.run_id, f"test_{key}", value)
-        tags = {TAG_TEST_SPLIT: split, TAG_DATA_VERSION: data}
-        if champion_scored is not None:
-            version, champ_metrics = champion_scored
-            for key, value in champ_metrics.items():
-                client.log_metric(run.info.run_id, f"champion_test_{key}", value)
-            tags[TAG_COMPARED_CHAMPION] = version
-        client.set_terminated(run.info.run_id)
-        mv = client.create_model_version(
-            self.name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=tags
-        )
+            client.log_metric(run_id, f"test_{key}", value)
+        tags = {TAG_TEST_SPLIT: split, TAG_DATA_VERSION: data, TAG_METHOD: method}
+        if champion is not None:
+            tags[TAG_COMPARED_CHAMPION] = champion
+            if gate is not None:
+                client.log_dict(run_id, gate, GATE_ARTIFACT)
+                client.log_metric(run_id, "champion_test_macro_f_beta", gate["intervals"]["macro_f_beta"]["champion"])
+        client.set_terminated(run_id)
+        mv = client.create_model_version(self.name, source=f"{run.info.artifact_uri}/model", run_id=run_id, tags=tags)
         client.set_registered_model_alias(self.name, CHALLENGER, mv.version)
         return str(mv.version)
 
@@ -74,8 +116,9 @@ class Registry:
 @pytest.fixture()
 def reg(store, monkeypatch, request) -> Registry:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("CESSL_USER", "dr-test")
     client = MlflowClient(tracking_uri=store, registry_uri=store)
-    name = f"gate-{request.node.name.removeprefix('test_')}"
+    name = f"gate-{request.node.name.removeprefix('test_')}".replace("[", "-").replace("]", "")
     client.create_registered_model(name)
     return Registry(client, name)
 
@@ -89,78 +132,191 @@ def test_first_challenger_becomes_champion(reg):
     assert reg.tags(v1)[TAG_DECISION] == "promoted"
 
 
-def test_gate_passes_and_refuses_on_the_same_split(reg):
+def test_no_champion_does_not_crown_a_worse_newest_version(reg):
+    v1 = reg.new_version({"macro_f_beta": 0.60})
+    reg.new_version({"macro_f_beta": 0.70}, split="split-b")  # another split: not comparable, ignored
+    reg.new_version({"macro_f_beta": 0.90}, method="fixmatch")  # an experiment: not a rival
+    v4 = reg.new_version({"macro_f_beta": 0.50})
+    decision = promote(reg.client, reg.name)
+    assert not decision.promoted
+    assert f"v{v1} scored higher" in decision.reason
+    assert decision.comparison.better_versions == {v1: pytest.approx(0.60)}
+    assert current_alias(reg.client, reg.name, CHAMPION) is None
+    reg.client.set_registered_model_alias(reg.name, CHALLENGER, v1)
+    assert promote(reg.client, reg.name).promoted
+    assert reg.alias(CHAMPION) == v1 and v4 != v1
+
+
+def test_gate_promotes_only_when_the_lower_bound_clears_the_margin(reg):
     v1 = reg.new_version({"macro_f_beta": 0.40})
     promote(reg.client, reg.name)
-    v2 = reg.new_version({"macro_f_beta": 0.45})
-    assert promote(reg.client, reg.name, GateConfig(margin=0.01)).promoted
-    assert reg.alias(CHAMPION) == v2
-    assert reg.tags(v2)[TAG_PREVIOUS] == v1
+    better = evidence(challenger_noise=0.15, champion_noise=0.45)
+    interval = better["intervals"]["macro_f_beta"]
+    assert interval["ci_low"] > 0.05
+    v2 = reg.new_version({"macro_f_beta": interval["challenger"]}, champion=v1, gate=better)
+    too_high = interval["ci_low"] + 0.01
+    decision = promote(reg.client, reg.name, GateConfig(margin=too_high))
+    assert not decision.promoted and "does not exceed the margin" in decision.reason
+    decision = promote(reg.client, reg.name, GateConfig(margin=0.01))
+    assert decision.promoted
+    c = decision.comparison
+    assert (c.ci_low, c.ci_high, c.n_records, c.n_resamples) == (
+        pytest.approx(interval["ci_low"]),
+        pytest.approx(interval["ci_high"]),
+        300,
+        300,
+    )
+    assert reg.alias(CHAMPION) == v2 and reg.tags(v2)[TAG_PREVIOUS] == v1
+    comparison = json.loads(reg.tags(v2)[TAG_COMPARISON])
+    assert comparison["ci_low"] == pytest.approx(interval["ci_low"]) and comparison["who"] == "dr-test"
 
-    v3 = reg.new_version({"macro_f_beta": 0.44})
-    decision = promote(reg.client, reg.name)
-    assert not decision.promoted
-    assert reg.alias(CHAMPION) == v2
-    tags = reg.tags(v3)
-    assert tags[TAG_DECISION] == "refused"
-    comparison = json.loads(tags[TAG_COMPARISON])
-    assert comparison["challenger_value"] == pytest.approx(0.44)
-    assert comparison["champion_value"] == pytest.approx(0.45)
-    assert comparison["champion_version"] == v2
-    assert champion_history(reg.client, reg.name) == [v1, v2]
 
-
-def test_margin_and_lower_is_better_metrics(reg):
-    reg.new_version({"macro_f_beta": 0.40, "ranking_loss": 0.30})
+def test_per_class_non_inferiority(reg):
+    v1 = reg.new_version({"macro_f_beta": 0.40})
     promote(reg.client, reg.name)
-    reg.new_version({"macro_f_beta": 0.405, "ranking_loss": 0.25})
-    assert not promote(reg.client, reg.name, GateConfig(margin=0.01)).promoted  # +0.005 < margin
-    decision = promote(reg.client, reg.name, GateConfig(metric="ranking_loss", margin=0.01))
-    assert decision.promoted  # 0.25 < 0.30 - 0.01
+    gate = evidence(challenger_noise=0.15, champion_noise=0.45)
+    gate["per_class"][0] |= {"challenger": 0.2, "champion": 0.9, "drop": 0.7}  # one class collapses
+    reg.new_version({"macro_f_beta": 0.8}, champion=v1, gate=gate)
+    decision = promote(reg.client, reg.name)
+    assert not decision.promoted and "non-inferiority" in decision.reason and "c0" in decision.reason
+    assert promote(reg.client, reg.name, GateConfig(max_class_drop=0.8)).promoted
 
 
-def test_different_split_is_refused_unless_champion_was_scored_on_it(reg):
+@pytest.mark.parametrize("margin", ["0", "0.0", "1e-12", "0.001", "0.01", "0.05", "0.2", "1", "1e6"])
+def test_a_worse_challenger_is_refused_at_any_margin_the_cli_accepts(reg, margin, capsys):
+    v1 = reg.new_version({"macro_f_beta": 0.70})
+    assert cli.main(["promote", reg.name]) == 0
+    worse = evidence(challenger_noise=0.45, champion_noise=0.15)
+    assert worse["intervals"]["macro_f_beta"]["ci_high"] < 0
+    reg.new_version({"macro_f_beta": worse["intervals"]["macro_f_beta"]["challenger"]}, champion=v1, gate=worse)
+    assert cli.main(["promote", reg.name, "--margin", margin, "--max-class-drop", "1"]) == 1
+    assert reg.alias(CHAMPION) == v1
+    assert "REFUSED" in capsys.readouterr().out
+
+
+def test_an_equal_challenger_is_refused_and_negative_margins_are_rejected(reg, capsys):
+    v1 = reg.new_version({"macro_f_beta": 0.70})
+    promote(reg.client, reg.name)
+    same = evidence(challenger_noise=0.3, champion_noise=0.3)
+    same["intervals"]["macro_f_beta"] |= {"estimate": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    reg.new_version({"macro_f_beta": 0.7}, champion=v1, gate=same)
+    assert not promote(reg.client, reg.name, GateConfig(margin=0.0)).promoted  # 0 does not exceed 0
+    for bad in ("-0.2", "-1e-9", "nan", "inf", "x"):
+        with pytest.raises(SystemExit) as err:
+            cli.main(["promote", reg.name, "--margin", bad])
+        assert err.value.code == 2
+    assert "must be a finite number >= 0" in capsys.readouterr().err
+    for bad in (-0.2, float("nan"), float("inf")):
+        with pytest.raises(RegistryError, match="margin must be a finite number >= 0"):
+            GateConfig(margin=bad)
+    assert reg.alias(CHAMPION) == v1
+
+
+def test_without_paired_evidence_it_is_not_comparable(reg):
     v1 = reg.new_version({"macro_f_beta": 0.40}, split="split-a")
     promote(reg.client, reg.name)
-    reg.new_version({"macro_f_beta": 0.90}, split="split-b", data="md5-2")
+    reg.new_version({"macro_f_beta": 0.90}, split="split-a")  # same split, point estimates only
     decision = promote(reg.client, reg.name)
-    assert not decision.promoted
-    assert "not comparable" in decision.reason
-    # Scored at registration: the champion on the challenger's split (the pipeline does this).
-    v3 = reg.new_version(
-        {"macro_f_beta": 0.50}, split="split-b", data="md5-2", champion_scored=(v1, {"macro_f_beta": 0.45})
-    )
+    assert not decision.promoted and "not comparable" in decision.reason
+    reg.new_version({"macro_f_beta": 0.90}, champion=v1)  # scored, but no bootstrap (an older run)
     decision = promote(reg.client, reg.name)
-    assert decision.promoted
-    assert decision.comparison.champion_value == pytest.approx(0.45)
-    assert "challenger's test split" in decision.comparison.basis
-    assert reg.alias(CHAMPION) == v3
-    assert champion_data_version(reg.client, reg.name) == "md5-2"
+    assert not decision.promoted and "no paired bootstrap" in decision.reason
+    assert reg.alias(CHAMPION) == v1
+
+
+def test_experiments_are_refused_unless_forced_with_a_reason(reg):
+    v1 = reg.new_version({"macro_f_beta": 0.40})
+    promote(reg.client, reg.name)
+    gate = evidence(challenger_noise=0.15, champion_noise=0.45)
+    v2 = reg.new_version({"macro_f_beta": 0.9}, method="fixmatch", champion=v1, gate=gate)
+    decision = promote(reg.client, reg.name)
+    assert not decision.promoted and "not a production method" in decision.reason
+    with pytest.raises(RegistryError, match="--reason"):
+        promote(reg.client, reg.name, force=True)
+    decision = promote(reg.client, reg.name, force=True, reason="baseline for the ward study")
+    assert decision.promoted and decision.forced and decision.who == "dr-test"
+    assert reg.alias(CHAMPION) == v2
+
+
+def test_registered_model_name_keeps_baselines_off_production_names():
+    assert registered_model_name("", "cessl") == "cessl-ecg"
+    for method in ("fixmatch", "lora", "full", "no-such-method"):
+        assert registered_model_name("", method) == "cessl-ecg-experiments"
+    assert registered_model_name("ward-7", "fixmatch") == "ward-7"
+    assert registered_model_name("cessl-ecg", "fixmatch") == "cessl-ecg"  # explicit: as asked
+    assert PipelineParams().model_name == ""  # the default defers to the method
 
 
 def test_force_is_recorded(reg):
     reg.new_version({"macro_f_beta": 0.40})
     promote(reg.client, reg.name)
     v2 = reg.new_version({"macro_f_beta": 0.10})
-    decision = promote(reg.client, reg.name, force=True)
+    decision = promote(reg.client, reg.name, force=True, reason="emergency fix")
     assert decision.promoted and decision.forced
     tags = reg.tags(v2)
     assert tags[TAG_DECISION] == "forced"
-    assert json.loads(tags[TAG_COMPARISON])["forced"] is True
+    comparison = json.loads(tags[TAG_COMPARISON])
+    assert comparison["forced"] is True and comparison["force_reason"] == "emergency fix"
     assert reg.alias(CHAMPION) == v2
 
 
 def test_rollback_restores_previous_champion(reg):
     v1 = reg.new_version({"macro_f_beta": 0.40})
     promote(reg.client, reg.name)
-    v2 = reg.new_version({"macro_f_beta": 0.50})
-    promote(reg.client, reg.name)
+    v2 = reg.new_version({"macro_f_beta": 0.50}, champion=v1, gate=evidence(0.15, 0.45))
+    assert promote(reg.client, reg.name).promoted
     result = rollback(reg.client, reg.name)
     assert (result.restored, result.replaced) == (v1, v2)
     assert reg.alias(CHAMPION) == v1
     assert json.loads(reg.client.get_registered_model(reg.name).tags[HISTORY_TAG]) == [v1]
     with pytest.raises(RegistryError, match="no previous champion"):
         rollback(reg.client, reg.name)
+
+
+def test_the_audit_history_survives_five_decisions(reg, store, capsys):
+    v1 = reg.new_version({"macro_f_beta": 0.40})
+    assert promote(reg.client, reg.name).promoted  # 1 promote
+    worse = evidence(challenger_noise=0.45, champion_noise=0.15)
+    v2 = reg.new_version({"macro_f_beta": 0.30}, champion=v1, gate=worse)
+    assert not promote(reg.client, reg.name).promoted  # 2 refuse
+    assert promote(reg.client, reg.name, force=True, reason="ward asked").forced  # 3 force
+    rollback(reg.client, reg.name, reason="alarms")  # 4 rollback (v1 again)
+    better = evidence(challenger_noise=0.15, champion_noise=0.45)
+    v3 = reg.new_version({"macro_f_beta": 0.80}, champion=v1, gate=better)
+    assert promote(reg.client, reg.name).promoted  # 5 promote
+
+    entries = history(reg.client, reg.name)
+    assert [e.action for e in entries] == ["promote", "refuse", "force", "rollback", "promote"]
+    assert [e.seq for e in entries] == [1, 2, 3, 4, 5]
+    assert [e.versions.get("challenger", e.versions.get("to")) for e in entries] == [v1, v2, v2, v1, v3]
+    assert all(e.who == "dr-test" for e in entries)
+    assert entries[1].metrics["ci_high"] == pytest.approx(worse["intervals"]["macro_f_beta"]["ci_high"])
+    assert entries[4].metrics["ci_low"] == pytest.approx(better["intervals"]["macro_f_beta"]["ci_low"])
+    assert "ward asked" in entries[2].reason and entries[3].reason == "alarms"
+    # The JSON-lines file next to the SQLite store: appended, same five lines in order.
+    path = local_log_path(store, reg.name)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["action"] for line in lines] == [e.action for e in entries]
+    # One MLflow run per decision in cessl-audit; the newest carries the whole log.
+    runs = reg.client.search_runs(
+        [reg.client.get_experiment_by_name(AUDIT_EXPERIMENT).experiment_id],
+        filter_string=f"tags.`cessl.audit.model` = '{reg.name}'",
+    )
+    assert len(runs) == 5
+    newest = max(runs, key=lambda r: int(r.data.tags["cessl.audit.seq"]))
+    log_file = reg.client.download_artifacts(newest.info.run_id, "audit.jsonl", str(path.parent))
+    assert len(Path(log_file).read_text().splitlines()) == 5
+    # The version tags only hold the last decision; the CLI shows the full history and aliases.
+    assert reg.tags(v2)[TAG_DECISION] == "forced"
+    assert cli.main(["models", reg.name, "--history"]) == 0
+    out = capsys.readouterr().out
+    for action in ("promote", "refuse", "force", "rollback"):
+        assert action in out
+    assert cli.main(["models", reg.name]) == 0
+    assert "champion" in capsys.readouterr().out
+    assert describe_versions(reg.client, reg.name)[0]["aliases"] == "challenger,champion"
+    assert cli.main(["models"]) == 0
+    assert f"champion=v{v3}" in capsys.readouterr().out
 
 
 def test_cli_exit_codes(reg, capsys):
@@ -170,8 +326,9 @@ def test_cli_exit_codes(reg, capsys):
     reg.new_version({"macro_f_beta": 0.30})
     assert main(["promote", reg.name]) == 1
     out = capsys.readouterr().out
-    assert "REFUSED" in out and "0.3000" in out and "0.4000" in out
-    assert main(["promote", reg.name, "--force"]) == 0
+    assert "REFUSED" in out and "not comparable" in out
+    assert main(["promote", reg.name, "--force"]) == 2  # --force needs --reason
+    assert main(["promote", reg.name, "--force", "--reason", "test"]) == 0
     assert main(["rollback", reg.name]) == 0
     assert main(["models", reg.name]) == 0
     assert main(["promote", "no-such-model"]) == 2

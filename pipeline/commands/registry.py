@@ -1,13 +1,15 @@
 """`cessl promote | rollback | predict | models`: the MLflow model registry from the shell.
 
-- ``promote NAME``: ``champion`` moves to the ``challenger`` only if it beats the champion on
-  the same test split (``--metric``, ``--margin``); the decision and the comparison are
-  written as tags. Exit 0 when promoted, 1 when refused (the numbers are printed),
-  ``--force`` promotes anyway and records it.
+- ``promote NAME``: ``champion`` moves to the ``challenger`` only if the paired-bootstrap gate
+  passes (``pipeline.registry``: lower bound of the 95% interval of challenger - champion on
+  the same records above ``--margin`` >= 0, no class's F-beta2 lower by more than
+  ``--max-class-drop``, a production method). Exit 0 when promoted, 1 when refused (the
+  numbers are printed); ``--force --reason TEXT`` promotes anyway and records who and why.
 - ``rollback NAME``: the previous champion gets ``champion`` back.
 - ``predict --model models:/NAME@champion RECORDS...``: per-record probabilities and
   thresholded diagnoses, as CSV or JSON.
-- ``models NAME``: the versions, their aliases, data versions and gate decisions.
+- ``models [NAME] [--history]``: every model with its aliases; a model's versions, aliases,
+  methods, data versions and last decisions; ``--history``: its audit log, oldest first.
 """
 
 from __future__ import annotations
@@ -15,12 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
+from pipeline.audit import history
 from pipeline.registry import (
+    GATE_METRICS,
     GateConfig,
     PromotionDecision,
+    describe_models,
     describe_versions,
     promote,
     rollback,
@@ -36,6 +42,17 @@ def _tracking(args: argparse.Namespace, name: str = "") -> TrackingConfig:
     return TrackingConfig.resolve(args.tracking_uri, model_name=name or "cessl-ecg")
 
 
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (a negative margin would let a worse model win)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number >= 0")
+    return value
+
+
 def print_decision(decision: PromotionDecision) -> None:
     from rich.console import Console
 
@@ -44,23 +61,35 @@ def print_decision(decision: PromotionDecision) -> None:
     console = Console()
     console.print(f"[bold {colour}]{decision.label.upper()}[/]: {decision.reason}")
     console.print(c.describe())
+    if decision.forced:
+        console.print(f"forced by {decision.who}: {decision.force_reason}")
     if decision.history:
         console.print(f"champion history: {' -> '.join('v' + v for v in decision.history)}")
 
 
-def run_promote(tracking: TrackingConfig, metric: str, margin: float, force: bool) -> PromotionDecision:
-    decision = promote(tracking.client(), tracking.model_name, GateConfig(metric=metric, margin=margin), force=force)
+def run_promote(
+    tracking: TrackingConfig,
+    metric: str,
+    margin: float,
+    force: bool = False,
+    reason: str = "",
+    max_class_drop: float = GateConfig.max_class_drop,
+) -> PromotionDecision:
+    gate = GateConfig(metric=metric, margin=margin, max_class_drop=max_class_drop)
+    decision = promote(tracking.client(), tracking.model_name, gate, force=force, reason=reason)
     print_decision(decision)
     return decision
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    decision = run_promote(_tracking(args, args.name), args.metric, args.margin, args.force)
+    decision = run_promote(
+        _tracking(args, args.name), args.metric, args.margin, args.force, args.reason or "", args.max_class_drop
+    )
     return 0 if decision.promoted else EXIT_REFUSED
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    result = rollback(_tracking(args, args.name).client(), args.name)  # RegistryError: exit 2 (cli.main)
+    result = rollback(_tracking(args, args.name).client(), args.name, reason=args.reason or "")  # RegistryError: exit 2
     log.info("%s: champion is v%s again (was v%s)", args.name, result.restored, result.replaced)
     return 0
 
@@ -92,17 +121,46 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_models(args: argparse.Namespace) -> int:
+def _table(title: str, columns: tuple[str, ...], rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    rows = describe_versions(_tracking(args, args.name).client(), args.name)
-    table = Table(title=f"{args.name}")
-    for column in ("version", "aliases", "data_version", "decision", "macro_f_beta"):
+    table = Table(title=title)
+    for column in columns:
         table.add_column(column)
     for row in rows:
-        table.add_row(*(str(row[c]) for c in ("version", "aliases", "data_version", "decision", "macro_f_beta")))
-    Console().print(table)
+        table.add_row(*(str(row.get(c, "")) for c in columns))
+    Console(width=200).print(table)
+
+
+def _numbers(metrics: dict) -> str:
+    keys = ("challenger_value", "champion_value", "estimate", "ci_low", "ci_high", "margin", "n_records")
+    shown = {k: metrics[k] for k in keys if metrics.get(k) is not None}
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    client = _tracking(args, args.name or "").client()
+    if not args.name:
+        _table("registered models", ("name", "aliases", "latest_version"), describe_models(client))
+        return 0
+    if args.history:
+        rows = [
+            {
+                "#": e.seq,
+                "when": e.at,
+                "who": e.who,
+                "action": e.action,
+                "versions": ", ".join(f"{k}=v{v}" for k, v in e.versions.items()),
+                "numbers": _numbers(e.metrics),
+                "reason": e.reason,
+            }
+            for e in history(client, args.name)
+        ]
+        _table(f"{args.name}: audit log", ("#", "when", "who", "action", "versions", "numbers", "reason"), rows)
+        return 0
+    columns = ("version", "aliases", "method", "data_version", "decision", "macro_f_beta")
+    _table(args.name, columns, describe_versions(client, args.name))
     return 0
 
 
@@ -116,14 +174,31 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
     pr = subparsers.add_parser("promote", help="move 'champion' to the challenger if it beats the champion")
     pr.add_argument("name", help="registered model name")
-    pr.add_argument("--metric", default="macro_f_beta", help="test metric of the gate (default: %(default)s)")
-    pr.add_argument("--margin", type=float, default=0.0, help="required improvement (default: %(default)s)")
-    pr.add_argument("--force", action="store_true", help="promote even if the gate refuses (recorded)")
+    pr.add_argument(
+        "--metric", default="macro_f_beta", choices=GATE_METRICS, help="test metric of the gate (default: %(default)s)"
+    )
+    pr.add_argument(
+        "--margin",
+        type=non_negative_float,
+        default=0.0,
+        help="the lower bound of the 95%% interval of challenger - champion must exceed it (>= 0; default: %(default)s)",
+    )
+    pr.add_argument(
+        "--max-class-drop",
+        type=non_negative_float,
+        default=GateConfig.max_class_drop,
+        help="largest allowed F-beta2 drop of any scored class (default: %(default)s)",
+    )
+    pr.add_argument("--force", action="store_true", help="promote even if the gate refuses (needs --reason)")
+    pr.add_argument(
+        "--reason", default="", help="why (required with --force; recorded with $CESSL_USER or the OS user)"
+    )
     tracking_flag(pr)
     pr.set_defaults(func=cmd_promote)
 
     rb = subparsers.add_parser("rollback", help="restore the previous champion")
     rb.add_argument("name", help="registered model name")
+    rb.add_argument("--reason", default="", help="why (recorded in the audit log)")
     tracking_flag(rb)
     rb.set_defaults(func=cmd_rollback)
 
@@ -135,7 +210,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     tracking_flag(pd_)
     pd_.set_defaults(func=cmd_predict)
 
-    md = subparsers.add_parser("models", help="list a registered model's versions and aliases")
-    md.add_argument("name")
+    md = subparsers.add_parser("models", help="registered models and aliases; a model's versions or audit log")
+    md.add_argument("name", nargs="?", default="", help="a registered model (default: list every model)")
+    md.add_argument("--history", action="store_true", help="the model's audit log of registry decisions, oldest first")
     tracking_flag(md)
     md.set_defaults(func=cmd_models)
