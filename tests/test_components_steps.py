@@ -215,8 +215,22 @@ def test_champion_is_scored_like_evaluate_and_carried_by_the_registration(traine
     assert broken.version == "3" and not broken.scored and "gone" in broken.note
     # The same model scored as a champion on the same split gives evaluate's test metrics.
     champion = Champion("1", load_predictor(trained / "backbone", trained / "adapter"))
-    scored = score_champion_step(trained / "store", trained / "splits.json", champion, tmp_path / "champion.json")
+    scored = score_champion_step(
+        trained / "store", trained / "splits.json", champion, tmp_path / "champion.json", trained / "evaluation"
+    )
     assert scored.scored and scored.test_split_hash == splits.test_split_hash
+    # Its per-record predictions on the same records, and the paired bootstrap against the
+    # challenger (here the same model: a difference of exactly 0, no class drop).
+    kept = np.load(tmp_path / "champion.json" / "predictions.npz")
+    assert list(kept["ids"]) == list(splits.test)
+    gate = scored.gate
+    assert gate["n_records"] == len(splits.test) and gate["n_resamples"] == 1000
+    interval = gate["intervals"]["macro_f_beta"]
+    assert interval["estimate"] == interval["ci_low"] == interval["ci_high"] == 0.0
+    assert all(c["drop"] == 0.0 for c in gate["per_class"])
+    assert "no challenger predictions" in score_champion_step(
+        trained / "store", trained / "splits.json", champion, tmp_path / "alone"
+    ).gate_note
 
     kwargs = dict(
         splits_path=trained / "splits.json",
@@ -236,6 +250,7 @@ def test_champion_is_scored_like_evaluate_and_carried_by_the_registration(traine
     assert "evaluation/per_class.csv" in bundle.artifacts and "training/curves.jsonl" in bundle.artifacts
     assert collect_registration(**kwargs).fingerprint == bundle.fingerprint
     assert bundle.champion == scored
+    assert {"champion/predictions.npz", "champion/paired_bootstrap.json"} <= set(bundle.artifacts)
     for key, value in bundle.test_metrics.items():
         assert scored.metrics[key] == pytest.approx(value, abs=1e-6), key
 
