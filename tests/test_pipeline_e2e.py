@@ -89,16 +89,21 @@ def test_run_second_version_gate_predict_rollback(tmp_path, mlflow_server, s3_se
     assert set(second["champion_metrics"]) == set(second["test_metrics"]), "champion not scored on the new split"
 
     challenger, champion = second["test_metrics"]["macro_f_beta"], second["champion_metrics"]["macro_f_beta"]
+    # score_champion kept the champion's per-record predictions and the paired bootstrap.
+    second_paths = artifact_paths(client, second["run_id"])
+    assert {"champion/predictions.npz", "champion/paired_bootstrap.json"} <= second_paths
     rc = cessl("promote", NAME)
     decision = client.get_model_version(NAME, "2").tags
     comparison = json.loads(decision["promotion_comparison"])
     assert comparison["challenger_value"] == pytest.approx(challenger)
     assert comparison["champion_value"] == pytest.approx(champion)
-    if challenger > champion:
-        assert rc == 0 and decision["promotion_decision"] == "promoted"
+    assert comparison["ci_low"] <= comparison["estimate"] <= comparison["ci_high"]
+    assert comparison["n_records"] > 0 and comparison["n_resamples"] == 1000
+    if rc == 0:
+        assert decision["promotion_decision"] == "promoted" and comparison["ci_low"] > 0
     else:
         assert rc == 1 and decision["promotion_decision"] == "refused" and alias(client, CHAMPION) == "1"
-        assert cessl("promote", NAME, "--force") == 0
+        assert cessl("promote", NAME, "--force", "--reason", "e2e: exercise the forced path") == 0
         assert client.get_model_version(NAME, "2").tags["promotion_decision"] == "forced"
     assert alias(client, CHAMPION) == "2"
 
@@ -115,6 +120,11 @@ def test_run_second_version_gate_predict_rollback(tmp_path, mlflow_server, s3_se
 
     assert cessl("rollback", NAME) == 0
     assert alias(client, CHAMPION) == "1"
+    from pipeline.audit import history
+
+    actions = [e.action for e in history(client, NAME)]
+    assert actions[:2] == ["challenger", "promote"] and actions[-1] == "rollback"
+    assert actions.count("challenger") == 2
     # The champion is on the old data again: retrain runs, every step comes from the cache
     # and the identical registration is reused, not duplicated.
     assert cessl("retrain", *run_args) == 0
