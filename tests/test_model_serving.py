@@ -26,8 +26,9 @@ from ml.model.adapter import AdapterMeta, load_backbone_weights, save_adapter, s
 from ml.model.backbone import ECGTransformer, backbone_config
 from ml.model.lora import LoRAConfig, mark_trainable
 from ml.model.pretrained import CODE15_CLASSES, read_backbone, save_backbone
-from pipeline.pyfunc_model import load_pyfunc, log_adapter_model
+from pipeline.cli import main as cessl
 from pipeline.pyfunc_model import load_predictor as load_registered_predictor
+from pipeline.pyfunc_model import load_pyfunc, log_adapter_model
 
 REPO = Path(__file__).resolve().parents[1]
 # SNOMED codes of the Challenge (AF, IAVB, RBBB, SNR): diagnoses get their abbreviations.
@@ -85,9 +86,7 @@ def model_path(registered, tmp_path_factory) -> Path:
     uri, model_uri = registered
     mlflow.set_registry_uri(uri)
     try:
-        return Path(
-            mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path_factory.mktemp("downloaded")))
-        )
+        return Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path_factory.mktemp("downloaded"))))
     finally:
         mlflow.set_registry_uri(mlflow.get_tracking_uri())
 
@@ -102,6 +101,8 @@ def _isolated_env(tmp: Path) -> dict[str, str]:
     """No PYTHONPATH, no MLflow settings, caches under ``tmp``: the model must bring its code."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith(("MLFLOW_", "AWS_"))}
     env |= {"HOME": str(tmp), "PYTHONNOUSERSITE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # the venv's scripts (``mlflow models serve`` runs ``uvicorn``) as an activated venv has them
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
 
@@ -136,9 +137,12 @@ def test_requirements_are_installable_anywhere(model_path):
     assert "cessl" not in conda and "+cpu" not in conda
     assert (model_path / "code" / "ml" / "eval" / "serving.py").is_file()
     assert not (model_path / "code" / "pipeline").exists()  # no Kubeflow/DVC code with the model
-    meta = mlflow.models.Model.load(model_path)
-    assert meta.metadata["classes"] == CLASSES and "probabilities" in meta.metadata["output"]
-    assert json.loads(meta.metadata["input_tensor"])[0]["name"] == "signals"
+    info = mlflow.models.Model.load(model_path)
+    assert info.metadata["classes"] == CLASSES and "probabilities" in info.metadata["output"]
+    tensor = json.loads(info.metadata["input_tensor"])[0]
+    assert tensor["name"] == "signals" and tensor["tensor-spec"]["shape"] == [-1, 12, -1]
+    assert info.signature.inputs is None and info.signature.params.to_dict()[0]["name"] == "sample_rate"
+    assert tuple(info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, len(CLASSES))
     example = json.loads((model_path / "serving_input_example.json").read_text())
     assert np.asarray(example["inputs"]["signals"]).shape == (1, 12, 5000)
     assert sum(f.stat().st_size for f in model_path.glob("*example*")) < 1_500_000  # zeros, indented JSON
@@ -179,9 +183,23 @@ def test_loads_and_predicts_outside_the_checkout(model_path, reference, ecg_reco
     assert list(table["diagnoses"].fillna("")) == list(reference["diagnoses"])
 
 
-def test_in_process_load_matches_cessl_predict(registered, reference, ecg_records_dir):
+def test_in_process_load_matches_cessl_predict(registered, reference, ecg_records_dir, tmp_path):
     """``cessl predict`` (load_predictor of the registry) and the pyfunc agree; bad inputs are refused."""
     uri, model_uri = registered
+    records = [str(ecg_records_dir / r) for r in RECORDS]
+    out = tmp_path / "predictions.json"
+    assert (
+        cessl(
+            ["predict", "--model", model_uri, *records, str(tmp_path / "gone"), "-o", str(out), "--tracking-uri", uri]
+        )
+        == 0
+    )
+    rows = json.loads(out.read_text())["records"]  # strict JSON: NaN of the unreadable record is null
+    assert [r["record"] for r in rows] == [*RECORDS, "gone"] and rows[-1]["error"] and not rows[0]["error"]
+    got = np.array([[r[c] for c in _p_columns(reference)] for r in rows[:-1]])
+    np.testing.assert_allclose(got, reference[_p_columns(reference)].to_numpy(), atol=1e-6)
+    assert all(rows[-1][c] is None for c in _p_columns(reference))
+
     predictor = load_registered_predictor(model_uri, tracking_uri=uri)
     table = predictor.predict_records([ecg_records_dir / r for r in RECORDS])
     np.testing.assert_allclose(table[_p_columns(table)], reference[_p_columns(reference)], atol=1e-6)

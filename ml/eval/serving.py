@@ -119,4 +119,3 @@ class ECGAdapterModel(mlflow.pyfunc.PythonModel):
     def predict_records(self, records) -> pd.DataFrame:
         """The predictions table of WFDB records (what ``cessl predict`` writes)."""
         return self.predictor.predict_records(records)
-
