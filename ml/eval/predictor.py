@@ -91,11 +91,11 @@ class Predictor:
             good.append(i)
         if not good:
             raise failures[0]  # nothing usable at all: the caller learns why
-        for i, err in failures.items():
-            log.warning("%s: skipped (%s)", records[i], err)
+        for i, failure in failures.items():
+            log.warning("%s: skipped (%s)", records[i], failure)
         probs = np.full((len(records), len(self.classes)), np.nan)
         probs[good] = self.predict_proba(np.stack(signals))
-        diagnoses = [[] for _ in records]
+        diagnoses: list[list[str]] = [[] for _ in records]
         for i, d in zip(good, self.diagnoses(probs[good]), strict=True):
             diagnoses[i] = d
         table = predictions_table([_record_id(r) for r in records], probs, self.classes, diagnoses)

@@ -37,11 +37,14 @@ checks it itself (wrong inputs raise an ``INVALID_PARAMETER_VALUE`` MlflowExcept
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+if TYPE_CHECKING:
+    from ml.eval.predictor import Predictor
 
 SIGNALS = "signals"
 N_LEADS = 12
@@ -90,11 +93,11 @@ def record_paths(frame: pd.DataFrame) -> list[str]:
     return [str(v) for v in values]
 
 
-class ECGAdapterModel(mlflow.pyfunc.PythonModel):
+class ECGAdapterModel(PythonModel):
     """Backbone + CE-SSL adapter as a pyfunc model (see the module docstring for ``predict``)."""
 
     def __init__(self) -> None:
-        self._predictor = None
+        self._predictor: Predictor | None = None
 
     def load_context(self, context) -> None:
         from ml.eval.predictor import load_predictor
@@ -102,7 +105,7 @@ class ECGAdapterModel(mlflow.pyfunc.PythonModel):
         self._predictor = load_predictor(Path(context.artifacts["backbone"]), Path(context.artifacts["adapter"]))
 
     @property
-    def predictor(self):
+    def predictor(self) -> Predictor:
         if self._predictor is None:
             raise RuntimeError("the model's artifacts are not loaded (use mlflow.pyfunc.load_model)")
         return self._predictor
