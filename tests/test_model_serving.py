@@ -128,6 +128,7 @@ LOAD_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # logging the model (module fixture) takes ~15 s
 def test_requirements_are_installable_anywhere(model_path):
     requirements = (model_path / "requirements.txt").read_text().split()
     names = {r.split("==")[0].lower() for r in requirements if "==" in r}
@@ -148,6 +149,8 @@ def test_requirements_are_installable_anywhere(model_path):
     assert sum(f.stat().st_size for f in model_path.glob("*example*")) < 1_500_000  # zeros, indented JSON
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_loads_and_predicts_outside_the_checkout(model_path, reference, ecg_records_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -183,6 +186,7 @@ def test_loads_and_predicts_outside_the_checkout(model_path, reference, ecg_reco
     assert list(table["diagnoses"].fillna("")) == list(reference["diagnoses"])
 
 
+@pytest.mark.slow
 def test_in_process_load_matches_cessl_predict(registered, reference, ecg_records_dir, tmp_path):
     """``cessl predict`` (load_predictor of the registry) and the pyfunc agree; bad inputs are refused."""
     uri, model_uri = registered
