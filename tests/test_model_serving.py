@@ -122,7 +122,8 @@ LOAD_SCRIPT = textwrap.dedent(
     np.save(out + "/by_array.npy", by_array)
     np.save(out + "/by_name.npy", by_name)
     table.to_json(out + "/table.json", orient="split")
-    mods = {m: getattr(sys.modules.get(m), "__file__", None) for m in ("ml", "ml.eval.serving", "pipeline", "cessl")}
+    names = ("ml", "ml.eval.predictor", "pipeline", "pipeline.pyfunc_model", "pipeline.cli", "kfp", "cessl")
+    mods = {m: getattr(sys.modules.get(m), "__file__", None) for m in names}
     json.dump(mods, open(out + "/modules.json", "w"))
     """
 )
@@ -136,8 +137,9 @@ def test_requirements_are_installable_anywhere(model_path):
     assert not [r for r in requirements if "+" in r], requirements  # no local versions (+cpu)
     conda = (model_path / "conda.yaml").read_text()
     assert "cessl" not in conda and "+cpu" not in conda
-    assert (model_path / "code" / "ml" / "eval" / "serving.py").is_file()
-    assert not (model_path / "code" / "pipeline").exists()  # no Kubeflow/DVC code with the model
+    code = model_path / "code"
+    assert (code / "ml" / "eval" / "predictor.py").is_file()
+    assert sorted(p.name for p in (code / "pipeline").iterdir()) == ["__init__.py", "pyfunc_model.py"]
     info = mlflow.models.Model.load(model_path)
     assert info.metadata["classes"] == CLASSES and "probabilities" in info.metadata["output"]
     tensor = json.loads(info.metadata["input_tensor"])[0]
@@ -171,9 +173,9 @@ def test_loads_and_predicts_outside_the_checkout(model_path, reference, ecg_reco
 
     modules = json.loads((out / "modules.json").read_text())
     code_dir = (model_path / "code").resolve()
-    assert Path(modules["ml"]).resolve().is_relative_to(code_dir), modules
-    assert Path(modules["ml.eval.serving"]).resolve().is_relative_to(code_dir), modules
-    assert modules["pipeline"] is None and modules["cessl"] is None
+    for name in ("ml", "ml.eval.predictor", "pipeline", "pipeline.pyfunc_model"):
+        assert Path(modules[name]).resolve().is_relative_to(code_dir), modules
+    assert modules["pipeline.cli"] is None and modules["kfp"] is None and modules["cessl"] is None
 
     expected = reference[_p_columns(reference)].to_numpy()
     by_array, by_name = np.load(out / "by_array.npy"), np.load(out / "by_name.npy")
