@@ -69,16 +69,38 @@ class Predictor:
         return [[c for c, on in zip(self.classes, row, strict=True) if on] for row in positive]
 
     def predict_records(self, records: Sequence[str | Path]) -> pd.DataFrame:
-        """One row per WFDB record: ``record``, ``p_<class>`` per class, ``diagnoses`` (';'-joined)."""
-        signals, names = [], []
-        for record in records:
-            signal, fs = read_wfdb(record)
-            signals.append(preprocess_signal(signal, fs))
-            names.append(_record_id(record))
-        if not signals:
+        """One row per WFDB record, in the order given: ``record``, ``p_<class>`` per class,
+        ``diagnoses`` and ``codes`` (';'-joined), and ``error``.
+
+        A record that cannot be read or preprocessed does not stop the others: its row has
+        empty probabilities (NaN) and diagnoses and the reason in ``error`` (``""`` for the
+        records that were predicted). Only when no record at all is usable is the first
+        record's error raised.
+        """
+        records = list(records)
+        if not records:
             raise ValueError("no records given")
-        probs = self.predict_proba(np.stack(signals))
-        return predictions_table(names, probs, self.classes, self.diagnoses(probs))
+        signals, good, failures = [], [], {}
+        for i, record in enumerate(records):
+            try:
+                signal, fs = read_wfdb(record)
+                signals.append(preprocess_signal(signal, fs))
+            except (OSError, ValueError) as err:  # FileNotFoundError, unusable or damaged records
+                failures[i] = err
+                continue
+            good.append(i)
+        if not good:
+            raise failures[0]  # nothing usable at all: the caller learns why
+        for i, failure in failures.items():
+            log.warning("%s: skipped (%s)", records[i], failure)
+        probs = np.full((len(records), len(self.classes)), np.nan)
+        probs[good] = self.predict_proba(np.stack(signals))
+        diagnoses: list[list[str]] = [[] for _ in records]
+        for i, d in zip(good, self.diagnoses(probs[good]), strict=True):
+            diagnoses[i] = d
+        table = predictions_table([_record_id(r) for r in records], probs, self.classes, diagnoses)
+        table["error"] = [f"{type(e).__name__}: {e}" if (e := failures.get(i)) else "" for i in range(len(records))]
+        return table
 
 
 def class_names(classes: Sequence[str]) -> dict[str, str]:

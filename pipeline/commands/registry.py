@@ -99,7 +99,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     tracking = _tracking(args)
     predictor = load_predictor(args.model, tracking_uri=tracking.tracking_uri)
-    table = predictor.predict_records([Path(r) for r in args.records])
+    table = predictor.predict_records([Path(r) for r in args.records])  # unreadable records: in `error`
+    bad = table[table["error"] != ""]
+    if len(bad):
+        log.warning(
+            "%d of %d records could not be read (see the error column): %s",
+            len(bad),
+            len(table),
+            ", ".join(bad["record"]),
+        )
     fmt = args.format or ("json" if args.output and args.output.endswith(".json") else "csv")
     if fmt == "json":
         text = json.dumps(
@@ -107,7 +115,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 "model": args.model,
                 "classes": predictor.classes,
                 "thresholds": [float(t) for t in predictor.thresholds],
-                "records": table.to_dict(orient="records"),
+                "records": json.loads(table.to_json(orient="records")),  # NaN -> null
             },
             indent=2,
         )
