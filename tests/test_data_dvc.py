@@ -79,7 +79,7 @@ def test_dvc_file_parser(tmp_path):
     assert dvc_md5(tmp_path / "missing.dvc") is None
     assert data_version(tmp_path, "multi.dvc") == "11111111111111111111111111111111.dir"
     (tmp_path / "broken.dvc").write_text("outs: [\n")
-    with pytest.raises(ValueError, match="not a valid .dvc file"):
+    with pytest.raises(ValueError, match=r"not a valid \.dvc file"):
         dvc_md5(tmp_path / "broken.dvc")
     (tmp_path / "nomd5.dvc").write_text("outs:\n- path: data\n")
     with pytest.raises(ValueError, match="has no md5"):

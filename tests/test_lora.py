@@ -289,9 +289,9 @@ def test_deactivation_rate_and_seeded_reproducibility(
             return [model(x) for _ in range(4)]
 
     first, second = run(7), run(7)
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
     other = run(8)
-    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
     n_calls = sum(v for k, v in calls.items() if k != "classifier.0")
     n_draws = 12 * 12  # 12 deactivatable layers x 12 forward passes
     assert 0.3 * n_draws < n_calls < 0.7 * n_draws

@@ -89,7 +89,7 @@ def adapted_layer_names(config: BackboneConfig) -> list[str]:
             f"transformer_layers.{i}.fc1",
             f"transformer_layers.{i}.fc2",
         ]
-    return names + ["classifier.0"]
+    return [*names, "classifier.0"]
 
 
 # --- encoder ------------------------------------------------------------------------------

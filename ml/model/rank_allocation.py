@@ -159,7 +159,7 @@ def ranks_from_importance(
     names = list(importance)
     ranks = rankdata(np.asarray([importance[n] for n in names], dtype=np.float64))
     threshold = math.floor(num_layers * compress)
-    return {n: (r_low if rank <= threshold else r) for n, rank in zip(names, ranks)}
+    return {n: (r_low if rank <= threshold else r) for n, rank in zip(names, ranks, strict=True)}
 
 
 def allocate_ranks(
