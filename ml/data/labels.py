@@ -38,7 +38,14 @@ MERGED_ABBREVIATIONS: dict[str, str] = {
 
 # Source databases as named by the CSV's count columns.
 SOURCES: tuple[str, ...] = (
-    "CPSC", "CPSC_Extra", "StPetersburg", "PTB", "PTB_XL", "Georgia", "Chapman_Shaoxing", "Ningbo",
+    "CPSC",
+    "CPSC_Extra",
+    "StPetersburg",
+    "PTB",
+    "PTB_XL",
+    "Georgia",
+    "Chapman_Shaoxing",
+    "Ningbo",
 )
 
 _SNOMED = re.compile(r"^\d{6,18}$")

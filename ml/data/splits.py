@@ -71,8 +71,11 @@ class Splits:
         missing = [part for part in PARTS if part not in data]
         if missing:
             raise ValueError(f"{path}: split file lacks the parts {missing}")
-        return cls(**{part: [str(i) for i in data[part]] for part in PARTS},
-                   classes=list(data.get("classes", [])), params=dict(data.get("params", {})))
+        return cls(
+            **{part: [str(i) for i in data[part]] for part in PARTS},
+            classes=list(data.get("classes", [])),
+            params=dict(data.get("params", {})),
+        )
 
 
 def _stratified_cut(y: np.ndarray, n_second: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -159,8 +162,9 @@ def make_splits(
 def split_store(store, *, classes: Sequence[str] | None = None, **kwargs: Any) -> Splits:
     """:func:`make_splits` over every record of an :class:`~ml.data.store.ECGStore`."""
     classes = list(store.classes if classes is None else classes)
-    return make_splits(store.ids, store.label_matrix(classes), labelled=store.labelled_mask(), classes=classes,
-                       **kwargs)
+    return make_splits(
+        store.ids, store.label_matrix(classes), labelled=store.labelled_mask(), classes=classes, **kwargs
+    )
 
 
 def label_proportions(y: np.ndarray) -> np.ndarray:
