@@ -156,9 +156,7 @@ def _load_mapping(path: str) -> LabelMapping:
         entry = merged.setdefault(canon, {"codes": [], "counts": Counter(), "name": None, "abbrev": None})
         entry["codes"].append(code)
         entry["counts"].update({s: int(row.get(s) or 0) for s in SOURCES})
-        if code == canon:
-            entry["name"], entry["abbrev"] = row["Dx"].strip(), row["Abbreviation"].strip()
-        elif entry["name"] is None:
+        if code == canon or entry["name"] is None:
             entry["name"], entry["abbrev"] = row["Dx"].strip(), row["Abbreviation"].strip()
     # Keep the CSV's order of first appearance of each diagnosis.
     diagnoses = {

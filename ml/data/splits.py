@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 
-
 PARTS: tuple[str, ...] = ("test", "train", "valid", "unlabelled")
 
 
@@ -133,15 +132,15 @@ def make_splits(
     never_labelled = [ids_sorted[i] for i in np.flatnonzero(~lab)]
     seeds = np.random.SeedSequence(seed).generate_state(3)
 
-    n_test = int(round(test_size * len(pool)))
+    n_test = round(test_size * len(pool))
     rest_local, test_local = _stratified_cut(y[pool], n_test, int(seeds[0]))
     rest = pool[rest_local]
-    n_lab = int(round(labelled_ratio * len(rest)))
+    n_lab = round(labelled_ratio * len(rest))
     if labelled_ratio > 0 and len(rest) >= 2:
         n_lab = max(n_lab, 2)
     unl_local, lab_local = _stratified_cut(y[rest], n_lab, int(seeds[1]))
     labelled_part = rest[lab_local]
-    n_valid = int(round(valid_size * len(labelled_part)))
+    n_valid = round(valid_size * len(labelled_part))
     if valid_size > 0 and len(labelled_part) >= 2:
         n_valid = max(n_valid, 1)
     train_local, valid_local = _stratified_cut(y[labelled_part], n_valid, int(seeds[2]))

@@ -396,7 +396,7 @@ def synthesize_record(index: int, config: SynthConfig) -> SynthRecord:
     labelled = bool(rng.random() >= config.unlabelled_fraction)
     age = int(rng.integers(18, 95))
     sex = "Male" if rng.random() < 0.52 else "Female"
-    n = int(round(config.duration_s * config.fs))
+    n = round(config.duration_s * config.fs)
     t = np.arange(n) / config.fs
     r, types, rr = _beat_times(rng, labels, config.duration_s)
     off, sig, amp = _wave_parameters(rng, labels, types, rr)
@@ -458,7 +458,7 @@ def comments_for(record: SynthRecord, dx: Sequence[str] | None = None) -> list[s
     out = [f"Age: {record.age}", f"Sex: {record.sex}"]
     if record.labelled:
         out.append(f"Dx: {','.join(record.labels if dx is None else dx)}")
-    return out + ["Rx: Unknown", "Hx: Unknown", "Sx: Unknown"]
+    return [*out, "Rx: Unknown", "Hx: Unknown", "Sx: Unknown"]
 
 
 def write_record(out_dir: Path, record: SynthRecord) -> None:
@@ -637,7 +637,7 @@ def inject_faults(out_dir: str | Path, seed: int = 0, fs: float = 500.0) -> dict
     rec = rec_named(nxt(), name)
     d = to_digital(rec.signal)
     xyz = to_digital(rec.signal[[0, 5, 7]] * 0.7)
-    names = list(STANDARD_LEADS) + ["X", "Y", "Z"]
+    names = [*STANDARD_LEADS, "X", "Y", "Z"]
     order = np.random.default_rng([seed, 99]).permutation(15)
     full = np.concatenate([d, xyz])[order]
     put(
