@@ -282,7 +282,7 @@ def start_seaweedfs(
             log.warning("SeaweedFS start attempt %d failed: %s", attempt, str(err).splitlines()[0])
             continue
         log.info("SeaweedFS S3 at %s ready in %.1f s (pid %d)", endpoint, took, proc.pid)
-        proc.grpc_ports = [port + GRPC_OFFSET for port in (master, volume, filer, s3, admin)]  # type: ignore[attr-defined]
+        proc.grpc_ports = [port + GRPC_OFFSET for port in (master, volume, filer, s3, admin)]  # type: ignore[attr-defined]  # stashed for the socket cleanup
         return proc, endpoint
     raise RuntimeError(f"SeaweedFS did not start after {attempts} attempts") from last_error
 

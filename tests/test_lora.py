@@ -340,7 +340,7 @@ def test_lora_mode_freezes_norm_weights_but_bn_stats_update(short_input: torch.T
         model(short_input)
     assert not torch.equal(before, model.encoder_layers[0].bn1.running_mean)
     with pytest.raises(ValueError):
-        mark_trainable(model, "partial")  # type: ignore[arg-type]
+        mark_trainable(model, "partial")  # type: ignore[arg-type]  # an invalid mode on purpose
 
 
 def test_trainable_count_after_allocation(reference_dir: Path) -> None:

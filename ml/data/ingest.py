@@ -169,7 +169,7 @@ def load_record(
 
 
 def _row(ref: RecordRef, **values: Any) -> dict[str, Any]:
-    row = {c: None for c in MANIFEST_COLUMNS}
+    row: dict[str, Any] = dict.fromkeys(MANIFEST_COLUMNS)
     row.update(
         id=ref.record_id,
         source=ref.source,

@@ -416,7 +416,7 @@ def read_digital(
             values = _read_with_wfdb(header_text, files, header.record_name, where)[idx]
             sentinel = -(2**31)  # wfdb's return_res=32 marks invalid samples this way
         block_invalid = values == sentinel if sentinel is not None else np.zeros(values.shape, bool)
-        if out is None:
+        if out is None or invalid is None:  # the first file: both are allocated together
             out = np.empty((header.n_sig, values.shape[1]), np.float64)
             invalid = np.zeros(out.shape, bool)
         if values.shape[1] != out.shape[1]:
@@ -555,7 +555,8 @@ def read_record(
         raise RecordError(Reason.MISSING_LEADS, f"{where}: missing lead(s) {', '.join(missing)}")
     if extra:
         notes.append(f"ignored extra lead(s) {', '.join(extra)}")
-    for i in columns:
+    lead_columns = [c for c in columns if c is not None]  # all of them: none is missing
+    for i in lead_columns:
         spec = header.signals[i]
         if unit_scale(spec.units) is None:
             raise RecordError(Reason.BAD_UNITS, f"{where}: lead {spec.description} is in {spec.units!r}, not a voltage")
@@ -564,7 +565,7 @@ def read_record(
     if config.verify_checksums:
         _verify_checksums(header, digital, invalid, where)
 
-    order = np.asarray(columns)
+    order = np.asarray(lead_columns)
     digital, invalid = digital[order], invalid[order]
     specs = [header.signals[i] for i in order]
     gain = np.array([s.gain for s in specs])[:, None]

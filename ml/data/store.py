@@ -246,7 +246,7 @@ def write_rows(signals_path: str | Path, data_offset: int, first_row: int, rows:
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     fd = os.open(signals_path, os.O_WRONLY)
     try:
-        view = memoryview(rows.reshape(-1).view(np.uint8))
+        view = rows.reshape(-1).view(np.uint8).data  # a flat byte memoryview
         offset = data_offset + first_row * rows[0].nbytes if len(rows) else data_offset
         while view:
             written = os.pwrite(fd, view, offset)
