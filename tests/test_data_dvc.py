@@ -86,6 +86,7 @@ def test_dvc_file_parser(tmp_path):
         dvc_md5(tmp_path / "nomd5.dvc")
 
 
+@pytest.mark.slow  # ~10 s: regenerates the whole demo hospital (twice)
 def test_demo_data_is_bit_identical_and_is_the_committed_version(tmp_path):
     """A fresh clone regenerates exactly the data that data.dvc names: dvc status clean."""
     committed = data_version(REPO)
