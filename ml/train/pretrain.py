@@ -220,7 +220,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             y = y * self.weight.view(shape) + self.bias.view(shape)
         if self.track_running_stats:
             tracked, running_mean, running_var = self.num_batches_tracked, self.running_mean, self.running_var
-            assert tracked is not None and running_mean is not None and running_var is not None  # tracked stats
+            assert tracked is not None and running_mean is not None and running_var is not None  # as tracked
             with torch.no_grad():
                 tracked.add_(1)
                 f = self.momentum if self.momentum is not None else 1.0 / float(tracked)
