@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast lint format install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,11 +18,23 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/cessl run
 
-test: $(STAMP)
+# what CI runs (.ci/run): lint, then the whole suite (slow, Docker and server tests included)
+test: lint
 	$(BIN)/python -m pytest -q -ra --durations=15
 
+# the inner loop: no slow, Docker or real-server test (< 3 minutes on 2 cores)
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -m "not slow and not docker"
+	$(BIN)/python -m pytest -q -ra -m "not slow and not docker and not integration" --durations=10
+
+# ruff (lint + format check, config in pyproject.toml) and mypy on ml/
+lint: $(STAMP)
+	$(BIN)/ruff check
+	$(BIN)/ruff format --check
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix
+	$(BIN)/ruff format
 
 clean:
-	rm -rf $(VENV) .pytest_cache mlruns mlflow.db
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache mlruns mlflow.db

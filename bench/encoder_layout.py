@@ -48,11 +48,11 @@ def encoder_layout(layout: str) -> Iterator[None]:
     """Run ``ECGTransformer.encode`` in ``layout`` for the block (nhwc: the code as it is)."""
     original = ECGTransformer.encode
     if layout == "nchw":
-        ECGTransformer.encode = _encode_nchw  # type: ignore[method-assign]
+        ECGTransformer.encode = _encode_nchw  # type: ignore[method-assign]  # the variant under test, restored below
     try:
         yield
     finally:
-        ECGTransformer.encode = original  # type: ignore[method-assign]
+        ECGTransformer.encode = original  # type: ignore[method-assign]  # restore
 
 
 def measure(config_name: str, batch: int, rounds: int, steps: int, device: torch.device) -> dict[str, dict]:

@@ -20,6 +20,7 @@ each measured in a fresh process, to show that memory stays flat as N grows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -58,7 +59,7 @@ def baseline(record_dir: Path, out: Path, length: int = 6144) -> tuple[float, in
             rec = wfdb.rdrecord(str(hea.with_suffix("")))
         x = rec.p_signal.T
         if rec.fs != 500:
-            x = sps.resample(x, int(round(x.shape[1] * 500 / rec.fs)), axis=1)
+            x = sps.resample(x, round(x.shape[1] * 500 / rec.fs), axis=1)
         filtered = np.stack([sps.filtfilt(b, a, lead) for lead in x])
         scaled = StandardScaler().fit_transform(filtered.T).T
         n = min(length, scaled.shape[1])
@@ -114,10 +115,8 @@ class MemorySampler:
         main = self._pss(self.me)
         workers = []
         for child in self.me.children(recursive=True):
-            try:
+            with contextlib.suppress(psutil.Error):  # the worker exited between listing and reading
                 workers.append(self._pss(child))
-            except psutil.Error:
-                pass
         self.main_peak = max(self.main_peak, main)
         self.worker_peak = max([self.worker_peak, *workers])
         self.total_peak = max(self.total_peak, main + sum(workers))

@@ -171,7 +171,7 @@ def log_files(files: Mapping[str, Path]) -> None:
 
     with tempfile.TemporaryDirectory(prefix="cessl-artifacts-") as tmp:
         for run_path, local in files.items():
-            folder, _, name = run_path.rpartition("/")
+            folder, _, _ = run_path.rpartition("/")
             staged = Path(tmp) / run_path
             staged.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(local, staged)

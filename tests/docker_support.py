@@ -107,7 +107,8 @@ def _lock_persistent_data_root() -> tuple[Path, object] | None:
         return None
     try:
         PERSISTENT_DATA_ROOT.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(PERSISTENT_DATA_ROOT.parent / "docker-data.lock", "w")
+        # not a `with`: the lock is held as long as the returned handle stays open
+        handle = open(PERSISTENT_DATA_ROOT.parent / "docker-data.lock", "w")  # noqa: SIM115
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         return None

@@ -29,6 +29,7 @@ the session. Credentials are never logged; they are hidden from the objects' rep
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -143,19 +144,13 @@ def start_process_group(cmd: list[str], env: Mapping[str, str], log_path: Path, 
 def stop_process_group(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> None:
     """SIGTERM the process group led by ``proc.pid``; SIGKILL it if it does not exit."""
     if proc.poll() is None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
     # children (e.g. uvicorn under `mlflow server`) may outlive their parent
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     if proc.poll() is None:
         proc.wait(timeout=timeout)
 
@@ -275,7 +270,7 @@ def start_seaweedfs(
         endpoint = f"http://{LOCALHOST}:{s3}"
         probe = S3Server(endpoint, access_key, secret_key, "us-east-1", data_dir, proc.pid)
 
-        def ready() -> bool:
+        def ready(probe: S3Server = probe) -> bool:  # default arg: this attempt's probe (B023)
             probe.client(config=_probe_config()).list_buckets()
             return True
 
@@ -287,7 +282,7 @@ def start_seaweedfs(
             log.warning("SeaweedFS start attempt %d failed: %s", attempt, str(err).splitlines()[0])
             continue
         log.info("SeaweedFS S3 at %s ready in %.1f s (pid %d)", endpoint, took, proc.pid)
-        proc.grpc_ports = [port + GRPC_OFFSET for port in (master, volume, filer, s3, admin)]  # type: ignore[attr-defined]
+        proc.grpc_ports = [port + GRPC_OFFSET for port in (master, volume, filer, s3, admin)]  # type: ignore[attr-defined]  # stashed for the socket cleanup
         return proc, endpoint
     raise RuntimeError(f"SeaweedFS did not start after {attempts} attempts") from last_error
 

@@ -52,7 +52,7 @@ def fine_tuned(backbone_state: dict[str, torch.Tensor], x: torch.Tensor) -> ECGT
     load_backbone_weights(model, backbone_state)
     mark_trainable(model, "lora")
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.requires_grad:
                 param.add_(torch.randn_like(param) * 0.01)
         model.train()
@@ -153,7 +153,7 @@ def test_read_state_dict_is_safe(tmp_path: Path, backbone_state: dict) -> None:
 
     evil = tmp_path / "evil.pt"
     torch.save({"weight": torch.zeros(2), "payload": NotATensor()}, evil)
-    with pytest.raises(CheckpointError, match="evil.pt.*refused"):
+    with pytest.raises(CheckpointError, match=r"evil\.pt.*refused"):
         read_state_dict(evil)
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         read_state_dict(tmp_path / "missing.pt")
@@ -173,7 +173,7 @@ def test_load_backbone_weights_strict_errors(backbone_state: dict) -> None:
 
     # a pre-training checkpoint with its own 6-class head: dropped on request
     pretrained = {**backbone_state, "classifier.1.weight": torch.zeros(6, 64), "classifier.1.bias": torch.zeros(6)}
-    with pytest.raises(CheckpointError, match="classifier.1.weight"):
+    with pytest.raises(CheckpointError, match=r"classifier\.1\.weight"):
         load_backbone_weights(model, pretrained)
     head = model.classifier[1].weight.detach().clone()
     load_backbone_weights(model, pretrained, drop_head=True)

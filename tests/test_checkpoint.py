@@ -57,5 +57,5 @@ def test_a_failed_save_leaves_the_previous_checkpoint_and_no_partial_file(tmp_pa
 def test_a_pickle_with_other_objects_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.pt"
     torch.save({"step": 1, "payload": NotPlainData()}, path)
-    with pytest.raises(CheckpointError, match="evil.pt.*refused"):
+    with pytest.raises(CheckpointError, match=r"evil\.pt.*refused"):
         load_checkpoint(path)

@@ -255,6 +255,7 @@ def test_champion_is_scored_like_evaluate_and_carried_by_the_registration(traine
         assert scored.metrics[key] == pytest.approx(value, abs=1e-6), key
 
 
+@pytest.mark.slow  # ~25 s: fine-tunes twice more
 def test_finetune_resumes_after_an_interruption(trained, tmp_path, monkeypatch):
     """Killed after its step-2 checkpoint: the next call continues at step 2 and ends identical."""
     config = dataclasses.replace(FINETUNE, max_steps=6)

@@ -79,13 +79,14 @@ def test_dvc_file_parser(tmp_path):
     assert dvc_md5(tmp_path / "missing.dvc") is None
     assert data_version(tmp_path, "multi.dvc") == "11111111111111111111111111111111.dir"
     (tmp_path / "broken.dvc").write_text("outs: [\n")
-    with pytest.raises(ValueError, match="not a valid .dvc file"):
+    with pytest.raises(ValueError, match=r"not a valid \.dvc file"):
         dvc_md5(tmp_path / "broken.dvc")
     (tmp_path / "nomd5.dvc").write_text("outs:\n- path: data\n")
     with pytest.raises(ValueError, match="has no md5"):
         dvc_md5(tmp_path / "nomd5.dvc")
 
 
+@pytest.mark.slow  # ~10 s: regenerates the whole demo hospital (twice)
 def test_demo_data_is_bit_identical_and_is_the_committed_version(tmp_path):
     """A fresh clone regenerates exactly the data that data.dvc names: dvc status clean."""
     committed = data_version(REPO)

@@ -135,7 +135,7 @@ def test_dataset_contract_and_batches(ingested, tmp_path):
     labels = split_codes(store.table.set_index("id").loc[ids[0], "labels"])
     assert [store.classes[j] for j in np.flatnonzero(y.numpy())] == [c for c in store.classes if c in labels]
     batch = ds.__getitems__([5, 2, 9])
-    for i, (bx, by) in zip([5, 2, 9], batch):
+    for i, (bx, by) in zip([5, 2, 9], batch, strict=True):
         ex, ey = ds[i]
         assert torch.equal(bx, ex) and torch.equal(by, ey)
     xb, yb = next(iter(DataLoader(ds, batch_size=4)))

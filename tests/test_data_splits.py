@@ -32,7 +32,7 @@ def test_parts_are_disjoint_complete_and_sized(population):
     assert len(s.test) == pytest.approx(0.1 * n_lab, abs=2)
     assert len(s.train) + len(s.valid) == pytest.approx(0.05 * (n_lab - len(s.test)), abs=2)
     assert len(s.valid) == pytest.approx(0.2 * (len(s.train) + len(s.valid)), abs=2)
-    no_dx = {i for i, lab in zip(ids, labelled) if not lab}
+    no_dx = {i for i, lab in zip(ids, labelled, strict=True) if not lab}
     assert no_dx <= set(s.unlabelled) and not no_dx & set(s.test + s.train + s.valid)
 
 

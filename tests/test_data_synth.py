@@ -108,6 +108,7 @@ def _features(x: np.ndarray, fs: float = 500.0) -> np.ndarray:
     return np.concatenate([[60 / rr.mean(), rr.std() / rr.mean(), rr_irregularity, outliers], coarse])
 
 
+@pytest.mark.slow  # ~11 s: fits a classifier per class
 def test_class_features_are_learnable():
     """A linear model on generic features separates every default class (held-out AUROC)."""
     from sklearn.linear_model import LogisticRegression

@@ -289,9 +289,9 @@ def test_deactivation_rate_and_seeded_reproducibility(
             return [model(x) for _ in range(4)]
 
     first, second = run(7), run(7)
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
     other = run(8)
-    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
     n_calls = sum(v for k, v in calls.items() if k != "classifier.0")
     n_draws = 12 * 12  # 12 deactivatable layers x 12 forward passes
     assert 0.3 * n_draws < n_calls < 0.7 * n_draws
@@ -340,7 +340,7 @@ def test_lora_mode_freezes_norm_weights_but_bn_stats_update(short_input: torch.T
         model(short_input)
     assert not torch.equal(before, model.encoder_layers[0].bn1.running_mean)
     with pytest.raises(ValueError):
-        mark_trainable(model, "partial")  # type: ignore[arg-type]
+        mark_trainable(model, "partial")  # type: ignore[arg-type]  # an invalid mode on purpose
 
 
 def test_trainable_count_after_allocation(reference_dir: Path) -> None:

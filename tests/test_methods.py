@@ -45,7 +45,7 @@ def test_each_method_says_what_it_trains(name: str) -> None:
 
 
 def test_an_unknown_method_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="unknown method 'nope'.*cessl"):
+    with pytest.raises(ValueError, match=r"unknown method 'nope'.*cessl"):
         get_method("nope")
     with pytest.raises(ValueError, match="unknown method"):
         TrainConfig(method="nope")

@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 N_RECORDS, N_CLASSES, STEPS = 24, 4, 3
@@ -67,6 +68,7 @@ def _write_data(path: Path) -> None:
     np.savez(path, x=x, y=y)
 
 
+@pytest.mark.slow  # ~27 s: two torchrun processes, then the single-process reference
 def test_ddp_two_processes_match_one_process(tmp_path: Path) -> None:
     from ml.train.pretrain import pretrain
 

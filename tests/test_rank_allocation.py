@@ -92,7 +92,7 @@ def test_fisher_variant_and_batch_averaging(reference_dir: Path) -> None:
     taylor = parameter_importance(model, [(x[:1], y[:1])], variant="taylor")
     assert taylor["classifier.0"] == pytest.approx(float(((layer.weight.detach() * g_w) ** 2).mean()), rel=1e-4)
     with pytest.raises(ValueError, match="variant"):
-        parameter_importance(model, [(x, y)], variant="hessian")  # type: ignore[arg-type]
+        parameter_importance(model, [(x, y)], variant="hessian")  # type: ignore[arg-type]  # an invalid variant on purpose
 
 
 def test_rank_rule_hand_cases() -> None:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError
@@ -87,7 +88,7 @@ def test_mlflow_run_artifact_lands_in_bucket(mlflow_server, s3_server, tmp_path,
         dst_path=str(tmp_path / "dl"),
         tracking_uri=mlflow_server.tracking_uri,
     )
-    assert open(local).read() == '{"r": 16}'
+    assert Path(local).read_text() == '{"r": 16}'
 
 
 def _base_env() -> dict[str, str]:

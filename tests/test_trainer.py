@@ -118,7 +118,7 @@ def test_config_helpers_and_validation() -> None:
         TrainConfig(epochs=0)
     assert TrainConfig(max_steps=1000).warmup_steps == 10
     with pytest.raises(ValueError, match="method"):
-        TrainConfig(method="mixmatch")  # type: ignore[arg-type]
+        TrainConfig(method="mixmatch")  # type: ignore[arg-type]  # an unknown method on purpose
 
 
 def test_epoch_stream_reshuffles_every_epoch_and_resumes() -> None:

@@ -166,9 +166,7 @@ def write_demo_data(data_dir: str | Path, real_records_dir: str | Path | None = 
     data = Path(data_dir)
     tmp = data.with_name(f".{data.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    config = SynthConfig(
-        records=DEMO_RECORDS, seed=DEMO_SEED, unlabelled_fraction=DEMO_UNLABELLED_FRACTION, prefix="H"
-    )
+    config = SynthConfig(records=DEMO_RECORDS, seed=DEMO_SEED, unlabelled_fraction=DEMO_UNLABELLED_FRACTION, prefix="H")
     generate(tmp / DEMO_HOSPITAL, config, faults=True, workers=default_workers(), progress=False)
     if real_records_dir is not None:
         src = Path(real_records_dir)

@@ -136,9 +136,7 @@ def _read_files(source: Source, ref: RecordRef) -> dict[str, bytes]:
     return files
 
 
-def _record_from_files(
-    ref: RecordRef, files: dict[str, bytes], source: Source, config: ValidationConfig
-) -> ECGRecord:
+def _record_from_files(ref: RecordRef, files: dict[str, bytes], source: Source, config: ValidationConfig) -> ECGRecord:
     header_name = ref.key.rsplit("/", 1)[-1]
     if header_name not in files:
         raise RecordError(Reason.UNREADABLE, f"{ref.where}: header file vanished")
@@ -171,9 +169,22 @@ def load_record(
 
 
 def _row(ref: RecordRef, **values: Any) -> dict[str, Any]:
-    row = {c: None for c in MANIFEST_COLUMNS}
-    row.update(id=ref.record_id, source=ref.source, key=ref.key, stamp=ref.stamp, reason="", detail="", notes="",
-               labelled=False, labels="", dx="", unscored="", unknown="", content_hash="")
+    row: dict[str, Any] = dict.fromkeys(MANIFEST_COLUMNS)
+    row.update(
+        id=ref.record_id,
+        source=ref.source,
+        key=ref.key,
+        stamp=ref.stamp,
+        reason="",
+        detail="",
+        notes="",
+        labelled=False,
+        labels="",
+        dx="",
+        unscored="",
+        unknown="",
+        content_hash="",
+    )
     row.update(values)
     return row
 
@@ -356,9 +367,7 @@ def ingest(
     now = datetime.now(UTC).isoformat(timespec="seconds")
     job_source: str | Source = src.uri if isinstance(source, (str, Path)) else src
     base_job = {"source": job_source, "config": asdict(config.validation)}
-    jobs = (
-        {**base_job, "refs": to_read[i : i + config.chunk_size]} for i in range(0, len(to_read), config.chunk_size)
-    )
+    jobs = ({**base_job, "refs": to_read[i : i + config.chunk_size]} for i in range(0, len(to_read), config.chunk_size))
     frames: list[pd.DataFrame] = []
     buffer: list[tuple] = []
 
@@ -404,7 +413,12 @@ def ingest(
     _write_atomic(out_dir / QUARANTINE_FILE, quarantine_report(report, run).encode("utf-8"))
     log.info(
         "%s: seen %d = accepted %d + quarantined %d (read %d, unchanged %d)",
-        src.uri, report.seen, report.accepted, report.quarantined, report.read, report.reused,
+        src.uri,
+        report.seen,
+        report.accepted,
+        report.quarantined,
+        report.read,
+        report.reused,
     )
     return report
 
@@ -413,8 +427,10 @@ def _mark_duplicates(owners: pd.DataFrame, new: pd.DataFrame, uri: str) -> pd.Da
     """Quarantine new rows whose id is taken: by an owner row (earlier runs, other sources,
     unchanged records) or by an earlier new row in key order."""
     owners = owners[owners["reason"] != Reason.DUPLICATE_ID].drop_duplicates("id", keep="first")
-    owner_of = {i: (s, k, h) for i, s, k, h in zip(owners["id"], owners["source"], owners["key"],
-                                                   owners["content_hash"], strict=True)}
+    owner_of = {
+        i: (s, k, h)
+        for i, s, k, h in zip(owners["id"], owners["source"], owners["key"], owners["content_hash"], strict=True)
+    }
     new = new.reset_index(drop=True)
     first_new = new.drop_duplicates("id", keep="first")
     for i, k, h in zip(first_new["id"], first_new["key"], first_new["content_hash"], strict=True):
@@ -488,8 +504,9 @@ def quarantine_report(report: IngestReport, run: pd.DataFrame) -> str:
     quarantined = run[run["status"] == QUARANTINED]
     if len(quarantined):
         lines += ["", "## Quarantined records", "", "| record | file | reason | detail |", "|---|---|---|---|"]
-        for rid, key, reason, detail in zip(quarantined["id"], quarantined["key"], quarantined["reason"],
-                                            quarantined["detail"], strict=True):
+        for rid, key, reason, detail in zip(
+            quarantined["id"], quarantined["key"], quarantined["reason"], quarantined["detail"], strict=True
+        ):
             lines.append(f"| {_md(rid)} | {_md(key)} | {reason} | {_md(detail)} |")
     if report.unscored_codes:
         lines += ["", "## Unscored codes (accepted records)", "", "| code | records |", "|---|---:|"]

@@ -38,7 +38,14 @@ MERGED_ABBREVIATIONS: dict[str, str] = {
 
 # Source databases as named by the CSV's count columns.
 SOURCES: tuple[str, ...] = (
-    "CPSC", "CPSC_Extra", "StPetersburg", "PTB", "PTB_XL", "Georgia", "Chapman_Shaoxing", "Ningbo",
+    "CPSC",
+    "CPSC_Extra",
+    "StPetersburg",
+    "PTB",
+    "PTB_XL",
+    "Georgia",
+    "Chapman_Shaoxing",
+    "Ningbo",
 )
 
 _SNOMED = re.compile(r"^\d{6,18}$")
@@ -149,9 +156,7 @@ def _load_mapping(path: str) -> LabelMapping:
         entry = merged.setdefault(canon, {"codes": [], "counts": Counter(), "name": None, "abbrev": None})
         entry["codes"].append(code)
         entry["counts"].update({s: int(row.get(s) or 0) for s in SOURCES})
-        if code == canon:
-            entry["name"], entry["abbrev"] = row["Dx"].strip(), row["Abbreviation"].strip()
-        elif entry["name"] is None:
+        if code == canon or entry["name"] is None:
             entry["name"], entry["abbrev"] = row["Dx"].strip(), row["Abbreviation"].strip()
     # Keep the CSV's order of first appearance of each diagnosis.
     diagnoses = {

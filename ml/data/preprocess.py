@@ -175,9 +175,7 @@ def preprocess(
     if classes is None:
         classes = select_classes((split_codes(v) for v in labelled["labels"]), min_count, mapping)
         if not classes:
-            raise ValueError(
-                f"no scored diagnosis has {min_count} labelled records; lower min_count or pass classes"
-            )
+            raise ValueError(f"no scored diagnosis has {min_count} labelled records; lower min_count or pass classes")
     classes = [mapping.code_for(c) for c in classes]
     log.info("preprocessing %d records, %d classes", len(accepted), len(classes))
 

@@ -24,7 +24,18 @@ from pathlib import Path
 import numpy as np
 
 STANDARD_LEADS: tuple[str, ...] = (
-    "I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6",
+    "I",
+    "II",
+    "III",
+    "aVR",
+    "aVL",
+    "aVF",
+    "V1",
+    "V2",
+    "V3",
+    "V4",
+    "V5",
+    "V6",
 )
 _LEAD_INDEX = {name.lower(): i for i, name in enumerate(STANDARD_LEADS)}
 
@@ -252,8 +263,17 @@ _NUMPY_FORMATS: dict[str, tuple[str, int, int]] = {
     "80": ("u1", -(2**7), -128),
     "32": ("<i4", -(2**31), 0),
 }
-_INVALID = {"16": -(2**15), "61": -(2**15), "80": -(2**7), "24": -(2**23), "32": -(2**31), "212": -(2**11),
-            "310": -(2**9), "311": -(2**9), "8": None}
+_INVALID = {
+    "16": -(2**15),
+    "61": -(2**15),
+    "80": -(2**7),
+    "24": -(2**23),
+    "32": -(2**31),
+    "212": -(2**11),
+    "310": -(2**9),
+    "311": -(2**9),
+    "8": None,
+}
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
@@ -270,8 +290,7 @@ def _read_mat(data: bytes, where: str, name: str) -> np.ndarray:
     """A Challenge ``.mat`` file -> (n_sig, n_samples) array (int16 kept, floats kept)."""
     if len(data) < 20:
         raise RecordError(Reason.TRUNCATED, f"{where}: {name} has {len(data)} bytes, not even a MAT header")
-    if data[:10] == b"MATLAB 5.0" or data[:4] not in (b"\x1e\x00\x00\x00", b"\x00\x00\x00\x00",
-                                                     b"\x0a\x00\x00\x00"):
+    if data[:10] == b"MATLAB 5.0" or data[:4] not in (b"\x1e\x00\x00\x00", b"\x00\x00\x00\x00", b"\x0a\x00\x00\x00"):
         return _read_mat_scipy(data, where, name)
     mopt, rows, cols, imagf, namlen = np.frombuffer(data[:20], "<i4")
     if imagf or not (0 < namlen < 64) or rows <= 0 or cols < 0:
@@ -282,8 +301,7 @@ def _read_mat(data: bytes, where: str, name: str) -> np.ndarray:
     if len(data) - start < expected:
         raise RecordError(
             Reason.TRUNCATED,
-            f"{where}: {name} holds {len(data) - start} of the {expected} data bytes its "
-            f"{rows}x{cols} matrix needs",
+            f"{where}: {name} holds {len(data) - start} of the {expected} data bytes its {rows}x{cols} matrix needs",
         )
     if len(data) - start > expected:
         raise RecordError(Reason.HEADER_MISMATCH, f"{where}: {name} has {len(data) - start - expected} trailing bytes")
@@ -398,7 +416,7 @@ def read_digital(
             values = _read_with_wfdb(header_text, files, header.record_name, where)[idx]
             sentinel = -(2**31)  # wfdb's return_res=32 marks invalid samples this way
         block_invalid = values == sentinel if sentinel is not None else np.zeros(values.shape, bool)
-        if out is None:
+        if out is None or invalid is None:  # the first file: both are allocated together
             out = np.empty((header.n_sig, values.shape[1]), np.float64)
             invalid = np.zeros(out.shape, bool)
         if values.shape[1] != out.shape[1]:
@@ -433,9 +451,17 @@ def _verify_checksums(header: Header, digital: np.ndarray, invalid: np.ndarray, 
 # ---------------------------------------------------------------------------------------
 
 _UNIT_SCALE = {  # -> mV
-    "mv": 1.0, "millivolt": 1.0, "millivolts": 1.0,
-    "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "microvolt": 1e-3, "microvolts": 1e-3,
-    "v": 1e3, "volt": 1e3, "volts": 1e3,
+    "mv": 1.0,
+    "millivolt": 1.0,
+    "millivolts": 1.0,
+    "uv": 1e-3,
+    "µv": 1e-3,
+    "μv": 1e-3,
+    "microvolt": 1e-3,
+    "microvolts": 1e-3,
+    "v": 1e3,
+    "volt": 1e3,
+    "volts": 1e3,
     "nv": 1e-6,
 }
 
@@ -529,7 +555,8 @@ def read_record(
         raise RecordError(Reason.MISSING_LEADS, f"{where}: missing lead(s) {', '.join(missing)}")
     if extra:
         notes.append(f"ignored extra lead(s) {', '.join(extra)}")
-    for i in columns:
+    lead_columns = [c for c in columns if c is not None]  # all of them: none is missing
+    for i in lead_columns:
         spec = header.signals[i]
         if unit_scale(spec.units) is None:
             raise RecordError(Reason.BAD_UNITS, f"{where}: lead {spec.description} is in {spec.units!r}, not a voltage")
@@ -538,7 +565,7 @@ def read_record(
     if config.verify_checksums:
         _verify_checksums(header, digital, invalid, where)
 
-    order = np.asarray(columns)
+    order = np.asarray(lead_columns)
     digital, invalid = digital[order], invalid[order]
     specs = [header.signals[i] for i in order]
     gain = np.array([s.gain for s in specs])[:, None]
@@ -561,9 +588,7 @@ def read_record(
     ptp = signal.max(axis=1) - signal.min(axis=1)
     flat = [STANDARD_LEADS[j] for j in np.flatnonzero(ptp < config.flat_tolerance_mv)]
     if len(flat) > config.max_flat_leads:
-        raise RecordError(
-            Reason.FLAT_LINE, f"{where}: {len(flat)} of 12 leads are flat ({', '.join(flat)})"
-        )
+        raise RecordError(Reason.FLAT_LINE, f"{where}: {len(flat)} of 12 leads are flat ({', '.join(flat)})")
     if flat:
         notes.append(f"flat lead(s) {', '.join(flat)}")
     if header.fs != 500:
@@ -587,5 +612,6 @@ def read_record_file(path: str | Path, config: ValidationConfig = ValidationConf
     path = Path(path)
     if path.suffix != ".hea":
         path = path.with_suffix(".hea")
-    return read_record(path.read_bytes(), lambda name: (path.parent / name).read_bytes(), str(path), config,
-                       record_id=path.stem)
+    return read_record(
+        path.read_bytes(), lambda name: (path.parent / name).read_bytes(), str(path), config, record_id=path.stem
+    )

@@ -242,7 +242,7 @@ class S3Source(Source):
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.location.bucket, Prefix=full):
             for obj in page.get("Contents", []):
-                rest = obj["Key"][len(full) - len(stem):]
+                rest = obj["Key"][len(full) - len(stem) :]
                 if _stem(rest) == stem and "/" not in rest:
                     keys.append(prefix + rest)
         return sorted(keys)

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 
-
 PARTS: tuple[str, ...] = ("test", "train", "valid", "unlabelled")
 
 
@@ -71,8 +70,11 @@ class Splits:
         missing = [part for part in PARTS if part not in data]
         if missing:
             raise ValueError(f"{path}: split file lacks the parts {missing}")
-        return cls(**{part: [str(i) for i in data[part]] for part in PARTS},
-                   classes=list(data.get("classes", [])), params=dict(data.get("params", {})))
+        return cls(
+            **{part: [str(i) for i in data[part]] for part in PARTS},
+            classes=list(data.get("classes", [])),
+            params=dict(data.get("params", {})),
+        )
 
 
 def _stratified_cut(y: np.ndarray, n_second: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -130,15 +132,15 @@ def make_splits(
     never_labelled = [ids_sorted[i] for i in np.flatnonzero(~lab)]
     seeds = np.random.SeedSequence(seed).generate_state(3)
 
-    n_test = int(round(test_size * len(pool)))
+    n_test = round(test_size * len(pool))
     rest_local, test_local = _stratified_cut(y[pool], n_test, int(seeds[0]))
     rest = pool[rest_local]
-    n_lab = int(round(labelled_ratio * len(rest)))
+    n_lab = round(labelled_ratio * len(rest))
     if labelled_ratio > 0 and len(rest) >= 2:
         n_lab = max(n_lab, 2)
     unl_local, lab_local = _stratified_cut(y[rest], n_lab, int(seeds[1]))
     labelled_part = rest[lab_local]
-    n_valid = int(round(valid_size * len(labelled_part)))
+    n_valid = round(valid_size * len(labelled_part))
     if valid_size > 0 and len(labelled_part) >= 2:
         n_valid = max(n_valid, 1)
     train_local, valid_local = _stratified_cut(y[labelled_part], n_valid, int(seeds[2]))
@@ -159,8 +161,9 @@ def make_splits(
 def split_store(store, *, classes: Sequence[str] | None = None, **kwargs: Any) -> Splits:
     """:func:`make_splits` over every record of an :class:`~ml.data.store.ECGStore`."""
     classes = list(store.classes if classes is None else classes)
-    return make_splits(store.ids, store.label_matrix(classes), labelled=store.labelled_mask(), classes=classes,
-                       **kwargs)
+    return make_splits(
+        store.ids, store.label_matrix(classes), labelled=store.labelled_mask(), classes=classes, **kwargs
+    )
 
 
 def label_proportions(y: np.ndarray) -> np.ndarray:

@@ -219,8 +219,14 @@ class StoreWriter:
         with open(self.signals_path, "rb+") as f:
             os.fsync(f.fileno())
         table.reset_index(drop=True).to_parquet(self.tmp / TABLE_FILE, index=False)
-        meta = {**meta, "format": STORE_FORMAT, "n_records": self.n_records, "length": self.length,
-                "leads": list(STANDARD_LEADS), "dtype": "float32"}
+        meta = {
+            **meta,
+            "format": STORE_FORMAT,
+            "n_records": self.n_records,
+            "length": self.length,
+            "leads": list(STANDARD_LEADS),
+            "dtype": "float32",
+        }
         meta_tmp = self.tmp / (META_FILE + ".part")
         meta_tmp.write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
         os.replace(meta_tmp, self.tmp / META_FILE)  # the folder is complete from here on
@@ -240,7 +246,7 @@ def write_rows(signals_path: str | Path, data_offset: int, first_row: int, rows:
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     fd = os.open(signals_path, os.O_WRONLY)
     try:
-        view = memoryview(rows.reshape(-1).view(np.uint8))
+        view = rows.reshape(-1).view(np.uint8).data  # a flat byte memoryview
         offset = data_offset + first_row * rows[0].nbytes if len(rows) else data_offset
         while view:
             written = os.pwrite(fd, view, offset)

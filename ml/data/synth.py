@@ -40,14 +40,40 @@ IAVB, LBBB, RBBB, PVC, PAC = "270492004", "164909002", "59118001", "17338001", "
 LQRSV, TINV, TAB, LAD, RAD, LQT = "251146004", "59931005", "164934002", "39732003", "47665007", "111975006"
 
 SUPPORTED_CLASSES: tuple[str, ...] = (
-    NSR, SB, STACH, SA, AF, IAVB, LBBB, RBBB, PVC, PAC, LQRSV, TINV, TAB, LAD, RAD, LQT,
+    NSR,
+    SB,
+    STACH,
+    SA,
+    AF,
+    IAVB,
+    LBBB,
+    RBBB,
+    PVC,
+    PAC,
+    LQRSV,
+    TINV,
+    TAB,
+    LAD,
+    RAD,
+    LQT,
 )
 DEFAULT_CLASSES: tuple[str, ...] = (NSR, SB, STACH, AF, IAVB, LBBB, RBBB, PVC, LQRSV, TINV)
 
 # Probability of each diagnosis (rhythms are exclusive and drawn by weight).
 RHYTHM_WEIGHTS = {NSR: 0.45, SB: 0.17, STACH: 0.17, AF: 0.15, SA: 0.06}
-FINDING_PROB = {IAVB: 0.14, RBBB: 0.12, LBBB: 0.10, PVC: 0.14, PAC: 0.10, LQRSV: 0.12, TINV: 0.14, TAB: 0.12,
-                LAD: 0.12, RAD: 0.06, LQT: 0.10}
+FINDING_PROB = {
+    IAVB: 0.14,
+    RBBB: 0.12,
+    LBBB: 0.10,
+    PVC: 0.14,
+    PAC: 0.10,
+    LQRSV: 0.12,
+    TINV: 0.14,
+    TAB: 0.12,
+    LAD: 0.12,
+    RAD: 0.06,
+    LQT: 0.10,
+}
 
 # Wave rows of the per-beat parameter arrays.
 P_W, Q_W, R_W, R2_W, S_W, RP_W, T_W = range(7)
@@ -331,14 +357,19 @@ def _noise(rng: np.random.Generator, t: np.ndarray, config: SynthConfig) -> np.n
     wander_amp = rng.uniform(0.02, 0.25) * level * rng.uniform(0.3, 1.0, (9, 2))
     wander_f = rng.uniform(0.05, 0.5, (9, 2))
     wander_ph = rng.uniform(0, 2 * np.pi, (9, 2))
-    coarse = np.einsum("ek,ekn->en", wander_amp,
-                       np.sin(2 * np.pi * wander_f[..., None] * coarse_t + wander_ph[..., None]))
+    coarse = np.einsum(
+        "ek,ekn->en", wander_amp, np.sin(2 * np.pi * wander_f[..., None] * coarse_t + wander_ph[..., None])
+    )
     pos = np.arange(n) / step
     i0 = np.minimum(pos.astype(np.int64), coarse.shape[1] - 2)
     frac = pos - i0
     wander = coarse[:, i0] * (1 - frac) + coarse[:, i0 + 1] * frac
-    mains = (rng.uniform(0.0, 0.03) * level * rng.uniform(0.5, 1.5, (9, 1))
-             * np.sin(2 * np.pi * config.mains_hz * t + rng.uniform(0, 2 * np.pi)))
+    mains = (
+        rng.uniform(0.0, 0.03)
+        * level
+        * rng.uniform(0.5, 1.5, (9, 1))
+        * np.sin(2 * np.pi * config.mains_hz * t + rng.uniform(0, 2 * np.pi))
+    )
     emg_std = rng.uniform(0.003, 0.02) * level
     envelope = np.ones(n)
     if rng.random() < 0.35:  # a muscle burst
@@ -365,7 +396,7 @@ def synthesize_record(index: int, config: SynthConfig) -> SynthRecord:
     labelled = bool(rng.random() >= config.unlabelled_fraction)
     age = int(rng.integers(18, 95))
     sex = "Male" if rng.random() < 0.52 else "Female"
-    n = int(round(config.duration_s * config.fs))
+    n = round(config.duration_s * config.fs)
     t = np.arange(n) / config.fs
     r, types, rr = _beat_times(rng, labels, config.duration_s)
     off, sig, amp = _wave_parameters(rng, labels, types, rr)
@@ -427,7 +458,7 @@ def comments_for(record: SynthRecord, dx: Sequence[str] | None = None) -> list[s
     out = [f"Age: {record.age}", f"Sex: {record.sex}"]
     if record.labelled:
         out.append(f"Dx: {','.join(record.labels if dx is None else dx)}")
-    return out + ["Rx: Unknown", "Hx: Unknown", "Sx: Unknown"]
+    return [*out, "Rx: Unknown", "Hx: Unknown", "Sx: Unknown"]
 
 
 def write_record(out_dir: Path, record: SynthRecord) -> None:
@@ -562,8 +593,12 @@ def inject_faults(out_dir: str | Path, seed: int = 0, fs: float = 500.0) -> dict
 
     name = f"{FAULT_PREFIX}corrupt_signal_file"
     rec = rec_named(nxt(), name)
-    put(f"{name}.hea", header_text(name, to_digital(rec.signal), fs, comments_for(rec)),
-        b"this is not a MAT file\n" * 100, Reason.UNREADABLE)
+    put(
+        f"{name}.hea",
+        header_text(name, to_digital(rec.signal), fs, comments_for(rec)),
+        b"this is not a MAT file\n" * 100,
+        Reason.UNREADABLE,
+    )
 
     name = f"{FAULT_PREFIX}length_mismatch"
     rec = rec_named(nxt(), name)
@@ -579,49 +614,73 @@ def inject_faults(out_dir: str | Path, seed: int = 0, fs: float = 500.0) -> dict
     name = f"{FAULT_PREFIX}checksum_mismatch"  # signal file of another recording
     rec = rec_named(nxt(), name)
     other = to_digital(good(nxt()).signal)
-    put(f"{name}.hea", header_text(name, to_digital(rec.signal), fs, comments_for(rec)), mat_v4_bytes(other),
-        Reason.HEADER_MISMATCH)
+    put(
+        f"{name}.hea",
+        header_text(name, to_digital(rec.signal), fs, comments_for(rec)),
+        mat_v4_bytes(other),
+        Reason.HEADER_MISMATCH,
+    )
 
     # -- leads
     name = f"{FAULT_PREFIX}missing_leads"
     rec = rec_named(nxt(), name)
     keep = [0, 1, 6, 7, 8, 9, 10, 11]
     d = to_digital(rec.signal)[keep]
-    put(f"{name}.hea", header_text(name, d, fs, comments_for(rec), lead_names=[STANDARD_LEADS[i] for i in keep]),
-        mat_v4_bytes(d), Reason.MISSING_LEADS)
+    put(
+        f"{name}.hea",
+        header_text(name, d, fs, comments_for(rec), lead_names=[STANDARD_LEADS[i] for i in keep]),
+        mat_v4_bytes(d),
+        Reason.MISSING_LEADS,
+    )
 
     name = f"{FAULT_PREFIX}extra_leads"  # 15 leads in a shuffled order: keep the 12 by name
     rec = rec_named(nxt(), name)
     d = to_digital(rec.signal)
     xyz = to_digital(rec.signal[[0, 5, 7]] * 0.7)
-    names = list(STANDARD_LEADS) + ["X", "Y", "Z"]
+    names = [*STANDARD_LEADS, "X", "Y", "Z"]
     order = np.random.default_rng([seed, 99]).permutation(15)
     full = np.concatenate([d, xyz])[order]
-    put(f"{name}.hea", header_text(name, full, fs, comments_for(rec), lead_names=[names[i] for i in order]),
-        mat_v4_bytes(full), accepted)
+    put(
+        f"{name}.hea",
+        header_text(name, full, fs, comments_for(rec), lead_names=[names[i] for i in order]),
+        mat_v4_bytes(full),
+        accepted,
+    )
 
     name = f"{FAULT_PREFIX}shuffled_leads"
     rec = rec_named(nxt(), name)
     d = to_digital(rec.signal)
     order = np.random.default_rng([seed, 100]).permutation(12)
     lead_names = [STANDARD_LEADS[i].upper() if i % 2 else STANDARD_LEADS[i] for i in order]  # "AVR", "V1"...
-    put(f"{name}.hea", header_text(name, d[order], fs, comments_for(rec), lead_names=lead_names),
-        mat_v4_bytes(d[order]), accepted)
+    put(
+        f"{name}.hea",
+        header_text(name, d[order], fs, comments_for(rec), lead_names=lead_names),
+        mat_v4_bytes(d[order]),
+        accepted,
+    )
 
     # -- sample values
     name = f"{FAULT_PREFIX}nan_samples"
     rec = rec_named(nxt(), name)
     d = to_digital(rec.signal).astype(np.float64)
     d[3, 1000:1010] = np.nan
-    put(f"{name}.hea", header_text(name, np.nan_to_num(d).astype(np.int64), fs, comments_for(rec)),
-        mat_v4_bytes(d), Reason.NON_FINITE)
+    put(
+        f"{name}.hea",
+        header_text(name, np.nan_to_num(d).astype(np.int64), fs, comments_for(rec)),
+        mat_v4_bytes(d),
+        Reason.NON_FINITE,
+    )
 
     name = f"{FAULT_PREFIX}inf_samples"
     rec = rec_named(nxt(), name)
     d = to_digital(rec.signal).astype(np.float64)
     d[7, 2000] = np.inf
-    put(f"{name}.hea", header_text(name, np.nan_to_num(d, posinf=0).astype(np.int64), fs, comments_for(rec)),
-        mat_v4_bytes(d), Reason.NON_FINITE)
+    put(
+        f"{name}.hea",
+        header_text(name, np.nan_to_num(d, posinf=0).astype(np.int64), fs, comments_for(rec)),
+        mat_v4_bytes(d),
+        Reason.NON_FINITE,
+    )
 
     name = f"{FAULT_PREFIX}invalid_samples"  # WFDB's "no sample" value in format 16
     rec = rec_named(nxt(), name)
@@ -662,8 +721,7 @@ def inject_faults(out_dir: str | Path, seed: int = 0, fs: float = 500.0) -> dict
     name = f"{FAULT_PREFIX}empty_dx"
     rec = rec_named(nxt(), name)
     d = to_digital(rec.signal)
-    put(f"{name}.hea", header_text(name, d, fs, [f"Age: {rec.age}", "Sex: Female", "Dx: "]), mat_v4_bytes(d),
-        accepted)
+    put(f"{name}.hea", header_text(name, d, fs, [f"Age: {rec.age}", "Sex: Female", "Dx: "]), mat_v4_bytes(d), accepted)
     name = f"{FAULT_PREFIX}unscored_codes"
     rec = rec_named(nxt(), name)
     d = to_digital(rec.signal)
@@ -675,14 +733,12 @@ def inject_faults(out_dir: str | Path, seed: int = 0, fs: float = 500.0) -> dict
     standard(name, rec_named(nxt(), name), accepted)
     rec = rec_named(nxt(), name)  # same id, other content, in a later folder
     d = to_digital(rec.signal)
-    put(f"zz_resubmitted/{name}.hea", header_text(name, d, fs, comments_for(rec)), mat_v4_bytes(d),
-        Reason.DUPLICATE_ID)
+    put(f"zz_resubmitted/{name}.hea", header_text(name, d, fs, comments_for(rec)), mat_v4_bytes(d), Reason.DUPLICATE_ID)
     name = f"{FAULT_PREFIX}copy"
     rec = rec_named(nxt(), name)
     standard(name, rec, accepted)
     d = to_digital(rec.signal)
-    put(f"zz_resubmitted/{name}.hea", header_text(name, d, fs, comments_for(rec)), mat_v4_bytes(d),
-        Reason.DUPLICATE_ID)
+    put(f"zz_resubmitted/{name}.hea", header_text(name, d, fs, comments_for(rec)), mat_v4_bytes(d), Reason.DUPLICATE_ID)
 
     # -- headers
     name = f"{FAULT_PREFIX}latin1_header"
@@ -700,6 +756,10 @@ def inject_faults(out_dir: str | Path, seed: int = 0, fs: float = 500.0) -> dict
     name = f"{FAULT_PREFIX}unsafe_signal_name"
     rec = rec_named(nxt(), name)
     d = to_digital(rec.signal)
-    put(f"{name}.hea", header_text(name, d, fs, comments_for(rec), file_name="../../etc/passwd"), None,
-        Reason.UNSAFE_PATH)
+    put(
+        f"{name}.hea",
+        header_text(name, d, fs, comments_for(rec), file_name="../../etc/passwd"),
+        None,
+        Reason.UNSAFE_PATH,
+    )
     return {k: str(v) for k, v in expected.items()}

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ml.model.lora import LoRAConfig, LoRAConv1D, LoRAConv2d, LoRALinear, seed_deactivation
+from ml.model.lora import LoRAConfig, LoRAConv1D, LoRAConv2d, LoRALayer, LoRALinear, seed_deactivation
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def adapted_layer_names(config: BackboneConfig) -> list[str]:
             f"transformer_layers.{i}.fc1",
             f"transformer_layers.{i}.fc2",
         ]
-    return names + ["classifier.0"]
+    return [*names, "classifier.0"]
 
 
 # --- encoder ------------------------------------------------------------------------------
@@ -118,6 +118,8 @@ class ResidualBlock(nn.Module):
 # --- transformer --------------------------------------------------------------------------
 class SinusoidalPositionalEncoding(nn.Module):
     """PE[t, 2i] = sin(t / 10000^(2i/d)), PE[t, 2i+1] = cos(...); a (max_len, d) buffer."""
+
+    positional_encoding: Tensor  # buffer
 
     def __init__(self, d_model: int, max_len: int) -> None:
         super().__init__()
@@ -149,6 +151,8 @@ class CausalSelfAttention(nn.Module):
     """GPT-2 attention: fused q,k,v projection c_attn (d -> 3d), causal softmax(q k^T / sqrt(hd)) v,
     output projection c_proj. The (1, 1, n_ctx, n_ctx) lower-triangular buffer ``bias`` is the
     reference's mask (kept in the state dict); SDPA's ``is_causal`` applies the same mask."""
+
+    bias: Tensor  # buffer
 
     def __init__(self, d_model: int, n_heads: int, n_ctx: int, rank: int, alpha: float | None = None) -> None:
         super().__init__()
@@ -210,7 +214,8 @@ class ECGTransformer(nn.Module):
         d = config.d_model
 
         def block_ranks(prefix: str, leaves: tuple[str, str, str]) -> tuple[int, int, int]:
-            return tuple(rank[f"{prefix}.{leaf}"] for leaf in leaves)  # type: ignore[return-value]
+            a, b, c = (rank[f"{prefix}.{leaf}"] for leaf in leaves)
+            return a, b, c
 
         # registration order = reference state-dict order
         self.encoder_layers = nn.ModuleList(
@@ -241,7 +246,7 @@ class ECGTransformer(nn.Module):
         self.position_encoding = SinusoidalPositionalEncoding(d, config.max_len)
 
         for name in names:
-            self.get_submodule(name).p = self.lora_config.p_for(name)
+            self._lora_layer(name).p = self.lora_config.p_for(name)
         seed_deactivation(self, 0)  # the trainer re-seeds from its own seed
 
     def adapted_layer_names(self) -> list[str]:
@@ -250,7 +255,14 @@ class ECGTransformer(nn.Module):
 
     def rank_map(self) -> dict[str, int]:
         """The rank actually built for every adaptable layer (0: not adapted)."""
-        return {n: self.get_submodule(n).r for n in self.adapted_layer_names()}
+        return {n: self._lora_layer(n).r for n in self.adapted_layer_names()}
+
+    def _lora_layer(self, name: str) -> LoRALayer:
+        """The adaptable layer ``name`` (one of ``adapted_layer_names()``, at any rank, 0 included)."""
+        layer = self.get_submodule(name)
+        if not isinstance(layer, LoRALayer):
+            raise TypeError(f"{name} is a {type(layer).__name__}, not a LoRA layer")
+        return layer
 
     def encode(self, x: Tensor) -> Tensor:
         """Conv encoder only: (N, n_leads, 1, 6144) -> (N, d, 1, 96).

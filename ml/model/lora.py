@@ -40,7 +40,7 @@ import math
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -99,7 +99,13 @@ class LoRALayer(nn.Module):
     scale: float
     p: float
     merged: bool
-    weight: Tensor  # W, in the wrapped layer's own layout (a Parameter or a property)
+
+    if TYPE_CHECKING:  # declared for the type checker only: a runtime property would clash with nn.Parameter
+
+        @property
+        def weight(self) -> Tensor:
+            """W, in the wrapped layer's own layout (a Parameter or a property of the subclass)."""
+            ...
 
     def _init_lora(self, r: int, a_shape: tuple[int, ...], b_shape: tuple[int, ...], alpha: float | None) -> None:
         """Register lora_A / lora_B (only when r > 0) and the deactivation state."""
@@ -309,6 +315,8 @@ class LoRAConv2d(LoRALayer):
 class LoRALinear(LoRALayer):
     """A Linear layer (weight (out, in)) with LoRA: A (r, in), B (out, r)."""
 
+    weight: nn.Parameter
+
     def __init__(
         self, in_features: int, out_features: int, bias: bool = True, r: int = 0, alpha: float | None = None
     ) -> None:
@@ -335,6 +343,8 @@ class LoRAConv1D(LoRALayer):
     computes x @ W + b. A (3r, d), B (3d, r): block i uses B[i*d:(i+1)*d] @ A[i*r:(i+1)*r]
     (shape (d, d), out x in), so the block-diagonal update (3d, d) is added transposed.
     """
+
+    weight: nn.Parameter
 
     def __init__(
         self, in_features: int, out_features: int, n_blocks: int = 3, r: int = 0, alpha: float | None = None
@@ -383,8 +393,9 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
     transformer layer c_attn, fc1, fc2, then classifier.0. Models that define
     ``adapted_layer_names()`` (ECGTransformer) give that order; otherwise module order.
     """
-    if hasattr(model, "adapted_layer_names"):
-        names: Iterable[str] = model.adapted_layer_names()
+    adapted_layer_names = getattr(model, "adapted_layer_names", None)
+    if callable(adapted_layer_names):
+        names: Iterable[str] = adapted_layer_names()
         found = ((n, model.get_submodule(n)) for n in names)
     else:
         found = ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer))

@@ -159,7 +159,7 @@ def ranks_from_importance(
     names = list(importance)
     ranks = rankdata(np.asarray([importance[n] for n in names], dtype=np.float64))
     threshold = math.floor(num_layers * compress)
-    return {n: (r_low if rank <= threshold else r) for n, rank in zip(names, ranks)}
+    return {n: (r_low if rank <= threshold else r) for n, rank in zip(names, ranks, strict=True)}
 
 
 def allocate_ranks(
@@ -174,7 +174,8 @@ def allocate_ranks(
     """One-shot allocation: score ``model`` (built at uniform rank r, pre-trained weights
     loaded) on one pass of ``loader`` and return the per-layer rank map."""
     importance = parameter_importance(model, loader, loss_fn=loss_fn, variant=variant)
-    num_layers = model.config.num_layers if hasattr(model, "config") else len(importance) + 1
+    config = getattr(model, "config", None)  # ECGTransformer's BackboneConfig
+    num_layers = int(config.num_layers) if config is not None else len(importance) + 1
     rank_map = ranks_from_importance(importance, num_layers, r, compress, r_low)
     logger.info(
         "rank allocation (r=%d, c=%.2f): %d of %d matrices at low rank",

@@ -202,7 +202,7 @@ def source_hospital(recipe: DefaultRecipe) -> tuple[TensorPairDataset, list[str]
             if code in column:
                 y[i, column[code]] = 1.0
     digest = hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()[:16]
-    counts = dict(zip(recipe.classes, y.sum(0).astype(int).tolist()))
+    counts = dict(zip(recipe.classes, y.sum(0).astype(int).tolist(), strict=True))
     logger.info("synthetic source hospital: %d records, positives per class %s", recipe.n_records, counts)
     dataset = TensorPairDataset(torch.from_numpy(x), torch.from_numpy(y))
     return dataset, list(recipe.classes), f"synth-source:seed={recipe.data_seed}:sha256={digest}"

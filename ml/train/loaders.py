@@ -9,7 +9,7 @@ run continues with exactly the batches the interrupted run would have drawn.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Sized
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +21,14 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 def derive_seed(seed: int, *keys: int) -> int:
     """A 63-bit seed derived from ``seed`` and stream keys (independent streams per key)."""
     return int(np.random.SeedSequence([seed, *keys]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+def dataset_size(dataset: Dataset) -> int:
+    """``len(dataset)``: torch's ``Dataset`` type does not declare ``__len__``; every dataset
+    trained on here is map-style and has one (a TypeError names one that does not)."""
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"{type(dataset).__name__} has no len(): a map-style dataset with __len__ is needed")
+    return len(dataset)
 
 
 @dataclass
@@ -102,10 +110,10 @@ class BatchIterator:
     ) -> None:
         start = position or StreamPosition()
         self.dataset, self.device = dataset, device
-        self._consumed = EpochStream(len(dataset), batch_size, seed, StreamPosition(start.epoch, start.offset))
+        self._consumed = EpochStream(dataset_size(dataset), batch_size, seed, StreamPosition(start.epoch, start.offset))
         self._loader: Iterator[tuple[Tensor, Tensor]] | None = None
         if num_workers > 0:
-            sampler = EpochStream(len(dataset), batch_size, seed, StreamPosition(start.epoch, start.offset))
+            sampler = EpochStream(dataset_size(dataset), batch_size, seed, StreamPosition(start.epoch, start.offset))
             loader = DataLoader(
                 dataset,
                 batch_sampler=sampler,

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from ml.model.backbone import BackboneConfig, ECGTransformer, backbone_config
 from ml.train.augment import CUTMIX_ALPHA, cutmix, make_generator
 from ml.train.checkpoint import load_checkpoint, save_checkpoint
+from ml.train.loaders import dataset_size
 
 logger = logging.getLogger(__name__)
 
@@ -218,12 +219,14 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         if self.track_running_stats:
+            tracked, running_mean, running_var = self.num_batches_tracked, self.running_mean, self.running_var
+            assert tracked is not None and running_mean is not None and running_var is not None  # as tracked
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                f = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                tracked.add_(1)
+                f = self.momentum if self.momentum is not None else 1.0 / float(tracked)
                 n = float(count)
-                self.running_mean.mul_(1 - f).add_(mean.detach(), alpha=f)
-                self.running_var.mul_(1 - f).add_(var.detach() * (n / max(n - 1.0, 1.0)), alpha=f)
+                running_mean.mul_(1 - f).add_(mean.detach(), alpha=f)
+                running_var.mul_(1 - f).add_(var.detach() * (n / max(n - 1.0, 1.0)), alpha=f)
         return y
 
 
@@ -308,18 +311,18 @@ def pretrain(dataset: Dataset, config: PretrainConfig) -> PretrainResult:
 
     torch.manual_seed(config.seed)  # the same initial weights in every process
     dtype = getattr(torch, config.dtype)
-    model = ECGTransformer(bb_config).to(env.device, dtype)
+    model: nn.Module = ECGTransformer(bb_config).to(env.device, dtype)
     if env.distributed and config.sync_batchnorm:
         model = _sync_batchnorm(model, env)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay, eps=config.adam_eps)
 
-    sampler = DistributedSampler(
+    sampler: DistributedSampler[int] = DistributedSampler(
         dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=config.seed, drop_last=True
     )
     steps_per_epoch = len(sampler) // config.batch_size
     if steps_per_epoch < 1:
         raise ValueError(
-            f"{len(dataset)} records give no full batch of {config.batch_size} per process "
+            f"{dataset_size(dataset)} records give no full batch of {config.batch_size} per process "
             f"on {env.world_size} process(es); lower --batch-size or add data"
         )
     total_steps = config.max_steps if config.max_steps is not None else config.epochs * steps_per_epoch
@@ -358,7 +361,7 @@ def pretrain(dataset: Dataset, config: PretrainConfig) -> PretrainResult:
             "(global %d), lr %.3g, %d steps (%d/epoch), cutmix alpha %s",
             bb_config.name,
             num_classes,
-            len(dataset),
+            dataset_size(dataset),
             env.world_size,
             env.backend or env.device.type,
             config.batch_size,

@@ -34,7 +34,7 @@ from ml.model.lora import LoRAConfig, count_parameters
 from ml.model.rank_allocation import RankAllocationConfig, parameter_importance, ranks_from_importance
 from ml.train.build import BackboneState, build_model, build_scoring_model
 from ml.train.config import TrainConfig, resolve_device
-from ml.train.loaders import EpochStream, fetch
+from ml.train.loaders import EpochStream, dataset_size, fetch
 from ml.train.methods import TrainingMethod, get_method
 from ml.train.trainer import Callback, TrainResult, fit
 
@@ -64,7 +64,7 @@ class FinetuneOutcome:
 
 def allocation_batches(dataset: Dataset, batch_size: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
     """One pass over ``dataset`` in full batches of ``batch_size`` (clamped to its size), shuffled by ``seed``."""
-    size = len(dataset)  # type: ignore[arg-type]
+    size = dataset_size(dataset)
     batch = max(1, min(batch_size, size))
     stream = EpochStream(size, batch, seed)
     for _ in range(size // batch):
@@ -100,7 +100,7 @@ def unlabelled_for(method: TrainingMethod, labelled: Dataset, unlabelled: Datase
     """The unlabelled data ``method`` reads; the labelled split stands in when there is none."""
     if not method.reads_unlabelled:
         return unlabelled
-    if unlabelled is None or len(unlabelled) == 0:  # type: ignore[arg-type]
+    if unlabelled is None or dataset_size(unlabelled) == 0:
         log.warning("method %s reads unlabelled data but there is none: the labelled split stands in", method.name)
         return labelled
     return unlabelled

@@ -12,7 +12,7 @@ Every step augments under ``torch.no_grad()`` with the caller's generator and re
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from torch import Tensor
 from ml.train.augment import CUTMIX_ALPHA, cutmix, strong_augment, weak_augment
 
 
+@runtime_checkable
 class EncoderHeadModel(Protocol):
     """What the steps need from :class:`ml.model.backbone.ECGTransformer`."""
 

@@ -51,8 +51,8 @@ from ml.model.lora import lora_layers, seed_deactivation
 from ml.train.augment import make_generator
 from ml.train.checkpoint import load_checkpoint, save_checkpoint
 from ml.train.config import TrainConfig, resolve_device
-from ml.train.loaders import BatchIterator, StreamPosition, derive_seed
-from ml.train.steps import StepOutput
+from ml.train.loaders import BatchIterator, StreamPosition, dataset_size, derive_seed
+from ml.train.steps import EncoderHeadModel, StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +219,10 @@ class _Run:
         config: TrainConfig,
         callbacks: Sequence[Callback],
     ) -> None:
+        if not isinstance(model, EncoderHeadModel):
+            raise TypeError(f"{type(model).__name__} has no encode/head: the training steps need an ECGTransformer")
         self.method = config.training_method
-        if self.method.reads_unlabelled and (unlabelled is None or len(unlabelled) == 0):
+        if self.method.reads_unlabelled and (unlabelled is None or dataset_size(unlabelled) == 0):
             raise ValueError(f"method {config.method!r} needs a non-empty unlabelled dataset")
         self.config, self.callbacks = config, list(callbacks)
         self.device = resolve_device(config.device)
@@ -355,7 +357,7 @@ class _Run:
                 self.optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
                 self.optimizer.step()
-                lr = self.scheduler.get_last_lr()[0]
+                lr = float(self.scheduler.get_last_lr()[0])
                 self.scheduler.step()
                 self.step += 1
                 logs = {k: float(v) for k, v in out.logs.items()} | {"lr": lr}
@@ -452,7 +454,7 @@ def fit(
     ``config.resume`` is set, training continues from it. In epochs mode (``config.epochs``
     set) the number of steps comes from ``len(labelled)`` (:meth:`TrainConfig.resolve_steps`).
     """
-    config = config.resolve_steps(len(labelled))  # type: ignore[arg-type]
+    config = config.resolve_steps(dataset_size(labelled))
     device = resolve_device(config.device)
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), _deterministic_algorithms(config.deterministic, device):

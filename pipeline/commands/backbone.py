@@ -145,7 +145,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     classes = list(args.classes) if args.classes else list(store.classes)
     if not classes:
         raise ValueError(f"{args.store}: the store names no classes; pass --classes")
-    ids = [rid for rid, labelled in zip(store.ids, store.labelled_mask()) if labelled]
+    ids = [rid for rid, labelled in zip(store.ids, store.labelled_mask(), strict=True) if labelled]
     if not ids:
         raise ValueError(f"{args.store}: no labelled record to pre-train on")
     dataset = StoreDataset(store, ids, classes)
