@@ -228,9 +228,10 @@ def test_champion_is_scored_like_evaluate_and_carried_by_the_registration(traine
     interval = gate["intervals"]["macro_f_beta"]
     assert interval["estimate"] == interval["ci_low"] == interval["ci_high"] == 0.0
     assert all(c["drop"] == 0.0 for c in gate["per_class"])
-    assert "no challenger predictions" in score_champion_step(
-        trained / "store", trained / "splits.json", champion, tmp_path / "alone"
-    ).gate_note
+    assert (
+        "no challenger predictions"
+        in score_champion_step(trained / "store", trained / "splits.json", champion, tmp_path / "alone").gate_note
+    )
 
     kwargs = dict(
         splits_path=trained / "splits.json",

@@ -51,7 +51,11 @@ def test_run_second_version_gate_predict_rollback(tmp_path, mlflow_server, s3_se
     assert tags["data_version"] == data_version(repo) and tags["git_commit"]
     assert {"test_macro_f_beta", "test_macro_map", "test_macro_auroc", "test_ranking_loss"} <= set(metrics)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == list(range(1, 9))
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "valid_macro_map")] == [0, 4, 8]  # step 0: the starting point
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "valid_macro_map")] == [
+        0,
+        4,
+        8,
+    ]  # step 0: the starting point
     assert set(first["rank_map"].values()) <= {8, 4}
 
     paths = artifact_paths(client, run.info.run_id)
