@@ -183,6 +183,7 @@ def finetune(
     r: int,
     p: float,
     labelled_ratio: float,
+    epochs: int,
     max_steps: int,
     batch_size: int,
     lr: float,
@@ -193,7 +194,10 @@ def finetune(
     curves: Output[Artifact],
     train_metrics: Output[Metrics],
 ) -> str:
-    """CE-SSL fine-tuning (GPU when there is one), resumable from its last checkpoint."""
+    """CE-SSL fine-tuning (GPU when there is one), resumable from its last checkpoint.
+
+    ``epochs`` > 0: that many epochs of complete labelled batches; 0: ``max_steps`` steps.
+    """
     from pathlib import Path
 
     from components.common import write_metadata_file
@@ -205,6 +209,7 @@ def finetune(
         r=r,
         p=p,
         labelled_ratio=labelled_ratio,
+        epochs=epochs,
         max_steps=max_steps,
         batch_size=batch_size,
         lr=lr,

@@ -233,6 +233,7 @@ def build_pipeline(options: CompileOptions | None = None, steps: StepComponents 
             r=run.r,
             p=run.p,
             labelled_ratio=run.labelled_ratio,
+            epochs=run.epochs,
             max_steps=run.max_steps,
             batch_size=run.batch_size,
             lr=run.lr,
