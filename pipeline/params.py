@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,17 +177,19 @@ def _coerce(value: Any, kind: type) -> Any:
 # --------------------------------------------------------------------------- command line
 
 
-def cli_fields() -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(PipelineParams) if f.metadata["cli"]]
+def cli_fields(exclude: Collection[str] = ()) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(PipelineParams) if f.metadata["cli"] and f.name not in exclude]
 
 
-def add_param_flags(parser: argparse.ArgumentParser, defaults: PipelineParams | None = DEFAULTS) -> None:
-    """One flag per command-line parameter, with ``defaults``' values; ``defaults`` None: an
-    unset flag stays None and :func:`params_from_args` takes the value from its ``base``
-    (a command whose defaults depend on other options, e.g. ``retrain --host``)."""
+def add_param_flags(
+    parser: argparse.ArgumentParser, defaults: PipelineParams | None = DEFAULTS, exclude: Collection[str] = ()
+) -> None:
+    """One flag per command-line parameter (but ``exclude``), with ``defaults``' values;
+    ``defaults`` None: an unset flag stays None and :func:`params_from_args` takes the value
+    from its ``base`` (a command whose defaults depend on other options, e.g. ``retrain --host``)."""
     group = parser.add_argument_group("pipeline parameters")
     types = field_types()
-    for f in cli_fields():
+    for f in cli_fields(exclude):
         flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
         default = None if defaults is None else getattr(defaults, f.name)
         shown = " (default: %(default)s)" if defaults is not None else ""
@@ -201,7 +203,9 @@ def add_param_flags(parser: argparse.ArgumentParser, defaults: PipelineParams | 
         )
 
 
-def params_from_args(args: argparse.Namespace, base: PipelineParams = DEFAULTS) -> PipelineParams:
-    """``base`` with the values of the generated flags that are set."""
-    values = {f.name: getattr(args, f.name) for f in cli_fields()}
+def params_from_args(
+    args: argparse.Namespace, base: PipelineParams = DEFAULTS, exclude: Collection[str] = ()
+) -> PipelineParams:
+    """``base`` with the values of the generated flags (but ``exclude``) that are set."""
+    values = {f.name: getattr(args, f.name) for f in cli_fields(exclude)}
     return base.replace(**{name: value for name, value in values.items() if value is not None})

@@ -432,7 +432,8 @@ def _add_tracking(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-version", default="", help="override the data version (default: from the .dvc file)")
 
 
-def _add_local(parser: argparse.ArgumentParser) -> None:
+def _add_local(parser: argparse.ArgumentParser, registry: bool = True) -> None:
+    """Options of a local run (``registry``: also the champion gate's)."""
     parser.add_argument("--pipeline-root", default="local_outputs", help="task outputs and the task cache")
     parser.add_argument(
         "--state-dir", default=str(STATE_DIR), help="checkpoints and incremental ingest/preprocess state"
@@ -454,10 +455,12 @@ def _add_local(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--show-task-logs", action="store_true", help="stream the tasks' output (default: <pipeline-root>/last_run.log)"
     )
+    parser.add_argument("--json", default="", metavar="PATH", help="also write the summary as JSON")
+    if not registry:
+        return
     parser.add_argument("--promote", action="store_true", help="run the champion gate after registering")
     parser.add_argument("--promote-metric", default="macro_f_beta")
     parser.add_argument("--promote-margin", type=float, default=0.0)
-    parser.add_argument("--json", default="", metavar="PATH", help="also write the summary as JSON")
 
 
 def _add_cluster(parser: argparse.ArgumentParser, host_required: bool = True) -> None:
