@@ -13,6 +13,13 @@ function's signature is generated from that dataclass (:func:`pipeline_signature
 writes the IR YAML; :func:`run_local` runs the same DAG with ``kfp.local`` in this Python
 environment (settings that only a cluster honours are left out there).
 
+The parts other pipelines reuse (the method comparison, ``pipeline.compare``):
+:func:`add_shared_inputs` (ingest -> preprocess, resolve_backbone), :func:`add_finetune_chain`
+(split -> allocate_ranks -> finetune -> evaluate for one method / labelled ratio / seed),
+:func:`configure_tasks` (the cluster settings by task name: GPU on finetune, caching,
+resources, Secret, ConfigMap), :func:`pipeline_signature` / :func:`pipeline_function` and
+:func:`execute_local`.
+
 No ``from __future__ import annotations``: KFP reads the pipeline function's annotations.
 """
 

@@ -98,13 +98,17 @@ class StepProfiler:
 
     The time of a step is measured from the end of the previous step (or validation) to
     the trainer's ``on_step`` call, which comes after the loss has been read back (so a
-    CUDA step has finished); the intervals that contain a validation are not counted.
+    CUDA step has finished); the intervals that contain a validation are not counted, nor
+    the first ``warmup`` steps (lazy initialisation, allocator growth). Peak memory counts
+    every step.
     """
 
-    def __init__(self, device: torch.device | str) -> None:
+    def __init__(self, device: torch.device | str, warmup: int = 1) -> None:
         self.device = torch.device(device)
         self.memory_measure = CUDA_MEMORY if self.device.type == "cuda" else CPU_MEMORY
-        self.steps = 0
+        self.warmup = warmup
+        self._seen = 0  # steps observed, warm-up included
+        self.steps = 0  # steps timed
         self.step_seconds = 0.0
         self._last: float | None = None
         self._peak_bytes = 0
@@ -116,7 +120,7 @@ class StepProfiler:
 
     @property
     def peak_memory_mb(self) -> float:
-        return self._peak_bytes / 2**20 if self.steps else float("nan")
+        return self._peak_bytes / 2**20 if self._seen else float("nan")
 
     def _restart(self) -> None:
         """Start a new measured stretch (after a validation, or at the start)."""
@@ -142,8 +146,10 @@ class StepProfiler:
         if self._last is None:  # a run resumed without a validation first
             self._restart()
             return
-        self.steps += 1
-        self.step_seconds += now - self._last
+        self._seen += 1
+        if self._seen > self.warmup:
+            self.steps += 1
+            self.step_seconds += now - self._last
         self._sample_memory()
         self._last = time.perf_counter()
 
