@@ -15,6 +15,7 @@ import lives inside the function.
 """
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -467,9 +468,9 @@ COMPARE_FUNCTIONS = (start_comparison, log_cell, summarize_comparison)
 class CompareComponents:
     """The comparison's own components (its cells reuse :class:`StepComponents`)."""
 
-    start_comparison: object
-    log_cell: object
-    summarize_comparison: object
+    start_comparison: Callable[..., dsl.PipelineTask]
+    log_cell: Callable[..., dsl.PipelineTask]
+    summarize_comparison: Callable[..., dsl.PipelineTask]
 
 
 def build_compare_components(image: str | None = None) -> CompareComponents:

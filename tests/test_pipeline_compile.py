@@ -178,6 +178,14 @@ def test_the_defaults_say_which_schedule_they_use():
     assert PipelineParams.from_mapping({"epochs": "0.0"}).epochs == 0
 
 
+def test_run_summary_states_the_schedule_from_the_logged_config():
+    from pipeline.commands.run import DEMO_PARAMS, schedule_of
+
+    assert schedule_of({"train.max_steps": "400", "train.epochs": "200"}, DEFAULTS) == "200 epochs = 400 steps"
+    assert schedule_of({"train.max_steps": "150", "train.epochs": "null"}, DEMO_PARAMS) == "150 steps"
+    assert schedule_of({}, DEFAULTS) == "200 epochs"
+
+
 def test_finetune_receives_the_schedule(compiled):
     spec, _ = compiled
     inputs = spec["root"]["dag"]["tasks"]["finetune"]["inputs"]["parameters"]
