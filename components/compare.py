@@ -352,7 +352,9 @@ def plot_comparison(table: pd.DataFrame, path: Path, metric: str = PLOT_METRIC) 
             label=str(method),
         )
     ax.set(
-        xlabel="labelled records (%)", ylabel=COLUMNS.get(metric, metric), title=f"{COLUMNS.get(metric, metric)} (test)"
+        xlabel="labelled records (%)",
+        ylabel=COLUMNS.get(metric, metric),
+        title=f"{COLUMNS.get(metric, metric)} on the test split (mean +- std over seeds)",
     )
     ax.grid(alpha=0.3)
     ax.legend()

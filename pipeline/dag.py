@@ -528,6 +528,25 @@ def _task_output(path: Path | None) -> Iterator[None]:
             raise
 
 
+class _KfpOrchestratorNoise(logging.Filter):
+    """Drops the INFO lines kfp.local's loop orchestrator writes to the root logger (one per
+    loop input it resolves); its warnings and errors pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        noisy = record.levelno < logging.WARNING and f"kfp{os.sep}local" in record.pathname
+        return not noisy
+
+
+@contextlib.contextmanager
+def _quiet_kfp_orchestrator() -> Iterator[None]:
+    root, noise = logging.getLogger(), _KfpOrchestratorNoise()
+    root.addFilter(noise)
+    try:
+        yield
+    finally:
+        root.removeFilter(noise)
+
+
 def execute_local(
     pipeline: Any, arguments: Mapping[str, Any], params: PipelineParams, config: LocalRunConfig, name: str
 ) -> dict[str, Any]:
@@ -542,7 +561,7 @@ def execute_local(
         config.pipeline_root,
         f", task logs in {config.task_log}" if config.task_log else "",
     )
-    with warnings.catch_warnings(), _task_output(config.task_log):
+    with warnings.catch_warnings(), _quiet_kfp_orchestrator(), _task_output(config.task_log):
         for pattern in _LOCAL_NOISE:
             warnings.filterwarnings("ignore", message=pattern)
         outputs = pipeline(**arguments).outputs
