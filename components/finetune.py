@@ -11,12 +11,22 @@ that is the same when the same inputs are run again, so a task killed mid-traini
 started again continues from its last validation. Training curves are appended to
 ``curves.jsonl`` in the same folder as they happen (rows past the resumed step are dropped
 on resume). Runs on the device ``train.device`` names (``auto``: the GPU when there is one).
+
+Cost: :class:`ml.train.callbacks.StepProfiler` measures the mean training step (ms) and the
+peak memory over the steps (CUDA: max_memory_allocated; CPU: peak-RSS growth), for the
+comparison of methods (``cessl compare``).
+
+Schedule: ``train.epochs`` set (epochs mode) is resolved here to its real step count
+(:meth:`ml.train.config.TrainConfig.resolve_steps`, complete labelled batches per epoch x
+epochs, after the batch is clamped to the labelled split) before the checkpoint key is
+built, so the checkpointed and logged config says how many steps were run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -52,19 +62,27 @@ class FinetuneResult:
     trainable_params: int
     total_params: int
     monitor: str = "macro_map"
+    ms_per_step: float = float("nan")  # mean training step, validations left out
+    peak_memory_mb: float = float("nan")  # over the training steps; memory_measure says how
+    memory_measure: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def metadata(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "extra"} | self.extra
+        """Plain JSON values (unmeasured NaN figures left out)."""
+        fields = {k: v for k, v in asdict(self).items() if k != "extra"}
+        return {k: v for k, v in fields.items() if not (isinstance(v, float) and not math.isfinite(v))} | self.extra
 
     def summary_metrics(self) -> dict[str, float]:
+        """The run's figures (the cost ones only when measured: a run with no step has none)."""
+        cost = {"ms_per_step": self.ms_per_step, "peak_memory_mb": self.peak_memory_mb}
         return {
             f"best_valid_{self.monitor}": self.best_score,
             "best_step": float(self.best_step),
             "steps": float(self.steps),
             "trainable_params": float(self.trainable_params),
+            "total_params": float(self.total_params),
             "seconds": self.seconds,
-        }
+        } | {k: v for k, v in cost.items() if math.isfinite(v)}
 
 
 def _checkpoint_step(checkpoint_dir: Path) -> int:
@@ -108,6 +126,13 @@ def _clamp_batch(train: TrainConfig, n_train: int) -> TrainConfig:
     return dataclasses.replace(train, batch_size=max(1, n_train))
 
 
+def describe_schedule(train: TrainConfig) -> str:
+    """E.g. ``"200 epochs = 400 steps"`` (a resolved epochs-mode config) or ``"150 steps"``."""
+    if train.epochs is None:
+        return f"{train.max_steps} steps"
+    return f"{train.epochs} epochs = {train.max_steps} steps"
+
+
 def finetune_step(
     store_dir: Path,
     splits_path: Path,
@@ -127,7 +152,8 @@ def finetune_step(
     """
     from ml.model.adapter import AdapterMeta, save_adapter
     from ml.model.backbone import backbone_config
-    from ml.train.callbacks import CurveRecorder
+    from ml.train.callbacks import CurveRecorder, StepProfiler
+    from ml.train.config import resolve_device
     from ml.train.recipe import finetune
 
     if not store_fingerprint:
@@ -140,7 +166,9 @@ def finetune_step(
     classes = splits.classes
     train_ds, valid = dataset(store, splits.train, classes), dataset(store, splits.valid, classes)
     unlabelled = dataset(store, splits.unlabelled, classes) if splits.unlabelled else None
-    train = _clamp_batch(train, len(train_ds))
+    # The real step count (epochs mode) before anything is keyed or logged on the config.
+    train = _clamp_batch(train, len(train_ds)).resolve_steps(len(train_ds))
+    log.info("schedule: %s", describe_schedule(train))
     checkpoint_dir = Path(checkpoint_root or DEFAULT_CHECKPOINT_ROOT) / checkpoint_key(
         identity, splits, store_fingerprint, rank_map, lora, train
     )
@@ -151,6 +179,7 @@ def finetune_step(
         log.info("resuming fine-tuning from %s at step %d", checkpoint_dir, resume_step)
 
     recorder = CurveRecorder(checkpoint_dir / CURVES_FILE, resume_step)
+    profiler = StepProfiler(resolve_device(train.device))
     outcome = finetune(
         state,
         backbone_config(name, len(classes)),
@@ -160,7 +189,7 @@ def finetune_step(
         train_ds,
         unlabelled,
         valid,
-        callbacks=[recorder],
+        callbacks=[recorder, profiler],
     )
     result = outcome.result
     meta = AdapterMeta(
@@ -201,5 +230,8 @@ def finetune_step(
         trainable_params=outcome.trainable,
         total_params=outcome.total,
         monitor=result.monitor,
-        extra={"classes": list(classes), "backbone_id": identity},
+        ms_per_step=profiler.ms_per_step,
+        peak_memory_mb=profiler.peak_memory_mb,
+        memory_measure=profiler.memory_measure,
+        extra={"classes": list(classes), "backbone_id": identity, "schedule": describe_schedule(train)},
     )

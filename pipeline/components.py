@@ -5,7 +5,9 @@ one gets a thin lightweight-component body that imports that function inside the
 container, maps KFP artifacts (``Dataset``, ``Model``, ``Metrics``,
 ``ClassificationMetrics``, ``HTML``, ``Markdown``) to paths and records a little
 metadata on them. :func:`build_components` applies ``dsl.component`` with the project
-image chosen at compile time (``install_kfp_package=False``: the image already has kfp).
+image chosen at compile time (``install_kfp_package=False``: the image already has kfp);
+:func:`build_compare_components` does the same for the comparison's own steps
+(``start_comparison``, ``log_cell``, ``summarize_comparison``; ``pipeline.compare``).
 
 No ``from __future__ import annotations`` here: KFP reads the real annotation objects.
 The bodies must be self-contained (KFP ships their source into the container), so every
@@ -13,6 +15,7 @@ import lives inside the function.
 """
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -183,6 +186,7 @@ def finetune(
     r: int,
     p: float,
     labelled_ratio: float,
+    epochs: int,
     max_steps: int,
     batch_size: int,
     lr: float,
@@ -193,7 +197,10 @@ def finetune(
     curves: Output[Artifact],
     train_metrics: Output[Metrics],
 ) -> str:
-    """CE-SSL fine-tuning (GPU when there is one), resumable from its last checkpoint."""
+    """CE-SSL fine-tuning (GPU when there is one), resumable from its last checkpoint.
+
+    ``epochs`` > 0: that many epochs of complete labelled batches; 0: ``max_steps`` steps.
+    """
     from pathlib import Path
 
     from components.common import write_metadata_file
@@ -205,6 +212,7 @@ def finetune(
         r=r,
         p=p,
         labelled_ratio=labelled_ratio,
+        epochs=epochs,
         max_steps=max_steps,
         batch_size=batch_size,
         lr=lr,
@@ -343,6 +351,94 @@ def register(
     return outputs(result.run_id, result.version)
 
 
+# --------------------------------------------------------------------------- comparison bodies
+
+
+def start_comparison(grid: list, params: dict, comparison_id: str, comparison: Output[Artifact]) -> str:
+    """Open the comparison's MLflow parent run; ``comparison`` says where it is (the cells log
+    child runs under it). ``params``: the choices every cell shares (PipelineParams fields)."""
+    from pathlib import Path
+
+    from components.compare import GRID_FIELDS, CompareGrid
+    from pipeline.compare_tracking import start_comparison as start
+    from pipeline.params import PipelineParams
+    from pipeline.tracking import TrackingConfig
+
+    run = PipelineParams.from_mapping(params)
+    shared = {k: v for k, v in run.logged().items() if k in params and k not in GRID_FIELDS}
+    tracking = TrackingConfig.resolve(run.tracking_uri, run.experiment_name)
+    tags = {"data_version": run.data_version, "git_commit": run.git_commit}
+    parent = start(
+        tracking, comparison_id, CompareGrid.from_items(grid), shared | {"data_version": run.data_version}, tags
+    )
+    parent.write(Path(comparison.path))
+    comparison.metadata.update({"run_id": parent.run_id, "comparison_id": comparison_id})
+    return parent.run_id
+
+
+def log_cell(
+    comparison: Input[Artifact],
+    splits: Input[Dataset],
+    adapter: Input[Model],
+    curves: Input[Artifact],
+    evaluation: Input[Artifact],
+    method: str,
+    labelled_ratio: float,
+    seed: int,
+    tracking_uri: str,
+    experiment_name: str,
+) -> str:
+    """Log one cell of the comparison as an MLflow child run (nothing is registered);
+    returns the cell's result (JSON) for the summary."""
+    import json
+    from pathlib import Path
+
+    from components.compare import Cell, read_cell
+    from ml.train.callbacks import read_curves
+    from pipeline.compare_tracking import ComparisonRun, log_cell_run
+    from pipeline.tracking import TrackingConfig
+
+    parent = ComparisonRun.read(Path(comparison.path))
+    result = read_cell(
+        Cell(method, labelled_ratio, seed), Path(evaluation.path), dict(adapter.metadata), dict(splits.metadata)
+    )
+    adapter_config = json.loads((Path(adapter.path) / "adapter_config.json").read_text(encoding="utf-8"))
+    result.run_id = log_cell_run(
+        TrackingConfig.resolve(tracking_uri, experiment_name),
+        parent,
+        result,
+        train_config=adapter_config.get("extra", {}).get("train_config", {}),
+        curves=read_curves(Path(curves.path)),
+    )
+    return result.to_json()
+
+
+def summarize_comparison(
+    comparison: Input[Artifact],
+    cells: list,
+    tracking_uri: str,
+    experiment_name: str,
+    table: Output[Markdown],
+    files: Output[Artifact],
+) -> str:
+    """Mean +- std over seeds per (method, labelled ratio): CSV, Markdown and a plot, logged
+    to the parent run (FINISHED then); returns the parent run's id."""
+    import shutil
+    from pathlib import Path
+
+    from components.compare import CellResult, comparison_table, write_comparison
+    from pipeline.compare_tracking import ComparisonRun, finish_comparison
+    from pipeline.tracking import TrackingConfig
+
+    parent = ComparisonRun.read(Path(comparison.path))
+    results = [CellResult.from_json(cell) for cell in cells]
+    written = write_comparison(results, Path(files.path))
+    shutil.copyfile(written.markdown, table.path)
+    finish_comparison(TrackingConfig.resolve(tracking_uri, experiment_name), parent, written, comparison_table(results))
+    files.metadata.update({"run_id": parent.run_id, "n_cells": len(results)})
+    return parent.run_id
+
+
 # --------------------------------------------------------------------------- factory
 
 STEP_FUNCTIONS = (
@@ -372,6 +468,29 @@ class StepComponents:
     evaluate: object
     score_champion: object
     register: object
+
+
+COMPARE_FUNCTIONS = (start_comparison, log_cell, summarize_comparison)
+
+
+@dataclass(frozen=True)
+class CompareComponents:
+    """The comparison's own components (its cells reuse :class:`StepComponents`)."""
+
+    start_comparison: Callable[..., dsl.PipelineTask]
+    log_cell: Callable[..., dsl.PipelineTask]
+    summarize_comparison: Callable[..., dsl.PipelineTask]
+
+
+def build_compare_components(image: str | None = None) -> CompareComponents:
+    """Wrap the comparison's steps as KFP components on ``image``."""
+    image = image or default_image()
+    return CompareComponents(
+        **{
+            func.__name__: dsl.component(func, base_image=image, install_kfp_package=False)
+            for func in COMPARE_FUNCTIONS
+        }
+    )
 
 
 def build_components(image: str | None = None) -> StepComponents:

@@ -13,6 +13,13 @@ function's signature is generated from that dataclass (:func:`pipeline_signature
 writes the IR YAML; :func:`run_local` runs the same DAG with ``kfp.local`` in this Python
 environment (settings that only a cluster honours are left out there).
 
+The parts other pipelines reuse (the method comparison, ``pipeline.compare``):
+:func:`add_shared_inputs` (ingest -> preprocess, resolve_backbone), :func:`add_finetune_chain`
+(split -> allocate_ranks -> finetune -> evaluate for one method / labelled ratio / seed),
+:func:`configure_tasks` (the cluster settings by task name: GPU on finetune, caching,
+resources, Secret, ConfigMap), :func:`pipeline_signature` / :func:`pipeline_function` and
+:func:`execute_local`.
+
 No ``from __future__ import annotations``: KFP reads the pipeline function's annotations.
 """
 
@@ -24,7 +31,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -131,17 +138,46 @@ class PipelineRunError(CesslError):
     """A local pipeline run failed (a task failed, or it ended without outputs)."""
 
 
-def pipeline_signature(defaults: PipelineParams = DEFAULTS) -> inspect.Signature:
+def pipeline_signature(
+    defaults: PipelineParams = DEFAULTS,
+    *,
+    exclude: Collection[str] = (),
+    extra: Sequence[inspect.Parameter] = (),
+    return_annotation: Any = PipelineOutputs,
+) -> inspect.Signature:
     """The pipeline function's signature: one typed parameter per :class:`PipelineParams`
-    field, with ``defaults``' values (kfp reads it with ``inspect.signature``)."""
+    field (but ``exclude``), with ``defaults``' values, then ``extra`` (kfp reads it with
+    ``inspect.signature``)."""
     types = field_types()
     return inspect.Signature(
         [
-            inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=value, annotation=types[name])
-            for name, value in defaults.arguments().items()
+            *(
+                inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=value, annotation=types[name])
+                for name, value in defaults.arguments().items()
+                if name not in exclude
+            ),
+            *extra,
         ],
-        return_annotation=PipelineOutputs,
+        return_annotation=return_annotation,
     )
+
+
+def pipeline_function(signature: inspect.Signature, body: Callable[[SimpleNamespace], Any]) -> Callable[..., Any]:
+    """A function with ``signature`` that calls ``body`` with its arguments by name (the
+    pipeline parameters, as channels); kfp reads the signature, the body reads as the DAG."""
+
+    def pipeline_func(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return body(SimpleNamespace(**bound.arguments))
+
+    pipeline_func.__signature__ = signature  # type: ignore[attr-defined]
+    return pipeline_func
+
+
+def default_checkpoint_root(options: CompileOptions) -> str:
+    """With a checkpoint volume, finetune checkpoints there unless the run says otherwise."""
+    return CHECKPOINT_MOUNT if options.checkpoint_pvc and options.kubernetes else ""
 
 
 def _request(task: dsl.PipelineTask, resources: ResourceRequest) -> None:
@@ -188,113 +224,168 @@ def _use_credentials(task: dsl.PipelineTask, options: CompileOptions) -> None:
         )
 
 
+def configure_tasks(
+    options: CompileOptions,
+    tasks: Mapping[str, dsl.PipelineTask],
+    *,
+    uncached: Collection[str] = (),
+    credentials: Collection[str] = (),
+) -> None:
+    """The cluster settings of a pipeline's tasks, by display name: every task gets its name,
+    caching (off for ``uncached`` and, unless ``options.cache_ingest``, for ``ingest``), the
+    ConfigMap's endpoints and its resources; ``credentials`` the Secret; ``finetune`` the
+    GPU request, scheduling constraints, checkpoint volume and retries."""
+    for name, task in tasks.items():
+        task.set_display_name(name)
+        cached = options.caching and name not in uncached and (name != INGEST or options.cache_ingest)
+        task.set_caching_options(enable_caching=cached)
+        if name == FINETUNE:
+            _configure_finetune(task, options)
+        else:
+            _request(task, options.step_resources)
+        if name in credentials:
+            _use_credentials(task, options)
+        _use_config_map(task, options)
+
+
+# Display names of the tasks (configure_tasks keys its settings on them).
+INGEST, PREPROCESS, BACKBONE = "ingest", "preprocess", "backbone"
+SPLIT, ALLOCATE_RANKS, FINETUNE, EVALUATE = "split", "allocate-ranks", "finetune", "evaluate"
+
+
+class SharedInputs(NamedTuple):
+    """The tasks every fine-tune of a run reads: the data (ingest -> preprocess) and the backbone."""
+
+    ingest: dsl.PipelineTask
+    preprocess: dsl.PipelineTask
+    backbone: dsl.PipelineTask
+
+    @property
+    def store(self) -> Any:
+        return self.preprocess.outputs["store"]
+
+    @property
+    def backbone_model(self) -> Any:
+        return self.backbone.outputs["backbone_model"]
+
+    def tasks(self) -> dict[str, dsl.PipelineTask]:
+        return {INGEST: self.ingest, PREPROCESS: self.preprocess, BACKBONE: self.backbone}
+
+
+def add_shared_inputs(steps: StepComponents, run: SimpleNamespace) -> SharedInputs:
+    """ingest -> preprocess, and resolve_backbone, from the run's parameters."""
+    ingest = steps.ingest(source=run.source, data_version=run.data_version, state_dir=run.state_dir)
+    preprocess = steps.preprocess(
+        manifest=ingest.outputs["manifest"], min_class_count=run.min_class_count, state_dir=run.state_dir
+    )
+    backbone = steps.resolve_backbone(
+        backbone=run.backbone,
+        backbone_config=run.backbone_config,
+        cache_dir=run.cache_dir,
+        tracking_uri=run.tracking_uri,
+    )
+    return SharedInputs(ingest, preprocess, backbone)
+
+
+class FinetuneChain(NamedTuple):
+    """One fine-tune: split -> allocate_ranks -> finetune -> evaluate."""
+
+    split: dsl.PipelineTask
+    ranks: dsl.PipelineTask
+    finetune: dsl.PipelineTask
+    evaluate: dsl.PipelineTask
+
+    def data(self, inputs: SharedInputs) -> dict[str, Any]:
+        """The store and the split: what most steps read."""
+        return {"store": inputs.store, "splits": self.split.outputs["splits"]}
+
+    def tasks(self) -> dict[str, dsl.PipelineTask]:
+        return {SPLIT: self.split, ALLOCATE_RANKS: self.ranks, FINETUNE: self.finetune, EVALUATE: self.evaluate}
+
+
+def add_finetune_chain(
+    steps: StepComponents, run: SimpleNamespace, inputs: SharedInputs, *, method: Any, labelled_ratio: Any, seed: Any
+) -> FinetuneChain:
+    """split -> allocate_ranks -> finetune -> evaluate of ``method`` at ``labelled_ratio`` with
+    ``seed`` (pipeline channels: the run's parameters, or a loop item's fields), the other
+    choices from the run's parameters."""
+    split = steps.split(store=inputs.store, labelled_ratio=labelled_ratio, seed=seed)
+    data = {"store": inputs.store, "splits": split.outputs["splits"]}
+    ranks = steps.allocate_ranks(
+        **data,
+        backbone_model=inputs.backbone_model,
+        method=method,
+        r=run.r,
+        p=run.p,
+        compress=run.compress,
+        labelled_ratio=labelled_ratio,
+        batch_size=run.batch_size,
+        seed=seed,
+    )
+    finetune = steps.finetune(
+        **data,
+        backbone_model=inputs.backbone_model,
+        rank_map=ranks.outputs["rank_map"],
+        method=method,
+        r=run.r,
+        p=run.p,
+        labelled_ratio=labelled_ratio,
+        epochs=run.epochs,
+        max_steps=run.max_steps,
+        batch_size=run.batch_size,
+        lr=run.lr,
+        val_every=run.val_every,
+        seed=seed,
+        checkpoint_root=run.checkpoint_root,
+    )
+    evaluate = steps.evaluate(**data, backbone_model=inputs.backbone_model, adapter=finetune.outputs["adapter"])
+    return FinetuneChain(split, ranks, finetune, evaluate)
+
+
 def build_pipeline(options: CompileOptions | None = None, steps: StepComponents | None = None):
     """The ``@dsl.pipeline`` function for ``options`` (reads top-down as the DAG)."""
     options = options or CompileOptions()
     steps = steps or build_components(options.image)
-    # With a checkpoint volume, finetune checkpoints there unless the run says otherwise.
-    default_checkpoint_root = CHECKPOINT_MOUNT if options.checkpoint_pvc and options.kubernetes else ""
+    signature = pipeline_signature(DEFAULTS.replace(checkpoint_root=default_checkpoint_root(options)))
 
-    signature = pipeline_signature(DEFAULTS.replace(checkpoint_root=default_checkpoint_root))
-
-    def cessl_pipeline(*args: Any, **kwargs: Any) -> PipelineOutputs:
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        run = SimpleNamespace(**bound.arguments)  # the pipeline parameters (channels), by name
-        ingest = steps.ingest(source=run.source, data_version=run.data_version, state_dir=run.state_dir)
-        preprocess = steps.preprocess(
-            manifest=ingest.outputs["manifest"], min_class_count=run.min_class_count, state_dir=run.state_dir
+    def cessl_pipeline(run: SimpleNamespace) -> PipelineOutputs:
+        inputs = add_shared_inputs(steps, run)
+        chain = add_finetune_chain(
+            steps, run, inputs, method=run.method, labelled_ratio=run.labelled_ratio, seed=run.seed
         )
-        split = steps.split(store=preprocess.outputs["store"], labelled_ratio=run.labelled_ratio, seed=run.seed)
-        data = {"store": preprocess.outputs["store"], "splits": split.outputs["splits"]}  # what most steps read
-        backbone_task = steps.resolve_backbone(
-            backbone=run.backbone,
-            backbone_config=run.backbone_config,
-            cache_dir=run.cache_dir,
-            tracking_uri=run.tracking_uri,
-        )
-        backbone = backbone_task.outputs["backbone_model"]
-        ranks = steps.allocate_ranks(
-            **data,
-            backbone_model=backbone,
-            method=run.method,
-            r=run.r,
-            p=run.p,
-            compress=run.compress,
-            labelled_ratio=run.labelled_ratio,
-            batch_size=run.batch_size,
-            seed=run.seed,
-        )
-        finetune = steps.finetune(
-            **data,
-            backbone_model=backbone,
-            rank_map=ranks.outputs["rank_map"],
-            method=run.method,
-            r=run.r,
-            p=run.p,
-            labelled_ratio=run.labelled_ratio,
-            max_steps=run.max_steps,
-            batch_size=run.batch_size,
-            lr=run.lr,
-            val_every=run.val_every,
-            seed=run.seed,
-            checkpoint_root=run.checkpoint_root,
-        )
-        evaluate = steps.evaluate(**data, backbone_model=backbone, adapter=finetune.outputs["adapter"])
+        data = chain.data(inputs)
         champion = steps.score_champion(
             **data,
-            evaluation=evaluate.outputs["evaluation"],
+            evaluation=chain.evaluate.outputs["evaluation"],
             model_name=run.model_name,
             method=run.method,
             tracking_uri=run.tracking_uri,
         )
-        champion.after(evaluate)  # the champion of the moment the new model is ready
+        champion.after(chain.evaluate)  # the champion of the moment the new model is ready
         register = steps.register(
-            splits=split.outputs["splits"],
-            backbone_model=backbone,
-            rank_map=ranks.outputs["rank_map"],
-            adapter=finetune.outputs["adapter"],
-            curves=finetune.outputs["curves"],
-            evaluation=evaluate.outputs["evaluation"],
+            splits=data["splits"],
+            backbone_model=inputs.backbone_model,
+            rank_map=chain.ranks.outputs["rank_map"],
+            adapter=chain.finetune.outputs["adapter"],
+            curves=chain.finetune.outputs["curves"],
+            evaluation=chain.evaluate.outputs["evaluation"],
             champion_evaluation=champion.outputs["champion_evaluation"],
-            report=evaluate.outputs["report"],
-            quarantine_report=ingest.outputs["quarantine_report"],
-            params={**vars(run), "data_version": ingest.outputs["data_version"]},
+            report=chain.evaluate.outputs["report"],
+            quarantine_report=inputs.ingest.outputs["quarantine_report"],
+            params={**vars(run), "data_version": inputs.ingest.outputs["data_version"]},
         )
-
-        for task in (preprocess, split, backbone_task, ranks, finetune, evaluate):  # deterministic
-            task.set_caching_options(enable_caching=options.caching)
-        ingest.set_caching_options(enable_caching=options.caching and options.cache_ingest)
-        champion.set_caching_options(enable_caching=False)  # the champion changes outside the pipeline
-        register.set_caching_options(enable_caching=False)  # side effects on MLflow
-        for task in (ingest, preprocess, split, backbone_task, ranks, evaluate, champion, register):
-            _request(task, options.step_resources)
-        for task in (ingest, backbone_task, champion, register):
-            _use_credentials(task, options)
-        for task in (ingest, preprocess, split, backbone_task, ranks, finetune, evaluate, champion, register):
-            _use_config_map(task, options)
-        _configure_finetune(finetune, options)
-
-        names = {
-            ingest: "ingest",
-            preprocess: "preprocess",
-            split: "split",
-            backbone_task: "backbone",
-            ranks: "allocate-ranks",
-            finetune: "finetune",
-            evaluate: "evaluate",
-            champion: "score-champion",
-            register: "register",
-        }
-        for task, name in names.items():
-            task.set_display_name(name)
+        configure_tasks(
+            options,
+            {**inputs.tasks(), **chain.tasks(), "score-champion": champion, "register": register},
+            uncached=("score-champion", "register"),  # the champion changes outside; register writes MLflow
+            credentials=(INGEST, BACKBONE, "score-champion", "register"),
+        )
         return PipelineOutputs(run_id=register.outputs["run_id"], model_version=register.outputs["model_version"])
 
-    cessl_pipeline.__signature__ = signature  # kfp reads the parameters with inspect.signature
     return dsl.pipeline(
         name=PIPELINE_NAME,
         description="CE-SSL: WFDB records -> evaluated, registered LoRA adapter (MLflow alias challenger).",
-    )(cessl_pipeline)
+    )(pipeline_function(signature, cessl_pipeline))
 
 
 def compile_pipeline(path: Path, options: CompileOptions | None = None) -> Path:
@@ -443,22 +534,53 @@ def _task_output(path: Path | None) -> Iterator[None]:
             raise
 
 
-def run_local(params: PipelineParams, config: LocalRunConfig | None = None) -> PipelineOutputs:
-    """Run the DAG on this machine with ``kfp.local``; return the register step's outputs."""
-    config = config or LocalRunConfig()
+class _KfpOrchestratorNoise(logging.Filter):
+    """Drops the INFO lines kfp.local's loop orchestrator writes to the root logger (one per
+    loop input it resolves); its warnings and errors pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        noisy = record.levelno < logging.WARNING and f"kfp{os.sep}local" in record.pathname
+        return not noisy
+
+
+@contextlib.contextmanager
+def _quiet_kfp_orchestrator() -> Iterator[None]:
+    root, noise = logging.getLogger(), _KfpOrchestratorNoise()
+    root.addFilter(noise)
+    try:
+        yield
+    finally:
+        root.removeFilter(noise)
+
+
+def execute_local(
+    pipeline: Any, arguments: Mapping[str, Any], params: PipelineParams, config: LocalRunConfig, name: str
+) -> dict[str, Any]:
+    """Call a built pipeline function with ``kfp.local`` (initialised for ``config``); its
+    outputs. ``params``: the local folders a Docker runner mounts. A failed task ends the run
+    without outputs: :class:`PipelineRunError`."""
     init_local(config, params)
-    pipeline = build_pipeline(CompileOptions.local(config.image))
     log.info(
         "running %s locally (%s runner, pipeline root %s%s)",
-        PIPELINE_NAME,
+        name,
         config.runner,
         config.pipeline_root,
         f", task logs in {config.task_log}" if config.task_log else "",
     )
-    with warnings.catch_warnings(), _task_output(config.task_log):
+    with warnings.catch_warnings(), _quiet_kfp_orchestrator(), _task_output(config.task_log):
         for pattern in _LOCAL_NOISE:
             warnings.filterwarnings("ignore", message=pattern)
-        outputs = pipeline(**params.arguments()).outputs
-        if not outputs or "run_id" not in outputs:
-            raise PipelineRunError(f"pipeline {PIPELINE_NAME} failed (no outputs); see the task log above")
+        outputs = pipeline(**arguments).outputs
+    if not outputs:
+        raise PipelineRunError(f"pipeline {name} failed (no outputs); see the task log above")
+    return dict(outputs)
+
+
+def run_local(params: PipelineParams, config: LocalRunConfig | None = None) -> PipelineOutputs:
+    """Run the DAG on this machine with ``kfp.local``; return the register step's outputs."""
+    config = config or LocalRunConfig()
+    pipeline = build_pipeline(CompileOptions.local(config.image))
+    outputs = execute_local(pipeline, params.arguments(), params, config, PIPELINE_NAME)
+    if "run_id" not in outputs:
+        raise PipelineRunError(f"pipeline {PIPELINE_NAME} failed (no outputs); see the task log above")
     return PipelineOutputs(run_id=str(outputs["run_id"]), model_version=str(outputs["model_version"]))

@@ -18,14 +18,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ml.model.backbone import BACKBONE_CONFIGS
 from ml.model.lora import LoRAConfig
 from ml.model.rank_allocation import RankAllocationConfig
-from ml.train.config import TrainConfig, batch_size_for_label_ratio
+from ml.train.config import EPOCHS, TrainConfig, batch_size_for_label_ratio
 from ml.train.methods import DEFAULT_METHOD, METHOD_NAMES
 
 _LORA = LoRAConfig()
@@ -56,6 +56,10 @@ class PipelineParams:
 
     Empty strings mean "the component's own default" (e.g. ``tracking_uri`` -> the
     ``MLFLOW_TRACKING_URI`` of the component's environment).
+
+    Schedule: these defaults (the cluster's) are the paper's, ``epochs`` = 200 (steps =
+    complete labelled batches per epoch x 200); ``epochs`` = 0 trains exactly ``max_steps``
+    steps (the local demo's defaults, ``pipeline.commands.run.DEMO_PARAMS``, do that).
     """
 
     source: str = param("data", "folder or s3://bucket/prefix of WFDB records")
@@ -71,7 +75,12 @@ class PipelineParams:
     p: float = param(_LORA.p, "random deactivation probability", flag="-p")
     method: str = param(DEFAULT_METHOD, "training method", choices=METHOD_NAMES)
     seed: int = param(_TRAIN.seed, "seed of the split, the initialisation and the training")
-    max_steps: int = param(_TRAIN.max_steps, "fine-tuning steps")
+    epochs: int = param(
+        EPOCHS,
+        "schedule: train N epochs, steps = complete labelled batches per epoch x N (the paper: 200); "
+        "0: train --max-steps steps",
+    )
+    max_steps: int = param(_TRAIN.max_steps, "fine-tuning steps when --epochs is 0 (quick runs)")
     batch_size: int = param(0, "labelled batch size (0: the paper's rule, 64 or 16 below 2%% labels)")
     lr: float = param(_TRAIN.lr, "learning rate")
     val_every: int = param(_TRAIN.val_every, "validate (and checkpoint) every N steps")
@@ -84,6 +93,10 @@ class PipelineParams:
     min_class_count: int = param(200, "classes: scored diagnoses with >= N labelled records")
     state_dir: str = param("", "ingest's and preprocess's incremental state (records seen before)", cli=False)
     cache_dir: str = param("", "backbone download cache", cli=False)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0 (0: max_steps mode), got {self.epochs}")
 
     def arguments(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -118,12 +131,26 @@ class PipelineParams:
     def allocation_config(self) -> RankAllocationConfig:
         return RankAllocationConfig(compress=self.compress)
 
+    @property
+    def uses_epochs(self) -> bool:
+        """True: the schedule is ``epochs`` epochs; False: ``max_steps`` steps."""
+        return self.epochs > 0
+
+    def schedule(self) -> str:
+        """The schedule in words, e.g. ``"200 epochs"`` or ``"150 steps"``."""
+        return f"{self.epochs} epochs" if self.uses_epochs else f"{self.max_steps} steps"
+
     def train_config(self, **overrides: Any) -> TrainConfig:
-        """The fine-tuning schedule (batch size resolved); ``overrides`` for other TrainConfig fields."""
+        """The fine-tuning schedule (batch size resolved); ``overrides`` for other TrainConfig fields.
+
+        ``epochs`` 0 is :class:`TrainConfig`'s ``max_steps`` mode (``epochs=None``); in epochs
+        mode the step count follows from the labelled split (:meth:`TrainConfig.resolve_steps`).
+        """
         return TrainConfig(
             method=self.method,
             lr=self.lr,
             max_steps=self.max_steps,
+            epochs=self.epochs if self.uses_epochs else None,
             batch_size=self.resolved_batch_size,
             val_every=self.val_every,
             seed=self.seed,
@@ -152,17 +179,19 @@ def _coerce(value: Any, kind: type) -> Any:
 # --------------------------------------------------------------------------- command line
 
 
-def cli_fields() -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(PipelineParams) if f.metadata["cli"]]
+def cli_fields(exclude: Collection[str] = ()) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(PipelineParams) if f.metadata["cli"] and f.name not in exclude]
 
 
-def add_param_flags(parser: argparse.ArgumentParser, defaults: PipelineParams | None = DEFAULTS) -> None:
-    """One flag per command-line parameter, with ``defaults``' values; ``defaults`` None: an
-    unset flag stays None and :func:`params_from_args` takes the value from its ``base``
-    (a command whose defaults depend on other options, e.g. ``retrain --host``)."""
+def add_param_flags(
+    parser: argparse.ArgumentParser, defaults: PipelineParams | None = DEFAULTS, exclude: Collection[str] = ()
+) -> None:
+    """One flag per command-line parameter (but ``exclude``), with ``defaults``' values;
+    ``defaults`` None: an unset flag stays None and :func:`params_from_args` takes the value
+    from its ``base`` (a command whose defaults depend on other options, e.g. ``retrain --host``)."""
     group = parser.add_argument_group("pipeline parameters")
     types = field_types()
-    for f in cli_fields():
+    for f in cli_fields(exclude):
         flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
         default = None if defaults is None else getattr(defaults, f.name)
         shown = " (default: %(default)s)" if defaults is not None else ""
@@ -176,7 +205,9 @@ def add_param_flags(parser: argparse.ArgumentParser, defaults: PipelineParams | 
         )
 
 
-def params_from_args(args: argparse.Namespace, base: PipelineParams = DEFAULTS) -> PipelineParams:
-    """``base`` with the values of the generated flags that are set."""
-    values = {f.name: getattr(args, f.name) for f in cli_fields()}
+def params_from_args(
+    args: argparse.Namespace, base: PipelineParams = DEFAULTS, exclude: Collection[str] = ()
+) -> PipelineParams:
+    """``base`` with the values of the generated flags (but ``exclude``) that are set."""
+    values = {f.name: getattr(args, f.name) for f in cli_fields(exclude)}
     return base.replace(**{name: value for name, value in values.items() if value is not None})

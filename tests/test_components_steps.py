@@ -292,3 +292,26 @@ def test_predictor_reads_wfdb_records(trained, ecg_records_dir):
     assert predictor.predict_raw(raw).shape == (2, len(predictor.classes))
     with pytest.raises(FileNotFoundError, match="nope"):
         predictor.predict_records([trained / "nope"])
+
+
+def test_finetune_in_epochs_mode_logs_and_keys_the_real_step_count(work, tmp_path):
+    """epochs mode: steps = complete labelled batches x epochs, resolved before the checkpoint
+    key and the adapter's logged config; the step's cost figures are measured."""
+    from ml.model.pretrained import read_backbone
+    from ml.train.config import steps_for_epochs
+
+    n_train = len(Splits.load(work / "splits.json").train)
+    train = dataclasses.replace(FINETUNE, epochs=2, max_steps=1000)
+    result = finetune(work, train, tmp_path / "adapter", tmp_path / "curves", tmp_path / "ckpt")
+    steps = steps_for_epochs(n_train, min(FINETUNE.batch_size, n_train), 2)
+    assert result.steps == steps and result.extra["schedule"] == f"2 epochs = {steps} steps"
+    logged = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["extra"]["train_config"]
+    assert (logged["epochs"], logged["max_steps"]) == (2, steps)
+    resolved = dataclasses.replace(train, max_steps=steps)
+    splits = Splits.load(work / "splits.json")
+    rank_map = json.loads((work / "rank_map.json").read_text())
+    identity = read_backbone(work / "backbone").identity
+    key = checkpoint_key(identity, splits, (work / FINGERPRINT_FILE).read_text(), rank_map, LORA, resolved)
+    assert Path(result.checkpoint_dir).name == key
+    assert result.ms_per_step > 0 and result.peak_memory_mb >= 0 and result.memory_measure
+    assert {"ms_per_step", "peak_memory_mb", "trainable_params"} <= set(result.summary_metrics())

@@ -234,6 +234,7 @@ def test_pipeline_defaults_match_the_code(objects):
     assert int(data["CESSL_RANK_R"]) == defaults.r
     assert float(data["CESSL_COMPRESS_RATIO"]) == defaults.compress
     assert float(data["CESSL_DEACTIVATION_P"]) == defaults.p
+    assert int(data["CESSL_EPOCHS"]) == defaults.epochs
     assert int(data["CESSL_MAX_STEPS"]) == defaults.max_steps
     assert data["CESSL_MODEL_NAME"] == defaults.model_name
     assert data["CESSL_EXPERIMENT_NAME"] == defaults.experiment_name

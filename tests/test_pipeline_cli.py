@@ -135,7 +135,7 @@ def test_retrain_submits_only_when_the_data_changed(kfp_client, repo, tmp_path, 
 
 
 def test_retrain_on_a_cluster_submits_the_cluster_defaults(kfp_client, tmp_path, monkeypatch):
-    """Not the demo's (150 steps, tiny backbone, 30% labels, classes of 10 records): what submit sends."""
+    """Not the demo's (150 steps instead of 200 epochs, tiny backbone, 30% labels, classes of 10 records): what submit sends."""
     from pipeline.commands.run import DEMO_PARAMS
     from pipeline.params import DEFAULTS
 
@@ -145,7 +145,7 @@ def test_retrain_on_a_cluster_submits_the_cluster_defaults(kfp_client, tmp_path,
     (_, retrained), (_, submitted) = kfp_client.calls
     assert retrained["arguments"] == submitted["arguments"]
     arguments = retrained["arguments"]
-    for name in ("max_steps", "backbone_config", "labelled_ratio", "min_class_count", "batch_size"):
+    for name in ("epochs", "max_steps", "backbone_config", "labelled_ratio", "min_class_count", "batch_size"):
         assert arguments[name] == getattr(DEFAULTS, name) != getattr(DEMO_PARAMS, name), name
     assert (arguments["seed"], arguments["model_name"]) == (3, "cluster-retrain")
 

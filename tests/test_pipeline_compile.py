@@ -10,7 +10,7 @@ import yaml
 from pipeline import cli
 from pipeline.commands.run import cron6
 from pipeline.dag import CompileOptions, Toleration, compile_pipeline
-from pipeline.params import DEFAULTS, field_types
+from pipeline.params import DEFAULTS, PipelineParams, field_types
 
 IMAGE = "registry.example.org/cessl:1.2.3"
 STEPS = (
@@ -160,6 +160,37 @@ def test_defaults_come_from_the_ml_dataclasses():
     config = run.train_config()
     assert (config.method, config.max_steps, config.batch_size) == ("lora", 20, 16)  # the paper's rule below 2%
     assert DEFAULTS.replace(batch_size=8).train_config().batch_size == 8
+
+
+def test_the_defaults_say_which_schedule_they_use():
+    """Cluster defaults: the paper's 200 epochs; the local demo: max_steps mode (quick)."""
+    from ml.train.config import EPOCHS
+    from pipeline.commands.run import DEMO_PARAMS
+
+    assert DEFAULTS.epochs == EPOCHS == 200 and DEFAULTS.schedule() == "200 epochs"
+    assert DEFAULTS.train_config().epochs == 200
+    assert DEFAULTS.train_config().resolve_steps(130).max_steps == 2 * 200  # 130 records, batch 64
+    assert DEMO_PARAMS.epochs == 0 and DEMO_PARAMS.schedule() == f"{DEMO_PARAMS.max_steps} steps"
+    demo = DEMO_PARAMS.train_config()
+    assert demo.epochs is None and demo.resolve_steps(130).max_steps == DEMO_PARAMS.max_steps
+    with pytest.raises(ValueError, match="epochs"):
+        DEFAULTS.replace(epochs=-1)
+    assert PipelineParams.from_mapping({"epochs": "0.0"}).epochs == 0
+
+
+def test_run_summary_states_the_schedule_from_the_logged_config():
+    from pipeline.commands.run import DEMO_PARAMS, schedule_of
+
+    assert schedule_of({"train.max_steps": "400", "train.epochs": "200"}, DEFAULTS) == "200 epochs = 400 steps"
+    assert schedule_of({"train.max_steps": "150", "train.epochs": "null"}, DEMO_PARAMS) == "150 steps"
+    assert schedule_of({}, DEFAULTS) == "200 epochs"
+
+
+def test_finetune_receives_the_schedule(compiled):
+    spec, _ = compiled
+    inputs = spec["root"]["dag"]["tasks"]["finetune"]["inputs"]["parameters"]
+    assert inputs["epochs"]["componentInputParameter"] == "epochs"
+    assert spec["root"]["inputDefinitions"]["parameters"]["epochs"]["defaultValue"] == 200
 
 
 def test_register_gets_the_run_parameters_as_one_mapping(compiled):

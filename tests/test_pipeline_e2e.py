@@ -44,6 +44,7 @@ def test_run_second_version_gate_predict_rollback(tmp_path, mlflow_server, s3_se
     assert cessl("run", *run_args, "--json", "first.json") == 0
     first = json.loads(Path("first.json").read_text())
     assert first["data_version"] == data_version(repo) and first["model_version"] == "1"
+    assert first["schedule"] == "8 steps"  # cessl run: max_steps mode
     run = client.get_run(first["run_id"])
     params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
     assert (params["method"], params["r"], params["labelled_ratio"], params["max_steps"]) == ("cessl", "8", "0.3", "8")
@@ -51,11 +52,7 @@ def test_run_second_version_gate_predict_rollback(tmp_path, mlflow_server, s3_se
     assert tags["data_version"] == data_version(repo) and tags["git_commit"]
     assert {"test_macro_f_beta", "test_macro_map", "test_macro_auroc", "test_ranking_loss"} <= set(metrics)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == list(range(1, 9))
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "valid_macro_map")] == [
-        0,
-        4,
-        8,
-    ]  # step 0: the starting point
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "valid_macro_map")] == [0, 4, 8]  # step 0 too
     assert set(first["rank_map"].values()) <= {8, 4}
 
     paths = artifact_paths(client, run.info.run_id)

@@ -4,14 +4,26 @@
 file as they happen, so the curves of a run survive its process. A run resumed from a
 checkpoint at step s replays the steps after s: the recorder first drops the rows past s
 (:func:`truncate_curves`), so the file ends up as an uninterrupted run's would.
+
+:class:`StepProfiler` measures what a method costs per training step, validations left
+out: the mean wall time of a step (augment, forward, backward, optimizer) and the peak
+memory over the steps. CUDA: ``torch.cuda.max_memory_allocated`` (the whole footprint:
+weights, batches, gradients, optimizer state, activations; peak statistics reset after
+each validation). CPU: the growth of the process's peak RSS (``VmHWM``, reset after each
+validation where the kernel allows it) over its RSS when training started - an
+approximation (the allocator's caches blur it), named as such by :attr:`memory_measure`.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import torch
 
 if TYPE_CHECKING:
     from ml.train.trainer import TrainResult
@@ -55,3 +67,102 @@ class CurveRecorder:
 
     def on_end(self, result: TrainResult) -> None:
         self._file.close()
+
+
+# What StepProfiler.peak_memory_mb measured, by device type.
+CUDA_MEMORY = "cuda max_memory_allocated"
+CPU_MEMORY = "cpu peak RSS growth"
+
+
+def _proc_status_kb(field: str) -> int | None:
+    """A ``/proc/self/status`` field in kB (None where there is no procfs)."""
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    found = re.search(rf"{field}:\s+(\d+) kB", text)
+    return int(found.group(1)) if found else None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+class StepProfiler:
+    """Mean milliseconds per training step and peak memory (MB) over the steps.
+
+    The time of a step is measured from the end of the previous step (or validation) to
+    the trainer's ``on_step`` call, which comes after the loss has been read back (so a
+    CUDA step has finished); the intervals that contain a validation are not counted, nor
+    the first ``warmup`` steps (lazy initialisation, allocator growth). Peak memory counts
+    every step.
+    """
+
+    def __init__(self, device: torch.device | str, warmup: int = 1) -> None:
+        self.device = torch.device(device)
+        self.memory_measure = CUDA_MEMORY if self.device.type == "cuda" else CPU_MEMORY
+        self.warmup = warmup
+        self._seen = 0  # steps observed, warm-up included
+        self.steps = 0  # steps timed
+        self.step_seconds = 0.0
+        self._last: float | None = None
+        self._peak_bytes = 0
+        self._base_kb: int | None = None
+
+    @property
+    def ms_per_step(self) -> float:
+        return 1000.0 * self.step_seconds / self.steps if self.steps else float("nan")
+
+    @property
+    def peak_memory_mb(self) -> float:
+        return self._peak_bytes / 2**20 if self._seen else float("nan")
+
+    def _restart(self) -> None:
+        """Start a new measured stretch (after a validation, or at the start)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            _reset_peak_rss()
+            if self._base_kb is None:
+                self._base_kb = _proc_status_kb("VmRSS")
+        self._last = time.perf_counter()
+
+    def _sample_memory(self) -> None:
+        if self.device.type == "cuda":
+            self._peak_bytes = max(self._peak_bytes, torch.cuda.max_memory_allocated(self.device))
+            return
+        peak = _proc_status_kb("VmHWM")
+        if peak is not None and self._base_kb is not None:
+            self._peak_bytes = max(self._peak_bytes, (peak - self._base_kb) * 1024)
+
+    def on_step(self, step: int, metrics: Mapping[str, float]) -> None:
+        now = time.perf_counter()
+        if self._last is None:  # a run resumed without a validation first
+            self._restart()
+            return
+        self._seen += 1
+        if self._seen > self.warmup:
+            self.steps += 1
+            self.step_seconds += now - self._last
+        self._sample_memory()
+        self._last = time.perf_counter()
+
+    def on_validation(self, step: int, metrics: Mapping[str, float]) -> None:
+        self._restart()
+
+    def on_end(self, result: TrainResult) -> None:
+        self._last = None
+
+    def summary(self) -> dict[str, float | str]:
+        """``ms_per_step``, ``peak_memory_mb`` (NaN before any step) and ``memory_measure``."""
+        return {
+            "ms_per_step": self.ms_per_step,
+            "peak_memory_mb": self.peak_memory_mb,
+            "memory_measure": self.memory_measure,
+        }

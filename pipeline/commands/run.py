@@ -3,12 +3,14 @@
 - ``run``: the whole DAG on this machine with ``kfp.local`` (this Python environment, or the
   project image with ``--runner docker``), MLflow in ``./mlflow.db`` + ``./mlruns`` unless
   ``MLFLOW_TRACKING_URI``/``--tracking-uri`` says otherwise; prints the data version, the
-  ranks allocated, the test metrics, the MLflow run and the model version. Defaults are the
-  demo's: the synthetic hospital in ``data/`` (created when missing), the embedded tiny
-  backbone, a short schedule. Unchanged steps are reused from the local task cache; a run
+  ranks allocated, the schedule, the test metrics, the MLflow run and the model version.
+  Defaults are the demo's: the synthetic hospital in ``data/`` (created when missing), the
+  embedded tiny backbone, a short schedule (max_steps mode: 150 steps; ``--epochs 200`` for
+  the paper's). Unchanged steps are reused from the local task cache; a run
   killed during finetune resumes from its checkpoint.
 - ``compile``: the pipeline's IR YAML (GPU request, node selector, tolerations, image).
-- ``submit`` / ``schedule``: a run / a recurring run on a Kubeflow Pipelines endpoint.
+- ``submit`` / ``schedule``: a run / a recurring run on a Kubeflow Pipelines endpoint, with
+  the cluster defaults (:data:`pipeline.params.DEFAULTS`: the paper's 200 epochs).
 - ``retrain``: run (or submit) only when the data version differs from the champion's.
 """
 
@@ -49,9 +51,16 @@ DEFAULT_PACKAGE = "cessl_pipeline.yaml"
 STATE_DIR = Path(".cache") / "cessl"
 
 # `cessl run` on the embedded defaults: the demo hospital, the tiny default backbone and a
-# schedule that finishes in minutes on two CPU cores. Every value can be overridden.
+# schedule that finishes in minutes on two CPU cores: max_steps mode (epochs=0, 150 steps),
+# where the cluster's DEFAULTS train the paper's 200 epochs. Every value can be overridden.
 DEMO_PARAMS = DEFAULTS.replace(
-    backbone_config="tiny", labelled_ratio=0.3, max_steps=150, batch_size=16, val_every=25, min_class_count=10
+    backbone_config="tiny",
+    labelled_ratio=0.3,
+    epochs=0,
+    max_steps=150,
+    batch_size=16,
+    val_every=25,
+    min_class_count=10,
 )
 
 
@@ -143,6 +152,7 @@ class RunSummary:
     champion_metrics: dict[str, float]
     aliases: list[str]
     seconds: float
+    schedule: str = ""  # e.g. "200 epochs = 400 steps" or "150 steps"
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -211,7 +221,19 @@ def summarise_run(
         },
         aliases=list(getattr(mv, "aliases", []) or []),
         seconds=seconds,
+        schedule=schedule_of(run.data.params, params),
     )
+
+
+def schedule_of(logged: dict[str, str], params: PipelineParams) -> str:
+    """The schedule a run trained with, from its logged ``train.*`` parameters: ``"200 epochs
+    = 400 steps"`` or ``"150 steps"`` (``params``' own words when they are missing)."""
+    steps, epochs = logged.get("train.max_steps"), logged.get("train.epochs")
+    if steps is None:
+        return params.schedule()
+    if epochs in (None, "", "None", "null"):
+        return f"{steps} steps"
+    return f"{epochs} epochs = {steps} steps"
 
 
 def print_summary(summary: RunSummary) -> None:
@@ -225,6 +247,7 @@ def print_summary(summary: RunSummary) -> None:
     head.add_row("data version", summary.data_version)
     head.add_row("git commit", summary.git_commit)
     head.add_row("ranks allocated", summarise(summary.rank_map))
+    head.add_row("schedule", summary.schedule)
     head.add_row("MLflow run", f"{summary.run_id} ({summary.tracking_uri})")
     head.add_row(
         "model version", f"{summary.model_name} v{summary.model_version} [{', '.join(summary.aliases) or 'no alias'}]"
@@ -258,7 +281,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.tracking_uri, params.experiment_name, registered_model_name(params.model_name, params.method)
     )
     params = local_params(args, params, tracking)
-    log.info("data %s (version %s), MLflow %s", params.source, params.data_version, tracking.tracking_uri)
+    log.info(
+        "data %s (version %s), schedule %s, MLflow %s",
+        params.source,
+        params.data_version,
+        params.schedule(),
+        tracking.tracking_uri,
+    )
     start = time.perf_counter()
     task_log = None if args.show_task_logs else Path(args.pipeline_root) / "last_run.log"
     outputs = run_local(
@@ -408,7 +437,8 @@ def _add_tracking(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-version", default="", help="override the data version (default: from the .dvc file)")
 
 
-def _add_local(parser: argparse.ArgumentParser) -> None:
+def _add_local(parser: argparse.ArgumentParser, registry: bool = True) -> None:
+    """Options of a local run (``registry``: also the champion gate's)."""
     parser.add_argument("--pipeline-root", default="local_outputs", help="task outputs and the task cache")
     parser.add_argument(
         "--state-dir", default=str(STATE_DIR), help="checkpoints and incremental ingest/preprocess state"
@@ -430,10 +460,12 @@ def _add_local(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--show-task-logs", action="store_true", help="stream the tasks' output (default: <pipeline-root>/last_run.log)"
     )
+    parser.add_argument("--json", default="", metavar="PATH", help="also write the summary as JSON")
+    if not registry:
+        return
     parser.add_argument("--promote", action="store_true", help="run the champion gate after registering")
     parser.add_argument("--promote-metric", default="macro_f_beta")
     parser.add_argument("--promote-margin", type=float, default=0.0)
-    parser.add_argument("--json", default="", metavar="PATH", help="also write the summary as JSON")
 
 
 def _add_cluster(parser: argparse.ArgumentParser, host_required: bool = True) -> None:

@@ -1,0 +1,234 @@
+"""`cessl compare` without running it: the grid, the aggregation of hand-made cells (mean +- std,
+missing values, pairing check), the files, and the compiled cessl-compare pipeline (one
+ParallelFor over the cells, the GPU request on the fine-tune inside it)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from components.compare import (
+    COLUMNS,
+    CellResult,
+    CompareGrid,
+    check_paired,
+    comparison_table,
+    format_value,
+    read_cells,
+    table_markdown,
+    write_comparison,
+)
+from pipeline import cli
+from pipeline.commands.compare import base_params
+from pipeline.compare import EXCLUDED_PARAMS, CompareSettings, compile_compare_pipeline
+from pipeline.dag import CompileOptions, Toleration
+
+
+def cell(method: str, ratio: float, seed: int, f_beta: float, **changes) -> CellResult:
+    values = {
+        "method": method,
+        "labelled_ratio": ratio,
+        "seed": seed,
+        "metrics": {"macro_f_beta": f_beta, "macro_auroc": 0.5 + f_beta / 2, "macro_map": f_beta / 2},
+        "ms_per_step": 100.0 + seed,
+        "peak_memory_mb": 50.0 * (seed + 1),
+        "memory_measure": "cpu peak RSS growth",
+        "trainable_params": 1000 if method == "cessl" else 9000,
+        "total_params": 9000,
+        "steps": 10,
+        "split_fingerprint": f"split-{ratio}-{seed}",
+        "test_split_hash": f"test-{seed}",
+    }
+    return CellResult(**(values | changes))
+
+
+CELLS = [
+    cell("cessl", 0.05, 0, 0.40),
+    cell("cessl", 0.05, 1, 0.50),
+    cell("cessl", 0.05, 2, 0.45),
+    cell("fixmatch", 0.05, 0, 0.30),
+    cell("fixmatch", 0.05, 1, 0.20),
+    cell("fixmatch", 0.05, 2, 0.25),
+    cell("cessl", 0.15, 0, 0.60),
+    cell("fixmatch", 0.15, 0, 0.55),
+]
+
+
+def test_grid_cells_share_splits_across_methods_and_validate():
+    grid = CompareGrid.parse("cessl, fixmatch", "0.05,0.15", "0,1")
+    cells = grid.cells()
+    assert len(cells) == 8 and cells[0].item() == {"method": "cessl", "labelled_ratio": 0.05, "seed": 0}
+    assert [c.method for c in cells[:2]] == ["cessl", "fixmatch"]  # one split, both methods, next to each other
+    assert CompareGrid.from_items(grid.items()) == grid
+    with pytest.raises(ValueError, match="unknown method"):
+        CompareGrid.parse("cessl,bogus", "0.05", "0")
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        CompareGrid.parse("cessl", "1.5", "0")
+    with pytest.raises(ValueError, match="repeated"):
+        CompareGrid.parse("cessl", "0.05", "0,0")
+    with pytest.raises(ValueError, match="at least one"):
+        CompareGrid.parse("", "0.05", "0")
+
+
+def test_table_is_mean_and_sample_std_over_seeds_per_method_and_ratio():
+    table = comparison_table(CELLS)
+    assert list(zip(table["method"], table["labelled_ratio"], strict=True)) == [
+        ("cessl", 0.05),
+        ("fixmatch", 0.05),
+        ("cessl", 0.15),
+        ("fixmatch", 0.15),
+    ]
+    row = table.iloc[0]
+    assert row["n_seeds"] == 3
+    assert row["macro_f_beta_mean"] == pytest.approx(0.45)
+    assert row["macro_f_beta_std"] == pytest.approx(statistics.stdev([0.40, 0.50, 0.45]))
+    assert row["ms_per_step_mean"] == pytest.approx(101.0) and row["peak_memory_mb_mean"] == pytest.approx(100.0)
+    assert row["trainable_params_mean"] == 1000 and row["trainable_params_std"] == 0
+    assert row["memory_measure"] == "cpu peak RSS growth"
+    single = table.iloc[2]  # one seed: the std is undefined, not 0
+    assert single["n_seeds"] == 1 and single["macro_f_beta_mean"] == pytest.approx(0.60)
+    assert math.isnan(single["macro_f_beta_std"])
+    # No cell computed the Challenge score: n/a, counted as 0 seeds.
+    assert math.isnan(row["challenge_score_mean"]) and row["n_challenge_score"] == 0
+
+
+def test_a_missing_metric_is_left_out_of_its_mean():
+    cells = [cell("cessl", 0.05, 0, 0.4), cell("cessl", 0.05, 1, 0.6), cell("cessl", 0.05, 2, 0.5)]
+    del cells[1].metrics["macro_auroc"]  # e.g. undefined on that test split
+    row = comparison_table(cells).iloc[0]
+    assert row["n_macro_auroc"] == 2 and row["macro_auroc_mean"] == pytest.approx((0.7 + 0.75) / 2)
+    assert row["n_macro_f_beta"] == 3
+
+
+def test_methods_must_share_the_split_of_a_ratio_and_seed():
+    check_paired(CELLS)
+    with pytest.raises(ValueError, match="different splits"):
+        check_paired([*CELLS, cell("lora", 0.05, 0, 0.3, split_fingerprint="other")])
+
+
+def test_formatting_and_markdown():
+    assert format_value(0.51234, 0.01234, "macro_f_beta") == "0.512 +- 0.012"
+    assert format_value(0.5, math.nan, "macro_f_beta") == "0.500"
+    assert format_value(math.nan, math.nan, "macro_map") == "n/a"
+    assert format_value(101.26, 1.0, "ms_per_step") == "101.3 +- 1.0"
+    assert format_value(1234.0, 0.0, "trainable_params") == "1,234"
+    text = table_markdown(comparison_table(CELLS))
+    assert "| cessl | 5% | 3 | 0.450 +- 0.050 |" in text
+    assert "peak MB (cpu peak RSS growth)" in text
+    assert text.count("\n| ") == 1 + 4  # heading + one row per (method, ratio)
+
+
+def test_write_comparison_files_round_trip(tmp_path):
+    files = write_comparison(CELLS, tmp_path / "out")
+    assert set(files.artifacts()) == {
+        "comparison/comparison.csv",
+        "comparison/comparison.md",
+        "comparison/comparison.png",
+        "comparison/cells.json",
+    }
+    assert files.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    csv = pd.read_csv(files.csv)
+    assert {f"{c}_mean" for c in COLUMNS} | {f"{c}_std" for c in COLUMNS} <= set(csv.columns)
+    assert read_cells(files.cells) == CELLS
+    assert CellResult.from_json(CELLS[0].to_json()) == CELLS[0]
+
+
+# --------------------------------------------------------------------------- compiled
+
+
+IMAGE = "registry.example.org/cessl:1.2.3"
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> tuple[dict, dict]:
+    path = tmp_path_factory.mktemp("compare") / "compare.yaml"
+    options = CompileOptions(
+        image=IMAGE,
+        node_selector={"cloud.google.com/gke-accelerator": "nvidia-l4"},
+        tolerations=(Toleration.parse("nvidia.com/gpu:NoSchedule"),),
+    )
+    grid = CompareGrid(("cessl", "fixmatch"), (0.05, 0.15), (0, 1, 2))
+    docs = list(
+        yaml.safe_load_all(compile_compare_pipeline(path, CompareSettings(grid, parallelism=4), options).read_text())
+    )
+    return docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_compiled_comparison_loops_over_the_grid(compiled):
+    spec, _ = compiled
+    assert spec["pipelineInfo"]["name"] == "cessl-compare"
+    tasks = spec["root"]["dag"]["tasks"]
+    loops = [t for t in tasks.values() if "parameterIterator" in t]
+    assert len(loops) == 1
+    loop = loops[0]
+    assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--grid"
+    assert loop["iteratorPolicy"]["parallelismLimit"] == 4
+    inner = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+    assert set(inner) == {"split", "allocate-ranks", "finetune", "evaluate", "log-cell"}
+    assert {"ingest", "preprocess", "resolve-backbone", "start-comparison", "summarize-comparison"} <= set(tasks)
+    collected = tasks["summarize-comparison"]["inputs"]["parameters"]["cells"]["taskOutputParameter"]
+    assert collected["producerTask"] == loop["taskInfo"]["name"]
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    assert len(parameters["grid"]["defaultValue"]) == 12 and parameters["epochs"]["defaultValue"] == 200
+    assert not set(EXCLUDED_PARAMS) & set(parameters)
+    assert "register" not in tasks and "exec-register" not in spec["deploymentSpec"]["executors"]
+
+
+def test_compiled_comparison_requests_a_gpu_on_every_finetune(compiled):
+    spec, platform = compiled
+    executors = spec["deploymentSpec"]["executors"]
+    resources = executors["exec-finetune"]["container"]["resources"]
+    assert (
+        resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+        and resources["accelerator"]["resourceCount"] == "1"
+    )
+    assert platform["exec-finetune"]["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+    for name, executor in executors.items():
+        assert executor["container"]["image"] == IMAGE
+        if name != "exec-finetune":
+            assert "accelerator" not in executor["container"].get("resources", {}), name
+    assert "secretAsEnv" in platform["exec-log-cell"] and "secretAsEnv" in platform["exec-start-comparison"]
+
+
+def test_compare_cli_compiles_with_the_cluster_defaults(tmp_path):
+    out = tmp_path / "compare.yaml"
+    argv = ["compare", "--methods", "cessl,lora", "--ratios", "0.05", "--seeds", "0,1", "--compile", "-o", str(out)]
+    assert cli.main(argv) == 0
+    spec = next(yaml.safe_load_all(out.read_text()))
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    assert (
+        parameters["epochs"]["defaultValue"] == 200 and parameters["experiment_name"]["defaultValue"] == "cessl-compare"
+    )
+    assert [c["method"] for c in parameters["grid"]["defaultValue"]] == ["cessl", "lora", "cessl", "lora"]
+    assert base_params(compile_only=False).epochs == 0, "the local comparison runs the demo's quick schedule"
+    assert Path(out).stat().st_size > 0
+
+
+# --------------------------------------------------------------------------- cost measurement
+
+
+def test_step_profiler_times_steps_without_warmup_or_validations():
+    import time
+
+    from ml.train.callbacks import CPU_MEMORY, StepProfiler
+
+    profiler = StepProfiler("cpu", warmup=1)
+    assert math.isnan(profiler.ms_per_step) and math.isnan(profiler.peak_memory_mb)
+    profiler.on_validation(0, {})
+    time.sleep(0.2)
+    profiler.on_step(1, {})  # warm-up: not timed
+    time.sleep(0.02)
+    profiler.on_step(2, {})
+    time.sleep(0.3)  # a validation: not timed
+    profiler.on_validation(2, {})
+    time.sleep(0.02)
+    profiler.on_step(3, {})
+    assert profiler.steps == 2
+    assert 15 <= profiler.ms_per_step < 150
+    summary = profiler.summary()
+    assert summary["memory_measure"] == CPU_MEMORY and summary["peak_memory_mb"] >= 0
