@@ -100,7 +100,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     _add_register_options(p)
     p.set_defaults(func=_default)
 
-    p = sub.add_parser("show", help="print a backbone folder's config (after verifying it)")
+    p = sub.add_parser(
+        "show",
+        help="print a backbone folder's config and what was verified (identity, shapes, dtypes, finite, BN variances)",
+    )
     p.add_argument("path", type=Path)
     p.set_defaults(func=_show)
 
@@ -212,9 +215,12 @@ def _default(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     from ml.model.pretrained import read_backbone
 
-    meta = read_backbone(args.path).meta
+    backbone = read_backbone(args.path)  # refuses a damaged, modified or invalid folder
+    meta = backbone.meta
     meta = {k: v for k, v in meta.items() if k != "training"} | {
-        "training_steps": (meta.get("training") or {}).get("steps")
+        "training_steps": (meta.get("training") or {}).get("steps"),
+        # what read_backbone verified: identity, names and shapes, dtypes, finiteness, BN variances
+        "verified": backbone.checks,
     }
     print(json.dumps(meta, indent=2))
     return 0
