@@ -172,9 +172,7 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
         except MemoryError:
             raise
         except Exception as err:  # safetensors raises its own SafetensorError for a damaged file
-            raise CheckpointError(
-                f"{path}: not a readable safetensors file ({type(err).__name__}: {err})"
-            ) from err
+            raise CheckpointError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from err
     obj = torch_load_checked(path)
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model_state_dict", "model"):
@@ -255,7 +253,7 @@ def check_tensor_values(
                 )
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-        raise CheckpointError(f"{where}: invalid weights:\n  " + "\n  ".join(shown))
+        raise CheckpointError(f"{where}: invalid weights: " + "; ".join(shown))
     return {
         "tensors": len(state_dict),
         "values": n_values,
