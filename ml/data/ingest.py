@@ -12,7 +12,9 @@ into a manifest that accumulates over sources and runs:
 
 Incremental: a record whose files have the same stamp (sizes + mtimes / ETags) as in the
 manifest is not opened at all; one whose stamp changed but whose content hash is known is
-not parsed again. Re-ingesting a source replaces its rows (records gone from it leave
+not parsed again. A record's files are its header, the files next to it with its stem, and
+every signal file its header names (another record's ``.mat``...): the stamp and the
+content hash cover all of them, so a change to any of them reads the record again. Re-ingesting a source replaces its rows (records gone from it leave
 the manifest; other sources stay). Counts always add up: ``seen = accepted + quarantined``.
 
 Duplicate record ids: the record ingested first (or, within one run, the first key in
@@ -22,6 +24,7 @@ quarantined as ``duplicate_id``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -37,18 +40,19 @@ import pandas as pd
 
 from ml.data.labels import LabelMapping
 from ml.data.parallel import process_pool, progress_bar
+from ml.data.paths import UnsafePathError, file_name_problem
 from ml.data.records import (
     ECGRecord,
     Reason,
     RecordError,
-    UnsafePathError,
     ValidationConfig,
     parse_metadata,
     read_header,
     read_record,
 )
-from ml.data.sources import RecordRef, Source, open_source, record_id_of
+from ml.data.sources import RecordRef, Source, extend_stamp, open_source, record_id_of
 from ml.data.store import join_codes
+from ml.errors import CesslError
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +140,33 @@ def _read_files(source: Source, ref: RecordRef) -> dict[str, bytes]:
     return files
 
 
+def _referenced_files(source: Source, ref: RecordRef, files: dict[str, bytes]) -> RecordRef:
+    """Read the signal files the header names that are not among ``files`` yet (another
+    record's signal file...) into ``files``; returns ``ref`` with their stamps added, so the
+    content hash and the change stamp cover every file the record is read from. Names the
+    reader will refuse (unsafe) or report (missing) are stamped but not read."""
+    header_name = ref.key.rsplit("/", 1)[-1]
+    if header_name not in files:
+        return ref
+    try:
+        header, _ = read_header(files[header_name], ref.where)
+    except RecordError:
+        return ref  # the reader reports the header
+    folder = ref.key.rsplit("/", 1)[0] + "/" if "/" in ref.key else ""
+    names = sorted({s.file_name for s in header.signals} - set(files))
+    names = [n for n in names if file_name_problem(n) is None]
+    if not names:
+        return ref
+    parts = []
+    for name in names:
+        parts.append(source.file_stamp(folder + name))
+        try:
+            files[name] = source.read(folder + name)
+        except FileNotFoundError:
+            continue  # reported by the reader as a missing signal file
+    return dataclasses.replace(ref, stamp=extend_stamp(ref.stamp, parts))
+
+
 def _record_from_files(ref: RecordRef, files: dict[str, bytes], source: Source, config: ValidationConfig) -> ECGRecord:
     header_name = ref.key.rsplit("/", 1)[-1]
     if header_name not in files:
@@ -146,6 +177,10 @@ def _record_from_files(ref: RecordRef, files: dict[str, bytes], source: Source, 
         return files[name] if name in files else fallback(name)
 
     return read_record(files[header_name], read_file, ref.where, config, record_id=ref.record_id)
+
+
+class StaleRecordError(CesslError, RuntimeError):
+    """A record whose files no longer hash to the manifest's content hash."""
 
 
 def load_record(
@@ -163,8 +198,12 @@ def load_record(
     ref = RecordRef(src.uri, key, record_id_of(key), stamp or "")
     keys = src.record_files(ref) if stamp else src.stem_files(key)
     files = {k.rsplit("/", 1)[-1]: src.read(k) for k in keys}
+    if not stamp:
+        _referenced_files(src, ref, files)
     if expected_hash is not None and content_hash(files) != expected_hash:
-        raise RuntimeError(f"{ref.where} changed since it was ingested; run the ingestion again")
+        raise StaleRecordError(
+            f"{ref.where} (or a signal file its header names) changed since it was ingested; run the ingestion again"
+        )
     return _record_from_files(ref, files, src, config)
 
 
@@ -211,6 +250,7 @@ def inspect_record(
         return _row(ref, status=QUARANTINED, reason=str(Reason.UNSAFE_PATH), detail=f"{ref.where}: {ref.problem}")
     try:
         files = _read_files(source, ref)
+        ref = _referenced_files(source, ref, files)
     except UnsafePathError as err:
         return _row(ref, status=QUARANTINED, reason=str(Reason.UNSAFE_PATH), detail=f"{ref.where}: {err}")
     except OSError as err:
@@ -353,7 +393,14 @@ def ingest(
     base = previous[~mine].reset_index(drop=True)
     prev_this = previous[mine].reset_index(drop=True)
     prev_stamp = dict(zip(prev_this["key"], prev_this["stamp"], strict=True))
-    unchanged = {r.key for r in refs if not r.problem and prev_stamp.get(r.key) == r.stamp}
+    # Compared with the stamp as it is now: the record's own files AND the other files its
+    # header named when it was read (restamped), so a changed signal file of another record
+    # that this header uses reads it again.
+    unchanged = {
+        r.key
+        for r in refs
+        if not r.problem and r.key in prev_stamp and prev_stamp[r.key] == src.current_stamp(r, prev_stamp[r.key])
+    }
     del prev_stamp
     # A duplicate lost its own validation outcome: reuse it only while its owner is still there.
     dup = (prev_this["reason"] == Reason.DUPLICATE_ID).to_numpy()

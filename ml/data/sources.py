@@ -14,18 +14,15 @@ variables and config files (``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``,
 from __future__ import annotations
 
 import os
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ml.data.records import UnsafePathError
+from ml.data.paths import UnsafePathError, inside, resolve_inside, unsafe_key_problem
 
 HEADER_SUFFIX = ".hea"
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_ENCODED = re.compile(r"%(2e|2f|5c)", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,22 +40,11 @@ class RecordRef:
         return f"{self.source.rstrip('/')}/{self.key}"
 
 
-def unsafe_key_problem(key: str) -> str | None:
-    """Why a relative key is unsafe to use as a path, or None when it is a plain path."""
-    if not key:
-        return "empty key"
-    if _CONTROL.search(key):
-        return "control character in key"
-    if "\\" in key:
-        return "backslash in key"
-    if _ENCODED.search(key):
-        return "percent-encoded '.', '/' or '\\' in key"
-    if key.startswith("/"):
-        return "absolute key"
-    parts = key.split("/")
-    if any(p in ("", ".", "..") for p in parts):
-        return "'.', '..' or empty path segment in key (path traversal)"
-    return None
+def extend_stamp(stamp: str, extra_parts: list[str]) -> str:
+    """A record's stamp with the stamps of the other files it was read from (sorted, after its own)."""
+    own = {part.rsplit(":", 2)[0] for part in stamp.split("|")}
+    extra = sorted({p for p in extra_parts if p.rsplit(":", 2)[0] not in own}, key=lambda p: p.rsplit(":", 2)[0])
+    return "|".join([stamp, *extra]) if extra else stamp
 
 
 def record_id_of(key: str) -> str:
@@ -92,6 +78,19 @@ class Source(ABC):
     def stem_files(self, header_key: str) -> list[str]:
         """Keys of every file next to a header with the same stem (``X.hea``, ``X.mat``...)."""
 
+    @abstractmethod
+    def file_stamp(self, key: str) -> str:
+        """``name:size:mtime`` (local) or ``name:size:etag`` (S3) of one file; ``name:?`` when it is absent."""
+
+    def current_stamp(self, ref: RecordRef, recorded: str) -> str:
+        """The stamp ``recorded`` (a manifest's) would have now: the record's listing stamp
+        plus, restamped, the other files its header named (another record's signal file...),
+        so a change of any file a record was read from makes it read again."""
+        own = {part.rsplit(":", 2)[0] for part in ref.stamp.split("|")}
+        folder = ref.key.rsplit("/", 1)[0] + "/" if "/" in ref.key else ""
+        extra = [name for name in (p.rsplit(":", 2)[0] for p in recorded.split("|")) if name not in own]
+        return extend_stamp(ref.stamp, [self.file_stamp(folder + name) for name in extra])
+
     def record_files(self, ref: RecordRef) -> list[str]:
         """Keys of the files that belong to a record (same folder, same stem), from its stamp."""
         folder = ref.key.rsplit("/", 1)[0] + "/" if "/" in ref.key else ""
@@ -108,14 +107,7 @@ class LocalSource(Source):
         self.uri = str(self.root)
 
     def _path(self, key: str) -> Path:
-        problem = unsafe_key_problem(key)
-        if problem:
-            raise UnsafePathError(f"{self.uri}: refusing key {key!r}: {problem}")
-        path = self.root / key
-        real = path.resolve()
-        if real != self.root and self.root not in real.parents:
-            raise UnsafePathError(f"{self.uri}: {key!r} resolves outside the source folder")
-        return path
+        return resolve_inside(self.root, key, "the source folder")
 
     def list_records(self) -> list[RecordRef]:
         refs: list[RecordRef] = []
@@ -131,10 +123,8 @@ class LocalSource(Source):
                     continue
                 key = prefix + name
                 problem = unsafe_key_problem(key)
-                if problem is None:
-                    real = (Path(folder) / name).resolve()
-                    if self.root not in real.parents:
-                        problem = "symbolic link out of the source folder"
+                if problem is None and not inside(self.root, Path(folder) / name):
+                    problem = "symbolic link out of the source folder"
                 stamp_parts = []
                 for member in by_stem.get(_stem(name), [name]):
                     try:
@@ -148,6 +138,14 @@ class LocalSource(Source):
 
     def read(self, key: str) -> bytes:
         return self._path(key).read_bytes()
+
+    def file_stamp(self, key: str) -> str:
+        name = key.rsplit("/", 1)[-1]
+        try:
+            st = self._path(key).stat()
+        except OSError:  # absent, or refused (the reader reports why)
+            return f"{name}:?"
+        return f"{name}:{st.st_size}:{st.st_mtime_ns}"
 
     def stem_files(self, header_key: str) -> list[str]:
         folder, _, name = header_key.rpartition("/")
@@ -182,6 +180,7 @@ class S3Source(Source):
         self.endpoint_url = endpoint_url
         self.client_kwargs = dict(client_kwargs or {})
         self._client = None
+        self._listed: dict[str, str] = {}  # key -> stamp part, from the last listing
 
     def __getstate__(self) -> dict[str, Any]:  # picklable for worker processes
         state = dict(self.__dict__)
@@ -218,6 +217,7 @@ class S3Source(Source):
 
     def list_records(self) -> list[RecordRef]:
         objects = self._objects()
+        self._listed = {key: f"{key.rsplit('/', 1)[-1]}:{size}:{etag}" for key, size, etag in objects}
         by_stem: dict[tuple[str, str], list[tuple[str, int, str]]] = {}
         for key, size, etag in objects:
             folder, _, name = key.rpartition("/")
@@ -246,6 +246,18 @@ class S3Source(Source):
                 if _stem(rest) == stem and "/" not in rest:
                     keys.append(prefix + rest)
         return sorted(keys)
+
+    def file_stamp(self, key: str) -> str:
+        from botocore.exceptions import ClientError
+
+        name = key.rsplit("/", 1)[-1]
+        if key in self._listed:
+            return self._listed[key]
+        try:
+            head = self.client.head_object(Bucket=self.location.bucket, Key=self._full_key(key))
+        except (ClientError, UnsafePathError):
+            return f"{name}:?"
+        return f"{name}:{int(head['ContentLength'])}:{str(head.get('ETag', '')).strip(chr(34))}"
 
     def read(self, key: str) -> bytes:
         from botocore.exceptions import ClientError
