@@ -104,6 +104,9 @@ class IngestReport:
     unknown_codes: dict[str, int] = field(default_factory=dict)
     manifest_records: int = 0
     manifest_accepted: int = 0
+    # files that are no record's: orphan signal files (no header names them) and entries
+    # that could not be listed (unreadable folder, broken link...), key -> reason
+    orphans: dict[str, str] = field(default_factory=dict)
 
     def check(self) -> None:
         if self.seen != self.accepted + self.quarantined or self.seen != self.read + self.reused:
@@ -455,6 +458,7 @@ def ingest(
     write_manifest(manifest, manifest_path, normalised=True)
 
     report = _report(src.uri, run, n_parsed, len(refs) - n_parsed, manifest)
+    report.orphans = _orphans(src, run)
     report.check()
     _write_atomic(out_dir / REPORT_FILE, json.dumps(asdict(report), indent=2).encode())
     _write_atomic(out_dir / QUARANTINE_FILE, quarantine_report(report, run).encode("utf-8"))
@@ -468,6 +472,21 @@ def ingest(
         report.reused,
     )
     return report
+
+
+def _orphans(src: Source, run: pd.DataFrame) -> dict[str, str]:
+    """The source's unlisted entries, less the signal files a header of this run was read from."""
+    unlisted = dict(getattr(src, "unlisted", {}) or {})
+    if not unlisted:
+        return {}
+    claimed: set[str] = set()
+    for key, stamp in zip(run["key"], run["stamp"], strict=True):
+        folder = key.rsplit("/", 1)[0] + "/" if "/" in key else ""
+        claimed.update(folder + part.rsplit(":", 2)[0] for part in str(stamp).split("|") if part)
+    orphans = {k: v for k, v in sorted(unlisted.items()) if k not in claimed}
+    if orphans:
+        log.warning("%s: %d file(s) belong to no record or could not be listed (see the report)", src.uri, len(orphans))
+    return orphans
 
 
 def _mark_duplicates(owners: pd.DataFrame, new: pd.DataFrame, uri: str) -> pd.DataFrame:
@@ -539,6 +558,7 @@ def quarantine_report(report: IngestReport, run: pd.DataFrame) -> str:
         f"{sum(report.unscored_codes.values())} unscored SNOMED codes in {len(report.unscored_codes)} kinds, "
         f"{sum(report.unknown_codes.values())} unknown tokens",
         f"- Manifest: {report.manifest_records} records, {report.manifest_accepted} accepted",
+        f"- Orphans/unreadable entries (no record's, not read): {len(report.orphans)}",
         "",
         "## Quarantined by reason",
         "",
@@ -555,6 +575,17 @@ def quarantine_report(report: IngestReport, run: pd.DataFrame) -> str:
             quarantined["id"], quarantined["key"], quarantined["reason"], quarantined["detail"], strict=True
         ):
             lines.append(f"| {_md(rid)} | {_md(key)} | {reason} | {_md(detail)} |")
+    if report.orphans:
+        lines += [
+            "",
+            "## Orphans/unreadable",
+            "",
+            "Files that are no record's (not read) and entries that could not be listed.",
+            "",
+            "| file | reason |",
+            "|---|---|",
+        ]
+        lines += [f"| {_md(key)} | {_md(reason)} |" for key, reason in report.orphans.items()]
     if report.unscored_codes:
         lines += ["", "## Unscored codes (accepted records)", "", "| code | records |", "|---|---:|"]
         lines += [f"| {c} | {n} |" for c, n in report.unscored_codes.items()]

@@ -289,6 +289,7 @@ _INVALID = {
     "8": None,
 }
 
+
 def check_file_name(name: str, where: str) -> None:
     """A signal file named by a header must be a plain name in the header's folder
     (:func:`ml.data.paths.file_name_problem`: any name but a path, ``..``, control characters...)."""

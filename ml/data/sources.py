@@ -23,6 +23,7 @@ from typing import Any
 from ml.data.paths import UnsafePathError, inside, resolve_inside, unsafe_key_problem
 
 HEADER_SUFFIX = ".hea"
+SIGNAL_SUFFIXES = (".mat", ".dat")  # signal files: one without a header is listed as an orphan
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +61,10 @@ class Source(ABC):
     """A place holding WFDB records."""
 
     uri: str
+    # Set by list_records: entries that belong to no header (an orphan signal file) or that
+    # could not be listed (a folder that cannot be read, a symbolic link to a folder, a
+    # broken link), key -> reason. Ingestion keeps an orphan that a header names after all.
+    unlisted: dict[str, str]
 
     @abstractmethod
     def list_records(self) -> list[RecordRef]:
@@ -105,19 +110,38 @@ class LocalSource(Source):
         if not self.root.is_dir():
             raise FileNotFoundError(f"record folder {self.root} does not exist")
         self.uri = str(self.root)
+        self.unlisted = {}
 
     def _path(self, key: str) -> Path:
         return resolve_inside(self.root, key, "the source folder")
 
     def list_records(self) -> list[RecordRef]:
         refs: list[RecordRef] = []
-        for folder, dirs, files in os.walk(self.root):
+        unlisted: dict[str, str] = {}
+
+        def rel(path: str | Path) -> str:
+            return Path(path).relative_to(self.root).as_posix()
+
+        def walk_error(err: OSError) -> None:
+            unlisted[rel(err.filename) if err.filename else "."] = f"cannot list folder ({err.strerror or err})"
+
+        for folder, dirs, files in os.walk(self.root, onerror=walk_error):
             dirs.sort()
-            rel_folder = Path(folder).relative_to(self.root).as_posix()
+            rel_folder = rel(folder)
             prefix = "" if rel_folder == "." else rel_folder + "/"
+            for name in dirs:
+                if (Path(folder) / name).is_symlink():
+                    unlisted[prefix + name] = "symbolic link to a folder (not followed)"
             by_stem: dict[str, list[str]] = {}
             for name in sorted(files):
                 by_stem.setdefault(_stem(name), []).append(name)
+            headed = {_stem(n) for n in files if n.lower().endswith(HEADER_SUFFIX)}
+            for name in sorted(files):
+                path = Path(folder) / name
+                if path.is_symlink() and not path.exists():
+                    unlisted[prefix + name] = "broken symbolic link"
+                elif _stem(name) not in headed and name.lower().endswith(SIGNAL_SUFFIXES):
+                    unlisted[prefix + name] = "signal file without a header (not read)"
             for name in sorted(files):
                 if not name.lower().endswith(HEADER_SUFFIX):
                     continue
@@ -134,6 +158,7 @@ class LocalSource(Source):
                         stamp_parts.append(f"{member}:?")
                 refs.append(RecordRef(self.uri, key, record_id_of(name), "|".join(stamp_parts), problem))
         refs.sort(key=lambda r: r.key)
+        self.unlisted = unlisted
         return refs
 
     def read(self, key: str) -> bytes:
@@ -181,6 +206,7 @@ class S3Source(Source):
         self.client_kwargs = dict(client_kwargs or {})
         self._client = None
         self._listed: dict[str, str] = {}  # key -> stamp part, from the last listing
+        self.unlisted = {}
 
     def __getstate__(self) -> dict[str, Any]:  # picklable for worker processes
         state = dict(self.__dict__)
@@ -223,6 +249,17 @@ class S3Source(Source):
             folder, _, name = key.rpartition("/")
             by_stem.setdefault((folder, _stem(name)), []).append((name, size, etag))
         refs = []
+        headed = {
+            (k.rpartition("/")[0], _stem(k.rpartition("/")[2]))
+            for k, _, _ in objects
+            if k.lower().endswith(HEADER_SUFFIX)
+        }
+        self.unlisted = {
+            key: "signal file without a header (not read)"
+            for key, _, _ in objects
+            if key.lower().endswith(SIGNAL_SUFFIXES)
+            and (key.rpartition("/")[0], _stem(key.rpartition("/")[2])) not in headed
+        }
         for key, _, _ in objects:
             if not key.lower().endswith(HEADER_SUFFIX):
                 continue
