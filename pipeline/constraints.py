@@ -311,3 +311,36 @@ def http_url(text: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise _path_error(text, "expected http(s)://host[:port]")
     return text
+
+
+def output_root(text: str) -> Path:
+    """A folder a command creates as needed (``--pipeline-root``, ``--state-dir``): no part of
+    the path is a file, and its nearest existing folder is writable. Nothing is created here."""
+    path = Path(text).expanduser().absolute()
+    for ancestor in (path, *path.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise _path_error(text, f"{ancestor} is a file, expected a folder")
+            if not os.access(ancestor, os.W_OK | os.X_OK):
+                raise _path_error(text, f"folder {ancestor} is not writable")
+            break
+    return Path(text).expanduser()
+
+
+def cron(text: str) -> str:
+    """A cron expression of 5 fields (``m h dom mon dow``) or KFP's 6 (with seconds first)."""
+    fields = text.split()
+    if len(fields) not in (5, 6) or not all(re.fullmatch(r"[0-9*/,\-?A-Za-z#LW]+", f) for f in fields):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a cron expression of 5 or 6 fields (e.g. '0 3 * * 1')")
+    return text
+
+
+def as_text(check: Callable[[str], Any]) -> Callable[[str], str]:
+    """``check``, keeping the value as the text given (for code that expects a str)."""
+
+    def convert(text: str) -> str:
+        check(text)
+        return text
+
+    convert.__name__ = getattr(check, "__name__", "value")
+    return convert

@@ -39,8 +39,9 @@ from typing import Any, NamedTuple, TextIO
 
 from kfp import compiler, dsl, kubernetes
 
-from ml.errors import CesslError
+from ml.errors import EXIT_STEP_FAILED, CesslError
 from pipeline.components import StepComponents, build_components, default_image
+from pipeline.failures import failed_run_message
 from pipeline.params import DEFAULTS, PipelineParams, field_types
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,8 @@ class PipelineOutputs(NamedTuple):
 
 class PipelineRunError(CesslError):
     """A local pipeline run failed (a task failed, or it ended without outputs)."""
+
+    exit_code = EXIT_STEP_FAILED
 
 
 def pipeline_signature(
@@ -516,7 +519,7 @@ class _ProgressTee(io.TextIOBase):
 
 @contextlib.contextmanager
 def _task_output(path: Path | None) -> Iterator[None]:
-    """Send what the tasks print to ``path`` (progress lines still show); on failure show its tail."""
+    """Send what the tasks print to ``path`` (progress lines still show); its tail on failure with ``-v``."""
     if path is None:
         yield
         return
@@ -530,7 +533,7 @@ def _task_output(path: Path | None) -> Iterator[None]:
             sink.flush()
             lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
             tail = [line for line in lines if not _JSON_DUMP.match(line)][-TAIL_LINES:]
-            log.error("a task failed; last %d lines of %s:\n%s", len(tail), path, "\n".join(tail))
+            log.debug("a task failed; last %d lines of %s:\n%s", len(tail), path, "\n".join(tail))  # -v only
             raise
 
 
@@ -572,7 +575,7 @@ def execute_local(
             warnings.filterwarnings("ignore", message=pattern)
         outputs = pipeline(**arguments).outputs
     if not outputs:
-        raise PipelineRunError(f"pipeline {name} failed (no outputs); see the task log above")
+        raise PipelineRunError(failed_run_message(name, config.task_log))
     return dict(outputs)
 
 
@@ -582,5 +585,5 @@ def run_local(params: PipelineParams, config: LocalRunConfig | None = None) -> P
     pipeline = build_pipeline(CompileOptions.local(config.image))
     outputs = execute_local(pipeline, params.arguments(), params, config, PIPELINE_NAME)
     if "run_id" not in outputs:
-        raise PipelineRunError(f"pipeline {PIPELINE_NAME} failed (no outputs); see the task log above")
+        raise PipelineRunError(failed_run_message(PIPELINE_NAME, config.task_log))
     return PipelineOutputs(run_id=str(outputs["run_id"]), model_version=str(outputs["model_version"]))

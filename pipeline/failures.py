@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import errno
 import pickle
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from ml.errors import (
     EXIT_BAD_FILE,
@@ -101,7 +103,7 @@ def describe(exc: BaseException) -> Failure | None:
     return None
 
 
-def _describe_one(exc: BaseException, top: bool) -> Failure | None:  # noqa: C901 - one table of cases
+def _describe_one(exc: BaseException, top: bool) -> Failure | None:
     names = _names(exc)
     text = one_line(str(exc))
     if isinstance(exc, KeyboardInterrupt):
@@ -129,14 +131,14 @@ def _describe_one(exc: BaseException, top: bool) -> Failure | None:  # noqa: C90
         )
     if "ClientError" in names and hasattr(exc, "response"):
         error = (getattr(exc, "response", None) or {}).get("Error", {})
-        code = str(error.get("Code", ""))
+        s3_code = str(error.get("Code", ""))
         message = error.get("Message") or text
-        if code in S3_NOT_FOUND:
-            return Failure(EXIT_USAGE, f"S3: {message} ({code}): check the bucket and prefix")
-        if code in S3_REFUSED:
+        if s3_code in S3_NOT_FOUND:
+            return Failure(EXIT_USAGE, f"S3: {message} ({s3_code}): check the bucket and prefix")
+        if s3_code in S3_REFUSED:
             return Failure(
                 EXIT_UNAVAILABLE,
-                f"S3 refused the credentials ({code}: {message}): check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY",
+                f"S3 refused the credentials ({s3_code}: {message}): check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY",
             )
         return Failure(EXIT_UNAVAILABLE, f"S3 request failed: {text}")
     if "ParamValidationError" in names:
@@ -149,8 +151,7 @@ def _describe_one(exc: BaseException, top: bool) -> Failure | None:  # noqa: C90
         )
     # --- MLflow
     if "MlflowException" in names:
-        code = str(getattr(exc, "error_code", ""))
-        if code == "RESOURCE_DOES_NOT_EXIST":
+        if str(getattr(exc, "error_code", "")) == "RESOURCE_DOES_NOT_EXIST":
             return Failure(EXIT_USAGE, f"MLflow: {text} (list what exists with `cessl models`)")
         if _looks_unreachable(text):
             return Failure(
@@ -204,3 +205,39 @@ def _looks_unreachable(text: str) -> bool:
         "API request to",
     )
     return any(marker in text for marker in markers)
+
+
+# --------------------------------------------------------------------------- failed local runs
+
+_FAILED_TASK = re.compile(r"Task '(?P<task>[^']+)' finished with status FAILURE")
+_EXCEPTION_LINE = re.compile(r"^(?P<kind>[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)\w*)(?::\s*(?P<why>.*))?$")
+_INNER = re.compile(r"Inner task failed: '(?P<task>[^']+)'")
+
+
+def failed_run_message(pipeline: str, task_log: Path | None) -> str:
+    """One line for a local run that ended without outputs: the failed step, why (the last
+    exception line before its failure), and where its full log is."""
+    if task_log is None or not Path(task_log).is_file():
+        return f"pipeline {pipeline} failed (no outputs); see the task output above"
+    lines = Path(task_log).read_text(encoding="utf-8", errors="replace").splitlines()
+    step, why, end = "", "", len(lines)
+    for i, line in enumerate(lines):
+        found = _FAILED_TASK.search(line)
+        if found and found["task"] not in ("", pipeline):
+            step, end = found["task"], i
+            break  # the first failure is the cause; the others follow from it
+    if not step:
+        for line in reversed(lines):
+            inner = _INNER.search(line)
+            if inner:
+                step = inner["task"]
+                break
+    for line in reversed(lines[:end]):
+        exc = _EXCEPTION_LINE.match(line.strip())
+        if exc:
+            kind = exc["kind"].rsplit(".", 1)[-1]
+            why = f"{kind}: {exc['why']}" if exc["why"] else kind
+            break
+    where = f"step {step!r}" if step else "a step"
+    because = f": {one_line(why, 300)}" if why else ""
+    return f"pipeline {pipeline}: {where} failed{because} (full log: {task_log})"

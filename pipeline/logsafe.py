@@ -58,12 +58,16 @@ _MIN_SECRET_LEN = 4  # shorter env values would mask ordinary words
 
 _KEY_ID = re.compile(r"\b(?:AKIA|ASIA|AIDA|AROA)[A-Z0-9]{16}\b")
 _URI_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^/\s:@]+:)(?P<secret>[^@\s/]+)(?P<tail>@)")
-# name ... separator ... value: aws_secret_access_key=..., 'X-Amz-Security-Token': b'...', password: ...
+# name ... separator ... value: aws_secret_access_key=..., 'X-Amz-Security-Token': b'...', "password": "..."
+# (a bare "name: value" only for header names: "/etc/passwd: not found" stays readable)
+_SECRET_NAMES = (
+    r"aws_secret_access_key|aws_session_token|secret[_-]?access[_-]?key|secret[_-]?key|session[_-]?token|"
+    r"security[_-]?token|password|passwd|pwd|api[_-]?key|access[_-]?token|refresh[_-]?token|token|"
+    r"x-amz-signature|x-amz-credential|signature|credential"
+)
 _NAMED = re.compile(
-    r"(?P<head>(?i:aws_secret_access_key|aws_session_token|secret[_-]?access[_-]?key|secret[_-]?key|"
-    r"session[_-]?token|security[_-]?token|x-amz-security-token|password|passwd|pwd|api[_-]?key|"
-    r"access[_-]?token|refresh[_-]?token|token|signature|x-amz-signature|x-amz-credential|credential)"
-    r"['\"]?\s*[:=]\s*b?['\"]?)(?P<secret>[^\s'\",&;}]+)"
+    r"(?P<head>(?<![A-Za-z])(?i:(?:" + _SECRET_NAMES + r")(?:\s*=\s*|['\"]\s*:\s*|:\s*(?=b?['\"]))"
+    r"|x-amz-security-token['\"]?\s*:\s*)b?['\"]?)(?P<secret>[^\s'\",&;}]+)"
 )
 # the whole value of an Authorization header (it has spaces: "AWS4-HMAC-SHA256 Credential=..., Signature=...")
 _AUTHORIZATION = re.compile(r"(?P<head>(?i:authorization)['\"]?\s*[:=]\s*b?['\"]?)(?P<secret>[^'\"\n]+)")
@@ -109,7 +113,7 @@ def redact_record(record: logging.LogRecord) -> logging.LogRecord:
         record.exc_text = redact(record.exc_text)
     if record.stack_info:
         record.stack_info = redact(record.stack_info)
-    record._cessl_redacted = True  # type: ignore[attr-defined]
+    record._cessl_redacted = True
     return record
 
 

@@ -97,7 +97,8 @@ class PipelineParams:
     )
     git_commit: str = param("", "git commit of the code", cli=False)
     backbone: str = param(
-        "default", "'default', a backbone folder/checkpoint, s3://..., or models:/cessl-backbone-<config>/<version>",
+        "default",
+        "'default', a backbone folder/checkpoint, s3://..., or models:/cessl-backbone-<config>/<version>",
         check="non_empty",
     )
     backbone_config: str = param("tinylight", "backbone size", choices=tuple(BACKBONE_CONFIGS))
@@ -294,3 +295,13 @@ def params_from_args(
     """``base`` with the values of the generated flags (but ``exclude``) that are set."""
     values = {f.name: getattr(args, f.name) for f in cli_fields(exclude)}
     return base.replace(**{name: value for name, value in values.items() if value is not None})
+
+
+def flag_type(name: str) -> Any:
+    """An argparse ``type=`` with field ``name``'s type and range, for commands that offer a
+    pipeline parameter outside :func:`add_param_flags` (e.g. ``cessl method-demo -r``)."""
+    from pipeline.constraints import number
+
+    meta, kind = _FIELDS[name].metadata, field_types()[name]
+    bounds = {k: meta.get(k) for k in ("minimum", "maximum", "exclusive_minimum", "exclusive_maximum")}
+    return number(kind, **bounds, name=name)

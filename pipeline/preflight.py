@@ -67,7 +67,9 @@ def resolve_tracking_uri(uri: str = "") -> tuple[str, str]:
     return f"sqlite:///{Path.cwd().absolute() / LOCAL_DB}", "default"
 
 
-def check_tracking(uri: str = "", *, writes: bool = True, create: bool = False, timeout: float = HEALTH_TIMEOUT_S) -> str:
+def check_tracking(
+    uri: str = "", *, writes: bool = True, create: bool = False, timeout: float = HEALTH_TIMEOUT_S
+) -> str:
     """The resolved tracking URI, once it is usable (see the module's doc).
 
     ``writes``: the command logs or registers (the local default store may be created);
