@@ -252,7 +252,7 @@ def configure_tasks(
 
 
 # Display names of the tasks (configure_tasks keys its settings on them).
-INGEST, PREPROCESS, BACKBONE = "ingest", "preprocess", "backbone"
+VALIDATE, INGEST, PREPROCESS, BACKBONE = "validate", "ingest", "preprocess", "backbone"
 SPLIT, ALLOCATE_RANKS, FINETUNE, EVALUATE = "split", "allocate-ranks", "finetune", "evaluate"
 
 
@@ -262,6 +262,7 @@ class SharedInputs(NamedTuple):
     ingest: dsl.PipelineTask
     preprocess: dsl.PipelineTask
     backbone: dsl.PipelineTask
+    validate: dsl.PipelineTask
 
     @property
     def store(self) -> Any:
@@ -272,12 +273,14 @@ class SharedInputs(NamedTuple):
         return self.backbone.outputs["backbone_model"]
 
     def tasks(self) -> dict[str, dsl.PipelineTask]:
-        return {INGEST: self.ingest, PREPROCESS: self.preprocess, BACKBONE: self.backbone}
+        return {VALIDATE: self.validate, INGEST: self.ingest, PREPROCESS: self.preprocess, BACKBONE: self.backbone}
 
 
 def add_shared_inputs(steps: StepComponents, run: SimpleNamespace) -> SharedInputs:
-    """ingest -> preprocess, and resolve_backbone, from the run's parameters."""
+    """validate, then ingest -> preprocess and resolve_backbone, from the run's parameters."""
+    validate = steps.validate(params=dict(vars(run)))  # every parameter checked before any work
     ingest = steps.ingest(source=run.source, data_version=run.data_version, state_dir=run.state_dir)
+    ingest.after(validate)
     preprocess = steps.preprocess(
         manifest=ingest.outputs["manifest"], min_class_count=run.min_class_count, state_dir=run.state_dir
     )
@@ -287,7 +290,8 @@ def add_shared_inputs(steps: StepComponents, run: SimpleNamespace) -> SharedInpu
         cache_dir=run.cache_dir,
         tracking_uri=run.tracking_uri,
     )
-    return SharedInputs(ingest, preprocess, backbone)
+    backbone.after(validate)
+    return SharedInputs(ingest, preprocess, backbone, validate)
 
 
 class FinetuneChain(NamedTuple):

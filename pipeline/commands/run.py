@@ -436,7 +436,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         from pipeline.preflight import check_kfp_host, check_tracking
 
         check_kfp_host(args.host)
-        check_tracking(args.tracking_uri, writes=False)
+        check_tracking(args.tracking_uri, writes=False, create=args.create_store)
     else:
         preflight_local(args)
     tracking = TrackingConfig.resolve(
