@@ -211,6 +211,7 @@ def _looks_unreachable(text: str) -> bool:
 
 _FAILED_TASK = re.compile(r"Task '(?P<task>[^']+)' finished with status FAILURE")
 _EXCEPTION_LINE = re.compile(r"^(?P<kind>[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)\w*)(?::\s*(?P<why>.*))?$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _INNER = re.compile(r"Inner task failed: '(?P<task>[^']+)'")
 
 
@@ -219,7 +220,8 @@ def failed_run_message(pipeline: str, task_log: Path | None) -> str:
     exception line before its failure), and where its full log is."""
     if task_log is None or not Path(task_log).is_file():
         return f"pipeline {pipeline} failed (no outputs); see the task output above"
-    lines = Path(task_log).read_text(encoding="utf-8", errors="replace").splitlines()
+    text = _ANSI.sub("", Path(task_log).read_text(encoding="utf-8", errors="replace"))  # kfp.local colours names
+    lines = text.splitlines()
     step, why, end = "", "", len(lines)
     for i, line in enumerate(lines):
         found = _FAILED_TASK.search(line)

@@ -196,3 +196,15 @@ def check_s3(uri: str, timeout: float = HEALTH_TIMEOUT_S) -> None:
             raise
         error = ParameterError if failure.code == 2 else ServiceUnavailableError
         raise error(f"{uri}: {failure.message}") from err
+
+
+def check_backbone(backbone: str) -> None:
+    """A local backbone (a folder or a checkpoint file) exists; 'default', ``models:/`` and
+    ``s3://`` backbones are resolved by the pipeline's backbone step."""
+    if backbone in ("", "default") or "://" in backbone or backbone.startswith("models:/"):
+        return
+    if not Path(backbone).expanduser().exists():
+        raise ParameterError(
+            f"--backbone {backbone}: no such folder or checkpoint file "
+            "(use 'default', a backbone folder, a .pt/.safetensors file, s3://... or models:/...)"
+        )

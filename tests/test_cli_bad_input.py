@@ -234,7 +234,9 @@ BASE_ARGV: dict[tuple[str, ...], list[str]] = {
 }
 
 
-def walk(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], argparse.Action]]:
+def walk(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], argparse.Action]]:
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for name, sub in action.choices.items():
@@ -330,6 +332,8 @@ PATH_CASES = [
     (["run", "--tracking-uri", "sqlite:///elsewhere.db"], ("elsewhere.db",)),  # a typo: no new empty store
     (["run", "--tracking-uri", "http://:5000"], ("http://:5000",)),
     (["run", "--source", "missing-data", "--no-demo-data"], ("missing-data",)),
+    (["run", "--backbone", "missing-backbone"], ("missing-backbone",)),
+    (["compare", "--backbone", "missing-backbone"], ("missing-backbone",)),
     (["models"], ("mlflow.db",)),  # nothing tracked here: no empty store is created
     (["models", "--tracking-uri", "sqlite:///typo.db"], ("typo.db",)),
     (["promote", "m", "--tracking-uri", "sqlite:///typo.db"], ("typo.db",)),
@@ -481,7 +485,9 @@ def _errors() -> list[tuple[BaseException, int, str]]:
     return cases
 
 
-@pytest.mark.parametrize(("error", "code", "named"), _errors(), ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else str(v))
+@pytest.mark.parametrize(
+    ("error", "code", "named"), _errors(), ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else str(v)
+)
 def test_known_failures_are_one_line_with_their_code(error, code, named, workdir, capsys, monkeypatch):
     from pipeline.commands import registry as registry_command
 
@@ -508,8 +514,9 @@ def test_a_failed_step_is_one_line_with_its_log(tmp_path):
         "Traceback (most recent call last):\n"
         '  File "x.py", line 1, in <module>\n'
         "components.common.StepError: /data/store: classes not found\n"
-        "12:00:01.000 - ERROR - Task 'finetune' finished with status FAILURE\n"
-        "12:00:01.000 - ERROR - Pipeline 'cessl' finished with status FAILURE. Inner task failed: 'finetune'.\n"
+        "12:00:01.000 - ERROR - Task \x1b[96m'finetune'\x1b[0m finished with status \x1b[91mFAILURE\x1b[0m\n"
+        "12:00:01.000 - ERROR - Pipeline \x1b[95m'cessl'\x1b[0m finished with status \x1b[91mFAILURE\x1b[0m. "
+        "Inner task failed: \x1b[96m'finetune'\x1b[0m.\n"
     )
     message = failed_run_message("cessl", log)
     assert "\n" not in message
@@ -554,12 +561,20 @@ def test_pipeline_float_parameters_follow_their_metadata(value, name):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=30))
+@given(
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=30)
+)
 def test_path_checks_answer_or_accept_and_create_nothing(tmp_path_factory, name):
     root = tmp_path_factory.mktemp("paths")
     (root / "file").write_text("x")
     before = snapshot(root)
-    for check in (constraints.existing_dir, constraints.existing_file, constraints.output_dir, constraints.output_file, constraints.output_root):
+    for check in (
+        constraints.existing_dir,
+        constraints.existing_file,
+        constraints.output_dir,
+        constraints.output_file,
+        constraints.output_root,
+    ):
         for text in (str(root / name), str(root / "file" / name)):
             try:
                 check(text)

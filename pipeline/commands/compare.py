@@ -114,7 +114,7 @@ def compile_comparison(args: argparse.Namespace, settings: CompareSettings) -> i
 
 
 def run_comparison(args: argparse.Namespace, params: PipelineParams, settings: CompareSettings) -> int:
-    preflight_local(args)
+    preflight_local(args, params)
     tracking = TrackingConfig.resolve(args.tracking_uri, params.experiment_name)
     params = local_params(args, params, tracking)
     comparison_id = new_comparison_id()

@@ -285,11 +285,13 @@ def print_summary(summary: RunSummary) -> None:
     console.print(metrics)
 
 
-def preflight_local(args: argparse.Namespace) -> None:
-    """Before any work of a local run: the tracking store answers (or may be created), and
-    a Docker engine answers for ``--runner docker``."""
-    from pipeline.preflight import check_docker, check_tracking
+def preflight_local(args: argparse.Namespace, params: PipelineParams | None = None) -> None:
+    """Before any work of a local run: a local backbone exists, the tracking store answers
+    (or may be created), and a Docker engine answers for ``--runner docker``."""
+    from pipeline.preflight import check_backbone, check_docker, check_tracking
 
+    if params is not None:
+        check_backbone(params.backbone)
     check_tracking(args.tracking_uri, writes=True, create=args.create_store)
     if args.runner == "docker":
         check_docker()
@@ -297,7 +299,7 @@ def preflight_local(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     params = params_from_args(args, DEMO_PARAMS)
-    preflight_local(args)
+    preflight_local(args, params)
     tracking = TrackingConfig.resolve(
         args.tracking_uri, params.experiment_name, registered_model_name(params.model_name, params.method)
     )
@@ -438,7 +440,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         check_kfp_host(args.host)
         check_tracking(args.tracking_uri, writes=False, create=args.create_store)
     else:
-        preflight_local(args)
+        preflight_local(args, params)
     tracking = TrackingConfig.resolve(
         args.tracking_uri, params.experiment_name, registered_model_name(params.model_name, params.method)
     )
