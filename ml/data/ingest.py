@@ -52,7 +52,7 @@ from ml.data.records import (
 )
 from ml.data.sources import RecordRef, Source, extend_stamp, open_source, record_id_of
 from ml.data.store import join_codes
-from ml.errors import CesslError
+from ml.errors import BadFileError
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def _record_from_files(ref: RecordRef, files: dict[str, bytes], source: Source, 
     return read_record(files[header_name], read_file, ref.where, config, record_id=ref.record_id)
 
 
-class StaleRecordError(CesslError, RuntimeError):
+class StaleRecordError(BadFileError, RuntimeError):
     """A record whose files no longer hash to the manifest's content hash."""
 
 

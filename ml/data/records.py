@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ml.data.paths import UnsafePathError, file_name_problem, resolve_inside
-from ml.errors import CesslError
+from ml.errors import BadFileError
 
 STANDARD_LEADS: tuple[str, ...] = (
     "I",
@@ -64,7 +64,7 @@ class Reason(StrEnum):
     DUPLICATE_ID = "duplicate_id"  # a record with this id was seen first elsewhere
 
 
-class RecordError(CesslError):
+class RecordError(BadFileError):
     """A record that cannot be accepted: ``reason`` plus a message naming the file."""
 
     def __init__(self, reason: Reason, message: str):

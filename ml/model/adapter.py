@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ml.errors import CesslError
+from ml.errors import BadFileError
 from ml.model.backbone import BackboneConfig, ECGTransformer
 from ml.model.lora import LoRAConfig, lora_layers, mark_trainable, merge_lora, unmerge_lora
 
@@ -51,7 +51,7 @@ FORMAT_VERSION = 1
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
 
 
-class CheckpointError(CesslError, ValueError):
+class CheckpointError(BadFileError, ValueError):
     """A checkpoint that cannot be loaded safely or does not fit the model (the message names the file)."""
 
 
