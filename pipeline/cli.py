@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from ml.errors import CesslError
 
 # Modules under pipeline.commands that contribute sub-commands, in help order.
-COMMAND_MODULES: tuple[str, ...] = ("run", "compare", "registry", "data", "backbone", "method_demo")
+COMMAND_MODULES: tuple[str, ...] = ("run", "compare", "registry", "testset", "data", "backbone", "method_demo")
 # Errors whose message is all the user needs (exit status 2).
 USER_ERRORS: tuple[type[Exception], ...] = (CesslError, ValueError, FileNotFoundError)
 EXIT_USER_ERROR = 2

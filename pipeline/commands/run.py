@@ -311,7 +311,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(summary.to_json(), indent=2, sort_keys=True), encoding="utf-8")
     print_summary(summary)
+    export_testset(tracking)
     return 0
+
+
+def export_testset(tracking: TrackingConfig) -> None:
+    """The model's frozen test set as ``testsets/<model>.json`` here, DVC-tracked (best effort)."""
+    from pipeline.testsets import export
+
+    try:
+        path = export(tracking.client(), tracking.model_name, Path.cwd())
+    except Exception as err:  # the registry holds the set; this file is a copy
+        log.warning("frozen test set of %s not written to testsets/: %s", tracking.model_name, err)
+        return
+    if path is not None:
+        log.info("frozen test set of %s: %s", tracking.model_name, path)
 
 
 # --------------------------------------------------------------------------- cluster
