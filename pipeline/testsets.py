@@ -253,7 +253,12 @@ def after_registration(client, model: str, version: str, run_id: str, splits: Sp
     ):
         frozen_now = _freeze(client, model, run_id, splits, pointer.version, pointer.reason, pointer.created_by)
     current_pointer = frozen_now or pointer
-    scored_on = str(report["version"]) if report else (str(frozen_now.version) if frozen_now else NONE)
+    if report:
+        scored_on = str(report["version"])
+    elif current_pointer is not None and current_pointer.test_split_hash == splits.test_split_hash:
+        scored_on = str(current_pointer.version)  # drawn fresh, but exactly the frozen records (it froze them)
+    else:
+        scored_on = NONE
     client.set_model_version_tag(model, version, TAG_VERSION, scored_on)
     if report.get("changed"):
         client.set_model_version_tag(model, version, TAG_CHANGED, ",".join(report["changed"])[:5000])
