@@ -315,6 +315,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def testset_pending(tracking: TrackingConfig) -> int:
+    """The version of a refreshed test set no run has drawn yet (0 when none is pending)."""
+    from pipeline.testsets import REDRAW, current
+
+    pointer = current(tracking.client(), tracking.model_name)
+    return pointer.version if pointer is not None and pointer.status == REDRAW else 0
+
+
 def export_testset(tracking: TrackingConfig) -> None:
     """The model's frozen test set as ``testsets/<model>.json`` here, DVC-tracked (best effort)."""
     from pipeline.testsets import export
@@ -426,14 +434,18 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     if not current:
         raise ValueError(f"cannot tell the data version of {params.source} (no {args.dvc_file}); pass --data-version")
     trained_on = champion_data_version(tracking.client(), tracking.model_name)
-    if trained_on == current:
+    pending = testset_pending(tracking)
+    if pending:
+        log.info("%s: test set v%d was refreshed and waits for a run: retraining", tracking.model_name, pending)
+    elif trained_on == current:
         log.info(
             "the champion of %s was trained on data version %s already: nothing to retrain",
             tracking.model_name,
             current,
         )
         return 0
-    log.info("data version %s differs from the champion's (%s): retraining", current, trained_on or "no champion")
+    else:
+        log.info("data version %s differs from the champion's (%s): retraining", current, trained_on or "no champion")
     if args.host:
         return cmd_submit(args)
     return cmd_run(args)
