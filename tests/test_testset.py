@@ -197,6 +197,9 @@ def test_freeze_refresh_and_the_gate_in_a_real_registry(registry, tmp_path, caps
     pending = testsets.current(client, MODEL)
     assert (pending.version, pending.status, pending.created_by) == (2, REDRAW, "dr-test")
     assert "refreshed" in testsets.gate_problem(client, MODEL, client.get_model_version(MODEL, v1))
+    from pipeline.commands.run import testset_pending
+
+    assert testset_pending(TrackingConfig.resolve(uri, model_name=MODEL)) == 2  # cessl retrain runs then
     entries = history(client, MODEL)
     assert [e.action for e in entries] == ["testset_freeze", "testset_refresh"]
     assert entries[-1].reason == "new class added: LBBB" and entries[-1].who == "dr-test"
