@@ -124,15 +124,14 @@ def split(
 
     from components.split import SplitConfig, split_step
 
-    frozen_path = None
-    if frozen_testset:
-        from pipeline.testsets import materialize
-
-        frozen_path = materialize(
-            frozen_testset, tracking_uri, Path(tempfile.mkdtemp(prefix="cessl-testset-")) / "t.json"
-        )
     config = SplitConfig(labelled_ratio=labelled_ratio, seed=seed)
-    result = split_step(Path(store.path), Path(splits.path), config, frozen_path)
+    with tempfile.TemporaryDirectory(prefix="cessl-testset-") as tmp:
+        frozen_path = None
+        if frozen_testset:  # fetched from MLflow here: components/split.py reads a plain file
+            from pipeline.testsets import materialize
+
+            frozen_path = materialize(frozen_testset, tracking_uri, Path(tmp) / "testset.json")
+        result = split_step(Path(store.path), Path(splits.path), config, frozen_path)
     splits.metadata.update(
         {"sizes": result.sizes, "test_split_hash": result.test_split_hash, "fingerprint": result.fingerprint}
     )
