@@ -141,6 +141,7 @@ def collect_registration(
         f"{folder}/{name}": _artifact(Path(evaluation_dir) / name) for folder, names in files.items() for name in names
     }
     artifacts["training/curves.jsonl"] = _artifact(Path(curves_path))
+    artifacts["data/splits.json"] = _artifact(Path(splits_path))  # what it trained on (a test-set redraw avoids it)
     if report_path is not None and Path(report_path).is_file():
         artifacts["evaluation/report.html"] = Path(report_path)
     if quarantine_path is not None and Path(quarantine_path).is_file():

@@ -3,12 +3,17 @@
 10% test; of the rest a labelled fraction (``labelled_ratio``) keeps its labels and is
 split 80/20 into train / valid; the remainder is the unlabelled part. Same store and seed,
 same split. Written as ids (``ml.data.splits.Splits``) so it can be audited.
+
+Given a model's frozen test set (a ``ml.data.testset.FrozenTestSet`` file; the pipeline
+fetches it from the registry), the test part is that set instead: its records still in the
+store with the same content hash, never a new record; frozen records are never put in
+train / valid / unlabelled; changed and missing ones are reported (``Splits.testset``).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from components.common import StepError, sha256_json
@@ -37,20 +42,32 @@ class SplitResult:
     sizes: dict[str, int]
     test_split_hash: str
     fingerprint: str
+    testset: dict = field(default_factory=dict)  # the frozen test set's report (empty: none used)
 
 
-def split_step(store_dir: Path, out_path: Path, config: SplitConfig) -> SplitResult:
-    """Split the store in ``store_dir``; write the id lists to ``out_path`` (JSON)."""
+def split_step(store_dir: Path, out_path: Path, config: SplitConfig, frozen_path: Path | None = None) -> SplitResult:
+    """Split the store in ``store_dir``; write the id lists to ``out_path`` (JSON).
+
+    ``frozen_path``: a frozen test set (``ml.data.testset.FrozenTestSet`` JSON) whose records
+    are the test part (or, for a pending refresh, the records a new test set must avoid)."""
     from ml.data.splits import split_store
+    from ml.data.testset import FrozenTestSet, split_store_frozen
 
     store = open_store(store_dir)
-    splits = split_store(
-        store,
+    kwargs = dict(
         test_size=config.test_ratio,
         labelled_ratio=config.labelled_ratio,
         valid_size=config.valid_ratio,
         seed=config.seed,
     )
+    if frozen_path is None:
+        splits = split_store(store, **kwargs)
+    else:
+        try:
+            frozen = FrozenTestSet.load(frozen_path)
+            splits = split_store_frozen(store, frozen, **kwargs)
+        except ValueError as err:
+            raise StepError(str(err)) from err
     ids = Splits(
         test=[str(i) for i in splits.test],
         train=[str(i) for i in splits.train],
@@ -58,7 +75,16 @@ def split_step(store_dir: Path, out_path: Path, config: SplitConfig) -> SplitRes
         unlabelled=[str(i) for i in splits.unlabelled],
         classes=store_classes(store),
         params=asdict(config),
+        test_hashes=dict(splits.test_hashes),
+        testset=dict(splits.testset),
     )
+    _report_testset(ids.testset)
+    if not ids.test and ids.testset:
+        raise StepError(
+            f"{store_dir}: none of the {ids.testset.get('n_frozen', 0)} records of {ids.testset['model']}'s frozen "
+            f"test set v{ids.testset['version']} is in the store unchanged; refresh it "
+            f"(cessl testset refresh {ids.testset['model']} --reason ...)"
+        )
     if not ids.train or not ids.valid or not ids.test:
         raise StepError(
             f"{store_dir}: split {ids.sizes()} leaves an empty labelled train, valid or test part "
@@ -66,4 +92,41 @@ def split_step(store_dir: Path, out_path: Path, config: SplitConfig) -> SplitRes
         )
     ids.save(out_path)
     log.info("split %s: %s (test split %s)", store_dir, ids.sizes(), ids.test_split_hash[:12])
-    return SplitResult(sizes=ids.sizes(), test_split_hash=ids.test_split_hash, fingerprint=sha256_json(ids.to_dict()))
+    return SplitResult(
+        sizes=ids.sizes(),
+        test_split_hash=ids.test_split_hash,
+        fingerprint=sha256_json(ids.to_dict()),
+        testset=ids.testset,
+    )
+
+
+def _report_testset(report: dict) -> None:
+    """Log what the frozen test set looked like against this store."""
+    if not report:
+        return
+    name = f"{report['model']} test set v{report['version']}"
+    if report["status"] == "redraw":
+        log.info("%s: drawn anew from %d eligible records (refresh)", name, report["n_eligible"])
+        if report.get("short_by"):
+            log.warning("%s: %d test records short of the usual size", name, report["short_by"])
+    if report.get("changed"):
+        log.warning(
+            "%s: %d frozen records changed content (in no part of the split): %s",
+            name,
+            len(report["changed"]),
+            ", ".join(report["changed"][:20]),
+        )
+    if report.get("missing"):
+        log.warning(
+            "%s: %d frozen records are no longer in the data: %s",
+            name,
+            len(report["missing"]),
+            ", ".join(report["missing"][:20]),
+        )
+    if report.get("classes_changed"):
+        log.warning(
+            "%s: the data's classes differ from the frozen ones %s: the champion cannot be compared; "
+            "refresh the test set (cessl testset refresh)",
+            name,
+            report["frozen_classes"],
+        )

@@ -38,7 +38,7 @@ TAG_WHO = "cessl.audit.who"
 TAG_SEQ = "cessl.audit.seq"
 TAG_ENTRY = "cessl.audit.entry"  # the entry as JSON when it fits in a tag (else: decision.json)
 MAX_TAG = 5000
-ACTIONS = ("promote", "refuse", "force", "rollback", "challenger")
+ACTIONS = ("promote", "refuse", "force", "rollback", "challenger", "testset_freeze", "testset_refresh")
 
 
 def current_user() -> str:

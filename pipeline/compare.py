@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 COMPARE_PIPELINE_NAME = "cessl-compare"
 # PipelineParams fields the comparison does not take: the cells choose these, and nothing is registered.
-EXCLUDED_PARAMS: tuple[str, ...] = (*GRID_FIELDS, "model_name")
+EXCLUDED_PARAMS: tuple[str, ...] = (*GRID_FIELDS, "model_name", "frozen_testset")  # cells: fresh, shared splits
 START, LOG_CELL, SUMMARIZE = "start-comparison", "log-cell", "summarize-comparison"
 
 

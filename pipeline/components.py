@@ -104,22 +104,54 @@ def preprocess(manifest: Input[Dataset], min_class_count: int, state_dir: str, s
     return result.n_records
 
 
+def resolve_testset(model_name: str, method: str, tracking_uri: str, frozen_testset: str) -> str:
+    """Which frozen test set the split uses: the registered model's current version (a
+    reference the split fetches), or "" when it has none yet or ``frozen_testset`` is "none".
+    Not cached: a ``cessl testset refresh`` changes it, and so re-runs the split."""
+    from pipeline.registry import registered_model_name
+    from pipeline.testsets import resolve_reference
+    from pipeline.tracking import TrackingConfig
+
+    name = registered_model_name(model_name, method)
+    return resolve_reference(TrackingConfig.resolve(tracking_uri, model_name=name), frozen_testset)
+
+
 def split(
     store: Input[Dataset],
     labelled_ratio: float,
     seed: int,
+    frozen_testset: str,
+    tracking_uri: str,
     splits: Output[Dataset],
 ) -> NamedTuple("SplitOutputs", [("test_split_hash", str), ("sizes", str)]):
-    """Iterative stratified test / labelled train / labelled valid / unlabelled split (ids)."""
+    """Iterative stratified test / labelled train / labelled valid / unlabelled split (ids);
+    with a frozen test set (``frozen_testset``: resolve_testset's reference) its records are
+    the test part and new records only go to train / valid / unlabelled."""
     import json
+    import tempfile
     from pathlib import Path
 
     from components.split import SplitConfig, split_step
 
-    result = split_step(Path(store.path), Path(splits.path), SplitConfig(labelled_ratio=labelled_ratio, seed=seed))
+    config = SplitConfig(labelled_ratio=labelled_ratio, seed=seed)
+    with tempfile.TemporaryDirectory(prefix="cessl-testset-") as tmp:
+        frozen_path = None
+        if frozen_testset:  # fetched from MLflow here: components/split.py reads a plain file
+            from pipeline.testsets import materialize
+
+            frozen_path = materialize(frozen_testset, tracking_uri, Path(tmp) / "testset.json")
+        result = split_step(Path(store.path), Path(splits.path), config, frozen_path)
     splits.metadata.update(
         {"sizes": result.sizes, "test_split_hash": result.test_split_hash, "fingerprint": result.fingerprint}
     )
+    if result.testset:
+        report = result.testset
+        splits.metadata["testset"] = {
+            "version": report["version"],
+            "status": report["status"],
+            "n_changed": len(report.get("changed", [])),
+            "n_missing": len(report.get("missing", [])),
+        }
     outputs = NamedTuple("SplitOutputs", [("test_split_hash", str), ("sizes", str)])
     return outputs(result.test_split_hash, json.dumps(result.sizes, sort_keys=True))
 
@@ -331,8 +363,10 @@ def register(
     from pathlib import Path
 
     from components.register import collect_registration
+    from ml.data.splits import Splits
     from pipeline.params import PipelineParams
     from pipeline.registry import registered_model_name
+    from pipeline.testsets import after_registration
     from pipeline.tracking import TrackingConfig, log_and_register
 
     run = PipelineParams.from_mapping(params)
@@ -351,7 +385,10 @@ def register(
         git_commit=run.git_commit,
     )
     name = registered_model_name(run.model_name, run.method)
-    result = log_and_register(bundle, TrackingConfig.resolve(run.tracking_uri, run.experiment_name, name))
+    tracking = TrackingConfig.resolve(run.tracking_uri, run.experiment_name, name)
+    result = log_and_register(bundle, tracking)
+    # The first registration of a model freezes its test set (or a pending refresh's redraw).
+    after_registration(tracking.client(), name, result.version, result.run_id, Splits.load(splits.path))
     Path(registration.path).write_text(result.markdown(), encoding="utf-8")
     registration.metadata.update(
         {"run_id": result.run_id, "model_version": result.version, "model_name": result.model_name}
@@ -454,6 +491,7 @@ STEP_FUNCTIONS = (
     validate,
     ingest,
     preprocess,
+    resolve_testset,
     split,
     resolve_backbone,
     allocate_ranks,
@@ -472,6 +510,7 @@ class StepComponents:
     validate: object
     ingest: object
     preprocess: object
+    resolve_testset: object
     split: object
     resolve_backbone: object
     allocate_ranks: object

@@ -1,7 +1,7 @@
 """The CE-SSL pipeline as one Kubeflow DAG, its compile options and local execution.
 
     ingest -> preprocess -> split -> allocate_ranks -> finetune (GPU) -> evaluate -> register
-                                |        ^                                                 ^
+       resolve_testset -------^ |        ^                                                 ^
                                 |        resolve_backbone (default, folder, s3://, models:/) |
                                 +-------------------------> score_champion ----------------+
 
@@ -252,6 +252,7 @@ def configure_tasks(
 # Display names of the tasks (configure_tasks keys its settings on them).
 VALIDATE, INGEST, PREPROCESS, BACKBONE = "validate", "ingest", "preprocess", "backbone"
 SPLIT, ALLOCATE_RANKS, FINETUNE, EVALUATE = "split", "allocate-ranks", "finetune", "evaluate"
+RESOLVE_TESTSET = "resolve-testset"
 
 
 class SharedInputs(NamedTuple):
@@ -309,12 +310,26 @@ class FinetuneChain(NamedTuple):
 
 
 def add_finetune_chain(
-    steps: StepComponents, run: SimpleNamespace, inputs: SharedInputs, *, method: Any, labelled_ratio: Any, seed: Any
+    steps: StepComponents,
+    run: SimpleNamespace,
+    inputs: SharedInputs,
+    *,
+    method: Any,
+    labelled_ratio: Any,
+    seed: Any,
+    frozen_testset: Any = "",
 ) -> FinetuneChain:
     """split -> allocate_ranks -> finetune -> evaluate of ``method`` at ``labelled_ratio`` with
     ``seed`` (pipeline channels: the run's parameters, or a loop item's fields), the other
-    choices from the run's parameters."""
-    split = steps.split(store=inputs.store, labelled_ratio=labelled_ratio, seed=seed)
+    choices from the run's parameters. ``frozen_testset``: the ``resolve_testset`` step's
+    reference (the split's test part is that frozen set), "" for a freshly drawn test set."""
+    split = steps.split(
+        store=inputs.store,
+        labelled_ratio=labelled_ratio,
+        seed=seed,
+        frozen_testset=frozen_testset,
+        tracking_uri=run.tracking_uri,
+    )
     data = {"store": inputs.store, "splits": split.outputs["splits"]}
     ranks = steps.allocate_ranks(
         **data,
@@ -355,8 +370,20 @@ def build_pipeline(options: CompileOptions | None = None, steps: StepComponents 
 
     def cessl_pipeline(run: SimpleNamespace) -> PipelineOutputs:
         inputs = add_shared_inputs(steps, run)
+        testset = steps.resolve_testset(
+            model_name=run.model_name,
+            method=run.method,
+            tracking_uri=run.tracking_uri,
+            frozen_testset=run.frozen_testset,
+        )
         chain = add_finetune_chain(
-            steps, run, inputs, method=run.method, labelled_ratio=run.labelled_ratio, seed=run.seed
+            steps,
+            run,
+            inputs,
+            method=run.method,
+            labelled_ratio=run.labelled_ratio,
+            seed=run.seed,
+            frozen_testset=testset.output,
         )
         data = chain.data(inputs)
         champion = steps.score_champion(
@@ -381,9 +408,16 @@ def build_pipeline(options: CompileOptions | None = None, steps: StepComponents 
         )
         configure_tasks(
             options,
-            {**inputs.tasks(), **chain.tasks(), "score-champion": champion, "register": register},
-            uncached=("score-champion", "register"),  # the champion changes outside; register writes MLflow
-            credentials=(INGEST, BACKBONE, "score-champion", "register"),
+            {
+                **inputs.tasks(),
+                RESOLVE_TESTSET: testset,
+                **chain.tasks(),
+                "score-champion": champion,
+                "register": register,
+            },
+            # the champion and the frozen test set change outside; register writes MLflow
+            uncached=(RESOLVE_TESTSET, "score-champion", "register"),
+            credentials=(INGEST, BACKBONE, RESOLVE_TESTSET, SPLIT, "score-champion", "register"),
         )
         return PipelineOutputs(run_id=register.outputs["run_id"], model_version=register.outputs["model_version"])
 

@@ -122,6 +122,12 @@ class PipelineParams:
     batch_size: int = param(0, "labelled batch size (0: the paper's rule, 64 or 16 below 2%% labels)", minimum=0)
     lr: float = param(_TRAIN.lr, "learning rate", exclusive_minimum=0)
     val_every: int = param(_TRAIN.val_every, "validate (and checkpoint) every N steps", minimum=1)
+    frozen_testset: str = param(
+        "",
+        "test set: '' the registered model's frozen one (frozen at its first registration; "
+        "cessl testset refresh changes it), 'none' a freshly drawn one",
+        choices=("", "none"),
+    )
     model_name: str = param(
         "",
         "MLflow registered model name (default: cessl-ecg; <that>-experiments for a non-production method)",

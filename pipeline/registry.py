@@ -14,6 +14,8 @@
      scored class's F-beta2 drops by more than ``max_class_drop``. A version without that
      evidence against the current champion (older runs, a champion that could not be
      scored) is refused as not comparable - never decided on point estimates;
+  Both only on the model's frozen test set (:mod:`pipeline.testsets`): a challenger scored
+  on another version of it (or before a pending refresh is drawn) is not comparable;
   3. without a champion: no other production version of the model scored higher on the
      same test split (the challenger's point estimate; there is no pair to bootstrap), else
      it is refused, naming the better version.
@@ -40,6 +42,7 @@ from typing import Any
 from ml.errors import CesslError
 from pipeline.audit import AuditEntry, current_user, record
 from pipeline.lineage import TAG_DATA_VERSION
+from pipeline.testsets import gate_problem
 from pipeline.tracking import (
     CHALLENGER,
     CHAMPION,
@@ -236,6 +239,14 @@ def _base(gate: GateConfig, challenger, challenger_value: float | None) -> dict[
 def compare(client, name: str, gate: GateConfig, challenger, champion) -> Comparison:
     """The evidence for promoting ``challenger`` over ``champion`` (or why there is none)."""
     challenger_value = _run_metric(client, challenger.run_id, TEST_PREFIX + gate.metric)
+    problem = gate_problem(client, name, challenger)  # not scored on the model's frozen test set
+    if problem:
+        return Comparison(
+            champion_version=None if champion is None else str(champion.version),
+            champion_value=None,
+            basis=f"not comparable: {problem}",
+            **_base(gate, challenger, challenger_value),
+        )
     if champion is None:
         return _first_champion(client, name, gate, challenger, challenger_value)
     base = _base(gate, challenger, challenger_value) | {"champion_version": str(champion.version)}
@@ -306,6 +317,8 @@ def verdict(comparison: Comparison, gate: GateConfig, method_ok: bool, method: s
         return False, f"challenger v{version} has no {TEST_PREFIX}{gate.metric} metric"
     if comparison.champion_version is None:
         if not comparison.comparable:
+            if comparison.basis.startswith("not comparable"):
+                return False, comparison.basis
             return False, f"not comparable: v{version} has no test split hash"
         if comparison.better_versions:
             best = next(iter(comparison.better_versions))

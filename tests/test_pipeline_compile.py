@@ -17,6 +17,7 @@ STEPS = (
     "validate",
     "ingest",
     "preprocess",
+    "resolve-testset",
     "split",
     "resolve-backbone",
     "allocate-ranks",
@@ -25,7 +26,7 @@ STEPS = (
     "score-champion",
     "register",
 )
-UNCACHED = ("score-champion", "register")  # read or write the registry
+UNCACHED = ("resolve-testset", "score-champion", "register")  # read or write the registry
 
 
 def load(path: Path) -> list[dict]:
@@ -79,7 +80,14 @@ def test_finetune_requests_a_gpu_with_scheduling_constraints(compiled):
 
 def test_credentials_come_from_a_secret(compiled):
     _, platform = compiled
-    for executor in ("exec-ingest", "exec-resolve-backbone", "exec-score-champion", "exec-register"):
+    for executor in (
+        "exec-ingest",
+        "exec-resolve-backbone",
+        "exec-resolve-testset",
+        "exec-split",
+        "exec-score-champion",
+        "exec-register",
+    ):
         secret = platform[executor]["secretAsEnv"][0]
         assert secret["secretName"] == "cessl-s3"
         assert {k["envVar"] for k in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}

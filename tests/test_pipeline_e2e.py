@@ -126,7 +126,8 @@ def test_run_second_version_gate_predict_rollback(tmp_path, mlflow_server, s3_se
     from pipeline.audit import history
 
     actions = [e.action for e in history(client, NAME)]
-    assert actions[:2] == ["challenger", "promote"] and actions[-1] == "rollback"
+    # v1's registration froze the model's test set (pipeline.testsets), recorded as well
+    assert actions[:3] == ["challenger", "testset_freeze", "promote"] and actions[-1] == "rollback"
     assert actions.count("challenger") == 2
     # The champion is on the old data again: retrain runs, every step comes from the cache
     # and the identical registration is reused, not duplicated.

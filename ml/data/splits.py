@@ -40,6 +40,8 @@ class Splits:
     unlabelled: list[str]
     classes: list[str] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
+    test_hashes: dict[str, str] = field(default_factory=dict)  # test id -> content hash (empty: unknown)
+    testset: dict[str, Any] = field(default_factory=dict)  # the frozen test set used (ml.data.testset), if any
 
     @property
     def test_split_hash(self) -> str:
@@ -74,6 +76,8 @@ class Splits:
             **{part: [str(i) for i in data[part]] for part in PARTS},
             classes=list(data.get("classes", [])),
             params=dict(data.get("params", {})),
+            test_hashes={str(k): str(v) for k, v in data.get("test_hashes", {}).items()},
+            testset=dict(data.get("testset", {})),
         )
 
 
@@ -161,9 +165,13 @@ def make_splits(
 def split_store(store, *, classes: Sequence[str] | None = None, **kwargs: Any) -> Splits:
     """:func:`make_splits` over every record of an :class:`~ml.data.store.ECGStore`."""
     classes = list(store.classes if classes is None else classes)
-    return make_splits(
+    splits = make_splits(
         store.ids, store.label_matrix(classes), labelled=store.labelled_mask(), classes=classes, **kwargs
     )
+    if "content_hash" in store.table.columns:
+        hash_of = dict(zip(store.ids, store.table["content_hash"].astype(str), strict=True))
+        splits.test_hashes = {i: hash_of[i] for i in splits.test}
+    return splits
 
 
 def label_proportions(y: np.ndarray) -> np.ndarray:

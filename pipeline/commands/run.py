@@ -334,7 +334,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(summary.to_json(), indent=2, sort_keys=True), encoding="utf-8")
     print_summary(summary)
+    export_testset(tracking)
     return 0
+
+
+def testset_pending(tracking: TrackingConfig) -> int:
+    """The version of a refreshed test set no run has drawn yet (0 when none is pending)."""
+    from pipeline.testsets import REDRAW, current
+
+    pointer = current(tracking.client(), tracking.model_name)
+    return pointer.version if pointer is not None and pointer.status == REDRAW else 0
+
+
+def export_testset(tracking: TrackingConfig) -> None:
+    """The model's frozen test set as ``testsets/<model>.json`` here, DVC-tracked (best effort)."""
+    from pipeline.testsets import export
+
+    try:
+        path = export(tracking.client(), tracking.model_name, Path.cwd())
+    except Exception as err:  # the registry holds the set; this file is a copy
+        log.warning("frozen test set of %s not written to testsets/: %s", tracking.model_name, err)
+        return
+    if path is not None:
+        log.info("frozen test set of %s: %s", tracking.model_name, path)
 
 
 # --------------------------------------------------------------------------- cluster
@@ -450,14 +472,18 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     if not current:
         raise ValueError(f"cannot tell the data version of {params.source} (no {args.dvc_file}); pass --data-version")
     trained_on = champion_data_version(tracking.client(), tracking.model_name)
-    if trained_on == current:
+    pending = testset_pending(tracking)
+    if pending:
+        log.info("%s: test set v%d was refreshed and waits for a run: retraining", tracking.model_name, pending)
+    elif trained_on == current:
         log.info(
             "the champion of %s was trained on data version %s already: nothing to retrain",
             tracking.model_name,
             current,
         )
         return 0
-    log.info("data version %s differs from the champion's (%s): retraining", current, trained_on or "no champion")
+    else:
+        log.info("data version %s differs from the champion's (%s): retraining", current, trained_on or "no champion")
     if args.host:
         return cmd_submit(args)
     return cmd_run(args)
