@@ -37,6 +37,7 @@ from pipeline.commands.run import (
     add_compile_flags,
     compile_options,
     local_params,
+    project_lock,
 )
 from pipeline.compare import (
     EXCLUDED_PARAMS,
@@ -102,7 +103,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     log.info("%s, schedule %s", grid.describe(), params.schedule())
     if args.compile:
         return compile_comparison(args, settings)
-    return run_comparison(args, params, settings)
+    with project_lock(args):
+        return run_comparison(args, params, settings)
 
 
 def compile_comparison(args: argparse.Namespace, settings: CompareSettings) -> int:
