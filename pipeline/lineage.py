@@ -171,9 +171,12 @@ def log_data_input(source: str, data_version: str, context: str = DATASET_CONTEX
     """Record the run's data in the active MLflow run as a dataset input (``mlflow.log_input``):
     source = the folder or ``s3://`` URI, digest = the data version (MLflow keeps 36
     characters: a DVC md5 fits whole)."""
+    import time
+
     import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.exceptions import MlflowException
 
     if not source:
         return
@@ -183,4 +186,14 @@ def log_data_input(source: str, data_version: str, context: str = DATASET_CONTEX
         warnings.simplefilter("ignore")  # "can be interpreted in multiple ways" for local paths
         dataset_source = resolve_dataset_source(source)
     digest = (data_version or "unknown")[:_DIGEST_MAX]
-    mlflow.log_input(MetaDataset(dataset_source, name=dataset_name(source), digest=digest), context=context)
+    dataset = MetaDataset(dataset_source, name=dataset_name(source), digest=digest)
+    for attempt in range(3):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except MlflowException:
+            # Two runs logging the same new dataset at once: the store's insert races
+            # (UNIQUE constraint on experiment, name, digest); the retry finds it there.
+            if attempt == 2:
+                raise
+            time.sleep(0.5 * (attempt + 1))

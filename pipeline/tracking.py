@@ -88,12 +88,21 @@ class TrackingConfig:
 
 
 def ensure_experiment(config: TrackingConfig) -> str:
-    """The experiment's id, created (with the local artifact root) when missing."""
+    """The experiment's id, created (with the local artifact root) when missing (also when a
+    concurrent process creates it at the same moment)."""
     client = config.client()
+    from mlflow.exceptions import MlflowException
+
     experiment = client.get_experiment_by_name(config.experiment_name)
     if experiment is not None:
         return experiment.experiment_id
-    return client.create_experiment(config.experiment_name, artifact_location=config.artifact_root)
+    try:
+        return client.create_experiment(config.experiment_name, artifact_location=config.artifact_root)
+    except MlflowException:  # created meanwhile by a concurrent run
+        experiment = client.get_experiment_by_name(config.experiment_name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 # --------------------------------------------------------------------------- logging a run

@@ -197,7 +197,7 @@ def test_two_processes_registering_one_fingerprint_leave_one_version(mlflow_serv
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(o[-4000:] for o in outputs)
     results = [json.loads(o.rsplit("RESULT ", 1)[1]) for o in outputs]
 
     client = MlflowClient(tracking_uri=mlflow_server.tracking_uri, registry_uri=mlflow_server.tracking_uri)
