@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from components.common import read_json, write_json
+from components.common import StepError, read_json, write_json
 from components.data_access import dataset, open_store
 from ml.data.splits import Splits
 from ml.eval.bootstrap import BootstrapConfig, PairedBootstrap, paired_bootstrap
@@ -143,6 +143,30 @@ def _score(predictor: Any, store_dir: Path, splits: Splits):
     return evaluate(predictor.model, test, thresholds=predictor.thresholds, classes=splits.classes)
 
 
+CONSTANT_TOLERANCE = 1e-6  # probabilities closer than this across records count as equal
+
+
+def check_outputs_vary(probs: np.ndarray, where: str) -> None:
+    """Refuse a model whose outputs carry no information: a StepError when, for every class,
+    every record gets the same probability (a collapsed or NaN-poisoned model scores a macro
+    AUROC of 0.5 and must not be registered), or when a probability is not finite."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or len(probs) == 0:
+        return
+    if not np.isfinite(probs).all():
+        n = int((~np.isfinite(probs)).sum())
+        raise StepError(f"{where}: the model outputs {n} NaN/Inf probabilities on the test split; refusing to go on")
+    if len(probs) < 2:
+        return  # one record: nothing to compare
+    spread = probs.max(axis=0) - probs.min(axis=0)
+    if float(spread.max()) <= CONSTANT_TOLERANCE:
+        raise StepError(
+            f"{where}: the model gives every one of the {len(probs)} test records the same probabilities "
+            f"(largest spread across records {float(spread.max()):.2g}): a constant-output model, not registered; "
+            "check the backbone and the fine-tuning curves"
+        )
+
+
 def evaluate_step(
     store_dir: Path, splits_path: Path, backbone_dir: Path, adapter_dir: Path, out_dir: Path, report_path: Path
 ) -> EvaluationResult:
@@ -153,6 +177,7 @@ def evaluate_step(
         report = _score(predictor, store_dir, splits)
     except ValueError as err:
         raise ValueError(f"{adapter_dir}: {err}") from err
+    check_outputs_vary(report.probs, str(adapter_dir))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = EvaluationResult(

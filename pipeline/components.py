@@ -44,6 +44,15 @@ def default_image() -> str:
 # --------------------------------------------------------------------------- bodies
 
 
+def validate(params: dict) -> str:
+    """The first step: every pipeline parameter against its constraints (the field metadata
+    of :class:`pipeline.params.PipelineParams`), all problems in one message, before any
+    work; a cluster run gets the answers ``cessl run`` gives. Returns the schedule in words."""
+    from pipeline.params import PipelineParams
+
+    return PipelineParams.from_mapping(params).schedule()
+
+
 def ingest(
     source: str,
     data_version: str,
@@ -460,6 +469,7 @@ def summarize_comparison(
 # --------------------------------------------------------------------------- factory
 
 STEP_FUNCTIONS = (
+    validate,
     ingest,
     preprocess,
     split,
@@ -477,6 +487,7 @@ class StepComponents:
     """The pipeline's components, all built on one image."""
 
     image: str
+    validate: object
     ingest: object
     preprocess: object
     split: object

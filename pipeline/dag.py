@@ -39,8 +39,9 @@ from typing import Any, NamedTuple, TextIO
 
 from kfp import compiler, dsl, kubernetes
 
-from ml.errors import CesslError
+from ml.errors import StepFailedError
 from pipeline.components import StepComponents, build_components, default_image
+from pipeline.failures import failed_run_message
 from pipeline.params import DEFAULTS, PipelineParams, field_types
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ class PipelineOutputs(NamedTuple):
     model_version: str
 
 
-class PipelineRunError(CesslError):
+class PipelineRunError(StepFailedError):
     """A local pipeline run failed (a task failed, or it ended without outputs)."""
 
 
@@ -249,7 +250,7 @@ def configure_tasks(
 
 
 # Display names of the tasks (configure_tasks keys its settings on them).
-INGEST, PREPROCESS, BACKBONE = "ingest", "preprocess", "backbone"
+VALIDATE, INGEST, PREPROCESS, BACKBONE = "validate", "ingest", "preprocess", "backbone"
 SPLIT, ALLOCATE_RANKS, FINETUNE, EVALUATE = "split", "allocate-ranks", "finetune", "evaluate"
 
 
@@ -259,6 +260,7 @@ class SharedInputs(NamedTuple):
     ingest: dsl.PipelineTask
     preprocess: dsl.PipelineTask
     backbone: dsl.PipelineTask
+    validate: dsl.PipelineTask
 
     @property
     def store(self) -> Any:
@@ -269,12 +271,14 @@ class SharedInputs(NamedTuple):
         return self.backbone.outputs["backbone_model"]
 
     def tasks(self) -> dict[str, dsl.PipelineTask]:
-        return {INGEST: self.ingest, PREPROCESS: self.preprocess, BACKBONE: self.backbone}
+        return {VALIDATE: self.validate, INGEST: self.ingest, PREPROCESS: self.preprocess, BACKBONE: self.backbone}
 
 
 def add_shared_inputs(steps: StepComponents, run: SimpleNamespace) -> SharedInputs:
-    """ingest -> preprocess, and resolve_backbone, from the run's parameters."""
+    """validate, then ingest -> preprocess and resolve_backbone, from the run's parameters."""
+    validate = steps.validate(params=dict(vars(run)))  # every parameter checked before any work
     ingest = steps.ingest(source=run.source, data_version=run.data_version, state_dir=run.state_dir)
+    ingest.after(validate)
     preprocess = steps.preprocess(
         manifest=ingest.outputs["manifest"], min_class_count=run.min_class_count, state_dir=run.state_dir
     )
@@ -284,7 +288,8 @@ def add_shared_inputs(steps: StepComponents, run: SimpleNamespace) -> SharedInpu
         cache_dir=run.cache_dir,
         tracking_uri=run.tracking_uri,
     )
-    return SharedInputs(ingest, preprocess, backbone)
+    backbone.after(validate)
+    return SharedInputs(ingest, preprocess, backbone, validate)
 
 
 class FinetuneChain(NamedTuple):
@@ -519,7 +524,7 @@ class _ProgressTee(io.TextIOBase):
 
 @contextlib.contextmanager
 def _task_output(path: Path | None) -> Iterator[None]:
-    """Send what the tasks print to ``path`` (progress lines still show); on failure show its tail."""
+    """Send what the tasks print to ``path`` (progress lines still show); its tail on failure with ``-v``."""
     if path is None:
         yield
         return
@@ -533,7 +538,7 @@ def _task_output(path: Path | None) -> Iterator[None]:
             sink.flush()
             lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
             tail = [line for line in lines if not _JSON_DUMP.match(line)][-TAIL_LINES:]
-            log.error("a task failed; last %d lines of %s:\n%s", len(tail), path, "\n".join(tail))
+            log.debug("a task failed; last %d lines of %s:\n%s", len(tail), path, "\n".join(tail))  # -v only
             raise
 
 
@@ -575,7 +580,7 @@ def execute_local(
             warnings.filterwarnings("ignore", message=pattern)
         outputs = pipeline(**arguments).outputs
     if not outputs:
-        raise PipelineRunError(f"pipeline {name} failed (no outputs); see the task log above")
+        raise PipelineRunError(failed_run_message(name, config.task_log))
     return dict(outputs)
 
 
@@ -585,5 +590,5 @@ def run_local(params: PipelineParams, config: LocalRunConfig | None = None) -> P
     pipeline = build_pipeline(CompileOptions.local(config.image))
     outputs = execute_local(pipeline, params.arguments(), params, config, PIPELINE_NAME)
     if "run_id" not in outputs:
-        raise PipelineRunError(f"pipeline {PIPELINE_NAME} failed (no outputs); see the task log above")
+        raise PipelineRunError(failed_run_message(PIPELINE_NAME, config.task_log))
     return PipelineOutputs(run_id=str(outputs["run_id"]), model_version=str(outputs["model_version"]))

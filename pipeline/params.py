@@ -22,11 +22,13 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ml.errors import ParameterError
 from ml.model.backbone import BACKBONE_CONFIGS
 from ml.model.lora import LoRAConfig
 from ml.model.rank_allocation import RankAllocationConfig
 from ml.train.config import EPOCHS, TrainConfig, batch_size_for_label_ratio
 from ml.train.methods import DEFAULT_METHOD, METHOD_NAMES
+from pipeline.constraints import typed
 
 _LORA = LoRAConfig()
 _ALLOCATION = RankAllocationConfig()
@@ -40,14 +42,41 @@ NOT_LOGGED = (*LOCAL_ONLY, "data_version", "git_commit", "model_name", "experime
 
 
 def param(
-    default: Any, help: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None, cli: bool = True
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    cli: bool = True,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive_minimum: float | None = None,
+    exclusive_maximum: float | None = None,
+    check: str | None = None,
 ) -> Any:
-    """A :class:`PipelineParams` field: its default and how the command line offers it.
+    """A :class:`PipelineParams` field: its default, its constraints and how the command line offers it.
 
-    ``flag``: the option string (default ``--<name-with-dashes>``); ``cli=False``: no
-    generated flag (set by the commands from other options, e.g. the data version).
+    ``flag``: the option string (default ``--<name-with-dashes>``; also the name the
+    validation messages use); ``cli=False``: no generated flag (set by the commands from
+    other options, e.g. the data version). ``minimum`` / ``maximum`` (inclusive),
+    ``exclusive_minimum`` / ``exclusive_maximum``, ``choices`` and ``check`` (a named check
+    of :data:`pipeline.constraints.STRING_CHECKS`, e.g. ``"source"``) are the field's
+    constraints: :meth:`PipelineParams.validate` and the KFP ``validate`` step read them.
     """
-    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "cli": cli})
+    return dataclasses.field(
+        default=default,
+        metadata={
+            "help": help,
+            "flag": flag,
+            "choices": choices,
+            "cli": cli,
+            "minimum": minimum,
+            "maximum": maximum,
+            "exclusive_minimum": exclusive_minimum,
+            "exclusive_maximum": exclusive_maximum,
+            "check": check,
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -62,41 +91,70 @@ class PipelineParams:
     steps (the local demo's defaults, ``pipeline.commands.run.DEMO_PARAMS``, do that).
     """
 
-    source: str = param("data", "folder or s3://bucket/prefix of WFDB records")
-    data_version: str = param("", "DVC md5 of the data (part of the cache key of ingest)", cli=False)
+    source: str = param("data", "folder or s3://bucket/prefix of WFDB records", check="source")
+    data_version: str = param(
+        "", "DVC md5 of the data (part of the cache key of ingest)", cli=False, flag="--data-version"
+    )
     git_commit: str = param("", "git commit of the code", cli=False)
     backbone: str = param(
-        "default", "'default', a backbone folder/checkpoint, s3://..., or models:/cessl-backbone-<config>/<version>"
+        "default",
+        "'default', a backbone folder/checkpoint, s3://..., or models:/cessl-backbone-<config>/<version>",
+        check="non_empty",
     )
     backbone_config: str = param("tinylight", "backbone size", choices=tuple(BACKBONE_CONFIGS))
-    labelled_ratio: float = param(0.05, "fraction of the non-test records that keep their labels")
-    r: int = param(_LORA.r, "LoRA rank r (r_low = (r // 4) * 2 for the least important layers)", flag="-r")
-    compress: float = param(_ALLOCATION.compress, "compress ratio c of the one-shot rank allocation")
-    p: float = param(_LORA.p, "random deactivation probability", flag="-p")
+    labelled_ratio: float = param(
+        0.05, "fraction of the non-test records that keep their labels", exclusive_minimum=0, exclusive_maximum=1
+    )
+    r: int = param(_LORA.r, "LoRA rank r (r_low = (r // 4) * 2 for the least important layers)", flag="-r", minimum=1)
+    compress: float = param(
+        _ALLOCATION.compress, "compress ratio c of the one-shot rank allocation", minimum=0, maximum=1
+    )
+    p: float = param(_LORA.p, "random deactivation probability", flag="-p", minimum=0, exclusive_maximum=1)
     method: str = param(DEFAULT_METHOD, "training method", choices=METHOD_NAMES)
-    seed: int = param(_TRAIN.seed, "seed of the split, the initialisation and the training")
+    seed: int = param(_TRAIN.seed, "seed of the split, the initialisation and the training", minimum=0)
     epochs: int = param(
         EPOCHS,
         "schedule: train N epochs, steps = complete labelled batches per epoch x N (the paper: 200); "
         "0: train --max-steps steps",
+        minimum=0,
     )
-    max_steps: int = param(_TRAIN.max_steps, "fine-tuning steps when --epochs is 0 (quick runs)")
-    batch_size: int = param(0, "labelled batch size (0: the paper's rule, 64 or 16 below 2%% labels)")
-    lr: float = param(_TRAIN.lr, "learning rate")
-    val_every: int = param(_TRAIN.val_every, "validate (and checkpoint) every N steps")
+    max_steps: int = param(_TRAIN.max_steps, "fine-tuning steps when --epochs is 0 (quick runs)", minimum=1)
+    batch_size: int = param(0, "labelled batch size (0: the paper's rule, 64 or 16 below 2%% labels)", minimum=0)
+    lr: float = param(_TRAIN.lr, "learning rate", exclusive_minimum=0)
+    val_every: int = param(_TRAIN.val_every, "validate (and checkpoint) every N steps", minimum=1)
     model_name: str = param(
-        "", "MLflow registered model name (default: cessl-ecg; <that>-experiments for a non-production method)"
+        "",
+        "MLflow registered model name (default: cessl-ecg; <that>-experiments for a non-production method)",
+        check="model_name",
     )
-    tracking_uri: str = param("", "MLflow tracking URI", cli=False)
-    experiment_name: str = param("cessl", "MLflow experiment", flag="--experiment")
-    checkpoint_root: str = param("", "finetune checkpoints: <root>/<hash of the step's inputs>", cli=False)
-    min_class_count: int = param(200, "classes: scored diagnoses with >= N labelled records")
-    state_dir: str = param("", "ingest's and preprocess's incremental state (records seen before)", cli=False)
-    cache_dir: str = param("", "backbone download cache", cli=False)
+    tracking_uri: str = param("", "MLflow tracking URI", cli=False, flag="--tracking-uri", check="tracking_uri")
+    experiment_name: str = param("cessl", "MLflow experiment", flag="--experiment", check="non_empty")
+    checkpoint_root: str = param(
+        "", "finetune checkpoints: <root>/<hash of the step's inputs>", cli=False, flag="--checkpoint-root"
+    )
+    min_class_count: int = param(200, "classes: scored diagnoses with >= N labelled records", minimum=1)
+    state_dir: str = param(
+        "", "ingest's and preprocess's incremental state (records seen before)", cli=False, flag="--state-dir"
+    )
+    cache_dir: str = param("", "backbone download cache", cli=False, flag="--backbone-cache")
 
     def __post_init__(self) -> None:
-        if self.epochs < 0:
-            raise ValueError(f"epochs must be >= 0 (0: max_steps mode), got {self.epochs}")
+        self.validate()
+
+    def problems(self) -> list[str]:
+        """Every field's problem with its constraints (types, ranges, choices, syntax), one
+        entry per field, naming its flag; empty when all are valid."""
+        from pipeline.constraints import field_problems
+
+        return [problem for f in dataclasses.fields(self) if (problem := field_problems(f, getattr(self, f.name)))]
+
+    def validate(self) -> PipelineParams:
+        """``self`` when every field is valid, else :class:`ml.errors.ParameterError` listing
+        ALL the problems in one line."""
+        problems = self.problems()
+        if problems:
+            raise ParameterError("invalid parameters: " + "; ".join(problems))
+        return self
 
     def arguments(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -111,8 +169,16 @@ class PipelineParams:
         types = field_types()
         unknown = set(values) - set(types)
         if unknown:
-            raise ValueError(f"unknown pipeline parameters {sorted(unknown)}")
-        return cls(**{name: _coerce(value, types[name]) for name, value in values.items()})
+            raise ParameterError(f"unknown pipeline parameters {sorted(unknown)}")
+        coerced, problems = {}, []
+        for name, value in values.items():
+            try:
+                coerced[name] = _coerce(value, types[name])
+            except (TypeError, ValueError) as err:
+                problems.append(f"{flag_of(name)} {value!r}: {err}")
+        if problems:
+            raise ParameterError("invalid parameters: " + "; ".join(problems))
+        return cls(**coerced)
 
     def logged(self) -> dict[str, Any]:
         """The experiment's choices, as MLflow run parameters (no paths, endpoints or lineage)."""
@@ -158,6 +224,7 @@ class PipelineParams:
         )
 
 
+_FIELDS = {f.name: f for f in dataclasses.fields(PipelineParams)}
 DEFAULTS = PipelineParams()
 
 
@@ -167,12 +234,29 @@ def field_types() -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(PipelineParams)}
 
 
+def flag_of(name: str) -> str:
+    """The option string that sets field ``name`` (``--labelled-ratio``, ``-r``)."""
+    from pipeline.constraints import flag_name
+
+    return flag_name(_FIELDS[name])
+
+
 def _coerce(value: Any, kind: type) -> Any:
-    if kind is int and isinstance(value, str):
-        number = float(value)
+    if isinstance(value, bool):
+        raise ValueError(f"expected {kind.__name__}, got a boolean")
+    if kind is int and isinstance(value, str | float):
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError("expected an integer") from None
         if not number.is_integer():
-            raise ValueError(f"expected an integer, got {value!r}")
+            raise ValueError("expected an integer")
         return int(number)
+    if kind is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError("expected a number") from None
     return kind(value)
 
 
@@ -198,7 +282,7 @@ def add_param_flags(
         group.add_argument(
             flag,
             dest=f.name,
-            type=types[f.name],
+            type=typed(types[f.name]),
             default=default,
             choices=f.metadata["choices"],
             help=f"{f.metadata['help']}{shown}",
@@ -211,3 +295,13 @@ def params_from_args(
     """``base`` with the values of the generated flags (but ``exclude``) that are set."""
     values = {f.name: getattr(args, f.name) for f in cli_fields(exclude)}
     return base.replace(**{name: value for name, value in values.items() if value is not None})
+
+
+def flag_type(name: str) -> Any:
+    """An argparse ``type=`` with field ``name``'s type and range, for commands that offer a
+    pipeline parameter outside :func:`add_param_flags` (e.g. ``cessl method-demo -r``)."""
+    from pipeline.constraints import number
+
+    meta, kind = _FIELDS[name].metadata, field_types()[name]
+    bounds = {k: meta.get(k) for k in ("minimum", "maximum", "exclusive_minimum", "exclusive_maximum")}
+    return number(kind, **bounds, name=name)

@@ -50,7 +50,10 @@ def test_synth_ingest_preprocess_split(tmp_path, capsys):
 
 
 def test_errors_are_reported_not_raised(tmp_path, capsys):
-    assert main(["data", "ingest", str(tmp_path / "nope"), str(tmp_path / "ing")]) == 2
+    with pytest.raises(SystemExit) as err:  # a missing source: the parser's one-line error
+        main(["data", "ingest", str(tmp_path / "nope"), str(tmp_path / "ing")])
+    assert err.value.code == 2 and "nope: folder not found" in capsys.readouterr().err
+    assert not (tmp_path / "ing").exists()
     assert main(["data", "synth", str(tmp_path / "x"), "--classes", "QAb"]) == 2
     assert main(["data", "version", "--repo", str(tmp_path)]) == 2
 

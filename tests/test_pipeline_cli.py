@@ -17,6 +17,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from test_pipeline_support import cessl, make_repo
 
+from pipeline import preflight
 from pipeline.commands import run as run_command
 from pipeline.tracking import CHAMPION
 
@@ -50,6 +51,7 @@ def kfp_client(monkeypatch, repo) -> RecordingClient:
     client = RecordingClient()
     hosts = []
     monkeypatch.setattr(run_command, "_client", lambda args: hosts.append(args.host) or client)
+    monkeypatch.setattr(preflight, "check_kfp_host", lambda host, timeout=5.0: host)  # no KFP server here
     monkeypatch.chdir(repo)
     client.hosts = hosts
     return client
@@ -143,7 +145,8 @@ def test_retrain_on_a_cluster_submits_the_cluster_defaults(kfp_client, tmp_path,
     from pipeline.params import DEFAULTS
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # no champion yet
-    assert cessl("retrain", "--host", HOST, "--model-name", "cluster-retrain", "--seed", "3") == 0
+    # --create-store: the store does not exist yet (without it, a mistyped store path is refused)
+    assert cessl("retrain", "--host", HOST, "--model-name", "cluster-retrain", "--seed", "3", "--create-store") == 0
     assert cessl("submit", "--host", HOST, "--model-name", "cluster-retrain", "--seed", "3") == 0
     (_, retrained), (_, submitted) = kfp_client.calls
     assert retrained["arguments"] == submitted["arguments"]

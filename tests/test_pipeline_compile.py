@@ -14,6 +14,7 @@ from pipeline.params import DEFAULTS, PipelineParams, field_types
 
 IMAGE = "registry.example.org/cessl:1.2.3"
 STEPS = (
+    "validate",
     "ingest",
     "preprocess",
     "split",

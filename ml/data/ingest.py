@@ -12,7 +12,9 @@ into a manifest that accumulates over sources and runs:
 
 Incremental: a record whose files have the same stamp (sizes + mtimes / ETags) as in the
 manifest is not opened at all; one whose stamp changed but whose content hash is known is
-not parsed again. Re-ingesting a source replaces its rows (records gone from it leave
+not parsed again. A record's files are its header, the files next to it with its stem, and
+every signal file its header names (another record's ``.mat``...): the stamp and the
+content hash cover all of them, so a change to any of them reads the record again. Re-ingesting a source replaces its rows (records gone from it leave
 the manifest; other sources stay). Counts always add up: ``seen = accepted + quarantined``.
 
 Duplicate record ids: the record ingested first (or, within one run, the first key in
@@ -22,6 +24,7 @@ quarantined as ``duplicate_id``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -37,18 +40,19 @@ import pandas as pd
 
 from ml.data.labels import LabelMapping
 from ml.data.parallel import process_pool, progress_bar
+from ml.data.paths import UnsafePathError, file_name_problem
 from ml.data.records import (
     ECGRecord,
     Reason,
     RecordError,
-    UnsafePathError,
     ValidationConfig,
     parse_metadata,
     read_header,
     read_record,
 )
-from ml.data.sources import RecordRef, Source, open_source, record_id_of
+from ml.data.sources import RecordRef, Source, extend_stamp, open_source, record_id_of
 from ml.data.store import join_codes
+from ml.errors import BadFileError
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +104,9 @@ class IngestReport:
     unknown_codes: dict[str, int] = field(default_factory=dict)
     manifest_records: int = 0
     manifest_accepted: int = 0
+    # files that are no record's: orphan signal files (no header names them) and entries
+    # that could not be listed (unreadable folder, broken link...), key -> reason
+    orphans: dict[str, str] = field(default_factory=dict)
 
     def check(self) -> None:
         if self.seen != self.accepted + self.quarantined or self.seen != self.read + self.reused:
@@ -136,6 +143,33 @@ def _read_files(source: Source, ref: RecordRef) -> dict[str, bytes]:
     return files
 
 
+def _referenced_files(source: Source, ref: RecordRef, files: dict[str, bytes]) -> RecordRef:
+    """Read the signal files the header names that are not among ``files`` yet (another
+    record's signal file...) into ``files``; returns ``ref`` with their stamps added, so the
+    content hash and the change stamp cover every file the record is read from. Names the
+    reader will refuse (unsafe) or report (missing) are stamped but not read."""
+    header_name = ref.key.rsplit("/", 1)[-1]
+    if header_name not in files:
+        return ref
+    try:
+        header, _ = read_header(files[header_name], ref.where)
+    except RecordError:
+        return ref  # the reader reports the header
+    folder = ref.key.rsplit("/", 1)[0] + "/" if "/" in ref.key else ""
+    names = sorted({s.file_name for s in header.signals} - set(files))
+    names = [n for n in names if file_name_problem(n) is None]
+    if not names:
+        return ref
+    parts = []
+    for name in names:
+        parts.append(source.file_stamp(folder + name))
+        try:
+            files[name] = source.read(folder + name)
+        except FileNotFoundError:
+            continue  # reported by the reader as a missing signal file
+    return dataclasses.replace(ref, stamp=extend_stamp(ref.stamp, parts))
+
+
 def _record_from_files(ref: RecordRef, files: dict[str, bytes], source: Source, config: ValidationConfig) -> ECGRecord:
     header_name = ref.key.rsplit("/", 1)[-1]
     if header_name not in files:
@@ -146,6 +180,10 @@ def _record_from_files(ref: RecordRef, files: dict[str, bytes], source: Source, 
         return files[name] if name in files else fallback(name)
 
     return read_record(files[header_name], read_file, ref.where, config, record_id=ref.record_id)
+
+
+class StaleRecordError(BadFileError, RuntimeError):
+    """A record whose files no longer hash to the manifest's content hash."""
 
 
 def load_record(
@@ -163,8 +201,12 @@ def load_record(
     ref = RecordRef(src.uri, key, record_id_of(key), stamp or "")
     keys = src.record_files(ref) if stamp else src.stem_files(key)
     files = {k.rsplit("/", 1)[-1]: src.read(k) for k in keys}
+    if not stamp:
+        _referenced_files(src, ref, files)
     if expected_hash is not None and content_hash(files) != expected_hash:
-        raise RuntimeError(f"{ref.where} changed since it was ingested; run the ingestion again")
+        raise StaleRecordError(
+            f"{ref.where} (or a signal file its header names) changed since it was ingested; run the ingestion again"
+        )
     return _record_from_files(ref, files, src, config)
 
 
@@ -211,6 +253,7 @@ def inspect_record(
         return _row(ref, status=QUARANTINED, reason=str(Reason.UNSAFE_PATH), detail=f"{ref.where}: {ref.problem}")
     try:
         files = _read_files(source, ref)
+        ref = _referenced_files(source, ref, files)
     except UnsafePathError as err:
         return _row(ref, status=QUARANTINED, reason=str(Reason.UNSAFE_PATH), detail=f"{ref.where}: {err}")
     except OSError as err:
@@ -353,7 +396,14 @@ def ingest(
     base = previous[~mine].reset_index(drop=True)
     prev_this = previous[mine].reset_index(drop=True)
     prev_stamp = dict(zip(prev_this["key"], prev_this["stamp"], strict=True))
-    unchanged = {r.key for r in refs if not r.problem and prev_stamp.get(r.key) == r.stamp}
+    # Compared with the stamp as it is now: the record's own files AND the other files its
+    # header named when it was read (restamped), so a changed signal file of another record
+    # that this header uses reads it again.
+    unchanged = {
+        r.key
+        for r in refs
+        if not r.problem and r.key in prev_stamp and prev_stamp[r.key] == src.current_stamp(r, prev_stamp[r.key])
+    }
     del prev_stamp
     # A duplicate lost its own validation outcome: reuse it only while its owner is still there.
     dup = (prev_this["reason"] == Reason.DUPLICATE_ID).to_numpy()
@@ -408,6 +458,7 @@ def ingest(
     write_manifest(manifest, manifest_path, normalised=True)
 
     report = _report(src.uri, run, n_parsed, len(refs) - n_parsed, manifest)
+    report.orphans = _orphans(src, run)
     report.check()
     _write_atomic(out_dir / REPORT_FILE, json.dumps(asdict(report), indent=2).encode())
     _write_atomic(out_dir / QUARANTINE_FILE, quarantine_report(report, run).encode("utf-8"))
@@ -421,6 +472,21 @@ def ingest(
         report.reused,
     )
     return report
+
+
+def _orphans(src: Source, run: pd.DataFrame) -> dict[str, str]:
+    """The source's unlisted entries, less the signal files a header of this run was read from."""
+    unlisted = dict(getattr(src, "unlisted", {}) or {})
+    if not unlisted:
+        return {}
+    claimed: set[str] = set()
+    for key, stamp in zip(run["key"], run["stamp"], strict=True):
+        folder = key.rsplit("/", 1)[0] + "/" if "/" in key else ""
+        claimed.update(folder + part.rsplit(":", 2)[0] for part in str(stamp).split("|") if part)
+    orphans = {k: v for k, v in sorted(unlisted.items()) if k not in claimed}
+    if orphans:
+        log.warning("%s: %d file(s) belong to no record or could not be listed (see the report)", src.uri, len(orphans))
+    return orphans
 
 
 def _mark_duplicates(owners: pd.DataFrame, new: pd.DataFrame, uri: str) -> pd.DataFrame:
@@ -492,6 +558,7 @@ def quarantine_report(report: IngestReport, run: pd.DataFrame) -> str:
         f"{sum(report.unscored_codes.values())} unscored SNOMED codes in {len(report.unscored_codes)} kinds, "
         f"{sum(report.unknown_codes.values())} unknown tokens",
         f"- Manifest: {report.manifest_records} records, {report.manifest_accepted} accepted",
+        f"- Orphans/unreadable entries (no record's, not read): {len(report.orphans)}",
         "",
         "## Quarantined by reason",
         "",
@@ -508,6 +575,17 @@ def quarantine_report(report: IngestReport, run: pd.DataFrame) -> str:
             quarantined["id"], quarantined["key"], quarantined["reason"], quarantined["detail"], strict=True
         ):
             lines.append(f"| {_md(rid)} | {_md(key)} | {reason} | {_md(detail)} |")
+    if report.orphans:
+        lines += [
+            "",
+            "## Orphans/unreadable",
+            "",
+            "Files that are no record's (not read) and entries that could not be listed.",
+            "",
+            "| file | reason |",
+            "|---|---|",
+        ]
+        lines += [f"| {_md(key)} | {_md(reason)} |" for key, reason in report.orphans.items()]
     if report.unscored_codes:
         lines += ["", "## Unscored codes (accepted records)", "", "| code | records |", "|---|---:|"]
         lines += [f"| {c} | {n} |" for c, n in report.unscored_codes.items()]

@@ -4,12 +4,16 @@ Per record, vectorised over the 12 leads: resample to 500 Hz (polyphase), band-p
 1-47 Hz (Butterworth order 3, zero-phase, second-order sections), standardise each lead,
 crop or zero-pad to 6144 samples. Records are processed in parallel (processes, in
 chunks); each worker writes its rows straight into the store file being built.
+
+One bad record never aborts the store: a record that cannot be read again (changed since
+it was ingested, removed, damaged) is left out, logged, and listed in ``store.json``
+(``quarantined``: id, key, reason, detail); the store holds the others.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import asdict, dataclass
 from fractions import Fraction
@@ -22,6 +26,7 @@ import pandas as pd
 from scipy import signal as sps
 
 from ml.data.parallel import process_pool, progress_bar
+from ml.data.records import Reason, RecordError
 from ml.data.store import ECGStore, StoreWriter, split_codes, write_rows
 
 log = logging.getLogger(__name__)
@@ -86,22 +91,39 @@ def preprocess_signal(x: np.ndarray, fs: float, config: PreprocessConfig = Prepr
 TABLE_COLUMNS = ("id", "labels", "labelled", "dx", "age", "sex", "fs", "length", "source", "key", "content_hash")
 
 
-def _process_chunk(job: dict[str, Any]) -> list[int]:
-    """Worker: read, check, preprocess records and write them into the store file."""
-    from ml.data.ingest import load_record
-    from ml.data.records import ValidationConfig
+def _process_chunk(job: dict[str, Any]) -> list[tuple[int, str, str]]:
+    """Worker: read, check, preprocess records and write them into the store file.
+
+    One ``(row, reason, detail)`` per row; ``reason`` is "" for a record written, else why
+    it was left out (its row stays zero and is dropped from the store).
+    """
+    from ml.data.ingest import StaleRecordError, load_record
+    from ml.data.records import RecordError, ValidationConfig
 
     config = PreprocessConfig(**job["config"])
     # Same bytes as at ingestion (the content hash is checked): checksums passed then.
     checks = ValidationConfig(verify_checksums=False, max_flat_leads=12, min_duration_s=0.0)
     rows = job["rows"]
-    out = np.empty((len(rows), 12, config.length), np.float32)
+    out = np.zeros((len(rows), 12, config.length), np.float32)
+    outcome: list[tuple[int, str, str]] = []
     for i, (source, key, content_hash, stamp) in enumerate(job["records"]):
-        record = load_record(source, key, expected_hash=content_hash, config=checks, stamp=stamp)
-        out[i] = preprocess_signal(record.signal, record.fs, config)
+        try:
+            record = load_record(source, key, expected_hash=content_hash, config=checks, stamp=stamp)
+            x = preprocess_signal(record.signal, record.fs, config)
+            if not np.isfinite(x).all():
+                raise RecordError(Reason.NON_FINITE, f"{source.rstrip('/')}/{key}: preprocessing gave NaN/Inf")
+            out[i] = x
+        except RecordError as err:
+            outcome.append((rows[i], str(err.reason), err.message))
+        except StaleRecordError as err:
+            outcome.append((rows[i], "changed_since_ingest", str(err)))
+        except OSError as err:  # gone, unreadable, refused path
+            outcome.append((rows[i], str(Reason.UNREADABLE), f"{source.rstrip('/')}/{key}: {err}"))
+        else:
+            outcome.append((rows[i], "", ""))
     # Rows of one job are consecutive: one write.
     write_rows(job["signals_path"], job["data_offset"], rows[0], out)
-    return rows
+    return outcome
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -121,14 +143,24 @@ def _consecutive_runs(rows: Sequence[int], size: int) -> Iterator[list[int]]:
 
 
 def run_jobs(
-    jobs: Iterable[dict[str, Any]], fn, workers: int, progress, count, total: int, min_parallel: int = 0
+    jobs: Iterable[dict[str, Any]],
+    fn,
+    workers: int,
+    progress,
+    count,
+    total: int,
+    min_parallel: int = 0,
+    on_result: Callable[[Any], None] | None = None,
 ) -> None:
     """Run ``fn(job)`` for every job (``total`` items in all), in ``workers`` processes, or
     inline when workers <= 1 or there are fewer than ``min_parallel`` items. Jobs are
-    drawn lazily and at most ``2 * workers`` are in flight, so memory does not grow with N."""
+    drawn lazily and at most ``2 * workers`` are in flight, so memory does not grow with N.
+    ``on_result`` receives every job's result (in completion order)."""
     if workers <= 1 or total < max(min_parallel, 1):
         for job in jobs:
-            fn(job)
+            result = fn(job)
+            if on_result is not None:
+                on_result(result)
             progress.update(count(job))
         return
     with process_pool(workers) as pool:
@@ -138,8 +170,12 @@ def run_jobs(
             if len(pending) >= 2 * workers:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
+                    if on_result is not None:
+                        on_result(future.result())
                     progress.update(len(future.result()))
         for future in pending:
+            if on_result is not None:
+                on_result(future.result())
             progress.update(len(future.result()))
 
 
@@ -208,13 +244,41 @@ def preprocess(
                 }
                 for run in _consecutive_runs(todo, chunk_size)
             )
-            run_jobs(jobs, _process_chunk, workers, bar, lambda job: len(job["rows"]), len(todo), min_parallel)
+            failed: list[tuple[int, str, str]] = []
+
+            def collect(outcome: list[tuple[int, str, str]]) -> None:
+                failed.extend(o for o in outcome if o[1])
+
+            run_jobs(jobs, _process_chunk, workers, bar, lambda job: len(job["rows"]), len(todo), min_parallel, collect)
+        quarantined = []
+        if failed:
+            failed.sort()
+            for row, reason, detail in failed:
+                log.warning("preprocess: %s left out of the store (%s: %s)", out_table.at[row, "id"], reason, detail)
+                quarantined.append(
+                    {
+                        "id": str(out_table.at[row, "id"]),
+                        "key": str(out_table.at[row, "key"]),
+                        "reason": reason,
+                        "detail": detail,
+                    }
+                )
+            if len(failed) == len(out_table):
+                raise RecordError(
+                    Reason.UNREADABLE,
+                    f"preprocess: none of the {len(out_table)} accepted records could be read again "
+                    f"(first: {failed[0][2]}); run the ingestion again",
+                )
+            dropped = {row for row, _, _ in failed}
+            writer.drop_rows(dropped)
+            out_table = out_table.drop(index=sorted(dropped)).reset_index(drop=True)
         meta = {
             "classes": classes,
             "class_names": mapping.abbreviations(classes),
             "preprocess": asdict(config),
             "min_count": min_count,
             "reused_rows": len(reuse),
+            "quarantined": quarantined,
         }
         return writer.commit(out_table, meta)
 

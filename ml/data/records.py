@@ -23,6 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ml.data.paths import UnsafePathError, file_name_problem, resolve_inside
+from ml.errors import BadFileError
+
 STANDARD_LEADS: tuple[str, ...] = (
     "I",
     "II",
@@ -61,11 +64,7 @@ class Reason(StrEnum):
     DUPLICATE_ID = "duplicate_id"  # a record with this id was seen first elsewhere
 
 
-class UnsafePathError(PermissionError):
-    """A key or file name that would leave the record's folder (never read)."""
-
-
-class RecordError(Exception):
+class RecordError(BadFileError):
     """A record that cannot be accepted: ``reason`` plus a message naming the file."""
 
     def __init__(self, reason: Reason, message: str):
@@ -94,6 +93,7 @@ class SignalSpec:
     samps_per_frame: int = 1
     byte_offset: int = 0
     gain: float = WFDB_DEFAULT_GAIN
+    gain_given: float | None = None  # the header's own value (0: WFDB's "use the default")
     baseline: int = 0
     units: str = "mV"
     adc_res: int = 0
@@ -203,7 +203,15 @@ def _parse_signal_line(line: str, where: str) -> SignalSpec:
         gain = _GAIN.match(tokens[2])
         if not gain:
             raise RecordError(Reason.BAD_HEADER, f"{where}: ADC gain field {tokens[2]!r} is not valid WFDB")
-        spec.gain = _float(gain["gain"], "ADC gain", where) or WFDB_DEFAULT_GAIN
+        value = _float(gain["gain"], "ADC gain", where)
+        if value < 0:  # would flip the lead's polarity without a word
+            raise RecordError(
+                Reason.BAD_HEADER,
+                f"{where}: ADC gain {tokens[2]!r} of signal file {tokens[0]} is negative; a gain must be > 0 "
+                "(adu per mV)",
+            )
+        spec.gain_given = value
+        spec.gain = value or WFDB_DEFAULT_GAIN  # WFDB: a zero or missing gain means the default 200
         spec.baseline = int(gain["baseline"]) if gain["baseline"] is not None else 0
         spec.units = gain["units"] if gain["units"] is not None else "mV"
     if len(tokens) > 3:
@@ -249,7 +257,13 @@ def parse_header(text: str, where: str) -> Header:
             Reason.BAD_HEADER,
             f"{where}: record line announces {n_sig} signals but {len(signals)} signal lines follow",
         )
-    return Header(match["name"], n_sig, fs, sig_len, signals, comments)
+    header = Header(match["name"], n_sig, fs, sig_len, signals, comments)
+    zero_gain = [s.description or s.file_name for s in signals if s.gain_given == 0]
+    if zero_gain:  # valid WFDB, but said out loud: the scale of these leads is a guess
+        header.notes.append(
+            f"ADC gain 0 (WFDB: the default {WFDB_DEFAULT_GAIN:g} adu/mV) for {', '.join(zero_gain[:12])}"
+        )
+    return header
 
 
 # ---------------------------------------------------------------------------------------
@@ -275,14 +289,15 @@ _INVALID = {
     "8": None,
 }
 
-SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
-
 
 def check_file_name(name: str, where: str) -> None:
-    """A signal file named by a header must be a plain name in the header's folder."""
-    if not SAFE_NAME.match(name) or name in (".", "..") or ".." in name.split("."):
+    """A signal file named by a header must be a plain name in the header's folder
+    (:func:`ml.data.paths.file_name_problem`: any name but a path, ``..``, control characters...)."""
+    problem = file_name_problem(name)
+    if problem:
         raise RecordError(
-            Reason.UNSAFE_PATH, f"{where}: signal file name {name!r} is not a plain file name in the record's folder"
+            Reason.UNSAFE_PATH,
+            f"{where}: signal file name {name!r} is not a plain file name in the record's folder ({problem})",
         )
 
 
@@ -608,10 +623,21 @@ def read_record(
 
 
 def read_record_file(path: str | Path, config: ValidationConfig = ValidationConfig()) -> ECGRecord:
-    """:func:`read_record` for a header on the local disk (signal files next to it)."""
+    """:func:`read_record` for a header on the local disk (signal files next to it).
+
+    The header and every signal file it names must resolve inside the header's folder
+    (:func:`ml.data.paths.resolve_inside`, as ingestion checks them): a symbolic link out of
+    it is refused (UnsafePathError for the header, ``unsafe_path`` RecordError for a signal file).
+    """
     path = Path(path)
     if path.suffix != ".hea":
         path = path.with_suffix(".hea")
+    folder = path.parent
+    header = resolve_inside(folder, path.name, "the record's folder")
     return read_record(
-        path.read_bytes(), lambda name: (path.parent / name).read_bytes(), str(path), config, record_id=path.stem
+        header.read_bytes(),
+        lambda name: resolve_inside(folder, name, "the record's folder").read_bytes(),
+        str(path),
+        config,
+        record_id=path.stem,
     )

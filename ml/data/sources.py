@@ -14,18 +14,16 @@ variables and config files (``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``,
 from __future__ import annotations
 
 import os
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ml.data.records import UnsafePathError
+from ml.data.paths import UnsafePathError, inside, resolve_inside, unsafe_key_problem
 
 HEADER_SUFFIX = ".hea"
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_ENCODED = re.compile(r"%(2e|2f|5c)", re.IGNORECASE)
+SIGNAL_SUFFIXES = (".mat", ".dat")  # signal files: one without a header is listed as an orphan
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,22 +41,11 @@ class RecordRef:
         return f"{self.source.rstrip('/')}/{self.key}"
 
 
-def unsafe_key_problem(key: str) -> str | None:
-    """Why a relative key is unsafe to use as a path, or None when it is a plain path."""
-    if not key:
-        return "empty key"
-    if _CONTROL.search(key):
-        return "control character in key"
-    if "\\" in key:
-        return "backslash in key"
-    if _ENCODED.search(key):
-        return "percent-encoded '.', '/' or '\\' in key"
-    if key.startswith("/"):
-        return "absolute key"
-    parts = key.split("/")
-    if any(p in ("", ".", "..") for p in parts):
-        return "'.', '..' or empty path segment in key (path traversal)"
-    return None
+def extend_stamp(stamp: str, extra_parts: list[str]) -> str:
+    """A record's stamp with the stamps of the other files it was read from (sorted, after its own)."""
+    own = {part.rsplit(":", 2)[0] for part in stamp.split("|")}
+    extra = sorted({p for p in extra_parts if p.rsplit(":", 2)[0] not in own}, key=lambda p: p.rsplit(":", 2)[0])
+    return "|".join([stamp, *extra]) if extra else stamp
 
 
 def record_id_of(key: str) -> str:
@@ -74,6 +61,10 @@ class Source(ABC):
     """A place holding WFDB records."""
 
     uri: str
+    # Set by list_records: entries that belong to no header (an orphan signal file) or that
+    # could not be listed (a folder that cannot be read, a symbolic link to a folder, a
+    # broken link), key -> reason. Ingestion keeps an orphan that a header names after all.
+    unlisted: dict[str, str]
 
     @abstractmethod
     def list_records(self) -> list[RecordRef]:
@@ -92,6 +83,19 @@ class Source(ABC):
     def stem_files(self, header_key: str) -> list[str]:
         """Keys of every file next to a header with the same stem (``X.hea``, ``X.mat``...)."""
 
+    @abstractmethod
+    def file_stamp(self, key: str) -> str:
+        """``name:size:mtime`` (local) or ``name:size:etag`` (S3) of one file; ``name:?`` when it is absent."""
+
+    def current_stamp(self, ref: RecordRef, recorded: str) -> str:
+        """The stamp ``recorded`` (a manifest's) would have now: the record's listing stamp
+        plus, restamped, the other files its header named (another record's signal file...),
+        so a change of any file a record was read from makes it read again."""
+        own = {part.rsplit(":", 2)[0] for part in ref.stamp.split("|")}
+        folder = ref.key.rsplit("/", 1)[0] + "/" if "/" in ref.key else ""
+        extra = [name for name in (p.rsplit(":", 2)[0] for p in recorded.split("|")) if name not in own]
+        return extend_stamp(ref.stamp, [self.file_stamp(folder + name) for name in extra])
+
     def record_files(self, ref: RecordRef) -> list[str]:
         """Keys of the files that belong to a record (same folder, same stem), from its stamp."""
         folder = ref.key.rsplit("/", 1)[0] + "/" if "/" in ref.key else ""
@@ -106,35 +110,45 @@ class LocalSource(Source):
         if not self.root.is_dir():
             raise FileNotFoundError(f"record folder {self.root} does not exist")
         self.uri = str(self.root)
+        self.unlisted = {}
 
     def _path(self, key: str) -> Path:
-        problem = unsafe_key_problem(key)
-        if problem:
-            raise UnsafePathError(f"{self.uri}: refusing key {key!r}: {problem}")
-        path = self.root / key
-        real = path.resolve()
-        if real != self.root and self.root not in real.parents:
-            raise UnsafePathError(f"{self.uri}: {key!r} resolves outside the source folder")
-        return path
+        return resolve_inside(self.root, key, "the source folder")
 
     def list_records(self) -> list[RecordRef]:
         refs: list[RecordRef] = []
-        for folder, dirs, files in os.walk(self.root):
+        unlisted: dict[str, str] = {}
+
+        def rel(path: str | Path) -> str:
+            return Path(path).relative_to(self.root).as_posix()
+
+        def walk_error(err: OSError) -> None:
+            unlisted[rel(err.filename) if err.filename else "."] = f"cannot list folder ({err.strerror or err})"
+
+        for folder, dirs, files in os.walk(self.root, onerror=walk_error):
             dirs.sort()
-            rel_folder = Path(folder).relative_to(self.root).as_posix()
+            rel_folder = rel(folder)
             prefix = "" if rel_folder == "." else rel_folder + "/"
+            for name in dirs:
+                if (Path(folder) / name).is_symlink():
+                    unlisted[prefix + name] = "symbolic link to a folder (not followed)"
             by_stem: dict[str, list[str]] = {}
             for name in sorted(files):
                 by_stem.setdefault(_stem(name), []).append(name)
+            headed = {_stem(n) for n in files if n.lower().endswith(HEADER_SUFFIX)}
+            for name in sorted(files):
+                path = Path(folder) / name
+                if path.is_symlink() and not path.exists():
+                    unlisted[prefix + name] = "broken symbolic link"
+                elif _stem(name) not in headed and name.lower().endswith(SIGNAL_SUFFIXES):
+                    unlisted[prefix + name] = "signal file without a header (not read)"
             for name in sorted(files):
                 if not name.lower().endswith(HEADER_SUFFIX):
                     continue
                 key = prefix + name
                 problem = unsafe_key_problem(key)
-                if problem is None:
-                    real = (Path(folder) / name).resolve()
-                    if self.root not in real.parents:
-                        problem = "symbolic link out of the source folder"
+                if problem is None and not inside(self.root, Path(folder) / name):
+                    problem = "symbolic link out of the source folder"
                 stamp_parts = []
                 for member in by_stem.get(_stem(name), [name]):
                     try:
@@ -144,10 +158,19 @@ class LocalSource(Source):
                         stamp_parts.append(f"{member}:?")
                 refs.append(RecordRef(self.uri, key, record_id_of(name), "|".join(stamp_parts), problem))
         refs.sort(key=lambda r: r.key)
+        self.unlisted = unlisted
         return refs
 
     def read(self, key: str) -> bytes:
         return self._path(key).read_bytes()
+
+    def file_stamp(self, key: str) -> str:
+        name = key.rsplit("/", 1)[-1]
+        try:
+            st = self._path(key).stat()
+        except OSError:  # absent, or refused (the reader reports why)
+            return f"{name}:?"
+        return f"{name}:{st.st_size}:{st.st_mtime_ns}"
 
     def stem_files(self, header_key: str) -> list[str]:
         folder, _, name = header_key.rpartition("/")
@@ -182,6 +205,8 @@ class S3Source(Source):
         self.endpoint_url = endpoint_url
         self.client_kwargs = dict(client_kwargs or {})
         self._client = None
+        self._listed: dict[str, str] = {}  # key -> stamp part, from the last listing
+        self.unlisted = {}
 
     def __getstate__(self) -> dict[str, Any]:  # picklable for worker processes
         state = dict(self.__dict__)
@@ -222,11 +247,23 @@ class S3Source(Source):
 
     def list_records(self) -> list[RecordRef]:
         objects = self._objects()
+        self._listed = {key: f"{key.rsplit('/', 1)[-1]}:{size}:{etag}" for key, size, etag in objects}
         by_stem: dict[tuple[str, str], list[tuple[str, int, str]]] = {}
         for key, size, etag in objects:
             folder, _, name = key.rpartition("/")
             by_stem.setdefault((folder, _stem(name)), []).append((name, size, etag))
         refs = []
+        headed = {
+            (k.rpartition("/")[0], _stem(k.rpartition("/")[2]))
+            for k, _, _ in objects
+            if k.lower().endswith(HEADER_SUFFIX)
+        }
+        self.unlisted = {
+            key: "signal file without a header (not read)"
+            for key, _, _ in objects
+            if key.lower().endswith(SIGNAL_SUFFIXES)
+            and (key.rpartition("/")[0], _stem(key.rpartition("/")[2])) not in headed
+        }
         for key, _, _ in objects:
             if not key.lower().endswith(HEADER_SUFFIX):
                 continue
@@ -250,6 +287,18 @@ class S3Source(Source):
                 if _stem(rest) == stem and "/" not in rest:
                     keys.append(prefix + rest)
         return sorted(keys)
+
+    def file_stamp(self, key: str) -> str:
+        from botocore.exceptions import ClientError
+
+        name = key.rsplit("/", 1)[-1]
+        if key in self._listed:
+            return self._listed[key]
+        try:
+            head = self.client.head_object(Bucket=self.location.bucket, Key=self._full_key(key))
+        except (ClientError, UnsafePathError):
+            return f"{name}:?"
+        return f"{name}:{int(head['ContentLength'])}:{str(head.get('ETag', '')).strip(chr(34))}"
 
     def read(self, key: str) -> bytes:
         from botocore.exceptions import ClientError

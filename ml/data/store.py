@@ -213,6 +213,29 @@ class StoreWriter:
         if not self.committed:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
+    def drop_rows(self, rows: set[int]) -> None:
+        """Remove rows (records that could not be written) before :meth:`commit`: the kept
+        rows are copied, in order, into a new signals file of ``n_records - len(rows)`` rows."""
+        keep = [r for r in range(self.n_records) if r not in rows]
+        if len(keep) == self.n_records:
+            return
+        old_path = self.signals_path
+        new_path = self.tmp / (SIGNALS_FILE + ".compact")
+        shape = (len(keep), len(STANDARD_LEADS), self.length)
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": shape}
+        with open(new_path, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            offset = f.tell()
+            f.truncate(offset + int(np.prod(shape)) * 4)
+        source = np.memmap(
+            old_path, np.float32, "r", offset=self.data_offset, shape=(self.n_records, len(STANDARD_LEADS), self.length)
+        )
+        for start in range(0, len(keep), 256):
+            write_rows(new_path, offset, start, np.asarray(source[keep[start : start + 256]]))
+        del source
+        os.replace(new_path, old_path)
+        self.n_records, self.data_offset = len(keep), offset
+
     def commit(self, table: pd.DataFrame, meta: dict[str, Any]) -> ECGStore:
         if len(table) != self.n_records:
             raise ValueError(f"table has {len(table)} rows, the store {self.n_records}")

@@ -13,9 +13,13 @@ An adapter directory holds, peft style,
 dict, and refuses a backbone whose identity differs. ``export_merged`` writes a plain r = 0
 model (LoRA merged in) that loads into ``ECGTransformer(config)``.
 
-Checkpoints are read safely: ``torch.load(weights_only=True)`` for .pt/.pth, safetensors
-for ours, with strict key/shape checks that name every missing, unexpected or mismatched
-entry.
+Checkpoints are read safely and through one reader, :func:`read_weights`:
+``torch.load(weights_only=True)`` for .pt/.pth, safetensors for ours; a damaged or
+mislabelled file (truncated, a pickle renamed ``.safetensors``, a text file named ``.pt``)
+is a :class:`CheckpointError` naming the file, never a library's own exception. Strict
+key/shape checks name every missing, unexpected or mismatched entry, and
+:func:`check_tensor_values` refuses integer or boolean weights, NaN/Inf and non-positive
+BatchNorm variances, naming the tensor.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import hashlib
 import json
 import logging
 import pickle
+import struct
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ml.errors import BadFileError
 from ml.model.backbone import BackboneConfig, ECGTransformer
 from ml.model.lora import LoRAConfig, lora_layers, mark_trainable, merge_lora, unmerge_lora
 
@@ -45,8 +51,8 @@ FORMAT_VERSION = 1
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded safely or does not fit the model."""
+class CheckpointError(BadFileError, ValueError):
+    """A checkpoint that cannot be loaded safely or does not fit the model (the message names the file)."""
 
 
 class BackboneMismatchError(CheckpointError):
@@ -75,28 +81,99 @@ def state_dict_identity(state_dict: Mapping[str, Tensor]) -> str:
     return h.hexdigest()
 
 
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """A state dict file (a released checkpoint, a merged export), read without running pickled code.
+def _unpickling_reason(err: Exception) -> str:
+    """The useful line of torch's weights-only refusal (without its advice to turn the check off)."""
+    text = str(err)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line:
+            return line
+    if "WeightsUnpickler error:" in text:
+        rest = [line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines() if line.strip()]
+        if rest:
+            return rest[0]
+    return lines[0] if lines and "weights_only" not in lines[0] else "not a plain tensor pickle"
 
-    ``.safetensors`` via safetensors; anything else via ``torch.load(weights_only=True)``,
-    which refuses arbitrary Python objects. A ``{"state_dict": ...}`` (or ``model_state_dict``
-    / ``model``) wrapper is unwrapped and a DDP ``module.`` prefix is stripped. Every failure
-    (missing, truncated, unsafe, entries that are not tensors) is a CheckpointError naming the file.
+
+def torch_load_checked(path: str | Path, what: str = "a plain tensor state dict") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; every failure is a CheckpointError naming the file.
+
+    ``weights_only=True`` refuses any pickled object but tensors and plain containers
+    (nothing in the file runs). A truncated file, a text file, a zip that is not a torch
+    archive... raise whatever torch or pickle raise inside (UnpicklingError, KeyError,
+    RuntimeError, EOFError...): all of them become "not a readable torch checkpoint".
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # a pickled object other than tensors, or no pickle at all
+        raise CheckpointError(
+            f"{path}: not {what}; refusing to unpickle it (refused by torch.load weights_only=True: "
+            f"{_unpickling_reason(err)})"
+        ) from err
+    except MemoryError:
+        raise
+    except Exception as err:  # truncated, not a torch file: torch/pickle raise many types here
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {err})") from err
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a file cannot be a safetensors file (from its 8-byte header length and JSON header), or None."""
+    size = path.stat().st_size
+    if size < 8:
+        return f"{size} bytes, shorter than the 8-byte safetensors header length"
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8 or n > 100_000_000:
+            return f"header length field says {n} bytes but the file has {size - 8} after it (truncated, or not safetensors)"
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"header is not JSON ({err}); not a safetensors file"
+    if not isinstance(header, dict):
+        return "header is not a JSON object; not a safetensors file"
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2):
+            return f"tensor {name!r} has no valid data_offsets"
+        end = max(end, int(offsets[1]))
+    if 8 + n + end > size:
+        return f"truncated: the tensors need {8 + n + end} bytes, the file has {size}"
+    return None
+
+
+def read_weights(path: str | Path) -> dict[str, Tensor]:
+    """Every weights file read goes through here: a ``name -> tensor`` dict, or a CheckpointError naming the file.
+
+    ``.safetensors`` via safetensors (the header is checked first: a truncated file or a
+    pickle renamed ``.safetensors`` is refused with the reason); anything else (.pt, .pth)
+    via :func:`torch_load_checked`. A ``{"state_dict": ...}`` (or ``model_state_dict`` /
+    ``model``) wrapper is unwrapped and a DDP ``module.`` prefix is stripped. Entries that
+    are not tensors are refused. Values are not checked here: see :func:`check_tensor_values`.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
-        return load_file(str(path), device="cpu")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{path}: not a plain tensor state dict; refusing to unpickle it (refused by torch.load "
-            f"weights_only=True: {err})"
-        ) from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:  # truncated or not a torch file
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {err})") from err
+        try:
+            problem = _safetensors_problem(path)
+        except OSError as err:
+            raise CheckpointError(f"{path}: cannot read the weights file ({err})") from err
+        if problem:
+            raise CheckpointError(f"{path}: not a readable safetensors file: {problem}")
+        try:
+            return dict(load_file(str(path), device="cpu"))
+        except MemoryError:
+            raise
+        except Exception as err:  # safetensors raises its own SafetensorError for a damaged file
+            raise CheckpointError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from err
+    obj = torch_load_checked(path)
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model_state_dict", "model"):
             if isinstance(obj.get(key), Mapping):
@@ -107,10 +184,84 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
     if bad:
         raise CheckpointError(f"{path}: entries that are not tensors: {bad[:10]}")
-    state = dict(obj)
+    state = {str(k): v for k, v in obj.items()}
     if state and all(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """A state dict file (a released checkpoint, a merged export), read without running pickled code.
+
+    Same as :func:`read_weights` (kept for its callers).
+    """
+    return read_weights(path)
+
+
+# Integer buffers a model may hold (everything else must be floating point).
+INTEGER_BUFFERS = ("num_batches_tracked",)
+
+
+def check_tensor_values(
+    state_dict: Mapping[str, Tensor], where: str, expected: Mapping[str, Tensor] | None = None
+) -> dict[str, Any]:
+    """Refuse weights no model should hold; returns a summary of what was checked.
+
+    - dtype: floating point, except the known integer buffers (BatchNorm
+      ``num_batches_tracked``, or whatever ``expected`` holds as an integer); no bool;
+    - finiteness: no NaN or Inf in any tensor;
+    - value range: BatchNorm ``running_var`` > 0 (a zero or negative variance divides by
+      nothing or takes the square root of a negative number).
+
+    Every problem is listed (tensor name and reason) in one CheckpointError.
+    """
+    problems: list[str] = []
+    dtypes: dict[str, int] = {}
+    n_values = 0
+    n_bn = 0
+    for name, t in state_dict.items():
+        dtypes[str(t.dtype).removeprefix("torch.")] = dtypes.get(str(t.dtype).removeprefix("torch."), 0) + 1
+        n_values += t.numel()
+        want = expected.get(name) if expected is not None else None
+        integer_ok = name.rsplit(".", 1)[-1] in INTEGER_BUFFERS or (
+            want is not None and not want.is_floating_point() and want.dtype != torch.bool
+        )
+        if t.dtype == torch.bool:
+            problems.append(f"{name}: dtype bool, expected a floating point tensor")
+            continue
+        if not t.is_floating_point():
+            if t.is_complex():
+                problems.append(f"{name}: dtype {t.dtype}, expected a floating point tensor")
+            elif not integer_ok:
+                problems.append(f"{name}: dtype {t.dtype}, expected a floating point tensor (integer weights)")
+            continue
+        if integer_ok and want is not None and not want.is_floating_point():
+            problems.append(f"{name}: dtype {t.dtype}, expected an integer buffer ({want.dtype})")
+            continue
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            n_nan = int(torch.isnan(t).sum())
+            n_inf = int((~finite).sum()) - n_nan
+            problems.append(f"{name}: {n_nan} NaN and {n_inf} Inf value(s) of {t.numel()}")
+            continue
+        if name.endswith("running_var"):
+            n_bn += 1
+            bad = int((t <= 0).sum())
+            if bad:
+                problems.append(
+                    f"{name}: {bad} BatchNorm running variance(s) <= 0 (min {float(t.min()):.3g}); variances must be > 0"
+                )
+    if problems:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise CheckpointError(f"{where}: invalid weights: " + "; ".join(shown))
+    return {
+        "tensors": len(state_dict),
+        "values": n_values,
+        "dtypes": dict(sorted(dtypes.items())),
+        "floating_point": True,
+        "finite": True,
+        "batchnorm_variances_positive": n_bn,
+    }
 
 
 def check_state_dict(
@@ -245,7 +396,8 @@ def load_adapter(in_dir: str | Path, backbone_state_dict: Mapping[str, Tensor]) 
         alpha=config["alpha"],
     )
     model = ECGTransformer(BackboneConfig(**config["backbone_config"]), lora)
-    adapter = load_file(str(in_dir / ADAPTER_WEIGHTS), device="cpu")
+    adapter = read_weights(in_dir / ADAPTER_WEIGHTS)
+    check_tensor_values(adapter, str(in_dir / ADAPTER_WEIGHTS), model.state_dict())
     combined = {k: v for k, v in backbone_state_dict.items() if k not in adapter}
     combined.update(adapter)
     check_state_dict(model.state_dict(), combined, f"{in_dir}: backbone + adapter")

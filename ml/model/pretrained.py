@@ -35,16 +35,22 @@ import logging
 import os
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
-from ml.model.adapter import CheckpointError, check_state_dict, read_state_dict, state_dict_identity
+from ml.model.adapter import (
+    CheckpointError,
+    check_state_dict,
+    check_tensor_values,
+    read_weights,
+    state_dict_identity,
+)
 from ml.model.backbone import BACKBONE_CONFIGS, BackboneConfig, ECGTransformer, backbone_config
 
 logger = logging.getLogger(__name__)
@@ -100,7 +106,9 @@ def save_backbone(
     if len(classes) != config.num_classes:
         raise ValueError(f"{len(classes)} class names for a {config.num_classes}-class backbone")
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    check_state_dict(_expected_state(config), tensors, f"{config.name} backbone state dict")
+    expected = _expected_state(config)
+    check_state_dict(expected, tensors, f"{config.name} backbone state dict")
+    check_tensor_values(tensors, f"{config.name} backbone state dict for {out_dir}", expected)
     identity = state_dict_identity(tensors)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -155,6 +163,7 @@ class PretrainedBackbone:
     state: dict[str, Tensor]
     config: BackboneConfig
     meta: dict[str, Any]  # the parsed backbone_config.json
+    checks: dict[str, Any] = field(default_factory=dict)  # what read_backbone verified (backbone show)
 
     @property
     def name(self) -> str:
@@ -175,7 +184,9 @@ class PretrainedBackbone:
 def read_backbone(backbone_dir: str | Path) -> PretrainedBackbone:
     """The weights, config and metadata of a backbone folder.
 
-    Verifies that the weights hash to the recorded identity and match the config exactly.
+    Verifies that the weights hash to the recorded identity, match the config exactly
+    (names and shapes) and hold sane values (:func:`ml.model.adapter.check_tensor_values`:
+    floating point, finite, BatchNorm variances > 0); ``checks`` says what was verified.
     """
     backbone_dir = Path(backbone_dir)
     meta = read_backbone_meta(backbone_dir)
@@ -183,22 +194,27 @@ def read_backbone(backbone_dir: str | Path) -> PretrainedBackbone:
     weights = backbone_dir / BACKBONE_WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{backbone_dir} is not a backbone folder (no {BACKBONE_WEIGHTS})")
-    try:
-        state = load_file(str(weights), device="cpu")
-    except Exception as err:  # safetensors raises its own SafetensorError for a damaged file
-        raise CheckpointError(f"{weights}: not a readable safetensors file ({err})") from err
+    state = read_weights(weights)
     identity = state_dict_identity(state)
     if identity != meta["identity"]:
         raise CheckpointError(
             f"{weights}: the weights' identity {identity} is not the {meta['identity']} recorded in "
             f"{BACKBONE_CONFIG}: the folder was modified or only partly written"
         )
-    check_state_dict(_expected_state(config), state, str(weights))
+    expected = _expected_state(config)
+    check_state_dict(expected, state, str(weights))
+    checks = check_tensor_values(state, str(weights), expected)
     if len(meta["classes"]) != config.num_classes:
         raise CheckpointError(
             f"{backbone_dir / BACKBONE_CONFIG}: {len(meta['classes'])} classes for a {config.num_classes}-class head"
         )
-    return PretrainedBackbone(state=state, config=config, meta=meta)
+    checks = {
+        "identity_verified": identity,
+        "shapes_match_config": config.name,
+        **checks,
+        "classes_match_head": config.num_classes,
+    }
+    return PretrainedBackbone(state=state, config=config, meta=meta, checks=checks)
 
 
 def build_backbone(backbone_dir: str | Path) -> ECGTransformer:
@@ -231,20 +247,24 @@ def import_reference_checkpoint(
 
     The class count comes from the checkpoint's ``classifier.1`` (6 for the CODE-15%
     checkpoints; ``classes`` defaults to :data:`CODE15_CLASSES` then, else ``class_<i>``).
-    The head is kept: fine-tuning replaces it. Keys and shapes must match exactly.
+    The head is kept: fine-tuning replaces it. Keys and shapes must match exactly, and
+    the values must be sane (floating point weights, no NaN/Inf, BatchNorm variances > 0;
+    :func:`ml.model.adapter.check_tensor_values`): nothing is written otherwise.
     """
     if config_name not in BACKBONE_CONFIGS:
         raise ValueError(f"unknown backbone config {config_name!r}; choose one of {sorted(BACKBONE_CONFIGS)}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
-    state = read_state_dict(path)
+    state = read_weights(path)
     head = state.get("classifier.1.weight")
     num_classes = (
         int(head.shape[0]) if head is not None and head.dim() == 2 else BACKBONE_CONFIGS[config_name].num_classes
     )
     config = backbone_config(config_name, num_classes)
-    check_state_dict(_expected_state(config), state, f"{path} as a {config_name!r} backbone")
+    expected = _expected_state(config)
+    check_state_dict(expected, state, f"{path} as a {config_name!r} backbone")
+    check_tensor_values(state, str(path), expected)  # dtypes, NaN/Inf, BatchNorm variances: before any write
     converted = [k for k, v in state.items() if v.is_floating_point() and v.dtype != torch.float32]
     if converted:
         logger.warning(

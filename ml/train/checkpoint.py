@@ -11,7 +11,6 @@ other object is refused (CheckpointError) and nothing in it runs.
 from __future__ import annotations
 
 import os
-import pickle
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ml.model.adapter import CheckpointError
+from ml.model.adapter import CheckpointError, torch_load_checked
 
 
 def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
@@ -42,13 +41,7 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint written by :func:`save_checkpoint`, on the CPU (tensors and plain types only)."""
-    path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{path}: refused to load a training checkpoint holding objects other than tensors and plain types ({err})"
-        ) from err
+    state = torch_load_checked(path, "a training checkpoint of tensors and plain types")
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a training checkpoint (a {type(state).__name__}, not a dict)")
     return state

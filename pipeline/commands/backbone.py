@@ -24,6 +24,18 @@ import json
 import logging
 from pathlib import Path
 
+from pipeline.constraints import (
+    existing_dir,
+    existing_file,
+    non_negative_float,
+    non_negative_int,
+    output_dir,
+    output_root,
+    positive_float,
+    positive_int,
+    tracking_uri,
+)
+
 log = logging.getLogger("cessl.backbone")
 
 # ml.model.backbone.BACKBONE_CONFIGS (not imported here: building the parser stays torch-free)
@@ -37,7 +49,15 @@ def _classes(value: str) -> list[str]:
 def _add_register_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--register", action="store_true", help="register the backbone in MLflow")
     p.add_argument(
-        "--tracking-uri", default="", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+        "--tracking-uri",
+        type=tracking_uri,
+        default="",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
+    )
+    p.add_argument(
+        "--create-store",
+        action="store_true",
+        help="create a new sqlite MLflow store at --tracking-uri (with --register)",
     )
     p.add_argument("--alias", default=None, help="registry alias to point at the version (with --register)")
 
@@ -52,32 +72,34 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     sub = parser.add_subparsers(dest="backbone_command", required=True, metavar="ACTION")
 
     p = sub.add_parser("pretrain", help="supervised pre-training on a labelled dataset store (torchrun for DDP)")
-    p.add_argument("--store", type=Path, required=True, help="dataset store (cessl data preprocess)")
+    p.add_argument("--store", type=existing_dir, required=True, help="dataset store (cessl data preprocess)")
     p.add_argument("--config", default="tiny", choices=sizes, help="backbone size")
-    p.add_argument("--out", type=Path, required=True, help="backbone folder to write")
+    p.add_argument("--out", type=output_dir, required=True, help="backbone folder to write")
     p.add_argument("--classes", type=_classes, default=None, help="comma-separated codes (default: the store's)")
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=int, default=64, help="per process")
-    p.add_argument("--base-lr", type=float, default=1e-3, help="lr = base_lr x world_size x batch / 1024")
-    p.add_argument("--lr", type=float, default=None, help="fixed learning rate (overrides the rule)")
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--cutmix-alpha", type=float, default=0.75, help="0 disables Cutmix")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-dir", type=Path, default=None, help="default: <out>/checkpoints")
-    p.add_argument("--checkpoint-every", type=int, default=100, help="steps")
+    p.add_argument("--epochs", type=non_negative_int, default=50)
+    p.add_argument(
+        "--max-steps", type=positive_int, default=None, help="stop after this many steps (overrides --epochs)"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=64, help="per process")
+    p.add_argument("--base-lr", type=positive_float, default=1e-3, help="lr = base_lr x world_size x batch / 1024")
+    p.add_argument("--lr", type=positive_float, default=None, help="fixed learning rate (overrides the rule)")
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.01)
+    p.add_argument("--cutmix-alpha", type=non_negative_float, default=0.75, help="0 disables Cutmix")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--checkpoint-dir", type=output_root, default=None, help="default: <out>/checkpoints")
+    p.add_argument("--checkpoint-every", type=positive_int, default=100, help="steps")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per process")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader workers per process")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto, cpu, cuda")
     p.add_argument("--data-version", default=None, help="recorded data version (default: hash of the records used)")
     p.add_argument("--no-progress", action="store_true")
     _add_register_options(p)
-    p.set_defaults(func=_pretrain)
+    p.set_defaults(func=_checking_register(_pretrain))
 
     p = sub.add_parser("import", help="import a released reference checkpoint (.pt state dict)")
-    p.add_argument("path", type=Path, help="checkpoint file")
+    p.add_argument("path", type=existing_file, help="checkpoint file")
     p.add_argument("--config", required=True, choices=sizes, help="backbone size the checkpoint holds")
-    p.add_argument("--out", type=Path, required=True, help="backbone folder to write")
+    p.add_argument("--out", type=output_dir, required=True, help="backbone folder to write")
     p.add_argument(
         "--classes",
         type=_classes,
@@ -86,29 +108,45 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data-version", default=None, help="what the checkpoint was trained on (free text)")
     _add_register_options(p)
-    p.set_defaults(func=_import)
+    p.set_defaults(func=_checking_register(_import))
 
     p = sub.add_parser("default", help="the embedded default backbone: build once, cache, print its folder")
-    p.add_argument("--config", default="tiny", help="size (tiny or tinylight)")
+    p.add_argument("--config", default="tiny", choices=("tiny", "tinylight"), help="size (tiny or tinylight)")
     p.add_argument(
         "--cache-dir",
-        type=Path,
+        type=output_root,
         default=None,
         help="cache root (default: $CESSL_CACHE/backbones or ~/.cache/cessl/backbones)",
     )
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     _add_register_options(p)
-    p.set_defaults(func=_default)
+    p.set_defaults(func=_checking_register(_default))
 
-    p = sub.add_parser("show", help="print a backbone folder's config (after verifying it)")
-    p.add_argument("path", type=Path)
+    p = sub.add_parser(
+        "show",
+        help="print a backbone folder's config and what was verified (identity, shapes, dtypes, finite, BN variances)",
+    )
+    p.add_argument("path", type=existing_dir)
     p.set_defaults(func=_show)
 
     p = sub.add_parser("fetch", help="download a registered backbone (models:/cessl-backbone-tiny/1, ...@alias)")
     p.add_argument("model", help="models:/<name>/<version>, models:/<name>@<alias>, or cessl-backbone-<config>")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--tracking-uri", default="")
+    p.add_argument("--out", type=output_dir, required=True)
+    p.add_argument("--tracking-uri", type=tracking_uri, default="")
     p.set_defaults(func=_fetch)
+
+
+def _checking_register(command):
+    """``command``, after checking the tracking store when it will ``--register`` (before any work)."""
+
+    def run(args: argparse.Namespace) -> int:
+        if args.register:
+            from pipeline.preflight import check_tracking
+
+            check_tracking(args.tracking_uri, writes=True, create=args.create_store)
+        return command(args)
+
+    return run
 
 
 def _maybe_register(args: argparse.Namespace, folder: Path) -> None:
@@ -212,9 +250,12 @@ def _default(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     from ml.model.pretrained import read_backbone
 
-    meta = read_backbone(args.path).meta
+    backbone = read_backbone(args.path)  # refuses a damaged, modified or invalid folder
+    meta = backbone.meta
     meta = {k: v for k, v in meta.items() if k != "training"} | {
-        "training_steps": (meta.get("training") or {}).get("steps")
+        "training_steps": (meta.get("training") or {}).get("steps"),
+        # what read_backbone verified: identity, names and shapes, dtypes, finiteness, BN variances
+        "verified": backbone.checks,
     }
     print(json.dumps(meta, indent=2))
     return 0
@@ -222,6 +263,9 @@ def _show(args: argparse.Namespace) -> int:
 
 def _fetch(args: argparse.Namespace) -> int:
     from pipeline.backbone_registry import fetch_backbone
+    from pipeline.preflight import check_tracking
 
+    if args.model.startswith("models:/") or "://" not in args.model:
+        check_tracking(args.tracking_uri, writes=False)
     print(fetch_backbone(args.model, args.out, tracking_uri=args.tracking_uri))
     return 0

@@ -37,6 +37,7 @@ from pipeline.commands.run import (
     add_compile_flags,
     compile_options,
     local_params,
+    preflight_local,
     project_lock,
 )
 from pipeline.compare import (
@@ -46,6 +47,7 @@ from pipeline.compare import (
     run_compare_local,
 )
 from pipeline.compare_tracking import fail_comparison, new_comparison_id
+from pipeline.constraints import non_negative_int, output_file
 from pipeline.dag import LocalRunConfig, PipelineRunError
 from pipeline.params import DEFAULTS, PipelineParams, add_param_flags, params_from_args
 from pipeline.tracking import TrackingConfig
@@ -114,6 +116,7 @@ def compile_comparison(args: argparse.Namespace, settings: CompareSettings) -> i
 
 
 def run_comparison(args: argparse.Namespace, params: PipelineParams, settings: CompareSettings) -> int:
+    preflight_local(args, params)
     tracking = TrackingConfig.resolve(args.tracking_uri, params.experiment_name)
     params = local_params(args, params, tracking)
     comparison_id = new_comparison_id()
@@ -171,7 +174,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     grid.add_argument("--ratios", default="0.05,0.15", help="comma-separated labelled ratios (default: %(default)s)")
     grid.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
     grid.add_argument(
-        "--parallelism", type=int, default=None, help="cells at once (default: 1 locally, no limit when compiled)"
+        "--parallelism",
+        type=non_negative_int,
+        default=None,
+        help="cells at once (default: 1 locally, no limit when compiled)",
     )
     add_param_flags(parser, None, exclude=EXCLUDED_PARAMS)
     _add_tracking(parser)
@@ -179,6 +185,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--compile", action="store_true", help="compile the pipeline for a cluster instead of running it"
     )
-    parser.add_argument("-o", "--output", default=DEFAULT_PACKAGE, help="compiled YAML (with --compile)")
+    parser.add_argument(
+        "-o", "--output", type=output_file, default=DEFAULT_PACKAGE, help="compiled YAML (with --compile)"
+    )
     add_compile_flags(parser, with_image=False)
     parser.set_defaults(func=cmd_compare)

@@ -7,6 +7,19 @@ import json
 import logging
 from pathlib import Path
 
+from pipeline.constraints import (
+    existing_dir,
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    output_dir,
+    output_file,
+    positive_float,
+    positive_int,
+    probability,
+    source,
+)
+
 log = logging.getLogger("cessl.data")
 
 
@@ -23,53 +36,53 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     sub = parser.add_subparsers(dest="data_command", required=True, metavar="STEP")
 
     p = sub.add_parser("synth", help="write a synthetic hospital as Challenge-format WFDB records")
-    p.add_argument("out", type=Path, help="output folder")
-    p.add_argument("--records", type=int, default=100)
+    p.add_argument("out", type=output_dir, help="output folder")
+    p.add_argument("--records", type=positive_int, default=100)
     p.add_argument(
         "--classes",
         type=_codes,
         default=None,
         help="comma-separated SNOMED codes or abbreviations (default: NSR,SB,STach,AF,IAVB,LBBB,RBBB,PVC,LQRSV,TInv)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--unlabelled-fraction", type=float, default=0.0, help="fraction written without # Dx")
-    p.add_argument("--fs", type=float, default=500.0, help="sampling frequency (Hz)")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds per record")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--unlabelled-fraction", type=probability, default=0.0, help="fraction written without # Dx")
+    p.add_argument("--fs", type=positive_float, default=500.0, help="sampling frequency (Hz)")
+    p.add_argument("--duration", type=positive_float, default=10.0, help="seconds per record")
     p.add_argument("--prefix", default="S", help="record id prefix")
-    p.add_argument("--start", type=int, default=0, help="number of the first record")
+    p.add_argument("--start", type=non_negative_int, default=0, help="number of the first record")
     p.add_argument("--faults", action="store_true", help="also write one faulty record per fault kind")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=positive_int, default=2)
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("ingest", help="validate records of a folder or s3://bucket/prefix into a manifest")
-    p.add_argument("source", help="folder or s3://bucket/prefix")
-    p.add_argument("out", type=Path, help="ingestion folder (manifest.parquet, quarantine.md)")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--min-duration", type=float, default=2.0, help="seconds")
-    p.add_argument("--max-flat-leads", type=int, default=6)
+    p.add_argument("source", type=source, help="folder or s3://bucket/prefix")
+    p.add_argument("out", type=output_dir, help="ingestion folder (manifest.parquet, quarantine.md)")
+    p.add_argument("--workers", type=positive_int, default=2)
+    p.add_argument("--min-duration", type=non_negative_float, default=2.0, help="seconds")
+    p.add_argument("--max-flat-leads", type=non_negative_int, default=6)
     p.set_defaults(func=_ingest)
 
     p = sub.add_parser("preprocess", help="build the memory-mapped dataset store from a manifest")
-    p.add_argument("ingest_dir", type=Path)
-    p.add_argument("store", type=Path)
+    p.add_argument("ingest_dir", type=existing_dir)
+    p.add_argument("store", type=output_dir)
     p.add_argument("--classes", type=_codes, default=None, help="SNOMED codes/abbreviations (default: by --min-count)")
-    p.add_argument("--min-count", type=int, default=200, help="records a scored diagnosis needs to be a class")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--min-count", type=positive_int, default=200, help="records a scored diagnosis needs to be a class")
+    p.add_argument("--workers", type=positive_int, default=2)
     p.set_defaults(func=_preprocess)
 
     p = sub.add_parser("split", help="test / train / valid / unlabelled split of a store (JSON id lists)")
-    p.add_argument("store", type=Path)
-    p.add_argument("out", type=Path, help="splits JSON file")
-    p.add_argument("--test-size", type=float, default=0.1)
-    p.add_argument("--labelled-ratio", type=float, default=0.05)
-    p.add_argument("--valid-size", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("store", type=existing_dir)
+    p.add_argument("out", type=output_file, help="splits JSON file")
+    p.add_argument("--test-size", type=fraction, default=0.1)
+    p.add_argument("--labelled-ratio", type=fraction, default=0.05)
+    p.add_argument("--valid-size", type=fraction, default=0.2)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.set_defaults(func=_split)
 
     p = sub.add_parser("add", help="copy a hospital's records into data/ and record a new DVC version")
-    p.add_argument("source", help="folder or s3://bucket/prefix")
+    p.add_argument("source", type=source, help="folder or s3://bucket/prefix")
     p.add_argument("--name", help="folder under data/ (default: the source's last path part)")
-    p.add_argument("--repo", type=Path, default=Path("."), help="repository root")
+    p.add_argument("--repo", type=existing_dir, default=Path("."), help="repository root (an existing folder)")
     p.add_argument("--no-dvc", action="store_true", help="copy only, do not run dvc add")
     p.add_argument("--push", action="store_true", help="dvc push after recording the version")
     p.add_argument(
@@ -94,13 +107,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     r.set_defaults(func=_remote_list)
 
     p = sub.add_parser("demo-data", help="generate the demo hospital in data/ (bit-identical) and track it")
-    p.add_argument("--repo", type=Path, default=Path("."), help="repository root")
+    p.add_argument("--repo", type=existing_dir, default=Path("."), help="repository root (an existing folder)")
     p.add_argument("--force", action="store_true", help="regenerate and record it as the data version")
     p.add_argument("--no-dvc", action="store_true", help="do not run dvc add")
     p.set_defaults(func=_demo_data)
 
     p = sub.add_parser("version", help="print the data version recorded in data.dvc")
-    p.add_argument("--repo", type=Path, default=Path("."))
+    p.add_argument("--repo", type=existing_dir, default=Path("."))
     p.set_defaults(func=_version)
 
 
@@ -143,6 +156,10 @@ def _ingest(args: argparse.Namespace) -> int:
     from ml.data.ingest import QUARANTINE_FILE, IngestConfig, ingest
     from ml.data.records import ValidationConfig
 
+    if args.source.startswith("s3://"):
+        from pipeline.preflight import check_s3
+
+        check_s3(args.source)  # credentials and the bucket, before an output folder exists
     config = IngestConfig(
         validation=ValidationConfig(min_duration_s=args.min_duration, max_flat_leads=args.max_flat_leads),
         workers=args.workers,
@@ -186,6 +203,10 @@ def _split(args: argparse.Namespace) -> int:
 def _add(args: argparse.Namespace) -> int:
     from ml.data.dvc import add_records
 
+    if args.source.startswith("s3://"):
+        from pipeline.preflight import check_s3
+
+        check_s3(args.source)
     result = add_records(
         args.source,
         args.repo,

@@ -280,6 +280,10 @@ def _plain_defaults() -> argparse.Namespace:
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``cessl method-demo``."""
+    from pipeline.commands.backbone import SIZES
+    from pipeline.constraints import non_negative_int, positive_int
+    from pipeline.params import flag_type
+
     defaults = _plain_defaults()
     parser = subparsers.add_parser(
         "method-demo",
@@ -287,26 +291,40 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--backbone", default=defaults.backbone, help="backbone size (default %(default)s)")
-    parser.add_argument("--classes", type=int, default=defaults.classes, help="synthetic classes")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="CE-SSL steps")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="labelled (= unlabelled) batch")
-    parser.add_argument("--val-every", type=int, default=defaults.val_every, help="validate every N steps")
-    parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
-    parser.add_argument("-r", type=int, default=None, help="LoRA rank r (default: LoRAConfig's, the paper's)")
+    parser.add_argument(
+        "--backbone", choices=SIZES, default=defaults.backbone, help="backbone size (default %(default)s)"
+    )
+    parser.add_argument("--classes", type=positive_int, default=defaults.classes, help="synthetic classes")
+    parser.add_argument("--steps", type=positive_int, default=defaults.steps, help="CE-SSL steps")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=defaults.batch_size, help="labelled (= unlabelled) batch"
+    )
+    parser.add_argument(
+        "--val-every", type=flag_type("val_every"), default=defaults.val_every, help="validate every N steps"
+    )
+    parser.add_argument("--lr", type=flag_type("lr"), default=defaults.lr, help="peak learning rate")
+    parser.add_argument(
+        "-r", type=flag_type("r"), default=None, help="LoRA rank r (default: LoRAConfig's, the paper's)"
+    )
     parser.add_argument(
         "--compress",
-        type=float,
+        type=flag_type("compress"),
         default=None,
         help="rank allocation ratio c (default: RankAllocationConfig's, the paper's)",
     )
     parser.add_argument(
-        "-p", type=float, default=None, help="random deactivation probability (default: LoRAConfig's, the paper's)"
+        "-p",
+        type=flag_type("p"),
+        default=None,
+        help="random deactivation probability (default: LoRAConfig's, the paper's)",
     )
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--device", default=defaults.device, help="auto | cpu | cuda")
+    parser.add_argument("--seed", type=flag_type("seed"), default=defaults.seed)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=defaults.device, help="auto | cpu | cuda")
     parser.add_argument(
-        "--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 is faster on a busy machine)"
+        "--threads",
+        type=non_negative_int,
+        default=0,
+        help="torch CPU threads (0: torch's default; 1 is faster on a busy machine)",
     )
     parser.add_argument("--out", default=None, help="also save the adapter to this folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

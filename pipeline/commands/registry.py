@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from pathlib import Path
 
 from pipeline.audit import history
+from pipeline.constraints import as_text, non_negative_float, output_file, tracking_uri
 from pipeline.registry import (
     GATE_METRICS,
     GateConfig,
@@ -39,18 +39,11 @@ EXIT_REFUSED = 1
 
 
 def _tracking(args: argparse.Namespace, name: str = "") -> TrackingConfig:
+    """The registry's store; it must exist (these commands never create one) and answer."""
+    from pipeline.preflight import check_tracking
+
+    check_tracking(args.tracking_uri, writes=False)
     return TrackingConfig.resolve(args.tracking_uri, model_name=name or "cessl-ecg")
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a finite number >= 0 (a negative margin would let a worse model win)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number >= 0")
-    return value
 
 
 def print_decision(decision: PromotionDecision) -> None:
@@ -149,6 +142,8 @@ def _numbers(metrics: dict) -> str:
 
 def cmd_models(args: argparse.Namespace) -> int:
     client = _tracking(args, args.name or "").client()
+    if args.name:
+        client.get_registered_model(args.name)  # an unknown name: RESOURCE_DOES_NOT_EXIST, exit 2
     if not args.name:
         _table("registered models", ("name", "aliases", "latest_version"), describe_models(client))
         return 0
@@ -176,6 +171,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     def tracking_flag(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--tracking-uri",
+            type=tracking_uri,
             default="",
             help=f"MLflow tracking URI (default: ${TRACKING_URI_ENV} or sqlite:///./mlflow.db)",
         )
@@ -213,7 +209,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     pd_ = subparsers.add_parser("predict", help="predict diagnoses of WFDB records with a registered model")
     pd_.add_argument("--model", required=True, help="model URI, e.g. models:/cessl-ecg@champion")
     pd_.add_argument("records", nargs="+", help="WFDB records (path with or without .hea)")
-    pd_.add_argument("-o", "--output", default=None, help="output file (default: stdout)")
+    pd_.add_argument("-o", "--output", type=as_text(output_file), default=None, help="output file (default: stdout)")
     pd_.add_argument("--format", choices=("csv", "json"), default=None, help="default: from -o's suffix, else csv")
     tracking_flag(pd_)
     pd_.set_defaults(func=cmd_predict)

@@ -27,6 +27,16 @@ from pathlib import Path
 from typing import Any
 
 from components.locking import exclusive
+from pipeline.constraints import (
+    cron,
+    existing_file,
+    http_url,
+    non_negative_float,
+    non_negative_int,
+    output_file,
+    output_root,
+    tracking_uri,
+)
 from pipeline.dag import (
     CompileOptions,
     LocalRunConfig,
@@ -76,7 +86,7 @@ def add_compile_flags(parser: argparse.ArgumentParser, with_image: bool = True) 
             "--image", default=None, help="component image (default: $CESSL_IMAGE or localhost:5000/cessl:0.1.0)"
         )
     group.add_argument("--accelerator-type", default="nvidia.com/gpu", help="finetune's accelerator resource")
-    group.add_argument("--accelerator-limit", type=int, default=1, help="accelerators for finetune")
+    group.add_argument("--accelerator-limit", type=non_negative_int, default=1, help="accelerators for finetune")
     group.add_argument("--no-gpu", action="store_true", help="finetune requests no accelerator")
     group.add_argument(
         "--node-selector",
@@ -302,6 +312,18 @@ def prepare_store(tracking: TrackingConfig) -> None:
         ensure_experiment(tracking)
 
 
+def preflight_local(args: argparse.Namespace, params: PipelineParams | None = None) -> None:
+    """Before any work of a local run: a local backbone exists, the tracking store answers
+    (or may be created), and a Docker engine answers for ``--runner docker``."""
+    from pipeline.preflight import check_backbone, check_docker, check_tracking
+
+    if params is not None:
+        check_backbone(params.backbone)
+    check_tracking(args.tracking_uri, writes=True, create=args.create_store)
+    if args.runner == "docker":
+        check_docker()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     with project_lock(args):
         return _run(args)
@@ -309,6 +331,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     params = params_from_args(args, DEMO_PARAMS)
+    preflight_local(args, params)
     tracking = TrackingConfig.resolve(
         args.tracking_uri, params.experiment_name, registered_model_name(params.model_name, params.method)
     )
@@ -385,6 +408,10 @@ def _package(args: argparse.Namespace, cache_ingest: bool = True) -> Path:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline.preflight import check_kfp_host
+
+    params_from_args(args, DEFAULTS)  # every parameter valid before the server is asked
+    check_kfp_host(args.host)
     arguments = cluster_arguments(args)
     # Unknown data version (an S3 source this machine cannot list): ingest must list it again.
     package = _package(args, cache_ingest=bool(arguments.get("data_version")))
@@ -411,6 +438,10 @@ def cron6(expression: str) -> str:
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
+    from pipeline.preflight import check_kfp_host
+
+    params_from_args(args, DEFAULTS)
+    check_kfp_host(args.host)
     package = _package(args, cache_ingest=False)  # each recurring run lists the source again
     client = _client(args)
     experiment = client.create_experiment(args.kfp_experiment)
@@ -447,6 +478,13 @@ def _retrain(args: argparse.Namespace) -> int:
     from pipeline.registry import champion_data_version
 
     params = params_from_args(args, DEFAULTS if args.host else DEMO_PARAMS)
+    if args.host:
+        from pipeline.preflight import check_kfp_host, check_tracking
+
+        check_kfp_host(args.host)
+        check_tracking(args.tracking_uri, writes=False, create=args.create_store)
+    else:
+        preflight_local(args, params)
     tracking = TrackingConfig.resolve(
         args.tracking_uri, params.experiment_name, registered_model_name(params.model_name, params.method)
     )
@@ -474,20 +512,41 @@ def _retrain(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parsers
 
 
+def _optional(check):
+    """``check`` for a set value; '' (unset) stays ''."""
+
+    def convert(text: str):
+        return check(text) if text else ""
+
+    convert.__name__ = getattr(check, "__name__", "value")
+    return convert
+
+
 def _add_tracking(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tracking-uri",
+        type=tracking_uri,
         default="",
         help=f"MLflow tracking URI (default: ${TRACKING_URI_ENV} or sqlite:///./mlflow.db)",
+    )
+    parser.add_argument(
+        "--create-store",
+        action="store_true",
+        help="create a new sqlite MLflow store at --tracking-uri (default: only ./mlflow.db is created)",
     )
     parser.add_argument("--data-version", default="", help="override the data version (default: from the .dvc file)")
 
 
 def _add_local(parser: argparse.ArgumentParser, registry: bool = True) -> None:
     """Options of a local run (``registry``: also the champion gate's)."""
-    parser.add_argument("--pipeline-root", default="local_outputs", help="task outputs and the task cache")
     parser.add_argument(
-        "--state-dir", default=str(STATE_DIR), help="checkpoints and incremental ingest/preprocess state"
+        "--pipeline-root", type=output_root, default="local_outputs", help="task outputs and the task cache"
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=output_root,
+        default=str(STATE_DIR),
+        help="checkpoints and incremental ingest/preprocess state",
     )
     parser.add_argument(
         "--backbone-cache",
@@ -506,7 +565,9 @@ def _add_local(parser: argparse.ArgumentParser, registry: bool = True) -> None:
     parser.add_argument(
         "--show-task-logs", action="store_true", help="stream the tasks' output (default: <pipeline-root>/last_run.log)"
     )
-    parser.add_argument("--json", default="", metavar="PATH", help="also write the summary as JSON")
+    parser.add_argument(
+        "--json", type=_optional(output_file), default="", metavar="PATH", help="also write the summary as JSON"
+    )
     parser.add_argument(
         "--wait-lock",
         type=float,
@@ -521,14 +582,18 @@ def _add_local(parser: argparse.ArgumentParser, registry: bool = True) -> None:
     )
     parser.add_argument("--promote", action="store_true", help="run the champion gate after registering")
     parser.add_argument("--promote-metric", default="macro_f_beta")
-    parser.add_argument("--promote-margin", type=float, default=0.0)
+    parser.add_argument("--promote-margin", type=non_negative_float, default=0.0)
 
 
 def _add_cluster(parser: argparse.ArgumentParser, host_required: bool = True) -> None:
-    parser.add_argument("--host", required=host_required, default=None, help="Kubeflow Pipelines endpoint URL")
+    parser.add_argument(
+        "--host", type=http_url, required=host_required, default=None, help="Kubeflow Pipelines endpoint URL"
+    )
     parser.add_argument("--namespace", default=None, help="KFP namespace (multi-user installs)")
     parser.add_argument("--kfp-experiment", default="cessl", help="KFP experiment")
-    parser.add_argument("--package", default=None, help="compiled pipeline YAML (default: compile now)")
+    parser.add_argument(
+        "--package", type=existing_file, default=None, help="compiled pipeline YAML (default: compile now)"
+    )
     parser.add_argument("--checkpoint-root", default="", help="checkpoint root inside the pod (e.g. /mnt/checkpoints)")
 
 
@@ -540,7 +605,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     run.set_defaults(func=cmd_run)
 
     comp = subparsers.add_parser("compile", help="compile the pipeline to KFP IR YAML")
-    comp.add_argument("-o", "--output", default=DEFAULT_PACKAGE)
+    comp.add_argument("-o", "--output", type=output_file, default=DEFAULT_PACKAGE)
     add_compile_flags(comp)
     comp.set_defaults(func=cmd_compile)
 
@@ -553,12 +618,16 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         _add_tracking(sub)
         _add_cluster(sub)
         add_compile_flags(sub)
-        sub.add_argument("--pipeline-root", default=str(STATE_DIR), help="where the compiled YAML is written")
+        sub.add_argument(
+            "--pipeline-root", type=output_root, default=str(STATE_DIR), help="where the compiled YAML is written"
+        )
         sub.add_argument("--no-cache", action="store_true")
         if name == "submit":
             sub.add_argument("--run-name", default=None)
         else:
-            sub.add_argument("--cron", required=True, help="cron expression, 5 or 6 fields (KFP: with seconds)")
+            sub.add_argument(
+                "--cron", type=cron, required=True, help="cron expression, 5 or 6 fields (KFP: with seconds)"
+            )
             sub.add_argument("--job-name", default="cessl-retrain")
         sub.set_defaults(func=func)
 

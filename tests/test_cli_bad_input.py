@@ -1,0 +1,668 @@
+"""Every verb with bad values of every parameter it takes: a clear answer, before any work.
+
+The cases are generated from the parameter definitions:
+
+- every :class:`pipeline.params.PipelineParams` field's constraints (field metadata:
+  ``minimum``, ``maximum``, ``exclusive_*``, ``choices``, ``check``) -> out-of-range,
+  wrong-type and not-a-choice values for ``run``, ``submit``, ``schedule``, ``retrain`` and
+  ``compare``;
+- every other flag whose argparse ``type=`` is a range helper of
+  :mod:`pipeline.constraints` (found by walking the parser) -> values outside its range;
+- paths (missing inputs, a file where a folder is expected, a missing parent), URIs,
+  unreachable servers (MLflow, KFP, Docker, S3), plus hypothesis properties of the ranges.
+
+Each case asserts: the documented exit code, exactly one line on stderr naming the
+parameter or file, no traceback, no file created in the working directory, and speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import errno
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ml.errors import (
+    EXIT_BAD_FILE,
+    EXIT_DISK,
+    EXIT_STEP_FAILED,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    ParameterError,
+)
+from pipeline import cli, constraints
+from pipeline.compare import EXCLUDED_PARAMS
+from pipeline.failures import describe, failed_run_message
+from pipeline.logsafe import redact
+from pipeline.params import DEFAULTS, PipelineParams, cli_fields, field_types
+
+REPO = Path(__file__).resolve().parents[1]
+FAST_S = 5.0  # validation happens before any work: far below this
+HOST = "http://127.0.0.1:9"  # never reached by the parameter cases (they fail first)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def snapshot(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@dataclasses.dataclass
+class Outcome:
+    code: int
+    out: str
+    err: str
+    seconds: float
+
+    @property
+    def err_lines(self) -> list[str]:
+        return [line for line in self.err.splitlines() if line.strip()]
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> Outcome:
+    capsys.readouterr()
+    start = time.perf_counter()
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as exc:  # the parser's own errors
+        code = exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    seconds = time.perf_counter() - start
+    captured = capsys.readouterr()
+    return Outcome(int(code), captured.out, captured.err, seconds)
+
+
+def assert_clear_failure(outcome: Outcome, code: int, names: tuple[str, ...], limit: float = FAST_S) -> None:
+    assert outcome.code == code, f"exit {outcome.code}, expected {code}: {outcome.err}"
+    assert len(outcome.err_lines) == 1, f"expected one line on stderr, got:\n{outcome.err}"
+    line = outcome.err_lines[0]
+    assert "Traceback" not in outcome.err
+    assert any(name in line for name in names), f"{line!r} names none of {names}"
+    assert outcome.seconds < limit, f"took {outcome.seconds:.1f} s"
+
+
+@pytest.fixture()
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An empty working directory (no MLflow store, no data); checks nothing is created in it."""
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("src", "ingest", "store", "backbone"):
+        (work / name).mkdir()
+    (work / "ckpt.pt").write_bytes(b"not a checkpoint")
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before = snapshot(work)
+    yield work
+    assert snapshot(work) == before, f"files created: {sorted(snapshot(work) - before)}"
+
+
+# --------------------------------------------------------------------------- pipeline parameters
+
+# Each verb that takes the generated pipeline flags, with the rest of a valid command line.
+PARAM_VERBS: dict[str, tuple[list[str], tuple[str, ...]]] = {
+    "run": ([], ()),
+    "submit": (["--host", HOST], ()),
+    "schedule": (["--host", HOST, "--cron", "0 3 * * 1"], ()),
+    "retrain": ([], ()),
+    "compare": ([], EXCLUDED_PARAMS),
+}
+
+
+def bad_values(field: dataclasses.Field, kind: type) -> list[str]:
+    """Values that break the field's constraints (from its metadata)."""
+    meta, values = field.metadata, []
+    step = 1 if kind is int else 0.5
+    if meta.get("minimum") is not None:
+        values.append(meta["minimum"] - step)
+    if meta.get("exclusive_minimum") is not None:
+        values.append(meta["exclusive_minimum"])
+    if meta.get("maximum") is not None:
+        values.append(meta["maximum"] + step)
+    if meta.get("exclusive_maximum") is not None:
+        values.append(meta["exclusive_maximum"])
+    texts = [str(int(v)) if kind is int else repr(float(v)) for v in values]
+    if kind is int:
+        texts += ["1.5", "many"]
+    elif kind is float:
+        texts += ["nan", "inf", "lots"]
+    if meta.get("choices"):
+        texts.append("no-such-choice")
+    check = meta.get("check")
+    if check == "source":
+        texts += ["s3://", "ftp://host/records"]
+    elif check == "non_empty":
+        texts.append(" ")
+    elif check == "model_name":
+        texts.append("a/b@c")
+    return texts
+
+
+def param_cases() -> list[pytest.param]:
+    types, cases = field_types(), []
+    for verb, (extra, exclude) in PARAM_VERBS.items():
+        for field in cli_fields(exclude):
+            flag = field.metadata["flag"] or "--" + field.name.replace("_", "-")
+            for value in bad_values(field, types[field.name]):
+                cases.append(pytest.param(verb, flag, value, extra, id=f"{verb} {flag} {value}"))
+    return cases
+
+
+PARAM_CASES = param_cases()
+
+
+def test_every_numeric_pipeline_parameter_has_constraints():
+    """A new numeric parameter without a range would be silently accepted at any value."""
+    types = field_types()
+    bounds = ("minimum", "maximum", "exclusive_minimum", "exclusive_maximum")
+    for field in dataclasses.fields(PipelineParams):
+        if types[field.name] in (int, float):
+            assert any(field.metadata.get(b) is not None for b in bounds), field.name
+
+
+@pytest.mark.parametrize(("verb", "flag", "value", "extra"), PARAM_CASES)
+def test_bad_pipeline_parameter(verb, flag, value, extra, workdir, capsys):
+    outcome = run_cli([verb, *extra, flag, value], capsys)
+    assert_clear_failure(outcome, EXIT_USAGE, (flag,))
+
+
+def test_validate_reports_every_problem_in_one_line():
+    with pytest.raises(ParameterError) as err:
+        DEFAULTS.replace(labelled_ratio=1.5, r=0, p=1.0, lr=-1.0, method="nope", val_every=0)
+    message = str(err.value)
+    assert "\n" not in message
+    for flag in ("--labelled-ratio", "-r", "-p", "--lr", "--method", "--val-every"):
+        assert flag in message
+
+
+def test_the_kfp_validate_step_gets_the_same_answers():
+    """What the pipeline's first step runs on the (text) values KFP hands it."""
+    from pipeline.components import validate
+
+    assert validate({"epochs": "0.0", "max_steps": "7"}) == "7 steps"
+    with pytest.raises(ParameterError, match=r"--labelled-ratio.*-r"):
+        validate({**DEFAULTS.arguments(), "labelled_ratio": "0", "r": "0"})
+    with pytest.raises(ParameterError, match="--lr"):
+        validate({"lr": "fast"})
+
+
+def test_the_compiled_pipeline_validates_first(tmp_path):
+    import yaml
+
+    from pipeline.dag import CompileOptions, compile_pipeline
+
+    spec = next(yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml", CompileOptions.local("img:1")).read_text()))
+    tasks = spec["root"]["dag"]["tasks"]
+    for first in ("ingest", "resolve-backbone"):
+        assert "validate" in tasks[first]["dependentTasks"], first
+
+
+# --------------------------------------------------------------------------- every other flag
+
+
+# A valid command line for every verb whose flags are checked by a type= range helper.
+BASE_ARGV: dict[tuple[str, ...], list[str]] = {
+    ("data", "synth"): ["data", "synth", "out"],
+    ("data", "ingest"): ["data", "ingest", "src", "out"],
+    ("data", "preprocess"): ["data", "preprocess", "ingest", "out"],
+    ("data", "split"): ["data", "split", "store", "splits.json"],
+    ("backbone", "pretrain"): ["backbone", "pretrain", "--store", "store", "--out", "out"],
+    ("method-demo",): ["method-demo"],
+    ("promote",): ["promote", "some-model"],
+    ("compile",): ["compile"],
+    ("compare",): ["compare"],
+    ("run",): ["run"],
+    ("retrain",): ["retrain"],
+    ("submit",): ["submit", "--host", HOST],
+    ("schedule",): ["schedule", "--host", HOST, "--cron", "0 3 * * 1"],
+}
+
+
+def walk(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], argparse.Action]]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from walk(sub, (*path, name))
+        else:
+            yield path, action
+
+
+def range_flag_cases() -> list[pytest.param]:
+    generated = {f.metadata["flag"] or "--" + f.name.replace("_", "-") for f in cli_fields()}
+    cases = []
+    for verb, action in walk(cli.build_parser()):
+        bounds = getattr(action.type, "bounds", None)
+        if not action.option_strings or bounds is None or verb not in BASE_ARGV:
+            continue
+        flag = action.option_strings[-1]
+        if verb[0] in PARAM_VERBS and flag in generated:
+            continue  # the pipeline parameters' cases above
+        kind = action.type.kind
+        step = 1 if kind is int else 0.5
+        values = []
+        if bounds["minimum"] is not None:
+            values.append(bounds["minimum"] - step)
+        if bounds["exclusive_minimum"] is not None:
+            values.append(bounds["exclusive_minimum"])
+        if bounds["maximum"] is not None:
+            values.append(bounds["maximum"] + step)
+        if bounds["exclusive_maximum"] is not None:
+            values.append(bounds["exclusive_maximum"])
+        texts = [str(int(v)) if kind is int else repr(float(v)) for v in values] + ["abc"]
+        if kind is float:
+            texts.append("nan")
+        for text in texts:
+            cases.append(pytest.param(verb, flag, text, id=f"{' '.join(verb)} {flag} {text}"))
+    return cases
+
+
+RANGE_CASES = range_flag_cases()
+
+
+def test_no_numeric_flag_is_unchecked():
+    """Every int/float flag of every verb goes through a range helper (no bare type=int)."""
+    for verb, action in walk(cli.build_parser()):
+        assert action.type not in (int, float), f"cessl {' '.join(verb)} {action.option_strings}: bare {action.type}"
+
+
+def test_the_issue_examples_are_among_the_cases():
+    ids = {case.id for case in RANGE_CASES}
+    for expected in (
+        "data ingest --workers 0",
+        "data ingest --min-duration -0.5",
+        "data ingest --max-flat-leads -1",
+        "data preprocess --min-count 0",
+        "data synth --records 0",
+        "data synth --fs 0.0",
+    ):
+        assert expected in ids, expected
+    assert any(case.id == "run --batch-size -1" for case in PARAM_CASES)
+
+
+@pytest.mark.parametrize(("verb", "flag", "value"), RANGE_CASES)
+def test_bad_flag_value(verb, flag, value, workdir, capsys):
+    outcome = run_cli([*BASE_ARGV[verb], flag, value], capsys)
+    assert_clear_failure(outcome, EXIT_USAGE, (flag,))
+
+
+# --------------------------------------------------------------------------- paths and URIs
+
+PATH_CASES = [
+    # (argv, names one of)
+    (["data", "ingest", "missing", "out"], ("missing",)),
+    (["data", "ingest", "ckpt.pt", "out"], ("ckpt.pt",)),
+    (["data", "ingest", "src", "ckpt.pt"], ("ckpt.pt",)),  # an existing file as the output folder
+    (["data", "ingest", "s3://", "out"], ("s3://",)),
+    (["data", "ingest", "s3://Not_A_Bucket/x", "out"], ("Not_A_Bucket",)),
+    (["data", "synth", "no/such/parent/out"], ("no/such/parent",)),
+    (["data", "preprocess", "missing", "store2"], ("missing",)),
+    (["data", "split", "missing", "s.json"], ("missing",)),
+    (["data", "split", "store", "store"], ("store",)),  # a folder where a file is expected
+    (["data", "add", "src", "--repo", "missing-repo"], ("missing-repo",)),
+    (["data", "demo-data", "--repo", "missing-repo"], ("missing-repo",)),
+    (["data", "version", "--repo", "ckpt.pt"], ("ckpt.pt",)),
+    (["backbone", "import", "missing.pt", "--config", "tiny", "--out", "o"], ("missing.pt",)),
+    (["backbone", "import", "src", "--config", "tiny", "--out", "o"], ("src",)),
+    (["backbone", "import", "ckpt.pt", "--config", "huge", "--out", "o"], ("--config",)),
+    (["backbone", "show", "missing"], ("missing",)),
+    (["backbone", "pretrain", "--store", "missing", "--out", "o"], ("missing",)),
+    (["compile", "-o", "store"], ("store",)),
+    (["run", "--json", "no/such/dir/s.json"], ("no/such/dir",)),
+    (["run", "--pipeline-root", "ckpt.pt/x"], ("ckpt.pt",)),
+    (["run", "--tracking-uri", "mlflow.db"], ("mlflow.db",)),
+    (["run", "--tracking-uri", "sqlite:///no/such/folder/mlflow.db"], ("no/such/folder",)),
+    (["run", "--tracking-uri", "sqlite:///elsewhere.db"], ("elsewhere.db",)),  # a typo: no new empty store
+    (["run", "--tracking-uri", "http://:5000"], ("http://:5000",)),
+    (["run", "--source", "missing-data", "--no-demo-data"], ("missing-data",)),
+    (["run", "--backbone", "missing-backbone"], ("missing-backbone",)),
+    (["compare", "--backbone", "missing-backbone"], ("missing-backbone",)),
+    (["models"], ("mlflow.db",)),  # nothing tracked here: no empty store is created
+    (["models", "--tracking-uri", "sqlite:///typo.db"], ("typo.db",)),
+    (["promote", "m", "--tracking-uri", "sqlite:///typo.db"], ("typo.db",)),
+    (["predict", "--model", "models:/m@champion", "src", "--tracking-uri", "sqlite:///typo.db"], ("typo.db",)),
+    (["predict", "--model", "models:/m@champion", "src", "-o", "no/such/dir/p.csv"], ("no/such/dir",)),
+    (["backbone", "fetch", "models:/cessl-backbone-tiny/1", "--out", "o"], ("mlflow.db",)),
+    (["submit", "--host", "kfp.example.org"], ("--host",)),
+    (["submit", "--host", HOST, "--package", "missing.yaml"], ("missing.yaml",)),
+    (["schedule", "--host", HOST, "--cron", "every monday"], ("--cron",)),
+    (["schedule", "--host", HOST, "--cron", "0 3 * *"], ("--cron",)),
+]
+
+
+@pytest.mark.parametrize(("argv", "names"), PATH_CASES, ids=[" ".join(a) for a, _ in PATH_CASES])
+def test_bad_path_or_uri(argv, names, workdir, capsys):
+    outcome = run_cli(argv, capsys)
+    assert_clear_failure(outcome, EXIT_USAGE, names)
+
+
+def test_a_typo_in_the_store_path_creates_no_database(workdir, capsys, tmp_path):
+    typo = tmp_path / "mlfow.db"
+    outcome = run_cli(["run", "--tracking-uri", f"sqlite:///{typo}"], capsys)
+    assert_clear_failure(outcome, EXIT_USAGE, (str(typo),))
+    assert "--create-store" in outcome.err and not typo.exists()
+
+
+def test_s3_without_credentials_is_code_3_and_leaves_no_output(workdir, capsys, monkeypatch):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(workdir / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(workdir / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    outcome = run_cli(["data", "ingest", "s3://bucket/prefix", "out"], capsys)
+    assert_clear_failure(outcome, EXIT_UNAVAILABLE, ("s3://bucket/prefix",), limit=15)
+    assert "AWS_ACCESS_KEY_ID" in outcome.err
+
+
+def test_s3_endpoint_that_does_not_answer_is_code_3(workdir, capsys, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed_port()}")
+    outcome = run_cli(["data", "ingest", "s3://bucket/prefix", "out"], capsys)
+    assert_clear_failure(outcome, EXIT_UNAVAILABLE, ("127.0.0.1",), limit=15)
+    assert "wJalrXUtnFEMI" not in outcome.err
+
+
+# --------------------------------------------------------------------------- unreachable servers
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["models", "--tracking-uri"],
+        ["promote", "m", "--tracking-uri"],
+        ["run", "--tracking-uri"],
+        ["retrain", "--tracking-uri"],
+        ["compare", "--tracking-uri"],
+    ],
+    ids=lambda argv: argv[0],
+)
+def test_unreachable_mlflow_is_one_line_code_3(argv, workdir, capsys):
+    uri = f"http://127.0.0.1:{closed_port()}"
+    outcome = run_cli([*argv, uri], capsys)
+    assert_clear_failure(outcome, EXIT_UNAVAILABLE, (uri,), limit=10)
+
+
+@pytest.mark.parametrize("verb", [["submit"], ["schedule", "--cron", "0 3 * * 1"], ["retrain", "--create-store"]])
+def test_unreachable_kfp_host_is_one_line_code_3(verb, workdir, capsys):
+    host = f"http://127.0.0.1:{closed_port()}"
+    outcome = run_cli([verb[0], "--host", host, *verb[1:]], capsys)
+    assert_clear_failure(outcome, EXIT_UNAVAILABLE, (host,), limit=10)
+
+
+def test_docker_runner_without_an_engine_is_one_line_code_3(workdir, capsys, monkeypatch):
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{workdir.parent / 'no-docker.sock'}")
+    outcome = run_cli(["run", "--runner", "docker", "--no-demo-data"], capsys)
+    assert_clear_failure(outcome, EXIT_UNAVAILABLE, ("no-docker.sock",), limit=10)
+
+
+# --------------------------------------------------------------------------- the error boundary
+
+
+def _raise(error: BaseException):
+    def command(args) -> int:
+        raise error
+
+    return command
+
+
+def _errors() -> list[tuple[BaseException, int, str]]:
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    oserror = OSError(errno.EROFS, "Read-only file system")
+    oserror.filename = "/mnt/ro/out"
+    full = OSError(errno.ENOSPC, "No space left on device")
+    full.filename = "/data/store"
+    cases: list[tuple[BaseException, int, str]] = [
+        (NoCredentialsError(), EXIT_UNAVAILABLE, "AWS_ACCESS_KEY_ID"),
+        (EndpointConnectionError(endpoint_url="http://s3.local:9000"), EXIT_UNAVAILABLE, "http://s3.local:9000"),
+        (
+            ClientError({"Error": {"Code": "NoSuchBucket", "Message": "no bucket"}}, "ListObjectsV2"),
+            EXIT_USAGE,
+            "NoSuchBucket",
+        ),
+        (
+            ClientError({"Error": {"Code": "InvalidAccessKeyId", "Message": "bad key"}}, "ListObjectsV2"),
+            EXIT_UNAVAILABLE,
+            "InvalidAccessKeyId",
+        ),
+        (oserror, EXIT_DISK, "/mnt/ro/out"),
+        (full, EXIT_DISK, "/data/store"),
+        (ConnectionRefusedError(111, "Connection refused"), EXIT_UNAVAILABLE, "Connection refused"),
+        (FileExistsError(17, "File exists", "out"), EXIT_USAGE, "out"),
+    ]
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    cases.append(
+        (
+            MlflowException("Registered model alias champion not found.", error_code=RESOURCE_DOES_NOT_EXIST),
+            EXIT_USAGE,
+            "champion",
+        )
+    )
+    cases.append(
+        (
+            MlflowException("API request to http://x:5000/api failed: Max retries exceeded\nline 2"),
+            EXIT_UNAVAILABLE,
+            "http://x:5000",
+        )
+    )
+    from safetensors import SafetensorError
+
+    cases.append((SafetensorError("Error while deserializing header: HeaderTooLarge"), EXIT_BAD_FILE, "safetensors"))
+    import pickle
+
+    cases.append((pickle.UnpicklingError("invalid load key, 'x'."), EXIT_BAD_FILE, "invalid load key"))
+    from pipeline.dag import PipelineRunError
+
+    cases.append((PipelineRunError("pipeline cessl: step 'finetune' failed"), EXIT_STEP_FAILED, "finetune"))
+    try:
+        import docker.errors
+
+        cases.append(
+            (docker.errors.DockerException("Error while fetching server API version"), EXIT_UNAVAILABLE, "Docker")
+        )
+    except ImportError:
+        pass
+    return cases
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "named"), _errors(), ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else str(v)
+)
+def test_known_failures_are_one_line_with_their_code(error, code, named, workdir, capsys, monkeypatch):
+    from pipeline.commands import registry as registry_command
+
+    monkeypatch.setattr(registry_command, "cmd_rollback", _raise(error))
+    outcome = run_cli(["rollback", "m"], capsys)
+    assert_clear_failure(outcome, code, (named,))
+    verbose = run_cli(["-v", "rollback", "m"], capsys)
+    assert verbose.code == code and "Traceback" in verbose.err, "-v adds the traceback"
+
+
+def test_unknown_exceptions_keep_their_traceback(workdir, monkeypatch):
+    from pipeline.commands import registry as registry_command
+
+    monkeypatch.setattr(registry_command, "cmd_rollback", _raise(KeyError("a bug")))
+    with pytest.raises(KeyError):
+        cli.main(["rollback", "m"])
+    assert describe(KeyError("x")) is None and describe(AttributeError("x")) is None
+
+
+def test_a_failed_step_is_one_line_with_its_log(tmp_path):
+    log = tmp_path / "last_run.log"
+    log.write_text(
+        "12:00:00.000 - INFO - Executing task 'ingest'\n"
+        "Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in <module>\n'
+        "components.common.StepError: /data/store: classes not found\n"
+        "12:00:01.000 - ERROR - Task \x1b[96m'finetune'\x1b[0m finished with status \x1b[91mFAILURE\x1b[0m\n"
+        "12:00:01.000 - ERROR - Pipeline \x1b[95m'cessl'\x1b[0m finished with status \x1b[91mFAILURE\x1b[0m. "
+        "Inner task failed: \x1b[96m'finetune'\x1b[0m.\n"
+    )
+    message = failed_run_message("cessl", log)
+    assert "\n" not in message
+    assert "'finetune'" in message and "StepError: /data/store: classes not found" in message and str(log) in message
+
+
+# --------------------------------------------------------------------------- hypothesis
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(max_value=0) | st.text(min_size=1).filter(lambda t: not t.strip().lstrip("+").isdigit()))
+def test_records_is_a_positive_integer(value):
+    with pytest.raises(argparse.ArgumentTypeError):
+        constraints.positive_int(str(value))
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(-10, 10),
+    st.floats(-10, 10),
+)
+def test_range_check_accepts_exactly_the_range(value, low, high):
+    convert = constraints.number(float, minimum=min(low, high), exclusive_maximum=max(low, high))
+    inside = math.isfinite(value) and min(low, high) <= value < max(low, high)
+    try:
+        assert convert(repr(value)) == value and inside
+    except argparse.ArgumentTypeError:
+        assert not inside
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from(["labelled_ratio", "p", "compress", "lr"]))
+def test_pipeline_float_parameters_follow_their_metadata(value, name):
+    field = next(f for f in dataclasses.fields(PipelineParams) if f.name == name)
+    problem = constraints.field_problems(field, value)
+    try:
+        DEFAULTS.replace(**{name: value})
+        assert problem is None
+    except ParameterError as err:
+        assert problem is not None and problem in str(err)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=30)
+)
+def test_path_checks_answer_or_accept_and_create_nothing(tmp_path_factory, name):
+    root = tmp_path_factory.mktemp("paths")
+    (root / "file").write_text("x")
+    before = snapshot(root)
+    for check in (
+        constraints.existing_dir,
+        constraints.existing_file,
+        constraints.output_dir,
+        constraints.output_file,
+        constraints.output_root,
+    ):
+        for text in (str(root / name), str(root / "file" / name)):
+            try:
+                check(text)
+            except (argparse.ArgumentTypeError, ValueError):
+                pass
+            except OSError as err:  # e.g. a name too long: still a clean error type for argparse? no
+                pytest.fail(f"{check.__name__}({text!r}) raised {err!r}")
+    assert snapshot(root) == before
+
+
+# --------------------------------------------------------------------------- real processes
+
+
+def cessl_subprocess(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_",))}
+    environment |= {"PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *argv],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "named"),
+    [
+        (["data", "synth", "out", "--records", "-5"], EXIT_USAGE, "--records"),
+        (["data", "ingest", "missing", "out"], EXIT_USAGE, "missing"),
+        (["run", "--labelled-ratio", "1.5", "-r", "0"], EXIT_USAGE, "--labelled-ratio"),
+        (["models", "--tracking-uri", "http://127.0.0.1:{port}"], EXIT_UNAVAILABLE, "127.0.0.1"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else str(v),
+)
+def test_real_process(argv, code, named, tmp_path):
+    argv = [a.format(port=closed_port()) for a in argv]
+    before = snapshot(tmp_path)
+    proc = cessl_subprocess(argv, tmp_path)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == code, proc.stderr
+    assert len(lines) == 1 and named in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert snapshot(tmp_path) == before
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+def test_redaction_of_keys_tokens_and_passwords(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2-secret")
+    text = (
+        "{'X-Amz-Security-Token': b'IQoJb3JpZ2luX2VjEKnownToken', 'Authorization': b'AWS4-HMAC-SHA256 "
+        "Credential=AKIAIOSFODNN7EXAMPLE/20240101/us-east-1/s3/aws4_request, Signature=abc'} "
+        "aws_secret_access_key=wJalrXUtnFEMI/K7MDENG http://bob:pa55word@mlflow:5000 password=hunter2-secret"
+    )
+    clean = redact(text)
+    for secret in ("IQoJb3JpZ2luX2VjEKnownToken", "AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI", "pa55word", "hunter2"):
+        assert secret not in clean
+    assert redact("/etc/passwd: not a folder") == "/etc/passwd: not a folder"
+
+
+def test_third_party_loggers_stay_quiet_under_verbose(workdir, capsys):
+    import logging
+
+    run_cli(["-v", "data", "version"], capsys)
+    for name in ("botocore", "urllib3", "boto3", "s3transfer"):
+        assert logging.getLogger(name).getEffectiveLevel() >= logging.WARNING, name
+    run_cli(["-v", "--debug-http", "data", "version"], capsys)
+    assert logging.getLogger("botocore").getEffectiveLevel() == logging.DEBUG
+    run_cli(["data", "version"], capsys)  # back to quiet for the next tests
+
+
+def test_no_credential_reaches_the_output_of_a_verbose_s3_command(s3_server, s3_bucket, tmp_path):
+    """`cessl -v [--debug-http] data ingest s3://...` against a real S3 server: the access
+    key id, the secret key and a session token appear nowhere in stdout or stderr."""
+    client = s3_server.client()
+    client.put_object(Bucket=s3_bucket, Key="site/readme.txt", Body=b"not a record")
+    env = s3_server.env()
+    secrets = [s3_server.access_key, s3_server.secret_key]
+    for extra, token in (([], None), (["--debug-http"], "FwoGZXIvYXdzEJr//////////wEaDFakeSessionToken0123456789")):
+        run_env = dict(env)
+        if token:
+            run_env["AWS_SESSION_TOKEN"] = token
+        proc = cessl_subprocess(["-v", *extra, "data", "ingest", f"s3://{s3_bucket}/site", "out"], tmp_path, run_env)
+        output = proc.stdout + proc.stderr
+        assert output.strip(), "the command said something"
+        for secret in [*secrets, *([token] if token else [])]:
+            assert secret not in output, f"a credential reached the output ({extra})"
+        if not token:
+            assert proc.returncode == 0, proc.stderr[-2000:]
