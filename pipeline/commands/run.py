@@ -313,8 +313,9 @@ def prepare_store(tracking: TrackingConfig) -> None:
 
 
 def preflight_local(args: argparse.Namespace, params: PipelineParams | None = None) -> None:
-    """Before any work of a local run: a local backbone exists, the tracking store answers
-    (or may be created), and a Docker engine answers for ``--runner docker``."""
+    """Before any work of a local run (and before its project lock): a local backbone and a
+    local data folder exist, the tracking store answers (or may be created), and a Docker
+    engine answers for ``--runner docker``."""
     from pipeline.preflight import check_backbone, check_docker, check_tracking
 
     if params is not None:
@@ -322,16 +323,21 @@ def preflight_local(args: argparse.Namespace, params: PipelineParams | None = No
     check_tracking(args.tracking_uri, writes=True, create=args.create_store)
     if args.runner == "docker":
         check_docker()
+    if params is not None:
+        demo = params.source == DEMO_PARAMS.source and not getattr(args, "no_demo_data", False)
+        if "://" not in params.source and not demo and not Path(params.source).is_dir():
+            raise FileNotFoundError(f"{Path(params.source).absolute()}: data folder not found")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    with project_lock(args):
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     params = params_from_args(args, DEMO_PARAMS)
-    preflight_local(args, params)
+    preflight_local(args, params)  # checks only: a bad command line leaves nothing behind
+    with project_lock(args):  # then, before any work, one local run of this project at a time
+        return _run(args, params)
+
+
+def _run(args: argparse.Namespace, params: PipelineParams) -> int:
+    """``cessl run``'s work, under the project lock, on validated parameters."""
     tracking = TrackingConfig.resolve(
         args.tracking_uri, params.experiment_name, registered_model_name(params.model_name, params.method)
     )
@@ -468,23 +474,21 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    if args.host:
-        return _retrain(args)
-    with project_lock(args):
-        return _retrain(args)
-
-
-def _retrain(args: argparse.Namespace) -> int:
-    from pipeline.registry import champion_data_version
-
     params = params_from_args(args, DEFAULTS if args.host else DEMO_PARAMS)
     if args.host:
         from pipeline.preflight import check_kfp_host, check_tracking
 
         check_kfp_host(args.host)
         check_tracking(args.tracking_uri, writes=False, create=args.create_store)
-    else:
-        preflight_local(args, params)
+        return _retrain(args, params)
+    preflight_local(args, params)
+    with project_lock(args):
+        return _retrain(args, params)
+
+
+def _retrain(args: argparse.Namespace, params: PipelineParams) -> int:
+    from pipeline.registry import champion_data_version
+
     tracking = TrackingConfig.resolve(
         args.tracking_uri, params.experiment_name, registered_model_name(params.model_name, params.method)
     )
@@ -506,7 +510,7 @@ def _retrain(args: argparse.Namespace) -> int:
     log.info("data version %s differs from the champion's (%s): retraining", current, trained_on or "no champion")
     if args.host:
         return cmd_submit(args)
-    return _run(args)
+    return _run(args, params)
 
 
 # --------------------------------------------------------------------------- parsers
@@ -570,7 +574,7 @@ def _add_local(parser: argparse.ArgumentParser, registry: bool = True) -> None:
     )
     parser.add_argument(
         "--wait-lock",
-        type=float,
+        type=non_negative_float,
         default=0.0,
         metavar="SECONDS",
         help="wait this long for another local run of this project to finish (default: fail at once)",
