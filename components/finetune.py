@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from components.common import StepError, read_json, sha256_json
 from components.data_access import dataset, open_store
+from components.locking import exclusive
 from ml.data.splits import Splits
 from ml.model.pretrained import read_backbone
 
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CURVES_FILE = "curves.jsonl"
+LOCK_FILE = ".lock"
+LOCK_WAIT_S = 24 * 3600.0  # a concurrent identical fine-tune: wait for it, then resume from its checkpoint
 DEFAULT_CHECKPOINT_ROOT = Path(tempfile.gettempdir()) / "cessl-checkpoints"
 
 
@@ -150,12 +153,6 @@ def finetune_step(
 
     ``store_fingerprint`` (the preprocess step's) identifies the data in the checkpoint key.
     """
-    from ml.model.adapter import AdapterMeta, save_adapter
-    from ml.model.backbone import backbone_config
-    from ml.train.callbacks import CurveRecorder, StepProfiler
-    from ml.train.config import resolve_device
-    from ml.train.recipe import finetune
-
     if not store_fingerprint:
         raise StepError(f"{store_dir}: no store fingerprint given (the preprocess step's); it keys the checkpoints")
     splits = Splits.load(splits_path)
@@ -173,6 +170,47 @@ def finetune_step(
         identity, splits, store_fingerprint, rank_map, lora, train
     )
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    # One fine-tune per checkpoint folder at a time (a checkpoint volume shared by concurrent
+    # runs of the same inputs): the second waits, then resumes from the first one's checkpoint.
+    with exclusive(checkpoint_dir / LOCK_FILE, wait=LOCK_WAIT_S, what=f"checkpoint folder {checkpoint_dir}"):
+        return _finetune_in(
+            checkpoint_dir,
+            state,
+            name,
+            identity,
+            classes,
+            lora,
+            rank_map,
+            train,
+            train_ds,
+            unlabelled,
+            valid,
+            adapter_dir,
+            curves_path,
+        )
+
+
+def _finetune_in(
+    checkpoint_dir: Path,
+    state,
+    name: str,
+    identity: str,
+    classes,
+    lora: LoRAConfig,
+    rank_map: Mapping[str, int],
+    train: TrainConfig,
+    train_ds,
+    unlabelled,
+    valid,
+    adapter_dir: Path,
+    curves_path: Path,
+) -> FinetuneResult:
+    from ml.model.adapter import AdapterMeta, save_adapter
+    from ml.model.backbone import backbone_config
+    from ml.train.callbacks import CurveRecorder, StepProfiler
+    from ml.train.config import resolve_device
+    from ml.train.recipe import finetune
+
     train = dataclasses.replace(train, checkpoint_dir=str(checkpoint_dir))
     resume_step = _checkpoint_step(checkpoint_dir)
     if resume_step:

@@ -27,6 +27,7 @@ class IngestResult:
     fingerprint: str  # hash of the output manifest
     read: int = 0  # records parsed in this run
     reused: int = 0  # unchanged since an earlier run: not read again
+    source_version: str = ""  # an s3:// source's data version from its listing (ml.data.dvc.objects_version)
 
 
 def state_folder(state_dir: str | Path | None, source_uri: str) -> Path:
@@ -48,6 +49,7 @@ def ingest_step(
     source: str, out_dir: Path, quarantine_path: Path, state_dir: str | Path | None = None, workers: int | None = None
 ) -> IngestResult:
     """Ingest ``source``; write ``manifest.parquet`` (+ reports) to ``out_dir``, the quarantine report to ``quarantine_path``."""
+    from ml.data.dvc import objects_version
     from ml.data.ingest import (
         ACCEPTED,
         MANIFEST_FILE,
@@ -59,10 +61,14 @@ def ingest_step(
         write_manifest,
     )
     from ml.data.parallel import default_workers
-    from ml.data.sources import open_source
+    from ml.data.sources import S3Source, open_source
 
     src = open_source(source)
     work = state_folder(state_dir, src.uri)
+    source_version = ""
+    if isinstance(src, S3Source):  # the version of the objects as this run lists them
+        objects = src.objects()
+        source_version = objects_version(objects) if objects else ""
     report = ingest(src, work, config=IngestConfig(workers=workers or default_workers()), progress=False)
     current = {r.key for r in src.list_records()}
     manifest = read_manifest(work / MANIFEST_FILE)
@@ -93,4 +99,5 @@ def ingest_step(
         fingerprint=manifest_fingerprint(mine),
         read=report.read,
         reused=report.reused,
+        source_version=source_version,
     )

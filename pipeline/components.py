@@ -62,14 +62,25 @@ def ingest(
 ) -> NamedTuple("IngestOutputs", [("n_records", int), ("n_quarantined", int), ("data_version", str)]):
     """Read and validate WFDB records from a folder or s3:// prefix; quarantine the bad ones.
 
-    ``data_version`` empty (e.g. a scheduled run): the version is the manifest's content hash.
+    ``data_version`` (part of the task's cache key, so new data means a new ingest): the
+    caller's; an ``s3://`` source's is recomputed from the listing ingested (the objects'
+    own version); empty for a folder (e.g. a scheduled run): the manifest's content hash.
     """
     from pathlib import Path
 
     from components.ingest import ingest_step
 
     result = ingest_step(source, Path(manifest.path), Path(quarantine_report.path), state_dir=state_dir or None)
-    version = data_version or f"manifest:{result.fingerprint[:32]}"
+    if result.source_version and data_version and result.source_version != data_version:
+        import logging
+
+        logging.getLogger("cessl.ingest").warning(
+            "%s changed since the run was submitted (data version %s then, %s now): recording what was ingested",
+            source,
+            data_version,
+            result.source_version,
+        )
+    version = result.source_version or data_version or f"manifest:{result.fingerprint[:32]}"
     manifest.metadata.update(
         {
             "source": source,
@@ -354,16 +365,22 @@ def register(
     quarantine_report: Input[Markdown],
     params: dict,
     registration: Output[Markdown],
+    kfp_run_id: str = "",
+    kfp_run_name: str = "",
+    kfp_pipeline_name: str = "",
 ) -> NamedTuple("RegisterOutputs", [("run_id", str), ("model_version", str)]):
     """Log the run to MLflow and register the adapter as a model version (alias challenger).
 
     ``params``: the run's :class:`pipeline.params.PipelineParams` as one mapping (its
-    ``data_version`` the one ingest settled on).
+    ``data_version`` the one ingest settled on). ``kfp_run_id`` / ``kfp_run_name``: the KFP
+    run's (``dsl.PIPELINE_JOB_ID_PLACEHOLDER`` / ``PIPELINE_JOB_NAME_PLACEHOLDER``, filled in
+    by the backend or kfp.local), tagged on the MLflow run with the pipeline's name.
     """
     from pathlib import Path
 
     from components.register import collect_registration
     from ml.data.splits import Splits
+    from pipeline.lineage import lineage_tags
     from pipeline.params import PipelineParams
     from pipeline.registry import registered_model_name
     from pipeline.testsets import after_registration
@@ -386,7 +403,8 @@ def register(
     )
     name = registered_model_name(run.model_name, run.method)
     tracking = TrackingConfig.resolve(run.tracking_uri, run.experiment_name, name)
-    result = log_and_register(bundle, tracking)
+    lineage = lineage_tags(run.git_commit, kfp_run_id, kfp_run_name, kfp_pipeline_name)
+    result = log_and_register(bundle, tracking, lineage)
     # The first registration of a model freezes its test set (or a pending refresh's redraw).
     after_registration(tracking.client(), name, result.version, result.run_id, Splits.load(splits.path))
     Path(registration.path).write_text(result.markdown(), encoding="utf-8")

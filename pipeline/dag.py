@@ -405,6 +405,9 @@ def build_pipeline(options: CompileOptions | None = None, steps: StepComponents 
             report=chain.evaluate.outputs["report"],
             quarantine_report=inputs.ingest.outputs["quarantine_report"],
             params={**vars(run), "data_version": inputs.ingest.outputs["data_version"]},
+            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+            kfp_pipeline_name=PIPELINE_NAME,
         )
         configure_tasks(
             options,

@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from ml.data.dvc import dir_md5, dvc_md5
+from ml.data.dvc import dir_md5, dvc_md5, source_version
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +88,112 @@ def read_data_version(data_path: Path, repo: Path | None = None) -> DataVersion:
     return DataVersion(md5=current, git_commit=commit, origin=f"dvc:{dvc_file.name}")
 
 
-def source_data_version(source: str, dvc_file: Path, repo: Path | None = None) -> str:
-    """The data version of a run's source: a local folder's content md5, else (``s3://``) the
-    md5 that ``dvc_file`` records; "" when neither tells."""
-    if "://" not in source and Path(source).is_dir():
+def source_data_version(source: str, repo: Path | None = None) -> str:
+    """The data version of a run's source, computed from the source itself: a local folder's
+    content md5 (checked against its ``.dvc`` file), an ``s3://`` prefix's version from its
+    listing (:func:`ml.data.dvc.objects_version`: DVC's directory md5 when the ETags are
+    md5s), never the md5 a local ``data.dvc`` records for other data. "" when an S3 source
+    cannot be listed from here (a warning says why): ingest then computes it where it runs."""
+    if "://" not in source:
         return read_data_version(Path(source).absolute(), repo).md5
-    return dvc_md5(dvc_file) or ""
+    try:
+        return source_version(source)
+    except Exception as err:  # no credentials / endpoint here, an empty prefix...
+        log.warning("cannot list %s from here (%s): its data version is computed by ingest at run time", source, err)
+        return ""
+
+
+def push_data_version(data_path: Path, version: str, repo: Path) -> bool:
+    """``dvc push`` the data version a run trained on when the project has a default DVC remote.
+
+    Only a folder tracked by a ``.dvc`` file that records exactly ``version`` is pushed (the
+    version a run logged is then retrievable with ``dvc pull``); anything else, and a failed
+    push, is a warning naming what to do, never silent. Returns whether it was pushed.
+    """
+    from ml.data.dvc import default_remote, push
+
+    remote = default_remote(repo)
+    if remote is None:
+        log.info(
+            "no default DVC remote: data version %s not pushed (`cessl data remote add NAME URL --default`)", version
+        )
+        return False
+    dvc_file = find_dvc_file(data_path, repo)
+    if dvc_file is None or dvc_md5(dvc_file, data_path) != version:
+        log.warning(
+            "data version %s not pushed to DVC remote %r: %s does not record it (run `dvc add %s` and commit)",
+            version,
+            remote,
+            dvc_file or f"{data_path.name}.dvc",
+            data_path.name,
+        )
+        return False
+    try:
+        push(repo, dvc_file.relative_to(repo) if dvc_file.is_relative_to(repo) else dvc_file)
+    except RuntimeError as err:
+        log.warning("WARNING: data version %s was NOT pushed to DVC remote %r: %s", version, remote, err)
+        return False
+    log.info("pushed data version %s to DVC remote %r", version, remote)
+    return True
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+# Tags every pipeline run carries besides TAG_DATA_VERSION / TAG_GIT_COMMIT.
+TAG_MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"  # MLflow's standard tag (a bare commit hash)
+TAG_KFP_RUN_ID = "kfp.run_id"
+TAG_KFP_RUN_NAME = "kfp.run_name"
+TAG_KFP_PIPELINE_NAME = "kfp.pipeline_name"
+DATASET_CONTEXT = "training"
+_DIGEST_MAX = 36  # MLflow's dataset digest column
+
+
+def lineage_tags(
+    git_commit: str, kfp_run_id: str = "", kfp_run_name: str = "", pipeline_name: str = ""
+) -> dict[str, str]:
+    """The standard MLflow git tag (without our ``+dirty`` mark) and the KFP run's identity
+    (empty values left out)."""
+    tags = {
+        TAG_MLFLOW_GIT_COMMIT: git_commit.split("+", 1)[0] if git_commit not in ("", "unknown") else "",
+        TAG_KFP_RUN_ID: kfp_run_id,
+        TAG_KFP_RUN_NAME: kfp_run_name,
+        TAG_KFP_PIPELINE_NAME: pipeline_name,
+    }
+    return {k: v for k, v in tags.items() if v and not v.startswith("{{$")}
+
+
+def dataset_name(source: str) -> str:
+    return source.rstrip("/").rsplit("/", 1)[-1] or source
+
+
+def log_data_input(source: str, data_version: str, context: str = DATASET_CONTEXT) -> None:
+    """Record the run's data in the active MLflow run as a dataset input (``mlflow.log_input``):
+    source = the folder or ``s3://`` URI, digest = the data version (MLflow keeps 36
+    characters: a DVC md5 fits whole)."""
+    import time
+
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.exceptions import MlflowException
+
+    if not source:
+        return
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "can be interpreted in multiple ways" for local paths
+        dataset_source = resolve_dataset_source(source)
+    digest = (data_version or "unknown")[:_DIGEST_MAX]
+    dataset = MetaDataset(dataset_source, name=dataset_name(source), digest=digest)
+    for attempt in range(3):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except MlflowException:
+            # Two runs logging the same new dataset at once: the store's insert races
+            # (UNIQUE constraint on experiment, name, digest); the retry finds it there.
+            if attempt == 2:
+                raise
+            time.sleep(0.5 * (attempt + 1))

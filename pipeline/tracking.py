@@ -41,6 +41,7 @@ TAG_FINGERPRINT = "pipeline_fingerprint"
 TAG_RUN_ID = "run_id"
 TAG_COMPARED_CHAMPION = "compared_champion_version"
 TAG_COMPARED_CHAMPION_SPLIT = "compared_champion_test_split_hash"
+TAG_DUPLICATE_OF = "cessl.duplicate_of"  # a run that lost a registration race (deleted)
 _METRIC_BATCH = 900  # MLflow's log_batch takes at most 1000 metrics per call
 
 
@@ -87,12 +88,21 @@ class TrackingConfig:
 
 
 def ensure_experiment(config: TrackingConfig) -> str:
-    """The experiment's id, created (with the local artifact root) when missing."""
+    """The experiment's id, created (with the local artifact root) when missing (also when a
+    concurrent process creates it at the same moment)."""
     client = config.client()
+    from mlflow.exceptions import MlflowException
+
     experiment = client.get_experiment_by_name(config.experiment_name)
     if experiment is not None:
         return experiment.experiment_id
-    return client.create_experiment(config.experiment_name, artifact_location=config.artifact_root)
+    try:
+        return client.create_experiment(config.experiment_name, artifact_location=config.artifact_root)
+    except MlflowException:  # created meanwhile by a concurrent run
+        experiment = client.get_experiment_by_name(config.experiment_name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 # --------------------------------------------------------------------------- logging a run
@@ -178,19 +188,55 @@ def log_files(files: Mapping[str, Path]) -> None:
             mlflow.log_artifact(str(staged), artifact_path=folder or None)
 
 
-def find_registered(client, model_name: str, fingerprint: str):
-    """The model version registered earlier from exactly these inputs, if any."""
+def registered_versions(client, model_name: str, fingerprint: str) -> list:
+    """Every model version registered from exactly these inputs (``pipeline_fingerprint`` tag),
+    lowest version first."""
     from mlflow.exceptions import MlflowException
 
     try:
         versions = client.search_model_versions(f"name = '{model_name}' and tags.{TAG_FINGERPRINT} = '{fingerprint}'")
     except MlflowException:  # some stores cannot filter on tags: filter here
-        versions = [
-            v
-            for v in client.search_model_versions(f"name = '{model_name}'")
-            if v.tags.get(TAG_FINGERPRINT) == fingerprint
-        ]
+        versions = client.search_model_versions(f"name = '{model_name}'")
+    mine = [v for v in versions if (v.tags or {}).get(TAG_FINGERPRINT) == fingerprint]
+    return sorted(mine, key=lambda v: int(v.version))
+
+
+def find_registered(client, model_name: str, fingerprint: str):
+    """The model version registered earlier from exactly these inputs (the lowest), if any."""
+    versions = registered_versions(client, model_name, fingerprint)
     return versions[0] if versions else None
+
+
+def claim_registration(client, model_name: str, fingerprint: str, version: str):
+    """Settle a race between registrations of one fingerprint: the lowest version wins.
+
+    Called right after ``version`` was created *with* its fingerprint tag (one transaction:
+    the tag is there the moment the version exists). A store numbers a model's versions in
+    creation order (``max + 1`` inside the creating transaction), so every version of this
+    fingerprint with a lower number already exists and is visible now: each contender sees
+    the same lowest version, exactly one of them finds it is its own. Returns the winner
+    (``version`` itself when this registration won).
+    """
+    versions = registered_versions(client, model_name, fingerprint)
+    if not versions:  # a store that filters nothing out yet: this one is the only one seen
+        return client.get_model_version(model_name, version)
+    return versions[0]
+
+
+def register_version(model_uri: str, model_name: str, tags: Mapping[str, str]):
+    """Create a model version of ``model_uri`` with ``tags`` set at creation (the fingerprint
+    among them, which :func:`claim_registration` relies on)."""
+    import mlflow
+
+    return mlflow.register_model(model_uri, model_name, tags=dict(tags))
+
+
+def _withdraw(client, model_name: str, version: str, run_id: str, winner) -> None:
+    """The loser of a registration race: its version is deleted and its run marked and deleted,
+    so one registration of the fingerprint remains."""
+    client.delete_model_version(model_name, version)
+    client.set_tag(run_id, TAG_DUPLICATE_OF, f"{model_name}/{winner.version}")
+    client.delete_run(run_id)
 
 
 def current_alias(client, model_name: str, alias: str):
@@ -203,10 +249,27 @@ def current_alias(client, model_name: str, alias: str):
         return None
 
 
-def log_and_register(bundle, config: TrackingConfig) -> RegistrationResult:
-    """Log ``bundle`` (a :class:`components.register.Registration`) as one run and register it."""
+def _reused(client, config: TrackingConfig, existing) -> RegistrationResult:
+    run = client.get_run(existing.run_id)
+    metrics = {k.removeprefix(TEST_PREFIX): v for k, v in run.data.metrics.items() if k.startswith(TEST_PREFIX)}
+    return RegistrationResult(
+        config.model_name, str(existing.version), existing.run_id, config.tracking_uri, metrics=metrics, reused=True
+    )
+
+
+def log_and_register(bundle, config: TrackingConfig, lineage: Mapping[str, str] | None = None) -> RegistrationResult:
+    """Log ``bundle`` (a :class:`components.register.Registration`) as one run and register it.
+
+    ``lineage``: run tags saying where the run came from (``pipeline.lineage.lineage_tags``:
+    ``mlflow.source.git.commit``, ``kfp.run_id``, ``kfp.pipeline_name``...); the data is
+    recorded as a dataset input (source = the bundle's ``source`` parameter, digest = its
+    data version). One fingerprint is registered once, even by concurrent registrations
+    (:func:`claim_registration`): a run that loses the race withdraws its version and run and
+    reports the winner's, as a reuse.
+    """
     import mlflow
 
+    from pipeline.lineage import log_data_input
     from pipeline.pyfunc_model import log_adapter_model
 
     config.activate()
@@ -219,11 +282,8 @@ def log_and_register(bundle, config: TrackingConfig) -> RegistrationResult:
             existing.version,
             bundle.fingerprint[:12],
         )
-        run = client.get_run(existing.run_id)
-        metrics = {k.removeprefix(TEST_PREFIX): v for k, v in run.data.metrics.items() if k.startswith(TEST_PREFIX)}
-        return RegistrationResult(
-            config.model_name, str(existing.version), existing.run_id, config.tracking_uri, metrics=metrics, reused=True
-        )
+        return _reused(client, config, existing)
+    lineage = dict(lineage or {})
 
     experiment_id = ensure_experiment(config)
     champion = bundle.champion
@@ -232,7 +292,8 @@ def log_and_register(bundle, config: TrackingConfig) -> RegistrationResult:
     with mlflow.start_run(experiment_id=experiment_id, run_name=bundle.run_name) as run:
         run_id = run.info.run_id
         mlflow.log_params({k: _param(v) for k, v in bundle.params.items()})
-        mlflow.set_tags({**bundle.tags, TAG_FINGERPRINT: bundle.fingerprint})
+        mlflow.set_tags({**bundle.tags, **lineage, TAG_FINGERPRINT: bundle.fingerprint})
+        log_data_input(str(bundle.params.get("source", "")), bundle.data_version)
         mlflow.log_metrics({f"{TEST_PREFIX}{k}": v for k, v in bundle.test_metrics.items()})
         if champion_metrics:
             mlflow.log_metrics({f"{CHAMPION_PREFIX}{k}": v for k, v in champion_metrics.items()})
@@ -247,11 +308,11 @@ def log_and_register(bundle, config: TrackingConfig) -> RegistrationResult:
         mlflow.log_dict(bundle.data_info(), "data_version.json")
         log_files(bundle.artifacts)
         info = log_adapter_model(
-            bundle.backbone_dir, bundle.adapter_dir, classes=bundle.classes, registered_model_name=config.model_name
+            bundle.backbone_dir, bundle.adapter_dir, classes=bundle.classes, registered_model_name=None
         )
-    version = str(info.registered_model_version)
     version_tags = {
         **bundle.tags,
+        **{k: v for k, v in lineage.items() if k.startswith("kfp.")},
         TAG_RUN_ID: run_id,
         TAG_FINGERPRINT: bundle.fingerprint,
         **{f"{TEST_PREFIX}{k}": f"{v:.6g}" for k, v in bundle.test_metrics.items()},
@@ -261,8 +322,18 @@ def log_and_register(bundle, config: TrackingConfig) -> RegistrationResult:
             TAG_COMPARED_CHAMPION: champion_version,
             TAG_COMPARED_CHAMPION_SPLIT: bundle.tags[TAG_TEST_SPLIT],
         }
-    for key, value in version_tags.items():
-        client.set_model_version_tag(config.model_name, version, key, value)
+    version = str(register_version(info.model_uri, config.model_name, version_tags).version)
+    winner = claim_registration(client, config.model_name, bundle.fingerprint, version)
+    if str(winner.version) != version:
+        log.info(
+            "a concurrent run registered the same inputs first (%s v%s, fingerprint %s): withdrawing v%s",
+            config.model_name,
+            winner.version,
+            bundle.fingerprint[:12],
+            version,
+        )
+        _withdraw(client, config.model_name, version, run_id, winner)
+        return _reused(client, config, winner)
     previous = current_alias(client, config.model_name, CHALLENGER)
     client.set_registered_model_alias(config.model_name, CHALLENGER, version)
     _audit_challenger(client, config.model_name, version, run_id, previous, bundle.test_metrics, gate)

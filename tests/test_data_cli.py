@@ -73,6 +73,9 @@ def test_add_records_a_new_data_version(tmp_path, capsys, monkeypatch):
     from ml.data.synth import SynthConfig, generate
 
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    for who in ("AUTHOR", "COMMITTER"):  # data add commits data.dvc
+        monkeypatch.setenv(f"GIT_{who}_NAME", "cessl-test")
+        monkeypatch.setenv(f"GIT_{who}_EMAIL", "test@cessl.invalid")
     repo = tmp_path / "repo"
     repo.mkdir()
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
@@ -80,7 +83,8 @@ def test_add_records_a_new_data_version(tmp_path, capsys, monkeypatch):
     incoming = tmp_path / "incoming"
     generate(incoming, SynthConfig(records=3, seed=5, prefix="X"), workers=1, progress=False)
     assert main(["data", "add", str(incoming), "--repo", str(repo), "--name", "site_x"]) == 0
-    assert "copied 3 records" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "copied 3 records" in out and "committed data.dvc" in out
     version = data_version(repo)
     assert version == dir_md5(repo / "data")
     assert main(["data", "version", "--repo", str(repo)]) == 0

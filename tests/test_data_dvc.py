@@ -55,6 +55,9 @@ def _new_repo(path: Path) -> Path:
 @pytest.fixture(autouse=True)
 def _no_analytics(monkeypatch):
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    for who in ("AUTHOR", "COMMITTER"):  # `cessl data add` commits data.dvc
+        monkeypatch.setenv(f"GIT_{who}_NAME", "cessl-test")
+        monkeypatch.setenv(f"GIT_{who}_EMAIL", "test@cessl.invalid")
 
 
 def test_dir_md5_is_what_dvc_records(tmp_path):
@@ -135,9 +138,11 @@ def test_s3_remote_push_pull_and_new_versions(s3_server, s3_bucket, tmp_path, mo
     result = add_records(f"s3://{s3_bucket}/incoming/site_b", origin, push=True)
     assert (result.copied, result.unchanged, result.conflicts) == (5, 0, [])
     assert result.version_before == v1 and result.version_after == data_version(origin) != v1
+    assert result.committed and not result.not_committed  # data.dvc committed, naming the version
+    assert result.version_after in _git(origin, "log", "-1", "--format=%s")
     again = add_records(f"s3://{s3_bucket}/incoming/site_b", origin)  # idempotent
     assert (again.copied, again.unchanged, again.version_after) == (0, 5, result.version_after)
-    _git(origin, "commit", "-q", "-am", "data v2")
+    assert again.committed is None and not _git(origin, "status", "--porcelain", "--untracked-files=no")
 
     _git(clone, "pull", "-q")
     run_dvc("pull", "-q", cwd=clone)

@@ -50,6 +50,10 @@ def test_run_second_version_gate_predict_rollback(tmp_path, mlflow_server, s3_se
     assert (params["method"], params["r"], params["labelled_ratio"], params["max_steps"]) == ("cessl", "8", "0.3", "8")
     assert params["backbone"] == str(backbone) and params["backbone_config"] == "tinylight"
     assert tags["data_version"] == data_version(repo) and tags["git_commit"]
+    # lineage: the KFP run (kfp.local fills the placeholders), the data as a dataset input
+    assert tags["kfp.pipeline_name"] == "cessl-finetune" and tags["kfp.run_id"] and "{{" not in tags["kfp.run_id"]
+    assert tags["kfp.run_name"].startswith("cessl-finetune")
+    assert [d.dataset.digest for d in run.inputs.dataset_inputs] == [data_version(repo)]
     assert {"test_macro_f_beta", "test_macro_map", "test_macro_auroc", "test_ranking_loss"} <= set(metrics)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == list(range(1, 9))
     assert [m.step for m in client.get_metric_history(run.info.run_id, "valid_macro_map")] == [0, 4, 8]  # step 0 too

@@ -19,11 +19,15 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ml.errors import CesslError
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +57,62 @@ def file_md5(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def listing_md5(files: Iterable[tuple[str, str]]) -> str:
+    """The md5 DVC gives a directory holding ``files`` ((relative POSIX path, content md5)
+    pairs): ``<md5>.dir``, the md5 of their JSON list sorted by path."""
+    entries = sorted(({"md5": md5, "relpath": rel} for rel, md5 in files), key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
 def dir_md5(path: str | Path) -> str:
     """The md5 DVC gives a directory (``<md5>.dir``): md5 of its sorted JSON file list."""
     root = Path(path)
-    entries = []
-    for folder, dirs, files in os.walk(root):
+    files = []
+    for folder, dirs, names in os.walk(root):
         dirs[:] = [d for d in dirs if d not in (".dvc", ".git")]
-        for name in files:
+        for name in names:
             full = Path(folder) / name
-            entries.append({"md5": file_md5(full), "relpath": full.relative_to(root).as_posix()})
-    entries.sort(key=lambda e: e["relpath"])
-    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
+            files.append((full.relative_to(root).as_posix(), file_md5(full)))
+    return listing_md5(files)
+
+
+ETAG_VERSION_PREFIX = "etags:"
+_MD5 = re.compile(r"[0-9a-f]{32}")
+
+
+def objects_version(objects: Iterable[tuple[str, int, str]]) -> str:
+    """The data version of a set of stored objects ((relative key, size, ETag) triples).
+
+    When every ETag is a plain md5 (single-part uploads) it is DVC's directory md5 of those
+    files, ``<md5>.dir``: the same version a local copy of the files gets (:func:`dir_md5`).
+    Otherwise (multipart ETags ``<md5>-<parts>``, another server's scheme) it is a content
+    digest of the listing, named as such: ``etags:<30 hex of sha256 over keys, sizes, ETags>``.
+    Either changes when any object is added, removed or rewritten with other bytes.
+    """
+    items = sorted((str(key), int(size), str(etag).strip('"').lower()) for key, size, etag in objects)
+    if not items:
+        raise FileNotFoundError("no objects: an empty source has no data version")
+    if all(_MD5.fullmatch(etag) for _, _, etag in items):
+        return listing_md5((key, etag) for key, _, etag in items)
+    digest = hashlib.sha256(json.dumps(items).encode()).hexdigest()
+    return ETAG_VERSION_PREFIX + digest[:30]
+
+
+def source_version(source: str | Path) -> str:
+    """The data version of a source computed from the source itself: a folder's DVC md5
+    (:func:`dir_md5`), an ``s3://`` prefix's :func:`objects_version` (one listing, no reads)."""
+    text = str(source)
+    if text.startswith("s3://"):
+        from ml.data.sources import S3Source
+
+        src = S3Source(text)
+        try:
+            return objects_version(src.objects())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{src.uri}: no objects under this prefix") from None
+    if not Path(text).is_dir():
+        raise FileNotFoundError(f"{text}: data folder not found")
+    return dir_md5(text)
 
 
 def dvc_md5(dvc_file: str | Path, data_path: str | Path | None = None) -> str | None:
@@ -139,6 +188,85 @@ def track(repo_root: str | Path, data_dir: str = DATA_DIR) -> str:
     if version is None:
         raise RuntimeError(f"dvc add did not write {data_dir}.dvc in {root}")
     return version
+
+
+# ---------------------------------------------------------------------------------------
+# Remotes and git
+# ---------------------------------------------------------------------------------------
+
+
+def add_remote(
+    repo_root: str | Path, name: str, url: str, *, default: bool = False, endpoint_url: str = "", force: bool = False
+) -> None:
+    """``dvc remote add [-d] [-f] NAME URL`` (+ ``dvc remote modify NAME endpointurl URL`` for an
+    S3-compatible server). Credentials are never written: DVC reads the AWS_* variables."""
+    root = Path(repo_root)
+    ensure_dvc_repo(root)
+    run_dvc("remote", "add", *(["-d"] if default else []), *(["-f"] if force else []), name, url, cwd=root)
+    if endpoint_url:
+        run_dvc("remote", "modify", name, "endpointurl", endpoint_url, cwd=root)
+
+
+def default_remote(repo_root: str | Path) -> str | None:
+    """The DVC default remote's name (``core.remote``), None when none is set."""
+    root = Path(repo_root)
+    if not (root / ".dvc").is_dir():
+        return None
+    proc = run_dvc("config", "core.remote", cwd=root, check=False)
+    return proc.stdout.strip() or None if proc.returncode == 0 else None
+
+
+def push(repo_root: str | Path, dvc_file: str | Path = DVC_FILE, remote: str | None = None) -> None:
+    """``dvc push [-r REMOTE] DVC_FILE``: the data version ``dvc_file`` names, to the remote."""
+    run_dvc("push", "-q", *(["-r", remote] if remote else []), str(dvc_file), cwd=Path(repo_root))
+
+
+def git(repo_root: str | Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["git", *args], cwd=repo_root, capture_output=True, text=True, timeout=60)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"git {' '.join(args)} failed in {repo_root}: {(proc.stderr or proc.stdout).strip()}")
+    return proc
+
+
+def git_changes(repo_root: str | Path) -> list[str] | None:
+    """Paths of tracked files with staged or unstaged changes; None outside a git work tree."""
+    proc = git(repo_root, "status", "--porcelain", "--untracked-files=no", check=False)
+    if proc.returncode != 0:
+        return None
+    return [line[3:].split(" -> ")[-1].strip('"') for line in proc.stdout.splitlines() if line.strip()]
+
+
+class DirtyTreeError(CesslError):
+    """The git tree has other changes: data.dvc was not committed (the message says how)."""
+
+
+def commit_version(repo_root: str | Path, version: str, message: str, other_changes: list[str]) -> str | None:
+    """Commit ``data.dvc`` (and the ``.gitignore`` that ``dvc add`` writes) with ``message``;
+    the new commit, or None when there is nothing to commit. ``other_changes``: tracked paths
+    that were changed before the data was added: then nothing is committed and
+    :class:`DirtyTreeError` gives the exact command to run."""
+    root = Path(repo_root)
+    paths = [DVC_FILE] + [
+        p for p in (".gitignore", f"{DATA_DIR}/.gitignore") if (root / p).is_file() and p not in other_changes
+    ]
+    status = git(root, "status", "--porcelain", "--", *paths).stdout
+    if not status.strip():
+        return None
+    command = f"git add {' '.join(paths)} && git commit -m {shlex.quote(message)} -- {' '.join(paths)}"
+    if other_changes:
+        shown = ", ".join(other_changes[:5]) + (" ..." if len(other_changes) > 5 else "")
+        raise DirtyTreeError(
+            f"data version {version} is recorded in {DVC_FILE} but not committed: the git tree has other "
+            f"changes ({shown}); commit {DVC_FILE} alone with: {command}"
+        )
+    try:
+        git(root, "add", "--", *paths)
+        git(root, "commit", "-q", "-m", message, "--", *paths)
+    except RuntimeError as err:  # no git identity, a hook refused...
+        raise DirtyTreeError(
+            f"data version {version} is recorded in {DVC_FILE} but not committed ({err}); run: {command}"
+        ) from None
+    return git(root, "rev-parse", "HEAD").stdout.strip()
 
 
 # ---------------------------------------------------------------------------------------
@@ -243,6 +371,8 @@ class AddResult:
     unsafe: list[str] = field(default_factory=list)  # keys refused (path traversal...)
     version_before: str | None = None
     version_after: str | None = None
+    committed: str | None = None  # the git commit recording data.dvc
+    not_committed: str = ""  # why data.dvc was left uncommitted (with the git command to run)
 
 
 def add_records(
@@ -252,8 +382,13 @@ def add_records(
     name: str | None = None,
     track_with_dvc: bool = True,
     push: bool = False,
+    commit: bool = True,
 ) -> AddResult:
     """Copy every record of ``source`` into ``data/<name>/`` and record a new DVC version.
+
+    ``commit`` (in a git work tree): ``data.dvc`` is committed with a message naming the
+    version, unless tracked files had other changes before: then it is left staged for
+    nobody and :attr:`AddResult.not_committed` gives the exact git command.
 
     Records already there with identical bytes are skipped; a record whose files differ
     from what is already there is reported as a conflict and left untouched (a hospital
@@ -266,6 +401,8 @@ def add_records(
     dest_name = name or re.sub(r"[^A-Za-z0-9_.-]+", "_", src.uri.rstrip("/").rsplit("/", 1)[-1]) or "hospital"
     dest = root / DATA_DIR / dest_name
     result = AddResult(dest, version_before=data_version(root))
+    changes = git_changes(root) if commit and track_with_dvc else None
+    other = [c for c in changes or [] if c != DVC_FILE]
     for ref in src.list_records():
         if ref.problem:
             result.unsafe.append(f"{ref.key}: {ref.problem}")
@@ -289,6 +426,15 @@ def add_records(
         result.version_after = track(root)
         if push:
             run_dvc("push", "-q", cwd=root)
+        if changes is not None:
+            message = (
+                f"data: version {result.version_after} ({result.copied} records added from {src.uri} "
+                f"into {DATA_DIR}/{dest_name})"
+            )
+            try:
+                result.committed = commit_version(root, result.version_after, message, other)
+            except DirtyTreeError as err:
+                result.not_committed = str(err)
     else:
         result.version_after = dir_md5(root / DATA_DIR)
     return result

@@ -241,6 +241,10 @@ class S3Source(Source):
                 out.append((obj["Key"][len(prefix) :], int(obj["Size"]), str(obj.get("ETag", "")).strip('"')))
         return out
 
+    def objects(self) -> list[tuple[str, int, str]]:
+        """Every object under the prefix as (relative key, size, ETag), folder markers left out."""
+        return [o for o in self._objects() if o[0] and not o[0].endswith("/")]
+
     def list_records(self) -> list[RecordRef]:
         objects = self._objects()
         self._listed = {key: f"{key.rsplit('/', 1)[-1]}:{size}:{etag}" for key, size, etag in objects}

@@ -38,6 +38,7 @@ from pipeline.commands.run import (
     compile_options,
     local_params,
     preflight_local,
+    project_lock,
 )
 from pipeline.compare import (
     EXCLUDED_PARAMS,
@@ -114,7 +115,12 @@ def compile_comparison(args: argparse.Namespace, settings: CompareSettings) -> i
 
 
 def run_comparison(args: argparse.Namespace, params: PipelineParams, settings: CompareSettings) -> int:
-    preflight_local(args, params)
+    preflight_local(args, params)  # checks only: a bad command line leaves nothing behind
+    with project_lock(args):  # then one local run of this project at a time
+        return _run_comparison(args, params, settings)
+
+
+def _run_comparison(args: argparse.Namespace, params: PipelineParams, settings: CompareSettings) -> int:
     tracking = TrackingConfig.resolve(args.tracking_uri, params.experiment_name)
     params = local_params(args, params, tracking)
     comparison_id = new_comparison_id()

@@ -85,7 +85,26 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--repo", type=existing_dir, default=Path("."), help="repository root (an existing folder)")
     p.add_argument("--no-dvc", action="store_true", help="copy only, do not run dvc add")
     p.add_argument("--push", action="store_true", help="dvc push after recording the version")
+    p.add_argument(
+        "--no-commit",
+        action="store_true",
+        help="do not git-commit data.dvc (default: commit it, naming the version; refused on a dirty tree)",
+    )
     p.set_defaults(func=_add)
+
+    p = sub.add_parser("remote", help="DVC remotes: where data versions are pushed (`cessl run` pushes to the default)")
+    remote = p.add_subparsers(dest="remote_command", required=True, metavar="ACTION")
+    r = remote.add_parser("add", help="configure a DVC remote (dvc remote add)")
+    r.add_argument("name")
+    r.add_argument("url", help="s3://bucket/path, a folder, or any DVC remote URL")
+    r.add_argument("--default", action="store_true", help="make it the default remote (pushed by `cessl run`)")
+    r.add_argument("--endpoint-url", default="", help="S3-compatible endpoint (SeaweedFS, MinIO...)")
+    r.add_argument("--force", action="store_true", help="replace a remote of that name")
+    r.add_argument("--repo", type=Path, default=Path("."), help="repository root")
+    r.set_defaults(func=_remote_add)
+    r = remote.add_parser("list", help="the configured DVC remotes")
+    r.add_argument("--repo", type=Path, default=Path("."), help="repository root")
+    r.set_defaults(func=_remote_list)
 
     p = sub.add_parser("demo-data", help="generate the demo hospital in data/ (bit-identical) and track it")
     p.add_argument("--repo", type=existing_dir, default=Path("."), help="repository root (an existing folder)")
@@ -188,7 +207,14 @@ def _add(args: argparse.Namespace) -> int:
         from pipeline.preflight import check_s3
 
         check_s3(args.source)
-    result = add_records(args.source, args.repo, name=args.name, track_with_dvc=not args.no_dvc, push=args.push)
+    result = add_records(
+        args.source,
+        args.repo,
+        name=args.name,
+        track_with_dvc=not args.no_dvc,
+        push=args.push,
+        commit=not args.no_commit,
+    )
     for key in result.conflicts:
         log.warning("%s differs from the copy already in %s: kept the existing one", key, result.destination)
     for problem in result.unsafe:
@@ -197,8 +223,34 @@ def _add(args: argparse.Namespace) -> int:
         f"copied {result.copied} records into {result.destination} ({result.unchanged} already there, "
         f"{len(result.conflicts)} conflicts, {len(result.unsafe)} refused); data version "
         f"{result.version_before} -> {result.version_after}"
+        + (f"; committed data.dvc as {result.committed[:12]}" if result.committed else "")
     )
+    if result.not_committed:
+        log.error("%s", result.not_committed)
+        return 1
     return 1 if result.conflicts else 0
+
+
+def _remote_add(args: argparse.Namespace) -> int:
+    from ml.data.dvc import add_remote
+
+    add_remote(args.repo, args.name, args.url, default=args.default, endpoint_url=args.endpoint_url, force=args.force)
+    print(
+        f"DVC remote {args.name} -> {args.url}{' (default)' if args.default else ''}"
+        f"{f', endpoint {args.endpoint_url}' if args.endpoint_url else ''}; written to .dvc/config "
+        "(commit it; credentials come from AWS_* variables, never from the config)"
+    )
+    return 0
+
+
+def _remote_list(args: argparse.Namespace) -> int:
+    from ml.data.dvc import default_remote, run_dvc
+
+    default = default_remote(args.repo)
+    for line in run_dvc("remote", "list", cwd=args.repo).stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        print(line + ("  (default)" if name and name == default else ""))
+    return 0
 
 
 def _demo_data(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from components.locking import exclusive
 from pipeline.constraints import (
     cron,
     existing_file,
@@ -44,7 +45,7 @@ from pipeline.dag import (
     compile_pipeline,
     run_local,
 )
-from pipeline.lineage import git_commit, read_data_version, source_data_version
+from pipeline.lineage import git_commit, push_data_version, read_data_version, source_data_version
 from pipeline.params import (
     DEFAULTS,
     LOCAL_ONLY,
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PACKAGE = "cessl_pipeline.yaml"
 STATE_DIR = Path(".cache") / "cessl"
+RUN_LOCK = "run.lock"  # in the state folder: one local run (run, retrain, compare) at a time
 
 # `cessl run` on the embedded defaults: the demo hospital, the tiny default backbone and a
 # schedule that finishes in minutes on two CPU cores: max_steps mode (epochs=0, 150 steps),
@@ -191,8 +193,9 @@ def local_params(args: argparse.Namespace, params: PipelineParams, tracking: Tra
             raise FileNotFoundError(f"{path}: data folder not found")
         version = read_data_version(path, Path.cwd())
         source, data_version, commit = str(path), version.md5, version.git_commit
-    else:
-        data_version, commit = args.data_version or "", git_commit(Path.cwd())
+    else:  # the S3 objects' own version, never the local data.dvc's
+        data_version = args.data_version or source_data_version(source)
+        commit = git_commit(Path.cwd())
     return params.replace(
         source=source,
         data_version=args.data_version or data_version,
@@ -285,9 +288,34 @@ def print_summary(summary: RunSummary) -> None:
     console.print(metrics)
 
 
+def project_lock(args: argparse.Namespace):
+    """The lock of this project's local state (``<state_dir>/run.lock``): taken before any
+    work by ``cessl run | retrain | compare``; ``--wait-lock`` seconds to wait for a holder."""
+    return exclusive(
+        Path(args.state_dir) / RUN_LOCK,
+        wait=float(getattr(args, "wait_lock", 0.0) or 0.0),
+        what=f"this project's run state ({args.state_dir})",
+    )
+
+
+def prepare_store(tracking: TrackingConfig) -> None:
+    """Create (migrate) the MLflow store and the experiment before any training, so a store
+    problem ends the run at once; a local SQLite store is initialised under a lock next to
+    it (two processes migrating one fresh database collide)."""
+    from pipeline.tracking import ensure_experiment
+
+    if tracking.tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking.tracking_uri.removeprefix("sqlite:///"))
+        with exclusive(db.with_name(db.name + ".lock"), wait=600, what=f"the MLflow store {db}"):
+            ensure_experiment(tracking)
+    else:
+        ensure_experiment(tracking)
+
+
 def preflight_local(args: argparse.Namespace, params: PipelineParams | None = None) -> None:
-    """Before any work of a local run: a local backbone exists, the tracking store answers
-    (or may be created), and a Docker engine answers for ``--runner docker``."""
+    """Before any work of a local run (and before its project lock): a local backbone and a
+    local data folder exist, the tracking store answers (or may be created), and a Docker
+    engine answers for ``--runner docker``."""
     from pipeline.preflight import check_backbone, check_docker, check_tracking
 
     if params is not None:
@@ -295,15 +323,26 @@ def preflight_local(args: argparse.Namespace, params: PipelineParams | None = No
     check_tracking(args.tracking_uri, writes=True, create=args.create_store)
     if args.runner == "docker":
         check_docker()
+    if params is not None:
+        demo = params.source == DEMO_PARAMS.source and not getattr(args, "no_demo_data", False)
+        if "://" not in params.source and not demo and not Path(params.source).is_dir():
+            raise FileNotFoundError(f"{Path(params.source).absolute()}: data folder not found")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     params = params_from_args(args, DEMO_PARAMS)
-    preflight_local(args, params)
+    preflight_local(args, params)  # checks only: a bad command line leaves nothing behind
+    with project_lock(args):  # then, before any work, one local run of this project at a time
+        return _run(args, params)
+
+
+def _run(args: argparse.Namespace, params: PipelineParams) -> int:
+    """``cessl run``'s work, under the project lock, on validated parameters."""
     tracking = TrackingConfig.resolve(
         args.tracking_uri, params.experiment_name, registered_model_name(params.model_name, params.method)
     )
     params = local_params(args, params, tracking)
+    prepare_store(tracking)
     log.info(
         "data %s (version %s), schedule %s, MLflow %s",
         params.source,
@@ -335,6 +374,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(summary.to_json(), indent=2, sort_keys=True), encoding="utf-8")
     print_summary(summary)
     export_testset(tracking)
+    if not args.no_push and "://" not in params.source:
+        push_data_version(Path(params.source), params.data_version, Path.cwd())
     return 0
 
 
@@ -371,7 +412,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def cluster_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """Pipeline arguments for a cluster run (the cluster defaults, no local paths)."""
     params = params_from_args(args, DEFAULTS)
-    data_version = args.data_version or source_data_version(params.source, Path(args.dvc_file), Path.cwd())
+    data_version = args.data_version or source_data_version(params.source, Path.cwd())
     arguments = params.replace(
         data_version=data_version,
         git_commit=git_commit(Path.cwd()),
@@ -399,11 +440,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     params_from_args(args, DEFAULTS)  # every parameter valid before the server is asked
     check_kfp_host(args.host)
-    package = _package(args)
+    arguments = cluster_arguments(args)
+    # Unknown data version (an S3 source this machine cannot list): ingest must list it again.
+    package = _package(args, cache_ingest=bool(arguments.get("data_version")))
     run_name = args.run_name or f"cessl-{time.strftime('%Y%m%d-%H%M%S')}"
     result = _client(args).create_run_from_pipeline_package(
         str(package),
-        arguments=cluster_arguments(args),
+        arguments=arguments,
         run_name=run_name,
         experiment_name=args.kfp_experiment,
         enable_caching=not args.no_cache,
@@ -453,24 +496,31 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from pipeline.registry import champion_data_version
-
     params = params_from_args(args, DEFAULTS if args.host else DEMO_PARAMS)
     if args.host:
         from pipeline.preflight import check_kfp_host, check_tracking
 
         check_kfp_host(args.host)
         check_tracking(args.tracking_uri, writes=False, create=args.create_store)
-    else:
-        preflight_local(args, params)
+        return _retrain(args, params)
+    preflight_local(args, params)
+    with project_lock(args):
+        return _retrain(args, params)
+
+
+def _retrain(args: argparse.Namespace, params: PipelineParams) -> int:
+    from pipeline.registry import champion_data_version
+
     tracking = TrackingConfig.resolve(
         args.tracking_uri, params.experiment_name, registered_model_name(params.model_name, params.method)
     )
     if "://" not in params.source and not Path(params.source).is_dir():
         raise FileNotFoundError(f"{Path(params.source).absolute()}: data folder not found")
-    current = args.data_version or source_data_version(params.source, Path(args.dvc_file), Path.cwd())
+    current = args.data_version or source_data_version(params.source, Path.cwd())
     if not current:
-        raise ValueError(f"cannot tell the data version of {params.source} (no {args.dvc_file}); pass --data-version")
+        raise ValueError(
+            f"cannot tell the data version of {params.source} (see the warning above); pass --data-version"
+        )
     trained_on = champion_data_version(tracking.client(), tracking.model_name)
     pending = testset_pending(tracking)
     if pending:
@@ -486,7 +536,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         log.info("data version %s differs from the champion's (%s): retraining", current, trained_on or "no champion")
     if args.host:
         return cmd_submit(args)
-    return cmd_run(args)
+    return _run(args, params)
 
 
 # --------------------------------------------------------------------------- parsers
@@ -548,8 +598,18 @@ def _add_local(parser: argparse.ArgumentParser, registry: bool = True) -> None:
     parser.add_argument(
         "--json", type=_optional(output_file), default="", metavar="PATH", help="also write the summary as JSON"
     )
+    parser.add_argument(
+        "--wait-lock",
+        type=non_negative_float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait this long for another local run of this project to finish (default: fail at once)",
+    )
     if not registry:
         return
+    parser.add_argument(
+        "--no-push", action="store_true", help="do not `dvc push` the data version to the default DVC remote"
+    )
     parser.add_argument("--promote", action="store_true", help="run the champion gate after registering")
     parser.add_argument("--promote-metric", default="macro_f_beta")
     parser.add_argument("--promote-margin", type=non_negative_float, default=0.0)
@@ -565,7 +625,6 @@ def _add_cluster(parser: argparse.ArgumentParser, host_required: bool = True) ->
         "--package", type=existing_file, default=None, help="compiled pipeline YAML (default: compile now)"
     )
     parser.add_argument("--checkpoint-root", default="", help="checkpoint root inside the pod (e.g. /mnt/checkpoints)")
-    parser.add_argument("--dvc-file", default="data.dvc", help="where the data version is read for s3:// sources")
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
