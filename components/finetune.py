@@ -152,7 +152,7 @@ def finetune_step(
     """
     from ml.model.adapter import AdapterMeta, save_adapter
     from ml.model.backbone import backbone_config
-    from ml.train.callbacks import CurveRecorder, StepProfiler
+    from ml.train.callbacks import CurveRecorder, ProgressLine, StepProfiler
     from ml.train.config import resolve_device
     from ml.train.recipe import finetune
 
@@ -189,7 +189,7 @@ def finetune_step(
         train_ds,
         unlabelled,
         valid,
-        callbacks=[recorder, profiler],
+        callbacks=[recorder, profiler, ProgressLine(train.max_steps, label=f"fine-tune ({train.method})")],
     )
     result = outcome.result
     meta = AdapterMeta(

@@ -529,11 +529,14 @@ _PROGRESS = re.compile(
 )
 
 
+# A long step's own progress lines (ml.train.callbacks.ProgressLine: step, loss, valid mAP, ETA).
+TASK_PROGRESS_PREFIX = "cessl-progress "
 _JSON_DUMP = re.compile(r'^\s+([{}\[\]"]|\},?$|\],?$)')  # the executor_input dumps of KFP's executor
 
 
 class _ProgressTee(io.TextIOBase):
-    """A stdout that writes everything to ``sink`` and kfp.local's progress lines to ``terminal`` too."""
+    """A stdout that writes everything to ``sink``, and kfp.local's progress lines and the
+    tasks' own (:data:`TASK_PROGRESS_PREFIX`, throttled by the task) to ``terminal`` too."""
 
     def __init__(self, sink: TextIO, terminal: TextIO) -> None:
         self.sink, self.terminal, self._line = sink, terminal, ""
@@ -545,6 +548,9 @@ class _ProgressTee(io.TextIOBase):
         for line in lines:
             if _PROGRESS.match(line):
                 self.terminal.write(line + "\n")
+                self.terminal.flush()
+            elif line.startswith(TASK_PROGRESS_PREFIX):
+                self.terminal.write("  " + line.removeprefix(TASK_PROGRESS_PREFIX) + "\n")
                 self.terminal.flush()
         return len(text)
 
@@ -592,6 +598,23 @@ def _quiet_kfp_orchestrator() -> Iterator[None]:
         root.removeFilter(noise)
 
 
+@contextlib.contextmanager
+def _tasks_die_with_us() -> Iterator[None]:
+    """The tasks started meanwhile know this process's pid (``pipeline.process``): they
+    stop when it dies, even by ``kill -9``."""
+    from pipeline.process import RUN_PID_ENV
+
+    before = os.environ.get(RUN_PID_ENV)
+    os.environ[RUN_PID_ENV] = str(os.getpid())
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(RUN_PID_ENV, None)
+        else:
+            os.environ[RUN_PID_ENV] = before
+
+
 def execute_local(
     pipeline: Any, arguments: Mapping[str, Any], params: PipelineParams, config: LocalRunConfig, name: str
 ) -> dict[str, Any]:
@@ -606,7 +629,7 @@ def execute_local(
         config.pipeline_root,
         f", task logs in {config.task_log}" if config.task_log else "",
     )
-    with warnings.catch_warnings(), _quiet_kfp_orchestrator(), _task_output(config.task_log):
+    with warnings.catch_warnings(), _quiet_kfp_orchestrator(), _task_output(config.task_log), _tasks_die_with_us():
         for pattern in _LOCAL_NOISE:
             warnings.filterwarnings("ignore", message=pattern)
         outputs = pipeline(**arguments).outputs
