@@ -531,6 +531,7 @@ _PROGRESS = re.compile(
 
 # A long step's own progress lines (ml.train.callbacks.ProgressLine: step, loss, valid mAP, ETA).
 TASK_PROGRESS_PREFIX = "cessl-progress "
+_PROGRESS_MESSAGE = re.compile(r"^(Running pipeline|Executing task|Task .*(finished|cache hit)|Pipeline .* finished)")
 _JSON_DUMP = re.compile(r'^\s+([{}\[\]"]|\},?$|\],?$)')  # the executor_input dumps of KFP's executor
 
 
@@ -549,8 +550,8 @@ class _ProgressTee(io.TextIOBase):
             if _PROGRESS.match(line):
                 self.terminal.write(line + "\n")
                 self.terminal.flush()
-            elif line.startswith(TASK_PROGRESS_PREFIX):
-                self.terminal.write("  " + line.removeprefix(TASK_PROGRESS_PREFIX) + "\n")
+            elif line.lstrip().startswith(TASK_PROGRESS_PREFIX):  # kfp.local indents a task's lines
+                self.terminal.write("  " + line.lstrip().removeprefix(TASK_PROGRESS_PREFIX) + "\n")
                 self.terminal.flush()
         return len(text)
 
@@ -585,7 +586,8 @@ class _KfpOrchestratorNoise(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         noisy = record.levelno < logging.WARNING and f"kfp{os.sep}local" in record.pathname
-        return not noisy
+        # ... but its progress messages (task started / finished / cache hit) still show.
+        return not noisy or bool(_PROGRESS_MESSAGE.match(record.getMessage()))
 
 
 @contextlib.contextmanager

@@ -86,14 +86,15 @@ def test_progress_line_is_throttled_and_has_eta():
     assert len(lines) == 2  # step 1 (first), then the validation; the steps between are throttled
     assert all(line.startswith(PROGRESS_PREFIX) for line in lines)
     assert "step 10/100" in lines[-1] and "loss 0.5000" in lines[-1] and "valid mAP 0.2500" in lines[-1]
-    assert "ETA 1m" in lines[-1]  # 90 steps left at ~1 s a step
+    assert "ETA 1m30s" in lines[-1]  # 90 steps left at 1 s a step
+    assert "ETA" not in lines[0]  # not from one step
 
 
 def test_tee_forwards_task_progress_lines_to_the_terminal():
     assert TASK_PROGRESS_PREFIX == PROGRESS_PREFIX
     sink, terminal = io.StringIO(), io.StringIO()
     tee = _ProgressTee(sink, terminal)
-    tee.write("some task log line\n" + PROGRESS_PREFIX + "fine-tune: step 4/20 | lo")
+    tee.write("some task log line\n    " + PROGRESS_PREFIX + "fine-tune: step 4/20 | lo")
     tee.write("ss 0.1\nother\n")
     assert terminal.getvalue() == "  fine-tune: step 4/20 | loss 0.1\n"
     assert PROGRESS_PREFIX in sink.getvalue() and "some task log line" in sink.getvalue()
@@ -184,3 +185,17 @@ def test_predict_csv_has_each_class_threshold():
     assert table.loc[0, f"threshold_{AF}"] == pytest.approx(0.3)
     assert table.loc[0, f"threshold_{RBBB}"] == pytest.approx(0.6)
     assert table.loc[0, "diagnoses"] == "AF"
+
+
+def test_kfp_progress_messages_pass_the_orchestrator_filter():
+    import logging
+
+    from pipeline.dag import _KfpOrchestratorNoise
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("root", logging.INFO, f"/x/kfp{os.sep}local/task_dispatcher.py", 1, message, (), None)
+
+    noise = _KfpOrchestratorNoise()
+    assert noise.filter(record("Executing task \x1b[96m'ingest'\x1b[0m"))
+    assert noise.filter(record("Task \x1b[96m'ingest'\x1b[0m cache hit"))
+    assert not noise.filter(record("resolved loop input item 3"))

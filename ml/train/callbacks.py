@@ -223,8 +223,8 @@ class ProgressLine:
         self._last = self.clock()
 
     def on_step(self, step: int, metrics: Mapping[str, float]) -> None:
-        if self._start is None:
-            self._start, self._start_step = self.clock(), step - 1
+        if self._start is None:  # the ETA counts from the end of this process's first step
+            self._start, self._start_step = self.clock(), step
         if "loss" in metrics:
             self._loss = float(metrics["loss"])
         if self.clock() - self._last >= self.interval:
