@@ -29,12 +29,14 @@ from components.common import StepError, read_json, write_json
 from components.data_access import dataset, open_store
 from ml.data.splits import Splits
 from ml.eval.bootstrap import BootstrapConfig, PairedBootstrap, paired_bootstrap
+from ml.eval.metrics import confusion_markdown
 from ml.eval.predictor import load_predictor
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 PER_CLASS_FILE = "per_class.csv"
+CONFUSION_FILE = "confusion.md"  # per class TP/FP/FN/TN and F-beta2 (the KFP UI's Markdown)
 PREDICTIONS_FILE = "predictions.npz"
 CHAMPION_FILE = "champion.json"
 GATE_FILE = "paired_bootstrap.json"
@@ -88,8 +90,12 @@ def _plot(kind: str, labels: np.ndarray, probs: np.ndarray, classes: list[str], 
     import matplotlib.pyplot as plt
     from sklearn.metrics import precision_recall_curve, roc_curve
 
+    from ml.eval.metrics import class_labels
+
+    abbreviations, _ = class_labels(classes)
+    legend = [name if abbr == name else f"{abbr} ({name})" for abbr, name in zip(abbreviations, classes, strict=True)]
     fig, ax = plt.subplots(figsize=(6, 5))
-    for k, name in enumerate(classes):
+    for k in range(len(classes)):
         y = labels[:, k]
         if y.min() == y.max():
             continue  # undefined for a class with no positive (or no negative) test record
@@ -97,7 +103,7 @@ def _plot(kind: str, labels: np.ndarray, probs: np.ndarray, classes: list[str], 
             x_vals, y_vals, _ = roc_curve(y, probs[:, k])
         else:
             y_vals, x_vals, _ = precision_recall_curve(y, probs[:, k])
-        ax.plot(x_vals, y_vals, lw=1, label=name)
+        ax.plot(x_vals, y_vals, lw=1, label=legend[k])
     if kind == "roc":
         ax.plot([0, 1], [0, 1], "k--", lw=0.5)
         ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (test split)")
@@ -199,6 +205,7 @@ def evaluate_step(
         },
     )
     report.per_class.to_csv(out_dir / PER_CLASS_FILE, index=False)
+    (out_dir / CONFUSION_FILE).write_text(confusion_markdown(report.per_class), encoding="utf-8")
     save_predictions(out_dir / PREDICTIONS_FILE, list(splits.test), report.probs, report.labels, report.thresholds)
     images = {
         "ROC": _plot("roc", report.labels, report.probs, result.classes, out_dir / ROC_FILE),

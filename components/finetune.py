@@ -207,7 +207,7 @@ def _finetune_in(
 ) -> FinetuneResult:
     from ml.model.adapter import AdapterMeta, save_adapter
     from ml.model.backbone import backbone_config
-    from ml.train.callbacks import CurveRecorder, StepProfiler
+    from ml.train.callbacks import CurveRecorder, ProgressLine, StepProfiler
     from ml.train.config import resolve_device
     from ml.train.recipe import finetune
 
@@ -227,7 +227,7 @@ def _finetune_in(
         train_ds,
         unlabelled,
         valid,
-        callbacks=[recorder, profiler],
+        callbacks=[recorder, profiler, ProgressLine(train.max_steps, label=f"fine-tune ({train.method})")],
     )
     result = outcome.result
     meta = AdapterMeta(

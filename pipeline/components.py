@@ -48,6 +48,9 @@ def validate(params: dict) -> str:
     """The first step: every pipeline parameter against its constraints (the field metadata
     of :class:`pipeline.params.PipelineParams`), all problems in one message, before any
     work; a cluster run gets the answers ``cessl run`` gives. Returns the schedule in words."""
+    from pipeline.process import die_with_parent
+
+    die_with_parent()  # a task dies with the process that started it (kill -9 of cessl run)
     from pipeline.params import PipelineParams
 
     return PipelineParams.from_mapping(params).schedule()
@@ -66,6 +69,9 @@ def ingest(
     caller's; an ``s3://`` source's is recomputed from the listing ingested (the objects'
     own version); empty for a folder (e.g. a scheduled run): the manifest's content hash.
     """
+    from pipeline.process import die_with_parent
+
+    die_with_parent()  # a task dies with the process that started it (kill -9 of cessl run)
     from pathlib import Path
 
     from components.ingest import ingest_step
@@ -97,6 +103,9 @@ def ingest(
 
 def preprocess(manifest: Input[Dataset], min_class_count: int, state_dir: str, store: Output[Dataset]) -> int:
     """Resample, band-pass, standardise and fix the length; write one dataset store."""
+    from pipeline.process import die_with_parent
+
+    die_with_parent()  # a task dies with the process that started it (kill -9 of cessl run)
     from pathlib import Path
 
     from components.preprocess import preprocess_step
@@ -119,6 +128,9 @@ def resolve_testset(model_name: str, method: str, tracking_uri: str, frozen_test
     """Which frozen test set the split uses: the registered model's current version (a
     reference the split fetches), or "" when it has none yet or ``frozen_testset`` is "none".
     Not cached: a ``cessl testset refresh`` changes it, and so re-runs the split."""
+    from pipeline.process import die_with_parent
+
+    die_with_parent()  # a task dies with the process that started it (kill -9 of cessl run)
     from pipeline.registry import registered_model_name
     from pipeline.testsets import resolve_reference
     from pipeline.tracking import TrackingConfig
@@ -138,6 +150,9 @@ def split(
     """Iterative stratified test / labelled train / labelled valid / unlabelled split (ids);
     with a frozen test set (``frozen_testset``: resolve_testset's reference) its records are
     the test part and new records only go to train / valid / unlabelled."""
+    from pipeline.process import die_with_parent
+
+    die_with_parent()  # a task dies with the process that started it (kill -9 of cessl run)
     import json
     import tempfile
     from pathlib import Path
@@ -172,6 +187,9 @@ def resolve_backbone(
 ) -> str:
     """Fetch the pre-trained backbone: "default", a backbone folder, a checkpoint file, s3://...,
     or a backbone registered in MLflow (``models:/cessl-backbone-<config>/<version>`` or ``@alias``)."""
+    from pipeline.process import die_with_parent
+
+    die_with_parent()  # a task dies with the process that started it (kill -9 of cessl run)
     import tempfile
     from pathlib import Path
 
@@ -202,6 +220,9 @@ def allocate_ranks(
     rank_metrics: Output[Metrics],
 ) -> str:
     """One-shot Taylor importance on the labelled train split -> per-layer rank map (JSON)."""
+    from pipeline.process import die_with_parent
+
+    die_with_parent()  # a task dies with the process that started it (kill -9 of cessl run)
     from pathlib import Path
 
     from components.allocate_ranks import allocate_ranks_step
@@ -253,6 +274,9 @@ def finetune(
 
     ``epochs`` > 0: that many epochs of complete labelled batches; 0: ``max_steps`` steps.
     """
+    from pipeline.process import die_with_parent
+
+    die_with_parent()  # a task dies with the process that started it (kill -9 of cessl run)
     from pathlib import Path
 
     from components.common import write_metadata_file
@@ -299,13 +323,18 @@ def evaluate(
     roc: Output[ClassificationMetrics],
     report: Output[HTML],
     evaluation: Output[Artifact],
+    confusion: Output[Markdown],
 ) -> str:
-    """Challenge metrics on the test split, per-class table, ROC/PR plots and an HTML report."""
+    """Challenge metrics on the test split, per-class table, ROC/PR plots and an HTML report;
+    ``confusion``: per class TP/FP/FN/TN and F-beta2 with its name (a Markdown table in the KFP UI)."""
+    from pipeline.process import die_with_parent
+
+    die_with_parent()  # a task dies with the process that started it (kill -9 of cessl run)
     import json
     from pathlib import Path
 
     from components.common import write_metadata_file
-    from components.evaluate import evaluate_step
+    from components.evaluate import CONFUSION_FILE, evaluate_step
 
     result = evaluate_step(
         Path(store.path),
@@ -322,6 +351,10 @@ def evaluate(
     write_metadata_file(test_metrics)
     write_metadata_file(roc)
     evaluation.metadata.update({"test_split_hash": result.test_split_hash, "n_test": result.n_test})
+    Path(confusion.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(confusion.path).write_text(
+        (Path(evaluation.path) / CONFUSION_FILE).read_text(encoding="utf-8"), encoding="utf-8"
+    )
     return json.dumps(result.metrics, sort_keys=True)
 
 
@@ -338,6 +371,9 @@ def score_champion(
     new model), its per-record predictions and the paired bootstrap of the new model against
     it on the same records (the promotion gate's evidence), or an explicit "no champion";
     returns the champion's version ("" for none)."""
+    from pipeline.process import die_with_parent
+
+    die_with_parent()  # a task dies with the process that started it (kill -9 of cessl run)
     from pathlib import Path
 
     from components.evaluate import score_champion_step
@@ -376,6 +412,9 @@ def register(
     run's (``dsl.PIPELINE_JOB_ID_PLACEHOLDER`` / ``PIPELINE_JOB_NAME_PLACEHOLDER``, filled in
     by the backend or kfp.local), tagged on the MLflow run with the pipeline's name.
     """
+    from pipeline.process import die_with_parent
+
+    die_with_parent()  # a task dies with the process that started it (kill -9 of cessl run)
     from pathlib import Path
 
     from components.register import collect_registration
@@ -401,6 +440,8 @@ def register(
         data_version=run.data_version,
         git_commit=run.git_commit,
     )
+    if "n_quarantined" in quarantine_report.metadata:  # ingest's count, for `cessl run`'s summary
+        bundle.tags["n_quarantined"] = str(int(quarantine_report.metadata["n_quarantined"]))
     name = registered_model_name(run.model_name, run.method)
     tracking = TrackingConfig.resolve(run.tracking_uri, run.experiment_name, name)
     lineage = lineage_tags(run.git_commit, kfp_run_id, kfp_run_name, kfp_pipeline_name)
@@ -409,7 +450,12 @@ def register(
     after_registration(tracking.client(), name, result.version, result.run_id, Splits.load(splits.path))
     Path(registration.path).write_text(result.markdown(), encoding="utf-8")
     registration.metadata.update(
-        {"run_id": result.run_id, "model_version": result.version, "model_name": result.model_name}
+        {
+            "run_id": result.run_id,
+            "model_version": result.version,
+            "model_name": result.model_name,
+            "reused": result.reused,
+        }
     )
     outputs = NamedTuple("RegisterOutputs", [("run_id", str), ("model_version", str)])
     return outputs(result.run_id, result.version)
@@ -421,6 +467,9 @@ def register(
 def start_comparison(grid: list, params: dict, comparison_id: str, comparison: Output[Artifact]) -> str:
     """Open the comparison's MLflow parent run; ``comparison`` says where it is (the cells log
     child runs under it). ``params``: the choices every cell shares (PipelineParams fields)."""
+    from pipeline.process import die_with_parent
+
+    die_with_parent()  # a task dies with the process that started it (kill -9 of cessl run)
     from pathlib import Path
 
     from components.compare import GRID_FIELDS, CompareGrid
@@ -454,6 +503,9 @@ def log_cell(
 ) -> str:
     """Log one cell of the comparison as an MLflow child run (nothing is registered);
     returns the cell's result (JSON) for the summary."""
+    from pipeline.process import die_with_parent
+
+    die_with_parent()  # a task dies with the process that started it (kill -9 of cessl run)
     import json
     from pathlib import Path
 
@@ -487,6 +539,9 @@ def summarize_comparison(
 ) -> str:
     """Mean +- std over seeds per (method, labelled ratio): CSV, Markdown and a plot, logged
     to the parent run (FINISHED then); returns the parent run's id."""
+    from pipeline.process import die_with_parent
+
+    die_with_parent()  # a task dies with the process that started it (kill -9 of cessl run)
     import shutil
     from pathlib import Path
 

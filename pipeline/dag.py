@@ -532,11 +532,15 @@ _PROGRESS = re.compile(
 )
 
 
+# A long step's own progress lines (ml.train.callbacks.ProgressLine: step, loss, valid mAP, ETA).
+TASK_PROGRESS_PREFIX = "cessl-progress "
+_PROGRESS_MESSAGE = re.compile(r"^(Running pipeline|Executing task|Task .*(finished|cache hit)|Pipeline .* finished)")
 _JSON_DUMP = re.compile(r'^\s+([{}\[\]"]|\},?$|\],?$)')  # the executor_input dumps of KFP's executor
 
 
 class _ProgressTee(io.TextIOBase):
-    """A stdout that writes everything to ``sink`` and kfp.local's progress lines to ``terminal`` too."""
+    """A stdout that writes everything to ``sink``, and kfp.local's progress lines and the
+    tasks' own (:data:`TASK_PROGRESS_PREFIX`, throttled by the task) to ``terminal`` too."""
 
     def __init__(self, sink: TextIO, terminal: TextIO) -> None:
         self.sink, self.terminal, self._line = sink, terminal, ""
@@ -548,6 +552,9 @@ class _ProgressTee(io.TextIOBase):
         for line in lines:
             if _PROGRESS.match(line):
                 self.terminal.write(line + "\n")
+                self.terminal.flush()
+            elif line.lstrip().startswith(TASK_PROGRESS_PREFIX):  # kfp.local indents a task's lines
+                self.terminal.write("  " + line.lstrip().removeprefix(TASK_PROGRESS_PREFIX) + "\n")
                 self.terminal.flush()
         return len(text)
 
@@ -582,7 +589,8 @@ class _KfpOrchestratorNoise(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         noisy = record.levelno < logging.WARNING and f"kfp{os.sep}local" in record.pathname
-        return not noisy
+        # ... but its progress messages (task started / finished / cache hit) still show.
+        return not noisy or bool(_PROGRESS_MESSAGE.match(record.getMessage()))
 
 
 @contextlib.contextmanager
@@ -593,6 +601,23 @@ def _quiet_kfp_orchestrator() -> Iterator[None]:
         yield
     finally:
         root.removeFilter(noise)
+
+
+@contextlib.contextmanager
+def _tasks_die_with_us() -> Iterator[None]:
+    """The tasks started meanwhile know this process's pid (``pipeline.process``): they
+    stop when it dies, even by ``kill -9``."""
+    from pipeline.process import RUN_PID_ENV
+
+    before = os.environ.get(RUN_PID_ENV)
+    os.environ[RUN_PID_ENV] = str(os.getpid())
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(RUN_PID_ENV, None)
+        else:
+            os.environ[RUN_PID_ENV] = before
 
 
 def execute_local(
@@ -609,7 +634,7 @@ def execute_local(
         config.pipeline_root,
         f", task logs in {config.task_log}" if config.task_log else "",
     )
-    with warnings.catch_warnings(), _quiet_kfp_orchestrator(), _task_output(config.task_log):
+    with warnings.catch_warnings(), _quiet_kfp_orchestrator(), _task_output(config.task_log), _tasks_die_with_us():
         for pattern in _LOCAL_NOISE:
             warnings.filterwarnings("ignore", message=pattern)
         outputs = pipeline(**arguments).outputs

@@ -186,7 +186,21 @@ def test_per_class_table() -> None:
     p = np.array([[0.9, 0.2], [0.1, 0.7], [0.8, 0.6], [0.3, 0.4]])
     table = per_class_table(y, p, [0.5, 0.5], classes=["AF", "RBBB"])
     assert list(table["class"]) == ["AF", "RBBB"]
-    assert list(table.columns) == ["class", "support", "threshold", "auroc", "average_precision", "f_beta", "g_beta"]
+    assert list(table.columns) == [
+        "class",
+        "abbreviation",
+        "name",
+        "support",
+        "threshold",
+        "auroc",
+        "average_precision",
+        "f_beta",
+        "g_beta",
+        "tp",
+        "fp",
+        "fn",
+        "tn",
+    ]
     assert list(table["support"]) == [2, 2]
     assert table["auroc"].tolist() == [1.0, 1.0]
 

@@ -128,6 +128,7 @@ def test_component_outputs_are_typed_artifacts(compiled):
         "roc": "system.ClassificationMetrics",
         "report": "system.HTML",
         "evaluation": "system.Artifact",
+        "confusion": "system.Markdown",
     }
     assert _outputs(spec, "score-champion") == {"champion_evaluation": "system.Artifact"}
     assert _outputs(spec, "register") == {"registration": "system.Markdown"}

@@ -257,6 +257,21 @@ def challenge_metrics(
     }
 
 
+def class_labels(classes: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The Challenge abbreviation and name of each class (a SNOMED code); the code itself
+    for both where the label mapping does not know it (or cannot be read)."""
+    try:
+        from ml.data.labels import LabelMapping, canonical_code
+
+        mapping = LabelMapping.from_csv()
+    except (ValueError, KeyError, OSError):
+        return list(classes), list(classes)
+    found = [mapping.diagnoses.get(canonical_code(c)) for c in classes]
+    abbreviations = [d.abbreviation if d and d.abbreviation else c for c, d in zip(classes, found, strict=True)]
+    names = [d.name if d and d.name else c for c, d in zip(classes, found, strict=True)]
+    return abbreviations, names
+
+
 def per_class_table(
     y_true: np.ndarray,
     probs: np.ndarray,
@@ -265,7 +280,8 @@ def per_class_table(
     beta: float = 2.0,
     normalize: bool = False,
 ) -> pd.DataFrame:
-    """One row per class: support, threshold, AUROC, AP, F-beta, G-beta (NaN where undefined).
+    """One row per class: its code, abbreviation and name, support, threshold, AUROC, AP,
+    F-beta, G-beta (NaN where undefined) and the confusion counts tp/fp/fn/tn at the threshold.
 
     A class with support 0 is left out of the macro F-beta / G-beta.
     """
@@ -273,15 +289,39 @@ def per_class_table(
     names = list(classes) if classes is not None else [str(k) for k in range(y.shape[1])]
     if len(names) != y.shape[1]:
         raise ValueError(f"{len(names)} class names for {y.shape[1]} columns")
-    f_beta, g_beta = beta_measures(y, binarize(p, thresholds), beta, normalize)
+    predicted = binarize(p, thresholds)
+    f_beta, g_beta = beta_measures(y, predicted, beta, normalize)
+    tp, fp, fn, tn = confusion_counts(y, predicted, False)
+    abbreviations, full_names = class_labels(names)
     return pd.DataFrame(
         {
             "class": names,
+            "abbreviation": abbreviations,
+            "name": full_names,
             "support": y.sum(axis=0),
             "threshold": np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (y.shape[1],)),
             "auroc": per_class_auroc(y, p),
             "average_precision": per_class_average_precision(y, p),
             "f_beta": f_beta,
             "g_beta": g_beta,
+            "tp": np.asarray(tp, dtype=np.int64),
+            "fp": np.asarray(fp, dtype=np.int64),
+            "fn": np.asarray(fn, dtype=np.int64),
+            "tn": np.asarray(tn, dtype=np.int64),
         }
     )
+
+
+def confusion_markdown(table: pd.DataFrame, beta: float = 2.0) -> str:
+    """A per-class confusion summary (a :func:`per_class_table`) as a Markdown table, one row per class."""
+    lines = [
+        f"# Per-class confusion on the test split (F-beta{beta:g} at each class's threshold)",
+        "",
+        "| class | abbreviation | name | TP | FP | FN | TN | F-beta | threshold |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in table.itertuples(index=False):
+        f = "" if np.isnan(row.f_beta) else f"{row.f_beta:.4f}"
+        cells = [str(row[0]), str(row.abbreviation), str(row.name).replace("|", "/")]
+        lines.append(f"| {' | '.join(cells)} | {row.tp} | {row.fp} | {row.fn} | {row.tn} | {f} | {row.threshold:.4f} |")
+    return "\n".join(lines) + "\n"

@@ -70,7 +70,8 @@ class Predictor:
 
     def predict_records(self, records: Sequence[str | Path]) -> pd.DataFrame:
         """One row per WFDB record, in the order given: ``record``, ``p_<class>`` per class,
-        ``diagnoses`` and ``codes`` (';'-joined), and ``error``.
+        ``diagnoses`` and ``codes`` (';'-joined), ``threshold_<class>`` per class (its decision
+        threshold, the same on every row) and ``error``.
 
         A record that cannot be read or preprocessed does not stop the others: its row has
         empty probabilities (NaN) and diagnoses and the reason in ``error`` (``""`` for the
@@ -98,7 +99,7 @@ class Predictor:
         diagnoses: list[list[str]] = [[] for _ in records]
         for i, d in zip(good, self.diagnoses(probs[good]), strict=True):
             diagnoses[i] = d
-        table = predictions_table([_record_id(r) for r in records], probs, self.classes, diagnoses)
+        table = predictions_table([_record_id(r) for r in records], probs, self.classes, diagnoses, self.thresholds)
         table["error"] = [f"{type(e).__name__}: {e}" if (e := failures.get(i)) else "" for i in range(len(records))]
         return table
 
@@ -115,14 +116,23 @@ def class_names(classes: Sequence[str]) -> dict[str, str]:
 
 
 def predictions_table(
-    names: Sequence[str], probs: np.ndarray, classes: Sequence[str], diagnoses: Sequence[Sequence[str]]
+    names: Sequence[str],
+    probs: np.ndarray,
+    classes: Sequence[str],
+    diagnoses: Sequence[Sequence[str]],
+    thresholds: Sequence[float] | np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """``record``, ``p_<code>`` per class, ``diagnoses`` (abbreviations, ';'-joined) and their ``codes``."""
+    """``record``, ``p_<code>`` per class, ``diagnoses`` (abbreviations, ';'-joined) and their
+    ``codes``; with ``thresholds``, a ``threshold_<code>`` column per class (the same value on
+    every row: a class is diagnosed when ``p_<code>`` reaches its ``threshold_<code>``)."""
     table = pd.DataFrame(probs, columns=[f"p_{c}" for c in classes])
     table.insert(0, "record", list(names))
     abbreviation = class_names(classes)
     table["diagnoses"] = [";".join(abbreviation[c] for c in d) for d in diagnoses]
     table["codes"] = [";".join(d) for d in diagnoses]
+    if thresholds is not None:
+        for code, threshold in zip(classes, np.asarray(thresholds, dtype=np.float64), strict=True):
+            table[f"threshold_{code}"] = float(threshold)
     return table
 
 

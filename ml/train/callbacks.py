@@ -166,3 +166,74 @@ class StepProfiler:
             "peak_memory_mb": self.peak_memory_mb,
             "memory_measure": self.memory_measure,
         }
+
+
+# The prefix of a ProgressLine line: `cessl run` (pipeline.dag) forwards these from a task's
+# output to the terminal.
+PROGRESS_PREFIX = "cessl-progress "
+
+
+def _duration(seconds: float) -> str:
+    whole = max(0, round(seconds))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class ProgressLine:
+    """One progress line (step, loss, last validation mAP, ETA) on ``stream``, after every
+    validation and at most every ``interval`` seconds between them, each starting with
+    :data:`PROGRESS_PREFIX` and flushed (a pipeline task's output is a pipe)."""
+
+    def __init__(
+        self,
+        total_steps: int,
+        stream=None,
+        interval: float = 10.0,
+        label: str = "fine-tune",
+        clock=time.monotonic,
+    ) -> None:
+        self.total, self.stream, self.interval, self.label, self.clock = total_steps, stream, interval, label, clock
+        self._start: float | None = None
+        self._start_step = 0
+        self._last = float("-inf")
+        self._loss: float | None = None
+        self._map: float | None = None
+
+    def line(self, step: int) -> str:
+        parts = [f"{self.label}: step {step}/{self.total}"]
+        if self._loss is not None:
+            parts.append(f"loss {self._loss:.4f}")
+        if self._map is not None:
+            parts.append(f"valid mAP {self._map:.4f}")
+        if self._start is not None and step > self._start_step:
+            per_step = (self.clock() - self._start) / (step - self._start_step)
+            parts.append(f"ETA {_duration(per_step * max(self.total - step, 0))}")
+        return PROGRESS_PREFIX + " | ".join(parts)
+
+    def _emit(self, step: int) -> None:
+        import sys
+
+        stream = self.stream or sys.stdout
+        try:
+            stream.write(self.line(step) + "\n")
+            stream.flush()
+        except (OSError, ValueError):  # the reader is gone: progress is not worth failing for
+            pass
+        self._last = self.clock()
+
+    def on_step(self, step: int, metrics: Mapping[str, float]) -> None:
+        if self._start is None:  # the ETA counts from the end of this process's first step
+            self._start, self._start_step = self.clock(), step
+        if "loss" in metrics:
+            self._loss = float(metrics["loss"])
+        if self.clock() - self._last >= self.interval:
+            self._emit(step)
+
+    def on_validation(self, step: int, metrics: Mapping[str, float]) -> None:
+        if "macro_map" in metrics:
+            self._map = float(metrics["macro_map"])
+        self._emit(step)
+
+    def on_end(self, result: TrainResult) -> None:
+        pass

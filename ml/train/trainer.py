@@ -373,6 +373,10 @@ class _Run:
                     }
                     self.after_validation(self.validate(), running / max(count, 1), lr)
                     running, count = 0.0, 0
+        except (KeyboardInterrupt, SystemExit):
+            # SIGINT / SIGTERM (pipeline.process): the last checkpoint, written atomically, stays as it is.
+            log.warning("fine-tuning stopped at step %d; a rerun resumes from the last checkpoint", self.step)
+            raise
         finally:
             bar.close()
         return self.finish(time.perf_counter() - start_time)

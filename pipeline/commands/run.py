@@ -165,6 +165,9 @@ class RunSummary:
     aliases: list[str]
     seconds: float
     schedule: str = ""  # e.g. "200 epochs = 400 steps" or "150 steps"
+    n_quarantined: int | None = None  # records ingest quarantined (None: not known)
+    reused: bool = False  # an identical earlier registration was reused: nothing new registered
+    report_uri: str = ""  # the evaluation report (HTML) among the run's artifacts
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -235,7 +238,18 @@ def summarise_run(
         aliases=list(getattr(mv, "aliases", []) or []),
         seconds=seconds,
         schedule=schedule_of(run.data.params, params),
+        n_quarantined=_int_or_none(run.data.tags.get("n_quarantined")),
+        # log_and_register reuses an earlier identical run: it started before this one did.
+        reused=run.info.start_time is not None and run.info.start_time < (time.time() - seconds) * 1000 - 1000,
+        report_uri=f"{run.info.artifact_uri.rstrip('/')}/evaluation/report.html" if run.info.artifact_uri else "",
     )
+
+
+def _int_or_none(text: str | None) -> int | None:
+    try:
+        return None if text is None else int(text)
+    except ValueError:
+        return None
 
 
 def schedule_of(logged: dict[str, str], params: PipelineParams) -> str:
@@ -249,21 +263,40 @@ def schedule_of(logged: dict[str, str], params: PipelineParams) -> str:
     return f"{epochs} epochs = {steps} steps"
 
 
-def print_summary(summary: RunSummary) -> None:
+def next_steps(summary: RunSummary) -> list[str]:
+    """What to do after a run: look at it in MLflow, read its report, promote it."""
+    uri = summary.tracking_uri
+    flag = f" --tracking-uri {uri}" if uri else ""
+    lines = [f"mlflow ui --backend-store-uri {uri}" if uri else "mlflow ui"]
+    if summary.report_uri:
+        lines.append(f"evaluation report: {summary.report_uri}")
+    if "champion" not in summary.aliases:
+        lines.append(f"cessl promote {summary.model_name}{flag}")
+    return lines
+
+
+def print_summary(summary: RunSummary, console=None) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     from components.allocate_ranks import summarise
 
-    console = Console()
+    console = console or Console()
     head = Table(title="CE-SSL run", show_header=False)
-    head.add_row("data version", summary.data_version)
-    head.add_row("git commit", summary.git_commit)
-    head.add_row("ranks allocated", summarise(summary.rank_map))
-    head.add_row("schedule", summary.schedule)
-    head.add_row("MLflow run", f"{summary.run_id} ({summary.tracking_uri})")
+    head.add_row("data version", Text(summary.data_version))
+    head.add_row("git commit", Text(summary.git_commit))
+    if summary.n_quarantined is not None:
+        head.add_row("quarantined records", str(summary.n_quarantined))
+    head.add_row("ranks allocated", Text(summarise(summary.rank_map)))
+    head.add_row("schedule", Text(summary.schedule))
+    head.add_row("MLflow run", Text(f"{summary.run_id} ({summary.tracking_uri})"))
+    aliases = ", ".join(summary.aliases) or "no alias"
     head.add_row(
-        "model version", f"{summary.model_name} v{summary.model_version} [{', '.join(summary.aliases) or 'no alias'}]"
+        "model version",
+        Text(f"{summary.model_name} v{summary.model_version} [{aliases}]")
+        + (Text(" reused an identical earlier registration", style="yellow") if summary.reused else Text("")),
     )
     head.add_row("wall time", f"{summary.seconds:.0f} s")
     console.print(head)
@@ -272,7 +305,7 @@ def print_summary(summary: RunSummary) -> None:
         ranks.add_column("layer")
         ranks.add_column("rank", justify="right")
         for layer, rank in summary.rank_map.items():
-            ranks.add_row(layer, str(rank))
+            ranks.add_row(Text(layer), str(rank))
         console.print(ranks)
     metrics = Table(title="test metrics")
     metrics.add_column("metric")
@@ -280,12 +313,15 @@ def print_summary(summary: RunSummary) -> None:
     if summary.champion_metrics:
         metrics.add_column("champion (same split)", justify="right")
     for key, value in sorted(summary.test_metrics.items()):
-        row = [key, f"{value:.4f}"]
+        row = [escape(key), f"{value:.4f}"]
         if summary.champion_metrics:
             champ = summary.champion_metrics.get(key)
             row.append("" if champ is None else f"{champ:.4f}")
         metrics.add_row(*row)
     console.print(metrics)
+    console.print("next:", style="bold")
+    for line in next_steps(summary):
+        console.print(Text(f"  {line}"), soft_wrap=True)
 
 
 def project_lock(args: argparse.Namespace):
@@ -372,10 +408,10 @@ def _run(args: argparse.Namespace, params: PipelineParams) -> int:
         )
     if args.json:
         Path(args.json).write_text(json.dumps(summary.to_json(), indent=2, sort_keys=True), encoding="utf-8")
-    print_summary(summary)
     export_testset(tracking)
     if not args.no_push and "://" not in params.source:
         push_data_version(Path(params.source), params.data_version, Path.cwd())
+    print_summary(summary)  # last: it ends with what to do next
     return 0
 
 
