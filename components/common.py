@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ml.errors import CesslError
+from ml.io import atomic_write_text
 
 
 class StepError(CesslError):
@@ -16,12 +17,7 @@ class StepError(CesslError):
 
 
 def write_json(path: Path, obj: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 def read_json(path: Path, what: str = "file") -> Any:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ml.errors import CesslError
+from ml.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -417,10 +418,7 @@ def add_records(
             result.conflicts.append(ref.key)
             continue
         for path, data in targets.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.part")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            atomic_write_bytes(path, data)
         result.copied += 1
     if track_with_dvc:
         result.version_after = track(root)

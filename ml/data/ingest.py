@@ -28,7 +28,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -53,6 +52,7 @@ from ml.data.records import (
 from ml.data.sources import RecordRef, Source, extend_stamp, open_source, record_id_of
 from ml.data.store import join_codes
 from ml.errors import BadFileError
+from ml.io import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -344,17 +344,10 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     return _normalise(pd.read_parquet(path))
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_manifest(table: pd.DataFrame, path: Path, normalised: bool = False) -> None:
     """Write a manifest atomically (``normalised``: its columns already have the manifest types)."""
-    tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
-    (table if normalised else _normalise(table)).to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        (table if normalised else _normalise(table)).to_parquet(tmp, index=False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -460,8 +453,8 @@ def ingest(
     report = _report(src.uri, run, n_parsed, len(refs) - n_parsed, manifest)
     report.orphans = _orphans(src, run)
     report.check()
-    _write_atomic(out_dir / REPORT_FILE, json.dumps(asdict(report), indent=2).encode())
-    _write_atomic(out_dir / QUARANTINE_FILE, quarantine_report(report, run).encode("utf-8"))
+    atomic_write_text(out_dir / REPORT_FILE, json.dumps(asdict(report), indent=2))
+    atomic_write_text(out_dir / QUARANTINE_FILE, quarantine_report(report, run))
     log.info(
         "%s: seen %d = accepted %d + quarantined %d (read %d, unchanged %d)",
         src.uri,

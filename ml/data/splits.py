@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from ml.io import atomic_write_text
+
 PARTS: tuple[str, ...] = ("test", "train", "valid", "unlabelled")
 
 
@@ -56,12 +58,7 @@ class Splits:
         return {**asdict(self), "test_split_hash": self.test_split_hash, "sizes": self.sizes()}
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.part")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1), encoding="utf-8")
-        tmp.replace(path)
-        return path
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> Splits:

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from ml.data.splits import Splits, _stratified_cut, ids_hash, make_splits
+from ml.io import atomic_write_bytes
 
 FROZEN, REDRAW = "frozen", "redraw"
 
@@ -80,12 +81,7 @@ class FrozenTestSet:
         return hashlib.md5(self.canonical_bytes()).hexdigest()
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.part")
-        tmp.write_bytes(self.canonical_bytes())
-        tmp.replace(path)
-        return path
+        return atomic_write_bytes(path, self.canonical_bytes())
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> FrozenTestSet:

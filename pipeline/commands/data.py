@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+from ml.io import staged_folder
 from pipeline.constraints import (
     existing_dir,
     fraction,
@@ -130,7 +131,8 @@ def _synth(args: argparse.Namespace) -> int:
         prefix=args.prefix,
         start=args.start,
     )
-    summary = generate(args.out, config, faults=args.faults, workers=args.workers)
+    with staged_folder(args.out) as out:  # a new folder appears only when every record is written
+        summary = generate(out, config, faults=args.faults, workers=args.workers)
     log.info(
         "%d records (%d labelled) in %s%s",
         summary.records,
@@ -164,7 +166,8 @@ def _ingest(args: argparse.Namespace) -> int:
         validation=ValidationConfig(min_duration_s=args.min_duration, max_flat_leads=args.max_flat_leads),
         workers=args.workers,
     )
-    report = ingest(args.source, args.out, config=config)
+    with staged_folder(args.out) as out:  # a new folder appears only when the ingestion finished
+        report = ingest(args.source, out, config=config)
     print(
         f"seen {report.seen} = accepted {report.accepted} + quarantined {report.quarantined} "
         f"(parsed {report.read}, unchanged {report.reused}); report: {args.out / QUARANTINE_FILE}"
