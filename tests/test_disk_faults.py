@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import ECG_RECORDS
 
-pytestmark = pytest.mark.slow  # real mounts and real commands: ~30 s
-
 from ml.errors import EXIT_DISK, EXIT_USAGE
+
+pytestmark = pytest.mark.slow  # real mounts and real commands: ~30 s
 
 
 def _mount(path: Path, options: str) -> None:
