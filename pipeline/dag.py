@@ -251,6 +251,7 @@ def configure_tasks(
 
 # Display names of the tasks (configure_tasks keys its settings on them).
 VALIDATE, INGEST, PREPROCESS, BACKBONE = "validate", "ingest", "preprocess", "backbone"
+PARAM_NAMES = frozenset(field_types())
 SPLIT, ALLOCATE_RANKS, FINETUNE, EVALUATE = "split", "allocate-ranks", "finetune", "evaluate"
 RESOLVE_TESTSET = "resolve-testset"
 
@@ -277,7 +278,8 @@ class SharedInputs(NamedTuple):
 
 def add_shared_inputs(steps: StepComponents, run: SimpleNamespace) -> SharedInputs:
     """validate, then ingest -> preprocess and resolve_backbone, from the run's parameters."""
-    validate = steps.validate(params=dict(vars(run)))  # every parameter checked before any work
+    # Every run parameter checked before any work (a comparison's grid is checked by its CLI).
+    validate = steps.validate(params={k: v for k, v in vars(run).items() if k in PARAM_NAMES})
     ingest = steps.ingest(source=run.source, data_version=run.data_version, state_dir=run.state_dir)
     ingest.after(validate)
     preprocess = steps.preprocess(
