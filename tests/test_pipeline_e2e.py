@@ -13,6 +13,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from test_pipeline_support import SMALL_RUN, add_records, cessl, make_backbone, make_repo
 
+from pipeline.lineage import DATASET_CONTEXT as DATA_CONTEXT
+from pipeline.testsets import DATASET_CONTEXT as TESTSET_CONTEXT
 from pipeline.tracking import CHALLENGER, CHAMPION
 
 NAME = "cessl-e2e"
@@ -53,7 +55,11 @@ def test_run_second_version_gate_predict_rollback(tmp_path, mlflow_server, s3_se
     # lineage: the KFP run (kfp.local fills the placeholders), the data as a dataset input
     assert tags["kfp.pipeline_name"] == "cessl-finetune" and tags["kfp.run_id"] and "{{" not in tags["kfp.run_id"]
     assert tags["kfp.run_name"].startswith("cessl-finetune")
-    assert [d.dataset.digest for d in run.inputs.dataset_inputs] == [data_version(repo)]
+    inputs = {
+        tag.value: d.dataset for d in run.inputs.dataset_inputs for tag in d.tags if tag.key == "mlflow.data.context"
+    }
+    assert inputs[DATA_CONTEXT].digest == data_version(repo)  # the data the run trained on
+    assert inputs[TESTSET_CONTEXT].name == f"{NAME}-testset-v1"  # the test set it froze
     assert {"test_macro_f_beta", "test_macro_map", "test_macro_auroc", "test_ranking_loss"} <= set(metrics)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == list(range(1, 9))
     assert [m.step for m in client.get_metric_history(run.info.run_id, "valid_macro_map")] == [0, 4, 8]  # step 0 too
