@@ -133,7 +133,7 @@ def test_killed_run_resumes_and_registers_once(tmp_path):
     for step in ("ingest", "preprocess", "split", "resolve-backbone", "allocate-ranks"):
         assert f"Task {step} cache hit" in progress, step
     task_log = (repo / "local_outputs" / "last_run.log").read_text()
-    assert "resuming fine-tuning from" in task_log and f"at step {killed_at}" in task_log
+    assert "resuming fine-tuning from" in task_log and f"at step {killed_at}" in task_log, task_log[-6000:]
 
     versions = client.search_model_versions(f"name = '{NAME}'")
     assert [str(v.version) for v in versions] == ["1"]
