@@ -11,13 +11,13 @@ other object is refused (CheckpointError) and nothing in it runs.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ml.io import atomic_path
 from ml.model.adapter import CheckpointError, torch_load_checked
 
 
@@ -26,17 +26,10 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
 
     On any error the temporary file is removed and ``path`` keeps its previous content.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(dict(state), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(dict(state), handle)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
