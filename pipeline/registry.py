@@ -89,6 +89,12 @@ def registered_model_name(model_name: str, method: str) -> str:
     return DEFAULT_MODEL_NAME if is_production_method(method) else DEFAULT_MODEL_NAME + EXPERIMENTS_SUFFIX
 
 
+def site_model_name(model_name: str, site: str) -> str:
+    """A hospital network's registered model for ``site``: ``<model_name>-<site>`` (each site
+    has its own versions, aliases and promotion gate)."""
+    return f"{model_name}-{site}"
+
+
 # --------------------------------------------------------------------------- the gate
 
 
