@@ -472,6 +472,65 @@ def champion_data_version(client, name: str) -> str | None:
     return champion.tags.get(TAG_DATA_VERSION) or None
 
 
+@dataclass(frozen=True)
+class SiteChange:
+    """Whether a site of the network needs retraining, and why."""
+
+    site: str
+    model: str  # the site's registered model, <model>-<site>
+    current: str  # the data version of the site's source now ("" when it cannot be told from here)
+    trained_on: str  # the data version of the site's champion ("" when it has none)
+    reason: str  # why it retrains, "" when it does not
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.reason)
+
+
+def site_change(client, site: str, model: str, current: str) -> SiteChange:
+    """Compare ``current`` (the site's data version now) with its champion's: a site retrains
+    when its data moved, when it has no champion, when its data version cannot be told from
+    here (ingest computes it at run time), or when its frozen test set was refreshed."""
+    from pipeline.testsets import REDRAW
+    from pipeline.testsets import current as current_testset
+
+    trained_on = champion_data_version(client, model) if _model_exists(client, model) else None
+    pointer = current_testset(client, model) if trained_on is not None else None
+    if trained_on is None:
+        reason = "no champion yet"
+    elif not current:
+        reason = "its data version cannot be computed from here"
+    elif pointer is not None and pointer.status == REDRAW:
+        reason = f"test set v{pointer.version} was refreshed"
+    elif trained_on != current:
+        reason = f"data version {current} differs from the champion's ({trained_on})"
+    else:
+        reason = ""
+    return SiteChange(site, model, current, trained_on or "", reason)
+
+
+def changed_sites(client, sites, model_name: str, data_version_of) -> list[SiteChange]:
+    """One :class:`SiteChange` per site of ``sites`` (a :class:`pipeline.sites.SiteRegistry`),
+    ``data_version_of(source) -> str`` giving each site's current data version
+    (:func:`pipeline.lineage.source_data_version`)."""
+    return [
+        site_change(client, site.name, site_model_name(model_name, site.name), data_version_of(site.source))
+        for site in sites
+    ]
+
+
+def _model_exists(client, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException as err:
+        if getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
+
+
 def load_champion(config: TrackingConfig):
     """The current champion of ``config.model_name`` as a :class:`components.evaluate.Champion`
     (its predictor None, with the reason, when it cannot be loaded); None when there is none."""

@@ -332,3 +332,87 @@ def test_cli_exit_codes(reg, capsys):
     assert main(["rollback", reg.name]) == 0
     assert main(["models", reg.name]) == 0
     assert main(["promote", "no-such-model"]) == 2
+
+
+# --------------------------------------------------------------------------- a hospital network
+
+
+def _site_models(store: str, base: str, sites: list[str], tmp_path: Path) -> tuple[Path, dict[str, Registry]]:
+    """A sites.yaml naming ``sites`` (folders in tmp_path) and one registered model per site."""
+    from pipeline.registry import site_model_name
+    from pipeline.sites import Site, SiteRegistry, save_sites
+
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    registry = SiteRegistry(tuple(Site(s, str(tmp_path / s)) for s in sites))
+    path = save_sites(registry, tmp_path / "sites.yaml")
+    models = {}
+    for site in sites:
+        name = site_model_name(base, site)
+        client.create_registered_model(name)
+        models[site] = Registry(client, name)
+    return path, models
+
+
+def test_promote_per_site_and_all_sites(store, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("CESSL_USER", "dr-test")
+    base = "net-promote"
+    sites_file, models = _site_models(store, base, ["hospital-a", "hospital-b", "hospital-c"], tmp_path)
+    for model in models.values():
+        model.new_version({"macro_f_beta": 0.5})
+    # one site: only its model moves
+    assert cli.main(["promote", base, "--site", "hospital-b", "--sites", str(sites_file)]) == 0
+    assert models["hospital-b"].alias(CHAMPION) == "1"
+    assert current_alias(models["hospital-a"].client, models["hospital-a"].name, CHAMPION) is None
+    # every site: each gets its own gate; b's is already the champion (refused as a no-op), so exit 1
+    assert cli.main(["promote", base, "--all-sites", "--sites", str(sites_file)]) == 1
+    assert {s: m.alias(CHAMPION) for s, m in models.items()} == {
+        "hospital-a": "1",
+        "hospital-b": "1",
+        "hospital-c": "1",
+    }
+    # a worse challenger at site a is refused there while site c's better one is promoted
+    y_gate_worse, y_gate_better = evidence(0.9, 0.2), evidence(0.2, 0.9)
+    models["hospital-a"].new_version({"macro_f_beta": 0.3}, champion="1", gate=y_gate_worse)
+    models["hospital-c"].new_version({"macro_f_beta": 0.7}, champion="1", gate=y_gate_better)
+    assert cli.main(["promote", base, "--site", "hospital-a", "--site", "hospital-c", "--sites", str(sites_file)]) == 1
+    assert models["hospital-a"].alias(CHAMPION) == "1"
+    assert models["hospital-c"].alias(CHAMPION) == "2"
+    assert cli.main(["rollback", base, "--site", "hospital-c", "--sites", str(sites_file)]) == 0
+    assert models["hospital-c"].alias(CHAMPION) == "1"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["promote", "net-x", "--site", "nope"], "no site named 'nope'"),
+        (["promote", "net-x", "--site", "Bad_Name"], "no site named 'Bad_Name'"),
+        (["promote"], "name a registered model"),
+        (["promote", "net-x", "--all-sites", "--force", "--reason", "r"], "--force promotes one model"),
+    ],
+)
+def test_promote_site_bad_input(store, monkeypatch, tmp_path, capsys, argv, message):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    sites_file, _ = _site_models(store, f"net-bad-{len(argv)}-{len(message)}", ["hospital-a"], tmp_path)
+    assert cli.main([*argv, "--sites", str(sites_file)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_changed_sites(store, tmp_path):
+    from pipeline.registry import changed_sites
+    from pipeline.sites import load_sites
+
+    base = "net-changed"
+    sites_file, models = _site_models(store, base, ["hospital-a", "hospital-b", "hospital-c"], tmp_path)
+    models["hospital-a"].new_version({"macro_f_beta": 0.5}, data="md5-a")
+    models["hospital-b"].new_version({"macro_f_beta": 0.5}, data="md5-b-old")
+    for model in (models["hospital-a"], models["hospital-b"]):
+        assert promote(model.client, model.name).promoted
+    now = {"hospital-a": "md5-a", "hospital-b": "md5-b-new", "hospital-c": "md5-c"}
+    changes = changed_sites(
+        models["hospital-a"].client, load_sites(sites_file), base, lambda source: now[Path(source).name]
+    )
+    assert [(c.site, c.changed) for c in changes] == [("hospital-a", False), ("hospital-b", True), ("hospital-c", True)]
+    assert "differs from the champion's (md5-b-old)" in changes[1].reason
+    assert changes[2].reason == "no champion yet" and changes[2].model == f"{base}-hospital-c"

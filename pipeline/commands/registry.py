@@ -20,9 +20,11 @@ import logging
 import sys
 from pathlib import Path
 
+from ml.errors import ParameterError
 from pipeline.audit import history
-from pipeline.constraints import as_text, non_negative_float, output_file, tracking_uri
+from pipeline.constraints import as_text, existing_file, non_negative_float, output_file, tracking_uri
 from pipeline.registry import (
+    DEFAULT_MODEL_NAME,
     GATE_METRICS,
     GateConfig,
     PromotionDecision,
@@ -30,6 +32,7 @@ from pipeline.registry import (
     describe_versions,
     promote,
     rollback,
+    site_model_name,
 )
 from pipeline.tracking import TRACKING_URI_ENV, TrackingConfig
 
@@ -74,16 +77,54 @@ def run_promote(
     return decision
 
 
+def target_models(args: argparse.Namespace) -> list[str]:
+    """The registered models a registry verb acts on: ``NAME``; or, for a hospital network,
+    ``<NAME>-<site>`` of each ``--site`` (or of every site of ``--sites FILE`` with
+    ``--all-sites``), NAME defaulting to the default model name. Site names are checked
+    against the registry file when one is given or exists."""
+    from pipeline.sites import DEFAULT_SITES_FILE, check_site_name, load_sites
+
+    sites: list[str] = list(args.site or [])
+    if not sites and not args.all_sites:
+        if not args.name:
+            raise ParameterError("name a registered model, or a site with --site NAME / --all-sites")
+        return [args.name]
+    if args.force and (args.all_sites or len(sites) > 1):
+        raise ParameterError("--force promotes one model at a time: name one --site, not several or --all-sites")
+    file = Path(args.sites or DEFAULT_SITES_FILE)
+    if args.all_sites or args.sites or file.exists():
+        registry = load_sites(file)
+        sites = registry.names if args.all_sites else [registry.get(s).name for s in sites]
+        if not sites:
+            raise ParameterError(f"{file}: no sites (add one with `cessl sites add NAME SOURCE`)")
+    base = args.name or DEFAULT_MODEL_NAME
+    return [site_model_name(base, check_site_name(s)) for s in sites]
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
-    decision = run_promote(
-        _tracking(args, args.name), args.metric, args.margin, args.force, args.reason or "", args.max_class_drop
-    )
-    return 0 if decision.promoted else EXIT_REFUSED
+    names = target_models(args)
+    refused = []
+    for name in names:
+        if len(names) > 1:
+            log.info("-- %s", name)
+        decision = run_promote(
+            _tracking(args, name), args.metric, args.margin, args.force, args.reason or "", args.max_class_drop
+        )
+        if not decision.promoted:
+            refused.append(name)
+    if len(names) > 1:
+        log.info("%d of %d site models promoted%s", len(names) - len(refused), len(names), _refused(refused))
+    return EXIT_REFUSED if refused else 0
+
+
+def _refused(names: list[str]) -> str:
+    return f"; not promoted: {', '.join(names)}" if names else ""
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    result = rollback(_tracking(args, args.name).client(), args.name, reason=args.reason or "")  # RegistryError: exit 2
-    log.info("%s: champion is v%s again (was v%s)", args.name, result.restored, result.replaced)
+    for name in target_models(args):
+        result = rollback(_tracking(args, name).client(), name, reason=args.reason or "")  # RegistryError: exit 2
+        log.info("%s: champion is v%s again (was v%s)", name, result.restored, result.replaced)
     return 0
 
 
@@ -176,8 +217,22 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
             help=f"MLflow tracking URI (default: ${TRACKING_URI_ENV} or sqlite:///./mlflow.db)",
         )
 
+    def site_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--site",
+            action="append",
+            default=[],
+            metavar="SITE",
+            help="a site of the network: acts on <name>-<site> (repeatable; name defaults to cessl-ecg)",
+        )
+        p.add_argument("--all-sites", action="store_true", help="every site of the registry file (--sites)")
+        p.add_argument(
+            "--sites", type=as_text(existing_file), default="", help="site registry file (default: ./sites.yaml)"
+        )
+
     pr = subparsers.add_parser("promote", help="move 'champion' to the challenger if it beats the champion")
-    pr.add_argument("name", help="registered model name")
+    pr.add_argument("name", nargs="?", default="", help="registered model name (with --site: the network's base name)")
+    site_flags(pr)
     pr.add_argument(
         "--metric", default="macro_f_beta", choices=GATE_METRICS, help="test metric of the gate (default: %(default)s)"
     )
@@ -201,7 +256,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     pr.set_defaults(func=cmd_promote)
 
     rb = subparsers.add_parser("rollback", help="restore the previous champion")
-    rb.add_argument("name", help="registered model name")
+    rb.add_argument("name", nargs="?", default="", help="registered model name (with --site: the network's base name)")
+    site_flags(rb)
+    rb.set_defaults(force=False)
     rb.add_argument("--reason", default="", help="why (recorded in the audit log)")
     tracking_flag(rb)
     rb.set_defaults(func=cmd_rollback)
