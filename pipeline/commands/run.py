@@ -352,7 +352,7 @@ def preflight_local(args: argparse.Namespace, params: PipelineParams | None = No
     """Before any work of a local run (and before its project lock): a local backbone and a
     local data folder exist, the tracking store answers (or may be created), and a Docker
     engine answers for ``--runner docker``."""
-    from pipeline.preflight import check_backbone, check_docker, check_tracking
+    from pipeline.preflight import check_backbone, check_demo_data, check_docker, check_tracking
 
     if params is not None:
         check_backbone(params.backbone)
@@ -363,6 +363,8 @@ def preflight_local(args: argparse.Namespace, params: PipelineParams | None = No
         demo = params.source == DEMO_PARAMS.source and not getattr(args, "no_demo_data", False)
         if "://" not in params.source and not demo and not Path(params.source).is_dir():
             raise FileNotFoundError(f"{Path(params.source).absolute()}: data folder not found")
+        if demo:
+            check_demo_data(Path(params.source))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
