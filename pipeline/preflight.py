@@ -243,3 +243,13 @@ def check_demo_data(data_dir: Path) -> None:
             f"--source {data_dir}: no WFDB records there, and the demo hospital cannot be generated "
             f"(it needs {real} of a project checkout): pass --source FOLDER, or run in the project folder"
         )
+
+
+def check_records_folder(folder: Path) -> None:
+    """A local ``--source`` holds at least one WFDB header (``*.hea``, at any depth): an empty
+    or mistyped folder is refused before a run starts, not by its ingest step minutes later."""
+    folder = Path(folder).absolute()
+    if not folder.is_dir():
+        raise ParameterError(f"--source {folder}: data folder not found")
+    if next(folder.rglob("*.hea"), None) is None:
+        raise ParameterError(f"--source {folder}: no WFDB record (.hea) in this folder or below it")
