@@ -457,7 +457,9 @@ def dvc_repo(text: str) -> Path:
     created here, and no verb creates the folder."""
     path = existing_dir(text)
     if not (path / ".dvc").is_dir() and not (path / ".git").exists():
-        raise _path_error(text, "is neither a DVC repository (.dvc/) nor a git work tree (.git): run `git init` there first")
+        raise _path_error(
+            text, "is neither a DVC repository (.dvc/) nor a git work tree (.git): run `git init` there first"
+        )
     return path
 
 

@@ -132,7 +132,7 @@ def test_zero_adc_gain_is_uncalibrated_and_refused(ecg_records_dir: Path, tmp_pa
     _copy(ecg_records_dir, tmp_path, "E07500")
     text = (tmp_path / "E07500.hea").read_text()
     (tmp_path / "E07500.hea").write_text(text.replace("1000.0(0)/mV", "0(0)/mV"))
-    with pytest.raises(RecordError, match="ADC gain 0.*uncalibrated") as err:
+    with pytest.raises(RecordError, match=r"ADC gain 0.*uncalibrated") as err:
         read_record_file(tmp_path / "E07500.hea")
     assert err.value.reason is Reason.BAD_UNITS
 

@@ -689,7 +689,9 @@ def test_grid_flags_are_generated_from_the_pipeline_parameters():
     from pipeline.compare import GRID_FIELDS
 
     assert sorted(name for name, _ in GRID_FLAGS.values()) == sorted(GRID_FIELDS)
-    actions = {a.option_strings[-1]: a for verb, a in walk(cli.build_parser()) if verb == ("compare",) and a.option_strings}
+    actions = {
+        a.option_strings[-1]: a for verb, a in walk(cli.build_parser()) if verb == ("compare",) and a.option_strings
+    }
     for flag, (name, _) in GRID_FLAGS.items():
         assert actions[flag].type.item.field.name == name
 
@@ -847,7 +849,10 @@ def remote_cases() -> list[pytest.param]:
         ([*add, "a b", "{work}/storage2", "--repo", "{work}/proj"], ("a b",)),
         ([*add, "../r", "{work}/storage2", "--repo", "{work}/proj"], ("../r",)),
         ([*add, "r", "s3://bucket/x", "--endpoint-url", "minio:9000", "--repo", "{work}/proj"], ("--endpoint-url",)),
-        ([*add, "r", "{work}/storage2", "--endpoint-url", "http://minio:9000", "--repo", "{work}/proj"], ("--endpoint-url",)),
+        (
+            [*add, "r", "{work}/storage2", "--endpoint-url", "http://minio:9000", "--repo", "{work}/proj"],
+            ("--endpoint-url",),
+        ),
         ([*add, "origin", "{work}/storage2", "--repo", "{work}/proj"], ("origin", "--force")),  # exists
         (["data", "remote", "list", "--repo", "{work}/missing-repo"], ("missing-repo",)),
         (["data", "remote", "list", "--repo", "{work}/src"], ("src",)),

@@ -12,8 +12,8 @@ from pipeline.constraints import (
     dvc_remote_name,
     dvc_repo,
     existing_dir,
-    http_url,
     fraction,
+    http_url,
     non_negative_float,
     non_negative_int,
     optional,
@@ -107,9 +107,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--endpoint-url", type=optional(http_url), default="", help="S3-compatible endpoint (SeaweedFS, MinIO...)"
     )
     r.add_argument("--force", action="store_true", help="replace a remote of that name")
-    r.add_argument(
-        "--repo", type=dvc_repo, default=".", help="repository root: a DVC repository or a git work tree"
-    )
+    r.add_argument("--repo", type=dvc_repo, default=".", help="repository root: a DVC repository or a git work tree")
     r.set_defaults(func=_remote_add)
     r = remote.add_parser("list", help="the configured DVC remotes")
     r.add_argument("--repo", type=dvc_repo, default=".", help="repository root: a DVC repository or a git work tree")
@@ -247,7 +245,6 @@ def _check_remote(args: argparse.Namespace) -> None:
     the repository): the URL, ``--endpoint-url`` only with s3://, an existing name only with
     ``--force``."""
     from ml.data.dvc import run_dvc
-
     from ml.errors import ParameterError
     from pipeline.constraints import dvc_remote_url_problem
 
@@ -257,7 +254,9 @@ def _check_remote(args: argparse.Namespace) -> None:
     if args.endpoint_url and not args.url.startswith("s3://"):
         raise ParameterError(f"--endpoint-url {args.endpoint_url}: only for an s3:// remote, not {args.url}")
     if (args.repo / ".dvc").is_dir() and not args.force:
-        names = [line.split()[0] for line in run_dvc("remote", "list", cwd=args.repo).stdout.splitlines() if line.split()]
+        names = [
+            line.split()[0] for line in run_dvc("remote", "list", cwd=args.repo).stdout.splitlines() if line.split()
+        ]
         if args.name in names:
             raise ParameterError(
                 f"DVC remote {args.name} already exists in {args.repo.absolute() / '.dvc' / 'config'}: "

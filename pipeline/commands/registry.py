@@ -216,7 +216,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     pd_.set_defaults(func=cmd_predict)
 
     md = subparsers.add_parser("models", help="registered models and aliases; a model's versions or audit log")
-    md.add_argument("name", nargs="?", type=optional(registered_model), default="", help="a registered model (default: list every model)")
+    md.add_argument(
+        "name",
+        nargs="?",
+        type=optional(registered_model),
+        default="",
+        help="a registered model (default: list every model)",
+    )
     md.add_argument("--history", action="store_true", help="the model's audit log of registry decisions, oldest first")
     tracking_flag(md)
     md.set_defaults(func=cmd_models)

@@ -93,9 +93,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("refresh", help="record a new test-set version, drawn by the next run (needs --reason)")
     common(p)
-    p.add_argument(
-        "--reason", type=non_empty, required=True, help="why (recorded with $CESSL_USER or the OS user)"
-    )
+    p.add_argument("--reason", type=non_empty, required=True, help="why (recorded with $CESSL_USER or the OS user)")
     p.set_defaults(func=cmd_refresh)
 
     p = sub.add_parser("export", help="write testsets/<model>.json (dvc add where the project uses DVC)")
