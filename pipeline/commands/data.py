@@ -9,10 +9,14 @@ from pathlib import Path
 
 from ml.io import staged_folder
 from pipeline.constraints import (
+    dvc_remote_name,
+    dvc_repo,
     existing_dir,
     fraction,
+    http_url,
     non_negative_float,
     non_negative_int,
+    optional,
     output_dir,
     output_file,
     positive_float,
@@ -109,15 +113,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("remote", help="DVC remotes: where data versions are pushed (`cessl run` pushes to the default)")
     remote = p.add_subparsers(dest="remote_command", required=True, metavar="ACTION")
     r = remote.add_parser("add", help="configure a DVC remote (dvc remote add)")
-    r.add_argument("name")
-    r.add_argument("url", help="s3://bucket/path, a folder, or any DVC remote URL")
+    r.add_argument("name", type=dvc_remote_name, help="remote name (letters, digits, '_', '.', '-')")
+    r.add_argument("url", help="s3://bucket/path, a folder (its parent must exist), or another DVC remote URL")
     r.add_argument("--default", action="store_true", help="make it the default remote (pushed by `cessl run`)")
-    r.add_argument("--endpoint-url", default="", help="S3-compatible endpoint (SeaweedFS, MinIO...)")
+    r.add_argument(
+        "--endpoint-url", type=optional(http_url), default="", help="S3-compatible endpoint (SeaweedFS, MinIO...)"
+    )
     r.add_argument("--force", action="store_true", help="replace a remote of that name")
-    r.add_argument("--repo", type=Path, default=Path("."), help="repository root")
+    r.add_argument("--repo", type=dvc_repo, default=".", help="repository root: a DVC repository or a git work tree")
     r.set_defaults(func=_remote_add)
     r = remote.add_parser("list", help="the configured DVC remotes")
-    r.add_argument("--repo", type=Path, default=Path("."), help="repository root")
+    r.add_argument("--repo", type=dvc_repo, default=".", help="repository root: a DVC repository or a git work tree")
     r.set_defaults(func=_remote_list)
 
     p = sub.add_parser("demo-data", help="generate the demo hospital in data/ (bit-identical) and track it")
@@ -312,9 +318,34 @@ def _add(args: argparse.Namespace) -> int:
     return 1 if result.conflicts else 0
 
 
+def _check_remote(args: argparse.Namespace) -> None:
+    """Every problem of ``data remote add`` before DVC is run (which would first ``dvc init``
+    the repository): the URL, ``--endpoint-url`` only with s3://, an existing name only with
+    ``--force``."""
+    from ml.data.dvc import run_dvc
+    from ml.errors import ParameterError
+    from pipeline.constraints import dvc_remote_url_problem
+
+    problem = dvc_remote_url_problem(args.url, args.repo)
+    if problem:
+        raise ParameterError(f"remote URL {args.url}: {problem}")
+    if args.endpoint_url and not args.url.startswith("s3://"):
+        raise ParameterError(f"--endpoint-url {args.endpoint_url}: only for an s3:// remote, not {args.url}")
+    if (args.repo / ".dvc").is_dir() and not args.force:
+        names = [
+            line.split()[0] for line in run_dvc("remote", "list", cwd=args.repo).stdout.splitlines() if line.split()
+        ]
+        if args.name in names:
+            raise ParameterError(
+                f"DVC remote {args.name} already exists in {args.repo.absolute() / '.dvc' / 'config'}: "
+                "pass --force to replace it"
+            )
+
+
 def _remote_add(args: argparse.Namespace) -> int:
     from ml.data.dvc import add_remote
 
+    _check_remote(args)
     add_remote(args.repo, args.name, args.url, default=args.default, endpoint_url=args.endpoint_url, force=args.force)
     print(
         f"DVC remote {args.name} -> {args.url}{' (default)' if args.default else ''}"
@@ -327,6 +358,9 @@ def _remote_add(args: argparse.Namespace) -> int:
 def _remote_list(args: argparse.Namespace) -> int:
     from ml.data.dvc import default_remote, run_dvc
 
+    if not (args.repo / ".dvc").is_dir():  # a git work tree where DVC was never set up
+        log.info("no DVC remote: %s is not a DVC repository yet (`cessl data remote add` sets one up)", args.repo)
+        return 0
     default = default_remote(args.repo)
     for line in run_dvc("remote", "list", cwd=args.repo).stdout.splitlines():
         name = line.split()[0] if line.split() else ""
