@@ -492,3 +492,40 @@ def dvc_remote_url_problem(url: str, repo: Path) -> str | None:
     if not folder.parent.is_dir():
         return f"its parent folder {folder.parent} does not exist (create it first, or mount the share)"
     return None
+
+
+# ------------------------------------------------------------------------------ names
+
+
+_PATH_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+_ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,255}$")
+_IMAGE = re.compile(r"^[a-z0-9][a-z0-9._\-/:@]*[A-Za-z0-9_.\-]$")
+_RESOURCE_NAME = re.compile(r"^([a-z0-9]([a-z0-9\-.]*[a-z0-9])?/)?[A-Za-z0-9]([A-Za-z0-9_.\-]*[A-Za-z0-9])?$")
+_QUANTITY = re.compile(r"^\+?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+|[KMGTPE]i?|[numk])?$")
+
+
+def _pattern(regex: re.Pattern[str], what: str) -> Callable[[str], str]:
+    def check(text: str) -> str:
+        if not regex.match(text) or ".." in text.split("/"):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {what}")
+        return text
+
+    check.__name__ = what.split(" (")[0]
+    return check
+
+
+# one folder or file name: no separators, no "..", nothing that escapes its root
+path_part = _pattern(_PATH_PART, "a plain name (letters, digits, '_', '.', '-'; no '/' or '..')")
+# an MLflow registered-model alias (what MlflowClient.set_registered_model_alias accepts)
+alias = _pattern(_ALIAS, "an alias (a letter or '_', then letters, digits, '_' or '-')")
+# a container image reference: [registry/]repository[:tag][@digest]
+image = _pattern(_IMAGE, "an image reference such as registry:5000/cessl:0.1.0")
+# a Kubernetes extended resource name, e.g. nvidia.com/gpu
+resource_name = _pattern(_RESOURCE_NAME, "a Kubernetes resource name such as nvidia.com/gpu")
+
+
+def quantity(text: str) -> str:
+    """A Kubernetes resource quantity ("4", "500m", "16Gi"), not zero."""
+    if not _QUANTITY.match(text) or not any(c in "123456789" for c in text.split("e")[0].split("E")[0]):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a Kubernetes quantity above 0, such as 4, 500m or 16Gi")
+    return text

@@ -344,6 +344,22 @@ PATH_CASES = [
     (["submit", "--host", HOST, "--package", "missing.yaml"], ("missing.yaml",)),
     (["schedule", "--host", HOST, "--cron", "every monday"], ("--cron",)),
     (["schedule", "--host", HOST, "--cron", "0 3 * *"], ("--cron",)),
+    # names that become paths must not escape their root
+    (["data", "synth", "out", "--prefix", "../esc"], ("--prefix",)),
+    (["data", "synth", "out", "--prefix", "a/b"], ("--prefix",)),
+    (["data", "add", "src", "--name", "../esc"], ("--name",)),
+    (["data", "add", "src", "--name", ".."], ("--name",)),
+    # cluster settings: checked when parsed, not by kfp or the cluster later
+    (["compile", "--finetune-cpu", "abc"], ("--finetune-cpu",)),
+    (["compile", "--finetune-cpu", "0"], ("--finetune-cpu",)),
+    (["compile", "--finetune-memory", "lots"], ("--finetune-memory",)),
+    (["compile", "--image", ""], ("--image",)),
+    (["compile", "--image", "Has Spaces:1"], ("--image",)),
+    (["compile", "--accelerator-type", ""], ("--accelerator-type",)),
+    (["run", "--image", ""], ("--image",)),
+    # an alias is checked before the training, not when registering after it
+    (["backbone", "default", "--register", "--alias", "bad alias"], ("--alias",)),
+    (["backbone", "import", "ckpt.pt", "--config", "tiny", "--out", "o", "--register", "--alias", "x@y"], ("--alias",)),
 ]
 
 

@@ -25,6 +25,7 @@ import logging
 from pathlib import Path
 
 from pipeline.constraints import (
+    alias,
     existing_dir,
     existing_file,
     non_negative_float,
@@ -59,7 +60,7 @@ def _add_register_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="create a new sqlite MLflow store at --tracking-uri (with --register)",
     )
-    p.add_argument("--alias", default=None, help="registry alias to point at the version (with --register)")
+    p.add_argument("--alias", type=alias, default=None, help="registry alias to point at the version (with --register)")
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:

@@ -19,6 +19,7 @@ from pipeline.constraints import (
     optional,
     output_dir,
     output_file,
+    path_part,
     positive_float,
     positive_int,
     probability,
@@ -66,7 +67,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--unlabelled-fraction", type=probability, default=0.0, help="fraction written without # Dx")
     p.add_argument("--fs", type=positive_float, default=None, help="sampling frequency (Hz; default 500)")
     p.add_argument("--duration", type=positive_float, default=10.0, help="seconds per record")
-    p.add_argument("--prefix", default=None, help="record id prefix (default S)")
+    p.add_argument("--prefix", type=path_part, default=None, help="record id prefix (default S)")
     p.add_argument("--start", type=non_negative_int, default=None, help="number of the first record (default 0)")
     p.add_argument("--faults", action="store_true", help="also write one faulty record per fault kind")
     p.add_argument("--workers", type=positive_int, default=2)
@@ -99,7 +100,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("add", help="copy a hospital's records into data/ and record a new DVC version")
     p.add_argument("source", type=source, help="folder or s3://bucket/prefix")
-    p.add_argument("--name", help="folder under data/ (default: the source's last path part)")
+    p.add_argument("--name", type=path_part, help="folder under data/ (default: the source's last path part)")
     p.add_argument("--repo", type=existing_dir, default=Path("."), help="repository root (an existing folder)")
     p.add_argument("--no-dvc", action="store_true", help="copy only, do not run dvc add")
     p.add_argument("--push", action="store_true", help="dvc push after recording the version")

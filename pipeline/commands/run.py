@@ -31,10 +31,13 @@ from pipeline.constraints import (
     cron,
     existing_file,
     http_url,
+    image,
     non_negative_float,
     non_negative_int,
     output_file,
     output_root,
+    quantity,
+    resource_name,
     tracking_uri,
 )
 from pipeline.dag import (
@@ -83,9 +86,14 @@ def add_compile_flags(parser: argparse.ArgumentParser, with_image: bool = True) 
     group = parser.add_argument_group("cluster settings (compile time)")
     if with_image:
         group.add_argument(
-            "--image", default=None, help="component image (default: $CESSL_IMAGE or localhost:5000/cessl:0.1.0)"
+            "--image",
+            type=image,
+            default=None,
+            help="component image (default: $CESSL_IMAGE or localhost:5000/cessl:0.1.0)",
         )
-    group.add_argument("--accelerator-type", default="nvidia.com/gpu", help="finetune's accelerator resource")
+    group.add_argument(
+        "--accelerator-type", type=resource_name, default="nvidia.com/gpu", help="finetune's accelerator resource"
+    )
     group.add_argument("--accelerator-limit", type=non_negative_int, default=1, help="accelerators for finetune")
     group.add_argument("--no-gpu", action="store_true", help="finetune requests no accelerator")
     group.add_argument(
@@ -102,8 +110,12 @@ def add_compile_flags(parser: argparse.ArgumentParser, with_image: bool = True) 
         metavar="KEY[=VALUE][:EFFECT]",
         help="taint finetune tolerates (repeatable; default nvidia.com/gpu:NoSchedule)",
     )
-    group.add_argument("--finetune-cpu", default="4")
-    group.add_argument("--finetune-memory", default="16Gi")
+    group.add_argument(
+        "--finetune-cpu", type=quantity, default="4", help="finetune's CPU request (Kubernetes quantity)"
+    )
+    group.add_argument(
+        "--finetune-memory", type=quantity, default="16Gi", help="finetune's memory request (Kubernetes quantity)"
+    )
     defaults = CompileOptions()
     group.add_argument(
         "--checkpoint-pvc",
@@ -635,7 +647,9 @@ def _add_local(parser: argparse.ArgumentParser, registry: bool = True) -> None:
         default="subprocess",
         help="kfp.local runner: this environment, or the project image on Docker",
     )
-    parser.add_argument("--image", default=None, help="component image (--runner docker, and compiled pipelines)")
+    parser.add_argument(
+        "--image", type=image, default=None, help="component image (--runner docker, and compiled pipelines)"
+    )
     parser.add_argument("--no-cache", action="store_true", help="run every step again")
     parser.add_argument("--no-demo-data", action="store_true", help="never create the demo hospital")
     parser.add_argument(
