@@ -253,15 +253,24 @@ class Network:
 
     # -- artifacts
     def _download(self, registered: str, version: str, what: str) -> Path:
+        """Download the ``what`` artifact (``adapter`` / ``backbone``) of a model version, found
+        through its MLmodel file (the artifact's folder keeps the name it was logged from)."""
         import mlflow
+        import yaml
 
         target = self.cache_dir / f"{registered}-v{version}-{what}"
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
-        path = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{registered}/{version}/artifacts/{what}", dst_path=str(target)
-        )
-        return Path(path)
+        uri = f"models:/{registered}/{version}"
+        mlmodel = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/MLmodel", dst_path=str(target)))
+        try:
+            artifacts = yaml.safe_load(mlmodel.read_text(encoding="utf-8"))["flavors"]["python_function"]["artifacts"]
+            relative = str(artifacts[what]["path"])
+        except (KeyError, TypeError, yaml.YAMLError) as err:
+            raise ModelUnavailableError(f"{uri} is not a CE-SSL adapter model (its MLmodel has no {what!r} artifact: {err})") from None
+        if relative.startswith("/") or ".." in Path(relative).parts:
+            raise ModelUnavailableError(f"{uri}: artifact path {relative!r} escapes the model")
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{relative}", dst_path=str(target)))
 
     def _load_adapter(self, site: str, version: str) -> SiteAdapter:
         """Download a version's adapter (and, the first time, its backbone) and read it."""
@@ -271,14 +280,12 @@ class Network:
 
         registered = self.registered_name(site)
         key = f"{registered}/{version}"
-        folders: list[Path] = []
+        folders = [self.cache_dir / f"{registered}-v{version}-{what}" for what in ("adapter", "backbone")]
         try:
             adapter_dir = self._download(registered, version, "adapter")
-            folders.append(adapter_dir.parent)
             adapter = read_site_adapter(adapter_dir, key)
             if adapter.backbone_id not in self.backbones:
                 backbone_dir = self._download(registered, version, "backbone")
-                folders.append(backbone_dir.parent)
                 backbone = read_backbone(backbone_dir)
                 shared = SharedBackbone(backbone.state, backbone.config, backbone.identity)
                 self.backbones[backbone.identity] = shared
@@ -303,7 +310,10 @@ class Network:
         for site in self.config.sites:
             alias = self.champion(site, refresh=True)
             if alias.version is not None and not self.backbones:
-                self.adapter(site, alias.version)
+                try:
+                    self.adapter(site, alias.version)
+                except ModelUnavailableError as err:  # that site answers 503 until it can be loaded
+                    log.warning("%s", err)
 
     # -- predicting
     def predict(self, name: str, signals: np.ndarray, sample_rate: float, version: str | None = None) -> Prediction:
@@ -630,8 +640,13 @@ def build_server(network: Network):
             from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
             from kserve.protocol.rest.server import RESTServer
 
+            class QuietRESTServer(RESTServer):
+                def _add_exception_handlers(self, app) -> None:
+                    super()._add_exception_handlers(app)
+                    install_quiet_handlers(app)
+
             self._register_and_check_atleast_one_model_is_ready(models)
-            self._rest_server = RESTServer(
+            self._rest_server = QuietRESTServer(
                 FASTAPI_APP_IMPORT_STRING,
                 self.dataplane,
                 self.model_repository_extension,
@@ -655,6 +670,24 @@ def build_server(network: Network):
     return server, list(repository.models.values())
 
 
+def install_quiet_handlers(app) -> None:
+    """The client's mistakes (400/404/413) and a site that cannot answer (503) are logged as
+    one line; kserve's own handlers log each with a traceback."""
+    from fastapi.responses import JSONResponse
+    from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
+
+    def handler(status: int):
+        async def handle(request, exc):
+            log.warning("%s %s -> %d: %s", request.method, request.url.path, status, exc)
+            return JSONResponse(status_code=status, content={"error": str(exc)})
+
+        return handle
+
+    app.add_exception_handler(InvalidInput, handler(400))
+    app.add_exception_handler(ModelNotFound, handler(404))
+    app.add_exception_handler(ModelNotReady, handler(503))
+
+
 def install_http_guards(app, max_body_bytes: int) -> None:
     """A body limit (413) and one-line 400s for bodies FastAPI cannot parse (instead of 422 lists)."""
     from fastapi.exceptions import RequestValidationError
@@ -671,70 +704,60 @@ def install_http_guards(app, max_body_bytes: int) -> None:
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class BodyLimit:
-    """ASGI middleware: a request body over ``max_bytes`` is answered 413 (by its
-    Content-Length before reading, or while a chunked body streams in)."""
+    """ASGI middleware: a request body over ``max_bytes`` is answered 413, by its
+    Content-Length before reading or while a chunked body streams in (the body is read here,
+    up to the limit, and handed on whole)."""
 
     def __init__(self, app, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
-    def _message(self, size: str) -> bytes:
-        limit_mb = self.max_bytes / (1024 * 1024)
-        return json.dumps({"error": f"request body of {size} exceeds the limit of {limit_mb:g} MiB (--max-body-mb)"}).encode()
-
-    async def _refuse(self, send, size: str) -> None:
-        body = self._message(size)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
-        )
+    async def _answer(self, send, status: int, error: str) -> None:
+        body = json.dumps({"error": error}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+    def _too_large(self, size: str) -> str:
+        return f"request body of {size} exceeds the limit of {self.max_bytes / (1024 * 1024):g} MiB (--max-body-mb)"
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         length = dict(scope.get("headers") or ()).get(b"content-length")
-        if length is not None:
-            if not length.isdigit():
-                body = json.dumps({"error": "Content-Length must be a number of bytes"}).encode()
-                await send({"type": "http.response.start", "status": 400, "headers": [(b"content-type", b"application/json")]})
-                await send({"type": "http.response.body", "body": body})
-                return
-            if int(length) > self.max_bytes:
-                await self._refuse(send, f"{int(length)} bytes")
-                return
-        seen = 0
-        started = False
-
-        async def limited_receive():
-            nonlocal seen
+        if length is not None and not length.isdigit():
+            await self._answer(send, 400, "Content-Length must be a number of bytes")
+            return
+        if length is not None and int(length) > self.max_bytes:
+            await self._answer(send, 413, self._too_large(f"{int(length)} bytes"))
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
-            return message
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._answer(send, 413, self._too_large(f"more than {self.max_bytes} bytes"))
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        delivered = False
 
-        async def tracking_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
+        async def replay():
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await self._refuse(send, f"more than {self.max_bytes} bytes")
+        await self.app(scope, replay, send)
 
 
 def serve(config: ServeConfig) -> None:

@@ -216,7 +216,7 @@ def server(network, tmp_path_factory):
         "--refresh-seconds",
         "0.5",
         "--max-body-mb",
-        "2",
+        "6",
     ]
     proc = start_process_group(cmd, env, log_path, work)
     server = Server(f"http://127.0.0.1:{port}", proc, log_path)
@@ -266,7 +266,7 @@ def test_each_site_answers_like_its_own_predictor(server, network, signals):
             expected = [c for c, p, t in zip(CLASSES[site], row, thresholds, strict=True) if p >= t]
             assert codes == ";".join(expected)
     names = _outputs(server.infer("hospital-a", signals[:1]))
-    assert names["class_names"] == ["AF", "IAVB", "RBBB", "SNR"]
+    assert names["class_names"] == ["AF", "IAVB", "RBBB", "NSR"]
     assert names["descriptions"][0] == "atrial fibrillation"
     assert "evicted" in server.log_path.read_text()
 
@@ -382,12 +382,12 @@ def test_nan_malformed_json_and_oversized_bodies(server, signals):
         assert response.status_code == status, (text[:40], response.text)
         assert message in response.json()["error"], response.text
     big = server.http.post(
-        "/v2/models/hospital-a/infer", content=b"x" * (3 * 1024 * 1024), headers={"content-type": "application/json"}
+        "/v2/models/hospital-a/infer", content=b"x" * (7 * 1024 * 1024), headers={"content-type": "application/json"}
     )
-    assert big.status_code == 413 and "exceeds the limit of 2 MiB" in big.json()["error"]
+    assert big.status_code == 413 and "exceeds the limit of 6 MiB" in big.json()["error"]
 
     def chunks():
-        for _ in range(30):
+        for _ in range(70):
             yield b" " * (100 * 1024)
 
     streamed = server.http.post("/v2/models/hospital-a/infer", content=chunks(), headers={"content-type": "application/json"})
