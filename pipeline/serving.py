@@ -77,7 +77,7 @@ class ServeConfig:
     sites: tuple[str, ...]
     tracking_uri: str
     model_name: str = DEFAULT_MODEL_NAME
-    host: str = "0.0.0.0"  # noqa: S104 - a server in a pod listens on every interface
+    host: str = "0.0.0.0"
     port: int = 8080
     max_adapters: int = 32
     refresh_seconds: float = 30.0
@@ -267,7 +267,9 @@ class Network:
             artifacts = yaml.safe_load(mlmodel.read_text(encoding="utf-8"))["flavors"]["python_function"]["artifacts"]
             relative = str(artifacts[what]["path"])
         except (KeyError, TypeError, yaml.YAMLError) as err:
-            raise ModelUnavailableError(f"{uri} is not a CE-SSL adapter model (its MLmodel has no {what!r} artifact: {err})") from None
+            raise ModelUnavailableError(
+                f"{uri} is not a CE-SSL adapter model (its MLmodel has no {what!r} artifact: {err})"
+            ) from None
         if relative.startswith("/") or ".." in Path(relative).parts:
             raise ModelUnavailableError(f"{uri}: artifact path {relative!r} escapes the model")
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{relative}", dst_path=str(target)))
@@ -289,7 +291,13 @@ class Network:
                 backbone = read_backbone(backbone_dir)
                 shared = SharedBackbone(backbone.state, backbone.config, backbone.identity)
                 self.backbones[backbone.identity] = shared
-                log.info("loaded backbone %s (%s, %.1f MB) from %s", backbone.identity[:12], backbone.name, shared.nbytes / 1e6, key)
+                log.info(
+                    "loaded backbone %s (%s, %.1f MB) from %s",
+                    backbone.identity[:12],
+                    backbone.name,
+                    shared.nbytes / 1e6,
+                    key,
+                )
             self.backbones[adapter.backbone_id].check(adapter)
         except (MlflowException, CesslError, OSError, ValueError) as err:
             raise ModelUnavailableError(f"{key} cannot be loaded: {err}") from err
@@ -413,7 +421,9 @@ def wfdb_records(pairs: np.ndarray, work: Path, max_records: int) -> tuple[list[
     if rows.ndim == 1 and rows.shape[0] == 2:
         rows = rows[None]
     if rows.ndim != 2 or rows.shape[1] != 2 or rows.shape[0] == 0:
-        raise BadRequestError(f"input {RECORDS!r} must have the shape [n, 2] (header, base64 signal file), got {list(rows.shape)}")
+        raise BadRequestError(
+            f"input {RECORDS!r} must have the shape [n, 2] (header, base64 signal file), got {list(rows.shape)}"
+        )
     if rows.shape[0] > max_records:
         raise BadRequestError(f"input {RECORDS!r} holds {rows.shape[0]} records; at most {max_records} per request")
     signals, rates = [], []
@@ -527,7 +537,9 @@ def build_server(network: Network):
                 try:
                     array = tensor.as_numpy()
                 except (ValueError, TypeError) as err:
-                    raise BadRequestError(f"input {SIGNALS!r}: its data does not fit shape {tensor.shape}: {err}") from None
+                    raise BadRequestError(
+                        f"input {SIGNALS!r}: its data does not fit shape {tensor.shape}: {err}"
+                    ) from None
                 signals = signals_of(array, limit)
                 rates = [sample_rate_of(params)] * len(signals)
                 prediction = self._by_rate(list(signals), rates, version)
@@ -539,7 +551,9 @@ def build_server(network: Network):
                 try:
                     pairs = np.asarray(tensor.data, dtype=object).reshape(tensor.shape)
                 except ValueError as err:
-                    raise BadRequestError(f"input {RECORDS!r}: its data does not fit shape {tensor.shape}: {err}") from None
+                    raise BadRequestError(
+                        f"input {RECORDS!r}: its data does not fit shape {tensor.shape}: {err}"
+                    ) from None
                 with tempfile.TemporaryDirectory(prefix="cessl-serve-records-") as tmp:
                     signals_list, rates = wfdb_records(pairs, Path(tmp), limit)
                 prediction = self._by_rate(signals_list, rates, version)

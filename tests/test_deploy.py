@@ -133,7 +133,11 @@ def _strict(schema):
     if not isinstance(schema, dict):
         return schema
     out = {k: _strict(v) for k, v in schema.items()}
-    if "properties" in out and "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False
     return out
 
@@ -191,7 +195,11 @@ def test_inferenceservice_runs_cessl_serve_with_v2_probes(objects):
     args = build_parser().parse_args(container["args"])  # the flags exist and parse
     assert args.func.__name__ == "cmd_serve" and args.sites == "/etc/cessl/sites.yaml"
     assert {p["containerPort"] for p in container["ports"]} == {args.port}
-    for probe, path in (("startupProbe", "/v2/health/ready"), ("readinessProbe", "/v2/health/ready"), ("livenessProbe", "/v2/health/live")):
+    for probe, path in (
+        ("startupProbe", "/v2/health/ready"),
+        ("readinessProbe", "/v2/health/ready"),
+        ("livenessProbe", "/v2/health/live"),
+    ):
         assert container[probe]["httpGet"] == {"path": path, "port": args.port}, probe
     env = _env(container)
     assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["configMapKeyRef"] == {

@@ -97,10 +97,7 @@ def network(tmp_path_factory) -> dict:
         mlflow.set_tracking_uri(previous[0])
         mlflow.set_registry_uri(previous[1])
     sites_file = root / "sites.yaml"
-    sites_file.write_text(
-        "version: 1\nsites:\n"
-        + "".join(f"  {site}:\n    source: data/{site}\n" for site in SITES)
-    )
+    sites_file.write_text("version: 1\nsites:\n" + "".join(f"  {site}:\n    source: data/{site}\n" for site in SITES))
     return {"root": root, "uri": uri, "backbone": backbone, "adapters": adapters, "sites_file": sites_file}
 
 
@@ -222,7 +219,11 @@ def server(network, tmp_path_factory):
     server = Server(f"http://127.0.0.1:{port}", proc, log_path)
     try:
         wait_until(
-            lambda: server.http.get("/v2/health/ready").status_code == 200, proc, START_TIMEOUT_S, "cessl serve", log_path
+            lambda: server.http.get("/v2/health/ready").status_code == 200,
+            proc,
+            START_TIMEOUT_S,
+            "cessl serve",
+            log_path,
         )
         yield server
     finally:
@@ -369,7 +370,9 @@ def test_bad_requests_are_4xx_with_a_message(server, case):
 
 
 def test_nan_malformed_json_and_oversized_bodies(server, signals):
-    nan = '{"inputs": [{"name": "signals", "datatype": "FP32", "shape": [1, 12, 2], "data": [NaN' + ", 0.0" * 23 + "]}]}"
+    nan = (
+        '{"inputs": [{"name": "signals", "datatype": "FP32", "shape": [1, 12, 2], "data": [NaN' + ", 0.0" * 23 + "]}]}"
+    )
     for text, status, message in [
         (nan, 400, "NaN or infinite"),
         (nan.replace("NaN", "Infinity"), 400, "NaN or infinite"),
@@ -390,7 +393,9 @@ def test_nan_malformed_json_and_oversized_bodies(server, signals):
         for _ in range(70):
             yield b" " * (100 * 1024)
 
-    streamed = server.http.post("/v2/models/hospital-a/infer", content=chunks(), headers={"content-type": "application/json"})
+    streamed = server.http.post(
+        "/v2/models/hospital-a/infer", content=chunks(), headers={"content-type": "application/json"}
+    )
     assert streamed.status_code == 413, streamed.text
     assert server.alive()
     assert _probabilities(server.infer("hospital-b", signals[:1])).shape == (1, 3)  # still answers

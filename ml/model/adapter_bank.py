@@ -81,7 +81,9 @@ class SiteAdapter:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def lora_config(self) -> LoRAConfig:
-        return LoRAConfig(r=0, rank_map=dict(self.ranks), p=self.p, never_deactivate=self.never_deactivate, alpha=self.alpha)
+        return LoRAConfig(
+            r=0, rank_map=dict(self.ranks), p=self.p, never_deactivate=self.never_deactivate, alpha=self.alpha
+        )
 
 
 def _config_field(config: Mapping[str, Any], key: str, where: Path) -> Any:

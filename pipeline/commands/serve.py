@@ -87,7 +87,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         default="",
         help=f"MLflow tracking/registry URI (default: ${TRACKING_URI_ENV} or sqlite:///./mlflow.db)",
     )
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")  # noqa: S104
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=port, default=8080, help="HTTP port (default: %(default)s)")
     p.add_argument(
         "--max-adapters", type=positive_int, default=32, help="adapters kept in memory, LRU (default: %(default)s)"
