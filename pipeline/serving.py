@@ -68,6 +68,8 @@ MAX_SAMPLE_RATE = 20_000.0
 SIGNALS = "signals"
 RECORDS = "records"
 _VERSION = re.compile(r"^[1-9][0-9]{0,9}$")
+# MLflow's answers that mean "not registered" (anything else: the registry did not answer)
+NOT_THERE = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
 
 
 @dataclass(frozen=True)
@@ -204,13 +206,14 @@ class Network:
             try:
                 version = self._client.get_model_version_by_alias(name, CHAMPION)
                 alias = _Alias(str(version.version), "", now)
-            except MlflowException as err:
-                alias = _Alias(None, f"{name} has no {CHAMPION} in the registry ({err.error_code})", now)
-            except (OSError, ConnectionError) as err:  # the registry does not answer: keep what we had
-                if cached is not None and cached.version is not None:
-                    log.warning("%s: registry unreachable, still serving v%s (%s)", name, cached.version, err)
-                    return _Alias(cached.version, cached.problem, now)
-                alias = _Alias(None, f"the registry does not answer ({type(err).__name__})", now)
+            except (MlflowException, OSError) as err:
+                if isinstance(err, MlflowException) and err.error_code in NOT_THERE:
+                    alias = _Alias(None, f"{name} has no {CHAMPION} in the registry ({err.error_code})", now)
+                elif cached is not None and cached.version is not None:  # the registry does not answer
+                    log.warning("%s: registry unavailable, still serving v%s (%s)", name, cached.version, err)
+                    alias = _Alias(cached.version, cached.problem, now)
+                else:
+                    alias = _Alias(None, f"the registry does not answer for {name} ({type(err).__name__})", now)
             if cached is None or cached.version != alias.version:
                 if alias.version is not None:
                     log.info("%s: %s is v%s", name, CHAMPION, alias.version)
@@ -228,8 +231,10 @@ class Network:
                 try:
                     self._client.get_model_version(self.registered_name(site), version)
                     self._versions[key] = True
-                except MlflowException:
-                    return False  # not cached: it may be registered later
+                except (MlflowException, OSError) as err:
+                    if isinstance(err, MlflowException) and err.error_code in NOT_THERE:
+                        return False  # not cached: it may be registered later
+                    raise ModelUnavailableError(f"the registry does not answer ({type(err).__name__})") from err
             return self._versions[key]
 
     def resolve(self, site: str, version: str | None) -> tuple[str, str]:
