@@ -13,8 +13,9 @@ again when older than ``--refresh-seconds``, so a promotion or a rollback is ser
 without a restart; every answer names the registered model and the version that gave it.
 
 The HTTP side is KServe's Python model server (Open Inference Protocol v2, REST only):
-``/v2/health/live``, ``/v2/health/ready``, ``/v2/models``, ``/v2/models/{S}/ready`` and
-``POST /v2/models/{S}/infer``. A request carries one input:
+``/v2/health/live``, ``/v2/health/ready``, ``/v2/models``, ``/v2/models/{S}`` (metadata),
+``/v2/models/{S}/ready`` and ``POST /v2/models/{S}/infer`` (``{S}`` may be ``S:V``, or the
+path ``/v2/models/S/versions/V/...``). A request carries one input:
 
 * ``signals``: FP32 (or FP64) ``[n, 12, samples]`` (``[12, samples]`` is one record), raw
   12-lead signals in mV at the request parameter ``sample_rate`` (Hz, default 500); they
@@ -721,6 +722,27 @@ def install_http_guards(app, max_body_bytes: int) -> None:
 
     app.add_exception_handler(RequestValidationError, invalid_body)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(VersionPath)
+
+
+_VERSION_PATH = re.compile(r"^/v2/models/([^/]+)/versions/([^/]+)(/infer|/ready|)$")
+
+
+class VersionPath:
+    """ASGI middleware: the v2 protocol's ``/v2/models/S/versions/V/...`` is ``S:V`` here
+    (kserve itself answers 501 to versioned paths)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            match = _VERSION_PATH.match(scope.get("path", ""))
+            if match:
+                name, version, rest = match.groups()
+                path = f"/v2/models/{name}:{version}{rest}"
+                scope = {**scope, "path": path, "raw_path": path.encode()}
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:

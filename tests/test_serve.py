@@ -251,6 +251,10 @@ def test_health_and_readiness(server):
     assert not_ready.status_code == 503 and "serve-test-hospital-c has no champion" in not_ready.json()["error"]
     assert server.http.get("/v2/models/hospital-z/ready").status_code == 404
     assert set(server.http.get("/v2/models").json()["models"]) == {"hospital-a", "hospital-b", "hospital-c"}
+    metadata = server.http.get("/v2/models/hospital-a").json()
+    assert [i["name"] for i in metadata["inputs"]] == ["signals", "records"]
+    assert server.http.get("/v2/models/hospital-a/versions/2/ready").json()["ready"] is True
+    assert server.http.get("/v2/models/hospital-a/versions/7/ready").status_code == 404
 
 
 @pytest.mark.integration
@@ -306,6 +310,8 @@ def test_explicit_version_and_alias_move_without_restart(server, network, signal
     assert np.abs(_probabilities(pinned) - _reference(network, "hospital-b", signals)).max() < 1e-5
     by_param = server.infer("hospital-a", signals, parameters={"version": "2"})
     assert by_param.json()["model_version"] == "2"
+    by_path = server.infer("hospital-a/versions/2", signals)  # the v2 protocol's versioned path
+    assert by_path.json()["model_version"] == "2"
     try:
         client.set_registered_model_alias(name, "champion", "2")
         for _ in range(150):  # --refresh-seconds 0.5: picked up within a second
