@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 
 N_LEADS = 12
 DEFAULT_SAMPLE_RATE = 500.0
+MIN_SAMPLE_RATE = 50.0  # below it an ECG's QRS is not resolved; also bounds the resampled length
 MAX_SAMPLE_RATE = 20_000.0
 SIGNALS = "signals"
 RECORDS = "records"
@@ -395,8 +396,10 @@ def _number(value: Any, what: str) -> float:
 def sample_rate_of(parameters: dict[str, Any] | None) -> float:
     value = (parameters or {}).get("sample_rate", DEFAULT_SAMPLE_RATE)
     rate = _number(value, "parameter sample_rate")
-    if not math.isfinite(rate) or not 0 < rate <= MAX_SAMPLE_RATE:
-        raise BadRequestError(f"parameter sample_rate must be in (0, {MAX_SAMPLE_RATE:g}] Hz, got {value!r}")
+    if not math.isfinite(rate) or not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise BadRequestError(
+            f"parameter sample_rate must be in [{MIN_SAMPLE_RATE:g}, {MAX_SAMPLE_RATE:g}] Hz, got {value!r}"
+        )
     return rate
 
 
@@ -455,6 +458,10 @@ def wfdb_records(pairs: np.ndarray, work: Path, max_records: int) -> tuple[list[
             signal, fs = read_wfdb(record)
         except (OSError, ValueError) as err:
             raise BadRequestError(f"record {i}: {str(err).replace(str(folder) + '/', '')}") from None
+        if not MIN_SAMPLE_RATE <= fs <= MAX_SAMPLE_RATE:
+            raise BadRequestError(
+                f"record {i}: sample rate {fs:g} Hz outside [{MIN_SAMPLE_RATE:g}, {MAX_SAMPLE_RATE:g}]"
+            )
         signals.append(signal)
         rates.append(fs)
     return signals, rates

@@ -348,6 +348,13 @@ BAD_REQUESTS = {
         400,
         "sample_rate",
     ),
+    "too slow a sample rate": (
+        "hospital-a",
+        {**_signals_input([0.0] * 1200, [1, 12, 100]), "parameters": {"sample_rate": 10}},
+        400,
+        "sample_rate must be in [50",
+    ),
+    "too short a record": ("hospital-a", _signals_input([0.0] * 120, [1, 12, 10]), 400, "cannot be preprocessed"),
     "unknown parameter": (
         "hospital-a",
         {**_signals_input([0.0] * 1200, [1, 12, 100]), "parameters": {"samplerate": 250}},
