@@ -250,12 +250,12 @@ class Network:
             raise ModelUnavailableError(alias.problem)
         return alias.version, CHAMPION
 
-    def problem(self, name: str) -> str | None:
+    def problem(self, name: str) -> CesslError | None:
         """Why ``name`` (``S`` or ``S:V``) cannot answer now, or None (readiness)."""
         try:
             self.resolve(*self.parse(name))
-        except CesslError as err:
-            return str(err)
+        except (UnknownModelError, ModelUnavailableError) as err:
+            return err
         return None
 
     # -- artifacts
@@ -656,9 +656,9 @@ def build_server(network: Network):
             problem = await asyncio.to_thread(network.problem, model_name)
             if problem is None:
                 return True
-            if "has no version" in problem:
-                raise SiteNotFound(problem)
-            raise ModelNotReady(model_name, problem)
+            if isinstance(problem, UnknownModelError):
+                raise SiteNotFound(str(problem))
+            raise ModelNotReady(model_name, str(problem))
 
     class CesslModelServer(ModelServer):
         """ModelServer listening on ``host`` (kserve's own binds 0.0.0.0), REST only."""

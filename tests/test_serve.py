@@ -165,6 +165,30 @@ def test_lru_evicts_the_least_recently_used(network):
         AdapterLRU(0)
 
 
+def test_a_registry_outage_keeps_the_last_champion(network, monkeypatch):
+    """An unreachable registry does not take the sites down: the last resolved champion
+    keeps answering; a site never resolved says the registry does not answer."""
+    from pipeline.serving import ModelUnavailableError, Network, ServeConfig
+    from pipeline.tracking import TrackingConfig
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    config = ServeConfig(sites=SITES, tracking_uri=network["uri"], model_name=BASE, refresh_seconds=0)
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    net = Network(config)  # points the process's mlflow at the store (as the server does)
+    try:
+        assert net.champion("hospital-a").version == "1"
+        net._client = TrackingConfig.resolve(f"http://127.0.0.1:{free_port()}").client()  # nothing listens
+        assert net.champion("hospital-a").version == "1"
+        assert net.resolve("hospital-a", None) == ("1", "champion")
+        with pytest.raises(ModelUnavailableError, match="registry does not answer"):
+            net.resolve("hospital-b", None)
+    finally:
+        net.close()
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+
+
 # --------------------------------------------------------------------------- the server over HTTP
 
 
