@@ -304,6 +304,20 @@ def test_each_site_answers_like_its_own_predictor(server, network, signals):
 
 
 @pytest.mark.integration
+def test_concurrent_requests_to_different_sites_do_not_mix(server, network, signals):
+    """Requests for both sites at once (threads): each answer is its own site's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    x = signals[:1]
+    want = {site: _reference(network, site, x) for site in SITES}
+    sites = [SITES[i % 2] for i in range(8)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        answers = list(pool.map(lambda site: server.infer(site, x), sites))
+    for site, answer in zip(sites, answers, strict=True):
+        assert np.abs(_probabilities(answer) - want[site]).max() < 1e-5, site
+
+
+@pytest.mark.integration
 def test_sample_rate_parameter_resamples_like_the_predictor(server, network, signals):
     x = signals[:, :, :2500]  # 10 s at 250 Hz
     response = server.infer("hospital-b", x, parameters={"sample_rate": 250})
