@@ -72,3 +72,21 @@ def test_encoder_layout_bench_times_both_layouts(tmp_path: Path) -> None:
     for f in figures.values():
         assert f["nhwc_ms"] > 0 and f["nchw_ms"] > 0
         assert f["nhwc_over_nchw"] == pytest.approx(f["nhwc_ms"] / f["nchw_ms"])
+
+
+@pytest.mark.slow
+def test_serve_bench_reports_memory_throughput_and_switch_cost(tmp_path: Path) -> None:
+    summary = run_bench(
+        "serve.py",
+        ["--sites", "3", "--batch", "1", "--rounds", "1", "--switches", "20", "--big-batch", "4"],
+        tmp_path / "serve.json",
+    )
+    assert set(summary["memory"]) == {"bank-1", "bank-all", "merged-all"}
+    # what holds whatever the machine: more sites hold more tensors, merged models hold the most
+    memory = {k: v["tensor_mb"] for k, v in summary["memory"].items()}
+    assert memory["bank-1"] < memory["bank-all"] < memory["merged-all"]
+    assert summary["ratios"]["rss_adapters_all_to_1"] > 0
+    timing = summary["time"]
+    assert timing["max_abs_prob_diff_vs_own_predictor"] < 1e-5
+    assert 0 < timing["switch_ms_p50"] <= timing["switch_ms_p99"]
+    assert timing["single_site_records_per_s"] > 0 and timing["spread_records_per_s"] > 0

@@ -21,7 +21,9 @@ K8S_VERSION = "1.32.0"
 NAMESPACE = "cessl"
 S3_SECRET = "cessl-s3-credentials"
 SECRETISH = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL)", re.I)
-POD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "Pod"}
+POD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "Pod", "InferenceService"}
+# custom resources: validated against the CRD schemas vendored in deploy/crds (see its PROVENANCE.md)
+CRD_SCHEMAS = {("serving.kserve.io/v1beta1", "InferenceService"): "serving.kserve.io_inferenceservices.v1beta1.json"}
 
 
 def _kubectl() -> str:
@@ -47,6 +49,8 @@ def _by_kind(objects: list[dict], kind: str) -> dict[str, dict]:
 
 
 def _pod_spec(obj: dict) -> dict:
+    if obj["kind"] == "InferenceService":
+        return obj["spec"]["predictor"]  # a PodSpec plus KServe's predictor fields
     if obj["kind"] == "Pod":
         return obj["spec"]
     if obj["kind"] == "CronJob":
@@ -85,6 +89,8 @@ def test_renders_the_expected_objects(objects):
         ("PersistentVolumeClaim", "mlflow-db"),
         ("Deployment", "mlflow"),
         ("Service", "mlflow"),
+        ("ConfigMap", "cessl-sites"),
+        ("InferenceService", "cessl-network"),
     } <= names
     for obj in objects:
         assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "cessl", obj["metadata"]["name"]
@@ -97,6 +103,8 @@ def test_every_object_is_valid_kubernetes(objects):
 
     errors = []
     for obj in objects:
+        if (obj["apiVersion"], obj["kind"]) in CRD_SCHEMAS:
+            continue  # test_custom_resources_are_valid_against_their_crds
         try:
             kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
         except kubernetes_validate.ValidationError as err:
@@ -112,6 +120,101 @@ def test_strict_validation_catches_unknown_fields(objects):
     deployment["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+
+
+# --------------------------------------------------------------------------- custom resources
+
+
+def _strict(schema):
+    """The CRD schema with unknown fields refused (the API server prunes them; a typo would
+    silently vanish), except where the schema preserves unknown fields or has a map type."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+def _crd_validator(api_version: str, kind: str):
+    import json
+
+    import jsonschema
+
+    vendored = json.loads((REPO / "deploy" / "crds" / CRD_SCHEMAS[(api_version, kind)]).read_text())
+    assert f"{vendored['group']}/{vendored['version']}" == api_version and vendored["kind"] == kind
+    schema = _strict(vendored["openAPIV3Schema"])
+    return jsonschema.Draft7Validator(schema, format_checker=jsonschema.FormatChecker())
+
+
+def _crd_errors(obj: dict) -> list[str]:
+    validator = _crd_validator(obj["apiVersion"], obj["kind"])
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(obj)]
+
+
+def test_custom_resources_are_valid_against_their_crds(objects):
+    custom = [o for o in objects if (o["apiVersion"], o["kind"]) in CRD_SCHEMAS]
+    assert custom
+    for obj in custom:
+        assert not _crd_errors(obj), (obj["metadata"]["name"], _crd_errors(obj))
+        # the predictor's pod part is a core PodSpec: validate it as a Pod too (strict)
+        import kubernetes_validate
+
+        spec = {k: v for k, v in _pod_spec(obj).items() if k not in ("minReplicas", "maxReplicas")}
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": obj["metadata"]["name"]}, "spec": spec}
+        kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+
+
+def test_crd_validation_catches_mistakes(objects):
+    """Negative controls: a typo'd field, a wrong type, a missing required field all fail."""
+    isvc = _by_kind(objects, "InferenceService")["cessl-network"]
+    typo = copy.deepcopy(isvc)
+    typo["spec"]["predictor"]["minReplica"] = 1
+    wrong_type = copy.deepcopy(isvc)
+    wrong_type["spec"]["predictor"]["containers"][0]["ports"][0]["containerPort"] = "eighty"
+    no_predictor = copy.deepcopy(isvc)
+    del no_predictor["spec"]["predictor"]
+    for broken in (typo, wrong_type, no_predictor):
+        assert _crd_errors(broken)
+
+
+def test_inferenceservice_runs_cessl_serve_with_v2_probes(objects):
+    from pipeline.cli import build_parser
+
+    isvc = _by_kind(objects, "InferenceService")["cessl-network"]
+    predictor = _pod_spec(isvc)
+    container = predictor["containers"][0]
+    assert container["image"] == f"localhost:5000/cessl:{_project_version()}"
+    assert container["command"] == ["cessl"] and container["args"][0] == "serve"
+    args = build_parser().parse_args(container["args"])  # the flags exist and parse
+    assert args.func.__name__ == "cmd_serve" and args.sites == "/etc/cessl/sites.yaml"
+    assert {p["containerPort"] for p in container["ports"]} == {args.port}
+    for probe, path in (
+        ("startupProbe", "/v2/health/ready"),
+        ("readinessProbe", "/v2/health/ready"),
+        ("livenessProbe", "/v2/health/live"),
+    ):
+        assert container[probe]["httpGet"] == {"path": path, "port": args.port}, probe
+    env = _env(container)
+    assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["configMapKeyRef"] == {
+        "name": "cessl-pipeline-defaults",
+        "key": "MLFLOW_TRACKING_URI",
+    }
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == S3_SECRET
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in predictor["volumes"]}
+    assert volumes[mounts["/etc/cessl"]]["configMap"]["name"] == "cessl-sites"
+    assert "emptyDir" in volumes[mounts["/tmp"]]  # read-only root: downloads go to /tmp
+    sites = _by_kind(objects, "ConfigMap")["cessl-sites"]["data"]["sites.yaml"]
+    from pipeline.sites import parse_sites
+
+    assert parse_sites(sites).names  # the example registry is valid
 
 
 # --------------------------------------------------------------------------- credentials

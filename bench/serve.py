@@ -1,0 +1,309 @@
+"""Serving a hospital network from one process: memory, throughput, switch cost (``cessl serve``'s core).
+
+Builds one backbone and ``--sites`` site adapters (the pipeline's rank allocation shape:
+r = 16, the least important 60% of the matrices at r_low = 8; random non-zero LoRA tensors,
+BatchNorm statistics, biases and heads per site, as training would leave them), written
+as adapter folders, then measures side by side, in one run:
+
+- memory: the resident set (VmRSS) of a fresh process holding the backbone and 1 adapter,
+  the backbone and all the adapters (``SharedBackbone`` + ``AdapterLRU``, what ``cessl serve``
+  holds), and one merged full model per site (what serving each site's own model needs),
+  each after answering one request per site; and the bytes of the tensors themselves;
+- throughput: requests of ``--batch`` preprocessed records, all to one site vs spread
+  round-robin over every site (each request switches the adapter), interleaved rounds;
+- adapter switch cost: ``SharedBackbone.activate`` between different sites, p50 / p99;
+- batched prediction: records/s of ``--big-batch`` records in one call, preprocessing
+  included (raw 10 s at 500 Hz -> the model's input) and the forward alone.
+
+    python bench/serve.py --config tiny --sites 20 --threads 1 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import add_run_options, device_name, setup
+
+from ml.eval.predictor import Predictor, load_predictor, preprocess_signal
+from ml.model.adapter import AdapterMeta, load_backbone_weights, save_adapter, state_dict_identity
+from ml.model.adapter_bank import AdapterLRU, SharedBackbone, read_site_adapter
+from ml.model.backbone import BACKBONE_CONFIGS, ECGTransformer, backbone_config
+from ml.model.lora import LoRAConfig, mark_trainable, merge_lora
+from ml.model.pretrained import CODE15_CLASSES, read_backbone, save_backbone
+from ml.model.rank_allocation import RankAllocationConfig, default_r_low
+
+log = logging.getLogger("bench.serve")
+
+CLASSES = ["164889003", "270492004", "59118001", "426783006", "164934002", "713426002", "427084000", "426177001"]
+MEMORY_TARGET = 1.3  # RSS with every site's adapter / RSS with one
+THROUGHPUT_TARGET = 0.8  # spread over the sites / one site
+
+
+def _rank_map(names: list[str], r: int = 16, compress: float = RankAllocationConfig().compress) -> dict[str, int]:
+    low = int((len(names) + 1) * compress)
+    return {name: default_r_low(r) if i < low else r for i, name in enumerate(names)}
+
+
+def build_network(root: Path, config_name: str, n_sites: int) -> tuple[Path, list[Path]]:
+    """A backbone folder and ``n_sites`` adapter folders (distinct tensors per site)."""
+    torch.manual_seed(0)
+    config = backbone_config(config_name, len(CODE15_CLASSES))
+    backbone_dir = save_backbone(ECGTransformer(config).state_dict(), config, CODE15_CLASSES, root / "backbone")
+    state = read_backbone(backbone_dir).state
+    identity = state_dict_identity(state)
+    names = ECGTransformer(config).adapted_layer_names()
+    adapters = []
+    for site in range(n_sites):
+        torch.manual_seed(100 + site)
+        classes = CLASSES[: 4 + site % 5]  # sites differ in their class lists too
+        model = ECGTransformer(backbone_config(config_name, len(classes)), LoRAConfig(r=16, rank_map=_rank_map(names)))
+        load_backbone_weights(model, state, drop_head=True)
+        mark_trainable(model, "lora")
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.add_(torch.randn_like(param) * 0.02)
+            for name, buffer in model.named_buffers():
+                if name.endswith("running_mean"):
+                    buffer.add_(torch.randn_like(buffer) * 0.05)
+        meta = AdapterMeta(backbone_id=identity, classes=classes, thresholds=[0.5] * len(classes))
+        adapters.append(save_adapter(model.eval(), root / f"site-{site:02d}", meta))
+    return backbone_dir, adapters
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _inputs(n: int, seed: int = 0) -> np.ndarray:
+    """``n`` preprocessed records (from raw 10 s at 500 Hz)."""
+    raw = np.random.default_rng(seed).normal(0, 0.3, size=(n, 12, 5000))
+    return np.stack([preprocess_signal(r, 500.0) for r in raw])
+
+
+# --------------------------------------------------------------------------- memory (child processes)
+
+
+def memory_child(root: Path, scenario: str, n_sites: int) -> dict:
+    """Run in a fresh process: hold ``scenario``'s models, answer one request per site, report RSS."""
+    backbone_dir = root / "backbone"
+    adapters = [root / f"site-{i:02d}" for i in range(n_sites)]
+    x = _inputs(2)
+    torch.set_num_threads(1)
+    baseline = _rss_mb()  # interpreter + torch + numpy, nothing of the models
+    tensor_bytes = 0
+    if scenario in ("bank-1", "bank-all"):
+        bb = read_backbone(backbone_dir)
+        shared = SharedBackbone(bb.state, bb.config, bb.identity)
+        del bb
+        lru = AdapterLRU(capacity=max(n_sites, 1))
+        chosen = adapters[:1] if scenario == "bank-1" else adapters
+        for path in chosen:
+            adapter = lru.get(path.name, lambda p=path: read_site_adapter(p, p.name))
+            shared.activate(adapter)
+            Predictor(shared.model, adapter.classes, np.asarray(adapter.thresholds), adapter.backbone_id).predict_proba(
+                x
+            )
+        tensor_bytes = shared.nbytes + lru.nbytes
+    elif scenario == "merged-all":
+        models = []
+        for path in adapters:
+            predictor = load_predictor(backbone_dir, path)
+            merge_lora(predictor.model)
+            for layer in predictor.model.modules():  # a deployed merged model keeps no pre-merge copy
+                if hasattr(layer, "_unmerged_weight"):
+                    layer._unmerged_weight = None
+            predictor.predict_proba(x)
+            models.append(predictor)
+            tensor_bytes += sum(
+                t.numel() * t.element_size() for k, t in predictor.model.state_dict().items() if "lora_" not in k
+            )
+    else:
+        raise ValueError(scenario)
+    return {"scenario": scenario, "rss_mb": _rss_mb(), "baseline_mb": baseline, "tensor_mb": tensor_bytes / 2**20}
+
+
+def measure_memory(root: Path, n_sites: int) -> dict:
+    results = {}
+    for scenario in ("bank-1", "bank-all", "merged-all"):
+        proc = subprocess.run(
+            [sys.executable, __file__, "--memory-child", scenario, "--root", str(root), "--sites", str(n_sites)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=900,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        results[scenario] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return results
+
+
+# --------------------------------------------------------------------------- time
+
+
+@torch.inference_mode()
+def measure_time(backbone_dir: Path, adapter_dirs: list[Path], args: argparse.Namespace) -> dict:
+    bb = read_backbone(backbone_dir)
+    shared = SharedBackbone(bb.state, bb.config, bb.identity)
+    adapters = [read_site_adapter(p, p.name) for p in adapter_dirs]
+    x = _inputs(args.batch, seed=1)
+
+    def answer(adapter) -> None:
+        shared.activate(adapter)
+        Predictor(shared.model, adapter.classes, np.asarray(adapter.thresholds), adapter.backbone_id).predict_proba(x)
+
+    for adapter in adapters:  # warm-up
+        answer(adapter)
+    single, spread = [], []
+    for round_ in range(args.rounds):
+        order = ("single", "spread") if round_ % 2 == 0 else ("spread", "single")
+        for mode in order:
+            start = time.perf_counter()
+            for i in range(len(adapters)):
+                answer(adapters[0] if mode == "single" else adapters[i])
+            elapsed = time.perf_counter() - start
+            (single if mode == "single" else spread).append(len(adapters) * args.batch / elapsed)
+    ratios = [s / o for s, o in zip(spread, single, strict=True)]
+    switches = []
+    for i in range(args.switches):
+        a, b = adapters[i % len(adapters)], adapters[(i + 1) % len(adapters)]
+        shared.activate(a)
+        start = time.perf_counter()
+        shared.activate(b)
+        switches.append((time.perf_counter() - start) * 1e3)
+    raw = np.random.default_rng(3).normal(0, 0.3, size=(args.big_batch, 12, 5000))
+    predictor = Predictor(shared.model, adapters[0].classes, np.asarray(adapters[0].thresholds), bb.identity)
+    shared.activate(adapters[0])
+    predictor.batch_size = args.big_batch
+    start = time.perf_counter()
+    big = np.stack([preprocess_signal(r, 500.0) for r in raw])
+    preprocess_s = time.perf_counter() - start
+    start = time.perf_counter()
+    predictor.predict_proba(big)
+    forward_s = time.perf_counter() - start
+    # exactness: the switched model vs each site's own Predictor (first 3 sites)
+    max_diff = 0.0
+    for adapter, path in list(zip(adapters, adapter_dirs, strict=True))[:3]:
+        shared.activate(adapter)
+        got = Predictor(shared.model, adapter.classes, np.asarray(adapter.thresholds), bb.identity).predict_proba(x)
+        max_diff = max(max_diff, float(np.abs(got - load_predictor(backbone_dir, path).predict_proba(x)).max()))
+    return {
+        "single_site_records_per_s": statistics.median(single),
+        "spread_records_per_s": statistics.median(spread),
+        "ratio_spread_to_single": statistics.median(ratios),
+        "switch_ms_p50": float(np.percentile(switches, 50)),
+        "switch_ms_p99": float(np.percentile(switches, 99)),
+        "batched_records_per_s_with_preprocessing": args.big_batch / (preprocess_s + forward_s),
+        "batched_records_per_s_forward_only": args.big_batch / forward_s,
+        "max_abs_prob_diff_vs_own_predictor": max_diff,
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+
+def report(summary: dict, console: Console) -> None:
+    mem = summary["memory"]
+    table = Table(title=f"Memory, {summary['config']}, {summary['sites']} sites (after one request per site)")
+    for column in ("server holds", "RSS MB", "RSS - imports MB", "tensors MB"):
+        table.add_column(column, justify="left" if column == "server holds" else "right")
+    labels = {
+        "bank-1": "backbone + 1 adapter",
+        "bank-all": f"backbone + {summary['sites']} adapters",
+        "merged-all": f"{summary['sites']} merged models",
+    }
+    for key, label in labels.items():
+        m = mem[key]
+        table.add_row(label, f"{m['rss_mb']:.0f}", f"{m['rss_mb'] - m['baseline_mb']:.1f}", f"{m['tensor_mb']:.1f}")
+    console.print(table)
+    r = summary["ratios"]
+    ok = "[green]PASS[/]" if r["rss_adapters_all_to_1"] <= MEMORY_TARGET else "[red]FAIL[/]"
+    console.print(
+        f"RSS {summary['sites']} adapters / 1: {r['rss_adapters_all_to_1']:.3f} (target <= {MEMORY_TARGET}) {ok}; "
+        f"{summary['sites']} merged models / 1 adapter: {r['rss_merged_all_to_1']:.3f}"
+    )
+    console.print(
+        f"tensors {summary['sites']} adapters / 1: {r['tensors_adapters_all_to_1']:.3f}; "
+        f"{summary['sites']} merged / 1 adapter: {r['tensors_merged_all_to_1']:.3f}"
+    )
+    t = summary["time"]
+    ok = "[green]PASS[/]" if t["ratio_spread_to_single"] >= THROUGHPUT_TARGET else "[red]FAIL[/]"
+    console.print(
+        f"throughput, batch {summary['batch']}: one site {t['single_site_records_per_s']:.1f} records/s, spread over "
+        f"{summary['sites']} sites {t['spread_records_per_s']:.1f} records/s, ratio {t['ratio_spread_to_single']:.3f} "
+        f"(target >= {THROUGHPUT_TARGET}) {ok}"
+    )
+    console.print(f"adapter switch: p50 {t['switch_ms_p50']:.3f} ms, p99 {t['switch_ms_p99']:.3f} ms")
+    console.print(
+        f"batched prediction ({summary['big_batch']} records): {t['batched_records_per_s_with_preprocessing']:.1f} "
+        f"records/s with preprocessing, {t['batched_records_per_s_forward_only']:.1f} forward only ({summary['device']})"
+    )
+    console.print(f"max |p| difference, switched vs own Predictor: {t['max_abs_prob_diff_vs_own_predictor']:.2e}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="tiny", choices=sorted(BACKBONE_CONFIGS))
+    parser.add_argument("--sites", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=4, help="records per request")
+    parser.add_argument("--rounds", type=int, default=6, help="timed rounds (each: one request per site, both modes)")
+    parser.add_argument("--switches", type=int, default=2000)
+    parser.add_argument("--big-batch", type=int, default=64, help="records of the batched-prediction figure")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--root", default=None, help=argparse.SUPPRESS)
+    add_run_options(parser)
+    args = parser.parse_args(argv)
+    if args.memory_child:
+        print(json.dumps(memory_child(Path(args.root), args.memory_child, args.sites)))
+        return 0
+    setup(args)
+    if args.device not in ("cpu", "auto"):
+        log.warning("the adapter bank serves on the CPU; --device %s is ignored", args.device)
+    with tempfile.TemporaryDirectory(prefix="cessl-bench-serve-") as tmp:
+        root = Path(tmp)
+        backbone_dir, adapter_dirs = build_network(root, args.config, args.sites)
+        memory = measure_memory(root, args.sites)
+        timing = measure_time(backbone_dir, adapter_dirs, args)
+    one, every, merged = (memory[k] for k in ("bank-1", "bank-all", "merged-all"))
+    summary = {
+        "config": args.config,
+        "sites": args.sites,
+        "batch": args.batch,
+        "big_batch": args.big_batch,
+        "rounds": args.rounds,
+        "device": device_name(torch.device("cpu")),
+        "memory": memory,
+        "ratios": {
+            "rss_adapters_all_to_1": every["rss_mb"] / one["rss_mb"],
+            "rss_merged_all_to_1": merged["rss_mb"] / one["rss_mb"],
+            "tensors_adapters_all_to_1": every["tensor_mb"] / one["tensor_mb"],
+            "tensors_merged_all_to_1": merged["tensor_mb"] / one["tensor_mb"],
+        },
+        "time": timing,
+    }
+    report(summary, Console(width=120))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
