@@ -231,6 +231,7 @@ BASE_ARGV: dict[tuple[str, ...], list[str]] = {
     ("retrain",): ["retrain"],
     ("submit",): ["submit", "--host", HOST],
     ("schedule",): ["schedule", "--host", HOST, "--cron", "0 3 * * 1"],
+    ("serve",): ["serve", "--site", "hospital-a"],
 }
 
 
@@ -281,6 +282,16 @@ def test_no_numeric_flag_is_unchecked():
     """Every int/float flag of every verb goes through a range helper (no bare type=int)."""
     for verb, action in walk(cli.build_parser()):
         assert action.type not in (int, float), f"cessl {' '.join(verb)} {action.option_strings}: bare {action.type}"
+
+
+def test_every_verb_with_a_numeric_flag_has_cases():
+    """A verb with a range-checked flag must be in BASE_ARGV, or its flags get no generated case."""
+    missing = {
+        " ".join(verb)
+        for verb, action in walk(cli.build_parser())
+        if action.option_strings and getattr(action.type, "bounds", None) is not None and verb not in BASE_ARGV
+    }
+    assert not missing, f"add these verbs to BASE_ARGV: {sorted(missing)}"
 
 
 def test_the_issue_examples_are_among_the_cases():
