@@ -781,6 +781,7 @@ TRACKING_ARGV: dict[tuple[str, ...], list[str]] = {
     ("backbone", "default"): ["backbone", "default", "--register", "--cache-dir", "cache"],
     ("backbone", "import"): ["backbone", "import", "ckpt.pt", "--config", "tiny", "--out", "o", "--register"],
     ("backbone", "pretrain"): ["backbone", "pretrain", "--store", "store", "--out", "o", "--register"],
+    ("serve",): ["serve", "--site", "hospital-a"],
 }
 # The cluster's URI, handed to the pods (never opened on this machine).
 CLUSTER_TRACKING = {("submit",), ("schedule",)}
