@@ -11,10 +11,15 @@ For the fused c_attn the score is the mean of its three q/k/v block scores. Scor
 averaged over batches, ranked (ties share the average rank) and the least important
 ``floor(num_layers * c)`` matrices get ``r_low = (r // 4) * 2``; the others keep r.
 ``num_layers`` counts the never-adapted classifier.1 too (tinylight, c = 0.6: 8 of 13).
+
+Precision: ``parameter_importance(..., autocast=...)`` runs the forward and the loss inside
+the given context (``Precision.autocast()`` of :mod:`ml.train.precision`, bf16 on a GPU); the
+loss is computed from float32 logits and the scores from the float32 gradients of B.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -97,8 +102,12 @@ def parameter_importance(
     loss_fn: LossFn | None = None,
     variant: Variant = "taylor",
     device: torch.device | str | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
 ) -> dict[str, float]:
     """Importance of every adapted matrix, reference order, averaged over ONE pass.
+
+    ``autocast``: a context factory for the forward and the loss (mixed precision); the
+    default runs in float32, as before.
 
     The pass runs in train mode (BatchNorm uses batch statistics) with random
     deactivation off. The model is left as it was found: mode, deactivation, requires_grad
@@ -127,7 +136,8 @@ def parameter_importance(
         model.train()
         for x, y in tqdm(loader, desc=f"{variant} importance", leave=False):
             model.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x.to(device)), y.to(device))
+            with autocast():
+                loss = loss_fn(model(x.to(device)).float(), y.to(device))
             loss.backward()
             for name, layer in layers.items():
                 totals[name] += layer_importance(layer, variant)
