@@ -174,7 +174,7 @@ class LoRALayer(nn.Module):
             return None if self.rng.random() < self.p else 1.0
         return self.expected_factor
 
-    def _fused_weight(self, s: float) -> Tensor:  # pragma: no cover
+    def _fused_weight(self, lora_B: Tensor, lora_A: Tensor, s: float) -> Tensor:  # pragma: no cover
         """``W + s B A`` in W's layout as ONE (b)addmm with alpha = s (float32, autocast off)."""
         raise NotImplementedError
 
@@ -190,7 +190,7 @@ class LoRALayer(nn.Module):
         if not _fuse(s, device_type):
             return self.weight + self.low_rank_delta() * factor
         with torch.autocast(device_type, enabled=False):
-            return self._fused_weight(s)
+            return self._fused_weight(self.lora_B, self.lora_A, s)
 
     def forward_with_update(self, x: Tensor, factor: float) -> Tensor:
         """The wrapped op with the kernel W + factor * B A * scale."""
@@ -286,7 +286,7 @@ class _LoRAConvFunction(torch.autograd.Function):
         dtype = _autocast_dtype(device_type) or x.dtype
         with torch.autocast(device_type, enabled=False):
             kernel = (
-                layer._fused_weight(s)
+                layer._fused_weight(lora_B, lora_A, s)
                 if _exact_scale(s) or dtype != weight.dtype
                 else weight + layer._low_rank(lora_B, lora_A) * s
             ).to(dtype)
@@ -369,9 +369,9 @@ class LoRAConv2d(LoRALayer):
     def _low_rank(self, lora_B: Tensor, lora_A: Tensor) -> Tensor:
         return (lora_B @ lora_A).view(self.conv.weight.shape)
 
-    def _fused_weight(self, s: float) -> Tensor:
+    def _fused_weight(self, lora_B: Tensor, lora_A: Tensor, s: float) -> Tensor:
         w = self.conv.weight
-        return torch.addmm(w.view(w.shape[0], -1), self.lora_B, self.lora_A, alpha=s).view(w.shape)
+        return torch.addmm(w.view(w.shape[0], -1), lora_B, lora_A, alpha=s).view(w.shape)
 
     def forward_with_update(self, x: Tensor, factor: float) -> Tensor:
         if torch.is_grad_enabled() and not self.weight.requires_grad:
@@ -410,8 +410,8 @@ class LoRALinear(LoRALayer):
     def _low_rank(self, lora_B: Tensor, lora_A: Tensor) -> Tensor:
         return lora_B @ lora_A
 
-    def _fused_weight(self, s: float) -> Tensor:
-        return torch.addmm(self.weight, self.lora_B, self.lora_A, alpha=s)
+    def _fused_weight(self, lora_B: Tensor, lora_A: Tensor, s: float) -> Tensor:
+        return torch.addmm(self.weight, lora_B, lora_A, alpha=s)
 
     def _forward_with(self, x: Tensor, weight: Tensor) -> Tensor:
         return F.linear(x, weight, self.bias)
@@ -453,11 +453,11 @@ class LoRAConv1D(LoRALayer):
         blocks = lora_B.view(k, d_out, self.r) @ lora_A.view(k, self.r, self.in_features)
         return blocks.reshape(self.out_features, self.in_features).t()  # (d, 3d), like W
 
-    def _fused_weight(self, s: float) -> Tensor:
+    def _fused_weight(self, lora_B: Tensor, lora_A: Tensor, s: float) -> Tensor:
         # W.t() (3d, d) viewed as (k, d_out, d): block i of the transposed weight, plus B_i A_i.
         k, d_out = self.n_blocks, self.out_features // self.n_blocks
         w_blocks = self.weight.t().view(k, d_out, self.in_features)
-        b, a = self.lora_B.view(k, d_out, self.r), self.lora_A.view(k, self.r, self.in_features)
+        b, a = lora_B.view(k, d_out, self.r), lora_A.view(k, self.r, self.in_features)
         return torch.baddbmm(w_blocks, b, a, alpha=s).reshape(self.out_features, self.in_features).t()
 
     def block_views(self, lora_B: Tensor, lora_A: Tensor) -> list[tuple[Tensor, Tensor]]:

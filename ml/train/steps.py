@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ml.train.augment import CUTMIX_ALPHA, cutmix, strong_augment, weak_augment
+from ml.train.augment import CUTMIX_ALPHA, Generator, cutmix, strong_augment, weak_augment
 
 
 @runtime_checkable
@@ -60,7 +60,7 @@ def semi_supervised_step(
     x_labelled: Tensor,
     y_labelled: Tensor,
     x_unlabelled: Tensor,
-    generator: torch.Generator,
+    generator: Generator,
     cutmix_alpha: float = CUTMIX_ALPHA,
 ) -> StepOutput:
     """CE-SSL's lightweight semi-supervised step (semi-supervised BatchNorm).
@@ -90,7 +90,7 @@ def supervised_step(
     model: EncoderHeadModel,
     x_labelled: Tensor,
     y_labelled: Tensor,
-    generator: torch.Generator,
+    generator: Generator,
     cutmix_alpha: float = CUTMIX_ALPHA,
 ) -> StepOutput:
     """Supervised fine-tuning (plain LoRA or full): Cutmix + BCE-with-logits."""
@@ -116,7 +116,7 @@ def fixmatch_step(
     x_labelled: Tensor,
     y_labelled: Tensor,
     x_unlabelled: Tensor,
-    generator: torch.Generator,
+    generator: Generator,
     tau: float = 0.95,
     lambda_u: float = 1.0,
     cutmix_alpha: float = CUTMIX_ALPHA,

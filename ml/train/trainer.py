@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from ml.eval.evaluate import predict_with_labels
 from ml.eval.metrics import macro_auroc, macro_average_precision
 from ml.model.lora import lora_layers, seed_deactivation
-from ml.train.augment import make_generator
+from ml.train.augment import AugmentRNG, make_augment_rng
 from ml.train.checkpoint import load_checkpoint, save_checkpoint
 from ml.train.config import TrainConfig, resolve_device
 from ml.train.loaders import BatchIterator, StreamPosition, dataset_size, derive_seed
@@ -278,7 +278,9 @@ class _Run:
         self.model = model.to(self.device)
         self.labelled, self.unlabelled, self.valid = labelled, unlabelled, valid
         self.optimizer, self.scheduler = build_optimizer(self.model, config)
-        self.generator = make_generator(derive_seed(config.seed, _AUGMENT), self.device)
+        self.generator = make_augment_rng(
+            derive_seed(config.seed, _AUGMENT), derive_seed(config.seed, _AUGMENT, 1), self.device
+        )
         seed_deactivation(self.model, derive_seed(config.seed, _DEACTIVATION))
         self.early = EarlyStopping(config.patience)
         self.history: list[dict[str, float]] = []
@@ -325,7 +327,11 @@ class _Run:
         torch.set_rng_state(state["rng"]["torch"])
         if self.device.type == "cuda" and state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        self.generator.set_state(state["rng"]["augment"])
+        augment = state["rng"]["augment"]
+        if isinstance(self.generator, AugmentRNG) and isinstance(augment, Tensor):
+            self.generator.device.set_state(augment)  # a checkpoint from before the host stream
+        else:
+            self.generator.set_state(augment)
         rng = _deactivation_rng(self.model)
         if rng is not None and state["rng"]["deactivation"] is not None:
             rng.setstate(state["rng"]["deactivation"])
