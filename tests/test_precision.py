@@ -299,26 +299,40 @@ def test_precision_is_a_compiled_pipeline_parameter_passed_to_finetune(tmp_path:
 PARITY_SEEDS = (0, 1, 2)
 
 
-def _parity_run(splits, seed: int, precision: str) -> tuple[float, float, np.ndarray]:
+def _parity_run(
+    splits, seed: int, precision: str, device: str = "cuda", steps: int = 150, batch: int = 32
+) -> tuple[float, float, np.ndarray]:
     """(macro AUROC, macro F-beta2, merged-model test predictions) of one fine-tune."""
     train = TrainConfig(
         method="cessl",
-        max_steps=150,
-        batch_size=32,
-        val_every=50,
+        max_steps=steps,
+        batch_size=batch,
+        val_every=max(1, steps // 3),
         seed=seed,
-        device="cuda",
+        device=device,
         progress=False,
         precision=precision,
     )
     config = backbone_config("tinylight", N_CLASSES)
     outcome = finetune(None, config, LoRAConfig(), {}, train, splits["train"], splits["unlabelled"], splits["valid"])
     assert outcome.result.precision == precision
-    probs, labels = predict_with_labels(outcome.model, splits["test"], 64, torch.device("cuda"))
+    probs, labels = predict_with_labels(outcome.model, splits["test"], 64, torch.device(device))
     f_beta = thresholded_metrics(labels, binarize(probs, outcome.thresholds))["macro_f_beta"]
     merge_lora(outcome.model)
-    merged, _ = predict_with_labels(outcome.model, splits["test"], 64, torch.device("cuda"))
+    merged, _ = predict_with_labels(outcome.model, splits["test"], 64, torch.device(device))
     return macro_auroc(labels, probs), f_beta, binarize(merged, outcome.thresholds)
+
+
+def test_the_parity_harness_runs_on_the_cpu(data) -> None:
+    """The CUDA parity test's fine-tune-and-score path, a few steps on the CPU in bf16."""
+    _, splits = make_splits(
+        {"train": 12, "valid": 8, "unlabelled": 8, "test": 16},
+        SyntheticTaskConfig(num_classes=N_CLASSES, positive_rate=0.5),
+        seed=5,
+    )
+    auroc, f_beta, predictions = _parity_run(splits, 0, "bf16", device="cpu", steps=2, batch=4)
+    assert 0.0 <= auroc <= 1.0 and 0.0 <= f_beta <= 1.0
+    assert predictions.shape == (16, N_CLASSES) and set(np.unique(predictions)) <= {0, 1}
 
 
 @pytest.mark.cuda

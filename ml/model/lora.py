@@ -386,7 +386,9 @@ class LoRAConv2d(LoRALayer):
             # Frozen kernel (deactivated or not adapted), trainable bias: add the bias apart.
             # oneDNN's CPU convolution backward computes the kernel gradient whenever it is
             # asked for the bias gradient, which would undo the saving of deactivation.
-            return self.conv._conv_forward(x, weight, None) + bias.view(-1, 1, 1)
+            # Under autocast the bias is added in the convolution's dtype (bfloat16), as autocast would.
+            y = self.conv._conv_forward(x, weight, None)
+            return y + bias.view(-1, 1, 1).to(y.dtype)
         return self.conv._conv_forward(x, weight, bias)
 
 
