@@ -102,8 +102,9 @@ def test_bf16_steps_keep_fp32_master_weights_and_optimizer_state(data) -> None:
 
 
 @pytest.mark.parametrize("method", ["cessl", "fixmatch"])
-def test_bf16_fit_end_to_end_is_finite_and_reproducible(data, method: str) -> None:
-    config = _config(method=method, precision="bf16")
+def test_bf16_fit_end_to_end_is_finite_and_reproducible(data, method: str, device: torch.device) -> None:
+    """On the CPU and (marked cuda) on a GPU: bf16 is reproducible run to run on one device."""
+    config = _config(method=method, precision="bf16", device=str(device))
     runs = []
     for _ in range(2):
         model = _model(method)
