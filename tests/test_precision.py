@@ -26,7 +26,7 @@ from ml.train.precision import FP32, Precision, resolve_precision
 from ml.train.recipe import finetune
 from ml.train.steps import semi_supervised_step
 from ml.train.synthetic import SyntheticTaskConfig, make_splits
-from ml.train.trainer import BaseCallback, LossWindow, build_optimizer, fit
+from ml.train.trainer import CUDA_LOG_EVERY, BaseCallback, LossWindow, build_optimizer, fit, log_interval
 
 N_CLASSES = 3
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -142,6 +142,12 @@ def test_fp32_fit_reports_fp32_and_logging_interval_does_not_change_training(dat
     per_step = dict(every.seen)
     assert windowed.seen[0][1] == pytest.approx((per_step[1] + per_step[2]) / 2, rel=1e-12)
     assert windowed.seen[2][1] == pytest.approx((per_step[5] + per_step[6]) / 2, rel=1e-12)
+
+
+def test_losses_are_read_back_every_step_on_the_cpu_and_in_windows_on_cuda() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert (log_interval(_config(), cpu), log_interval(_config(), cuda)) == (1, CUDA_LOG_EVERY)
+    assert log_interval(_config(log_every=3), cpu) == log_interval(_config(log_every=3), cuda) == 3
 
 
 def test_loss_window_means_and_resets() -> None:
