@@ -1,6 +1,8 @@
 """Step: ingest WFDB records from a folder or ``s3://`` prefix (``ml.data.ingest``).
 
-Every record ends accepted or quarantined with a reason. With a ``state_dir`` the
+Every record ends accepted or quarantined with a reason. A record is (site, path): with
+``site`` set (the hospital network) its key in the store and splits is ``<site>/<id>``;
+only byte-identical copies are quarantined as duplicates. With a ``state_dir`` the
 manifest persists across runs there, so a record seen before (same files) is not read
 again; the step's output holds the manifest rows of this source as it is now (records
 that disappeared from the source are left out) and the quarantine report.
@@ -30,13 +32,15 @@ class IngestResult:
     source_version: str = ""  # an s3:// source's data version from its listing (ml.data.dvc.objects_version)
 
 
-def state_folder(state_dir: str | Path | None, source_uri: str) -> Path:
-    """Where the incremental manifest of ``source_uri`` lives between runs."""
+def state_folder(state_dir: str | Path | None, source_uri: str, site: str = "") -> Path:
+    """Where the incremental manifest of ``source_uri`` (as site ``site``) lives between runs
+    (one per source and site; without a site, the folder it always had)."""
     root = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="cessl-ingest-"))
-    return root / "ingest" / hashlib.sha256(source_uri.encode()).hexdigest()[:16]
+    key = f"{site}\n{source_uri}" if site else source_uri
+    return root / "ingest" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-CONTENT_COLUMNS = ("id", "source", "key", "content_hash", "status", "reason", "labels", "labelled")
+CONTENT_COLUMNS = ("id", "site", "source", "key", "content_hash", "status", "reason", "labels", "labelled")
 
 
 def manifest_fingerprint(manifest) -> str:
@@ -46,9 +50,17 @@ def manifest_fingerprint(manifest) -> str:
 
 
 def ingest_step(
-    source: str, out_dir: Path, quarantine_path: Path, state_dir: str | Path | None = None, workers: int | None = None
+    source: str,
+    out_dir: Path,
+    quarantine_path: Path,
+    state_dir: str | Path | None = None,
+    workers: int | None = None,
+    site: str = "",
 ) -> IngestResult:
-    """Ingest ``source``; write ``manifest.parquet`` (+ reports) to ``out_dir``, the quarantine report to ``quarantine_path``."""
+    """Ingest ``source``; write ``manifest.parquet`` (+ reports) to ``out_dir``, the quarantine report to ``quarantine_path``.
+
+    ``site``: the hospital the source belongs to (a DNS label, "" for none): its records are
+    keyed ``<site>/<id>`` in the store and splits (``ml.data.ingest``)."""
     from ml.data.dvc import objects_version
     from ml.data.ingest import (
         ACCEPTED,
@@ -61,15 +73,20 @@ def ingest_step(
         write_manifest,
     )
     from ml.data.parallel import default_workers
-    from ml.data.sources import S3Source, open_source
+    from ml.data.sources import S3Source, check_site, open_source
+    from ml.errors import ParameterError
 
+    try:
+        check_site(site)
+    except ParameterError as err:
+        raise StepError(f"{source}: {err}") from None
     src = open_source(source)
-    work = state_folder(state_dir, src.uri)
+    work = state_folder(state_dir, src.uri, site)
     source_version = ""
     if isinstance(src, S3Source):  # the version of the objects as this run lists them
         objects = src.objects()
         source_version = objects_version(objects) if objects else ""
-    report = ingest(src, work, config=IngestConfig(workers=workers or default_workers()), progress=False)
+    report = ingest(src, work, config=IngestConfig(workers=workers or default_workers()), progress=False, site=site)
     current = {r.key for r in src.list_records()}
     manifest = read_manifest(work / MANIFEST_FILE)
     mine = manifest[(manifest["source"] == src.uri) & manifest["key"].isin(current)].reset_index(drop=True)
@@ -86,8 +103,9 @@ def ingest_step(
     if n_ok == 0:
         raise StepError(f"{source}: all {len(mine)} records were quarantined; see {quarantine_path}")
     log.info(
-        "ingested %s: %d accepted, %d quarantined (read %d, unchanged %d)",
+        "ingested %s%s: %d accepted, %d quarantined (read %d, unchanged %d)",
         src.uri,
+        f" (site {site})" if site else "",
         n_ok,
         len(mine) - n_ok,
         report.read,

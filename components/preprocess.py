@@ -41,10 +41,13 @@ def _link_or_copy_tree(src: Path, dst: Path) -> None:
 
 
 def _sources_key(manifest: Path) -> str:
-    """Short hash of the sources a manifest covers (one reusable store per source set)."""
+    """Short hash of the (site, source) pairs a manifest covers (one reusable store per set;
+    sources of no site are hashed as they always were)."""
     from ml.data.ingest import read_manifest
 
-    sources = sorted(set(read_manifest(manifest)["source"].astype(str)))
+    table = read_manifest(manifest)
+    pairs = set(zip(table["site"].astype(str), table["source"].astype(str), strict=True))
+    sources = sorted(f"{site}\t{source}" if site else source for site, source in pairs)
     return hashlib.sha256("\n".join(sources).encode()).hexdigest()[:16]
 
 

@@ -116,6 +116,13 @@ def _report_testset(report: dict) -> None:
             len(report["changed"]),
             ", ".join(report["changed"][:20]),
         )
+    if report.get("moved"):
+        log.info(
+            "%s: %d frozen records found under a new id (moved, or ids are now paths): %s",
+            name,
+            len(report["moved"]),
+            ", ".join(f"{old} -> {new}" for old, new in list(report["moved"].items())[:20]),
+        )
     if report.get("missing"):
         log.warning(
             "%s: %d frozen records are no longer in the data: %s",

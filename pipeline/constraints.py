@@ -198,10 +198,20 @@ def flag_name(field: dataclasses.Field) -> str:
     return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
 
 
+def field_kind(field: dataclasses.Field) -> type | None:
+    """The field's type (int, float or str; the annotations are strings here)."""
+    return field.type if isinstance(field.type, type) else {"int": int, "float": float, "str": str}.get(str(field.type))
+
+
 def field_problems(field: dataclasses.Field, value: Any) -> str | None:
     """``"--flag VALUE: problem"`` when ``value`` breaks the field's constraints, else None."""
-    meta, flag = field.metadata, flag_name(field)
-    kind = field.type if isinstance(field.type, type) else {"int": int, "float": float, "str": str}.get(str(field.type))
+    problem = value_problem(field, value)
+    return None if problem is None else f"{flag_name(field)} {value!r}: {problem}"
+
+
+def value_problem(field: dataclasses.Field, value: Any) -> str | None:
+    """What is wrong with ``value`` for the field's constraints (None: nothing); no flag named."""
+    meta, kind = field.metadata, field_kind(field)
     problem: str | None = None
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
         problem = "must be an integer"
@@ -218,7 +228,43 @@ def field_problems(field: dataclasses.Field, value: Any) -> str | None:
         problem = f"must be one of {', '.join(meta['choices'])}"
     if problem is None and meta.get("check"):
         problem = STRING_CHECKS[meta["check"]](value)
-    return None if problem is None else f"{flag} {value!r}: {problem}"
+    return problem
+
+
+def field_value(field: dataclasses.Field) -> Callable[[str], Any]:
+    """An argparse ``type=`` for one value of ``field`` (its type, range, choices and check),
+    for flags that take the field's values in another shape (e.g. ``compare --seeds 0,1,2``)."""
+    kind = field_kind(field) or str
+
+    def convert(text: str) -> Any:
+        value = parse_number(text, kind) if kind in (int, float) else text
+        problem = value_problem(field, value)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+        return value
+
+    convert.__name__ = field.name
+    convert.field = field  # type: ignore[attr-defined]  # read by the tests' case generator
+    return convert
+
+
+def comma_list(item: Callable[[str], Any], example: str) -> Callable[[str], tuple[Any, ...]]:
+    """An argparse ``type=``: a non-empty comma-separated list of distinct values, each
+    checked by ``item`` (``example``: a valid list, shown in the message)."""
+
+    def convert(text: str) -> tuple[Any, ...]:
+        parts = [part.strip() for part in str(text).split(",")]
+        if not any(parts) or not all(parts):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list without gaps, e.g. {example}")
+        values = tuple(item(part) for part in parts)
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+        if repeated:
+            raise argparse.ArgumentTypeError(f"{text!r}: {', '.join(repeated)} given more than once")
+        return values
+
+    convert.__name__ = f"list of {getattr(item, '__name__', 'values')}"
+    convert.item = item  # type: ignore[attr-defined]  # read by the tests' case generator
+    return convert
 
 
 # ------------------------------------------------------------------------------ paths
@@ -344,3 +390,105 @@ def as_text(check: Callable[[str], Any]) -> Callable[[str], str]:
 
     convert.__name__ = getattr(check, "__name__", "value")
     return convert
+
+
+def registered_model(text: str) -> str:
+    """A registered model name: not empty, no '/', '@', ':' or surrounding spaces."""
+    problem = non_empty_problem(text) or model_name_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return text
+
+
+def add_tracking_uri_flag(parser: argparse.ArgumentParser) -> None:
+    """``--tracking-uri`` as every registry command takes it (its syntax checked when parsed;
+    the store itself by :func:`pipeline.preflight.check_tracking` before any work)."""
+    parser.add_argument(
+        "--tracking-uri",
+        type=tracking_uri,
+        default="",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db)",
+    )
+
+
+def optional(check: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``check`` for a set value; '' (unset) stays '' (argparse also converts a text default)."""
+
+    def convert(text: str) -> Any:
+        return check(text) if text else ""
+
+    convert.__name__ = getattr(check, "__name__", "value")
+    return convert
+
+
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(/(?P<version>\d+|latest)|@(?P<alias>[A-Za-z0-9_\-]+))$")
+
+
+def model_uri(text: str) -> str:
+    """A registered model's URI: ``models:/NAME/VERSION``, ``models:/NAME@ALIAS`` (or
+    ``runs:/RUN_ID/PATH``)."""
+    if text.startswith("runs:/") and len(text.removeprefix("runs:/").strip("/").split("/")) >= 2:
+        return text
+    found = _MODEL_URI.match(text)
+    if not found or model_name_problem(found["name"]):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected models:/NAME/VERSION or models:/NAME@ALIAS (e.g. models:/cessl-ecg@champion)"
+        )
+    return text
+
+
+def non_empty(text: str) -> str:
+    """Text with something in it (a reason, a name)."""
+    problem = non_empty_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return text
+
+
+# ------------------------------------------------------------------------------ DVC
+
+_REMOTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+DVC_URL_SCHEMES = ("s3", "gs", "azure", "ssh", "hdfs", "webhdfs", "oss", "gdrive", "http", "https", "webdav", "webdavs")
+
+
+def dvc_repo(text: str) -> Path:
+    """A project a ``data`` verb configures: an existing folder that is a DVC repository
+    (``.dvc/``) or the top of a git work tree (``dvc init`` adds DVC there). Nothing is
+    created here, and no verb creates the folder."""
+    path = existing_dir(text)
+    if not (path / ".dvc").is_dir() and not (path / ".git").exists():
+        raise _path_error(
+            text, "is neither a DVC repository (.dvc/) nor a git work tree (.git): run `git init` there first"
+        )
+    return path
+
+
+def dvc_remote_name(text: str) -> str:
+    """A DVC remote's name: letters, digits, '_', '.', '-' (it becomes a config section)."""
+    if not _REMOTE_NAME.match(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: a remote name is 1-64 letters, digits, '_', '.' or '-'")
+    return text
+
+
+def dvc_remote_url_problem(url: str, repo: Path) -> str | None:
+    """What is wrong with a DVC remote URL (None: nothing): ``s3://bucket/path`` (a valid
+    bucket), another DVC scheme with a host, or a local folder (relative ones are relative to
+    ``repo``) whose parent folder exists and that is not a file."""
+    if not url.strip():
+        return "must name s3://bucket/path or a folder"
+    if "://" in url:
+        scheme = url.partition("://")[0]
+        if scheme == "s3":
+            return s3_problem(url)
+        if scheme not in DVC_URL_SCHEMES:
+            return f"unsupported scheme {scheme!r} (DVC remotes: {', '.join(DVC_URL_SCHEMES)} or a folder)"
+        if not urlsplit(url).netloc:
+            return f"names no host or bucket (expected {scheme}://HOST/path)"
+        return None
+    folder = Path(url).expanduser()
+    folder = folder if folder.is_absolute() else Path(repo) / folder
+    if folder.exists() and not folder.is_dir():
+        return f"{folder} is a file, expected a folder"
+    if not folder.parent.is_dir():
+        return f"its parent folder {folder.parent} does not exist (create it first, or mount the share)"
+    return None

@@ -481,9 +481,10 @@ def _local_paths(params: PipelineParams) -> list[Path]:
     return [p for i, p in enumerate(roots) if not any(p.is_relative_to(q) for q in roots[:i])]
 
 
-def docker_runner(params: PipelineParams):
+def docker_runner(params: PipelineParams, labels: Mapping[str, str] | None = None):
     """A DockerRunner whose containers see the run's local folders, this user's id and
-    the MLflow / S3 settings of this environment, on the host network (local servers)."""
+    the MLflow / S3 settings of this environment, on the host network (local servers);
+    ``labels``: the run's (``pipeline.process.run_labels``), by which they die with it."""
     from docker.types import Mount
     from kfp import local
 
@@ -498,17 +499,21 @@ def docker_runner(params: PipelineParams):
         environment=environment,
         network_mode="host",
         entrypoint=["/usr/bin/env"],
+        labels=dict(labels or {}),
     )
 
 
-def init_local(config: LocalRunConfig, params: PipelineParams | None = None) -> None:
-    """``kfp.local.init`` with the task cache under ``<pipeline_root>/.kfp_cache``."""
+def init_local(
+    config: LocalRunConfig, params: PipelineParams | None = None, labels: Mapping[str, str] | None = None
+) -> None:
+    """``kfp.local.init`` with the task cache under ``<pipeline_root>/.kfp_cache``
+    (``labels``: of the Docker runner's containers)."""
     from kfp import local
 
     if config.runner == "subprocess":
         runner = local.SubprocessRunner(use_venv=False)
     elif config.runner == "docker":
-        runner = docker_runner(params or DEFAULTS)
+        runner = docker_runner(params or DEFAULTS, labels)
     else:
         raise ValueError(f"unknown local runner {config.runner!r} (subprocess | docker)")
     root = Path(config.pipeline_root).absolute()
@@ -623,24 +628,45 @@ def _tasks_die_with_us() -> Iterator[None]:
             os.environ[RUN_PID_ENV] = before
 
 
+@contextlib.contextmanager
+def _containers_die_with_us(runner: str) -> Iterator[dict[str, str]]:
+    """For the Docker runner: the labels of this run's containers, which are removed when the
+    run ends however it ends (``pipeline.process.containers_die_with_us``; a container is
+    not a child process, so ``_tasks_die_with_us`` cannot reach it). Other runners: no labels."""
+    if runner != "docker":
+        yield {}
+        return
+    import docker
+
+    from pipeline.process import containers_die_with_us
+
+    client = docker.from_env()
+    try:
+        with containers_die_with_us(client) as labels:
+            yield labels
+    finally:
+        client.close()
+
+
 def execute_local(
     pipeline: Any, arguments: Mapping[str, Any], params: PipelineParams, config: LocalRunConfig, name: str
 ) -> dict[str, Any]:
     """Call a built pipeline function with ``kfp.local`` (initialised for ``config``); its
     outputs. ``params``: the local folders a Docker runner mounts. A failed task ends the run
     without outputs: :class:`PipelineRunError`."""
-    init_local(config, params)
-    log.info(
-        "running %s locally (%s runner, pipeline root %s%s)",
-        name,
-        config.runner,
-        config.pipeline_root,
-        f", task logs in {config.task_log}" if config.task_log else "",
-    )
-    with warnings.catch_warnings(), _quiet_kfp_orchestrator(), _task_output(config.task_log), _tasks_die_with_us():
-        for pattern in _LOCAL_NOISE:
-            warnings.filterwarnings("ignore", message=pattern)
-        outputs = pipeline(**arguments).outputs
+    with _containers_die_with_us(config.runner) as labels:
+        init_local(config, params, labels)
+        log.info(
+            "running %s locally (%s runner, pipeline root %s%s)",
+            name,
+            config.runner,
+            config.pipeline_root,
+            f", task logs in {config.task_log}" if config.task_log else "",
+        )
+        with warnings.catch_warnings(), _quiet_kfp_orchestrator(), _task_output(config.task_log), _tasks_die_with_us():
+            for pattern in _LOCAL_NOISE:
+                warnings.filterwarnings("ignore", message=pattern)
+            outputs = pipeline(**arguments).outputs
     if not outputs:
         raise PipelineRunError(failed_run_message(name, config.task_log))
     return dict(outputs)

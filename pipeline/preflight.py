@@ -89,11 +89,14 @@ def check_tracking(
         if not db.exists():
             is_default = db.absolute() == (Path.cwd() / LOCAL_DB).absolute()
             if not (create or (writes and is_default)):
-                hint = (
-                    "nothing has been tracked here yet: run `cessl run` first, or pass --tracking-uri"
-                    if is_default and not writes
-                    else "a typo? pass --create-store to start a new store there"
-                )
+                if not writes:  # a reading command: nothing to read there
+                    hint = (
+                        "nothing has been tracked here yet: run `cessl run` first, or pass --tracking-uri"
+                        if is_default
+                        else "nothing has been tracked there (a typo?): name an existing .db file"
+                    )
+                else:
+                    hint = "a typo? pass --create-store to start a new store there"
                 raise ParameterError(f"no MLflow store at {db}{where}: {hint}")
             if not os.access(db.parent, os.W_OK | os.X_OK):
                 raise ParameterError(f"MLflow store {db}{where}: folder {db.parent} is not writable")
@@ -104,6 +107,18 @@ def check_tracking(
         if not folder.is_dir() and not create:
             raise ParameterError(f"no MLflow file store at {folder}{where}: pass --create-store to start one")
     return resolved
+
+
+def registry_tracking(uri: str = "", model_name: str = "", *, writes: bool = False):
+    """The :class:`pipeline.tracking.TrackingConfig` of a command that reads or changes the
+    registry of an existing store (``promote``, ``rollback``, ``predict``, ``models``,
+    ``testset ...``), once :func:`check_tracking` passed: these commands never create a store
+    (no MLflow database-creation lines, no new folder or file), and an http(s) server must
+    answer first. ``writes``: the command may create the local default store."""
+    from pipeline.tracking import TrackingConfig
+
+    resolved = check_tracking(uri, writes=writes)
+    return TrackingConfig.resolve(resolved, model_name=model_name or "cessl-ecg")
 
 
 def check_mlflow_server(uri: str, where: str = "", timeout: float = HEALTH_TIMEOUT_S) -> None:
@@ -208,3 +223,33 @@ def check_backbone(backbone: str) -> None:
             f"--backbone {backbone}: no such folder or checkpoint file "
             "(use 'default', a backbone folder, a .pt/.safetensors file, s3://... or models:/...)"
         )
+
+
+def check_demo_data(data_dir: Path) -> None:
+    """The demo hospital is in ``data_dir`` (any WFDB header), or can be generated there: it is
+    made from the real sample records of a project checkout (``ml.data.dvc.REAL_RECORDS_DIR``
+    next to ``data_dir``). Checked before a local run takes its lock, so a run started outside
+    the project says so in one line instead of failing after creating its state folder."""
+    from ml.data.dvc import REAL_RECORDS_DIR
+
+    data_dir = Path(data_dir).absolute()
+    if data_dir.exists() and not data_dir.is_dir():
+        raise ParameterError(f"--source {data_dir}: is a file, expected a folder of WFDB records")
+    if data_dir.is_dir() and next(data_dir.rglob("*.hea"), None) is not None:
+        return
+    real = data_dir.parent / REAL_RECORDS_DIR
+    if not real.is_dir():
+        raise ParameterError(
+            f"--source {data_dir}: no WFDB records there, and the demo hospital cannot be generated "
+            f"(it needs {real} of a project checkout): pass --source FOLDER, or run in the project folder"
+        )
+
+
+def check_records_folder(folder: Path) -> None:
+    """A local ``--source`` holds at least one WFDB header (``*.hea``, at any depth): an empty
+    or mistyped folder is refused before a run starts, not by its ingest step minutes later."""
+    folder = Path(folder).absolute()
+    if not folder.is_dir():
+        raise ParameterError(f"--source {folder}: data folder not found")
+    if next(folder.rglob("*.hea"), None) is None:
+        raise ParameterError(f"--source {folder}: no WFDB record (.hea) in this folder or below it")

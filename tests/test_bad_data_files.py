@@ -127,12 +127,14 @@ def test_negative_adc_gain_is_quarantined(ecg_records_dir: Path, tmp_path: Path)
         read_record_file(src / "E07501.hea")
 
 
-def test_zero_adc_gain_is_the_wfdb_default_and_noted(ecg_records_dir: Path, tmp_path: Path) -> None:
+def test_zero_adc_gain_is_uncalibrated_and_refused(ecg_records_dir: Path, tmp_path: Path) -> None:
+    """WFDB: a zero gain means "uncalibrated" (tests/test_data_records.py: ingest quarantines it)."""
     _copy(ecg_records_dir, tmp_path, "E07500")
     text = (tmp_path / "E07500.hea").read_text()
     (tmp_path / "E07500.hea").write_text(text.replace("1000.0(0)/mV", "0(0)/mV"))
-    record = read_record_file(tmp_path / "E07500.hea")
-    assert any("ADC gain 0" in n for n in record.notes)
+    with pytest.raises(RecordError, match=r"ADC gain 0.*uncalibrated") as err:
+        read_record_file(tmp_path / "E07500.hea")
+    assert err.value.reason is Reason.BAD_UNITS
 
 
 @pytest.mark.parametrize("name", ["Müller_001", "心电_01", "patient ä-1".replace(" ", "_")])

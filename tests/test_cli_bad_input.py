@@ -666,3 +666,247 @@ def test_no_credential_reaches_the_output_of_a_verbose_s3_command(s3_server, s3_
             assert secret not in output, f"a credential reached the output ({extra})"
         if not token:
             assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- compare's grid
+
+
+def grid_cases() -> list[pytest.param]:
+    """Each grid flag takes a list of one pipeline parameter's values: the bad values of that
+    parameter (from its metadata, as above), alone and inside a valid list, and bad lists."""
+    from pipeline.commands.compare import GRID_FLAGS
+
+    types, fields, cases = field_types(), {f.name: f for f in dataclasses.fields(PipelineParams)}, []
+    for flag, (name, default) in GRID_FLAGS.items():
+        values = bad_values(fields[name], types[name])
+        values += [f"{default},{values[0]}", "", ",", f"{default},", f"{default.split(',')[0]},{default}"]
+        cases += [pytest.param(flag, value, id=f"compare {flag} {value!r}") for value in values]
+    return cases
+
+
+def test_grid_flags_are_generated_from_the_pipeline_parameters():
+    from pipeline.commands.compare import GRID_FLAGS
+    from pipeline.compare import GRID_FIELDS
+
+    assert sorted(name for name, _ in GRID_FLAGS.values()) == sorted(GRID_FIELDS)
+    actions = {
+        a.option_strings[-1]: a for verb, a in walk(cli.build_parser()) if verb == ("compare",) and a.option_strings
+    }
+    for flag, (name, _) in GRID_FLAGS.items():
+        assert actions[flag].type.item.field.name == name
+
+
+@pytest.mark.parametrize(("flag", "value"), grid_cases())
+def test_bad_grid_flag(flag, value, workdir, capsys):
+    """Refused when parsed: before the project lock (no .cache/cessl/run.lock), before any log line."""
+    outcome = run_cli(["compare", flag, value], capsys)
+    assert_clear_failure(outcome, EXIT_USAGE, (flag,))
+    assert not (workdir / ".cache").exists()
+
+
+@pytest.mark.parametrize("verb", [["run"], ["retrain"], ["compare", "--seeds", "0"]], ids=lambda v: v[0])
+def test_local_runs_check_everything_before_the_lock_and_the_first_log_line(verb, workdir, capsys):
+    """A valid command line whose data cannot be had (no demo records outside the project, an
+    empty --source): one line, no run.lock, no state folder, no MLflow store."""
+    outcome = run_cli(verb, capsys)
+    assert_clear_failure(outcome, EXIT_USAGE, ("--source",))
+    outcome = run_cli([*verb, "--source", "src"], capsys)  # an empty folder: no WFDB record
+    assert_clear_failure(outcome, EXIT_USAGE, ("src",))
+    assert "no WFDB record" in outcome.err
+
+
+# --------------------------------------------------------------------------- every choice
+
+
+def choice_cases() -> list[pytest.param]:
+    """Every option with choices, of every verb with a valid base command line (found by
+    walking the parser): a value outside them."""
+    cases = []
+    for verb, action in walk(cli.build_parser()):
+        if not action.option_strings or not action.choices or verb not in BASE_ARGV:
+            continue
+        flag = action.option_strings[-1]
+        cases.append(pytest.param(verb, flag, id=f"{' '.join(verb)} {flag}"))
+    return cases
+
+
+@pytest.mark.parametrize(("verb", "flag"), choice_cases())
+def test_bad_choice(verb, flag, workdir, capsys):
+    outcome = run_cli([*BASE_ARGV[verb], flag, "no-such-choice"], capsys)
+    assert_clear_failure(outcome, EXIT_USAGE, (flag,))
+
+
+# --------------------------------------------------------------------------- every --tracking-uri
+
+# A valid command line of every verb that takes --tracking-uri and opens the store locally.
+TRACKING_ARGV: dict[tuple[str, ...], list[str]] = {
+    ("run",): ["run", "--no-demo-data", "--source", "src"],
+    ("retrain",): ["retrain", "--no-demo-data", "--source", "src"],
+    ("compare",): ["compare", "--no-demo-data", "--source", "src"],
+    ("models",): ["models"],
+    ("promote",): ["promote", "m"],
+    ("rollback",): ["rollback", "m"],
+    ("predict",): ["predict", "--model", "models:/m@champion", "src"],
+    ("testset", "show"): ["testset", "show", "m"],
+    ("testset", "refresh"): ["testset", "refresh", "m", "--reason", "new classes"],
+    ("testset", "export"): ["testset", "export", "m"],
+    ("backbone", "fetch"): ["backbone", "fetch", "models:/cessl-backbone-tiny/1", "--out", "o"],
+    ("backbone", "default"): ["backbone", "default", "--register", "--cache-dir", "cache"],
+    ("backbone", "import"): ["backbone", "import", "ckpt.pt", "--config", "tiny", "--out", "o", "--register"],
+    ("backbone", "pretrain"): ["backbone", "pretrain", "--store", "store", "--out", "o", "--register"],
+}
+# The cluster's URI, handed to the pods (never opened on this machine).
+CLUSTER_TRACKING = {("submit",), ("schedule",)}
+
+
+def test_every_verb_with_a_tracking_uri_is_checked():
+    verbs = {verb for verb, action in walk(cli.build_parser()) if "--tracking-uri" in action.option_strings}
+    assert verbs - CLUSTER_TRACKING == set(TRACKING_ARGV), "a new verb takes --tracking-uri: add it here"
+    for verb, action in walk(cli.build_parser()):
+        if "--tracking-uri" in action.option_strings:
+            assert action.type is constraints.tracking_uri, verb
+
+
+def tracking_cases() -> list[pytest.param]:
+    cases = []
+    for verb, argv in TRACKING_ARGV.items():
+        name = " ".join(verb)
+        for uri, named in (
+            ("sqlite:///{work}/nope/x.db", "{work}/nope"),  # a folder that does not exist: never created
+            ("sqlite:///{work}/x.db", "{work}/x.db"),  # no such store: never created (a typo)
+            ("sqlite:///{work}/src", "{work}/src"),  # a folder, not a .db file
+            ("mlflow.db", "mlflow.db"),  # not a URI
+        ):
+            cases.append(pytest.param(argv, uri, named, id=f"{name} {uri.format(work='W')}"))
+    return cases
+
+
+@pytest.mark.parametrize(("argv", "uri", "named"), tracking_cases())
+def test_bad_tracking_store(argv, uri, named, workdir, capsys):
+    outcome = run_cli([*argv, "--tracking-uri", uri.format(work=workdir)], capsys)
+    assert_clear_failure(outcome, EXIT_USAGE, (named.format(work=workdir),))
+    assert "mlflow.store" not in outcome.err and "Creating initial MLflow database" not in outcome.out
+
+
+@pytest.mark.parametrize(
+    "argv", [argv for verb, argv in TRACKING_ARGV.items() if verb[0] in ("testset", "models", "promote", "predict")]
+)
+def test_registry_verbs_need_an_existing_default_store(argv, workdir, capsys):
+    outcome = run_cli(argv, capsys)
+    assert_clear_failure(outcome, EXIT_USAGE, ("mlflow.db",))
+
+
+@pytest.mark.parametrize("verb", ["show", "refresh", "export"])
+def test_testset_verbs_with_an_unreachable_server_are_code_3(verb, workdir, capsys):
+    uri = f"http://127.0.0.1:{closed_port()}"
+    argv = TRACKING_ARGV[("testset", verb)]
+    outcome = run_cli([*argv, "--tracking-uri", uri], capsys)
+    assert_clear_failure(outcome, EXIT_UNAVAILABLE, (uri,), limit=10)
+
+
+def test_testset_in_a_real_process_creates_no_store(tmp_path):
+    """The reported case: MLflow printed its database-creation lines and created the folder."""
+    missing = tmp_path / "nope" / "x.db"
+    proc = cessl_subprocess(["testset", "show", "M", "--tracking-uri", f"sqlite:///{missing}"], tmp_path)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == EXIT_USAGE and len(lines) == 1 and str(missing.parent) in lines[0], proc.stderr
+    assert not proc.stdout and not missing.parent.exists()
+
+
+# --------------------------------------------------------------------------- data remote
+
+
+@pytest.fixture()
+def project(workdir: Path) -> Iterator[Path]:
+    """A git work tree with DVC and one remote ``origin``, inside the checked working directory."""
+    from ml.data.dvc import add_remote
+
+    root = workdir / "proj"
+    root.mkdir()
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    (workdir / "storage").mkdir()
+    add_remote(root, "origin", str(workdir / "storage"))
+    config = (root / ".dvc" / "config").read_text()
+    yield root
+    assert (root / ".dvc" / "config").read_text() == config, "the DVC config changed"
+    for extra in ("proj", "storage"):  # made here, not by the command
+        subprocess.run(["rm", "-rf", str(workdir / extra)], check=True)
+
+
+def remote_cases() -> list[pytest.param]:
+    add = ["data", "remote", "add"]
+    cases = [
+        # (argv, names one of)
+        ([*add, "r", "{work}/storage2", "--repo", "{work}/missing-repo"], ("missing-repo",)),
+        ([*add, "r", "{work}/storage2", "--default", "--repo", "{work}/src"], ("src",)),  # not git, not DVC
+        ([*add, "r", "{work}/storage2", "--repo", "{work}/ckpt.pt"], ("ckpt.pt",)),
+        ([*add, "r", "{work}/no/such/parent/x", "--repo", "{work}/proj"], ("no/such/parent",)),
+        ([*add, "r", "{work}/ckpt.pt", "--repo", "{work}/proj"], ("ckpt.pt",)),  # a file, not a folder
+        ([*add, "r", "s3://", "--repo", "{work}/proj"], ("s3://",)),
+        ([*add, "r", "s3://Not_A_Bucket/x", "--repo", "{work}/proj"], ("Not_A_Bucket",)),
+        ([*add, "r", "ftp://host/x", "--repo", "{work}/proj"], ("ftp",)),
+        ([*add, "r", "", "--repo", "{work}/proj"], ("remote URL",)),
+        ([*add, "a b", "{work}/storage2", "--repo", "{work}/proj"], ("a b",)),
+        ([*add, "../r", "{work}/storage2", "--repo", "{work}/proj"], ("../r",)),
+        ([*add, "r", "s3://bucket/x", "--endpoint-url", "minio:9000", "--repo", "{work}/proj"], ("--endpoint-url",)),
+        (
+            [*add, "r", "{work}/storage2", "--endpoint-url", "http://minio:9000", "--repo", "{work}/proj"],
+            ("--endpoint-url",),
+        ),
+        ([*add, "origin", "{work}/storage2", "--repo", "{work}/proj"], ("origin", "--force")),  # exists
+        (["data", "remote", "list", "--repo", "{work}/missing-repo"], ("missing-repo",)),
+        (["data", "remote", "list", "--repo", "{work}/src"], ("src",)),
+    ]
+    return [pytest.param(argv, names, id=" ".join(argv[2:]).replace("{work}/", "")) for argv, names in cases]
+
+
+def test_every_data_remote_verb_has_cases():
+    verbs = {verb for verb, _ in walk(cli.build_parser()) if verb[:2] == ("data", "remote") and len(verb) == 3}
+    assert verbs == {tuple(case.values[0][:3]) for case in remote_cases()}
+
+
+@pytest.mark.parametrize(("argv", "names"), remote_cases())
+def test_bad_data_remote(argv, names, project, capsys):
+    work = project.parent
+    outcome = run_cli([a.format(work=work) for a in argv], capsys)
+    assert_clear_failure(outcome, EXIT_USAGE, names, limit=15)  # the name check asks DVC once
+    assert not (work / "storage2").exists() and not (work / "src" / ".dvc").exists()
+
+
+def test_data_remote_add_in_a_real_process_leaves_nothing(tmp_path):
+    """The reported case: `data remote add r /missing/x --default --repo /nope` exited 0."""
+    missing_repo = tmp_path / "nope"
+    argv = ["data", "remote", "add", "r", str(tmp_path / "missing" / "x"), "--default", "--repo", str(missing_repo)]
+    proc = cessl_subprocess(argv, tmp_path)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == EXIT_USAGE and len(lines) == 1 and str(missing_repo) in lines[0], proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- lists (hypothesis)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(-5, 20), min_size=1, max_size=6))
+def test_seed_lists_accept_exactly_distinct_non_negative_seeds(seeds):
+    from pipeline.commands.compare import grid_type
+
+    convert = grid_type("seed", "0,1,2")
+    valid = all(s >= 0 for s in seeds) and len(set(seeds)) == len(seeds)
+    try:
+        assert convert(",".join(map(str, seeds))) == tuple(seeds) and valid
+    except argparse.ArgumentTypeError:
+        assert not valid
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=1, max_size=4))
+def test_ratio_lists_accept_exactly_distinct_fractions(ratios):
+    from pipeline.commands.compare import grid_type
+
+    convert = grid_type("labelled_ratio", "0.05")
+    valid = all(math.isfinite(r) and 0 < r < 1 for r in ratios) and len(set(ratios)) == len(ratios)
+    try:
+        assert convert(",".join(map(repr, ratios))) == tuple(ratios) and valid
+    except argparse.ArgumentTypeError:
+        assert not valid

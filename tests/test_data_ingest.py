@@ -20,7 +20,7 @@ from ml.data.ingest import (
     read_manifest,
 )
 from ml.data.records import Reason
-from ml.data.sources import LocalSource
+from ml.data.sources import LocalSource, record_key
 from ml.data.synth import SynthConfig, generate, inject_faults
 
 SERIAL = IngestConfig(workers=1)
@@ -70,7 +70,12 @@ def test_manifest_fields_for_accepted_variants(faulty_hospital, tmp_path):
     assert row["dx"].endswith("55827005,251187003,NotACode")
     assert "not UTF-8" in m.loc["F_latin1_header", "notes"]
     assert "ignored extra lead(s)" in m.loc["F_extra_leads", "notes"]
-    assert len(m.loc["F_duplicate"]) == 2  # both copies are in the manifest, one quarantined
+    # same name, other content, other folder: two records, both accepted; an identical copy is not
+    assert m.loc["F_duplicate", "status"] == m.loc["zz_resubmitted/F_duplicate", "status"] == ACCEPTED
+    assert m.loc["F_copy", "status"] == ACCEPTED
+    copy = m.loc["zz_resubmitted/F_copy"]
+    assert (copy["status"], copy["reason"]) == (QUARANTINED, "duplicate_id")
+    assert copy["detail"].endswith(f"identical copy of F_copy ({root}/F_copy.hea)")
     # the same signal whatever the unit spelling / lead order
     base = load_record(str(root), "F_units_uV.hea")
     assert base.signal.shape == (12, 5000) and np.abs(base.signal).max() < 10
@@ -117,13 +122,20 @@ def test_changed_record_is_read_again_and_duplicates_across_sources(tmp_path):
     shutil.copy(a / "S00001.mat", a / "S00000.mat")
     report = ingest(a, tmp_path / "ing", config=SERIAL, progress=False)
     assert report.read == 1 and report.by_reason == {"header_signal_mismatch": 1}
-    # another hospital reusing a record id: quarantined, the first owner keeps it
+    # another hospital reusing a record id (other content): kept, under its own site
     b = tmp_path / "b"
     generate(b, SynthConfig(records=1, seed=99, start=2), workers=1, progress=False)
-    report = ingest(b, tmp_path / "ing", config=SERIAL, progress=False)
-    assert report.by_reason == {"duplicate_id": 1}
+    report = ingest(b, tmp_path / "ing", config=SERIAL, progress=False, site="hospital-b")
+    assert report.by_reason == {} and report.accepted == 1 and report.site == "hospital-b"
     manifest = read_manifest(tmp_path / "ing")
     assert len(manifest) == 5 and set(manifest["source"]) == {str(a), str(b)}
+    assert sorted(record_key(s, i) for s, i in zip(manifest["site"], manifest["id"], strict=True)) == [
+        "S00000",
+        "S00001",
+        "S00002",
+        "S00003",
+        "hospital-b/S00002",
+    ]
 
 
 def test_moved_and_removed_records(tmp_path):
@@ -142,8 +154,10 @@ def test_moved_and_removed_records(tmp_path):
     shutil.copytree(src / "moved", src / "again")
     report = ingest(src, tmp_path / "ing", config=SERIAL, progress=False)
     assert report.by_reason == {"duplicate_id": 1} and report.read == 0
+    assert report.duplicates == {"again/S00001.hea": "moved/S00001"}
     row = read_manifest(tmp_path / "ing").set_index("key").loc["again/S00001.hea"]
-    assert "moved/S00001.hea (identical copy)" in row["detail"]
+    assert row["detail"] == f"{src}/again/S00001.hea: identical copy of moved/S00001 ({src}/moved/S00001.hea)"
+    assert "| again/S00001.hea | moved/S00001 |" in (tmp_path / "ing" / QUARANTINE_FILE).read_text()
     assert ingest(src, tmp_path / "ing", config=SERIAL, progress=False).read == 0  # nothing new
     # when the owner goes, the copy takes over the id (its own outcome comes back by hash)
     shutil.rmtree(src / "moved")

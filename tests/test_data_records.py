@@ -150,3 +150,41 @@ def test_errors_name_the_file(ecg_records_dir):
     with pytest.raises(RecordError, match=r"somewhere/E07501\.hea: signal file E07501\.mat is missing") as err:
         read_record(data, lambda name: (_ for _ in ()).throw(FileNotFoundError(name)), "somewhere/E07501.hea")
     assert err.value.reason is Reason.UNREADABLE
+
+
+@pytest.mark.parametrize(("gain", "said"), [("0(0)/mV", "ADC gain 0"), ("0/mV", "ADC gain 0")])
+def test_zero_adc_gain_is_uncalibrated_and_quarantined(ecg_records_dir, tmp_path, gain, said):
+    """WFDB header(5): a gain of zero (or none) means the signal is uncalibrated; its amplitude
+    in mV is unknown, so the record is quarantined, naming the lead and its signal file (ingest
+    too), while the other records of the folder are accepted."""
+    from ml.data.ingest import IngestConfig, ingest, read_manifest
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for rid in ("E07500", "E07501"):
+        for suffix in (".hea", ".mat"):
+            shutil.copy(ecg_records_dir / f"{rid}{suffix}", src / f"{rid}{suffix}")
+    lines = (src / "E07501.hea").read_text().splitlines()
+    assert lines[7].endswith(" V1") and " 1000.0(0)/mV " in lines[7]  # the real header's V1 line
+    lines[7] = lines[7].replace("1000.0(0)/mV", gain)
+    (src / "E07501.hea").write_text("\n".join(lines) + "\n")
+    with pytest.raises(RecordError, match=said) as err:
+        read_record_file(src / "E07501.hea")
+    assert err.value.reason is Reason.BAD_UNITS
+    assert "lead V1" in str(err.value) and "E07501.mat" in str(err.value) and "uncalibrated" in str(err.value)
+    report = ingest(src, tmp_path / "ing", config=IngestConfig(workers=1), progress=False)
+    assert report.accepted == 1 and report.by_reason == {Reason.BAD_UNITS: 1}
+    detail = read_manifest(tmp_path / "ing").set_index("id").at["E07501", "detail"]
+    assert "lead V1" in detail and "uncalibrated" in detail
+
+
+def test_zero_adc_gain_of_an_ignored_extra_lead_is_harmless(tmp_path):
+    rec = synthesize_record(2, SynthConfig(records=3, seed=3))
+    digital = to_digital(rec.signal)
+    hea = _record_files(tmp_path, "extra", np.concatenate([digital, digital[:1]]), [*STANDARD_LEADS, "X"])
+    lines = hea.read_text().splitlines()
+    assert lines[13].endswith(" X")
+    lines[13] = lines[13].replace("1000.0(0)/mV", "0(0)/mV")
+    hea.write_text("\n".join(lines) + "\n")
+    record = read_record_file(hea)
+    np.testing.assert_allclose(record.signal, digital / 1000.0, atol=1e-6)

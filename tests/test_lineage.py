@@ -360,8 +360,10 @@ def test_data_remote_add_and_the_run_push_to_a_folder_remote(tmp_path, monkeypat
 
     # a version data.dvc does not record is not pushed (warning), nor is a failing push silent
     assert not push_data_version(repo / "data", "f" * 32 + ".dir", repo)
-    (tmp_path / "blocker").write_text("a file where the remote's folder should be")
+    (tmp_path / "blocker").mkdir()  # `remote add` checks the folder's parent exists ...
     assert cessl("data", "remote", "add", "broken", tmp_path / "blocker" / "sub", "--default") == 0
+    (tmp_path / "blocker").rmdir()  # ... and then it is a file
+    (tmp_path / "blocker").write_text("a file where the remote's folder should be")
     caplog.clear()
     assert not push_data_version(repo / "data", version, repo)
     assert any("NOT pushed" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)

@@ -70,6 +70,30 @@ def test_frozen_records_stay_in_test_and_new_records_never_enter_it():
     assert other.testset["classes_changed"]
 
 
+def test_frozen_records_found_under_a_new_id_stay_in_test():
+    """Ids are record paths (and sites): a frozen record moved to another folder, or a set
+    frozen before ids were paths (S00001 -> batch2/S00001), still finds its record by its bytes."""
+    ids, hashes, y, labelled = population()
+    frozen_ids = [i for i, lab in zip(ids[:40], labelled[:40], strict=True) if lab][:10]
+    frozen = FrozenTestSet(MODEL, 1, records={i: hashes[ids.index(i)] for i in frozen_ids}, classes=list("abcd"))
+    moved, gone = frozen_ids[0], frozen_ids[1]
+    renamed = {moved: f"batch2/{moved}"}
+    all_ids = [renamed.get(i, i) for i in ids if i != gone]
+    all_hashes = [h for i, h in zip(ids, hashes, strict=True) if i != gone]
+    keep = [k for k, i in enumerate(ids) if i != gone]
+    s = split_with_frozen_test(
+        all_ids, all_hashes, y[keep], frozen, labelled=labelled[keep], labelled_ratio=0.3, seed=4, classes=list("abcd")
+    )
+    assert set(s.test) == (set(frozen_ids) - {moved, gone}) | {f"batch2/{moved}"}
+    assert s.testset["moved"] == {moved: f"batch2/{moved}"} and s.testset["missing"] == [gone]
+    assert s.test_hashes[f"batch2/{moved}"] == frozen.records[moved]
+    # a frozen record's bytes are never trained on, under whatever id
+    copy_ids, copy_hashes = [*all_ids, "copy/elsewhere"], [*all_hashes, frozen.records[frozen_ids[2]]]
+    copy_y, copy_lab = np.vstack([y[keep], y[:1]]), np.concatenate([labelled[keep], [True]])
+    s = split_with_frozen_test(copy_ids, copy_hashes, copy_y, frozen, labelled=copy_lab, labelled_ratio=0.3, seed=4)
+    assert "copy/elsewhere" not in set(s.train) | set(s.valid) | set(s.unlabelled) | set(s.test)
+
+
 def test_a_redraw_avoids_the_excluded_records():
     ids, hashes, y, labelled = population()
     exclude = ids[:150]

@@ -2,12 +2,15 @@
 
 - ``records``    read + validate one WFDB record (``.hea`` + ``.mat``/``.dat``); quarantine reasons
 - ``labels``     Challenge 2021 scored SNOMED-CT diagnoses, equivalent codes, class selection
-- ``sources``    local folders and ``s3://bucket/prefix`` (boto3), path-traversal safe
-- ``ingest``     manifest + quarantine report, incremental by content hash
+- ``sources``    local folders and ``s3://bucket/prefix`` (boto3), path-traversal safe; record
+                 ids are paths, keys across sites ``<site>/<id>``
+- ``ingest``     manifest + quarantine report, incremental by content hash; a record is
+                 (site, path), only byte-identical records are duplicates
 - ``preprocess`` resample / band-pass / standardise / fix length -> the store
 - ``store``      ``ECGStore`` (memory-mapped (N, 12, 6144) float32 + table), ``StoreDataset``
 - ``splits``     multi-label stratified test / train / valid / unlabelled id lists
-- ``synth``      synthetic hospitals written as Challenge-format WFDB (+ faulty records)
+- ``synth``      synthetic hospitals written as Challenge-format WFDB (+ faulty records), and
+                 networks of them with site shift (``synthesize_network``)
 - ``dvc``        demo data in ``data/``, ``data.dvc`` versions, adding hospitals
 
 Modules are imported on demand (nothing heavy happens on ``import ml.data``).

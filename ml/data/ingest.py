@@ -4,7 +4,7 @@
 or changed, validates it (:func:`ml.data.records.read_record`), and merges the result
 into a manifest that accumulates over sources and runs:
 
-    ingest_dir/manifest.parquet     one row per record file: id, source, key,
+    ingest_dir/manifest.parquet     one row per record file: id, site, source, key,
                                     content_hash, fs, length, labels, age, sex,
                                     status, reason, detail, ...
     ingest_dir/quarantine.md        human-readable report of the last run
@@ -17,9 +17,24 @@ every signal file its header names (another record's ``.mat``...): the stamp and
 content hash cover all of them, so a change to any of them reads the record again. Re-ingesting a source replaces its rows (records gone from it leave
 the manifest; other sources stay). Counts always add up: ``seen = accepted + quarantined``.
 
-Duplicate record ids: the record ingested first (or, within one run, the first key in
-sorted order) keeps the id; any other record with that id, identical or not, is
-quarantined as ``duplicate_id``.
+Identity: a record is (site, record path). Its ``id`` is the header's path relative to the
+source root without ``.hea`` (``g1/00001``; ``A0001`` at the root), so records of two
+folders that share a name are two records. ``site`` names the hospital the source belongs
+to (the ``site`` argument of :func:`ingest`); tables shared between sites key a record as
+``<site>/<id>`` (:func:`ml.data.sources.record_key`). Without a site the first source of a
+manifest keeps ``site == ""`` (bare ids, as before sites existed); any other source
+ingested into the same manifest without one gets a stable name derived from its URI
+(:func:`ml.data.sources.derived_site_name`), so its records never clash with the first's.
+A source keeps the site it was first ingested with when re-ingested without one.
+
+Duplicates: only byte-identical records (same content hash over all of a record's files)
+are duplicates. The record ingested first (within one run: the first key in sorted order)
+is the original; a copy is quarantined as ``duplicate_id`` with "identical copy of
+<site>/<id>" in its detail and in the reports. The original leaving the source hands its
+place to the copy. Different content under different paths is never a duplicate; the one
+remaining clash is two sources given the same site that hold the same record path with
+different content (one site's record paths must be unique): the later one is quarantined
+as ``duplicate_id`` with a detail that says so.
 """
 
 from __future__ import annotations
@@ -35,6 +50,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from ml.data.labels import LabelMapping
@@ -49,7 +65,16 @@ from ml.data.records import (
     read_header,
     read_record,
 )
-from ml.data.sources import RecordRef, Source, extend_stamp, open_source, record_id_of
+from ml.data.sources import (
+    RecordRef,
+    Source,
+    check_site,
+    derived_site_name,
+    extend_stamp,
+    open_source,
+    record_id_of,
+    record_key,
+)
 from ml.data.store import join_codes
 from ml.errors import BadFileError
 from ml.io import atomic_path, atomic_write_text
@@ -63,7 +88,8 @@ ACCEPTED, QUARANTINED = "accepted", "quarantined"
 MIN_PARALLEL = 128  # fewer records than this are processed in the calling process
 
 MANIFEST_COLUMNS: dict[str, str] = {
-    "id": "str",
+    "id": "str",  # path of the header relative to the source root, without .hea
+    "site": "str",  # the hospital the source belongs to ("" : none given)
     "source": "str",
     "key": "str",
     "content_hash": "str",
@@ -91,6 +117,7 @@ class IngestReport:
     """Counts of one ingestion run (``seen == accepted + quarantined``, ``read + reused == seen``)."""
 
     source: str
+    site: str = ""  # the site the source's records were ingested under
     seen: int = 0
     accepted: int = 0
     quarantined: int = 0
@@ -107,6 +134,8 @@ class IngestReport:
     # files that are no record's: orphan signal files (no header names them) and entries
     # that could not be listed (unreadable folder, broken link...), key -> reason
     orphans: dict[str, str] = field(default_factory=dict)
+    # byte-identical copies quarantined in this run: copy's key -> "<site>/<id>" of the original
+    duplicates: dict[str, str] = field(default_factory=dict)
 
     def check(self) -> None:
         if self.seen != self.accepted + self.quarantined or self.seen != self.read + self.reused:
@@ -214,6 +243,7 @@ def _row(ref: RecordRef, **values: Any) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(MANIFEST_COLUMNS)
     row.update(
         id=ref.record_id,
+        site="",  # set by the run (ingest's site)
         source=ref.source,
         key=ref.key,
         stamp=ref.stamp,
@@ -369,17 +399,24 @@ def ingest(
     *,
     config: IngestConfig = IngestConfig(),
     progress: bool | None = None,
+    site: str = "",
 ) -> IngestReport:
     """Ingest every record of ``source`` into the manifest in ``out_dir`` (see module doc).
+
+    ``site``: the hospital the source belongs to (a DNS label; "" for none, see the module
+    doc for what a source without one is keyed by).
 
     Memory: the main process holds the listing and the manifest (a few hundred bytes per
     record, in Arrow-backed columns); signals only ever live in one worker at a time.
     """
+    check_site(site)
     src = open_source(source)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / MANIFEST_FILE
     previous = read_manifest(manifest_path) if manifest_path.exists() else empty_manifest()
+    # ids from the keys: a manifest written before ids were paths gets them here
+    previous["id"] = pd.Series([record_id_of(k) for k in previous["key"]], dtype=previous["id"].dtype)
     refs = src.list_records()
     log.info("%s: %d record headers", src.uri, len(refs))
 
@@ -388,6 +425,7 @@ def ingest(
     mine = (previous["source"] == src.uri).to_numpy()
     base = previous[~mine].reset_index(drop=True)
     prev_this = previous[mine].reset_index(drop=True)
+    site = _effective_site(site, src.uri, prev_this, base)
     prev_stamp = dict(zip(prev_this["key"], prev_this["stamp"], strict=True))
     # Compared with the stamp as it is now: the record's own files AND the other files its
     # header named when it was read (restamped), so a changed signal file of another record
@@ -398,11 +436,18 @@ def ingest(
         if not r.problem and r.key in prev_stamp and prev_stamp[r.key] == src.current_stamp(r, prev_stamp[r.key])
     }
     del prev_stamp
-    # A duplicate lost its own validation outcome: reuse it only while its owner is still there.
+    # A duplicate lost its own validation outcome: reuse it only while its original is still
+    # there (same content hash, or the same site and id for a clash of record paths).
     dup = (prev_this["reason"] == Reason.DUPLICATE_ID).to_numpy()
-    owners = set(base.loc[base["reason"] != Reason.DUPLICATE_ID, "id"])
-    owners |= set(prev_this.loc[~dup & prev_this["key"].isin(unchanged), "id"])
-    unchanged -= set(prev_this.loc[dup & ~prev_this["id"].isin(owners), "key"])
+    base_owners = base[base["reason"] != Reason.DUPLICATE_ID]
+    kept_owners = prev_this[~dup & prev_this["key"].isin(unchanged)]
+    owner_hashes = (set(base_owners["content_hash"]) | set(kept_owners["content_hash"])) - {""}
+    owner_ids = set(zip(base_owners["site"], base_owners["id"], strict=True)) | {(site, i) for i in kept_owners["id"]}
+    orphaned = dup & ~(
+        prev_this["content_hash"].isin(owner_hashes).to_numpy()
+        | np.array([(site, i) in owner_ids for i in prev_this["id"]], dtype=bool)
+    )
+    unchanged -= set(prev_this.loc[orphaned, "key"])
     to_read = [r for r in refs if r.key not in unchanged]
     reusable = previous[(previous["reason"] != Reason.DUPLICATE_ID) & (previous["content_hash"] != "")]
     known_row = dict(zip(reusable["content_hash"], reusable.index, strict=True))  # hash -> row of previous
@@ -444,13 +489,17 @@ def ingest(
         for column in ("id", "source", "key", "stamp"):
             copied[column] = new.loc[is_known, column].to_numpy()
         new = pd.concat([new[~is_known], copied], ignore_index=True)
-    kept = prev_this[prev_this["key"].isin(unchanged)]
-    new = _mark_duplicates(pd.concat([base, kept], ignore_index=True), new.sort_values("key"), src.uri)
+    kept = prev_this[prev_this["key"].isin(unchanged)].copy()
+    kept["site"] = site
+    new["site"] = site
+    new = _mark_duplicates(pd.concat([base, kept], ignore_index=True), new.sort_values("key"), src.uri, site)
     run = pd.concat([kept, new], ignore_index=True).sort_values("key", kind="stable").reset_index(drop=True)
+    run = _normalise(run)
     manifest = pd.concat([base, run], ignore_index=True)
     write_manifest(manifest, manifest_path, normalised=True)
 
     report = _report(src.uri, run, n_parsed, len(refs) - n_parsed, manifest)
+    report.site = site
     report.orphans = _orphans(src, run)
     report.check()
     atomic_write_text(out_dir / REPORT_FILE, json.dumps(asdict(report), indent=2))
@@ -482,28 +531,55 @@ def _orphans(src: Source, run: pd.DataFrame) -> dict[str, str]:
     return orphans
 
 
-def _mark_duplicates(owners: pd.DataFrame, new: pd.DataFrame, uri: str) -> pd.DataFrame:
-    """Quarantine new rows whose id is taken: by an owner row (earlier runs, other sources,
-    unchanged records) or by an earlier new row in key order."""
-    owners = owners[owners["reason"] != Reason.DUPLICATE_ID].drop_duplicates("id", keep="first")
-    owner_of = {
-        i: (s, k, h)
-        for i, s, k, h in zip(owners["id"], owners["source"], owners["key"], owners["content_hash"], strict=True)
-    }
+def _effective_site(site: str, uri: str, prev_this: pd.DataFrame, others: pd.DataFrame) -> str:
+    """The site a source's records are ingested under (see the module doc): the one given,
+    else the one it had, else "" for the manifest's first site-less source, else a name
+    derived from its URI."""
+    if site:
+        return site
+    if len(prev_this):
+        return str(prev_this["site"].iloc[0])
+    if (others["site"] == "").any():
+        derived = derived_site_name(uri)
+        log.info("%s: no site given and the manifest has a site-less source: site %s", uri, derived)
+        return derived
+    return ""
+
+
+def _where(source: str, key: str) -> str:
+    return f"{source.rstrip('/')}/{key}"
+
+
+def _mark_duplicates(owners: pd.DataFrame, new: pd.DataFrame, uri: str, site: str) -> pd.DataFrame:
+    """Quarantine the new rows that are byte-identical copies of a record ingested before
+    (an owner row: earlier runs, other sources, unchanged records) or of an earlier new row
+    in key order; and those whose (site, id) another source of the same site already holds."""
+    owners = owners[owners["reason"] != Reason.DUPLICATE_ID]
+    original: dict[str, tuple[str, str]] = {}  # content hash -> (site/id, where)
+    holder: dict[tuple[str, str], str] = {}  # (site, id) -> where
+    for s, i, src, k, h in zip(
+        owners["site"], owners["id"], owners["source"], owners["key"], owners["content_hash"], strict=True
+    ):
+        if h:
+            original.setdefault(h, (record_key(s, i), _where(src, k)))
+        holder.setdefault((s, i), _where(src, k))
     new = new.reset_index(drop=True)
-    first_new = new.drop_duplicates("id", keep="first")
-    for i, k, h in zip(first_new["id"], first_new["key"], first_new["content_hash"], strict=True):
-        owner_of.setdefault(i, (uri, k, h))
     for pos, (rid, key, digest) in enumerate(zip(new["id"], new["key"], new["content_hash"], strict=True)):
-        source, owner_key, owner_hash = owner_of[rid]
-        if (source, owner_key) == (uri, key):
+        where = _where(uri, key)
+        if digest and digest in original:
+            name, at = original[digest]
+            detail = f"{where}: identical copy of {name} ({at})"
+        elif (site, rid) in holder:
+            detail = (
+                f"{where}: site {site or '(none)'} already holds a record {rid} with different content "
+                f"({holder[(site, rid)]}); a site's record paths must be unique: ingest that source under its own site"
+            )
+        else:
+            if digest:
+                original[digest] = (record_key(site, rid), where)
+            holder[(site, rid)] = where
             continue
-        same = " (identical copy)" if digest and digest == owner_hash else " with different content"
-        new.loc[pos, ["status", "reason", "detail"]] = [
-            QUARANTINED,
-            str(Reason.DUPLICATE_ID),
-            f"{uri.rstrip('/')}/{key}: record id {rid} already ingested from {source.rstrip('/')}/{owner_key}{same}",
-        ]
+        new.loc[pos, ["status", "reason", "detail"]] = [QUARANTINED, str(Reason.DUPLICATE_ID), detail]
     return new
 
 
@@ -531,7 +607,20 @@ def _report(uri: str, run: pd.DataFrame, n_read: int, n_reused: int, manifest: p
         unknown_codes=dict(unknown.most_common()),
         manifest_records=len(manifest),
         manifest_accepted=int((manifest["status"] == ACCEPTED).sum()),
+        duplicates=_duplicates(quarantined),
     )
+
+
+IDENTICAL_COPY = ": identical copy of "
+
+
+def _duplicates(quarantined: pd.DataFrame) -> dict[str, str]:
+    """Byte-identical copies among quarantined rows: key -> "<site>/<id>" of the original."""
+    out = {}
+    for key, reason, detail in zip(quarantined["key"], quarantined["reason"], quarantined["detail"], strict=True):
+        if reason == Reason.DUPLICATE_ID and IDENTICAL_COPY in detail:
+            out[str(key)] = detail.split(IDENTICAL_COPY, 1)[1].rsplit(" (", 1)[0]
+    return dict(sorted(out.items()))
 
 
 def _md(text: Any) -> str:
@@ -543,6 +632,7 @@ def quarantine_report(report: IngestReport, run: pd.DataFrame) -> str:
     lines = [
         f"# Ingestion report: {report.source}",
         "",
+        f"- Site: {report.site or '(none: records keyed by their path alone)'}",
         f"- Seen **{report.seen}** = accepted **{report.accepted}** + quarantined **{report.quarantined}**"
         f" (parsed {report.read}, unchanged since the last run {report.reused})",
         f"- Accepted: {report.labelled} labelled, {report.unlabelled} unlabelled (no `# Dx`),"
@@ -552,6 +642,8 @@ def quarantine_report(report: IngestReport, run: pd.DataFrame) -> str:
         f"{sum(report.unknown_codes.values())} unknown tokens",
         f"- Manifest: {report.manifest_records} records, {report.manifest_accepted} accepted",
         f"- Orphans/unreadable entries (no record's, not read): {len(report.orphans)}",
+        f"- Duplicates (byte-identical copies of another record, quarantined): {len(report.duplicates)};"
+        " records are (site, path): same-named records with other content are kept",
         "",
         "## Quarantined by reason",
         "",
@@ -564,10 +656,19 @@ def quarantine_report(report: IngestReport, run: pd.DataFrame) -> str:
     quarantined = run[run["status"] == QUARANTINED]
     if len(quarantined):
         lines += ["", "## Quarantined records", "", "| record | file | reason | detail |", "|---|---|---|---|"]
-        for rid, key, reason, detail in zip(
-            quarantined["id"], quarantined["key"], quarantined["reason"], quarantined["detail"], strict=True
+        for rid, rsite, key, reason, detail in zip(
+            quarantined["id"],
+            quarantined["site"],
+            quarantined["key"],
+            quarantined["reason"],
+            quarantined["detail"],
+            strict=True,
         ):
-            lines.append(f"| {_md(rid)} | {_md(key)} | {reason} | {_md(detail)} |")
+            lines.append(f"| {_md(record_key(rsite, rid))} | {_md(key)} | {reason} | {_md(detail)} |")
+    if report.duplicates:
+        lines += ["", "## Duplicates", "", "Byte-identical copies (same content hash of all files).", ""]
+        lines += ["| copy | original |", "|---|---|"]
+        lines += [f"| {_md(key)} | {_md(original)} |" for key, original in report.duplicates.items()]
     if report.orphans:
         lines += [
             "",

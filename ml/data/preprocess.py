@@ -88,7 +88,43 @@ def preprocess_signal(x: np.ndarray, fs: float, config: PreprocessConfig = Prepr
 # Building the store
 # ---------------------------------------------------------------------------------------
 
-TABLE_COLUMNS = ("id", "labels", "labelled", "dx", "age", "sex", "fs", "length", "source", "key", "content_hash")
+# The store's ``id`` is the record's key across sites (ml.data.sources.record_key:
+# "<site>/<id>", or the bare id without a site); ``site`` and ``record`` (the id within the
+# site) are kept beside it.
+TABLE_COLUMNS = (
+    "id",
+    "site",
+    "record",
+    "labels",
+    "labelled",
+    "dx",
+    "age",
+    "sex",
+    "fs",
+    "length",
+    "source",
+    "key",
+    "content_hash",
+)
+
+
+def store_table(accepted: pd.DataFrame) -> pd.DataFrame:
+    """The store table of accepted manifest rows; ValueError naming the first key two rows share."""
+    from ml.data.sources import record_key
+
+    site = accepted["site"] if "site" in accepted.columns else pd.Series([""] * len(accepted), dtype=object)
+    keys = [record_key(str(s), str(i)) for s, i in zip(site, accepted["id"], strict=True)]
+    table = pd.DataFrame({"id": keys, "site": site.to_numpy(), "record": accepted["id"].to_numpy()})
+    for column in TABLE_COLUMNS[3:]:
+        table[column] = accepted[column].to_numpy()
+    clash = table["id"].duplicated(keep=False)
+    if clash.any():
+        first = table.loc[clash, "id"].iloc[0]
+        where = ", ".join(f"{s.rstrip('/')}/{k}" for s, k in table.loc[table["id"] == first, ["source", "key"]].values)
+        raise ValueError(
+            f"record {first!r} is in more than one source ({where}): ingest each source under its own site"
+        )
+    return table
 
 
 def _process_chunk(job: dict[str, Any]) -> list[tuple[int, str, str]]:
@@ -215,7 +251,7 @@ def preprocess(
     classes = [mapping.code_for(c) for c in classes]
     log.info("preprocessing %d records, %d classes", len(accepted), len(classes))
 
-    out_table = pd.DataFrame({c: accepted[c] for c in TABLE_COLUMNS})
+    out_table = store_table(accepted)
     old_rows = _reusable_rows(Path(store_dir), config)
     reuse = [(i, old_rows[h]) for i, h in enumerate(out_table["content_hash"]) if h in old_rows]
     reuse_set = {i for i, _ in reuse}

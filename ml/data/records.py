@@ -93,7 +93,7 @@ class SignalSpec:
     samps_per_frame: int = 1
     byte_offset: int = 0
     gain: float = WFDB_DEFAULT_GAIN
-    gain_given: float | None = None  # the header's own value (0: WFDB's "use the default")
+    gain_given: float | None = None  # the header's own value (0 or None: WFDB's "uncalibrated": refused)
     baseline: int = 0
     units: str = "mV"
     adc_res: int = 0
@@ -211,7 +211,7 @@ def _parse_signal_line(line: str, where: str) -> SignalSpec:
                 "(adu per mV)",
             )
         spec.gain_given = value
-        spec.gain = value or WFDB_DEFAULT_GAIN  # WFDB: a zero or missing gain means the default 200
+        spec.gain = value or WFDB_DEFAULT_GAIN  # WFDB: 0 = uncalibrated (the default 200 is a guess; read refuses it)
         spec.baseline = int(gain["baseline"]) if gain["baseline"] is not None else 0
         spec.units = gain["units"] if gain["units"] is not None else "mV"
     if len(tokens) > 3:
@@ -257,13 +257,7 @@ def parse_header(text: str, where: str) -> Header:
             Reason.BAD_HEADER,
             f"{where}: record line announces {n_sig} signals but {len(signals)} signal lines follow",
         )
-    header = Header(match["name"], n_sig, fs, sig_len, signals, comments)
-    zero_gain = [s.description or s.file_name for s in signals if s.gain_given == 0]
-    if zero_gain:  # valid WFDB, but said out loud: the scale of these leads is a guess
-        header.notes.append(
-            f"ADC gain 0 (WFDB: the default {WFDB_DEFAULT_GAIN:g} adu/mV) for {', '.join(zero_gain[:12])}"
-        )
-    return header
+    return Header(match["name"], n_sig, fs, sig_len, signals, comments)
 
 
 # ---------------------------------------------------------------------------------------
@@ -575,6 +569,14 @@ def read_record(
         spec = header.signals[i]
         if unit_scale(spec.units) is None:
             raise RecordError(Reason.BAD_UNITS, f"{where}: lead {spec.description} is in {spec.units!r}, not a voltage")
+        if not spec.gain_given:  # WFDB header(5): a zero or missing gain means "uncalibrated"
+            given = "0" if spec.gain_given == 0 else "missing"
+            raise RecordError(
+                Reason.BAD_UNITS,
+                f"{where}: lead {spec.description} (signal file {spec.file_name}) has ADC gain {given}, which WFDB "
+                "defines as uncalibrated: its amplitude in mV is unknown (the classes depend on it); write the "
+                "recorder's gain (adu/mV) into the header",
+            )
 
     digital, invalid = read_digital(header, text, read_file, where)
     if config.verify_checksums:

@@ -13,7 +13,9 @@ variables and config files (``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``,
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ml.data.paths import UnsafePathError, inside, resolve_inside, unsafe_key_problem
+from ml.errors import ParameterError
 
 HEADER_SUFFIX = ".hea"
 SIGNAL_SUFFIXES = (".mat", ".dat")  # signal files: one without a header is listed as an orphan
@@ -32,7 +35,7 @@ class RecordRef:
 
     source: str  # the source's URI
     key: str  # header path relative to the source root (POSIX)
-    record_id: str
+    record_id: str  # the key without ".hea" (record_id_of): unique within the source
     stamp: str  # sizes + mtimes (local) or ETags (S3) of the record's files
     problem: str | None = None  # set for a key that must not be read (path traversal...)
 
@@ -49,8 +52,46 @@ def extend_stamp(stamp: str, extra_parts: list[str]) -> str:
 
 
 def record_id_of(key: str) -> str:
-    name = key.replace("\\", "/").rsplit("/", 1)[-1]
-    return name[: -len(HEADER_SUFFIX)] if name.lower().endswith(HEADER_SUFFIX) else name
+    """A record's id within its source: the header's path relative to the source root,
+    POSIX, without ``.hea`` (``g1/00001.hea`` -> ``g1/00001``; ``A0001.hea`` -> ``A0001``).
+
+    The path, not the bare name: two folders of one source that both number their records
+    ``00001`` hold two records, not one record twice.
+    """
+    path = key.replace("\\", "/").strip("/")
+    return path[: -len(HEADER_SUFFIX)] if path.lower().endswith(HEADER_SUFFIX) else path
+
+
+# A site name: a DNS label (it ends up in model names and Kubernetes objects); the same
+# rule as pipeline.sites.SITE_NAME, which ml cannot import.
+SITE_NAME = re.compile(r"^[a-z](?:[a-z0-9-]{0,38}[a-z0-9])?$")
+
+
+def check_site(site: str) -> str:
+    """``site`` when it is "" (no site) or a DNS label; :class:`ml.errors.ParameterError` otherwise."""
+    if site and not SITE_NAME.match(site):
+        raise ParameterError(
+            f"site name {site!r} must be a DNS label: lower-case letters, digits and '-', "
+            "starting with a letter, ending with a letter or digit, at most 40 characters"
+        )
+    return site
+
+
+def record_key(site: str, record_id: str) -> str:
+    """A record's key in every table shared between sites (the store, splits, frozen test
+    sets): ``<site>/<id>``, or the bare id for records of no site (single-site data keeps
+    the ids it always had)."""
+    return f"{site}/{record_id}" if site else record_id
+
+
+def derived_site_name(uri: str) -> str:
+    """A stable site name for a source given none: its last path part as a DNS label plus a
+    short hash of the whole URI (``/data/Hospital B`` -> ``hospital-b-3f2a1c``), so two
+    sources with the same folder name still differ."""
+    last = uri.rstrip("/").rsplit("/", 1)[-1].lower()
+    stem = re.sub(r"[^a-z0-9]+", "-", last).strip("-")
+    stem = re.sub(r"^[^a-z]+", "", stem)[:30].strip("-") or "source"
+    return f"{stem}-{hashlib.sha256(uri.encode('utf-8')).hexdigest()[:6]}"
 
 
 def _stem(name: str) -> str:
@@ -156,7 +197,7 @@ class LocalSource(Source):
                         stamp_parts.append(f"{member}:{st.st_size}:{st.st_mtime_ns}")
                     except OSError:
                         stamp_parts.append(f"{member}:?")
-                refs.append(RecordRef(self.uri, key, record_id_of(name), "|".join(stamp_parts), problem))
+                refs.append(RecordRef(self.uri, key, record_id_of(key), "|".join(stamp_parts), problem))
         refs.sort(key=lambda r: r.key)
         self.unlisted = unlisted
         return refs

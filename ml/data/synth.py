@@ -20,10 +20,14 @@ in the generator (no library whose numerical output could change between version
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
 import struct
+import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -80,6 +84,8 @@ P_W, Q_W, R_W, R2_W, S_W, RP_W, T_W = range(7)
 N_WAVES = 7
 
 GAIN = 1000.0  # adu per mV, as in the Challenge files (1 uV resolution)
+UNITS_PER_MV = {"mV": 1.0, "uV": 1000.0}  # a header's physical unit -> units in one mV
+LEAD_FAULTS = ("flat", "inverted")  # a disconnected electrode, a reversed one
 
 # Electrodes RA, LA, LL, V1..V6 -> 12 leads.
 _E = np.zeros((12, 9))
@@ -123,6 +129,13 @@ class SynthConfig:
     start: int = 0  # number of the first record (to extend a hospital)
     mains_hz: float = 50.0
     noise: float = 1.0  # scale of all noise sources
+    # The site's devices and population (the defaults: the demo hospital, unchanged bytes).
+    gain: float = GAIN  # ADC gain in the header, adu per `units`
+    units: str = "mV"  # physical units in the header: "mV" or "uV"
+    wander: float = 1.0  # scale of the baseline wander (on top of `noise`)
+    prevalence: tuple[tuple[str, float], ...] = ()  # (class, factor): its drawing weight times factor
+    lead_fault: str = ""  # "<lead>:flat" or "<lead>:inverted": a device fault on that lead...
+    lead_fault_fraction: float = 0.0  # ...in this fraction of the records
 
     def __post_init__(self) -> None:
         from ml.data.labels import LabelMapping
@@ -138,6 +151,28 @@ class SynthConfig:
         object.__setattr__(self, "classes", codes)
         if not 0.0 <= self.unlabelled_fraction <= 1.0:
             raise ValueError("unlabelled_fraction must be within [0, 1]")
+        prevalence = tuple((mapping.code_for(str(c)), float(f)) for c, f in self.prevalence)
+        if any(not np.isfinite(f) or f < 0 for _, f in prevalence):
+            raise ValueError("prevalence factors must be finite and >= 0")
+        object.__setattr__(self, "prevalence", prevalence)
+        if self.units not in UNITS_PER_MV:
+            raise ValueError(f"units must be one of {', '.join(UNITS_PER_MV)}, got {self.units!r}")
+        if not self.gain > 0:
+            raise ValueError(f"gain must be > 0 adu per {self.units}, got {self.gain}")
+        if self.lead_fault:
+            lead, _, kind = self.lead_fault.partition(":")
+            if lead not in STANDARD_LEADS or kind not in LEAD_FAULTS:
+                raise ValueError(
+                    f"lead_fault {self.lead_fault!r} must be '<lead>:<kind>' with a lead of "
+                    f"{', '.join(STANDARD_LEADS)} and a kind of {', '.join(LEAD_FAULTS)}"
+                )
+        if not 0.0 <= self.lead_fault_fraction <= 1.0:
+            raise ValueError("lead_fault_fraction must be within [0, 1]")
+
+    @property
+    def adu_per_mv(self) -> float:
+        """Digital units per millivolt of the written signal files."""
+        return self.gain * UNITS_PER_MV[self.units]
 
     def record_id(self, index: int) -> str:
         return f"{self.prefix}{index:05d}"
@@ -152,6 +187,7 @@ class SynthRecord:
     labelled: bool  # whether the header carries them
     age: int
     sex: str
+    lead_fault: str = ""  # the config's lead_fault when this record has it
 
 
 # ---------------------------------------------------------------------------------------
@@ -165,18 +201,24 @@ def _direction(frontal_deg: float, elevation: float) -> np.ndarray:
     return np.array([np.cos(a) * np.cos(elevation), np.sin(a) * np.cos(elevation), np.sin(elevation)])
 
 
-def draw_labels(rng: np.random.Generator, classes: Sequence[str]) -> list[str]:
-    """Diagnoses of one record: a rhythm plus independent findings, within ``classes``."""
+def draw_labels(
+    rng: np.random.Generator, classes: Sequence[str], prevalence: Mapping[str, float] | None = None
+) -> list[str]:
+    """Diagnoses of one record: a rhythm plus independent findings, within ``classes``.
+
+    ``prevalence``: code -> factor on its weight (rhythms) or probability (findings, at
+    most 0.9): a hospital's own case mix. The same random numbers are drawn either way."""
     allowed = set(classes)
-    rhythms = [c for c in RHYTHM_WEIGHTS if c in allowed]
+    factor = dict(prevalence or {})
+    rhythms = [c for c in RHYTHM_WEIGHTS if c in allowed and factor.get(c, 1.0) > 0]
     labels: list[str] = []
     u = rng.random(1 + len(FINDING_PROB))
     if rhythms:
-        weights = np.array([RHYTHM_WEIGHTS[c] for c in rhythms])
+        weights = np.array([RHYTHM_WEIGHTS[c] * factor.get(c, 1.0) for c in rhythms])
         cum = np.cumsum(weights / weights.sum())
         labels.append(rhythms[int(np.searchsorted(cum, u[0], side="right").clip(0, len(rhythms) - 1))])
     for j, (code, p) in enumerate(FINDING_PROB.items()):
-        if code in allowed and u[1 + j] < p:
+        if code in allowed and u[1 + j] < min(p * factor.get(code, 1.0), 0.9):
             labels.append(code)
     # Exclusions that make clinical sense.
     if AF in labels:
@@ -354,7 +396,7 @@ def _noise(rng: np.random.Generator, t: np.ndarray, config: SynthConfig) -> np.n
     coarse_t = t[::step]
     if coarse_t[-1] < t[-1]:
         coarse_t = np.append(coarse_t, coarse_t[-1] + step / config.fs)
-    wander_amp = rng.uniform(0.02, 0.25) * level * rng.uniform(0.3, 1.0, (9, 2))
+    wander_amp = rng.uniform(0.02, 0.25) * level * config.wander * rng.uniform(0.3, 1.0, (9, 2))
     wander_f = rng.uniform(0.05, 0.5, (9, 2))
     wander_ph = rng.uniform(0, 2 * np.pi, (9, 2))
     coarse = np.einsum(
@@ -392,7 +434,7 @@ def _f_waves(rng: np.random.Generator, t: np.ndarray) -> np.ndarray:
 def synthesize_record(index: int, config: SynthConfig) -> SynthRecord:
     """Record number ``index`` of the hospital described by ``config`` (pure function)."""
     rng = np.random.default_rng([config.seed, index])
-    labels = draw_labels(rng, config.classes)
+    labels = draw_labels(rng, config.classes, dict(config.prevalence))
     labelled = bool(rng.random() >= config.unlabelled_fraction)
     age = int(rng.integers(18, 95))
     sex = "Male" if rng.random() < 0.52 else "Female"
@@ -405,7 +447,24 @@ def synthesize_record(index: int, config: SynthConfig) -> SynthRecord:
     if AF in labels:
         dipole += _f_waves(rng, t)
     leads = DIPOLE_TO_LEAD @ dipole + ELECTRODE_TO_LEAD @ _noise(rng, t, config)
-    return SynthRecord(config.record_id(config.start + index), leads, config.fs, labels, labelled, age, sex)
+    fault = _apply_lead_fault(leads, index, config)
+    return SynthRecord(config.record_id(config.start + index), leads, config.fs, labels, labelled, age, sex, fault)
+
+
+def _apply_lead_fault(leads: np.ndarray, index: int, config: SynthConfig) -> str:
+    """The site's device fault on one lead, in ``lead_fault_fraction`` of its records (its
+    own random stream: a site without faults draws exactly what it always drew)."""
+    if not config.lead_fault or config.lead_fault_fraction <= 0:
+        return ""
+    if np.random.default_rng([config.seed, index, 1]).random() >= config.lead_fault_fraction:
+        return ""
+    lead, _, kind = config.lead_fault.partition(":")
+    j = STANDARD_LEADS.index(lead)
+    if kind == "flat":  # electrode off: the amplifier's offset, nothing else
+        leads[j] = 0.0
+    else:  # electrode cable reversed
+        leads[j] = -leads[j]
+    return config.lead_fault
 
 
 # ---------------------------------------------------------------------------------------
@@ -461,12 +520,14 @@ def comments_for(record: SynthRecord, dx: Sequence[str] | None = None) -> list[s
     return [*out, "Rx: Unknown", "Hx: Unknown", "Sx: Unknown"]
 
 
-def write_record(out_dir: Path, record: SynthRecord) -> None:
-    """``<id>.hea`` + ``<id>.mat`` (int16, 1000 adu/mV) for one synthetic record."""
-    digital = to_digital(record.signal)
+def write_record(out_dir: Path, record: SynthRecord, gain: float = GAIN, units: str = "mV") -> None:
+    """``<id>.hea`` + ``<id>.mat`` (int16; ``gain`` adu per ``units``, 1000 adu/mV by default)."""
+    digital = to_digital(record.signal, gain * UNITS_PER_MV[units])
     (out_dir / f"{record.record_id}.mat").write_bytes(mat_v4_bytes(digital))
     (out_dir / f"{record.record_id}.hea").write_text(
-        header_text(record.record_id, digital, record.fs, comments_for(record)), encoding="utf-8", newline="\n"
+        header_text(record.record_id, digital, record.fs, comments_for(record), gain=gain, units=units),
+        encoding="utf-8",
+        newline="\n",
     )
 
 
@@ -477,20 +538,22 @@ class SynthSummary:
     labelled: int
     label_counts: dict[str, int]
     faults: dict[str, str] = field(default_factory=dict)  # record key -> expected reason or "accepted"
+    lead_faults: int = 0  # records written with the config's lead fault
 
 
-def _write_chunk(job: dict) -> tuple[int, Counter, int]:
+def _write_chunk(job: dict) -> tuple[int, Counter, int, int]:
     config = SynthConfig(**job["config"])
     out_dir = Path(job["out_dir"])
     counts: Counter = Counter()
-    labelled = 0
+    labelled = faulty = 0
     for index in job["indices"]:
         record = synthesize_record(index, config)
-        write_record(out_dir, record)
+        write_record(out_dir, record, config.gain, config.units)
+        faulty += bool(record.lead_fault)
         if record.labelled:
             labelled += 1
             counts.update(record.labels)
-    return len(job["indices"]), counts, labelled
+    return len(job["indices"]), counts, labelled, faulty
 
 
 def generate(
@@ -510,24 +573,214 @@ def generate(
         for i in range(0, config.records, chunk_size)
     ]
     counts: Counter = Counter()
-    labelled = 0
+    labelled = faulty = 0
     with progress_bar(config.records, "synth", progress) as bar:
         if workers <= 1 or len(jobs) <= 2:
             results = map(_write_chunk, jobs)
-            for n, c, lab in results:
+            for n, c, lab, bad in results:
                 counts += c
                 labelled += lab
+                faulty += bad
                 bar.update(n)
         else:
             with process_pool(workers) as pool:
-                for n, c, lab in pool.map(_write_chunk, jobs):
+                for n, c, lab, bad in pool.map(_write_chunk, jobs):
                     counts += c
                     labelled += lab
+                    faulty += bad
                     bar.update(n)
-    summary = SynthSummary(str(out), config.records, labelled, {c: counts[c] for c in config.classes})
+    summary = SynthSummary(
+        str(out), config.records, labelled, {c: counts[c] for c in config.classes}, lead_faults=faulty
+    )
     if faults:
         summary.faults = inject_faults(out, seed=config.seed, fs=config.fs)
     return summary
+
+
+# ---------------------------------------------------------------------------------------
+# A network of hospitals, with real site shift
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SiteProfile:
+    """What makes one synthetic hospital's records differ from another's: its ECG devices
+    (sampling rate, ADC gain and units, mains frequency, noise, baseline wander, a faulty
+    lead on some records) and its population (the case mix)."""
+
+    fs: float
+    gain: float
+    units: str
+    mains_hz: float
+    noise: float
+    wander: float
+    prevalence: tuple[tuple[str, float], ...]
+    lead_fault: str = ""
+    lead_fault_fraction: float = 0.0
+
+
+# Sites take these in turn (site i: SITE_PROFILES[i % 4]); each differs from the others in
+# every respect. Record names are the same at every site (00001, 00002...), on purpose.
+SITE_PROFILES: tuple[SiteProfile, ...] = (
+    # a university hospital: 500 Hz, 1 uV steps, clean signals, the reference case mix
+    SiteProfile(500.0, 1000.0, "mV", 50.0, 0.6, 0.5, ()),
+    # a cardiology clinic: cheap 250 Hz carts at 5 uV per step, noisy, 60 Hz mains, many AF
+    # and bundle-branch blocks; one cart has its V4 cable reversed
+    SiteProfile(
+        250.0,
+        200.0,
+        "mV",
+        60.0,
+        1.6,
+        2.5,
+        ((AF, 3.0), (STACH, 0.4), (LBBB, 2.2), (PVC, 2.0), (NSR, 0.5)),
+        "V4:inverted",
+        0.25,
+    ),
+    # a rural hospital: 1000 Hz recorders writing microvolts, older patients (brady, AV
+    # block, RBBB); one recorder's V4 electrode falls off
+    SiteProfile(
+        1000.0,
+        1.0,
+        "uV",
+        50.0,
+        1.0,
+        1.2,
+        ((SB, 2.5), (AF, 0.3), (IAVB, 2.2), (RBBB, 2.0), (TINV, 0.4)),
+        "V4:flat",
+        0.2,
+    ),
+    # an emergency department: 500 Hz at 2 uV per step, motion artefacts, tachycardias
+    SiteProfile(
+        500.0,
+        500.0,
+        "mV",
+        60.0,
+        2.0,
+        3.0,
+        ((STACH, 3.0), (SB, 0.3), (PVC, 1.8), (LQRSV, 1.8), (TINV, 1.8)),
+        "V2:flat",
+        0.1,
+    ),
+)
+
+SITE_PREFIX = "hospital-"
+MAX_SITES = 26 * 27  # hospital-a ... hospital-zz
+
+
+def site_name(index: int) -> str:
+    """``hospital-a``, ``hospital-b``, ... ``hospital-z``, ``hospital-aa``... (DNS labels)."""
+    if not 0 <= index < MAX_SITES:
+        raise ValueError(f"site index must be within [0, {MAX_SITES}), got {index}")
+    letters = ""
+    n = index + 1
+    while n:
+        n, r = divmod(n - 1, 26)
+        letters = chr(ord("a") + r) + letters
+    return SITE_PREFIX + letters
+
+
+def site_config(
+    index: int,
+    records: int,
+    seed: int = 0,
+    *,
+    classes: Sequence[str] = DEFAULT_CLASSES,
+    unlabelled_fraction: float = 0.1,
+    duration_s: float = 10.0,
+) -> SynthConfig:
+    """The :class:`SynthConfig` of site ``index`` of a network: its profile and its own
+    random stream (derived from ``seed`` and ``index``). Records are named ``00001``...
+    at every site."""
+    profile = SITE_PROFILES[index % len(SITE_PROFILES)]
+    site_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+    return SynthConfig(
+        records=records,
+        classes=tuple(classes),
+        seed=site_seed,
+        fs=profile.fs,
+        duration_s=duration_s,
+        unlabelled_fraction=unlabelled_fraction,
+        prefix="",
+        start=1,
+        mains_hz=profile.mains_hz,
+        noise=profile.noise,
+        gain=profile.gain,
+        units=profile.units,
+        wander=profile.wander,
+        prevalence=profile.prevalence,
+        lead_fault=profile.lead_fault,
+        lead_fault_fraction=profile.lead_fault_fraction,
+    )
+
+
+def synthesize_network(
+    out_dir: Path,
+    n_sites: int,
+    records_per_site: int,
+    seed: int = 0,
+    *,
+    classes: Sequence[str] = DEFAULT_CLASSES,
+    unlabelled_fraction: float = 0.1,
+    duration_s: float = 10.0,
+    workers: int = 1,
+    progress: bool | None = None,
+) -> list[tuple[str, Path]]:
+    """Write ``n_sites`` synthetic hospitals, ``out_dir/hospital-a``, ``out_dir/hospital-b``...
+    (:func:`site_config`: real site shift, clashing record names); returns (site name,
+    folder) pairs. Bit-identical for the same arguments. Each site's folder is written
+    aside and swapped in whole: an existing one is replaced, never half-written."""
+    if n_sites < 1:
+        raise ValueError(f"n_sites must be >= 1, got {n_sites}")
+    if records_per_site < 1:
+        raise ValueError(f"records_per_site must be >= 1, got {records_per_site}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sites = []
+    for index in range(n_sites):
+        name = site_name(index)
+        config = site_config(
+            index,
+            records_per_site,
+            seed,
+            classes=classes,
+            unlabelled_fraction=unlabelled_fraction,
+            duration_s=duration_s,
+        )
+        folder = out / name
+        with _replaced_folder(folder) as staging:
+            summary = generate(staging, config, workers=workers, progress=progress)
+        log.info(
+            "%s: %d records at %g Hz, %g adu/%s, %d with lead fault %s",
+            name,
+            summary.records,
+            config.fs,
+            config.gain,
+            config.units,
+            summary.lead_faults,
+            config.lead_fault or "-",
+        )
+        sites.append((name, folder))
+    return sites
+
+
+@contextlib.contextmanager
+def _replaced_folder(target: Path) -> Iterator[Path]:
+    """A hidden sibling to write in, moved to ``target`` on success (an existing ``target``
+    is replaced; the staging folder is removed on failure)."""
+    staging = target.parent / f".{target.name}.staging-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(target, old)
+        os.replace(staging, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -728,12 +981,12 @@ def inject_faults(out_dir: str | Path, seed: int = 0, fs: float = 500.0) -> dict
     dx = [*rec.labels, "55827005", "251187003", "NotACode"]
     put(f"{name}.hea", header_text(name, d, fs, comments_for(rec, dx)), mat_v4_bytes(d), accepted)
 
-    # -- identity
+    # -- identity: a record is (site, path); only a byte-identical copy is a duplicate
     name = f"{FAULT_PREFIX}duplicate"
     standard(name, rec_named(nxt(), name), accepted)
-    rec = rec_named(nxt(), name)  # same id, other content, in a later folder
+    rec = rec_named(nxt(), name)  # same name, other content, in another folder: another record
     d = to_digital(rec.signal)
-    put(f"zz_resubmitted/{name}.hea", header_text(name, d, fs, comments_for(rec)), mat_v4_bytes(d), Reason.DUPLICATE_ID)
+    put(f"zz_resubmitted/{name}.hea", header_text(name, d, fs, comments_for(rec)), mat_v4_bytes(d), accepted)
     name = f"{FAULT_PREFIX}copy"
     rec = rec_named(nxt(), name)
     standard(name, rec, accepted)

@@ -11,6 +11,10 @@ Every later split for that model (:func:`split_with_frozen_test`):
 - never puts a frozen record in train / valid / unlabelled: a record whose content changed
   (same id, other hash) is in no part at all (``changed`` in the report), a frozen record
   that is gone is reported (``missing``);
+- a frozen record whose id is gone but whose bytes are in the store under another id (the
+  record was moved, or the set was frozen before record ids were paths: ``S00001`` is now
+  ``batch2/S00001``) is that record: in ``test`` under its new id (``moved``: old -> new);
+  no record with a frozen record's content is ever trained on;
 - gives every other record (brand-new ones included) to train / valid / unlabelled. New
   records never enter the test set: it changes only by an explicit, recorded refresh
   (``cessl testset refresh``), so the number every version is judged by stays the same.
@@ -134,11 +138,15 @@ def split_with_frozen_test(
         "classes_changed": bool(frozen.classes) and list(frozen.classes) != list(classes),
     }
     if frozen.status == FROZEN:
-        test = sorted(i for i, h in frozen.records.items() if hash_of.get(i) == h)
+        present = [i for i, h in frozen.records.items() if hash_of.get(i) == h]
         changed = sorted(i for i, h in frozen.records.items() if i in hash_of and hash_of[i] != h)
-        missing = sorted(i for i in frozen.records if i not in hash_of)
-        held_out = set(frozen.records)  # never trained on, whatever their state
-        report |= {"n_frozen": len(frozen.records), "changed": changed, "missing": missing}
+        moved = _moved(frozen.records, ids, hashes)
+        missing = sorted(i for i in frozen.records if i not in hash_of and i not in moved)
+        test = sorted([*present, *moved.values()])
+        # never trained on, whatever their state; nor is their content under any other id
+        frozen_hashes = set(frozen.records.values())
+        held_out = set(frozen.records) | {i for i, h in zip(ids, hashes, strict=True) if h in frozen_hashes}
+        report |= {"n_frozen": len(frozen.records), "changed": changed, "missing": missing, "moved": moved}
     else:
         excluded = set(frozen.exclude)
         eligible = np.flatnonzero(lab & np.array([i not in excluded for i in ids], dtype=bool))
@@ -175,6 +183,19 @@ def split_with_frozen_test(
         test_hashes={i: hash_of[i] for i in test},
         testset=report,
     )
+
+
+def _moved(records: Mapping[str, str], ids: Sequence[str], hashes: Sequence[str]) -> dict[str, str]:
+    """Frozen records gone from their id but present, byte-identical, under another id that
+    is not frozen itself: old id -> new id. A record's id is its path (and site), so a
+    record moved to another folder, or a set frozen before ids were paths
+    (``S00001`` -> ``batch2/S00001``), still finds its records."""
+    present = set(ids)
+    id_of_hash: dict[str, str] = {}
+    for i, h in sorted(zip(ids, hashes, strict=True)):
+        if h and i not in records:
+            id_of_hash.setdefault(h, i)
+    return {old: id_of_hash[h] for old, h in sorted(records.items()) if old not in present and h in id_of_hash}
 
 
 def split_store_frozen(

@@ -20,6 +20,7 @@ ms/step stays comparable on shared CPUs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -47,7 +48,7 @@ from pipeline.compare import (
     run_compare_local,
 )
 from pipeline.compare_tracking import fail_comparison, new_comparison_id
-from pipeline.constraints import non_negative_int, output_file
+from pipeline.constraints import comma_list, field_value, non_negative_int, output_file
 from pipeline.dag import LocalRunConfig, PipelineRunError
 from pipeline.params import DEFAULTS, PipelineParams, add_param_flags, params_from_args
 from pipeline.tracking import TrackingConfig
@@ -64,8 +65,24 @@ def base_params(compile_only: bool) -> PipelineParams:
     return (DEFAULTS if compile_only else DEMO_PARAMS).replace(experiment_name=COMPARE_EXPERIMENT)
 
 
+# The grid's flags: each takes a list of one pipeline parameter's values, checked by that
+# parameter's own constraints (pipeline.params.PipelineParams metadata) when parsed.
+GRID_FLAGS: dict[str, tuple[str, str]] = {  # flag -> (PipelineParams field, default)
+    "--methods": ("method", "cessl,fixmatch"),
+    "--ratios": ("labelled_ratio", "0.05,0.15"),
+    "--seeds": ("seed", "0,1,2"),
+}
+
+
+def grid_type(field_name: str, example: str):
+    """The argparse ``type=`` of a grid flag: distinct values of PipelineParams.<field_name>."""
+    field = next(f for f in dataclasses.fields(PipelineParams) if f.name == field_name)
+    return comma_list(field_value(field), example)
+
+
 def grid_from_args(args: argparse.Namespace) -> CompareGrid:
-    return CompareGrid.parse(args.methods, args.ratios, args.seeds)
+    """The grid of the (already validated) grid flags."""
+    return CompareGrid(methods=tuple(args.methods), labelled_ratios=tuple(args.ratios), seeds=tuple(args.seeds))
 
 
 def print_table(table: pd.DataFrame, title: str) -> None:
@@ -102,21 +119,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
     params = params_from_args(args, base_params(args.compile), exclude=EXCLUDED_PARAMS)
     parallelism = args.parallelism if args.parallelism is not None else (0 if args.compile else 1)
     settings = CompareSettings(grid=grid, parallelism=parallelism, defaults=params)
-    log.info("%s, schedule %s", grid.describe(), params.schedule())
     if args.compile:
         return compile_comparison(args, settings)
     return run_comparison(args, params, settings)
 
 
 def compile_comparison(args: argparse.Namespace, settings: CompareSettings) -> int:
-    path = compile_compare_pipeline(Path(args.output), settings, compile_options(args))
+    options = compile_options(args)  # checks the cluster flags before anything is written
+    log.info("%s, schedule %s", settings.grid.describe(), settings.defaults.schedule())
+    path = compile_compare_pipeline(Path(args.output), settings, options)
     log.info("wrote %s", path)
     return 0
 
 
 def run_comparison(args: argparse.Namespace, params: PipelineParams, settings: CompareSettings) -> int:
-    preflight_local(args, params)  # checks only: a bad command line leaves nothing behind
+    """Every check first (the flags were checked when parsed; here the stores, the data, the
+    backbone, Docker), then the project lock, then the first log line and the work: a bad
+    command line leaves nothing behind and says nothing but its one error line."""
+    preflight_local(args, params)
     with project_lock(args):  # then one local run of this project at a time
+        log.info("%s, schedule %s", settings.grid.describe(), params.schedule())
         return _run_comparison(args, params, settings)
 
 
@@ -174,9 +196,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     grid = parser.add_argument_group("the grid")
-    grid.add_argument("--methods", default="cessl,fixmatch", help="comma-separated methods (default: %(default)s)")
-    grid.add_argument("--ratios", default="0.05,0.15", help="comma-separated labelled ratios (default: %(default)s)")
-    grid.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
+    helps = {
+        "--methods": "comma-separated methods, of --method's choices",
+        "--ratios": "comma-separated labelled ratios, each in (0, 1)",
+        "--seeds": "comma-separated seeds, each >= 0",
+    }
+    for flag, (field_name, default) in GRID_FLAGS.items():
+        grid.add_argument(
+            flag, type=grid_type(field_name, default), default=default, help=f"{helps[flag]} (default: %(default)s)"
+        )
     grid.add_argument(
         "--parallelism",
         type=non_negative_int,

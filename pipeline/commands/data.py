@@ -9,10 +9,14 @@ from pathlib import Path
 
 from ml.io import staged_folder
 from pipeline.constraints import (
+    dvc_remote_name,
+    dvc_repo,
     existing_dir,
     fraction,
+    http_url,
     non_negative_float,
     non_negative_int,
+    optional,
     output_dir,
     output_file,
     positive_float,
@@ -36,8 +40,21 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     sub = parser.add_subparsers(dest="data_command", required=True, metavar="STEP")
 
-    p = sub.add_parser("synth", help="write a synthetic hospital as Challenge-format WFDB records")
-    p.add_argument("out", type=output_dir, help="output folder")
+    p = sub.add_parser(
+        "synth",
+        help="write a synthetic hospital (or, with --sites N, a network of N) as Challenge-format WFDB records",
+        description="One synthetic hospital in OUT; with --sites N, N hospitals with real site shift "
+        "(sampling rate, ADC gain and units, noise, baseline wander, case mix, a faulty lead) in "
+        "OUT/hospital-a, OUT/hospital-b... plus their site registry OUT/sites.yaml.",
+    )
+    p.add_argument("out", type=output_dir, nargs="?", help="output folder (or --out)")
+    p.add_argument("--out", dest="out_option", type=output_dir, metavar="OUT", help="output folder")
+    p.add_argument(
+        "--sites",
+        type=positive_int,
+        default=None,
+        help="write N hospitals (hospital-a...) and OUT/sites.yaml; --records is then per site",
+    )
     p.add_argument("--records", type=positive_int, default=100)
     p.add_argument(
         "--classes",
@@ -47,10 +64,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--unlabelled-fraction", type=probability, default=0.0, help="fraction written without # Dx")
-    p.add_argument("--fs", type=positive_float, default=500.0, help="sampling frequency (Hz)")
+    p.add_argument("--fs", type=positive_float, default=None, help="sampling frequency (Hz; default 500)")
     p.add_argument("--duration", type=positive_float, default=10.0, help="seconds per record")
-    p.add_argument("--prefix", default="S", help="record id prefix")
-    p.add_argument("--start", type=non_negative_int, default=0, help="number of the first record")
+    p.add_argument("--prefix", default=None, help="record id prefix (default S)")
+    p.add_argument("--start", type=non_negative_int, default=None, help="number of the first record (default 0)")
     p.add_argument("--faults", action="store_true", help="also write one faulty record per fault kind")
     p.add_argument("--workers", type=positive_int, default=2)
     p.set_defaults(func=_synth)
@@ -96,15 +113,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("remote", help="DVC remotes: where data versions are pushed (`cessl run` pushes to the default)")
     remote = p.add_subparsers(dest="remote_command", required=True, metavar="ACTION")
     r = remote.add_parser("add", help="configure a DVC remote (dvc remote add)")
-    r.add_argument("name")
-    r.add_argument("url", help="s3://bucket/path, a folder, or any DVC remote URL")
+    r.add_argument("name", type=dvc_remote_name, help="remote name (letters, digits, '_', '.', '-')")
+    r.add_argument("url", help="s3://bucket/path, a folder (its parent must exist), or another DVC remote URL")
     r.add_argument("--default", action="store_true", help="make it the default remote (pushed by `cessl run`)")
-    r.add_argument("--endpoint-url", default="", help="S3-compatible endpoint (SeaweedFS, MinIO...)")
+    r.add_argument(
+        "--endpoint-url", type=optional(http_url), default="", help="S3-compatible endpoint (SeaweedFS, MinIO...)"
+    )
     r.add_argument("--force", action="store_true", help="replace a remote of that name")
-    r.add_argument("--repo", type=Path, default=Path("."), help="repository root")
+    r.add_argument("--repo", type=dvc_repo, default=".", help="repository root: a DVC repository or a git work tree")
     r.set_defaults(func=_remote_add)
     r = remote.add_parser("list", help="the configured DVC remotes")
-    r.add_argument("--repo", type=Path, default=Path("."), help="repository root")
+    r.add_argument("--repo", type=dvc_repo, default=".", help="repository root: a DVC repository or a git work tree")
     r.set_defaults(func=_remote_list)
 
     p = sub.add_parser("demo-data", help="generate the demo hospital in data/ (bit-identical) and track it")
@@ -118,18 +137,32 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_version)
 
 
+def _synth_out(args: argparse.Namespace) -> Path:
+    from ml.errors import ParameterError
+
+    if args.out is not None and args.out_option is not None and args.out != args.out_option:
+        raise ParameterError(f"data synth: two output folders given ({args.out} and --out {args.out_option})")
+    out = args.out if args.out is not None else args.out_option
+    if out is None:
+        raise ParameterError("data synth: give the output folder (OUT or --out OUT)")
+    return out
+
+
 def _synth(args: argparse.Namespace) -> int:
     from ml.data.synth import DEFAULT_CLASSES, SynthConfig, generate
 
+    args.out = _synth_out(args)
+    if args.sites is not None:
+        return _synth_network(args)
     config = SynthConfig(
         records=args.records,
         classes=tuple(args.classes or DEFAULT_CLASSES),
         seed=args.seed,
-        fs=args.fs,
+        fs=500.0 if args.fs is None else args.fs,
         duration_s=args.duration,
         unlabelled_fraction=args.unlabelled_fraction,
-        prefix=args.prefix,
-        start=args.start,
+        prefix="S" if args.prefix is None else args.prefix,
+        start=args.start or 0,
     )
     with staged_folder(args.out) as out:  # a new folder appears only when every record is written
         summary = generate(out, config, faults=args.faults, workers=args.workers)
@@ -152,6 +185,57 @@ def _synth(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def _synth_network(args: argparse.Namespace) -> int:
+    """``--sites N``: N hospitals with site shift in OUT/<site> and their registry OUT/sites.yaml."""
+    from ml.data.synth import DEFAULT_CLASSES, site_config, synthesize_network
+    from ml.errors import ParameterError
+    from pipeline.sites import DEFAULT_SITES_FILE, Site, SiteRegistry, save_sites
+
+    fixed = [flag for flag, value in (("--fs", args.fs), ("--prefix", args.prefix), ("--start", args.start)) if value]
+    fixed += ["--faults"] if args.faults else []
+    if fixed:
+        raise ParameterError(
+            f"data synth --sites: {', '.join(fixed)} cannot be combined with --sites "
+            "(each site has its own sampling rate; records are named 00001... at every site)"
+        )
+    classes = tuple(args.classes or DEFAULT_CLASSES)
+    options = {"classes": classes, "unlabelled_fraction": args.unlabelled_fraction, "duration_s": args.duration}
+    with staged_folder(args.out) as out:  # a new folder appears only when every site is written
+        sites = synthesize_network(out, args.sites, args.records, args.seed, workers=args.workers, **options)
+        registry = SiteRegistry(
+            tuple(
+                Site(
+                    name, str(folder), description=_site_description(site_config(i, args.records, args.seed, **options))
+                )
+                for i, (name, folder) in enumerate(sites)
+            )
+        )
+        save_sites(registry, out / DEFAULT_SITES_FILE)
+    log.info("%d hospitals (%d records each) and %s in %s", len(sites), args.records, DEFAULT_SITES_FILE, args.out)
+    print(
+        json.dumps(
+            {
+                "sites": {name: str(Path(args.out) / name) for name, _ in sites},
+                "registry": str(Path(args.out) / DEFAULT_SITES_FILE),
+                "records_per_site": args.records,
+            },
+            indent=1,
+        )
+    )
+    return 0
+
+
+def _site_description(config) -> str:
+    """One line on what sets a synthetic site apart (written into sites.yaml)."""
+    fault = (
+        f", lead fault {config.lead_fault} in {config.lead_fault_fraction:.0%} of records" if config.lead_fault else ""
+    )
+    return (
+        f"synthetic: {config.fs:g} Hz, {config.gain:g} adu/{config.units}, mains {config.mains_hz:g} Hz, "
+        f"noise x{config.noise:g}, wander x{config.wander:g}{fault}"
+    )
 
 
 def _ingest(args: argparse.Namespace) -> int:
@@ -234,9 +318,34 @@ def _add(args: argparse.Namespace) -> int:
     return 1 if result.conflicts else 0
 
 
+def _check_remote(args: argparse.Namespace) -> None:
+    """Every problem of ``data remote add`` before DVC is run (which would first ``dvc init``
+    the repository): the URL, ``--endpoint-url`` only with s3://, an existing name only with
+    ``--force``."""
+    from ml.data.dvc import run_dvc
+    from ml.errors import ParameterError
+    from pipeline.constraints import dvc_remote_url_problem
+
+    problem = dvc_remote_url_problem(args.url, args.repo)
+    if problem:
+        raise ParameterError(f"remote URL {args.url}: {problem}")
+    if args.endpoint_url and not args.url.startswith("s3://"):
+        raise ParameterError(f"--endpoint-url {args.endpoint_url}: only for an s3:// remote, not {args.url}")
+    if (args.repo / ".dvc").is_dir() and not args.force:
+        names = [
+            line.split()[0] for line in run_dvc("remote", "list", cwd=args.repo).stdout.splitlines() if line.split()
+        ]
+        if args.name in names:
+            raise ParameterError(
+                f"DVC remote {args.name} already exists in {args.repo.absolute() / '.dvc' / 'config'}: "
+                "pass --force to replace it"
+            )
+
+
 def _remote_add(args: argparse.Namespace) -> int:
     from ml.data.dvc import add_remote
 
+    _check_remote(args)
     add_remote(args.repo, args.name, args.url, default=args.default, endpoint_url=args.endpoint_url, force=args.force)
     print(
         f"DVC remote {args.name} -> {args.url}{' (default)' if args.default else ''}"
@@ -249,6 +358,9 @@ def _remote_add(args: argparse.Namespace) -> int:
 def _remote_list(args: argparse.Namespace) -> int:
     from ml.data.dvc import default_remote, run_dvc
 
+    if not (args.repo / ".dvc").is_dir():  # a git work tree where DVC was never set up
+        log.info("no DVC remote: %s is not a DVC repository yet (`cessl data remote add` sets one up)", args.repo)
+        return 0
     default = default_remote(args.repo)
     for line in run_dvc("remote", "list", cwd=args.repo).stdout.splitlines():
         name = line.split()[0] if line.split() else ""

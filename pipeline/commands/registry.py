@@ -22,7 +22,16 @@ from pathlib import Path
 
 from ml.errors import ParameterError
 from pipeline.audit import history
-from pipeline.constraints import as_text, existing_file, non_negative_float, output_file, tracking_uri
+from pipeline.constraints import (
+    add_tracking_uri_flag,
+    as_text,
+    existing_file,
+    model_uri,
+    non_negative_float,
+    optional,
+    output_file,
+    registered_model,
+)
 from pipeline.registry import (
     DEFAULT_MODEL_NAME,
     GATE_METRICS,
@@ -34,7 +43,7 @@ from pipeline.registry import (
     rollback,
     site_model_name,
 )
-from pipeline.tracking import TRACKING_URI_ENV, TrackingConfig
+from pipeline.tracking import TrackingConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +52,9 @@ EXIT_REFUSED = 1
 
 def _tracking(args: argparse.Namespace, name: str = "") -> TrackingConfig:
     """The registry's store; it must exist (these commands never create one) and answer."""
-    from pipeline.preflight import check_tracking
+    from pipeline.preflight import registry_tracking
 
-    check_tracking(args.tracking_uri, writes=False)
-    return TrackingConfig.resolve(args.tracking_uri, model_name=name or "cessl-ecg")
+    return registry_tracking(args.tracking_uri, name)
 
 
 def print_decision(decision: PromotionDecision) -> None:
@@ -209,13 +217,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    def tracking_flag(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--tracking-uri",
-            type=tracking_uri,
-            default="",
-            help=f"MLflow tracking URI (default: ${TRACKING_URI_ENV} or sqlite:///./mlflow.db)",
-        )
+    tracking_flag = add_tracking_uri_flag
 
     def site_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -227,11 +229,20 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         )
         p.add_argument("--all-sites", action="store_true", help="every site of the registry file (--sites)")
         p.add_argument(
-            "--sites", type=as_text(existing_file), default="", help="site registry file (default: ./sites.yaml)"
+            "--sites",
+            type=optional(as_text(existing_file)),
+            default="",
+            help="site registry file (default: ./sites.yaml)",
         )
 
     pr = subparsers.add_parser("promote", help="move 'champion' to the challenger if it beats the champion")
-    pr.add_argument("name", nargs="?", default="", help="registered model name (with --site: the network's base name)")
+    pr.add_argument(
+        "name",
+        nargs="?",
+        default="",
+        type=optional(registered_model),
+        help="registered model name (with --site: the network's base name)",
+    )
     site_flags(pr)
     pr.add_argument(
         "--metric", default="macro_f_beta", choices=GATE_METRICS, help="test metric of the gate (default: %(default)s)"
@@ -256,7 +267,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     pr.set_defaults(func=cmd_promote)
 
     rb = subparsers.add_parser("rollback", help="restore the previous champion")
-    rb.add_argument("name", nargs="?", default="", help="registered model name (with --site: the network's base name)")
+    rb.add_argument(
+        "name",
+        nargs="?",
+        default="",
+        type=optional(registered_model),
+        help="registered model name (with --site: the network's base name)",
+    )
     site_flags(rb)
     rb.set_defaults(force=False)
     rb.add_argument("--reason", default="", help="why (recorded in the audit log)")
@@ -264,7 +281,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     rb.set_defaults(func=cmd_rollback)
 
     pd_ = subparsers.add_parser("predict", help="predict diagnoses of WFDB records with a registered model")
-    pd_.add_argument("--model", required=True, help="model URI, e.g. models:/cessl-ecg@champion")
+    pd_.add_argument("--model", type=model_uri, required=True, help="model URI, e.g. models:/cessl-ecg@champion")
     pd_.add_argument("records", nargs="+", help="WFDB records (path with or without .hea)")
     pd_.add_argument("-o", "--output", type=as_text(output_file), default=None, help="output file (default: stdout)")
     pd_.add_argument("--format", choices=("csv", "json"), default=None, help="default: from -o's suffix, else csv")
@@ -272,7 +289,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     pd_.set_defaults(func=cmd_predict)
 
     md = subparsers.add_parser("models", help="registered models and aliases; a model's versions or audit log")
-    md.add_argument("name", nargs="?", default="", help="a registered model (default: list every model)")
+    md.add_argument(
+        "name",
+        nargs="?",
+        type=optional(registered_model),
+        default="",
+        help="a registered model (default: list every model)",
+    )
     md.add_argument("--history", action="store_true", help="the model's audit log of registry decisions, oldest first")
     tracking_flag(md)
     md.set_defaults(func=cmd_models)

@@ -53,7 +53,7 @@ from pipeline.params import (
     add_param_flags,
     params_from_args,
 )
-from pipeline.registry import registered_model_name
+from pipeline.registry import GATE_METRICS, registered_model_name
 from pipeline.tracking import TRACKING_URI_ENV, TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -352,7 +352,13 @@ def preflight_local(args: argparse.Namespace, params: PipelineParams | None = No
     """Before any work of a local run (and before its project lock): a local backbone and a
     local data folder exist, the tracking store answers (or may be created), and a Docker
     engine answers for ``--runner docker``."""
-    from pipeline.preflight import check_backbone, check_docker, check_tracking
+    from pipeline.preflight import (
+        check_backbone,
+        check_demo_data,
+        check_docker,
+        check_records_folder,
+        check_tracking,
+    )
 
     if params is not None:
         check_backbone(params.backbone)
@@ -363,6 +369,10 @@ def preflight_local(args: argparse.Namespace, params: PipelineParams | None = No
         demo = params.source == DEMO_PARAMS.source and not getattr(args, "no_demo_data", False)
         if "://" not in params.source and not demo and not Path(params.source).is_dir():
             raise FileNotFoundError(f"{Path(params.source).absolute()}: data folder not found")
+        if demo:
+            check_demo_data(Path(params.source))
+        elif "://" not in params.source:
+            check_records_folder(Path(params.source))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -647,7 +657,7 @@ def _add_local(parser: argparse.ArgumentParser, registry: bool = True) -> None:
         "--no-push", action="store_true", help="do not `dvc push` the data version to the default DVC remote"
     )
     parser.add_argument("--promote", action="store_true", help="run the champion gate after registering")
-    parser.add_argument("--promote-metric", default="macro_f_beta")
+    parser.add_argument("--promote-metric", default="macro_f_beta", choices=GATE_METRICS)
     parser.add_argument("--promote-margin", type=non_negative_float, default=0.0)
 
 

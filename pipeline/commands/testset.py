@@ -16,14 +16,18 @@ import argparse
 import logging
 from pathlib import Path
 
+from pipeline.constraints import add_tracking_uri_flag, existing_dir, non_empty, registered_model
 from pipeline.testsets import TestSetError, current, export, history, refresh
-from pipeline.tracking import TRACKING_URI_ENV, TrackingConfig
 
 log = logging.getLogger(__name__)
 
 
 def _client(args: argparse.Namespace):
-    return TrackingConfig.resolve(args.tracking_uri, model_name=args.name).client()
+    """The registry's client, once its store exists and answers (``preflight.registry_tracking``:
+    the same check as every registry command; a test-set verb never creates a store)."""
+    from pipeline.preflight import registry_tracking
+
+    return registry_tracking(args.tracking_uri, args.name).client()
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -80,12 +84,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     sub = parser.add_subparsers(dest="testset_command", required=True, metavar="ACTION")
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("name", help="registered model name")
-        p.add_argument(
-            "--tracking-uri",
-            default="",
-            help=f"MLflow tracking URI (default: ${TRACKING_URI_ENV} or sqlite:///./mlflow.db)",
-        )
+        p.add_argument("name", type=registered_model, help="registered model name")
+        add_tracking_uri_flag(p)
 
     p = sub.add_parser("show", help="the current frozen test set: version, size, classes, creation")
     common(p)
@@ -93,11 +93,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("refresh", help="record a new test-set version, drawn by the next run (needs --reason)")
     common(p)
-    p.add_argument("--reason", required=True, help="why (recorded with $CESSL_USER or the OS user)")
+    p.add_argument("--reason", type=non_empty, required=True, help="why (recorded with $CESSL_USER or the OS user)")
     p.set_defaults(func=cmd_refresh)
 
     p = sub.add_parser("export", help="write testsets/<model>.json (dvc add where the project uses DVC)")
     common(p)
-    p.add_argument("--repo", default=".", help="project folder (default: here)")
+    p.add_argument("--repo", type=existing_dir, default=".", help="project folder (default: here)")
     p.add_argument("--no-dvc", action="store_true", help="write the file only")
     p.set_defaults(func=cmd_export)
