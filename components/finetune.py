@@ -16,6 +16,11 @@ Cost: :class:`ml.train.callbacks.StepProfiler` measures the mean training step (
 peak memory over the steps (CUDA: max_memory_allocated; CPU: peak-RSS growth), for the
 comparison of methods (``cessl compare``).
 
+Precision: ``train.precision`` ``auto`` is resolved here for the step's device (bf16 on a
+GPU that supports it, else fp32) before the checkpoint key is built; the resolved name is in
+the adapter's JSON (``precision``), in its logged train config (``train.precision`` in
+MLflow, next to the run's requested ``precision``) and in the step's metadata.
+
 Schedule: ``train.epochs`` set (epochs mode) is resolved here to its real step count
 (:meth:`ml.train.config.TrainConfig.resolve_steps`, complete labelled batches per epoch x
 epochs, after the batch is clamped to the labelled split) before the checkpoint key is
@@ -164,8 +169,8 @@ def finetune_step(
     train_ds, valid = dataset(store, splits.train, classes), dataset(store, splits.valid, classes)
     unlabelled = dataset(store, splits.unlabelled, classes) if splits.unlabelled else None
     # The real step count (epochs mode) before anything is keyed or logged on the config.
-    train = _clamp_batch(train, len(train_ds)).resolve_steps(len(train_ds))
-    log.info("schedule: %s", describe_schedule(train))
+    train = _clamp_batch(train, len(train_ds)).resolve_steps(len(train_ds)).resolve_precision()
+    log.info("schedule: %s, precision %s", describe_schedule(train), train.precision)
     checkpoint_dir = Path(checkpoint_root or DEFAULT_CHECKPOINT_ROOT) / checkpoint_key(
         identity, splits, store_fingerprint, rank_map, lora, train
     )
@@ -235,6 +240,7 @@ def _finetune_in(
         classes=list(classes),
         thresholds=[float(t) for t in outcome.thresholds],
         method=train.method,
+        precision=result.precision,
         extra={
             "backbone_name": name,
             "train_config": train.to_dict() | {"checkpoint_dir": None},
@@ -271,5 +277,10 @@ def _finetune_in(
         ms_per_step=profiler.ms_per_step,
         peak_memory_mb=profiler.peak_memory_mb,
         memory_measure=profiler.memory_measure,
-        extra={"classes": list(classes), "backbone_id": identity, "schedule": describe_schedule(train)},
+        extra={
+            "classes": list(classes),
+            "backbone_id": identity,
+            "schedule": describe_schedule(train),
+            "precision": result.precision,
+        },
     )

@@ -269,10 +269,12 @@ def finetune(
     adapter: Output[Model],
     curves: Output[Artifact],
     train_metrics: Output[Metrics],
+    precision: str = "fp32",
 ) -> str:
     """CE-SSL fine-tuning (GPU when there is one), resumable from its last checkpoint.
 
     ``epochs`` > 0: that many epochs of complete labelled batches; 0: ``max_steps`` steps.
+    ``precision``: fp32, bf16 or auto (bf16 on a GPU that supports it), resolved in the step.
     """
     from pipeline.process import die_with_parent
 
@@ -294,6 +296,7 @@ def finetune(
         lr=lr,
         val_every=val_every,
         seed=seed,
+        precision=precision,
     )
     result = finetune_step(
         Path(store.path),

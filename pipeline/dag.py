@@ -357,6 +357,7 @@ def add_finetune_chain(
         batch_size=run.batch_size,
         lr=run.lr,
         val_every=run.val_every,
+        precision=run.precision,
         seed=seed,
         checkpoint_root=run.checkpoint_root,
     )

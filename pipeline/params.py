@@ -28,6 +28,7 @@ from ml.model.lora import LoRAConfig
 from ml.model.rank_allocation import RankAllocationConfig
 from ml.train.config import EPOCHS, TrainConfig, batch_size_for_label_ratio
 from ml.train.methods import DEFAULT_METHOD, METHOD_NAMES
+from ml.train.precision import PRECISION_CHOICES
 from pipeline.constraints import typed
 
 _LORA = LoRAConfig()
@@ -122,6 +123,11 @@ class PipelineParams:
     batch_size: int = param(0, "labelled batch size (0: the paper's rule, 64 or 16 below 2%% labels)", minimum=0)
     lr: float = param(_TRAIN.lr, "learning rate", exclusive_minimum=0)
     val_every: int = param(_TRAIN.val_every, "validate (and checkpoint) every N steps", minimum=1)
+    precision: str = param(
+        _TRAIN.precision,
+        "fine-tuning precision: fp32, bf16 (autocast, float32 master weights) or auto (bf16 on a GPU that has it)",
+        choices=PRECISION_CHOICES,
+    )
     frozen_testset: str = param(
         "",
         "test set: '' the registered model's frozen one (frozen at its first registration; "
@@ -226,6 +232,7 @@ class PipelineParams:
             batch_size=self.resolved_batch_size,
             val_every=self.val_every,
             seed=self.seed,
+            precision=self.precision,
             **overrides,
         )
 

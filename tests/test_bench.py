@@ -90,3 +90,39 @@ def test_serve_bench_reports_memory_throughput_and_switch_cost(tmp_path: Path) -
     assert timing["max_abs_prob_diff_vs_own_predictor"] < 1e-5
     assert 0 < timing["switch_ms_p50"] <= timing["switch_ms_p99"]
     assert timing["single_site_records_per_s"] > 0 and timing["spread_records_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_train_step_bench_puts_bf16_next_to_fp32(tmp_path: Path) -> None:
+    summary = run_bench(
+        "train_step.py",
+        [
+            "--batch",
+            "2",
+            "--steps",
+            "1",
+            "--rounds",
+            "1",
+            "--pairs",
+            "2",
+            "--warmup",
+            "1",
+            "--precisions",
+            "fp32",
+            "bf16",
+        ],
+        tmp_path / "train_step.json",
+    )
+    results = {r["method"]: r for r in summary["results"]}
+    assert list(results)[-3:] == ["cessl@bf16", "cessl-no-deact@bf16", "fixmatch@bf16"]
+    assert {r["precision"] for r in results.values()} == {"fp32", "bf16"}
+    # the same model in either precision: the same trainable and stored sizes
+    for name in ("cessl", "cessl-no-deact", "fixmatch"):
+        assert results[f"{name}@bf16"]["trainable"] == results[name]["trainable"]
+        assert results[f"{name}@bf16"]["step_ms"] > 0
+    assert set(summary["deactivation_pair_ms_by_precision"]) == {"fp32", "bf16"}
+    loader = {row["variant"]: row for row in summary["loader"]}
+    assert set(loader) == {"cessl", "cessl@bf16"}
+    assert all(row["loader_ms"] > 0 and 0 <= row["loader_share"] < 1 for row in loader.values())
+    targets = [t["target"] for t in summary["targets"]]
+    assert any(t.startswith("bf16 CE-SSL step <= 0.35") for t in targets)

@@ -30,7 +30,7 @@ from ml.train.callbacks import CurveRecorder, read_curves
 from ml.train.config import TrainConfig
 
 LORA = LoRAConfig(r=8)
-FINETUNE = TrainConfig(method="cessl", max_steps=4, batch_size=8, val_every=2, seed=0, progress=False)
+FINETUNE = TrainConfig(method="cessl", max_steps=4, batch_size=8, val_every=2, seed=0, progress=False, log_every=1)
 FINGERPRINT_FILE = "store_fingerprint.txt"
 
 
@@ -188,6 +188,8 @@ def test_finetune_outputs_adapter_and_curves(trained):
     assert config["classes"] == splits.classes
     assert len(config["thresholds"]) == len(splits.classes)
     assert config["rank_map"] == json.loads((trained / "rank_map.json").read_text())
+    # the resolved precision, in the adapter's JSON and in the train config MLflow logs (train.precision)
+    assert config["precision"] == config["extra"]["train_config"]["precision"] == "fp32"
     curves = read_curves(trained / "curves")
     assert [r["step"] for r in curves if "train_loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in curves if "valid_macro_map" in r] == [0, 2, 4]  # validated at step 0 too

@@ -60,6 +60,7 @@ def _config(tmp: Path | None, **overrides) -> TrainConfig:
         device="cpu",
         progress=False,
         lr=3e-3,
+        log_every=1,  # every step's loss to the callbacks on CUDA too (the default reads back every 10 there)
     )
     return TrainConfig(**(base | overrides))
 

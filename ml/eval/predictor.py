@@ -35,23 +35,37 @@ class Predictor:
     thresholds: np.ndarray
     backbone_id: str
     batch_size: int = 64
+    device: str = "cpu"  # cpu | cuda | auto (ml.train.config.resolve_device)
+    precision: str = "fp32"  # fp32 | bf16 | auto (ml.train.precision): the forward's autocast
 
     def predict_proba(self, signals: np.ndarray) -> np.ndarray:
-        """Sigmoid probabilities ``(N, C)`` of preprocessed signals ``(N, 12, 6144)`` or ``(N, 12, 1, 6144)``."""
+        """Sigmoid probabilities ``(N, C)`` of preprocessed signals ``(N, 12, 6144)`` or ``(N, 12, 1, 6144)``.
+
+        Runs on :attr:`device` in :attr:`precision` (bf16: the forward under autocast, the
+        sigmoid on float32 logits); the default, CPU fp32, is the plain float32 forward.
+        """
         import torch
+
+        from ml.train.config import resolve_device
+        from ml.train.precision import resolve_precision
 
         x = np.asarray(signals, dtype=np.float32)
         if x.ndim == 3:
             x = x[:, :, None, :]
         if x.ndim != 4 or x.shape[1] != N_LEADS or x.shape[3] != SEQ_LEN:
             raise ValueError(f"expected preprocessed signals (N, 12, {SEQ_LEN}), got {tuple(np.shape(signals))}")
-        model = self.model
+        device = resolve_device(self.device)
+        mixed = resolve_precision(self.precision, device)
+        model = self.model.to(device)
         model.eval()
         out = []
-        with torch.no_grad():
+        with torch.no_grad(), mixed.autocast():
             for start in range(0, len(x), self.batch_size):
-                logits = model(torch.from_numpy(x[start : start + self.batch_size]))
-                out.append(torch.sigmoid(logits.float()).numpy())
+                batch = torch.from_numpy(x[start : start + self.batch_size])
+                if device.type == "cuda":
+                    batch = batch.pin_memory().to(device, non_blocking=True)
+                logits = model(batch)
+                out.append(torch.sigmoid(logits.float()).cpu().numpy())
         return np.concatenate(out).astype(np.float64) if out else np.zeros((0, len(self.classes)))
 
     def predict_raw(self, signals: np.ndarray, sample_rate: float = TARGET_FS) -> np.ndarray:
@@ -166,8 +180,12 @@ def preprocess_signal(signal: np.ndarray, sample_rate: float) -> np.ndarray:
     return np.asarray(preprocess.preprocess_signal(np.asarray(signal), float(sample_rate)), dtype=np.float32)
 
 
-def load_predictor(backbone_dir: Path, adapter_dir: Path) -> Predictor:
-    """Rebuild the fine-tuned model from a backbone folder and an adapter folder."""
+def load_predictor(backbone_dir: Path, adapter_dir: Path, device: str = "cpu", precision: str = "fp32") -> Predictor:
+    """Rebuild the fine-tuned model from a backbone folder and an adapter folder.
+
+    ``device`` / ``precision``: where and in which precision it predicts (the default, CPU
+    float32, whatever precision the adapter was trained in: its config records that one).
+    """
     from ml.model.adapter import load_adapter
 
     model, meta = load_adapter(adapter_dir, read_backbone(backbone_dir).state)
@@ -175,4 +193,11 @@ def load_predictor(backbone_dir: Path, adapter_dir: Path) -> Predictor:
     thresholds = np.asarray(
         meta.thresholds if meta.thresholds is not None else [0.5] * len(meta.classes), dtype=np.float64
     )
-    return Predictor(model=model, classes=list(meta.classes), thresholds=thresholds, backbone_id=meta.backbone_id)
+    return Predictor(
+        model=model,
+        classes=list(meta.classes),
+        thresholds=thresholds,
+        backbone_id=meta.backbone_id,
+        device=device,
+        precision=precision,
+    )

@@ -7,7 +7,8 @@ An adapter directory holds, peft style,
   unlabelled data) and any other parameter that was trainable when saved;
 - ``adapter_config.json``: the backbone config, the backbone identity (sha256 of the
   PRE-TRAINED backbone state dict), the class list, the per-layer rank map, the
-  deactivation probability, thresholds, the method and free ``extra`` metadata.
+  deactivation probability, thresholds, the method, the precision it was trained in
+  (``fp32`` when absent: older adapters) and free ``extra`` metadata.
 
 ``load_adapter`` rebuilds the fine-tuned model from the adapter and the backbone state
 dict, and refuses a backbone whose identity differs. ``export_merged`` writes a plain r = 0
@@ -68,6 +69,9 @@ class AdapterMeta:
     thresholds: list[float] | None = None
     method: str = "cessl"
     extra: dict[str, Any] = field(default_factory=dict)
+    # The resolved precision the adapter was trained in (fp32 | bf16); adapters written
+    # before the option existed have none in their JSON and were trained in fp32.
+    precision: str = "fp32"
 
 
 # --- identity and safe loading -------------------------------------------------------------
@@ -381,6 +385,7 @@ def load_adapter(in_dir: str | Path, backbone_state_dict: Mapping[str, Tensor]) 
         thresholds=config.get("thresholds"),
         method=config.get("method", "cessl"),
         extra=dict(config.get("extra", {})),
+        precision=str(config.get("precision", "fp32")),
     )
     actual = state_dict_identity(backbone_state_dict)
     if actual != meta.backbone_id:

@@ -31,6 +31,20 @@ through ``_LoRAConvFunction`` instead, whose backward gets A's and B's gradients
 r-channel view of the input; a switched-off (or unadapted) conv computes only its input
 gradient. The linear layers keep plain autograd (measured: a separate low-rank branch is
 no faster at these sizes on CPU).
+
+Fewer kernels: the updated kernel ``W + s B A`` is ONE ``addmm`` (``baddbmm`` for c_attn's
+blocks) with ``alpha = s`` instead of a matmul, a scaling and an addition - where that is
+bit-identical to the three separate operations in float32, i.e. when ``s`` is a power of
+two (the scaling is then exact; s = 1 in training with the reference's alpha = r), and
+always under mixed precision. Otherwise (e.g. the eval-mode factor 1 - p = 0.8) the
+separate operations are kept, so fp32 results do not change by a bit.
+
+Mixed precision (bf16 autocast, :mod:`ml.train.precision`): ``_LoRAConvFunction`` is
+autocast-aware. It computes the kernel ``W + s B A`` in float32 (the master weights' dtype),
+casts the input, the kernel and A once to the autocast dtype and runs the convolutions, the
+backward and the r-channel products in that dtype with autocast off inside; the gradients
+go back in the dtypes of their inputs (float32 for A, B and the bias). Without autocast
+every cast is a no-op and the function is exactly the float32 one.
 """
 
 from __future__ import annotations
@@ -160,9 +174,27 @@ class LoRALayer(nn.Module):
             return None if self.rng.random() < self.p else 1.0
         return self.expected_factor
 
+    def _fused_weight(self, lora_B: Tensor, lora_A: Tensor, s: float) -> Tensor:  # pragma: no cover
+        """``W + s B A`` in W's layout as ONE (b)addmm with alpha = s (float32, autocast off)."""
+        raise NotImplementedError
+
+    def updated_weight(self, factor: float) -> Tensor:
+        """The kernel ``W + factor * B A * scale`` (fused where exact or under autocast).
+
+        Under autocast it is computed in W's dtype (float32) with autocast off, so the
+        low-rank update is added to the full-precision W and rounded to bfloat16 once, by
+        the wrapped op's own autocast cast.
+        """
+        s = self.scale * factor
+        device_type = self.weight.device.type
+        if not _fuse(s, device_type):
+            return self.weight + self.low_rank_delta() * factor
+        with torch.autocast(device_type, enabled=False):
+            return self._fused_weight(self.lora_B, self.lora_A, s)
+
     def forward_with_update(self, x: Tensor, factor: float) -> Tensor:
         """The wrapped op with the kernel W + factor * B A * scale."""
-        return self._forward_with(x, self.weight + self.low_rank_delta() * factor)
+        return self._forward_with(x, self.updated_weight(factor))
 
     def forward(self, x: Tensor) -> Tensor:
         factor = self._update_factor()
@@ -194,6 +226,25 @@ class LoRALayer(nn.Module):
         return f"r={self.r}, scale={self.scale:g}, p={self.p:g}, merged={self.merged}"
 
 
+def _exact_scale(s: float) -> bool:
+    """True when multiplying by ``s`` is exact in binary floating point: +-2**k (or 0).
+
+    Only then is ``addmm(W, B, A, alpha=s)`` bit-identical to ``W + (B @ A) * s`` (measured
+    on oneDNN/MKL; s = 0.8 differs in the last bit).
+    """
+    return s == 0.0 or math.frexp(s)[0] in (0.5, -0.5)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in force for ``device_type``, or None when autocast is off."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _fuse(s: float, device_type: str) -> bool:
+    """Whether the kernel ``W + s B A`` is computed by one fused (b)addmm (see the module doc)."""
+    return _exact_scale(s) or _autocast_dtype(device_type) is not None
+
+
 def _uniform_fan_in_(t: Tensor, fan_in: int) -> None:
     """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): torch's default Linear/Conv initialisation."""
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
@@ -213,6 +264,11 @@ class _LoRAConvFunction(torch.autograd.Function):
 
     so the backward costs one full input gradient plus two r-channel operations. The
     values equal autograd's up to float rounding.
+
+    Autocast-aware: under autocast the forward computes in the autocast dtype (the kernel
+    is built in float32 first, then cast once) and saves the cast tensors; the backward
+    replays that dtype (autocast off) and returns each gradient in its input's dtype. With
+    autocast off every cast is a no-op.
     """
 
     @staticmethod
@@ -226,37 +282,55 @@ class _LoRAConvFunction(torch.autograd.Function):
         s: float,
         layer: LoRAConv2d,
     ) -> Tensor:
-        kernel = weight + layer._low_rank(lora_B, lora_A) * s
-        a_kernel = lora_A.view(lora_A.shape[0], *weight.shape[1:])
-        h = None  # only dB needs it (the allocation pass, for one, trains B alone)
-        if ctx.needs_input_grad[4]:
-            h = layer.conv._conv_forward(x, a_kernel, None)
-        ctx.save_for_backward(x, kernel, a_kernel, lora_B, h)
-        ctx.s, ctx.conv = s, layer.conv
-        return layer.conv._conv_forward(x, kernel, bias)
+        device_type = x.device.type
+        dtype = _autocast_dtype(device_type) or x.dtype
+        with torch.autocast(device_type, enabled=False):
+            kernel = (
+                layer._fused_weight(lora_B, lora_A, s)
+                if _exact_scale(s) or dtype != weight.dtype
+                else weight + layer._low_rank(lora_B, lora_A) * s
+            ).to(dtype)
+            a_kernel = lora_A.view(lora_A.shape[0], *weight.shape[1:]).to(dtype)
+            xc = x.to(dtype)
+            h = None  # only dB needs it (the allocation pass, for one, trains B alone)
+            if ctx.needs_input_grad[4]:
+                h = layer.conv._conv_forward(xc, a_kernel, None)
+            out = layer.conv._conv_forward(xc, kernel, bias.to(dtype) if bias is not None else None)
+        ctx.save_for_backward(xc, kernel, a_kernel, lora_B, h)
+        ctx.s, ctx.conv, ctx.dtype = s, layer.conv, dtype
+        ctx.input_dtypes = (x.dtype, bias.dtype if bias is not None else None, lora_A.dtype, lora_B.dtype)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
         x, kernel, a_kernel, lora_B, h = ctx.saved_tensors
-        conv, s = ctx.conv, ctx.s
+        conv, s, dtype = ctx.conv, ctx.s, ctx.dtype
+        x_dtype, bias_dtype, a_dtype, b_dtype = ctx.input_dtypes
         args = (conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups)
         grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(grad_out, x, kernel, None, *args, [True, False, False])[0]
-        if ctx.needs_input_grad[2]:  # False when there is no bias
-            grad_bias = grad_out.sum(dim=(0, 2, 3))
-        g = _positions(grad_out)  # (positions, C_out)
-        grad_A = grad_B = None
-        if ctx.needs_input_grad[4]:
-            grad_B = (g.t() @ _positions(h)) * s  # (C_out, r)
-        if ctx.needs_input_grad[3]:
-            n, _, h_out, w_out = grad_out.shape
-            grad_h = (g @ lora_B * s).view(n, h_out, w_out, -1).permute(0, 3, 1, 2)  # B^T dY
-            grad_A = torch.ops.aten.convolution_backward(grad_h, x, a_kernel, None, *args, [False, True, False])[
-                1
-            ].reshape(a_kernel.shape[0], -1)
+        with torch.autocast(grad_out.device.type, enabled=False):
+            grad_out = grad_out.to(dtype)
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.ops.aten.convolution_backward(grad_out, x, kernel, None, *args, [True, False, False])[0]
+                grad_x = grad_x.to(x_dtype)
+            if ctx.needs_input_grad[2]:  # False when there is no bias
+                grad_bias = grad_out.sum(dim=(0, 2, 3), dtype=bias_dtype)
+            g = _positions(grad_out)  # (positions, C_out)
+            grad_A = grad_B = None
+            if ctx.needs_input_grad[4]:
+                grad_B = _scaled(g.t() @ _positions(h), s).to(b_dtype)  # (C_out, r)
+            if ctx.needs_input_grad[3]:
+                n, _, h_out, w_out = grad_out.shape
+                grad_h = _scaled(g @ lora_B.to(dtype), s).view(n, h_out, w_out, -1).permute(0, 3, 1, 2)  # B^T dY
+                grad_A = torch.ops.aten.convolution_backward(grad_h, x, a_kernel, None, *args, [False, True, False])[1]
+                grad_A = grad_A.reshape(a_kernel.shape[0], -1).to(a_dtype)
         return grad_x, None, grad_bias, grad_A, grad_B, None, None
+
+
+def _scaled(t: Tensor, s: float) -> Tensor:
+    """``t * s``, skipping the kernel launch when s = 1 (exactly the same values)."""
+    return t if s == 1.0 else t * s
 
 
 def _positions(t: Tensor) -> Tensor:
@@ -295,6 +369,10 @@ class LoRAConv2d(LoRALayer):
     def _low_rank(self, lora_B: Tensor, lora_A: Tensor) -> Tensor:
         return (lora_B @ lora_A).view(self.conv.weight.shape)
 
+    def _fused_weight(self, lora_B: Tensor, lora_A: Tensor, s: float) -> Tensor:
+        w = self.conv.weight
+        return torch.addmm(w.view(w.shape[0], -1), lora_B, lora_A, alpha=s).view(w.shape)
+
     def forward_with_update(self, x: Tensor, factor: float) -> Tensor:
         if torch.is_grad_enabled() and not self.weight.requires_grad:
             return _LoRAConvFunction.apply(
@@ -308,7 +386,9 @@ class LoRAConv2d(LoRALayer):
             # Frozen kernel (deactivated or not adapted), trainable bias: add the bias apart.
             # oneDNN's CPU convolution backward computes the kernel gradient whenever it is
             # asked for the bias gradient, which would undo the saving of deactivation.
-            return self.conv._conv_forward(x, weight, None) + bias.view(-1, 1, 1)
+            # Under autocast the bias is added in the convolution's dtype (bfloat16), as autocast would.
+            y = self.conv._conv_forward(x, weight, None)
+            return y + bias.view(-1, 1, 1).to(y.dtype)
         return self.conv._conv_forward(x, weight, bias)
 
 
@@ -331,6 +411,9 @@ class LoRALinear(LoRALayer):
 
     def _low_rank(self, lora_B: Tensor, lora_A: Tensor) -> Tensor:
         return lora_B @ lora_A
+
+    def _fused_weight(self, lora_B: Tensor, lora_A: Tensor, s: float) -> Tensor:
+        return torch.addmm(self.weight, lora_B, lora_A, alpha=s)
 
     def _forward_with(self, x: Tensor, weight: Tensor) -> Tensor:
         return F.linear(x, weight, self.bias)
@@ -371,6 +454,13 @@ class LoRAConv1D(LoRALayer):
         k, d_out = self.n_blocks, self.out_features // self.n_blocks
         blocks = lora_B.view(k, d_out, self.r) @ lora_A.view(k, self.r, self.in_features)
         return blocks.reshape(self.out_features, self.in_features).t()  # (d, 3d), like W
+
+    def _fused_weight(self, lora_B: Tensor, lora_A: Tensor, s: float) -> Tensor:
+        # W.t() (3d, d) viewed as (k, d_out, d): block i of the transposed weight, plus B_i A_i.
+        k, d_out = self.n_blocks, self.out_features // self.n_blocks
+        w_blocks = self.weight.t().view(k, d_out, self.in_features)
+        b, a = lora_B.view(k, d_out, self.r), lora_A.view(k, self.r, self.in_features)
+        return torch.baddbmm(w_blocks, b, a, alpha=s).reshape(self.out_features, self.in_features).t()
 
     def block_views(self, lora_B: Tensor, lora_A: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Per q/k/v block: (B_i (d_out, r), A_i (r, d_in))."""

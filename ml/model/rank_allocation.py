@@ -11,10 +11,16 @@ For the fused c_attn the score is the mean of its three q/k/v block scores. Scor
 averaged over batches, ranked (ties share the average rank) and the least important
 ``floor(num_layers * c)`` matrices get ``r_low = (r // 4) * 2``; the others keep r.
 ``num_layers`` counts the never-adapted classifier.1 too (tinylight, c = 0.6: 8 of 13).
+
+Precision: ``parameter_importance(..., autocast=...)`` runs the forward and the loss inside
+the given context (``Precision.autocast()`` of :mod:`ml.train.precision`, bf16 on a GPU); the
+loss is computed from float32 logits and the scores from the float32 gradients of B. The
+scores are summed on the device and read back once, after the pass (no host stall per batch).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -62,8 +68,9 @@ class RankAllocationConfig:
             raise ValueError(f"r_low must be >= 0, got {self.r_low}")
 
 
-def _mean_square(t: Tensor) -> float:
-    return float(torch.mean(t**2).item())
+def _mean_square(t: Tensor) -> Tensor:
+    """mean(t^2) as a float64 0-d tensor on t's device (no read-back: see layer_score)."""
+    return torch.mean(t**2).double()
 
 
 @torch.no_grad()
@@ -72,6 +79,17 @@ def layer_importance(layer: LoRALayer, variant: Variant) -> float:
 
     (dL/dB) A is the gradient the full weight W would get through the update (for B = 0);
     taylor weighs it by W. c_attn: mean over its q/k/v blocks, each in W's (out, in) view.
+    """
+    return float(layer_score(layer, variant))
+
+
+@torch.no_grad()
+def layer_score(layer: LoRALayer, variant: Variant) -> Tensor:
+    """:func:`layer_importance` as a float64 0-d tensor on the layer's device.
+
+    The pass sums these on the device and reads them back once at its end: a read-back per
+    layer and batch would wait for the GPU every time. float64 sums of the float32 scores in
+    the same order are exactly the Python float sums they replace.
     """
     if layer.lora_B.grad is None:
         raise RuntimeError("lora_B has no gradient: run a backward pass first")
@@ -84,7 +102,10 @@ def layer_importance(layer: LoRALayer, variant: Variant) -> float:
             if variant == "taylor":
                 g_w = layer.weight[:, i * d_out : (i + 1) * d_out].t() * g_w
             scores.append(_mean_square(g_w))
-        return float(sum(scores) / len(scores))
+        total = scores[0]
+        for score in scores[1:]:
+            total = total + score
+        return total / len(scores)
     g_w = (grad_b @ lora_a).view(layer.weight.shape)
     if variant == "taylor":
         g_w = layer.weight * g_w
@@ -97,8 +118,12 @@ def parameter_importance(
     loss_fn: LossFn | None = None,
     variant: Variant = "taylor",
     device: torch.device | str | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
 ) -> dict[str, float]:
     """Importance of every adapted matrix, reference order, averaged over ONE pass.
+
+    ``autocast``: a context factory for the forward and the loss (mixed precision); the
+    default runs in float32, as before.
 
     The pass runs in train mode (BatchNorm uses batch statistics) with random
     deactivation off. The model is left as it was found: mode, deactivation, requires_grad
@@ -116,7 +141,7 @@ def parameter_importance(
     saved_p = {n: layer.p for n, layer in layers.items()}
     saved_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     saved_buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    totals = dict.fromkeys(layers, 0.0)
+    sums: dict[str, Tensor] = {}
     n_batches = 0
     try:
         for p in model.parameters():
@@ -127,10 +152,12 @@ def parameter_importance(
         model.train()
         for x, y in tqdm(loader, desc=f"{variant} importance", leave=False):
             model.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x.to(device)), y.to(device))
+            with autocast():
+                loss = loss_fn(model(x.to(device)).float(), y.to(device))
             loss.backward()
             for name, layer in layers.items():
-                totals[name] += layer_importance(layer, variant)
+                score = layer_score(layer, variant)
+                sums[name] = sums[name] + score if name in sums else score
             n_batches += 1
     finally:
         model.zero_grad(set_to_none=True)
@@ -144,6 +171,7 @@ def parameter_importance(
         model.train(was_training)
     if n_batches == 0:
         raise ValueError("the loader yielded no batches")
+    totals = dict(zip(sums, torch.stack(list(sums.values())).tolist(), strict=True))  # one read-back
     logger.info("%s importance over %d batch(es) for %d matrices", variant, n_batches, len(layers))
     return {n: total / n_batches for n, total in totals.items()}
 

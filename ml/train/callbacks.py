@@ -96,11 +96,11 @@ def _reset_peak_rss() -> bool:
 class StepProfiler:
     """Mean milliseconds per training step and peak memory (MB) over the steps.
 
-    The time of a step is measured from the end of the previous step (or validation) to
-    the trainer's ``on_step`` call, which comes after the loss has been read back (so a
-    CUDA step has finished); the intervals that contain a validation are not counted, nor
-    the first ``warmup`` steps (lazy initialisation, allocator growth). Peak memory counts
-    every step.
+    The trainer calls ``on_step`` every ``log_every`` steps, after it has read the window's
+    losses back (so the CUDA steps have finished); an interval from the previous call (or
+    validation) to this one is divided among the steps it covers. The intervals that contain
+    a validation are not counted, nor those holding any of the first ``warmup`` steps (lazy
+    initialisation, allocator growth). Peak memory counts every step.
     """
 
     def __init__(self, device: torch.device | str, warmup: int = 1) -> None:
@@ -111,6 +111,7 @@ class StepProfiler:
         self.steps = 0  # steps timed
         self.step_seconds = 0.0
         self._last: float | None = None
+        self._last_step: int | None = None
         self._peak_bytes = 0
         self._base_kb: int | None = None
 
@@ -145,19 +146,23 @@ class StepProfiler:
         now = time.perf_counter()
         if self._last is None:  # a run resumed without a validation first
             self._restart()
+            self._last_step = step
             return
-        self._seen += 1
-        if self._seen > self.warmup:
-            self.steps += 1
+        covered = max(1, step - self._last_step) if self._last_step is not None else 1
+        self._seen += covered
+        if self._seen - covered >= self.warmup:
+            self.steps += covered
             self.step_seconds += now - self._last
         self._sample_memory()
+        self._last_step = step
         self._last = time.perf_counter()
 
     def on_validation(self, step: int, metrics: Mapping[str, float]) -> None:
         self._restart()
+        self._last_step = step
 
     def on_end(self, result: TrainResult) -> None:
-        self._last = None
+        self._last = self._last_step = None
 
     def summary(self) -> dict[str, float | str]:
         """``ms_per_step``, ``peak_memory_mb`` (NaN before any step) and ``memory_measure``."""

@@ -16,6 +16,14 @@ improvement of ``monitor``, a tie counting as an improvement, as in the referenc
 
 The method (``cessl`` and the baselines) is a name in the registry of
 :mod:`ml.train.methods`; :attr:`TrainConfig.training_method` is its entry.
+
+``precision`` (``fp32 | bf16 | auto``, :mod:`ml.train.precision`) is resolved against the
+device once, by :meth:`TrainConfig.resolve_precision` (:func:`ml.train.trainer.fit` calls it);
+the resolved config names ``fp32`` or ``bf16``, never ``auto``, so what is logged and
+checkpointed is what ran. ``log_every``: the training loss reaches the callbacks (and the
+progress bar) every that many steps and at every validation, averaged on the device in
+between, so the step never waits for the GPU to hand a number back (0, the default: every
+step on the CPU, where a read-back costs nothing, every 10 steps on CUDA).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from typing import Any
 import torch
 
 from ml.train.methods import DEFAULT_METHOD, TrainingMethod, get_method
+from ml.train.precision import DEFAULT_PRECISION, Precision, check_precision_name, resolve_precision
 
 # The paper's schedule: batch 64, or 16 when fewer than 2% of the records are labelled.
 DEFAULT_BATCH_SIZE = 64
@@ -51,6 +60,7 @@ SCHEDULE_FIELDS: tuple[str, ...] = (
     "fixmatch_tau",
     "fixmatch_lambda_u",
     "seed",
+    "precision",  # in the fingerprint only when it is not fp32 (see schedule_fingerprint)
 )
 
 
@@ -112,10 +122,17 @@ class TrainConfig:
     num_workers: int = 0
     deterministic: bool = True  # torch.use_deterministic_algorithms during fit
     progress: bool = True  # tqdm progress bar
+    precision: str = DEFAULT_PRECISION  # fp32 | bf16 | auto (ml.train.precision); fit resolves auto
+    # Steps between training-loss reports to the callbacks (losses averaged on the device);
+    # 0: every step on the CPU, every 10 on CUDA (ml.train.trainer.log_interval).
+    log_every: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, logged and checkpointed
 
     def __post_init__(self) -> None:
         get_method(self.method)  # a clear error for an unknown name
+        check_precision_name(self.precision)
+        if self.log_every < 0:
+            raise ValueError(f"log_every must be >= 0 (0: automatic), got {self.log_every}")
         for name in ("max_steps", "batch_size", "eval_batch_size", "val_every", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -151,10 +168,27 @@ class TrainConfig:
             return self
         return replace(self, max_steps=steps_for_epochs(num_labelled, self.batch_size, self.epochs))
 
+    def resolved_precision(self) -> Precision:
+        """:attr:`precision` on :attr:`device` (``auto`` -> bf16 on a bf16-capable GPU, else fp32)."""
+        return resolve_precision(self.precision, resolve_device(self.device))
+
+    def resolve_precision(self) -> TrainConfig:
+        """This config with ``auto`` replaced by what it means on :attr:`device` (idempotent)."""
+        resolved = self.resolved_precision().name
+        return self if resolved == self.precision else replace(self, precision=resolved)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-typed dict (for logging, MLflow params and checkpoints)."""
         return asdict(self)
 
     def schedule_fingerprint(self) -> dict[str, Any]:
-        """The fields a resumed run must share with the run that wrote the checkpoint."""
-        return {key: getattr(self, key) for key in SCHEDULE_FIELDS}
+        """The fields a resumed run must share with the run that wrote the checkpoint.
+
+        ``precision`` is left out when it is ``fp32``: an fp32 run keys and resumes its
+        checkpoints exactly as before the option existed (its checkpoints have no such
+        field); a bf16 run never resumes an fp32 checkpoint, nor the reverse.
+        """
+        fingerprint = {key: getattr(self, key) for key in SCHEDULE_FIELDS}
+        if fingerprint["precision"] == "fp32":
+            del fingerprint["precision"]
+        return fingerprint

@@ -24,10 +24,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-import torch
 from torch import Tensor
 
 from ml.model.lora import LoRAConfig
+from ml.train.augment import Generator
 from ml.train.steps import EncoderHeadModel, StepOutput, fixmatch_step, semi_supervised_step, supervised_step
 
 if TYPE_CHECKING:
@@ -36,24 +36,24 @@ if TYPE_CHECKING:
 RankPolicy = Literal["allocated", "uniform", "none"]
 Trainable = Literal["lora", "full"]
 # (model, labelled x, labelled y, unlabelled x or None, augmentation generator, config) -> loss
-StepFn = Callable[[EncoderHeadModel, Tensor, Tensor, "Tensor | None", torch.Generator, "TrainConfig"], StepOutput]
+StepFn = Callable[[EncoderHeadModel, Tensor, Tensor, "Tensor | None", Generator, "TrainConfig"], StepOutput]
 
 
 def _cessl_step(
-    model: EncoderHeadModel, x: Tensor, y: Tensor, x_u: Tensor | None, gen: torch.Generator, config: TrainConfig
+    model: EncoderHeadModel, x: Tensor, y: Tensor, x_u: Tensor | None, gen: Generator, config: TrainConfig
 ) -> StepOutput:
     assert x_u is not None
     return semi_supervised_step(model, x, y, x_u, gen, config.cutmix_alpha)
 
 
 def _supervised_step(
-    model: EncoderHeadModel, x: Tensor, y: Tensor, x_u: Tensor | None, gen: torch.Generator, config: TrainConfig
+    model: EncoderHeadModel, x: Tensor, y: Tensor, x_u: Tensor | None, gen: Generator, config: TrainConfig
 ) -> StepOutput:
     return supervised_step(model, x, y, gen, config.cutmix_alpha)
 
 
 def _fixmatch_step(
-    model: EncoderHeadModel, x: Tensor, y: Tensor, x_u: Tensor | None, gen: torch.Generator, config: TrainConfig
+    model: EncoderHeadModel, x: Tensor, y: Tensor, x_u: Tensor | None, gen: Generator, config: TrainConfig
 ) -> StepOutput:
     assert x_u is not None
     return fixmatch_step(model, x, y, x_u, gen, config.fixmatch_tau, config.fixmatch_lambda_u, config.cutmix_alpha)

@@ -36,6 +36,7 @@ from ml.train.build import BackboneState, build_model, build_scoring_model
 from ml.train.config import TrainConfig, resolve_device
 from ml.train.loaders import EpochStream, dataset_size, fetch
 from ml.train.methods import TrainingMethod, get_method
+from ml.train.precision import resolve_precision
 from ml.train.trainer import Callback, TrainResult, fit
 
 log = logging.getLogger(__name__)
@@ -81,15 +82,21 @@ def allocate_ranks_for(
     batch_size: int,
     seed: int,
     device: str = "cpu",
+    precision: str = "fp32",
 ) -> RankAllocation:
-    """The rank map ``method`` fine-tunes with (empty unless its ranks are allocated)."""
+    """The rank map ``method`` fine-tunes with (empty unless its ranks are allocated).
+
+    ``precision`` (``fp32 | bf16 | auto``): the scoring pass's, resolved for ``device``.
+    """
     entry = get_method(method)
     if not entry.allocates_ranks:
         log.info("method %s (%s ranks): no rank allocation", entry.name, entry.rank_policy)
         return RankAllocation(rank_map={}, importance={})
-    model = build_scoring_model(backbone_state, backbone_config, lora, seed).to(resolve_device(device))
+    target = resolve_device(device)
+    mixed = resolve_precision(precision, target)
+    model = build_scoring_model(backbone_state, backbone_config, lora, seed).to(target)
     batches = allocation_batches(train_ds, batch_size, seed)
-    importance = parameter_importance(model, batches, variant=allocation.variant)
+    importance = parameter_importance(model, batches, variant=allocation.variant, autocast=mixed.autocast)
     rank_map = ranks_from_importance(
         importance, backbone_config.num_layers, lora.r, allocation.compress, allocation.r_low
     )

@@ -6,7 +6,12 @@
 - :func:`fixmatch_step` - the FixMatch baseline, multi-label.
 
 Every step augments under ``torch.no_grad()`` with the caller's generator and returns a
-:class:`StepOutput`: the scalar loss to back-propagate and detached tensors to log.
+:class:`StepOutput`: the scalar loss to back-propagate and detached tensors to log (the
+trainer reads them back every ``log_every`` steps, never here).
+
+Mixed precision: the trainer runs a step inside :meth:`ml.train.precision.Precision.autocast`;
+the losses and the pseudo-label probabilities are computed from float32 logits
+(:func:`_fp32`), whatever dtype the model computed them in (a no-op in fp32).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ml.train.augment import CUTMIX_ALPHA, cutmix, strong_augment, weak_augment
+from ml.train.augment import CUTMIX_ALPHA, Generator, cutmix, strong_augment, weak_augment
 
 
 @runtime_checkable
@@ -30,6 +35,16 @@ class EncoderHeadModel(Protocol):
     def head(self, features: Tensor) -> Tensor: ...  # (N, d, 1, T/64) -> logits (N, C)
 
     def __call__(self, x: Tensor) -> Tensor: ...  # head(encode(x))
+
+
+def _fp32(logits: Tensor) -> Tensor:
+    """Logits as float32 for the loss (bf16 autocast leaves the classifier's output in bfloat16)."""
+    return logits.float()
+
+
+def _bce(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    """BCE-with-logits in float32 (targets too: Cutmix's mixed labels are float32 already)."""
+    return F.binary_cross_entropy_with_logits(_fp32(logits), targets.float(), reduction=reduction)
 
 
 @dataclass
@@ -45,7 +60,7 @@ def semi_supervised_step(
     x_labelled: Tensor,
     y_labelled: Tensor,
     x_unlabelled: Tensor,
-    generator: torch.Generator,
+    generator: Generator,
     cutmix_alpha: float = CUTMIX_ALPHA,
 ) -> StepOutput:
     """CE-SSL's lightweight semi-supervised step (semi-supervised BatchNorm).
@@ -67,7 +82,7 @@ def semi_supervised_step(
         x_unlabelled = weak_augment(x_unlabelled, generator)
     features = model.encode(torch.cat([x_labelled, x_unlabelled]))  # (N + M, d, 1, 96)
     logits = model.head(features[:n])  # (N, C): the unlabelled half stops here
-    loss = F.binary_cross_entropy_with_logits(logits, y_labelled)
+    loss = _bce(logits, y_labelled)
     return StepOutput(loss, {"loss": loss.detach()})
 
 
@@ -75,13 +90,13 @@ def supervised_step(
     model: EncoderHeadModel,
     x_labelled: Tensor,
     y_labelled: Tensor,
-    generator: torch.Generator,
+    generator: Generator,
     cutmix_alpha: float = CUTMIX_ALPHA,
 ) -> StepOutput:
     """Supervised fine-tuning (plain LoRA or full): Cutmix + BCE-with-logits."""
     with torch.no_grad():
         x_labelled, y_labelled = cutmix(x_labelled, y_labelled, generator, cutmix_alpha)
-    loss = F.binary_cross_entropy_with_logits(model(x_labelled), y_labelled)
+    loss = _bce(model(x_labelled), y_labelled)
     return StepOutput(loss, {"loss": loss.detach()})
 
 
@@ -101,7 +116,7 @@ def fixmatch_step(
     x_labelled: Tensor,
     y_labelled: Tensor,
     x_unlabelled: Tensor,
-    generator: torch.Generator,
+    generator: Generator,
     tau: float = 0.95,
     lambda_u: float = 1.0,
     cutmix_alpha: float = CUTMIX_ALPHA,
@@ -121,10 +136,10 @@ def fixmatch_step(
         weak = weak_augment(x_unlabelled, generator)
         strong = strong_augment(x_unlabelled, generator)
     logits = model(torch.cat([x_labelled, weak, strong]))  # (N + 2M, C)
-    logits_l, logits_weak, logits_strong = logits.split([n, m, m])
+    logits_l, logits_weak, logits_strong = _fp32(logits).split([n, m, m])
     targets, mask = pseudo_labels(logits_weak.detach().sigmoid(), tau)
-    loss_x = F.binary_cross_entropy_with_logits(logits_l, y_labelled)
-    loss_u = (F.binary_cross_entropy_with_logits(logits_strong, targets, reduction="none") * mask).mean()
+    loss_x = _bce(logits_l, y_labelled)
+    loss_u = (_bce(logits_strong, targets, reduction="none") * mask).mean()
     loss = loss_x + lambda_u * loss_u
     logs = {
         "loss": loss.detach(),

@@ -16,6 +16,15 @@ seeded from ``config.seed``: batch order (:mod:`ml.train.loaders`), augmentation
 ``torch.Generator``), LoRA random deactivation (the layers' shared RNG, re-seeded here) and
 torch's global RNG (inside ``torch.random.fork_rng``, so the caller's RNG is untouched).
 
+Precision (:mod:`ml.train.precision`): ``config.precision`` is resolved once against the
+device (``auto`` -> bf16 on a bf16-capable GPU, else fp32); a bf16 step runs its forward and
+loss under autocast, the backward and the AdamW update act on the float32 master weights.
+fp32 is the unchanged path. Validation predicts under the same autocast, metrics in float64.
+
+No host stalls in the loop: the step's logged tensors are summed on the device and read back
+every ``log_every`` steps (and at each validation), never per step; the callbacks get the
+window's means. Batches are copied to a GPU from pinned memory without blocking.
+
 Checkpoints: after every validation ``last.pt`` in ``config.checkpoint_dir`` is replaced
 atomically by the complete training state (model, optimizer, scheduler, RNG states, loader
 positions, early-stopping state, history). A run that was killed and is started again with
@@ -48,10 +57,11 @@ from tqdm.auto import tqdm
 from ml.eval.evaluate import predict_with_labels
 from ml.eval.metrics import macro_auroc, macro_average_precision
 from ml.model.lora import lora_layers, seed_deactivation
-from ml.train.augment import make_generator
+from ml.train.augment import AugmentRNG, make_augment_rng
 from ml.train.checkpoint import load_checkpoint, save_checkpoint
 from ml.train.config import TrainConfig, resolve_device
 from ml.train.loaders import BatchIterator, StreamPosition, dataset_size, derive_seed
+from ml.train.precision import Precision
 from ml.train.steps import EncoderHeadModel, StepOutput
 
 log = logging.getLogger(__name__)
@@ -60,6 +70,43 @@ CHECKPOINT_NAME = "last.pt"
 CHECKPOINT_FORMAT = 1
 # Independent random streams derived from config.seed.
 _LABELLED, _UNLABELLED, _AUGMENT, _DEACTIVATION, _TORCH = range(5)
+CUDA_LOG_EVERY = 10  # log_every 0 on CUDA: read the losses back every 10 steps
+
+
+def log_interval(config: TrainConfig, device: torch.device) -> int:
+    """Steps between read-backs of the training losses: ``config.log_every``, or for 0 every
+    step on the CPU (a read-back costs nothing there) and every :data:`CUDA_LOG_EVERY` on CUDA."""
+    if config.log_every:
+        return config.log_every
+    return CUDA_LOG_EVERY if device.type == "cuda" else 1
+
+
+class LossWindow:
+    """The step's logged tensors summed on the device (float64), read back once per window.
+
+    float64 sums of the float32 losses in step order are exactly what summing the Python
+    floats did, so the logged means do not change by a bit.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.steps = 0
+
+    def add(self, logs: Mapping[str, Tensor]) -> None:
+        for key, value in logs.items():
+            value = value.detach().double()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.steps += 1
+
+    def read(self) -> dict[str, float]:
+        """The means since the last read (one device-to-host copy), and start a new window."""
+        if not self.steps:
+            return {}
+        keys = list(self.sums)
+        totals = torch.stack([self.sums[k] for k in keys]).tolist()
+        means = {k: total / self.steps for k, total in zip(keys, totals, strict=True)}
+        self.sums, self.steps = {}, 0
+        return means
 
 
 # --- callbacks and result -----------------------------------------------------------------
@@ -79,6 +126,7 @@ class TrainResult:
     seconds: float = 0.0  # wall time of this call (not of the interrupted part)
     device: str = "cpu"
     monitor: str = "macro_map"
+    precision: str = "fp32"  # the resolved precision the run trained in (fp32 or bf16)
 
 
 class Callback(Protocol):
@@ -226,10 +274,13 @@ class _Run:
             raise ValueError(f"method {config.method!r} needs a non-empty unlabelled dataset")
         self.config, self.callbacks = config, list(callbacks)
         self.device = resolve_device(config.device)
+        self.precision: Precision = config.resolved_precision()
         self.model = model.to(self.device)
         self.labelled, self.unlabelled, self.valid = labelled, unlabelled, valid
         self.optimizer, self.scheduler = build_optimizer(self.model, config)
-        self.generator = make_generator(derive_seed(config.seed, _AUGMENT), self.device)
+        self.generator = make_augment_rng(
+            derive_seed(config.seed, _AUGMENT), derive_seed(config.seed, _AUGMENT, 1), self.device
+        )
         seed_deactivation(self.model, derive_seed(config.seed, _DEACTIVATION))
         self.early = EarlyStopping(config.patience)
         self.history: list[dict[str, float]] = []
@@ -276,7 +327,11 @@ class _Run:
         torch.set_rng_state(state["rng"]["torch"])
         if self.device.type == "cuda" and state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        self.generator.set_state(state["rng"]["augment"])
+        augment = state["rng"]["augment"]
+        if isinstance(self.generator, AugmentRNG) and isinstance(augment, Tensor):
+            self.generator.device.set_state(augment)  # a checkpoint from before the host stream
+        else:
+            self.generator.set_state(augment)
         rng = _deactivation_rng(self.model)
         if rng is not None and state["rng"]["deactivation"] is not None:
             rng.setstate(state["rng"]["deactivation"])
@@ -323,11 +378,13 @@ class _Run:
     def loss(self, labelled: BatchIterator, unlabelled: BatchIterator | None) -> StepOutput:
         x, y = next(labelled)
         x_u = next(unlabelled)[0] if unlabelled is not None else None
-        return self.method.step(self.model, x, y, x_u, self.generator, self.config)
+        with self.precision.autocast():
+            return self.method.step(self.model, x, y, x_u, self.generator, self.config)
 
     def validate(self) -> dict[str, float]:
         cfg = self.config
-        probs, labels = predict_with_labels(self.model, self.valid, cfg.eval_batch_size, self.device)
+        with self.precision.autocast():
+            probs, labels = predict_with_labels(self.model, self.valid, cfg.eval_batch_size, self.device)
         clipped = np.clip(probs, 1e-7, 1 - 1e-7)
         bce = float(-np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped)))
         return {
@@ -343,7 +400,8 @@ class _Run:
         self.validate_at_start()
         labelled, unlabelled = self.iterators()
         self.model.train()
-        running, count = 0.0, 0
+        every = log_interval(cfg, self.device)
+        window, since_validation = LossWindow(), LossWindow()
         bar = tqdm(
             total=cfg.max_steps,
             initial=self.step,
@@ -360,19 +418,18 @@ class _Run:
                 lr = float(self.scheduler.get_last_lr()[0])
                 self.scheduler.step()
                 self.step += 1
-                logs = {k: float(v) for k, v in out.logs.items()} | {"lr": lr}
-                running, count = running + logs["loss"], count + 1
+                window.add(out.logs)
+                since_validation.add({"loss": out.loss})
                 bar.update(1)
-                bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
-                for cb in self.callbacks:
-                    cb.on_step(self.step, logs)
-                if self.step % cfg.val_every == 0 or self.step == cfg.max_steps:
+                validating = self.step % cfg.val_every == 0 or self.step == cfg.max_steps
+                if validating or self.step % every == 0:
+                    self.report_steps(window.read() | {"lr": lr}, bar)
+                if validating:
                     self.positions = {
                         "labelled": labelled.position,
                         "unlabelled": unlabelled.position if unlabelled is not None else StreamPosition(),
                     }
-                    self.after_validation(self.validate(), running / max(count, 1), lr)
-                    running, count = 0.0, 0
+                    self.after_validation(self.validate(), since_validation.read()["loss"], lr)
         except (KeyboardInterrupt, SystemExit):
             # SIGINT / SIGTERM (pipeline.process): the last checkpoint, written atomically, stays as it is.
             log.warning("fine-tuning stopped at step %d; a rerun resumes from the last checkpoint", self.step)
@@ -380,6 +437,12 @@ class _Run:
         finally:
             bar.close()
         return self.finish(time.perf_counter() - start_time)
+
+    def report_steps(self, logs: dict[str, float], bar: tqdm) -> None:
+        """Hand a window's mean losses (and the last lr) to the progress bar and the callbacks."""
+        bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+        for cb in self.callbacks:
+            cb.on_step(self.step, logs)
 
     def validate_at_start(self) -> None:
         """Validate the untouched model at step 0, once: a resumed run finds it in its history.
@@ -428,6 +491,7 @@ class _Run:
             seconds=seconds,
             device=str(self.device),
             monitor=self.config.monitor,
+            precision=self.precision.name,
         )
         log.info(
             "done after %d steps: best %s %.4f at step %d",
@@ -456,9 +520,10 @@ def fit(
     read unlabelled data (``TrainingMethod.reads_unlabelled``) and ignored otherwise. When
     ``config.checkpoint_dir`` holds a checkpoint of the same configuration and
     ``config.resume`` is set, training continues from it. In epochs mode (``config.epochs``
-    set) the number of steps comes from ``len(labelled)`` (:meth:`TrainConfig.resolve_steps`).
+    set) the number of steps comes from ``len(labelled)`` (:meth:`TrainConfig.resolve_steps`);
+    ``config.precision`` ``auto`` is resolved for the device (:meth:`TrainConfig.resolve_precision`).
     """
-    config = config.resolve_steps(dataset_size(labelled))
+    config = config.resolve_steps(dataset_size(labelled)).resolve_precision()
     device = resolve_device(config.device)
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), _deterministic_algorithms(config.deterministic, device):
