@@ -73,7 +73,8 @@ def hold_lock(path: Path) -> subprocess.Popen:
 
 def test_a_second_run_fails_fast_naming_the_holder_and_a_dead_holder_is_recovered(tmp_path, caplog):
     project = tmp_path / "project"
-    (project / "data").mkdir(parents=True)  # passes the checks that run before the lock
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "A0001.hea").write_text("A0001 12 500 5000\n")  # passes the checks before the lock
     lock = project / ".cache" / "cessl" / "run.lock"
     holder = hold_lock(lock)
     try:
@@ -85,7 +86,7 @@ def test_a_second_run_fails_fast_naming_the_holder_and_a_dead_holder_is_recovere
         assert f"pid {holder.pid}" in line and "since" in line and "--wait-lock" in line, out
         # before any work: no data generated, no MLflow store, no task outputs
         assert sorted(p.name for p in project.iterdir()) == [".cache", "data"], list(project.iterdir())
-        assert not any((project / "data").iterdir())
+        assert [p.name for p in (project / "data").iterdir()] == ["A0001.hea"]
         assert time.monotonic() - start < 60
 
         # --wait-lock: waits that long for the holder, then gives up with the same line
