@@ -17,7 +17,7 @@ import lives inside the function.
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import List, NamedTuple, Optional  # noqa: UP035 (KFP reads typing.List in Input[List[...]])
 
 from kfp import dsl
 from kfp.dsl import (
@@ -404,8 +404,15 @@ def register(
     kfp_run_id: str = "",
     kfp_run_name: str = "",
     kfp_pipeline_name: str = "",
+    site: Optional[dict] = None,
+    network_id: str = "",
 ) -> NamedTuple("RegisterOutputs", [("run_id", str), ("model_version", str)]):
     """Log the run to MLflow and register the adapter as a model version (alias challenger).
+
+    ``site`` / ``network_id``: a hospital network's run (``pipeline.network``): ``site`` is
+    the site's loop item (its name, its registered model ``<model>-<site>``, source and
+    overrides, which replace those of ``params``); the site and the network run are tagged
+    on the run and the model version (``site``, ``cessl.network_id``).
 
     ``params``: the run's :class:`pipeline.params.PipelineParams` as one mapping (its
     ``data_version`` the one ingest settled on). ``kfp_run_id`` / ``kfp_run_name``: the KFP
@@ -425,7 +432,9 @@ def register(
     from pipeline.testsets import after_registration
     from pipeline.tracking import TrackingConfig, log_and_register
 
-    run = PipelineParams.from_mapping(params)
+    site = dict(site or {})
+    own = {k: v for k, v in site.items() if k in params and k != "data_version"}  # the site's values
+    run = PipelineParams.from_mapping({**params, **own})
     bundle = collect_registration(
         splits_path=Path(splits.path),
         backbone_dir=Path(backbone_model.path),
@@ -442,6 +451,12 @@ def register(
     )
     if "n_quarantined" in quarantine_report.metadata:  # ingest's count, for `cessl run`'s summary
         bundle.tags["n_quarantined"] = str(int(quarantine_report.metadata["n_quarantined"]))
+    if site:
+        from pipeline.network_tracking import TAG_NETWORK, TAG_SITE
+
+        bundle.tags[TAG_SITE] = str(site["name"])
+        if network_id:
+            bundle.tags[TAG_NETWORK] = network_id
     name = registered_model_name(run.model_name, run.method)
     tracking = TrackingConfig.resolve(run.tracking_uri, run.experiment_name, name)
     lineage = lineage_tags(run.git_commit, kfp_run_id, kfp_run_name, kfp_pipeline_name)
@@ -455,6 +470,9 @@ def register(
             "model_version": result.version,
             "model_name": result.model_name,
             "reused": result.reused,
+            "site": str(site.get("name", "")),
+            "data_version": run.data_version,
+            "n_quarantined": int(quarantine_report.metadata.get("n_quarantined", -1)),
         }
     )
     outputs = NamedTuple("RegisterOutputs", [("run_id", str), ("model_version", str)])
@@ -558,6 +576,111 @@ def summarize_comparison(
     return parent.run_id
 
 
+# --------------------------------------------------------------------------- network bodies
+
+
+def start_network(
+    sites: list, params: dict, network_id: str, kfp_run_id: str, network: Output[Artifact]
+) -> str:
+    """Check every site's parameters (the shared ``params`` with the site's own values: all
+    problems in one message, as validate does for one run), then open the network's MLflow
+    parent run; ``network`` says where it is. Returns the parent run's id."""
+    from pipeline.process import die_with_parent
+
+    die_with_parent()  # a task dies with the process that started it (kill -9 of cessl run)
+    from pathlib import Path
+
+    from ml.errors import ParameterError
+    from pipeline.network_tracking import start_network as start
+    from pipeline.params import PipelineParams
+    from pipeline.tracking import TrackingConfig
+
+    shared = PipelineParams.from_mapping(params)
+    if not sites:
+        raise ParameterError("sites: the network run has no site")
+    problems, fields = [], set(shared.arguments())
+    for item in sites:
+        values = {k: v for k, v in dict(item).items() if k in fields}
+        try:
+            PipelineParams.from_mapping({**shared.arguments(), **values})
+        except ParameterError as err:
+            problems.append(f"site {item.get('name', '?')}: {err}")
+    if problems:
+        raise ParameterError("; ".join(problems))
+    tracking = TrackingConfig.resolve(shared.tracking_uri, shared.experiment_name)
+    tags = {"git_commit": shared.git_commit, "kfp.run_id": kfp_run_id if not kfp_run_id.startswith("{{") else ""}
+    parent = start(tracking, network_id, list(sites), shared.logged(), tags)
+    parent.write(Path(network.path))
+    network.metadata.update({"run_id": parent.run_id, "network_id": parent.network_id})
+    return parent.run_id
+
+
+def cross_site(
+    network: Input[Artifact],
+    backbone_model: Input[Model],
+    stores: Input[List[Dataset]],
+    splits: Input[List[Dataset]],
+    adapters: Input[List[Model]],
+    registrations: Input[List[Markdown]],
+    tracking_uri: str,
+    experiment_name: str,
+    matrix: Output[Markdown],
+    files: Output[Artifact],
+) -> str:
+    """Every site's adapter and the backbone without adaptation scored on every site's test
+    split (``components.cross_site``); the matrix (CSV, Markdown, heat map) logged to the
+    network's parent run, the site runs nested under it. Returns the network's summary
+    (JSON: parent run, per-site registration, the matrix's cells)."""
+    from pipeline.process import die_with_parent
+
+    die_with_parent()  # a task dies with the process that started it (kill -9 of cessl run)
+    import json
+    import shutil
+    from pathlib import Path
+
+    from components.common import StepError
+    from components.cross_site import SiteArtifacts, cross_site_step
+    from pipeline.network_tracking import NetworkRun, finish_network
+    from pipeline.tracking import TrackingConfig
+
+    parent = NetworkRun.read(Path(network.path))
+    if not len(stores) == len(splits) == len(adapters) == len(registrations):
+        raise StepError(
+            f"cross-site: {len(stores)} stores, {len(splits)} splits, {len(adapters)} adapters and "
+            f"{len(registrations)} registrations collected: one of each per site expected"
+        )
+    sites = [
+        SiteArtifacts(str(reg.metadata.get("site", f"site-{i}")), Path(st.path), Path(sp.path), Path(ad.path))
+        for i, (st, sp, ad, reg) in enumerate(zip(stores, splits, adapters, registrations, strict=True))
+    ]
+    result, written = cross_site_step(Path(backbone_model.path), sites, Path(files.path))
+    shutil.copyfile(written.markdown, matrix.path)
+    cells = result.to_records()
+    registered = [
+        {
+            "site": str(reg.metadata.get("site", "")),
+            "model_name": str(reg.metadata.get("model_name", "")),
+            "model_version": str(reg.metadata.get("model_version", "")),
+            "run_id": str(reg.metadata.get("run_id", "")),
+            "reused": bool(reg.metadata.get("reused", False)),
+            "data_version": str(reg.metadata.get("data_version", "")),
+            "n_quarantined": int(reg.metadata.get("n_quarantined", -1)),
+            "n_records": int(st.metadata.get("n_records", -1)),
+        }
+        for reg, st in zip(registrations, stores, strict=True)
+    ]
+    finish_network(
+        TrackingConfig.resolve(tracking_uri, experiment_name),
+        parent,
+        written.artifacts(),
+        cells,
+        [r["run_id"] for r in registered],
+    )
+    files.metadata.update({"run_id": parent.run_id, "n_sites": len(sites)})
+    summary = {"parent_run_id": parent.run_id, "network_id": parent.network_id, "sites": registered, "cells": cells}
+    return json.dumps(summary, sort_keys=True)
+
+
 # --------------------------------------------------------------------------- factory
 
 STEP_FUNCTIONS = (
@@ -594,6 +717,26 @@ class StepComponents:
 
 
 COMPARE_FUNCTIONS = (start_comparison, log_cell, summarize_comparison)
+NETWORK_FUNCTIONS = (start_network, cross_site)
+
+
+@dataclass(frozen=True)
+class NetworkComponents:
+    """The network run's own components (its sites reuse :class:`StepComponents`)."""
+
+    start_network: Callable[..., dsl.PipelineTask]
+    cross_site: Callable[..., dsl.PipelineTask]
+
+
+def build_network_components(image: str | None = None) -> NetworkComponents:
+    """Wrap the network run's steps as KFP components on ``image``."""
+    image = image or default_image()
+    return NetworkComponents(
+        **{
+            func.__name__: dsl.component(func, base_image=image, install_kfp_package=False)
+            for func in NETWORK_FUNCTIONS
+        }
+    )
 
 
 @dataclass(frozen=True)
