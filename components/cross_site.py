@@ -87,7 +87,9 @@ def cross_site_matrix(backbone_dir: Path, sites: Sequence[SiteArtifacts], batch_
         test, target_classes = tests[target.name]
         probs, labels = predict_with_labels(predictor.model, test, batch_size)
         cells.append(
-            score_cell(BACKBONE_ROW, target.name, probs, predictor.classes, predictor.thresholds, labels, target_classes)
+            score_cell(
+                BACKBONE_ROW, target.name, probs, predictor.classes, predictor.thresholds, labels, target_classes
+            )
         )
         log.debug("backbone on %s: %d LoRA layers off", target.name, switched)
     return CrossSiteMatrix(tuple(cells))

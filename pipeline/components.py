@@ -17,7 +17,7 @@ import lives inside the function.
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional  # noqa: UP035 (KFP reads typing.List in Input[List[...]])
+from typing import List, NamedTuple, Optional  # noqa: UP035 (KFP reads typing's List and Optional)
 
 from kfp import dsl
 from kfp.dsl import (
@@ -404,7 +404,7 @@ def register(
     kfp_run_id: str = "",
     kfp_run_name: str = "",
     kfp_pipeline_name: str = "",
-    site: Optional[dict] = None,
+    site: Optional[dict] = None,  # noqa: UP045 (KFP: Optional, not X | None)
     network_id: str = "",
 ) -> NamedTuple("RegisterOutputs", [("run_id", str), ("model_version", str)]):
     """Log the run to MLflow and register the adapter as a model version (alias challenger).
@@ -579,9 +579,7 @@ def summarize_comparison(
 # --------------------------------------------------------------------------- network bodies
 
 
-def start_network(
-    sites: list, params: dict, network_id: str, kfp_run_id: str, network: Output[Artifact]
-) -> str:
+def start_network(sites: list, params: dict, network_id: str, kfp_run_id: str, network: Output[Artifact]) -> str:
     """Check every site's parameters (the shared ``params`` with the site's own values: all
     problems in one message, as validate does for one run), then open the network's MLflow
     parent run; ``network`` says where it is. Returns the parent run's id."""
@@ -618,10 +616,10 @@ def start_network(
 def cross_site(
     network: Input[Artifact],
     backbone_model: Input[Model],
-    stores: Input[List[Dataset]],
-    splits: Input[List[Dataset]],
-    adapters: Input[List[Model]],
-    registrations: Input[List[Markdown]],
+    stores: Input[List[Dataset]],  # noqa: UP006 (KFP: typing.List)
+    splits: Input[List[Dataset]],  # noqa: UP006 (KFP: typing.List)
+    adapters: Input[List[Model]],  # noqa: UP006
+    registrations: Input[List[Markdown]],  # noqa: UP006
     tracking_uri: str,
     experiment_name: str,
     matrix: Output[Markdown],

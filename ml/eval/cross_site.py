@@ -107,7 +107,7 @@ class CrossSiteMatrix:
 
     @classmethod
     def from_records(cls, records: Sequence[dict]) -> CrossSiteMatrix:
-        return cls(tuple(CrossSiteCell(**r) for r in records))  # type: ignore[arg-type]
+        return cls(tuple(CrossSiteCell(**r) for r in records))
 
     def csv(self) -> str:
         """One row per cell (long format: model, target, the metrics, classes, records)."""

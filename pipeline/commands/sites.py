@@ -396,9 +396,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     from pipeline.params import field_types, flag_of
 
     sites = subparsers.add_parser("sites", help="the hospital network's site registry (sites.yaml)")
-    sites.add_argument(
-        "--file", default=DEFAULT_SITES_FILE, help="the site registry file (default: ./%(default)s)"
-    )
+    sites.add_argument("--file", default=DEFAULT_SITES_FILE, help="the site registry file (default: ./%(default)s)")
     verbs = sites.add_subparsers(dest="verb", required=True, metavar="VERB")
     listing = verbs.add_parser("list", help="the sites: name, source, overrides")
     listing.set_defaults(func=cmd_sites_list)
