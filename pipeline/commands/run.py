@@ -458,14 +458,15 @@ def network_demo_params(args: argparse.Namespace) -> PipelineParams:
     return params.replace(**kept)
 
 
-def network_registry(args: argparse.Namespace, base: PipelineParams):
-    """The sites of ``--sites`` (``--site`` selects some), validated on ``base``; the demo's
-    synthetic hospitals are made when ``--sites`` names the missing default file."""
+def network_registry(args: argparse.Namespace, base: PipelineParams, demo: bool = False):
+    """The sites of ``--sites`` (``--site`` selects some), validated on ``base``; with ``demo``
+    (a local run) the demo's synthetic hospitals are made when ``--sites`` names the missing
+    default file."""
     from pipeline.commands.sites import ensure_demo_network, network_params
     from pipeline.sites import DEFAULT_SITES_FILE, load_sites
 
     path = Path(args.sites)
-    if not path.exists() and args.sites == DEFAULT_SITES_FILE and not getattr(args, "no_demo_data", False):
+    if demo and not path.exists() and args.sites == DEFAULT_SITES_FILE and not getattr(args, "no_demo_data", False):
         ensure_demo_network(path)
     registry = load_sites(path, base).select(args.site)
     network_params(base, list(registry))
@@ -478,7 +479,7 @@ def cmd_run_network(args: argparse.Namespace) -> int:
 
     params = network_demo_params(args)
     preflight_local(args, params.replace(source="."))  # the sites' sources: checked per site
-    registry = network_registry(args, params)
+    registry = network_registry(args, params, demo=True)
     with project_lock(args):
         summary = run_network(args, params, registry)
     if args.json:
@@ -504,17 +505,19 @@ def _network_package(args: argparse.Namespace, cache_ingest: bool = True) -> Pat
 def network_cluster_arguments(args: argparse.Namespace, with_versions: bool = True) -> dict[str, Any]:
     """The network pipeline's arguments for a cluster run: the cluster defaults and the sites
     of ``--sites`` as its list parameter (data versions as listed from here, or "")."""
-    from pipeline.commands.sites import data_versions
+    from pipeline.commands.sites import data_versions, preflight_sites
     from pipeline.network import network_arguments, site_items
     from pipeline.network_tracking import new_network_id
 
     params = params_from_args(args, DEFAULTS)
-    registry = network_registry(args, params)
+    ready, failed = preflight_sites(network_registry(args, params))  # as a local run: bad folders left out
+    if not ready:
+        raise FileNotFoundError("; ".join(f"site {f.site}: {f.reason}" for f in failed))
     params = params.replace(
         git_commit=git_commit(Path.cwd()), tracking_uri=args.tracking_uri or "", checkpoint_root=args.checkpoint_root
     )
-    versions = data_versions(list(registry), Path.cwd()) if with_versions else {}
-    items = site_items(list(registry), params, data_versions=versions)
+    versions = data_versions(ready, Path.cwd()) if with_versions else {}
+    items = site_items(ready, params, data_versions=versions)
     arguments = network_arguments(params, items, "" if not with_versions else new_network_id())
     return {k: v for k, v in arguments.items() if v != "" or k not in LOCAL_ONLY}
 
