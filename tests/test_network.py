@@ -65,7 +65,7 @@ def test_sites_add_list_remove_round_trip(tmp_path, monkeypatch, capsys):
     assert cessl("sites", "add", "hospital-a", "data/a", "--replace", "-r", "4") == 0
     assert dict(load_sites(tmp_path / "sites.yaml").get("hospital-a").overrides) == {"r": 4}
 
-    assert cessl("sites", "remove", "hospital-b") == 0
+    assert cessl("sites", "remove", "hospital-b", "--file", "sites.yaml") == 0
     assert load_sites(tmp_path / "sites.yaml").names == ["hospital-a"]
     assert cessl("sites", "remove", "hospital-z") == 2
     assert "no site named 'hospital-z'" in capsys.readouterr().err

@@ -399,6 +399,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     sites.add_argument("--file", default=DEFAULT_SITES_FILE, help="the site registry file (default: ./%(default)s)")
     verbs = sites.add_subparsers(dest="verb", required=True, metavar="VERB")
     listing = verbs.add_parser("list", help="the sites: name, source, overrides")
+    file_help = "the site registry file (also accepted before the verb)"
+    listing.add_argument("--file", default=argparse.SUPPRESS, help=file_help)
     listing.set_defaults(func=cmd_sites_list)
     add = verbs.add_parser("add", help="add (or --replace) a site")
     add.add_argument("name", help="site name (a DNS label: lower-case letters, digits, '-')")
@@ -410,7 +412,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         flag = flag_of(name)
         flags = [flag] if flag.startswith("--") else [flag, f"--{name.replace('_', '-')}"]
         add.add_argument(*flags, dest=name, type=types[name], default=None, help=f"override {name} for this site")
+    add.add_argument("--file", default=argparse.SUPPRESS, help=file_help)
     add.set_defaults(func=cmd_sites_add)
     remove = verbs.add_parser("remove", help="remove a site")
     remove.add_argument("name")
+    remove.add_argument("--file", default=argparse.SUPPRESS, help=file_help)
     remove.set_defaults(func=cmd_sites_remove)
