@@ -198,6 +198,7 @@ def outcomes_from_tracking(tracking, network_id: str, items: Sequence[dict[str, 
             outcomes.append(SiteOutcome(item["name"], item["source"], FAILED, error))
             continue
         tags = run.data.tags
+        versions = tracking.client().search_model_versions(f"run_id = '{run.info.run_id}'")
         outcomes.append(
             SiteOutcome(
                 item["name"],
@@ -208,7 +209,7 @@ def outcomes_from_tracking(tracking, network_id: str, items: Sequence[dict[str, 
                 None,
                 int(tags["n_quarantined"]) if tags.get("n_quarantined", "").isdigit() else None,
                 item["model_name"],
-                "",
+                str(versions[0].version) if versions else "",
                 run.info.run_id,
             )
         )
@@ -337,7 +338,7 @@ def run_network(args: argparse.Namespace, params: PipelineParams, registry: Site
         failure = describe(err)
         if failure is None:
             raise
-        fail_network(tracking, network_id)
+        summary.parent_run_id = fail_network(tracking, network_id) or ""
         summary.sites = outcomes_from_tracking(tracking, network_id, items, failure.message) + summary.sites
         summary.error = failure.message
         summary.seconds = time.perf_counter() - start
