@@ -729,6 +729,19 @@ def _add_sites(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_site_parallelism(parser: argparse.ArgumentParser) -> None:
+    # 1: the sites one after another. Two kfp.local tasks ending at the same moment have been
+    # seen to abort at interpreter exit ("terminate called without an active exception")
+    # on 2 shared cores; and in parallel they gain little on 2 cores.
+    parser.add_argument(
+        "--site-parallelism",
+        type=non_negative_int,
+        default=1,
+        metavar="N",
+        help="with --sites: sites trained at once by the local run (0: no limit; default: %(default)s)",
+    )
+
+
 def _optional(check):
     """``check`` for a set value; '' (unset) stays ''."""
 
@@ -820,6 +833,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     _add_tracking(run)
     _add_local(run)
     _add_sites(run)
+    _add_site_parallelism(run)
     run.set_defaults(func=cmd_run)
 
     comp = subparsers.add_parser("compile", help="compile the pipeline to KFP IR YAML")
@@ -863,4 +877,5 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     add_compile_flags(retrain, with_image=False)
     retrain.add_argument("--run-name", default=None)
     _add_sites(retrain)
+    _add_site_parallelism(retrain)
     retrain.set_defaults(func=cmd_retrain)

@@ -297,7 +297,7 @@ def run_network(args: argparse.Namespace, params: PipelineParams, registry: Site
     """Run the network locally (under the caller's project lock) and summarise it."""
     from pipeline.commands.run import prepare_store
     from pipeline.dag import LocalRunConfig
-    from pipeline.network import run_network_local, site_items
+    from pipeline.network import NetworkSettings, run_network_local, site_items
     from pipeline.network_tracking import fail_network, new_network_id
     from pipeline.tracking import TrackingConfig
 
@@ -331,7 +331,8 @@ def run_network(args: argparse.Namespace, params: PipelineParams, registry: Site
     )
     log.info("network %s: %d sites (%s), schedule %s", network_id, len(ready), ", ".join(versions), params.schedule())
     try:
-        text = run_network_local(params, items, network_id, config)
+        settings = NetworkSettings(parallelism=args.site_parallelism)
+        text = run_network_local(params, items, network_id, config, settings)
     except Exception as err:
         from pipeline.failures import describe
 
