@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format install clean
+.PHONY: demo demo-single test test-fast lint format install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,7 +15,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# a network of 3 synthetic hospitals (sites.yaml, made on first use): one backbone, one adapter per site
 demo: $(STAMP)
+	$(BIN)/cessl run --sites sites.yaml
+
+# one hospital (data/), the single-site pipeline
+demo-single: $(STAMP)
 	$(BIN)/cessl run
 
 # what CI runs (.ci/run): lint, then the whole suite (slow, Docker and server tests included)

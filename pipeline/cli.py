@@ -27,7 +27,17 @@ from pipeline.failures import describe
 from pipeline.logsafe import configure_logging, redact
 
 # Modules under pipeline.commands that contribute sub-commands, in help order.
-COMMAND_MODULES: tuple[str, ...] = ("run", "compare", "registry", "serve", "testset", "data", "backbone", "method_demo")
+COMMAND_MODULES: tuple[str, ...] = (
+    "run",
+    "sites",
+    "compare",
+    "registry",
+    "serve",
+    "testset",
+    "data",
+    "backbone",
+    "method_demo",
+)
 EXIT_USER_ERROR = EXIT_USAGE
 
 log = logging.getLogger("cessl")

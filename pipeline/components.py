@@ -17,7 +17,7 @@ import lives inside the function.
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import List, NamedTuple, Optional  # noqa: UP035 (KFP reads typing's List and Optional)
 
 from kfp import dsl
 from kfp.dsl import (
@@ -62,12 +62,14 @@ def ingest(
     state_dir: str,
     manifest: Output[Dataset],
     quarantine_report: Output[Markdown],
+    site: str = "",
 ) -> NamedTuple("IngestOutputs", [("n_records", int), ("n_quarantined", int), ("data_version", str)]):
     """Read and validate WFDB records from a folder or s3:// prefix; quarantine the bad ones.
 
     ``data_version`` (part of the task's cache key, so new data means a new ingest): the
     caller's; an ``s3://`` source's is recomputed from the listing ingested (the objects'
     own version); empty for a folder (e.g. a scheduled run): the manifest's content hash.
+    ``site``: the network site the records belong to (their identity is (site, path)).
     """
     from pipeline.process import die_with_parent
 
@@ -76,7 +78,9 @@ def ingest(
 
     from components.ingest import ingest_step
 
-    result = ingest_step(source, Path(manifest.path), Path(quarantine_report.path), state_dir=state_dir or None)
+    result = ingest_step(
+        source, Path(manifest.path), Path(quarantine_report.path), state_dir=state_dir or None, site=site
+    )
     if result.source_version and data_version and result.source_version != data_version:
         import logging
 
@@ -407,8 +411,15 @@ def register(
     kfp_run_id: str = "",
     kfp_run_name: str = "",
     kfp_pipeline_name: str = "",
+    site: Optional[dict] = None,  # noqa: UP045 (KFP: Optional, not X | None)
+    network_id: str = "",
 ) -> NamedTuple("RegisterOutputs", [("run_id", str), ("model_version", str)]):
     """Log the run to MLflow and register the adapter as a model version (alias challenger).
+
+    ``site`` / ``network_id``: a hospital network's run (``pipeline.network``): ``site`` is
+    the site's loop item (its name, its registered model ``<model>-<site>``, source and
+    overrides, which replace those of ``params``); the site and the network run are tagged
+    on the run and the model version (``site``, ``cessl.network_id``).
 
     ``params``: the run's :class:`pipeline.params.PipelineParams` as one mapping (its
     ``data_version`` the one ingest settled on). ``kfp_run_id`` / ``kfp_run_name``: the KFP
@@ -428,7 +439,9 @@ def register(
     from pipeline.testsets import after_registration
     from pipeline.tracking import TrackingConfig, log_and_register
 
-    run = PipelineParams.from_mapping(params)
+    site = dict(site or {})
+    own = {k: v for k, v in site.items() if k in params and k != "data_version"}  # the site's values
+    run = PipelineParams.from_mapping({**params, **own})
     bundle = collect_registration(
         splits_path=Path(splits.path),
         backbone_dir=Path(backbone_model.path),
@@ -445,6 +458,12 @@ def register(
     )
     if "n_quarantined" in quarantine_report.metadata:  # ingest's count, for `cessl run`'s summary
         bundle.tags["n_quarantined"] = str(int(quarantine_report.metadata["n_quarantined"]))
+    if site:
+        from pipeline.network_tracking import TAG_NETWORK, TAG_SITE
+
+        bundle.tags[TAG_SITE] = str(site["name"])
+        if network_id:
+            bundle.tags[TAG_NETWORK] = network_id
     name = registered_model_name(run.model_name, run.method)
     tracking = TrackingConfig.resolve(run.tracking_uri, run.experiment_name, name)
     lineage = lineage_tags(run.git_commit, kfp_run_id, kfp_run_name, kfp_pipeline_name)
@@ -458,6 +477,9 @@ def register(
             "model_version": result.version,
             "model_name": result.model_name,
             "reused": result.reused,
+            "site": str(site.get("name", "")),
+            "data_version": run.data_version,
+            "n_quarantined": int(quarantine_report.metadata.get("n_quarantined", -1)),
         }
     )
     outputs = NamedTuple("RegisterOutputs", [("run_id", str), ("model_version", str)])
@@ -561,6 +583,109 @@ def summarize_comparison(
     return parent.run_id
 
 
+# --------------------------------------------------------------------------- network bodies
+
+
+def start_network(sites: list, params: dict, network_id: str, kfp_run_id: str, network: Output[Artifact]) -> str:
+    """Check every site's parameters (the shared ``params`` with the site's own values: all
+    problems in one message, as validate does for one run), then open the network's MLflow
+    parent run; ``network`` says where it is. Returns the parent run's id."""
+    from pipeline.process import die_with_parent
+
+    die_with_parent()  # a task dies with the process that started it (kill -9 of cessl run)
+    from pathlib import Path
+
+    from ml.errors import ParameterError
+    from pipeline.network_tracking import start_network as start
+    from pipeline.params import PipelineParams
+    from pipeline.tracking import TrackingConfig
+
+    shared = PipelineParams.from_mapping(params)
+    if not sites:
+        raise ParameterError("sites: the network run has no site")
+    problems, fields = [], set(shared.arguments())
+    for item in sites:
+        values = {k: v for k, v in dict(item).items() if k in fields}
+        try:
+            PipelineParams.from_mapping({**shared.arguments(), **values})
+        except ParameterError as err:
+            problems.append(f"site {item.get('name', '?')}: {err}")
+    if problems:
+        raise ParameterError("; ".join(problems))
+    tracking = TrackingConfig.resolve(shared.tracking_uri, shared.experiment_name)
+    tags = {"git_commit": shared.git_commit, "kfp.run_id": kfp_run_id if not kfp_run_id.startswith("{{") else ""}
+    parent = start(tracking, network_id, list(sites), shared.logged(), tags)
+    parent.write(Path(network.path))
+    network.metadata.update({"run_id": parent.run_id, "network_id": parent.network_id})
+    return parent.run_id
+
+
+def cross_site(
+    network: Input[Artifact],
+    backbone_model: Input[Model],
+    stores: Input[List[Dataset]],  # noqa: UP006 (KFP: typing.List)
+    splits: Input[List[Dataset]],  # noqa: UP006 (KFP: typing.List)
+    adapters: Input[List[Model]],  # noqa: UP006
+    registrations: Input[List[Markdown]],  # noqa: UP006
+    tracking_uri: str,
+    experiment_name: str,
+    matrix: Output[Markdown],
+    files: Output[Artifact],
+) -> str:
+    """Every site's adapter and the backbone without adaptation scored on every site's test
+    split (``components.cross_site``); the matrix (CSV, Markdown, heat map) logged to the
+    network's parent run, the site runs nested under it. Returns the network's summary
+    (JSON: parent run, per-site registration, the matrix's cells)."""
+    from pipeline.process import die_with_parent
+
+    die_with_parent()  # a task dies with the process that started it (kill -9 of cessl run)
+    import json
+    import shutil
+    from pathlib import Path
+
+    from components.common import StepError
+    from components.cross_site import SiteArtifacts, cross_site_step
+    from pipeline.network_tracking import NetworkRun, finish_network
+    from pipeline.tracking import TrackingConfig
+
+    parent = NetworkRun.read(Path(network.path))
+    if not len(stores) == len(splits) == len(adapters) == len(registrations):
+        raise StepError(
+            f"cross-site: {len(stores)} stores, {len(splits)} splits, {len(adapters)} adapters and "
+            f"{len(registrations)} registrations collected: one of each per site expected"
+        )
+    sites = [
+        SiteArtifacts(str(reg.metadata.get("site", f"site-{i}")), Path(st.path), Path(sp.path), Path(ad.path))
+        for i, (st, sp, ad, reg) in enumerate(zip(stores, splits, adapters, registrations, strict=True))
+    ]
+    result, written = cross_site_step(Path(backbone_model.path), sites, Path(files.path))
+    shutil.copyfile(written.markdown, matrix.path)
+    cells = result.to_records()
+    registered = [
+        {
+            "site": str(reg.metadata.get("site", "")),
+            "model_name": str(reg.metadata.get("model_name", "")),
+            "model_version": str(reg.metadata.get("model_version", "")),
+            "run_id": str(reg.metadata.get("run_id", "")),
+            "reused": bool(reg.metadata.get("reused", False)),
+            "data_version": str(reg.metadata.get("data_version", "")),
+            "n_quarantined": int(reg.metadata.get("n_quarantined", -1)),
+            "n_records": int(st.metadata.get("n_records", -1)),
+        }
+        for reg, st in zip(registrations, stores, strict=True)
+    ]
+    finish_network(
+        TrackingConfig.resolve(tracking_uri, experiment_name),
+        parent,
+        written.artifacts(),
+        cells,
+        [r["run_id"] for r in registered],
+    )
+    files.metadata.update({"run_id": parent.run_id, "n_sites": len(sites)})
+    summary = {"parent_run_id": parent.run_id, "network_id": parent.network_id, "sites": registered, "cells": cells}
+    return json.dumps(summary, sort_keys=True)
+
+
 # --------------------------------------------------------------------------- factory
 
 STEP_FUNCTIONS = (
@@ -597,6 +722,26 @@ class StepComponents:
 
 
 COMPARE_FUNCTIONS = (start_comparison, log_cell, summarize_comparison)
+NETWORK_FUNCTIONS = (start_network, cross_site)
+
+
+@dataclass(frozen=True)
+class NetworkComponents:
+    """The network run's own components (its sites reuse :class:`StepComponents`)."""
+
+    start_network: Callable[..., dsl.PipelineTask]
+    cross_site: Callable[..., dsl.PipelineTask]
+
+
+def build_network_components(image: str | None = None) -> NetworkComponents:
+    """Wrap the network run's steps as KFP components on ``image``."""
+    image = image or default_image()
+    return NetworkComponents(
+        **{
+            func.__name__: dsl.component(func, base_image=image, install_kfp_package=False)
+            for func in NETWORK_FUNCTIONS
+        }
+    )
 
 
 @dataclass(frozen=True)

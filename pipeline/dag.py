@@ -276,23 +276,58 @@ class SharedInputs(NamedTuple):
         return {VALIDATE: self.validate, INGEST: self.ingest, PREPROCESS: self.preprocess, BACKBONE: self.backbone}
 
 
-def add_shared_inputs(steps: StepComponents, run: SimpleNamespace) -> SharedInputs:
-    """validate, then ingest -> preprocess and resolve_backbone, from the run's parameters."""
-    # Every run parameter checked before any work (a comparison's grid is checked by its CLI).
-    validate = steps.validate(params={k: v for k, v in vars(run).items() if k in PARAM_NAMES})
-    ingest = steps.ingest(source=run.source, data_version=run.data_version, state_dir=run.state_dir)
-    ingest.after(validate)
-    preprocess = steps.preprocess(
-        manifest=ingest.outputs["manifest"], min_class_count=run.min_class_count, state_dir=run.state_dir
-    )
+def add_validate(steps: StepComponents, run: SimpleNamespace) -> dsl.PipelineTask:
+    """validate: every run parameter checked before any work (a comparison's grid and a
+    network's sites are checked by their own first steps)."""
+    return steps.validate(params={k: v for k, v in vars(run).items() if k in PARAM_NAMES})
+
+
+def add_backbone(steps: StepComponents, run: SimpleNamespace, after: dsl.PipelineTask) -> dsl.PipelineTask:
+    """resolve_backbone from the run's parameters (once per run, however many fine-tunes read it)."""
     backbone = steps.resolve_backbone(
         backbone=run.backbone,
         backbone_config=run.backbone_config,
         cache_dir=run.cache_dir,
         tracking_uri=run.tracking_uri,
     )
-    backbone.after(validate)
-    return SharedInputs(ingest, preprocess, backbone, validate)
+    backbone.after(after)
+    return backbone
+
+
+def add_data(
+    steps: StepComponents,
+    *,
+    source: Any,
+    data_version: Any,
+    state_dir: Any,
+    min_class_count: Any,
+    after: dsl.PipelineTask,
+    site: Any = "",
+) -> tuple[dsl.PipelineTask, dsl.PipelineTask]:
+    """ingest -> preprocess of one source (pipeline channels: the run's parameters, or a
+    network site's fields). ``data_version`` is part of ingest's inputs, hence of its cache
+    key: the same version of the same source reuses ingest and everything downstream.
+    ``site``: a network site's name (records are keyed (site, path)); "" for a single source."""
+    ingest = steps.ingest(source=source, data_version=data_version, state_dir=state_dir, site=site)
+    ingest.after(after)
+    preprocess = steps.preprocess(
+        manifest=ingest.outputs["manifest"], min_class_count=min_class_count, state_dir=state_dir
+    )
+    return ingest, preprocess
+
+
+def add_shared_inputs(steps: StepComponents, run: SimpleNamespace) -> SharedInputs:
+    """validate, then ingest -> preprocess and resolve_backbone, from the run's parameters."""
+    validate = add_validate(steps, run)
+    ingest, preprocess = add_data(
+        steps,
+        source=run.source,
+        data_version=run.data_version,
+        state_dir=run.state_dir,
+        min_class_count=run.min_class_count,
+        after=validate,
+    )
+    return SharedInputs(ingest, preprocess, add_backbone(steps, run, validate), validate)
 
 
 class FinetuneChain(NamedTuple):
@@ -320,11 +355,15 @@ def add_finetune_chain(
     labelled_ratio: Any,
     seed: Any,
     frozen_testset: Any = "",
+    choices: Mapping[str, Any] | None = None,
 ) -> FinetuneChain:
     """split -> allocate_ranks -> finetune -> evaluate of ``method`` at ``labelled_ratio`` with
     ``seed`` (pipeline channels: the run's parameters, or a loop item's fields), the other
-    choices from the run's parameters. ``frozen_testset``: the ``resolve_testset`` step's
-    reference (the split's test part is that frozen set), "" for a freshly drawn test set."""
+    choices from the run's parameters unless ``choices`` gives them (a network site's
+    ``r``, ``p``, ``compress``, ``batch_size``, ``lr``). ``frozen_testset``: the
+    ``resolve_testset`` step's reference (the split's test part is that frozen set), "" for
+    a freshly drawn test set."""
+    run = SimpleNamespace(**(vars(run) | dict(choices or {})))
     split = steps.split(
         store=inputs.store,
         labelled_ratio=labelled_ratio,
@@ -365,6 +404,53 @@ def add_finetune_chain(
     return FinetuneChain(split, ranks, finetune, evaluate)
 
 
+def add_registration(
+    steps: StepComponents,
+    inputs: SharedInputs,
+    chain: FinetuneChain,
+    *,
+    model_name: Any,
+    method: Any,
+    tracking_uri: Any,
+    params: Mapping[str, Any],
+    pipeline_name: str,
+    site: Any = None,
+    network_id: Any = "",
+) -> tuple[dsl.PipelineTask, dsl.PipelineTask]:
+    """score_champion -> register of a fine-tune chain: the registered model's champion scored
+    on the chain's test split, then the adapter logged and registered (alias challenger).
+    ``params``: the run's PipelineParams as one mapping (channels allowed: the data version
+    ingest settled on); ``site`` (a network site's loop item: its values replace ``params``')
+    and ``network_id``: a network run's."""
+    data = chain.data(inputs)
+    champion = steps.score_champion(
+        **data,
+        evaluation=chain.evaluate.outputs["evaluation"],
+        model_name=model_name,
+        method=method,
+        tracking_uri=tracking_uri,
+    )
+    champion.after(chain.evaluate)  # the champion of the moment the new model is ready
+    extra = {"site": site, "network_id": network_id} if site is not None else {}
+    register = steps.register(
+        splits=data["splits"],
+        backbone_model=inputs.backbone_model,
+        rank_map=chain.ranks.outputs["rank_map"],
+        adapter=chain.finetune.outputs["adapter"],
+        curves=chain.finetune.outputs["curves"],
+        evaluation=chain.evaluate.outputs["evaluation"],
+        champion_evaluation=champion.outputs["champion_evaluation"],
+        report=chain.evaluate.outputs["report"],
+        quarantine_report=inputs.ingest.outputs["quarantine_report"],
+        params=dict(params),
+        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+        kfp_pipeline_name=pipeline_name,
+        **extra,
+    )
+    return champion, register
+
+
 def build_pipeline(options: CompileOptions | None = None, steps: StepComponents | None = None):
     """The ``@dsl.pipeline`` function for ``options`` (reads top-down as the DAG)."""
     options = options or CompileOptions()
@@ -388,29 +474,15 @@ def build_pipeline(options: CompileOptions | None = None, steps: StepComponents 
             seed=run.seed,
             frozen_testset=testset.output,
         )
-        data = chain.data(inputs)
-        champion = steps.score_champion(
-            **data,
-            evaluation=chain.evaluate.outputs["evaluation"],
+        champion, register = add_registration(
+            steps,
+            inputs,
+            chain,
             model_name=run.model_name,
             method=run.method,
             tracking_uri=run.tracking_uri,
-        )
-        champion.after(chain.evaluate)  # the champion of the moment the new model is ready
-        register = steps.register(
-            splits=data["splits"],
-            backbone_model=inputs.backbone_model,
-            rank_map=chain.ranks.outputs["rank_map"],
-            adapter=chain.finetune.outputs["adapter"],
-            curves=chain.finetune.outputs["curves"],
-            evaluation=chain.evaluate.outputs["evaluation"],
-            champion_evaluation=champion.outputs["champion_evaluation"],
-            report=chain.evaluate.outputs["report"],
-            quarantine_report=inputs.ingest.outputs["quarantine_report"],
             params={**vars(run), "data_version": inputs.ingest.outputs["data_version"]},
-            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-            kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-            kfp_pipeline_name=PIPELINE_NAME,
+            pipeline_name=PIPELINE_NAME,
         )
         configure_tasks(
             options,

@@ -509,14 +509,12 @@ def site_change(client, site: str, model: str, current: str) -> SiteChange:
     return SiteChange(site, model, current, trained_on or "", reason)
 
 
-def changed_sites(client, sites, model_name: str, data_version_of) -> list[SiteChange]:
-    """One :class:`SiteChange` per site of ``sites`` (a :class:`pipeline.sites.SiteRegistry`),
-    ``data_version_of(source) -> str`` giving each site's current data version
-    (:func:`pipeline.lineage.source_data_version`)."""
-    return [
-        site_change(client, site.name, site_model_name(model_name, site.name), data_version_of(site.source))
-        for site in sites
-    ]
+def changed_sites(client, sites, model_of, data_version_of) -> list[SiteChange]:
+    """One :class:`SiteChange` per site of ``sites`` (a :class:`pipeline.sites.SiteRegistry`):
+    ``model_of(site) -> str`` names its registered model (``<model>-<site>``, the site's
+    method override included), ``data_version_of(source) -> str`` gives its current data
+    version (:func:`pipeline.lineage.source_data_version`)."""
+    return [site_change(client, site.name, model_of(site), data_version_of(site.source)) for site in sites]
 
 
 def _model_exists(client, name: str) -> bool:

@@ -7,7 +7,7 @@ WFDB records are, and the pipeline parameters it overrides::
     version: 1
     sites:
       hospital-a:
-        source: data/network/hospital-a      # a folder (relative to this file) or s3://bucket/prefix
+        source: network/hospital-a      # a folder (relative to this file) or s3://bucket/prefix
       hospital-b:
         source: s3://ecg-b/records
         labelled_ratio: 0.1                  # optional overrides of the run's parameters

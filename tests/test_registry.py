@@ -411,7 +411,10 @@ def test_changed_sites(store, tmp_path):
         assert promote(model.client, model.name).promoted
     now = {"hospital-a": "md5-a", "hospital-b": "md5-b-new", "hospital-c": "md5-c"}
     changes = changed_sites(
-        models["hospital-a"].client, load_sites(sites_file), base, lambda source: now[Path(source).name]
+        models["hospital-a"].client,
+        load_sites(sites_file),
+        lambda site: f"{base}-{site.name}",
+        lambda source: now[Path(source).name],
     )
     assert [(c.site, c.changed) for c in changes] == [("hospital-a", False), ("hospital-b", True), ("hospital-c", True)]
     assert "differs from the champion's (md5-b-old)" in changes[1].reason

@@ -62,6 +62,7 @@ from pipeline.tracking import TRACKING_URI_ENV, TrackingConfig
 log = logging.getLogger(__name__)
 
 DEFAULT_PACKAGE = "cessl_pipeline.yaml"
+NETWORK_PACKAGE = "cessl_network.yaml"
 STATE_DIR = Path(".cache") / "cessl"
 RUN_LOCK = "run.lock"  # in the state folder: one local run (run, retrain, compare) at a time
 
@@ -388,6 +389,8 @@ def preflight_local(args: argparse.Namespace, params: PipelineParams | None = No
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if getattr(args, "sites", None):
+        return cmd_run_network(args)
     params = params_from_args(args, DEMO_PARAMS)
     preflight_local(args, params)  # checks only: a bad command line leaves nothing behind
     with project_lock(args):  # then, before any work, one local run of this project at a time
@@ -458,10 +461,104 @@ def export_testset(tracking: TrackingConfig) -> None:
         log.info("frozen test set of %s: %s", tracking.model_name, path)
 
 
+# --------------------------------------------------------------------------- network
+
+
+# The network demo's schedule: three hospitals must train in the time one did (make demo).
+NETWORK_DEMO_PARAMS = DEMO_PARAMS.replace(max_steps=40, val_every=20, min_class_count=5, labelled_ratio=0.5)
+
+
+def network_demo_params(args: argparse.Namespace) -> PipelineParams:
+    """`cessl run --sites`'s parameters: a flag left at `cessl run`'s default takes the network
+    demo's (:data:`NETWORK_DEMO_PARAMS`: three sites train in the time one does)."""
+    params = params_from_args(args, NETWORK_DEMO_PARAMS)
+    kept = {
+        name: getattr(NETWORK_DEMO_PARAMS, name)
+        for name, value in params.arguments().items()
+        if value == getattr(DEMO_PARAMS, name) != getattr(NETWORK_DEMO_PARAMS, name)
+    }
+    return params.replace(**kept)
+
+
+def network_registry(args: argparse.Namespace, base: PipelineParams, demo: bool = False):
+    """The sites of ``--sites`` (``--site`` selects some), validated on ``base``; with ``demo``
+    (a local run) the demo's synthetic hospitals are made when ``--sites`` names the missing
+    default file."""
+    from pipeline.commands.sites import ensure_demo_network, network_params
+    from pipeline.sites import DEFAULT_SITES_FILE, load_sites
+
+    path = Path(args.sites)
+    if demo and not path.exists() and args.sites == DEFAULT_SITES_FILE and not getattr(args, "no_demo_data", False):
+        ensure_demo_network(path)
+    registry = load_sites(path, base).select(args.site)
+    network_params(base, list(registry))
+    return registry
+
+
+def cmd_run_network(args: argparse.Namespace) -> int:
+    """`cessl run --sites`: the network locally; the per-site summary and the cross-site matrix."""
+    from pipeline.commands.sites import print_network_summary, run_network
+    from pipeline.sites import DEFAULT_SITES_FILE
+
+    params = network_demo_params(args)
+    preflight_local(args, params.replace(source="."))  # the sites' sources: checked per site
+    # the demo's hospitals are generated under the lock; any other registry is checked before it
+    demo = args.sites == DEFAULT_SITES_FILE and not Path(args.sites).exists()
+    registry = None if demo else network_registry(args, params)
+    with project_lock(args):
+        summary = run_network(args, params, registry or network_registry(args, params, demo=True))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary.to_json(), indent=2, sort_keys=True), encoding="utf-8")
+    print_network_summary(summary)  # last: it ends with what to do next
+    if summary.error and not any(s.status != "failed" for s in summary.sites):
+        from pipeline.dag import PipelineRunError
+
+        raise PipelineRunError(summary.error)
+    return 0 if summary.ok else 1
+
+
+def _network_package(args: argparse.Namespace, cache_ingest: bool = True) -> Path:
+    from pipeline.network import compile_network_pipeline
+
+    if args.package:
+        return Path(args.package)
+    return compile_network_pipeline(
+        Path(args.pipeline_root) / NETWORK_PACKAGE, options=compile_options(args, cache_ingest)
+    )
+
+
+def network_cluster_arguments(args: argparse.Namespace, with_versions: bool = True) -> dict[str, Any]:
+    """The network pipeline's arguments for a cluster run: the cluster defaults and the sites
+    of ``--sites`` as its list parameter (data versions as listed from here, or "")."""
+    from pipeline.commands.sites import data_versions, preflight_sites
+    from pipeline.network import network_arguments, site_items
+    from pipeline.network_tracking import new_network_id
+
+    params = params_from_args(args, DEFAULTS)
+    ready, failed = preflight_sites(network_registry(args, params))  # as a local run: bad folders left out
+    if not ready:
+        raise FileNotFoundError("; ".join(f"site {f.site}: {f.reason}" for f in failed))
+    params = params.replace(
+        git_commit=git_commit(Path.cwd()), tracking_uri=args.tracking_uri or "", checkpoint_root=args.checkpoint_root
+    )
+    versions = data_versions(ready, Path.cwd()) if with_versions else {}
+    items = site_items(ready, params, data_versions=versions)
+    arguments = network_arguments(params, items, "" if not with_versions else new_network_id())
+    return {k: v for k, v in arguments.items() if v != "" or k not in LOCAL_ONLY}
+
+
 # --------------------------------------------------------------------------- cluster
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
+    if args.sites:
+        from pipeline.network import NetworkSettings, compile_network_pipeline, site_items
+
+        output = Path(args.output if args.output != DEFAULT_PACKAGE else NETWORK_PACKAGE)
+        items = site_items(list(network_registry(args, DEFAULTS)), DEFAULTS)  # the default list parameter
+        path = compile_network_pipeline(output, NetworkSettings(sites=tuple(items)), compile_options(args))
+        log.info("wrote %s (network of %d sites; a run passes its own `sites`)", path, len(items))
+        return 0
     path = compile_pipeline(Path(args.output), compile_options(args))
     log.info("wrote %s", path)
     return 0
@@ -497,10 +594,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from pipeline.preflight import check_kfp_host
 
     params_from_args(args, DEFAULTS)  # every parameter valid before the server is asked
+    if args.sites:
+        network_registry(args, params_from_args(args, DEFAULTS))  # the sites valid, too
     check_kfp_host(args.host)
-    arguments = cluster_arguments(args)
-    # Unknown data version (an S3 source this machine cannot list): ingest must list it again.
-    package = _package(args, cache_ingest=bool(arguments.get("data_version")))
+    if args.sites:
+        arguments = network_cluster_arguments(args)
+        # a site whose version is unknown here (S3 not listable) is listed again by its ingest
+        known = all(item.get("data_version") for item in arguments["sites"])
+        package = _network_package(args, cache_ingest=known)
+    else:
+        arguments = cluster_arguments(args)
+        # Unknown data version (an S3 source this machine cannot list): ingest must list it again.
+        package = _package(args, cache_ingest=bool(arguments.get("data_version")))
     run_name = args.run_name or f"cessl-{time.strftime('%Y%m%d-%H%M%S')}"
     result = _client(args).create_run_from_pipeline_package(
         str(package),
@@ -527,12 +632,18 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     from pipeline.preflight import check_kfp_host
 
     params_from_args(args, DEFAULTS)
+    if args.sites:
+        network_registry(args, params_from_args(args, DEFAULTS))
     check_kfp_host(args.host)
-    package = _package(args, cache_ingest=False)  # each recurring run lists the source again
+    if args.sites:  # the sites are the list parameter: versions found at run time, a fresh network id
+        package = _network_package(args, cache_ingest=False)
+        arguments = network_cluster_arguments(args, with_versions=False)
+    else:
+        package = _package(args, cache_ingest=False)  # each recurring run lists the source again
+        arguments = cluster_arguments(args)
+        arguments["data_version"] = ""  # the version is the data found at run time
     client = _client(args)
     experiment = client.create_experiment(args.kfp_experiment)
-    arguments = cluster_arguments(args)
-    arguments["data_version"] = ""  # the version is the data found at run time
     job = client.create_recurring_run(
         experiment_id=experiment.experiment_id,
         job_name=args.job_name,
@@ -554,6 +665,8 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
+    if args.sites:
+        return cmd_retrain_network(args)
     params = params_from_args(args, DEFAULTS if args.host else DEMO_PARAMS)
     if args.host:
         from pipeline.preflight import check_kfp_host, check_tracking
@@ -597,7 +710,64 @@ def _retrain(args: argparse.Namespace, params: PipelineParams) -> int:
     return _run(args, params)
 
 
+def cmd_retrain_network(args: argparse.Namespace) -> int:
+    """`cessl retrain --sites`: the network run (or submission) of only the sites whose data
+    changed since their champion (``pipeline.registry.changed_sites``)."""
+    from pipeline.tracking import TrackingConfig
+
+    params = params_from_args(args, DEFAULTS if args.host else NETWORK_DEMO_PARAMS)
+    if not args.host:
+        preflight_local(args, params.replace(source="."))
+    registry = network_registry(args, params)
+    tracking = TrackingConfig.resolve(args.tracking_uri, params.experiment_name)
+    from pipeline.network import site_item
+    from pipeline.registry import changed_sites
+
+    changes = changed_sites(
+        tracking.client(),
+        registry,
+        lambda site: site_item(site, params)["model_name"],
+        lambda source: source_data_version(source, Path.cwd()),
+    )
+    for change in changes:
+        log.info("%s: %s", change.site, change.reason or f"champion trained on {change.trained_on} already")
+    names = [change.site for change in changes if change.changed]
+    if not names:
+        log.info("no site's data changed since its champion: nothing to retrain")
+        return 0
+    log.info("retraining %d of %d sites: %s", len(names), len(registry), ", ".join(names))
+    args.site = names
+    if args.host:
+        return cmd_submit(args)
+    return cmd_run_network(args)
+
+
 # --------------------------------------------------------------------------- parsers
+
+
+def _add_sites(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--sites",
+        default=None,
+        metavar="FILE",
+        help="a hospital network's site registry (sites.yaml): one adapter per site, one run",
+    )
+    parser.add_argument(
+        "--site", action="append", default=None, metavar="NAME", help="with --sites: only this site (repeatable)"
+    )
+
+
+def _add_site_parallelism(parser: argparse.ArgumentParser) -> None:
+    # 1: the sites one after another. Two kfp.local tasks ending at the same moment have been
+    # seen to abort at interpreter exit ("terminate called without an active exception")
+    # on 2 shared cores; and in parallel they gain little on 2 cores.
+    parser.add_argument(
+        "--site-parallelism",
+        type=non_negative_int,
+        default=1,
+        metavar="N",
+        help="with --sites: sites trained at once by the local run (0: no limit; default: %(default)s)",
+    )
 
 
 def _optional(check):
@@ -692,11 +862,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     add_param_flags(run, DEMO_PARAMS)
     _add_tracking(run)
     _add_local(run)
+    _add_sites(run)
+    _add_site_parallelism(run)
     run.set_defaults(func=cmd_run)
 
     comp = subparsers.add_parser("compile", help="compile the pipeline to KFP IR YAML")
     comp.add_argument("-o", "--output", type=output_file, default=DEFAULT_PACKAGE)
     add_compile_flags(comp)
+    _add_sites(comp)
     comp.set_defaults(func=cmd_compile)
 
     for name, func, text in (
@@ -712,6 +885,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
             "--pipeline-root", type=output_root, default=str(STATE_DIR), help="where the compiled YAML is written"
         )
         sub.add_argument("--no-cache", action="store_true")
+        _add_sites(sub)
         if name == "submit":
             sub.add_argument("--run-name", default=None)
         else:
@@ -732,4 +906,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     _add_cluster(retrain, host_required=False)
     add_compile_flags(retrain, with_image=False)
     retrain.add_argument("--run-name", default=None)
+    _add_sites(retrain)
+    _add_site_parallelism(retrain)
     retrain.set_defaults(func=cmd_retrain)

@@ -1,0 +1,149 @@
+"""Step: the network's cross-site evaluation (``ml.eval.cross_site``).
+
+Every site's adapter, and the backbone without adaptation, scored on every site's test
+split: a matrix of the Challenge score and the macro F-beta2, written as CSV, Markdown,
+JSON and a heat-map PNG. The test splits are the ones the sites' own evaluate steps used
+(the same store and split files), so the diagonal is each site's own test score.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from components.common import StepError, write_json
+from components.data_access import dataset, open_store
+
+log = logging.getLogger(__name__)
+
+MATRIX_CSV, MATRIX_MD, MATRIX_JSON, MATRIX_PNG = "cross_site.csv", "cross_site.md", "cross_site.json", "cross_site.png"
+
+
+@dataclass(frozen=True)
+class SiteArtifacts:
+    """What the cross-site step reads of one site: its name, store, split file and adapter."""
+
+    name: str
+    store_dir: Path
+    splits_path: Path
+    adapter_dir: Path
+
+
+@dataclass(frozen=True)
+class CrossSiteFiles:
+    csv: Path
+    markdown: Path
+    json: Path
+    heatmap: Path
+
+    def artifacts(self) -> dict[str, Path]:
+        return {f"cross_site/{p.name}": p for p in (self.csv, self.markdown, self.json, self.heatmap)}
+
+
+def _test_set(site: SiteArtifacts) -> tuple[object, list[str]]:
+    from ml.data.splits import Splits
+
+    splits = Splits.load(site.splits_path)
+    if not splits.test:
+        raise StepError(f"site {site.name}: {site.splits_path} has an empty test split")
+    return dataset(open_store(site.store_dir), splits.test, splits.classes), list(splits.classes)
+
+
+def cross_site_matrix(backbone_dir: Path, sites: Sequence[SiteArtifacts], batch_size: int = 64):
+    """The :class:`ml.eval.cross_site.CrossSiteMatrix` of ``sites`` (each model on each test split)."""
+    from ml.eval.cross_site import BACKBONE_ROW, CrossSiteMatrix, score_cell, without_adaptation
+    from ml.eval.evaluate import predict_with_labels
+    from ml.eval.predictor import load_predictor
+    from ml.model.pretrained import read_backbone
+
+    if not sites:
+        raise StepError("cross-site evaluation: no site to evaluate")
+    backbone_state = read_backbone(backbone_dir).state
+    tests = {site.name: _test_set(site) for site in sites}
+    cells = []
+    for model_site in sites:
+        predictor = load_predictor(backbone_dir, model_site.adapter_dir)
+        for target in sites:
+            test, target_classes = tests[target.name]
+            probs, labels = predict_with_labels(predictor.model, test, batch_size)
+            cells.append(
+                score_cell(
+                    model_site.name,
+                    target.name,
+                    probs,
+                    predictor.classes,
+                    predictor.thresholds,
+                    labels,
+                    target_classes,
+                )
+            )
+    for target in sites:  # the backbone row: the target's own head, nothing else adapted
+        predictor = load_predictor(backbone_dir, target.adapter_dir)
+        switched = without_adaptation(predictor.model, backbone_state)
+        test, target_classes = tests[target.name]
+        probs, labels = predict_with_labels(predictor.model, test, batch_size)
+        cells.append(
+            score_cell(
+                BACKBONE_ROW, target.name, probs, predictor.classes, predictor.thresholds, labels, target_classes
+            )
+        )
+        log.debug("backbone on %s: %d LoRA layers off", target.name, switched)
+    return CrossSiteMatrix(tuple(cells))
+
+
+def plot_heatmap(matrix, path: Path) -> Path:
+    """Both metrics side by side as annotated heat maps (rows: models, columns: test splits)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ml.eval.cross_site import METRIC_TITLES, METRICS
+    from ml.io import atomic_path
+
+    models, targets = matrix.models, matrix.targets
+    fig, axes = plt.subplots(
+        1, len(METRICS), figsize=(2.5 + 1.6 * len(targets) * len(METRICS), 1.5 + 0.6 * len(models)), squeeze=False
+    )
+    for ax, metric in zip(axes[0], METRICS, strict=True):
+        values = np.asarray(matrix.table(metric), dtype=np.float64)
+        image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=np.nanmin([0.0, *values.ravel()]))
+        ax.set_xticks(range(len(targets)), targets, rotation=30, ha="right")
+        ax.set_yticks(range(len(models)), models)
+        ax.set_xlabel("test split of site")
+        ax.set_ylabel("model")
+        ax.set_title(METRIC_TITLES[metric])
+        for i in range(len(models)):
+            for j in range(len(targets)):
+                text = "n/a" if not np.isfinite(values[i, j]) else f"{values[i, j]:.2f}"
+                ax.text(j, i, text, ha="center", va="center", color="white", fontsize=8)
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return path
+
+
+def write_cross_site(matrix, out_dir: Path) -> CrossSiteFiles:
+    """The matrix as CSV (long format), Markdown tables, JSON cells and a heat map in ``out_dir``."""
+    from ml.io import atomic_write_text
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv = atomic_write_text(out_dir / MATRIX_CSV, matrix.csv())
+    md = atomic_write_text(out_dir / MATRIX_MD, matrix.markdown())
+    js = write_json(out_dir / MATRIX_JSON, matrix.to_records())
+    png = plot_heatmap(matrix, out_dir / MATRIX_PNG)
+    return CrossSiteFiles(csv, md, js, png)
+
+
+def cross_site_step(backbone_dir: Path, sites: Sequence[SiteArtifacts], out_dir: Path):
+    """Score every model on every test split; write the files; return (matrix, files)."""
+    matrix = cross_site_matrix(backbone_dir, sites)
+    return matrix, write_cross_site(matrix, out_dir)

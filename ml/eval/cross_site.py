@@ -1,0 +1,169 @@
+"""Cross-site evaluation of a hospital network: does site A's model work at site B?
+
+The matrix has one row per model (each site's adapter, and ``backbone``: the pre-trained
+backbone without adaptation) and one column per target site (its test split). A cell is
+the model's thresholded predictions scored on the target's labels, over the classes both
+know: the model's classes intersected with the target split's classes (a model cannot be
+scored on a diagnosis it does not predict; a target cannot score a class it does not
+label). The cell records how many classes that is.
+
+The backbone row: the pre-trained backbone has no head for a site's classes, so on target
+``t`` it is scored with ``t``'s own adapter's classification head and every LoRA update
+switched off and every other weight the backbone's (:func:`without_adaptation`): what the site gets from the shared backbone alone.
+
+Pure computation (numpy, plus the model switch): no files, no MLflow.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ml.eval.challenge import challenge_score
+from ml.eval.metrics import binarize, thresholded_metrics
+
+BACKBONE_ROW = "backbone"
+METRICS = ("challenge_score", "macro_f_beta")
+METRIC_TITLES = {"challenge_score": "Challenge score", "macro_f_beta": "macro F-beta2"}
+
+
+@dataclass(frozen=True)
+class CrossSiteCell:
+    """One model scored on one target site's test split."""
+
+    model: str  # a site name, or BACKBONE_ROW
+    target: str
+    challenge_score: float
+    macro_f_beta: float
+    n_classes: int  # classes scored: the model's and the target's in common
+    n_records: int
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def shared_classes(model_classes: Sequence[str], target_classes: Sequence[str]) -> list[str]:
+    """The classes a model can be scored on at a target, in the target's order."""
+    known = set(model_classes)
+    return [c for c in target_classes if c in known]
+
+
+def score_cell(
+    model: str,
+    target: str,
+    probs: np.ndarray,
+    model_classes: Sequence[str],
+    thresholds: np.ndarray | Sequence[float],
+    labels: np.ndarray,
+    target_classes: Sequence[str],
+) -> CrossSiteCell:
+    """Score ``probs`` (records x ``model_classes``) on ``labels`` (records x ``target_classes``)
+    over the classes in common; NaN scores when they share none or there are no records."""
+    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
+    if probs.shape[0] != labels.shape[0]:
+        raise ValueError(f"{model} on {target}: {probs.shape[0]} predictions for {labels.shape[0]} records")
+    classes = shared_classes(model_classes, target_classes)
+    if not classes or len(labels) == 0:
+        return CrossSiteCell(model, target, math.nan, math.nan, len(classes), len(labels))
+    model_index = [list(model_classes).index(c) for c in classes]
+    target_index = [list(target_classes).index(c) for c in classes]
+    y_true = labels[:, target_index].astype(np.int64)
+    y_pred = binarize(probs[:, model_index], np.asarray(thresholds, dtype=np.float64)[model_index])
+    f_beta = thresholded_metrics(y_true, y_pred)["macro_f_beta"]
+    return CrossSiteCell(
+        model, target, float(challenge_score(y_true, y_pred, classes)), float(f_beta), len(classes), len(labels)
+    )
+
+
+@dataclass(frozen=True)
+class CrossSiteMatrix:
+    """The cells of a network's cross-site evaluation; rows are models, columns targets."""
+
+    cells: tuple[CrossSiteCell, ...]
+
+    @property
+    def models(self) -> list[str]:
+        return list(dict.fromkeys(c.model for c in self.cells))
+
+    @property
+    def targets(self) -> list[str]:
+        return list(dict.fromkeys(c.target for c in self.cells))
+
+    def value(self, model: str, target: str, metric: str) -> float:
+        for cell in self.cells:
+            if cell.model == model and cell.target == target:
+                return float(getattr(cell, metric))
+        return math.nan
+
+    def table(self, metric: str) -> list[list[float]]:
+        """Rows (models) x columns (targets) of ``metric``."""
+        return [[self.value(m, t, metric) for t in self.targets] for m in self.models]
+
+    def to_records(self) -> list[dict[str, object]]:
+        return [c.to_dict() for c in self.cells]
+
+    @classmethod
+    def from_records(cls, records: Sequence[dict]) -> CrossSiteMatrix:
+        return cls(tuple(CrossSiteCell(**r) for r in records))
+
+    def csv(self) -> str:
+        """One row per cell (long format: model, target, the metrics, classes, records)."""
+        lines = ["model,target,challenge_score,macro_f_beta,n_classes,n_records"]
+        lines += [
+            f"{c.model},{c.target},{_num(c.challenge_score)},{_num(c.macro_f_beta)},{c.n_classes},{c.n_records}"
+            for c in self.cells
+        ]
+        return "\n".join(lines) + "\n"
+
+    def markdown(self) -> str:
+        """One Markdown table per metric (rows: models, columns: target sites), and what was scored."""
+        parts = []
+        for metric in METRICS:
+            head = f"| {METRIC_TITLES[metric]}: model \\ test split | " + " | ".join(self.targets) + " |"
+            rule = "|---|" + "---:|" * len(self.targets)
+            rows = [
+                f"| {m} | " + " | ".join(_num(v, 3) for v in row) + " |"
+                for m, row in zip(self.models, self.table(metric), strict=True)
+            ]
+            parts.append("\n".join([head, rule, *rows]))
+        note = (
+            "Each cell: the model's thresholded predictions on the target site's test split, scored over the "
+            "classes the model predicts and the target labels (the intersection). `backbone`: the pre-trained "
+            "backbone with every LoRA update off and the target site's own adapter's head."
+        )
+        return "\n\n".join(parts) + "\n\n" + note + "\n"
+
+
+def _num(value: float, digits: int = 6) -> str:
+    return "nan" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+HEAD_PREFIX = "classifier."
+
+
+def without_adaptation(model: object, backbone_state: Mapping[str, object]) -> int:
+    """Turn a fine-tuned model into "the pre-trained backbone with this site's head": every
+    weight outside the classification head back to ``backbone_state`` (undoing a full or
+    partial fine-tune) and every LoRA update outside the head switched off. The head
+    (``classifier.*``, with its own LoRA) stays: the backbone has none for the site's classes.
+    Returns the number of LoRA layers switched off."""
+    from ml.model.lora import LoRALayer
+
+    current = model.state_dict()  # type: ignore[attr-defined]
+    restore = {
+        k: v
+        for k, v in backbone_state.items()
+        if k in current and not k.startswith(HEAD_PREFIX) and tuple(current[k].shape) == tuple(v.shape)  # type: ignore[attr-defined]
+    }
+    model.load_state_dict(restore, strict=False)  # type: ignore[attr-defined]
+    switched = 0
+    for name, module in model.named_modules():  # type: ignore[attr-defined]
+        if isinstance(module, LoRALayer) and module.r > 0 and not f"{name}.".startswith(HEAD_PREFIX):
+            if module.merged:
+                module.unmerge()
+            module.r = 0  # LoRALayer._update_factor: r == 0 -> the update is off
+            switched += 1
+    return switched
