@@ -172,6 +172,7 @@ def test_network_run_registers_each_site_logs_the_matrix_and_survives_a_missing_
     assert status["a"]["status"] == status["b"]["status"] == "registered"
     out = capsys.readouterr().out
     assert "gone" in out and "cessl promote cessl-ecg-a" in out and "cross-site" in out
+    assert "cessl serve --sites" in out and "cessl promote --all-sites" in out
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     parent = client.get_run(first["parent_run_id"])
@@ -197,3 +198,37 @@ def test_network_run_registers_each_site_logs_the_matrix_and_survives_a_missing_
     executed = re.findall(r"Executing task '([\w-]+)'", task_log)
     assert "register" in executed and "cross-site" in executed, executed  # the uncached steps ran
     assert not {"ingest", "preprocess", "split", "allocate-ranks", "finetune", "evaluate"} & set(executed), executed
+
+    # promotion per site, then new records at site b only: retrain runs b alone
+    assert cessl("sites", "remove", "gone") == 0
+    assert cessl("promote", "--all-sites") == 0
+    for site in ("a", "b"):
+        assert (
+            str(client.get_model_version_by_alias(f"cessl-ecg-{site}", "champion").version)
+            == status[site]["model_version"]
+        )
+    make_hospital(tmp_path / "data" / "b" / "new-month", 12, seed=3)
+    retrain = [
+        "retrain",
+        "--sites",
+        "sites.yaml",
+        "--backbone",
+        backbone,
+        *TINY,
+        "--no-push",
+        "--frozen-testset",
+        "none",
+    ]
+    assert cessl(*retrain, "--json", "third.json") == 0
+    third = {s["site"]: s for s in json.loads(Path("third.json").read_text())["sites"]}
+    assert set(third) == {"b"} and third["b"]["status"] == "registered"
+    assert third["b"]["data_version"] != status["b"]["data_version"]
+    assert int(third["b"]["model_version"]) > int(status["b"]["model_version"])
+    assert [str(v.version) for v in client.search_model_versions("name='cessl-ecg-a'")] == [
+        status["a"]["model_version"]
+    ]
+    # nothing changed since: nothing to retrain, no run
+    assert cessl("promote", "--site", "b") in (0, 1)  # the gate decides; either way b has a champion
+    client.set_registered_model_alias("cessl-ecg-b", "champion", third["b"]["model_version"])
+    assert cessl(*retrain, "--json", "fourth.json") == 0
+    assert not Path("fourth.json").exists()

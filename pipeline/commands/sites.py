@@ -128,6 +128,7 @@ class NetworkSummary:
     cells: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     error: str = ""  # the run's failure, when it ended early
+    sites_file: str = ""  # the site registry the run read
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -252,7 +253,8 @@ def next_steps(summary: NetworkSummary, flag: str) -> list[str]:
         if s.status != FAILED and s.model_name:
             lines.append(f"cessl promote {s.model_name}{flag}")
     if any(s.status != FAILED for s in summary.sites):
-        lines.append(f"cessl serve{flag}   (every site's champion behind one backbone)")
+        lines.append(f"cessl promote --all-sites --sites {summary.sites_file}{flag}   (each site's own gate)")
+        lines.append(f"cessl serve --sites {summary.sites_file}{flag}   (every site's champion behind one backbone)")
     return lines
 
 
@@ -289,7 +291,7 @@ def run_network(args: argparse.Namespace, params: PipelineParams, registry: Site
     )
     ready, failed = preflight_sites(registry)
     network_id = new_network_id()
-    summary = NetworkSummary(network_id, "", tracking.tracking_uri, list(failed))
+    summary = NetworkSummary(network_id, "", tracking.tracking_uri, list(failed), sites_file=registry.where)
     if not ready:
         summary.error = "no site can run (every source failed its check)"
         return summary
