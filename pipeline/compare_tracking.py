@@ -169,16 +169,22 @@ def finish_comparison(config: TrackingConfig, parent: ComparisonRun, files: Comp
     log.info("comparison %s: table and plot logged to run %s", parent.comparison_id, parent.run_id)
 
 
-def find_comparison(config: TrackingConfig, comparison_id: str):
-    """The parent run of ``comparison_id`` (None when there is none yet)."""
+def find_parent_run(config: TrackingConfig, id_tag: str, run_id_value: str, kind: str):
+    """The parent run of kind ``kind`` whose ``id_tag`` is ``run_id_value`` (a comparison's or
+    a network's), None when there is none yet."""
     experiment = config.client().get_experiment_by_name(config.experiment_name)
     if experiment is None:
         return None
     runs = config.client().search_runs(
         [experiment.experiment_id],
-        filter_string=f"tags.`{TAG_COMPARISON}` = '{comparison_id}' and tags.`{TAG_KIND}` = '{KIND_COMPARISON}'",
+        filter_string=f"tags.`{id_tag}` = '{run_id_value}' and tags.`{TAG_KIND}` = '{kind}'",
     )
     return runs[0] if runs else None
+
+
+def find_comparison(config: TrackingConfig, comparison_id: str):
+    """The parent run of ``comparison_id`` (None when there is none yet)."""
+    return find_parent_run(config, TAG_COMPARISON, comparison_id, KIND_COMPARISON)
 
 
 def child_runs(config: TrackingConfig, parent_run_id: str) -> list:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from components.common import read_json, write_json
-from pipeline.compare_tracking import TAG_KIND, TAG_PARENT, _log_batch
+from pipeline.compare_tracking import TAG_KIND, TAG_PARENT, _log_batch, find_parent_run
 from pipeline.tracking import TrackingConfig, ensure_experiment
 
 log = logging.getLogger(__name__)
@@ -110,14 +110,7 @@ def finish_network(
 
 def find_network(config: TrackingConfig, network_id: str):
     """The parent run of ``network_id`` (None when there is none)."""
-    experiment = config.client().get_experiment_by_name(config.experiment_name)
-    if experiment is None:
-        return None
-    runs = config.client().search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.`{TAG_NETWORK}` = '{network_id}' and tags.`{TAG_KIND}` = '{KIND_NETWORK}'",
-    )
-    return runs[0] if runs else None
+    return find_parent_run(config, TAG_NETWORK, network_id, KIND_NETWORK)
 
 
 def site_runs(config: TrackingConfig, network_id: str) -> dict[str, Any]:

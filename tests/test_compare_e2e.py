@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
-from test_pipeline_support import cessl, make_backbone, make_repo
+from test_pipeline_support import TINY_TRAINING, cessl, make_backbone, make_repo
 
 from components.compare import COLUMNS
 from pipeline.compare_tracking import KIND_CELL, KIND_COMPARISON, TAG_KIND, TAG_PARENT
@@ -20,20 +20,7 @@ from pipeline.compare_tracking import KIND_CELL, KIND_COMPARISON, TAG_KIND, TAG_
 pytestmark = pytest.mark.slow
 
 GRID = ["--methods", "cessl,full", "--ratios", "0.3", "--seeds", "0,1"]
-SMALL = [
-    "--backbone-config",
-    "tinylight",
-    "--max-steps",
-    "4",
-    "--val-every",
-    "2",
-    "--batch-size",
-    "8",
-    "--min-class-count",
-    "5",
-    "-r",
-    "8",
-]
+SMALL = TINY_TRAINING
 
 
 def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from test_pipeline_support import cessl, make_backbone, make_hospital
+from test_pipeline_support import TINY_TRAINING, cessl, make_backbone, make_hospital
 
 from ml.eval.cross_site import CrossSiteMatrix, score_cell
 from pipeline.compare_tracking import TAG_KIND, TAG_PARENT
@@ -23,20 +23,7 @@ from pipeline.network_tracking import KIND_NETWORK, TAG_NETWORK, TAG_SITE
 from pipeline.params import DEFAULTS
 from pipeline.sites import Site, load_sites
 
-TINY = [
-    "--backbone-config",
-    "tinylight",
-    "--max-steps",
-    "4",
-    "--val-every",
-    "2",
-    "--batch-size",
-    "8",
-    "--min-class-count",
-    "5",
-    "-r",
-    "8",
-]
+TINY = TINY_TRAINING
 
 
 # --------------------------------------------------------------------------- cessl sites

@@ -37,6 +37,21 @@ SMALL_RUN = [
     "-r",
     "8",
 ]
+# the fewest steps that still train, validate and register: the comparison's cells and network sites
+TINY_TRAINING = [
+    "--backbone-config",
+    "tinylight",
+    "--max-steps",
+    "4",
+    "--val-every",
+    "2",
+    "--batch-size",
+    "8",
+    "--min-class-count",
+    "5",
+    "-r",
+    "8",
+]
 
 
 def make_hospital(folder: Path, records: int, seed: int, start: int = 0, faults: bool = False) -> Path:

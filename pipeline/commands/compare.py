@@ -38,6 +38,7 @@ from pipeline.commands.run import (
     add_compile_flags,
     compile_options,
     local_params,
+    local_run_config,
     preflight_local,
     project_lock,
 )
@@ -49,7 +50,7 @@ from pipeline.compare import (
 )
 from pipeline.compare_tracking import fail_comparison, new_comparison_id
 from pipeline.constraints import comma_list, field_value, non_negative_int, output_file
-from pipeline.dag import LocalRunConfig, PipelineRunError
+from pipeline.dag import PipelineRunError
 from pipeline.params import DEFAULTS, PipelineParams, add_param_flags, params_from_args
 from pipeline.tracking import TrackingConfig
 
@@ -146,14 +147,7 @@ def _run_comparison(args: argparse.Namespace, params: PipelineParams, settings: 
     tracking = TrackingConfig.resolve(args.tracking_uri, params.experiment_name)
     params = local_params(args, params, tracking)
     comparison_id = new_comparison_id()
-    task_log = None if args.show_task_logs else Path(args.pipeline_root) / "last_compare.log"
-    config = LocalRunConfig(
-        pipeline_root=Path(args.pipeline_root),
-        cache=not args.no_cache,
-        runner=args.runner,
-        image=args.image,
-        task_log=task_log,
-    )
+    config = local_run_config(args, "last_compare.log")
     start = time.perf_counter()
     try:
         parent_run_id = run_compare_local(params, settings, comparison_id, config)

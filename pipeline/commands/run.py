@@ -388,6 +388,18 @@ def preflight_local(args: argparse.Namespace, params: PipelineParams | None = No
             check_records_folder(Path(params.source))
 
 
+def local_run_config(args: argparse.Namespace, log_name: str) -> LocalRunConfig:
+    """How a local command (run, compare, run --sites) runs its pipeline: the tasks' output goes
+    to ``<pipeline-root>/<log_name>`` unless ``--show-task-logs`` streams it."""
+    return LocalRunConfig(
+        pipeline_root=Path(args.pipeline_root),
+        cache=not args.no_cache,
+        runner=args.runner,
+        image=args.image,
+        task_log=None if args.show_task_logs else Path(args.pipeline_root) / log_name,
+    )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     if getattr(args, "sites", None):
         return cmd_run_network(args)
@@ -412,17 +424,7 @@ def _run(args: argparse.Namespace, params: PipelineParams) -> int:
         tracking.tracking_uri,
     )
     start = time.perf_counter()
-    task_log = None if args.show_task_logs else Path(args.pipeline_root) / "last_run.log"
-    outputs = run_local(
-        params,
-        LocalRunConfig(
-            pipeline_root=Path(args.pipeline_root),
-            cache=not args.no_cache,
-            runner=args.runner,
-            image=args.image,
-            task_log=task_log,
-        ),
-    )
+    outputs = run_local(params, local_run_config(args, "last_run.log"))
     summary = summarise_run(tracking, outputs.run_id, outputs.model_version, params, time.perf_counter() - start)
     if args.promote:
         from pipeline.commands.registry import run_promote

@@ -275,8 +275,7 @@ def network_params(base: PipelineParams, sites: Sequence[Site]) -> None:
 
 def run_network(args: argparse.Namespace, params: PipelineParams, registry: SiteRegistry) -> NetworkSummary:
     """Run the network locally (under the caller's project lock) and summarise it."""
-    from pipeline.commands.run import prepare_store
-    from pipeline.dag import LocalRunConfig
+    from pipeline.commands.run import local_run_config, prepare_store
     from pipeline.network import NetworkSettings, run_network_local, site_items
     from pipeline.network_tracking import fail_network, new_network_id
     from pipeline.tracking import TrackingConfig
@@ -301,14 +300,7 @@ def run_network(args: argparse.Namespace, params: PipelineParams, registry: Site
     items = site_items(ready, params, str(state), versions)
     prepare_store(tracking)
     start = time.perf_counter()
-    task_log = None if args.show_task_logs else Path(args.pipeline_root) / "last_network_run.log"
-    config = LocalRunConfig(
-        pipeline_root=Path(args.pipeline_root),
-        cache=not args.no_cache,
-        runner=args.runner,
-        image=args.image,
-        task_log=task_log,
-    )
+    config = local_run_config(args, "last_network_run.log")
     log.info("network %s: %d sites (%s), schedule %s", network_id, len(ready), ", ".join(versions), params.schedule())
     try:
         settings = NetworkSettings(parallelism=args.site_parallelism)
