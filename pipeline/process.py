@@ -138,7 +138,7 @@ def _label_filter(labels: dict[str, str]) -> dict[str, list[str]]:
 def remove_containers(client: Any, labels: dict[str, str]) -> list[str]:
     """Stop and remove every container (running or not) with all of ``labels``; their names."""
     removed = []
-    for container in client.containers.list(all=True, filters=_label_filter(labels)):
+    for container in client.containers.list(all=True, filters=_label_filter(labels), ignore_removed=True):
         try:
             container.remove(force=True)  # SIGKILL, then remove
             removed.append(container.name)
@@ -152,7 +152,9 @@ def remove_leftovers(client: Any) -> list[str]:
     """Remove the containers of this host's runs that are no longer running (killed before
     they could clean up); their names."""
     host, removed = socket.gethostname(), []
-    for container in client.containers.list(all=True, filters={"label": [f"{HOST_LABEL}={host}", PID_LABEL]}):
+    for container in client.containers.list(
+        all=True, filters={"label": [f"{HOST_LABEL}={host}", PID_LABEL]}, ignore_removed=True
+    ):
         pid = str(container.labels.get(PID_LABEL, ""))
         if pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid)):
             removed += remove_containers(client, {HOST_LABEL: host, PID_LABEL: pid})

@@ -167,6 +167,41 @@ def param_cases() -> list[pytest.param]:
 PARAM_CASES = param_cases()
 
 
+def site_override_cases() -> list[pytest.param]:
+    """`cessl sites add`: each override a site may set, with the bad values of its parameter."""
+    from pipeline.sites import OVERRIDABLE
+
+    types, fields = field_types(), {f.name: f for f in dataclasses.fields(PipelineParams)}
+    cases = []
+    for name in OVERRIDABLE:
+        flag = fields[name].metadata["flag"] or "--" + name.replace("_", "-")
+        for value in bad_values(fields[name], types[name]):
+            cases.append(pytest.param(flag, value, id=f"sites add {flag} {value}"))
+    return cases
+
+
+@pytest.mark.parametrize(("flag", "value"), site_override_cases())
+def test_bad_site_override(flag, value, workdir, capsys):
+    outcome = run_cli(["sites", "add", "hospital-a", "src", "--file", "sites.yaml", flag, value], capsys)
+    assert_clear_failure(outcome, EXIT_USAGE, (flag,))
+
+
+@pytest.mark.parametrize(
+    ("argv", "names"),
+    [
+        (["sites", "add", "Hospital_A", "src"], ("Hospital_A",)),
+        (["sites", "add", "hospital-a", "s3://"], ("s3://",)),
+        (["sites", "remove", "nope", "--file", "src/missing.yaml"], ("missing.yaml",)),
+        (["sites", "list", "--file", "ckpt.pt"], ("ckpt.pt",)),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_bad_site_registry_input(argv, names, workdir, capsys):
+    outcome = run_cli(argv, capsys)
+    assert outcome.code != 0
+    assert_clear_failure(outcome, outcome.code, names)
+
+
 def test_every_numeric_pipeline_parameter_has_constraints():
     """A new numeric parameter without a range would be silently accepted at any value."""
     types = field_types()

@@ -11,6 +11,7 @@ demo's synthetic hospitals.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ml.errors import ParameterError
+from pipeline.constraints import field_value
 from pipeline.params import PipelineParams
 from pipeline.sites import DEFAULT_SITES_FILE, OVERRIDABLE, Site, SiteRegistry, load_sites, save_sites
 
@@ -367,7 +369,7 @@ def cmd_sites_remove(args: argparse.Namespace) -> int:
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    from pipeline.params import field_types, flag_of
+    from pipeline.params import flag_of
 
     sites = subparsers.add_parser("sites", help="the hospital network's site registry (sites.yaml)")
     sites.add_argument("--file", default=DEFAULT_SITES_FILE, help="the site registry file (default: ./%(default)s)")
@@ -381,11 +383,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("source", help="folder (relative to the registry file's folder) or s3://bucket/prefix")
     add.add_argument("--description", default="")
     add.add_argument("--replace", action="store_true", help="replace a site of that name")
-    types = field_types()
-    for name in OVERRIDABLE:
+    fields = {f.name: f for f in dataclasses.fields(PipelineParams)}
+    for name in OVERRIDABLE:  # each flag checked by its pipeline parameter's own constraints
         flag = flag_of(name)
         flags = [flag] if flag.startswith("--") else [flag, f"--{name.replace('_', '-')}"]
-        add.add_argument(*flags, dest=name, type=types[name], default=None, help=f"override {name} for this site")
+        help_text = f"this site's {fields[name].metadata.get('help', name)}"
+        add.add_argument(*flags, dest=name, type=field_value(fields[name]), default=None, help=help_text)
     add.add_argument("--file", default=argparse.SUPPRESS, help=file_help)
     add.set_defaults(func=cmd_sites_add)
     remove = verbs.add_parser("remove", help="remove a site")
