@@ -415,6 +415,16 @@ def test_bad_path_or_uri(argv, names, workdir, capsys):
     assert_clear_failure(outcome, EXIT_USAGE, names)
 
 
+def test_predict_on_cuda_without_a_gpu_is_one_line_before_any_download(workdir, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    outcome = run_cli(["predict", "--model", "models:/m@champion", "src", "--device", "cuda"], capsys)
+    assert_clear_failure(outcome, EXIT_USAGE, ("--device cuda", torch.__version__))
+    assert not Path("mlflow.db").exists()
+
+
 def test_a_typo_in_the_store_path_creates_no_database(workdir, capsys, tmp_path):
     typo = tmp_path / "mlfow.db"
     outcome = run_cli(["run", "--tracking-uri", f"sqlite:///{typo}"], capsys)

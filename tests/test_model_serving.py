@@ -216,6 +216,22 @@ def test_in_process_load_matches_cessl_predict(registered, reference, ecg_record
         model.predict(pd.DataFrame({"a": [1], "b": [2]}))
 
 
+@pytest.mark.slow
+def test_predict_in_bf16_stays_close_to_fp32(registered, ecg_records_dir, tmp_path):
+    """``cessl predict --precision bf16`` runs the forward under autocast: close to fp32, not equal."""
+    uri, model_uri = registered
+    records = [str(ecg_records_dir / r) for r in RECORDS]
+    tables = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"{precision}.csv"
+        argv = ["predict", "--model", model_uri, *records, "-o", str(out), "--tracking-uri", uri]
+        assert cessl([*argv, "--precision", precision, "--device", "cpu"]) == 0
+        tables[precision] = pd.read_csv(out, dtype={"codes": str})
+    fp32, bf16 = (tables[p][_p_columns(tables[p])].to_numpy() for p in ("fp32", "bf16"))
+    np.testing.assert_allclose(bf16, fp32, atol=0.05)
+    assert not np.array_equal(bf16, fp32), "--precision bf16 left the forward in float32"
+
+
 def _post(url: str, payload: dict) -> tuple[int, dict]:
     request = urllib.request.Request(
         url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}, method="POST"

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from ml.errors import ParameterError
+from ml.train.precision import PRECISION_CHOICES
 from pipeline.audit import history
 from pipeline.constraints import (
     add_tracking_uri_flag,
@@ -136,11 +137,22 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_device(device: str) -> None:
+    """``--device cuda`` on a machine whose torch sees no GPU: one line, before any download."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only"
+        raise ParameterError(f"--device cuda: no CUDA device visible (torch {torch.__version__}, {build} build)")
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from pipeline.pyfunc_model import load_predictor
 
+    _check_device(args.device)
     tracking = _tracking(args)
     predictor = load_predictor(args.model, tracking_uri=tracking.tracking_uri)
+    predictor.device, predictor.precision = args.device, args.precision
     table = predictor.predict_records([Path(r) for r in args.records])  # unreadable records: in `error`
     bad = table[table["error"] != ""]
     if len(bad):
@@ -285,6 +297,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     pd_.add_argument("records", nargs="+", help="WFDB records (path with or without .hea)")
     pd_.add_argument("-o", "--output", type=as_text(output_file), default=None, help="output file (default: stdout)")
     pd_.add_argument("--format", choices=("csv", "json"), default=None, help="default: from -o's suffix, else csv")
+    pd_.add_argument(
+        "--device", choices=("cpu", "cuda", "auto"), default="cpu", help="where to predict (auto: a GPU if any)"
+    )
+    pd_.add_argument(
+        "--precision",
+        choices=PRECISION_CHOICES,
+        default="fp32",
+        help="fp32, bf16 (autocast) or auto (bf16 where the device has it); the probabilities stay float32",
+    )
     tracking_flag(pd_)
     pd_.set_defaults(func=cmd_predict)
 
