@@ -9,14 +9,15 @@ The pipeline's launch step (``pipeline.components.pretrain_backbone``) hands a
   this step's log; past ``timeout_s`` it is stopped and the step fails with one clear line,
   as it does when the child dies (a killed worker never leaves the step hanging).
 - ``docker`` / ``cluster``: a Kubeflow Trainer ``TrainJob`` through
-  ``components.trainjob.run_pretrain_job`` (N nodes x M processes, c10d rendezvous; it
-  waits with the timeout and streams the job's logs). Imported only in that branch.
+  ``components.trainjob.run_pretrain_job`` (N nodes x M processes; it waits with the
+  timeout, streams the job's logs and deletes the job). Imported only in that branch.
 
 On a cluster the TrainJob's pods cannot see the launch pod's copy of the store (a KFP
-artifact), so :func:`stage_store` first copies it onto the shared checkpoint volume
-(mounted at the same path in the launch pod and in the TrainJob), once per store
-fingerprint; the job writes the backbone folder and its checkpoints there too, and
-:func:`copy_backbone` brings the two backbone files back into the step's output artifact.
+artifact), so :func:`stage_store` first copies it onto the shared volume (mounted at the
+same path, ``/workspace``, in the launch pod and in the job's nodes), once per store
+fingerprint; the job writes the backbone folder and its checkpoints there too. (The docker
+backend stages host paths itself.) :func:`copy_backbone` brings the two backbone files
+back into the step's output artifact.
 
 The checkpoint folder is keyed on the job's inputs (:meth:`LaunchSpec.checkpoint_key`): a
 retried step (or a resubmitted run) with the same store and flags resumes from the last
@@ -120,7 +121,7 @@ class LaunchSpec:
     nproc_per_node: int = 1
     backend: str = "local"
     image: str = ""
-    runtime: str = "torch-distributed"
+    runtime: str = "cessl-torch-distributed"
     namespace: str = ""
     timeout_s: int = 86400
     gpus_per_node: int = 0
@@ -147,11 +148,11 @@ class LaunchSpec:
         values["settings"] = PretrainSettings(**dict(data.get("settings") or {}))
         return cls(**values)
 
-    def resources(self) -> dict[str, str]:
-        """Each node's resource requests, Kubernetes style (``nvidia.com/gpu``, ``cpu``, ``memory``)."""
-        requests = {"cpu": self.cpu_per_node, "memory": self.memory_per_node}
+    def resources(self) -> dict[str, Any]:
+        """Each node's resource requests in the Trainer SDK's spelling (``cpu``, ``memory``, ``gpu``)."""
+        requests: dict[str, Any] = {"cpu": self.cpu_per_node, "memory": self.memory_per_node}
         if self.gpus_per_node:
-            requests["nvidia.com/gpu"] = str(self.gpus_per_node)
+            requests["gpu"] = self.gpus_per_node
         return {k: v for k, v in requests.items() if v}
 
 
@@ -329,26 +330,27 @@ def run_local(spec: LaunchSpec, work_dir: Path) -> LaunchResult:
 
 
 def run_trainjob(spec: LaunchSpec) -> LaunchResult:
-    """The job as a Kubeflow Trainer TrainJob (``components.trainjob``; docker or cluster backend)."""
+    """The job as a Kubeflow Trainer TrainJob (``components.trainjob``; docker or cluster
+    backend): it streams the job's logs, waits with the timeout and deletes the job."""
     from components.trainjob import PretrainJob, run_pretrain_job
 
     job = PretrainJob(
-        store=spec.store,
-        out=spec.out,
-        pretrain_args=[*spec.settings.cli_args(), "--checkpoint-dir", spec.checkpoint_dir],
+        store=Path(spec.store),
+        out=Path(spec.out),
+        pretrain_args=tuple(spec.settings.cli_args()),
+        checkpoint_dir=Path(spec.checkpoint_dir),
         nodes=spec.nodes,
         nproc_per_node=spec.nproc_per_node,
         backend=spec.backend,
-        image=spec.image,
         runtime=spec.runtime,
-        namespace=spec.namespace,
+        namespace=spec.namespace or None,
         timeout_s=spec.timeout_s,
-        resources=spec.resources(),
-        checkpoint_pvc=spec.checkpoint_pvc,
+        resources_per_node=spec.resources(),
+        workspace_pvc=spec.checkpoint_pvc or None,
+        **({"image": spec.image} if spec.image else {}),
     )
-    start = time.monotonic()
     result = run_pretrain_job(job)
-    return LaunchResult(Path(spec.out), str(getattr(result, "name", "")), spec.backend, time.monotonic() - start)
+    return LaunchResult(Path(result.backbone), result.job_name, spec.backend, result.elapsed_s)
 
 
 def launch(spec: LaunchSpec, work_dir: Path) -> LaunchResult:
@@ -381,7 +383,7 @@ def launch_step(
             f"backend {backend}: the TrainJob needs the shared checkpoint volume (checkpoint_root is empty)"
         )
     base = Path(root) if root else Path(tempfile.mkdtemp(prefix="cessl-pretrain-"))
-    if backend != "local":  # the job's pods read the store from the shared volume
+    if backend == "cluster":  # the job's pods read the store from the shared volume
         store = stage_store(store, base, store_fingerprint)
     key = checkpoint_key(
         store_fingerprint or str(store), settings, int(job.get("nodes", 1)), int(job.get("nproc_per_node", 1))

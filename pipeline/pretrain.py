@@ -24,8 +24,8 @@ cluster size. KFP fixes at compile time what it places on the pipeline's *own* p
 register), the endpoints ConfigMap, caching, the launch step's retries, and whether the
 launch step mounts the checkpoint volume at all (``CompileOptions.checkpoint_pvc`` ''
 compiles a pipeline without a volume, for ``backend=local`` only; otherwise the mount's
-claim is the ``checkpoint_pvc`` parameter and its path :data:`pipeline.dag.CHECKPOINT_MOUNT`,
-the ``checkpoint_root`` default). No KFP task requests a GPU: the GPUs are the TrainJob's.
+claim is the ``checkpoint_pvc`` parameter and its path :data:`WORKSPACE_MOUNT`, where the
+TrainJob's nodes mount it too, the ``checkpoint_root`` default). No KFP task requests a GPU: the GPUs are the TrainJob's.
 
 On a cluster the launch step's service account creates the TrainJob: it needs RBAC on
 ``trainer.kubeflow.org`` (``trainjobs``: create, get, list, watch, delete; ``trainingruntimes``
@@ -45,7 +45,6 @@ from kfp import compiler, dsl, kubernetes
 
 from pipeline.components import PretrainComponents, StepComponents, build_components, build_pretrain_components
 from pipeline.dag import (
-    CHECKPOINT_MOUNT,
     INGEST,
     PREPROCESS,
     VALIDATE,
@@ -65,6 +64,9 @@ log = logging.getLogger(__name__)
 
 PRETRAIN_PIPELINE_NAME = "cessl-pretrain"
 PRETRAIN, REGISTER_BACKBONE = "pretrain", "register-backbone"
+# Where the launch step mounts the shared volume: the path the TrainJob's nodes mount it at
+# (components.trainjob.WORKSPACE, the runtime's), so a path on it means the same file in both.
+WORKSPACE_MOUNT = "/workspace"
 # The launch step's inputs that are pipeline parameters of the same name.
 LAUNCH_PARAMS = (
     "backbone_config",
@@ -107,7 +109,7 @@ def compiled_defaults(options: CompileOptions, defaults: PretrainParams = DEFAUL
     return defaults.replace(
         trainer_image=defaults.trainer_image or options.image,
         checkpoint_pvc=options.checkpoint_pvc if mounted else "",
-        checkpoint_root=CHECKPOINT_MOUNT if mounted else defaults.checkpoint_root,
+        checkpoint_root=WORKSPACE_MOUNT if mounted else defaults.checkpoint_root,
         backend="local" if not mounted and defaults.backend == "cluster" else defaults.backend,
     )
 
@@ -168,7 +170,7 @@ def build_pretrain_pipeline(
         if options.finetune_retries:  # the job resumes from its last checkpoint on the volume
             launch.set_retry(num_retries=options.finetune_retries, backoff_duration="60s")
         if mount:
-            kubernetes.mount_pvc(launch, pvc_name=run.checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
+            kubernetes.mount_pvc(launch, pvc_name=run.checkpoint_pvc, mount_path=WORKSPACE_MOUNT)
         return PretrainOutputs(
             model_name=register.outputs["model_name"],
             model_version=register.outputs["model_version"],

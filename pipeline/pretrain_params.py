@@ -31,7 +31,7 @@ from pipeline.constraints import flag_name, typed
 from pipeline.params import _coerce, param
 
 BACKENDS = ("local", "docker", "cluster")
-DEFAULT_RUNTIME = "torch-distributed"  # the Trainer's standard ClusterTrainingRuntime
+DEFAULT_RUNTIME = "cessl-torch-distributed"  # deploy/trainer/: the project's ClusterTrainingRuntime
 DEFAULT_PVC = "cessl-checkpoints"  # deploy/: the checkpoint volume's claim
 PVC_ENV = "CESSL_CHECKPOINT_PVC"
 LOCAL_ONLY = ("state_dir", "checkpoint_root", "tracking_uri")
@@ -68,7 +68,7 @@ class PretrainParams:
     trainjob_namespace: str = param(
         "", "namespace of the TrainJob ('' = the pipeline run's own)", check="k8s_name_or_empty"
     )
-    timeout_s: int = param(86400, "fail the launch step (and stop the job) after this many seconds", minimum=1)
+    timeout_s: int = param(86400, "fail the launch step (and stop the job) after this many seconds", minimum=10)
     checkpoint_pvc: str = param(
         os.environ.get(PVC_ENV, DEFAULT_PVC),
         "PersistentVolumeClaim shared by the launch step and the job's nodes (store, checkpoints, backbone)",
@@ -97,6 +97,10 @@ class PretrainParams:
         found = []
         if self.backend == "local" and self.nodes != 1:
             found.append(f"--nodes {self.nodes}: the local backend runs one node (docker or cluster for more)")
+        if self.backend == "docker" and self.nproc_per_node != 1:
+            found.append(
+                f"--nproc-per-node {self.nproc_per_node}: the docker backend runs one process per node (more --nodes)"
+            )
         if self.gpus_per_node and self.gpus_per_node != self.nproc_per_node:
             found.append(
                 f"--gpus-per-node {self.gpus_per_node}: one process per GPU, so it must equal "

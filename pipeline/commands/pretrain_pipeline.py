@@ -85,7 +85,7 @@ def _add_compile_flags(parser: argparse.ArgumentParser, with_pvc: bool) -> None:
         group.add_argument(
             "--checkpoint-pvc",
             default=DEFAULTS.checkpoint_pvc,
-            help="claim the launch step and the TrainJob share, mounted at /mnt/checkpoints "
+            help="claim the launch step and the TrainJob share, mounted at /workspace "
             "('' for none: backend local only; a run may name another claim; default: %(default)s)",
         )
     group.add_argument(
