@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from components.common import StepError, read_json, sha256_json
+from ml.errors import EXIT_STEP_FAILED, CesslError
 from ml.io import atomic_write_text, staged_folder
 
 log = logging.getLogger(__name__)
@@ -233,9 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         folder = pretrain_step(
             Path(spec.store), Path(spec.out), spec.settings, Path(spec.checkpoint_dir), spec.data_version
         )
-    except StepError as err:
+    except (CesslError, OSError) as err:  # the user's to fix: one line, no traceback
         log.error("%s", err)
-        return 5
+        return EXIT_STEP_FAILED
     if folder is not None:
         log.info("backbone written to %s", folder)
     return 0

@@ -1,0 +1,335 @@
+"""The pre-training pipeline ``cessl-pretrain``: its compiled IR (real kfp compiler), its
+parameters' checks, the local launch (timeout, a failing job) and a real ``kfp.local`` run
+that registers a backbone in a sqlite MLflow store."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.common import StepError
+from components.pretrain import LaunchSpec, PretrainSettings, run_local
+from ml.errors import EXIT_USAGE, ParameterError
+from pipeline import cli
+from pipeline.dag import CompileOptions, ResourceRequest
+from pipeline.pretrain import PRETRAIN_PIPELINE_NAME, WORKSPACE_MOUNT, compile_pretrain_pipeline
+from pipeline.pretrain_params import DEFAULTS, LOCAL_DEFAULTS, PretrainParams, cli_fields, field_types
+
+IMAGE = "registry.example.org/cessl:2.0.0"
+STEPS = ("validate-pretrain", "ingest", "preprocess", "pretrain-backbone", "register-backbone")
+JOB_PARAMS = (
+    "nodes",
+    "nproc_per_node",
+    "gpus_per_node",
+    "cpu_per_node",
+    "memory_per_node",
+    "trainer_image",
+    "runtime",
+    "trainjob_namespace",
+    "timeout_s",
+    "checkpoint_pvc",
+    "backend",
+)
+
+
+def load(path: Path) -> tuple[dict, dict]:
+    docs = list(yaml.safe_load_all(path.read_text()))
+    platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"] if len(docs) > 1 else {}
+    return docs[0], platform
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> tuple[dict, dict]:
+    """(pipeline spec, kubernetes platform spec) compiled with cluster options."""
+    path = tmp_path_factory.mktemp("compile") / "pretrain.yaml"
+    options = CompileOptions(
+        image=IMAGE,
+        accelerator_type="",
+        tolerations=(),
+        step_resources=ResourceRequest(cpu="2", memory="8Gi"),
+        checkpoint_pvc="cessl-pretrain-volume",
+        credentials_secret="cessl-s3",
+        config_map="cessl-pipeline-defaults",
+        finetune_retries=3,
+    )
+    return load(compile_pretrain_pipeline(path, options))
+
+
+def test_every_step_runs_the_project_image_and_installs_nothing(compiled):
+    spec, _ = compiled
+    assert spec["pipelineInfo"]["name"] == PRETRAIN_PIPELINE_NAME
+    executors = spec["deploymentSpec"]["executors"]
+    assert {name.removeprefix("exec-") for name in executors} == set(STEPS)
+    for name, executor in executors.items():
+        assert executor["container"]["image"] == IMAGE, name
+        assert "pip install" not in " ".join(executor["container"]["command"]), name
+
+
+def test_every_parameter_is_a_pipeline_parameter_with_the_compiled_defaults(compiled):
+    spec, _ = compiled
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert set(params) == set(field_types())
+    kinds = {int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE", str: "STRING"}
+    for name, kind in field_types().items():
+        assert params[name]["parameterType"] == kinds[kind], name
+    assert params["trainer_image"]["defaultValue"] == IMAGE  # the TrainJob runs the pipeline's image
+    assert params["checkpoint_pvc"]["defaultValue"] == "cessl-pretrain-volume"
+    assert params["checkpoint_root"]["defaultValue"] == WORKSPACE_MOUNT
+    assert params["backend"]["defaultValue"] == "cluster"
+    assert params["gpus_per_node"]["defaultValue"] == DEFAULTS.gpus_per_node
+    assert params["nodes"]["defaultValue"] == 1
+
+
+def test_the_dag_runs_validate_ingest_preprocess_pretrain_register_in_order(compiled):
+    spec, _ = compiled
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == set(STEPS)
+    assert "dependentTasks" not in tasks["validate-pretrain"]
+    assert tasks["ingest"]["dependentTasks"] == ["validate-pretrain"]
+    assert tasks["preprocess"]["dependentTasks"] == ["ingest"]
+    assert tasks["pretrain-backbone"]["dependentTasks"] == ["preprocess"]
+    assert tasks["register-backbone"]["dependentTasks"] == ["pretrain-backbone"]
+    store = tasks["pretrain-backbone"]["inputs"]["artifacts"]["store"]["taskOutputArtifact"]
+    assert store == {"outputArtifactKey": "store", "producerTask": "preprocess"}
+    backbone = tasks["register-backbone"]["inputs"]["artifacts"]["backbone"]["taskOutputArtifact"]
+    assert backbone == {"outputArtifactKey": "backbone", "producerTask": "pretrain-backbone"}
+    outputs = spec["root"]["outputDefinitions"]["parameters"]
+    assert set(outputs) == {"model_name", "model_version", "run_id"}
+
+
+def test_the_launch_step_gets_the_trainjob_settings_from_the_run(compiled):
+    """Nodes, GPUs, resources, image, runtime, timeout and the claim reach the launch step
+    as pipeline parameters (a run changes them without recompiling)."""
+    spec, _ = compiled
+    inputs = spec["root"]["dag"]["tasks"]["pretrain-backbone"]["inputs"]["parameters"]
+    for name in JOB_PARAMS:
+        assert inputs[name] == {"componentInputParameter": name}, name
+    component = spec["components"]["comp-pretrain-backbone"]["inputDefinitions"]["parameters"]
+    assert component["nodes"]["parameterType"] == "NUMBER_INTEGER"
+    assert component["gpus_per_node"]["parameterType"] == "NUMBER_INTEGER"
+
+
+def test_no_pipeline_step_requests_a_gpu_and_each_has_its_resources(compiled):
+    """The GPUs are the TrainJob's nodes': the launch pod only creates and watches the job."""
+    spec, _ = compiled
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        resources = executor["container"].get("resources", {})
+        assert "accelerator" not in resources, name
+        assert resources["resourceCpuRequest"] == "2" and resources["resourceMemoryRequest"] == "8Gi", name
+
+
+def test_the_volume_secret_and_config_map_go_to_the_right_steps(compiled):
+    spec, platform = compiled
+    launch = platform["exec-pretrain-backbone"]
+    (mount,) = launch["pvcMount"]
+    assert mount["mountPath"] == WORKSPACE_MOUNT
+    assert mount["pvcNameParameter"] == {"componentInputParameter": "checkpoint_pvc"}  # the run's claim
+    for name in ("exec-validate-pretrain", "exec-ingest", "exec-preprocess", "exec-register-backbone"):
+        assert "pvcMount" not in platform.get(name, {}), name
+    for name in ("exec-ingest", "exec-register-backbone"):  # S3 source, MLflow artifacts
+        (secret,) = platform[name]["secretAsEnv"]
+        assert secret["secretName"] == "cessl-s3"
+        assert {e["envVar"] for e in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    for name in ("exec-validate-pretrain", "exec-preprocess", "exec-pretrain-backbone"):
+        assert "secretAsEnv" not in platform.get(name, {}), name
+    for name in (f"exec-{step}" for step in STEPS):
+        (config_map,) = platform[name]["configMapAsEnv"]
+        assert config_map["configMapName"] == "cessl-pipeline-defaults"
+        assert "MLFLOW_TRACKING_URI" in {e["envVar"] for e in config_map["keyToEnv"]}
+
+
+def test_the_launch_and_register_steps_are_never_cached_and_the_launch_retries(compiled):
+    spec, _ = compiled
+    tasks = spec["root"]["dag"]["tasks"]
+    assert tasks["pretrain-backbone"]["cachingOptions"] == {}
+    assert tasks["register-backbone"]["cachingOptions"] == {}
+    assert tasks["ingest"]["cachingOptions"] == {"enableCache": True}
+    assert tasks["preprocess"]["cachingOptions"] == {"enableCache": True}
+    assert tasks["pretrain-backbone"]["retryPolicy"]["maxRetryCount"] == 3
+    assert tasks["pretrain-backbone"]["taskInfo"]["name"] == "pretrain"
+
+
+def test_without_a_volume_nothing_is_mounted_and_the_job_runs_in_the_launch_pod(tmp_path):
+    options = CompileOptions(image=IMAGE, accelerator_type="", tolerations=(), checkpoint_pvc="")
+    spec, platform = load(compile_pretrain_pipeline(tmp_path / "p.yaml", options))
+    assert all("pvcMount" not in executor for executor in platform.values())
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["backend"]["defaultValue"] == "local"
+    assert params["checkpoint_pvc"]["defaultValue"] == ""
+
+
+def test_cessl_backbone_pipeline_compile(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    argv = ["backbone", "pipeline", "compile", "-o", "out/pretrain.yaml", "--image", IMAGE]
+    assert cli.main([*argv, "--checkpoint-pvc", "shared-rwx", "--credentials-secret", "s3"]) == 0
+    spec, platform = load(tmp_path / "out" / "pretrain.yaml")
+    assert spec["pipelineInfo"]["name"] == PRETRAIN_PIPELINE_NAME
+    assert spec["root"]["inputDefinitions"]["parameters"]["checkpoint_pvc"]["defaultValue"] == "shared-rwx"
+    assert platform["exec-register-backbone"]["secretAsEnv"][0]["secretName"] == "s3"
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def bad_values(field: dataclasses.Field) -> list[str]:
+    """Values that break the field's constraints (from its metadata)."""
+    meta, kind = field.metadata, field_types()[field.name]
+    step = 1 if kind is int else 0.5
+    values = [meta[k] - step for k in ("minimum",) if meta.get(k) is not None]
+    values += [meta[k] for k in ("exclusive_minimum",) if meta.get(k) is not None]
+    texts = [str(int(v)) if kind is int else repr(float(v)) for v in values]
+    texts += {int: ["1.5", "many"], float: ["nan", "lots"], str: []}[kind]
+    if meta.get("choices"):
+        texts.append("no-such-choice")
+    texts += {
+        "source": ["ftp://host/records"],
+        "quantity_or_empty": ["0", "lots"],
+        "image_or_empty": ["Not An Image"],
+        "k8s_name": ["Bad_Name"],
+        "k8s_name_or_empty": ["Bad_Name"],
+        "alias_or_empty": ["x@y"],
+    }.get(meta.get("check") or "", [])
+    return texts
+
+
+PARAM_CASES = [
+    pytest.param(verb, f.metadata["flag"] or "--" + f.name.replace("_", "-"), value, id=f"{verb} {f.name} {value}")
+    for verb in ("run", "submit")
+    for f in cli_fields()
+    for value in bad_values(f)
+]
+
+
+def run_cli(argv: list[str]) -> int:
+    """``cessl`` in this process; the parser's own errors (SystemExit) as their exit code."""
+    try:
+        return cli.main(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+
+
+@pytest.mark.parametrize(("verb", "flag", "value"), PARAM_CASES)
+def test_a_bad_parameter_is_one_line_naming_its_flag_before_any_work(verb, flag, value, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    extra = ["--host", "http://127.0.0.1:9"] if verb == "submit" else []
+    assert run_cli(["backbone", "pipeline", verb, *extra, f"{flag}={value}"]) == EXIT_USAGE
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and flag in err[0] and "Traceback" not in err[0], err
+    assert list(tmp_path.iterdir()) == []  # nothing written, no store created
+
+
+def test_every_problem_in_one_message_and_the_combinations():
+    with pytest.raises(ParameterError) as err:
+        PretrainParams(nodes=0, timeout_s=1, cpu_per_node="lots")
+    message = str(err.value)
+    assert "--nodes 0" in message and "--timeout-s 1" in message and "--cpu-per-node 'lots'" in message
+    with pytest.raises(ParameterError, match="--nodes 2: the local backend runs one node"):
+        LOCAL_DEFAULTS.replace(nodes=2)
+    with pytest.raises(ParameterError, match="--gpus-per-node 1: one process per GPU"):
+        DEFAULTS.replace(nproc_per_node=4)
+    with pytest.raises(ParameterError, match="docker backend runs one process per node"):
+        LOCAL_DEFAULTS.replace(backend="docker", nproc_per_node=2)
+    with pytest.raises(ParameterError, match="a cluster TrainJob shares"):
+        DEFAULTS.replace(checkpoint_pvc="")
+    assert DEFAULTS.replace(nodes=4, nproc_per_node=8, gpus_per_node=8).world_size == 32
+
+
+def test_the_validate_step_reads_kfp_rendered_values():
+    """KFP renders a dict parameter's numbers as text ("2.0"): read back exactly."""
+    rendered = {k: (str(float(v)) if isinstance(v, int) else v) for k, v in DEFAULTS.arguments().items()}
+    assert PretrainParams.from_mapping(rendered) == DEFAULTS
+    with pytest.raises(ParameterError, match="unknown pre-training parameters"):
+        PretrainParams.from_mapping({"nodez": 2})
+
+
+# --------------------------------------------------------------------------- the local launch
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory) -> Path:
+    """A real dataset store: a synthetic source (cessl data synth), ingested and preprocessed."""
+    root = tmp_path_factory.mktemp("source")
+    assert cli.main(["data", "synth", str(root / "src"), "--records", "40", "--seed", "3"]) == 0
+    assert cli.main(["data", "ingest", str(root / "src"), str(root / "ingest")]) == 0
+    assert cli.main(["data", "preprocess", str(root / "ingest"), str(root / "store"), "--min-count", "2"]) == 0
+    return root / "store"
+
+
+def test_a_job_past_its_timeout_is_stopped_with_a_clear_error(tiny_store, tmp_path):
+    settings = PretrainSettings(config="tinylight", max_steps=100000, batch_size=8, device="cpu")
+    spec = LaunchSpec(str(tiny_store), str(tmp_path / "out"), str(tmp_path / "ckpt"), settings, timeout_s=3)
+    start = time.monotonic()
+    with pytest.raises(StepError, match=r"did not finish within timeout_s=3: stopped"):
+        run_local(spec, tmp_path / "job")
+    assert time.monotonic() - start < 3 + 15  # stopped, not waited for
+    assert not (tmp_path / "out" / "backbone_config.json").exists()
+
+
+def test_a_failing_job_fails_the_step_with_its_exit_code(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="cessl.pretrain.job")
+    spec = LaunchSpec(str(tmp_path / "no-store"), str(tmp_path / "out"), str(tmp_path / "ckpt"), timeout_s=120)
+    with pytest.raises(StepError, match=r"exited with code 5 after"):  # EXIT_STEP_FAILED, one line in its log
+        run_local(spec, tmp_path / "job")
+    streamed = [r.getMessage() for r in caplog.records if r.name == "cessl.pretrain.job"]
+    assert any("no-store is not a complete dataset store" in line for line in streamed), streamed
+    written = json.loads((tmp_path / "job" / "launch_spec.json").read_text())
+    assert written["store"] == str(tmp_path / "no-store")
+
+
+def test_the_local_backend_is_one_node():
+    with pytest.raises(StepError, match="nodes 2: the local backend runs one node"):
+        LaunchSpec("s", "o", "c", nodes=2)
+    assert LaunchSpec("s", "o", "c", gpus_per_node=2, cpu_per_node="4").resources() == {"cpu": "4", "gpu": 2}
+
+
+# --------------------------------------------------------------------------- kfp.local end to end
+
+
+@pytest.mark.slow
+def test_local_pipeline_run_registers_a_backbone_that_reads_back(tiny_store, tmp_path, monkeypatch, capsys):
+    """`cessl backbone pipeline run` on a synthetic source: ingest -> preprocess -> pretrain
+    (a child process, 4 steps of tinylight) -> register in a sqlite MLflow store; the
+    registered version downloads and verifies, and carries the run's lineage."""
+    from mlflow.tracking import MlflowClient
+
+    from ml.model.pretrained import read_backbone
+    from pipeline.backbone_registry import fetch_backbone
+
+    source = tiny_store.parent / "src"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = [
+        *("backbone", "pipeline", "run", "--source", str(source), "--backbone-config", "tinylight"),
+        *("--max-steps", "4", "--batch-size", "8", "--checkpoint-every", "2", "--min-class-count", "2"),
+        *("--tracking-uri", uri, "--create-store", "--alias", "candidate"),
+    ]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "registered backbone models:/cessl-backbone-tinylight/1" in out
+
+    client = MlflowClient(uri)
+    version = client.get_model_version("cessl-backbone-tinylight", "1")
+    assert version.tags["kind"] == "backbone" and version.tags["config"] == "tinylight"
+    assert "candidate" in version.aliases
+    run = client.get_run(version.run_id)
+    assert run.data.tags["kfp.pipeline_name"] == PRETRAIN_PIPELINE_NAME
+    assert client.get_metric_history(version.run_id, "pretrain_loss")[-1].step == 4
+
+    folder = fetch_backbone("models:/cessl-backbone-tinylight/1", tmp_path / "fetched", tracking_uri=uri)
+    backbone = read_backbone(folder)
+    assert backbone.name == "tinylight" and backbone.identity == version.tags["identity"]
+    assert backbone.meta["training"]["steps"] == 4 and backbone.meta["source"] == "pretrain"
+    assert not (folder / "checkpoints").exists()  # only the two backbone files are registered
+
+    # the same run again: the cached data steps, the job resumed at its last step, the same weights
+    assert cli.main(argv) == 0
+    assert "models:/cessl-backbone-tinylight/1" in capsys.readouterr().out
+    assert len(client.search_model_versions("name = 'cessl-backbone-tinylight'")) == 1
