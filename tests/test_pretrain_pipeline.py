@@ -125,7 +125,7 @@ def test_no_pipeline_step_requests_a_gpu_and_each_has_its_resources(compiled):
 
 
 def test_the_volume_secret_and_config_map_go_to_the_right_steps(compiled):
-    spec, platform = compiled
+    _, platform = compiled
     launch = platform["exec-pretrain-backbone"]
     (mount,) = launch["pvcMount"]
     assert mount["mountPath"] == WORKSPACE_MOUNT

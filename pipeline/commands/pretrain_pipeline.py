@@ -199,7 +199,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     preflight_local(args)  # the tracking store (and Docker for --runner docker), before any work
     if "://" not in params.source:
         if not Path(params.source).is_dir():
-            raise FileNotFoundError(f"{Path(params.source).absolute()}: source folder not found")
+            raise FileNotFoundError(f"--source {Path(params.source).absolute()}: folder not found")
         check_records_folder(Path(params.source))
     with project_lock(args):
         tracking = TrackingConfig.resolve(args.tracking_uri, BACKBONE_EXPERIMENT)
