@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -40,7 +41,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from components.common import StepError, read_json, sha256_json
+from components.common import StepError, read_json, sha256_dir, sha256_json
 from ml.errors import EXIT_STEP_FAILED, CesslError
 from ml.io import atomic_write_text, staged_folder
 
@@ -50,6 +51,7 @@ BACKENDS = ("local", "docker", "cluster")
 STORES_DIR = "stores"  # <volume>/stores/<store fingerprint>: the staged store
 RUNS_DIR = "pretrain"  # <volume>/pretrain/<checkpoint key>/{checkpoints,backbone}
 STOP_GRACE_S = 10.0
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -330,12 +332,12 @@ def run_local(spec: LaunchSpec, work_dir: Path) -> LaunchResult:
     return LaunchResult(Path(spec.out), name, spec.backend, seconds)
 
 
-def run_trainjob(spec: LaunchSpec) -> LaunchResult:
-    """The job as a Kubeflow Trainer TrainJob (``components.trainjob``; docker or cluster
-    backend): it streams the job's logs, waits with the timeout and deletes the job."""
-    from components.trainjob import PretrainJob, run_pretrain_job
+def pretrain_job(spec: LaunchSpec) -> Any:
+    """The ``components.trainjob.PretrainJob`` of ``spec`` (docker or cluster backend):
+    ``components.trainjob.trainjob_manifest`` of it is the TrainJob the launch step creates."""
+    from components.trainjob import PretrainJob
 
-    job = PretrainJob(
+    return PretrainJob(
         store=Path(spec.store),
         out=Path(spec.out),
         pretrain_args=tuple(spec.settings.cli_args()),
@@ -350,7 +352,14 @@ def run_trainjob(spec: LaunchSpec) -> LaunchResult:
         workspace_pvc=spec.checkpoint_pvc or None,
         **({"image": spec.image} if spec.image else {}),
     )
-    result = run_pretrain_job(job)
+
+
+def run_trainjob(spec: LaunchSpec) -> LaunchResult:
+    """The job as a Kubeflow Trainer TrainJob (``components.trainjob``; docker or cluster
+    backend): it streams the job's logs, waits with the timeout and deletes the job."""
+    from components.trainjob import run_pretrain_job
+
+    result = run_pretrain_job(pretrain_job(spec))
     return LaunchResult(Path(result.backbone), result.job_name, spec.backend, result.elapsed_s)
 
 
@@ -359,6 +368,32 @@ def launch(spec: LaunchSpec, work_dir: Path) -> LaunchResult:
     if spec.backend == "local":
         return run_local(spec, work_dir)
     return run_trainjob(spec)
+
+
+def launch_spec(
+    store: str,
+    settings: PretrainSettings,
+    *,
+    root: str,
+    store_fingerprint: str = "",
+    data_version: str = "",
+    **job: Any,
+) -> LaunchSpec:
+    """The job of the launch step (no I/O): ``store`` as the job sees it, its backbone folder
+    and checkpoints under ``<root>/pretrain/<checkpoint key>`` (the same inputs, the same
+    folder: a retried step resumes). ``job``: the :class:`LaunchSpec` fields that say where
+    and how it runs (nodes, nproc_per_node, backend, image, runtime, namespace, timeout_s,
+    gpus_per_node, cpu_per_node, memory_per_node, checkpoint_pvc)."""
+    nodes, nproc = int(job.get("nodes", 1)), int(job.get("nproc_per_node", 1))
+    work = Path(root) / RUNS_DIR / checkpoint_key(store_fingerprint or store, settings, nodes, nproc)
+    return LaunchSpec(
+        store=store,
+        out=str(work / "backbone"),
+        checkpoint_dir=str(work / "checkpoints"),
+        settings=settings,
+        data_version=data_version,
+        **job,
+    )
 
 
 def launch_step(
@@ -371,34 +406,20 @@ def launch_step(
     data_version: str = "",
     **job: Any,
 ) -> LaunchResult:
-    """The pipeline's launch step: the job's folders under ``root`` (the checkpoint volume's
-    mount on a cluster; a local folder otherwise), the store staged there for a TrainJob,
-    the job run and waited for, the backbone's two files copied into ``backbone_out``.
-
-    ``job``: the :class:`LaunchSpec` fields that say where and how it runs (nodes,
-    nproc_per_node, backend, image, runtime, namespace, timeout_s, gpus_per_node,
-    cpu_per_node, memory_per_node, checkpoint_pvc)."""
+    """The pipeline's launch step: the job's folders under ``root`` (the shared volume's
+    mount on a cluster; a local folder otherwise, a temporary one when ''), the store staged
+    there for a cluster TrainJob, the job run and waited for, the backbone's two files
+    copied into ``backbone_out``. ``job``: as :func:`launch_spec`'s."""
     backend = str(job.get("backend", "local"))
-    if backend != "local" and not root:
-        raise StepError(
-            f"backend {backend}: the TrainJob needs the shared checkpoint volume (checkpoint_root is empty)"
-        )
-    base = Path(root) if root else Path(tempfile.mkdtemp(prefix="cessl-pretrain-"))
+    if backend == "cluster" and not root:
+        raise StepError("backend cluster: the TrainJob needs the shared volume (checkpoint_root is empty)")
+    base = root or tempfile.mkdtemp(prefix="cessl-pretrain-")
     if backend == "cluster":  # the job's pods read the store from the shared volume
-        store = stage_store(store, base, store_fingerprint)
-    key = checkpoint_key(
-        store_fingerprint or str(store), settings, int(job.get("nodes", 1)), int(job.get("nproc_per_node", 1))
+        store = stage_store(store, Path(base), store_fingerprint)
+    spec = launch_spec(
+        str(store), settings, root=base, store_fingerprint=store_fingerprint, data_version=data_version, **job
     )
-    work = base / RUNS_DIR / key
-    spec = LaunchSpec(
-        store=str(store),
-        out=str(work / "backbone"),
-        checkpoint_dir=str(work / "checkpoints"),
-        settings=settings,
-        data_version=data_version,
-        **job,
-    )
-    result = launch(spec, work)
+    result = launch(spec, Path(spec.out).parent)
     copy_backbone(result.backbone_dir, backbone_out)
     log.info("pre-training %s (%s backend) done in %.0f s", result.job_name, result.backend, result.seconds)
     return result
@@ -409,12 +430,13 @@ def launch_step(
 
 def stage_store(store: Path, volume: Path, fingerprint: str) -> Path:
     """``store`` copied to ``<volume>/stores/<fingerprint>`` (atomically, once per fingerprint):
-    where every node of a TrainJob reads it."""
-    if not fingerprint:
-        fingerprint = sha256_json(sorted(p.name for p in store.iterdir()))[:16]
-    target = volume / STORES_DIR / fingerprint
+    where every node of a TrainJob reads it. A fingerprint that is not a plain name (or none)
+    is replaced by a hash, so the copy never lands outside ``<volume>/stores``."""
+    name = fingerprint if _PLAIN_NAME.fullmatch(fingerprint or "") else ""
+    name = name or (sha256_json(fingerprint) if fingerprint else sha256_dir(store))[:32]
+    target = volume / STORES_DIR / name
     if target.is_dir():
-        log.info("store %s already on the shared volume: %s", fingerprint, target)
+        log.info("store %s already on the shared volume: %s", name, target)
         return target
     with staged_folder(target) as staging:
         shutil.copytree(store, staging, dirs_exist_ok=True)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from components.common import StepError
-from components.pretrain import LaunchSpec, PretrainSettings, run_local
+from components.pretrain import LaunchSpec, PretrainSettings, launch_spec, pretrain_job, run_local, stage_store
 from ml.errors import EXIT_USAGE, ParameterError
 from pipeline import cli
 from pipeline.dag import CompileOptions, ResourceRequest
@@ -287,6 +287,69 @@ def test_the_local_backend_is_one_node():
     with pytest.raises(StepError, match="nodes 2: the local backend runs one node"):
         LaunchSpec("s", "o", "c", nodes=2)
     assert LaunchSpec("s", "o", "c", gpus_per_node=2, cpu_per_node="4").resources() == {"cpu": "4", "gpu": 2}
+
+
+def test_the_store_is_staged_on_the_volume_once_and_never_outside_it(tiny_store, tmp_path):
+    volume = tmp_path / "volume"
+    first = stage_store(tiny_store, volume, "abc123")
+    assert first == volume / "stores" / "abc123"
+    assert sorted(p.name for p in first.iterdir()) == sorted(p.name for p in tiny_store.iterdir())
+    (first / "marker").write_text("kept")  # a second call reuses the copy
+    assert stage_store(tiny_store, volume, "abc123") == first and (first / "marker").exists()
+    escaped = stage_store(tiny_store, volume, "../../etc")
+    assert escaped.parent == volume / "stores" and escaped.name != "etc"
+    unnamed = stage_store(tiny_store, volume, "")
+    assert unnamed.parent == volume / "stores" and len(unnamed.name) == 32
+
+
+def test_the_cluster_job_reads_and_writes_on_the_shared_volume():
+    settings = PretrainSettings(config="medium", epochs=3, max_steps=0, lr=0.0)
+    job = {"nodes": 2, "nproc_per_node": 4, "backend": "cluster", "gpus_per_node": 4, "checkpoint_pvc": "shared"}
+    spec = launch_spec("/workspace/stores/fp", settings, root=WORKSPACE_MOUNT, store_fingerprint="fp", **job)
+    assert spec.out.startswith(f"{WORKSPACE_MOUNT}/pretrain/") and spec.out.endswith("/backbone")
+    assert Path(spec.checkpoint_dir).parent == Path(spec.out).parent
+    again = launch_spec("/workspace/stores/fp", settings, root=WORKSPACE_MOUNT, store_fingerprint="fp", **job)
+    assert again.checkpoint_dir == spec.checkpoint_dir  # a retried step resumes there
+    other = launch_spec(
+        "/workspace/stores/fp", settings, root=WORKSPACE_MOUNT, store_fingerprint="fp", **job | {"nodes": 4}
+    )
+    assert other.checkpoint_dir != spec.checkpoint_dir  # another global batch: another schedule
+    args = settings.cli_args()
+    assert "--max-steps" not in args and "--lr" not in args  # 0: epochs, the scaling rule
+    assert args[args.index("--config") + 1] == "medium" and args[args.index("--epochs") + 1] == "3"
+
+
+def test_the_trainjob_the_launch_step_creates():
+    """The TrainJob of a cluster run (``components.trainjob.trainjob_manifest`` of the launch
+    step's job): nodes, GPUs and resources per node, image, the claim, the volume paths."""
+    trainjob = pytest.importorskip("components.trainjob")
+    settings = PretrainSettings(config="medium", epochs=3)
+    spec = launch_spec(
+        "/workspace/stores/fp",
+        settings,
+        root=WORKSPACE_MOUNT,
+        store_fingerprint="fp",
+        nodes=2,
+        nproc_per_node=4,
+        backend="cluster",
+        image=IMAGE,
+        namespace="team-a",
+        timeout_s=7200,
+        gpus_per_node=4,
+        cpu_per_node="32",
+        memory_per_node="128Gi",
+        checkpoint_pvc="shared-rwx",
+    )
+    manifest = trainjob.trainjob_manifest(pretrain_job(spec), name="cessl-pretrain-test")
+    assert manifest["kind"] == "TrainJob" and manifest["metadata"]["namespace"] == "team-a"
+    trainer = manifest["spec"]["trainer"]
+    assert trainer["numNodes"] == 2 and trainer["image"] == IMAGE
+    assert trainer["resourcesPerNode"]["requests"] == {"cpu": "32", "memory": "128Gi", "nvidia.com/gpu": "4"}
+    assert manifest["spec"]["activeDeadlineSeconds"] == 7200
+    assert "'shared-rwx'" in json.dumps(manifest).replace('"', "'")
+    command = " ".join(trainer["command"])
+    for path in (spec.store, spec.out, spec.checkpoint_dir):
+        assert path in command
 
 
 # --------------------------------------------------------------------------- kfp.local end to end
