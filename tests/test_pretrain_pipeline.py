@@ -175,6 +175,46 @@ def test_cessl_backbone_pipeline_compile(tmp_path, monkeypatch):
     assert platform["exec-register-backbone"]["secretAsEnv"][0]["secretName"] == "s3"
 
 
+def test_submit_passes_the_trainjob_settings_as_run_arguments(tiny_store, tmp_path, monkeypatch):
+    """`cessl backbone pipeline submit`: the package compiled with the image, the job's shape
+    as run arguments, no local path. (No KFP API server runs here: the client records the
+    call, as in test_pipeline_cli.)"""
+    from types import SimpleNamespace
+
+    from pipeline import preflight
+    from pipeline.commands import run as run_command
+
+    calls: list[dict] = []
+
+    class Recorder:
+        def create_run_from_pipeline_package(self, pipeline_file: str, **kwargs):
+            calls.append({"pipeline_file": pipeline_file, **kwargs})
+            return SimpleNamespace(run_id="run-1")
+
+    monkeypatch.setattr(run_command, "_client", lambda args: Recorder())
+    monkeypatch.setattr(preflight, "check_kfp_host", lambda host, timeout=5.0: host)
+    monkeypatch.chdir(tmp_path)
+    argv = [
+        *("backbone", "pipeline", "submit", "--host", "http://kfp.example.org", "--image", IMAGE),
+        *("--source", str(tiny_store.parent / "src"), "--backbone-config", "medium"),
+        *("--nodes", "2", "--nproc-per-node", "4", "--gpus-per-node", "4", "--memory-per-node", "128Gi"),
+        *("--checkpoint-pvc", "shared-rwx", "--timeout-s", "7200", "--run-name", "pretrain-medium"),
+    ]
+    assert cli.main(argv) == 0
+    (call,) = calls
+    assert call["run_name"] == "pretrain-medium"
+    args = call["arguments"]
+    assert (args["nodes"], args["nproc_per_node"], args["gpus_per_node"]) == (2, 4, 4)
+    assert (args["memory_per_node"], args["checkpoint_pvc"], args["timeout_s"]) == ("128Gi", "shared-rwx", 7200)
+    assert args["backend"] == "cluster" and args["data_version"].endswith(".dir")
+    assert not {"state_dir", "checkpoint_root", "tracking_uri", "trainer_image"} & set(args)  # the compiled defaults
+    spec, platform = load(Path(call["pipeline_file"]))
+    assert spec["pipelineInfo"]["name"] == PRETRAIN_PIPELINE_NAME
+    assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {IMAGE}
+    assert platform["exec-pretrain-backbone"]["pvcMount"][0]["mountPath"] == WORKSPACE_MOUNT
+    assert spec["root"]["inputDefinitions"]["parameters"]["trainer_image"]["defaultValue"] == IMAGE
+
+
 # --------------------------------------------------------------------------- parameters
 
 

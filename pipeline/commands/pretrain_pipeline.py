@@ -131,7 +131,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def cluster_arguments(args: argparse.Namespace, params: PretrainParams) -> dict[str, Any]:
     """The pipeline's arguments for a cluster run: no local paths (unset local-only values keep
-    the compiled defaults, e.g. checkpoint_root on the volume's mount)."""
+    the compiled defaults, e.g. checkpoint_root on the volume's mount; an unset
+    ``--trainer-image`` keeps the compiled one, the pipeline's image)."""
     from pipeline.lineage import git_commit, source_data_version
 
     arguments = params.replace(
@@ -140,7 +141,8 @@ def cluster_arguments(args: argparse.Namespace, params: PretrainParams) -> dict[
         tracking_uri=args.tracking_uri or "",
         checkpoint_root=args.checkpoint_root,
     ).arguments()
-    return {k: v for k, v in arguments.items() if v != "" or k not in LOCAL_ONLY}
+    # '' keeps the compiled default: the local-only paths, and the TrainJob's image (the package's)
+    return {k: v for k, v in arguments.items() if v != "" or k not in (*LOCAL_ONLY, "trainer_image")}
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
