@@ -199,6 +199,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if params.backend == "cluster":
         raise ValueError("--backend cluster: a local run launches its job here (local or docker); use `submit`")
     preflight_local(args)  # the tracking store (and Docker for --runner docker), before any work
+    if params.backend == "docker":  # the job's nodes are containers on this machine
+        from pipeline.preflight import check_docker
+
+        check_docker()
     if "://" not in params.source:
         if not Path(params.source).is_dir():
             raise FileNotFoundError(f"--source {Path(params.source).absolute()}: folder not found")
