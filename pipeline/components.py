@@ -686,6 +686,148 @@ def cross_site(
     return json.dumps(summary, sort_keys=True)
 
 
+# --------------------------------------------------------------------------- pre-training bodies
+
+
+def validate_pretrain(params: dict) -> str:
+    """The pre-training pipeline's first step: every parameter against its constraints
+    (:class:`pipeline.pretrain_params.PretrainParams`), all problems in one message, before
+    any work. Returns the job in words."""
+    from pipeline.process import die_with_parent
+
+    die_with_parent()  # a task dies with the process that started it (kill -9 of cessl run)
+    from pipeline.pretrain_params import PretrainParams
+
+    return PretrainParams.from_mapping(params).describe()
+
+
+def pretrain_backbone(
+    store: Input[Dataset],
+    backbone_config: str,
+    epochs: int,
+    max_steps: int,
+    batch_size: int,
+    base_lr: float,
+    lr: float,
+    weight_decay: float,
+    cutmix_alpha: float,
+    seed: int,
+    checkpoint_every: int,
+    device: str,
+    nodes: int,
+    nproc_per_node: int,
+    gpus_per_node: int,
+    cpu_per_node: str,
+    memory_per_node: str,
+    backend: str,
+    trainer_image: str,
+    runtime: str,
+    trainjob_namespace: str,
+    timeout_s: int,
+    checkpoint_pvc: str,
+    checkpoint_root: str,
+    backbone: Output[Model],
+) -> str:
+    """Launch the pre-training job (a Kubeflow Trainer TrainJob on ``cluster`` / ``docker``,
+    a child process for ``local``), wait for it (``timeout_s``, its logs streamed here) and
+    output the backbone folder. On a cluster the store, the checkpoints and the job's backbone
+    live on the shared volume ``checkpoint_pvc``, mounted at ``checkpoint_root``; a retried
+    step resumes the job from its last checkpoint. Returns the job's name."""
+    from pipeline.process import die_with_parent
+
+    die_with_parent()  # a task dies with the process that started it (kill -9 of cessl run)
+    import os
+    from pathlib import Path
+
+    from components.pretrain import PretrainSettings, launch_step
+
+    settings = PretrainSettings(
+        config=backbone_config,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        base_lr=base_lr,
+        lr=lr,
+        weight_decay=weight_decay,
+        cutmix_alpha=cutmix_alpha,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        device=device,
+    )
+    image = trainer_image or os.environ.get("CESSL_IMAGE", "")
+    result = launch_step(
+        Path(store.path),
+        Path(backbone.path),
+        settings,
+        root=checkpoint_root,
+        store_fingerprint=str(store.metadata.get("fingerprint", "")),
+        data_version=str(store.metadata.get("data_version", "")),
+        nodes=nodes,
+        nproc_per_node=nproc_per_node,
+        backend=backend,
+        image=image,
+        runtime=runtime,
+        namespace=trainjob_namespace,
+        timeout_s=timeout_s,
+        gpus_per_node=gpus_per_node,
+        cpu_per_node=cpu_per_node,
+        memory_per_node=memory_per_node,
+        checkpoint_pvc=checkpoint_pvc,
+    )
+    backbone.metadata.update(
+        {
+            "name": backbone_config,
+            "job": result.job_name,
+            "backend": result.backend,
+            "world_size": nodes * nproc_per_node,
+            "seconds": round(result.seconds, 1),
+            "data_version": str(store.metadata.get("data_version", "")),
+        }
+    )
+    return result.job_name
+
+
+def register_backbone(
+    backbone: Input[Model],
+    tracking_uri: str,
+    alias: str,
+    git_commit: str,
+    kfp_run_id: str,
+    kfp_run_name: str,
+    kfp_pipeline_name: str,
+    registration: Output[Markdown],
+) -> NamedTuple("BackboneRegistrationOutputs", [("model_name", str), ("model_version", str), ("run_id", str)]):
+    """Log the backbone folder to MLflow and register it as a version of
+    ``cessl-backbone-<config>`` (``pipeline.backbone_registry``: the same weights give back
+    their existing version); ``alias`` ('' for none) points at it. The KFP run is tagged on
+    the MLflow run (lineage)."""
+    from pipeline.process import die_with_parent
+
+    die_with_parent()  # a task dies with the process that started it (kill -9 of cessl run)
+    from pathlib import Path
+
+    from pipeline.backbone_registry import register_backbone as register
+    from pipeline.lineage import lineage_tags
+    from pipeline.tracking import TrackingConfig
+
+    result = register(backbone.path, tracking_uri=tracking_uri, alias=alias or None)
+    if not result.reused:
+        client = TrackingConfig.resolve(result.tracking_uri).client()
+        for key, value in lineage_tags(git_commit, kfp_run_id, kfp_run_name, kfp_pipeline_name).items():
+            client.set_tag(result.run_id, key, value)
+    state = "already registered as" if result.reused else "registered as"
+    Path(registration.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(registration.path).write_text(
+        f"Backbone {result.identity[:12]} {state} `{result.model_uri}` (MLflow run `{result.run_id}`).\n",
+        encoding="utf-8",
+    )
+    registration.metadata.update(
+        {"model_uri": result.model_uri, "run_id": result.run_id, "identity": result.identity, "reused": result.reused}
+    )
+    outputs = NamedTuple("BackboneRegistrationOutputs", [("model_name", str), ("model_version", str), ("run_id", str)])
+    return outputs(result.model_name, result.version, result.run_id)
+
+
 # --------------------------------------------------------------------------- factory
 
 STEP_FUNCTIONS = (
@@ -769,3 +911,26 @@ def build_components(image: str | None = None) -> StepComponents:
     image = image or default_image()
     built = {func.__name__: dsl.component(func, base_image=image, install_kfp_package=False) for func in STEP_FUNCTIONS}
     return StepComponents(image=image, **built)
+
+
+PRETRAIN_FUNCTIONS = (validate_pretrain, pretrain_backbone, register_backbone)
+
+
+@dataclass(frozen=True)
+class PretrainComponents:
+    """The pre-training pipeline's own components (its ingest / preprocess are :class:`StepComponents`')."""
+
+    validate_pretrain: Callable[..., dsl.PipelineTask]
+    pretrain_backbone: Callable[..., dsl.PipelineTask]
+    register_backbone: Callable[..., dsl.PipelineTask]
+
+
+def build_pretrain_components(image: str | None = None) -> PretrainComponents:
+    """Wrap the pre-training pipeline's steps as KFP components on ``image``."""
+    image = image or default_image()
+    return PretrainComponents(
+        **{
+            func.__name__: dsl.component(func, base_image=image, install_kfp_package=False)
+            for func in PRETRAIN_FUNCTIONS
+        }
+    )

@@ -529,3 +529,34 @@ def quantity(text: str) -> str:
     if not _QUANTITY.match(text) or not any(c in "123456789" for c in text.split("e")[0].split("E")[0]):
         raise argparse.ArgumentTypeError(f"{text!r}: must be a Kubernetes quantity above 0, such as 4, 500m or 16Gi")
     return text
+
+
+def _problem_of(check: Callable[[str], Any], *, empty_ok: bool = False) -> Callable[[str], str | None]:
+    """A :data:`STRING_CHECKS` entry from an argparse ``type=`` check (its message without the
+    value, which :func:`field_problems` names already); ``empty_ok``: '' means "unset"."""
+
+    def problem(value: str) -> str | None:
+        if empty_ok and value == "":
+            return None
+        try:
+            check(value)
+        except argparse.ArgumentTypeError as err:
+            return str(err).removeprefix(f"{value!r}: ")
+        return None
+
+    return problem
+
+
+# A Kubernetes object name (RFC 1123 label: a PVC, a namespace, a runtime).
+_K8S_NAME = re.compile(r"^[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?$")
+k8s_name = _pattern(_K8S_NAME, "a Kubernetes name (lower-case letters, digits and '-', at most 63)")
+
+STRING_CHECKS.update(
+    {
+        "image_or_empty": _problem_of(image, empty_ok=True),
+        "quantity_or_empty": _problem_of(quantity, empty_ok=True),
+        "alias_or_empty": _problem_of(alias, empty_ok=True),
+        "k8s_name": _problem_of(k8s_name),
+        "k8s_name_or_empty": _problem_of(k8s_name, empty_ok=True),
+    }
+)

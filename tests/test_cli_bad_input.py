@@ -258,6 +258,9 @@ BASE_ARGV: dict[tuple[str, ...], list[str]] = {
     ("data", "preprocess"): ["data", "preprocess", "ingest", "out"],
     ("data", "split"): ["data", "split", "store", "splits.json"],
     ("backbone", "pretrain"): ["backbone", "pretrain", "--store", "store", "--out", "out"],
+    ("backbone", "pipeline", "compile"): ["backbone", "pipeline", "compile"],
+    ("backbone", "pipeline", "run"): ["backbone", "pipeline", "run", "--source", "src"],
+    ("backbone", "pipeline", "submit"): ["backbone", "pipeline", "submit", "--host", HOST],
     ("method-demo",): ["method-demo"],
     ("promote",): ["promote", "some-model"],
     ("compile",): ["compile"],
@@ -776,7 +779,11 @@ def test_bad_grid_flag(flag, value, workdir, capsys):
     assert not (workdir / ".cache").exists()
 
 
-@pytest.mark.parametrize("verb", [["run"], ["retrain"], ["compare", "--seeds", "0"]], ids=lambda v: v[0])
+@pytest.mark.parametrize(
+    "verb",
+    [["run"], ["retrain"], ["compare", "--seeds", "0"], ["backbone", "pipeline", "run"]],
+    ids=lambda v: " ".join(v[:3]),
+)
 def test_local_runs_check_everything_before_the_lock_and_the_first_log_line(verb, workdir, capsys):
     """A valid command line whose data cannot be had (no demo records outside the project, an
     empty --source): one line, no run.lock, no state folder, no MLflow store."""
@@ -826,10 +833,11 @@ TRACKING_ARGV: dict[tuple[str, ...], list[str]] = {
     ("backbone", "default"): ["backbone", "default", "--register", "--cache-dir", "cache"],
     ("backbone", "import"): ["backbone", "import", "ckpt.pt", "--config", "tiny", "--out", "o", "--register"],
     ("backbone", "pretrain"): ["backbone", "pretrain", "--store", "store", "--out", "o", "--register"],
+    ("backbone", "pipeline", "run"): ["backbone", "pipeline", "run", "--source", "src"],
     ("serve",): ["serve", "--site", "hospital-a"],
 }
 # The cluster's URI, handed to the pods (never opened on this machine).
-CLUSTER_TRACKING = {("submit",), ("schedule",)}
+CLUSTER_TRACKING = {("submit",), ("schedule",), ("backbone", "pipeline", "submit")}
 
 
 def test_every_verb_with_a_tracking_uri_is_checked():

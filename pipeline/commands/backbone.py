@@ -130,6 +130,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("path", type=existing_dir)
     p.set_defaults(func=_show)
 
+    from pipeline.commands.pretrain_pipeline import add_pipeline_commands
+
+    add_pipeline_commands(sub)  # cessl backbone pipeline compile | submit | run (cessl-pretrain)
+
     p = sub.add_parser("fetch", help="download a registered backbone (models:/cessl-backbone-tiny/1, ...@alias)")
     p.add_argument("model", help="models:/<name>/<version>, models:/<name>@<alias>, or cessl-backbone-<config>")
     p.add_argument("--out", type=output_dir, required=True)
