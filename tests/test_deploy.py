@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -487,8 +488,9 @@ def test_dockerfile_contract():
     assert not any(line.lower().startswith("# syntax=") for line in lines)  # no frontend fetch
     first_from = next(i for i, line in enumerate(lines) if line.startswith("FROM "))
     assert "ARG BASE_IMAGE=python:3.11-slim" in lines[:first_from]
-    assert "FROM ${BASE_IMAGE} AS deps" in lines and "FROM ${BASE_IMAGE} AS runtime" in lines
-    assert "python3 -m venv /opt/venv" in text
+    assert lines[first_from] == "FROM ${BASE_IMAGE} AS python"  # + PYTHON_APT_PACKAGES (the CUDA base)
+    assert "FROM python AS deps" in lines and "FROM python AS runtime" in lines
+    assert '"${PYTHON}" -m venv /opt/venv' in text and "ARG PYTHON=python3" in lines
     assert "RUN --mount=type=bind," in text and "--no-index" in text  # offline install
     assert "ARG TORCH_INDEX_URL" in text
     runtime = text[text.index("AS runtime") :]
@@ -504,6 +506,43 @@ def test_dockerignore_keeps_secrets_and_bulk_out():
     assert patterns[0] == "*"  # allow-list
     allowed = {p[1:] for p in patterns if p.startswith("!")}
     assert allowed <= {"pyproject.toml", "README.md", "ml", "components", "pipeline", ".cache/wheelhouse"}
+
+
+def _plan(*args: str, **env: str) -> dict[str, str]:
+    """``scripts/build_image.sh --print-plan`` as a mapping (builds nothing, no network)."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("BASE_IMAGE", "IMAGE", "TORCH_INDEX_URL")}
+    clean["PYTHON"] = sys.executable  # reads pyproject.toml (tomllib): this interpreter will do
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "build_image.sh"), *args, "--print-plan"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**clean, **env},
+    )
+    assert proc.returncode == 0, proc.stderr
+    return dict(line.split("=", 1) for line in proc.stdout.splitlines())
+
+
+def test_build_script_plans_the_cuda_image():
+    """--cuda: torch from the CUDA index on the CUDA base (Python 3.11 from apt), its own tag;
+    BASE_IMAGE / TORCH_INDEX_URL still override. (The CUDA image itself is not built here:
+    no registry and no CUDA wheel index are reachable; deploy/README.md says so.)"""
+    cpu, cuda = _plan(), _plan("--cuda")
+    version = _project_version()
+    assert cpu["image"] == f"localhost:5000/cessl:{version}" and cpu["base_image"] == "python:3.11-slim"
+    assert cpu["torch_index_url"].startswith("(") and cpu["python_apt_packages"] == ""
+    assert cuda["image"] == f"localhost:5000/cessl:{version}-cuda"
+    assert cuda["base_image"] == "nvidia/cuda:12.8.1-base-ubuntu22.04"
+    assert cuda["torch_index_url"] == "https://download.pytorch.org/whl/cu128"
+    assert cuda["torch"] == "torch==2.13.0" and cuda["python"] == "python3.11"
+    assert cuda["python_apt_packages"] == "python3.11 python3.11-venv"
+    assert cuda["wheelhouse"] != cpu["wheelhouse"]  # a wheelhouse per torch index
+    assert "--build-arg PYTHON=python3.11" in cuda["docker_build"]
+    assert "--build-arg BASE_IMAGE=nvidia/cuda:12.8.1-base-ubuntu22.04" in cuda["docker_build"]
+    mine = _plan("--cuda", BASE_IMAGE="registry.example.org/cuda-py311:12.8", TORCH_INDEX_URL="https://x/whl/cu126")
+    assert mine["base_image"] == "registry.example.org/cuda-py311:12.8"
+    assert mine["torch_index_url"] == "https://x/whl/cu126"
+    assert _plan("--cuda", PYTHON_APT_PACKAGES="")["python_apt_packages"] == ""  # a base that has Python 3.11
 
 
 @pytest.mark.parametrize("script", ["build_image.sh", "docker_engine.sh"])
