@@ -69,7 +69,9 @@ def _read_token(path: str, what: str) -> str:
     return token
 
 
-def resolve_auth(mode: str = "auto", token_file: str | None = None, environ: Mapping[str, str] | None = None) -> KfpAuth:
+def resolve_auth(
+    mode: str = "auto", token_file: str | None = None, environ: Mapping[str, str] | None = None
+) -> KfpAuth:
     """The authentication ``mode`` means here (see the module docstring); bad settings raise
     :class:`ParameterError` naming the flag or variable."""
     env = os.environ if environ is None else environ

@@ -406,10 +406,7 @@ def test_pipeline_defaults_match_the_code(objects):
 def _allowed(rules: list[dict], group: str, resource: str) -> set[str]:
     """The verbs ``rules`` grant on ``group``/``resource``."""
     return {
-        verb
-        for rule in rules
-        if group in rule["apiGroups"] and resource in rule["resources"]
-        for verb in rule["verbs"]
+        verb for rule in rules if group in rule["apiGroups"] and resource in rule["resources"] for verb in rule["verbs"]
     }
 
 
@@ -417,9 +414,7 @@ def test_pipeline_service_account_is_bound(rendered):
     """KFP's runner account there (and cessl-pipeline) gets the Role and the runtime reader:
     task results, the run defaults, Kubeflow Trainer TrainJobs; nothing more."""
     rendering, objects = rendered
-    expected = {
-        ("ServiceAccount", name, rendering.namespace) for name in {"cessl-pipeline", rendering.runner}
-    }
+    expected = {("ServiceAccount", name, rendering.namespace) for name in {"cessl-pipeline", rendering.runner}}
     binding = _by_kind(objects, "RoleBinding")["cessl-pipeline"]
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "cessl-pipeline"}
     assert {(s["kind"], s["name"], s["namespace"]) for s in binding["subjects"]} == expected
@@ -459,7 +454,9 @@ def test_overlay_pull_secret_name_is_set_in_one_place(tmp_path):
     shutil.copytree(RENDERINGS["standalone"].path, overlay)
     (tmp_path / "deploy").symlink_to(REPO / "deploy")
     config = overlay / "config.yaml"
-    config.write_text(config.read_text().replace('CESSL_IMAGE_PULL_SECRET: "cessl-registry"', 'CESSL_IMAGE_PULL_SECRET: "regcred"'))
+    config.write_text(
+        config.read_text().replace('CESSL_IMAGE_PULL_SECRET: "cessl-registry"', 'CESSL_IMAGE_PULL_SECRET: "regcred"')
+    )
     objects = _render(overlay)
     assert _by_kind(objects, "ServiceAccount")["cessl-pipeline"]["imagePullSecrets"] == [{"name": "regcred"}]
     assert _pod_spec(_by_kind(objects, "Deployment")["mlflow"])["imagePullSecrets"] == [{"name": "regcred"}]
