@@ -10,10 +10,18 @@
 #
 # Build arguments
 #   BASE_IMAGE       any Debian/Ubuntu image with python3.11 and python3-venv
-#                    (default python:3.11-slim; tests use a local mmdebstrap bookworm base).
-#                    GPU: the CUDA torch wheels carry the CUDA runtime themselves, so
-#                    python:3.11-slim runs on GPU nodes (the node gives the driver); an
-#                    nvidia/cuda:12.x-cudnn-runtime-* base with Python 3.11 works as well.
+#                    (default python:3.11-slim; tests use a local mmdebstrap bookworm base),
+#                    or one without Python 3.11 plus PYTHON_APT_PACKAGES to install it.
+#   PYTHON           the interpreter the venv is made with (default python3; python3.11
+#                    on a base whose python3 is another version)
+#   PYTHON_APT_PACKAGES  empty (default): nothing is installed; else apt packages that give
+#                    PYTHON (this one step then needs an apt mirror), e.g.
+#                    "python3.11 python3.11-venv" on nvidia/cuda:*-ubuntu22.04.
+#   GPU image: `scripts/build_image.sh --cuda` = the wheelhouse with torch from the CUDA
+#   index (https://download.pytorch.org/whl/cu128: the wheels carry the CUDA runtime
+#   libraries) + BASE_IMAGE=nvidia/cuda:12.8.1-base-ubuntu22.04 (the NVIDIA runtime's
+#   environment; Ubuntu 22.04 has python3.11 in universe) + the two arguments above.
+#   `scripts/build_image.sh --cuda --print-plan` shows what it would build.
 #   TORCH_INDEX_URL  empty (default): torch comes from the wheelhouse (the CPU build here).
 #                    e.g. https://download.pytorch.org/whl/cu128: torch==TORCH_VERSION is
 #                    installed from that index first (this one step then needs the
@@ -30,9 +38,24 @@
 
 ARG BASE_IMAGE=python:3.11-slim
 
-# --------------------------------------------------------------------------- deps
-FROM ${BASE_IMAGE} AS deps
+# --------------------------------------------------------------------------- python
+# The base with its Python: as is (default), or with PYTHON_APT_PACKAGES installed.
+FROM ${BASE_IMAGE} AS python
 
+ARG PYTHON_APT_PACKAGES=""
+SHELL ["/bin/sh", "-eu", "-c"]
+
+# hadolint ignore=DL3008,SC2086
+RUN if [ -n "${PYTHON_APT_PACKAGES}" ]; then \
+        apt-get update; \
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ${PYTHON_APT_PACKAGES}; \
+        rm -rf /var/lib/apt/lists/*; \
+    fi
+
+# --------------------------------------------------------------------------- deps
+FROM python AS deps
+
+ARG PYTHON=python3
 ARG TORCH_INDEX_URL=""
 ARG TORCH_VERSION=2.13.0
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -41,7 +64,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 SHELL ["/bin/sh", "-eu", "-c"]
 
 RUN --mount=type=bind,source=.cache/wheelhouse/build,target=/wheels \
-    python3 -m venv /opt/venv; \
+    "${PYTHON}" -m venv /opt/venv; \
     if [ -n "${TORCH_INDEX_URL}" ]; then \
         /opt/venv/bin/pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"; \
     fi; \
@@ -56,7 +79,7 @@ COPY components /src/components
 COPY pipeline /src/pipeline
 
 # --------------------------------------------------------------------------- runtime
-FROM ${BASE_IMAGE} AS runtime
+FROM python AS runtime
 
 ARG CESSL_UID=10001
 LABEL org.opencontainers.image.title="cessl" \

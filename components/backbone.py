@@ -6,7 +6,8 @@ identity hash, provenance). Accepted specs:
 
 - ``default``: the embedded default backbone of the requested size
   (``ml.train.default_backbone.ensure_default_backbone``: pre-trained once on a synthetic source
-  hospital, then cached in ``cache_dir``);
+  hospital, then cached in ``cache_dir``); in a Kubernetes pod (a cluster run) the step
+  warns loudly (:data:`SYNTHETIC_BACKBONE_WARNING`): it is a demo backbone;
 - a backbone folder (``cessl backbone pretrain``/``import`` output);
 - a released reference checkpoint file (``.pt``/``.pth``; unpickled with
   ``weights_only=True`` only), imported as size ``backbone_config``;
@@ -17,8 +18,10 @@ identity hash, provenance). Accepted specs:
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,21 @@ from components.common import StepError
 log = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".tar")
+SYNTHETIC_SOURCE = "embedded-default"  # backbone_config.json "source" of the embedded default
+# Set in every pod of a Kubernetes cluster: a run there with the synthetic backbone warns.
+IN_CLUSTER_ENV = "KUBERNETES_SERVICE_HOST"
+SYNTHETIC_BACKBONE_WARNING = (
+    "SYNTHETIC BACKBONE: backbone 'default' is the embedded demo backbone, pre-trained on a "
+    "synthetic source hospital, not on real ECGs; adapters fine-tuned on it are not fit for "
+    "clinical use. Import the authors' released checkpoint (cessl backbone import CKPT.pt "
+    "--config base --out DIR --register) and run with backbone=models:/cessl-backbone-base@<alias> "
+    "(or an s3:// URI of the folder) and backbone_config=base"
+)
+
+
+def in_cluster(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether this process runs in a Kubernetes pod (e.g. a KFP step on a cluster)."""
+    return bool((os.environ if environ is None else environ).get(IN_CLUSTER_ENV))
 
 
 @dataclass(frozen=True)
@@ -108,5 +126,7 @@ def resolve_backbone_step(
     if backbone.name != config_name:
         raise StepError(f"backbone {spec!r} is a {backbone.name!r} backbone, but backbone_config is {config_name!r}")
     source = str(backbone.meta.get("source", ""))
+    if source == SYNTHETIC_SOURCE and in_cluster():  # however it came: "default", a folder, models:/
+        log.warning("%s", SYNTHETIC_BACKBONE_WARNING)
     log.info("backbone %s from %s (%s): identity %s", backbone.name, origin, source, backbone.identity[:12])
     return BackboneInfo(name=backbone.name, identity=backbone.identity, origin=origin, source=source, path=out_dir)

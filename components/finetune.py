@@ -11,6 +11,8 @@ that is the same when the same inputs are run again, so a task killed mid-traini
 started again continues from its last validation. Training curves are appended to
 ``curves.jsonl`` in the same folder as they happen (rows past the resumed step are dropped
 on resume). Runs on the device ``train.device`` names (``auto``: the GPU when there is one).
+A task the compiled pipeline gave an accelerator (``CESSL_REQUIRE_GPU=1``) stops first, with
+one line, when its image's torch has no CUDA or sees no GPU (``ml.train.gpu``).
 
 Cost: :class:`ml.train.callbacks.StepProfiler` measures the mean training step (ms) and the
 peak memory over the steps (CUDA: max_memory_allocated; CPU: peak-RSS growth), for the
@@ -158,6 +160,9 @@ def finetune_step(
 
     ``store_fingerprint`` (the preprocess step's) identifies the data in the checkpoint key.
     """
+    from ml.train.gpu import check_required_gpu
+
+    check_required_gpu("finetune")  # before any data is read: a GPU task on a CPU image stops now
     if not store_fingerprint:
         raise StepError(f"{store_dir}: no store fingerprint given (the preprocess step's); it keys the checkpoints")
     splits = Splits.load(splits_path)

@@ -40,6 +40,7 @@ from typing import Any, NamedTuple, TextIO
 from kfp import compiler, dsl, kubernetes
 
 from ml.errors import StepFailedError
+from ml.train.gpu import IMAGE_ENV, REQUIRE_GPU_ENV
 from pipeline.components import StepComponents, build_components, default_image
 from pipeline.failures import failed_run_message
 from pipeline.params import DEFAULTS, PipelineParams, field_types
@@ -79,8 +80,15 @@ class Toleration:
 
 @dataclass(frozen=True)
 class ResourceRequest:
+    """Requests and limits of a task (Kubernetes quantities; "" leaves one unset).
+
+    Limits matter where a Profile namespace has a ResourceQuota (pods without limits are
+    refused there) and to keep one run from starving the node."""
+
     cpu: str = ""
     memory: str = ""
+    cpu_limit: str = ""
+    memory_limit: str = ""
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,11 @@ class CompileOptions:
     Kubernetes Secret into ingest, resolve_backbone and register; ``config_map`` the
     endpoints (:data:`CONFIG_MAP_ENV_KEYS`) into every step. Defaults: the names in
     ``deploy/`` (``$CESSL_CREDENTIALS_SECRET``, ``$CESSL_CHECKPOINT_PVC`` override them).
+    ``credentials_optional``: the Secret may be absent (the steps then use the default AWS
+    chain: IRSA, workload identity, an instance profile). ``image_pull_secrets``: Secrets
+    every task's pod pulls the image with (a private registry; ``$CESSL_IMAGE_PULL_SECRET``).
+    A task with an accelerator gets ``CESSL_REQUIRE_GPU=1`` and ``CESSL_IMAGE``: it stops at
+    once on an image without CUDA (``ml.train.gpu``).
     """
 
     image: str = field(default_factory=default_image)
@@ -101,13 +114,17 @@ class CompileOptions:
     accelerator_limit: int = 1
     node_selector: Mapping[str, str] = field(default_factory=dict)
     tolerations: tuple[Toleration, ...] = (Toleration("nvidia.com/gpu", None, "NoSchedule"),)
-    finetune_resources: ResourceRequest = ResourceRequest(cpu="4", memory="16Gi")
-    step_resources: ResourceRequest = ResourceRequest(cpu="1", memory="4Gi")
+    finetune_resources: ResourceRequest = ResourceRequest(cpu="4", memory="16Gi", cpu_limit="8", memory_limit="16Gi")
+    step_resources: ResourceRequest = ResourceRequest(cpu="1", memory="4Gi", cpu_limit="2", memory_limit="4Gi")
     checkpoint_pvc: str = field(default_factory=lambda: os.environ.get("CESSL_CHECKPOINT_PVC", "cessl-checkpoints"))
     credentials_secret: str = field(
         default_factory=lambda: os.environ.get("CESSL_CREDENTIALS_SECRET", "cessl-s3-credentials")
     )
+    credentials_optional: bool = True
     config_map: str = "cessl-pipeline-defaults"
+    image_pull_secrets: tuple[str, ...] = field(
+        default_factory=lambda: tuple(filter(None, [os.environ.get("CESSL_IMAGE_PULL_SECRET", "")]))
+    )
     finetune_retries: int = 2
     caching: bool = True
     cache_ingest: bool = True  # False for recurring runs: the source is listed again every time
@@ -126,6 +143,7 @@ class CompileOptions:
             checkpoint_pvc="",
             credentials_secret="",
             config_map="",
+            image_pull_secrets=(),
             kubernetes=False,
         )
 
@@ -186,6 +204,10 @@ def _request(task: dsl.PipelineTask, resources: ResourceRequest) -> None:
         task.set_cpu_request(resources.cpu)
     if resources.memory:
         task.set_memory_request(resources.memory)
+    if resources.cpu_limit:
+        task.set_cpu_limit(resources.cpu_limit)
+    if resources.memory_limit:
+        task.set_memory_limit(resources.memory_limit)
 
 
 def _configure_finetune(task: dsl.PipelineTask, options: CompileOptions) -> None:
@@ -194,6 +216,9 @@ def _configure_finetune(task: dsl.PipelineTask, options: CompileOptions) -> None
     if options.accelerator_type:
         task.set_accelerator_type(options.accelerator_type)
         task.set_accelerator_limit(options.accelerator_limit)
+        # the step stops at once (one line) if its image's torch cannot use the GPU
+        task.set_env_variable(REQUIRE_GPU_ENV, "1")
+        task.set_env_variable(IMAGE_ENV, options.image)
     if options.finetune_retries:
         task.set_retry(num_retries=options.finetune_retries, backoff_duration="30s")
     if not options.kubernetes:
@@ -222,7 +247,13 @@ def _use_credentials(task: dsl.PipelineTask, options: CompileOptions) -> None:
             task,
             secret_name=options.credentials_secret,
             secret_key_to_env={key: key for key in SECRET_ENV_KEYS},
+            optional=options.credentials_optional,
         )
+
+
+def _use_pull_secrets(task: dsl.PipelineTask, options: CompileOptions) -> None:
+    if options.kubernetes and options.image_pull_secrets:
+        kubernetes.set_image_pull_secrets(task, list(options.image_pull_secrets))
 
 
 def configure_tasks(
@@ -234,8 +265,9 @@ def configure_tasks(
 ) -> None:
     """The cluster settings of a pipeline's tasks, by display name: every task gets its name,
     caching (off for ``uncached`` and, unless ``options.cache_ingest``, for ``ingest``), the
-    ConfigMap's endpoints and its resources; ``credentials`` the Secret; ``finetune`` the
-    GPU request, scheduling constraints, checkpoint volume and retries."""
+    ConfigMap's endpoints, the image pull Secrets and its resources; ``credentials`` the
+    Secret; ``finetune`` the GPU request (and the GPU check), scheduling constraints,
+    checkpoint volume and retries."""
     for name, task in tasks.items():
         task.set_display_name(name)
         cached = options.caching and name not in uncached and (name != INGEST or options.cache_ingest)
@@ -247,6 +279,7 @@ def configure_tasks(
         if name in credentials:
             _use_credentials(task, options)
         _use_config_map(task, options)
+        _use_pull_secrets(task, options)
 
 
 # Display names of the tasks (configure_tasks keys its settings on them).

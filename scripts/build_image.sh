@@ -7,12 +7,24 @@
 #   2. `DOCKER_BUILDKIT=1 docker build --pull=false` bind-mounts it (Dockerfile), so the
 #      build needs no registry and no package index.
 #
-# Usage: scripts/build_image.sh [--wheelhouse-only] [--print-tag]
+# Usage: scripts/build_image.sh [--cuda] [--wheelhouse-only] [--print-tag] [--print-plan]
+#   --cuda           the GPU image: torch from the CUDA wheel index (default
+#                    https://download.pytorch.org/whl/cu128; the wheels carry the CUDA
+#                    runtime), on the CUDA base nvidia/cuda:12.8.1-base-ubuntu22.04 with
+#                    python3.11 from apt (the build then needs an apt mirror and the
+#                    wheelhouse the CUDA index: several GB); tag <version>-cuda
+#   --print-plan     print what would be built (image, base, torch index and pin, build
+#                    arguments, wheelhouse) and stop: builds nothing, needs no network
 # Environment (all optional):
-#   BASE_IMAGE       base image (default python:3.11-slim; must exist locally offline)
-#   IMAGE            tag to build (default localhost:5000/cessl:<version from pyproject>)
+#   BASE_IMAGE       base image (default python:3.11-slim, with --cuda the CUDA base above;
+#                    must exist locally offline)
+#   IMAGE            tag to build (default localhost:5000/cessl:<version from pyproject>,
+#                    with --cuda localhost:5000/cessl:<version>-cuda)
 #   TORCH_INDEX_URL  take torch from this index when making the wheelhouse, e.g.
-#                    https://download.pytorch.org/whl/cu128 for a GPU image
+#                    https://download.pytorch.org/whl/cu128 for a GPU image (--cuda's default)
+#   PYTHON_APT_PACKAGES / IMAGE_PYTHON  apt packages giving the image's Python 3.11 and its
+#                    name, for a base without it (--cuda: "python3.11 python3.11-venv",
+#                    python3.11; empty / python3 otherwise)
 #   PYTHON           Python used for `pip wheel` (default .venv/bin/python, else python3);
 #                    must be CPython 3.11 like the image
 #   DOCKER           docker CLI with built-in BuildKit (default /usr/bin/docker from
@@ -24,10 +36,14 @@ cd "$(dirname "$0")/.."
 
 WHEELHOUSE_ONLY=0
 PRINT_TAG=0
+PRINT_PLAN=0
+CUDA=0
 for arg in "$@"; do
     case "$arg" in
         --wheelhouse-only) WHEELHOUSE_ONLY=1 ;;
         --print-tag) PRINT_TAG=1 ;;
+        --print-plan) PRINT_PLAN=1 ;;
+        --cuda) CUDA=1 ;;
         -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "build_image.sh: unknown argument '$arg'" >&2; exit 2 ;;
     esac
@@ -36,8 +52,21 @@ done
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-BASE_IMAGE="${BASE_IMAGE:-python:3.11-slim}"
-TORCH_INDEX_URL="${TORCH_INDEX_URL:-}"
+CUDA_BASE_IMAGE="nvidia/cuda:12.8.1-base-ubuntu22.04"
+CUDA_TORCH_INDEX_URL="https://download.pytorch.org/whl/cu128"
+if [[ "$CUDA" == 1 ]]; then
+    BASE_IMAGE="${BASE_IMAGE:-$CUDA_BASE_IMAGE}"
+    TORCH_INDEX_URL="${TORCH_INDEX_URL:-$CUDA_TORCH_INDEX_URL}"
+    PYTHON_APT_PACKAGES="${PYTHON_APT_PACKAGES-python3.11 python3.11-venv}"
+    IMAGE_PYTHON="${IMAGE_PYTHON:-python3.11}"
+    TAG_SUFFIX="-cuda"
+else
+    BASE_IMAGE="${BASE_IMAGE:-python:3.11-slim}"
+    TORCH_INDEX_URL="${TORCH_INDEX_URL:-}"
+    PYTHON_APT_PACKAGES="${PYTHON_APT_PACKAGES:-}"
+    IMAGE_PYTHON="${IMAGE_PYTHON:-python3}"
+    TAG_SUFFIX=""
+fi
 WHEEL_CACHE="${WHEEL_CACHE:-.cache/wheelhouse}"
 DOCKER="${DOCKER:-/usr/bin/docker}"
 
@@ -51,9 +80,31 @@ digest = hashlib.sha256("\n".join(deps + [os.environ["TORCH_INDEX_URL"], tag, "l
 print(project["version"], digest)
 EOF
 )
-IMAGE="${IMAGE:-localhost:5000/cessl:${VERSION}}"
+IMAGE="${IMAGE:-localhost:5000/cessl:${VERSION}${TAG_SUFFIX}}"
 if [[ "$PRINT_TAG" == 1 ]]; then echo "$IMAGE"; exit 0; fi
 WHEELHOUSE="${WHEEL_CACHE}/${KEY}"
+BUILD_ARG_LIST=(
+    --build-arg "BASE_IMAGE=${BASE_IMAGE}"
+    --build-arg "PYTHON=${IMAGE_PYTHON}"
+    --build-arg "PYTHON_APT_PACKAGES=${PYTHON_APT_PACKAGES}"
+)
+
+if [[ "$PRINT_PLAN" == 1 ]]; then
+    TORCH_PIN=$("$PYTHON" -c 'import tomllib; print(next(d for d in tomllib.load(open("pyproject.toml","rb"))["project"]["dependencies"] if d.startswith("torch")))')
+    printf 'image=%s\n' "$IMAGE"
+    printf 'base_image=%s\n' "$BASE_IMAGE"
+    printf 'torch=%s\n' "$TORCH_PIN"
+    printf 'torch_index_url=%s\n' "${TORCH_INDEX_URL:-(wheelhouse default index: the CPU build)}"
+    printf 'python=%s\n' "$IMAGE_PYTHON"
+    printf 'python_apt_packages=%s\n' "$PYTHON_APT_PACKAGES"
+    printf 'wheelhouse=%s\n' "$WHEELHOUSE"
+    printf 'docker_build=DOCKER_BUILDKIT=1 %s build --pull=false' "$DOCKER"
+    printf ' %q' "${BUILD_ARG_LIST[@]}" --label "org.opencontainers.image.version=${VERSION}"
+    # shellcheck disable=SC2086
+    [[ -z "${BUILD_ARGS:-}" ]] || printf ' %s' ${BUILD_ARGS}
+    printf ' -t %q .\n' "$IMAGE"
+    exit 0
+fi
 
 log() { printf '[build_image] %s\n' "$*" >&2; }
 
@@ -119,7 +170,7 @@ log "building $IMAGE from $BASE_IMAGE"
 start=$SECONDS
 # shellcheck disable=SC2086
 DOCKER_BUILDKIT=1 "$DOCKER" build --pull=false \
-    --build-arg "BASE_IMAGE=${BASE_IMAGE}" \
+    "${BUILD_ARG_LIST[@]}" \
     --label "org.opencontainers.image.version=${VERSION}" \
     ${BUILD_ARGS:-} \
     -t "$IMAGE" . >&2

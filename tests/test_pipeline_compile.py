@@ -44,6 +44,7 @@ def compiled(tmp_path_factory) -> tuple[dict, dict]:
         checkpoint_pvc="cessl-checkpoints",
         credentials_secret="cessl-s3",
         config_map="cessl-pipeline-defaults",
+        image_pull_secrets=("cessl-registry",),
     )
     docs = load(compile_pipeline(path, options))
     assert len(docs) == 2, "expected the pipeline spec and the kubernetes platform spec"
@@ -90,7 +91,34 @@ def test_credentials_come_from_a_secret(compiled):
     ):
         secret = platform[executor]["secretAsEnv"][0]
         assert secret["secretName"] == "cessl-s3"
+        assert secret["optional"] is True  # IRSA / workload identity clusters need no Secret
         assert {k["envVar"] for k in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+
+
+def test_every_step_pulls_with_the_secret_and_has_limits(compiled):
+    """A private registry and a Profile namespace with a ResourceQuota (pods need limits)."""
+    spec, platform = compiled
+    for step in STEPS:
+        assert [s["secretName"] for s in platform[f"exec-{step}"]["imagePullSecret"]] == ["cessl-registry"], step
+        resources = spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"]["resources"]
+        assert {"resourceCpuLimit", "resourceMemoryLimit"} <= set(resources), step
+    finetune = spec["deploymentSpec"]["executors"]["exec-finetune"]["container"]["resources"]
+    assert (finetune["resourceCpuLimit"], finetune["resourceMemoryLimit"]) == ("8", "16Gi")
+
+
+def test_only_accelerator_tasks_require_a_gpu(compiled, tmp_path):
+    """finetune (given a GPU) checks that its image can use it (ml.train.gpu); no other step does,
+    nor finetune compiled without an accelerator or for a local run."""
+    spec, _ = compiled
+    executors = spec["deploymentSpec"]["executors"]
+    env = {e["name"]: e["value"] for e in executors["exec-finetune"]["container"]["env"]}
+    assert env == {"CESSL_REQUIRE_GPU": "1", "CESSL_IMAGE": IMAGE}
+    for step in STEPS:
+        if step != "finetune":
+            assert "env" not in executors[f"exec-{step}"]["container"], step
+    for options in (CompileOptions(image=IMAGE, accelerator_type=""), CompileOptions.local(IMAGE)):
+        other, *_ = load(compile_pipeline(tmp_path / "p.yaml", options))
+        assert "env" not in other["deploymentSpec"]["executors"]["exec-finetune"]["container"]
 
 
 def test_endpoints_come_from_the_config_map(compiled):

@@ -32,6 +32,7 @@ from pipeline.constraints import (
     existing_file,
     http_url,
     image,
+    k8s_name,
     non_negative_float,
     non_negative_int,
     output_file,
@@ -48,6 +49,7 @@ from pipeline.dag import (
     compile_pipeline,
     run_local,
 )
+from pipeline.kfp_auth import MODES as KFP_AUTH_MODES
 from pipeline.lineage import git_commit, push_data_version, read_data_version, source_data_version
 from pipeline.params import (
     DEFAULTS,
@@ -119,6 +121,26 @@ def add_compile_flags(parser: argparse.ArgumentParser, with_image: bool = True) 
     )
     defaults = CompileOptions()
     group.add_argument(
+        "--finetune-cpu-limit",
+        type=_optional(quantity),
+        default=defaults.finetune_resources.cpu_limit,
+        help="finetune's CPU limit ('' for none; default: %(default)s)",
+    )
+    group.add_argument(
+        "--finetune-memory-limit",
+        type=_optional(quantity),
+        default=None,
+        help="finetune's memory limit ('' for none; default: its memory request)",
+    )
+    group.add_argument(
+        "--image-pull-secret",
+        action="append",
+        type=k8s_name,
+        default=None,
+        metavar="NAME",
+        help="Secret every step's pod pulls the image with (repeatable; default: $CESSL_IMAGE_PULL_SECRET)",
+    )
+    group.add_argument(
         "--checkpoint-pvc",
         default=defaults.checkpoint_pvc,
         help="PVC mounted at /mnt/checkpoints on finetune ('' for none; default: %(default)s)",
@@ -151,10 +173,18 @@ def compile_options(args: argparse.Namespace, cache_ingest: bool = True) -> Comp
         accelerator_limit=args.accelerator_limit,
         node_selector=selector,
         tolerations=tolerations,
-        finetune_resources=ResourceRequest(cpu=args.finetune_cpu, memory=args.finetune_memory),
+        finetune_resources=ResourceRequest(
+            cpu=args.finetune_cpu,
+            memory=args.finetune_memory,
+            cpu_limit=args.finetune_cpu_limit,
+            memory_limit=args.finetune_memory if args.finetune_memory_limit is None else args.finetune_memory_limit,
+        ),
         checkpoint_pvc=args.checkpoint_pvc,
         credentials_secret=args.credentials_secret,
         config_map=args.config_map,
+        image_pull_secrets=(
+            CompileOptions().image_pull_secrets if args.image_pull_secret is None else tuple(args.image_pull_secret)
+        ),
         cache_ingest=cache_ingest,
     )
 
@@ -552,7 +582,19 @@ def network_cluster_arguments(args: argparse.Namespace, with_versions: bool = Tr
 # --------------------------------------------------------------------------- cluster
 
 
+def warn_synthetic_backbone(backbone: str, what: str) -> bool:
+    """Warn loudly when a cluster run would fine-tune on the embedded synthetic backbone
+    (``backbone`` "default"); the resolve_backbone step warns again in its log. True if warned."""
+    from components.backbone import SYNTHETIC_BACKBONE_WARNING
+
+    if backbone not in ("", "default"):
+        return False
+    log.warning("%s: %s", what, SYNTHETIC_BACKBONE_WARNING)
+    return True
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
+    warn_synthetic_backbone(DEFAULTS.backbone, "the compiled pipeline's default backbone parameter")
     if args.sites:
         from pipeline.network import NetworkSettings, compile_network_pipeline, site_items
 
@@ -581,9 +623,10 @@ def cluster_arguments(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _client(args: argparse.Namespace):
-    import kfp
+    """The KFP client for ``--host`` / ``--namespace``, authenticated as ``--kfp-auth`` says."""
+    from pipeline.kfp_auth import make_client, resolve_auth
 
-    return kfp.Client(host=args.host, namespace=args.namespace) if args.namespace else kfp.Client(host=args.host)
+    return make_client(args.host, args.namespace, resolve_auth(args.kfp_auth, args.kfp_token_file))
 
 
 def _package(args: argparse.Namespace, cache_ingest: bool = True) -> Path:
@@ -595,10 +638,11 @@ def _package(args: argparse.Namespace, cache_ingest: bool = True) -> Path:
 def cmd_submit(args: argparse.Namespace) -> int:
     from pipeline.preflight import check_kfp_host
 
-    params_from_args(args, DEFAULTS)  # every parameter valid before the server is asked
+    params = params_from_args(args, DEFAULTS)  # every parameter valid before the server is asked
     if args.sites:
-        network_registry(args, params_from_args(args, DEFAULTS))  # the sites valid, too
+        network_registry(args, params)  # the sites valid, too
     check_kfp_host(args.host)
+    warn_synthetic_backbone(params.backbone, "this run")
     if args.sites:
         arguments = network_cluster_arguments(args)
         # a site whose version is unknown here (S3 not listable) is listed again by its ingest
@@ -614,9 +658,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
         arguments=arguments,
         run_name=run_name,
         experiment_name=args.kfp_experiment,
+        namespace=args.namespace,
+        service_account=args.service_account,
         enable_caching=not args.no_cache,
     )
-    log.info("submitted run %s (%s) to %s, experiment %s", result.run_id, run_name, args.host, args.kfp_experiment)
+    log.info(
+        "submitted run %s (%s) to %s, experiment %s%s",
+        result.run_id,
+        run_name,
+        args.host,
+        args.kfp_experiment,
+        f", as ServiceAccount {args.service_account}" if args.service_account else "",
+    )
     return 0
 
 
@@ -633,10 +686,11 @@ def cron6(expression: str) -> str:
 def cmd_schedule(args: argparse.Namespace) -> int:
     from pipeline.preflight import check_kfp_host
 
-    params_from_args(args, DEFAULTS)
+    params = params_from_args(args, DEFAULTS)
     if args.sites:
-        network_registry(args, params_from_args(args, DEFAULTS))
+        network_registry(args, params)
     check_kfp_host(args.host)
+    warn_synthetic_backbone(params.backbone, "every run of this schedule")
     if args.sites:  # the sites are the list parameter: versions found at run time, a fresh network id
         package = _network_package(args, cache_ingest=False)
         arguments = network_cluster_arguments(args, with_versions=False)
@@ -645,7 +699,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         arguments = cluster_arguments(args)
         arguments["data_version"] = ""  # the version is the data found at run time
     client = _client(args)
-    experiment = client.create_experiment(args.kfp_experiment)
+    experiment = client.create_experiment(args.kfp_experiment, namespace=args.namespace)
     job = client.create_recurring_run(
         experiment_id=experiment.experiment_id,
         job_name=args.job_name,
@@ -654,6 +708,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         params=arguments,
         max_concurrency=1,
         no_catchup=True,
+        service_account=args.service_account,
         enable_caching=not args.no_cache,
     )
     log.info(
@@ -851,7 +906,32 @@ def _add_cluster(parser: argparse.ArgumentParser, host_required: bool = True) ->
     parser.add_argument(
         "--host", type=http_url, required=host_required, default=None, help="Kubeflow Pipelines endpoint URL"
     )
-    parser.add_argument("--namespace", default=None, help="KFP namespace (multi-user installs)")
+    parser.add_argument(
+        "--namespace",
+        type=_optional(k8s_name),
+        default=None,
+        help="KFP namespace: a multi-user install's Profile namespace (e.g. kubeflow-user-example-com)",
+    )
+    parser.add_argument(
+        "--service-account",
+        type=_optional(k8s_name),
+        default=None,
+        help="ServiceAccount the run's pods use (default: KFP's, pipeline-runner or the Profile's default-editor)",
+    )
+    parser.add_argument(
+        "--kfp-auth",
+        choices=KFP_AUTH_MODES,
+        default="auto",
+        help="token: $KF_PIPELINES_TOKEN or --kfp-token-file; service-account: the pod's projected token "
+        "($KF_PIPELINES_SA_TOKEN_PATH); none; auto (default): the first of these that is set",
+    )
+    parser.add_argument(
+        "--kfp-token-file",
+        type=existing_file,
+        default=None,
+        metavar="PATH",
+        help="file holding the KFP bearer token (never pass a token itself as a flag)",
+    )
     parser.add_argument("--kfp-experiment", default="cessl", help="KFP experiment")
     parser.add_argument(
         "--package", type=existing_file, default=None, help="compiled pipeline YAML (default: compile now)"
