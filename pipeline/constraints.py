@@ -522,7 +522,7 @@ alias = _pattern(_ALIAS, "an alias (a letter or '_', then letters, digits, '_' o
 image = _pattern(_IMAGE, "an image reference such as registry:5000/cessl:0.1.0")
 # a Kubernetes extended resource name, e.g. nvidia.com/gpu
 resource_name = _pattern(_RESOURCE_NAME, "a Kubernetes resource name such as nvidia.com/gpu")
-# a Kubernetes object name (DNS-1123 label): a namespace, ServiceAccount or Secret name
+# a Kubernetes object name (DNS-1123 label): a namespace, ServiceAccount, Secret, PVC or runtime
 _K8S_NAME = re.compile(r"^[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?$")
 k8s_name = _pattern(_K8S_NAME, "a Kubernetes name (lower-case letters, digits and '-', at most 63)")
 
@@ -549,10 +549,6 @@ def _problem_of(check: Callable[[str], Any], *, empty_ok: bool = False) -> Calla
 
     return problem
 
-
-# A Kubernetes object name (RFC 1123 label: a PVC, a namespace, a runtime).
-_K8S_NAME = re.compile(r"^[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?$")
-k8s_name = _pattern(_K8S_NAME, "a Kubernetes name (lower-case letters, digits and '-', at most 63)")
 
 STRING_CHECKS.update(
     {
