@@ -343,6 +343,7 @@ def _client(job: PretrainJob):
             container_runtime="docker",
             container_host=job.docker_host,
             pull_policy=job.pull_policy,
+            auto_remove=False,  # run_pretrain_job reads the job's folder back after delete_job, then removes it
             runtime_source=TrainingRuntimeSource(sources=[source]),
         )
         try:
@@ -533,27 +534,30 @@ def run_pretrain_job(job: PretrainJob, *, on_started: Callable[[str], None] | No
             raise TrainJobFailedError(
                 f"TrainJob {name} did not finish within {job.timeout_s} s (deleted); log: {log_path}"
             ) from err
-        except RuntimeError as err:
+        except (RuntimeError, ValueError) as err:  # ValueError: its containers vanished
             status = constants.TRAINJOB_FAILED
             nodes = _failed_nodes(str(err), client, name)
             raise TrainJobFailedError(f"TrainJob {name} failed on {nodes}; log: {log_path}") from err
-        if workdir is not None:
-            _collect_docker_outputs(job, workdir, complete=True)
     finally:
-        if workdir is not None and status != constants.TRAINJOB_COMPLETE:
-            try:
-                _collect_docker_outputs(job, workdir, complete=False)  # keep the checkpoints for a resume
-            except OSError as err:
-                log.warning("TrainJob %s: could not keep its checkpoints: %s", name, err)
-        if created:
+        if created:  # stops and removes the node containers (and the network)
             try:
                 client.delete_job(name)
             except Exception as err:
                 log.warning("TrainJob %s: delete failed: %s", name, err)
-        elif workdir is not None:
-            shutil.rmtree(workdir, ignore_errors=True)
         if streamer is not None:
             streamer.stop()
+        if workdir is not None:  # the nodes are gone: read the shared folder back, then drop it
+            complete = status == constants.TRAINJOB_COMPLETE
+            try:
+                _collect_docker_outputs(job, workdir, complete=complete)
+            except OSError as err:
+                if complete:
+                    raise
+                log.warning(
+                    "TrainJob %s: could not keep its checkpoints: %s", name, err
+                )  # the error that ended it wins
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
     elapsed = time.monotonic() - start
     log.info("TrainJob %s %s in %.0f s; backbone %s", name, status, elapsed, job.out)
     return PretrainJobResult(name, job.backend, status, job.out, log_path, elapsed)
