@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ml.errors import ParameterError, ServiceUnavailableError, StepFailedError
+from ml.errors import CesslError, ParameterError, ServiceUnavailableError, StepFailedError
 from ml.io import staged_folder
 
 log = logging.getLogger("cessl.trainjob")
@@ -56,7 +56,7 @@ DEFAULT_IMAGE = "localhost:5000/cessl:0.1.0"
 WORKSPACE = "/workspace"  # the SDK's constants.WORKSPACE_PATH; the runtime's shared volume
 WORKSPACE_VOLUME = "workspace"  # the runtime's volume name (deploy/trainer/cessl-torch-distributed.yaml)
 NODE_CONTAINER = "node"
-SDK_MANAGER = "trainer.kubeflow.org/kubeflow-sdk"
+JOB_LABELS = {"app.kubernetes.io/part-of": "cessl", "app.kubernetes.io/component": "pretrain"}
 _JOB_NAME = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")  # DNS-1035 label (a TrainJob's name)
 _FAILED_NODE = re.compile(r"^\s*(?P<step>node-\d+): status=(?P<status>\w+), exit_code=(?P<code>\S+)", re.M)
 
@@ -224,9 +224,9 @@ def _workspace_patch(job: PretrainJob):
 
 
 def _cluster_options(job: PretrainJob, name: str) -> list:
-    from kubeflow.trainer.options import ActiveDeadlineSeconds, Name
+    from kubeflow.trainer.options import ActiveDeadlineSeconds, Labels, Name
 
-    options: list = [Name(name), ActiveDeadlineSeconds(int(job.timeout_s))]
+    options: list = [Name(name), Labels(dict(JOB_LABELS)), ActiveDeadlineSeconds(int(job.timeout_s))]
     patch = _workspace_patch(job)
     if patch is not None:
         options.append(patch)
@@ -267,9 +267,7 @@ def trainjob_manifest(job: PretrainJob, name: str | None = None) -> dict[str, An
     trainer_cr = k8s_utils.get_trainer_cr_from_custom_trainer(runtime, _custom_trainer(job, _cluster_argv(job)))
     patch = _workspace_patch(job)
     spec = models.TrainerV1alpha1TrainJobSpec(
-        runtimeRef=models.TrainerV1alpha1RuntimeRef(
-            name=runtime.name, kind=runtime.kind.value, apiGroup=constants.GROUP
-        ),
+        runtimeRef=models.TrainerV1alpha1RuntimeRef(name=runtime.name, kind=runtime.kind.value),
         trainer=trainer_cr,
         runtimePatches=[models.TrainerV1alpha1RuntimePatch.from_dict(_patch_to_dict(patch))] if patch else None,
         activeDeadlineSeconds=int(job.timeout_s),
@@ -278,8 +276,8 @@ def trainjob_manifest(job: PretrainJob, name: str | None = None) -> dict[str, An
         apiVersion=constants.API_VERSION,
         kind=constants.TRAINJOB_KIND,
         metadata=models.IoK8sApimachineryPkgApisMetaV1ObjectMeta(
-            name=name, namespace=job.namespace, labels={"app.kubernetes.io/part-of": "cessl"}
-        ),
+            name=name, namespace=job.namespace, labels=dict(JOB_LABELS)
+        ),  # the SDK sends the namespace in the URL, not the body
         spec=spec,
     )
     return train_job.to_dict()
@@ -356,8 +354,13 @@ def _client(job: PretrainJob):
         client.backend._adapter = _docker_adapter_class()(job.docker_host)
         return client
     if job.backend == "cluster":
+        # $KUBECONFIG read now (the kubernetes package reads it once, at import)
+        kubeconfig = os.environ.get("KUBECONFIG") or None
+        if kubeconfig and os.pathsep in kubeconfig:
+            kubeconfig = None  # a list: the kubernetes package merges it itself
         try:
-            return TrainerClient(backend_config=KubernetesBackendConfig(namespace=job.namespace))
+            config = KubernetesBackendConfig(namespace=job.namespace, config_file=kubeconfig)
+            return TrainerClient(backend_config=config)
         except Exception as err:  # kube config missing, API server unreachable, no Trainer CRDs
             raise ServiceUnavailableError(f"Kubernetes (Kubeflow Trainer): {str(err).splitlines()[0]}") from err
     raise ParameterError(
@@ -436,8 +439,9 @@ class _LogStreamer:
     """Follows the job's logs (all nodes, in order) into a file and the logger, in a
     daemon thread: it never holds up the wait, and deleting the job ends it."""
 
-    def __init__(self, client, name: str, path: Path) -> None:
+    def __init__(self, client, name: str, path: Path, lines: bool = False) -> None:
         self.client, self.name, self.path = client, name, path
+        self.lines = lines  # the Kubernetes backend yields lines without their newline
         self.thread = threading.Thread(target=self._run, name=f"logs-{name}", daemon=True)
 
     def start(self) -> None:
@@ -448,7 +452,7 @@ class _LogStreamer:
         try:
             with self.path.open("a", encoding="utf-8") as out:
                 for chunk in self.client.get_job_logs(self.name, follow=True):
-                    out.write(chunk)
+                    out.write(chunk + "\n" if self.lines and not chunk.endswith("\n") else chunk)
                     out.flush()
                     for line in chunk.splitlines():
                         if line.strip():
@@ -473,6 +477,25 @@ def _failed_nodes(message: str, client, name: str) -> str:
         except Exception:
             nodes = []
     return ", ".join(nodes) or "unknown node"
+
+
+def _start_error(name: str, job: PretrainJob, client, err: BaseException) -> CesslError:
+    """Why the job could not be created, from the SDK's error and what caused it (the SDK
+    wraps an unreachable API server or a refused permission in a generic RuntimeError)."""
+    what = str(err).splitlines()[0] if str(err) else type(err).__name__
+    cause: BaseException | None = err
+    while cause is not None:
+        status = getattr(cause, "status", None)
+        if isinstance(status, int) and getattr(cause, "reason", None):  # kubernetes ApiException
+            return TrainJobFailedError(f"TrainJob {name} could not start: {what} ({status} {cause.reason})")
+        if isinstance(cause, OSError) or type(cause).__name__ in ("MaxRetryError", "NewConnectionError"):
+            where = job.docker_host or os.environ.get("DOCKER_HOST") or "the Docker engine"
+            if job.backend == "cluster":
+                where = getattr(getattr(client.backend, "custom_api", None), "api_client", None)
+                where = f"Kubernetes API server {getattr(getattr(where, 'configuration', None), 'host', '')}".strip()
+            return ServiceUnavailableError(f"{where}: does not answer; TrainJob {name} not created ({what})")
+        cause = cause.__cause__ or cause.__context__
+    return TrainJobFailedError(f"TrainJob {name} could not start: {what}")
 
 
 def run_pretrain_job(job: PretrainJob, *, on_started: Callable[[str], None] | None = None) -> PretrainJobResult:
@@ -518,11 +541,11 @@ def run_pretrain_job(job: PretrainJob, *, on_started: Callable[[str], None] | No
             runtime = client.get_runtime(job.runtime)
             client.train(runtime=runtime, trainer=trainer, options=options)
         except (RuntimeError, ValueError, TimeoutError) as err:
-            raise TrainJobFailedError(f"TrainJob {name} could not start: {str(err).splitlines()[0]}") from err
+            raise _start_error(name, job, client, err) from err
         created = True
         if on_started:
             on_started(name)
-        streamer = _LogStreamer(client, name, log_path)
+        streamer = _LogStreamer(client, name, log_path, lines=job.backend == "cluster")
         streamer.start()
         try:
             final = client.wait_for_job_status(

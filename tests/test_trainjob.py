@@ -81,11 +81,7 @@ def test_trainjob_manifest_is_valid_against_the_vendored_crd():
     assert (manifest["apiVersion"], manifest["kind"]) == ("trainer.kubeflow.org/v1alpha1", "TrainJob")
     assert not _crd_errors(manifest), _crd_errors(manifest)
     spec = manifest["spec"]
-    assert spec["runtimeRef"] == {
-        "apiGroup": "trainer.kubeflow.org",
-        "kind": "ClusterTrainingRuntime",
-        "name": RUNTIME_NAME,
-    }
+    assert spec["runtimeRef"] == {"kind": "ClusterTrainingRuntime", "name": RUNTIME_NAME}
     trainer = spec["trainer"]
     assert trainer["numNodes"] == 4 and trainer["image"] == DEFAULT_IMAGE
     assert trainer["resourcesPerNode"]["limits"] == {"nvidia.com/gpu": "2", "cpu": "8", "memory": "32Gi"}
@@ -198,6 +194,136 @@ def test_node_function_is_self_contained():
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     assert imported <= {"os", "subprocess", "sys"}
     assert not [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+
+
+# ------------------------------------------------------------------------ cluster: the SDK's requests
+class _TrainerApi:
+    """A Kubernetes API server answering what the SDK's Kubernetes backend asks (our
+    ClusterTrainingRuntime; TrainJob create/get/delete; its pods and their logs) on a free
+    port, over real HTTP: it records what the SDK sends. The TrainJob reports ``Failed``
+    with node-1's pod failed, as the Trainer does when a node is lost."""
+
+    def __init__(self, namespace: str) -> None:
+        import json
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.namespace, self.created, self.deleted = namespace, [], []
+        runtime = yaml.safe_load(RUNTIME_FILE.read_text())
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _send(self, code: int, body) -> None:
+                data = (body if isinstance(body, str) else json.dumps(body)).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "text/plain" if isinstance(body, str) else "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                path = self.path.split("?")[0]
+                trainjobs = f"/apis/trainer.kubeflow.org/v1alpha1/namespaces/{api.namespace}/trainjobs/"
+                if path == f"/apis/trainer.kubeflow.org/v1alpha1/clustertrainingruntimes/{RUNTIME_NAME}":
+                    return self._send(200, runtime)
+                if path.startswith(trainjobs) and api.created:
+                    job = copy.deepcopy(api.created[-1])
+                    job["metadata"] |= {"namespace": api.namespace, "creationTimestamp": "2026-01-01T00:00:00Z"}
+                    condition = {"type": "Failed", "status": "True", "reason": "JobSetFailed"}
+                    job["status"] = {"conditions": [condition | {"lastTransitionTime": "2026-01-01T00:01:00Z"}]}
+                    return self._send(200, job)
+                if path == f"/api/v1/namespaces/{api.namespace}/pods" and api.created:
+                    return self._send(200, {"kind": "PodList", "apiVersion": "v1", "items": api.pods()})
+                if path.endswith("/log"):
+                    return self._send(200, "cessl node: rank 0 of 2\nlost rank 1\n")
+                return self._send(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                api.created.append(body)
+                self._send(201, body)
+
+            def do_DELETE(self):
+                api.deleted.append(self.path)
+                self._send(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def pods(self) -> list[dict]:
+        name = self.created[-1]["metadata"]["name"]
+        return [
+            {
+                "metadata": {
+                    "name": f"{name}-node-0-{i}-x",
+                    "namespace": self.namespace,
+                    "creationTimestamp": "2026-01-01T00:00:00Z",
+                    "labels": {
+                        "jobset.sigs.k8s.io/jobset-name": name,
+                        "jobset.sigs.k8s.io/replicatedjob-name": "node",
+                        "batch.kubernetes.io/job-completion-index": str(i),
+                    },
+                },
+                "spec": {"containers": [{"name": "node", "image": DEFAULT_IMAGE}]},
+                "status": {"phase": phase},
+            }
+            for i, phase in enumerate(("Running", "Failed"))
+        ]
+
+    def kubeconfig(self, path: Path) -> Path:
+        host, port = self.server.server_address[:2]
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "c", "cluster": {"server": f"http://{host}:{port}"}}],
+            "users": [{"name": "u", "user": {}}],
+            "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u", "namespace": self.namespace}}],
+            "current-context": "c",
+        }
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_cluster_backend_creates_the_manifest_and_reports_a_lost_node(tmp_path, monkeypatch):
+    """Through the SDK's Kubernetes backend: the TrainJob it POSTs is trainjob_manifest's
+    (and schema-valid); a Failed job raises naming the job, the node and the log; deleted."""
+    job = _cluster_job(name="cessl-pretrain-lost", out=tmp_path / "bb", timeout_s=60)
+    with _TrainerApi(job.namespace) as api:
+        monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig(tmp_path / "kubeconfig")))
+        with pytest.raises(TrainJobFailedError) as failed:
+            run_pretrain_job(job)
+    message = str(failed.value)
+    assert "cessl-pretrain-lost" in message and "node-1" in message and str(job.job_log_path()) in message
+    manifest = trainjob_manifest(job)
+    assert manifest["metadata"].pop("namespace") == job.namespace  # the SDK puts it in the URL
+    assert api.created == [manifest]  # exactly what the cluster backend created
+    assert not _crd_errors(api.created[0])
+    assert api.deleted == [
+        f"/apis/trainer.kubeflow.org/v1alpha1/namespaces/{job.namespace}/trainjobs/cessl-pretrain-lost"
+    ]
+    assert "lost rank 1" in job.job_log_path().read_text()
+
+
+def test_cluster_backend_unreachable_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    with _TrainerApi("team-a") as api:
+        kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))  # the server is gone: connection refused
+    store = tmp_path / "store"
+    store.mkdir()
+    code = cessl(["backbone", "pretrain", "--store", str(store), "--out", str(tmp_path / "bb"), "--backend", "cluster"])
+    assert code == 3
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "Kubernetes API server http://127.0.0.1:" in err and "does not answer" in err and "Traceback" not in err
 
 
 # ------------------------------------------------------------------------ docker: real 2-node job
