@@ -203,11 +203,11 @@ class _TrainerApi:
     port, over real HTTP: it records what the SDK sends. The TrainJob reports ``Failed``
     with node-1's pod failed, as the Trainer does when a node is lost."""
 
-    def __init__(self, namespace: str) -> None:
+    def __init__(self, namespace: str, fails: bool = True) -> None:
         import json
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-        self.namespace, self.created, self.deleted = namespace, [], []
+        self.namespace, self.created, self.deleted, self.fails = namespace, [], [], fails
         runtime = yaml.safe_load(RUNTIME_FILE.read_text())
         api = self
 
@@ -232,7 +232,8 @@ class _TrainerApi:
                     job = copy.deepcopy(api.created[-1])
                     job["metadata"] |= {"namespace": api.namespace, "creationTimestamp": "2026-01-01T00:00:00Z"}
                     condition = {"type": "Failed", "status": "True", "reason": "JobSetFailed"}
-                    job["status"] = {"conditions": [condition | {"lastTransitionTime": "2026-01-01T00:01:00Z"}]}
+                    if api.fails:  # else no condition: running for ever
+                        job["status"] = {"conditions": [condition | {"lastTransitionTime": "2026-01-01T00:01:00Z"}]}
                     return self._send(200, job)
                 if path == f"/api/v1/namespaces/{api.namespace}/pods" and api.created:
                     return self._send(200, {"kind": "PodList", "apiVersion": "v1", "items": api.pods()})
@@ -269,7 +270,7 @@ class _TrainerApi:
                 "spec": {"containers": [{"name": "node", "image": DEFAULT_IMAGE}]},
                 "status": {"phase": phase},
             }
-            for i, phase in enumerate(("Running", "Failed"))
+            for i, phase in enumerate(("Running", "Failed" if self.fails else "Running"))
         ]
 
     def kubeconfig(self, path: Path) -> Path:
@@ -314,6 +315,17 @@ def test_cluster_backend_creates_the_manifest_and_reports_a_lost_node(tmp_path, 
     assert "lost rank 1" in job.job_log_path().read_text()
 
 
+def test_cluster_job_that_does_not_finish_times_out_and_is_deleted(tmp_path, monkeypatch):
+    job = _cluster_job(name="cessl-pretrain-slow", out=tmp_path / "bb", timeout_s=10)
+    with _TrainerApi(job.namespace, fails=False) as api:
+        monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig(tmp_path / "kubeconfig")))
+        start = time.monotonic()
+        with pytest.raises(TrainJobFailedError, match="cessl-pretrain-slow did not finish within 10 s"):
+            run_pretrain_job(job)
+    assert time.monotonic() - start < 30
+    assert [p.rsplit("/", 1)[-1] for p in api.deleted] == ["cessl-pretrain-slow"]
+
+
 def test_cluster_backend_unreachable_is_one_clear_line(tmp_path, capsys, monkeypatch):
     with _TrainerApi("team-a") as api:
         kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")
@@ -336,10 +348,12 @@ def _containers_and_networks(docker_engine, job_name: str) -> tuple[str, str]:
 @pytest.mark.slow
 def test_two_node_docker_trainjob_pretrains_and_cleans_up(docker_engine, cessl_image, tmp_path, monkeypatch):
     from ml.model.pretrained import read_backbone
+    from pipeline.backbone_registry import find_backbone
 
     monkeypatch.setenv("DOCKER_HOST", docker_engine.host)
     monkeypatch.setenv("CESSL_IMAGE", cessl_image)
     store, out = tmp_path / "store", tmp_path / "bb"
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     _write_store(store)
     job_name = "cessl-pretrain-test2n"
     code = cessl(
@@ -347,6 +361,7 @@ def test_two_node_docker_trainjob_pretrains_and_cleans_up(docker_engine, cessl_i
             "backbone", "pretrain", "--store", str(store), "--out", str(out), "--config", "tinylight",
             "--batch-size", "2", "--max-steps", "2", "--checkpoint-every", "1", "--lr", "1e-3",
             "--nodes", "2", "--backend", "docker", "--job-name", job_name, "--timeout", "600",
+            "--register", "--tracking-uri", tracking, "--create-store",
         ]
     )  # fmt: skip
     log_file = out.with_name(out.name + ".trainjob.log")
@@ -356,6 +371,7 @@ def test_two_node_docker_trainjob_pretrains_and_cleans_up(docker_engine, cessl_i
     assert training["world_size"] == 2 and training["steps"] == 2
     assert backbone.config.name == "tinylight" and backbone.meta["classes"] == CODES
     assert (out / "checkpoints" / "pretrain_last.pt").is_file()  # read back from the shared folder
+    assert find_backbone(backbone.identity, tracking_uri=tracking)[0] == "cessl-backbone-tinylight"  # --register
     text = log_file.read_text()
     assert "rank 0 of 2" in text and "rank 1 of 2" in text  # both nodes' logs streamed
     assert _containers_and_networks(docker_engine, job_name) == ("", "")
