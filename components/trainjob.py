@@ -369,8 +369,9 @@ def _client(job: PretrainJob):
     )
 
 
-def _copy_tree(src: Path, dst: Path, link: bool) -> None:
-    """Copy ``src`` to ``dst``; ``link``: hard links where the filesystem allows (no data copy)."""
+def _copy_tree(src: Path, dst: Path, link: bool, skip_hidden: bool = False) -> None:
+    """Copy ``src`` to ``dst``; ``link``: hard links where the filesystem allows (no data copy);
+    ``skip_hidden``: leave out hidden files (an atomic write a stopped node left half done)."""
 
     def copy(a: str, b: str) -> object:
         if link:
@@ -381,7 +382,8 @@ def _copy_tree(src: Path, dst: Path, link: bool) -> None:
                 pass
         return shutil.copy2(a, b)
 
-    shutil.copytree(src, dst, copy_function=copy, dirs_exist_ok=True)
+    ignore = shutil.ignore_patterns(".*") if skip_hidden else None
+    shutil.copytree(src, dst, copy_function=copy, dirs_exist_ok=True, ignore=ignore)
 
 
 def _image_user(client, image: str) -> tuple[int, int] | None:
@@ -415,7 +417,7 @@ def _stage_docker_workspace(job: PretrainJob, name: str, client) -> Path:
     checkpoints = workdir / "checkpoints"
     checkpoints.mkdir(exist_ok=True)
     if job.checkpoint_dir and job.checkpoint_dir.is_dir():
-        _copy_tree(job.checkpoint_dir, checkpoints, link=False)
+        _copy_tree(job.checkpoint_dir, checkpoints, link=False, skip_hidden=True)
         log.info("TrainJob %s resumes from the checkpoints in %s", name, job.checkpoint_dir)
     for path in (workdir, checkpoints, *checkpoints.rglob("*")):
         _make_writable(path, owner)
@@ -423,16 +425,18 @@ def _stage_docker_workspace(job: PretrainJob, name: str, client) -> Path:
 
 
 def _collect_docker_outputs(job: PretrainJob, workdir: Path, complete: bool) -> None:
-    """Read the backbone folder (on success) and the checkpoints back from the job's folder."""
-    if job.checkpoint_dir and (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
-        with staged_folder(job.checkpoint_dir) as target:
-            _copy_tree(workdir / "checkpoints", target, link=False)
+    """Read the backbone folder (on success: first, so a new ``out`` appears whole) and the
+    checkpoints (always: a later job resumes from them) back from the job's folder."""
     if complete:
         produced = workdir / "backbone"
         if not produced.is_dir():
             raise StepFailedError(f"TrainJob finished without writing a backbone folder ({produced})")
         with staged_folder(job.out) as target:
             _copy_tree(produced, target, link=False)
+    checkpoints = workdir / "checkpoints"
+    if job.checkpoint_dir and checkpoints.is_dir() and any(checkpoints.iterdir()):
+        with staged_folder(job.checkpoint_dir) as target:
+            _copy_tree(checkpoints, target, link=False, skip_hidden=True)
 
 
 class _LogStreamer:
