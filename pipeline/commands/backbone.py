@@ -28,12 +28,15 @@ from pipeline.constraints import (
     alias,
     existing_dir,
     existing_file,
+    image,
+    k8s_name,
     non_negative_float,
     non_negative_int,
     output_dir,
     output_root,
     positive_float,
     positive_int,
+    quantity,
     tracking_uri,
 )
 
@@ -61,6 +64,36 @@ def _add_register_options(p: argparse.ArgumentParser) -> None:
         help="create a new sqlite MLflow store at --tracking-uri (with --register)",
     )
     p.add_argument("--alias", type=alias, default=None, help="registry alias to point at the version (with --register)")
+
+
+def _add_job_options(p: argparse.ArgumentParser) -> None:
+    """Where the pre-training runs: here (``local``), or as a Kubeflow Trainer TrainJob
+    (``docker``: the SDK's container backend on this machine; ``cluster``: the cluster's
+    Trainer), see components.trainjob."""
+    g = p.add_argument_group("distributed (Kubeflow Trainer TrainJob)")
+    g.add_argument("--nodes", type=positive_int, default=1, help="training nodes (docker: containers)")
+    g.add_argument("--nproc-per-node", type=positive_int, default=1, help="processes per node (cluster: one per GPU)")
+    g.add_argument(
+        "--backend",
+        choices=("local", "docker", "cluster"),
+        default="local",
+        help="local: this process (torchrun for several); docker/cluster: a TrainJob",
+    )
+    g.add_argument("--image", type=image, default=None, help="node image (default: $CESSL_IMAGE or the project's)")
+    g.add_argument("--namespace", type=k8s_name, default=None, help="cluster: the TrainJob's namespace")
+    g.add_argument(
+        "--timeout", type=positive_int, default=3600, help="seconds to wait for the TrainJob before failing it"
+    )
+    g.add_argument("--job-name", type=k8s_name, default=None, help="TrainJob name (default: cessl-pretrain-<random>)")
+    g.add_argument(
+        "--workspace-pvc",
+        type=k8s_name,
+        default=None,
+        help="cluster: the shared volume's claim (default: the runtime's cessl-pretrain-workspace)",
+    )
+    g.add_argument("--gpus-per-node", type=positive_int, default=None, help="cluster: GPUs per node")
+    g.add_argument("--cpu-per-node", type=quantity, default=None, help="cluster: CPU per node (4, 500m)")
+    g.add_argument("--memory-per-node", type=quantity, default=None, help="cluster: memory per node (16Gi)")
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -94,6 +127,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto, cpu, cuda")
     p.add_argument("--data-version", default=None, help="recorded data version (default: hash of the records used)")
     p.add_argument("--no-progress", action="store_true")
+    _add_job_options(p)
     _add_register_options(p)
     p.set_defaults(func=_checking_register(_pretrain))
 
@@ -179,7 +213,98 @@ def store_data_version(store, ids: list[str], classes: list[str]) -> str:
     return f"store:{h.hexdigest()[:16]}"
 
 
+# flags of `backbone pretrain` that a TrainJob's nodes get unchanged (not --store/--out/
+# --checkpoint-dir, which the job sets, nor the job and registry flags)
+_PASS_THROUGH = (
+    "config", "classes", "epochs", "max_steps", "batch_size", "base_lr", "lr", "weight_decay",
+    "cutmix_alpha", "seed", "checkpoint_every", "no_resume", "num_workers", "device", "data_version",
+)  # fmt: skip
+_CLUSTER_ONLY = ("namespace", "workspace_pvc", "gpus_per_node", "cpu_per_node", "memory_per_node")
+
+
+def _pass_through_args(args: argparse.Namespace) -> tuple[str, ...]:
+    argv: list[str] = []
+    for dest in _PASS_THROUGH:
+        value = getattr(args, dest)
+        flag = "--" + dest.replace("_", "-")
+        if value is None or value is False:
+            continue
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, list):
+            argv += [flag, ",".join(value)]
+        else:
+            argv += [flag, str(value)]
+    return tuple(argv)
+
+
+def _pretrain_job(args: argparse.Namespace):
+    """The TrainJob for these flags (refusing combinations that do not go together)."""
+    from components.trainjob import PretrainJob
+    from ml.errors import ParameterError
+    from pipeline.components import default_image
+
+    if args.backend != "cluster":
+        given = [f"--{d.replace('_', '-')}" for d in _CLUSTER_ONLY if getattr(args, d) is not None]
+        if given:
+            raise ParameterError(f"{', '.join(given)}: only with --backend cluster")
+    resources: dict[str, str] = {}
+    if args.gpus_per_node:
+        resources["gpu"] = str(args.gpus_per_node)
+    elif args.backend == "cluster" and args.nproc_per_node > 1:
+        resources["gpu"] = str(args.nproc_per_node)  # one process per GPU
+    if args.cpu_per_node:
+        resources["cpu"] = args.cpu_per_node
+    if args.memory_per_node:
+        resources["memory"] = args.memory_per_node
+    try:
+        return PretrainJob(
+            store=args.store,
+            out=args.out,
+            pretrain_args=_pass_through_args(args),
+            checkpoint_dir=args.checkpoint_dir or args.out / "checkpoints",  # as a local run's
+            nodes=args.nodes,
+            nproc_per_node=args.nproc_per_node,
+            backend=args.backend,
+            image=args.image or default_image(),
+            namespace=args.namespace,
+            timeout_s=args.timeout,
+            resources_per_node=resources,
+            workspace_pvc=args.workspace_pvc,
+            name=args.job_name,
+        )
+    except ParameterError as err:
+        raise ParameterError(f"backbone pretrain: {err}") from None
+
+
 def _pretrain(args: argparse.Namespace) -> int:
+    if args.backend != "local":
+        return _pretrain_as_trainjob(args)
+    if args.nodes > 1 or args.nproc_per_node > 1:
+        from ml.errors import ParameterError
+
+        raise ParameterError(
+            f"--nodes {args.nodes} --nproc-per-node {args.nproc_per_node} --backend local: local is this process; "
+            "use --backend docker (a TrainJob in containers) or `torchrun --standalone --nproc-per-node N "
+            "-m pipeline.cli backbone pretrain ...`"
+        )
+    return _pretrain_here(args)
+
+
+def _pretrain_as_trainjob(args: argparse.Namespace) -> int:
+    from components.trainjob import run_pretrain_job
+
+    job = _pretrain_job(args)
+    result = run_pretrain_job(job)
+    print(result.backbone)
+    if result.backbone.is_dir():  # cluster: only where this machine mounts the shared volume
+        _maybe_register(args, result.backbone)
+    elif args.register:
+        log.warning("%s is on the TrainJob's shared volume, not here: not registered", result.backbone)
+    return 0
+
+
+def _pretrain_here(args: argparse.Namespace) -> int:
     from ml.data.store import ECGStore, StoreDataset
     from ml.model.pretrained import save_backbone
     from ml.train.pretrain import PretrainConfig, pretrain
