@@ -501,7 +501,8 @@ _PATH_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 _ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,255}$")
 _IMAGE = re.compile(r"^[a-z0-9][a-z0-9._\-/:@]*[A-Za-z0-9_.\-]$")
 _RESOURCE_NAME = re.compile(r"^([a-z0-9]([a-z0-9\-.]*[a-z0-9])?/)?[A-Za-z0-9]([A-Za-z0-9_.\-]*[A-Za-z0-9])?$")
-_K8S_NAME = re.compile(r"^[a-z]([a-z0-9\-]{0,61}[a-z0-9])?$")  # DNS-1035 label
+_K8S_NAME = re.compile(r"^[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?$")  # DNS-1123 label
+_JOB_NAME = re.compile(r"^[a-z]([a-z0-9\-]{0,61}[a-z0-9])?$")  # DNS-1035 label
 _QUANTITY = re.compile(r"^\+?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+|[KMGTPE]i?|[numk])?$")
 
 
@@ -522,11 +523,11 @@ alias = _pattern(_ALIAS, "an alias (a letter or '_', then letters, digits, '_' o
 # a container image reference: [registry/]repository[:tag][@digest]
 image = _pattern(_IMAGE, "an image reference such as registry:5000/cessl:0.1.0")
 # a Kubernetes extended resource name, e.g. nvidia.com/gpu
-k8s_name = _pattern(_K8S_NAME, "a Kubernetes name (lower-case letters, digits and '-', a letter first, <= 63)")
 resource_name = _pattern(_RESOURCE_NAME, "a Kubernetes resource name such as nvidia.com/gpu")
 # a Kubernetes object name (DNS-1123 label): a namespace, ServiceAccount, Secret, PVC or runtime
-_K8S_NAME = re.compile(r"^[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?$")
 k8s_name = _pattern(_K8S_NAME, "a Kubernetes name (lower-case letters, digits and '-', at most 63)")
+# a TrainJob name (DNS-1035 label: its JobSet and Services need a letter first)
+job_name = _pattern(_JOB_NAME, "a TrainJob name (lower-case letters, digits and '-', a letter first, <= 63)")
 
 
 def quantity(text: str) -> str:

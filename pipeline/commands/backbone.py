@@ -29,6 +29,7 @@ from pipeline.constraints import (
     existing_dir,
     existing_file,
     image,
+    job_name,
     k8s_name,
     non_negative_float,
     non_negative_int,
@@ -84,7 +85,7 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--timeout", type=positive_int, default=3600, help="seconds to wait for the TrainJob before failing it"
     )
-    g.add_argument("--job-name", type=k8s_name, default=None, help="TrainJob name (default: cessl-pretrain-<random>)")
+    g.add_argument("--job-name", type=job_name, default=None, help="TrainJob name (default: cessl-pretrain-<random>)")
     g.add_argument(
         "--workspace-pvc",
         type=k8s_name,
