@@ -436,7 +436,12 @@ def _check_same_resume_point(step: int, env: DistEnv, ckpt_path: Path | None) ->
     if not env.distributed:
         return
     steps = [torch.zeros(1, dtype=torch.int64, device=env.device) for _ in range(env.world_size)]
-    dist.all_gather(steps, torch.tensor([step], dtype=torch.int64, device=env.device))
+    try:
+        dist.all_gather(steps, torch.tensor([step], dtype=torch.int64, device=env.device))
+    except Exception as err:
+        if not _is_comm_failure(err):
+            raise
+        raise _lost_peer(err, env, step, ckpt_path, step) from err
     seen = [int(t.item()) for t in steps]
     if len(set(seen)) > 1:
         raise DistributedTrainingError(
