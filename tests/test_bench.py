@@ -126,3 +126,45 @@ def test_train_step_bench_puts_bf16_next_to_fp32(tmp_path: Path) -> None:
     assert all(row["loader_ms"] > 0 and 0 <= row["loader_share"] < 1 for row in loader.values())
     targets = [t["target"] for t in summary["targets"]]
     assert any(t.startswith("bf16 CE-SSL step <= 0.35") for t in targets)
+
+
+@pytest.mark.slow
+def test_pretrain_bench_measures_scaling_communication_and_projects(tmp_path: Path) -> None:
+    """bench/pretrain.py: samples/s of every set-up, the all-reduce volume of a DDP step
+    (exactly the model's gradients + the global BatchNorm statistics), its share of the step,
+    and the ring all-reduce projection to N nodes."""
+    import torch
+
+    from ml.model.backbone import ECGTransformer, backbone_config
+
+    out = tmp_path / "pretrain.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "pretrain.py"), "--config", "tinylight", "--global-batch", "4"]
+    cmd += ["--steps", "2", "--warmup", "1", "--repeat", "1", "--bandwidth-gbps", "10", "--json", str(out)]
+    proc = subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    summary = json.loads(out.read_text())
+    for name in ("single", "single_1thread", "local_1thread", "ddp"):
+        assert summary[name][0]["samples_per_s"] > 0, name
+    assert summary["ddp"][0]["world_size"] == 2 and summary["local_batch"] == 2
+    assert summary["ratio"] == pytest.approx(summary["ddp"][0]["samples_per_s"] / summary["single"][0]["samples_per_s"])
+
+    model = ECGTransformer(backbone_config("tinylight", 6))
+    params = sum(p.numel() for p in model.parameters())
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    comm = summary["comm"]
+    assert comm["grad_bytes"] == 4 * params  # every gradient, float32, once per step
+    # per BatchNorm layer: (sums, count) and the centred squares forward, their gradients backward
+    assert comm["bn_bytes"] == sum(4 * 2 * (2 * bn.num_features + 1) for bn in bns)
+    assert comm["collectives"] == comm["buckets"] + 4 * len(bns) and comm["buckets"] >= 1
+    assert 0 < comm["comm_share"] < 1 and comm["comm_ms"] <= comm["step_ms"]
+    assert comm["isolated_grad_allreduce_ms"] > 0 and comm["tiny_allreduce_ms"] > 0
+
+    rows = {row["nodes"]: row for row in summary["projection"]}
+    assert list(rows) == [1, 2, 4, 8]
+    assert rows[1]["step_ms"] == pytest.approx(summary["compute_ms"]) and rows[1]["efficiency"] == 1
+    for n, row in rows.items():  # ring all-reduce: 2(N-1)/N x volume / bandwidth + latency per transfer
+        transfer = 2 * (n - 1) / n * comm["volume_bytes"] * 8 / 10e9 * 1e3
+        latency = comm["collectives"] * 2 * (n - 1) * 30 / 1e3
+        assert row["comm_ms"] == pytest.approx(transfer + latency)
+        assert row["samples_per_s"] == pytest.approx(n * 2 / row["step_ms"] * 1e3)
+    assert rows[1]["samples_per_s"] < rows[2]["samples_per_s"] < rows[4]["samples_per_s"] < rows[8]["samples_per_s"]
+    assert "projection (ring all-reduce" in proc.stdout

@@ -181,3 +181,26 @@ def test_cli_pretrain_under_torchrun(tmp_path: Path) -> None:
     assert meta["training"]["world_size"] == 2 and meta["training"]["steps"] == 2
     assert meta["training"]["lr"] == pytest.approx(1e-3 * 2 * 2 / 1024)
     assert proc.stdout.strip().splitlines() == [str(out)]  # printed once, by rank 0
+
+
+def test_a_process_group_that_cannot_be_joined_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 1 of 2 with nobody at MASTER_ADDR:MASTER_PORT: a DistributedTrainingError (a
+    CesslError, exit code 5) after the timeout, naming the rank and the address; no hang."""
+    import socket
+    import time
+
+    from ml.errors import EXIT_STEP_FAILED
+    from ml.train.pretrain import DistributedTrainingError, setup_distributed
+
+    with socket.socket() as s:  # a free port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    start = time.perf_counter()
+    with pytest.raises(DistributedTrainingError, match=rf"rank 1 of 2: could not join .* 127\.0\.0\.1:{port}") as err:
+        setup_distributed("cpu", timeout_s=3)
+    assert time.perf_counter() - start < 60
+    assert err.value.exit_code == EXIT_STEP_FAILED and "\n" not in str(err.value)
+    assert not torch.distributed.is_initialized()

@@ -14,17 +14,29 @@ One loop for one process and for many (``torchrun``, DistributedDataParallel):
   on CUDA, :class:`GlobalBatchNorm2d` on CPU (SyncBatchNorm is GPU-only). Rank 0 alone
   writes checkpoints and logs.
 - Checkpoints (``<checkpoint_dir>/pretrain_last.pt``): model, optimizer, position in the
-  data (epoch, batch) and a fingerprint of the schedule; written atomically, read back with
-  ``torch.load(weights_only=True)``. A resumed run must have the same global batch.
+  data (epoch, batch) and a fingerprint of the schedule; written atomically by rank 0, read
+  back with ``torch.load(weights_only=True)`` by every rank, so on several machines
+  ``checkpoint_dir`` must be a shared volume (the ranks check that they resume from the same
+  step). A resumed run must have the same global batch.
+- Data at scale: each process reads only its shard: the sampler hands it its indices, and a
+  map-style dataset over a memory-mapped store (``ml.data.store.StoreDataset``) reads just
+  those rows; nothing here copies the whole dataset.
+- Failures: a collective that fails (a peer process died, the network dropped, nothing
+  arrived within ``dist_timeout_s``) or a process group that cannot be joined ends the run
+  with :class:`DistributedTrainingError` (one line naming this rank, the step and the
+  checkpoint to resume from), never a hang: every collective is bounded by the timeout.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ml.errors import StepFailedError
 from ml.model.backbone import BackboneConfig, ECGTransformer, backbone_config
 from ml.train.augment import CUTMIX_ALPHA, cutmix, make_generator
 from ml.train.checkpoint import load_checkpoint, save_checkpoint
@@ -43,6 +56,12 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "pretrain_last.pt"
 LR_REFERENCE_BATCH = 1024
+DEFAULT_DIST_TIMEOUT_S = 1800.0  # torch's own default for gloo; bounds every collective
+
+
+class DistributedTrainingError(StepFailedError):
+    """A multi-process run lost a peer (killed, crashed, unreachable) or could not start its
+    process group; the message names the rank, the step and the checkpoint to resume from."""
 
 
 def scaled_lr(base_lr: float, world_size: int, batch_size: int) -> float:
@@ -61,6 +80,10 @@ class PretrainConfig:
     lr: None applies :func:`scaled_lr` to ``base_lr``; a number overrides the rule.
     cutmix_alpha: Beta(alpha, alpha) of Cutmix; 0 disables it.
     sync_batchnorm: BatchNorm over the global batch when running multi-process.
+    dist_timeout_s: the longest any collective (all-reduce, barrier) may wait for the other
+    processes before the run fails; it must exceed rank 0's checkpoint write time.
+    measure_comm: time the gradient all-reduce (a DDP comm hook) and the BatchNorm
+    all-reduces of every step, and count their bytes (:class:`CommStats`; benchmarks).
     """
 
     backbone: str = "tiny"
@@ -81,6 +104,8 @@ class PretrainConfig:
     device: str = "auto"
     distributed: bool = True  # join torchrun's process group when WORLD_SIZE > 1
     sync_batchnorm: bool = True
+    dist_timeout_s: float = DEFAULT_DIST_TIMEOUT_S
+    measure_comm: bool = False
     dtype: str = "float32"  # "float64" for exact equivalence checks (tests), not for real runs
     log_every: int = 10
     progress: bool = True
@@ -95,12 +120,95 @@ class PretrainConfig:
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
         if self.cutmix_alpha < 0:
             raise ValueError(f"cutmix_alpha must be >= 0 (0 disables Cutmix), got {self.cutmix_alpha}")
+        if self.dist_timeout_s <= 0:
+            raise ValueError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
 
     def learning_rate(self, world_size: int) -> float:
         return self.lr if self.lr is not None else scaled_lr(self.base_lr, world_size, self.batch_size)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class CommStats:
+    """What one process sent through all-reduce, per step (``measure_comm``).
+
+    grad_bytes / bn_bytes: bytes all-reduced per step for the gradients (DDP's buckets) and
+    for the global BatchNorm statistics (forward sums and their gradients).
+    grad_s / bn_s: per step, the wall time the gradient all-reduces were in flight (union of
+    the buckets' intervals: they overlap the backward pass) and the time spent blocked in
+    the BatchNorm all-reduces (these are synchronous).
+    collectives: all-reduce calls per step (each one pays the network latency), of which
+    ``buckets`` carry gradients.
+    """
+
+    grad_bytes: int = 0
+    bn_bytes: int = 0
+    collectives: int = 0
+    buckets: int = 0
+    grad_s: list[float] = field(default_factory=list)
+    bn_s: list[float] = field(default_factory=list)
+
+    @property
+    def bytes_per_step(self) -> int:
+        return self.grad_bytes + self.bn_bytes
+
+
+class _CommMeter:
+    """Collects :class:`CommStats` while the loop runs (thread-safe: gloo completes the
+    gradient buckets' futures on its own threads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._grad: list[tuple[float, float]] = []
+        self._bn_s = 0.0
+        self._bytes = {"grad": 0, "bn": 0}
+        self._calls = 0
+        self._buckets = 0
+        self.stats = CommStats()
+
+    def bn(self, seconds: float, nbytes: int) -> None:
+        with self._lock:
+            self._bn_s += seconds
+            self._bytes["bn"] += nbytes
+            self._calls += 1
+
+    def grad(self, start: float, end: float, nbytes: int) -> None:
+        with self._lock:
+            self._grad.append((start, end))
+            self._bytes["grad"] += nbytes
+            self._calls += 1
+            self._buckets += 1
+
+    def end_step(self) -> None:
+        with self._lock:
+            busy, last = 0.0, float("-inf")
+            for start, end in sorted(self._grad):  # union of the intervals
+                if end > last:
+                    busy += end - max(start, last)
+                    last = end
+            self.stats.grad_s.append(busy)
+            self.stats.bn_s.append(self._bn_s)
+            # per step: the figures of a complete step (the first one sets them)
+            if not self.stats.collectives:
+                self.stats.grad_bytes, self.stats.bn_bytes = self._bytes["grad"], self._bytes["bn"]
+                self.stats.collectives, self.stats.buckets = self._calls, self._buckets
+            self._grad, self._bn_s, self._bytes, self._calls, self._buckets = [], 0.0, {"grad": 0, "bn": 0}, 0, 0
+
+    def ddp_hook(self, state: object, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+        """DDP's default all-reduce (divide by the world size, sum), timed."""
+        start = time.perf_counter()
+        buffer = bucket.buffer()
+        buffer.div_(dist.get_world_size())
+        future = dist.all_reduce(buffer, async_op=True).get_future()
+        nbytes = buffer.numel() * buffer.element_size()
+
+        def done(fut: torch.futures.Future[list[Tensor]]) -> Tensor:
+            self.grad(start, time.perf_counter(), nbytes)
+            return fut.value()[0]
+
+        return future.then(done)
 
 
 @dataclass
@@ -117,6 +225,7 @@ class PretrainResult:
     samples: int = 0  # samples (all processes) processed by this invocation
     elapsed_s: float = 0.0  # wall time of this invocation's training steps
     step_end_s: list[float] = field(default_factory=list)  # time since start at the end of each step
+    comm: CommStats | None = None  # with measure_comm on several processes
 
     @property
     def is_main(self) -> bool:
@@ -148,9 +257,12 @@ class DistEnv:
         return self.rank == 0
 
 
-def setup_distributed(device: str = "auto", enabled: bool = True) -> DistEnv:
+def setup_distributed(device: str = "auto", enabled: bool = True, timeout_s: float = DEFAULT_DIST_TIMEOUT_S) -> DistEnv:
     """Read torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK); start the process group
-    when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU). ``enabled=False``: one process."""
+    when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU). ``enabled=False``: one process.
+
+    ``timeout_s`` bounds joining the group and every later collective, so a lost peer ends
+    the run (:class:`DistributedTrainingError`) instead of hanging it."""
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if enabled else 1
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world_size > 1 else 0
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
@@ -165,7 +277,14 @@ def setup_distributed(device: str = "auto", enabled: bool = True) -> DistEnv:
     backend = "nccl" if use_cuda else "gloo"
     owns = False
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        try:
+            dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        except (RuntimeError, OSError) as err:  # DistStoreError, DistNetworkError, refused
+            where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            raise DistributedTrainingError(
+                f"rank {os.environ.get('RANK', '?')} of {world_size}: could not join the process group "
+                f"at {where} ({backend}): rendezvous failed: {_first_line(err)}"
+            ) from err
         owns = True
     return DistEnv(
         rank=dist.get_rank(),
@@ -177,19 +296,29 @@ def setup_distributed(device: str = "auto", enabled: bool = True) -> DistEnv:
     )
 
 
+def _all_reduce_sum(tensor: Tensor, meter: _CommMeter | None) -> None:
+    if meter is None:
+        dist.all_reduce(tensor)
+        return
+    start = time.perf_counter()
+    dist.all_reduce(tensor)
+    meter.bn(time.perf_counter() - start, tensor.numel() * tensor.element_size())
+
+
 class _AllReduceSum(torch.autograd.Function):
     """Differentiable all-reduce (sum): every process gets the total; the gradient of
     each input is the all-reduced sum of the output gradients."""
 
     @staticmethod
-    def forward(ctx: Any, tensor: Tensor) -> Tensor:
+    def forward(ctx: Any, tensor: Tensor, meter: _CommMeter | None = None) -> Tensor:
+        ctx.meter = meter
         out = tensor.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out)
+        _all_reduce_sum(out, meter)
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        return _AllReduceSum.apply(grad)
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return _AllReduceSum.apply(grad, ctx.meter), None
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
@@ -202,6 +331,8 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     Outside training, or without a process group, it is a plain BatchNorm2d.
     """
 
+    meter: _CommMeter | None = None  # set by pretrain(measure_comm=True)
+
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
@@ -210,11 +341,11 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         dims = [0, 2, 3]
         shape = (1, c, 1, 1)
         local = torch.cat([x.sum(dims), x.new_tensor([x.numel() / c])])  # (C + 1,)
-        total = _AllReduceSum.apply(local)
+        total = _AllReduceSum.apply(local, self.meter)
         count = total[c].detach()
         mean = total[:c] / count
         centred = x - mean.view(shape)
-        var = _AllReduceSum.apply(centred.square().sum(dims)) / count  # biased, as used to normalise
+        var = _AllReduceSum.apply(centred.square().sum(dims), self.meter) / count  # biased, as used to normalise
         y = centred * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
@@ -262,6 +393,63 @@ def _mean_across(value: float, env: DistEnv) -> float:
     return float(t.item()) / env.world_size
 
 
+def _first_line(err: BaseException) -> str:
+    """The gist of a backend error: its first line without gloo's source location
+    (``[.../pair.cc:537] ``) and the advice that follows the first sentence."""
+    lines = str(err).strip().splitlines()
+    if not lines:
+        return type(err).__name__
+    text = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", lines[0])
+    return text.split(". This is typically")[0].rstrip(".")
+
+
+_COMM_FAILURE_MARKERS = ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket", "broken pipe")
+
+
+def _is_comm_failure(err: BaseException) -> bool:
+    """A failed collective: torch's DistError family, or the RuntimeError gloo raises when a
+    peer's socket closes or a wait times out (its message names the transport)."""
+    if isinstance(err, dist.DistError):
+        return True
+    return isinstance(err, RuntimeError) and any(m in str(err).lower() for m in _COMM_FAILURE_MARKERS)
+
+
+def _lost_peer(
+    err: BaseException, env: DistEnv, step: int, ckpt_path: Path | None, saved_step: int
+) -> DistributedTrainingError:
+    """The one-line error of a rank whose collective failed: where it stood, what to rerun."""
+    if ckpt_path is None:
+        resume = "no --checkpoint-dir: a rerun starts over"
+    elif saved_step > 0:
+        resume = f"rerun the same command to resume from {ckpt_path} (step {saved_step})"
+    else:
+        resume = f"no checkpoint written yet in {ckpt_path.parent}: a rerun starts over"
+    return DistributedTrainingError(
+        f"rank {env.rank} of {env.world_size}: the process group failed after step {step} "
+        f"(another worker died or is unreachable: {_first_line(err)}); {resume}"
+    )
+
+
+def _check_same_resume_point(step: int, env: DistEnv, ckpt_path: Path | None) -> None:
+    """Every rank must resume from the same step: a checkpoint folder that is not shared
+    between the machines would otherwise leave them training different schedules."""
+    if not env.distributed:
+        return
+    steps = [torch.zeros(1, dtype=torch.int64, device=env.device) for _ in range(env.world_size)]
+    try:
+        dist.all_gather(steps, torch.tensor([step], dtype=torch.int64, device=env.device))
+    except Exception as err:
+        if not _is_comm_failure(err):
+            raise
+        raise _lost_peer(err, env, step, ckpt_path, step) from err
+    seen = [int(t.item()) for t in steps]
+    if len(set(seen)) > 1:
+        raise DistributedTrainingError(
+            f"the ranks would resume from different steps {seen} (rank order): the checkpoint folder "
+            f"{ckpt_path.parent if ckpt_path else None} must be one volume shared by every node (--checkpoint-dir)"
+        )
+
+
 def _step_seed(seed: int, step: int, rank: int) -> int:
     """Seed of the augmentation generator at ``step`` on ``rank`` (resume-safe)."""
     return (seed * 1_000_003 + step * 1009 + rank) % (2**63 - 1)
@@ -304,7 +492,7 @@ def pretrain(dataset: Dataset, config: PretrainConfig) -> PretrainResult:
     Every process returns the same final weights (DDP keeps them in sync); only rank 0
     writes checkpoints and logs progress.
     """
-    env = setup_distributed(config.device, config.distributed)
+    env = setup_distributed(config.device, config.distributed, config.dist_timeout_s)
     num_classes = config.num_classes or _infer_num_classes(dataset)
     bb_config = backbone_config(config.backbone, num_classes)
     lr = config.learning_rate(env.world_size)
@@ -345,13 +533,21 @@ def pretrain(dataset: Dataset, config: PretrainConfig) -> PretrainResult:
         step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
         if env.is_main:
             logger.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt_path, step, epoch, batch_in_epoch)
+    _check_same_resume_point(step, env, ckpt_path)
 
+    meter = _CommMeter() if config.measure_comm and env.distributed else None
     if env.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
         ddp: nn.Module = DistributedDataParallel(
             model, device_ids=[env.device.index] if env.device.type == "cuda" else None
         )
+        if meter is not None:
+            # a lambda: DDP refuses a hook whose annotations are strings (postponed evaluation)
+            ddp.register_comm_hook(None, lambda state, bucket: meter.ddp_hook(state, bucket))  # type: ignore[operator]
+            for module in model.modules():
+                if isinstance(module, GlobalBatchNorm2d):
+                    module.meter = meter
     else:
         ddp = model
 
@@ -380,57 +576,67 @@ def pretrain(dataset: Dataset, config: PretrainConfig) -> PretrainResult:
 
     losses: list[tuple[int, float]] = []
     step_end: list[float] = []
-    samples, start_step = 0, step
+    samples, start_step, saved_step = 0, step, step
     t0 = time.perf_counter()
     ddp.train()
-    while step < total_steps:
-        batches = _epoch_batches(sampler, epoch, config.batch_size, batch_in_epoch)
-        loader = DataLoader(
-            dataset, batch_sampler=batches, num_workers=config.num_workers, pin_memory=env.device.type == "cuda"
-        )
-        for x, y in loader:
-            x = x.to(env.device, dtype, non_blocking=True)
-            y = y.to(env.device, dtype, non_blocking=True)
-            if config.cutmix_alpha > 0:
-                gen = make_generator(_step_seed(config.seed, step, env.rank), env.device)
-                with torch.no_grad():
-                    x, y = cutmix(x, y, gen, alpha=config.cutmix_alpha)
-            loss = F.binary_cross_entropy_with_logits(ddp(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    try:
+        while step < total_steps:
+            batches = _epoch_batches(sampler, epoch, config.batch_size, batch_in_epoch)
+            loader = DataLoader(
+                dataset, batch_sampler=batches, num_workers=config.num_workers, pin_memory=env.device.type == "cuda"
+            )
+            for x, y in loader:
+                x = x.to(env.device, dtype, non_blocking=True)
+                y = y.to(env.device, dtype, non_blocking=True)
+                if config.cutmix_alpha > 0:
+                    gen = make_generator(_step_seed(config.seed, step, env.rank), env.device)
+                    with torch.no_grad():
+                        x, y = cutmix(x, y, gen, alpha=config.cutmix_alpha)
+                loss = F.binary_cross_entropy_with_logits(ddp(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
 
-            step += 1
-            batch_in_epoch += 1
-            samples += x.shape[0] * env.world_size
-            step_end.append(time.perf_counter() - t0)
-            if batch_in_epoch == steps_per_epoch:
-                epoch, batch_in_epoch = epoch + 1, 0
-            if step % config.log_every == 0 or step == total_steps:
-                value = _mean_across(loss.item(), env)
-                losses.append((step, value))
-                if env.is_main:
-                    logger.debug("step %d/%d loss %.4f", step, total_steps, value)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-            if ckpt_path is not None and (step % config.checkpoint_every == 0 or step == total_steps):
-                if env.is_main:
-                    save_checkpoint(
-                        ckpt_path,
-                        {
-                            "model": model.state_dict(),
-                            "optimizer": optimizer.state_dict(),
-                            "step": step,
-                            "epoch": epoch,
-                            "batch_in_epoch": batch_in_epoch,
-                            "fingerprint": fingerprint,
-                        },
-                    )
-                if env.distributed:
-                    dist.barrier()
-            if step >= total_steps or batch_in_epoch == 0:
-                break
+                step += 1
+                batch_in_epoch += 1
+                samples += x.shape[0] * env.world_size
+                step_end.append(time.perf_counter() - t0)
+                if meter is not None:
+                    meter.end_step()
+                if batch_in_epoch == steps_per_epoch:
+                    epoch, batch_in_epoch = epoch + 1, 0
+                if step % config.log_every == 0 or step == total_steps:
+                    value = _mean_across(loss.item(), env)
+                    losses.append((step, value))
+                    if env.is_main:
+                        logger.debug("step %d/%d loss %.4f", step, total_steps, value)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+                if ckpt_path is not None and (step % config.checkpoint_every == 0 or step == total_steps):
+                    if env.is_main:
+                        save_checkpoint(
+                            ckpt_path,
+                            {
+                                "model": model.state_dict(),
+                                "optimizer": optimizer.state_dict(),
+                                "step": step,
+                                "epoch": epoch,
+                                "batch_in_epoch": batch_in_epoch,
+                                "fingerprint": fingerprint,
+                            },
+                        )
+                    if env.distributed:
+                        dist.barrier()
+                    saved_step = step
+                if step >= total_steps or batch_in_epoch == 0:
+                    break
+    except Exception as err:
+        if not (env.distributed and _is_comm_failure(err)):
+            raise
+        if bar is not None:
+            bar.close()
+        raise _lost_peer(err, env, step, ckpt_path, saved_step) from err
     elapsed = time.perf_counter() - t0
     if bar is not None:
         bar.close()
@@ -446,7 +652,12 @@ def pretrain(dataset: Dataset, config: PretrainConfig) -> PretrainResult:
 
     state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     if env.owns_group:
-        dist.barrier()
+        try:
+            dist.barrier()
+        except Exception as err:
+            if not _is_comm_failure(err):
+                raise
+            raise _lost_peer(err, env, step, ckpt_path, saved_step) from err
         dist.destroy_process_group()
     return PretrainResult(
         state_dict=state_dict,
@@ -459,6 +670,7 @@ def pretrain(dataset: Dataset, config: PretrainConfig) -> PretrainResult:
         samples=samples,
         elapsed_s=elapsed,
         step_end_s=step_end,
+        comm=meter.stats if meter is not None else None,
     )
 
 
