@@ -129,6 +129,12 @@ def add_compile_flags(parser: argparse.ArgumentParser, with_image: bool = True) 
         help="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY ('' for none; default: %(default)s)",
     )
     group.add_argument(
+        "--mlflow-secret",
+        default=defaults.mlflow_secret,
+        help="Secret with the pipeline's MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
+        "('' for none; default: %(default)s)",
+    )
+    group.add_argument(
         "--config-map",
         default=defaults.config_map,
         help="ConfigMap with the MLflow / S3 endpoints ('' for none; default: %(default)s)",
@@ -154,6 +160,7 @@ def compile_options(args: argparse.Namespace, cache_ingest: bool = True) -> Comp
         finetune_resources=ResourceRequest(cpu=args.finetune_cpu, memory=args.finetune_memory),
         checkpoint_pvc=args.checkpoint_pvc,
         credentials_secret=args.credentials_secret,
+        mlflow_secret=args.mlflow_secret,
         config_map=args.config_map,
         cache_ingest=cache_ingest,
     )
