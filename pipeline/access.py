@@ -21,7 +21,10 @@ What the server enforces and what cessl does (MLflow 3.17.2, read in
 ``EDIT`` on the model, so the server cannot tell ``challenger`` from ``champion``; deleting an
 alias, a version or the model, and changing permissions, need ``MANAGE``. So the server
 refuses the pipeline any delete and any permission change on a production model, refuses
-reviewers every write, and refuses anonymous calls (401); moving ``champion`` is refused to
+reviewers every write to what they did not create, and refuses anonymous calls (401). (Any
+authenticated user may create a *new* experiment or model and MANAGEs it: hence the
+production models are created here first, and a production model's per-user grants are
+reset to the plan: a reviewer who created one keeps only READ.) Moving ``champion`` is refused to
 the pipeline by cessl: :func:`require_model_permission` (called by ``pipeline.registry``'s
 ``promote``/``rollback`` before any change) requires ``MANAGE`` on the model. A client that
 calls MLflow's REST API directly with the pipeline's credentials can still move
@@ -192,8 +195,13 @@ def authenticated_user(tracking_uri: str) -> Identity | None:
         raise _credentials_refused(tracking_uri)
     if response.status_code != 200:
         raise ServiceUnavailableError(f"MLflow at {tracking_uri}: {CURRENT_USER} answered HTTP {response.status_code}")
-    user = response.json().get("user", {})
-    return Identity(str(user.get("username", "")), bool(user.get("is_admin", False)))
+    try:
+        user = response.json()["user"]
+        return Identity(str(user["username"]), bool(user.get("is_admin", False)))
+    except (ValueError, KeyError, TypeError):  # not MLflow's answer (a proxy's page?): never assume a user
+        raise ServiceUnavailableError(
+            f"MLflow at {tracking_uri}: {CURRENT_USER} did not answer with a user (a proxy in between?)"
+        ) from None
 
 
 def model_permission(tracking_uri: str, username: str, model: str) -> str:
@@ -304,6 +312,17 @@ def _set_grant(auth, user: str, resource_type: str, resource_id: str, permission
         auth.grant_user_permission(user, resource_type, resource_id, permission)
 
 
+def _revoke(auth, user: str, resource_type: str, resource_id: str) -> None:
+    """Drop ``user``'s own grant on a resource (its role's wildcard grant stays), if any."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        auth.revoke_user_permission(user, resource_type, resource_id)
+    except MlflowException as err:
+        if _error_code(err) != "RESOURCE_DOES_NOT_EXIST":
+            raise
+
+
 @dataclass
 class AccessReport:
     users: dict[str, str]  # user -> what was done
@@ -344,6 +363,9 @@ def apply_plan(
         for grant in user_grants:
             resource_id = audit_id if grant.resource_type == EXPERIMENT and grant.resource != ALL else grant.resource
             _set_grant(auth, user, grant.resource_type, resource_id, grant.permission)
+        granted = {g.resource for g in user_grants if g.resource_type == MODEL}
+        for model in set(plan.models) - granted:  # e.g. a reviewer who created a site's model first
+            _revoke(auth, user, MODEL, model)
     for user, done in users.items():
         log.info("user %s (%s): %s", user, plan.roles()[user], done)
     if created:

@@ -274,6 +274,29 @@ def test_reviewer_reads_but_cannot_write(cluster: Cluster, as_user, cessl) -> No
     assert CHAMPION not in _aliases(as_user(REVIEWER), SITE_MODEL)
 
 
+def test_access_init_takes_a_production_model_back_from_whoever_created_it(
+    cluster: Cluster, as_user, cessl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any user may create a new model (and MANAGE it): a reviewer who creates the model of a
+    site before it is configured keeps only READ once `access init` names that site."""
+    from mlflow.server import get_app_client
+
+    as_user(REVIEWER).create_registered_model("cessl-ecg-b")
+    assert cessl(["access", "check", "cessl-ecg-b"], REVIEWER).returncode == 0
+    for key, value in cluster.init_env.items():
+        monkeypatch.setenv(key, value)
+    assert cessl([*cluster.init_argv, "--site", "b"], "admin").returncode == 0
+    as_user("admin")
+    auth = get_app_client("basic-auth", tracking_uri=cluster.server.tracking_uri)
+    permission = {
+        u: auth.get_user_permission(u, "registered_model", "cessl-ecg-b").permission
+        for u in (REVIEWER, PIPELINE, MANAGER)
+    }
+    assert permission == {REVIEWER: "READ", PIPELINE: "EDIT", MANAGER: "MANAGE"}
+    done = cessl(["promote", "cessl-ecg-b", "--force", "--reason", "x"], REVIEWER)
+    assert done.returncode == EXIT_UNAVAILABLE and "has READ" in _one_line(done.stderr)
+
+
 @pytest.mark.parametrize("argv", [["promote", MODEL, "--force", "--reason", "x"], ["models", MODEL]])
 def test_wrong_password_fails_with_one_line(cluster: Cluster, argv: list[str]) -> None:
     wrong = "wrong-" + secrets.token_urlsafe(12)
