@@ -10,7 +10,8 @@ One entry point, :func:`run_pretrain_job`, for every backend of ``kubeflow.train
   checkpoints of an earlier (interrupted) job are copied in, and the backbone folder and
   the checkpoints are read back from it after the job.
 - ``cluster``: a ``TrainJob`` on the cluster's Trainer (``KubernetesBackendConfig``),
-  referencing our ``ClusterTrainingRuntime`` ``cessl-torch-distributed``
+  referencing our ``TrainingRuntime`` ``cessl-torch-distributed`` (namespaced: it follows
+  the overlay's namespace, its pods pull with the overlay's Secret)
   (``deploy/trainer/``), whose nodes mount the shared ``ReadWriteMany`` volume at
   ``/workspace``: ``store``, ``out`` and ``checkpoint_dir`` are paths on that volume.
 
@@ -240,7 +241,7 @@ def _cluster_argv(job: PretrainJob) -> list[str]:
 
 def _cluster_runtime(name: str):
     """The runtime as the SDK's Kubernetes backend reads ours from the cluster: a torch
-    ClusterTrainingRuntime (command: the SDK's torchrun entry script)."""
+    TrainingRuntime of the job's namespace (command: the SDK's torchrun entry script)."""
     from kubeflow.trainer.constants import constants
     from kubeflow.trainer.types import types
 
@@ -248,7 +249,7 @@ def _cluster_runtime(name: str):
         trainer_type=types.TrainerType.CUSTOM_TRAINER, framework="torch", image=DEFAULT_IMAGE
     )
     trainer.set_command(constants.TORCH_COMMAND)
-    return types.Runtime(name=name, trainer=trainer, kind=types.RuntimeKind.CLUSTER_TRAINING_RUNTIME)
+    return types.Runtime(name=name, trainer=trainer, kind=types.RuntimeKind.TRAINING_RUNTIME)
 
 
 def trainjob_manifest(job: PretrainJob, name: str | None = None) -> dict[str, Any]:
@@ -336,7 +337,7 @@ def _client(job: PretrainJob):
     if job.backend == "docker":
         source = job.runtime_source or str(RUNTIME_FILE)
         if not Path(source.removeprefix("file://")).exists():
-            raise ParameterError(f"runtime source {source}: no such file (the {job.runtime} ClusterTrainingRuntime)")
+            raise ParameterError(f"runtime source {source}: no such file (the {job.runtime} TrainingRuntime)")
         config = ContainerBackendConfig(
             container_runtime="docker",
             container_host=job.docker_host,

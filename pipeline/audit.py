@@ -10,6 +10,9 @@ why), written twice, never overwritten:
 - appended as one JSON line to ``<store folder>/audit/<model>.jsonl`` when the tracking
   store is a local SQLite/file store (opened in append mode only).
 
+``who`` is, on an MLflow server, the user whose credentials the server authenticated for the
+write (``MLFLOW_TRACKING_USERNAME``); on a local store ``$CESSL_USER`` or the OS user.
+
 :func:`history` reads the runs (the source of truth), oldest first. The version tags that
 ``pipeline.registry`` writes keep the last decision for convenience only.
 """
@@ -30,6 +33,7 @@ log = logging.getLogger(__name__)
 
 AUDIT_EXPERIMENT = "cessl-audit"
 USER_ENV = "CESSL_USER"
+USERNAME_ENV = "MLFLOW_TRACKING_USERNAME"
 DECISION_FILE = "decision.json"
 LOG_FILE = "audit.jsonl"
 TAG_MODEL = "cessl.audit.model"
@@ -41,8 +45,17 @@ MAX_TAG = 5000
 ACTIONS = ("promote", "refuse", "force", "rollback", "challenger", "testset_freeze", "testset_refresh")
 
 
+def authenticated_name(tracking_uri: str) -> str:
+    """The MLflow user a server authenticates this process's writes as
+    (``$MLFLOW_TRACKING_USERNAME``), or "" for a local store."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return ""
+    return os.environ.get(USERNAME_ENV, "").strip()
+
+
 def current_user() -> str:
-    """Who decides: ``$CESSL_USER``, else the OS user name."""
+    """Who decides: ``$CESSL_USER``, else the OS user name (a local store; on an MLflow
+    server :func:`record` names the authenticated user instead)."""
     user = os.environ.get(USER_ENV, "").strip()
     if user:
         return user
@@ -137,6 +150,9 @@ def history(client, model: str) -> list[AuditEntry]:
 def record(client, entry: AuditEntry) -> AuditEntry:
     """Append ``entry`` to the model's audit log (an MLflow run + the JSON-lines file)."""
     tracking_uri = _tracking_uri(client)
+    authenticated = authenticated_name(tracking_uri)
+    if authenticated:  # the identity the server checked for this very write, not a claim
+        entry.who = authenticated
     previous = history(client, entry.model)
     entry.seq = len(previous) + 1
     experiment_id = _experiment_id(client, tracking_uri)

@@ -32,6 +32,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "sites",
     "compare",
     "registry",
+    "access",
     "serve",
     "testset",
     "data",

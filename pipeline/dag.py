@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 PIPELINE_NAME = "cessl-finetune"
 CHECKPOINT_MOUNT = "/mnt/checkpoints"
 SECRET_ENV_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# The pipeline's MLflow identity (an MLflow server with --app-name basic-auth), its own Secret.
+MLFLOW_SECRET_ENV_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 # Endpoints every step reads from the deployment's ConfigMap (deploy/pipeline-config.yaml).
 CONFIG_MAP_ENV_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
 TAIL_LINES = 60
@@ -98,15 +100,18 @@ class CompileOptions:
     ``accelerator_type`` empty -> finetune requests no accelerator (it then runs on CPU,
     as it does locally). ``checkpoint_pvc`` mounts a PersistentVolumeClaim at
     :data:`CHECKPOINT_MOUNT` on finetune so a retried/restarted task resumes.
-    ``credentials_secret`` injects the S3 / MLflow credentials (``AWS_*``) from a
-    Kubernetes Secret into ingest, resolve_backbone and register; ``config_map`` the
+    ``credentials_secret`` injects the S3 credentials (``AWS_*``) from a
+    Kubernetes Secret into the steps that touch S3 or MLflow, and ``mlflow_secret`` the
+    pipeline's MLflow identity (``MLFLOW_TRACKING_USERNAME`` / ``PASSWORD``, a separate
+    Secret, see ``cessl access init``) into the same steps; ``config_map`` the
     endpoints (:data:`CONFIG_MAP_ENV_KEYS`) into every step. Defaults: the names in
-    ``deploy/`` (``$CESSL_CREDENTIALS_SECRET``, ``$CESSL_CHECKPOINT_PVC`` override them).
-    ``credentials_optional``: the Secret may be absent (the steps then use the default AWS
-    chain: IRSA, workload identity, an instance profile). ``image_pull_secrets``: Secrets
-    every task's pod pulls the image with (a private registry; ``$CESSL_IMAGE_PULL_SECRET``).
-    A task with an accelerator gets ``CESSL_REQUIRE_GPU=1`` and ``CESSL_IMAGE``: it stops at
-    once on an image without CUDA (``ml.train.gpu``).
+    ``deploy/`` (``$CESSL_CREDENTIALS_SECRET``, ``$CESSL_MLFLOW_SECRET``, ``$CESSL_CHECKPOINT_PVC``
+    override them). ``credentials_optional``: the Secrets may be absent (the steps then use
+    the default AWS chain: IRSA, workload identity, an instance profile; and an MLflow server
+    without authentication). ``image_pull_secrets``: Secrets every task's pod pulls the image
+    with (a private registry; ``$CESSL_IMAGE_PULL_SECRET``). A task with an accelerator gets
+    ``CESSL_REQUIRE_GPU=1`` and ``CESSL_IMAGE``: it stops at once on an image without CUDA
+    (``ml.train.gpu``).
     """
 
     image: str = field(default_factory=default_image)
@@ -121,6 +126,9 @@ class CompileOptions:
         default_factory=lambda: os.environ.get("CESSL_CREDENTIALS_SECRET", "cessl-s3-credentials")
     )
     credentials_optional: bool = True
+    mlflow_secret: str = field(
+        default_factory=lambda: os.environ.get("CESSL_MLFLOW_SECRET", "cessl-mlflow-credentials")
+    )
     config_map: str = "cessl-pipeline-defaults"
     image_pull_secrets: tuple[str, ...] = field(
         default_factory=lambda: tuple(filter(None, [os.environ.get("CESSL_IMAGE_PULL_SECRET", "")]))
@@ -142,6 +150,7 @@ class CompileOptions:
             finetune_retries=0,
             checkpoint_pvc="",
             credentials_secret="",
+            mlflow_secret="",
             config_map="",
             image_pull_secrets=(),
             kubernetes=False,
@@ -247,6 +256,13 @@ def _use_credentials(task: dsl.PipelineTask, options: CompileOptions) -> None:
             task,
             secret_name=options.credentials_secret,
             secret_key_to_env={key: key for key in SECRET_ENV_KEYS},
+            optional=options.credentials_optional,
+        )
+    if options.kubernetes and options.mlflow_secret:
+        kubernetes.use_secret_as_env(
+            task,
+            secret_name=options.mlflow_secret,
+            secret_key_to_env={key: key for key in MLFLOW_SECRET_ENV_KEYS},
             optional=options.credentials_optional,
         )
 

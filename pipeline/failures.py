@@ -21,6 +21,7 @@ imported to classify an error.
 from __future__ import annotations
 
 import errno
+import os
 import pickle
 import re
 from dataclasses import dataclass
@@ -145,6 +146,9 @@ def _describe_one(exc: BaseException, top: bool) -> Failure | None:
     if "MlflowException" in names:
         if str(getattr(exc, "error_code", "")) == "RESOURCE_DOES_NOT_EXIST":
             return Failure(EXIT_USAGE, f"MLflow: {text} (list what exists with `cessl models`)")
+        refused = _mlflow_refused(exc, text)
+        if refused is not None:
+            return refused
         if _looks_unreachable(text):
             return Failure(
                 EXIT_UNAVAILABLE,
@@ -185,6 +189,29 @@ def _describe_one(exc: BaseException, top: bool) -> Failure | None:
     if top and isinstance(exc, ValueError):
         return Failure(EXIT_USAGE, text)
     return None
+
+
+def _mlflow_refused(exc: BaseException, text: str) -> Failure | None:
+    """An authenticated MLflow server's 401 (no or wrong credentials) or 403 (the user lacks
+    the permission), as one line naming the user and the refused endpoint."""
+    code = str(getattr(exc, "error_code", ""))
+    if code not in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        return None
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME", "")
+    match = re.search(r"endpoint (\S+)", text)
+    endpoint = match.group(1) if match else "the request"
+    if code == "UNAUTHENTICATED":
+        who = f"the credentials of user {user!r}" if user else "an anonymous call"
+        return Failure(
+            EXIT_UNAVAILABLE,
+            f"MLflow refused {who} (HTTP 401 on {endpoint}): set MLFLOW_TRACKING_USERNAME / "
+            "MLFLOW_TRACKING_PASSWORD to a valid user",
+        )
+    return Failure(
+        EXIT_UNAVAILABLE,
+        f"MLflow: user {user or '(anonymous)'!r} lacks the permission for {endpoint} (HTTP 403): "
+        "ask an MLflow admin (`cessl access init`)",
+    )
 
 
 def _looks_unreachable(text: str) -> bool:

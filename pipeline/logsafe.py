@@ -4,7 +4,8 @@
   key ids (``AKIA...`` / ``ASIA...``), the values of ``aws_secret_access_key=``,
   ``X-Amz-Security-Token``, ``Authorization:``, ``password=``, ``token=``, ``Signature=``,
   the password of ``scheme://user:password@host`` URIs, and the literal values of the
-  credential variables of the environment (:data:`SECRET_ENV`).
+  credential variables of the environment (:data:`SECRET_ENV`, MLflow's auth ones included,
+  and every ``CESSL_PASSWORD_*``) and of :func:`register_secret`'s.
 - :class:`RedactingFilter`: a ``logging.Filter`` that redacts a record's message and its
   traceback text; :func:`configure_logging` installs it on every handler (the root's and
   those of loggers configured before, e.g. mlflow's) and in the record factory, so handlers
@@ -29,6 +30,8 @@ SECRET_ENV = (
     "AWS_ACCESS_KEY_ID",
     "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_AUTH_ADMIN_PASSWORD",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY",
     "KF_PIPELINES_TOKEN",
     "KF_PIPELINES_COOKIES",
     "DOCKER_AUTH_CONFIG",
@@ -54,7 +57,10 @@ NOISY_LOGGERS = (
     "dvc_objects",
     "dvc_s3",
 )
+# every variable with this prefix holds a password (`cessl access init`: CESSL_PASSWORD_<USER>)
+SECRET_ENV_PREFIXES = ("CESSL_PASSWORD_",)
 MASK = "***"
+_registered: set[str] = set()  # secrets read from elsewhere (a password file, stdin)
 _MIN_SECRET_LEN = 4  # shorter env values would mask ordinary words
 
 _KEY_ID = re.compile(r"\b(?:AKIA|ASIA|AIDA|AROA)[A-Z0-9]{16}\b")
@@ -74,9 +80,16 @@ _NAMED = re.compile(
 _AUTHORIZATION = re.compile(r"(?P<head>(?i:authorization)['\"]?\s*[:=]\s*b?['\"]?)(?P<secret>[^'\"\n]+)")
 
 
+def register_secret(value: str) -> None:
+    """Redact ``value`` from now on too (a password that came from a file or stdin)."""
+    if len(value) >= _MIN_SECRET_LEN:
+        _registered.add(value)
+
+
 def _env_secrets(environ: dict[str, str] | None = None) -> list[str]:
     env = os.environ if environ is None else environ
     values = {env.get(name, "") for name in SECRET_ENV}
+    values |= {v for k, v in env.items() if k.startswith(SECRET_ENV_PREFIXES)} | _registered
     return sorted((v for v in values if len(v) >= _MIN_SECRET_LEN), key=len, reverse=True)
 
 

@@ -31,7 +31,7 @@ from pipeline.constraints import flag_name, typed
 from pipeline.params import _coerce, param
 
 BACKENDS = ("local", "docker", "cluster")
-DEFAULT_RUNTIME = "cessl-torch-distributed"  # deploy/trainer/: the project's ClusterTrainingRuntime
+DEFAULT_RUNTIME = "cessl-torch-distributed"  # deploy/trainer/: the project's TrainingRuntime
 DEFAULT_PVC = "cessl-checkpoints"  # deploy/: the checkpoint volume's claim
 PVC_ENV = "CESSL_CHECKPOINT_PVC"
 LOCAL_ONLY = ("state_dir", "checkpoint_root", "tracking_uri")

@@ -21,6 +21,10 @@
      it is refused, naming the better version.
 
   ``force`` (with a reason) is the only override; who forced and why are recorded.
+- Who may: on an MLflow server with authentication, :func:`promote` and :func:`rollback`
+  first require ``MANAGE`` on the model (release managers, :mod:`pipeline.access`; the
+  server itself lets anyone with ``EDIT`` set any alias) and fail before any change
+  otherwise; the audit log names the authenticated user.
 - Every decision (and every rollback, and every ``challenger`` alias the pipeline sets) is
   appended to the model's audit log (:mod:`pipeline.audit`); the version tags keep the last
   decision for convenience only.
@@ -40,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from ml.errors import CesslError
+from pipeline.access import client_tracking_uri, require_model_permission
 from pipeline.audit import AuditEntry, current_user, record
 from pipeline.lineage import TAG_DATA_VERSION
 from pipeline.testsets import gate_problem
@@ -390,12 +395,13 @@ def promote(
     """
     if force and not reason.strip():
         raise RegistryError("--force needs --reason TEXT: who forced a promotion and why is recorded")
+    authenticated = require_model_permission(client_tracking_uri(client), name, "promote")  # before any change
     challenger = current_alias(client, name, CHALLENGER)
     if challenger is None:
         raise RegistryError(f"model {name!r} has no version with the alias {CHALLENGER!r}")
     champion = current_alias(client, name, CHAMPION)
     comparison = compare(client, name, gate, challenger, champion)
-    who = current_user()
+    who = authenticated or current_user()
     previous = None if champion is None else str(champion.version)
     if previous == str(challenger.version):
         decision = PromotionDecision(
@@ -435,6 +441,7 @@ def promote(
 
 def rollback(client, name: str, reason: str = "") -> RollbackResult:
     """Give ``champion`` back to the previous champion (recorded in the audit log)."""
+    authenticated = require_model_permission(client_tracking_uri(client), name, "roll back")  # before any change
     champion = current_alias(client, name, CHAMPION)
     if champion is None:
         raise RegistryError(f"model {name!r} has no champion to roll back")
@@ -458,6 +465,7 @@ def rollback(client, name: str, reason: str = "") -> RollbackResult:
             versions={"from": current, "to": previous},
             reason=reason or f"champion rolled back from v{current} to v{previous}",
             metrics={"history": history},
+            who=authenticated or current_user(),
         ),
     )
     log.info("%s: champion rolled back from v%s to v%s", name, current, previous)

@@ -23,7 +23,12 @@ pytest_plugins = ["servers"]
 # Fixtures that start a real server (S3, MLflow, a Docker engine): every test that uses
 # one, directly or through another fixture, is marked ``integration`` (and ``docker`` for
 # the engine), so the markers cannot drift from what a test really starts.
-SERVER_FIXTURES = {"s3_server": "integration", "mlflow_server": "integration", "docker_engine": "docker"}
+SERVER_FIXTURES = {
+    "s3_server": "integration",
+    "mlflow_server": "integration",
+    "mlflow_auth_server": "integration",
+    "docker_engine": "docker",
+}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -16,6 +16,15 @@ Session fixtures
     the server (``mlflow-artifacts:/``), so they need no S3 credentials.
     ``.tracking_uri``, ``.artifact_bucket``, ``.env()``.
 
+Module fixture
+--------------
+``mlflow_auth_server`` -> :class:`AuthMlflowServer`
+    A real ``mlflow server --app-name basic-auth --workers 1`` (MLflow's authentication
+    app): SQLite backend store and auth database in a tmp folder, local proxied artifacts,
+    ``default_permission = NO_PERMISSIONS`` (as ``deploy/mlflow-auth.yaml``), a random
+    admin password. ``.tracking_uri``, ``.admin_username``, ``.admin_password``,
+    ``.env(user, password)``, ``.admin_env()``, ``.log_path``, ``.artifacts_dir``.
+
 Function fixture
 ----------------
 ``s3_bucket`` -> str: a fresh, empty bucket on ``s3_server`` for one test.
@@ -345,28 +354,89 @@ class MlflowServer:
         return {"MLFLOW_TRACKING_URI": self.tracking_uri}
 
 
-def start_mlflow(data_dir: Path, s3: S3Server, bucket: str) -> tuple[subprocess.Popen, str, str]:
-    """Start ``mlflow server`` (1 worker, SQLite, S3 artifacts); returns (proc, uri, backend)."""
+@dataclass(frozen=True)
+class MlflowAuth:
+    """What ``mlflow server --app-name basic-auth`` needs: the first admin's password and the
+    Flask secret key (both only in the server's environment), and the ``basic_auth.ini``
+    settings (auth database beside the backend store)."""
+
+    admin_password: str = field(repr=False)
+    secret_key: str = field(repr=False)
+    admin_username: str = "admin"
+    default_permission: str = "NO_PERMISSIONS"
+    # MLflow checks the password (PBKDF2) on every request: ~0.8 s on a busy 2-core machine.
+    # Cached for this long after a success (per worker; the deployment caches too).
+    auth_cache_ttl_seconds: int = 60
+
+    def write_config(self, data_dir: Path) -> Path:
+        path = data_dir / "basic_auth.ini"
+        path.write_text(
+            "[mlflow]\n"
+            f"default_permission = {self.default_permission}\n"
+            f"database_uri = sqlite:///{data_dir / 'basic_auth.db'}\n"
+            f"admin_username = {self.admin_username}\n"
+            f"auth_cache_ttl_seconds = {self.auth_cache_ttl_seconds}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+            encoding="utf-8",
+        )
+        return path
+
+
+@dataclass(frozen=True)
+class AuthMlflowServer:
+    tracking_uri: str
+    admin_username: str
+    admin_password: str = field(repr=False)
+    data_dir: Path = Path()
+    artifacts_dir: Path = Path()
+    log_path: Path = Path()
+    pid: int = 0
+
+    def env(self, username: str = "", password: str = "") -> dict[str, str]:
+        """The variables a client process needs: the URI and, given, MLflow's standard
+        credential variables (none: an anonymous client)."""
+        env = {"MLFLOW_TRACKING_URI": self.tracking_uri}
+        if username:
+            env |= {"MLFLOW_TRACKING_USERNAME": username, "MLFLOW_TRACKING_PASSWORD": password}
+        return env
+
+    def admin_env(self) -> dict[str, str]:
+        return self.env(self.admin_username, self.admin_password)
+
+
+def start_mlflow(
+    data_dir: Path, s3: S3Server | None, bucket: str | None, auth: MlflowAuth | None = None
+) -> tuple[subprocess.Popen, str, str]:
+    """Start ``mlflow server`` (1 worker, SQLite; artifacts in ``bucket`` on ``s3``, else in
+    ``data_dir/artifacts``; with ``auth``: MLflow's basic-auth app); returns (proc, uri, backend)."""
     port = free_port()
     backend = f"sqlite:///{data_dir / 'mlflow.db'}"
     env = _clean_env()
-    env.update(s3.env())
-    env.update(
-        MLFLOW_S3_ENDPOINT_URL=s3.endpoint_url,
-        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
-        PYTHONUNBUFFERED="1",
-    )
+    if s3 is not None:
+        env.update(s3.env())
+        env.update(MLFLOW_S3_ENDPOINT_URL=s3.endpoint_url)
+    env.update(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", PYTHONUNBUFFERED="1")
+    artifacts = f"s3://{bucket}/" if s3 is not None and bucket else str(data_dir / "artifacts")
+    app: list[str] = []
+    if auth is not None:
+        app = ["--app-name", "basic-auth"]
+        env.update(
+            MLFLOW_AUTH_CONFIG_PATH=str(auth.write_config(data_dir)),
+            MLFLOW_AUTH_ADMIN_PASSWORD=auth.admin_password,
+            MLFLOW_FLASK_SERVER_SECRET_KEY=auth.secret_key,
+        )
     cmd = [
         sys.executable,
         "-m",
         "mlflow",
         "server",
+        *app,
         "--workers",
         "1",
         "--backend-store-uri",
         backend,
         "--artifacts-destination",
-        f"s3://{bucket}/",
+        artifacts,
         "--host",
         LOCALHOST,
         "--port",
@@ -401,13 +471,37 @@ def mlflow_server(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory)
         stop_process_group(proc)
 
 
+@pytest.fixture(scope="module")
+def mlflow_auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthMlflowServer]:
+    """A real MLflow server with authentication (``--app-name basic-auth``), once per module
+    (5-10 s, ~500 MB): SQLite stores, local proxied artifacts, random admin password."""
+    data_dir = tmp_path_factory.mktemp("mlflow-auth")
+    auth = MlflowAuth(admin_password="adm-" + secrets.token_urlsafe(18), secret_key=secrets.token_hex(24))
+    proc, uri, _ = start_mlflow(data_dir, None, None, auth)
+    try:
+        yield AuthMlflowServer(
+            uri,
+            auth.admin_username,
+            auth.admin_password,
+            data_dir,
+            data_dir / "artifacts",
+            data_dir / "mlflow.log",
+            proc.pid,
+        )
+    finally:
+        stop_process_group(proc)
+
+
 __all__ = [
+    "AuthMlflowServer",
+    "MlflowAuth",
     "MlflowServer",
     "S3Server",
     "cessl_image",
     "docker_engine",
     "find_executable",
     "free_port",
+    "mlflow_auth_server",
     "mlflow_server",
     "s3_bucket",
     "s3_server",

@@ -825,6 +825,8 @@ TRACKING_ARGV: dict[tuple[str, ...], list[str]] = {
     ("models",): ["models"],
     ("promote",): ["promote", "m"],
     ("rollback",): ["rollback", "m"],
+    ("access", "init"): ["access", "init", "--pipeline-user", "p"],
+    ("access", "check"): ["access", "check", "m"],
     ("predict",): ["predict", "--model", "models:/m@champion", "src"],
     ("testset", "show"): ["testset", "show", "m"],
     ("testset", "refresh"): ["testset", "refresh", "m", "--reason", "new classes"],

@@ -22,17 +22,15 @@ REPO = Path(__file__).resolve().parents[1]
 K8S_VERSION = "1.32.0"
 NAMESPACE = "cessl"
 S3_SECRET = "cessl-s3-credentials"
+MLFLOW_SERVER_SECRET = "cessl-mlflow-server"
 SECRETISH = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL)", re.I)
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
-POD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "Pod", "InferenceService"}
+POD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "Pod", "InferenceService", "TrainingRuntime"}
 # custom resources: validated against the CRD schemas vendored in deploy/crds (see its PROVENANCE.md)
 CRD_SCHEMAS = {
     ("serving.kserve.io/v1beta1", "InferenceService"): "serving.kserve.io_inferenceservices.v1beta1.json",
     ("trainer.kubeflow.org/v1alpha1", "TrainJob"): "trainer.kubeflow.org_trainjobs.v1alpha1.json",
-    (
-        "trainer.kubeflow.org/v1alpha1",
-        "ClusterTrainingRuntime",
-    ): "trainer.kubeflow.org_clustertrainingruntimes.v1alpha1.json",
+    ("trainer.kubeflow.org/v1alpha1", "TrainingRuntime"): "trainer.kubeflow.org_trainingruntimes.v1alpha1.json",
 }
 
 
@@ -92,6 +90,9 @@ def _pod_spec(obj: dict) -> dict:
         return obj["spec"]
     if obj["kind"] == "CronJob":
         return obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    if obj["kind"] == "TrainingRuntime":  # the pods of its (one) node JobSet replicated job
+        (node,) = obj["spec"]["template"]["spec"]["replicatedJobs"]
+        return node["template"]["spec"]["template"]["spec"]
     return obj["spec"]["template"]["spec"]
 
 
@@ -292,10 +293,17 @@ def _referenced_secret_names(objects: list[dict]) -> set[str]:
     return names
 
 
+def _example_secrets() -> dict[str, dict]:
+    """The Secrets' shapes the operator creates (deploy/secret.example.yaml), by name."""
+    docs = yaml.safe_load_all((REPO / "deploy" / "secret.example.yaml").read_text())
+    return {doc["metadata"]["name"]: doc for doc in docs if doc}
+
+
 def test_no_literal_credentials(rendered):
     _, objects = rendered
     assert not _by_kind(objects, "Secret"), "Secrets are created by the operator, not shipped"
-    secret_names = _referenced_secret_names(objects)  # naming a Secret is fine, holding one is not
+    # naming a Secret is fine (one a pod references, or one documented for compiled pipelines)
+    secret_names = _referenced_secret_names(objects) | set(_example_secrets())
     for obj in objects:
         if obj["kind"] == "ConfigMap":
             data = obj.get("data", {})
@@ -323,10 +331,18 @@ def test_mlflow_reads_s3_credentials_from_the_secret(objects):
 
 
 def test_secret_example_holds_placeholders_only():
-    example = yaml.safe_load((REPO / "deploy" / "secret.example.yaml").read_text())
-    assert example["kind"] == "Secret" and example["metadata"]["name"] == S3_SECRET
-    assert set(example["stringData"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
-    assert all(value.startswith("<") and value.endswith(">") for value in example["stringData"].values())
+    examples = _example_secrets()
+    assert {name: set(doc["stringData"]) for name, doc in examples.items()} == {
+        S3_SECRET: {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
+        MLFLOW_SERVER_SECRET: {"MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"},
+        "cessl-mlflow-credentials": {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"},
+        "cessl-mlflow-auth": {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"},
+    }
+    for example in examples.values():
+        assert example["kind"] == "Secret"
+        for key, value in example["stringData"].items():
+            if key != "MLFLOW_TRACKING_USERNAME":  # a user name is no secret
+                assert value.startswith("<") and value.endswith(">"), key
 
 
 def test_external_database_patch_renders_and_uses_a_secret(tmp_path):
@@ -339,9 +355,20 @@ def test_external_database_patch_renders_and_uses_a_secret(tmp_path):
         )
     )
     objects = _render(overlay)
-    env = _env(_pod_spec(_by_kind(objects, "Deployment")["mlflow"])["containers"][0])
+    spec = _pod_spec(_by_kind(objects, "Deployment")["mlflow"])
+    env = _env(spec["containers"][0])
     assert "value" not in env["MLFLOW_BACKEND_STORE_URI"]
     assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"] == {"name": "cessl-mlflow-db", "key": "uri"}
+    # the auth database's URI (a password) moves with it: basic_auth.ini from the same Secret
+    auth = {v["name"]: v for v in spec["volumes"]}["auth-config"]
+    assert "configMap" not in auth
+    assert auth["secret"] == {
+        "secretName": "cessl-mlflow-db",
+        "items": [{"key": "basic_auth.ini", "path": "basic_auth.ini"}],
+    }
+    import kubernetes_validate
+
+    kubernetes_validate.validate(_by_kind(objects, "Deployment")["mlflow"], K8S_VERSION, strict=True)
 
 
 # --------------------------------------------------------------------------- pods
@@ -406,6 +433,7 @@ def test_pipeline_defaults_match_the_code(objects):
     assert data["CESSL_MODEL_NAME"] == defaults.model_name
     assert data["CESSL_EXPERIMENT_NAME"] == defaults.experiment_name
     assert data["CESSL_ACCELERATOR_TYPE"] == dag.CompileOptions().accelerator_type
+    assert data["CESSL_MLFLOW_SECRET"] == dag.CompileOptions().mlflow_secret
     components = pytest.importorskip("pipeline.components")
     assert data["CESSL_IMAGE"] == components.DEFAULT_IMAGE
 
@@ -558,3 +586,123 @@ def test_scripts_parse(script):
     if shellcheck:
         proc = subprocess.run([shellcheck, str(REPO / "scripts" / script)], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout
+
+
+# --------------------------------------------------------------------------- authentication, network
+
+
+def _auth_ini(objects) -> str:
+    return _by_kind(objects, "ConfigMap")["mlflow-auth-config"]["data"]["basic_auth.ini"]
+
+
+def test_mlflow_runs_the_auth_app_with_its_secrets(objects, tmp_path, monkeypatch):
+    deployment = _by_kind(objects, "Deployment")["mlflow"]
+    spec = _pod_spec(deployment)
+    container = spec["containers"][0]
+    args = container["args"]
+    assert args[args.index("--app-name") + 1] == "basic-auth"
+    assert args[args.index("--workers") + 1] == "1"
+    env = _env(container)
+    for key in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert env[key]["valueFrom"]["secretKeyRef"] == {"name": MLFLOW_SERVER_SECRET, "key": key}
+    config_path = Path(env["MLFLOW_AUTH_CONFIG_PATH"]["value"])
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["auth-config"]["mountPath"] == str(config_path.parent) and mounts["auth-config"]["readOnly"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["auth-config"]["configMap"]["name"] == "mlflow-auth-config"
+
+    # MLflow's own reader of the file: NO_PERMISSIONS by default, the auth DB beside the backend store
+    from mlflow.server.auth.config import read_auth_config
+
+    (tmp_path / config_path.name).write_text(_auth_ini(objects))
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(tmp_path / config_path.name))
+    monkeypatch.delenv("MLFLOW_AUTH_ADMIN_PASSWORD", raising=False)
+    config = read_auth_config()
+    assert config.default_permission == "NO_PERMISSIONS"
+    assert config.admin_password is None  # only from the Secret
+    backend = Path(env["MLFLOW_BACKEND_STORE_URI"]["value"].removeprefix("sqlite:///"))
+    auth_db = Path(config.database_uri.removeprefix("sqlite:///"))
+    assert config.database_uri.startswith("sqlite:////") and auth_db.parent == backend.parent == Path("/var/lib/mlflow")
+    assert mounts["db"]["mountPath"] == "/var/lib/mlflow"
+
+
+def test_serving_reads_the_registry_with_a_login(objects):
+    env = _env(_pod_spec(_by_kind(objects, "InferenceService")["cessl-network"])["containers"][0])
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        assert env[key]["valueFrom"]["secretKeyRef"]["name"] == "cessl-mlflow-auth"
+
+
+def _policies(objects) -> dict[str, dict]:
+    return _by_kind(objects, "NetworkPolicy")
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """Whether a LabelSelector selects ``labels`` (matchLabels, In/NotIn/Exists)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for rule in selector.get("matchExpressions", []):
+        value = labels.get(rule["key"])
+        if rule["operator"] == "In" and value not in rule["values"]:
+            return False
+        if rule["operator"] == "NotIn" and value in rule["values"]:
+            return False
+        if rule["operator"] == "Exists" and rule["key"] not in labels:
+            return False
+    return True
+
+
+def _namespaces(rule: dict) -> set[str]:
+    return {peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for peer in rule["from"]}
+
+
+def test_network_policies_close_the_namespace(objects):
+    policies = _policies(objects)
+    assert {"default-deny", "allow-dns", "mlflow-ingress", "mlflow-egress", "pipeline-egress"} <= set(policies)
+    deny = policies["default-deny"]["spec"]
+    assert deny == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    dns = policies["allow-dns"]["spec"]["egress"]
+    assert len(dns) == 1 and {(p["protocol"], p["port"]) for p in dns[0]["ports"]} == {("UDP", 53), ("TCP", 53)}
+    assert dns[0]["to"][0]["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
+
+    mlflow_labels = _by_kind(objects, "Deployment")["mlflow"]["spec"]["template"]["metadata"]["labels"]
+    ingress = policies["mlflow-ingress"]["spec"]
+    assert _selects(ingress["podSelector"], mlflow_labels)
+    (rule,) = ingress["ingress"]
+    same_namespace = [peer for peer in rule["from"] if "namespaceSelector" not in peer]
+    assert same_namespace == [{"podSelector": {}}]  # this namespace's pods, whichever namespace an overlay sets
+    others = {"from": [peer for peer in rule["from"] if "namespaceSelector" in peer]}
+    assert _namespaces(others) == {NAMESPACE, "ingress-nginx"}  # the pipeline namespace and the ingress, no one else
+    assert rule["ports"] == [{"protocol": "TCP", "port": 5000}]
+
+    egress = policies["pipeline-egress"]["spec"]
+    assert not _selects(egress["podSelector"], mlflow_labels)
+    assert _selects(egress["podSelector"], {"pipelines.kubeflow.org/v2_component": "true"})  # a KFP step pod
+    ports = {(p["protocol"], p["port"]) for rule in egress["egress"] for p in rule["ports"]}
+    assert ports == {("TCP", 5000), ("TCP", 9000), ("TCP", 8887), ("TCP", 8080)}
+    to_mlflow = [r for r in egress["egress"] if r["ports"] == [{"protocol": "TCP", "port": 5000}]]
+    assert to_mlflow and _selects(to_mlflow[0]["to"][0]["podSelector"], mlflow_labels)
+    peers = policies["trainjob-peers"]["spec"]  # pre-training nodes reach each other, nothing more
+    jobset_pod = {"jobset.sigs.k8s.io/jobset-name": "cessl-pretrain-x"}
+    assert _selects(peers["podSelector"], jobset_pod) and not _selects(peers["podSelector"], mlflow_labels)
+    for rule in peers["ingress"] + peers["egress"]:
+        assert "ports" not in rule and all(set(p) == {"podSelector"} for p in rule.get("from", rule.get("to")))
+        assert all(_selects(p["podSelector"], jobset_pod) for p in rule.get("from", rule.get("to")))
+    for policy in policies.values():  # no rule opens everything
+        for rule in policy["spec"].get("ingress", []) + policy["spec"].get("egress", []):
+            assert rule.get("from", rule.get("to")), policy["metadata"]["name"]
+
+    for service in _by_kind(objects, "Service").values():
+        assert service["spec"]["type"] == "ClusterIP", service["metadata"]["name"]
+    assert not _by_kind(objects, "Ingress"), "exposure through the ingress is the operator's (example only)"
+
+
+def test_ingress_example_is_tls_only_and_valid():
+    import kubernetes_validate
+
+    ingress = yaml.safe_load((REPO / "deploy" / "ingress.example.yaml").read_text())
+    kubernetes_validate.validate(ingress, K8S_VERSION, strict=True)
+    (tls,) = ingress["spec"]["tls"]
+    assert tls["secretName"] and tls["hosts"] == [ingress["spec"]["rules"][0]["host"]]
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/force-ssl-redirect"] == "true"
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": "mlflow", "port": {"name": "http"}}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,19 @@ def test_only_accelerator_tasks_require_a_gpu(compiled, tmp_path):
     for options in (CompileOptions(image=IMAGE, accelerator_type=""), CompileOptions.local(IMAGE)):
         other, *_ = load(compile_pipeline(tmp_path / "p.yaml", options))
         assert "env" not in other["deploymentSpec"]["executors"]["exec-finetune"]["container"]
+
+
+def test_mlflow_identity_comes_from_its_own_secret(compiled):
+    """The pipeline's MLflow user (an authenticated server) from a separate Secret, in every
+    step that gets the S3 credentials; never in the compiled spec itself."""
+    spec, platform = compiled
+    secret = CompileOptions().mlflow_secret
+    with_s3 = [name for name, executor in platform.items() if executor.get("secretAsEnv")]
+    assert "exec-register" in with_s3 and "exec-score-champion" in with_s3
+    for name in with_s3:
+        refs = {s["secretName"]: {k["envVar"] for k in s["keyToEnv"]} for s in platform[name]["secretAsEnv"]}
+        assert refs[secret] == {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}, name
+    assert "MLFLOW_TRACKING_PASSWORD" not in json.dumps(spec)
 
 
 def test_endpoints_come_from_the_config_map(compiled):

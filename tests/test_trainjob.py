@@ -1,6 +1,6 @@
 """Pre-training as a Kubeflow Trainer TrainJob (components/trainjob.py, deploy/trainer/).
 
-- The TrainJob the cluster backend would create and our ClusterTrainingRuntime validate
+- The TrainJob the cluster backend would create and our TrainingRuntime validate
   strictly against the CRD schemas vendored from the Trainer release (deploy/crds); the
   runtime is what the SDK's own loader reads.
 - `cessl backbone pretrain --nodes 2 --backend docker` pre-trains in two containers of
@@ -81,7 +81,7 @@ def test_trainjob_manifest_is_valid_against_the_vendored_crd():
     assert (manifest["apiVersion"], manifest["kind"]) == ("trainer.kubeflow.org/v1alpha1", "TrainJob")
     assert not _crd_errors(manifest), _crd_errors(manifest)
     spec = manifest["spec"]
-    assert spec["runtimeRef"] == {"kind": "ClusterTrainingRuntime", "name": RUNTIME_NAME}
+    assert spec["runtimeRef"] == {"kind": "TrainingRuntime", "name": RUNTIME_NAME}
     trainer = spec["trainer"]
     assert trainer["numNodes"] == 4 and trainer["image"] == DEFAULT_IMAGE
     assert trainer["resourcesPerNode"]["limits"] == {"nvidia.com/gpu": "2", "cpu": "8", "memory": "32Gi"}
@@ -199,7 +199,7 @@ def test_node_function_is_self_contained():
 # ------------------------------------------------------------------------ cluster: the SDK's requests
 class _TrainerApi:
     """A Kubernetes API server answering what the SDK's Kubernetes backend asks (our
-    ClusterTrainingRuntime; TrainJob create/get/delete; its pods and their logs) on a free
+    TrainingRuntime; TrainJob create/get/delete; its pods and their logs) on a free
     port, over real HTTP: it records what the SDK sends. The TrainJob reports ``Failed``
     with node-1's pod failed, as the Trainer does when a node is lost."""
 
@@ -226,7 +226,10 @@ class _TrainerApi:
             def do_GET(self):
                 path = self.path.split("?")[0]
                 trainjobs = f"/apis/trainer.kubeflow.org/v1alpha1/namespaces/{api.namespace}/trainjobs/"
-                if path == f"/apis/trainer.kubeflow.org/v1alpha1/clustertrainingruntimes/{RUNTIME_NAME}":
+                if (
+                    path
+                    == f"/apis/trainer.kubeflow.org/v1alpha1/namespaces/{api.namespace}/trainingruntimes/{RUNTIME_NAME}"
+                ):
                     return self._send(200, runtime)
                 if path.startswith(trainjobs) and api.created:
                     job = copy.deepcopy(api.created[-1])

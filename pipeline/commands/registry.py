@@ -6,6 +6,10 @@
   ``--max-class-drop``, a production method). Exit 0 when promoted, 1 when refused (the
   numbers are printed); ``--force --reason TEXT`` promotes anyway and records who and why.
 - ``rollback NAME``: the previous champion gets ``champion`` back.
+- Both, against an MLflow server with authentication, first check that the authenticated user
+  (``MLFLOW_TRACKING_USERNAME``) holds ``MANAGE`` on every target model (release managers,
+  ``cessl access init``): one line naming who, which model and the missing permission
+  (exit 3), before any change.
 - ``predict --model models:/NAME@champion RECORDS...``: per-record probabilities and
   thresholded diagnoses, as CSV or JSON.
 - ``models [NAME] [--history]``: every model with its aliases; a model's versions, aliases,
@@ -22,6 +26,7 @@ from pathlib import Path
 
 from ml.errors import ParameterError
 from ml.train.precision import PRECISION_CHOICES
+from pipeline.access import require_model_permission
 from pipeline.audit import history
 from pipeline.constraints import (
     add_tracking_uri_flag,
@@ -110,8 +115,15 @@ def target_models(args: argparse.Namespace) -> list[str]:
     return [site_model_name(base, check_site_name(s)) for s in sites]
 
 
+def require_all(args: argparse.Namespace, names: list[str], action: str) -> None:
+    """The caller may change every target model, or nothing changes (``--all-sites``)."""
+    for name in names:
+        require_model_permission(_tracking(args, name).tracking_uri, name, action)
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
     names = target_models(args)
+    require_all(args, names, "promote")
     refused = []
     for name in names:
         if len(names) > 1:
@@ -131,7 +143,9 @@ def _refused(names: list[str]) -> str:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    for name in target_models(args):
+    names = target_models(args)
+    require_all(args, names, "roll back")
+    for name in names:
         result = rollback(_tracking(args, name).client(), name, reason=args.reason or "")  # RegistryError: exit 2
         log.info("%s: champion is v%s again (was v%s)", name, result.restored, result.replaced)
     return 0
@@ -273,7 +287,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     pr.add_argument("--force", action="store_true", help="promote even if the gate refuses (needs --reason)")
     pr.add_argument(
-        "--reason", default="", help="why (required with --force; recorded with $CESSL_USER or the OS user)"
+        "--reason",
+        default="",
+        help="why (required with --force; recorded with the authenticated MLflow user, or locally $CESSL_USER / the OS user)",
     )
     tracking_flag(pr)
     pr.set_defaults(func=cmd_promote)

@@ -151,6 +151,12 @@ def add_compile_flags(parser: argparse.ArgumentParser, with_image: bool = True) 
         help="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY ('' for none; default: %(default)s)",
     )
     group.add_argument(
+        "--mlflow-secret",
+        default=defaults.mlflow_secret,
+        help="Secret with the pipeline's MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
+        "('' for none; default: %(default)s)",
+    )
+    group.add_argument(
         "--config-map",
         default=defaults.config_map,
         help="ConfigMap with the MLflow / S3 endpoints ('' for none; default: %(default)s)",
@@ -181,6 +187,7 @@ def compile_options(args: argparse.Namespace, cache_ingest: bool = True) -> Comp
         ),
         checkpoint_pvc=args.checkpoint_pvc,
         credentials_secret=args.credentials_secret,
+        mlflow_secret=args.mlflow_secret,
         config_map=args.config_map,
         image_pull_secrets=(
             CompileOptions().image_pull_secrets if args.image_pull_secret is None else tuple(args.image_pull_secret)
