@@ -233,9 +233,25 @@ def register_version(model_uri: str, model_name: str, tags: Mapping[str, str]):
 
 def _withdraw(client, model_name: str, version: str, run_id: str, winner) -> None:
     """The loser of a registration race: its version is deleted and its run marked and deleted,
-    so one registration of the fingerprint remains."""
-    client.delete_model_version(model_name, version)
-    client.set_tag(run_id, TAG_DUPLICATE_OF, f"{model_name}/{winner.version}")
+    so one registration of the fingerprint remains.
+
+    On an authenticated registry the pipeline identity may not delete versions of a
+    production model (MANAGE, ``cessl access init``): the version then stays, tagged
+    ``cessl.duplicate_of`` (the lowest version of the fingerprint still wins every lookup).
+    """
+    from mlflow.exceptions import MlflowException
+
+    duplicate_of = f"{model_name}/{winner.version}"
+    try:
+        client.delete_model_version(model_name, version)
+    except MlflowException as err:
+        if err.error_code != "PERMISSION_DENIED":
+            raise
+        log.warning(
+            "%s version %s duplicates %s; not allowed to delete it: tagged instead", model_name, version, duplicate_of
+        )
+        client.set_model_version_tag(model_name, version, TAG_DUPLICATE_OF, duplicate_of)
+    client.set_tag(run_id, TAG_DUPLICATE_OF, duplicate_of)
     client.delete_run(run_id)
 
 

@@ -357,3 +357,17 @@ def test_no_credential_in_any_log_param_tag_or_artifact(cluster: Cluster, as_use
     for user, password in cluster.passwords.items():
         assert password not in blob, f"the password of {user} was found"
     assert AUDIT_EXPERIMENT in {e.name for e in admin.search_experiments()}
+
+
+def test_a_lost_registration_race_is_tagged_where_the_pipeline_may_not_delete(cluster: Cluster, as_user) -> None:
+    """The loser of two registrations of one fingerprint is withdrawn; on a production model
+    the pipeline may not delete the version (MANAGE), so it stays, tagged as the duplicate."""
+    from pipeline.tracking import TAG_DUPLICATE_OF, _withdraw
+
+    pipeline = as_user(PIPELINE)
+    winner = pipeline.get_model_version(SITE_MODEL, _register(pipeline, SITE_MODEL))
+    loser = pipeline.get_model_version(SITE_MODEL, _register(pipeline, SITE_MODEL))
+    _withdraw(pipeline, SITE_MODEL, loser.version, loser.run_id, winner)
+    kept = pipeline.get_model_version(SITE_MODEL, loser.version)
+    assert kept.tags[TAG_DUPLICATE_OF] == f"{SITE_MODEL}/{winner.version}"
+    assert pipeline.get_run(loser.run_id).info.lifecycle_stage == "deleted"
