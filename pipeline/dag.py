@@ -365,17 +365,24 @@ def add_data(
     return ingest, preprocess
 
 
-def add_shared_inputs(steps: StepComponents, run: SimpleNamespace) -> SharedInputs:
-    """validate, then ingest -> preprocess and resolve_backbone, from the run's parameters."""
-    validate = add_validate(steps, run)
-    ingest, preprocess = add_data(
+def add_run_data(
+    steps: StepComponents, run: SimpleNamespace, after: dsl.PipelineTask
+) -> tuple[dsl.PipelineTask, dsl.PipelineTask]:
+    """:func:`add_data` of the run's own source parameters (``source``, ``data_version``, ...)."""
+    return add_data(
         steps,
         source=run.source,
         data_version=run.data_version,
         state_dir=run.state_dir,
         min_class_count=run.min_class_count,
-        after=validate,
+        after=after,
     )
+
+
+def add_shared_inputs(steps: StepComponents, run: SimpleNamespace) -> SharedInputs:
+    """validate, then ingest -> preprocess and resolve_backbone, from the run's parameters."""
+    validate = add_validate(steps, run)
+    ingest, preprocess = add_run_data(steps, run, after=validate)
     return SharedInputs(ingest, preprocess, add_backbone(steps, run, validate), validate)
 
 

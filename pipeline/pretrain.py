@@ -4,7 +4,7 @@
                                          |  waits with a timeout, streams the job's logs
                                          +- shared checkpoint volume: store copy, checkpoints, backbone
 
-Ingest and preprocess are the fine-tune pipeline's own steps (``pipeline.dag.add_data``):
+Ingest and preprocess are the fine-tune pipeline's own steps (``pipeline.dag.add_run_data``):
 the source corpus becomes one dataset store. The launch step (``pretrain``) hands it to
 the pre-training job (``components.pretrain.launch_step``): a Kubeflow Trainer TrainJob
 (``backend`` ``cluster``, or ``docker`` for the SDK's local container backend) or, for a
@@ -51,7 +51,7 @@ from pipeline.dag import (
     CompileOptions,
     LocalRunConfig,
     PipelineRunError,
-    add_data,
+    add_run_data,
     configure_tasks,
     execute_local,
     pipeline_function,
@@ -141,14 +141,7 @@ def build_pretrain_pipeline(
 
     def cessl_pretrain(run: SimpleNamespace) -> PretrainOutputs:
         validate = pretrain_steps.validate_pretrain(params=dict(vars(run)))
-        ingest, preprocess = add_data(
-            steps,
-            source=run.source,
-            data_version=run.data_version,
-            state_dir=run.state_dir,
-            min_class_count=run.min_class_count,
-            after=validate,
-        )
+        ingest, preprocess = add_run_data(steps, run, after=validate)
         launch = pretrain_steps.pretrain_backbone(
             store=preprocess.outputs["store"], **{name: getattr(run, name) for name in LAUNCH_PARAMS}
         )

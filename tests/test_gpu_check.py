@@ -54,7 +54,8 @@ def test_finetune_step_stops_before_reading_anything(monkeypatch, tmp_path: Path
     monkeypatch.setenv(REQUIRE_GPU_ENV, "1")
     monkeypatch.setenv(IMAGE_ENV, IMAGE)
     missing = tmp_path / "missing"
-    with pytest.raises(GpuUnavailableError, match=IMAGE):
+
+    def finetune_missing_inputs() -> None:
         finetune_step(
             missing,
             missing,
@@ -66,17 +67,10 @@ def test_finetune_step_stops_before_reading_anything(monkeypatch, tmp_path: Path
             train=TrainConfig(),
             store_fingerprint="x",
         )
+
+    with pytest.raises(GpuUnavailableError, match=IMAGE):
+        finetune_missing_inputs()
     monkeypatch.delenv(REQUIRE_GPU_ENV)
     with pytest.raises(ValueError, match="unreadable split file") as err:  # unset: the step goes on
-        finetune_step(
-            missing,
-            missing,
-            missing,
-            missing,
-            tmp_path / "adapter",
-            tmp_path / "curves.jsonl",
-            lora=LoRAConfig(),
-            train=TrainConfig(),
-            store_fingerprint="x",
-        )
+        finetune_missing_inputs()
     assert not isinstance(err.value, GpuUnavailableError)  # (and fails on the missing input)

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
+from store_support import write_random_store
 
 from ml.train.checkpoint import load_checkpoint
 from ml.train.pretrain import (
@@ -89,21 +89,7 @@ def test_global_batchnorm_is_plain_batchnorm_without_a_process_group() -> None:
 
 
 def _write_store(path: Path, n: int = 12) -> None:
-    from ml.data.store import StoreWriter, join_codes, write_rows
-
-    rng = np.random.default_rng(1)
-    labels = [[c for c in CODES if rng.random() < 0.4] for _ in range(n)]
-    with StoreWriter(path, n, 6144) as writer:
-        write_rows(writer.signals_path, writer.data_offset, 0, rng.standard_normal((n, 12, 6144)).astype(np.float32))
-        table = pd.DataFrame(
-            {
-                "id": [f"R{i:03d}" for i in range(n)],
-                "labels": [join_codes(c) for c in labels],
-                "labelled": [i != n - 1 for i in range(n)],  # one unlabelled record: not used
-                "content_hash": [f"h{i}" for i in range(n)],
-            }
-        )
-        writer.commit(table, {"classes": CODES})
+    write_random_store(path, n, CODES, unlabelled_last=True)  # one unlabelled record: not used
 
 
 def test_cli_pretrain_from_a_store_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

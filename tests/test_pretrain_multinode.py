@@ -35,9 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
+from store_support import write_random_store
 
 N_RECORDS, STEPS, GLOBAL_BATCH, NODES = 256, 4, 8, 2
 CODES = ["164889003", "426177001", "59118001", "270492004"]
@@ -72,22 +72,7 @@ def _config(batch_size: int, checkpoint_dir: Path | None = None):
 
 
 def _write_store(path: Path) -> None:
-    from ml.data.store import StoreWriter, join_codes, write_rows
-
-    rng = np.random.default_rng(5)
-    with StoreWriter(path, N_RECORDS, 6144) as writer:
-        for first in range(0, N_RECORDS, 32):
-            rows = rng.standard_normal((32, 12, 6144), dtype=np.float32)
-            write_rows(writer.signals_path, writer.data_offset, first, rows)
-        labels = [[c for c in CODES if rng.random() < 0.4] for _ in range(N_RECORDS)]
-        table = pd.DataFrame(
-            {
-                "id": [f"R{i:03d}" for i in range(N_RECORDS)],
-                "labels": [join_codes(c) for c in labels],
-                "labelled": [True] * N_RECORDS,
-            }
-        )
-        writer.commit(table, {"classes": CODES})
+    write_random_store(path, N_RECORDS, CODES, seed=5)
 
 
 class _RecordingDataset:

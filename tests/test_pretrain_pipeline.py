@@ -132,10 +132,12 @@ def test_the_volume_secret_and_config_map_go_to_the_right_steps(compiled):
     assert mount["pvcNameParameter"] == {"componentInputParameter": "checkpoint_pvc"}  # the run's claim
     for name in ("exec-validate-pretrain", "exec-ingest", "exec-preprocess", "exec-register-backbone"):
         assert "pvcMount" not in platform.get(name, {}), name
-    for name in ("exec-ingest", "exec-register-backbone"):  # S3 source, MLflow artifacts
-        (secret,) = platform[name]["secretAsEnv"]
-        assert secret["secretName"] == "cessl-s3"
-        assert {e["envVar"] for e in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    for name in ("exec-ingest", "exec-register-backbone"):  # S3 source, MLflow artifacts and registry login
+        secrets = {s["secretName"]: {e["envVar"] for e in s["keyToEnv"]} for s in platform[name]["secretAsEnv"]}
+        assert secrets == {
+            "cessl-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
+            CompileOptions().mlflow_secret: {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"},
+        }
     for name in ("exec-validate-pretrain", "exec-preprocess", "exec-pretrain-backbone"):
         assert "secretAsEnv" not in platform.get(name, {}), name
     for name in (f"exec-{step}" for step in STEPS):

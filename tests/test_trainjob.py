@@ -18,10 +18,9 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 import yaml
+from store_support import write_random_store
 from test_deploy import K8S_VERSION, _crd_errors
 
 from components.trainjob import (
@@ -42,21 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _write_store(path: Path, n: int = 16) -> None:
-    from ml.data.store import StoreWriter, join_codes, write_rows
-
-    rng = np.random.default_rng(1)
-    labels = [[c for c in CODES if rng.random() < 0.4] for _ in range(n)]
-    with StoreWriter(path, n, 6144) as writer:
-        write_rows(writer.signals_path, writer.data_offset, 0, rng.standard_normal((n, 12, 6144)).astype(np.float32))
-        table = pd.DataFrame(
-            {
-                "id": [f"R{i:03d}" for i in range(n)],
-                "labels": [join_codes(c) for c in labels],
-                "labelled": [True] * n,
-                "content_hash": [f"h{i}" for i in range(n)],
-            }
-        )
-        writer.commit(table, {"classes": CODES})
+    write_random_store(path, n, CODES)
 
 
 def _cluster_job(**overrides) -> PretrainJob:
