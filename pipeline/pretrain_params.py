@@ -32,8 +32,11 @@ from pipeline.params import _coerce, param
 
 BACKENDS = ("local", "docker", "cluster")
 DEFAULT_RUNTIME = "cessl-torch-distributed"  # deploy/trainer/: the project's TrainingRuntime
-DEFAULT_PVC = "cessl-checkpoints"  # deploy/: the checkpoint volume's claim
-PVC_ENV = "CESSL_CHECKPOINT_PVC"
+# deploy/trainer/pretrain-workspace-pvc.yaml: ReadWriteMany, since the launch step and every
+# node of the TrainJob mount it at once, on different machines (not finetune's ReadWriteOnce
+# cessl-checkpoints)
+DEFAULT_PVC = "cessl-pretrain-workspace"
+PVC_ENV = "CESSL_PRETRAIN_PVC"
 LOCAL_ONLY = ("state_dir", "checkpoint_root", "tracking_uri")
 
 
