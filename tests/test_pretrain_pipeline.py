@@ -420,7 +420,7 @@ def test_local_pipeline_run_registers_a_backbone_that_reads_back(tiny_store, tmp
     out = capsys.readouterr().out
     assert "registered backbone models:/cessl-backbone-tinylight/1" in out
 
-    client = MlflowClient(uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # not a registry URI an earlier test set globally
     version = client.get_model_version("cessl-backbone-tinylight", "1")
     assert version.tags["kind"] == "backbone" and version.tags["config"] == "tinylight"
     assert "candidate" in version.aliases
