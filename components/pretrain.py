@@ -1,6 +1,6 @@
 """Step: pre-train a backbone on a dataset store, as the ``cessl-pretrain`` pipeline launches it.
 
-The pipeline's launch step (``pipeline.components.pretrain_backbone``) hands a
+The pipeline's launch step (``pipeline.dags.tasks.pretrain_backbone``) hands a
 :class:`LaunchSpec` to :func:`launch`, which picks the engine by ``backend``:
 
 - ``local`` (one node; ``kfp.local`` and the tests): this module's own entry point in a

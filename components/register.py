@@ -5,7 +5,7 @@ git commit, test split hash, backbone identity), test metrics, the champion's me
 the same split and the paired bootstrap against it (``score_champion``), training curves, the rank map, the files to attach,
 the backbone and adapter folders - plus a fingerprint of the run's inputs and outputs, so
 registering the same run twice gives one model version.
-Writing it to MLflow is the pipeline's job (``pipeline.tracking.log_and_register``);
+Writing it to MLflow is the pipeline's job (``pipeline.registry.tracking.log_and_register``);
 nothing here imports mlflow.
 """
 

@@ -291,7 +291,7 @@ def _docker_adapter_class():
 
     - The SDK gives a node its command but keeps the image's ENTRYPOINT (ours is
       ``cessl``): the entrypoint becomes ``/usr/bin/env``, as for KFP's local runner
-      (``pipeline.dag``) and as on a cluster, where a container's command replaces it.
+      (``pipeline.dags.finetune``) and as on a cluster, where a container's command replaces it.
     - The SDK runs ``bash -lc``: a login shell re-reads /etc/profile, which on Debian
       images resets PATH and hides the venv's ``torchrun``; ``bash -c`` keeps the image's PATH.
     """

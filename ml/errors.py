@@ -4,9 +4,9 @@
 the wrong state, a failed step): the ``cessl`` command line prints their message as one
 line and exits with the class's :attr:`~CesslError.exit_code` (2 unless a subclass says
 otherwise). Every layer can import this module (it depends on nothing), so the steps
-(``components.common.StepError``) and the pipeline (``pipeline.registry.RegistryError``,
-``pipeline.dag.PipelineRunError``) subclass it. Any other exception is a bug and keeps
-its traceback (``pipeline.failures`` maps the known third-party ones: unreachable servers,
+(``components.common.StepError``) and the pipeline (``pipeline.registry.policy.RegistryError``,
+``pipeline.dags.finetune.PipelineRunError``) subclass it. Any other exception is a bug and keeps
+its traceback (``pipeline.core.failures`` maps the known third-party ones: unreachable servers,
 missing credentials, bad files, read-only or full disks).
 
 Exit codes (``cessl --help`` and the README list them too):

@@ -22,15 +22,15 @@ from pathlib import Path
 import pytest
 
 from ml.errors import EXIT_UNAVAILABLE, EXIT_USAGE
-from pipeline.access import (
+from pipeline.core.logsafe import redact, register_secret
+from pipeline.registry.access import (
     AccessPlan,
     password_env,
     plan_grants,
     require_model_permission,
 )
-from pipeline.audit import AUDIT_EXPERIMENT, AuditEntry, history, record
-from pipeline.logsafe import redact, register_secret
-from pipeline.tracking import CHALLENGER, CHAMPION
+from pipeline.registry.audit import AUDIT_EXPERIMENT, AuditEntry, history, record
+from pipeline.registry.tracking import CHALLENGER, CHAMPION
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE, MANAGER, REVIEWER = "cessl-pipeline", "alice", "rita"
@@ -362,7 +362,7 @@ def test_no_credential_in_any_log_param_tag_or_artifact(cluster: Cluster, as_use
 def test_a_lost_registration_race_is_tagged_where_the_pipeline_may_not_delete(cluster: Cluster, as_user) -> None:
     """The loser of two registrations of one fingerprint is withdrawn; on a production model
     the pipeline may not delete the version (MANAGE), so it stays, tagged as the duplicate."""
-    from pipeline.tracking import TAG_DUPLICATE_OF, _withdraw
+    from pipeline.registry.tracking import TAG_DUPLICATE_OF, _withdraw
 
     pipeline = as_user(PIPELINE)
     winner = pipeline.get_model_version(SITE_MODEL, _register(pipeline, SITE_MODEL))

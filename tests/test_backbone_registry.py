@@ -11,13 +11,13 @@ from ml.model.adapter import AdapterMeta, BackboneMismatchError, load_adapter, l
 from ml.model.backbone import ECGTransformer, backbone_config
 from ml.model.lora import LoRAConfig, mark_trainable
 from ml.model.pretrained import CODE15_CLASSES, read_backbone, save_backbone
-from pipeline.backbone_registry import (
+from pipeline.cli import main as cessl
+from pipeline.registry.backbones import (
     backbone_model_name,
     fetch_backbone,
     find_backbone,
     register_backbone,
 )
-from pipeline.cli import main as cessl
 
 
 def _random_backbone(folder: Path, seed: int, source: str = "pretrain") -> Path:

@@ -2,12 +2,12 @@
 
 The cases are generated from the parameter definitions:
 
-- every :class:`pipeline.params.PipelineParams` field's constraints (field metadata:
+- every :class:`pipeline.core.params.PipelineParams` field's constraints (field metadata:
   ``minimum``, ``maximum``, ``exclusive_*``, ``choices``, ``check``) -> out-of-range,
   wrong-type and not-a-choice values for ``run``, ``submit``, ``schedule``, ``retrain`` and
   ``compare``;
 - every other flag whose argparse ``type=`` is a range helper of
-  :mod:`pipeline.constraints` (found by walking the parser) -> values outside its range;
+  :mod:`pipeline.core.constraints` (found by walking the parser) -> values outside its range;
 - paths (missing inputs, a file where a folder is expected, a missing parent), URIs,
   unreachable servers (MLflow, KFP, Docker, S3), plus hypothesis properties of the ranges.
 
@@ -41,11 +41,12 @@ from ml.errors import (
     EXIT_USAGE,
     ParameterError,
 )
-from pipeline import cli, constraints
-from pipeline.compare import EXCLUDED_PARAMS
-from pipeline.failures import describe, failed_run_message
-from pipeline.logsafe import redact
-from pipeline.params import DEFAULTS, PipelineParams, cli_fields, field_types
+from pipeline import cli
+from pipeline.core import constraints
+from pipeline.core.failures import describe, failed_run_message
+from pipeline.core.logsafe import redact
+from pipeline.core.params import DEFAULTS, PipelineParams, cli_fields, field_types
+from pipeline.dags.compare import EXCLUDED_PARAMS
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_S = 5.0  # validation happens before any work: far below this
@@ -169,7 +170,7 @@ PARAM_CASES = param_cases()
 
 def site_override_cases() -> list[pytest.param]:
     """`cessl sites add`: each override a site may set, with the bad values of its parameter."""
-    from pipeline.sites import OVERRIDABLE
+    from pipeline.core.sites import OVERRIDABLE
 
     types, fields = field_types(), {f.name: f for f in dataclasses.fields(PipelineParams)}
     cases = []
@@ -228,7 +229,7 @@ def test_validate_reports_every_problem_in_one_line():
 
 def test_the_kfp_validate_step_gets_the_same_answers():
     """What the pipeline's first step runs on the (text) values KFP hands it."""
-    from pipeline.components import validate
+    from pipeline.dags.tasks import validate
 
     assert validate({"epochs": "0.0", "max_steps": "7"}) == "7 steps"
     with pytest.raises(ParameterError, match=r"--labelled-ratio.*-r"):
@@ -240,7 +241,7 @@ def test_the_kfp_validate_step_gets_the_same_answers():
 def test_the_compiled_pipeline_validates_first(tmp_path):
     import yaml
 
-    from pipeline.dag import CompileOptions, compile_pipeline
+    from pipeline.dags.finetune import CompileOptions, compile_pipeline
 
     spec = next(yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml", CompileOptions.local("img:1")).read_text()))
     tasks = spec["root"]["dag"]["tasks"]
@@ -546,7 +547,7 @@ def _errors() -> list[tuple[BaseException, int, str]]:
     import pickle
 
     cases.append((pickle.UnpicklingError("invalid load key, 'x'."), EXIT_BAD_FILE, "invalid load key"))
-    from pipeline.dag import PipelineRunError
+    from pipeline.dags.finetune import PipelineRunError
 
     cases.append((PipelineRunError("pipeline cessl: step 'finetune' failed"), EXIT_STEP_FAILED, "finetune"))
     try:
@@ -564,7 +565,7 @@ def _errors() -> list[tuple[BaseException, int, str]]:
     ("error", "code", "named"), _errors(), ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else str(v)
 )
 def test_known_failures_are_one_line_with_their_code(error, code, named, workdir, capsys, monkeypatch):
-    from pipeline.commands import registry as registry_command
+    from pipeline.cli import registry as registry_command
 
     monkeypatch.setattr(registry_command, "cmd_rollback", _raise(error))
     outcome = run_cli(["rollback", "m"], capsys)
@@ -574,7 +575,7 @@ def test_known_failures_are_one_line_with_their_code(error, code, named, workdir
 
 
 def test_unknown_exceptions_keep_their_traceback(workdir, monkeypatch):
-    from pipeline.commands import registry as registry_command
+    from pipeline.cli import registry as registry_command
 
     monkeypatch.setattr(registry_command, "cmd_rollback", _raise(KeyError("a bug")))
     with pytest.raises(KeyError):
@@ -749,7 +750,7 @@ def test_no_credential_reaches_the_output_of_a_verbose_s3_command(s3_server, s3_
 def grid_cases() -> list[pytest.param]:
     """Each grid flag takes a list of one pipeline parameter's values: the bad values of that
     parameter (from its metadata, as above), alone and inside a valid list, and bad lists."""
-    from pipeline.commands.compare import GRID_FLAGS
+    from pipeline.cli.compare import GRID_FLAGS
 
     types, fields, cases = field_types(), {f.name: f for f in dataclasses.fields(PipelineParams)}, []
     for flag, (name, default) in GRID_FLAGS.items():
@@ -760,8 +761,8 @@ def grid_cases() -> list[pytest.param]:
 
 
 def test_grid_flags_are_generated_from_the_pipeline_parameters():
-    from pipeline.commands.compare import GRID_FLAGS
-    from pipeline.compare import GRID_FIELDS
+    from pipeline.cli.compare import GRID_FLAGS
+    from pipeline.dags.compare import GRID_FIELDS
 
     assert sorted(name for name, _ in GRID_FLAGS.values()) == sorted(GRID_FIELDS)
     actions = {
@@ -972,7 +973,7 @@ def test_data_remote_add_in_a_real_process_leaves_nothing(tmp_path):
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(-5, 20), min_size=1, max_size=6))
 def test_seed_lists_accept_exactly_distinct_non_negative_seeds(seeds):
-    from pipeline.commands.compare import grid_type
+    from pipeline.cli.compare import grid_type
 
     convert = grid_type("seed", "0,1,2")
     valid = all(s >= 0 for s in seeds) and len(set(seeds)) == len(seeds)
@@ -985,7 +986,7 @@ def test_seed_lists_accept_exactly_distinct_non_negative_seeds(seeds):
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=1, max_size=4))
 def test_ratio_lists_accept_exactly_distinct_fractions(ratios):
-    from pipeline.commands.compare import grid_type
+    from pipeline.cli.compare import grid_type
 
     convert = grid_type("labelled_ratio", "0.05")
     valid = all(math.isfinite(r) and 0 < r < 1 for r in ratios) and len(set(ratios)) == len(ratios)

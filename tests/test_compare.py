@@ -24,9 +24,9 @@ from components.compare import (
     write_comparison,
 )
 from pipeline import cli
-from pipeline.commands.compare import base_params
-from pipeline.compare import EXCLUDED_PARAMS, CompareSettings, compile_compare_pipeline
-from pipeline.dag import CompileOptions, Toleration
+from pipeline.cli.compare import base_params
+from pipeline.dags.compare import EXCLUDED_PARAMS, CompareSettings, compile_compare_pipeline
+from pipeline.dags.finetune import CompileOptions, Toleration
 
 
 def cell(method: str, ratio: float, seed: int, f_beta: float, **changes) -> CellResult:

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from test_pipeline_support import TINY_TRAINING, cessl, make_backbone, make_repo
 
 from components.compare import COLUMNS
-from pipeline.compare_tracking import KIND_CELL, KIND_COMPARISON, TAG_KIND, TAG_PARENT
+from pipeline.registry.compare_tracking import KIND_CELL, KIND_COMPARISON, TAG_KIND, TAG_PARENT
 
 pytestmark = pytest.mark.slow
 

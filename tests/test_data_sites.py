@@ -38,7 +38,7 @@ from ml.data.synth import (
 )
 from ml.errors import ParameterError
 from pipeline.cli import main
-from pipeline.sites import load_sites
+from pipeline.core.sites import load_sites
 
 SERIAL = IngestConfig(workers=1)
 

@@ -270,7 +270,7 @@ def test_inferenceservice_runs_cessl_serve_with_v2_probes(objects):
     assert volumes[mounts["/etc/cessl"]]["configMap"]["name"] == "cessl-sites"
     assert "emptyDir" in volumes[mounts["/tmp"]]  # read-only root: downloads go to /tmp
     sites = _by_kind(objects, "ConfigMap")["cessl-sites"]["data"]["sites.yaml"]
-    from pipeline.sites import parse_sites
+    from pipeline.core.sites import parse_sites
 
     assert parse_sites(sites).names  # the example registry is valid
 
@@ -414,12 +414,12 @@ def test_mlflow_server_runs_from_the_project_image_with_health_probes(objects):
 
 
 def test_pipeline_defaults_match_the_code(objects):
-    """The ConfigMap mirrors pipeline.dag's defaults (so the two cannot drift apart)."""
+    """The ConfigMap mirrors pipeline.dags.finetune's defaults (so the two cannot drift apart)."""
     data = _by_kind(objects, "ConfigMap")["cessl-pipeline-defaults"]["data"]
     assert data["MLFLOW_TRACKING_URI"] == f"http://mlflow.{NAMESPACE}.svc.cluster.local:5000"
     assert data["CESSL_CREDENTIALS_SECRET"] == S3_SECRET
     assert data["CESSL_IMAGE"] == f"localhost:5000/cessl:{_project_version()}"
-    dag = pytest.importorskip("pipeline.dag")
+    dag = pytest.importorskip("pipeline.dags.finetune")
     defaults = dag.PipelineParams()
     assert data["CESSL_BACKBONE"] == defaults.backbone
     assert data["CESSL_BACKBONE_CONFIG"] == defaults.backbone_config
@@ -434,7 +434,7 @@ def test_pipeline_defaults_match_the_code(objects):
     assert data["CESSL_EXPERIMENT_NAME"] == defaults.experiment_name
     assert data["CESSL_ACCELERATOR_TYPE"] == dag.CompileOptions().accelerator_type
     assert data["CESSL_MLFLOW_SECRET"] == dag.CompileOptions().mlflow_secret
-    components = pytest.importorskip("pipeline.components")
+    components = pytest.importorskip("pipeline.dags.tasks")
     assert data["CESSL_IMAGE"] == components.DEFAULT_IMAGE
 
 

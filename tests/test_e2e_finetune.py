@@ -22,7 +22,7 @@ from ml.train.config import TrainConfig
 from ml.train.recipe import allocate_ranks_for, finetune
 from ml.train.synthetic import SyntheticTaskConfig, make_splits
 from pipeline.cli import build_parser
-from pipeline.commands.method_demo import DemoOptions, options_from_args, render, run_demo
+from pipeline.cli.method_demo import DemoOptions, options_from_args, render, run_demo
 
 N_CLASSES = 3
 BATCH = 8

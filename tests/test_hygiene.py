@@ -21,9 +21,9 @@ from rich.console import Console
 from ml.eval.metrics import confusion_markdown, per_class_table
 from ml.eval.predictor import predictions_table
 from ml.train.callbacks import PROGRESS_PREFIX, ProgressLine
-from pipeline.commands.run import RunSummary, print_summary
-from pipeline.dag import TASK_PROGRESS_PREFIX, _ProgressTee
-from pipeline.process import RUN_PID_ENV, alive
+from pipeline.cli.run import RunSummary, print_summary
+from pipeline.core.process import RUN_PID_ENV, alive
+from pipeline.dags.finetune import TASK_PROGRESS_PREFIX, _ProgressTee
 
 REPO = Path(__file__).resolve().parents[1]
 AF, RBBB = "164889003", "59118001"  # atrial fibrillation, right bundle branch block
@@ -107,7 +107,7 @@ def test_task_dies_with_its_run_even_under_sh():
     task = textwrap.dedent(
         """
         import sys, time
-        from pipeline.process import die_with_parent
+        from pipeline.core.process import die_with_parent
         assert die_with_parent(interval=0.1)
         print("ready", flush=True)
         try:
@@ -191,7 +191,7 @@ def test_predict_csv_has_each_class_threshold():
 def test_kfp_progress_messages_pass_the_orchestrator_filter():
     import logging
 
-    from pipeline.dag import _KfpOrchestratorNoise
+    from pipeline.dags.finetune import _KfpOrchestratorNoise
 
     def record(message: str) -> logging.LogRecord:
         return logging.LogRecord("root", logging.INFO, f"/x/kfp{os.sep}local/task_dispatcher.py", 1, message, (), None)
@@ -210,8 +210,8 @@ STAND_IN_RUN = textwrap.dedent(
     import sys
     from pathlib import Path
     from kfp import dsl
-    from pipeline.dag import LocalRunConfig, execute_local
-    from pipeline.params import DEFAULTS
+    from pipeline.dags.finetune import LocalRunConfig, execute_local
+    from pipeline.core.params import DEFAULTS
 
     @dsl.container_component
     def sleeper():
@@ -247,7 +247,7 @@ def _sleep_image(engine, tmp_path: Path) -> str:
 
 
 def _containers(client, pid: int, running_only: bool = False) -> list:
-    from pipeline.process import PID_LABEL
+    from pipeline.core.process import PID_LABEL
 
     return client.containers.list(all=not running_only, filters={"label": f"{PID_LABEL}={pid}"})
 
@@ -274,7 +274,7 @@ def test_docker_task_containers_die_with_their_run(docker_engine, tmp_path):
     """`--runner docker`: a task's container is not a child of the run. SIGTERM of the run
     removes it at once; after SIGKILL the watcher removes it; and a run that starts removes
     what dead runs of this host left."""
-    from pipeline.process import HOST_LABEL, PID_LABEL, remove_leftovers
+    from pipeline.core.process import HOST_LABEL, PID_LABEL, remove_leftovers
 
     image = _sleep_image(docker_engine, tmp_path)
     client = docker_engine.client()

@@ -23,7 +23,7 @@ import pytest
 
 from ml.errors import ParameterError
 from pipeline import cli
-from pipeline.kfp_auth import (
+from pipeline.dags.kfp_auth import (
     COOKIES_ENV,
     SA_TOKEN_PATH_ENV,
     TOKEN_ENV,

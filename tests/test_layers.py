@@ -1,7 +1,9 @@
 """The import direction of the layers, read from the source (ast), not by importing it.
 
 pipeline -> components -> ml, and inside ml: train / eval -> model -> (torch);
-data stands alone. Every import counts, including those inside functions (imported on
+data stands alone. Inside pipeline (README, "Architecture"): cli -> dags | serving ->
+registry -> core. No import cycles anywhere, and no module imports another module's private
+(``_name``) names. Every import counts, including those inside functions (imported on
 demand is still a dependency). Imports under ``if TYPE_CHECKING:`` obey the layer rules
 too, but do not make a cycle (they never run).
 """
@@ -27,6 +29,7 @@ class Import:
     target: str  # the imported module, dotted (``from a import b``: ``a.b`` when that is a module)
     line: int
     type_only: bool = False  # under ``if TYPE_CHECKING:``
+    name: str = ""  # ``from a import name`` where name is not a module
 
 
 def _module_name(path: Path) -> str:
@@ -41,9 +44,10 @@ def _is_module(dotted: str) -> bool:
     return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
 
 
-def _targets(node: ast.AST, module: str, is_package: bool) -> Iterator[str]:
+def _targets(node: ast.AST, module: str, is_package: bool) -> Iterator[tuple[str, str]]:
+    """(imported module, imported name or "") of an import statement."""
     if isinstance(node, ast.Import):
-        yield from (alias.name for alias in node.names)
+        yield from ((alias.name, "") for alias in node.names)
     elif isinstance(node, ast.ImportFrom):
         base = node.module or ""
         if node.level:  # relative: resolve against the importing package
@@ -51,7 +55,7 @@ def _targets(node: ast.AST, module: str, is_package: bool) -> Iterator[str]:
             base = ".".join([*package, base] if base else package)
         for alias in node.names:
             sub = f"{base}.{alias.name}"
-            yield sub if _is_module(sub) else base
+            yield (sub, "") if _is_module(sub) else (base, alias.name)
 
 
 def _type_checking_nodes(tree: ast.AST) -> set[ast.AST]:
@@ -72,8 +76,8 @@ def _imports() -> list[Import]:
             tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
             type_only = _type_checking_nodes(tree)
             for node in ast.walk(tree):
-                for target in _targets(node, module, path.name == "__init__.py"):
-                    found.append(Import(module, target, getattr(node, "lineno", 0), node in type_only))
+                for target, name in _targets(node, module, path.name == "__init__.py"):
+                    found.append(Import(module, target, getattr(node, "lineno", 0), node in type_only, name))
     return found
 
 
@@ -90,6 +94,10 @@ FORBIDDEN = [
     ("ml.model", ("ml.train", "ml.eval")),
     ("ml.data", ("ml.model", "ml.train", "ml.eval")),
     ("components", ("pipeline",)),
+    ("pipeline.core", ("pipeline.registry", "pipeline.dags", "pipeline.serving", "pipeline.cli")),
+    ("pipeline.registry", ("pipeline.dags", "pipeline.serving", "pipeline.cli")),
+    ("pipeline.dags", ("pipeline.serving", "pipeline.cli")),
+    ("pipeline.serving", ("pipeline.dags", "pipeline.cli")),
 ]
 
 
@@ -128,13 +136,14 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_no_import_cycles_in_ml() -> None:
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_import_cycles(package: str) -> None:
     graph: dict[str, set[str]] = {}
     for i in IMPORTS:
         if (
             not i.type_only
-            and _under(i.module, "ml")
-            and _under(i.target, "ml")
+            and _under(i.module, package)
+            and _under(i.target, package)
             and i.target != i.module
             and _is_module(i.target)
         ):
@@ -149,3 +158,26 @@ def test_the_checker_sees_imports() -> None:
     """Guard against a checker that finds nothing (a wrong root, a parse that skips)."""
     assert ("ml.train.trainer", "ml.model.lora") in {(i.module, i.target) for i in IMPORTS}
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    """What a module shares is public; a command module reaching into another's ``_helpers``
+    is how the CLI grew its cycles."""
+    bad = sorted(
+        f"{i.module}:{i.line} imports {i.name} from {i.target}"
+        for i in IMPORTS
+        if i.name.startswith("_") and not i.name.startswith("__") and i.target != i.module and _is_module(i.target)
+    )
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("package", ["ml", "components"])
+def test_steps_never_call_up_into_the_command_line(package: str) -> None:
+    """Steps are started by the pipeline, never the other way round: nothing below pipeline/
+    runs ``python -m pipeline.cli`` as a subprocess."""
+    bad = [
+        str(path.relative_to(ROOT))
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if any(call in path.read_text(encoding="utf-8") for call in ('"pipeline.cli"', "'pipeline.cli'"))
+    ]
+    assert not bad, f"{package} starts the command line: {bad}"

@@ -150,7 +150,7 @@ def stub_model_logging(monkeypatch=None) -> None:
     """Log a trivial pyfunc instead of the adapter model (no trained model needed here)."""
     import mlflow
 
-    from pipeline import pyfunc_model
+    from pipeline.registry import pyfunc_model
 
     class Echo(mlflow.pyfunc.PythonModel):
         def predict(self, context, model_input, params=None):
@@ -171,11 +171,11 @@ import json, sys, time
 sys.path[:0] = [{repo!r}, {tests!r}]
 from pathlib import Path
 import test_lineage
-from pipeline import tracking
+from pipeline.registry import store, tracking
 test_lineage.stub_model_logging()
 tracking.find_registered = lambda *a: None  # both pass the pre-check: the race is real
 bundle = test_lineage.fake_bundle(Path(sys.argv[2]))
-config = tracking.TrackingConfig(sys.argv[1], "race", "race-model")
+config = store.TrackingConfig(sys.argv[1], "race", "race-model")
 while time.time() < float(sys.argv[3]):
     time.sleep(0.01)
 result = tracking.log_and_register(bundle, config, {{"kfp.run_id": sys.argv[4]}})
@@ -217,7 +217,8 @@ def test_two_processes_registering_one_fingerprint_leave_one_version(mlflow_serv
     assert losers[0].data.tags["cessl.duplicate_of"] == f"race-model/{kept.version}"
 
     # a third registration of the same inputs: the plain pre-check reuses it
-    from pipeline.tracking import TrackingConfig, log_and_register
+    from pipeline.registry.store import TrackingConfig
+    from pipeline.registry.tracking import log_and_register
 
     stub_model_logging(monkeypatch)
     again = log_and_register(fake_bundle(tmp_path), TrackingConfig(mlflow_server.tracking_uri, "race", "race-model"))
@@ -225,8 +226,9 @@ def test_two_processes_registering_one_fingerprint_leave_one_version(mlflow_serv
 
 
 def test_the_run_records_dataset_git_commit_and_kfp_run(tmp_path, monkeypatch):
-    from pipeline.lineage import lineage_tags
-    from pipeline.tracking import TrackingConfig, log_and_register
+    from pipeline.registry.lineage import lineage_tags
+    from pipeline.registry.store import TrackingConfig
+    from pipeline.registry.tracking import log_and_register
 
     stub_model_logging(monkeypatch)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -252,7 +254,7 @@ def test_the_run_records_dataset_git_commit_and_kfp_run(tmp_path, monkeypatch):
 def test_the_dag_passes_the_kfp_run_to_register():
     from kfp import dsl
 
-    from pipeline.dag import PIPELINE_NAME, build_pipeline
+    from pipeline.dags.finetune import PIPELINE_NAME, build_pipeline
 
     spec = build_pipeline().pipeline_spec
     inputs = spec.root.dag.tasks["register"].inputs.parameters
@@ -278,7 +280,7 @@ def _upload(client, bucket: str, root: Path, prefix: str) -> None:
 def test_an_s3_source_gets_its_data_version_from_its_objects(s3_server, s3_bucket, tmp_path, monkeypatch):
     from components.ingest import ingest_step
     from ml.data.dvc import dir_md5, objects_version, source_version
-    from pipeline.lineage import source_data_version
+    from pipeline.registry.lineage import source_data_version
 
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
@@ -321,7 +323,7 @@ def test_data_add_commits_data_dvc_or_gives_the_command_on_a_dirty_tree(tmp_path
     version = data_version(repo)
     assert version in _git(repo, "log", "-1", "--format=%s") and "3 records" in _git(repo, "log", "-1", "--format=%s")
     assert _git(repo, "status", "--porcelain", "--untracked-files=no") == ""
-    from pipeline.lineage import git_commit
+    from pipeline.registry.lineage import git_commit
 
     assert not git_commit(repo).endswith("+dirty")
 
@@ -342,7 +344,7 @@ def test_data_add_commits_data_dvc_or_gives_the_command_on_a_dirty_tree(tmp_path
 
 def test_data_remote_add_and_the_run_push_to_a_folder_remote(tmp_path, monkeypatch, caplog):
     from ml.data.dvc import data_version, default_remote
-    from pipeline.lineage import push_data_version
+    from pipeline.registry.lineage import push_data_version
 
     repo = git_repo(tmp_path / "repo")
     monkeypatch.chdir(repo)

@@ -27,8 +27,8 @@ from ml.model.backbone import ECGTransformer, backbone_config
 from ml.model.lora import LoRAConfig, mark_trainable
 from ml.model.pretrained import CODE15_CLASSES, read_backbone, save_backbone
 from pipeline.cli import main as cessl
-from pipeline.pyfunc_model import load_predictor as load_registered_predictor
-from pipeline.pyfunc_model import load_pyfunc, log_adapter_model
+from pipeline.registry.pyfunc_model import load_predictor as load_registered_predictor
+from pipeline.registry.pyfunc_model import load_pyfunc, log_adapter_model
 
 REPO = Path(__file__).resolve().parents[1]
 # SNOMED codes of the Challenge (AF, IAVB, RBBB, SNR): diagnoses get their abbreviations.
@@ -122,7 +122,7 @@ LOAD_SCRIPT = textwrap.dedent(
     np.save(out + "/by_array.npy", by_array)
     np.save(out + "/by_name.npy", by_name)
     table.to_json(out + "/table.json", orient="split")
-    names = ("ml", "ml.eval.predictor", "pipeline", "pipeline.pyfunc_model", "pipeline.cli", "kfp", "cessl")
+    names = ("ml", "ml.eval.predictor", "pipeline", "pipeline.registry.pyfunc_model", "pipeline.cli", "kfp", "cessl")
     mods = {m: getattr(sys.modules.get(m), "__file__", None) for m in names}
     json.dump(mods, open(out + "/modules.json", "w"))
     """
@@ -173,7 +173,7 @@ def test_loads_and_predicts_outside_the_checkout(model_path, reference, ecg_reco
 
     modules = json.loads((out / "modules.json").read_text())
     code_dir = (model_path / "code").resolve()
-    for name in ("ml", "ml.eval.predictor", "pipeline", "pipeline.pyfunc_model"):
+    for name in ("ml", "ml.eval.predictor", "pipeline", "pipeline.registry.pyfunc_model"):
         assert Path(modules[name]).resolve().is_relative_to(code_dir), modules
     assert modules["pipeline.cli"] is None and modules["kfp"] is None and modules["cessl"] is None
 

@@ -16,12 +16,18 @@ from mlflow.tracking import MlflowClient
 from test_pipeline_support import TINY_TRAINING, cessl, make_backbone, make_hospital
 
 from ml.eval.cross_site import CrossSiteMatrix, score_cell
-from pipeline.compare_tracking import TAG_KIND, TAG_PARENT
-from pipeline.dag import CompileOptions
-from pipeline.network import ITEM_KEYS, NETWORK_PIPELINE_NAME, NetworkSettings, compile_network_pipeline, site_items
-from pipeline.network_tracking import KIND_NETWORK, TAG_NETWORK, TAG_SITE
-from pipeline.params import DEFAULTS
-from pipeline.sites import Site, load_sites
+from pipeline.core.params import DEFAULTS
+from pipeline.core.sites import Site, load_sites
+from pipeline.dags.finetune import CompileOptions
+from pipeline.dags.network import (
+    ITEM_KEYS,
+    NETWORK_PIPELINE_NAME,
+    NetworkSettings,
+    compile_network_pipeline,
+    site_items,
+)
+from pipeline.registry.compare_tracking import TAG_KIND, TAG_PARENT
+from pipeline.registry.network_tracking import KIND_NETWORK, TAG_NETWORK, TAG_SITE
 
 TINY = TINY_TRAINING
 

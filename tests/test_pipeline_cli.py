@@ -17,9 +17,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 from test_pipeline_support import cessl, make_repo
 
-from pipeline import preflight
-from pipeline.commands import run as run_command
-from pipeline.tracking import CHAMPION
+from pipeline.cli import preflight
+from pipeline.cli import run as run_command
+from pipeline.registry.tracking import CHAMPION
 
 HOST = "http://kfp.example.org"
 
@@ -141,8 +141,8 @@ def test_retrain_submits_only_when_the_data_changed(kfp_client, repo, tmp_path, 
 
 def test_retrain_on_a_cluster_submits_the_cluster_defaults(kfp_client, tmp_path, monkeypatch):
     """Not the demo's (150 steps instead of 200 epochs, tiny backbone, 30% labels, classes of 10 records): what submit sends."""
-    from pipeline.commands.run import DEMO_PARAMS
-    from pipeline.params import DEFAULTS
+    from pipeline.cli.run import DEMO_PARAMS
+    from pipeline.core.params import DEFAULTS
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # no champion yet
     # --create-store: the store does not exist yet (without it, a mistyped store path is refused)
@@ -159,8 +159,8 @@ def test_retrain_on_a_cluster_submits_the_cluster_defaults(kfp_client, tmp_path,
 def test_main_maps_only_known_errors_to_exit_2(monkeypatch):
     from components.common import StepError
     from pipeline import cli
-    from pipeline.commands import registry as registry_command
-    from pipeline.registry import RegistryError
+    from pipeline.cli import registry as registry_command
+    from pipeline.registry.policy import RegistryError
 
     def failing(error: Exception):
         def cmd(args) -> int:

@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from pipeline import cli
-from pipeline.commands.run import cron6
-from pipeline.dag import CompileOptions, Toleration, compile_pipeline
-from pipeline.params import DEFAULTS, PipelineParams, field_types
+from pipeline.cli.run import cron6
+from pipeline.core.params import DEFAULTS, PipelineParams, field_types
+from pipeline.dags.finetune import CompileOptions, Toleration, compile_pipeline
 
 IMAGE = "registry.example.org/cessl:1.2.3"
 STEPS = (
@@ -217,7 +217,7 @@ def test_defaults_come_from_the_ml_dataclasses():
 def test_the_defaults_say_which_schedule_they_use():
     """Cluster defaults: the paper's 200 epochs; the local demo: max_steps mode (quick)."""
     from ml.train.config import EPOCHS
-    from pipeline.commands.run import DEMO_PARAMS
+    from pipeline.cli.run import DEMO_PARAMS
 
     assert DEFAULTS.epochs == EPOCHS == 200 and DEFAULTS.schedule() == "200 epochs"
     assert DEFAULTS.train_config().epochs == 200
@@ -231,7 +231,7 @@ def test_the_defaults_say_which_schedule_they_use():
 
 
 def test_run_summary_states_the_schedule_from_the_logged_config():
-    from pipeline.commands.run import DEMO_PARAMS, schedule_of
+    from pipeline.cli.run import DEMO_PARAMS, schedule_of
 
     assert schedule_of({"train.max_steps": "400", "train.epochs": "200"}, DEFAULTS) == "200 epochs = 400 steps"
     assert schedule_of({"train.max_steps": "150", "train.epochs": "null"}, DEMO_PARAMS) == "150 steps"
@@ -256,7 +256,7 @@ def test_register_gets_the_run_parameters_as_one_mapping(compiled):
 
 
 def test_register_parameters_survive_kfp_rendering_them_as_text():
-    from pipeline.params import PipelineParams
+    from pipeline.core.params import PipelineParams
 
     text = {k: str(float(v)) if isinstance(v, int) else str(v) for k, v in DEFAULTS.arguments().items()}
     assert PipelineParams.from_mapping(text) == DEFAULTS

@@ -13,9 +13,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from test_pipeline_support import SMALL_RUN, add_records, cessl, make_backbone, make_repo
 
-from pipeline.lineage import DATASET_CONTEXT as DATA_CONTEXT
-from pipeline.testsets import DATASET_CONTEXT as TESTSET_CONTEXT
-from pipeline.tracking import CHALLENGER, CHAMPION
+from pipeline.registry.lineage import DATASET_CONTEXT as DATA_CONTEXT
+from pipeline.registry.testsets import DATASET_CONTEXT as TESTSET_CONTEXT
+from pipeline.registry.tracking import CHALLENGER, CHAMPION
 
 NAME = "cessl-e2e"
 pytestmark = pytest.mark.slow
@@ -133,10 +133,10 @@ def test_run_second_version_gate_predict_rollback(tmp_path, mlflow_server, s3_se
 
     assert cessl("rollback", NAME) == 0
     assert alias(client, CHAMPION) == "1"
-    from pipeline.audit import history
+    from pipeline.registry.audit import history
 
     actions = [e.action for e in history(client, NAME)]
-    # v1's registration froze the model's test set (pipeline.testsets), recorded as well
+    # v1's registration froze the model's test set (pipeline.registry.testsets), recorded as well
     assert actions[:3] == ["challenger", "testset_freeze", "promote"] and actions[-1] == "rollback"
     assert actions.count("challenger") == 2
     # The champion is on the old data again: retrain runs, every step comes from the cache

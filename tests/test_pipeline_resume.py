@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from test_pipeline_support import SMALL_RUN, cessl_process, make_backbone, make_repo
 
-from pipeline.process import RUN_PID_ENV
+from pipeline.core.process import RUN_PID_ENV
 
 pytestmark = pytest.mark.slow
 

@@ -281,7 +281,7 @@ def test_rank_allocation_scores_in_bf16(data) -> None:
 
 # --- the pipeline parameter ----------------------------------------------------------------------
 def test_precision_parameter_validates_and_reaches_the_train_config() -> None:
-    from pipeline.params import DEFAULTS, PipelineParams
+    from pipeline.core.params import DEFAULTS, PipelineParams
 
     assert DEFAULTS.precision == "fp32" and "precision" in DEFAULTS.logged()
     assert DEFAULTS.replace(precision="bf16").train_config().precision == "bf16"
@@ -293,7 +293,7 @@ def test_precision_parameter_validates_and_reaches_the_train_config() -> None:
 def test_precision_is_a_compiled_pipeline_parameter_passed_to_finetune(tmp_path: Path) -> None:
     import yaml
 
-    from pipeline.dag import compile_pipeline
+    from pipeline.dags.finetune import compile_pipeline
 
     spec = next(yaml.safe_load_all(compile_pipeline(tmp_path / "pipeline.yaml").read_text()))
     root = spec["root"]

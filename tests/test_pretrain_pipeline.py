@@ -17,9 +17,9 @@ from components.common import StepError
 from components.pretrain import LaunchSpec, PretrainSettings, launch_spec, pretrain_job, run_local, stage_store
 from ml.errors import EXIT_USAGE, ParameterError
 from pipeline import cli
-from pipeline.dag import CompileOptions, ResourceRequest
-from pipeline.pretrain import PRETRAIN_PIPELINE_NAME, WORKSPACE_MOUNT, compile_pretrain_pipeline
-from pipeline.pretrain_params import DEFAULTS, LOCAL_DEFAULTS, PretrainParams, cli_fields, field_types
+from pipeline.core.pretrain_params import DEFAULTS, LOCAL_DEFAULTS, PretrainParams, cli_fields, field_types
+from pipeline.dags.finetune import CompileOptions, ResourceRequest
+from pipeline.dags.pretrain import PRETRAIN_PIPELINE_NAME, WORKSPACE_MOUNT, compile_pretrain_pipeline
 
 IMAGE = "registry.example.org/cessl:2.0.0"
 STEPS = ("validate-pretrain", "ingest", "preprocess", "pretrain-backbone", "register-backbone")
@@ -183,8 +183,8 @@ def test_submit_passes_the_trainjob_settings_as_run_arguments(tiny_store, tmp_pa
     call, as in test_pipeline_cli.)"""
     from types import SimpleNamespace
 
-    from pipeline import preflight
-    from pipeline.commands import run as run_command
+    from pipeline.cli import preflight
+    from pipeline.cli import run as run_command
 
     calls: list[dict] = []
 
@@ -405,7 +405,7 @@ def test_local_pipeline_run_registers_a_backbone_that_reads_back(tiny_store, tmp
     from mlflow.tracking import MlflowClient
 
     from ml.model.pretrained import read_backbone
-    from pipeline.backbone_registry import fetch_backbone
+    from pipeline.registry.backbones import fetch_backbone
 
     source = tiny_store.parent / "src"
     monkeypatch.chdir(tmp_path)

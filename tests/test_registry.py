@@ -12,10 +12,10 @@ from mlflow.tracking import MlflowClient
 
 from ml.eval.bootstrap import BootstrapConfig, paired_bootstrap
 from pipeline import cli
-from pipeline.audit import AUDIT_EXPERIMENT, history, local_log_path
-from pipeline.lineage import TAG_DATA_VERSION
-from pipeline.params import PipelineParams
-from pipeline.registry import (
+from pipeline.core.params import PipelineParams
+from pipeline.registry.audit import AUDIT_EXPERIMENT, history, local_log_path
+from pipeline.registry.lineage import TAG_DATA_VERSION
+from pipeline.registry.policy import (
     GATE_ARTIFACT,
     HISTORY_TAG,
     TAG_COMPARISON,
@@ -30,7 +30,7 @@ from pipeline.registry import (
     registered_model_name,
     rollback,
 )
-from pipeline.tracking import CHALLENGER, CHAMPION, TAG_COMPARED_CHAMPION, TAG_TEST_SPLIT, current_alias
+from pipeline.registry.tracking import CHALLENGER, CHAMPION, TAG_COMPARED_CHAMPION, TAG_TEST_SPLIT, current_alias
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ class Registry:
         champion: str | None = None,
         gate: dict | None = None,
     ) -> str:
-        """A version shaped like pipeline.tracking registers them (run metrics, tags, the
+        """A version shaped like pipeline.registry.tracking registers them (run metrics, tags, the
         score_champion evidence against ``champion`` as the run's artifact, challenger)."""
         client = self.client
         run = client.create_run(client.get_experiment_by_name("gate").experiment_id)
@@ -339,8 +339,8 @@ def test_cli_exit_codes(reg, capsys):
 
 def _site_models(store: str, base: str, sites: list[str], tmp_path: Path) -> tuple[Path, dict[str, Registry]]:
     """A sites.yaml naming ``sites`` (folders in tmp_path) and one registered model per site."""
-    from pipeline.registry import site_model_name
-    from pipeline.sites import Site, SiteRegistry, save_sites
+    from pipeline.core.sites import Site, SiteRegistry, save_sites
+    from pipeline.registry.policy import site_model_name
 
     client = MlflowClient(tracking_uri=store, registry_uri=store)
     registry = SiteRegistry(tuple(Site(s, str(tmp_path / s)) for s in sites))
@@ -400,8 +400,8 @@ def test_promote_site_bad_input(store, monkeypatch, tmp_path, capsys, argv, mess
 
 
 def test_changed_sites(store, tmp_path):
-    from pipeline.registry import changed_sites
-    from pipeline.sites import load_sites
+    from pipeline.core.sites import load_sites
+    from pipeline.registry.policy import changed_sites
 
     base = "net-changed"
     sites_file, models = _site_models(store, base, ["hospital-a", "hospital-b", "hospital-c"], tmp_path)

@@ -31,8 +31,8 @@ from ml.model.adapter_bank import AdapterLRU, SharedBackbone, read_site_adapter
 from ml.model.backbone import ECGTransformer, backbone_config
 from ml.model.lora import LoRAConfig, mark_trainable
 from ml.model.pretrained import CODE15_CLASSES, read_backbone, save_backbone
-from pipeline.pyfunc_model import log_adapter_model
-from pipeline.registry import site_model_name
+from pipeline.registry.policy import site_model_name
+from pipeline.registry.pyfunc_model import log_adapter_model
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = "serve-test"
@@ -168,8 +168,8 @@ def test_lru_evicts_the_least_recently_used(network):
 def test_a_registry_outage_keeps_the_last_champion(network, monkeypatch):
     """An unreachable registry does not take the sites down: the last resolved champion
     keeps answering; a site never resolved says the registry does not answer."""
-    from pipeline.serving import ModelUnavailableError, Network, ServeConfig
-    from pipeline.tracking import TrackingConfig
+    from pipeline.registry.store import TrackingConfig
+    from pipeline.serving.server import ModelUnavailableError, Network, ServeConfig
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")

@@ -162,7 +162,7 @@ def registry(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("CESSL_USER", "dr-test")
-    from pipeline.tracking import TrackingConfig, ensure_experiment
+    from pipeline.registry.store import TrackingConfig, ensure_experiment
 
     ensure_experiment(TrackingConfig.resolve(uri, "t"))
     return uri, MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -182,9 +182,10 @@ def register(client, splits: Splits, tmp_path: Path) -> tuple[str, str]:
 
 
 def test_freeze_refresh_and_the_gate_in_a_real_registry(registry, tmp_path, capsys):
-    from pipeline import testsets
-    from pipeline.audit import history
-    from pipeline.tracking import CHAMPION, TrackingConfig
+    from pipeline.registry import testsets
+    from pipeline.registry.audit import history
+    from pipeline.registry.store import TrackingConfig
+    from pipeline.registry.tracking import CHAMPION
 
     uri, client = registry
     ids, hashes, y, labelled = population()
@@ -221,7 +222,7 @@ def test_freeze_refresh_and_the_gate_in_a_real_registry(registry, tmp_path, caps
     pending = testsets.current(client, MODEL)
     assert (pending.version, pending.status, pending.created_by) == (2, REDRAW, "dr-test")
     assert "refreshed" in testsets.gate_problem(client, MODEL, client.get_model_version(MODEL, v1))
-    from pipeline.commands.run import testset_pending
+    from pipeline.cli.run import testset_pending
 
     assert testset_pending(TrackingConfig.resolve(uri, model_name=MODEL)) == 2  # cessl retrain runs then
     entries = history(client, MODEL)
@@ -253,9 +254,9 @@ def test_freeze_refresh_and_the_gate_in_a_real_registry(registry, tmp_path, caps
 
 
 def test_the_gate_refuses_a_challenger_scored_on_another_test_set(registry, tmp_path):
-    from pipeline import testsets
-    from pipeline.registry import GateConfig, promote
-    from pipeline.tracking import CHALLENGER
+    from pipeline.registry import testsets
+    from pipeline.registry.policy import GateConfig, promote
+    from pipeline.registry.tracking import CHALLENGER
 
     _, client = registry
     ids, hashes, _, _ = population()
@@ -305,8 +306,8 @@ def test_retrain_after_data_add_never_scores_a_model_on_its_training_records(tmp
     from test_pipeline_support import SMALL_RUN, add_records, make_backbone, make_repo
 
     from ml.data.dvc import file_md5
-    from pipeline import testsets
-    from pipeline.audit import history
+    from pipeline.registry import testsets
+    from pipeline.registry.audit import history
 
     name = "cessl-frozen-e2e"
     repo = make_repo(tmp_path / "project", records=120, seed=11)

@@ -336,7 +336,7 @@ def _containers_and_networks(docker_engine, job_name: str) -> tuple[str, str]:
 @pytest.mark.slow
 def test_two_node_docker_trainjob_pretrains_and_cleans_up(docker_engine, cessl_image, tmp_path, monkeypatch):
     from ml.model.pretrained import read_backbone
-    from pipeline.backbone_registry import find_backbone
+    from pipeline.registry.backbones import find_backbone
 
     monkeypatch.setenv("DOCKER_HOST", docker_engine.host)
     monkeypatch.setenv("CESSL_IMAGE", cessl_image)

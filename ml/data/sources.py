@@ -63,7 +63,7 @@ def record_id_of(key: str) -> str:
 
 
 # A site name: a DNS label (it ends up in model names and Kubernetes objects); the same
-# rule as pipeline.sites.SITE_NAME, which ml cannot import.
+# rule as pipeline.core.sites.SITE_NAME, which ml cannot import.
 SITE_NAME = re.compile(r"^[a-z](?:[a-z0-9-]{0,38}[a-z0-9])?$")
 
 

@@ -78,7 +78,7 @@ class Splits:
         )
 
 
-def _stratified_cut(y: np.ndarray, n_second: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_cut(y: np.ndarray, n_second: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (first, second) with ``n_second`` rows in the second part, stratified on y."""
     n = len(y)
     if n_second <= 0:
@@ -134,17 +134,17 @@ def make_splits(
     seeds = np.random.SeedSequence(seed).generate_state(3)
 
     n_test = round(test_size * len(pool))
-    rest_local, test_local = _stratified_cut(y[pool], n_test, int(seeds[0]))
+    rest_local, test_local = stratified_cut(y[pool], n_test, int(seeds[0]))
     rest = pool[rest_local]
     n_lab = round(labelled_ratio * len(rest))
     if labelled_ratio > 0 and len(rest) >= 2:
         n_lab = max(n_lab, 2)
-    unl_local, lab_local = _stratified_cut(y[rest], n_lab, int(seeds[1]))
+    unl_local, lab_local = stratified_cut(y[rest], n_lab, int(seeds[1]))
     labelled_part = rest[lab_local]
     n_valid = round(valid_size * len(labelled_part))
     if valid_size > 0 and len(labelled_part) >= 2:
         n_valid = max(n_valid, 1)
-    train_local, valid_local = _stratified_cut(y[labelled_part], n_valid, int(seeds[2]))
+    train_local, valid_local = stratified_cut(y[labelled_part], n_valid, int(seeds[2]))
 
     def pick(index: np.ndarray) -> list[str]:
         return [ids_sorted[i] for i in index]

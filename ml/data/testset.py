@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from ml.data.splits import Splits, _stratified_cut, ids_hash, make_splits
+from ml.data.splits import Splits, ids_hash, make_splits, stratified_cut
 from ml.io import atomic_write_bytes
 
 FROZEN, REDRAW = "frozen", "redraw"
@@ -153,7 +153,7 @@ def split_with_frozen_test(
         eligible = eligible[np.argsort(np.array([ids[i] for i in eligible], dtype=object), kind="stable")]
         n_test = round(test_size * int(lab.sum()))
         seeds = np.random.SeedSequence(seed).generate_state(1)
-        _, picked = _stratified_cut(y[eligible], min(n_test, len(eligible)), int(seeds[0]))
+        _, picked = stratified_cut(y[eligible], min(n_test, len(eligible)), int(seeds[0]))
         test = sorted(ids[i] for i in eligible[picked])
         held_out = set(test)
         report |= {

@@ -1,6 +1,6 @@
 """A fine-tuned model ready to predict: backbone + adapter, class list and thresholds.
 
-Used by the evaluate step, by the MLflow pyfunc model (``pipeline.pyfunc_model``) and by
+Used by the evaluate step, by the MLflow pyfunc model (``pipeline.registry.pyfunc_model``) and by
 ``cessl predict``; not a pipeline step itself. Inputs are either preprocessed signals ``(N, 12, 6144)`` (what the store
 holds), raw 12-lead signals ``(N, 12, T)`` at a known sample rate, or WFDB records (paths
 without or with the ``.hea`` suffix), which go through the pipeline's preprocessing.

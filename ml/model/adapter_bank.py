@@ -21,7 +21,7 @@ each forward pass), which is what makes the switch free.
 
 :class:`AdapterLRU` bounds how many sites' adapters stay in memory (least recently used
 first out). Not thread-safe on its own: one caller holds a lock around
-``activate`` + forward (:mod:`pipeline.serving`).
+``activate`` + forward (:mod:`pipeline.serving.server`).
 """
 
 from __future__ import annotations

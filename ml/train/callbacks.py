@@ -173,7 +173,7 @@ class StepProfiler:
         }
 
 
-# The prefix of a ProgressLine line: `cessl run` (pipeline.dag) forwards these from a task's
+# The prefix of a ProgressLine line: `cessl run` (pipeline.dags.finetune) forwards these from a task's
 # output to the terminal.
 PROGRESS_PREFIX = "cessl-progress "
 

@@ -5,7 +5,7 @@ image holds the CPU torch build; ``scripts/build_image.sh --cuda`` makes the GPU
 on a node whose GPU the container does not see, would otherwise train on the CPU for
 hours (``device="auto"`` falls back silently) or fail much later. The compiled pipeline
 sets ``CESSL_REQUIRE_GPU=1`` (and ``CESSL_IMAGE``) on every task that requests an
-accelerator (``pipeline.dag``); such a step calls :func:`check_required_gpu` first and
+accelerator (``pipeline.dags.finetune``); such a step calls :func:`check_required_gpu` first and
 stops with one line naming the image, the torch build and what was requested. Without
 the variable (every local run) nothing is checked: CPU-only runs are unaffected.
 

@@ -431,7 +431,7 @@ class _Run:
                     }
                     self.after_validation(self.validate(), since_validation.read()["loss"], lr)
         except (KeyboardInterrupt, SystemExit):
-            # SIGINT / SIGTERM (pipeline.process): the last checkpoint, written atomically, stays as it is.
+            # SIGINT / SIGTERM (pipeline.core.process): the last checkpoint, written atomically, stays as it is.
             log.warning("fine-tuning stopped at step %d; a rerun resumes from the last checkpoint", self.step)
             raise
         finally:

@@ -1,0 +1,338 @@
+"""`cessl promote | rollback | predict | models`: the MLflow model registry from the shell.
+
+- ``promote NAME``: ``champion`` moves to the ``challenger`` only if the paired-bootstrap gate
+  passes (``pipeline.registry.policy``: lower bound of the 95% interval of challenger - champion on
+  the same records above ``--margin`` >= 0, no class's F-beta2 lower by more than
+  ``--max-class-drop``, a production method). Exit 0 when promoted, 1 when refused (the
+  numbers are printed); ``--force --reason TEXT`` promotes anyway and records who and why.
+- ``rollback NAME``: the previous champion gets ``champion`` back.
+- Both, against an MLflow server with authentication, first check that the authenticated user
+  (``MLFLOW_TRACKING_USERNAME``) holds ``MANAGE`` on every target model (release managers,
+  ``cessl access init``): one line naming who, which model and the missing permission
+  (exit 3), before any change.
+- ``predict --model models:/NAME@champion RECORDS...``: per-record probabilities and
+  thresholded diagnoses, as CSV or JSON.
+- ``models [NAME] [--history]``: every model with its aliases; a model's versions, aliases,
+  methods, data versions and last decisions; ``--history``: its audit log, oldest first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from ml.errors import ParameterError
+from ml.train.precision import PRECISION_CHOICES
+from pipeline.core.constraints import (
+    add_tracking_uri_flag,
+    as_text,
+    existing_file,
+    model_uri,
+    non_negative_float,
+    optional,
+    output_file,
+    registered_model,
+)
+from pipeline.registry.access import require_model_permission
+from pipeline.registry.audit import history
+from pipeline.registry.policy import (
+    DEFAULT_MODEL_NAME,
+    GATE_METRICS,
+    GateConfig,
+    PromotionDecision,
+    describe_models,
+    describe_versions,
+    promote,
+    rollback,
+    site_model_name,
+)
+from pipeline.registry.store import TrackingConfig
+
+log = logging.getLogger(__name__)
+
+EXIT_REFUSED = 1
+
+
+def _tracking(args: argparse.Namespace, name: str = "") -> TrackingConfig:
+    """The registry's store; it must exist (these commands never create one) and answer."""
+    from pipeline.cli.preflight import registry_tracking
+
+    return registry_tracking(args.tracking_uri, name)
+
+
+def print_decision(decision: PromotionDecision) -> None:
+    from rich.console import Console
+
+    c = decision.comparison
+    colour = {"promoted": "green", "forced": "yellow", "refused": "red"}[decision.label]
+    console = Console()
+    console.print(f"[bold {colour}]{decision.label.upper()}[/]: {decision.reason}")
+    console.print(c.describe())
+    if decision.forced:
+        console.print(f"forced by {decision.who}: {decision.force_reason}")
+    if decision.history:
+        console.print(f"champion history: {' -> '.join('v' + v for v in decision.history)}")
+
+
+def run_promote(
+    tracking: TrackingConfig,
+    metric: str,
+    margin: float,
+    force: bool = False,
+    reason: str = "",
+    max_class_drop: float = GateConfig.max_class_drop,
+) -> PromotionDecision:
+    gate = GateConfig(metric=metric, margin=margin, max_class_drop=max_class_drop)
+    decision = promote(tracking.client(), tracking.model_name, gate, force=force, reason=reason)
+    print_decision(decision)
+    return decision
+
+
+def target_models(args: argparse.Namespace) -> list[str]:
+    """The registered models a registry verb acts on: ``NAME``; or, for a hospital network,
+    ``<NAME>-<site>`` of each ``--site`` (or of every site of ``--sites FILE`` with
+    ``--all-sites``), NAME defaulting to the default model name. Site names are checked
+    against the registry file when one is given or exists."""
+    from pipeline.core.sites import DEFAULT_SITES_FILE, check_site_name, load_sites
+
+    sites: list[str] = list(args.site or [])
+    if not sites and not args.all_sites:
+        if not args.name:
+            raise ParameterError("name a registered model, or a site with --site NAME / --all-sites")
+        return [args.name]
+    if args.force and (args.all_sites or len(sites) > 1):
+        raise ParameterError("--force promotes one model at a time: name one --site, not several or --all-sites")
+    file = Path(args.sites or DEFAULT_SITES_FILE)
+    if args.all_sites or args.sites or file.exists():
+        registry = load_sites(file)
+        sites = registry.names if args.all_sites else [registry.get(s).name for s in sites]
+        if not sites:
+            raise ParameterError(f"{file}: no sites (add one with `cessl sites add NAME SOURCE`)")
+    base = args.name or DEFAULT_MODEL_NAME
+    return [site_model_name(base, check_site_name(s)) for s in sites]
+
+
+def require_all(args: argparse.Namespace, names: list[str], action: str) -> None:
+    """The caller may change every target model, or nothing changes (``--all-sites``)."""
+    for name in names:
+        require_model_permission(_tracking(args, name).tracking_uri, name, action)
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    names = target_models(args)
+    require_all(args, names, "promote")
+    refused = []
+    for name in names:
+        if len(names) > 1:
+            log.info("-- %s", name)
+        decision = run_promote(
+            _tracking(args, name), args.metric, args.margin, args.force, args.reason or "", args.max_class_drop
+        )
+        if not decision.promoted:
+            refused.append(name)
+    if len(names) > 1:
+        log.info("%d of %d site models promoted%s", len(names) - len(refused), len(names), _refused(refused))
+    return EXIT_REFUSED if refused else 0
+
+
+def _refused(names: list[str]) -> str:
+    return f"; not promoted: {', '.join(names)}" if names else ""
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    names = target_models(args)
+    require_all(args, names, "roll back")
+    for name in names:
+        result = rollback(_tracking(args, name).client(), name, reason=args.reason or "")  # RegistryError: exit 2
+        log.info("%s: champion is v%s again (was v%s)", name, result.restored, result.replaced)
+    return 0
+
+
+def _check_device(device: str) -> None:
+    """``--device cuda`` on a machine whose torch sees no GPU: one line, before any download."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only"
+        raise ParameterError(f"--device cuda: no CUDA device visible (torch {torch.__version__}, {build} build)")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pipeline.registry.pyfunc_model import load_predictor
+
+    _check_device(args.device)
+    tracking = _tracking(args)
+    predictor = load_predictor(args.model, tracking_uri=tracking.tracking_uri)
+    predictor.device, predictor.precision = args.device, args.precision
+    table = predictor.predict_records([Path(r) for r in args.records])  # unreadable records: in `error`
+    bad = table[table["error"] != ""]
+    if len(bad):
+        log.warning(
+            "%d of %d records could not be read (see the error column): %s",
+            len(bad),
+            len(table),
+            ", ".join(bad["record"]),
+        )
+    fmt = args.format or ("json" if args.output and args.output.endswith(".json") else "csv")
+    if fmt == "json":
+        text = json.dumps(
+            {
+                "model": args.model,
+                "classes": predictor.classes,
+                "thresholds": [float(t) for t in predictor.thresholds],
+                "records": json.loads(table.to_json(orient="records")),  # NaN -> null
+            },
+            indent=2,
+        )
+    else:
+        text = table.to_csv(index=False, float_format="%.6f")
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+        log.info("wrote %d predictions to %s", len(table), args.output)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _table(title: str, columns: tuple[str, ...], rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(row.get(c, "")) for c in columns))
+    Console(width=200).print(table)
+
+
+def _numbers(metrics: dict) -> str:
+    keys = ("challenger_value", "champion_value", "estimate", "ci_low", "ci_high", "margin", "n_records")
+    shown = {k: metrics[k] for k in keys if metrics.get(k) is not None}
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    client = _tracking(args, args.name or "").client()
+    if args.name:
+        client.get_registered_model(args.name)  # an unknown name: RESOURCE_DOES_NOT_EXIST, exit 2
+    if not args.name:
+        _table("registered models", ("name", "aliases", "latest_version"), describe_models(client))
+        return 0
+    if args.history:
+        rows = [
+            {
+                "#": e.seq,
+                "when": e.at,
+                "who": e.who,
+                "action": e.action,
+                "versions": ", ".join(f"{k}=v{v}" for k, v in e.versions.items()),
+                "numbers": _numbers(e.metrics),
+                "reason": e.reason,
+            }
+            for e in history(client, args.name)
+        ]
+        _table(f"{args.name}: audit log", ("#", "when", "who", "action", "versions", "numbers", "reason"), rows)
+        return 0
+    columns = ("version", "aliases", "method", "data_version", "decision", "macro_f_beta")
+    _table(args.name, columns, describe_versions(client, args.name))
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    tracking_flag = add_tracking_uri_flag
+
+    def site_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--site",
+            action="append",
+            default=[],
+            metavar="SITE",
+            help="a site of the network: acts on <name>-<site> (repeatable; name defaults to cessl-ecg)",
+        )
+        p.add_argument("--all-sites", action="store_true", help="every site of the registry file (--sites)")
+        p.add_argument(
+            "--sites",
+            type=optional(as_text(existing_file)),
+            default="",
+            help="site registry file (default: ./sites.yaml)",
+        )
+
+    pr = subparsers.add_parser("promote", help="move 'champion' to the challenger if it beats the champion")
+    pr.add_argument(
+        "name",
+        nargs="?",
+        default="",
+        type=optional(registered_model),
+        help="registered model name (with --site: the network's base name)",
+    )
+    site_flags(pr)
+    pr.add_argument(
+        "--metric", default="macro_f_beta", choices=GATE_METRICS, help="test metric of the gate (default: %(default)s)"
+    )
+    pr.add_argument(
+        "--margin",
+        type=non_negative_float,
+        default=0.0,
+        help="the lower bound of the 95%% interval of challenger - champion must exceed it (>= 0; default: %(default)s)",
+    )
+    pr.add_argument(
+        "--max-class-drop",
+        type=non_negative_float,
+        default=GateConfig.max_class_drop,
+        help="largest allowed F-beta2 drop of any scored class (default: %(default)s)",
+    )
+    pr.add_argument("--force", action="store_true", help="promote even if the gate refuses (needs --reason)")
+    pr.add_argument(
+        "--reason",
+        default="",
+        help="why (required with --force; recorded with the authenticated MLflow user, or locally $CESSL_USER / the OS user)",
+    )
+    tracking_flag(pr)
+    pr.set_defaults(func=cmd_promote)
+
+    rb = subparsers.add_parser("rollback", help="restore the previous champion")
+    rb.add_argument(
+        "name",
+        nargs="?",
+        default="",
+        type=optional(registered_model),
+        help="registered model name (with --site: the network's base name)",
+    )
+    site_flags(rb)
+    rb.set_defaults(force=False)
+    rb.add_argument("--reason", default="", help="why (recorded in the audit log)")
+    tracking_flag(rb)
+    rb.set_defaults(func=cmd_rollback)
+
+    pd_ = subparsers.add_parser("predict", help="predict diagnoses of WFDB records with a registered model")
+    pd_.add_argument("--model", type=model_uri, required=True, help="model URI, e.g. models:/cessl-ecg@champion")
+    pd_.add_argument("records", nargs="+", help="WFDB records (path with or without .hea)")
+    pd_.add_argument("-o", "--output", type=as_text(output_file), default=None, help="output file (default: stdout)")
+    pd_.add_argument("--format", choices=("csv", "json"), default=None, help="default: from -o's suffix, else csv")
+    pd_.add_argument(
+        "--device", choices=("cpu", "cuda", "auto"), default="cpu", help="where to predict (auto: a GPU if any)"
+    )
+    pd_.add_argument(
+        "--precision",
+        choices=PRECISION_CHOICES,
+        default="fp32",
+        help="fp32, bf16 (autocast) or auto (bf16 where the device has it); the probabilities stay float32",
+    )
+    tracking_flag(pd_)
+    pd_.set_defaults(func=cmd_predict)
+
+    md = subparsers.add_parser("models", help="registered models and aliases; a model's versions or audit log")
+    md.add_argument(
+        "name",
+        nargs="?",
+        type=optional(registered_model),
+        default="",
+        help="a registered model (default: list every model)",
+    )
+    md.add_argument("--history", action="store_true", help="the model's audit log of registry decisions, oldest first")
+    tracking_flag(md)
+    md.set_defaults(func=cmd_models)

@@ -1,0 +1,272 @@
+"""The hospital network as one Kubeflow pipeline, ``cessl-network``: compiled or run locally.
+
+    validate -> resolve_backbone (once) --+
+    start_network (parent run, sites) ----+--> for each site (dsl.ParallelFor over ``sites``):
+                                          |     ingest -> preprocess -> split -> allocate_ranks
+                                          |       -> finetune (GPU) -> evaluate -> score_champion
+                                          |       -> register (<model>-<site>, tags site / backbone / data version)
+                                          +--> cross_site (dsl.Collected: every adapter and the
+                                               backbone on every site's test split -> parent run)
+
+One shared backbone, one CE-SSL adapter per site. The sites are a *list parameter*
+(``sites``: one dict per site, :func:`site_items`), so one compiled pipeline serves any
+``sites.yaml``: ``cessl submit --sites`` / ``cessl schedule --sites`` pass the file's sites
+as that parameter. A site's item carries its name, its registered model
+(:func:`pipeline.registry.policy.site_model_name`), its source, data version and state folder,
+and the parameters a site may override (:data:`pipeline.core.sites.OVERRIDABLE`); the other
+parameters are the network's (pipeline parameters shared by every site).
+
+Per-site caching: a site's data version is an input of its ingest, hence of the cache keys
+of everything downstream; a site whose data did not change reuses its ingest ... evaluate
+(no training) and its register step finds the identical registration (reused).
+
+Failures: the CLI checks every site's source before the run; a site whose folder is missing
+or unreadable is left out of the loop and reported failed, the others run. A site that fails
+*at run time* (a step raising) fails its loop iteration: with ``kfp.local`` the other
+iterations already running finish (their sites register), then the run ends without the
+cross-site step and without outputs; on a Kubeflow backend the other iterations finish as
+well and the loop's downstream (cross_site) does not run. ``cessl run --sites`` then reports,
+from MLflow (the ``cessl.network_id`` tag), which sites registered and which failed.
+
+No ``from __future__ import annotations``: KFP reads the pipeline function's annotations.
+"""
+
+import inspect
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from kfp import compiler, dsl
+
+from pipeline.core.params import DEFAULTS, PipelineParams
+from pipeline.core.sites import OVERRIDABLE, Site
+from pipeline.dags.finetune import (
+    BACKBONE,
+    INGEST,
+    PREPROCESS,
+    RESOLVE_TESTSET,
+    SPLIT,
+    VALIDATE,
+    CompileOptions,
+    LocalRunConfig,
+    PipelineRunError,
+    SharedInputs,
+    add_backbone,
+    add_data,
+    add_finetune_chain,
+    add_registration,
+    add_validate,
+    configure_tasks,
+    default_checkpoint_root,
+    execute_local,
+    pipeline_function,
+    pipeline_signature,
+)
+from pipeline.dags.tasks import NetworkComponents, StepComponents, build_components, build_network_components
+from pipeline.registry.policy import registered_model_name, site_model_name
+
+log = logging.getLogger(__name__)
+
+NETWORK_PIPELINE_NAME = "cessl-network"
+# A site's own values (its loop item); the rest of PipelineParams are the network's.
+SITE_PARAMS: tuple[str, ...] = ("source", "data_version", "state_dir", *OVERRIDABLE)
+ITEM_KEYS: tuple[str, ...] = ("name", "model_name", *SITE_PARAMS)
+CHAIN_CHOICES = ("r", "p", "compress", "batch_size", "lr")  # a site's overrides of the fine-tune chain
+START, CROSS_SITE = "start-network", "cross-site"
+SCORE_CHAMPION, REGISTER = "score-champion", "register"
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    """What a network pipeline is compiled with besides the cluster settings.
+
+    ``parallelism``: sites trained at once (0: no limit; ``kfp.local`` runs at most a few);
+    ``sites``: the default list parameter (a run passes its own)."""
+
+    parallelism: int = 0
+    sites: tuple[Mapping[str, Any], ...] = ()
+    defaults: PipelineParams = DEFAULTS
+
+
+def site_item(site: Site, base: PipelineParams, state_dir: str = "", data_version: str = "") -> dict[str, Any]:
+    """One site's loop item: its name, registered model, source, data version, state folder
+    and the overridable parameters (``base`` with the site's overrides, validated)."""
+    params = site.params(base)
+    model = site_model_name(registered_model_name(base.model_name, params.method), site.name)
+    item = {"name": site.name, "model_name": model}
+    item |= {k: getattr(params, k) for k in SITE_PARAMS}
+    item |= {"state_dir": state_dir or params.state_dir, "data_version": data_version or params.data_version}
+    return item
+
+
+def site_items(
+    sites: Sequence[Site], base: PipelineParams, state_root: str = "", data_versions: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """The ``sites`` parameter: one item per site; each its own state folder ``<state_root>/sites/<name>``
+    (an incremental ingest's state is per source, a site's never mixes with another's)."""
+    versions = dict(data_versions or {})
+    return [
+        site_item(
+            site,
+            base,
+            state_dir=str(Path(state_root) / "sites" / site.name) if state_root else "",
+            data_version=versions.get(site.name, ""),
+        )
+        for site in sites
+    ]
+
+
+def shared_fields() -> list[str]:
+    """The PipelineParams fields every site shares (the network pipeline's own parameters)."""
+    return [name for name in DEFAULTS.arguments() if name not in SITE_PARAMS]
+
+
+def network_signature(settings: NetworkSettings, options: CompileOptions) -> inspect.Signature:
+    defaults = settings.defaults.replace(checkpoint_root=default_checkpoint_root(options))
+    extra = [
+        inspect.Parameter(
+            "sites", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=[dict(s) for s in settings.sites], annotation=list
+        ),
+        inspect.Parameter("network_id", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="", annotation=str),
+    ]
+    return pipeline_signature(defaults, exclude=SITE_PARAMS, extra=extra, return_annotation=str)
+
+
+def network_arguments(params: PipelineParams, items: Sequence[Mapping[str, Any]], network_id: str) -> dict[str, Any]:
+    """The network pipeline's arguments for a run."""
+    shared = {k: v for k, v in params.arguments().items() if k not in SITE_PARAMS}
+    return shared | {"sites": [dict(i) for i in items], "network_id": network_id}
+
+
+def build_network_pipeline(
+    settings: NetworkSettings | None = None,
+    options: CompileOptions | None = None,
+    steps: StepComponents | None = None,
+    network_steps: NetworkComponents | None = None,
+):
+    """The ``@dsl.pipeline`` function of the network (reads top-down as the DAG)."""
+    settings = settings or NetworkSettings()
+    options = options or CompileOptions()
+    steps = steps or build_components(options.image)
+    network_steps = network_steps or build_network_components(options.image)
+    signature = network_signature(settings, options)
+
+    def cessl_network(run: SimpleNamespace) -> Any:
+        validate = add_validate(steps, run)
+        backbone = add_backbone(steps, run, validate)
+        shared = {name: getattr(run, name) for name in shared_fields()}
+        start = network_steps.start_network(
+            sites=run.sites, params=shared, network_id=run.network_id, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        )
+        start.after(validate)
+        # Only artifacts and pipeline parameters cross into the loop (kfp.local 2.17 replaces
+        # an outer task's output *parameter* by the loop item).
+        with dsl.ParallelFor(run.sites, parallelism=settings.parallelism) as site:
+            ingest, preprocess = add_data(
+                steps,
+                source=site.source,
+                data_version=site.data_version,
+                state_dir=site.state_dir,
+                min_class_count=site.min_class_count,
+                after=start,
+                site=site.name,
+            )
+            inputs = SharedInputs(ingest, preprocess, backbone, validate)
+            testset = steps.resolve_testset(
+                model_name=site.model_name,
+                method=site.method,
+                tracking_uri=run.tracking_uri,
+                frozen_testset=run.frozen_testset,
+            )
+            testset.after(start)
+            chain = add_finetune_chain(
+                steps,
+                run,
+                inputs,
+                method=site.method,
+                labelled_ratio=site.labelled_ratio,
+                seed=site.seed,
+                frozen_testset=testset.output,
+                choices={name: getattr(site, name) for name in CHAIN_CHOICES},
+            )
+            champion, register = add_registration(
+                steps,
+                inputs,
+                chain,
+                model_name=site.model_name,
+                method=site.method,
+                tracking_uri=run.tracking_uri,
+                # kfp.local 2.17 resolves no loop-item field nested in a dict: the whole item
+                # goes as `site`, and register lays its values over these
+                params={**shared, "data_version": ingest.outputs["data_version"]},
+                pipeline_name=NETWORK_PIPELINE_NAME,
+                site=site,
+                network_id=run.network_id,
+            )
+        cross = network_steps.cross_site(
+            network=start.outputs["network"],
+            backbone_model=backbone.outputs["backbone_model"],
+            stores=dsl.Collected(preprocess.outputs["store"]),
+            splits=dsl.Collected(chain.split.outputs["splits"]),
+            adapters=dsl.Collected(chain.finetune.outputs["adapter"]),
+            registrations=dsl.Collected(register.outputs["registration"]),
+            tracking_uri=run.tracking_uri,
+            experiment_name=run.experiment_name,
+        )
+        configure_tasks(
+            options,
+            {
+                VALIDATE: validate,
+                BACKBONE: backbone,
+                START: start,
+                INGEST: ingest,
+                PREPROCESS: preprocess,
+                RESOLVE_TESTSET: testset,
+                **chain.tasks(),
+                SCORE_CHAMPION: champion,
+                REGISTER: register,
+                CROSS_SITE: cross,
+            },
+            # MLflow side effects, or state that changes outside (champion, frozen test set)
+            uncached=(START, RESOLVE_TESTSET, SCORE_CHAMPION, REGISTER, CROSS_SITE),
+            credentials=(INGEST, BACKBONE, START, RESOLVE_TESTSET, SPLIT, SCORE_CHAMPION, REGISTER, CROSS_SITE),
+        )
+        return cross.outputs["Output"]
+
+    return dsl.pipeline(
+        name=NETWORK_PIPELINE_NAME,
+        description="CE-SSL hospital network: one backbone, one adapter per site (registered as <model>-<site>), "
+        "and the cross-site matrix on one MLflow parent run.",
+    )(pipeline_function(signature, cessl_network))
+
+
+def compile_network_pipeline(
+    path: Path, settings: NetworkSettings | None = None, options: CompileOptions | None = None
+) -> Path:
+    """Write the network pipeline's IR YAML to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(pipeline_func=build_network_pipeline(settings, options), package_path=str(path))
+    log.info("compiled %s (%s)", path, NETWORK_PIPELINE_NAME)
+    return path
+
+
+def run_network_local(
+    params: PipelineParams,
+    items: Sequence[Mapping[str, Any]],
+    network_id: str,
+    config: LocalRunConfig | None = None,
+    settings: NetworkSettings | None = None,
+) -> str:
+    """Run the network with ``kfp.local``; the cross-site step's summary (JSON text).
+    :class:`pipeline.dags.finetune.PipelineRunError` when a task failed (see the module's notes)."""
+    config = config or LocalRunConfig()
+    pipeline = build_network_pipeline(settings, CompileOptions.local(config.image))
+    arguments = network_arguments(params, items, network_id)
+    outputs = execute_local(pipeline, arguments, params, config, NETWORK_PIPELINE_NAME)
+    if "Output" not in outputs:
+        raise PipelineRunError(f"pipeline {NETWORK_PIPELINE_NAME} ended without its summary")
+    return str(outputs["Output"])

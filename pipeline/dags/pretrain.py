@@ -1,0 +1,213 @@
+"""The pre-training pipeline ``cessl-pretrain``: compiled, or run locally.
+
+    validate -> ingest -> preprocess -> pretrain (TrainJob: N nodes x M GPUs) -> register-backbone
+                                         |  waits with a timeout, streams the job's logs
+                                         +- shared checkpoint volume: store copy, checkpoints, backbone
+
+Ingest and preprocess are the fine-tune pipeline's own steps (``pipeline.dags.finetune.add_run_data``):
+the source corpus becomes one dataset store. The launch step (``pretrain``) hands it to
+the pre-training job (``components.pretrain.launch_step``): a Kubeflow Trainer TrainJob
+(``backend`` ``cluster``, or ``docker`` for the SDK's local container backend) or, for a
+local run, a child process (``local``). The last step registers the backbone in MLflow as a
+version of ``cessl-backbone-<config>`` (``pipeline.registry.backbones``), exactly as
+``cessl backbone pretrain --register`` does; a fine-tune run then takes it as
+``--backbone models:/cessl-backbone-<config>/<version>``.
+
+Parameters and compile options: the job's shape and placement (``nodes``,
+``nproc_per_node``, ``gpus_per_node``, ``cpu_per_node``, ``memory_per_node``,
+``trainer_image``, ``runtime``, ``namespace``, ``timeout_s``, ``checkpoint_pvc``) are
+pipeline parameters (:class:`pipeline.core.pretrain_params.PretrainParams`): the launch step
+reads them at run time and puts them on the TrainJob, so one compiled pipeline serves any
+cluster size. KFP fixes at compile time what it places on the pipeline's *own* pods
+(:class:`pipeline.dags.finetune.CompileOptions`): the image of every step (and the default of
+``trainer_image``), the steps' CPU / memory requests, the credentials Secret (ingest,
+register), the endpoints ConfigMap, caching, the launch step's retries, and whether the
+launch step mounts the checkpoint volume at all (``CompileOptions.checkpoint_pvc`` ''
+compiles a pipeline without a volume, for ``backend=local`` only; otherwise the mount's
+claim is the ``checkpoint_pvc`` parameter and its path :data:`WORKSPACE_MOUNT`, where the
+TrainJob's nodes mount it too, the ``checkpoint_root`` default). No KFP task requests a GPU: the GPUs are the TrainJob's.
+
+On a cluster the launch step's service account creates the TrainJob: it needs RBAC on
+``trainer.kubeflow.org`` (``trainjobs``: create, get, list, watch, delete; ``trainingruntimes``
+and, cluster-scoped, ``clustertrainingruntimes``: get, list) and on the core API (``pods``:
+get, list, watch; ``pods/log``: get; ``events``: list) to follow the job and stream its logs.
+
+No ``from __future__ import annotations``: KFP reads the pipeline function's annotations.
+"""
+
+import inspect
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, NamedTuple
+
+from kfp import compiler, dsl, kubernetes
+
+from pipeline.core.failures import failed_run_message
+from pipeline.core.params import DEFAULTS as FINETUNE_DEFAULTS
+from pipeline.core.pretrain_params import DEFAULTS, PretrainParams, field_types
+from pipeline.dags.finetune import (
+    INGEST,
+    PREPROCESS,
+    VALIDATE,
+    CompileOptions,
+    LocalRunConfig,
+    PipelineRunError,
+    add_run_data,
+    configure_tasks,
+    execute_local,
+    pipeline_function,
+)
+from pipeline.dags.tasks import PretrainComponents, StepComponents, build_components, build_pretrain_components
+
+log = logging.getLogger(__name__)
+
+PRETRAIN_PIPELINE_NAME = "cessl-pretrain"
+PRETRAIN, REGISTER_BACKBONE = "pretrain", "register-backbone"
+# Where the launch step mounts the shared volume: the path the TrainJob's nodes mount it at
+# (components.trainjob.WORKSPACE, the runtime's), so a path on it means the same file in both.
+WORKSPACE_MOUNT = "/workspace"
+# The launch step's inputs that are pipeline parameters of the same name.
+LAUNCH_PARAMS = (
+    "backbone_config",
+    "epochs",
+    "max_steps",
+    "batch_size",
+    "base_lr",
+    "lr",
+    "weight_decay",
+    "cutmix_alpha",
+    "seed",
+    "checkpoint_every",
+    "device",
+    "nodes",
+    "nproc_per_node",
+    "gpus_per_node",
+    "cpu_per_node",
+    "memory_per_node",
+    "backend",
+    "trainer_image",
+    "runtime",
+    "trainjob_namespace",
+    "timeout_s",
+    "checkpoint_pvc",
+    "checkpoint_root",
+)
+
+
+class PretrainOutputs(NamedTuple):
+    model_name: str
+    model_version: str
+    run_id: str
+
+
+def compiled_defaults(options: CompileOptions, defaults: PretrainParams = DEFAULTS) -> PretrainParams:
+    """The parameters' defaults in a pipeline compiled with ``options``: the TrainJob's image
+    is the pipeline's, and with a volume the job works under its mount (its claim
+    ``options.checkpoint_pvc``); without one the job can only run in the launch pod."""
+    mounted = bool(options.kubernetes and options.checkpoint_pvc)
+    return defaults.replace(
+        trainer_image=defaults.trainer_image or options.image,
+        checkpoint_pvc=options.checkpoint_pvc if mounted else "",
+        checkpoint_root=WORKSPACE_MOUNT if mounted else defaults.checkpoint_root,
+        backend="local" if not mounted and defaults.backend == "cluster" else defaults.backend,
+    )
+
+
+def pretrain_signature(defaults: PretrainParams) -> inspect.Signature:
+    """One typed parameter per :class:`PretrainParams` field, with ``defaults``' values."""
+    types = field_types()
+    return inspect.Signature(
+        [
+            inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=value, annotation=types[name])
+            for name, value in defaults.arguments().items()
+        ],
+        return_annotation=PretrainOutputs,
+    )
+
+
+def build_pretrain_pipeline(
+    options: CompileOptions | None = None,
+    defaults: PretrainParams = DEFAULTS,
+    steps: StepComponents | None = None,
+    pretrain_steps: PretrainComponents | None = None,
+):
+    """The ``@dsl.pipeline`` function of ``cessl-pretrain`` (reads top-down as the DAG)."""
+    options = options or CompileOptions()
+    steps = steps or build_components(options.image)
+    pretrain_steps = pretrain_steps or build_pretrain_components(options.image)
+    signature = pretrain_signature(compiled_defaults(options, defaults))
+    mount = bool(options.kubernetes and options.checkpoint_pvc)
+
+    def cessl_pretrain(run: SimpleNamespace) -> PretrainOutputs:
+        validate = pretrain_steps.validate_pretrain(params=dict(vars(run)))
+        ingest, preprocess = add_run_data(steps, run, after=validate)
+        launch = pretrain_steps.pretrain_backbone(
+            store=preprocess.outputs["store"], **{name: getattr(run, name) for name in LAUNCH_PARAMS}
+        )
+        register = pretrain_steps.register_backbone(
+            backbone=launch.outputs["backbone"],
+            tracking_uri=run.tracking_uri,
+            alias=run.alias,
+            git_commit=run.git_commit,
+            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+            kfp_pipeline_name=PRETRAIN_PIPELINE_NAME,
+        )
+        configure_tasks(
+            options,
+            {VALIDATE: validate, INGEST: ingest, PREPROCESS: preprocess, PRETRAIN: launch, REGISTER_BACKBONE: register},
+            uncached=(PRETRAIN, REGISTER_BACKBONE),  # a TrainJob and the registry: side effects outside KFP
+            credentials=(INGEST, REGISTER_BACKBONE),
+        )
+        if options.finetune_retries:  # the job resumes from its last checkpoint on the volume
+            launch.set_retry(num_retries=options.finetune_retries, backoff_duration="60s")
+        if mount:
+            kubernetes.mount_pvc(launch, pvc_name=run.checkpoint_pvc, mount_path=WORKSPACE_MOUNT)
+        return PretrainOutputs(
+            model_name=register.outputs["model_name"],
+            model_version=register.outputs["model_version"],
+            run_id=register.outputs["run_id"],
+        )
+
+    return dsl.pipeline(
+        name=PRETRAIN_PIPELINE_NAME,
+        description="CE-SSL pre-training: WFDB source corpus -> backbone pre-trained as a Kubeflow Trainer "
+        "TrainJob -> registered in MLflow (cessl-backbone-<config>).",
+    )(pipeline_function(signature, cessl_pretrain))
+
+
+def compile_pretrain_pipeline(
+    path: Path, options: CompileOptions | None = None, defaults: PretrainParams = DEFAULTS
+) -> Path:
+    """Write the pre-training pipeline's IR YAML to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(pipeline_func=build_pretrain_pipeline(options, defaults), package_path=str(path))
+    log.info("compiled %s (%s)", path, PRETRAIN_PIPELINE_NAME)
+    return path
+
+
+def _mounts_of(params: PretrainParams) -> Any:
+    """The local folders a Docker runner must mount, in the shape ``execute_local`` reads."""
+    return FINETUNE_DEFAULTS.replace(
+        source=params.source,
+        state_dir=params.state_dir,
+        checkpoint_root=params.checkpoint_root,
+        tracking_uri=params.tracking_uri,
+    )
+
+
+def run_pretrain_local(params: PretrainParams, config: LocalRunConfig | None = None) -> PretrainOutputs:
+    """Run ``cessl-pretrain`` with ``kfp.local``; the registration's outputs.
+    :class:`pipeline.dags.finetune.PipelineRunError` when a task failed."""
+    config = config or LocalRunConfig()
+    pipeline = build_pretrain_pipeline(CompileOptions.local(config.image), params)
+    outputs = execute_local(pipeline, params.arguments(), _mounts_of(params), config, PRETRAIN_PIPELINE_NAME)
+    if "model_version" not in outputs:
+        raise PipelineRunError(failed_run_message(PRETRAIN_PIPELINE_NAME, config.task_log))
+    return PretrainOutputs(
+        model_name=str(outputs["model_name"]),
+        model_version=str(outputs["model_version"]),
+        run_id=str(outputs["run_id"]),
+    )

@@ -1,0 +1,606 @@
+"""Model registry policy: naming, the challenger/champion gate, the champion history, rollback.
+
+- Naming (:func:`registered_model_name`, the one place): a run of a production method
+  (``TrainingMethod.production``) registers under ``cessl-ecg``; any other method (the
+  baselines) under ``cessl-ecg-experiments``, unless the run names the model explicitly.
+- Every registered version gets the alias ``challenger`` (``pipeline.registry.tracking``).
+- :func:`promote` moves ``champion`` to the challenger only if
+
+  1. its ``method`` tag is a production method, and
+  2. with a champion: the paired bootstrap that the pipeline's ``score_champion`` step
+     computed over the challenger's test records (both models' per-record predictions on the
+     same records, :mod:`ml.eval.bootstrap`) gives a lower bound of the 95% interval of
+     ``challenger - champion`` (macro F-beta2 by default) above the margin (>= 0), and no
+     scored class's F-beta2 drops by more than ``max_class_drop``. A version without that
+     evidence against the current champion (older runs, a champion that could not be
+     scored) is refused as not comparable - never decided on point estimates;
+  Both only on the model's frozen test set (:mod:`pipeline.registry.testsets`): a challenger scored
+  on another version of it (or before a pending refresh is drawn) is not comparable;
+  3. without a champion: no other production version of the model scored higher on the
+     same test split (the challenger's point estimate; there is no pair to bootstrap), else
+     it is refused, naming the better version.
+
+  ``force`` (with a reason) is the only override; who forced and why are recorded.
+- Who may: on an MLflow server with authentication, :func:`promote` and :func:`rollback`
+  first require ``MANAGE`` on the model (release managers, :mod:`pipeline.registry.access`; the
+  server itself lets anyone with ``EDIT`` set any alias) and fail before any change
+  otherwise; the audit log names the authenticated user.
+- Every decision (and every rollback, and every ``challenger`` alias the pipeline sets) is
+  appended to the model's audit log (:mod:`pipeline.registry.audit`); the version tags keep the last
+  decision for convenience only.
+- The champion history is a registered-model tag (JSON list of versions, oldest first),
+  so :func:`rollback` restores the previous champion.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ml.errors import CesslError
+from pipeline.registry.access import client_tracking_uri, require_model_permission
+from pipeline.registry.audit import AuditEntry, current_user, record
+from pipeline.registry.lineage import TAG_DATA_VERSION
+from pipeline.registry.store import TrackingConfig
+from pipeline.registry.testsets import gate_problem
+from pipeline.registry.tracking import (
+    CHALLENGER,
+    CHAMPION,
+    TAG_COMPARED_CHAMPION,
+    TAG_TEST_SPLIT,
+    TEST_PREFIX,
+    current_alias,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "cessl-ecg"
+EXPERIMENTS_SUFFIX = "-experiments"
+GATE_METRICS = ("macro_f_beta", "macro_g_beta")  # ml.eval.bootstrap.BOOTSTRAP_METRICS
+GATE_ARTIFACT = "champion/paired_bootstrap.json"  # components.register.CHAMPION_ARTIFACT_DIR / GATE_FILE
+HISTORY_TAG = "champion_history"
+TAG_METHOD = "method"
+TAG_DECISION = "promotion_decision"
+TAG_COMPARISON = "promotion_comparison"
+TAG_PREVIOUS = "previous_champion"
+
+
+class RegistryError(CesslError):
+    """The registry is not in a state the operation needs (no challenger, no history...)."""
+
+
+# --------------------------------------------------------------------------- naming
+
+
+def is_production_method(method: str) -> bool:
+    """Whether ``method`` is a registered training method marked ``production``."""
+    from ml.train.methods import METHODS
+
+    entry = METHODS.get(method)
+    return bool(entry is not None and entry.production)
+
+
+def registered_model_name(model_name: str, method: str) -> str:
+    """The registered model a run goes to: ``model_name`` when given explicitly, else
+    ``cessl-ecg`` for a production method and ``cessl-ecg-experiments`` for any other."""
+    if model_name:
+        return model_name
+    return DEFAULT_MODEL_NAME if is_production_method(method) else DEFAULT_MODEL_NAME + EXPERIMENTS_SUFFIX
+
+
+def site_model_name(model_name: str, site: str) -> str:
+    """A hospital network's registered model for ``site``: ``<model_name>-<site>`` (each site
+    has its own versions, aliases and promotion gate)."""
+    return f"{model_name}-{site}"
+
+
+# --------------------------------------------------------------------------- the gate
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """How a challenger must beat the champion: the lower bound of the paired-bootstrap
+    interval of ``metric`` above ``margin``, no scored class's F-beta2 lower by more than
+    ``max_class_drop``."""
+
+    metric: str = "macro_f_beta"
+    margin: float = 0.0
+    max_class_drop: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.metric not in GATE_METRICS:
+            raise RegistryError(f"gate metric {self.metric!r} has no paired bootstrap; use one of {GATE_METRICS}")
+        if not math.isfinite(self.margin) or self.margin < 0:
+            raise RegistryError(f"margin must be a finite number >= 0, got {self.margin}")
+        if not math.isfinite(self.max_class_drop) or self.max_class_drop < 0:
+            raise RegistryError(f"max class drop must be a finite number >= 0, got {self.max_class_drop}")
+
+
+@dataclass
+class Comparison:
+    """The numbers a decision rests on."""
+
+    metric: str
+    challenger_version: str
+    challenger_value: float | None
+    champion_version: str | None
+    champion_value: float | None
+    margin: float
+    basis: str  # where the numbers come from (or why they are not comparable)
+    comparable: bool = False
+    estimate: float | None = None  # challenger - champion on all shared records
+    ci_low: float | None = None
+    ci_high: float | None = None
+    confidence: float | None = None
+    n_records: int | None = None
+    n_resamples: int | None = None
+    max_class_drop: float = 0.05
+    class_drops: dict[str, float] = field(default_factory=dict)  # champion - challenger F-beta2 per class
+    better_versions: dict[str, float] = field(default_factory=dict)  # no champion: higher on the same split
+
+    @property
+    def failing_classes(self) -> dict[str, float]:
+        return {k: d for k, d in self.class_drops.items() if d > self.max_class_drop}
+
+    def describe(self) -> str:
+        def fmt(v: float | None) -> str:
+            return "n/a" if v is None else f"{v:.4f}"
+
+        if self.champion_version is None:
+            rivals = ", ".join(f"v{v} {x:.4f}" for v, x in self.better_versions.items())
+            return (
+                f"{self.metric}: challenger v{self.challenger_version} {fmt(self.challenger_value)}, no champion yet"
+                + (f"; higher on the same test split: {rivals}" if rivals else f"; {self.basis}")
+            )
+        text = (
+            f"{self.metric}: challenger v{self.challenger_version} {fmt(self.challenger_value)} vs champion "
+            f"v{self.champion_version} {fmt(self.champion_value)}"
+        )
+        if self.ci_low is None:
+            return f"{text} ({self.basis})"
+        worst = max(self.class_drops.items(), key=lambda kv: kv[1], default=("-", 0.0))
+        return (
+            f"{text}; difference {fmt(self.estimate)}, {100 * (self.confidence or 0):.0f}% CI "
+            f"[{fmt(self.ci_low)}, {fmt(self.ci_high)}] over {self.n_records} records "
+            f"({self.n_resamples} paired resamples), needs lower bound > {self.margin:g}; "
+            f"largest class drop {worst[1]:.4f} ({worst[0]}), allowed {self.max_class_drop:g}"
+        )
+
+
+@dataclass
+class PromotionDecision:
+    promoted: bool
+    forced: bool
+    reason: str
+    comparison: Comparison
+    previous_champion: str | None = None
+    history: list[str] = field(default_factory=list)
+    who: str = ""
+    force_reason: str = ""
+
+    @property
+    def label(self) -> str:
+        if self.promoted:
+            return "forced" if self.forced else "promoted"
+        return "refused"
+
+    @property
+    def action(self) -> str:
+        """The audit log's action."""
+        return {"promoted": "promote", "forced": "force", "refused": "refuse"}[self.label]
+
+
+@dataclass
+class RollbackResult:
+    restored: str
+    replaced: str
+    history: list[str]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def champion_history(client, name: str) -> list[str]:
+    tags = client.get_registered_model(name).tags or {}
+    raw = tags.get(HISTORY_TAG)
+    if not raw:
+        return []
+    try:
+        return [str(v) for v in json.loads(raw)]
+    except json.JSONDecodeError as err:
+        raise RegistryError(f"model {name}: tag {HISTORY_TAG} is not a JSON list ({err})") from err
+
+
+def _run_metric(client, run_id: str, key: str) -> float | None:
+    value = client.get_run(run_id).data.metrics.get(key)
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def read_gate_evidence(client, run_id: str) -> dict[str, Any] | None:
+    """The paired bootstrap logged with a run (``champion/paired_bootstrap.json``), or None."""
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory(prefix="cessl-gate-") as tmp:
+        try:
+            path = client.download_artifacts(run_id, GATE_ARTIFACT, tmp)
+        except (MlflowException, OSError):
+            return None
+        try:
+            return json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+
+
+def _base(gate: GateConfig, challenger, challenger_value: float | None) -> dict[str, Any]:
+    return dict(
+        metric=gate.metric,
+        challenger_version=str(challenger.version),
+        challenger_value=challenger_value,
+        margin=gate.margin,
+        max_class_drop=gate.max_class_drop,
+    )
+
+
+def compare(client, name: str, gate: GateConfig, challenger, champion) -> Comparison:
+    """The evidence for promoting ``challenger`` over ``champion`` (or why there is none)."""
+    challenger_value = _run_metric(client, challenger.run_id, TEST_PREFIX + gate.metric)
+    problem = gate_problem(client, name, challenger)  # not scored on the model's frozen test set
+    if problem:
+        return Comparison(
+            champion_version=None if champion is None else str(champion.version),
+            champion_value=None,
+            basis=f"not comparable: {problem}",
+            **_base(gate, challenger, challenger_value),
+        )
+    if champion is None:
+        return _first_champion(client, name, gate, challenger, challenger_value)
+    base = _base(gate, challenger, challenger_value) | {"champion_version": str(champion.version)}
+    scored_against = challenger.tags.get(TAG_COMPARED_CHAMPION)
+    if scored_against != str(champion.version):
+        return Comparison(
+            champion_value=None,
+            basis=(
+                f"not comparable: v{challenger.version} was not scored against champion v{champion.version} "
+                f"on the same records (scored against: {scored_against or 'none'}); re-run the pipeline"
+            ),
+            **base,
+        )
+    evidence = read_gate_evidence(client, challenger.run_id)
+    interval = (evidence or {}).get("intervals", {}).get(gate.metric)
+    if evidence is None or interval is None or interval.get("ci_low") is None:
+        return Comparison(
+            champion_value=None,
+            basis=(
+                f"not comparable: v{challenger.version} has no paired bootstrap of {gate.metric} against the "
+                f"champion ({GATE_ARTIFACT}; registered before the gate existed?); re-run the pipeline"
+            ),
+            **base,
+        )
+    return Comparison(
+        champion_value=float(interval["champion"]),
+        basis=f"paired bootstrap over the challenger's test records, champion v{champion.version} scored on them",
+        comparable=math.isfinite(float(interval["ci_low"])),
+        estimate=float(interval["estimate"]),
+        ci_low=float(interval["ci_low"]),
+        ci_high=float(interval["ci_high"]),
+        confidence=float(evidence["confidence"]),
+        n_records=int(evidence["n_records"]),
+        n_resamples=int(evidence["n_resamples"]),
+        class_drops={c["name"]: float(c["drop"]) for c in evidence.get("per_class", [])},
+        **base | {"challenger_value": float(interval["challenger"])},
+    )
+
+
+def _first_champion(client, name: str, gate: GateConfig, challenger, challenger_value: float | None) -> Comparison:
+    """No champion yet: the production versions that scored higher on the same test split."""
+    split = challenger.tags.get(TAG_TEST_SPLIT)
+    better: dict[str, float] = {}
+    for version in client.search_model_versions(f"name = '{name}'"):
+        if str(version.version) == str(challenger.version) or not split:
+            continue
+        if version.tags.get(TAG_TEST_SPLIT) != split or not is_production_method(version.tags.get(TAG_METHOD, "")):
+            continue
+        value = _run_metric(client, version.run_id, TEST_PREFIX + gate.metric)
+        if value is not None and challenger_value is not None and value > challenger_value:
+            better[str(version.version)] = value
+    return Comparison(
+        champion_version=None,
+        champion_value=None,
+        basis=f"no champion: compared with the production versions on test split {(split or '?')[:12]}",
+        comparable=challenger_value is not None and bool(split),
+        better_versions=dict(sorted(better.items(), key=lambda kv: -kv[1])),
+        **_base(gate, challenger, challenger_value),
+    )
+
+
+def verdict(comparison: Comparison, gate: GateConfig, method_ok: bool, method: str) -> tuple[bool, str]:
+    """(promote?, why) from the comparison alone (no force)."""
+    version = comparison.challenger_version
+    if not method_ok:
+        return False, f"v{version} was trained with method {method or '?'!r}, not a production method"
+    if comparison.challenger_value is None:
+        return False, f"challenger v{version} has no {TEST_PREFIX}{gate.metric} metric"
+    if comparison.champion_version is None:
+        if not comparison.comparable:
+            if comparison.basis.startswith("not comparable"):
+                return False, comparison.basis
+            return False, f"not comparable: v{version} has no test split hash"
+        if comparison.better_versions:
+            best = next(iter(comparison.better_versions))
+            return False, f"no champion yet, but v{best} scored higher on the same test split: promote that one"
+        return True, "no champion yet: no production version scored higher on the same test split"
+    if not comparison.comparable:
+        return False, comparison.basis
+    if comparison.failing_classes:
+        worst = ", ".join(f"{k} -{d:.4f}" for k, d in comparison.failing_classes.items())
+        return False, f"per-class non-inferiority fails (F-beta2 drop > {gate.max_class_drop:g}): {worst}"
+    if comparison.ci_low is not None and comparison.ci_low > gate.margin:
+        return True, f"lower bound {comparison.ci_low:.4f} of the interval exceeds the margin {gate.margin:g}"
+    return False, f"lower bound {comparison.ci_low:.4f} of the interval does not exceed the margin {gate.margin:g}"
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _audit_metrics(comparison: Comparison) -> dict[str, Any]:
+    return {k: v for k, v in asdict(comparison).items() if v not in (None, {}, "")}
+
+
+def _record(client, name: str, decision: PromotionDecision) -> None:
+    """The decision as the challenger's version tags (the last one only) and an audit entry."""
+    c = decision.comparison
+    version = c.challenger_version
+    summary = asdict(c) | {
+        "decided_at": _now(),
+        "forced": decision.forced,
+        "reason": decision.reason,
+        "who": decision.who,
+        "force_reason": decision.force_reason,
+    }
+    client.set_model_version_tag(name, version, TAG_DECISION, decision.label)
+    client.set_model_version_tag(name, version, TAG_COMPARISON, json.dumps(summary, sort_keys=True)[:5000])
+    versions = {"challenger": version}
+    if decision.previous_champion:
+        versions["champion"] = decision.previous_champion
+    why = decision.reason + (f"; forced by {decision.who}: {decision.force_reason}" if decision.forced else "")
+    record(
+        client,
+        AuditEntry(
+            model=name,
+            action=decision.action,
+            versions=versions,
+            reason=why,
+            metrics=_audit_metrics(c),
+            who=decision.who,
+        ),
+    )
+
+
+def promote(
+    client, name: str, gate: GateConfig = GateConfig(), force: bool = False, reason: str = ""
+) -> PromotionDecision:
+    """Move ``champion`` to the challenger if the gate passes, or with ``force`` and a ``reason``.
+
+    Every call is recorded (version tags + audit log), refusals included.
+    """
+    if force and not reason.strip():
+        raise RegistryError("--force needs --reason TEXT: who forced a promotion and why is recorded")
+    authenticated = require_model_permission(client_tracking_uri(client), name, "promote")  # before any change
+    challenger = current_alias(client, name, CHALLENGER)
+    if challenger is None:
+        raise RegistryError(f"model {name!r} has no version with the alias {CHALLENGER!r}")
+    champion = current_alias(client, name, CHAMPION)
+    comparison = compare(client, name, gate, challenger, champion)
+    who = authenticated or current_user()
+    previous = None if champion is None else str(champion.version)
+    if previous == str(challenger.version):
+        decision = PromotionDecision(
+            False, False, f"v{previous} is already the champion", comparison, previous, who=who
+        )
+        decision.history = champion_history(client, name)
+        _record(client, name, decision)
+        return decision
+    method = challenger.tags.get(TAG_METHOD, "")
+    passed, why = verdict(comparison, gate, is_production_method(method), method)
+    decision = PromotionDecision(
+        promoted=passed or force,
+        forced=force and not passed,
+        reason=why,
+        comparison=comparison,
+        previous_champion=previous,
+        who=who,
+        force_reason=reason.strip() if force else "",
+    )
+    if decision.promoted:
+        history = champion_history(client, name)
+        if previous is not None and (not history or history[-1] != previous):
+            history.append(previous)  # a champion set by hand, outside this history
+        history.append(str(challenger.version))
+        client.set_registered_model_alias(name, CHAMPION, str(challenger.version))
+        client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+        if previous is not None:
+            client.set_model_version_tag(name, str(challenger.version), TAG_PREVIOUS, previous)
+        decision.history = history
+        log.info("%s v%s is the champion (%s): %s", name, challenger.version, decision.label, comparison.describe())
+    else:
+        decision.history = champion_history(client, name)
+        log.info("%s v%s not promoted: %s; %s", name, challenger.version, why, comparison.describe())
+    _record(client, name, decision)
+    return decision
+
+
+def rollback(client, name: str, reason: str = "") -> RollbackResult:
+    """Give ``champion`` back to the previous champion (recorded in the audit log)."""
+    authenticated = require_model_permission(client_tracking_uri(client), name, "roll back")  # before any change
+    champion = current_alias(client, name, CHAMPION)
+    if champion is None:
+        raise RegistryError(f"model {name!r} has no champion to roll back")
+    history = champion_history(client, name)
+    current = str(champion.version)
+    if history and history[-1] == current:
+        history = history[:-1]
+    if not history:
+        raise RegistryError(f"model {name!r}: champion v{current} has no previous champion to restore")
+    previous = history[-1]
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+    client.set_model_version_tag(name, current, "rolled_back_at", _now())
+    client.set_model_version_tag(name, previous, "restored_at", _now())
+    client.set_registered_model_tag(name, "last_rollback", json.dumps({"from": current, "to": previous, "at": _now()}))
+    record(
+        client,
+        AuditEntry(
+            model=name,
+            action="rollback",
+            versions={"from": current, "to": previous},
+            reason=reason or f"champion rolled back from v{current} to v{previous}",
+            metrics={"history": history},
+            who=authenticated or current_user(),
+        ),
+    )
+    log.info("%s: champion rolled back from v%s to v%s", name, current, previous)
+    return RollbackResult(restored=previous, replaced=current, history=history)
+
+
+def champion_data_version(client, name: str) -> str | None:
+    """The data version (DVC md5) the current champion was trained on, if any."""
+    champion = current_alias(client, name, CHAMPION)
+    if champion is None:
+        return None
+    return champion.tags.get(TAG_DATA_VERSION) or None
+
+
+@dataclass(frozen=True)
+class SiteChange:
+    """Whether a site of the network needs retraining, and why."""
+
+    site: str
+    model: str  # the site's registered model, <model>-<site>
+    current: str  # the data version of the site's source now ("" when it cannot be told from here)
+    trained_on: str  # the data version of the site's champion ("" when it has none)
+    reason: str  # why it retrains, "" when it does not
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.reason)
+
+
+def site_change(client, site: str, model: str, current: str) -> SiteChange:
+    """Compare ``current`` (the site's data version now) with its champion's: a site retrains
+    when its data moved, when it has no champion, when its data version cannot be told from
+    here (ingest computes it at run time), or when its frozen test set was refreshed."""
+    from pipeline.registry.testsets import REDRAW
+    from pipeline.registry.testsets import current as current_testset
+
+    trained_on = champion_data_version(client, model) if _model_exists(client, model) else None
+    pointer = current_testset(client, model) if trained_on is not None else None
+    if trained_on is None:
+        reason = "no champion yet"
+    elif not current:
+        reason = "its data version cannot be computed from here"
+    elif pointer is not None and pointer.status == REDRAW:
+        reason = f"test set v{pointer.version} was refreshed"
+    elif trained_on != current:
+        reason = f"data version {current} differs from the champion's ({trained_on})"
+    else:
+        reason = ""
+    return SiteChange(site, model, current, trained_on or "", reason)
+
+
+def changed_sites(client, sites, model_of, data_version_of) -> list[SiteChange]:
+    """One :class:`SiteChange` per site of ``sites`` (a :class:`pipeline.core.sites.SiteRegistry`):
+    ``model_of(site) -> str`` names its registered model (``<model>-<site>``, the site's
+    method override included), ``data_version_of(source) -> str`` gives its current data
+    version (:func:`pipeline.registry.lineage.source_data_version`)."""
+    return [site_change(client, site.name, model_of(site), data_version_of(site.source)) for site in sites]
+
+
+def _model_exists(client, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException as err:
+        if getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
+
+
+def load_champion(config: TrackingConfig):
+    """The current champion of ``config.model_name`` as a :class:`components.evaluate.Champion`
+    (its predictor None, with the reason, when it cannot be loaded); None when there is none."""
+    from mlflow.exceptions import MlflowException
+
+    from components.evaluate import Champion
+    from pipeline.registry.pyfunc_model import load_predictor
+
+    champion = current_alias(config.client(), config.model_name, CHAMPION)
+    if champion is None:
+        return None
+    version = str(champion.version)
+    try:
+        predictor = load_predictor(f"models:/{config.model_name}@{CHAMPION}", tracking_uri=config.tracking_uri)
+    except (MlflowException, CesslError, ValueError, OSError) as err:
+        log.warning("champion v%s of %s could not be loaded: %s", version, config.model_name, err)
+        return Champion(version, problem=str(err))
+    return Champion(version, predictor)
+
+
+def model_aliases(client, name: str) -> dict[str, str]:
+    """alias -> version of a registered model (``search_model_versions`` returns no aliases)."""
+    aliases = client.get_registered_model(name).aliases or {}
+    return {str(alias): str(version) for alias, version in sorted(aliases.items())}
+
+
+def describe_versions(client, name: str) -> list[dict[str, Any]]:
+    """Version, aliases, method, data version, last decision and main test metric of every
+    version (newest first)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        aliases = model_aliases(client, name)
+    except MlflowException as err:
+        raise RegistryError(f"no registered model {name!r}") from err
+    by_version: dict[str, list[str]] = {}
+    for alias, version in aliases.items():
+        by_version.setdefault(version, []).append(alias)
+    versions = client.search_model_versions(f"name = '{name}'")
+    rows = []
+    for v in sorted(versions, key=lambda v: int(v.version), reverse=True):
+        rows.append(
+            {
+                "version": str(v.version),
+                "aliases": ",".join(by_version.get(str(v.version), [])),
+                "method": v.tags.get(TAG_METHOD, ""),
+                "data_version": v.tags.get(TAG_DATA_VERSION, ""),
+                "decision": v.tags.get(TAG_DECISION, ""),
+                "macro_f_beta": v.tags.get(TEST_PREFIX + "macro_f_beta", ""),
+            }
+        )
+    return rows
+
+
+def describe_models(client) -> list[dict[str, str]]:
+    """Every registered model with its current aliases."""
+    rows = []
+    for model in client.search_registered_models(max_results=1000):
+        aliases = model.aliases or {}
+        rows.append(
+            {
+                "name": model.name,
+                "aliases": ", ".join(f"{a}=v{v}" for a, v in sorted(aliases.items())),
+                "latest_version": str(max((int(v.version) for v in model.latest_versions or []), default=0) or ""),
+            }
+        )
+    return sorted(rows, key=lambda r: r["name"])

@@ -1,0 +1,828 @@
+"""``cessl serve``: a hospital network's champions behind one KServe model server.
+
+One process holds each pre-trained backbone once (:class:`ml.model.adapter_bank.SharedBackbone`,
+keyed by its identity: normally one for the whole network) and the adapters of the sites'
+model versions in an LRU cache (``--max-adapters``), unmerged: answering for a site
+switches its adapter into the shared model by reference (no copy of the backbone), so a
+site's answer equals its own :class:`ml.eval.predictor.Predictor`'s.
+
+Names: site ``S`` of model ``M`` is the registered model ``M-S``
+(:func:`pipeline.registry.policy.site_model_name`). A request addresses ``S`` (its ``champion``)
+or ``S:V`` (version ``V``; or the request parameter ``version``). Aliases are resolved
+again when older than ``--refresh-seconds``, so a promotion or a rollback is served
+without a restart; every answer names the registered model and the version that gave it.
+
+The HTTP side is KServe's Python model server (Open Inference Protocol v2, REST only):
+``/v2/health/live``, ``/v2/health/ready``, ``/v2/models``, ``/v2/models/{S}`` (metadata),
+``/v2/models/{S}/ready`` and ``POST /v2/models/{S}/infer`` (``{S}`` may be ``S:V``, or the
+path ``/v2/models/S/versions/V/...``). A request carries one input:
+
+* ``signals``: FP32 (or FP64) ``[n, 12, samples]`` (``[12, samples]`` is one record), raw
+  12-lead signals in mV at the request parameter ``sample_rate`` (Hz, default 500); they
+  are resampled, filtered and cropped or padded like the training data.
+* ``records``: BYTES ``[n, 2]``: per record its WFDB header text and its signal file
+  (``.mat`` or ``.dat``) base64-encoded; the header gives the sample rate.
+
+The answer: ``probabilities`` FP32 ``[n, C]``, ``diagnoses`` and ``codes`` BYTES ``[n]``
+(the classes at or above their thresholds, abbreviations / SNOMED codes, ``;``-joined),
+and per class ``classes`` (SNOMED codes), ``class_names`` (abbreviations),
+``descriptions`` and ``thresholds``; ``model_name`` / ``model_version`` name the registered
+model version, the parameters the site and the alias.
+
+Errors: a malformed or incomplete body, a wrong tensor (name, type, shape, NaN/Inf) or
+parameter is a 400 naming it, a body over ``--max-body-mb`` a 413, an unknown site or
+version a 404, a site without a champion (or whose model cannot be loaded) a 503 saying
+why; the process keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import math
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ml.errors import CesslError, ParameterError
+from ml.model.adapter_bank import AdapterLRU, SharedBackbone, SiteAdapter, read_site_adapter
+from pipeline.core.sites import check_site_name
+from pipeline.registry.policy import DEFAULT_MODEL_NAME, site_model_name
+from pipeline.registry.tracking import CHAMPION
+
+log = logging.getLogger(__name__)
+
+N_LEADS = 12
+DEFAULT_SAMPLE_RATE = 500.0
+MIN_SAMPLE_RATE = 50.0  # below it an ECG's QRS is not resolved; also bounds the resampled length
+MAX_SAMPLE_RATE = 20_000.0
+SIGNALS = "signals"
+RECORDS = "records"
+_VERSION = re.compile(r"^[1-9][0-9]{0,9}$")
+# MLflow's answers that mean "not registered" (anything else: the registry did not answer)
+NOT_THERE = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What ``cessl serve`` serves and how (the command line's flags)."""
+
+    sites: tuple[str, ...]
+    tracking_uri: str
+    model_name: str = DEFAULT_MODEL_NAME
+    host: str = "0.0.0.0"
+    port: int = 8080
+    max_adapters: int = 32
+    refresh_seconds: float = 30.0
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_records: int = 256
+
+    def __post_init__(self) -> None:
+        if not self.sites:
+            raise ParameterError("no sites to serve: give --sites FILE and/or --site NAME")
+        for site in self.sites:
+            check_site_name(site)
+        if self.max_adapters < 1:
+            raise ParameterError(f"--max-adapters must be at least 1, got {self.max_adapters}")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class UnknownModelError(CesslError):
+    """The request names a site this server does not serve, or a version that does not exist (404)."""
+
+
+class ModelUnavailableError(CesslError):
+    """A served site cannot answer now: no champion, or its model cannot be loaded (503)."""
+
+
+class BadRequestError(CesslError, ValueError):
+    """The request's inputs or parameters are unusable (400); the message names them."""
+
+
+# --------------------------------------------------------------------------- the answer
+
+
+@dataclass
+class Prediction:
+    """One answer: per-record probabilities and diagnoses, and the model version that gave them."""
+
+    site: str
+    model_name: str
+    version: str
+    alias: str  # "champion", or "" for a pinned version
+    classes: list[str]
+    thresholds: list[float]
+    probabilities: np.ndarray  # (n, C)
+    diagnoses: list[list[str]] = field(default_factory=list)  # SNOMED codes per record
+
+
+def class_descriptions(classes: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(abbreviations, descriptions) of SNOMED codes; the code itself where the mapping has none."""
+    try:
+        from ml.data.labels import LabelMapping, canonical_code
+
+        mapping = LabelMapping.from_csv()
+    except (OSError, ValueError, KeyError):
+        return list(classes), list(classes)
+    abbreviations, names = [], []
+    for code in classes:
+        diagnosis = mapping.diagnoses.get(canonical_code(code))
+        abbreviations.append(diagnosis.abbreviation if diagnosis else code)
+        names.append(diagnosis.name if diagnosis else code)
+    return abbreviations, names
+
+
+# --------------------------------------------------------------------------- the network
+
+
+@dataclass
+class _Alias:
+    version: str | None
+    problem: str
+    at: float
+
+
+class Network:
+    """The sites' registered models, their adapters and the shared backbones.
+
+    Thread-safe: registry look-ups and downloads run under one lock, switching an adapter
+    in and running the model under another (one forward pass at a time on the shared model).
+    """
+
+    def __init__(self, config: ServeConfig, cache_dir: Path | None = None) -> None:
+        from pipeline.registry.store import TrackingConfig
+
+        self.config = config
+        self.tracking = TrackingConfig.resolve(config.tracking_uri)
+        self.tracking.activate()
+        self._client = self.tracking.client()
+        self._own_cache = cache_dir is None
+        self.cache_dir = Path(cache_dir or tempfile.mkdtemp(prefix="cessl-serve-"))
+        self._registry_lock = threading.RLock()
+        self._model_lock = threading.Lock()
+        self._aliases: dict[str, _Alias] = {}
+        self._versions: dict[tuple[str, str], bool] = {}
+        self.backbones: dict[str, SharedBackbone] = {}
+        self.adapters = AdapterLRU(config.max_adapters)
+
+    # -- names
+    def registered_name(self, site: str) -> str:
+        return site_model_name(self.config.model_name, site)
+
+    def parse(self, name: str) -> tuple[str, str | None]:
+        """``S`` or ``S:V`` -> (site, version or None); UnknownModelError for anything else."""
+        site, _, version = name.partition(":")
+        if site not in self.config.sites:
+            raise UnknownModelError(
+                f"no site {site!r} is served here (sites: {', '.join(self.config.sites)}); address a site "
+                "as /v2/models/SITE/infer or a version as SITE:VERSION"
+            )
+        if ":" in name and not _VERSION.match(version):
+            raise UnknownModelError(f"{name!r}: a version is a positive integer (SITE:VERSION), got {version!r}")
+        return site, version or None
+
+    # -- the registry
+    def champion(self, site: str, refresh: bool = False) -> _Alias:
+        """The site's champion version, resolved again when older than ``--refresh-seconds``."""
+        from mlflow.exceptions import MlflowException
+
+        now = time.monotonic()
+        with self._registry_lock:
+            cached = self._aliases.get(site)
+            if cached is not None and not refresh and now - cached.at < self.config.refresh_seconds:
+                return cached
+            name = self.registered_name(site)
+            try:
+                version = self._client.get_model_version_by_alias(name, CHAMPION)
+                alias = _Alias(str(version.version), "", now)
+            except (MlflowException, OSError) as err:
+                if isinstance(err, MlflowException) and err.error_code in NOT_THERE:
+                    alias = _Alias(None, f"{name} has no {CHAMPION} in the registry ({err.error_code})", now)
+                elif cached is not None and cached.version is not None:  # the registry does not answer
+                    log.warning("%s: registry unavailable, still serving v%s (%s)", name, cached.version, err)
+                    alias = _Alias(cached.version, cached.problem, now)
+                else:
+                    alias = _Alias(None, f"the registry does not answer for {name} ({type(err).__name__})", now)
+            if cached is None or cached.version != alias.version:
+                if alias.version is not None:
+                    log.info("%s: %s is v%s", name, CHAMPION, alias.version)
+                else:
+                    log.warning("%s", alias.problem)
+            self._aliases[site] = alias
+            return alias
+
+    def version_exists(self, site: str, version: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        key = (site, version)
+        with self._registry_lock:
+            if key not in self._versions:
+                try:
+                    self._client.get_model_version(self.registered_name(site), version)
+                    self._versions[key] = True
+                except (MlflowException, OSError) as err:
+                    if isinstance(err, MlflowException) and err.error_code in NOT_THERE:
+                        return False  # not cached: it may be registered later
+                    raise ModelUnavailableError(f"the registry does not answer ({type(err).__name__})") from err
+            return self._versions[key]
+
+    def resolve(self, site: str, version: str | None) -> tuple[str, str]:
+        """(version, alias) that answers for ``site`` (and an explicit ``version``)."""
+        if version is not None:
+            if not self.version_exists(site, version):
+                raise UnknownModelError(f"{self.registered_name(site)} has no version {version}")
+            return version, ""
+        alias = self.champion(site)
+        if alias.version is None:
+            raise ModelUnavailableError(alias.problem)
+        return alias.version, CHAMPION
+
+    def problem(self, name: str) -> CesslError | None:
+        """Why ``name`` (``S`` or ``S:V``) cannot answer now, or None (readiness)."""
+        try:
+            self.resolve(*self.parse(name))
+        except (UnknownModelError, ModelUnavailableError) as err:
+            return err
+        return None
+
+    # -- artifacts
+    def _download(self, registered: str, version: str, what: str) -> Path:
+        """Download the ``what`` artifact (``adapter`` / ``backbone``) of a model version, found
+        through its MLmodel file (the artifact's folder keeps the name it was logged from)."""
+        import mlflow
+        import yaml
+
+        target = self.cache_dir / f"{registered}-v{version}-{what}"
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        uri = f"models:/{registered}/{version}"
+        mlmodel = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/MLmodel", dst_path=str(target)))
+        try:
+            artifacts = yaml.safe_load(mlmodel.read_text(encoding="utf-8"))["flavors"]["python_function"]["artifacts"]
+            relative = str(artifacts[what]["path"])
+        except (KeyError, TypeError, yaml.YAMLError) as err:
+            raise ModelUnavailableError(
+                f"{uri} is not a CE-SSL adapter model (its MLmodel has no {what!r} artifact: {err})"
+            ) from None
+        if relative.startswith("/") or ".." in Path(relative).parts:
+            raise ModelUnavailableError(f"{uri}: artifact path {relative!r} escapes the model")
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{relative}", dst_path=str(target)))
+
+    def _load_adapter(self, site: str, version: str) -> SiteAdapter:
+        """Download a version's adapter (and, the first time, its backbone) and read it."""
+        from mlflow.exceptions import MlflowException
+
+        from ml.model.pretrained import read_backbone
+
+        registered = self.registered_name(site)
+        key = f"{registered}/{version}"
+        folders = [self.cache_dir / f"{registered}-v{version}-{what}" for what in ("adapter", "backbone")]
+        try:
+            adapter_dir = self._download(registered, version, "adapter")
+            adapter = read_site_adapter(adapter_dir, key)
+            if adapter.backbone_id not in self.backbones:
+                backbone_dir = self._download(registered, version, "backbone")
+                backbone = read_backbone(backbone_dir)
+                shared = SharedBackbone(backbone.state, backbone.config, backbone.identity)
+                self.backbones[backbone.identity] = shared
+                log.info(
+                    "loaded backbone %s (%s, %.1f MB) from %s",
+                    backbone.identity[:12],
+                    backbone.name,
+                    shared.nbytes / 1e6,
+                    key,
+                )
+            self.backbones[adapter.backbone_id].check(adapter)
+        except (MlflowException, CesslError, OSError, ValueError) as err:
+            raise ModelUnavailableError(f"{key} cannot be loaded: {err}") from err
+        finally:
+            for folder in folders:
+                shutil.rmtree(folder, ignore_errors=True)
+        log.info("loaded adapter %s (%.2f MB, %d classes)", key, adapter.nbytes / 1e6, len(adapter.classes))
+        return adapter
+
+    def adapter(self, site: str, version: str) -> SiteAdapter:
+        key = f"{self.registered_name(site)}/{version}"
+        with self._registry_lock:
+            return self.adapters.get(key, lambda: self._load_adapter(site, version))
+
+    def warm_up(self) -> None:
+        """Resolve every site's champion and load the first one's backbone and adapter (so
+        the server is ready to answer; the other adapters load on their first request)."""
+        for site in self.config.sites:
+            alias = self.champion(site, refresh=True)
+            if alias.version is not None and not self.backbones:
+                try:
+                    self.adapter(site, alias.version)
+                except ModelUnavailableError as err:  # that site answers 503 until it can be loaded
+                    log.warning("%s", err)
+
+    # -- predicting
+    def predict(self, name: str, signals: np.ndarray, sample_rate: float, version: str | None = None) -> Prediction:
+        """Probabilities of raw signals ``(n, 12, T)`` at ``sample_rate`` for ``name`` (``S`` or ``S:V``)."""
+        from ml.eval.predictor import preprocess_signal
+
+        site, pinned = self.parse(name)
+        if version is not None:
+            if pinned is not None and pinned != version:
+                raise BadRequestError(f"the model {name!r} and the parameter version={version} disagree")
+            if not _VERSION.match(version):
+                raise BadRequestError(f"parameter version must be a positive integer, got {version!r}")
+            pinned = version
+        answering, alias = self.resolve(site, pinned)
+        adapter = self.adapter(site, answering)
+        raw = np.asarray(signals, dtype=np.float64)  # as Predictor.predict_raw
+        try:
+            x = np.stack([preprocess_signal(r, sample_rate) for r in raw])
+        except ValueError as err:
+            raise BadRequestError(f"{SIGNALS} cannot be preprocessed at {sample_rate:g} Hz: {err}") from err
+        probs = self.forward(adapter, x)
+        positive = probs >= np.asarray(adapter.thresholds)[None, :]
+        diagnoses = [[c for c, on in zip(adapter.classes, row, strict=True) if on] for row in positive]
+        return Prediction(
+            site=site,
+            model_name=self.registered_name(site),
+            version=answering,
+            alias=alias,
+            classes=list(adapter.classes),
+            thresholds=list(adapter.thresholds),
+            probabilities=probs,
+            diagnoses=diagnoses,
+        )
+
+    def forward(self, adapter: SiteAdapter, x: np.ndarray) -> np.ndarray:
+        """The site's probabilities of preprocessed signals (the Predictor's own code path)."""
+        from ml.eval.predictor import Predictor
+
+        shared = self.backbones[adapter.backbone_id]
+        with self._model_lock:
+            shared.activate(adapter)
+            predictor = Predictor(
+                shared.model, adapter.classes, np.asarray(adapter.thresholds, dtype=np.float64), adapter.backbone_id
+            )
+            return predictor.predict_proba(x)
+
+    def close(self) -> None:
+        if self._own_cache:
+            shutil.rmtree(self.cache_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- request decoding
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise BadRequestError(f"{what} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise BadRequestError(f"{what} must be a number, got {value!r}") from None
+    return number
+
+
+def sample_rate_of(parameters: dict[str, Any] | None) -> float:
+    value = (parameters or {}).get("sample_rate", DEFAULT_SAMPLE_RATE)
+    rate = _number(value, "parameter sample_rate")
+    if not math.isfinite(rate) or not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise BadRequestError(
+            f"parameter sample_rate must be in [{MIN_SAMPLE_RATE:g}, {MAX_SAMPLE_RATE:g}] Hz, got {value!r}"
+        )
+    return rate
+
+
+def signals_of(array: np.ndarray, max_records: int) -> np.ndarray:
+    """``(n, 12, T)`` float32 of a decoded tensor, or BadRequestError naming the problem."""
+    x = np.asarray(array)
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3 or x.shape[1] != N_LEADS or x.shape[0] == 0 or x.shape[2] == 0:
+        raise BadRequestError(f"input {SIGNALS!r} must have the shape [n, 12, samples], got {list(np.shape(array))}")
+    if x.shape[0] > max_records:
+        raise BadRequestError(f"input {SIGNALS!r} holds {x.shape[0]} records; at most {max_records} per request")
+    x = x.astype(np.float32)
+    if not np.all(np.isfinite(x)):
+        bad = int(np.argmax(~np.isfinite(x).reshape(len(x), -1).all(axis=1)))
+        raise BadRequestError(f"input {SIGNALS!r} contains NaN or infinite values (record {bad})")
+    return x
+
+
+_SIGNAL_FILE = re.compile(r"^[A-Za-z0-9_.-]+\.(mat|dat)$")
+
+
+def wfdb_records(pairs: np.ndarray, work: Path, max_records: int) -> tuple[list[np.ndarray], list[float]]:
+    """Signals and sample rates of ``[n, 2]`` (header text, base64 signal file) pairs."""
+    from ml.eval.predictor import read_wfdb
+
+    rows = np.asarray(pairs, dtype=object)
+    if rows.ndim == 1 and rows.shape[0] == 2:
+        rows = rows[None]
+    if rows.ndim != 2 or rows.shape[1] != 2 or rows.shape[0] == 0:
+        raise BadRequestError(
+            f"input {RECORDS!r} must have the shape [n, 2] (header, base64 signal file), got {list(rows.shape)}"
+        )
+    if rows.shape[0] > max_records:
+        raise BadRequestError(f"input {RECORDS!r} holds {rows.shape[0]} records; at most {max_records} per request")
+    signals, rates = [], []
+    for i, (header, payload) in enumerate(rows):
+        header = header.decode("utf-8", "replace") if isinstance(header, bytes) else str(header)
+        payload = payload.decode("ascii", "replace") if isinstance(payload, bytes) else str(payload)
+        lines = [line for line in header.splitlines() if line.strip() and not line.startswith("#")]
+        files = {line.split()[0] for line in lines[1:] if line.split()}
+        if not lines or len(files) != 1 or not _SIGNAL_FILE.match(next(iter(files))):
+            raise BadRequestError(
+                f"record {i}: the header must name one signal file (a bare NAME.mat or NAME.dat), found {sorted(files)}"
+            )
+        try:
+            content = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise BadRequestError(f"record {i}: the signal file is not valid base64") from None
+        folder = work / f"r{i}"
+        folder.mkdir()
+        record = folder / "record"
+        record.with_suffix(".hea").write_text(header, encoding="utf-8")
+        (folder / next(iter(files))).write_bytes(content)
+        try:
+            signal, fs = read_wfdb(record)
+        except (OSError, ValueError) as err:
+            raise BadRequestError(f"record {i}: {str(err).replace(str(folder) + '/', '')}") from None
+        if not MIN_SAMPLE_RATE <= fs <= MAX_SAMPLE_RATE:
+            raise BadRequestError(
+                f"record {i}: sample rate {fs:g} Hz outside [{MIN_SAMPLE_RATE:g}, {MAX_SAMPLE_RATE:g}]"
+            )
+        signals.append(signal)
+        rates.append(fs)
+    return signals, rates
+
+
+# --------------------------------------------------------------------------- KServe
+
+
+def build_server(network: Network):
+    """The KServe ModelServer (REST only) answering for ``network``; call ``.start(models)``.
+
+    kserve reads ``sys.argv`` when its model_server module is imported; it is imported here
+    with an empty command line so that ``cessl serve``'s own flags are not taken for its.
+    """
+    import sys
+
+    argv = sys.argv
+    sys.argv = argv[:1]
+    try:
+        from kserve import Model, ModelServer
+        from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
+        from kserve.model_repository import ModelRepository
+        from kserve.model_server import app
+        from kserve.protocol.dataplane import DataPlane
+        from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+    finally:
+        sys.argv = argv
+
+    class SiteNotFound(ModelNotFound):
+        def __init__(self, reason: str) -> None:
+            self.reason = reason
+
+    class SiteModel(Model):
+        """The kserve model of one site name (``S`` or ``S:V``); all share ``network``."""
+
+        def __init__(self, name: str) -> None:
+            super().__init__(name)
+            self.ready = True
+
+        async def healthy(self) -> bool:
+            return await asyncio.to_thread(network.problem, self.name) is None
+
+        def get_input_types(self) -> list[dict]:
+            return [
+                {"name": SIGNALS, "datatype": "FP32", "shape": [-1, N_LEADS, -1]},
+                {"name": RECORDS, "datatype": "BYTES", "shape": [-1, 2]},
+            ]
+
+        def get_output_types(self) -> list[dict]:
+            return [
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, -1]},
+                {"name": "diagnoses", "datatype": "BYTES", "shape": [-1]},
+                {"name": "codes", "datatype": "BYTES", "shape": [-1]},
+            ]
+
+        async def predict(self, payload, headers=None, response_headers=None):
+            if not isinstance(payload, InferRequest):
+                raise InvalidInput("send an Open Inference Protocol v2 request: POST /v2/models/SITE/infer")
+            try:
+                return await asyncio.to_thread(self._predict, payload)
+            except BadRequestError as err:
+                raise InvalidInput(str(err)) from None
+            except UnknownModelError as err:
+                raise SiteNotFound(str(err)) from None
+            except ModelUnavailableError as err:
+                raise ModelNotReady(self.name, str(err)) from None
+
+        def _predict(self, request: InferRequest):
+            params = dict(request.parameters or {})
+            unknown = sorted(set(params) - {"sample_rate", "version"})
+            if unknown:
+                raise BadRequestError(f"unknown parameters {unknown}; known: sample_rate, version")
+            version = params.get("version")
+            version = None if version is None else str(version)
+            inputs = {i.name: i for i in request.inputs}
+            if len(request.inputs) != 1 or not ({SIGNALS, RECORDS} & set(inputs)):
+                raise BadRequestError(
+                    f"send exactly one input, {SIGNALS!r} (FP32 [n, 12, samples]) or {RECORDS!r} "
+                    f"(BYTES [n, 2]); got {sorted(inputs) or 'none'}"
+                )
+            tensor = request.inputs[0]
+            limit = network.config.max_records
+            if tensor.name == SIGNALS:
+                if tensor.datatype not in ("FP32", "FP64"):
+                    raise BadRequestError(f"input {SIGNALS!r} must be FP32 (or FP64), got {tensor.datatype}")
+                try:
+                    array = tensor.as_numpy()
+                except (ValueError, TypeError) as err:
+                    raise BadRequestError(
+                        f"input {SIGNALS!r}: its data does not fit shape {tensor.shape}: {err}"
+                    ) from None
+                signals = signals_of(array, limit)
+                rates = [sample_rate_of(params)] * len(signals)
+                prediction = self._by_rate(list(signals), rates, version)
+            else:
+                if tensor.datatype != "BYTES":
+                    raise BadRequestError(f"input {RECORDS!r} must be BYTES, got {tensor.datatype}")
+                if "sample_rate" in params:
+                    raise BadRequestError("parameter sample_rate does not apply to WFDB records (their headers say it)")
+                try:
+                    pairs = np.asarray(tensor.data, dtype=object).reshape(tensor.shape)
+                except ValueError as err:
+                    raise BadRequestError(
+                        f"input {RECORDS!r}: its data does not fit shape {tensor.shape}: {err}"
+                    ) from None
+                with tempfile.TemporaryDirectory(prefix="cessl-serve-records-") as tmp:
+                    signals_list, rates = wfdb_records(pairs, Path(tmp), limit)
+                prediction = self._by_rate(signals_list, rates, version)
+            return response(request, prediction)
+
+        def _by_rate(self, signals: list[np.ndarray], rates: list[float], version: str | None) -> Prediction:
+            """Records may differ in length and rate: one forward per (rate, length) group, in order."""
+            groups: dict[tuple[float, int], list[int]] = {}
+            for i, (s, rate) in enumerate(zip(signals, rates, strict=True)):
+                if not (s.ndim == 2 and s.shape[0] == N_LEADS):
+                    raise BadRequestError(f"record {i} has {s.shape[0]} leads; 12 are needed")
+                groups.setdefault((rate, s.shape[1]), []).append(i)
+            result: Prediction | None = None
+            probs: np.ndarray | None = None
+            diagnoses: list[list[str]] = [[] for _ in signals]
+            for (rate, _), index in groups.items():
+                part = network.predict(self.name, np.stack([signals[i] for i in index]), rate, version)
+                if result is None:
+                    result = part
+                    probs = np.zeros((len(signals), len(part.classes)))
+                elif (part.version, part.classes) != (result.version, result.classes):
+                    raise ModelUnavailableError(f"{self.name}: the answering version changed during the request; retry")
+                assert probs is not None
+                probs[index] = part.probabilities
+                for j, i in enumerate(index):
+                    diagnoses[i] = part.diagnoses[j]
+            assert result is not None and probs is not None
+            result.probabilities, result.diagnoses = probs, diagnoses
+            return result
+
+    def response(request: InferRequest, p: Prediction):
+        abbreviations, descriptions = class_descriptions(p.classes)
+        short = dict(zip(p.classes, abbreviations, strict=True))
+        n, c = p.probabilities.shape
+
+        def text(name: str, values: list[str]) -> InferOutput:
+            return InferOutput(name=name, shape=[len(values)], datatype="BYTES", data=values)
+
+        outputs = [
+            InferOutput(
+                name="probabilities",
+                shape=[n, c],
+                datatype="FP32",
+                data=p.probabilities.astype(np.float32).reshape(-1).tolist(),
+            ),
+            text("diagnoses", [";".join(short[code] for code in d) for d in p.diagnoses]),
+            text("codes", [";".join(d) for d in p.diagnoses]),
+            text("classes", p.classes),
+            text("class_names", abbreviations),
+            text("descriptions", descriptions),
+            InferOutput(name="thresholds", shape=[c], datatype="FP32", data=[float(t) for t in p.thresholds]),
+        ]
+        return InferResponse(
+            response_id=request.id or "",
+            model_name=p.model_name,
+            model_version=p.version,
+            infer_outputs=outputs,
+            parameters={"site": p.site, "alias": p.alias or "pinned", "registered_model": p.model_name},
+        )
+
+    class NetworkRepository(ModelRepository):
+        """Every served site by name, and ``S:V`` made on demand (never stored)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            for site in network.config.sites:
+                self.update(SiteModel(site))
+
+        def get_model(self, name: str):
+            model = self.models.get(name)
+            if model is None and ":" in name:
+                try:
+                    network.parse(name)
+                except UnknownModelError:
+                    return None
+                model = SiteModel(name)
+            return model
+
+    class NetworkDataPlane(DataPlane):
+        """Says why a site is not ready (503) and which sites exist (404)."""
+
+        async def model_ready(self, model_name: str, disable_predictor_health_check: bool = False) -> bool:
+            try:
+                network.parse(model_name)
+            except UnknownModelError as err:
+                raise SiteNotFound(str(err)) from None
+            problem = await asyncio.to_thread(network.problem, model_name)
+            if problem is None:
+                return True
+            if isinstance(problem, UnknownModelError):
+                raise SiteNotFound(str(problem))
+            raise ModelNotReady(model_name, str(problem))
+
+    class CesslModelServer(ModelServer):
+        """ModelServer listening on ``host`` (kserve's own binds 0.0.0.0), REST only."""
+
+        def start(self, models) -> None:  # type: ignore[override]
+            from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
+            from kserve.protocol.rest.server import RESTServer
+
+            class QuietRESTServer(RESTServer):
+                def _add_exception_handlers(self, app) -> None:
+                    super()._add_exception_handlers(app)
+                    install_quiet_handlers(app)
+
+            self._register_and_check_atleast_one_model_is_ready(models)
+            self._rest_server = QuietRESTServer(
+                FASTAPI_APP_IMPORT_STRING,
+                self.dataplane,
+                self.model_repository_extension,
+                self.http_port,
+                workers=1,
+                grace_period=self.grace_period,
+                event_loop=self.event_loop,
+                timeout_keep_alive=self.timeout_keep_alive,
+            )
+            self._rest_server.config.host = network.config.host
+            self.servers.append(self._rest_server.start())
+            self.setup_event_loop()  # uvicorn handles SIGINT/SIGTERM itself (graceful shutdown)
+            asyncio.run(self._serve())
+
+    repository = NetworkRepository()
+    server = CesslModelServer(
+        http_port=network.config.port, registered_models=repository, enable_grpc=False, workers=1, grace_period=10
+    )
+    server.dataplane = NetworkDataPlane(model_registry=repository)
+    install_http_guards(app, network.config.max_body_bytes)
+    return server, list(repository.models.values())
+
+
+def install_quiet_handlers(app) -> None:
+    """The client's mistakes (400/404/413) and a site that cannot answer (503) are logged as
+    one line; kserve's own handlers log each with a traceback."""
+    from fastapi.responses import JSONResponse
+    from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
+
+    def handler(status: int):
+        async def handle(request, exc):
+            log.warning("%s %s -> %d: %s", request.method, request.url.path, status, exc)
+            return JSONResponse(status_code=status, content={"error": str(exc)})
+
+        return handle
+
+    app.add_exception_handler(InvalidInput, handler(400))
+    app.add_exception_handler(ModelNotFound, handler(404))
+    app.add_exception_handler(ModelNotReady, handler(503))
+
+
+def install_http_guards(app, max_body_bytes: int) -> None:
+    """A body limit (413) and one-line 400s for bodies FastAPI cannot parse (instead of 422 lists)."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    async def invalid_body(_request, exc: RequestValidationError):
+        problems = []
+        for error in exc.errors()[:5]:
+            where = ".".join(str(part) for part in error.get("loc", ()) if part != "body") or "body"
+            problems.append(f"{where}: {error.get('msg', 'invalid')}")
+        return JSONResponse(status_code=400, content={"error": "malformed request: " + "; ".join(problems)})
+
+    app.add_exception_handler(RequestValidationError, invalid_body)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(VersionPath)
+
+
+_VERSION_PATH = re.compile(r"^/v2/models/([^/]+)/versions/([^/]+)(/infer|/ready|)$")
+
+
+class VersionPath:
+    """ASGI middleware: the v2 protocol's ``/v2/models/S/versions/V/...`` is ``S:V`` here
+    (kserve itself answers 501 to versioned paths)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            match = _VERSION_PATH.match(scope.get("path", ""))
+            if match:
+                name, version, rest = match.groups()
+                path = f"/v2/models/{name}:{version}{rest}"
+                scope = {**scope, "path": path, "raw_path": path.encode()}
+        await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` is answered 413, by its
+    Content-Length before reading or while a chunked body streams in (the body is read here,
+    up to the limit, and handed on whole)."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def _answer(self, send, status: int, error: str) -> None:
+        body = json.dumps({"error": error}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def _too_large(self, size: str) -> str:
+        return f"request body of {size} exceeds the limit of {self.max_bytes / (1024 * 1024):g} MiB (--max-body-mb)"
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or ()).get(b"content-length")
+        if length is not None and not length.isdigit():
+            await self._answer(send, 400, "Content-Length must be a number of bytes")
+            return
+        if length is not None and int(length) > self.max_bytes:
+            await self._answer(send, 413, self._too_large(f"{int(length)} bytes"))
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._answer(send, 413, self._too_large(f"more than {self.max_bytes} bytes"))
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        delivered = False
+
+        async def replay():
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def serve(config: ServeConfig) -> None:
+    """Start the server (blocks until SIGINT/SIGTERM)."""
+    network = Network(config)
+    try:
+        network.warm_up()
+        server, models = build_server(network)
+        log.info(
+            "serving %d sites of %s on http://%s:%d (adapters: at most %d in memory; aliases refreshed every %gs)",
+            len(config.sites),
+            config.model_name,
+            config.host,
+            config.port,
+            config.max_adapters,
+            config.refresh_seconds,
+        )
+        server.start(models)
+    finally:
+        network.close()
