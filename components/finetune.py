@@ -155,10 +155,12 @@ def finetune_step(
     train: TrainConfig,
     checkpoint_root: str | Path | None = None,
     store_fingerprint: str,
+    progress_label: str = "",
 ) -> FinetuneResult:
     """Fine-tune ``train.method``, write the adapter to ``adapter_dir`` and the curves to ``curves_path`` (JSONL).
 
     ``store_fingerprint`` (the preprocess step's) identifies the data in the checkpoint key.
+    ``progress_label``: how the progress lines name the run (default ``fine-tune (METHOD)``).
     """
     from ml.train.gpu import check_required_gpu
 
@@ -197,6 +199,7 @@ def finetune_step(
             valid,
             adapter_dir,
             curves_path,
+            progress_label or f"fine-tune ({train.method})",
         )
 
 
@@ -214,6 +217,7 @@ def _finetune_in(
     valid,
     adapter_dir: Path,
     curves_path: Path,
+    progress_label: str,
 ) -> FinetuneResult:
     from ml.model.adapter import AdapterMeta, save_adapter
     from ml.model.backbone import backbone_config
@@ -237,7 +241,7 @@ def _finetune_in(
         train_ds,
         unlabelled,
         valid,
-        callbacks=[recorder, profiler, ProgressLine(train.max_steps, label=f"fine-tune ({train.method})")],
+        callbacks=[recorder, profiler, ProgressLine(train.max_steps, label=progress_label)],
     )
     result = outcome.result
     meta = AdapterMeta(

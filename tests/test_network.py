@@ -109,6 +109,8 @@ def test_compiled_network_loops_over_the_sites_parameter(tmp_path):
     body = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
     assert {"ingest", "preprocess", "split", "allocate-ranks", "finetune", "evaluate", "register"} <= set(body)
     assert "resolve-backbone" not in body  # the backbone is resolved once
+    for task in ("ingest", "finetune"):  # their log lines name the site
+        assert "site" in body[task]["inputs"]["parameters"], task
     cross = spec["components"]["comp-cross-site"]["inputDefinitions"]["artifacts"]
     assert all(cross[name].get("isArtifactList") for name in ("stores", "splits", "adapters", "registrations"))
     # finetune of every site asks for the GPU
@@ -180,6 +182,7 @@ def test_network_run_registers_each_site_logs_the_matrix_and_survives_a_missing_
         assert version.tags[TAG_SITE] == site and version.tags[TAG_NETWORK] == first["network_id"]
         assert version.tags["data_version"] == status[site]["data_version"] and version.tags["backbone_id"]
         assert client.get_run(version.run_id).data.tags[TAG_PARENT] == parent.info.run_id
+        assert client.get_run(version.run_id).info.run_name.startswith(f"{site}-")
     assert status["a"]["data_version"] != status["b"]["data_version"]
 
     # unchanged data: every site's steps come from the cache, the registrations are reused
@@ -190,6 +193,7 @@ def test_network_run_registers_each_site_logs_the_matrix_and_survives_a_missing_
         assert second[site]["model_version"] == status[site]["model_version"]
     task_log = re.sub(r"\x1b\[[0-9;]*m", "", (tmp_path / "local_outputs" / "last_network_run.log").read_text())
     executed = re.findall(r"Executing task '([\w-]+)'", task_log)
+    assert "[site a] " in task_log and "[site b] " in task_log  # each site's task lines name it
     assert "register" in executed and "cross-site" in executed, executed  # the uncached steps ran
     assert not {"ingest", "preprocess", "split", "allocate-ranks", "finetune", "evaluate"} & set(executed), executed
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -317,6 +318,26 @@ def test_the_audit_history_survives_five_decisions(reg, store, capsys):
     assert describe_versions(reg.client, reg.name)[0]["aliases"] == "challenger,champion"
     assert cli.main(["models"]) == 0
     assert f"champion=v{v3}" in capsys.readouterr().out
+
+
+def test_each_decision_is_printed_once_with_class_names(reg, capsys, caplog):
+    v1 = reg.new_version({"macro_f_beta": 0.40})
+    promote(reg.client, reg.name)
+    gate = evidence(challenger_noise=0.15, champion_noise=0.45)
+    gate["per_class"][0] |= {"name": "164889003", "challenger": 0.2, "champion": 0.9, "drop": 0.7}
+    reg.new_version({"macro_f_beta": 0.8}, champion=v1, gate=gate)
+    capsys.readouterr()
+    caplog.set_level(logging.INFO)
+    assert cli.main(["promote", reg.name]) == 1
+    printed = " ".join((capsys.readouterr().out + caplog.text).split())  # the console wraps at 80
+    assert printed.count("per-class non-inferiority fails") == 1, printed
+    assert printed.count(f"challenger v{int(v1) + 1}") == 1, printed  # the numbers, once
+    assert "AF (164889003) -0.7000" in printed
+    caplog.clear()
+    assert cli.main(["promote", reg.name, "--force", "--reason", "ward asked"]) == 0
+    assert cli.main(["rollback", reg.name]) == 0
+    printed = capsys.readouterr().out + caplog.text
+    assert printed.count("champion is v") == 1, printed
 
 
 def test_cli_exit_codes(reg, capsys):

@@ -24,7 +24,7 @@ from typing import NoReturn
 
 from ml.errors import EXIT_CODES, EXIT_USAGE
 from pipeline.core.failures import describe
-from pipeline.core.logsafe import configure_logging, redact
+from pipeline.core.logsafe import configure_logging, redact, route_warnings
 
 # Modules under pipeline.cli that contribute sub-commands, in help order.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -87,6 +87,7 @@ def report(err: BaseException, verbose: bool) -> int | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    route_warnings()  # before the verbs' imports: a library warning is not output (-v shows it)
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.verbose, args.debug_http)

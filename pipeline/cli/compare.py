@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -106,7 +105,6 @@ def load_table(tracking: TrackingConfig, parent_run_id: str) -> pd.DataFrame:
     """The comparison table, rebuilt from the cells logged with the parent run."""
     import mlflow
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     tracking.activate()
     with tempfile.TemporaryDirectory(prefix="cessl-compare-") as tmp:
         path = mlflow.artifacts.download_artifacts(

@@ -63,18 +63,19 @@ def _tracking(args: argparse.Namespace, name: str = "") -> TrackingConfig:
     return registry_tracking(args.tracking_uri, name)
 
 
-def print_decision(decision: PromotionDecision) -> None:
+def print_decision(decision: PromotionDecision, console=None) -> None:
+    """The decision, once: verdict and why, the numbers, who forced it, the champion history."""
     from rich.console import Console
+    from rich.text import Text
 
-    c = decision.comparison
     colour = {"promoted": "green", "forced": "yellow", "refused": "red"}[decision.label]
-    console = Console()
-    console.print(f"[bold {colour}]{decision.label.upper()}[/]: {decision.reason}")
-    console.print(c.describe())
+    console = console or Console()
+    console.print(Text(decision.label.upper(), style=f"bold {colour}") + Text(f": {decision.reason}"))
+    console.print(Text(decision.comparison.describe()))
     if decision.forced:
-        console.print(f"forced by {decision.who}: {decision.force_reason}")
+        console.print(Text(f"forced by {decision.who}: {decision.force_reason}"))
     if decision.history:
-        console.print(f"champion history: {' -> '.join('v' + v for v in decision.history)}")
+        console.print(Text(f"champion history: {' -> '.join('v' + v for v in decision.history)}"))
 
 
 def run_promote(
@@ -197,16 +198,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _table(title: str, columns: tuple[str, ...], rows: list[dict]) -> None:
+def _table(title: str, columns: tuple[str, ...], rows: list[dict], console=None) -> None:
+    """A table at the console's width; blocks of fields where it would not fit (IDs whole)."""
     from rich.console import Console
-    from rich.table import Table
 
-    table = Table(title=title)
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*(str(row.get(c, "")) for c in columns))
-    Console(width=200).print(table)
+    from pipeline.cli.render import print_records
+
+    print_records(console or Console(), title, columns, rows)
 
 
 def _numbers(metrics: dict) -> str:
@@ -242,34 +240,36 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    tracking_flag = add_tracking_uri_flag
-
-    def site_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--site",
-            action="append",
-            default=[],
-            metavar="SITE",
-            help="a site of the network: acts on <name>-<site> (repeatable; name defaults to cessl-ecg)",
-        )
-        p.add_argument("--all-sites", action="store_true", help="every site of the registry file (--sites)")
-        p.add_argument(
-            "--sites",
-            type=optional(as_text(existing_file)),
-            default="",
-            help="site registry file (default: ./sites.yaml)",
-        )
-
-    pr = subparsers.add_parser("promote", help="move 'champion' to the challenger if it beats the champion")
-    pr.add_argument(
+def target_flags(parser: argparse.ArgumentParser) -> None:
+    """The models a registry verb acts on (:func:`target_models`): ``NAME``, or sites of a network."""
+    parser.add_argument(
         "name",
         nargs="?",
         default="",
         type=optional(registered_model),
         help="registered model name (with --site: the network's base name)",
     )
-    site_flags(pr)
+    parser.add_argument(
+        "--site",
+        action="append",
+        default=[],
+        metavar="SITE",
+        help="a site of the network: acts on <name>-<site> (repeatable; name defaults to cessl-ecg)",
+    )
+    parser.add_argument("--all-sites", action="store_true", help="every site of the registry file (--sites)")
+    parser.add_argument(
+        "--sites",
+        type=optional(as_text(existing_file)),
+        default="",
+        help="site registry file (default: ./sites.yaml)",
+    )
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    tracking_flag = add_tracking_uri_flag
+
+    pr = subparsers.add_parser("promote", help="move 'champion' to the challenger if it beats the champion")
+    target_flags(pr)
     pr.add_argument(
         "--metric", default="macro_f_beta", choices=GATE_METRICS, help="test metric of the gate (default: %(default)s)"
     )
@@ -295,14 +295,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     pr.set_defaults(func=cmd_promote)
 
     rb = subparsers.add_parser("rollback", help="restore the previous champion")
-    rb.add_argument(
-        "name",
-        nargs="?",
-        default="",
-        type=optional(registered_model),
-        help="registered model name (with --site: the network's base name)",
-    )
-    site_flags(rb)
+    target_flags(rb)
     rb.set_defaults(force=False)
     rb.add_argument("--reason", default="", help="why (recorded in the audit log)")
     tracking_flag(rb)

@@ -20,7 +20,7 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -267,7 +267,6 @@ def summarise_run(
 
     from pipeline.registry.tracking import CHAMPION_PREFIX, TEST_PREFIX
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     client = tracking.client()
     run = client.get_run(run_id)
     tracking.activate()
@@ -314,45 +313,59 @@ def schedule_of(logged: dict[str, str], params: PipelineParams) -> str:
 
 
 def next_steps(summary: RunSummary) -> list[str]:
-    """What to do after a run: look at it in MLflow, read its report, promote it."""
-    uri = summary.tracking_uri
-    flag = f" --tracking-uri {uri}" if uri else ""
-    lines = [f"mlflow ui --backend-store-uri {uri}" if uri else "mlflow ui"]
+    """What to do after a run: look at it in MLflow, read its report, promote it (commands
+    spelled so that they run from here: :func:`pipeline.cli.shell.runnable`)."""
+    from pipeline.cli.shell import runnable
+
+    uri = shlex.quote(summary.tracking_uri)
+    flag = f" --tracking-uri {uri}" if summary.tracking_uri else ""
+    lines = [runnable(f"mlflow ui --backend-store-uri {uri}" if summary.tracking_uri else "mlflow ui")]
     if summary.report_uri:
         lines.append(f"evaluation report: {summary.report_uri}")
     if "champion" not in summary.aliases:
-        lines.append(f"cessl promote {summary.model_name}{flag}")
+        lines.append(runnable(f"cessl promote {shlex.quote(summary.model_name)}{flag}"))
     return lines
 
 
+def summary_fields(summary: RunSummary) -> list[tuple[str, Any]]:
+    """The run summary's ``label, value`` rows; every ID whole."""
+    from rich.text import Text
+
+    from components.allocate_ranks import summarise
+
+    aliases = ", ".join(summary.aliases) or "no alias"
+    version = Text(f"{summary.model_name} v{summary.model_version} [{aliases}]")
+    if summary.reused:
+        version += Text(" reused an identical earlier registration", style="yellow")
+    rows: list[tuple[str, Any]] = [("data version", summary.data_version), ("git commit", summary.git_commit)]
+    if summary.n_quarantined is not None:
+        rows.append(("quarantined records", summary.n_quarantined))
+    rows += [
+        ("ranks allocated", summarise(summary.rank_map)),
+        ("schedule", summary.schedule),
+        ("MLflow run", summary.run_id),
+        ("tracking URI", summary.tracking_uri),
+        ("model version", version),
+        ("wall time", f"{summary.seconds:.0f} s"),
+    ]
+    return rows
+
+
 def print_summary(summary: RunSummary, console=None) -> None:
+    """The run's IDs, its rank map, its test metrics and what to do next; fits 80 columns
+    without cutting an ID (:mod:`pipeline.cli.render`)."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
 
-    from components.allocate_ranks import summarise
+    from pipeline.cli.render import print_fields
 
     console = console or Console()
-    head = Table(title="CE-SSL run", show_header=False)
-    head.add_row("data version", Text(summary.data_version))
-    head.add_row("git commit", Text(summary.git_commit))
-    if summary.n_quarantined is not None:
-        head.add_row("quarantined records", str(summary.n_quarantined))
-    head.add_row("ranks allocated", Text(summarise(summary.rank_map)))
-    head.add_row("schedule", Text(summary.schedule))
-    head.add_row("MLflow run", Text(f"{summary.run_id} ({summary.tracking_uri})"))
-    aliases = ", ".join(summary.aliases) or "no alias"
-    head.add_row(
-        "model version",
-        Text(f"{summary.model_name} v{summary.model_version} [{aliases}]")
-        + (Text(" reused an identical earlier registration", style="yellow") if summary.reused else Text("")),
-    )
-    head.add_row("wall time", f"{summary.seconds:.0f} s")
-    console.print(head)
+    print_fields(console, "CE-SSL run", summary_fields(summary))
     if summary.rank_map:
         ranks = Table(title="rank map")
-        ranks.add_column("layer")
+        ranks.add_column("layer", no_wrap=True)
         ranks.add_column("rank", justify="right")
         for layer, rank in summary.rank_map.items():
             ranks.add_row(Text(layer), str(rank))

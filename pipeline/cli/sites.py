@@ -250,6 +250,8 @@ def print_network_summary(summary: NetworkSummary, console=None) -> None:
 
 
 def next_steps(summary: NetworkSummary, flag: str) -> list[str]:
+    from pipeline.cli.shell import runnable
+
     lines = [f"mlflow ui --backend-store-uri {summary.tracking_uri}" if summary.tracking_uri else "mlflow ui"]
     for s in summary.sites:
         if s.status != FAILED and s.model_name:
@@ -257,7 +259,7 @@ def next_steps(summary: NetworkSummary, flag: str) -> list[str]:
     if any(s.status != FAILED for s in summary.sites):
         lines.append(f"cessl promote --all-sites --sites {summary.sites_file}{flag}   (each site's own gate)")
         lines.append(f"cessl serve --sites {summary.sites_file}{flag}   (every site's champion behind one backbone)")
-    return lines
+    return [runnable(line) for line in lines]
 
 
 # --------------------------------------------------------------------------- network run

@@ -13,6 +13,11 @@
 - Third-party HTTP / cloud loggers (:data:`NOISY_LOGGERS`: botocore, boto3, urllib3,
   s3transfer, mlflow's REST client, git, docker, ...) stay at WARNING under ``-v`` unless
   ``--debug-http``: their DEBUG output prints request headers (tokens, signed URLs).
+- Library noise stays out of a command's output (:func:`route_warnings`,
+  :func:`quiet_progress_bars`): a ``warnings.warn`` of a third-party library (mlflow's "Add
+  type hints to the `predict` method", ...) becomes a DEBUG record of ``py.warnings`` (shown
+  with ``-v``); the project's own warnings stay WARNING records. The libraries' download bars
+  (MLflow artifacts, Hugging Face Hub) are off unless ``-v``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import logging
 import os
 import re
 import traceback
+import warnings
 from collections.abc import Iterable
+from pathlib import Path
 
 SECRET_ENV = (
     "AWS_SECRET_ACCESS_KEY",
@@ -57,6 +64,13 @@ NOISY_LOGGERS = (
     "dvc_objects",
     "dvc_s3",
 )
+# the environment that turns the libraries' download bars off (set unless -v; a value already set wins)
+QUIET_PROGRESS_ENV = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+# a warning raised from a file of these top-level packages is the project's own: it stays visible
+PROJECT_PACKAGES = ("ml", "components", "pipeline", "bench")
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+WARNINGS_LOGGER = "py.warnings"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # mlflow colours its warnings
 # every variable with this prefix holds a password (`cessl access init`: CESSL_PASSWORD_<USER>)
 SECRET_ENV_PREFIXES = ("CESSL_PASSWORD_",)
 MASK = "***"
@@ -166,6 +180,61 @@ def quiet_third_party(debug_http: bool) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if debug_http else logging.WARNING)
 
 
+class PrefixFilter(logging.Filter):
+    """Starts every record's message with ``[prefix] `` (once, whatever handlers it passes)."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = f"[{prefix}] "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "_cessl_prefixed", False):
+            record.msg, record.args = self.prefix + record.getMessage(), None
+            record._cessl_prefixed = True
+        return True
+
+
+def name_task_logs(prefix: str) -> None:
+    """Every log line of this process (a pipeline task) starts with ``[prefix]``: a network
+    run's sites share one task log, and each site's lines must say whose they are."""
+    if not prefix:
+        return
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO)
+    prefixer = PrefixFilter(prefix)
+    for handler in root.handlers:
+        if not any(isinstance(f, PrefixFilter) for f in handler.filters):
+            handler.addFilter(prefixer)
+
+
+def is_project_file(filename: str) -> bool:
+    """True for a source file of the project's own packages (not of an installed library)."""
+    try:
+        relative = Path(filename).resolve().relative_to(PROJECT_ROOT)
+    except (ValueError, OSError):
+        return False
+    return len(relative.parts) > 1 and relative.parts[0] in PROJECT_PACKAGES
+
+
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    level = logging.WARNING if is_project_file(filename) else logging.DEBUG
+    text = _ANSI.sub("", str(message))
+    logging.getLogger(WARNINGS_LOGGER).log(level, "%s: %s (%s:%s)", category.__name__, text, filename, lineno)
+
+
+def route_warnings() -> None:
+    """``warnings.warn`` as log records: a library's at DEBUG (``-v``), the project's at WARNING.
+    Call it before the heavy imports: some libraries warn while being imported."""
+    warnings.showwarning = _log_warning
+
+
+def quiet_progress_bars() -> None:
+    """The libraries' download bars off (:data:`QUIET_PROGRESS_ENV`), unless already set."""
+    for name, value in QUIET_PROGRESS_ENV.items():
+        os.environ.setdefault(name, value)
+
+
 def configure_logging(verbose: bool, debug_http: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -173,5 +242,8 @@ def configure_logging(verbose: bool, debug_http: bool = False) -> None:
         datefmt="%H:%M:%S",
     )
     quiet_third_party(debug_http)
+    route_warnings()
+    if not verbose:
+        quiet_progress_bars()
     _install_record_factory()
     install_filter()

@@ -412,13 +412,14 @@ def add_finetune_chain(
     seed: Any,
     frozen_testset: Any = "",
     choices: Mapping[str, Any] | None = None,
+    site: Any = "",
 ) -> FinetuneChain:
     """split -> allocate_ranks -> finetune -> evaluate of ``method`` at ``labelled_ratio`` with
     ``seed`` (pipeline channels: the run's parameters, or a loop item's fields), the other
     choices from the run's parameters unless ``choices`` gives them (a network site's
     ``r``, ``p``, ``compress``, ``batch_size``, ``lr``). ``frozen_testset``: the
     ``resolve_testset`` step's reference (the split's test part is that frozen set), "" for
-    a freshly drawn test set."""
+    a freshly drawn test set. ``site``: a network site's name (its fine-tune's log lines name it)."""
     run = SimpleNamespace(**(vars(run) | dict(choices or {})))
     split = steps.split(
         store=inputs.store,
@@ -455,6 +456,7 @@ def add_finetune_chain(
         precision=run.precision,
         seed=seed,
         checkpoint_root=run.checkpoint_root,
+        site=site,
     )
     evaluate = steps.evaluate(**data, backbone_model=inputs.backbone_model, adapter=finetune.outputs["adapter"])
     return FinetuneChain(split, ranks, finetune, evaluate)

@@ -191,6 +191,7 @@ def build_network_pipeline(
                 seed=site.seed,
                 frozen_testset=testset.output,
                 choices={name: getattr(site, name) for name in CHAIN_CHOICES},
+                site=site.name,
             )
             champion, register = add_registration(
                 steps,

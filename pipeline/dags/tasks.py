@@ -77,6 +77,9 @@ def ingest(
     from pathlib import Path
 
     from components.ingest import ingest_step
+    from pipeline.core.logsafe import name_task_logs
+
+    name_task_logs(f"site {site}" if site else "")
 
     result = ingest_step(
         source, Path(manifest.path), Path(quarantine_report.path), state_dir=state_dir or None, site=site
@@ -274,11 +277,13 @@ def finetune(
     curves: Output[Artifact],
     train_metrics: Output[Metrics],
     precision: str = "fp32",
+    site: str = "",
 ) -> str:
     """CE-SSL fine-tuning (GPU when there is one), resumable from its last checkpoint.
 
     ``epochs`` > 0: that many epochs of complete labelled batches; 0: ``max_steps`` steps.
     ``precision``: fp32, bf16 or auto (bf16 on a GPU that supports it), resolved in the step.
+    ``site``: a network site's name: its log lines and progress lines name it.
     """
     from pipeline.core.process import die_with_parent
 
@@ -287,7 +292,10 @@ def finetune(
 
     from components.common import write_metadata_file
     from components.finetune import finetune_step
+    from pipeline.core.logsafe import name_task_logs
     from pipeline.core.params import PipelineParams
+
+    name_task_logs(f"site {site}" if site else "")
 
     run = PipelineParams(
         method=method,
@@ -313,6 +321,7 @@ def finetune(
         train=run.train_config(progress=False),
         checkpoint_root=checkpoint_root or None,
         store_fingerprint=str(store.metadata.get("fingerprint", "")),
+        progress_label=f"fine-tune site {site} ({method})" if site else "",
     )
     adapter.metadata.update(result.metadata())
     for key, value in result.summary_metrics().items():
@@ -433,6 +442,7 @@ def register(
 
     from components.register import collect_registration
     from ml.data.splits import Splits
+    from pipeline.core.logsafe import name_task_logs
     from pipeline.core.params import PipelineParams
     from pipeline.registry.lineage import lineage_tags
     from pipeline.registry.policy import registered_model_name
@@ -441,6 +451,7 @@ def register(
     from pipeline.registry.tracking import log_and_register
 
     site = dict(site or {})
+    name_task_logs(f"site {site['name']}" if site else "")
     own = {k: v for k, v in site.items() if k in params and k != "data_version"}  # the site's values
     run = PipelineParams.from_mapping({**params, **own})
     bundle = collect_registration(
@@ -460,9 +471,10 @@ def register(
     if "n_quarantined" in quarantine_report.metadata:  # ingest's count, for `cessl run`'s summary
         bundle.tags["n_quarantined"] = str(int(quarantine_report.metadata["n_quarantined"]))
     if site:
-        from pipeline.registry.network_tracking import TAG_NETWORK, TAG_SITE
+        from pipeline.registry.network_tracking import TAG_NETWORK, TAG_SITE, site_run_name
 
         bundle.tags[TAG_SITE] = str(site["name"])
+        bundle.run_name = site_run_name(str(site["name"]), bundle.run_name)
         if network_id:
             bundle.tags[TAG_NETWORK] = network_id
     name = registered_model_name(run.model_name, run.method)

@@ -180,5 +180,7 @@ def record(client, entry: AuditEntry) -> AuditEntry:
         local.parent.mkdir(parents=True, exist_ok=True)
         with open(local, "a", encoding="utf-8") as f:  # append only
             f.write(entry.line() + "\n")
-    log.info("audit: %s %s %s by %s: %s", entry.model, entry.action, entry.versions, entry.who, entry.reason)
+    log.debug(
+        "audit: %s %s %s by %s: %s", entry.model, entry.action, entry.versions, entry.who, entry.reason
+    )  # the command prints the decision
     return entry

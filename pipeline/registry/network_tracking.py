@@ -5,7 +5,8 @@
   RUNNING while the sites train; :class:`NetworkRun` (a small JSON file) is how the later
   steps find it.
 - each site's register step tags its run and model version with ``site`` and
-  ``cessl.network_id`` (:data:`TAG_NETWORK`).
+  ``cessl.network_id`` (:data:`TAG_NETWORK`); its run's name starts with the site's
+  (:func:`site_run_name`).
 - :func:`finish_network`: the cross-site matrix (CSV, Markdown, JSON, heat map) as artifacts
   of the parent run under ``cross_site/``, one metric per cell, the site runs made its
   children (``mlflow.parentRunId``, so the MLflow UI shows them nested under it; a run
@@ -51,6 +52,12 @@ class NetworkRun:
     @classmethod
     def read(cls, path: Path) -> NetworkRun:
         return cls(**read_json(path, "network run"))
+
+
+def site_run_name(site: str, run_name: str) -> str:
+    """A site's MLflow run name: the site first (``hospital-a-cessl-r8-1a2b3c4d``), so that the
+    runs of a network tell their sites apart in the MLflow UI."""
+    return f"{site}-{run_name}"
 
 
 def new_network_id() -> str:

@@ -103,6 +103,18 @@ def site_model_name(model_name: str, site: str) -> str:
 # --------------------------------------------------------------------------- the gate
 
 
+def class_label(code: str) -> str:
+    """A class as the gate prints it: ``AF (164889003)``; the code alone where the Challenge's
+    label mapping has no name for it (or cannot be read)."""
+    from ml.data.labels import LabelMapping
+
+    try:
+        name = LabelMapping.from_csv().abbreviation(code)
+    except (ValueError, KeyError, OSError):
+        return code
+    return code if name == code else f"{name} ({code})"
+
+
 @dataclass(frozen=True)
 class GateConfig:
     """How a challenger must beat the champion: the lower bound of the paired-bootstrap
@@ -165,11 +177,12 @@ class Comparison:
         if self.ci_low is None:
             return f"{text} ({self.basis})"
         worst = max(self.class_drops.items(), key=lambda kv: kv[1], default=("-", 0.0))
+        worst_class = class_label(worst[0]) if worst[0] != "-" else "-"
         return (
             f"{text}; difference {fmt(self.estimate)}, {100 * (self.confidence or 0):.0f}% CI "
             f"[{fmt(self.ci_low)}, {fmt(self.ci_high)}] over {self.n_records} records "
             f"({self.n_resamples} paired resamples), needs lower bound > {self.margin:g}; "
-            f"largest class drop {worst[1]:.4f} ({worst[0]}), allowed {self.max_class_drop:g}"
+            f"largest class drop {worst[1]:.4f} ({worst_class}), allowed {self.max_class_drop:g}"
         )
 
 
@@ -338,7 +351,7 @@ def verdict(comparison: Comparison, gate: GateConfig, method_ok: bool, method: s
     if not comparison.comparable:
         return False, comparison.basis
     if comparison.failing_classes:
-        worst = ", ".join(f"{k} -{d:.4f}" for k, d in comparison.failing_classes.items())
+        worst = ", ".join(f"{class_label(k)} -{d:.4f}" for k, d in comparison.failing_classes.items())
         return False, f"per-class non-inferiority fails (F-beta2 drop > {gate.max_class_drop:g}): {worst}"
     if comparison.ci_low is not None and comparison.ci_low > gate.margin:
         return True, f"lower bound {comparison.ci_low:.4f} of the interval exceeds the margin {gate.margin:g}"
@@ -431,10 +444,10 @@ def promote(
         if previous is not None:
             client.set_model_version_tag(name, str(challenger.version), TAG_PREVIOUS, previous)
         decision.history = history
-        log.info("%s v%s is the champion (%s): %s", name, challenger.version, decision.label, comparison.describe())
+        log.debug("%s v%s is the champion (%s): %s", name, challenger.version, decision.label, comparison.describe())
     else:
         decision.history = champion_history(client, name)
-        log.info("%s v%s not promoted: %s; %s", name, challenger.version, why, comparison.describe())
+        log.debug("%s v%s not promoted: %s; %s", name, challenger.version, why, comparison.describe())
     _record(client, name, decision)
     return decision
 
@@ -468,7 +481,7 @@ def rollback(client, name: str, reason: str = "") -> RollbackResult:
             who=authenticated or current_user(),
         ),
     )
-    log.info("%s: champion rolled back from v%s to v%s", name, current, previous)
+    log.debug("%s: champion rolled back from v%s to v%s", name, current, previous)
     return RollbackResult(restored=previous, replaced=current, history=history)
 
 

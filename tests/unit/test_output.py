@@ -1,0 +1,231 @@
+"""Output a person can read and copy: 80 columns without a cut ID, runnable "next:" commands,
+no library warnings or download bars, the site in a network task's logs and run names, class
+names in the gate's texts."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from pipeline.cli.registry import _table
+from pipeline.cli.run import RunSummary, next_steps, print_summary
+from pipeline.cli.shell import cessl_command, program, runnable
+from pipeline.core.logsafe import (
+    PROJECT_ROOT,
+    QUIET_PROGRESS_ENV,
+    WARNINGS_LOGGER,
+    name_task_logs,
+    quiet_progress_bars,
+    route_warnings,
+)
+from pipeline.registry.network_tracking import site_run_name
+from pipeline.registry.policy import Comparison, GateConfig, class_label, verdict
+
+WIDTH = 80
+BIN = Path(sys.executable).parent
+RUN_ID = "91877f8d22c54b0e9a1f3c2d4e5f6a7b"
+COMMIT = "91877f8d22c54b0e9a1f3c2d4e5f6a7b8c9d0e1f"
+MODEL = "cessl-ecg-experiments-hospital-north-east"
+DATA_VERSION = "md5:0f343b0931126a20f133d67c2b018a3b.dir"
+URI = "sqlite:////home/someone/projects/ce-ssl/local_outputs/state/mlflow/mlflow.db"
+AF, RBBB = "164889003", "59118001"
+
+
+def render(draw) -> str:
+    out = io.StringIO()
+    draw(Console(file=out, width=WIDTH, color_system=None))
+    return out.getvalue()
+
+
+def summary() -> RunSummary:
+    return RunSummary(
+        data_version=DATA_VERSION,
+        git_commit=COMMIT,
+        model_name=MODEL,
+        model_version="12",
+        run_id=RUN_ID,
+        tracking_uri=URI,
+        rank_map={"encoder.blocks.11.attention.query_key_value": 16},
+        test_metrics={"macro_auroc": 0.81, "macro_f_beta": 0.5},
+        champion_metrics={"macro_auroc": 0.8},
+        aliases=["challenger"],
+        seconds=12.0,
+        schedule="200 epochs = 400 steps",
+        n_quarantined=3,
+    )
+
+
+def test_run_summary_fits_80_columns_and_keeps_every_id_whole(monkeypatch):
+    monkeypatch.setenv("PATH", str(BIN))
+    text = render(lambda console: print_summary(summary(), console))
+    for whole in (RUN_ID, COMMIT, f"{MODEL} v12 [challenger]", DATA_VERSION, URI):
+        assert whole in text, whole
+    assert "…" not in text
+    # only a line holding one word wider than the console may pass its edge
+    assert all(len(line) <= WIDTH or URI in line for line in text.splitlines())
+
+
+def test_audit_history_fits_80_columns_and_keeps_every_id_whole():
+    reason = "lower bound 0.0123 of the interval exceeds the margin 0 " * 3
+    rows = [
+        {
+            "#": seq,
+            "when": "2026-12-07T01:02:03Z",
+            "who": "release-manager@hospital.example",
+            "action": "promote",
+            "versions": "challenger=v12, champion=v11",
+            "numbers": "challenger_value 0.5123, champion_value 0.4987, ci_low 0.0012, n_records 300",
+            "reason": reason,
+        }
+        for seq in (1, 2)
+    ]
+    columns = ("#", "when", "who", "action", "versions", "numbers", "reason")
+    text = render(lambda console: _table(f"{MODEL}: audit log", columns, rows, console))
+    assert all(len(line) <= WIDTH for line in text.splitlines())
+    for whole in (MODEL, "release-manager@hospital.example", "challenger=v12,", "2026-12-07T01:02:03Z"):
+        assert whole in text, whole
+    assert " ".join(text.split()).count(" ".join(reason.split())) == 2  # wrapped between words only
+    # a table where it fits
+    one = [{"name": MODEL, "aliases": "champion=v3"}]
+    narrow = render(lambda console: _table("models", ("name", "aliases"), one, console))
+    assert "┃ name" in narrow and MODEL in narrow
+
+
+def test_next_steps_run_as_printed(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # the environment not activated: no cessl on PATH
+    lines = next_steps(summary())
+    assert lines[0] == f"{BIN / 'mlflow'} ui --backend-store-uri {URI}"
+    assert lines[-1] == f"{BIN / 'cessl'} promote {MODEL} --tracking-uri {URI}"
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{tmp_path}")  # activated: the short names run
+    assert next_steps(summary())[-1] == f"cessl promote {MODEL} --tracking-uri {URI}"
+    assert runnable("evaluation report: file:///x") == "evaluation report: file:///x"
+
+
+def test_a_printed_command_names_the_program_as_it_was_started(monkeypatch, tmp_path):
+    script = tmp_path / "venv" / "bin" / "cessl"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert program("cessl", "pipeline.cli", str(script)) == "venv/bin/cessl"  # relative to here: copyable
+    monkeypatch.setenv("PATH", str(script.parent))
+    assert program("cessl", "pipeline.cli", str(script)) == "cessl"
+    monkeypatch.setattr(sys, "argv", ["/somewhere/pipeline/cli/__init__.py"])
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "bare" / "python"))
+    assert cessl_command() == "bare/python -m pipeline.cli"
+
+
+def test_library_warnings_become_debug_records_and_the_projects_stay_warnings(caplog, monkeypatch):
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored after the test
+    route_warnings()
+    caplog.set_level(logging.DEBUG, logger=WARNINGS_LOGGER)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        library = "/usr/lib/python3/site-packages/mlflow/pyfunc/utils/data_validation.py"
+        warnings.warn_explicit("\x1b[33mAdd type hints to the `predict` method\x1b[0m", UserWarning, library, 187)
+        warnings.warn_explicit("a project warning", UserWarning, str(PROJECT_ROOT / "ml" / "x.py"), 1)
+    levels = {r.getMessage().split(" (")[0]: r.levelno for r in caplog.records}
+    assert levels == {
+        "UserWarning: Add type hints to the `predict` method": logging.DEBUG,
+        "UserWarning: a project warning": logging.WARNING,
+    }
+
+
+def test_download_bars_are_off(monkeypatch, tmp_path, capsys):
+    import mlflow
+
+    for name in QUIET_PROGRESS_ENV:
+        monkeypatch.delenv(name, raising=False)
+    folder = tmp_path / "artifacts"
+    folder.mkdir()
+    for k in range(3):
+        (folder / f"f{k}.txt").write_text("x")
+
+    mlflow.artifacts.download_artifacts(artifact_uri=folder.as_uri(), dst_path=str(tmp_path / "a"))
+    assert "Downloading artifacts" in capsys.readouterr().err  # the library's default
+    quiet_progress_bars()
+    mlflow.artifacts.download_artifacts(artifact_uri=folder.as_uri(), dst_path=str(tmp_path / "b"))
+    assert "Downloading artifacts" not in capsys.readouterr().err
+
+
+def test_a_command_prints_no_library_warning(tmp_path):
+    """`cessl predict` imports the pyfunc model (mlflow warns about its `predict` type hints
+    while the class is defined), then stops on the missing store: one line, nothing else."""
+    store = f"sqlite:///{tmp_path / 'missing' / 'mlflow.db'}"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "predict",
+            "--model",
+            "models:/m@champion",
+            "--tracking-uri",
+            store,
+            "r",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+        check=False,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("cessl: error: MLflow store") and len(done.stderr.splitlines()) == 1, done.stderr
+
+
+def test_a_site_task_names_its_site_in_every_log_line():
+    root = logging.getLogger()
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    root.addHandler(handler)
+    try:
+        name_task_logs("site hospital-a")
+        name_task_logs("site hospital-a")  # once, however often it is called
+        logging.getLogger("cessl.ingest").warning("%d records quarantined", 2)
+    finally:
+        root.removeHandler(handler)
+    assert out.getvalue() == "[site hospital-a] 2 records quarantined\n"
+    assert site_run_name("hospital-a", "cessl-r8-1a2b3c4d") == "hospital-a-cessl-r8-1a2b3c4d"
+
+
+def test_the_gate_names_classes_with_their_codes():
+    assert class_label(AF) == f"AF ({AF})" and class_label("c0") == "c0"
+    comparison = Comparison(
+        metric="macro_f_beta",
+        challenger_version="2",
+        challenger_value=0.6,
+        champion_version="1",
+        champion_value=0.5,
+        margin=0.0,
+        basis="paired bootstrap",
+        comparable=True,
+        estimate=0.1,
+        ci_low=0.05,
+        ci_high=0.15,
+        confidence=0.95,
+        n_records=300,
+        n_resamples=300,
+        class_drops={AF: 0.2, RBBB: 0.01},
+    )
+    assert f"largest class drop 0.2000 (AF ({AF}))" in comparison.describe()
+    passed, why = verdict(comparison, GateConfig(), True, "cessl")
+    assert not passed and f"AF ({AF}) -0.2000" in why and RBBB not in why
+
+
+@pytest.mark.parametrize("verb", ["promote", "rollback"])
+def test_promote_and_rollback_take_the_same_targets(verb):
+    from pipeline.cli import build_parser
+
+    args = build_parser().parse_args([verb, "base", "--site", "a", "--site", "b", "--sites", __file__])
+    assert (args.name, args.site, args.all_sites, args.sites) == ("base", ["a", "b"], False, __file__)
