@@ -204,25 +204,27 @@ def print_network_summary(summary: NetworkSummary, console=None) -> None:
     from rich.text import Text
 
     from ml.eval.cross_site import METRIC_TITLES, METRICS, CrossSiteMatrix
+    from pipeline.cli.render import print_records
 
     console = console or Console()
-    table = Table(title=f"CE-SSL network {summary.network_id}")
-    for column in ("site", "records", "quarantined", "data version", "model version", "status"):
-        table.add_column(column, justify="right" if column in ("records", "quarantined") else "left")
     style = {REGISTERED: "green", REUSED: "cyan", FAILED: "red"}
+    rows = []
     for s in summary.sites:
         status = Text(s.status, style=style.get(s.status, ""))
         if s.reason:
             status += Text(f": {s.reason}")
-        table.add_row(
-            Text(s.site),
-            "" if s.n_records is None else str(s.n_records),
-            "" if s.n_quarantined is None else str(s.n_quarantined),
-            Text(s.data_version[:16]),
-            Text(f"{s.model_name} v{s.model_version}" if s.model_version else s.model_name),
-            status,
+        rows.append(
+            {
+                "site": s.site,
+                "records": "" if s.n_records is None else s.n_records,
+                "quarantined": "" if s.n_quarantined is None else s.n_quarantined,
+                "data version": s.data_version,
+                "model version": f"{s.model_name} v{s.model_version}" if s.model_version else s.model_name,
+                "status": status,
+            }
         )
-    console.print(table)
+    columns = ("site", "records", "quarantined", "data version", "model version", "status")
+    print_records(console, f"CE-SSL network {summary.network_id}", columns, rows)  # 80 columns, IDs whole
     if summary.cells:
         matrix = CrossSiteMatrix.from_records(summary.cells)
         for metric in METRICS:

@@ -73,6 +73,23 @@ def test_run_summary_fits_80_columns_and_keeps_every_id_whole(monkeypatch):
     assert all(len(line) <= WIDTH or URI in line for line in text.splitlines())
 
 
+def test_network_summary_fits_80_columns_and_runs_its_next_steps(monkeypatch, tmp_path):
+    from pipeline.cli.sites import FAILED, REGISTERED, NetworkSummary, SiteOutcome, print_network_summary
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # `make demo`: .venv/bin is not on PATH
+    sites = [
+        SiteOutcome("hospital-north-east", "/data/a", REGISTERED, "", DATA_VERSION, 40, 2, MODEL, "3", RUN_ID),
+        SiteOutcome("gone", "/data/gone", FAILED, "data folder not found: /data/gone"),
+    ]
+    summary = NetworkSummary("20261207-014900-1a2b3c", RUN_ID, URI, sites, sites_file="sites.yaml")
+    text = render(lambda console: print_network_summary(summary, console))
+    for whole in (DATA_VERSION, f"{MODEL} v3", RUN_ID, "data folder not found: /data/gone"):
+        assert whole in text, whole
+    assert all(len(line) <= WIDTH or URI in line for line in text.splitlines())
+    assert f"{BIN / 'cessl'} promote {MODEL} --tracking-uri {URI}" in text
+    assert f"{BIN / 'cessl'} promote --all-sites --sites sites.yaml" in text
+
+
 def test_audit_history_fits_80_columns_and_keeps_every_id_whole():
     reason = "lower bound 0.0123 of the interval exceeds the margin 0 " * 3
     rows = [
