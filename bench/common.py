@@ -1,11 +1,22 @@
-"""What the model benchmarks share: the device / threads / json options, logging, device naming."""
+"""What the model benchmarks share: the device / threads / json options, logging, device naming,
+the interleaved timing rounds, the stand-in rank allocation and the report."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import torch
+from rich.console import Console
+
+from ml.model.rank_allocation import RankAllocationConfig, default_r_low
+
+REPORT_WIDTH = 120
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -26,3 +37,48 @@ def setup(args: argparse.Namespace, level: int = logging.INFO) -> None:
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU with its torch thread count."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+
+
+def stand_in_rank_map(
+    names: Sequence[str], r: int = 16, compress: float = RankAllocationConfig().compress
+) -> dict[str, int]:
+    """A fixed stand-in allocation (the pipeline's shape): the first floor((num_layers + 1) * c)
+    matrices at r_low, the others at ``r``."""
+    low = int((len(names) + 1) * compress)
+    return {name: default_r_low(r) if i < low else r for i, name in enumerate(names)}
+
+
+def interleaved_rounds(candidates: Mapping[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Each candidate's figure in each of ``rounds`` rounds: a round runs every candidate once,
+    in reverse order every other round, so drift and warm caches favour none."""
+    names = list(candidates)
+    figures: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(rounds):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            figures[name].append(candidates[name]())
+    return figures
+
+
+def paired_ratio(figures: Sequence[float], baseline: Sequence[float]) -> float:
+    """The median over rounds of the within-round ratio ``figures / baseline``."""
+    return statistics.median(a / b for a, b in zip(figures, baseline, strict=True))
+
+
+def elapsed_s(work: Callable[[], object], device: torch.device | None = None) -> float:
+    """Seconds ``work`` takes (on a GPU: up to the end of its kernels)."""
+    cuda = device is not None and device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    work()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def publish(summary: dict, args: argparse.Namespace, report: Callable[[dict, Console], None]) -> int:
+    """The figures as tables on the console and, with ``--json``, as a file; exit code 0."""
+    report(summary, Console(width=REPORT_WIDTH))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return 0

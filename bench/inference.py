@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import statistics
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,12 +30,20 @@ from rich.table import Table
 
 from ml.model.backbone import BACKBONE_CONFIGS, ECGTransformer, backbone_config
 from ml.model.lora import LoRAConfig, lora_layers, merge_lora
-from ml.model.rank_allocation import RankAllocationConfig, default_r_low
 from ml.train.build import build_model
 from ml.train.config import resolve_device
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import add_run_options, device_name, setup
+from common import (
+    add_run_options,
+    device_name,
+    elapsed_s,
+    interleaved_rounds,
+    paired_ratio,
+    publish,
+    setup,
+    stand_in_rank_map,
+)
 
 log = logging.getLogger("bench.inference")
 
@@ -47,12 +54,6 @@ TARGET = 1.02  # merged / backbone
 LORA = LoRAConfig()  # the paper's r and p
 
 
-def _rank_map(names: list[str], r: int = LORA.r, compress: float = RankAllocationConfig().compress) -> dict[str, int]:
-    """A fixed stand-in allocation: the first floor(num_layers * c) matrices at r_low."""
-    low = int((len(names) + 1) * compress)
-    return {name: default_r_low(r) if i < low else r for i, name in enumerate(names)}
-
-
 def build_models(config_name: str, device: torch.device) -> dict[str, torch.nn.Module]:
     config = backbone_config(config_name, NUM_CLASSES)
     with torch.random.fork_rng(devices=[]):
@@ -60,7 +61,7 @@ def build_models(config_name: str, device: torch.device) -> dict[str, torch.nn.M
         backbone = ECGTransformer(config)
     state = backbone.state_dict()
     names = backbone.adapted_layer_names()
-    adapted = build_model(state, config, "cessl", LORA, rank_map=_rank_map(names), seed=0)
+    adapted = build_model(state, config, "cessl", LORA, rank_map=stand_in_rank_map(names, LORA.r), seed=0)
     with torch.no_grad():  # stand-in for trained adapters: B = 0 would make the merge a no-op
         generator = torch.Generator().manual_seed(1)
         for layer in lora_layers(adapted).values():
@@ -71,16 +72,6 @@ def build_models(config_name: str, device: torch.device) -> dict[str, torch.nn.M
     return {name: model.to(device).eval() for name, model in models.items()}
 
 
-def _time_forward(model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    model(x)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) * 1e3
-
-
 @torch.inference_mode()
 def measure(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
@@ -89,15 +80,15 @@ def measure(args: argparse.Namespace) -> dict:
     max_diff = (models["merged"](x) - models["unmerged"](x)).abs().max().item()
     for model in models.values():  # warm-up
         model(x)
-    names = list(models)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(args.rounds):
-        for name in names if round_ % 2 == 0 else names[::-1]:
-            times[name].append(_time_forward(models[name], x, device))
+
+    def forward_ms(model: torch.nn.Module) -> Callable[[], float]:
+        return lambda: 1e3 * elapsed_s(lambda: model(x), device)
+
+    times = interleaved_rounds({name: forward_ms(model) for name, model in models.items()}, args.rounds)
     median = {name: statistics.median(values) for name, values in times.items()}
 
-    def paired(name: str) -> float:  # median over rounds of the within-round ratio
-        return statistics.median(a / b for a, b in zip(times[name], times["backbone"], strict=True))
+    def paired(name: str) -> float:
+        return paired_ratio(times[name], times["backbone"])
 
     return {
         "config": args.config,
@@ -141,10 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup(args)
     summary = measure(args)
-    report(summary, Console(width=120))
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
-    return 0
+    return publish(summary, args, report)
 
 
 if __name__ == "__main__":

@@ -37,15 +37,24 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import add_run_options, device_name, setup
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))  # serving_support: the tiny model folders
+from common import (
+    add_run_options,
+    device_name,
+    elapsed_s,
+    interleaved_rounds,
+    paired_ratio,
+    publish,
+    setup,
+    stand_in_rank_map,
+)
+from serving_support import random_backbone, site_adapter
 
 from ml.eval.predictor import Predictor, load_predictor, preprocess_signal
-from ml.model.adapter import AdapterMeta, load_backbone_weights, save_adapter, state_dict_identity
 from ml.model.adapter_bank import AdapterLRU, SharedBackbone, read_site_adapter
 from ml.model.backbone import BACKBONE_CONFIGS, ECGTransformer, backbone_config
-from ml.model.lora import LoRAConfig, mark_trainable, merge_lora
-from ml.model.pretrained import CODE15_CLASSES, read_backbone, save_backbone
-from ml.model.rank_allocation import RankAllocationConfig, default_r_low
+from ml.model.lora import LoRAConfig, merge_lora
+from ml.model.pretrained import CODE15_CLASSES, read_backbone
 
 log = logging.getLogger("bench.serve")
 
@@ -54,35 +63,25 @@ MEMORY_TARGET = 1.3  # RSS with every site's adapter / RSS with one
 THROUGHPUT_TARGET = 0.8  # spread over the sites / one site
 
 
-def _rank_map(names: list[str], r: int = 16, compress: float = RankAllocationConfig().compress) -> dict[str, int]:
-    low = int((len(names) + 1) * compress)
-    return {name: default_r_low(r) if i < low else r for i, name in enumerate(names)}
-
-
 def build_network(root: Path, config_name: str, n_sites: int) -> tuple[Path, list[Path]]:
     """A backbone folder and ``n_sites`` adapter folders (distinct tensors per site)."""
-    torch.manual_seed(0)
-    config = backbone_config(config_name, len(CODE15_CLASSES))
-    backbone_dir = save_backbone(ECGTransformer(config).state_dict(), config, CODE15_CLASSES, root / "backbone")
-    state = read_backbone(backbone_dir).state
-    identity = state_dict_identity(state)
-    names = ECGTransformer(config).adapted_layer_names()
-    adapters = []
-    for site in range(n_sites):
-        torch.manual_seed(100 + site)
-        classes = CLASSES[: 4 + site % 5]  # sites differ in their class lists too
-        model = ECGTransformer(backbone_config(config_name, len(classes)), LoRAConfig(r=16, rank_map=_rank_map(names)))
-        load_backbone_weights(model, state, drop_head=True)
-        mark_trainable(model, "lora")
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.requires_grad:
-                    param.add_(torch.randn_like(param) * 0.02)
-            for name, buffer in model.named_buffers():
-                if name.endswith("running_mean"):
-                    buffer.add_(torch.randn_like(buffer) * 0.05)
-        meta = AdapterMeta(backbone_id=identity, classes=classes, thresholds=[0.5] * len(classes))
-        adapters.append(save_adapter(model.eval(), root / f"site-{site:02d}", meta))
+    backbone_dir, state = random_backbone(root, config_name, seed=0)
+    names = ECGTransformer(backbone_config(config_name, len(CODE15_CLASSES))).adapted_layer_names()
+    lora = LoRAConfig(r=16, rank_map=stand_in_rank_map(names))
+    adapters = [
+        # sites differ in their class lists too
+        site_adapter(
+            root / f"site-{site:02d}",
+            state,
+            config_name,
+            CLASSES[: 4 + site % 5],
+            lora,
+            seed=100 + site,
+            weight_noise=0.02,
+            bn_noise=0.05,
+        )
+        for site in range(n_sites)
+    ]
     return backbone_dir, adapters
 
 
@@ -172,16 +171,15 @@ def measure_time(backbone_dir: Path, adapter_dirs: list[Path], args: argparse.Na
 
     for adapter in adapters:  # warm-up
         answer(adapter)
-    single, spread = [], []
-    for round_ in range(args.rounds):
-        order = ("single", "spread") if round_ % 2 == 0 else ("spread", "single")
-        for mode in order:
-            start = time.perf_counter()
-            for i in range(len(adapters)):
-                answer(adapters[0] if mode == "single" else adapters[i])
-            elapsed = time.perf_counter() - start
-            (single if mode == "single" else spread).append(len(adapters) * args.batch / elapsed)
-    ratios = [s / o for s, o in zip(spread, single, strict=True)]
+
+    def records_per_s(sites: list) -> float:  # one request to each of ``sites``
+        return len(sites) * args.batch / elapsed_s(lambda: [answer(adapter) for adapter in sites])
+
+    rounds = interleaved_rounds(
+        {"single": lambda: records_per_s([adapters[0]] * len(adapters)), "spread": lambda: records_per_s(adapters)},
+        args.rounds,
+    )
+    single, spread = rounds["single"], rounds["spread"]
     switches = []
     for i in range(args.switches):
         a, b = adapters[i % len(adapters)], adapters[(i + 1) % len(adapters)]
@@ -208,7 +206,7 @@ def measure_time(backbone_dir: Path, adapter_dirs: list[Path], args: argparse.Na
     return {
         "single_site_records_per_s": statistics.median(single),
         "spread_records_per_s": statistics.median(spread),
-        "ratio_spread_to_single": statistics.median(ratios),
+        "ratio_spread_to_single": paired_ratio(spread, single),
         "switch_ms_p50": float(np.percentile(switches, 50)),
         "switch_ms_p99": float(np.percentile(switches, 99)),
         "batched_records_per_s_with_preprocessing": args.big_batch / (preprocess_s + forward_s),
@@ -299,10 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "time": timing,
     }
-    report(summary, Console(width=120))
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
-    return 0
+    return publish(summary, args, report)
 
 
 if __name__ == "__main__":

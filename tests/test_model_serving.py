@@ -18,14 +18,11 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from servers import _log_tail, free_port, start_process_group, stop_process_group, wait_until
+from serving_support import random_backbone, site_adapter
 
 from ml.eval.predictor import load_predictor, read_wfdb
-from ml.model.adapter import AdapterMeta, load_backbone_weights, save_adapter, state_dict_identity
-from ml.model.backbone import ECGTransformer, backbone_config
-from ml.model.lora import LoRAConfig, mark_trainable
-from ml.model.pretrained import CODE15_CLASSES, read_backbone, save_backbone
+from ml.model.lora import LoRAConfig
 from pipeline.cli import main as cessl
 from pipeline.registry.pyfunc_model import load_predictor as load_registered_predictor
 from pipeline.registry.pyfunc_model import load_pyfunc, log_adapter_model
@@ -46,19 +43,11 @@ def _p_columns(table: pd.DataFrame) -> list[str]:
 def model_dirs(tmp_path_factory) -> tuple[Path, Path]:
     """A tinylight backbone and an adapter with non-zero LoRA weights (no training)."""
     root = tmp_path_factory.mktemp("model")
-    torch.manual_seed(7)
-    config = backbone_config("tinylight", len(CODE15_CLASSES))
-    backbone = save_backbone(ECGTransformer(config).state_dict(), config, CODE15_CLASSES, root / "backbone")
-    state = read_backbone(backbone).state
-    model = ECGTransformer(backbone_config("tinylight", len(CLASSES)), LoRAConfig(r=4))
-    load_backbone_weights(model, state, drop_head=True)
-    mark_trainable(model, "lora")
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn_like(param) * 0.05)
-    meta = AdapterMeta(backbone_id=state_dict_identity(state), classes=CLASSES, thresholds=[0.3, 0.5, 0.5, 0.7])
-    adapter = save_adapter(model.eval(), root / "adapter", meta)
+    backbone, state = random_backbone(root, "tinylight", seed=7)
+    thresholds = [0.3, 0.5, 0.5, 0.7]
+    adapter = site_adapter(
+        root / "adapter", state, "tinylight", CLASSES, LoRAConfig(r=4), bn_noise=0, thresholds=thresholds
+    )
     return backbone, adapter
 
 

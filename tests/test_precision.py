@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from train_support import N_CLASSES, tiny_config, tiny_model, tiny_splits
 
 from ml.errors import ParameterError
 from ml.eval.evaluate import predict_with_labels
@@ -28,27 +29,19 @@ from ml.train.steps import semi_supervised_step
 from ml.train.synthetic import SyntheticTaskConfig, make_splits
 from ml.train.trainer import CUDA_LOG_EVERY, BaseCallback, LossWindow, build_optimizer, fit, log_interval
 
-N_CLASSES = 3
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def data():
-    _, splits = make_splits(
-        {"train": 16, "valid": 8, "unlabelled": 8},
-        SyntheticTaskConfig(num_classes=N_CLASSES, positive_rate=0.4),
-        seed=3,
-    )
-    return splits
+    return tiny_splits({"train": 16, "valid": 8, "unlabelled": 8})
 
 
 def _config(**overrides) -> TrainConfig:
-    base = dict(method="cessl", max_steps=4, batch_size=4, val_every=2, seed=1, device="cpu", progress=False, lr=3e-3)
-    return TrainConfig(**(base | overrides))
+    return tiny_config({"max_steps": 4}, **overrides)
 
 
-def _model(method: str = "cessl") -> torch.nn.Module:
-    return build_model(None, backbone_config("tinylight", N_CLASSES), method, LoRAConfig(p=0.2), seed=0)
+_model = tiny_model
 
 
 # --- resolution ------------------------------------------------------------------------------

@@ -24,13 +24,14 @@ import numpy as np
 import pytest
 import torch
 from servers import _log_tail, free_port, start_process_group, stop_process_group, wait_until
+from serving_support import random_backbone, site_adapter
 
 from ml.eval.predictor import Predictor, load_predictor, read_wfdb
-from ml.model.adapter import AdapterMeta, CheckpointError, load_backbone_weights, save_adapter, state_dict_identity
+from ml.model.adapter import CheckpointError, state_dict_identity
 from ml.model.adapter_bank import AdapterLRU, SharedBackbone, read_site_adapter
-from ml.model.backbone import ECGTransformer, backbone_config
-from ml.model.lora import LoRAConfig, mark_trainable
-from ml.model.pretrained import CODE15_CLASSES, read_backbone, save_backbone
+from ml.model.backbone import ECGTransformer
+from ml.model.lora import LoRAConfig
+from ml.model.pretrained import read_backbone
 from pipeline.registry.policy import site_model_name
 from pipeline.registry.pyfunc_model import log_adapter_model
 
@@ -51,21 +52,10 @@ RECORD = "E07500"
 
 def _adapter(root: Path, site: str, state: dict, seed: int) -> Path:
     """A site's adapter with every stored tensor moved off the backbone (as training would)."""
-    torch.manual_seed(seed)
-    classes = CLASSES[site]
-    model = ECGTransformer(backbone_config("tinylight", len(classes)), LORA[site])
-    load_backbone_weights(model, state, drop_head=True)
-    mark_trainable(model, "lora")
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn_like(param) * 0.05)
-        for name, buffer in model.named_buffers():
-            if name.endswith("running_mean"):
-                buffer.add_(torch.randn_like(buffer) * 0.1)
-    thresholds = [0.3 + 0.1 * i for i in range(len(classes))]
-    meta = AdapterMeta(backbone_id=state_dict_identity(state), classes=classes, thresholds=thresholds)
-    return save_adapter(model.eval(), root / f"adapter-{site}", meta)
+    thresholds = [0.3 + 0.1 * i for i in range(len(CLASSES[site]))]
+    return site_adapter(
+        root / f"adapter-{site}", state, "tinylight", CLASSES[site], LORA[site], seed=seed, thresholds=thresholds
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +63,7 @@ def network(tmp_path_factory) -> dict:
     """The backbone, both sites' adapters, and the store where they are registered:
     hospital-a v1 (champion) and v2 (= hospital-b's adapter, for the alias move), hospital-b v1."""
     root = tmp_path_factory.mktemp("network")
-    torch.manual_seed(3)
-    config = backbone_config("tinylight", len(CODE15_CLASSES))
-    backbone = save_backbone(ECGTransformer(config).state_dict(), config, CODE15_CLASSES, root / "backbone")
-    state = read_backbone(backbone).state
+    backbone, state = random_backbone(root, "tinylight", seed=3)
     adapters = {site: _adapter(root, site, state, seed) for seed, site in enumerate(SITES)}
     uri = f"sqlite:///{root / 'mlflow.db'}"
     previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_support import N_CLASSES, tiny_config, tiny_model, tiny_splits
 
 from ml.eval.evaluate import predict_with_labels
 from ml.eval.metrics import macro_average_precision
@@ -18,7 +19,6 @@ from ml.train.build import build_model
 from ml.train.checkpoint import load_checkpoint
 from ml.train.config import TrainConfig, batch_size_for_label_ratio, steps_for_epochs
 from ml.train.loaders import BatchIterator, EpochStream, StreamPosition, fetch
-from ml.train.synthetic import SyntheticTaskConfig, make_splits
 from ml.train.trainer import (
     CHECKPOINT_NAME,
     BaseCallback,
@@ -28,41 +28,25 @@ from ml.train.trainer import (
     linear_warmup_decay,
 )
 
-N_CLASSES = 3
-
-
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def data():
-    _, splits = make_splits(
-        {"train": 24, "valid": 12, "unlabelled": 16},
-        SyntheticTaskConfig(num_classes=N_CLASSES, positive_rate=0.4),
-        seed=3,
-    )
-    return splits
+    return tiny_splits({"train": 24, "valid": 12, "unlabelled": 16})
 
 
-def _model(method: str = "cessl") -> torch.nn.Module:
-    return build_model(None, backbone_config("tinylight", N_CLASSES), method, LoRAConfig(p=0.2), seed=0)
+_model = tiny_model
 
 
 def _config(tmp: Path | None, **overrides) -> TrainConfig:
     base = dict(
-        method="cessl",
         max_steps=6,
-        batch_size=4,
-        val_every=2,
         patience=10,
-        seed=1,
         checkpoint_dir=str(tmp) if tmp else None,
-        device="cpu",
-        progress=False,
-        lr=3e-3,
         log_every=1,  # every step's loss to the callbacks on CUDA too (the default reads back every 10 there)
     )
-    return TrainConfig(**(base | overrides))
+    return tiny_config(base, **overrides)
 
 
 def _fit(data, config: TrainConfig, callbacks=()) -> tuple[torch.nn.Module, TrainResult]:
