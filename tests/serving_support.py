@@ -7,7 +7,8 @@ imports only ``ml`` and torch, so the benchmark runs from a clone without pytest
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -62,3 +63,20 @@ def site_adapter(
         thresholds=list(thresholds) if thresholds is not None else [0.5] * len(classes),
     )
     return save_adapter(model.eval(), out, meta)
+
+
+@contextlib.contextmanager
+def sqlite_registry(root: Path, experiment_name: str = "serving") -> Iterator[tuple[str, str]]:
+    """``(store URI, experiment id)`` of a new SQLite MLflow store under ``root`` (artifacts in
+    ``root/mlruns``), MLflow's global tracking and registry URIs pointing at it meanwhile."""
+    import mlflow
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield uri, mlflow.create_experiment(experiment_name, artifact_location=(root / "mlruns").as_uri())
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])

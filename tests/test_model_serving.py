@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from servers import _log_tail, free_port, start_process_group, stop_process_group, wait_until
-from serving_support import random_backbone, site_adapter
+from serving_support import random_backbone, site_adapter, sqlite_registry
 
 from ml.eval.predictor import load_predictor, read_wfdb
 from ml.model.lora import LoRAConfig
@@ -54,18 +54,11 @@ def model_dirs(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def registered(model_dirs, tmp_path_factory) -> tuple[str, str]:
     """``(tracking_uri, model_uri)``: the model logged and registered in a SQLite store."""
-    root = tmp_path_factory.mktemp("store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        experiment = mlflow.create_experiment("serving", artifact_location=(root / "mlruns").as_uri())
-        with mlflow.start_run(experiment_id=experiment):
-            info = log_adapter_model(*model_dirs, classes=CLASSES, registered_model_name=MODEL_NAME)
-    finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
+    with (
+        sqlite_registry(tmp_path_factory.mktemp("store")) as (uri, experiment),
+        mlflow.start_run(experiment_id=experiment),
+    ):
+        info = log_adapter_model(*model_dirs, classes=CLASSES, registered_model_name=MODEL_NAME)
     return uri, f"models:/{MODEL_NAME}/{info.registered_model_version}"
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 from servers import _log_tail, free_port, start_process_group, stop_process_group, wait_until
-from serving_support import random_backbone, site_adapter
+from serving_support import random_backbone, site_adapter, sqlite_registry
 
 from ml.eval.predictor import Predictor, load_predictor, read_wfdb
 from ml.model.adapter import CheckpointError, state_dict_identity
@@ -65,12 +65,7 @@ def network(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("network")
     backbone, state = random_backbone(root, "tinylight", seed=3)
     adapters = {site: _adapter(root, site, state, seed) for seed, site in enumerate(SITES)}
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        experiment = mlflow.create_experiment("serving", artifact_location=(root / "mlruns").as_uri())
+    with sqlite_registry(root) as (uri, experiment):
         infos = {}
         for site in SITES:
             with mlflow.start_run(experiment_id=experiment):
@@ -81,9 +76,6 @@ def network(tmp_path_factory) -> dict:
         assert str(mlflow.register_model(infos["hospital-b"].model_uri, name_a).version) == "2"
         for site in SITES:
             client.set_registered_model_alias(site_model_name(BASE, site), "champion", "1")
-    finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
     sites_file = root / "sites.yaml"
     sites_file.write_text("version: 1\nsites:\n" + "".join(f"  {site}:\n    source: data/{site}\n" for site in SITES))
     return {"root": root, "uri": uri, "backbone": backbone, "adapters": adapters, "sites_file": sites_file}

@@ -680,15 +680,17 @@ def site_name(index: int) -> str:
     return SITE_PREFIX + letters
 
 
-def site_config(
-    index: int,
-    records: int,
-    seed: int = 0,
-    *,
-    classes: Sequence[str] = DEFAULT_CLASSES,
-    unlabelled_fraction: float = 0.1,
-    duration_s: float = 10.0,
-) -> SynthConfig:
+@dataclass(frozen=True)
+class SiteOptions:
+    """What every site of a synthetic network shares: the classes drawn from, the fraction of
+    unlabelled records and the records' duration."""
+
+    classes: tuple[str, ...] = DEFAULT_CLASSES
+    unlabelled_fraction: float = 0.1
+    duration_s: float = 10.0
+
+
+def site_config(index: int, records: int, seed: int = 0, options: SiteOptions = SiteOptions()) -> SynthConfig:
     """The :class:`SynthConfig` of site ``index`` of a network: its profile and its own
     random stream (derived from ``seed`` and ``index``). Records are named ``00001``...
     at every site."""
@@ -696,11 +698,11 @@ def site_config(
     site_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
     return SynthConfig(
         records=records,
-        classes=tuple(classes),
+        classes=tuple(options.classes),
         seed=site_seed,
         fs=profile.fs,
-        duration_s=duration_s,
-        unlabelled_fraction=unlabelled_fraction,
+        duration_s=options.duration_s,
+        unlabelled_fraction=options.unlabelled_fraction,
         prefix="",
         start=1,
         mains_hz=profile.mains_hz,
@@ -714,39 +716,36 @@ def site_config(
     )
 
 
+def network_sites(
+    n_sites: int, records_per_site: int, seed: int = 0, options: SiteOptions = SiteOptions()
+) -> list[tuple[str, SynthConfig]]:
+    """(site name, :func:`site_config`) of each of the ``n_sites`` hospitals of a network."""
+    if n_sites < 1:
+        raise ValueError(f"n_sites must be >= 1, got {n_sites}")
+    if records_per_site < 1:
+        raise ValueError(f"records_per_site must be >= 1, got {records_per_site}")
+    return [(site_name(i), site_config(i, records_per_site, seed, options)) for i in range(n_sites)]
+
+
 def synthesize_network(
     out_dir: Path,
     n_sites: int,
     records_per_site: int,
     seed: int = 0,
+    options: SiteOptions = SiteOptions(),
     *,
-    classes: Sequence[str] = DEFAULT_CLASSES,
-    unlabelled_fraction: float = 0.1,
-    duration_s: float = 10.0,
     workers: int = 1,
     progress: bool | None = None,
 ) -> list[tuple[str, Path]]:
     """Write ``n_sites`` synthetic hospitals, ``out_dir/hospital-a``, ``out_dir/hospital-b``...
-    (:func:`site_config`: real site shift, clashing record names); returns (site name,
+    (:func:`network_sites`: real site shift, clashing record names); returns (site name,
     folder) pairs. Bit-identical for the same arguments. Each site's folder is written
     aside and swapped in whole: an existing one is replaced, never half-written."""
-    if n_sites < 1:
-        raise ValueError(f"n_sites must be >= 1, got {n_sites}")
-    if records_per_site < 1:
-        raise ValueError(f"records_per_site must be >= 1, got {records_per_site}")
+    configs = network_sites(n_sites, records_per_site, seed, options)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sites = []
-    for index in range(n_sites):
-        name = site_name(index)
-        config = site_config(
-            index,
-            records_per_site,
-            seed,
-            classes=classes,
-            unlabelled_fraction=unlabelled_fraction,
-            duration_s=duration_s,
-        )
+    for name, config in configs:
         folder = out / name
         with _replaced_folder(folder) as staging:
             summary = generate(staging, config, workers=workers, progress=progress)

@@ -190,7 +190,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _synth_network(args: argparse.Namespace) -> int:
     """``--sites N``: N hospitals with site shift in OUT/<site> and their registry OUT/sites.yaml."""
-    from ml.data.synth import DEFAULT_CLASSES, site_config, synthesize_network
+    from ml.data.synth import DEFAULT_CLASSES, SiteOptions, network_sites, synthesize_network
     from ml.errors import ParameterError
     from pipeline.core.sites import DEFAULT_SITES_FILE, Site, SiteRegistry, save_sites
 
@@ -202,16 +202,12 @@ def _synth_network(args: argparse.Namespace) -> int:
             "(each site has its own sampling rate; records are named 00001... at every site)"
         )
     classes = tuple(args.classes or DEFAULT_CLASSES)
-    options = {"classes": classes, "unlabelled_fraction": args.unlabelled_fraction, "duration_s": args.duration}
+    options = SiteOptions(classes, args.unlabelled_fraction, args.duration)
+    configs = dict(network_sites(args.sites, args.records, args.seed, options))
     with staged_folder(args.out) as out:  # a new folder appears only when every site is written
-        sites = synthesize_network(out, args.sites, args.records, args.seed, workers=args.workers, **options)
+        sites = synthesize_network(out, args.sites, args.records, args.seed, options, workers=args.workers)
         registry = SiteRegistry(
-            tuple(
-                Site(
-                    name, str(folder), description=_site_description(site_config(i, args.records, args.seed, **options))
-                )
-                for i, (name, folder) in enumerate(sites)
-            )
+            tuple(Site(name, str(folder), description=_site_description(configs[name])) for name, folder in sites)
         )
         save_sites(registry, out / DEFAULT_SITES_FILE)
     log.info("%d hospitals (%d records each) and %s in %s", len(sites), args.records, DEFAULT_SITES_FILE, args.out)
