@@ -102,7 +102,8 @@ class VersionAction(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)  # type: ignore[arg-type]
 
     def __call__(self, parser: argparse.ArgumentParser, *_: object) -> NoReturn:
-        parser.exit(0, version() + "\n")
+        sys.stdout.write(version() + "\n")
+        parser.exit(0)
 
 
 def report(err: BaseException, verbose: bool) -> int | None:

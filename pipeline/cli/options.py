@@ -385,9 +385,10 @@ def _read_bounded(path: str) -> str:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     except OSError as err:
         raise ParamsFileError(f"{path}: cannot be read ({err.strerror or err})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ParamsFileError(f"{path}: not a regular file")
     with os.fdopen(fd, "rb") as file:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ParamsFileError(f"{path}: not a regular file")
         data = file.read(MAX_PARAMS_BYTES + 1)
     if len(data) > MAX_PARAMS_BYTES:
         raise ParamsFileError(f"{path}: larger than {MAX_PARAMS_BYTES // 1024} KiB (a --params file holds flags)")
@@ -447,7 +448,7 @@ def action_value(action: argparse.Action, value: Any, field: dataclasses.Field |
     if field is not None:
         problem = value_problem(field, converted)
         if problem:
-            raise ValueError(problem)
+            raise ValueError(f"{converted!r}: {problem}")
     return converted
 
 
