@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -260,10 +261,12 @@ def test_building_the_parser_imports_no_heavy_library():
 
 
 def test_cessl_help_is_fast():
-    """`cessl --help` well under the 1 s target on a quiet machine; this bound holds on a loaded one."""
-    seconds = []
+    """`cessl --help` under 1 s: its own CPU time (user + system, what it costs on an idle
+    machine: about 0.3 s) always; the wall-clock time too unless the machine is oversubscribed
+    (more runnable processes than cores stretch any wall-clock bound)."""
+    cpu, wall = [], []
     for _ in range(3):
-        start = time.perf_counter()
+        before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
         subprocess.run(
             [sys.executable, "-m", "pipeline.cli", "--help"],
             cwd=REPO,
@@ -272,5 +275,9 @@ def test_cessl_help_is_fast():
             timeout=60,
             check=True,
         )
-        seconds.append(time.perf_counter() - start)
-    assert statistics.median(seconds) < 1.5, seconds
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        wall.append(time.perf_counter() - start)
+        cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    assert statistics.median(cpu) < 1.0, f"CPU seconds {cpu}"
+    if os.getloadavg()[0] <= (os.cpu_count() or 1):
+        assert statistics.median(wall) < 1.5, f"wall-clock seconds {wall}"
