@@ -23,6 +23,7 @@ import difflib
 import importlib
 import os
 import stat
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -349,20 +350,19 @@ class ParamsFileError(ValueError):
 def read_params_file(path: str) -> list[tuple[str, int, Any]]:
     """The ``(key, line, value)`` entries of a ``--params`` file: a regular file of at most
     :data:`MAX_PARAMS_BYTES`, a flat YAML mapping (values: scalars, or lists of scalars for a
-    repeatable flag), read with ``yaml.safe_load``; ParamsFileError otherwise."""
+    repeatable flag), read with PyYAML's safe loader (``yaml.SafeLoader``); ParamsFileError otherwise."""
     import yaml
 
     text = _read_bounded(path)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
-        values = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else path
         raise ParamsFileError(f"{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
     if root is None:
         return []
-    if not isinstance(root, yaml.MappingNode) or not isinstance(values, dict):
+    if not isinstance(root, yaml.MappingNode):
         raise ParamsFileError(f"{path}:{root.start_mark.line + 1}: expected a mapping of flag: value")
     entries = []
     for key_node, value_node in root.value:
@@ -375,8 +375,18 @@ def read_params_file(path: str) -> list[tuple[str, int, Any]]:
         )
         if nested:
             raise ParamsFileError(f"{path}:{line}: {key_node.value}: expected a value or a list of values")
-        entries.append((key_node.value, line, values[key_node.value]))
+        entries.append((key_node.value, line, _construct(value_node, f"{path}:{line}: {key_node.value}")))
     return entries
+
+
+def _construct(node: Any, where: str) -> Any:
+    """The value of a flat YAML node, built by PyYAML's safe constructor (what ``yaml.safe_load`` uses)."""
+    import yaml
+
+    try:
+        return yaml.SafeLoader("").construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError) as err:  # e.g. a date that does not exist
+        raise ParamsFileError(f"{where}: not a valid YAML value ({err})") from None
 
 
 def _read_bounded(path: str) -> str:
@@ -465,15 +475,46 @@ def _scalar(action: argparse.Action, value: Any) -> Any:
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """``parser.parse_args(argv)``, with the verb's ``--params`` file's values as its defaults
-    (the command line overrides them); a bad file is the parser's one-line error."""
+    (the command line overrides them; a required flag such as ``--host`` may come from the
+    file); a bad file, or a required flag set nowhere, is the parser's one-line error."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(arg == "--params" or arg.startswith("--params=") for arg in argv):
+        return parser.parse_args(argv)
+    required = [action for action in _optionals(parser) if action.required]
+    for action in required:  # the file may set them: checked once it is read
+        action.required = False
     args = parser.parse_args(argv)
+    target: ParamsTarget | None = getattr(args, TARGET_DEST, None)
     path = getattr(args, PARAMS_DEST, None)
-    if not path:
-        return args
-    target: ParamsTarget = getattr(args, TARGET_DEST)
+    if target is None or not path:
+        return parser.parse_args(argv) if _restore(required) else args
     try:
-        defaults = file_defaults(target, path)
+        target.parser.set_defaults(**file_defaults(target, path))
     except ParamsFileError as err:
         target.parser.error(f"--params {err}")
-    target.parser.set_defaults(**defaults)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    missing = [a.option_strings[-1] for a in required if a in target.parser._actions and getattr(args, a.dest) is None]
+    if missing:
+        target.parser.error(
+            f"the following arguments are required: {', '.join(missing)} (on the command line or in {path})"
+        )
+    return args
+
+
+def _optionals(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """Every option of ``parser`` and of its sub-commands, at every depth."""
+    found = []
+    for action in parser._actions:  # argparse offers no public list of a parser's actions
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found += _optionals(sub)
+        elif action.option_strings:
+            found.append(action)
+    return found
+
+
+def _restore(required: list[argparse.Action]) -> bool:
+    """Make ``required`` required again; True when there were any."""
+    for action in required:
+        action.required = True
+    return bool(required)

@@ -124,6 +124,7 @@ def test_every_run_submit_schedule_retrain_compare_verb_reads_a_file(params_file
         ("params: other.yaml\n", 1, "params: unknown key"),
         ("- seed\n", 1, "expected a mapping of flag: value"),
         ("seed: [\n", 2, "not valid YAML"),
+        ("seed: 2020-13-45\n", 1, "seed: not a valid YAML value"),
     ],
 )
 def test_a_bad_file_is_one_line_naming_file_line_and_key(text, line, named, params_file, capsys):
@@ -281,3 +282,11 @@ def test_cessl_help_is_fast():
     assert statistics.median(cpu) < 1.0, f"CPU seconds {cpu}"
     if os.getloadavg()[0] <= (os.cpu_count() or 1):
         assert statistics.median(wall) < 1.5, f"wall-clock seconds {wall}"
+
+
+def test_a_required_flag_may_come_from_the_file(params_file, capsys):
+    args = parse(["schedule", "--params", params_file(f"host: {HOST}\ncron: 0 3 * * 1\n")])
+    assert (args.host, args.cron) == (HOST, "0 3 * * 1")
+    message = refused(["schedule", "--params", params_file("cron: 0 3 * * 1\n", "no-host.yaml")], capsys)
+    assert "required: --host (on the command line or in" in message, message
+    assert "required: --host" in refused(["submit"], capsys)  # without a file: argparse's own check
