@@ -290,3 +290,15 @@ def test_a_required_flag_may_come_from_the_file(params_file, capsys):
     message = refused(["schedule", "--params", params_file("cron: 0 3 * * 1\n", "no-host.yaml")], capsys)
     assert "required: --host (on the command line or in" in message, message
     assert "required: --host" in refused(["submit"], capsys)  # without a file: argparse's own check
+
+
+def test_the_files_values_reach_the_verbs_body(params_file, tmp_path, monkeypatch, capsys):
+    """`cessl run --params` runs the verb on the file's values: here its preflight refuses the
+    file's data folder before any work (nothing is written)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert cli.main(["run", "--params", params_file("source: nowhere\nmax-steps: 5\n")]) == EXIT_USAGE
+    assert f"{work / 'nowhere'}: data folder not found" in capsys.readouterr().err
+    assert list(work.iterdir()) == []
