@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline.core.constraints import (
+    add_tracking_uri_flag,
     cron,
     existing_file,
     http_url,
@@ -42,13 +43,11 @@ from pipeline.core.constraints import (
     output_root,
     quantity,
     resource_name,
-    tracking_uri,
     value_problem,
 )
 from pipeline.core.params import PipelineParams, add_profile_flag
 from pipeline.dags.kfp_auth import MODES as KFP_AUTH_MODES
 from pipeline.registry.policy import GATE_METRICS
-from pipeline.registry.store import TRACKING_URI_ENV
 
 T = TypeVar("T")
 
@@ -85,13 +84,9 @@ def given(value: T | None, default: T) -> T:
 
 
 def add_tracking(parser: argparse.ArgumentParser) -> None:
-    """The MLflow store (``--tracking-uri``, ``--create-store``) and ``--data-version``."""
-    parser.add_argument(
-        "--tracking-uri",
-        type=tracking_uri,
-        default="",
-        help=f"MLflow tracking URI (default: ${TRACKING_URI_ENV} or sqlite:///./mlflow.db)",
-    )
+    """The MLflow store (``--tracking-uri``, as every registry verb takes it; ``--create-store``)
+    and ``--data-version``."""
+    add_tracking_uri_flag(parser)
     parser.add_argument(
         "--create-store",
         action="store_true",
