@@ -165,9 +165,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("path", type=existing_dir)
     p.set_defaults(func=_show)
 
-    from pipeline.cli.pretrain_pipeline import add_pipeline_commands
+    from pipeline.cli.verbs import add_pretrain_pipeline_commands
 
-    add_pipeline_commands(sub)  # cessl backbone pipeline compile | submit | run (cessl-pretrain)
+    add_pretrain_pipeline_commands(sub)  # cessl backbone pipeline compile | submit | run (cessl-pretrain)
 
     p = sub.add_parser("fetch", help="download a registered backbone (models:/cessl-backbone-tiny/1, ...@alias)")
     p.add_argument("model", help="models:/<name>/<version>, models:/<name>@<alias>, or cessl-backbone-<config>")

@@ -25,7 +25,6 @@ import sys
 from pathlib import Path
 
 from ml.errors import ParameterError
-from ml.train.precision import PRECISION_CHOICES
 from pipeline.core.constraints import (
     add_tracking_uri_flag,
     as_text,
@@ -36,6 +35,7 @@ from pipeline.core.constraints import (
     output_file,
     registered_model,
 )
+from pipeline.core.params import PRECISION_CHOICES
 from pipeline.registry.access import require_model_permission
 from pipeline.registry.audit import history
 from pipeline.registry.policy import (

@@ -277,7 +277,7 @@ def network_params(base: PipelineParams, sites: Sequence[Site]) -> None:
 
 def run_network(args: argparse.Namespace, params: PipelineParams, registry: SiteRegistry) -> NetworkSummary:
     """Run the network locally (under the caller's project lock) and summarise it."""
-    from pipeline.cli.run import local_run_config, prepare_store
+    from pipeline.cli.local import local_run_config, prepare_store
     from pipeline.dags.network import NetworkSettings, run_network_local, site_items
     from pipeline.registry.network_tracking import fail_network, new_network_id
     from pipeline.registry.store import TrackingConfig

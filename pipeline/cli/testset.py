@@ -17,9 +17,9 @@ import logging
 from pathlib import Path
 
 from pipeline.core.constraints import add_tracking_uri_flag, existing_dir, non_empty, registered_model
-from pipeline.registry.testsets import TestSetError, current, export, history, refresh
 
 log = logging.getLogger(__name__)
+# pipeline.registry.testsets (numpy) is imported by each verb when it runs: not at start-up.
 
 
 def _client(args: argparse.Namespace):
@@ -31,6 +31,8 @@ def _client(args: argparse.Namespace):
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from pipeline.registry.testsets import TestSetError, current, history
+
     client = _client(args)
     pointer = current(client, args.name)
     if pointer is None:
@@ -63,6 +65,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
+    from pipeline.registry.testsets import refresh
+
     pending = refresh(_client(args), args.name, args.reason)
     print(
         f"{args.name}: test set v{pending.version} recorded (by {pending.created_by}: {pending.reason}); "
@@ -72,6 +76,8 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.registry.testsets import TestSetError, export
+
     path = export(_client(args), args.name, Path(args.repo), dvc=not args.no_dvc)
     if path is None:
         raise TestSetError(f"model {args.name!r} has no frozen test set to export")

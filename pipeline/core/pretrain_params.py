@@ -26,9 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ml.errors import ParameterError
-from ml.model.backbone import BACKBONE_CONFIGS
 from pipeline.core.constraints import flag_name, typed
-from pipeline.core.params import coerce_flag_value, param
+from pipeline.core.params import BACKBONE_NAMES, coerce_flag_value, param
 
 BACKENDS = ("local", "docker", "cluster")
 DEFAULT_RUNTIME = "cessl-torch-distributed"  # deploy/trainer/: the project's TrainingRuntime
@@ -49,7 +48,7 @@ class PretrainParams:
     data_version: str = param("", "data version (part of ingest's cache key)", cli=False, flag="--data-version")
     git_commit: str = param("", "git commit of the code", cli=False)
     min_class_count: int = param(200, "classes: diagnoses with >= N labelled records", minimum=1)
-    backbone_config: str = param("tiny", "backbone size to pre-train", choices=tuple(BACKBONE_CONFIGS))
+    backbone_config: str = param("tiny", "backbone size to pre-train", choices=BACKBONE_NAMES)
     epochs: int = param(50, "epochs (when --max-steps is 0)", minimum=1)
     max_steps: int = param(0, "stop after this many steps (0: train --epochs epochs)", minimum=0)
     batch_size: int = param(64, "batch size per process", minimum=1)

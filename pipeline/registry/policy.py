@@ -48,7 +48,6 @@ from pipeline.registry.access import client_tracking_uri, require_model_permissi
 from pipeline.registry.audit import AuditEntry, current_user, record
 from pipeline.registry.lineage import TAG_DATA_VERSION
 from pipeline.registry.store import TrackingConfig
-from pipeline.registry.testsets import gate_problem
 from pipeline.registry.tracking import (
     CHALLENGER,
     CHAMPION,
@@ -249,6 +248,8 @@ def _base(gate: GateConfig, challenger, challenger_value: float | None) -> dict[
 
 def compare(client, name: str, gate: GateConfig, challenger, champion) -> Comparison:
     """The evidence for promoting ``challenger`` over ``champion`` (or why there is none)."""
+    from pipeline.registry.testsets import gate_problem  # numpy: not on the command line's start-up path
+
     challenger_value = _run_metric(client, challenger.run_id, TEST_PREFIX + gate.metric)
     problem = gate_problem(client, name, challenger)  # not scored on the model's frozen test set
     if problem:
