@@ -31,6 +31,7 @@ from pipeline.registry.policy import (
     rollback,
 )
 from pipeline.registry.tracking import CHALLENGER, CHAMPION, TAG_COMPARED_CHAMPION, TAG_TEST_SPLIT, current_alias
+from signing_support import use_signer
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +115,10 @@ class Registry:
 
 
 @pytest.fixture()
-def reg(store, monkeypatch, request) -> Registry:
+def reg(store, monkeypatch, request, tmp_path) -> Registry:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     monkeypatch.setenv("CESSL_USER", "dr-test")
+    use_signer(monkeypatch, tmp_path, "dr-test")
     client = MlflowClient(tracking_uri=store, registry_uri=store)
     name = f"gate-{request.node.name.removeprefix('test_')}".replace("[", "-").replace("]", "")
     client.create_registered_model(name)
@@ -356,6 +358,7 @@ def _site_models(store: str, base: str, sites: list[str], tmp_path: Path) -> tup
 def test_promote_per_site_and_all_sites(store, monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     monkeypatch.setenv("CESSL_USER", "dr-test")
+    use_signer(monkeypatch, tmp_path, "dr-test")
     base = "net-promote"
     sites_file, models = _site_models(store, base, ["hospital-a", "hospital-b", "hospital-c"], tmp_path)
     for model in models.values():
@@ -399,8 +402,11 @@ def test_promote_site_bad_input(store, monkeypatch, tmp_path, capsys, argv, mess
     assert message in err and "Traceback" not in err
 
 
-def test_changed_sites(store, tmp_path):
+def test_changed_sites(store, tmp_path, monkeypatch):
     from pipeline.core.sites import load_sites
+
+    monkeypatch.setenv("CESSL_USER", "dr-test")
+    use_signer(monkeypatch, tmp_path, "dr-test")
     from pipeline.registry.policy import changed_sites
 
     base = "net-changed"
