@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
+from signing_support import use_signer
 
 from ml.eval.bootstrap import BootstrapConfig, paired_bootstrap
 from pipeline import cli
@@ -31,7 +32,6 @@ from pipeline.registry.policy import (
     rollback,
 )
 from pipeline.registry.tracking import CHALLENGER, CHAMPION, TAG_COMPARED_CHAMPION, TAG_TEST_SPLIT, current_alias
-from signing_support import use_signer
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "compare",
     "registry",
     "access",
+    "audit",
     "serve",
     "testset",
     "data",
