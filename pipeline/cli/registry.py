@@ -290,8 +290,8 @@ def _show_model(client, args: argparse.Namespace) -> None:
             }
             for e in history(client, args.name)
         ]
-        columns = ("#", "when", "who", "signed", "action", "versions", "numbers", "reason")
-        _table(f"{args.name}: audit log", columns, rows)
+        log_columns = ("#", "when", "who", "signed", "action", "versions", "numbers", "reason")
+        _table(f"{args.name}: audit log", log_columns, rows)
         return
     columns = ("version", "aliases", "method", "data_version", "decision", "macro_f_beta")
     _table(args.name, columns, describe_versions(client, args.name))
