@@ -263,3 +263,17 @@ def test_trust_file_errors_are_one_line(tmp_path, capsys, monkeypatch):
     with pytest.raises(SigningError, match="bob: expected ed25519:"):
         find_trust()
     assert Path(find_trust(str(tmp_path / "none.yaml")).source).name == "none.yaml"
+
+
+def test_a_local_user_promotes_after_keygen_with_the_defaults(model, monkeypatch, tmp_path, caplog):
+    """The demo's next step: `cessl access keygen` once, then `cessl promote` finds the key and
+    the trust file under ~/.config/cessl (here $CESSL_CONFIG_DIR) with no flag or variable."""
+    v1 = model.version()
+    monkeypatch.delenv("CESSL_SIGNING_KEY")
+    monkeypatch.delenv("CESSL_TRUST_FILE")
+    monkeypatch.setenv("CESSL_CONFIG_DIR", str(tmp_path / "home-config"))
+    assert cli.main(["access", "keygen"]) == 0
+    assert cli.main(["promote", model.name, "--force", "--reason", "demo"]) == 0
+    assert str(model.client.get_model_version_by_alias(model.name, CHAMPION).version) == v1
+    assert cli.main(["audit", "verify", "--model", model.name]) == 0
+    assert f"{model.name}: ok, champion v{v1}" in caplog.text
