@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import stat
 from dataclasses import dataclass
@@ -268,6 +269,7 @@ def test_trust_file_errors_are_one_line(tmp_path, capsys, monkeypatch):
 def test_a_local_user_promotes_after_keygen_with_the_defaults(model, monkeypatch, tmp_path, caplog):
     """The demo's next step: `cessl access keygen` once, then `cessl promote` finds the key and
     the trust file under ~/.config/cessl (here $CESSL_CONFIG_DIR) with no flag or variable."""
+    caplog.set_level(logging.INFO)
     v1 = model.version()
     monkeypatch.delenv("CESSL_SIGNING_KEY")
     monkeypatch.delenv("CESSL_TRUST_FILE")
