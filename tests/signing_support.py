@@ -20,6 +20,12 @@ def use_signer(monkeypatch: pytest.MonkeyPatch, root: Path, name: str) -> KeyFil
     """``name`` signs this test's decisions: ``$CESSL_SIGNING_KEY`` / ``$CESSL_TRUST_FILE`` point at
     a fresh key and ``root/trust.yaml`` (subprocesses inherit them)."""
     keys = make_signer(root, name)
-    monkeypatch.setenv(KEY_ENV, str(keys.private))
-    monkeypatch.setenv(TRUST_ENV, str(root / "trust.yaml"))
+    use_keys(monkeypatch, keys, root / "trust.yaml")
     return keys
+
+
+def use_keys(monkeypatch: pytest.MonkeyPatch, keys: KeyFiles, trust: Path) -> None:
+    """Sign with ``keys`` and verify against ``trust`` (e.g. one key for a module's shared store,
+    so that `cessl models` verifies every model there)."""
+    monkeypatch.setenv(KEY_ENV, str(keys.private))
+    monkeypatch.setenv(TRUST_ENV, str(trust))

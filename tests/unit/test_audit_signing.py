@@ -122,7 +122,7 @@ def test_signed_decisions_verify_and_name_the_champion(two_champions, capsys):
     assert all(e.signature and e.who == USER and e.champion["version"] for e in decisions)
     assert decisions[-1].prev == history(model.client, model.name)[-2].digest()
     assert decisions[-1].evidence["comparison"]
-    assert cli.main(["audit", "verify"]) == 0
+    assert cli.main(["audit", "verify", "--model", model.name]) == 0
     assert cli.main(["models", model.name, "--history"]) == 0
     assert "yes" in capsys.readouterr().out  # the signed column
 
