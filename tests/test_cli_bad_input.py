@@ -828,6 +828,7 @@ TRACKING_ARGV: dict[tuple[str, ...], list[str]] = {
     ("rollback",): ["rollback", "m"],
     ("access", "init"): ["access", "init", "--pipeline-user", "p"],
     ("access", "check"): ["access", "check", "m"],
+    ("audit", "verify"): ["audit", "verify"],
     ("predict",): ["predict", "--model", "models:/m@champion", "src"],
     ("testset", "show"): ["testset", "show", "m"],
     ("testset", "refresh"): ["testset", "refresh", "m", "--reason", "new classes"],
@@ -873,7 +874,8 @@ def test_bad_tracking_store(argv, uri, named, workdir, capsys):
 
 
 @pytest.mark.parametrize(
-    "argv", [argv for verb, argv in TRACKING_ARGV.items() if verb[0] in ("testset", "models", "promote", "predict")]
+    "argv",
+    [argv for verb, argv in TRACKING_ARGV.items() if verb[0] in ("testset", "models", "promote", "predict", "audit")],
 )
 def test_registry_verbs_need_an_existing_default_store(argv, workdir, capsys):
     outcome = run_cli(argv, capsys)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from signing_support import use_signer
 from test_pipeline_support import TINY_TRAINING, cessl, make_backbone, make_hospital
 
 from ml.eval.cross_site import CrossSiteMatrix, score_cell
@@ -26,6 +27,7 @@ from pipeline.dags.network import (
     compile_network_pipeline,
     site_items,
 )
+from pipeline.registry.audit import current_user
 from pipeline.registry.compare_tracking import TAG_KIND, TAG_PARENT
 from pipeline.registry.network_tracking import KIND_NETWORK, TAG_NETWORK, TAG_SITE
 
@@ -150,6 +152,7 @@ def test_network_run_registers_each_site_logs_the_matrix_and_survives_a_missing_
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    use_signer(monkeypatch, tmp_path / "signing", current_user())  # promote signs its decisions
     make_hospital(tmp_path / "data" / "a", 40, seed=1)
     make_hospital(tmp_path / "data" / "b", 40, seed=2)  # the same record names as site a
     backbone = make_backbone(tmp_path / "backbone")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from signing_support import use_signer
 from test_pipeline_support import cessl, make_hospital
 
 from components.split import SplitConfig, split_step
@@ -162,6 +163,7 @@ def registry(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("CESSL_USER", "dr-test")
+    use_signer(monkeypatch, tmp_path / "signing", "dr-test")  # promote signs its decisions
     from pipeline.registry.store import TrackingConfig, ensure_experiment
 
     ensure_experiment(TrackingConfig.resolve(uri, "t"))
@@ -316,6 +318,7 @@ def test_retrain_after_data_add_never_scores_a_model_on_its_training_records(tmp
     uri = f"sqlite:///{repo / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("CESSL_USER", "dr-e2e")
+    use_signer(monkeypatch, tmp_path / "signing", "dr-e2e")
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     run_args = [*SMALL_RUN, "--backbone", backbone, "--model-name", name, "--experiment", "frozen"]
 

@@ -36,6 +36,7 @@ COMMANDS: tuple[str, ...] = (
     "verbs:add_compare_commands",
     "registry:add_commands",
     "access:add_commands",
+    "audit:add_commands",
     "serve:add_commands",
     "testset:add_commands",
     "data:add_commands",
