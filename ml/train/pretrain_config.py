@@ -117,12 +117,12 @@ class PretrainRun:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PretrainRun:
-        """The run of :meth:`to_json`'s (parsed) JSON; a missing or malformed field is a ValueError."""
+        """The run of :meth:`to_json`'s (parsed) JSON; a missing, unknown or malformed field is a ValueError."""
         try:
             return cls(
                 store=str(data["store"]),
                 out=str(data["out"]),
-                config=PretrainConfig.from_values(data.get("config") or {}),
+                config=PretrainConfig(**dict(data.get("config") or {})),  # an unknown key is a TypeError
                 classes=tuple(str(c) for c in data.get("classes") or ()),
                 data_version=str(data.get("data_version") or ""),
             )
