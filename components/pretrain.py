@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from components.common import StepError, sha256_dir, sha256_json
-from components.trainjob import PretrainJob
+from components.trainjob import PretrainJob, run_pretrain_job
 from ml.errors import EXIT_STEP_FAILED, EXIT_USAGE, CesslError
 from ml.io import atomic_write_text, staged_folder
 from ml.train.pretrain_config import PretrainConfig, PretrainRun
@@ -247,8 +247,6 @@ def run_local(job: PretrainJob, work_dir: Path) -> LaunchResult:
 def run_trainjob(job: PretrainJob) -> LaunchResult:
     """The job as a Kubeflow Trainer TrainJob (``components.trainjob``; docker or cluster
     backend): it streams the job's logs, waits with the timeout and deletes the job."""
-    from components.trainjob import run_pretrain_job
-
     result = run_pretrain_job(job)
     return LaunchResult(result.backbone, result.job_name, job.backend, result.elapsed_s)
 
