@@ -740,10 +740,12 @@ def pretrain_backbone(
     import os
     from pathlib import Path
 
-    from components.pretrain import PretrainSettings, launch_step
+    from components.pretrain import JobFolders, launch_step
+    from components.trainjob import DEFAULT_IMAGE, PretrainJob, node_resources
+    from ml.train.pretrain_config import PretrainConfig, PretrainRun
 
-    settings = PretrainSettings(
-        config=backbone_config,
+    config = PretrainConfig(
+        backbone=backbone_config,
         epochs=epochs,
         max_steps=max_steps,
         batch_size=batch_size,
@@ -755,26 +757,21 @@ def pretrain_backbone(
         checkpoint_every=checkpoint_every,
         device=device,
     )
-    image = trainer_image or os.environ.get("CESSL_IMAGE", "")
-    result = launch_step(
-        Path(store.path),
-        Path(backbone.path),
-        settings,
-        root=checkpoint_root,
-        store_fingerprint=str(store.metadata.get("fingerprint", "")),
-        data_version=str(store.metadata.get("data_version", "")),
+    run = PretrainRun(store.path, backbone.path, config, data_version=str(store.metadata.get("data_version", "")))
+    job = PretrainJob(
+        run,
         nodes=nodes,
         nproc_per_node=nproc_per_node,
         backend=backend,
-        image=image,
+        image=trainer_image or os.environ.get("CESSL_IMAGE") or DEFAULT_IMAGE,
         runtime=runtime,
-        namespace=trainjob_namespace,
+        namespace=trainjob_namespace or None,
         timeout_s=timeout_s,
-        gpus_per_node=gpus_per_node,
-        cpu_per_node=cpu_per_node,
-        memory_per_node=memory_per_node,
-        checkpoint_pvc=checkpoint_pvc,
+        resources_per_node=node_resources(gpus_per_node, cpu_per_node, memory_per_node),
+        workspace_pvc=checkpoint_pvc or None,
     )
+    folders = JobFolders(checkpoint_root, store_fingerprint=str(store.metadata.get("fingerprint", "")))
+    result = launch_step(job, Path(backbone.path), folders)
     backbone.metadata.update(
         {
             "name": backbone_config,
