@@ -109,6 +109,11 @@ def test_compiled_network_loops_over_the_sites_parameter(tmp_path):
     body = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
     assert {"ingest", "preprocess", "split", "allocate-ranks", "finetune", "evaluate", "register"} <= set(body)
     assert "resolve-backbone" not in body  # the backbone is resolved once
+    # records are keyed by the site's real name: the loop item's "name" field, not the loop
+    # channel's own name (`site.name` is the string "sites-loop-item")
+    site_input = body["ingest"]["inputs"]["parameters"]["site"]
+    assert site_input["parameterExpressionSelector"] == 'parseJson(string_value)["name"]'
+    assert site_input["componentInputParameter"] == "pipelinechannel--sites-loop-item"
     cross = spec["components"]["comp-cross-site"]["inputDefinitions"]["artifacts"]
     assert all(cross[name].get("isArtifactList") for name in ("stores", "splits", "adapters", "registrations"))
     # finetune of every site asks for the GPU

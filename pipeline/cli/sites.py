@@ -279,12 +279,14 @@ def run_network(args: argparse.Namespace, params: PipelineParams, registry: Site
     """Run the network locally (under the caller's project lock) and summarise it."""
     from pipeline.cli.run import local_run_config, prepare_store
     from pipeline.dags.network import NetworkSettings, run_network_local, site_items
+    from pipeline.registry.lineage import git_commit
     from pipeline.registry.network_tracking import fail_network, new_network_id
     from pipeline.registry.store import TrackingConfig
 
     tracking = TrackingConfig.resolve(args.tracking_uri, params.experiment_name)
     state = Path(args.state_dir).absolute()
     params = params.replace(
+        git_commit=git_commit(Path.cwd()),  # resolved here: the tasks never ask git
         tracking_uri=tracking.tracking_uri,
         checkpoint_root=str(state / "checkpoints"),
         state_dir=str(state),
