@@ -47,14 +47,28 @@ def demo_network(out_dir: Path, n_sites: int, records_per_site: int, seed: int =
 
 
 def ensure_demo_network(sites_file: Path, n_sites: int = DEMO_SITES, records: int = DEMO_RECORDS_PER_SITE) -> Path:
-    """A ``sites.yaml`` of the demo's synthetic hospitals (made when missing) at ``sites_file``."""
+    """A ``sites.yaml`` of the demo's synthetic hospitals (made when missing) at ``sites_file``;
+    each hospital's folder is versioned on its own with DVC (``network/<site>.dvc``)."""
     if sites_file.exists():
         return sites_file
     folders = demo_network(sites_file.parent / DEMO_NETWORK_DIR, n_sites, records)
+    track_sites([folder for _, folder in folders], sites_file.parent)
     registry = SiteRegistry(tuple(Site(name, str(folder.absolute())) for name, folder in folders), sites_file)
     save_sites(registry, sites_file)
     log.info("demo network: %d synthetic hospitals, %s", len(folders), sites_file)
     return sites_file
+
+
+def track_sites(folders: Sequence[Path], start: Path) -> dict[str, str]:
+    """``dvc add`` each site folder in the repository around ``start``: each its own
+    ``<folder>.dvc`` (``cessl data add --site`` adds to one, ``retrain --sites`` retrains it)."""
+    from ml.data.dvc import Versioned, find_repo_root, track_folders
+
+    root = find_repo_root(start)
+    versions = track_folders(root, [Versioned.of(folder, root).relative for folder in folders])
+    for folder, version in versions.items():
+        log.info("site data %s: version %s (%s.dvc)", folder, version, folder)
+    return versions
 
 
 # --------------------------------------------------------------------------- preflight
