@@ -93,3 +93,14 @@ def test_data_add_site_refuses_what_it_cannot_do_in_one_line(network, tmp_path, 
     assert "no site named 'nope'" in capsys.readouterr().err
     assert cli.main(["data", "add", str(incoming), "--site", "a", "--name", "x"]) == 2
     assert "--name and --site cannot be combined" in capsys.readouterr().err
+
+
+def test_the_demo_network_versions_each_hospital_on_its_own(tmp_path, monkeypatch):
+    from pipeline.cli.sites import ensure_demo_network
+    from pipeline.core.sites import load_sites
+
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    sites_file = ensure_demo_network(tmp_path / "sites.yaml", n_sites=2, records=3)
+    for site in load_sites(sites_file):
+        folder = Path(site.source)
+        assert dvc_md5(folder.parent / f"{folder.name}.dvc") == dir_md5(folder)
