@@ -206,11 +206,13 @@ def log_data_input(source: str, data_version: str, context: str = DATASET_CONTEX
 # --------------------------------------------------------------------------- what the steps used
 
 # The run parameters each step records as it ran: its output's own record of the value it
-# used (splits.json's params, the rank map's metadata, adapter_config.json).
+# used (splits.json's params, the rank map's metadata, adapter_config.json). Not the
+# adapter's r / p: a method may train with its own (no deactivation: p 0), which the
+# adapter's config keeps; the run's choice of r is the rank map's.
 RECORDED_BY: dict[str, tuple[str, ...]] = {
     "split": ("labelled_ratio", "seed"),
     "allocate-ranks": ("method", "r", "compress"),
-    "finetune": ("method", "r", "p", "lr", "seed"),
+    "finetune": ("method", "lr", "seed"),
 }
 
 
@@ -219,15 +221,14 @@ def step_records(
 ) -> dict[str, dict[str, Any]]:
     """What the steps wrote about the values they used, by step (:data:`RECORDED_BY`):
     the split's ``params`` (``splits.json``), the rank map's metadata and the adapter's
-    config (``adapter_config.json``: method, r, p and its ``train_config``)."""
+    config (``adapter_config.json``: its method and its ``train_config``)."""
     from ml.data.splits import Splits
     from ml.model.adapter import read_adapter_config
 
     adapter = read_adapter_config(adapter_dir)
     train = dict(adapter.get("extra", {}).get("train_config", {}))
-    finetune = {k: adapter[k] for k in ("method", "r", "p") if k in adapter} | {
-        k: train[k] for k in ("lr", "seed") if k in train
-    }
+    finetune = {"method": adapter["method"]} if "method" in adapter else {}
+    finetune |= {k: train[k] for k in ("lr", "seed") if k in train}
     records = {"split": dict(Splits.load(splits_path).params), "finetune": finetune}
     if rank_metadata:
         records["allocate-ranks"] = dict(rank_metadata)

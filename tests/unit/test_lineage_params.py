@@ -35,7 +35,7 @@ def test_step_records_read_what_each_step_wrote(tmp_path):
     records = step_records(splits_path, adapter, {"r": 8.0, "compress": 0.5, "method": "fixmatch", "fingerprint": "x"})
     assert records == {
         "split": {"labelled_ratio": 0.5, "seed": 3},
-        "finetune": {"method": "fixmatch", "r": 8, "p": 0.2, "lr": 1e-3, "seed": 3},
+        "finetune": {"method": "fixmatch", "lr": 1e-3, "seed": 3},
         "allocate-ranks": {"r": 8.0, "compress": 0.5, "method": "fixmatch"},
     }
 
@@ -49,14 +49,8 @@ def test_logged_params_are_the_steps_values_not_the_defaults(tmp_path, caplog):
     given = DEFAULTS.replace(labelled_ratio=0.05, seed=0)
     with caplog.at_level(logging.WARNING, logger="pipeline.registry.lineage"):
         logged = params_as_run(given, step_records(splits_path, adapter, {"r": "8.0", "compress": "0.25"}))
-    assert (logged.labelled_ratio, logged.seed, logged.method, logged.r, logged.p, logged.lr) == (
-        0.5,
-        3,
-        "fixmatch",
-        8,
-        0.2,
-        1e-3,
-    )
+    assert (logged.labelled_ratio, logged.seed, logged.method, logged.r, logged.lr) == (0.5, 3, "fixmatch", 8, 1e-3)
+    assert logged.p == given.p  # the adapter's own p (0 for a method without deactivation) is not the choice
     assert logged.compress == 0.25 and isinstance(logged.r, int)
     assert "labelled_ratio: the run was given 0.05 but step split used 0.5" in caplog.text
 
