@@ -401,10 +401,12 @@ class Versioned:
     @classmethod
     def of(cls, folder: str | Path, repo_root: str | Path) -> Versioned:
         """``folder`` (inside ``repo_root``: DVC versions nothing outside its repository)."""
+        from ml.errors import ParameterError
+
         root, path = Path(repo_root).resolve(), Path(folder).absolute().resolve()
         if not path.is_relative_to(root) or path == root:
-            raise VersionNotPresentError(
-                f"{path}: not a folder inside the repository {root}: DVC versions only folders inside it"
+            raise ParameterError(
+                f"{path}: not a folder inside the repository {root} (--repo): DVC versions only folders inside it"
             )
         return cls(root, path)
 

@@ -89,6 +89,9 @@ def test_data_add_site_refuses_what_it_cannot_do_in_one_line(network, tmp_path, 
     (network / "s3.yaml").write_text("version: 1\nsites:\n  c:\n    source: s3://bucket/c\n")
     assert cli.main(["data", "add", str(incoming), "--site", "c", "--sites", "s3.yaml"]) == 2
     assert "the site's source is s3://bucket/c: put the records under that prefix" in capsys.readouterr().err
+    (network / "out.yaml").write_text(f"version: 1\nsites:\n  d:\n    source: {tmp_path / 'elsewhere'}\n")
+    assert cli.main(["data", "add", str(incoming), "--site", "d", "--sites", "out.yaml"]) == 2
+    assert "not a folder inside the repository" in capsys.readouterr().err
     assert cli.main(["data", "add", str(incoming), "--site", "nope"]) == 2
     assert "no site named 'nope'" in capsys.readouterr().err
     assert cli.main(["data", "add", str(incoming), "--site", "a", "--name", "x"]) == 2
