@@ -337,7 +337,22 @@ def run_network(args: argparse.Namespace, params: PipelineParams, registry: Site
     summary.parent_run_id, outcomes, summary.cells = outcomes_from_summary(text, items)
     summary.sites = outcomes + summary.sites
     summary.seconds = time.perf_counter() - start
+    if not getattr(args, "no_push", False):
+        push_site_versions(summary.sites, Path.cwd())
     return summary
+
+
+def push_site_versions(outcomes: Sequence[SiteOutcome], repo: Path) -> list[str]:
+    """``dvc push`` each registered site's data version (its own ``<folder>.dvc``) when the
+    project has a default DVC remote, so every version a site run logged can be ``dvc pull``-ed;
+    the sites pushed (``pipeline.registry.lineage.push_data_version``: anything else a warning)."""
+    from pipeline.registry.lineage import push_data_version
+
+    return [
+        o.site
+        for o in outcomes
+        if o.status == REGISTERED and "://" not in o.source and push_data_version(Path(o.source), o.data_version, repo)
+    ]
 
 
 # --------------------------------------------------------------------------- cessl sites

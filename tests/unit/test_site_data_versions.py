@@ -107,3 +107,19 @@ def test_the_demo_network_versions_each_hospital_on_its_own(tmp_path, monkeypatc
     for site in load_sites(sites_file):
         folder = Path(site.source)
         assert dvc_md5(folder.parent / f"{folder.name}.dvc") == dir_md5(folder)
+
+
+def test_a_network_run_pushes_each_registered_sites_version(network, tmp_path):
+    from pipeline.cli.sites import FAILED, REGISTERED, SiteOutcome, push_site_versions
+
+    remote = tmp_path / "remote"
+    assert cli.main(["data", "remote", "add", "backup", str(remote), "--default"]) == 0
+    versions = {s: dvc_md5(network / f"network/{s}.dvc") for s in ("a", "b")}
+    outcomes = [
+        SiteOutcome("a", str(network / "network" / "a"), REGISTERED, data_version=versions["a"]),
+        SiteOutcome("b", str(network / "network" / "b"), FAILED, data_version=versions["b"]),
+        SiteOutcome("c", "s3://bucket/c", REGISTERED, data_version="etags:x"),
+    ]
+    assert push_site_versions(outcomes, network) == ["a"]  # b failed, c's objects are their own version
+    pushed = {p.name for p in (remote / "files" / "md5").rglob("*.dir")}
+    assert pushed == {versions["a"].removesuffix(".dir")[2:] + ".dir"}
