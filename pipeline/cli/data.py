@@ -147,8 +147,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-dvc", action="store_true", help="do not run dvc add")
     p.set_defaults(func=_demo_data)
 
-    p = sub.add_parser("version", help="print the data version recorded in data.dvc")
+    p = sub.add_parser("version", help="print the data version recorded in data.dvc (or in a site's own .dvc)")
     p.add_argument("--repo", type=existing_dir, default=Path("."))
+    p.add_argument("--site", metavar="NAME", help="the version of this network site's source (<folder>.dvc)")
+    p.add_argument("--sites", default=None, help="the site registry --site is read from (default: ./sites.yaml)")
     p.set_defaults(func=_version)
 
 
@@ -424,10 +426,16 @@ def _demo_data(args: argparse.Namespace) -> int:
 
 
 def _version(args: argparse.Namespace) -> int:
-    from ml.data.dvc import data_version
+    from ml.data.dvc import Versioned, data_version
 
-    version = data_version(args.repo)
-    if version is None:
-        raise FileNotFoundError(f"no data.dvc in {args.repo.resolve()}")
+    if args.site:
+        target = Versioned.of(site_folder(args.sites, args.site), args.repo)
+        version = target.recorded()
+        if version is None:
+            raise FileNotFoundError(f"no {target.dvc_file} in {target.root}: site {args.site} is not versioned yet")
+    else:
+        version = data_version(args.repo)
+        if version is None:
+            raise FileNotFoundError(f"no data.dvc in {args.repo.resolve()}")
     print(version)
     return 0

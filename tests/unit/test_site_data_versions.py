@@ -62,6 +62,9 @@ def test_data_add_site_adds_to_that_site_alone_and_commits_its_version(network, 
     assert (network / "network" / "a" / "N00000.hea").is_file()
     assert after in _git(network, "log", "-1", "--format=%s")
     assert _git(network, "status", "--porcelain", "--untracked-files=no") == ""
+    capsys.readouterr()
+    assert cli.main(["data", "version", "--site", "a"]) == 0
+    assert capsys.readouterr().out.strip() == after
 
 
 def test_data_add_never_replaces_a_version_whose_data_is_not_here(network, tmp_path, capsys):
