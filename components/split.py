@@ -77,6 +77,7 @@ def split_step(store_dir: Path, out_path: Path, config: SplitConfig, frozen_path
         classes=store_classes(store),
         params=asdict(config),
         test_hashes=dict(splits.test_hashes),
+        trained_hashes=list(splits.trained_hashes),
         testset=dict(splits.testset),
     )
     _report_testset(ids.testset)

@@ -433,16 +433,19 @@ def register(
 
     from components.register import collect_registration
     from ml.data.splits import Splits
-    from pipeline.core.params import PipelineParams
-    from pipeline.registry.lineage import lineage_tags
+    from pipeline.core.params import PipelineParams, field_types
+    from pipeline.registry.lineage import lineage_tags, params_as_run, step_records
     from pipeline.registry.policy import registered_model_name
     from pipeline.registry.store import TrackingConfig
     from pipeline.registry.testsets import after_registration
     from pipeline.registry.tracking import log_and_register
 
     site = dict(site or {})
-    own = {k: v for k, v in site.items() if k in params and k != "data_version"}  # the site's values
+    # the site's own values (source, overrides, model); the data version is the one ingest settled on
+    own = {k: v for k, v in site.items() if k in field_types() and k != "data_version"}
     run = PipelineParams.from_mapping({**params, **own})
+    # logged: what the steps recorded they used (splits.json, the rank map, adapter_config.json)
+    run = params_as_run(run, step_records(Path(splits.path), Path(adapter.path), dict(rank_map.metadata)))
     bundle = collect_registration(
         splits_path=Path(splits.path),
         backbone_dir=Path(backbone_model.path),
@@ -501,12 +504,13 @@ def start_comparison(grid: list, params: dict, comparison_id: str, comparison: O
     from components.compare import GRID_FIELDS, CompareGrid
     from pipeline.core.params import PipelineParams
     from pipeline.registry.compare_tracking import start_comparison as start
+    from pipeline.registry.lineage import lineage_tags
     from pipeline.registry.store import TrackingConfig
 
     run = PipelineParams.from_mapping(params)
     shared = {k: v for k, v in run.logged().items() if k in params and k not in GRID_FIELDS}
     tracking = TrackingConfig.resolve(run.tracking_uri, run.experiment_name)
-    tags = {"data_version": run.data_version, "git_commit": run.git_commit}
+    tags = {"data_version": run.data_version, "git_commit": run.git_commit, **lineage_tags(run.git_commit)}
     parent = start(
         tracking, comparison_id, CompareGrid.from_items(grid), shared | {"data_version": run.data_version}, tags
     )
@@ -598,6 +602,7 @@ def start_network(sites: list, params: dict, network_id: str, kfp_run_id: str, n
 
     from ml.errors import ParameterError
     from pipeline.core.params import PipelineParams
+    from pipeline.registry.lineage import lineage_tags
     from pipeline.registry.network_tracking import start_network as start
     from pipeline.registry.store import TrackingConfig
 
@@ -614,7 +619,7 @@ def start_network(sites: list, params: dict, network_id: str, kfp_run_id: str, n
     if problems:
         raise ParameterError("; ".join(problems))
     tracking = TrackingConfig.resolve(shared.tracking_uri, shared.experiment_name)
-    tags = {"git_commit": shared.git_commit, "kfp.run_id": kfp_run_id if not kfp_run_id.startswith("{{") else ""}
+    tags = {"git_commit": shared.git_commit, **lineage_tags(shared.git_commit, kfp_run_id)}
     parent = start(tracking, network_id, list(sites), shared.logged(), tags)
     parent.write(Path(network.path))
     network.metadata.update({"run_id": parent.run_id, "network_id": parent.network_id})
