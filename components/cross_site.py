@@ -12,11 +12,15 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from components.common import StepError, write_json
 from components.data_access import dataset, open_store
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +48,7 @@ class CrossSiteFiles:
         return {f"cross_site/{p.name}": p for p in (self.csv, self.markdown, self.json, self.heatmap)}
 
 
-def _test_set(site: SiteArtifacts) -> tuple[object, list[str]]:
+def _test_set(site: SiteArtifacts) -> tuple[Dataset, list[str]]:
     from ml.data.splits import Splits
 
     splits = Splits.load(site.splits_path)

@@ -1,16 +1,23 @@
-"""Step: pre-train a backbone on a dataset store, as the ``cessl-pretrain`` pipeline launches it.
+"""Step: pre-train a backbone on a dataset store: the one node entry point, and the launch.
+
+Every process of every pre-training job runs :func:`pretrain_on_store` on a
+:class:`ml.train.pretrain_config.PretrainRun`: ``cessl backbone pretrain`` in its own process
+(and under ``torchrun``), and :func:`main`, ``python -m components.pretrain SPEC.json`` (or
+``-``: the JSON on stdin), in the child processes of a local job and in every node of a
+Docker or cluster TrainJob (``components.trainjob.cessl_pretrain_node``).
 
 The pipeline's launch step (``pipeline.dags.tasks.pretrain_backbone``) hands a
-:class:`LaunchSpec` to :func:`launch`, which picks the engine by ``backend``:
+:class:`components.trainjob.PretrainJob` to :func:`launch_step`, which picks the engine by
+``backend``:
 
-- ``local`` (one node; ``kfp.local`` and the tests): this module's own entry point in a
-  child process (``python -m components.pretrain SPEC.json``, or ``torch.distributed.run
-  --standalone`` for ``nproc_per_node`` > 1). The child's output is streamed line by line to
-  this step's log; past ``timeout_s`` it is stopped and the step fails with one clear line,
-  as it does when the child dies (a killed worker never leaves the step hanging).
+- ``local`` (one node; ``kfp.local`` and the tests): :func:`main` in a child process (under
+  ``torch.distributed.run --standalone`` for ``nproc_per_node`` > 1). The child's output is
+  streamed line by line to this step's log; past ``timeout_s`` it is stopped and the step
+  fails with one clear line, as it does when the child dies (a killed worker never leaves
+  the step hanging).
 - ``docker`` / ``cluster``: a Kubeflow Trainer ``TrainJob`` through
   ``components.trainjob.run_pretrain_job`` (N nodes x M processes; it waits with the
-  timeout, streams the job's logs and deletes the job). Imported only in that branch.
+  timeout, streams the job's logs and deletes the job).
 
 On a cluster the TrainJob's pods cannot see the launch pod's copy of the store (a KFP
 artifact), so :func:`stage_store` first copies it onto the shared volume (mounted at the
@@ -19,13 +26,15 @@ fingerprint; the job writes the backbone folder and its checkpoints there too. (
 backend stages host paths itself.) :func:`copy_backbone` brings the two backbone files
 back into the step's output artifact.
 
-The checkpoint folder is keyed on the job's inputs (:meth:`LaunchSpec.checkpoint_key`): a
-retried step (or a resubmitted run) with the same store and flags resumes from the last
-checkpoint rather than starting over.
+The checkpoint folder is keyed on the job's inputs (:func:`checkpoint_key`): a retried step
+(or a resubmitted run) with the same store and settings resumes from the last checkpoint
+rather than starting over.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -37,205 +46,107 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.common import StepError, read_json, sha256_dir, sha256_json
-from ml.errors import EXIT_STEP_FAILED, CesslError
+from components.common import StepError, sha256_dir, sha256_json
+from components.trainjob import PretrainJob, run_pretrain_job
+from ml.errors import EXIT_STEP_FAILED, EXIT_USAGE, CesslError
 from ml.io import atomic_write_text, staged_folder
+from ml.train.pretrain_config import PretrainConfig, PretrainRun
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("local", "docker", "cluster")
 STORES_DIR = "stores"  # <volume>/stores/<store fingerprint>: the staged store
 RUNS_DIR = "pretrain"  # <volume>/pretrain/<checkpoint key>/{checkpoints,backbone}
+SPEC_FILE = "pretrain_run.json"  # a local job's PretrainRun, next to its folders
 STOP_GRACE_S = 10.0
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
 
 
-@dataclass(frozen=True)
-class PretrainSettings:
-    """The pre-training flags (``cessl backbone pretrain``'s, :class:`ml.train.pretrain.PretrainConfig`'s).
-
-    ``max_steps`` 0: train ``epochs`` epochs; ``lr`` 0: the scaling rule on ``base_lr``.
-    """
-
-    config: str = "tiny"
-    epochs: int = 50
-    max_steps: int = 0
-    batch_size: int = 64
-    base_lr: float = 1e-3
-    lr: float = 0.0
-    weight_decay: float = 0.01
-    cutmix_alpha: float = 0.75
-    seed: int = 0
-    checkpoint_every: int = 100
-    num_workers: int = 0
-    device: str = "auto"
-
-    def cli_args(self) -> list[str]:
-        """The settings as ``cessl backbone pretrain`` flags (what a TrainJob's workers run)."""
-        args = [
-            "--config",
-            self.config,
-            "--epochs",
-            str(self.epochs),
-            "--batch-size",
-            str(self.batch_size),
-            "--base-lr",
-            repr(self.base_lr),
-            "--weight-decay",
-            repr(self.weight_decay),
-            "--cutmix-alpha",
-            repr(self.cutmix_alpha),
-            "--seed",
-            str(self.seed),
-            "--checkpoint-every",
-            str(self.checkpoint_every),
-            "--num-workers",
-            str(self.num_workers),
-            "--device",
-            self.device,
-        ]
-        if self.max_steps:
-            args += ["--max-steps", str(self.max_steps)]
-        if self.lr:
-            args += ["--lr", repr(self.lr)]
-        return args
-
-
-@dataclass(frozen=True)
-class LaunchSpec:
-    """One pre-training job: what to train on, where to write, on what.
-
-    ``store`` / ``out`` / ``checkpoint_dir``: paths the job's processes see (on a cluster:
-    on the checkpoint volume). ``gpus_per_node`` / ``cpu_per_node`` / ``memory_per_node``:
-    each node's (TrainJob pod's) request ('' for none). ``image`` / ``runtime`` /
-    ``namespace`` / ``checkpoint_pvc``: the TrainJob's (cluster, docker), unused locally.
-    """
-
-    store: str
-    out: str
-    checkpoint_dir: str
-    settings: PretrainSettings = field(default_factory=PretrainSettings)
-    data_version: str = ""
-    nodes: int = 1
-    nproc_per_node: int = 1
-    backend: str = "local"
-    image: str = ""
-    runtime: str = "cessl-torch-distributed"
-    namespace: str = ""
-    timeout_s: int = 86400
-    gpus_per_node: int = 0
-    cpu_per_node: str = ""
-    memory_per_node: str = ""
-    checkpoint_pvc: str = ""
-
-    def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise StepError(f"backend {self.backend!r}: expected one of {', '.join(BACKENDS)}")
-        for name in ("nodes", "nproc_per_node", "timeout_s"):
-            if getattr(self, name) < 1:
-                raise StepError(f"{name} {getattr(self, name)!r}: must be >= 1")
-        if self.backend == "local" and self.nodes != 1:
-            raise StepError(f"nodes {self.nodes}: the local backend runs one node (use docker or cluster for more)")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LaunchSpec:
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
-        values["settings"] = PretrainSettings(**dict(data.get("settings") or {}))
-        return cls(**values)
-
-    def resources(self) -> dict[str, Any]:
-        """Each node's resource requests in the Trainer SDK's spelling (``cpu``, ``memory``, ``gpu``)."""
-        requests: dict[str, Any] = {"cpu": self.cpu_per_node, "memory": self.memory_per_node}
-        if self.gpus_per_node:
-            requests["gpu"] = self.gpus_per_node
-        return {k: v for k, v in requests.items() if v}
-
-
-def checkpoint_key(store_fingerprint: str, settings: PretrainSettings, nodes: int, nproc_per_node: int) -> str:
+def checkpoint_key(store_fingerprint: str, config: PretrainConfig, world_size: int) -> str:
     """The checkpoint folder's name: a hash of what the result depends on (the store, the
-    flags and the world size; a resumed run must keep its global batch)."""
-    world = nodes * nproc_per_node
-    return sha256_json({"store": store_fingerprint, "settings": asdict(settings), "world_size": world})[:16]
+    training settings and the world size; a resumed run must keep its global batch)."""
+    settings = dataclasses.replace(config, checkpoint_dir="", progress=True).to_dict()
+    return sha256_json({"store": store_fingerprint, "config": settings, "world_size": world_size})[:16]
 
 
 # --------------------------------------------------------------------------- the training itself
 
 
-def pretrain_step(
-    store: Path, out: Path, settings: PretrainSettings, checkpoint_dir: Path, data_version: str = ""
-) -> Path | None:
-    """Pre-train ``settings.config`` on the labelled records of ``store`` (every class the
-    store names) and write the backbone folder ``out`` (rank 0; other ranks return None).
-    Resumes from ``checkpoint_dir`` when it holds a checkpoint of the same schedule."""
+def store_data_version(store: Any, ids: list[str], classes: list[str]) -> str:
+    """The store's recorded data version, else a hash of the records' content and classes."""
+    recorded = store.meta.get("data_version")
+    if recorded:
+        return str(recorded)
+    table = store.table.set_index(store.table["id"].astype(str))
+    h = hashlib.sha256(
+        json.dumps({"classes": classes, "preprocess": store.meta.get("preprocess")}, sort_keys=True).encode()
+    )
+    column = "content_hash" if "content_hash" in table.columns else None
+    for rid in sorted(ids):
+        h.update(f"{rid}:{table.at[rid, column] if column else ''}\n".encode())
+    return f"store:{h.hexdigest()[:16]}"
+
+
+def pretrain_on_store(run: PretrainRun) -> Path | None:
+    """Pre-train ``run.config.backbone`` on the labelled records of ``run.store`` (``run.classes``,
+    or every class the store names) and write the backbone folder ``run.out`` (rank 0; other
+    ranks return None). Resumes from ``run.config.checkpoint_dir`` when it holds a checkpoint
+    of the same schedule."""
     from ml.data.store import ECGStore, StoreDataset
     from ml.model.pretrained import save_backbone
-    from ml.train.pretrain import PretrainConfig, pretrain
+    from ml.train.pretrain import pretrain
 
-    data = ECGStore.open(store)
-    classes = list(data.classes)
+    data = ECGStore.open(run.store)
+    classes = list(run.classes or data.classes)
     if not classes:
-        raise StepError(f"{store}: the store names no classes to pre-train on")
+        raise StepError(f"{run.store}: the store names no classes to pre-train on (pass --classes)")
     ids = [rid for rid, labelled in zip(data.ids, data.labelled_mask(), strict=True) if labelled]
     if not ids:
-        raise StepError(f"{store}: no labelled record to pre-train on")
-    config = PretrainConfig(
-        backbone=settings.config,
-        num_classes=len(classes),
-        epochs=settings.epochs,
-        max_steps=settings.max_steps or None,
-        batch_size=settings.batch_size,
-        base_lr=settings.base_lr,
-        lr=settings.lr or None,
-        weight_decay=settings.weight_decay,
-        cutmix_alpha=settings.cutmix_alpha,
-        seed=settings.seed,
-        checkpoint_dir=str(checkpoint_dir),
-        checkpoint_every=settings.checkpoint_every,
-        num_workers=settings.num_workers,
-        device=settings.device,
-        progress=False,
-    )
+        raise StepError(f"{run.store}: no labelled record to pre-train on")
+    config = dataclasses.replace(run.config, num_classes=len(classes))
     try:
         result = pretrain(StoreDataset(data, ids, classes), config)
     except ValueError as err:  # e.g. too few records for one batch: the user's to fix
-        raise StepError(f"pre-training on {store}: {err}") from err
+        raise StepError(f"pre-training on {run.store}: {err}") from err
     if not result.is_main:
         return None
-    version = data_version or str(data.meta.get("data_version") or "") or f"store:{data.meta.get('fingerprint', '')}"
     return save_backbone(
         result.state_dict,
         result.config,
         classes,
-        out,
+        Path(run.out),
         source="pretrain",
-        data_version=version,
-        store=str(store),
+        data_version=run.data_version or store_data_version(data, ids, classes),
+        store=run.store,
         records=len(ids),
         pretrain_config=config.to_dict(),
         training={"steps": result.steps, "world_size": result.world_size, "lr": result.lr, "losses": result.losses},
     )
 
 
+def read_run(source: str) -> PretrainRun:
+    """The :class:`PretrainRun` in the JSON file ``source`` (``-``: stdin); StepError naming it."""
+    where = "stdin" if source == "-" else source
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+        return PretrainRun.from_dict(json.loads(text))
+    except (OSError, ValueError) as err:  # JSONDecodeError is a ValueError
+        raise StepError(f"pre-training spec {where}: {err}") from err
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m components.pretrain SPEC.json``: one process (or torchrun rank) of a local job."""
+    """``python -m components.pretrain SPEC.json`` (``-``: stdin): one process (or torchrun
+    rank) of a job, whatever its backend."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # the step adds the time
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        log.error("usage: python -m components.pretrain SPEC.json")
-        return 2
-    spec = LaunchSpec.from_dict(read_json(Path(args[0]), "launch spec"))
+        log.error("usage: python -m components.pretrain SPEC.json|-")
+        return EXIT_USAGE
     try:
-        folder = pretrain_step(
-            Path(spec.store), Path(spec.out), spec.settings, Path(spec.checkpoint_dir), spec.data_version
-        )
+        folder = pretrain_on_store(read_run(args[0]))
     except (CesslError, OSError) as err:  # the user's to fix: one line, no traceback
         log.error("%s", err)
         return EXIT_STEP_FAILED
@@ -293,12 +204,13 @@ def local_command(spec_path: Path, nproc_per_node: int) -> list[str]:
     ]
 
 
-def run_local(spec: LaunchSpec, work_dir: Path) -> LaunchResult:
+def run_local(job: PretrainJob, work_dir: Path) -> LaunchResult:
     """The job as a child process on this machine: its output streamed to this log, stopped
-    after ``spec.timeout_s`` seconds; a non-zero exit or a timeout is a :class:`StepError`."""
+    after ``job.timeout_s`` seconds; a non-zero exit or a timeout is a :class:`StepError`."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    spec_path = atomic_write_text(work_dir / "launch_spec.json", json.dumps(spec.to_dict(), indent=2))
-    command = local_command(spec_path, spec.nproc_per_node)
+    run = job.with_run(config={"progress": False}).run  # a log, not a terminal: no progress bar
+    spec_path = atomic_write_text(work_dir / SPEC_FILE, run.to_json())
+    command = local_command(spec_path, job.nproc_per_node)
     root = str(Path(__file__).resolve().parents[1])  # the project: `-m components.pretrain` resolves here
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH", "")]))}
     name = f"local-pretrain-{spec_path.parent.name}"
@@ -315,12 +227,12 @@ def run_local(spec: LaunchSpec, work_dir: Path) -> LaunchResult:
     reader = threading.Thread(target=_stream, args=(process.stdout, logging.getLogger("cessl.pretrain.job")))
     reader.start()
     try:
-        code = process.wait(timeout=spec.timeout_s)
+        code = process.wait(timeout=job.timeout_s)
     except subprocess.TimeoutExpired:
         _stop(process)
         raise StepError(
-            f"pre-training job {name} did not finish within timeout_s={spec.timeout_s}: stopped "
-            f"(its checkpoints in {spec.checkpoint_dir} let a rerun resume)"
+            f"pre-training job {name} did not finish within timeout_s={job.timeout_s}: stopped "
+            f"(its checkpoints in {job.checkpoint_dir} let a rerun resume)"
         ) from None
     finally:
         _stop(process)  # also on SIGTERM of this step (Terminated) or any error here
@@ -329,97 +241,55 @@ def run_local(spec: LaunchSpec, work_dir: Path) -> LaunchResult:
     if code != 0:
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
         raise StepError(f"pre-training job {name} {how} after {seconds:.0f} s (its output is in this step's log above)")
-    return LaunchResult(Path(spec.out), name, spec.backend, seconds)
+    return LaunchResult(job.out, name, job.backend, seconds)
 
 
-def pretrain_job(spec: LaunchSpec) -> Any:
-    """The ``components.trainjob.PretrainJob`` of ``spec`` (docker or cluster backend):
-    ``components.trainjob.trainjob_manifest`` of it is the TrainJob the launch step creates."""
-    from components.trainjob import PretrainJob
-
-    return PretrainJob(
-        store=Path(spec.store),
-        out=Path(spec.out),
-        pretrain_args=tuple(spec.settings.cli_args()),
-        checkpoint_dir=Path(spec.checkpoint_dir),
-        nodes=spec.nodes,
-        nproc_per_node=spec.nproc_per_node,
-        backend=spec.backend,
-        runtime=spec.runtime,
-        namespace=spec.namespace or None,
-        timeout_s=spec.timeout_s,
-        resources_per_node=spec.resources(),
-        workspace_pvc=spec.checkpoint_pvc or None,
-        **({"image": spec.image} if spec.image else {}),
-    )
-
-
-def run_trainjob(spec: LaunchSpec) -> LaunchResult:
+def run_trainjob(job: PretrainJob) -> LaunchResult:
     """The job as a Kubeflow Trainer TrainJob (``components.trainjob``; docker or cluster
     backend): it streams the job's logs, waits with the timeout and deletes the job."""
-    from components.trainjob import run_pretrain_job
-
-    result = run_pretrain_job(pretrain_job(spec))
-    return LaunchResult(Path(result.backbone), result.job_name, spec.backend, result.elapsed_s)
+    result = run_pretrain_job(job)
+    return LaunchResult(result.backbone, result.job_name, job.backend, result.elapsed_s)
 
 
-def launch(spec: LaunchSpec, work_dir: Path) -> LaunchResult:
-    """Run the job on ``spec.backend`` and wait for it (see the module's notes)."""
-    if spec.backend == "local":
-        return run_local(spec, work_dir)
-    return run_trainjob(spec)
+def launch(job: PretrainJob, work_dir: Path) -> LaunchResult:
+    """Run the job on ``job.backend`` and wait for it (see the module's notes)."""
+    if job.backend == "local":
+        return run_local(job, work_dir)
+    return run_trainjob(job)
 
 
-def launch_spec(
-    store: str,
-    settings: PretrainSettings,
-    *,
-    root: str,
-    store_fingerprint: str = "",
-    data_version: str = "",
-    **job: Any,
-) -> LaunchSpec:
-    """The job of the launch step (no I/O): ``store`` as the job sees it, its backbone folder
-    and checkpoints under ``<root>/pretrain/<checkpoint key>`` (the same inputs, the same
-    folder: a retried step resumes). ``job``: the :class:`LaunchSpec` fields that say where
-    and how it runs (nodes, nproc_per_node, backend, image, runtime, namespace, timeout_s,
-    gpus_per_node, cpu_per_node, memory_per_node, checkpoint_pvc)."""
-    nodes, nproc = int(job.get("nodes", 1)), int(job.get("nproc_per_node", 1))
-    work = Path(root) / RUNS_DIR / checkpoint_key(store_fingerprint or store, settings, nodes, nproc)
-    return LaunchSpec(
-        store=store,
-        out=str(work / "backbone"),
-        checkpoint_dir=str(work / "checkpoints"),
-        settings=settings,
-        data_version=data_version,
-        **job,
-    )
+@dataclass(frozen=True)
+class JobFolders:
+    """Where the launch step puts a job's files: ``<root>/pretrain/<checkpoint key>/{backbone,
+    checkpoints}`` and, for a cluster job, the store's copy ``<root>/stores/<fingerprint>``.
+
+    root: the shared volume's mount on a cluster; a local folder otherwise ('' : a temporary
+    one). store_fingerprint: the store's content hash ('' : its path stands for it).
+    """
+
+    root: str = ""
+    store_fingerprint: str = ""
+
+    def place(self, job: PretrainJob) -> PretrainJob:
+        """``job`` with its backbone folder and checkpoints under :attr:`root` (no I/O): the same
+        store, settings and world size, the same folder, so a retried step resumes."""
+        key = checkpoint_key(self.store_fingerprint or job.run.store, job.run.config, job.world_size)
+        work = Path(self.root) / RUNS_DIR / key
+        return job.with_run(out=str(work / "backbone"), config={"checkpoint_dir": str(work / "checkpoints")})
 
 
-def launch_step(
-    store: Path,
-    backbone_out: Path,
-    settings: PretrainSettings,
-    *,
-    root: str,
-    store_fingerprint: str = "",
-    data_version: str = "",
-    **job: Any,
-) -> LaunchResult:
-    """The pipeline's launch step: the job's folders under ``root`` (the shared volume's
-    mount on a cluster; a local folder otherwise, a temporary one when ''), the store staged
-    there for a cluster TrainJob, the job run and waited for, the backbone's two files
-    copied into ``backbone_out``. ``job``: as :func:`launch_spec`'s."""
-    backend = str(job.get("backend", "local"))
-    if backend == "cluster" and not root:
+def launch_step(job: PretrainJob, backbone_out: Path, folders: JobFolders) -> LaunchResult:
+    """The pipeline's launch step: ``job`` (its store: the step's input) placed under
+    ``folders.root`` (a temporary folder when ''), the store staged there for a cluster
+    TrainJob, the job run and waited for, the backbone's two files copied into ``backbone_out``."""
+    if job.backend == "cluster" and not folders.root:
         raise StepError("backend cluster: the TrainJob needs the shared volume (checkpoint_root is empty)")
-    base = root or tempfile.mkdtemp(prefix="cessl-pretrain-")
-    if backend == "cluster":  # the job's pods read the store from the shared volume
-        store = stage_store(store, Path(base), store_fingerprint)
-    spec = launch_spec(
-        str(store), settings, root=base, store_fingerprint=store_fingerprint, data_version=data_version, **job
-    )
-    result = launch(spec, Path(spec.out).parent)
+    folders = dataclasses.replace(folders, root=folders.root or tempfile.mkdtemp(prefix="cessl-pretrain-"))
+    if job.backend == "cluster":  # the job's pods read the store from the shared volume
+        staged = stage_store(job.store, Path(folders.root), folders.store_fingerprint)
+        job = job.with_run(store=str(staged))
+    job = folders.place(job)
+    result = launch(job, job.out.parent)
     copy_backbone(result.backbone_dir, backbone_out)
     log.info("pre-training %s (%s backend) done in %.0f s", result.job_name, result.backend, result.seconds)
     return result

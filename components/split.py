@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from components.common import StepError, sha256_json
 from components.data_access import open_store, store_classes
@@ -54,7 +55,7 @@ def split_step(store_dir: Path, out_path: Path, config: SplitConfig, frozen_path
     from ml.data.testset import FrozenTestSet, split_store_frozen
 
     store = open_store(store_dir)
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         test_size=config.test_ratio,
         labelled_ratio=config.labelled_ratio,
         valid_size=config.valid_ratio,
@@ -76,6 +77,7 @@ def split_step(store_dir: Path, out_path: Path, config: SplitConfig, frozen_path
         classes=store_classes(store),
         params=asdict(config),
         test_hashes=dict(splits.test_hashes),
+        trained_hashes=list(splits.trained_hashes),
         testset=dict(splits.testset),
     )
     _report_testset(ids.testset)

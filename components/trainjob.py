@@ -16,11 +16,11 @@ One entry point, :func:`run_pretrain_job`, for every backend of ``kubeflow.train
   ``/workspace``: ``store``, ``out`` and ``checkpoint_dir`` are paths on that volume.
 
 What runs in every node is :func:`cessl_pretrain_node`: the SDK ships its *source text*
-(``inspect.getsource``), so it is a self-contained top-level function; it runs
-``python -m pipeline.cli backbone pretrain ...`` in torchrun's environment (RANK,
-WORLD_SIZE, MASTER_ADDR), so the nodes do exactly what ``cessl backbone pretrain`` does
-under torchrun on one machine (DistributedSampler shards, global BatchNorm, rank-0 atomic
-checkpoints, resume).
+(``inspect.getsource``), so it is a self-contained top-level function; it hands the job's
+:class:`ml.train.pretrain_config.PretrainRun` (JSON, on stdin) to the one node entry point,
+``python -m components.pretrain -``, in torchrun's environment (RANK, WORLD_SIZE,
+MASTER_ADDR), so the nodes do exactly what a local run does (DistributedSampler shards,
+global BatchNorm, rank-0 atomic checkpoints, resume).
 
 The job's logs stream into a log file and this module's logger; the wait has a timeout;
 the job is deleted at the end whatever happened; a failed or timed-out job raises
@@ -33,6 +33,8 @@ review and schema checks without a cluster.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import re
@@ -47,6 +49,7 @@ from typing import Any
 
 from ml.errors import CesslError, ParameterError, ServiceUnavailableError, StepFailedError
 from ml.io import staged_folder
+from ml.train.pretrain_config import PretrainRun
 
 log = logging.getLogger("cessl.trainjob")
 
@@ -58,7 +61,8 @@ WORKSPACE = "/workspace"  # the SDK's constants.WORKSPACE_PATH; the runtime's sh
 WORKSPACE_VOLUME = "workspace"  # the runtime's volume name (deploy/trainer/cessl-torch-distributed.yaml)
 NODE_CONTAINER = "node"
 JOB_LABELS = {"app.kubernetes.io/part-of": "cessl", "app.kubernetes.io/component": "pretrain"}
-_JOB_NAME = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")  # DNS-1035 label (a TrainJob's name)
+JOB_NAME = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")  # DNS-1035 label (a TrainJob's name)
+MIN_TRAINJOB_TIMEOUT_S = 10  # docker / cluster: the SDK polls the job every 2 s
 _FAILED_NODE = re.compile(r"^\s*(?P<step>node-\d+): status=(?P<status>\w+), exit_code=(?P<code>\S+)", re.M)
 
 
@@ -69,25 +73,22 @@ class TrainJobFailedError(StepFailedError):
 
 @dataclass(frozen=True)
 class PretrainJob:
-    """One pre-training run as a TrainJob.
+    """One pre-training job: the run every process does, on how many processes, where.
 
-    store / out / checkpoint_dir: ``docker``: host paths (staged into the job's shared
+    run: the store, the backbone folder, the checkpoint folder (``run.config.checkpoint_dir``;
+    '' : none kept, ``<out>/checkpoints`` on a cluster) and the training settings. Its
+    paths: ``local``: this machine's; ``docker``: host paths (staged into the job's shared
     folder and read back); ``cluster``: paths on the shared volume the nodes mount at
     ``/workspace`` (the step that reads ``out`` mounts it too).
-    pretrain_args: ``cessl backbone pretrain`` flags passed through unchanged (``--config``,
-    ``--max-steps``, ``--batch-size``, ``--seed``, ...); not ``--store``/``--out``/
-    ``--checkpoint-dir``, which the job sets.
     nodes x nproc_per_node processes; on the cluster ``nproc_per_node > 1`` means one
     process per GPU (``resources_per_node["gpu"]``), the SDK's container backend runs one
-    process per node on CPU.
+    process per node on CPU; ``local`` is one node (``torchrun --standalone`` for several
+    processes, ``components.pretrain.run_local``).
     resources_per_node: ``{"cpu": 4, "memory": "16Gi", "gpu": 1}`` (the SDK's spelling).
     workspace_pvc: the shared volume's PersistentVolumeClaim (cluster; None: the runtime's).
     """
 
-    store: Path
-    out: Path
-    pretrain_args: tuple[str, ...] = ()
-    checkpoint_dir: Path | None = None
+    run: PretrainRun
     nodes: int = 1
     nproc_per_node: int = 1
     backend: str = "docker"
@@ -123,19 +124,34 @@ class PretrainJob:
                 f"nproc_per_node {self.nproc_per_node}: on the cluster one process runs per GPU; "
                 f"resources_per_node gpu is {gpus}"
             )
-        if self.timeout_s < 10:
-            problems.append(f"timeout_s {self.timeout_s}: must be >= 10 s")
-        if self.name is not None and not _JOB_NAME.match(self.name):
+        minimum = 1 if self.backend == "local" else MIN_TRAINJOB_TIMEOUT_S
+        if self.timeout_s < minimum:
+            problems.append(f"timeout_s {self.timeout_s}: must be >= {minimum} s")
+        if self.name is not None and not JOB_NAME.match(self.name):
             problems.append(f"name {self.name!r}: must be a DNS-1035 label (lower-case letters, digits, '-')")
-        reserved = {"--store", "--out", "--checkpoint-dir"} & {a.split("=")[0] for a in self.pretrain_args}
-        if reserved:
-            problems.append(f"pretrain_args: {', '.join(sorted(reserved))} are set by the job")
         if problems:
             raise ParameterError("; ".join(problems))
 
     @property
     def world_size(self) -> int:
         return self.nodes * self.nproc_per_node
+
+    @property
+    def store(self) -> Path:
+        return Path(self.run.store)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.run.out)
+
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        return Path(self.run.config.checkpoint_dir) if self.run.config.checkpoint_dir else None
+
+    def with_run(self, **changes: Any) -> PretrainJob:
+        """This job with its run's fields changed (``config``: a dict of config changes)."""
+        config = dataclasses.replace(self.run.config, **changes.pop("config", {}))
+        return dataclasses.replace(self, run=dataclasses.replace(self.run, config=config, **changes))
 
     def job_name(self) -> str:
         return self.name or f"cessl-pretrain-{uuid.uuid4().hex[:8]}"
@@ -156,15 +172,24 @@ class PretrainJobResult:
     elapsed_s: float = 0.0
 
 
+def node_resources(gpus: int = 0, cpu: str = "", memory: str = "") -> dict[str, Any]:
+    """A node's resource requests in the Trainer SDK's spelling (``cpu``, ``memory``, ``gpu``;
+    0 and '' : none)."""
+    requests: dict[str, Any] = {"cpu": cpu, "memory": memory, "gpu": gpus}
+    return {k: v for k, v in requests.items() if v}
+
+
 # --- what runs in every node ------------------------------------------------------------
-def cessl_pretrain_node(argv: list, workdir: str) -> None:
-    """Run ``cessl backbone pretrain <argv>`` in this torchrun worker's environment.
+def cessl_pretrain_node(spec: dict, workdir: str) -> None:
+    """Run the job's pre-training ``spec`` (a ``PretrainRun`` as JSON) in this torchrun
+    worker's environment: ``python -m components.pretrain -`` with the spec on stdin.
 
     Shipped to the nodes as source text by the Kubeflow SDK (``inspect.getsource``): keep
     it self-contained (imports inside, standard library only). The command inherits
     RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT / LOCAL_RANK, so it joins the job's
     process group as one rank; its exit status is the worker's.
     """
+    import json
     import os
     import subprocess
     import sys
@@ -172,25 +197,27 @@ def cessl_pretrain_node(argv: list, workdir: str) -> None:
     rank = os.environ.get("RANK", "0")
     world = os.environ.get("WORLD_SIZE", "1")
     print(f"cessl node: rank {rank} of {world} on {os.uname().nodename}", flush=True)
-    command = [sys.executable, "-m", "pipeline.cli", "backbone", "pretrain", *argv]
-    code = subprocess.call(command, cwd=workdir)
+    command = [sys.executable, "-m", "components.pretrain", "-"]
+    code = subprocess.run(command, cwd=workdir, input=json.dumps(spec), text=True, check=False).returncode
     if code != 0:
         print(f"cessl node: rank {rank} failed with exit status {code}", flush=True)
         raise SystemExit(code)
 
 
-def _node_argv(job: PretrainJob, store: str, out: str, checkpoints: str) -> list[str]:
-    return ["--store", store, "--out", out, "--checkpoint-dir", checkpoints, "--no-progress", *job.pretrain_args]
+def _node_spec(job: PretrainJob, store: str, out: str, checkpoints: str) -> dict[str, Any]:
+    """The JSON every node hands to the node entry point: the job's run at the nodes' paths."""
+    node = job.with_run(store=store, out=out, config={"checkpoint_dir": checkpoints, "progress": False}).run
+    return dict(json.loads(node.to_json()))
 
 
 # --- the SDK request (shared by the cluster backend and the manifest) --------------------
-def _custom_trainer(job: PretrainJob, argv: list[str]):
+def _custom_trainer(job: PretrainJob, spec: dict[str, Any]):
     from kubeflow.trainer import CustomTrainer
 
     resources = {key: str(value) for key, value in job.resources_per_node.items()}  # quantities
     return CustomTrainer(
         func=cessl_pretrain_node,
-        func_args={"argv": argv, "workdir": WORKSPACE},
+        func_args={"spec": spec, "workdir": WORKSPACE},
         num_nodes=job.nodes,
         resources_per_node=resources or None,
         image=job.image,
@@ -234,9 +261,9 @@ def _cluster_options(job: PretrainJob, name: str) -> list:
     return options
 
 
-def _cluster_argv(job: PretrainJob) -> list[str]:
+def _cluster_spec(job: PretrainJob) -> dict[str, Any]:
     checkpoints = job.checkpoint_dir or job.out / "checkpoints"
-    return _node_argv(job, str(job.store), str(job.out), str(checkpoints))
+    return _node_spec(job, str(job.store), str(job.out), str(checkpoints))
 
 
 def _cluster_runtime(name: str):
@@ -265,7 +292,7 @@ def trainjob_manifest(job: PretrainJob, name: str | None = None) -> dict[str, An
 
     name = name or job.job_name()
     runtime = _cluster_runtime(job.runtime)
-    trainer_cr = k8s_utils.get_trainer_cr_from_custom_trainer(runtime, _custom_trainer(job, _cluster_argv(job)))
+    trainer_cr = k8s_utils.get_trainer_cr_from_custom_trainer(runtime, _custom_trainer(job, _cluster_spec(job)))
     patch = _workspace_patch(job)
     spec = models.TrainerV1alpha1TrainJobSpec(
         runtimeRef=models.TrainerV1alpha1RuntimeRef(name=runtime.name, kind=runtime.kind.value),
@@ -366,8 +393,18 @@ def _client(job: PretrainJob):
             raise ServiceUnavailableError(f"Kubernetes (Kubeflow Trainer): {str(err).splitlines()[0]}") from err
     raise ParameterError(
         f"backend {job.backend!r}: run_pretrain_job runs docker or cluster TrainJobs; the local backend is "
-        "`cessl backbone pretrain` itself (one process) or torchrun --standalone"
+        "components.pretrain's (this process, or torchrun --standalone)"
     )
+
+
+def _check_store(store: Path) -> None:
+    """``store`` is a complete dataset store on this machine (ParameterError naming it if not)."""
+    from ml.data.store import ECGStore
+
+    try:
+        ECGStore.open(store)
+    except (OSError, ValueError) as err:
+        raise ParameterError(str(err).splitlines()[0]) from err
 
 
 def _copy_tree(src: Path, dst: Path, link: bool, skip_hidden: bool = False) -> None:
@@ -515,6 +552,8 @@ def run_pretrain_job(job: PretrainJob, *, on_started: Callable[[str], None] | No
 
     name = job.job_name()
     log_path = job.job_log_path()
+    if job.backend == "docker":  # the user's store before the engine: a wrong folder says so
+        _check_store(job.store)
     client = _client(job)
     workdir: Path | None = None
     start = time.monotonic()
@@ -524,15 +563,15 @@ def run_pretrain_job(job: PretrainJob, *, on_started: Callable[[str], None] | No
     try:
         if job.backend == "docker":
             workdir = _stage_docker_workspace(job, name, client)
-            argv = _node_argv(job, f"{WORKSPACE}/store", f"{WORKSPACE}/backbone", f"{WORKSPACE}/checkpoints")
+            spec = _node_spec(job, f"{WORKSPACE}/store", f"{WORKSPACE}/backbone", f"{WORKSPACE}/checkpoints")
             options: list = []
             from kubeflow.trainer.options import Name
 
             options.append(Name(name))
         else:
-            argv = _cluster_argv(job)
+            spec = _cluster_spec(job)
             options = _cluster_options(job, name)
-        trainer = _custom_trainer(job, argv)
+        trainer = _custom_trainer(job, spec)
         log.info(
             "TrainJob %s: %d node(s) x %d process(es) on %s (image %s); log %s",
             name,

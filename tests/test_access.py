@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from signing_support import make_signer
 
 from ml.errors import EXIT_UNAVAILABLE, EXIT_USAGE
 from pipeline.core.logsafe import redact, register_secret
@@ -30,6 +31,7 @@ from pipeline.registry.access import (
     require_model_permission,
 )
 from pipeline.registry.audit import AUDIT_EXPERIMENT, AuditEntry, history, record
+from pipeline.registry.signing import KEY_ENV, TRUST_ENV
 from pipeline.registry.tracking import CHALLENGER, CHAMPION
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,6 +50,7 @@ class Cluster:
     outputs: list[str] = field(default_factory=list, repr=False)
     init_argv: list[str] = field(default_factory=list)
     init_env: dict[str, str] = field(default_factory=dict, repr=False)
+    signing: Path = Path()  # alice's key pair and the trust file listing her
 
     def env(self, user: str = "", password: str | None = None) -> dict[str, str]:
         if not user:
@@ -86,7 +89,20 @@ def cluster(mlflow_auth_server) -> Iterator[Cluster]:
     done = cluster.cli(argv, "admin", extra=env)
     assert done.returncode == 0, done.stderr
     cluster.init_argv, cluster.init_env = argv, env
+    cluster.signing = Path(mlflow_auth_server.data_dir) / "signing"
+    make_signer(cluster.signing, MANAGER)
     yield cluster
+
+
+@pytest.fixture(autouse=True)
+def signing_key(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every process of the server's tests finds alice's signing key and the trust file (only a
+    release manager's decision is ever signed: the others are refused before that)."""
+    if "cluster" not in request.fixturenames:
+        return
+    cluster = request.getfixturevalue("cluster")
+    monkeypatch.setenv(KEY_ENV, str(cluster.signing / "keys" / MANAGER / "signing-key.pem"))
+    monkeypatch.setenv(TRUST_ENV, str(cluster.signing / "trust.yaml"))
 
 
 @dataclass

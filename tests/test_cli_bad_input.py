@@ -750,7 +750,7 @@ def test_no_credential_reaches_the_output_of_a_verbose_s3_command(s3_server, s3_
 def grid_cases() -> list[pytest.param]:
     """Each grid flag takes a list of one pipeline parameter's values: the bad values of that
     parameter (from its metadata, as above), alone and inside a valid list, and bad lists."""
-    from pipeline.cli.compare import GRID_FLAGS
+    from pipeline.cli.verbs import GRID_FLAGS
 
     types, fields, cases = field_types(), {f.name: f for f in dataclasses.fields(PipelineParams)}, []
     for flag, (name, default) in GRID_FLAGS.items():
@@ -761,7 +761,7 @@ def grid_cases() -> list[pytest.param]:
 
 
 def test_grid_flags_are_generated_from_the_pipeline_parameters():
-    from pipeline.cli.compare import GRID_FLAGS
+    from pipeline.cli.verbs import GRID_FLAGS
     from pipeline.dags.compare import GRID_FIELDS
 
     assert sorted(name for name, _ in GRID_FLAGS.values()) == sorted(GRID_FIELDS)
@@ -828,6 +828,7 @@ TRACKING_ARGV: dict[tuple[str, ...], list[str]] = {
     ("rollback",): ["rollback", "m"],
     ("access", "init"): ["access", "init", "--pipeline-user", "p"],
     ("access", "check"): ["access", "check", "m"],
+    ("audit", "verify"): ["audit", "verify"],
     ("predict",): ["predict", "--model", "models:/m@champion", "src"],
     ("testset", "show"): ["testset", "show", "m"],
     ("testset", "refresh"): ["testset", "refresh", "m", "--reason", "new classes"],
@@ -873,7 +874,8 @@ def test_bad_tracking_store(argv, uri, named, workdir, capsys):
 
 
 @pytest.mark.parametrize(
-    "argv", [argv for verb, argv in TRACKING_ARGV.items() if verb[0] in ("testset", "models", "promote", "predict")]
+    "argv",
+    [argv for verb, argv in TRACKING_ARGV.items() if verb[0] in ("testset", "models", "promote", "predict", "audit")],
 )
 def test_registry_verbs_need_an_existing_default_store(argv, workdir, capsys):
     outcome = run_cli(argv, capsys)
@@ -973,7 +975,7 @@ def test_data_remote_add_in_a_real_process_leaves_nothing(tmp_path):
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(-5, 20), min_size=1, max_size=6))
 def test_seed_lists_accept_exactly_distinct_non_negative_seeds(seeds):
-    from pipeline.cli.compare import grid_type
+    from pipeline.cli.verbs import grid_type
 
     convert = grid_type("seed", "0,1,2")
     valid = all(s >= 0 for s in seeds) and len(set(seeds)) == len(seeds)
@@ -986,7 +988,7 @@ def test_seed_lists_accept_exactly_distinct_non_negative_seeds(seeds):
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=1, max_size=4))
 def test_ratio_lists_accept_exactly_distinct_fractions(ratios):
-    from pipeline.cli.compare import grid_type
+    from pipeline.cli.verbs import grid_type
 
     convert = grid_type("labelled_ratio", "0.05")
     valid = all(math.isfinite(r) and 0 < r < 1 for r in ratios) and len(set(ratios)) == len(ratios)

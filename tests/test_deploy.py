@@ -134,6 +134,8 @@ def test_renders_the_expected_objects(rendered):
         ("Service", "mlflow"),
         ("ConfigMap", "cessl-sites"),
         ("InferenceService", "cessl-network"),
+        ("ConfigMap", "cessl-trust"),
+        ("CronJob", "cessl-audit-verify"),
         ("ClusterRole", "cessl-training-runtimes-reader"),
         ("ClusterRoleBinding", f"cessl-training-runtimes-reader-{rendering.namespace}"),
     } <= names
@@ -273,6 +275,49 @@ def test_inferenceservice_runs_cessl_serve_with_v2_probes(objects):
     from pipeline.core.sites import parse_sites
 
     assert parse_sites(sites).names  # the example registry is valid
+
+
+TRUST_MOUNT = "/etc/cessl-trust"
+TRUST_FILE = f"{TRUST_MOUNT}/release-managers.yaml"
+
+
+def _trust_mounted(pod: dict, container: dict) -> None:
+    """The ConfigMap cessl-trust is mounted read-only where TRUST_FILE says."""
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert mounts[TRUST_MOUNT]["readOnly"] is True
+    assert volumes[mounts[TRUST_MOUNT]["name"]]["configMap"]["name"] == "cessl-trust"
+
+
+def test_the_trust_file_is_a_valid_configmap_mounted_into_serving(objects):
+    from pipeline.registry.signing import load_trust
+
+    data = _by_kind(objects, "ConfigMap")["cessl-trust"]["data"]
+    assert data["release-managers.yaml"] == (REPO / "deploy" / "trust" / "release-managers.yaml").read_text()
+    trust = load_trust(REPO / "deploy" / "trust" / "release-managers.yaml")  # parses: NAME -> ed25519 key
+    assert trust.exists and "PRIVATE" not in data["release-managers.yaml"]
+    predictor = _pod_spec(_by_kind(objects, "InferenceService")["cessl-network"])
+    container = predictor["containers"][0]
+    assert _env(container)["CESSL_TRUST_FILE"]["value"] == TRUST_FILE
+    _trust_mounted(predictor, container)
+
+
+def test_audit_verify_runs_as_a_cronjob(objects):
+    from pipeline.cli import build_parser
+
+    cronjob = _by_kind(objects, "CronJob")["cessl-audit-verify"]
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid" and cronjob["spec"]["schedule"]
+    pod = _pod_spec(cronjob)
+    (container,) = pod["containers"]
+    assert container["image"] == f"localhost:5000/cessl:{_project_version()}" and container["command"] == ["cessl"]
+    args = build_parser().parse_args(container["args"])  # the real flags
+    assert args.func.__name__ == "cmd_audit_verify" and args.all and args.trust_file == TRUST_FILE
+    assert pod["restartPolicy"] == "Never" and pod["automountServiceAccountToken"] is False
+    _trust_mounted(pod, container)
+    env = _env(container)
+    assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["configMapKeyRef"]["name"] == "cessl-pipeline-defaults"
+    assert env["MLFLOW_TRACKING_USERNAME"]["valueFrom"]["secretKeyRef"]["name"] == "cessl-mlflow-auth"
+    assert not [e for e in env if "SIGNING" in e]  # verifies only: no signing key in the cluster
 
 
 # --------------------------------------------------------------------------- credentials

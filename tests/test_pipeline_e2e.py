@@ -11,8 +11,10 @@ import mlflow
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+from signing_support import use_signer
 from test_pipeline_support import SMALL_RUN, add_records, cessl, make_backbone, make_repo
 
+from pipeline.registry.audit import current_user
 from pipeline.registry.lineage import DATASET_CONTEXT as DATA_CONTEXT
 from pipeline.registry.testsets import DATASET_CONTEXT as TESTSET_CONTEXT
 from pipeline.registry.tracking import CHALLENGER, CHAMPION
@@ -39,6 +41,7 @@ def test_run_second_version_gate_predict_rollback(tmp_path, mlflow_server, s3_se
     backbone = make_backbone(tmp_path / "backbone")
     monkeypatch.chdir(repo)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.tracking_uri)
+    use_signer(monkeypatch, tmp_path / "signing", current_user())  # promote and rollback sign
     client = MlflowClient(tracking_uri=mlflow_server.tracking_uri, registry_uri=mlflow_server.tracking_uri)
     run_args = [*SMALL_RUN, "--backbone", backbone, "--model-name", NAME, "--experiment", "e2e"]
 

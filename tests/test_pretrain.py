@@ -16,12 +16,11 @@ from ml.train.checkpoint import load_checkpoint
 from ml.train.pretrain import (
     CHECKPOINT_NAME,
     GlobalBatchNorm2d,
-    PretrainConfig,
     TensorPairDataset,
     convert_global_batchnorm,
     pretrain,
-    scaled_lr,
 )
+from ml.train.pretrain_config import PretrainConfig, scaled_lr
 from pipeline.cli import main as cessl
 
 CODES = ["164889003", "426177001", "59118001"]  # AF, SB, RBBB

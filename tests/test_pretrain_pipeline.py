@@ -14,8 +14,10 @@ import pytest
 import yaml
 
 from components.common import StepError
-from components.pretrain import LaunchSpec, PretrainSettings, launch_spec, pretrain_job, run_local, stage_store
+from components.pretrain import SPEC_FILE, JobFolders, run_local, stage_store
+from components.trainjob import PretrainJob, node_resources
 from ml.errors import EXIT_USAGE, ParameterError
+from ml.train.pretrain_config import PretrainConfig, PretrainRun
 from pipeline import cli
 from pipeline.core.pretrain_params import DEFAULTS, LOCAL_DEFAULTS, PretrainParams, cli_fields, field_types
 from pipeline.dags.finetune import CompileOptions, ResourceRequest
@@ -193,7 +195,7 @@ def test_submit_passes_the_trainjob_settings_as_run_arguments(tiny_store, tmp_pa
             calls.append({"pipeline_file": pipeline_file, **kwargs})
             return SimpleNamespace(run_id="run-1")
 
-    monkeypatch.setattr(run_command, "_client", lambda args: Recorder())
+    monkeypatch.setattr(run_command, "kfp_client", lambda args: Recorder())
     monkeypatch.setattr(preflight, "check_kfp_host", lambda host, timeout=5.0: host)
     monkeypatch.chdir(tmp_path)
     argv = [
@@ -304,31 +306,38 @@ def tiny_store(tmp_path_factory) -> Path:
     return root / "store"
 
 
+def _local_job(store: str, tmp_path: Path, timeout_s: int, **config) -> PretrainJob:
+    config = {"checkpoint_dir": str(tmp_path / "ckpt")} | config
+    return PretrainJob(
+        PretrainRun(store, str(tmp_path / "out"), PretrainConfig(**config)), backend="local", timeout_s=timeout_s
+    )
+
+
 def test_a_job_past_its_timeout_is_stopped_with_a_clear_error(tiny_store, tmp_path):
-    settings = PretrainSettings(config="tinylight", max_steps=100000, batch_size=8, device="cpu")
-    spec = LaunchSpec(str(tiny_store), str(tmp_path / "out"), str(tmp_path / "ckpt"), settings, timeout_s=3)
+    job = _local_job(str(tiny_store), tmp_path, 3, backbone="tinylight", max_steps=100000, batch_size=8, device="cpu")
     start = time.monotonic()
     with pytest.raises(StepError, match=r"did not finish within timeout_s=3: stopped"):
-        run_local(spec, tmp_path / "job")
+        run_local(job, tmp_path / "job")
     assert time.monotonic() - start < 3 + 15  # stopped, not waited for
     assert not (tmp_path / "out" / "backbone_config.json").exists()
 
 
 def test_a_failing_job_fails_the_step_with_its_exit_code(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="cessl.pretrain.job")
-    spec = LaunchSpec(str(tmp_path / "no-store"), str(tmp_path / "out"), str(tmp_path / "ckpt"), timeout_s=120)
+    job = _local_job(str(tmp_path / "no-store"), tmp_path, 120)
     with pytest.raises(StepError, match=r"exited with code 5 after"):  # EXIT_STEP_FAILED, one line in its log
-        run_local(spec, tmp_path / "job")
+        run_local(job, tmp_path / "job")
     streamed = [r.getMessage() for r in caplog.records if r.name == "cessl.pretrain.job"]
     assert any("no-store is not a complete dataset store" in line for line in streamed), streamed
-    written = json.loads((tmp_path / "job" / "launch_spec.json").read_text())
-    assert written["store"] == str(tmp_path / "no-store")
+    written = PretrainRun.from_dict(json.loads((tmp_path / "job" / SPEC_FILE).read_text()))
+    assert written.store == str(tmp_path / "no-store")  # the one dataclass, as JSON
+    assert written.config == PretrainConfig(checkpoint_dir=str(tmp_path / "ckpt"), progress=False)
 
 
 def test_the_local_backend_is_one_node():
-    with pytest.raises(StepError, match="nodes 2: the local backend runs one node"):
-        LaunchSpec("s", "o", "c", nodes=2)
-    assert LaunchSpec("s", "o", "c", gpus_per_node=2, cpu_per_node="4").resources() == {"cpu": "4", "gpu": 2}
+    with pytest.raises(ParameterError, match="nodes 2: the local backend is this machine"):
+        PretrainJob(PretrainRun("s", "o"), backend="local", nodes=2)
+    assert node_resources(gpus=2, cpu="4") == {"cpu": "4", "gpu": 2}
 
 
 def test_the_store_is_staged_on_the_volume_once_and_never_outside_it(tiny_store, tmp_path):
@@ -344,45 +353,38 @@ def test_the_store_is_staged_on_the_volume_once_and_never_outside_it(tiny_store,
     assert unnamed.parent == volume / "stores" and len(unnamed.name) == 32
 
 
+def _cluster_job(nodes: int = 2, **shape) -> PretrainJob:
+    run = PretrainRun("/workspace/stores/fp", "", PretrainConfig(backbone="medium", epochs=3))
+    shape = {"resources_per_node": {"gpu": 4}} | shape
+    return PretrainJob(run, nodes=nodes, nproc_per_node=4, backend="cluster", **shape)
+
+
 def test_the_cluster_job_reads_and_writes_on_the_shared_volume():
-    settings = PretrainSettings(config="medium", epochs=3, max_steps=0, lr=0.0)
-    job = {"nodes": 2, "nproc_per_node": 4, "backend": "cluster", "gpus_per_node": 4, "checkpoint_pvc": "shared"}
-    spec = launch_spec("/workspace/stores/fp", settings, root=WORKSPACE_MOUNT, store_fingerprint="fp", **job)
-    assert spec.out.startswith(f"{WORKSPACE_MOUNT}/pretrain/") and spec.out.endswith("/backbone")
-    assert Path(spec.checkpoint_dir).parent == Path(spec.out).parent
-    again = launch_spec("/workspace/stores/fp", settings, root=WORKSPACE_MOUNT, store_fingerprint="fp", **job)
-    assert again.checkpoint_dir == spec.checkpoint_dir  # a retried step resumes there
-    other = launch_spec(
-        "/workspace/stores/fp", settings, root=WORKSPACE_MOUNT, store_fingerprint="fp", **job | {"nodes": 4}
-    )
-    assert other.checkpoint_dir != spec.checkpoint_dir  # another global batch: another schedule
-    args = settings.cli_args()
-    assert "--max-steps" not in args and "--lr" not in args  # 0: epochs, the scaling rule
-    assert args[args.index("--config") + 1] == "medium" and args[args.index("--epochs") + 1] == "3"
+    folders = JobFolders(WORKSPACE_MOUNT, store_fingerprint="fp")
+    placed = folders.place(_cluster_job(workspace_pvc="shared"))
+    out, checkpoints = placed.run.out, placed.run.config.checkpoint_dir
+    assert out.startswith(f"{WORKSPACE_MOUNT}/pretrain/") and out.endswith("/backbone")
+    assert Path(checkpoints).parent == Path(out).parent
+    again = folders.place(_cluster_job(workspace_pvc="shared"))
+    assert again.run.config.checkpoint_dir == checkpoints  # a retried step resumes there
+    other = folders.place(_cluster_job(nodes=4, workspace_pvc="shared"))
+    assert other.run.config.checkpoint_dir != checkpoints  # another global batch: another schedule
+    assert placed.run.config.max_steps == 0 and placed.run.config.lr == 0  # not set: epochs, the scaling rule
 
 
 def test_the_trainjob_the_launch_step_creates():
     """The TrainJob of a cluster run (``components.trainjob.trainjob_manifest`` of the launch
     step's job): nodes, GPUs and resources per node, image, the claim, the volume paths."""
     trainjob = pytest.importorskip("components.trainjob")
-    settings = PretrainSettings(config="medium", epochs=3)
-    spec = launch_spec(
-        "/workspace/stores/fp",
-        settings,
-        root=WORKSPACE_MOUNT,
-        store_fingerprint="fp",
-        nodes=2,
-        nproc_per_node=4,
-        backend="cluster",
+    job = _cluster_job(
         image=IMAGE,
         namespace="team-a",
         timeout_s=7200,
-        gpus_per_node=4,
-        cpu_per_node="32",
-        memory_per_node="128Gi",
-        checkpoint_pvc="shared-rwx",
+        resources_per_node=node_resources(gpus=4, cpu="32", memory="128Gi"),
+        workspace_pvc="shared-rwx",
     )
-    manifest = trainjob.trainjob_manifest(pretrain_job(spec), name="cessl-pretrain-test")
+    spec = JobFolders(WORKSPACE_MOUNT, store_fingerprint="fp").place(job)
+    manifest = trainjob.trainjob_manifest(spec, name="cessl-pretrain-test")
     assert manifest["kind"] == "TrainJob" and manifest["metadata"]["namespace"] == "team-a"
     trainer = manifest["spec"]["trainer"]
     assert trainer["numNodes"] == 2 and trainer["image"] == IMAGE
@@ -390,7 +392,7 @@ def test_the_trainjob_the_launch_step_creates():
     assert manifest["spec"]["activeDeadlineSeconds"] == 7200
     assert "'shared-rwx'" in json.dumps(manifest).replace('"', "'")
     command = " ".join(trainer["command"])
-    for path in (spec.store, spec.out, spec.checkpoint_dir):
+    for path in (spec.run.store, spec.run.out, spec.run.config.checkpoint_dir):
         assert path in command
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
+from signing_support import make_signer, use_keys
 
 from ml.eval.bootstrap import BootstrapConfig, paired_bootstrap
 from pipeline import cli
@@ -31,6 +32,7 @@ from pipeline.registry.policy import (
     registered_model_name,
     rollback,
 )
+from pipeline.registry.signing import KeyFiles
 from pipeline.registry.tracking import CHALLENGER, CHAMPION, TAG_COMPARED_CHAMPION, TAG_TEST_SPLIT, current_alias
 
 
@@ -41,6 +43,13 @@ def store(tmp_path_factory) -> str:
     uri = f"sqlite:///{root / 'mlflow.db'}"
     MlflowClient(tracking_uri=uri).create_experiment("gate", artifact_location=(root / "mlruns").as_uri())
     return uri
+
+
+@pytest.fixture(scope="module")
+def signing(tmp_path_factory) -> tuple[KeyFiles, Path]:
+    """dr-test's key and the trust file, one for the module's store (`cessl models` verifies it all)."""
+    root = tmp_path_factory.mktemp("signing")
+    return make_signer(root, "dr-test"), root / "trust.yaml"
 
 
 CLASSES = [f"c{k}" for k in range(6)]
@@ -115,9 +124,10 @@ class Registry:
 
 
 @pytest.fixture()
-def reg(store, monkeypatch, request) -> Registry:
+def reg(store, monkeypatch, request, signing) -> Registry:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     monkeypatch.setenv("CESSL_USER", "dr-test")
+    use_keys(monkeypatch, *signing)
     client = MlflowClient(tracking_uri=store, registry_uri=store)
     name = f"gate-{request.node.name.removeprefix('test_')}".replace("[", "-").replace("]", "")
     client.create_registered_model(name)
@@ -374,9 +384,10 @@ def _site_models(store: str, base: str, sites: list[str], tmp_path: Path) -> tup
     return path, models
 
 
-def test_promote_per_site_and_all_sites(store, monkeypatch, tmp_path):
+def test_promote_per_site_and_all_sites(store, monkeypatch, tmp_path, signing):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     monkeypatch.setenv("CESSL_USER", "dr-test")
+    use_keys(monkeypatch, *signing)
     base = "net-promote"
     sites_file, models = _site_models(store, base, ["hospital-a", "hospital-b", "hospital-c"], tmp_path)
     for model in models.values():
@@ -420,8 +431,11 @@ def test_promote_site_bad_input(store, monkeypatch, tmp_path, capsys, argv, mess
     assert message in err and "Traceback" not in err
 
 
-def test_changed_sites(store, tmp_path):
+def test_changed_sites(store, tmp_path, monkeypatch, signing):
     from pipeline.core.sites import load_sites
+
+    monkeypatch.setenv("CESSL_USER", "dr-test")
+    use_keys(monkeypatch, *signing)
     from pipeline.registry.policy import changed_sites
 
     base = "net-changed"

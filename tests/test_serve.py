@@ -25,6 +25,7 @@ import pytest
 import torch
 from servers import _log_tail, free_port, start_process_group, stop_process_group, wait_until
 from serving_support import random_backbone, site_adapter, sqlite_registry
+from signing_support import make_signer
 
 from ml.eval.predictor import Predictor, load_predictor, read_wfdb
 from ml.model.adapter import CheckpointError, state_dict_identity
@@ -32,8 +33,10 @@ from ml.model.adapter_bank import AdapterLRU, SharedBackbone, read_site_adapter
 from ml.model.backbone import ECGTransformer
 from ml.model.lora import LoRAConfig
 from ml.model.pretrained import read_backbone
-from pipeline.registry.policy import site_model_name
+from pipeline.registry.audit import current_user
+from pipeline.registry.policy import promote, rollback, site_model_name
 from pipeline.registry.pyfunc_model import log_adapter_model
+from pipeline.registry.signing import load_signer, load_trust
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = "serve-test"
@@ -74,11 +77,22 @@ def network(tmp_path_factory) -> dict:
         client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
         name_a = site_model_name(BASE, "hospital-a")
         assert str(mlflow.register_model(infos["hospital-b"].model_uri, name_a).version) == "2"
-        for site in SITES:
-            client.set_registered_model_alias(site_model_name(BASE, site), "champion", "1")
+        keys = make_signer(root / "signing", current_user())
+        signing = {"signer": load_signer(keys.private), "trust": load_trust(root / "signing" / "trust.yaml")}
+        for site in SITES:  # v1 is each site's champion by a signed decision
+            client.set_registered_model_alias(site_model_name(BASE, site), "challenger", "1")
+            assert promote(client, site_model_name(BASE, site), force=True, reason="first", **signing).promoted
     sites_file = root / "sites.yaml"
     sites_file.write_text("version: 1\nsites:\n" + "".join(f"  {site}:\n    source: data/{site}\n" for site in SITES))
-    return {"root": root, "uri": uri, "backbone": backbone, "adapters": adapters, "sites_file": sites_file}
+    return {
+        "root": root,
+        "uri": uri,
+        "backbone": backbone,
+        "adapters": adapters,
+        "sites_file": sites_file,
+        "signing": signing,
+        "trust_file": str(root / "signing" / "trust.yaml"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +166,9 @@ def test_a_registry_outage_keeps_the_last_champion(network, monkeypatch):
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    config = ServeConfig(sites=SITES, tracking_uri=network["uri"], model_name=BASE, refresh_seconds=0)
+    config = ServeConfig(
+        sites=SITES, tracking_uri=network["uri"], model_name=BASE, refresh_seconds=0, trust_file=network["trust_file"]
+    )
     previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     net = Network(config)  # points the process's mlflow at the store (as the server does)
     try:
@@ -194,7 +210,12 @@ def server(network, tmp_path_factory):
     port = free_port()
     log_path = work / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
-    env |= {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HOME": str(work)}
+    env |= {
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "HOME": str(work),
+        "CESSL_TRUST_FILE": network["trust_file"],
+    }
     cmd = [
         sys.executable,
         "-m",
@@ -329,17 +350,39 @@ def test_explicit_version_and_alias_move_without_restart(server, network, signal
     assert by_param.json()["model_version"] == "2"
     by_path = server.infer("hospital-a/versions/2", signals)  # the v2 protocol's versioned path
     assert by_path.json()["model_version"] == "2"
-    try:
-        client.set_registered_model_alias(name, "champion", "2")
+    signing = network["signing"]
+
+    def served(version: str) -> httpx.Response:
         for _ in range(150):  # --refresh-seconds 0.5: picked up within a second
-            moved = server.infer("hospital-a", signals)
-            if moved.json()["model_version"] == "2":
+            answer = server.infer("hospital-a", signals)
+            if answer.json()["model_version"] == version:
                 break
             time.sleep(0.2)
+        return answer
+
+    try:
+        client.set_registered_model_alias(name, "challenger", "2")
+        assert promote(client, name, force=True, reason="v2", **signing).promoted  # a signed promotion
+        moved = served("2")
         assert moved.json()["model_version"] == "2", moved.text
         assert np.abs(_probabilities(moved) - _reference(network, "hospital-b", signals)).max() < 1e-5
-    finally:
+        # the alias moved without a signed decision: v2 keeps answering, readiness says why
         client.set_registered_model_alias(name, "champion", "1")
+        for _ in range(150):
+            ready = server.http.get("/v2/models/hospital-a/ready")
+            if ready.status_code == 503:
+                break
+            time.sleep(0.2)
+        assert ready.status_code == 503, ready.text
+        assert all(w in ready.json()["error"] for w in (name, "'champion' is v1", "names v2")), ready.text
+        assert server.infer("hospital-a", signals).json()["model_version"] == "2"
+        assert server.http.get("/v2/health/ready").status_code == 200  # the site still answers
+        assert "serving the last verified champion v2" in server.log_path.read_text()
+    finally:
+        client.set_registered_model_alias(name, "champion", "2")
+        rollback(client, name, reason="back to v1", **signing)  # signed: v1 again, ready again
+    assert served("1").json()["model_version"] == "1"
+    assert server.http.get("/v2/models/hospital-a/ready").status_code == 200
 
 
 def _signals_input(data, shape, datatype="FP32", name="signals") -> dict:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from signing_support import use_signer
 from test_pipeline_support import cessl, make_hospital
 
 from components.split import SplitConfig, split_step
@@ -108,6 +109,30 @@ def test_a_redraw_avoids_the_excluded_records():
     assert short.testset["short_by"] > 0 and not set(short.test) & set(ids[:195])
 
 
+def test_a_redraw_avoids_byte_identical_copies_of_training_records():
+    ids, hashes, y, labelled = population()
+    trained = ids[:150]
+    # the same bytes under other ids (another folder, another site): copies of training records
+    copies = [f"copy/{i}" for i in trained]
+    all_ids, all_hashes = ids + copies, hashes + hashes[:150]
+    all_y, all_labelled = np.vstack([y, y[:150]]), np.concatenate([labelled, np.ones(150, bool)])
+    by_id = FrozenTestSet(MODEL, 2, status=REDRAW, exclude=trained)
+    s = split_with_frozen_test(all_ids, all_hashes, all_y, by_id, labelled=all_labelled, seed=1)
+    assert s.test and not set(s.test) & (set(trained) | set(copies)), "a copy of a training record was drawn"
+    assert s.testset["n_excluded_by_content"] == int(all_labelled[200:].sum())
+    # the champion's own ids gone from the data: its recorded content hashes still exclude the copies
+    gone = FrozenTestSet(MODEL, 2, status=REDRAW, exclude=trained, exclude_hashes=sorted(hashes[:150]))
+    rest = [k for k, i in enumerate(all_ids) if i not in set(trained)]
+    s = split_with_frozen_test(
+        [all_ids[k] for k in rest], [all_hashes[k] for k in rest], all_y[rest], gone, labelled=all_labelled[rest]
+    )
+    assert s.test and not set(s.test) & set(copies)
+    # every split records the content of what it trains on (a later redraw avoids it)
+    hash_of = dict(zip(all_ids, all_hashes, strict=True))
+    trained_now = {hash_of[i] for i in s.train + s.valid + s.unlabelled}
+    assert s.trained_hashes == sorted(trained_now) and not set(s.trained_hashes) & {hash_of[i] for i in s.test}
+
+
 def test_frozen_file_bytes_are_canonical(tmp_path):
     frozen = FrozenTestSet(MODEL, 3, records={"b": "2", "a": "1"}, classes=["x"], reason="r")
     path = frozen.save(tmp_path / "t.json")
@@ -162,6 +187,7 @@ def registry(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("CESSL_USER", "dr-test")
+    use_signer(monkeypatch, tmp_path / "signing", "dr-test")  # promote signs its decisions
     from pipeline.registry.store import TrackingConfig, ensure_experiment
 
     ensure_experiment(TrackingConfig.resolve(uri, "t"))
@@ -253,6 +279,39 @@ def test_freeze_refresh_and_the_gate_in_a_real_registry(registry, tmp_path, caps
     assert cessl("testset", "show", "no-such-model") == 2
 
 
+def test_a_refresh_avoids_what_every_past_champion_trained_on(registry, tmp_path):
+    """The redraw excludes the records of every past champion, not only the current one's,
+    by id and by the content hashes their splits recorded."""
+    from pipeline.registry import testsets
+    from pipeline.registry.store import TrackingConfig
+    from pipeline.registry.tracking import CHAMPION
+
+    uri, client = registry
+    ids, hashes, y, labelled = population()
+    hash_of = dict(zip(ids, hashes, strict=True))
+
+    def split(train: list[str]) -> Splits:
+        s = Splits(test=ids[:20], train=train, valid=[], unlabelled=[], classes=list("abcd"))
+        s.test_hashes = {i: hash_of[i] for i in s.test}
+        s.trained_hashes = sorted(hash_of[i] for i in train)
+        return s
+
+    v1, run1 = register(client, split(ids[20:80]), tmp_path / "1")
+    testsets.after_registration(client, MODEL, v1, run1, split(ids[20:80]))
+    v2, run2 = register(client, split(ids[80:140]), tmp_path / "2")
+    client.set_registered_model_alias(MODEL, CHAMPION, v2)  # v1 was champion before v2
+    pending = testsets.refresh(client, MODEL, "new classes", past_champions=[v1, v2])
+    assert set(pending.exclude_runs) == {run1, run2} and pending.exclude_run == run2
+    reference = testsets.resolve_reference(TrackingConfig.resolve(uri, model_name=MODEL))
+    redraw = FrozenTestSet.load(testsets.materialize(reference, uri, tmp_path / "r.json"))
+    assert set(redraw.exclude) == set(ids[20:140])
+    assert set(redraw.exclude_hashes) == {hash_of[i] for i in ids[20:140]}
+    # the records of v1 now live under other ids (copied into another folder): still avoided
+    moved = [f"b2/{i}" if 20 <= k < 80 else i for k, i in enumerate(ids)]
+    s = split_with_frozen_test(moved, hashes, y, redraw, labelled=labelled, classes=list("abcd"))
+    assert s.test and not {hash_of[ids[moved.index(i)]] for i in s.test} & set(redraw.exclude_hashes)
+
+
 def test_the_gate_refuses_a_challenger_scored_on_another_test_set(registry, tmp_path):
     from pipeline.registry import testsets
     from pipeline.registry.policy import GateConfig, promote
@@ -316,6 +375,7 @@ def test_retrain_after_data_add_never_scores_a_model_on_its_training_records(tmp
     uri = f"sqlite:///{repo / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("CESSL_USER", "dr-e2e")
+    use_signer(monkeypatch, tmp_path / "signing", "dr-e2e")
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     run_args = [*SMALL_RUN, "--backbone", backbone, "--model-name", name, "--experiment", "frozen"]
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ast
 import copy
-import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from components.trainjob import (
     trainjob_manifest,
 )
 from ml.errors import EXIT_USAGE, ParameterError
+from ml.train.pretrain_config import PretrainConfig, PretrainRun
 from pipeline.cli import main as cessl
 
 CODES = ["164889003", "270492004", "426783006"]
@@ -44,11 +44,10 @@ def _write_store(path: Path, n: int = 16) -> None:
     write_random_store(path, n, CODES)
 
 
-def _cluster_job(**overrides) -> PretrainJob:
+def _cluster_job(out: str = "/workspace/backbones/medium", **overrides) -> PretrainJob:
+    config = PretrainConfig(backbone="medium", max_steps=1000, batch_size=64, seed=3)
     settings = {
-        "store": Path("/workspace/stores/code15"),
-        "out": Path("/workspace/backbones/medium"),
-        "pretrain_args": ("--config", "medium", "--max-steps", "1000", "--batch-size", "64", "--seed", "3"),
+        "run": PretrainRun("/workspace/stores/code15", str(out), config),
         "nodes": 4,
         "nproc_per_node": 2,
         "backend": "cluster",
@@ -81,16 +80,18 @@ def test_trainjob_manifest_is_valid_against_the_vendored_crd():
     body = script[script.index("def cessl_pretrain_node(") : script.index("\nEOM")]
     tree = ast.parse(body)  # the shipped source parses on its own and calls the function
     call = tree.body[-1].value
-    argv = ast.literal_eval(call.keywords[0].value)["argv"]
-    assert argv[:6] == [
-        "--store",
-        "/workspace/stores/code15",
-        "--out",
-        "/workspace/backbones/medium",
-        "--checkpoint-dir",
-        "/workspace/backbones/medium/checkpoints",
-    ]
-    assert "--max-steps" in argv and "1000" in argv
+    spec = ast.literal_eval(call.keywords[0].value)["spec"]  # the run as JSON, no flags
+    node = PretrainRun.from_dict(spec)
+    assert (node.store, node.out) == ("/workspace/stores/code15", "/workspace/backbones/medium")
+    assert node.config.checkpoint_dir == "/workspace/backbones/medium/checkpoints"
+    assert node.config == PretrainConfig(
+        backbone="medium",
+        max_steps=1000,
+        batch_size=64,
+        seed=3,
+        checkpoint_dir="/workspace/backbones/medium/checkpoints",
+        progress=False,
+    )
 
 
 def test_trainjob_validation_catches_mistakes():
@@ -141,7 +142,7 @@ def test_runtime_is_valid_hardened_and_read_by_the_sdk():
         ({"backend": "local"}, "the local backend is this machine"),
         ({"resources_per_node": {"gpu": 1}}, "one process runs per GPU"),
         ({"name": "Bad_Name"}, "DNS-1035"),
-        ({"pretrain_args": ("--out", "/elsewhere")}, "--out are set by the job"),
+        ({"timeout_s": 5}, "timeout_s 5: must be >= 10 s"),
     ],
 )
 def test_pretrain_job_refuses_what_cannot_run(overrides, fragment):
@@ -171,13 +172,24 @@ def test_cli_refuses_flag_combinations_before_any_work(tmp_path, capsys, flags, 
     assert not (tmp_path / "bb").exists()
 
 
+def test_docker_backend_checks_the_store_before_the_engine(tmp_path, capsys, monkeypatch):
+    """A folder that is no dataset store is named as such, not hidden behind Docker's answer."""
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path / 'no-engine.sock'}")
+    store = tmp_path / "store"
+    store.mkdir()
+    code = cessl(["backbone", "pretrain", "--store", str(store), "--out", str(tmp_path / "bb"), "--backend", "docker"])
+    assert code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"{store} is not a complete dataset store" in err and "Docker" not in err
+
+
 def test_node_function_is_self_contained():
     """The SDK ships the node function's source alone: it may use only the standard library."""
     import inspect
 
     tree = ast.parse(inspect.getsource(cessl_pretrain_node))
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    assert imported <= {"os", "subprocess", "sys"}
+    assert imported <= {"json", "os", "subprocess", "sys"}
     assert not [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
 
 
@@ -374,20 +386,11 @@ def test_killed_node_fails_the_job_clearly_and_its_checkpoints_resume(docker_eng
     store, out, checkpoints = tmp_path / "store", tmp_path / "bb", tmp_path / "ckpt"
     _write_store(store)
     job_name = "cessl-pretrain-testkill"
+    config = PretrainConfig(
+        backbone="tinylight", batch_size=2, max_steps=100000, checkpoint_every=1, checkpoint_dir=str(checkpoints)
+    )
     job = PretrainJob(
-        store=store,
-        out=out,
-        checkpoint_dir=checkpoints,
-        pretrain_args=(
-            "--config",
-            "tinylight",
-            "--batch-size",
-            "2",
-            "--max-steps",
-            "100000",
-            "--checkpoint-every",
-            "1",
-        ),
+        PretrainRun(str(store), str(out), config),
         nodes=2,
         backend="docker",
         image=cessl_image,
@@ -418,7 +421,7 @@ def test_killed_node_fails_the_job_clearly_and_its_checkpoints_resume(docker_eng
     step = load_checkpoint(checkpoints / "pretrain_last.pt")["step"]  # kept on the host for a resume
     assert step >= 1 and not out.exists()
 
-    resumed = dataclasses.replace(job, pretrain_args=(*job.pretrain_args[:-4], "--max-steps", str(step + 1)))
+    resumed = job.with_run(config={"max_steps": step + 1})
     result = run_pretrain_job(resumed)
     assert result.status == "Complete"
     assert read_backbone(out).meta["training"]["steps"] == step + 1

@@ -8,6 +8,12 @@ names (``dvc status`` clean) without pulling anything. :func:`add_records` copie
 hospital's records from a folder or ``s3://`` prefix into ``data/<name>/`` and records a
 new DVC version; ``dvc push`` / ``dvc pull`` move it through any DVC remote (S3 included).
 
+A hospital network's site is versioned on its own: its folder ``<parent>/<site>`` has its
+own ``<parent>/<site>.dvc`` (:class:`Versioned`); ``add_records(..., folder=...)`` adds to
+it and records the site's new version alone. Adding never replaces a committed version
+whose data is not here (:func:`committed_version_problem`: ``dvc pull`` it first, or
+``replace``).
+
 DVC runs as the ``dvc`` command of the running environment (a subprocess): its Python
 API does not cover ``add``/``push``.
 """
@@ -182,13 +188,23 @@ def ensure_dvc_repo(repo_root: str | Path) -> None:
 
 def track(repo_root: str | Path, data_dir: str = DATA_DIR) -> str:
     """``dvc add data`` (fills the cache; rewrites data.dvc only when data changed)."""
+    return track_folders(repo_root, [data_dir])[data_dir]
+
+
+def track_folders(repo_root: str | Path, folders: Iterable[str]) -> dict[str, str]:
+    """``dvc add`` of each folder (paths relative to the repository), each versioned on its
+    own by ``<folder>.dvc``, in one DVC call; folder -> its version."""
     root = Path(repo_root)
+    folders = list(folders)
     ensure_dvc_repo(root)
-    run_dvc("add", "-q", data_dir, cwd=root)
-    version = data_version(root, f"{data_dir}.dvc")
-    if version is None:
-        raise RuntimeError(f"dvc add did not write {data_dir}.dvc in {root}")
-    return version
+    run_dvc("add", "-q", *folders, cwd=root)
+    versions = {}
+    for folder in folders:
+        version = data_version(root, f"{folder}.dvc")
+        if version is None:
+            raise RuntimeError(f"dvc add did not write {folder}.dvc in {root}")
+        versions[folder] = version
+    return versions
 
 
 # ---------------------------------------------------------------------------------------
@@ -229,6 +245,11 @@ def git(repo_root: str | Path, *args: str, check: bool = True) -> subprocess.Com
     return proc
 
 
+def git_ignored(repo_root: str | Path, path: str) -> bool:
+    """Whether git ignores ``path`` (relative to the work tree); False outside one."""
+    return git(repo_root, "check-ignore", "-q", "--", path, check=False).returncode == 0
+
+
 def git_changes(repo_root: str | Path) -> list[str] | None:
     """Paths of tracked files with staged or unstaged changes; None outside a git work tree."""
     proc = git(repo_root, "status", "--porcelain", "--untracked-files=no", check=False)
@@ -241,15 +262,17 @@ class DirtyTreeError(CesslError):
     """The git tree has other changes: data.dvc was not committed (the message says how)."""
 
 
-def commit_version(repo_root: str | Path, version: str, message: str, other_changes: list[str]) -> str | None:
-    """Commit ``data.dvc`` (and the ``.gitignore`` that ``dvc add`` writes) with ``message``;
-    the new commit, or None when there is nothing to commit. ``other_changes``: tracked paths
-    that were changed before the data was added: then nothing is committed and
+def commit_version(
+    repo_root: str | Path, version: str, message: str, other_changes: list[str], dvc_file: str = DVC_FILE
+) -> str | None:
+    """Commit ``dvc_file`` (``data.dvc``, or a site's ``<site>.dvc``; a path relative to the
+    repository) and the ``.gitignore`` that ``dvc add`` writes with ``message``; the new
+    commit, or None when there is nothing to commit. ``other_changes``: tracked paths that
+    were changed before the data was added: then nothing is committed and
     :class:`DirtyTreeError` gives the exact command to run."""
     root = Path(repo_root)
-    paths = [DVC_FILE] + [
-        p for p in (".gitignore", f"{DATA_DIR}/.gitignore") if (root / p).is_file() and p not in other_changes
-    ]
+    ignores = dict.fromkeys((".gitignore", (Path(dvc_file).parent / ".gitignore").as_posix(), f"{DATA_DIR}/.gitignore"))
+    paths = [dvc_file] + [p for p in ignores if (root / p).is_file() and p not in other_changes]
     status = git(root, "status", "--porcelain", "--", *paths).stdout
     if not status.strip():
         return None
@@ -257,15 +280,15 @@ def commit_version(repo_root: str | Path, version: str, message: str, other_chan
     if other_changes:
         shown = ", ".join(other_changes[:5]) + (" ..." if len(other_changes) > 5 else "")
         raise DirtyTreeError(
-            f"data version {version} is recorded in {DVC_FILE} but not committed: the git tree has other "
-            f"changes ({shown}); commit {DVC_FILE} alone with: {command}"
+            f"data version {version} is recorded in {dvc_file} but not committed: the git tree has other "
+            f"changes ({shown}); commit {dvc_file} alone with: {command}"
         )
     try:
         git(root, "add", "--", *paths)
         git(root, "commit", "-q", "-m", message, "--", *paths)
     except RuntimeError as err:  # no git identity, a hook refused...
         raise DirtyTreeError(
-            f"data version {version} is recorded in {DVC_FILE} but not committed ({err}); run: {command}"
+            f"data version {version} is recorded in {dvc_file} but not committed ({err}); run: {command}"
         ) from None
     return git(root, "rev-parse", "HEAD").stdout.strip()
 
@@ -363,6 +386,88 @@ def ensure_demo_data(repo_root: str | Path = ".", *, track_with_dvc: bool = True
 # ---------------------------------------------------------------------------------------
 
 
+class VersionNotPresentError(CesslError):
+    """A committed data version whose data is not here: adding to it would replace it."""
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """A folder DVC versions on its own and its ``.dvc`` file (``data`` / ``data.dvc``, or a
+    site's ``network/hospital-a`` / ``network/hospital-a.dvc``), both inside ``root``."""
+
+    root: Path
+    folder: Path
+
+    @classmethod
+    def of(cls, folder: str | Path, repo_root: str | Path) -> Versioned:
+        """``folder`` (inside ``repo_root``: DVC versions nothing outside its repository)."""
+        from ml.errors import ParameterError
+
+        root, path = Path(repo_root).resolve(), Path(folder).absolute().resolve()
+        if not path.is_relative_to(root) or path == root:
+            raise ParameterError(
+                f"{path}: not a folder inside the repository {root} (--repo): DVC versions only folders inside it"
+            )
+        return cls(root, path)
+
+    @property
+    def relative(self) -> str:
+        return self.folder.relative_to(self.root).as_posix()
+
+    @property
+    def dvc_file(self) -> str:
+        """The ``.dvc`` file next to the folder, relative to the repository."""
+        return f"{self.relative}.dvc"
+
+    def recorded(self) -> str | None:
+        """The version its ``.dvc`` file records (None: untracked)."""
+        return dvc_md5(self.root / self.dvc_file, self.folder)
+
+
+def cached_listing(repo_root: str | Path, version: str) -> list[tuple[str, str]] | None:
+    """The files of directory version ``version`` (``<md5>.dir``) as the local DVC cache holds
+    its listing ((relative path, md5) pairs); None when the cache does not have it."""
+    if not version.endswith(".dir"):
+        return None
+    proc = run_dvc("cache", "dir", cwd=repo_root, check=False)
+    cache = Path(proc.stdout.strip()) if proc.returncode == 0 and proc.stdout.strip() else None
+    if cache is None:
+        return None
+    for candidate in (cache / "files" / "md5" / version[:2] / version[2:], cache / version[:2] / version[2:]):
+        if candidate.is_file():
+            entries = json.loads(candidate.read_text(encoding="utf-8"))
+            return [(str(e["relpath"]), str(e["md5"])) for e in entries]
+    return None
+
+
+def committed_version_problem(target: Versioned) -> str | None:
+    """Why adding records to ``target`` would replace a recorded version whose data is not
+    here (None: it would not): the folder is missing or empty, or files of the recorded
+    version are missing or differ (checked against the DVC cache's listing; a folder that
+    differs from a version the cache does not know is refused too)."""
+    recorded = target.recorded()
+    if recorded is None:
+        return None
+    pull = f"`dvc pull {target.dvc_file}` first, or pass --replace to record a new version from what is here"
+    head = f"{target.dvc_file} records data version {recorded}"
+    if not target.folder.is_dir() or not any(target.folder.iterdir()):
+        return f"{head} but {target.relative}/ is not here: adding to it would replace that version; {pull}"
+    if dir_md5(target.folder) == recorded:
+        return None
+    listing = cached_listing(target.root, recorded)
+    if listing is None:
+        return (
+            f"{head}, {target.relative}/ holds other data and the DVC cache does not have that version to "
+            f"compare: adding to it could replace it; {pull}"
+        )
+    missing = [
+        rel for rel, md5 in listing if not (target.folder / rel).is_file() or file_md5(target.folder / rel) != md5
+    ]
+    if missing:
+        return f"{head} but {len(missing)} of its files are not here ({', '.join(missing[:3])}...): {pull}"
+    return None
+
+
 @dataclass
 class AddResult:
     destination: Path
@@ -372,8 +477,9 @@ class AddResult:
     unsafe: list[str] = field(default_factory=list)  # keys refused (path traversal...)
     version_before: str | None = None
     version_after: str | None = None
-    committed: str | None = None  # the git commit recording data.dvc
-    not_committed: str = ""  # why data.dvc was left uncommitted (with the git command to run)
+    committed: str | None = None  # the git commit recording the .dvc file
+    not_committed: str = ""  # why the .dvc file was left uncommitted (with the git command to run)
+    dvc_file: str = DVC_FILE  # the .dvc file of the version (relative to the repository)
 
 
 def add_records(
@@ -381,13 +487,19 @@ def add_records(
     repo_root: str | Path = ".",
     *,
     name: str | None = None,
+    folder: str | Path | None = None,
     track_with_dvc: bool = True,
     push: bool = False,
     commit: bool = True,
+    replace: bool = False,
 ) -> AddResult:
-    """Copy every record of ``source`` into ``data/<name>/`` and record a new DVC version.
+    """Copy every record of ``source`` into ``data/<name>/`` (or into ``folder``, a network
+    site's own source, versioned on its own by ``<folder>.dvc``) and record a new DVC version.
 
-    ``commit`` (in a git work tree): ``data.dvc`` is committed with a message naming the
+    Never replaces a recorded version whose data is not here (:class:`VersionNotPresentError`
+    saying to ``dvc pull`` it first) unless ``replace``.
+
+    ``commit`` (in a git work tree): the ``.dvc`` file is committed with a message naming the
     version, unless tracked files had other changes before: then it is left staged for
     nobody and :attr:`AddResult.not_committed` gives the exact git command.
 
@@ -399,11 +511,41 @@ def add_records(
 
     root = Path(repo_root).resolve()
     src = open_source(source)
-    dest_name = name or re.sub(r"[^A-Za-z0-9_.-]+", "_", src.uri.rstrip("/").rsplit("/", 1)[-1]) or "hospital"
-    dest = root / DATA_DIR / dest_name
-    result = AddResult(dest, version_before=data_version(root))
+    if folder is None:
+        dest_name = name or re.sub(r"[^A-Za-z0-9_.-]+", "_", src.uri.rstrip("/").rsplit("/", 1)[-1]) or "hospital"
+        target, dest = Versioned(root, root / DATA_DIR), root / DATA_DIR / dest_name
+    else:
+        target = Versioned.of(folder, root)
+        dest = target.folder
+    problem = committed_version_problem(target) if track_with_dvc and not replace else None
+    if problem:
+        raise VersionNotPresentError(problem)
+    result = AddResult(dest, version_before=target.recorded(), dvc_file=target.dvc_file)
     changes = git_changes(root) if commit and track_with_dvc else None
-    other = [c for c in changes or [] if c != DVC_FILE]
+    other = [c for c in changes or [] if c != target.dvc_file]
+    _copy_records(src, dest, result)
+    if not track_with_dvc:
+        result.version_after = dir_md5(target.folder)
+        return result
+    result.version_after = track(root, target.relative)
+    if push:
+        run_dvc("push", "-q", target.dvc_file, cwd=root)
+    if changes is not None and git_ignored(root, target.dvc_file):
+        log.info("%s records version %s (git ignores it: not committed)", target.dvc_file, result.version_after)
+    elif changes is not None:
+        message = (
+            f"data: version {result.version_after} ({result.copied} records added from {src.uri} "
+            f"into {dest.relative_to(root).as_posix()})"
+        )
+        try:
+            result.committed = commit_version(root, result.version_after, message, other, target.dvc_file)
+        except DirtyTreeError as err:
+            result.not_committed = str(err)
+    return result
+
+
+def _copy_records(src, dest: Path, result: AddResult) -> None:
+    """Copy every record of ``src`` into ``dest`` (counts, conflicts and refusals into ``result``)."""
     for ref in src.list_records():
         if ref.problem:
             result.unsafe.append(f"{ref.key}: {ref.problem}")
@@ -420,19 +562,3 @@ def add_records(
         for path, data in targets.items():
             atomic_write_bytes(path, data)
         result.copied += 1
-    if track_with_dvc:
-        result.version_after = track(root)
-        if push:
-            run_dvc("push", "-q", cwd=root)
-        if changes is not None:
-            message = (
-                f"data: version {result.version_after} ({result.copied} records added from {src.uri} "
-                f"into {DATA_DIR}/{dest_name})"
-            )
-            try:
-                result.committed = commit_version(root, result.version_after, message, other)
-            except DirtyTreeError as err:
-                result.not_committed = str(err)
-    else:
-        result.version_after = dir_md5(root / DATA_DIR)
-    return result

@@ -43,6 +43,9 @@ class Splits:
     classes: list[str] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
     test_hashes: dict[str, str] = field(default_factory=dict)  # test id -> content hash (empty: unknown)
+    # the content hashes of the records trained on (train, valid, unlabelled; sorted, unique;
+    # empty: unknown): a test-set redraw avoids their bytes under any id (ml.data.testset)
+    trained_hashes: list[str] = field(default_factory=list)
     testset: dict[str, Any] = field(default_factory=dict)  # the frozen test set used (ml.data.testset), if any
 
     @property
@@ -74,6 +77,7 @@ class Splits:
             classes=list(data.get("classes", [])),
             params=dict(data.get("params", {})),
             test_hashes={str(k): str(v) for k, v in data.get("test_hashes", {}).items()},
+            trained_hashes=[str(h) for h in data.get("trained_hashes", [])],
             testset=dict(data.get("testset", {})),
         )
 
@@ -168,7 +172,15 @@ def split_store(store, *, classes: Sequence[str] | None = None, **kwargs: Any) -
     if "content_hash" in store.table.columns:
         hash_of = dict(zip(store.ids, store.table["content_hash"].astype(str), strict=True))
         splits.test_hashes = {i: hash_of[i] for i in splits.test}
+        splits.trained_hashes = trained_hashes(splits, hash_of)
     return splits
+
+
+def trained_hashes(splits: Splits, hash_of: dict[str, str]) -> list[str]:
+    """The content hashes of ``splits``' train, valid and unlabelled records (sorted, unique)."""
+    return sorted(
+        {hash_of[i] for part in ("train", "valid", "unlabelled") for i in getattr(splits, part) if hash_of.get(i)}
+    )
 
 
 def label_proportions(y: np.ndarray) -> np.ndarray:

@@ -20,9 +20,11 @@ Every later split for that model (:func:`split_with_frozen_test`):
   (``cessl testset refresh``), so the number every version is judged by stays the same.
 
 A refresh (``status == "redraw"``) draws a new stratified test set of the usual size from
-the records that are *not* in ``exclude`` (the current champion's training records), so the
-champion is re-scored on records it never saw; the run that draws it freezes it as the new
-version.
+the records that no past champion trained on, so the champion is re-scored on records it
+never saw: a record is left out by id (``exclude``) and by content (``exclude_hashes``, the
+content hashes the champions' splits recorded, plus the hashes of the excluded ids in the
+store), so a byte-identical copy of a training record under another id or site is never
+drawn. The run that draws it freezes it as the new version.
 
 Plain data, numpy only (``ml.data`` imports no other layer).
 """
@@ -38,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from ml.data.splits import Splits, ids_hash, make_splits, stratified_cut
+from ml.data.splits import Splits, ids_hash, make_splits, stratified_cut, trained_hashes
 from ml.io import atomic_write_bytes
 
 FROZEN, REDRAW = "frozen", "redraw"
@@ -54,6 +56,7 @@ class FrozenTestSet:
     classes: list[str] = field(default_factory=list)
     status: str = FROZEN  # FROZEN, or REDRAW: the next run draws this version (refresh)
     exclude: list[str] = field(default_factory=list)  # REDRAW: records a redraw must not pick
+    exclude_hashes: list[str] = field(default_factory=list)  # REDRAW: contents a redraw must not pick
     created_at: str = ""
     created_by: str = ""
     reason: str = ""
@@ -118,8 +121,10 @@ def split_with_frozen_test(
 
     ``FROZEN``: test = the frozen records present with the same hash; every record outside the
     frozen set goes to :func:`make_splits` with no test part. ``REDRAW``: a stratified test
-    set of ``round(test_size * labelled records)`` is drawn from the labelled records not in
-    ``frozen.exclude`` (fewer when there are not enough: ``short_by`` in the report).
+    set of ``round(test_size * labelled records)`` is drawn from the labelled records whose id
+    is not in ``frozen.exclude`` and whose content is neither in ``frozen.exclude_hashes`` nor
+    that of an excluded id (fewer when there are not enough: ``short_by`` in the report;
+    ``n_excluded_by_content``: records left out for their bytes alone).
     The result's ``testset`` field reports what happened; ``test_hashes`` holds the content
     hash of every test record.
     """
@@ -149,7 +154,10 @@ def split_with_frozen_test(
         report |= {"n_frozen": len(frozen.records), "changed": changed, "missing": missing, "moved": moved}
     else:
         excluded = set(frozen.exclude)
-        eligible = np.flatnonzero(lab & np.array([i not in excluded for i in ids], dtype=bool))
+        contents = {h for h in frozen.exclude_hashes if h} | {hash_of[i] for i in excluded if hash_of.get(i)}
+        by_content = np.array([i not in excluded and h in contents for i, h in zip(ids, hashes, strict=True)], bool)
+        by_id = np.array([i in excluded for i in ids], dtype=bool)
+        eligible = np.flatnonzero(lab & ~by_id & ~by_content)
         eligible = eligible[np.argsort(np.array([ids[i] for i in eligible], dtype=object), kind="stable")]
         n_test = round(test_size * int(lab.sum()))
         seeds = np.random.SeedSequence(seed).generate_state(1)
@@ -158,6 +166,7 @@ def split_with_frozen_test(
         held_out = set(test)
         report |= {
             "n_eligible": len(eligible),
+            "n_excluded_by_content": int((lab & by_content).sum()),
             "short_by": max(0, n_test - len(eligible)),
             "changed": [],
             "missing": [],
@@ -181,6 +190,7 @@ def split_with_frozen_test(
         classes=list(classes),
         params={**others.params, "test_size": test_size},
         test_hashes={i: hash_of[i] for i in test},
+        trained_hashes=trained_hashes(others, hash_of),
         testset=report,
     )
 

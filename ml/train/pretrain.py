@@ -35,7 +35,7 @@ import re
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -48,86 +48,19 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ml.errors import StepFailedError
 from ml.model.backbone import BackboneConfig, ECGTransformer, backbone_config
-from ml.train.augment import CUTMIX_ALPHA, cutmix, make_generator
+from ml.train.augment import cutmix, make_generator
 from ml.train.checkpoint import load_checkpoint, save_checkpoint
 from ml.train.loaders import dataset_size
+from ml.train.pretrain_config import DEFAULT_DIST_TIMEOUT_S, PretrainConfig
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "pretrain_last.pt"
-LR_REFERENCE_BATCH = 1024
-DEFAULT_DIST_TIMEOUT_S = 1800.0  # torch's own default for gloo; bounds every collective
 
 
 class DistributedTrainingError(StepFailedError):
     """A multi-process run lost a peer (killed, crashed, unreachable) or could not start its
     process group; the message names the rank, the step and the checkpoint to resume from."""
-
-
-def scaled_lr(base_lr: float, world_size: int, batch_size: int) -> float:
-    """The paper's rule: ``base_lr x world_size x batch_size / 1024`` (batch per process)."""
-    return base_lr * world_size * batch_size / LR_REFERENCE_BATCH
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    """Everything :func:`pretrain` needs besides the data.
-
-    backbone: size name (``ml.model.backbone.BACKBONE_CONFIGS``); the classifier gets
-    ``num_classes`` outputs (None: the length of the dataset's label vector).
-    max_steps: optimizer steps to stop after (None: ``epochs`` full epochs).
-    batch_size: per process; the global batch is ``world_size x batch_size``.
-    lr: None applies :func:`scaled_lr` to ``base_lr``; a number overrides the rule.
-    cutmix_alpha: Beta(alpha, alpha) of Cutmix; 0 disables it.
-    sync_batchnorm: BatchNorm over the global batch when running multi-process.
-    dist_timeout_s: the longest any collective (all-reduce, barrier) may wait for the other
-    processes before the run fails; it must exceed rank 0's checkpoint write time.
-    measure_comm: time the gradient all-reduce (a DDP comm hook) and the BatchNorm
-    all-reduces of every step, and count their bytes (:class:`CommStats`; benchmarks).
-    """
-
-    backbone: str = "tiny"
-    num_classes: int | None = None
-    epochs: int = 50
-    max_steps: int | None = None
-    batch_size: int = 64
-    base_lr: float = 1e-3
-    lr: float | None = None
-    weight_decay: float = 0.01
-    adam_eps: float = 1e-8
-    cutmix_alpha: float = CUTMIX_ALPHA
-    seed: int = 0
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 100
-    resume: bool = True
-    num_workers: int = 0
-    device: str = "auto"
-    distributed: bool = True  # join torchrun's process group when WORLD_SIZE > 1
-    sync_batchnorm: bool = True
-    dist_timeout_s: float = DEFAULT_DIST_TIMEOUT_S
-    measure_comm: bool = False
-    dtype: str = "float32"  # "float64" for exact equivalence checks (tests), not for real runs
-    log_every: int = 10
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 0:
-            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
-        if self.cutmix_alpha < 0:
-            raise ValueError(f"cutmix_alpha must be >= 0 (0 disables Cutmix), got {self.cutmix_alpha}")
-        if self.dist_timeout_s <= 0:
-            raise ValueError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
-
-    def learning_rate(self, world_size: int) -> float:
-        return self.lr if self.lr is not None else scaled_lr(self.base_lr, world_size, self.batch_size)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -513,7 +446,7 @@ def pretrain(dataset: Dataset, config: PretrainConfig) -> PretrainResult:
             f"{dataset_size(dataset)} records give no full batch of {config.batch_size} per process "
             f"on {env.world_size} process(es); lower --batch-size or add data"
         )
-    total_steps = config.max_steps if config.max_steps is not None else config.epochs * steps_per_epoch
+    total_steps = config.max_steps or config.epochs * steps_per_epoch
 
     step, epoch, batch_in_epoch = 0, 0, 0
     fingerprint = _fingerprint(config, num_classes, env.world_size, lr)

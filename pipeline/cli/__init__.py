@@ -1,8 +1,10 @@
 """The `cessl` command line.
 
 Each concern adds its own sub-commands from a module in `pipeline/cli/` (an
-`add_commands(subparsers)` function), so the command line grows with the project
-without one file owning every option.
+`add_commands(subparsers)` function; the pipeline verbs' from :mod:`pipeline.cli.verbs`),
+so the command line grows with the project without one file owning every option. Building
+the parser imports no heavy library (torch, mlflow, kfp, pandas, ...): a verb's body
+imports them when it runs (:func:`pipeline.cli.options.command`), so ``cessl --help`` is quick.
 
 Errors (the one error boundary, :func:`main`): a bad flag is reported by the parser in one
 line (exit 2); a known failure (:func:`pipeline.core.failures.describe`: a
@@ -23,21 +25,23 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from ml.errors import EXIT_CODES, EXIT_USAGE
+from pipeline.cli.options import parse_args
 from pipeline.core.failures import describe
 from pipeline.core.logsafe import configure_logging, redact, route_warnings
 
-# Modules under pipeline.cli that contribute sub-commands, in help order.
-COMMAND_MODULES: tuple[str, ...] = (
-    "run",
-    "sites",
-    "compare",
-    "registry",
-    "access",
-    "serve",
-    "testset",
-    "data",
-    "backbone",
-    "method_demo",
+# The functions under pipeline.cli that add sub-commands ("module:function"), in help order.
+COMMANDS: tuple[str, ...] = (
+    "verbs:add_run_commands",
+    "sites:add_commands",
+    "verbs:add_compare_commands",
+    "registry:add_commands",
+    "access:add_commands",
+    "audit:add_commands",
+    "serve:add_commands",
+    "testset:add_commands",
+    "data:add_commands",
+    "backbone:add_commands",
+    "method_demo:add_commands",
 )
 EXIT_USER_ERROR = EXIT_USAGE
 
@@ -67,10 +71,40 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also debug-log the HTTP/S3 clients (botocore, urllib3, mlflow's REST client); secrets stay redacted",
     )
+    parser.add_argument("--version", action=VersionAction, help="the package version and git commit, and exit")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"pipeline.cli.{name}").add_commands(subparsers)
+    for entry in COMMANDS:
+        module, _, function = entry.partition(":")
+        getattr(importlib.import_module(f"pipeline.cli.{module}"), function)(subparsers)
     return parser
+
+
+def version() -> str:
+    """``cessl <version> (git <commit>)``: the installed package's version, and the commit of
+    the source tree it runs from when that is a git work tree."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+    from pathlib import Path
+
+    from pipeline.registry.lineage import git_commit
+
+    try:
+        number = package_version("cessl")
+    except PackageNotFoundError:
+        number = "unknown"
+    commit = git_commit(Path(__file__).resolve().parents[2])
+    return f"cessl {number}" + ("" if commit == "unknown" else f" (git {commit})")
+
+
+class VersionAction(argparse.Action):
+    """``--version``: print :func:`version` and exit (computed only when asked: it runs git)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)  # type: ignore[arg-type]
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> NoReturn:
+        sys.stdout.write(version() + "\n")
+        parser.exit(0)
 
 
 def report(err: BaseException, verbose: bool) -> int | None:
@@ -88,8 +122,7 @@ def report(err: BaseException, verbose: bool) -> int | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     route_warnings()  # before the verbs' imports: a library warning is not output (-v shows it)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(build_parser(), argv)
     configure_logging(args.verbose, args.debug_http)
     try:
         return int(args.func(args) or 0)

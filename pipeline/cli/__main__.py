@@ -1,4 +1,4 @@
-"""``python -m pipeline.cli``: the ``cessl`` command without its console script."""
+"""``python -m pipeline.cli``: the ``cessl`` command line."""
 
 import sys
 

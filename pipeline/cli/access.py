@@ -1,4 +1,4 @@
-"""`cessl access init | check`: who may change the registry of an authenticated MLflow server.
+"""`cessl access init | check | keygen`: who may change the registry of an authenticated MLflow server.
 
 - ``access init``: as an MLflow admin (``MLFLOW_TRACKING_USERNAME`` / ``PASSWORD``), create or
   update the pipeline identity, the release managers and the reviewers and set their
@@ -6,6 +6,12 @@
   ``user:password`` file (``--passwords FILE``, ``-`` for stdin), never from the command
   line; they are never logged. Re-run it after adding a site (its model is created then).
 - ``access check NAME``: who this process is on the server and its permission on a model.
+- ``access keygen [--out DIR] [--name NAME] [--trust FILE]``: a release manager's Ed25519 key
+  pair for signing registry decisions (:mod:`pipeline.registry.signing`): ``DIR/signing-key.pem``
+  (mode 0600, never printed or logged) and ``DIR/signing-key.pub`` (default DIR
+  ``~/.config/cessl``), and ``NAME: <public key>`` added to the trust file (default the local
+  ``~/.config/cessl/trust.yaml``; for the cluster ``deploy/trust/release-managers.yaml``, then
+  commit it). NAME defaults to ``$CESSL_USER`` / ``$MLFLOW_TRACKING_USERNAME`` / the OS user.
 """
 
 from __future__ import annotations
@@ -106,6 +112,22 @@ def cmd_access_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_access_keygen(args: argparse.Namespace) -> int:
+    from pipeline.registry.audit import USERNAME_ENV, current_user
+    from pipeline.registry.signing import add_signer, config_dir, default_trust_path, generate_key
+
+    name = args.name or os.environ.get(USERNAME_ENV, "").strip() or current_user()
+    keys = generate_key(Path(args.out) if args.out else config_dir())
+    log.info("signing key: %s (mode 0600; keep it private); public key: %s", keys.private, keys.public)
+    if args.no_trust:
+        log.info("add to the trust file: %s: %s", name, keys.public_text)
+        return 0
+    trust = Path(args.trust) if args.trust else default_trust_path()
+    if add_signer(trust, name, keys.public_text):
+        log.info("trust file %s: %s may now sign registry decisions", trust, name)
+    return 0
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     ac = subparsers.add_parser("access", help="users and permissions of an authenticated MLflow server")
     verbs = ac.add_subparsers(dest="access_command", required=True, metavar="VERB")
@@ -144,3 +166,29 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("name", type=registered_model, help="a registered model")
     add_tracking_uri_flag(check)
     check.set_defaults(func=cmd_access_check)
+
+    keygen = verbs.add_parser(
+        "keygen",
+        help="an Ed25519 key pair that signs your registry decisions, listed in a trust file",
+        description=(
+            "Writes DIR/signing-key.pem (mode 0600, never overwritten) and DIR/signing-key.pub, and lists "
+            "NAME with the public key in the trust file. promote/rollback find the key through --signing-key, "
+            "$CESSL_SIGNING_KEY or ~/.config/cessl/signing-key.pem."
+        ),
+    )
+    keygen.add_argument("--out", default="", metavar="DIR", help="where the key pair goes (default ~/.config/cessl)")
+    keygen.add_argument(
+        "--name",
+        default="",
+        help="who signs: your MLflow user (default $CESSL_USER, $MLFLOW_TRACKING_USERNAME or the OS user)",
+    )
+    where = keygen.add_mutually_exclusive_group()
+    where.add_argument(
+        "--trust",
+        default="",
+        metavar="FILE",
+        help="trust file to list NAME in (default ~/.config/cessl/trust.yaml; the cluster's: "
+        "deploy/trust/release-managers.yaml)",
+    )
+    where.add_argument("--no-trust", action="store_true", help="only print the trust file's line")
+    keygen.set_defaults(func=cmd_access_keygen)

@@ -5,6 +5,10 @@
 
       torchrun --standalone --nproc_per_node 2 -m pipeline.cli backbone pretrain --store S --out D
 
+  Its settings and their defaults are ``ml.train.pretrain_config.PretrainConfig``'s; every
+  process runs ``components.pretrain.pretrain_on_store`` (here, or in each node of a
+  ``--backend docker | cluster`` TrainJob, handed the run as JSON).
+
 - ``import``: the authors' released checkpoints (torch pickles of a state dict; never
   unpickled beyond plain tensors).
 - ``default``: the embedded default backbone (built and cached on first use).
@@ -19,11 +23,12 @@ see ``ml.model.pretrained``); ``--register`` also logs it to MLflow as a version
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 from pathlib import Path
 
+from components.trainjob import BACKENDS
+from ml.train.pretrain_config import PretrainConfig, PretrainRun
 from pipeline.core.constraints import (
     alias,
     existing_dir,
@@ -67,6 +72,40 @@ def _add_register_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alias", type=alias, default=None, help="registry alias to point at the version (with --register)")
 
 
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    """The :class:`PretrainConfig` fields a user sets, with its defaults (0: not set)."""
+    d = PretrainConfig()
+    p.add_argument("--config", default=d.backbone, choices=SIZES, help="backbone size")
+    p.add_argument("--epochs", type=positive_int, default=d.epochs, help="epochs (when --max-steps is 0)")
+    p.add_argument("--max-steps", type=non_negative_int, default=d.max_steps, help="0: train --epochs epochs")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="per process")
+    p.add_argument("--base-lr", type=positive_float, default=d.base_lr, help="lr = base_lr x world_size x batch / 1024")
+    p.add_argument("--lr", type=non_negative_float, default=d.lr, help="fixed learning rate (0: the scaling rule)")
+    p.add_argument("--weight-decay", type=non_negative_float, default=d.weight_decay)
+    p.add_argument("--cutmix-alpha", type=non_negative_float, default=d.cutmix_alpha, help="0 disables Cutmix")
+    p.add_argument("--seed", type=non_negative_int, default=d.seed)
+    p.add_argument("--checkpoint-dir", type=output_root, default=None, help="default: <out>/checkpoints")
+    p.add_argument("--checkpoint-every", type=positive_int, default=d.checkpoint_every, help="steps")
+    p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    p.add_argument("--num-workers", type=non_negative_int, default=d.num_workers, help="DataLoader workers per process")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device, help="auto, cpu, cuda")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _pretrain_run(args: argparse.Namespace) -> PretrainRun:
+    """The run these flags describe (checkpoints in ``<out>/checkpoints`` unless --checkpoint-dir)."""
+    config = PretrainConfig.from_values(
+        vars(args)
+        | {
+            "backbone": args.config,
+            "checkpoint_dir": str(args.checkpoint_dir or args.out / "checkpoints"),
+            "resume": not args.no_resume,
+            "progress": not args.no_progress,
+        }
+    )
+    return PretrainRun(str(args.store), str(args.out), config, tuple(args.classes or ()), args.data_version)
+
+
 def _add_job_options(p: argparse.ArgumentParser) -> None:
     """Where the pre-training runs: here (``local``), or as a Kubeflow Trainer TrainJob
     (``docker``: the SDK's container backend on this machine; ``cluster``: the cluster's
@@ -76,7 +115,7 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--nproc-per-node", type=positive_int, default=1, help="processes per node (cluster: one per GPU)")
     g.add_argument(
         "--backend",
-        choices=("local", "docker", "cluster"),
+        choices=BACKENDS,
         default="local",
         help="local: this process (torchrun for several); docker/cluster: a TrainJob",
     )
@@ -108,26 +147,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("pretrain", help="supervised pre-training on a labelled dataset store (torchrun for DDP)")
     p.add_argument("--store", type=existing_dir, required=True, help="dataset store (cessl data preprocess)")
-    p.add_argument("--config", default="tiny", choices=sizes, help="backbone size")
     p.add_argument("--out", type=output_dir, required=True, help="backbone folder to write")
     p.add_argument("--classes", type=_classes, default=None, help="comma-separated codes (default: the store's)")
-    p.add_argument("--epochs", type=non_negative_int, default=50)
-    p.add_argument(
-        "--max-steps", type=positive_int, default=None, help="stop after this many steps (overrides --epochs)"
-    )
-    p.add_argument("--batch-size", type=positive_int, default=64, help="per process")
-    p.add_argument("--base-lr", type=positive_float, default=1e-3, help="lr = base_lr x world_size x batch / 1024")
-    p.add_argument("--lr", type=positive_float, default=None, help="fixed learning rate (overrides the rule)")
-    p.add_argument("--weight-decay", type=non_negative_float, default=0.01)
-    p.add_argument("--cutmix-alpha", type=non_negative_float, default=0.75, help="0 disables Cutmix")
-    p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--checkpoint-dir", type=output_root, default=None, help="default: <out>/checkpoints")
-    p.add_argument("--checkpoint-every", type=positive_int, default=100, help="steps")
-    p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
-    p.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader workers per process")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto, cpu, cuda")
-    p.add_argument("--data-version", default=None, help="recorded data version (default: hash of the records used)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--data-version", default="", help="recorded data version (default: hash of the records used)")
+    _add_training_options(p)
     _add_job_options(p)
     _add_register_options(p)
     p.set_defaults(func=_checking_register(_pretrain))
@@ -165,9 +188,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("path", type=existing_dir)
     p.set_defaults(func=_show)
 
-    from pipeline.cli.pretrain_pipeline import add_pipeline_commands
+    from pipeline.cli.verbs import add_pretrain_pipeline_commands
 
-    add_pipeline_commands(sub)  # cessl backbone pipeline compile | submit | run (cessl-pretrain)
+    add_pretrain_pipeline_commands(sub)  # cessl backbone pipeline compile | submit | run (cessl-pretrain)
 
     p = sub.add_parser("fetch", help="download a registered backbone (models:/cessl-backbone-tiny/1, ...@alias)")
     p.add_argument("model", help="models:/<name>/<version>, models:/<name>@<alias>, or cessl-backbone-<config>")
@@ -199,49 +222,12 @@ def _maybe_register(args: argparse.Namespace, folder: Path) -> None:
     print(f"{state} {reg.model_uri} (run {reg.run_id})")
 
 
-def store_data_version(store, ids: list[str], classes: list[str]) -> str:
-    """The store's recorded data version, else a hash of the records' content and classes."""
-    recorded = store.meta.get("data_version")
-    if recorded:
-        return str(recorded)
-    table = store.table.set_index(store.table["id"].astype(str))
-    h = hashlib.sha256(
-        json.dumps({"classes": classes, "preprocess": store.meta.get("preprocess")}, sort_keys=True).encode()
-    )
-    column = "content_hash" if "content_hash" in table.columns else None
-    for rid in sorted(ids):
-        h.update(f"{rid}:{table.at[rid, column] if column else ''}\n".encode())
-    return f"store:{h.hexdigest()[:16]}"
-
-
-# flags of `backbone pretrain` that a TrainJob's nodes get unchanged (not --store/--out/
-# --checkpoint-dir, which the job sets, nor the job and registry flags)
-_PASS_THROUGH = (
-    "config", "classes", "epochs", "max_steps", "batch_size", "base_lr", "lr", "weight_decay",
-    "cutmix_alpha", "seed", "checkpoint_every", "no_resume", "num_workers", "device", "data_version",
-)  # fmt: skip
 _CLUSTER_ONLY = ("namespace", "workspace_pvc", "gpus_per_node", "cpu_per_node", "memory_per_node")
-
-
-def _pass_through_args(args: argparse.Namespace) -> tuple[str, ...]:
-    argv: list[str] = []
-    for dest in _PASS_THROUGH:
-        value = getattr(args, dest)
-        flag = "--" + dest.replace("_", "-")
-        if value is None or value is False:
-            continue
-        if value is True:
-            argv.append(flag)
-        elif isinstance(value, list):
-            argv += [flag, ",".join(value)]
-        else:
-            argv += [flag, str(value)]
-    return tuple(argv)
 
 
 def _pretrain_job(args: argparse.Namespace):
     """The TrainJob for these flags (refusing combinations that do not go together)."""
-    from components.trainjob import PretrainJob
+    from components.trainjob import PretrainJob, node_resources
     from ml.errors import ParameterError
     from pipeline.dags.tasks import default_image
 
@@ -249,21 +235,11 @@ def _pretrain_job(args: argparse.Namespace):
         given = [f"--{d.replace('_', '-')}" for d in _CLUSTER_ONLY if getattr(args, d) is not None]
         if given:
             raise ParameterError(f"{', '.join(given)}: only with --backend cluster")
-    resources: dict[str, str] = {}
-    if args.gpus_per_node:
-        resources["gpu"] = str(args.gpus_per_node)
-    elif args.backend == "cluster" and args.nproc_per_node > 1:
-        resources["gpu"] = str(args.nproc_per_node)  # one process per GPU
-    if args.cpu_per_node:
-        resources["cpu"] = args.cpu_per_node
-    if args.memory_per_node:
-        resources["memory"] = args.memory_per_node
+    one_per_process = args.nproc_per_node if args.backend == "cluster" and args.nproc_per_node > 1 else 0
+    resources = node_resources(args.gpus_per_node or one_per_process, args.cpu_per_node, args.memory_per_node)
     try:
         return PretrainJob(
-            store=args.store,
-            out=args.out,
-            pretrain_args=_pass_through_args(args),
-            checkpoint_dir=args.checkpoint_dir or args.out / "checkpoints",  # as a local run's
+            _pretrain_run(args),
             nodes=args.nodes,
             nproc_per_node=args.nproc_per_node,
             backend=args.backend,
@@ -306,53 +282,11 @@ def _pretrain_as_trainjob(args: argparse.Namespace) -> int:
 
 
 def _pretrain_here(args: argparse.Namespace) -> int:
-    from ml.data.store import ECGStore, StoreDataset
-    from ml.model.pretrained import save_backbone
-    from ml.train.pretrain import PretrainConfig, pretrain
+    from components.pretrain import pretrain_on_store
 
-    store = ECGStore.open(args.store)
-    classes = list(args.classes) if args.classes else list(store.classes)
-    if not classes:
-        raise ValueError(f"{args.store}: the store names no classes; pass --classes")
-    ids = [rid for rid, labelled in zip(store.ids, store.labelled_mask(), strict=True) if labelled]
-    if not ids:
-        raise ValueError(f"{args.store}: no labelled record to pre-train on")
-    dataset = StoreDataset(store, ids, classes)
-    checkpoint_dir = args.checkpoint_dir or args.out / "checkpoints"
-    config = PretrainConfig(
-        backbone=args.config,
-        num_classes=len(classes),
-        epochs=args.epochs,
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        base_lr=args.base_lr,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        cutmix_alpha=args.cutmix_alpha,
-        seed=args.seed,
-        checkpoint_dir=str(checkpoint_dir),
-        checkpoint_every=args.checkpoint_every,
-        resume=not args.no_resume,
-        num_workers=args.num_workers,
-        device=args.device,
-        progress=not args.no_progress,
-    )
-    result = pretrain(dataset, config)
-    if not result.is_main:
+    folder = pretrain_on_store(_pretrain_run(args))
+    if folder is None:
         return 0  # rank 0 writes the folder
-    data_version = args.data_version or store_data_version(store, ids, classes)
-    folder = save_backbone(
-        result.state_dict,
-        result.config,
-        classes,
-        args.out,
-        source="pretrain",
-        data_version=data_version,
-        store=str(args.store),
-        records=len(ids),
-        pretrain_config=config.to_dict(),
-        training={"steps": result.steps, "world_size": result.world_size, "lr": result.lr, "losses": result.losses},
-    )
     print(folder)
     _maybe_register(args, folder)
     return 0

@@ -20,7 +20,6 @@ ms/step stays comparable on shared CPUs.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import tempfile
@@ -31,18 +30,13 @@ import pandas as pd
 
 from components.compare import CELLS_JSON, CompareGrid, comparison_table, memory_measure, read_cells, table_rows
 from pipeline.cli.run import (
-    DEMO_PARAMS,
-    _add_local,
-    _add_tracking,
-    add_compile_flags,
     compile_options,
     local_params,
     local_run_config,
     preflight_local,
     project_lock,
 )
-from pipeline.core.constraints import comma_list, field_value, non_negative_int, output_file
-from pipeline.core.params import DEFAULTS, PipelineParams, add_param_flags, params_from_args
+from pipeline.core.params import DEFAULTS, DEMO_PARAMS, PipelineParams, params_from_args
 from pipeline.dags.compare import (
     EXCLUDED_PARAMS,
     CompareSettings,
@@ -56,28 +50,12 @@ from pipeline.registry.store import TrackingConfig
 log = logging.getLogger(__name__)
 
 COMPARE_EXPERIMENT = "cessl-compare"
-DEFAULT_PACKAGE = "cessl_compare.yaml"
 TABLE_WIDTH = 160
 
 
 def base_params(compile_only: bool) -> PipelineParams:
     """The defaults: the cluster's for ``--compile``, else the local demo's."""
     return (DEFAULTS if compile_only else DEMO_PARAMS).replace(experiment_name=COMPARE_EXPERIMENT)
-
-
-# The grid's flags: each takes a list of one pipeline parameter's values, checked by that
-# parameter's own constraints (pipeline.core.params.PipelineParams metadata) when parsed.
-GRID_FLAGS: dict[str, tuple[str, str]] = {  # flag -> (PipelineParams field, default)
-    "--methods": ("method", "cessl,fixmatch"),
-    "--ratios": ("labelled_ratio", "0.05,0.15"),
-    "--seeds": ("seed", "0,1,2"),
-}
-
-
-def grid_type(field_name: str, example: str):
-    """The argparse ``type=`` of a grid flag: distinct values of PipelineParams.<field_name>."""
-    field = next(f for f in dataclasses.fields(PipelineParams) if f.name == field_name)
-    return comma_list(field_value(field), example)
 
 
 def grid_from_args(args: argparse.Namespace) -> CompareGrid:
@@ -174,43 +152,3 @@ def _run_comparison(args: argparse.Namespace, params: PipelineParams, settings: 
         }
         Path(args.json).write_text(json.dumps(summary, indent=2, sort_keys=True), encoding="utf-8")
     return 0
-
-
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "compare",
-        help="compare methods x labelled ratios x seeds on the same splits (MLflow parent run + table)",
-        description=(
-            "Fine-tune and evaluate every cell of a grid on the same splits (one kfp pipeline, "
-            "cessl-compare), log each cell as an MLflow child run of one parent run, print the table "
-            "of mean +- std over seeds. Pipeline parameters default to `cessl run`'s (the demo's: 150 "
-            "steps), or with --compile to the cluster's (200 epochs)."
-        ),
-    )
-    grid = parser.add_argument_group("the grid")
-    helps = {
-        "--methods": "comma-separated methods, of --method's choices",
-        "--ratios": "comma-separated labelled ratios, each in (0, 1)",
-        "--seeds": "comma-separated seeds, each >= 0",
-    }
-    for flag, (field_name, default) in GRID_FLAGS.items():
-        grid.add_argument(
-            flag, type=grid_type(field_name, default), default=default, help=f"{helps[flag]} (default: %(default)s)"
-        )
-    grid.add_argument(
-        "--parallelism",
-        type=non_negative_int,
-        default=None,
-        help="cells at once (default: 1 locally, no limit when compiled)",
-    )
-    add_param_flags(parser, None, exclude=EXCLUDED_PARAMS)
-    _add_tracking(parser)
-    _add_local(parser, registry=False)
-    parser.add_argument(
-        "--compile", action="store_true", help="compile the pipeline for a cluster instead of running it"
-    )
-    parser.add_argument(
-        "-o", "--output", type=output_file, default=DEFAULT_PACKAGE, help="compiled YAML (with --compile)"
-    )
-    add_compile_flags(parser, with_image=False)
-    parser.set_defaults(func=cmd_compare)

@@ -98,16 +98,30 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.set_defaults(func=_split)
 
-    p = sub.add_parser("add", help="copy a hospital's records into data/ and record a new DVC version")
+    p = sub.add_parser(
+        "add",
+        help="copy a hospital's records into data/ (or a network site's source) and record a new DVC version",
+        description="Copy records into data/<name>/ (versioned by data.dvc) or, with --site, into that site's "
+        "own source folder (versioned on its own by <folder>.dvc; `cessl retrain --sites` then retrains that "
+        "site alone). A recorded version whose data is not here is never replaced: `dvc pull` it first, or "
+        "pass --replace.",
+    )
     p.add_argument("source", type=source, help="folder or s3://bucket/prefix")
     p.add_argument("--name", type=path_part, help="folder under data/ (default: the source's last path part)")
+    p.add_argument("--site", metavar="NAME", help="add to this network site's source (its folder in --sites)")
+    p.add_argument("--sites", default=None, help="the site registry --site is read from (default: ./sites.yaml)")
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="record a new version even when the recorded one's data is not here (it is replaced)",
+    )
     p.add_argument("--repo", type=existing_dir, default=Path("."), help="repository root (an existing folder)")
     p.add_argument("--no-dvc", action="store_true", help="copy only, do not run dvc add")
     p.add_argument("--push", action="store_true", help="dvc push after recording the version")
     p.add_argument(
         "--no-commit",
         action="store_true",
-        help="do not git-commit data.dvc (default: commit it, naming the version; refused on a dirty tree)",
+        help="do not git-commit the .dvc file (default: commit it, naming the version; refused on a dirty tree)",
     )
     p.set_defaults(func=_add)
 
@@ -133,8 +147,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-dvc", action="store_true", help="do not run dvc add")
     p.set_defaults(func=_demo_data)
 
-    p = sub.add_parser("version", help="print the data version recorded in data.dvc")
+    p = sub.add_parser("version", help="print the data version recorded in data.dvc (or in a site's own .dvc)")
     p.add_argument("--repo", type=existing_dir, default=Path("."))
+    p.add_argument("--site", metavar="NAME", help="the version of this network site's source (<folder>.dvc)")
+    p.add_argument("--sites", default=None, help="the site registry --site is read from (default: ./sites.yaml)")
     p.set_defaults(func=_version)
 
 
@@ -284,9 +300,33 @@ def _split(args: argparse.Namespace) -> int:
     return 0
 
 
+def site_folder(sites_file: str | None, name: str) -> Path:
+    """The folder of network site ``name`` in the site registry ``sites_file`` (one line why
+    not: an unknown site, an ``s3://`` source)."""
+    from ml.errors import ParameterError
+    from pipeline.core.sites import DEFAULT_SITES_FILE, load_sites
+
+    path = Path(sites_file or DEFAULT_SITES_FILE)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: site registry not found (--sites FILE names it)")
+    site = load_sites(path).get(name)
+    if "://" in site.source:
+        raise ParameterError(
+            f"data add --site {name}: the site's source is {site.source}: put the records under that prefix "
+            "(its data version is computed from the listing); --site copies into a site's folder"
+        )
+    return Path(site.source)
+
+
 def _add(args: argparse.Namespace) -> int:
     from ml.data.dvc import add_records
+    from ml.errors import ParameterError
 
+    if args.site and args.name:
+        raise ParameterError("data add: --name and --site cannot be combined (a site's records go to its source)")
+    if args.sites and not args.site:
+        raise ParameterError("data add: --sites names the registry of --site NAME; give --site")
+    folder = site_folder(args.sites, args.site) if args.site else None
     if args.source.startswith("s3://"):
         from pipeline.cli.preflight import check_s3
 
@@ -295,9 +335,11 @@ def _add(args: argparse.Namespace) -> int:
         args.source,
         args.repo,
         name=args.name,
+        folder=folder,
         track_with_dvc=not args.no_dvc,
         push=args.push,
         commit=not args.no_commit,
+        replace=args.replace,
     )
     for key in result.conflicts:
         log.warning("%s differs from the copy already in %s: kept the existing one", key, result.destination)
@@ -307,8 +349,14 @@ def _add(args: argparse.Namespace) -> int:
         f"copied {result.copied} records into {result.destination} ({result.unchanged} already there, "
         f"{len(result.conflicts)} conflicts, {len(result.unsafe)} refused); data version "
         f"{result.version_before} -> {result.version_after}"
-        + (f"; committed data.dvc as {result.committed[:12]}" if result.committed else "")
+        + (f"; committed {result.dvc_file} as {result.committed[:12]}" if result.committed else "")
     )
+    if args.site and result.version_after != result.version_before:
+        log.info(
+            "site %s has a new data version: `cessl retrain --sites %s` retrains it",
+            args.site,
+            args.sites or "sites.yaml",
+        )
     if result.not_committed:
         log.error("%s", result.not_committed)
         return 1
@@ -374,10 +422,16 @@ def _demo_data(args: argparse.Namespace) -> int:
 
 
 def _version(args: argparse.Namespace) -> int:
-    from ml.data.dvc import data_version
+    from ml.data.dvc import Versioned, data_version
 
-    version = data_version(args.repo)
-    if version is None:
-        raise FileNotFoundError(f"no data.dvc in {args.repo.resolve()}")
+    if args.site:
+        target = Versioned.of(site_folder(args.sites, args.site), args.repo)
+        version = target.recorded()
+        if version is None:
+            raise FileNotFoundError(f"no {target.dvc_file} in {target.root}: site {args.site} is not versioned yet")
+    else:
+        version = data_version(args.repo)
+        if version is None:
+            raise FileNotFoundError(f"no data.dvc in {args.repo.resolve()}")
     print(version)
     return 0

@@ -24,7 +24,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 # torch, scikit-learn and the ml/ stack load only when the demo runs: every `cessl`
 # command builds this parser, and none of the others should pay for them at start-up.
@@ -233,7 +233,7 @@ def _frame_table(frame: pd.DataFrame, title: str) -> Table:
     return table
 
 
-def _given(**values: object) -> dict[str, object]:
+def _given(**values: Any) -> dict[str, Any]:
     """The options given on the command line (None: the dataclass's default)."""
     return {k: v for k, v in values.items() if v is not None}
 

@@ -22,100 +22,31 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.constraints import image, non_negative_int, output_file, output_root, quantity
+from pipeline.cli.options import given
 from pipeline.core.pretrain_params import (
     DEFAULTS,
     LOCAL_DEFAULTS,
     LOCAL_ONLY,
     PretrainParams,
-    add_pretrain_flags,
     params_from_args,
 )
 from pipeline.dags.finetune import CompileOptions, ResourceRequest
 
 log = logging.getLogger(__name__)
 
-PRETRAIN_PACKAGE = "cessl_pretrain.yaml"
-
-
-def add_pipeline_commands(backbone_sub: argparse._SubParsersAction) -> None:
-    """``cessl backbone pipeline ...`` (added to ``cessl backbone``'s actions)."""
-    from pipeline.cli.run import STATE_DIR, _add_cluster, _add_local, _add_tracking
-
-    parser = backbone_sub.add_parser(
-        "pipeline",
-        help="the pre-training pipeline cessl-pretrain: compile, submit, run",
-        description="Ingest + preprocess a source corpus, pre-train a backbone (a Kubeflow Trainer TrainJob "
-        "on a cluster), register it in MLflow as cessl-backbone-<config>.",
-    )
-    sub = parser.add_subparsers(dest="pipeline_command", required=True, metavar="VERB")
-
-    comp = sub.add_parser("compile", help="compile cessl-pretrain to KFP IR YAML")
-    comp.add_argument("-o", "--output", type=output_file, default=PRETRAIN_PACKAGE)
-    _add_compile_flags(comp, with_pvc=True)
-    comp.set_defaults(func=cmd_compile)
-
-    submit = sub.add_parser("submit", help="submit one pre-training run to Kubeflow Pipelines")
-    add_pretrain_flags(submit, DEFAULTS)
-    _add_tracking(submit)
-    _add_cluster(submit)
-    _add_compile_flags(submit, with_pvc=False)  # the volume: --checkpoint-pvc, a pipeline parameter
-    submit.add_argument(
-        "--pipeline-root", type=output_root, default=str(STATE_DIR), help="where the compiled YAML is written"
-    )
-    submit.add_argument("--no-cache", action="store_true")
-    submit.add_argument("--run-name", default=None)
-    submit.set_defaults(func=cmd_submit)
-
-    run = sub.add_parser("run", help="run cessl-pretrain locally (kfp.local) and register the backbone")
-    add_pretrain_flags(run, LOCAL_DEFAULTS)
-    _add_tracking(run)
-    _add_local(run, registry=False)
-    run.set_defaults(func=cmd_run)
-
-
-def _add_compile_flags(parser: argparse.ArgumentParser, with_pvc: bool) -> None:
-    group = parser.add_argument_group("cluster settings of the pipeline's own steps (compile time)")
-    defaults = CompileOptions()
-    if "--image" not in parser._option_string_actions:
-        group.add_argument(
-            "--image", type=image, default=None, help="steps' image, and the TrainJob's unless --trainer-image"
-        )
-    if with_pvc:
-        group.add_argument(
-            "--checkpoint-pvc",
-            default=DEFAULTS.checkpoint_pvc,
-            help="claim the launch step and the TrainJob share, mounted at /workspace "
-            "('' for none: backend local only; a run may name another claim; default: %(default)s)",
-        )
-    group.add_argument(
-        "--credentials-secret",
-        default=defaults.credentials_secret,
-        help="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for ingest and register ('' for none)",
-    )
-    group.add_argument(
-        "--config-map", default=defaults.config_map, help="ConfigMap with the MLflow / S3 endpoints ('' for none)"
-    )
-    group.add_argument("--step-cpu", type=quantity, default="1", help="CPU request of each step's pod")
-    group.add_argument("--step-memory", type=quantity, default="4Gi", help="memory request of each step's pod")
-    group.add_argument(
-        "--retries",
-        type=non_negative_int,
-        default=2,
-        help="retries of the launch step (the job resumes from its checkpoint)",
-    )
-
 
 def pretrain_compile_options(args: argparse.Namespace, checkpoint_pvc: str) -> CompileOptions:
-    """The compile options of ``cessl-pretrain`` (no accelerator on any step: the GPUs are the TrainJob's)."""
+    """The compile options of ``cessl-pretrain`` (no accelerator on any step: the GPUs are the TrainJob's;
+    an unset flag keeps :class:`CompileOptions`' default)."""
+    defaults = CompileOptions()
     return CompileOptions(
-        image=args.image or CompileOptions().image,
+        image=args.image or defaults.image,
         accelerator_type="",
         tolerations=(),
         step_resources=ResourceRequest(cpu=args.step_cpu, memory=args.step_memory),
         checkpoint_pvc=checkpoint_pvc,
-        credentials_secret=args.credentials_secret,
-        config_map=args.config_map,
+        credentials_secret=given(args.credentials_secret, defaults.credentials_secret),
+        config_map=given(args.config_map, defaults.config_map),
         finetune_retries=args.retries,
     )
 
@@ -147,7 +78,7 @@ def cluster_arguments(args: argparse.Namespace, params: PretrainParams) -> dict[
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from pipeline.cli.preflight import check_kfp_host
-    from pipeline.cli.run import _client
+    from pipeline.cli.run import kfp_client
     from pipeline.dags.pretrain import compile_pretrain_pipeline
 
     params = params_from_args(args, DEFAULTS)  # every parameter valid before the server is asked
@@ -156,7 +87,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     arguments = cluster_arguments(args, params)
     package = args.package or compile_pretrain_pipeline(Path(args.pipeline_root) / "cessl_pretrain.yaml", options)
     run_name = args.run_name or f"cessl-pretrain-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = _client(args).create_run_from_pipeline_package(
+    result = kfp_client(args).create_run_from_pipeline_package(
         str(package),
         arguments=arguments,
         run_name=run_name,

@@ -14,6 +14,15 @@
   thresholded diagnoses, as CSV or JSON.
 - ``models [NAME] [--history]``: every model with its aliases; a model's versions, aliases,
   methods, data versions and last decisions; ``--history``: its audit log, oldest first.
+
+Signed decisions (:mod:`pipeline.registry.signing`): ``promote`` and ``rollback`` sign what they
+record with the caller's key (``--signing-key`` / ``$CESSL_SIGNING_KEY`` /
+``~/.config/cessl/signing-key.pem``), which the trust file (``--trust-file`` /
+``$CESSL_TRUST_FILE`` / ``~/.config/cessl/trust.yaml``) must list for the caller. ``models``,
+``--history`` and ``predict --model models:/NAME@champion`` verify the audit log and the
+champion first (:mod:`pipeline.registry.verify`): a broken log or a champion that is not the
+version the last valid signed decision names exits 1 with one line (``models`` after its table;
+``predict`` refuses before loading anything, and loads the verified version itself).
 """
 
 from __future__ import annotations
@@ -21,11 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
 from ml.errors import ParameterError
-from ml.train.precision import PRECISION_CHOICES
+from pipeline.cli.audit import add_trust_flag, require_verified, verify
 from pipeline.core.constraints import (
     add_tracking_uri_flag,
     as_text,
@@ -36,6 +46,7 @@ from pipeline.core.constraints import (
     output_file,
     registered_model,
 )
+from pipeline.core.params import PRECISION_CHOICES
 from pipeline.registry.access import require_model_permission
 from pipeline.registry.audit import history
 from pipeline.registry.policy import (
@@ -49,6 +60,7 @@ from pipeline.registry.policy import (
     rollback,
     site_model_name,
 )
+from pipeline.registry.signing import Signer, Trust, find_signer, find_trust
 from pipeline.registry.store import TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -85,9 +97,13 @@ def run_promote(
     force: bool = False,
     reason: str = "",
     max_class_drop: float = GateConfig.max_class_drop,
+    signer: Signer | None = None,
+    trust: Trust | None = None,
 ) -> PromotionDecision:
     gate = GateConfig(metric=metric, margin=margin, max_class_drop=max_class_drop)
-    decision = promote(tracking.client(), tracking.model_name, gate, force=force, reason=reason)
+    decision = promote(
+        tracking.client(), tracking.model_name, gate, force=force, reason=reason, signer=signer, trust=trust
+    )
     print_decision(decision)
     return decision
 
@@ -122,15 +138,28 @@ def require_all(args: argparse.Namespace, names: list[str], action: str) -> None
         require_model_permission(_tracking(args, name).tracking_uri, name, action)
 
 
+def _keys(args: argparse.Namespace) -> tuple[Signer, Trust]:
+    """The caller's signing key and the trust file (before any change)."""
+    return find_signer(args.signing_key), find_trust(args.trust_file)
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
     names = target_models(args)
     require_all(args, names, "promote")
+    signer, trust = _keys(args)
     refused = []
     for name in names:
         if len(names) > 1:
             log.info("-- %s", name)
         decision = run_promote(
-            _tracking(args, name), args.metric, args.margin, args.force, args.reason or "", args.max_class_drop
+            _tracking(args, name),
+            args.metric,
+            args.margin,
+            args.force,
+            args.reason or "",
+            args.max_class_drop,
+            signer=signer,
+            trust=trust,
         )
         if not decision.promoted:
             refused.append(name)
@@ -146,8 +175,10 @@ def _refused(names: list[str]) -> str:
 def cmd_rollback(args: argparse.Namespace) -> int:
     names = target_models(args)
     require_all(args, names, "roll back")
+    signer, trust = _keys(args)
     for name in names:
-        result = rollback(_tracking(args, name).client(), name, reason=args.reason or "")  # RegistryError: exit 2
+        client = _tracking(args, name).client()
+        result = rollback(client, name, reason=args.reason or "", signer=signer, trust=trust)  # RegistryError: exit 2
         log.info("%s: champion is v%s again (was v%s)", name, result.restored, result.replaced)
     return 0
 
@@ -161,12 +192,27 @@ def _check_device(device: str) -> None:
         raise ParameterError(f"--device cuda: no CUDA device visible (torch {torch.__version__}, {build} build)")
 
 
+CHAMPION_URI = re.compile(r"^models:/(?P<name>[^/@]+)@champion$")
+
+
+def verified_uri(client, uri: str, trust: Trust) -> str:
+    """``models:/NAME@champion`` -> ``models:/NAME/<the verified champion>`` (AuditMismatchError,
+    exit 1, when the log is broken or the alias is not the signed champion); other URIs as given."""
+    match = CHAMPION_URI.match(uri)
+    if match is None:
+        return uri
+    (result,) = verify(client, trust, [match["name"]])
+    require_verified([result])
+    return f"models:/{result.model}/{result.expected_version}"
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from pipeline.registry.pyfunc_model import load_predictor
 
     _check_device(args.device)
     tracking = _tracking(args)
-    predictor = load_predictor(args.model, tracking_uri=tracking.tracking_uri)
+    uri = verified_uri(tracking.client(), args.model, find_trust(args.trust_file))
+    predictor = load_predictor(uri, tracking_uri=tracking.tracking_uri)
     predictor.device, predictor.precision = args.device, args.precision
     table = predictor.predict_records([Path(r) for r in args.records])  # unreadable records: in `error`
     bad = table[table["error"] != ""]
@@ -215,17 +261,26 @@ def _numbers(metrics: dict) -> str:
 
 def cmd_models(args: argparse.Namespace) -> int:
     client = _tracking(args, args.name or "").client()
+    trust = find_trust(args.trust_file)
     if args.name:
         client.get_registered_model(args.name)  # an unknown name: RESOURCE_DOES_NOT_EXIST, exit 2
     if not args.name:
         _table("registered models", ("name", "aliases", "latest_version"), describe_models(client))
+        require_verified(verify(client, trust))
         return 0
+    _show_model(client, args)
+    require_verified(verify(client, trust, [args.name]))
+    return 0
+
+
+def _show_model(client, args: argparse.Namespace) -> None:
     if args.history:
         rows = [
             {
                 "#": e.seq,
                 "when": e.at,
                 "who": e.who,
+                "signed": "yes" if e.signature else "-",
                 "action": e.action,
                 "versions": ", ".join(f"{k}=v{v}" for k, v in e.versions.items()),
                 "numbers": _numbers(e.metrics),
@@ -233,11 +288,11 @@ def cmd_models(args: argparse.Namespace) -> int:
             }
             for e in history(client, args.name)
         ]
-        _table(f"{args.name}: audit log", ("#", "when", "who", "action", "versions", "numbers", "reason"), rows)
-        return 0
+        log_columns = ("#", "when", "who", "signed", "action", "versions", "numbers", "reason")
+        _table(f"{args.name}: audit log", log_columns, rows)
+        return
     columns = ("version", "aliases", "method", "data_version", "decision", "macro_f_beta")
     _table(args.name, columns, describe_versions(client, args.name))
-    return 0
 
 
 def target_flags(parser: argparse.ArgumentParser) -> None:
@@ -263,6 +318,18 @@ def target_flags(parser: argparse.ArgumentParser) -> None:
         default="",
         help="site registry file (default: ./sites.yaml)",
     )
+
+
+def signing_flags(parser: argparse.ArgumentParser) -> None:
+    """Who signs a registry decision, and whom a verb trusts."""
+    parser.add_argument(
+        "--signing-key",
+        default="",
+        metavar="FILE",
+        help="your Ed25519 key that signs the decision (default: $CESSL_SIGNING_KEY or "
+        "~/.config/cessl/signing-key.pem; `cessl access keygen` makes one)",
+    )
+    add_trust_flag(parser)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -291,6 +358,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         default="",
         help="why (required with --force; recorded with the authenticated MLflow user, or locally $CESSL_USER / the OS user)",
     )
+    signing_flags(pr)
     tracking_flag(pr)
     pr.set_defaults(func=cmd_promote)
 
@@ -298,6 +366,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     target_flags(rb)
     rb.set_defaults(force=False)
     rb.add_argument("--reason", default="", help="why (recorded in the audit log)")
+    signing_flags(rb)
     tracking_flag(rb)
     rb.set_defaults(func=cmd_rollback)
 
@@ -315,6 +384,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         default="fp32",
         help="fp32, bf16 (autocast) or auto (bf16 where the device has it); the probabilities stay float32",
     )
+    add_trust_flag(pd_)
     tracking_flag(pd_)
     pd_.set_defaults(func=cmd_predict)
 
@@ -327,5 +397,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="a registered model (default: list every model)",
     )
     md.add_argument("--history", action="store_true", help="the model's audit log of registry decisions, oldest first")
+    add_trust_flag(md)
     tracking_flag(md)
     md.set_defaults(func=cmd_models)

@@ -26,144 +26,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.locking import exclusive
-from pipeline.core.constraints import (
-    cron,
-    existing_file,
-    http_url,
-    image,
-    k8s_name,
-    non_negative_float,
-    non_negative_int,
-    output_file,
-    output_root,
-    quantity,
-    resource_name,
-    tracking_uri,
-)
+from pipeline.cli.local import local_run_config, preflight_local, prepare_store, project_lock
+from pipeline.cli.options import given
+from pipeline.cli.verbs import DEFAULT_PACKAGE, NETWORK_PACKAGE
 from pipeline.core.params import (
     DEFAULTS,
+    DEMO_PARAMS,
     LOCAL_ONLY,
     PipelineParams,
-    add_param_flags,
     params_from_args,
 )
 from pipeline.dags.finetune import (
     CompileOptions,
-    LocalRunConfig,
     ResourceRequest,
     Toleration,
     compile_pipeline,
     run_local,
 )
-from pipeline.dags.kfp_auth import MODES as KFP_AUTH_MODES
 from pipeline.registry.lineage import git_commit, push_data_version, read_data_version, source_data_version
-from pipeline.registry.policy import GATE_METRICS, registered_model_name
-from pipeline.registry.store import TRACKING_URI_ENV, TrackingConfig
+from pipeline.registry.policy import registered_model_name
+from pipeline.registry.store import TrackingConfig
 
 log = logging.getLogger(__name__)
-
-DEFAULT_PACKAGE = "cessl_pipeline.yaml"
-NETWORK_PACKAGE = "cessl_network.yaml"
-STATE_DIR = Path(".cache") / "cessl"
-RUN_LOCK = "run.lock"  # in the state folder: one local run (run, retrain, compare) at a time
-
-# `cessl run` on the embedded defaults: the demo hospital, the tiny default backbone and a
-# schedule that finishes in minutes on two CPU cores: max_steps mode (epochs=0, 150 steps),
-# where the cluster's DEFAULTS train the paper's 200 epochs. Every value can be overridden.
-DEMO_PARAMS = DEFAULTS.replace(
-    backbone_config="tiny",
-    labelled_ratio=0.3,
-    epochs=0,
-    max_steps=150,
-    batch_size=16,
-    val_every=25,
-    min_class_count=10,
-)
-
 
 # --------------------------------------------------------------------------- arguments
 
 
-def add_compile_flags(parser: argparse.ArgumentParser, with_image: bool = True) -> None:
-    group = parser.add_argument_group("cluster settings (compile time)")
-    if with_image:
-        group.add_argument(
-            "--image",
-            type=image,
-            default=None,
-            help="component image (default: $CESSL_IMAGE or localhost:5000/cessl:0.1.0)",
-        )
-    group.add_argument(
-        "--accelerator-type", type=resource_name, default="nvidia.com/gpu", help="finetune's accelerator resource"
-    )
-    group.add_argument("--accelerator-limit", type=non_negative_int, default=1, help="accelerators for finetune")
-    group.add_argument("--no-gpu", action="store_true", help="finetune requests no accelerator")
-    group.add_argument(
-        "--node-selector",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="node label finetune must run on (repeatable)",
-    )
-    group.add_argument(
-        "--toleration",
-        action="append",
-        default=None,
-        metavar="KEY[=VALUE][:EFFECT]",
-        help="taint finetune tolerates (repeatable; default nvidia.com/gpu:NoSchedule)",
-    )
-    group.add_argument(
-        "--finetune-cpu", type=quantity, default="4", help="finetune's CPU request (Kubernetes quantity)"
-    )
-    group.add_argument(
-        "--finetune-memory", type=quantity, default="16Gi", help="finetune's memory request (Kubernetes quantity)"
-    )
-    defaults = CompileOptions()
-    group.add_argument(
-        "--finetune-cpu-limit",
-        type=_optional(quantity),
-        default=defaults.finetune_resources.cpu_limit,
-        help="finetune's CPU limit ('' for none; default: %(default)s)",
-    )
-    group.add_argument(
-        "--finetune-memory-limit",
-        type=_optional(quantity),
-        default=None,
-        help="finetune's memory limit ('' for none; default: its memory request)",
-    )
-    group.add_argument(
-        "--image-pull-secret",
-        action="append",
-        type=k8s_name,
-        default=None,
-        metavar="NAME",
-        help="Secret every step's pod pulls the image with (repeatable; default: $CESSL_IMAGE_PULL_SECRET)",
-    )
-    group.add_argument(
-        "--checkpoint-pvc",
-        default=defaults.checkpoint_pvc,
-        help="PVC mounted at /mnt/checkpoints on finetune ('' for none; default: %(default)s)",
-    )
-    group.add_argument(
-        "--credentials-secret",
-        default=defaults.credentials_secret,
-        help="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY ('' for none; default: %(default)s)",
-    )
-    group.add_argument(
-        "--mlflow-secret",
-        default=defaults.mlflow_secret,
-        help="Secret with the pipeline's MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
-        "('' for none; default: %(default)s)",
-    )
-    group.add_argument(
-        "--config-map",
-        default=defaults.config_map,
-        help="ConfigMap with the MLflow / S3 endpoints ('' for none; default: %(default)s)",
-    )
-
-
 def compile_options(args: argparse.Namespace, cache_ingest: bool = True) -> CompileOptions:
+    """The cluster settings of :func:`pipeline.cli.options.add_cluster_settings` (an unset
+    flag keeps :class:`CompileOptions`' default)."""
+    defaults = CompileOptions()
     selector = {}
     for item in args.node_selector:
         key, eq, value = item.partition("=")
@@ -171,10 +63,10 @@ def compile_options(args: argparse.Namespace, cache_ingest: bool = True) -> Comp
             raise ValueError(f"--node-selector {item!r}: expected KEY=VALUE")
         selector[key] = value
     tolerations = (
-        CompileOptions().tolerations if args.toleration is None else tuple(Toleration.parse(t) for t in args.toleration)
+        defaults.tolerations if args.toleration is None else tuple(Toleration.parse(t) for t in args.toleration)
     )
     return CompileOptions(
-        image=args.image or CompileOptions().image,
+        image=args.image or defaults.image,
         accelerator_type="" if args.no_gpu else args.accelerator_type,
         accelerator_limit=args.accelerator_limit,
         node_selector=selector,
@@ -182,15 +74,15 @@ def compile_options(args: argparse.Namespace, cache_ingest: bool = True) -> Comp
         finetune_resources=ResourceRequest(
             cpu=args.finetune_cpu,
             memory=args.finetune_memory,
-            cpu_limit=args.finetune_cpu_limit,
+            cpu_limit=given(args.finetune_cpu_limit, defaults.finetune_resources.cpu_limit),
             memory_limit=args.finetune_memory if args.finetune_memory_limit is None else args.finetune_memory_limit,
         ),
-        checkpoint_pvc=args.checkpoint_pvc,
-        credentials_secret=args.credentials_secret,
-        mlflow_secret=args.mlflow_secret,
-        config_map=args.config_map,
+        checkpoint_pvc=given(args.checkpoint_pvc, defaults.checkpoint_pvc),
+        credentials_secret=given(args.credentials_secret, defaults.credentials_secret),
+        mlflow_secret=given(args.mlflow_secret, defaults.mlflow_secret),
+        config_map=given(args.config_map, defaults.config_map),
         image_pull_secrets=(
-            CompileOptions().image_pull_secrets if args.image_pull_secret is None else tuple(args.image_pull_secret)
+            defaults.image_pull_secrets if args.image_pull_secret is None else tuple(args.image_pull_secret)
         ),
         cache_ingest=cache_ingest,
     )
@@ -387,69 +279,6 @@ def print_summary(summary: RunSummary, console=None) -> None:
         console.print(Text(f"  {line}"), soft_wrap=True)
 
 
-def project_lock(args: argparse.Namespace):
-    """The lock of this project's local state (``<state_dir>/run.lock``): taken before any
-    work by ``cessl run | retrain | compare``; ``--wait-lock`` seconds to wait for a holder."""
-    return exclusive(
-        Path(args.state_dir) / RUN_LOCK,
-        wait=float(getattr(args, "wait_lock", 0.0) or 0.0),
-        what=f"this project's run state ({args.state_dir})",
-    )
-
-
-def prepare_store(tracking: TrackingConfig) -> None:
-    """Create (migrate) the MLflow store and the experiment before any training, so a store
-    problem ends the run at once; a local SQLite store is initialised under a lock next to
-    it (two processes migrating one fresh database collide)."""
-    from pipeline.registry.store import ensure_experiment
-
-    if tracking.tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking.tracking_uri.removeprefix("sqlite:///"))
-        with exclusive(db.with_name(db.name + ".lock"), wait=600, what=f"the MLflow store {db}"):
-            ensure_experiment(tracking)
-    else:
-        ensure_experiment(tracking)
-
-
-def preflight_local(args: argparse.Namespace, params: PipelineParams | None = None) -> None:
-    """Before any work of a local run (and before its project lock): a local backbone and a
-    local data folder exist, the tracking store answers (or may be created), and a Docker
-    engine answers for ``--runner docker``."""
-    from pipeline.cli.preflight import (
-        check_backbone,
-        check_demo_data,
-        check_docker,
-        check_records_folder,
-        check_tracking,
-    )
-
-    if params is not None:
-        check_backbone(params.backbone)
-    check_tracking(args.tracking_uri, writes=True, create=args.create_store)
-    if args.runner == "docker":
-        check_docker()
-    if params is not None:
-        demo = params.source == DEMO_PARAMS.source and not getattr(args, "no_demo_data", False)
-        if "://" not in params.source and not demo and not Path(params.source).is_dir():
-            raise FileNotFoundError(f"{Path(params.source).absolute()}: data folder not found")
-        if demo:
-            check_demo_data(Path(params.source))
-        elif "://" not in params.source:
-            check_records_folder(Path(params.source))
-
-
-def local_run_config(args: argparse.Namespace, log_name: str) -> LocalRunConfig:
-    """How a local command (run, compare, run --sites) runs its pipeline: the tasks' output goes
-    to ``<pipeline-root>/<log_name>`` unless ``--show-task-logs`` streams it."""
-    return LocalRunConfig(
-        pipeline_root=Path(args.pipeline_root),
-        cache=not args.no_cache,
-        runner=args.runner,
-        image=args.image,
-        task_log=None if args.show_task_logs else Path(args.pipeline_root) / log_name,
-    )
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     if getattr(args, "sites", None):
         return cmd_run_network(args)
@@ -642,7 +471,7 @@ def cluster_arguments(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in arguments.items() if v != "" or k not in LOCAL_ONLY}
 
 
-def _client(args: argparse.Namespace):
+def kfp_client(args: argparse.Namespace):
     """The KFP client for ``--host`` / ``--namespace``, authenticated as ``--kfp-auth`` says."""
     from pipeline.dags.kfp_auth import make_client, resolve_auth
 
@@ -673,7 +502,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         # Unknown data version (an S3 source this machine cannot list): ingest must list it again.
         package = _package(args, cache_ingest=bool(arguments.get("data_version")))
     run_name = args.run_name or f"cessl-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = _client(args).create_run_from_pipeline_package(
+    result = kfp_client(args).create_run_from_pipeline_package(
         str(package),
         arguments=arguments,
         run_name=run_name,
@@ -718,7 +547,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         package = _package(args, cache_ingest=False)  # each recurring run lists the source again
         arguments = cluster_arguments(args)
         arguments["data_version"] = ""  # the version is the data found at run time
-    client = _client(args)
+    client = kfp_client(args)
     experiment = client.create_experiment(args.kfp_experiment, namespace=args.namespace)
     job = client.create_recurring_run(
         experiment_id=experiment.experiment_id,
@@ -817,197 +646,3 @@ def cmd_retrain_network(args: argparse.Namespace) -> int:
     if args.host:
         return cmd_submit(args)
     return cmd_run_network(args)
-
-
-# --------------------------------------------------------------------------- parsers
-
-
-def _add_sites(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--sites",
-        default=None,
-        metavar="FILE",
-        help="a hospital network's site registry (sites.yaml): one adapter per site, one run",
-    )
-    parser.add_argument(
-        "--site", action="append", default=None, metavar="NAME", help="with --sites: only this site (repeatable)"
-    )
-
-
-def _add_site_parallelism(parser: argparse.ArgumentParser) -> None:
-    # 1: the sites one after another. Two kfp.local tasks ending at the same moment have been
-    # seen to abort at interpreter exit ("terminate called without an active exception")
-    # on 2 shared cores; and in parallel they gain little on 2 cores.
-    parser.add_argument(
-        "--site-parallelism",
-        type=non_negative_int,
-        default=1,
-        metavar="N",
-        help="with --sites: sites trained at once by the local run (0: no limit; default: %(default)s)",
-    )
-
-
-def _optional(check):
-    """``check`` for a set value; '' (unset) stays ''."""
-
-    def convert(text: str):
-        return check(text) if text else ""
-
-    convert.__name__ = getattr(check, "__name__", "value")
-    return convert
-
-
-def _add_tracking(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--tracking-uri",
-        type=tracking_uri,
-        default="",
-        help=f"MLflow tracking URI (default: ${TRACKING_URI_ENV} or sqlite:///./mlflow.db)",
-    )
-    parser.add_argument(
-        "--create-store",
-        action="store_true",
-        help="create a new sqlite MLflow store at --tracking-uri (default: only ./mlflow.db is created)",
-    )
-    parser.add_argument("--data-version", default="", help="override the data version (default: from the .dvc file)")
-
-
-def _add_local(parser: argparse.ArgumentParser, registry: bool = True) -> None:
-    """Options of a local run (``registry``: also the champion gate's)."""
-    parser.add_argument(
-        "--pipeline-root", type=output_root, default="local_outputs", help="task outputs and the task cache"
-    )
-    parser.add_argument(
-        "--state-dir",
-        type=output_root,
-        default=str(STATE_DIR),
-        help="checkpoints and incremental ingest/preprocess state",
-    )
-    parser.add_argument(
-        "--backbone-cache",
-        default="",
-        help="cache of the embedded default backbone (default: $CESSL_CACHE/backbones or ~/.cache/cessl/backbones)",
-    )
-    parser.add_argument(
-        "--runner",
-        choices=("subprocess", "docker"),
-        default="subprocess",
-        help="kfp.local runner: this environment, or the project image on Docker",
-    )
-    parser.add_argument(
-        "--image", type=image, default=None, help="component image (--runner docker, and compiled pipelines)"
-    )
-    parser.add_argument("--no-cache", action="store_true", help="run every step again")
-    parser.add_argument("--no-demo-data", action="store_true", help="never create the demo hospital")
-    parser.add_argument(
-        "--show-task-logs", action="store_true", help="stream the tasks' output (default: <pipeline-root>/last_run.log)"
-    )
-    parser.add_argument(
-        "--json", type=_optional(output_file), default="", metavar="PATH", help="also write the summary as JSON"
-    )
-    parser.add_argument(
-        "--wait-lock",
-        type=non_negative_float,
-        default=0.0,
-        metavar="SECONDS",
-        help="wait this long for another local run of this project to finish (default: fail at once)",
-    )
-    if not registry:
-        return
-    parser.add_argument(
-        "--no-push", action="store_true", help="do not `dvc push` the data version to the default DVC remote"
-    )
-    parser.add_argument("--promote", action="store_true", help="run the champion gate after registering")
-    parser.add_argument("--promote-metric", default="macro_f_beta", choices=GATE_METRICS)
-    parser.add_argument("--promote-margin", type=non_negative_float, default=0.0)
-
-
-def _add_cluster(parser: argparse.ArgumentParser, host_required: bool = True) -> None:
-    parser.add_argument(
-        "--host", type=http_url, required=host_required, default=None, help="Kubeflow Pipelines endpoint URL"
-    )
-    parser.add_argument(
-        "--namespace",
-        type=_optional(k8s_name),
-        default=None,
-        help="KFP namespace: a multi-user install's Profile namespace (e.g. kubeflow-user-example-com)",
-    )
-    parser.add_argument(
-        "--service-account",
-        type=_optional(k8s_name),
-        default=None,
-        help="ServiceAccount the run's pods use (default: KFP's, pipeline-runner or the Profile's default-editor)",
-    )
-    parser.add_argument(
-        "--kfp-auth",
-        choices=KFP_AUTH_MODES,
-        default="auto",
-        help="token: $KF_PIPELINES_TOKEN or --kfp-token-file; service-account: the pod's projected token "
-        "($KF_PIPELINES_SA_TOKEN_PATH); none; auto (default): the first of these that is set",
-    )
-    parser.add_argument(
-        "--kfp-token-file",
-        type=existing_file,
-        default=None,
-        metavar="PATH",
-        help="file holding the KFP bearer token (never pass a token itself as a flag)",
-    )
-    parser.add_argument("--kfp-experiment", default="cessl", help="KFP experiment")
-    parser.add_argument(
-        "--package", type=existing_file, default=None, help="compiled pipeline YAML (default: compile now)"
-    )
-    parser.add_argument("--checkpoint-root", default="", help="checkpoint root inside the pod (e.g. /mnt/checkpoints)")
-
-
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    run = subparsers.add_parser("run", help="run the pipeline locally (kfp.local) and print a summary")
-    add_param_flags(run, DEMO_PARAMS)
-    _add_tracking(run)
-    _add_local(run)
-    _add_sites(run)
-    _add_site_parallelism(run)
-    run.set_defaults(func=cmd_run)
-
-    comp = subparsers.add_parser("compile", help="compile the pipeline to KFP IR YAML")
-    comp.add_argument("-o", "--output", type=output_file, default=DEFAULT_PACKAGE)
-    add_compile_flags(comp)
-    _add_sites(comp)
-    comp.set_defaults(func=cmd_compile)
-
-    for name, func, text in (
-        ("submit", cmd_submit, "submit one run to Kubeflow Pipelines"),
-        ("schedule", cmd_schedule, "create a KFP recurring run (retraining)"),
-    ):
-        sub = subparsers.add_parser(name, help=text)
-        add_param_flags(sub, DEFAULTS)
-        _add_tracking(sub)
-        _add_cluster(sub)
-        add_compile_flags(sub)
-        sub.add_argument(
-            "--pipeline-root", type=output_root, default=str(STATE_DIR), help="where the compiled YAML is written"
-        )
-        sub.add_argument("--no-cache", action="store_true")
-        _add_sites(sub)
-        if name == "submit":
-            sub.add_argument("--run-name", default=None)
-        else:
-            sub.add_argument(
-                "--cron", type=cron, required=True, help="cron expression, 5 or 6 fields (KFP: with seconds)"
-            )
-            sub.add_argument("--job-name", default="cessl-retrain")
-        sub.set_defaults(func=func)
-
-    retrain = subparsers.add_parser(
-        "retrain",
-        help="run the pipeline if the data changed since the champion",
-        description="Parameters default to `cessl run`'s (the demo's), or with --host to `cessl submit`'s.",
-    )
-    add_param_flags(retrain, None)
-    _add_tracking(retrain)
-    _add_local(retrain)
-    _add_cluster(retrain, host_required=False)
-    add_compile_flags(retrain, with_image=False)
-    retrain.add_argument("--run-name", default=None)
-    _add_sites(retrain)
-    _add_site_parallelism(retrain)
-    retrain.set_defaults(func=cmd_retrain)

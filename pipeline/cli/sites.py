@@ -47,14 +47,28 @@ def demo_network(out_dir: Path, n_sites: int, records_per_site: int, seed: int =
 
 
 def ensure_demo_network(sites_file: Path, n_sites: int = DEMO_SITES, records: int = DEMO_RECORDS_PER_SITE) -> Path:
-    """A ``sites.yaml`` of the demo's synthetic hospitals (made when missing) at ``sites_file``."""
+    """A ``sites.yaml`` of the demo's synthetic hospitals (made when missing) at ``sites_file``;
+    each hospital's folder is versioned on its own with DVC (``network/<site>.dvc``)."""
     if sites_file.exists():
         return sites_file
     folders = demo_network(sites_file.parent / DEMO_NETWORK_DIR, n_sites, records)
+    track_sites([folder for _, folder in folders], sites_file.parent)
     registry = SiteRegistry(tuple(Site(name, str(folder.absolute())) for name, folder in folders), sites_file)
     save_sites(registry, sites_file)
     log.info("demo network: %d synthetic hospitals, %s", len(folders), sites_file)
     return sites_file
+
+
+def track_sites(folders: Sequence[Path], start: Path) -> dict[str, str]:
+    """``dvc add`` each site folder in the repository around ``start``: each its own
+    ``<folder>.dvc`` (``cessl data add --site`` adds to one, ``retrain --sites`` retrains it)."""
+    from ml.data.dvc import Versioned, find_repo_root, track_folders
+
+    root = find_repo_root(start)
+    versions = track_folders(root, [Versioned.of(folder, root).relative for folder in folders])
+    for folder, version in versions.items():
+        log.info("site data %s: version %s (%s.dvc)", folder, version, folder)
+    return versions
 
 
 # --------------------------------------------------------------------------- preflight
@@ -281,14 +295,16 @@ def network_params(base: PipelineParams, sites: Sequence[Site]) -> None:
 
 def run_network(args: argparse.Namespace, params: PipelineParams, registry: SiteRegistry) -> NetworkSummary:
     """Run the network locally (under the caller's project lock) and summarise it."""
-    from pipeline.cli.run import local_run_config, prepare_store
+    from pipeline.cli.local import local_run_config, prepare_store
     from pipeline.dags.network import NetworkSettings, run_network_local, site_items
+    from pipeline.registry.lineage import git_commit
     from pipeline.registry.network_tracking import fail_network, new_network_id
     from pipeline.registry.store import TrackingConfig
 
     tracking = TrackingConfig.resolve(args.tracking_uri, params.experiment_name)
     state = Path(args.state_dir).absolute()
     params = params.replace(
+        git_commit=git_commit(Path.cwd()),  # resolved here: the tasks never ask git
         tracking_uri=tracking.tracking_uri,
         checkpoint_root=str(state / "checkpoints"),
         state_dir=str(state),
@@ -325,7 +341,22 @@ def run_network(args: argparse.Namespace, params: PipelineParams, registry: Site
     summary.parent_run_id, outcomes, summary.cells = outcomes_from_summary(text, items)
     summary.sites = outcomes + summary.sites
     summary.seconds = time.perf_counter() - start
+    if not getattr(args, "no_push", False):
+        push_site_versions(summary.sites, Path.cwd())
     return summary
+
+
+def push_site_versions(outcomes: Sequence[SiteOutcome], repo: Path) -> list[str]:
+    """``dvc push`` each registered site's data version (its own ``<folder>.dvc``) when the
+    project has a default DVC remote, so every version a site run logged can be ``dvc pull``-ed;
+    the sites pushed (``pipeline.registry.lineage.push_data_version``: anything else a warning)."""
+    from pipeline.registry.lineage import push_data_version
+
+    return [
+        o.site
+        for o in outcomes
+        if o.status == REGISTERED and "://" not in o.source and push_data_version(Path(o.source), o.data_version, repo)
+    ]
 
 
 # --------------------------------------------------------------------------- cessl sites

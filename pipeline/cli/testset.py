@@ -3,8 +3,8 @@
 - ``show MODEL``: the current version, its status, size, classes, md5, who froze it, when and
   why, and the earlier versions.
 - ``refresh MODEL --reason TEXT``: the only way the set changes (e.g. new classes): records a
-  new version, pending until the next run draws it from records the champion did not train
-  on and freezes it; who and why go to the registry tag and the audit log. The next
+  new version, pending until the next run draws it from records no past champion trained
+  on (by id and by content hash) and freezes it; who and why go to the registry tag and the audit log. The next
   promotion then needs a challenger (and the champion) scored on the new set.
 - ``export MODEL``: the frozen set as ``testsets/<MODEL>.json`` (``dvc add``ed where the
   project uses DVC); ``cessl run`` does it after every run.
@@ -17,9 +17,9 @@ import logging
 from pathlib import Path
 
 from pipeline.core.constraints import add_tracking_uri_flag, existing_dir, non_empty, registered_model
-from pipeline.registry.testsets import TestSetError, current, export, history, refresh
 
 log = logging.getLogger(__name__)
+# pipeline.registry.testsets (numpy) is imported by each verb when it runs: not at start-up.
 
 
 def _client(args: argparse.Namespace):
@@ -31,6 +31,8 @@ def _client(args: argparse.Namespace):
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from pipeline.registry.testsets import TestSetError, current, history
+
     client = _client(args)
     pointer = current(client, args.name)
     if pointer is None:
@@ -63,7 +65,18 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
-    pending = refresh(_client(args), args.name, args.reason)
+    from pipeline.registry.audit import history
+    from pipeline.registry.policy import champion_history
+    from pipeline.registry.testsets import current, refresh
+
+    client = _client(args)
+    past: list[str] = []
+    if current(client, args.name) is not None:
+        # every version ever named champion, by the history tag or by a decision in the audit
+        # log: excluding more training records from the redraw is the safe side
+        decided = [e.champion["version"] for e in history(client, args.name) if e.champion.get("version")]
+        past = sorted({*champion_history(client, args.name), *decided}, key=int)
+    pending = refresh(client, args.name, args.reason, past_champions=past)
     print(
         f"{args.name}: test set v{pending.version} recorded (by {pending.created_by}: {pending.reason}); "
         "the next run draws and freezes it and scores the champion on it"
@@ -72,6 +85,8 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.registry.testsets import TestSetError, export
+
     path = export(_client(args), args.name, Path(args.repo), dvc=not args.no_dvc)
     if path is None:
         raise TestSetError(f"model {args.name!r} has no frozen test set to export")

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from components.trainjob import JOB_NAME  # the one DNS-1035 pattern of a TrainJob name
+
 # ------------------------------------------------------------------------------ numbers
 
 
@@ -502,7 +504,6 @@ _ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,255}$")
 _IMAGE = re.compile(r"^[a-z0-9][a-z0-9._\-/:@]*[A-Za-z0-9_.\-]$")
 _RESOURCE_NAME = re.compile(r"^([a-z0-9]([a-z0-9\-.]*[a-z0-9])?/)?[A-Za-z0-9]([A-Za-z0-9_.\-]*[A-Za-z0-9])?$")
 _K8S_NAME = re.compile(r"^[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?$")  # DNS-1123 label
-_JOB_NAME = re.compile(r"^[a-z]([a-z0-9\-]{0,61}[a-z0-9])?$")  # DNS-1035 label
 _QUANTITY = re.compile(r"^\+?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+|[KMGTPE]i?|[numk])?$")
 
 
@@ -527,7 +528,7 @@ resource_name = _pattern(_RESOURCE_NAME, "a Kubernetes resource name such as nvi
 # a Kubernetes object name (DNS-1123 label): a namespace, ServiceAccount, Secret, PVC or runtime
 k8s_name = _pattern(_K8S_NAME, "a Kubernetes name (lower-case letters, digits and '-', at most 63)")
 # a TrainJob name (DNS-1035 label: its JobSet and Services need a letter first)
-job_name = _pattern(_JOB_NAME, "a TrainJob name (lower-case letters, digits and '-', a letter first, <= 63)")
+job_name = _pattern(JOB_NAME, "a TrainJob name (lower-case letters, digits and '-', a letter first, <= 63)")
 
 
 def quantity(text: str) -> str:

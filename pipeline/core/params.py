@@ -1,16 +1,23 @@
 """The run's parameters: one dataclass, the single source of the pipeline's defaults.
 
 :class:`PipelineParams` is what a run chooses (the KFP pipeline's parameters, all JSON
-types). The model and training defaults come from the ``ml`` dataclasses
+types). The model and training defaults are those of the ``ml`` dataclasses
 (:class:`~ml.model.lora.LoRAConfig`, :class:`~ml.model.rank_allocation.RankAllocationConfig`,
-:class:`~ml.train.config.TrainConfig`, :data:`~ml.train.methods.DEFAULT_METHOD`); each
-field carries its help text (and choices) in ``dataclasses.field(metadata=...)``, from
-which the command line's flags (:func:`add_param_flags`) and the KFP pipeline's
+:class:`~ml.train.config.TrainConfig`, :data:`~ml.train.methods.DEFAULT_METHOD`), written
+below as plain values because every ``ml`` module imports torch and the command line must
+build without it (``tests/unit/test_params_defaults.py`` pins each value to its ``ml``
+source). Each field carries its help text (and choices) in ``dataclasses.field(metadata=...)``,
+from which the command line's flags (:func:`add_param_flags`) and the KFP pipeline's
 signature (``pipeline.dags.finetune``) are generated. The builders (:meth:`PipelineParams.lora_config`,
 :meth:`~PipelineParams.allocation_config`, :meth:`~PipelineParams.train_config`) turn the
-flat parameters back into the ml dataclasses the steps take.
+flat parameters back into the ml dataclasses the steps take (importing ``ml`` then).
 
-No kfp here: the step bodies import this module inside the container.
+Profiles (:data:`PROFILES`): ``cluster`` (:data:`DEFAULTS`, the paper's schedule) and
+``local`` (:data:`DEMO_PARAMS`, a run that finishes in minutes on two CPU cores) differ
+only in :data:`PROFILE_FIELDS`; ``--profile`` picks one (:func:`params_from_args`).
+
+No kfp, no torch here: the step bodies import this module inside the container, and
+every ``cessl`` start-up imports it.
 """
 
 from __future__ import annotations
@@ -23,17 +30,36 @@ from dataclasses import dataclass
 from typing import Any
 
 from ml.errors import ParameterError
-from ml.model.backbone import BACKBONE_CONFIGS
-from ml.model.lora import LoRAConfig
-from ml.model.rank_allocation import RankAllocationConfig
-from ml.train.config import EPOCHS, TrainConfig, batch_size_for_label_ratio
-from ml.train.methods import DEFAULT_METHOD, METHOD_NAMES
-from ml.train.precision import PRECISION_CHOICES
 from pipeline.core.constraints import typed
 
-_LORA = LoRAConfig()
-_ALLOCATION = RankAllocationConfig()
-_TRAIN = TrainConfig()
+if typing.TYPE_CHECKING:
+    from ml.model.lora import LoRAConfig
+    from ml.model.rank_allocation import RankAllocationConfig
+    from ml.train.config import TrainConfig
+
+# The ml side's names and defaults (pinned to their sources by tests/unit/test_params_defaults.py).
+BACKBONE_NAMES: tuple[str, ...] = ("tinylight", "tiny", "base", "medium", "large")  # ml.model.backbone.BACKBONE_CONFIGS
+METHOD_NAMES: tuple[str, ...] = ("cessl", "lora", "full", "fixmatch")  # ml.train.methods.METHOD_NAMES
+DEFAULT_METHOD = "cessl"  # ml.train.methods.DEFAULT_METHOD
+PRECISION_CHOICES: tuple[str, ...] = ("fp32", "bf16", "auto")  # ml.train.precision.PRECISION_CHOICES
+EPOCHS = 200  # ml.train.config.EPOCHS: the paper's schedule
+
+
+@dataclass(frozen=True)
+class MlDefaults:
+    """The defaults of the ml dataclasses that are pipeline parameters."""
+
+    r: int = 16  # LoRAConfig.r
+    p: float = 0.2  # LoRAConfig.p
+    compress: float = 0.6  # RankAllocationConfig.compress
+    seed: int = 0  # TrainConfig.seed
+    max_steps: int = 1000  # TrainConfig.max_steps
+    lr: float = 1e-3  # TrainConfig.lr
+    val_every: int = 50  # TrainConfig.val_every
+    precision: str = "fp32"  # TrainConfig.precision
+
+
+_ML = MlDefaults()
 
 # Parameters that only make sense on the machine that starts the run (paths, endpoints):
 # never logged as run parameters, and left to the compiled defaults on a cluster.
@@ -89,7 +115,7 @@ class PipelineParams:
 
     Schedule: these defaults (the cluster's) are the paper's, ``epochs`` = 200 (steps =
     complete labelled batches per epoch x 200); ``epochs`` = 0 trains exactly ``max_steps``
-    steps (the local demo's defaults, ``pipeline.cli.run.DEMO_PARAMS``, do that).
+    steps (the local profile, :data:`DEMO_PARAMS`, does that).
     """
 
     source: str = param("data", "folder or s3://bucket/prefix of WFDB records", check="source")
@@ -102,29 +128,27 @@ class PipelineParams:
         "'default', a backbone folder/checkpoint, s3://..., or models:/cessl-backbone-<config>/<version>",
         check="non_empty",
     )
-    backbone_config: str = param("tinylight", "backbone size", choices=tuple(BACKBONE_CONFIGS))
+    backbone_config: str = param("tinylight", "backbone size", choices=BACKBONE_NAMES)
     labelled_ratio: float = param(
         0.05, "fraction of the non-test records that keep their labels", exclusive_minimum=0, exclusive_maximum=1
     )
-    r: int = param(_LORA.r, "LoRA rank r (r_low = (r // 4) * 2 for the least important layers)", flag="-r", minimum=1)
-    compress: float = param(
-        _ALLOCATION.compress, "compress ratio c of the one-shot rank allocation", minimum=0, maximum=1
-    )
-    p: float = param(_LORA.p, "random deactivation probability", flag="-p", minimum=0, exclusive_maximum=1)
+    r: int = param(_ML.r, "LoRA rank r (r_low = (r // 4) * 2 for the least important layers)", flag="-r", minimum=1)
+    compress: float = param(_ML.compress, "compress ratio c of the one-shot rank allocation", minimum=0, maximum=1)
+    p: float = param(_ML.p, "random deactivation probability", flag="-p", minimum=0, exclusive_maximum=1)
     method: str = param(DEFAULT_METHOD, "training method", choices=METHOD_NAMES)
-    seed: int = param(_TRAIN.seed, "seed of the split, the initialisation and the training", minimum=0)
+    seed: int = param(_ML.seed, "seed of the split, the initialisation and the training", minimum=0)
     epochs: int = param(
         EPOCHS,
         "schedule: train N epochs, steps = complete labelled batches per epoch x N (the paper: 200); "
         "0: train --max-steps steps",
         minimum=0,
     )
-    max_steps: int = param(_TRAIN.max_steps, "fine-tuning steps when --epochs is 0 (quick runs)", minimum=1)
+    max_steps: int = param(_ML.max_steps, "fine-tuning steps when --epochs is 0 (quick runs)", minimum=1)
     batch_size: int = param(0, "labelled batch size (0: the paper's rule, 64 or 16 below 2%% labels)", minimum=0)
-    lr: float = param(_TRAIN.lr, "learning rate", exclusive_minimum=0)
-    val_every: int = param(_TRAIN.val_every, "validate (and checkpoint) every N steps", minimum=1)
+    lr: float = param(_ML.lr, "learning rate", exclusive_minimum=0)
+    val_every: int = param(_ML.val_every, "validate (and checkpoint) every N steps", minimum=1)
     precision: str = param(
-        _TRAIN.precision,
+        _ML.precision,
         "fine-tuning precision: fp32, bf16 (autocast, float32 master weights) or auto (bf16 on a GPU that has it)",
         choices=PRECISION_CHOICES,
     )
@@ -201,12 +225,18 @@ class PipelineParams:
     @property
     def resolved_batch_size(self) -> int:
         """``batch_size``, or the paper's rule for ``labelled_ratio`` when it is 0."""
+        from ml.train.config import batch_size_for_label_ratio
+
         return self.batch_size or batch_size_for_label_ratio(self.labelled_ratio)
 
     def lora_config(self) -> LoRAConfig:
+        from ml.model.lora import LoRAConfig
+
         return LoRAConfig(r=self.r, p=self.p)
 
     def allocation_config(self) -> RankAllocationConfig:
+        from ml.model.rank_allocation import RankAllocationConfig
+
         return RankAllocationConfig(compress=self.compress)
 
     @property
@@ -224,6 +254,8 @@ class PipelineParams:
         ``epochs`` 0 is :class:`TrainConfig`'s ``max_steps`` mode (``epochs=None``); in epochs
         mode the step count follows from the labelled split (:meth:`TrainConfig.resolve_steps`).
         """
+        from ml.train.config import TrainConfig
+
         return TrainConfig(
             method=self.method,
             lr=self.lr,
@@ -239,6 +271,25 @@ class PipelineParams:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(PipelineParams)}
 DEFAULTS = PipelineParams()
+
+# The local profile (`cessl run`'s defaults): the demo hospital, the tiny default backbone and
+# a schedule that finishes in minutes on two CPU cores: max_steps mode (epochs=0, 150 steps),
+# where the cluster's DEFAULTS train the paper's 200 epochs. Every value can be overridden.
+DEMO_PARAMS = DEFAULTS.replace(
+    backbone_config="tiny",
+    labelled_ratio=0.3,
+    epochs=0,
+    max_steps=150,
+    batch_size=16,
+    val_every=25,
+    min_class_count=10,
+)
+LOCAL, CLUSTER = "local", "cluster"
+PROFILES: dict[str, PipelineParams] = {LOCAL: DEMO_PARAMS, CLUSTER: DEFAULTS}
+# The parameters whose defaults differ between the profiles (what --profile changes).
+PROFILE_FIELDS: tuple[str, ...] = tuple(
+    name for name in _FIELDS if len({getattr(profile, name) for profile in PROFILES.values()}) > 1
+)
 
 
 def field_types() -> dict[str, type]:
@@ -283,30 +334,60 @@ def cli_fields(exclude: Collection[str] = ()) -> list[dataclasses.Field]:
 def add_param_flags(
     parser: argparse.ArgumentParser, defaults: PipelineParams | None = DEFAULTS, exclude: Collection[str] = ()
 ) -> None:
-    """One flag per command-line parameter (but ``exclude``), with ``defaults``' values;
-    ``defaults`` None: an unset flag stays None and :func:`params_from_args` takes the value
-    from its ``base`` (a command whose defaults depend on other options, e.g. ``retrain --host``)."""
+    """One flag per command-line parameter (but ``exclude``); its help shows ``defaults``'
+    value (None: the command's defaults depend on other options, e.g. ``retrain --host``:
+    both profiles' values where they differ). An unset flag stays None: :func:`params_from_args`
+    takes its value from the profile (``--profile``) or the command's own base."""
     group = parser.add_argument_group("pipeline parameters")
     types = field_types()
     for f in cli_fields(exclude):
-        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
-        default = None if defaults is None else getattr(defaults, f.name)
-        shown = " (default: %(default)s)" if defaults is not None else ""
         group.add_argument(
-            flag,
+            flag_of(f.name),
             dest=f.name,
             type=typed(types[f.name]),
-            default=default,
+            default=None,
             choices=f.metadata["choices"],
-            help=f"{f.metadata['help']}{shown}",
+            help=f"{f.metadata['help']} ({_shown_default(f.name, defaults)})",
         )
+
+
+def _shown_default(name: str, defaults: PipelineParams | None) -> str:
+    if defaults is not None:
+        return f"default: {_escaped(getattr(defaults, name))}"
+    values = {profile: _escaped(getattr(params, name)) for profile, params in PROFILES.items()}
+    if len(set(values.values())) == 1:
+        return f"default: {values[LOCAL]}"
+    return "default: " + ", ".join(f"{value} ({profile})" for profile, value in values.items())
+
+
+def _escaped(value: Any) -> str:
+    """``value`` as argparse help text shows it (``%`` doubled)."""
+    return (repr(value) if value == "" else str(value)).replace("%", "%%")
+
+
+def add_profile_flag(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--profile local|cluster``: the defaults of the parameters that differ between a
+    local and a cluster run (:data:`PROFILE_FIELDS`)."""
+    differ = ", ".join(f"--{name.replace('_', '-')}" for name in PROFILE_FIELDS)
+    parser.add_argument(
+        "--profile",
+        choices=tuple(PROFILES),
+        default=None,
+        help=f"the defaults of {differ}: local (minutes on a laptop) or cluster (the paper's schedule); "
+        f"default: {default}",
+    )
 
 
 def params_from_args(
     args: argparse.Namespace, base: PipelineParams = DEFAULTS, exclude: Collection[str] = ()
 ) -> PipelineParams:
-    """``base`` with the values of the generated flags (but ``exclude``) that are set."""
-    values = {f.name: getattr(args, f.name) for f in cli_fields(exclude)}
+    """``base`` (its :data:`PROFILE_FIELDS` from ``--profile`` when given) with the values
+    of the generated flags (but ``exclude``) that are set, on the command line or in the
+    ``--params`` file."""
+    profile = getattr(args, "profile", None)
+    if profile:
+        base = base.replace(**{name: getattr(PROFILES[profile], name) for name in PROFILE_FIELDS})
+    values = {f.name: getattr(args, f.name, None) for f in cli_fields(exclude)}
     return base.replace(**{name: value for name, value in values.items() if value is not None})
 
 

@@ -25,19 +25,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from components.trainjob import BACKENDS, RUNTIME_NAME
 from ml.errors import ParameterError
-from ml.model.backbone import BACKBONE_CONFIGS
+from ml.train.pretrain_config import PretrainConfig
 from pipeline.core.constraints import flag_name, typed
-from pipeline.core.params import coerce_flag_value, param
+from pipeline.core.params import BACKBONE_NAMES, coerce_flag_value, param
 
-BACKENDS = ("local", "docker", "cluster")
-DEFAULT_RUNTIME = "cessl-torch-distributed"  # deploy/trainer/: the project's TrainingRuntime
 # deploy/trainer/pretrain-workspace-pvc.yaml: ReadWriteMany, since the launch step and every
 # node of the TrainJob mount it at once, on different machines (not finetune's ReadWriteOnce
 # cessl-checkpoints)
 DEFAULT_PVC = "cessl-pretrain-workspace"
 PVC_ENV = "CESSL_PRETRAIN_PVC"
 LOCAL_ONLY = ("state_dir", "checkpoint_root", "tracking_uri")
+TRAINING = PretrainConfig()  # the training settings' defaults are the loop's own
 
 
 @dataclass(frozen=True)
@@ -49,17 +49,19 @@ class PretrainParams:
     data_version: str = param("", "data version (part of ingest's cache key)", cli=False, flag="--data-version")
     git_commit: str = param("", "git commit of the code", cli=False)
     min_class_count: int = param(200, "classes: diagnoses with >= N labelled records", minimum=1)
-    backbone_config: str = param("tiny", "backbone size to pre-train", choices=tuple(BACKBONE_CONFIGS))
-    epochs: int = param(50, "epochs (when --max-steps is 0)", minimum=1)
-    max_steps: int = param(0, "stop after this many steps (0: train --epochs epochs)", minimum=0)
-    batch_size: int = param(64, "batch size per process", minimum=1)
-    base_lr: float = param(1e-3, "lr = base_lr x world size x batch size / 1024", exclusive_minimum=0)
-    lr: float = param(0.0, "fixed learning rate (0: the scaling rule)", minimum=0)
-    weight_decay: float = param(0.01, "AdamW weight decay", minimum=0)
-    cutmix_alpha: float = param(0.75, "Cutmix Beta(alpha, alpha); 0 disables it", minimum=0)
-    seed: int = param(0, "seed of the initialisation, the data order and Cutmix", minimum=0)
-    checkpoint_every: int = param(100, "checkpoint every N steps (a retried job resumes there)", minimum=1)
-    device: str = param("auto", "device of each process", choices=("auto", "cpu", "cuda"))
+    backbone_config: str = param(TRAINING.backbone, "backbone size to pre-train", choices=BACKBONE_NAMES)
+    epochs: int = param(TRAINING.epochs, "epochs (when --max-steps is 0)", minimum=1)
+    max_steps: int = param(TRAINING.max_steps, "stop after this many steps (0: train --epochs epochs)", minimum=0)
+    batch_size: int = param(TRAINING.batch_size, "batch size per process", minimum=1)
+    base_lr: float = param(TRAINING.base_lr, "lr = base_lr x world size x batch size / 1024", exclusive_minimum=0)
+    lr: float = param(TRAINING.lr, "fixed learning rate (0: the scaling rule)", minimum=0)
+    weight_decay: float = param(TRAINING.weight_decay, "AdamW weight decay", minimum=0)
+    cutmix_alpha: float = param(TRAINING.cutmix_alpha, "Cutmix Beta(alpha, alpha); 0 disables it", minimum=0)
+    seed: int = param(TRAINING.seed, "seed of the initialisation, the data order and Cutmix", minimum=0)
+    checkpoint_every: int = param(
+        TRAINING.checkpoint_every, "checkpoint every N steps (a retried job resumes there)", minimum=1
+    )
+    device: str = param(TRAINING.device, "device of each process", choices=("auto", "cpu", "cuda"))
     nodes: int = param(1, "TrainJob nodes (pods)", minimum=1)
     nproc_per_node: int = param(1, "processes per node (one per GPU)", minimum=1)
     gpus_per_node: int = param(1, "GPUs each node requests (0: CPU only; else = --nproc-per-node)", minimum=0)
@@ -67,7 +69,7 @@ class PretrainParams:
     memory_per_node: str = param("32Gi", "memory request of each node ('' for none)", check="quantity_or_empty")
     backend: str = param("cluster", "where the job runs: local (one node, this pod), docker, cluster", choices=BACKENDS)
     trainer_image: str = param("", "image of the TrainJob's nodes ('' = the pipeline's image)", check="image_or_empty")
-    runtime: str = param(DEFAULT_RUNTIME, "Trainer (Cluster)TrainingRuntime of the job", check="k8s_name")
+    runtime: str = param(RUNTIME_NAME, "Trainer (Cluster)TrainingRuntime of the job", check="k8s_name")
     trainjob_namespace: str = param(
         "", "namespace of the TrainJob ('' = the pipeline run's own)", check="k8s_name_or_empty"
     )

@@ -251,20 +251,20 @@ def _use_config_map(task: dsl.PipelineTask, options: CompileOptions) -> None:
 
 
 def _use_credentials(task: dsl.PipelineTask, options: CompileOptions) -> None:
-    if options.kubernetes and options.credentials_secret:
-        kubernetes.use_secret_as_env(
-            task,
-            secret_name=options.credentials_secret,
-            secret_key_to_env={key: key for key in SECRET_ENV_KEYS},
-            optional=options.credentials_optional,
-        )
-    if options.kubernetes and options.mlflow_secret:
-        kubernetes.use_secret_as_env(
-            task,
-            secret_name=options.mlflow_secret,
-            secret_key_to_env={key: key for key in MLFLOW_SECRET_ENV_KEYS},
-            optional=options.credentials_optional,
-        )
+    """The S3 and the MLflow Secrets' keys as the task's environment (each Secret '' : none)."""
+    if not options.kubernetes:
+        return
+    for secret, keys in (
+        (options.credentials_secret, SECRET_ENV_KEYS),
+        (options.mlflow_secret, MLFLOW_SECRET_ENV_KEYS),
+    ):
+        if secret:
+            kubernetes.use_secret_as_env(
+                task,
+                secret_name=secret,
+                secret_key_to_env={key: key for key in keys},
+                optional=options.credentials_optional,
+            )
 
 
 def _use_pull_secrets(task: dsl.PipelineTask, options: CompileOptions) -> None:

@@ -119,6 +119,14 @@ def site_items(
     ]
 
 
+def item_field(item: Any, key: str) -> Any:
+    """Field ``key`` of a ``dsl.ParallelFor`` loop item (a channel). Attribute access is not
+    enough for every key: ``item.name`` is the loop channel's own name (the plain string
+    ``sites-loop-item``), not the item's ``name`` field, and every site's records were keyed
+    ``sites-loop-item/<id>``; the loop argument's ``__getattr__`` makes the field's channel."""
+    return type(item).__getattr__(item, key)
+
+
 def shared_fields() -> list[str]:
     """The PipelineParams fields every site shares (the network pipeline's own parameters)."""
     return [name for name in DEFAULTS.arguments() if name not in SITE_PARAMS]
@@ -172,7 +180,7 @@ def build_network_pipeline(
                 state_dir=site.state_dir,
                 min_class_count=site.min_class_count,
                 after=start,
-                site=site.name,
+                site=item_field(site, "name"),
             )
             inputs = SharedInputs(ingest, preprocess, backbone, validate)
             testset = steps.resolve_testset(

@@ -443,8 +443,8 @@ def register(
     from components.register import collect_registration
     from ml.data.splits import Splits
     from pipeline.core.logsafe import name_task_logs
-    from pipeline.core.params import PipelineParams
-    from pipeline.registry.lineage import lineage_tags
+    from pipeline.core.params import PipelineParams, field_types
+    from pipeline.registry.lineage import lineage_tags, params_as_run, step_records
     from pipeline.registry.policy import registered_model_name
     from pipeline.registry.store import TrackingConfig
     from pipeline.registry.testsets import after_registration
@@ -452,8 +452,11 @@ def register(
 
     site = dict(site or {})
     name_task_logs(f"site {site['name']}" if site else "")
-    own = {k: v for k, v in site.items() if k in params and k != "data_version"}  # the site's values
+    # the site's own values (source, overrides, model); the data version is the one ingest settled on
+    own = {k: v for k, v in site.items() if k in field_types() and k != "data_version"}
     run = PipelineParams.from_mapping({**params, **own})
+    # logged: what the steps recorded they used (splits.json, the rank map, adapter_config.json)
+    run = params_as_run(run, step_records(Path(splits.path), Path(adapter.path), dict(rank_map.metadata)))
     bundle = collect_registration(
         splits_path=Path(splits.path),
         backbone_dir=Path(backbone_model.path),
@@ -513,12 +516,13 @@ def start_comparison(grid: list, params: dict, comparison_id: str, comparison: O
     from components.compare import GRID_FIELDS, CompareGrid
     from pipeline.core.params import PipelineParams
     from pipeline.registry.compare_tracking import start_comparison as start
+    from pipeline.registry.lineage import lineage_tags
     from pipeline.registry.store import TrackingConfig
 
     run = PipelineParams.from_mapping(params)
     shared = {k: v for k, v in run.logged().items() if k in params and k not in GRID_FIELDS}
     tracking = TrackingConfig.resolve(run.tracking_uri, run.experiment_name)
-    tags = {"data_version": run.data_version, "git_commit": run.git_commit}
+    tags = {"data_version": run.data_version, "git_commit": run.git_commit, **lineage_tags(run.git_commit)}
     parent = start(
         tracking, comparison_id, CompareGrid.from_items(grid), shared | {"data_version": run.data_version}, tags
     )
@@ -610,6 +614,7 @@ def start_network(sites: list, params: dict, network_id: str, kfp_run_id: str, n
 
     from ml.errors import ParameterError
     from pipeline.core.params import PipelineParams
+    from pipeline.registry.lineage import lineage_tags
     from pipeline.registry.network_tracking import start_network as start
     from pipeline.registry.store import TrackingConfig
 
@@ -626,7 +631,7 @@ def start_network(sites: list, params: dict, network_id: str, kfp_run_id: str, n
     if problems:
         raise ParameterError("; ".join(problems))
     tracking = TrackingConfig.resolve(shared.tracking_uri, shared.experiment_name)
-    tags = {"git_commit": shared.git_commit, "kfp.run_id": kfp_run_id if not kfp_run_id.startswith("{{") else ""}
+    tags = {"git_commit": shared.git_commit, **lineage_tags(shared.git_commit, kfp_run_id)}
     parent = start(tracking, network_id, list(sites), shared.logged(), tags)
     parent.write(Path(network.path))
     network.metadata.update({"run_id": parent.run_id, "network_id": parent.network_id})
@@ -752,10 +757,12 @@ def pretrain_backbone(
     import os
     from pathlib import Path
 
-    from components.pretrain import PretrainSettings, launch_step
+    from components.pretrain import JobFolders, launch_step
+    from components.trainjob import DEFAULT_IMAGE, PretrainJob, node_resources
+    from ml.train.pretrain_config import PretrainConfig, PretrainRun
 
-    settings = PretrainSettings(
-        config=backbone_config,
+    config = PretrainConfig(
+        backbone=backbone_config,
         epochs=epochs,
         max_steps=max_steps,
         batch_size=batch_size,
@@ -767,26 +774,21 @@ def pretrain_backbone(
         checkpoint_every=checkpoint_every,
         device=device,
     )
-    image = trainer_image or os.environ.get("CESSL_IMAGE", "")
-    result = launch_step(
-        Path(store.path),
-        Path(backbone.path),
-        settings,
-        root=checkpoint_root,
-        store_fingerprint=str(store.metadata.get("fingerprint", "")),
-        data_version=str(store.metadata.get("data_version", "")),
+    run = PretrainRun(store.path, backbone.path, config, data_version=str(store.metadata.get("data_version", "")))
+    job = PretrainJob(
+        run,
         nodes=nodes,
         nproc_per_node=nproc_per_node,
         backend=backend,
-        image=image,
+        image=trainer_image or os.environ.get("CESSL_IMAGE") or DEFAULT_IMAGE,
         runtime=runtime,
-        namespace=trainjob_namespace,
+        namespace=trainjob_namespace or None,
         timeout_s=timeout_s,
-        gpus_per_node=gpus_per_node,
-        cpu_per_node=cpu_per_node,
-        memory_per_node=memory_per_node,
-        checkpoint_pvc=checkpoint_pvc,
+        resources_per_node=node_resources(gpus_per_node, cpu_per_node, memory_per_node),
+        workspace_pvc=checkpoint_pvc or None,
     )
+    folders = JobFolders(checkpoint_root, store_fingerprint=str(store.metadata.get("fingerprint", "")))
+    result = launch_step(job, Path(backbone.path), folders)
     backbone.metadata.update(
         {
             "name": backbone_config,

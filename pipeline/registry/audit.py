@@ -13,6 +13,15 @@ why), written twice, never overwritten:
 ``who`` is, on an MLflow server, the user whose credentials the server authenticated for the
 write (``MLFLOW_TRACKING_USERNAME``); on a local store ``$CESSL_USER`` or the OS user.
 
+Chained and signed (format 2): every entry carries ``prev``, the :func:`digest` (SHA-256 of
+the canonical JSON) of the entry before it in the model's log ("" for the first), and its
+``seq``; a **decision** (:data:`DECISIONS`: promote, force, rollback, refuse) also names the
+champion after it (``champion``: version, run id, backbone, classes, test-set version), the
+digests of its evidence (``evidence``) and carries ``signature``, the decider's Ed25519
+signature over the entry without it (:mod:`pipeline.registry.signing`). The pipeline's entries
+(``challenger``, ``testset_*``) are chained but unsigned. :mod:`pipeline.registry.verify`
+checks all of it on every read.
+
 :func:`history` reads the runs (the source of truth), oldest first. The version tags that
 ``pipeline.registry.policy`` writes keep the last decision for convenience only.
 """
@@ -20,6 +29,7 @@ write (``MLFLOW_TRACKING_USERNAME``); on a local store ``$CESSL_USER`` or the OS
 from __future__ import annotations
 
 import getpass
+import hashlib
 import json
 import logging
 import os
@@ -28,6 +38,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pipeline.registry.signing import Signer, SigningError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +55,8 @@ TAG_SEQ = "cessl.audit.seq"
 TAG_ENTRY = "cessl.audit.entry"  # the entry as JSON when it fits in a tag (else: decision.json)
 MAX_TAG = 5000
 ACTIONS = ("promote", "refuse", "force", "rollback", "challenger", "testset_freeze", "testset_refresh")
+DECISIONS = ("promote", "refuse", "force", "rollback")  # signed by a release manager
+FORMAT = 2  # chained + signed; entries without a format field are the older, unchained kind (1)
 
 
 def authenticated_name(tracking_uri: str) -> str:
@@ -82,6 +96,11 @@ class AuditEntry:
     who: str = field(default_factory=current_user)
     at: str = field(default_factory=_now)
     seq: int = 0  # position in the model's log (1-based), set when recorded
+    champion: dict[str, str] = field(default_factory=dict)  # a decision: the champion after it ({} none)
+    evidence: dict[str, str] = field(default_factory=dict)  # a decision: what -> sha256 of its evidence
+    prev: str = ""  # digest of the previous entry of the model's log, set when recorded
+    signature: str = ""  # a decision: the decider's Ed25519 signature of payload()
+    format: int = FORMAT
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -92,10 +111,32 @@ class AuditEntry:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> AuditEntry:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**{"format": 1, **fields})  # no format field: written before the chain existed
 
     def line(self) -> str:
         return json.dumps(self.to_json(), sort_keys=True, default=str)
+
+    @property
+    def is_decision(self) -> bool:
+        return self.action in DECISIONS
+
+    def payload(self) -> bytes:
+        """What the signature covers: the canonical JSON of every field but the signature."""
+        data = self.to_json()
+        data.pop("signature")
+        return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode("utf-8")
+
+    def digest(self) -> str:
+        """SHA-256 of the whole entry's canonical JSON, signature included (the next entry's ``prev``)."""
+        canonical = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def evidence_digest(value: Any) -> str:
+    """SHA-256 of ``value``'s canonical JSON (a decision's ``evidence`` entries)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _tracking_uri(client) -> str:
@@ -121,40 +162,84 @@ def _experiment_id(client, tracking_uri: str) -> str:
     return ensure_experiment(TrackingConfig.resolve(tracking_uri, experiment_name=AUDIT_EXPERIMENT))
 
 
-def _runs(client, model: str) -> list:
+def _seq(run) -> int:
+    try:
+        return int(run.data.tags.get(TAG_SEQ, 0))
+    except ValueError:  # an edited tag: ordered first, the chain check names it
+        return 0
+
+
+def _sorted(runs: list) -> list:
+    return sorted(runs, key=lambda r: (_seq(r), r.info.start_time))
+
+
+def audit_runs(client, model: str | None = None) -> dict[str, list]:
+    """model -> its audit runs (oldest first); every model's, or only ``model``'s."""
     experiment = client.get_experiment_by_name(AUDIT_EXPERIMENT)
     if experiment is None:
-        return []
-    runs = client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.`{TAG_MODEL}` = '{model}'",
-        max_results=50000,
-    )
-    return sorted(runs, key=lambda r: (int(r.data.tags.get(TAG_SEQ, 0)), r.info.start_time))
+        return {}
+    where = f"tags.`{TAG_MODEL}` = '{model}'" if model is not None else ""
+    runs = client.search_runs([experiment.experiment_id], filter_string=where, max_results=50000)
+    by_model: dict[str, list] = {}
+    for run in runs:
+        by_model.setdefault(run.data.tags.get(TAG_MODEL, ""), []).append(run)
+    return {name: _sorted(found) for name, found in by_model.items() if name}
+
+
+def _runs(client, model: str) -> list:
+    return audit_runs(client, model).get(model, [])
+
+
+def read_artifact(client, run_id: str, path: str) -> str | None:
+    """The text of a run's artifact, or None when it cannot be read."""
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory(prefix="cessl-audit-") as tmp:
+        try:
+            local = client.download_artifacts(run_id, path, tmp)
+            return Path(local).read_text(encoding="utf-8")
+        except (MlflowException, OSError, UnicodeDecodeError):
+            return None
+
+
+def run_entry(client, run) -> AuditEntry:
+    """The entry an audit run holds (its tag, else its ``decision.json``); ValueError if neither parses."""
+    raw = run.data.tags.get(TAG_ENTRY) or read_artifact(client, run.info.run_id, DECISION_FILE)
+    if not raw:
+        raise ValueError(f"audit run {run.info.run_id} holds no entry")
+    try:
+        return AuditEntry.from_json(json.loads(raw))
+    except (json.JSONDecodeError, TypeError) as err:
+        raise ValueError(f"audit run {run.info.run_id}: its entry is not valid ({err})") from None
 
 
 def history(client, model: str) -> list[AuditEntry]:
-    """Every recorded decision about ``model``, oldest first."""
-    entries = []
-    for run in _runs(client, model):
-        raw = run.data.tags.get(TAG_ENTRY)
-        if raw:
-            entries.append(AuditEntry.from_json(json.loads(raw)))
-        else:  # too long for a tag: the run's decision.json
-            with tempfile.TemporaryDirectory(prefix="cessl-audit-") as tmp:
-                path = client.download_artifacts(run.info.run_id, DECISION_FILE, tmp)
-                entries.append(AuditEntry.from_json(json.loads(Path(path).read_text(encoding="utf-8"))))
-    return entries
+    """Every recorded decision about ``model``, oldest first (unverified: see
+    :mod:`pipeline.registry.verify`)."""
+    return [run_entry(client, run) for run in _runs(client, model)]
 
 
-def record(client, entry: AuditEntry) -> AuditEntry:
-    """Append ``entry`` to the model's audit log (an MLflow run + the JSON-lines file)."""
+def _normalized(entry: AuditEntry) -> AuditEntry:
+    """The entry as it reads back (JSON types only), so that its digest and signature hold."""
+    return AuditEntry.from_json(json.loads(entry.line()))
+
+
+def record(client, entry: AuditEntry, signer: Signer | None = None) -> AuditEntry:
+    """Append ``entry`` to the model's audit log (an MLflow run + the JSON-lines file), chained
+    to the previous entry and, for a decision, signed with ``signer`` (required then)."""
+    if entry.is_decision and signer is None:
+        raise SigningError(f"a {entry.action} decision must be signed: no signing key given")
     tracking_uri = _tracking_uri(client)
     authenticated = authenticated_name(tracking_uri)
     if authenticated:  # the identity the server checked for this very write, not a claim
         entry.who = authenticated
     previous = history(client, entry.model)
     entry.seq = len(previous) + 1
+    entry.prev = previous[-1].digest() if previous else ""
+    entry.format = FORMAT
+    entry = _normalized(entry)
+    if signer is not None:
+        entry.signature = signer.sign(entry.payload())
     experiment_id = _experiment_id(client, tracking_uri)
     run = client.create_run(
         experiment_id,

@@ -51,6 +51,7 @@ class ComparisonRun:
     experiment_id: str
     comparison_id: str
     params: dict[str, Any] = field(default_factory=dict)  # the shared choices (logged params)
+    tags: dict[str, str] = field(default_factory=dict)  # the parent's lineage tags, which every cell run carries too
 
     def write(self, path: Path) -> Path:
         return write_json(path, asdict(self))
@@ -110,7 +111,9 @@ def start_comparison(
     }
     log_batch(client, run_id, params=logged)
     log.info("comparison %s: parent run %s (%s)", comparison_id, run_id, grid.describe())
-    return ComparisonRun(run_id, experiment_id, comparison_id, dict(params))
+    return ComparisonRun(
+        run_id, experiment_id, comparison_id, dict(params), {k: v for k, v in (tags or {}).items() if v}
+    )
 
 
 def log_cell_run(
@@ -136,6 +139,7 @@ def log_cell_run(
             "split_fingerprint": result.split_fingerprint,
             "test_split_hash": result.test_split_hash,
             **{k: str(v) for k, v in result.extra.items()},
+            **parent.tags,
             **dict(tags or {}),
         },
     )

@@ -4,17 +4,21 @@ The one place that answers "which data version is this folder / this repository 
 the ``.dvc`` files are read by :func:`ml.data.dvc.dvc_md5` (the only parser), the current
 content is hashed the way DVC does (:func:`ml.data.dvc.dir_md5`). ``cessl run``,
 ``submit``, ``schedule`` and ``retrain`` ask here; the registry and the tracking code
-use the tag names.
+use the tag names. The parameters a run logs are the values its steps recorded they used
+(:func:`params_as_run`), not the values the run was given.
 """
 
 from __future__ import annotations
 
 import logging
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ml.data.dvc import dir_md5, dvc_md5, source_version
+from pipeline.core.params import PipelineParams
 
 log = logging.getLogger(__name__)
 
@@ -197,3 +201,59 @@ def log_data_input(source: str, data_version: str, context: str = DATASET_CONTEX
             if attempt == 2:
                 raise
             time.sleep(0.5 * (attempt + 1))
+
+
+# --------------------------------------------------------------------------- what the steps used
+
+# The run parameters each step records as it ran: its output's own record of the value it
+# used (splits.json's params, the rank map's metadata, adapter_config.json). Not the
+# adapter's r / p: a method may train with its own (no deactivation: p 0), which the
+# adapter's config keeps; the run's choice of r is the rank map's.
+RECORDED_BY: dict[str, tuple[str, ...]] = {
+    "split": ("labelled_ratio", "seed"),
+    "allocate-ranks": ("method", "r", "compress"),
+    "finetune": ("method", "lr", "seed"),
+}
+
+
+def step_records(
+    splits_path: Path, adapter_dir: Path, rank_metadata: Mapping[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
+    """What the steps wrote about the values they used, by step (:data:`RECORDED_BY`):
+    the split's ``params`` (``splits.json``), the rank map's metadata and the adapter's
+    config (``adapter_config.json``: its method and its ``train_config``)."""
+    from ml.data.splits import Splits
+    from ml.model.adapter import read_adapter_config
+
+    adapter = read_adapter_config(adapter_dir)
+    train = dict(adapter.get("extra", {}).get("train_config", {}))
+    finetune = {"method": adapter["method"]} if "method" in adapter else {}
+    finetune |= {k: train[k] for k in ("lr", "seed") if k in train}
+    records = {"split": dict(Splits.load(splits_path).params), "finetune": finetune}
+    if rank_metadata:
+        records["allocate-ranks"] = dict(rank_metadata)
+    return {step: {k: v for k, v in record.items() if k in RECORDED_BY[step]} for step, record in records.items()}
+
+
+def params_as_run(params: PipelineParams, records: Mapping[str, Mapping[str, Any]]) -> PipelineParams:
+    """``params`` with every value a step recorded (:func:`step_records`) in place of the one
+    the run was given: what is logged is what ran (one source). A difference is a warning
+    naming the parameter, the step and both values (it means the pipeline's wiring passed the
+    step something else than the run's parameters)."""
+    used: dict[str, Any] = {}
+    for step, record in records.items():
+        values = PipelineParams.from_mapping({**params.arguments(), **record}).arguments()  # typed like params
+        for name in record:
+            if name in used and used[name][1] != values[name]:
+                log.warning("%s: step %s used %r, step %s %r", name, used[name][0], used[name][1], step, values[name])
+            used[name] = (step, values[name])
+    changed = {name: value for name, (_, value) in used.items() if value != getattr(params, name)}
+    for name, value in changed.items():
+        log.warning(
+            "%s: the run was given %r but step %s used %r: logging what it used",
+            name,
+            getattr(params, name),
+            used[name][0],
+            value,
+        )
+    return params.replace(**changed)

@@ -45,10 +45,10 @@ from typing import Any
 
 from ml.errors import CesslError
 from pipeline.registry.access import client_tracking_uri, require_model_permission
-from pipeline.registry.audit import AuditEntry, current_user, record
+from pipeline.registry.audit import AuditEntry, current_user, evidence_digest, record
 from pipeline.registry.lineage import TAG_DATA_VERSION
+from pipeline.registry.signing import Signer, Trust, find_signer, find_trust
 from pipeline.registry.store import TrackingConfig
-from pipeline.registry.testsets import gate_problem
 from pipeline.registry.tracking import (
     CHALLENGER,
     CHAMPION,
@@ -57,6 +57,7 @@ from pipeline.registry.tracking import (
     TEST_PREFIX,
     current_alias,
 )
+from pipeline.registry.verify import Verification, verify_model
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +263,8 @@ def _base(gate: GateConfig, challenger, challenger_value: float | None) -> dict[
 
 def compare(client, name: str, gate: GateConfig, challenger, champion) -> Comparison:
     """The evidence for promoting ``challenger`` over ``champion`` (or why there is none)."""
+    from pipeline.registry.testsets import gate_problem  # numpy: not on the command line's start-up path
+
     challenger_value = _run_metric(client, challenger.run_id, TEST_PREFIX + gate.metric)
     problem = gate_problem(client, name, challenger)  # not scored on the model's frozen test set
     if problem:
@@ -369,8 +372,55 @@ def _audit_metrics(comparison: Comparison) -> dict[str, Any]:
     return {k: v for k, v in asdict(comparison).items() if v not in (None, {}, "")}
 
 
-def _record(client, name: str, decision: PromotionDecision) -> None:
-    """The decision as the challenger's version tags (the last one only) and an audit entry."""
+@dataclass(frozen=True)
+class Decider:
+    """Who decides and the key that signs it (checked against the trust file before any change)."""
+
+    who: str
+    signer: Signer
+    trust: Trust
+
+
+def decider(client, name: str, action: str, signer: Signer | None, trust: Trust | None) -> Decider:
+    """The caller, once it may ``action`` ``name`` (MANAGE on a server) and its signing key is
+    the one the trust file lists for it; nothing has changed yet."""
+    authenticated = require_model_permission(client_tracking_uri(client), name, action)
+    who = authenticated or current_user()
+    signer = signer or find_signer()
+    trust = trust or find_trust()
+    trust.require(who, signer)
+    return Decider(who, signer, trust)
+
+
+def verified_state(client, name: str, trust: Trust) -> Verification:
+    """``name``'s verified audit log; RegistryError when the log itself is broken (a moved
+    alias is fine here: the decision about to be made names the champion again)."""
+    state = verify_model(client, name, trust)
+    if state.broken:
+        raise RegistryError(f"{state.problem()}; run `cessl audit verify --model {name}`")
+    if not state.alias_ok:
+        log.warning("%s (the verified champion is used)", state.problem())
+    return state
+
+
+def champion_facts(version) -> dict[str, str]:
+    """What a decision records of the version it makes champion (rollback compares them)."""
+    from pipeline.registry.testsets import TAG_VERSION
+
+    tags = version.tags or {}
+    return {
+        "version": str(version.version),
+        "run_id": str(version.run_id or ""),
+        "backbone_id": tags.get("backbone_id", ""),
+        "classes": tags.get("classes", ""),
+        "testset_version": tags.get(TAG_VERSION, ""),
+    }
+
+
+def _record(
+    client, name: str, decision: PromotionDecision, by: Decider, champion: dict[str, str], evidence: dict[str, str]
+) -> None:
+    """The decision as the challenger's version tags (the last one only) and a signed audit entry."""
     c = decision.comparison
     version = c.challenger_version
     summary = asdict(c) | {
@@ -395,33 +445,58 @@ def _record(client, name: str, decision: PromotionDecision) -> None:
             reason=why,
             metrics=_audit_metrics(c),
             who=decision.who,
+            champion=champion,
+            evidence=evidence,
         ),
+        by.signer,
     )
 
 
+def _evidence(client, comparison: Comparison, challenger) -> dict[str, str]:
+    """Digests of what the decision rests on: the comparison and the gate's evidence file."""
+    evidence = {"comparison": evidence_digest(asdict(comparison))}
+    gate = read_gate_evidence(client, challenger.run_id)
+    if gate is not None:
+        evidence["gate_evidence"] = evidence_digest(gate)
+    return evidence
+
+
 def promote(
-    client, name: str, gate: GateConfig = GateConfig(), force: bool = False, reason: str = ""
+    client,
+    name: str,
+    gate: GateConfig = GateConfig(),
+    force: bool = False,
+    reason: str = "",
+    signer: Signer | None = None,
+    trust: Trust | None = None,
 ) -> PromotionDecision:
     """Move ``champion`` to the challenger if the gate passes, or with ``force`` and a ``reason``.
 
-    Every call is recorded (version tags + audit log), refusals included.
+    Every call is recorded (version tags + a signed audit entry), refusals included. The
+    champion compared with is the one the last valid signed decision names (a moved alias is
+    put back by a refusal). ``signer`` / ``trust``: default :func:`find_signer` / :func:`find_trust`.
     """
     if force and not reason.strip():
         raise RegistryError("--force needs --reason TEXT: who forced a promotion and why is recorded")
-    authenticated = require_model_permission(client_tracking_uri(client), name, "promote")  # before any change
+    by = decider(client, name, "promote", signer, trust)  # before any change
     challenger = current_alias(client, name, CHALLENGER)
     if challenger is None:
         raise RegistryError(f"model {name!r} has no version with the alias {CHALLENGER!r}")
-    champion = current_alias(client, name, CHAMPION)
+    state = verified_state(client, name, by.trust)
+    verified = state.expected_version
+    champion = None if verified is None else client.get_model_version(name, verified)
     comparison = compare(client, name, gate, challenger, champion)
-    who = authenticated or current_user()
-    previous = None if champion is None else str(champion.version)
+    who = by.who
+    previous = verified
+    kept = {} if champion is None else champion_facts(champion)
+    past = [c["version"] for c in state.champions]
     if previous == str(challenger.version):
         decision = PromotionDecision(
             False, False, f"v{previous} is already the champion", comparison, previous, who=who
         )
-        decision.history = champion_history(client, name)
-        _record(client, name, decision)
+        decision.history = past
+        _restore_alias(client, name, state)
+        _record(client, name, decision, by, kept, _evidence(client, comparison, challenger))
         return decision
     method = challenger.tags.get(TAG_METHOD, "")
     passed, why = verdict(comparison, gate, is_production_method(method), method)
@@ -435,54 +510,92 @@ def promote(
         force_reason=reason.strip() if force else "",
     )
     if decision.promoted:
-        history = champion_history(client, name)
-        if previous is not None and (not history or history[-1] != previous):
-            history.append(previous)  # a champion set by hand, outside this history
-        history.append(str(challenger.version))
+        history = [*past, str(challenger.version)]
         client.set_registered_model_alias(name, CHAMPION, str(challenger.version))
         client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
         if previous is not None:
             client.set_model_version_tag(name, str(challenger.version), TAG_PREVIOUS, previous)
         decision.history = history
+        kept = champion_facts(challenger)
         log.debug("%s v%s is the champion (%s): %s", name, challenger.version, decision.label, comparison.describe())
     else:
-        decision.history = champion_history(client, name)
+        decision.history = past
+        _restore_alias(client, name, state)
         log.debug("%s v%s not promoted: %s; %s", name, challenger.version, why, comparison.describe())
-    _record(client, name, decision)
+    _record(client, name, decision, by, kept, _evidence(client, comparison, challenger))
     return decision
 
 
-def rollback(client, name: str, reason: str = "") -> RollbackResult:
-    """Give ``champion`` back to the previous champion (recorded in the audit log)."""
-    authenticated = require_model_permission(client_tracking_uri(client), name, "roll back")  # before any change
-    champion = current_alias(client, name, CHAMPION)
-    if champion is None:
+def _restore_alias(client, name: str, state: Verification) -> None:
+    """A refusal puts ``champion`` back where the last valid decision put it (if it was moved)."""
+    if state.alias_ok or state.expected_version is None:
+        return
+    client.set_registered_model_alias(name, CHAMPION, state.expected_version)
+    log.warning("%s: %s moved back to v%s", name, CHAMPION, state.expected_version)
+
+
+ROLLBACK_FACTS = {"backbone_id": "backbone", "classes": "classes", "testset_version": "test-set version"}
+
+
+def rollback_problem(name: str, target: dict[str, str], current: dict[str, str]) -> str:
+    """Why ``target`` cannot replace ``current`` as champion ("" when it can)."""
+    for key, what in ROLLBACK_FACTS.items():
+        if target.get(key, "") != current.get(key, ""):
+            return (
+                f"cannot roll back model {name!r} to v{target['version']}: its {what} "
+                f"{target.get(key) or 'none'!r} differs from champion v{current['version']}'s "
+                f"{current.get(key) or 'none'!r}"
+            )
+    return ""
+
+
+def rollback(
+    client, name: str, reason: str = "", signer: Signer | None = None, trust: Trust | None = None
+) -> RollbackResult:
+    """Give ``champion`` back to the previous champion that a valid signed decision made,
+    if compatible (backbone, classes, test-set version); recorded as a signed entry."""
+    by = decider(client, name, "roll back", signer, trust)  # before any change
+    state = verified_state(client, name, by.trust)
+    stack = state.champions
+    if state.expected_version is None or not stack:
         raise RegistryError(f"model {name!r} has no champion to roll back")
-    history = champion_history(client, name)
-    current = str(champion.version)
-    if history and history[-1] == current:
-        history = history[:-1]
-    if not history:
-        raise RegistryError(f"model {name!r}: champion v{current} has no previous champion to restore")
-    previous = history[-1]
+    current, target = stack[-1], stack[-2] if len(stack) > 1 else None
+    if target is None:
+        raise RegistryError(f"model {name!r}: champion v{current['version']} has no previous champion to restore")
+    problem = rollback_problem(name, target, current)
+    if problem:
+        raise RegistryError(problem)
+    restored = client.get_model_version(name, target["version"])
+    if str(restored.run_id or "") != target.get("run_id", ""):
+        raise RegistryError(
+            f"cannot roll back model {name!r} to v{target['version']}: it is now run {restored.run_id}, "
+            f"the decision named run {target.get('run_id')}"
+        )
+    history = [c["version"] for c in stack[:-1]]
+    previous = target["version"]
     client.set_registered_model_alias(name, CHAMPION, previous)
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
-    client.set_model_version_tag(name, current, "rolled_back_at", _now())
+    client.set_model_version_tag(name, current["version"], "rolled_back_at", _now())
     client.set_model_version_tag(name, previous, "restored_at", _now())
-    client.set_registered_model_tag(name, "last_rollback", json.dumps({"from": current, "to": previous, "at": _now()}))
+    client.set_registered_model_tag(
+        name, "last_rollback", json.dumps({"from": current["version"], "to": previous, "at": _now()})
+    )
     record(
         client,
         AuditEntry(
             model=name,
             action="rollback",
-            versions={"from": current, "to": previous},
-            reason=reason or f"champion rolled back from v{current} to v{previous}",
+            versions={"from": current["version"], "to": previous},
+            reason=reason or f"champion rolled back from v{current['version']} to v{previous}",
             metrics={"history": history},
-            who=authenticated or current_user(),
+            who=by.who,
+            champion=target,
+            evidence={"replaced": evidence_digest(current)},
         ),
+        by.signer,
     )
-    log.debug("%s: champion rolled back from v%s to v%s", name, current, previous)
-    return RollbackResult(restored=previous, replaced=current, history=history)
+    log.debug("%s: champion rolled back from v%s to v%s", name, current["version"], previous)
+    return RollbackResult(restored=previous, replaced=current["version"], history=history)
 
 
 def champion_data_version(client, name: str) -> str | None:

@@ -19,8 +19,9 @@ frozen records by ``score_champion``, and nobody trains on them.
 
 ``cessl testset refresh MODEL --reason`` (:func:`refresh`) is the only way the set changes:
 it records a pending version (status ``redraw``; who, when, why in the tag and the audit
-log); the next run draws a new stratified test set from the records the current champion
-did not train on, scores the champion on it and freezes it at registration. Until then the
+log); the next run draws a new stratified test set from the records no past champion
+trained on (by id and by content hash: a byte-identical copy of a training record is never
+drawn), scores the champion on it and freezes it at registration. Until then the
 gate refuses (``pipeline.registry.policy``: a challenger must be scored on the current version).
 """
 
@@ -31,6 +32,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,7 +75,8 @@ class TestSetPointer:
     n_records: int = 0
     test_split_hash: str = ""
     classes: list[str] = field(default_factory=list)
-    exclude_run: str = ""  # REDRAW: the champion's run, whose training records the redraw avoids
+    exclude_run: str = ""  # REDRAW: the current champion's run
+    exclude_runs: list[str] = field(default_factory=list)  # REDRAW: every past champion's run (records avoided)
     created_at: str = ""
     created_by: str = ""
     reason: str = ""
@@ -155,8 +158,9 @@ def download(client, pointer: TestSetPointer, out_path: Path) -> FrozenTestSet:
     return frozen
 
 
-def _training_ids(client, run_id: str) -> list[str]:
-    """The train / valid / unlabelled ids of a registered run's split ([] when not logged)."""
+def _training_records(client, run_id: str) -> tuple[set[str], set[str]]:
+    """The train / valid / unlabelled ids of a registered run's split and the content hashes
+    it recorded for them (empty when not logged; no hashes from splits written before they were)."""
     from mlflow.exceptions import MlflowException
 
     with tempfile.TemporaryDirectory(prefix="cessl-splits-") as tmp:
@@ -166,9 +170,21 @@ def _training_ids(client, run_id: str) -> list[str]:
             log.warning(
                 "run %s has no %s: a redrawn test set cannot avoid its training records", run_id, SPLITS_ARTIFACT
             )
-            return []
+            return set(), set()
         splits = Splits.load(path)
-    return sorted({*splits.train, *splits.valid, *splits.unlabelled})
+    return {*splits.train, *splits.valid, *splits.unlabelled}, set(splits.trained_hashes)
+
+
+def excluded_records(client, run_ids: Sequence[str]) -> tuple[list[str], list[str]]:
+    """What a redraw avoids: the ids and the content hashes of every record the runs
+    ``run_ids`` (the past champions') trained on, sorted."""
+    ids: set[str] = set()
+    hashes: set[str] = set()
+    for run_id in dict.fromkeys(filter(None, run_ids)):
+        trained_ids, trained_hashes = _training_records(client, run_id)
+        ids |= trained_ids
+        hashes |= trained_hashes
+    return sorted(ids), sorted(hashes)
 
 
 # --------------------------------------------------------------------------- the pipeline's side
@@ -193,7 +209,7 @@ def resolve_reference(config: TrackingConfig, mode: str = "") -> str:
 def materialize(reference: str, tracking_uri: str, out_path: Path) -> Path:
     """The plain file the split step reads (``ml.data.testset.FrozenTestSet``) for a
     :func:`resolve_reference` string: the frozen set itself, or for a pending refresh the
-    records the redraw must avoid (the champion's training records)."""
+    records the redraw must avoid (every past champion's training records: ids and content hashes)."""
     data = json.loads(reference)
     model = data.pop("model")
     pointer = TestSetPointer(**{k: data[k] for k in TestSetPointer.__dataclass_fields__ if k in data})
@@ -201,12 +217,13 @@ def materialize(reference: str, tracking_uri: str, out_path: Path) -> Path:
     if pointer.status == FROZEN:
         download(client, pointer, out_path)
         return Path(out_path)
-    exclude = _training_ids(client, pointer.exclude_run) if pointer.exclude_run else []
+    exclude, exclude_hashes = excluded_records(client, [*pointer.exclude_runs, pointer.exclude_run])
     FrozenTestSet(
         model=model,
         version=pointer.version,
         status=REDRAW,
         exclude=exclude,
+        exclude_hashes=exclude_hashes,
         created_at=pointer.created_at,
         created_by=pointer.created_by,
         reason=pointer.reason,
@@ -307,9 +324,12 @@ def _set_pointer(client, model: str, pointer: TestSetPointer) -> None:
 # --------------------------------------------------------------------------- the commands' side
 
 
-def refresh(client, model: str, reason: str, who: str | None = None) -> TestSetPointer:
+def refresh(
+    client, model: str, reason: str, who: str | None = None, past_champions: Sequence[str] = ()
+) -> TestSetPointer:
     """Record that ``model``'s test set must be drawn anew (a new version, pending until the
-    next run draws and freezes it), with who and why (tag + audit log)."""
+    next run draws and freezes it), with who and why (tag + audit log). The redraw avoids
+    what the current champion and every version of ``past_champions`` trained on."""
     if not reason.strip():
         raise TestSetError("a test-set refresh needs --reason TEXT: it is recorded with who asked")
     pointer = current(client, model)
@@ -322,6 +342,7 @@ def refresh(client, model: str, reason: str, who: str | None = None) -> TestSetP
         version=number,
         status=REDRAW,
         exclude_run="" if champion is None else str(champion.run_id),
+        exclude_runs=champion_runs(client, model, [*past_champions, *([] if champion is None else [champion.version])]),
         created_at=_now(),
         created_by=who,
         reason=reason.strip()[:MAX_REASON],
@@ -340,6 +361,19 @@ def refresh(client, model: str, reason: str, who: str | None = None) -> TestSetP
         ),
     )
     return pending
+
+
+def champion_runs(client, model: str, versions: Sequence[str]) -> list[str]:
+    """The runs of ``model``'s versions ``versions`` (a version gone from the registry: a warning)."""
+    from mlflow.exceptions import MlflowException
+
+    runs = []
+    for version in dict.fromkeys(str(v) for v in versions):
+        try:
+            runs.append(str(client.get_model_version(model, version).run_id))
+        except MlflowException as err:
+            log.warning("%s v%s: %s; a redraw cannot avoid its training records", model, version, err)
+    return runs
 
 
 def gate_problem(client, model: str, challenger) -> str:

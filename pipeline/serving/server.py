@@ -29,6 +29,15 @@ and per class ``classes`` (SNOMED codes), ``class_names`` (abbreviations),
 ``descriptions`` and ``thresholds``; ``model_name`` / ``model_version`` name the registered
 model version, the parameters the site and the alias.
 
+Verified champions (:mod:`pipeline.registry.verify`): each time a site's champion is resolved,
+its audit log's chain and signatures are checked against the trust file (``$CESSL_TRUST_FILE``,
+else ``~/.config/cessl/trust.yaml``; in the cluster the ConfigMap ``cessl-trust``), and the
+site serves the version that the last valid signed decision names, never an alias moved
+without one. On a mismatch (a moved alias, a broken or shortened log) it keeps serving the
+last verified champion, logs the mismatch once, and ``/v2/models/{S}/ready`` answers 503 with
+it (``/v2/health/ready`` stays up: the site still answers); a site with no verified champion
+yet answers 503.
+
 Errors: a malformed or incomplete body, a wrong tensor (name, type, shape, NaN/Inf) or
 parameter is a 400 naming it, a body over ``--max-body-mb`` a 413, an unknown site or
 version a 404, a site without a champion (or whose model cannot be loaded) a 503 saying
@@ -59,7 +68,9 @@ from ml.errors import CesslError, ParameterError
 from ml.model.adapter_bank import AdapterLRU, SharedBackbone, SiteAdapter, read_site_adapter
 from pipeline.core.sites import check_site_name
 from pipeline.registry.policy import DEFAULT_MODEL_NAME, site_model_name
+from pipeline.registry.signing import find_trust
 from pipeline.registry.tracking import CHAMPION
+from pipeline.registry.verify import Verification, verify_model
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +98,7 @@ class ServeConfig:
     refresh_seconds: float = 30.0
     max_body_bytes: int = 64 * 1024 * 1024
     max_records: int = 256
+    trust_file: str = ""  # the release managers' public keys ("" : $CESSL_TRUST_FILE or the local default)
 
     def __post_init__(self) -> None:
         if not self.sites:
@@ -153,6 +165,7 @@ class _Alias:
     version: str | None
     problem: str
     at: float
+    audit: str = ""  # the mismatch while the last verified champion is served ("" none)
 
 
 class Network:
@@ -174,6 +187,8 @@ class Network:
         self._registry_lock = threading.RLock()
         self._model_lock = threading.Lock()
         self._aliases: dict[str, _Alias] = {}
+        self.trust = find_trust(config.trust_file)
+        self._verified: dict[str, tuple[str, str]] = {}  # site -> (champion, digest of the log's last entry)
         self._versions: dict[tuple[str, str], bool] = {}
         self.backbones: dict[str, SharedBackbone] = {}
         self.adapters = AdapterLRU(config.max_adapters)
@@ -196,7 +211,7 @@ class Network:
 
     # -- the registry
     def champion(self, site: str, refresh: bool = False) -> _Alias:
-        """The site's champion version, resolved again when older than ``--refresh-seconds``."""
+        """The site's verified champion, resolved again when older than ``--refresh-seconds``."""
         from mlflow.exceptions import MlflowException
 
         now = time.monotonic()
@@ -206,23 +221,43 @@ class Network:
                 return cached
             name = self.registered_name(site)
             try:
-                version = self._client.get_model_version_by_alias(name, CHAMPION)
-                alias = _Alias(str(version.version), "", now)
+                alias = self._verified_alias(site, verify_model(self._client, name, self.trust), now)
             except (MlflowException, OSError) as err:
                 if isinstance(err, MlflowException) and err.error_code in NOT_THERE:
                     alias = _Alias(None, f"{name} has no {CHAMPION} in the registry ({err.error_code})", now)
                 elif cached is not None and cached.version is not None:  # the registry does not answer
                     log.warning("%s: registry unavailable, still serving v%s (%s)", name, cached.version, err)
-                    alias = _Alias(cached.version, cached.problem, now)
+                    alias = _Alias(cached.version, cached.problem, now, cached.audit)
                 else:
                     alias = _Alias(None, f"the registry does not answer for {name} ({type(err).__name__})", now)
-            if cached is None or cached.version != alias.version:
-                if alias.version is not None:
-                    log.info("%s: %s is v%s", name, CHAMPION, alias.version)
+            if cached is None or (cached.version, cached.audit) != (alias.version, alias.audit):
+                if alias.audit:
+                    log.warning("%s: %s; serving the last verified %s v%s", name, alias.audit, CHAMPION, alias.version)
+                elif alias.version is not None:
+                    log.info("%s: %s is v%s (verified)", name, CHAMPION, alias.version)
                 else:
                     log.warning("%s", alias.problem)
             self._aliases[site] = alias
             return alias
+
+    def _verified_alias(self, site: str, result: Verification, now: float) -> _Alias:
+        """What ``site`` serves after :func:`verify_model`: the signed champion; the last
+        verified one while the log is broken or lost entries seen before."""
+        last = self._verified.get(site)
+        problem = result.problem()
+        if not result.broken and last is not None and last[1] not in {e.digest() for e in result.entries}:
+            problem = f"model {result.model!r}: audit log broken: an entry verified earlier is gone"
+        elif not result.broken and result.expected_version is not None:
+            head = result.entries[-1].digest()
+            self._verified[site] = (result.expected_version, head)
+            return _Alias(result.expected_version, "", now, problem)
+        if last is not None and (result.broken or problem):
+            return _Alias(last[0], "", now, problem)
+        return _Alias(None, problem or f"{result.model} has no {CHAMPION} (no signed decision made one)", now)
+
+    def audit_problem(self, site: str) -> str:
+        """The mismatch a site's readiness reports while it serves its last verified champion."""
+        return self.champion(site).audit
 
     def version_exists(self, site: str, version: str) -> bool:
         from mlflow.exceptions import MlflowException
@@ -250,13 +285,16 @@ class Network:
             raise ModelUnavailableError(alias.problem)
         return alias.version, CHAMPION
 
-    def problem(self, name: str) -> CesslError | None:
-        """Why ``name`` (``S`` or ``S:V``) cannot answer now, or None (readiness)."""
+    def problem(self, name: str, audit: bool = True) -> CesslError | None:
+        """Why ``name`` (``S`` or ``S:V``) cannot answer now, or (``audit``) why the champion it
+        answers with is not the alias's (it still answers then); None (readiness)."""
         try:
-            self.resolve(*self.parse(name))
+            site, version = self.parse(name)
+            self.resolve(site, version)
         except (UnknownModelError, ModelUnavailableError) as err:
             return err
-        return None
+        mismatch = self.audit_problem(site) if audit and version is None else ""
+        return ModelUnavailableError(mismatch) if mismatch else None
 
     # -- artifacts
     def _download(self, registered: str, version: str, what: str) -> Path:
@@ -653,7 +691,9 @@ def build_server(network: Network):
                 network.parse(model_name)
             except UnknownModelError as err:
                 raise SiteNotFound(str(err)) from None
-            problem = await asyncio.to_thread(network.problem, model_name)
+            # KServe asks with disable_predictor_health_check=True before an inference and without it
+            # for /v2/models/{S}/ready: only the readiness answer reports an audit mismatch
+            problem = await asyncio.to_thread(network.problem, model_name, not disable_predictor_health_check)
             if problem is None:
                 return True
             if isinstance(problem, UnknownModelError):
