@@ -147,5 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         outputs = run_pretrain_local(params, local_run_config(args, "last_pretrain.log"))
     uri = f"models:/{outputs.model_name}/{outputs.model_version}"
     print(f"registered backbone {uri} (MLflow run {outputs.run_id}, {time.perf_counter() - start:.0f} s)")
-    print(f"next: cessl run --backbone {uri} --backbone-config {params.backbone_config}")
+    from pipeline.cli.shell import runnable
+
+    print(f"next: {runnable(f'cessl run --backbone {uri} --backbone-config {params.backbone_config}')}")
     return 0
