@@ -136,17 +136,23 @@ def _html_report(result: EvaluationResult, images: dict[str, Path]) -> str:
     )
 
 
-def _score(predictor: Any, store_dir: Path, splits: Splits):
-    """The predictor's :class:`ml.eval.evaluate` report on the test split (classes must match)."""
+def score_records(predictor: Any, store_dir: Path, ids: list[str], classes: list[str]):
+    """The predictor's :class:`ml.eval.evaluate` report on the records ``ids`` of a store, at
+    its own thresholds (its classes must be ``classes``: ValueError otherwise)."""
     from ml.eval.evaluate import evaluate
 
-    if list(predictor.classes) != list(splits.classes):
+    if list(predictor.classes) != list(classes):
         raise ValueError(
-            f"the model predicts {list(predictor.classes)}, the split's classes are "
-            f"{list(splits.classes)}: not comparable"
+            f"the model predicts {list(predictor.classes)}, the test records' classes are {list(classes)}: "
+            "not comparable"
         )
-    test = dataset(open_store(store_dir), splits.test, splits.classes)
-    return evaluate(predictor.model, test, thresholds=predictor.thresholds, classes=splits.classes)
+    test = dataset(open_store(store_dir), list(ids), list(classes))
+    return evaluate(predictor.model, test, thresholds=predictor.thresholds, classes=list(classes))
+
+
+def _score(predictor: Any, store_dir: Path, splits: Splits):
+    """The predictor's :class:`ml.eval.evaluate` report on the test split (classes must match)."""
+    return score_records(predictor, store_dir, list(splits.test), list(splits.classes))
 
 
 CONSTANT_TOLERANCE = 1e-6  # probabilities closer than this across records count as equal
