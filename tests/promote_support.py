@@ -79,6 +79,7 @@ class Pipeline:
     experiment: str = "cessl"
     site: str = ""
     registered: list[str] = field(default_factory=list)
+    logged: dict[Path, tuple[str, str]] = field(default_factory=dict)  # adapter -> (run, model URI): logged once
 
     @property
     def candidates(self) -> str:
@@ -118,8 +119,21 @@ class Pipeline:
             info = log_adapter_model(self.backbone, adapter, list(CLASSES), registered_model_name=None)
         return run.info.run_id, info.model_uri
 
-    def register(self, adapter: Path | None, method: str = "cessl", tags: dict[str, str] | None = None) -> str:
-        """A candidate version of ``adapter`` (None: a version with no model behind it)."""
+    def for_model(self, model: str, site: str = "") -> Pipeline:
+        """The same pipeline registering for another production model (the models it logged are reused)."""
+        return Pipeline(
+            self.client, model, self.records, self.hashes, self.backbone, self.experiment, site, [], self.logged
+        )
+
+    def register(
+        self,
+        adapter: Path | None,
+        method: str = "cessl",
+        tags: dict[str, str] | None = None,
+        challenger: bool | None = None,
+    ) -> str:
+        """A candidate version of ``adapter`` (None: a version with no model behind it); the
+        ``challenger`` alias moves to it for a production method (or as ``challenger`` says)."""
         from ml.data.splits import Splits
 
         client = self.client
@@ -133,25 +147,32 @@ class Pipeline:
             test_hashes={k: self.hashes[k.split("/", 1)[-1] if self.site else k] for k in test},
         )
         with self._global_uri():
-            return self._register(client, splits, adapter, method, tags or {})
+            version = self._register(client, splits, adapter, method, tags or {})
+        if challenger if challenger is not None else self.is_production(method):
+            from pipeline.registry.tracking import CHALLENGER
+
+            client.set_registered_model_alias(self.candidates, CHALLENGER, version)
+        return version
+
+    @staticmethod
+    def is_production(method: str) -> bool:
+        from pipeline.registry.tracking import is_production_method
+
+        return is_production_method(method)
 
     def _register(self, client, splits, adapter: Path | None, method: str, tags: dict[str, str]) -> str:
         from pipeline.registry.testsets import after_registration
-        from pipeline.registry.tracking import (
-            CHALLENGER,
-            TAG_METHOD,
-            TAG_TEST_SPLIT,
-            is_production_method,
-            model_digests,
-        )
+        from pipeline.registry.tracking import TAG_METHOD, TAG_TEST_SPLIT, model_digests
 
+        run = client.create_run(self._experiment_id())  # each registration's own run (its frozen test set)
+        run_id = run.info.run_id
+        client.log_param(run_id, "source", str(self.records))
         if adapter is None:
-            run = client.create_run(self._experiment_id())
-            run_id, source = run.info.run_id, f"{run.info.artifact_uri}/model"
-            client.log_param(run_id, "source", str(self.records))
-            digests = {}
+            source, digests = f"{run.info.artifact_uri}/model", {}
         else:
-            run_id, source = self.log_model(adapter)
+            if adapter not in self.logged:
+                self.logged[adapter] = self.log_model(adapter)
+            source = self.logged[adapter][1]
             digests = model_digests(self.backbone, adapter)
         version_tags = {TAG_METHOD: method, TAG_TEST_SPLIT: splits.test_split_hash, **digests, **tags}
         if self.site:
@@ -161,8 +182,6 @@ class Pipeline:
         except Exception:
             client.create_registered_model(self.candidates)
         version = str(client.create_model_version(self.candidates, source, run_id, tags=version_tags).version)
-        if is_production_method(method):
-            client.set_registered_model_alias(self.candidates, CHALLENGER, version)
         after_registration(client, self.candidates, version, run_id, splits)
         self.registered.append(version)
         return version
