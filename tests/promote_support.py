@@ -181,7 +181,9 @@ class Pipeline:
             client.get_registered_model(self.candidates)
         except Exception:
             client.create_registered_model(self.candidates)
-        version = str(client.create_model_version(self.candidates, source, run_id, tags=version_tags).version)
+        model_id = source.removeprefix("models:/") if source.startswith("models:/m-") else None  # a logged model
+        created = client.create_model_version(self.candidates, source, run_id, tags=version_tags, model_id=model_id)
+        version = str(created.version)
         after_registration(client, self.candidates, version, run_id, splits)
         self.registered.append(version)
         return version

@@ -108,13 +108,16 @@ def _download(client, name: str, version: str, dst: Path) -> dict[str, Path]:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     label = f"{name} v{version}"
+    uri = client.get_model_version_download_uri(name, version)
     try:
-        uri = client.get_model_version_download_uri(name, version)
         local = Path(
             mlflow.artifacts.download_artifacts(
                 artifact_uri=uri, dst_path=str(dst), tracking_uri=client_tracking_uri(client)
             )
         )
+    except (MlflowException, OSError):
+        raise EvidenceError(f"{label} has no loadable model: its model files cannot be downloaded from {uri}") from None
+    try:
         artifacts = Model.load(str(local / "MLmodel")).flavors["python_function"]["artifacts"]
         folders = {part: local / str(artifacts[part]["path"]) for part in DIGEST_TAGS}
     except (MlflowException, OSError, KeyError, TypeError, ValueError) as err:
