@@ -24,10 +24,16 @@ log = logging.getLogger(__name__)
 
 def _client(args: argparse.Namespace):
     """The registry's client, once its store exists and answers (``preflight.registry_tracking``:
-    the same check as every registry command; a test-set verb never creates a store)."""
+    the same check as every registry command; a test-set verb never creates a store). A
+    production model's name is taken to mean its candidates model, which holds the frozen
+    test set the pipeline froze (``args.name`` is set to it)."""
     from pipeline.cli.preflight import registry_tracking
+    from pipeline.registry.tracking import candidates_model_name
 
-    return registry_tracking(args.tracking_uri, args.name).client()
+    client = registry_tracking(args.tracking_uri, args.name).client()
+    if current(client, args.name) is None and current(client, candidates_model_name(args.name)) is not None:
+        args.name = candidates_model_name(args.name)
+    return client
 
 
 def cmd_show(args: argparse.Namespace) -> int:

@@ -470,31 +470,49 @@ def copy_to_production(client, name: str, candidates: str, challenger, challenge
     return version
 
 
-def _refuse_integrity(client, name: str, candidates: str, gate: GateConfig, challenger, champion, why: str, who: str):
-    """A challenger that may never reach production (no loadable model, altered artifacts, a
-    baseline): refused whatever ``force`` says, recorded."""
-    comparison = _not_comparable(gate, challenger, champion, why)
-    comparison.basis = why
+@dataclass(frozen=True)
+class _Contest:
+    """What one promotion decides on: the models' names and versions, the gate, who decides."""
+
+    name: str  # the production model
+    candidates: str
+    gate: GateConfig
+    challenger: Any  # the candidate ModelVersion
+    champion: Any  # the production ModelVersion, or None
+    who: str
+
+    @property
+    def previous(self) -> str | None:
+        return None if self.champion is None else str(self.champion.version)
+
+
+def _refuse(client, contest: _Contest, why: str, comparison: Comparison | None = None, integrity: bool = False):
+    """A refusal decided before (or without) the statistics, recorded. ``integrity``: the
+    challenger may never reach production (no loadable model, altered artifacts, a baseline),
+    whatever ``force`` says; the decision is one line."""
+    c = contest
+    comparison = comparison or _not_comparable(c.gate, c.challenger, c.champion, why)
+    if integrity:
+        comparison.basis = why
     decision = PromotionDecision(
         False,
         False,
         why,
         comparison,
-        None if champion is None else str(champion.version),
-        champion_history(client, name),
-        who=who,
-        candidates=candidates,
-        integrity=True,
+        c.previous,
+        champion_history(client, c.name),
+        who=c.who,
+        candidates=c.candidates,
+        integrity=integrity,
     )
-    _record(client, name, decision)
-    log.info("%s: candidate v%s refused: %s", name, challenger.version, why)
+    _record(client, c.name, decision)
+    log.info("%s: candidate v%s refused: %s", c.name, c.challenger.version, why)
     return decision
 
 
-def _already_champion(champion, candidates: str, challenger) -> bool:
-    return champion is not None and (champion.tags or {}).get(TAG_SOURCE_CANDIDATE) == (
-        f"{candidates}/{challenger.version}"
-    )
+def _already_champion(contest: _Contest) -> bool:
+    tags = {} if contest.champion is None else (contest.champion.tags or {})
+    return tags.get(TAG_SOURCE_CANDIDATE) == f"{contest.candidates}/{contest.challenger.version}"
 
 
 def promote(
@@ -516,37 +534,37 @@ def promote(
             f"model {candidates!r} has no version with the alias {CHALLENGER!r} (the pipeline registers {name}'s "
             "candidates there)"
         )
-    champion = current_alias(client, name, CHAMPION)
-    who = authenticated or current_user()
-    previous = None if champion is None else str(champion.version)
-    if _already_champion(champion, candidates, challenger):
-        comparison = _not_comparable(gate, challenger, champion, "nothing to compare")
-        why = f"candidate v{challenger.version} is already the champion (v{previous})"
-        decision = PromotionDecision(
-            False, False, why, comparison, previous, champion_history(client, name), who, candidates=candidates
+    contest = _Contest(
+        name, candidates, gate, challenger, current_alias(client, name, CHAMPION), authenticated or current_user()
+    )
+    if _already_champion(contest):
+        return _refuse(
+            client, contest, f"candidate v{challenger.version} is already the champion (v{contest.previous})"
         )
-        _record(client, name, decision)
-        return decision
+    problem = gate_problem(client, candidates, challenger)
+    if problem and not force:  # not comparable whatever the models hold: refused before any download
+        comparison = _not_comparable(gate, challenger, contest.champion, problem)
+        return _refuse(client, contest, comparison.basis, comparison)
     with tempfile.TemporaryDirectory(prefix="cessl-promote-") as tmp:
         inputs = GateInputs(Path(tmp), source)
         try:
             model = fetch_model(client, candidates, str(challenger.version), inputs.work_dir)
         except EvidenceError as err:
-            return _refuse_integrity(client, name, candidates, gate, challenger, champion, str(err), who)
+            return _refuse(client, contest, str(err), integrity=True)
         if not is_production_method(model.method):
             why = (
                 f"{candidates} v{challenger.version} was trained with {model.method or '?'!r}, not a production method"
             )
-            return _refuse_integrity(client, name, candidates, gate, challenger, champion, why, who)
-        comparison = compare(client, name, gate, challenger, champion, model, inputs)
+            return _refuse(client, contest, why, integrity=True)
+        comparison = compare(client, name, gate, challenger, contest.champion, model, inputs)
         passed, why = verdict(comparison, gate, True, model.method)
         decision = PromotionDecision(
             promoted=passed or force,
             forced=force and not passed,
             reason=why,
             comparison=comparison,
-            previous_champion=previous,
-            who=who,
+            previous_champion=contest.previous,
+            who=contest.who,
             force_reason=reason.strip() if force else "",
             candidates=candidates,
         )

@@ -40,7 +40,7 @@ from ml.data.testset import FROZEN, REDRAW, FrozenTestSet, freeze
 from ml.errors import CesslError
 from pipeline.registry.audit import AuditEntry, current_user, record
 from pipeline.registry.store import TrackingConfig
-from pipeline.registry.tracking import CHAMPION, current_alias
+from pipeline.registry.tracking import CHAMPION, current_alias, production_model_name
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +316,7 @@ def refresh(client, model: str, reason: str, who: str | None = None) -> TestSetP
     if pointer is None:
         raise TestSetError(f"model {model!r} has no frozen test set yet: its first registration freezes one")
     who = who or current_user()
-    champion = current_alias(client, model, CHAMPION)
+    champion = current_alias(client, production_model_name(model), CHAMPION)  # of <model> for its -candidates
     number = pointer.version + 1 if pointer.status == FROZEN else pointer.version
     pending = TestSetPointer(
         version=number,

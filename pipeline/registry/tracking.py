@@ -66,6 +66,11 @@ def candidates_model_name(model_name: str) -> str:
     return model_name if model_name.endswith(CANDIDATES_SUFFIX) else model_name + CANDIDATES_SUFFIX
 
 
+def production_model_name(model_name: str) -> str:
+    """The production model whose candidates ``model_name`` holds (``model_name`` itself otherwise)."""
+    return model_name.removesuffix(CANDIDATES_SUFFIX) if model_name.endswith(CANDIDATES_SUFFIX) else model_name
+
+
 def is_production_method(method: str) -> bool:
     """Whether ``method`` is a registered training method marked ``production``."""
     from ml.train.methods import METHODS
