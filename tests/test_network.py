@@ -176,7 +176,7 @@ def test_network_run_registers_each_site_logs_the_matrix_and_survives_a_missing_
     cells = {(c["model"], c["target"]) for c in first["cells"]}
     assert cells == {(m, t) for m in ("a", "b", "backbone") for t in ("a", "b")}
     for site in ("a", "b"):
-        version = client.get_model_version(f"cessl-ecg-{site}", status[site]["model_version"])
+        version = client.get_model_version(f"cessl-ecg-{site}-candidates", status[site]["model_version"])
         assert version.tags[TAG_SITE] == site and version.tags[TAG_NETWORK] == first["network_id"]
         assert version.tags["data_version"] == status[site]["data_version"] and version.tags["backbone_id"]
         assert client.get_run(version.run_id).data.tags[TAG_PARENT] == parent.info.run_id
@@ -196,11 +196,9 @@ def test_network_run_registers_each_site_logs_the_matrix_and_survives_a_missing_
     # promotion per site, then new records at site b only: retrain runs b alone
     assert cessl("sites", "remove", "gone") == 0
     assert cessl("promote", "--all-sites") == 0
-    for site in ("a", "b"):
-        assert (
-            str(client.get_model_version_by_alias(f"cessl-ecg-{site}", "champion").version)
-            == status[site]["model_version"]
-        )
+    for site in ("a", "b"):  # each champion: a copy of the site's candidate in its production model
+        champion = client.get_model_version_by_alias(f"cessl-ecg-{site}", "champion")
+        assert champion.tags["cessl.source_candidate"] == f"cessl-ecg-{site}-candidates/{status[site]['model_version']}"
     make_hospital(tmp_path / "data" / "b" / "new-month", 12, seed=3)
     retrain = [
         "retrain",
@@ -218,11 +216,12 @@ def test_network_run_registers_each_site_logs_the_matrix_and_survives_a_missing_
     assert set(third) == {"b"} and third["b"]["status"] == "registered"
     assert third["b"]["data_version"] != status["b"]["data_version"]
     assert int(third["b"]["model_version"]) > int(status["b"]["model_version"])
-    assert [str(v.version) for v in client.search_model_versions("name='cessl-ecg-a'")] == [
+    assert [str(v.version) for v in client.search_model_versions("name='cessl-ecg-a-candidates'")] == [
         status["a"]["model_version"]
     ]
     # nothing changed since: nothing to retrain, no run
     assert cessl("promote", "--site", "b") in (0, 1)  # the gate decides; either way b has a champion
-    client.set_registered_model_alias("cessl-ecg-b", "champion", third["b"]["model_version"])
+    newest = client.copy_model_version(f"models:/cessl-ecg-b-candidates/{third['b']['model_version']}", "cessl-ecg-b")
+    client.set_registered_model_alias("cessl-ecg-b", "champion", newest.version)
     assert cessl(*retrain, "--json", "fourth.json") == 0
     assert not Path("fourth.json").exists()
