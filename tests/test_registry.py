@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from promote_support import BAD, GOOD, Pipeline, make_adapter, make_backbone, write_records
+from promote_support import BAD, CLASSES, GOOD, Pipeline, make_adapter, make_backbone, write_records
 
 from pipeline import cli
 from pipeline.core.params import PipelineParams
@@ -123,6 +123,13 @@ def test_first_challenger_is_copied_into_the_production_model(reg, world):
     assert tags["method"] == "cessl" and tags[TAG_DECISION] == "promoted"  # the candidate's tags kept
     assert champion_history(reg.client, reg.model) == [production]
     assert decision.comparison.challenger_value and decision.comparison.n_records == 16
+    # what serve, predict and the pipeline's score_champion load: the production model's champion
+    from pipeline.registry.policy import load_champion
+    from pipeline.registry.store import TrackingConfig
+
+    loaded = load_champion(TrackingConfig.resolve(world["uri"], model_name=reg.model))
+    assert loaded is not None and loaded.version == production and loaded.predictor is not None, loaded
+    assert list(loaded.predictor.classes) == CLASSES
     again = promote(reg.client, reg.model)
     assert not again.promoted and "already the champion" in again.reason
 
