@@ -8,8 +8,9 @@ coverage, macro AUROC, macro mAP, macro F-beta2, macro G-beta2), ``per_class.csv
 :func:`score_champion_step` scores another model (the registry's current champion, which
 the pipeline fetches) on the same test split with the same code, keeps its per-record
 predictions, computes the paired bootstrap of the new model against it on those records
-(:mod:`ml.eval.bootstrap`: the promotion gate's evidence) and writes a
-:class:`ChampionEvaluation` folder (its version and metrics, or why there are none).
+(:mod:`ml.eval.bootstrap`; for the run's report: ``cessl promote`` recomputes it with
+:func:`score_records` and :func:`compare_predictions`, ``pipeline.registry.evidence``) and
+writes a :class:`ChampionEvaluation` folder (its version and metrics, or why there are none).
 """
 
 from __future__ import annotations

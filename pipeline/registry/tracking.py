@@ -10,8 +10,8 @@ digests of its backbone and adapter folders (:func:`model_digests`, version tags
 artifacts it loads against them), and, for a production method only, the alias
 ``challenger``. It only logs what it is given: when the ``score_champion`` step scored the
 current champion on this run's test split, the bundle carries those numbers and they are
-logged as ``champion_test_*`` metrics (with the ``compared_champion_*`` tags), so
-``cessl promote`` compares both on the same records.
+logged as ``champion_test_*`` metrics (with the ``compared_champion_*`` tags) for the run's
+report; ``cessl promote`` never reads them (it recomputes, ``pipeline.registry.evidence``).
 
 Local default: a SQLite store ``sqlite:///<cwd>/mlflow.db`` with artifacts in
 ``<cwd>/mlruns``; on a cluster ``MLFLOW_TRACKING_URI`` (or the pipeline parameter) names a
