@@ -8,8 +8,9 @@ coverage, macro AUROC, macro mAP, macro F-beta2, macro G-beta2), ``per_class.csv
 :func:`score_champion_step` scores another model (the registry's current champion, which
 the pipeline fetches) on the same test split with the same code, keeps its per-record
 predictions, computes the paired bootstrap of the new model against it on those records
-(:mod:`ml.eval.bootstrap`: the promotion gate's evidence) and writes a
-:class:`ChampionEvaluation` folder (its version and metrics, or why there are none).
+(:mod:`ml.eval.bootstrap`; for the run's report: ``cessl promote`` recomputes it with
+:func:`score_records` and :func:`compare_predictions`, ``pipeline.registry.evidence``) and
+writes a :class:`ChampionEvaluation` folder (its version and metrics, or why there are none).
 """
 
 from __future__ import annotations
@@ -136,17 +137,23 @@ def _html_report(result: EvaluationResult, images: dict[str, Path]) -> str:
     )
 
 
-def _score(predictor: Any, store_dir: Path, splits: Splits):
-    """The predictor's :class:`ml.eval.evaluate` report on the test split (classes must match)."""
+def score_records(predictor: Any, store_dir: Path, ids: list[str], classes: list[str]):
+    """The predictor's :class:`ml.eval.evaluate` report on the records ``ids`` of a store, at
+    its own thresholds (its classes must be ``classes``: ValueError otherwise)."""
     from ml.eval.evaluate import evaluate
 
-    if list(predictor.classes) != list(splits.classes):
+    if list(predictor.classes) != list(classes):
         raise ValueError(
-            f"the model predicts {list(predictor.classes)}, the split's classes are "
-            f"{list(splits.classes)}: not comparable"
+            f"the model predicts {list(predictor.classes)}, the test records' classes are {list(classes)}: "
+            "not comparable"
         )
-    test = dataset(open_store(store_dir), splits.test, splits.classes)
-    return evaluate(predictor.model, test, thresholds=predictor.thresholds, classes=splits.classes)
+    test = dataset(open_store(store_dir), list(ids), list(classes))
+    return evaluate(predictor.model, test, thresholds=predictor.thresholds, classes=list(classes))
+
+
+def _score(predictor: Any, store_dir: Path, splits: Splits):
+    """The predictor's :class:`ml.eval.evaluate` report on the test split (classes must match)."""
+    return score_records(predictor, store_dir, list(splits.test), list(splits.classes))
 
 
 CONSTANT_TOLERANCE = 1e-6  # probabilities closer than this across records count as equal

@@ -1,9 +1,14 @@
 """Who may promote: a real `mlflow server --app-name basic-auth` (tests/servers.py), users and
 permissions made by the real `cessl access init`, and `cessl promote` / `rollback` run as
-the real CLI under each identity (issue 17).
+the real CLI under each identity (issues 17 and 22).
 
-One server per module; production models ``cessl-ecg`` and ``cessl-ecg-a`` (site ``a``);
-the pipeline identity ``cessl-pipeline``, release manager ``alice``, reviewer ``rita``.
+One server per module; production models ``cessl-ecg`` and ``cessl-ecg-a`` (site ``a``) and
+their candidates models (``-candidates``, where the pipeline registers); the pipeline
+identity ``cessl-pipeline``, release manager ``alice``, reviewer ``rita``. Separated duties:
+acting with plain ``MlflowClient`` calls, the pipeline cannot write anything to a production
+model (the server refuses), and ``cessl promote`` refuses forged evidence, a model-less
+version and a version whose artifacts do not match their digests (real tiny models,
+``tests/promote_support.py``).
 """
 
 from __future__ import annotations
@@ -32,11 +37,18 @@ from pipeline.registry.access import (
 )
 from pipeline.registry.audit import AUDIT_EXPERIMENT, AuditEntry, history, record
 from pipeline.registry.signing import KEY_ENV, TRUST_ENV
-from pipeline.registry.tracking import CHALLENGER, CHAMPION
+from pipeline.registry.tracking import (
+    CHALLENGER,
+    CHAMPION,
+    TAG_DIGEST_ADAPTER,
+    TAG_SOURCE_CANDIDATE,
+    candidates_model_name,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE, MANAGER, REVIEWER = "cessl-pipeline", "alice", "rita"
 MODEL, SITE_MODEL = "cessl-ecg", "cessl-ecg-a"
+CANDIDATES, SITE_CANDIDATES = candidates_model_name(MODEL), candidates_model_name(SITE_MODEL)
 
 pytestmark = pytest.mark.integration
 
@@ -152,8 +164,8 @@ def as_user(cluster: Cluster, monkeypatch: pytest.MonkeyPatch):
 
 
 def _register(client, model: str) -> str:
-    """What the pipeline's register step does on the server: a run, a model version, the
-    ``challenger`` alias and its audit entry."""
+    """What the pipeline's register step writes on the server (a run, a version of a
+    candidates model, the ``challenger`` alias and its audit entry), without a model behind it."""
     experiment = client.get_experiment_by_name("cessl")
     experiment_id = experiment.experiment_id if experiment else client.create_experiment("cessl")
     run = client.create_run(experiment_id, tags={"method": "cessl"})
@@ -174,7 +186,8 @@ def _aliases(client, model: str) -> dict[str, str]:
 
 
 def _one_line(text: str) -> str:
-    lines = [line for line in text.splitlines() if line.strip()]
+    """The one line of ``text`` (MLflow's own "View run" links of the audit runs aside)."""
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith(("🏃 View run", "🧪 View"))]
     assert len(lines) == 1, text
     assert "Traceback" not in text
     return lines[0]
@@ -200,27 +213,27 @@ def test_access_init_grants_each_role_what_the_plan_says(
     assert cessl(cluster.init_argv, "admin").returncode == 0
     as_user("admin")
     auth = get_app_client("basic-auth", tracking_uri=cluster.server.tracking_uri)
+    models = (MODEL, SITE_MODEL, CANDIDATES, SITE_CANDIDATES, "other")
     effective = {
-        user: {
-            m: auth.get_user_permission(user, "registered_model", m).permission for m in (MODEL, SITE_MODEL, "other")
-        }
+        user: {m: auth.get_user_permission(user, "registered_model", m).permission for m in models}
         for user in (PIPELINE, MANAGER, REVIEWER)
     }
     assert effective == {
-        PIPELINE: {MODEL: "EDIT", SITE_MODEL: "EDIT", "other": "READ"},
-        MANAGER: {MODEL: "MANAGE", SITE_MODEL: "MANAGE", "other": "READ"},
-        REVIEWER: {MODEL: "READ", SITE_MODEL: "READ", "other": "READ"},
+        PIPELINE: {MODEL: "READ", SITE_MODEL: "READ", CANDIDATES: "EDIT", SITE_CANDIDATES: "EDIT", "other": "READ"},
+        MANAGER: {MODEL: "MANAGE", SITE_MODEL: "MANAGE", CANDIDATES: "EDIT", SITE_CANDIDATES: "EDIT", "other": "READ"},
+        REVIEWER: dict.fromkeys(models, "READ"),
     }
     plan = plan_grants(AccessPlan(PIPELINE, (MANAGER,), (REVIEWER,), (MODEL, SITE_MODEL)))
-    assert {g.permission for g in plan[PIPELINE] if g.resource in (MODEL, SITE_MODEL)} == {"EDIT"}
+    assert not {g.resource for g in plan[PIPELINE]} & {MODEL, SITE_MODEL}  # only the wildcard READ there
+    assert {g.permission for g in plan[PIPELINE] if g.resource in (CANDIDATES, SITE_CANDIDATES)} == {"EDIT"}
 
 
 def test_pipeline_registers_and_sets_challenger_but_cannot_promote(cluster: Cluster, as_user, cessl) -> None:
     from mlflow.exceptions import MlflowException
 
     pipeline = as_user(PIPELINE)
-    version = _register(pipeline, SITE_MODEL)
-    before = _aliases(pipeline, SITE_MODEL)
+    version = _register(pipeline, SITE_CANDIDATES)
+    before = _aliases(pipeline, SITE_CANDIDATES)
     assert before == {CHALLENGER: version}
     entries = len(history(pipeline, SITE_MODEL))
 
@@ -231,43 +244,114 @@ def test_pipeline_registers_and_sets_challenger_but_cannot_promote(cluster: Clus
         done = run(argv, PIPELINE)
         assert done.returncode == EXIT_UNAVAILABLE, done.stderr
         line = _one_line(done.stderr)
-        assert all(word in line for word in (PIPELINE, SITE_MODEL, "MANAGE", "has EDIT")), line
+        assert all(word in line for word in (PIPELINE, SITE_MODEL, "MANAGE", "has READ")), line
     done = cessl(["promote", "--site", "a"], PIPELINE)  # a network's site model: checked the same way
     assert done.returncode == EXIT_UNAVAILABLE and SITE_MODEL in _one_line(done.stderr)
 
-    # what the server itself refuses the pipeline on a production model
+    # what the server itself refuses the pipeline: deleting on its candidates model (EDIT only)...
     with pytest.raises(MlflowException, match="403"):
-        pipeline.delete_model_version(SITE_MODEL, version)
+        pipeline.delete_model_version(SITE_CANDIDATES, version)
     with pytest.raises(MlflowException, match="403"):
-        pipeline.delete_registered_model_alias(SITE_MODEL, CHALLENGER)
+        pipeline.delete_registered_model_alias(SITE_CANDIDATES, CHALLENGER)
     with pytest.raises(MlflowException, match="403"):
-        pipeline.delete_registered_model(SITE_MODEL)
-    assert _aliases(pipeline, SITE_MODEL) == before
+        pipeline.delete_registered_model(SITE_CANDIDATES)
+    # ...and any write at all to the production model: a version, a copy, a tag, any alias
+    source = pipeline.get_model_version(SITE_CANDIDATES, version)
+    for write in (
+        lambda: pipeline.create_model_version(SITE_MODEL, source.source, source.run_id),
+        lambda: pipeline.copy_model_version(f"models:/{SITE_CANDIDATES}/{version}", SITE_MODEL),
+        lambda: pipeline.set_registered_model_alias(SITE_MODEL, CHAMPION, "1"),
+        lambda: pipeline.set_registered_model_alias(SITE_MODEL, CHALLENGER, "1"),
+        lambda: pipeline.set_registered_model_tag(SITE_MODEL, "champion_history", "[]"),
+        lambda: pipeline.delete_registered_model(SITE_MODEL),
+    ):
+        with pytest.raises(MlflowException, match="403"):
+            write()
+    assert not pipeline.search_model_versions(f"name = '{SITE_MODEL}'")
+    assert _aliases(pipeline, SITE_MODEL) == {}
+    assert _aliases(pipeline, SITE_CANDIDATES) == before
     assert len(history(pipeline, SITE_MODEL)) == entries
-    assert pipeline.get_model_version(SITE_MODEL, version).tags.get("promotion_decision") is None
+    assert pipeline.get_model_version(SITE_CANDIDATES, version).tags.get("promotion_decision") is None
 
 
-def test_release_manager_promotes_and_rolls_back_and_the_audit_names_who(cluster: Cluster, as_user, cessl) -> None:
-    pipeline = as_user(PIPELINE)
-    v1 = _register(pipeline, MODEL)
-    done = cluster.cli(["promote", MODEL, "--force", "--reason", "first release"], MANAGER)  # the real process
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict:
+    """Records, a backbone and a good and a bad adapter (``tests/promote_support.py``)."""
+    from promote_support import BAD, GOOD, make_adapter, make_backbone, write_records
+
+    root = tmp_path_factory.mktemp("models")
+    records, hashes = write_records(root)
+    backbone = make_backbone(root)
+    return {
+        "records": records,
+        "hashes": hashes,
+        "backbone": backbone,
+        "good": make_adapter(root, backbone, "good", GOOD),
+        "bad": make_adapter(root, backbone, "bad", BAD),
+    }
+
+
+def _pipeline(as_user, models: dict, model: str):
+    """The pipeline's register step, acting as the pipeline identity."""
+    from promote_support import Pipeline
+
+    return Pipeline(as_user(PIPELINE), model, models["records"], models["hashes"], models["backbone"])
+
+
+def test_release_manager_promotes_and_rolls_back_and_the_audit_names_who(
+    cluster: Cluster, as_user, cessl, models
+) -> None:
+    """The release manager's promote copies the candidate into the production model; the
+    evidence is recomputed (a forged paired bootstrap is ignored); a model-less version and a
+    version whose artifacts do not match their digests are refused in one line, even forced."""
+    from pipeline.registry.policy import GATE_ARTIFACT
+
+    pipeline = _pipeline(as_user, models, MODEL)
+    c1 = pipeline.register(models["bad"])
+    done = cluster.cli(["promote", MODEL], MANAGER)  # the real process: the first champion
     assert done.returncode == 0, done.stderr
-    v2 = _register(as_user(PIPELINE), MODEL)
-    done = cessl(["promote", MODEL, "--force", "--reason", "second release"], MANAGER)
-    assert done.returncode == 0, done.stderr
-    pipeline = as_user(PIPELINE)
-    assert _aliases(pipeline, MODEL) == {CHALLENGER: v2, CHAMPION: v2}
+    admin = as_user("admin")
+    assert _aliases(admin, MODEL) == {CHAMPION: "1"}
+    assert admin.get_model_version(MODEL, "1").tags[TAG_SOURCE_CANDIDATE] == f"{CANDIDATES}/{c1}"
+
+    # forged evidence: a worse challenger (the same bad adapter again) with a fabricated bootstrap
+    pipeline = _pipeline(as_user, models, MODEL)
+    c2 = pipeline.register(models["bad"])
+    run_id = pipeline.client.get_model_version(CANDIDATES, c2).run_id
+    forged = {"estimate": 0.5, "ci_low": 0.3, "ci_high": 0.7, "challenger": 0.9, "champion": 0.2}
+    pipeline.client.log_dict(run_id, {"intervals": {"macro_f_beta": forged}, "per_class": []}, GATE_ARTIFACT)
+    pipeline.client.log_metric(run_id, "test_macro_f_beta", 0.99)
+    done = cessl(["promote", MODEL], MANAGER)
+    assert done.returncode == 1 and "REFUSED" in done.stdout and "0.3000" not in done.stdout, done.stdout
+    # a version with numbers and tags but no model, and one with a wrong digest: refused even forced
+    digest = {TAG_DIGEST_ADAPTER: admin.get_model_version(CANDIDATES, c1).tags[TAG_DIGEST_ADAPTER]}
+    for adapter, tags, why in (
+        (None, digest, "has no loadable model"),
+        (models["good"], {TAG_DIGEST_ADAPTER: "0" * 64}, "do not match their recorded digest"),
+    ):
+        _pipeline(as_user, models, MODEL).register(adapter, tags=tags)
+        done = cessl(["promote", MODEL, "--force", "--reason", "trust me"], MANAGER)
+        assert done.returncode == 1 and why in _one_line(done.stdout), done.stdout
+    assert _aliases(admin, MODEL) == {CHAMPION: "1"}
+
+    # a better challenger: promoted on the recomputed numbers, then rolled back
+    c5 = _pipeline(as_user, models, MODEL).register(models["good"])
+    done = cessl(["promote", MODEL], MANAGER)
+    assert done.returncode == 0 and "(recomputed)" in done.stdout, done.stdout
+    assert _aliases(admin, MODEL) == {CHAMPION: "2"}
+    assert admin.get_model_version(MODEL, "2").tags[TAG_SOURCE_CANDIDATE] == f"{CANDIDATES}/{c5}"
     done = cessl(["rollback", MODEL, "--reason", "v2 misbehaves"], MANAGER)
     assert done.returncode == 0, done.stderr
-    assert _aliases(pipeline, MODEL)[CHAMPION] == v1
+    assert _aliases(admin, MODEL)[CHAMPION] == "1"
 
     reviewer = as_user(REVIEWER)
     log = [(e.action, e.who) for e in history(reviewer, MODEL)]
     assert log == [
-        ("challenger", PIPELINE),
-        ("force", MANAGER),
-        ("challenger", PIPELINE),
-        ("force", MANAGER),
+        ("promote", MANAGER),
+        ("refuse", MANAGER),
+        ("refuse", MANAGER),
+        ("refuse", MANAGER),
+        ("promote", MANAGER),
         ("rollback", MANAGER),
     ]
     done = cessl(["models", MODEL, "--history"], REVIEWER)
@@ -277,12 +361,12 @@ def test_release_manager_promotes_and_rolls_back_and_the_audit_names_who(cluster
 def test_reviewer_reads_but_cannot_write(cluster: Cluster, as_user, cessl) -> None:
     from mlflow.exceptions import MlflowException
 
-    version = _register(as_user(PIPELINE), SITE_MODEL)
+    version = _register(as_user(PIPELINE), SITE_CANDIDATES)
     reviewer = as_user(REVIEWER)
-    assert _aliases(reviewer, SITE_MODEL)[CHALLENGER] == version
-    assert reviewer.get_model_version(SITE_MODEL, version).run_id
+    assert _aliases(reviewer, SITE_CANDIDATES)[CHALLENGER] == version
+    assert reviewer.get_model_version(SITE_CANDIDATES, version).run_id
     with pytest.raises(MlflowException, match="403"):
-        reviewer.set_registered_model_alias(SITE_MODEL, CHAMPION, version)
+        reviewer.set_registered_model_alias(SITE_CANDIDATES, CHAMPION, version)
     with pytest.raises(MlflowException, match="403"):
         reviewer.set_registered_model_tag(SITE_MODEL, "note", "x")
     done = cessl(["promote", SITE_MODEL, "--force", "--reason", "x"], REVIEWER)
@@ -308,7 +392,7 @@ def test_access_init_takes_a_production_model_back_from_whoever_created_it(
         u: auth.get_user_permission(u, "registered_model", "cessl-ecg-b").permission
         for u in (REVIEWER, PIPELINE, MANAGER)
     }
-    assert permission == {REVIEWER: "READ", PIPELINE: "EDIT", MANAGER: "MANAGE"}
+    assert permission == {REVIEWER: "READ", PIPELINE: "READ", MANAGER: "MANAGE"}
     done = cessl(["promote", "cessl-ecg-b", "--force", "--reason", "x"], REVIEWER)
     assert done.returncode == EXIT_UNAVAILABLE and "has READ" in _one_line(done.stderr)
 
@@ -376,14 +460,14 @@ def test_no_credential_in_any_log_param_tag_or_artifact(cluster: Cluster, as_use
 
 
 def test_a_lost_registration_race_is_tagged_where_the_pipeline_may_not_delete(cluster: Cluster, as_user) -> None:
-    """The loser of two registrations of one fingerprint is withdrawn; on a production model
-    the pipeline may not delete the version (MANAGE), so it stays, tagged as the duplicate."""
+    """The loser of two registrations of one fingerprint is withdrawn; on its candidates model
+    the pipeline may not delete the version (EDIT, not MANAGE), so it stays, tagged as the duplicate."""
     from pipeline.registry.tracking import TAG_DUPLICATE_OF, _withdraw
 
     pipeline = as_user(PIPELINE)
-    winner = pipeline.get_model_version(SITE_MODEL, _register(pipeline, SITE_MODEL))
-    loser = pipeline.get_model_version(SITE_MODEL, _register(pipeline, SITE_MODEL))
-    _withdraw(pipeline, SITE_MODEL, loser.version, loser.run_id, winner)
-    kept = pipeline.get_model_version(SITE_MODEL, loser.version)
-    assert kept.tags[TAG_DUPLICATE_OF] == f"{SITE_MODEL}/{winner.version}"
+    winner = pipeline.get_model_version(SITE_CANDIDATES, _register(pipeline, SITE_CANDIDATES))
+    loser = pipeline.get_model_version(SITE_CANDIDATES, _register(pipeline, SITE_CANDIDATES))
+    _withdraw(pipeline, SITE_CANDIDATES, loser.version, loser.run_id, winner)
+    kept = pipeline.get_model_version(SITE_CANDIDATES, loser.version)
+    assert kept.tags[TAG_DUPLICATE_OF] == f"{SITE_CANDIDATES}/{winner.version}"
     assert pipeline.get_run(loser.run_id).info.lifecycle_stage == "deleted"

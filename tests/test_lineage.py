@@ -129,15 +129,19 @@ def fake_bundle(tmp: Path, source: str = "s3://hospital/ecg", data_version: str 
     from ml.data.splits import Splits
 
     splits = Splits(test=["a", "b"], train=["c"], valid=["d"], unlabelled=[], classes=["1", "2"])
+    model = tmp / "model"  # stands for the backbone and adapter folders (their digests are version tags)
+    model.mkdir(exist_ok=True)
+    (model / "weights").write_text("w")
+    tags = {"data_version": data_version, "git_commit": "0123abc+dirty", "test_split_hash": splits.test_split_hash}
     return Registration(
         params={"method": "cessl", "r": 8, "source": source},
-        tags={"data_version": data_version, "git_commit": "0123abc+dirty", "test_split_hash": splits.test_split_hash},
+        tags=tags | {"method": "cessl"},  # a production method: the version becomes the challenger
         test_metrics={"macro_f_beta": 0.5},
         curves=[{"step": 1, "train_loss": 1.0}],
         rank_map={"layer": 8},
         classes=["1", "2"],
-        backbone_dir=tmp,
-        adapter_dir=tmp,
+        backbone_dir=model,
+        adapter_dir=model,
         splits=splits,
         fingerprint="race-" + data_version[:8],
         run_name="race",
@@ -226,6 +230,7 @@ def test_two_processes_registering_one_fingerprint_leave_one_version(mlflow_serv
 
 
 def test_the_run_records_dataset_git_commit_and_kfp_run(tmp_path, monkeypatch):
+    from components.common import sha256_dir
     from pipeline.registry.lineage import lineage_tags
     from pipeline.registry.store import TrackingConfig
     from pipeline.registry.tracking import log_and_register
@@ -247,6 +252,7 @@ def test_the_run_records_dataset_git_commit_and_kfp_run(tmp_path, monkeypatch):
     assert run.data.tags["kfp.run_name"] == "cessl-finetune-20240101"
     mv = client.get_model_version("lineage-model", result.version)
     assert mv.tags["kfp.run_id"] == "run-uuid-1" and mv.tags["pipeline_fingerprint"] == bundle.fingerprint
+    assert mv.tags["cessl.digest.adapter"] == sha256_dir(tmp_path / "model")  # checked by cessl promote
     # unresolved placeholders (a component called outside KFP) are not recorded
     assert lineage_tags("abc", "{{$.pipeline_job_uuid}}") == {"mlflow.source.git.commit": "abc"}
 

@@ -209,7 +209,7 @@ def test_network_run_registers_each_site_logs_the_matrix_and_survives_a_missing_
     cells = {(c["model"], c["target"]) for c in first["cells"]}
     assert cells == {(m, t) for m in ("hospital-a", "hospital-b", "backbone") for t in ("hospital-a", "hospital-b")}
     for site, ratio in (("hospital-a", 0.5), ("hospital-b", 0.6)):
-        version = client.get_model_version(f"cessl-ecg-{site}", status[site]["model_version"])
+        version = client.get_model_version(f"cessl-ecg-{site}-candidates", status[site]["model_version"])
         assert version.tags[TAG_SITE] == site and version.tags[TAG_NETWORK] == first["network_id"]
         assert version.tags["data_version"] == status[site]["data_version"] and version.tags["backbone_id"]
         site_run = client.get_run(version.run_id)
@@ -248,11 +248,9 @@ def test_network_run_registers_each_site_logs_the_matrix_and_survives_a_missing_
     # DVC version, committed): retrain runs hospital-b alone
     assert cessl("sites", "remove", "gone") == 0
     assert cessl("promote", "--all-sites") == 0
-    for site in ("hospital-a", "hospital-b"):
-        assert (
-            str(client.get_model_version_by_alias(f"cessl-ecg-{site}", "champion").version)
-            == status[site]["model_version"]
-        )
+    for site in ("hospital-a", "hospital-b"):  # each champion: a copy of the site's candidate in its production model
+        champion = client.get_model_version_by_alias(f"cessl-ecg-{site}", "champion")
+        assert champion.tags["cessl.source_candidate"] == f"cessl-ecg-{site}-candidates/{status[site]['model_version']}"
     make_hospital(tmp_path / "incoming", 12, seed=3, start=100)
     assert cessl("data", "add", "incoming", "--site", "hospital-b") == 0
     assert (tmp_path / "data" / "hospital-b.dvc").is_file() and not (tmp_path / "data" / "hospital-a.dvc").exists()
@@ -274,11 +272,14 @@ def test_network_run_registers_each_site_logs_the_matrix_and_survives_a_missing_
     assert third["hospital-b"]["data_version"] != status["hospital-b"]["data_version"]
     assert third["hospital-b"]["data_version"] == dvc_md5(tmp_path / "data" / "hospital-b.dvc")
     assert int(third["hospital-b"]["model_version"]) > int(status["hospital-b"]["model_version"])
-    assert [str(v.version) for v in client.search_model_versions("name='cessl-ecg-hospital-a'")] == [
+    assert [str(v.version) for v in client.search_model_versions("name='cessl-ecg-hospital-a-candidates'")] == [
         status["hospital-a"]["model_version"]
     ]
     # nothing changed since: nothing to retrain, no run
-    assert cessl("promote", "--site", "hospital-b") in (0, 1)  # the gate decides; either way b has a champion
-    client.set_registered_model_alias("cessl-ecg-hospital-b", "champion", third["hospital-b"]["model_version"])
+    newest = f"cessl-ecg-hospital-b-candidates/{third['hospital-b']['model_version']}"
+    assert cessl("promote", "--site", "hospital-b") in (0, 1)  # the gate decides; then b's newest is made champion
+    champion = client.get_model_version_by_alias("cessl-ecg-hospital-b", "champion")
+    if champion.tags.get("cessl.source_candidate") != newest:
+        assert cessl("promote", "--site", "hospital-b", "--force", "--reason", "the newest data") == 0
     assert cessl(*retrain, "--json", "fourth.json") == 0
     assert not Path("fourth.json").exists()

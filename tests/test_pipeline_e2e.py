@@ -19,7 +19,8 @@ from pipeline.registry.lineage import DATASET_CONTEXT as DATA_CONTEXT
 from pipeline.registry.testsets import DATASET_CONTEXT as TESTSET_CONTEXT
 from pipeline.registry.tracking import CHALLENGER, CHAMPION
 
-NAME = "cessl-e2e"
+NAME = "cessl-e2e"  # the production model: promote copies candidates into it
+CANDIDATES = NAME + "-candidates"  # where the pipeline registers (and froze the test set)
 pytestmark = pytest.mark.slow
 
 
@@ -62,7 +63,7 @@ def test_run_second_version_gate_predict_rollback(tmp_path, mlflow_server, s3_se
         tag.value: d.dataset for d in run.inputs.dataset_inputs for tag in d.tags if tag.key == "mlflow.data.context"
     }
     assert inputs[DATA_CONTEXT].digest == data_version(repo)  # the data the run trained on
-    assert inputs[TESTSET_CONTEXT].name == f"{NAME}-testset-v1"  # the test set it froze
+    assert inputs[TESTSET_CONTEXT].name == f"{CANDIDATES}-testset-v1"  # the test set it froze
     assert {"test_macro_f_beta", "test_macro_map", "test_macro_auroc", "test_ranking_loss"} <= set(metrics)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == list(range(1, 9))
     assert [m.step for m in client.get_metric_history(run.info.run_id, "valid_macro_map")] == [0, 4, 8]  # step 0 too
@@ -83,10 +84,10 @@ def test_run_second_version_gate_predict_rollback(tmp_path, mlflow_server, s3_se
     objects = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=mlflow_server.artifact_bucket)["Contents"]]
     assert any(run.info.run_id in key and key.endswith("rank_map.json") for key in objects), "artifacts not on S3"
 
-    version = client.get_model_version_by_alias(NAME, CHALLENGER)
+    version = client.get_model_version_by_alias(CANDIDATES, CHALLENGER)
     assert str(version.version) == "1"
     assert version.tags["data_version"] == data_version(repo) and version.tags["test_split_hash"]
-    info = mlflow.models.get_model_info(f"models:/{NAME}/1")
+    info = mlflow.models.get_model_info(f"models:/{CANDIDATES}/1")
     # the input tensor is documented in the metadata (the signature has no input schema: see ml.eval.serving)
     assert json.loads(info.metadata["input_tensor"])[0]["tensor-spec"]["shape"] == [-1, 12, -1]
     assert info.signature.params.to_dict()[0]["name"] == "sample_rate"
@@ -94,7 +95,7 @@ def test_run_second_version_gate_predict_rollback(tmp_path, mlflow_server, s3_se
     assert cessl("promote", NAME) == 0  # the first champion
     assert alias(client, CHAMPION) == "1"
     assert cessl("retrain", *run_args) == 0  # same data version as the champion: nothing to do
-    assert len(client.search_model_versions(f"name = '{NAME}'")) == 1
+    assert len(client.search_model_versions(f"name = '{CANDIDATES}'")) == 1
 
     # -- second data version -------------------------------------------------------------
     new_version = add_records(repo, 40, seed=12, start=120)
@@ -109,7 +110,7 @@ def test_run_second_version_gate_predict_rollback(tmp_path, mlflow_server, s3_se
     second_paths = artifact_paths(client, second["run_id"])
     assert {"champion/predictions.npz", "champion/paired_bootstrap.json"} <= second_paths
     rc = cessl("promote", NAME)
-    decision = client.get_model_version(NAME, "2").tags
+    decision = client.get_model_version(CANDIDATES, "2").tags
     comparison = json.loads(decision["promotion_comparison"])
     assert comparison["challenger_value"] == pytest.approx(challenger)
     assert comparison["champion_value"] == pytest.approx(champion)
@@ -120,7 +121,7 @@ def test_run_second_version_gate_predict_rollback(tmp_path, mlflow_server, s3_se
     else:
         assert rc == 1 and decision["promotion_decision"] == "refused" and alias(client, CHAMPION) == "1"
         assert cessl("promote", NAME, "--force", "--reason", "e2e: exercise the forced path") == 0
-        assert client.get_model_version(NAME, "2").tags["promotion_decision"] == "forced"
+        assert client.get_model_version(CANDIDATES, "2").tags["promotion_decision"] == "forced"
     assert alias(client, CHAMPION) == "2"
 
     # -- predict with the champion, then roll back ------------------------------------------
@@ -139,10 +140,11 @@ def test_run_second_version_gate_predict_rollback(tmp_path, mlflow_server, s3_se
     from pipeline.registry.audit import history
 
     actions = [e.action for e in history(client, NAME)]
-    # v1's registration froze the model's test set (pipeline.registry.testsets), recorded as well
-    assert actions[:3] == ["challenger", "testset_freeze", "promote"] and actions[-1] == "rollback"
-    assert actions.count("challenger") == 2
+    assert actions[0] == "promote" and actions[-1] == "rollback"
+    # the pipeline's side is recorded under its candidates model: v1's registration froze the test set
+    pipeline_actions = [e.action for e in history(client, CANDIDATES)]
+    assert pipeline_actions[:2] == ["challenger", "testset_freeze"] and pipeline_actions.count("challenger") == 2
     # The champion is on the old data again: retrain runs, every step comes from the cache
     # and the identical registration is reused, not duplicated.
     assert cessl("retrain", *run_args) == 0
-    assert len(client.search_model_versions(f"name = '{NAME}'")) == 2
+    assert len(client.search_model_versions(f"name = '{CANDIDATES}'")) == 2

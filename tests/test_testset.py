@@ -16,7 +16,8 @@ from components.split import SplitConfig, split_step
 from ml.data.splits import Splits
 from ml.data.testset import REDRAW, FrozenTestSet, freeze, split_with_frozen_test
 
-MODEL = "cessl-testset"
+PRODUCTION = "cessl-testset"
+MODEL = PRODUCTION + "-candidates"  # where the pipeline registers (and freezes the test set)
 
 
 def population(n: int = 200, seed: int = 0):
@@ -194,16 +195,16 @@ def registry(tmp_path, monkeypatch):
     return uri, MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def register(client, splits: Splits, tmp_path: Path) -> tuple[str, str]:
+def register(client, splits: Splits, tmp_path: Path, model: str = MODEL) -> tuple[str, str]:
     """A model version whose run logged its split (as the register step does)."""
     experiment = client.get_experiment_by_name("t").experiment_id
     run = client.create_run(experiment)
     path = splits.save(tmp_path / "splits.json")
     client.log_artifact(run.info.run_id, str(path), "data")
     client.set_terminated(run.info.run_id)
-    if client.search_registered_models(f"name = '{MODEL}'") == []:
-        client.create_registered_model(MODEL)
-    mv = client.create_model_version(MODEL, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    if client.search_registered_models(f"name = '{model}'") == []:
+        client.create_registered_model(model)
+    mv = client.create_model_version(model, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
     return str(mv.version), run.info.run_id
 
 
@@ -241,7 +242,8 @@ def test_freeze_refresh_and_the_gate_in_a_real_registry(registry, tmp_path, caps
     assert hashlib.md5(exported.read_bytes()).hexdigest() == pointer.md5
 
     # refresh: a recorded, pending new version; the gate refuses until a run draws it
-    client.set_registered_model_alias(MODEL, CHAMPION, v1)
+    champion = str(client.copy_model_version(f"models:/{MODEL}/{v1}", PRODUCTION).version)  # what promote does
+    client.set_registered_model_alias(PRODUCTION, CHAMPION, champion)
     with pytest.raises(testsets.TestSetError, match="reason"):
         testsets.refresh(client, MODEL, " ")
     assert cessl("testset", "refresh", MODEL, "--reason", "new class added: LBBB") == 0
@@ -250,11 +252,11 @@ def test_freeze_refresh_and_the_gate_in_a_real_registry(registry, tmp_path, caps
     assert "refreshed" in testsets.gate_problem(client, MODEL, client.get_model_version(MODEL, v1))
     from pipeline.cli.run import testset_pending
 
-    assert testset_pending(TrackingConfig.resolve(uri, model_name=MODEL)) == 2  # cessl retrain runs then
+    assert testset_pending(TrackingConfig.resolve(uri, model_name=PRODUCTION)) == 2  # cessl retrain runs then
     entries = history(client, MODEL)
     assert [e.action for e in entries] == ["testset_freeze", "testset_refresh"]
     assert entries[-1].reason == "new class added: LBBB" and entries[-1].who == "dr-test"
-    assert entries[-1].versions == {"testset": "2", "previous_testset": "1", "champion": v1}
+    assert entries[-1].versions == {"testset": "2", "previous_testset": "1", "champion": champion}
 
     # the next run: a redraw that avoids the champion's training records, frozen as v2
     reference = testsets.resolve_reference(TrackingConfig.resolve(uri, model_name=MODEL))
@@ -315,24 +317,25 @@ def test_a_refresh_avoids_what_every_past_champion_trained_on(registry, tmp_path
 def test_the_gate_refuses_a_challenger_scored_on_another_test_set(registry, tmp_path):
     from pipeline.registry import testsets
     from pipeline.registry.policy import GateConfig, promote
-    from pipeline.registry.tracking import CHALLENGER
+    from pipeline.registry.tracking import CHALLENGER, candidates_model_name
 
     _, client = registry
+    candidates = candidates_model_name(PRODUCTION)  # the pipeline registers there; promote copies into PRODUCTION
     ids, hashes, _, _ = population()
     first = Splits(test=ids[:20], train=ids[20:60], valid=ids[60:70], unlabelled=ids[70:150], classes=list("abcd"))
     first.test_hashes = dict(zip(ids[:20], hashes[:20], strict=True))
-    v1, run1 = register(client, first, tmp_path)
-    testsets.after_registration(client, MODEL, v1, run1, first)
+    v1, run1 = register(client, first, tmp_path, candidates)
+    testsets.after_registration(client, candidates, v1, run1, first)
     fresh = Splits(test=ids[150:170], train=ids[:100], valid=ids[100:110], unlabelled=[], classes=list("abcd"))
-    v2, run2 = register(client, fresh, tmp_path)
-    client.set_model_version_tag(MODEL, v2, testsets.TAG_VERSION, testsets.NONE)  # a run with frozen_testset=none
+    v2, run2 = register(client, fresh, tmp_path, candidates)
+    client.set_model_version_tag(candidates, v2, testsets.TAG_VERSION, testsets.NONE)  # a run with frozen_testset=none
     client.log_metric(run2, "test_macro_f_beta", 0.9)
-    client.set_model_version_tag(MODEL, v2, "method", "cessl")
-    client.set_registered_model_alias(MODEL, CHALLENGER, v2)
-    decision = promote(client, MODEL, GateConfig())
+    client.set_model_version_tag(candidates, v2, "method", "cessl")
+    client.set_registered_model_alias(candidates, CHALLENGER, v2)
+    decision = promote(client, PRODUCTION, GateConfig())
     assert not decision.promoted and "not comparable" in decision.reason and "test set vnone" not in decision.reason
     assert "frozen test set of" in decision.reason
-    assert json.loads(client.get_model_version(MODEL, v2).tags["promotion_comparison"])["comparable"] is False
+    assert json.loads(client.get_model_version(candidates, v2).tags["promotion_comparison"])["comparable"] is False
 
 
 # --------------------------------------------------------------------------- end to end
@@ -367,8 +370,10 @@ def test_retrain_after_data_add_never_scores_a_model_on_its_training_records(tmp
     from ml.data.dvc import file_md5
     from pipeline.registry import testsets
     from pipeline.registry.audit import history
+    from pipeline.registry.tracking import candidates_model_name
 
-    name = "cessl-frozen-e2e"
+    production = "cessl-frozen-e2e"
+    name = candidates_model_name(production)  # the pipeline's versions and the frozen test set live there
     repo = make_repo(tmp_path / "project", records=120, seed=11)
     backbone = make_backbone(tmp_path / "backbone")
     monkeypatch.chdir(repo)
@@ -377,7 +382,7 @@ def test_retrain_after_data_add_never_scores_a_model_on_its_training_records(tmp
     monkeypatch.setenv("CESSL_USER", "dr-e2e")
     use_signer(monkeypatch, tmp_path / "signing", "dr-e2e")
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    run_args = [*SMALL_RUN, "--backbone", backbone, "--model-name", name, "--experiment", "frozen"]
+    run_args = [*SMALL_RUN, "--backbone", backbone, "--model-name", production, "--experiment", "frozen"]
 
     assert cessl("run", *run_args) == 0
     v1 = version_split(client, name, "1", tmp_path)
@@ -388,7 +393,7 @@ def test_retrain_after_data_add_never_scores_a_model_on_its_training_records(tmp
     exported = repo / "testsets" / f"{name}.json"  # the DVC-versioned copy next to data.dvc
     assert file_md5(exported) == pointer.md5
     assert f"md5: {pointer.md5}" in (repo / "testsets" / f"{name}.json.dvc").read_text()
-    assert cessl("promote", name) == 0  # v1 is the champion
+    assert cessl("promote", production) == 0  # v1 is the champion (copied as the production model's v1)
 
     add_records(repo, 40, seed=12, start=120)  # a new data version
     assert cessl("run", *run_args) == 0
@@ -404,15 +409,15 @@ def test_retrain_after_data_add_never_scores_a_model_on_its_training_records(tmp
     assert challenger_ids == champion_ids and set(champion_ids) == frozen_ids, "both scored on the same frozen set"
     tags = client.get_model_version(name, "2").tags
     assert tags[testsets.TAG_VERSION] == "1" and tags["compared_champion_version"] == "1"
-    assert cessl("promote", name) in (0, 1)  # the gate decides on the frozen set (either way)
+    assert cessl("promote", production) in (0, 1)  # the gate decides on the frozen set (either way)
     comparison = json.loads(client.get_model_version(name, "2").tags["promotion_comparison"])
     assert comparison["n_records"] == len(frozen_ids) and "not comparable" not in comparison["basis"]
-    champion = str(client.get_model_version_by_alias(name, "champion").version)
+    champion = client.get_model_version_by_alias(production, "champion").tags["cessl.source_candidate"].split("/")[-1]
 
     # -- an explicit refresh: recorded; the gate waits for a run on the new set --------------
-    assert cessl("testset", "refresh", name, "--reason", "cardiology asked for a larger test set") == 0
+    assert cessl("testset", "refresh", production, "--reason", "cardiology asked for a larger test set") == 0
     assert [e.action for e in history(client, name)].count("testset_refresh") == 1
-    assert cessl("promote", name) == 1
+    assert cessl("promote", production) == 1
     assert "refreshed" in client.get_model_version(name, "2").tags["promotion_comparison"]
     assert cessl("run", *run_args) == 0
     v3 = version_split(client, name, "3", tmp_path)
@@ -427,6 +432,6 @@ def test_retrain_after_data_add_never_scores_a_model_on_its_training_records(tmp
     assert challenger_ids == champion_ids and set(champion_ids) == set(v3.test), "champion re-scored on the new set"
     assert client.get_model_version(name, "3").tags[testsets.TAG_VERSION] == "2"
     assert file_md5(exported) == pointer.md5  # the DVC copy follows the new version
-    cessl("promote", name)
+    cessl("promote", production)
     comparison = json.loads(client.get_model_version(name, "3").tags["promotion_comparison"])
     assert "not comparable" not in comparison["basis"] and comparison["n_records"] == len(v3.test)

@@ -2,7 +2,9 @@
 
 - ``access init``: as an MLflow admin (``MLFLOW_TRACKING_USERNAME`` / ``PASSWORD``), create or
   update the pipeline identity, the release managers and the reviewers and set their
-  permissions (:mod:`pipeline.registry.access`). Passwords come from ``CESSL_PASSWORD_<USER>`` or a
+  permissions (:mod:`pipeline.registry.access`): the pipeline writes only the candidates
+  models (``<model>-candidates``) and reads the production models; release managers manage
+  the production models. Passwords come from ``CESSL_PASSWORD_<USER>`` or a
   ``user:password`` file (``--passwords FILE``, ``-`` for stdin), never from the command
   line; they are never logged. Re-run it after adding a site (its model is created then).
 - ``access check NAME``: who this process is on the server and its permission on a model.
@@ -151,7 +153,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         type=registered_model,
         metavar="NAME",
-        help="a production model (repeatable; default cessl-ecg)",
+        help="a production model (repeatable; default cessl-ecg); its <NAME>-candidates model is set up too",
     )
     init.add_argument("--site", action="append", default=[], metavar="SITE", help="also <model>-<SITE> (repeatable)")
     init.add_argument("--all-sites", action="store_true", help="also <model>-<site> of every site of --sites")

@@ -1,10 +1,14 @@
 """`cessl promote | rollback | predict | models`: the MLflow model registry from the shell.
 
-- ``promote NAME``: ``champion`` moves to the ``challenger`` only if the paired-bootstrap gate
-  passes (``pipeline.registry.policy``: lower bound of the 95% interval of challenger - champion on
-  the same records above ``--margin`` >= 0, no class's F-beta2 lower by more than
-  ``--max-class-drop``, a production method). Exit 0 when promoted, 1 when refused (the
-  numbers are printed); ``--force --reason TEXT`` promotes anyway and records who and why.
+- ``promote NAME``: the ``challenger`` of ``NAME-candidates`` (what the pipeline registered) is
+  copied into the production model ``NAME`` and becomes its ``champion`` only if the
+  paired-bootstrap gate passes on evidence recomputed here (``pipeline.registry.policy``,
+  ``pipeline.registry.evidence``: both models loaded with their digests checked, scored on the
+  frozen test records read from ``--source`` (default: the run's source), lower bound of the
+  95% interval of challenger - champion above ``--margin`` >= 0, no class's F-beta2 lower by
+  more than ``--max-class-drop``, a production method). Exit 0 when promoted, 1 when refused
+  (the recomputed numbers are printed; a missing or altered model or a baseline in one line);
+  ``--force --reason TEXT`` overrides the statistics only, and records who and why.
 - ``rollback NAME``: the previous champion gets ``champion`` back.
 - Both, against an MLflow server with authentication, first check that the authenticated user
   (``MLFLOW_TRACKING_USERNAME``) holds ``MANAGE`` on every target model (release managers,
@@ -83,7 +87,16 @@ def print_decision(decision: PromotionDecision, console=None) -> None:
     colour = {"promoted": "green", "forced": "yellow", "refused": "red"}[decision.label]
     console = console or Console()
     console.print(Text(decision.label.upper(), style=f"bold {colour}") + Text(f": {decision.reason}"))
-    console.print(Text(decision.comparison.describe()))
+    if decision.integrity:
+        return  # the challenger cannot be judged at all: the one line says why
+    c = decision.comparison
+    console.print(Text(c.describe()))
+    if decision.production_version is not None:
+        console.print(
+            Text(
+                f"{decision.candidates} v{c.challenger_version} copied as production version v{decision.production_version}"
+            )
+        )
     if decision.forced:
         console.print(Text(f"forced by {decision.who}: {decision.force_reason}"))
     if decision.history:
@@ -99,10 +112,18 @@ def run_promote(
     max_class_drop: float = GateConfig.max_class_drop,
     signer: Signer | None = None,
     trust: Trust | None = None,
+    source: str = "",
 ) -> PromotionDecision:
     gate = GateConfig(metric=metric, margin=margin, max_class_drop=max_class_drop)
     decision = promote(
-        tracking.client(), tracking.model_name, gate, force=force, reason=reason, signer=signer, trust=trust
+        tracking.client(),
+        tracking.model_name,
+        gate,
+        force=force,
+        reason=reason,
+        signer=signer,
+        trust=trust,
+        source=source,
     )
     print_decision(decision)
     return decision
@@ -160,12 +181,21 @@ def cmd_promote(args: argparse.Namespace) -> int:
             args.max_class_drop,
             signer=signer,
             trust=trust,
+            source=_promote_source(args, name, names),
         )
         if not decision.promoted:
             refused.append(name)
     if len(names) > 1:
         log.info("%d of %d site models promoted%s", len(names) - len(refused), len(names), _refused(refused))
     return EXIT_REFUSED if refused else 0
+
+
+def _promote_source(args: argparse.Namespace, name: str, names: list[str]) -> str:
+    """Where promote reads the frozen test records: ``--source`` (one model only), else "" (the
+    challenger's run's source)."""
+    if args.source and len(names) > 1:
+        raise ParameterError("--source names one model's data: promote one --site at a time with it")
+    return args.source or ""
 
 
 def _refused(names: list[str]) -> str:
@@ -352,7 +382,16 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         default=GateConfig.max_class_drop,
         help="largest allowed F-beta2 drop of any scored class (default: %(default)s)",
     )
-    pr.add_argument("--force", action="store_true", help="promote even if the gate refuses (needs --reason)")
+    pr.add_argument(
+        "--source",
+        default="",
+        help="the data holding the frozen test records (folder or s3://; default: the challenger's run's source)",
+    )
+    pr.add_argument(
+        "--force",
+        action="store_true",
+        help="promote even if the statistics refuse (needs --reason; never a missing/altered model or a baseline)",
+    )
     pr.add_argument(
         "--reason",
         default="",

@@ -46,6 +46,7 @@ from pipeline.dags.finetune import (
 from pipeline.registry.lineage import git_commit, push_data_version, read_data_version, source_data_version
 from pipeline.registry.policy import registered_model_name
 from pipeline.registry.store import TrackingConfig
+from pipeline.registry.tracking import candidates_model_name
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def summarise_run(
     run = client.get_run(run_id)
     tracking.activate()
     rank_map = mlflow.artifacts.load_dict(f"runs:/{run_id}/rank_map.json")
-    mv = client.get_model_version(tracking.model_name, version)
+    mv = client.get_model_version(candidates_model_name(tracking.model_name), version)  # the pipeline's version
     return RunSummary(
         data_version=run.data.tags.get("data_version", params.data_version),
         git_commit=params.git_commit,
@@ -310,7 +311,11 @@ def _run(args: argparse.Namespace, params: PipelineParams) -> int:
 
         run_promote(tracking, args.promote_metric, args.promote_margin, force=False)
         summary.aliases = list(
-            getattr(tracking.client().get_model_version(tracking.model_name, summary.model_version), "aliases", [])
+            getattr(
+                tracking.client().get_model_version(candidates_model_name(tracking.model_name), summary.model_version),
+                "aliases",
+                [],
+            )
         )
     if args.json:
         Path(args.json).write_text(json.dumps(summary.to_json(), indent=2, sort_keys=True), encoding="utf-8")
@@ -325,7 +330,7 @@ def testset_pending(tracking: TrackingConfig) -> int:
     """The version of a refreshed test set no run has drawn yet (0 when none is pending)."""
     from pipeline.registry.testsets import REDRAW, current
 
-    pointer = current(tracking.client(), tracking.model_name)
+    pointer = current(tracking.client(), candidates_model_name(tracking.model_name))
     return pointer.version if pointer is not None and pointer.status == REDRAW else 0
 
 
@@ -334,7 +339,7 @@ def export_testset(tracking: TrackingConfig) -> None:
     from pipeline.registry.testsets import export
 
     try:
-        path = export(tracking.client(), tracking.model_name, Path.cwd())
+        path = export(tracking.client(), candidates_model_name(tracking.model_name), Path.cwd())
     except Exception as err:  # the registry holds the set; this file is a copy
         log.warning("frozen test set of %s not written to testsets/: %s", tracking.model_name, err)
         return

@@ -24,10 +24,17 @@ log = logging.getLogger(__name__)
 
 def _client(args: argparse.Namespace):
     """The registry's client, once its store exists and answers (``preflight.registry_tracking``:
-    the same check as every registry command; a test-set verb never creates a store)."""
+    the same check as every registry command; a test-set verb never creates a store). A
+    production model's name is taken to mean its candidates model, which holds the frozen
+    test set the pipeline froze (``args.name`` is set to it)."""
     from pipeline.cli.preflight import registry_tracking
+    from pipeline.registry.testsets import current
+    from pipeline.registry.tracking import candidates_model_name
 
-    return registry_tracking(args.tracking_uri, args.name).client()
+    client = registry_tracking(args.tracking_uri, args.name).client()
+    if current(client, args.name) is None and current(client, candidates_model_name(args.name)) is not None:
+        args.name = candidates_model_name(args.name)
+    return client
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -68,14 +75,16 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     from pipeline.registry.audit import history
     from pipeline.registry.policy import champion_history
     from pipeline.registry.testsets import current, refresh
+    from pipeline.registry.tracking import production_model_name
 
     client = _client(args)
     past: list[str] = []
+    production = production_model_name(args.name)
     if current(client, args.name) is not None:
-        # every version ever named champion, by the history tag or by a decision in the audit
-        # log: excluding more training records from the redraw is the safe side
-        decided = [e.champion["version"] for e in history(client, args.name) if e.champion.get("version")]
-        past = sorted({*champion_history(client, args.name), *decided}, key=int)
+        # every production version ever named champion, by the history tag or by a decision in
+        # the audit log: excluding more training records from the redraw is the safe side
+        decided = [e.champion["version"] for e in history(client, production) if e.champion.get("version")]
+        past = sorted({*champion_history(client, production), *decided}, key=int)
     pending = refresh(client, args.name, args.reason, past_champions=past)
     print(
         f"{args.name}: test set v{pending.version} recorded (by {pending.created_by}: {pending.reason}); "

@@ -138,11 +138,11 @@ def resolve_testset(model_name: str, method: str, tracking_uri: str, frozen_test
     from pipeline.core.process import die_with_parent
 
     die_with_parent()  # a task dies with the process that started it (kill -9 of cessl run)
-    from pipeline.registry.policy import registered_model_name
+    from pipeline.registry.policy import registration_model_name
     from pipeline.registry.store import TrackingConfig
     from pipeline.registry.testsets import resolve_reference
 
-    name = registered_model_name(model_name, method)
+    name = registration_model_name(model_name, method)  # the candidates model holds the frozen test set
     return resolve_reference(TrackingConfig.resolve(tracking_uri, model_name=name), frozen_testset)
 
 
@@ -383,10 +383,10 @@ def score_champion(
     tracking_uri: str,
     champion_evaluation: Output[Artifact],
 ) -> str:
-    """The registry's current champion scored on this run's test split (as evaluate scores the
-    new model), its per-record predictions and the paired bootstrap of the new model against
-    it on the same records (the promotion gate's evidence), or an explicit "no champion";
-    returns the champion's version ("" for none)."""
+    """The production model's current champion scored on this run's test split (as evaluate
+    scores the new model), its per-record predictions and the paired bootstrap of the new model
+    against it on the same records (for the run's report: ``cessl promote`` recomputes its own
+    evidence), or an explicit "no champion"; returns the champion's version ("" for none)."""
     from pipeline.core.process import die_with_parent
 
     die_with_parent()  # a task dies with the process that started it (kill -9 of cessl run)
@@ -423,7 +423,9 @@ def register(
     site: Optional[dict] = None,  # noqa: UP045 (KFP: Optional, not X | None)
     network_id: str = "",
 ) -> NamedTuple("RegisterOutputs", [("run_id", str), ("model_version", str)]):
-    """Log the run to MLflow and register the adapter as a model version (alias challenger).
+    """Log the run to MLflow and register the adapter as a version of the candidates model
+    (``<model>-candidates``: the pipeline never writes a production model), with the digests of
+    its artifacts; alias ``challenger`` for a production method only.
 
     ``site`` / ``network_id``: a hospital network's run (``pipeline.dags.network``): ``site`` is
     the site's loop item (its name, its registered model ``<model>-<site>``, source and
@@ -445,7 +447,7 @@ def register(
     from pipeline.core.logsafe import name_task_logs
     from pipeline.core.params import PipelineParams, field_types
     from pipeline.registry.lineage import lineage_tags, params_as_run, step_records
-    from pipeline.registry.policy import registered_model_name
+    from pipeline.registry.policy import registration_model_name
     from pipeline.registry.store import TrackingConfig
     from pipeline.registry.testsets import after_registration
     from pipeline.registry.tracking import log_and_register
@@ -480,7 +482,7 @@ def register(
         bundle.run_name = site_run_name(str(site["name"]), bundle.run_name)
         if network_id:
             bundle.tags[TAG_NETWORK] = network_id
-    name = registered_model_name(run.model_name, run.method)
+    name = registration_model_name(run.model_name, run.method)  # <model>-candidates: never a production model
     tracking = TrackingConfig.resolve(run.tracking_uri, run.experiment_name, name)
     lineage = lineage_tags(run.git_commit, kfp_run_id, kfp_run_name, kfp_pipeline_name)
     result = log_and_register(bundle, tracking, lineage)

@@ -1,34 +1,35 @@
 """Who may change the model registry: MLflow's basic-auth users and permissions.
 
 An MLflow server started with ``--app-name basic-auth`` (``deploy/mlflow.yaml``) knows users
-and per-resource permissions (``READ`` < ``USE`` < ``EDIT`` < ``MANAGE``). Three roles:
+and per-resource permissions (``READ`` < ``USE`` < ``EDIT`` < ``MANAGE``). Separated duties,
+three roles, per production model ``M`` and its candidates model ``M-candidates``
+(``pipeline.registry.tracking.candidates_model_name``: where the pipeline registers):
 
 - the **pipeline** identity (its Secret in the cluster) creates experiments and runs (it
-  MANAGEs what it creates), registers versions and sets ``challenger``: ``EDIT`` on each
-  production model, ``READ`` on every model and experiment, ``EDIT`` on the audit experiment;
-- **release managers** promote and roll back (move ``champion``): ``MANAGE`` on each
-  production model, ``READ`` on every model and experiment, ``EDIT`` on the audit experiment;
+  MANAGEs what it creates), registers versions into ``M-candidates`` and sets ``challenger``
+  there: ``EDIT`` on each candidates model, only ``READ`` on every production model (and on
+  every other model and experiment), ``EDIT`` on the audit experiment;
+- **release managers** promote and roll back: ``cessl promote`` copies a candidate into ``M``
+  (``copy_model_version``) and moves ``champion``: ``MANAGE`` on each production model,
+  ``EDIT`` on each candidates model (the decision's tags, test-set refreshes), ``READ`` on
+  every model and experiment, ``EDIT`` on the audit experiment;
 - **reviewers** read: ``READ`` on every model and experiment.
 
 :func:`plan_grants` says exactly which; :func:`apply_plan` (``cessl access init``) creates or
-updates the users and grants through MLflow's own auth client, creates the production models
-and the audit experiment first (as the admin: whoever creates a model MANAGEs it, and the
-pipeline must not create a production model), and turns a pipeline's MANAGE on a production
-model it created earlier into EDIT.
+updates the users and grants through MLflow's own auth client, creates the production and
+candidates models and the audit experiment first (as the admin: whoever creates a model
+MANAGEs it, and the pipeline must create neither), and drops every per-user grant on those
+models that the plan does not give (a pipeline's earlier ``EDIT`` on a production model,
+a reviewer's ``MANAGE`` on a model it created).
 
-What the server enforces and what cessl does (MLflow 3.17.2, read in
-``mlflow/server/auth/__init__.py``): setting *any* alias (``SetRegisteredModelAlias``) needs
-``EDIT`` on the model, so the server cannot tell ``challenger`` from ``champion``; deleting an
-alias, a version or the model, and changing permissions, need ``MANAGE``. So the server
-refuses the pipeline any delete and any permission change on a production model, refuses
-reviewers every write to what they did not create, and refuses anonymous calls (401). (Any
-authenticated user may create a *new* experiment or model and MANAGEs it: hence the
-production models are created here first, and a production model's per-user grants are
-reset to the plan: a reviewer who created one keeps only READ.) Moving ``champion`` is refused to
-the pipeline by cessl: :func:`require_model_permission` (called by ``pipeline.registry.policy``'s
-``promote``/``rollback`` before any change) requires ``MANAGE`` on the model. A client that
-calls MLflow's REST API directly with the pipeline's credentials can still move
-``champion``; that move then has no entry in the audit log.
+What the server enforces (MLflow 3.17.2, read in ``mlflow/server/auth/__init__.py``): a new
+version, a version tag and *any* alias (``SetRegisteredModelAlias``) need ``EDIT`` on the
+model; deleting an alias, a version or the model, and changing permissions, need ``MANAGE``;
+copying a version needs ``READ`` on the source model and ``EDIT`` on the target. So the
+server itself refuses the pipeline every write to a production model: no version, no tag,
+no alias (``champion`` included), no delete; it refuses reviewers every write to what they
+did not create, and anonymous calls (401). cessl adds :func:`require_model_permission`:
+``promote`` / ``rollback`` require ``MANAGE`` on the production model before any change.
 """
 
 from __future__ import annotations
@@ -108,15 +109,24 @@ class AccessPlan:
         }
 
 
+def candidates_of(models: Sequence[str]) -> tuple[str, ...]:
+    """The candidates model of each production model (where the pipeline registers)."""
+    from pipeline.registry.tracking import candidates_model_name
+
+    return tuple(candidates_model_name(m) for m in models)
+
+
 def role_grants(role: str, models: Sequence[str], audit_experiment: str) -> tuple[Grant, ...]:
-    """The permissions of ``role`` (see the module's doc)."""
+    """The permissions of ``role`` on the production ``models`` and their candidates models
+    (see the module's doc); every other model and experiment: ``READ``."""
     read_all = (Grant(MODEL, ALL, READ), Grant(EXPERIMENT, ALL, READ))
     if role == REVIEWER:
         return read_all
-    per_model = EDIT if role == PIPELINE else MANAGE
     if role not in (PIPELINE, RELEASE_MANAGER):
         raise ParameterError(f"unknown role {role!r}; one of {ROLES}")
-    return (*read_all, Grant(EXPERIMENT, audit_experiment, EDIT), *(Grant(MODEL, m, per_model) for m in models))
+    candidates = tuple(Grant(MODEL, m, EDIT) for m in candidates_of(models))
+    production = () if role == PIPELINE else tuple(Grant(MODEL, m, MANAGE) for m in models)
+    return (*read_all, Grant(EXPERIMENT, audit_experiment, EDIT), *production, *candidates)
 
 
 def plan_grants(plan: AccessPlan) -> dict[str, tuple[Grant, ...]]:
@@ -287,7 +297,8 @@ def _ensure_model(tracking, name: str) -> bool:
     except MlflowException as err:
         if _error_code(err) != "RESOURCE_DOES_NOT_EXIST":
             raise
-    tracking.create_registered_model(name, description="production model (created by `cessl access init`)")
+    what = "candidates model: the pipeline registers here" if name.endswith("-candidates") else "production model"
+    tracking.create_registered_model(name, description=f"{what} (created by `cessl access init`)")
     return True
 
 
@@ -356,7 +367,8 @@ def apply_plan(
     auth = get_app_client("basic-auth", tracking_uri=tracking_uri)
     tracking = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     users = {user: _ensure_user(auth, user, password_of(user)) for user in plan.roles()}
-    created = [m for m in plan.models if _ensure_model(tracking, m)]
+    governed = (*plan.models, *candidates_of(plan.models))
+    created = [m for m in governed if _ensure_model(tracking, m)]
     audit_id = _ensure_experiment(tracking, plan.audit_experiment)
     grants = plan_grants(plan)
     for user, user_grants in grants.items():
@@ -364,10 +376,10 @@ def apply_plan(
             resource_id = audit_id if grant.resource_type == EXPERIMENT and grant.resource != ALL else grant.resource
             _set_grant(auth, user, grant.resource_type, resource_id, grant.permission)
         granted = {g.resource for g in user_grants if g.resource_type == MODEL}
-        for model in set(plan.models) - granted:  # e.g. a reviewer who created a site's model first
+        for model in set(governed) - granted:  # the pipeline's old EDIT on production; a reviewer's own model
             _revoke(auth, user, MODEL, model)
     for user, done in users.items():
         log.info("user %s (%s): %s", user, plan.roles()[user], done)
     if created:
-        log.info("created production models: %s", ", ".join(created))
+        log.info("created registered models: %s", ", ".join(created))
     return AccessReport(users, created, grants)

@@ -1,35 +1,43 @@
-"""Model registry policy: naming, the challenger/champion gate, the champion history, rollback.
+"""Model registry policy: naming, separated duties, the challenger/champion gate, rollback.
 
 - Naming (:func:`registered_model_name`, the one place): a run of a production method
-  (``TrainingMethod.production``) registers under ``cessl-ecg``; any other method (the
-  baselines) under ``cessl-ecg-experiments``, unless the run names the model explicitly.
-- Every registered version gets the alias ``challenger`` (``pipeline.registry.tracking``).
-- :func:`promote` moves ``champion`` to the challenger only if
+  (``TrainingMethod.production``) belongs to ``cessl-ecg``; any other method (the
+  baselines) to ``cessl-ecg-experiments``, unless the run names the model explicitly.
+- Separated duties: the pipeline registers only into the *candidates* model of that name,
+  ``<model>-candidates`` (:func:`registration_model_name`; per site ``<model>-<site>-candidates``),
+  and sets ``challenger`` there for a production method only. The production model
+  ``<model>`` receives a version only from :func:`promote` (a release manager, ``MANAGE``):
+  ``MlflowClient.copy_model_version`` of the candidate (its tags kept, plus
+  :data:`~pipeline.registry.tracking.TAG_SOURCE_CANDIDATE` naming it), then ``champion``.
+  On an MLflow server ``cessl access init`` gives the pipeline ``READ`` on every production
+  model, so the server itself refuses it any alias or version there
+  (:mod:`pipeline.registry.access`).
+- :func:`promote` never trusts numbers the pipeline wrote. It loads the challenger and the
+  champion (their artifacts checked against their recorded digests), reads the frozen test
+  set's records from the data (content hashes checked) and recomputes the evidence
+  (:mod:`pipeline.registry.evidence`). ``champion`` moves to (a copy of) the challenger only if
 
-  1. its ``method`` tag is a production method, and
-  2. with a champion: the paired bootstrap that the pipeline's ``score_champion`` step
-     computed over the challenger's test records (both models' per-record predictions on the
-     same records, :mod:`ml.eval.bootstrap`) gives a lower bound of the 95% interval of
+  1. its adapter was trained with a production method (never overridable: a baseline never
+     reaches a production model), and its model loads and matches its digests (never
+     overridable either);
+  2. with a champion: the paired bootstrap of both models' predictions on the same frozen
+     records (:mod:`ml.eval.bootstrap`) gives a lower bound of the 95% interval of
      ``challenger - champion`` (macro F-beta2 by default) above the margin (>= 0), and no
-     scored class's F-beta2 drops by more than ``max_class_drop``. A version without that
-     evidence against the current champion (older runs, a champion that could not be
-     scored) is refused as not comparable - never decided on point estimates;
-  Both only on the model's frozen test set (:mod:`pipeline.registry.testsets`): a challenger scored
-  on another version of it (or before a pending refresh is drawn) is not comparable;
-  3. without a champion: no other production version of the model scored higher on the
-     same test split (the challenger's point estimate; there is no pair to bootstrap), else
-     it is refused, naming the better version.
+     scored class's F-beta2 drops by more than ``max_class_drop``. A challenger that cannot be
+     compared (not scored on the model's current frozen test set, a champion that cannot be
+     loaded or scored, no frozen record in the data) is refused as not comparable;
+  3. without a champion: no other production candidate on the same test split scores higher
+     on the frozen records (each rescored here), else it is refused, naming the better version.
 
-  ``force`` (with a reason) is the only override; who forced and why are recorded.
+  ``force`` (with a reason) overrides 2 and 3 only; who forced and why are recorded.
 - Who may: on an MLflow server with authentication, :func:`promote` and :func:`rollback`
-  first require ``MANAGE`` on the model (release managers, :mod:`pipeline.registry.access`; the
-  server itself lets anyone with ``EDIT`` set any alias) and fail before any change
-  otherwise; the audit log names the authenticated user.
+  first require ``MANAGE`` on the production model and fail before any change otherwise;
+  the audit log names the authenticated user.
 - Every decision (and every rollback, and every ``challenger`` alias the pipeline sets) is
   appended to the model's audit log (:mod:`pipeline.registry.audit`); the version tags keep the last
   decision for convenience only.
-- The champion history is a registered-model tag (JSON list of versions, oldest first),
-  so :func:`rollback` restores the previous champion.
+- The champion history is a registered-model tag (JSON list of production versions, oldest
+  first), so :func:`rollback` restores the previous champion.
 """
 
 from __future__ import annotations
@@ -46,16 +54,21 @@ from typing import Any
 from ml.errors import CesslError
 from pipeline.registry.access import client_tracking_uri, require_model_permission
 from pipeline.registry.audit import AuditEntry, current_user, evidence_digest, record
+from pipeline.registry.evidence import EvidenceError, LoadedModel, fetch_model, frozen_test_records, paired, score
 from pipeline.registry.lineage import TAG_DATA_VERSION
 from pipeline.registry.signing import Signer, Trust, find_signer, find_trust
 from pipeline.registry.store import TrackingConfig
 from pipeline.registry.tracking import (
     CHALLENGER,
     CHAMPION,
-    TAG_COMPARED_CHAMPION,
+    TAG_DIGEST_ADAPTER,
+    TAG_METHOD,
+    TAG_SOURCE_CANDIDATE,
     TAG_TEST_SPLIT,
     TEST_PREFIX,
+    candidates_model_name,
     current_alias,
+    is_production_method,
 )
 from pipeline.registry.verify import Verification, verify_model
 
@@ -64,9 +77,12 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "cessl-ecg"
 EXPERIMENTS_SUFFIX = "-experiments"
 GATE_METRICS = ("macro_f_beta", "macro_g_beta")  # ml.eval.bootstrap.BOOTSTRAP_METRICS
-GATE_ARTIFACT = "champion/paired_bootstrap.json"  # components.register.CHAMPION_ARTIFACT_DIR / GATE_FILE
+# The pipeline's own paired bootstrap (components.register.CHAMPION_ARTIFACT_DIR / GATE_FILE): shown in
+# the run, never read by promote (the gate recomputes its evidence).
+GATE_ARTIFACT = "champion/paired_bootstrap.json"
 HISTORY_TAG = "champion_history"
-TAG_METHOD = "method"
+TAG_SITE = "site"  # pipeline.registry.network_tracking.TAG_SITE: a network run's site
+PARAM_SOURCE = "source"  # the run's data source (where promote reads the frozen test records by default)
 TAG_DECISION = "promotion_decision"
 TAG_COMPARISON = "promotion_comparison"
 TAG_PREVIOUS = "previous_champion"
@@ -79,20 +95,18 @@ class RegistryError(CesslError):
 # --------------------------------------------------------------------------- naming
 
 
-def is_production_method(method: str) -> bool:
-    """Whether ``method`` is a registered training method marked ``production``."""
-    from ml.train.methods import METHODS
-
-    entry = METHODS.get(method)
-    return bool(entry is not None and entry.production)
-
-
 def registered_model_name(model_name: str, method: str) -> str:
     """The registered model a run goes to: ``model_name`` when given explicitly, else
     ``cessl-ecg`` for a production method and ``cessl-ecg-experiments`` for any other."""
     if model_name:
         return model_name
     return DEFAULT_MODEL_NAME if is_production_method(method) else DEFAULT_MODEL_NAME + EXPERIMENTS_SUFFIX
+
+
+def registration_model_name(model_name: str, method: str) -> str:
+    """The model the pipeline registers a run into: the candidates model of
+    :func:`registered_model_name` (``cessl-ecg-candidates``...)."""
+    return candidates_model_name(registered_model_name(model_name, method))
 
 
 def site_model_name(model_name: str, site: str) -> str:
@@ -137,12 +151,12 @@ class GateConfig:
 
 @dataclass
 class Comparison:
-    """The numbers a decision rests on."""
+    """The numbers a decision rests on, recomputed at promotion (:mod:`pipeline.registry.evidence`)."""
 
     metric: str
-    challenger_version: str
+    challenger_version: str  # the candidate version
     challenger_value: float | None
-    champion_version: str | None
+    champion_version: str | None  # the production version
     champion_value: float | None
     margin: float
     basis: str  # where the numbers come from (or why they are not comparable)
@@ -155,7 +169,10 @@ class Comparison:
     n_resamples: int | None = None
     max_class_drop: float = 0.05
     class_drops: dict[str, float] = field(default_factory=dict)  # champion - challenger F-beta2 per class
-    better_versions: dict[str, float] = field(default_factory=dict)  # no champion: higher on the same split
+    better_versions: dict[str, float] = field(default_factory=dict)  # no champion: higher on the same records
+    testset_version: int | None = None  # the frozen test set the records came from
+    testset_md5: str = ""
+    digests: dict[str, dict[str, str]] = field(default_factory=dict)  # "challenger"/"champion" -> digest tags
 
     @property
     def failing_classes(self) -> dict[str, float]:
@@ -168,12 +185,12 @@ class Comparison:
         if self.champion_version is None:
             rivals = ", ".join(f"v{v} {x:.4f}" for v, x in self.better_versions.items())
             return (
-                f"{self.metric}: challenger v{self.challenger_version} {fmt(self.challenger_value)}, no champion yet"
-                + (f"; higher on the same test split: {rivals}" if rivals else f"; {self.basis}")
+                f"{self.metric} (recomputed): challenger v{self.challenger_version} {fmt(self.challenger_value)}, "
+                "no champion yet" + (f"; higher on the same records: {rivals}" if rivals else f"; {self.basis}")
             )
         text = (
-            f"{self.metric}: challenger v{self.challenger_version} {fmt(self.challenger_value)} vs champion "
-            f"v{self.champion_version} {fmt(self.champion_value)}"
+            f"{self.metric} (recomputed): challenger v{self.challenger_version} {fmt(self.challenger_value)} vs "
+            f"champion v{self.champion_version} {fmt(self.champion_value)}"
         )
         if self.ci_low is None:
             return f"{text} ({self.basis})"
@@ -181,8 +198,8 @@ class Comparison:
         worst_class = class_label(worst[0]) if worst[0] != "-" else "-"
         return (
             f"{text}; difference {fmt(self.estimate)}, {100 * (self.confidence or 0):.0f}% CI "
-            f"[{fmt(self.ci_low)}, {fmt(self.ci_high)}] over {self.n_records} records "
-            f"({self.n_resamples} paired resamples), needs lower bound > {self.margin:g}; "
+            f"[{fmt(self.ci_low)}, {fmt(self.ci_high)}] over {self.n_records} records of frozen test set "
+            f"v{self.testset_version} ({self.n_resamples} paired resamples), needs lower bound > {self.margin:g}; "
             f"largest class drop {worst[1]:.4f} ({worst_class}), allowed {self.max_class_drop:g}"
         )
 
@@ -197,6 +214,9 @@ class PromotionDecision:
     history: list[str] = field(default_factory=list)
     who: str = ""
     force_reason: str = ""
+    candidates: str = ""  # the candidates model the challenger is a version of
+    production_version: str | None = None  # promoted: the challenger's copy in the production model
+    integrity: bool = False  # refused because the challenger's model is missing, altered or a baseline
 
     @property
     def label(self) -> str:
@@ -221,6 +241,9 @@ class RollbackResult:
 
 
 def champion_history(client, name: str) -> list[str]:
+    """The production versions that were champion, oldest first ([] for a model not created yet)."""
+    if not _model_exists(client, name):
+        return []
     tags = client.get_registered_model(name).tags or {}
     raw = tags.get(HISTORY_TAG)
     if not raw:
@@ -231,27 +254,7 @@ def champion_history(client, name: str) -> list[str]:
         raise RegistryError(f"model {name}: tag {HISTORY_TAG} is not a JSON list ({err})") from err
 
 
-def _run_metric(client, run_id: str, key: str) -> float | None:
-    value = client.get_run(run_id).data.metrics.get(key)
-    return None if value is None or not math.isfinite(value) else float(value)
-
-
-def read_gate_evidence(client, run_id: str) -> dict[str, Any] | None:
-    """The paired bootstrap logged with a run (``champion/paired_bootstrap.json``), or None."""
-    from mlflow.exceptions import MlflowException
-
-    with tempfile.TemporaryDirectory(prefix="cessl-gate-") as tmp:
-        try:
-            path = client.download_artifacts(run_id, GATE_ARTIFACT, tmp)
-        except (MlflowException, OSError):
-            return None
-        try:
-            return json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return None
-
-
-def _base(gate: GateConfig, challenger, challenger_value: float | None) -> dict[str, Any]:
+def _base(gate: GateConfig, challenger, challenger_value: float | None = None) -> dict[str, Any]:
     return dict(
         metric=gate.metric,
         challenger_version=str(challenger.version),
@@ -261,77 +264,137 @@ def _base(gate: GateConfig, challenger, challenger_value: float | None) -> dict[
     )
 
 
-def compare(client, name: str, gate: GateConfig, challenger, champion) -> Comparison:
-    """The evidence for promoting ``challenger`` over ``champion`` (or why there is none)."""
-    from pipeline.registry.testsets import gate_problem  # numpy: not on the command line's start-up path
+@dataclass(frozen=True)
+class GateInputs:
+    """Where :func:`compare` finds what it recomputes: a scratch folder, and the data holding
+    the frozen test records ("" = the challenger's run's ``source``)."""
 
-    challenger_value = _run_metric(client, challenger.run_id, TEST_PREFIX + gate.metric)
-    problem = gate_problem(client, name, challenger)  # not scored on the model's frozen test set
-    if problem:
-        return Comparison(
-            champion_version=None if champion is None else str(champion.version),
-            champion_value=None,
-            basis=f"not comparable: {problem}",
-            **_base(gate, challenger, challenger_value),
-        )
-    if champion is None:
-        return _first_champion(client, name, gate, challenger, challenger_value)
-    base = _base(gate, challenger, challenger_value) | {"champion_version": str(champion.version)}
-    scored_against = challenger.tags.get(TAG_COMPARED_CHAMPION)
-    if scored_against != str(champion.version):
-        return Comparison(
-            champion_value=None,
-            basis=(
-                f"not comparable: v{challenger.version} was not scored against champion v{champion.version} "
-                f"on the same records (scored against: {scored_against or 'none'}); re-run the pipeline"
-            ),
-            **base,
-        )
-    evidence = read_gate_evidence(client, challenger.run_id)
-    interval = (evidence or {}).get("intervals", {}).get(gate.metric)
-    if evidence is None or interval is None or interval.get("ci_low") is None:
-        return Comparison(
-            champion_value=None,
-            basis=(
-                f"not comparable: v{challenger.version} has no paired bootstrap of {gate.metric} against the "
-                f"champion ({GATE_ARTIFACT}; registered before the gate existed?); re-run the pipeline"
-            ),
-            **base,
-        )
+    work_dir: Path
+    source: str = ""
+
+
+def _not_comparable(gate: GateConfig, challenger, champion, why: str, **extra: Any) -> Comparison:
     return Comparison(
-        champion_value=float(interval["champion"]),
-        basis=f"paired bootstrap over the challenger's test records, champion v{champion.version} scored on them",
-        comparable=math.isfinite(float(interval["ci_low"])),
-        estimate=float(interval["estimate"]),
-        ci_low=float(interval["ci_low"]),
-        ci_high=float(interval["ci_high"]),
-        confidence=float(evidence["confidence"]),
-        n_records=int(evidence["n_records"]),
-        n_resamples=int(evidence["n_resamples"]),
-        class_drops={c["name"]: float(c["drop"]) for c in evidence.get("per_class", [])},
-        **base | {"challenger_value": float(interval["challenger"])},
+        champion_version=None if champion is None else str(champion.version),
+        champion_value=None,
+        basis=f"not comparable: {why}",
+        **_base(gate, challenger) | extra,
     )
 
 
-def _first_champion(client, name: str, gate: GateConfig, challenger, challenger_value: float | None) -> Comparison:
-    """No champion yet: the production versions that scored higher on the same test split."""
-    split = challenger.tags.get(TAG_TEST_SPLIT)
-    better: dict[str, float] = {}
-    for version in client.search_model_versions(f"name = '{name}'"):
-        if str(version.version) == str(challenger.version) or not split:
-            continue
-        if version.tags.get(TAG_TEST_SPLIT) != split or not is_production_method(version.tags.get(TAG_METHOD, "")):
-            continue
-        value = _run_metric(client, version.run_id, TEST_PREFIX + gate.metric)
-        if value is not None and challenger_value is not None and value > challenger_value:
-            better[str(version.version)] = value
+def _records_of(client, candidates: str, challenger, inputs: GateInputs):
+    """The frozen test records of ``candidates``, read from the data the challenger's run used
+    (or ``inputs.source``)."""
+    source = inputs.source or client.get_run(challenger.run_id).data.params.get(PARAM_SOURCE, "")
+    if not source:
+        raise EvidenceError(f"{candidates} v{challenger.version}: its run names no data source; pass --source")
+    site = (challenger.tags or {}).get(TAG_SITE, "")
+    return frozen_test_records(client, candidates, source, site, inputs.work_dir)
+
+
+def compare(
+    client, name: str, gate: GateConfig, challenger, champion, challenger_model: LoadedModel, inputs: GateInputs
+) -> Comparison:
+    """The evidence for promoting ``challenger`` (a version of ``name``'s candidates model,
+    loaded as ``challenger_model``) over ``champion`` (a version of ``name``), recomputed here
+    on the frozen test records (or why there is none)."""
+    from pipeline.registry.testsets import gate_problem  # numpy: not on the command line's start-up path
+
+    candidates = candidates_model_name(name)
+    problem = gate_problem(client, candidates, challenger)  # not scored on the model's frozen test set
+    if problem:
+        return _not_comparable(gate, challenger, champion, problem)
+    try:
+        records = _records_of(client, candidates, challenger, inputs)
+        mine = score(challenger_model, records)
+    except EvidenceError as err:
+        return _not_comparable(gate, challenger, champion, str(err))
+    found = dict(
+        challenger_value=mine.metrics.get(gate.metric),
+        testset_version=records.testset_version,
+        testset_md5=records.testset_md5,
+        digests={"challenger": challenger_model.digests},
+    )
+    if champion is None:
+        return _first_champion(client, candidates, gate, challenger, challenger_model, records, found, inputs)
+    try:
+        champion_model = fetch_model(client, name, str(champion.version), inputs.work_dir)
+        theirs = score(champion_model, records)
+    except EvidenceError as err:
+        return _not_comparable(gate, challenger, champion, f"champion {err}", **found)
+    boot = paired(mine, theirs, records.classes)
+    interval = boot.intervals[gate.metric]
     return Comparison(
+        **_base(gate, challenger)
+        | found
+        | {
+            "challenger_value": float(interval.challenger),
+            "digests": found["digests"] | {"champion": champion_model.digests},
+        },
+        champion_version=str(champion.version),
+        champion_value=float(interval.champion),
+        basis=(
+            f"recomputed at promotion: both models loaded (digests checked) and scored on {records.describe()}, "
+            "paired bootstrap"
+        ),
+        comparable=math.isfinite(float(interval.ci_low)),
+        estimate=float(interval.estimate),
+        ci_low=float(interval.ci_low),
+        ci_high=float(interval.ci_high),
+        confidence=float(boot.confidence),
+        n_records=int(boot.n_records),
+        n_resamples=int(boot.n_resamples),
+        class_drops={c.name: float(c.drop) for c in boot.per_class},
+    )
+
+
+def _rivals(client, candidates: str, challenger, challenger_model: LoadedModel) -> list:
+    """The other production candidates on the challenger's test split (one per distinct adapter)."""
+    split = (challenger.tags or {}).get(TAG_TEST_SPLIT)
+    seen = {challenger_model.digests.get(TAG_DIGEST_ADAPTER, "")}
+    rivals = []
+    for version in sorted(client.search_model_versions(f"name = '{candidates}'"), key=lambda v: int(v.version)):
+        tags = version.tags or {}
+        if str(version.version) == str(challenger.version) or not split or tags.get(TAG_TEST_SPLIT) != split:
+            continue
+        if not is_production_method(tags.get(TAG_METHOD, "")) or tags.get(TAG_DIGEST_ADAPTER, "") in seen:
+            continue
+        seen.add(tags.get(TAG_DIGEST_ADAPTER, ""))
+        rivals.append(version)
+    return rivals
+
+
+def _first_champion(
+    client,
+    candidates: str,
+    gate: GateConfig,
+    challenger,
+    challenger_model: LoadedModel,
+    records,
+    found: dict[str, Any],
+    inputs: GateInputs,
+) -> Comparison:
+    """No champion yet: the other production candidates on the same test split, each loaded
+    and rescored here on the same records; those that score higher."""
+    mine = found["challenger_value"]
+    better: dict[str, float] = {}
+    for version in _rivals(client, candidates, challenger, challenger_model):
+        try:
+            value = score(fetch_model(client, candidates, str(version.version), inputs.work_dir), records).metrics
+        except EvidenceError as err:
+            log.info("%s v%s not considered: %s", candidates, version.version, err)
+            continue
+        rival = value.get(gate.metric)
+        if rival is not None and mine is not None and rival > mine:
+            better[str(version.version)] = rival
+    return Comparison(
+        **_base(gate, challenger) | found,
         champion_version=None,
         champion_value=None,
-        basis=f"no champion: compared with the production versions on test split {(split or '?')[:12]}",
-        comparable=challenger_value is not None and bool(split),
+        basis=f"no champion: every production candidate on the same test split rescored on {records.describe()}",
+        comparable=mine is not None,
+        n_records=len(records.ids),
         better_versions=dict(sorted(better.items(), key=lambda kv: -kv[1])),
-        **_base(gate, challenger, challenger_value),
     )
 
 
@@ -340,19 +403,14 @@ def verdict(comparison: Comparison, gate: GateConfig, method_ok: bool, method: s
     version = comparison.challenger_version
     if not method_ok:
         return False, f"v{version} was trained with method {method or '?'!r}, not a production method"
-    if comparison.challenger_value is None:
-        return False, f"challenger v{version} has no {TEST_PREFIX}{gate.metric} metric"
+    if not comparison.comparable:
+        basis = comparison.basis
+        return False, basis if basis.startswith("not comparable") else f"not comparable: {basis}"
     if comparison.champion_version is None:
-        if not comparison.comparable:
-            if comparison.basis.startswith("not comparable"):
-                return False, comparison.basis
-            return False, f"not comparable: v{version} has no test split hash"
         if comparison.better_versions:
             best = next(iter(comparison.better_versions))
-            return False, f"no champion yet, but v{best} scored higher on the same test split: promote that one"
-        return True, "no champion yet: no production version scored higher on the same test split"
-    if not comparison.comparable:
-        return False, comparison.basis
+            return False, f"no champion yet, but v{best} scored higher on the same records: promote that one"
+        return True, "no champion yet: no production candidate scored higher on the same records"
     if comparison.failing_classes:
         worst = ", ".join(f"{class_label(k)} -{d:.4f}" for k, d in comparison.failing_classes.items())
         return False, f"per-class non-inferiority fails (F-beta2 drop > {gate.max_class_drop:g}): {worst}"
@@ -429,12 +487,19 @@ def _record(
         "reason": decision.reason,
         "who": decision.who,
         "force_reason": decision.force_reason,
+        "production_version": decision.production_version,
     }
-    client.set_model_version_tag(name, version, TAG_DECISION, decision.label)
-    client.set_model_version_tag(name, version, TAG_COMPARISON, json.dumps(summary, sort_keys=True)[:5000])
-    versions = {"challenger": version}
+    tagged = [(decision.candidates or name, version)]
+    if decision.production_version is not None:
+        tagged.append((name, decision.production_version))
+    for model, model_version in tagged:
+        client.set_model_version_tag(model, model_version, TAG_DECISION, decision.label)
+        client.set_model_version_tag(model, model_version, TAG_COMPARISON, json.dumps(summary, sort_keys=True)[:5000])
+    versions = {"challenger": version, "candidate": f"{decision.candidates or name}/{version}"}
     if decision.previous_champion:
         versions["champion"] = decision.previous_champion
+    if decision.production_version is not None:
+        versions["production"] = decision.production_version
     why = decision.reason + (f"; forced by {decision.who}: {decision.force_reason}" if decision.forced else "")
     record(
         client,
@@ -452,78 +517,10 @@ def _record(
     )
 
 
-def _evidence(client, comparison: Comparison, challenger) -> dict[str, str]:
-    """Digests of what the decision rests on: the comparison and the gate's evidence file."""
-    evidence = {"comparison": evidence_digest(asdict(comparison))}
-    gate = read_gate_evidence(client, challenger.run_id)
-    if gate is not None:
-        evidence["gate_evidence"] = evidence_digest(gate)
-    return evidence
-
-
-def promote(
-    client,
-    name: str,
-    gate: GateConfig = GateConfig(),
-    force: bool = False,
-    reason: str = "",
-    signer: Signer | None = None,
-    trust: Trust | None = None,
-) -> PromotionDecision:
-    """Move ``champion`` to the challenger if the gate passes, or with ``force`` and a ``reason``.
-
-    Every call is recorded (version tags + a signed audit entry), refusals included. The
-    champion compared with is the one the last valid signed decision names (a moved alias is
-    put back by a refusal). ``signer`` / ``trust``: default :func:`find_signer` / :func:`find_trust`.
-    """
-    if force and not reason.strip():
-        raise RegistryError("--force needs --reason TEXT: who forced a promotion and why is recorded")
-    by = decider(client, name, "promote", signer, trust)  # before any change
-    challenger = current_alias(client, name, CHALLENGER)
-    if challenger is None:
-        raise RegistryError(f"model {name!r} has no version with the alias {CHALLENGER!r}")
-    state = verified_state(client, name, by.trust)
-    verified = state.expected_version
-    champion = None if verified is None else client.get_model_version(name, verified)
-    comparison = compare(client, name, gate, challenger, champion)
-    who = by.who
-    previous = verified
-    kept = {} if champion is None else champion_facts(champion)
-    past = [c["version"] for c in state.champions]
-    if previous == str(challenger.version):
-        decision = PromotionDecision(
-            False, False, f"v{previous} is already the champion", comparison, previous, who=who
-        )
-        decision.history = past
-        _restore_alias(client, name, state)
-        _record(client, name, decision, by, kept, _evidence(client, comparison, challenger))
-        return decision
-    method = challenger.tags.get(TAG_METHOD, "")
-    passed, why = verdict(comparison, gate, is_production_method(method), method)
-    decision = PromotionDecision(
-        promoted=passed or force,
-        forced=force and not passed,
-        reason=why,
-        comparison=comparison,
-        previous_champion=previous,
-        who=who,
-        force_reason=reason.strip() if force else "",
-    )
-    if decision.promoted:
-        history = [*past, str(challenger.version)]
-        client.set_registered_model_alias(name, CHAMPION, str(challenger.version))
-        client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
-        if previous is not None:
-            client.set_model_version_tag(name, str(challenger.version), TAG_PREVIOUS, previous)
-        decision.history = history
-        kept = champion_facts(challenger)
-        log.debug("%s v%s is the champion (%s): %s", name, challenger.version, decision.label, comparison.describe())
-    else:
-        decision.history = past
-        _restore_alias(client, name, state)
-        log.debug("%s v%s not promoted: %s; %s", name, challenger.version, why, comparison.describe())
-    _record(client, name, decision, by, kept, _evidence(client, comparison, challenger))
-    return decision
+def _evidence(comparison: Comparison) -> dict[str, str]:
+    """Digest of what the decision rests on: the comparison recomputed at promotion (its
+    figures, the frozen test set's version and digest, the models' artifact digests)."""
+    return {"comparison": evidence_digest(asdict(comparison))}
 
 
 def _restore_alias(client, name: str, state: Verification) -> None:
@@ -547,6 +544,172 @@ def rollback_problem(name: str, target: dict[str, str], current: dict[str, str])
                 f"{current.get(key) or 'none'!r}"
             )
     return ""
+
+
+def copy_to_production(client, name: str, candidates: str, challenger, challenger_model: LoadedModel) -> str:
+    """The production version of the candidate ``challenger``: an earlier copy of it, or a new
+    one (``copy_model_version``: its tags kept, plus the source candidate and the verified
+    digests)."""
+    source = f"{candidates}/{challenger.version}"
+    earlier = [
+        v
+        for v in client.search_model_versions(f"name = '{name}'")
+        if (v.tags or {}).get(TAG_SOURCE_CANDIDATE) == source
+    ]
+    if earlier:
+        version = str(min(int(v.version) for v in earlier))
+    else:
+        version = str(client.copy_model_version(f"models:/{source}", name).version)
+    for key, value in {TAG_SOURCE_CANDIDATE: source, **challenger_model.digests}.items():
+        client.set_model_version_tag(name, version, key, value)
+    return version
+
+
+@dataclass(frozen=True)
+class _Contest:
+    """What one promotion decides on: the models' names and versions, the gate, who decides
+    (with the key that signs), and the verified audit log the champion comes from."""
+
+    name: str  # the production model
+    candidates: str
+    gate: GateConfig
+    challenger: Any  # the candidate ModelVersion
+    champion: Any  # the production ModelVersion the last valid signed decision names, or None
+    by: Decider
+    state: Verification
+
+    @property
+    def previous(self) -> str | None:
+        return None if self.champion is None else str(self.champion.version)
+
+    @property
+    def past(self) -> list[str]:
+        """The champions valid decisions made, oldest first."""
+        return [c["version"] for c in self.state.champions]
+
+    def kept(self) -> dict[str, str]:
+        """The champion a refusal leaves in place ({} none)."""
+        return {} if self.champion is None else champion_facts(self.champion)
+
+
+def _refuse(client, contest: _Contest, why: str, comparison: Comparison | None = None, integrity: bool = False):
+    """A refusal decided before (or without) the statistics, recorded and signed. ``integrity``:
+    the challenger may never reach production (no loadable model, altered artifacts, a
+    baseline), whatever ``force`` says; the decision is one line."""
+    c = contest
+    comparison = comparison or _not_comparable(c.gate, c.challenger, c.champion, why)
+    if integrity:
+        comparison.basis = why
+    decision = PromotionDecision(
+        False, False, why, comparison, c.previous, c.past, who=c.by.who, candidates=c.candidates, integrity=integrity
+    )
+    _restore_alias(client, c.name, c.state)
+    _record(client, c.name, decision, c.by, c.kept(), _evidence(comparison))
+    log.debug("%s: candidate v%s refused: %s", c.name, c.challenger.version, why)
+    return decision
+
+
+def _already_champion(contest: _Contest) -> bool:
+    tags = {} if contest.champion is None else (contest.champion.tags or {})
+    return tags.get(TAG_SOURCE_CANDIDATE) == f"{contest.candidates}/{contest.challenger.version}"
+
+
+def promote(
+    client,
+    name: str,
+    gate: GateConfig = GateConfig(),
+    force: bool = False,
+    reason: str = "",
+    signer: Signer | None = None,
+    trust: Trust | None = None,
+    source: str = "",
+) -> PromotionDecision:
+    """Copy the challenger of ``<name>-candidates`` into the production model ``name`` and move
+    ``champion`` to the copy if the recomputed gate passes, or with ``force`` and a ``reason``.
+
+    ``source``: where the frozen test records are read ("" = the challenger's run's source).
+    Every call is recorded (version tags + a signed audit entry), refusals included. The
+    champion compared with is the one the last valid signed decision names (a moved alias is
+    put back by a refusal). ``signer`` / ``trust``: default :func:`find_signer` / :func:`find_trust`.
+    """
+    if force and not reason.strip():
+        raise RegistryError("--force needs --reason TEXT: who forced a promotion and why is recorded")
+    by = decider(client, name, "promote", signer, trust)  # before any change
+    candidates = candidates_model_name(name)
+    challenger = current_alias(client, candidates, CHALLENGER)
+    if challenger is None:
+        raise RegistryError(
+            f"model {candidates!r} has no version with the alias {CHALLENGER!r} (the pipeline registers {name}'s "
+            "candidates there)"
+        )
+    state = verified_state(client, name, by.trust)
+    verified = state.expected_version
+    champion = None if verified is None else client.get_model_version(name, verified)
+    contest = _Contest(name, candidates, gate, challenger, champion, by, state)
+    if _already_champion(contest):
+        return _refuse(
+            client, contest, f"candidate v{challenger.version} is already the champion (v{contest.previous})"
+        )
+    from pipeline.registry.testsets import gate_problem
+
+    problem = gate_problem(client, candidates, challenger)
+    if problem and not force:  # not comparable whatever the models hold: refused before any download
+        comparison = _not_comparable(gate, challenger, champion, problem)
+        return _refuse(client, contest, comparison.basis, comparison)
+    with tempfile.TemporaryDirectory(prefix="cessl-promote-") as tmp:
+        inputs = GateInputs(Path(tmp), source)
+        try:
+            model = fetch_model(client, candidates, str(challenger.version), inputs.work_dir)
+        except EvidenceError as err:
+            return _refuse(client, contest, str(err), integrity=True)
+        if not is_production_method(model.method):
+            why = (
+                f"{candidates} v{challenger.version} was trained with {model.method or '?'!r}, not a production method"
+            )
+            return _refuse(client, contest, why, integrity=True)
+        comparison = compare(client, name, gate, challenger, champion, model, inputs)
+        passed, why = verdict(comparison, gate, True, model.method)
+        decision = PromotionDecision(
+            promoted=passed or force,
+            forced=force and not passed,
+            reason=why,
+            comparison=comparison,
+            previous_champion=contest.previous,
+            who=by.who,
+            force_reason=reason.strip() if force else "",
+            candidates=candidates,
+        )
+        if decision.promoted:
+            kept = _install(client, contest, decision, model)
+        else:
+            decision.history = contest.past
+            kept = contest.kept()
+            _restore_alias(client, name, state)
+            log.debug("%s v%s not promoted: %s; %s", candidates, challenger.version, why, comparison.describe())
+    _record(client, name, decision, by, kept, _evidence(comparison))
+    return decision
+
+
+def _install(client, contest: _Contest, decision: PromotionDecision, model: LoadedModel) -> dict[str, str]:
+    """Copy the challenger into the production model, move ``champion`` to the copy, extend
+    the history; the facts of the new champion (what the signed decision records)."""
+    name = contest.name
+    version = copy_to_production(client, name, contest.candidates, contest.challenger, model)
+    history = [*contest.past, version]
+    client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+    if contest.previous is not None:
+        client.set_model_version_tag(name, version, TAG_PREVIOUS, contest.previous)
+    decision.history, decision.production_version = history, version
+    log.debug(
+        "%s v%s (candidate v%s) is the champion (%s): %s",
+        name,
+        version,
+        contest.challenger.version,
+        decision.label,
+        decision.comparison.describe(),
+    )
+    return champion_facts(client.get_model_version(name, version))
 
 
 def rollback(
@@ -629,7 +792,7 @@ def site_change(client, site: str, model: str, current: str) -> SiteChange:
     from pipeline.registry.testsets import current as current_testset
 
     trained_on = champion_data_version(client, model) if _model_exists(client, model) else None
-    pointer = current_testset(client, model) if trained_on is not None else None
+    pointer = current_testset(client, candidates_model_name(model)) if trained_on is not None else None
     if trained_on is None:
         reason = "no champion yet"
     elif not current:

@@ -42,7 +42,7 @@ from ml.data.testset import FROZEN, REDRAW, FrozenTestSet, freeze
 from ml.errors import CesslError
 from pipeline.registry.audit import AuditEntry, current_user, record
 from pipeline.registry.store import TrackingConfig
-from pipeline.registry.tracking import CHAMPION, current_alias
+from pipeline.registry.tracking import CHAMPION, current_alias, production_model_name
 
 log = logging.getLogger(__name__)
 
@@ -329,20 +329,24 @@ def refresh(
 ) -> TestSetPointer:
     """Record that ``model``'s test set must be drawn anew (a new version, pending until the
     next run draws and freezes it), with who and why (tag + audit log). The redraw avoids
-    what the current champion and every version of ``past_champions`` trained on."""
+    what the current champion and every version of ``past_champions`` (production versions)
+    trained on."""
     if not reason.strip():
         raise TestSetError("a test-set refresh needs --reason TEXT: it is recorded with who asked")
     pointer = current(client, model)
     if pointer is None:
         raise TestSetError(f"model {model!r} has no frozen test set yet: its first registration freezes one")
     who = who or current_user()
-    champion = current_alias(client, model, CHAMPION)
+    production = production_model_name(model)  # <model> for its -candidates: where champions are
+    champion = current_alias(client, production, CHAMPION)
     number = pointer.version + 1 if pointer.status == FROZEN else pointer.version
     pending = TestSetPointer(
         version=number,
         status=REDRAW,
         exclude_run="" if champion is None else str(champion.run_id),
-        exclude_runs=champion_runs(client, model, [*past_champions, *([] if champion is None else [champion.version])]),
+        exclude_runs=champion_runs(
+            client, production, [*past_champions, *([] if champion is None else [champion.version])]
+        ),
         created_at=_now(),
         created_by=who,
         reason=reason.strip()[:MAX_REASON],

@@ -3,11 +3,15 @@
 :func:`log_and_register` takes the register step's :class:`components.register.Registration`
 bundle and writes one MLflow run: parameters, the data version (DVC md5 + git commit),
 the rank map, training curves (step metrics), test metrics, the per-class table, ROC/PR
-plots, and the adapter as a registered pyfunc model version with the alias
+plots, and the adapter as a registered pyfunc model version of the *candidates* model
+(:func:`candidates_model_name`: the pipeline never writes a production model) with the sha256
+digests of its backbone and adapter folders (:func:`model_digests`, version tags
+:data:`TAG_DIGEST_BACKBONE` / :data:`TAG_DIGEST_ADAPTER`: ``cessl promote`` checks the
+artifacts it loads against them), and, for a production method only, the alias
 ``challenger``. It only logs what it is given: when the ``score_champion`` step scored the
 current champion on this run's test split, the bundle carries those numbers and they are
-logged as ``champion_test_*`` metrics (with the ``compared_champion_*`` tags), so
-``cessl promote`` compares both on the same records.
+logged as ``champion_test_*`` metrics (with the ``compared_champion_*`` tags) for the run's
+report; ``cessl promote`` never reads them (it recomputes, ``pipeline.registry.evidence``).
 
 Local default: a SQLite store ``sqlite:///<cwd>/mlflow.db`` with artifacts in
 ``<cwd>/mlruns``; on a cluster ``MLFLOW_TRACKING_URI`` (or the pipeline parameter) names a
@@ -40,7 +44,46 @@ TAG_RUN_ID = "run_id"
 TAG_COMPARED_CHAMPION = "compared_champion_version"
 TAG_COMPARED_CHAMPION_SPLIT = "compared_champion_test_split_hash"
 TAG_DUPLICATE_OF = "cessl.duplicate_of"  # a run that lost a registration race (deleted)
+TAG_METHOD = "method"
+# sha256 (components.common.sha256_dir) of the model's backbone/ and adapter/ folders, set at
+# registration; copied with the version into the production model by `cessl promote`.
+TAG_DIGEST_BACKBONE = "cessl.digest.backbone"
+TAG_DIGEST_ADAPTER = "cessl.digest.adapter"
+TAG_SOURCE_CANDIDATE = "cessl.source_candidate"  # production version: "<candidates model>/<version>"
+CANDIDATES_SUFFIX = "-candidates"
 _METRIC_BATCH = 900  # MLflow's log_batch takes at most 1000 metrics per call
+
+
+# --------------------------------------------------------------------------- where versions go
+
+
+def candidates_model_name(model_name: str) -> str:
+    """The registered model the pipeline registers into for ``model_name``: ``<model>-candidates``.
+
+    The production model ``model_name`` itself only ever receives versions that ``cessl
+    promote`` copied there (a release manager's ``MANAGE``); the pipeline holds ``EDIT`` on
+    the candidates model and ``READ`` on the production one (``cessl access init``)."""
+    return model_name if model_name.endswith(CANDIDATES_SUFFIX) else model_name + CANDIDATES_SUFFIX
+
+
+def production_model_name(model_name: str) -> str:
+    """The production model whose candidates ``model_name`` holds (``model_name`` itself otherwise)."""
+    return model_name.removesuffix(CANDIDATES_SUFFIX) if model_name.endswith(CANDIDATES_SUFFIX) else model_name
+
+
+def is_production_method(method: str) -> bool:
+    """Whether ``method`` is a registered training method marked ``production``."""
+    from ml.train.methods import METHODS
+
+    entry = METHODS.get(method)
+    return bool(entry is not None and entry.production)
+
+
+def model_digests(backbone_dir: Path, adapter_dir: Path) -> dict[str, str]:
+    """The version tags naming the sha256 digests of a model's backbone and adapter folders."""
+    from components.common import sha256_dir
+
+    return {TAG_DIGEST_BACKBONE: sha256_dir(Path(backbone_dir)), TAG_DIGEST_ADAPTER: sha256_dir(Path(adapter_dir))}
 
 
 # --------------------------------------------------------------------------- logging a run
@@ -214,6 +257,11 @@ def _reused(client, config: TrackingConfig, existing) -> RegistrationResult:
 def log_and_register(bundle, config: TrackingConfig, lineage: Mapping[str, str] | None = None) -> RegistrationResult:
     """Log ``bundle`` (a :class:`components.register.Registration`) as one run and register it.
 
+    ``config.model_name`` is the registration target (the candidates model,
+    :func:`candidates_model_name`). The version carries the digests of its backbone and
+    adapter (:func:`model_digests`); ``challenger`` moves to it only when it was trained with
+    a production method (a baseline is registered, never a challenger).
+
     ``lineage``: run tags saying where the run came from (``pipeline.registry.lineage.lineage_tags``:
     ``mlflow.source.git.commit``, ``kfp.run_id``, ``kfp.pipeline_name``...); the data is
     recorded as a dataset input (source = the bundle's ``source`` parameter, digest = its
@@ -266,6 +314,7 @@ def log_and_register(bundle, config: TrackingConfig, lineage: Mapping[str, str] 
         )
     version_tags = {
         **bundle.tags,
+        **model_digests(bundle.backbone_dir, bundle.adapter_dir),
         **{k: v for k, v in lineage.items() if k.startswith("kfp.")},
         TAG_RUN_ID: run_id,
         TAG_FINGERPRINT: bundle.fingerprint,
@@ -288,12 +337,15 @@ def log_and_register(bundle, config: TrackingConfig, lineage: Mapping[str, str] 
         )
         _withdraw(client, config.model_name, version, run_id, winner)
         return _reused(client, config, winner)
-    previous = current_alias(client, config.model_name, CHALLENGER)
-    client.set_registered_model_alias(config.model_name, CHALLENGER, version)
-    _audit_challenger(client, config.model_name, version, run_id, previous, bundle.test_metrics, gate)
-    log.info(
-        "run %s: %d curve points, registered %s v%s as %s", run_id, n_points, config.model_name, version, CHALLENGER
-    )
+    method = str(bundle.tags.get(TAG_METHOD, ""))
+    if is_production_method(method):
+        previous = current_alias(client, config.model_name, CHALLENGER)
+        client.set_registered_model_alias(config.model_name, CHALLENGER, version)
+        _audit_challenger(client, config.model_name, version, run_id, previous, bundle.test_metrics, gate)
+        role = CHALLENGER
+    else:
+        role = f"a {method or 'non-production'} baseline (no {CHALLENGER} alias)"
+    log.info("run %s: %d curve points, registered %s v%s as %s", run_id, n_points, config.model_name, version, role)
     return RegistrationResult(
         config.model_name,
         version,
