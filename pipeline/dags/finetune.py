@@ -9,27 +9,30 @@
 :class:`CompileOptions` (image, GPU request, node selector / tolerations, resources,
 checkpoint volume, credentials secret): cluster settings are fixed at compile time, the
 run's choices (:class:`pipeline.core.params.PipelineParams`) are pipeline parameters: the
-function's signature is generated from that dataclass (:func:`pipeline_signature`). :func:`compile_pipeline`
-writes the IR YAML; :func:`run_local` runs the same DAG with ``kfp.local`` in this Python
-environment (settings that only a cluster honours are left out there).
+function's signature is generated from that dataclass (:func:`pipeline_function`: each
+parameter described by its field's help text, shown in the KFP run form). Compiling,
+submitting and running it locally (:func:`execute_local`, settings that only a cluster honours
+left out) are the same for every DAG: :mod:`pipeline.dags.spec`.
 
 The parts other pipelines reuse (the method comparison, ``pipeline.dags.compare``):
 :func:`add_shared_inputs` (ingest -> preprocess, resolve_backbone), :func:`add_finetune_chain`
 (split -> allocate_ranks -> finetune -> evaluate for one method / labelled ratio / seed),
-:func:`configure_tasks` (the cluster settings by task name: GPU on finetune, caching,
-resources, Secret, ConfigMap), :func:`pipeline_signature` / :func:`pipeline_function` and
-:func:`execute_local`.
+:func:`add_testset` (resolve_testset), :func:`configure_tasks` (the cluster settings by task
+name: GPU on finetune, caching, resources, Secret, ConfigMap), :func:`pipeline_function`
+and :func:`execute_local`.
 
 No ``from __future__ import annotations``: KFP reads the pipeline function's annotations.
 """
 
 import contextlib
+import dataclasses
 import inspect
 import io
 import logging
 import os
 import re
 import sys
+import typing
 import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,12 +40,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, NamedTuple, TextIO
 
-from kfp import compiler, dsl, kubernetes
+from kfp import dsl, kubernetes
 
 from ml.errors import StepFailedError
 from ml.train.gpu import IMAGE_ENV, REQUIRE_GPU_ENV
 from pipeline.core.failures import failed_run_message
-from pipeline.core.params import DEFAULTS, PipelineParams, field_types
+from pipeline.core.params import DEFAULTS, field_types
 from pipeline.dags.tasks import StepComponents, build_components, default_image
 
 log = logging.getLogger(__name__)
@@ -166,33 +169,72 @@ class PipelineRunError(StepFailedError):
     """A local pipeline run failed (a task failed, or it ended without outputs)."""
 
 
+@dataclass(frozen=True)
+class ExtraParameter:
+    """A pipeline parameter that is not a field of the run's parameter dataclass (a network's
+    ``sites``, a comparison's ``grid``); ``help`` is its description in the KFP run form."""
+
+    name: str
+    annotation: type
+    default: Any
+    help: str
+
+
+def parameter_help(params_type: type) -> dict[str, str]:
+    """Each field's help text (its ``metadata["help"]``, as the flags show it): the
+    description of its pipeline parameter."""
+    return {f.name: str(f.metadata.get("help", "")).replace("%%", "%") for f in dataclasses.fields(params_type)}
+
+
 def pipeline_signature(
-    defaults: PipelineParams = DEFAULTS,
+    defaults: Any = DEFAULTS,
     *,
     exclude: Collection[str] = (),
-    extra: Sequence[inspect.Parameter] = (),
+    extra: Sequence[ExtraParameter] = (),
     return_annotation: Any = PipelineOutputs,
 ) -> inspect.Signature:
-    """The pipeline function's signature: one typed parameter per :class:`PipelineParams`
-    field (but ``exclude``), with ``defaults``' values, then ``extra`` (kfp reads it with
-    ``inspect.signature``)."""
-    types = field_types()
+    """The pipeline function's signature: one typed parameter per field of ``defaults``'
+    dataclass (:class:`PipelineParams`, ``PretrainParams``; but ``exclude``), with
+    ``defaults``' values, then ``extra`` (kfp reads it with ``inspect.signature``)."""
+    types = typing.get_type_hints(type(defaults))
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
     return inspect.Signature(
         [
             *(
-                inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=value, annotation=types[name])
+                inspect.Parameter(name, kind, default=value, annotation=types[name])
                 for name, value in defaults.arguments().items()
                 if name not in exclude
             ),
-            *extra,
+            *(inspect.Parameter(p.name, kind, default=p.default, annotation=p.annotation) for p in extra),
         ],
         return_annotation=return_annotation,
     )
 
 
-def pipeline_function(signature: inspect.Signature, body: Callable[[SimpleNamespace], Any]) -> Callable[..., Any]:
-    """A function with ``signature`` that calls ``body`` with its arguments by name (the
-    pipeline parameters, as channels); kfp reads the signature, the body reads as the DAG."""
+def args_docstring(signature: inspect.Signature, descriptions: Mapping[str, str]) -> str:
+    """A docstring whose ``Args:`` section describes every parameter of ``signature``: kfp
+    writes those into the IR (``root.inputDefinitions.parameters.<name>.description``), which
+    the KFP run form shows. Every parameter must have a description."""
+    missing = [name for name in signature.parameters if not descriptions.get(name, "").strip()]
+    if missing:
+        raise ValueError(f"pipeline parameters without a description: {', '.join(missing)}")
+    lines = [f"    {name}: {' '.join(descriptions[name].split())}" for name in signature.parameters]
+    return "\n".join(["The pipeline's parameters.", "", "Args:", *lines])
+
+
+def pipeline_function(
+    body: Callable[[SimpleNamespace], Any],
+    defaults: Any = DEFAULTS,
+    *,
+    exclude: Collection[str] = (),
+    extra: Sequence[ExtraParameter] = (),
+    return_annotation: Any = PipelineOutputs,
+) -> Callable[..., Any]:
+    """A function with the signature of :func:`pipeline_signature` that calls ``body`` with its
+    arguments by name (the pipeline parameters, as channels), documented by the fields' help
+    texts (:func:`parameter_help`) and ``extra``'s; kfp reads both, the body reads as the DAG."""
+    signature = pipeline_signature(defaults, exclude=exclude, extra=extra, return_annotation=return_annotation)
+    descriptions = parameter_help(type(defaults)) | {p.name: p.help for p in extra}
 
     def pipeline_func(*args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(*args, **kwargs)
@@ -200,7 +242,15 @@ def pipeline_function(signature: inspect.Signature, body: Callable[[SimpleNamesp
         return body(SimpleNamespace(**bound.arguments))
 
     pipeline_func.__signature__ = signature  # type: ignore[attr-defined]
+    pipeline_func.__doc__ = args_docstring(signature, descriptions)
     return pipeline_func
+
+
+def shared_arguments(values: Any, exclude: Collection[str]) -> dict[str, Any]:
+    """The run's parameters but ``exclude`` (a loop item's own): ``values`` a parameter
+    dataclass or the pipeline function's ``run`` namespace."""
+    items = values.arguments() if hasattr(values, "arguments") else vars(values)
+    return {name: value for name, value in items.items() if name in PARAM_NAMES and name not in exclude}
 
 
 def default_checkpoint_root(options: CompileOptions) -> str:
@@ -507,20 +557,22 @@ def add_registration(
     return champion, register
 
 
+def add_testset(steps: StepComponents, run: SimpleNamespace, *, model_name: Any, method: Any) -> dsl.PipelineTask:
+    """resolve_testset: the frozen test set of ``model_name`` (trained with ``method``; channels:
+    the run's parameters or a network site's fields), whose reference the split's test part is."""
+    return steps.resolve_testset(
+        model_name=model_name, method=method, tracking_uri=run.tracking_uri, frozen_testset=run.frozen_testset
+    )
+
+
 def build_pipeline(options: CompileOptions | None = None, steps: StepComponents | None = None):
     """The ``@dsl.pipeline`` function for ``options`` (reads top-down as the DAG)."""
     options = options or CompileOptions()
     steps = steps or build_components(options.image)
-    signature = pipeline_signature(DEFAULTS.replace(checkpoint_root=default_checkpoint_root(options)))
 
     def cessl_pipeline(run: SimpleNamespace) -> PipelineOutputs:
         inputs = add_shared_inputs(steps, run)
-        testset = steps.resolve_testset(
-            model_name=run.model_name,
-            method=run.method,
-            tracking_uri=run.tracking_uri,
-            frozen_testset=run.frozen_testset,
-        )
+        testset = add_testset(steps, run, model_name=run.model_name, method=run.method)
         chain = add_finetune_chain(
             steps,
             run,
@@ -558,16 +610,7 @@ def build_pipeline(options: CompileOptions | None = None, steps: StepComponents 
     return dsl.pipeline(
         name=PIPELINE_NAME,
         description="CE-SSL: WFDB records -> evaluated, registered LoRA adapter (MLflow alias challenger).",
-    )(pipeline_function(signature, cessl_pipeline))
-
-
-def compile_pipeline(path: Path, options: CompileOptions | None = None) -> Path:
-    """Write the pipeline's IR YAML to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(pipeline_func=build_pipeline(options), package_path=str(path))
-    log.info("compiled %s (image %s)", path, (options or CompileOptions()).image)
-    return path
+    )(pipeline_function(cessl_pipeline, DEFAULTS.replace(checkpoint_root=default_checkpoint_root(options))))
 
 
 @dataclass(frozen=True)
@@ -588,17 +631,21 @@ class LocalRunConfig:
 
 # Environment a DockerRunner task receives from this process (credentials stay in the env).
 DOCKER_ENV_PREFIXES = ("MLFLOW_", "AWS_", "CESSL_")
+# The parameters that may name a folder of this machine (a parameter set lacking one: "").
+LOCAL_PATH_FIELDS = ("state_dir", "checkpoint_root", "cache_dir", "source", "backbone", "tracking_uri")
 
 
-def _local_paths(params: PipelineParams) -> list[Path]:
-    """Host folders a containerised task must see at the same path."""
-    candidates = [params.state_dir, params.checkpoint_root, params.cache_dir]
-    if params.source and "://" not in params.source:
-        candidates.append(params.source)
-    if params.backbone not in ("", "default") and Path(params.backbone).exists():
-        candidates.append(params.backbone)
-    if params.tracking_uri.startswith("sqlite:///"):
-        candidates.append(str(Path(params.tracking_uri.removeprefix("sqlite:///")).parent))
+def _local_paths(params: Any) -> list[Path]:
+    """Host folders a containerised task must see at the same path (``params``: a run's
+    parameters, :class:`PipelineParams` or ``PretrainParams``)."""
+    value = {name: str(getattr(params, name, "") or "") for name in LOCAL_PATH_FIELDS}
+    candidates = [value["state_dir"], value["checkpoint_root"], value["cache_dir"]]
+    if value["source"] and "://" not in value["source"]:
+        candidates.append(value["source"])
+    if value["backbone"] not in ("", "default") and Path(value["backbone"]).exists():
+        candidates.append(value["backbone"])
+    if value["tracking_uri"].startswith("sqlite:///"):
+        candidates.append(str(Path(value["tracking_uri"].removeprefix("sqlite:///")).parent))
     paths = []
     for candidate in filter(None, candidates):
         path = Path(candidate).absolute()
@@ -609,7 +656,7 @@ def _local_paths(params: PipelineParams) -> list[Path]:
     return [p for i, p in enumerate(roots) if not any(p.is_relative_to(q) for q in roots[:i])]
 
 
-def docker_runner(params: PipelineParams, labels: Mapping[str, str] | None = None):
+def docker_runner(params: Any, labels: Mapping[str, str] | None = None):
     """A DockerRunner whose containers see the run's local folders, this user's id and
     the MLflow / S3 settings of this environment, on the host network (local servers);
     ``labels``: the run's (``pipeline.core.process.run_labels``), by which they die with it."""
@@ -631,9 +678,7 @@ def docker_runner(params: PipelineParams, labels: Mapping[str, str] | None = Non
     )
 
 
-def init_local(
-    config: LocalRunConfig, params: PipelineParams | None = None, labels: Mapping[str, str] | None = None
-) -> None:
+def init_local(config: LocalRunConfig, params: Any = None, labels: Mapping[str, str] | None = None) -> None:
     """``kfp.local.init`` with the task cache under ``<pipeline_root>/.kfp_cache``
     (``labels``: of the Docker runner's containers)."""
     from kfp import local
@@ -777,7 +822,7 @@ def _containers_die_with_us(runner: str) -> Iterator[dict[str, str]]:
 
 
 def execute_local(
-    pipeline: Any, arguments: Mapping[str, Any], params: PipelineParams, config: LocalRunConfig, name: str
+    pipeline: Any, arguments: Mapping[str, Any], params: Any, config: LocalRunConfig, name: str
 ) -> dict[str, Any]:
     """Call a built pipeline function with ``kfp.local`` (initialised for ``config``); its
     outputs. ``params``: the local folders a Docker runner mounts. A failed task ends the run
@@ -798,13 +843,3 @@ def execute_local(
     if not outputs:
         raise PipelineRunError(failed_run_message(name, config.task_log))
     return dict(outputs)
-
-
-def run_local(params: PipelineParams, config: LocalRunConfig | None = None) -> PipelineOutputs:
-    """Run the DAG on this machine with ``kfp.local``; return the register step's outputs."""
-    config = config or LocalRunConfig()
-    pipeline = build_pipeline(CompileOptions.local(config.image))
-    outputs = execute_local(pipeline, params.arguments(), params, config, PIPELINE_NAME)
-    if "run_id" not in outputs:
-        raise PipelineRunError(failed_run_message(PIPELINE_NAME, config.task_log))
-    return PipelineOutputs(run_id=str(outputs["run_id"]), model_version=str(outputs["model_version"]))

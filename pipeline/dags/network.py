@@ -31,7 +31,6 @@ from MLflow (the ``cessl.network_id`` tag), which sites registered and which fai
 No ``from __future__ import annotations``: KFP reads the pipeline function's annotations.
 """
 
-import inspect
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from kfp import compiler, dsl
+from kfp import dsl
 
 from pipeline.core.params import DEFAULTS, PipelineParams
 from pipeline.core.sites import OVERRIDABLE, Site
@@ -51,19 +50,18 @@ from pipeline.dags.finetune import (
     SPLIT,
     VALIDATE,
     CompileOptions,
-    LocalRunConfig,
-    PipelineRunError,
+    ExtraParameter,
     SharedInputs,
     add_backbone,
     add_data,
     add_finetune_chain,
     add_registration,
+    add_testset,
     add_validate,
     configure_tasks,
     default_checkpoint_root,
-    execute_local,
     pipeline_function,
-    pipeline_signature,
+    shared_arguments,
 )
 from pipeline.dags.tasks import NetworkComponents, StepComponents, build_components, build_network_components
 from pipeline.registry.policy import registered_model_name, site_model_name
@@ -119,26 +117,25 @@ def site_items(
     ]
 
 
-def shared_fields() -> list[str]:
-    """The PipelineParams fields every site shares (the network pipeline's own parameters)."""
-    return [name for name in DEFAULTS.arguments() if name not in SITE_PARAMS]
+NETWORK_ID = ExtraParameter(
+    "network_id", str, "", "the network run's id (MLflow tag cessl.network_id of every site's run); '' for a new one"
+)
 
 
-def network_signature(settings: NetworkSettings, options: CompileOptions) -> inspect.Signature:
-    defaults = settings.defaults.replace(checkpoint_root=default_checkpoint_root(options))
-    extra = [
-        inspect.Parameter(
-            "sites", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=[dict(s) for s in settings.sites], annotation=list
-        ),
-        inspect.Parameter("network_id", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="", annotation=str),
-    ]
-    return pipeline_signature(defaults, exclude=SITE_PARAMS, extra=extra, return_annotation=str)
+def sites_parameter(settings: NetworkSettings) -> ExtraParameter:
+    """``sites``: the list parameter, one item per site (:data:`ITEM_KEYS`)."""
+    return ExtraParameter(
+        "sites",
+        list,
+        [dict(s) for s in settings.sites],
+        f"the sites, one item each ({', '.join(ITEM_KEYS)}): a site's source, data version and overrides; "
+        "`cessl submit --sites sites.yaml` passes a site registry's",
+    )
 
 
 def network_arguments(params: PipelineParams, items: Sequence[Mapping[str, Any]], network_id: str) -> dict[str, Any]:
     """The network pipeline's arguments for a run."""
-    shared = {k: v for k, v in params.arguments().items() if k not in SITE_PARAMS}
-    return shared | {"sites": [dict(i) for i in items], "network_id": network_id}
+    return shared_arguments(params, SITE_PARAMS) | {"sites": [dict(i) for i in items], "network_id": network_id}
 
 
 def build_network_pipeline(
@@ -152,12 +149,11 @@ def build_network_pipeline(
     options = options or CompileOptions()
     steps = steps or build_components(options.image)
     network_steps = network_steps or build_network_components(options.image)
-    signature = network_signature(settings, options)
 
     def cessl_network(run: SimpleNamespace) -> Any:
         validate = add_validate(steps, run)
         backbone = add_backbone(steps, run, validate)
-        shared = {name: getattr(run, name) for name in shared_fields()}
+        shared = shared_arguments(run, SITE_PARAMS)
         start = network_steps.start_network(
             sites=run.sites, params=shared, network_id=run.network_id, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER
         )
@@ -175,12 +171,7 @@ def build_network_pipeline(
                 site=site.name,
             )
             inputs = SharedInputs(ingest, preprocess, backbone, validate)
-            testset = steps.resolve_testset(
-                model_name=site.model_name,
-                method=site.method,
-                tracking_uri=run.tracking_uri,
-                frozen_testset=run.frozen_testset,
-            )
+            testset = add_testset(steps, run, model_name=site.model_name, method=site.method)
             testset.after(start)
             chain = add_finetune_chain(
                 steps,
@@ -240,33 +231,12 @@ def build_network_pipeline(
         name=NETWORK_PIPELINE_NAME,
         description="CE-SSL hospital network: one backbone, one adapter per site (registered as <model>-<site>), "
         "and the cross-site matrix on one MLflow parent run.",
-    )(pipeline_function(signature, cessl_network))
-
-
-def compile_network_pipeline(
-    path: Path, settings: NetworkSettings | None = None, options: CompileOptions | None = None
-) -> Path:
-    """Write the network pipeline's IR YAML to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(pipeline_func=build_network_pipeline(settings, options), package_path=str(path))
-    log.info("compiled %s (%s)", path, NETWORK_PIPELINE_NAME)
-    return path
-
-
-def run_network_local(
-    params: PipelineParams,
-    items: Sequence[Mapping[str, Any]],
-    network_id: str,
-    config: LocalRunConfig | None = None,
-    settings: NetworkSettings | None = None,
-) -> str:
-    """Run the network with ``kfp.local``; the cross-site step's summary (JSON text).
-    :class:`pipeline.dags.finetune.PipelineRunError` when a task failed (see the module's notes)."""
-    config = config or LocalRunConfig()
-    pipeline = build_network_pipeline(settings, CompileOptions.local(config.image))
-    arguments = network_arguments(params, items, network_id)
-    outputs = execute_local(pipeline, arguments, params, config, NETWORK_PIPELINE_NAME)
-    if "Output" not in outputs:
-        raise PipelineRunError(f"pipeline {NETWORK_PIPELINE_NAME} ended without its summary")
-    return str(outputs["Output"])
+    )(
+        pipeline_function(
+            cessl_network,
+            settings.defaults.replace(checkpoint_root=default_checkpoint_root(options)),
+            exclude=SITE_PARAMS,
+            extra=[sites_parameter(settings), NETWORK_ID],
+            return_annotation=str,
+        )
+    )
