@@ -37,6 +37,7 @@ from pipeline.dags.finetune import (
     add_shared_inputs,
     configure_tasks,
     default_checkpoint_root,
+    loop_parameters,
     pipeline_function,
     shared_arguments,
 )
@@ -64,18 +65,14 @@ class CompareSettings:
     defaults: PipelineParams = DEFAULTS
 
 
-COMPARISON_ID = ExtraParameter(
-    "comparison_id", str, "", "the comparison's id (MLflow tag of its parent run and cells); '' for a new one"
-)
-
-
-def grid_parameter(settings: CompareSettings) -> ExtraParameter:
-    """``grid``: the list parameter, one item per cell."""
-    return ExtraParameter(
+def loop_parameters_of(settings: CompareSettings) -> list[ExtraParameter]:
+    """``grid`` (one item per cell) and ``comparison_id``."""
+    return loop_parameters(
         "grid",
-        list,
         settings.grid.items(),
         f"the cells to train, one item each ({', '.join(GRID_FIELDS)}): every method x labelled ratio x seed",
+        "comparison_id",
+        "the comparison's id (MLflow tag of its parent run and cells)",
     )
 
 
@@ -145,7 +142,7 @@ def build_compare_pipeline(
             cessl_compare,
             settings.defaults.replace(checkpoint_root=default_checkpoint_root(options)),
             exclude=EXCLUDED_PARAMS,
-            extra=[grid_parameter(settings), COMPARISON_ID],
+            extra=loop_parameters_of(settings),
             return_annotation=str,
         )
     )

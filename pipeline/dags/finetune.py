@@ -180,6 +180,15 @@ class ExtraParameter:
     help: str
 
 
+def loop_parameters(name: str, items: list[Any], what: str, id_name: str, id_what: str) -> list[ExtraParameter]:
+    """A looping pipeline's own parameters: ``name``, the list it loops over (``items`` by
+    default; ``what`` describes it), and ``id_name``, the run's id (``id_what``; '' for a new one)."""
+    return [
+        ExtraParameter(name, list, items, what),
+        ExtraParameter(id_name, str, "", f"{id_what}; '' for a new one"),
+    ]
+
+
 def parameter_help(params_type: type) -> dict[str, str]:
     """Each field's help text (its ``metadata["help"]``, as the flags show it): the
     description of its pipeline parameter."""
@@ -352,7 +361,9 @@ def configure_tasks(
 VALIDATE, INGEST, PREPROCESS, BACKBONE = "validate", "ingest", "preprocess", "backbone"
 PARAM_NAMES = frozenset(field_types())
 SPLIT, ALLOCATE_RANKS, FINETUNE, EVALUATE = "split", "allocate-ranks", "finetune", "evaluate"
-RESOLVE_TESTSET = "resolve-testset"
+RESOLVE_TESTSET, SCORE_CHAMPION, REGISTER = "resolve-testset", "score-champion", "register"
+# A network site's own choices of its fine-tune chain (its loop item's fields).
+SITE_CHOICES = ("r", "p", "compress", "batch_size", "lr")
 
 
 class SharedInputs(NamedTuple):
@@ -549,12 +560,80 @@ def add_registration(
         report=chain.evaluate.outputs["report"],
         quarantine_report=inputs.ingest.outputs["quarantine_report"],
         params=dict(params),
-        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-        kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-        kfp_pipeline_name=pipeline_name,
+        **kfp_lineage(pipeline_name),
         **extra,
     )
     return champion, register
+
+
+def kfp_lineage(pipeline_name: str) -> dict[str, Any]:
+    """The KFP run's id, name and pipeline, as a registering step's inputs (MLflow tags)."""
+    return {
+        "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        "kfp_run_name": dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+        "kfp_pipeline_name": pipeline_name,
+    }
+
+
+class RegisteredModel(NamedTuple):
+    """One registered fine-tune: resolve_testset -> the fine-tune chain -> score_champion -> register."""
+
+    testset: dsl.PipelineTask
+    chain: FinetuneChain
+    champion: dsl.PipelineTask
+    register: dsl.PipelineTask
+
+    def tasks(self) -> dict[str, dsl.PipelineTask]:
+        return {
+            RESOLVE_TESTSET: self.testset,
+            **self.chain.tasks(),
+            SCORE_CHAMPION: self.champion,
+            REGISTER: self.register,
+        }
+
+
+def add_registered_model(
+    steps: StepComponents,
+    run: SimpleNamespace,
+    inputs: SharedInputs,
+    *,
+    params: Mapping[str, Any],
+    pipeline_name: str,
+    site: Any = None,
+    after: dsl.PipelineTask | None = None,
+    network_id: Any = "",
+) -> RegisteredModel:
+    """The model a run registers (its frozen test set, its fine-tune chain, its registration)
+    of the run's ``model_name``, ``method``, ``labelled_ratio`` and ``seed``, or a network
+    ``site``'s (its loop item, whose :data:`SITE_CHOICES` replace the run's too; it goes to
+    register whole). ``after``: what the test set waits for."""
+    model = run if site is None else site
+    testset = add_testset(steps, run, model_name=model.model_name, method=model.method)
+    if after is not None:
+        testset.after(after)
+    chain = add_finetune_chain(
+        steps,
+        run,
+        inputs,
+        method=model.method,
+        labelled_ratio=model.labelled_ratio,
+        seed=model.seed,
+        frozen_testset=testset.output,
+        choices=None if site is None else {name: getattr(site, name) for name in SITE_CHOICES},
+    )
+    champion, register = add_registration(
+        steps,
+        inputs,
+        chain,
+        model_name=model.model_name,
+        method=model.method,
+        tracking_uri=run.tracking_uri,
+        params=params,
+        pipeline_name=pipeline_name,
+        site=site,
+        network_id=network_id,
+    )
+    return RegisteredModel(testset, chain, champion, register)
 
 
 def add_testset(steps: StepComponents, run: SimpleNamespace, *, model_name: Any, method: Any) -> dsl.PipelineTask:
@@ -572,39 +651,16 @@ def build_pipeline(options: CompileOptions | None = None, steps: StepComponents 
 
     def cessl_pipeline(run: SimpleNamespace) -> PipelineOutputs:
         inputs = add_shared_inputs(steps, run)
-        testset = add_testset(steps, run, model_name=run.model_name, method=run.method)
-        chain = add_finetune_chain(
-            steps,
-            run,
-            inputs,
-            method=run.method,
-            labelled_ratio=run.labelled_ratio,
-            seed=run.seed,
-            frozen_testset=testset.output,
-        )
-        champion, register = add_registration(
-            steps,
-            inputs,
-            chain,
-            model_name=run.model_name,
-            method=run.method,
-            tracking_uri=run.tracking_uri,
-            params={**vars(run), "data_version": inputs.ingest.outputs["data_version"]},
-            pipeline_name=PIPELINE_NAME,
-        )
+        params = {**vars(run), "data_version": inputs.ingest.outputs["data_version"]}
+        model = add_registered_model(steps, run, inputs, params=params, pipeline_name=PIPELINE_NAME)
         configure_tasks(
             options,
-            {
-                **inputs.tasks(),
-                RESOLVE_TESTSET: testset,
-                **chain.tasks(),
-                "score-champion": champion,
-                "register": register,
-            },
+            {**inputs.tasks(), **model.tasks()},
             # the champion and the frozen test set change outside; register writes MLflow
-            uncached=(RESOLVE_TESTSET, "score-champion", "register"),
-            credentials=(INGEST, BACKBONE, RESOLVE_TESTSET, SPLIT, "score-champion", "register"),
+            uncached=(RESOLVE_TESTSET, SCORE_CHAMPION, REGISTER),
+            credentials=(INGEST, BACKBONE, RESOLVE_TESTSET, SPLIT, SCORE_CHAMPION, REGISTER),
         )
+        register = model.register
         return PipelineOutputs(run_id=register.outputs["run_id"], model_version=register.outputs["model_version"])
 
     return dsl.pipeline(

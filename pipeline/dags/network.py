@@ -46,7 +46,9 @@ from pipeline.dags.finetune import (
     BACKBONE,
     INGEST,
     PREPROCESS,
+    REGISTER,
     RESOLVE_TESTSET,
+    SCORE_CHAMPION,
     SPLIT,
     VALIDATE,
     CompileOptions,
@@ -54,12 +56,11 @@ from pipeline.dags.finetune import (
     SharedInputs,
     add_backbone,
     add_data,
-    add_finetune_chain,
-    add_registration,
-    add_testset,
+    add_registered_model,
     add_validate,
     configure_tasks,
     default_checkpoint_root,
+    loop_parameters,
     pipeline_function,
     shared_arguments,
 )
@@ -72,9 +73,7 @@ NETWORK_PIPELINE_NAME = "cessl-network"
 # A site's own values (its loop item); the rest of PipelineParams are the network's.
 SITE_PARAMS: tuple[str, ...] = ("source", "data_version", "state_dir", *OVERRIDABLE)
 ITEM_KEYS: tuple[str, ...] = ("name", "model_name", *SITE_PARAMS)
-CHAIN_CHOICES = ("r", "p", "compress", "batch_size", "lr")  # a site's overrides of the fine-tune chain
 START, CROSS_SITE = "start-network", "cross-site"
-SCORE_CHAMPION, REGISTER = "score-champion", "register"
 
 
 @dataclass(frozen=True)
@@ -117,19 +116,15 @@ def site_items(
     ]
 
 
-NETWORK_ID = ExtraParameter(
-    "network_id", str, "", "the network run's id (MLflow tag cessl.network_id of every site's run); '' for a new one"
-)
-
-
-def sites_parameter(settings: NetworkSettings) -> ExtraParameter:
-    """``sites``: the list parameter, one item per site (:data:`ITEM_KEYS`)."""
-    return ExtraParameter(
+def loop_parameters_of(settings: NetworkSettings) -> list[ExtraParameter]:
+    """``sites`` (one item per site, :data:`ITEM_KEYS`) and ``network_id``."""
+    return loop_parameters(
         "sites",
-        list,
         [dict(s) for s in settings.sites],
         f"the sites, one item each ({', '.join(ITEM_KEYS)}): a site's source, data version and overrides; "
         "`cessl submit --sites sites.yaml` passes a site registry's",
+        "network_id",
+        "the network run's id (MLflow tag cessl.network_id of every site's run)",
     )
 
 
@@ -171,39 +166,25 @@ def build_network_pipeline(
                 site=site.name,
             )
             inputs = SharedInputs(ingest, preprocess, backbone, validate)
-            testset = add_testset(steps, run, model_name=site.model_name, method=site.method)
-            testset.after(start)
-            chain = add_finetune_chain(
+            model = add_registered_model(
                 steps,
                 run,
                 inputs,
-                method=site.method,
-                labelled_ratio=site.labelled_ratio,
-                seed=site.seed,
-                frozen_testset=testset.output,
-                choices={name: getattr(site, name) for name in CHAIN_CHOICES},
-            )
-            champion, register = add_registration(
-                steps,
-                inputs,
-                chain,
-                model_name=site.model_name,
-                method=site.method,
-                tracking_uri=run.tracking_uri,
                 # kfp.local 2.17 resolves no loop-item field nested in a dict: the whole item
                 # goes as `site`, and register lays its values over these
                 params={**shared, "data_version": ingest.outputs["data_version"]},
                 pipeline_name=NETWORK_PIPELINE_NAME,
                 site=site,
+                after=start,
                 network_id=run.network_id,
             )
         cross = network_steps.cross_site(
             network=start.outputs["network"],
             backbone_model=backbone.outputs["backbone_model"],
             stores=dsl.Collected(preprocess.outputs["store"]),
-            splits=dsl.Collected(chain.split.outputs["splits"]),
-            adapters=dsl.Collected(chain.finetune.outputs["adapter"]),
-            registrations=dsl.Collected(register.outputs["registration"]),
+            splits=dsl.Collected(model.chain.split.outputs["splits"]),
+            adapters=dsl.Collected(model.chain.finetune.outputs["adapter"]),
+            registrations=dsl.Collected(model.register.outputs["registration"]),
             tracking_uri=run.tracking_uri,
             experiment_name=run.experiment_name,
         )
@@ -215,10 +196,7 @@ def build_network_pipeline(
                 START: start,
                 INGEST: ingest,
                 PREPROCESS: preprocess,
-                RESOLVE_TESTSET: testset,
-                **chain.tasks(),
-                SCORE_CHAMPION: champion,
-                REGISTER: register,
+                **model.tasks(),
                 CROSS_SITE: cross,
             },
             # MLflow side effects, or state that changes outside (champion, frozen test set)
@@ -236,7 +214,7 @@ def build_network_pipeline(
             cessl_network,
             settings.defaults.replace(checkpoint_root=default_checkpoint_root(options)),
             exclude=SITE_PARAMS,
-            extra=[sites_parameter(settings), NETWORK_ID],
+            extra=loop_parameters_of(settings),
             return_annotation=str,
         )
     )

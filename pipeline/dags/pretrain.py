@@ -49,6 +49,7 @@ from pipeline.dags.finetune import (
     CompileOptions,
     add_run_data,
     configure_tasks,
+    kfp_lineage,
     pipeline_function,
 )
 from pipeline.dags.tasks import PretrainComponents, StepComponents, build_components, build_pretrain_components
@@ -130,9 +131,7 @@ def build_pretrain_pipeline(
             tracking_uri=run.tracking_uri,
             alias=run.alias,
             git_commit=run.git_commit,
-            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-            kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-            kfp_pipeline_name=PRETRAIN_PIPELINE_NAME,
+            **kfp_lineage(PRETRAIN_PIPELINE_NAME),
         )
         configure_tasks(
             options,
