@@ -36,9 +36,8 @@ from pipeline.dags.finetune import (
     add_finetune_chain,
     add_shared_inputs,
     configure_tasks,
-    default_checkpoint_root,
+    loop_dag,
     loop_parameters,
-    pipeline_function,
     shared_arguments,
 )
 from pipeline.dags.tasks import CompareComponents, StepComponents, build_compare_components, build_components
@@ -133,16 +132,13 @@ def build_compare_pipeline(
         )
         return summary.outputs["Output"]
 
-    return dsl.pipeline(
-        name=COMPARE_PIPELINE_NAME,
-        description="Compare training methods (methods x labelled ratios x seeds) on the same splits; "
+    return loop_dag(
+        COMPARE_PIPELINE_NAME,
+        "Compare training methods (methods x labelled ratios x seeds) on the same splits; "
         "one MLflow parent run with a child run per cell, a table and a plot.",
-    )(
-        pipeline_function(
-            cessl_compare,
-            settings.defaults.replace(checkpoint_root=default_checkpoint_root(options)),
-            exclude=EXCLUDED_PARAMS,
-            extra=loop_parameters_of(settings),
-            return_annotation=str,
-        )
+        cessl_compare,
+        settings.defaults,
+        options,
+        exclude=EXCLUDED_PARAMS,
+        extra=loop_parameters_of(settings),
     )

@@ -45,7 +45,7 @@ from kfp import dsl, kubernetes
 from ml.errors import StepFailedError
 from ml.train.gpu import IMAGE_ENV, REQUIRE_GPU_ENV
 from pipeline.core.failures import failed_run_message
-from pipeline.core.params import DEFAULTS, field_types
+from pipeline.core.params import DEFAULTS, PipelineParams, field_types
 from pipeline.dags.tasks import StepComponents, build_components, default_image
 
 log = logging.getLogger(__name__)
@@ -255,6 +255,31 @@ def pipeline_function(
     return pipeline_func
 
 
+def pipeline_dag(
+    name: str, description: str, body: Callable[[SimpleNamespace], Any], defaults: Any, **signature: Any
+) -> Any:
+    """The ``@dsl.pipeline`` ``name`` of ``body`` (:func:`pipeline_function` of ``defaults``
+    and ``signature``'s ``exclude``, ``extra``, ``return_annotation``)."""
+    return dsl.pipeline(name=name, description=description)(pipeline_function(body, defaults, **signature))
+
+
+def loop_dag(
+    name: str,
+    description: str,
+    body: Callable[[SimpleNamespace], Any],
+    defaults: PipelineParams,
+    options: CompileOptions,
+    *,
+    exclude: Collection[str],
+    extra: Sequence[ExtraParameter],
+) -> Any:
+    """A :func:`pipeline_dag` that loops over a list parameter of ``extra`` (the network's
+    sites, the comparison's grid) and returns its summary (text): the run's parameters but
+    ``exclude`` (the loop item's own), the checkpoint root the compile options' default."""
+    defaults = defaults.replace(checkpoint_root=default_checkpoint_root(options))
+    return pipeline_dag(name, description, body, defaults, exclude=exclude, extra=extra, return_annotation=str)
+
+
 def shared_arguments(values: Any, exclude: Collection[str]) -> dict[str, Any]:
     """The run's parameters but ``exclude`` (a loop item's own): ``values`` a parameter
     dataclass or the pipeline function's ``run`` namespace."""
@@ -405,45 +430,25 @@ def add_backbone(steps: StepComponents, run: SimpleNamespace, after: dsl.Pipelin
 
 
 def add_data(
-    steps: StepComponents,
-    *,
-    source: Any,
-    data_version: Any,
-    state_dir: Any,
-    min_class_count: Any,
-    after: dsl.PipelineTask,
-    site: Any = "",
+    steps: StepComponents, source: Any, *, after: dsl.PipelineTask, site: Any = ""
 ) -> tuple[dsl.PipelineTask, dsl.PipelineTask]:
-    """ingest -> preprocess of one source (pipeline channels: the run's parameters, or a
-    network site's fields). ``data_version`` is part of ingest's inputs, hence of its cache
-    key: the same version of the same source reuses ingest and everything downstream.
-    ``site``: a network site's name (records are keyed (site, path)); "" for a single source."""
-    ingest = steps.ingest(source=source, data_version=data_version, state_dir=state_dir, site=site)
+    """ingest -> preprocess of one source: ``source``'s ``source``, ``data_version``,
+    ``state_dir`` and ``min_class_count`` (pipeline channels: the run's parameters, or a network
+    site's loop item). ``data_version`` is part of ingest's inputs, hence of its cache key: the
+    same version of the same source reuses ingest and everything downstream. ``site``: a
+    network site's name (records are keyed (site, path)); "" for a single source."""
+    ingest = steps.ingest(source=source.source, data_version=source.data_version, state_dir=source.state_dir, site=site)
     ingest.after(after)
     preprocess = steps.preprocess(
-        manifest=ingest.outputs["manifest"], min_class_count=min_class_count, state_dir=state_dir
+        manifest=ingest.outputs["manifest"], min_class_count=source.min_class_count, state_dir=source.state_dir
     )
     return ingest, preprocess
-
-
-def add_run_data(
-    steps: StepComponents, run: SimpleNamespace, after: dsl.PipelineTask
-) -> tuple[dsl.PipelineTask, dsl.PipelineTask]:
-    """:func:`add_data` of the run's own source parameters (``source``, ``data_version``, ...)."""
-    return add_data(
-        steps,
-        source=run.source,
-        data_version=run.data_version,
-        state_dir=run.state_dir,
-        min_class_count=run.min_class_count,
-        after=after,
-    )
 
 
 def add_shared_inputs(steps: StepComponents, run: SimpleNamespace) -> SharedInputs:
     """validate, then ingest -> preprocess and resolve_backbone, from the run's parameters."""
     validate = add_validate(steps, run)
-    ingest, preprocess = add_run_data(steps, run, after=validate)
+    ingest, preprocess = add_data(steps, run, after=validate)
     return SharedInputs(ingest, preprocess, add_backbone(steps, run, validate), validate)
 
 
@@ -521,51 +526,6 @@ def add_finetune_chain(
     return FinetuneChain(split, ranks, finetune, evaluate)
 
 
-def add_registration(
-    steps: StepComponents,
-    inputs: SharedInputs,
-    chain: FinetuneChain,
-    *,
-    model_name: Any,
-    method: Any,
-    tracking_uri: Any,
-    params: Mapping[str, Any],
-    pipeline_name: str,
-    site: Any = None,
-    network_id: Any = "",
-) -> tuple[dsl.PipelineTask, dsl.PipelineTask]:
-    """score_champion -> register of a fine-tune chain: the registered model's champion scored
-    on the chain's test split, then the adapter logged and registered (alias challenger).
-    ``params``: the run's PipelineParams as one mapping (channels allowed: the data version
-    ingest settled on); ``site`` (a network site's loop item: its values replace ``params``')
-    and ``network_id``: a network run's."""
-    data = chain.data(inputs)
-    champion = steps.score_champion(
-        **data,
-        evaluation=chain.evaluate.outputs["evaluation"],
-        model_name=model_name,
-        method=method,
-        tracking_uri=tracking_uri,
-    )
-    champion.after(chain.evaluate)  # the champion of the moment the new model is ready
-    extra = {"site": site, "network_id": network_id} if site is not None else {}
-    register = steps.register(
-        splits=data["splits"],
-        backbone_model=inputs.backbone_model,
-        rank_map=chain.ranks.outputs["rank_map"],
-        adapter=chain.finetune.outputs["adapter"],
-        curves=chain.finetune.outputs["curves"],
-        evaluation=chain.evaluate.outputs["evaluation"],
-        champion_evaluation=champion.outputs["champion_evaluation"],
-        report=chain.evaluate.outputs["report"],
-        quarantine_report=inputs.ingest.outputs["quarantine_report"],
-        params=dict(params),
-        **kfp_lineage(pipeline_name),
-        **extra,
-    )
-    return champion, register
-
-
 def kfp_lineage(pipeline_name: str) -> dict[str, Any]:
     """The KFP run's id, name and pipeline, as a registering step's inputs (MLflow tags)."""
     return {
@@ -606,9 +566,12 @@ def add_registered_model(
     """The model a run registers (its frozen test set, its fine-tune chain, its registration)
     of the run's ``model_name``, ``method``, ``labelled_ratio`` and ``seed``, or a network
     ``site``'s (its loop item, whose :data:`SITE_CHOICES` replace the run's too; it goes to
-    register whole). ``after``: what the test set waits for."""
+    register whole). The champion is scored on the chain's test split, then the adapter logged
+    and registered (alias challenger). ``params``: the run's PipelineParams as one mapping
+    (channels allowed: the data version ingest settled on; a site's values replace them in
+    register); ``network_id``: a network run's; ``after``: what the test set waits for."""
     model = run if site is None else site
-    testset = add_testset(steps, run, model_name=model.model_name, method=model.method)
+    testset = add_testset(steps, run, model)
     if after is not None:
         testset.after(after)
     chain = add_finetune_chain(
@@ -621,26 +584,42 @@ def add_registered_model(
         frozen_testset=testset.output,
         choices=None if site is None else {name: getattr(site, name) for name in SITE_CHOICES},
     )
-    champion, register = add_registration(
-        steps,
-        inputs,
-        chain,
+    data = chain.data(inputs)
+    champion = steps.score_champion(
+        **data,
+        evaluation=chain.evaluate.outputs["evaluation"],
         model_name=model.model_name,
         method=model.method,
         tracking_uri=run.tracking_uri,
-        params=params,
-        pipeline_name=pipeline_name,
-        site=site,
-        network_id=network_id,
+    )
+    champion.after(chain.evaluate)  # the champion of the moment the new model is ready
+    extra = {"site": site, "network_id": network_id} if site is not None else {}
+    register = steps.register(
+        splits=data["splits"],
+        backbone_model=inputs.backbone_model,
+        rank_map=chain.ranks.outputs["rank_map"],
+        adapter=chain.finetune.outputs["adapter"],
+        curves=chain.finetune.outputs["curves"],
+        evaluation=chain.evaluate.outputs["evaluation"],
+        champion_evaluation=champion.outputs["champion_evaluation"],
+        report=chain.evaluate.outputs["report"],
+        quarantine_report=inputs.ingest.outputs["quarantine_report"],
+        params=dict(params),
+        **kfp_lineage(pipeline_name),
+        **extra,
     )
     return RegisteredModel(testset, chain, champion, register)
 
 
-def add_testset(steps: StepComponents, run: SimpleNamespace, *, model_name: Any, method: Any) -> dsl.PipelineTask:
-    """resolve_testset: the frozen test set of ``model_name`` (trained with ``method``; channels:
-    the run's parameters or a network site's fields), whose reference the split's test part is."""
+def add_testset(steps: StepComponents, run: SimpleNamespace, model: Any) -> dsl.PipelineTask:
+    """resolve_testset: the frozen test set of ``model``'s ``model_name`` (trained with its
+    ``method``: the run's parameters or a network site's fields), whose reference the split's
+    test part is."""
     return steps.resolve_testset(
-        model_name=model_name, method=method, tracking_uri=run.tracking_uri, frozen_testset=run.frozen_testset
+        model_name=model.model_name,
+        method=model.method,
+        tracking_uri=run.tracking_uri,
+        frozen_testset=run.frozen_testset,
     )
 
 
@@ -663,10 +642,12 @@ def build_pipeline(options: CompileOptions | None = None, steps: StepComponents 
         register = model.register
         return PipelineOutputs(run_id=register.outputs["run_id"], model_version=register.outputs["model_version"])
 
-    return dsl.pipeline(
-        name=PIPELINE_NAME,
-        description="CE-SSL: WFDB records -> evaluated, registered LoRA adapter (MLflow alias challenger).",
-    )(pipeline_function(cessl_pipeline, DEFAULTS.replace(checkpoint_root=default_checkpoint_root(options))))
+    return pipeline_dag(
+        PIPELINE_NAME,
+        "CE-SSL: WFDB records -> evaluated, registered LoRA adapter (MLflow alias challenger).",
+        cessl_pipeline,
+        DEFAULTS.replace(checkpoint_root=default_checkpoint_root(options)),
+    )
 
 
 @dataclass(frozen=True)

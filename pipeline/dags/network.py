@@ -59,9 +59,8 @@ from pipeline.dags.finetune import (
     add_registered_model,
     add_validate,
     configure_tasks,
-    default_checkpoint_root,
+    loop_dag,
     loop_parameters,
-    pipeline_function,
     shared_arguments,
 )
 from pipeline.dags.tasks import NetworkComponents, StepComponents, build_components, build_network_components
@@ -156,15 +155,7 @@ def build_network_pipeline(
         # Only artifacts and pipeline parameters cross into the loop (kfp.local 2.17 replaces
         # an outer task's output *parameter* by the loop item).
         with dsl.ParallelFor(run.sites, parallelism=settings.parallelism) as site:
-            ingest, preprocess = add_data(
-                steps,
-                source=site.source,
-                data_version=site.data_version,
-                state_dir=site.state_dir,
-                min_class_count=site.min_class_count,
-                after=start,
-                site=site.name,
-            )
+            ingest, preprocess = add_data(steps, site, after=start, site=site.name)
             inputs = SharedInputs(ingest, preprocess, backbone, validate)
             model = add_registered_model(
                 steps,
@@ -205,16 +196,13 @@ def build_network_pipeline(
         )
         return cross.outputs["Output"]
 
-    return dsl.pipeline(
-        name=NETWORK_PIPELINE_NAME,
-        description="CE-SSL hospital network: one backbone, one adapter per site (registered as <model>-<site>), "
+    return loop_dag(
+        NETWORK_PIPELINE_NAME,
+        "CE-SSL hospital network: one backbone, one adapter per site (registered as <model>-<site>), "
         "and the cross-site matrix on one MLflow parent run.",
-    )(
-        pipeline_function(
-            cessl_network,
-            settings.defaults.replace(checkpoint_root=default_checkpoint_root(options)),
-            exclude=SITE_PARAMS,
-            extra=loop_parameters_of(settings),
-            return_annotation=str,
-        )
+        cessl_network,
+        settings.defaults,
+        options,
+        exclude=SITE_PARAMS,
+        extra=loop_parameters_of(settings),
     )

@@ -4,7 +4,7 @@
                                          |  waits with a timeout, streams the job's logs
                                          +- shared checkpoint volume: store copy, checkpoints, backbone
 
-Ingest and preprocess are the fine-tune pipeline's own steps (``pipeline.dags.finetune.add_run_data``):
+Ingest and preprocess are the fine-tune pipeline's own steps (``pipeline.dags.finetune.add_data``):
 the source corpus becomes one dataset store. The launch step (``pretrain``) hands it to
 the pre-training job (``components.pretrain.launch_step``): a Kubeflow Trainer TrainJob
 (``backend`` ``cluster``, or ``docker`` for the SDK's local container backend) or, for a
@@ -39,7 +39,7 @@ import logging
 from types import SimpleNamespace
 from typing import NamedTuple
 
-from kfp import dsl, kubernetes
+from kfp import kubernetes
 
 from pipeline.core.pretrain_params import DEFAULTS, PretrainParams
 from pipeline.dags.finetune import (
@@ -47,10 +47,10 @@ from pipeline.dags.finetune import (
     PREPROCESS,
     VALIDATE,
     CompileOptions,
-    add_run_data,
+    add_data,
     configure_tasks,
     kfp_lineage,
-    pipeline_function,
+    pipeline_dag,
 )
 from pipeline.dags.tasks import PretrainComponents, StepComponents, build_components, build_pretrain_components
 
@@ -122,7 +122,7 @@ def build_pretrain_pipeline(
 
     def cessl_pretrain(run: SimpleNamespace) -> PretrainOutputs:
         validate = pretrain_steps.validate_pretrain(params=dict(vars(run)))
-        ingest, preprocess = add_run_data(steps, run, after=validate)
+        ingest, preprocess = add_data(steps, run, after=validate)
         launch = pretrain_steps.pretrain_backbone(
             store=preprocess.outputs["store"], **{name: getattr(run, name) for name in LAUNCH_PARAMS}
         )
@@ -149,8 +149,11 @@ def build_pretrain_pipeline(
             run_id=register.outputs["run_id"],
         )
 
-    return dsl.pipeline(
-        name=PRETRAIN_PIPELINE_NAME,
-        description="CE-SSL pre-training: WFDB source corpus -> backbone pre-trained as a Kubeflow Trainer "
+    return pipeline_dag(
+        PRETRAIN_PIPELINE_NAME,
+        "CE-SSL pre-training: WFDB source corpus -> backbone pre-trained as a Kubeflow Trainer "
         "TrainJob -> registered in MLflow (cessl-backbone-<config>).",
-    )(pipeline_function(cessl_pretrain, compiled_defaults(options, defaults), return_annotation=PretrainOutputs))
+        cessl_pretrain,
+        compiled_defaults(options, defaults),
+        return_annotation=PretrainOutputs,
+    )
