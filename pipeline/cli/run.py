@@ -24,7 +24,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from components.locking import exclusive
 from pipeline.core.constraints import (
@@ -58,6 +58,9 @@ from pipeline.dags.kfp_auth import MODES as KFP_AUTH_MODES
 from pipeline.registry.lineage import git_commit, push_data_version, read_data_version, source_data_version
 from pipeline.registry.policy import GATE_METRICS, registered_model_name
 from pipeline.registry.store import TRACKING_URI_ENV, TrackingConfig
+
+if TYPE_CHECKING:
+    from pipeline.dags.spec import ClusterRun, ClusterTarget, PipelineSpec
 
 log = logging.getLogger(__name__)
 
@@ -629,7 +632,7 @@ def _client(args: argparse.Namespace):
     return make_client(args.host, args.namespace, resolve_auth(args.kfp_auth, args.kfp_token_file))
 
 
-def cluster_target(args: argparse.Namespace):
+def cluster_target(args: argparse.Namespace) -> ClusterTarget:
     """Where ``submit`` / ``schedule`` send a run: ``--host``, ``--kfp-experiment``,
     ``--namespace``, ``--service-account``, ``--no-cache`` (``pipeline.dags.spec.ClusterTarget``)."""
     from pipeline.dags.spec import ClusterTarget
@@ -644,7 +647,7 @@ def cluster_target(args: argparse.Namespace):
     )
 
 
-def cluster_run(args: argparse.Namespace, arguments: dict[str, Any], options: CompileOptions):
+def cluster_run(args: argparse.Namespace, arguments: dict[str, Any], options: CompileOptions) -> ClusterRun:
     """What ``submit`` / ``schedule`` send: ``arguments``, and ``--package`` or the pipeline
     compiled with ``options`` under ``--pipeline-root`` (``pipeline.dags.spec.ClusterRun``)."""
     from pipeline.core.sites import DEFAULT_SITES_FILE
@@ -659,7 +662,7 @@ def cluster_run(args: argparse.Namespace, arguments: dict[str, Any], options: Co
     )
 
 
-def cluster_request(args: argparse.Namespace, recurring: bool):
+def cluster_request(args: argparse.Namespace, recurring: bool) -> tuple[PipelineSpec, ClusterTarget, ClusterRun]:
     """The spec, target and run of ``submit`` (``recurring`` False) or ``schedule``, with or
     without ``--sites``, every parameter checked before the server is asked. A recurring run
     lists its source again each time: its data version is the data found at run time (a

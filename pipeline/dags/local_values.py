@@ -15,7 +15,9 @@ the ones a cluster can never use and warns about those it may:
 - the single-site ``--source`` (and the pre-training ``--source``) when it is a relative path
   or an existing folder of this machine: warned (the cluster default ``data`` is relative);
 - an image on ``localhost``, ``127.0.0.1`` or ``[::1]`` (``--image``, ``$CESSL_IMAGE``,
-  ``--trainer-image``): warned (a kind cluster with a local registry pulls it).
+  ``--trainer-image``): warned (a kind cluster with a local registry pulls it);
+- a ``--tracking-uri`` of this machine (``sqlite:``, ``file:``, a path, ``localhost``):
+  warned (the steps then read the ConfigMap's unless it is reachable from the pods).
 
 Each message is one line naming the value and the flag or ``sites.yaml`` field to set.
 No kfp here.
@@ -28,6 +30,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,8 @@ IMAGE_FLAG = "--image (or $CESSL_IMAGE)"
 IMAGE_PARAMS = {"trainer_image": "--trainer-image"}
 # Parameters holding a data source, and the flag that sets each.
 SOURCE_PARAMS = {"source": "--source"}
+TRACKING_FLAG = "--tracking-uri"
+LOCAL_STORE_SCHEMES = ("sqlite:", "file:")
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,18 @@ def image_value(image: str, where: str = IMAGE_FLAG) -> LocalValue | None:
         f"push it to a registry the cluster pulls from and set {where.split(' ')[0]}",
         refused=False,
     )
+
+
+def tracking_value(uri: str) -> LocalValue | None:
+    """The warning for a tracking URI of this machine (None for "" and any other)."""
+    if not uri:
+        return None
+    host = urlsplit(uri).hostname or ""
+    local_store = uri.startswith(LOCAL_STORE_SCHEMES) or "://" not in uri
+    if not local_store and host.strip("[]") not in ("localhost", "127.0.0.1", "::1"):
+        return None
+    why = "a tracking store of this machine: the pipeline's pods cannot reach it"
+    return LocalValue(uri, TRACKING_FLAG, why, "leave it unset (the ConfigMap's) or name the cluster's", False)
 
 
 def _inside_laptop(path: Path) -> bool:
@@ -112,6 +129,7 @@ def local_values(
     found += [
         path_value(str(values[name]), flag, strict=False) for name, flag in SOURCE_PARAMS.items() if name in values
     ]
+    found.append(tracking_value(str(values.get("tracking_uri") or "")))
     for item in values.get("sites") or ():
         found.append(
             path_value(str(item.get("source", "")), site_where(sites_file, item.get("name", "?")), strict=True)

@@ -114,6 +114,16 @@ def test_a_single_source_and_a_local_image_are_warned_not_refused(tmp_path, monk
     assert any("--image" in line and "localhost:5000/cessl:0.1.0" in line for line in lines)
 
 
+def test_a_tracking_store_of_this_machine_is_warned(caplog):
+    caplog.set_level(logging.WARNING)
+    for uri in ("sqlite:///mlflow.db", "http://localhost:5000", "http://127.0.0.1:5000", "mlruns"):
+        assert [v.where for v in local_values({"tracking_uri": uri})] == ["--tracking-uri"], uri
+    for uri in ("", "https://mlflow.example.org", "http://mlflow.cessl.svc:5000"):
+        assert local_values({"tracking_uri": uri}) == [], uri
+    check_local_values({"tracking_uri": "sqlite:///mlflow.db"})  # warned, not refused
+    assert "--tracking-uri 'sqlite:///mlflow.db'" in caplog.text
+
+
 # --------------------------------------------------------------------------- the commands
 
 
