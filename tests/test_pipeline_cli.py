@@ -50,7 +50,7 @@ def repo(tmp_path_factory) -> Path:
 def kfp_client(monkeypatch, repo) -> RecordingClient:
     client = RecordingClient()
     hosts = []
-    monkeypatch.setattr(run_command, "_client", lambda args: hosts.append(args.host) or client)
+    monkeypatch.setattr(run_command, "kfp_client", lambda args: hosts.append(args.host) or client)
     monkeypatch.setattr(preflight, "check_kfp_host", lambda host, timeout=5.0: host)  # no KFP server here
     monkeypatch.chdir(repo)
     client.hosts = hosts

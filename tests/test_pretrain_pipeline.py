@@ -194,7 +194,7 @@ def test_submit_passes_the_trainjob_settings_as_run_arguments(tiny_store, tmp_pa
             calls.append({"pipeline_file": pipeline_file, **kwargs})
             return SimpleNamespace(run_id="run-1")
 
-    monkeypatch.setattr(run_command, "_client", lambda args: Recorder())
+    monkeypatch.setattr(run_command, "kfp_client", lambda args: Recorder())
     monkeypatch.setattr(preflight, "check_kfp_host", lambda host, timeout=5.0: host)
     monkeypatch.chdir(tmp_path)
     argv = [

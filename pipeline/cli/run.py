@@ -625,7 +625,7 @@ def cluster_arguments(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in arguments.items() if v != "" or k not in LOCAL_ONLY}
 
 
-def _client(args: argparse.Namespace):
+def kfp_client(args: argparse.Namespace):
     """The KFP client for ``--host`` / ``--namespace``, authenticated as ``--kfp-auth`` says."""
     from pipeline.dags.kfp_auth import make_client, resolve_auth
 
@@ -638,7 +638,7 @@ def cluster_target(args: argparse.Namespace) -> ClusterTarget:
     from pipeline.dags.spec import ClusterTarget
 
     return ClusterTarget(
-        client=_client(args),
+        client=kfp_client(args),
         host=args.host,
         experiment=args.kfp_experiment,
         namespace=args.namespace,

@@ -162,7 +162,7 @@ class RecordingClient:
 
 def test_submit_sites_refuses_a_laptop_folder_before_the_server_is_asked(tmp_path, monkeypatch, capsys):
     client = RecordingClient()
-    monkeypatch.setattr(run_command, "_client", lambda args: client)
+    monkeypatch.setattr(run_command, "kfp_client", lambda args: client)
     monkeypatch.setattr(preflight, "check_kfp_host", lambda host, timeout=5.0: host)
     monkeypatch.chdir(tmp_path)
     _demo_sites(tmp_path)
