@@ -241,9 +241,11 @@ def test_the_kfp_validate_step_gets_the_same_answers():
 def test_the_compiled_pipeline_validates_first(tmp_path):
     import yaml
 
-    from pipeline.dags.finetune import CompileOptions, compile_pipeline
+    from pipeline.dags.finetune import CompileOptions
+    from pipeline.dags.spec import compile_spec, finetune_spec
 
-    spec = next(yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml", CompileOptions.local("img:1")).read_text()))
+    path = compile_spec(finetune_spec(), tmp_path / "p.yaml", CompileOptions.local("img:1"))
+    spec = next(yaml.safe_load_all(path.read_text()))
     tasks = spec["root"]["dag"]["tasks"]
     for first in ("ingest", "resolve-backbone"):
         assert "validate" in tasks[first]["dependentTasks"], first

@@ -25,8 +25,9 @@ from components.compare import (
 )
 from pipeline import cli
 from pipeline.cli.compare import base_params
-from pipeline.dags.compare import EXCLUDED_PARAMS, CompareSettings, compile_compare_pipeline
+from pipeline.dags.compare import EXCLUDED_PARAMS, CompareSettings
 from pipeline.dags.finetune import CompileOptions, Toleration
+from pipeline.dags.spec import compare_spec, compile_spec
 
 
 def cell(method: str, ratio: float, seed: int, f_beta: float, **changes) -> CellResult:
@@ -154,7 +155,7 @@ def compiled(tmp_path_factory) -> tuple[dict, dict]:
     )
     grid = CompareGrid(("cessl", "fixmatch"), (0.05, 0.15), (0, 1, 2))
     docs = list(
-        yaml.safe_load_all(compile_compare_pipeline(path, CompareSettings(grid, parallelism=4), options).read_text())
+        yaml.safe_load_all(compile_spec(compare_spec(CompareSettings(grid, parallelism=4)), path, options).read_text())
     )
     return docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
 

@@ -27,9 +27,9 @@ from pipeline.dags.network import (
     ITEM_KEYS,
     NETWORK_PIPELINE_NAME,
     NetworkSettings,
-    compile_network_pipeline,
     site_items,
 )
+from pipeline.dags.spec import compile_spec, network_spec
 from pipeline.registry.audit import current_user
 from pipeline.registry.compare_tracking import TAG_KIND, TAG_PARENT
 from pipeline.registry.network_tracking import KIND_NETWORK, TAG_NETWORK, TAG_SITE
@@ -98,8 +98,8 @@ def test_compiled_network_loops_over_the_sites_parameter(tmp_path):
     assert items[1]["labelled_ratio"] == 0.2 and items[1]["state_dir"] == "/state/sites/b"
     assert all(set(i) == set(ITEM_KEYS) for i in items)
 
-    path = compile_network_pipeline(
-        tmp_path / "network.yaml", NetworkSettings(sites=tuple(items)), CompileOptions(image="img:1")
+    path = compile_spec(
+        network_spec(NetworkSettings(sites=tuple(items))), tmp_path / "network.yaml", CompileOptions(image="img:1")
     )
     spec = next(yaml.safe_load_all(path.read_text()))  # the pipeline spec, then the platform's
     assert spec["pipelineInfo"]["name"] == NETWORK_PIPELINE_NAME

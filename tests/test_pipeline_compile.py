@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from pipeline import cli
-from pipeline.cli.run import cron6
 from pipeline.core.params import DEFAULTS, PipelineParams, field_types
-from pipeline.dags.finetune import CompileOptions, Toleration, compile_pipeline
+from pipeline.dags.finetune import CompileOptions, Toleration
+from pipeline.dags.spec import compile_spec, cron6, finetune_spec
 
 IMAGE = "registry.example.org/cessl:1.2.3"
 STEPS = (
@@ -47,7 +47,7 @@ def compiled(tmp_path_factory) -> tuple[dict, dict]:
         config_map="cessl-pipeline-defaults",
         image_pull_secrets=("cessl-registry",),
     )
-    docs = load(compile_pipeline(path, options))
+    docs = load(compile_spec(finetune_spec(), path, options))
     assert len(docs) == 2, "expected the pipeline spec and the kubernetes platform spec"
     return docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
 
@@ -118,7 +118,7 @@ def test_only_accelerator_tasks_require_a_gpu(compiled, tmp_path):
         if step != "finetune":
             assert "env" not in executors[f"exec-{step}"]["container"], step
     for options in (CompileOptions(image=IMAGE, accelerator_type=""), CompileOptions.local(IMAGE)):
-        other, *_ = load(compile_pipeline(tmp_path / "p.yaml", options))
+        other, *_ = load(compile_spec(finetune_spec(), tmp_path / "p.yaml", options))
         assert "env" not in other["deploymentSpec"]["executors"]["exec-finetune"]["container"]
 
 
@@ -278,7 +278,7 @@ def test_pipeline_dag(compiled):
 
 
 def test_local_options_leave_cluster_settings_out(tmp_path):
-    spec, *rest = load(compile_pipeline(tmp_path / "local.yaml", CompileOptions.local("img:1")))
+    spec, *rest = load(compile_spec(finetune_spec(), tmp_path / "local.yaml", CompileOptions.local("img:1")))
     assert not rest, "no kubernetes platform spec for local runs"
     resources = spec["deploymentSpec"]["executors"]["exec-finetune"]["container"].get("resources", {})
     assert "accelerator" not in resources

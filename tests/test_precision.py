@@ -286,9 +286,9 @@ def test_precision_parameter_validates_and_reaches_the_train_config() -> None:
 def test_precision_is_a_compiled_pipeline_parameter_passed_to_finetune(tmp_path: Path) -> None:
     import yaml
 
-    from pipeline.dags.finetune import compile_pipeline
+    from pipeline.dags.spec import compile_spec, finetune_spec
 
-    spec = next(yaml.safe_load_all(compile_pipeline(tmp_path / "pipeline.yaml").read_text()))
+    spec = next(yaml.safe_load_all(compile_spec(finetune_spec(), tmp_path / "pipeline.yaml").read_text()))
     root = spec["root"]
     assert root["inputDefinitions"]["parameters"]["precision"]["defaultValue"] == "fp32"
     task = root["dag"]["tasks"]["finetune"]

@@ -21,7 +21,8 @@ from ml.train.pretrain_config import PretrainConfig, PretrainRun
 from pipeline import cli
 from pipeline.core.pretrain_params import DEFAULTS, LOCAL_DEFAULTS, PretrainParams, cli_fields, field_types
 from pipeline.dags.finetune import CompileOptions, ResourceRequest
-from pipeline.dags.pretrain import PRETRAIN_PIPELINE_NAME, WORKSPACE_MOUNT, compile_pretrain_pipeline
+from pipeline.dags.pretrain import PRETRAIN_PIPELINE_NAME, WORKSPACE_MOUNT
+from pipeline.dags.spec import compile_spec, pretrain_spec
 
 IMAGE = "registry.example.org/cessl:2.0.0"
 STEPS = ("validate-pretrain", "ingest", "preprocess", "pretrain-backbone", "register-backbone")
@@ -60,7 +61,7 @@ def compiled(tmp_path_factory) -> tuple[dict, dict]:
         config_map="cessl-pipeline-defaults",
         finetune_retries=3,
     )
-    return load(compile_pretrain_pipeline(path, options))
+    return load(compile_spec(pretrain_spec(), path, options))
 
 
 def test_every_step_runs_the_project_image_and_installs_nothing(compiled):
@@ -161,7 +162,7 @@ def test_the_launch_and_register_steps_are_never_cached_and_the_launch_retries(c
 
 def test_without_a_volume_nothing_is_mounted_and_the_job_runs_in_the_launch_pod(tmp_path):
     options = CompileOptions(image=IMAGE, accelerator_type="", tolerations=(), checkpoint_pvc="")
-    spec, platform = load(compile_pretrain_pipeline(tmp_path / "p.yaml", options))
+    spec, platform = load(compile_spec(pretrain_spec(), tmp_path / "p.yaml", options))
     assert all("pvcMount" not in executor for executor in platform.values())
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["backend"]["defaultValue"] == "local"

@@ -37,12 +37,7 @@ from pipeline.cli.run import (
     project_lock,
 )
 from pipeline.core.params import DEFAULTS, DEMO_PARAMS, PipelineParams, params_from_args
-from pipeline.dags.compare import (
-    EXCLUDED_PARAMS,
-    CompareSettings,
-    compile_compare_pipeline,
-    run_compare_local,
-)
+from pipeline.dags.compare import EXCLUDED_PARAMS, CompareSettings, compare_arguments
 from pipeline.dags.finetune import PipelineRunError
 from pipeline.registry.compare_tracking import fail_comparison, new_comparison_id
 from pipeline.registry.store import TrackingConfig
@@ -102,9 +97,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def compile_comparison(args: argparse.Namespace, settings: CompareSettings) -> int:
+    from pipeline.dags.spec import compare_spec, compile_spec
+
     options = compile_options(args)  # checks the cluster flags before anything is written
     log.info("%s, schedule %s", settings.grid.describe(), settings.defaults.schedule())
-    path = compile_compare_pipeline(Path(args.output), settings, options)
+    path = compile_spec(compare_spec(settings), Path(args.output), options)
     log.info("wrote %s", path)
     return 0
 
@@ -120,13 +117,16 @@ def run_comparison(args: argparse.Namespace, params: PipelineParams, settings: C
 
 
 def _run_comparison(args: argparse.Namespace, params: PipelineParams, settings: CompareSettings) -> int:
+    from pipeline.dags.spec import compare_spec, run_local
+
     tracking = TrackingConfig.resolve(args.tracking_uri, params.experiment_name)
     params = local_params(args, params, tracking)
     comparison_id = new_comparison_id()
     config = local_run_config(args, "last_compare.log")
     start = time.perf_counter()
     try:
-        parent_run_id = run_compare_local(params, settings, comparison_id, config)
+        arguments = compare_arguments(params, settings.grid, comparison_id)
+        parent_run_id = str(run_local(compare_spec(settings), params, config, arguments)["Output"])
     except PipelineRunError:
         failed = fail_comparison(tracking, comparison_id)
         if failed:

@@ -52,10 +52,11 @@ def pretrain_compile_options(args: argparse.Namespace, checkpoint_pvc: str) -> C
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from pipeline.dags.pretrain import compile_pretrain_pipeline
+    from pipeline.dags.spec import compile_spec, pretrain_spec
 
     defaults = DEFAULTS.replace(checkpoint_pvc=args.checkpoint_pvc)  # validated: a claim name or ''
-    path = compile_pretrain_pipeline(Path(args.output), pretrain_compile_options(args, args.checkpoint_pvc), defaults)
+    options = pretrain_compile_options(args, args.checkpoint_pvc)
+    path = compile_spec(pretrain_spec(defaults), Path(args.output), options)
     log.info("wrote %s", path)
     return 0
 
@@ -78,23 +79,15 @@ def cluster_arguments(args: argparse.Namespace, params: PretrainParams) -> dict[
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from pipeline.cli.preflight import check_kfp_host
-    from pipeline.cli.run import kfp_client
-    from pipeline.dags.pretrain import compile_pretrain_pipeline
+    from pipeline.cli.run import cluster_run, cluster_target
+    from pipeline.dags.spec import pretrain_spec, submit
 
     params = params_from_args(args, DEFAULTS)  # every parameter valid before the server is asked
     options = pretrain_compile_options(args, params.checkpoint_pvc)
     check_kfp_host(args.host)
-    arguments = cluster_arguments(args, params)
-    package = args.package or compile_pretrain_pipeline(Path(args.pipeline_root) / "cessl_pretrain.yaml", options)
-    run_name = args.run_name or f"cessl-pretrain-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = kfp_client(args).create_run_from_pipeline_package(
-        str(package),
-        arguments=arguments,
-        run_name=run_name,
-        experiment_name=args.kfp_experiment,
-        enable_caching=not args.no_cache,
-    )
-    log.info("submitted pre-training run %s (%s: %s) to %s", result.run_id, run_name, params.describe(), args.host)
+    run = cluster_run(args, cluster_arguments(args, params), options)
+    log.info("pre-training %s", params.describe())
+    submit(pretrain_spec(), cluster_target(args), run, args.run_name or "")
     return 0
 
 
@@ -122,7 +115,7 @@ def local_params(args: argparse.Namespace, params: PretrainParams, tracking_uri:
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.cli.preflight import check_records_folder
     from pipeline.cli.run import local_run_config, preflight_local, prepare_store, project_lock
-    from pipeline.dags.pretrain import run_pretrain_local
+    from pipeline.dags.spec import pretrain_spec, run_local
     from pipeline.registry.backbones import BACKBONE_EXPERIMENT
     from pipeline.registry.store import TrackingConfig
 
@@ -144,9 +137,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         prepare_store(tracking)
         log.info("pre-training %s on %s (data version %s)", params.describe(), params.source, params.data_version)
         start = time.perf_counter()
-        outputs = run_pretrain_local(params, local_run_config(args, "last_pretrain.log"))
-    uri = f"models:/{outputs.model_name}/{outputs.model_version}"
-    print(f"registered backbone {uri} (MLflow run {outputs.run_id}, {time.perf_counter() - start:.0f} s)")
+        outputs = run_local(pretrain_spec(params), params, local_run_config(args, "last_pretrain.log"))
+    uri = f"models:/{outputs['model_name']}/{outputs['model_version']}"
+    print(f"registered backbone {uri} (MLflow run {outputs['run_id']}, {time.perf_counter() - start:.0f} s)")
     from pipeline.cli.shell import runnable
 
     print(f"next: {runnable(f'cessl run --backbone {uri} --backbone-config {params.backbone_config}')}")

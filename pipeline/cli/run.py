@@ -24,11 +24,11 @@ import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.cli.local import local_run_config, preflight_local, prepare_store, project_lock
 from pipeline.cli.options import given
-from pipeline.cli.verbs import DEFAULT_PACKAGE, NETWORK_PACKAGE
+from pipeline.cli.verbs import DEFAULT_PACKAGE
 from pipeline.core.params import (
     DEFAULTS,
     DEMO_PARAMS,
@@ -40,13 +40,14 @@ from pipeline.dags.finetune import (
     CompileOptions,
     ResourceRequest,
     Toleration,
-    compile_pipeline,
-    run_local,
 )
 from pipeline.registry.lineage import git_commit, push_data_version, read_data_version, source_data_version
 from pipeline.registry.policy import registered_model_name
 from pipeline.registry.store import TrackingConfig
 from pipeline.registry.tracking import candidates_model_name
+
+if TYPE_CHECKING:
+    from pipeline.dags.spec import ClusterRun, ClusterTarget, PipelineSpec
 
 log = logging.getLogger(__name__)
 
@@ -303,9 +304,12 @@ def _run(args: argparse.Namespace, params: PipelineParams) -> int:
         params.schedule(),
         tracking.tracking_uri,
     )
+    from pipeline.dags.spec import finetune_spec, run_local
+
     start = time.perf_counter()
-    outputs = run_local(params, local_run_config(args, "last_run.log"))
-    summary = summarise_run(tracking, outputs.run_id, outputs.model_version, params, time.perf_counter() - start)
+    outputs = run_local(finetune_spec(), params, local_run_config(args, "last_run.log"))
+    seconds = time.perf_counter() - start
+    summary = summarise_run(tracking, str(outputs["run_id"]), str(outputs["model_version"]), params, seconds)
     if args.promote:
         from pipeline.cli.registry import run_promote
 
@@ -403,16 +407,6 @@ def cmd_run_network(args: argparse.Namespace) -> int:
     return 0 if summary.ok else 1
 
 
-def _network_package(args: argparse.Namespace, cache_ingest: bool = True) -> Path:
-    from pipeline.dags.network import compile_network_pipeline
-
-    if args.package:
-        return Path(args.package)
-    return compile_network_pipeline(
-        Path(args.pipeline_root) / NETWORK_PACKAGE, options=compile_options(args, cache_ingest)
-    )
-
-
 def network_cluster_arguments(args: argparse.Namespace, with_versions: bool = True) -> dict[str, Any]:
     """The network pipeline's arguments for a cluster run: the cluster defaults and the sites
     of ``--sites`` as its list parameter (data versions as listed from here, or "")."""
@@ -448,16 +442,19 @@ def warn_synthetic_backbone(backbone: str, what: str) -> bool:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
+    from pipeline.dags.spec import compile_spec, finetune_spec, network_spec
+
     warn_synthetic_backbone(DEFAULTS.backbone, "the compiled pipeline's default backbone parameter")
     if args.sites:
-        from pipeline.dags.network import NetworkSettings, compile_network_pipeline, site_items
+        from pipeline.dags.network import NetworkSettings, site_items
 
-        output = Path(args.output if args.output != DEFAULT_PACKAGE else NETWORK_PACKAGE)
         items = site_items(list(network_registry(args, DEFAULTS)), DEFAULTS)  # the default list parameter
-        path = compile_network_pipeline(output, NetworkSettings(sites=tuple(items)), compile_options(args))
+        spec = network_spec(NetworkSettings(sites=tuple(items)))
+        output = Path(args.output if args.output != DEFAULT_PACKAGE else spec.package)
+        path = compile_spec(spec, output, compile_options(args), sites_file=args.sites)
         log.info("wrote %s (network of %d sites; a run passes its own `sites`)", path, len(items))
         return 0
-    path = compile_pipeline(Path(args.output), compile_options(args))
+    path = compile_spec(finetune_spec(), Path(args.output), compile_options(args))
     log.info("wrote %s", path)
     return 0
 
@@ -483,95 +480,77 @@ def kfp_client(args: argparse.Namespace):
     return make_client(args.host, args.namespace, resolve_auth(args.kfp_auth, args.kfp_token_file))
 
 
-def _package(args: argparse.Namespace, cache_ingest: bool = True) -> Path:
-    if args.package:
-        return Path(args.package)
-    return compile_pipeline(Path(args.pipeline_root) / DEFAULT_PACKAGE, compile_options(args, cache_ingest))
+def cluster_target(args: argparse.Namespace) -> ClusterTarget:
+    """Where ``submit`` / ``schedule`` send a run: ``--host``, ``--kfp-experiment``,
+    ``--namespace``, ``--service-account``, ``--no-cache`` (``pipeline.dags.spec.ClusterTarget``)."""
+    from pipeline.dags.spec import ClusterTarget
+
+    return ClusterTarget(
+        client=kfp_client(args),
+        host=args.host,
+        experiment=args.kfp_experiment,
+        namespace=args.namespace,
+        service_account=args.service_account,
+        caching=not args.no_cache,
+    )
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
+def cluster_run(args: argparse.Namespace, arguments: dict[str, Any], options: CompileOptions) -> ClusterRun:
+    """What ``submit`` / ``schedule`` send: ``arguments``, and ``--package`` or the pipeline
+    compiled with ``options`` under ``--pipeline-root`` (``pipeline.dags.spec.ClusterRun``)."""
+    from pipeline.core.sites import DEFAULT_SITES_FILE
+    from pipeline.dags.spec import ClusterRun
+
+    return ClusterRun(
+        arguments=arguments,
+        options=options,
+        folder=Path(args.pipeline_root),
+        package=Path(args.package) if args.package else None,
+        sites_file=getattr(args, "sites", None) or DEFAULT_SITES_FILE,
+    )
+
+
+def cluster_request(args: argparse.Namespace, recurring: bool) -> tuple[PipelineSpec, ClusterTarget, ClusterRun]:
+    """The spec, target and run of ``submit`` (``recurring`` False) or ``schedule``, with or
+    without ``--sites``, every parameter checked before the server is asked. A recurring run
+    lists its source again each time: its data version is the data found at run time (a
+    network's: a fresh network id too)."""
     from pipeline.cli.preflight import check_kfp_host
+    from pipeline.dags.spec import finetune_spec, network_spec
 
     params = params_from_args(args, DEFAULTS)  # every parameter valid before the server is asked
     if args.sites:
         network_registry(args, params)  # the sites valid, too
     check_kfp_host(args.host)
-    warn_synthetic_backbone(params.backbone, "this run")
+    warn_synthetic_backbone(params.backbone, "every run of this schedule" if recurring else "this run")
     if args.sites:
-        arguments = network_cluster_arguments(args)
+        spec = network_spec()
+        arguments = network_cluster_arguments(args, with_versions=not recurring)
         # a site whose version is unknown here (S3 not listable) is listed again by its ingest
         known = all(item.get("data_version") for item in arguments["sites"])
-        package = _network_package(args, cache_ingest=known)
     else:
+        spec = finetune_spec()
         arguments = cluster_arguments(args)
+        if recurring:
+            arguments["data_version"] = ""
         # Unknown data version (an S3 source this machine cannot list): ingest must list it again.
-        package = _package(args, cache_ingest=bool(arguments.get("data_version")))
-    run_name = args.run_name or f"cessl-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = kfp_client(args).create_run_from_pipeline_package(
-        str(package),
-        arguments=arguments,
-        run_name=run_name,
-        experiment_name=args.kfp_experiment,
-        namespace=args.namespace,
-        service_account=args.service_account,
-        enable_caching=not args.no_cache,
-    )
-    log.info(
-        "submitted run %s (%s) to %s, experiment %s%s",
-        result.run_id,
-        run_name,
-        args.host,
-        args.kfp_experiment,
-        f", as ServiceAccount {args.service_account}" if args.service_account else "",
-    )
+        known = bool(arguments.get("data_version"))
+    return spec, cluster_target(args), cluster_run(args, arguments, compile_options(args, cache_ingest=known))
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline.dags.spec import submit
+
+    spec, target, run = cluster_request(args, recurring=False)
+    submit(spec, target, run, args.run_name or "")
     return 0
 
 
-def cron6(expression: str) -> str:
-    """KFP's cron has a seconds field: ``m h dom mon dow`` -> ``0 m h dom mon dow``."""
-    fields = expression.split()
-    if len(fields) == 5:
-        return "0 " + expression.strip()
-    if len(fields) == 6:
-        return expression.strip()
-    raise ValueError(f"--cron {expression!r}: expected 5 or 6 fields (e.g. '0 3 * * 1')")
-
-
 def cmd_schedule(args: argparse.Namespace) -> int:
-    from pipeline.cli.preflight import check_kfp_host
+    from pipeline.dags.spec import schedule
 
-    params = params_from_args(args, DEFAULTS)
-    if args.sites:
-        network_registry(args, params)
-    check_kfp_host(args.host)
-    warn_synthetic_backbone(params.backbone, "every run of this schedule")
-    if args.sites:  # the sites are the list parameter: versions found at run time, a fresh network id
-        package = _network_package(args, cache_ingest=False)
-        arguments = network_cluster_arguments(args, with_versions=False)
-    else:
-        package = _package(args, cache_ingest=False)  # each recurring run lists the source again
-        arguments = cluster_arguments(args)
-        arguments["data_version"] = ""  # the version is the data found at run time
-    client = kfp_client(args)
-    experiment = client.create_experiment(args.kfp_experiment, namespace=args.namespace)
-    job = client.create_recurring_run(
-        experiment_id=experiment.experiment_id,
-        job_name=args.job_name,
-        cron_expression=cron6(args.cron),
-        pipeline_package_path=str(package),
-        params=arguments,
-        max_concurrency=1,
-        no_catchup=True,
-        service_account=args.service_account,
-        enable_caching=not args.no_cache,
-    )
-    log.info(
-        "recurring run %s (%s, cron %s) on %s",
-        getattr(job, "recurring_run_id", "?"),
-        args.job_name,
-        cron6(args.cron),
-        args.host,
-    )
+    spec, target, run = cluster_request(args, recurring=True)
+    schedule(spec, target, run, args.job_name, args.cron)
     return 0
 
 

@@ -296,7 +296,8 @@ def network_params(base: PipelineParams, sites: Sequence[Site]) -> None:
 def run_network(args: argparse.Namespace, params: PipelineParams, registry: SiteRegistry) -> NetworkSummary:
     """Run the network locally (under the caller's project lock) and summarise it."""
     from pipeline.cli.local import local_run_config, prepare_store
-    from pipeline.dags.network import NetworkSettings, run_network_local, site_items
+    from pipeline.dags.network import NetworkSettings, network_arguments, site_items
+    from pipeline.dags.spec import network_spec, run_local
     from pipeline.registry.lineage import git_commit
     from pipeline.registry.network_tracking import fail_network, new_network_id
     from pipeline.registry.store import TrackingConfig
@@ -325,8 +326,8 @@ def run_network(args: argparse.Namespace, params: PipelineParams, registry: Site
     config = local_run_config(args, "last_network_run.log")
     log.info("network %s: %d sites (%s), schedule %s", network_id, len(ready), ", ".join(versions), params.schedule())
     try:
-        settings = NetworkSettings(parallelism=args.site_parallelism)
-        text = run_network_local(params, items, network_id, config, settings)
+        spec = network_spec(NetworkSettings(parallelism=args.site_parallelism))
+        text = str(run_local(spec, params, config, network_arguments(params, items, network_id))["Output"])
     except Exception as err:
         from pipeline.core.failures import describe
 

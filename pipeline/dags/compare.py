@@ -21,28 +21,24 @@ list of ``{"method", "labelled_ratio", "seed"}``) and ``comparison_id``.
 No ``from __future__ import annotations``: KFP reads the pipeline function's annotations.
 """
 
-import inspect
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from kfp import compiler, dsl
+from kfp import dsl
 
 from components.compare import GRID_FIELDS, CompareGrid
 from pipeline.core.params import DEFAULTS, PipelineParams
 from pipeline.dags.finetune import (
     CompileOptions,
-    LocalRunConfig,
-    PipelineRunError,
+    ExtraParameter,
     add_finetune_chain,
     add_shared_inputs,
     configure_tasks,
-    default_checkpoint_root,
-    execute_local,
-    pipeline_function,
-    pipeline_signature,
+    loop_dag,
+    loop_parameters,
+    shared_arguments,
 )
 from pipeline.dags.tasks import CompareComponents, StepComponents, build_compare_components, build_components
 
@@ -68,26 +64,20 @@ class CompareSettings:
     defaults: PipelineParams = DEFAULTS
 
 
-def shared_fields() -> list[str]:
-    """The PipelineParams fields every cell shares (the comparison's parameters)."""
-    return [name for name in DEFAULTS.arguments() if name not in EXCLUDED_PARAMS]
-
-
-def compare_signature(settings: CompareSettings, options: CompileOptions) -> inspect.Signature:
-    defaults = settings.defaults.replace(checkpoint_root=default_checkpoint_root(options))
-    extra = [
-        inspect.Parameter(
-            "grid", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=settings.grid.items(), annotation=list
-        ),
-        inspect.Parameter("comparison_id", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="", annotation=str),
-    ]
-    return pipeline_signature(defaults, exclude=EXCLUDED_PARAMS, extra=extra, return_annotation=str)
+def loop_parameters_of(settings: CompareSettings) -> list[ExtraParameter]:
+    """``grid`` (one item per cell) and ``comparison_id``."""
+    return loop_parameters(
+        "grid",
+        settings.grid.items(),
+        f"the cells to train, one item each ({', '.join(GRID_FIELDS)}): every method x labelled ratio x seed",
+        "comparison_id",
+        "the comparison's id (MLflow tag of its parent run and cells)",
+    )
 
 
 def compare_arguments(params: PipelineParams, grid: CompareGrid, comparison_id: str) -> dict[str, Any]:
     """The comparison pipeline's arguments for a run."""
-    shared = {k: v for k, v in params.arguments().items() if k not in EXCLUDED_PARAMS}
-    return shared | {"grid": grid.items(), "comparison_id": comparison_id}
+    return shared_arguments(params, EXCLUDED_PARAMS) | {"grid": grid.items(), "comparison_id": comparison_id}
 
 
 def build_compare_pipeline(
@@ -100,11 +90,10 @@ def build_compare_pipeline(
     options = options or CompileOptions()
     steps = steps or build_components(options.image)
     compare_steps = compare_steps or build_compare_components(options.image)
-    signature = compare_signature(settings, options)
 
     def cessl_compare(run: SimpleNamespace) -> Any:
         inputs = add_shared_inputs(steps, run)
-        shared = {name: getattr(run, name) for name in shared_fields()}
+        shared = shared_arguments(run, EXCLUDED_PARAMS)
         start = compare_steps.start_comparison(
             grid=run.grid,
             params=shared | {"data_version": inputs.ingest.outputs["data_version"]},
@@ -143,33 +132,13 @@ def build_compare_pipeline(
         )
         return summary.outputs["Output"]
 
-    return dsl.pipeline(
-        name=COMPARE_PIPELINE_NAME,
-        description="Compare training methods (methods x labelled ratios x seeds) on the same splits; "
+    return loop_dag(
+        COMPARE_PIPELINE_NAME,
+        "Compare training methods (methods x labelled ratios x seeds) on the same splits; "
         "one MLflow parent run with a child run per cell, a table and a plot.",
-    )(pipeline_function(signature, cessl_compare))
-
-
-def compile_compare_pipeline(path: Path, settings: CompareSettings, options: CompileOptions | None = None) -> Path:
-    """Write the comparison's IR YAML to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(pipeline_func=build_compare_pipeline(settings, options), package_path=str(path))
-    log.info("compiled %s (%s)", path, settings.grid.describe())
-    return path
-
-
-def run_compare_local(
-    params: PipelineParams,
-    settings: CompareSettings,
-    comparison_id: str,
-    config: LocalRunConfig | None = None,
-) -> str:
-    """Run the comparison with ``kfp.local``; the MLflow parent run's id."""
-    config = config or LocalRunConfig()
-    pipeline = build_compare_pipeline(settings, CompileOptions.local(config.image))
-    arguments = compare_arguments(params, settings.grid, comparison_id)
-    outputs = execute_local(pipeline, arguments, params, config, COMPARE_PIPELINE_NAME)
-    if "Output" not in outputs:
-        raise PipelineRunError(f"pipeline {COMPARE_PIPELINE_NAME} ended without its parent run id")
-    return str(outputs["Output"])
+        cessl_compare,
+        settings.defaults,
+        options,
+        exclude=EXCLUDED_PARAMS,
+        extra=loop_parameters_of(settings),
+    )

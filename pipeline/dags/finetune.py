@@ -9,27 +9,30 @@
 :class:`CompileOptions` (image, GPU request, node selector / tolerations, resources,
 checkpoint volume, credentials secret): cluster settings are fixed at compile time, the
 run's choices (:class:`pipeline.core.params.PipelineParams`) are pipeline parameters: the
-function's signature is generated from that dataclass (:func:`pipeline_signature`). :func:`compile_pipeline`
-writes the IR YAML; :func:`run_local` runs the same DAG with ``kfp.local`` in this Python
-environment (settings that only a cluster honours are left out there).
+function's signature is generated from that dataclass (:func:`pipeline_function`: each
+parameter described by its field's help text, shown in the KFP run form). Compiling,
+submitting and running it locally (:func:`execute_local`, settings that only a cluster honours
+left out) are the same for every DAG: :mod:`pipeline.dags.spec`.
 
 The parts other pipelines reuse (the method comparison, ``pipeline.dags.compare``):
 :func:`add_shared_inputs` (ingest -> preprocess, resolve_backbone), :func:`add_finetune_chain`
 (split -> allocate_ranks -> finetune -> evaluate for one method / labelled ratio / seed),
-:func:`configure_tasks` (the cluster settings by task name: GPU on finetune, caching,
-resources, Secret, ConfigMap), :func:`pipeline_signature` / :func:`pipeline_function` and
-:func:`execute_local`.
+:func:`add_testset` (resolve_testset), :func:`configure_tasks` (the cluster settings by task
+name: GPU on finetune, caching, resources, Secret, ConfigMap), :func:`pipeline_function`
+and :func:`execute_local`.
 
 No ``from __future__ import annotations``: KFP reads the pipeline function's annotations.
 """
 
 import contextlib
+import dataclasses
 import inspect
 import io
 import logging
 import os
 import re
 import sys
+import typing
 import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +40,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, NamedTuple, TextIO
 
-from kfp import compiler, dsl, kubernetes
+from kfp import dsl, kubernetes
 
 from ml.errors import StepFailedError
 from ml.train.gpu import IMAGE_ENV, REQUIRE_GPU_ENV
@@ -166,33 +169,81 @@ class PipelineRunError(StepFailedError):
     """A local pipeline run failed (a task failed, or it ended without outputs)."""
 
 
+@dataclass(frozen=True)
+class ExtraParameter:
+    """A pipeline parameter that is not a field of the run's parameter dataclass (a network's
+    ``sites``, a comparison's ``grid``); ``help`` is its description in the KFP run form."""
+
+    name: str
+    annotation: type
+    default: Any
+    help: str
+
+
+def loop_parameters(name: str, items: list[Any], what: str, id_name: str, id_what: str) -> list[ExtraParameter]:
+    """A looping pipeline's own parameters: ``name``, the list it loops over (``items`` by
+    default; ``what`` describes it), and ``id_name``, the run's id (``id_what``; '' for a new one)."""
+    return [
+        ExtraParameter(name, list, items, what),
+        ExtraParameter(id_name, str, "", f"{id_what}; '' for a new one"),
+    ]
+
+
+def parameter_help(params_type: type) -> dict[str, str]:
+    """Each field's help text (its ``metadata["help"]``, as the flags show it): the
+    description of its pipeline parameter."""
+    return {f.name: str(f.metadata.get("help", "")).replace("%%", "%") for f in dataclasses.fields(params_type)}
+
+
 def pipeline_signature(
-    defaults: PipelineParams = DEFAULTS,
+    defaults: Any = DEFAULTS,
     *,
     exclude: Collection[str] = (),
-    extra: Sequence[inspect.Parameter] = (),
+    extra: Sequence[ExtraParameter] = (),
     return_annotation: Any = PipelineOutputs,
 ) -> inspect.Signature:
-    """The pipeline function's signature: one typed parameter per :class:`PipelineParams`
-    field (but ``exclude``), with ``defaults``' values, then ``extra`` (kfp reads it with
-    ``inspect.signature``)."""
-    types = field_types()
+    """The pipeline function's signature: one typed parameter per field of ``defaults``'
+    dataclass (:class:`PipelineParams`, ``PretrainParams``; but ``exclude``), with
+    ``defaults``' values, then ``extra`` (kfp reads it with ``inspect.signature``)."""
+    types = typing.get_type_hints(type(defaults))
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
     return inspect.Signature(
         [
             *(
-                inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=value, annotation=types[name])
+                inspect.Parameter(name, kind, default=value, annotation=types[name])
                 for name, value in defaults.arguments().items()
                 if name not in exclude
             ),
-            *extra,
+            *(inspect.Parameter(p.name, kind, default=p.default, annotation=p.annotation) for p in extra),
         ],
         return_annotation=return_annotation,
     )
 
 
-def pipeline_function(signature: inspect.Signature, body: Callable[[SimpleNamespace], Any]) -> Callable[..., Any]:
-    """A function with ``signature`` that calls ``body`` with its arguments by name (the
-    pipeline parameters, as channels); kfp reads the signature, the body reads as the DAG."""
+def args_docstring(signature: inspect.Signature, descriptions: Mapping[str, str]) -> str:
+    """A docstring whose ``Args:`` section describes every parameter of ``signature``: kfp
+    writes those into the IR (``root.inputDefinitions.parameters.<name>.description``), which
+    the KFP run form shows. Every parameter must have a description."""
+    missing = [name for name in signature.parameters if not descriptions.get(name, "").strip()]
+    if missing:
+        raise ValueError(f"pipeline parameters without a description: {', '.join(missing)}")
+    lines = [f"    {name}: {' '.join(descriptions[name].split())}" for name in signature.parameters]
+    return "\n".join(["The pipeline's parameters.", "", "Args:", *lines])
+
+
+def pipeline_function(
+    body: Callable[[SimpleNamespace], Any],
+    defaults: Any = DEFAULTS,
+    *,
+    exclude: Collection[str] = (),
+    extra: Sequence[ExtraParameter] = (),
+    return_annotation: Any = PipelineOutputs,
+) -> Callable[..., Any]:
+    """A function with the signature of :func:`pipeline_signature` that calls ``body`` with its
+    arguments by name (the pipeline parameters, as channels), documented by the fields' help
+    texts (:func:`parameter_help`) and ``extra``'s; kfp reads both, the body reads as the DAG."""
+    signature = pipeline_signature(defaults, exclude=exclude, extra=extra, return_annotation=return_annotation)
+    descriptions = parameter_help(type(defaults)) | {p.name: p.help for p in extra}
 
     def pipeline_func(*args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(*args, **kwargs)
@@ -200,7 +251,40 @@ def pipeline_function(signature: inspect.Signature, body: Callable[[SimpleNamesp
         return body(SimpleNamespace(**bound.arguments))
 
     pipeline_func.__signature__ = signature  # type: ignore[attr-defined]
+    pipeline_func.__doc__ = args_docstring(signature, descriptions)
     return pipeline_func
+
+
+def pipeline_dag(
+    name: str, description: str, body: Callable[[SimpleNamespace], Any], defaults: Any, **signature: Any
+) -> Any:
+    """The ``@dsl.pipeline`` ``name`` of ``body`` (:func:`pipeline_function` of ``defaults``
+    and ``signature``'s ``exclude``, ``extra``, ``return_annotation``)."""
+    return dsl.pipeline(name=name, description=description)(pipeline_function(body, defaults, **signature))
+
+
+def loop_dag(
+    name: str,
+    description: str,
+    body: Callable[[SimpleNamespace], Any],
+    defaults: PipelineParams,
+    options: CompileOptions,
+    *,
+    exclude: Collection[str],
+    extra: Sequence[ExtraParameter],
+) -> Any:
+    """A :func:`pipeline_dag` that loops over a list parameter of ``extra`` (the network's
+    sites, the comparison's grid) and returns its summary (text): the run's parameters but
+    ``exclude`` (the loop item's own), the checkpoint root the compile options' default."""
+    defaults = defaults.replace(checkpoint_root=default_checkpoint_root(options))
+    return pipeline_dag(name, description, body, defaults, exclude=exclude, extra=extra, return_annotation=str)
+
+
+def shared_arguments(values: Any, exclude: Collection[str]) -> dict[str, Any]:
+    """The run's parameters but ``exclude`` (a loop item's own): ``values`` a parameter
+    dataclass or the pipeline function's ``run`` namespace."""
+    items = values.arguments() if hasattr(values, "arguments") else vars(values)
+    return {name: value for name, value in items.items() if name in PARAM_NAMES and name not in exclude}
 
 
 def default_checkpoint_root(options: CompileOptions) -> str:
@@ -302,7 +386,9 @@ def configure_tasks(
 VALIDATE, INGEST, PREPROCESS, BACKBONE = "validate", "ingest", "preprocess", "backbone"
 PARAM_NAMES = frozenset(field_types())
 SPLIT, ALLOCATE_RANKS, FINETUNE, EVALUATE = "split", "allocate-ranks", "finetune", "evaluate"
-RESOLVE_TESTSET = "resolve-testset"
+RESOLVE_TESTSET, SCORE_CHAMPION, REGISTER = "resolve-testset", "score-champion", "register"
+# A network site's own choices of its fine-tune chain (its loop item's fields).
+SITE_CHOICES = ("r", "p", "compress", "batch_size", "lr")
 
 
 class SharedInputs(NamedTuple):
@@ -343,46 +429,34 @@ def add_backbone(steps: StepComponents, run: SimpleNamespace, after: dsl.Pipelin
     return backbone
 
 
+def item_field(item: Any, key: str) -> Any:
+    """Field ``key`` of a ``dsl.ParallelFor`` loop item (a channel). Attribute access is not
+    enough for every key: ``item.name`` is the loop channel's own name (the plain string
+    ``sites-loop-item``), not the item's ``name`` field, and every site's records were keyed
+    ``sites-loop-item/<id>``; the loop argument's ``__getattr__`` makes the field's channel."""
+    return type(item).__getattr__(item, key)
+
+
 def add_data(
-    steps: StepComponents,
-    *,
-    source: Any,
-    data_version: Any,
-    state_dir: Any,
-    min_class_count: Any,
-    after: dsl.PipelineTask,
-    site: Any = "",
+    steps: StepComponents, source: Any, *, after: dsl.PipelineTask, site: Any = ""
 ) -> tuple[dsl.PipelineTask, dsl.PipelineTask]:
-    """ingest -> preprocess of one source (pipeline channels: the run's parameters, or a
-    network site's fields). ``data_version`` is part of ingest's inputs, hence of its cache
-    key: the same version of the same source reuses ingest and everything downstream.
-    ``site``: a network site's name (records are keyed (site, path)); "" for a single source."""
-    ingest = steps.ingest(source=source, data_version=data_version, state_dir=state_dir, site=site)
+    """ingest -> preprocess of one source: ``source``'s ``source``, ``data_version``,
+    ``state_dir`` and ``min_class_count`` (pipeline channels: the run's parameters, or a network
+    site's loop item). ``data_version`` is part of ingest's inputs, hence of its cache key: the
+    same version of the same source reuses ingest and everything downstream. ``site``: a
+    network site's name (records are keyed (site, path)); "" for a single source."""
+    ingest = steps.ingest(source=source.source, data_version=source.data_version, state_dir=source.state_dir, site=site)
     ingest.after(after)
     preprocess = steps.preprocess(
-        manifest=ingest.outputs["manifest"], min_class_count=min_class_count, state_dir=state_dir
+        manifest=ingest.outputs["manifest"], min_class_count=source.min_class_count, state_dir=source.state_dir
     )
     return ingest, preprocess
-
-
-def add_run_data(
-    steps: StepComponents, run: SimpleNamespace, after: dsl.PipelineTask
-) -> tuple[dsl.PipelineTask, dsl.PipelineTask]:
-    """:func:`add_data` of the run's own source parameters (``source``, ``data_version``, ...)."""
-    return add_data(
-        steps,
-        source=run.source,
-        data_version=run.data_version,
-        state_dir=run.state_dir,
-        min_class_count=run.min_class_count,
-        after=after,
-    )
 
 
 def add_shared_inputs(steps: StepComponents, run: SimpleNamespace) -> SharedInputs:
     """validate, then ingest -> preprocess and resolve_backbone, from the run's parameters."""
     validate = add_validate(steps, run)
-    ingest, preprocess = add_run_data(steps, run, after=validate)
+    ingest, preprocess = add_data(steps, run, after=validate)
     return SharedInputs(ingest, preprocess, add_backbone(steps, run, validate), validate)
 
 
@@ -462,31 +536,72 @@ def add_finetune_chain(
     return FinetuneChain(split, ranks, finetune, evaluate)
 
 
-def add_registration(
+def kfp_lineage(pipeline_name: str) -> dict[str, Any]:
+    """The KFP run's id, name and pipeline, as a registering step's inputs (MLflow tags)."""
+    return {
+        "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        "kfp_run_name": dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+        "kfp_pipeline_name": pipeline_name,
+    }
+
+
+class RegisteredModel(NamedTuple):
+    """One registered fine-tune: resolve_testset -> the fine-tune chain -> score_champion -> register."""
+
+    testset: dsl.PipelineTask
+    chain: FinetuneChain
+    champion: dsl.PipelineTask
+    register: dsl.PipelineTask
+
+    def tasks(self) -> dict[str, dsl.PipelineTask]:
+        return {
+            RESOLVE_TESTSET: self.testset,
+            **self.chain.tasks(),
+            SCORE_CHAMPION: self.champion,
+            REGISTER: self.register,
+        }
+
+
+def add_registered_model(
     steps: StepComponents,
+    run: SimpleNamespace,
     inputs: SharedInputs,
-    chain: FinetuneChain,
     *,
-    model_name: Any,
-    method: Any,
-    tracking_uri: Any,
     params: Mapping[str, Any],
     pipeline_name: str,
     site: Any = None,
+    after: dsl.PipelineTask | None = None,
     network_id: Any = "",
-) -> tuple[dsl.PipelineTask, dsl.PipelineTask]:
-    """score_champion -> register of a fine-tune chain: the registered model's champion scored
-    on the chain's test split, then the adapter logged and registered (alias challenger).
-    ``params``: the run's PipelineParams as one mapping (channels allowed: the data version
-    ingest settled on); ``site`` (a network site's loop item: its values replace ``params``')
-    and ``network_id``: a network run's."""
+) -> RegisteredModel:
+    """The model a run registers (its frozen test set, its fine-tune chain, its registration)
+    of the run's ``model_name``, ``method``, ``labelled_ratio`` and ``seed``, or a network
+    ``site``'s (its loop item, whose :data:`SITE_CHOICES` replace the run's too; it goes to
+    register whole). The champion is scored on the chain's test split, then the adapter logged
+    and registered (alias challenger). ``params``: the run's PipelineParams as one mapping
+    (channels allowed: the data version ingest settled on; a site's values replace them in
+    register); ``network_id``: a network run's; ``after``: what the test set waits for."""
+    model = run if site is None else site
+    testset = add_testset(steps, run, model)
+    if after is not None:
+        testset.after(after)
+    chain = add_finetune_chain(
+        steps,
+        run,
+        inputs,
+        method=model.method,
+        labelled_ratio=model.labelled_ratio,
+        seed=model.seed,
+        frozen_testset=testset.output,
+        choices=None if site is None else {name: getattr(site, name) for name in SITE_CHOICES},
+        site="" if site is None else item_field(site, "name"),
+    )
     data = chain.data(inputs)
     champion = steps.score_champion(
         **data,
         evaluation=chain.evaluate.outputs["evaluation"],
-        model_name=model_name,
-        method=method,
-        tracking_uri=tracking_uri,
+        model_name=model.model_name,
+        method=model.method,
+        tracking_uri=run.tracking_uri,
     )
     champion.after(chain.evaluate)  # the champion of the moment the new model is ready
     extra = {"site": site, "network_id": network_id} if site is not None else {}
@@ -501,75 +616,49 @@ def add_registration(
         report=chain.evaluate.outputs["report"],
         quarantine_report=inputs.ingest.outputs["quarantine_report"],
         params=dict(params),
-        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-        kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-        kfp_pipeline_name=pipeline_name,
+        **kfp_lineage(pipeline_name),
         **extra,
     )
-    return champion, register
+    return RegisteredModel(testset, chain, champion, register)
+
+
+def add_testset(steps: StepComponents, run: SimpleNamespace, model: Any) -> dsl.PipelineTask:
+    """resolve_testset: the frozen test set of ``model``'s ``model_name`` (trained with its
+    ``method``: the run's parameters or a network site's fields), whose reference the split's
+    test part is."""
+    return steps.resolve_testset(
+        model_name=model.model_name,
+        method=model.method,
+        tracking_uri=run.tracking_uri,
+        frozen_testset=run.frozen_testset,
+    )
 
 
 def build_pipeline(options: CompileOptions | None = None, steps: StepComponents | None = None):
     """The ``@dsl.pipeline`` function for ``options`` (reads top-down as the DAG)."""
     options = options or CompileOptions()
     steps = steps or build_components(options.image)
-    signature = pipeline_signature(DEFAULTS.replace(checkpoint_root=default_checkpoint_root(options)))
 
     def cessl_pipeline(run: SimpleNamespace) -> PipelineOutputs:
         inputs = add_shared_inputs(steps, run)
-        testset = steps.resolve_testset(
-            model_name=run.model_name,
-            method=run.method,
-            tracking_uri=run.tracking_uri,
-            frozen_testset=run.frozen_testset,
-        )
-        chain = add_finetune_chain(
-            steps,
-            run,
-            inputs,
-            method=run.method,
-            labelled_ratio=run.labelled_ratio,
-            seed=run.seed,
-            frozen_testset=testset.output,
-        )
-        champion, register = add_registration(
-            steps,
-            inputs,
-            chain,
-            model_name=run.model_name,
-            method=run.method,
-            tracking_uri=run.tracking_uri,
-            params={**vars(run), "data_version": inputs.ingest.outputs["data_version"]},
-            pipeline_name=PIPELINE_NAME,
-        )
+        params = {**vars(run), "data_version": inputs.ingest.outputs["data_version"]}
+        model = add_registered_model(steps, run, inputs, params=params, pipeline_name=PIPELINE_NAME)
         configure_tasks(
             options,
-            {
-                **inputs.tasks(),
-                RESOLVE_TESTSET: testset,
-                **chain.tasks(),
-                "score-champion": champion,
-                "register": register,
-            },
+            {**inputs.tasks(), **model.tasks()},
             # the champion and the frozen test set change outside; register writes MLflow
-            uncached=(RESOLVE_TESTSET, "score-champion", "register"),
-            credentials=(INGEST, BACKBONE, RESOLVE_TESTSET, SPLIT, "score-champion", "register"),
+            uncached=(RESOLVE_TESTSET, SCORE_CHAMPION, REGISTER),
+            credentials=(INGEST, BACKBONE, RESOLVE_TESTSET, SPLIT, SCORE_CHAMPION, REGISTER),
         )
+        register = model.register
         return PipelineOutputs(run_id=register.outputs["run_id"], model_version=register.outputs["model_version"])
 
-    return dsl.pipeline(
-        name=PIPELINE_NAME,
-        description="CE-SSL: WFDB records -> evaluated, registered LoRA adapter (MLflow alias challenger).",
-    )(pipeline_function(signature, cessl_pipeline))
-
-
-def compile_pipeline(path: Path, options: CompileOptions | None = None) -> Path:
-    """Write the pipeline's IR YAML to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(pipeline_func=build_pipeline(options), package_path=str(path))
-    log.info("compiled %s (image %s)", path, (options or CompileOptions()).image)
-    return path
+    return pipeline_dag(
+        PIPELINE_NAME,
+        "CE-SSL: WFDB records -> evaluated, registered LoRA adapter (MLflow alias challenger).",
+        cessl_pipeline,
+        DEFAULTS.replace(checkpoint_root=default_checkpoint_root(options)),
+    )
 
 
 @dataclass(frozen=True)
@@ -590,17 +679,21 @@ class LocalRunConfig:
 
 # Environment a DockerRunner task receives from this process (credentials stay in the env).
 DOCKER_ENV_PREFIXES = ("MLFLOW_", "AWS_", "CESSL_")
+# The parameters that may name a folder of this machine (a parameter set lacking one: "").
+LOCAL_PATH_FIELDS = ("state_dir", "checkpoint_root", "cache_dir", "source", "backbone", "tracking_uri")
 
 
-def _local_paths(params: PipelineParams) -> list[Path]:
-    """Host folders a containerised task must see at the same path."""
-    candidates = [params.state_dir, params.checkpoint_root, params.cache_dir]
-    if params.source and "://" not in params.source:
-        candidates.append(params.source)
-    if params.backbone not in ("", "default") and Path(params.backbone).exists():
-        candidates.append(params.backbone)
-    if params.tracking_uri.startswith("sqlite:///"):
-        candidates.append(str(Path(params.tracking_uri.removeprefix("sqlite:///")).parent))
+def _local_paths(params: Any) -> list[Path]:
+    """Host folders a containerised task must see at the same path (``params``: a run's
+    parameters, :class:`PipelineParams` or ``PretrainParams``)."""
+    value = {name: str(getattr(params, name, "") or "") for name in LOCAL_PATH_FIELDS}
+    candidates = [value["state_dir"], value["checkpoint_root"], value["cache_dir"]]
+    if value["source"] and "://" not in value["source"]:
+        candidates.append(value["source"])
+    if value["backbone"] not in ("", "default") and Path(value["backbone"]).exists():
+        candidates.append(value["backbone"])
+    if value["tracking_uri"].startswith("sqlite:///"):
+        candidates.append(str(Path(value["tracking_uri"].removeprefix("sqlite:///")).parent))
     paths = []
     for candidate in filter(None, candidates):
         path = Path(candidate).absolute()
@@ -611,7 +704,7 @@ def _local_paths(params: PipelineParams) -> list[Path]:
     return [p for i, p in enumerate(roots) if not any(p.is_relative_to(q) for q in roots[:i])]
 
 
-def docker_runner(params: PipelineParams, labels: Mapping[str, str] | None = None):
+def docker_runner(params: Any, labels: Mapping[str, str] | None = None):
     """A DockerRunner whose containers see the run's local folders, this user's id and
     the MLflow / S3 settings of this environment, on the host network (local servers);
     ``labels``: the run's (``pipeline.core.process.run_labels``), by which they die with it."""
@@ -633,9 +726,7 @@ def docker_runner(params: PipelineParams, labels: Mapping[str, str] | None = Non
     )
 
 
-def init_local(
-    config: LocalRunConfig, params: PipelineParams | None = None, labels: Mapping[str, str] | None = None
-) -> None:
+def init_local(config: LocalRunConfig, params: Any = None, labels: Mapping[str, str] | None = None) -> None:
     """``kfp.local.init`` with the task cache under ``<pipeline_root>/.kfp_cache``
     (``labels``: of the Docker runner's containers)."""
     from kfp import local
@@ -779,7 +870,7 @@ def _containers_die_with_us(runner: str) -> Iterator[dict[str, str]]:
 
 
 def execute_local(
-    pipeline: Any, arguments: Mapping[str, Any], params: PipelineParams, config: LocalRunConfig, name: str
+    pipeline: Any, arguments: Mapping[str, Any], params: Any, config: LocalRunConfig, name: str
 ) -> dict[str, Any]:
     """Call a built pipeline function with ``kfp.local`` (initialised for ``config``); its
     outputs. ``params``: the local folders a Docker runner mounts. A failed task ends the run
@@ -800,13 +891,3 @@ def execute_local(
     if not outputs:
         raise PipelineRunError(failed_run_message(name, config.task_log))
     return dict(outputs)
-
-
-def run_local(params: PipelineParams, config: LocalRunConfig | None = None) -> PipelineOutputs:
-    """Run the DAG on this machine with ``kfp.local``; return the register step's outputs."""
-    config = config or LocalRunConfig()
-    pipeline = build_pipeline(CompileOptions.local(config.image))
-    outputs = execute_local(pipeline, params.arguments(), params, config, PIPELINE_NAME)
-    if "run_id" not in outputs:
-        raise PipelineRunError(failed_run_message(PIPELINE_NAME, config.task_log))
-    return PipelineOutputs(run_id=str(outputs["run_id"]), model_version=str(outputs["model_version"]))

@@ -31,7 +31,6 @@ from MLflow (the ``cessl.network_id`` tag), which sites registered and which fai
 No ``from __future__ import annotations``: KFP reads the pipeline function's annotations.
 """
 
-import inspect
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from kfp import compiler, dsl
+from kfp import dsl
 
 from pipeline.core.params import DEFAULTS, PipelineParams
 from pipeline.core.sites import OVERRIDABLE, Site
@@ -47,23 +46,23 @@ from pipeline.dags.finetune import (
     BACKBONE,
     INGEST,
     PREPROCESS,
+    REGISTER,
     RESOLVE_TESTSET,
+    SCORE_CHAMPION,
     SPLIT,
     VALIDATE,
     CompileOptions,
-    LocalRunConfig,
-    PipelineRunError,
+    ExtraParameter,
     SharedInputs,
     add_backbone,
     add_data,
-    add_finetune_chain,
-    add_registration,
+    add_registered_model,
     add_validate,
     configure_tasks,
-    default_checkpoint_root,
-    execute_local,
-    pipeline_function,
-    pipeline_signature,
+    item_field,
+    loop_dag,
+    loop_parameters,
+    shared_arguments,
 )
 from pipeline.dags.tasks import NetworkComponents, StepComponents, build_components, build_network_components
 from pipeline.registry.policy import registered_model_name, site_model_name
@@ -74,9 +73,7 @@ NETWORK_PIPELINE_NAME = "cessl-network"
 # A site's own values (its loop item); the rest of PipelineParams are the network's.
 SITE_PARAMS: tuple[str, ...] = ("source", "data_version", "state_dir", *OVERRIDABLE)
 ITEM_KEYS: tuple[str, ...] = ("name", "model_name", *SITE_PARAMS)
-CHAIN_CHOICES = ("r", "p", "compress", "batch_size", "lr")  # a site's overrides of the fine-tune chain
 START, CROSS_SITE = "start-network", "cross-site"
-SCORE_CHAMPION, REGISTER = "score-champion", "register"
 
 
 @dataclass(frozen=True)
@@ -119,34 +116,21 @@ def site_items(
     ]
 
 
-def item_field(item: Any, key: str) -> Any:
-    """Field ``key`` of a ``dsl.ParallelFor`` loop item (a channel). Attribute access is not
-    enough for every key: ``item.name`` is the loop channel's own name (the plain string
-    ``sites-loop-item``), not the item's ``name`` field, and every site's records were keyed
-    ``sites-loop-item/<id>``; the loop argument's ``__getattr__`` makes the field's channel."""
-    return type(item).__getattr__(item, key)
-
-
-def shared_fields() -> list[str]:
-    """The PipelineParams fields every site shares (the network pipeline's own parameters)."""
-    return [name for name in DEFAULTS.arguments() if name not in SITE_PARAMS]
-
-
-def network_signature(settings: NetworkSettings, options: CompileOptions) -> inspect.Signature:
-    defaults = settings.defaults.replace(checkpoint_root=default_checkpoint_root(options))
-    extra = [
-        inspect.Parameter(
-            "sites", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=[dict(s) for s in settings.sites], annotation=list
-        ),
-        inspect.Parameter("network_id", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="", annotation=str),
-    ]
-    return pipeline_signature(defaults, exclude=SITE_PARAMS, extra=extra, return_annotation=str)
+def loop_parameters_of(settings: NetworkSettings) -> list[ExtraParameter]:
+    """``sites`` (one item per site, :data:`ITEM_KEYS`) and ``network_id``."""
+    return loop_parameters(
+        "sites",
+        [dict(s) for s in settings.sites],
+        f"the sites, one item each ({', '.join(ITEM_KEYS)}): a site's source, data version and overrides; "
+        "`cessl submit --sites sites.yaml` passes a site registry's",
+        "network_id",
+        "the network run's id (MLflow tag cessl.network_id of every site's run)",
+    )
 
 
 def network_arguments(params: PipelineParams, items: Sequence[Mapping[str, Any]], network_id: str) -> dict[str, Any]:
     """The network pipeline's arguments for a run."""
-    shared = {k: v for k, v in params.arguments().items() if k not in SITE_PARAMS}
-    return shared | {"sites": [dict(i) for i in items], "network_id": network_id}
+    return shared_arguments(params, SITE_PARAMS) | {"sites": [dict(i) for i in items], "network_id": network_id}
 
 
 def build_network_pipeline(
@@ -160,12 +144,11 @@ def build_network_pipeline(
     options = options or CompileOptions()
     steps = steps or build_components(options.image)
     network_steps = network_steps or build_network_components(options.image)
-    signature = network_signature(settings, options)
 
     def cessl_network(run: SimpleNamespace) -> Any:
         validate = add_validate(steps, run)
         backbone = add_backbone(steps, run, validate)
-        shared = {name: getattr(run, name) for name in shared_fields()}
+        shared = shared_arguments(run, SITE_PARAMS)
         start = network_steps.start_network(
             sites=run.sites, params=shared, network_id=run.network_id, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER
         )
@@ -173,55 +156,27 @@ def build_network_pipeline(
         # Only artifacts and pipeline parameters cross into the loop (kfp.local 2.17 replaces
         # an outer task's output *parameter* by the loop item).
         with dsl.ParallelFor(run.sites, parallelism=settings.parallelism) as site:
-            ingest, preprocess = add_data(
-                steps,
-                source=site.source,
-                data_version=site.data_version,
-                state_dir=site.state_dir,
-                min_class_count=site.min_class_count,
-                after=start,
-                site=item_field(site, "name"),
-            )
+            ingest, preprocess = add_data(steps, site, after=start, site=item_field(site, "name"))
             inputs = SharedInputs(ingest, preprocess, backbone, validate)
-            testset = steps.resolve_testset(
-                model_name=site.model_name,
-                method=site.method,
-                tracking_uri=run.tracking_uri,
-                frozen_testset=run.frozen_testset,
-            )
-            testset.after(start)
-            chain = add_finetune_chain(
+            model = add_registered_model(
                 steps,
                 run,
                 inputs,
-                method=site.method,
-                labelled_ratio=site.labelled_ratio,
-                seed=site.seed,
-                frozen_testset=testset.output,
-                choices={name: getattr(site, name) for name in CHAIN_CHOICES},
-                site=site.name,
-            )
-            champion, register = add_registration(
-                steps,
-                inputs,
-                chain,
-                model_name=site.model_name,
-                method=site.method,
-                tracking_uri=run.tracking_uri,
                 # kfp.local 2.17 resolves no loop-item field nested in a dict: the whole item
                 # goes as `site`, and register lays its values over these
                 params={**shared, "data_version": ingest.outputs["data_version"]},
                 pipeline_name=NETWORK_PIPELINE_NAME,
                 site=site,
+                after=start,
                 network_id=run.network_id,
             )
         cross = network_steps.cross_site(
             network=start.outputs["network"],
             backbone_model=backbone.outputs["backbone_model"],
             stores=dsl.Collected(preprocess.outputs["store"]),
-            splits=dsl.Collected(chain.split.outputs["splits"]),
-            adapters=dsl.Collected(chain.finetune.outputs["adapter"]),
-            registrations=dsl.Collected(register.outputs["registration"]),
+            splits=dsl.Collected(model.chain.split.outputs["splits"]),
+            adapters=dsl.Collected(model.chain.finetune.outputs["adapter"]),
+            registrations=dsl.Collected(model.register.outputs["registration"]),
             tracking_uri=run.tracking_uri,
             experiment_name=run.experiment_name,
         )
@@ -233,10 +188,7 @@ def build_network_pipeline(
                 START: start,
                 INGEST: ingest,
                 PREPROCESS: preprocess,
-                RESOLVE_TESTSET: testset,
-                **chain.tasks(),
-                SCORE_CHAMPION: champion,
-                REGISTER: register,
+                **model.tasks(),
                 CROSS_SITE: cross,
             },
             # MLflow side effects, or state that changes outside (champion, frozen test set)
@@ -245,37 +197,13 @@ def build_network_pipeline(
         )
         return cross.outputs["Output"]
 
-    return dsl.pipeline(
-        name=NETWORK_PIPELINE_NAME,
-        description="CE-SSL hospital network: one backbone, one adapter per site (registered as <model>-<site>), "
+    return loop_dag(
+        NETWORK_PIPELINE_NAME,
+        "CE-SSL hospital network: one backbone, one adapter per site (registered as <model>-<site>), "
         "and the cross-site matrix on one MLflow parent run.",
-    )(pipeline_function(signature, cessl_network))
-
-
-def compile_network_pipeline(
-    path: Path, settings: NetworkSettings | None = None, options: CompileOptions | None = None
-) -> Path:
-    """Write the network pipeline's IR YAML to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(pipeline_func=build_network_pipeline(settings, options), package_path=str(path))
-    log.info("compiled %s (%s)", path, NETWORK_PIPELINE_NAME)
-    return path
-
-
-def run_network_local(
-    params: PipelineParams,
-    items: Sequence[Mapping[str, Any]],
-    network_id: str,
-    config: LocalRunConfig | None = None,
-    settings: NetworkSettings | None = None,
-) -> str:
-    """Run the network with ``kfp.local``; the cross-site step's summary (JSON text).
-    :class:`pipeline.dags.finetune.PipelineRunError` when a task failed (see the module's notes)."""
-    config = config or LocalRunConfig()
-    pipeline = build_network_pipeline(settings, CompileOptions.local(config.image))
-    arguments = network_arguments(params, items, network_id)
-    outputs = execute_local(pipeline, arguments, params, config, NETWORK_PIPELINE_NAME)
-    if "Output" not in outputs:
-        raise PipelineRunError(f"pipeline {NETWORK_PIPELINE_NAME} ended without its summary")
-    return str(outputs["Output"])
+        cessl_network,
+        settings.defaults,
+        options,
+        exclude=SITE_PARAMS,
+        extra=loop_parameters_of(settings),
+    )

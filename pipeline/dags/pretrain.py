@@ -4,7 +4,7 @@
                                          |  waits with a timeout, streams the job's logs
                                          +- shared checkpoint volume: store copy, checkpoints, backbone
 
-Ingest and preprocess are the fine-tune pipeline's own steps (``pipeline.dags.finetune.add_run_data``):
+Ingest and preprocess are the fine-tune pipeline's own steps (``pipeline.dags.finetune.add_data``):
 the source corpus becomes one dataset store. The launch step (``pretrain``) hands it to
 the pre-training job (``components.pretrain.launch_step``): a Kubeflow Trainer TrainJob
 (``backend`` ``cluster``, or ``docker`` for the SDK's local container backend) or, for a
@@ -35,28 +35,22 @@ get, list, watch; ``pods/log``: get; ``events``: list) to follow the job and str
 No ``from __future__ import annotations``: KFP reads the pipeline function's annotations.
 """
 
-import inspect
 import logging
-from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-from kfp import compiler, dsl, kubernetes
+from kfp import kubernetes
 
-from pipeline.core.failures import failed_run_message
-from pipeline.core.params import DEFAULTS as FINETUNE_DEFAULTS
-from pipeline.core.pretrain_params import DEFAULTS, PretrainParams, field_types
+from pipeline.core.pretrain_params import DEFAULTS, PretrainParams
 from pipeline.dags.finetune import (
     INGEST,
     PREPROCESS,
     VALIDATE,
     CompileOptions,
-    LocalRunConfig,
-    PipelineRunError,
-    add_run_data,
+    add_data,
     configure_tasks,
-    execute_local,
-    pipeline_function,
+    kfp_lineage,
+    pipeline_dag,
 )
 from pipeline.dags.tasks import PretrainComponents, StepComponents, build_components, build_pretrain_components
 
@@ -114,18 +108,6 @@ def compiled_defaults(options: CompileOptions, defaults: PretrainParams = DEFAUL
     )
 
 
-def pretrain_signature(defaults: PretrainParams) -> inspect.Signature:
-    """One typed parameter per :class:`PretrainParams` field, with ``defaults``' values."""
-    types = field_types()
-    return inspect.Signature(
-        [
-            inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=value, annotation=types[name])
-            for name, value in defaults.arguments().items()
-        ],
-        return_annotation=PretrainOutputs,
-    )
-
-
 def build_pretrain_pipeline(
     options: CompileOptions | None = None,
     defaults: PretrainParams = DEFAULTS,
@@ -136,12 +118,11 @@ def build_pretrain_pipeline(
     options = options or CompileOptions()
     steps = steps or build_components(options.image)
     pretrain_steps = pretrain_steps or build_pretrain_components(options.image)
-    signature = pretrain_signature(compiled_defaults(options, defaults))
     mount = bool(options.kubernetes and options.checkpoint_pvc)
 
     def cessl_pretrain(run: SimpleNamespace) -> PretrainOutputs:
         validate = pretrain_steps.validate_pretrain(params=dict(vars(run)))
-        ingest, preprocess = add_run_data(steps, run, after=validate)
+        ingest, preprocess = add_data(steps, run, after=validate)
         launch = pretrain_steps.pretrain_backbone(
             store=preprocess.outputs["store"], **{name: getattr(run, name) for name in LAUNCH_PARAMS}
         )
@@ -150,9 +131,7 @@ def build_pretrain_pipeline(
             tracking_uri=run.tracking_uri,
             alias=run.alias,
             git_commit=run.git_commit,
-            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-            kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-            kfp_pipeline_name=PRETRAIN_PIPELINE_NAME,
+            **kfp_lineage(PRETRAIN_PIPELINE_NAME),
         )
         configure_tasks(
             options,
@@ -170,44 +149,11 @@ def build_pretrain_pipeline(
             run_id=register.outputs["run_id"],
         )
 
-    return dsl.pipeline(
-        name=PRETRAIN_PIPELINE_NAME,
-        description="CE-SSL pre-training: WFDB source corpus -> backbone pre-trained as a Kubeflow Trainer "
+    return pipeline_dag(
+        PRETRAIN_PIPELINE_NAME,
+        "CE-SSL pre-training: WFDB source corpus -> backbone pre-trained as a Kubeflow Trainer "
         "TrainJob -> registered in MLflow (cessl-backbone-<config>).",
-    )(pipeline_function(signature, cessl_pretrain))
-
-
-def compile_pretrain_pipeline(
-    path: Path, options: CompileOptions | None = None, defaults: PretrainParams = DEFAULTS
-) -> Path:
-    """Write the pre-training pipeline's IR YAML to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(pipeline_func=build_pretrain_pipeline(options, defaults), package_path=str(path))
-    log.info("compiled %s (%s)", path, PRETRAIN_PIPELINE_NAME)
-    return path
-
-
-def _mounts_of(params: PretrainParams) -> Any:
-    """The local folders a Docker runner must mount, in the shape ``execute_local`` reads."""
-    return FINETUNE_DEFAULTS.replace(
-        source=params.source,
-        state_dir=params.state_dir,
-        checkpoint_root=params.checkpoint_root,
-        tracking_uri=params.tracking_uri,
-    )
-
-
-def run_pretrain_local(params: PretrainParams, config: LocalRunConfig | None = None) -> PretrainOutputs:
-    """Run ``cessl-pretrain`` with ``kfp.local``; the registration's outputs.
-    :class:`pipeline.dags.finetune.PipelineRunError` when a task failed."""
-    config = config or LocalRunConfig()
-    pipeline = build_pretrain_pipeline(CompileOptions.local(config.image), params)
-    outputs = execute_local(pipeline, params.arguments(), _mounts_of(params), config, PRETRAIN_PIPELINE_NAME)
-    if "model_version" not in outputs:
-        raise PipelineRunError(failed_run_message(PRETRAIN_PIPELINE_NAME, config.task_log))
-    return PretrainOutputs(
-        model_name=str(outputs["model_name"]),
-        model_version=str(outputs["model_version"]),
-        run_id=str(outputs["run_id"]),
+        cessl_pretrain,
+        compiled_defaults(options, defaults),
+        return_annotation=PretrainOutputs,
     )

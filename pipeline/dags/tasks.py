@@ -15,9 +15,9 @@ import lives inside the function.
 """
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional  # noqa: UP035 (KFP reads typing's List and Optional)
+from typing import Any, List, NamedTuple, Optional  # noqa: UP035 (KFP reads typing's List and Optional)
 
 from kfp import dsl
 from kfp.dsl import (
@@ -892,15 +892,15 @@ class NetworkComponents:
     cross_site: Callable[..., dsl.PipelineTask]
 
 
+def wrap(functions: Iterable[Callable[..., Any]], image: str | None = None) -> dict[str, Any]:
+    """Each step function as a KFP component on ``image`` (default: :func:`default_image`), by name."""
+    image = image or default_image()
+    return {func.__name__: dsl.component(func, base_image=image, install_kfp_package=False) for func in functions}
+
+
 def build_network_components(image: str | None = None) -> NetworkComponents:
     """Wrap the network run's steps as KFP components on ``image``."""
-    image = image or default_image()
-    return NetworkComponents(
-        **{
-            func.__name__: dsl.component(func, base_image=image, install_kfp_package=False)
-            for func in NETWORK_FUNCTIONS
-        }
-    )
+    return NetworkComponents(**wrap(NETWORK_FUNCTIONS, image))
 
 
 @dataclass(frozen=True)
@@ -914,20 +914,13 @@ class CompareComponents:
 
 def build_compare_components(image: str | None = None) -> CompareComponents:
     """Wrap the comparison's steps as KFP components on ``image``."""
-    image = image or default_image()
-    return CompareComponents(
-        **{
-            func.__name__: dsl.component(func, base_image=image, install_kfp_package=False)
-            for func in COMPARE_FUNCTIONS
-        }
-    )
+    return CompareComponents(**wrap(COMPARE_FUNCTIONS, image))
 
 
 def build_components(image: str | None = None) -> StepComponents:
     """Wrap every step as a KFP component on ``image`` (default: :func:`default_image`)."""
     image = image or default_image()
-    built = {func.__name__: dsl.component(func, base_image=image, install_kfp_package=False) for func in STEP_FUNCTIONS}
-    return StepComponents(image=image, **built)
+    return StepComponents(image=image, **wrap(STEP_FUNCTIONS, image))
 
 
 PRETRAIN_FUNCTIONS = (validate_pretrain, pretrain_backbone, register_backbone)
@@ -944,10 +937,4 @@ class PretrainComponents:
 
 def build_pretrain_components(image: str | None = None) -> PretrainComponents:
     """Wrap the pre-training pipeline's steps as KFP components on ``image``."""
-    image = image or default_image()
-    return PretrainComponents(
-        **{
-            func.__name__: dsl.component(func, base_image=image, install_kfp_package=False)
-            for func in PRETRAIN_FUNCTIONS
-        }
-    )
+    return PretrainComponents(**wrap(PRETRAIN_FUNCTIONS, image))
