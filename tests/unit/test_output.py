@@ -77,6 +77,7 @@ def test_network_summary_fits_80_columns_and_runs_its_next_steps(monkeypatch, tm
     from pipeline.cli.sites import FAILED, REGISTERED, NetworkSummary, SiteOutcome, print_network_summary
 
     monkeypatch.setenv("PATH", str(tmp_path))  # `make demo`: .venv/bin is not on PATH
+    monkeypatch.chdir(tmp_path)  # outside the venv's folder: its scripts are printed by absolute path
     sites = [
         SiteOutcome("hospital-north-east", "/data/a", REGISTERED, "", DATA_VERSION, 40, 2, MODEL, "3", RUN_ID),
         SiteOutcome("gone", "/data/gone", FAILED, "data folder not found: /data/gone"),
@@ -118,6 +119,7 @@ def test_audit_history_fits_80_columns_and_keeps_every_id_whole():
 
 def test_next_steps_run_as_printed(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # the environment not activated: no cessl on PATH
+    monkeypatch.chdir(tmp_path)  # outside the venv's folder: its scripts are printed by absolute path
     lines = next_steps(summary())
     assert lines[0] == f"{BIN / 'mlflow'} ui --backend-store-uri {URI}"
     assert lines[-1] == f"{BIN / 'cessl'} promote {MODEL} --tracking-uri {URI}"
