@@ -31,7 +31,7 @@ test: lint
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not slow and not docker and not integration" --durations=10
 
-# ruff (lint + format check, config in pyproject.toml) and mypy on ml/
+# ruff (lint + format check, config in pyproject.toml) and mypy on ml/, components/ and pipeline/
 lint: $(STAMP)
 	$(BIN)/ruff check
 	$(BIN)/ruff format --check

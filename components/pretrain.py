@@ -48,13 +48,16 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from components.common import StepError, sha256_dir, sha256_json
 from components.trainjob import PretrainJob, run_pretrain_job
 from ml.errors import EXIT_STEP_FAILED, EXIT_USAGE, CesslError
 from ml.io import atomic_write_text, staged_folder
 from ml.train.pretrain_config import PretrainConfig, PretrainRun
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +111,8 @@ def pretrain_on_store(run: PretrainRun) -> Path | None:
         raise StepError(f"{run.store}: no labelled record to pre-train on")
     config = dataclasses.replace(run.config, num_classes=len(classes))
     try:
-        result = pretrain(StoreDataset(data, ids, classes), config)
+        # a map-style dataset by duck typing (__len__, __getitem__, __getitems__), not a torch subclass
+        result = pretrain(cast("Dataset", StoreDataset(data, ids, classes)), config)
     except ValueError as err:  # e.g. too few records for one batch: the user's to fix
         raise StepError(f"pre-training on {run.store}: {err}") from err
     if not result.is_main:

@@ -379,7 +379,7 @@ def _client(job: PretrainJob):
                 f"Docker engine {job.docker_host or os.environ.get('DOCKER_HOST') or 'default socket'}: "
                 f"does not answer ({str(err).splitlines()[0]})"
             ) from err
-        client.backend._adapter = _docker_adapter_class()(job.docker_host)
+        client.backend._adapter = _docker_adapter_class()(job.docker_host)  # type: ignore[attr-defined]
         return client
     if job.backend == "cluster":
         # $KUBECONFIG read now (the kubernetes package reads it once, at import)
@@ -387,8 +387,8 @@ def _client(job: PretrainJob):
         if kubeconfig and os.pathsep in kubeconfig:
             kubeconfig = None  # a list: the kubernetes package merges it itself
         try:
-            config = KubernetesBackendConfig(namespace=job.namespace, config_file=kubeconfig)
-            return TrainerClient(backend_config=config)
+            cluster = KubernetesBackendConfig(namespace=job.namespace, config_file=kubeconfig)
+            return TrainerClient(backend_config=cluster)
         except Exception as err:  # kube config missing, API server unreachable, no Trainer CRDs
             raise ServiceUnavailableError(f"Kubernetes (Kubeflow Trainer): {str(err).splitlines()[0]}") from err
     raise ParameterError(
@@ -528,13 +528,14 @@ def _start_error(name: str, job: PretrainJob, client, err: BaseException) -> Ces
     cause: BaseException | None = err
     while cause is not None:
         status = getattr(cause, "status", None)
-        if isinstance(status, int) and getattr(cause, "reason", None):  # kubernetes ApiException
-            return TrainJobFailedError(f"TrainJob {name} could not start: {what} ({status} {cause.reason})")
+        reason = getattr(cause, "reason", None)
+        if isinstance(status, int) and reason:  # kubernetes ApiException
+            return TrainJobFailedError(f"TrainJob {name} could not start: {what} ({status} {reason})")
         if isinstance(cause, OSError) or type(cause).__name__ in ("MaxRetryError", "NewConnectionError"):
             where = job.docker_host or os.environ.get("DOCKER_HOST") or "the Docker engine"
             if job.backend == "cluster":
-                where = getattr(getattr(client.backend, "custom_api", None), "api_client", None)
-                where = f"Kubernetes API server {getattr(getattr(where, 'configuration', None), 'host', '')}".strip()
+                api = getattr(getattr(client.backend, "custom_api", None), "api_client", None)
+                where = f"Kubernetes API server {getattr(getattr(api, 'configuration', None), 'host', '')}".strip()
             return ServiceUnavailableError(f"{where}: does not answer; TrainJob {name} not created ({what})")
         cause = cause.__cause__ or cause.__context__
     return TrainJobFailedError(f"TrainJob {name} could not start: {what}")

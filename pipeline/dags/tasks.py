@@ -699,7 +699,7 @@ def cross_site(
         parent,
         written.artifacts(),
         cells,
-        [r["run_id"] for r in registered],
+        [str(r["run_id"]) for r in registered],
     )
     files.metadata.update({"run_id": parent.run_id, "n_sites": len(sites)})
     summary = {"parent_run_id": parent.run_id, "network_id": parent.network_id, "sites": registered, "cells": cells}
@@ -867,17 +867,17 @@ class StepComponents:
     """The pipeline's components, all built on one image."""
 
     image: str
-    validate: object
-    ingest: object
-    preprocess: object
-    resolve_testset: object
-    split: object
-    resolve_backbone: object
-    allocate_ranks: object
-    finetune: object
-    evaluate: object
-    score_champion: object
-    register: object
+    validate: Callable[..., dsl.PipelineTask]
+    ingest: Callable[..., dsl.PipelineTask]
+    preprocess: Callable[..., dsl.PipelineTask]
+    resolve_testset: Callable[..., dsl.PipelineTask]
+    split: Callable[..., dsl.PipelineTask]
+    resolve_backbone: Callable[..., dsl.PipelineTask]
+    allocate_ranks: Callable[..., dsl.PipelineTask]
+    finetune: Callable[..., dsl.PipelineTask]
+    evaluate: Callable[..., dsl.PipelineTask]
+    score_champion: Callable[..., dsl.PipelineTask]
+    register: Callable[..., dsl.PipelineTask]
 
 
 COMPARE_FUNCTIONS = (start_comparison, log_cell, summarize_comparison)

@@ -190,7 +190,7 @@ def log_data_input(source: str, data_version: str, context: str = DATASET_CONTEX
         warnings.simplefilter("ignore")  # "can be interpreted in multiple ways" for local paths
         dataset_source = resolve_dataset_source(source)
     digest = (data_version or "unknown")[:_DIGEST_MAX]
-    dataset = MetaDataset(dataset_source, name=dataset_name(source), digest=digest)
+    dataset = MetaDataset(dataset_source, name=dataset_name(source), digest=digest)  # type: ignore[abstract]
     for attempt in range(3):
         try:
             mlflow.log_input(dataset, context=context)

@@ -703,7 +703,7 @@ def build_server(network: Network):
     class CesslModelServer(ModelServer):
         """ModelServer listening on ``host`` (kserve's own binds 0.0.0.0), REST only."""
 
-        def start(self, models) -> None:  # type: ignore[override]
+        def start(self, models) -> None:
             from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
             from kserve.protocol.rest.server import RESTServer
 
