@@ -1,6 +1,5 @@
-"""Step 8's process hygiene, progress and readable names: tasks die with their run, the
-live progress line reaches the terminal, the run summary says what happened and what next,
-and per-class tables, plots, the confusion summary and predict CSVs name the diagnoses."""
+"""Process hygiene with the Docker runner: the task containers of a run die with it (a real
+Docker engine). The rest of step 8's hygiene: tests/unit/test_hygiene.py."""
 
 from __future__ import annotations
 
@@ -13,31 +12,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from pipeline.cli.run import RunSummary
-
 REPO = Path(__file__).resolve().parents[2]
 AF, RBBB = "164889003", "59118001"  # atrial fibrillation, right bundle branch block
-
-
-def summary(**overrides) -> RunSummary:
-    values = dict(
-        data_version="abc123",
-        git_commit="deadbeef",
-        model_name="cessl-ecg",
-        model_version="3",
-        run_id="r1",
-        tracking_uri="sqlite:///tmp/mlflow.db",
-        rank_map={"blocks.0.attn": 8},
-        test_metrics={"macro_auroc": 0.81},
-        champion_metrics={},
-        aliases=["challenger"],
-        seconds=12.0,
-        n_quarantined=4,
-        reused=True,
-        report_uri="file:///tmp/art/evaluation/report.html",
-    )
-    values.update(overrides)
-    return RunSummary(**values)
 
 
 # --------------------------------------------------------------------------- Docker runner

@@ -1,13 +1,8 @@
-"""Pre-training as a Kubeflow Trainer TrainJob (components/trainjob.py, deploy/trainer/).
-
-- The TrainJob the cluster backend would create and our TrainingRuntime validate
-  strictly against the CRD schemas vendored from the Trainer release (deploy/crds); the
-  runtime is what the SDK's own loader reads.
-- `cessl backbone pretrain --nodes 2 --backend docker` pre-trains in two containers of
-  the project image through the SDK's Docker backend (a private engine, see
-  tests/docker_support.py), and killing one node container fails the job with a clear
-  error naming the job and the node, not a hang; the checkpoints it kept resume.
-"""
+"""Pre-training as a Kubeflow Trainer TrainJob in Docker: `cessl backbone pretrain --nodes 2
+--backend docker` pre-trains in two containers of the project image through the SDK's
+Docker backend (a private engine, see tests/docker_support.py), and killing one node
+container fails the job with a clear error naming the job and the node, not a hang; the
+checkpoints it kept resume. The manifests and backends: tests/unit/test_trainjob.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Backbones in the MLflow registry (a real tracking server), and adapter <-> backbone identity."""
+"""Backbones in the MLflow registry (a real tracking server): register, fetch, find, and
+`cessl backbone import --register`."""
 
 from __future__ import annotations
 

@@ -1,29 +1,16 @@
-"""Every verb with bad values of every parameter it takes: a clear answer, before any work.
-
-The cases are generated from the parameter definitions:
-
-- every :class:`pipeline.core.params.PipelineParams` field's constraints (field metadata:
-  ``minimum``, ``maximum``, ``exclusive_*``, ``choices``, ``check``) -> out-of-range,
-  wrong-type and not-a-choice values for ``run``, ``submit``, ``schedule``, ``retrain`` and
-  ``compare``;
-- every other flag whose argparse ``type=`` is a range helper of
-  :mod:`pipeline.core.constraints` (found by walking the parser) -> values outside its range;
-- paths (missing inputs, a file where a folder is expected, a missing parent), URIs,
-  unreachable servers (MLflow, KFP, Docker, S3), plus hypothesis properties of the ranges.
-
-Each case asserts: the documented exit code, exactly one line on stderr naming the
-parameter or file, no traceback, no file created in the working directory, and speed.
-"""
+"""Bad input in real processes: `python -m pipeline.cli` answers one line with its exit code
+and creates nothing, and a verbose S3 command against a real S3 server prints no credential.
+The generated in-process cases (every verb, every parameter): tests/unit/test_cli_bad_input.py."""
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from pipeline_support import closed_port, snapshot
 
 from ml.errors import (
     EXIT_UNAVAILABLE,
@@ -34,34 +21,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def snapshot(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*")}
-
-
-# --------------------------------------------------------------------------- pipeline parameters
-
-
-# --------------------------------------------------------------------------- every other flag
-
-
-# --------------------------------------------------------------------------- paths and URIs
-
-
-# --------------------------------------------------------------------------- unreachable servers
-
-
-# --------------------------------------------------------------------------- the error boundary
-
-
-# --------------------------------------------------------------------------- hypothesis
 
 
 # --------------------------------------------------------------------------- real processes
@@ -123,12 +82,6 @@ def test_no_credential_reaches_the_output_of_a_verbose_s3_command(s3_server, s3_
             assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-# --------------------------------------------------------------------------- compare's grid
-
-
-# --------------------------------------------------------------------------- every choice
-
-
 # --------------------------------------------------------------------------- every --tracking-uri
 
 
@@ -152,6 +105,3 @@ def test_data_remote_add_in_a_real_process_leaves_nothing(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == EXIT_USAGE and len(lines) == 1 and str(missing_repo) in lines[0], proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []
-
-
-# --------------------------------------------------------------------------- lists (hypothesis)

@@ -1,12 +1,13 @@
-"""DVC: the demo dataset is regenerated bit-identically; versions; an S3 remote round trip."""
+"""DVC: the demo dataset is regenerated bit-identically (the committed version), and an S3
+remote round trip on a real S3 server. The parsers and md5s: tests/unit/test_data_dvc.py."""
 
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+from pipeline_support import git, new_git_repo
 
 from ml.data.dvc import (
     DVC_FILE,
@@ -24,47 +25,12 @@ from ml.data.synth import SynthConfig, generate
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _git(cwd: Path, *args: str) -> str:
-    proc = subprocess.run(
-        [
-            "git",
-            "-c",
-            "user.name=cessl-test",
-            "-c",
-            "user.email=test@cessl.invalid",
-            "-c",
-            "init.defaultBranch=main",
-            *args,
-        ],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return proc.stdout
-
-
-def _new_repo(path: Path) -> Path:
-    path.mkdir(parents=True)
-    _git(path, "init", "-q")
-    (path / ".gitignore").write_text("/data/\n")
-    return path
-
-
-@pytest.fixture(autouse=True)
-def _no_analytics(monkeypatch):
-    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
-    for who in ("AUTHOR", "COMMITTER"):  # `cessl data add` commits data.dvc
-        monkeypatch.setenv(f"GIT_{who}_NAME", "cessl-test")
-        monkeypatch.setenv(f"GIT_{who}_EMAIL", "test@cessl.invalid")
-
-
 @pytest.mark.slow  # ~10 s: regenerates the whole demo hospital (twice)
 def test_demo_data_is_bit_identical_and_is_the_committed_version(tmp_path):
     """A fresh clone regenerates exactly the data that data.dvc names: dvc status clean."""
     committed = data_version(REPO)
     assert committed, "data.dvc is missing at the repository root"
-    clone = _new_repo(tmp_path / "clone")
+    clone = new_git_repo(tmp_path / "clone")
     shutil.copytree(REPO / REAL_RECORDS_DIR, clone / REAL_RECORDS_DIR)
     shutil.copy(REPO / DVC_FILE, clone / DVC_FILE)
     run_dvc("init", "-q", cwd=clone)
@@ -83,18 +49,18 @@ def test_demo_data_is_bit_identical_and_is_the_committed_version(tmp_path):
 def test_s3_remote_push_pull_and_new_versions(s3_server, s3_bucket, tmp_path, monkeypatch):
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
-    origin = _new_repo(tmp_path / "origin")
+    origin = new_git_repo(tmp_path / "origin")
     generate(origin / "data" / "site_a", SynthConfig(records=8, seed=3), workers=1, progress=False)
     run_dvc("init", "-q", cwd=origin)
     v1 = track(origin)
     run_dvc("remote", "add", "-d", "store", f"s3://{s3_bucket}/dvc", cwd=origin)
     run_dvc("remote", "modify", "store", "endpointurl", s3_server.endpoint_url, cwd=origin)
-    _git(origin, "add", ".")
-    _git(origin, "commit", "-q", "-m", "data v1")
+    git(origin, "add", ".")
+    git(origin, "commit", "-q", "-m", "data v1")
     run_dvc("push", "-q", cwd=origin)
 
     clone = tmp_path / "clone"
-    _git(tmp_path, "clone", "-q", str(origin), str(clone))
+    git(tmp_path, "clone", "-q", str(origin), str(clone))
     assert not (clone / "data").exists()
     run_dvc("pull", "-q", cwd=clone)
     assert dir_md5(clone / "data") == v1 == dir_md5(origin / "data")
@@ -109,12 +75,12 @@ def test_s3_remote_push_pull_and_new_versions(s3_server, s3_bucket, tmp_path, mo
     assert (result.copied, result.unchanged, result.conflicts) == (5, 0, [])
     assert result.version_before == v1 and result.version_after == data_version(origin) != v1
     assert result.committed and not result.not_committed  # data.dvc committed, naming the version
-    assert result.version_after in _git(origin, "log", "-1", "--format=%s")
+    assert result.version_after in git(origin, "log", "-1", "--format=%s")
     again = add_records(f"s3://{s3_bucket}/incoming/site_b", origin)  # idempotent
     assert (again.copied, again.unchanged, again.version_after) == (0, 5, result.version_after)
-    assert again.committed is None and not _git(origin, "status", "--porcelain", "--untracked-files=no")
+    assert again.committed is None and not git(origin, "status", "--porcelain", "--untracked-files=no")
 
-    _git(clone, "pull", "-q")
+    git(clone, "pull", "-q")
     run_dvc("pull", "-q", cwd=clone)
     assert dir_md5(clone / "data") == result.version_after
     assert sorted(p.name for p in (clone / "data" / "site_b").iterdir()) == sorted(p.name for p in upload.iterdir())

@@ -1,4 +1,5 @@
-"""Synthetic hospitals: deterministic bytes, real WFDB, learnable class features, speed."""
+"""Synthetic hospitals: the class features are learnable, and generation is fast enough.
+Bytes and WFDB format: tests/unit/test_data_synth.py."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""The embedded default backbone: built once from a synthetic source hospital, then cached.
-
-The fast tests shrink the recipe (a few records and steps); the real recipe is built in the
-`slow` test.
-"""
+"""The embedded default backbone built with the real recipe (minutes of pre-training). The
+shrunk recipe and the cache: tests/unit/test_default_backbone.py."""
 
 from __future__ import annotations

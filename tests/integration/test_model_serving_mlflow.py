@@ -1,7 +1,7 @@
 """The registered pyfunc model is deployable: it loads outside this checkout (its code is
 logged with it), installs anywhere (plain PyPI requirements), predicts every input its
 documentation names, and ``mlflow models serve`` answers a real HTTP request with the
-probabilities of ``cessl predict``. Also: one bad record does not lose the good ones."""
+probabilities of ``cessl predict``."""
 
 from __future__ import annotations
 
@@ -17,47 +17,22 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import torch
+from model_support import CLASSES, make_model_dirs, p_columns
 from servers import _log_tail, free_port, start_process_group, stop_process_group, wait_until
 
 from ml.eval.predictor import load_predictor, read_wfdb
-from ml.model.adapter import AdapterMeta, load_backbone_weights, save_adapter, state_dict_identity
-from ml.model.backbone import ECGTransformer, backbone_config
-from ml.model.lora import LoRAConfig, mark_trainable
-from ml.model.pretrained import CODE15_CLASSES, read_backbone, save_backbone
 from pipeline.cli import main as cessl
 from pipeline.registry.pyfunc_model import load_predictor as load_registered_predictor
 from pipeline.registry.pyfunc_model import load_pyfunc, log_adapter_model
 
-# SNOMED codes of the Challenge (AF, IAVB, RBBB, SNR): diagnoses get their abbreviations.
-CLASSES = ["164889003", "270492004", "59118001", "426783006"]
 MODEL_NAME = "serving-test"
 RECORDS = ["E07500", "E07501", "HR06000"]
 SERVE_START_TIMEOUT_S = 180.0
 
 
-def _p_columns(table: pd.DataFrame) -> list[str]:
-    return [c for c in table.columns if c.startswith("p_")]
-
-
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory) -> tuple[Path, Path]:
-    """A tinylight backbone and an adapter with non-zero LoRA weights (no training)."""
-    root = tmp_path_factory.mktemp("model")
-    torch.manual_seed(7)
-    config = backbone_config("tinylight", len(CODE15_CLASSES))
-    backbone = save_backbone(ECGTransformer(config).state_dict(), config, CODE15_CLASSES, root / "backbone")
-    state = read_backbone(backbone).state
-    model = ECGTransformer(backbone_config("tinylight", len(CLASSES)), LoRAConfig(r=4))
-    load_backbone_weights(model, state, drop_head=True)
-    mark_trainable(model, "lora")
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn_like(param) * 0.05)
-    meta = AdapterMeta(backbone_id=state_dict_identity(state), classes=CLASSES, thresholds=[0.3, 0.5, 0.5, 0.7])
-    adapter = save_adapter(model.eval(), root / "adapter", meta)
-    return backbone, adapter
+    return make_model_dirs(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")
@@ -175,14 +150,14 @@ def test_loads_and_predicts_outside_the_checkout(model_path, reference, ecg_reco
         assert Path(modules[name]).resolve().is_relative_to(code_dir), modules
     assert modules["pipeline.cli"] is None and modules["kfp"] is None and modules["cessl"] is None
 
-    expected = reference[_p_columns(reference)].to_numpy()
+    expected = reference[p_columns(reference)].to_numpy()
     by_array, by_name = np.load(out / "by_array.npy"), np.load(out / "by_name.npy")
     assert by_array.shape == (len(RECORDS), len(CLASSES)) and by_array.dtype == np.float32
     np.testing.assert_allclose(by_array, expected, atol=1e-5)
     np.testing.assert_allclose(by_name, expected, atol=1e-5)
     table = pd.read_json(out / "table.json", orient="split", dtype={"codes": str})
     assert list(table["record"]) == RECORDS
-    np.testing.assert_allclose(table[_p_columns(reference)].to_numpy(), expected, atol=1e-6)
+    np.testing.assert_allclose(table[p_columns(reference)].to_numpy(), expected, atol=1e-6)
     assert list(table["diagnoses"].fillna("")) == list(reference["diagnoses"])
 
 
@@ -200,13 +175,13 @@ def test_in_process_load_matches_cessl_predict(registered, reference, ecg_record
     )
     rows = json.loads(out.read_text())["records"]  # strict JSON: NaN of the unreadable record is null
     assert [r["record"] for r in rows] == [*RECORDS, "gone"] and rows[-1]["error"] and not rows[0]["error"]
-    got = np.array([[r[c] for c in _p_columns(reference)] for r in rows[:-1]])
-    np.testing.assert_allclose(got, reference[_p_columns(reference)].to_numpy(), atol=1e-6)
-    assert all(rows[-1][c] is None for c in _p_columns(reference))
+    got = np.array([[r[c] for c in p_columns(reference)] for r in rows[:-1]])
+    np.testing.assert_allclose(got, reference[p_columns(reference)].to_numpy(), atol=1e-6)
+    assert all(rows[-1][c] is None for c in p_columns(reference))
 
     predictor = load_registered_predictor(model_uri, tracking_uri=uri)
     table = predictor.predict_records([ecg_records_dir / r for r in RECORDS])
-    np.testing.assert_allclose(table[_p_columns(table)], reference[_p_columns(reference)], atol=1e-6)
+    np.testing.assert_allclose(table[p_columns(table)], reference[p_columns(reference)], atol=1e-6)
     model = load_pyfunc(model_uri, tracking_uri=uri)
     with pytest.raises(mlflow.exceptions.MlflowException, match="shape"):
         model.predict(np.zeros((1, 3, 500), dtype=np.float32))
@@ -225,7 +200,7 @@ def test_predict_in_bf16_stays_close_to_fp32(registered, ecg_records_dir, tmp_pa
         argv = ["predict", "--model", model_uri, *records, "-o", str(out), "--tracking-uri", uri]
         assert cessl([*argv, "--precision", precision, "--device", "cpu"]) == 0
         tables[precision] = pd.read_csv(out, dtype={"codes": str})
-    fp32, bf16 = (tables[p][_p_columns(tables[p])].to_numpy() for p in ("fp32", "bf16"))
+    fp32, bf16 = (tables[p][p_columns(tables[p])].to_numpy() for p in ("fp32", "bf16"))
     np.testing.assert_allclose(bf16, fp32, atol=0.05)
     assert not np.array_equal(bf16, fp32), "--precision bf16 left the forward in float32"
 
@@ -262,7 +237,7 @@ def test_mlflow_models_serve_answers_http(model_path, reference, ecg_records_dir
             log_path,
         )
         signals = np.stack([read_wfdb(ecg_records_dir / r)[0] for r in RECORDS])  # float64 mV, 500 Hz
-        expected = reference[_p_columns(reference)].to_numpy()
+        expected = reference[p_columns(reference)].to_numpy()
 
         status, body = _post(
             f"{base}/invocations", {"inputs": {"signals": signals.tolist()}, "params": {"sample_rate": 500}}
@@ -287,7 +262,7 @@ def test_mlflow_models_serve_answers_http(model_path, reference, ecg_records_dir
         )
         assert status == 200, (body, _log_tail(log_path))
         rows = pd.DataFrame(body["predictions"])
-        np.testing.assert_allclose(rows[_p_columns(reference)].to_numpy(), expected, atol=1e-6)
+        np.testing.assert_allclose(rows[p_columns(reference)].to_numpy(), expected, atol=1e-6)
 
         status, body = _post(f"{base}/invocations", {"inputs": {"signals": [[[0.0] * 10] * 3]}})
         assert status == 400 and "shape" in body.get("message", ""), body

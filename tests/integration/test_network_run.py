@@ -1,6 +1,6 @@
-"""The hospital network: `cessl sites`, the compiled network pipeline, the cross-site matrix,
-and a real local network run (kfp.local, MLflow in a SQLite file in tmp_path) of two tiny
-synthetic hospitals plus one whose folder is missing; its second run reuses everything."""
+"""A real local network run (kfp.local, MLflow in a SQLite file in tmp_path) of two tiny
+synthetic hospitals plus one whose folder is missing; its second run reuses everything.
+`cessl sites`, the compiled network pipeline and the matrix: tests/unit/test_network.py."""
 
 from __future__ import annotations
 
@@ -16,15 +16,6 @@ from pipeline.registry.compare_tracking import TAG_KIND, TAG_PARENT
 from pipeline.registry.network_tracking import KIND_NETWORK, TAG_NETWORK, TAG_SITE
 
 TINY = TINY_TRAINING
-
-
-# --------------------------------------------------------------------------- cessl sites
-
-
-# --------------------------------------------------------------------------- compiled
-
-
-# --------------------------------------------------------------------------- the matrix
 
 
 # --------------------------------------------------------------------------- a real run

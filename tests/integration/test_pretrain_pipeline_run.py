@@ -1,58 +1,23 @@
-"""The pre-training pipeline ``cessl-pretrain``: its compiled IR (real kfp compiler), its
-parameters' checks, the local launch (timeout, a failing job) and a real ``kfp.local`` run
-that registers a backbone in a sqlite MLflow store."""
+"""The pre-training pipeline ``cessl-pretrain`` in a real ``kfp.local`` run that registers a
+backbone in a sqlite MLflow store. Its compiled IR, parameters and the local launch:
+tests/unit/test_pretrain_pipeline.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-import yaml
+from pipeline_support import make_store
 
 from pipeline import cli
-from pipeline.dags.finetune import CompileOptions, ResourceRequest
-from pipeline.dags.pretrain import PRETRAIN_PIPELINE_NAME, compile_pretrain_pipeline
-
-IMAGE = "registry.example.org/cessl:2.0.0"
-
-
-def load(path: Path) -> tuple[dict, dict]:
-    docs = list(yaml.safe_load_all(path.read_text()))
-    platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"] if len(docs) > 1 else {}
-    return docs[0], platform
-
-
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory) -> tuple[dict, dict]:
-    """(pipeline spec, kubernetes platform spec) compiled with cluster options."""
-    path = tmp_path_factory.mktemp("compile") / "pretrain.yaml"
-    options = CompileOptions(
-        image=IMAGE,
-        accelerator_type="",
-        tolerations=(),
-        step_resources=ResourceRequest(cpu="2", memory="8Gi"),
-        checkpoint_pvc="cessl-pretrain-volume",
-        credentials_secret="cessl-s3",
-        config_map="cessl-pipeline-defaults",
-        finetune_retries=3,
-    )
-    return load(compile_pretrain_pipeline(path, options))
-
-
-# --------------------------------------------------------------------------- parameters
-
+from pipeline.dags.pretrain import PRETRAIN_PIPELINE_NAME
 
 # --------------------------------------------------------------------------- the local launch
 
 
 @pytest.fixture(scope="module")
 def tiny_store(tmp_path_factory) -> Path:
-    """A real dataset store: a synthetic source (cessl data synth), ingested and preprocessed."""
-    root = tmp_path_factory.mktemp("source")
-    assert cli.main(["data", "synth", str(root / "src"), "--records", "40", "--seed", "3"]) == 0
-    assert cli.main(["data", "ingest", str(root / "src"), str(root / "ingest")]) == 0
-    assert cli.main(["data", "preprocess", str(root / "ingest"), str(root / "store"), "--min-count", "2"]) == 0
-    return root / "store"
+    return make_store(tmp_path_factory.mktemp("source"))
 
 
 # --------------------------------------------------------------------------- kfp.local end to end

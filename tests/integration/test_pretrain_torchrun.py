@@ -1,4 +1,5 @@
-"""Pre-training loop: lr rule, checkpoint/resume equivalence, and `cessl backbone pretrain`."""
+"""`cessl backbone pretrain` under torchrun (real launcher processes). The loop, the lr rule
+and resume in process: tests/unit/test_pretrain.py."""
 
 from __future__ import annotations
 

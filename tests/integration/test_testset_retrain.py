@@ -1,5 +1,6 @@
-"""The frozen test set: splitting around it (arrays and real WFDB stores), freezing it in a real
-MLflow (SQLite) registry, the refresh, the gate's check, the DVC-versionable export."""
+"""The frozen test set end to end: a retrain after `cessl data add` never scores a model on
+its training records (real local runs). The split, the registry and the gate:
+tests/unit/test_testset.py."""
 
 from __future__ import annotations
 
@@ -12,23 +13,7 @@ from pipeline_support import cessl
 
 from ml.data.splits import Splits
 
-# --------------------------------------------------------------------------- the split
-
-
 # --------------------------------------------------------------------------- the registry
-
-
-@pytest.fixture
-def registry(tmp_path, monkeypatch):
-    from mlflow.tracking import MlflowClient
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("CESSL_USER", "dr-test")
-    from pipeline.registry.store import TrackingConfig, ensure_experiment
-
-    ensure_experiment(TrackingConfig.resolve(uri, "t"))
-    return uri, MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 # --------------------------------------------------------------------------- end to end

@@ -1,4 +1,4 @@
-"""Backbones in the MLflow registry (a real tracking server), and adapter <-> backbone identity."""
+"""Adapter <-> backbone identity: an adapter refuses a different backbone."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ import argparse
 import dataclasses
 import errno
 import math
-import socket
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pipeline_support import closed_port, snapshot
 
 from ml.errors import (
     EXIT_BAD_FILE,
@@ -53,16 +54,6 @@ HOST = "http://127.0.0.1:9"  # never reached by the parameter cases (they fail f
 # --------------------------------------------------------------------------- helpers
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def snapshot(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*")}
-
-
 @dataclasses.dataclass
 class Outcome:
     code: int
@@ -73,6 +64,20 @@ class Outcome:
     @property
     def err_lines(self) -> list[str]:
         return [line for line in self.err.splitlines() if line.strip()]
+
+
+# One parser for the module: building it (every verb and flag) costs far more than a case
+# below, and main() parses with it as with a fresh one (argparse keeps no state between parses;
+# test_the_shared_parser_parses_like_a_fresh_one checks it after all the cases).
+BUILD_PARSER = cli.build_parser
+PARSER = BUILD_PARSER()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_parser() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cli, "build_parser", lambda: PARSER)
+        yield
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> Outcome:
@@ -285,7 +290,7 @@ def walk(
 def range_flag_cases() -> list[pytest.param]:
     generated = {f.metadata["flag"] or "--" + f.name.replace("_", "-") for f in cli_fields()}
     cases = []
-    for verb, action in walk(cli.build_parser()):
+    for verb, action in walk(PARSER):
         bounds = getattr(action.type, "bounds", None)
         if not action.option_strings or bounds is None or verb not in BASE_ARGV:
             continue
@@ -316,7 +321,7 @@ RANGE_CASES = range_flag_cases()
 
 def test_no_numeric_flag_is_unchecked():
     """Every int/float flag of every verb goes through a range helper (no bare type=int)."""
-    for verb, action in walk(cli.build_parser()):
+    for verb, action in walk(PARSER):
         assert action.type not in (int, float), f"cessl {' '.join(verb)} {action.option_strings}: bare {action.type}"
 
 
@@ -324,7 +329,7 @@ def test_every_verb_with_a_numeric_flag_has_cases():
     """A verb with a range-checked flag must be in BASE_ARGV, or its flags get no generated case."""
     missing = {
         " ".join(verb)
-        for verb, action in walk(cli.build_parser())
+        for verb, action in walk(PARSER)
         if action.option_strings and getattr(action.type, "bounds", None) is not None and verb not in BASE_ARGV
     }
     assert not missing, f"add these verbs to BASE_ARGV: {sorted(missing)}"
@@ -565,6 +570,7 @@ def test_known_failures_are_one_line_with_their_code(error, code, named, workdir
     from pipeline.cli import registry as registry_command
 
     monkeypatch.setattr(registry_command, "cmd_rollback", _raise(error))
+    monkeypatch.setattr(cli, "build_parser", BUILD_PARSER)  # a parser that calls the patched command
     outcome = run_cli(["rollback", "m"], capsys)
     assert_clear_failure(outcome, code, (named,))
     verbose = run_cli(["-v", "rollback", "m"], capsys)
@@ -575,6 +581,7 @@ def test_unknown_exceptions_keep_their_traceback(workdir, monkeypatch):
     from pipeline.cli import registry as registry_command
 
     monkeypatch.setattr(registry_command, "cmd_rollback", _raise(KeyError("a bug")))
+    monkeypatch.setattr(cli, "build_parser", BUILD_PARSER)
     with pytest.raises(KeyError):
         cli.main(["rollback", "m"])
     assert describe(KeyError("x")) is None and describe(AttributeError("x")) is None
@@ -599,14 +606,12 @@ def test_a_failed_step_is_one_line_with_its_log(tmp_path):
 # --------------------------------------------------------------------------- hypothesis
 
 
-@settings(max_examples=60, deadline=None)
 @given(st.integers(max_value=0) | st.text(min_size=1).filter(lambda t: not t.strip().lstrip("+").isdigit()))
 def test_records_is_a_positive_integer(value):
     with pytest.raises(argparse.ArgumentTypeError):
         constraints.positive_int(str(value))
 
 
-@settings(max_examples=80, deadline=None)
 @given(
     st.floats(allow_nan=True, allow_infinity=True),
     st.floats(-10, 10),
@@ -621,7 +626,7 @@ def test_range_check_accepts_exactly_the_range(value, low, high):
         assert not inside
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from(["labelled_ratio", "p", "compress", "lr"]))
 def test_pipeline_float_parameters_follow_their_metadata(value, name):
     field = next(f for f in dataclasses.fields(PipelineParams) if f.name == name)
@@ -633,7 +638,7 @@ def test_pipeline_float_parameters_follow_their_metadata(value, name):
         assert problem is not None and problem in str(err)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=30)
 )
@@ -709,9 +714,7 @@ def test_grid_flags_are_generated_from_the_pipeline_parameters():
     from pipeline.dags.compare import GRID_FIELDS
 
     assert sorted(name for name, _ in GRID_FLAGS.values()) == sorted(GRID_FIELDS)
-    actions = {
-        a.option_strings[-1]: a for verb, a in walk(cli.build_parser()) if verb == ("compare",) and a.option_strings
-    }
+    actions = {a.option_strings[-1]: a for verb, a in walk(PARSER) if verb == ("compare",) and a.option_strings}
     for flag, (name, _) in GRID_FLAGS.items():
         assert actions[flag].type.item.field.name == name
 
@@ -746,7 +749,7 @@ def choice_cases() -> list[pytest.param]:
     """Every option with choices, of every verb with a valid base command line (found by
     walking the parser): a value outside them."""
     cases = []
-    for verb, action in walk(cli.build_parser()):
+    for verb, action in walk(PARSER):
         if not action.option_strings or not action.choices or verb not in BASE_ARGV:
             continue
         flag = action.option_strings[-1]
@@ -788,9 +791,9 @@ CLUSTER_TRACKING = {("submit",), ("schedule",), ("backbone", "pipeline", "submit
 
 
 def test_every_verb_with_a_tracking_uri_is_checked():
-    verbs = {verb for verb, action in walk(cli.build_parser()) if "--tracking-uri" in action.option_strings}
+    verbs = {verb for verb, action in walk(PARSER) if "--tracking-uri" in action.option_strings}
     assert verbs - CLUSTER_TRACKING == set(TRACKING_ARGV), "a new verb takes --tracking-uri: add it here"
-    for verb, action in walk(cli.build_parser()):
+    for verb, action in walk(PARSER):
         if "--tracking-uri" in action.option_strings:
             assert action.type is constraints.tracking_uri, verb
 
@@ -835,21 +838,36 @@ def test_testset_verbs_with_an_unreachable_server_are_code_3(verb, workdir, caps
 # --------------------------------------------------------------------------- data remote
 
 
-@pytest.fixture()
-def project(workdir: Path) -> Iterator[Path]:
-    """A git work tree with DVC and one remote ``origin``, inside the checked working directory."""
+@pytest.fixture(scope="module")
+def project_template(tmp_path_factory) -> tuple[Path, Path]:
+    """``(project, storage)``: a git work tree with DVC and one remote ``origin`` (the storage
+    folder), made once (git and DVC take seconds; a copy takes milliseconds)."""
     from ml.data.dvc import add_remote
 
-    root = workdir / "proj"
+    base = tmp_path_factory.mktemp("template")
+    root, storage = base / "proj", base / "storage"
     root.mkdir()
+    storage.mkdir()
     subprocess.run(["git", "init", "-q", str(root)], check=True)
+    add_remote(root, "origin", str(storage))
+    return root, storage
+
+
+@pytest.fixture()
+def project(workdir: Path, project_template: tuple[Path, Path]) -> Iterator[Path]:
+    """The template's copy inside the checked working directory, its ``origin`` the copy's storage."""
+    template, storage = project_template
+    root = workdir / "proj"
+    shutil.copytree(template, root, symlinks=True)
     (workdir / "storage").mkdir()
-    add_remote(root, "origin", str(workdir / "storage"))
-    config = (root / ".dvc" / "config").read_text()
+    config_file = root / ".dvc" / "config"
+    config = config_file.read_text().replace(str(storage), str(workdir / "storage"))
+    assert str(workdir / "storage") in config
+    config_file.write_text(config)
     yield root
-    assert (root / ".dvc" / "config").read_text() == config, "the DVC config changed"
+    assert config_file.read_text() == config, "the DVC config changed"
     for extra in ("proj", "storage"):  # made here, not by the command
-        subprocess.run(["rm", "-rf", str(workdir / extra)], check=True)
+        shutil.rmtree(workdir / extra)
 
 
 def remote_cases() -> list[pytest.param]:
@@ -880,7 +898,7 @@ def remote_cases() -> list[pytest.param]:
 
 
 def test_every_data_remote_verb_has_cases():
-    verbs = {verb for verb, _ in walk(cli.build_parser()) if verb[:2] == ("data", "remote") and len(verb) == 3}
+    verbs = {verb for verb, _ in walk(PARSER) if verb[:2] == ("data", "remote") and len(verb) == 3}
     assert verbs == {tuple(case.values[0][:3]) for case in remote_cases()}
 
 
@@ -895,7 +913,6 @@ def test_bad_data_remote(argv, names, project, capsys):
 # --------------------------------------------------------------------------- lists (hypothesis)
 
 
-@settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(-5, 20), min_size=1, max_size=6))
 def test_seed_lists_accept_exactly_distinct_non_negative_seeds(seeds):
     from pipeline.cli.compare import grid_type
@@ -908,7 +925,6 @@ def test_seed_lists_accept_exactly_distinct_non_negative_seeds(seeds):
         assert not valid
 
 
-@settings(max_examples=60, deadline=None)
 @given(st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=1, max_size=4))
 def test_ratio_lists_accept_exactly_distinct_fractions(ratios):
     from pipeline.cli.compare import grid_type
@@ -919,3 +935,18 @@ def test_ratio_lists_accept_exactly_distinct_fractions(ratios):
         assert convert(",".join(map(repr, ratios))) == tuple(ratios) and valid
     except argparse.ArgumentTypeError:
         assert not valid
+
+
+def test_the_shared_parser_parses_like_a_fresh_one(workdir, capsys):
+    """After every case above, the module's parser still gives what a new one gives."""
+    fresh = BUILD_PARSER()
+    for argv in [*BASE_ARGV.values(), *TRACKING_ARGV.values()]:
+        assert _parsed(PARSER, argv) == _parsed(fresh, argv), argv
+
+
+def _parsed(parser: argparse.ArgumentParser, argv: list[str]) -> dict | int | str | None:
+    try:  # a command built in a closure is a new function per parser: compared by its name
+        parsed = vars(parser.parse_args(argv))
+        return {k: getattr(v, "__qualname__", v) if callable(v) else v for k, v in parsed.items()}
+    except SystemExit as exc:
+        return exc.code

@@ -1,11 +1,10 @@
-"""DVC: the demo dataset is regenerated bit-identically; versions; an S3 remote round trip."""
+"""DVC: the directory md5 DVC records and the .dvc file parser. The demo data and the S3
+remote: tests/integration/test_data_dvc_versions.py."""
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
-
 import pytest
+from pipeline_support import new_git_repo
 
 from ml.data.dvc import (
     data_version,
@@ -17,43 +16,8 @@ from ml.data.dvc import (
 from ml.data.synth import SynthConfig, generate
 
 
-def _git(cwd: Path, *args: str) -> str:
-    proc = subprocess.run(
-        [
-            "git",
-            "-c",
-            "user.name=cessl-test",
-            "-c",
-            "user.email=test@cessl.invalid",
-            "-c",
-            "init.defaultBranch=main",
-            *args,
-        ],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return proc.stdout
-
-
-def _new_repo(path: Path) -> Path:
-    path.mkdir(parents=True)
-    _git(path, "init", "-q")
-    (path / ".gitignore").write_text("/data/\n")
-    return path
-
-
-@pytest.fixture(autouse=True)
-def _no_analytics(monkeypatch):
-    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
-    for who in ("AUTHOR", "COMMITTER"):  # `cessl data add` commits data.dvc
-        monkeypatch.setenv(f"GIT_{who}_NAME", "cessl-test")
-        monkeypatch.setenv(f"GIT_{who}_EMAIL", "test@cessl.invalid")
-
-
 def test_dir_md5_is_what_dvc_records(tmp_path):
-    repo = _new_repo(tmp_path / "repo")
+    repo = new_git_repo(tmp_path / "repo")
     generate(repo / "data" / "h", SynthConfig(records=3, seed=1), workers=1, progress=False)
     (repo / "data" / "notes.txt").write_text("x\n")
     assert track(repo) == data_version(repo) == dir_md5(repo / "data")

@@ -1,9 +1,5 @@
-"""End to end: CE-SSL (rank allocation + LoRA with deactivation + semi-supervised BN) learns.
-
-tinylight, randomly initialised, on a small synthetic multi-label task whose classes are
-sinusoid patterns on class-specific leads (:mod:`ml.train.synthetic`). Kept well under a
-minute on two CPU cores: few records, batches of 8 + 8, 30 steps.
-"""
+"""`cessl method-demo` is a CLI verb with one source of defaults. The demo itself, and the
+method learning a synthetic task: tests/integration/test_e2e_finetune.py."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""The hospital network: `cessl sites`, the compiled network pipeline, the cross-site matrix,
-and a real local network run (kfp.local, MLflow in a SQLite file in tmp_path) of two tiny
-synthetic hospitals plus one whose folder is missing; its second run reuses everything."""
+"""The hospital network: `cessl sites`, the compiled network pipeline and the cross-site
+matrix. A real local network run: tests/integration/test_network_run.py."""
 
 from __future__ import annotations
 
@@ -131,6 +130,3 @@ def test_cross_site_cell_scores_the_classes_model_and_target_share():
     assert none.n_classes == 0 and math.isnan(none.macro_f_beta)
     matrix = CrossSiteMatrix((cell, none))
     assert "| m |" in matrix.markdown() and matrix.csv().count("\n") == 3
-
-
-# --------------------------------------------------------------------------- a real run

@@ -7,38 +7,16 @@ reading the data version from data.dvc, the MLflow champion) is real.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from pipeline_support import cessl, make_repo
+from pipeline_support import RecordingClient, cessl, make_repo, record_kfp_calls
 
-from pipeline.cli import preflight
-from pipeline.cli import run as run_command
 from pipeline.registry.tracking import CHAMPION
 
 HOST = "http://kfp.example.org"
-
-
-@dataclass
-class RecordingClient:
-    calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-
-    def create_run_from_pipeline_package(self, pipeline_file: str, **kwargs: Any):
-        self.calls.append(("run", {"pipeline_file": pipeline_file, **kwargs}))
-        return SimpleNamespace(run_id="run-1")
-
-    def create_experiment(self, name: str, **kwargs: Any):
-        self.calls.append(("experiment", {"name": name, **kwargs}))
-        return SimpleNamespace(experiment_id="exp-1")
-
-    def create_recurring_run(self, **kwargs: Any):
-        self.calls.append(("recurring", kwargs))
-        return SimpleNamespace(recurring_run_id="job-1")
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +26,7 @@ def repo(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def kfp_client(monkeypatch, repo) -> RecordingClient:
-    client = RecordingClient()
-    hosts = []
-    monkeypatch.setattr(run_command, "_client", lambda args: hosts.append(args.host) or client)
-    monkeypatch.setattr(preflight, "check_kfp_host", lambda host, timeout=5.0: host)  # no KFP server here
-    monkeypatch.chdir(repo)
-    client.hosts = hosts
-    return client
+    return record_kfp_calls(monkeypatch, repo)
 
 
 def _spec(path: str) -> dict:

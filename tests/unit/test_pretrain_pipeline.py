@@ -1,6 +1,6 @@
 """The pre-training pipeline ``cessl-pretrain``: its compiled IR (real kfp compiler), its
-parameters' checks, the local launch (timeout, a failing job) and a real ``kfp.local`` run
-that registers a backbone in a sqlite MLflow store."""
+parameters' checks and the local launch (timeout, a failing job). A real ``kfp.local`` run:
+tests/integration/test_pretrain_pipeline_run.py."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pipeline_support import make_store
 
 from components.common import StepError
 from components.pretrain import LaunchSpec, PretrainSettings, launch_spec, pretrain_job, run_local, stage_store
@@ -296,12 +297,7 @@ def test_the_validate_step_reads_kfp_rendered_values():
 
 @pytest.fixture(scope="module")
 def tiny_store(tmp_path_factory) -> Path:
-    """A real dataset store: a synthetic source (cessl data synth), ingested and preprocessed."""
-    root = tmp_path_factory.mktemp("source")
-    assert cli.main(["data", "synth", str(root / "src"), "--records", "40", "--seed", "3"]) == 0
-    assert cli.main(["data", "ingest", str(root / "src"), str(root / "ingest")]) == 0
-    assert cli.main(["data", "preprocess", str(root / "ingest"), str(root / "store"), "--min-count", "2"]) == 0
-    return root / "store"
+    return make_store(tmp_path_factory.mktemp("source"))
 
 
 def test_a_job_past_its_timeout_is_stopped_with_a_clear_error(tiny_store, tmp_path):
@@ -392,6 +388,3 @@ def test_the_trainjob_the_launch_step_creates():
     command = " ".join(trainer["command"])
     for path in (spec.store, spec.out, spec.checkpoint_dir):
         assert path in command
-
-
-# --------------------------------------------------------------------------- kfp.local end to end

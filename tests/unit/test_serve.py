@@ -1,110 +1,34 @@
-"""``cessl serve``: a network's champions from one process over real HTTP (KServe, v2 protocol).
-
-A tiny real setup: a tinylight backbone and two sites whose adapters differ in everything
-an adapter can hold (ranks with unadapted layers, deactivation p, BatchNorm statistics,
-biases, the head's classes), logged and registered as ``serve-test-hospital-a`` /
-``-hospital-b`` in a SQLite MLflow store, with ``champion`` aliases. The real server runs
-in a subprocess on a free port with ``--max-adapters 1`` (every switch between the sites
-evicts and reloads), and is called with httpx. What each site answers must equal that
-site's own Predictor; a moved alias is served without a restart; every kind of bad
-request is a 4xx with a message, and the process keeps running.
-"""
+"""``cessl serve``'s adapter bank in process: a tinylight backbone and two sites whose adapters
+differ in everything an adapter can hold (ranks with unadapted layers, deactivation p,
+BatchNorm statistics, biases, the head's classes), registered in a SQLite MLflow store
+(tests/serve_support.py). Each site's answer equals its own Predictor; the LRU evicts; a
+registry outage keeps the last champion; bad flags are one line. The real server over HTTP:
+tests/integration/test_serve_http.py."""
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-
-import httpx
 import mlflow
 import numpy as np
 import pytest
 import torch
-from servers import free_port, start_process_group, stop_process_group, wait_until
+from serve_support import BASE, SITES, build_network, read_signals
+from servers import free_port
 
-from ml.eval.predictor import Predictor, load_predictor, read_wfdb
-from ml.model.adapter import AdapterMeta, CheckpointError, load_backbone_weights, save_adapter, state_dict_identity
+from ml.eval.predictor import Predictor, load_predictor
+from ml.model.adapter import CheckpointError, state_dict_identity
 from ml.model.adapter_bank import AdapterLRU, SharedBackbone, read_site_adapter
-from ml.model.backbone import ECGTransformer, backbone_config
-from ml.model.lora import LoRAConfig, mark_trainable
-from ml.model.pretrained import CODE15_CLASSES, read_backbone, save_backbone
-from pipeline.registry.policy import site_model_name
-from pipeline.registry.pyfunc_model import log_adapter_model
-
-REPO = Path(__file__).resolve().parents[2]
-BASE = "serve-test"
-SITES = ("hospital-a", "hospital-b")
-CLASSES = {
-    "hospital-a": ["164889003", "270492004", "59118001", "426783006"],  # AF, IAVB, RBBB, SNR
-    "hospital-b": ["426783006", "164889003", "713427006"],  # SNR, AF, complete RBBB
-}
-LORA = {
-    "hospital-a": LoRAConfig(r=4, rank_map={"encoder_layers.0.conv1": 0, "classifier.0": 2}),
-    "hospital-b": LoRAConfig(r=2, p=0.1, rank_map={"transformer_layers.0.fc1": 0}),
-}
-START_TIMEOUT_S = 120.0
-
-
-def _adapter(root: Path, site: str, state: dict, seed: int) -> Path:
-    """A site's adapter with every stored tensor moved off the backbone (as training would)."""
-    torch.manual_seed(seed)
-    classes = CLASSES[site]
-    model = ECGTransformer(backbone_config("tinylight", len(classes)), LORA[site])
-    load_backbone_weights(model, state, drop_head=True)
-    mark_trainable(model, "lora")
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn_like(param) * 0.05)
-        for name, buffer in model.named_buffers():
-            if name.endswith("running_mean"):
-                buffer.add_(torch.randn_like(buffer) * 0.1)
-    thresholds = [0.3 + 0.1 * i for i in range(len(classes))]
-    meta = AdapterMeta(backbone_id=state_dict_identity(state), classes=classes, thresholds=thresholds)
-    return save_adapter(model.eval(), root / f"adapter-{site}", meta)
+from ml.model.backbone import ECGTransformer
+from ml.model.pretrained import read_backbone
 
 
 @pytest.fixture(scope="module")
 def network(tmp_path_factory) -> dict:
-    """The backbone, both sites' adapters, and the store where they are registered:
-    hospital-a v1 (champion) and v2 (= hospital-b's adapter, for the alias move), hospital-b v1."""
-    root = tmp_path_factory.mktemp("network")
-    torch.manual_seed(3)
-    config = backbone_config("tinylight", len(CODE15_CLASSES))
-    backbone = save_backbone(ECGTransformer(config).state_dict(), config, CODE15_CLASSES, root / "backbone")
-    state = read_backbone(backbone).state
-    adapters = {site: _adapter(root, site, state, seed) for seed, site in enumerate(SITES)}
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        experiment = mlflow.create_experiment("serving", artifact_location=(root / "mlruns").as_uri())
-        infos = {}
-        for site in SITES:
-            with mlflow.start_run(experiment_id=experiment):
-                name = site_model_name(BASE, site)
-                infos[site] = log_adapter_model(backbone, adapters[site], CLASSES[site], registered_model_name=name)
-        client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-        name_a = site_model_name(BASE, "hospital-a")
-        assert str(mlflow.register_model(infos["hospital-b"].model_uri, name_a).version) == "2"
-        for site in SITES:
-            client.set_registered_model_alias(site_model_name(BASE, site), "champion", "1")
-    finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
-    sites_file = root / "sites.yaml"
-    sites_file.write_text("version: 1\nsites:\n" + "".join(f"  {site}:\n    source: data/{site}\n" for site in SITES))
-    return {"root": root, "uri": uri, "backbone": backbone, "adapters": adapters, "sites_file": sites_file}
+    return build_network(tmp_path_factory.mktemp("network"))
 
 
 @pytest.fixture(scope="module")
 def signals(ecg_records_dir) -> np.ndarray:
-    """Two real 12-lead records at 500 Hz and one random one, (3, 12, 5000) float32."""
-    real = [read_wfdb(ecg_records_dir / r)[0][:, :5000] for r in ("E07500", "E07501")]
-    noise = np.random.default_rng(0).normal(0, 0.2, size=(12, 5000))
-    return np.stack([*real, noise]).astype(np.float32)
+    return read_signals(ecg_records_dir)
 
 
 # --------------------------------------------------------------------------- the bank, in process
@@ -180,73 +104,6 @@ def test_a_registry_outage_keeps_the_last_champion(network, monkeypatch):
         net.close()
         mlflow.set_tracking_uri(previous[0])
         mlflow.set_registry_uri(previous[1])
-
-
-# --------------------------------------------------------------------------- the server over HTTP
-
-
-class Server:
-    def __init__(self, base: str, proc, log_path: Path) -> None:
-        self.base, self.proc, self.log_path = base, proc, log_path
-        self.http = httpx.Client(base_url=base, timeout=60.0)
-
-    def infer(self, model: str, x: np.ndarray | None = None, **body) -> httpx.Response:
-        if x is not None:
-            body.setdefault(
-                "inputs",
-                [{"name": "signals", "datatype": "FP32", "shape": list(x.shape), "data": x.reshape(-1).tolist()}],
-            )
-        return self.http.post(f"/v2/models/{model}/infer", json=body)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None and self.http.get("/v2/health/live").status_code == 200
-
-
-@pytest.fixture(scope="module")
-def server(network, tmp_path_factory):
-    work = tmp_path_factory.mktemp("serve")
-    port = free_port()
-    log_path = work / "serve.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
-    env |= {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HOME": str(work)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline.cli",
-        "serve",
-        "--sites",
-        str(network["sites_file"]),
-        "--site",
-        "hospital-c",  # registered nowhere: served, never ready
-        "--model-name",
-        BASE,
-        "--tracking-uri",
-        network["uri"],
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-adapters",
-        "1",
-        "--refresh-seconds",
-        "0.5",
-        "--max-body-mb",
-        "6",
-    ]
-    proc = start_process_group(cmd, env, log_path, work)
-    server = Server(f"http://127.0.0.1:{port}", proc, log_path)
-    try:
-        wait_until(
-            lambda: server.http.get("/v2/health/ready").status_code == 200,
-            proc,
-            START_TIMEOUT_S,
-            "cessl serve",
-            log_path,
-        )
-        yield server
-    finally:
-        server.http.close()
-        stop_process_group(proc)
 
 
 def test_bad_flags_are_one_line_errors(tmp_path):

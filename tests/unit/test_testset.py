@@ -274,6 +274,3 @@ def test_the_gate_refuses_a_challenger_scored_on_another_test_set(registry, tmp_
     assert not decision.promoted and "not comparable" in decision.reason and "test set vnone" not in decision.reason
     assert "frozen test set of" in decision.reason
     assert json.loads(client.get_model_version(MODEL, v2).tags["promotion_comparison"])["comparable"] is False
-
-
-# --------------------------------------------------------------------------- end to end
