@@ -9,7 +9,8 @@ import json
 
 import pytest
 
-pytestmark = [pytest.mark.docker, pytest.mark.slow]
+# the first test installs and starts the engine and builds the image (minutes; reused after)
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 IMPORT_CHECK = """
 import importlib, json, os, sys

@@ -84,6 +84,7 @@ def _wait_until_gone(client, pid: int, seconds: float) -> None:
     assert not _containers(client, pid), "the run's container outlived it"
 
 
+@pytest.mark.timeout(1800)  # the first Docker test installs and starts the engine
 def test_docker_task_containers_die_with_their_run(docker_engine, tmp_path):
     """`--runner docker`: a task's container is not a child of the run. SIGTERM of the run
     removes it at once; after SIGKILL the watcher removes it; and a run that starts removes

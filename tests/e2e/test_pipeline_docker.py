@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from pipeline_support import SMALL_RUN, cessl, make_backbone, make_repo
 
-pytestmark = [pytest.mark.docker, pytest.mark.slow]
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(1800)]  # may build the image
 
 NAME = "cessl-docker"
 

@@ -18,7 +18,7 @@ from pipeline.registry.testsets import DATASET_CONTEXT as TESTSET_CONTEXT
 from pipeline.registry.tracking import CHALLENGER, CHAMPION
 
 NAME = "cessl-e2e"
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # two runs, the gate, predict, rollback
 
 
 def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:

@@ -36,6 +36,7 @@ def _containers_and_networks(docker_engine, job_name: str) -> tuple[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # may build the image first
 def test_two_node_docker_trainjob_pretrains_and_cleans_up(docker_engine, cessl_image, tmp_path, monkeypatch):
     from ml.model.pretrained import read_backbone
     from pipeline.registry.backbones import find_backbone
@@ -69,6 +70,7 @@ def test_two_node_docker_trainjob_pretrains_and_cleans_up(docker_engine, cessl_i
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # may build the image first
 def test_killed_node_fails_the_job_clearly_and_its_checkpoints_resume(docker_engine, cessl_image, tmp_path):
     from ml.model.pretrained import read_backbone
     from ml.train.checkpoint import load_checkpoint

@@ -16,7 +16,7 @@ from pipeline_support import SMALL_RUN, cessl_process, make_backbone, make_repo
 
 from pipeline.core.process import RUN_PID_ENV
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # START_TIMEOUT_S + RUN_TIMEOUT_S and more
 
 NAME = "cessl-resume"
 MAX_STEPS, VAL_EVERY, KILL_AFTER = 20, 4, 8

@@ -48,7 +48,8 @@ RECORD_BYTES = 12 * 6144 * 4
 LAUNCH_TIMEOUT_S = 240
 DIST_TIMEOUT_S = 60.0
 
-pytestmark = pytest.mark.slow  # each two-launcher run takes ~10-20 s on two cores
+# each two-launcher run takes ~10-20 s on two cores (LAUNCH_TIMEOUT_S each at most)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def _config(batch_size: int, checkpoint_dir: Path | None = None):

@@ -30,6 +30,7 @@ from ml.data.splits import split_store
 from ml.data.synth import (
     AF,
     SynthConfig,
+    draw_labels,
     generate,
     site_config,
     site_name,
@@ -225,11 +226,19 @@ def test_site_shift_is_measurable(network):
 
     level = {name: np.median([wander(r) for r in recs]) for name, recs in by_site.items()}
     assert level["hospital-b"] > 3 * level["hospital-a"]
-    # case mix: the prevalence of AF differs (drawn over many records, from the same generator)
-    af = {
-        i: np.mean([AF in synthesize_record(k, site_config(i, 400, seed=5)).labels for k in range(400)])
+
+    # case mix: the prevalence of AF differs (drawn over many records, from the same generator:
+    # a record's diagnoses are its first draw, so they are drawn here without its signal)
+    def site_labels(i: int, k: int) -> list[str]:
+        config = site_config(i, 400, seed=5)
+        return draw_labels(np.random.default_rng([config.seed, k]), config.classes, dict(config.prevalence))
+
+    assert all(
+        site_labels(i, k) == synthesize_record(k, site_config(i, 400, seed=5)).labels
         for i in range(3)
-    }
+        for k in range(3)
+    )
+    af = {i: np.mean([AF in site_labels(i, k) for k in range(400)]) for i in range(3)}
     assert af[1] > 2 * af[0] > 0 and af[2] < af[0]
     # device faults: hospital-b's V4 is inverted, hospital-c's V4 flat, in some records only
     v4 = STANDARD_LEADS.index("V4")
