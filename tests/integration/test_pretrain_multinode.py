@@ -6,7 +6,7 @@ on localhost with a free port, one process each; the worker is this file's ``__m
 The data is a real dataset store (``ml.data.store``: memory-mapped signals + table).
 
 - equivalence: 2 nodes x 1 process (batch 4 each) give the weights of 1 process with the
-  global batch of 8 after the same steps (float64; see tests/test_pretrain_ddp.py for why
+  global batch of 8 after the same steps (float64; see tests/integration/test_pretrain_ddp.py for why
   float64 and why Cutmix is off);
 - shards, not copies: each rank's dataset is fetched exactly its DistributedSampler shard,
   the two shards are disjoint, and the pages of the memory-mapped signals each rank has

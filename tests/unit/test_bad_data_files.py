@@ -128,7 +128,7 @@ def test_negative_adc_gain_is_quarantined(ecg_records_dir: Path, tmp_path: Path)
 
 
 def test_zero_adc_gain_is_uncalibrated_and_refused(ecg_records_dir: Path, tmp_path: Path) -> None:
-    """WFDB: a zero gain means "uncalibrated" (tests/test_data_records.py: ingest quarantines it)."""
+    """WFDB: a zero gain means "uncalibrated" (tests/unit/test_data_records.py: ingest quarantines it)."""
     _copy(ecg_records_dir, tmp_path, "E07500")
     text = (tmp_path / "E07500.hea").read_text()
     (tmp_path / "E07500.hea").write_text(text.replace("1000.0(0)/mV", "0(0)/mV"))

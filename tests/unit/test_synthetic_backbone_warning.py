@@ -1,6 +1,6 @@
 """A cluster run on the embedded synthetic backbone warns loudly in resolve_backbone's log;
 a local run (no ``KUBERNETES_SERVICE_HOST``) and a real backbone do not. (Submit and
-schedule warn too: tests/test_kfp_auth.py.)"""
+schedule warn too: tests/unit/test_kfp_auth.py.)"""
 
 from __future__ import annotations
 
