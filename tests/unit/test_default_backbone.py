@@ -1,13 +1,11 @@
 """The embedded default backbone: built once from a synthetic source hospital, then cached.
 
-The fast tests shrink the recipe (a few records and steps); the real recipe is built in the
-`slow` test.
+The tests shrink the recipe (a few records and steps); the real recipe is built in
+tests/integration/test_default_backbone_recipe.py.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -93,19 +91,3 @@ def test_cli_default(small_recipe: DefaultRecipe, tmp_path: Path, capsys: pytest
 
     assert cessl(["backbone", "default", "--config", "tinylight", "--cache-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "tinylight-default-v1")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["tinylight", "tiny"])
-def test_real_default_recipe(name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """The real recipe builds, learns something, and takes minutes, not more (logged)."""
-    caplog.set_level(logging.INFO)
-    t0 = time.perf_counter()
-    folder = ensure_default_backbone(tmp_path, name=name, progress=False)
-    elapsed = time.perf_counter() - t0
-    meta = read_backbone(folder).meta
-    losses = [loss for _, loss in meta["training"]["losses"]]
-    assert losses[-1] < losses[0]
-    logging.getLogger(__name__).info("default %s backbone built in %.0f s", name, elapsed)
-    assert elapsed < 600, f"default {name} backbone took {elapsed:.0f} s"
-    assert DEFAULT_RECIPES[name].folder_name == folder.name
