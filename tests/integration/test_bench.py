@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+# each bench runs in a subprocess allowed 600 s (subprocess.run below)
+pytestmark = pytest.mark.timeout(660)
 
 
 def run_bench(script: str, args: list[str], out: Path) -> dict:

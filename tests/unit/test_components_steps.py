@@ -258,28 +258,27 @@ def test_champion_is_scored_like_evaluate_and_carried_by_the_registration(traine
         assert scored.metrics[key] == pytest.approx(value, abs=1e-6), key
 
 
-@pytest.mark.slow  # ~25 s: fine-tunes twice more
 def test_finetune_resumes_after_an_interruption(trained, tmp_path, monkeypatch):
-    """Killed after its step-2 checkpoint: the next call continues at step 2 and ends identical."""
-    config = dataclasses.replace(FINETUNE, max_steps=6)
-    reference = finetune(trained, config, tmp_path / "ref", tmp_path / "ref_curves", tmp_path / "a")
-
+    """Killed at its last validation (step 4), after its step-2 checkpoint: the next call
+    continues at step 2 and ends identical to the uninterrupted run (``trained``'s own)."""
+    # the uninterrupted run's result, read back from its checkpoint folder
+    reference = finetune(trained, FINETUNE, tmp_path / "ref", tmp_path / "ref_curves", trained / "ckpt")
     original = CurveRecorder.on_validation
 
-    def crash_at_step_4(self, step, metrics):
+    def crash_at_the_last_validation(self, step, metrics):
         original(self, step, metrics)
-        if step == 4:
+        if step == FINETUNE.max_steps:
             raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(CurveRecorder, "on_validation", crash_at_step_4)
+    monkeypatch.setattr(CurveRecorder, "on_validation", crash_at_the_last_validation)
     with pytest.raises(KeyboardInterrupt):
-        finetune(trained, config, tmp_path / "out", tmp_path / "curves", tmp_path / "b")
+        finetune(trained, FINETUNE, tmp_path / "out", tmp_path / "curves", tmp_path / "b")
     monkeypatch.setattr(CurveRecorder, "on_validation", original)
-    resumed = finetune(trained, config, tmp_path / "out", tmp_path / "curves", tmp_path / "b")
+    resumed = finetune(trained, FINETUNE, tmp_path / "out", tmp_path / "curves", tmp_path / "b")
 
-    assert resumed.resumed_from == 2 and resumed.steps == 6
-    assert [r["step"] for r in read_curves(tmp_path / "curves") if "train_loss" in r] == [1, 2, 3, 4, 5, 6]
-    assert sha256_dir(tmp_path / "out") == sha256_dir(tmp_path / "ref")
+    assert resumed.resumed_from == 2 and resumed.steps == FINETUNE.max_steps == 4
+    assert [r["step"] for r in read_curves(tmp_path / "curves") if "train_loss" in r] == [1, 2, 3, 4]
+    assert sha256_dir(tmp_path / "out") == sha256_dir(trained / "adapter")
     assert reference.best_score == pytest.approx(resumed.best_score)
     assert Path(resumed.checkpoint_dir, CURVES_FILE).is_file()
 
