@@ -152,7 +152,12 @@ def record_kfp_calls(monkeypatch, repo: Path) -> RecordingClient:
     from pipeline.cli import run as run_command
 
     client = RecordingClient()
-    monkeypatch.setattr(run_command, "_client", lambda args: client.hosts.append(args.host) or client)
+
+    def connect(args) -> RecordingClient:
+        client.hosts.append(args.host)
+        return client
+
+    monkeypatch.setattr(run_command, "_client", connect)
     monkeypatch.setattr(preflight, "check_kfp_host", lambda host, timeout=5.0: host)  # no KFP server here
     monkeypatch.chdir(repo)
     return client
