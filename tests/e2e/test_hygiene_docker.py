@@ -12,8 +12,9 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
-AF, RBBB = "164889003", "59118001"  # atrial fibrillation, right bundle branch block
 
 
 # --------------------------------------------------------------------------- Docker runner
