@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-single test test-fast lint format install clean
+.PHONY: demo demo-single test test-fast test-integration test-e2e lint format install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,13 +23,22 @@ demo: $(STAMP)
 demo-single: $(STAMP)
 	$(BIN)/cessl run
 
-# what CI runs (.ci/run): lint, then the whole suite (slow, Docker and server tests included)
+# what CI runs (.ci/run): lint, then every tier in one session (servers started once)
+PYTEST := $(BIN)/python -m pytest -q -ra
 test: lint
-	$(BIN)/python -m pytest -q -ra --durations=15
+	$(PYTEST) --durations=30 tests/unit tests/integration tests/e2e
 
-# the inner loop: no slow, Docker or real-server test (< 3 minutes on 2 cores)
+# the inner loop: the unit tier (no server, no subprocess pipeline, no Docker; < 2 minutes)
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -m "not slow and not docker and not integration" --durations=10
+	$(PYTEST) --durations=10 tests/unit
+
+# real MLflow / S3 / auth servers, kfp.local runs, real processes
+test-integration: $(STAMP)
+	$(PYTEST) --durations=15 tests/integration
+
+# Docker images, TrainJobs, the demo against real servers (starts its own Docker engine)
+test-e2e: $(STAMP)
+	$(PYTEST) --durations=15 tests/e2e
 
 # ruff (lint + format check, config in pyproject.toml) and mypy on ml/, components/ and pipeline/
 lint: $(STAMP)

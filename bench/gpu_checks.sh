@@ -7,7 +7,7 @@
 #
 # Writes into $OUT: gpu_checks.log (everything printed: the machine, the CUDA half of the
 # device-parametrised tests and the tests marked cuda - among them the bf16-vs-fp32 accuracy
-# parity of tests/test_precision.py -, the benchmark tables), train_step_{base,medium,large}.json
+# parity of tests/unit/test_precision.py -, the benchmark tables), train_step_{base,medium,large}.json
 # (bench/train_step.py, batch 64 + 64, fp32 and bf16 side by side, with the loader's share),
 # encoder_layout.json, inference_medium.json and predict_precision.json (records/s of the
 # Predictor that `cessl predict` uses, medium, fp32 vs bf16).
@@ -28,8 +28,8 @@ stage() {  # stage CMD...: run it, remember a failure
     stage nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
     stage $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
     stage timeout 240 $PY -m pytest -q -s -m cuda -p no:cacheprovider -o addopts= \
-        tests/test_backbone.py tests/test_lora.py tests/test_rank_allocation.py tests/test_trainer.py \
-        tests/test_e2e_finetune.py tests/test_precision.py
+        tests/unit/test_backbone.py tests/unit/test_lora.py tests/unit/test_rank_allocation.py tests/unit/test_trainer.py \
+        tests/integration/test_e2e_finetune.py tests/unit/test_precision.py
     for config in base medium large; do
         stage timeout 180 $PY bench/train_step.py --config "$config" --batch 64 --steps 5 --rounds 6 \
             --pairs 40 --warmup 5 --device cuda --precisions fp32 bf16 --json "$OUT/train_step_$config.json"

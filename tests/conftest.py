@@ -8,36 +8,60 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+from tiers import SERVER_FIXTURES, tier_problem
 
 # cuBLAS is deterministic only with a fixed workspace, read when CUDA first starts: set it
 # before any test touches the GPU (the trainer's deterministic mode relies on it).
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+# Every test and the processes it starts: no DVC analytics, and a git identity for the commits
+# that `cessl data add` makes.
+for _key, _value in {
+    "DVC_NO_ANALYTICS": "1",
+    "GIT_AUTHOR_NAME": "cessl-test",
+    "GIT_AUTHOR_EMAIL": "test@cessl.invalid",
+    "GIT_COMMITTER_NAME": "cessl-test",
+    "GIT_COMMITTER_EMAIL": "test@cessl.invalid",
+}.items():
+    os.environ.setdefault(_key, _value)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCE = FIXTURES / "reference"
 ECG_RECORDS = FIXTURES / "ecg" / "cinc2021"
 LABEL_MAPPING = FIXTURES / "ecg" / "challenge2021_label_mapping.csv"
 
-pytest_plugins = ["servers"]
+TESTS = Path(__file__).resolve().parent
+
+# pytester: tests/unit/test_tiers.py runs a collection of its own to prove the guard below
+pytest_plugins = ["servers", "pytester"]
+
+# Hypothesis: the same examples on every run and no example database ("ci", the default: a
+# failure reproduces, and a clean checkout runs what CI ran); HYPOTHESIS_PROFILE=thorough
+# searches wider, with fresh random examples each time.
+settings.register_profile("ci", derandomize=True, database=None, deadline=None, max_examples=30, print_blob=True)
+settings.register_profile("thorough", deadline=None, max_examples=1000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Fixtures that start a real server (S3, MLflow, a Docker engine): every test that uses
 # one, directly or through another fixture, is marked ``integration`` (and ``docker`` for
-# the engine), so the markers cannot drift from what a test really starts.
-SERVER_FIXTURES = {
-    "s3_server": "integration",
-    "mlflow_server": "integration",
-    "mlflow_auth_server": "integration",
-    "docker_engine": "docker",
-}
+# the engine), so the markers cannot drift from what a test really starts. Each test file
+# lives in a tier folder (tests/unit, tests/integration, tests/e2e; see tests/tiers.py) and
+# a unit test that uses a server fails the collection.
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    problems = []
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
         for fixture, marker in SERVER_FIXTURES.items():
             if fixture in used:
                 item.add_marker(pytest.mark.integration)
                 item.add_marker(getattr(pytest.mark, marker))
+        problem = tier_problem(item.path, item.nodeid, used, TESTS)
+        if problem and problem not in problems:
+            problems.append(problem)
+    if problems:
+        raise pytest.UsageError("tests in the wrong tier:\n  " + "\n  ".join(problems))
 
 
 # The tests that take the ``device`` fixture run on the CPU and, where one is present, on a

@@ -1,0 +1,172 @@
+"""The benchmarks run end to end (smallest settings) and report consistent figures.
+
+Timings are not asserted (machine noise); what is asserted is what the figures must satisfy
+whatever the machine: every method measured, the reference's ratio is 1, trainable and
+stored sizes follow the methods, merged and unmerged logits agree.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+# each bench runs in a subprocess allowed 600 s (subprocess.run below)
+pytestmark = pytest.mark.timeout(660)
+
+
+def run_bench(script: str, args: list[str], out: Path) -> dict:
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / script),
+        "--config",
+        "tinylight",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--json",
+        str(out),
+        *args,
+    ]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_train_step_bench_reports_every_method(tmp_path: Path) -> None:
+    summary = run_bench(
+        "train_step.py", ["--batch", "2", "--steps", "1", "--rounds", "1", "--pairs", "2"], tmp_path / "train_step.json"
+    )
+    results = {r["method"]: r for r in summary["results"]}
+    assert list(results) == ["cessl", "cessl-no-deact", "lora", "full", "fixmatch"]
+    assert results["fixmatch"]["x_fixmatch"] == 1.0
+    assert all(r["step_ms"] > 0 and r["peak_mb"] > 0 for r in results.values())
+    # CE-SSL trains the allocated (lower) ranks: fewer parameters than uniform LoRA r = 16,
+    # far fewer than full fine-tuning, and stores an adapter, not the model
+    assert results["cessl"]["trainable"] < results["lora"]["trainable"] < results["full"]["trainable"]
+    assert results["full"]["trainable"] == results["full"]["total"] == summary["backbone_params"]
+    assert results["cessl"]["stored_bytes"] < results["full"]["stored_bytes"]
+    assert len(summary["deactivation_pair_ms"]) == 2
+    assert summary["targets"][0]["target"].startswith("CE-SSL step")
+    assert any(r < 16 for r in summary["rank_map"].values())
+
+
+@pytest.mark.slow
+def test_inference_bench_merged_equals_unmerged(tmp_path: Path) -> None:
+    summary = run_bench("inference.py", ["--batch", "2", "--rounds", "2"], tmp_path / "inference.json")
+    assert set(summary["median_ms"]) == {"backbone", "merged", "unmerged"}
+    assert summary["max_abs_logit_diff_merged_vs_unmerged"] < 1e-5
+    assert summary["ratio_merged_to_backbone"] > 0
+
+
+@pytest.mark.slow
+def test_encoder_layout_bench_times_both_layouts(tmp_path: Path) -> None:
+    summary = run_bench(
+        "encoder_layout.py", ["--batch", "2", "--steps", "1", "--rounds", "2"], tmp_path / "encoder_layout.json"
+    )
+    figures = summary["figures"]["tinylight"]
+    assert list(figures) == ["cessl", "fixmatch", "full"]
+    for f in figures.values():
+        assert f["nhwc_ms"] > 0 and f["nchw_ms"] > 0
+        assert f["nhwc_over_nchw"] == pytest.approx(f["nhwc_ms"] / f["nchw_ms"])
+
+
+@pytest.mark.slow
+def test_serve_bench_reports_memory_throughput_and_switch_cost(tmp_path: Path) -> None:
+    summary = run_bench(
+        "serve.py",
+        ["--sites", "3", "--batch", "1", "--rounds", "1", "--switches", "20", "--big-batch", "4"],
+        tmp_path / "serve.json",
+    )
+    assert set(summary["memory"]) == {"bank-1", "bank-all", "merged-all"}
+    # what holds whatever the machine: more sites hold more tensors, merged models hold the most
+    memory = {k: v["tensor_mb"] for k, v in summary["memory"].items()}
+    assert memory["bank-1"] < memory["bank-all"] < memory["merged-all"]
+    assert summary["ratios"]["rss_adapters_all_to_1"] > 0
+    timing = summary["time"]
+    assert timing["max_abs_prob_diff_vs_own_predictor"] < 1e-5
+    assert 0 < timing["switch_ms_p50"] <= timing["switch_ms_p99"]
+    assert timing["single_site_records_per_s"] > 0 and timing["spread_records_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_train_step_bench_puts_bf16_next_to_fp32(tmp_path: Path) -> None:
+    summary = run_bench(
+        "train_step.py",
+        [
+            "--batch",
+            "2",
+            "--steps",
+            "1",
+            "--rounds",
+            "1",
+            "--pairs",
+            "2",
+            "--warmup",
+            "1",
+            "--precisions",
+            "fp32",
+            "bf16",
+        ],
+        tmp_path / "train_step.json",
+    )
+    results = {r["method"]: r for r in summary["results"]}
+    assert list(results)[-3:] == ["cessl@bf16", "cessl-no-deact@bf16", "fixmatch@bf16"]
+    assert {r["precision"] for r in results.values()} == {"fp32", "bf16"}
+    # the same model in either precision: the same trainable and stored sizes
+    for name in ("cessl", "cessl-no-deact", "fixmatch"):
+        assert results[f"{name}@bf16"]["trainable"] == results[name]["trainable"]
+        assert results[f"{name}@bf16"]["step_ms"] > 0
+    assert set(summary["deactivation_pair_ms_by_precision"]) == {"fp32", "bf16"}
+    loader = {row["variant"]: row for row in summary["loader"]}
+    assert set(loader) == {"cessl", "cessl@bf16"}
+    assert all(row["loader_ms"] > 0 and 0 <= row["loader_share"] < 1 for row in loader.values())
+    targets = [t["target"] for t in summary["targets"]]
+    assert any(t.startswith("bf16 CE-SSL step <= 0.35") for t in targets)
+
+
+@pytest.mark.slow
+def test_pretrain_bench_measures_scaling_communication_and_projects(tmp_path: Path) -> None:
+    """bench/pretrain.py: samples/s of every set-up, the all-reduce volume of a DDP step
+    (exactly the model's gradients + the global BatchNorm statistics), its share of the step,
+    and the ring all-reduce projection to N nodes."""
+    import torch
+
+    from ml.model.backbone import ECGTransformer, backbone_config
+
+    out = tmp_path / "pretrain.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "pretrain.py"), "--config", "tinylight", "--global-batch", "4"]
+    cmd += ["--steps", "2", "--warmup", "1", "--repeat", "1", "--bandwidth-gbps", "10", "--json", str(out)]
+    proc = subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    summary = json.loads(out.read_text())
+    for name in ("single", "single_1thread", "local_1thread", "ddp"):
+        assert summary[name][0]["samples_per_s"] > 0, name
+    assert summary["ddp"][0]["world_size"] == 2 and summary["local_batch"] == 2
+    assert summary["ratio"] == pytest.approx(summary["ddp"][0]["samples_per_s"] / summary["single"][0]["samples_per_s"])
+
+    model = ECGTransformer(backbone_config("tinylight", 6))
+    params = sum(p.numel() for p in model.parameters())
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    comm = summary["comm"]
+    assert comm["grad_bytes"] == 4 * params  # every gradient, float32, once per step
+    # per BatchNorm layer: (sums, count) and the centred squares forward, their gradients backward
+    assert comm["bn_bytes"] == sum(4 * 2 * (2 * bn.num_features + 1) for bn in bns)
+    assert comm["collectives"] == comm["buckets"] + 4 * len(bns) and comm["buckets"] >= 1
+    assert 0 < comm["comm_share"] < 1 and comm["comm_ms"] <= comm["step_ms"]
+    assert comm["isolated_grad_allreduce_ms"] > 0 and comm["tiny_allreduce_ms"] > 0
+
+    rows = {row["nodes"]: row for row in summary["projection"]}
+    assert list(rows) == [1, 2, 4, 8]
+    assert rows[1]["step_ms"] == pytest.approx(summary["compute_ms"]) and rows[1]["efficiency"] == 1
+    for n, row in rows.items():  # ring all-reduce: 2(N-1)/N x volume / bandwidth + latency per transfer
+        transfer = 2 * (n - 1) / n * comm["volume_bytes"] * 8 / 10e9 * 1e3
+        latency = comm["collectives"] * 2 * (n - 1) * 30 / 1e3
+        assert row["comm_ms"] == pytest.approx(transfer + latency)
+        assert row["samples_per_s"] == pytest.approx(n * 2 / row["step_ms"] * 1e3)
+    assert rows[1]["samples_per_s"] < rows[2]["samples_per_s"] < rows[4]["samples_per_s"] < rows[8]["samples_per_s"]
+    assert "projection (ring all-reduce" in proc.stdout

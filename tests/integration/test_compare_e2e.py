@@ -1,0 +1,91 @@
+"""`cessl compare` end to end with kfp.local and a real MLflow store (SQLite in tmp_path): a
+2 methods x 1 labelled ratio x 2 seeds grid on a small synthetic hospital; the parent run,
+its child runs, and the table checked against the child runs' own metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from pipeline_support import TINY_TRAINING, cessl, make_backbone, make_repo
+
+from components.compare import COLUMNS
+from pipeline.registry.compare_tracking import KIND_CELL, KIND_COMPARISON, TAG_KIND, TAG_PARENT
+
+pytestmark = pytest.mark.slow
+
+GRID = ["--methods", "cessl,full", "--ratios", "0.3", "--seeds", "0,1"]
+SMALL = TINY_TRAINING
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def test_compare_logs_a_parent_run_with_a_child_per_cell_and_the_table(tmp_path, monkeypatch):
+    repo = make_repo(tmp_path / "project", records=100, seed=21)
+    backbone = make_backbone(tmp_path / "backbone")
+    monkeypatch.chdir(repo)
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    assert cessl("compare", *GRID, *SMALL, "--backbone", backbone, "--json", "compare.json") == 0
+    summary = json.loads(Path("compare.json").read_text())
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags[TAG_KIND] == KIND_COMPARISON
+    assert (parent.data.params["methods"], parent.data.params["seeds"], parent.data.params["n_cells"]) == (
+        "cessl,full",
+        "0,1",
+        "4",
+    )
+
+    children = client.search_runs([parent.info.experiment_id], f"tags.`{TAG_PARENT}` = '{parent.info.run_id}'")
+    assert len(children) == 4
+    cells = {
+        (c.data.params["method"], float(c.data.params["labelled_ratio"]), int(c.data.params["seed"])) for c in children
+    }
+    assert cells == {(m, 0.3, s) for m in ("cessl", "full") for s in (0, 1)}
+    for child in children:
+        assert child.info.status == "FINISHED" and child.data.tags[TAG_KIND] == KIND_CELL
+        assert child.data.params["train.max_steps"] == "4" and child.data.params["max_steps"] == "4"
+        assert {"test_macro_f_beta", "test_macro_map", "ms_per_step", "peak_memory_mb", "trainable_params"} <= set(
+            child.data.metrics
+        )
+        assert child.data.metrics["ms_per_step"] > 0
+    # Same split for the methods of one seed; the full fine-tune trains every parameter.
+    for seed in (0, 1):
+        fingerprints = {c.data.tags["split_fingerprint"] for c in children if c.data.params["seed"] == str(seed)}
+        assert len(fingerprints) == 1
+    trainable = {c.data.params["method"]: c.data.metrics["trainable_params"] for c in children}
+    assert trainable["cessl"] < trainable["full"]
+    assert not client.search_registered_models(), "comparison cells must not register models"
+
+    # The table: mean +- std over the two seeds of each method, recomputed from the child runs.
+    table = pd.DataFrame(summary["table"])
+    assert sorted(table["method"]) == ["cessl", "full"] and set(table["n_seeds"]) == {2}
+    for _, row in table.iterrows():
+        runs = [c for c in children if c.data.params["method"] == row["method"]]
+        for column in COLUMNS:
+            key = column if column in ("ms_per_step", "peak_memory_mb", "trainable_params") else f"test_{column}"
+            values = [c.data.metrics[key] for c in runs if key in c.data.metrics]
+            if len(values) < 2:
+                continue
+            assert row[f"{column}_mean"] == pytest.approx(statistics.mean(values)), column
+            assert row[f"{column}_std"] == pytest.approx(statistics.stdev(values)), column
+        assert not math.isnan(row["macro_f_beta_mean"])
+
+    paths = artifact_paths(client, parent.info.run_id)
+    assert {"comparison/comparison.csv", "comparison/comparison.md", "comparison/comparison.png"} <= paths
+    markdown = Path(
+        client.download_artifacts(parent.info.run_id, "comparison/comparison.md", str(tmp_path))
+    ).read_text()
+    assert "| cessl | 30% | 2 |" in markdown and "+-" in markdown and "peak MB (cpu peak RSS growth)" in markdown

@@ -1,0 +1,362 @@
+"""``cessl serve``: a network's champions from one process over real HTTP (KServe, v2 protocol).
+
+A tiny real setup: a tinylight backbone and two sites whose adapters differ in everything
+an adapter can hold (ranks with unadapted layers, deactivation p, BatchNorm statistics,
+biases, the head's classes), logged and registered as ``serve-test-hospital-a`` /
+``-hospital-b`` in a SQLite MLflow store, with ``champion`` aliases. The real server runs
+in a subprocess on a free port with ``--max-adapters 1`` (every switch between the sites
+evicts and reloads), and is called with httpx. What each site answers must equal that
+site's own Predictor; a moved alias is served without a restart; every kind of bad
+request is a 4xx with a message, and the process keeps running.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import mlflow
+import numpy as np
+import pytest
+from serve_support import BASE, CLASSES, SITES, build_network, read_signals
+from servers import _log_tail, free_port, start_process_group, stop_process_group, wait_until
+
+from ml.eval.predictor import load_predictor
+from pipeline.registry.policy import promote, rollback, site_model_name
+
+REPO = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 120.0
+RECORD = "E07500"
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory) -> dict:
+    return build_network(tmp_path_factory.mktemp("network"))
+
+
+@pytest.fixture(scope="module")
+def signals(ecg_records_dir) -> np.ndarray:
+    return read_signals(ecg_records_dir)
+
+
+def _reference(network: dict, site: str, x: np.ndarray, sample_rate: float = 500.0) -> np.ndarray:
+    return load_predictor(network["backbone"], network["adapters"][site]).predict_raw(x, sample_rate)
+
+
+# --------------------------------------------------------------------------- the bank, in process
+
+
+# --------------------------------------------------------------------------- the server over HTTP
+
+
+class Server:
+    def __init__(self, base: str, proc, log_path: Path) -> None:
+        self.base, self.proc, self.log_path = base, proc, log_path
+        self.http = httpx.Client(base_url=base, timeout=60.0)
+
+    def infer(self, model: str, x: np.ndarray | None = None, **body) -> httpx.Response:
+        if x is not None:
+            body.setdefault(
+                "inputs",
+                [{"name": "signals", "datatype": "FP32", "shape": list(x.shape), "data": x.reshape(-1).tolist()}],
+            )
+        return self.http.post(f"/v2/models/{model}/infer", json=body)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None and self.http.get("/v2/health/live").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def server(network, tmp_path_factory):
+    work = tmp_path_factory.mktemp("serve")
+    port = free_port()
+    log_path = work / "serve.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
+    env |= {
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "HOME": str(work),
+        "CESSL_TRUST_FILE": network["trust_file"],
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "serve",
+        "--sites",
+        str(network["sites_file"]),
+        "--site",
+        "hospital-c",  # registered nowhere: served, never ready
+        "--model-name",
+        BASE,
+        "--tracking-uri",
+        network["uri"],
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-adapters",
+        "1",
+        "--refresh-seconds",
+        "0.5",
+        "--max-body-mb",
+        "6",
+    ]
+    proc = start_process_group(cmd, env, log_path, work)
+    server = Server(f"http://127.0.0.1:{port}", proc, log_path)
+    try:
+        wait_until(
+            lambda: server.http.get("/v2/health/ready").status_code == 200,
+            proc,
+            START_TIMEOUT_S,
+            "cessl serve",
+            log_path,
+        )
+        yield server
+    finally:
+        server.http.close()
+        stop_process_group(proc)
+
+
+def _probabilities(response: httpx.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    out = {o["name"]: o for o in response.json()["outputs"]}
+    return np.asarray(out["probabilities"]["data"], dtype=np.float64).reshape(out["probabilities"]["shape"])
+
+
+def _outputs(response: httpx.Response) -> dict:
+    return {o["name"]: o["data"] for o in response.json()["outputs"]}
+
+
+@pytest.mark.integration
+def test_health_and_readiness(server):
+    assert server.http.get("/v2/health/live").json() == {"live": True}
+    assert server.http.get("/v2/health/ready").json() == {"ready": True}
+    assert server.http.get("/v2/models/hospital-a/ready").json() == {"name": "hospital-a", "ready": True}
+    not_ready = server.http.get("/v2/models/hospital-c/ready")
+    assert not_ready.status_code == 503 and "serve-test-hospital-c has no champion" in not_ready.json()["error"]
+    assert server.http.get("/v2/models/hospital-z/ready").status_code == 404
+    assert set(server.http.get("/v2/models").json()["models"]) == {"hospital-a", "hospital-b", "hospital-c"}
+    metadata = server.http.get("/v2/models/hospital-a").json()
+    assert [i["name"] for i in metadata["inputs"]] == ["signals", "records"]
+    assert server.http.get("/v2/models/hospital-a/versions/2/ready").json()["ready"] is True
+    assert server.http.get("/v2/models/hospital-a/versions/7/ready").status_code == 404
+
+
+@pytest.mark.integration
+def test_each_site_answers_like_its_own_predictor(server, network, signals):
+    """Alternating sites with --max-adapters 1 evicts and reloads on every switch."""
+    for site in ("hospital-a", "hospital-b", "hospital-a", "hospital-b"):
+        response = server.infer(site, signals)
+        want = _reference(network, site, signals)
+        assert np.abs(_probabilities(response) - want).max() < 1e-5, site
+        body = response.json()
+        assert body["model_name"] == site_model_name(BASE, site) and body["model_version"] == "1"
+        assert body["parameters"]["site"] == site and body["parameters"]["alias"] == "champion"
+        out = _outputs(response)
+        assert out["classes"] == CLASSES[site] and len(out["diagnoses"]) == len(signals)
+        thresholds = np.asarray(out["thresholds"])
+        for row, codes in zip(want, out["codes"], strict=True):
+            expected = [c for c, p, t in zip(CLASSES[site], row, thresholds, strict=True) if p >= t]
+            assert codes == ";".join(expected)
+    names = _outputs(server.infer("hospital-a", signals[:1]))
+    assert names["class_names"] == ["AF", "IAVB", "RBBB", "NSR"]
+    assert names["descriptions"][0] == "atrial fibrillation"
+    assert "evicted" in server.log_path.read_text()
+
+
+@pytest.mark.integration
+def test_concurrent_requests_to_different_sites_do_not_mix(server, network, signals):
+    """Requests for both sites at once (threads): each answer is its own site's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    x = signals[:1]
+    want = {site: _reference(network, site, x) for site in SITES}
+    sites = [SITES[i % 2] for i in range(8)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        answers = list(pool.map(lambda site: server.infer(site, x), sites))
+    for site, answer in zip(sites, answers, strict=True):
+        assert np.abs(_probabilities(answer) - want[site]).max() < 1e-5, site
+
+
+@pytest.mark.integration
+def test_sample_rate_parameter_resamples_like_the_predictor(server, network, signals):
+    x = signals[:, :, :2500]  # 10 s at 250 Hz
+    response = server.infer("hospital-b", x, parameters={"sample_rate": 250})
+    assert np.abs(_probabilities(response) - _reference(network, "hospital-b", x, 250.0)).max() < 1e-5
+
+
+@pytest.mark.integration
+def test_wfdb_records_as_bytes(server, network, ecg_records_dir):
+    header = (ecg_records_dir / f"{RECORD}.hea").read_text()
+    signal_file = header.splitlines()[1].split()[0]
+    payload = base64.b64encode((ecg_records_dir / signal_file).read_bytes()).decode()
+    body = {"inputs": [{"name": "records", "datatype": "BYTES", "shape": [1, 2], "data": [header, payload]}]}
+    response = server.http.post("/v2/models/hospital-a/infer", json=body)
+    want = load_predictor(network["backbone"], network["adapters"]["hospital-a"]).predict_records(
+        [ecg_records_dir / RECORD]
+    )
+    got = _probabilities(response)
+    assert np.abs(got - want[[f"p_{c}" for c in CLASSES["hospital-a"]]].to_numpy()).max() < 1e-5
+
+
+@pytest.mark.integration
+def test_explicit_version_and_alias_move_without_restart(server, network, signals):
+    client = mlflow.MlflowClient(tracking_uri=network["uri"], registry_uri=network["uri"])
+    name = site_model_name(BASE, "hospital-a")
+    pinned = server.infer("hospital-a:2", signals)
+    assert pinned.json()["model_version"] == "2" and pinned.json()["parameters"]["alias"] == "pinned"
+    # v2 of hospital-a is hospital-b's adapter: it answers like hospital-b
+    assert np.abs(_probabilities(pinned) - _reference(network, "hospital-b", signals)).max() < 1e-5
+    by_param = server.infer("hospital-a", signals, parameters={"version": "2"})
+    assert by_param.json()["model_version"] == "2"
+    by_path = server.infer("hospital-a/versions/2", signals)  # the v2 protocol's versioned path
+    assert by_path.json()["model_version"] == "2"
+    signing = network["signing"]
+
+    def served(version: str) -> httpx.Response:
+        for _ in range(150):  # --refresh-seconds 0.5: picked up within a second
+            answer = server.infer("hospital-a", signals)
+            if answer.json()["model_version"] == version:
+                break
+            time.sleep(0.2)
+        return answer
+
+    try:
+        client.set_registered_model_alias(name, "challenger", "2")
+        assert promote(client, name, force=True, reason="v2", **signing).promoted  # a signed promotion
+        moved = served("2")
+        assert moved.json()["model_version"] == "2", moved.text
+        assert np.abs(_probabilities(moved) - _reference(network, "hospital-b", signals)).max() < 1e-5
+        # the alias moved without a signed decision: v2 keeps answering, readiness says why
+        client.set_registered_model_alias(name, "champion", "1")
+        for _ in range(150):
+            ready = server.http.get("/v2/models/hospital-a/ready")
+            if ready.status_code == 503:
+                break
+            time.sleep(0.2)
+        assert ready.status_code == 503, ready.text
+        assert all(w in ready.json()["error"] for w in (name, "'champion' is v1", "names v2")), ready.text
+        assert server.infer("hospital-a", signals).json()["model_version"] == "2"
+        assert server.http.get("/v2/health/ready").status_code == 200  # the site still answers
+        assert "serving the last verified champion v2" in server.log_path.read_text()
+    finally:
+        client.set_registered_model_alias(name, "champion", "2")
+        rollback(client, name, reason="back to v1", **signing)  # signed: v1 again, ready again
+    assert served("1").json()["model_version"] == "1"
+    assert server.http.get("/v2/models/hospital-a/ready").status_code == 200
+
+
+def _signals_input(data, shape, datatype="FP32", name="signals") -> dict:
+    return {"inputs": [{"name": name, "datatype": datatype, "shape": shape, "data": data}]}
+
+
+BAD_REQUESTS = {
+    "unknown site": ("hospital-z", _signals_input([0.0] * 12 * 10, [1, 12, 10]), 404, "no site 'hospital-z'"),
+    "unknown version": ("hospital-a:99", _signals_input([0.0] * 12 * 10, [1, 12, 10]), 404, "no version 99"),
+    "bad version": ("hospital-a:x", _signals_input([0.0] * 12 * 10, [1, 12, 10]), 404, "positive integer"),
+    "no champion": ("hospital-c", _signals_input([0.0] * 12 * 10, [1, 12, 10]), 503, "no champion"),
+    "wrong leads": ("hospital-a", _signals_input([0.0] * 11 * 100, [1, 11, 100]), 400, "[n, 12, samples]"),
+    "data vs shape": ("hospital-a", _signals_input([0.0] * 10, [1, 12, 100]), 400, "does not fit shape"),
+    "wrong dtype": ("hospital-a", _signals_input([0] * 1200, [1, 12, 100], "INT32"), 400, "must be FP32"),
+    "strings": ("hospital-a", _signals_input(["a"] * 1200, [1, 12, 100]), 400, "signals"),
+    "wrong input name": ("hospital-a", _signals_input([0.0] * 1200, [1, 12, 100], name="x"), 400, "exactly one input"),
+    "no inputs": ("hospital-a", {"inputs": []}, 400, "exactly one input"),
+    "missing inputs": ("hospital-a", {"parameters": {}}, 400, "inputs"),
+    "missing shape": ("hospital-a", {"inputs": [{"name": "signals", "datatype": "FP32", "data": [1.0]}]}, 400, "shape"),
+    "bad sample rate": (
+        "hospital-a",
+        {**_signals_input([0.0] * 1200, [1, 12, 100]), "parameters": {"sample_rate": -5}},
+        400,
+        "sample_rate",
+    ),
+    "too slow a sample rate": (
+        "hospital-a",
+        {**_signals_input([0.0] * 1200, [1, 12, 100]), "parameters": {"sample_rate": 10}},
+        400,
+        "sample_rate must be in [50",
+    ),
+    "too short a record": ("hospital-a", _signals_input([0.0] * 120, [1, 12, 10]), 400, "cannot be preprocessed"),
+    "unknown parameter": (
+        "hospital-a",
+        {**_signals_input([0.0] * 1200, [1, 12, 100]), "parameters": {"samplerate": 250}},
+        400,
+        "unknown parameters",
+    ),
+    "bad base64": (
+        "hospital-a",
+        _signals_input(["R 12 500 5000\nR.mat 16 1000 16 0 0 0 0 I", "!!"], [1, 2], "BYTES", "records"),
+        400,
+        "base64",
+    ),
+    "header escapes": (
+        "hospital-a",
+        _signals_input(["R 12 500 5000\n../x.mat 16 1000 16 0 0 0 0 I", "AAAA"], [1, 2], "BYTES", "records"),
+        400,
+        "bare NAME.mat",
+    ),
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_bad_requests_are_4xx_with_a_message(server, case):
+    model, body, status, message = BAD_REQUESTS[case]
+    response = server.http.post(f"/v2/models/{model}/infer", json=body)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"], response.text
+    assert server.alive()
+
+
+@pytest.mark.integration
+def test_nan_malformed_json_and_oversized_bodies(server, signals):
+    nan = (
+        '{"inputs": [{"name": "signals", "datatype": "FP32", "shape": [1, 12, 2], "data": [NaN' + ", 0.0" * 23 + "]}]}"
+    )
+    for text, status, message in [
+        (nan, 400, "NaN or infinite"),
+        (nan.replace("NaN", "Infinity"), 400, "NaN or infinite"),
+        ('{"inputs": [', 400, "malformed request"),
+        ("not json at all", 400, "malformed request"),
+    ]:
+        response = server.http.post(
+            "/v2/models/hospital-a/infer", content=text, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == status, (text[:40], response.text)
+        assert message in response.json()["error"], response.text
+    big = server.http.post(
+        "/v2/models/hospital-a/infer", content=b"x" * (7 * 1024 * 1024), headers={"content-type": "application/json"}
+    )
+    assert big.status_code == 413 and "exceeds the limit of 6 MiB" in big.json()["error"]
+
+    def chunks():
+        for _ in range(70):
+            yield b" " * (100 * 1024)
+
+    streamed = server.http.post(
+        "/v2/models/hospital-a/infer", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert streamed.status_code == 413, streamed.text
+    assert server.alive()
+    assert _probabilities(server.infer("hospital-b", signals[:1])).shape == (1, 3)  # still answers
+
+
+@pytest.mark.integration
+def test_no_traceback_for_bad_requests_in_the_log(server):
+    log = server.log_path.read_text()
+    assert "Traceback" not in log, _log_tail(server.log_path, 80)
+
+
+@pytest.mark.integration
+def test_sigterm_stops_the_server_gracefully(server):
+    """Last in this module: the server goes down on SIGTERM (a pod's stop) without a traceback."""
+    import signal
+
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=30) is not None
+    log = server.log_path.read_text()
+    assert "Traceback" not in log, _log_tail(server.log_path, 40)

@@ -1,0 +1,142 @@
+"""The hospital network: `cessl sites`, the compiled network pipeline and the cross-site
+matrix. A real local network run: tests/integration/test_network_run.py."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import yaml
+from pipeline_support import cessl
+
+from ml.eval.cross_site import CrossSiteMatrix, score_cell
+from pipeline.core.params import DEFAULTS
+from pipeline.core.sites import Site, load_sites
+from pipeline.dags.finetune import CompileOptions
+from pipeline.dags.network import (
+    ITEM_KEYS,
+    NETWORK_PIPELINE_NAME,
+    NetworkSettings,
+    site_items,
+)
+from pipeline.dags.spec import compile_spec, network_spec
+
+# --------------------------------------------------------------------------- cessl sites
+
+
+def test_sites_add_list_remove_round_trip(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    assert cessl("sites", "add", "hospital-a", "data/a", "--labelled-ratio", "0.2", "--method", "fixmatch") == 0
+    assert cessl("sites", "add", "hospital-b", "s3://bucket/b", "--description", "the other one") == 0
+    registry = load_sites(tmp_path / "sites.yaml")
+    assert registry.names == ["hospital-a", "hospital-b"]
+    a = registry.get("hospital-a")
+    assert a.source == str((tmp_path / "data" / "a").resolve())
+    assert dict(a.overrides) == {"labelled_ratio": 0.2, "method": "fixmatch"}
+    # written relative to the file's folder (the file moves with its data)
+    assert yaml.safe_load((tmp_path / "sites.yaml").read_text())["sites"]["hospital-a"]["source"] == "data/a"
+
+    capsys.readouterr()
+    assert cessl("sites", "list") == 0
+    out = capsys.readouterr().out
+    assert "hospital-a" in out and "labelled_ratio=0.2" in out and "s3://bucket/b" in out
+
+    assert cessl("sites", "add", "hospital-a", "data/a") == 2  # exists
+    assert "exists" in capsys.readouterr().err
+    assert cessl("sites", "add", "hospital-a", "data/a", "--replace", "-r", "4") == 0
+    assert dict(load_sites(tmp_path / "sites.yaml").get("hospital-a").overrides) == {"r": 4}
+
+    assert cessl("sites", "remove", "hospital-b", "--file", "sites.yaml") == 0
+    assert load_sites(tmp_path / "sites.yaml").names == ["hospital-a"]
+    assert cessl("sites", "remove", "hospital-z") == 2
+    assert "no site named 'hospital-z'" in capsys.readouterr().err
+
+
+def test_sites_bad_input_is_one_line_naming_the_file_and_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cessl("sites", "add", "Hospital_A", "data/a") == 2
+    assert "must be a DNS label" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as parsed:  # checked by the parser, with the parameter's own limits
+        cessl("sites", "add", "hospital-a", "data/a", "--labelled-ratio", "1.5")
+    assert parsed.value.code == 2 and "--labelled-ratio" in capsys.readouterr().err
+    assert not (tmp_path / "sites.yaml").exists()  # nothing written
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nsites:\n  hospital-a:\n    source: data/a\n    lr: -1\n    colour: red\n")
+    assert cessl("sites", "--file", str(bad), "list") == 4
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"{bad}:5: site 'hospital-a'" in err and f"{bad}:6: site 'hospital-a': unknown key 'colour'" in err
+    assert cessl("sites", "--file", str(tmp_path / "none.yaml"), "list") == 2
+    assert "no such site registry" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- compiled
+
+
+def test_compiled_network_loops_over_the_sites_parameter(tmp_path):
+    sites = [Site("a", "/data/a"), Site("b", "s3://bucket/b", {"labelled_ratio": 0.2, "method": "fixmatch"})]
+    items = site_items(sites, DEFAULTS, "/state")
+    assert [i["model_name"] for i in items] == ["cessl-ecg-a", "cessl-ecg-experiments-b"]
+    assert items[1]["labelled_ratio"] == 0.2 and items[1]["state_dir"] == "/state/sites/b"
+    assert all(set(i) == set(ITEM_KEYS) for i in items)
+
+    path = compile_spec(
+        network_spec(NetworkSettings(sites=tuple(items))), tmp_path / "network.yaml", CompileOptions(image="img:1")
+    )
+    spec = next(yaml.safe_load_all(path.read_text()))  # the pipeline spec, then the platform's
+    assert spec["pipelineInfo"]["name"] == NETWORK_PIPELINE_NAME
+    root = spec["root"]
+    assert root["inputDefinitions"]["parameters"]["sites"]["parameterType"] == "LIST"
+    assert root["inputDefinitions"]["parameters"]["sites"]["defaultValue"] == items
+    assert "source" not in root["inputDefinitions"]["parameters"]  # a site's, not the network's
+    top = root["dag"]["tasks"]
+    assert {"validate", "resolve-backbone", "start-network", "cross-site", "for-loop-1"} <= set(top)
+    loop = top["for-loop-1"]
+    assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--sites"
+    body = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
+    assert {"ingest", "preprocess", "split", "allocate-ranks", "finetune", "evaluate", "register"} <= set(body)
+    assert "resolve-backbone" not in body  # the backbone is resolved once
+    # records are keyed by the site's real name: the loop item's "name" field, not the loop
+    # channel's own name (`site.name` is the string "sites-loop-item")
+    site_input = body["ingest"]["inputs"]["parameters"]["site"]
+    assert site_input["parameterExpressionSelector"] == 'parseJson(string_value)["name"]'
+    assert site_input["componentInputParameter"] == "pipelinechannel--sites-loop-item"
+    for task in ("ingest", "finetune"):  # their log lines name the site
+        assert "site" in body[task]["inputs"]["parameters"], task
+    cross = spec["components"]["comp-cross-site"]["inputDefinitions"]["artifacts"]
+    assert all(cross[name].get("isArtifactList") for name in ("stores", "splits", "adapters", "registrations"))
+    # finetune of every site asks for the GPU
+    executors = spec["deploymentSpec"]["executors"]
+    assert executors["exec-finetune"]["container"]["resources"]["accelerator"]["resourceCount"] == "1"
+
+
+def test_compile_cli_writes_the_network_pipeline(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cessl("sites", "add", "a", "data/a") == 0
+    assert cessl("compile", "--sites", "sites.yaml", "-o", "net.yaml", "--image", "img:1") == 0
+    spec = next(yaml.safe_load_all((tmp_path / "net.yaml").read_text()))
+    assert [s["name"] for s in spec["root"]["inputDefinitions"]["parameters"]["sites"]["defaultValue"]] == ["a"]
+
+
+# --------------------------------------------------------------------------- the matrix
+
+
+def test_cross_site_cell_scores_the_classes_model_and_target_share():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, size=(30, 3))  # the target's classes: X, Y, Z
+    # the model predicts Y, W, X (perfectly on X and Y); the target does not label W, nor the model Z
+    probs = np.stack([labels[:, 1], rng.random(30), labels[:, 0]], axis=1).astype(float)
+    target_classes = ["426783006", "164889003", "59118001"]
+    cell = score_cell("m", "t", probs, ["164889003", "999", "426783006"], [0.5] * 3, labels, target_classes)
+    assert cell.n_classes == 2 and cell.n_records == 30
+    assert cell.macro_f_beta == pytest.approx(1.0)
+    none = score_cell("m", "t", probs, ["1", "2", "3"], [0.5] * 3, labels, ["4", "5", "6"])
+    assert none.n_classes == 0 and math.isnan(none.macro_f_beta)
+    matrix = CrossSiteMatrix((cell, none))
+    assert "| m |" in matrix.markdown() and matrix.csv().count("\n") == 3
+
+
+# --------------------------------------------------------------------------- a real run

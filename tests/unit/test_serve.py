@@ -1,0 +1,119 @@
+"""``cessl serve``'s adapter bank in process: a tinylight backbone and two sites whose adapters
+differ in everything an adapter can hold (ranks with unadapted layers, deactivation p,
+BatchNorm statistics, biases, the head's classes), registered in a SQLite MLflow store
+(tests/serve_support.py). Each site's answer equals its own Predictor; the LRU evicts; a
+registry outage keeps the last champion; bad flags are one line. The real server over HTTP:
+tests/integration/test_serve_http.py."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from serve_support import BASE, SITES, build_network, read_signals
+from servers import free_port
+
+from ml.eval.predictor import Predictor, load_predictor
+from ml.model.adapter import CheckpointError, state_dict_identity
+from ml.model.adapter_bank import AdapterLRU, SharedBackbone, read_site_adapter
+from ml.model.backbone import ECGTransformer
+from ml.model.pretrained import read_backbone
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory) -> dict:
+    return build_network(tmp_path_factory.mktemp("network"))
+
+
+@pytest.fixture(scope="module")
+def signals(ecg_records_dir) -> np.ndarray:
+    return read_signals(ecg_records_dir)
+
+
+# --------------------------------------------------------------------------- the bank, in process
+
+
+def test_switched_backbone_equals_each_sites_own_predictor(network, signals):
+    """Switching sites in and out of one backbone (in any order) gives each site's own
+    probabilities; the backbone's tensors are the same objects before and after."""
+    from ml.eval.predictor import preprocess_signal
+
+    bb = read_backbone(network["backbone"])
+    shared = SharedBackbone(bb.state, bb.config, bb.identity)
+    before = {k: v.data_ptr() for k, v in shared.model.state_dict().items() if "lora" not in k}
+    x = np.stack([preprocess_signal(r, 500.0) for r in signals.astype(np.float64)])
+    adapters = {site: read_site_adapter(network["adapters"][site], site) for site in SITES}
+    for site in ("hospital-a", "hospital-b", "hospital-a", "hospital-b", "hospital-a"):
+        shared.activate(adapters[site])
+        got = Predictor(shared.model, adapters[site].classes, np.asarray(adapters[site].thresholds), bb.identity)
+        want = load_predictor(network["backbone"], network["adapters"][site])
+        assert np.abs(got.predict_proba(x) - want.predict_proba(x)).max() < 1e-5, site
+    untouched = [k for k, ptr in before.items() if k not in adapters["hospital-a"].tensors]
+    assert untouched and all(shared.model.state_dict()[k].data_ptr() == before[k] for k in untouched)
+    assert adapters["hospital-a"].nbytes < shared.nbytes
+
+
+def test_bank_refuses_another_backbones_adapter(network):
+    bb = read_backbone(network["backbone"])
+    torch.manual_seed(99)
+    other = ECGTransformer(bb.config).state_dict()
+    shared = SharedBackbone(other, bb.config, state_dict_identity(other))
+    with pytest.raises(CheckpointError, match="trained on backbone"):
+        shared.activate(read_site_adapter(network["adapters"]["hospital-a"], "a"))
+
+
+def test_lru_evicts_the_least_recently_used(network):
+    loads = []
+
+    def loader(site):
+        def load():
+            loads.append(site)
+            return read_site_adapter(network["adapters"][site], site)
+
+        return load
+
+    lru = AdapterLRU(1)
+    lru.get("a", loader("hospital-a"))
+    lru.get("a", loader("hospital-a"))
+    lru.get("b", loader("hospital-b"))
+    assert loads == ["hospital-a", "hospital-b"] and lru.keys() == ["b"] and lru.evictions == 1
+    with pytest.raises(ValueError, match="at least one"):
+        AdapterLRU(0)
+
+
+def test_a_registry_outage_keeps_the_last_champion(network, monkeypatch):
+    """An unreachable registry does not take the sites down: the last resolved champion
+    keeps answering; a site never resolved says the registry does not answer."""
+    from pipeline.registry.store import TrackingConfig
+    from pipeline.serving.server import ModelUnavailableError, Network, ServeConfig
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    config = ServeConfig(
+        sites=SITES, tracking_uri=network["uri"], model_name=BASE, refresh_seconds=0, trust_file=network["trust_file"]
+    )
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    net = Network(config)  # points the process's mlflow at the store (as the server does)
+    try:
+        assert net.champion("hospital-a").version == "1"
+        net._client = TrackingConfig.resolve(f"http://127.0.0.1:{free_port()}").client()  # nothing listens
+        assert net.champion("hospital-a").version == "1"
+        assert net.resolve("hospital-a", None) == ("1", "champion")
+        with pytest.raises(ModelUnavailableError, match="registry does not answer"):
+            net.resolve("hospital-b", None)
+    finally:
+        net.close()
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+
+
+def test_bad_flags_are_one_line_errors(tmp_path):
+    from pipeline.cli import main as cessl
+
+    with pytest.raises(SystemExit) as exit_info:
+        cessl(["serve", "--site", "x", "--port", "0"])
+    assert exit_info.value.code == 2
+    assert cessl(["serve", "--site", "Bad_Name", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 2
+    assert cessl(["serve", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 2  # no sites
+    assert cessl(["serve", "--sites", str(tmp_path / "missing.yaml")]) == 2
