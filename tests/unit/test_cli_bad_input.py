@@ -41,6 +41,7 @@ from ml.errors import (
     ParameterError,
 )
 from pipeline import cli
+from pipeline.cli.options import ParamsTarget
 from pipeline.core import constraints
 from pipeline.core.failures import describe, failed_run_message
 from pipeline.core.logsafe import redact
@@ -952,9 +953,16 @@ def test_the_shared_parser_parses_like_a_fresh_one(workdir, capsys):
         assert _parsed(PARSER, argv) == _parsed(fresh, argv), argv
 
 
+def _comparable(value):
+    if isinstance(value, ParamsTarget):
+        return (value.parser.prog, value.params.__name__)
+    return getattr(value, "__qualname__", value) if callable(value) else value
+
+
 def _parsed(parser: argparse.ArgumentParser, argv: list[str]) -> dict | int | str | None:
-    try:  # a command built in a closure is a new function per parser: compared by its name
+    try:  # a command built in a closure is a new function per parser: compared by its name;
+        # the --params target holds its own parser: compared by that parser's prog and field set
         parsed = vars(parser.parse_args(argv))
-        return {k: getattr(v, "__qualname__", v) if callable(v) else v for k, v in parsed.items()}
+        return {k: _comparable(v) for k, v in parsed.items()}
     except SystemExit as exc:
         return exc.code

@@ -301,8 +301,10 @@ def test_a_refresh_avoids_what_every_past_champion_trained_on(registry, tmp_path
     v1, run1 = register(client, split(ids[20:80]), tmp_path / "1")
     testsets.after_registration(client, MODEL, v1, run1, split(ids[20:80]))
     v2, run2 = register(client, split(ids[80:140]), tmp_path / "2")
-    client.set_registered_model_alias(MODEL, CHAMPION, v2)  # v1 was champion before v2
-    pending = testsets.refresh(client, MODEL, "new classes", past_champions=[v1, v2])
+    # promote copies candidates into the production model: the champions are its versions
+    p1, p2 = (str(client.copy_model_version(f"models:/{MODEL}/{v}", PRODUCTION).version) for v in (v1, v2))
+    client.set_registered_model_alias(PRODUCTION, CHAMPION, p2)  # p1 was champion before p2
+    pending = testsets.refresh(client, MODEL, "new classes", past_champions=[p1, p2])
     assert set(pending.exclude_runs) == {run1, run2} and pending.exclude_run == run2
     reference = testsets.resolve_reference(TrackingConfig.resolve(uri, model_name=MODEL))
     redraw = FrozenTestSet.load(testsets.materialize(reference, uri, tmp_path / "r.json"))
