@@ -2,12 +2,13 @@
 
 A tiny real setup: a tinylight backbone and two sites whose adapters differ in everything
 an adapter can hold (ranks with unadapted layers, deactivation p, BatchNorm statistics,
-biases, the head's classes), logged and registered as ``serve-test-hospital-a`` /
-``-hospital-b`` in a SQLite MLflow store, with ``champion`` aliases. The real server runs
-in a subprocess on a free port with ``--max-adapters 1`` (every switch between the sites
-evicts and reloads), and is called with httpx. What each site answers must equal that
-site's own Predictor; a moved alias is served without a restart; every kind of bad
-request is a 4xx with a message, and the process keeps running.
+biases, the head's classes), logged and registered in the sites' candidates models and
+copied by signed promotions into ``serve-test-hospital-a`` / ``-hospital-b`` in a SQLite
+MLflow store. The real server runs in a subprocess on a free port with ``--max-adapters 1``
+(every switch between the sites evicts and reloads), and is called with httpx. What each
+site answers must equal that site's own Predictor; a signed promotion is served without a
+restart, an alias moved without one is not; every kind of bad request is a 4xx with a
+message, and the process keeps running.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from pipeline.registry.audit import current_user
 from pipeline.registry.policy import promote, rollback, site_model_name
 from pipeline.registry.pyfunc_model import log_adapter_model
 from pipeline.registry.signing import load_signer, load_trust
+from pipeline.registry.tracking import CHALLENGER, TAG_METHOD, candidates_model_name, model_digests
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = "serve-test"
@@ -63,8 +65,10 @@ def _adapter(root: Path, site: str, state: dict, seed: int) -> Path:
 
 @pytest.fixture(scope="module")
 def network(tmp_path_factory) -> dict:
-    """The backbone, both sites' adapters, and the store where they are registered:
-    hospital-a v1 (champion) and v2 (= hospital-b's adapter, for the alias move), hospital-b v1."""
+    """The backbone, both sites' adapters, and the store where they are registered: each
+    site's adapter in its candidates model, copied into the production model by a signed
+    promotion (hospital-a v1, hospital-b v1: the champions); hospital-a v2 is hospital-b's
+    adapter (for the alias move), promoted and rolled back (signed), so v1 is champion again."""
     root = tmp_path_factory.mktemp("network")
     backbone, state = random_backbone(root, "tinylight", seed=3)
     adapters = {site: _adapter(root, site, state, seed) for seed, site in enumerate(SITES)}
@@ -72,16 +76,26 @@ def network(tmp_path_factory) -> dict:
         infos = {}
         for site in SITES:
             with mlflow.start_run(experiment_id=experiment):
-                name = site_model_name(BASE, site)
-                infos[site] = log_adapter_model(backbone, adapters[site], CLASSES[site], registered_model_name=name)
+                infos[site] = log_adapter_model(backbone, adapters[site], CLASSES[site], registered_model_name=None)
         client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-        name_a = site_model_name(BASE, "hospital-a")
-        assert str(mlflow.register_model(infos["hospital-b"].model_uri, name_a).version) == "2"
         keys = make_signer(root / "signing", current_user())
         signing = {"signer": load_signer(keys.private), "trust": load_trust(root / "signing" / "trust.yaml")}
-        for site in SITES:  # v1 is each site's champion by a signed decision
-            client.set_registered_model_alias(site_model_name(BASE, site), "challenger", "1")
-            assert promote(client, site_model_name(BASE, site), force=True, reason="first", **signing).promoted
+
+        def promoted(site: str, adapter: str) -> str:
+            """The pipeline registers ``adapter`` as the challenger of the site's candidates
+            model; a signed promotion copies it into the production model (its version)."""
+            name = site_model_name(BASE, site)
+            tags = {TAG_METHOD: "cessl", **model_digests(backbone, adapters[adapter])}
+            version = mlflow.register_model(infos[adapter].model_uri, candidates_model_name(name), tags=tags).version
+            client.set_registered_model_alias(candidates_model_name(name), CHALLENGER, str(version))
+            decision = promote(client, name, force=True, reason=f"{adapter}'s adapter", **signing)
+            assert decision.promoted, decision.reason
+            return str(decision.production_version)
+
+        assert [promoted(site, site) for site in SITES] == ["1", "1"]
+        name_a = site_model_name(BASE, "hospital-a")
+        assert promoted("hospital-a", "hospital-b") == "2"
+        assert rollback(client, name_a, reason="v1 again", **signing).restored == "1"
     sites_file = root / "sites.yaml"
     sites_file.write_text("version: 1\nsites:\n" + "".join(f"  {site}:\n    source: data/{site}\n" for site in SITES))
     return {
@@ -361,8 +375,9 @@ def test_explicit_version_and_alias_move_without_restart(server, network, signal
         return answer
 
     try:
-        client.set_registered_model_alias(name, "challenger", "2")
-        assert promote(client, name, force=True, reason="v2", **signing).promoted  # a signed promotion
+        client.set_registered_model_alias(candidates_model_name(name), CHALLENGER, "2")  # hospital-b's adapter
+        decision = promote(client, name, force=True, reason="v2", **signing)  # a signed promotion
+        assert decision.promoted and decision.production_version == "2"  # its earlier copy
         moved = served("2")
         assert moved.json()["model_version"] == "2", moved.text
         assert np.abs(_probabilities(moved) - _reference(network, "hospital-b", signals)).max() < 1e-5

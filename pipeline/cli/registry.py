@@ -86,21 +86,22 @@ def print_decision(decision: PromotionDecision, console=None) -> None:
 
     colour = {"promoted": "green", "forced": "yellow", "refused": "red"}[decision.label]
     console = console or Console()
-    console.print(Text(decision.label.upper(), style=f"bold {colour}") + Text(f": {decision.reason}"))
+    console.print(Text(decision.label.upper(), style=f"bold {colour}") + Text(f": {decision.reason}"), soft_wrap=True)
     if decision.integrity:
         return  # the challenger cannot be judged at all: the one line says why
     c = decision.comparison
-    console.print(Text(c.describe()))
+    console.print(Text(c.describe()), soft_wrap=True)
     if decision.production_version is not None:
         console.print(
             Text(
                 f"{decision.candidates} v{c.challenger_version} copied as production version v{decision.production_version}"
-            )
+            ),
+            soft_wrap=True,
         )
     if decision.forced:
-        console.print(Text(f"forced by {decision.who}: {decision.force_reason}"))
+        console.print(Text(f"forced by {decision.who}: {decision.force_reason}"), soft_wrap=True)
     if decision.history:
-        console.print(Text(f"champion history: {' -> '.join('v' + v for v in decision.history)}"))
+        console.print(Text(f"champion history: {' -> '.join('v' + v for v in decision.history)}"), soft_wrap=True)
 
 
 def run_promote(
