@@ -270,6 +270,10 @@ def test_force_rollback_and_the_audit_history(reg, world, capsys):
     assert entries[1].metrics["ci_high"] < 0 and "ward asked" in entries[2].reason
     assert cli.main(["models", reg.model, "--history"]) == 0
     assert "audit log" in capsys.readouterr().out
+    # the pipeline's side (the test set it froze) is in the candidates model's log, which has no champion
+    assert [e.action for e in history(reg.client, reg.candidates)] == ["testset_freeze"]
+    assert cli.main(["models", reg.candidates, "--history"]) == 0
+    assert "testset_freeze" in capsys.readouterr().out
     assert describe_versions(reg.client, reg.model)[-1]["aliases"] == "champion"
 
 
