@@ -58,6 +58,7 @@ from pipeline.registry.policy import (
     GATE_METRICS,
     GateConfig,
     PromotionDecision,
+    RegistryError,
     describe_models,
     describe_versions,
     promote,
@@ -66,6 +67,7 @@ from pipeline.registry.policy import (
 )
 from pipeline.registry.signing import Signer, Trust, find_signer, find_trust
 from pipeline.registry.store import TrackingConfig
+from pipeline.registry.tracking import CHAMPION
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +236,8 @@ def verified_uri(client, uri: str, trust: Trust) -> str:
         return uri
     (result,) = verify(client, trust, [match["name"]])
     require_verified([result])
+    if result.expected_version is None:
+        raise RegistryError(f"model {result.model!r} has no {CHAMPION}: no signed decision made one (`cessl promote`)")
     return f"models:/{result.model}/{result.expected_version}"
 
 
