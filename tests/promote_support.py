@@ -8,7 +8,7 @@
 - :class:`Pipeline`: what the pipeline's register step writes, with any MLflow client (a
   local SQLite store, or the pipeline identity on an authenticated server): a run (param
   ``source``), the pyfunc model, a version of ``<model>-candidates`` tagged with the method,
-  test split and digests, ``challenger`` for a production method, and the frozen test set at
+  test split, digests, backbone and classes, ``challenger`` for a production method, and the frozen test set at
   the first registration.
 """
 
@@ -161,6 +161,7 @@ class Pipeline:
         return is_production_method(method)
 
     def _register(self, client, splits, adapter: Path | None, method: str, tags: dict[str, str]) -> str:
+        from ml.model.adapter import read_adapter_config
         from pipeline.registry.testsets import after_registration
         from pipeline.registry.tracking import TAG_METHOD, TAG_TEST_SPLIT, model_digests
 
@@ -168,13 +169,15 @@ class Pipeline:
         run_id = run.info.run_id
         client.log_param(run_id, "source", str(self.records))
         if adapter is None:
-            source, digests = f"{run.info.artifact_uri}/model", {}
+            source, facts = f"{run.info.artifact_uri}/model", {}
         else:
             if adapter not in self.logged:
                 self.logged[adapter] = self.log_model(adapter)
             source = self.logged[adapter][1]
-            digests = model_digests(self.backbone, adapter)
-        version_tags = {TAG_METHOD: method, TAG_TEST_SPLIT: splits.test_split_hash, **digests, **tags}
+            # the digests, backbone and classes the register step records (components.register)
+            facts = model_digests(self.backbone, adapter)
+            facts |= {"backbone_id": read_adapter_config(adapter)["backbone_id"], "classes": ",".join(CLASSES)}
+        version_tags = {TAG_METHOD: method, TAG_TEST_SPLIT: splits.test_split_hash, **facts, **tags}
         if self.site:
             version_tags["site"] = self.site
         try:

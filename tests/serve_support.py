@@ -14,9 +14,10 @@ from signing_support import make_signer
 from ml.eval.predictor import read_wfdb
 from ml.model.lora import LoRAConfig
 from pipeline.registry.audit import current_user
-from pipeline.registry.policy import promote, site_model_name
+from pipeline.registry.policy import promote, rollback, site_model_name
 from pipeline.registry.pyfunc_model import log_adapter_model
 from pipeline.registry.signing import load_signer, load_trust
+from pipeline.registry.tracking import CHALLENGER, TAG_METHOD, candidates_model_name, model_digests
 
 BASE = "serve-test"
 SITES = ("hospital-a", "hospital-b")
@@ -39,25 +40,36 @@ def make_adapter(root: Path, site: str, state: dict, seed: int) -> Path:
 
 
 def build_network(root: Path) -> dict:
-    """The backbone, both sites' adapters, and the store where they are registered (in ``root``):
-    hospital-a v1 (champion) and v2 (= hospital-b's adapter, for the alias move), hospital-b v1;
-    each v1 champion by a signed decision."""
+    """The backbone, both sites' adapters, and the store where they are registered (in ``root``): each
+    site's adapter in its candidates model, copied into the production model by a signed
+    promotion (hospital-a v1, hospital-b v1: the champions); hospital-a v2 is hospital-b's
+    adapter (for the alias move), promoted and rolled back (signed), so v1 is champion again."""
     backbone, state = random_backbone(root, "tinylight", seed=3)
     adapters = {site: make_adapter(root, site, state, seed) for seed, site in enumerate(SITES)}
     with sqlite_registry(root) as (uri, experiment):
         infos = {}
         for site in SITES:
             with mlflow.start_run(experiment_id=experiment):
-                name = site_model_name(BASE, site)
-                infos[site] = log_adapter_model(backbone, adapters[site], CLASSES[site], registered_model_name=name)
+                infos[site] = log_adapter_model(backbone, adapters[site], CLASSES[site], registered_model_name=None)
         client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-        name_a = site_model_name(BASE, "hospital-a")
-        assert str(mlflow.register_model(infos["hospital-b"].model_uri, name_a).version) == "2"
         keys = make_signer(root / "signing", current_user())
         signing = {"signer": load_signer(keys.private), "trust": load_trust(root / "signing" / "trust.yaml")}
-        for site in SITES:  # v1 is each site's champion by a signed decision
-            client.set_registered_model_alias(site_model_name(BASE, site), "challenger", "1")
-            assert promote(client, site_model_name(BASE, site), force=True, reason="first", **signing).promoted
+
+        def promoted(site: str, adapter: str) -> str:
+            """The pipeline registers ``adapter`` as the challenger of the site's candidates
+            model; a signed promotion copies it into the production model (its version)."""
+            name = site_model_name(BASE, site)
+            tags = {TAG_METHOD: "cessl", **model_digests(backbone, adapters[adapter])}
+            version = mlflow.register_model(infos[adapter].model_uri, candidates_model_name(name), tags=tags).version
+            client.set_registered_model_alias(candidates_model_name(name), CHALLENGER, str(version))
+            decision = promote(client, name, force=True, reason=f"{adapter}'s adapter", **signing)
+            assert decision.promoted, decision.reason
+            return str(decision.production_version)
+
+        assert [promoted(site, site) for site in SITES] == ["1", "1"]
+        name_a = site_model_name(BASE, "hospital-a")
+        assert promoted("hospital-a", "hospital-b") == "2"
+        assert rollback(client, name_a, reason="v1 again", **signing).restored == "1"
     sites_file = root / "sites.yaml"
     sites_file.write_text("version: 1\nsites:\n" + "".join(f"  {site}:\n    source: data/{site}\n" for site in SITES))
     return {

@@ -58,6 +58,7 @@ from pipeline.registry.policy import (
     GATE_METRICS,
     GateConfig,
     PromotionDecision,
+    RegistryError,
     describe_models,
     describe_versions,
     promote,
@@ -66,6 +67,7 @@ from pipeline.registry.policy import (
 )
 from pipeline.registry.signing import Signer, Trust, find_signer, find_trust
 from pipeline.registry.store import TrackingConfig
+from pipeline.registry.tracking import CHAMPION
 
 log = logging.getLogger(__name__)
 
@@ -86,21 +88,22 @@ def print_decision(decision: PromotionDecision, console=None) -> None:
 
     colour = {"promoted": "green", "forced": "yellow", "refused": "red"}[decision.label]
     console = console or Console()
-    console.print(Text(decision.label.upper(), style=f"bold {colour}") + Text(f": {decision.reason}"))
+    console.print(Text(decision.label.upper(), style=f"bold {colour}") + Text(f": {decision.reason}"), soft_wrap=True)
     if decision.integrity:
         return  # the challenger cannot be judged at all: the one line says why
     c = decision.comparison
-    console.print(Text(c.describe()))
+    console.print(Text(c.describe()), soft_wrap=True)
     if decision.production_version is not None:
         console.print(
             Text(
                 f"{decision.candidates} v{c.challenger_version} copied as production version v{decision.production_version}"
-            )
+            ),
+            soft_wrap=True,
         )
     if decision.forced:
-        console.print(Text(f"forced by {decision.who}: {decision.force_reason}"))
+        console.print(Text(f"forced by {decision.who}: {decision.force_reason}"), soft_wrap=True)
     if decision.history:
-        console.print(Text(f"champion history: {' -> '.join('v' + v for v in decision.history)}"))
+        console.print(Text(f"champion history: {' -> '.join('v' + v for v in decision.history)}"), soft_wrap=True)
 
 
 def run_promote(
@@ -233,6 +236,8 @@ def verified_uri(client, uri: str, trust: Trust) -> str:
         return uri
     (result,) = verify(client, trust, [match["name"]])
     require_verified([result])
+    if result.expected_version is None:
+        raise RegistryError(f"model {result.model!r} has no {CHAMPION}: no signed decision made one (`cessl promote`)")
     return f"models:/{result.model}/{result.expected_version}"
 
 

@@ -224,12 +224,15 @@ def log_adapter_model(backbone_dir: Path, adapter_dir: Path, classes: list[str],
 
 def model_code_paths(tmp: Path) -> list[str]:
     """The code logged with the model: the ``ml`` package and a ``pipeline`` package holding
-    only its ``__init__`` and this module (the pyfunc class is pickled by reference to it)."""
-    package = Path(__file__).parent
+    only its ``__init__`` and ``registry/`` with its ``__init__`` and this module (the pyfunc
+    class is pickled by reference to ``pipeline.registry.pyfunc_model``)."""
+    registry = Path(__file__).parent
+    package = registry.parent
     stub = tmp / package.name
-    stub.mkdir()
+    (stub / registry.name).mkdir(parents=True)
+    shutil.copy(package / "__init__.py", stub / "__init__.py")
     for name in ("__init__.py", Path(__file__).name):
-        shutil.copy(package / name, stub / name)
+        shutil.copy(registry / name, stub / registry.name / name)
     return [str(Path(ml.__file__).parent), str(stub)]
 
 

@@ -1,9 +1,12 @@
 """Signed decisions against a real `mlflow server --app-name basic-auth` (tests/servers.py): the
-pipeline identity, with plain MlflowClient calls, moves ``champion``, edits, adds or hides an
-audit entry, or overwrites an audit artifact; `cessl audit verify` and `cessl models --history`
-exit 1 naming the model, `cessl predict` refuses, and `cessl serve`'s bank keeps the champion
-it verified. Roles as `cessl access init` makes them: pipeline ``cessl-pipeline``, release
-manager ``alice`` (who signs), reviewer ``rita`` (who reads)."""
+pipeline identity, with plain MlflowClient calls, edits, adds or hides an audit entry, or
+overwrites an audit artifact; ``champion`` is moved by whoever may write the production model
+(the server refuses the pipeline that); `cessl audit verify` and `cessl models --history` exit
+1 naming the model, `cessl predict` refuses, and `cessl serve`'s bank keeps the champion it
+verified. Roles as `cessl access init` makes them: pipeline ``cessl-pipeline`` (registers real
+models in ``<model>-candidates``, ``tests/promote_support.py``), release manager ``alice`` (whose
+signed `cessl promote` copies the challenger into the production model), reviewer ``rita``
+(who reads). The production model's audit log holds only alice's decisions."""
 
 from __future__ import annotations
 
@@ -14,14 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from promote_support import GOOD, Pipeline, make_adapter, make_backbone, write_records
 from signing_support import make_signer
 
 from pipeline import cli
 from pipeline.registry.access import AccessPlan, apply_plan
-from pipeline.registry.audit import AUDIT_EXPERIMENT, LOG_FILE, TAG_ENTRY, TAG_MODEL, TAG_SEQ, AuditEntry, record
+from pipeline.registry.audit import AUDIT_EXPERIMENT, LOG_FILE, TAG_ENTRY, TAG_MODEL, TAG_SEQ, AuditEntry
 from pipeline.registry.policy import site_model_name
 from pipeline.registry.signing import KEY_ENV, TRUST_ENV
-from pipeline.registry.tracking import CHALLENGER, CHAMPION
+from pipeline.registry.tracking import CHAMPION
 
 PIPELINE, MANAGER, REVIEWER = "cessl-pipeline", "alice", "rita"
 BASE = "audit"
@@ -35,6 +39,7 @@ class Registry:
     server: object
     passwords: dict[str, str] = field(repr=False)
     signing: Path = Path()
+    models: dict = field(default_factory=dict)  # records, hashes, backbone, adapter, logged models
 
     def env(self, user: str) -> dict[str, str]:
         return self.server.env(user, self.passwords[user]) | {
@@ -54,7 +59,12 @@ def registry(mlflow_auth_server, tmp_path_factory) -> Iterator[Registry]:
         apply_plan(mlflow_auth_server.tracking_uri, plan, passwords.get)
     signing = tmp_path_factory.mktemp("signing")
     make_signer(signing, MANAGER)
-    yield Registry(mlflow_auth_server, passwords, signing)
+    root = tmp_path_factory.mktemp("models")
+    records, hashes = write_records(root)
+    backbone = make_backbone(root)
+    models = {"records": records, "hashes": hashes, "backbone": backbone, "logged": {}}
+    models["adapter"] = make_adapter(root, backbone, "good", GOOD)
+    yield Registry(mlflow_auth_server, passwords, signing, models)
 
 
 @pytest.fixture
@@ -76,26 +86,24 @@ def act(registry: Registry, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capt
     return run
 
 
-def _register(pipeline, model: str) -> str:
-    """The pipeline's register step in plain client calls: run, version, challenger, its (unsigned) entry."""
-    experiment = pipeline.get_experiment_by_name("cessl")
-    experiment_id = experiment.experiment_id if experiment else pipeline.create_experiment("cessl")
-    run = pipeline.create_run(experiment_id, tags={"method": "cessl"})
-    pipeline.set_terminated(run.info.run_id)
-    version = str(pipeline.create_model_version(model, f"runs:/{run.info.run_id}/model", run.info.run_id).version)
-    pipeline.set_registered_model_alias(model, CHALLENGER, version)
-    record(pipeline, AuditEntry(model=model, action="challenger", versions={"challenger": version}, reason="run"))
-    return version
+def _register(registry: Registry, pipeline, model: str) -> str:
+    """The pipeline's register step in plain client calls as the pipeline identity: a run, the
+    real model, a version of ``<model>-candidates`` (its digests), ``challenger`` there."""
+    m = registry.models
+    found = Pipeline(pipeline, model, m["records"], m["hashes"], m["backbone"], logged=m["logged"])
+    return found.register(m["adapter"])
 
 
-def _two_champions(act, site: str) -> tuple[str, str, str]:
-    """v1 then v2 made champion by alice's signed decisions; (model, v1, v2)."""
+def _two_champions(act, registry: Registry, site: str) -> tuple[str, str, str]:
+    """Production v1 then v2 made champion by alice's signed decisions (each a copy of the
+    candidate she promoted); (model, v1, v2)."""
     model = site_model_name(BASE, site)
     versions = []
     for why in ("first", "second"):
-        versions.append(_register(act(PIPELINE), model))
+        _register(registry, act(PIPELINE), model)
         code, err = act(MANAGER, ["promote", model, "--force", "--reason", why])
         assert code == 0, err
+        versions.append(str(act(REVIEWER).get_model_version_by_alias(model, CHAMPION).version))
     return model, versions[0], versions[1]
 
 
@@ -119,15 +127,13 @@ def _audit_runs(client, model: str) -> list:
 
 
 def _move_alias(act, model: str, version: str) -> None:
-    """As the pipeline, where the server lets it (EDIT on the model); else as the admin, who
-    stands for whoever can (the check is the same)."""
+    """The server refuses the pipeline (READ on a production model); the admin stands for
+    whoever can write the model (the check is the same)."""
     from mlflow.exceptions import MlflowException
 
-    try:
+    with pytest.raises(MlflowException, match=r"403|PERMISSION_DENIED"):
         act(PIPELINE).set_registered_model_alias(model, CHAMPION, version)
-    except MlflowException as err:
-        assert "403" in str(err) or "PERMISSION_DENIED" in str(err)
-        act("admin").set_registered_model_alias(model, CHAMPION, version)
+    act("admin").set_registered_model_alias(model, CHAMPION, version)
 
 
 def _detected(act, registry: Registry, model: str, site: str, bank, *needles: str) -> str | None:
@@ -146,7 +152,7 @@ def _detected(act, registry: Registry, model: str, site: str, bank, *needles: st
 def case(registry: Registry, act, request):
     """(model, v1, v2, the serving bank that verified v2) for this test's site."""
     site = request.param
-    model, v1, v2 = _two_champions(act, site)
+    model, v1, v2 = _two_champions(act, registry, site)
     bank = _bank(registry, site)
     assert bank.champion(site, refresh=True).version == v2 and not bank.audit_problem(site)
     code, err = act(REVIEWER, ["audit", "verify", "--model", model])
@@ -166,7 +172,7 @@ def test_a_moved_alias(case, act, registry):
 def test_an_edited_entry(case, act, registry):
     site, model, _, v2, bank = case
     pipeline = act(PIPELINE)
-    run = _audit_runs(pipeline, model)[1]  # alice's first decision
+    run = _audit_runs(pipeline, model)[0]  # alice's first decision
     entry = json.loads(run.data.tags[TAG_ENTRY])
     entry["reason"] = "rewritten"
     pipeline.set_tag(run.info.run_id, TAG_ENTRY, json.dumps(entry))
@@ -200,7 +206,7 @@ def test_a_hidden_entry(case, act, registry):
     runs = _audit_runs(pipeline, model)
     with pytest.raises(MlflowException):
         pipeline.delete_run(runs[-1].info.run_id)
-    pipeline.set_tag(runs[1].info.run_id, TAG_MODEL, "elsewhere")  # the first decision leaves the log
+    pipeline.set_tag(runs[0].info.run_id, TAG_MODEL, "elsewhere")  # the first decision leaves the log
     assert _detected(act, registry, model, site, bank, "audit log broken") == v2
 
 
@@ -208,7 +214,7 @@ def test_a_hidden_entry(case, act, registry):
 def test_an_overwritten_audit_artifact(case, act, registry, tmp_path):
     site, model, _, v2, bank = case
     pipeline = act(PIPELINE)
-    earliest = _audit_runs(pipeline, model)[0]
+    earliest = _audit_runs(pipeline, model)[0]  # alice's first decision
     (tmp_path / LOG_FILE).write_text("")
     pipeline.log_artifact(earliest.info.run_id, str(tmp_path / LOG_FILE))  # PUT over the earlier object
     assert _detected(act, registry, model, site, bank, "audit log broken", LOG_FILE) == v2

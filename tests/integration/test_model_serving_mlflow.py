@@ -106,7 +106,8 @@ def test_requirements_are_installable_anywhere(model_path):
     assert "cessl" not in conda and "+cpu" not in conda
     code = model_path / "code"
     assert (code / "ml" / "eval" / "predictor.py").is_file()
-    assert sorted(p.name for p in (code / "pipeline").iterdir()) == ["__init__.py", "pyfunc_model.py"]
+    assert sorted(p.name for p in (code / "pipeline").iterdir()) == ["__init__.py", "registry"]
+    assert sorted(p.name for p in (code / "pipeline" / "registry").iterdir()) == ["__init__.py", "pyfunc_model.py"]
     info = mlflow.models.Model.load(model_path)
     assert info.metadata["classes"] == CLASSES and "probabilities" in info.metadata["output"]
     tensor = json.loads(info.metadata["input_tensor"])[0]

@@ -2,12 +2,13 @@
 
 A tiny real setup: a tinylight backbone and two sites whose adapters differ in everything
 an adapter can hold (ranks with unadapted layers, deactivation p, BatchNorm statistics,
-biases, the head's classes), logged and registered as ``serve-test-hospital-a`` /
-``-hospital-b`` in a SQLite MLflow store, with ``champion`` aliases. The real server runs
-in a subprocess on a free port with ``--max-adapters 1`` (every switch between the sites
-evicts and reloads), and is called with httpx. What each site answers must equal that
-site's own Predictor; a moved alias is served without a restart; every kind of bad
-request is a 4xx with a message, and the process keeps running.
+biases, the head's classes), logged and registered in the sites' candidates models and
+copied by signed promotions into ``serve-test-hospital-a`` / ``-hospital-b`` in a SQLite
+MLflow store. The real server runs in a subprocess on a free port with ``--max-adapters 1``
+(every switch between the sites evicts and reloads), and is called with httpx. What each
+site answers must equal that site's own Predictor; a signed promotion is served without a
+restart, an alias moved without one is not; every kind of bad request is a 4xx with a
+message, and the process keeps running.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from servers import _log_tail, free_port, start_process_group, stop_process_grou
 
 from ml.eval.predictor import load_predictor
 from pipeline.registry.policy import promote, rollback, site_model_name
+from pipeline.registry.tracking import CHALLENGER, candidates_model_name
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 120.0
@@ -227,8 +229,9 @@ def test_explicit_version_and_alias_move_without_restart(server, network, signal
         return answer
 
     try:
-        client.set_registered_model_alias(name, "challenger", "2")
-        assert promote(client, name, force=True, reason="v2", **signing).promoted  # a signed promotion
+        client.set_registered_model_alias(candidates_model_name(name), CHALLENGER, "2")  # hospital-b's adapter
+        decision = promote(client, name, force=True, reason="v2", **signing)  # a signed promotion
+        assert decision.promoted and decision.production_version == "2"  # its earlier copy
         moved = served("2")
         assert moved.json()["model_version"] == "2", moved.text
         assert np.abs(_probabilities(moved) - _reference(network, "hospital-b", signals)).max() < 1e-5

@@ -2,7 +2,11 @@
 write the store directly (plain MlflowClient calls) moves the alias, edits, adds or deletes an
 audit entry, overwrites an audit artifact or rewrites ``champion_history``; the signatures and
 the chain are what detect it (`cessl audit verify`, `models --history`, `predict`), and rollback
-only goes back to a signed champion with the same backbone, classes and test set."""
+only goes back to a signed champion with the same backbone, classes and test set.
+
+As in production: the pipeline's side registers real models (``tests/promote_support.py``) in
+``<model>-candidates``; each decision is a signed ``promote`` that copies the challenger into
+the production model, whose audit log holds only the decisions."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from promote_support import GOOD, Pipeline, make_adapter, make_backbone, write_records
 from signing_support import make_signer, use_signer
 
 from pipeline import cli
@@ -29,46 +34,69 @@ from pipeline.registry.audit import (
     history,
     record,
 )
-from pipeline.registry.policy import HISTORY_TAG, TAG_METHOD, RegistryError, promote, rollback
+from pipeline.registry.policy import HISTORY_TAG, RegistryError, promote, rollback
 from pipeline.registry.signing import SigningError, find_trust, load_signer
 from pipeline.registry.testsets import TAG_VERSION
-from pipeline.registry.tracking import CHALLENGER, CHAMPION, TAG_TEST_SPLIT
+from pipeline.registry.tracking import CHAMPION, TAG_SOURCE_CANDIDATE
 from pipeline.registry.verify import verify_model
 
 USER = "dr-sign"
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
+def world(tmp_path_factory) -> dict:
+    """One SQLite store, the records, the backbone and a production and a baseline adapter
+    (``tests/promote_support.py``): promote loads and rescores the models it decides on."""
     root = tmp_path_factory.mktemp("signed")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     MlflowClient(tracking_uri=uri).create_experiment("runs", artifact_location=(root / "mlruns").as_uri())
-    return uri
+    records, hashes = write_records(root)
+    backbone = make_backbone(root)
+    return {
+        "uri": uri,
+        "records": records,
+        "hashes": hashes,
+        "backbone": backbone,
+        "cessl": make_adapter(root, backbone, "good", GOOD),
+        "fixmatch": make_adapter(root, backbone, "fixmatch", GOOD, method="fixmatch", seed=1),
+        "logged": {},  # adapter -> its logged model, shared by the module's pipelines
+    }
 
 
 @dataclass
 class Model:
+    """A production model ``name``; the pipeline registers its candidates in ``<name>-candidates``."""
+
     client: MlflowClient
     name: str
+    pipeline: Pipeline
+    adapters: dict[str, Path]
 
-    def version(self, method: str = "cessl", backbone: str = "bb-1", testset: str = "1") -> str:
-        """A registered version (forced promotions need no evidence) with the facts rollback checks."""
-        client = self.client
-        run = client.create_run(client.get_experiment_by_name("runs").experiment_id)
-        client.set_terminated(run.info.run_id)
-        tags = {
-            TAG_METHOD: method,
-            TAG_TEST_SPLIT: "split",
-            "backbone_id": backbone,
-            "classes": "a,b",
-            TAG_VERSION: testset,
-        }
-        mv = client.create_model_version(self.name, f"{run.info.artifact_uri}/model", run.info.run_id, tags=tags)
-        client.set_registered_model_alias(self.name, CHALLENGER, mv.version)
-        return str(mv.version)
+    @property
+    def candidates(self) -> str:
+        return self.pipeline.candidates
 
-    def force(self, why: str = "release") -> None:
-        assert promote(self.client, self.name, force=True, reason=why).promoted
+    def version(self, method: str = "cessl", backbone: str = "", testset: str = "") -> str:
+        """A candidate version of a real model, made ``challenger`` (a baseline too: by hand),
+        with the facts rollback checks (``backbone`` / ``testset``: recorded otherwise)."""
+        tags = {"backbone_id": backbone} if backbone else {}
+        version = self.pipeline.register(self.adapters[method], method=method, tags=tags, challenger=True)
+        if testset:
+            self.client.set_model_version_tag(self.candidates, version, TAG_VERSION, testset)
+        return version
+
+    def force(self, why: str = "release") -> str:
+        """A forced, signed promotion of the challenger: its production version."""
+        decision = promote(self.client, self.name, force=True, reason=why)
+        assert decision.promoted, decision.reason
+        return str(decision.production_version)
+
+    def copy(self, candidate: str) -> str:
+        """A production version written straight to the store (no decision): its number."""
+        return str(self.client.copy_model_version(f"models:/{self.candidates}/{candidate}", self.name).version)
+
+    def champion(self) -> str:
+        return str(self.client.get_model_version_by_alias(self.name, CHAMPION).version)
 
     def runs(self) -> list:
         experiment = self.client.get_experiment_by_name(AUDIT_EXPERIMENT)
@@ -77,23 +105,27 @@ class Model:
 
 
 @pytest.fixture()
-def model(store, monkeypatch, tmp_path, request) -> Model:
+def model(world, monkeypatch, tmp_path, request) -> Model:
+    store = world["uri"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     monkeypatch.setenv("CESSL_USER", USER)
     use_signer(monkeypatch, tmp_path, USER)
     client = MlflowClient(tracking_uri=store, registry_uri=store)
     name = "sig-" + hashlib.sha256(request.node.name.encode()).hexdigest()[:12]
     client.create_registered_model(name)
-    return Model(client, name)
+    pipeline = Pipeline(
+        client, name, world["records"], world["hashes"], world["backbone"], "runs", logged=world["logged"]
+    )
+    return Model(client, name, pipeline, {"cessl": world["cessl"], "fixmatch": world["fixmatch"]})
 
 
 @pytest.fixture()
 def two_champions(model) -> tuple[Model, str, str]:
-    """v1 then v2 made champion by signed (forced) decisions."""
-    v1 = model.version()
-    model.force("first")
-    v2 = model.version()
-    model.force("second")
+    """Production v1 then v2 made champion by signed (forced) decisions."""
+    model.version()
+    v1 = model.force("first")
+    model.version()
+    v2 = model.force("second")
     return model, v1, v2
 
 
@@ -131,10 +163,10 @@ def test_a_moved_alias_is_detected_and_a_refusal_puts_it_back(two_champions, cap
     model, v1, v2 = two_champions
     model.client.set_registered_model_alias(model.name, CHAMPION, v1)  # straight to the store
     _check(model, capsys, "'champion'", f"v{v1}", f"v{v2}")
-    v3 = model.version(method="fixmatch")
+    model.version(method="fixmatch")
     decision = promote(model.client, model.name)  # a baseline: refused, compared with the signed v2
-    assert not decision.promoted and decision.previous_champion == v2 and v3 != v2
-    assert str(model.client.get_model_version_by_alias(model.name, CHAMPION).version) == v2
+    assert not decision.promoted and decision.previous_champion == v2
+    assert model.champion() == v2 and len(model.client.search_model_versions(f"name = '{model.name}'")) == 2
     assert cli.main(["audit", "verify", "--model", model.name]) == 0
 
 
@@ -186,7 +218,7 @@ def test_an_overwritten_audit_artifact_is_detected(two_champions, capsys, tmp_pa
 
 
 def test_the_pipeline_cannot_record_a_decision_and_its_entries_never_make_a_champion(model):
-    v1 = model.version()
+    v1 = model.copy(model.version())  # a production version written straight to the store
     with pytest.raises(SigningError, match="must be signed"):
         record(model.client, AuditEntry(model.name, "promote", {"challenger": v1}, "me", champion={"version": v1}))
     record(model.client, AuditEntry(model.name, "challenger", {"challenger": v1}, "registered"))
@@ -208,10 +240,10 @@ def test_a_signer_missing_from_the_trust_file_changes_nothing(model, tmp_path, m
 
 def test_rollback_follows_signed_decisions_not_the_history_tag(two_champions):
     model, v1, v2 = two_champions
-    fixmatch = model.version(method="fixmatch")
+    fixmatch = model.copy(model.version(method="fixmatch"))  # a baseline put in production by hand
     model.client.set_registered_model_tag(model.name, HISTORY_TAG, json.dumps([fixmatch, v2]))
     result = rollback(model.client, model.name, reason="alarms")
-    assert result.restored == v1 and str(model.client.get_model_version_by_alias(model.name, CHAMPION).version) == v1
+    assert result.restored == v1 and model.champion() == v1
     assert verify_model(model.client, model.name, find_trust()).ok
     with pytest.raises(RegistryError, match="no previous champion"):
         rollback(model.client, model.name)
@@ -270,12 +302,14 @@ def test_a_local_user_promotes_after_keygen_with_the_defaults(model, monkeypatch
     """The demo's next step: `cessl access keygen` once, then `cessl promote` finds the key and
     the trust file under ~/.config/cessl (here $CESSL_CONFIG_DIR) with no flag or variable."""
     caplog.set_level(logging.INFO)
-    v1 = model.version()
+    candidate = model.version()
     monkeypatch.delenv("CESSL_SIGNING_KEY")
     monkeypatch.delenv("CESSL_TRUST_FILE")
     monkeypatch.setenv("CESSL_CONFIG_DIR", str(tmp_path / "home-config"))
     assert cli.main(["access", "keygen"]) == 0
     assert cli.main(["promote", model.name, "--force", "--reason", "demo"]) == 0
-    assert str(model.client.get_model_version_by_alias(model.name, CHAMPION).version) == v1
+    v1 = model.champion()
+    source = model.client.get_model_version(model.name, v1).tags[TAG_SOURCE_CANDIDATE]
+    assert source == f"{model.candidates}/{candidate}"
     assert cli.main(["audit", "verify", "--model", model.name]) == 0
     assert f"{model.name}: ok, champion v{v1}" in caplog.text

@@ -140,6 +140,10 @@ def test_first_challenger_is_copied_into_the_production_model(reg, world):
     loaded = load_champion(TrackingConfig.resolve(world["uri"], model_name=reg.model))
     assert loaded is not None and loaded.version == production and loaded.predictor is not None, loaded
     assert list(loaded.predictor.classes) == CLASSES
+    # the copy keeps the facts the signed decision records and rollback compares
+    facts = history(reg.client, reg.model)[-1].champion
+    assert facts["version"] == production and facts["testset_version"] == "1", facts
+    assert (facts["backbone_id"], facts["classes"]) == (candidate_tags["backbone_id"], ",".join(CLASSES))
     again = promote(reg.client, reg.model)
     assert not again.promoted and "already the champion" in again.reason
 
@@ -266,6 +270,10 @@ def test_force_rollback_and_the_audit_history(reg, world, capsys):
     assert entries[1].metrics["ci_high"] < 0 and "ward asked" in entries[2].reason
     assert cli.main(["models", reg.model, "--history"]) == 0
     assert "audit log" in capsys.readouterr().out
+    # the pipeline's side (the test set it froze) is in the candidates model's log, which has no champion
+    assert [e.action for e in history(reg.client, reg.candidates)] == ["testset_freeze"]
+    assert cli.main(["models", reg.candidates, "--history"]) == 0
+    assert "testset_freeze" in capsys.readouterr().out
     assert describe_versions(reg.client, reg.model)[-1]["aliases"] == "champion"
 
 
@@ -294,11 +302,13 @@ def _sites_file(tmp_path: Path, sites: list[str]) -> Path:
     return save_sites(SiteRegistry(tuple(Site(s, str(tmp_path / s)) for s in sites)), tmp_path / "sites.yaml")
 
 
-def test_promote_per_site_and_all_sites_and_changed_sites(world, monkeypatch, tmp_path):
+def test_promote_per_site_and_all_sites_and_changed_sites(world, monkeypatch, tmp_path, signing):
     from pipeline.core.sites import load_sites
     from pipeline.registry.policy import changed_sites, site_model_name
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", world["uri"])
+    monkeypatch.setenv("CESSL_USER", "dr-test")
+    use_keys(monkeypatch, *signing)
     base, sites = "net-promote", ["hospital-a", "hospital-b", "hospital-c"]
     sites_file = _sites_file(tmp_path, sites)
     models = {s: world["pipeline"].for_model(site_model_name(base, s), site=s) for s in sites}

@@ -282,9 +282,13 @@ def test_freeze_refresh_and_the_gate_in_a_real_registry(registry, tmp_path, caps
 
 
 def test_a_refresh_avoids_what_every_past_champion_trained_on(registry, tmp_path):
-    """The redraw excludes the records of every past champion, not only the current one's,
-    by id and by the content hashes their splits recorded."""
+    """The redraw excludes the records of every past champion of the production model, not
+    only the current one's, by id and by the content hashes their splits recorded; `cessl
+    testset refresh` given the production model's name refreshes its candidates' test set."""
+    import json
+
     from pipeline.registry import testsets
+    from pipeline.registry.policy import HISTORY_TAG
     from pipeline.registry.store import TrackingConfig
     from pipeline.registry.tracking import CHAMPION
 
@@ -301,11 +305,21 @@ def test_a_refresh_avoids_what_every_past_champion_trained_on(registry, tmp_path
     v1, run1 = register(client, split(ids[20:80]), tmp_path / "1")
     testsets.after_registration(client, MODEL, v1, run1, split(ids[20:80]))
     v2, run2 = register(client, split(ids[80:140]), tmp_path / "2")
-    # promote copies candidates into the production model: the champions are its versions
+    _, run3 = register(client, split(ids[140:160]), tmp_path / "3")  # a candidate never promoted: not avoided
+    # what promote does: each champion a copy of its candidate (same run) in the production model
     p1, p2 = (str(client.copy_model_version(f"models:/{MODEL}/{v}", PRODUCTION).version) for v in (v1, v2))
+    client.set_registered_model_tag(PRODUCTION, HISTORY_TAG, json.dumps([p1, p2]))
     client.set_registered_model_alias(PRODUCTION, CHAMPION, p2)  # p1 was champion before p2
-    pending = testsets.refresh(client, MODEL, "new classes", past_champions=[p1, p2])
+    pending = testsets.refresh(client, MODEL, "new classes", past_champions=[p1])
     assert set(pending.exclude_runs) == {run1, run2} and pending.exclude_run == run2
+    assert cessl("testset", "refresh", PRODUCTION, "--reason", "new classes again") == 0  # the production name
+    pending = testsets.current(client, MODEL)
+    assert (
+        pending.version == 2 and pending.reason == "new classes again" and testsets.current(client, PRODUCTION) is None
+    )
+    assert (
+        set(pending.exclude_runs) == {run1, run2} and pending.exclude_run == run2 and run3 not in pending.exclude_runs
+    )
     reference = testsets.resolve_reference(TrackingConfig.resolve(uri, model_name=MODEL))
     redraw = FrozenTestSet.load(testsets.materialize(reference, uri, tmp_path / "r.json"))
     assert set(redraw.exclude) == set(ids[20:140])
