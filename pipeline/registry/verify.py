@@ -229,10 +229,13 @@ def verify_model(client, model: str, trust: Trust, deep: bool = True) -> Verific
 
 
 def verify_all(client, trust: Trust, deep: bool = True) -> list[Verification]:
-    """Verify every registered model that has a champion or an audit log, by name."""
+    """Verify every registered model that has a champion or an audit log, by name. A backbone
+    model (tag ``kind=backbone``: ``cessl backbone ... --register --alias champion``) with no
+    audit log is not a gated model and is left out; one that has a log is verified like any."""
     by_model = audit_runs(client)
     names = set(by_model)
     for model in client.search_registered_models(max_results=1000):
-        if CHAMPION_ALIAS in (model.aliases or {}):
+        backbone = (model.tags or {}).get("kind") == "backbone" and model.name not in by_model
+        if CHAMPION_ALIAS in (model.aliases or {}) and not backbone:
             names.add(model.name)
     return [check_log(client, name, by_model.get(name, []), trust, deep) for name in sorted(names)]

@@ -313,3 +313,23 @@ def test_a_local_user_promotes_after_keygen_with_the_defaults(model, monkeypatch
     assert source == f"{model.candidates}/{candidate}"
     assert cli.main(["audit", "verify", "--model", model.name]) == 0
     assert f"{model.name}: ok, champion v{v1}" in caplog.text
+
+
+def test_the_sweep_leaves_out_a_backbone_model_and_keeps_every_gated_one(tmp_path):
+    """`cessl audit verify --all` (and its CronJob) sweeps the models with a champion: a backbone
+    registered with ``--alias champion`` has no decisions to verify; a model without the backbone
+    tag whose champion no decision names is still reported."""
+    from pipeline.registry.verify import verify_all
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run = client.create_run(client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri()))
+    for name, tags in (("cessl-backbone-tiny", {"kind": "backbone"}), ("cessl-ecg-moved", {})):
+        client.create_registered_model(name, tags=tags)
+        version = client.create_model_version(name, f"{run.info.artifact_uri}/m", run_id=run.info.run_id)
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+    make_signer(tmp_path, USER)
+    trust = find_trust(str(tmp_path / "trust.yaml"))
+    checked = {v.model: v for v in verify_all(client, trust)}
+    assert "cessl-backbone-tiny" not in checked
+    assert not checked["cessl-ecg-moved"].ok and "cessl-ecg-moved" in checked["cessl-ecg-moved"].problem()
