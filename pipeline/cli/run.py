@@ -217,6 +217,10 @@ def next_steps(summary: RunSummary) -> list[str]:
     if summary.report_uri:
         lines.append(f"evaluation report: {summary.report_uri}")
     if "champion" not in summary.aliases:
+        from pipeline.registry.signing import KEYGEN_HINT, has_signing_key
+
+        if not has_signing_key():
+            lines.append(runnable(KEYGEN_HINT))
         lines.append(runnable(f"cessl promote {shlex.quote(summary.model_name)}{flag}"))
     return lines
 

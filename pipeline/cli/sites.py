@@ -269,9 +269,14 @@ def next_steps(summary: NetworkSummary, flag: str) -> list[str]:
     from pipeline.cli.shell import runnable
 
     lines = [f"mlflow ui --backend-store-uri {summary.tracking_uri}" if summary.tracking_uri else "mlflow ui"]
-    for s in summary.sites:
+    from pipeline.registry.signing import KEYGEN_HINT, has_signing_key
+    from pipeline.registry.tracking import production_model_name
+
+    if not has_signing_key() and any(s.status != FAILED and s.model_name for s in summary.sites):
+        lines.append(KEYGEN_HINT)
+    for s in summary.sites:  # a site registers into its candidates model; promote names the production model
         if s.status != FAILED and s.model_name:
-            lines.append(f"cessl promote {s.model_name}{flag}")
+            lines.append(f"cessl promote {production_model_name(s.model_name)}{flag}")
     if any(s.status != FAILED for s in summary.sites):
         lines.append(f"cessl promote --all-sites --sites {summary.sites_file}{flag}   (each site's own gate)")
         lines.append(f"cessl serve --sites {summary.sites_file}{flag}   (every site's champion behind one backbone)")

@@ -127,6 +127,14 @@ def load_signer(path: Path) -> Signer:
     return Signer(key, str(path))
 
 
+def has_signing_key() -> bool:
+    """Whether :func:`find_signer` without a flag finds a key ($CESSL_SIGNING_KEY or the default file)."""
+    return bool(os.environ.get(KEY_ENV, "").strip()) or (config_dir() / KEY_FILE).is_file()
+
+
+KEYGEN_HINT = "cessl access keygen"  # once: the key that signs your promotions and rollbacks
+
+
 def find_signer(flag: str = "") -> Signer:
     """The signing key of ``--signing-key``, ``$CESSL_SIGNING_KEY`` or ``<config>/signing-key.pem``."""
     explicit = flag or os.environ.get(KEY_ENV, "").strip()

@@ -248,3 +248,23 @@ def test_promote_and_rollback_take_the_same_targets(verb):
 
     args = build_parser().parse_args([verb, "base", "--site", "a", "--site", "b", "--sites", __file__])
     assert (args.name, args.site, args.all_sites, args.sites) == ("base", ["a", "b"], False, __file__)
+
+
+def test_network_next_steps_promote_the_production_model_and_say_to_make_a_key(monkeypatch, tmp_path):
+    """A site registers into ``<model>-candidates``; promote takes the production name (it copies
+    the candidate over). Without a signing key, the first step is to make one."""
+    from pipeline.cli.sites import REGISTERED, NetworkSummary, SiteOutcome, next_steps
+
+    monkeypatch.setenv("CESSL_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.delenv("CESSL_SIGNING_KEY", raising=False)
+    site = SiteOutcome(
+        "hospital-a", "/data/a", REGISTERED, "", DATA_VERSION, 40, 0, "cessl-ecg-hospital-a-candidates", "1", RUN_ID
+    )
+    lines = next_steps(NetworkSummary("n", RUN_ID, URI, [site], sites_file="sites.yaml"), "")
+    promotes = [line for line in lines if " promote cessl-ecg-" in line]
+    assert promotes and all(line.endswith("promote cessl-ecg-hospital-a") for line in promotes)
+    keygen = [i for i, line in enumerate(lines) if "access keygen" in line]
+    assert keygen and keygen[0] < lines.index(promotes[0])
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "signing-key.pem").write_text("a key")
+    assert not any("access keygen" in line for line in next_steps(NetworkSummary("n", RUN_ID, URI, [site]), ""))
