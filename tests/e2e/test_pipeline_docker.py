@@ -50,7 +50,7 @@ def test_dag_runs_in_the_project_image(tmp_path, docker_engine, cessl_image, mon
 
     summary = json.loads(Path("summary.json").read_text())
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    version = client.get_model_version_by_alias(NAME, "challenger")
+    version = client.get_model_version_by_alias(NAME + "-candidates", "challenger")  # the pipeline registers there
     assert str(version.version) == summary["model_version"] == "1"
     assert {"macro_f_beta", "macro_map"} <= set(summary["test_metrics"])
     adapter = next((repo / "local_outputs").glob("*/finetune/adapter/adapter_model.safetensors"))

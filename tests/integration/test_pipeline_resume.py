@@ -19,6 +19,7 @@ from pipeline.core.process import RUN_PID_ENV
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # START_TIMEOUT_S + RUN_TIMEOUT_S and more
 
 NAME = "cessl-resume"
+CANDIDATES = NAME + "-candidates"  # where the pipeline registers (promote copies into NAME)
 MAX_STEPS, VAL_EVERY, KILL_AFTER = 20, 4, 8
 START_TIMEOUT_S, RUN_TIMEOUT_S = 420, 600
 ORPHAN_TIMEOUT_S = 10
@@ -119,7 +120,7 @@ def test_killed_run_resumes_and_registers_once(tmp_path):
     killed_at = checkpoint_step(checkpoints)
     assert KILL_AFTER <= killed_at < MAX_STEPS
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    assert not client.search_registered_models(f"name = '{NAME}'"), "registered before the kill"
+    assert not client.search_registered_models(f"name = '{CANDIDATES}'"), "registered before the kill"
 
     second_log = tmp_path / "second.log"
     proc = cessl_process([*args, "--json", tmp_path / "summary.json"], repo, {}, second_log)
@@ -135,7 +136,7 @@ def test_killed_run_resumes_and_registers_once(tmp_path):
     task_log = (repo / "local_outputs" / "last_run.log").read_text()
     assert "resuming fine-tuning from" in task_log and f"at step {killed_at}" in task_log, task_log[-6000:]
 
-    versions = client.search_model_versions(f"name = '{NAME}'")
+    versions = client.search_model_versions(f"name = '{CANDIDATES}'")
     assert [str(v.version) for v in versions] == ["1"]
     run_id = json.loads((tmp_path / "summary.json").read_text())["run_id"]
     assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == list(range(1, MAX_STEPS + 1))
