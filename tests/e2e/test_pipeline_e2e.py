@@ -21,7 +21,7 @@ from pipeline.registry.tracking import CHALLENGER, CHAMPION
 
 NAME = "cessl-e2e"  # the production model: promote copies candidates into it
 CANDIDATES = NAME + "-candidates"  # where the pipeline registers (and froze the test set)
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # two runs, the gate, predict, rollback
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # two runs, the gate, predict, rollback
 
 
 def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:

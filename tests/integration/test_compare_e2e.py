@@ -17,7 +17,7 @@ from pipeline_support import TINY_TRAINING, cessl, make_backbone, make_repo
 from components.compare import COLUMNS
 from pipeline.registry.compare_tracking import KIND_CELL, KIND_COMPARISON, TAG_KIND, TAG_PARENT
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # a kfp.local grid of fine-tunes
 
 GRID = ["--methods", "cessl,full", "--ratios", "0.3", "--seeds", "0,1"]
 SMALL = TINY_TRAINING

@@ -37,6 +37,7 @@ def _site_run_files(client, run_id: str, out: Path) -> tuple[dict, Splits]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # three kfp.local network runs (two sites each) and a promotion
 def test_network_run_registers_each_site_logs_the_matrix_and_survives_a_missing_site(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     for who in ("AUTHOR", "COMMITTER"):  # data add commits the site's .dvc file

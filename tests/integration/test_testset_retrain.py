@@ -40,6 +40,7 @@ def scored_ids(client, model: str, version: str, tmp: Path) -> tuple[list[str], 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # kfp.local runs before and after the data changes
 def test_retrain_after_data_add_never_scores_a_model_on_its_training_records(tmp_path, monkeypatch):
     """run -> v1 (freezes the test set) -> champion -> new records -> run -> v2 on the frozen set;
     refresh -> run -> v3 on a redrawn set the champion never trained on."""
