@@ -12,10 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from pipeline_support import RecordingClient, cessl, make_repo
+from pipeline_support import RecordingClient, cessl, make_repo, record_kfp_calls
 
-from pipeline.cli import preflight
-from pipeline.cli import run as run_command
 from pipeline.registry.tracking import CHAMPION
 
 HOST = "http://kfp.example.org"
@@ -28,13 +26,7 @@ def repo(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def kfp_client(monkeypatch, repo) -> RecordingClient:
-    client = RecordingClient()
-    hosts = []
-    monkeypatch.setattr(run_command, "kfp_client", lambda args: hosts.append(args.host) or client)
-    monkeypatch.setattr(preflight, "check_kfp_host", lambda host, timeout=5.0: host)  # no KFP server here
-    monkeypatch.chdir(repo)
-    client.hosts = hosts
-    return client
+    return record_kfp_calls(monkeypatch, repo)
 
 
 def _spec(path: str) -> dict:
