@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from hypothesis import settings
-from tiers import SERVER_FIXTURES, tier_problem
+from tiers import SERVER_FIXTURES, tier_of, tier_problem
+
+# Under pytest-xdist each worker (and every process it starts) computes on one core: two workers
+# with two OpenMP threads each are several times slower than one thread each on a 2-core machine.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_key, "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # cuBLAS is deterministic only with a fixed workspace, read when CUDA first starts: set it
 # before any test touches the GPU (the trainer's deterministic mode relies on it).
@@ -49,6 +56,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # a unit test that uses a server fails the collection.
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group markers set here
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     problems = []
     for item in items:
@@ -60,8 +68,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         problem = tier_problem(item.path, item.nodeid, used, TESTS)
         if problem and problem not in problems:
             problems.append(problem)
+        item.add_marker(pytest.mark.xdist_group(work_group(item)))
     if problems:
         raise pytest.UsageError("tests in the wrong tier:\n  " + "\n  ".join(problems))
+    items.sort(key=lambda item: WORK_ORDER.index(work_group(item).split(":")[0]))  # stable
+
+
+# `make test` runs the tiers on two workers (pytest-xdist, --dist loadgroup): a test file stays on
+# one worker (its module and session fixtures start once there), every Docker test shares one
+# worker (one engine, one image build), and the long groups go first so that the unit tier fills
+# the gaps at the end instead of leaving one worker idle.
+WORK_ORDER = ("docker", "e2e", "integration", "unit")
+
+
+def work_group(item: pytest.Item) -> str:
+    """The xdist group of a test: ``docker``, else ``<tier>:<file>``."""
+    if item.get_closest_marker("docker"):
+        return "docker"
+    tier = tier_of(item.path, TESTS) or "unit"
+    return f"{tier}:{item.path.name}"
 
 
 # The tests that take the ``device`` fixture run on the CPU and, where one is present, on a

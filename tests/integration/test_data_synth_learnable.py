@@ -1,9 +1,8 @@
-"""Synthetic hospitals: the class features are learnable, and generation is fast enough.
-Bytes and WFDB format: tests/unit/test_data_synth.py."""
+"""Synthetic hospitals: the class features are learnable.
+Bytes and WFDB format: tests/unit/test_data_synth.py; the generation rate is a benchmark
+(`bench/ingest.py`, figures in bench/RESULTS.md), not a timed test on a shared machine."""
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 import pytest
@@ -12,7 +11,6 @@ from ml.data.labels import LabelMapping
 from ml.data.preprocess import preprocess_signal
 from ml.data.synth import (
     SynthConfig,
-    generate,
     synthesize_record,
 )
 
@@ -60,18 +58,3 @@ def test_class_features_are_learnable():
         model.fit(X[train], Y[train, j])
         aucs[mapping.abbreviation(code)] = roc_auc_score(Y[test, j], model.predict_proba(X[test])[:, 1])
     assert min(aucs.values()) > 0.85, aucs
-
-
-@pytest.mark.slow
-def test_generation_speed(tmp_path):
-    """>= 200 records/s written (both cores); CPU time per record is the stable figure."""
-    config = SynthConfig(records=1000, seed=0)
-    start = time.perf_counter()
-    generate(tmp_path, config, workers=2, progress=False)
-    rate = config.records / (time.perf_counter() - start)
-    cpu = time.process_time()
-    for i in range(100):
-        synthesize_record(i, config)
-    per_record = (time.process_time() - cpu) / 100
-    assert per_record < 1 / 200, per_record
-    assert rate > 100, rate  # loose: the test machine is shared; bench/ingest.py reports the figure

@@ -55,18 +55,24 @@ def printed(s: RunSummary) -> str:
     return out.getvalue()
 
 
-def test_summary_shows_aliases_quarantine_reuse_and_next_steps(monkeypatch):
+@pytest.mark.parametrize("has_key", [False, True], ids=["no-signing-key", "signing-key"])
+def test_summary_shows_aliases_quarantine_reuse_and_next_steps(monkeypatch, tmp_path, has_key):
     monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # cessl on PATH: printed as `cessl`
+    monkeypatch.setenv("CESSL_CONFIG_DIR", str(tmp_path))  # the key (or its absence) is this test's own
+    monkeypatch.delenv("CESSL_SIGNING_KEY", raising=False)
+    if has_key:
+        (tmp_path / "signing-key.pem").write_text("a key\n")
     text = printed(summary())
     assert "cessl-ecg v3 [challenger]" in text
     assert "quarantined records  4\n" in text
     assert "reused an identical earlier registration" in text
-    last = [line.strip() for line in text.strip().splitlines()[-3:]]
-    assert last == [
+    expected = [
         "mlflow ui --backend-store-uri sqlite:///tmp/mlflow.db",
         "evaluation report: file:///tmp/art/evaluation/report.html",
+        *([] if has_key else ["cessl access keygen"]),  # promotions are signed: without a key, make one first
         "cessl promote cessl-ecg --tracking-uri sqlite:///tmp/mlflow.db",
     ]
+    assert [line.strip() for line in text.strip().splitlines()[-len(expected) :]] == expected
 
 
 def test_summary_of_a_champion_does_not_suggest_promoting_it():
