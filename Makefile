@@ -23,18 +23,20 @@ demo: $(STAMP)
 demo-single: $(STAMP)
 	$(BIN)/cessl run
 
-# what CI runs (.ci/run): lint, then every tier in one session (servers started once)
+# what CI runs (.ci/run): lint, then every tier in one session on two workers (pytest-xdist;
+# tests/conftest.py keeps a file on one worker, the e2e tier on one, the long tiers first)
 PYTEST := $(BIN)/python -m pytest -q -ra
+WORKERS ?= 2
 test: lint
-	$(PYTEST) --durations=30 tests/unit tests/integration tests/e2e
+	$(PYTEST) -n $(WORKERS) --durations=30 tests/unit tests/integration tests/e2e
 
 # the inner loop: the unit tier (no server, no subprocess pipeline, no Docker; < 2 minutes)
 test-fast: $(STAMP)
-	$(PYTEST) --durations=10 tests/unit
+	$(PYTEST) -n $(WORKERS) --durations=10 tests/unit
 
 # real MLflow / S3 / auth servers, kfp.local runs, real processes
 test-integration: $(STAMP)
-	$(PYTEST) --durations=15 tests/integration
+	$(PYTEST) -n $(WORKERS) --durations=15 tests/integration
 
 # Docker images, TrainJobs, the demo against real servers (starts its own Docker engine)
 test-e2e: $(STAMP)

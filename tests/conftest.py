@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,7 @@ LABEL_MAPPING = FIXTURES / "ecg" / "challenge2021_label_mapping.csv"
 TESTS = Path(__file__).resolve().parent
 
 # pytester: tests/unit/test_tiers.py runs a collection of its own to prove the guard below
-pytest_plugins = ["servers", "pytester"]
+pytest_plugins = ["servers", "mlflow_template", "pytester"]
 
 # Hypothesis: the same examples on every run and no example database ("ci", the default: a
 # failure reproduces, and a clean checkout runs what CI ran); HYPOTHESIS_PROFILE=thorough
@@ -56,7 +57,6 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # a unit test that uses a server fails the collection.
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group markers set here
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     problems = []
     for item in items:
@@ -68,25 +68,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         problem = tier_problem(item.path, item.nodeid, used, TESTS)
         if problem and problem not in problems:
             problems.append(problem)
-        item.add_marker(pytest.mark.xdist_group(work_group(item)))
     if problems:
         raise pytest.UsageError("tests in the wrong tier:\n  " + "\n  ".join(problems))
-    items.sort(key=lambda item: WORK_ORDER.index(work_group(item).split(":")[0]))  # stable
+    items.sort(key=lambda item: WORK_ORDER.index(tier_of(item.path, TESTS) or "unit"))  # stable: files stay whole
 
 
-# `make test` runs the tiers on two workers (pytest-xdist, --dist loadgroup): a test file stays on
-# one worker (its module and session fixtures start once there), every Docker test shares one
-# worker (one engine, one image build), and the long groups go first so that the unit tier fills
-# the gaps at the end instead of leaving one worker idle.
-WORK_ORDER = ("docker", "e2e", "integration", "unit")
+# `make test` runs the tiers on two workers (pytest-xdist): a test file stays on one worker (its
+# module and session fixtures start once there), the whole e2e tier shares one worker (one Docker
+# engine, one image build), and the longest tier goes first so that the unit tier fills the gaps
+# at the end instead of leaving one worker idle.
+WORK_ORDER = ("e2e", "integration", "unit")
 
 
-def work_group(item: pytest.Item) -> str:
-    """The xdist group of a test: ``docker``, else ``<tier>:<file>``."""
-    if item.get_closest_marker("docker"):
-        return "docker"
-    tier = tier_of(item.path, TESTS) or "unit"
-    return f"{tier}:{item.path.name}"
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class TierScheduling(LoadScopeScheduling):
+        """A file per unit of work, the e2e tier as one unit; units in collection order."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "tests/e2e" if path.startswith("tests/e2e/") else path
+
+    config.option.loadscopereorder = False  # the order above, not "most tests first"
+    return TierScheduling(config, log)
 
 
 # The tests that take the ``device`` fixture run on the CPU and, where one is present, on a

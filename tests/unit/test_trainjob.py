@@ -21,6 +21,7 @@ import pytest
 import yaml
 from test_deploy import K8S_VERSION, _crd_errors
 
+from components import trainjob
 from components.trainjob import (
     DEFAULT_IMAGE,
     RUNTIME_FILE,
@@ -308,11 +309,12 @@ def test_cluster_backend_creates_the_manifest_and_reports_a_lost_node(tmp_path, 
 
 
 def test_cluster_job_that_does_not_finish_times_out_and_is_deleted(tmp_path, monkeypatch):
-    job = _cluster_job(name="cessl-pretrain-slow", out=tmp_path / "bb", timeout_s=10)
+    monkeypatch.setattr(trainjob, "MIN_TRAINJOB_TIMEOUT_S", 3)  # the behaviour, not the production floor
+    job = _cluster_job(name="cessl-pretrain-slow", out=tmp_path / "bb", timeout_s=3)
     with _TrainerApi(job.namespace, fails=False) as api:
         monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig(tmp_path / "kubeconfig")))
         start = time.monotonic()
-        with pytest.raises(TrainJobFailedError, match="cessl-pretrain-slow did not finish within 10 s"):
+        with pytest.raises(TrainJobFailedError, match="cessl-pretrain-slow did not finish within 3 s"):
             run_pretrain_job(job)
     assert time.monotonic() - start < 30
     assert [p.rsplit("/", 1)[-1] for p in api.deleted] == ["cessl-pretrain-slow"]
