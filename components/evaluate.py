@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from components.common import StepError, read_json, write_json
-from components.data_access import dataset, open_store
+from components.data_access import dataset, open_store, scored_labels
 from ml.data.splits import Splits
 from ml.eval.bootstrap import BootstrapConfig, PairedBootstrap, paired_bootstrap
 from ml.eval.metrics import confusion_markdown
@@ -147,8 +147,14 @@ def score_records(predictor: Any, store_dir: Path, ids: list[str], classes: list
             f"the model predicts {list(predictor.classes)}, the test records' classes are {list(classes)}: "
             "not comparable"
         )
-    test = dataset(open_store(store_dir), list(ids), list(classes))
-    return evaluate(predictor.model, test, thresholds=predictor.thresholds, classes=list(classes))
+    store = open_store(store_dir)
+    return evaluate(
+        predictor.model,
+        dataset(store, list(ids), list(classes)),
+        thresholds=predictor.thresholds,
+        classes=list(classes),
+        scored_labels=scored_labels(store, ids),
+    )
 
 
 def _score(predictor: Any, store_dir: Path, splits: Splits):

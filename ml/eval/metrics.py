@@ -29,8 +29,11 @@ Definitions (and the conventions we chose where sources differ):
   weighs ``1 / max(#true labels, 1)`` (``normalize=True``) and the macro mean is the
   ``nanmean`` over classes with ``TP + FP + FN > 0`` (a class with no positive but a false
   alarm counts as 0 there, as in the Challenge).
-- **Challenge 2021 score** (``challenge_score``): :mod:`ml.eval.challenge`; it needs the
-  class names (SNOMED-CT codes), so it is NaN when ``classes`` is not given.
+- **Challenge 2021 score** (:mod:`ml.eval.challenge`): ``challenge_score`` is the official
+  one, over all 26 scored classes; it needs the class names (SNOMED-CT codes) and the test
+  records' labels of every scored class (``scored_labels``), and is NaN without them.
+  ``challenge_score_restricted`` drops the labels of the classes the model does not predict
+  (it needs the class names only); on a partial class set it is not the Challenge score.
 - **Thresholds**: a record is predicted positive for class k when ``probs[:, k] >
   thresholds[k]`` (strictly, as the reference evaluation decides). :func:`fit_thresholds`
   picks, per class, the F-beta-optimal point of the validation precision-recall curve and
@@ -54,7 +57,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from ml.eval.challenge import challenge_score
+from ml.eval.challenge import challenge_score, challenge_score_restricted, labels_agree, scored_codes
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "macro_f_beta_challenge2020",
     "macro_g_beta_challenge2020",
     "challenge_score",
+    "challenge_score_restricted",
     "n_classes_without_positives",
 )
 
@@ -220,17 +224,44 @@ def thresholded_metrics(y_true: np.ndarray, y_pred: np.ndarray, beta: float = 2.
     }
 
 
+def challenge_scores(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    classes: Sequence[str] | None,
+    scored_labels: np.ndarray | None = None,
+) -> dict[str, float]:
+    """``challenge_score`` (official; NaN without ``classes`` or ``scored_labels``, the (N, 26)
+    labels over :func:`ml.eval.challenge.scored_codes`) and ``challenge_score_restricted``
+    (NaN without ``classes``) of 0/1 predictions ``y_pred`` over the model's ``classes``."""
+    nan = float("nan")
+    if classes is None:
+        return {"challenge_score": nan, "challenge_score_restricted": nan}
+    official = nan
+    if scored_labels is None:
+        log.warning("no labels of the Challenge's scored classes: challenge_score (official) not computed")
+    elif not labels_agree(y_true, classes, scored_labels):
+        raise ValueError("the records' labels of the scored classes disagree with their labels of the model's classes")
+    else:
+        official = challenge_score(scored_labels, scored_codes(), y_pred, classes)
+    return {
+        "challenge_score": official,
+        "challenge_score_restricted": challenge_score_restricted(y_true, y_pred, classes),
+    }
+
+
 def challenge_metrics(
     y_true: np.ndarray,
     probs: np.ndarray,
     thresholds: np.ndarray | Sequence[float] | float = DEFAULT_THRESHOLD,
     beta: float = 2.0,
     classes: Sequence[str] | None = None,
+    scored_labels: np.ndarray | None = None,
 ) -> dict[str, float]:
     """All CE-SSL test metrics (:data:`METRIC_NAMES`), predictions being ``probs > thresholds``.
 
-    ``classes`` (SNOMED-CT codes, one per column) enables ``challenge_score``; without
-    them it is NaN.
+    ``classes`` (SNOMED-CT codes, one per column) enable the Challenge 2021 scores and
+    ``scored_labels`` (N, 26: the records' labels over :func:`ml.eval.challenge.scored_codes`)
+    the official one (:func:`challenge_scores`); without them they are NaN.
     """
     y, p = _check(y_true, probs)
     pred = binarize(p, thresholds)
@@ -252,7 +283,7 @@ def challenge_metrics(
         **thresholded_metrics(y, pred, beta),
         "macro_f_beta_challenge2020": _nanmean(f_2020),
         "macro_g_beta_challenge2020": _nanmean(g_2020),
-        "challenge_score": challenge_score(y, pred, classes) if classes is not None else float("nan"),
+        **challenge_scores(y, pred, classes, scored_labels),
         "n_classes_without_positives": float(len(missing)),
     }
 

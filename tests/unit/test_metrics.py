@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from ml.eval.challenge import load_weights, to_scored_classes
 from ml.eval.metrics import (
     DEFAULT_THRESHOLD,
     METRIC_NAMES,
@@ -137,13 +138,32 @@ def test_classes_without_positives_are_excluded_explicitly_and_reported(caplog: 
 def test_all_metrics_present_and_perfect_predictions() -> None:
     y = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]])
     p = y * 0.9 + 0.05
-    metrics = challenge_metrics(y, p, thresholds=0.5, classes=["164889003", "426783006", "59118001"])
+    classes = ["164889003", "426783006", "59118001"]
+    scored = to_scored_classes(y, classes, load_weights())  # the records have no other diagnosis
+    metrics = challenge_metrics(y, p, thresholds=0.5, classes=classes, scored_labels=scored)
     assert set(metrics) == set(METRIC_NAMES)
-    assert metrics["challenge_score"] == 1.0 and metrics["n_classes_without_positives"] == 0.0
+    assert metrics["challenge_score"] == 1.0 and metrics["challenge_score_restricted"] == 1.0
+    assert metrics["n_classes_without_positives"] == 0.0
     assert metrics["ranking_loss"] == 0.0
     assert metrics["macro_auroc"] == 1.0 and metrics["macro_map"] == 1.0
     assert metrics["macro_f_beta"] == 1.0 and metrics["macro_g_beta"] == 1.0
     assert metrics["coverage"] == pytest.approx(y.sum(axis=1).mean())
+
+
+def test_the_official_challenge_score_needs_the_scored_labels(caplog: pytest.LogCaptureFixture) -> None:
+    y = np.array([[1, 0], [0, 1], [1, 1]])
+    p = y * 0.9 + 0.05
+    classes = ["164889003", "426783006"]
+    with caplog.at_level("WARNING"):
+        metrics = challenge_metrics(y, p, 0.5, classes=classes)
+    assert math.isnan(metrics["challenge_score"]) and metrics["challenge_score_restricted"] == 1.0
+    assert "challenge_score (official) not computed" in caplog.text
+    # record 2 is also RBBB, which the model does not predict: only the official score sees it
+    scored = to_scored_classes(np.c_[y, [0, 0, 1]], [*classes, "59118001"], load_weights())
+    metrics = challenge_metrics(y, p, 0.5, classes=classes, scored_labels=scored)
+    assert metrics["challenge_score"] < 1.0 == metrics["challenge_score_restricted"]
+    with pytest.raises(ValueError, match="disagree"):
+        challenge_metrics(y, p, 0.5, classes=classes, scored_labels=scored[::-1])
 
 
 def test_fit_thresholds_maximise_f_beta_over_all_candidates() -> None:
