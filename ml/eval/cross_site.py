@@ -9,7 +9,8 @@ the model's thresholded predictions scored on the target's labels:
   a model that lacks the target's diagnoses pays for them as the Challenge charges.
 - ``macro_f_beta``: over the classes both know, the model's classes intersected with the
   target split's (a model has no F-beta on a diagnosis it does not predict; a target cannot
-  score a class it does not label). The cell records how many classes that is.
+  score a class it does not label), a class with no positive test record counting 0 (the
+  CE-SSL reference). The cell records how many classes that is.
 
 The backbone row: the pre-trained backbone has no head for a site's classes, so on target
 ``t`` it is scored with ``t``'s own adapter's classification head and every LoRA update
@@ -143,7 +144,7 @@ class CrossSiteMatrix:
             "Each cell: the model's thresholded predictions on the target site's test split. Challenge score: the "
             "official Challenge 2021 score against the records' labels of all 26 scored classes (a class the model "
             "does not predict is never output). Macro F-beta2: over the classes the model predicts and the target "
-            "labels (the intersection, `n_classes` in the CSV). "
+            "labels (the intersection, `n_classes` in the CSV), a class with no positive test record counting 0. "
             "`backbone`: the pre-trained backbone with every LoRA update off and the target site's own adapter's head."
         )
         return "\n\n".join(parts) + "\n\n" + note + "\n"

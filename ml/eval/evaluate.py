@@ -4,9 +4,9 @@ The metrics include the reference's macro F-beta2 / G-beta2 (every record weighs
 positive when score > threshold), their Challenge 2020 variants, and the Challenge 2021
 score (:mod:`ml.eval.challenge`): the official ``challenge_score`` from the class names and
 the test records' labels of every scored class, and ``challenge_score_restricted`` from
-the class names alone.
-Classes with no positive test record are excluded from the macro averages and listed in
-:attr:`EvaluationReport.classes_without_positives`.
+the class names alone. Classes with no positive test record count 0 in the macro means
+(as in the reference evaluation), are left out of the ``*_positive_classes`` means, and
+are listed in :attr:`EvaluationReport.classes_without_positives`.
 """
 
 from __future__ import annotations
