@@ -322,8 +322,10 @@ def table_markdown(table: pd.DataFrame, title: str = "Method comparison") -> str
         f"# {title}",
         "",
         "Mean +- standard deviation over seeds (sample std, n/a for a single seed). Test split of each "
-        "(labelled ratio, seed), shared by the methods. F-beta2: macro F-beta (beta 2); Challenge: the "
-        "PhysioNet/CinC 2021 Challenge score; ms/step: mean training step, validations left out; peak MB: "
+        "(labelled ratio, seed), shared by the methods. F-beta2 / mAP: macro F-beta (beta 2) / mean average "
+        "precision over all classes, a class with no positive test record counting 0 (CE-SSL reference); "
+        "Challenge: the official PhysioNet/CinC 2021 Challenge score (all 26 scored classes); ms/step: mean "
+        "training step, validations left out; peak MB: "
         "peak memory over the training steps; trainable: trainable parameters.",
         "",
         "| " + " | ".join(headings) + " |",

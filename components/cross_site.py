@@ -1,7 +1,8 @@
 """Step: the network's cross-site evaluation (``ml.eval.cross_site``).
 
 Every site's adapter, and the backbone without adaptation, scored on every site's test
-split: a matrix of the Challenge score and the macro F-beta2, written as CSV, Markdown,
+split: a matrix of the official Challenge 2021 score (against the records' labels of all
+26 scored classes) and the macro F-beta2, written as CSV, Markdown,
 JSON and a heat-map PNG. The test splits are the ones the sites' own evaluate steps used
 (the same store and split files), so the diagonal is each site's own test score.
 """
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from components.common import StepError, write_json
-from components.data_access import dataset, open_store
+from components.data_access import dataset, open_store, scored_labels
 
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
@@ -48,13 +49,15 @@ class CrossSiteFiles:
         return {f"cross_site/{p.name}": p for p in (self.csv, self.markdown, self.json, self.heatmap)}
 
 
-def _test_set(site: SiteArtifacts) -> tuple[Dataset, list[str]]:
+def _test_set(site: SiteArtifacts) -> tuple[Dataset, list[str], np.ndarray]:
+    """A site's test split: the dataset, its classes, and its labels of every Challenge-scored class."""
     from ml.data.splits import Splits
 
     splits = Splits.load(site.splits_path)
     if not splits.test:
         raise StepError(f"site {site.name}: {site.splits_path} has an empty test split")
-    return dataset(open_store(site.store_dir), splits.test, splits.classes), list(splits.classes)
+    store = open_store(site.store_dir)
+    return dataset(store, splits.test, splits.classes), list(splits.classes), scored_labels(store, splits.test)
 
 
 def cross_site_matrix(backbone_dir: Path, sites: Sequence[SiteArtifacts], batch_size: int = 64):
@@ -72,7 +75,7 @@ def cross_site_matrix(backbone_dir: Path, sites: Sequence[SiteArtifacts], batch_
     for model_site in sites:
         predictor = load_predictor(backbone_dir, model_site.adapter_dir)
         for target in sites:
-            test, target_classes = tests[target.name]
+            test, target_classes, target_scored = tests[target.name]
             probs, labels = predict_with_labels(predictor.model, test, batch_size)
             cells.append(
                 score_cell(
@@ -83,16 +86,24 @@ def cross_site_matrix(backbone_dir: Path, sites: Sequence[SiteArtifacts], batch_
                     predictor.thresholds,
                     labels,
                     target_classes,
+                    target_scored,
                 )
             )
     for target in sites:  # the backbone row: the target's own head, nothing else adapted
         predictor = load_predictor(backbone_dir, target.adapter_dir)
         switched = without_adaptation(predictor.model, backbone_state)
-        test, target_classes = tests[target.name]
+        test, target_classes, target_scored = tests[target.name]
         probs, labels = predict_with_labels(predictor.model, test, batch_size)
         cells.append(
             score_cell(
-                BACKBONE_ROW, target.name, probs, predictor.classes, predictor.thresholds, labels, target_classes
+                BACKBONE_ROW,
+                target.name,
+                probs,
+                predictor.classes,
+                predictor.thresholds,
+                labels,
+                target_classes,
+                target_scored,
             )
         )
         log.debug("backbone on %s: %d LoRA layers off", target.name, switched)

@@ -28,6 +28,14 @@ def store_classes(store) -> list[str]:
     return [str(c) for c in store.classes]
 
 
+def scored_labels(store, ids: Sequence[str]):
+    """(n, 26) labels of the records ``ids`` over every class the Challenge 2021 scores
+    (``ml.eval.challenge.scored_codes``): what the official Challenge score is computed on."""
+    from ml.eval.challenge import scored_codes
+
+    return store.label_matrix(scored_codes(), list(ids))
+
+
 def dataset(store, ids: Sequence[str], classes: Sequence[str] | None = None):
     """A torch dataset of ``(x (12, 1, 6144), y (C,))`` for the records ``ids``."""
     from ml.data.store import StoreDataset

@@ -1,9 +1,10 @@
 """Steps: score the fine-tuned model on the test split; score the current champion on it too.
 
 :func:`evaluate_step` writes into the evaluation folder: ``metrics.json`` (ranking loss,
-coverage, macro AUROC, macro mAP, macro F-beta2, macro G-beta2), ``per_class.csv``,
-``predictions.npz`` (test ids, probabilities, labels, thresholds), ``roc.png`` and
-``pr.png``; and an HTML report with the tables and both plots embedded.
+coverage, macro AUROC, macro mAP, F-beta2 and G-beta2, the Challenge 2021 scores; each
+defined in ``ml.eval.metrics.METRIC_DEFINITIONS``), ``per_class.csv``, ``predictions.npz``
+(test ids, probabilities, labels, thresholds), ``roc.png`` and ``pr.png``; and an HTML
+report with the tables, what each metric is, and both plots embedded.
 
 :func:`score_champion_step` scores another model (the registry's current champion, which
 the pipeline fetches) on the same test split with the same code, keeps its per-record
@@ -27,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from components.common import StepError, read_json, write_json
-from components.data_access import dataset, open_store
+from components.data_access import dataset, open_store, scored_labels
 from ml.data.splits import Splits
 from ml.eval.bootstrap import BootstrapConfig, PairedBootstrap, paired_bootstrap
 from ml.eval.metrics import confusion_markdown
@@ -119,7 +120,14 @@ def _plot(kind: str, labels: np.ndarray, probs: np.ndarray, classes: list[str], 
 
 
 def _html_report(result: EvaluationResult, images: dict[str, Path]) -> str:
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>" for k, v in sorted(result.metrics.items()))
+    from ml.eval.metrics import METRIC_DEFINITIONS
+
+    rows = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td>"
+        f"<td style='text-align:left'>{html.escape(METRIC_DEFINITIONS.get(k, ''))}</td></tr>"
+        for k, v in sorted(result.metrics.items())
+    )
+    n_missing = int(result.per_class["no_test_positive"].sum())
     embedded = "".join(
         f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
         f"<figcaption>{name}</figcaption></figure>"
@@ -131,8 +139,11 @@ def _html_report(result: EvaluationResult, images: dict[str, Path]) -> str:
         "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:480px}</style></head><body>"
         f"<h1>Test split evaluation</h1><p>{result.n_test} records, {len(result.classes)} classes, "
         f"test split <code>{result.test_split_hash[:16]}</code></p>"
-        f"<h2>Metrics</h2><table><tr><th>metric</th><th>value</th></tr>{rows}</table>"
-        f"<h2>Per class</h2>{result.per_class.to_html(index=False, float_format=lambda v: f'{v:.4f}')}"
+        f"<h2>Metrics</h2><table><tr><th>metric</th><th>value</th><th>what it is</th></tr>{rows}</table>"
+        f"<h2>Per class</h2><p>{n_missing} of {len(result.classes)} classes have no positive test record "
+        "(<code>no_test_positive</code>): their average precision, F-beta and G-beta are 0, as the macro means "
+        "count them; AUROC is undefined there.</p>"
+        f"{result.per_class.to_html(index=False, float_format=lambda v: f'{v:.4f}')}"
         f"<h2>Curves</h2>{embedded}</body></html>"
     )
 
@@ -147,8 +158,14 @@ def score_records(predictor: Any, store_dir: Path, ids: list[str], classes: list
             f"the model predicts {list(predictor.classes)}, the test records' classes are {list(classes)}: "
             "not comparable"
         )
-    test = dataset(open_store(store_dir), list(ids), list(classes))
-    return evaluate(predictor.model, test, thresholds=predictor.thresholds, classes=list(classes))
+    store = open_store(store_dir)
+    return evaluate(
+        predictor.model,
+        dataset(store, list(ids), list(classes)),
+        thresholds=predictor.thresholds,
+        classes=list(classes),
+        scored_labels=scored_labels(store, ids),
+    )
 
 
 def _score(predictor: Any, store_dir: Path, splits: Splits):
@@ -209,6 +226,7 @@ def evaluate_step(
             "test_split_hash": result.test_split_hash,
             "n_test": result.n_test,
             "classes": result.classes,
+            "classes_without_positives": report.classes_without_positives,
         },
     )
     report.per_class.to_csv(out_dir / PER_CLASS_FILE, index=False)

@@ -11,18 +11,25 @@ positive for it when any of its codes is a label (or an output).
    ``A[j, k] += 1 / max(|labels u outputs|, 1)``.
 2. Observed score ``sum(W * A)``; the correct classifier's score (outputs = labels); the
    inactive classifier's score (it outputs only the normal class, sinus rhythm 426783006).
-3. ``challenge_score = (observed - inactive) / (correct - inactive)``, and 0 when
+3. ``score = (observed - inactive) / (correct - inactive)``, and 0 when
    ``correct == inactive``. 1 is a perfect classifier, 0 the inactive one.
 
-A model predicts its own class list, usually a subset of the 26. Its columns are mapped to
-the scored classes by code (equivalent codes merged: a scored class is output when any of
-its model columns is, and labelled when any of them is labelled). Columns that are not
-scored classes are ignored, as the Challenge ignores unscored codes. A scored class
-outside the model's list is never output (the Challenge scores an absent output as 0);
-its labels are unknown here (only the model's columns are labelled), so they are taken as
-absent: the score is the Challenge score restricted to the model's label space. The
-inactive classifier still outputs the normal class even when the model has no such column.
-If no column is a scored class the score is undefined (NaN).
+Two scores of a model's 0/1 outputs over its own class list (usually a subset of the 26):
+
+- :func:`challenge_score` is the official score. The labels are every scored class of each
+  record (all 26, as the Challenge reads them from the headers); the outputs are mapped to
+  the scored classes by code (equivalent codes merged: a scored class is output when any of
+  its model columns is), and a scored class the model does not predict is never output.
+  Missing a class therefore costs what the Challenge charges for it.
+- :func:`challenge_score_restricted` is the same formula with the labels limited to the
+  model's own classes: a record's diagnoses outside the model's list are dropped. It is not
+  the Challenge score: on a restricted class set it ignores every diagnosis the model cannot
+  output and rewards over-prediction. It needs only the model's labels, and is NaN when no
+  model class is scored.
+
+Columns that are not scored classes are ignored on both sides, as the Challenge ignores
+unscored codes. The inactive classifier outputs the normal class even when the model has no
+such column.
 """
 
 from __future__ import annotations
@@ -106,12 +113,69 @@ def normalized_score(labels: np.ndarray, outputs: np.ndarray, table: ChallengeWe
     return (observed - inactive_score) / (correct - inactive_score)
 
 
+def scored_codes(weights: ChallengeWeights | None = None) -> list[str]:
+    """One SNOMED-CT code per scored class, in the weight table's order (the smallest code of
+    an equivalence set: any of its codes names the class). A label matrix over these codes is
+    the ``labels`` argument of :func:`challenge_score`."""
+    table = weights if weights is not None else load_weights()
+    return [min(codes) for codes in table.classes]
+
+
+def unlabelled_scored_classes(label_classes: Sequence[str], weights: ChallengeWeights | None = None) -> list[str]:
+    """The scored classes (as ``a|b`` for an equivalence set) that no column of ``label_classes`` labels."""
+    table = weights if weights is not None else load_weights()
+    covered = {table.index_of(str(code)) for code in label_classes}
+    return ["|".join(sorted(codes)) for k, codes in enumerate(table.classes) if k not in covered]
+
+
+def labels_agree(
+    y_true: np.ndarray, classes: Sequence[str], scored_labels: np.ndarray, weights: ChallengeWeights | None = None
+) -> bool:
+    """Whether a model's labels ``y_true`` (N, C over ``classes``) are the records' labels of every
+    scored class ``scored_labels`` (N, 26 over :func:`scored_codes`) on the scored classes the model has."""
+    table = weights if weights is not None else load_weights()
+    own = to_scored_classes(y_true, classes, table)
+    scored = np.asarray(scored_labels).astype(bool)
+    if own.shape != scored.shape:
+        return False
+    present = sorted({table.index_of(str(code)) for code in classes} - {-1})
+    return bool(np.array_equal(own[:, present], scored[:, present]))
+
+
 def challenge_score(
+    labels: np.ndarray,
+    label_classes: Sequence[str],
+    outputs: np.ndarray,
+    output_classes: Sequence[str],
+    weights: ChallengeWeights | None = None,
+) -> float:
+    """The official Challenge 2021 score of a model's 0/1 ``outputs`` (N, C) over its
+    ``output_classes``, against ``labels`` (N, L) over ``label_classes``, which must label
+    every scored class (e.g. :func:`scored_codes`; ValueError otherwise). A scored class
+    outside ``output_classes`` is never output."""
+    table = weights if weights is not None else load_weights()
+    missing = unlabelled_scored_classes(label_classes, table)
+    if missing:
+        raise ValueError(
+            f"the Challenge score needs the labels of all {len(table.classes)} scored classes; "
+            f"{len(missing)} have no label column: {missing} (challenge_score_restricted scores the model's classes alone)"
+        )
+    return normalized_score(
+        to_scored_classes(labels, label_classes, table), to_scored_classes(outputs, output_classes, table), table
+    )
+
+
+def challenge_score_restricted(
     y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str], weights: ChallengeWeights | None = None
 ) -> float:
-    """The Challenge 2021 score of 0/1 predictions ``y_pred`` (N, C) of a model over ``classes``."""
+    """The Challenge formula with the labels limited to the model's ``classes``: ``y_true`` and
+    ``y_pred`` (N, C) over the same columns; every other diagnosis of a record is dropped.
+    Not the Challenge score (see the module docstring); NaN when no class is scored."""
     table = weights if weights is not None else load_weights()
     if not any(table.index_of(str(code)) >= 0 for code in classes):
-        log.warning("none of the classes %s is scored by the Challenge 2021: challenge_score undefined", list(classes))
+        log.warning(
+            "none of the classes %s is scored by the Challenge 2021: challenge_score_restricted undefined",
+            list(classes),
+        )
         return float("nan")
     return normalized_score(to_scored_classes(y_true, classes, table), to_scored_classes(y_pred, classes, table), table)

@@ -2,10 +2,15 @@
 
 The matrix has one row per model (each site's adapter, and ``backbone``: the pre-trained
 backbone without adaptation) and one column per target site (its test split). A cell is
-the model's thresholded predictions scored on the target's labels, over the classes both
-know: the model's classes intersected with the target split's classes (a model cannot be
-scored on a diagnosis it does not predict; a target cannot score a class it does not
-label). The cell records how many classes that is.
+the model's thresholded predictions scored on the target's labels:
+
+- ``challenge_score``: the official Challenge 2021 score against the target records' labels
+  of all 26 scored classes; a scored class the model does not predict is never output, so
+  a model that lacks the target's diagnoses pays for them as the Challenge charges.
+- ``macro_f_beta``: over the classes both know, the model's classes intersected with the
+  target split's (a model has no F-beta on a diagnosis it does not predict; a target cannot
+  score a class it does not label), a class with no positive test record counting 0 (the
+  CE-SSL reference). The cell records how many classes that is.
 
 The backbone row: the pre-trained backbone has no head for a site's classes, so on target
 ``t`` it is scored with ``t``'s own adapter's classification head and every LoRA update
@@ -22,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ml.eval.challenge import challenge_score
+from ml.eval.challenge import challenge_score, labels_agree, scored_codes
 from ml.eval.metrics import binarize, thresholded_metrics
 
 BACKBONE_ROW = "backbone"
@@ -59,23 +64,29 @@ def score_cell(
     thresholds: np.ndarray | Sequence[float],
     labels: np.ndarray,
     target_classes: Sequence[str],
+    scored_labels: np.ndarray,
 ) -> CrossSiteCell:
-    """Score ``probs`` (records x ``model_classes``) on ``labels`` (records x ``target_classes``)
-    over the classes in common; NaN scores when they share none or there are no records."""
+    """Score ``probs`` (records x ``model_classes``) on the target's records: the Challenge
+    score on ``scored_labels`` (records x the 26 :func:`ml.eval.challenge.scored_codes`), the
+    macro F-beta2 on ``labels`` (records x ``target_classes``) over the classes in common. NaN
+    scores when there are no records; NaN F-beta when the model and target share no class."""
     probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
     if probs.shape[0] != labels.shape[0]:
         raise ValueError(f"{model} on {target}: {probs.shape[0]} predictions for {labels.shape[0]} records")
+    if not labels_agree(labels, target_classes, scored_labels):
+        raise ValueError(f"{target}: the records' labels of the scored classes disagree with the split's labels")
     classes = shared_classes(model_classes, target_classes)
-    if not classes or len(labels) == 0:
-        return CrossSiteCell(model, target, math.nan, math.nan, len(classes), len(labels))
-    model_index = [list(model_classes).index(c) for c in classes]
-    target_index = [list(target_classes).index(c) for c in classes]
-    y_true = labels[:, target_index].astype(np.int64)
-    y_pred = binarize(probs[:, model_index], np.asarray(thresholds, dtype=np.float64)[model_index])
-    f_beta = thresholded_metrics(y_true, y_pred)["macro_f_beta"]
-    return CrossSiteCell(
-        model, target, float(challenge_score(y_true, y_pred, classes)), float(f_beta), len(classes), len(labels)
-    )
+    if len(labels) == 0:
+        return CrossSiteCell(model, target, math.nan, math.nan, len(classes), 0)
+    y_pred = binarize(probs, np.asarray(thresholds, dtype=np.float64))
+    score = challenge_score(scored_labels, scored_codes(), y_pred, model_classes)
+    f_beta = math.nan
+    if classes:
+        model_index = [list(model_classes).index(c) for c in classes]
+        target_index = [list(target_classes).index(c) for c in classes]
+        y_true = labels[:, target_index].astype(np.int64)
+        f_beta = thresholded_metrics(y_true, y_pred[:, model_index])["macro_f_beta"]
+    return CrossSiteCell(model, target, float(score), float(f_beta), len(classes), len(labels))
 
 
 @dataclass(frozen=True)
@@ -130,9 +141,11 @@ class CrossSiteMatrix:
             ]
             parts.append("\n".join([head, rule, *rows]))
         note = (
-            "Each cell: the model's thresholded predictions on the target site's test split, scored over the "
-            "classes the model predicts and the target labels (the intersection). `backbone`: the pre-trained "
-            "backbone with every LoRA update off and the target site's own adapter's head."
+            "Each cell: the model's thresholded predictions on the target site's test split. Challenge score: the "
+            "official Challenge 2021 score against the records' labels of all 26 scored classes (a class the model "
+            "does not predict is never output). Macro F-beta2: over the classes the model predicts and the target "
+            "labels (the intersection, `n_classes` in the CSV), a class with no positive test record counting 0. "
+            "`backbone`: the pre-trained backbone with every LoRA update off and the target site's own adapter's head."
         )
         return "\n\n".join(parts) + "\n\n" + note + "\n"
 

@@ -1,10 +1,12 @@
 """Predict with a model and score it with the CE-SSL test metrics (:mod:`ml.eval.metrics`).
 
 The metrics include the reference's macro F-beta2 / G-beta2 (every record weighs 1,
-positive when score > threshold), their Challenge 2020 variants, and the official
-Challenge 2021 score (``challenge_score``, :mod:`ml.eval.challenge`, from the class names).
-Classes with no positive test record are excluded from the macro averages and listed in
-:attr:`EvaluationReport.classes_without_positives`.
+positive when score > threshold), their Challenge 2020 variants, and the Challenge 2021
+score (:mod:`ml.eval.challenge`): the official ``challenge_score`` from the class names and
+the test records' labels of every scored class, and ``challenge_score_restricted`` from
+the class names alone. Classes with no positive test record count 0 in the macro means
+(as in the reference evaluation), are left out of the ``*_positive_classes`` means, and
+are listed in :attr:`EvaluationReport.classes_without_positives`.
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ class EvaluationReport:
     probs: np.ndarray
     labels: np.ndarray
     classes_without_positives: list[str]
+    scored_labels: np.ndarray | None = None  # (N, 26) over ml.eval.challenge.scored_codes()
 
 
 def evaluate(
@@ -111,13 +114,17 @@ def evaluate(
     classes: Sequence[str] | None = None,
     batch_size: int = 128,
     beta: float = 2.0,
+    scored_labels: np.ndarray | None = None,
 ) -> EvaluationReport:
     """Score ``model`` on ``test`` with the CE-SSL test metrics.
 
     Thresholds: ``thresholds`` when given; else fitted per class on ``valid`` (F-beta
     optimal on its precision-recall curve); else 0.5 for every class. A record is
     positive for a class when its probability is strictly above the threshold.
-    ``classes`` (SNOMED-CT codes) name the columns; without them ``challenge_score`` is NaN.
+    ``classes`` (SNOMED-CT codes) name the columns; ``scored_labels`` (N, 26) are the test
+    records' labels of every Challenge-scored class, over
+    :func:`ml.eval.challenge.scored_codes`, in ``test``'s order. Without ``classes`` both
+    Challenge scores are NaN; without ``scored_labels`` the official ``challenge_score`` is.
     """
     if thresholds is None:
         if valid is not None:
@@ -129,8 +136,8 @@ def evaluate(
     if thresholds is None:
         thresholds = np.full(labels.shape[1], 0.5)
     thresholds = np.asarray(thresholds, dtype=np.float64)
-    metrics = challenge_metrics(labels, probs, thresholds, beta, classes)
+    metrics = challenge_metrics(labels, probs, thresholds, beta, classes, scored_labels)
     table = per_class_table(labels, probs, thresholds, classes, beta)
     names = list(classes) if classes is not None else [str(k) for k in range(labels.shape[1])]
     missing = [names[k] for k in classes_without_positives(labels)]
-    return EvaluationReport(metrics, table, thresholds, probs, labels, missing)
+    return EvaluationReport(metrics, table, thresholds, probs, labels, missing, scored_labels)

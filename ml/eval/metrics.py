@@ -13,24 +13,37 @@ Definitions (and the conventions we chose where sources differ):
   scikit-learn, which the CE-SSL reference evaluation uses (minimum = mean number of true
   labels per record); the textbook definition of Zhang & Zhou subtracts 1. Records with no
   true label contribute 0. Lower is better.
-- **Macro AUROC / macro mAP**: per class :func:`sklearn.metrics.roc_auc_score` /
-  :func:`sklearn.metrics.average_precision_score`, then the mean over classes. A class
-  whose column has no positive (or, for AUROC, no negative) record is undefined (NaN) and
-  left out of the macro mean, as the Challenge's ``np.nanmean`` does.
+- **Macro means, and classes with no positive test record.** A test split may hold no
+  positive record of some class (a rare diagnosis, a small split). Its F-beta, G-beta and
+  average precision are then 0 (no true positive is possible), and the macro means follow
+  the CE-SSL reference evaluation: ``macro_f_beta``, ``macro_g_beta`` and ``macro_map`` are
+  means over *every* class, such a class counting 0. The same means over only the classes
+  with at least one positive record are reported beside them as
+  ``macro_f_beta_positive_classes``, ``macro_g_beta_positive_classes`` and
+  ``macro_map_positive_classes``; ``n_classes_without_positives`` says how many classes
+  differ (:func:`classes_without_positives` lists them, and a warning names them).
+- **Macro AUROC**: per class :func:`sklearn.metrics.roc_auc_score`, then the mean over the
+  classes where it is defined (at least one positive and one negative record), as the
+  Challenge's ``np.nanmean`` does (the reference's ``roc_auc_score(average="macro")``
+  refuses such a split).
+- **Average precision**: :func:`sklearn.metrics.average_precision_score` per class (the
+  step-wise area under the precision-recall curve). It equals the reference's ``mAP``
+  except where a positive record's score is tied with another record's: scikit-learn takes
+  tied scores as one threshold, the reference ranks tied records one by one in its sort order.
 - **F-beta / G-beta** (beta = 2), as the CE-SSL reference evaluation computes them, so the
   numbers compare with the published ones: per class
   ``F = (1+b^2) TP / ((1+b^2) TP + b^2 FN + FP)`` and ``G = TP / (TP + FP + b FN)`` with
-  every record weighing 1 in the confusion counts; ``macro_f_beta`` / ``macro_g_beta`` are
-  the means over the classes with at least one positive test record. A class without one
-  is excluded explicitly: it is reported (``n_classes_without_positives`` in the metrics,
-  :func:`classes_without_positives`, a warning) rather than averaged in as F = 0.
+  every record weighing 1 in the confusion counts (the reference's ``single=True``).
 - **Challenge 2020 F-beta / G-beta** (``macro_f_beta_challenge2020`` /
   ``macro_g_beta_challenge2020``): the official ``compute_beta_measures``, where each record
   weighs ``1 / max(#true labels, 1)`` (``normalize=True``) and the macro mean is the
   ``nanmean`` over classes with ``TP + FP + FN > 0`` (a class with no positive but a false
-  alarm counts as 0 there, as in the Challenge).
-- **Challenge 2021 score** (``challenge_score``): :mod:`ml.eval.challenge`; it needs the
-  class names (SNOMED-CT codes), so it is NaN when ``classes`` is not given.
+  alarm counts as 0 there, one with neither is left out, as in the Challenge).
+- **Challenge 2021 score** (:mod:`ml.eval.challenge`): ``challenge_score`` is the official
+  one, over all 26 scored classes; it needs the class names (SNOMED-CT codes) and the test
+  records' labels of every scored class (``scored_labels``), and is NaN without them.
+  ``challenge_score_restricted`` drops the labels of the classes the model does not predict
+  (it needs the class names only); on a partial class set it is not the Challenge score.
 - **Thresholds**: a record is predicted positive for class k when ``probs[:, k] >
   thresholds[k]`` (strictly, as the reference evaluation decides). :func:`fit_thresholds`
   picks, per class, the F-beta-optimal point of the validation precision-recall curve and
@@ -54,22 +67,34 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from ml.eval.challenge import challenge_score
+from ml.eval.challenge import challenge_score, challenge_score_restricted, labels_agree, scored_codes
 
 log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.5
-METRIC_NAMES: tuple[str, ...] = (
-    "ranking_loss",
-    "coverage",
-    "macro_auroc",
-    "macro_map",
-    "macro_f_beta",
-    "macro_g_beta",
-    "macro_f_beta_challenge2020",
-    "macro_g_beta_challenge2020",
-    "challenge_score",
-    "n_classes_without_positives",
+# What each test metric is: the evaluation report states it next to each number.
+METRIC_DEFINITIONS: dict[str, str] = {
+    "ranking_loss": "label ranking loss (lower is better)",
+    "coverage": "coverage error, 1-based (lower is better)",
+    "macro_auroc": "mean AUROC over the classes with a positive and a negative test record",
+    "macro_map": "mean average precision over all classes, a class with no positive test record counting 0",
+    "macro_map_positive_classes": "mean average precision over the classes with a positive test record",
+    "macro_f_beta": "mean F-beta2 over all classes, a class with no positive test record counting 0 (CE-SSL reference)",
+    "macro_f_beta_positive_classes": "mean F-beta2 over the classes with a positive test record",
+    "macro_g_beta": "mean G-beta2 over all classes, a class with no positive test record counting 0 (CE-SSL reference)",
+    "macro_g_beta_positive_classes": "mean G-beta2 over the classes with a positive test record",
+    "macro_f_beta_challenge2020": "Challenge 2020 F-beta2 (records weigh 1/#labels; nanmean over classes)",
+    "macro_g_beta_challenge2020": "Challenge 2020 G-beta2 (records weigh 1/#labels; nanmean over classes)",
+    "challenge_score": "official Challenge 2021 score: all 26 scored classes, one the model lacks is never output",
+    "challenge_score_restricted": "Challenge 2021 formula on the model's classes only (not the Challenge score)",
+    "n_classes_without_positives": "classes with no positive test record (0 in the macro means above)",
+}
+METRIC_NAMES: tuple[str, ...] = tuple(METRIC_DEFINITIONS)
+# One line for a metrics table that cannot carry METRIC_DEFINITIONS row by row.
+MACRO_CONVENTION = (
+    "macro F-beta2 / G-beta2 / mAP: all classes, a class with no positive test record counting 0 "
+    "(CE-SSL reference); *_positive_classes: only the classes with one; challenge_score: the official "
+    "Challenge 2021 score over all 26 scored classes; challenge_score_restricted: the model's classes only"
 )
 
 
@@ -122,14 +147,36 @@ def _nanmean(values: np.ndarray) -> float:
     return float(finite.mean()) if finite.size else float("nan")
 
 
+def has_positives(y_true: np.ndarray) -> np.ndarray:
+    """(C,) bool: the classes with at least one positive record."""
+    return np.asarray(y_true).sum(axis=0) > 0
+
+
+def counted_as_zero(values: np.ndarray, y_true: np.ndarray) -> np.ndarray:
+    """Per-class ``values`` as the macro means take them: 0 for a class with no positive record."""
+    return np.where(has_positives(y_true), values, 0.0)
+
+
+def macro_mean(values: np.ndarray, y_true: np.ndarray) -> float:
+    """The reference's macro mean of per-class ``values``: over every class, a class with no
+    positive record counting 0 (NaN when there is no class)."""
+    return float(counted_as_zero(values, y_true).mean()) if len(values) else float("nan")
+
+
+def macro_mean_positive_classes(values: np.ndarray, y_true: np.ndarray) -> float:
+    """The mean of per-class ``values`` over the classes with at least one positive record."""
+    return _nanmean(values[has_positives(y_true)])
+
+
 def macro_auroc(y_true: np.ndarray, probs: np.ndarray) -> float:
     """Mean AUROC over the classes where it is defined."""
     return _nanmean(per_class_auroc(y_true, probs))
 
 
 def macro_average_precision(y_true: np.ndarray, probs: np.ndarray) -> float:
-    """Macro mAP: mean average precision over the classes with at least one positive."""
-    return _nanmean(per_class_average_precision(y_true, probs))
+    """Macro mAP as the reference computes it: mean average precision over every class, a
+    class with no positive record counting 0."""
+    return macro_mean(per_class_average_precision(y_true, probs), y_true)
 
 
 def confusion_counts(
@@ -198,25 +245,48 @@ def fit_thresholds(y_true: np.ndarray, probs: np.ndarray, beta: float = 2.0) -> 
 
 
 def classes_without_positives(y_true: np.ndarray) -> list[int]:
-    """Indices of the classes with no positive record (excluded from the macro averages)."""
-    y = np.asarray(y_true)
-    return [int(k) for k in np.flatnonzero(y.sum(axis=0) == 0)]
-
-
-def _macro_over_positive_classes(values: np.ndarray, y: np.ndarray) -> float:
-    """Mean of ``values`` over the classes with at least one positive record (NaNs left out)."""
-    return _nanmean(values[y.sum(axis=0) > 0])
+    """Indices of the classes with no positive record (0 in the macro means, left out of the
+    ``*_positive_classes`` ones)."""
+    return [int(k) for k in np.flatnonzero(~has_positives(y_true))]
 
 
 def thresholded_metrics(y_true: np.ndarray, y_pred: np.ndarray, beta: float = 2.0) -> dict[str, float]:
-    """``macro_f_beta`` and ``macro_g_beta`` of binary predictions: the one definition that
-    :func:`challenge_metrics` reports and the promotion gate's paired bootstrap
-    (:mod:`ml.eval.bootstrap`) recomputes on every resample."""
+    """Macro F-beta and G-beta of binary predictions, over all classes (``macro_f_beta``,
+    ``macro_g_beta``: the reference's) and over the classes with a positive record
+    (``*_positive_classes``): the one definition that :func:`challenge_metrics` reports and
+    the promotion gate's paired bootstrap (:mod:`ml.eval.bootstrap`) recomputes on every resample."""
     y = np.asarray(y_true)
     f_beta, g_beta = beta_measures(y, y_pred, beta)
     return {
-        "macro_f_beta": _macro_over_positive_classes(f_beta, y),
-        "macro_g_beta": _macro_over_positive_classes(g_beta, y),
+        "macro_f_beta": macro_mean(f_beta, y),
+        "macro_f_beta_positive_classes": macro_mean_positive_classes(f_beta, y),
+        "macro_g_beta": macro_mean(g_beta, y),
+        "macro_g_beta_positive_classes": macro_mean_positive_classes(g_beta, y),
+    }
+
+
+def challenge_scores(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    classes: Sequence[str] | None,
+    scored_labels: np.ndarray | None = None,
+) -> dict[str, float]:
+    """``challenge_score`` (official; NaN without ``classes`` or ``scored_labels``, the (N, 26)
+    labels over :func:`ml.eval.challenge.scored_codes`) and ``challenge_score_restricted``
+    (NaN without ``classes``) of 0/1 predictions ``y_pred`` over the model's ``classes``."""
+    nan = float("nan")
+    if classes is None:
+        return {"challenge_score": nan, "challenge_score_restricted": nan}
+    official = nan
+    if scored_labels is None:
+        log.warning("no labels of the Challenge's scored classes: challenge_score (official) not computed")
+    elif not labels_agree(y_true, classes, scored_labels):
+        raise ValueError("the records' labels of the scored classes disagree with their labels of the model's classes")
+    else:
+        official = challenge_score(scored_labels, scored_codes(), y_pred, classes)
+    return {
+        "challenge_score": official,
+        "challenge_score_restricted": challenge_score_restricted(y_true, y_pred, classes),
     }
 
 
@@ -226,20 +296,24 @@ def challenge_metrics(
     thresholds: np.ndarray | Sequence[float] | float = DEFAULT_THRESHOLD,
     beta: float = 2.0,
     classes: Sequence[str] | None = None,
+    scored_labels: np.ndarray | None = None,
 ) -> dict[str, float]:
     """All CE-SSL test metrics (:data:`METRIC_NAMES`), predictions being ``probs > thresholds``.
 
-    ``classes`` (SNOMED-CT codes, one per column) enables ``challenge_score``; without
-    them it is NaN.
+    ``classes`` (SNOMED-CT codes, one per column) enable the Challenge 2021 scores and
+    ``scored_labels`` (N, 26: the records' labels over :func:`ml.eval.challenge.scored_codes`)
+    the official one (:func:`challenge_scores`); without them they are NaN.
     """
     y, p = _check(y_true, probs)
     pred = binarize(p, thresholds)
     f_2020, g_2020 = beta_measures(y, pred, beta, normalize=True)
+    average_precision = per_class_average_precision(y, p)
     missing = classes_without_positives(y)
     if missing:
         names = [classes[k] for k in missing] if classes is not None else missing
         log.warning(
-            "%d of %d classes have no positive test record and are excluded from the macro averages: %s",
+            "%d of %d classes have no positive test record: they count 0 in macro_f_beta / macro_g_beta / "
+            "macro_map and are left out of the *_positive_classes means: %s",
             len(missing),
             y.shape[1],
             names,
@@ -248,11 +322,12 @@ def challenge_metrics(
         "ranking_loss": ranking_loss(y, p),
         "coverage": coverage(y, p),
         "macro_auroc": macro_auroc(y, p),
-        "macro_map": macro_average_precision(y, p),
+        "macro_map": macro_mean(average_precision, y),
+        "macro_map_positive_classes": macro_mean_positive_classes(average_precision, y),
         **thresholded_metrics(y, pred, beta),
         "macro_f_beta_challenge2020": _nanmean(f_2020),
         "macro_g_beta_challenge2020": _nanmean(g_2020),
-        "challenge_score": challenge_score(y, pred, classes) if classes is not None else float("nan"),
+        **challenge_scores(y, pred, classes, scored_labels),
         "n_classes_without_positives": float(len(missing)),
     }
 
@@ -281,9 +356,11 @@ def per_class_table(
     normalize: bool = False,
 ) -> pd.DataFrame:
     """One row per class: its code, abbreviation and name, support, threshold, AUROC, AP,
-    F-beta, G-beta (NaN where undefined) and the confusion counts tp/fp/fn/tn at the threshold.
+    F-beta, G-beta, the confusion counts tp/fp/fn/tn at the threshold, and ``no_test_positive``.
 
-    A class with support 0 is left out of the macro F-beta / G-beta.
+    AP, F-beta and G-beta are the values the macro means average: 0 for a class with no
+    positive record (``no_test_positive``), which is left out of the ``*_positive_classes``
+    means; its AUROC is NaN (undefined, left out of ``macro_auroc``).
     """
     y, p = _check(y_true, probs)
     names = list(classes) if classes is not None else [str(k) for k in range(y.shape[1])]
@@ -301,19 +378,21 @@ def per_class_table(
             "support": y.sum(axis=0),
             "threshold": np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (y.shape[1],)),
             "auroc": per_class_auroc(y, p),
-            "average_precision": per_class_average_precision(y, p),
-            "f_beta": f_beta,
-            "g_beta": g_beta,
+            "average_precision": counted_as_zero(per_class_average_precision(y, p), y),
+            "f_beta": counted_as_zero(f_beta, y),
+            "g_beta": counted_as_zero(g_beta, y),
             "tp": np.asarray(tp, dtype=np.int64),
             "fp": np.asarray(fp, dtype=np.int64),
             "fn": np.asarray(fn, dtype=np.int64),
             "tn": np.asarray(tn, dtype=np.int64),
+            "no_test_positive": ~has_positives(y),
         }
     )
 
 
 def confusion_markdown(table: pd.DataFrame, beta: float = 2.0) -> str:
-    """A per-class confusion summary (a :func:`per_class_table`) as a Markdown table, one row per class."""
+    """A per-class confusion summary (a :func:`per_class_table`) as a Markdown table, one row per
+    class, and how the macro means count a class with no positive test record."""
     lines = [
         f"# Per-class confusion on the test split (F-beta{beta:g} at each class's threshold)",
         "",
@@ -322,6 +401,15 @@ def confusion_markdown(table: pd.DataFrame, beta: float = 2.0) -> str:
     ]
     for row in table.itertuples(index=False):
         f = "" if np.isnan(row.f_beta) else f"{row.f_beta:.4f}"
+        if row.no_test_positive:
+            f += " (no positive test record)"
         cells = [str(row[0]), str(row.abbreviation), str(row.name).replace("|", "/")]
         lines.append(f"| {' | '.join(cells)} | {row.tp} | {row.fp} | {row.fn} | {row.tn} | {f} | {row.threshold:.4f} |")
+    n_missing = int(table["no_test_positive"].sum())
+    lines += [
+        "",
+        f"{n_missing} of {len(table)} classes have no positive test record: their F-beta{beta:g} counts 0 in "
+        f"macro_f_beta (the mean over all {len(table)} classes, as the CE-SSL reference evaluation computes it); "
+        "macro_f_beta_positive_classes leaves them out.",
+    ]
     return "\n".join(lines) + "\n"

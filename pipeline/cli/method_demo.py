@@ -188,6 +188,7 @@ def render(report: DemoReport, options: DemoOptions, console: Console) -> None:
     """The demo's result as rich tables."""
     from rich.table import Table
 
+    from ml.eval.metrics import MACRO_CONVENTION
     from ml.model.rank_allocation import default_r_low
 
     params = Table(title="Parameters")
@@ -211,7 +212,7 @@ def render(report: DemoReport, options: DemoOptions, console: Console) -> None:
     console.print(ranks)
 
     train = report.train
-    caption = f"best valid mAP {train.best_score:.3f} at step {train.best_step} of {train.steps}"
+    caption = f"best valid mAP {train.best_score:.3f} at step {train.best_step} of {train.steps}; {MACRO_CONVENTION}"
     metrics = Table(title="Test metrics", caption=caption)
     metrics.add_column("metric")
     metrics.add_column("value", justify="right")

@@ -257,6 +257,7 @@ def print_summary(summary: RunSummary, console=None) -> None:
     from rich.table import Table
     from rich.text import Text
 
+    from ml.eval.metrics import MACRO_CONVENTION
     from pipeline.cli.render import print_fields
 
     console = console or Console()
@@ -268,7 +269,7 @@ def print_summary(summary: RunSummary, console=None) -> None:
         for layer, rank in summary.rank_map.items():
             ranks.add_row(Text(layer), str(rank))
         console.print(ranks)
-    metrics = Table(title="test metrics")
+    metrics = Table(title="test metrics", caption=MACRO_CONVENTION)
     metrics.add_column("metric")
     metrics.add_column("challenger", justify="right")
     if summary.champion_metrics:

@@ -23,6 +23,9 @@ from components.preprocess import preprocess_step
 from components.register import collect_registration
 from components.split import SplitConfig, split_step
 from ml.data.splits import Splits
+from ml.data.store import ECGStore
+from ml.eval.challenge import challenge_score, scored_codes
+from ml.eval.metrics import binarize
 from ml.eval.predictor import load_predictor
 from ml.model.lora import LoRAConfig
 from ml.model.rank_allocation import RankAllocationConfig
@@ -202,6 +205,23 @@ def test_evaluate_writes_metrics_tables_plots_and_report(trained):
         assert (trained / "evaluation" / name).stat().st_size > 0, name
     html = (trained / "report.html").read_text()
     assert "Per class" in html and "data:image/png;base64," in html
+    assert "what it is" in html and "no_test_positive" in html
+
+
+def test_evaluate_reports_the_official_challenge_score_over_every_scored_class(trained):
+    """The official score is computed on the test records' labels of all 26 scored classes
+    (the store's, not only the model's classes); the restricted one beside it."""
+    metrics = json.loads((trained / "evaluation" / "metrics.json").read_text())
+    splits = Splits.load(trained / "splits.json")
+    with np.load(trained / "evaluation" / "predictions.npz") as saved:
+        predicted = binarize(saved["probs"], saved["thresholds"])
+        support = saved["labels"].sum(axis=0)
+    scored = ECGStore.open(trained / "store").label_matrix(scored_codes(), splits.test)
+    expected = challenge_score(scored, scored_codes(), predicted, splits.classes)
+    assert metrics["metrics"]["challenge_score"] == pytest.approx(expected)
+    assert "challenge_score_restricted" in metrics["metrics"]
+    missing = [c for c, n in zip(splits.classes, support, strict=True) if n == 0]
+    assert metrics["classes_without_positives"] == missing
 
 
 def test_champion_is_scored_like_evaluate_and_carried_by_the_registration(trained, tmp_path):

@@ -7,14 +7,17 @@ import math
 import numpy as np
 import pytest
 
+from ml.eval.challenge import load_weights, to_scored_classes
 from ml.eval.metrics import (
     DEFAULT_THRESHOLD,
+    METRIC_DEFINITIONS,
     METRIC_NAMES,
     beta_measures,
     binarize,
     challenge_metrics,
     classes_without_positives,
     confusion_counts,
+    confusion_markdown,
     coverage,
     fit_thresholds,
     macro_auroc,
@@ -113,7 +116,9 @@ def test_beta_measures_match_official_loops_on_random_data() -> None:
     assert math.isnan(f[6]) and math.isnan(g[6])
 
 
-def test_classes_without_positives_are_excluded_explicitly_and_reported(caplog: pytest.LogCaptureFixture) -> None:
+def test_classes_without_positives_count_0_in_the_macro_means_and_are_reported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     y = np.array([[1, 0], [0, 0], [1, 0], [0, 0]])
     p = np.array([[0.9, 0.2], [0.1, 0.7], [0.8, 0.1], [0.3, 0.4]])
     assert math.isnan(per_class_auroc(y, p)[1])
@@ -121,29 +126,60 @@ def test_classes_without_positives_are_excluded_explicitly_and_reported(caplog: 
     assert classes_without_positives(y) == [1]
     with caplog.at_level("WARNING"):
         metrics = challenge_metrics(y, p, thresholds=[0.5, 0.5], classes=["164889003", "426783006"])
-    assert "excluded from the macro averages" in caplog.text and "426783006" in caplog.text
+    assert "no positive test record" in caplog.text and "426783006" in caplog.text
     assert metrics["n_classes_without_positives"] == 1.0
-    assert metrics["macro_auroc"] == pytest.approx(1.0)  # class 0 alone
-    assert metrics["macro_map"] == pytest.approx(1.0)
-    # class 1 is predicted positive once with no positive record: its F = 0 is NOT averaged in
+    assert metrics["macro_auroc"] == pytest.approx(1.0)  # undefined for class 1: class 0 alone
+    # class 1 is predicted positive once with no positive record: F = 0, as the reference counts it
     assert beta_measures(y, binarize(p, 0.5))[0][1] == 0.0
-    assert metrics["macro_f_beta"] == pytest.approx(1.0) and metrics["macro_g_beta"] == pytest.approx(1.0)
+    # the reference's macro means are over both classes, class 1 counting 0 (AP and F-beta alike)
+    assert metrics["macro_map"] == pytest.approx(0.5) and metrics["macro_map_positive_classes"] == pytest.approx(1.0)
+    assert metrics["macro_f_beta"] == pytest.approx(0.5) and metrics["macro_g_beta"] == pytest.approx(0.5)
+    assert metrics["macro_f_beta_positive_classes"] == pytest.approx(1.0)
+    assert metrics["macro_g_beta_positive_classes"] == pytest.approx(1.0)
     # the Challenge 2020 variant keeps the official nanmean (F = 0 is defined there)
     assert metrics["macro_f_beta_challenge2020"] == pytest.approx(0.5)
     thresholds = fit_thresholds(y, p)
     assert thresholds[1] == DEFAULT_THRESHOLD
 
 
+def test_a_class_with_neither_positive_nor_prediction_counts_0_too() -> None:
+    y = np.array([[1, 0], [0, 0], [1, 0]])
+    p = np.array([[0.9, 0.1], [0.1, 0.2], [0.8, 0.1]])
+    assert math.isnan(beta_measures(y, binarize(p, 0.5))[0][1])  # 0 / 0: undefined per class
+    metrics = challenge_metrics(y, p, thresholds=0.5)
+    assert metrics["macro_f_beta"] == pytest.approx(0.5) and metrics["macro_f_beta_positive_classes"] == 1.0
+    assert metrics["macro_f_beta_challenge2020"] == pytest.approx(1.0)  # its nanmean leaves the class out
+
+
 def test_all_metrics_present_and_perfect_predictions() -> None:
     y = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]])
     p = y * 0.9 + 0.05
-    metrics = challenge_metrics(y, p, thresholds=0.5, classes=["164889003", "426783006", "59118001"])
-    assert set(metrics) == set(METRIC_NAMES)
-    assert metrics["challenge_score"] == 1.0 and metrics["n_classes_without_positives"] == 0.0
+    classes = ["164889003", "426783006", "59118001"]
+    scored = to_scored_classes(y, classes, load_weights())  # the records have no other diagnosis
+    metrics = challenge_metrics(y, p, thresholds=0.5, classes=classes, scored_labels=scored)
+    assert set(metrics) == set(METRIC_NAMES) == set(METRIC_DEFINITIONS)
+    assert metrics["challenge_score"] == 1.0 and metrics["challenge_score_restricted"] == 1.0
+    assert metrics["n_classes_without_positives"] == 0.0
     assert metrics["ranking_loss"] == 0.0
     assert metrics["macro_auroc"] == 1.0 and metrics["macro_map"] == 1.0
     assert metrics["macro_f_beta"] == 1.0 and metrics["macro_g_beta"] == 1.0
     assert metrics["coverage"] == pytest.approx(y.sum(axis=1).mean())
+
+
+def test_the_official_challenge_score_needs_the_scored_labels(caplog: pytest.LogCaptureFixture) -> None:
+    y = np.array([[1, 0], [0, 1], [1, 1]])
+    p = y * 0.9 + 0.05
+    classes = ["164889003", "426783006"]
+    with caplog.at_level("WARNING"):
+        metrics = challenge_metrics(y, p, 0.5, classes=classes)
+    assert math.isnan(metrics["challenge_score"]) and metrics["challenge_score_restricted"] == 1.0
+    assert "challenge_score (official) not computed" in caplog.text
+    # record 2 is also RBBB, which the model does not predict: only the official score sees it
+    scored = to_scored_classes(np.c_[y, [0, 0, 1]], [*classes, "59118001"], load_weights())
+    metrics = challenge_metrics(y, p, 0.5, classes=classes, scored_labels=scored)
+    assert metrics["challenge_score"] < 1.0 == metrics["challenge_score_restricted"]
+    with pytest.raises(ValueError, match="disagree"):
+        challenge_metrics(y, p, 0.5, classes=classes, scored_labels=scored[::-1])
 
 
 def test_fit_thresholds_maximise_f_beta_over_all_candidates() -> None:
@@ -200,9 +236,28 @@ def test_per_class_table() -> None:
         "fp",
         "fn",
         "tn",
+        "no_test_positive",
     ]
     assert list(table["support"]) == [2, 2]
     assert table["auroc"].tolist() == [1.0, 1.0]
+    assert not table["no_test_positive"].any()
+
+
+def test_per_class_table_shows_what_the_macro_means_average() -> None:
+    y = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0]])
+    p = np.array([[0.9, 0.2, 0.1], [0.1, 0.7, 0.2], [0.8, 0.6, 0.7], [0.3, 0.4, 0.1]])
+    table = per_class_table(y, p, 0.5, classes=["AF", "RBBB", "NSR"])
+    metrics = challenge_metrics(y, p, 0.5)
+    assert table["no_test_positive"].tolist() == [False, False, True]
+    assert table.loc[2, ["f_beta", "g_beta", "average_precision"]].tolist() == [0.0, 0.0, 0.0]
+    assert math.isnan(table.loc[2, "auroc"])
+    assert metrics["macro_f_beta"] == pytest.approx(table["f_beta"].mean())
+    assert metrics["macro_g_beta"] == pytest.approx(table["g_beta"].mean())
+    assert metrics["macro_map"] == pytest.approx(table["average_precision"].mean())
+    kept = table[~table["no_test_positive"]]
+    assert metrics["macro_f_beta_positive_classes"] == pytest.approx(kept["f_beta"].mean())
+    text = confusion_markdown(table)
+    assert "0.0000 (no positive test record)" in text and "1 of 3 classes have no positive test record" in text
 
 
 def test_invalid_inputs_are_rejected() -> None:

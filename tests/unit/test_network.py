@@ -10,6 +10,7 @@ import pytest
 import yaml
 from pipeline_support import cessl
 
+from ml.eval.challenge import challenge_score, load_weights, scored_codes, to_scored_classes
 from ml.eval.cross_site import CrossSiteMatrix, score_cell
 from pipeline.core.params import DEFAULTS
 from pipeline.core.sites import Site, load_sites
@@ -130,10 +131,19 @@ def test_cross_site_cell_scores_the_classes_model_and_target_share():
     # the model predicts Y, W, X (perfectly on X and Y); the target does not label W, nor the model Z
     probs = np.stack([labels[:, 1], rng.random(30), labels[:, 0]], axis=1).astype(float)
     target_classes = ["426783006", "164889003", "59118001"]
-    cell = score_cell("m", "t", probs, ["164889003", "999", "426783006"], [0.5] * 3, labels, target_classes)
+    scored = to_scored_classes(labels, target_classes, load_weights())  # the records' every diagnosis
+    model_classes = ["164889003", "999", "426783006"]
+    cell = score_cell("m", "t", probs, model_classes, [0.5] * 3, labels, target_classes, scored)
     assert cell.n_classes == 2 and cell.n_records == 30
     assert cell.macro_f_beta == pytest.approx(1.0)
-    none = score_cell("m", "t", probs, ["1", "2", "3"], [0.5] * 3, labels, ["4", "5", "6"])
+    # the Challenge score is the official one: the model never outputs Z, which the records have
+    assert labels[:, 2].any() and cell.challenge_score < 1.0
+    assert cell.challenge_score == pytest.approx(
+        challenge_score(scored, scored_codes(), (probs > 0.5).astype(int), model_classes)
+    )
+    perfect = score_cell("p", "t", labels.astype(float), target_classes, [0.5] * 3, labels, target_classes, scored)
+    assert perfect.challenge_score == pytest.approx(1.0)
+    none = score_cell("m", "t", probs, ["1", "2", "3"], [0.5] * 3, labels, ["4", "5", "6"], np.zeros((30, 26)))
     assert none.n_classes == 0 and math.isnan(none.macro_f_beta)
     matrix = CrossSiteMatrix((cell, none))
     assert "| m |" in matrix.markdown() and matrix.csv().count("\n") == 3

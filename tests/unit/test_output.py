@@ -71,6 +71,8 @@ def test_run_summary_fits_80_columns_and_keeps_every_id_whole(monkeypatch):
     assert "…" not in text
     # only a line holding one word wider than the console may pass its edge
     assert all(len(line) <= WIDTH or URI in line for line in text.splitlines())
+    # the metrics table says how its macro means count a class with no positive test record
+    assert "counting 0" in " ".join(text.split()) and "official" in text
 
 
 def test_network_summary_fits_80_columns_and_runs_its_next_steps(monkeypatch, tmp_path):
