@@ -145,6 +145,11 @@ class PowerCheck:
     def to_json(self) -> dict[str, object]:
         return asdict(self) | {"sufficient": self.sufficient}
 
+    @classmethod
+    def from_json(cls, data: dict) -> PowerCheck:
+        """The check :meth:`to_json` wrote (``sufficient`` is recomputed)."""
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
 
 def power_check(
     n_records: int,

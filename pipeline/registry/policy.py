@@ -99,6 +99,7 @@ PARAM_SOURCE = "source"  # the run's data source (where promote reads the frozen
 TAG_DECISION = "promotion_decision"
 TAG_COMPARISON = "promotion_comparison"
 TAG_PREVIOUS = "previous_champion"
+TAG_GATE_POWER = "gate_power"  # run tag: the split's power check of its test part (ml.eval.power.PowerCheck, JSON)
 # A decision's outcome (PromotionDecision.label) and its audit action.
 PROMOTED, FORCED, REFUSED, INSUFFICIENT = "promoted", "forced", "refused", "insufficient evidence"
 ACTION_OF = {PROMOTED: "promote", FORCED: "force", REFUSED: "refuse", INSUFFICIENT: "insufficient"}
