@@ -52,8 +52,10 @@ from pipeline.core.constraints import (
     existing_file,
     model_uri,
     non_negative_float,
+    number,
     optional,
     output_file,
+    positive_float,
     registered_model,
 )
 from pipeline.core.params import PRECISION_CHOICES
@@ -216,11 +218,8 @@ def promote_exit_code(labels) -> int:
 
 
 def _evidence(args: argparse.Namespace) -> PowerConfig:
-    """The gate's level and power from ``--alpha``, ``--power`` and ``--effect`` (ParameterError: exit 2)."""
-    try:
-        return PowerConfig(alpha=args.alpha, power=args.power, effect=args.effect)
-    except ValueError as err:
-        raise ParameterError(str(err)) from None
+    """The gate's level and power from ``--alpha``, ``--power`` and ``--effect`` (their ranges checked by argparse)."""
+    return PowerConfig(alpha=args.alpha, power=args.power, effect=args.effect)
 
 
 def _promote_source(args: argparse.Namespace, name: str, names: list[str]) -> str:
@@ -424,21 +423,21 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     pr.add_argument(
         "--alpha",
-        type=float,
+        type=number(float, exclusive_minimum=0, exclusive_maximum=0.5, name="alpha"),
         default=PowerConfig.alpha,
         help="one-sided level over all attempts on one frozen test set; attempt k is tested at alpha/2^k "
         "(default: %(default)s)",
     )
     pr.add_argument(
         "--effect",
-        type=float,
+        type=positive_float,
         default=PowerConfig.effect,
         help="the improvement above the margin the frozen test set must be able to detect; fewer records than "
         "that needs: insufficient evidence, exit 7 (default: %(default)s)",
     )
     pr.add_argument(
         "--power",
-        type=float,
+        type=number(float, minimum=0.5, exclusive_maximum=1, name="power"),
         default=PowerConfig.power,
         help="probability of detecting an improvement of --effect (default: %(default)s)",
     )

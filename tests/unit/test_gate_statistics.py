@@ -153,3 +153,37 @@ def test_the_label_assumption_is_conservative():
         a, b = predictions(rng, labels, sim), predictions(rng, labels, sim)
         measured = metric_interval("macro_f_beta", labels, a, b, BootstrapConfig()).record_sd
         assert measured < label_sd(labels), (sensitivity, false_positive, measured)
+
+
+def test_attempts_are_counted_from_signed_comparisons_on_the_same_test_set():
+    """Only signed decisions that looked at an interval on this frozen test set (version and
+    content) count; a refusal before any statistics, another test set or an unsigned entry do not."""
+    from pipeline.registry.audit import AuditEntry
+    from pipeline.registry.policy import earlier_attempts
+
+    def entry(action: str, signature: str = "sig", **metrics) -> AuditEntry:
+        return AuditEntry(model="m", action=action, versions={}, reason="", metrics=metrics, signature=signature)
+
+    on_v2 = {"ci_low": -0.1, "testset_version": 2, "testset_md5": "abc"}
+    log = [
+        entry("promote"),  # the first champion: no interval
+        entry("refuse", **on_v2),
+        entry("insufficient", **on_v2),
+        entry("force", **on_v2),
+        entry("refuse", basis="not comparable: ..."),
+        entry("refuse", **(on_v2 | {"testset_version": 1})),
+        entry("refuse", **(on_v2 | {"testset_md5": "other"})),
+        entry("refuse", signature="", **on_v2),
+        entry("challenger", signature="", **on_v2),
+        entry("rollback", **on_v2),
+    ]
+    assert earlier_attempts(log, 2, "abc") == 3
+    assert earlier_attempts(log, 3, "new") == 0  # a refreshed test set starts again
+
+
+def test_the_exit_code_of_several_decisions():
+    from pipeline.cli.registry import promote_exit_code
+
+    assert promote_exit_code(["promoted", "forced"]) == 0
+    assert promote_exit_code(["promoted", "insufficient evidence"]) == 7
+    assert promote_exit_code(["insufficient evidence", "refused"]) == 1
