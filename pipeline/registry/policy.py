@@ -208,20 +208,19 @@ class Comparison:
 
     def power_check(self) -> PowerCheck | None:
         """What the records could detect, from the numbers recorded here (None: not computed)."""
-        needed = (self.n_records, self.required_records, self.record_sd, self.alpha, self.attempt)
-        if any(v is None for v in needed) or self.effect is None or self.power is None:
+        n, required, sd, alpha, attempt = (
+            self.n_records,
+            self.required_records,
+            self.record_sd,
+            self.alpha,
+            self.attempt,
+        )
+        if n is None or required is None or sd is None or alpha is None or attempt is None:
+            return None
+        if self.effect is None or self.power is None:
             return None
         return PowerCheck(
-            int(self.n_records or 0),
-            int(self.required_records or 0),
-            float(self.record_sd or 0.0),
-            SD_FROM_DATA,
-            self.margin,
-            self.effect,
-            float(self.alpha or 0.0),
-            self.power,
-            int(self.attempt or 0),
-            self.metric,
+            n, required, sd, SD_FROM_DATA, self.margin, self.effect, alpha, self.power, attempt, self.metric
         )
 
     @property
@@ -539,7 +538,13 @@ def verdict(comparison: Comparison, gate: GateConfig, method_ok: bool, method: s
         return False, f"per-class non-inferiority fails (F-beta2 drop > {gate.max_class_drop:g}): {worst}"
     if low is not None and low > gate.margin:
         return True, f"lower bound {low:.4f} of the {level} interval exceeds the margin {gate.margin:g}"
-    return False, f"lower bound {low:.4f} of the {level} interval does not exceed the margin {gate.margin:g}"
+    check = comparison.power_check()
+    powered = (
+        ""
+        if check is None
+        else f" ({check.n_records} records: enough to show an improvement of {check.effect:g} with power {check.power:g})"
+    )
+    return False, f"lower bound {low:.4f} of the {level} interval does not exceed the margin {gate.margin:g}{powered}"
 
 
 # --------------------------------------------------------------------------- writing

@@ -187,3 +187,46 @@ def test_the_exit_code_of_several_decisions():
     assert promote_exit_code(["promoted", "forced"]) == 0
     assert promote_exit_code(["promoted", "insufficient evidence"]) == 7
     assert promote_exit_code(["insufficient evidence", "refused"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "n", "outcome", "words"),
+    [
+        (-0.25, 0.21, 7, "insufficient evidence", "7 frozen test records, the gate needs >= 1000 to decide"),
+        (-0.02, 0.03, 2000, "refused", "2000 records: enough to show an improvement of 0.05 with power 0.8"),
+        (-0.30, -0.01, 7, "refused", "the whole 97.5% interval [-0.3000, -0.0100] is at or below the margin 0"),
+        (0.01, 0.40, 7, "promoted", "lower bound 0.0100 of the 97.5% interval exceeds the margin 0"),
+    ],
+)
+def test_the_gate_says_insufficient_evidence_only_when_the_records_cannot_decide(low, high, n, outcome, words):
+    """Too few records and an interval across the margin: insufficient evidence. An interval at
+    or below the margin, or one across it on enough records: refused. A lower bound above it:
+    promoted, however few the records."""
+    from pipeline.registry.policy import Comparison, GateConfig, PromotionDecision, verdict
+
+    comparison = Comparison(
+        metric="macro_f_beta",
+        challenger_version="2",
+        challenger_value=0.5,
+        champion_version="1",
+        champion_value=0.5,
+        margin=0.0,
+        basis="recomputed",
+        comparable=True,
+        estimate=(low + high) / 2,
+        ci_low=low,
+        ci_high=high,
+        confidence=0.975,
+        n_records=n,
+        attempt=1,
+        alpha=0.0125,
+        record_sd=0.5,
+        required_records=1000,
+        effect=0.05,
+        power=0.8,
+    )
+    passed, why = verdict(comparison, GateConfig(), True, "cessl")
+    decision = PromotionDecision(passed, False, why, comparison)
+    action = {"insufficient evidence": "insufficient", "refused": "refuse", "promoted": "promote"}[outcome]
+    assert (decision.label, decision.action) == (outcome, action)
+    assert words in why, why
