@@ -48,13 +48,13 @@ class GateRule:
     """How the simulated gate decides: its interval, its level, whether retries spend alpha."""
 
     interval: str = JACKKNIFE_T
-    power: PowerConfig = PowerConfig()
+    evidence: PowerConfig = PowerConfig()
     spend: bool = True
     margin: float = 0.0
     metric: str = F_BETA
 
     def alpha(self, attempt: int) -> float:
-        return attempt_alpha(self.power.alpha, attempt) if self.spend else self.power.alpha
+        return attempt_alpha(self.evidence.alpha, attempt) if self.spend else self.evidence.alpha
 
 
 @dataclass(frozen=True)
@@ -98,8 +98,9 @@ def trial(rng: np.random.Generator, sim: Simulation, rule: GateRule) -> int:
 
 
 def false_promotions(sim: Simulation = Simulation(), rule: GateRule = GateRule()) -> SimulationResult:
-    """Run ``sim.trials`` trials (deterministic for ``sim.seed``)."""
-    rng = np.random.default_rng(sim.seed)
-    outcomes = np.array([trial(rng, sim, rule) for _ in range(sim.trials)])
+    """Run ``sim.trials`` trials, each with its own random stream spawned from ``sim.seed``:
+    deterministic, and every rule meets the same test sets and models."""
+    streams = np.random.default_rng(sim.seed).spawn(sim.trials)
+    outcomes = np.array([trial(rng, sim, rule) for rng in streams])
     by_attempt = tuple(int((outcomes == k).sum()) for k in range(1, sim.attempts + 1))
-    return SimulationResult(sim.trials, int((outcomes > 0).sum()), by_attempt, rule.power.alpha)
+    return SimulationResult(sim.trials, int((outcomes > 0).sum()), by_attempt, rule.evidence.alpha)
