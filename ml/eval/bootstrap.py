@@ -20,8 +20,8 @@ record:
   of the records, the 2.5% and 97.5% percentiles of the differences) is kept as the measured
   baseline: it is anti-conservative at small n. Measured on two equally good models
   (:mod:`ml.eval.gate_simulation`, ``bench/gate_level.py``): at nominal one-sided 2.5% it
-  promoted 6.7% of the time at 7 records and 2.9% at 100, where jackknife-t stays at the nominal
-  level within the simulation error.
+  promoted 6.6% of the time at 7 records and 3.4% at 24, where jackknife-t stays at the
+  nominal level within the simulation error.
 
 Each interval also gives the per-record standard deviation of the difference (``record_sd``:
 the jackknife standard error times sqrt(n)), what :mod:`ml.eval.power` needs to say how many
