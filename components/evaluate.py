@@ -369,10 +369,9 @@ def _gate(
     result.gate = gate.to_json()
     interval = gate.intervals["macro_f_beta"]
     log.info(
-        "paired bootstrap over %d records (%d resamples): macro_f_beta challenger - champion %.4f, "
-        "%.0f%% CI [%.4f, %.4f]",
+        "paired %s interval over %d records: macro_f_beta challenger - champion %.4f, %.4g%% CI [%.4f, %.4f]",
+        interval.method,
         gate.n_records,
-        gate.n_resamples,
         interval.estimate,
         100 * gate.confidence,
         interval.ci_low,

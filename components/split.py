@@ -8,6 +8,14 @@ Given a model's frozen test set (a ``ml.data.testset.FrozenTestSet`` file; the p
 fetches it from the registry), the test part is that set instead: its records still in the
 store with the same content hash, never a new record; frozen records are never put in
 train / valid / unlabelled; changed and missing ones are reported (``Splits.testset``).
+
+Before any training, the split says whether the champion gate can decide on its test part
+(:func:`gate_power`, :mod:`ml.eval.power`): how many labelled test records the default gate
+(margin 0, one-sided alpha 2.5% spent over the attempts, power 0.8 to detect an improvement
+of 0.05 of macro F-beta2, per-record SD assumed from the test labels) needs. Too few is a
+loud warning (the log, a line on ``cessl run``'s terminal, the step's metadata and the run's
+tag), not a failure: the run still trains and registers, and ``cessl promote`` will answer
+"insufficient evidence" unless the interval clears the margin anyway.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ from typing import Any
 from components.common import StepError, sha256_json
 from components.data_access import open_store, store_classes
 from ml.data.splits import Splits
+from ml.eval.power import PowerCheck, PowerConfig, label_power_check
+from ml.progress import announce
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +54,7 @@ class SplitResult:
     test_split_hash: str
     fingerprint: str
     testset: dict = field(default_factory=dict)  # the frozen test set's report (empty: none used)
+    gate_power: dict = field(default_factory=dict)  # PowerCheck.to_json() of the test part
 
 
 def split_step(store_dir: Path, out_path: Path, config: SplitConfig, frozen_path: Path | None = None) -> SplitResult:
@@ -94,12 +105,34 @@ def split_step(store_dir: Path, out_path: Path, config: SplitConfig, frozen_path
         )
     ids.save(out_path)
     log.info("split %s: %s (test split %s)", store_dir, ids.sizes(), ids.test_split_hash[:12])
+    power = gate_power(store, ids.test, ids.classes)
+    _report_power(power)
     return SplitResult(
         sizes=ids.sizes(),
         test_split_hash=ids.test_split_hash,
         fingerprint=sha256_json(ids.to_dict()),
         testset=ids.testset,
+        gate_power=power.to_json(),
     )
+
+
+def gate_power(store, test_ids: list[str], classes: list[str], config: PowerConfig = PowerConfig()) -> PowerCheck:
+    """Whether the champion gate can decide on the test records ``test_ids``: the labelled
+    records the default gate needs (:func:`ml.eval.power.label_power_check`, its first attempt)."""
+    return label_power_check(store.label_matrix(classes, test_ids), config)
+
+
+def _report_power(check: PowerCheck) -> None:
+    """An info line when the test part suffices; else a warning, also on ``cessl run``'s terminal."""
+    if check.sufficient:
+        log.info("champion gate: %s", check.describe())
+        return
+    text = (
+        f"the champion gate cannot decide on this test set: {check.describe()}; `cessl promote` will answer "
+        "insufficient evidence unless the interval clears the margin anyway"
+    )
+    log.warning(text)
+    announce(f"split: WARNING {text}")
 
 
 def _report_testset(report: dict) -> None:

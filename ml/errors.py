@@ -19,6 +19,7 @@ Exit codes (``cessl --help`` and the README list them too):
 4  a bad file or bad data (a truncated model file, an unreadable record, a store)
 5  a pipeline step failed (the message names the step and its log)
 6  the disk is read-only, full, or not writable by this user
+7  insufficient evidence: the champion gate cannot decide (too few frozen test records)
 == ==========================================================================
 """
 
@@ -31,6 +32,7 @@ EXIT_UNAVAILABLE = 3
 EXIT_BAD_FILE = 4
 EXIT_STEP_FAILED = 5
 EXIT_DISK = 6
+EXIT_INSUFFICIENT = 7
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES: dict[int, str] = {
@@ -41,6 +43,7 @@ EXIT_CODES: dict[int, str] = {
     EXIT_BAD_FILE: "a bad file or bad data (a truncated or non-weight model file, unreadable data)",
     EXIT_STEP_FAILED: "a pipeline step failed (the message names the step and its log file)",
     EXIT_DISK: "the disk is read-only, full, or not writable by this user",
+    EXIT_INSUFFICIENT: "insufficient evidence: the champion gate cannot decide (too few frozen test records)",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
 }
 

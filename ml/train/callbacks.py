@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ml.progress import PROGRESS_PREFIX  # `cessl run` forwards these lines of a task's output to the terminal
+
 if TYPE_CHECKING:
     from ml.train.trainer import TrainResult
 
@@ -171,11 +173,6 @@ class StepProfiler:
             "peak_memory_mb": self.peak_memory_mb,
             "memory_measure": self.memory_measure,
         }
-
-
-# The prefix of a ProgressLine line: `cessl run` (pipeline.dags.finetune) forwards these from a task's
-# output to the terminal.
-PROGRESS_PREFIX = "cessl-progress "
 
 
 def _duration(seconds: float) -> str:

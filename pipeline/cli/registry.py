@@ -2,13 +2,18 @@
 
 - ``promote NAME``: the ``challenger`` of ``NAME-candidates`` (what the pipeline registered) is
   copied into the production model ``NAME`` and becomes its ``champion`` only if the
-  paired-bootstrap gate passes on evidence recomputed here (``pipeline.registry.policy``,
+  gate passes on evidence recomputed here (``pipeline.registry.policy``,
   ``pipeline.registry.evidence``: both models loaded with their digests checked, scored on the
   frozen test records read from ``--source`` (default: the run's source), lower bound of the
-  95% interval of challenger - champion above ``--margin`` >= 0, no class's F-beta2 lower by
-  more than ``--max-class-drop``, a production method). Exit 0 when promoted, 1 when refused
-  (the recomputed numbers are printed; a missing or altered model or a baseline in one line);
-  ``--force --reason TEXT`` overrides the statistics only, and records who and why.
+  paired jackknife-t interval of challenger - champion above ``--margin`` >= 0, no class's F-beta2 lower by
+  more than ``--max-class-drop``, a production method; the level is spent over the attempts on
+  one frozen test set: attempt k at one-sided ``--alpha / 2^k``). Exit 0 when promoted, 1 when
+  refused (the recomputed numbers are printed; a missing or altered model or a baseline in one
+  line), 7 when the evidence is insufficient: the interval contains the margin and the frozen
+  test set holds fewer records than needed to detect an improvement of ``--effect`` above the
+  margin with ``--power`` (the decision says how many; several models: 1 if any was refused,
+  else 7 if any could not be decided). ``--force --reason TEXT`` overrides the statistics
+  only, and records who and why.
 - ``rollback NAME``: the previous champion gets ``champion`` back.
 - Both, against an MLflow server with authentication, first check that the authenticated user
   (``MLFLOW_TRACKING_USERNAME``) holds ``MANAGE`` on every target model (release managers,
@@ -38,7 +43,8 @@ import re
 import sys
 from pathlib import Path
 
-from ml.errors import ParameterError
+from ml.errors import EXIT_INSUFFICIENT, EXIT_REFUSED, ParameterError
+from ml.eval.power import PowerConfig
 from pipeline.cli.audit import add_trust_flag, require_verified, verify
 from pipeline.core.constraints import (
     add_tracking_uri_flag,
@@ -46,8 +52,10 @@ from pipeline.core.constraints import (
     existing_file,
     model_uri,
     non_negative_float,
+    number,
     optional,
     output_file,
+    positive_float,
     registered_model,
 )
 from pipeline.core.params import PRECISION_CHOICES
@@ -55,7 +63,11 @@ from pipeline.registry.access import require_model_permission
 from pipeline.registry.audit import history
 from pipeline.registry.policy import (
     DEFAULT_MODEL_NAME,
+    FORCED,
     GATE_METRICS,
+    INSUFFICIENT,
+    PROMOTED,
+    REFUSED,
     GateConfig,
     PromotionDecision,
     RegistryError,
@@ -71,7 +83,7 @@ from pipeline.registry.tracking import CHAMPION
 
 log = logging.getLogger(__name__)
 
-EXIT_REFUSED = 1
+COLOUR = {PROMOTED: "green", FORCED: "yellow", REFUSED: "red", INSUFFICIENT: "magenta"}
 
 
 def _tracking(args: argparse.Namespace, name: str = "") -> TrackingConfig:
@@ -86,7 +98,7 @@ def print_decision(decision: PromotionDecision, console=None) -> None:
     from rich.console import Console
     from rich.text import Text
 
-    colour = {"promoted": "green", "forced": "yellow", "refused": "red"}[decision.label]
+    colour = COLOUR[decision.label]
     console = console or Console()
     console.print(Text(decision.label.upper(), style=f"bold {colour}") + Text(f": {decision.reason}"), soft_wrap=True)
     if decision.integrity:
@@ -116,8 +128,9 @@ def run_promote(
     signer: Signer | None = None,
     trust: Trust | None = None,
     source: str = "",
+    evidence: PowerConfig = PowerConfig(),
 ) -> PromotionDecision:
-    gate = GateConfig(metric=metric, margin=margin, max_class_drop=max_class_drop)
+    gate = GateConfig(metric=metric, margin=margin, max_class_drop=max_class_drop, evidence=evidence)
     decision = promote(
         tracking.client(),
         tracking.model_name,
@@ -171,7 +184,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
     names = target_models(args)
     require_all(args, names, "promote")
     signer, trust = _keys(args)
-    refused = []
+    evidence = _evidence(args)
+    outcomes: dict[str, str] = {}
     for name in names:
         if len(names) > 1:
             log.info("-- %s", name)
@@ -185,12 +199,27 @@ def cmd_promote(args: argparse.Namespace) -> int:
             signer=signer,
             trust=trust,
             source=_promote_source(args, name, names),
+            evidence=evidence,
         )
-        if not decision.promoted:
-            refused.append(name)
+        outcomes[name] = decision.label
+    not_promoted = [name for name, label in outcomes.items() if label not in (PROMOTED, FORCED)]
     if len(names) > 1:
-        log.info("%d of %d site models promoted%s", len(names) - len(refused), len(names), _refused(refused))
-    return EXIT_REFUSED if refused else 0
+        log.info("%d of %d site models promoted%s", len(names) - len(not_promoted), len(names), _refused(not_promoted))
+    return promote_exit_code(outcomes.values())
+
+
+def promote_exit_code(labels) -> int:
+    """0 when every model was promoted (or forced); 1 when any was refused; else 7 when any
+    could not be decided (insufficient evidence)."""
+    labels = set(labels)
+    if REFUSED in labels:
+        return EXIT_REFUSED
+    return EXIT_INSUFFICIENT if INSUFFICIENT in labels else 0
+
+
+def _evidence(args: argparse.Namespace) -> PowerConfig:
+    """The gate's level and power from ``--alpha``, ``--power`` and ``--effect`` (their ranges checked by argparse)."""
+    return PowerConfig(alpha=args.alpha, power=args.power, effect=args.effect)
 
 
 def _promote_source(args: argparse.Namespace, name: str, names: list[str]) -> str:
@@ -289,7 +318,18 @@ def _table(title: str, columns: tuple[str, ...], rows: list[dict], console=None)
 
 
 def _numbers(metrics: dict) -> str:
-    keys = ("challenger_value", "champion_value", "estimate", "ci_low", "ci_high", "margin", "n_records")
+    keys = (
+        "challenger_value",
+        "champion_value",
+        "estimate",
+        "ci_low",
+        "ci_high",
+        "margin",
+        "n_records",
+        "required_records",
+        "attempt",
+        "alpha",
+    )
     shown = {k: metrics[k] for k in keys if metrics.get(k) is not None}
     return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
 
@@ -379,7 +419,27 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--margin",
         type=non_negative_float,
         default=0.0,
-        help="the lower bound of the 95%% interval of challenger - champion must exceed it (>= 0; default: %(default)s)",
+        help="the lower bound of the interval of challenger - champion must exceed it (>= 0; default: %(default)s)",
+    )
+    pr.add_argument(
+        "--alpha",
+        type=number(float, exclusive_minimum=0, exclusive_maximum=0.5, name="alpha"),
+        default=PowerConfig.alpha,
+        help="one-sided level over all attempts on one frozen test set; attempt k is tested at alpha/2^k "
+        "(default: %(default)s)",
+    )
+    pr.add_argument(
+        "--effect",
+        type=positive_float,
+        default=PowerConfig.effect,
+        help="the improvement above the margin the frozen test set must be able to detect; fewer records than "
+        "that needs: insufficient evidence, exit 7 (default: %(default)s)",
+    )
+    pr.add_argument(
+        "--power",
+        type=number(float, minimum=0.5, exclusive_maximum=1, name="power"),
+        default=PowerConfig.power,
+        help="probability of detecting an improvement of --effect (default: %(default)s)",
     )
     pr.add_argument(
         "--max-class-drop",

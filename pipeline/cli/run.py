@@ -112,6 +112,7 @@ class RunSummary:
     n_quarantined: int | None = None  # records ingest quarantined (None: not known)
     reused: bool = False  # an identical earlier registration was reused: nothing new registered
     report_uri: str = ""  # the evaluation report (HTML) among the run's artifacts
+    gate_warning: str = ""  # the split's power check when the test part is too small for the gate
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -185,7 +186,21 @@ def summarise_run(
         # log_and_register reuses an earlier identical run: it started before this one did.
         reused=run.info.start_time is not None and run.info.start_time < (time.time() - seconds) * 1000 - 1000,
         report_uri=f"{run.info.artifact_uri.rstrip('/')}/evaluation/report.html" if run.info.artifact_uri else "",
+        gate_warning=gate_warning(run.data.tags),
     )
+
+
+def gate_warning(tags: dict[str, str]) -> str:
+    """The split's power check (run tag ``gate_power``) when the test part is too small for
+    the champion gate to decide; "" when it suffices or was not recorded."""
+    from ml.eval.power import PowerCheck
+    from pipeline.registry.policy import TAG_GATE_POWER
+
+    try:
+        check = PowerCheck.from_json(json.loads(tags[TAG_GATE_POWER]))
+    except (KeyError, TypeError, ValueError):
+        return ""
+    return "" if check.sufficient else f"cannot decide: {check.describe()}"
 
 
 def _int_or_none(text: str | None) -> int | None:
@@ -246,6 +261,8 @@ def summary_fields(summary: RunSummary) -> list[tuple[str, Any]]:
         ("model version", version),
         ("wall time", f"{summary.seconds:.0f} s"),
     ]
+    if summary.gate_warning:
+        rows.append(("champion gate", Text(summary.gate_warning, style="bold yellow")))
     return rows
 
 

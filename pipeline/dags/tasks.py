@@ -177,6 +177,7 @@ def split(
     splits.metadata.update(
         {"sizes": result.sizes, "test_split_hash": result.test_split_hash, "fingerprint": result.fingerprint}
     )
+    splits.metadata["gate_power"] = result.gate_power  # can the champion gate decide on this test part?
     if result.testset:
         report = result.testset
         splits.metadata["testset"] = {
@@ -440,6 +441,7 @@ def register(
     from pipeline.core.process import die_with_parent
 
     die_with_parent()  # a task dies with the process that started it (kill -9 of cessl run)
+    import json
     from pathlib import Path
 
     from components.register import collect_registration
@@ -447,7 +449,7 @@ def register(
     from pipeline.core.logsafe import name_task_logs
     from pipeline.core.params import PipelineParams, field_types
     from pipeline.registry.lineage import lineage_tags, params_as_run, step_records
-    from pipeline.registry.policy import registration_model_name
+    from pipeline.registry.policy import TAG_GATE_POWER, registration_model_name
     from pipeline.registry.store import TrackingConfig
     from pipeline.registry.testsets import after_registration
     from pipeline.registry.tracking import log_and_register
@@ -475,6 +477,8 @@ def register(
     )
     if "n_quarantined" in quarantine_report.metadata:  # ingest's count, for `cessl run`'s summary
         bundle.tags["n_quarantined"] = str(int(quarantine_report.metadata["n_quarantined"]))
+    if splits.metadata.get("gate_power"):  # the split's power check of the test part, for the summary
+        bundle.tags[TAG_GATE_POWER] = json.dumps(dict(splits.metadata["gate_power"]), sort_keys=True)
     if site:
         from pipeline.registry.network_tracking import TAG_NETWORK, TAG_SITE, site_run_name
 

@@ -15,10 +15,11 @@ write (``MLFLOW_TRACKING_USERNAME``); on a local store ``$CESSL_USER`` or the OS
 
 Chained and signed (format 2): every entry carries ``prev``, the :func:`digest` (SHA-256 of
 the canonical JSON) of the entry before it in the model's log ("" for the first), and its
-``seq``; a **decision** (:data:`DECISIONS`: promote, force, rollback, refuse) also names the
-champion after it (``champion``: version, run id, backbone, classes, test-set version), the
-digests of its evidence (``evidence``) and carries ``signature``, the decider's Ed25519
-signature over the entry without it (:mod:`pipeline.registry.signing`). The pipeline's entries
+``seq``; a **decision** (:data:`DECISIONS`: promote, force, rollback, refuse, insufficient: too
+few records to decide) also names the champion after it (``champion``: version, run id,
+backbone, classes, test-set version), the digests of its evidence (``evidence``) and carries
+``signature``, the decider's Ed25519 signature over the entry without it
+(:mod:`pipeline.registry.signing`). The pipeline's entries
 (``challenger``, ``testset_*``) are chained but unsigned. :mod:`pipeline.registry.verify`
 checks all of it on every read.
 
@@ -54,8 +55,17 @@ TAG_WHO = "cessl.audit.who"
 TAG_SEQ = "cessl.audit.seq"
 TAG_ENTRY = "cessl.audit.entry"  # the entry as JSON when it fits in a tag (else: decision.json)
 MAX_TAG = 5000
-ACTIONS = ("promote", "refuse", "force", "rollback", "challenger", "testset_freeze", "testset_refresh")
-DECISIONS = ("promote", "refuse", "force", "rollback")  # signed by a release manager
+ACTIONS = (
+    "promote",
+    "refuse",
+    "insufficient",
+    "force",
+    "rollback",
+    "challenger",
+    "testset_freeze",
+    "testset_refresh",
+)
+DECISIONS = ("promote", "refuse", "insufficient", "force", "rollback")  # signed by a release manager
 FORMAT = 2  # chained + signed; entries without a format field are the older, unchained kind (1)
 
 

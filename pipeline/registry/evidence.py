@@ -14,8 +14,8 @@ logged (metrics, ``champion/paired_bootstrap.json``). It
   each record's content hash (sha256 of its files, as ingest computes it) must equal the
   test set's; records that are gone or changed are left out and counted;
 - scores both models on those records with the evaluation's code
-  (:func:`components.evaluate.score_records`) and computes the paired bootstrap and the
-  per-class F-beta2 itself (:func:`components.evaluate.compare_predictions`,
+  (:func:`components.evaluate.score_records`) and computes the paired interval (jackknife-t)
+  and the per-class F-beta2 itself (:func:`components.evaluate.compare_predictions`,
   :mod:`ml.eval.bootstrap`).
 
 Cheap on a CPU: the frozen test set is 10% of a site's labelled records, read and
@@ -258,7 +258,8 @@ def score(model: LoadedModel, records: TestRecords) -> Scores:
 
 
 def paired(challenger: Scores, champion: Scores, classes: list[str], config=None):
-    """The paired bootstrap of challenger - champion on the same records (:class:`ml.eval.bootstrap.PairedBootstrap`)."""
+    """The paired interval of challenger - champion on the same records (:class:`ml.eval.bootstrap.PairedBootstrap`;
+    ``config``: its confidence, the gate's one-sided level of this attempt on each side)."""
     from components.evaluate import compare_predictions
     from ml.eval.bootstrap import BootstrapConfig
 

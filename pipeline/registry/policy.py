@@ -20,16 +20,28 @@
   1. its adapter was trained with a production method (never overridable: a baseline never
      reaches a production model), and its model loads and matches its digests (never
      overridable either);
-  2. with a champion: the paired bootstrap of both models' predictions on the same frozen
-     records (:mod:`ml.eval.bootstrap`) gives a lower bound of the 95% interval of
-     ``challenger - champion`` (macro F-beta2 by default) above the margin (>= 0), and no
-     scored class's F-beta2 drops by more than ``max_class_drop``. A challenger that cannot be
-     compared (not scored on the model's current frozen test set, a champion that cannot be
-     loaded or scored, no frozen record in the data) is refused as not comparable;
+  2. with a champion: the paired jackknife-t interval of both models' predictions on the same
+     frozen records (:mod:`ml.eval.bootstrap`) of ``challenger - champion`` (macro F-beta2 by
+     default) has a lower bound above the margin (>= 0), and no scored class's F-beta2 drops by
+     more than ``max_class_drop``. The interval's one-sided level is spent over the attempts on
+     one frozen test set: attempt k (counted from the verified, signed decisions of the
+     production model's audit log on that test-set version, :func:`earlier_attempts`) is
+     tested at ``alpha / 2^k`` (:mod:`ml.eval.power`; 2.5% in all), so retrying on the same
+     records cannot buy a promotion. A challenger that cannot be compared (not scored on the
+     model's current frozen test set, a champion that cannot be loaded or scored, no frozen
+     record in the data) is refused as not comparable;
   3. without a champion: no other production candidate on the same test split scores higher
      on the frozen records (each rescored here), else it is refused, naming the better version.
 
   ``force`` (with a reason) overrides 2 and 3 only; who forced and why are recorded.
+
+  The outcome (:attr:`PromotionDecision.label`) is *promoted*, *forced*, *refused*, or
+  *insufficient evidence*: the interval contains the margin and the frozen test set holds
+  fewer records than the power computation needs to detect an improvement of
+  ``evidence.effect`` above the margin (:meth:`Comparison.insufficient` names both counts,
+  the interval and the assumptions). Those records cannot tell "better" from "not better",
+  so it is not recorded as a refusal: its audit action is ``insufficient`` (signed like
+  every decision), and ``cessl promote`` exits 7 (refused: 1).
 - Who may: on an MLflow server with authentication, :func:`promote` and :func:`rollback`
   first require ``MANAGE`` on the production model and fail before any change otherwise;
   the audit log names the authenticated user.
@@ -52,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from ml.errors import CesslError
+from ml.eval.power import SD_FROM_DATA, PowerCheck, PowerConfig, attempt_alpha, power_check
 from pipeline.registry.access import client_tracking_uri, require_model_permission
 from pipeline.registry.audit import AuditEntry, current_user, evidence_digest, record
 from pipeline.registry.evidence import EvidenceError, LoadedModel, fetch_model, frozen_test_records, paired, score
@@ -86,6 +99,11 @@ PARAM_SOURCE = "source"  # the run's data source (where promote reads the frozen
 TAG_DECISION = "promotion_decision"
 TAG_COMPARISON = "promotion_comparison"
 TAG_PREVIOUS = "previous_champion"
+TAG_GATE_POWER = "gate_power"  # run tag: the split's power check of its test part (ml.eval.power.PowerCheck, JSON)
+# A decision's outcome (PromotionDecision.label) and its audit action.
+PROMOTED, FORCED, REFUSED, INSUFFICIENT = "promoted", "forced", "refused", "insufficient evidence"
+ACTION_OF = {PROMOTED: "promote", FORCED: "force", REFUSED: "refuse", INSUFFICIENT: "insufficient"}
+COMPARED = ("promote", "force", "refuse", "insufficient")  # the decisions that may rest on an interval
 
 
 class RegistryError(CesslError):
@@ -132,13 +150,16 @@ def class_label(code: str) -> str:
 
 @dataclass(frozen=True)
 class GateConfig:
-    """How a challenger must beat the champion: the lower bound of the paired-bootstrap
-    interval of ``metric`` above ``margin``, no scored class's F-beta2 lower by more than
-    ``max_class_drop``."""
+    """How a challenger must beat the champion: the lower bound of the paired interval of
+    ``metric`` above ``margin``, no scored class's F-beta2 lower by more than
+    ``max_class_drop``; ``evidence``: the one-sided level over all attempts on one frozen test
+    set, and the power to detect an improvement of ``evidence.effect`` above the margin, which
+    decide when the records are too few to decide (:mod:`ml.eval.power`)."""
 
     metric: str = "macro_f_beta"
     margin: float = 0.0
     max_class_drop: float = 0.05
+    evidence: PowerConfig = PowerConfig()
 
     def __post_init__(self) -> None:
         if self.metric not in GATE_METRICS:
@@ -173,10 +194,59 @@ class Comparison:
     testset_version: int | None = None  # the frozen test set the records came from
     testset_md5: str = ""
     digests: dict[str, dict[str, str]] = field(default_factory=dict)  # "challenger"/"champion" -> digest tags
+    interval: str = ""  # how the interval was computed (ml.eval.bootstrap.INTERVALS)
+    attempt: int | None = None  # the how-manieth comparison on this frozen test set (audit log)
+    alpha: float | None = None  # the attempt's one-sided level: alpha / 2^attempt
+    record_sd: float | None = None  # per-record SD of the difference (jackknife), for the power
+    required_records: int | None = None  # the records the gate needs to detect `effect` with `power`
+    effect: float | None = None
+    power: float | None = None
 
     @property
     def failing_classes(self) -> dict[str, float]:
         return {k: d for k, d in self.class_drops.items() if d > self.max_class_drop}
+
+    def power_check(self) -> PowerCheck | None:
+        """What the records could detect, from the numbers recorded here (None: not computed)."""
+        n, required, sd, alpha, attempt = (
+            self.n_records,
+            self.required_records,
+            self.record_sd,
+            self.alpha,
+            self.attempt,
+        )
+        if n is None or required is None or sd is None or alpha is None or attempt is None:
+            return None
+        if self.effect is None or self.power is None:
+            return None
+        return PowerCheck(
+            n, required, sd, SD_FROM_DATA, self.margin, self.effect, alpha, self.power, attempt, self.metric
+        )
+
+    @property
+    def level(self) -> str:
+        """The interval's confidence, e.g. ``97.5%``."""
+        return f"{100 * (self.confidence or 0):.4g}%"
+
+    @property
+    def below_margin(self) -> bool:
+        """The whole interval is at or below the margin: the challenger is shown not better by it."""
+        return self.ci_high is not None and self.ci_high <= self.margin
+
+    def insufficient(self) -> str:
+        """Why these records cannot decide ("" when they can): the interval contains the margin
+        and fewer records than the power computation needs were compared."""
+        check = self.power_check()
+        if self.champion_version is None or not self.comparable or self.ci_low is None or check is None:
+            return ""
+        if self.ci_low > self.margin or self.below_margin or check.sufficient:
+            return ""
+        return (
+            f"{check.n_records} frozen test records, the gate needs >= {check.required} to decide: the "
+            f"{self.level} interval [{self.ci_low:.4f}, {self.ci_high:.4f}] contains the margin {self.margin:g} "
+            f"({check.assumptions()}); more labelled records (then `cessl testset refresh`) or accept "
+            "a larger --effect"
+        )
 
     def describe(self) -> str:
         def fmt(v: float | None) -> str:
@@ -197,11 +267,18 @@ class Comparison:
         worst = max(self.class_drops.items(), key=lambda kv: kv[1], default=("-", 0.0))
         worst_class = class_label(worst[0]) if worst[0] != "-" else "-"
         return (
-            f"{text}; difference {fmt(self.estimate)}, {100 * (self.confidence or 0):.0f}% CI "
-            f"[{fmt(self.ci_low)}, {fmt(self.ci_high)}] over {self.n_records} records of frozen test set "
-            f"v{self.testset_version} ({self.n_resamples} paired resamples), needs lower bound > {self.margin:g}; "
-            f"largest class drop {worst[1]:.4f} ({worst_class}), allowed {self.max_class_drop:g}"
+            f"{text}; difference {fmt(self.estimate)}, {self.level} CI [{fmt(self.ci_low)}, {fmt(self.ci_high)}] "
+            f"over {self.n_records} records of frozen test set v{self.testset_version} ({self._method()}), needs "
+            f"lower bound > {self.margin:g}; largest class drop {worst[1]:.4f} ({worst_class}), allowed "
+            f"{self.max_class_drop:g}"
         )
+
+    def _method(self) -> str:
+        """How the interval was computed and, with alpha spending, which attempt on the test set it is."""
+        method = f"{self.n_resamples} paired resamples" if self.n_resamples else f"paired {self.interval or 'interval'}"
+        if self.attempt is None or self.alpha is None:
+            return method
+        return f"{method}; attempt {self.attempt} on this test set, one-sided alpha {self.alpha:.4g}"
 
 
 @dataclass
@@ -220,14 +297,15 @@ class PromotionDecision:
 
     @property
     def label(self) -> str:
+        """promoted, forced, refused, or insufficient evidence (not refused: the records cannot decide)."""
         if self.promoted:
-            return "forced" if self.forced else "promoted"
-        return "refused"
+            return FORCED if self.forced else PROMOTED
+        return INSUFFICIENT if not self.integrity and self.comparison.insufficient() else REFUSED
 
     @property
     def action(self) -> str:
         """The audit log's action."""
-        return {"promoted": "promote", "forced": "force", "refused": "refuse"}[self.label]
+        return ACTION_OF[self.label]
 
 
 @dataclass
@@ -266,11 +344,29 @@ def _base(gate: GateConfig, challenger, challenger_value: float | None = None) -
 
 @dataclass(frozen=True)
 class GateInputs:
-    """Where :func:`compare` finds what it recomputes: a scratch folder, and the data holding
-    the frozen test records ("" = the challenger's run's ``source``)."""
+    """Where :func:`compare` finds what it recomputes: a scratch folder, the data holding
+    the frozen test records ("" = the challenger's run's ``source``), and the production
+    model's verified audit log (the earlier attempts on the same frozen test set)."""
 
     work_dir: Path
     source: str = ""
+    log: tuple[AuditEntry, ...] = ()
+
+
+def earlier_attempts(log: tuple[AuditEntry, ...] | list[AuditEntry], version: int | None, md5: str) -> int:
+    """How many signed decisions of a verified audit log compared a challenger with the
+    champion on the frozen test set ``version`` (content ``md5``): each one an interval looked
+    at, whatever it decided (forced ones too). Counted from the log, never from a tag."""
+    return sum(
+        1
+        for entry in log
+        if entry.format >= 2
+        and entry.action in COMPARED
+        and entry.signature
+        and entry.metrics.get("ci_low") is not None
+        and str(entry.metrics.get("testset_version")) == str(version)
+        and entry.metrics.get("testset_md5", "") == md5
+    )
 
 
 def _not_comparable(gate: GateConfig, challenger, champion, why: str, **extra: Any) -> Comparison:
@@ -298,7 +394,8 @@ def compare(
     """The evidence for promoting ``challenger`` (a version of ``name``'s candidates model,
     loaded as ``challenger_model``) over ``champion`` (a version of ``name``), recomputed here
     on the frozen test records (or why there is none)."""
-    from pipeline.registry.testsets import gate_problem  # numpy: not on the command line's start-up path
+    from ml.eval.bootstrap import BootstrapConfig  # numpy: not on the command line's start-up path
+    from pipeline.registry.testsets import gate_problem
 
     candidates = candidates_model_name(name)
     problem = gate_problem(client, candidates, challenger)  # not scored on the model's frozen test set
@@ -322,8 +419,13 @@ def compare(
         theirs = score(champion_model, records)
     except EvidenceError as err:
         return _not_comparable(gate, challenger, champion, f"champion {err}", **found)
-    boot = paired(mine, theirs, records.classes)
+    attempt = earlier_attempts(inputs.log, records.testset_version, records.testset_md5) + 1
+    alpha = attempt_alpha(gate.evidence.alpha, attempt)
+    boot = paired(mine, theirs, records.classes, BootstrapConfig(confidence=1.0 - 2.0 * alpha))
     interval = boot.intervals[gate.metric]
+    check = power_check(
+        int(boot.n_records), float(interval.record_sd), SD_FROM_DATA, gate.evidence, gate.margin, attempt, gate.metric
+    )
     return Comparison(
         **_base(gate, challenger)
         | found
@@ -335,7 +437,7 @@ def compare(
         champion_value=float(interval.champion),
         basis=(
             f"recomputed at promotion: both models loaded (digests checked) and scored on {records.describe()}, "
-            "paired bootstrap"
+            f"paired {interval.method} interval"
         ),
         comparable=math.isfinite(float(interval.ci_low)),
         estimate=float(interval.estimate),
@@ -345,7 +447,18 @@ def compare(
         n_records=int(boot.n_records),
         n_resamples=int(boot.n_resamples),
         class_drops={c.name: float(c.drop) for c in boot.per_class},
+        interval=interval.method,
+        attempt=attempt,
+        alpha=alpha,
+        record_sd=_finite(interval.record_sd),
+        required_records=check.required if math.isfinite(check.sd) else None,
+        effect=gate.evidence.effect,
+        power=gate.evidence.power,
     )
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
 
 
 def _rivals(client, candidates: str, challenger, challenger_model: LoadedModel) -> list:
@@ -411,12 +524,27 @@ def verdict(comparison: Comparison, gate: GateConfig, method_ok: bool, method: s
             best = next(iter(comparison.better_versions))
             return False, f"no champion yet, but v{best} scored higher on the same records: promote that one"
         return True, "no champion yet: no production candidate scored higher on the same records"
+    low, high, level = comparison.ci_low, comparison.ci_high, comparison.level
+    if comparison.below_margin:
+        return False, (
+            f"the whole {level} interval [{low:.4f}, {high:.4f}] is at or below the margin {gate.margin:g}: "
+            f"lower bound {low:.4f} does not exceed the margin {gate.margin:g}"
+        )
+    insufficient = comparison.insufficient()
+    if insufficient:
+        return False, insufficient
     if comparison.failing_classes:
         worst = ", ".join(f"{class_label(k)} -{d:.4f}" for k, d in comparison.failing_classes.items())
         return False, f"per-class non-inferiority fails (F-beta2 drop > {gate.max_class_drop:g}): {worst}"
-    if comparison.ci_low is not None and comparison.ci_low > gate.margin:
-        return True, f"lower bound {comparison.ci_low:.4f} of the interval exceeds the margin {gate.margin:g}"
-    return False, f"lower bound {comparison.ci_low:.4f} of the interval does not exceed the margin {gate.margin:g}"
+    if low is not None and low > gate.margin:
+        return True, f"lower bound {low:.4f} of the {level} interval exceeds the margin {gate.margin:g}"
+    check = comparison.power_check()
+    powered = (
+        ""
+        if check is None
+        else f" ({check.n_records} records: enough to show an improvement of {check.effect:g} with power {check.power:g})"
+    )
+    return False, f"lower bound {low:.4f} of the {level} interval does not exceed the margin {gate.margin:g}{powered}"
 
 
 # --------------------------------------------------------------------------- writing
@@ -657,7 +785,7 @@ def promote(
         comparison = _not_comparable(gate, challenger, champion, problem)
         return _refuse(client, contest, comparison.basis, comparison)
     with tempfile.TemporaryDirectory(prefix="cessl-promote-") as tmp:
-        inputs = GateInputs(Path(tmp), source)
+        inputs = GateInputs(Path(tmp), source, tuple(state.entries))
         try:
             model = fetch_model(client, candidates, str(challenger.version), inputs.work_dir)
         except EvidenceError as err:

@@ -117,10 +117,16 @@ def test_ingest_of_an_empty_folder_names_it(tmp_path):
         ingest_step(str(tmp_path / "empty"), tmp_path / "m", tmp_path / "q.md")
 
 
-def test_split_is_deterministic_and_auditable(work, tmp_path):
+def test_split_is_deterministic_and_auditable(work, tmp_path, capsys):
     first = Splits.load(work / "splits.json")
     result = split_step(work / "store", tmp_path / "again.json", SplitConfig(labelled_ratio=0.3, seed=0))
     assert result.test_split_hash == first.test_split_hash
+    # before any training: a test part this small cannot decide the gate, said on cessl run's terminal
+    power = result.gate_power
+    assert power["n_records"] == len(first.test) < power["required"] and not power["sufficient"]
+    out = capsys.readouterr().out
+    assert f"cessl-progress split: WARNING the champion gate cannot decide on this test set: {len(first.test)} " in out
+    assert f"the gate needs >= {power['required']} (power 0.8" in out and "assumed from the test labels" in out
     assert json.loads((tmp_path / "again.json").read_text())["test"] == first.test
     parts = [set(getattr(first, p)) for p in ("test", "train", "valid", "unlabelled")]
     assert sum(map(len, parts)) == len(set().union(*parts)), "parts overlap"
@@ -241,13 +247,15 @@ def test_champion_is_scored_like_evaluate_and_carried_by_the_registration(traine
         trained / "store", trained / "splits.json", champion, tmp_path / "champion.json", trained / "evaluation"
     )
     assert scored.scored and scored.test_split_hash == splits.test_split_hash
-    # Its per-record predictions on the same records, and the paired bootstrap against the
-    # challenger (here the same model: a difference of exactly 0, no class drop).
+    # Its per-record predictions on the same records, and the paired interval (the gate's
+    # jackknife-t: no resamples) against the challenger (here the same model: a difference of
+    # exactly 0, no class drop).
     kept = np.load(tmp_path / "champion.json" / "predictions.npz")
     assert list(kept["ids"]) == list(splits.test)
     gate = scored.gate
-    assert gate["n_records"] == len(splits.test) and gate["n_resamples"] == 1000
+    assert gate["n_records"] == len(splits.test) and gate["n_resamples"] == 0
     interval = gate["intervals"]["macro_f_beta"]
+    assert interval["method"] == "jackknife-t"
     assert interval["estimate"] == interval["ci_low"] == interval["ci_high"] == 0.0
     assert all(c["drop"] == 0.0 for c in gate["per_class"])
     assert (

@@ -4,6 +4,7 @@ names in the gate's texts."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
@@ -12,6 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 from rich.console import Console
 
@@ -73,6 +75,25 @@ def test_run_summary_fits_80_columns_and_keeps_every_id_whole(monkeypatch):
     assert all(len(line) <= WIDTH or URI in line for line in text.splitlines())
     # the metrics table says how its macro means count a class with no positive test record
     assert "counting 0" in " ".join(text.split()) and "official" in text
+
+
+def test_run_summary_says_when_the_gate_cannot_decide(monkeypatch):
+    """The split's power check, tagged on the run, ends up in the summary (only when too few)."""
+    import json
+
+    from ml.eval.power import PowerConfig, label_power_check
+    from pipeline.cli.run import gate_warning
+
+    monkeypatch.setenv("PATH", str(BIN))
+    few = label_power_check(np.eye(7, 3, dtype=np.int64), PowerConfig())
+    assert gate_warning({}) == "" and gate_warning({"gate_power": "{not json"}) == ""
+    warning = gate_warning({"gate_power": json.dumps(few.to_json())})
+    assert warning == f"cannot decide: {few.describe()}"
+    many = label_power_check(np.tile(np.eye(3, dtype=np.int64), (2000, 1)), PowerConfig())
+    assert gate_warning({"gate_power": json.dumps(many.to_json())}) == ""
+    text = render(lambda console: print_summary(dataclasses.replace(summary(), gate_warning=warning), console))
+    assert "champion gate" in text and "cannot decide: 7 labelled test records, too few" in " ".join(text.split())
+    assert all(len(line) <= WIDTH or URI in line for line in text.splitlines())
 
 
 def test_network_summary_fits_80_columns_and_runs_its_next_steps(monkeypatch, tmp_path):

@@ -194,16 +194,49 @@ def test_a_better_challenger_is_promoted_only_above_the_margin(reg, world):
     assert first.promoted
     v2 = reg.register(world["good"])
     refused = promote(reg.client, reg.model, GateConfig(margin=0.95))
-    assert not refused.promoted and "does not exceed the margin" in refused.reason
+    assert not refused.promoted and refused.label == "refused" and "does not exceed the margin" in refused.reason
     c = refused.comparison
     assert c.ci_low is not None and 0 < c.ci_low < 0.95 and c.n_records == 16 and c.testset_version == 1
+    assert (c.attempt, c.alpha, c.confidence, c.interval) == (1, 0.0125, 0.975, "jackknife-t")
     promoted = promote(reg.client, reg.model, GateConfig(margin=0.01))
-    assert promoted.promoted and promoted.comparison.ci_low == pytest.approx(c.ci_low)
+    second = promoted.comparison
+    assert promoted.promoted and (second.attempt, second.alpha) == (2, 0.00625)  # the same test set: alpha spent
+    assert second.estimate == pytest.approx(c.estimate) and second.ci_low < c.ci_low  # a wider interval
     production = promoted.production_version
     assert alias(reg, reg.model, CHAMPION) == production
     tags = reg.client.get_model_version(reg.model, production).tags
     assert tags[TAG_PREVIOUS] == first.production_version and tags[TAG_SOURCE_CANDIDATE].endswith(f"/{v2}")
     assert json.loads(tags[TAG_COMPARISON])["who"] == "dr-test"
+
+
+def test_too_few_records_is_insufficient_evidence_not_a_refusal(reg, world, capsys):
+    """An interval that contains the margin on fewer records than the power computation needs
+    is its own answer: signed and verified like any decision, exit 7, the champion kept; the
+    attempts on the frozen test set keep counting through it and through the command line."""
+    reg.register(world["bad"])
+    champion = promote(reg.client, reg.model).production_version
+    reg.register(world["good"])
+    first = promote(reg.client, reg.model, GateConfig(margin=0.95)).comparison  # attempt 1: refused
+    margin = round((first.ci_low + first.ci_high) / 2, 4)  # inside every later (wider) interval
+    decision = promote(reg.client, reg.model, GateConfig(margin=margin))
+    c = decision.comparison
+    assert decision.label == "insufficient evidence" and not decision.promoted, decision.reason
+    assert c.attempt == 2 and c.required_records is not None and c.n_records == 16 < c.required_records
+    assert decision.reason.startswith(f"16 frozen test records, the gate needs >= {c.required_records} to decide")
+    assert (
+        f"contains the margin {margin:g}" in decision.reason
+        and "one-sided alpha 0.00625 (attempt 2)" in decision.reason
+    )
+    assert alias(reg, reg.model, CHAMPION) == champion
+    entry = history(reg.client, reg.model)[-1]
+    assert (entry.action, entry.metrics["attempt"], entry.champion["version"]) == ("insufficient", 2, champion)
+    assert entry.signature and entry.metrics["required_records"] == c.required_records
+    assert reg.client.get_model_version(reg.candidates, c.challenger_version).tags[TAG_DECISION] == decision.label
+    assert cli.main(["promote", reg.model, "--margin", str(margin)]) == 7  # attempt 3
+    out = capsys.readouterr().out
+    assert "INSUFFICIENT EVIDENCE: 16 frozen test records" in out and "attempt 3 on this test set" in out, out
+    assert cli.main(["models", reg.model]) == 0  # the log and its signatures verify
+    assert [e.metrics.get("attempt") for e in history(reg.client, reg.model)] == [None, 1, 2, 3]
 
 
 def test_model_less_and_altered_versions_are_refused_even_when_forced(reg, world, capsys, tmp_path):
