@@ -1,4 +1,5 @@
-"""One migrated MLflow database per test session, copied into every new SQLite store.
+"""MLflow in the test process: one migrated database per session, copied into every new SQLite
+store, and no tracking URI leaking from one test into the next.
 
 Loaded as a pytest plugin from ``tests/conftest.py``. Creating an MLflow SQLite store runs
 MLflow's ~60 schema migrations (2-4 s on this machine) and every new store object reads the
@@ -12,6 +13,7 @@ start (the CLI, kfp.local tasks, servers) migrate as usual.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -59,3 +61,29 @@ def migrated_mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Iterat
         yield template
     finally:
         db_utils._initialize_tables, registry_store._initialize_tables, db_utils._get_latest_schema_revision = saved
+
+
+MLFLOW_URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@pytest.fixture(autouse=True)
+def mlflow_globals_do_not_leak() -> Iterator[None]:
+    """Each test starts from MLflow's defaults: ``mlflow.set_tracking_uri`` (called by the fluent
+    API, e.g. while logging a model) keeps the URI in a module global and writes it into
+    ``os.environ`` behind monkeypatch's back, so a later test in the same process would reach
+    an earlier test's store. Both are put back after every test."""
+    import sys
+
+    before = {name: os.environ.get(name) for name in MLFLOW_URI_ENV}
+    yield
+    tracking = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    registry = sys.modules.get("mlflow.tracking._model_registry.utils")
+    if tracking is not None:
+        tracking._tracking_uri = None
+    if registry is not None:
+        registry._registry_uri = None
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
