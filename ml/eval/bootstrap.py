@@ -6,7 +6,7 @@ record:
 
 - **The metric as a ratio of weighted counts.** Per class, F-beta = (1+b^2) TP / (b^2 P + PP)
   and G-beta = TP / (TP + FP + b FN) (P: positive records, PP: predicted positive), the macro
-  mean over the classes with a positive record: the definition of
+  mean over all classes, a class without a positive record counting 0: the definition of
   :func:`ml.eval.metrics.thresholded_metrics`. Every record enters the counts with a weight,
   so all reweighted copies of the records (leave one out, bootstrap resamples) are one matrix
   product (:func:`macro_of_sums`); ``tests/unit/test_gate_statistics.py`` checks that the two
@@ -175,12 +175,13 @@ def record_terms(y: np.ndarray, pred: np.ndarray, metric: str, beta: float) -> R
 
 
 def macro_of_sums(sums: RecordTerms) -> np.ndarray:
-    """The macro metric of weighted sums (..., C): the per-class ratios averaged over the
-    classes with a positive record of weight > 0 (NaN where there is none)."""
+    """The macro metric of weighted sums (..., C): the per-class ratios averaged over all C
+    classes, a class without a positive record of weight > 0 counting 0 (the reference's macro
+    mean, :func:`ml.eval.metrics.macro_mean`)."""
     scored = sums.positive > 0
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = np.where(scored, sums.numerator / np.where(scored, sums.denominator, 1.0), 0.0)
-        return ratio.sum(-1) / np.where(scored.any(-1), scored.sum(-1), np.nan)
+    return ratio.sum(-1) / ratio.shape[-1]
 
 
 def _difference(a: RecordTerms, b: RecordTerms) -> np.ndarray:
