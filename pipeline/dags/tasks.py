@@ -32,6 +32,10 @@ from kfp.dsl import (
     Output,
 )
 
+from pipeline.dags import kfp_speedup
+
+kfp_speedup.install()  # kfp's task setters without inspect.stack() (see the module)
+
 DEFAULT_IMAGE = "localhost:5000/cessl:0.1.0"
 IMAGE_ENV = "CESSL_IMAGE"
 
