@@ -1,7 +1,9 @@
 """The test tiers (folders under tests/) and the rules of what each may use.
 
-- ``unit``: no server, no subprocess pipeline, no Docker; fast (``make test-fast``);
-- ``integration``: real MLflow / S3 / auth servers, kfp.local runs, real processes;
+- ``unit``: no server, no subprocess pipeline, no git/DVC repository work, no Docker; fast
+  (``make test-fast``, under 2 minutes);
+- ``integration``: real MLflow / S3 / auth servers, kfp.local runs, real processes (git, DVC,
+  torchrun), registry decisions on real models;
 - ``e2e``: Docker images, TrainJobs, the full demo.
 
 :func:`tier_problem` is what the collection hook in ``conftest.py`` applies to every test.

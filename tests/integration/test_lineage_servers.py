@@ -1,6 +1,6 @@
 """Concurrency and lineage against real servers: the atomic duplicate-registration check (two
 real processes against one MLflow server) and data versions of S3 sources computed from the
-objects. The lock, data add, remotes and run records: tests/unit/test_lineage.py."""
+objects. The lock, data add, remotes and run records: tests/integration/test_lineage.py."""
 
 from __future__ import annotations
 

@@ -248,7 +248,7 @@ def test_finetune_receives_the_schedule(compiled):
 def test_register_gets_the_run_parameters_as_one_mapping(compiled):
     spec, _ = compiled
     register = spec["root"]["dag"]["tasks"]["register"]["inputs"]["parameters"]
-    kfp_run = {"kfp_run_id", "kfp_run_name", "kfp_pipeline_name"}  # lineage tags (tests/unit/test_lineage.py)
+    kfp_run = {"kfp_run_id", "kfp_run_name", "kfp_pipeline_name"}  # lineage tags (tests/integration/test_lineage.py)
     assert set(register) == {"params"} | kfp_run | {k for k in register if k.startswith("pipelinechannel--")}
     mapping = register["params"]["runtimeValue"]["constant"]
     assert set(mapping) == set(DEFAULTS.arguments())
