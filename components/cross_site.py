@@ -74,38 +74,11 @@ def cross_site_matrix(backbone_dir: Path, sites: Sequence[SiteArtifacts], batch_
     cells = []
     for model_site in sites:
         predictor = load_predictor(backbone_dir, model_site.adapter_dir)
-        for target in sites:
-            test, target_classes, target_scored = tests[target.name]
-            probs, labels = predict_with_labels(predictor.model, test, batch_size)
-            cells.append(
-                score_cell(
-                    model_site.name,
-                    target.name,
-                    probs,
-                    predictor.classes,
-                    predictor.thresholds,
-                    labels,
-                    target_classes,
-                    target_scored,
-                )
-            )
+        cells += [score_on(model_site.name, predictor, target.name) for target in sites]
     for target in sites:  # the backbone row: the target's own head, nothing else adapted
         predictor = load_predictor(backbone_dir, target.adapter_dir)
         switched = without_adaptation(predictor.model, backbone_state)
-        test, target_classes, target_scored = tests[target.name]
-        probs, labels = predict_with_labels(predictor.model, test, batch_size)
-        cells.append(
-            score_cell(
-                BACKBONE_ROW,
-                target.name,
-                probs,
-                predictor.classes,
-                predictor.thresholds,
-                labels,
-                target_classes,
-                target_scored,
-            )
-        )
+        cells.append(score_on(BACKBONE_ROW, predictor, target.name))
         log.debug("backbone on %s: %d LoRA layers off", target.name, switched)
     return CrossSiteMatrix(tuple(cells))
 

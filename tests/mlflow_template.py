@@ -13,6 +13,7 @@ start (the CLI, kfp.local tasks, servers) migrate as usual.
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -22,15 +23,25 @@ from typing import Any
 import pytest
 
 
-def _copy_into(template: Path, migrate: Callable[[Any], None]) -> Callable[[Any], None]:
-    """An ``_initialize_tables(engine)`` that copies ``template`` into a SQLite engine's database
-    (any other database: ``migrate``, MLflow's own)."""
+class _Template:
+    """``_initialize_tables(engine)`` for the test process: the first new SQLite store is migrated
+    by MLflow (``migrate``) into ``path``, every new one after it gets a copy of that database
+    (any other database: MLflow's own migrations)."""
 
-    def initialize(engine: Any) -> None:
+    def __init__(self, path: Path, migrate: Callable[[Any], None]) -> None:
+        self.path, self.migrate = path, migrate
+
+    def __call__(self, engine: Any) -> None:
         if engine.dialect.name != "sqlite":
-            migrate(engine)
+            self.migrate(engine)
             return
-        source = sqlite3.connect(template)
+        if not self.path.exists():
+            import sqlalchemy
+
+            template = sqlalchemy.create_engine(f"sqlite:///{self.path}")
+            self.migrate(template)
+            template.dispose()
+        source = sqlite3.connect(self.path)
         target = engine.raw_connection()
         try:
             source.backup(target.driver_connection)
@@ -38,27 +49,20 @@ def _copy_into(template: Path, migrate: Callable[[Any], None]) -> Callable[[Any]
             target.close()
             source.close()
 
-    return initialize
-
 
 @pytest.fixture(scope="session", autouse=True)
-def migrated_mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def migrated_mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The template is migrated on the first new store (a session that makes none pays nothing);
+    MLflow still checks every store's schema version against its head."""
     import mlflow.store.db.utils as db_utils
-    import sqlalchemy
     from mlflow.store.model_registry import sqlalchemy_store as registry_store
 
-    template = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    engine = sqlalchemy.create_engine(f"sqlite:///{template}")
-    migrate = db_utils._initialize_tables
-    migrate(engine)
-    engine.dispose()
-    head = db_utils._get_latest_schema_revision()
     saved = (db_utils._initialize_tables, registry_store._initialize_tables, db_utils._get_latest_schema_revision)
-    initialize = _copy_into(template, migrate)
+    initialize = _Template(tmp_path_factory.mktemp("mlflow-template") / "mlflow.db", db_utils._initialize_tables)
     db_utils._initialize_tables = registry_store._initialize_tables = initialize
-    db_utils._get_latest_schema_revision = lambda: head
+    db_utils._get_latest_schema_revision = functools.cache(db_utils._get_latest_schema_revision)
     try:
-        yield template
+        yield
     finally:
         db_utils._initialize_tables, registry_store._initialize_tables, db_utils._get_latest_schema_revision = saved
 

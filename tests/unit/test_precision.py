@@ -97,14 +97,16 @@ def test_bf16_steps_keep_fp32_master_weights_and_optimizer_state(data) -> None:
 @pytest.mark.parametrize("method", ["cessl", "fixmatch"])
 def test_bf16_fit_end_to_end_is_finite_and_reproducible(data, method: str, device: torch.device) -> None:
     """On the CPU and (marked cuda) on a GPU: bf16 is reproducible run to run on one device."""
-    config = _config(method=method, precision="bf16", device=str(device), max_steps=2)  # bf16 is emulated on a CPU
+    config = _config(
+        method=method, precision="bf16", device=str(device), max_steps=1, val_every=1
+    )  # bf16: emulated on a CPU
     runs = []
     for _ in range(2):
         model = _model(method)
         result = fit(model, data["train"], data["unlabelled"], data["valid"], config)
         runs.append((model, result))
     (a, ra), (b, rb) = runs
-    assert ra.precision == "bf16" and ra.steps == 2
+    assert ra.precision == "bf16" and ra.steps == 1
     assert all(math.isfinite(r["train_loss"]) for r in ra.history if "train_loss" in r)
     assert {p.dtype for p in a.parameters()} == {torch.float32}
     for key, value in a.state_dict().items():  # same seed, same device: the same model

@@ -142,7 +142,7 @@ def test_a_process_group_that_cannot_be_joined_is_one_clear_error(monkeypatch: p
     monkeypatch.setenv("MASTER_PORT", str(port))
     start = time.perf_counter()
     with pytest.raises(DistributedTrainingError, match=rf"rank 1 of 2: could not join .* 127\.0\.0\.1:{port}") as err:
-        setup_distributed("cpu", timeout_s=3)
+        setup_distributed("cpu", timeout_s=1)
     assert time.perf_counter() - start < 60
     assert err.value.exit_code == EXIT_STEP_FAILED and "\n" not in str(err.value)
     assert not torch.distributed.is_initialized()

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from pipeline_support import make_store
 
-from components.common import StepError
-from components.pretrain import SPEC_FILE, JobFolders, run_local, stage_store
+from components.pretrain import JobFolders, stage_store
 from components.trainjob import PretrainJob, node_resources
 from ml.errors import EXIT_USAGE, ParameterError
 from ml.train.pretrain_config import PretrainConfig, PretrainRun
@@ -301,34 +298,6 @@ def test_the_validate_step_reads_kfp_rendered_values():
 @pytest.fixture(scope="module")
 def tiny_store(tmp_path_factory) -> Path:
     return make_store(tmp_path_factory.mktemp("source"))
-
-
-def _local_job(store: str, tmp_path: Path, timeout_s: int, **config) -> PretrainJob:
-    config = {"checkpoint_dir": str(tmp_path / "ckpt")} | config
-    return PretrainJob(
-        PretrainRun(store, str(tmp_path / "out"), PretrainConfig(**config)), backend="local", timeout_s=timeout_s
-    )
-
-
-def test_a_job_past_its_timeout_is_stopped_with_a_clear_error(tiny_store, tmp_path):
-    job = _local_job(str(tiny_store), tmp_path, 3, backbone="tinylight", max_steps=100000, batch_size=8, device="cpu")
-    start = time.monotonic()
-    with pytest.raises(StepError, match=r"did not finish within timeout_s=3: stopped"):
-        run_local(job, tmp_path / "job")
-    assert time.monotonic() - start < 3 + 15  # stopped, not waited for
-    assert not (tmp_path / "out" / "backbone_config.json").exists()
-
-
-def test_a_failing_job_fails_the_step_with_its_exit_code(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="cessl.pretrain.job")
-    job = _local_job(str(tmp_path / "no-store"), tmp_path, 120)
-    with pytest.raises(StepError, match=r"exited with code 5 after"):  # EXIT_STEP_FAILED, one line in its log
-        run_local(job, tmp_path / "job")
-    streamed = [r.getMessage() for r in caplog.records if r.name == "cessl.pretrain.job"]
-    assert any("no-store is not a complete dataset store" in line for line in streamed), streamed
-    written = PretrainRun.from_dict(json.loads((tmp_path / "job" / SPEC_FILE).read_text()))
-    assert written.store == str(tmp_path / "no-store")  # the one dataclass, as JSON
-    assert written.config == PretrainConfig(checkpoint_dir=str(tmp_path / "ckpt"), progress=False)
 
 
 def test_the_local_backend_is_one_node():
