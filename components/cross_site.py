@@ -71,6 +71,15 @@ def cross_site_matrix(backbone_dir: Path, sites: Sequence[SiteArtifacts], batch_
         raise StepError("cross-site evaluation: no site to evaluate")
     backbone_state = read_backbone(backbone_dir).state
     tests = {site.name: _test_set(site) for site in sites}
+
+    def score_on(row: str, predictor, target: str):
+        """The cell of ``row`` (a site's adapter, or the backbone) on ``target``'s test split."""
+        test, target_classes, target_scored = tests[target]
+        probs, labels = predict_with_labels(predictor.model, test, batch_size)
+        return score_cell(
+            row, target, probs, predictor.classes, predictor.thresholds, labels, target_classes, target_scored
+        )
+
     cells = []
     for model_site in sites:
         predictor = load_predictor(backbone_dir, model_site.adapter_dir)
