@@ -1,6 +1,6 @@
 """`cessl compare`: choose a method by comparing methods on your own data.
 
-    cessl compare --methods cessl,fixmatch --ratios 0.05,0.15 --seeds 0,1,2 [pipeline flags]
+    cessl compare --methods cessl,fixmatch --ratios 0.05,0.1 --seeds 0,1,2 [pipeline flags]
     cessl compare --methods cessl,fixmatch,lora,full --compile -o cessl_compare.yaml
 
 Runs the ``cessl-compare`` pipeline (:mod:`pipeline.dags.compare`) locally with ``kfp.local``:

@@ -99,7 +99,7 @@ def add_run_commands(subparsers: argparse._SubParsersAction) -> None:
 # parameter's own constraints (pipeline.core.params.PipelineParams metadata) when parsed.
 GRID_FLAGS: dict[str, tuple[str, str]] = {  # flag -> (PipelineParams field, default)
     "--methods": ("method", "cessl,fixmatch"),
-    "--ratios": ("labelled_ratio", "0.05,0.15"),
+    "--ratios": ("labelled_ratio", "0.05,0.1"),  # the paper's labelled fractions (5% and 10%)
     "--seeds": ("seed", "0,1,2"),
 }
 # PipelineParams fields compare takes no flag for: the grid's, and those of a registration
