@@ -62,7 +62,7 @@ def _test_set(site: SiteArtifacts) -> tuple[Dataset, list[str], np.ndarray]:
 
 def cross_site_matrix(backbone_dir: Path, sites: Sequence[SiteArtifacts], batch_size: int = 64):
     """The :class:`ml.eval.cross_site.CrossSiteMatrix` of ``sites`` (each model on each test split)."""
-    from ml.eval.cross_site import BACKBONE_ROW, CrossSiteMatrix, score_cell, without_adaptation
+    from ml.eval.cross_site import BACKBONE_ROW, CrossSiteMatrix, everything_cell, score_cell, without_adaptation
     from ml.eval.evaluate import predict_with_labels
     from ml.eval.predictor import load_predictor
     from ml.model.pretrained import read_backbone
@@ -72,12 +72,21 @@ def cross_site_matrix(backbone_dir: Path, sites: Sequence[SiteArtifacts], batch_
     backbone_state = read_backbone(backbone_dir).state
     tests = {site.name: _test_set(site) for site in sites}
 
+    labels_of: dict[str, np.ndarray] = {}
+
     def score_on(row: str, predictor, target: str):
         """The cell of ``row`` (a site's adapter, or the backbone) on ``target``'s test split."""
         test, target_classes, target_scored = tests[target]
-        probs, labels = predict_with_labels(predictor.model, test, batch_size)
+        probs, labels_of[target] = predict_with_labels(predictor.model, test, batch_size)
         return score_cell(
-            row, target, probs, predictor.classes, predictor.thresholds, labels, target_classes, target_scored
+            row,
+            target,
+            probs,
+            predictor.classes,
+            predictor.thresholds,
+            labels_of[target],
+            target_classes,
+            target_scored,
         )
 
     cells = []
@@ -89,6 +98,9 @@ def cross_site_matrix(backbone_dir: Path, sites: Sequence[SiteArtifacts], batch_
         switched = without_adaptation(predictor.model, backbone_state)
         cells.append(score_on(BACKBONE_ROW, predictor, target.name))
         log.debug("backbone on %s: %d LoRA layers off", target.name, switched)
+    for target in sites:  # the reference: every class of the target, for every record
+        _, target_classes, target_scored = tests[target.name]
+        cells.append(everything_cell(target.name, labels_of[target.name], target_classes, target_scored))
     return CrossSiteMatrix(tuple(cells))
 
 

@@ -252,7 +252,8 @@ def print_network_summary(summary: NetworkSummary, console=None) -> None:
         console.print(
             Text(
                 "scored over the classes each model and test split share; 'backbone': the pre-trained backbone, "
-                "LoRA off, with the site's own head",
+                "LoRA off, with the site's own head (an ablation); 'predict-everything': every class for every "
+                "record, the reference to beat",
                 style="dim",
             )
         )

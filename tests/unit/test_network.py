@@ -11,7 +11,8 @@ import yaml
 from pipeline_support import cessl
 
 from ml.eval.challenge import challenge_score, load_weights, scored_codes, to_scored_classes
-from ml.eval.cross_site import CrossSiteMatrix, score_cell
+from ml.eval.cross_site import EVERYTHING_ROW, CrossSiteMatrix, everything_cell, score_cell
+from ml.eval.metrics import thresholded_metrics
 from pipeline.core.params import DEFAULTS
 from pipeline.core.sites import Site, load_sites
 from pipeline.dags.finetune import CompileOptions
@@ -147,6 +148,18 @@ def test_cross_site_cell_scores_the_classes_model_and_target_share():
     assert none.n_classes == 0 and math.isnan(none.macro_f_beta)
     matrix = CrossSiteMatrix((cell, none))
     assert "| m |" in matrix.markdown() and matrix.csv().count("\n") == 3
+
+
+def test_the_reference_row_predicts_every_class_of_the_target_for_every_record():
+    labels = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]])
+    target_classes = ["426783006", "164889003", "59118001"]
+    scored = to_scored_classes(labels, target_classes, load_weights())
+    cell = everything_cell("t", labels, target_classes, scored)
+    assert (cell.model, cell.n_classes, cell.n_records) == (EVERYTHING_ROW, 3, 4)
+    assert cell.macro_f_beta == pytest.approx(thresholded_metrics(labels, np.ones_like(labels))["macro_f_beta"])
+    assert cell.challenge_score == pytest.approx(
+        challenge_score(scored, scored_codes(), np.ones_like(labels), target_classes)
+    )
 
 
 # --------------------------------------------------------------------------- a real run
