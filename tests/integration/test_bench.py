@@ -38,12 +38,16 @@ def run_bench(script: str, args: list[str], out: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_train_step_bench_reports_every_method(tmp_path: Path) -> None:
-    summary = run_bench(
-        "train_step.py", ["--batch", "2", "--steps", "1", "--rounds", "1", "--pairs", "2"], tmp_path / "train_step.json"
-    )
+def test_train_step_bench_reports_every_method_and_puts_bf16_next_to_fp32(tmp_path: Path) -> None:
+    """One run of the benchmark, both precisions: every method in fp32, CE-SSL and FixMatch in bf16."""
+    args = ["--batch", "2", "--steps", "1", "--rounds", "1", "--pairs", "2", "--warmup", "1"]
+    summary = run_bench("train_step.py", [*args, "--precisions", "fp32", "bf16"], tmp_path / "train_step.json")
     results = {r["method"]: r for r in summary["results"]}
-    assert list(results) == ["cessl", "cessl-no-deact", "lora", "full", "fixmatch"]
+    fp32, bf16 = (
+        ["cessl", "cessl-no-deact", "lora", "full", "fixmatch"],
+        ["cessl@bf16", "cessl-no-deact@bf16", "fixmatch@bf16"],
+    )
+    assert list(results) == [*fp32, *bf16]
     assert results["fixmatch"]["x_fixmatch"] == 1.0
     assert all(r["step_ms"] > 0 and r["peak_mb"] > 0 for r in results.values())
     # CE-SSL trains the allocated (lower) ranks: fewer parameters than uniform LoRA r = 16,
@@ -54,6 +58,16 @@ def test_train_step_bench_reports_every_method(tmp_path: Path) -> None:
     assert len(summary["deactivation_pair_ms"]) == 2
     assert summary["targets"][0]["target"].startswith("CE-SSL step")
     assert any(r < 16 for r in summary["rank_map"].values())
+    # the same model in either precision: the same trainable and stored sizes
+    assert {r["precision"] for r in results.values()} == {"fp32", "bf16"}
+    for name in ("cessl", "cessl-no-deact", "fixmatch"):
+        assert results[f"{name}@bf16"]["trainable"] == results[name]["trainable"]
+    assert set(summary["deactivation_pair_ms_by_precision"]) == {"fp32", "bf16"}
+    loader = {row["variant"]: row for row in summary["loader"]}
+    assert set(loader) == {"cessl", "cessl@bf16"}
+    assert all(row["loader_ms"] > 0 and 0 <= row["loader_share"] < 1 for row in loader.values())
+    targets = [t["target"] for t in summary["targets"]]
+    assert any(t.startswith("bf16 CE-SSL step <= 0.35") for t in targets)
 
 
 @pytest.mark.slow
@@ -92,42 +106,6 @@ def test_serve_bench_reports_memory_throughput_and_switch_cost(tmp_path: Path) -
     assert timing["max_abs_prob_diff_vs_own_predictor"] < 1e-5
     assert 0 < timing["switch_ms_p50"] <= timing["switch_ms_p99"]
     assert timing["single_site_records_per_s"] > 0 and timing["spread_records_per_s"] > 0
-
-
-@pytest.mark.slow
-def test_train_step_bench_puts_bf16_next_to_fp32(tmp_path: Path) -> None:
-    summary = run_bench(
-        "train_step.py",
-        [
-            "--batch",
-            "2",
-            "--steps",
-            "1",
-            "--rounds",
-            "1",
-            "--pairs",
-            "2",
-            "--warmup",
-            "1",
-            "--precisions",
-            "fp32",
-            "bf16",
-        ],
-        tmp_path / "train_step.json",
-    )
-    results = {r["method"]: r for r in summary["results"]}
-    assert list(results)[-3:] == ["cessl@bf16", "cessl-no-deact@bf16", "fixmatch@bf16"]
-    assert {r["precision"] for r in results.values()} == {"fp32", "bf16"}
-    # the same model in either precision: the same trainable and stored sizes
-    for name in ("cessl", "cessl-no-deact", "fixmatch"):
-        assert results[f"{name}@bf16"]["trainable"] == results[name]["trainable"]
-        assert results[f"{name}@bf16"]["step_ms"] > 0
-    assert set(summary["deactivation_pair_ms_by_precision"]) == {"fp32", "bf16"}
-    loader = {row["variant"]: row for row in summary["loader"]}
-    assert set(loader) == {"cessl", "cessl@bf16"}
-    assert all(row["loader_ms"] > 0 and 0 <= row["loader_share"] < 1 for row in loader.values())
-    targets = [t["target"] for t in summary["targets"]]
-    assert any(t.startswith("bf16 CE-SSL step <= 0.35") for t in targets)
 
 
 @pytest.mark.slow
