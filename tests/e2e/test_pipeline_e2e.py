@@ -115,11 +115,12 @@ def test_run_second_version_gate_predict_rollback(tmp_path, mlflow_server, s3_se
     assert comparison["challenger_value"] == pytest.approx(challenger)
     assert comparison["champion_value"] == pytest.approx(champion)
     assert comparison["ci_low"] <= comparison["estimate"] <= comparison["ci_high"]
-    assert comparison["n_records"] > 0 and comparison["n_resamples"] == 1000
+    assert comparison["n_records"] > 0 and comparison["interval"] == "jackknife-t" and comparison["attempt"] == 1
     if rc == 0:
         assert decision["promotion_decision"] == "promoted" and comparison["ci_low"] > 0
-    else:
-        assert rc == 1 and decision["promotion_decision"] == "refused" and alias(client, CHAMPION) == "1"
+    else:  # refused, or (exit 7) too few records to decide either way: never a silent impossibility
+        outcome = {1: "refused", 7: "insufficient evidence"}[rc]
+        assert decision["promotion_decision"] == outcome and alias(client, CHAMPION) == "1"
         assert cessl("promote", NAME, "--force", "--reason", "e2e: exercise the forced path") == 0
         assert client.get_model_version(CANDIDATES, "2").tags["promotion_decision"] == "forced"
     assert alias(client, CHAMPION) == "2"
