@@ -49,15 +49,31 @@ class CrossSiteFiles:
         return {f"cross_site/{p.name}": p for p in (self.csv, self.markdown, self.json, self.heatmap)}
 
 
-def _test_set(site: SiteArtifacts) -> tuple[Dataset, list[str], np.ndarray]:
-    """A site's test split: the dataset, its classes, and its labels of every Challenge-scored class."""
+@dataclass(frozen=True)
+class _TestSplit:
+    """A site's test split: the records, its classes, their labels over those classes and over
+    every Challenge-scored class."""
+
+    records: Dataset
+    classes: list[str]
+    labels: np.ndarray
+    scored: np.ndarray
+
+
+def _test_set(site: SiteArtifacts) -> _TestSplit:
     from ml.data.splits import Splits
 
     splits = Splits.load(site.splits_path)
     if not splits.test:
         raise StepError(f"site {site.name}: {site.splits_path} has an empty test split")
     store = open_store(site.store_dir)
-    return dataset(store, splits.test, splits.classes), list(splits.classes), scored_labels(store, splits.test)
+    classes = list(splits.classes)
+    return _TestSplit(
+        dataset(store, splits.test, classes),
+        classes,
+        store.label_matrix(classes, list(splits.test)),
+        scored_labels(store, splits.test),
+    )
 
 
 def cross_site_matrix(backbone_dir: Path, sites: Sequence[SiteArtifacts], batch_size: int = 64):
@@ -72,21 +88,12 @@ def cross_site_matrix(backbone_dir: Path, sites: Sequence[SiteArtifacts], batch_
     backbone_state = read_backbone(backbone_dir).state
     tests = {site.name: _test_set(site) for site in sites}
 
-    labels_of: dict[str, np.ndarray] = {}
-
     def score_on(row: str, predictor, target: str):
         """The cell of ``row`` (a site's adapter, or the backbone) on ``target``'s test split."""
-        test, target_classes, target_scored = tests[target]
-        probs, labels_of[target] = predict_with_labels(predictor.model, test, batch_size)
+        test = tests[target]
+        probs, labels = predict_with_labels(predictor.model, test.records, batch_size)
         return score_cell(
-            row,
-            target,
-            probs,
-            predictor.classes,
-            predictor.thresholds,
-            labels_of[target],
-            target_classes,
-            target_scored,
+            row, target, probs, predictor.classes, predictor.thresholds, labels, test.classes, test.scored
         )
 
     cells = []
@@ -98,9 +105,8 @@ def cross_site_matrix(backbone_dir: Path, sites: Sequence[SiteArtifacts], batch_
         switched = without_adaptation(predictor.model, backbone_state)
         cells.append(score_on(BACKBONE_ROW, predictor, target.name))
         log.debug("backbone on %s: %d LoRA layers off", target.name, switched)
-    for target in sites:  # the reference: every class of the target, for every record
-        _, target_classes, target_scored = tests[target.name]
-        cells.append(everything_cell(target.name, labels_of[target.name], target_classes, target_scored))
+    for name, test in tests.items():  # the reference: every class of the target, for every record
+        cells.append(everything_cell(name, test.labels, test.classes, test.scored))
     return CrossSiteMatrix(tuple(cells))
 
 
