@@ -1,7 +1,9 @@
 """Step: the network's cross-site evaluation (``ml.eval.cross_site``).
 
-Every site's adapter, and the backbone without adaptation, scored on every site's test
-split: a matrix of the official Challenge 2021 score (against the records' labels of all
+Every site's adapter scored on every site's test split, and on each site's own test split the
+references: the head-only baseline (the frozen backbone with a linear head fit on the site's
+labelled records, ``ml.eval.head_only``), the backbone without adaptation (an ablation) and
+predict-everything: a matrix of the official Challenge 2021 score (against the records' labels of all
 26 scored classes) and the macro F-beta2, written as CSV, Markdown,
 JSON and a heat-map PNG. The test splits are the ones the sites' own evaluate steps used
 (the same store and split files), so the diagonal is each site's own test score.
@@ -52,12 +54,15 @@ class CrossSiteFiles:
 @dataclass(frozen=True)
 class _TestSplit:
     """A site's test split: the records, its classes, their labels over those classes and over
-    every Challenge-scored class."""
+    every Challenge-scored class; and its labelled training and validation records (the
+    head-only baseline's)."""
 
     records: Dataset
     classes: list[str]
     labels: np.ndarray
     scored: np.ndarray
+    train: Dataset | None
+    valid: Dataset | None
 
 
 def _test_set(site: SiteArtifacts) -> _TestSplit:
@@ -73,7 +78,29 @@ def _test_set(site: SiteArtifacts) -> _TestSplit:
         classes,
         store.label_matrix(classes, list(splits.test)),
         scored_labels(store, splits.test),
+        dataset(store, splits.train, classes) if splits.train else None,
+        dataset(store, splits.valid, classes) if splits.valid else None,
     )
+
+
+def _head_only_cell(model, target: str, test: _TestSplit, batch_size: int):
+    """The head-only baseline on ``target`` (``model``: the frozen backbone, LoRA off), or None
+    where the site has no labelled training record."""
+    from ml.eval.cross_site import HEAD_ONLY_ROW, score_cell
+    from ml.eval.evaluate import features_with_labels
+    from ml.eval.head_only import fit_linear_probe
+
+    if test.train is None:
+        log.warning("head-only baseline on %s: no labelled training record", target)
+        return None
+    train_x, train_y = features_with_labels(model, test.train, batch_size)
+    valid_x, valid_y = np.zeros((0, train_x.shape[1])), np.zeros((0, train_y.shape[1]))
+    if test.valid is not None:
+        valid_x, valid_y = features_with_labels(model, test.valid, batch_size)
+    probe = fit_linear_probe(train_x, train_y, valid_x, valid_y)
+    features, labels = features_with_labels(model, test.records, batch_size)
+    probs = probe.probabilities(features)
+    return score_cell(HEAD_ONLY_ROW, target, probs, test.classes, probe.thresholds, labels, test.classes, test.scored)
 
 
 def cross_site_matrix(backbone_dir: Path, sites: Sequence[SiteArtifacts], batch_size: int = 64):
@@ -105,6 +132,8 @@ def cross_site_matrix(backbone_dir: Path, sites: Sequence[SiteArtifacts], batch_
         switched = without_adaptation(predictor.model, backbone_state)
         cells.append(score_on(BACKBONE_ROW, predictor, target.name))
         log.debug("backbone on %s: %d LoRA layers off", target.name, switched)
+        head_only = _head_only_cell(predictor.model, target.name, tests[target.name], batch_size)
+        cells += [head_only] if head_only is not None else []
     for name, test in tests.items():  # the reference: every class of the target, for every record
         cells.append(everything_cell(name, test.labels, test.classes, test.scored))
     return CrossSiteMatrix(tuple(cells))

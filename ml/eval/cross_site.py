@@ -1,8 +1,11 @@
 """Cross-site evaluation of a hospital network: does site A's model work at site B?
 
-The matrix has one row per model (each site's adapter, and ``backbone``: the pre-trained
-backbone without adaptation) and one column per target site (its test split). A cell is
-the model's thresholded predictions scored on the target's labels:
+The matrix has one row per site's adapter and the reference rows (``head-only``: the frozen
+backbone with a linear head fit on the target's labelled records, the baseline to beat;
+``backbone``: the pre-trained backbone without adaptation, an ablation; ``predict-everything``),
+and one column per target site (its test split). A cell is the model's thresholded predictions
+scored on the target's labels, each metric with its 95% jackknife-t interval over the target's
+test records (:mod:`ml.eval.intervals`):
 
 - ``challenge_score``: the official Challenge 2021 score against the target records' labels
   of all 26 scored classes; a scored class the model does not predict is never output, so
@@ -27,10 +30,15 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ml.eval.challenge import challenge_score, labels_agree, scored_codes
+from ml.eval.challenge import challenge_score, labels_agree, load_weights, scored_codes
+from ml.eval.intervals import METHOD as INTERVAL_METHOD
+from ml.eval.intervals import Interval, jackknife_interval
 from ml.eval.metrics import binarize, thresholded_metrics
 
 BACKBONE_ROW = "backbone"
+# The baseline: the frozen backbone with a linear head fit on the target site's own labelled
+# records (ml.eval.head_only); an adapter that does not beat it has not earned its adaptation.
+HEAD_ONLY_ROW = "head-only"
 # The reference row: every class of the target predicted for every record. A model that does not
 # beat it on a target has learnt nothing its thresholds can use there (on a small test split,
 # over-prediction scores well on F-beta2, which weighs recall 4x).
@@ -43,15 +51,28 @@ METRIC_TITLES = {"challenge_score": "Challenge score", "macro_f_beta": "macro F-
 class CrossSiteCell:
     """One model scored on one target site's test split."""
 
-    model: str  # a site name, BACKBONE_ROW or EVERYTHING_ROW
+    model: str  # a site name, HEAD_ONLY_ROW, BACKBONE_ROW or EVERYTHING_ROW
     target: str
     challenge_score: float
     macro_f_beta: float
     n_classes: int  # classes scored: the model's and the target's in common
     n_records: int
+    # the 95% jackknife-t interval of each metric over the target's test records (ml.eval.intervals)
+    challenge_score_low: float = math.nan
+    challenge_score_high: float = math.nan
+    macro_f_beta_low: float = math.nan
+    macro_f_beta_high: float = math.nan
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+    def interval(self, metric: str) -> Interval:
+        return Interval(
+            float(getattr(self, metric)),
+            float(getattr(self, f"{metric}_low")),
+            float(getattr(self, f"{metric}_high")),
+            self.n_records,
+        )
 
 
 def shared_classes(model_classes: Sequence[str], target_classes: Sequence[str]) -> list[str]:
@@ -83,14 +104,30 @@ def score_cell(
     if len(labels) == 0:
         return CrossSiteCell(model, target, math.nan, math.nan, len(classes), 0)
     y_pred = binarize(probs, np.asarray(thresholds, dtype=np.float64))
-    score = challenge_score(scored_labels, scored_codes(), y_pred, model_classes)
-    f_beta = math.nan
+    codes, weights = scored_codes(), load_weights()
+    score = jackknife_interval(
+        lambda keep: challenge_score(scored_labels[keep], codes, y_pred[keep], model_classes, weights), len(labels)
+    )
+    f_beta = Interval(math.nan, math.nan, math.nan, len(labels))
     if classes:
         model_index = [list(model_classes).index(c) for c in classes]
         target_index = [list(target_classes).index(c) for c in classes]
-        y_true = labels[:, target_index].astype(np.int64)
-        f_beta = thresholded_metrics(y_true, y_pred[:, model_index])["macro_f_beta"]
-    return CrossSiteCell(model, target, float(score), float(f_beta), len(classes), len(labels))
+        y_true, y_shared = labels[:, target_index].astype(np.int64), y_pred[:, model_index]
+        f_beta = jackknife_interval(
+            lambda keep: thresholded_metrics(y_true[keep], y_shared[keep])["macro_f_beta"], len(labels)
+        )
+    return CrossSiteCell(
+        model,
+        target,
+        score.value,
+        f_beta.value,
+        len(classes),
+        len(labels),
+        score.low,
+        score.high,
+        f_beta.low,
+        f_beta.high,
+    )
 
 
 def everything_cell(target: str, labels: np.ndarray, target_classes: Sequence[str], scored_labels: np.ndarray):
@@ -140,31 +177,58 @@ class CrossSiteMatrix:
     def from_records(cls, records: Sequence[dict]) -> CrossSiteMatrix:
         return cls(tuple(CrossSiteCell(**r) for r in records))
 
+    def cell(self, model: str, target: str) -> CrossSiteCell | None:
+        return next((c for c in self.cells if c.model == model and c.target == target), None)
+
     def csv(self) -> str:
-        """One row per cell (long format: model, target, the metrics, classes, records)."""
-        lines = ["model,target,challenge_score,macro_f_beta,n_classes,n_records"]
+        """One row per cell (long format: model, target, each metric with its 95% interval, classes, records)."""
+        columns = [f"{m}{part}" for m in METRICS for part in ("", "_low", "_high")]
+        lines = [",".join(["model", "target", *columns, "n_classes", "n_records"])]
         lines += [
-            f"{c.model},{c.target},{_num(c.challenge_score)},{_num(c.macro_f_beta)},{c.n_classes},{c.n_records}"
+            ",".join(
+                [
+                    c.model,
+                    c.target,
+                    *(_num(float(getattr(c, name))) for name in columns),
+                    str(c.n_classes),
+                    str(c.n_records),
+                ]
+            )
             for c in self.cells
         ]
         return "\n".join(lines) + "\n"
+
+    def n_records(self, target: str) -> int:
+        """The size of ``target``'s test split."""
+        return max((c.n_records for c in self.cells if c.target == target), default=0)
+
+    def interval_text(self, model: str, target: str, metric: str) -> str:
+        found = self.cell(model, target)
+        return "n/a" if found is None else found.interval(metric).text()
 
     def markdown(self) -> str:
         """One Markdown table per metric (rows: models, columns: target sites), and what was scored."""
         parts = []
         for metric in METRICS:
-            head = f"| {METRIC_TITLES[metric]}: model \\ test split | " + " | ".join(self.targets) + " |"
+            head = f"| {METRIC_TITLES[metric]} [95% CI]: model \\ test split | " + " | ".join(
+                f"{t} (n={self.n_records(t)})" for t in self.targets
+            )
+            head += " |"
             rule = "|---|" + "---:|" * len(self.targets)
             rows = [
-                f"| {m} | " + " | ".join(_num(v, 3) for v in row) + " |"
-                for m, row in zip(self.models, self.table(metric), strict=True)
+                f"| {m} | " + " | ".join(self.interval_text(m, t, metric) for t in self.targets) + " |"
+                for m in self.models
             ]
             parts.append("\n".join([head, rule, *rows]))
         note = (
-            "Each cell: the model's thresholded predictions on the target site's test split. Challenge score: the "
+            f"Each cell: the model's thresholded predictions on the target site's test split (n records), and the 95% "
+            f"{INTERVAL_METHOD} interval over those records (ml/eval/intervals.py): cells whose intervals overlap are "
+            "not told apart by this test split. Challenge score: the "
             "official Challenge 2021 score against the records' labels of all 26 scored classes (a class the model "
             "does not predict is never output). Macro F-beta2: over the classes the model predicts and the target "
             "labels (the intersection, `n_classes` in the CSV), a class with no positive test record counting 0. "
+            "`head-only`: the baseline, the frozen pre-trained backbone with a linear head fit on the target site's "
+            "labelled training records (thresholds on its validation split). "
             "`backbone`: the pre-trained backbone with every LoRA update off and the target site's own adapter's head "
             "(an ablation, not a baseline). `predict-everything`: every class of the target predicted for every "
             "record, the reference a model must beat to have learnt anything its thresholds use."

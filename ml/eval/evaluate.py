@@ -66,20 +66,35 @@ def predict_with_labels(
 
     The model's train/eval mode is restored afterwards.
     """
+    return _outputs(model, dataset, batch_size, device, num_workers, lambda x: torch.sigmoid(model(x).float()))
+
+
+def features_with_labels(
+    model: nn.Module, dataset: Dataset, batch_size: int = 128, device: torch.device | str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pooled features (N, d) that the classifier of ``model`` (an ``ECGTransformer``)
+    reads, in eval mode, and the dataset's labels (N, C)."""
+    return _outputs(model, dataset, batch_size, device, 0, lambda x: model.pooled(x).float())  # type: ignore[operator]
+
+
+def _outputs(
+    model: nn.Module, dataset: Dataset, batch_size: int, device, num_workers: int, output
+) -> tuple[np.ndarray, np.ndarray]:
+    """``output(x)`` of every batch in eval mode, without gradients (float64), and the labels."""
     target = torch.device(device) if device is not None else _model_device(model)
     was_training = model.training
     model.eval()
-    probs, labels = [], []
+    values, labels = [], []
     try:
-        for x, y in _batches(dataset, batch_size, num_workers):
-            logits = model(x.to(target, dtype=torch.float32))
-            probs.append(torch.sigmoid(logits.float()).cpu().numpy())
-            labels.append(np.asarray(y, dtype=np.float32))
+        with torch.no_grad():
+            for x, y in _batches(dataset, batch_size, num_workers):
+                values.append(output(x.to(target, dtype=torch.float32)).cpu().numpy())
+                labels.append(np.asarray(y, dtype=np.float32))
     finally:
         model.train(was_training)
-    if not probs:
+    if not values:
         raise ValueError("cannot predict on an empty dataset")
-    return np.concatenate(probs).astype(np.float64), np.concatenate(labels)
+    return np.concatenate(values).astype(np.float64), np.concatenate(labels)
 
 
 def predict(

@@ -279,16 +279,24 @@ class ECGTransformer(nn.Module):
             x = block(x)  # time / 4 per block
         return x
 
-    def head(self, features: Tensor) -> Tensor:
-        """Positional encoding, transformer, max-pool, classifier: (N, d, 1, 96) -> (N, C)."""
+    def pool(self, features: Tensor) -> Tensor:
+        """Positional encoding, transformer, max-pool: (N, d, 1, 96) -> (N, d)."""
         x = features.squeeze(2).transpose(1, 2)  # (N, 96, d)
         x = self.position_encoding(x)
         for layer in self.transformer_layers:
             x = layer(x)
-        x = x.amax(dim=1)  # (N, d): adaptive max-pool over time
+        return x.amax(dim=1)  # (N, d): adaptive max-pool over time
+
+    def head(self, features: Tensor) -> Tensor:
+        """Positional encoding, transformer, max-pool, classifier: (N, d, 1, 96) -> (N, C)."""
+        x = self.pool(features)
         for layer in self.classifier:  # Linear(d, d) -> Linear(d, C), no activation
             x = layer(x)
         return x
+
+    def pooled(self, x: Tensor) -> Tensor:
+        """The features the classifier reads: (N, n_leads, 1, 6144) -> (N, d)."""
+        return self.pool(self.encode(x))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.encode(x))

@@ -242,15 +242,18 @@ def print_network_summary(summary: NetworkSummary, console=None) -> None:
     if summary.cells:
         matrix = CrossSiteMatrix.from_records(summary.cells)
         for metric in METRICS:
-            grid = Table(title=f"cross-site {METRIC_TITLES[metric]} (rows: model, columns: test split of site)")
+            grid = Table(
+                title=f"cross-site {METRIC_TITLES[metric]} [95% CI] (rows: model, columns: test split of site)"
+            )
             grid.add_column("model")
             for target in matrix.targets:
-                grid.add_column(Text(target), justify="right")
-            for model, row in zip(matrix.models, matrix.table(metric), strict=True):
-                grid.add_row(Text(model), *(f"{v:.3f}" if v == v else "n/a" for v in row))
+                grid.add_column(Text(f"{target} (n={matrix.n_records(target)})"), justify="right")
+            for model in matrix.models:
+                grid.add_row(Text(model), *(matrix.interval_text(model, t, metric) for t in matrix.targets))
             console.print(grid)
         console.print(
             Text(
+                "95% jackknife-t intervals over each test split's records: overlapping cells are not told apart; "
                 "scored over the classes each model and test split share; 'backbone': the pre-trained backbone, "
                 "LoRA off, with the site's own head (an ablation); 'predict-everything': every class for every "
                 "record, the reference to beat",

@@ -850,6 +850,19 @@ def _tasks_die_with_us() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _warm_tasks(runner: str) -> Iterator[None]:
+    """For the subprocess runner: the tasks forked from one process that imported torch, MLflow
+    and the steps once (``pipeline.dags.warm_tasks``) instead of each importing them again."""
+    if runner != "subprocess":
+        yield
+        return
+    from pipeline.dags.warm_tasks import task_server
+
+    with task_server():
+        yield
+
+
+@contextlib.contextmanager
 def _containers_die_with_us(runner: str) -> Iterator[dict[str, str]]:
     """For the Docker runner: the labels of this run's containers, which are removed when the
     run ends however it ends (``pipeline.core.process.containers_die_with_us``; a container is
@@ -884,7 +897,13 @@ def execute_local(
             config.pipeline_root,
             f", task logs in {config.task_log}" if config.task_log else "",
         )
-        with warnings.catch_warnings(), _quiet_kfp_orchestrator(), _task_output(config.task_log), _tasks_die_with_us():
+        with (
+            warnings.catch_warnings(),
+            _quiet_kfp_orchestrator(),
+            _task_output(config.task_log),
+            _tasks_die_with_us(),
+            _warm_tasks(config.runner),
+        ):
             for pattern in _LOCAL_NOISE:
                 warnings.filterwarnings("ignore", message=pattern)
             outputs = pipeline(**arguments).outputs

@@ -55,6 +55,10 @@ TAG_WHO = "cessl.audit.who"
 TAG_SEQ = "cessl.audit.seq"
 TAG_ENTRY = "cessl.audit.entry"  # the entry as JSON when it fits in a tag (else: decision.json)
 MAX_TAG = 5000
+# On the registered model the decision is about: {"seq", "digest"} of its last decision, set by
+# the decider, who may write that model (the pipeline identity may not: `cessl access init`);
+# a log that ends before it was cut (pipeline.registry.verify).
+TAG_HEAD = "cessl.audit.head"
 ACTIONS = (
     "promote",
     "refuse",
@@ -234,6 +238,34 @@ def _normalized(entry: AuditEntry) -> AuditEntry:
     return AuditEntry.from_json(json.loads(entry.line()))
 
 
+def _set_head(client, entry: AuditEntry) -> None:
+    """Name ``entry`` (a decision) the head of its model's log on the registered model itself."""
+    from mlflow.exceptions import MlflowException
+
+    head = json.dumps({"seq": entry.seq, "digest": entry.digest()}, sort_keys=True)
+    try:
+        client.set_registered_model_tag(entry.model, TAG_HEAD, head)
+    except MlflowException as err:  # no such model yet (a refusal before any champion), or not writable
+        log.warning("audit: %s: the head of its log is not on the model (%s)", entry.model, err.error_code)
+
+
+def head_of(client, model: str) -> dict | None:
+    """The ``{"seq", "digest"}`` that the registered model names as its log's head, if any."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        raw = (client.get_registered_model(model).tags or {}).get(TAG_HEAD)
+    except MlflowException:
+        return None
+    if not raw:
+        return None
+    try:
+        head = json.loads(raw)
+    except json.JSONDecodeError:
+        head = None
+    return head if isinstance(head, dict) else {"seq": 0, "digest": f"unreadable {str(raw)[:40]!r}"}
+
+
 def record(client, entry: AuditEntry, signer: Signer | None = None) -> AuditEntry:
     """Append ``entry`` to the model's audit log (an MLflow run + the JSON-lines file), chained
     to the previous entry and, for a decision, signed with ``signer`` (required then)."""
@@ -270,6 +302,8 @@ def record(client, entry: AuditEntry, signer: Signer | None = None) -> AuditEntr
         path.write_text("".join(e.line() + "\n" for e in [*previous, entry]), encoding="utf-8")
         client.log_artifact(run_id, str(path))
     client.set_terminated(run_id)
+    if entry.is_decision:
+        _set_head(client, entry)
     local = local_log_path(tracking_uri, entry.model)
     if local is not None:
         local.parent.mkdir(parents=True, exist_ok=True)

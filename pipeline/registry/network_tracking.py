@@ -103,7 +103,8 @@ def finish_network(
     metrics = {
         f"cross_site.{c['model']}.on.{c['target']}.{metric}": float(c[metric])
         for c in cells
-        for metric in ("challenge_score", "macro_f_beta")
+        for name in ("challenge_score", "macro_f_beta")
+        for metric in (name, f"{name}_low", f"{name}_high")  # the value and its 95% interval
         if c.get(metric) is not None and math.isfinite(float(c[metric]))
     }
     log_batch(client, parent.run_id, metrics=metrics)

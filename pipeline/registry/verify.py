@@ -12,6 +12,10 @@ checks, oldest first:
 - **the copies**: each run's ``decision.json`` and ``audit.jsonl`` (the log up to that entry)
   read back equal to the chain, and, on a local store, the append-only file
   ``<store>/audit/<model>.jsonl`` is a prefix of it (a deleted run is caught there);
+- **the head**: the registered model names its log's last decision (``cessl.audit.head``,
+  written by the decider, who may write the model; the pipeline identity may not): a log that
+  ends before it, or holds another entry there, was cut or rewritten (hiding the last entry,
+  a refusal say, breaks no link of the chain);
 - **the alias**: ``champion`` is the version (and run) that the last valid decision names.
 
 The result (:class:`Verification`) says what is wrong in one line; the champions that valid
@@ -29,8 +33,10 @@ from pipeline.registry.access import client_tracking_uri
 from pipeline.registry.audit import (
     DECISION_FILE,
     LOG_FILE,
+    TAG_HEAD,
     AuditEntry,
     audit_runs,
+    head_of,
     local_log_path,
     read_artifact,
     run_entry,
@@ -170,6 +176,25 @@ def _mirror_problem(client, model: str, entries: list[AuditEntry]) -> str:
     return ""
 
 
+def _head_problem(client, model: str, entries: list[AuditEntry]) -> str:
+    """The log must hold the decision the model names as its head, where it says ("" if so)."""
+    head = head_of(client, model)
+    if head is None:
+        return ""
+    seq, digest = head.get("seq"), str(head.get("digest", ""))
+    held = entries[seq - 1] if isinstance(seq, int) and 0 < seq <= len(entries) else None
+    if held is None:
+        return (
+            f"the model's {TAG_HEAD} tag names entry #{seq} ({digest[:12]}), but the log ends at entry "
+            f"#{len(entries)} (entries removed or hidden)"
+        )
+    if held.digest() != digest:
+        return (
+            f"the model's {TAG_HEAD} tag names entry #{seq} as {digest[:12]}, the log holds {held.digest()[:12]} there"
+        )
+    return ""
+
+
 def champion_stack(entries: list[AuditEntry]) -> list[dict[str, str]]:
     """The champions that valid decisions made, as a stack: a promotion pushes, a rollback
     pops back to the champion it restored (``entries``: a verified log)."""
@@ -212,7 +237,7 @@ def check_log(client, model: str, runs: list, trust: Trust, deep: bool = True) -
     except ValueError as err:
         result.broken = str(err)
     if not result.broken:
-        result.broken = _chain_problem(result.entries, model, trust)
+        result.broken = _chain_problem(result.entries, model, trust) or _head_problem(client, model, result.entries)
     if not result.broken and deep:
         result.broken = _copies_problem(client, runs, result.entries) or _mirror_problem(client, model, result.entries)
     if not result.broken:

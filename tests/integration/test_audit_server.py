@@ -29,7 +29,7 @@ from pipeline.registry.tracking import CHAMPION
 
 PIPELINE, MANAGER, REVIEWER = "cessl-pipeline", "alice", "rita"
 BASE = "audit"
-SITES = ("alias", "edit", "add", "hide", "overwrite")
+SITES = ("alias", "edit", "add", "hide", "cut", "overwrite")
 
 pytestmark = pytest.mark.integration
 
@@ -208,6 +208,29 @@ def test_a_hidden_entry(case, act, registry):
         pipeline.delete_run(runs[-1].info.run_id)
     pipeline.set_tag(runs[0].info.run_id, TAG_MODEL, "elsewhere")  # the first decision leaves the log
     assert _detected(act, registry, model, site, bank, "audit log broken") == v2
+
+
+@pytest.mark.parametrize("case", ["cut"], indirect=True)
+def test_a_hidden_last_decision(case, act, registry):
+    """Alice's last decision, a refusal, taken out of the log: every link that is left holds
+    and the alias is still what the last remaining decision names; the head that alice wrote on
+    the production model (which the pipeline may not write) names the missing entry."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.registry.audit import TAG_HEAD
+
+    site, model, _, v2, bank = case
+    _register(registry, act(PIPELINE), model)
+    code, err = act(MANAGER, ["promote", model])  # the same adapter again: not promoted
+    assert code != 0 and "Traceback" not in err, err
+    pipeline = act(PIPELINE)
+    last = _audit_runs(pipeline, model)[-1]
+    assert last.data.tags["cessl.audit.action"] != "promote"
+    assert json.loads(pipeline.get_registered_model(model).tags[TAG_HEAD])["seq"] == int(last.data.tags[TAG_SEQ])
+    with pytest.raises(MlflowException, match=r"403|PERMISSION_DENIED"):
+        pipeline.delete_registered_model_tag(model, TAG_HEAD)
+    pipeline.set_tag(last.info.run_id, TAG_MODEL, "elsewhere")
+    assert _detected(act, registry, model, site, bank, "audit log broken", TAG_HEAD, "removed or hidden") == v2
 
 
 @pytest.mark.parametrize("case", ["overwrite"], indirect=True)

@@ -16,7 +16,7 @@ from signing_support import use_signer
 
 from ml.data.dvc import dvc_md5
 from ml.data.splits import Splits
-from ml.eval.cross_site import EVERYTHING_ROW
+from ml.eval.cross_site import EVERYTHING_ROW, HEAD_ONLY_ROW
 from pipeline.registry.audit import current_user
 from pipeline.registry.compare_tracking import TAG_KIND, TAG_PARENT
 from pipeline.registry.network_tracking import KIND_NETWORK, TAG_NETWORK, TAG_SITE
@@ -78,8 +78,13 @@ def test_network_run_registers_each_site_logs_the_matrix_and_survives_a_missing_
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "cross_site")}
     assert {"cross_site/cross_site.csv", "cross_site/cross_site.md", "cross_site/cross_site.png"} <= artifacts
     cells = {(c["model"], c["target"]) for c in first["cells"]}
-    rows = ("hospital-a", "hospital-b", "backbone", EVERYTHING_ROW)  # the two references: backbone, predict-everything
+    # the references on each site's own test split: the head-only baseline, the backbone ablation, predict-everything
+    rows = ("hospital-a", "hospital-b", HEAD_ONLY_ROW, "backbone", EVERYTHING_ROW)
     assert cells == {(m, t) for m in rows for t in ("hospital-a", "hospital-b")}
+    for cell in first["cells"]:  # each metric with its 95% interval over the target's test records
+        for metric in ("challenge_score", "macro_f_beta"):
+            assert cell[f"{metric}_low"] <= cell[metric] <= cell[f"{metric}_high"], cell
+    assert "[95% CI]" in out and "head-only" in out
     for site, ratio in (("hospital-a", 0.5), ("hospital-b", 0.6)):
         version = client.get_model_version(f"cessl-ecg-{site}-candidates", status[site]["model_version"])
         assert version.tags[TAG_SITE] == site and version.tags[TAG_NETWORK] == first["network_id"]
