@@ -4,6 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
+# the suite starts many Python processes: let them reuse the byte-compiled project and tests
+# (where the environment sets PYTHONDONTWRITEBYTECODE, every process compiles them again)
+unexport PYTHONDONTWRITEBYTECODE
+
 .PHONY: demo demo-single test test-fast test-integration test-e2e lint format install clean
 
 $(STAMP): pyproject.toml

@@ -1,12 +1,16 @@
-"""Bad input in real processes: `python -m pipeline.cli` answers one line with its exit code
-and creates nothing, and a verbose S3 command against a real S3 server prints no credential.
+"""Real processes: `python -m pipeline.cli` answers bad input with one line and its exit code
+and creates nothing, prints no library warning, and a verbose S3 command against a real S3
+server prints no credential; a task started under `sh` dies with its run (kill -9).
 The generated in-process cases (every verb, every parameter): tests/unit/test_cli_bad_input.py."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +20,8 @@ from ml.errors import (
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
 )
+from pipeline.core.logsafe import PROJECT_ROOT
+from pipeline.core.process import RUN_PID_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -105,3 +111,85 @@ def test_data_remote_add_in_a_real_process_leaves_nothing(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == EXIT_USAGE and len(lines) == 1 and str(missing_repo) in lines[0], proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_command_prints_no_library_warning(tmp_path):
+    """`cessl predict` imports the pyfunc model (mlflow warns about its `predict` type hints
+    while the class is defined), then stops on the missing store: one line, nothing else."""
+    store = f"sqlite:///{tmp_path / 'missing' / 'mlflow.db'}"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "predict",
+            "--model",
+            "models:/m@champion",
+            "--tracking-uri",
+            store,
+            "r",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+        check=False,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("cessl: error: MLflow store") and len(done.stderr.splitlines()) == 1, done.stderr
+
+
+def test_task_dies_with_its_run_even_under_sh():
+    """A stand-in for `cessl run` starts `sh -c python ...` (as kfp.local does) and is killed
+    with SIGKILL: the task (a grandchild) stops within seconds."""
+    task = textwrap.dedent(
+        """
+        import sys, time
+        from pipeline.core.process import die_with_parent
+        assert die_with_parent(interval=0.1)
+        print("ready", flush=True)
+        try:
+            time.sleep(60)
+        except SystemExit:
+            open(sys.argv[1], "w").write("terminated")
+            raise
+        """
+    )
+    run = textwrap.dedent(
+        f"""
+        import os, subprocess, sys, time
+        os.environ[{RUN_PID_ENV!r}] = str(os.getpid())
+        child = subprocess.Popen(["sh", "-c", 'x=1; "$0" -c "$1" "$2"', sys.executable, sys.argv[1], sys.argv[2]])
+        print(child.pid, flush=True)
+        time.sleep(60)
+        """
+    )
+    marker = Path(os.environ.get("TMPDIR", "/tmp")) / f"cessl-die-{os.getpid()}"
+    marker.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", run, task, str(marker)], stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        sh_pid = int(proc.stdout.readline())
+        deadline = time.monotonic() + 30
+        while not any(p.name().startswith("python") for p in _children(sh_pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (task_proc,) = _children(sh_pid)
+        time.sleep(1.0)  # the task has called die_with_parent
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        task_proc.wait(timeout=10)
+        assert marker.read_text() == "terminated"  # it ran its exception handlers: a clean exit
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        marker.unlink(missing_ok=True)
+
+
+def _children(pid: int):
+    import psutil
+
+    try:
+        return psutil.Process(pid).children()
+    except psutil.NoSuchProcess:
+        return []

@@ -1,5 +1,6 @@
-"""DVC: the demo dataset is regenerated bit-identically (the committed version), and an S3
-remote round trip on a real S3 server. The parsers and md5s: tests/unit/test_data_dvc.py."""
+"""DVC: the directory md5 DVC records, `cessl data add` in a git repository, the demo dataset
+regenerated bit-identically (the committed version), and an S3 remote round trip on a real S3
+server. The parsers: tests/unit/test_data_dvc.py."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from ml.data.dvc import (
     write_demo_data,
 )
 from ml.data.synth import SynthConfig, generate
+from pipeline.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -84,3 +86,40 @@ def test_s3_remote_push_pull_and_new_versions(s3_server, s3_bucket, tmp_path, mo
     run_dvc("pull", "-q", cwd=clone)
     assert dir_md5(clone / "data") == result.version_after
     assert sorted(p.name for p in (clone / "data" / "site_b").iterdir()) == sorted(p.name for p in upload.iterdir())
+
+
+def test_dir_md5_is_what_dvc_records(tmp_path):
+    repo = new_git_repo(tmp_path / "repo")
+    generate(repo / "data" / "h", SynthConfig(records=3, seed=1), workers=1, progress=False)
+    (repo / "data" / "notes.txt").write_text("x\n")
+    assert track(repo) == data_version(repo) == dir_md5(repo / "data")
+    assert run_dvc("status", cwd=repo).stdout.strip().startswith("Data and pipelines are up to date")
+
+
+def test_add_records_a_new_data_version(tmp_path, capsys, monkeypatch):
+    import subprocess
+
+    from ml.data.dvc import data_version, dir_md5
+    from ml.data.synth import SynthConfig, generate
+
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    for who in ("AUTHOR", "COMMITTER"):  # data add commits data.dvc
+        monkeypatch.setenv(f"GIT_{who}_NAME", "cessl-test")
+        monkeypatch.setenv(f"GIT_{who}_EMAIL", "test@cessl.invalid")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    (repo / ".gitignore").write_text("/data/\n")
+    incoming = tmp_path / "incoming"
+    generate(incoming, SynthConfig(records=3, seed=5, prefix="X"), workers=1, progress=False)
+    assert main(["data", "add", str(incoming), "--repo", str(repo), "--name", "site_x"]) == 0
+    out = capsys.readouterr().out
+    assert "copied 3 records" in out and "committed data.dvc" in out
+    version = data_version(repo)
+    assert version == dir_md5(repo / "data")
+    assert main(["data", "version", "--repo", str(repo)]) == 0
+    assert capsys.readouterr().out.strip() == version
+    # a record that changed at the hospital is a conflict, not a silent overwrite
+    (incoming / "X00000.hea").write_text((incoming / "X00000.hea").read_text().replace("Age:", "Age: 1"))
+    assert main(["data", "add", str(incoming), "--repo", str(repo), "--name", "site_x"]) == 1
+    assert data_version(repo) == version

@@ -64,32 +64,3 @@ def test_help(step, capsys):
         main(["data", step, "--help"])
     assert exit_.value.code == 0
     assert "usage: cessl data" in capsys.readouterr().out
-
-
-def test_add_records_a_new_data_version(tmp_path, capsys, monkeypatch):
-    import subprocess
-
-    from ml.data.dvc import data_version, dir_md5
-    from ml.data.synth import SynthConfig, generate
-
-    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
-    for who in ("AUTHOR", "COMMITTER"):  # data add commits data.dvc
-        monkeypatch.setenv(f"GIT_{who}_NAME", "cessl-test")
-        monkeypatch.setenv(f"GIT_{who}_EMAIL", "test@cessl.invalid")
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    (repo / ".gitignore").write_text("/data/\n")
-    incoming = tmp_path / "incoming"
-    generate(incoming, SynthConfig(records=3, seed=5, prefix="X"), workers=1, progress=False)
-    assert main(["data", "add", str(incoming), "--repo", str(repo), "--name", "site_x"]) == 0
-    out = capsys.readouterr().out
-    assert "copied 3 records" in out and "committed data.dvc" in out
-    version = data_version(repo)
-    assert version == dir_md5(repo / "data")
-    assert main(["data", "version", "--repo", str(repo)]) == 0
-    assert capsys.readouterr().out.strip() == version
-    # a record that changed at the hospital is a conflict, not a silent overwrite
-    (incoming / "X00000.hea").write_text((incoming / "X00000.hea").read_text().replace("Age:", "Age: 1"))
-    assert main(["data", "add", str(incoming), "--repo", str(repo), "--name", "site_x"]) == 1
-    assert data_version(repo) == version

@@ -4,24 +4,11 @@ remote: tests/integration/test_data_dvc_versions.py."""
 from __future__ import annotations
 
 import pytest
-from pipeline_support import new_git_repo
 
 from ml.data.dvc import (
     data_version,
-    dir_md5,
     dvc_md5,
-    run_dvc,
-    track,
 )
-from ml.data.synth import SynthConfig, generate
-
-
-def test_dir_md5_is_what_dvc_records(tmp_path):
-    repo = new_git_repo(tmp_path / "repo")
-    generate(repo / "data" / "h", SynthConfig(records=3, seed=1), workers=1, progress=False)
-    (repo / "data" / "notes.txt").write_text("x\n")
-    assert track(repo) == data_version(repo) == dir_md5(repo / "data")
-    assert run_dvc("status", cwd=repo).stdout.strip().startswith("Data and pipelines are up to date")
 
 
 def test_dvc_file_parser(tmp_path):

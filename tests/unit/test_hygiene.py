@@ -1,4 +1,5 @@
-"""Step 8's process hygiene, progress and readable names: tasks die with their run, the
+"""Step 8's process hygiene, progress and readable names: whether a process is alive (a task
+that dies with its run under `sh`: tests/integration/test_cli_real_processes.py), the
 live progress line reaches the terminal, the run summary says what happened and what next,
 and per-class tables, plots, the confusion summary and predict CSVs name the diagnoses."""
 
@@ -6,11 +7,8 @@ from __future__ import annotations
 
 import io
 import os
-import signal
 import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ from ml.eval.metrics import confusion_markdown, per_class_table
 from ml.eval.predictor import predictions_table
 from ml.train.callbacks import PROGRESS_PREFIX, ProgressLine
 from pipeline.cli.run import RunSummary, print_summary
-from pipeline.core.process import RUN_PID_ENV, alive
+from pipeline.core.process import alive
 from pipeline.dags.finetune import TASK_PROGRESS_PREFIX, _ProgressTee
 
 REPO = Path(__file__).resolve().parents[2]
@@ -105,61 +103,6 @@ def test_tee_forwards_task_progress_lines_to_the_terminal():
     tee.write("ss 0.1\nother\n")
     assert terminal.getvalue() == "  fine-tune: step 4/20 | loss 0.1\n"
     assert PROGRESS_PREFIX in sink.getvalue() and "some task log line" in sink.getvalue()
-
-
-def test_task_dies_with_its_run_even_under_sh():
-    """A stand-in for `cessl run` starts `sh -c python ...` (as kfp.local does) and is killed
-    with SIGKILL: the task (a grandchild) stops within seconds."""
-    task = textwrap.dedent(
-        """
-        import sys, time
-        from pipeline.core.process import die_with_parent
-        assert die_with_parent(interval=0.1)
-        print("ready", flush=True)
-        try:
-            time.sleep(60)
-        except SystemExit:
-            open(sys.argv[1], "w").write("terminated")
-            raise
-        """
-    )
-    run = textwrap.dedent(
-        f"""
-        import os, subprocess, sys, time
-        os.environ[{RUN_PID_ENV!r}] = str(os.getpid())
-        child = subprocess.Popen(["sh", "-c", 'x=1; "$0" -c "$1" "$2"', sys.executable, sys.argv[1], sys.argv[2]])
-        print(child.pid, flush=True)
-        time.sleep(60)
-        """
-    )
-    marker = Path(os.environ.get("TMPDIR", "/tmp")) / f"cessl-die-{os.getpid()}"
-    marker.unlink(missing_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", run, task, str(marker)], stdout=subprocess.PIPE, env=env, text=True)
-    try:
-        sh_pid = int(proc.stdout.readline())
-        deadline = time.monotonic() + 30
-        while not any(p.name().startswith("python") for p in _children(sh_pid)) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        (task_proc,) = _children(sh_pid)
-        time.sleep(1.0)  # the task has called die_with_parent
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-        task_proc.wait(timeout=10)
-        assert marker.read_text() == "terminated"  # it ran its exception handlers: a clean exit
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        marker.unlink(missing_ok=True)
-
-
-def _children(pid: int):
-    import psutil
-
-    try:
-        return psutil.Process(pid).children()
-    except psutil.NoSuchProcess:
-        return []
 
 
 def test_alive():

@@ -1,5 +1,5 @@
 """Output a person can read and copy: 80 columns without a cut ID, runnable "next:" commands,
-no library warnings or download bars, the site in a network task's logs and run names, class
+no library warnings (a real `cessl` process: tests/integration/test_cli_real_processes.py) or download bars, the site in a network task's logs and run names, class
 names in the gate's texts."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ import dataclasses
 import io
 import logging
 import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -197,33 +196,6 @@ def test_download_bars_are_off(monkeypatch, tmp_path, capsys):
     quiet_progress_bars()
     mlflow.artifacts.download_artifacts(artifact_uri=folder.as_uri(), dst_path=str(tmp_path / "b"))
     assert "Downloading artifacts" not in capsys.readouterr().err
-
-
-def test_a_command_prints_no_library_warning(tmp_path):
-    """`cessl predict` imports the pyfunc model (mlflow warns about its `predict` type hints
-    while the class is defined), then stops on the missing store: one line, nothing else."""
-    store = f"sqlite:///{tmp_path / 'missing' / 'mlflow.db'}"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.cli",
-            "predict",
-            "--model",
-            "models:/m@champion",
-            "--tracking-uri",
-            store,
-            "r",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
-        check=False,
-    )
-    assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.startswith("cessl: error: MLflow store") and len(done.stderr.splitlines()) == 1, done.stderr
 
 
 def test_a_site_task_names_its_site_in_every_log_line():
