@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from components.common import read_json, write_json
-from components.evaluate import METRICS_FILE
+from components.evaluate import METRICS_FILE, load_predictions
 from ml.train.methods import get_method
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 # Test metrics of the table (keys of the evaluation's metrics.json) and their headings.
 METRICS: dict[str, str] = {
     "macro_f_beta": "F-beta2",
+    "macro_g_beta": "G-beta2",
     "macro_auroc": "AUROC",
     "macro_map": "mAP",
     "challenge_score": "Challenge",
@@ -60,6 +61,9 @@ PLOT_METRIC = "macro_f_beta"
 GRID_FIELDS: tuple[str, ...] = ("method", "labelled_ratio", "seed")
 
 TABLE_CSV = "comparison.csv"
+PAIRED_CSV = "paired.csv"
+REFERENCE_METHOD = "cessl"  # the paired differences are against it
+PAIRED_METRICS: dict[str, str] = {"macro_f_beta": "F-beta2", "macro_g_beta": "G-beta2"}
 TABLE_MD = "comparison.md"
 PLOT_PNG = "comparison.png"
 CELLS_JSON = "cells.json"
@@ -75,6 +79,7 @@ class Cell:
     method: str
     labelled_ratio: float
     seed: int
+    test_seed: int = 0  # the test cut's seed: one for every cell of a grid (one shared test split)
 
     @property
     def name(self) -> str:
@@ -126,7 +131,7 @@ class CompareGrid:
     def cells(self) -> list[Cell]:
         """Every cell; the methods of one (ratio, seed) next to each other (they share a split)."""
         return [
-            Cell(method, ratio, seed)
+            Cell(method, ratio, seed, self.seeds[0])
             for ratio, seed, method in itertools.product(self.labelled_ratios, self.seeds, self.methods)
         ]
 
@@ -136,7 +141,10 @@ class CompareGrid:
     @classmethod
     def from_items(cls, items: Iterable[Mapping[str, Any]]) -> CompareGrid:
         """The grid of a list of loop items (in their order of first appearance)."""
-        cells = [Cell(str(i["method"]), float(i["labelled_ratio"]), int(i["seed"])) for i in items]
+        cells = [
+            Cell(str(i["method"]), float(i["labelled_ratio"]), int(i["seed"]), int(i.get("test_seed", i["seed"])))
+            for i in items
+        ]
         return cls(
             methods=tuple(dict.fromkeys(c.method for c in cells)),
             labelled_ratios=tuple(dict.fromkeys(c.labelled_ratio for c in cells)),
@@ -172,6 +180,7 @@ class CellResult:
     test_split_hash: str
     run_id: str = ""  # the cell's MLflow child run
     extra: dict[str, Any] = field(default_factory=dict)
+    reads_unlabelled: bool = False  # what the method reads: labelled records only, or unlabelled ones too
 
     @property
     def cell(self) -> Cell:
@@ -223,17 +232,22 @@ def read_cell(
         split_fingerprint=str(splits_meta.get("fingerprint", "")),
         test_split_hash=str(evaluation.get("test_split_hash", "")),
         extra={"device": str(finetune_meta.get("device", "")), "schedule": str(finetune_meta.get("schedule", ""))},
+        reads_unlabelled=get_method(cell.method).reads_unlabelled,
     )
 
 
 def check_paired(results: Sequence[CellResult]) -> None:
-    """Raise ValueError unless the methods of each (labelled ratio, seed) used the same split."""
+    """Raise ValueError unless the methods of each (labelled ratio, seed) used the same split
+    and every cell was tested on the same test split."""
     by_split: dict[tuple[float, int], set[str]] = {}
     for result in results:
         by_split.setdefault((result.labelled_ratio, result.seed), set()).add(result.split_fingerprint)
     for (ratio, seed), fingerprints in sorted(by_split.items()):
         if len(fingerprints) > 1:
             raise ValueError(f"labelled ratio {ratio:g}, seed {seed}: the methods were trained on different splits")
+    tests = {r.test_split_hash for r in results if r.test_split_hash}
+    if len(tests) > 1:
+        raise ValueError(f"the cells were tested on {len(tests)} different test splits; a comparison shares one")
 
 
 # --------------------------------------------------------------------------- the table
@@ -269,6 +283,10 @@ def comparison_table(results: Sequence[CellResult]) -> pd.DataFrame:
             row[f"n_{column}"] = len(values)
         kinds = sorted({m for cell, m in measures.items() if cell.method == method and cell.labelled_ratio == ratio})
         row["memory_measure"] = " / ".join(k for k in kinds if k) or "unknown"
+        cells = [r for r in results if r.method == method and r.labelled_ratio == ratio]
+        row["reads"] = "labelled + unlabelled" if cells[0].reads_unlabelled else "labelled"
+        shares = [r.trainable_params / r.total_params for r in cells if r.total_params]
+        row["trainable_share"] = float(np.mean(shares)) if shares else math.nan
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -307,12 +325,18 @@ def table_rows(table: pd.DataFrame, memory: bool = True) -> tuple[list[str], lis
     headings = ["method", "labelled", "seeds"] + [
         memory_heading(table) if key == "peak_memory_mb" and memory else title for key, title in COLUMNS.items()
     ]
+    headings += ["trainable share", "reads"]
     rows = [
         [str(row["method"]), ratio_label(row["labelled_ratio"]), str(row["n_seeds"])]
         + [format_value(row[f"{key}_mean"], row[f"{key}_std"], key) for key in COLUMNS]
+        + [_share(row.get("trainable_share", math.nan)), str(row.get("reads", ""))]
         for _, row in table.iterrows()
     ]
     return headings, rows
+
+
+def _share(value: float) -> str:
+    return "n/a" if not math.isfinite(value) else f"{value * 100:.3g}%"
 
 
 def table_markdown(table: pd.DataFrame, title: str = "Method comparison") -> str:
@@ -321,12 +345,15 @@ def table_markdown(table: pd.DataFrame, title: str = "Method comparison") -> str
     lines = [
         f"# {title}",
         "",
-        "Mean +- standard deviation over seeds (sample std, n/a for a single seed). Test split of each "
-        "(labelled ratio, seed), shared by the methods. F-beta2 / mAP: macro F-beta (beta 2) / mean average "
+        "Mean +- standard deviation over seeds (sample std, n/a for a single seed). One test split for every "
+        "method, labelled ratio and seed (the differences below are paired on its records). F-beta2 / G-beta2 / "
+        "mAP: macro F-beta (beta 2) / G-beta (beta 2) / mean average "
         "precision over all classes, a class with no positive test record counting 0 (CE-SSL reference); "
         "Challenge: the official PhysioNet/CinC 2021 Challenge score (all 26 scored classes); ms/step: mean "
         "training step, validations left out; peak MB: "
-        "peak memory over the training steps; trainable: trainable parameters.",
+        "peak memory over the training steps; trainable: trainable parameters, and their share of the model. "
+        "reads: what each step of the method reads; a method that reads only labelled records does less work "
+        "per step, so compare ms/step between methods that read the same.",
         "",
         "| " + " | ".join(headings) + " |",
         "|" + "|".join("---" if i < 1 else "---:" for i in range(len(headings))) + "|",
@@ -368,32 +395,177 @@ def plot_comparison(table: pd.DataFrame, path: Path, metric: str = PLOT_METRIC) 
     return path
 
 
+# --------------------------------------------------------------------------- paired differences
+
+
+@dataclass(frozen=True)
+class CellPredictions:
+    """One cell's thresholded predictions on the shared test split, by record id."""
+
+    ids: tuple[str, ...]
+    labels: np.ndarray  # (N, C) 0/1
+    predicted: np.ndarray  # (N, C) 0/1
+
+    @classmethod
+    def load(cls, path: Path) -> CellPredictions:
+        """From a cell's ``predictions.npz`` (components.evaluate), in record id order."""
+        from ml.eval.metrics import binarize
+
+        data = load_predictions(path)
+        order = np.argsort(data["ids"].astype(str), kind="stable")
+        return cls(
+            tuple(str(i) for i in data["ids"][order]),
+            data["labels"][order].astype(np.int64),
+            binarize(data["probs"][order], data["thresholds"]).astype(np.int64),
+        )
+
+
+Pair = tuple[CellPredictions, CellPredictions]
+
+
+def _mean_difference(pairs: Sequence[Pair], metric: str, keep: np.ndarray) -> float:
+    """``metric`` of the method minus the reference's on records ``keep``, averaged over the pairs."""
+    from ml.eval.metrics import thresholded_metrics
+
+    differences = [
+        thresholded_metrics(method.labels[keep], method.predicted[keep])[metric]
+        - thresholded_metrics(reference.labels[keep], reference.predicted[keep])[metric]
+        for method, reference in pairs
+    ]
+    return float(np.mean(differences))
+
+
+def _pairs(
+    results: Sequence[CellResult],
+    predictions: Mapping[str, CellPredictions],
+    method: str,
+    ratio: float,
+    reference: str,
+) -> list[Pair]:
+    """(method, reference) predictions of each seed both have at ``ratio``."""
+    found = []
+    for result in results:
+        if result.method != method or result.labelled_ratio != ratio:
+            continue
+        partner = Cell(reference, ratio, result.seed).name
+        if result.cell.name in predictions and partner in predictions:
+            found.append((predictions[result.cell.name], predictions[partner]))
+    return found
+
+
+def paired_differences(
+    results: Sequence[CellResult], predictions: Mapping[str, CellPredictions], reference: str = REFERENCE_METHOD
+) -> pd.DataFrame:
+    """Per (method, labelled ratio) other than ``reference``: each of :data:`PAIRED_METRICS`
+    of the method minus the reference's, averaged over the seeds both have, on the same test
+    records, with its 95% jackknife-t interval over those records (``ml.eval.intervals``: the
+    test-sampling uncertainty of the mean difference; the seeds' spread is the table's std).
+    ``predictions``: :attr:`Cell.name` -> the cell's predictions. Empty when there is no
+    reference cell or no predictions."""
+    from functools import partial
+
+    from ml.eval.intervals import jackknife_interval
+
+    rows = []
+    for ratio in sorted({r.labelled_ratio for r in results}):
+        for method in dict.fromkeys(r.method for r in results if r.method != reference):
+            pairs = _pairs(results, predictions, method, ratio, reference)
+            if not pairs:
+                continue
+            ids = pairs[0][0].ids
+            if any(a.ids != ids or b.ids != ids for a, b in pairs):
+                raise ValueError(f"{method} at {ratio_label(ratio)}: the cells were not tested on the same records")
+            row: dict[str, Any] = {
+                "method": method,
+                "reference": reference,
+                "labelled_ratio": ratio,
+                "n_seeds": len(pairs),
+                "n_records": len(ids),
+            }
+            for metric in PAIRED_METRICS:
+                interval = jackknife_interval(partial(_mean_difference, pairs, metric), len(ids))
+                row |= {metric: interval.value, f"{metric}_low": interval.low, f"{metric}_high": interval.high}
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def paired_rows(paired: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """Headings and formatted rows of the paired differences (Markdown and the terminal)."""
+    headings = ["method", "labelled", "seeds", "records"]
+    headings += [f"{title} - {REFERENCE_METHOD} [95% CI]" for title in PAIRED_METRICS.values()]
+    rows = []
+    for _, row in paired.iterrows():
+        cells = [str(row["method"]), ratio_label(row["labelled_ratio"]), str(row["n_seeds"]), str(row["n_records"])]
+        for metric in PAIRED_METRICS:
+            value, low, high = row[metric], row[f"{metric}_low"], row[f"{metric}_high"]
+            text = "n/a" if not math.isfinite(value) else f"{value:+.3f}"
+            cells.append(text + (f" [{low:+.3f}, {high:+.3f}]" if math.isfinite(value) and math.isfinite(low) else ""))
+        rows.append(cells)
+    return headings, rows
+
+
+PAIRED_NOTE = (
+    f"each method minus {REFERENCE_METHOD} on the same test records, averaged over the seeds both have, with "
+    "the 95% jackknife-t interval over those records: an interval that contains 0 does not tell the two "
+    "methods apart on this test split"
+)
+
+
+def paired_markdown(paired: pd.DataFrame) -> str:
+    """The paired differences as a Markdown section ("" when there are none)."""
+    if paired.empty:
+        return ""
+    headings, rows = paired_rows(paired)
+    lines = [
+        "",
+        f"## Paired differences against {REFERENCE_METHOD}",
+        "",
+        PAIRED_NOTE[0].upper() + PAIRED_NOTE[1:] + ".",
+        "",
+        "| " + " | ".join(headings) + " |",
+        "|---|---|---:|---:|" + "---:|" * len(PAIRED_METRICS),
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 @dataclass(frozen=True)
 class ComparisonFiles:
     csv: Path
     markdown: Path
     plot: Path
     cells: Path
+    paired: Path | None = None
 
     def artifacts(self) -> dict[str, Path]:
         """Run paths (``comparison/<name>``) -> local files."""
-        return {f"comparison/{p.name}": p for p in (self.csv, self.markdown, self.plot, self.cells)}
+        files = (self.csv, self.markdown, self.plot, self.cells, self.paired)
+        return {f"comparison/{p.name}": p for p in files if p is not None}
 
 
-def write_comparison(results: Sequence[CellResult], out_dir: Path) -> ComparisonFiles:
-    """Check the pairing, aggregate, write CSV + Markdown + PNG + the cells (JSON) to ``out_dir``."""
+def write_comparison(
+    results: Sequence[CellResult], out_dir: Path, predictions: Mapping[str, CellPredictions] | None = None
+) -> ComparisonFiles:
+    """Check the pairing, aggregate, write CSV + Markdown + PNG + the cells (JSON) to
+    ``out_dir``; with the cells' ``predictions``, the paired differences too (CSV, and in the
+    Markdown)."""
     check_paired(results)
     table = comparison_table(results)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv = out_dir / TABLE_CSV
     table.to_csv(csv, index=False)
+    paired = paired_differences(results, predictions or {})
+    paired_csv = None
+    if not paired.empty:
+        paired_csv = out_dir / PAIRED_CSV
+        paired.to_csv(paired_csv, index=False)
     markdown = out_dir / TABLE_MD
-    markdown.write_text(table_markdown(table), encoding="utf-8")
+    markdown.write_text(table_markdown(table) + paired_markdown(paired), encoding="utf-8")
     plot = plot_comparison(table, out_dir / PLOT_PNG)
     cells = write_json(out_dir / CELLS_JSON, [asdict(r) for r in results])
     log.info("comparison of %d cells (%d rows) written to %s", len(results), len(table), out_dir)
-    return ComparisonFiles(csv=csv, markdown=markdown, plot=plot, cells=cells)
+    return ComparisonFiles(csv=csv, markdown=markdown, plot=plot, cells=cells, paired=paired_csv)
 
 
 def read_cells(path: Path) -> list[CellResult]:

@@ -40,6 +40,7 @@ class SplitConfig:
     seed: int = 0
     test_ratio: float = 0.1
     valid_ratio: float = 0.2  # of the labelled part
+    test_seed: int | None = None  # the test cut's own seed (None: from ``seed``); a comparison's cells share it
 
     def __post_init__(self) -> None:
         for name in ("labelled_ratio", "test_ratio", "valid_ratio"):
@@ -73,7 +74,7 @@ def split_step(store_dir: Path, out_path: Path, config: SplitConfig, frozen_path
         seed=config.seed,
     )
     if frozen_path is None:
-        splits = split_store(store, **kwargs)
+        splits = split_store(store, test_seed=config.test_seed, **kwargs)
     else:
         try:
             frozen = FrozenTestSet.load(frozen_path)

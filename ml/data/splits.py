@@ -112,6 +112,7 @@ def make_splits(
     valid_size: float = 0.2,
     seed: int = 0,
     classes: Sequence[str] = (),
+    test_seed: int | None = None,
 ) -> Splits:
     """Split records into test / train / valid / unlabelled id lists.
 
@@ -120,6 +121,10 @@ def make_splits(
     records: test = round(test_size * labelled records), labelled = round(labelled_ratio *
     the rest) (at least 2 when any: one to train on, one to validate), valid =
     round(valid_size * labelled) (at least 1).
+
+    ``test_seed``: the seed of the test cut alone (None: drawn from ``seed``, as before), so
+    that runs with different seeds (a comparison's) share one test part: the test cut
+    depends only on the labelled records, ``test_size`` and this seed.
     """
     ids = [str(i) for i in ids]
     y = np.asarray(y, dtype=np.int8).reshape(len(ids), -1)
@@ -138,7 +143,8 @@ def make_splits(
     seeds = np.random.SeedSequence(seed).generate_state(3)
 
     n_test = round(test_size * len(pool))
-    rest_local, test_local = stratified_cut(y[pool], n_test, int(seeds[0]))
+    test_state = seeds[0] if test_seed is None else np.random.SeedSequence(test_seed).generate_state(3)[0]
+    rest_local, test_local = stratified_cut(y[pool], n_test, int(test_state))
     rest = pool[rest_local]
     n_lab = round(labelled_ratio * len(rest))
     if labelled_ratio > 0 and len(rest) >= 2:
@@ -159,7 +165,8 @@ def make_splits(
         valid=pick(labelled_part[valid_local]),
         unlabelled=sorted(pick(rest[unl_local]) + never_labelled),
         classes=list(classes),
-        params={"test_size": test_size, "labelled_ratio": labelled_ratio, "valid_size": valid_size, "seed": seed},
+        params={"test_size": test_size, "labelled_ratio": labelled_ratio, "valid_size": valid_size, "seed": seed}
+        | ({} if test_seed is None or test_seed == seed else {"test_seed": test_seed}),
     )
 
 

@@ -28,7 +28,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from components.compare import CELLS_JSON, CompareGrid, comparison_table, memory_measure, read_cells, table_rows
+from components.compare import (
+    CELLS_JSON,
+    PAIRED_CSV,
+    PAIRED_NOTE,
+    CompareGrid,
+    comparison_table,
+    memory_measure,
+    paired_rows,
+    read_cells,
+    table_rows,
+)
 from pipeline.cli.run import (
     compile_options,
     local_params,
@@ -59,11 +69,14 @@ def grid_from_args(args: argparse.Namespace) -> CompareGrid:
 
 
 def print_table(table: pd.DataFrame, title: str) -> None:
+    headings, rows = table_rows(table, memory=False)
+    _print_rows(headings, rows, title, f"mean +- std over seeds; peak MB: {memory_measure(table)}")
+
+
+def _print_rows(headings: list[str], rows: list[list[str]], title: str, caption: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    headings, rows = table_rows(table, memory=False)
-    caption = f"mean +- std over seeds; peak MB: {memory_measure(table)}"
     out = Table(title=title, caption=caption)
     for i, heading in enumerate(headings):
         out.add_column(heading, justify="left" if i == 0 else "right", no_wrap=True)
@@ -84,6 +97,25 @@ def load_table(tracking: TrackingConfig, parent_run_id: str) -> pd.DataFrame:
             run_id=parent_run_id, artifact_path=f"comparison/{CELLS_JSON}", dst_path=tmp
         )
         return comparison_table(read_cells(Path(path)))
+
+
+def print_paired(tracking: TrackingConfig, parent_run_id: str) -> pd.DataFrame:
+    """The paired differences against CE-SSL logged with the parent run, printed (empty if none)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    tracking.activate()
+    with tempfile.TemporaryDirectory(prefix="cessl-compare-") as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=parent_run_id, artifact_path=f"comparison/{PAIRED_CSV}", dst_path=tmp
+            )
+        except (MlflowException, OSError):
+            return pd.DataFrame()
+        paired = pd.read_csv(path)
+    headings, rows = paired_rows(paired)
+    _print_rows(headings, rows, "paired differences on the shared test split", PAIRED_NOTE)
+    return paired
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -135,6 +167,7 @@ def _run_comparison(args: argparse.Namespace, params: PipelineParams, settings: 
     seconds = time.perf_counter() - start
     table = load_table(tracking, parent_run_id)
     print_table(table, f"cessl compare: {settings.grid.describe()} ({params.schedule()})")
+    paired = print_paired(tracking, parent_run_id)
     log.info(
         "MLflow parent run %s (%s, experiment %s): table, plot and cells under comparison/; %.0f s",
         parent_run_id,
@@ -149,6 +182,7 @@ def _run_comparison(args: argparse.Namespace, params: PipelineParams, settings: 
             "tracking_uri": tracking.tracking_uri,
             "seconds": seconds,
             "table": json.loads(table.to_json(orient="records", double_precision=15)),
+            "paired": json.loads(paired.to_json(orient="records", double_precision=15)) if not paired.empty else [],
         }
         Path(args.json).write_text(json.dumps(summary, indent=2, sort_keys=True), encoding="utf-8")
     return 0

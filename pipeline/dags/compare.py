@@ -8,8 +8,10 @@
 The data and the backbone are resolved once; every cell (method x labelled ratio x seed,
 :class:`components.compare.CompareGrid`) is the fine-tune DAG's own chain
 (:func:`pipeline.dags.finetune.add_finetune_chain`), so a cell trains exactly as ``cessl run`` would,
-and the cells of one (ratio, seed) split the same store with the same seed: the methods are
-compared on the same records. ``log_cell`` writes each cell as an MLflow child run of the
+and every cell draws the test cut with the grid's first seed (``test_seed``): every method,
+labelled ratio and seed is tested on the same records, so differences between cells are
+paired (``components.compare.paired_differences``); the cells of one (ratio, seed) also share
+their training split. ``log_cell`` writes each cell as an MLflow child run of the
 comparison's parent run; nothing is registered (cells are experiments). The cluster settings
 are the fine-tune DAG's (:func:`pipeline.dags.finetune.configure_tasks`: GPU request, tolerations,
 checkpoint volume on every finetune task).
@@ -104,7 +106,13 @@ def build_compare_pipeline(
         # an outer task's output *parameter* by the loop item).
         with dsl.ParallelFor(run.grid, parallelism=settings.parallelism) as cell:
             chain = add_finetune_chain(
-                steps, run, inputs, method=cell.method, labelled_ratio=cell.labelled_ratio, seed=cell.seed
+                steps,
+                run,
+                inputs,
+                method=cell.method,
+                labelled_ratio=cell.labelled_ratio,
+                seed=cell.seed,
+                test_seed=cell.test_seed,
             )
             logged = compare_steps.log_cell(
                 comparison=comparison,
@@ -115,6 +123,7 @@ def build_compare_pipeline(
                 method=cell.method,
                 labelled_ratio=cell.labelled_ratio,
                 seed=cell.seed,
+                test_seed=cell.test_seed,
                 tracking_uri=run.tracking_uri,
                 experiment_name=run.experiment_name,
             )

@@ -484,12 +484,14 @@ def add_finetune_chain(
     method: Any,
     labelled_ratio: Any,
     seed: Any,
+    test_seed: Any = None,
     frozen_testset: Any = "",
     choices: Mapping[str, Any] | None = None,
     site: Any = "",
 ) -> FinetuneChain:
     """split -> allocate_ranks -> finetune -> evaluate of ``method`` at ``labelled_ratio`` with
-    ``seed`` (pipeline channels: the run's parameters, or a loop item's fields), the other
+    ``seed`` (pipeline channels: the run's parameters, or a loop item's fields; ``test_seed``:
+    the test cut's, ``seed`` unless given), the other
     choices from the run's parameters unless ``choices`` gives them (a network site's
     ``r``, ``p``, ``compress``, ``batch_size``, ``lr``). ``frozen_testset``: the
     ``resolve_testset`` step's reference (the split's test part is that frozen set), "" for
@@ -499,6 +501,7 @@ def add_finetune_chain(
         store=inputs.store,
         labelled_ratio=labelled_ratio,
         seed=seed,
+        test_seed=seed if test_seed is None else test_seed,
         frozen_testset=frozen_testset,
         tracking_uri=run.tracking_uri,
     )

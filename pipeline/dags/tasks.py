@@ -154,13 +154,15 @@ def split(
     store: Input[Dataset],
     labelled_ratio: float,
     seed: int,
+    test_seed: int,
     frozen_testset: str,
     tracking_uri: str,
     splits: Output[Dataset],
 ) -> NamedTuple("SplitOutputs", [("test_split_hash", str), ("sizes", str)]):
     """Iterative stratified test / labelled train / labelled valid / unlabelled split (ids);
-    with a frozen test set (``frozen_testset``: resolve_testset's reference) its records are
-    the test part and new records only go to train / valid / unlabelled."""
+    the test cut drawn with ``test_seed`` (a run's own seed; one seed for every cell of a
+    comparison). With a frozen test set (``frozen_testset``: resolve_testset's reference) its
+    records are the test part and new records only go to train / valid / unlabelled."""
     from pipeline.core.process import die_with_parent
 
     die_with_parent()  # a task dies with the process that started it (kill -9 of cessl run)
@@ -170,7 +172,7 @@ def split(
 
     from components.split import SplitConfig, split_step
 
-    config = SplitConfig(labelled_ratio=labelled_ratio, seed=seed)
+    config = SplitConfig(labelled_ratio=labelled_ratio, seed=seed, test_seed=test_seed)
     with tempfile.TemporaryDirectory(prefix="cessl-testset-") as tmp:
         frozen_path = None
         if frozen_testset:  # fetched from MLflow here: components/split.py reads a plain file
@@ -550,11 +552,12 @@ def log_cell(
     method: str,
     labelled_ratio: float,
     seed: int,
+    test_seed: int,
     tracking_uri: str,
     experiment_name: str,
 ) -> str:
-    """Log one cell of the comparison as an MLflow child run (nothing is registered);
-    returns the cell's result (JSON) for the summary."""
+    """Log one cell of the comparison as an MLflow child run (nothing is registered), with its
+    predictions on the shared test split; returns the cell's result (JSON) for the summary."""
     from pipeline.core.process import die_with_parent
 
     die_with_parent()  # a task dies with the process that started it (kill -9 of cessl run)
@@ -562,13 +565,17 @@ def log_cell(
     from pathlib import Path
 
     from components.compare import Cell, read_cell
+    from components.evaluate import PREDICTIONS_FILE
     from ml.train.callbacks import read_curves
     from pipeline.registry.compare_tracking import ComparisonRun, log_cell_run
     from pipeline.registry.store import TrackingConfig
 
     parent = ComparisonRun.read(Path(comparison.path))
     result = read_cell(
-        Cell(method, labelled_ratio, seed), Path(evaluation.path), dict(adapter.metadata), dict(splits.metadata)
+        Cell(method, labelled_ratio, seed, test_seed),
+        Path(evaluation.path),
+        dict(adapter.metadata),
+        dict(splits.metadata),
     )
     adapter_config = json.loads((Path(adapter.path) / "adapter_config.json").read_text(encoding="utf-8"))
     result.run_id = log_cell_run(
@@ -577,6 +584,7 @@ def log_cell(
         result,
         train_config=adapter_config.get("extra", {}).get("train_config", {}),
         curves=read_curves(Path(curves.path)),
+        predictions=Path(evaluation.path) / PREDICTIONS_FILE,
     )
     return result.to_json()
 
@@ -589,23 +597,27 @@ def summarize_comparison(
     table: Output[Markdown],
     files: Output[Artifact],
 ) -> str:
-    """Mean +- std over seeds per (method, labelled ratio): CSV, Markdown and a plot, logged
-    to the parent run (FINISHED then); returns the parent run's id."""
+    """Mean +- std over seeds per (method, labelled ratio), and each method's paired difference
+    against CE-SSL on the shared test records: CSV, Markdown and a plot, logged to the parent
+    run (FINISHED then); returns the parent run's id."""
     from pipeline.core.process import die_with_parent
 
     die_with_parent()  # a task dies with the process that started it (kill -9 of cessl run)
     import shutil
+    import tempfile
     from pathlib import Path
 
     from components.compare import CellResult, comparison_table, write_comparison
-    from pipeline.registry.compare_tracking import ComparisonRun, finish_comparison
+    from pipeline.registry.compare_tracking import ComparisonRun, cell_predictions, finish_comparison
     from pipeline.registry.store import TrackingConfig
 
     parent = ComparisonRun.read(Path(comparison.path))
     results = [CellResult.from_json(cell) for cell in cells]
-    written = write_comparison(results, Path(files.path))
+    config = TrackingConfig.resolve(tracking_uri, experiment_name)
+    with tempfile.TemporaryDirectory(prefix="cessl-cells-") as tmp:
+        written = write_comparison(results, Path(files.path), cell_predictions(config, results, Path(tmp)))
     shutil.copyfile(written.markdown, table.path)
-    finish_comparison(TrackingConfig.resolve(tracking_uri, experiment_name), parent, written, comparison_table(results))
+    finish_comparison(config, parent, written, comparison_table(results))
     files.metadata.update({"run_id": parent.run_id, "n_cells": len(results)})
     return parent.run_id
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from components.common import read_json, write_json
-from components.compare import CellResult, CompareGrid, ComparisonFiles, ratio_label
+from components.compare import CellPredictions, CellResult, CompareGrid, ComparisonFiles, ratio_label
 from pipeline.registry.store import TrackingConfig, ensure_experiment
 from pipeline.registry.tracking import TEST_PREFIX, log_curves, param_value
 
@@ -39,6 +39,7 @@ TAG_KIND = "cessl.run_kind"
 TAG_COMPARISON = "cessl.comparison_id"
 KIND_COMPARISON = "comparison"
 KIND_CELL = "comparison-cell"
+CELL_PREDICTIONS = "evaluation/predictions.npz"  # a cell run's predictions on the shared test split
 # Cost figures of a cell, logged as metrics of its child run.
 COST_METRICS = ("ms_per_step", "peak_memory_mb", "trainable_params", "total_params", "steps")
 
@@ -124,8 +125,10 @@ def log_cell_run(
     train_config: Mapping[str, Any] | None = None,
     curves: Sequence[Mapping[str, float]] = (),
     tags: Mapping[str, str] | None = None,
+    predictions: Path | None = None,
 ) -> str:
-    """Log one cell as a FINISHED child run of ``parent``; returns its run id."""
+    """Log one cell as a FINISHED child run of ``parent`` (``predictions``: its
+    ``predictions.npz``, which the summary pairs with the other cells'); returns its run id."""
     client = config.client()
     run = client.create_run(
         parent.experiment_id,
@@ -156,9 +159,29 @@ def log_cell_run(
         client, run_id, params=params, metrics={**{f"{TEST_PREFIX}{k}": v for k, v in result.metrics.items()}, **cost}
     )
     log_curves(client, run_id, curves)
+    if predictions is not None and Path(predictions).is_file():
+        client.log_artifact(run_id, str(predictions), artifact_path=CELL_PREDICTIONS.rsplit("/", 1)[0])
     client.set_terminated(run_id, "FINISHED")
     log.info("cell %s: child run %s of %s", result.cell.name, run_id, parent.run_id)
     return run_id
+
+
+def cell_predictions(config: TrackingConfig, results: Sequence[CellResult], dest: Path) -> dict[str, CellPredictions]:
+    """The logged predictions of every cell that has a child run (cell name -> predictions)."""
+    from mlflow.exceptions import MlflowException
+
+    client = config.client()
+    found: dict[str, CellPredictions] = {}
+    for result in results:
+        if not result.run_id:
+            continue
+        try:
+            local = client.download_artifacts(result.run_id, CELL_PREDICTIONS, str(Path(dest) / result.cell.name))
+        except (MlflowException, OSError) as err:
+            log.warning("cell %s: no predictions to pair (%s)", result.cell.name, err)
+            continue
+        found[result.cell.name] = CellPredictions.load(Path(local))
+    return found
 
 
 def finish_comparison(config: TrackingConfig, parent: ComparisonRun, files: ComparisonFiles, table: Any) -> None:

@@ -61,10 +61,13 @@ def test_compare_logs_a_parent_run_with_a_child_per_cell_and_the_table(tmp_path,
             child.data.metrics
         )
         assert child.data.metrics["ms_per_step"] > 0
-    # Same split for the methods of one seed; the full fine-tune trains every parameter.
+    # Same split for the methods of one seed, one test split for every cell; the full
+    # fine-tune trains every parameter.
     for seed in (0, 1):
         fingerprints = {c.data.tags["split_fingerprint"] for c in children if c.data.params["seed"] == str(seed)}
         assert len(fingerprints) == 1
+    assert len({c.data.tags["split_fingerprint"] for c in children}) == 2  # the seeds train on different records
+    assert len({c.data.tags["test_split_hash"] for c in children}) == 1  # ... and are tested on the same ones
     trainable = {c.data.params["method"]: c.data.metrics["trainable_params"] for c in children}
     assert trainable["cessl"] < trainable["full"]
     assert not client.search_registered_models(), "comparison cells must not register models"
@@ -85,7 +88,15 @@ def test_compare_logs_a_parent_run_with_a_child_per_cell_and_the_table(tmp_path,
 
     paths = artifact_paths(client, parent.info.run_id)
     assert {"comparison/comparison.csv", "comparison/comparison.md", "comparison/comparison.png"} <= paths
+    assert "comparison/paired.csv" in paths  # full - cessl on the shared test records, with its interval
+    paired = pd.read_csv(client.download_artifacts(parent.info.run_id, "comparison/paired.csv", str(tmp_path)))
+    (row,) = paired.to_dict("records")
+    assert summary["paired"] == [pytest.approx(row)]  # printed and in --json as well
+    assert (row["method"], row["reference"], row["n_seeds"]) == ("full", "cessl", 2)
+    for metric in ("macro_f_beta", "macro_g_beta"):
+        assert row[f"{metric}_low"] <= row[metric] <= row[f"{metric}_high"]
     markdown = Path(
         client.download_artifacts(parent.info.run_id, "comparison/comparison.md", str(tmp_path))
     ).read_text()
     assert "| cessl | 30% | 2 |" in markdown and "+-" in markdown and "peak MB (cpu peak RSS growth)" in markdown
+    assert "## Paired differences against cessl" in markdown and "| full | 30% | 2 |" in markdown

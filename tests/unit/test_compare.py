@@ -8,6 +8,7 @@ import math
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -43,7 +44,7 @@ def cell(method: str, ratio: float, seed: int, f_beta: float, **changes) -> Cell
         "total_params": 9000,
         "steps": 10,
         "split_fingerprint": f"split-{ratio}-{seed}",
-        "test_split_hash": f"test-{seed}",
+        "test_split_hash": "the-test-split",  # one test split for every cell
     }
     return CellResult(**(values | changes))
 
@@ -63,7 +64,8 @@ CELLS = [
 def test_grid_cells_share_splits_across_methods_and_validate():
     grid = CompareGrid.parse("cessl, fixmatch", "0.05,0.15", "0,1")
     cells = grid.cells()
-    assert len(cells) == 8 and cells[0].item() == {"method": "cessl", "labelled_ratio": 0.05, "seed": 0}
+    assert len(cells) == 8 and cells[0].item() == {"method": "cessl", "labelled_ratio": 0.05, "seed": 0, "test_seed": 0}
+    assert {c.test_seed for c in cells} == {0}  # every cell draws the test cut with the grid's first seed
     assert [c.method for c in cells[:2]] == ["cessl", "fixmatch"]  # one split, both methods, next to each other
     assert CompareGrid.from_items(grid.items()) == grid
     with pytest.raises(ValueError, match="unknown method"):
@@ -110,6 +112,8 @@ def test_methods_must_share_the_split_of_a_ratio_and_seed():
     check_paired(CELLS)
     with pytest.raises(ValueError, match="different splits"):
         check_paired([*CELLS, cell("lora", 0.05, 0, 0.3, split_fingerprint="other")])
+    with pytest.raises(ValueError, match="2 different test splits"):
+        check_paired([*CELLS, cell("lora", 0.05, 0, 0.3, test_split_hash="another")])
 
 
 def test_formatting_and_markdown():
@@ -119,7 +123,8 @@ def test_formatting_and_markdown():
     assert format_value(101.26, 1.0, "ms_per_step") == "101.3 +- 1.0"
     assert format_value(1234.0, 0.0, "trainable_params") == "1,234"
     text = table_markdown(comparison_table(CELLS))
-    assert "| cessl | 5% | 3 | 0.450 +- 0.050 |" in text
+    assert "| cessl | 5% | 3 | 0.450 +- 0.050 | n/a |" in text  # F-beta2, then G-beta2 (not in these cells)
+    assert "| 11.1% | labelled |" in text and "trainable share | reads |" in text
     assert "peak MB (cpu peak RSS growth)" in text
     assert text.count("\n| ") == 1 + 4  # heading + one row per (method, ratio)
 
@@ -233,3 +238,38 @@ def test_step_profiler_times_steps_without_warmup_or_validations():
     assert 15 <= profiler.ms_per_step < 150
     summary = profiler.summary()
     assert summary["memory_measure"] == CPU_MEMORY and summary["peak_memory_mb"] >= 0
+
+
+def _predictions(tmp_path, name: str, labels: np.ndarray, flip: float, seed: int):
+    """A cell's predictions.npz: the labels with a fraction ``flip`` of entries wrong."""
+    from components.compare import CellPredictions
+    from components.evaluate import save_predictions
+
+    rng = np.random.default_rng(seed)
+    wrong = rng.random(labels.shape) < flip
+    probs = np.where(wrong, 1 - labels, labels).astype(float)
+    ids = [f"r{i:03d}" for i in range(len(labels))][::-1]  # any order: paired by id
+    path = save_predictions(tmp_path / f"{name}.npz", ids, probs[::-1], labels[::-1], np.full(labels.shape[1], 0.5))
+    return CellPredictions.load(path)
+
+
+def test_paired_differences_against_cessl_on_the_same_records(tmp_path):
+    from components.compare import paired_differences
+
+    labels = np.random.default_rng(0).integers(0, 2, size=(80, 4))
+    results = [cell(m, 0.05, s, 0.5) for m in ("cessl", "lora") for s in (0, 1)]
+    predictions = {
+        r.cell.name: _predictions(tmp_path, r.cell.name, labels, 0.05 if r.method == "cessl" else 0.3, r.seed)
+        for r in results
+    }
+    (row,) = paired_differences(results, predictions).to_dict("records")
+    assert (row["method"], row["reference"], row["n_seeds"], row["n_records"]) == ("lora", "cessl", 2, 80)
+    for metric in ("macro_f_beta", "macro_g_beta"):  # lora is clearly worse here: the interval says so
+        assert row[f"{metric}_low"] < row[metric] < row[f"{metric}_high"] < 0
+    files = write_comparison(results, tmp_path / "out", predictions)
+    assert "comparison/paired.csv" in files.artifacts()
+    assert "## Paired differences against cessl" in files.markdown.read_text()
+    other = dict(predictions)
+    other["lora-0.05-s1"] = _predictions(tmp_path, "x", labels[:60], 0.3, 1)  # another test split
+    with pytest.raises(ValueError, match="not tested on the same records"):
+        paired_differences(results, other)
