@@ -1,8 +1,9 @@
 """Steps: score the fine-tuned model on the test split; score the current champion on it too.
 
 :func:`evaluate_step` writes into the evaluation folder: ``metrics.json`` (ranking loss,
-coverage, macro AUROC, macro mAP, F-beta2 and G-beta2, the Challenge 2021 scores; each
-defined in ``ml.eval.metrics.METRIC_DEFINITIONS``), ``per_class.csv``, ``predictions.npz``
+coverage, macro AUROC, macro mAP, F-beta2 and G-beta2 with their 95% jackknife-t intervals
+over the test records (``macro_f_beta_low`` / ``_high``, ``ml.eval.intervals``), the Challenge
+2021 scores; each defined in ``ml.eval.metrics.METRIC_DEFINITIONS``), ``per_class.csv``, ``predictions.npz``
 (test ids, probabilities, labels, thresholds), ``roc.png`` and ``pr.png``; and an HTML
 report with the tables, what each metric is, and both plots embedded.
 
@@ -31,7 +32,8 @@ from components.common import StepError, read_json, write_json
 from components.data_access import dataset, open_store, scored_labels
 from ml.data.splits import Splits
 from ml.eval.bootstrap import BootstrapConfig, PairedBootstrap, paired_bootstrap
-from ml.eval.metrics import confusion_markdown
+from ml.eval.intervals import thresholded_intervals, with_intervals
+from ml.eval.metrics import binarize, confusion_markdown
 from ml.eval.predictor import load_predictor
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,12 @@ class EvaluationResult:
         keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), MAX_CURVE_POINTS)).astype(int))
         thr = np.clip(thr[keep], 0.0, 1.0)  # sklearn's first threshold is +inf
         return fpr[keep].tolist(), tpr[keep].tolist(), thr.tolist()
+
+
+def _test_metrics(report: Any) -> dict[str, float]:
+    """A report's defined test metrics, the gate's with their 95% intervals over the records."""
+    predicted = binarize(report.probs, report.thresholds)
+    return _finite(with_intervals(report.metrics, thresholded_intervals(report.labels, predicted)))
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float]:
@@ -211,7 +219,7 @@ def evaluate_step(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = EvaluationResult(
-        metrics=_finite(report.metrics),
+        metrics=_test_metrics(report),
         per_class=report.per_class,
         probs=report.probs,
         labels=report.labels,
@@ -405,7 +413,7 @@ def score_champion_step(
         except ValueError as err:
             result = ChampionEvaluation(champion.version, splits.test_split_hash, note=str(err))
         else:
-            result = ChampionEvaluation(champion.version, splits.test_split_hash, _finite(report.metrics), "scored")
+            result = ChampionEvaluation(champion.version, splits.test_split_hash, _test_metrics(report), "scored")
             save_predictions(
                 out_dir / PREDICTIONS_FILE, list(splits.test), report.probs, report.labels, report.thresholds
             )

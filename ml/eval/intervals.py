@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -55,3 +56,24 @@ def jackknife_interval(statistic: Callable[[np.ndarray], float], n: int, confide
     se = math.sqrt((len(loo) - 1) / len(loo) * float(((loo - loo.mean()) ** 2).sum()))
     half = float(stdtrit(n - 1, 1.0 - (1.0 - confidence) / 2)) * se
     return Interval(value, value - half, value + half, n, confidence)
+
+
+INTERVAL_METRICS: tuple[str, ...] = ("macro_f_beta", "macro_g_beta")  # the gate's metrics
+
+
+def thresholded_intervals(labels: np.ndarray, predicted: np.ndarray, beta: float = 2.0) -> dict[str, Interval]:
+    """The interval of each of :data:`INTERVAL_METRICS` of 0/1 predictions over their records."""
+    from ml.eval.metrics import thresholded_metrics
+
+    y, pred = np.asarray(labels).astype(np.int64), np.asarray(predicted).astype(np.int64)
+
+    def statistic(metric: str, keep: np.ndarray) -> float:
+        return thresholded_metrics(y[keep], pred[keep], beta)[metric]
+
+    return {metric: jackknife_interval(partial(statistic, metric), len(y)) for metric in INTERVAL_METRICS}
+
+
+def with_intervals(metrics: dict[str, float], intervals: dict[str, Interval]) -> dict[str, float]:
+    """``metrics`` plus ``<metric>_low`` / ``<metric>_high`` of each interval."""
+    bounds = {f"{name}_{side}": getattr(i, side) for name, i in intervals.items() for side in ("low", "high")}
+    return {**metrics, **bounds}

@@ -22,6 +22,7 @@ import json
 import logging
 import shlex
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -286,21 +287,27 @@ def print_summary(summary: RunSummary, console=None) -> None:
         for layer, rank in summary.rank_map.items():
             ranks.add_row(Text(layer), str(rank))
         console.print(ranks)
-    metrics = Table(title="test metrics", caption=MACRO_CONVENTION)
+    metrics = Table(title="test metrics [95% jackknife-t interval over the test records]", caption=MACRO_CONVENTION)
     metrics.add_column("metric")
     metrics.add_column("challenger", justify="right")
     if summary.champion_metrics:
         metrics.add_column("champion (same split)", justify="right")
-    for key, value in sorted(summary.test_metrics.items()):
-        row = [escape(key), f"{value:.4f}"]
+    for key in sorted(k for k in summary.test_metrics if not k.endswith(("_low", "_high"))):
+        row = [escape(key), _with_interval(summary.test_metrics, key)]
         if summary.champion_metrics:
-            champ = summary.champion_metrics.get(key)
-            row.append("" if champ is None else f"{champ:.4f}")
+            row.append(_with_interval(summary.champion_metrics, key) if key in summary.champion_metrics else "")
         metrics.add_row(*row)
     console.print(metrics)
     console.print("next:", style="bold")
     for line in next_steps(summary):
         console.print(Text(f"  {line}"), soft_wrap=True)
+
+
+def _with_interval(metrics: Mapping[str, float], key: str) -> str:
+    """``0.4321 [0.2100, 0.6000]``: the metric and its interval where the run logged one."""
+    low, high = metrics.get(f"{key}_low"), metrics.get(f"{key}_high")
+    bounds = f" [{low:.4f}, {high:.4f}]" if low is not None and high is not None else ""
+    return f"{metrics[key]:.4f}{bounds}"
 
 
 def cmd_run(args: argparse.Namespace) -> int:

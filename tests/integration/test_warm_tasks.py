@@ -37,7 +37,8 @@ TASK = textwrap.dedent(
     if what == "threads":  # a normal exit stops an executor's workers and waits for a thread
         from concurrent.futures import ThreadPoolExecutor
         import threading
-        pool = ThreadPoolExecutor(2)  # kept: only the exit hook stops its workers
+        pool = sys._test_pool = ThreadPoolExecutor(2)  # held by a module (as a library does): only
+        # the exit hook stops its workers
         assert pool.submit(lambda: 41).result() == 41
         threading.Thread(target=lambda: (time.sleep(0.5), open("joined", "w").write("yes"))).start()
         sys.exit(0)

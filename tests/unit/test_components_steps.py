@@ -207,6 +207,9 @@ def test_finetune_outputs_adapter_and_curves(trained):
 def test_evaluate_writes_metrics_tables_plots_and_report(trained):
     metrics = json.loads((trained / "evaluation" / "metrics.json").read_text())
     assert {"macro_f_beta", "macro_map", "ranking_loss", "coverage"} <= set(metrics["metrics"])
+    for metric in ("macro_f_beta", "macro_g_beta"):  # with their 95% interval over the test records
+        values = metrics["metrics"]
+        assert values[f"{metric}_low"] <= values[metric] <= values[f"{metric}_high"], metric
     for name in ("per_class.csv", "predictions.npz", "roc.png", "pr.png"):
         assert (trained / "evaluation" / name).stat().st_size > 0, name
     html = (trained / "report.html").read_text()

@@ -55,8 +55,13 @@ def summary() -> RunSummary:
         run_id=RUN_ID,
         tracking_uri=URI,
         rank_map={"encoder.blocks.11.attention.query_key_value": 16},
-        test_metrics={"macro_auroc": 0.81, "macro_f_beta": 0.5},
-        champion_metrics={"macro_auroc": 0.8},
+        test_metrics={
+            "macro_auroc": 0.81,
+            "macro_f_beta": 0.5,
+            "macro_f_beta_low": 0.3125,
+            "macro_f_beta_high": 0.6875,
+        },
+        champion_metrics={"macro_auroc": 0.8, "macro_f_beta": 0.4, "macro_f_beta_low": 0.2, "macro_f_beta_high": 0.6},
         aliases=["challenger"],
         seconds=12.0,
         schedule="200 epochs = 400 steps",
@@ -72,6 +77,9 @@ def test_run_summary_fits_80_columns_and_keeps_every_id_whole(monkeypatch):
     assert "…" not in text
     # only a line holding one word wider than the console may pass its edge
     assert all(len(line) <= WIDTH or URI in line for line in text.splitlines())
+    # a metric with its 95% interval over the test records, for both models; no _low/_high rows
+    assert "0.5000 [0.3125, 0.6875]" in text and "0.4000 [0.2000, 0.6000]" in text
+    assert "macro_f_beta_low" not in text and "95% jackknife-t" in text
     # the metrics table says how its macro means count a class with no positive test record
     assert "counting 0" in " ".join(text.split()) and "official" in text
 
