@@ -483,7 +483,7 @@ def paired_differences(
                 "n_records": len(ids),
             }
             for metric in PAIRED_METRICS:
-                interval = jackknife_interval(partial(_mean_difference, pairs, metric), len(ids))
+                interval = jackknife_interval(partial(_mean_difference, pairs, metric), len(ids), support=(-1.0, 1.0))
                 row |= {metric: interval.value, f"{metric}_low": interval.low, f"{metric}_high": interval.high}
             rows.append(row)
     return pd.DataFrame(rows)

@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ml.eval.challenge import challenge_score, labels_agree, load_weights, scored_codes
+from ml.eval.intervals import AT_MOST_ONE, UNIT, Interval, jackknife_interval
 from ml.eval.intervals import METHOD as INTERVAL_METHOD
-from ml.eval.intervals import Interval, jackknife_interval
 from ml.eval.metrics import binarize, thresholded_metrics
 
 BACKBONE_ROW = "backbone"
@@ -106,7 +106,9 @@ def score_cell(
     y_pred = binarize(probs, np.asarray(thresholds, dtype=np.float64))
     codes, weights = scored_codes(), load_weights()
     score = jackknife_interval(
-        lambda keep: challenge_score(scored_labels[keep], codes, y_pred[keep], model_classes, weights), len(labels)
+        lambda keep: challenge_score(scored_labels[keep], codes, y_pred[keep], model_classes, weights),
+        len(labels),
+        support=AT_MOST_ONE,
     )
     f_beta = Interval(math.nan, math.nan, math.nan, len(labels))
     if classes:
@@ -114,7 +116,7 @@ def score_cell(
         target_index = [list(target_classes).index(c) for c in classes]
         y_true, y_shared = labels[:, target_index].astype(np.int64), y_pred[:, model_index]
         f_beta = jackknife_interval(
-            lambda keep: thresholded_metrics(y_true[keep], y_shared[keep])["macro_f_beta"], len(labels)
+            lambda keep: thresholded_metrics(y_true[keep], y_shared[keep])["macro_f_beta"], len(labels), support=UNIT
         )
     return CrossSiteCell(
         model,
@@ -202,9 +204,9 @@ class CrossSiteMatrix:
         """The size of ``target``'s test split."""
         return max((c.n_records for c in self.cells if c.target == target), default=0)
 
-    def interval_text(self, model: str, target: str, metric: str) -> str:
+    def interval_text(self, model: str, target: str, metric: str, digits: int = 3) -> str:
         found = self.cell(model, target)
-        return "n/a" if found is None else found.interval(metric).text()
+        return "n/a" if found is None else found.interval(metric).text(digits)
 
     def markdown(self) -> str:
         """One Markdown table per metric (rows: models, columns: target sites), and what was scored."""

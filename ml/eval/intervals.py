@@ -19,6 +19,8 @@ from functools import partial
 import numpy as np
 
 METHOD = "jackknife-t"
+UNIT = (0.0, 1.0)  # what a macro F-beta / G-beta can be
+AT_MOST_ONE = (-math.inf, 1.0)  # the Challenge score: 1 at best, no floor
 
 
 @dataclass(frozen=True)
@@ -40,9 +42,15 @@ class Interval:
         return f"{self.value:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
 
 
-def jackknife_interval(statistic: Callable[[np.ndarray], float], n: int, confidence: float = 0.95) -> Interval:
+def jackknife_interval(
+    statistic: Callable[[np.ndarray], float],
+    n: int,
+    confidence: float = 0.95,
+    support: tuple[float, float] = (-math.inf, math.inf),
+) -> Interval:
     """The jackknife-t interval of ``statistic(keep)``, where ``keep`` indexes the records a
-    value is computed on (all n, then each leave-one-out set)."""
+    value is computed on (all n, then each leave-one-out set), cut to the values the
+    statistic can take (``support``: [0, 1] for an F-beta)."""
     from scipy.special import stdtrit
 
     everything = np.arange(n)
@@ -55,7 +63,8 @@ def jackknife_interval(statistic: Callable[[np.ndarray], float], n: int, confide
         return Interval(value, math.nan, math.nan, n, confidence)
     se = math.sqrt((len(loo) - 1) / len(loo) * float(((loo - loo.mean()) ** 2).sum()))
     half = float(stdtrit(n - 1, 1.0 - (1.0 - confidence) / 2)) * se
-    return Interval(value, value - half, value + half, n, confidence)
+    low, high = max(value - half, support[0]), min(value + half, support[1])
+    return Interval(value, low, high, n, confidence)
 
 
 INTERVAL_METRICS: tuple[str, ...] = ("macro_f_beta", "macro_g_beta")  # the gate's metrics
@@ -70,7 +79,7 @@ def thresholded_intervals(labels: np.ndarray, predicted: np.ndarray, beta: float
     def statistic(metric: str, keep: np.ndarray) -> float:
         return thresholded_metrics(y[keep], pred[keep], beta)[metric]
 
-    return {metric: jackknife_interval(partial(statistic, metric), len(y)) for metric in INTERVAL_METRICS}
+    return {metric: jackknife_interval(partial(statistic, metric), len(y), support=UNIT) for metric in INTERVAL_METRICS}
 
 
 def with_intervals(metrics: dict[str, float], intervals: dict[str, Interval]) -> dict[str, float]:

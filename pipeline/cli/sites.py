@@ -245,16 +245,17 @@ def print_network_summary(summary: NetworkSummary, console=None) -> None:
             grid = Table(
                 title=f"cross-site {METRIC_TITLES[metric]} [95% CI] (rows: model, columns: test split of site)"
             )
-            grid.add_column("model")
+            grid.add_column("model", no_wrap=True)
             for target in matrix.targets:
                 grid.add_column(Text(f"{target} (n={matrix.n_records(target)})"), justify="right")
             for model in matrix.models:
-                grid.add_row(Text(model), *(matrix.interval_text(model, t, metric) for t in matrix.targets))
+                grid.add_row(Text(model), *(matrix.interval_text(model, t, metric, 2) for t in matrix.targets))
             console.print(grid)
         console.print(
             Text(
                 "95% jackknife-t intervals over each test split's records: overlapping cells are not told apart; "
-                "scored over the classes each model and test split share; 'backbone': the pre-trained backbone, "
+                "scored over the classes each model and test split share; 'head-only': the baseline, the frozen "
+                "backbone with a linear head fit on the site's labelled records; 'backbone': the pre-trained backbone, "
                 "LoRA off, with the site's own head (an ablation); 'predict-everything': every class for every "
                 "record, the reference to beat",
                 style="dim",

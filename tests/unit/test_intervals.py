@@ -13,7 +13,7 @@ from scipy import stats
 
 from ml.eval.challenge import load_weights, to_scored_classes
 from ml.eval.cross_site import CrossSiteMatrix, score_cell
-from ml.eval.intervals import Interval, jackknife_interval
+from ml.eval.intervals import UNIT, Interval, jackknife_interval
 
 
 @pytest.mark.parametrize("n", [2, 7, 100])
@@ -23,6 +23,13 @@ def test_the_jackknife_t_of_a_mean_is_students_t_interval(n):
     low, high = stats.t.interval(0.95, n - 1, loc=x.mean(), scale=stats.sem(x))
     assert (got.value, got.n) == (pytest.approx(x.mean()), n)
     assert (got.low, got.high) == (pytest.approx(low), pytest.approx(high))
+
+
+def test_an_interval_stays_within_what_the_statistic_can_be():
+    x = np.array([1.0] * 9 + [0.0])  # a mean near its ceiling: Student's interval passes 1
+    free = jackknife_interval(lambda keep: float(x[keep].mean()), 10)
+    cut = jackknife_interval(lambda keep: float(x[keep].mean()), 10, support=UNIT)
+    assert free.high > 1.0 and cut.high == 1.0 and cut.low == pytest.approx(free.low)
 
 
 def test_no_interval_below_two_records_or_for_an_undefined_statistic():
