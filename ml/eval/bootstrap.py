@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from ml.eval.intervals import jackknife_se
 from ml.eval.metrics import beta_measures, binarize
 
 F_BETA, G_BETA = "macro_f_beta", "macro_g_beta"
@@ -203,7 +204,7 @@ def jackknife_t(a: RecordTerms, b: RecordTerms, tail: float) -> tuple[float, flo
     estimate = float(_difference(a.totals(), b.totals()))
     if n < 2 or len(loo) < 2:
         return math.nan, math.nan, math.nan
-    se = math.sqrt((len(loo) - 1) / len(loo) * float(((loo - loo.mean()) ** 2).sum()))
+    se = jackknife_se(loo)
     half = float(stdtrit(n - 1, 1.0 - tail)) * se
     return estimate - half, estimate + half, se * math.sqrt(n)
 

@@ -42,6 +42,12 @@ class Interval:
         return f"{self.value:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
 
 
+def jackknife_se(loo: np.ndarray) -> float:
+    """The jackknife standard error ``sqrt((n-1)/n * sum_i (t_(i) - mean t_(.))^2)`` of the
+    leave-one-out values ``t_(i)`` (finite ones, at least 2)."""
+    return math.sqrt((len(loo) - 1) / len(loo) * float(((loo - loo.mean()) ** 2).sum()))
+
+
 def jackknife_interval(
     statistic: Callable[[np.ndarray], float],
     n: int,
@@ -61,7 +67,7 @@ def jackknife_interval(
     loo = loo[np.isfinite(loo)]
     if len(loo) < 2:
         return Interval(value, math.nan, math.nan, n, confidence)
-    se = math.sqrt((len(loo) - 1) / len(loo) * float(((loo - loo.mean()) ** 2).sum()))
+    se = jackknife_se(loo)
     half = float(stdtrit(n - 1, 1.0 - (1.0 - confidence) / 2)) * se
     low, high = max(value - half, support[0]), min(value + half, support[1])
     return Interval(value, low, high, n, confidence)
