@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # (where the environment sets PYTHONDONTWRITEBYTECODE, every process compiles them again)
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: demo demo-single test test-fast test-integration test-e2e lint format install clean
+.PHONY: demo demo-single test prebuild test-fast test-integration test-e2e lint format install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,12 +27,25 @@ demo: $(STAMP)
 demo-single: $(STAMP)
 	$(BIN)/cessl run
 
-# what CI runs (.ci/run): lint, then every tier in one session on two workers (pytest-xdist;
-# tests/conftest.py keeps a file on one worker, the e2e tier on one, the long tiers first)
+# what CI runs (.ci/run): every tier in one session on two workers (pytest-xdist; tests/conftest.py
+# keeps a file on one worker, the e2e tier on one, the long tiers first) and, beside it, lint
+# (mypy from a cold cache is a minute on one core: it runs while the workers start, its report
+# is printed after the tests'); fails if either fails
 PYTEST := $(BIN)/python -m pytest -q -ra
 WORKERS ?= 2
-test: lint
-	$(PYTEST) -n $(WORKERS) --durations=30 tests/unit tests/integration tests/e2e
+LINT_LOG := .cache/lint.log
+test: prebuild $(STAMP)
+	@mkdir -p $(dir $(LINT_LOG))
+	@$(MAKE) --no-print-directory lint >$(LINT_LOG) 2>&1 & lint=$$!; \
+	$(PYTEST) -n $(WORKERS) --durations=30 tests/unit tests/integration tests/e2e; tests=$$?; \
+	wait $$lint; linted=$$?; \
+	echo "---- lint (ruff check, ruff format --check, mypy): exit $$linted"; cat $(LINT_LOG); \
+	test $$tests -eq 0 && test $$linted -eq 0
+
+# the e2e tier's image, built in the background while the install and the workers start
+# (scripts/docker_engine.sh; a cache warmer: where it cannot run, the e2e fixture builds)
+prebuild:
+	@bash scripts/docker_engine.sh prebuild-background || true
 
 # the inner loop: the unit tier (no server, no subprocess pipeline, no Docker; < 2 minutes)
 test-fast: $(STAMP)

@@ -7,11 +7,20 @@
 #   scripts/docker_engine.sh base-image [TAG]     # local Debian base (default cessl-base:test)
 #   BASE_IMAGE=cessl-base:test scripts/build_image.sh
 #   scripts/docker_engine.sh stop /tmp/cessl-docker
+#   scripts/docker_engine.sh prebuild-background  # `make test`: the image, built ahead
 #
 # start RUN_DIR [DATA_ROOT]: dockerd with its own data root (default RUN_DIR/data), exec
 # root and unix socket under RUN_DIR (keep RUN_DIR short: unix socket paths are limited
 # to 108 bytes), in its own session; prints `export DOCKER_HOST=...` once it answers.
 # Exit codes: 0 ok, 3 cannot install/start here (not root, no apt), 1 other errors.
+#
+# prebuild-background: `make test` starts it before the install and the test session. In the
+# background it installs the engine, makes the base image and builds the project image into
+# the shared data root (.cache/docker-data), then stops its engine; log .cache/prebuild.log.
+# The install and the workers' start-up leave a core idle that the build uses, so the e2e
+# tier finds the image cached instead of building it on its worker's critical path. It holds
+# .cache/docker-prebuild.lock while it runs (tests/docker_support.py waits for it); it is only
+# a cache warmer: where it fails or is skipped, the tests' fixture does the work (and reports).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +28,11 @@ DOCKER="${DOCKER:-/usr/bin/docker}"
 START_TIMEOUT_S="${START_TIMEOUT_S:-60}"
 BASE_SUITE="${BASE_SUITE:-bookworm}"
 BASE_CACHE="${BASE_CACHE:-.cache/base-images}"
+SHARED_DATA_ROOT=".cache/docker-data"
+DATA_LOCK=".cache/docker-data.lock"  # tests/docker_support.py: held by whoever uses the shared root
+PREBUILD_LOCK=".cache/docker-prebuild.lock"
+PREBUILD_LOG=".cache/prebuild.log"
+LOCAL_BASE_TAG="cessl-base:test"
 
 log() { printf '[docker_engine] %s\n' "$*" >&2; }
 
@@ -51,9 +65,10 @@ cmd_start() {
     if [[ -S "$sock" ]] && "$DOCKER" version >/dev/null 2>&1; then
         log "already running at $DOCKER_HOST"
     else
+        # (fds 8 and 9, the prebuild's locks, are not inherited: they would outlive it)
         setsid dockerd --data-root "$data_root" --exec-root "$run_dir/exec" \
             --pidfile "$run_dir/dockerd.pid" -H "$DOCKER_HOST" \
-            >"$run_dir/dockerd.log" 2>&1 </dev/null &
+            >"$run_dir/dockerd.log" 2>&1 </dev/null 8>&- 9>&- &
         local pid=$! waited=0
         until "$DOCKER" version >/dev/null 2>&1; do
             if ! kill -0 "$pid" 2>/dev/null; then
@@ -130,10 +145,40 @@ cmd_base_image() {
     echo "$tag"
 }
 
+cmd_prebuild_background() {
+    mkdir -p .cache
+    exec 9>"$PREBUILD_LOCK"
+    if ! flock -n 9; then log "a prebuild is already running"; return 0; fi
+    # the child inherits fd 9, and with it the lock, for as long as it runs
+    setsid bash "$0" prebuild >"$PREBUILD_LOG" 2>&1 </dev/null &
+    exec 9>&-
+    log "building the image in the background (log $PREBUILD_LOG)"
+}
+
+cmd_prebuild() {
+    local start=$SECONDS run_dir base python=python3
+    exec 8>"$DATA_LOCK"
+    if ! flock -n 8; then log "another session uses $SHARED_DATA_ROOT: no prebuild"; return 0; fi
+    cmd_install || return 0
+    run_dir=$(mktemp -d /tmp/cessl-prebuild-XXXXXX)
+    # shellcheck disable=SC2064  # expand now: the trap must stop this engine
+    trap "cmd_stop '$run_dir' >/dev/null 2>&1; rm -rf '$run_dir'" EXIT
+    local started
+    started=$(cmd_start "$run_dir" "$SHARED_DATA_ROOT") || return 0
+    eval "$started"
+    if "$DOCKER" image inspect python:3.11-slim >/dev/null 2>&1; then base=python:3.11-slim; else base=$(cmd_base_image "$LOCAL_BASE_TAG"); fi
+    # the project venv's Python once installed (`pip wheel` must not race its install)
+    [[ -f .venv/.installed ]] && python=.venv/bin/python
+    BASE_IMAGE="$base" PYTHON="$python" bash scripts/build_image.sh >/dev/null
+    log "prebuild done in $((SECONDS - start)) s"
+}
+
 case "${1:-}" in
     install) cmd_install ;;
     start) shift; cmd_start "$@" ;;
     stop) shift; cmd_stop "$@" ;;
     base-image) shift; cmd_base_image "$@" ;;
+    prebuild-background) cmd_prebuild_background ;;
+    prebuild) cmd_prebuild ;;
     *) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 2 ;;
 esac

@@ -8,7 +8,9 @@
     ``.docker(*args)`` runs the BuildKit-capable CLI, ``.client()`` a docker-py client.
     Set ``CESSL_DOCKER_HOST`` to use an engine that is already running instead.
     Images persist between sessions in ``.cache/docker-data`` (gitignored) when no other
-    session holds it, so a re-run rebuilds only what changed.
+    session holds it, so a re-run rebuilds only what changed. ``make test`` builds the image
+    there in the background while it installs and starts the workers
+    (``scripts/docker_engine.sh prebuild-background``); the engine waits for that build.
 ``cessl_image`` -> str
     The project image tag (``localhost:5000/cessl:<version>``), built offline by
     scripts/build_image.sh on ``BASE_IMAGE``: ``CESSL_BASE_IMAGE`` if set, else
@@ -101,6 +103,27 @@ def _fail_or_skip(step: str, proc: subprocess.CompletedProcess) -> None:
     pytest.fail(f"{step} failed (exit {proc.returncode}):\n{detail}", pytrace=False)
 
 
+PREBUILD_LOCK = PERSISTENT_DATA_ROOT.parent / "docker-prebuild.lock"  # held while `make test`'s prebuild runs
+PREBUILD_WAIT_S = 1200
+
+
+def wait_for_prebuild(lock: Path = PREBUILD_LOCK, timeout: float = PREBUILD_WAIT_S) -> float:
+    """Wait while the background prebuild holds ``lock``; the seconds waited."""
+    if not lock.exists():
+        return 0.0
+    start = time.monotonic()
+    with open(lock, "a") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return time.monotonic() - start
+            except BlockingIOError:
+                if time.monotonic() - start > timeout:
+                    log.warning("the prebuild still runs after %.0f s: going on without it", timeout)
+                    return time.monotonic() - start
+                time.sleep(0.5)
+
+
 def _lock_persistent_data_root() -> tuple[Path, object] | None:
     """The shared data root and its held lock, or None when another session uses it."""
     if os.environ.get("CESSL_DOCKER_PERSIST", "1") == "0":
@@ -127,6 +150,9 @@ def docker_engine() -> Iterator[DockerEngine]:
         return
 
     start = time.monotonic()
+    waited = wait_for_prebuild()  # it installs with apt and uses the shared data root
+    if waited > 1:
+        log.info("waited %.0f s for the background prebuild (.cache/prebuild.log)", waited)
     proc = _script(ENGINE_SCRIPT, "install", timeout=900)
     if proc.returncode != 0:
         _fail_or_skip("install docker.io/mmdebstrap", proc)

@@ -566,7 +566,7 @@ def test_dockerfile_contract():
     first_from = next(i for i, line in enumerate(lines) if line.startswith("FROM "))
     assert "ARG BASE_IMAGE=python:3.11-slim" in lines[:first_from]
     assert lines[first_from] == "FROM ${BASE_IMAGE} AS python"  # + PYTHON_APT_PACKAGES (the CUDA base)
-    assert "FROM python AS deps" in lines and "FROM python AS runtime" in lines
+    assert "FROM python AS deps" in lines and "FROM deps AS runtime" in lines  # the venv written once
     assert '"${PYTHON}" -m venv /opt/venv' in text and "ARG PYTHON=python3" in lines
     assert "RUN --mount=type=bind," in text and "--no-index" in text  # offline install
     assert "ARG TORCH_INDEX_URL" in text
