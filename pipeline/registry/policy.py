@@ -67,6 +67,7 @@ from ml.errors import CesslError
 from ml.eval.power import SD_FROM_DATA, PowerCheck, PowerConfig, attempt_alpha, power_check
 from pipeline.registry.access import client_tracking_uri, require_model_permission
 from pipeline.registry.audit import AuditEntry, current_user, evidence_digest, record
+from pipeline.registry.decision_lock import decision_lock, is_lock_model
 from pipeline.registry.evidence import EvidenceError, LoadedModel, fetch_model, frozen_test_records, paired, score
 from pipeline.registry.lineage import TAG_DATA_VERSION
 from pipeline.registry.signing import Signer, Trust, find_signer, find_trust
@@ -763,6 +764,13 @@ def promote(
     if force and not reason.strip():
         raise RegistryError("--force needs --reason TEXT: who forced a promotion and why is recorded")
     by = decider(client, name, "promote", signer, trust)  # before any change
+    with decision_lock(client, name, by.who):  # the state read and the decision recorded, one at a time
+        return _promote(client, name, gate, force, reason, by, source)
+
+
+def _promote(
+    client, name: str, gate: GateConfig, force: bool, reason: str, by: Decider, source: str
+) -> PromotionDecision:
     candidates = candidates_model_name(name)
     challenger = current_alias(client, candidates, CHALLENGER)
     if challenger is None:
@@ -846,6 +854,11 @@ def rollback(
     """Give ``champion`` back to the previous champion that a valid signed decision made,
     if compatible (backbone, classes, test-set version); recorded as a signed entry."""
     by = decider(client, name, "roll back", signer, trust)  # before any change
+    with decision_lock(client, name, by.who):
+        return _rollback(client, name, reason, by)
+
+
+def _rollback(client, name: str, reason: str, by: Decider) -> RollbackResult:
     state = verified_state(client, name, by.trust)
     stack = state.champions
     if state.expected_version is None or not stack:
@@ -1012,6 +1025,8 @@ def describe_models(client) -> list[dict[str, str]]:
     """Every registered model with its current aliases."""
     rows = []
     for model in client.search_registered_models(max_results=1000):
+        if is_lock_model(model.name):
+            continue
         aliases = model.aliases or {}
         rows.append(
             {
