@@ -13,7 +13,13 @@ as adapter folders, then measures side by side, in one run:
   round-robin over every site (each request switches the adapter), interleaved rounds;
 - adapter switch cost: ``SharedBackbone.activate`` between different sites, p50 / p99;
 - batched prediction: records/s of ``--big-batch`` records in one call, preprocessing
-  included (raw 10 s at 500 Hz -> the model's input) and the forward alone.
+  included (raw 10 s at 500 Hz -> the model's input) and the forward alone;
+- mixed batches (``cessl serve``'s batching of concurrent requests): a batch of
+  ``--mixed-batch`` records interleaved over 1, 5 and 20 sites (``--mixed-sites``), answered
+  by one multi-site pass (:class:`ml.model.multi_site.MultiSiteModel`), by each site's own
+  merged model (records grouped by site) and by switching the adapter per site group:
+  records/s and p50 / p99 batch latency, side by side (interleaved rounds), and the memory
+  of the server holding the multi-site stacks too.
 
     python bench/serve.py --config tiny --sites 20 --threads 1 --device cpu
 """
@@ -54,6 +60,7 @@ from ml.eval.predictor import Predictor, load_predictor, preprocess_signal
 from ml.model.adapter_bank import AdapterLRU, SharedBackbone, read_site_adapter
 from ml.model.backbone import BACKBONE_CONFIGS, ECGTransformer, backbone_config
 from ml.model.lora import LoRAConfig, merge_lora
+from ml.model.multi_site import MultiSiteModel
 from ml.model.pretrained import CODE15_CLASSES, read_backbone
 
 log = logging.getLogger("bench.serve")
@@ -109,7 +116,7 @@ def memory_child(root: Path, scenario: str, n_sites: int) -> dict:
     torch.set_num_threads(1)
     baseline = _rss_mb()  # interpreter + torch + numpy, nothing of the models
     tensor_bytes = 0
-    if scenario in ("bank-1", "bank-all"):
+    if scenario in ("bank-1", "bank-all", "multi-all"):
         bb = read_backbone(backbone_dir)
         shared = SharedBackbone(bb.state, bb.config, bb.identity)
         del bb
@@ -122,6 +129,12 @@ def memory_child(root: Path, scenario: str, n_sites: int) -> dict:
                 x
             )
         tensor_bytes = shared.nbytes + lru.nbytes
+        if scenario == "multi-all":  # what cessl serve holds: the adapters and their one-pass stacks
+            multi = MultiSiteModel(shared.base, shared.config, lru.values())
+            with torch.inference_mode():  # requests of 2 records as in the other rows, each of 2 sites
+                for i in range(n_sites):
+                    multi(torch.from_numpy(x[:, :, None, :]), torch.tensor([i, (i + 1) % n_sites]))
+            tensor_bytes += multi.nbytes
     elif scenario == "merged-all":
         models = []
         for path in adapters:
@@ -142,7 +155,7 @@ def memory_child(root: Path, scenario: str, n_sites: int) -> dict:
 
 def measure_memory(root: Path, n_sites: int) -> dict:
     results = {}
-    for scenario in ("bank-1", "bank-all", "merged-all"):
+    for scenario in ("bank-1", "bank-all", "multi-all", "merged-all"):
         proc = subprocess.run(
             [sys.executable, __file__, "--memory-child", scenario, "--root", str(root), "--sites", str(n_sites)],
             capture_output=True,
@@ -219,6 +232,80 @@ def measure_time(backbone_dir: Path, adapter_dirs: list[Path], args: argparse.Na
     }
 
 
+# --------------------------------------------------------------------------- mixed batches
+
+
+def _percentile_ms(seconds: list[float], q: float) -> float:
+    return float(np.percentile(seconds, q)) * 1e3
+
+
+@torch.inference_mode()
+def measure_mixed(backbone_dir: Path, adapter_dirs: list[Path], args: argparse.Namespace) -> dict:
+    """A batch of ``--mixed-batch`` records interleaved over k sites, three ways, side by side."""
+    bb = read_backbone(backbone_dir)
+    shared = SharedBackbone(bb.state, bb.config, bb.identity)
+    adapters = [read_site_adapter(p, p.name) for p in adapter_dirs]
+    multi = MultiSiteModel(shared.base, shared.config, adapters)
+    merged = []
+    for path in adapter_dirs:
+        model = load_predictor(backbone_dir, path).model
+        merge_lora(model)
+        merged.append(model.eval())
+    x = torch.from_numpy(_inputs(args.mixed_batch, seed=5)[:, :, None, :])
+
+    def by_site(site: np.ndarray) -> dict[int, torch.Tensor]:
+        return {int(s): torch.from_numpy(np.flatnonzero(site == s)) for s in np.unique(site)}
+
+    def one_pass(site: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(multi(x, site))
+
+    def own_models(groups: dict[int, torch.Tensor]) -> None:
+        for s, rows in groups.items():
+            merged[s](x[rows])
+
+    def switching(groups: dict[int, torch.Tensor]) -> None:
+        for s, rows in groups.items():
+            shared.activate(adapters[s])
+            shared.model(x[rows])
+
+    figures = {}
+    for k in [k for k in args.mixed_sites if k <= len(adapters)]:
+        site_np = np.arange(args.mixed_batch) % k  # interleaved: 0, 1, ..., k-1, 0, 1, ...
+        site, groups = torch.from_numpy(site_np), by_site(site_np)
+        modes = {
+            "multi": lambda site=site: one_pass(site),
+            "merged": lambda groups=groups: own_models(groups),
+            "switch": lambda groups=groups: switching(groups),
+        }
+        for mode in modes.values():  # warm-up
+            mode()
+        times = interleaved_rounds(
+            {name: (lambda mode=mode: elapsed_s(mode)) for name, mode in modes.items()}, args.mixed_rounds
+        )
+        # exactness: the one pass vs each site's own merged model, record by record
+        got = one_pass(site)
+        diff = max(
+            float(
+                (got[i, : adapters[s].backbone_config.num_classes] - torch.sigmoid(merged[s](x[i : i + 1]))[0])
+                .abs()
+                .max()
+            )
+            for i, s in enumerate(site_np.tolist())
+        )
+        figures[str(k)] = {
+            **{
+                f"{name}_records_per_s": args.mixed_batch / statistics.median(seconds)
+                for name, seconds in times.items()
+            },
+            **{f"{name}_p50_ms": _percentile_ms(seconds, 50) for name, seconds in times.items()},
+            **{f"{name}_p99_ms": _percentile_ms(seconds, 99) for name, seconds in times.items()},
+            "multi_over_merged": paired_ratio(times["merged"], times["multi"]),
+            "multi_over_switch": paired_ratio(times["switch"], times["multi"]),
+            "max_abs_prob_diff_vs_merged": diff,
+        }
+    return figures
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -230,6 +317,7 @@ def report(summary: dict, console: Console) -> None:
     labels = {
         "bank-1": "backbone + 1 adapter",
         "bank-all": f"backbone + {summary['sites']} adapters",
+        "multi-all": f"backbone + {summary['sites']} adapters + one-pass stacks",
         "merged-all": f"{summary['sites']} merged models",
     }
     for key, label in labels.items():
@@ -259,6 +347,26 @@ def report(summary: dict, console: Console) -> None:
         f"records/s with preprocessing, {t['batched_records_per_s_forward_only']:.1f} forward only ({summary['device']})"
     )
     console.print(f"max |p| difference, switched vs own Predictor: {t['max_abs_prob_diff_vs_own_predictor']:.2e}")
+    console.print(
+        f"RSS with the one-pass stacks / backbone + 1 adapter: {r['rss_multi_all_to_1']:.3f} (target <= "
+        f"{MEMORY_TARGET}); tensors: {r['tensors_multi_all_to_1']:.3f}"
+    )
+    table = Table(title=f"Mixed batches of {summary['mixed_batch']} records (records/s; batch latency p50 / p99 ms)")
+    for column in ("sites/batch", "one pass", "own merged models", "adapter switching", "pass/merged", "pass/switch"):
+        table.add_column(column, justify="right")
+    for k, f in summary["mixed"].items():
+        table.add_row(
+            k,
+            *(
+                f"{f[f'{m}_records_per_s']:.1f} ({f[f'{m}_p50_ms']:.0f} / {f[f'{m}_p99_ms']:.0f})"
+                for m in ("multi", "merged", "switch")
+            ),
+            f"{f['multi_over_merged']:.2f}x",
+            f"{f['multi_over_switch']:.2f}x",
+        )
+    console.print(table)
+    worst = max((f["max_abs_prob_diff_vs_merged"] for f in summary["mixed"].values()), default=0.0)
+    console.print(f"max |p| difference, one pass vs each site's merged model: {worst:.2e}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,6 +377,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=6, help="timed rounds (each: one request per site, both modes)")
     parser.add_argument("--switches", type=int, default=2000)
     parser.add_argument("--big-batch", type=int, default=64, help="records of the batched-prediction figure")
+    parser.add_argument(
+        "--mixed-sites",
+        type=lambda text: [int(k) for k in text.split(",")],
+        default=[1, 5, 20],
+        help="sites per mixed batch, comma-separated (capped at --sites; default 1,5,20)",
+    )
+    parser.add_argument("--mixed-batch", type=int, default=20, help="records per mixed batch")
+    parser.add_argument("--mixed-rounds", type=int, default=5, help="timed rounds of each mixed-batch mode")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--root", default=None, help=argparse.SUPPRESS)
     add_run_options(parser)
@@ -284,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         backbone_dir, adapter_dirs = build_network(root, args.config, args.sites)
         memory = measure_memory(root, args.sites)
         timing = measure_time(backbone_dir, adapter_dirs, args)
-    one, every, merged = (memory[k] for k in ("bank-1", "bank-all", "merged-all"))
+        mixed = measure_mixed(backbone_dir, adapter_dirs, args)
+    one, every, multi, merged = (memory[k] for k in ("bank-1", "bank-all", "multi-all", "merged-all"))
     summary = {
         "config": args.config,
         "sites": args.sites,
@@ -298,8 +415,12 @@ def main(argv: list[str] | None = None) -> int:
             "rss_merged_all_to_1": merged["rss_mb"] / one["rss_mb"],
             "tensors_adapters_all_to_1": every["tensor_mb"] / one["tensor_mb"],
             "tensors_merged_all_to_1": merged["tensor_mb"] / one["tensor_mb"],
+            "rss_multi_all_to_1": multi["rss_mb"] / one["rss_mb"],
+            "tensors_multi_all_to_1": multi["tensor_mb"] / one["tensor_mb"],
         },
         "time": timing,
+        "mixed_batch": args.mixed_batch,
+        "mixed": mixed,
     }
     return publish(summary, args, report)
 

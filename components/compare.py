@@ -351,7 +351,7 @@ def table_markdown(table: pd.DataFrame, title: str = "Method comparison") -> str
         "precision over all classes, a class with no positive test record counting 0 (CE-SSL reference); "
         "Challenge: the official PhysioNet/CinC 2021 Challenge score (all 26 scored classes); ms/step: mean "
         "training step, validations left out; peak MB: "
-        "peak memory over the training steps; trainable: trainable parameters, and their share of the model. "
+        "peak memory over the training steps (both n/a for head-only, which takes no gradient step); trainable: trainable parameters, and their share of the model. "
         "reads: what each step of the method reads; a method that reads only labelled records does less work "
         "per step, so compare ms/step between methods that read the same.",
         "",

@@ -1,11 +1,12 @@
 """Steps: score the fine-tuned model on the test split; score the current champion on it too.
 
 :func:`evaluate_step` writes into the evaluation folder: ``metrics.json`` (ranking loss,
-coverage, macro AUROC, macro mAP, F-beta2 and G-beta2 with their 95% jackknife-t intervals
-over the test records (``macro_f_beta_low`` / ``_high``, ``ml.eval.intervals``), the Challenge
-2021 scores; each defined in ``ml.eval.metrics.METRIC_DEFINITIONS``), ``per_class.csv``, ``predictions.npz``
-(test ids, probabilities, labels, thresholds), ``roc.png`` and ``pr.png``; and an HTML
-report with the tables, what each metric is, and both plots embedded.
+coverage, macro AUROC, macro mAP, F-beta2 and G-beta2, the Challenge 2021 scores; each
+defined in ``ml.eval.metrics.METRIC_DEFINITIONS``, each with its 95% jackknife-t interval over
+the test records: ``<metric>_low`` / ``_high``, ``ml.eval.intervals.metric_intervals``),
+``per_class.csv``, ``predictions.npz`` (test ids, probabilities, labels, thresholds),
+``roc.png`` and ``pr.png``; and an HTML report with the tables, what each metric is, and both
+plots embedded.
 
 :func:`score_champion_step` scores another model (the registry's current champion, which
 the pipeline fetches) on the same test split with the same code, keeps its per-record
@@ -32,8 +33,8 @@ from components.common import StepError, read_json, write_json
 from components.data_access import dataset, open_store, scored_labels
 from ml.data.splits import Splits
 from ml.eval.bootstrap import BootstrapConfig, PairedBootstrap, paired_bootstrap
-from ml.eval.intervals import thresholded_intervals, with_intervals
-from ml.eval.metrics import binarize, confusion_markdown
+from ml.eval.intervals import BOUNDS, interval_text, metric_intervals, with_intervals
+from ml.eval.metrics import confusion_markdown
 from ml.eval.predictor import load_predictor
 
 log = logging.getLogger(__name__)
@@ -76,20 +77,24 @@ class EvaluationResult:
         return fpr[keep].tolist(), tpr[keep].tolist(), thr.tolist()
 
 
-def _test_metrics(report: Any) -> dict[str, float]:
-    """A report's defined test metrics, the gate's with their 95% intervals over the records."""
-    predicted = binarize(report.probs, report.thresholds)
-    return _finite(with_intervals(report.metrics, thresholded_intervals(report.labels, predicted)))
+def _test_metrics(report: Any, classes: list[str]) -> dict[str, float]:
+    """A report's defined test metrics, each with its 95% interval over the records
+    (:func:`ml.eval.intervals.metric_intervals`) where it has one."""
+    intervals = metric_intervals(report.labels, report.probs, report.thresholds, classes, report.scored_labels)
+    return _finite(with_intervals(report.metrics, intervals))
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float]:
-    """Drop undefined (NaN) metrics, e.g. AUROC when the test split has a single class."""
+    """Drop undefined (NaN) metrics, e.g. AUROC when the test split has a single class, and
+    undefined interval bounds (fewer than 2 records, or a metric undefined without a record)."""
     out = {}
     for key, value in metrics.items():
-        if value is None or not math.isfinite(float(value)):
+        if value is not None and math.isfinite(float(value)):
+            out[key] = float(value)
+        elif key.endswith(BOUNDS) and key.rsplit("_", 1)[0] in metrics:
+            log.debug("test metric %s: no 95%% interval bound on this split", key)
+        else:
             log.warning("test metric %s is undefined on this split (NaN): not reported", key)
-            continue
-        out[key] = float(value)
     return out
 
 
@@ -131,9 +136,9 @@ def _html_report(result: EvaluationResult, images: dict[str, Path]) -> str:
     from ml.eval.metrics import METRIC_DEFINITIONS
 
     rows = "".join(
-        f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td>"
+        f"<tr><td>{html.escape(k)}</td><td>{html.escape(interval_text(result.metrics, k))}</td>"
         f"<td style='text-align:left'>{html.escape(METRIC_DEFINITIONS.get(k, ''))}</td></tr>"
-        for k, v in sorted(result.metrics.items())
+        for k in sorted(k for k in result.metrics if not k.endswith(BOUNDS))
     )
     n_missing = int(result.per_class["no_test_positive"].sum())
     embedded = "".join(
@@ -147,7 +152,8 @@ def _html_report(result: EvaluationResult, images: dict[str, Path]) -> str:
         "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:480px}</style></head><body>"
         f"<h1>Test split evaluation</h1><p>{result.n_test} records, {len(result.classes)} classes, "
         f"test split <code>{result.test_split_hash[:16]}</code></p>"
-        f"<h2>Metrics</h2><table><tr><th>metric</th><th>value</th><th>what it is</th></tr>{rows}</table>"
+        "<h2>Metrics</h2><p>Each metric with its 95% jackknife-t interval over the test records.</p>"
+        f"<table><tr><th>metric</th><th>value [95% interval]</th><th>what it is</th></tr>{rows}</table>"
         f"<h2>Per class</h2><p>{n_missing} of {len(result.classes)} classes have no positive test record "
         "(<code>no_test_positive</code>): their average precision, F-beta and G-beta are 0, as the macro means "
         "count them; AUROC is undefined there.</p>"
@@ -219,7 +225,7 @@ def evaluate_step(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = EvaluationResult(
-        metrics=_test_metrics(report),
+        metrics=_test_metrics(report, list(splits.classes)),
         per_class=report.per_class,
         probs=report.probs,
         labels=report.labels,
@@ -249,7 +255,7 @@ def evaluate_step(
     log.info(
         "test metrics on %d records: %s",
         result.n_test,
-        ", ".join(f"{k} {v:.4f}" for k, v in sorted(result.metrics.items())),
+        ", ".join(f"{k} {interval_text(result.metrics, k)}" for k in sorted(result.metrics) if not k.endswith(BOUNDS)),
     )
     return result
 
@@ -413,7 +419,9 @@ def score_champion_step(
         except ValueError as err:
             result = ChampionEvaluation(champion.version, splits.test_split_hash, note=str(err))
         else:
-            result = ChampionEvaluation(champion.version, splits.test_split_hash, _test_metrics(report), "scored")
+            result = ChampionEvaluation(
+                champion.version, splits.test_split_hash, _test_metrics(report, list(splits.classes)), "scored"
+            )
             save_predictions(
                 out_dir / PREDICTIONS_FILE, list(splits.test), report.probs, report.labels, report.thresholds
             )

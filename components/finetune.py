@@ -137,7 +137,12 @@ def _clamp_batch(train: TrainConfig, n_train: int) -> TrainConfig:
 
 
 def describe_schedule(train: TrainConfig) -> str:
-    """E.g. ``"200 epochs = 400 steps"`` (a resolved epochs-mode config) or ``"150 steps"``."""
+    """E.g. ``"200 epochs = 400 steps"`` (a resolved epochs-mode config) or ``"150 steps"``;
+    ``"no gradient step"`` for a method that takes none (``head-only``)."""
+    from ml.train.methods import NO_GRADIENT_STEP
+
+    if train.training_method.fits_head_only:
+        return NO_GRADIENT_STEP
     if train.epochs is None:
         return f"{train.max_steps} steps"
     return f"{train.epochs} epochs = {train.max_steps} steps"

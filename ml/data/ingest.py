@@ -10,6 +10,14 @@ into a manifest that accumulates over sources and runs:
     ingest_dir/quarantine.md        human-readable report of the last run
     ingest_dir/ingest_report.json   the same counts, machine-readable
 
+Beyond the reader's checks (:func:`ml.data.records.read_record`), a record that was read is
+quarantined as ``signal_quality`` when its signal fails :func:`ml.data.quality.check_record`
+(the detail names each failing lead and why: the same check ``cessl predict`` and ``cessl
+serve`` answer "unreadable" with; what it tolerates, leads not recorded, is accepted with a
+``signal quality: ...`` note in the manifest's ``notes`` and listed in ``quarantine.md``), and as ``unknown_label`` when a ``# Dx`` token is not a
+SNOMED CT concept id (:mod:`ml.data.labels`; valid codes the Challenge does not score are
+kept). A quarantined record is never trained on, not even as unlabelled.
+
 Incremental: a record whose files have the same stamp (sizes + mtimes / ETags) as in the
 manifest is not opened at all; one whose stamp changed but whose content hash is known is
 not parsed again. A record's files are its header, the files next to it with its stem, and
@@ -56,6 +64,7 @@ import pandas as pd
 from ml.data.labels import LabelMapping
 from ml.data.parallel import process_pool, progress_bar
 from ml.data.paths import UnsafePathError, file_name_problem
+from ml.data.quality import QualityConfig, check_record
 from ml.data.records import (
     ECGRecord,
     Reason,
@@ -128,7 +137,7 @@ class IngestReport:
     resampled: int = 0  # accepted at a rate other than 500 Hz
     by_reason: dict[str, int] = field(default_factory=dict)
     unscored_codes: dict[str, int] = field(default_factory=dict)  # code -> accepted records
-    unknown_codes: dict[str, int] = field(default_factory=dict)
+    unknown_codes: dict[str, int] = field(default_factory=dict)  # token -> records quarantined as unknown_label
     manifest_records: int = 0
     manifest_accepted: int = 0
     # files that are no record's: orphan signal files (no header names them) and entries
@@ -274,10 +283,41 @@ def _metadata_values(dx: list[str] | None, age: float | None, sex: str | None, m
     }
 
 
+QUALITY_NOTE = "signal quality: "  # the prefix of a manifest note of the signal-quality check
+
+
+def record_problem(
+    record: ECGRecord, mapping: LabelMapping, quality: QualityConfig | None = QualityConfig()
+) -> tuple[tuple[Reason, str] | None, list[str]]:
+    """``(problem, notes)`` of a record that was read. ``problem``: why it cannot be accepted, its
+    signal's quality (``quality``; None: not checked) then labels that are not SNOMED CT codes;
+    None when it can. ``notes``: the record's notes for the manifest: the reader's, with what
+    the signal-quality check tolerated (``signal quality: V2, V4, V6 not recorded (all samples
+    0)``), which replaces the reader's ``flat lead(s)`` note (every lead the reader found flat
+    is one the check judged: a fault, or not recorded)."""
+    notes = list(record.notes)
+    if quality is not None:
+        result = check_record(record, quality)
+        if not result.ok:
+            return (Reason.SIGNAL_QUALITY, f"signal quality: {result.summary()}"), notes
+        if record.flat_leads:
+            notes = [n for n in notes if n != f"flat lead(s) {', '.join(record.flat_leads)}"]
+        notes += [QUALITY_NOTE + note for note in result.notes]
+    unknown = mapping.split_codes(record.dx or [])[2]
+    if unknown:
+        return (Reason.UNKNOWN_LABEL, mapping.unknown_label_detail(unknown)), notes
+    return None, notes
+
+
 def inspect_record(
-    source: Source, ref: RecordRef, config: ValidationConfig, known_hashes: frozenset[str] = frozenset()
+    source: Source,
+    ref: RecordRef,
+    config: ValidationConfig,
+    known_hashes: frozenset[str] = frozenset(),
+    quality: QualityConfig | None = QualityConfig(),
 ) -> dict[str, Any]:
-    """Manifest row of one record. ``status`` is "known" when its content hash is known."""
+    """Manifest row of one record. ``status`` is "known" when its content hash is known.
+    ``quality``: the signal-quality thresholds (None: no signal-quality check)."""
     mapping = LabelMapping.from_csv()
     if ref.problem:
         return _row(ref, status=QUARANTINED, reason=str(Reason.UNSAFE_PATH), detail=f"{ref.where}: {ref.problem}")
@@ -304,14 +344,20 @@ def inspect_record(
         return row
     except UnsafePathError as err:
         return _row(ref, status=QUARANTINED, reason=str(Reason.UNSAFE_PATH), detail=str(err), content_hash=digest)
+    problem, notes = record_problem(record, mapping, quality)
+    outcome = (
+        {"status": ACCEPTED}
+        if problem is None
+        else {"status": QUARANTINED, "reason": str(problem[0]), "detail": f"{ref.where}: {problem[1]}"}
+    )
     return _row(
         ref,
-        status=ACCEPTED,
+        **outcome,
         content_hash=digest,
         fs=record.fs,
         length=record.n_samples,
         n_signals=record.n_signals,
-        notes="; ".join(record.notes),
+        notes="; ".join(notes),
         **_metadata_values(record.dx, record.age, record.sex, mapping),
     )
 
@@ -330,8 +376,9 @@ def _inspect_chunk(job: dict[str, Any]) -> list[tuple]:
     """Worker: manifest rows (tuples in MANIFEST_COLUMNS order: compact to send and keep)."""
     source = _cached_source(job["source"]) if isinstance(job["source"], str) else job["source"]
     config = ValidationConfig(**job["config"])
+    quality = QualityConfig(**job["quality"]) if job.get("quality") is not None else None
     known = job.get("known", _worker_known)
-    rows = (inspect_record(source, ref, config, known) for ref in job["refs"])
+    rows = (inspect_record(source, ref, config, known, quality) for ref in job["refs"])
     return [tuple(row[c] for c in _COLUMNS) for row in rows]
 
 
@@ -388,6 +435,7 @@ def write_manifest(table: pd.DataFrame, path: Path, normalised: bool = False) ->
 @dataclass(frozen=True)
 class IngestConfig:
     validation: ValidationConfig = ValidationConfig()
+    quality: QualityConfig | None = QualityConfig()  # the signal-quality check (None: off)
     workers: int = 2
     chunk_size: int = 32
     min_parallel: int = MIN_PARALLEL  # fewer new records: no worker processes (~1 s to start)
@@ -454,7 +502,11 @@ def ingest(
 
     now = datetime.now(UTC).isoformat(timespec="seconds")
     job_source: str | Source = src.uri if isinstance(source, (str, Path)) else src
-    base_job = {"source": job_source, "config": asdict(config.validation)}
+    base_job = {
+        "source": job_source,
+        "config": asdict(config.validation),
+        "quality": None if config.quality is None else asdict(config.quality),
+    }
     jobs = ({**base_job, "refs": to_read[i : i + config.chunk_size]} for i in range(0, len(to_read), config.chunk_size))
     frames: list[pd.DataFrame] = []
     buffer: list[tuple] = []
@@ -591,7 +643,8 @@ def _report(uri: str, run: pd.DataFrame, n_read: int, n_reused: int, manifest: p
     accepted = run[run["status"] == ACCEPTED]
     quarantined = run[run["status"] != ACCEPTED]
     unscored: Counter = Counter(c for v in accepted["unscored"] for c in _split(v))
-    unknown: Counter = Counter(c for v in accepted["unknown"] for c in _split(v))
+    refused = quarantined[quarantined["reason"] == Reason.UNKNOWN_LABEL]
+    unknown: Counter = Counter(c for v in refused["unknown"] for c in _split(v))
     return IngestReport(
         source=uri,
         seen=len(run),
@@ -637,9 +690,9 @@ def quarantine_report(report: IngestReport, run: pd.DataFrame) -> str:
         f" (parsed {report.read}, unchanged since the last run {report.reused})",
         f"- Accepted: {report.labelled} labelled, {report.unlabelled} unlabelled (no `# Dx`),"
         f" {report.resampled} to be resampled to 500 Hz",
-        f"- Codes outside the scored diagnoses (kept in the manifest): "
-        f"{sum(report.unscored_codes.values())} unscored SNOMED codes in {len(report.unscored_codes)} kinds, "
-        f"{sum(report.unknown_codes.values())} unknown tokens",
+        f"- Codes outside the scored diagnoses: {sum(report.unscored_codes.values())} unscored SNOMED CT codes"
+        f" in {len(report.unscored_codes)} kinds (accepted, kept in the manifest, not learnt);"
+        f" {sum(report.unknown_codes.values())} tokens that are not SNOMED CT codes (quarantined as unknown_label)",
         f"- Manifest: {report.manifest_records} records, {report.manifest_accepted} accepted",
         f"- Orphans/unreadable entries (no record's, not read): {len(report.orphans)}",
         f"- Duplicates (byte-identical copies of another record, quarantined): {len(report.duplicates)};"
@@ -680,7 +733,24 @@ def quarantine_report(report: IngestReport, run: pd.DataFrame) -> str:
             "|---|---|",
         ]
         lines += [f"| {_md(key)} | {_md(reason)} |" for key, reason in report.orphans.items()]
+    noted = run[(run["status"] == ACCEPTED) & run["notes"].fillna("").str.contains(QUALITY_NOTE, regex=False)]
+    if len(noted):
+        lines += [
+            "",
+            "## Accepted with signal-quality notes",
+            "",
+            "Accepted and learnt from; what the signal-quality check tolerated (leads not recorded).",
+            "",
+            "| record | file | note |",
+            "|---|---|---|",
+        ]
+        for rid, rsite, key, notes in zip(noted["id"], noted["site"], noted["key"], noted["notes"], strict=True):
+            quality_notes = [n for n in str(notes).split("; ") if n.startswith(QUALITY_NOTE)]
+            lines.append(f"| {_md(record_key(rsite, rid))} | {_md(key)} | {_md('; '.join(quality_notes))} |")
     if report.unscored_codes:
         lines += ["", "## Unscored codes (accepted records)", "", "| code | records |", "|---|---:|"]
         lines += [f"| {c} | {n} |" for c, n in report.unscored_codes.items()]
+    if report.unknown_codes:
+        lines += ["", "## Unknown label tokens (quarantined records)", "", "| token | records |", "|---|---:|"]
+        lines += [f"| {_md(c)} | {n} |" for c, n in report.unknown_codes.items()]
     return "\n".join(lines) + "\n"

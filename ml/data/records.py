@@ -62,6 +62,8 @@ class Reason(StrEnum):
     FLAT_LINE = "flat_line"  # (almost) every lead has no signal
     TOO_SHORT = "too_short"  # shorter than the minimum duration
     DUPLICATE_ID = "duplicate_id"  # a record with this id was seen first elsewhere
+    SIGNAL_QUALITY = "signal_quality"  # read, but unfit to learn from (ml.data.quality: flat lead, clipping...)
+    UNKNOWN_LABEL = "unknown_label"  # a # Dx token that is not a SNOMED CT concept id (ml.data.labels)
 
 
 class RecordError(BadFileError):

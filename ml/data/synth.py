@@ -451,17 +451,27 @@ def synthesize_record(index: int, config: SynthConfig) -> SynthRecord:
     return SynthRecord(config.record_id(config.start + index), leads, config.fs, labels, labelled, age, sex, fault)
 
 
+def electrode_off(n_samples: int, rng: np.random.Generator) -> np.ndarray:
+    """What a lead whose electrode came off records (mV): no ECG, the amplifier's offset (a
+    constant 0.1-0.5 mV of either sign) and its own noise (3 uV rms), a near-flat line with a
+    peak-to-peak of ~0.02 mV. Never exact zeros: a lead at 0 mV throughout is one that was not
+    recorded (:mod:`ml.data.quality`), which is not a fault."""
+    offset = rng.choice((-1.0, 1.0)) * rng.uniform(0.1, 0.5)
+    return offset + rng.normal(0.0, 0.003, n_samples)
+
+
 def _apply_lead_fault(leads: np.ndarray, index: int, config: SynthConfig) -> str:
     """The site's device fault on one lead, in ``lead_fault_fraction`` of its records (its
     own random stream: a site without faults draws exactly what it always drew)."""
     if not config.lead_fault or config.lead_fault_fraction <= 0:
         return ""
-    if np.random.default_rng([config.seed, index, 1]).random() >= config.lead_fault_fraction:
+    rng = np.random.default_rng([config.seed, index, 1])
+    if rng.random() >= config.lead_fault_fraction:
         return ""
     lead, _, kind = config.lead_fault.partition(":")
     j = STANDARD_LEADS.index(lead)
-    if kind == "flat":  # electrode off: the amplifier's offset, nothing else
-        leads[j] = 0.0
+    if kind == "flat":  # electrode off: the amplifier's offset and its own noise, no ECG
+        leads[j] = electrode_off(leads.shape[1], rng)
     else:  # electrode cable reversed
         leads[j] = -leads[j]
     return config.lead_fault
@@ -977,7 +987,7 @@ def inject_faults(out_dir: str | Path, seed: int = 0, fs: float = 500.0) -> dict
     name = f"{FAULT_PREFIX}unscored_codes"
     rec = rec_named(nxt(), name)
     d = to_digital(rec.signal)
-    dx = [*rec.labels, "55827005", "251187003", "NotACode"]
+    dx = [*rec.labels, "55827005", "251187003"]  # valid SNOMED CT codes the Challenge does not score
     put(f"{name}.hea", header_text(name, d, fs, comments_for(rec, dx)), mat_v4_bytes(d), accepted)
 
     # -- identity: a record is (site, path); only a byte-identical copy is a duplicate
@@ -1014,4 +1024,18 @@ def inject_faults(out_dir: str | Path, seed: int = 0, fs: float = 500.0) -> dict
         None,
         Reason.UNSAFE_PATH,
     )
+
+    # -- what the reader accepts but ingestion quarantines (added last)
+    name = f"{FAULT_PREFIX}lead_off"  # V3's electrode off: read, but fails the signal-quality check
+    i = nxt()
+    rec = rec_named(i, name)  # the fault's own stream, as a site's lead fault: [seed, index, 1]
+    rec.signal[STANDARD_LEADS.index("V3")] = electrode_off(
+        rec.signal.shape[1], np.random.default_rng([base_config.seed, i, 1])
+    )
+    standard(name, rec, Reason.SIGNAL_QUALITY)
+    name = f"{FAULT_PREFIX}unknown_label"  # a diagnosis written as text, not as a SNOMED CT code
+    rec = rec_named(nxt(), name)
+    d = to_digital(rec.signal)
+    dx = [*rec.labels, "AFIB"]
+    put(f"{name}.hea", header_text(name, d, fs, comments_for(rec, dx)), mat_v4_bytes(d), Reason.UNKNOWN_LABEL)
     return {k: str(v) for k, v in expected.items()}

@@ -165,6 +165,19 @@ def challenge_score(
     )
 
 
+def scores_any(classes: Sequence[str], weights: ChallengeWeights | None = None) -> bool:
+    """Whether any of ``classes`` is a class the Challenge 2021 scores."""
+    table = weights if weights is not None else load_weights()
+    return any(table.index_of(str(code)) >= 0 for code in classes)
+
+
+def warn_unscored(classes: Sequence[str]) -> None:
+    """Say that :func:`challenge_score_restricted` is undefined for ``classes`` (none is scored)."""
+    log.warning(
+        "none of the classes %s is scored by the Challenge 2021: challenge_score_restricted undefined", list(classes)
+    )
+
+
 def challenge_score_restricted(
     y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str], weights: ChallengeWeights | None = None
 ) -> float:
@@ -172,10 +185,7 @@ def challenge_score_restricted(
     ``y_pred`` (N, C) over the same columns; every other diagnosis of a record is dropped.
     Not the Challenge score (see the module docstring); NaN when no class is scored."""
     table = weights if weights is not None else load_weights()
-    if not any(table.index_of(str(code)) >= 0 for code in classes):
-        log.warning(
-            "none of the classes %s is scored by the Challenge 2021: challenge_score_restricted undefined",
-            list(classes),
-        )
+    if not scores_any(classes, table):
+        warn_unscored(classes)
         return float("nan")
     return normalized_score(to_scored_classes(y_true, classes, table), to_scored_classes(y_pred, classes, table), table)

@@ -22,7 +22,8 @@ Definitions (and the conventions we chose where sources differ):
   ``macro_f_beta_positive_classes``, ``macro_g_beta_positive_classes`` and
   ``macro_map_positive_classes``; ``n_classes_without_positives`` says how many classes
   differ (:func:`classes_without_positives` lists them, and a warning names them).
-- **Macro AUROC**: per class :func:`sklearn.metrics.roc_auc_score`, then the mean over the
+- **Macro AUROC**: per class :func:`sklearn.metrics.roc_auc_score` (computed for every class
+  at once in its Mann-Whitney form: the leave-one-out intervals recompute it n times), then the mean over the
   classes where it is defined (at least one positive and one negative record), as the
   Challenge's ``np.nanmean`` does (the reference's ``roc_auc_score(average="macro")``
   refuses such a split).
@@ -59,15 +60,16 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import (
-    average_precision_score,
-    coverage_error,
-    label_ranking_loss,
-    precision_recall_curve,
-    roc_auc_score,
-)
+from sklearn.metrics import coverage_error, precision_recall_curve
 
-from ml.eval.challenge import challenge_score, challenge_score_restricted, labels_agree, scored_codes
+from ml.eval.challenge import (
+    challenge_score,
+    challenge_score_restricted,
+    labels_agree,
+    scored_codes,
+    scores_any,
+    warn_unscored,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +113,18 @@ def _check(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def ranking_loss(y_true: np.ndarray, probs: np.ndarray) -> float:
-    """Label ranking loss (scikit-learn definition; lower is better)."""
+    """Label ranking loss (:func:`sklearn.metrics.label_ranking_loss`, for every record at once;
+    lower is better): per record the share of its (positive, negative) label pairs whose
+    positive scores no higher than the negative, 0 for a record without both kinds, averaged."""
     y, p = _check(y_true, probs)
-    return float(label_ranking_loss(y, p))
+    if not len(y):
+        return float("nan")
+    positive = y.astype(bool)
+    pairs = positive[:, :, None] & ~positive[:, None, :]  # (N, C, C): (positive j, negative k)
+    wrong = (pairs & (p[:, :, None] <= p[:, None, :])).sum(axis=(1, 2))
+    n_pos = positive.sum(axis=1)
+    n_pairs = n_pos * (y.shape[1] - n_pos)
+    return float(np.mean(np.where(n_pairs > 0, wrong / np.maximum(n_pairs, 1), 0.0)))
 
 
 def coverage(y_true: np.ndarray, probs: np.ndarray) -> float:
@@ -123,22 +134,40 @@ def coverage(y_true: np.ndarray, probs: np.ndarray) -> float:
 
 
 def per_class_auroc(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """AUROC per class; NaN for a class with only one label value present."""
+    """AUROC per class; NaN for a class with only one label value present.
+
+    :func:`sklearn.metrics.roc_auc_score` in its Mann-Whitney form, all classes at once: the
+    share of (positive, negative) record pairs whose positive scores higher, a tie counting
+    one half (the area under the ROC curve with tied scores as one threshold)."""
+    from scipy.stats import rankdata
+
     y, p = _check(y_true, probs)
-    out = np.full(y.shape[1], np.nan)
-    for k in range(y.shape[1]):
-        if 0 < y[:, k].sum() < len(y):
-            out[k] = roc_auc_score(y[:, k], p[:, k])
-    return out
+    n_pos = y.sum(axis=0).astype(np.float64)
+    n_neg = len(y) - n_pos
+    defined = (n_pos > 0) & (n_neg > 0)
+    if not defined.any():
+        return np.full(y.shape[1], np.nan)
+    u = (rankdata(p, axis=0) * y).sum(axis=0) - n_pos * (n_pos + 1) / 2
+    return np.where(defined, u / np.where(defined, n_pos * n_neg, 1.0), np.nan)
+
+
+def _average_precision(y: np.ndarray, scores: np.ndarray) -> float:
+    """:func:`sklearn.metrics.average_precision_score` of one class with a positive record: over
+    the distinct scores, highest first, the recall gained at each times the precision there."""
+    order = np.argsort(-scores, kind="stable")
+    y, scores = y[order], scores[order]
+    last = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # each distinct score's last record
+    true_positives = np.cumsum(y)[last].astype(np.float64)
+    precision = true_positives / (last + 1)
+    return float(np.diff(true_positives, prepend=0.0) @ precision / true_positives[-1])
 
 
 def per_class_average_precision(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """Average precision per class; NaN for a class with no positive record."""
+    """Average precision per class (:func:`_average_precision`); NaN for a class with no positive record."""
     y, p = _check(y_true, probs)
     out = np.full(y.shape[1], np.nan)
-    for k in range(y.shape[1]):
-        if y[:, k].any():
-            out[k] = average_precision_score(y[:, k], p[:, k])
+    for k in np.flatnonzero(y.any(axis=0)):
+        out[k] = _average_precision(y[:, k], p[:, k])
     return out
 
 
@@ -273,20 +302,65 @@ def challenge_scores(
 ) -> dict[str, float]:
     """``challenge_score`` (official; NaN without ``classes`` or ``scored_labels``, the (N, 26)
     labels over :func:`ml.eval.challenge.scored_codes`) and ``challenge_score_restricted``
-    (NaN without ``classes``) of 0/1 predictions ``y_pred`` over the model's ``classes``."""
+    (NaN without ``classes`` or when none of them is scored) of 0/1 predictions ``y_pred`` over
+    the model's ``classes``. Quiet: :func:`challenge_metrics` says why a score is NaN."""
     nan = float("nan")
     if classes is None:
         return {"challenge_score": nan, "challenge_score_restricted": nan}
     official = nan
-    if scored_labels is None:
-        log.warning("no labels of the Challenge's scored classes: challenge_score (official) not computed")
-    elif not labels_agree(y_true, classes, scored_labels):
-        raise ValueError("the records' labels of the scored classes disagree with their labels of the model's classes")
-    else:
+    if scored_labels is not None:
+        if not labels_agree(y_true, classes, scored_labels):
+            raise ValueError(
+                "the records' labels of the scored classes disagree with their labels of the model's classes"
+            )
         official = challenge_score(scored_labels, scored_codes(), y_pred, classes)
+    restricted = challenge_score_restricted(y_true, y_pred, classes) if scores_any(classes) else nan
+    return {"challenge_score": official, "challenge_score_restricted": restricted}
+
+
+def _warn_incomplete(y: np.ndarray, classes: Sequence[str] | None, scored_labels: np.ndarray | None) -> None:
+    """Say which test metrics a split or a model leaves undefined or counts differently."""
+    missing = classes_without_positives(y)
+    if missing:
+        names = [classes[k] for k in missing] if classes is not None else missing
+        log.warning(
+            "%d of %d classes have no positive test record: they count 0 in macro_f_beta / macro_g_beta / "
+            "macro_map and are left out of the *_positive_classes means: %s",
+            len(missing),
+            y.shape[1],
+            names,
+        )
+    if classes is not None and scored_labels is None:
+        log.warning("no labels of the Challenge's scored classes: challenge_score (official) not computed")
+    if classes is not None and not scores_any(classes):
+        warn_unscored(classes)
+
+
+def metric_values(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    thresholds: np.ndarray | Sequence[float] | float = DEFAULT_THRESHOLD,
+    beta: float = 2.0,
+    classes: Sequence[str] | None = None,
+    scored_labels: np.ndarray | None = None,
+) -> dict[str, float]:
+    """:func:`challenge_metrics` without its warnings: the statistic the 95% intervals of
+    :mod:`ml.eval.intervals` recompute on every leave-one-out set of the records."""
+    y, p = _check(y_true, probs)
+    pred = binarize(p, thresholds)
+    f_2020, g_2020 = beta_measures(y, pred, beta, normalize=True)
+    average_precision = per_class_average_precision(y, p)
     return {
-        "challenge_score": official,
-        "challenge_score_restricted": challenge_score_restricted(y_true, y_pred, classes),
+        "ranking_loss": ranking_loss(y, p),
+        "coverage": coverage(y, p),
+        "macro_auroc": macro_auroc(y, p),
+        "macro_map": macro_mean(average_precision, y),
+        "macro_map_positive_classes": macro_mean_positive_classes(average_precision, y),
+        **thresholded_metrics(y, pred, beta),
+        "macro_f_beta_challenge2020": _nanmean(f_2020),
+        "macro_g_beta_challenge2020": _nanmean(g_2020),
+        **challenge_scores(y, pred, classes, scored_labels),
+        "n_classes_without_positives": float(len(classes_without_positives(y))),
     }
 
 
@@ -302,34 +376,12 @@ def challenge_metrics(
 
     ``classes`` (SNOMED-CT codes, one per column) enable the Challenge 2021 scores and
     ``scored_labels`` (N, 26: the records' labels over :func:`ml.eval.challenge.scored_codes`)
-    the official one (:func:`challenge_scores`); without them they are NaN.
+    the official one (:func:`challenge_scores`); without them they are NaN. Warns about the
+    classes without a positive test record and about a Challenge score it cannot compute.
     """
-    y, p = _check(y_true, probs)
-    pred = binarize(p, thresholds)
-    f_2020, g_2020 = beta_measures(y, pred, beta, normalize=True)
-    average_precision = per_class_average_precision(y, p)
-    missing = classes_without_positives(y)
-    if missing:
-        names = [classes[k] for k in missing] if classes is not None else missing
-        log.warning(
-            "%d of %d classes have no positive test record: they count 0 in macro_f_beta / macro_g_beta / "
-            "macro_map and are left out of the *_positive_classes means: %s",
-            len(missing),
-            y.shape[1],
-            names,
-        )
-    return {
-        "ranking_loss": ranking_loss(y, p),
-        "coverage": coverage(y, p),
-        "macro_auroc": macro_auroc(y, p),
-        "macro_map": macro_mean(average_precision, y),
-        "macro_map_positive_classes": macro_mean_positive_classes(average_precision, y),
-        **thresholded_metrics(y, pred, beta),
-        "macro_f_beta_challenge2020": _nanmean(f_2020),
-        "macro_g_beta_challenge2020": _nanmean(g_2020),
-        **challenge_scores(y, pred, classes, scored_labels),
-        "n_classes_without_positives": float(len(missing)),
-    }
+    y, _ = _check(y_true, probs)
+    _warn_incomplete(y, classes, scored_labels)
+    return metric_values(y_true, probs, thresholds, beta, classes, scored_labels)
 
 
 def class_labels(classes: Sequence[str]) -> tuple[list[str], list[str]]:

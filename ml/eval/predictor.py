@@ -4,6 +4,10 @@ Used by the evaluate step, by the MLflow pyfunc model (``pipeline.registry.pyfun
 ``cessl predict``; not a pipeline step itself. Inputs are either preprocessed signals ``(N, 12, 6144)`` (what the store
 holds), raw 12-lead signals ``(N, 12, T)`` at a known sample rate, or WFDB records (paths
 without or with the ``.hea`` suffix), which go through the pipeline's preprocessing.
+
+A WFDB record is first checked for signal quality (:mod:`ml.data.quality`, the check
+ingestion quarantines with): one that fails is answered ``unreadable`` with the reasons per
+lead, never with diagnoses; one that passes with leads not recorded is predicted, with a note.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ log = logging.getLogger(__name__)
 SEQ_LEN = 6144
 N_LEADS = 12
 TARGET_FS = 500.0
+OK, UNREADABLE = "ok", "unreadable"  # the ``status`` of a record's row
 
 
 @dataclass
@@ -85,37 +90,72 @@ class Predictor:
     def predict_records(self, records: Sequence[str | Path]) -> pd.DataFrame:
         """One row per WFDB record, in the order given: ``record``, ``p_<class>`` per class,
         ``diagnoses`` and ``codes`` (';'-joined), ``threshold_<class>`` per class (its decision
-        threshold, the same on every row) and ``error``.
+        threshold, the same on every row), ``error``, ``status``, ``reason`` and ``notes``.
 
-        A record that cannot be read or preprocessed does not stop the others: its row has
-        empty probabilities (NaN) and diagnoses and the reason in ``error`` (``""`` for the
-        records that were predicted). Only when no record at all is usable is the first
+        ``status`` is ``ok`` for a predicted record and ``unreadable`` for one that cannot be
+        read or preprocessed, or whose signal fails the quality check
+        (:func:`ml.data.quality.check_signal`: ``reason`` names each failing lead and why, e.g.
+        ``signal quality: V3: flat (peak-to-peak 0.021 mV < 0.05 mV: an electrode off?)``).
+        ``notes``: what the check tolerated in a predicted record, for the reader of its
+        diagnoses (``signal quality: V2, V4, V6 not recorded (all samples 0)``), ``""`` when
+        nothing; ``reason`` stays ``""`` for every ``ok`` row. An unreadable record
+        does not stop the others: its row has empty probabilities (NaN) and diagnoses, and the
+        reason in ``reason`` and in ``error`` (the older name, kept: ``""`` exactly for the
+        records that were predicted). Only when no record at all can be read is the first
         record's error raised.
         """
         records = list(records)
         if not records:
             raise ValueError("no records given")
-        signals, good, failures = [], [], {}
+        signals, good, failures, unreadable, notes = [], [], {}, {}, {}
         for i, record in enumerate(records):
             try:
-                signal, fs = read_wfdb(record)
-                signals.append(preprocess_signal(signal, fs))
+                signal, fs = read_wfdb(record, structural_only=True)
             except (OSError, ValueError) as err:  # FileNotFoundError, unusable or damaged records
                 failures[i] = err
                 continue
+            problem, note = signal_quality(signal, fs)
+            if problem:
+                unreadable[i] = problem
+                continue
+            if note:
+                notes[i] = note
+            try:
+                signals.append(preprocess_signal(signal, fs))
+            except ValueError as err:
+                failures[i] = err
+                continue
             good.append(i)
-        if not good:
-            raise failures[0]  # nothing usable at all: the caller learns why
-        for i, failure in failures.items():
-            log.warning("%s: skipped (%s)", records[i], failure)
+        if len(failures) == len(records):
+            raise failures[0]  # nothing could be read at all: the caller learns why
+        reasons = {i: f"{type(e).__name__}: {e}" for i, e in failures.items()} | unreadable
+        for i in sorted(reasons):
+            log.warning("%s: unreadable (%s)", records[i], reasons[i])
         probs = np.full((len(records), len(self.classes)), np.nan)
-        probs[good] = self.predict_proba(np.stack(signals))
+        if good:
+            probs[good] = self.predict_proba(np.stack(signals))
         diagnoses: list[list[str]] = [[] for _ in records]
         for i, d in zip(good, self.diagnoses(probs[good]), strict=True):
             diagnoses[i] = d
         table = predictions_table([_record_id(r) for r in records], probs, self.classes, diagnoses, self.thresholds)
-        table["error"] = [f"{type(e).__name__}: {e}" if (e := failures.get(i)) else "" for i in range(len(records))]
+        table["error"] = [reasons.get(i, "") for i in range(len(records))]
+        table["status"] = [UNREADABLE if i in reasons else OK for i in range(len(records))]
+        table["reason"] = table["error"]
+        table["notes"] = [notes.get(i, "") for i in range(len(records))]
         return table
+
+
+def signal_quality(signal: np.ndarray, sample_rate: float) -> tuple[str, str]:
+    """``(problem, notes)`` of a raw record ``(12, T)`` in mV by :func:`ml.data.quality.check_signal`:
+    ``problem`` is ``"signal quality: <reasons>"`` when it fails (``""`` when it passes), ``notes``
+    what it tolerated, ``"signal quality: <notes>"`` (``signal quality: V2, V4, V6 not recorded
+    (all samples 0)``; ``""`` when nothing)."""
+    from ml.data.quality import check_signal
+
+    result = check_signal(signal, sample_rate)
+    if not result.ok:
+        return f"signal quality: {result.summary()}", ""
+    return "", f"signal quality: {'; '.join(result.notes)}" if result.notes else ""
 
 
 def class_names(classes: Sequence[str]) -> dict[str, str]:
@@ -155,9 +195,12 @@ def _record_id(record: str | Path) -> str:
     return path.stem if path.suffix in (".hea", ".mat", ".dat") else path.name
 
 
-def read_wfdb(record: str | Path) -> tuple[np.ndarray, float]:
-    """``(signal (12, T) in mV, sample rate)`` of one WFDB record (strictly validated)."""
-    from ml.data.records import RecordError, read_record_file
+def read_wfdb(record: str | Path, structural_only: bool = False) -> tuple[np.ndarray, float]:
+    """``(signal (12, T) in mV, sample rate)`` of one WFDB record, strictly validated (ValueError
+    naming the file and the problem). ``structural_only``: only the file and header checks;
+    what the signal holds is left to :func:`signal_quality` (``ml.data.quality.STRUCTURAL_CHECKS``)."""
+    from ml.data.quality import STRUCTURAL_CHECKS
+    from ml.data.records import RecordError, ValidationConfig, read_record_file
 
     path = Path(record)
     if path.suffix in (".mat", ".dat"):
@@ -167,7 +210,7 @@ def read_wfdb(record: str | Path) -> tuple[np.ndarray, float]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: WFDB header not found")
     try:
-        rec = read_record_file(path)
+        rec = read_record_file(path, STRUCTURAL_CHECKS if structural_only else ValidationConfig())
     except RecordError as err:
         raise ValueError(f"{path}: not a usable 12-lead record ({err})") from err
     return np.asarray(rec.signal), float(rec.fs)

@@ -193,6 +193,11 @@ class SharedBackbone:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._base.values())
 
+    @property
+    def base(self) -> dict[str, Tensor]:
+        """The backbone's own tensors by state-dict name (whatever site is active)."""
+        return self._base
+
     def check(self, adapter: SiteAdapter) -> None:
         """Refuse an adapter trained on another backbone (BackboneMismatchError names both)."""
         if adapter.backbone_id != self.identity:
@@ -258,6 +263,10 @@ class AdapterLRU:
 
     def keys(self) -> list[str]:
         return list(self._items)
+
+    def values(self) -> list[SiteAdapter]:
+        """The adapters held, least recently used first."""
+        return list(self._items.values())
 
     def get(self, key: str, load: Callable[[], SiteAdapter]) -> SiteAdapter:
         """The adapter ``key`` (now the most recently used), loaded with ``load`` if absent."""

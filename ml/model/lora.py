@@ -63,7 +63,8 @@ from torch import Tensor, nn
 logger = logging.getLogger(__name__)
 
 LORA_INIT_STD = 0.02
-TrainMode = Literal["lora", "full"]
+TrainMode = Literal["lora", "full", "head"]
+HEAD_PREFIX = "classifier."  # the classification head: Linear(d, d) -> Linear(d, C)
 
 
 @dataclass(frozen=True)
@@ -542,12 +543,14 @@ def mark_trainable(model: nn.Module, mode: TrainMode) -> None:
 
     "lora": exactly lora_A/lora_B, every bias and classifier.1.weight train; all other
     weights (norm weights included) are frozen. BatchNorm running statistics still update
-    in train mode. "full": everything trains.
+    in train mode. "full": everything trains. "head": the classifier's weights and biases
+    only (the head-only baseline: the backbone stays as pre-trained).
     """
-    if mode not in ("lora", "full"):
-        raise ValueError(f"unknown training mode {mode!r}; expected 'lora' or 'full'")
+    if mode not in ("lora", "full", "head"):
+        raise ValueError(f"unknown training mode {mode!r}; expected 'lora', 'full' or 'head'")
     for name, param in model.named_parameters():
-        param.requires_grad_(mode == "full" or is_lora_trainable(name))
+        trains = name.startswith(HEAD_PREFIX) if mode == "head" else mode == "full" or is_lora_trainable(name)
+        param.requires_grad_(trains)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

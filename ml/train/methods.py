@@ -13,6 +13,10 @@ validation, the registry's naming) asks :func:`get_method` instead of comparing 
 - ``full``    : full fine-tuning, supervised only.
 - ``fixmatch``: full fine-tuning + FixMatch (weak/strong views, confidence-thresholded
                 multi-label pseudo-labels).
+- ``head-only``: no gradient step: the backbone stays as pre-trained and its classifier
+                becomes a linear head fitted on the labelled records' pooled features
+                (:mod:`ml.eval.head_only`, :func:`ml.train.recipe.fit_head_only`), the
+                baseline an adaptation has to beat (the cross-site matrix's head-only row).
 
 Adding a method = one :class:`TrainingMethod` entry in :data:`METHODS`.
 """
@@ -34,7 +38,7 @@ if TYPE_CHECKING:
     from ml.train.config import TrainConfig
 
 RankPolicy = Literal["allocated", "uniform", "none"]
-Trainable = Literal["lora", "full"]
+Trainable = Literal["lora", "full", "head"]
 # (model, labelled x, labelled y, unlabelled x or None, augmentation generator, config) -> loss
 StepFn = Callable[[EncoderHeadModel, Tensor, Tensor, "Tensor | None", Generator, "TrainConfig"], StepOutput]
 
@@ -67,6 +71,8 @@ class TrainingMethod:
     (rank r on every adapted layer) or ``none`` (no adapters: full fine-tuning).
     deactivation: the adapters are randomly switched off with probability p (part 1).
     reads_unlabelled: every step also draws an unlabelled batch.
+    step: the loss of a training step; None for a method that takes no gradient step (its
+    classifier is fitted in closed form on the frozen backbone: ``head-only``).
     production: a candidate for the production model name (the baselines are experiments).
     """
 
@@ -75,7 +81,7 @@ class TrainingMethod:
     rank_policy: RankPolicy
     deactivation: bool
     reads_unlabelled: bool
-    step: StepFn
+    step: StepFn | None
     production: bool = False
 
     @property
@@ -87,8 +93,16 @@ class TrainingMethod:
         return self.rank_policy == "allocated"
 
     @property
+    def fits_head_only(self) -> bool:
+        """No gradient step: only the classifier changes, fitted on the frozen backbone's features."""
+        return self.step is None
+
+    @property
     def trainable(self) -> Trainable:
-        """Which parameters train: LoRA tensors + biases + head (``lora``) or all (``full``)."""
+        """Which parameters train: LoRA tensors + biases + head (``lora``), all (``full``) or
+        the classifier alone (``head``)."""
+        if self.fits_head_only:
+            return "head"
         return "lora" if self.uses_adapters else "full"
 
     def lora_config(self, lora: LoRAConfig, rank_map: Mapping[str, int] | None = None) -> LoRAConfig | None:
@@ -141,9 +155,18 @@ METHODS: dict[str, TrainingMethod] = {
             reads_unlabelled=True,
             step=_fixmatch_step,
         ),
+        TrainingMethod(
+            "head-only",
+            "frozen backbone, a linear head fitted on the labelled records",
+            rank_policy="none",
+            deactivation=False,
+            reads_unlabelled=False,
+            step=None,
+        ),
     )
 }
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+NO_GRADIENT_STEP = "no gradient step"  # the schedule of a method that takes none (head-only)
 DEFAULT_METHOD = "cessl"
 
 

@@ -9,8 +9,9 @@
    ``LoRAConfig.r`` everywhere; ``none``: no adapters).
 2. :func:`finetune`: the method's model (:func:`ml.train.build.build_model`), trained by
    :func:`ml.train.trainer.fit` on the labelled split (+ the unlabelled split for the
-   semi-supervised methods), then per-class thresholds fitted on the valid split (F-beta,
-   beta = 2, the challenge's).
+   semi-supervised methods), or for ``head-only`` its classifier fitted in closed form on the
+   frozen backbone (:func:`fit_head_only`), then per-class thresholds fitted on the valid
+   split (F-beta, beta = 2, the challenge's).
 
 The pipeline steps (``components.allocate_ranks``, ``components.finetune``), ``cessl
 method-demo`` and the training-step benchmark call these instead of assembling the steps
@@ -20,14 +21,17 @@ themselves.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ml.eval.evaluate import predict_with_labels
+from ml.eval.evaluate import features_with_labels, predict_with_labels
+from ml.eval.head_only import fit_head
 from ml.eval.metrics import fit_thresholds
 from ml.model.backbone import BackboneConfig, ECGTransformer
 from ml.model.lora import LoRAConfig, count_parameters
@@ -37,7 +41,7 @@ from ml.train.config import TrainConfig, resolve_device
 from ml.train.loaders import EpochStream, dataset_size, fetch
 from ml.train.methods import TrainingMethod, get_method
 from ml.train.precision import resolve_precision
-from ml.train.trainer import Callback, TrainResult, fit
+from ml.train.trainer import Callback, TrainResult, fit, validation_metrics
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +123,47 @@ def valid_thresholds(model: ECGTransformer, valid: Dataset, batch_size: int) -> 
     return fit_thresholds(labels, probs, beta=THRESHOLD_BETA)
 
 
+def load_head(model: ECGTransformer, state: Mapping[str, np.ndarray]) -> None:
+    """Copy ``state`` (classifier parameter name -> values) into ``model``'s classifier."""
+    with torch.no_grad():
+        for name, value in state.items():
+            model.get_parameter(name).copy_(torch.as_tensor(value))
+
+
+def fit_head_only(
+    model: ECGTransformer, labelled: Dataset, valid: Dataset, train: TrainConfig, callbacks: Sequence[Callback] = ()
+) -> TrainResult:
+    """The ``head-only`` method: no gradient step. The classifier becomes the linear head of
+    :mod:`ml.eval.head_only` (per class a logistic regression, fitted to its optimum, on the
+    frozen backbone's pooled features of the labelled records: the cross-site matrix's
+    head-only row), then the model is validated once (step 0: its curves' only point)."""
+    start = time.perf_counter()
+    device = resolve_device(train.device)
+    model.to(device)
+    features, labels = features_with_labels(model, labelled, train.eval_batch_size, device)
+    load_head(model, fit_head(features, labels).head_state())
+    metrics = validation_metrics(*predict_with_labels(model, valid, train.eval_batch_size, device))
+    record = {"step": 0.0, **metrics}
+    result = TrainResult(
+        best_step=0,
+        best_score=metrics[train.monitor],
+        best_metrics=metrics,
+        steps=0,
+        stopped_early=False,
+        history=[record],
+        seconds=time.perf_counter() - start,
+        device=str(device),
+        monitor=train.monitor,
+    )
+    log.info(
+        "head-only: a linear head on %d labelled records; valid %s %.4f", len(labels), train.monitor, result.best_score
+    )
+    for callback in callbacks:
+        callback.on_validation(0, record)
+        callback.on_end(result)
+    return result
+
+
 def finetune(
     backbone_state: BackboneState | None,
     backbone_config: BackboneConfig,
@@ -130,10 +175,14 @@ def finetune(
     valid: Dataset,
     callbacks: Sequence[Callback] = (),
 ) -> FinetuneOutcome:
-    """Build ``train.method``'s model, fit it and fit its thresholds on ``valid``."""
+    """Build ``train.method``'s model, fit it (:func:`ml.train.trainer.fit`, or
+    :func:`fit_head_only` for a method without gradient steps) and fit its thresholds on ``valid``."""
     model = build_model(backbone_state, backbone_config, train.method, lora, rank_map, seed=train.seed)
     trainable, total = count_parameters(model)
-    unlabelled = unlabelled_for(train.training_method, labelled, unlabelled)
-    result = fit(model, labelled, unlabelled, valid, train, callbacks)
+    method = train.training_method
+    if method.fits_head_only:
+        result = fit_head_only(model, labelled, valid, train, callbacks)
+    else:
+        result = fit(model, labelled, unlabelled_for(method, labelled, unlabelled), valid, train, callbacks)
     thresholds = valid_thresholds(model, valid, train.eval_batch_size)
     return FinetuneOutcome(model=model, result=result, thresholds=thresholds, trainable=trainable, total=total)

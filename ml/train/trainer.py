@@ -61,6 +61,7 @@ from ml.train.augment import AugmentRNG, make_augment_rng
 from ml.train.checkpoint import load_checkpoint, save_checkpoint
 from ml.train.config import TrainConfig, resolve_device
 from ml.train.loaders import BatchIterator, StreamPosition, dataset_size, derive_seed
+from ml.train.methods import StepFn
 from ml.train.precision import Precision
 from ml.train.steps import EncoderHeadModel, StepOutput
 
@@ -254,6 +255,18 @@ def _deterministic_algorithms(enabled: bool, device: torch.device) -> Iterator[N
         torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
 
 
+def validation_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """What a validation records: macro mAP (the early-stopping monitor), macro AUROC and the
+    binary cross-entropy of the validation records' probabilities."""
+    clipped = np.clip(probs, 1e-7, 1 - 1e-7)
+    bce = float(-np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped)))
+    return {
+        "macro_map": macro_average_precision(labels, probs),
+        "macro_auroc": macro_auroc(labels, probs),
+        "loss": bce,
+    }
+
+
 # --- the loop -----------------------------------------------------------------------------
 class _Run:
     """One call of :func:`fit`: holds the model, optimiser, iterators and RNGs."""
@@ -270,6 +283,9 @@ class _Run:
         if not isinstance(model, EncoderHeadModel):
             raise TypeError(f"{type(model).__name__} has no encode/head: the training steps need an ECGTransformer")
         self.method = config.training_method
+        if self.method.step is None:
+            raise ValueError(f"method {config.method!r} takes no gradient step (ml.train.recipe.finetune fits it)")
+        self.loss_of: StepFn = self.method.step
         if self.method.reads_unlabelled and (unlabelled is None or dataset_size(unlabelled) == 0):
             raise ValueError(f"method {config.method!r} needs a non-empty unlabelled dataset")
         self.config, self.callbacks = config, list(callbacks)
@@ -379,19 +395,13 @@ class _Run:
         x, y = next(labelled)
         x_u = next(unlabelled)[0] if unlabelled is not None else None
         with self.precision.autocast():
-            return self.method.step(self.model, x, y, x_u, self.generator, self.config)
+            return self.loss_of(self.model, x, y, x_u, self.generator, self.config)
 
     def validate(self) -> dict[str, float]:
         cfg = self.config
         with self.precision.autocast():
             probs, labels = predict_with_labels(self.model, self.valid, cfg.eval_batch_size, self.device)
-        clipped = np.clip(probs, 1e-7, 1 - 1e-7)
-        bce = float(-np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped)))
-        return {
-            "macro_map": macro_average_precision(labels, probs),
-            "macro_auroc": macro_auroc(labels, probs),
-            "loss": bce,
-        }
+        return validation_metrics(probs, labels)
 
     def run(self) -> TrainResult:
         cfg = self.config
@@ -539,4 +549,5 @@ __all__ = [
     "build_optimizer",
     "fit",
     "linear_warmup_decay",
+    "validation_metrics",
 ]

@@ -39,6 +39,7 @@ COMMANDS: tuple[str, ...] = (
     "audit:add_commands",
     "serve:add_commands",
     "testset:add_commands",
+    "monitor:add_commands",
     "data:add_commands",
     "backbone:add_commands",
     "method_demo:add_commands",

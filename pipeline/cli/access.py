@@ -21,11 +21,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 
 from ml.errors import ParameterError
 from pipeline.core.constraints import add_tracking_uri_flag, as_text, existing_file, optional, registered_model
+from pipeline.core.files import UserFileError, read_stdin_text, read_text
 from pipeline.core.logsafe import register_secret
 from pipeline.registry.access import (
     PROMOTE_PERMISSION,
@@ -59,11 +59,11 @@ def read_passwords(source: str) -> dict[str, str]:
     """``user:password`` lines from a file, or from stdin for ``-``."""
     if not source:
         return {}
-    if source == "-":
-        text, where = sys.stdin.read(), "stdin"
-    else:
-        text, where = Path(source).read_text(encoding="utf-8"), source
-    passwords = parse_password_file(text, where)
+    try:  # a regular file of at most 1 MiB of UTF-8 text (pipeline.core.files), or stdin
+        text = read_stdin_text() if source == "-" else read_text(source)
+    except UserFileError as err:
+        raise ParameterError(f"--passwords {err}") from None
+    passwords = parse_password_file(text, "stdin" if source == "-" else source)
     for password in passwords.values():
         register_secret(password)
     return passwords
@@ -76,6 +76,7 @@ def cmd_access_init(args: argparse.Namespace) -> int:
         pipeline=args.pipeline_user,
         release_managers=tuple(args.release_manager),
         reviewers=tuple(args.reviewer),
+        auditors=tuple(args.auditor),
         models=production_models(args),
     )
     from_file = read_passwords(args.passwords)
@@ -147,6 +148,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--release-manager", action="append", default=[], metavar="USER", help="may promote and roll back (repeatable)"
     )
     init.add_argument("--reviewer", action="append", default=[], metavar="USER", help="reads everything (repeatable)")
+    init.add_argument(
+        "--auditor",
+        action="append",
+        default=[],
+        metavar="USER",
+        help="reads everything, anchors verified audit logs (`cessl audit verify --anchor`, the CronJob; repeatable)",
+    )
     init.add_argument(
         "--model",
         action="append",

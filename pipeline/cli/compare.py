@@ -1,6 +1,6 @@
 """`cessl compare`: choose a method by comparing methods on your own data.
 
-    cessl compare --methods cessl,fixmatch --ratios 0.05,0.1 --seeds 0,1,2 [pipeline flags]
+    cessl compare --methods cessl,head-only,fixmatch --ratios 0.05,0.1 --seeds 0,1,2 [pipeline flags]
     cessl compare --methods cessl,fixmatch,lora,full --compile -o cessl_compare.yaml
 
 Runs the ``cessl-compare`` pipeline (:mod:`pipeline.dags.compare`) locally with ``kfp.local``:
@@ -8,7 +8,9 @@ ingest, preprocess and the backbone once, then every cell of the grid (methods x
 ratios x seeds) fine-tuned and evaluated on the same splits, each cell an MLflow child run
 of one parent run; prints the table (mean +- std over seeds of macro F-beta2, AUROC, mAP,
 Challenge score, ms/step, peak memory, trainable parameters) and where the CSV, Markdown
-and plot are (artifacts ``comparison/`` of the parent run). Nothing is registered.
+and plot are (artifacts ``comparison/`` of the parent run). Nothing is registered. The
+baseline to beat is ``head-only`` (the frozen backbone and a linear head fitted on the
+labelled records: no gradient step, so its ms/step and peak memory are n/a).
 
 Parameters default to ``cessl run``'s (the demo's: the demo hospital, the tiny backbone,
 max_steps mode with 150 steps); with ``--compile`` to the cluster's (the paper's 200

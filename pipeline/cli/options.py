@@ -9,7 +9,8 @@ heavy imports (kfp, mlflow, torch, pandas), load only when the verb runs, so bui
 parser stays fast.
 
 ``--params FILE`` (:func:`parse_args`): a YAML mapping of the verb's flags (``max-steps: 40``
-or ``max_steps: 40``), each value checked by the flag's own ``type=`` / ``choices`` and, for
+or ``max_steps: 40``), read by the one reader of user files (:mod:`pipeline.core.files`),
+each value checked by the flag's own ``type=`` / ``choices`` and, for
 a pipeline parameter, its :class:`~pipeline.core.params.PipelineParams` constraints; an
 unknown key or a bad value is one error line naming ``file:line``. The file's values are the
 verb's defaults: flags on the command line override them.
@@ -21,8 +22,6 @@ import argparse
 import dataclasses
 import difflib
 import importlib
-import os
-import stat
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from pipeline.core.constraints import (
     resource_name,
     value_problem,
 )
+from pipeline.core.files import UserFileError, YamlFile, line_of, read_yaml
 from pipeline.core.params import PipelineParams, add_profile_flag
 from pipeline.dags.kfp_auth import MODES as KFP_AUTH_MODES
 from pipeline.registry.policy import GATE_METRICS
@@ -52,7 +52,6 @@ from pipeline.registry.policy import GATE_METRICS
 T = TypeVar("T")
 
 STATE_DIR = Path(".cache") / "cessl"
-MAX_PARAMS_BYTES = 64 * 1024  # a --params file is a handful of flags
 PARAMS_DEST = "params_file"
 TARGET_DEST = "params_target"  # the verb's ParamsTarget: where the file's values go
 
@@ -343,64 +342,42 @@ class ParamsFileError(ValueError):
 
 
 def read_params_file(path: str) -> list[tuple[str, int, Any]]:
-    """The ``(key, line, value)`` entries of a ``--params`` file: a regular file of at most
-    :data:`MAX_PARAMS_BYTES`, a flat YAML mapping (values: scalars, or lists of scalars for a
-    repeatable flag), read with PyYAML's safe loader (``yaml.SafeLoader``); ParamsFileError otherwise."""
+    """The ``(key, line, value)`` entries of a ``--params`` file, read by :mod:`pipeline.core.files`
+    (a regular file of at most 1 MiB, safe YAML: merge keys, no tags, bounded nesting and
+    aliases, no NUL): a flat mapping (values: scalars, or lists of scalars for a repeatable
+    flag); ParamsFileError otherwise."""
+    try:
+        doc = read_yaml(path)
+        return _entries(doc)
+    except UserFileError as err:
+        raise ParamsFileError(str(err)) from None
+
+
+def _entries(doc: YamlFile) -> list[tuple[str, int, Any]]:
     import yaml
 
-    text = _read_bounded(path)
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else path
-        raise ParamsFileError(f"{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
+    root = doc.root
     if root is None:
         return []
     if not isinstance(root, yaml.MappingNode):
-        raise ParamsFileError(f"{path}:{root.start_mark.line + 1}: expected a mapping of flag: value")
+        raise ParamsFileError(f"{doc.at(root)}: expected a mapping of flag: value")
     entries = []
-    for key_node, value_node in root.value:
-        line = key_node.start_mark.line + 1
-        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != "tag:yaml.org,2002:str":
-            raise ParamsFileError(f"{path}:{line}: a key must be a flag's name")
+    for key, key_node, value_node in doc.pairs(root):
+        line = line_of(key_node)
+        if not isinstance(key, str):
+            raise ParamsFileError(f"{doc.at(key_node)}: a key must be a flag's name")
         nested = isinstance(value_node, yaml.MappingNode) or (
             isinstance(value_node, yaml.SequenceNode)
             and any(not isinstance(n, yaml.ScalarNode) for n in value_node.value)
         )
         if nested:
-            raise ParamsFileError(f"{path}:{line}: {key_node.value}: expected a value or a list of values")
-        entries.append((key_node.value, line, _construct(value_node, f"{path}:{line}: {key_node.value}")))
+            raise ParamsFileError(f"{doc.at(key_node)}: {key}: expected a value or a list of values")
+        try:
+            value = doc.value(value_node)
+        except UserFileError as err:
+            raise ParamsFileError(f"{doc.at(key_node)}: {key}: {err.problem}") from None
+        entries.append((key, line, value))
     return entries
-
-
-def _construct(node: Any, where: str) -> Any:
-    """The value of a flat YAML node, built by PyYAML's safe constructor (what ``yaml.safe_load`` uses)."""
-    import yaml
-
-    try:
-        return yaml.SafeLoader("").construct_object(node, deep=True)
-    except (yaml.YAMLError, ValueError) as err:  # e.g. a date that does not exist
-        raise ParamsFileError(f"{where}: not a valid YAML value ({err})") from None
-
-
-def _read_bounded(path: str) -> str:
-    """The text of the regular file ``path`` (UTF-8, at most MAX_PARAMS_BYTES), without blocking on a FIFO."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
-    except OSError as err:
-        raise ParamsFileError(f"{path}: cannot be read ({err.strerror or err})") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ParamsFileError(f"{path}: not a regular file")
-    with os.fdopen(fd, "rb") as file:
-        data = file.read(MAX_PARAMS_BYTES + 1)
-    if len(data) > MAX_PARAMS_BYTES:
-        raise ParamsFileError(f"{path}: larger than {MAX_PARAMS_BYTES // 1024} KiB (a --params file holds flags)")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ParamsFileError(f"{path}: not UTF-8 text (byte {err.start})") from None
 
 
 def file_defaults(target: ParamsTarget, path: str) -> dict[str, Any]:

@@ -4,7 +4,9 @@
   does; a ``sqlite:///`` store's folder must exist, and its database too unless it is the
   local default ``./mlflow.db`` of a command that writes or the command was told to create
   one (``--create-store``): a mistyped path never becomes a new empty store. An http(s)
-  server must answer ``/health`` (or the REST API) within :data:`HEALTH_TIMEOUT_S`.
+  server must answer ``/health`` (or the REST API) within :data:`HEALTH_TIMEOUT_S`, and be
+  MLflow (not 404 at both); a ``user:password@`` in the URI is sent as Basic credentials,
+  never as part of the URL, and never shown.
 - :func:`check_kfp_host`: a Kubeflow Pipelines endpoint answers (``/apis/v2/healthz``).
 - :func:`check_docker`: a Docker engine answers (``--runner docker``).
 - :func:`check_s3`: credentials are configured and the bucket answers (one cheap call).
@@ -15,17 +17,22 @@ Each raises :class:`ml.errors.ParameterError` (2) for a bad value or
 
 from __future__ import annotations
 
+import base64
 import os
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from ml.errors import ParameterError, ServiceUnavailableError
 from pipeline.core.constraints import s3_problem, tracking_uri_problem
+from pipeline.core.logsafe import register_secret
 
 HEALTH_TIMEOUT_S = 5.0
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 LOCAL_DB = "mlflow.db"
+API_PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"  # an endpoint every MLflow server has
 
 
 def _reason(err: BaseException) -> str:
@@ -44,15 +51,51 @@ def _get(url: str, timeout: float, headers: dict[str, str] | None = None) -> int
         return int(err.code)
 
 
-def _mlflow_auth_headers() -> dict[str, str]:
+@dataclass(frozen=True)
+class ServerURL:
+    """An http(s) URL split from its ``user:password@`` part: the password goes in the
+    ``Authorization`` header, never in the URL a request is made to or a message shows."""
+
+    url: str  # without user:password@
+    username: str = ""
+    password: str = ""
+
+    @classmethod
+    def parse(cls, uri: str) -> ServerURL:
+        parts = urlsplit(uri)
+        if "@" not in parts.netloc:
+            return cls(uri)
+        userinfo, _, host = parts.netloc.rpartition("@")
+        user, _, password = userinfo.partition(":")
+        if password:
+            register_secret(unquote(password))
+        return cls(urlunsplit(parts._replace(netloc=host)), unquote(user), unquote(password))
+
+    @property
+    def shown(self) -> str:
+        """The URL as a message names it (the user, never the password)."""
+        if not self.username:
+            return self.url
+        parts = urlsplit(self.url)
+        return urlunsplit(parts._replace(netloc=f"{self.username}:***@{parts.netloc}"))
+
+
+def _basic(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+def _mlflow_auth_headers(server: ServerURL | None = None) -> dict[str, str]:
+    """The credentials MLflow's client sends: the URI's own ``user:password@`` first, else
+    ``MLFLOW_TRACKING_TOKEN``, else ``MLFLOW_TRACKING_USERNAME`` / ``PASSWORD``."""
+    if server is not None and server.username:
+        return _basic(server.username, server.password)
     token = os.environ.get("MLFLOW_TRACKING_TOKEN")
     if token:
         return {"Authorization": f"Bearer {token}"}
     user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
     if user and password:
-        import base64
-
-        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+        return _basic(user, password)
     return {}
 
 
@@ -122,24 +165,35 @@ def registry_tracking(uri: str = "", model_name: str = "", *, writes: bool = Fal
 
 
 def check_mlflow_server(uri: str, where: str = "", timeout: float = HEALTH_TIMEOUT_S) -> None:
-    base = uri.rstrip("/")
-    headers = _mlflow_auth_headers()
+    """An MLflow tracking server answers at ``uri``: ``/health``, or its REST API (behind a
+    proxy that routes only the API). A server that answers 404 to both is not MLflow."""
+    server = ServerURL.parse(uri.rstrip("/"))
+    shown, headers = server.shown, _mlflow_auth_headers(server)
     try:
-        status = _get(base + "/health", timeout, headers)
+        status = _get(server.url + "/health", timeout, headers)
         if status == 404:  # behind a proxy that only routes the API
-            status = _get(base + "/api/2.0/mlflow/experiments/search?max_results=1", timeout, headers)
+            status = _get(server.url + API_PROBE, timeout, headers)
     except (OSError, ValueError) as err:
         raise ServiceUnavailableError(
-            f"MLflow tracking server {uri}{where} does not answer ({_reason(err)}; {timeout:g} s timeout): "
+            f"MLflow tracking server {shown}{where} does not answer ({_reason(err)}; {timeout:g} s timeout): "
             "start it, or fix --tracking-uri / $MLFLOW_TRACKING_URI"
         ) from err
     if status in (401, 403):
+        fix = (
+            f"the user {server.username!r} and password of the URI"
+            if server.username
+            else "set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN"
+        )
         raise ServiceUnavailableError(
-            f"MLflow tracking server {uri}{where} refuses the credentials (HTTP {status}): "
-            "set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN"
+            f"MLflow tracking server {shown}{where} refuses the credentials (HTTP {status}): {fix}"
+        )
+    if status == 404:
+        raise ServiceUnavailableError(
+            f"{shown}{where} is not an MLflow tracking server: HTTP 404 at /health and at MLflow's REST API "
+            f"({API_PROBE.partition('?')[0]}); check the host, port and path of --tracking-uri / $MLFLOW_TRACKING_URI"
         )
     if status >= 500:
-        raise ServiceUnavailableError(f"MLflow tracking server {uri}{where} answers HTTP {status}: check its log")
+        raise ServiceUnavailableError(f"MLflow tracking server {shown}{where} answers HTTP {status}: check its log")
 
 
 def check_kfp_host(host: str, timeout: float = HEALTH_TIMEOUT_S) -> str:

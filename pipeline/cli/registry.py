@@ -20,7 +20,9 @@
   ``cessl access init``): one line naming who, which model and the missing permission
   (exit 3), before any change.
 - ``predict --model models:/NAME@champion RECORDS...``: per-record probabilities and
-  thresholded diagnoses, as CSV or JSON.
+  thresholded diagnoses, as CSV or JSON; a record that cannot be read or fails the
+  signal-quality check (:mod:`ml.data.quality`) is a row with ``status`` ``unreadable`` and
+  its ``reason``, never diagnoses.
 - ``models [NAME] [--history]``: every model with its aliases; a model's versions, aliases,
   methods, data versions and last decisions; ``--history``: its audit log, oldest first.
 
@@ -271,6 +273,7 @@ def verified_uri(client, uri: str, trust: Trust) -> str:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from ml.eval.predictor import OK
     from pipeline.registry.pyfunc_model import load_predictor
 
     _check_device(args.device)
@@ -278,15 +281,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     uri = verified_uri(tracking.client(), args.model, find_trust(args.trust_file))
     predictor = load_predictor(uri, tracking_uri=tracking.tracking_uri)
     predictor.device, predictor.precision = args.device, args.precision
-    table = predictor.predict_records([Path(r) for r in args.records])  # unreadable records: in `error`
-    bad = table[table["error"] != ""]
+    table = predictor.predict_records([Path(r) for r in args.records])  # unreadable: status and reason; notes
+    bad = table[table["status"] != OK]
     if len(bad):
         log.warning(
-            "%d of %d records could not be read (see the error column): %s",
+            "%d of %d records are unreadable, answered without diagnoses (see the status and reason columns): %s",
             len(bad),
             len(table),
             ", ".join(bad["record"]),
         )
+    for record, note in zip(table["record"], table["notes"], strict=True):
+        if note:  # predicted, but the reader of its diagnoses should know (leads not recorded)
+            log.warning("%s: %s (see the notes column)", record, note)
     fmt = args.format or ("json" if args.output and args.output.endswith(".json") else "csv")
     if fmt == "json":
         text = json.dumps(

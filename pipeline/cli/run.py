@@ -114,6 +114,7 @@ class RunSummary:
     reused: bool = False  # an identical earlier registration was reused: nothing new registered
     report_uri: str = ""  # the evaluation report (HTML) among the run's artifacts
     gate_warning: str = ""  # the split's power check when the test part is too small for the gate
+    n_test: int | None = None  # test records the metrics (and their intervals) are over (None: not known)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -188,7 +189,16 @@ def summarise_run(
         reused=run.info.start_time is not None and run.info.start_time < (time.time() - seconds) * 1000 - 1000,
         report_uri=f"{run.info.artifact_uri.rstrip('/')}/evaluation/report.html" if run.info.artifact_uri else "",
         gate_warning=gate_warning(run.data.tags),
+        n_test=records_tested(run.data.params),
     )
+
+
+def records_tested(logged: Mapping[str, str]) -> int | None:
+    """The size of the test split a run was evaluated on (its ``split_sizes`` parameter), or None."""
+    try:
+        return int(json.loads(logged["split_sizes"])["test"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def gate_warning(tags: dict[str, str]) -> str:
@@ -213,7 +223,13 @@ def _int_or_none(text: str | None) -> int | None:
 
 def schedule_of(logged: dict[str, str], params: PipelineParams) -> str:
     """The schedule a run trained with, from its logged ``train.*`` parameters: ``"200 epochs
-    = 400 steps"`` or ``"150 steps"`` (``params``' own words when they are missing)."""
+    = 400 steps"``, ``"150 steps"`` or ``"no gradient step"`` (``head-only``); ``params``' own
+    words when they are missing."""
+    from ml.train.methods import METHODS, NO_GRADIENT_STEP
+
+    method = METHODS.get(logged.get("train.method", ""))
+    if method is not None and method.fits_head_only:
+        return NO_GRADIENT_STEP
     steps, epochs = logged.get("train.max_steps"), logged.get("train.epochs")
     if steps is None:
         return params.schedule()
@@ -267,6 +283,9 @@ def summary_fields(summary: RunSummary) -> list[tuple[str, Any]]:
     return rows
 
 
+SUMMARY_DIGITS = 3  # two models' "0.432 [0.210, 0.601]" and the longest metric name fit 80 columns
+
+
 def print_summary(summary: RunSummary, console=None) -> None:
     """The run's IDs, its rank map, its test metrics and what to do next; fits 80 columns
     without cutting an ID (:mod:`pipeline.cli.render`)."""
@@ -275,6 +294,7 @@ def print_summary(summary: RunSummary, console=None) -> None:
     from rich.table import Table
     from rich.text import Text
 
+    from ml.eval.intervals import BOUNDS, interval_text
     from ml.eval.metrics import MACRO_CONVENTION
     from pipeline.cli.render import print_fields
 
@@ -287,27 +307,22 @@ def print_summary(summary: RunSummary, console=None) -> None:
         for layer, rank in summary.rank_map.items():
             ranks.add_row(Text(layer), str(rank))
         console.print(ranks)
-    metrics = Table(title="test metrics [95% jackknife-t interval over the test records]", caption=MACRO_CONVENTION)
-    metrics.add_column("metric")
-    metrics.add_column("challenger", justify="right")
+    records = f"{summary.n_test} test records" if summary.n_test is not None else "the test records"
+    metrics = Table(title=f"test metrics [95% jackknife-t interval over {records}]", caption=MACRO_CONVENTION)
+    metrics.add_column("metric", overflow="fold")  # a long name folds rather than lose its end
+    metrics.add_column("challenger", justify="right", no_wrap=True)
     if summary.champion_metrics:
-        metrics.add_column("champion (same split)", justify="right")
-    for key in sorted(k for k in summary.test_metrics if not k.endswith(("_low", "_high"))):
-        row = [escape(key), _with_interval(summary.test_metrics, key)]
+        metrics.add_column("champion (same split)", justify="right", no_wrap=True)
+    for key in sorted(k for k in summary.test_metrics if not k.endswith(BOUNDS)):
+        row = [escape(key), interval_text(summary.test_metrics, key, SUMMARY_DIGITS)]
         if summary.champion_metrics:
-            row.append(_with_interval(summary.champion_metrics, key) if key in summary.champion_metrics else "")
+            champion = summary.champion_metrics
+            row.append(interval_text(champion, key, SUMMARY_DIGITS) if key in champion else "")
         metrics.add_row(*row)
     console.print(metrics)
     console.print("next:", style="bold")
     for line in next_steps(summary):
         console.print(Text(f"  {line}"), soft_wrap=True)
-
-
-def _with_interval(metrics: Mapping[str, float], key: str) -> str:
-    """``0.4321 [0.2100, 0.6000]``: the metric and its interval where the run logged one."""
-    low, high = metrics.get(f"{key}_low"), metrics.get(f"{key}_high")
-    bounds = f" [{low:.4f}, {high:.4f}]" if low is not None and high is not None else ""
-    return f"{metrics[key]:.4f}{bounds}"
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -45,7 +45,7 @@ def site_names(args: argparse.Namespace) -> tuple[str, ...]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from pipeline.cli.preflight import check_tracking
-    from pipeline.serving.server import ServeConfig, serve
+    from pipeline.serving.server import ServeConfig, check_bindable, serve
 
     config = ServeConfig(
         sites=site_names(args),
@@ -57,7 +57,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         refresh_seconds=args.refresh_seconds,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         max_records=args.max_records,
+        batch_window_ms=args.batch_window_ms,
+        max_batch_records=args.max_batch_records,
+        max_queue=args.max_queue,
     )
+    check_bindable(config.host, config.port)  # before the registry and any model
     check_tracking(args.tracking_uri, writes=False)
     serve(config)
     return 0
@@ -102,4 +106,22 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--max-body-mb", type=positive_float, default=64.0, help="largest request body, MiB (default: %(default)s)"
     )
     p.add_argument("--max-records", type=positive_int, default=256, help="records per request (default: %(default)s)")
+    p.add_argument(
+        "--batch-window-ms",
+        type=number(float, minimum=0, maximum=1000, name="milliseconds"),
+        default=5.0,
+        help="how long a request waits for others (any site) to share its forward pass (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-batch-records",
+        type=positive_int,
+        default=64,
+        help="records of one batched forward pass (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=positive_int,
+        default=64,
+        help="requests admitted at once; more are answered 429 (default: %(default)s)",
+    )
     p.set_defaults(func=cmd_serve)

@@ -24,7 +24,15 @@ from typing import Any
 from ml.errors import ParameterError
 from pipeline.core.constraints import field_value
 from pipeline.core.params import PipelineParams
-from pipeline.core.sites import DEFAULT_SITES_FILE, OVERRIDABLE, Site, SiteRegistry, load_sites, save_sites
+from pipeline.core.sites import (
+    DEFAULT_SITES_FILE,
+    OVERRIDABLE,
+    Site,
+    SiteRegistry,
+    load_sites,
+    new_site,
+    save_sites,
+)
 
 log = logging.getLogger(__name__)
 
@@ -399,8 +407,8 @@ def cmd_sites_list(args: argparse.Namespace) -> int:
 def cmd_sites_add(args: argparse.Namespace) -> int:
     registry = _registry(args.file)
     overrides = {k: getattr(args, k) for k in OVERRIDABLE if getattr(args, k, None) is not None}
-    site = Site(args.name, args.source, overrides, args.description or "")
-    site.params(PipelineParams())  # the overrides valid (names the flag)
+    # the checks of a site read from the file (pipeline.core.sites.site_problems), and the folder exists
+    site = new_site(args.name, args.source, overrides, args.description or "", Path(args.file))
     save_sites(registry.add(site, replace=args.replace), args.file)
     load_sites(args.file)  # what was written reads back
     log.info("%s site %s (%s) in %s", "replaced" if args.replace else "added", site.name, site.source, args.file)
@@ -426,7 +434,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     listing.set_defaults(func=cmd_sites_list)
     add = verbs.add_parser("add", help="add (or --replace) a site")
     add.add_argument("name", help="site name (a DNS label: lower-case letters, digits, '-')")
-    add.add_argument("source", help="folder (relative to the registry file's folder) or s3://bucket/prefix")
+    add.add_argument(
+        "source",
+        help="an existing folder (inside the registry file's folder, relative to it, or an absolute path) "
+        "or s3://bucket/prefix",
+    )
     add.add_argument("--description", default="")
     add.add_argument("--replace", action="store_true", help="replace a site of that name")
     fields = {f.name: f for f in dataclasses.fields(PipelineParams)}

@@ -25,7 +25,15 @@ from pipeline.cli.options import (
     add_tracking,
     command,
 )
-from pipeline.core.constraints import comma_list, field_value, image, non_negative_int, output_file, quantity
+from pipeline.core.constraints import (
+    MAX_SEED,
+    comma_list,
+    field_value,
+    image,
+    non_negative_int,
+    output_file,
+    quantity,
+)
 from pipeline.core.params import CLUSTER, DEFAULTS, DEMO_PARAMS, LOCAL, PipelineParams, add_param_flags
 from pipeline.core.pretrain_params import DEFAULTS as PRETRAIN_DEFAULTS
 from pipeline.core.pretrain_params import LOCAL_DEFAULTS as PRETRAIN_LOCAL_DEFAULTS
@@ -129,7 +137,7 @@ def add_compare_commands(subparsers: argparse._SubParsersAction) -> None:
     helps = {
         "--methods": "comma-separated methods, of --method's choices",
         "--ratios": "comma-separated labelled ratios, each in (0, 1)",
-        "--seeds": "comma-separated seeds, each >= 0",
+        "--seeds": f"comma-separated seeds, each in [0, {MAX_SEED}]",
     }
     for flag, (field_name, default) in GRID_FLAGS.items():
         grid.add_argument(

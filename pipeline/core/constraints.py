@@ -31,33 +31,54 @@ from components.trainjob import JOB_NAME  # the one DNS-1035 pattern of a TrainJ
 # ------------------------------------------------------------------------------ numbers
 
 
+# Every integer has a bound: a value a KFP pipeline, MLflow and numpy take as it is (no silent
+# overflow on a cluster). A seed is any 32-bit unsigned value (numpy's and the splits'); a LoRA
+# rank at most the width of the widest backbone layer it adapts (d_model 768, rounded up).
+MAX_INT = 2**31 - 1
+MAX_SEED = 2**32 - 1
+MAX_RANK = 1024
+
+
+def _bound(value: float) -> str:
+    """A bound as a message shows it: an integer exactly, a float shortest."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
 def range_problem(
     value: float,
     minimum: float | None = None,
     maximum: float | None = None,
     exclusive_minimum: float | None = None,
     exclusive_maximum: float | None = None,
+    kind: type | None = None,
 ) -> str | None:
-    """What is wrong with ``value`` for the range (None: nothing)."""
+    """What is wrong with ``value`` for the range (None: nothing); ``kind``: what the value
+    must be (int: "an integer", float: "a finite number"; default: the value's own type)."""
     if isinstance(value, float) and not math.isfinite(value):
         return "must be a finite number"
     bounds = []
     if minimum is not None:
-        bounds.append(f">= {minimum:g}")
+        bounds.append(f">= {_bound(minimum)}")
     if exclusive_minimum is not None:
-        bounds.append(f"> {exclusive_minimum:g}")
+        bounds.append(f"> {_bound(exclusive_minimum)}")
     if maximum is not None:
-        bounds.append(f"<= {maximum:g}")
+        bounds.append(f"<= {_bound(maximum)}")
     if exclusive_maximum is not None:
-        bounds.append(f"< {exclusive_maximum:g}")
+        bounds.append(f"< {_bound(exclusive_maximum)}")
     inside = (
         (minimum is None or value >= minimum)
         and (exclusive_minimum is None or value > exclusive_minimum)
         and (maximum is None or value <= maximum)
         and (exclusive_maximum is None or value < exclusive_maximum)
     )
-    what = "an integer" if isinstance(value, int) else "a finite number"
+    integer = kind is int if kind is not None else isinstance(value, int)
+    what = "an integer" if integer else "a finite number"
     return None if inside else f"must be {what} " + " and ".join(bounds)
+
+
+def int_maximum(maximum: float | None, exclusive_maximum: float | None) -> float | None:
+    """An integer's upper bound: the one given, else :data:`MAX_INT`."""
+    return MAX_INT if maximum is None and exclusive_maximum is None else maximum
 
 
 def parse_number(text: str, kind: type) -> int | float:
@@ -86,22 +107,28 @@ def number(
     exclusive_maximum: float | None = None,
     name: str | None = None,
 ) -> Callable[[str], Any]:
-    """An argparse ``type=``: an int or finite float in the range."""
+    """An argparse ``type=``: an int (at most :data:`MAX_INT` unless bounded otherwise) or a
+    finite float in the range."""
+    if kind is int:
+        maximum = int_maximum(maximum, exclusive_maximum)
     bounds = {
         "minimum": minimum,
         "maximum": maximum,
         "exclusive_minimum": exclusive_minimum,
         "exclusive_maximum": exclusive_maximum,
     }
+    return _converter(kind, bounds, name or kind.__name__)
 
+
+def _converter(kind: type, bounds: dict[str, float | None], name: str) -> Callable[[str], Any]:
     def convert(text: str) -> int | float:
         value = parse_number(text, kind)
-        problem = range_problem(value, **bounds)
+        problem = range_problem(value, **bounds, kind=kind)
         if problem:
             raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
         return value
 
-    convert.__name__ = name or kind.__name__
+    convert.__name__ = name
     convert.bounds = bounds  # type: ignore[attr-defined]  # read by the tests' case generator
     convert.kind = kind  # type: ignore[attr-defined]
     return convert
@@ -109,9 +136,12 @@ def number(
 
 def typed(kind: type) -> Callable[[str], Any]:
     """The argparse ``type=`` of a generated :class:`PipelineParams` flag: parses the type
-    only (its range is checked by ``PipelineParams.validate``, which reports every problem)."""
+    only (its range, bounds included, is checked by ``PipelineParams.validate``, which reports
+    every problem)."""
     if kind in (int, float):
-        return number(kind)
+        return _converter(
+            kind, dict.fromkeys(("minimum", "maximum", "exclusive_minimum", "exclusive_maximum")), kind.__name__
+        )
     return kind
 
 
@@ -129,18 +159,25 @@ _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 
 
 def s3_problem(uri: str) -> str | None:
-    """What is wrong with an ``s3://bucket[/prefix]`` URI (None: nothing)."""
+    """What is wrong with an ``s3://bucket[/prefix]`` URI (None: nothing): a valid bucket, and
+    no ``..`` segment in the prefix (S3 keys are not folders: it would name another prefix)."""
     if not uri.startswith("s3://"):
         return "expected s3://bucket/prefix"
-    bucket = uri[5:].partition("/")[0]
+    if "\x00" in uri:
+        return "contains a NUL character"
+    bucket, _, prefix = uri[5:].partition("/")
     if not bucket:
         return "names no bucket (expected s3://bucket/prefix)"
     if not _BUCKET.match(bucket) or ".." in bucket:
         return f"{bucket!r} is not a valid S3 bucket name"
+    if any(part in ("..", ".") for part in prefix.split("/")):
+        return "has a '.' or '..' segment (name the prefix itself: s3://bucket/prefix)"
     return None
 
 
 def source_problem(value: str) -> str | None:
+    if "\x00" in value:
+        return "contains a NUL character"
     if not value.strip():
         return "must name a folder or s3://bucket/prefix"
     if "://" in value:
@@ -211,21 +248,29 @@ def field_problems(field: dataclasses.Field, value: Any) -> str | None:
     return None if problem is None else f"{flag_name(field)} {value!r}: {problem}"
 
 
+def _integer_problem(value: Any) -> str:
+    if isinstance(value, float) and math.isfinite(value):
+        return (
+            f"must be an integer (write {int(value)})" if value.is_integer() else "must be an integer, not a fraction"
+        )
+    return "must be an integer"
+
+
 def value_problem(field: dataclasses.Field, value: Any) -> str | None:
     """What is wrong with ``value`` for the field's constraints (None: nothing); no flag named."""
     meta, kind = field.metadata, field_kind(field)
     problem: str | None = None
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-        problem = "must be an integer"
+        problem = _integer_problem(value)
     elif kind is float and (isinstance(value, bool) or not isinstance(value, int | float)):
         problem = "must be a number"
     elif kind is str and not isinstance(value, str):
         problem = "must be text"
     elif kind in (int, float):
-        problem = range_problem(
-            value,
-            **{k: meta.get(k) for k in ("minimum", "maximum", "exclusive_minimum", "exclusive_maximum")},
-        )
+        bounds = {k: meta.get(k) for k in ("minimum", "maximum", "exclusive_minimum", "exclusive_maximum")}
+        if kind is int:
+            bounds["maximum"] = int_maximum(bounds["maximum"], bounds["exclusive_maximum"])
+        problem = range_problem(value, **bounds, kind=kind)
     if problem is None and meta.get("choices") and value not in meta["choices"]:
         problem = f"must be one of {', '.join(meta['choices'])}"
     if problem is None and meta.get("check"):

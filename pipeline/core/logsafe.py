@@ -5,7 +5,8 @@
   ``X-Amz-Security-Token``, ``Authorization:``, ``password=``, ``token=``, ``Signature=``,
   the password of ``scheme://user:password@host`` URIs, and the literal values of the
   credential variables of the environment (:data:`SECRET_ENV`, MLflow's auth ones included,
-  and every ``CESSL_PASSWORD_*``) and of :func:`register_secret`'s.
+  and every ``CESSL_PASSWORD_*``) and of :func:`register_secret`'s, each as a whole token
+  (never inside a longer word: that would mangle the text and hint at the secret).
 - :class:`RedactingFilter`: a ``logging.Filter`` that redacts a record's message and its
   traceback text; :func:`configure_logging` installs it on every handler (the root's and
   those of loggers configured before, e.g. mlflow's) and in the record factory, so handlers
@@ -22,6 +23,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -107,12 +109,21 @@ def _env_secrets(environ: dict[str, str] | None = None) -> list[str]:
     return sorted((v for v in values if len(v) >= _MIN_SECRET_LEN), key=len, reverse=True)
 
 
+@functools.lru_cache(maxsize=256)
+def _whole(secret: str) -> re.Pattern[str]:
+    """``secret`` as a whole token: not where a letter, digit or ``_`` continues it on either
+    side ("short" is masked in "short!" but "shorter" stays a word, and says nothing of it)."""
+    head = r"(?<![\w])" if re.match(r"\w", secret[:1]) else ""
+    tail = r"(?![\w])" if re.match(r"\w", secret[-1:]) else ""
+    return re.compile(head + re.escape(secret) + tail)
+
+
 def redact(text: str, secrets: Iterable[str] | None = None) -> str:
     """``text`` with anything that looks like a credential replaced by ``***``."""
     if not text:
         return text
     for value in _env_secrets() if secrets is None else secrets:
-        text = text.replace(value, MASK)
+        text = _whole(value).sub(MASK, text)
     text = _AUTHORIZATION.sub(lambda m: m["head"] + MASK, text)
     text = _NAMED.sub(lambda m: m["head"] + (m["secret"] if m["secret"] == MASK else MASK), text)
     text = _URI_PASSWORD.sub(lambda m: m["head"] + MASK + m["tail"], text)

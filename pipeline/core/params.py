@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ml.errors import ParameterError
-from pipeline.core.constraints import typed
+from pipeline.core.constraints import MAX_RANK, MAX_SEED, typed
 
 if typing.TYPE_CHECKING:
     from ml.model.lora import LoRAConfig
@@ -39,7 +39,7 @@ if typing.TYPE_CHECKING:
 
 # The ml side's names and defaults (pinned to their sources by tests/unit/test_params_defaults.py).
 BACKBONE_NAMES: tuple[str, ...] = ("tinylight", "tiny", "base", "medium", "large")  # ml.model.backbone.BACKBONE_CONFIGS
-METHOD_NAMES: tuple[str, ...] = ("cessl", "lora", "full", "fixmatch")  # ml.train.methods.METHOD_NAMES
+METHOD_NAMES: tuple[str, ...] = ("cessl", "lora", "full", "fixmatch", "head-only")  # ml.train.methods.METHOD_NAMES
 DEFAULT_METHOD = "cessl"  # ml.train.methods.DEFAULT_METHOD
 PRECISION_CHOICES: tuple[str, ...] = ("fp32", "bf16", "auto")  # ml.train.precision.PRECISION_CHOICES
 EPOCHS = 200  # ml.train.config.EPOCHS: the paper's schedule
@@ -132,11 +132,17 @@ class PipelineParams:
     labelled_ratio: float = param(
         0.05, "fraction of the non-test records that keep their labels", exclusive_minimum=0, exclusive_maximum=1
     )
-    r: int = param(_ML.r, "LoRA rank r (r_low = (r // 4) * 2 for the least important layers)", flag="-r", minimum=1)
+    r: int = param(
+        _ML.r,
+        "LoRA rank r (r_low = (r // 4) * 2 for the least important layers)",
+        flag="-r",
+        minimum=1,
+        maximum=MAX_RANK,
+    )
     compress: float = param(_ML.compress, "compress ratio c of the one-shot rank allocation", minimum=0, maximum=1)
     p: float = param(_ML.p, "random deactivation probability", flag="-p", minimum=0, exclusive_maximum=1)
     method: str = param(DEFAULT_METHOD, "training method", choices=METHOD_NAMES)
-    seed: int = param(_ML.seed, "seed of the split, the initialisation and the training", minimum=0)
+    seed: int = param(_ML.seed, "seed of the split, the initialisation and the training", minimum=0, maximum=MAX_SEED)
     epochs: int = param(
         EPOCHS,
         "schedule: train N epochs, steps = complete labelled batches per epoch x N (the paper: 200); "

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ml.errors import ParameterError
+from pipeline.core.files import UserFileError, read_text
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,11 @@ class KfpAuth:
 
 
 def _read_token(path: str, what: str) -> str:
+    """The token in ``path``, read by :mod:`pipeline.core.files` (a regular file, at most 1 MiB of UTF-8)."""
     try:
-        token = Path(path).read_text(encoding="utf-8").strip()
-    except OSError as err:
-        raise ParameterError(f"{what} {path}: cannot read the token ({err.strerror or err})") from None
+        token = read_text(path).strip()
+    except UserFileError as err:
+        raise ParameterError(f"{what} {err.where}: cannot read the token ({err.problem})") from None
     if not token:
         raise ParameterError(f"{what} {path}: the file is empty (expected a bearer token)")
     return token

@@ -13,7 +13,11 @@ three roles, per production model ``M`` and its candidates model ``M-candidates`
   (``copy_model_version``) and moves ``champion``: ``MANAGE`` on each production model,
   ``EDIT`` on each candidates model (the decision's tags, test-set refreshes), ``READ`` on
   every model and experiment, ``EDIT`` on the audit experiment;
-- **reviewers** read: ``READ`` on every model and experiment.
+- **reviewers** read: ``READ`` on every model and experiment;
+- **auditors** read everything and write one thing: ``EDIT`` on the experiment
+  ``cessl-audit-anchors``, where ``cessl audit verify --anchor`` (the audit CronJob) records how
+  far each log had verified (:mod:`pipeline.registry.anchor`: a log that a release manager cuts
+  together with its head tag is caught there; no other role may write it).
 
 :func:`plan_grants` says exactly which; :func:`apply_plan` (``cessl access init``) creates or
 updates the users and grants through MLflow's own auth client, creates the production and
@@ -41,11 +45,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ml.errors import ParameterError, ServiceUnavailableError
+from pipeline.registry.anchor import ANCHOR_EXPERIMENT
 
 log = logging.getLogger(__name__)
 
-PIPELINE, RELEASE_MANAGER, REVIEWER = "pipeline", "release-manager", "reviewer"
-ROLES = (PIPELINE, RELEASE_MANAGER, REVIEWER)
+PIPELINE, RELEASE_MANAGER, REVIEWER, AUDITOR = "pipeline", "release-manager", "reviewer", "auditor"
+ROLES = (PIPELINE, RELEASE_MANAGER, REVIEWER, AUDITOR)
 READ, EDIT, MANAGE = "READ", "EDIT", "MANAGE"
 PERMISSION_ORDER = ("NO_PERMISSIONS", READ, "USE", EDIT, MANAGE)
 PROMOTE_PERMISSION = MANAGE  # what cessl requires on a model to move its champion
@@ -55,6 +60,7 @@ PASSWORD_ENV_PREFIX = "CESSL_PASSWORD_"
 MIN_PASSWORD_LEN = 12  # MLflow 3.17 refuses shorter passwords
 CURRENT_USER = "/api/2.0/mlflow/users/current"
 USER_PERMISSION = "/api/3.0/mlflow/users/permissions/get"
+SEARCH_EXPERIMENTS = "/api/2.0/mlflow/experiments/search"  # every MLflow server answers it
 USERNAME_ENV, PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
 
 
@@ -81,16 +87,18 @@ class Identity:
 
 @dataclass(frozen=True)
 class AccessPlan:
-    """Who is who: one pipeline identity, release managers, reviewers; the production models."""
+    """Who is who: one pipeline identity, release managers, reviewers, auditors; the production models."""
 
     pipeline: str
     release_managers: tuple[str, ...]
     reviewers: tuple[str, ...]
     models: tuple[str, ...]
     audit_experiment: str = "cessl-audit"
+    auditors: tuple[str, ...] = ()
+    anchor_experiment: str = ANCHOR_EXPERIMENT
 
     def __post_init__(self) -> None:
-        names = [self.pipeline, *self.release_managers, *self.reviewers]
+        names = [self.pipeline, *self.release_managers, *self.reviewers, *self.auditors]
         for name in names:
             if not name or ":" in name or name != name.strip():
                 raise ParameterError(f"user name {name!r}: must be non-empty, without ':' or surrounding spaces")
@@ -106,6 +114,7 @@ class AccessPlan:
             self.pipeline: PIPELINE,
             **{u: RELEASE_MANAGER for u in self.release_managers},
             **{u: REVIEWER for u in self.reviewers},
+            **{u: AUDITOR for u in self.auditors},
         }
 
 
@@ -116,12 +125,16 @@ def candidates_of(models: Sequence[str]) -> tuple[str, ...]:
     return tuple(candidates_model_name(m) for m in models)
 
 
-def role_grants(role: str, models: Sequence[str], audit_experiment: str) -> tuple[Grant, ...]:
+def role_grants(
+    role: str, models: Sequence[str], audit_experiment: str, anchor_experiment: str = ANCHOR_EXPERIMENT
+) -> tuple[Grant, ...]:
     """The permissions of ``role`` on the production ``models`` and their candidates models
     (see the module's doc); every other model and experiment: ``READ``."""
     read_all = (Grant(MODEL, ALL, READ), Grant(EXPERIMENT, ALL, READ))
     if role == REVIEWER:
         return read_all
+    if role == AUDITOR:
+        return (*read_all, Grant(EXPERIMENT, anchor_experiment, EDIT))
     if role not in (PIPELINE, RELEASE_MANAGER):
         raise ParameterError(f"unknown role {role!r}; one of {ROLES}")
     candidates = tuple(Grant(MODEL, m, EDIT) for m in candidates_of(models))
@@ -131,7 +144,10 @@ def role_grants(role: str, models: Sequence[str], audit_experiment: str) -> tupl
 
 def plan_grants(plan: AccessPlan) -> dict[str, tuple[Grant, ...]]:
     """user -> the grants :func:`apply_plan` sets."""
-    return {user: role_grants(role, plan.models, plan.audit_experiment) for user, role in plan.roles().items()}
+    return {
+        user: role_grants(role, plan.models, plan.audit_experiment, plan.anchor_experiment)
+        for user, role in plan.roles().items()
+    }
 
 
 # --------------------------------------------------------------------------- passwords
@@ -144,14 +160,20 @@ def password_env(user: str) -> str:
 
 
 def parse_password_file(text: str, source: str) -> dict[str, str]:
-    """``user:password`` lines (``#`` comments and blank lines skipped) -> {user: password}."""
+    """``user:password`` lines (``#`` comments and blank lines skipped) -> {user: password};
+    ParameterError ``SOURCE:LINE: problem`` (the line itself is never echoed)."""
     passwords: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines: a password may hold \x0c or \x85
+        line = line.removesuffix("\r")
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         user, sep, password = line.partition(":")
+        if "\x00" in line:
+            raise ParameterError(f"{source}:{number}: a NUL character (\\0) in the line")
         if not sep or not user.strip() or not password:
-            raise ParameterError(f"{source} line {number}: expected user:password")  # never echo the line
+            raise ParameterError(f"{source}:{number}: expected user:password")
+        if user.strip() in passwords:
+            raise ParameterError(f"{source}:{number}: user {user.strip()!r} given twice")
         passwords[user.strip()] = password.rstrip("\r\n")
     return passwords
 
@@ -193,13 +215,29 @@ def _credentials_refused(tracking_uri: str) -> ServiceUnavailableError:
     )
 
 
+def _no_auth_app(tracking_uri: str) -> None:
+    """None once the server at ``tracking_uri`` answers MLflow's REST API (a server without
+    authentication); ServiceUnavailableError when it does not: a server that answers 404
+    everywhere is not MLflow, and says nothing about who may change a registry."""
+    probe = _get(tracking_uri, SEARCH_EXPERIMENTS, {"max_results": "1"})
+    if probe.status_code == 200:
+        return None
+    if probe.status_code == 401:
+        raise _credentials_refused(tracking_uri)
+    raise ServiceUnavailableError(
+        f"{tracking_uri} is not an MLflow tracking server: HTTP 404 at {CURRENT_USER} and HTTP "
+        f"{probe.status_code} at {SEARCH_EXPERIMENTS}; check the host, port and path of --tracking-uri"
+    )
+
+
 def authenticated_user(tracking_uri: str) -> Identity | None:
     """Who the server at ``tracking_uri`` authenticates this process as; None for a local
     store or a server without authentication (nothing to enforce there)."""
     if not is_server(tracking_uri):
         return None
     response = _get(tracking_uri, CURRENT_USER)
-    if response.status_code == 404:  # no auth app: the endpoint does not exist
+    if response.status_code == 404:  # no auth app (the endpoint does not exist), if this is MLflow at all
+        _no_auth_app(tracking_uri)
         return None
     if response.status_code == 401:
         raise _credentials_refused(tracking_uri)
@@ -369,11 +407,14 @@ def apply_plan(
     users = {user: _ensure_user(auth, user, password_of(user)) for user in plan.roles()}
     governed = (*plan.models, *candidates_of(plan.models))
     created = [m for m in governed if _ensure_model(tracking, m)]
-    audit_id = _ensure_experiment(tracking, plan.audit_experiment)
+    experiment_ids = {
+        name: _ensure_experiment(tracking, name) for name in (plan.audit_experiment, plan.anchor_experiment)
+    }
     grants = plan_grants(plan)
     for user, user_grants in grants.items():
         for grant in user_grants:
-            resource_id = audit_id if grant.resource_type == EXPERIMENT and grant.resource != ALL else grant.resource
+            named = grant.resource_type == EXPERIMENT and grant.resource != ALL
+            resource_id = experiment_ids[grant.resource] if named else grant.resource
             _set_grant(auth, user, grant.resource_type, resource_id, grant.permission)
         granted = {g.resource for g in user_grants if g.resource_type == MODEL}
         for model in set(governed) - granted:  # the pipeline's old EDIT on production; a reviewer's own model

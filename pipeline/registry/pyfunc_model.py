@@ -19,9 +19,13 @@ than the one it was trained on).
   column; with or without ``.hea``; what ``{"dataframe_split": ...}`` sends), read where
   the model runs. Returns the table of ``cessl predict``
   (:meth:`ml.eval.predictor.Predictor.predict_records`): ``record``, ``p_<code>`` per
-  class, ``diagnoses``, ``codes`` (thresholded with the adapter's per-class thresholds)
-  and ``error``: a record that cannot be read gets NaN probabilities and the reason there;
-  the other records are still predicted. ``sample_rate`` is not used (headers have it).
+  class, ``diagnoses``, ``codes`` (thresholded with the adapter's per-class thresholds),
+  ``error``, ``status``, ``reason`` and ``notes``: a record that cannot be read or fails the
+  signal-quality check (:mod:`ml.data.quality`) is ``unreadable``, with NaN probabilities, no
+  diagnoses and the reason; the other records are still predicted, ``notes`` saying what the
+  check tolerated in them (leads not recorded). ``sample_rate`` is not
+  used (headers have it). The raw-signal tensor path above returns probabilities only, with
+  no quality check (its output is one tensor).
 
 Why the signature has no input schema: MLflow enforces an input schema before ``predict``
 runs, and a tensor schema always requires its tensor, so a DataFrame of paths would be

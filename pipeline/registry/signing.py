@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ml.errors import CesslError
+from pipeline.core.files import UserFileError, YamlFile, read_yaml
 
 log = logging.getLogger(__name__)
 
@@ -209,18 +210,42 @@ class Trust:
 
 
 def _read_trust(path: Path) -> dict[str, str]:
+    """NAME -> key text of the trust file at ``path``, read by :mod:`pipeline.core.files` (a
+    regular file of at most 1 MiB, safe YAML); SigningError naming ``file:line`` otherwise."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except OSError as err:
-        raise SigningError(f"trust file {path}: cannot read it ({err.strerror or err})") from None
-    except yaml.YAMLError as err:
-        raise SigningError(f"trust file {path}: not YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(data, dict) or data.get("version", TRUST_VERSION) != TRUST_VERSION:
-        raise SigningError(f"trust file {path}: expected 'version: {TRUST_VERSION}' and 'signers: {{NAME: KEY}}'")
-    signers = data.get("signers") or {}
-    if not isinstance(signers, dict):
-        raise SigningError(f"trust file {path}: 'signers' must map NAME -> {KEY_PREFIX}<base64>")
-    return {str(name): str(key) for name, key in signers.items()}
+        doc = read_yaml(path)
+        return _trust_entries(doc)
+    except UserFileError as err:
+        raise SigningError(f"trust file {err}") from None
+
+
+def _trust_entries(doc: YamlFile) -> dict[str, str]:
+    expected = f"expected 'version: {TRUST_VERSION}' and 'signers: {{NAME: KEY}}'"
+    if doc.root is None:
+        return {}
+    if not isinstance(doc.root, yaml.MappingNode):
+        raise SigningError(f"trust file {doc.at(doc.root)}: {expected}")
+    top = {key: (key_node, value) for key, key_node, value in doc.pairs(doc.root)}
+    for key, (key_node, _) in top.items():
+        if key not in ("version", "signers"):
+            raise SigningError(f"trust file {doc.at(key_node)}: unknown key {key!r}; {expected}")
+    if "version" in top:
+        version = doc.value(top["version"][1])
+        if type(version) is not int or version != TRUST_VERSION:
+            raise SigningError(f"trust file {doc.at(top['version'][1])}: {expected}")
+    signers = top["signers"][1] if "signers" in top else None
+    if signers is None or doc.value(signers) is None:
+        return {}
+    if not isinstance(signers, yaml.MappingNode):
+        raise SigningError(f"trust file {doc.at(signers)}: 'signers' must map NAME -> {KEY_PREFIX}<base64>")
+    entries: dict[str, str] = {}
+    for name, name_node, key_node in doc.pairs(signers):
+        key = doc.value(key_node)
+        if not isinstance(name, str) or not name or name != name.strip() or ":" in name:
+            raise SigningError(f"trust file {doc.at(name_node)}: signer name {name!r}: non-empty text without ':'")
+        parse_public_key(key, f"trust file {doc.at(key_node)}: {name}")
+        entries[name] = key
+    return entries
 
 
 def load_trust(path: Path) -> Trust:

@@ -16,6 +16,9 @@ checks, oldest first:
   written by the decider, who may write the model; the pipeline identity may not): a log that
   ends before it, or holds another entry there, was cut or rewritten (hiding the last entry,
   a refusal say, breaks no link of the chain);
+- **the anchor**: the log still holds the entry the auditor anchored at its last check
+  (:mod:`pipeline.registry.anchor`: written where no decider may write, so a log cut or
+  rewritten together with its head tag is caught too);
 - **the alias**: ``champion`` is the version (and run) that the last valid decision names.
 
 The result (:class:`Verification`) says what is wrong in one line; the champions that valid
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 
 from ml.errors import EXIT_REFUSED, CesslError
 from pipeline.registry.access import client_tracking_uri
+from pipeline.registry.anchor import anchor_of, anchor_problem
 from pipeline.registry.audit import (
     DECISION_FILE,
     LOG_FILE,
@@ -237,7 +241,11 @@ def check_log(client, model: str, runs: list, trust: Trust, deep: bool = True) -
     except ValueError as err:
         result.broken = str(err)
     if not result.broken:
-        result.broken = _chain_problem(result.entries, model, trust) or _head_problem(client, model, result.entries)
+        result.broken = (
+            _chain_problem(result.entries, model, trust)
+            or _head_problem(client, model, result.entries)
+            or anchor_problem(anchor_of(client, model), result.entries)
+        )
     if not result.broken and deep:
         result.broken = _copies_problem(client, runs, result.entries) or _mirror_problem(client, model, result.entries)
     if not result.broken:

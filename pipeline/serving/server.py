@@ -25,9 +25,22 @@ path ``/v2/models/S/versions/V/...``). A request carries one input:
 
 The answer: ``probabilities`` FP32 ``[n, C]``, ``diagnoses`` and ``codes`` BYTES ``[n]``
 (the classes at or above their thresholds, abbreviations / SNOMED codes, ``;``-joined),
-and per class ``classes`` (SNOMED codes), ``class_names`` (abbreviations),
-``descriptions`` and ``thresholds``; ``model_name`` / ``model_version`` name the registered
-model version, the parameters the site and the alias.
+``status``, ``reason`` and ``notes`` BYTES ``[n]``, and per class ``classes`` (SNOMED codes),
+``class_names`` (abbreviations), ``descriptions`` and ``thresholds``; ``model_name`` /
+``model_version`` name the registered model version, the parameters the site and the alias.
+
+Every record is checked for signal quality first (:func:`ml.data.quality.check_signal`, the
+check ingestion quarantines with): ``status`` is ``ok`` for a record that passed and was
+predicted (``reason`` ``""``), ``unreadable`` for one that failed: its ``reason`` names each
+failing lead and why (``signal quality: V3: flat (peak-to-peak 0.021 mV < 0.05 mV: an
+electrode off?)``), its ``diagnoses`` and ``codes`` are empty and its row of
+``probabilities`` is -1 (not a probability, on purpose: JSON has no NaN). ``notes`` tells
+what the check tolerated in a record it passed, for whoever reads its diagnoses (``signal
+quality: V2, V4, V6 not recorded (all samples 0)``: leads the device did not record), ``""``
+otherwise; a client that does not know ``notes`` gets every other output as before. The
+other records of the request are answered as if they were alone. A WFDB record is read with
+the file and header checks only, so that a flat, too short or implausibly sampled one is
+answered ``unreadable`` rather than refused.
 
 Verified champions (:mod:`pipeline.registry.verify`): each time a site's champion is resolved,
 its audit log's chain and signatures are checked against the trust file (``$CESSL_TRUST_FILE``,
@@ -35,11 +48,19 @@ else ``~/.config/cessl/trust.yaml``; in the cluster the ConfigMap ``cessl-trust`
 site serves the version that the last valid signed decision names, never an alias moved
 without one. On a mismatch (a moved alias, a broken or shortened log) it keeps serving the
 last verified champion, logs the mismatch once, and ``/v2/models/{S}/ready`` answers 503 with
-it (``/v2/health/ready`` stays up: the site still answers); a site with no verified champion
-yet answers 503.
+it, and so does ``/v2/health/ready`` (the site still answers; the server is not ready): the
+server is ready only when every configured site has a servable verified champion, else 503
+naming each site and why; a site with no verified champion yet answers 503.
 
-Errors: a malformed or incomplete body, a wrong tensor (name, type, shape, NaN/Inf) or
-parameter is a 400 naming it, a body over ``--max-body-mb`` a 413, an unknown site or
+Batching: concurrent requests, whichever their sites, are answered together
+(:class:`Batcher`): the first waits up to ``--batch-window-ms`` for others, then one
+:class:`ml.model.multi_site.MultiSiteModel` pass gives every record its own site's answer
+(the answer's parameter ``batch_sites`` says how many sites shared it). At most
+``--max-queue`` requests are admitted at once (decoding, waiting or running); more are
+answered 429. Bodies are decoded in worker threads, off the event loop.
+
+Errors: a malformed or incomplete body, a wrong tensor (name, type, shape, NaN/Inf: a tensor
+with NaN is a malformed request, not a record to judge) or parameter is a 400 naming it, a body over ``--max-body-mb`` a 413, an unknown site or
 version a 404, a site without a champion (or whose model cannot be loaded) a 503 saying
 why; the process keeps serving.
 """
@@ -49,15 +70,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
+import itertools
 import json
 import logging
 import math
+import queue
 import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +92,7 @@ import numpy as np
 
 from ml.errors import CesslError, ParameterError
 from ml.model.adapter_bank import AdapterLRU, SharedBackbone, SiteAdapter, read_site_adapter
+from ml.model.multi_site import MultiSiteModel, UnbatchableAdapterError
 from pipeline.core.sites import check_site_name
 from pipeline.registry.policy import DEFAULT_MODEL_NAME, site_model_name
 from pipeline.registry.signing import find_trust
@@ -75,6 +102,7 @@ from pipeline.registry.verify import Verification, verify_model
 log = logging.getLogger(__name__)
 
 N_LEADS = 12
+UNREADABLE_PROBABILITY = -1.0  # an unreadable record's row of ``probabilities`` (JSON has no NaN)
 DEFAULT_SAMPLE_RATE = 500.0
 MIN_SAMPLE_RATE = 50.0  # below it an ECG's QRS is not resolved; also bounds the resampled length
 MAX_SAMPLE_RATE = 20_000.0
@@ -99,6 +127,9 @@ class ServeConfig:
     max_body_bytes: int = 64 * 1024 * 1024
     max_records: int = 256
     trust_file: str = ""  # the release managers' public keys ("" : $CESSL_TRUST_FILE or the local default)
+    batch_window_ms: float = 5.0  # how long the first request of a batch waits for others (any site)
+    max_batch_records: int = 64  # records of one batched forward pass (a bigger request runs alone)
+    max_queue: int = 64  # requests admitted at once (decoding, waiting or in a pass); more: 429
 
     def __post_init__(self) -> None:
         if not self.sites:
@@ -107,6 +138,13 @@ class ServeConfig:
             check_site_name(site)
         if self.max_adapters < 1:
             raise ParameterError(f"--max-adapters must be at least 1, got {self.max_adapters}")
+        if not 0 <= self.batch_window_ms <= 1000:
+            raise ParameterError(f"--batch-window-ms must be in [0, 1000], got {self.batch_window_ms:g}")
+        if self.max_batch_records < 1 or self.max_queue < 1:
+            raise ParameterError(
+                f"--max-batch-records and --max-queue must be at least 1, got {self.max_batch_records} and "
+                f"{self.max_queue}"
+            )
 
 
 # --------------------------------------------------------------------------- errors
@@ -124,6 +162,10 @@ class BadRequestError(CesslError, ValueError):
     """The request's inputs or parameters are unusable (400); the message names them."""
 
 
+class ServerBusyError(CesslError):
+    """``--max-queue`` requests are already admitted (429): the client retries later."""
+
+
 # --------------------------------------------------------------------------- the answer
 
 
@@ -137,8 +179,17 @@ class Prediction:
     alias: str  # "champion", or "" for a pinned version
     classes: list[str]
     thresholds: list[float]
-    probabilities: np.ndarray  # (n, C)
+    probabilities: np.ndarray  # (n, C); NaN for an unreadable record
     diagnoses: list[list[str]] = field(default_factory=list)  # SNOMED codes per record
+    problems: list[str] = field(default_factory=list)  # per record: "" or why it is unreadable
+    notes: list[str] = field(default_factory=list)  # per record: "" or what the quality check tolerated
+    batch_sites: int = 0  # sites whose records shared the forward pass that answered (0: none ran)
+
+    def statuses(self) -> list[str]:
+        """``ok`` or ``unreadable`` per record."""
+        from ml.eval.predictor import OK, UNREADABLE
+
+        return [UNREADABLE if problem else OK for problem in self.problems]
 
 
 def class_descriptions(classes: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -192,6 +243,11 @@ class Network:
         self._versions: dict[tuple[str, str], bool] = {}
         self.backbones: dict[str, SharedBackbone] = {}
         self.adapters = AdapterLRU(config.max_adapters)
+        self._multi: MultiSiteModel | None = None  # the adapters held, batchable in one pass
+        self._unbatchable: set[str] = set()  # adapter keys answered by switching (full fine-tunes)
+        self._admitted = 0
+        self._admission_lock = threading.Lock()
+        self.batcher = Batcher(self, config.batch_window_ms / 1000.0, config.max_batch_records)
 
     # -- names
     def registered_name(self, site: str) -> str:
@@ -296,6 +352,28 @@ class Network:
         mismatch = self.audit_problem(site) if audit and version is None else ""
         return ModelUnavailableError(mismatch) if mismatch else None
 
+    def readiness(self) -> list[str]:
+        """Why the server is not ready: per configured site without a servable verified champion,
+        or whose registry check failed (a moved alias, a broken log), ``"S: why"``; [] when ready."""
+        return [f"{site}: {problem}" for site in self.config.sites if (problem := self.problem(site)) is not None]
+
+    @contextlib.contextmanager
+    def admission(self) -> Iterator[None]:
+        """Hold one of ``--max-queue`` places while a request is decoded, waits and runs;
+        ServerBusyError (429) when every place is taken."""
+        with self._admission_lock:
+            if self._admitted >= self.config.max_queue:
+                raise ServerBusyError(
+                    f"server busy: {self._admitted} requests already queued (--max-queue {self.config.max_queue}); "
+                    "retry later"
+                )
+            self._admitted += 1
+        try:
+            yield
+        finally:
+            with self._admission_lock:
+                self._admitted -= 1
+
     # -- artifacts
     def _download(self, registered: str, version: str, what: str) -> Path:
         """Download the ``what`` artifact (``adapter`` / ``backbone``) of a model version, found
@@ -370,8 +448,11 @@ class Network:
 
     # -- predicting
     def predict(self, name: str, signals: np.ndarray, sample_rate: float, version: str | None = None) -> Prediction:
-        """Probabilities of raw signals ``(n, 12, T)`` at ``sample_rate`` for ``name`` (``S`` or ``S:V``)."""
-        from ml.eval.predictor import preprocess_signal
+        """Probabilities of raw signals ``(n, 12, T)`` at ``sample_rate`` for ``name`` (``S`` or ``S:V``);
+        a record that fails the signal-quality check is not run: NaN probabilities, no diagnoses
+        and its problem in :attr:`Prediction.problems`; what the check tolerated in a record
+        that passed (leads not recorded) is in :attr:`Prediction.notes`."""
+        from ml.eval.predictor import preprocess_signal, signal_quality
 
         site, pinned = self.parse(name)
         if version is not None:
@@ -383,13 +464,23 @@ class Network:
         answering, alias = self.resolve(site, pinned)
         adapter = self.adapter(site, answering)
         raw = np.asarray(signals, dtype=np.float64)  # as Predictor.predict_raw
-        try:
-            x = np.stack([preprocess_signal(r, sample_rate) for r in raw])
-        except ValueError as err:
-            raise BadRequestError(f"{SIGNALS} cannot be preprocessed at {sample_rate:g} Hz: {err}") from err
-        probs = self.forward(adapter, x)
-        positive = probs >= np.asarray(adapter.thresholds)[None, :]
-        diagnoses = [[c for c, on in zip(adapter.classes, row, strict=True) if on] for row in positive]
+        verdicts = [signal_quality(r, sample_rate) for r in raw]
+        problems, notes = [problem for problem, _ in verdicts], [note for _, note in verdicts]
+        good = [i for i, problem in enumerate(problems) if not problem]
+        probs = np.full((len(raw), len(adapter.classes)), np.nan)
+        diagnoses: list[list[str]] = [[] for _ in raw]
+        batch_sites = 0
+        if good:
+            try:
+                x = np.stack([preprocess_signal(raw[i], sample_rate) for i in good])
+            except ValueError as err:
+                raise BadRequestError(
+                    too_short(raw, good, sample_rate) or f"records cannot be preprocessed: {err}"
+                ) from err
+            probs[good], batch_sites = self.batcher.submit(adapter, x)
+            positive = probs[good] >= np.asarray(adapter.thresholds)[None, :]
+            for i, row in zip(good, positive, strict=True):
+                diagnoses[i] = [c for c, on in zip(adapter.classes, row, strict=True) if on]
         return Prediction(
             site=site,
             model_name=self.registered_name(site),
@@ -399,7 +490,38 @@ class Network:
             thresholds=list(adapter.thresholds),
             probabilities=probs,
             diagnoses=diagnoses,
+            problems=problems,
+            notes=notes,
+            batch_sites=batch_sites,
         )
+
+    def multi_site(self, adapters: Sequence[SiteAdapter]) -> MultiSiteModel | None:
+        """The one-pass model holding every adapter of ``adapters`` that can be batched (built
+        again, from the adapters held and these, when one is missing); None if none can."""
+        with self._registry_lock:
+            wanted = {a.key: a for a in adapters if a.key not in self._unbatchable}
+            if not wanted:
+                return None
+            current = self._multi
+            if current is not None and all(key in current.keys for key in wanted):
+                return current
+            backbone_id = next(iter(wanted.values())).backbone_id
+            held = {a.key: a for a in self.adapters.values() if a.backbone_id == backbone_id}
+            members = [a for a in {**held, **wanted}.values() if a.key not in self._unbatchable]
+            shared = self.backbones[backbone_id]
+            while True:
+                try:
+                    self._multi = MultiSiteModel(shared.base, shared.config, members)
+                    break
+                except UnbatchableAdapterError as err:
+                    log.info("%s", err)
+                    self._unbatchable.add(err.key)
+                    members = [a for a in members if a.key != err.key]
+                    if not members:
+                        self._multi = None
+                        break
+            log.info("batching %d site adapters in one pass", len(members))
+            return self._multi
 
     def forward(self, adapter: SiteAdapter, x: np.ndarray) -> np.ndarray:
         """The site's probabilities of preprocessed signals (the Predictor's own code path)."""
@@ -414,8 +536,116 @@ class Network:
             return predictor.predict_proba(x)
 
     def close(self) -> None:
+        self.batcher.stop()
         if self._own_cache:
             shutil.rmtree(self.cache_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- batching
+
+
+@dataclass
+class _Job:
+    """One request's preprocessed records for one site, and where its probabilities go."""
+
+    adapter: SiteAdapter
+    x: np.ndarray  # (n, 12, 6144) float32
+    done: Future = field(default_factory=Future)  # (probabilities (n, C), sites in its pass)
+
+
+class Batcher:
+    """Concurrent requests' records, whichever their sites, forwarded together.
+
+    The first request waits up to ``window_s`` for others (up to ``max_records`` records in
+    all); then one :class:`ml.model.multi_site.MultiSiteModel` pass answers every record with
+    its own site's model. A site that cannot be batched (a full fine-tune) is answered by
+    switching its adapter in (:meth:`Network.forward`). One thread runs the passes.
+    """
+
+    def __init__(self, network: Network, window_s: float, max_records: int) -> None:
+        self.network, self.window_s, self.max_records = network, window_s, max_records
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self.passes = 0  # batched forward passes run (for tests and logs)
+
+    def submit(self, adapter: SiteAdapter, x: np.ndarray) -> tuple[np.ndarray, int]:
+        """Probabilities ``(n, C)`` of ``x`` for ``adapter``'s site (blocks until its pass ran),
+        and how many sites' records shared that pass."""
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="cessl-batcher", daemon=True)
+                self._thread.start()
+        job = _Job(adapter, x)
+        self._jobs.put(job)
+        return job.done.result()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join(timeout=10)
+
+    def _collect(self, first: _Job) -> list[_Job]:
+        """``first`` and whatever arrives within the window (up to ``max_records`` records)."""
+        batch, records = [first], len(first.x)
+        deadline = time.monotonic() + self.window_s
+        while records < self.max_records:
+            remaining = deadline - time.monotonic()
+            try:
+                job = self._jobs.get(timeout=remaining) if remaining > 0 else self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self._jobs.put(None)  # stop after this batch
+                break
+            batch.append(job)
+            records += len(job.x)
+        return batch
+
+    def _run(self) -> None:
+        while (first := self._jobs.get()) is not None:
+            batch = self._collect(first)
+            try:
+                results = self.forward(batch)
+            except Exception as err:  # every waiting request gets it
+                for job in batch:
+                    job.done.set_exception(err)
+                continue
+            for job, answer in zip(batch, results, strict=True):
+                job.done.set_result(answer)
+
+    def forward(self, batch: Sequence[_Job]) -> list[tuple[np.ndarray, int]]:
+        """Per job its probabilities and the sites of its pass: one multi-site pass for the
+        batchable ones (chunks of ``max_records`` records), the adapter switched in for the others."""
+        import torch
+
+        if len({job.adapter.key for job in batch}) == 1:  # one site: its adapter switched in is faster
+            answer = self.network.forward(batch[0].adapter, np.concatenate([job.x for job in batch]))
+            bounds = np.cumsum([0] + [len(job.x) for job in batch])
+            return [(answer[a:b], 1) for a, b in itertools.pairwise(bounds)]
+        model = self.network.multi_site([job.adapter for job in batch])
+        results: dict[int, tuple[np.ndarray, int]] = {}
+        batched = [i for i, job in enumerate(batch) if model is not None and job.adapter.key in model.keys]
+        for i, job in enumerate(batch):
+            if i not in batched:
+                results[i] = self.network.forward(job.adapter, job.x), 1
+        if model is not None and batched:
+            x = np.concatenate([batch[i].x for i in batched])
+            site = np.concatenate([np.full(len(batch[i].x), model.index(batch[i].adapter.key)) for i in batched])
+            logits = []
+            with torch.no_grad():
+                for start in range(0, len(x), self.max_records):
+                    chunk = torch.from_numpy(x[start : start + self.max_records, :, None, :])
+                    logits.append(model(chunk, torch.from_numpy(site[start : start + self.max_records])))
+            probs = torch.sigmoid(torch.cat(logits).float()).numpy().astype(np.float64)
+            self.passes += 1
+            sites = len({batch[i].adapter.key for i in batched})
+            offset = 0
+            for i in batched:
+                n, c = len(batch[i].x), len(batch[i].adapter.classes)
+                results[i] = probs[offset : offset + n, :c], sites
+                offset += n
+        return [results[i] for i in range(len(batch))]
 
 
 # --------------------------------------------------------------------------- request decoding
@@ -429,6 +659,34 @@ def _number(value: Any, what: str) -> float:
     except ValueError:
         raise BadRequestError(f"{what} must be a number, got {value!r}") from None
     return number
+
+
+def too_short(raw: np.ndarray, index: Sequence[int], sample_rate: float) -> str:
+    """The 400 message for records too short for the model (the minimum in samples and
+    seconds, not the filter library's wording); "" when none is."""
+    from ml.data.quality import QualityConfig
+
+    seconds = QualityConfig().min_duration_s
+    needed = math.ceil(seconds * sample_rate)
+    short = [i for i in index if raw[i].shape[-1] < needed]
+    if not short:
+        return ""
+    return (
+        f"record {short[0]} has {raw[short[0]].shape[-1]} samples at {sample_rate:g} Hz: at least {needed} "
+        f"samples ({seconds:g} s) are needed"
+    )
+
+
+def check_input(name: str, shape: Sequence[Any], parameters: dict[str, Any] | None) -> None:
+    """Refuse what would be misread: a negative or non-integer dimension, a per-input
+    ``sample_rate`` (it would be ignored: the request's parameter applies to every record)."""
+    if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
+        raise BadRequestError(f"input {name!r}: shape {list(shape)} must hold non-negative integers")
+    if parameters and "sample_rate" in parameters:
+        raise BadRequestError(
+            f"input {name!r} has its own parameter sample_rate, which would be ignored: give it as the "
+            'request\'s parameter ("parameters": {"sample_rate": ...}), for every record of the request'
+        )
 
 
 def sample_rate_of(parameters: dict[str, Any] | None) -> float:
@@ -492,14 +750,10 @@ def wfdb_records(pairs: np.ndarray, work: Path, max_records: int) -> tuple[list[
         record = folder / "record"
         record.with_suffix(".hea").write_text(header, encoding="utf-8")
         (folder / next(iter(files))).write_bytes(content)
-        try:
-            signal, fs = read_wfdb(record)
+        try:  # the file and header checks: what the signal holds is judged by the quality check
+            signal, fs = read_wfdb(record, structural_only=True)
         except (OSError, ValueError) as err:
             raise BadRequestError(f"record {i}: {str(err).replace(str(folder) + '/', '')}") from None
-        if not MIN_SAMPLE_RATE <= fs <= MAX_SAMPLE_RATE:
-            raise BadRequestError(
-                f"record {i}: sample rate {fs:g} Hz outside [{MIN_SAMPLE_RATE:g}, {MAX_SAMPLE_RATE:g}]"
-            )
         signals.append(signal)
         rates.append(fs)
     return signals, rates
@@ -525,8 +779,11 @@ def build_server(network: Network):
         from kserve.model_server import app
         from kserve.protocol.dataplane import DataPlane
         from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+        from kserve.protocol.rest.v2_datamodels import InferenceResponse
     finally:
         sys.argv = argv
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
 
     class SiteNotFound(ModelNotFound):
         def __init__(self, reason: str) -> None:
@@ -553,6 +810,9 @@ def build_server(network: Network):
                 {"name": "probabilities", "datatype": "FP32", "shape": [-1, -1]},
                 {"name": "diagnoses", "datatype": "BYTES", "shape": [-1]},
                 {"name": "codes", "datatype": "BYTES", "shape": [-1]},
+                {"name": "status", "datatype": "BYTES", "shape": [-1]},
+                {"name": "reason", "datatype": "BYTES", "shape": [-1]},
+                {"name": "notes", "datatype": "BYTES", "shape": [-1]},
             ]
 
         async def predict(self, payload, headers=None, response_headers=None):
@@ -581,6 +841,7 @@ def build_server(network: Network):
                     f"(BYTES [n, 2]); got {sorted(inputs) or 'none'}"
                 )
             tensor = request.inputs[0]
+            check_input(tensor.name, tensor.shape, tensor.parameters)
             limit = network.config.max_records
             if tensor.name == SIGNALS:
                 if tensor.datatype not in ("FP32", "FP64"):
@@ -620,6 +881,8 @@ def build_server(network: Network):
             result: Prediction | None = None
             probs: np.ndarray | None = None
             diagnoses: list[list[str]] = [[] for _ in signals]
+            problems, notes = [""] * len(signals), [""] * len(signals)
+            batch_sites = []
             for (rate, _), index in groups.items():
                 part = network.predict(self.name, np.stack([signals[i] for i in index]), rate, version)
                 if result is None:
@@ -628,11 +891,14 @@ def build_server(network: Network):
                 elif (part.version, part.classes) != (result.version, result.classes):
                     raise ModelUnavailableError(f"{self.name}: the answering version changed during the request; retry")
                 assert probs is not None
+                batch_sites.append(part.batch_sites)
                 probs[index] = part.probabilities
                 for j, i in enumerate(index):
-                    diagnoses[i] = part.diagnoses[j]
+                    diagnoses[i], problems[i], notes[i] = part.diagnoses[j], part.problems[j], part.notes[j]
             assert result is not None and probs is not None
             result.probabilities, result.diagnoses = probs, diagnoses
+            result.problems, result.notes = problems, notes
+            result.batch_sites = max(batch_sites)
             return result
 
     def response(request: InferRequest, p: Prediction):
@@ -643,15 +909,19 @@ def build_server(network: Network):
         def text(name: str, values: list[str]) -> InferOutput:
             return InferOutput(name=name, shape=[len(values)], datatype="BYTES", data=values)
 
+        probabilities = np.where(np.isnan(p.probabilities), UNREADABLE_PROBABILITY, p.probabilities)
         outputs = [
             InferOutput(
                 name="probabilities",
                 shape=[n, c],
                 datatype="FP32",
-                data=p.probabilities.astype(np.float32).reshape(-1).tolist(),
+                data=probabilities.astype(np.float32).reshape(-1).tolist(),
             ),
             text("diagnoses", [";".join(short[code] for code in d) for d in p.diagnoses]),
             text("codes", [";".join(d) for d in p.diagnoses]),
+            text("status", p.statuses()),
+            text("reason", list(p.problems)),
+            text("notes", list(p.notes)),
             text("classes", p.classes),
             text("class_names", abbreviations),
             text("descriptions", descriptions),
@@ -662,7 +932,12 @@ def build_server(network: Network):
             model_name=p.model_name,
             model_version=p.version,
             infer_outputs=outputs,
-            parameters={"site": p.site, "alias": p.alias or "pinned", "registered_model": p.model_name},
+            parameters={
+                "site": p.site,
+                "alias": p.alias or "pinned",
+                "registered_model": p.model_name,
+                "batch_sites": p.batch_sites,
+            },
         )
 
     class NetworkRepository(ModelRepository):
@@ -732,9 +1007,68 @@ def build_server(network: Network):
     server = CesslModelServer(
         http_port=network.config.port, registered_models=repository, enable_grpc=False, workers=1, grace_period=10
     )
-    server.dataplane = NetworkDataPlane(model_registry=repository)
+    dataplane = NetworkDataPlane(model_registry=repository)
+    server.dataplane = dataplane
+
+    async def infer(request: Request) -> JSONResponse:
+        """kserve's infer route, with the body decoded in a worker thread (liveness keeps
+        answering while a large one is parsed) and at most ``--max-queue`` requests admitted."""
+        model_name = request.path_params["model_name"]
+        with network.admission():
+            await dataplane.model_ready(model_name, True)
+            body = await request.body()
+            infer_request = await asyncio.to_thread(decode_request, body, dict(request.headers), model_name)
+            model = repository.get_model(model_name)
+            if model is None:
+                raise SiteNotFound(f"no model {model_name!r}")
+            answer = await model.predict(infer_request)
+            rest, _ = answer.to_rest()
+            return JSONResponse(content=InferenceResponse.model_validate(rest).model_dump(mode="json"))
+
+    async def ready(_request: Request) -> JSONResponse:
+        """Ready only when every configured site has a servable verified champion."""
+        problems = await asyncio.to_thread(network.readiness)
+        if problems:
+            return JSONResponse(status_code=503, content={"ready": False, "error": "not ready: " + "; ".join(problems)})
+        return JSONResponse(content={"ready": True})
+
+    # plain Starlette routes, registered before kserve's own (at start), so these answer
+    app.add_route("/v2/models/{model_name}/infer", infer, methods=["POST"])
+    app.add_route("/v2/health/ready", ready, methods=["GET"])
     install_http_guards(app, network.config.max_body_bytes)
     return server, list(repository.models.values())
+
+
+def decode_request(body: bytes, headers: dict[str, str], model_name: str):
+    """The kserve ``InferRequest`` of a v2 REST body (JSON, or the binary extension); a body
+    that is not one is a 400 naming what is wrong (as FastAPI's validation would)."""
+    import orjson
+    from kserve.errors import InvalidInput
+    from kserve.protocol.infer_type import InferRequest
+    from kserve.protocol.rest.v2_datamodels import InferenceRequest
+    from pydantic import ValidationError
+
+    length = headers.get("inference-header-content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise InvalidInput("malformed request: Inference-Header-Content-Length must be a number of bytes")
+        return InferRequest.from_bytes(body, int(length), model_name)
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        try:  # NaN / Infinity: JSON without them, but what a NaN tensor means is said later
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise InvalidInput(f"malformed request: body: not JSON ({err})") from None
+    try:
+        request = InferenceRequest.model_validate(payload)
+    except ValidationError as err:
+        problems = []
+        for error in err.errors()[:5]:
+            where = ".".join(str(part) for part in error.get("loc", ())) or "body"
+            problems.append(f"{where}: {error.get('msg', 'invalid')}")
+        raise InvalidInput("malformed request: " + "; ".join(problems)) from None
+    return InferRequest.from_inference_request(request, model_name)
 
 
 def install_quiet_handlers(app) -> None:
@@ -753,6 +1087,12 @@ def install_quiet_handlers(app) -> None:
     app.add_exception_handler(InvalidInput, handler(400))
     app.add_exception_handler(ModelNotFound, handler(404))
     app.add_exception_handler(ModelNotReady, handler(503))
+
+    async def busy(request, exc):
+        log.warning("%s %s -> 429: %s", request.method, request.url.path, exc)
+        return JSONResponse(status_code=429, content={"error": str(exc)}, headers={"Retry-After": "1"})
+
+    app.add_exception_handler(ServerBusyError, busy)
 
 
 def install_http_guards(app, max_body_bytes: int) -> None:
@@ -846,6 +1186,21 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+def check_bindable(host: str, port: int) -> None:
+    """ParameterError (one line) unless ``host``:``port`` can be listened on now (checked
+    before any model is loaded; the socket is closed again at once)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as err:
+        raise ParameterError(f"--host {host!r}: not an address of this machine ({err})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise ParameterError(f"cannot listen on {host}:{port}: {err.strerror or err} (--host / --port)") from None
 
 
 def serve(config: ServeConfig) -> None:

@@ -44,8 +44,8 @@ from pipeline.registry.tracking import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-PIPELINE, MANAGER, REVIEWER = "cessl-pipeline", "alice", "rita"
-MODEL, SITE_MODEL = "cessl-ecg", "cessl-ecg-a"
+PIPELINE, MANAGER, REVIEWER, AUDITOR = "cessl-pipeline", "alice", "rita", "audrey"
+MODEL, SITE_MODEL, AUDITED_MODEL = "cessl-ecg", "cessl-ecg-a", "cessl-ecg-c"
 CANDIDATES, SITE_CANDIDATES = candidates_model_name(MODEL), candidates_model_name(SITE_MODEL)
 
 pytestmark = pytest.mark.integration
@@ -90,12 +90,12 @@ def cluster(mlflow_auth_server) -> Iterator[Cluster]:
     """The server with its roles, made by ``cessl access init`` (run twice: idempotent)."""
     passwords = {
         "admin": mlflow_auth_server.admin_password,
-        **{user: f"pw-{user}-" + secrets.token_urlsafe(12) for user in (PIPELINE, MANAGER, REVIEWER)},
+        **{user: f"pw-{user}-" + secrets.token_urlsafe(12) for user in (PIPELINE, MANAGER, REVIEWER, AUDITOR)},
     }
     cluster = Cluster(mlflow_auth_server, passwords)
     argv = ["access", "init", "--pipeline-user", PIPELINE, "--release-manager", MANAGER, "--reviewer", REVIEWER]
-    argv += ["--model", MODEL, "--site", "a"]
-    env = {password_env(u): passwords[u] for u in (PIPELINE, MANAGER, REVIEWER)}
+    argv += ["--auditor", AUDITOR, "--model", MODEL, "--site", "a", "--site", "c"]
+    env = {password_env(u): passwords[u] for u in (PIPELINE, MANAGER, REVIEWER, AUDITOR)}
     done = cluster.cli(argv, "admin", extra=env)
     assert done.returncode == 0, done.stderr
     cluster.init_argv, cluster.init_env = argv, env
@@ -356,6 +356,44 @@ def test_release_manager_promotes_and_rolls_back_and_the_audit_names_who(
     assert done.returncode == 0 and MANAGER in done.stdout
 
 
+def test_a_log_cut_with_its_head_behind_the_auditors_anchor_is_caught(cluster: Cluster, as_user, cessl, models) -> None:
+    """A release manager may rewrite the head tag (MANAGE on the model) and hide the newest audit
+    run (EDIT on the audit experiment: retag it to another model): the log then reads as a
+    consistent, shorter one. The auditor's anchor, which only the auditor may write, catches it."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.registry.anchor import ANCHOR_EXPERIMENT, anchor_of
+    from pipeline.registry.audit import AUDIT_EXPERIMENT, TAG_HEAD, TAG_MODEL, audit_runs, run_entry
+
+    model = AUDITED_MODEL
+    _pipeline(as_user, models, model).register(models["good"])
+    assert cessl(["promote", model], MANAGER).returncode == 0  # entry: the first champion
+    assert cessl(["promote", model], MANAGER).returncode == 1  # entry: refused (already the champion)
+    done = cessl(["audit", "verify", "--model", model, "--anchor"], AUDITOR)
+    assert done.returncode == 0, done.stderr
+    reviewer = as_user(REVIEWER)
+    runs = audit_runs(reviewer, model)[model]
+    assert anchor_of(reviewer, model).seq == len(runs) >= 2
+
+    manager = as_user(MANAGER)  # the anchor is the auditor's alone
+    anchors = manager.get_experiment_by_name(ANCHOR_EXPERIMENT).experiment_id
+    with pytest.raises(MlflowException, match="403"):
+        manager.set_experiment_tag(anchors, f"cessl.anchor.{model}", '{"seq": 1, "digest": "x"}')
+    done = cessl(["audit", "verify", "--model", model, "--anchor"], MANAGER)
+    assert done.returncode == EXIT_UNAVAILABLE and "the auditor may" in _one_line(done.stderr), done.stderr
+
+    # the cut: the newest entry hidden, the head set back to the one before it
+    assert manager.get_experiment_by_name(AUDIT_EXPERIMENT) is not None
+    manager.set_tag(runs[-1].info.run_id, TAG_MODEL, "elsewhere")
+    previous = run_entry(manager, audit_runs(manager, model)[model][-1])
+    head = {"seq": previous.seq, "digest": previous.digest()}
+    manager.set_registered_model_tag(model, TAG_HEAD, json.dumps(head, sort_keys=True))
+    done = cessl(["audit", "verify", "--model", model], REVIEWER)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "auditor's anchor" in done.stderr and "entries removed" in done.stderr
+    assert cessl(["models", model, "--history"], REVIEWER).returncode == 1
+
+
 def test_reviewer_reads_but_cannot_write(cluster: Cluster, as_user, cessl) -> None:
     from mlflow.exceptions import MlflowException
 
@@ -419,7 +457,7 @@ def test_access_init_refuses_bad_input_in_one_line(cessl, tmp_path: Path, monkey
     bad = tmp_path / "passwords"
     bad.write_text(f"{PIPELINE} {secret}\n", encoding="utf-8")
     done = cessl([*base, "--passwords", str(bad)], "admin")
-    assert done.returncode == EXIT_USAGE and "line 1" in _one_line(done.stderr)
+    assert done.returncode == EXIT_USAGE and f"{bad}:1: expected user:password" in _one_line(done.stderr)
     assert secret not in done.stderr
 
 

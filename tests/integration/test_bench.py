@@ -94,13 +94,20 @@ def test_encoder_layout_bench_times_both_layouts(tmp_path: Path) -> None:
 def test_serve_bench_reports_memory_throughput_and_switch_cost(tmp_path: Path) -> None:
     summary = run_bench(
         "serve.py",
-        ["--sites", "3", "--batch", "1", "--rounds", "1", "--switches", "20", "--big-batch", "4"],
+        [
+            *("--sites", "3", "--batch", "1", "--rounds", "1", "--switches", "20", "--big-batch", "4"),
+            *("--mixed-sites", "1,3,5", "--mixed-batch", "4", "--mixed-rounds", "1"),
+        ],
         tmp_path / "serve.json",
     )
-    assert set(summary["memory"]) == {"bank-1", "bank-all", "merged-all"}
+    assert set(summary["memory"]) == {"bank-1", "bank-all", "multi-all", "merged-all"}
     # what holds whatever the machine: more sites hold more tensors, merged models hold the most
     memory = {k: v["tensor_mb"] for k, v in summary["memory"].items()}
-    assert memory["bank-1"] < memory["bank-all"] < memory["merged-all"]
+    assert memory["bank-1"] < memory["bank-all"] < memory["multi-all"] < memory["merged-all"]
+    # mixed batches (5 sites per batch is more than there are): the one pass equals each site's merged model
+    assert set(summary["mixed"]) == {"1", "3"} and all(
+        f["max_abs_prob_diff_vs_merged"] < 1e-5 and f["multi_records_per_s"] > 0 for f in summary["mixed"].values()
+    )
     assert summary["ratios"]["rss_adapters_all_to_1"] > 0
     timing = summary["time"]
     assert timing["max_abs_prob_diff_vs_own_predictor"] < 1e-5

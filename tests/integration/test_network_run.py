@@ -57,7 +57,9 @@ def test_network_run_registers_each_site_logs_the_matrix_and_survives_a_missing_
     backbone = make_backbone(tmp_path / "backbone")
     assert cessl("sites", "add", "hospital-a", "data/hospital-a") == 0
     assert cessl("sites", "add", "hospital-b", "data/hospital-b", "--labelled-ratio", "0.6") == 0
+    (tmp_path / "data" / "gone").mkdir()  # `sites add` checks the folder exists: it goes missing after
     assert cessl("sites", "add", "gone", "data/gone") == 0
+    (tmp_path / "data" / "gone").rmdir()
     # a fresh test split each run: with the frozen test set (the default) the run after a model's
     # first registration splits once more (the set froze at that registration), as `cessl run` does
     run = ["run", "--sites", "sites.yaml", "--backbone", backbone, *TINY, "--no-push", "--frozen-testset", "none"]

@@ -6,9 +6,11 @@ biases, the head's classes), logged and registered in the sites' candidates mode
 copied by signed promotions into ``serve-test-hospital-a`` / ``-hospital-b`` in a SQLite
 MLflow store. The real server runs in a subprocess on a free port with ``--max-adapters 1``
 (every switch between the sites evicts and reloads), and is called with httpx. What each
-site answers must equal that site's own Predictor; a signed promotion is served without a
-restart, an alias moved without one is not; every kind of bad request is a 4xx with a
-message, and the process keeps running.
+site answers must equal that site's own Predictor; a record that fails the signal-quality
+check is answered unreadable with its reason, beside the good ones, and one with leads not
+recorded is answered with a note; a signed promotion is
+served without a restart, an alias moved without one is not; every kind of bad request is a
+4xx with a message, and the process keeps running.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import httpx
 import mlflow
 import numpy as np
 import pytest
+from quality_support import electrode_off, write_wfdb, zero_lead
 from serve_support import BASE, CLASSES, SITES, build_network, read_signals
 from servers import _log_tail, free_port, start_process_group, stop_process_group, wait_until
 
@@ -71,10 +74,15 @@ class Server:
     def alive(self) -> bool:
         return self.proc.poll() is None and self.http.get("/v2/health/live").status_code == 200
 
+    def close(self) -> None:
+        self.http.close()
+        stop_process_group(self.proc)
 
-@pytest.fixture(scope="module")
-def server(network, tmp_path_factory):
-    work = tmp_path_factory.mktemp("serve")
+
+def _start(network: dict, work: Path, *flags: str) -> Server:
+    """``cessl serve`` for the network's sites and hospital-c (registered nowhere: served, never
+    ready) with ``flags`` on a free port, up once hospital-a is ready (the server is not:
+    hospital-c has no champion)."""
     port = free_port()
     log_path = work / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
@@ -107,21 +115,31 @@ def server(network, tmp_path_factory):
         "0.5",
         "--max-body-mb",
         "6",
+        *flags,
     ]
     proc = start_process_group(cmd, env, log_path, work)
     server = Server(f"http://127.0.0.1:{port}", proc, log_path)
     try:
         wait_until(
-            lambda: server.http.get("/v2/health/ready").status_code == 200,
+            lambda: server.http.get("/v2/models/hospital-a/ready").status_code == 200,
             proc,
             START_TIMEOUT_S,
             "cessl serve",
             log_path,
         )
+    except BaseException:
+        server.close()
+        raise
+    return server
+
+
+@pytest.fixture(scope="module")
+def server(network, tmp_path_factory):
+    server = _start(network, tmp_path_factory.mktemp("serve"), "--batch-window-ms", "50")
+    try:
         yield server
     finally:
-        server.http.close()
-        stop_process_group(proc)
+        server.close()
 
 
 def _probabilities(response: httpx.Response) -> np.ndarray:
@@ -137,7 +155,10 @@ def _outputs(response: httpx.Response) -> dict:
 @pytest.mark.integration
 def test_health_and_readiness(server):
     assert server.http.get("/v2/health/live").json() == {"live": True}
-    assert server.http.get("/v2/health/ready").json() == {"ready": True}
+    ready = server.http.get("/v2/health/ready")  # a configured site has no champion: not ready, and why
+    assert ready.status_code == 503 and ready.json()["ready"] is False, ready.text
+    assert "hospital-c: serve-test-hospital-c has no champion" in ready.json()["error"]
+    assert "hospital-a" not in ready.json()["error"] and "hospital-b" not in ready.json()["error"]
     assert server.http.get("/v2/models/hospital-a/ready").json() == {"name": "hospital-a", "ready": True}
     not_ready = server.http.get("/v2/models/hospital-c/ready")
     assert not_ready.status_code == 503 and "serve-test-hospital-c has no champion" in not_ready.json()["error"]
@@ -186,6 +207,80 @@ def test_concurrent_requests_to_different_sites_do_not_mix(server, network, sign
 
 
 @pytest.mark.integration
+def test_concurrent_requests_of_three_models_share_one_forward_pass(server, network, signals):
+    """hospital-a, hospital-b and hospital-a:2 (hospital-b's adapter, another version) at once:
+    they are answered by one multi-site pass (``batch_sites`` > 1) and each answer equals its
+    own model's within 1e-5, whatever the order the records were batched in."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    models = ["hospital-a", "hospital-b", "hospital-a:2", "hospital-b", "hospital-a", "hospital-a:2"]
+    reference = {"hospital-a": "hospital-a", "hospital-b": "hospital-b", "hospital-a:2": "hospital-b"}
+    want = {m: _reference(network, reference[m], signals[:2]) for m in reference}
+    shared = 0
+    for _ in range(5):  # the 50 ms window gathers them unless the machine stalls a request
+        with ThreadPoolExecutor(max_workers=len(models)) as pool:
+            answers = list(pool.map(lambda m: server.infer(m, signals[:2]), models))
+        for model, answer in zip(models, answers, strict=True):
+            assert np.abs(_probabilities(answer) - want[model]).max() < 1e-5, model
+        shared = max(a.json()["parameters"]["batch_sites"] for a in answers)
+        if shared > 1:
+            break
+    assert shared > 1, "no two sites ever shared a forward pass"
+
+
+@pytest.mark.integration
+def test_liveness_answers_while_a_large_request_is_parsed(server, signals):
+    """A ~5 MB request is decoded and preprocessed in worker threads: /v2/health/live keeps
+    answering within 100 ms meanwhile."""
+    import threading
+
+    x = np.tile(signals, (2, 1, 1))[:4]  # 4 records x 12 x 5000: ~5 MB of JSON
+    done = threading.Event()
+    answer: list[httpx.Response] = []
+
+    def big() -> None:
+        with httpx.Client(base_url=server.base, timeout=120.0) as client:
+            body = {
+                "inputs": [{"name": "signals", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}]
+            }
+            answer.append(client.post("/v2/models/hospital-b/infer", json=body))
+        done.set()
+
+    thread = threading.Thread(target=big)
+    thread.start()
+    latencies = []
+    while not done.is_set():
+        start = time.perf_counter()
+        assert server.http.get("/v2/health/live").status_code == 200
+        latencies.append(time.perf_counter() - start)
+        time.sleep(0.01)
+    thread.join()
+    assert answer[0].status_code == 200, answer[0].text
+    assert len(latencies) >= 5 and max(latencies) < 0.1, sorted(latencies)[-5:]
+
+
+@pytest.mark.integration
+def test_a_full_queue_is_answered_429(network, signals, tmp_path):
+    """--max-queue 1 and a 300 ms window: of concurrent requests the first is admitted, the
+    others are told the server is busy (429, Retry-After); then it answers again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = _start(network, tmp_path, "--max-queue", "1", "--batch-window-ms", "300")
+    try:
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            answers = list(pool.map(lambda m: server.infer(m, signals[:1]), ["hospital-a", "hospital-b"] * 3))
+        codes = sorted(a.status_code for a in answers)
+        assert 200 in codes and 429 in codes and set(codes) == {200, 429}, codes
+        busy = next(a for a in answers if a.status_code == 429)
+        assert "server busy" in busy.json()["error"] and "--max-queue 1" in busy.json()["error"]
+        assert busy.headers["retry-after"] == "1"
+        assert server.infer("hospital-b", signals[:1]).status_code == 200
+        assert "Traceback" not in server.log_path.read_text()
+    finally:
+        server.close()
+
+
+@pytest.mark.integration
 def test_sample_rate_parameter_resamples_like_the_predictor(server, network, signals):
     x = signals[:, :, :2500]  # 10 s at 250 Hz
     response = server.infer("hospital-b", x, parameters={"sample_rate": 250})
@@ -204,6 +299,59 @@ def test_wfdb_records_as_bytes(server, network, ecg_records_dir):
     )
     got = _probabilities(response)
     assert np.abs(got - want[[f"p_{c}" for c in CLASSES["hospital-a"]]].to_numpy()).max() < 1e-5
+
+
+def _records_input(headers: list[Path]) -> dict:
+    """The ``records`` input of WFDB records on disk: per record its header text and base64 signal file."""
+    data = []
+    for header in headers:
+        text = header.read_text()
+        signal_file = header.with_name(text.splitlines()[1].split()[0])
+        data += [text, base64.b64encode(signal_file.read_bytes()).decode()]
+    return {"inputs": [{"name": "records", "datatype": "BYTES", "shape": [len(headers), 2], "data": data}]}
+
+
+@pytest.mark.integration
+def test_a_record_failing_signal_quality_is_answered_unreadable(server, network, signals, ecg_records_dir, tmp_path):
+    """Good and faulty records in one request, as signals and as WFDB files: each faulty one gets
+    status ``unreadable``, its reason per lead, no diagnoses and -1 probabilities; each good one
+    its site's own answer, and one with leads not recorded (all zeros: the real JS20004's V2, V4
+    and V6, or a zeroed V3) its answer with the note in ``notes``. A record too short for the
+    model is such an answer too, not a 400."""
+    metadata = server.http.get("/v2/models/hospital-a").json()
+    assert {"status", "reason", "notes"} <= {o["name"] for o in metadata["outputs"]}
+    unrecorded = zero_lead(signals[1], "V3")
+    batch = np.stack([signals[0], electrode_off(signals[0], "V3"), signals[1], unrecorded]).astype(np.float32)
+    response = server.infer("hospital-a", batch)
+    out = _outputs(response)
+    assert out["status"] == ["ok", "unreadable", "ok", "ok"]
+    assert out["reason"][0] == out["reason"][2] == out["reason"][3] == ""
+    assert out["reason"][1].startswith("signal quality: V3: flat (peak-to-peak 0.0")
+    assert out["notes"] == ["", "", "", "signal quality: V3 not recorded (all samples 0)"]
+    assert out["diagnoses"][1] == out["codes"][1] == ""
+    probs = _probabilities(response)
+    assert (probs[1] == -1).all()
+    want = _reference(network, "hospital-a", np.stack([signals[0], signals[1], unrecorded]))
+    assert np.abs(probs[[0, 2, 3]] - want).max() < 1e-5
+
+    good = ecg_records_dir / f"{RECORD}.hea"
+    zeros = write_wfdb(tmp_path, "zeros", np.zeros((12, 5000)), 500.0)  # refused by the strict reader alone
+    unrecorded_file = ecg_records_dir / "JS20004.hea"  # real: V2, V4 and V6 not recorded
+    response = server.http.post("/v2/models/hospital-b/infer", json=_records_input([zeros, good, unrecorded_file]))
+    out = _outputs(response)
+    assert out["status"] == ["unreadable", "ok", "ok"], response.text
+    assert out["reason"] == ["signal quality: no lead recorded (all 12 are 0 mV throughout)", "", ""]
+    assert out["notes"] == ["", "", "signal quality: V2, V4, V6 not recorded (all samples 0)"]
+    want = load_predictor(network["backbone"], network["adapters"]["hospital-b"]).predict_records(
+        [good, unrecorded_file]
+    )
+    got = _probabilities(response)[1:]
+    assert np.abs(got - want[[f"p_{c}" for c in CLASSES["hospital-b"]]].to_numpy()).max() < 1e-5
+    assert list(want["notes"]) == out["notes"][1:]
+
+    short = server.http.post("/v2/models/hospital-a/infer", json=_signals_input([0.1] * 120, [1, 12, 10]))
+    assert _outputs(short)["status"] == ["unreadable"] and "too short: 0.02 s" in _outputs(short)["reason"][0]
+    assert server.alive()
 
 
 @pytest.mark.integration
@@ -245,13 +393,16 @@ def test_explicit_version_and_alias_move_without_restart(server, network, signal
         assert ready.status_code == 503, ready.text
         assert all(w in ready.json()["error"] for w in (name, "'champion' is v1", "names v2")), ready.text
         assert server.infer("hospital-a", signals).json()["model_version"] == "2"
-        assert server.http.get("/v2/health/ready").status_code == 200  # the site still answers
+        not_ready = server.http.get("/v2/health/ready")  # the site still answers; the server is not ready
+        assert not_ready.status_code == 503 and "hospital-a: " in not_ready.json()["error"], not_ready.text
+        assert "'champion' is v1" in not_ready.json()["error"]
         assert "serving the last verified champion v2" in server.log_path.read_text()
     finally:
         client.set_registered_model_alias(name, "champion", "2")
         rollback(client, name, reason="back to v1", **signing)  # signed: v1 again, ready again
     assert served("1").json()["model_version"] == "1"
     assert server.http.get("/v2/models/hospital-a/ready").status_code == 200
+    assert "hospital-a" not in server.http.get("/v2/health/ready").json()["error"]  # only hospital-c is missing
 
 
 def _signals_input(data, shape, datatype="FP32", name="signals") -> dict:
@@ -271,6 +422,13 @@ BAD_REQUESTS = {
     "no inputs": ("hospital-a", {"inputs": []}, 400, "exactly one input"),
     "missing inputs": ("hospital-a", {"parameters": {}}, 400, "inputs"),
     "missing shape": ("hospital-a", {"inputs": [{"name": "signals", "datatype": "FP32", "data": [1.0]}]}, 400, "shape"),
+    "negative shape": ("hospital-a", _signals_input([0.0] * 1200, [1, -12, -100]), 400, "non-negative integers"),
+    "per-input sample rate": (
+        "hospital-a",
+        {"inputs": [{**_signals_input([0.0] * 1200, [1, 12, 100])["inputs"][0], "parameters": {"sample_rate": 250}}]},
+        400,
+        "own parameter sample_rate, which would be ignored",
+    ),
     "bad sample rate": (
         "hospital-a",
         {**_signals_input([0.0] * 1200, [1, 12, 100]), "parameters": {"sample_rate": -5}},
@@ -283,7 +441,6 @@ BAD_REQUESTS = {
         400,
         "sample_rate must be in [50",
     ),
-    "too short a record": ("hospital-a", _signals_input([0.0] * 120, [1, 12, 10]), 400, "cannot be preprocessed"),
     "unknown parameter": (
         "hospital-a",
         {**_signals_input([0.0] * 1200, [1, 12, 100]), "parameters": {"samplerate": 250}},

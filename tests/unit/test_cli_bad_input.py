@@ -276,6 +276,7 @@ BASE_ARGV: dict[tuple[str, ...], list[str]] = {
     ("submit",): ["submit", "--host", HOST],
     ("schedule",): ["schedule", "--host", HOST, "--cron", "0 3 * * 1"],
     ("serve",): ["serve", "--site", "hospital-a"],
+    ("monitor",): ["monitor", "m", "--recent", "src"],
 }
 
 
@@ -791,6 +792,7 @@ TRACKING_ARGV: dict[tuple[str, ...], list[str]] = {
     ("backbone", "pretrain"): ["backbone", "pretrain", "--store", "store", "--out", "o", "--register"],
     ("backbone", "pipeline", "run"): ["backbone", "pipeline", "run", "--source", "src"],
     ("serve",): ["serve", "--site", "hospital-a"],
+    ("monitor",): ["monitor", "m", "--recent", "src"],
 }
 # The cluster's URI, handed to the pods (never opened on this machine).
 CLUSTER_TRACKING = {("submit",), ("schedule",), ("backbone", "pipeline", "submit")}

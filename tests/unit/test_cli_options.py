@@ -21,8 +21,9 @@ import pytest
 
 from ml.errors import EXIT_USAGE, ParameterError
 from pipeline import cli
-from pipeline.cli.options import MAX_PARAMS_BYTES, parse_args
+from pipeline.cli.options import parse_args
 from pipeline.core.constraints import value_problem
+from pipeline.core.files import MAX_FILE_BYTES
 from pipeline.core.params import (
     DEFAULTS,
     DEMO_PARAMS,
@@ -164,10 +165,10 @@ def test_a_pretraining_verb_checks_the_pretraining_constraints(params_file, caps
 
 
 def test_a_file_that_is_not_a_small_regular_file_is_refused(tmp_path, params_file, capsys):
-    big = params_file("# padding\n" * (MAX_PARAMS_BYTES // 10 + 1), "big.yaml")
-    assert "larger than 64 KiB" in refused(["run", "--params", big], capsys)
+    big = params_file("# padding\n" * (MAX_FILE_BYTES // 10 + 1), "big.yaml")
+    assert "larger than 1 MiB" in refused(["run", "--params", big], capsys)
     assert "not a regular file" in refused(["run", "--params", str(tmp_path)], capsys)
-    assert "cannot be read" in refused(["run", "--params", str(tmp_path / "missing.yaml")], capsys)
+    assert "missing.yaml: no such file" in refused(["run", "--params", str(tmp_path / "missing.yaml")], capsys)
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(b"seed: \xff\n")
     assert "not UTF-8 text" in refused(["run", "--params", str(binary)], capsys)

@@ -20,8 +20,10 @@ from components.compare import (
     check_paired,
     comparison_table,
     format_value,
+    memory_heading,
     read_cells,
     table_markdown,
+    table_rows,
     write_comparison,
 )
 from pipeline import cli
@@ -106,6 +108,21 @@ def test_a_missing_metric_is_left_out_of_its_mean():
     row = comparison_table(cells).iloc[0]
     assert row["n_macro_auroc"] == 2 and row["macro_auroc_mean"] == pytest.approx((0.7 + 0.75) / 2)
     assert row["n_macro_f_beta"] == 3
+
+
+def test_the_head_only_row_reads_labelled_records_and_has_no_step_to_time():
+    """The head-only baseline takes no gradient step: its ms/step and peak memory are n/a (the
+    finetune step measures none), its trainable share is its head's, and it reads labelled records."""
+    nothing = {"ms_per_step": math.nan, "peak_memory_mb": math.nan, "steps": 0, "trainable_params": 450}
+    cells = [cell("cessl", 0.05, s, 0.4 + s / 10, reads_unlabelled=True) for s in (0, 1)]
+    cells += [cell("head-only", 0.05, s, 0.3 + s / 10, **nothing) for s in (0, 1)]
+    table = comparison_table(cells)
+    headings, rows = table_rows(table)
+    head_only = dict(zip(headings, rows[1], strict=True))
+    assert head_only["method"] == "head-only" and head_only["reads"] == "labelled"
+    assert head_only["ms/step"] == "n/a" and head_only[memory_heading(table)] == "n/a"
+    assert head_only["trainable"] == "450" and head_only["trainable share"] == "5%"
+    assert dict(zip(headings, rows[0], strict=True))["reads"] == "labelled + unlabelled"
 
 
 def test_methods_must_share_the_split_of_a_ratio_and_seed():

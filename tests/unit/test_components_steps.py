@@ -25,6 +25,7 @@ from components.split import SplitConfig, split_step
 from ml.data.splits import Splits
 from ml.data.store import ECGStore
 from ml.eval.challenge import challenge_score, scored_codes
+from ml.eval.intervals import interval_text, metric_supports
 from ml.eval.metrics import binarize
 from ml.eval.predictor import load_predictor
 from ml.model.lora import LoRAConfig
@@ -207,14 +208,17 @@ def test_finetune_outputs_adapter_and_curves(trained):
 def test_evaluate_writes_metrics_tables_plots_and_report(trained):
     metrics = json.loads((trained / "evaluation" / "metrics.json").read_text())
     assert {"macro_f_beta", "macro_map", "ranking_loss", "coverage"} <= set(metrics["metrics"])
-    for metric in ("macro_f_beta", "macro_g_beta"):  # with their 95% interval over the test records
-        values = metrics["metrics"]
-        assert values[f"{metric}_low"] <= values[metric] <= values[f"{metric}_high"], metric
+    values = metrics["metrics"]
+    for metric in metric_supports(len(metrics["classes"])):  # each with its 95% interval over the test records
+        if metric in values:  # (a metric undefined on this split is not reported)
+            assert values[f"{metric}_low"] <= values[metric] <= values[f"{metric}_high"], metric
+    assert {"challenge_score_low", "macro_auroc_low", "macro_map_low", "macro_g_beta_high"} <= set(values)
     for name in ("per_class.csv", "predictions.npz", "roc.png", "pr.png"):
         assert (trained / "evaluation" / name).stat().st_size > 0, name
     html = (trained / "report.html").read_text()
     assert "Per class" in html and "data:image/png;base64," in html
     assert "what it is" in html and "no_test_positive" in html
+    assert f"<td>macro_map</td><td>{interval_text(values, 'macro_map')}</td>" in html and "macro_map_low" not in html
 
 
 def test_evaluate_reports_the_official_challenge_score_over_every_scored_class(trained):

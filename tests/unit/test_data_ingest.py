@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from quality_support import clip_lead, electrode_off, write_wfdb, zero_lead
 
 from ml.data.ingest import (
     ACCEPTED,
@@ -19,7 +21,7 @@ from ml.data.ingest import (
     load_record,
     read_manifest,
 )
-from ml.data.records import Reason
+from ml.data.records import Reason, read_record_file
 from ml.data.sources import LocalSource, record_key
 from ml.data.synth import SynthConfig, generate, inject_faults
 
@@ -65,9 +67,9 @@ def test_manifest_fields_for_accepted_variants(faulty_hospital, tmp_path):
     m = read_manifest(tmp_path).set_index("id")
     assert m.loc["F_fs_257", "fs"] == 257.0 and m.loc["F_fs_1000", "length"] == 10000
     assert not m.loc["F_no_dx", "labelled"] and not m.loc["F_empty_dx", "labelled"]
-    row = m.loc["F_unscored_codes"]
-    assert row["unscored"] == "55827005,251187003" and row["unknown"] == "NotACode"
-    assert row["dx"].endswith("55827005,251187003,NotACode")
+    row = m.loc["F_unscored_codes"]  # valid SNOMED CT codes the Challenge does not score: accepted
+    assert (row["status"], row["unscored"], row["unknown"]) == (ACCEPTED, "55827005,251187003", "")
+    assert row["dx"].endswith("55827005,251187003")
     assert "not UTF-8" in m.loc["F_latin1_header", "notes"]
     assert "ignored extra lead(s)" in m.loc["F_extra_leads", "notes"]
     # same name, other content, other folder: two records, both accepted; an identical copy is not
@@ -91,6 +93,73 @@ def test_quarantine_report_lists_every_quarantined_record(faulty_hospital, tmp_p
     for key, outcome in expected.items():
         if outcome != ACCEPTED:
             assert f"| {key} | {outcome} |" in text
+    # the two reasons a record that reads fine can still be quarantined for, named in the detail
+    detail = read_manifest(tmp_path).set_index("id")["detail"]
+    assert re.fullmatch(  # V3's electrode off: the amplifier's offset and noise, a near-flat line
+        rf"{re.escape(str(root))}/F_lead_off\.hea: signal quality: V3: flat \(peak-to-peak 0\.0\d\d mV < 0\.05 mV: "
+        r"an electrode off\?\)",
+        detail["F_lead_off"],
+    ), detail["F_lead_off"]
+    assert detail["F_unknown_label"].startswith(f"{root}/F_unknown_label.hea: # Dx token(s) 'AFIB' are not SNOMED CT")
+    assert report.unknown_codes == {"AFIB": 1}
+    assert "| AFIB | 1 |" in text and "1 tokens that are not SNOMED CT codes (quarantined as unknown_label)" in text
+
+
+def test_signal_quality_and_unknown_labels_are_quarantined_not_learnt(tmp_path, ecg_records_dir):
+    """Real records ingested with faults injected: an electrode off (a near-flat lead) and a clipped
+    lead fail the signal-quality check, # Dx tokens that are not SNOMED CT concept ids (text, an
+    abbreviation, a code with a wrong check digit) are unknown labels; valid SNOMED CT codes
+    outside the scored classes are kept, and so is a record with a lead not recorded (all zeros),
+    with a note. Every record is accounted for."""
+    src = tmp_path / "src"
+    x = read_record_file(ecg_records_dir / "E07500.hea").signal
+    write_wfdb(src, "clean", x, 500.0, dx=["426783006", "67741000119109"])  # an unscored extension concept
+    write_wfdb(src, "unrecorded", zero_lead(x, "V5"), 500.0)
+    write_wfdb(src, "lead_off", electrode_off(x, "V5"), 500.0)
+    write_wfdb(src, "clipped", clip_lead(x, "aVF"), 500.0)
+    write_wfdb(src, "text_dx", x, 500.0, dx=["426783006", "AFIB"])
+    write_wfdb(src, "abbreviation", x, 500.0, dx=["AF"])
+    write_wfdb(src, "typo", x, 500.0, dx=["164889004"])  # 164889003 (AF) with its last digit wrong
+    report = ingest(src, tmp_path / "ing", config=SERIAL, progress=False)
+    assert (report.seen, report.accepted, report.quarantined) == (7, 2, 5)
+    assert report.by_reason == {"signal_quality": 2, "unknown_label": 3}
+    m = read_manifest(tmp_path / "ing").set_index("id")
+    assert (m.loc["clean", "status"], m.loc["clean", "unscored"]) == (ACCEPTED, "67741000119109")
+    # a lead not recorded: accepted, the reader's "flat lead(s) V5" note replaced by the check's
+    assert (m.loc["unrecorded", "status"], m.loc["unrecorded", "notes"]) == (
+        ACCEPTED,
+        "signal quality: V5 not recorded (all samples 0)",
+    )
+    assert "signal quality: V5: flat (peak-to-peak 0.0" in m.loc["lead_off", "detail"]
+    assert "signal quality: aVF: clipped: " in m.loc["clipped", "detail"]
+    assert "'AFIB' are not SNOMED CT concept ids" in m.loc["text_dx", "detail"]
+    assert "'AF' (did you mean 164889003, AF?)" in m.loc["abbreviation", "detail"]
+    assert "'164889004'" in m.loc["typo", "detail"]
+    # what the header says is still in the manifest; nothing of it is learnt
+    assert m.loc["text_dx", "labels"] == "426783006" and m.loc["text_dx", "unknown"] == "AFIB"
+    assert report.unknown_codes == {"AFIB": 1, "AF": 1, "164889004": 1}
+    text = (tmp_path / "ing" / QUARANTINE_FILE).read_text()
+    assert "## Accepted with signal-quality notes" in text
+    assert "| unrecorded | unrecorded.hea | signal quality: V5 not recorded (all samples 0) |" in text
+    # ingesting the same folder with the check off (IngestConfig(quality=None)): the signals are
+    # accepted, with the reader's notes only
+    lenient = ingest(src, tmp_path / "ing2", config=IngestConfig(workers=1, quality=None), progress=False)
+    assert lenient.by_reason == {"unknown_label": 3}
+    assert read_manifest(tmp_path / "ing2").set_index("id").loc["unrecorded", "notes"] == "flat lead(s) V5"
+
+
+def test_the_real_fixture_records_through_ingestion(tmp_path, ecg_records_dir):
+    """The 35 real records are all accepted; the two whose V2, V4 and V6 are all zeros (not
+    recorded) with the note, in the manifest and in quarantine.md."""
+    report = ingest(ecg_records_dir, tmp_path / "ing", config=SERIAL, progress=False)
+    assert (report.seen, report.accepted, report.by_reason) == (35, 35, {})
+    m = read_manifest(tmp_path / "ing").set_index("id")
+    noted = m[m["notes"].str.contains("signal quality: ", regex=False)]
+    assert sorted(noted.index) == ["JS20004", "JS20008"]
+    assert (noted["notes"] == "signal quality: V2, V4, V6 not recorded (all samples 0)").all()
+    text = (tmp_path / "ing" / QUARANTINE_FILE).read_text()
+    for name in ("JS20004", "JS20008"):
+        assert f"| {name} | {name}.hea | signal quality: V2, V4, V6 not recorded (all samples 0) |" in text
 
 
 def test_incremental_rerun_reads_only_new_records(tmp_path, spy_reads):

@@ -11,6 +11,7 @@ from ml.data.labels import (
     LABEL_MAPPING_CSV,
     LabelMapping,
     canonical_code,
+    is_concept_id,
     parse_dx,
     select_classes,
 )
@@ -57,3 +58,28 @@ def test_select_classes_counts_merged_codes_and_ignores_unscored():
     labels = [["713427006"], ["59118001"], ["55827005"], ["426783006"], ["55827005"]]
     assert select_classes(labels, min_count=2) == ["59118001"]
     assert select_classes(labels, min_count=1) == ["59118001", "426783006"]  # CSV order
+
+
+def test_a_snomed_ct_concept_id_is_told_by_its_structure(ecg_records_dir):
+    """Known means: a scored code of the mapping, or any well-formed SNOMED CT concept id (the
+    Challenge's data and hospitals use many codes it does not score); the check digit catches typos."""
+    mapping = LabelMapping.from_csv()
+    codes = {c for d in mapping.diagnoses.values() for c in d.codes}
+    for header in ecg_records_dir.glob("*.hea"):
+        line = next(x for x in header.read_text().splitlines() if x.startswith("# Dx:"))
+        codes |= set(parse_dx(line.split(":", 1)[1]))
+    assert len(codes) == 39 and all(is_concept_id(c) for c in codes)
+    assert is_concept_id("67741000119109")  # an extension concept (partition 10), in a fixture record
+    for code in sorted(codes):
+        for i in range(len(code)):  # any single wrong digit
+            for digit in "0123456789":
+                if digit != code[i] and (i or digit != "0"):
+                    assert not is_concept_id(code[:i] + digit + code[i + 1 :]), (code, i, digit)
+        for i in range(len(code) - 1):  # any two neighbours swapped
+            swapped = code[:i] + code[i + 1] + code[i] + code[i + 2 :]
+            assert swapped == code or not is_concept_id(swapped), (code, i)
+    for token in ("AFIB", "AF", "0164889003", "12345", "1234567890123456789", "164889003x", ""):
+        assert not is_concept_id(token), token
+    assert not is_concept_id("164889019")  # a description id (partition 01), valid check digit: not a concept
+    scored, unscored, unknown = mapping.split_codes(["164889003", "55827005", "AFIB", "164889004"])
+    assert (scored, unscored, unknown) == (["164889003"], ["55827005"], ["AFIB", "164889004"])

@@ -312,11 +312,13 @@ def test_audit_verify_runs_as_a_cronjob(objects):
     assert container["image"] == f"localhost:5000/cessl:{_project_version()}" and container["command"] == ["cessl"]
     args = build_parser().parse_args(container["args"])  # the real flags
     assert args.func.__name__ == "cmd_audit_verify" and args.all and args.trust_file == TRUST_FILE
+    assert args.anchor  # the auditor records how far each log verified
     assert pod["restartPolicy"] == "Never" and pod["automountServiceAccountToken"] is False
     _trust_mounted(pod, container)
     env = _env(container)
     assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["configMapKeyRef"]["name"] == "cessl-pipeline-defaults"
-    assert env["MLFLOW_TRACKING_USERNAME"]["valueFrom"]["secretKeyRef"]["name"] == "cessl-mlflow-auth"
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        assert env[key]["valueFrom"]["secretKeyRef"]["name"] == "cessl-mlflow-auditor"
     assert not [e for e in env if "SIGNING" in e]  # verifies only: no signing key in the cluster
 
 
@@ -382,6 +384,7 @@ def test_secret_example_holds_placeholders_only():
         MLFLOW_SERVER_SECRET: {"MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"},
         "cessl-mlflow-credentials": {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"},
         "cessl-mlflow-auth": {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"},
+        "cessl-mlflow-auditor": {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"},
     }
     for example in examples.values():
         assert example["kind"] == "Secret"

@@ -1,6 +1,7 @@
 """The head-only baseline (ml/eval/head_only.py): a linear head on the frozen backbone's pooled
-features, fitted to its optimum, with thresholds from the validation records; and the pooled
-features are exactly what the classifier reads."""
+features, fitted to its optimum, with thresholds from the validation records; the pooled
+features are exactly what the classifier reads; and the ``head-only`` training method
+(ml/train/methods.py, ml/train/recipe.py) is that head inside the backbone's classifier."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from ml.eval.evaluate import features_with_labels
-from ml.eval.head_only import fit_linear_probe
-from ml.eval.metrics import DEFAULT_THRESHOLD, binarize, thresholded_metrics
+from ml.eval.evaluate import features_with_labels, predict_with_labels
+from ml.eval.head_only import fit_head, fit_linear_probe
+from ml.eval.metrics import DEFAULT_THRESHOLD, binarize, fit_thresholds, thresholded_metrics
+from ml.model.adapter import state_dict_identity
 from ml.model.backbone import BACKBONE_CONFIGS, ECGTransformer
 
 
@@ -54,3 +56,50 @@ def test_pooled_features_are_what_the_classifier_reads():
         for layer in model.classifier:
             again = layer(again)
     assert torch.allclose(again, logits, atol=1e-5)
+
+
+def test_the_head_only_method_fits_the_probe_into_the_classifier_without_a_gradient_step(tmp_path):
+    """``cessl compare``'s head-only row: the classifier becomes the probe fitted on the frozen
+    backbone's pooled features of the labelled records (no gradient step, the backbone's
+    weights and BatchNorm statistics untouched), its thresholds fitted on the valid records as
+    every method's, and the saved adapter predicts what the probe does (the evaluate step's path)."""
+    from train_support import N_CLASSES, TINY_TRAIN, tiny_splits
+
+    from ml.model.adapter import AdapterMeta, load_adapter, save_adapter
+    from ml.model.backbone import backbone_config
+    from ml.model.lora import LoRAConfig
+    from ml.train.config import TrainConfig
+    from ml.train.methods import get_method
+    from ml.train.recipe import finetune
+    from ml.train.trainer import fit
+
+    config = backbone_config("tinylight", N_CLASSES)
+    torch.manual_seed(0)
+    backbone = ECGTransformer(config).state_dict()
+    splits = tiny_splits({"train": 24, "valid": 16, "test": 12})
+    train = TrainConfig(**(TINY_TRAIN | {"method": "head-only", "max_steps": 4}))
+    outcome = finetune(backbone, config, LoRAConfig(), {}, train, splits["train"], None, splits["valid"])
+    model, result = outcome.model, outcome.result
+
+    assert (result.steps, result.best_step, [r["step"] for r in result.history]) == (0, 0, [0.0])
+    state = model.state_dict()
+    changed = {k for k in state if not torch.equal(state[k], backbone[k])}
+    assert changed == {f"classifier.{i}.{leaf}" for i in (0, 1) for leaf in ("weight", "bias")}
+    head = sum(p.numel() for p in model.classifier.parameters())
+    assert (outcome.trainable, outcome.total) == (head, sum(p.numel() for p in model.parameters()))
+    method = get_method("head-only")
+    assert method.trainable == "head" and not method.reads_unlabelled and not method.uses_adapters
+
+    # the model is the probe: the same probabilities from the same pooled features
+    features, labels = features_with_labels(model, splits["train"])
+    test_x, _ = features_with_labels(model, splits["test"])
+    probs, _ = predict_with_labels(model, splits["test"])
+    np.testing.assert_allclose(probs, fit_head(features, labels).probabilities(test_x), atol=1e-5)
+    valid_probs, valid_labels = predict_with_labels(model, splits["valid"])
+    np.testing.assert_array_equal(outcome.thresholds, fit_thresholds(valid_labels, valid_probs))
+
+    meta = AdapterMeta(backbone_id=state_dict_identity(backbone), classes=["a", "b", "c"], method="head-only")
+    loaded, _ = load_adapter(save_adapter(model, tmp_path / "adapter", meta), backbone)
+    np.testing.assert_allclose(predict_with_labels(loaded, splits["test"])[0], probs, atol=1e-6)
+    with pytest.raises(ValueError, match="no gradient step"):
+        fit(model, splits["train"], None, splits["valid"], train)

@@ -23,6 +23,7 @@ EXPECTED = {
     "lora": (LoRAConfig(r=8, p=0.0), "lora", False),
     "full": (None, "full", False),
     "fixmatch": (None, "full", True),
+    "head-only": (None, "head", False),  # no gradient step: the classifier alone, fitted in closed form
 }
 
 
@@ -41,6 +42,7 @@ def test_each_method_says_what_it_trains(name: str) -> None:
     assert method.trainable == trainable and method.uses_adapters == (lora is not None)
     assert method.reads_unlabelled == reads_unlabelled
     assert method.allocates_ranks == (name == "cessl")
+    assert method.fits_head_only == (name == "head-only") == (method.step is None)
     assert TrainConfig(method=name).training_method is method
 
 

@@ -56,6 +56,24 @@ def test_auroc_and_average_precision_hand_computed() -> None:
     assert macro_average_precision(y, p) == pytest.approx((1 + 2 / 3) / 2)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_ranking_metrics_are_scikit_learns_ties_included(seed: int) -> None:
+    """AUROC, average precision and ranking loss are computed for every class (record) at once,
+    as the jackknife recomputes them on every leave-one-out set: they are scikit-learn's
+    numbers, on scores with many ties and on classes with one label value."""
+    from sklearn.metrics import average_precision_score, label_ranking_loss, roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    y = (rng.random((40, 6)) < [0.5, 0.2, 0.05, 0.0, 1.0, 0.3]).astype(int)
+    p = np.round(rng.random((40, 6)), 1)  # ties
+    auroc, ap = per_class_auroc(y, p), per_class_average_precision(y, p)
+    for k in range(6):
+        both = 0 < y[:, k].sum() < len(y)
+        assert auroc[k] == pytest.approx(roc_auc_score(y[:, k], p[:, k])) if both else math.isnan(auroc[k])
+        assert ap[k] == pytest.approx(average_precision_score(y[:, k], p[:, k])) if y[:, k].any() else math.isnan(ap[k])
+    assert ranking_loss(y, p) == pytest.approx(label_ranking_loss(y, p))
+
+
 def test_ranking_loss_and_coverage_hand_computed() -> None:
     y = np.array([[1, 0, 0], [0, 1, 1]])
     p = np.array([[0.2, 0.5, 0.1], [0.9, 0.8, 0.3]])

@@ -117,7 +117,7 @@ def test_compiled_network_loops_over_the_sites_parameter(tmp_path):
 
 def test_compile_cli_writes_the_network_pipeline(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert cessl("sites", "add", "a", "data/a") == 0
+    assert cessl("sites", "add", "a", "s3://bucket/a") == 0  # what a cluster's pods read
     assert cessl("compile", "--sites", "sites.yaml", "-o", "net.yaml", "--image", "img:1") == 0
     spec = next(yaml.safe_load_all((tmp_path / "net.yaml").read_text()))
     assert [s["name"] for s in spec["root"]["inputDefinitions"]["parameters"]["sites"]["defaultValue"]] == ["a"]

@@ -17,7 +17,7 @@ import pytest
 from rich.console import Console
 
 from pipeline.cli.registry import _table
-from pipeline.cli.run import RunSummary, next_steps, print_summary
+from pipeline.cli.run import RunSummary, next_steps, print_summary, records_tested
 from pipeline.cli.shell import cessl_command, program, runnable
 from pipeline.core.logsafe import (
     PROJECT_ROOT,
@@ -46,6 +46,26 @@ def render(draw) -> str:
     return out.getvalue()
 
 
+# metric: (challenger's value, low, high), (champion's): as the run logs them (metrics.json)
+INTERVALS = {
+    "challenge_score": ((0.412, 0.231, 0.587), (0.388, 0.203, 0.566)),
+    "macro_auroc": ((0.81, 0.74, 0.88), (0.8, 0.72, 0.87)),
+    "macro_map": ((0.634, 0.52, 0.75), (0.612, 0.5, 0.73)),
+    "macro_f_beta": ((0.5, 0.3125, 0.6875), (0.4, 0.2, 0.6)),
+    "macro_g_beta": ((0.321, 0.18, 0.47), (0.3, 0.16, 0.45)),
+    "macro_f_beta_positive_classes": ((0.55, 0.36, 0.74), (0.45, 0.25, 0.65)),
+}
+
+
+def logged(side: int) -> dict[str, float]:
+    """The metrics of one side (0 challenger, 1 champion) with their ``_low`` / ``_high``."""
+    out = {"n_classes_without_positives": 1.0}
+    for metric, sides in INTERVALS.items():
+        value, low, high = sides[side]
+        out |= {metric: value, f"{metric}_low": low, f"{metric}_high": high}
+    return out
+
+
 def summary() -> RunSummary:
     return RunSummary(
         data_version=DATA_VERSION,
@@ -55,17 +75,13 @@ def summary() -> RunSummary:
         run_id=RUN_ID,
         tracking_uri=URI,
         rank_map={"encoder.blocks.11.attention.query_key_value": 16},
-        test_metrics={
-            "macro_auroc": 0.81,
-            "macro_f_beta": 0.5,
-            "macro_f_beta_low": 0.3125,
-            "macro_f_beta_high": 0.6875,
-        },
-        champion_metrics={"macro_auroc": 0.8, "macro_f_beta": 0.4, "macro_f_beta_low": 0.2, "macro_f_beta_high": 0.6},
+        test_metrics=logged(0),
+        champion_metrics=logged(1),
         aliases=["challenger"],
         seconds=12.0,
         schedule="200 epochs = 400 steps",
         n_quarantined=3,
+        n_test=300,
     )
 
 
@@ -77,9 +93,18 @@ def test_run_summary_fits_80_columns_and_keeps_every_id_whole(monkeypatch):
     assert "…" not in text
     # only a line holding one word wider than the console may pass its edge
     assert all(len(line) <= WIDTH or URI in line for line in text.splitlines())
-    # a metric with its 95% interval over the test records, for both models; no _low/_high rows
-    assert "0.5000 [0.3125, 0.6875]" in text and "0.4000 [0.2000, 0.6000]" in text
-    assert "macro_f_beta_low" not in text and "95% jackknife-t" in text
+    # every metric with its 95% interval over the test records (and their number), for both
+    # models, on the metric's own row; no _low/_high rows
+    rows = {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") == 4}
+    for metric, sides in INTERVALS.items():
+        for value, low, high in sides:
+            assert f"{value:.3f} [{low:.3f}, {high:.3f}]" in rows[metric], metric
+    assert "_low" not in text and "_high" not in text
+    assert "95% jackknife-t interval over 300 test records" in text
+    assert rows["n_classes_without_positives"].split("│")[2].strip() == "1.000"  # a count of the split: none
+    # the number of test records comes from the run's logged split sizes
+    assert records_tested({"split_sizes": '{"test": 300, "train": 40}'}) == 300
+    assert records_tested({}) is None and records_tested({"split_sizes": "not json"}) is None
     # the metrics table says how its macro means count a class with no positive test record
     assert "counting 0" in " ".join(text.split()) and "official" in text
 

@@ -235,6 +235,7 @@ def test_run_summary_states_the_schedule_from_the_logged_config():
 
     assert schedule_of({"train.max_steps": "400", "train.epochs": "200"}, DEFAULTS) == "200 epochs = 400 steps"
     assert schedule_of({"train.max_steps": "150", "train.epochs": "null"}, DEMO_PARAMS) == "150 steps"
+    assert schedule_of({"train.max_steps": "150", "train.method": "head-only"}, DEMO_PARAMS) == "no gradient step"
     assert schedule_of({}, DEFAULTS) == "200 epochs"
 
 

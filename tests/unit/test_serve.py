@@ -2,7 +2,8 @@
 differ in everything an adapter can hold (ranks with unadapted layers, deactivation p,
 BatchNorm statistics, biases, the head's classes), registered in a SQLite MLflow store
 (tests/serve_support.py). Each site's answer equals its own Predictor; the LRU evicts; a
-registry outage keeps the last champion; bad flags are one line. The real server over HTTP:
+registry outage keeps the last champion; a record failing the signal-quality check is answered
+unreadable beside the good ones, one with a lead not recorded with a note; bad flags are one line. The real server over HTTP:
 tests/integration/test_serve_http.py."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from quality_support import clip_lead, electrode_off, zero_lead
 from serve_support import BASE, SITES, build_network, read_signals
 from servers import free_port
 
@@ -106,6 +108,62 @@ def test_a_registry_outage_keeps_the_last_champion(network, monkeypatch):
         net.close()
         mlflow.set_tracking_uri(previous[0])
         mlflow.set_registry_uri(previous[1])
+
+
+def test_a_record_failing_signal_quality_is_unreadable_beside_the_good_ones(network, signals):
+    """One request, good and faulty records: the faulty ones (an electrode off, a clipped lead) are
+    never run through the model (NaN, no diagnoses, the reason per lead); the good ones get their
+    site's own probabilities, and one with a lead not recorded (all zeros) is predicted with the
+    note in ``notes``."""
+    from pipeline.serving.server import Network, ServeConfig
+
+    config = ServeConfig(sites=SITES, tracking_uri=network["uri"], model_name=BASE, trust_file=network["trust_file"])
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    net = Network(config)
+    try:
+        unrecorded = zero_lead(signals[1], "V3")
+        batch = np.stack(
+            [signals[0], electrode_off(signals[0], "V3"), signals[1], clip_lead(signals[1], "aVL"), unrecorded]
+        )
+        answer = net.predict("hospital-a", batch, 500.0)
+        assert answer.statuses() == ["ok", "unreadable", "ok", "unreadable", "ok"]
+        assert answer.problems[1].startswith("signal quality: V3: flat (peak-to-peak 0.0")
+        assert answer.problems[3].startswith("signal quality: aVL: clipped: ")
+        assert np.isnan(answer.probabilities[[1, 3]]).all() and answer.diagnoses[1] == answer.diagnoses[3] == []
+        want = load_predictor(network["backbone"], network["adapters"]["hospital-a"]).predict_raw(
+            np.stack([signals[0], signals[1], unrecorded]), 500.0
+        )
+        assert np.abs(answer.probabilities[[0, 2, 4]] - want).max() < 1e-5
+        assert answer.problems[0] == answer.problems[2] == answer.problems[4] == ""
+        assert answer.notes == ["", "", "", "", "signal quality: V3 not recorded (all samples 0)"]
+        zeros = net.predict("hospital-b", np.zeros((1, 12, 5000)), 500.0)  # nothing to run: still an answer
+        assert zeros.statuses() == ["unreadable"] and zeros.classes and np.isnan(zeros.probabilities).all()
+        assert zeros.problems == ["signal quality: no lead recorded (all 12 are 0 mV throughout)"]
+    finally:
+        net.close()
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+
+
+def test_a_port_in_use_is_one_line_before_any_model_loads(tmp_path, capsys):
+    """The port is checked first: the registry (a store that does not exist) is never opened."""
+    import socket
+
+    from pipeline.cli import main as cessl
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        missing = f"sqlite:///{tmp_path}/never/mlflow.db"
+        assert (
+            cessl(["serve", "--site", "x", "--host", "127.0.0.1", "--port", str(port), "--tracking-uri", missing]) == 2
+        )
+    err = capsys.readouterr().err.strip()
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use (--host / --port)" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "never").exists()
+    assert cessl(["serve", "--site", "x", "--host", "no-such-host.invalid", "--tracking-uri", missing]) == 2
+    assert "--host 'no-such-host.invalid': not an address of this machine" in capsys.readouterr().err
 
 
 def test_bad_flags_are_one_line_errors(tmp_path):

@@ -1,0 +1,389 @@
+"""``cessl monitor``: label-free drift monitoring of one site's champion between retrainings.
+
+``cessl monitor [NAME] [--site SITE] --recent DIR`` loads the production model's verified ``champion``
+(the version its last valid signed decision names, checked as ``cessl predict`` checks it)
+(``NAME``, or ``<NAME>-<SITE>`` for a site of a hospital network; NAME defaults to
+``cessl-ecg``), embeds a reference set and the recent WFDB records of ``--recent`` with it and
+runs the checks of :mod:`ml.eval.drift` (embedding MMD² with a permutation test, predicted
+prevalence per class, the unreadable-record rate, the change of average confidence).
+
+The reference (what the champion's training distribution looked like):
+
+- ``--reference DIR``: the WFDB records of a folder (e.g. an export of the site's records
+  at training time); or, by default,
+- the champion's own lineage: its run's split (``data/splits.json``, logged by the register
+  step) and its run's ``source`` parameter. Held-out records come first (the test split,
+  then valid: the model never fitted them, so their embeddings and predicted prevalences are
+  not flattered by training), then train and unlabelled records, up to ``--max-reference``.
+  This fails in one line (use ``--reference``) when the run logged no split or its source can
+  no longer be read.
+
+It logs a run in the experiment ``cessl-monitor``: params (model, version, site, folders,
+thresholds), the report's numbers as metrics, the decision and its reasons as tags, the
+report as ``drift/report.json`` and ``drift/mmd_null.png`` (the MMD² statistic against its
+permutation null), and prints a short table.
+
+``--retrain-on-drift``: on a drift decision the monitor does not start a pipeline run itself.
+``cessl retrain`` reruns only when the site's data version changed, and recent records have
+no labels yet, so retraining on the unchanged data would reproduce the champion; what the
+drift calls for is adding (and labelling) the recent records to the site's data, then
+``cessl retrain``. The monitor records that, and the exact command, in the run's tags
+(``retrain_requested``, ``retrain_reason``, ``retrain_command``) and prints it.
+
+Exit codes: 0 no drift; 1 drift (an answer, as a refused promotion is); 7 insufficient
+evidence (too few readable recent or reference records: :attr:`ml.eval.drift.DriftConfig.min_recent`,
+default 30); 2 for a bad flag, a missing folder or a model without a champion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ml.errors import EXIT_INSUFFICIENT, EXIT_REFUSED, ParameterError
+from pipeline.cli.audit import add_trust_flag
+from pipeline.core.constraints import (
+    add_tracking_uri_flag,
+    existing_dir,
+    fraction,
+    non_negative_int,
+    number,
+    output_file,
+    positive_int,
+    registered_model,
+)
+
+if TYPE_CHECKING:
+    from pipeline.registry.signing import Trust
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "cessl-monitor"
+REPORT_ARTIFACT = "drift/report.json"
+PLOT_ARTIFACT = "drift/mmd_null.png"
+DEFAULT_MAX_REFERENCE = 500
+SPLIT_ORDER = ("test", "valid", "train", "unlabelled")  # held-out records first
+EXIT_DRIFT = EXIT_REFUSED  # 1
+EXIT_OF = {"no drift": 0, "drift": EXIT_DRIFT, "insufficient evidence": EXIT_INSUFFICIENT}
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The champion loaded for monitoring: its model, version, run and site."""
+
+    model: str
+    version: str
+    run_id: str
+    site: str
+    predictor: Any  # ml.eval.predictor.Predictor
+
+
+def target_model(args: argparse.Namespace) -> tuple[str, str]:
+    """(the production model, the site) the monitor watches: ``NAME``, or ``<NAME>-<SITE>``
+    (the site checked against ``--sites`` / ``sites.yaml`` when there is one)."""
+    from pipeline.core.sites import DEFAULT_SITES_FILE, check_site_name, load_sites
+    from pipeline.registry.policy import DEFAULT_MODEL_NAME, site_model_name
+
+    if not args.site:
+        if not args.name:
+            raise ParameterError("name a registered model, or a site with --site NAME")
+        return args.name, ""
+    site = check_site_name(args.site)
+    file = Path(args.sites or DEFAULT_SITES_FILE)
+    if args.sites or file.exists():
+        site = load_sites(file).get(site).name
+    return site_model_name(args.name or DEFAULT_MODEL_NAME, site), site
+
+
+def load_champion(client, tracking_uri: str, model: str, site: str, trust: Trust) -> Champion:
+    """The production model's verified champion: the version its last valid signed decision
+    names, as ``cessl predict`` loads it (AuditMismatchError, exit 1, when the log is broken or the
+    alias was moved; RegistryError, one line, when no decision made one)."""
+    from pipeline.cli.registry import verified_uri
+    from pipeline.registry.pyfunc_model import load_predictor
+
+    uri = verified_uri(client, f"models:/{model}@champion", trust)
+    version = client.get_model_version(model, uri.rsplit("/", 1)[1])
+    predictor = load_predictor(uri, tracking_uri=tracking_uri)
+    site = site or str((version.tags or {}).get("site", ""))
+    return Champion(model, str(version.version), str(version.run_id or ""), site, predictor)
+
+
+def lineage_reference(client, champion: Champion, limit: int) -> tuple[str, list[str]]:
+    """(source, record keys) of the champion's reference: its run's split, held-out first
+    (see the module doc); ParameterError naming the run and what is missing."""
+    from mlflow.exceptions import MlflowException
+
+    from ml.data.splits import Splits
+    from pipeline.registry.policy import PARAM_SOURCE
+    from pipeline.registry.testsets import SPLITS_ARTIFACT
+
+    label = f"{champion.model} v{champion.version}"
+    if not champion.run_id:
+        raise ParameterError(f"{label}: no run behind the champion to find its training records; pass --reference DIR")
+    source = client.get_run(champion.run_id).data.params.get(PARAM_SOURCE, "")
+    if not source:
+        raise ParameterError(f"{label}: its run {champion.run_id} names no data source; pass --reference DIR")
+    with tempfile.TemporaryDirectory(prefix="cessl-monitor-") as tmp:
+        try:
+            splits = Splits.load(client.download_artifacts(champion.run_id, SPLITS_ARTIFACT, tmp))
+        except (MlflowException, OSError, ValueError) as err:
+            raise ParameterError(
+                f"{label}: its run {champion.run_id} has no readable {SPLITS_ARTIFACT} ({str(err).splitlines()[0]}); "
+                "pass --reference DIR"
+            ) from None
+    prefix = f"{champion.site}/" if champion.site else ""
+    keys = [k.removeprefix(prefix) for part in SPLIT_ORDER for k in getattr(splits, part)]
+    return source, list(dict.fromkeys(keys))[:limit]
+
+
+def reference_records(args: argparse.Namespace, client, champion: Champion) -> tuple[list, str]:
+    """The reference readers and a description of where they come from."""
+    from ml.eval.monitoring import folder_records, source_records
+
+    if args.reference:
+        readers = folder_records(Path(args.reference))
+        return readers[: args.max_reference], str(args.reference)
+    source, keys = lineage_reference(client, champion, args.max_reference)
+    if "://" not in source and not Path(source).is_dir():
+        raise ParameterError(
+            f"{champion.model} v{champion.version}: its training data {source} is not here; pass --reference DIR"
+        )
+    return source_records(source, keys), f"{source} (split of run {champion.run_id})"
+
+
+def retrain_command(args: argparse.Namespace, champion: Champion) -> str:
+    """What retrains the site once its recent records are in its data."""
+    if champion.site:
+        sites = args.sites or "sites.yaml"
+        return f"cessl retrain --sites {sites} --site {champion.site}"
+    return f"cessl retrain --model-name {champion.model}"
+
+
+def plot_null(report, path: Path) -> Path | None:
+    """A PNG of the MMD² permutation null with the observed statistic (None when not computed)."""
+    if report.embedding is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    e = report.embedding
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(e.null, bins=40, color="0.7", label=f"permutation null ({e.null.size})")
+    ax.axvline(e.statistic, color="red", label=f"observed {e.statistic:.3g} (p = {e.p_value:.3f})")
+    ax.set_xlabel("MMD² (RBF kernel, median heuristic)")
+    ax.set_ylabel("permutations")
+    ax.set_title(f"embedding drift: {e.n_recent} recent vs {e.n_reference} reference records")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def log_run(client, champion: Champion, report, params: dict[str, str], tags: dict[str, str]) -> str:
+    """The monitor's MLflow run in :data:`EXPERIMENT`: params, metrics, tags, report and plot."""
+    found = client.get_experiment_by_name(EXPERIMENT)
+    experiment = found.experiment_id if found else client.create_experiment(EXPERIMENT)
+    run = client.create_run(experiment, tags={"mlflow.runName": f"monitor-{champion.model}-v{champion.version}"})
+    run_id = run.info.run_id
+    for key, value in params.items():
+        client.log_param(run_id, key, value)
+    for key, value in report.metrics().items():
+        client.log_metric(run_id, key, value)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value[:5000])
+    with tempfile.TemporaryDirectory(prefix="cessl-monitor-") as tmp:
+        path = Path(tmp) / Path(REPORT_ARTIFACT).name
+        path.write_text(json.dumps(report.to_dict(), indent=2, default=str), encoding="utf-8")
+        client.log_artifact(run_id, str(path), str(Path(REPORT_ARTIFACT).parent))
+        plot = plot_null(report, Path(tmp) / Path(PLOT_ARTIFACT).name)
+        if plot is not None:
+            client.log_artifact(run_id, str(plot), str(Path(PLOT_ARTIFACT).parent))
+    client.set_terminated(run_id)
+    return run_id
+
+
+def report_rows(report) -> list[dict[str, str]]:
+    """One row per check: its statistic, p-value and whether it rejects."""
+    level = report.config.level
+
+    def verdict(p: float) -> str:
+        return "DRIFT" if p <= level else "ok"
+
+    rows = []
+    if report.embedding is not None:
+        e = report.embedding
+        rows.append({"check": "embedding MMD²", "value": f"{e.statistic:.4g}", "p": f"{e.p_value:.4f}"})
+    for s in report.prevalence:
+        rows.append(
+            {
+                "check": f"prevalence {s.label}",
+                "value": f"{s.reference_rate:.1%} -> {s.recent_rate:.1%}",
+                "p": f"{s.p_adjusted:.4f}",
+            }
+        )
+    q = report.quality
+    rows.append({"check": "unreadable", "value": f"{q.unreadable}/{q.n_records}", "p": f"{q.p_value:.4f}"})
+    if report.confidence is not None:
+        c = report.confidence
+        rows.append({"check": "confidence (DoC)", "value": f"{c.change:+.4f}", "p": f"{c.p_value:.4f}"})
+    for row in rows:
+        row["verdict"] = verdict(float(row["p"]))
+    return rows
+
+
+def print_report(report, champion: Champion, run_id: str, console=None) -> None:
+    from rich.console import Console
+
+    from pipeline.cli.render import print_fields, print_records
+    from pipeline.registry.policy import class_label
+
+    console = console or Console()
+    for row in report_rows(report):
+        if row["check"].startswith("prevalence "):
+            row["check"] = "prevalence " + class_label(row["check"].removeprefix("prevalence ")).split(" ")[0]
+    print_records(
+        console,
+        f"{champion.model} v{champion.version}: {report.decision.upper()}",
+        ["check", "value", "p", "verdict"],
+        report_rows(report),
+    )
+    print_fields(
+        console,
+        "",
+        [
+            (
+                "records",
+                f"{report.n_recent} recent readable, {report.n_recent_unreadable} unreadable, "
+                f"{report.n_reference} reference",
+            ),
+            ("level", f"{report.config.level:.4f} per check (alpha {report.alpha})"),
+            *(("reason", r) for r in report.reasons),
+            ("run", run_id),
+        ],
+    )
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from ml.eval.drift import DRIFT, DriftConfig, drift_report
+    from ml.eval.monitoring import folder_records, observe
+    from pipeline.cli.preflight import registry_tracking
+    from pipeline.registry.signing import find_trust
+
+    model, site = target_model(args)
+    tracking = registry_tracking(args.tracking_uri, model)
+    recent = folder_records(Path(args.recent))  # a missing or empty folder: one line, before any load
+    client = tracking.client()
+    champion = load_champion(client, tracking.tracking_uri, model, site, find_trust(args.trust_file))
+    readers, reference_from = reference_records(args, client, champion)
+    try:
+        config = DriftConfig(
+            alpha=args.alpha,
+            permutations=args.permutations,
+            seed=args.seed,
+            min_recent=args.min_recent,
+            min_reference=args.min_reference,
+        )
+    except ValueError as err:
+        raise ParameterError(f"cessl monitor: {err}") from None
+    log.info("%s v%s: embedding %d reference records (%s)", model, champion.version, len(readers), reference_from)
+    reference_obs = observe(champion.predictor, readers, with_labels=True)
+    log.info("%s v%s: embedding %d recent records (%s)", model, champion.version, len(recent), args.recent)
+    recent_obs = observe(champion.predictor, recent)
+    report = drift_report(reference_obs, recent_obs, list(champion.predictor.classes), config)
+    tags = {"decision": report.decision, "reasons": "\n".join(report.reasons), "site": champion.site}
+    if args.retrain_on_drift and report.decision == DRIFT:
+        command = retrain_command(args, champion)
+        tags |= {
+            "retrain_requested": "true",
+            "retrain_reason": "; ".join(report.reasons),
+            "retrain_command": command,
+        }
+        log.warning(
+            "%s: drift; retraining needs the recent records labelled and added to the site's data (an unchanged "
+            "data version retrains nothing), then: %s",
+            champion.site or model,
+            command,
+        )
+    params = {
+        "model": model,
+        "champion_version": champion.version,
+        "champion_run": champion.run_id,
+        "site": champion.site,
+        "recent": str(args.recent),
+        "reference": reference_from,
+        "alpha": str(config.alpha),
+        "permutations": str(config.permutations),
+        "min_recent": str(config.min_recent),
+        "min_reference": str(config.min_reference),
+        "seed": str(config.seed),
+    }
+    run_id = log_run(client, champion, report, params, tags)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2, default=str), encoding="utf-8")
+    print_report(report, champion, run_id)
+    return EXIT_OF[report.decision]
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "monitor",
+        help="label-free drift check of a site's champion on recent records (exit 0 / 1 drift / 7 too few)",
+        description="Embed recent WFDB records and a reference set with the champion, test embedding drift "
+        "(MMD², permutation test), predicted prevalence, the unreadable rate and the change of average "
+        "confidence; log the report to the MLflow experiment cessl-monitor. Exit 0: no drift; 1: drift; "
+        "7: insufficient evidence (fewer readable recent records than --min-recent).",
+    )
+    parser.add_argument(
+        "name", nargs="?", type=registered_model, default=None, help="production model (default: cessl-ecg with --site)"
+    )
+    parser.add_argument("--site", default=None, metavar="NAME", help="a network site: watch <NAME>-<site>")
+    parser.add_argument(
+        "--sites", default=None, metavar="FILE", help="the site registry (default: sites.yaml if present)"
+    )
+    parser.add_argument("--recent", type=existing_dir, required=True, metavar="DIR", help="the recent WFDB records")
+    parser.add_argument(
+        "--reference",
+        type=existing_dir,
+        default=None,
+        metavar="DIR",
+        help="reference WFDB records (default: the champion's training split, read from its run's source)",
+    )
+    parser.add_argument(
+        "--max-reference",
+        type=number(int, minimum=2, name="max_reference"),
+        default=DEFAULT_MAX_REFERENCE,
+        help="reference records at most (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--alpha", type=fraction, default=0.05, help="false-alarm level of one report (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--permutations", type=positive_int, default=300, help="MMD permutations (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--min-recent",
+        type=number(int, minimum=2, name="min_recent"),
+        default=30,
+        help="readable recent records needed (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--min-reference",
+        type=number(int, minimum=2, name="min_reference"),
+        default=30,
+        help="readable reference records needed (default: %(default)s)",
+    )
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="permutation seed (default: %(default)s)")
+    parser.add_argument("--retrain-on-drift", action="store_true", help="on drift, record and print the retraining")
+    parser.add_argument("--json", type=output_file, default=None, metavar="PATH", help="also write the report here")
+    add_trust_flag(parser)
+    add_tracking_uri_flag(parser)
+    parser.set_defaults(func=cmd_monitor)

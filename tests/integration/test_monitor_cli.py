@@ -1,0 +1,182 @@
+"""`cessl monitor` on a real MLflow (SQLite) registry with a tiny registered champion
+(``tests/promote_support.py``: a ``tinylight`` backbone and adapter, synthetic WFDB records):
+the reference from the champion's lineage (its run's split and source) or a folder, the
+report logged to ``cessl-monitor``, the exit codes, the retraining recorded on drift."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+from promote_support import CLASSES, GOOD, Pipeline, make_adapter, make_backbone, write_records
+from signing_support import make_signer
+
+from ml.data.splits import Splits
+from ml.data.synth import SynthConfig, generate
+from ml.errors import EXIT_INSUFFICIENT
+from pipeline import cli
+from pipeline.cli.monitor import EXPERIMENT, PLOT_ARTIFACT, REPORT_ARTIFACT
+from pipeline.registry.audit import current_user
+from pipeline.registry.policy import promote
+from pipeline.registry.signing import find_trust, load_signer
+from pipeline.registry.tracking import CHAMPION
+
+MODEL = "monitor-ecg"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """A store whose MODEL has a signed champion (a forced `promote` of the pipeline's candidate,
+    as a release manager makes one); its run logged the split of the 16 records."""
+    root = tmp_path_factory.mktemp("monitor")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_experiment("cessl", artifact_location=(root / "mlruns").as_uri())
+    records, hashes = write_records(root)
+    backbone = make_backbone(root)
+    adapter = make_adapter(root, backbone, "good", GOOD)
+    pipeline = Pipeline(client, MODEL, records, hashes, backbone)
+    candidate = pipeline.register(adapter)
+    run_id = client.get_model_version(pipeline.candidates, candidate).run_id
+    splits = Splits(test=sorted(hashes)[:6], train=sorted(hashes)[6:], valid=[], unlabelled=[], classes=CLASSES)
+    client.log_artifact(run_id, str(splits.save(root / "splits.json")), "data")
+    keys = make_signer(root, current_user())
+    trust = root / "trust.yaml"
+    decision = promote(
+        client,
+        MODEL,
+        force=True,
+        reason="the monitored champion",
+        signer=load_signer(keys.private),
+        trust=find_trust(str(trust)),
+    )
+    assert decision.promoted and client.get_model_version_by_alias(MODEL, CHAMPION).run_id == run_id
+    # recent records whose lead II electrode is off in every record: all unreadable
+    broken = root / "broken"
+    generate(
+        broken,
+        SynthConfig(
+            records=12,
+            classes=tuple(CLASSES),
+            seed=5,
+            fs=250.0,
+            duration_s=8.0,
+            lead_fault="II:flat",
+            lead_fault_fraction=1.0,
+        ),
+    )
+    return {"root": root, "uri": uri, "client": client, "records": records, "broken": broken, "trust": str(trust)}
+
+
+def monitor_runs(client: MlflowClient) -> list:
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    return client.search_runs([experiment.experiment_id], order_by=["attribute.start_time DESC"])
+
+
+def test_unchanged_records_against_the_lineage_reference_are_no_drift(world, monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    report = tmp_path / "report.json"
+    code = cli.main(
+        [
+            "monitor",
+            MODEL,
+            "--recent",
+            str(world["records"]),
+            "--min-recent",
+            "10",
+            "--min-reference",
+            "10",
+            "--tracking-uri",
+            world["uri"],
+            "--trust-file",
+            world["trust"],
+            "--json",
+            str(report),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    doc = json.loads(report.read_text())
+    assert doc["decision"] == "no drift" and doc["n_reference"] == 16 and doc["n_recent"] == 16
+    assert "NO DRIFT" in out and all(len(line) <= 80 for line in out.splitlines())
+    run = monitor_runs(world["client"])[0]
+    assert run.data.tags["decision"] == "no drift" and "split of run" in run.data.params["reference"]
+    assert run.data.metrics["n_recent"] == 16 and "mmd2_p_value" in run.data.metrics
+    names = {a.path for a in world["client"].list_artifacts(run.info.run_id, "drift")}
+    assert names == {REPORT_ARTIFACT, PLOT_ARTIFACT}
+
+
+def test_too_few_records_are_insufficient_evidence(world, monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(
+        [
+            "monitor",
+            MODEL,
+            "--recent",
+            str(world["records"]),
+            "--reference",
+            str(world["records"]),
+            "--tracking-uri",
+            world["uri"],
+            "--trust-file",
+            world["trust"],
+        ]
+    )
+    assert code == EXIT_INSUFFICIENT
+    run = monitor_runs(world["client"])[0]
+    assert run.data.tags["decision"] == "insufficient evidence" and "need >= 30" in run.data.tags["reasons"]
+
+
+def test_unreadable_recent_records_are_drift_and_the_retraining_is_recorded(world, monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(
+        [
+            "monitor",
+            MODEL,
+            "--recent",
+            str(world["broken"]),
+            "--reference",
+            str(world["records"]),
+            "--min-recent",
+            "10",
+            "--min-reference",
+            "10",
+            "--retrain-on-drift",
+            "--tracking-uri",
+            world["uri"],
+            "--trust-file",
+            world["trust"],
+        ]
+    )
+    assert code == 1, capsys.readouterr()
+    tags = monitor_runs(world["client"])[0].data.tags
+    assert tags["decision"] == "drift" and tags["retrain_requested"] == "true"
+    assert "signal quality: 12 of 12" in tags["retrain_reason"]
+    assert tags["retrain_command"] == f"cessl retrain --model-name {MODEL}"
+
+
+def test_a_model_without_champion_and_a_missing_folder_are_one_line_errors(world, tmp_path, capsys):
+    store = ["--tracking-uri", world["uri"], "--trust-file", world["trust"]]
+    assert cli.main(["monitor", "nobody", "--recent", str(world["records"]), *store]) == 2
+    assert "'nobody' has no champion" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["monitor", MODEL, "--recent", str(tmp_path / "empty"), *store]) == 2
+    assert f"{tmp_path / 'empty'}: no WFDB records (*.hea) in it" in capsys.readouterr().err
+
+
+def test_a_champion_moved_outside_a_signed_decision_is_refused(world, tmp_path, capsys):
+    """The monitor watches the verified champion, as `cessl predict` serves it: an alias moved by
+    a plain MLflow call (a version no decision made champion) is refused in one line."""
+    client = world["client"]
+    signed = client.get_model_version_by_alias(MODEL, CHAMPION).version
+    moved = client.copy_model_version(f"models:/{MODEL}/{signed}", MODEL).version
+    client.set_registered_model_alias(MODEL, CHAMPION, moved)
+    capsys.readouterr()  # MLflow's own lines about the copy
+    try:
+        store = ["--tracking-uri", world["uri"], "--trust-file", world["trust"]]
+        assert cli.main(["monitor", MODEL, "--recent", str(world["records"]), *store]) == 1
+        err = capsys.readouterr().err
+        assert f"is v{moved}, but the last valid signed decision names v{signed}" in err and err.count("\n") == 1
+    finally:
+        client.set_registered_model_alias(MODEL, CHAMPION, signed)
