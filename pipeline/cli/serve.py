@@ -60,6 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         batch_window_ms=args.batch_window_ms,
         max_batch_records=args.max_batch_records,
         max_queue=args.max_queue,
+        mixed_batches=args.mixed_batches,
     )
     check_bindable(config.host, config.port)  # before the registry and any model
     check_tracking(args.tracking_uri, writes=False)
@@ -123,5 +124,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         type=positive_int,
         default=64,
         help="requests admitted at once; more are answered 429 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--mixed-batches",
+        choices=("by-site", "one-pass"),
+        default="by-site",
+        help="a batch of several sites' records: each site's through its adapter (by-site: faster on CPU, "
+        "bench/RESULTS.md) or all in one multi-site forward pass (one-pass) (default: %(default)s)",
     )
     p.set_defaults(func=cmd_serve)

@@ -113,6 +113,10 @@ _VERSION = re.compile(r"^[1-9][0-9]{0,9}$")
 NOT_THERE = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
 
 
+BY_SITE, ONE_PASS = "by-site", "one-pass"
+MIXED_BATCHES = (BY_SITE, ONE_PASS)
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """What ``cessl serve`` serves and how (the command line's flags)."""
@@ -130,6 +134,12 @@ class ServeConfig:
     batch_window_ms: float = 5.0  # how long the first request of a batch waits for others (any site)
     max_batch_records: int = 64  # records of one batched forward pass (a bigger request runs alone)
     max_queue: int = 64  # requests admitted at once (decoding, waiting or in a pass); more: 429
+    # how a batch holding several sites' records runs: "by-site" (each site's records through its
+    # adapter switched in, one after the other) or "one-pass" (ml.model.multi_site: every record
+    # in one forward pass). On CPU by-site is faster (bench/RESULTS.md: one-pass 0.62-0.89x of
+    # switching at 1-20 sites per batch), so it is the default; one-pass is for accelerators,
+    # where one big batched pass is expected to beat many small ones (not measured yet).
+    mixed_batches: str = "by-site"
 
     def __post_init__(self) -> None:
         if not self.sites:
@@ -140,6 +150,10 @@ class ServeConfig:
             raise ParameterError(f"--max-adapters must be at least 1, got {self.max_adapters}")
         if not 0 <= self.batch_window_ms <= 1000:
             raise ParameterError(f"--batch-window-ms must be in [0, 1000], got {self.batch_window_ms:g}")
+        if self.mixed_batches not in MIXED_BATCHES:
+            raise ParameterError(
+                f"--mixed-batches must be one of {', '.join(MIXED_BATCHES)}, got {self.mixed_batches!r}"
+            )
         if self.max_batch_records < 1 or self.max_queue < 1:
             raise ParameterError(
                 f"--max-batch-records and --max-queue must be at least 1, got {self.max_batch_records} and "
@@ -247,7 +261,9 @@ class Network:
         self._unbatchable: set[str] = set()  # adapter keys answered by switching (full fine-tunes)
         self._admitted = 0
         self._admission_lock = threading.Lock()
-        self.batcher = Batcher(self, config.batch_window_ms / 1000.0, config.max_batch_records)
+        self.batcher = Batcher(
+            self, config.batch_window_ms / 1000.0, config.max_batch_records, config.mixed_batches == ONE_PASS
+        )
 
     # -- names
     def registered_name(self, site: str) -> str:
@@ -562,8 +578,8 @@ class Batcher:
     switching its adapter in (:meth:`Network.forward`). One thread runs the passes.
     """
 
-    def __init__(self, network: Network, window_s: float, max_records: int) -> None:
-        self.network, self.window_s, self.max_records = network, window_s, max_records
+    def __init__(self, network: Network, window_s: float, max_records: int, one_pass: bool = False) -> None:
+        self.network, self.window_s, self.max_records, self.one_pass = network, window_s, max_records, one_pass
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -614,15 +630,26 @@ class Batcher:
             for job, answer in zip(batch, results, strict=True):
                 job.done.set_result(answer)
 
+    def by_site(self, batch: Sequence[_Job]) -> list[tuple[np.ndarray, int]]:
+        """Each site's jobs through its adapter switched in, one forward per site."""
+        results: dict[int, tuple[np.ndarray, int]] = {}
+        by_key: dict[str, list[int]] = {}
+        for i, job in enumerate(batch):
+            by_key.setdefault(job.adapter.key, []).append(i)
+        for members in by_key.values():
+            answer = self.network.forward(batch[members[0]].adapter, np.concatenate([batch[i].x for i in members]))
+            bounds = np.cumsum([0] + [len(batch[i].x) for i in members])
+            for i, (a, b) in zip(members, itertools.pairwise(bounds), strict=True):
+                results[i] = answer[a:b], 1
+        return [results[i] for i in range(len(batch))]
+
     def forward(self, batch: Sequence[_Job]) -> list[tuple[np.ndarray, int]]:
         """Per job its probabilities and the sites of its pass: one multi-site pass for the
         batchable ones (chunks of ``max_records`` records), the adapter switched in for the others."""
         import torch
 
-        if len({job.adapter.key for job in batch}) == 1:  # one site: its adapter switched in is faster
-            answer = self.network.forward(batch[0].adapter, np.concatenate([job.x for job in batch]))
-            bounds = np.cumsum([0] + [len(job.x) for job in batch])
-            return [(answer[a:b], 1) for a, b in itertools.pairwise(bounds)]
+        if not self.one_pass or len({job.adapter.key for job in batch}) == 1:  # one site: switching is faster
+            return self.by_site(batch)
         model = self.network.multi_site([job.adapter for job in batch])
         results: dict[int, tuple[np.ndarray, int]] = {}
         batched = [i for i, job in enumerate(batch) if model is not None and job.adapter.key in model.keys]

@@ -135,7 +135,7 @@ def _start(network: dict, work: Path, *flags: str) -> Server:
 
 @pytest.fixture(scope="module")
 def server(network, tmp_path_factory):
-    server = _start(network, tmp_path_factory.mktemp("serve"), "--batch-window-ms", "50")
+    server = _start(network, tmp_path_factory.mktemp("serve"), "--batch-window-ms", "50", "--mixed-batches", "one-pass")
     try:
         yield server
     finally:

@@ -175,3 +175,42 @@ def test_bad_flags_are_one_line_errors(tmp_path):
     assert cessl(["serve", "--site", "Bad_Name", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 2
     assert cessl(["serve", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 2  # no sites
     assert cessl(["serve", "--sites", str(tmp_path / "missing.yaml")]) == 2
+
+
+class _Sites:
+    """What the batcher asks of the server's network, on a real shared backbone: a site's
+    adapter switched in (``forward``) and the one-pass model of several sites (``multi_site``)."""
+
+    def __init__(self, network: dict) -> None:
+        bb = read_backbone(network["backbone"])
+        self.shared = SharedBackbone(bb.state, bb.config, bb.identity)
+        self.adapters = {site: read_site_adapter(network["adapters"][site], site) for site in SITES}
+
+    def forward(self, adapter, x: np.ndarray) -> np.ndarray:
+        self.shared.activate(adapter)
+        return Predictor(
+            self.shared.model, adapter.classes, np.asarray(adapter.thresholds), adapter.backbone_id
+        ).predict_proba(x)
+
+    def multi_site(self, adapters):
+        from ml.model.multi_site import MultiSiteModel
+
+        return MultiSiteModel(self.shared.base, self.shared.config, list({a.key: a for a in adapters}.values()))
+
+
+@pytest.mark.parametrize("one_pass", [False, True], ids=["by-site", "one-pass"])
+def test_a_mixed_batch_answers_each_record_with_its_own_site(network, signals, one_pass):
+    """Interleaved requests of two sites, batched either way (`cessl serve --mixed-batches`):
+    each request gets its own site's probabilities; by-site runs one forward per site."""
+    from ml.eval.predictor import preprocess_signal
+    from pipeline.serving.server import Batcher, _Job
+
+    x = np.stack([preprocess_signal(r, 500.0) for r in signals.astype(np.float64)]).astype(np.float32)
+    sites = _Sites(network)
+    order = ["hospital-a", "hospital-b", "hospital-a", "hospital-b"]
+    jobs = [_Job(sites.adapters[site], x[[i % len(x), (i + 1) % len(x)]]) for i, site in enumerate(order)]
+    answers = Batcher(sites, 0.0, 64, one_pass=one_pass).forward(jobs)
+    for site, job, (probs, shared) in zip(order, jobs, answers, strict=True):
+        want = load_predictor(network["backbone"], network["adapters"][site]).predict_proba(job.x)
+        assert np.abs(probs - want).max() < 1e-5, site
+        assert shared == (2 if one_pass else 1)
