@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ml.eval.calibration import PRESENT, REFER, CalibrationSet
 from ml.model.backbone import ECGTransformer
 from ml.model.pretrained import read_backbone
 
@@ -42,6 +43,7 @@ class Predictor:
     batch_size: int = 64
     device: str = "cpu"  # cpu | cuda | auto (ml.train.config.resolve_device)
     precision: str = "fp32"  # fp32 | bf16 | auto (ml.train.precision): the forward's autocast
+    calibration: CalibrationSet | None = None  # present / absent / refer answers (ml.eval.calibration)
 
     def predict_proba(self, signals: np.ndarray) -> np.ndarray:
         """Sigmoid probabilities ``(N, C)`` of preprocessed signals ``(N, 12, 6144)`` or ``(N, 12, 1, 6144)``.
@@ -83,9 +85,28 @@ class Predictor:
         return self.predict_proba(np.stack([preprocess_signal(r, sample_rate) for r in raw]))
 
     def diagnoses(self, probs: np.ndarray) -> list[list[str]]:
-        """Class names whose probability reaches the class threshold, per record."""
+        """Class names whose probability reaches the class threshold, per record (with a
+        :attr:`calibration`: the classes it answers ``present``)."""
+        if self.calibration is not None:
+            return [
+                [c for c, d in zip(self.classes, row, strict=True) if d == PRESENT] for row in self.decisions(probs)
+            ]
         positive = np.asarray(probs) >= self.thresholds[None, :]
         return [[c for c, on in zip(self.classes, row, strict=True) if on] for row in positive]
+
+    def decisions(self, probs: np.ndarray) -> np.ndarray:
+        """``present`` / ``absent`` / ``refer`` per record and class ``(N, C)`` by the
+        :attr:`calibration` (without one: present / absent by the thresholds); ``""`` for NaN."""
+        p = np.asarray(probs, dtype=np.float64)
+        if self.calibration is None:
+            out = np.where(p >= self.thresholds[None, :], PRESENT, "absent").astype(object)
+            out[np.isnan(p)] = ""
+            return out
+        if self.calibration.codes != list(self.classes):
+            raise ValueError(
+                f"the calibration is for classes {self.calibration.codes}, the model predicts {list(self.classes)}"
+            )
+        return self.calibration.decide(p)
 
     def predict_records(self, records: Sequence[str | Path]) -> pd.DataFrame:
         """One row per WFDB record, in the order given: ``record``, ``p_<class>`` per class,
@@ -142,7 +163,56 @@ class Predictor:
         table["status"] = [UNREADABLE if i in reasons else OK for i in range(len(records))]
         table["reason"] = table["error"]
         table["notes"] = [notes.get(i, "") for i in range(len(records))]
+        if self.calibration is not None:
+            self._add_calibrated_columns(table, probs)
         return table
+
+    def _add_calibrated_columns(self, table: pd.DataFrame, probs: np.ndarray) -> None:
+        """With a :attr:`calibration`: ``decision_<code>`` and ``miss_rate_<code>`` (the class's
+        conformal miss-rate bound, NaN where none) per class, ``refer`` / ``refer_codes`` (the
+        classes to refer to a cardiologist, ';'-joined) and ``calibration_notes`` (why a
+        referred class has no absent answer: insufficient calibration positives)."""
+        assert self.calibration is not None
+        decisions = self.decisions(probs)
+        abbreviation = class_names(self.classes)
+        for j, (code, cal) in enumerate(zip(self.classes, self.calibration.classes, strict=True)):
+            table[f"decision_{code}"] = decisions[:, j]
+            table[f"miss_rate_{code}"] = np.nan if cal.miss_rate_bound is None else cal.miss_rate_bound
+        refer = [[c for c, d in zip(self.classes, row, strict=True) if d == REFER] for row in decisions]
+        table["refer"] = [";".join(abbreviation[c] for c in r) for r in refer]
+        table["refer_codes"] = [";".join(r) for r in refer]
+        note = {c.code: c.note for c in self.calibration.classes if c.note}
+        table["calibration_notes"] = ["; ".join(f"{abbreviation[c]}: {note[c]}" for c in r if c in note) for r in refer]
+
+    def answers(self, table: pd.DataFrame) -> pd.DataFrame:
+        """The calibrated answers of a :meth:`predict_records` table, one row per record and
+        class: ``record``, ``code``, ``class`` (abbreviation), ``probability``, ``decision``
+        (present / absent / refer; ``""`` for an unreadable record), ``miss_rate_bound`` and
+        ``miss_rate_upper`` (:class:`ml.eval.calibration.Calibration`; NaN where none) and ``note``."""
+        probs = table[[f"p_{c}" for c in self.classes]].to_numpy(dtype=np.float64)
+        decisions = self.decisions(probs)
+        abbreviation = class_names(self.classes)
+        cals = list(self.calibration.classes) if self.calibration is not None else [None] * len(self.classes)
+        rows = []
+        for i, record in enumerate(table["record"]):
+            for j, (code, cal) in enumerate(zip(self.classes, cals, strict=True)):
+                rows.append(
+                    {
+                        "record": record,
+                        "code": code,
+                        "class": abbreviation[code],
+                        "probability": probs[i, j],
+                        "decision": decisions[i, j],
+                        "miss_rate_bound": np.nan
+                        if cal is None or cal.miss_rate_bound is None
+                        else cal.miss_rate_bound,
+                        "miss_rate_upper": np.nan
+                        if cal is None or cal.miss_rate_upper is None
+                        else cal.miss_rate_upper,
+                        "note": cal.note if cal is not None else "",
+                    }
+                )
+        return pd.DataFrame(rows)
 
 
 def signal_quality(signal: np.ndarray, sample_rate: float) -> tuple[str, str]:
@@ -223,11 +293,18 @@ def preprocess_signal(signal: np.ndarray, sample_rate: float) -> np.ndarray:
     return np.asarray(preprocess.preprocess_signal(np.asarray(signal), float(sample_rate)), dtype=np.float32)
 
 
-def load_predictor(backbone_dir: Path, adapter_dir: Path, device: str = "cpu", precision: str = "fp32") -> Predictor:
+def load_predictor(
+    backbone_dir: Path,
+    adapter_dir: Path,
+    device: str = "cpu",
+    precision: str = "fp32",
+    calibration: Path | None = None,
+) -> Predictor:
     """Rebuild the fine-tuned model from a backbone folder and an adapter folder.
 
     ``device`` / ``precision``: where and in which precision it predicts (the default, CPU
     float32, whatever precision the adapter was trained in: its config records that one).
+    ``calibration``: a ``calibration.json`` (or its folder) for calibrated answers.
     """
     from ml.model.adapter import load_adapter
 
@@ -243,4 +320,5 @@ def load_predictor(backbone_dir: Path, adapter_dir: Path, device: str = "cpu", p
         backbone_id=meta.backbone_id,
         device=device,
         precision=precision,
+        calibration=CalibrationSet.load(calibration) if calibration is not None else None,
     )

@@ -272,15 +272,40 @@ def verified_uri(client, uri: str, trust: Trust) -> str:
     return f"models:/{result.model}/{result.expected_version}"
 
 
+def _read_calibration(path: str):
+    """The ``--calibration`` file (``ml.eval.calibration``) through the one safe reader; BadFileError
+    (one line naming it) when it is not a usable calibration."""
+    from ml.errors import BadFileError
+    from ml.eval.calibration import CalibrationSet
+    from pipeline.core.files import read_text
+
+    text = read_text(path)  # a regular file of at most 1 MiB of UTF-8 text, else one line naming it
+    try:
+        return CalibrationSet.from_json(text)
+    except (ValueError, KeyError, TypeError) as err:
+        raise BadFileError(f"{path}: not a usable calibration.json ({err})") from err
+
+
+def _check_calibration(path: str, calibration, classes: list[str]) -> None:
+    from ml.errors import BadFileError
+
+    if calibration.codes != list(classes):
+        raise BadFileError(f"{path}: calibrated for classes {calibration.codes}, the model predicts {list(classes)}")
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from ml.eval.predictor import OK
     from pipeline.registry.pyfunc_model import load_predictor
 
     _check_device(args.device)
+    calibration = _read_calibration(args.calibration) if args.calibration else None  # before any load
     tracking = _tracking(args)
     uri = verified_uri(tracking.client(), args.model, find_trust(args.trust_file))
     predictor = load_predictor(uri, tracking_uri=tracking.tracking_uri)
     predictor.device, predictor.precision = args.device, args.precision
+    if calibration is not None:
+        _check_calibration(args.calibration, calibration, predictor.classes)
+        predictor.calibration = calibration
     table = predictor.predict_records([Path(r) for r in args.records])  # unreadable: status and reason; notes
     bad = table[table["status"] != OK]
     if len(bad):
@@ -493,6 +518,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         choices=PRECISION_CHOICES,
         default="fp32",
         help="fp32, bf16 (autocast) or auto (bf16 where the device has it); the probabilities stay float32",
+    )
+    pd_.add_argument(
+        "--calibration",
+        default=None,
+        metavar="FILE",  # read by pipeline.core.files (regular file, size cap): one line naming it otherwise
+        help="calibration.json (ml.eval.calibration): present / absent / refer answers, a refer column",
     )
     add_trust_flag(pd_)
     tracking_flag(pd_)

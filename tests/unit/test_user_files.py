@@ -140,9 +140,9 @@ def _not_regular(work: Path) -> Iterator[tuple[str, str, str]]:
     yield "a 5 MB file", str(big), f"larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB (5 MiB)"
 
 
-@pytest.mark.parametrize("entry", [*ENTRY_POINTS, "passwords"])
+@pytest.mark.parametrize("entry", [*ENTRY_POINTS, "passwords", "calibration"])
 def test_what_is_not_a_small_regular_file_is_refused_without_reading_it(entry, work, capsys):
-    argv, code, _ = ENTRY_POINTS.get(entry) or (_passwords_argv, EXIT_USAGE, "")
+    argv, code, _ = ENTRY_POINTS.get(entry) or OTHER_FILES[entry]
     for what, path, says in _not_regular(work):
         outcome = cessl(argv(path), capsys)
         one_line(outcome, code, path, says)
@@ -151,6 +151,23 @@ def test_what_is_not_a_small_regular_file_is_refused_without_reading_it(entry, w
 
 def _passwords_argv(path: str) -> list[str]:
     return ["access", "init", "--pipeline-user", "pipeline", "--passwords", path]
+
+
+def _calibration_argv(path: str) -> list[str]:
+    return ["predict", "--model", "models:/m@champion", "src", "--calibration", path]
+
+
+# The user files that are not YAML: (argv, exit code of a refused file, prefix) as ENTRY_POINTS.
+OTHER_FILES: dict[str, tuple[Callable[[str], list[str]], int, str]] = {
+    "passwords": (_passwords_argv, EXIT_USAGE, ""),
+    "calibration": (_calibration_argv, EXIT_BAD_FILE, ""),
+}
+
+
+def test_a_calibration_that_is_not_one_is_refused_before_any_model_loads(work, capsys):
+    path = _write(work / "calibration.json", '{"schema": 99}')
+    outcome = cessl(_calibration_argv(str(path)), capsys)  # the store is never opened (no --tracking-uri)
+    one_line(outcome, EXIT_BAD_FILE, str(path), "not a usable calibration.json")
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
