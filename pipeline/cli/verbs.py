@@ -106,7 +106,7 @@ def add_run_commands(subparsers: argparse._SubParsersAction) -> None:
 # The grid's flags: each takes a list of one pipeline parameter's values, checked by that
 # parameter's own constraints (pipeline.core.params.PipelineParams metadata) when parsed.
 GRID_FLAGS: dict[str, tuple[str, str]] = {  # flag -> (PipelineParams field, default)
-    "--methods": ("method", "cessl,fixmatch"),
+    "--methods": ("method", "cessl,head-only,fixmatch"),  # head-only: the honest baseline (frozen backbone + a head)
     "--ratios": ("labelled_ratio", "0.05,0.1"),  # the paper's labelled fractions (5% and 10%)
     "--seeds": ("seed", "0,1,2"),
 }
