@@ -20,7 +20,11 @@ The method (``cessl`` and the baselines) is a name in the registry of
 ``precision`` (``fp32 | bf16 | auto``, :mod:`ml.train.precision`) is resolved against the
 device once, by :meth:`TrainConfig.resolve_precision` (:func:`ml.train.trainer.fit` calls it);
 the resolved config names ``fp32`` or ``bf16``, never ``auto``, so what is logged and
-checkpointed is what ran. ``log_every``: the training loss reaches the callbacks (and the
+checkpointed is what ran. ``head_init`` (:data:`HEAD_INITS`): where the classifier starts
+before the first gradient step: ``random`` (the model's initialisation) or ``linear-probe``
+(LP-FT, Kumar et al. 2022: the linear probe of :mod:`ml.eval.head_only` fitted on the labelled
+records' frozen features, :func:`ml.train.recipe.init_head`); ``head-only`` is that probe
+whatever it says. ``log_every``: the training loss reaches the callbacks (and the
 progress bar) every that many steps and at every validation, averaged on the device in
 between, so the step never waits for the GPU to hand a number back (0, the default: every
 step on the CPU, where a read-back costs nothing, every 10 steps on CUDA).
@@ -41,6 +45,10 @@ DEFAULT_BATCH_SIZE = 64
 SMALL_BATCH_SIZE = 16
 SMALL_LABEL_RATIO = 0.02
 EPOCHS = 200
+# Where the classifier starts (ml.train.recipe.init_head): the model's random initialisation,
+# or the linear probe on the frozen backbone's features of the labelled records (LP-FT).
+HEAD_INITS: tuple[str, ...] = ("random", "linear-probe")
+DEFAULT_HEAD_INIT = "random"  # linear-probe: better in bench/RESULTS.md "LP-FT", but see there why not the default yet
 # The fields that determine a run's result; a resumed run must share them with the run
 # that wrote the checkpoint (not where it runs, how it is watched, or where it saves).
 SCHEDULE_FIELDS: tuple[str, ...] = (
@@ -61,6 +69,7 @@ SCHEDULE_FIELDS: tuple[str, ...] = (
     "fixmatch_lambda_u",
     "seed",
     "precision",  # in the fingerprint only when it is not fp32 (see schedule_fingerprint)
+    "head_init",  # in the fingerprint only when it is not random (see schedule_fingerprint)
 )
 
 
@@ -123,6 +132,7 @@ class TrainConfig:
     deterministic: bool = True  # torch.use_deterministic_algorithms during fit
     progress: bool = True  # tqdm progress bar
     precision: str = DEFAULT_PRECISION  # fp32 | bf16 | auto (ml.train.precision); fit resolves auto
+    head_init: str = DEFAULT_HEAD_INIT  # random | linear-probe (ml.train.recipe.init_head)
     # Steps between training-loss reports to the callbacks (losses averaged on the device);
     # 0: every step on the CPU, every 10 on CUDA (ml.train.trainer.log_interval).
     log_every: int = 0
@@ -131,6 +141,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         get_method(self.method)  # a clear error for an unknown name
         check_precision_name(self.precision)
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"unknown head_init {self.head_init!r}; choose one of {', '.join(HEAD_INITS)}")
         if self.log_every < 0:
             raise ValueError(f"log_every must be >= 0 (0: automatic), got {self.log_every}")
         for name in ("max_steps", "batch_size", "eval_batch_size", "val_every", "patience"):
@@ -184,11 +196,14 @@ class TrainConfig:
     def schedule_fingerprint(self) -> dict[str, Any]:
         """The fields a resumed run must share with the run that wrote the checkpoint.
 
-        ``precision`` is left out when it is ``fp32``: an fp32 run keys and resumes its
-        checkpoints exactly as before the option existed (its checkpoints have no such
-        field); a bf16 run never resumes an fp32 checkpoint, nor the reverse.
+        ``precision`` is left out when it is ``fp32`` and ``head_init`` when it is ``random``:
+        such a run keys and resumes its checkpoints exactly as before the option existed (its
+        checkpoints have no such field); a bf16 run never resumes an fp32 checkpoint, a
+        linear-probe start never a random one, nor the reverse.
         """
         fingerprint = {key: getattr(self, key) for key in SCHEDULE_FIELDS}
         if fingerprint["precision"] == "fp32":
             del fingerprint["precision"]
+        if fingerprint["head_init"] == "random":
+            del fingerprint["head_init"]
         return fingerprint

@@ -11,7 +11,9 @@
    :func:`ml.train.trainer.fit` on the labelled split (+ the unlabelled split for the
    semi-supervised methods), or for ``head-only`` its classifier fitted in closed form on the
    frozen backbone (:func:`fit_head_only`), then per-class thresholds fitted on the valid
-   split (F-beta, beta = 2, the challenge's).
+   split (F-beta, beta = 2, the challenge's). With ``train.head_init`` ``linear-probe`` the
+   classifier of a method with gradient steps starts from that same fitted head
+   (:func:`init_head`, LP-FT) instead of its random initialisation.
 
 The pipeline steps (``components.allocate_ranks``, ``components.finetune``), ``cessl
 method-demo`` and the training-step benchmark call these instead of assembling the steps
@@ -65,6 +67,7 @@ class FinetuneOutcome:
     thresholds: np.ndarray  # per class, fitted on the valid split
     trainable: int
     total: int
+    head_init_seconds: float = 0.0  # the linear-probe start's cost (init_head), 0 for a random start
 
 
 def allocation_batches(dataset: Dataset, batch_size: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -130,6 +133,30 @@ def load_head(model: ECGTransformer, state: Mapping[str, np.ndarray]) -> None:
             model.get_parameter(name).copy_(torch.as_tensor(value))
 
 
+def fit_probe_head(model: ECGTransformer, labelled: Dataset, batch_size: int, device: torch.device) -> int:
+    """Write the linear probe of :mod:`ml.eval.head_only` into ``model``'s classifier: per class
+    a logistic regression fitted on the frozen backbone's pooled features of ``labelled`` (eval
+    mode, every LoRA update off); nothing but the classifier changes. Returns the number of
+    records it was fitted on. The ``head-only`` method's head and the ``linear-probe`` start's."""
+    model.to(device)
+    features, labels = features_with_labels(model, labelled, batch_size, device)
+    load_head(model, fit_head(features, labels).head_state())
+    return len(labels)
+
+
+def init_head(model: ECGTransformer, labelled: Dataset, train: TrainConfig) -> float:
+    """Before the first gradient step: the classifier as ``train.head_init`` says (``random``:
+    as built, untouched; ``linear-probe``: :func:`fit_probe_head`, LP-FT). Returns the seconds
+    it took (0 for ``random``)."""
+    if train.head_init == "random":
+        return 0.0
+    start = time.perf_counter()
+    count = fit_probe_head(model, labelled, train.eval_batch_size, resolve_device(train.device))
+    seconds = time.perf_counter() - start
+    log.info("head init: a linear probe on %d labelled records' frozen features (%.2f s)", count, seconds)
+    return seconds
+
+
 def fit_head_only(
     model: ECGTransformer, labelled: Dataset, valid: Dataset, train: TrainConfig, callbacks: Sequence[Callback] = ()
 ) -> TrainResult:
@@ -139,9 +166,7 @@ def fit_head_only(
     head-only row), then the model is validated once (step 0: its curves' only point)."""
     start = time.perf_counter()
     device = resolve_device(train.device)
-    model.to(device)
-    features, labels = features_with_labels(model, labelled, train.eval_batch_size, device)
-    load_head(model, fit_head(features, labels).head_state())
+    count = fit_probe_head(model, labelled, train.eval_batch_size, device)
     metrics = validation_metrics(*predict_with_labels(model, valid, train.eval_batch_size, device))
     record = {"step": 0.0, **metrics}
     result = TrainResult(
@@ -155,9 +180,7 @@ def fit_head_only(
         device=str(device),
         monitor=train.monitor,
     )
-    log.info(
-        "head-only: a linear head on %d labelled records; valid %s %.4f", len(labels), train.monitor, result.best_score
-    )
+    log.info("head-only: a linear head on %d labelled records; valid %s %.4f", count, train.monitor, result.best_score)
     for callback in callbacks:
         callback.on_validation(0, record)
         callback.on_end(result)
@@ -176,13 +199,23 @@ def finetune(
     callbacks: Sequence[Callback] = (),
 ) -> FinetuneOutcome:
     """Build ``train.method``'s model, fit it (:func:`ml.train.trainer.fit`, or
-    :func:`fit_head_only` for a method without gradient steps) and fit its thresholds on ``valid``."""
+    :func:`fit_head_only` for a method without gradient steps; its classifier first set by
+    :func:`init_head`) and fit its thresholds on ``valid``."""
     model = build_model(backbone_state, backbone_config, train.method, lora, rank_map, seed=train.seed)
     trainable, total = count_parameters(model)
     method = train.training_method
+    head_init_seconds = 0.0
     if method.fits_head_only:
         result = fit_head_only(model, labelled, valid, train, callbacks)
     else:
+        head_init_seconds = init_head(model, labelled, train)
         result = fit(model, labelled, unlabelled_for(method, labelled, unlabelled), valid, train, callbacks)
     thresholds = valid_thresholds(model, valid, train.eval_batch_size)
-    return FinetuneOutcome(model=model, result=result, thresholds=thresholds, trainable=trainable, total=total)
+    return FinetuneOutcome(
+        model=model,
+        result=result,
+        thresholds=thresholds,
+        trainable=trainable,
+        total=total,
+        head_init_seconds=head_init_seconds,
+    )

@@ -42,6 +42,7 @@ BACKBONE_NAMES: tuple[str, ...] = ("tinylight", "tiny", "base", "medium", "large
 METHOD_NAMES: tuple[str, ...] = ("cessl", "lora", "full", "fixmatch", "head-only")  # ml.train.methods.METHOD_NAMES
 DEFAULT_METHOD = "cessl"  # ml.train.methods.DEFAULT_METHOD
 PRECISION_CHOICES: tuple[str, ...] = ("fp32", "bf16", "auto")  # ml.train.precision.PRECISION_CHOICES
+HEAD_INITS: tuple[str, ...] = ("random", "linear-probe")  # ml.train.config.HEAD_INITS
 EPOCHS = 200  # ml.train.config.EPOCHS: the paper's schedule
 
 
@@ -57,6 +58,7 @@ class MlDefaults:
     lr: float = 1e-3  # TrainConfig.lr
     val_every: int = 50  # TrainConfig.val_every
     precision: str = "fp32"  # TrainConfig.precision
+    head_init: str = "random"  # TrainConfig.head_init
 
 
 _ML = MlDefaults()
@@ -142,6 +144,12 @@ class PipelineParams:
     compress: float = param(_ML.compress, "compress ratio c of the one-shot rank allocation", minimum=0, maximum=1)
     p: float = param(_ML.p, "random deactivation probability", flag="-p", minimum=0, exclusive_maximum=1)
     method: str = param(DEFAULT_METHOD, "training method", choices=METHOD_NAMES)
+    head_init: str = param(
+        _ML.head_init,
+        "the classifier's start before the first gradient step: random, or linear-probe (LP-FT: the head-only "
+        "linear probe fitted on the labelled records' frozen backbone features); head-only is that probe anyway",
+        choices=HEAD_INITS,
+    )
     seed: int = param(_ML.seed, "seed of the split, the initialisation and the training", minimum=0, maximum=MAX_SEED)
     epochs: int = param(
         EPOCHS,
@@ -271,6 +279,7 @@ class PipelineParams:
             val_every=self.val_every,
             seed=self.seed,
             precision=self.precision,
+            head_init=self.head_init,
             **overrides,
         )
 

@@ -531,6 +531,7 @@ def add_finetune_chain(
         lr=run.lr,
         val_every=run.val_every,
         precision=run.precision,
+        head_init=run.head_init,
         seed=seed,
         checkpoint_root=run.checkpoint_root,
         site=site,

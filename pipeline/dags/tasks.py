@@ -284,12 +284,14 @@ def finetune(
     curves: Output[Artifact],
     train_metrics: Output[Metrics],
     precision: str = "fp32",
+    head_init: str = "random",
     site: str = "",
 ) -> str:
     """CE-SSL fine-tuning (GPU when there is one), resumable from its last checkpoint.
 
     ``epochs`` > 0: that many epochs of complete labelled batches; 0: ``max_steps`` steps.
     ``precision``: fp32, bf16 or auto (bf16 on a GPU that supports it), resolved in the step.
+    ``head_init``: random, or linear-probe (the classifier starts from the head-only probe).
     ``site``: a network site's name: its log lines and progress lines name it.
     """
     from pipeline.core.process import die_with_parent
@@ -316,6 +318,7 @@ def finetune(
         val_every=val_every,
         seed=seed,
         precision=precision,
+        head_init=head_init,
     )
     result = finetune_step(
         Path(store.path),

@@ -28,7 +28,8 @@ FAST = LockPolicy(wait_s=30.0, poll_s=0.01)
 
 @pytest.fixture
 def client(tmp_path) -> MlflowClient:
-    return MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)  # the registry too: not the process default
 
 
 def test_concurrent_decisions_never_overlap(client):

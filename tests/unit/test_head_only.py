@@ -103,3 +103,73 @@ def test_the_head_only_method_fits_the_probe_into_the_classifier_without_a_gradi
     np.testing.assert_allclose(predict_with_labels(loaded, splits["test"])[0], probs, atol=1e-6)
     with pytest.raises(ValueError, match="no gradient step"):
         fit(model, splits["train"], None, splits["valid"], train)
+
+
+def _head_at_first_step(monkeypatch, method: str, head_init: str) -> tuple[dict, dict, dict]:
+    """``recipe.finetune`` of ``method`` with ``head_init``, stopped where it calls the trainer
+    (before step 1): the model's state then, the state ``build_model`` gives with the same seed
+    (today's start) and the labelled split's frozen features and labels."""
+    from train_support import N_CLASSES, TINY_TRAIN, tiny_splits
+
+    from ml.model.backbone import backbone_config
+    from ml.model.lora import LoRAConfig
+    from ml.train import recipe
+    from ml.train.build import build_model
+    from ml.train.config import TrainConfig
+
+    config = backbone_config("tinylight", N_CLASSES)
+    torch.manual_seed(0)
+    backbone = ECGTransformer(config).state_dict()
+    splits = tiny_splits({"train": 24, "valid": 8})
+    train = TrainConfig(**(TINY_TRAIN | {"method": method, "max_steps": 2, "head_init": head_init}))
+    seen: dict = {}
+
+    class Stop(Exception):
+        pass
+
+    def at_first_step(model, *args, **kwargs):
+        seen.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        raise Stop
+
+    monkeypatch.setattr(recipe, "fit", at_first_step)
+    with pytest.raises(Stop):
+        recipe.finetune(
+            backbone, config, LoRAConfig(p=0.2), {}, train, splits["train"], splits["valid"], splits["valid"]
+        )
+    built = build_model(backbone, config, method, LoRAConfig(p=0.2), {}, seed=train.seed)
+    features, labels = features_with_labels(built, splits["train"])
+    return seen, built.state_dict(), {"features": features, "labels": labels}
+
+
+HEAD = {f"classifier.{i}.{leaf}" for i in (0, 1) for leaf in ("weight", "bias")}
+
+
+@pytest.mark.parametrize("method", ["cessl", "full"])
+def test_a_linear_probe_start_is_the_probe_in_the_classifier_and_nothing_else(monkeypatch, method):
+    """LP-FT (``head_init`` linear-probe): before the first gradient step the classifier is the
+    head-only probe fitted on the labelled records' frozen features; the backbone and LoRA
+    weights (and BatchNorm statistics) are those the model was built with."""
+    start, built, frozen = _head_at_first_step(monkeypatch, method, "linear-probe")
+    assert {k for k in built if not torch.equal(start[k], built[k])} == HEAD
+    probe = fit_head(frozen["features"], frozen["labels"]).head_state()
+    for name, value in probe.items():
+        np.testing.assert_allclose(start[name].numpy(), value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_random_start_is_the_model_as_built(monkeypatch):
+    """``head_init`` random changes nothing: the trainer gets the model as built from the seed,
+    every weight the same as before the option existed (random is the default)."""
+    from ml.train.config import TrainConfig
+
+    assert TrainConfig().head_init == "random"
+    start, built, _ = _head_at_first_step(monkeypatch, "cessl", "random")
+    assert all(torch.equal(start[k], built[k]) for k in built)
+
+
+def test_head_init_is_checked_and_keys_only_a_linear_probe_start():
+    from ml.train.config import TrainConfig
+
+    with pytest.raises(ValueError, match="head_init"):
+        TrainConfig(head_init="zeros")
+    assert "head_init" not in TrainConfig(head_init="random").schedule_fingerprint()  # resume as before
+    assert TrainConfig(head_init="linear-probe").schedule_fingerprint()["head_init"] == "linear-probe"

@@ -11,7 +11,7 @@ from ml.model.backbone import BACKBONE_CONFIGS
 from ml.model.lora import LoRAConfig
 from ml.model.rank_allocation import RankAllocationConfig
 from ml.train import methods, precision
-from ml.train.config import EPOCHS, TrainConfig
+from ml.train.config import EPOCHS, HEAD_INITS, TrainConfig
 from pipeline.core import params
 from pipeline.core.params import DEFAULTS
 
@@ -22,6 +22,7 @@ def test_the_ml_choices_and_defaults_are_the_ml_dataclasses():
     assert params.DEFAULT_METHOD == methods.DEFAULT_METHOD
     assert params.PRECISION_CHOICES == precision.PRECISION_CHOICES
     assert params.EPOCHS == EPOCHS
+    assert params.HEAD_INITS == HEAD_INITS
     lora, allocation, train = LoRAConfig(), RankAllocationConfig(), TrainConfig()
     assert (DEFAULTS.r, DEFAULTS.p, DEFAULTS.compress) == (lora.r, lora.p, allocation.compress)
     assert (DEFAULTS.seed, DEFAULTS.max_steps, DEFAULTS.lr, DEFAULTS.val_every, DEFAULTS.precision) == (
@@ -32,6 +33,8 @@ def test_the_ml_choices_and_defaults_are_the_ml_dataclasses():
         train.precision,
     )
     assert (DEFAULTS.method, DEFAULTS.epochs) == (methods.DEFAULT_METHOD, EPOCHS)
+    assert DEFAULTS.head_init == train.head_init
+    assert DEFAULTS.replace(head_init="random").train_config().head_init == "random"
 
 
 def test_the_builders_still_make_the_ml_dataclasses():
