@@ -113,10 +113,8 @@ def embed(model, signals: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray,
     with torch.no_grad():
         for start in range(0, len(signals), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(signals[start : start + batch_size]))[:, :, None, :]
-            pooled = model.pool(model.encode(x))
-            logits = pooled
-            for layer in model.classifier:  # as ECGTransformer.head
-                logits = layer(logits)
+            pooled = model.pooled(x)
+            logits = model.classify(pooled)
             feats.append(pooled.float().numpy())
             probs.append(torch.sigmoid(logits.float()).numpy())
     if not feats:

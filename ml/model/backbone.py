@@ -287,12 +287,16 @@ class ECGTransformer(nn.Module):
             x = layer(x)
         return x.amax(dim=1)  # (N, d): adaptive max-pool over time
 
-    def head(self, features: Tensor) -> Tensor:
-        """Positional encoding, transformer, max-pool, classifier: (N, d, 1, 96) -> (N, C)."""
-        x = self.pool(features)
+    def classify(self, pooled: Tensor) -> Tensor:
+        """The classifier on pooled features: (N, d) -> (N, C)."""
+        x = pooled
         for layer in self.classifier:  # Linear(d, d) -> Linear(d, C), no activation
             x = layer(x)
         return x
+
+    def head(self, features: Tensor) -> Tensor:
+        """Positional encoding, transformer, max-pool, classifier: (N, d, 1, 96) -> (N, C)."""
+        return self.classify(self.pool(features))
 
     def pooled(self, x: Tensor) -> Tensor:
         """The features the classifier reads: (N, n_leads, 1, 6144) -> (N, d)."""

@@ -104,12 +104,11 @@ def load_champion(client, tracking_uri: str, model: str, site: str, trust: Trust
     """The production model's verified champion: the version its last valid signed decision
     names, as ``cessl predict`` loads it (AuditMismatchError, exit 1, when the log is broken or the
     alias was moved; RegistryError, one line, when no decision made one)."""
-    from pipeline.cli.registry import verified_uri
+    from pipeline.cli.registry import verified_champion
     from pipeline.registry.pyfunc_model import load_predictor
 
-    uri = verified_uri(client, f"models:/{model}@champion", trust)
-    version = client.get_model_version(model, uri.rsplit("/", 1)[1])
-    predictor = load_predictor(uri, tracking_uri=tracking_uri)
+    version = client.get_model_version(model, verified_champion(client, model, trust))
+    predictor = load_predictor(f"models:/{model}/{version.version}", tracking_uri=tracking_uri)
     site = site or str((version.tags or {}).get("site", ""))
     return Champion(model, str(version.version), str(version.run_id or ""), site, predictor)
 

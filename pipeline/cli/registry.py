@@ -265,11 +265,18 @@ def verified_uri(client, uri: str, trust: Trust) -> str:
     match = CHAMPION_URI.match(uri)
     if match is None:
         return uri
-    (result,) = verify(client, trust, [match["name"]])
+    return f"models:/{match['name']}/{verified_champion(client, match['name'], trust)}"
+
+
+def verified_champion(client, name: str, trust: Trust) -> str:
+    """The version of ``name`` that its last valid signed decision made champion
+    (AuditMismatchError, exit 1, when the log is broken or the alias was moved; RegistryError
+    when no decision made one)."""
+    (result,) = verify(client, trust, [name])
     require_verified([result])
     if result.expected_version is None:
         raise RegistryError(f"model {result.model!r} has no {CHAMPION}: no signed decision made one (`cessl promote`)")
-    return f"models:/{result.model}/{result.expected_version}"
+    return result.expected_version
 
 
 def _read_calibration(path: str):
