@@ -44,7 +44,9 @@ TASK = textwrap.dedent(
         sys.exit(0)
     if what == "wait":
         def stop(signum, frame):
-            open("stopped", "w").write(str(signum))
+            with open("stopped.tmp", "w") as f:  # then renamed: the test never reads a half-written file
+                f.write(str(signum))
+            os.replace("stopped.tmp", "stopped")
             sys.exit(143)
         signal.signal(signal.SIGTERM, stop)
         print("waiting", flush=True)
