@@ -57,7 +57,8 @@ Batching: concurrent requests, whichever their sites, are answered together
 :class:`ml.model.multi_site.MultiSiteModel` pass gives every record its own site's answer
 (the answer's parameter ``batch_sites`` says how many sites shared it). At most
 ``--max-queue`` requests are admitted at once (decoding, waiting or running); more are
-answered 429. Bodies are decoded in worker threads, off the event loop.
+answered 429. Bodies are decoded off the event loop (a JSON body of 4 MB or more in a child
+process, :mod:`pipeline.serving.request_body`), the rest in worker threads.
 
 Errors: a malformed or incomplete body, a wrong tensor (name, type, shape, NaN/Inf: a tensor
 with NaN is a malformed request, not a record to judge) or parameter is a 400 naming it, a body over ``--max-body-mb`` a 413, an unknown site or
@@ -98,6 +99,7 @@ from pipeline.registry.policy import DEFAULT_MODEL_NAME, site_model_name
 from pipeline.registry.signing import find_trust
 from pipeline.registry.tracking import CHAMPION
 from pipeline.registry.verify import Verification, verify_model
+from pipeline.serving.request_body import BodyDecoder
 
 log = logging.getLogger(__name__)
 
@@ -789,8 +791,9 @@ def wfdb_records(pairs: np.ndarray, work: Path, max_records: int) -> tuple[list[
 # --------------------------------------------------------------------------- KServe
 
 
-def build_server(network: Network):
-    """The KServe ModelServer (REST only) answering for ``network``; call ``.start(models)``.
+def build_server(network: Network, decoder: BodyDecoder):
+    """The KServe ModelServer (REST only) answering for ``network``, request bodies decoded by
+    ``decoder``; call ``.start(models)``.
 
     kserve reads ``sys.argv`` when its model_server module is imported; it is imported here
     with an empty command line so that ``cessl serve``'s own flags are not taken for its.
@@ -1038,13 +1041,13 @@ def build_server(network: Network):
     server.dataplane = dataplane
 
     async def infer(request: Request) -> JSONResponse:
-        """kserve's infer route, with the body decoded in a worker thread (liveness keeps
+        """kserve's infer route, with the body decoded off the event loop (liveness keeps
         answering while a large one is parsed) and at most ``--max-queue`` requests admitted."""
         model_name = request.path_params["model_name"]
         with network.admission():
             await dataplane.model_ready(model_name, True)
             body = await request.body()
-            infer_request = await asyncio.to_thread(decode_request, body, dict(request.headers), model_name)
+            infer_request = await decoder.decode(body, dict(request.headers), model_name)
             model = repository.get_model(model_name)
             if model is None:
                 raise SiteNotFound(f"no model {model_name!r}")
@@ -1064,38 +1067,6 @@ def build_server(network: Network):
     app.add_route("/v2/health/ready", ready, methods=["GET"])
     install_http_guards(app, network.config.max_body_bytes)
     return server, list(repository.models.values())
-
-
-def decode_request(body: bytes, headers: dict[str, str], model_name: str):
-    """The kserve ``InferRequest`` of a v2 REST body (JSON, or the binary extension); a body
-    that is not one is a 400 naming what is wrong (as FastAPI's validation would)."""
-    import orjson
-    from kserve.errors import InvalidInput
-    from kserve.protocol.infer_type import InferRequest
-    from kserve.protocol.rest.v2_datamodels import InferenceRequest
-    from pydantic import ValidationError
-
-    length = headers.get("inference-header-content-length")
-    if length is not None:
-        if not length.isdigit():
-            raise InvalidInput("malformed request: Inference-Header-Content-Length must be a number of bytes")
-        return InferRequest.from_bytes(body, int(length), model_name)
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        try:  # NaN / Infinity: JSON without them, but what a NaN tensor means is said later
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as err:
-            raise InvalidInput(f"malformed request: body: not JSON ({err})") from None
-    try:
-        request = InferenceRequest.model_validate(payload)
-    except ValidationError as err:
-        problems = []
-        for error in err.errors()[:5]:
-            where = ".".join(str(part) for part in error.get("loc", ())) or "body"
-            problems.append(f"{where}: {error.get('msg', 'invalid')}")
-        raise InvalidInput("malformed request: " + "; ".join(problems)) from None
-    return InferRequest.from_inference_request(request, model_name)
 
 
 def install_quiet_handlers(app) -> None:
@@ -1233,9 +1204,11 @@ def check_bindable(host: str, port: int) -> None:
 def serve(config: ServeConfig) -> None:
     """Start the server (blocks until SIGINT/SIGTERM)."""
     network = Network(config)
+    decoder = BodyDecoder()
     try:
         network.warm_up()
-        server, models = build_server(network)
+        decoder.start()
+        server, models = build_server(network, decoder)
         log.info(
             "serving %d sites of %s on http://%s:%d (adapters: at most %d in memory; aliases refreshed every %gs)",
             len(config.sites),
@@ -1247,4 +1220,5 @@ def serve(config: ServeConfig) -> None:
         )
         server.start(models)
     finally:
+        decoder.close()
         network.close()
