@@ -83,10 +83,32 @@ def _test_set(site: SiteArtifacts) -> _TestSplit:
     )
 
 
-def _head_only_cell(model, target: str, test: _TestSplit, batch_size: int):
+@dataclass(frozen=True)
+class _Scored:
+    """A model's probabilities on a target's test records, its classes and thresholds."""
+
+    probs: np.ndarray
+    classes: list[str]
+    thresholds: np.ndarray
+
+    def cell(self, row: str, target: str, test: _TestSplit):
+        from ml.eval.cross_site import score_cell
+
+        return score_cell(
+            row, target, self.probs, self.classes, self.thresholds, test.labels, test.classes, test.scored
+        )
+
+    def predictions(self, classes: Sequence[str], test: _TestSplit) -> np.ndarray:
+        """Thresholded predictions over ``classes`` (the target's order; each one the model's)."""
+        from ml.eval.metrics import binarize
+
+        y_pred = binarize(self.probs, self.thresholds)
+        return y_pred[:, [self.classes.index(c) for c in classes]]
+
+
+def _head_only(model, target: str, test: _TestSplit, batch_size: int) -> _Scored | None:
     """The head-only baseline on ``target`` (``model``: the frozen backbone, LoRA off), or None
     where the site has no labelled training record."""
-    from ml.eval.cross_site import HEAD_ONLY_ROW, score_cell
     from ml.eval.evaluate import features_with_labels
     from ml.eval.head_only import fit_linear_probe
 
@@ -98,14 +120,24 @@ def _head_only_cell(model, target: str, test: _TestSplit, batch_size: int):
     if test.valid is not None:
         valid_x, valid_y = features_with_labels(model, test.valid, batch_size)
     probe = fit_linear_probe(train_x, train_y, valid_x, valid_y)
-    features, labels = features_with_labels(model, test.records, batch_size)
-    probs = probe.probabilities(features)
-    return score_cell(HEAD_ONLY_ROW, target, probs, test.classes, probe.thresholds, labels, test.classes, test.scored)
+    features, _ = features_with_labels(model, test.records, batch_size)
+    return _Scored(probe.probabilities(features), list(test.classes), np.asarray(probe.thresholds))
+
+
+def _compare(site: str, adapter: _Scored, baseline: _Scored, row: str, test: _TestSplit):
+    """The site's adapter against a baseline on its own test split, over the classes the
+    adapter predicts and the split labels."""
+    from ml.eval.cross_site import paired_comparison, shared_classes
+
+    classes = [c for c in shared_classes(adapter.classes, test.classes) if c in baseline.classes]
+    labels = test.labels[:, [test.classes.index(c) for c in classes]]
+    return paired_comparison(site, row, labels, adapter.predictions(classes, test), baseline.predictions(classes, test))
 
 
 def cross_site_matrix(backbone_dir: Path, sites: Sequence[SiteArtifacts], batch_size: int = 64):
-    """The :class:`ml.eval.cross_site.CrossSiteMatrix` of ``sites`` (each model on each test split)."""
-    from ml.eval.cross_site import BACKBONE_ROW, CrossSiteMatrix, everything_cell, score_cell, without_adaptation
+    """The :class:`ml.eval.cross_site.CrossSiteMatrix` of ``sites`` (each model on each test
+    split), with each site's adapter compared with the head-only baseline on its own split."""
+    from ml.eval.cross_site import BACKBONE_ROW, HEAD_ONLY_ROW, CrossSiteMatrix, everything_cell, without_adaptation
     from ml.eval.evaluate import predict_with_labels
     from ml.eval.predictor import load_predictor
     from ml.model.pretrained import read_backbone
@@ -115,32 +147,37 @@ def cross_site_matrix(backbone_dir: Path, sites: Sequence[SiteArtifacts], batch_
     backbone_state = read_backbone(backbone_dir).state
     tests = {site.name: _test_set(site) for site in sites}
 
-    def score_on(row: str, predictor, target: str):
-        """The cell of ``row`` (a site's adapter, or the backbone) on ``target``'s test split."""
-        test = tests[target]
-        probs, labels = predict_with_labels(predictor.model, test.records, batch_size)
-        return score_cell(
-            row, target, probs, predictor.classes, predictor.thresholds, labels, test.classes, test.scored
-        )
+    def scored(predictor, target: str) -> _Scored:
+        """``predictor`` (a site's adapter, or the backbone) on ``target``'s test split."""
+        probs, _ = predict_with_labels(predictor.model, tests[target].records, batch_size)
+        return _Scored(probs, list(predictor.classes), np.asarray(predictor.thresholds))
 
-    cells = []
+    cells, own = [], {}
     for model_site in sites:
         predictor = load_predictor(backbone_dir, model_site.adapter_dir)
-        cells += [score_on(model_site.name, predictor, target.name) for target in sites]
+        for target in sites:
+            result = scored(predictor, target.name)
+            cells.append(result.cell(model_site.name, target.name, tests[target.name]))
+            if target.name == model_site.name:
+                own[target.name] = result
+    comparisons = []
     for target in sites:  # the backbone row: the target's own head, nothing else adapted
+        test = tests[target.name]
         predictor = load_predictor(backbone_dir, target.adapter_dir)
         switched = without_adaptation(predictor.model, backbone_state)
-        cells.append(score_on(BACKBONE_ROW, predictor, target.name))
+        cells.append(scored(predictor, target.name).cell(BACKBONE_ROW, target.name, test))
         log.debug("backbone on %s: %d LoRA layers off", target.name, switched)
-        head_only = _head_only_cell(predictor.model, target.name, tests[target.name], batch_size)
-        cells += [head_only] if head_only is not None else []
+        head_only = _head_only(predictor.model, target.name, test, batch_size)
+        if head_only is not None:
+            cells.append(head_only.cell(HEAD_ONLY_ROW, target.name, test))
+            comparisons.append(_compare(target.name, own[target.name], head_only, HEAD_ONLY_ROW, test))
     for name, test in tests.items():  # the reference: every class of the target, for every record
         cells.append(everything_cell(name, test.labels, test.classes, test.scored))
-    return CrossSiteMatrix(tuple(cells))
+    return CrossSiteMatrix(tuple(cells), tuple(comparisons))
 
 
 def plot_heatmap(matrix, path: Path) -> Path:
-    """Both metrics side by side as annotated heat maps (rows: models, columns: test splits)."""
+    """Every metric side by side as annotated heat maps (rows: models, columns: test splits)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -62,6 +62,9 @@ SUPPORTED_CLASSES: tuple[str, ...] = (
     LQT,
 )
 DEFAULT_CLASSES: tuple[str, ...] = (NSR, SB, STACH, AF, IAVB, LBBB, RBBB, PVC, LQRSV, TINV)
+# The network demo's classes: seven the embedded default backbone never saw as labels (it was
+# pre-trained on the six CODE-15% diagnoses, ``ml.train.default_backbone``), three it did.
+NETWORK_DEMO_CLASSES: tuple[str, ...] = (NSR, AF, IAVB, PVC, PAC, LQRSV, TINV, TAB, LAD, LQT)
 
 # Probability of each diagnosis (rhythms are exclusive and drawn by weight).
 RHYTHM_WEIGHTS = {NSR: 0.45, SB: 0.17, STACH: 0.17, AF: 0.15, SA: 0.06}
@@ -115,6 +118,29 @@ _M[6:, 2] = 1.6 * np.sin(np.radians(_PRECORDIAL_DEG))
 DIPOLE_TO_LEAD = _M
 
 
+def rotation(degrees: Sequence[float]) -> np.ndarray:
+    """The 3x3 rotation turning the heart's dipole by ``degrees`` about the x (left), y
+    (inferior) and z (anterior) axes in turn: a heart lying otherwise in the chest, or the
+    electrodes placed otherwise on it, as every lead sees it."""
+    result = np.eye(3)
+    for axis, angle in enumerate(degrees):
+        a = np.radians(float(angle))
+        c, s = np.cos(a), np.sin(a)
+        i, j = [k for k in range(3) if k != axis]
+        turn = np.eye(3)
+        turn[i, i], turn[i, j], turn[j, i], turn[j, j] = c, -s, s, c
+        result = turn @ result
+    return result
+
+
+def dipole_to_lead(heart_rotation_deg: Sequence[float]) -> np.ndarray:
+    """The 12 x 3 projection of a heart turned by ``heart_rotation_deg`` (:func:`rotation`);
+    unturned, exactly :data:`DIPOLE_TO_LEAD`."""
+    if not any(heart_rotation_deg):
+        return DIPOLE_TO_LEAD
+    return DIPOLE_TO_LEAD @ rotation(heart_rotation_deg)
+
+
 @dataclass(frozen=True)
 class SynthConfig:
     """A synthetic hospital. ``classes`` are SNOMED codes (or Challenge abbreviations)."""
@@ -136,6 +162,9 @@ class SynthConfig:
     prevalence: tuple[tuple[str, float], ...] = ()  # (class, factor): its drawing weight times factor
     lead_fault: str = ""  # "<lead>:flat" or "<lead>:inverted": a device fault on that lead...
     lead_fault_fraction: float = 0.0  # ...in this fraction of the records
+    # the site's lead geometry: the heart's dipole turned by these angles (x, y, z; degrees) before
+    # it is projected onto the leads (:func:`rotation`); a shift no preprocessing step undoes
+    heart_rotation_deg: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     def __post_init__(self) -> None:
         from ml.data.labels import LabelMapping
@@ -168,6 +197,10 @@ class SynthConfig:
                 )
         if not 0.0 <= self.lead_fault_fraction <= 1.0:
             raise ValueError("lead_fault_fraction must be within [0, 1]")
+        angles = tuple(float(a) for a in self.heart_rotation_deg)
+        if len(angles) != 3 or not all(np.isfinite(a) and -180.0 <= a <= 180.0 for a in angles):
+            raise ValueError(f"heart_rotation_deg must be 3 angles within [-180, 180], got {self.heart_rotation_deg}")
+        object.__setattr__(self, "heart_rotation_deg", angles)
 
     @property
     def adu_per_mv(self) -> float:
@@ -446,7 +479,7 @@ def synthesize_record(index: int, config: SynthConfig) -> SynthRecord:
     dipole *= 1.0 + 0.05 * np.sin(2 * np.pi * rng.uniform(0.15, 0.3) * t)  # breathing
     if AF in labels:
         dipole += _f_waves(rng, t)
-    leads = DIPOLE_TO_LEAD @ dipole + ELECTRODE_TO_LEAD @ _noise(rng, t, config)
+    leads = dipole_to_lead(config.heart_rotation_deg) @ dipole + ELECTRODE_TO_LEAD @ _noise(rng, t, config)
     fault = _apply_lead_fault(leads, index, config)
     return SynthRecord(config.record_id(config.start + index), leads, config.fs, labels, labelled, age, sex, fault)
 
@@ -616,7 +649,9 @@ def generate(
 class SiteProfile:
     """What makes one synthetic hospital's records differ from another's: its ECG devices
     (sampling rate, ADC gain and units, mains frequency, noise, baseline wander, a faulty
-    lead on some records) and its population (the case mix)."""
+    lead on some records), its lead geometry (the heart's dipole turned before it reaches
+    the leads: electrode placement and body habitus, a shift that survives preprocessing,
+    which undoes rate, gain, wander and mains) and its population (the case mix)."""
 
     fs: float
     gain: float
@@ -627,13 +662,14 @@ class SiteProfile:
     prevalence: tuple[tuple[str, float], ...]
     lead_fault: str = ""
     lead_fault_fraction: float = 0.0
+    heart_rotation_deg: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 # Sites take these in turn (site i: SITE_PROFILES[i % 4]); each differs from the others in
 # every respect. Record names are the same at every site (00001, 00002...), on purpose.
 SITE_PROFILES: tuple[SiteProfile, ...] = (
     # a university hospital: 500 Hz, 1 uV steps, clean signals, the reference case mix
-    SiteProfile(500.0, 1000.0, "mV", 50.0, 0.6, 0.5, ()),
+    SiteProfile(500.0, 1000.0, "mV", 50.0, 0.6, 0.5, (), heart_rotation_deg=(0.0, 0.0, 35.0)),
     # a cardiology clinic: cheap 250 Hz carts at 5 uV per step, noisy, 60 Hz mains, many AF
     # and bundle-branch blocks; one cart has its V4 cable reversed
     SiteProfile(
@@ -646,6 +682,7 @@ SITE_PROFILES: tuple[SiteProfile, ...] = (
         ((AF, 3.0), (STACH, 0.4), (LBBB, 2.2), (PVC, 2.0), (NSR, 0.5)),
         "V4:inverted",
         0.25,
+        heart_rotation_deg=(0.0, -40.0, 0.0),
     ),
     # a rural hospital: 1000 Hz recorders writing microvolts, older patients (brady, AV
     # block, RBBB); one recorder's V4 electrode falls off
@@ -659,6 +696,7 @@ SITE_PROFILES: tuple[SiteProfile, ...] = (
         ((SB, 2.5), (AF, 0.3), (IAVB, 2.2), (RBBB, 2.0), (TINV, 0.4)),
         "V4:flat",
         0.2,
+        heart_rotation_deg=(25.0, 0.0, -25.0),
     ),
     # an emergency department: 500 Hz at 2 uV per step, motion artefacts, tachycardias
     SiteProfile(
@@ -671,6 +709,7 @@ SITE_PROFILES: tuple[SiteProfile, ...] = (
         ((STACH, 3.0), (SB, 0.3), (PVC, 1.8), (LQRSV, 1.8), (TINV, 1.8)),
         "V2:flat",
         0.1,
+        heart_rotation_deg=(-20.0, 30.0, 0.0),
     ),
 )
 
@@ -723,6 +762,7 @@ def site_config(index: int, records: int, seed: int = 0, options: SiteOptions = 
         prevalence=profile.prevalence,
         lead_fault=profile.lead_fault,
         lead_fault_fraction=profile.lead_fault_fraction,
+        heart_rotation_deg=profile.heart_rotation_deg,
     )
 
 

@@ -14,6 +14,12 @@ test records (:mod:`ml.eval.intervals`):
   target split's (a model has no F-beta on a diagnosis it does not predict; a target cannot
   score a class it does not label), a class with no positive test record counting 0 (the
   CE-SSL reference). The cell records how many classes that is.
+- ``macro_auroc``: threshold-free, over the same classes (those with a positive and a
+  negative test record); the head-only row's is the frozen-probe AUROC of the target.
+
+Each site's adapter is compared with the head-only baseline on its own test split
+(:class:`PairedComparison`): the difference of the macro F-beta2 (the gate's metric) with a
+paired interval, and a verdict that says "insufficient evidence" when the interval spans 0.
 
 The backbone row: the pre-trained backbone has no head for a site's classes, so on target
 ``t`` it is scored with ``t``'s own adapter's classification head and every LoRA update
@@ -31,9 +37,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ml.eval.challenge import challenge_score, labels_agree, load_weights, scored_codes
-from ml.eval.intervals import AT_MOST_ONE, UNIT, Interval, jackknife_interval
+from ml.eval.intervals import AT_MOST_ONE, UNIT, Interval, jackknife_interval, jackknife_intervals
 from ml.eval.intervals import METHOD as INTERVAL_METHOD
-from ml.eval.metrics import binarize, thresholded_metrics
+from ml.eval.metrics import binarize, macro_auroc, thresholded_metrics
 
 BACKBONE_ROW = "backbone"
 # The baseline: the frozen backbone with a linear head fit on the target site's own labelled
@@ -43,8 +49,11 @@ HEAD_ONLY_ROW = "head-only"
 # beat it on a target has learnt nothing its thresholds can use there (on a small test split,
 # over-prediction scores well on F-beta2, which weighs recall 4x).
 EVERYTHING_ROW = "predict-everything"
-METRICS = ("challenge_score", "macro_f_beta")
-METRIC_TITLES = {"challenge_score": "Challenge score", "macro_f_beta": "macro F-beta2"}
+METRICS = ("challenge_score", "macro_f_beta", "macro_auroc")
+METRIC_TITLES = {"challenge_score": "Challenge score", "macro_f_beta": "macro F-beta2", "macro_auroc": "macro AUROC"}
+# the metric of the paired comparisons of each site's adapter with the head-only baseline: the
+# promotion gate's default metric (pipeline.registry.policy)
+COMPARED_METRIC = "macro_f_beta"
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,12 @@ class CrossSiteCell:
     challenge_score_high: float = math.nan
     macro_f_beta_low: float = math.nan
     macro_f_beta_high: float = math.nan
+    # threshold-free: over the classes in common with a positive and a negative test record (the
+    # head-only row's is the frozen-probe AUROC: how much of the target the frozen features already
+    # separate; a demo whose targets need adapting keeps it below ~0.8)
+    macro_auroc: float = math.nan
+    macro_auroc_low: float = math.nan
+    macro_auroc_high: float = math.nan
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -110,14 +125,19 @@ def score_cell(
         len(labels),
         support=AT_MOST_ONE,
     )
-    f_beta = Interval(math.nan, math.nan, math.nan, len(labels))
+    shared = {"macro_f_beta": Interval(math.nan, math.nan, math.nan, len(labels))}
+    shared["macro_auroc"] = shared["macro_f_beta"]
     if classes:
-        model_index = [list(model_classes).index(c) for c in classes]
-        target_index = [list(target_classes).index(c) for c in classes]
-        y_true, y_shared = labels[:, target_index].astype(np.int64), y_pred[:, model_index]
-        f_beta = jackknife_interval(
-            lambda keep: thresholded_metrics(y_true[keep], y_shared[keep])["macro_f_beta"], len(labels), support=UNIT
-        )
+        y_true, p_shared, y_shared = in_common(labels, target_classes, probs, y_pred, model_classes)
+
+        def statistics(keep: np.ndarray) -> dict[str, float]:
+            return {
+                "macro_f_beta": thresholded_metrics(y_true[keep], y_shared[keep])["macro_f_beta"],
+                "macro_auroc": macro_auroc(y_true[keep], p_shared[keep]),
+            }
+
+        shared = jackknife_intervals(statistics, len(labels), {"macro_f_beta": UNIT, "macro_auroc": UNIT})
+    f_beta, auroc = shared["macro_f_beta"], shared["macro_auroc"]
     return CrossSiteCell(
         model,
         target,
@@ -125,11 +145,86 @@ def score_cell(
         f_beta.value,
         len(classes),
         len(labels),
-        score.low,
-        score.high,
-        f_beta.low,
-        f_beta.high,
+        challenge_score_low=score.low,
+        challenge_score_high=score.high,
+        macro_f_beta_low=f_beta.low,
+        macro_f_beta_high=f_beta.high,
+        macro_auroc=auroc.value,
+        macro_auroc_low=auroc.low,
+        macro_auroc_high=auroc.high,
     )
+
+
+def in_common(
+    labels: np.ndarray,
+    target_classes: Sequence[str],
+    probs: np.ndarray,
+    y_pred: np.ndarray,
+    model_classes: Sequence[str],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, probabilities, thresholded predictions) over the classes the model and the
+    target share (:func:`shared_classes`), in the target's order."""
+    classes = shared_classes(model_classes, target_classes)
+    model_index = [list(model_classes).index(c) for c in classes]
+    target_index = [list(target_classes).index(c) for c in classes]
+    return np.asarray(labels)[:, target_index].astype(np.int64), probs[:, model_index], y_pred[:, model_index]
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """A site's adapter against a baseline on the site's own test split: the difference of
+    ``metric`` (adapter - baseline) with its paired 95% jackknife-t interval (both scored on
+    the same records, each leave-one-out set dropping the record from both), and the verdict."""
+
+    site: str
+    baseline: str
+    metric: str
+    difference: float
+    low: float
+    high: float
+    n_records: int
+
+    @property
+    def verdict(self) -> str:
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            return "insufficient evidence (no interval)"
+        if self.low > 0:
+            return f"the adapter beat {self.baseline}"
+        if self.high < 0:
+            return f"{self.baseline} beat the adapter"
+        return f"not told apart: insufficient evidence (the interval spans 0 over {self.n_records} records)"
+
+    def text(self) -> str:
+        title = METRIC_TITLES.get(self.metric, self.metric)
+        interval = Interval(self.difference, self.low, self.high, self.n_records)
+        return (
+            f"{self.site}: CE-SSL adapter - {self.baseline}, {title}: {interval.text(3)} "
+            f"over {self.n_records} test records: {self.verdict}"
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self) | {"verdict": self.verdict}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> PairedComparison:
+        fields = ("site", "baseline", "metric", "difference", "low", "high", "n_records")
+        return cls(**{k: data[k] for k in fields})  # type: ignore[arg-type]
+
+
+def paired_comparison(
+    site: str, baseline: str, labels: np.ndarray, adapter_pred: np.ndarray, baseline_pred: np.ndarray
+) -> PairedComparison:
+    """:class:`PairedComparison` of two models' thresholded predictions (records x the same
+    classes) against ``labels``, on :data:`COMPARED_METRIC`."""
+    y_true = np.asarray(labels).astype(np.int64)
+
+    def difference(keep: np.ndarray) -> float:
+        a = thresholded_metrics(y_true[keep], adapter_pred[keep])[COMPARED_METRIC]
+        b = thresholded_metrics(y_true[keep], baseline_pred[keep])[COMPARED_METRIC]
+        return a - b
+
+    found = jackknife_interval(difference, len(y_true), support=(-1.0, 1.0))
+    return PairedComparison(site, baseline, COMPARED_METRIC, found.value, found.low, found.high, len(y_true))
 
 
 def everything_cell(target: str, labels: np.ndarray, target_classes: Sequence[str], scored_labels: np.ndarray):
@@ -150,9 +245,11 @@ def everything_cell(target: str, labels: np.ndarray, target_classes: Sequence[st
 
 @dataclass(frozen=True)
 class CrossSiteMatrix:
-    """The cells of a network's cross-site evaluation; rows are models, columns targets."""
+    """The cells of a network's cross-site evaluation; rows are models, columns targets; and
+    each site's adapter compared with the head-only baseline on its own test split."""
 
     cells: tuple[CrossSiteCell, ...]
+    comparisons: tuple[PairedComparison, ...] = ()
 
     @property
     def models(self) -> list[str]:
@@ -176,8 +273,13 @@ class CrossSiteMatrix:
         return [c.to_dict() for c in self.cells]
 
     @classmethod
-    def from_records(cls, records: Sequence[dict]) -> CrossSiteMatrix:
-        return cls(tuple(CrossSiteCell(**r) for r in records))
+    def from_records(cls, records: Sequence[dict], comparisons: Sequence[Mapping] = ()) -> CrossSiteMatrix:
+        return cls(
+            tuple(CrossSiteCell(**r) for r in records), tuple(PairedComparison.from_dict(c) for c in comparisons)
+        )
+
+    def comparison_records(self) -> list[dict[str, object]]:
+        return [c.to_dict() for c in self.comparisons]
 
     def cell(self, model: str, target: str) -> CrossSiteCell | None:
         return next((c for c in self.cells if c.model == model and c.target == target), None)
@@ -233,9 +335,15 @@ class CrossSiteMatrix:
             "labelled training records (thresholds on its validation split). "
             "`backbone`: the pre-trained backbone with every LoRA update off and the target site's own adapter's head "
             "(an ablation, not a baseline). `predict-everything`: every class of the target predicted for every "
-            "record, the reference a model must beat to have learnt anything its thresholds use."
+            "record, the reference a model must beat to have learnt anything its thresholds use. Macro AUROC: "
+            "threshold-free, over the classes in common with a positive and a negative test record; the head-only "
+            "row's is the frozen-probe AUROC (how much of the target the frozen features already separate)."
         )
-        return "\n\n".join(parts) + "\n\n" + note + "\n"
+        verdicts = ""
+        if self.comparisons:
+            verdicts = "\n\n**Each site's adapter against the head-only baseline** (paired difference on its own test split):\n\n"
+            verdicts += "\n".join(f"- {c.text()}" for c in self.comparisons)
+        return "\n\n".join(parts) + verdicts + "\n\n" + note + "\n"
 
 
 def _num(value: float, digits: int = 6) -> str:

@@ -2,9 +2,11 @@
 
 An adapter directory holds, peft style,
 
-- ``adapter_model.safetensors``: the LoRA tensors, every bias, classifier.1.weight, the
-  BatchNorm / LayerNorm state (running statistics included: they saw the hospital's
-  unlabelled data) and any other parameter that was trainable when saved;
+- ``adapter_model.safetensors``: the LoRA tensors, every bias, the whole classifier head
+  (``classifier.1.weight``, which trains, and ``classifier.0.weight``, which LoRA adapts
+  but a linear-probe start replaces: LP-FT), the BatchNorm / LayerNorm state (running
+  statistics included: they saw the hospital's unlabelled data) and any other parameter that
+  was trainable when saved;
 - ``adapter_config.json``: the backbone config, the backbone identity (sha256 of the
   PRE-TRAINED backbone state dict), the class list, the per-layer rank map, the
   deactivation probability, thresholds, the method, the precision it was trained in
@@ -306,9 +308,14 @@ def load_backbone_weights(model: ECGTransformer, state_dict: Mapping[str, Tensor
 
 
 # --- adapters ------------------------------------------------------------------------------
+HEAD_WEIGHTS = ("classifier.0.weight", "classifier.1.weight")
+
+
 def adapter_state_keys(model: nn.Module) -> list[str]:
-    """State-dict names an adapter stores: LoRA tensors, every bias parameter,
-    classifier.1.weight, all BatchNorm/LayerNorm state, and any trainable parameter."""
+    """State-dict names an adapter stores: LoRA tensors, every bias parameter, the classifier
+    head's weights (the site's own: a linear-probe start, ``ml.train.recipe.init_head``,
+    replaces classifier.0's frozen weight too), all BatchNorm/LayerNorm state, and any
+    trainable parameter."""
     norm_prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, _NORM_TYPES))
     params = dict(model.named_parameters())
     keys = []
@@ -317,7 +324,7 @@ def adapter_state_keys(model: nn.Module) -> list[str]:
         if (
             _is_lora_key(name)
             or name.startswith(norm_prefixes)
-            or name == "classifier.1.weight"
+            or name in HEAD_WEIGHTS
             or (param is not None and (name.endswith(".bias") or param.requires_grad))
         ):
             keys.append(name)
@@ -351,7 +358,10 @@ def save_adapter(model: ECGTransformer, out_dir: str | Path, meta: AdapterMeta) 
     unmerge_lora(model)
     try:
         state = model.state_dict()
-        tensors = {k: state[k].detach().cpu().contiguous() for k in adapter_state_keys(model)}
+        # copies: the re-merge below writes into the weights in place (classifier.0.weight is stored)
+        tensors = {
+            k: state[k].detach().cpu().clone(memory_format=torch.contiguous_format) for k in adapter_state_keys(model)
+        }
     finally:
         for layer in merged:
             layer.merge()

@@ -399,7 +399,9 @@ def export_testset(tracking: TrackingConfig) -> None:
 
 
 # The network demo's schedule: three hospitals must train in the time one did (make demo).
-NETWORK_DEMO_PARAMS = DEMO_PARAMS.replace(max_steps=40, val_every=20, min_class_count=5, labelled_ratio=0.5)
+NETWORK_DEMO_PARAMS = DEMO_PARAMS.replace(
+    max_steps=40, val_every=20, min_class_count=5, labelled_ratio=0.5, test_ratio=0.4
+)
 
 
 def network_demo_params(args: argparse.Namespace) -> PipelineParams:

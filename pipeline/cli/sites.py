@@ -37,7 +37,9 @@ from pipeline.core.sites import (
 log = logging.getLogger(__name__)
 
 DEMO_SITES = 3
-DEMO_RECORDS_PER_SITE = 60
+# 360 records a site: with the network demo's test_ratio (0.4) each test split holds 104-130
+# records, enough for its intervals to tell apart differences of ~0.1 (Step 15)
+DEMO_RECORDS_PER_SITE = 360
 DEMO_NETWORK_DIR = Path("network")  # outside data/: the one-hospital demo's source
 
 REGISTERED, REUSED, FAILED = "registered", "reused", "failed"
@@ -48,10 +50,15 @@ REGISTERED, REUSED, FAILED = "registered", "reused", "failed"
 
 def demo_network(out_dir: Path, n_sites: int, records_per_site: int, seed: int = 0) -> list[tuple[str, Path]]:
     """``n_sites`` synthetic hospitals under ``out_dir`` (``hospital-a``, ``hospital-b``, ...)
-    with real site shift (``ml.data.synth.synthesize_network``); (site, folder) pairs."""
-    from ml.data.synth import synthesize_network
+    with real site shift (``ml.data.synth.synthesize_network``: devices, lead geometry, case
+    mix) and classes mostly new to the embedded default backbone
+    (:data:`ml.data.synth.NETWORK_DEMO_CLASSES`); (site, folder) pairs."""
+    from ml.data.parallel import default_workers
+    from ml.data.synth import NETWORK_DEMO_CLASSES, SiteOptions, synthesize_network
 
-    return [(str(s), Path(p)) for s, p in synthesize_network(out_dir, n_sites, records_per_site, seed)]
+    options = SiteOptions(classes=NETWORK_DEMO_CLASSES)
+    written = synthesize_network(out_dir, n_sites, records_per_site, seed, options, workers=default_workers())
+    return [(str(s), Path(p)) for s, p in written]
 
 
 def ensure_demo_network(sites_file: Path, n_sites: int = DEMO_SITES, records: int = DEMO_RECORDS_PER_SITE) -> Path:
@@ -150,6 +157,7 @@ class NetworkSummary:
     tracking_uri: str
     sites: list[SiteOutcome]
     cells: list[dict[str, Any]] = field(default_factory=list)
+    comparisons: list[dict[str, Any]] = field(default_factory=list)  # ml.eval.cross_site.PairedComparison
     seconds: float = 0.0
     error: str = ""  # the run's failure, when it ended early
     sites_file: str = ""  # the site registry the run read
@@ -248,7 +256,7 @@ def print_network_summary(summary: NetworkSummary, console=None) -> None:
     columns = ("site", "records", "quarantined", "data version", "model version", "status")
     print_records(console, f"CE-SSL network {summary.network_id}", columns, rows)  # 80 columns, IDs whole
     if summary.cells:
-        matrix = CrossSiteMatrix.from_records(summary.cells)
+        matrix = CrossSiteMatrix.from_records(summary.cells, summary.comparisons)
         for metric in METRICS:
             grid = Table(
                 title=f"cross-site {METRIC_TITLES[metric]} [95% CI] (rows: model, columns: test split of site)"
@@ -265,10 +273,14 @@ def print_network_summary(summary: NetworkSummary, console=None) -> None:
                 "scored over the classes each model and test split share; 'head-only': the baseline, the frozen "
                 "backbone with a linear head fit on the site's labelled records; 'backbone': the pre-trained backbone, "
                 "LoRA off, with the site's own head (an ablation); 'predict-everything': every class for every "
-                "record, the reference to beat",
+                "record, the reference to beat; the head-only row's macro AUROC is the frozen-probe AUROC",
                 style="dim",
             )
         )
+        if matrix.comparisons:
+            console.print("each site's CE-SSL adapter against the head-only baseline (paired, its own test split):")
+            for comparison in matrix.comparisons:
+                console.print(Text(f"  {comparison.text()}"), soft_wrap=True)
     if summary.error:
         console.print(Text(f"the network run ended early: {summary.error}", style="red"))
     console.print(f"MLflow parent run: {summary.parent_run_id or 'none'} ({summary.tracking_uri})")
@@ -358,6 +370,7 @@ def run_network(args: argparse.Namespace, params: PipelineParams, registry: Site
         summary.seconds = time.perf_counter() - start
         return summary
     summary.parent_run_id, outcomes, summary.cells = outcomes_from_summary(text, items)
+    summary.comparisons = list(json.loads(text).get("comparisons", []))
     summary.sites = outcomes + summary.sites
     summary.seconds = time.perf_counter() - start
     if not getattr(args, "no_push", False):

@@ -58,7 +58,7 @@ class MlDefaults:
     lr: float = 1e-3  # TrainConfig.lr
     val_every: int = 50  # TrainConfig.val_every
     precision: str = "fp32"  # TrainConfig.precision
-    head_init: str = "random"  # TrainConfig.head_init
+    head_init: str = "linear-probe"  # TrainConfig.head_init
 
 
 _ML = MlDefaults()
@@ -133,6 +133,13 @@ class PipelineParams:
     backbone_config: str = param("tinylight", "backbone size", choices=BACKBONE_NAMES)
     labelled_ratio: float = param(
         0.05, "fraction of the non-test records that keep their labels", exclusive_minimum=0, exclusive_maximum=1
+    )
+    test_ratio: float = param(
+        0.1,
+        "fraction of the labelled records held out as the test split (the evaluation's and the gate's records: "
+        "a larger one tells smaller differences apart)",
+        exclusive_minimum=0,
+        exclusive_maximum=1,
     )
     r: int = param(
         _ML.r,

@@ -500,6 +500,7 @@ def add_finetune_chain(
     split = steps.split(
         store=inputs.store,
         labelled_ratio=labelled_ratio,
+        test_ratio=run.test_ratio,
         seed=seed,
         test_seed=seed if test_seed is None else test_seed,
         frozen_testset=frozen_testset,

@@ -153,6 +153,7 @@ def resolve_testset(model_name: str, method: str, tracking_uri: str, frozen_test
 def split(
     store: Input[Dataset],
     labelled_ratio: float,
+    test_ratio: float,
     seed: int,
     test_seed: int,
     frozen_testset: str,
@@ -172,7 +173,7 @@ def split(
 
     from components.split import SplitConfig, split_step
 
-    config = SplitConfig(labelled_ratio=labelled_ratio, seed=seed, test_seed=test_seed)
+    config = SplitConfig(labelled_ratio=labelled_ratio, test_ratio=test_ratio, seed=seed, test_seed=test_seed)
     with tempfile.TemporaryDirectory(prefix="cessl-testset-") as tmp:
         frozen_path = None
         if frozen_testset:  # fetched from MLflow here: components/split.py reads a plain file
@@ -284,7 +285,7 @@ def finetune(
     curves: Output[Artifact],
     train_metrics: Output[Metrics],
     precision: str = "fp32",
-    head_init: str = "random",
+    head_init: str = "linear-probe",
     site: str = "",
 ) -> str:
     """CE-SSL fine-tuning (GPU when there is one), resumable from its last checkpoint.
@@ -725,7 +726,13 @@ def cross_site(
         [str(r["run_id"]) for r in registered],
     )
     files.metadata.update({"run_id": parent.run_id, "n_sites": len(sites)})
-    summary = {"parent_run_id": parent.run_id, "network_id": parent.network_id, "sites": registered, "cells": cells}
+    summary = {
+        "parent_run_id": parent.run_id,
+        "network_id": parent.network_id,
+        "sites": registered,
+        "cells": cells,
+        "comparisons": result.comparison_records(),
+    }
     return json.dumps(summary, sort_keys=True)
 
 

@@ -68,6 +68,8 @@ def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def test_adapter_round_trip(tmp_path: Path, backbone_state: dict, x: torch.Tensor) -> None:
     model = fine_tuned(backbone_state, x)
+    with torch.no_grad():  # a linear-probe start (LP-FT) replaces classifier.0's frozen weight too
+        model.classifier[0].weight.mul_(0.5)
     meta = AdapterMeta(
         backbone_id=state_dict_identity(backbone_state),
         classes=CLASSES,
@@ -82,7 +84,9 @@ def test_adapter_round_trip(tmp_path: Path, backbone_state: dict, x: torch.Tenso
     assert "encoder_layers.0.conv1.lora_A" in stored and "classifier.1.weight" in stored
     assert "encoder_layers.0.bn1.running_mean" in stored and "transformer_layers.0.norm1.weight" in stored
     assert "transformer_layers.0.fc2.lora_A" not in stored  # rank 0: not adapted
-    assert "encoder_layers.0.conv1.conv.weight" not in stored and "classifier.0.weight" not in stored
+    assert (
+        "encoder_layers.0.conv1.conv.weight" not in stored and "classifier.0.weight" in stored
+    )  # the head: the site's
     assert sum(t.numel() for t in stored.values()) < 0.2 * sum(t.numel() for t in backbone_state.values())
 
     config = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())

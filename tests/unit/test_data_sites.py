@@ -318,3 +318,31 @@ def test_the_ingest_step_keys_a_site_s_records_by_site(network, tmp_path):
     assert (again.read, again.fingerprint) == (0, result.fingerprint)
     with pytest.raises(StepError, match="must be a DNS label"):
         ingest_step(str(folder), tmp_path / "m3", tmp_path / "q3.md", state_dir=state, site="Bad Site")
+
+
+def test_lead_geometry_differs_by_site_and_survives_preprocessing():
+    """Each site turns the heart's dipole (its lead geometry): the same beat reaches the leads
+    otherwise, and preprocessing (which undoes rate, gain, wander and mains) keeps it; an
+    unturned heart projects exactly as before."""
+    from ml.data.preprocess import preprocess_signal
+    from ml.data.synth import DIPOLE_TO_LEAD, dipole_to_lead, rotation
+
+    assert dipole_to_lead((0.0, 0.0, 0.0)) is DIPOLE_TO_LEAD
+    for angles in [(0.0, 0.0, 35.0), (25.0, 0.0, -25.0), (-20.0, 30.0, 0.0)]:
+        turn = rotation(angles)
+        np.testing.assert_allclose(turn @ turn.T, np.eye(3), atol=1e-12)
+        assert np.linalg.det(turn) == pytest.approx(1.0)
+    np.testing.assert_allclose(rotation((0.0, 0.0, 90.0)) @ [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], atol=1e-12)
+    geometries = {site_config(i, 1).heart_rotation_deg for i in range(4)}
+    assert len(geometries) == 4 and (0.0, 0.0, 0.0) not in geometries
+
+    base = site_config(0, 4, seed=5)
+    turned = SynthConfig(**{**base.__dict__, "heart_rotation_deg": (0.0, -40.0, 0.0)})
+    upright = SynthConfig(**{**base.__dict__, "heart_rotation_deg": (0.0, 0.0, 0.0)})
+    for k in range(4):
+        a, b = synthesize_record(k, upright), synthesize_record(k, turned)
+        assert a.labels == b.labels  # the same patient, seen through another geometry
+        pa, pb = preprocess_signal(a.signal, a.fs), preprocess_signal(b.signal, b.fs)
+        assert np.abs(pa - pb).mean() > 0.2 * np.abs(pa).mean()
+    with pytest.raises(ValueError, match="heart_rotation_deg"):
+        SynthConfig(heart_rotation_deg=(0.0, 400.0, 0.0))

@@ -158,10 +158,10 @@ def test_a_linear_probe_start_is_the_probe_in_the_classifier_and_nothing_else(mo
 
 def test_a_random_start_is_the_model_as_built(monkeypatch):
     """``head_init`` random changes nothing: the trainer gets the model as built from the seed,
-    every weight the same as before the option existed (random is the default)."""
+    every weight the same as before the option existed (linear-probe is the default)."""
     from ml.train.config import TrainConfig
 
-    assert TrainConfig().head_init == "random"
+    assert TrainConfig().head_init == "linear-probe"
     start, built, _ = _head_at_first_step(monkeypatch, "cessl", "random")
     assert all(torch.equal(start[k], built[k]) for k in built)
 
@@ -173,3 +173,32 @@ def test_head_init_is_checked_and_keys_only_a_linear_probe_start():
         TrainConfig(head_init="zeros")
     assert "head_init" not in TrainConfig(head_init="random").schedule_fingerprint()  # resume as before
     assert TrainConfig(head_init="linear-probe").schedule_fingerprint()["head_init"] == "linear-probe"
+
+
+def test_a_linear_probe_started_cessl_adapter_reads_back_as_the_model_that_trained(tmp_path):
+    """LP-FT replaces classifier.0's frozen weight (LoRA adapts that layer): the adapter stores it,
+    so the model read back from the file answers as the one fine-tuned (it used to take the
+    backbone's classifier.0 on load, and a pipeline run's evaluation scored a broken head)."""
+    from train_support import N_CLASSES, TINY_TRAIN, tiny_splits
+
+    from ml.model.adapter import AdapterMeta, load_adapter, save_adapter
+    from ml.model.backbone import backbone_config
+    from ml.model.lora import LoRAConfig
+    from ml.train import recipe
+    from ml.train.config import TrainConfig
+
+    config = backbone_config("tinylight", N_CLASSES)
+    torch.manual_seed(0)
+    backbone = ECGTransformer(config).state_dict()
+    splits = tiny_splits({"train": 24, "valid": 8, "test": 8})
+    train = TrainConfig(**(TINY_TRAIN | {"method": "cessl", "max_steps": 2, "head_init": "linear-probe"}))
+    outcome = recipe.finetune(
+        backbone, config, LoRAConfig(p=0.2), {}, train, splits["train"], splits["valid"], splits["valid"]
+    )
+    model = outcome.model
+    assert not torch.equal(model.classifier[0].weight, backbone["classifier.0.weight"])  # the probe's
+    meta = AdapterMeta(backbone_id=state_dict_identity(backbone), classes=[str(i) for i in range(N_CLASSES)])
+    loaded, _ = load_adapter(save_adapter(model, tmp_path / "adapter", meta), backbone)
+    np.testing.assert_allclose(
+        predict_with_labels(loaded, splits["test"])[0], predict_with_labels(model, splits["test"])[0], atol=1e-6
+    )

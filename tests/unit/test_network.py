@@ -11,7 +11,15 @@ import yaml
 from pipeline_support import cessl
 
 from ml.eval.challenge import challenge_score, load_weights, scored_codes, to_scored_classes
-from ml.eval.cross_site import EVERYTHING_ROW, CrossSiteMatrix, everything_cell, score_cell
+from ml.eval.cross_site import (
+    EVERYTHING_ROW,
+    HEAD_ONLY_ROW,
+    CrossSiteMatrix,
+    PairedComparison,
+    everything_cell,
+    paired_comparison,
+    score_cell,
+)
 from ml.eval.metrics import thresholded_metrics
 from pipeline.core.params import DEFAULTS
 from pipeline.core.sites import Site, load_sites
@@ -160,6 +168,46 @@ def test_the_reference_row_predicts_every_class_of_the_target_for_every_record()
     assert cell.challenge_score == pytest.approx(
         challenge_score(scored, scored_codes(), np.ones_like(labels), target_classes)
     )
+
+
+def test_a_cell_carries_the_macro_auroc_of_the_shared_classes_with_its_interval():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, size=(60, 2))
+    classes = ["426783006", "164889003"]
+    scored = to_scored_classes(labels, classes, load_weights())
+    ranked = labels + 0.1 * rng.random(labels.shape)  # ranks every positive above every negative
+    cell = score_cell("m", "t", ranked, classes, [0.5, 0.5], labels, classes, scored)
+    assert cell.macro_auroc == pytest.approx(1.0) and cell.macro_auroc_high == pytest.approx(1.0)
+    noise = score_cell("m", "t", rng.random(labels.shape), classes, [0.5, 0.5], labels, classes, scored)
+    assert noise.macro_auroc_low < 0.5 < noise.macro_auroc_high  # chance, and its interval says so
+    assert everything_cell("t", labels, classes, scored).macro_auroc == pytest.approx(0.5)
+
+
+def test_the_paired_comparison_decides_only_when_its_interval_excludes_zero():
+    """The adapter against the head-only baseline on the same records: a clear win is said, a
+    difference within the noise is "insufficient evidence", never a silent verdict."""
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, size=(120, 3))
+    flip = rng.random(labels.shape)
+    good = np.where(flip < 0.05, 1 - labels, labels)  # 5% of the calls wrong
+    poor = np.where(flip < 0.40, 1 - labels, labels)  # 40% wrong
+    won = paired_comparison("hospital-a", HEAD_ONLY_ROW, labels, good, poor)
+    assert won.low > 0 and won.verdict == f"the adapter beat {HEAD_ONLY_ROW}" and won.n_records == 120
+    lost = paired_comparison("hospital-a", HEAD_ONLY_ROW, labels, poor, good)
+    assert lost.high < 0 and lost.verdict.startswith(f"{HEAD_ONLY_ROW} beat")
+    other = good.copy()
+    other[:4, 0] = 1 - other[:4, 0]  # all but as good: 4 calls of one class differ
+    tie = paired_comparison("hospital-a", HEAD_ONLY_ROW, labels, good, other)
+    assert tie.low < 0 < tie.high and "insufficient evidence" in tie.verdict and "120 records" in tie.verdict
+    assert tie.difference == pytest.approx(
+        thresholded_metrics(labels, good)["macro_f_beta"] - thresholded_metrics(labels, other)["macro_f_beta"]
+    )
+    one = paired_comparison("hospital-a", HEAD_ONLY_ROW, labels[:1], good[:1], poor[:1])
+    assert one.verdict.startswith("insufficient evidence")
+    matrix = CrossSiteMatrix((), (won, tie))
+    again = CrossSiteMatrix.from_records([], matrix.comparison_records())
+    assert again.comparisons == (won, tie) and isinstance(again.comparisons[0], PairedComparison)
+    assert "hospital-a: CE-SSL adapter - head-only" in matrix.markdown()
 
 
 # --------------------------------------------------------------------------- a real run
