@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.cli.local import local_run_config, preflight_local, prepare_store, project_lock
 from pipeline.cli.options import given
 from pipeline.cli.verbs import DEFAULT_PACKAGE
+from pipeline.core.logsafe import redact
 from pipeline.core.params import (
     DEFAULTS,
     DEMO_PARAMS,
@@ -243,7 +244,7 @@ def next_steps(summary: RunSummary) -> list[str]:
     spelled so that they run from here: :func:`pipeline.cli.shell.runnable`)."""
     from pipeline.cli.shell import runnable
 
-    uri = shlex.quote(summary.tracking_uri)
+    uri = shlex.quote(redact(summary.tracking_uri))  # a password in the URI is never printed
     flag = f" --tracking-uri {uri}" if summary.tracking_uri else ""
     lines = [runnable(f"mlflow ui --backend-store-uri {uri}" if summary.tracking_uri else "mlflow ui")]
     if summary.report_uri:
@@ -274,7 +275,7 @@ def summary_fields(summary: RunSummary) -> list[tuple[str, Any]]:
         ("ranks allocated", summarise(summary.rank_map)),
         ("schedule", summary.schedule),
         ("MLflow run", summary.run_id),
-        ("tracking URI", summary.tracking_uri),
+        ("tracking URI", redact(summary.tracking_uri)),
         ("model version", version),
         ("wall time", f"{summary.seconds:.0f} s"),
     ]

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,7 @@ from typing import Any
 
 from ml.errors import ParameterError
 from pipeline.core.constraints import field_value
+from pipeline.core.logsafe import redact
 from pipeline.core.params import PipelineParams
 from pipeline.core.sites import (
     DEFAULT_SITES_FILE,
@@ -283,9 +285,10 @@ def print_network_summary(summary: NetworkSummary, console=None) -> None:
                 console.print(Text(f"  {comparison.text()}"), soft_wrap=True)
     if summary.error:
         console.print(Text(f"the network run ended early: {summary.error}", style="red"))
-    console.print(f"MLflow parent run: {summary.parent_run_id or 'none'} ({summary.tracking_uri})")
+    uri = shlex.quote(redact(summary.tracking_uri))  # a password in the URI is never printed
+    console.print(Text(f"MLflow parent run: {summary.parent_run_id or 'none'} ({redact(summary.tracking_uri)})"))
     console.print("next:", style="bold")
-    flag = f" --tracking-uri {summary.tracking_uri}" if summary.tracking_uri else ""
+    flag = f" --tracking-uri {uri}" if summary.tracking_uri else ""
     for line in next_steps(summary, flag):
         console.print(Text(f"  {line}"), soft_wrap=True)
 
@@ -293,7 +296,8 @@ def print_network_summary(summary: NetworkSummary, console=None) -> None:
 def next_steps(summary: NetworkSummary, flag: str) -> list[str]:
     from pipeline.cli.shell import runnable
 
-    lines = [f"mlflow ui --backend-store-uri {summary.tracking_uri}" if summary.tracking_uri else "mlflow ui"]
+    uri = shlex.quote(redact(summary.tracking_uri))
+    lines = [f"mlflow ui --backend-store-uri {uri}" if summary.tracking_uri else "mlflow ui"]
     from pipeline.registry.signing import KEYGEN_HINT, has_signing_key
     from pipeline.registry.tracking import production_model_name
 

@@ -155,3 +155,26 @@ def test_pretrain_bench_measures_scaling_communication_and_projects(tmp_path: Pa
         assert row["samples_per_s"] == pytest.approx(n * 2 / row["step_ms"] * 1e3)
     assert rows[1]["samples_per_s"] < rows[2]["samples_per_s"] < rows[4]["samples_per_s"] < rows[8]["samples_per_s"]
     assert "projection (ring all-reduce" in proc.stdout
+
+
+@pytest.mark.slow
+def test_quality_bench_scores_every_method_on_one_test_split_and_reads_a_real_folder(tmp_path: Path) -> None:
+    """bench/quality.py: methods x fractions x seeds on one frozen test split (every cell the same
+    test records), paired against CE-SSL; and the same harness on a mounted WFDB folder (the
+    real Challenge 2021 records of the fixtures)."""
+    quick = ["--steps", "2", "--seeds", "0", "1", "--methods", "head-only"]
+    synthetic = run_bench("quality.py", [*quick, "--records", "60", "--ratios", "0.2"], tmp_path / "synth.json")
+    rows = synthetic["rows"]
+    assert {(r["method"], r["seed"]) for r in rows} == {(m, s) for m in ("cessl", "head-only") for s in (0, 1)}
+    assert len({tuple(r["test_ids"]) for r in rows}) == 1 and len(rows[0]["test_ids"]) == 18
+    for r in rows:
+        assert 0.0 <= r["macro_f_beta"] <= 1.0 and r["trainable"] < r["total"]
+        assert (r["steps"] == 0) == (r["method"] == "head-only")
+    assert len(synthetic["summary"]["head-only@0.2"]["diff_f_beta_vs_cessl"]) == 2
+    source = str(ROOT / "tests" / "fixtures" / "ecg" / "cinc2021")
+    real = run_bench(
+        "quality.py",
+        [*quick[:2], "--seeds", "0", "--methods", "cessl", "--source", source, "--min-positives", "3"],
+        tmp_path / "real.json",
+    )
+    assert real["rows"][0]["n_test"] + real["rows"][0]["n_labelled"] > 0 and real["args"]["source"] == source

@@ -296,3 +296,19 @@ def test_network_next_steps_promote_the_production_model_and_say_to_make_a_key(m
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "signing-key.pem").write_text("a key")
     assert not any("access keygen" in line for line in next_steps(NetworkSummary("n", RUN_ID, URI, [site]), ""))
+
+
+def test_a_password_in_the_tracking_uri_is_never_printed_in_a_summary(monkeypatch, tmp_path):
+    """The run and network summaries (printed, not logged) mask a URI's password as the logs do;
+    their next steps carry the masked URI (credentials come from the environment)."""
+    from pipeline.cli.sites import REGISTERED, NetworkSummary, SiteOutcome, print_network_summary
+
+    secret = "s3cr3t-Passw0rd"
+    uri = f"https://release-manager:{secret}@mlflow.hospital.example"
+    monkeypatch.chdir(tmp_path)
+    sites = [SiteOutcome("hospital-a", "/data/a", REGISTERED, "", DATA_VERSION, 40, 2, MODEL, "3", RUN_ID)]
+    network = render(lambda console: print_network_summary(NetworkSummary("n1", RUN_ID, uri, sites), console))
+    run = dataclasses.replace(summary(), tracking_uri=uri)
+    single = render(lambda console: print_summary(run, console)) + "\n".join(next_steps(run))
+    for text in (network, single):
+        assert secret not in text and "mlflow.hospital.example" in text and "***" in text
