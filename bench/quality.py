@@ -171,6 +171,7 @@ def run_cell(
         "n_test": len(splits.test),
         "test_ids": splits.test,
         "steps": steps,
+        "best_step": outcome.result.best_step,  # 0: validation never beat the start (LP-FT: the probe)
         "ms_per_step": 1000 * seconds / steps if steps else float("nan"),
         "seconds": seconds,
         "trainable": outcome.trainable,
@@ -194,9 +195,9 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, target: Target,
     )
     print(
         "| method | reads | labelled | labelled / unlabelled records | test macro F-beta2 | test mAP | test AUROC "
-        "| ms/step | trainable (share) | peak MB | F-beta2 - cessl (paired) |"
+        "| best step | ms/step | trainable (share) | peak MB | F-beta2 - cessl (paired) |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     summary: dict[str, Any] = {}
     for ratio in args.ratios:
         reference = {r["seed"]: r for r in rows if r["method"] == REFERENCE and r["ratio"] == ratio}
@@ -204,7 +205,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, target: Target,
             mine = [r for r in rows if r["method"] == method and r["ratio"] == ratio]
             if not mine:
                 continue
-            cols = {k: [float(r[k]) for r in mine] for k in (*METRICS, "ms_per_step", "peak_memory_mb")}
+            cols = {k: [float(r[k]) for r in mine] for k in (*METRICS, "ms_per_step", "peak_memory_mb", "best_step")}
             diffs = [r["macro_f_beta"] - reference[r["seed"]]["macro_f_beta"] for r in mine if r["seed"] in reference]
             paired = "" if method == REFERENCE or not diffs else f"{statistics.mean(diffs):+.3f} +- {_sd(diffs):.3f}"
             peak, ms = statistics.mean(cols["peak_memory_mb"]), statistics.mean(cols["ms_per_step"])
@@ -213,6 +214,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, target: Target,
             print(
                 f"| {method} | {reads} | {ratio:.0%} | {mine[0]['n_labelled']} / {mine[0]['n_unlabelled']} | "
                 + " | ".join(f"{statistics.mean(cols[m]):.3f} +- {_sd(cols[m]):.3f}" for m in METRICS)
+                + f" | {statistics.mean(cols['best_step']):.0f}"
                 + (" | no step" if not np.isfinite(ms) else f" | {ms:.0f}")
                 + f" | {mine[0]['trainable']:,} ({share:.1%}) | "
                 + ("n/a" if not np.isfinite(peak) else f"{peak:.0f}")

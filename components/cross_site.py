@@ -2,8 +2,9 @@
 
 Every site's adapter scored on every site's test split, and on each site's own test split the
 references: the head-only baseline (the frozen backbone with a linear head fit on the site's
-labelled records, ``ml.eval.head_only``), the backbone without adaptation (an ablation) and
-predict-everything: a matrix of the official Challenge 2021 score (against the records' labels of all
+labelled records, ``ml.eval.head_only``), the site's plain LoRA adapter (trained on its labelled
+records alone, the network DAG's baseline chain), the backbone without adaptation (an
+ablation) and predict-everything: a matrix of the official Challenge 2021 score (against the records' labels of all
 26 scored classes) and the macro F-beta2, written as CSV, Markdown,
 JSON and a heat-map PNG. The test splits are the ones the sites' own evaluate steps used
 (the same store and split files), so the diagonal is each site's own test score.
@@ -32,12 +33,14 @@ MATRIX_CSV, MATRIX_MD, MATRIX_JSON, MATRIX_PNG = "cross_site.csv", "cross_site.m
 
 @dataclass(frozen=True)
 class SiteArtifacts:
-    """What the cross-site step reads of one site: its name, store, split file and adapter."""
+    """What the cross-site step reads of one site: its name, store, split file, adapter and its
+    plain-LoRA baseline adapter (None: none trained)."""
 
     name: str
     store_dir: Path
     splits_path: Path
     adapter_dir: Path
+    baseline_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -136,8 +139,16 @@ def _compare(site: str, adapter: _Scored, baseline: _Scored, row: str, test: _Te
 
 def cross_site_matrix(backbone_dir: Path, sites: Sequence[SiteArtifacts], batch_size: int = 64):
     """The :class:`ml.eval.cross_site.CrossSiteMatrix` of ``sites`` (each model on each test
-    split), with each site's adapter compared with the head-only baseline on its own split."""
-    from ml.eval.cross_site import BACKBONE_ROW, HEAD_ONLY_ROW, CrossSiteMatrix, everything_cell, without_adaptation
+    split), with each site's adapter compared with the head-only baseline and its plain-LoRA
+    adapter on its own split."""
+    from ml.eval.cross_site import (
+        BACKBONE_ROW,
+        HEAD_ONLY_ROW,
+        PLAIN_LORA_ROW,
+        CrossSiteMatrix,
+        everything_cell,
+        without_adaptation,
+    )
     from ml.eval.evaluate import predict_with_labels
     from ml.eval.predictor import load_predictor
     from ml.model.pretrained import read_backbone
@@ -171,6 +182,10 @@ def cross_site_matrix(backbone_dir: Path, sites: Sequence[SiteArtifacts], batch_
         if head_only is not None:
             cells.append(head_only.cell(HEAD_ONLY_ROW, target.name, test))
             comparisons.append(_compare(target.name, own[target.name], head_only, HEAD_ONLY_ROW, test))
+        if target.baseline_dir is not None:  # the site's plain LoRA adapter, on its own test split
+            lora = scored(load_predictor(backbone_dir, target.baseline_dir), target.name)
+            cells.append(lora.cell(PLAIN_LORA_ROW, target.name, test))
+            comparisons.append(_compare(target.name, own[target.name], lora, PLAIN_LORA_ROW, test))
     for name, test in tests.items():  # the reference: every class of the target, for every record
         cells.append(everything_cell(name, test.labels, test.classes, test.scored))
     return CrossSiteMatrix(tuple(cells), tuple(comparisons))

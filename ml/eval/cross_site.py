@@ -17,8 +17,8 @@ test records (:mod:`ml.eval.intervals`):
 - ``macro_auroc``: threshold-free, over the same classes (those with a positive and a
   negative test record); the head-only row's is the frozen-probe AUROC of the target.
 
-Each site's adapter is compared with the head-only baseline on its own test split
-(:class:`PairedComparison`): the difference of the macro F-beta2 (the gate's metric) with a
+Each site's adapter is compared with the head-only baseline and with its plain LoRA adapter
+(:data:`PLAIN_LORA_ROW`) on its own test split (:class:`PairedComparison`): the difference of the macro F-beta2 (the gate's metric) with a
 paired interval, and a verdict that says "insufficient evidence" when the interval spans 0.
 
 The backbone row: the pre-trained backbone has no head for a site's classes, so on target
@@ -49,6 +49,10 @@ HEAD_ONLY_ROW = "head-only"
 # beat it on a target has learnt nothing its thresholds can use there (on a small test split,
 # over-prediction scores well on F-beta2, which weighs recall 4x).
 EVERYTHING_ROW = "predict-everything"
+# The site's plain LoRA adapter: the same backbone, ranks and schedule, trained on the site's
+# labelled records alone (no unlabelled data, no random deactivation): what CE-SSL's
+# semi-supervision and deactivation add over supervised LoRA.
+PLAIN_LORA_ROW = "lora"
 METRICS = ("challenge_score", "macro_f_beta", "macro_auroc")
 METRIC_TITLES = {"challenge_score": "Challenge score", "macro_f_beta": "macro F-beta2", "macro_auroc": "macro AUROC"}
 # the metric of the paired comparisons of each site's adapter with the head-only baseline: the
@@ -334,14 +338,17 @@ class CrossSiteMatrix:
             "`head-only`: the baseline, the frozen pre-trained backbone with a linear head fit on the target site's "
             "labelled training records (thresholds on its validation split). "
             "`backbone`: the pre-trained backbone with every LoRA update off and the target site's own adapter's head "
-            "(an ablation, not a baseline). `predict-everything`: every class of the target predicted for every "
+            "(an ablation, not a baseline). `lora`: the site's plain LoRA adapter (its labelled records alone). "
+            "`predict-everything`: every class of the target predicted for every "
             "record, the reference a model must beat to have learnt anything its thresholds use. Macro AUROC: "
             "threshold-free, over the classes in common with a positive and a negative test record; the head-only "
             "row's is the frozen-probe AUROC (how much of the target the frozen features already separate)."
         )
         verdicts = ""
         if self.comparisons:
-            verdicts = "\n\n**Each site's adapter against the head-only baseline** (paired difference on its own test split):\n\n"
+            verdicts = (
+                "\n\n**Each site's adapter against its baselines** (paired difference on its own test split):\n\n"
+            )
             verdicts += "\n".join(f"- {c.text()}" for c in self.comparisons)
         return "\n\n".join(parts) + verdicts + "\n\n" + note + "\n"
 

@@ -274,13 +274,14 @@ def print_network_summary(summary: NetworkSummary, console=None) -> None:
                 "95% jackknife-t intervals over each test split's records: overlapping cells are not told apart; "
                 "scored over the classes each model and test split share; 'head-only': the baseline, the frozen "
                 "backbone with a linear head fit on the site's labelled records; 'backbone': the pre-trained backbone, "
-                "LoRA off, with the site's own head (an ablation); 'predict-everything': every class for every "
+                "LoRA off, with the site's own head (an ablation); 'lora': the site's plain LoRA adapter (its "
+                "labelled records alone); 'predict-everything': every class for every "
                 "record, the reference to beat; the head-only row's macro AUROC is the frozen-probe AUROC",
                 style="dim",
             )
         )
         if matrix.comparisons:
-            console.print("each site's CE-SSL adapter against the head-only baseline (paired, its own test split):")
+            console.print("each site's CE-SSL adapter against its baselines (paired, its own test split):")
             for comparison in matrix.comparisons:
                 console.print(Text(f"  {comparison.text()}"), soft_wrap=True)
     if summary.error:

@@ -372,7 +372,7 @@ def configure_tasks(
         task.set_display_name(name)
         cached = options.caching and name not in uncached and (name != INGEST or options.cache_ingest)
         task.set_caching_options(enable_caching=cached)
-        if name == FINETUNE:
+        if name == FINETUNE or name.endswith("-" + FINETUNE):  # a network site's baseline-finetune too
             _configure_finetune(task, options)
         else:
             _request(task, options.step_resources)

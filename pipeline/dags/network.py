@@ -5,10 +5,14 @@
                                           |     ingest -> preprocess -> split -> allocate_ranks
                                           |       -> finetune (GPU) -> evaluate -> score_champion
                                           |       -> register (<model>-<site>, tags site / backbone / data version)
+                                          |     and the baseline: the same chain with plain LoRA
+                                          |       (baseline-split ... baseline-evaluate; not registered)
                                           +--> cross_site (dsl.Collected: every adapter and the
-                                               backbone on every site's test split -> parent run)
+                                               backbone on every site's test split, each site's
+                                               LoRA baseline on its own -> parent run)
 
-One shared backbone, one CE-SSL adapter per site. The sites are a *list parameter*
+One shared backbone, one CE-SSL adapter per site (and its plain LoRA baseline, trained on the
+same split for the comparison only). The sites are a *list parameter*
 (``sites``: one dict per site, :func:`site_items`), so one compiled pipeline serves any
 ``sites.yaml``: ``cessl submit --sites`` / ``cessl schedule --sites`` pass the file's sites
 as that parameter. A site's item carries its name, its registered model
@@ -49,6 +53,7 @@ from pipeline.dags.finetune import (
     REGISTER,
     RESOLVE_TESTSET,
     SCORE_CHAMPION,
+    SITE_CHOICES,
     SPLIT,
     VALIDATE,
     CompileOptions,
@@ -56,6 +61,7 @@ from pipeline.dags.finetune import (
     SharedInputs,
     add_backbone,
     add_data,
+    add_finetune_chain,
     add_registered_model,
     add_validate,
     configure_tasks,
@@ -74,6 +80,9 @@ NETWORK_PIPELINE_NAME = "cessl-network"
 SITE_PARAMS: tuple[str, ...] = ("source", "data_version", "state_dir", *OVERRIDABLE)
 ITEM_KEYS: tuple[str, ...] = ("name", "model_name", *SITE_PARAMS)
 START, CROSS_SITE = "start-network", "cross-site"
+# Each site also trains this baseline on its split (display names: BASELINE_PREFIX + the chain's)
+BASELINE_METHOD = "lora"
+BASELINE_PREFIX = "baseline-"
 
 
 @dataclass(frozen=True)
@@ -170,12 +179,26 @@ def build_network_pipeline(
                 after=start,
                 network_id=run.network_id,
             )
+            # the site's plain LoRA adapter on the same split (the same frozen test set), never
+            # registered: the cross-site step compares the site's CE-SSL adapter with it
+            baseline = add_finetune_chain(
+                steps,
+                run,
+                inputs,
+                method=BASELINE_METHOD,
+                labelled_ratio=site.labelled_ratio,
+                seed=site.seed,
+                frozen_testset=model.testset.output,
+                choices={name: getattr(site, name) for name in SITE_CHOICES},
+                site=item_field(site, "name"),
+            )
         cross = network_steps.cross_site(
             network=start.outputs["network"],
             backbone_model=backbone.outputs["backbone_model"],
             stores=dsl.Collected(preprocess.outputs["store"]),
             splits=dsl.Collected(model.chain.split.outputs["splits"]),
             adapters=dsl.Collected(model.chain.finetune.outputs["adapter"]),
+            baselines=dsl.Collected(baseline.finetune.outputs["adapter"]),
             registrations=dsl.Collected(model.register.outputs["registration"]),
             tracking_uri=run.tracking_uri,
             experiment_name=run.experiment_name,
@@ -189,11 +212,22 @@ def build_network_pipeline(
                 INGEST: ingest,
                 PREPROCESS: preprocess,
                 **model.tasks(),
+                **{BASELINE_PREFIX + name: task for name, task in baseline.tasks().items()},
                 CROSS_SITE: cross,
             },
             # MLflow side effects, or state that changes outside (champion, frozen test set)
             uncached=(START, RESOLVE_TESTSET, SCORE_CHAMPION, REGISTER, CROSS_SITE),
-            credentials=(INGEST, BACKBONE, START, RESOLVE_TESTSET, SPLIT, SCORE_CHAMPION, REGISTER, CROSS_SITE),
+            credentials=(
+                INGEST,
+                BACKBONE,
+                START,
+                RESOLVE_TESTSET,
+                SPLIT,
+                BASELINE_PREFIX + SPLIT,
+                SCORE_CHAMPION,
+                REGISTER,
+                CROSS_SITE,
+            ),
         )
         return cross.outputs["Output"]
 

@@ -670,6 +670,7 @@ def cross_site(
     stores: Input[List[Dataset]],  # noqa: UP006 (KFP: typing.List)
     splits: Input[List[Dataset]],  # noqa: UP006 (KFP: typing.List)
     adapters: Input[List[Model]],  # noqa: UP006
+    baselines: Input[List[Model]],  # noqa: UP006
     registrations: Input[List[Markdown]],  # noqa: UP006
     tracking_uri: str,
     experiment_name: str,
@@ -677,9 +678,10 @@ def cross_site(
     files: Output[Artifact],
 ) -> str:
     """Every site's adapter and the backbone without adaptation scored on every site's test
-    split (``components.cross_site``); the matrix (CSV, Markdown, heat map) logged to the
-    network's parent run, the site runs nested under it. Returns the network's summary
-    (JSON: parent run, per-site registration, the matrix's cells)."""
+    split, each site's plain-LoRA baseline (``baselines``) on its own (``components.cross_site``);
+    the matrix (CSV, Markdown, heat map) logged to the network's parent run, the site runs nested
+    under it. Returns the network's summary (JSON: parent run, per-site registration, the
+    matrix's cells, each site's adapter against its baselines)."""
     from pipeline.core.process import die_with_parent
 
     die_with_parent()  # a task dies with the process that started it (kill -9 of cessl run)
@@ -693,14 +695,17 @@ def cross_site(
     from pipeline.registry.store import TrackingConfig
 
     parent = NetworkRun.read(Path(network.path))
-    if not len(stores) == len(splits) == len(adapters) == len(registrations):
+    if not len(stores) == len(splits) == len(adapters) == len(baselines) == len(registrations):
         raise StepError(
-            f"cross-site: {len(stores)} stores, {len(splits)} splits, {len(adapters)} adapters and "
-            f"{len(registrations)} registrations collected: one of each per site expected"
+            f"cross-site: {len(stores)} stores, {len(splits)} splits, {len(adapters)} adapters, "
+            f"{len(baselines)} baseline adapters and {len(registrations)} registrations collected: "
+            "one of each per site expected"
         )
     sites = [
-        SiteArtifacts(str(reg.metadata.get("site", f"site-{i}")), Path(st.path), Path(sp.path), Path(ad.path))
-        for i, (st, sp, ad, reg) in enumerate(zip(stores, splits, adapters, registrations, strict=True))
+        SiteArtifacts(
+            str(reg.metadata.get("site", f"site-{i}")), Path(st.path), Path(sp.path), Path(ad.path), Path(bl.path)
+        )
+        for i, (st, sp, ad, bl, reg) in enumerate(zip(stores, splits, adapters, baselines, registrations, strict=True))
     ]
     result, written = cross_site_step(Path(backbone_model.path), sites, Path(files.path))
     shutil.copyfile(written.markdown, matrix.path)

@@ -16,7 +16,7 @@ from signing_support import use_signer
 
 from ml.data.dvc import dvc_md5
 from ml.data.splits import Splits
-from ml.eval.cross_site import EVERYTHING_ROW, HEAD_ONLY_ROW
+from ml.eval.cross_site import EVERYTHING_ROW, HEAD_ONLY_ROW, PLAIN_LORA_ROW
 from pipeline.registry.audit import current_user
 from pipeline.registry.compare_tracking import TAG_KIND, TAG_PARENT
 from pipeline.registry.network_tracking import KIND_NETWORK, TAG_NETWORK, TAG_SITE
@@ -80,9 +80,17 @@ def test_network_run_registers_each_site_logs_the_matrix_and_survives_a_missing_
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "cross_site")}
     assert {"cross_site/cross_site.csv", "cross_site/cross_site.md", "cross_site/cross_site.png"} <= artifacts
     cells = {(c["model"], c["target"]) for c in first["cells"]}
-    # the references on each site's own test split: the head-only baseline, the backbone ablation, predict-everything
-    rows = ("hospital-a", "hospital-b", HEAD_ONLY_ROW, "backbone", EVERYTHING_ROW)
+    # the references on each site's own test split: the head-only baseline, the site's plain LoRA
+    # adapter, the backbone ablation, predict-everything
+    rows = ("hospital-a", "hospital-b", HEAD_ONLY_ROW, PLAIN_LORA_ROW, "backbone", EVERYTHING_ROW)
     assert cells == {(m, t) for m in rows for t in ("hospital-a", "hospital-b")}
+    # each site's CE-SSL adapter against both baselines, paired on its own test records, with a verdict
+    compared = {(c["site"], c["baseline"]): c for c in first["comparisons"]}
+    assert set(compared) == {(s, b) for s in ("hospital-a", "hospital-b") for b in (HEAD_ONLY_ROW, PLAIN_LORA_ROW)}
+    for c in compared.values():
+        assert c["low"] <= c["difference"] <= c["high"] and c["metric"] == "macro_f_beta" and c["verdict"]
+        assert c["n_records"] == next(x["n_records"] for x in first["cells"] if x["target"] == c["site"])
+    assert "CE-SSL adapter - lora" in " ".join(out.split())
     for cell in first["cells"]:  # each metric with its 95% interval over the target's test records
         for metric in ("challenge_score", "macro_f_beta"):
             assert cell[f"{metric}_low"] <= cell[metric] <= cell[f"{metric}_high"], cell
@@ -121,7 +129,9 @@ def test_network_run_registers_each_site_logs_the_matrix_and_survives_a_missing_
     executed = re.findall(r"Executing task '([\w-]+)'", task_log)
     assert "[site hospital-a] " in task_log and "[site hospital-b] " in task_log  # each site's task lines name it
     assert "register" in executed and "cross-site" in executed, executed  # the uncached steps ran
-    assert not {"ingest", "preprocess", "split", "allocate-ranks", "finetune", "evaluate"} & set(executed), executed
+    trained = {"ingest", "preprocess", "split", "allocate-ranks", "finetune", "evaluate"}
+    steps = {re.sub(r"-\d+$", "", name.removeprefix("baseline-")) for name in executed}  # a site's baseline chain too
+    assert not steps & trained, executed
 
     # promotion per site, then new records at hospital-b only (`data add --site`: its own
     # DVC version, committed): retrain runs hospital-b alone
