@@ -1,5 +1,6 @@
 """What the model benchmarks share: the device / threads / json options, logging, device naming,
-the interleaved timing rounds, the stand-in rank allocation and the report."""
+the interleaved timing rounds, the stand-in rank allocation, one fine-tune scored on a test
+split and the report."""
 
 from __future__ import annotations
 
@@ -82,3 +83,26 @@ def publish(summary: dict, args: argparse.Namespace, report: Callable[[dict, Con
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
     return 0
+
+
+def finetune_and_score(
+    backbone_state: Mapping[str, torch.Tensor],
+    config,
+    lora,
+    rank_map: Mapping[str, int],
+    train,
+    splits: Sequence,
+) -> tuple:
+    """``ml.train.recipe.finetune`` on ``splits`` (labelled, unlabelled, valid, test), timed, and
+    its test metrics (``ml.eval.metrics.metric_values``, thresholds from valid):
+    ``(outcome, seconds, metrics)``."""
+    from ml.eval.evaluate import predict_with_labels
+    from ml.eval.metrics import metric_values
+    from ml.train.recipe import finetune
+
+    labelled, unlabelled, valid, test = splits
+    start = time.perf_counter()
+    outcome = finetune(backbone_state, config, lora, rank_map, train, labelled, unlabelled, valid)
+    seconds = time.perf_counter() - start
+    probs, labels = predict_with_labels(outcome.model, test, train.eval_batch_size)
+    return outcome, seconds, metric_values(labels, probs, outcome.thresholds)

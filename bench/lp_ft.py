@@ -34,17 +34,15 @@ from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import add_run_options, setup
+from bench.common import add_run_options, finetune_and_score, setup
 from ml.data.synth import DEFAULT_CLASSES, SynthConfig
-from ml.eval.evaluate import predict_with_labels
-from ml.eval.metrics import metric_values
 from ml.model.backbone import BACKBONE_CONFIGS, backbone_config
 from ml.model.lora import LoRAConfig
 from ml.model.pretrained import read_backbone
 from ml.model.rank_allocation import RankAllocationConfig
 from ml.train.config import HEAD_INITS, TrainConfig
 from ml.train.default_backbone import DEFAULT_RECIPES, ensure_default_backbone, source_hospital
-from ml.train.recipe import allocate_ranks_for, finetune
+from ml.train.recipe import allocate_ranks_for
 
 log = logging.getLogger("bench.lp_ft")
 METRICS = ("macro_f_beta", "macro_map")
@@ -111,11 +109,9 @@ def main() -> None:
                 progress=False,
                 head_init=head_init,
             )
-            start = time.perf_counter()
-            outcome = finetune(backbone.state, config, lora, ranks.rank_map, train, labelled, unlabelled, valid)
-            seconds = time.perf_counter() - start
-            probs, labels = predict_with_labels(outcome.model, test, train.eval_batch_size)
-            scores = metric_values(labels, probs, outcome.thresholds)
+            outcome, seconds, scores = finetune_and_score(
+                backbone.state, config, lora, ranks.rank_map, train, (labelled, unlabelled, valid, test)
+            )
             row = {
                 "seed": seed,
                 "head_init": head_init,

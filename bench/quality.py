@@ -41,17 +41,15 @@ from torch.utils.data import Subset, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import add_run_options, device_name, setup
+from bench.common import add_run_options, device_name, finetune_and_score, setup
 from ml.data.splits import make_splits
-from ml.eval.evaluate import predict_with_labels
-from ml.eval.metrics import metric_values
 from ml.model.backbone import backbone_config
 from ml.model.lora import LoRAConfig
 from ml.model.pretrained import read_backbone
 from ml.model.rank_allocation import RankAllocationConfig
 from ml.train.config import TrainConfig, batch_size_for_label_ratio
 from ml.train.methods import get_method
-from ml.train.recipe import allocate_ranks_for, finetune
+from ml.train.recipe import allocate_ranks_for
 
 log = logging.getLogger("bench.quality")
 
@@ -155,11 +153,9 @@ def run_cell(
         device=args.device,
         progress=False,
     )
-    start = time.perf_counter()
-    outcome = finetune(backbone.state, config, lora, ranks.rank_map, train, labelled, unlabelled, valid)
-    seconds = time.perf_counter() - start
-    probs, labels = predict_with_labels(outcome.model, test, train.eval_batch_size)
-    scores = metric_values(labels, probs, outcome.thresholds)
+    outcome, seconds, scores = finetune_and_score(
+        backbone.state, config, lora, ranks.rank_map, train, (labelled, unlabelled, valid, test)
+    )
     steps = outcome.result.steps
     return {
         "method": method,
