@@ -397,22 +397,13 @@ class Network:
         """Download the ``what`` artifact (``adapter`` / ``backbone``) of a model version, found
         through its MLmodel file (the artifact's folder keeps the name it was logged from)."""
         import mlflow
-        import yaml
 
         target = self.cache_dir / f"{registered}-v{version}-{what}"
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
         uri = f"models:/{registered}/{version}"
         mlmodel = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/MLmodel", dst_path=str(target)))
-        try:
-            artifacts = yaml.safe_load(mlmodel.read_text(encoding="utf-8"))["flavors"]["python_function"]["artifacts"]
-            relative = str(artifacts[what]["path"])
-        except (KeyError, TypeError, yaml.YAMLError) as err:
-            raise ModelUnavailableError(
-                f"{uri} is not a CE-SSL adapter model (its MLmodel has no {what!r} artifact: {err})"
-            ) from None
-        if relative.startswith("/") or ".." in Path(relative).parts:
-            raise ModelUnavailableError(f"{uri}: artifact path {relative!r} escapes the model")
+        relative = mlmodel_artifact_path(mlmodel, what, uri)
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{relative}", dst_path=str(target)))
 
     def _load_adapter(self, site: str, version: str) -> SiteAdapter:
@@ -789,6 +780,26 @@ def wfdb_records(pairs: np.ndarray, work: Path, max_records: int) -> tuple[list[
 
 
 # --------------------------------------------------------------------------- KServe
+
+
+def mlmodel_artifact_path(mlmodel: Path, what: str, uri: str) -> str:
+    """The path of the ``what`` artifact (``adapter`` / ``backbone``) inside a model version,
+    from its MLmodel file. The file was written by the pipeline's identity, so it is read as
+    any untrusted file (:func:`pipeline.core.files.load_yaml`: size cap, no tags, bounded
+    aliases) and the path must stay inside the model; ModelUnavailableError otherwise."""
+    from ml.errors import BadFileError
+    from pipeline.core.files import load_yaml
+
+    try:
+        artifacts = load_yaml(mlmodel)["flavors"]["python_function"]["artifacts"]
+        relative = str(artifacts[what]["path"])
+    except (KeyError, TypeError, BadFileError) as err:
+        raise ModelUnavailableError(
+            f"{uri} is not a CE-SSL adapter model (its MLmodel has no {what!r} artifact: {err})"
+        ) from None
+    if relative.startswith("/") or ".." in Path(relative).parts:
+        raise ModelUnavailableError(f"{uri}: artifact path {relative!r} escapes the model")
+    return relative
 
 
 def build_server(network: Network, decoder: BodyDecoder):

@@ -214,3 +214,38 @@ def test_a_mixed_batch_answers_each_record_with_its_own_site(network, signals, o
         want = load_predictor(network["backbone"], network["adapters"][site]).predict_proba(job.x)
         assert np.abs(probs - want).max() < 1e-5, site
         assert shared == (2 if one_pass else 1)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("flavors:\n  python_function:\n    artifacts:\n      adapter: {path: artifacts/adapter}\n", None),
+        ("flavors: !!python/object/apply:os.system ['true']\n", "not a CE-SSL adapter model"),
+        (  # an alias bomb beside a valid entry: a few lines a plain YAML load expands to 9^7 nodes
+            "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+            "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+            "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]\n"
+            "g: [*f, *f, *f, *f, *f, *f, *f, *f, *f]\n"
+            "flavors:\n  python_function:\n    artifacts:\n      adapter: {path: artifacts/adapter}\n",
+            "not a CE-SSL adapter model",
+        ),
+        ("flavors:\n  python_function:\n    artifacts: {}\n", "no 'adapter' artifact"),
+        ("flavors:\n  python_function:\n    artifacts:\n      adapter: {path: ../../etc}\n", "escapes the model"),
+        ("flavors:\n  python_function:\n    artifacts:\n      adapter: {path: /etc}\n", "escapes the model"),
+    ],
+)
+def test_a_model_versions_mlmodel_is_read_as_an_untrusted_file(tmp_path, text, problem):
+    """The server finds a version's adapter through its MLmodel, written by the pipeline's
+    identity: no YAML tags, bounded aliases, a path inside the model, else the site's model is
+    unavailable (one message naming the model), never a crash or a stalled server."""
+    from pipeline.serving.server import ModelUnavailableError, mlmodel_artifact_path
+
+    mlmodel = tmp_path / "MLmodel"
+    mlmodel.write_text(text)
+    uri = "models:/cessl-ecg-hospital-a/3"
+    if problem is None:
+        assert mlmodel_artifact_path(mlmodel, "adapter", uri) == "artifacts/adapter"
+        return
+    with pytest.raises(ModelUnavailableError, match=problem) as err:
+        mlmodel_artifact_path(mlmodel, "adapter", uri)
+    assert uri in str(err.value)
