@@ -30,6 +30,7 @@ Pure computation (numpy, plus the model switch): no files, no MLflow.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -55,8 +56,8 @@ EVERYTHING_ROW = "predict-everything"
 PLAIN_LORA_ROW = "lora"
 METRICS = ("challenge_score", "macro_f_beta", "macro_auroc")
 METRIC_TITLES = {"challenge_score": "Challenge score", "macro_f_beta": "macro F-beta2", "macro_auroc": "macro AUROC"}
-# the metric of the paired comparisons of each site's adapter with the head-only baseline: the
-# promotion gate's default metric (pipeline.registry.policy)
+# the metric of the paired comparisons of each site's adapter with its baselines (head-only,
+# plain LoRA): the promotion gate's default metric (pipeline.registry.policy)
 COMPARED_METRIC = "macro_f_beta"
 
 
@@ -211,8 +212,8 @@ class PairedComparison:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> PairedComparison:
-        fields = ("site", "baseline", "metric", "difference", "low", "high", "n_records")
-        return cls(**{k: data[k] for k in fields})  # type: ignore[arg-type]
+        """The comparison of :meth:`to_dict` (its verdict is derived again, not read)."""
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
 
 
 def paired_comparison(
@@ -250,7 +251,7 @@ def everything_cell(target: str, labels: np.ndarray, target_classes: Sequence[st
 @dataclass(frozen=True)
 class CrossSiteMatrix:
     """The cells of a network's cross-site evaluation; rows are models, columns targets; and
-    each site's adapter compared with the head-only baseline on its own test split."""
+    each site's adapter compared with its baselines (head-only, plain LoRA) on its own test split."""
 
     cells: tuple[CrossSiteCell, ...]
     comparisons: tuple[PairedComparison, ...] = ()

@@ -242,9 +242,9 @@ def schedule_of(logged: dict[str, str], params: PipelineParams) -> str:
 def next_steps(summary: RunSummary) -> list[str]:
     """What to do after a run: look at it in MLflow, read its report, promote it (commands
     spelled so that they run from here: :func:`pipeline.cli.shell.runnable`)."""
-    from pipeline.cli.shell import runnable
+    from pipeline.cli.shell import runnable, shell_uri
 
-    uri = shlex.quote(redact(summary.tracking_uri))  # a password in the URI is never printed
+    uri = shell_uri(summary.tracking_uri)
     flag = f" --tracking-uri {uri}" if summary.tracking_uri else ""
     lines = [runnable(f"mlflow ui --backend-store-uri {uri}" if summary.tracking_uri else "mlflow ui")]
     if summary.report_uri:

@@ -64,3 +64,11 @@ def runnable(line: str) -> str:
     head, _, rest = line.partition(" ")
     spelled = {CESSL: cessl_command, "mlflow": mlflow_command}.get(head)
     return f"{spelled()} {rest}".rstrip() if spelled else line
+
+
+def shell_uri(uri: str) -> str:
+    """``uri`` as one word of a printed command: a password in it masked (summaries are
+    printed, not logged, so the log redaction does not see them), then shell-quoted."""
+    from pipeline.core.logsafe import redact
+
+    return shlex.quote(redact(uri))

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import logging
 import os
-import shlex
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -172,8 +171,10 @@ class NetworkSummary:
         return not self.error and all(s.status != FAILED for s in self.sites)
 
 
-def outcomes_from_summary(text: str, items: Sequence[dict[str, Any]]) -> tuple[str, list[SiteOutcome], list[dict]]:
-    """The cross-site step's JSON -> (parent run, per-site outcomes, cells)."""
+def outcomes_from_summary(
+    text: str, items: Sequence[dict[str, Any]]
+) -> tuple[str, list[SiteOutcome], list[dict], list[dict]]:
+    """The cross-site step's JSON -> (parent run, per-site outcomes, cells, comparisons)."""
     data = json.loads(text)
     sources = {i["name"]: i["source"] for i in items}
     outcomes = [
@@ -191,7 +192,7 @@ def outcomes_from_summary(text: str, items: Sequence[dict[str, Any]]) -> tuple[s
         )
         for s in data["sites"]
     ]
-    return data["parent_run_id"], outcomes, list(data.get("cells", []))
+    return data["parent_run_id"], outcomes, list(data.get("cells", [])), list(data.get("comparisons", []))
 
 
 def outcomes_from_tracking(tracking, network_id: str, items: Sequence[dict[str, Any]], error: str) -> list[SiteOutcome]:
@@ -286,18 +287,19 @@ def print_network_summary(summary: NetworkSummary, console=None) -> None:
                 console.print(Text(f"  {comparison.text()}"), soft_wrap=True)
     if summary.error:
         console.print(Text(f"the network run ended early: {summary.error}", style="red"))
-    uri = shlex.quote(redact(summary.tracking_uri))  # a password in the URI is never printed
+    from pipeline.cli.shell import shell_uri
+
     console.print(Text(f"MLflow parent run: {summary.parent_run_id or 'none'} ({redact(summary.tracking_uri)})"))
     console.print("next:", style="bold")
-    flag = f" --tracking-uri {uri}" if summary.tracking_uri else ""
+    flag = f" --tracking-uri {shell_uri(summary.tracking_uri)}" if summary.tracking_uri else ""
     for line in next_steps(summary, flag):
         console.print(Text(f"  {line}"), soft_wrap=True)
 
 
 def next_steps(summary: NetworkSummary, flag: str) -> list[str]:
-    from pipeline.cli.shell import runnable
+    from pipeline.cli.shell import runnable, shell_uri
 
-    uri = shlex.quote(redact(summary.tracking_uri))
+    uri = shell_uri(summary.tracking_uri)
     lines = [f"mlflow ui --backend-store-uri {uri}" if summary.tracking_uri else "mlflow ui"]
     from pipeline.registry.signing import KEYGEN_HINT, has_signing_key
     from pipeline.registry.tracking import production_model_name
@@ -374,8 +376,7 @@ def run_network(args: argparse.Namespace, params: PipelineParams, registry: Site
         summary.error = failure.message
         summary.seconds = time.perf_counter() - start
         return summary
-    summary.parent_run_id, outcomes, summary.cells = outcomes_from_summary(text, items)
-    summary.comparisons = list(json.loads(text).get("comparisons", []))
+    summary.parent_run_id, outcomes, summary.cells, summary.comparisons = outcomes_from_summary(text, items)
     summary.sites = outcomes + summary.sites
     summary.seconds = time.perf_counter() - start
     if not getattr(args, "no_push", False):

@@ -506,6 +506,28 @@ def add_finetune_chain(
         frozen_testset=frozen_testset,
         tracking_uri=run.tracking_uri,
     )
+    ranks, finetune = add_training(
+        steps, run, inputs, split, method=method, labelled_ratio=labelled_ratio, seed=seed, site=site
+    )
+    data = {"store": inputs.store, "splits": split.outputs["splits"]}
+    evaluate = steps.evaluate(**data, backbone_model=inputs.backbone_model, adapter=finetune.outputs["adapter"])
+    return FinetuneChain(split, ranks, finetune, evaluate)
+
+
+def add_training(
+    steps: StepComponents,
+    run: SimpleNamespace,
+    inputs: SharedInputs,
+    split: dsl.PipelineTask,
+    *,
+    method: Any,
+    labelled_ratio: Any,
+    seed: Any,
+    site: Any = "",
+) -> tuple[dsl.PipelineTask, dsl.PipelineTask]:
+    """allocate_ranks -> finetune of ``method`` on ``split``'s records (the other choices from
+    ``run``): the training part of :func:`add_finetune_chain`, and a network site's baseline,
+    which trains on its CE-SSL chain's split."""
     data = {"store": inputs.store, "splits": split.outputs["splits"]}
     ranks = steps.allocate_ranks(
         **data,
@@ -537,8 +559,7 @@ def add_finetune_chain(
         checkpoint_root=run.checkpoint_root,
         site=site,
     )
-    evaluate = steps.evaluate(**data, backbone_model=inputs.backbone_model, adapter=finetune.outputs["adapter"])
-    return FinetuneChain(split, ranks, finetune, evaluate)
+    return ranks, finetune
 
 
 def kfp_lineage(pipeline_name: str) -> dict[str, Any]:
@@ -597,7 +618,7 @@ def add_registered_model(
         labelled_ratio=model.labelled_ratio,
         seed=model.seed,
         frozen_testset=testset.output,
-        choices=None if site is None else {name: getattr(site, name) for name in SITE_CHOICES},
+        choices=None if site is None else site_choices(site),
         site="" if site is None else item_field(site, "name"),
     )
     data = chain.data(inputs)
@@ -625,6 +646,11 @@ def add_registered_model(
         **extra,
     )
     return RegisteredModel(testset, chain, champion, register)
+
+
+def site_choices(site: Any) -> dict[str, Any]:
+    """A network site's own fine-tune choices (:data:`SITE_CHOICES`, its loop item's fields)."""
+    return {name: getattr(site, name) for name in SITE_CHOICES}
 
 
 def add_testset(steps: StepComponents, run: SimpleNamespace, model: Any) -> dsl.PipelineTask:

@@ -5,8 +5,8 @@
                                           |     ingest -> preprocess -> split -> allocate_ranks
                                           |       -> finetune (GPU) -> evaluate -> score_champion
                                           |       -> register (<model>-<site>, tags site / backbone / data version)
-                                          |     and the baseline: the same chain with plain LoRA
-                                          |       (baseline-split ... baseline-evaluate; not registered)
+                                          |     and the baseline on that split: allocate_ranks -> finetune
+                                          |       with plain LoRA (baseline-*; not registered)
                                           +--> cross_site (dsl.Collected: every adapter and the
                                                backbone on every site's test split, each site's
                                                LoRA baseline on its own -> parent run)
@@ -47,13 +47,14 @@ from kfp import dsl
 from pipeline.core.params import DEFAULTS, PipelineParams
 from pipeline.core.sites import OVERRIDABLE, Site
 from pipeline.dags.finetune import (
+    ALLOCATE_RANKS,
     BACKBONE,
+    FINETUNE,
     INGEST,
     PREPROCESS,
     REGISTER,
     RESOLVE_TESTSET,
     SCORE_CHAMPION,
-    SITE_CHOICES,
     SPLIT,
     VALIDATE,
     CompileOptions,
@@ -61,14 +62,15 @@ from pipeline.dags.finetune import (
     SharedInputs,
     add_backbone,
     add_data,
-    add_finetune_chain,
     add_registered_model,
+    add_training,
     add_validate,
     configure_tasks,
     item_field,
     loop_dag,
     loop_parameters,
     shared_arguments,
+    site_choices,
 )
 from pipeline.dags.tasks import NetworkComponents, StepComponents, build_components, build_network_components
 from pipeline.registry.policy import registered_model_name, site_model_name
@@ -80,7 +82,7 @@ NETWORK_PIPELINE_NAME = "cessl-network"
 SITE_PARAMS: tuple[str, ...] = ("source", "data_version", "state_dir", *OVERRIDABLE)
 ITEM_KEYS: tuple[str, ...] = ("name", "model_name", *SITE_PARAMS)
 START, CROSS_SITE = "start-network", "cross-site"
-# Each site also trains this baseline on its split (display names: BASELINE_PREFIX + the chain's)
+# Each site also trains this baseline on its split (display names: BASELINE_PREFIX + the steps')
 BASELINE_METHOD = "lora"
 BASELINE_PREFIX = "baseline-"
 
@@ -179,17 +181,16 @@ def build_network_pipeline(
                 after=start,
                 network_id=run.network_id,
             )
-            # the site's plain LoRA adapter on the same split (the same frozen test set), never
-            # registered: the cross-site step compares the site's CE-SSL adapter with it
-            baseline = add_finetune_chain(
+            # the site's plain LoRA adapter, trained on its CE-SSL chain's split (the same records,
+            # the same frozen test set), never registered: the cross-site step compares the two
+            baseline_ranks, baseline = add_training(
                 steps,
-                run,
+                SimpleNamespace(**(vars(run) | site_choices(site))),
                 inputs,
+                model.chain.split,
                 method=BASELINE_METHOD,
                 labelled_ratio=site.labelled_ratio,
                 seed=site.seed,
-                frozen_testset=model.testset.output,
-                choices={name: getattr(site, name) for name in SITE_CHOICES},
                 site=item_field(site, "name"),
             )
         cross = network_steps.cross_site(
@@ -198,7 +199,7 @@ def build_network_pipeline(
             stores=dsl.Collected(preprocess.outputs["store"]),
             splits=dsl.Collected(model.chain.split.outputs["splits"]),
             adapters=dsl.Collected(model.chain.finetune.outputs["adapter"]),
-            baselines=dsl.Collected(baseline.finetune.outputs["adapter"]),
+            baselines=dsl.Collected(baseline.outputs["adapter"]),
             registrations=dsl.Collected(model.register.outputs["registration"]),
             tracking_uri=run.tracking_uri,
             experiment_name=run.experiment_name,
@@ -212,7 +213,8 @@ def build_network_pipeline(
                 INGEST: ingest,
                 PREPROCESS: preprocess,
                 **model.tasks(),
-                **{BASELINE_PREFIX + name: task for name, task in baseline.tasks().items()},
+                BASELINE_PREFIX + ALLOCATE_RANKS: baseline_ranks,
+                BASELINE_PREFIX + FINETUNE: baseline,
                 CROSS_SITE: cross,
             },
             # MLflow side effects, or state that changes outside (champion, frozen test set)
@@ -223,7 +225,6 @@ def build_network_pipeline(
                 START,
                 RESOLVE_TESTSET,
                 SPLIT,
-                BASELINE_PREFIX + SPLIT,
                 SCORE_CHAMPION,
                 REGISTER,
                 CROSS_SITE,

@@ -24,6 +24,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+BINARY_HEADER = "inference-header-content-length"  # the binary tensor extension's JSON length
 LARGE_JSON_BYTES = 4 * 1024 * 1024
 """JSON bodies from this size on are parsed in the child process (below it, the GIL is held
 for ~15 ms at most)."""
@@ -84,7 +85,7 @@ def decode_request(body: bytes, headers: dict[str, str], model_name: str):
     in the calling thread."""
     from kserve.protocol.infer_type import InferRequest
 
-    length = headers.get("inference-header-content-length")
+    length = headers.get(BINARY_HEADER)
     if length is not None:
         if not length.isdigit():
             raise _invalid("malformed request: Inference-Header-Content-Length must be a number of bytes")
@@ -158,7 +159,7 @@ class BodyDecoder:
             return self._pool
 
     async def decode(self, body: bytes, headers: dict[str, str], model_name: str):
-        if "inference-header-content-length" in headers or len(body) < self.large_json_bytes:
+        if BINARY_HEADER in headers or len(body) < self.large_json_bytes:
             return await asyncio.to_thread(decode_request, body, headers, model_name)
         pool = self._executor()
         try:
