@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import add_run_options, device_name, finetune_and_score, setup
 from ml.data.splits import make_splits
+from ml.errors import CesslError
 from ml.model.backbone import backbone_config
 from ml.model.lora import LoRAConfig
 from ml.model.pretrained import read_backbone
@@ -259,12 +260,15 @@ def main() -> None:
         folder = ensure_default_backbone(name=args.config, progress=False)
     else:
         folder = args.backbone
-    backbone = read_backbone(folder)
-    target = (
-        synthetic_target(args.records)
-        if args.source is None
-        else folder_target(args.source, args.min_positives, args.max_classes)
-    )
+    try:  # a backbone or source folder that is missing or unusable: one line, exit 1
+        backbone = read_backbone(folder)
+        target = (
+            synthetic_target(args.records)
+            if args.source is None
+            else folder_target(args.source, args.min_positives, args.max_classes)
+        )
+    except (OSError, CesslError) as err:
+        raise SystemExit(f"bench/quality.py: {err}") from None
     log.info("%s (%.0f s)", target.description, time.perf_counter() - t0)
     rows = []
     for ratio in args.ratios:

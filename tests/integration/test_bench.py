@@ -178,3 +178,9 @@ def test_quality_bench_scores_every_method_on_one_test_split_and_reads_a_real_fo
         tmp_path / "real.json",
     )
     assert real["rows"][0]["n_test"] + real["rows"][0]["n_labelled"] > 0 and real["args"]["source"] == source
+    missing = tmp_path / "no-such-folder"
+    cmd = [sys.executable, str(ROOT / "bench" / "quality.py"), "--source", str(missing), "--json", str(tmp_path / "x")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"bench/quality.py: {missing}: folder of WFDB records not found"
+    assert not (tmp_path / "x").exists()
