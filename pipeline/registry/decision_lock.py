@@ -80,7 +80,9 @@ def _try_create(client, name: str, who: str) -> bool:
             description="cessl: a registry decision is in progress (deleted when it is recorded)",
         )
     except MlflowException as err:
-        if err.error_code == "RESOURCE_ALREADY_EXISTS":
+        # RESOURCE_DOES_NOT_EXIST: the SQL store's insert collided with a holder's lock, which was
+        # released before the store looked it up to word its "already exists" error: held a moment ago
+        if err.error_code in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
             return False
         raise
     return True

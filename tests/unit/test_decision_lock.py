@@ -56,6 +56,25 @@ def test_concurrent_decisions_never_overlap(client):
     assert holder(client, "m") is None  # released
 
 
+def test_a_lock_released_while_the_store_words_its_collision_is_taken_next(client, monkeypatch):
+    """The race CI met: bob's insert collides with alice's lock, alice releases it before the SQL
+    store looks the lock up to say "already exists" (so it says "not found"): bob waits and takes it."""
+    store = client._get_registry_client().store
+    lookup = store.get_registered_model
+    released: list[str] = []
+
+    def alice_releases_first(name: str):
+        if not released:
+            released.append(name)
+            client.delete_registered_model(name)  # alice's decision is recorded right then
+        return lookup(name)
+
+    acquire(client, "m", "alice", FAST)
+    monkeypatch.setattr(store, "get_registered_model", alice_releases_first)
+    acquire(client, "m", "bob", FAST)
+    assert released == [lock_name("m")] and holder(client, "m").who == "bob"
+
+
 def test_a_held_lock_names_its_holder_and_the_wait(client):
     with decision_lock(client, "m", "alice", FAST):
         current = holder(client, "m")
