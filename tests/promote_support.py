@@ -190,3 +190,36 @@ class Pipeline:
         after_registration(client, self.candidates, version, run_id, splits)
         self.registered.append(version)
         return version
+
+
+def signed_champion(root: Path, model: str) -> dict:
+    """A SQLite store in ``root`` whose ``model`` has a signed champion: a forced `promote` (as a
+    release manager makes one) of the pipeline's candidate (a ``GOOD`` adapter over 16 synthetic
+    records), whose run logged the split of the records (test: the first 6 keys, train: the
+    rest). The store's ``uri``, ``client``, ``records``, ``trust`` file and the manager's ``keys``."""
+    from mlflow.tracking import MlflowClient
+    from signing_support import make_signer
+
+    from ml.data.splits import Splits
+    from pipeline.registry.audit import current_user
+    from pipeline.registry.policy import promote
+    from pipeline.registry.signing import find_trust, load_signer
+    from pipeline.registry.tracking import CHAMPION
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_experiment("cessl", artifact_location=(root / "mlruns").as_uri())
+    records, hashes = write_records(root)
+    backbone = make_backbone(root)
+    pipeline = Pipeline(client, model, records, hashes, backbone)
+    candidate = pipeline.register(make_adapter(root, backbone, "good", GOOD))
+    run_id = client.get_model_version(pipeline.candidates, candidate).run_id
+    splits = Splits(test=sorted(hashes)[:6], train=sorted(hashes)[6:], valid=[], unlabelled=[], classes=CLASSES)
+    client.log_artifact(run_id, str(splits.save(root / "splits.json")), "data")
+    keys = make_signer(root, current_user())
+    trust = root / "trust.yaml"
+    decision = promote(
+        client, model, force=True, reason="the champion", signer=load_signer(keys.private), trust=find_trust(str(trust))
+    )
+    assert decision.promoted and client.get_model_version_by_alias(model, CHAMPION).run_id == run_id
+    return {"root": root, "uri": uri, "client": client, "records": records, "trust": str(trust), "keys": keys}

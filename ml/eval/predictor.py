@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ml.eval.calibration import PRESENT, REFER, CalibrationSet
+from ml.eval.calibration import ABSENT, PRESENT, REFER, CalibrationSet
 from ml.model.backbone import ECGTransformer
 from ml.model.pretrained import read_backbone
 
@@ -97,16 +97,7 @@ class Predictor:
     def decisions(self, probs: np.ndarray) -> np.ndarray:
         """``present`` / ``absent`` / ``refer`` per record and class ``(N, C)`` by the
         :attr:`calibration` (without one: present / absent by the thresholds); ``""`` for NaN."""
-        p = np.asarray(probs, dtype=np.float64)
-        if self.calibration is None:
-            out = np.where(p >= self.thresholds[None, :], PRESENT, "absent").astype(object)
-            out[np.isnan(p)] = ""
-            return out
-        if self.calibration.codes != list(self.classes):
-            raise ValueError(
-                f"the calibration is for classes {self.calibration.codes}, the model predicts {list(self.classes)}"
-            )
-        return self.calibration.decide(p)
+        return decisions_of(probs, self.classes, self.thresholds, self.calibration)
 
     def predict_records(self, records: Sequence[str | Path]) -> pd.DataFrame:
         """One row per WFDB record, in the order given: ``record``, ``p_<class>`` per class,
@@ -213,6 +204,25 @@ class Predictor:
                     }
                 )
         return pd.DataFrame(rows)
+
+
+def decisions_of(
+    probs: np.ndarray,
+    classes: Sequence[str],
+    thresholds: Sequence[float] | np.ndarray,
+    calibration: CalibrationSet | None = None,
+) -> np.ndarray:
+    """``present`` / ``absent`` / ``refer`` per record and class ``(N, C)`` of probabilities
+    ``(N, C)``: by ``calibration`` (a :class:`ml.eval.calibration.CalibrationSet` for ``classes``),
+    else present / absent by ``thresholds``; ``""`` for NaN (an unreadable record)."""
+    p = np.asarray(probs, dtype=np.float64)
+    if calibration is None:
+        out = np.where(p >= np.asarray(thresholds, dtype=np.float64)[None, :], PRESENT, ABSENT).astype(object)
+        out[np.isnan(p)] = ""
+        return out
+    if calibration.codes != list(classes):
+        raise ValueError(f"the calibration is for classes {calibration.codes}, the model predicts {list(classes)}")
+    return calibration.decide(p)
 
 
 def signal_quality(signal: np.ndarray, sample_rate: float) -> tuple[str, str]:

@@ -40,6 +40,8 @@ COMMANDS: tuple[str, ...] = (
     "serve:add_commands",
     "testset:add_commands",
     "monitor:add_commands",
+    "calibrate:add_commands",
+    "card:add_commands",
     "data:add_commands",
     "backbone:add_commands",
     "method_demo:add_commands",

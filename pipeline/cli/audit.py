@@ -34,6 +34,18 @@ def add_trust_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def signing_flags(parser: argparse.ArgumentParser) -> None:
+    """Who signs a registry decision, and whom a verb trusts."""
+    parser.add_argument(
+        "--signing-key",
+        default="",
+        metavar="FILE",
+        help="your Ed25519 key that signs the decision (default: $CESSL_SIGNING_KEY or "
+        "~/.config/cessl/signing-key.pem; `cessl access keygen` makes one)",
+    )
+    add_trust_flag(parser)
+
+
 def verify(client, trust: Trust, models: list[str] | None = None) -> list[Verification]:
     """Each of ``models`` (default: every model with a champion or an audit log), verified."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per audit artifact read

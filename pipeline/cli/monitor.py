@@ -100,14 +100,18 @@ def target_model(args: argparse.Namespace) -> tuple[str, str]:
     return site_model_name(args.name or DEFAULT_MODEL_NAME, site), site
 
 
-def load_champion(client, tracking_uri: str, model: str, site: str, trust: Trust) -> Champion:
+def load_champion(
+    client, tracking_uri: str, model: str, site: str, trust: Trust, version_number: str | None = None
+) -> Champion:
     """The production model's verified champion: the version its last valid signed decision
     names, as ``cessl predict`` loads it (AuditMismatchError, exit 1, when the log is broken or the
-    alias was moved; RegistryError, one line, when no decision made one)."""
+    alias was moved; RegistryError, one line, when no decision made one); ``version_number``:
+    that version instead (the log still verified)."""
     from pipeline.cli.registry import verified_champion
     from pipeline.registry.pyfunc_model import load_predictor
 
-    version = client.get_model_version(model, verified_champion(client, model, trust))
+    champion = verified_champion(client, model, trust)
+    version = client.get_model_version(model, version_number or champion)
     predictor = load_predictor(f"models:/{model}/{version.version}", tracking_uri=tracking_uri)
     site = site or str((version.tags or {}).get("site", ""))
     return Champion(model, str(version.version), str(version.run_id or ""), site, predictor)
@@ -116,6 +120,14 @@ def load_champion(client, tracking_uri: str, model: str, site: str, trust: Trust
 def lineage_reference(client, champion: Champion, limit: int) -> tuple[str, list[str]]:
     """(source, record keys) of the champion's reference: its run's split, held-out first
     (see the module doc); ParameterError naming the run and what is missing."""
+    source, parts = champion_split(client, champion)
+    keys = [k for part in SPLIT_ORDER for k in parts[part]]
+    return source, list(dict.fromkeys(keys))[:limit]
+
+
+def champion_split(client, champion: Champion, hint: str = "pass --reference DIR") -> tuple[str, dict[str, list[str]]]:
+    """(source, record keys per part: train, valid, test, unlabelled) of the champion's run's
+    split, keys relative to ``source``; ParameterError naming the run, what is missing and ``hint``."""
     from mlflow.exceptions import MlflowException
 
     from ml.data.splits import Splits
@@ -124,21 +136,20 @@ def lineage_reference(client, champion: Champion, limit: int) -> tuple[str, list
 
     label = f"{champion.model} v{champion.version}"
     if not champion.run_id:
-        raise ParameterError(f"{label}: no run behind the champion to find its training records; pass --reference DIR")
+        raise ParameterError(f"{label}: no run behind the champion to find its training records; {hint}")
     source = client.get_run(champion.run_id).data.params.get(PARAM_SOURCE, "")
     if not source:
-        raise ParameterError(f"{label}: its run {champion.run_id} names no data source; pass --reference DIR")
+        raise ParameterError(f"{label}: its run {champion.run_id} names no data source; {hint}")
     with tempfile.TemporaryDirectory(prefix="cessl-monitor-") as tmp:
         try:
             splits = Splits.load(client.download_artifacts(champion.run_id, SPLITS_ARTIFACT, tmp))
         except (MlflowException, OSError, ValueError) as err:
             raise ParameterError(
                 f"{label}: its run {champion.run_id} has no readable {SPLITS_ARTIFACT} ({str(err).splitlines()[0]}); "
-                "pass --reference DIR"
+                f"{hint}"
             ) from None
     prefix = f"{champion.site}/" if champion.site else ""
-    keys = [k.removeprefix(prefix) for part in SPLIT_ORDER for k in getattr(splits, part)]
-    return source, list(dict.fromkeys(keys))[:limit]
+    return source, {part: [k.removeprefix(prefix) for k in getattr(splits, part)] for part in SPLIT_ORDER}
 
 
 def reference_records(args: argparse.Namespace, client, champion: Champion) -> tuple[list, str]:

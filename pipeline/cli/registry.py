@@ -47,7 +47,7 @@ from pathlib import Path
 
 from ml.errors import EXIT_INSUFFICIENT, EXIT_REFUSED, ParameterError
 from ml.eval.power import PowerConfig
-from pipeline.cli.audit import add_trust_flag, require_verified, verify
+from pipeline.cli.audit import add_trust_flag, require_verified, signing_flags, verify
 from pipeline.core.constraints import (
     add_tracking_uri_flag,
     as_text,
@@ -63,6 +63,7 @@ from pipeline.core.constraints import (
 from pipeline.core.params import PRECISION_CHOICES
 from pipeline.registry.access import require_model_permission
 from pipeline.registry.audit import history
+from pipeline.registry.model_card import log_decision_card
 from pipeline.registry.policy import (
     DEFAULT_MODEL_NAME,
     FORCED,
@@ -82,6 +83,7 @@ from pipeline.registry.policy import (
 from pipeline.registry.signing import Signer, Trust, find_signer, find_trust
 from pipeline.registry.store import TrackingConfig
 from pipeline.registry.tracking import CHAMPION
+from pipeline.registry.verify import Verification
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +146,8 @@ def run_promote(
         source=source,
     )
     print_decision(decision)
+    if decision.promoted:
+        log_decision_card(tracking.client(), tracking.model_name, trust or find_trust())
     return decision
 
 
@@ -243,6 +247,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     for name in names:
         client = _tracking(args, name).client()
         result = rollback(client, name, reason=args.reason or "", signer=signer, trust=trust)  # RegistryError: exit 2
+        log_decision_card(client, name, trust)
         log.info("%s: champion is v%s again (was v%s)", name, result.restored, result.replaced)
     return 0
 
@@ -257,15 +262,21 @@ def _check_device(device: str) -> None:
 
 
 CHAMPION_URI = re.compile(r"^models:/(?P<name>[^/@]+)@champion$")
+VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>[0-9]+)$")
 
 
-def verified_uri(client, uri: str, trust: Trust) -> str:
+def verified_uri(client, uri: str, trust: Trust) -> tuple[str, Verification | None]:
     """``models:/NAME@champion`` -> ``models:/NAME/<the verified champion>`` (AuditMismatchError,
-    exit 1, when the log is broken or the alias is not the signed champion); other URIs as given."""
-    match = CHAMPION_URI.match(uri)
+    exit 1, when the log is broken or the alias is not the signed champion); ``models:/NAME/V``
+    as given once NAME's log verifies; with the verification (None for any other URI)."""
+    match = CHAMPION_URI.match(uri) or VERSION_URI.match(uri)
     if match is None:
-        return uri
-    return f"models:/{match['name']}/{verified_champion(client, match['name'], trust)}"
+        return uri, None
+    (result,) = verify(client, trust, [match["name"]])
+    if "version" in match.groupdict():
+        require_verified([result])  # a pinned version is answered with what the log says of it
+        return uri, result
+    return f"models:/{match['name']}/{champion_of(result)}", result
 
 
 def verified_champion(client, name: str, trust: Trust) -> str:
@@ -273,10 +284,28 @@ def verified_champion(client, name: str, trust: Trust) -> str:
     (AuditMismatchError, exit 1, when the log is broken or the alias was moved; RegistryError
     when no decision made one)."""
     (result,) = verify(client, trust, [name])
+    return champion_of(result)
+
+
+def champion_of(result: Verification) -> str:
     require_verified([result])
     if result.expected_version is None:
         raise RegistryError(f"model {result.model!r} has no {CHAMPION}: no signed decision made one (`cessl promote`)")
     return result.expected_version
+
+
+def registry_calibration(result: Verification | None, uri: str, classes: list[str]):
+    """The signed calibration that the verified log ``result`` holds for the ``models:/NAME/V``
+    version ``uri`` (:mod:`pipeline.registry.calibration`), or None (not calibrated, not a version)."""
+    from pipeline.registry.calibration import calibration_of
+
+    match = VERSION_URI.match(uri)
+    if match is None or result is None:
+        return None
+    calibration = calibration_of(result.entries, match["version"], list(classes))
+    if calibration is not None:
+        log.info("%s v%s: answering with its signed calibration", match["name"], match["version"])
+    return calibration
 
 
 def _read_calibration(path: str):
@@ -307,12 +336,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     _check_device(args.device)
     calibration = _read_calibration(args.calibration) if args.calibration else None  # before any load
     tracking = _tracking(args)
-    uri = verified_uri(tracking.client(), args.model, find_trust(args.trust_file))
+    client, trust = tracking.client(), find_trust(args.trust_file)
+    uri, verification = verified_uri(client, args.model, trust)
     predictor = load_predictor(uri, tracking_uri=tracking.tracking_uri)
     predictor.device, predictor.precision = args.device, args.precision
     if calibration is not None:
         _check_calibration(args.calibration, calibration, predictor.classes)
         predictor.calibration = calibration
+    else:
+        predictor.calibration = registry_calibration(verification, uri, predictor.classes)
     table = predictor.predict_records([Path(r) for r in args.records])  # unreadable: status and reason; notes
     bad = table[table["status"] != OK]
     if len(bad):
@@ -431,18 +463,6 @@ def target_flags(parser: argparse.ArgumentParser) -> None:
         default="",
         help="site registry file (default: ./sites.yaml)",
     )
-
-
-def signing_flags(parser: argparse.ArgumentParser) -> None:
-    """Who signs a registry decision, and whom a verb trusts."""
-    parser.add_argument(
-        "--signing-key",
-        default="",
-        metavar="FILE",
-        help="your Ed25519 key that signs the decision (default: $CESSL_SIGNING_KEY or "
-        "~/.config/cessl/signing-key.pem; `cessl access keygen` makes one)",
-    )
-    add_trust_flag(parser)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:

@@ -1,4 +1,4 @@
-"""Append-only audit log of registry decisions (promote, refuse, force, rollback, alias moves).
+"""Append-only audit log of registry decisions (promote, refuse, force, rollback, calibrate, alias moves).
 
 Every decision is one :class:`AuditEntry` (who, when, model, versions, action, the numbers,
 why), written twice, never overwritten:
@@ -16,7 +16,7 @@ write (``MLFLOW_TRACKING_USERNAME``); on a local store ``$CESSL_USER`` or the OS
 Chained and signed (format 2): every entry carries ``prev``, the :func:`digest` (SHA-256 of
 the canonical JSON) of the entry before it in the model's log ("" for the first), and its
 ``seq``; a **decision** (:data:`DECISIONS`: promote, force, rollback, refuse, insufficient: too
-few records to decide) also names the champion after it (``champion``: version, run id,
+few records to decide; calibrate: a version's calibrated answers) also names the champion after it (``champion``: version, run id,
 backbone, classes, test-set version), the digests of its evidence (``evidence``) and carries
 ``signature``, the decider's Ed25519 signature over the entry without it
 (:mod:`pipeline.registry.signing`). The pipeline's entries
@@ -65,11 +65,13 @@ ACTIONS = (
     "insufficient",
     "force",
     "rollback",
+    "calibrate",
     "challenger",
     "testset_freeze",
     "testset_refresh",
 )
-DECISIONS = ("promote", "refuse", "insufficient", "force", "rollback")  # signed by a release manager
+# signed by a release manager (calibrate: how a version answers, pipeline.registry.calibration)
+DECISIONS = ("promote", "refuse", "insufficient", "force", "rollback", "calibrate")
 FORMAT = 2  # chained + signed; entries without a format field are the older, unchained kind (1)
 
 

@@ -14,8 +14,9 @@ without a restart; every answer names the registered model and the version that 
 
 The HTTP side is KServe's Python model server (Open Inference Protocol v2, REST only):
 ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models``, ``/v2/models/{S}`` (metadata),
-``/v2/models/{S}/ready`` and ``POST /v2/models/{S}/infer`` (``{S}`` may be ``S:V``, or the
-path ``/v2/models/S/versions/V/...``). A request carries one input:
+``/v2/models/{S}/ready``, ``POST /v2/models/{S}/infer`` (``{S}`` may be ``S:V``, or the
+path ``/v2/models/S/versions/V/...``) and ``GET /v2/models/{S}/card``: the answering version's
+model card in Markdown (:mod:`pipeline.registry.model_card`, from its verified audit log). A request carries one input:
 
 * ``signals``: FP32 (or FP64) ``[n, 12, samples]`` (``[12, samples]`` is one record), raw
   12-lead signals in mV at the request parameter ``sample_rate`` (Hz, default 500); they
@@ -28,6 +29,15 @@ The answer: ``probabilities`` FP32 ``[n, C]``, ``diagnoses`` and ``codes`` BYTES
 ``status``, ``reason`` and ``notes`` BYTES ``[n]``, and per class ``classes`` (SNOMED codes),
 ``class_names`` (abbreviations), ``descriptions`` and ``thresholds``; ``model_name`` /
 ``model_version`` name the registered model version, the parameters the site and the alias.
+
+Calibrated answers (:mod:`pipeline.registry.calibration`, ``cessl calibrate``): ``decisions``
+BYTES ``[n, C]`` (``present`` / ``absent`` / ``refer``, ``""`` for an unreadable record),
+``refer`` BYTES ``[n]`` (the classes to refer to a cardiologist, abbreviations ``;``-joined)
+and per class ``miss_rate_bounds`` / ``miss_rate_uppers`` FP32 ``[C]`` (the conformal bound
+and its Clopper-Pearson upper bound; -1 where none). The calibration is the one the version's
+**verified** audit log signs (read with the champion's verification, never from a tag or a
+file); the parameters ``calibrated`` (true / false) and ``calibration_entry`` (the audit entry's
+number) say which. A version never calibrated answers present / absent by its thresholds.
 
 Every record is checked for signal quality first (:func:`ml.data.quality.check_signal`, the
 check ingestion quarantines with): ``status`` is ``ok`` for a record that passed and was
@@ -87,11 +97,12 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ml.errors import CesslError, ParameterError
+from ml.eval.calibration import REFER
 from ml.model.adapter_bank import AdapterLRU, SharedBackbone, SiteAdapter, read_site_adapter
 from ml.model.multi_site import MultiSiteModel, UnbatchableAdapterError
 from pipeline.core.sites import check_site_name
@@ -99,6 +110,10 @@ from pipeline.registry.policy import DEFAULT_MODEL_NAME, site_model_name
 from pipeline.registry.signing import find_trust
 from pipeline.registry.tracking import CHAMPION
 from pipeline.registry.verify import Verification, verify_model
+
+if TYPE_CHECKING:
+    from ml.eval.calibration import CalibrationSet
+    from pipeline.registry.audit import AuditEntry
 from pipeline.serving.request_body import BodyDecoder
 
 log = logging.getLogger(__name__)
@@ -200,6 +215,14 @@ class Prediction:
     problems: list[str] = field(default_factory=list)  # per record: "" or why it is unreadable
     notes: list[str] = field(default_factory=list)  # per record: "" or what the quality check tolerated
     batch_sites: int = 0  # sites whose records shared the forward pass that answered (0: none ran)
+    calibration: CalibrationSet | None = None  # the version's signed calibration (None: thresholds only)
+    calibration_entry: int = 0  # the audit entry that recorded it (0: none)
+
+    def decisions(self) -> np.ndarray:
+        """present / absent / refer per record and class (``""`` for an unreadable record)."""
+        from ml.eval.predictor import decisions_of
+
+        return decisions_of(self.probabilities, self.classes, self.thresholds, self.calibration)
 
     def statuses(self) -> list[str]:
         """``ok`` or ``unreadable`` per record."""
@@ -256,6 +279,7 @@ class Network:
         self._aliases: dict[str, _Alias] = {}
         self.trust = find_trust(config.trust_file)
         self._verified: dict[str, tuple[str, str]] = {}  # site -> (champion, digest of the log's last entry)
+        self._entries: dict[str, list[AuditEntry]] = {}  # site -> its last verified audit log
         self._versions: dict[tuple[str, str], bool] = {}
         self.backbones: dict[str, SharedBackbone] = {}
         self.adapters = AdapterLRU(config.max_adapters)
@@ -324,10 +348,45 @@ class Network:
         elif not result.broken and result.expected_version is not None:
             head = result.entries[-1].digest()
             self._verified[site] = (result.expected_version, head)
+            self._entries[site] = list(result.entries)
             return _Alias(result.expected_version, "", now, problem)
         if last is not None and (result.broken or problem):
             return _Alias(last[0], "", now, problem)
         return _Alias(None, problem or f"{result.model} has no {CHAMPION} (no signed decision made one)", now)
+
+    def calibration(self, site: str, version: str, classes: Sequence[str]) -> tuple[CalibrationSet | None, int]:
+        """(the calibration, its audit entry's seq) that the site's last verified log signs for
+        ``version``; (None, 0) when it has none. Read from the verified entries only: an entry of
+        a log that failed verification is never used (the last verified log's stays)."""
+        from pipeline.registry.calibration import CalibrationMismatchError, calibration_entry, calibration_of
+
+        self.champion(site)  # verified at most --refresh-seconds ago
+        entries = self._entries.get(site, [])
+        try:
+            calibration = calibration_of(entries, version, list(classes))
+        except CalibrationMismatchError as err:
+            raise ModelUnavailableError(str(err)) from err
+        entry = calibration_entry(entries, version) if calibration is not None else None
+        return calibration, entry.seq if entry is not None else 0
+
+    def card(self, name: str) -> str:
+        """The model card (Markdown) of the version that answers ``name`` (``S`` or ``S:V``),
+        from the site's last verified audit log (:mod:`pipeline.registry.model_card`)."""
+        from mlflow.exceptions import MlflowException
+
+        from pipeline.registry.model_card import model_card
+
+        site, pinned = self.parse(name)
+        version, _ = self.resolve(site, pinned)
+        classes = self.adapter(site, version).classes
+        try:
+            with self._registry_lock:
+                registered, entries = self.registered_name(site), self._entries.get(site, [])
+                return model_card(self._client, registered, version, entries, classes)
+        except CesslError as err:  # a signed calibration that does not fit the model
+            raise ModelUnavailableError(str(err)) from err
+        except (MlflowException, OSError) as err:
+            raise ModelUnavailableError(f"the registry does not answer ({type(err).__name__})") from err
 
     def audit_problem(self, site: str) -> str:
         """The mismatch a site's readiness reports while it serves its last verified champion."""
@@ -472,6 +531,7 @@ class Network:
             pinned = version
         answering, alias = self.resolve(site, pinned)
         adapter = self.adapter(site, answering)
+        calibration, calibration_entry = self.calibration(site, answering, adapter.classes)
         raw = np.asarray(signals, dtype=np.float64)  # as Predictor.predict_raw
         verdicts = [signal_quality(r, sample_rate) for r in raw]
         problems, notes = [problem for problem, _ in verdicts], [note for _, note in verdicts]
@@ -502,6 +562,8 @@ class Network:
             problems=problems,
             notes=notes,
             batch_sites=batch_sites,
+            calibration=calibration,
+            calibration_entry=calibration_entry,
         )
 
     def multi_site(self, adapters: Sequence[SiteAdapter]) -> MultiSiteModel | None:
@@ -824,7 +886,7 @@ def build_server(network: Network, decoder: BodyDecoder):
     finally:
         sys.argv = argv
     from starlette.requests import Request
-    from starlette.responses import JSONResponse
+    from starlette.responses import JSONResponse, Response
 
     class SiteNotFound(ModelNotFound):
         def __init__(self, reason: str) -> None:
@@ -854,6 +916,10 @@ def build_server(network: Network, decoder: BodyDecoder):
                 {"name": "status", "datatype": "BYTES", "shape": [-1]},
                 {"name": "reason", "datatype": "BYTES", "shape": [-1]},
                 {"name": "notes", "datatype": "BYTES", "shape": [-1]},
+                {"name": "decisions", "datatype": "BYTES", "shape": [-1, -1]},
+                {"name": "refer", "datatype": "BYTES", "shape": [-1]},
+                {"name": "miss_rate_bounds", "datatype": "FP32", "shape": [-1]},
+                {"name": "miss_rate_uppers", "datatype": "FP32", "shape": [-1]},
             ]
 
         async def predict(self, payload, headers=None, response_headers=None):
@@ -951,6 +1017,13 @@ def build_server(network: Network, decoder: BodyDecoder):
             return InferOutput(name=name, shape=[len(values)], datatype="BYTES", data=values)
 
         probabilities = np.where(np.isnan(p.probabilities), UNREADABLE_PROBABILITY, p.probabilities)
+        decisions = p.decisions()
+        cals = list(p.calibration.classes) if p.calibration is not None else []
+
+        def per_class(name: str, values: list[float | None]) -> InferOutput:
+            data = [UNREADABLE_PROBABILITY if v is None else float(v) for v in values] or [UNREADABLE_PROBABILITY] * c
+            return InferOutput(name=name, shape=[c], datatype="FP32", data=data)
+
         outputs = [
             InferOutput(
                 name="probabilities",
@@ -967,6 +1040,16 @@ def build_server(network: Network, decoder: BodyDecoder):
             text("class_names", abbreviations),
             text("descriptions", descriptions),
             InferOutput(name="thresholds", shape=[c], datatype="FP32", data=[float(t) for t in p.thresholds]),
+            InferOutput(name="decisions", shape=[n, c], datatype="BYTES", data=[str(d) for d in decisions.reshape(-1)]),
+            text(
+                "refer",
+                [
+                    ";".join(short[code] for code, d in zip(p.classes, row, strict=True) if d == REFER)
+                    for row in decisions
+                ],
+            ),
+            per_class("miss_rate_bounds", [cal.miss_rate_bound for cal in cals]),
+            per_class("miss_rate_uppers", [cal.miss_rate_upper for cal in cals]),
         ]
         return InferResponse(
             response_id=request.id or "",
@@ -978,6 +1061,8 @@ def build_server(network: Network, decoder: BodyDecoder):
                 "alias": p.alias or "pinned",
                 "registered_model": p.model_name,
                 "batch_sites": p.batch_sites,
+                "calibrated": p.calibration is not None,
+                "calibration_entry": p.calibration_entry,
             },
         )
 
@@ -1073,8 +1158,20 @@ def build_server(network: Network, decoder: BodyDecoder):
             return JSONResponse(status_code=503, content={"ready": False, "error": "not ready: " + "; ".join(problems)})
         return JSONResponse(content={"ready": True})
 
+    async def card(request: Request) -> Response:
+        """The answering version's model card (Markdown), from its verified audit log."""
+        name = request.path_params["model_name"]
+        try:
+            text = await asyncio.to_thread(network.card, name)
+        except UnknownModelError as err:
+            raise SiteNotFound(str(err)) from None
+        except ModelUnavailableError as err:
+            raise ModelNotReady(name, str(err)) from None
+        return Response(content=text, media_type="text/markdown; charset=utf-8")
+
     # plain Starlette routes, registered before kserve's own (at start), so these answer
     app.add_route("/v2/models/{model_name}/infer", infer, methods=["POST"])
+    app.add_route("/v2/models/{model_name}/card", card, methods=["GET"])
     app.add_route("/v2/health/ready", ready, methods=["GET"])
     install_http_guards(app, network.config.max_body_bytes)
     return server, list(repository.models.values())

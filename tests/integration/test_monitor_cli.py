@@ -9,17 +9,12 @@ import json
 
 import pytest
 from mlflow.tracking import MlflowClient
-from promote_support import CLASSES, GOOD, Pipeline, make_adapter, make_backbone, write_records
-from signing_support import make_signer
+from promote_support import CLASSES, signed_champion
 
-from ml.data.splits import Splits
 from ml.data.synth import SynthConfig, generate
 from ml.errors import EXIT_INSUFFICIENT
 from pipeline import cli
 from pipeline.cli.monitor import EXPERIMENT, PLOT_ARTIFACT, REPORT_ARTIFACT
-from pipeline.registry.audit import current_user
-from pipeline.registry.policy import promote
-from pipeline.registry.signing import find_trust, load_signer
 from pipeline.registry.tracking import CHAMPION
 
 MODEL = "monitor-ecg"
@@ -27,31 +22,10 @@ MODEL = "monitor-ecg"
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
-    """A store whose MODEL has a signed champion (a forced `promote` of the pipeline's candidate,
-    as a release manager makes one); its run logged the split of the 16 records."""
+    """A store whose MODEL has a signed champion (``promote_support.signed_champion``: its run
+    logged the split of the 16 records) and 12 recent records that are all unreadable."""
     root = tmp_path_factory.mktemp("monitor")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    client.create_experiment("cessl", artifact_location=(root / "mlruns").as_uri())
-    records, hashes = write_records(root)
-    backbone = make_backbone(root)
-    adapter = make_adapter(root, backbone, "good", GOOD)
-    pipeline = Pipeline(client, MODEL, records, hashes, backbone)
-    candidate = pipeline.register(adapter)
-    run_id = client.get_model_version(pipeline.candidates, candidate).run_id
-    splits = Splits(test=sorted(hashes)[:6], train=sorted(hashes)[6:], valid=[], unlabelled=[], classes=CLASSES)
-    client.log_artifact(run_id, str(splits.save(root / "splits.json")), "data")
-    keys = make_signer(root, current_user())
-    trust = root / "trust.yaml"
-    decision = promote(
-        client,
-        MODEL,
-        force=True,
-        reason="the monitored champion",
-        signer=load_signer(keys.private),
-        trust=find_trust(str(trust)),
-    )
-    assert decision.promoted and client.get_model_version_by_alias(MODEL, CHAMPION).run_id == run_id
+    world = signed_champion(root, MODEL)
     # recent records whose lead II electrode is off in every record: all unreadable
     broken = root / "broken"
     generate(
@@ -66,7 +40,7 @@ def world(tmp_path_factory) -> dict:
             lead_fault_fraction=1.0,
         ),
     )
-    return {"root": root, "uri": uri, "client": client, "records": records, "broken": broken, "trust": str(trust)}
+    return world | {"broken": broken}
 
 
 def monitor_runs(client: MlflowClient) -> list:

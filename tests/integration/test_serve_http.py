@@ -413,6 +413,66 @@ def test_explicit_version_and_alias_move_without_restart(server, network, signal
     assert "hospital-a" not in server.http.get("/v2/health/ready").json()["error"]  # only hospital-c is missing
 
 
+@pytest.mark.integration
+def test_a_signed_calibration_is_served_without_a_restart(server, network, signals):
+    """Before: present / absent by the thresholds, ``calibrated`` false. A release manager's
+    signed ``calibrate`` decision for hospital-b v1 is picked up at the next refresh: every
+    record's decisions are the calibration's, with the refer classes and the miss-rate bounds."""
+    from ml.eval.calibration import CalibrationConfig, calibrate
+    from ml.eval.predictor import decisions_of
+    from pipeline.registry.calibration import CalibrationFit, record_calibration
+
+    site, classes = "hospital-b", CLASSES["hospital-b"]
+    before = server.infer(site, signals)
+    out = _outputs(before)
+    assert before.json()["parameters"]["calibrated"] is False
+    thresholds = np.asarray(out["thresholds"], dtype=np.float64)
+    probs = _probabilities(before)
+    assert out["decisions"] == list(decisions_of(probs, classes, thresholds).reshape(-1))
+    assert out["miss_rate_bounds"] == [-1.0] * len(classes) and out["refer"] == [""] * len(signals)
+    # a calibration whose refer band holds these records' AF probabilities: t_low below, t_high above them
+    rng = np.random.default_rng(0)
+    labels = np.zeros((400, len(classes)), dtype=bool)
+    labels[:, 1] = True  # AF: 400 positives, their probabilities spread over [0, 1)
+    calibration_probs = np.tile(probs.mean(axis=0), (400, 1))
+    calibration_probs[:, 1] = rng.random(400) * probs[:, 1].min()
+    calibration = calibrate(
+        calibration_probs,
+        labels,
+        classes,
+        np.maximum(thresholds, probs.max(axis=0) + 1e-3),  # t_high above every record: no "present" for AF
+        CalibrationConfig(target_miss_rate=0.05, critical=("AF",)),
+    )
+    fit = CalibrationFit(records=400, unreadable=0, source="test", refer_rate=0.0, observed_miss={})
+    client = mlflow.MlflowClient(tracking_uri=network["uri"], registry_uri=network["uri"])
+    name = site_model_name(BASE, site)
+    entry = record_calibration(client, name, "1", calibration, fit, **network["signing"])
+    for _ in range(150):  # --refresh-seconds 0.5
+        after = server.infer(site, signals)
+        if after.json()["parameters"]["calibrated"]:
+            break
+        time.sleep(0.2)
+    assert after.json()["parameters"] == after.json()["parameters"] | {
+        "calibrated": True,
+        "calibration_entry": entry.seq,
+    }
+    out = _outputs(after)
+    decisions = calibration.decide(_probabilities(after))
+    assert out["decisions"] == list(decisions.reshape(-1))
+    assert all(d == "refer" for d in decisions[:, 1])  # AF is referred for every record, named as such
+    assert all("AF" in refer.split(";") for refer in out["refer"])
+    af = calibration.classes[1]
+    assert out["miss_rate_bounds"][1] == pytest.approx(af.miss_rate_bound, rel=1e-6)
+    assert out["miss_rate_uppers"][1] == pytest.approx(af.miss_rate_upper, rel=1e-6)
+    assert server.infer(f"{site}:1", signals).json()["parameters"]["calibrated"] is True  # pinned: the same version
+    card = server.http.get(f"/v2/models/{site}/card")
+    assert card.status_code == 200 and card.headers["content-type"].startswith("text/markdown"), card.text
+    assert card.text.startswith(f"# Model card: {name} v1") and f"(audit entry #{entry.seq})" in card.text
+    assert "Not for clinical use without validation" in card.text
+    assert server.http.get("/v2/models/hospital-z/card").status_code == 404
+    assert server.http.get("/v2/models/hospital-c/card").status_code == 503  # no champion
+
+
 def _signals_input(data, shape, datatype="FP32", name="signals") -> dict:
     return {"inputs": [{"name": name, "datatype": datatype, "shape": shape, "data": data}]}
 

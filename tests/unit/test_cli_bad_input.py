@@ -277,6 +277,8 @@ BASE_ARGV: dict[tuple[str, ...], list[str]] = {
     ("schedule",): ["schedule", "--host", HOST, "--cron", "0 3 * * 1"],
     ("serve",): ["serve", "--site", "hospital-a"],
     ("monitor",): ["monitor", "m", "--recent", "src"],
+    ("calibrate",): ["calibrate", "m", "--records", "src"],
+    ("card",): ["card", "m"],
 }
 
 
@@ -793,6 +795,8 @@ TRACKING_ARGV: dict[tuple[str, ...], list[str]] = {
     ("backbone", "pipeline", "run"): ["backbone", "pipeline", "run", "--source", "src"],
     ("serve",): ["serve", "--site", "hospital-a"],
     ("monitor",): ["monitor", "m", "--recent", "src"],
+    ("calibrate",): ["calibrate", "m", "--records", "src"],
+    ("card",): ["card", "m"],
 }
 # The cluster's URI, handed to the pods (never opened on this machine).
 CLUSTER_TRACKING = {("submit",), ("schedule",), ("backbone", "pipeline", "submit")}
