@@ -76,6 +76,28 @@ def source_records(source: str, keys: Iterable[str]) -> list[Reader]:
     return [(key, reader(key)) for key in keys]
 
 
+def records_of(source: str) -> list[Reader]:
+    """Every WFDB record of a data source: a folder (:func:`folder_records`) or an
+    ``s3://bucket/prefix``; a listed key that must not be read (e.g. one escaping the prefix) is
+    kept as a reader that fails, so it is counted unreadable with its reason, never dropped."""
+    if "://" not in str(source):
+        return folder_records(Path(source))
+    from ml.data.sources import open_source
+
+    refs = open_source(source).list_records()
+    if not refs:
+        raise ParameterError(f"{source}: no WFDB records (*.hea) in it")
+
+    def refused(problem: str) -> Callable[[], object]:
+        def read() -> object:
+            raise ValueError(problem)
+
+        return read
+
+    readable = source_records(source, [r.record_id for r in refs if r.problem is None])
+    return readable + [(r.record_id, refused(r.problem)) for r in refs if r.problem is not None]
+
+
 def read_signals(records: Sequence[Reader]) -> Signals:
     """Read, quality-check and preprocess ``records``; unreadable ones are counted with their reason."""
     from ml.data.quality import check_signal

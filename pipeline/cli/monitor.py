@@ -30,9 +30,19 @@ drift calls for is adding (and labelling) the recent records to the site's data,
 ``cessl retrain``. The monitor records that, and the exact command, in the run's tags
 (``retrain_requested``, ``retrain_reason``, ``retrain_command``) and prints it.
 
+A drift decision is also appended to the production model's audit log as an unsigned, chained
+``drift`` entry (the champion, the reasons, the monitor run, whether retraining was asked for),
+which ``cessl retrain`` names until a retraining on new data answers it.
+
+``--recent`` (and ``--reference``) is a folder or an ``s3://bucket/prefix``. ``--all-sites``
+monitors every site of ``--sites`` (default ``sites.yaml``), each on ``<--recent>/<site>``: one
+scheduled job for the network (``deploy/monitor-cronjob.yaml``); a site that cannot be
+monitored is logged and the others still are.
+
 Exit codes: 0 no drift; 1 drift (an answer, as a refused promotion is); 7 insufficient
 evidence (too few readable recent or reference records: :attr:`ml.eval.drift.DriftConfig.min_recent`,
-default 30); 2 for a bad flag, a missing folder or a model without a champion.
+default 30); 2 for a bad flag, a missing folder or a model without a champion. With
+``--all-sites``, the worst over the sites: drift, then a site's error, then insufficient evidence.
 """
 
 from __future__ import annotations
@@ -45,17 +55,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ml.errors import EXIT_INSUFFICIENT, EXIT_REFUSED, ParameterError
+from ml.errors import EXIT_INSUFFICIENT, EXIT_REFUSED, EXIT_USAGE, CesslError, ParameterError
 from pipeline.cli.audit import add_trust_flag
 from pipeline.core.constraints import (
     add_tracking_uri_flag,
-    existing_dir,
     fraction,
     non_negative_int,
     number,
     output_file,
     positive_int,
     registered_model,
+    source,
 )
 
 if TYPE_CHECKING:
@@ -69,7 +79,9 @@ PLOT_ARTIFACT = "drift/mmd_null.png"
 DEFAULT_MAX_REFERENCE = 500
 SPLIT_ORDER = ("test", "valid", "train", "unlabelled")  # held-out records first
 EXIT_DRIFT = EXIT_REFUSED  # 1
-EXIT_OF = {"no drift": 0, "drift": EXIT_DRIFT, "insufficient evidence": EXIT_INSUFFICIENT}
+ERROR = "error"  # --all-sites: a site that could not be monitored (its line is logged)
+EXIT_OF = {"no drift": 0, "insufficient evidence": EXIT_INSUFFICIENT, ERROR: EXIT_USAGE, "drift": EXIT_DRIFT}
+WORST_FIRST = ("drift", ERROR, "insufficient evidence", "no drift")  # --all-sites: the exit code of the worst
 
 
 @dataclass(frozen=True)
@@ -154,10 +166,10 @@ def champion_split(client, champion: Champion, hint: str = "pass --reference DIR
 
 def reference_records(args: argparse.Namespace, client, champion: Champion) -> tuple[list, str]:
     """The reference readers and a description of where they come from."""
-    from ml.eval.monitoring import folder_records, source_records
+    from ml.eval.monitoring import records_of, source_records
 
     if args.reference:
-        readers = folder_records(Path(args.reference))
+        readers = records_of(args.reference)
         return readers[: args.max_reference], str(args.reference)
     source, keys = lineage_reference(client, champion, args.max_reference)
     if "://" not in source and not Path(source).is_dir():
@@ -219,6 +231,29 @@ def log_run(client, champion: Champion, report, params: dict[str, str], tags: di
             client.log_artifact(run_id, str(plot), str(Path(PLOT_ARTIFACT).parent))
     client.set_terminated(run_id)
     return run_id
+
+
+def record_drift(client, champion: Champion, report, run_id: str, tags: dict[str, str]) -> None:
+    """The drift report as an (unsigned, chained) ``drift`` entry of the production model's audit
+    log: which champion, why, the monitor run, and the retraining asked for (``cessl retrain``
+    names the reports since the champion's decision)."""
+    from pipeline.registry.audit import AuditEntry, record
+
+    metrics: dict[str, Any] = dict(report.metrics())
+    metrics |= {"monitor_run": run_id, "retrain_requested": tags.get("retrain_requested") == "true"}
+    if "retrain_command" in tags:
+        metrics["retrain_command"] = tags["retrain_command"]
+    entry = record(
+        client,
+        AuditEntry(
+            model=champion.model,
+            action="drift",
+            versions={"champion": champion.version},
+            reason="; ".join(report.reasons),
+            metrics=metrics,
+        ),
+    )
+    log.info("%s: drift recorded in its audit log (entry #%d)", champion.model, entry.seq)
 
 
 def report_rows(report) -> list[dict[str, str]]:
@@ -283,14 +318,40 @@ def print_report(report, champion: Champion, run_id: str, console=None) -> None:
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
+    """One model (``NAME`` / ``--site``), or with ``--all-sites`` every site of the registry file,
+    each against ``<--recent>/<site>``; the exit code of the worst answer (drift, then too few)."""
+    if not args.all_sites:
+        return EXIT_OF[monitor_one(args, *target_model(args), args.recent)]
+    from pipeline.core.sites import DEFAULT_SITES_FILE, load_sites
+    from pipeline.registry.policy import DEFAULT_MODEL_NAME, site_model_name
+
+    if args.site:
+        raise ParameterError("--all-sites monitors every site of --sites: give it or --site, not both")
+    registry = load_sites(Path(args.sites or DEFAULT_SITES_FILE))
+    decisions = {}
+    for site in registry:
+        recent = f"{str(args.recent).rstrip('/')}/{site.name}"
+        log.info("-- %s (%s)", site.name, recent)
+        try:
+            decisions[site.name] = monitor_one(
+                args, site_model_name(args.name or DEFAULT_MODEL_NAME, site.name), site.name, recent
+            )
+        except CesslError as err:  # one site's problem (no champion, no records) does not hide the others'
+            log.error("%s: %s", site.name, err)
+            decisions[site.name] = ERROR
+    log.info("monitored %d sites: %s", len(decisions), ", ".join(f"{k} {v}" for k, v in decisions.items()))
+    return next((EXIT_OF[d] for d in WORST_FIRST if d in decisions.values()), 0)
+
+
+def monitor_one(args: argparse.Namespace, model: str, site: str, recent_source: str) -> str:
+    """Monitor one production model on ``recent_source``; its decision (DRIFT, no drift, insufficient)."""
     from ml.eval.drift import DRIFT, DriftConfig, drift_report
-    from ml.eval.monitoring import folder_records, observe
+    from ml.eval.monitoring import observe, records_of
     from pipeline.cli.preflight import registry_tracking
     from pipeline.registry.signing import find_trust
 
-    model, site = target_model(args)
     tracking = registry_tracking(args.tracking_uri, model)
-    recent = folder_records(Path(args.recent))  # a missing or empty folder: one line, before any load
+    recent = records_of(recent_source)  # a missing or empty folder or prefix: one line, before any load
     client = tracking.client()
     champion = load_champion(client, tracking.tracking_uri, model, site, find_trust(args.trust_file))
     readers, reference_from = reference_records(args, client, champion)
@@ -306,7 +367,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         raise ParameterError(f"cessl monitor: {err}") from None
     log.info("%s v%s: embedding %d reference records (%s)", model, champion.version, len(readers), reference_from)
     reference_obs = observe(champion.predictor, readers, with_labels=True)
-    log.info("%s v%s: embedding %d recent records (%s)", model, champion.version, len(recent), args.recent)
+    log.info("%s v%s: embedding %d recent records (%s)", model, champion.version, len(recent), recent_source)
     recent_obs = observe(champion.predictor, recent)
     report = drift_report(reference_obs, recent_obs, list(champion.predictor.classes), config)
     tags = {"decision": report.decision, "reasons": "\n".join(report.reasons), "site": champion.site}
@@ -328,7 +389,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         "champion_version": champion.version,
         "champion_run": champion.run_id,
         "site": champion.site,
-        "recent": str(args.recent),
+        "recent": str(recent_source),
         "reference": reference_from,
         "alpha": str(config.alpha),
         "permutations": str(config.permutations),
@@ -337,10 +398,12 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         "seed": str(config.seed),
     }
     run_id = log_run(client, champion, report, params, tags)
+    if report.decision == DRIFT:
+        record_drift(client, champion, report, run_id, tags)
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2, default=str), encoding="utf-8")
     print_report(report, champion, run_id)
-    return EXIT_OF[report.decision]
+    return report.decision
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -357,15 +420,23 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--site", default=None, metavar="NAME", help="a network site: watch <NAME>-<site>")
     parser.add_argument(
+        "--all-sites",
+        action="store_true",
+        help="every site of --sites, each on <--recent>/<site> (a CronJob's run: deploy/monitor-cronjob.yaml)",
+    )
+    parser.add_argument(
         "--sites", default=None, metavar="FILE", help="the site registry (default: sites.yaml if present)"
     )
-    parser.add_argument("--recent", type=existing_dir, required=True, metavar="DIR", help="the recent WFDB records")
+    parser.add_argument(
+        "--recent", type=source, required=True, metavar="SOURCE", help="the recent WFDB records (folder or s3://)"
+    )
     parser.add_argument(
         "--reference",
-        type=existing_dir,
+        type=source,
         default=None,
-        metavar="DIR",
-        help="reference WFDB records (default: the champion's training split, read from its run's source)",
+        metavar="SOURCE",
+        help="reference WFDB records, folder or s3:// (default: the champion's training split, read from its "
+        "run's source)",
     )
     parser.add_argument(
         "--max-reference",

@@ -617,7 +617,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def _retrain(args: argparse.Namespace, params: PipelineParams) -> int:
-    from pipeline.registry.policy import champion_data_version
+    from pipeline.registry.policy import champion_data_version, drift_since_champion
 
     tracking = TrackingConfig.resolve(
         args.tracking_uri, params.experiment_name, registered_model_name(params.model_name, params.method)
@@ -631,6 +631,8 @@ def _retrain(args: argparse.Namespace, params: PipelineParams) -> int:
         )
     trained_on = champion_data_version(tracking.client(), tracking.model_name)
     pending = testset_pending(tracking)
+    retrains = bool(pending) or trained_on != current
+    log_drift(tracking.model_name, drift_since_champion(tracking.client(), tracking.model_name), retrains)
     if pending:
         log.info("%s: test set v%d was refreshed and waits for a run: retraining", tracking.model_name, pending)
     elif trained_on == current:
@@ -645,6 +647,21 @@ def _retrain(args: argparse.Namespace, params: PipelineParams) -> int:
     if args.host:
         return cmd_submit(args)
     return _run(args, params)
+
+
+def log_drift(where: str, drift: str, retrains: bool) -> None:
+    """What ``cessl retrain`` says of the monitor's drift reports since a champion (``drift``)."""
+    if not drift:
+        return
+    if retrains:
+        log.info("%s: %s; this retraining answers it", where, drift)
+    else:
+        log.warning(
+            "%s: %s; its data is unchanged, so retraining would reproduce the champion: add the recent records "
+            "(`cessl data add`, labelled where possible: they also serve as unlabelled data) and retrain",
+            where,
+            drift,
+        )
 
 
 def cmd_retrain_network(args: argparse.Namespace) -> int:
@@ -668,6 +685,7 @@ def cmd_retrain_network(args: argparse.Namespace) -> int:
     )
     for change in changes:
         log.info("%s: %s", change.site, change.reason or f"champion trained on {change.trained_on} already")
+        log_drift(change.site, change.drift, change.changed)
     names = [change.site for change in changes if change.changed]
     if not names:
         log.info("no site's data changed since its champion: nothing to retrain")

@@ -20,7 +20,7 @@ few records to decide; calibrate: a version's calibrated answers) also names the
 backbone, classes, test-set version), the digests of its evidence (``evidence``) and carries
 ``signature``, the decider's Ed25519 signature over the entry without it
 (:mod:`pipeline.registry.signing`). The pipeline's entries
-(``challenger``, ``testset_*``) are chained but unsigned. :mod:`pipeline.registry.verify`
+(``challenger``, ``testset_*``) and the monitor's ``drift`` reports are chained but unsigned. :mod:`pipeline.registry.verify`
 checks all of it on every read.
 
 :func:`history` reads the runs (the source of truth), oldest first. The version tags that
@@ -66,6 +66,7 @@ ACTIONS = (
     "force",
     "rollback",
     "calibrate",
+    "drift",
     "challenger",
     "testset_freeze",
     "testset_refresh",

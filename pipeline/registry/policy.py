@@ -67,6 +67,7 @@ from ml.errors import CesslError
 from ml.eval.power import SD_FROM_DATA, PowerCheck, PowerConfig, attempt_alpha, power_check
 from pipeline.registry.access import client_tracking_uri, require_model_permission
 from pipeline.registry.audit import AuditEntry, current_user, evidence_digest, record
+from pipeline.registry.audit import history as audit_history
 from pipeline.registry.decision_lock import decision_lock, is_lock_model
 from pipeline.registry.evidence import EvidenceError, LoadedModel, fetch_model, frozen_test_records, paired, score
 from pipeline.registry.lineage import TAG_DATA_VERSION
@@ -919,10 +920,28 @@ class SiteChange:
     current: str  # the data version of the site's source now ("" when it cannot be told from here)
     trained_on: str  # the data version of the site's champion ("" when it has none)
     reason: str  # why it retrains, "" when it does not
+    drift: str = ""  # the monitor's drift reports since the champion's decision ("" none)
 
     @property
     def changed(self) -> bool:
         return bool(self.reason)
+
+
+def drift_since_champion(client, name: str) -> str:
+    """The monitor's ``drift`` reports in ``name``'s audit log since the last decision about its
+    champion, in one line ("" when none): what a retraining on new data answers."""
+    if not _model_exists(client, name):
+        return ""
+    entries = audit_history(client, name)
+    last = max((e.seq for e in entries if e.action in ("promote", "force", "rollback")), default=0)
+    reports = [e for e in entries if e.action == "drift" and e.seq > last]
+    if not reports:
+        return ""
+    newest = reports[-1]
+    return (
+        f"{len(reports)} drift report(s) since its champion's decision, the last at {newest.at} (audit entry "
+        f"#{newest.seq}, monitor run {newest.metrics.get('monitor_run', '?')}): {newest.reason}"
+    )
 
 
 def site_change(client, site: str, model: str, current: str) -> SiteChange:
@@ -944,7 +963,7 @@ def site_change(client, site: str, model: str, current: str) -> SiteChange:
         reason = f"data version {current} differs from the champion's ({trained_on})"
     else:
         reason = ""
-    return SiteChange(site, model, current, trained_on or "", reason)
+    return SiteChange(site, model, current, trained_on or "", reason, drift_since_champion(client, model))
 
 
 def changed_sites(client, sites, model_of, data_version_of) -> list[SiteChange]:

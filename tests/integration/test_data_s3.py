@@ -105,3 +105,22 @@ def test_path_traversal_keys_are_quarantined_not_read(
     with pytest.raises(PermissionError):
         source.read("../secret.mat")
     assert isinstance(open_source(f"s3://{s3_bucket}/{prefix}"), S3Source)
+
+
+def test_monitoring_reads_recent_records_from_s3_and_counts_unsafe_keys_unreadable(aws_env, s3_bucket, ecg_records_dir):
+    """`cessl monitor --recent s3://...` (ml.eval.monitoring.records_of): every listed record is
+    read or counted unreadable with its reason; a key escaping the prefix is never read."""
+    from ml.eval.monitoring import read_signals, records_of
+
+    client = aws_env.client()
+    for name in ("E07500.hea", "E07500.mat", "E07501.hea", "E07501.mat"):
+        client.put_object(Bucket=s3_bucket, Key=f"recent/{name}", Body=(ecg_records_dir / name).read_bytes())
+    client.put_object(
+        Bucket=s3_bucket, Key="recent/%2e%2e/E07502.hea", Body=(ecg_records_dir / "E07501.hea").read_bytes()
+    )
+    read = read_signals(records_of(f"s3://{s3_bucket}/recent"))
+    assert read.names == ["E07500", "E07501"] and read.signals.shape == (2, 12, 6144)
+    (unsafe,) = read.unreadable
+    assert "E07502" in unsafe and "percent-encoded" in read.unreadable[unsafe]
+    with pytest.raises(ValueError, match="no WFDB records"):
+        records_of(f"s3://{s3_bucket}/nothing-here")

@@ -15,7 +15,11 @@ from ml.data.synth import SynthConfig, generate
 from ml.errors import EXIT_INSUFFICIENT
 from pipeline import cli
 from pipeline.cli.monitor import EXPERIMENT, PLOT_ARTIFACT, REPORT_ARTIFACT
+from pipeline.registry.audit import history
+from pipeline.registry.policy import drift_since_champion
+from pipeline.registry.signing import find_trust
 from pipeline.registry.tracking import CHAMPION
+from pipeline.registry.verify import verify_model
 
 MODEL = "monitor-ecg"
 
@@ -128,6 +132,16 @@ def test_unreadable_recent_records_are_drift_and_the_retraining_is_recorded(worl
     assert tags["decision"] == "drift" and tags["retrain_requested"] == "true"
     assert "signal quality: 12 of 12" in tags["retrain_reason"]
     assert tags["retrain_command"] == f"cessl retrain --model-name {MODEL}"
+    # the drift is in the production model's audit log (chained, unsigned: not a decision), and the
+    # log still verifies; `cessl retrain` names it until a retraining answers it
+    run_id = monitor_runs(world["client"])[0].info.run_id
+    entry = history(world["client"], MODEL)[-1]
+    assert entry.action == "drift" and not entry.signature and entry.versions == {"champion": "1"}
+    assert entry.metrics["monitor_run"] == run_id and entry.metrics["retrain_requested"] is True
+    assert "signal quality: 12 of 12" in entry.reason
+    assert verify_model(world["client"], MODEL, find_trust(world["trust"])).ok
+    pending = drift_since_champion(world["client"], MODEL)
+    assert f"audit entry #{entry.seq}, monitor run {run_id}" in pending and pending.startswith("1 drift report(s)")
 
 
 def test_a_model_without_champion_and_a_missing_folder_are_one_line_errors(world, tmp_path, capsys):
@@ -154,3 +168,39 @@ def test_a_champion_moved_outside_a_signed_decision_is_refused(world, tmp_path, 
         assert f"is v{moved}, but the last valid signed decision names v{signed}" in err and err.count("\n") == 1
     finally:
         client.set_registered_model_alias(MODEL, CHAMPION, signed)
+
+
+def test_all_sites_monitors_each_site_of_the_registry_and_reports_the_worst(world, tmp_path, caplog):
+    """One scheduled job for the network: every site on <--recent>/<site>; a site that cannot be
+    monitored (no champion) is logged, the others are still monitored, the exit code is the worst."""
+    import logging
+    import shutil
+
+    caplog.set_level(logging.INFO, logger="pipeline.cli.monitor")
+    recent = tmp_path / "recent"
+    shutil.copytree(world["records"], recent / "ecg")  # MODEL is site "ecg" of the network "monitor"
+    (recent / "other").mkdir()
+    shutil.copytree(world["records"], recent / "other" / "records")
+    sites = tmp_path / "sites.yaml"
+    sites.write_text(
+        f"version: 1\nsites:\n  ecg:\n    source: {world['records']}\n  other:\n    source: {world['records']}\n"
+    )
+    argv = ["monitor", "monitor", "--all-sites", "--sites", str(sites), "--recent", str(recent)]
+    code = cli.main(
+        [
+            *argv,
+            "--min-recent",
+            "10",
+            "--min-reference",
+            "10",
+            "--tracking-uri",
+            world["uri"],
+            "--trust-file",
+            world["trust"],
+        ]
+    )
+    assert code == 2, caplog.text  # "other" has no champion: its error is the worst answer
+    assert "other: " in caplog.text and "'monitor-other' has no champion" in caplog.text
+    assert "monitored 2 sites: ecg no drift, other error" in caplog.text
+    run = monitor_runs(world["client"])[0]
+    assert run.data.params["recent"] == f"{recent}/ecg" and run.data.tags["site"] == "ecg"
