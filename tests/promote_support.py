@@ -194,9 +194,10 @@ class Pipeline:
 
 def signed_champion(root: Path, model: str) -> dict:
     """A SQLite store in ``root`` whose ``model`` has a signed champion: a forced `promote` (as a
-    release manager makes one) of the pipeline's candidate (a ``GOOD`` adapter over 16 synthetic
-    records), whose run logged the split of the records (test: the first 6 keys, train: the
-    rest). The store's ``uri``, ``client``, ``records``, ``trust`` file and the manager's ``keys``."""
+        release manager makes one) of the pipeline's candidate (a ``GOOD`` adapter over 16 synthetic
+        records), whose run logged the split of the records (test: the first 6 keys, train: the
+        rest). The store's ``uri``, ``client``, ``records``, ``trust`` file, the manager's ``keys`` and
+    ``store``: the command-line flags that name the store and the trust file."""
     from mlflow.tracking import MlflowClient
     from signing_support import make_signer
 
@@ -222,4 +223,13 @@ def signed_champion(root: Path, model: str) -> dict:
         client, model, force=True, reason="the champion", signer=load_signer(keys.private), trust=find_trust(str(trust))
     )
     assert decision.promoted and client.get_model_version_by_alias(model, CHAMPION).run_id == run_id
-    return {"root": root, "uri": uri, "client": client, "records": records, "trust": str(trust), "keys": keys}
+    store = ["--tracking-uri", uri, "--trust-file", str(trust)]  # a registry verb's flags for this store
+    return {
+        "root": root,
+        "uri": uri,
+        "client": client,
+        "records": records,
+        "trust": str(trust),
+        "keys": keys,
+        "store": store,
+    }

@@ -34,6 +34,7 @@ import numpy as np
 
 from ml.errors import EXIT_INSUFFICIENT, ParameterError
 from pipeline.cli.audit import signing_flags
+from pipeline.cli.options import add_production_model
 from pipeline.core.constraints import (
     add_tracking_uri_flag,
     comma_list,
@@ -41,7 +42,6 @@ from pipeline.core.constraints import (
     fraction,
     number,
     output_file,
-    registered_model,
 )
 
 if TYPE_CHECKING:
@@ -203,13 +203,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--target-miss-rate, and record it as a signed calibrate decision in the audit log (predict and serve "
         "then answer with it). Exit 0 recorded; 7 insufficient evidence (fewer than --min-records).",
     )
-    parser.add_argument(
-        "name", nargs="?", type=registered_model, default=None, help="production model (default: cessl-ecg with --site)"
-    )
-    parser.add_argument("--site", default=None, metavar="NAME", help="a network site: calibrate <NAME>-<site>")
-    parser.add_argument(
-        "--sites", default=None, metavar="FILE", help="the site registry (default: sites.yaml if present)"
-    )
+    add_production_model(parser, "calibrate")
     parser.add_argument(
         "--version",
         type=number(int, minimum=1, name="version"),

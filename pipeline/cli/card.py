@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 from pipeline.cli.audit import add_trust_flag
-from pipeline.core.constraints import add_tracking_uri_flag, number, output_file, registered_model
+from pipeline.cli.options import add_production_model
+from pipeline.core.constraints import add_tracking_uri_flag, number, output_file
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +65,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "signed decision and calibration, the training run's data and test metrics with intervals, intended use "
         "and known limits.",
     )
-    parser.add_argument(
-        "name", nargs="?", type=registered_model, default=None, help="production model (default: cessl-ecg with --site)"
-    )
-    parser.add_argument("--site", default=None, metavar="NAME", help="a network site: the card of <NAME>-<site>")
-    parser.add_argument(
-        "--sites", default=None, metavar="FILE", help="the site registry (default: sites.yaml if present)"
-    )
+    add_production_model(parser, "the card of")
     parser.add_argument(
         "--version", type=number(int, minimum=1, name="version"), default=None, help="default: the verified champion"
     )

@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 
 from ml.errors import EXIT_INSUFFICIENT, EXIT_REFUSED, EXIT_USAGE, CesslError, ParameterError
 from pipeline.cli.audit import add_trust_flag
+from pipeline.cli.options import add_production_model
 from pipeline.core.constraints import (
     add_tracking_uri_flag,
     fraction,
@@ -64,7 +65,6 @@ from pipeline.core.constraints import (
     number,
     output_file,
     positive_int,
-    registered_model,
     source,
 )
 
@@ -415,17 +415,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "confidence; log the report to the MLflow experiment cessl-monitor. Exit 0: no drift; 1: drift; "
         "7: insufficient evidence (fewer readable recent records than --min-recent).",
     )
-    parser.add_argument(
-        "name", nargs="?", type=registered_model, default=None, help="production model (default: cessl-ecg with --site)"
-    )
-    parser.add_argument("--site", default=None, metavar="NAME", help="a network site: watch <NAME>-<site>")
+    add_production_model(parser, "watch")
     parser.add_argument(
         "--all-sites",
         action="store_true",
         help="every site of --sites, each on <--recent>/<site> (a CronJob's run: deploy/monitor-cronjob.yaml)",
-    )
-    parser.add_argument(
-        "--sites", default=None, metavar="FILE", help="the site registry (default: sites.yaml if present)"
     )
     parser.add_argument(
         "--recent", type=source, required=True, metavar="SOURCE", help="the recent WFDB records (folder or s3://)"

@@ -41,6 +41,7 @@ from pipeline.core.constraints import (
     output_file,
     output_root,
     quantity,
+    registered_model,
     resource_name,
     value_problem,
 )
@@ -288,6 +289,18 @@ def add_sites(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--site", action="append", default=None, metavar="NAME", help="with --sites: only this site (repeatable)"
+    )
+
+
+def add_production_model(parser: argparse.ArgumentParser, acts: str) -> None:
+    """The production model a verb ``acts`` on (e.g. "watch"): ``NAME``, or ``--site S`` of a
+    network (``<NAME>-<S>``, checked against ``--sites``); read by :func:`pipeline.cli.monitor.target_model`."""
+    parser.add_argument(
+        "name", nargs="?", type=registered_model, default=None, help="production model (default: cessl-ecg with --site)"
+    )
+    parser.add_argument("--site", default=None, metavar="NAME", help=f"a network site: {acts} <NAME>-<site>")
+    parser.add_argument(
+        "--sites", default=None, metavar="FILE", help="the site registry (default: sites.yaml if present)"
     )
 
 

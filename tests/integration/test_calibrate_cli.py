@@ -33,16 +33,12 @@ def world(tmp_path_factory) -> dict:
     return signed_champion(tmp_path_factory.mktemp("calibrate"), MODEL)
 
 
-def store(world: dict) -> list[str]:
-    return ["--tracking-uri", world["uri"], "--trust-file", world["trust"]]
-
-
 def calibrations(world: dict) -> list[AuditEntry]:
     return [e for e in history(world["client"], MODEL) if e.action == CALIBRATE]
 
 
 def test_too_few_records_are_insufficient_evidence_and_record_nothing(world, caplog):
-    code = cli.main(["calibrate", MODEL, *store(world), "--signing-key", str(world["keys"].private)])
+    code = cli.main(["calibrate", MODEL, *world["store"], "--signing-key", str(world["keys"].private)])
     assert code == EXIT_INSUFFICIENT
     err = caplog.text
     assert "insufficient evidence: 6 readable labelled records" in err and "--min-records 50" in err
@@ -50,7 +46,7 @@ def test_too_few_records_are_insufficient_evidence_and_record_nothing(world, cap
 
 
 def test_training_records_are_refused_as_a_calibration_split(world, capsys):
-    code = cli.main(["calibrate", MODEL, "--records", str(world["records"]), "--dry-run", *store(world)])
+    code = cli.main(["calibrate", MODEL, "--records", str(world["records"]), "--dry-run", *world["store"]])
     assert code == 2
     err = capsys.readouterr().err
     assert "10 of its records trained or tuned calibrate-ecg v1" in err and err.count("\n") == 1
@@ -74,7 +70,7 @@ def test_a_calibration_is_a_signed_decision_that_predict_answers_with(world, tmp
             str(output),
             "--signing-key",
             str(world["keys"].private),
-            *store(world),
+            *world["store"],
         ]
     )
     out = capsys.readouterr().out
@@ -92,7 +88,9 @@ def test_a_calibration_is_a_signed_decision_that_predict_answers_with(world, tmp
     # predict answers with the signed calibration: a decision per class, the refer column
     record = sorted(world["records"].glob("*.hea"))[0].with_suffix("")
     answer = tmp_path / "answer.json"
-    code = cli.main(["predict", "--model", f"models:/{MODEL}@champion", str(record), "-o", str(answer), *store(world)])
+    code = cli.main(
+        ["predict", "--model", f"models:/{MODEL}@champion", str(record), "-o", str(answer), *world["store"]]
+    )
     assert code == 0, capsys.readouterr()
     (row,) = json.loads(answer.read_text())["records"]
     probs = np.array([[row[f"p_{c}"] for c in CLASSES]])
@@ -104,7 +102,7 @@ def test_the_model_card_shows_the_signed_evidence_and_is_logged_with_each_decisi
     client = world["client"]
     champion = str(client.get_model_version_by_alias(MODEL, CHAMPION).version)
     card = tmp_path / "card.md"
-    assert cli.main(["card", MODEL, "-o", str(card), *store(world)]) == 0, capsys.readouterr()
+    assert cli.main(["card", MODEL, "-o", str(card), *world["store"]]) == 0, capsys.readouterr()
     text = card.read_text()
     assert text.startswith(f"# Model card: {MODEL} v{champion}") and "Not for clinical use without validation" in text
     (entry,) = calibrations(world)
@@ -140,6 +138,6 @@ def test_a_calibrate_entry_signed_by_an_untrusted_key_breaks_the_log(world, tmp_
     )
     record(client, forged, load_signer(mallory.private))
     record_path = str(sorted(world["records"].glob("*.hea"))[0].with_suffix(""))
-    code = cli.main(["predict", "--model", f"models:/{MODEL}@champion", record_path, *store(world)])
+    code = cli.main(["predict", "--model", f"models:/{MODEL}@champion", record_path, *world["store"]])
     assert code == 1
     assert "mallory" in capsys.readouterr().err

@@ -186,19 +186,7 @@ def test_all_sites_monitors_each_site_of_the_registry_and_reports_the_worst(worl
         f"version: 1\nsites:\n  ecg:\n    source: {world['records']}\n  other:\n    source: {world['records']}\n"
     )
     argv = ["monitor", "monitor", "--all-sites", "--sites", str(sites), "--recent", str(recent)]
-    code = cli.main(
-        [
-            *argv,
-            "--min-recent",
-            "10",
-            "--min-reference",
-            "10",
-            "--tracking-uri",
-            world["uri"],
-            "--trust-file",
-            world["trust"],
-        ]
-    )
+    code = cli.main([*argv, "--min-recent", "10", "--min-reference", "10", *world["store"]])
     assert code == 2, caplog.text  # "other" has no champion: its error is the worst answer
     assert "other: " in caplog.text and "'monitor-other' has no champion" in caplog.text
     assert "monitored 2 sites: ecg no drift, other error" in caplog.text
