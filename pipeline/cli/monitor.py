@@ -23,12 +23,14 @@ thresholds), the report's numbers as metrics, the decision and its reasons as ta
 report as ``drift/report.json`` and ``drift/mmd_null.png`` (the MMD² statistic against its
 permutation null), and prints a short table.
 
-``--retrain-on-drift``: on a drift decision the monitor does not start a pipeline run itself.
-``cessl retrain`` reruns only when the site's data version changed, and recent records have
-no labels yet, so retraining on the unchanged data would reproduce the champion; what the
-drift calls for is adding (and labelling) the recent records to the site's data, then
-``cessl retrain``. The monitor records that, and the exact command, in the run's tags
-(``retrain_requested``, ``retrain_reason``, ``retrain_command``) and prints it.
+``--retrain-on-drift``: on a drift decision the monitor triggers ``cessl retrain`` for that site
+(a child process, with ``--tracking-uri`` and each ``--retrain-arg``, e.g. ``--host URL`` to
+submit to Kubeflow Pipelines) after recording the reasons, the request and the exact command in
+the run's tags (``retrain_requested``, ``retrain_reason``, ``retrain_command``) and in the audit
+log. Retrain decides what there is to train on: it retrains when the site's data version moved
+since the champion (the recent records added with ``cessl data add``) and otherwise says so and
+names the drift (retraining the unchanged data would reproduce the champion). Its exit code is
+the tag ``retrain_exit``; the monitor's own exit code stays the drift's.
 
 A drift decision is also appended to the production model's audit log as an unsigned, chained
 ``drift`` entry (the champion, the reasons, the monitor run, whether retraining was asked for),
@@ -50,6 +52,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,12 +182,34 @@ def reference_records(args: argparse.Namespace, client, champion: Champion) -> t
     return source_records(source, keys), f"{source} (split of run {champion.run_id})"
 
 
-def retrain_command(args: argparse.Namespace, champion: Champion) -> str:
-    """What retrains the site once its recent records are in its data."""
+def retrain_command(args: argparse.Namespace, champion: Champion) -> list[str]:
+    """The ``cessl retrain`` command line of the site (or model) the drift was found at."""
     if champion.site:
-        sites = args.sites or "sites.yaml"
-        return f"cessl retrain --sites {sites} --site {champion.site}"
-    return f"cessl retrain --model-name {champion.model}"
+        target = ["--sites", str(args.sites or "sites.yaml"), "--site", champion.site]
+    else:
+        target = ["--model-name", champion.model]
+    store = ["--tracking-uri", args.tracking_uri] if args.tracking_uri else []
+    return ["cessl", "retrain", *target, *store, *args.retrain_arg]
+
+
+def shown(command: list[str]) -> str:
+    """``command`` as one line to print, log or tag: a password in a URI masked."""
+    from pipeline.core.logsafe import redact
+
+    return redact(shlex.join(command))
+
+
+def trigger_retrain(client, run_id: str, command: list[str]) -> int:
+    """Run ``command`` (``cessl retrain ...``) as a child process, its output passed through;
+    its exit code, also the monitor run's tag ``retrain_exit``."""
+    import subprocess
+    import sys
+
+    log.info("triggering: %s", shown(command))
+    code = subprocess.call([sys.executable, "-m", "pipeline.cli", *command[1:]])
+    client.set_tag(run_id, "retrain_exit", str(code))
+    (log.info if code == 0 else log.error)("%s exited %d", shlex.join(command[:2]), code)
+    return code
 
 
 def plot_null(report, path: Path) -> Path | None:
@@ -371,19 +396,13 @@ def monitor_one(args: argparse.Namespace, model: str, site: str, recent_source: 
     recent_obs = observe(champion.predictor, recent)
     report = drift_report(reference_obs, recent_obs, list(champion.predictor.classes), config)
     tags = {"decision": report.decision, "reasons": "\n".join(report.reasons), "site": champion.site}
-    if args.retrain_on_drift and report.decision == DRIFT:
-        command = retrain_command(args, champion)
+    command = retrain_command(args, champion) if args.retrain_on_drift and report.decision == DRIFT else []
+    if command:
         tags |= {
             "retrain_requested": "true",
             "retrain_reason": "; ".join(report.reasons),
-            "retrain_command": command,
+            "retrain_command": shown(command),
         }
-        log.warning(
-            "%s: drift; retraining needs the recent records labelled and added to the site's data (an unchanged "
-            "data version retrains nothing), then: %s",
-            champion.site or model,
-            command,
-        )
     params = {
         "model": model,
         "champion_version": champion.version,
@@ -403,6 +422,8 @@ def monitor_one(args: argparse.Namespace, model: str, site: str, recent_source: 
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2, default=str), encoding="utf-8")
     print_report(report, champion, run_id)
+    if command:
+        trigger_retrain(client, run_id, command)
     return report.decision
 
 
@@ -457,7 +478,20 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="readable reference records needed (default: %(default)s)",
     )
     parser.add_argument("--seed", type=non_negative_int, default=0, help="permutation seed (default: %(default)s)")
-    parser.add_argument("--retrain-on-drift", action="store_true", help="on drift, record and print the retraining")
+    parser.add_argument(
+        "--retrain-on-drift",
+        action="store_true",
+        help="on drift, trigger `cessl retrain` for the site (it retrains when the site's data moved since the "
+        "champion), recorded in the run and the audit log",
+    )
+    parser.add_argument(
+        "--retrain-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="an argument for the triggered `cessl retrain` (repeatable), e.g. --retrain-arg=--host "
+        "--retrain-arg=http://ml-pipeline-ui.kubeflow",
+    )
     parser.add_argument("--json", type=output_file, default=None, metavar="PATH", help="also write the report here")
     add_trust_flag(parser)
     add_tracking_uri_flag(parser)

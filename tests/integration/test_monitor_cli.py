@@ -106,8 +106,13 @@ def test_too_few_records_are_insufficient_evidence(world, monkeypatch, tmp_path,
     assert run.data.tags["decision"] == "insufficient evidence" and "need >= 30" in run.data.tags["reasons"]
 
 
-def test_unreadable_recent_records_are_drift_and_the_retraining_is_recorded(world, monkeypatch, tmp_path, capsys):
+def test_unreadable_recent_records_are_drift_and_the_retraining_is_recorded(world, monkeypatch, tmp_path, capfd):
+    """A drift records the request in the run and the audit log, then triggers `cessl retrain` (a
+    child process): here the site's data version is the champion's, so it retrains nothing and
+    names the drift."""
     monkeypatch.chdir(tmp_path)
+    world["client"].set_model_version_tag(MODEL, "1", "data_version", "v-champion")
+    retrain_args = ["--source", str(world["records"]), "--data-version", "v-champion"]
     code = cli.main(
         [
             "monitor",
@@ -121,17 +126,22 @@ def test_unreadable_recent_records_are_drift_and_the_retraining_is_recorded(worl
             "--min-reference",
             "10",
             "--retrain-on-drift",
-            "--tracking-uri",
-            world["uri"],
-            "--trust-file",
-            world["trust"],
+            *[f"--retrain-arg={a}" for a in retrain_args],
+            *world["store"],
         ]
     )
-    assert code == 1, capsys.readouterr()
+    captured = capfd.readouterr()  # the child's output too
+    assert code == 1, captured
     tags = monitor_runs(world["client"])[0].data.tags
     assert tags["decision"] == "drift" and tags["retrain_requested"] == "true"
     assert "signal quality: 12 of 12" in tags["retrain_reason"]
-    assert tags["retrain_command"] == f"cessl retrain --model-name {MODEL}"
+    assert tags["retrain_command"] == " ".join(
+        ["cessl retrain --model-name", MODEL, "--tracking-uri", world["uri"], *retrain_args]
+    )
+    # the triggered retrain ran: the data is the champion's, so nothing to retrain, and it says why
+    assert tags["retrain_exit"] == "0", captured.err
+    assert "trained on data version v-champion already: nothing to retrain" in captured.err
+    assert "1 drift report(s) since its champion's decision" in captured.err
     # the drift is in the production model's audit log (chained, unsigned: not a decision), and the
     # log still verifies; `cessl retrain` names it until a retraining answers it
     run_id = monitor_runs(world["client"])[0].info.run_id

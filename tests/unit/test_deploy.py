@@ -726,7 +726,7 @@ def test_network_policies_close_the_namespace(objects):
     assert not _selects(egress["podSelector"], mlflow_labels)
     assert _selects(egress["podSelector"], {"pipelines.kubeflow.org/v2_component": "true"})  # a KFP step pod
     ports = {(p["protocol"], p["port"]) for rule in egress["egress"] for p in rule["ports"]}
-    assert ports == {("TCP", 5000), ("TCP", 9000), ("TCP", 8887), ("TCP", 8080)}
+    assert ports == {("TCP", 5000), ("TCP", 9000), ("TCP", 8887), ("TCP", 8888), ("TCP", 8080)}
     to_mlflow = [r for r in egress["egress"] if r["ports"] == [{"protocol": "TCP", "port": 5000}]]
     assert to_mlflow and _selects(to_mlflow[0]["to"][0]["podSelector"], mlflow_labels)
     peers = policies["trainjob-peers"]["spec"]  # pre-training nodes reach each other, nothing more
