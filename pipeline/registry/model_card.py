@@ -236,6 +236,7 @@ def log_decision_card(client, name: str, trust: Trust) -> None:
     failure to log is a warning: the decision itself is recorded)."""
     from mlflow.exceptions import MlflowException
 
+    from ml.errors import CesslError
     from pipeline.registry.verify import verify_model
 
     try:
@@ -245,5 +246,5 @@ def log_decision_card(client, name: str, trust: Trust) -> None:
         if last is not None and version:
             run_id = log_card(client, name, version, result.entries, last.seq)
             log.debug("%s v%s: model card logged to audit run %s", name, version, run_id)
-    except (MlflowException, OSError, ValueError) as err:
+    except (MlflowException, OSError, ValueError, CesslError) as err:  # the decision itself is recorded
         log.warning("%s: the model card was not logged (%s)", name, err)
