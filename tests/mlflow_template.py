@@ -13,6 +13,7 @@ start (the CLI, kfp.local tasks, servers) migrate as usual.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sqlite3
@@ -70,24 +71,42 @@ def migrated_mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Iterat
 MLFLOW_URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
-@pytest.fixture(autouse=True)
-def mlflow_globals_do_not_leak() -> Iterator[None]:
-    """Each test starts from MLflow's defaults: ``mlflow.set_tracking_uri`` (called by the fluent
-    API, e.g. while logging a model) keeps the URI in a module global and writes it into
-    ``os.environ`` behind monkeypatch's back, so a later test in the same process would reach
-    an earlier test's store. Both are put back after every test."""
+@contextlib.contextmanager
+def mlflow_uris_restored() -> Iterator[None]:
+    """MLflow's tracking and registry URIs as they were: ``mlflow.set_tracking_uri`` (called by
+    the fluent API, e.g. while logging a model) keeps the URI in a module global and writes it
+    into ``os.environ`` behind monkeypatch's back, where a later test, and every process it
+    starts, would reach this test's store. Both are put back (the globals to unset)."""
     import sys
 
     before = {name: os.environ.get(name) for name in MLFLOW_URI_ENV}
-    yield
-    tracking = sys.modules.get("mlflow.tracking._tracking_service.utils")
-    registry = sys.modules.get("mlflow.tracking._model_registry.utils")
-    if tracking is not None:
-        tracking._tracking_uri = None
-    if registry is not None:
-        registry._registry_uri = None
-    for name, value in before.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    try:
+        yield
+    finally:
+        tracking = sys.modules.get("mlflow.tracking._tracking_service.utils")
+        registry = sys.modules.get("mlflow.tracking._model_registry.utils")
+        if tracking is not None:
+            tracking._tracking_uri = None
+        if registry is not None:
+            registry._registry_uri = None
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture(autouse=True)
+def mlflow_globals_do_not_leak() -> Iterator[None]:
+    """Each test starts from MLflow's defaults (:func:`mlflow_uris_restored`)."""
+    with mlflow_uris_restored():
+        yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mlflow_globals_do_not_leak_from_module_fixtures() -> Iterator[None]:
+    """The same around each test file: a module-scoped fixture (a store built once for the file)
+    is set up before any test's own guard and would otherwise leak into the next file, e.g. a
+    later `cessl run` subprocess finding MLFLOW_TRACKING_URI pointing at the checkout's store."""
+    with mlflow_uris_restored():
+        yield

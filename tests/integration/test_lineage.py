@@ -80,7 +80,8 @@ def test_a_second_run_fails_fast_naming_the_holder_and_a_dead_holder_is_recovere
         proc = cessl_process(["run", "--no-demo-data"], project, {}, tmp_path / "second.log")
         assert proc.wait(timeout=120) == 2
         out = (tmp_path / "second.log").read_text()
-        line = next(x for x in out.splitlines() if "in use by" in x)
+        line = next((x for x in out.splitlines() if "in use by" in x), None)
+        assert line is not None, out
         assert f"pid {holder.pid}" in line and "since" in line and "--wait-lock" in line, out
         # before any work: no data generated, no MLflow store, no task outputs
         assert sorted(p.name for p in project.iterdir()) == [".cache", "data"], list(project.iterdir())
