@@ -268,13 +268,15 @@ VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>[0-9]+)$")
 def verified_uri(client, uri: str, trust: Trust) -> tuple[str, Verification | None]:
     """``models:/NAME@champion`` -> ``models:/NAME/<the verified champion>`` (AuditMismatchError,
     exit 1, when the log is broken or the alias is not the signed champion); ``models:/NAME/V``
-    as given once NAME's log verifies; with the verification (None for any other URI)."""
+    as given once NAME's log is not broken (a moved alias does not concern a pinned version);
+    with the verification (None for any other URI)."""
     match = CHAMPION_URI.match(uri) or VERSION_URI.match(uri)
     if match is None:
         return uri, None
     (result,) = verify(client, trust, [match["name"]])
     if "version" in match.groupdict():
-        require_verified([result])  # a pinned version is answered with what the log says of it
+        if result.broken:  # a pinned version is answered with what the log says of it (its calibration)
+            require_verified([result])
         return uri, result
     return f"models:/{match['name']}/{champion_of(result)}", result
 

@@ -119,6 +119,27 @@ def test_the_model_card_shows_the_signed_evidence_and_is_logged_with_each_decisi
     assert "| STach (sinus tachycardia) | yes |" in Path(logged).read_text()
 
 
+def test_a_pinned_version_answers_with_its_calibration_while_the_alias_is_moved(world, tmp_path, capsys):
+    """A moved alias refuses `@champion`, not a pinned version: it is answered, calibrated, from
+    the log (which is not broken)."""
+    client = world["client"]
+    signed = str(client.get_model_version_by_alias(MODEL, CHAMPION).version)
+    moved = client.copy_model_version(f"models:/{MODEL}/{signed}", MODEL).version
+    client.set_registered_model_alias(MODEL, CHAMPION, moved)
+    record = str(sorted(world["records"].glob("*.hea"))[0].with_suffix(""))
+    answer = tmp_path / "pinned.json"
+    try:
+        capsys.readouterr()
+        assert cli.main(["predict", "--model", f"models:/{MODEL}@champion", record, *world["store"]]) == 1
+        assert "but the last valid signed decision names" in capsys.readouterr().err
+        code = cli.main(["predict", "--model", f"models:/{MODEL}/{signed}", record, "-o", str(answer), *world["store"]])
+        assert code == 0, capsys.readouterr()
+        (row,) = json.loads(answer.read_text())["records"]
+        assert all(f"decision_{c}" in row for c in CLASSES)  # the signed calibration of that version
+    finally:
+        client.set_registered_model_alias(MODEL, CHAMPION, signed)
+
+
 def test_a_calibrate_entry_signed_by_an_untrusted_key_breaks_the_log(world, tmp_path, capsys):
     """Who may not decide (a key the trust file does not list) cannot slip a calibration in:
     the log no longer verifies, and predict refuses in one line before loading anything."""
@@ -138,6 +159,9 @@ def test_a_calibrate_entry_signed_by_an_untrusted_key_breaks_the_log(world, tmp_
     )
     record(client, forged, load_signer(mallory.private))
     record_path = str(sorted(world["records"].glob("*.hea"))[0].with_suffix(""))
-    code = cli.main(["predict", "--model", f"models:/{MODEL}@champion", record_path, *world["store"]])
-    assert code == 1
-    assert "mallory" in capsys.readouterr().err
+    for uri in (
+        f"models:/{MODEL}@champion",
+        f"models:/{MODEL}/{champion}",
+    ):  # pinned too: its calibration is in that log
+        assert cli.main(["predict", "--model", uri, record_path, *world["store"]]) == 1
+        assert "mallory" in capsys.readouterr().err
