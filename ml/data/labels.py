@@ -245,6 +245,20 @@ def _load_mapping(path: str) -> LabelMapping:
     return LabelMapping(diagnoses, aliases)
 
 
+def class_descriptions(classes: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(abbreviations, names) of SNOMED codes; the code itself where the mapping has none (or
+    cannot be read)."""
+    try:
+        mapping = LabelMapping.from_csv()
+    except (OSError, ValueError, KeyError):
+        return list(classes), list(classes)
+    found = [mapping.diagnoses.get(canonical_code(code)) for code in classes]
+    return (
+        [d.abbreviation if d else code for d, code in zip(found, classes, strict=True)],
+        [d.name if d else code for d, code in zip(found, classes, strict=True)],
+    )
+
+
 def count_labels(label_lists: Iterable[Sequence[str]]) -> Counter:
     """Records per canonical code (each record counts once per diagnosis)."""
     counts: Counter = Counter()

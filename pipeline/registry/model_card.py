@@ -72,17 +72,14 @@ def champion_decision(entries: Sequence[AuditEntry], version: str) -> AuditEntry
 
 
 def _names(codes: Sequence[str]) -> dict[str, str]:
-    try:
-        from ml.data.labels import LabelMapping, canonical_code
+    """code -> ``AF (atrial fibrillation)`` (the code alone where the mapping has no name)."""
+    from ml.data.labels import class_descriptions
 
-        mapping = LabelMapping.from_csv()
-    except (OSError, ValueError, KeyError):
-        return {c: c for c in codes}
-    out = {}
-    for code in codes:
-        diagnosis = mapping.diagnoses.get(canonical_code(code))
-        out[code] = f"{diagnosis.abbreviation} ({diagnosis.name})" if diagnosis else code
-    return out
+    abbreviations, names = class_descriptions(codes)
+    return {
+        code: code if abbreviation == code else f"{abbreviation} ({name})"
+        for code, abbreviation, name in zip(codes, abbreviations, names, strict=True)
+    }
 
 
 def _num(value: Any, digits: int = 3) -> str:

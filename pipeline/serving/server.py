@@ -101,6 +101,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ml.data.labels import class_descriptions
 from ml.errors import CesslError, ParameterError
 from ml.eval.calibration import REFER
 from ml.model.adapter_bank import AdapterLRU, SharedBackbone, SiteAdapter, read_site_adapter
@@ -110,11 +111,11 @@ from pipeline.registry.policy import DEFAULT_MODEL_NAME, site_model_name
 from pipeline.registry.signing import find_trust
 from pipeline.registry.tracking import CHAMPION
 from pipeline.registry.verify import Verification, verify_model
+from pipeline.serving.request_body import BodyDecoder
 
 if TYPE_CHECKING:
     from ml.eval.calibration import CalibrationSet
     from pipeline.registry.audit import AuditEntry
-from pipeline.serving.request_body import BodyDecoder
 
 log = logging.getLogger(__name__)
 
@@ -229,22 +230,6 @@ class Prediction:
         from ml.eval.predictor import OK, UNREADABLE
 
         return [UNREADABLE if problem else OK for problem in self.problems]
-
-
-def class_descriptions(classes: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(abbreviations, descriptions) of SNOMED codes; the code itself where the mapping has none."""
-    try:
-        from ml.data.labels import LabelMapping, canonical_code
-
-        mapping = LabelMapping.from_csv()
-    except (OSError, ValueError, KeyError):
-        return list(classes), list(classes)
-    abbreviations, names = [], []
-    for code in classes:
-        diagnosis = mapping.diagnoses.get(canonical_code(code))
-        abbreviations.append(diagnosis.abbreviation if diagnosis else code)
-        names.append(diagnosis.name if diagnosis else code)
-    return abbreviations, names
 
 
 # --------------------------------------------------------------------------- the network
