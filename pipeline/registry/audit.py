@@ -73,6 +73,7 @@ ACTIONS = (
 )
 # signed by a release manager (calibrate: how a version answers, pipeline.registry.calibration)
 DECISIONS = ("promote", "refuse", "insufficient", "force", "rollback", "calibrate")
+CHAMPION_ACTIONS = ("promote", "force", "rollback")  # the decisions that make a version champion
 FORMAT = 2  # chained + signed; entries without a format field are the older, unchained kind (1)
 
 

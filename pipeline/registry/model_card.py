@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.registry.audit import AuditEntry, audit_runs
+from pipeline.registry.audit import CHAMPION_ACTIONS, AuditEntry, audit_runs
 from pipeline.registry.calibration import calibration_entry, calibration_of
 
 if TYPE_CHECKING:
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CARD_FILE = "model_card.md"
-CHAMPION_DECISIONS = ("promote", "force", "rollback")
 CARD_METRICS = ("macro_f_beta", "macro_g_beta", "challenge_score", "macro_auroc", "macro_map")
 INTENDED_USE = (
     "Decision support for reading 12-lead ECGs: flags the listed diagnoses (SNOMED CT codes) for a "
@@ -65,7 +64,7 @@ def champion_decision(entries: Sequence[AuditEntry], version: str) -> AuditEntry
         (
             e
             for e in reversed(entries)
-            if e.format >= 2 and e.action in CHAMPION_DECISIONS and e.champion.get("version") == str(version)
+            if e.format >= 2 and e.action in CHAMPION_ACTIONS and e.champion.get("version") == str(version)
         ),
         None,
     )

@@ -66,7 +66,7 @@ from typing import Any
 from ml.errors import CesslError
 from ml.eval.power import SD_FROM_DATA, PowerCheck, PowerConfig, attempt_alpha, power_check
 from pipeline.registry.access import client_tracking_uri, require_model_permission
-from pipeline.registry.audit import AuditEntry, current_user, evidence_digest, record
+from pipeline.registry.audit import CHAMPION_ACTIONS, AuditEntry, current_user, evidence_digest, record
 from pipeline.registry.audit import history as audit_history
 from pipeline.registry.decision_lock import decision_lock, is_lock_model
 from pipeline.registry.evidence import EvidenceError, LoadedModel, fetch_model, frozen_test_records, paired, score
@@ -933,7 +933,7 @@ def drift_since_champion(client, name: str) -> str:
     if not _model_exists(client, name):
         return ""
     entries = audit_history(client, name)
-    last = max((e.seq for e in entries if e.action in ("promote", "force", "rollback")), default=0)
+    last = max((e.seq for e in entries if e.action in CHAMPION_ACTIONS), default=0)
     reports = [e for e in entries if e.action == "drift" and e.seq > last]
     if not reports:
         return ""

@@ -35,6 +35,7 @@ from ml.errors import EXIT_REFUSED, CesslError
 from pipeline.registry.access import client_tracking_uri
 from pipeline.registry.anchor import anchor_of, anchor_problem
 from pipeline.registry.audit import (
+    CHAMPION_ACTIONS,
     DECISION_FILE,
     LOG_FILE,
     TAG_HEAD,
@@ -204,7 +205,7 @@ def champion_stack(entries: list[AuditEntry]) -> list[dict[str, str]]:
     pops back to the champion it restored (``entries``: a verified log)."""
     stack: list[dict[str, str]] = []
     for entry in entries:
-        if entry.format < 2 or entry.action not in ("promote", "force", "rollback") or not entry.champion:
+        if entry.format < 2 or entry.action not in CHAMPION_ACTIONS or not entry.champion:
             continue
         version = entry.champion.get("version")
         if entry.action == "rollback":
