@@ -9,7 +9,7 @@ digest (``evidence["calibration"]``), the version it is for (``versions["calibra
 it was fitted on (records, their source, the refer rate there) and the champion unchanged: it is a
 decision about how a version answers, never about which version is champion.
 
-Reading (:func:`calibration_of`) happens only on a **verified** log (chain, signatures, head and
+Reading (:func:`signed_calibration`) happens only on a **verified** log (chain, signatures, head and
 anchor checked by :mod:`pipeline.registry.verify`): the last ``calibrate`` entry for the version
 served wins, its digest is recomputed from the calibration it holds, and its classes must be
 the model's. A version tag (``cessl.calibration``) names that entry for people browsing the
@@ -115,12 +115,15 @@ def calibration_entry(entries: list[AuditEntry], version: str) -> AuditEntry | N
     )
 
 
-def calibration_of(entries: list[AuditEntry], version: str, classes: list[str]) -> CalibrationSet | None:
-    """``version``'s calibration from its **verified** log ``entries``; None when it has none;
-    CalibrationMismatchError when the entry's digest or classes do not hold."""
+def signed_calibration(
+    entries: list[AuditEntry], version: str, classes: list[str]
+) -> tuple[CalibrationSet | None, AuditEntry | None]:
+    """``version``'s calibration from its **verified** log ``entries`` and the entry that signed
+    it; (None, None) when it has none; CalibrationMismatchError when the entry's digest or
+    classes do not hold."""
     entry = calibration_entry(entries, version)
     if entry is None:
-        return None
+        return None, None
     payload = entry.metrics.get("calibration")
     where = f"{entry.model} audit entry #{entry.seq} (calibrate v{version} by {entry.who})"
     if not isinstance(payload, dict) or evidence_digest(payload) != entry.evidence.get(EVIDENCE_KEY):
@@ -131,9 +134,9 @@ def calibration_of(entries: list[AuditEntry], version: str, classes: list[str]) 
         raise CalibrationMismatchError(f"{where}: not a usable calibration ({err})") from err
     if calibration.codes != list(classes):
         raise CalibrationMismatchError(f"{where}: calibrated for {calibration.codes}, the model predicts {classes}")
-    return calibration
+    return calibration, entry
 
 
-def verified_calibration(client, name: str, version: str, classes: list[str], trust: Trust) -> CalibrationSet | None:
-    """``calibration_of`` on ``name``'s log, verified here (RegistryError when it is broken)."""
-    return calibration_of(verified_state(client, name, trust).entries, version, classes)
+def calibration_of(entries: list[AuditEntry], version: str, classes: list[str]) -> CalibrationSet | None:
+    """The calibration of :func:`signed_calibration` alone."""
+    return signed_calibration(entries, version, classes)[0]

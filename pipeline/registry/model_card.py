@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.registry.audit import CHAMPION_ACTIONS, AuditEntry, audit_runs
-from pipeline.registry.calibration import calibration_entry, calibration_of
+from pipeline.registry.calibration import calibration_entry, signed_calibration
 
 if TYPE_CHECKING:
     from pipeline.registry.signing import Trust
@@ -119,8 +119,7 @@ def _decision_section(decision: AuditEntry | None) -> list[str]:
 
 
 def _calibration_section(entries: Sequence[AuditEntry], version: str, classes: list[str]) -> list[str]:
-    calibration = calibration_of(list(entries), version, classes)
-    entry = calibration_entry(list(entries), version)
+    calibration, entry = signed_calibration(list(entries), version, classes)
     if calibration is None or entry is None:
         return [
             "Not calibrated: every class answers present / absent by its fitted threshold, with no statement "

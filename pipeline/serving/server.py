@@ -265,6 +265,8 @@ class Network:
         self.trust = find_trust(config.trust_file)
         self._verified: dict[str, tuple[str, str]] = {}  # site -> (champion, digest of the log's last entry)
         self._entries: dict[str, list[AuditEntry]] = {}  # site -> its last verified audit log
+        # (site, version) -> (the verified log's head digest it was read from, (calibration, entry seq))
+        self._calibrations: dict[tuple[str, str], tuple[str, tuple[CalibrationSet | None, int]]] = {}
         self._versions: dict[tuple[str, str], bool] = {}
         self.backbones: dict[str, SharedBackbone] = {}
         self.adapters = AdapterLRU(config.max_adapters)
@@ -342,17 +344,23 @@ class Network:
     def calibration(self, site: str, version: str, classes: Sequence[str]) -> tuple[CalibrationSet | None, int]:
         """(the calibration, its audit entry's seq) that the site's last verified log signs for
         ``version``; (None, 0) when it has none. Read from the verified entries only: an entry of
-        a log that failed verification is never used (the last verified log's stays)."""
-        from pipeline.registry.calibration import CalibrationMismatchError, calibration_entry, calibration_of
+        a log that failed verification is never used (the last verified log's stays). Parsed and
+        its digest checked once per version and verified log, not on every request."""
+        from pipeline.registry.calibration import CalibrationMismatchError, signed_calibration
 
         self.champion(site)  # verified at most --refresh-seconds ago
-        entries = self._entries.get(site, [])
-        try:
-            calibration = calibration_of(entries, version, list(classes))
-        except CalibrationMismatchError as err:
-            raise ModelUnavailableError(str(err)) from err
-        entry = calibration_entry(entries, version) if calibration is not None else None
-        return calibration, entry.seq if entry is not None else 0
+        with self._registry_lock:
+            head = self._verified.get(site, ("", ""))[1]
+            cached = self._calibrations.get((site, version))
+            if cached is not None and cached[0] == head:
+                return cached[1]
+            try:
+                calibration, entry = signed_calibration(self._entries.get(site, []), version, list(classes))
+            except CalibrationMismatchError as err:
+                raise ModelUnavailableError(str(err)) from err
+            answer = (calibration, entry.seq if entry is not None else 0)
+            self._calibrations[(site, version)] = (head, answer)
+            return answer
 
     def card(self, name: str) -> str:
         """The model card (Markdown) of the version that answers ``name`` (``S`` or ``S:V``),
