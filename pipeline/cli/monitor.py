@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shlex
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +60,7 @@ from typing import TYPE_CHECKING, Any
 from ml.errors import EXIT_INSUFFICIENT, EXIT_REFUSED, EXIT_USAGE, CesslError, ParameterError
 from pipeline.cli.audit import add_trust_flag
 from pipeline.cli.options import add_production_model
+from pipeline.cli.shell import shell_command
 from pipeline.core.constraints import (
     add_tracking_uri_flag,
     fraction,
@@ -192,23 +192,16 @@ def retrain_command(args: argparse.Namespace, champion: Champion) -> list[str]:
     return ["cessl", "retrain", *target, *store, *args.retrain_arg]
 
 
-def shown(command: list[str]) -> str:
-    """``command`` as one line to print, log or tag: a password in a URI masked."""
-    from pipeline.core.logsafe import redact
-
-    return redact(shlex.join(command))
-
-
 def trigger_retrain(client, run_id: str, command: list[str]) -> int:
     """Run ``command`` (``cessl retrain ...``) as a child process, its output passed through;
     its exit code, also the monitor run's tag ``retrain_exit``."""
     import subprocess
     import sys
 
-    log.info("triggering: %s", shown(command))
+    log.info("triggering: %s", shell_command(command))
     code = subprocess.call([sys.executable, "-m", "pipeline.cli", *command[1:]])
     client.set_tag(run_id, "retrain_exit", str(code))
-    (log.info if code == 0 else log.error)("%s exited %d", shlex.join(command[:2]), code)
+    (log.info if code == 0 else log.error)("%s exited %d", " ".join(command[:2]), code)
     return code
 
 
@@ -401,7 +394,7 @@ def monitor_one(args: argparse.Namespace, model: str, site: str, recent_source: 
         tags |= {
             "retrain_requested": "true",
             "retrain_reason": "; ".join(report.reasons),
-            "retrain_command": shown(command),
+            "retrain_command": shell_command(command),
         }
     params = {
         "model": model,

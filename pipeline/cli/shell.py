@@ -72,3 +72,10 @@ def shell_uri(uri: str) -> str:
     from pipeline.core.logsafe import redact
 
     return shlex.quote(redact(uri))
+
+
+def shell_command(argv: list[str]) -> str:
+    """``argv`` as one line to print, log or tag: shell-quoted, a password in a URI masked."""
+    from pipeline.core.logsafe import redact
+
+    return redact(shlex.join(argv))

@@ -30,6 +30,7 @@ from ml.eval.calibration import CalibrationSet
 from pipeline.registry.audit import AuditEntry, evidence_digest, record
 from pipeline.registry.decision_lock import decision_lock
 from pipeline.registry.policy import RegistryError, decider, verified_state
+from pipeline.registry.tracking import tagged_classes
 
 if TYPE_CHECKING:
     from pipeline.registry.signing import Signer, Trust
@@ -76,8 +77,7 @@ def record_calibration(
     by = decider(client, name, CALIBRATE, signer, trust)  # before any change
     with decision_lock(client, name, by.who):
         state = verified_state(client, name, by.trust)
-        model_version = client.get_model_version(name, version)
-        classes = [c for c in str((model_version.tags or {}).get("classes", "")).split(",") if c]
+        classes = tagged_classes(client.get_model_version(name, version))
         if classes and classes != calibration.codes:
             raise RegistryError(
                 f"{name} v{version} predicts {classes}; the calibration is for {calibration.codes}: re-calibrate it"

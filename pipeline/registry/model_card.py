@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.registry.audit import CHAMPION_ACTIONS, AuditEntry, audit_runs
 from pipeline.registry.calibration import calibration_entry, signed_calibration
+from pipeline.registry.tracking import tagged_classes
 
 if TYPE_CHECKING:
     from pipeline.registry.signing import Trust
@@ -167,7 +168,7 @@ def model_card(
     mv = client.get_model_version(name, str(version))
     tags = dict(mv.tags or {})
     if classes is None:
-        classes = [c for c in tags.get("classes", "").split(",") if c] or _calibrated_codes(entries, str(version))
+        classes = tagged_classes(mv) or _calibrated_codes(entries, str(version))
     classes = list(classes)
     params: dict[str, str] = {}
     if mv.run_id:

@@ -79,6 +79,12 @@ def is_production_method(method: str) -> bool:
     return bool(entry is not None and entry.production)
 
 
+def tagged_classes(version) -> list[str]:
+    """A model version's classes as its ``classes`` tag lists them (SNOMED codes, the register
+    step's comma-joined order); [] when it has none."""
+    return [c for c in str((version.tags or {}).get("classes", "")).split(",") if c]
+
+
 def model_digests(backbone_dir: Path, adapter_dir: Path) -> dict[str, str]:
     """The version tags naming the sha256 digests of a model's backbone and adapter folders."""
     from components.common import sha256_dir
