@@ -1,6 +1,6 @@
 """How much of a synthetic site the frozen backbone already separates: the frozen-probe AUROC.
 
-For a network-demo site (``ml.data.synth.site_config``: its profile, the demo's ten classes),
+For a network-demo site (``ml.data.synth.site_config``: its profile, the demo's eleven classes),
 optionally with another heart rotation, the records are preprocessed as real ones, embedded by
 the embedded default backbone (pooled features, frozen) and by the same network with random
 weights (what the classes give away without any pre-training); a logistic-regression probe per

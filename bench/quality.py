@@ -9,7 +9,7 @@ method and fraction the paired difference against CE-SSL (same seed, same test r
 +- sd over the seeds, with the paper's published CE-SSL figure beside it for layout.
 
 Data: by default the network demo's first synthetic hospital (``ml.data.synth``: its lead
-geometry, case mix and the ten demo classes, seven of them new to the backbone), generated in
+geometry, case mix and the eleven demo classes, none of them a label of the backbone's pre-training), generated in
 memory and preprocessed as real records are. ``--source FOLDER`` reads a WFDB folder a user
 mounts instead (a PTB-XL or PhysioNet/CinC 2021 download): its records are quality-checked and
 preprocessed (``ml.eval.monitoring.read_signals``), and the classes are the Challenge-scored

@@ -10,7 +10,10 @@ Diagnoses change the rhythm or the waves the way a cardiologist reads them: sinu
 (NSR / SB / STach), respiratory RR modulation (SA), irregular RR without P waves and with
 fibrillatory waves (AF), long PR (IAVB), wide QRS with LBBB or RBBB morphology, premature
 wide beats with compensatory pause (PVC), premature beats with an abnormal P (PAC), small
-QRS (LQRSV), inverted or flat T (TInv / TAb), frontal QRS axis (LAD / RAD), long QT (LQT).
+QRS (LQRSV), inverted or flat T (TInv / TAb), frontal QRS axis (LAD / RAD), long QT (LQT),
+and, from each record's second random stream, pathological Q waves in an inferior or anterior
+territory (QAb), poor R-wave progression (PRWP), incomplete RBBB (IRBBB) and a non-specific
+intraventricular conduction delay (NSIVCB).
 
 Everything is drawn from ``numpy.random.default_rng([seed, index])``: a record depends
 only on the seed and its number, so generation is deterministic in any batch size or
@@ -42,6 +45,10 @@ log = logging.getLogger(__name__)
 NSR, SB, STACH, SA, AF = "426783006", "426177001", "427084000", "427393009", "164889003"
 IAVB, LBBB, RBBB, PVC, PAC = "270492004", "164909002", "59118001", "17338001", "63593006"
 LQRSV, TINV, TAB, LAD, RAD, LQT = "251146004", "59931005", "164934002", "39732003", "47665007", "111975006"
+# Conduction and morphology findings drawn from a record's second random stream (so that a
+# hospital without them draws exactly what it always drew): Q waves, poor R-wave progression,
+# incomplete RBBB, non-specific intraventricular conduction delay.
+QAB, PRWP, IRBBB, NSIVCB = "164917005", "365413008", "713426002", "698252002"
 
 SUPPORTED_CLASSES: tuple[str, ...] = (
     NSR,
@@ -60,11 +67,16 @@ SUPPORTED_CLASSES: tuple[str, ...] = (
     LAD,
     RAD,
     LQT,
+    QAB,
+    PRWP,
+    IRBBB,
+    NSIVCB,
 )
 DEFAULT_CLASSES: tuple[str, ...] = (NSR, SB, STACH, AF, IAVB, LBBB, RBBB, PVC, LQRSV, TINV)
-# The network demo's classes: seven the embedded default backbone never saw as labels (it was
-# pre-trained on the six CODE-15% diagnoses, ``ml.train.default_backbone``), three it did.
-NETWORK_DEMO_CLASSES: tuple[str, ...] = (NSR, AF, IAVB, PVC, PAC, LQRSV, TINV, TAB, LAD, LQT)
+# The network demo's classes: none of them a label the embedded default backbone was pre-trained
+# on (the six CODE-15% rhythm and conduction diagnoses, ``ml.train.default_backbone``): ectopy,
+# voltage, repolarisation, Q waves, R-wave progression and conduction delays.
+NETWORK_DEMO_CLASSES: tuple[str, ...] = (NSR, SA, PAC, PVC, LQRSV, TAB, LQT, QAB, PRWP, IRBBB, NSIVCB)
 
 # Probability of each diagnosis (rhythms are exclusive and drawn by weight).
 RHYTHM_WEIGHTS = {NSR: 0.45, SB: 0.17, STACH: 0.17, AF: 0.15, SA: 0.06}
@@ -81,6 +93,7 @@ FINDING_PROB = {
     RAD: 0.06,
     LQT: 0.10,
 }
+MORPHOLOGY_PROB = {QAB: 0.14, PRWP: 0.12, IRBBB: 0.12, NSIVCB: 0.12}
 
 # Wave rows of the per-beat parameter arrays.
 P_W, Q_W, R_W, R2_W, S_W, RP_W, T_W = range(7)
@@ -265,6 +278,31 @@ def draw_labels(
     return labels
 
 
+def draw_morphology(
+    rng: np.random.Generator,
+    classes: Sequence[str],
+    labels: Sequence[str],
+    prevalence: Mapping[str, float] | None = None,
+) -> list[str]:
+    """The conduction and morphology findings (:data:`MORPHOLOGY_PROB`) of a record whose
+    other diagnoses are ``labels``, drawn from the record's second stream ``rng``: none of them
+    beside a bundle-branch block (whose QRS already is wide and notched), and at most one of the
+    two conduction delays (incomplete RBBB, non-specific delay)."""
+    allowed = set(classes)
+    factor = dict(prevalence or {})
+    u = rng.random(len(MORPHOLOGY_PROB))
+    found = [
+        code
+        for j, (code, p) in enumerate(MORPHOLOGY_PROB.items())
+        if code in allowed and u[j] < min(p * factor.get(code, 1.0), 0.9)
+    ]
+    if LBBB in labels or RBBB in labels:
+        found = [c for c in found if c not in (IRBBB, NSIVCB)]
+    if IRBBB in found and NSIVCB in found:
+        found.remove(NSIVCB)
+    return found
+
+
 def _beat_times(
     rng: np.random.Generator, labels: Sequence[str], duration: float
 ) -> tuple[np.ndarray, np.ndarray, float]:
@@ -318,8 +356,12 @@ def _beat_times(
     return np.array(times), np.array(types), rr
 
 
-def _wave_parameters(rng: np.random.Generator, labels: Sequence[str], types: np.ndarray, rr: float):
-    """Per-beat offsets (W, K), widths (W, K) and dipole amplitudes (W, K, 3)."""
+def _wave_parameters(
+    rng: np.random.Generator, labels: Sequence[str], types: np.ndarray, rr: float, morphology: np.random.Generator
+):
+    """Per-beat offsets (W, K), widths (W, K) and dipole amplitudes (W, K, 3). The findings of
+    :data:`MORPHOLOGY_PROB` draw from ``morphology``, the record's second stream: a record
+    without them draws from ``rng`` exactly what it always drew."""
     k = len(types)
     off = np.zeros((N_WAVES, k))
     sig = np.full((N_WAVES, k), 0.01)
@@ -334,12 +376,16 @@ def _wave_parameters(rng: np.random.Generator, labels: Sequence[str], types: np.
     else:
         axis = rng.uniform(10, 75)
     elev = rng.uniform(-0.45, -0.2)
+    if PRWP in labels:  # the QRS turned posteriorly: small R waves across V1-V4
+        elev = morphology.uniform(-1.1, -0.85)
     if LBBB in labels:
         qrsd = rng.uniform(0.13, 0.16)
     elif RBBB in labels:
         qrsd = rng.uniform(0.12, 0.15)
     else:
         qrsd = rng.uniform(0.08, 0.10)
+        if NSIVCB in labels:  # slowed conduction without a bundle-branch pattern
+            qrsd = morphology.uniform(0.112, 0.128)
     pr = rng.uniform(0.23, 0.32) if IAVB in labels else rng.uniform(0.12, 0.19)
     qtc = rng.uniform(0.48, 0.56) if LQT in labels else rng.uniform(0.38, 0.43)
     qt = qtc * np.sqrt(rr)
@@ -382,6 +428,19 @@ def _wave_parameters(rng: np.random.Generator, labels: Sequence[str], types: np.
         if RBBB in labels:
             off[RP_W], sig[RP_W] = 0.36 * qrsd, 0.12 * qrsd
             amp[RP_W] = np.outer(0.55 * a_r * normal, _direction(180 + rng.uniform(-20, 20), 0.75))
+        elif IRBBB in labels:  # a small terminal R' toward V1, the QRS still narrow
+            off[RP_W], sig[RP_W] = 0.34 * qrsd, 0.09 * qrsd
+            amp[RP_W] = np.outer(
+                morphology.uniform(0.22, 0.35) * a_r * normal, _direction(180 + morphology.uniform(-20, 20), 0.75)
+            )
+        if QAB in labels:  # a necrosis Q wave: wide, deep initial forces away from an inferior or anterior territory
+            territory = (
+                _direction(-90 + morphology.uniform(-20, 20), 0.0)
+                if morphology.random() < 0.5
+                else _direction(morphology.uniform(-30, 30), -1.1)
+            )
+            off[Q_W], sig[Q_W] = -0.38 * qrsd, 0.15 * qrsd
+            amp[Q_W] = np.outer(morphology.uniform(0.35, 0.55) * a_r * normal, territory)
     off[T_W] = onset + qt - 0.12
     sig[T_W] = rng.uniform(0.04, 0.055)
     amp[T_W] = np.outer(a_t * normal, t_dir)
@@ -468,13 +527,16 @@ def synthesize_record(index: int, config: SynthConfig) -> SynthRecord:
     """Record number ``index`` of the hospital described by ``config`` (pure function)."""
     rng = np.random.default_rng([config.seed, index])
     labels = draw_labels(rng, config.classes, dict(config.prevalence))
+    morphology_rng = np.random.default_rng([config.seed, index, 2])
+    if any(c in MORPHOLOGY_PROB for c in config.classes):
+        labels += draw_morphology(morphology_rng, config.classes, labels, dict(config.prevalence))
     labelled = bool(rng.random() >= config.unlabelled_fraction)
     age = int(rng.integers(18, 95))
     sex = "Male" if rng.random() < 0.52 else "Female"
     n = round(config.duration_s * config.fs)
     t = np.arange(n) / config.fs
     r, types, rr = _beat_times(rng, labels, config.duration_s)
-    off, sig, amp = _wave_parameters(rng, labels, types, rr)
+    off, sig, amp = _wave_parameters(rng, labels, types, rr, morphology_rng)
     dipole = _render_dipole(t, r, off, sig, amp, config.fs)
     dipole *= 1.0 + 0.05 * np.sin(2 * np.pi * rng.uniform(0.15, 0.3) * t)  # breathing
     if AF in labels:

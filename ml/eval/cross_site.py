@@ -188,9 +188,15 @@ class PairedComparison:
     low: float
     high: float
     n_records: int
+    differing_records: int = -1  # records on which the two models decide otherwise (-1: not recorded)
 
     @property
     def verdict(self) -> str:
+        if self.differing_records == 0:
+            return (
+                f"not told apart: the same decisions on all {self.n_records} records (fine-tuning did not "
+                "change what the model decides; nothing to compare)"
+            )
         if not (math.isfinite(self.low) and math.isfinite(self.high)):
             return "insufficient evidence (no interval)"
         if self.low > 0:
@@ -212,8 +218,9 @@ class PairedComparison:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> PairedComparison:
-        """The comparison of :meth:`to_dict` (its verdict is derived again, not read)."""
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+        """The comparison of :meth:`to_dict` (its verdict is derived again, not read; a comparison
+        recorded before ``differing_records`` existed reads as not recorded)."""
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})  # type: ignore[arg-type]
 
 
 def paired_comparison(
@@ -229,7 +236,8 @@ def paired_comparison(
         return a - b
 
     found = jackknife_interval(difference, len(y_true), support=(-1.0, 1.0))
-    return PairedComparison(site, baseline, COMPARED_METRIC, found.value, found.low, found.high, len(y_true))
+    differing = int(np.any(np.asarray(adapter_pred) != np.asarray(baseline_pred), axis=1).sum())
+    return PairedComparison(site, baseline, COMPARED_METRIC, found.value, found.low, found.high, len(y_true), differing)
 
 
 def everything_cell(target: str, labels: np.ndarray, target_classes: Sequence[str], scored_labels: np.ndarray):

@@ -54,7 +54,7 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
         main(["data", "ingest", str(tmp_path / "nope"), str(tmp_path / "ing")])
     assert err.value.code == 2 and "nope: folder not found" in capsys.readouterr().err
     assert not (tmp_path / "ing").exists()
-    assert main(["data", "synth", str(tmp_path / "x"), "--classes", "QAb"]) == 2
+    assert main(["data", "synth", str(tmp_path / "x"), "--classes", "AFL"]) == 2
     assert main(["data", "version", "--repo", str(tmp_path)]) == 2
 
 

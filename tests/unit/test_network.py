@@ -204,6 +204,13 @@ def test_the_paired_comparison_decides_only_when_its_interval_excludes_zero():
     )
     one = paired_comparison("hospital-a", HEAD_ONLY_ROW, labels[:1], good[:1], poor[:1])
     assert one.verdict.startswith("insufficient evidence")
+    assert (won.differing_records, tie.differing_records) == (int((good != poor).any(1).sum()), 4)
+    # an adapter that decides as the baseline on every record (its fine-tune kept the head-only
+    # start): said so, not an interval of zeros read as "insufficient evidence"
+    same = paired_comparison("hospital-a", HEAD_ONLY_ROW, labels, good, good.copy())
+    assert same.differing_records == 0 and "the same decisions on all 120 records" in same.verdict
+    older = {k: v for k, v in tie.to_dict().items() if k != "differing_records"}  # recorded before the field
+    assert PairedComparison.from_dict(older).differing_records == -1 and "spans 0" in tie.verdict
     matrix = CrossSiteMatrix((), (won, tie))
     again = CrossSiteMatrix.from_records([], matrix.comparison_records())
     assert again.comparisons == (won, tie) and isinstance(again.comparisons[0], PairedComparison)
