@@ -732,8 +732,8 @@ class SiteProfile:
 SITE_PROFILES: tuple[SiteProfile, ...] = (
     # a university hospital: 500 Hz, 1 uV steps, clean signals, the reference case mix
     SiteProfile(500.0, 1000.0, "mV", 50.0, 0.6, 0.5, (), heart_rotation_deg=(0.0, 0.0, 35.0)),
-    # a cardiology clinic: cheap 250 Hz carts at 5 uV per step, noisy, 60 Hz mains, many AF
-    # and bundle-branch blocks; one cart has its V4 cable reversed
+    # a cardiology clinic: cheap 250 Hz carts at 5 uV per step, noisy, 60 Hz mains, many AF,
+    # ectopic beats and conduction disorders; one cart has its V4 cable reversed
     SiteProfile(
         250.0,
         200.0,
@@ -741,13 +741,14 @@ SITE_PROFILES: tuple[SiteProfile, ...] = (
         60.0,
         1.6,
         2.5,
-        ((AF, 3.0), (STACH, 0.4), (LBBB, 2.2), (PVC, 2.0), (NSR, 0.5)),
+        ((AF, 3.0), (STACH, 0.4), (LBBB, 2.2), (PVC, 2.0), (NSR, 0.5), (PAC, 1.8), (IRBBB, 1.8), (NSIVCB, 1.8)),
         "V4:inverted",
         0.25,
         heart_rotation_deg=(0.0, -40.0, 0.0),
     ),
     # a rural hospital: 1000 Hz recorders writing microvolts, older patients (brady, AV
-    # block, RBBB); one recorder's V4 electrode falls off
+    # block, RBBB, old infarcts: Q waves and poor R progression); one recorder's V4 electrode
+    # falls off
     SiteProfile(
         1000.0,
         1.0,
@@ -755,7 +756,7 @@ SITE_PROFILES: tuple[SiteProfile, ...] = (
         50.0,
         1.0,
         1.2,
-        ((SB, 2.5), (AF, 0.3), (IAVB, 2.2), (RBBB, 2.0), (TINV, 0.4)),
+        ((SB, 2.5), (AF, 0.3), (IAVB, 2.2), (RBBB, 2.0), (TINV, 0.4), (QAB, 2.0), (PRWP, 1.8), (SA, 0.4)),
         "V4:flat",
         0.2,
         heart_rotation_deg=(25.0, 0.0, -25.0),
