@@ -14,6 +14,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from pipeline_support import SMALL_RUN, cessl_process, make_backbone, make_repo
 
+from ml.model.adapter import CheckpointError
+from ml.train.checkpoint import load_checkpoint
 from pipeline.core.process import RUN_PID_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # START_TIMEOUT_S + RUN_TIMEOUT_S and more
@@ -26,13 +28,17 @@ ORPHAN_TIMEOUT_S = 10
 
 
 def checkpoint_step(checkpoints: Path) -> int:
-    """Last validated (= checkpointed) step found in any finetune checkpoint folder."""
+    """The step of the newest finetune checkpoint (``last.pt``: what a resumed run starts from).
+
+    Read from the checkpoint itself, not from ``curves.jsonl``: a validation's curve row is
+    written before its checkpoint, so a kill between the two leaves a row one checkpoint ahead
+    (the resumed run truncates it)."""
     steps = [0]
-    for curves in checkpoints.glob("*/curves.jsonl"):
-        for line in curves.read_text().splitlines():
-            record = json.loads(line) if line.strip() else {}
-            if "valid_macro_map" in record and (curves.parent / "last.pt").is_file():
-                steps.append(int(record["step"]))
+    for last in checkpoints.glob("*/last.pt"):
+        try:
+            steps.append(int(load_checkpoint(last)["step"]))
+        except (OSError, CheckpointError):  # replaced between the listing and the read
+            continue
     return max(steps)
 
 
