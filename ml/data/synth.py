@@ -247,6 +247,18 @@ def _direction(frontal_deg: float, elevation: float) -> np.ndarray:
     return np.array([np.cos(a) * np.cos(elevation), np.sin(a) * np.cos(elevation), np.sin(elevation)])
 
 
+def _findings(
+    probability: Mapping[str, float], u: np.ndarray, allowed: set[str], factor: Mapping[str, float]
+) -> list[str]:
+    """The findings present: each allowed one whose uniform draw ``u[j]`` falls below its
+    probability times the hospital's factor (at most 0.9)."""
+    return [
+        code
+        for j, (code, p) in enumerate(probability.items())
+        if code in allowed and u[j] < min(p * factor.get(code, 1.0), 0.9)
+    ]
+
+
 def draw_labels(
     rng: np.random.Generator, classes: Sequence[str], prevalence: Mapping[str, float] | None = None
 ) -> list[str]:
@@ -263,9 +275,7 @@ def draw_labels(
         weights = np.array([RHYTHM_WEIGHTS[c] * factor.get(c, 1.0) for c in rhythms])
         cum = np.cumsum(weights / weights.sum())
         labels.append(rhythms[int(np.searchsorted(cum, u[0], side="right").clip(0, len(rhythms) - 1))])
-    for j, (code, p) in enumerate(FINDING_PROB.items()):
-        if code in allowed and u[1 + j] < min(p * factor.get(code, 1.0), 0.9):
-            labels.append(code)
+    labels += _findings(FINDING_PROB, u[1:], allowed, factor)
     # Exclusions that make clinical sense.
     if AF in labels:
         labels = [c for c in labels if c not in (IAVB, PAC)]
@@ -288,14 +298,7 @@ def draw_morphology(
     other diagnoses are ``labels``, drawn from the record's second stream ``rng``: none of them
     beside a bundle-branch block (whose QRS already is wide and notched), and at most one of the
     two conduction delays (incomplete RBBB, non-specific delay)."""
-    allowed = set(classes)
-    factor = dict(prevalence or {})
-    u = rng.random(len(MORPHOLOGY_PROB))
-    found = [
-        code
-        for j, (code, p) in enumerate(MORPHOLOGY_PROB.items())
-        if code in allowed and u[j] < min(p * factor.get(code, 1.0), 0.9)
-    ]
+    found = _findings(MORPHOLOGY_PROB, rng.random(len(MORPHOLOGY_PROB)), set(classes), dict(prevalence or {}))
     if LBBB in labels or RBBB in labels:
         found = [c for c in found if c not in (IRBBB, NSIVCB)]
     if IRBBB in found and NSIVCB in found:

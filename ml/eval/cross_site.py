@@ -194,8 +194,8 @@ class PairedComparison:
     def verdict(self) -> str:
         if self.differing_records == 0:
             return (
-                f"not told apart: the same decisions on all {self.n_records} records (fine-tuning did not "
-                "change what the model decides; nothing to compare)"
+                f"not told apart: the same decisions on all {self.n_records} records (the adapter decides as "
+                f"{self.baseline} on every one; nothing to compare)"
             )
         if not (math.isfinite(self.low) and math.isfinite(self.high)):
             return "insufficient evidence (no interval)"
